@@ -1,0 +1,1 @@
+//! Azure Web PubSub client: an async Rust core behind a C ABI.
