@@ -36,6 +36,7 @@ impl Fake {
     }
 
     /// Accepts the next connection; returns it and its request URI.
+    #[allow(clippy::result_large_err)]
     async fn accept(&self) -> (Conn, String) {
         let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), self.listener.accept())
             .await

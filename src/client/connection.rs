@@ -289,6 +289,7 @@ impl Task {
             self.queue_rejoins();
         }
         self.announced = true;
+        self.shared.set_state(ClientState::Connected);
         self.emit(Event::Connected {
             connection_id,
             user_id,
