@@ -575,7 +575,7 @@ mod tests {
     fn an_internal_error_is_retried_and_a_late_ack_still_completes() {
         let t0 = Instant::now();
         let mut p = pending(3);
-        add(&mut p, 1, Some(t0));
+        let _rx = add(&mut p, 1, Some(t0));
         assert!(p
             .on_ack(1, false, error("InternalServerError"), t0)
             .is_none());
