@@ -46,7 +46,11 @@ impl Fake {
         let seen = uri.clone();
         let ws =
             tokio_tungstenite::accept_hdr_async(tcp, move |req: &Request, mut resp: Response| {
-                *seen.lock().unwrap() = req.uri().to_string();
+                let agent = req
+                    .headers()
+                    .get("User-Agent")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                *seen.lock().unwrap() = format!("{} {}", req.uri(), agent.unwrap_or_default());
                 let offered = req.headers().get("Sec-WebSocket-Protocol").cloned();
                 if let Some(protocol) = offered {
                     resp.headers_mut()
@@ -56,8 +60,13 @@ impl Fake {
             })
             .await
             .unwrap();
-        let uri = uri.lock().unwrap().clone();
-        (Conn { ws }, uri)
+        let seen = uri.lock().unwrap().clone();
+        let (uri, agent) = seen.split_once(' ').unwrap();
+        assert!(
+            agent.starts_with("webpubsub-client-rust/"),
+            "User-Agent {agent:?}"
+        );
+        (Conn { ws }, uri.to_owned())
     }
 }
 
