@@ -4,6 +4,8 @@
 //! TCP/TLS), [`client`] (the handle and its connection task), [`runtime`] (the one
 //! process-wide tokio runtime every client runs on).
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod protocol;
 pub mod runtime;
