@@ -1,1 +1,3 @@
 //! Azure Web PubSub client: an async Rust core behind a C ABI.
+
+pub mod ffi;

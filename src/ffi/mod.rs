@@ -1,0 +1,10 @@
+//! The C ABI: `extern "C"` functions that convert arguments and delegate to the
+//! async core. No protocol logic lives here. `include/webpubsub_client.h` is generated
+//! from this module by cbindgen (see `build.rs`).
+
+pub mod status;
+
+mod convert;
+mod dispatcher;
+mod log;
+mod panic;
