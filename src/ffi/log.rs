@@ -17,7 +17,6 @@ use super::status::{fail, to_cstring, wps_status, WPS_STATUS_INTERNAL, WPS_STATU
 
 /// Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
 /// `message` are borrowed for the duration of the call.
-#[allow(non_camel_case_types)]
 pub type wps_log_cb = Option<
     unsafe extern "C" fn(user_data: *mut c_void, level: u32, target: *const c_char, message: *const c_char),
 >;

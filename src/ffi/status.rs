@@ -4,7 +4,6 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 
 /// Result code of every fallible call. The numbers are stable.
-#[allow(non_camel_case_types)]
 pub type wps_status = u32;
 
 /// Success.
