@@ -1,0 +1,489 @@
+//! Operations awaiting an ack or an invoke response, with their timers.
+//!
+//! Pure bookkeeping (no I/O): the connection task tells it what was sent and what
+//! arrived, and it says what to resend and what finished. An acked operation keeps
+//! its encoded frame, so a retry or a resend after a recovery reuses the same ackId
+//! and the service's `Duplicate` answer makes it safe.
+
+use super::options::RetryOptions;
+use super::{AckResult, Error, InvokeResult};
+use crate::protocol::{json, ErrorDetail, Upstream};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Where the outcome of an acked operation goes.
+pub(crate) type AckReply = oneshot::Sender<Result<AckResult, Error>>;
+/// Where the outcome of an invocation goes.
+pub(crate) type InvokeReply = oneshot::Sender<Result<InvokeResult, Error>>;
+
+/// An encoded frame on its way to the connection task.
+pub(crate) struct Operation {
+    /// The frame, ready to write.
+    pub(crate) frame: Utf8Bytes,
+    /// What to wait for.
+    pub(crate) kind: OpKind,
+}
+
+/// What an [`Operation`] waits for.
+pub(crate) enum OpKind {
+    /// Nothing: written and forgotten.
+    FireAndForget,
+    /// An ack with this id.
+    Ack {
+        ack_id: u64,
+        purpose: Purpose,
+        reply: AckReply,
+    },
+    /// An `invokeResponse` with this id, for at most `timeout`.
+    Invoke {
+        invocation_id: String,
+        timeout: Duration,
+        reply: InvokeReply,
+    },
+}
+
+/// Why an acked operation was sent; the connection task tracks joined groups with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A message (sendToGroup or event).
+    Send,
+    /// A user's joinGroup.
+    Join(String),
+    /// A user's leaveGroup.
+    Leave(String),
+    /// The automatic rejoin of a group after a reconnect (no caller waits).
+    Rejoin(String),
+}
+
+/// A finished acked operation.
+pub(crate) struct Done {
+    pub(crate) purpose: Purpose,
+    pub(crate) reply: Option<AckReply>,
+    pub(crate) result: Result<AckResult, Error>,
+}
+
+impl Done {
+    /// Hands the result to the caller, if one still waits.
+    pub(crate) fn reply(self) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(self.result);
+        }
+    }
+}
+
+enum Phase {
+    /// Not written on the current connection (queued during a recovery).
+    Unsent,
+    /// Written; waiting for the ack until `due`.
+    AwaitingAck,
+    /// Failed retriably; resent at `due`.
+    RetryWait,
+}
+
+struct AckOp {
+    frame: Utf8Bytes,
+    purpose: Purpose,
+    reply: Option<AckReply>,
+    retries: u32,
+    phase: Phase,
+    due: Option<Instant>,
+}
+
+impl AckOp {
+    /// Whether anyone still cares about the outcome.
+    fn wanted(&self) -> bool {
+        self.reply
+            .as_ref()
+            .map_or(matches!(self.purpose, Purpose::Rejoin(_)), |r| {
+                !r.is_closed()
+            })
+    }
+}
+
+struct InvokeOp {
+    frame: Utf8Bytes,
+    reply: InvokeReply,
+    timeout: Duration,
+    due: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Ack(u64),
+    Invoke(String),
+}
+
+/// Something to write once the connection is (again) usable, in order.
+enum Unsent {
+    Op(Key),
+    Frame(Utf8Bytes),
+}
+
+/// All operations in flight on one client.
+pub(crate) struct Pending {
+    acks: HashMap<u64, AckOp>,
+    invokes: HashMap<String, InvokeOp>,
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    unsent: Vec<Unsent>,
+    ack_timeout: Duration,
+    retry: RetryOptions,
+}
+
+impl Pending {
+    pub(crate) fn new(ack_timeout: Duration, retry: RetryOptions) -> Pending {
+        Pending {
+            acks: HashMap::new(),
+            invokes: HashMap::new(),
+            timers: BinaryHeap::new(),
+            unsent: Vec::new(),
+            ack_timeout,
+            retry,
+        }
+    }
+
+    /// Registers an acked operation, written now (`sent_at`) or queued (`None`).
+    /// An ackId already pending is refused.
+    pub(crate) fn add_ack(
+        &mut self,
+        ack_id: u64,
+        frame: Utf8Bytes,
+        purpose: Purpose,
+        reply: Option<AckReply>,
+        sent_at: Option<Instant>,
+    ) -> Result<(), Done> {
+        if self.acks.contains_key(&ack_id) {
+            let error = Error::InvalidArgument(format!(
+                "ackId {ack_id} is already in use by a pending operation"
+            ));
+            return Err(Done {
+                purpose,
+                reply,
+                result: Err(error),
+            });
+        }
+        let mut op = AckOp {
+            frame,
+            purpose,
+            reply,
+            retries: 0,
+            phase: Phase::Unsent,
+            due: None,
+        };
+        match sent_at {
+            Some(now) => {
+                op.phase = Phase::AwaitingAck;
+                op.due = Some(self.arm(now + self.ack_timeout, Key::Ack(ack_id)));
+            }
+            None => self.unsent.push(Unsent::Op(Key::Ack(ack_id))),
+        }
+        self.acks.insert(ack_id, op);
+        Ok(())
+    }
+
+    /// Registers an invocation, written now (`sent_at`) or queued (`None`).
+    pub(crate) fn add_invoke(
+        &mut self,
+        invocation_id: String,
+        frame: Utf8Bytes,
+        timeout: Duration,
+        reply: InvokeReply,
+        sent_at: Option<Instant>,
+    ) {
+        if self.invokes.contains_key(&invocation_id) {
+            let _ = reply.send(Err(Error::InvalidArgument(format!(
+                "invocation {invocation_id} is already pending"
+            ))));
+            return;
+        }
+        let due = match sent_at {
+            Some(now) => Some(self.arm(now + timeout, Key::Invoke(invocation_id.clone()))),
+            None => {
+                self.unsent
+                    .push(Unsent::Op(Key::Invoke(invocation_id.clone())));
+                None
+            }
+        };
+        self.invokes.insert(
+            invocation_id,
+            InvokeOp {
+                frame,
+                reply,
+                timeout,
+                due,
+            },
+        );
+    }
+
+    /// Queues a fire-and-forget frame until the connection is usable again.
+    pub(crate) fn add_unsent_frame(&mut self, frame: Utf8Bytes) {
+        self.unsent.push(Unsent::Frame(frame));
+    }
+
+    /// The ack of `ack_id` arrived. `Duplicate` counts as success; a retriable failure
+    /// (`InternalServerError`) schedules a resend with the same ackId while the retry
+    /// policy allows. Returns the finished operation, if this finished one.
+    pub(crate) fn on_ack(
+        &mut self,
+        ack_id: u64,
+        success: bool,
+        error: Option<ErrorDetail>,
+        now: Instant,
+    ) -> Option<Done> {
+        let op = self.acks.get_mut(&ack_id)?;
+        if !matches!(op.phase, Phase::AwaitingAck) {
+            return None;
+        }
+        let result = match error {
+            _ if success => Ok(AckResult {
+                ack_id: Some(ack_id),
+                is_duplicated: false,
+            }),
+            Some(e) if e.name == "Duplicate" => Ok(AckResult {
+                ack_id: Some(ack_id),
+                is_duplicated: true,
+            }),
+            Some(e) => {
+                if e.name == "InternalServerError" && op.wanted() {
+                    if let Some(delay) = self.retry.delay_before(op.retries + 1) {
+                        op.phase = Phase::RetryWait;
+                        op.due = Some(arm(&mut self.timers, now + delay, Key::Ack(ack_id)));
+                        return None;
+                    }
+                }
+                Err(Error::Ack {
+                    ack_id,
+                    name: e.name,
+                    message: e.message,
+                })
+            }
+            None => Err(Error::Ack {
+                ack_id,
+                name: "Unknown".into(),
+                message: "the service refused the operation".into(),
+            }),
+        };
+        let op = self.acks.remove(&ack_id)?;
+        Some(Done {
+            purpose: op.purpose,
+            reply: op.reply,
+            result,
+        })
+    }
+
+    /// The reply of an invocation arrived; `false` if none was pending with that id.
+    pub(crate) fn on_invoke_response(
+        &mut self,
+        invocation_id: &str,
+        result: Result<InvokeResult, Error>,
+    ) -> bool {
+        match self.invokes.remove(invocation_id) {
+            Some(op) => {
+                let _ = op.reply.send(result);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The caller gave up on an invocation. Returns the `cancelInvocation` frame to
+    /// write when the invocation had been sent.
+    pub(crate) fn cancel_invoke(&mut self, invocation_id: &str) -> Option<Utf8Bytes> {
+        let op = self.invokes.remove(invocation_id)?;
+        let _ = op.reply.send(Err(Error::Cancelled));
+        op.due.map(|_| cancel_frame(invocation_id))
+    }
+
+    /// When the earliest timer is due (it may be stale: then `expire` does nothing).
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((due, _))| *due)
+    }
+
+    /// Handles every timer due at `now`: ack timeouts (retry with the same ackId, or
+    /// `Error::Timeout`), retry delays (resend), invoke timeouts (`cancelInvocation`).
+    /// Frames to write go to `out`, finished operations to `done`.
+    pub(crate) fn expire(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>, done: &mut Vec<Done>) {
+        while let Some(Reverse((due, _))) = self.timers.peek() {
+            if *due > now {
+                break;
+            }
+            let Some(Reverse((due, key))) = self.timers.pop() else {
+                break;
+            };
+            match key {
+                Key::Ack(ack_id) => self.expire_ack(ack_id, due, now, out, done),
+                Key::Invoke(id) => {
+                    if self.invokes.get(&id).is_some_and(|op| op.due == Some(due)) {
+                        if let Some(op) = self.invokes.remove(&id) {
+                            let _ = op.reply.send(Err(Error::Timeout));
+                            out.push(cancel_frame(&id));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn expire_ack(
+        &mut self,
+        ack_id: u64,
+        due: Instant,
+        now: Instant,
+        out: &mut Vec<Utf8Bytes>,
+        done: &mut Vec<Done>,
+    ) {
+        let Some(op) = self.acks.get_mut(&ack_id) else {
+            return;
+        };
+        if op.due != Some(due) {
+            return;
+        }
+        match op.phase {
+            Phase::AwaitingAck => {
+                let delay = if op.wanted() {
+                    self.retry.delay_before(op.retries + 1)
+                } else {
+                    None
+                };
+                match delay {
+                    Some(delay) => {
+                        op.phase = Phase::RetryWait;
+                        op.due = Some(arm(&mut self.timers, now + delay, Key::Ack(ack_id)));
+                    }
+                    None => {
+                        if let Some(op) = self.acks.remove(&ack_id) {
+                            done.push(Done {
+                                purpose: op.purpose,
+                                reply: op.reply,
+                                result: Err(Error::Timeout),
+                            });
+                        }
+                    }
+                }
+            }
+            Phase::RetryWait => {
+                op.retries += 1;
+                op.phase = Phase::AwaitingAck;
+                op.due = Some(arm(
+                    &mut self.timers,
+                    now + self.ack_timeout,
+                    Key::Ack(ack_id),
+                ));
+                out.push(op.frame.clone());
+            }
+            Phase::Unsent => {}
+        }
+    }
+
+    /// The socket dropped. On a recoverable drop, acked operations stay and are resent
+    /// with their ackIds once recovered (the service dedupes them); otherwise they fail
+    /// with `NotConnected`, as do invocations already sent (their replies are lost).
+    pub(crate) fn connection_dropped(&mut self, recoverable: bool, done: &mut Vec<Done>) {
+        self.timers.clear();
+        let sent: Vec<String> = self
+            .invokes
+            .iter()
+            .filter(|(_, op)| op.due.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in sent {
+            if let Some(op) = self.invokes.remove(&id) {
+                let _ = op.reply.send(Err(Error::NotConnected));
+            }
+        }
+        if !recoverable {
+            self.fail_all(Error::NotConnected, done);
+            return;
+        }
+        let mut in_flight: Vec<u64> = self
+            .acks
+            .iter()
+            .filter(|(_, op)| !matches!(op.phase, Phase::Unsent))
+            .map(|(id, _)| *id)
+            .collect();
+        in_flight.sort_unstable();
+        for ack_id in &in_flight {
+            if let Some(op) = self.acks.get_mut(ack_id) {
+                op.phase = Phase::Unsent;
+                op.due = None;
+            }
+        }
+        let queued = std::mem::take(&mut self.unsent);
+        self.unsent = in_flight
+            .into_iter()
+            .map(|id| Unsent::Op(Key::Ack(id)))
+            .chain(queued)
+            .collect();
+    }
+
+    /// The connection is usable: every queued or interrupted operation is written now,
+    /// in order, with its original ackId.
+    pub(crate) fn take_unsent(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>) {
+        for unsent in std::mem::take(&mut self.unsent) {
+            match unsent {
+                Unsent::Frame(frame) => out.push(frame),
+                Unsent::Op(Key::Ack(ack_id)) => {
+                    let Some(op) = self.acks.get_mut(&ack_id) else {
+                        continue;
+                    };
+                    if !matches!(op.phase, Phase::Unsent) {
+                        continue;
+                    }
+                    op.phase = Phase::AwaitingAck;
+                    op.due = Some(arm(
+                        &mut self.timers,
+                        now + self.ack_timeout,
+                        Key::Ack(ack_id),
+                    ));
+                    out.push(op.frame.clone());
+                }
+                Unsent::Op(Key::Invoke(id)) => {
+                    let Some(op) = self.invokes.get_mut(&id) else {
+                        continue;
+                    };
+                    if op.due.is_some() {
+                        continue;
+                    }
+                    op.due = Some(arm(&mut self.timers, now + op.timeout, Key::Invoke(id)));
+                    out.push(op.frame.clone());
+                }
+            }
+        }
+    }
+
+    /// Fails every operation with `error` (stop, session lost, client dropped).
+    pub(crate) fn fail_all(&mut self, error: Error, done: &mut Vec<Done>) {
+        self.timers.clear();
+        self.unsent.clear();
+        for (_, op) in self.invokes.drain() {
+            let _ = op.reply.send(Err(error.clone()));
+        }
+        let mut acks: Vec<(u64, AckOp)> = self.acks.drain().collect();
+        acks.sort_unstable_by_key(|(id, _)| *id);
+        for (_, op) in acks {
+            done.push(Done {
+                purpose: op.purpose,
+                reply: op.reply,
+                result: Err(error.clone()),
+            });
+        }
+    }
+
+    fn arm(&mut self, due: Instant, key: Key) -> Instant {
+        arm(&mut self.timers, due, key)
+    }
+}
+
+fn arm(timers: &mut BinaryHeap<Reverse<(Instant, Key)>>, due: Instant, key: Key) -> Instant {
+    timers.push(Reverse((due, key)));
+    due
+}
+
+fn cancel_frame(invocation_id: &str) -> Utf8Bytes {
+    json::encode_upstream(&Upstream::CancelInvocation {
+        invocation_id: invocation_id.to_owned(),
+    })
+    .into()
+}
