@@ -44,6 +44,36 @@
 
 
 /**
+ * Event kind: connected (`connection_id`, `user_id`).
+ */
+#define WPS_EVENT_CONNECTED 1
+
+/**
+ * Event kind: the session was lost (`connection_id`, `message`, `close_code`).
+ */
+#define WPS_EVENT_DISCONNECTED 2
+
+/**
+ * Event kind: the client stopped and will not reconnect.
+ */
+#define WPS_EVENT_STOPPED 3
+
+/**
+ * Event kind: a message from the server (`data_type`, `data`, `sequence_id`).
+ */
+#define WPS_EVENT_SERVER_MESSAGE 4
+
+/**
+ * Event kind: a group message (`group`, `from_user_id`, `data_type`, `data`, `sequence_id`).
+ */
+#define WPS_EVENT_GROUP_MESSAGE 5
+
+/**
+ * Event kind: rejoining `group` after a reconnect failed (`message`, `error_name`).
+ */
+#define WPS_EVENT_REJOIN_GROUP_FAILED 6
+
+/**
  * Data type: UTF-8 text.
  */
 #define WPS_DATA_TYPE_TEXT 0
@@ -144,9 +174,180 @@
 #define WPS_LOG_TRACE 5
 
 /**
+ * A client: an opaque handle to a boxed `Arc` of the library's client state (the core
+ * `Client`, its dispatcher thread and its pending operations). Created by
+ * `wps_client_new*`, released by `wps_client_free`.
+ */
+typedef struct wps_client wps_client;
+
+/**
+ * Where a credential callback puts its answer: an opaque slot (a Rust struct owned
+ * by the library), valid only during the callback. Set exactly one of a URL or an error.
+ */
+typedef struct wps_credential_result wps_credential_result;
+
+/**
+ * The response of a blocking invocation: an opaque box owned by the caller,
+ * released by `wps_invoke_response_free`.
+ */
+typedef struct wps_invoke_response wps_invoke_response;
+
+/**
+ * Client options: an opaque builder (a boxed `ClientOptions`), created by
+ * `wps_options_new` with the official clients' defaults, released by `wps_options_free`.
+ */
+typedef struct wps_options wps_options;
+
+/**
  * Result code of every fallible call. The numbers are stable.
  */
 typedef uint32_t wps_status;
+
+/**
+ * An event, borrowed by the callback for the duration of the call. Strings are
+ * NUL-terminated UTF-8 or NULL when absent. Only ever allocated by the library, so
+ * fields may be appended in later versions.
+ */
+typedef struct {
+  /**
+   * One of `WPS_EVENT_*`.
+   */
+  uint32_t kind;
+  /**
+   * Connected, disconnected (when known).
+   */
+  const char *connection_id;
+  /**
+   * Connected: the user id, NULL when anonymous.
+   */
+  const char *user_id;
+  /**
+   * Group message, rejoin failed.
+   */
+  const char *group;
+  /**
+   * Group message: the sender's user id, NULL when anonymous.
+   */
+  const char *from_user_id;
+  /**
+   * Messages: one of `WPS_DATA_TYPE_*`.
+   */
+  uint32_t data_type;
+  /**
+   * Messages: the payload (JSON as its serialized text), `data_len` bytes.
+   */
+  const uint8_t *data;
+  /**
+   * Length of `data`.
+   */
+  size_t data_len;
+  /**
+   * Messages on the reliable protocol carry a sequence id.
+   */
+  bool has_sequence_id;
+  /**
+   * The sequence id when `has_sequence_id`.
+   */
+  uint64_t sequence_id;
+  /**
+   * Disconnected: the reason; rejoin failed: the error message.
+   */
+  const char *message;
+  /**
+   * Rejoin failed: the service's error name, when it gave one.
+   */
+  const char *error_name;
+  /**
+   * Disconnected: the WebSocket close code, 0 when none.
+   */
+  uint16_t close_code;
+} wps_event;
+
+/**
+ * Event callback. `event` is borrowed for the duration of the call.
+ */
+typedef void (*wps_event_cb)(void *user_data, const wps_event *event);
+
+/**
+ * Finalizer of a callback's user data: runs exactly once, after the last callback.
+ */
+typedef void (*wps_user_data_free_cb)(void *user_data);
+
+/**
+ * Credential callback: called before every new connection (not for a recovery) on a
+ * library thread, where it may block. It must call `wps_credential_result_set_url` or
+ * `wps_credential_result_set_error` on `result` exactly once before returning.
+ */
+typedef void (*wps_credential_cb)(void *user_data, wps_credential_result *result);
+
+/**
+ * The outcome of a blocking acked operation.
+ */
+typedef struct {
+  /**
+   * The operation's ackId when `has_ack_id` (not for fire-and-forget).
+   */
+  uint64_t ack_id;
+  /**
+   * Whether `ack_id` is set.
+   */
+  bool has_ack_id;
+  /**
+   * The service had already processed this ackId (still a success).
+   */
+  bool is_duplicated;
+} wps_ack_result;
+
+/**
+ * The outcome of an asynchronous operation, borrowed for the duration of the call.
+ */
+typedef struct {
+  /**
+   * `WPS_STATUS_OK` or why the operation failed.
+   */
+  wps_status status;
+  /**
+   * The id the starting call returned.
+   */
+  uint64_t op_id;
+  /**
+   * Acked operations: whether `ack_id` is set (not for fire-and-forget).
+   */
+  bool has_ack_id;
+  /**
+   * The operation's ackId.
+   */
+  uint64_t ack_id;
+  /**
+   * The service had already processed this ackId (still a success).
+   */
+  bool is_duplicated;
+  /**
+   * The service's error name on ACK/INVOKE errors; NULL otherwise.
+   */
+  const char *error_name;
+  /**
+   * What went wrong; NULL on success.
+   */
+  const char *error_message;
+  /**
+   * Invoke only: the response's `WPS_DATA_TYPE_*`.
+   */
+  uint32_t data_type;
+  /**
+   * Invoke only: the response payload, `data_len` bytes.
+   */
+  const uint8_t *data;
+  /**
+   * Length of `data`.
+   */
+  size_t data_len;
+} wps_completion;
+
+/**
+ * Completion callback of an asynchronous operation; runs exactly once.
+ */
+typedef void (*wps_completion_cb)(void *user_data, const wps_completion *completion);
 
 /**
  * Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
@@ -242,6 +443,378 @@ typedef void (*wps_log_cb)(void *user_data, uint32_t level, const char *target, 
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Creates a stopped client connecting to a fixed client URL
+ * (`ws[s]://host/client/hubs/HUB?access_token=...`).
+ *
+ * `opts` may be NULL (defaults) and is copied. `on_event` (may be NULL) receives every
+ * event on the client's dispatcher thread with `user_data`; `user_data_free` (may be
+ * NULL) runs exactly once after the last callback, at the latest when
+ * `wps_client_free` returns. On failure nothing is taken over: no finalizer runs.
+ *
+ * # Safety
+ * `url` is NULL or NUL-terminated; `opts` is NULL or from `wps_options_new`; `out` is
+ * NULL or writable.
+ */
+wps_status wps_client_new(const char *url,
+                          const wps_options *opts,
+                          wps_event_cb on_event,
+                          void *user_data,
+                          wps_user_data_free_cb user_data_free,
+                          wps_client **out);
+
+/**
+ * Creates a stopped client whose URL comes from `cred`, called before every new
+ * connection (see `wps_credential_cb`). `cred_user_data_free` runs exactly once after
+ * the last credential call. Otherwise as `wps_client_new`.
+ *
+ * # Safety
+ * As `wps_client_new`.
+ */
+wps_status wps_client_new_with_credential(wps_credential_cb cred,
+                                          void *cred_user_data,
+                                          wps_user_data_free_cb cred_user_data_free,
+                                          const wps_options *opts,
+                                          wps_event_cb on_event,
+                                          void *user_data,
+                                          wps_user_data_free_cb user_data_free,
+                                          wps_client **out);
+
+/**
+ * Frees a client (NULL is ignored): stops it, completes every pending operation
+ * (`WPS_STATUS_STOPPED`, or the outcome that was already on its way), waits for the
+ * running callbacks and runs the finalizers. When it returns, no callback of this
+ * client is running or will run.
+ *
+ * Inside a callback, the teardown is deferred: the client's remaining callbacks are
+ * dropped, its pending operations complete with `WPS_STATUS_STOPPED` and the
+ * finalizers run on library threads after the current callback returns. In a fork()
+ * child the handle is left alone (its threads do not exist there).
+ *
+ * # Safety
+ * `c` is NULL or a handle from `wps_client_new*`, not used after this call.
+ */
+void wps_client_free(wps_client *c);
+
+/**
+ * Connects; blocks until connected or failed (start timeout). Fails with
+ * `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped.
+ *
+ * # Safety
+ * `c` is NULL or a live handle.
+ */
+wps_status wps_client_start(wps_client *c);
+
+/**
+ * Stops the client: closes the connection, no reconnect; blocks until stopped
+ * (the stopped event is raised). Stopping a stopped client is a no-op.
+ *
+ * # Safety
+ * `c` is NULL or a live handle.
+ */
+wps_status wps_client_stop(wps_client *c);
+
+/**
+ * The client's state, a `WPS_STATE_*` value (`WPS_STATE_STOPPED` for NULL).
+ *
+ * # Safety
+ * `c` is NULL or a live handle.
+ */
+uint32_t wps_client_state(const wps_client *c);
+
+/**
+ * Copies the current connection id, NUL-terminated, into `buf` (`buf_len` bytes).
+ * `*out_len` receives its length without the NUL, also when `buf` is too small, in
+ * which case the call fails with `WPS_STATUS_INVALID_ARGUMENT` (`buf` may then be
+ * NULL with `buf_len` 0, to ask for the size). `WPS_STATUS_NOT_CONNECTED` when there
+ * is no connection id.
+ *
+ * # Safety
+ * `buf` is NULL or writable for `buf_len` bytes; `out_len` is NULL or writable.
+ */
+wps_status wps_client_connection_id(const wps_client *c,
+                                    char *buf,
+                                    size_t buf_len,
+                                    size_t *out_len);
+
+/**
+ * Joins `group`; blocks until acked. `out` (may be NULL) receives the ack.
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `group` is NULL or NUL-terminated; `out` is NULL or writable.
+ */
+wps_status wps_client_join_group(wps_client *c, const char *group, wps_ack_result *out);
+
+/**
+ * Leaves `group`; blocks until acked. `out` (may be NULL) receives the ack.
+ *
+ * # Safety
+ * As `wps_client_join_group`.
+ */
+wps_status wps_client_leave_group(wps_client *c, const char *group, wps_ack_result *out);
+
+/**
+ * Sends a message to `group`; blocks until acked (with `WPS_SEND_FIRE_AND_FORGET`:
+ * until written). `flags` combines `WPS_SEND_*`. `out` may be NULL.
+ *
+ * # Safety
+ * `data` is NULL (with `len` 0) or readable for `len` bytes; otherwise as `wps_client_join_group`.
+ */
+wps_status wps_client_send_to_group(wps_client *c,
+                                    const char *group,
+                                    uint32_t data_type,
+                                    const uint8_t *data,
+                                    size_t len,
+                                    uint32_t flags,
+                                    wps_ack_result *out);
+
+/**
+ * Sends an event to the upstream server; blocks until acked (with
+ * `WPS_SEND_FIRE_AND_FORGET`: until written). `out` may be NULL.
+ *
+ * # Safety
+ * As `wps_client_send_to_group`.
+ */
+wps_status wps_client_send_event(wps_client *c,
+                                 const char *event,
+                                 uint32_t data_type,
+                                 const uint8_t *data,
+                                 size_t len,
+                                 uint32_t flags,
+                                 wps_ack_result *out);
+
+/**
+ * Invokes the upstream handler of `event` and blocks for its response, which is
+ * written to `*out` (owned by the caller: `wps_invoke_response_free`).
+ * `timeout_ms` 0 uses the ack timeout.
+ *
+ * # Safety
+ * As `wps_client_send_to_group`; `out` is NULL or writable.
+ */
+wps_status wps_client_invoke_event(wps_client *c,
+                                   const char *event,
+                                   uint32_t data_type,
+                                   const uint8_t *data,
+                                   size_t len,
+                                   uint64_t timeout_ms,
+                                   wps_invoke_response **out);
+
+/**
+ * The payload of an invoke response, valid until `wps_invoke_response_free`;
+ * `*len` (may be NULL) receives its length. NULL (length 0) for a NULL response.
+ *
+ * # Safety
+ * `r` is NULL or a live response; `len` is NULL or writable.
+ */
+const uint8_t *wps_invoke_response_data(const wps_invoke_response *r, size_t *len);
+
+/**
+ * The `WPS_DATA_TYPE_*` of an invoke response (`WPS_DATA_TYPE_TEXT` for NULL).
+ *
+ * # Safety
+ * `r` is NULL or from `wps_client_invoke_event` and not freed.
+ */
+uint32_t wps_invoke_response_data_type(const wps_invoke_response *r);
+
+/**
+ * Frees an invoke response (NULL is ignored).
+ *
+ * # Safety
+ * `r` is NULL or from `wps_client_invoke_event`, not used afterwards.
+ */
+void wps_invoke_response_free(wps_invoke_response *r);
+
+/**
+ * Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
+ * and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
+ * outcome. The call itself fails only on bad arguments or a client being freed.
+ *
+ * # Safety
+ * As `wps_client_join_group`; `op_id` is NULL or writable.
+ */
+wps_status wps_client_join_group_async(wps_client *c,
+                                       const char *group,
+                                       wps_completion_cb cb,
+                                       void *user_data,
+                                       uint64_t *op_id);
+
+/**
+ * Leaves `group` without blocking; see `wps_client_join_group_async`.
+ *
+ * # Safety
+ * As `wps_client_join_group_async`.
+ */
+wps_status wps_client_leave_group_async(wps_client *c,
+                                        const char *group,
+                                        wps_completion_cb cb,
+                                        void *user_data,
+                                        uint64_t *op_id);
+
+/**
+ * Sends to `group` without blocking; see `wps_client_join_group_async`.
+ *
+ * # Safety
+ * As `wps_client_send_to_group`; `op_id` is NULL or writable.
+ */
+wps_status wps_client_send_to_group_async(wps_client *c,
+                                          const char *group,
+                                          uint32_t data_type,
+                                          const uint8_t *data,
+                                          size_t len,
+                                          uint32_t flags,
+                                          wps_completion_cb cb,
+                                          void *user_data,
+                                          uint64_t *op_id);
+
+/**
+ * Sends an event without blocking; see `wps_client_join_group_async`.
+ *
+ * # Safety
+ * As `wps_client_send_event`; `op_id` is NULL or writable.
+ */
+wps_status wps_client_send_event_async(wps_client *c,
+                                       const char *event,
+                                       uint32_t data_type,
+                                       const uint8_t *data,
+                                       size_t len,
+                                       uint32_t flags,
+                                       wps_completion_cb cb,
+                                       void *user_data,
+                                       uint64_t *op_id);
+
+/**
+ * Invokes without blocking; the completion carries the response (`data_type`,
+ * `data`, `data_len`). Cancelling it sends cancelInvocation. See
+ * `wps_client_join_group_async`.
+ *
+ * # Safety
+ * As `wps_client_send_event`; `op_id` is NULL or writable.
+ */
+wps_status wps_client_invoke_event_async(wps_client *c,
+                                         const char *event,
+                                         uint32_t data_type,
+                                         const uint8_t *data,
+                                         size_t len,
+                                         uint64_t timeout_ms,
+                                         wps_completion_cb cb,
+                                         void *user_data,
+                                         uint64_t *op_id);
+
+/**
+ * Cancels a pending asynchronous operation: its completion reports
+ * `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation).
+ * `WPS_STATUS_INVALID_ARGUMENT` when no operation `op_id` is pending (already completed).
+ *
+ * # Safety
+ * `c` is NULL or a live handle.
+ */
+wps_status wps_client_cancel(wps_client *c, uint64_t op_id);
+
+/**
+ * Answers a credential request with the client URL to connect to (copied).
+ *
+ * # Safety
+ * `r` is the result passed to the running credential callback; `url` is NULL or a
+ * NUL-terminated string.
+ */
+wps_status wps_credential_result_set_url(wps_credential_result *r, const char *url);
+
+/**
+ * Answers a credential request with a failure (the message is copied); the
+ * connection attempt fails with `WPS_STATUS_CREDENTIAL_FAILED`.
+ *
+ * # Safety
+ * `r` is the result passed to the running credential callback; `message` is NULL or
+ * a NUL-terminated string.
+ */
+wps_status wps_credential_result_set_error(wps_credential_result *r, const char *message);
+
+/**
+ * Creates options holding the defaults (those of the official clients). Never NULL
+ * except on allocation failure. Free with `wps_options_free`.
+ */
+wps_options *wps_options_new(void);
+
+/**
+ * Frees options (NULL is ignored). Clients created from them keep their own copy.
+ *
+ * # Safety
+ * `o` is NULL or comes from `wps_options_new` and is not used afterwards.
+ */
+void wps_options_free(wps_options *o);
+
+/**
+ * Subprotocol: `WPS_PROTOCOL_JSON_RELIABLE` (default) or `WPS_PROTOCOL_JSON`.
+ */
+wps_status wps_options_set_protocol(wps_options *o, uint32_t protocol);
+
+/**
+ * Whether a lost session is replaced by a new connection (default true).
+ */
+wps_status wps_options_set_auto_reconnect(wps_options *o, bool on);
+
+/**
+ * Whether groups joined by the user are joined again after a reconnect (default true).
+ */
+wps_status wps_options_set_auto_rejoin_groups(wps_options *o, bool on);
+
+/**
+ * Retry policy of operations (default 3 retries, 1000 ms, max 30000 ms, fixed).
+ * `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
+ */
+wps_status wps_options_set_message_retry(wps_options *o,
+                                         uint32_t max_retries,
+                                         uint64_t delay_ms,
+                                         uint64_t max_delay_ms,
+                                         uint32_t mode);
+
+/**
+ * Retry policy of reconnecting (default unbounded, 1000 ms, max 30000 ms, fixed).
+ * `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
+ */
+wps_status wps_options_set_reconnect_retry(wps_options *o,
+                                           uint32_t max_retries,
+                                           uint64_t delay_ms,
+                                           uint64_t max_delay_ms,
+                                           uint32_t mode);
+
+/**
+ * Keep-alive: send a ping every `interval_ms` (default 20000) and drop the
+ * connection after `timeout_ms` of silence (default 120000); 0 disables either.
+ */
+wps_status wps_options_set_keep_alive(wps_options *o, uint64_t interval_ms, uint64_t timeout_ms);
+
+/**
+ * How long an operation waits for its ack (default 30000 ms; must be above 0).
+ */
+wps_status wps_options_set_ack_timeout_ms(wps_options *o, uint64_t ms);
+
+/**
+ * How long `wps_client_start` waits for a connection (must be above 0).
+ */
+wps_status wps_options_set_start_timeout_ms(wps_options *o, uint64_t ms);
+
+/**
+ * Reliable protocol recovery: how long to try (default 30000 ms) and the delay
+ * between attempts (default 1000 ms).
+ */
+wps_status wps_options_set_recovery(wps_options *o, uint64_t window_ms, uint64_t attempt_delay_ms);
+
+/**
+ * Reliable protocol: how often the delivered sequence id is acknowledged
+ * (default 1000 ms; must be above 0).
+ */
+wps_status wps_options_set_sequence_ack_interval_ms(wps_options *o, uint64_t ms);
+
+/**
+ * Adds trusted root certificates (PEM, one or more) for `wss://`, on top of the
+ * platform's roots. The bytes are copied.
+ *
+ * # Safety
+ * `pem` is NULL (with `len` 0) or points to `len` readable bytes.
+ */
+wps_status wps_options_add_ca_pem(wps_options *o, const uint8_t *pem, size_t len);
 
 /**
  * Returns a static, NUL-terminated description of a status code; never NULL.

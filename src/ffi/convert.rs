@@ -15,9 +15,12 @@ pub(crate) unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> FfiResult<&'a 
     if p.is_null() {
         return Err(fail(WPS_STATUS_NULL_ARG, format!("`{what}` is NULL")));
     }
-    CStr::from_ptr(p)
-        .to_str()
-        .map_err(|e| fail(WPS_STATUS_INVALID_UTF8, format!("`{what}` is not UTF-8: {e}")))
+    CStr::from_ptr(p).to_str().map_err(|e| {
+        fail(
+            WPS_STATUS_INVALID_UTF8,
+            format!("`{what}` is not UTF-8: {e}"),
+        )
+    })
 }
 
 /// Borrows a byte buffer argument; `p` may be NULL only when `len` is 0.
@@ -29,11 +32,17 @@ pub(crate) unsafe fn bytes_arg<'a>(p: *const u8, len: usize, what: &str) -> FfiR
         return if len == 0 {
             Ok(&[])
         } else {
-            Err(fail(WPS_STATUS_NULL_ARG, format!("`{what}` is NULL with a length of {len}")))
+            Err(fail(
+                WPS_STATUS_NULL_ARG,
+                format!("`{what}` is NULL with a length of {len}"),
+            ))
         };
     }
     if len > isize::MAX as usize {
-        return Err(fail(WPS_STATUS_INVALID_ARGUMENT, format!("`{what}` is too long")));
+        return Err(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            format!("`{what}` is too long"),
+        ));
     }
     Ok(std::slice::from_raw_parts(p, len))
 }
@@ -78,11 +87,20 @@ mod tests {
         unsafe {
             assert_eq!(str_arg(std::ptr::null(), "x"), Err(WPS_STATUS_NULL_ARG));
             let bad = b"\xff\xfe\0";
-            assert_eq!(str_arg(bad.as_ptr().cast(), "x"), Err(WPS_STATUS_INVALID_UTF8));
+            assert_eq!(
+                str_arg(bad.as_ptr().cast(), "x"),
+                Err(WPS_STATUS_INVALID_UTF8)
+            );
             assert_eq!(str_arg(c"ok".as_ptr(), "x"), Ok("ok"));
             assert_eq!(bytes_arg(std::ptr::null(), 0, "d"), Ok(&[][..]));
-            assert_eq!(bytes_arg(std::ptr::null(), 3, "d"), Err(WPS_STATUS_NULL_ARG));
-            assert_eq!(write_out(std::ptr::null_mut::<u32>(), 1, "o"), Err(WPS_STATUS_NULL_ARG));
+            assert_eq!(
+                bytes_arg(std::ptr::null(), 3, "d"),
+                Err(WPS_STATUS_NULL_ARG)
+            );
+            assert_eq!(
+                write_out(std::ptr::null_mut::<u32>(), 1, "o"),
+                Err(WPS_STATUS_NULL_ARG)
+            );
         }
     }
 }

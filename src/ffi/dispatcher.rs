@@ -53,7 +53,10 @@ pub(crate) struct Worker {
 impl Worker {
     /// Appends a job; it runs after every job pushed before it.
     pub(crate) fn push(&self, job: Job) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(job);
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(job);
         self.ready.notify_one();
     }
 
@@ -128,9 +131,13 @@ mod tests {
                 tx.send((i, name, in_callback())).unwrap();
             }));
         }
-        worker.push(Box::new(|| panic!("a panicking job does not kill the worker")));
+        worker.push(Box::new(|| {
+            panic!("a panicking job does not kill the worker")
+        }));
         let tx2 = tx.clone();
-        worker.push(Box::new(move || tx2.send((100, String::new(), false)).unwrap()));
+        worker.push(Box::new(move || {
+            tx2.send((100, String::new(), false)).unwrap()
+        }));
         for i in 0..=100 {
             let (n, name, inside) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
             assert_eq!(n, i);

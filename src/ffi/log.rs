@@ -13,12 +13,19 @@ use log::{LevelFilter, Log, Metadata, Record};
 
 use super::dispatcher::InCallback;
 use super::panic::guard;
-use super::status::{fail, to_cstring, wps_status, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT};
+use super::status::{
+    fail, to_cstring, wps_status, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
+};
 
 /// Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
 /// `message` are borrowed for the duration of the call.
 pub type wps_log_cb = Option<
-    unsafe extern "C" fn(user_data: *mut c_void, level: u32, target: *const c_char, message: *const c_char),
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        level: u32,
+        target: *const c_char,
+        message: *const c_char,
+    ),
 >;
 
 /// Records waiting for the logging thread beyond this are dropped.
@@ -35,7 +42,11 @@ struct Sink {
 unsafe impl Send for Sink {}
 
 enum Msg {
-    Record { level: u32, target: String, message: String },
+    Record {
+        level: u32,
+        target: String,
+        message: String,
+    },
     Flush(SyncSender<()>),
 }
 
@@ -78,7 +89,11 @@ fn run(rx: Receiver<Msg>) {
     ON_LOG_THREAD.with(|f| f.set(true));
     for msg in rx {
         match msg {
-            Msg::Record { level, target, message } => {
+            Msg::Record {
+                level,
+                target,
+                message,
+            } => {
                 let sink = *SINK.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(sink) = sink {
                     let target = to_cstring(&target);
@@ -99,8 +114,12 @@ fn queue() -> Result<&'static SyncSender<Msg>, wps_status> {
     if let Some(q) = QUEUE.get() {
         return Ok(q);
     }
-    log::set_logger(&BRIDGE)
-        .map_err(|_| fail(WPS_STATUS_INTERNAL, "another `log` logger is installed in this process"))?;
+    log::set_logger(&BRIDGE).map_err(|_| {
+        fail(
+            WPS_STATUS_INTERNAL,
+            "another `log` logger is installed in this process",
+        )
+    })?;
     Ok(QUEUE.get_or_init(|| {
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
@@ -118,7 +137,11 @@ fn queue() -> Result<&'static SyncSender<Msg>, wps_status> {
 /// previous callback is no longer running (unless this is called from inside it) and
 /// will not be called again with its user data.
 #[no_mangle]
-pub extern "C" fn wps_set_log_callback(cb: wps_log_cb, user_data: *mut c_void, max_level: u32) -> wps_status {
+pub extern "C" fn wps_set_log_callback(
+    cb: wps_log_cb,
+    user_data: *mut c_void,
+    max_level: u32,
+) -> wps_status {
     guard(|| {
         let filter = match max_level {
             0 => LevelFilter::Off,
@@ -127,11 +150,20 @@ pub extern "C" fn wps_set_log_callback(cb: wps_log_cb, user_data: *mut c_void, m
             3 => LevelFilter::Info,
             4 => LevelFilter::Debug,
             5 => LevelFilter::Trace,
-            _ => return Err(fail(WPS_STATUS_INVALID_ARGUMENT, format!("unknown log level {max_level}"))),
+            _ => {
+                return Err(fail(
+                    WPS_STATUS_INVALID_ARGUMENT,
+                    format!("unknown log level {max_level}"),
+                ))
+            }
         };
         let queue = queue()?;
         let sink = cb.map(|cb| Sink { cb, user_data });
-        log::set_max_level(if sink.is_some() { filter } else { LevelFilter::Off });
+        log::set_max_level(if sink.is_some() {
+            filter
+        } else {
+            LevelFilter::Off
+        });
         *SINK.lock().unwrap_or_else(|e| e.into_inner()) = sink;
         if !ON_LOG_THREAD.with(|f| f.get()) {
             let (tx, rx) = mpsc::sync_channel(1);

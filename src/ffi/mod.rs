@@ -5,6 +5,10 @@
 //! Names follow the C conventions (`wps_client`), hence the lint exception.
 #![allow(non_camel_case_types)]
 
+pub mod callbacks;
+pub mod client;
+pub mod credential;
+pub mod options;
 pub mod status;
 
 mod convert;
