@@ -487,8 +487,8 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * running callbacks and runs the finalizers. When it returns, no callback of this
  * client is running or will run.
  *
- * Inside a callback, the teardown is deferred: the client's remaining callbacks are
- * dropped, its pending operations complete with `WPS_STATUS_STOPPED` and the
+ * Inside a callback, the teardown is deferred: no further event of this client is
+ * delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
  * finalizers run on library threads after the current callback returns. In a fork()
  * child the handle is left alone (its threads do not exist there).
  *

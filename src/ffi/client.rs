@@ -275,8 +275,8 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// running callbacks and runs the finalizers. When it returns, no callback of this
 /// client is running or will run.
 ///
-/// Inside a callback, the teardown is deferred: the client's remaining callbacks are
-/// dropped, its pending operations complete with `WPS_STATUS_STOPPED` and the
+/// Inside a callback, the teardown is deferred: no further event of this client is
+/// delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
 /// finalizers run on library threads after the current callback returns. In a fork()
 /// child the handle is left alone (its threads do not exist there).
 ///
@@ -288,22 +288,26 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
         if c.is_null() {
             return;
         }
-        let shared = *Box::from_raw(c.cast::<Arc<Shared>>());
+        // The handle stays allocated until the client's last callback ran, so a
+        // callback still running during the teardown may use it.
+        let handle = Box::from_raw(c.cast::<Arc<Shared>>());
         if runtime().is_err() {
-            std::mem::forget(shared);
+            std::mem::forget(handle);
             return;
         }
+        let shared = Arc::clone(&handle);
         if in_callback() {
+            shared.sink.close_now();
             shared.stop_all_ops();
-            shared.sink.close_then(|| {});
-            let _ = runtime().map(|rt| {
+            shared.sink.close_then(move || drop(handle));
+            if let Ok(rt) = runtime() {
                 rt.spawn(async move {
                     shared.client.stop().await;
                     if let Some(cred) = &shared.credential {
                         cred.close(false);
                     }
-                })
-            });
+                });
+            }
         } else {
             let client = shared.client.clone();
             let _ = block(async move { client.stop().await });
@@ -313,6 +317,7 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             }
             let (tx, rx) = mpsc::sync_channel(1);
             shared.sink.close_then(move || {
+                drop(handle);
                 let _ = tx.send(());
             });
             let _ = rx.recv();

@@ -209,6 +209,17 @@ static int event_count(recorder *r) {
     return n;
 }
 
+/* Waits until the action inside a callback finished; returns its status. */
+static wps_status wait_inner(recorder *r) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    pthread_mutex_lock(&r->mu);
+    while (r->inner_calls == 0 && timed_wait(&r->cv, &r->mu, deadline)) {
+    }
+    wps_status s = r->inner_calls == 1 ? r->inner_status : WPS_STATUS_INTERNAL;
+    pthread_mutex_unlock(&r->mu);
+    return s;
+}
+
 static bool wait_freed(recorder *r) {
     int64_t deadline = now_ms() + WAIT_MS;
     pthread_mutex_lock(&r->mu);
@@ -648,11 +659,10 @@ static bool test_call_inside_callback(void) {
     CHECK_OK(wps_client_join_group(b, "chat", NULL));
     CHECK(send_text(a, "chat", "ping", 0));
     CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "pong") >= 0);
+    CHECK_OK(wait_inner(rb));
     pthread_mutex_lock(&rb->mu);
     rb->self = NULL;
-    bool ok = rb->inner_calls == 1 && rb->inner_status == WPS_STATUS_OK;
     pthread_mutex_unlock(&rb->mu);
-    CHECK(ok);
     CHECK(free_client(b, rb));
     CHECK(free_client(a, ra));
     return true;
@@ -675,6 +685,7 @@ static bool test_free_inside_callback(void) {
     pthread_mutex_unlock(&rv->mu);
     CHECK(send_text(a, "chat", "die", 0));
     CHECK(wait_freed(rv));
+    CHECK_OK(wait_inner(rv));
     CHECK(wait_completion(&pending));
     CHECK(pending.status == WPS_STATUS_STOPPED || pending.status == WPS_STATUS_CANCELLED);
     pthread_mutex_lock(&rv->mu);
