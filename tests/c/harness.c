@@ -938,6 +938,11 @@ static bool test_fork(void) {
         wps_client *c = NULL;
         bad += wps_client_new("ws://127.0.0.1:1/client/hubs/x", NULL, NULL, NULL, NULL, &c) != WPS_STATUS_FORKED;
         wps_client_free(a); /* left alone in the child */
+        /* Leave through exec: a leak checker scanning this child would report the
+         * memory of the parent's threads, which do not exist here. */
+        char code[8];
+        snprintf(code, sizeof code, "%d", bad);
+        execl("/bin/sh", "sh", "-c", "exit \"$0\"", code, (char *)NULL);
         _exit(bad);
     }
     int status = 0;

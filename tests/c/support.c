@@ -307,6 +307,7 @@ static void *serve_conn(void *p) {
     int fd = a->fd;
     free(a);
     char buf[65536];
+    buf[0] = 0;
     size_t have = 0;
     char *end = NULL;
     while (have < sizeof buf - 1 && !(end = strstr(buf, "\r\n\r\n"))) {
