@@ -77,6 +77,7 @@ typedef struct recorder {
     wps_status inner_status;   /* status of the call made inside the callback */
     int inner_calls;
     pthread_t thread;          /* the dispatcher thread that delivered the first event */
+    bool foreign_thread;       /* a callback ran on a thread not named wps-dispatch-* */
     bool thread_set, thread_changed;
 } recorder;
 
@@ -108,6 +109,9 @@ static void on_event(void *user_data, const wps_event *ev) {
         r->thread_changed = true;
     }
     r->in_flight++;
+    char name[32] = "";
+    pthread_getname_np(pthread_self(), name, sizeof name);
+    if (strncmp(name, "wps-dispatch-", 13) != 0) r->foreign_thread = true;
     if (r->count < MAX_EVENTS) {
         event_copy *e = &r->events[r->count];
         memset(e, 0, sizeof *e);
@@ -131,6 +135,7 @@ static void on_event(void *user_data, const wps_event *ev) {
 
     bool ping = ev->kind == WPS_EVENT_GROUP_MESSAGE && ev->data_len == 4 && memcmp(ev->data, "ping", 4) == 0;
     bool die = ev->kind == WPS_EVENT_GROUP_MESSAGE && ev->data_len == 3 && memcmp(ev->data, "die", 3) == 0;
+    bool stop = ev->kind == WPS_EVENT_GROUP_MESSAGE && ev->data_len == 4 && memcmp(ev->data, "stop", 4) == 0;
     if (self && ping) {
         /* A blocking call from inside a callback: the ack is resolved by the reader task. */
         wps_ack_result ack;
@@ -138,6 +143,14 @@ static void on_event(void *user_data, const wps_event *ev) {
         if (s == WPS_STATUS_OK && (!ack.has_ack_id || wps_client_state(self) != WPS_STATE_CONNECTED)) s = WPS_STATUS_INTERNAL;
         pthread_mutex_lock(&r->mu);
         r->inner_status = s;
+        r->inner_calls++;
+        pthread_mutex_unlock(&r->mu);
+    } else if (self && stop) {
+        /* Blocks until stopped; the stopped event is queued behind this callback. */
+        wps_status st = wps_client_stop(self);
+        if (st == WPS_STATUS_OK && wps_client_state(self) != WPS_STATE_STOPPED) st = WPS_STATUS_INTERNAL;
+        pthread_mutex_lock(&r->mu);
+        r->inner_status = st;
         r->inner_calls++;
         pthread_mutex_unlock(&r->mu);
     } else if (self && die) {
@@ -322,8 +335,9 @@ static wps_client *connect_client(const char *user, const char *roles, recorder 
 static bool free_client(wps_client *c, recorder *r) {
     wps_client_free(c);
     pthread_mutex_lock(&r->mu);
-    bool ok = r->freed == 1 && r->in_flight == 0;
+    bool ok = r->freed == 1 && r->in_flight == 0 && !r->foreign_thread;
     pthread_mutex_unlock(&r->mu);
+    if (!ok) fprintf(stderr, "  client teardown: freed %d, in flight %d, foreign thread %d\n", r->freed, r->in_flight, r->foreign_thread);
     recorder_delete(r);
     return ok;
 }
@@ -458,6 +472,7 @@ static bool test_chat(void) {
     CHECK(strcmp(ra->events[i].connection_id, id) == 0);
     CHECK(strcmp(ra->events[i].user_id, "alice") == 0);
     CHECK(wps_client_state(a) == WPS_STATE_CONNECTED);
+    CHECK_STATUS(wps_client_start(a), WPS_STATUS_ILLEGAL_STATE);
     size_t need = 0;
     char tiny[4];
     CHECK_STATUS(wps_client_connection_id(a, tiny, sizeof tiny, &need), WPS_STATUS_INVALID_ARGUMENT);
@@ -660,6 +675,13 @@ static bool test_call_inside_callback(void) {
     CHECK(send_text(a, "chat", "ping", 0));
     CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "pong") >= 0);
     CHECK_OK(wait_inner(rb));
+    /* a stop from inside a callback */
+    pthread_mutex_lock(&rb->mu);
+    rb->inner_calls = 0;
+    pthread_mutex_unlock(&rb->mu);
+    CHECK(send_text(a, "chat", "stop", 0));
+    CHECK_OK(wait_inner(rb));
+    CHECK(wait_event(rb, 0, WPS_EVENT_STOPPED, NULL) >= 0);
     pthread_mutex_lock(&rb->mu);
     rb->self = NULL;
     pthread_mutex_unlock(&rb->mu);
