@@ -706,6 +706,75 @@ wps_status wps_client_invoke_event_async(struct wps_client *c,
                                          uint64_t *op_id);
 
 /**
+ * Like `wps_client_send_to_group`, with a caller-chosen ackId (positive, unique per
+ * connection; a retry with the same id is answered as a duplicate). Ignored with
+ * `WPS_SEND_FIRE_AND_FORGET`.
+ *
+ * # Safety
+ * As `wps_client_send_to_group`.
+ */
+wps_status wps_client_send_to_group_with_ack_id(struct wps_client *c,
+                                                const char *group,
+                                                uint32_t data_type,
+                                                const uint8_t *data,
+                                                size_t len,
+                                                uint32_t flags,
+                                                uint64_t ack_id,
+                                                struct wps_ack_result *out);
+
+/**
+ * Like `wps_client_send_event`, with a caller-chosen ackId (see
+ * `wps_client_send_to_group_with_ack_id`).
+ *
+ * # Safety
+ * As `wps_client_send_event`.
+ */
+wps_status wps_client_send_event_with_ack_id(struct wps_client *c,
+                                             const char *event,
+                                             uint32_t data_type,
+                                             const uint8_t *data,
+                                             size_t len,
+                                             uint32_t flags,
+                                             uint64_t ack_id,
+                                             struct wps_ack_result *out);
+
+/**
+ * Like `wps_client_send_to_group_async`, with a caller-chosen ackId (see
+ * `wps_client_send_to_group_with_ack_id`).
+ *
+ * # Safety
+ * As `wps_client_send_to_group_async`.
+ */
+wps_status wps_client_send_to_group_with_ack_id_async(struct wps_client *c,
+                                                      const char *group,
+                                                      uint32_t data_type,
+                                                      const uint8_t *data,
+                                                      size_t len,
+                                                      uint32_t flags,
+                                                      uint64_t ack_id,
+                                                      wps_completion_cb cb,
+                                                      void *user_data,
+                                                      uint64_t *op_id);
+
+/**
+ * Like `wps_client_send_event_async`, with a caller-chosen ackId (see
+ * `wps_client_send_to_group_with_ack_id`).
+ *
+ * # Safety
+ * As `wps_client_send_event_async`.
+ */
+wps_status wps_client_send_event_with_ack_id_async(struct wps_client *c,
+                                                   const char *event,
+                                                   uint32_t data_type,
+                                                   const uint8_t *data,
+                                                   size_t len,
+                                                   uint32_t flags,
+                                                   uint64_t ack_id,
+                                                   wps_completion_cb cb,
+                                                   void *user_data,
+                                                   uint64_t *op_id);
+
+/**
  * Cancels a pending asynchronous operation: its completion reports
  * `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation).
  * `WPS_STATUS_INVALID_ARGUMENT` when no operation `op_id` is pending (already completed).

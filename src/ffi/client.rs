@@ -487,6 +487,7 @@ impl AckOp {
         data: *const u8,
         len: usize,
         flags: u32,
+        ack_id: Option<u64>,
     ) -> FfiResult<AckOp> {
         let group = str_arg(group, "group")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
@@ -495,7 +496,7 @@ impl AckOp {
         let opts = SendToGroupOptions {
             no_echo,
             fire_and_forget,
-            ..SendToGroupOptions::default()
+            ack_id,
         };
         Ok(AckOp::SendToGroup(group, t, d, opts))
     }
@@ -506,13 +507,14 @@ impl AckOp {
         data: *const u8,
         len: usize,
         flags: u32,
+        ack_id: Option<u64>,
     ) -> FfiResult<AckOp> {
         let event = str_arg(event, "event")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
         let (_, fire_and_forget) = send_flags(flags, WPS_SEND_FIRE_AND_FORGET)?;
         let opts = SendEventOptions {
             fire_and_forget,
-            ..SendEventOptions::default()
+            ack_id,
         };
         Ok(AckOp::SendEvent(event, t, d, opts))
     }
@@ -649,7 +651,7 @@ pub unsafe extern "C" fn wps_client_send_to_group(
     guard(|| {
         run_blocking(
             c,
-            AckOp::send_to_group(group, data_type, data, len, flags),
+            AckOp::send_to_group(group, data_type, data, len, flags, None),
             out,
         )
     })
@@ -673,7 +675,7 @@ pub unsafe extern "C" fn wps_client_send_event(
     guard(|| {
         run_blocking(
             c,
-            AckOp::send_event(event, data_type, data, len, flags),
+            AckOp::send_event(event, data_type, data, len, flags, None),
             out,
         )
     })
@@ -810,7 +812,7 @@ pub unsafe extern "C" fn wps_client_send_to_group_async(
     guard(|| {
         run_async_ack(
             c,
-            AckOp::send_to_group(group, data_type, data, len, flags),
+            AckOp::send_to_group(group, data_type, data, len, flags, None),
             cb,
             user_data,
             op_id,
@@ -837,7 +839,7 @@ pub unsafe extern "C" fn wps_client_send_event_async(
     guard(|| {
         run_async_ack(
             c,
-            AckOp::send_event(event, data_type, data, len, flags),
+            AckOp::send_event(event, data_type, data, len, flags, None),
             cb,
             user_data,
             op_id,
@@ -870,6 +872,99 @@ pub unsafe extern "C" fn wps_client_invoke_event_async(
         let fut =
             move |client: Client| Ok(async move { client.invoke_event(&event, t, d, opts).await });
         run_async(c, fut, OwnedCompletion::from_invoke, cb, user_data, op_id)
+    })
+}
+
+/// Like `wps_client_send_to_group`, with a caller-chosen ackId (positive, unique per
+/// connection; a retry with the same id is answered as a duplicate). Ignored with
+/// `WPS_SEND_FIRE_AND_FORGET`.
+///
+/// # Safety
+/// As `wps_client_send_to_group`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_to_group_with_ack_id(
+    c: *mut wps_client,
+    group: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_to_group(group, data_type, data, len, flags, Some(ack_id));
+        run_blocking(c, op, out)
+    })
+}
+
+/// Like `wps_client_send_event`, with a caller-chosen ackId (see
+/// `wps_client_send_to_group_with_ack_id`).
+///
+/// # Safety
+/// As `wps_client_send_event`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_event_with_ack_id(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_event(event, data_type, data, len, flags, Some(ack_id));
+        run_blocking(c, op, out)
+    })
+}
+
+/// Like `wps_client_send_to_group_async`, with a caller-chosen ackId (see
+/// `wps_client_send_to_group_with_ack_id`).
+///
+/// # Safety
+/// As `wps_client_send_to_group_async`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_to_group_with_ack_id_async(
+    c: *mut wps_client,
+    group: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_to_group(group, data_type, data, len, flags, Some(ack_id));
+        run_async_ack(c, op, cb, user_data, op_id)
+    })
+}
+
+/// Like `wps_client_send_event_async`, with a caller-chosen ackId (see
+/// `wps_client_send_to_group_with_ack_id`).
+///
+/// # Safety
+/// As `wps_client_send_event_async`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_event_with_ack_id_async(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_event(event, data_type, data, len, flags, Some(ack_id));
+        run_async_ack(c, op, cb, user_data, op_id)
     })
 }
 

@@ -624,6 +624,24 @@ static bool test_async_and_upstream(void) {
     CHECK_STATUS(wps_client_invoke_event(a, "fail", WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, 0, &resp), WPS_STATUS_INVOKE_ERROR);
     CHECK(resp == NULL);
     CHECK(strcmp(wps_last_error_name(), "InternalServerError") == 0);
+    /* caller-chosen ackIds: a repeat is reported as a duplicate, not an error */
+    CHECK_OK(wps_client_send_to_group_with_ack_id(a, "room", WPS_DATA_TYPE_TEXT, (const uint8_t *)"once", 4, 0, 1000, &ack));
+    CHECK(ack.has_ack_id && ack.ack_id == 1000 && !ack.is_duplicated);
+    CHECK_OK(wps_client_send_to_group_with_ack_id(a, "room", WPS_DATA_TYPE_TEXT, (const uint8_t *)"once", 4, 0, 1000, &ack));
+    CHECK(ack.ack_id == 1000 && ack.is_duplicated);
+    CHECK_OK(wps_client_send_event_with_ack_id(a, "evt", WPS_DATA_TYPE_TEXT, (const uint8_t *)"e", 1, 0, 1001, &ack));
+    CHECK(ack.ack_id == 1001 && !ack.is_duplicated);
+    completion d[2];
+    completion_init(&d[0]);
+    completion_init(&d[1]);
+    CHECK_OK(wps_client_send_event_with_ack_id_async(a, "evt", WPS_DATA_TYPE_TEXT, (const uint8_t *)"e", 1, 0, 1001, on_complete, &d[0], NULL));
+    CHECK(wait_completion(&d[0]));
+    CHECK(d[0].status == WPS_STATUS_OK && d[0].ack_id == 1001 && d[0].is_duplicated);
+    CHECK_OK(wps_client_send_to_group_with_ack_id_async(a, "room", WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, 0, 1002, on_complete, &d[1], NULL));
+    CHECK(wait_completion(&d[1]));
+    CHECK(d[1].status == WPS_STATUS_OK && d[1].ack_id == 1002 && !d[1].is_duplicated);
+    completion_destroy(&d[0]);
+    completion_destroy(&d[1]);
     for (int k = 0; k < 5; k++) completion_destroy(&c[k]);
     CHECK(free_client(a, ra));
     return true;
