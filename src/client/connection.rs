@@ -500,9 +500,13 @@ impl Task {
         let connection_id = self.session.take().map(|s| s.connection_id);
         let message = self.disconnect_message.take().or(message);
         warn!(
-            "connection {} lost (close code {close_code:?}: {})",
+            "connection {} lost ({}close code {}): the session cannot be recovered",
             connection_id.as_deref().unwrap_or("-"),
-            message.as_deref().unwrap_or("")
+            message
+                .as_deref()
+                .map(|m| format!("{m}; "))
+                .unwrap_or_default(),
+            close_code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
         );
         self.shared.set_connection_id(None);
         self.sequence.reset();

@@ -148,6 +148,7 @@ impl ClientOptions {
                 ));
             }
         }
+        crate::transport::check_extra_ca(&self.extra_ca_pem)?;
         if self.max_message_size < 1024 {
             return Err("max_message_size must be at least 1024 bytes".into());
         }

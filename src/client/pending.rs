@@ -1,4 +1,4 @@
-//! Operations awaiting an ack or an invoke response, with their timers.
+//! Operations awaiting an ack or an invoke response, with their deadlines.
 //!
 //! Pure bookkeeping (no I/O): the connection task tells it what was sent and what
 //! arrived, and it says what to resend and what finished. An acked operation keeps
@@ -8,8 +8,7 @@
 use super::options::RetryOptions;
 use super::{AckResult, Error, InvokeResult};
 use crate::protocol::{json, ErrorDetail, Upstream};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -110,7 +109,7 @@ struct InvokeOp {
     due: Option<Instant>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Key {
     Ack(u64),
     Invoke(String),
@@ -123,10 +122,15 @@ enum Unsent {
 }
 
 /// All operations in flight on one client.
+///
+/// Each operation carries its own deadline; instead of one timer entry per operation
+/// (which would pile up for every acked message at high rates), one timer points at
+/// the earliest deadline and `expire` sweeps the (small) set of pending operations.
 pub(crate) struct Pending {
     acks: HashMap<u64, AckOp>,
     invokes: HashMap<String, InvokeOp>,
-    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// No deadline is earlier than this (it may be earlier than every real one).
+    earliest: Option<Instant>,
     unsent: Vec<Unsent>,
     ack_timeout: Duration,
     retry: RetryOptions,
@@ -137,7 +141,7 @@ impl Pending {
         Pending {
             acks: HashMap::new(),
             invokes: HashMap::new(),
-            timers: BinaryHeap::new(),
+            earliest: None,
             unsent: Vec::new(),
             ack_timeout,
             retry,
@@ -175,7 +179,7 @@ impl Pending {
         match sent_at {
             Some(now) => {
                 op.phase = Phase::AwaitingAck;
-                op.due = Some(self.arm(now + self.ack_timeout, Key::Ack(ack_id)));
+                op.due = Some(self.arm(now + self.ack_timeout));
             }
             None => self.unsent.push(Unsent::Op(Key::Ack(ack_id))),
         }
@@ -199,7 +203,7 @@ impl Pending {
             return;
         }
         let due = match sent_at {
-            Some(now) => Some(self.arm(now + timeout, Key::Invoke(invocation_id.clone()))),
+            Some(now) => Some(self.arm(now + timeout)),
             None => {
                 self.unsent
                     .push(Unsent::Op(Key::Invoke(invocation_id.clone())));
@@ -233,9 +237,6 @@ impl Pending {
         now: Instant,
     ) -> Option<Done> {
         let op = self.acks.get_mut(&ack_id)?;
-        if !matches!(op.phase, Phase::AwaitingAck) {
-            return None;
-        }
         let result = match error {
             _ if success => Ok(AckResult {
                 ack_id: Some(ack_id),
@@ -249,7 +250,8 @@ impl Pending {
                 if e.name == "InternalServerError" && op.wanted() {
                     if let Some(delay) = self.retry.delay_before(op.retries + 1) {
                         op.phase = Phase::RetryWait;
-                        op.due = Some(arm(&mut self.timers, now + delay, Key::Ack(ack_id)));
+                        op.due = Some(now + delay);
+                        lower(&mut self.earliest, now + delay);
                         return None;
                     }
                 }
@@ -296,40 +298,48 @@ impl Pending {
         op.due.map(|_| cancel_frame(invocation_id))
     }
 
-    /// When the earliest timer is due (it may be stale: then `expire` does nothing).
+    /// When the earliest deadline may be due (then call `expire`).
     pub(crate) fn next_due(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((due, _))| *due)
+        self.earliest
     }
 
-    /// Handles every timer due at `now`: ack timeouts (retry with the same ackId, or
-    /// `Error::Timeout`), retry delays (resend), invoke timeouts (`cancelInvocation`).
+    /// Handles every deadline due at `now`: ack timeouts (retry with the same ackId,
+    /// or `Error::Timeout`), retry delays (resend), invoke timeouts (`cancelInvocation`).
     /// Frames to write go to `out`, finished operations to `done`.
     pub(crate) fn expire(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>, done: &mut Vec<Done>) {
-        while let Some(Reverse((due, _))) = self.timers.peek() {
-            if *due > now {
-                break;
-            }
-            let Some(Reverse((due, key))) = self.timers.pop() else {
-                break;
-            };
-            match key {
-                Key::Ack(ack_id) => self.expire_ack(ack_id, due, now, out, done),
-                Key::Invoke(id) => {
-                    if self.invokes.get(&id).is_some_and(|op| op.due == Some(due)) {
-                        if let Some(op) = self.invokes.remove(&id) {
-                            let _ = op.reply.send(Err(Error::Timeout));
-                            out.push(cancel_frame(&id));
-                        }
-                    }
-                }
+        let mut due: Vec<u64> = self
+            .acks
+            .iter()
+            .filter(|(_, op)| op.due.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        due.sort_unstable();
+        for ack_id in due {
+            self.expire_ack(ack_id, now, out, done);
+        }
+        let due: Vec<String> = self
+            .invokes
+            .iter()
+            .filter(|(_, op)| op.due.is_some_and(|d| d <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some(op) = self.invokes.remove(&id) {
+                let _ = op.reply.send(Err(Error::Timeout));
+                out.push(cancel_frame(&id));
             }
         }
+        self.earliest = self
+            .acks
+            .values()
+            .filter_map(|op| op.due)
+            .chain(self.invokes.values().filter_map(|op| op.due))
+            .min();
     }
 
     fn expire_ack(
         &mut self,
         ack_id: u64,
-        due: Instant,
         now: Instant,
         out: &mut Vec<Utf8Bytes>,
         done: &mut Vec<Done>,
@@ -337,9 +347,6 @@ impl Pending {
         let Some(op) = self.acks.get_mut(&ack_id) else {
             return;
         };
-        if op.due != Some(due) {
-            return;
-        }
         match op.phase {
             Phase::AwaitingAck => {
                 let delay = if op.wanted() {
@@ -350,7 +357,7 @@ impl Pending {
                 match delay {
                     Some(delay) => {
                         op.phase = Phase::RetryWait;
-                        op.due = Some(arm(&mut self.timers, now + delay, Key::Ack(ack_id)));
+                        op.due = Some(now + delay);
                     }
                     None => {
                         if let Some(op) = self.acks.remove(&ack_id) {
@@ -366,11 +373,7 @@ impl Pending {
             Phase::RetryWait => {
                 op.retries += 1;
                 op.phase = Phase::AwaitingAck;
-                op.due = Some(arm(
-                    &mut self.timers,
-                    now + self.ack_timeout,
-                    Key::Ack(ack_id),
-                ));
+                op.due = Some(now + self.ack_timeout);
                 out.push(op.frame.clone());
             }
             Phase::Unsent => {}
@@ -381,7 +384,7 @@ impl Pending {
     /// with their ackIds once recovered (the service dedupes them); otherwise they fail
     /// with `NotConnected`, as do invocations already sent (their replies are lost).
     pub(crate) fn connection_dropped(&mut self, recoverable: bool, done: &mut Vec<Done>) {
-        self.timers.clear();
+        self.earliest = None;
         let sent: Vec<String> = self
             .invokes
             .iter()
@@ -432,11 +435,9 @@ impl Pending {
                         continue;
                     }
                     op.phase = Phase::AwaitingAck;
-                    op.due = Some(arm(
-                        &mut self.timers,
-                        now + self.ack_timeout,
-                        Key::Ack(ack_id),
-                    ));
+                    let due = now + self.ack_timeout;
+                    op.due = Some(due);
+                    lower(&mut self.earliest, due);
                     out.push(op.frame.clone());
                 }
                 Unsent::Op(Key::Invoke(id)) => {
@@ -446,7 +447,9 @@ impl Pending {
                     if op.due.is_some() {
                         continue;
                     }
-                    op.due = Some(arm(&mut self.timers, now + op.timeout, Key::Invoke(id)));
+                    let due = now + op.timeout;
+                    op.due = Some(due);
+                    lower(&mut self.earliest, due);
                     out.push(op.frame.clone());
                 }
             }
@@ -455,7 +458,7 @@ impl Pending {
 
     /// Fails every operation with `error` (stop, session lost, client dropped).
     pub(crate) fn fail_all(&mut self, error: Error, done: &mut Vec<Done>) {
-        self.timers.clear();
+        self.earliest = None;
         self.unsent.clear();
         for (_, op) in self.invokes.drain() {
             let _ = op.reply.send(Err(error.clone()));
@@ -471,14 +474,16 @@ impl Pending {
         }
     }
 
-    fn arm(&mut self, due: Instant, key: Key) -> Instant {
-        arm(&mut self.timers, due, key)
+    /// Notes a new deadline; returns it.
+    fn arm(&mut self, due: Instant) -> Instant {
+        lower(&mut self.earliest, due);
+        due
     }
 }
 
-fn arm(timers: &mut BinaryHeap<Reverse<(Instant, Key)>>, due: Instant, key: Key) -> Instant {
-    timers.push(Reverse((due, key)));
-    due
+/// Moves `earliest` down to `due` if that is earlier.
+fn lower(earliest: &mut Option<Instant>, due: Instant) {
+    *earliest = Some(earliest.map_or(due, |e| e.min(due)));
 }
 
 fn cancel_frame(invocation_id: &str) -> Utf8Bytes {
@@ -486,4 +491,148 @@ fn cancel_frame(invocation_id: &str) -> Utf8Bytes {
         invocation_id: invocation_id.to_owned(),
     })
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::options::RetryMode;
+
+    fn pending(retries: u32) -> Pending {
+        let retry = RetryOptions {
+            max_retries: Some(retries),
+            delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(1),
+            mode: RetryMode::Fixed,
+        };
+        Pending::new(Duration::from_secs(10), retry)
+    }
+
+    fn frame(n: u64) -> Utf8Bytes {
+        Utf8Bytes::from(format!("frame{n}"))
+    }
+
+    fn add(
+        p: &mut Pending,
+        ack_id: u64,
+        now: Option<Instant>,
+    ) -> oneshot::Receiver<Result<AckResult, Error>> {
+        let (tx, rx) = oneshot::channel();
+        assert!(p
+            .add_ack(ack_id, frame(ack_id), Purpose::Send, Some(tx), now)
+            .is_ok());
+        rx
+    }
+
+    fn error(name: &str) -> Option<ErrorDetail> {
+        Some(ErrorDetail {
+            name: name.into(),
+            message: "m".into(),
+        })
+    }
+
+    #[test]
+    fn a_timeout_is_retried_with_the_same_frame_then_fails() {
+        let t0 = Instant::now();
+        let mut p = pending(1);
+        let mut rx = add(&mut p, 1, Some(t0));
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(10)));
+        p.expire(t0 + Duration::from_secs(10), &mut out, &mut done);
+        assert!(out.is_empty() && done.is_empty());
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(11)));
+        p.expire(t0 + Duration::from_secs(11), &mut out, &mut done);
+        assert_eq!(out, vec![frame(1)]);
+        p.expire(t0 + Duration::from_secs(21), &mut out, &mut done);
+        assert_eq!(done.len(), 1);
+        done.pop().unwrap().reply();
+        assert_eq!(rx.try_recv().unwrap(), Err(Error::Timeout));
+        assert_eq!(p.next_due(), None);
+    }
+
+    #[test]
+    fn duplicate_is_success_and_forbidden_is_final() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        add(&mut p, 1, Some(t0));
+        add(&mut p, 2, Some(t0));
+        let done = p.on_ack(1, false, error("Duplicate"), t0).unwrap();
+        assert_eq!(
+            done.result,
+            Ok(AckResult {
+                ack_id: Some(1),
+                is_duplicated: true
+            })
+        );
+        let done = p.on_ack(2, false, error("Forbidden"), t0).unwrap();
+        assert!(
+            matches!(done.result, Err(Error::Ack { ack_id: 2, ref name, .. }) if name == "Forbidden")
+        );
+        assert!(p.on_ack(2, true, None, t0).is_none());
+    }
+
+    #[test]
+    fn an_internal_error_is_retried_and_a_late_ack_still_completes() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let _rx = add(&mut p, 1, Some(t0));
+        assert!(p
+            .on_ack(1, false, error("InternalServerError"), t0)
+            .is_none());
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(1)));
+        let done = p.on_ack(1, true, None, t0).unwrap();
+        assert!(done.result.is_ok());
+    }
+
+    #[test]
+    fn a_recoverable_drop_resends_in_order_and_a_lost_session_fails_all() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        add(&mut p, 2, Some(t0));
+        add(&mut p, 1, Some(t0));
+        let mut done = Vec::new();
+        p.connection_dropped(true, &mut done);
+        assert!(done.is_empty());
+        assert_eq!(p.next_due(), None);
+        add(&mut p, 3, None);
+        p.add_unsent_frame(Utf8Bytes::from_static("ff"));
+        let mut out = Vec::new();
+        p.take_unsent(t0, &mut out);
+        assert_eq!(
+            out,
+            vec![frame(1), frame(2), frame(3), Utf8Bytes::from_static("ff")]
+        );
+        p.connection_dropped(false, &mut done);
+        assert_eq!(done.len(), 3);
+        assert!(done.iter().all(|d| d.result == Err(Error::NotConnected)));
+    }
+
+    #[test]
+    fn invocations_time_out_with_a_cancel_and_fail_on_a_drop() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let (tx, mut rx) = oneshot::channel();
+        p.add_invoke("7".into(), frame(7), Duration::from_secs(2), tx, Some(t0));
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        p.expire(t0 + Duration::from_secs(2), &mut out, &mut done);
+        assert_eq!(out, vec![cancel_frame("7")]);
+        assert_eq!(rx.try_recv().unwrap(), Err(Error::Timeout));
+
+        let (tx, mut rx) = oneshot::channel();
+        p.add_invoke("8".into(), frame(8), Duration::from_secs(2), tx, Some(t0));
+        p.connection_dropped(true, &mut done);
+        assert_eq!(rx.try_recv().unwrap(), Err(Error::NotConnected));
+    }
+
+    #[test]
+    fn an_ack_id_in_use_is_refused() {
+        let mut p = pending(0);
+        add(&mut p, 1, None);
+        let (tx, _rx) = oneshot::channel();
+        let refused = p
+            .add_ack(1, frame(1), Purpose::Send, Some(tx), None)
+            .err()
+            .unwrap();
+        assert!(matches!(refused.result, Err(Error::InvalidArgument(_))));
+    }
 }
