@@ -746,6 +746,37 @@ static bool test_free_inside_callback(void) {
     return true;
 }
 
+/* wps_client_free from inside a completion callback of the same client. */
+typedef struct {
+    completion done;
+    wps_client *client;
+} free_on_complete;
+
+static void on_complete_free(void *user_data, const wps_completion *done) {
+    free_on_complete *f = user_data;
+    wps_client_free(f->client); /* deferred: this completion is still running */
+    on_complete(&f->done, done);
+}
+
+static bool test_free_inside_completion(void) {
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    free_on_complete f = {.client = a};
+    completion_init(&f.done);
+    CHECK_OK(wps_client_join_group_async(a, "g2", on_complete_free, &f, NULL));
+    CHECK(wait_completion(&f.done));
+    CHECK(f.done.status == WPS_STATUS_OK);
+    CHECK(wait_freed(ra));
+    pthread_mutex_lock(&ra->mu);
+    bool ok = ra->calls_after_free == 0 && ra->in_flight == 0;
+    pthread_mutex_unlock(&ra->mu);
+    CHECK(ok);
+    completion_destroy(&f.done);
+    recorder_delete(ra);
+    return true;
+}
+
 /* wps_client_free with pending operations: each completes exactly once before it returns. */
 static bool test_free_with_pending(void) {
     recorder *ra;
@@ -923,7 +954,7 @@ static bool test_reconnection(void) {
 
 /* Many clients share a few dispatcher threads; one client's events arrive in order. */
 static bool test_threads_and_order(void) {
-    enum { N = 40, MSGS = 100 };
+    enum { N = 100, MSGS = 100 };
     recorder *ra;
     wps_client *a = connect_client("alice", ALL_ROLES, &ra);
     CHECK(a);
@@ -1092,6 +1123,7 @@ int main(int argc, char **argv) {
     run("cancel", test_cancel);
     run("blocking call inside a callback", test_call_inside_callback);
     run("free inside a callback", test_free_inside_callback);
+    run("free inside a completion callback", test_free_inside_completion);
     run("free with pending operations", test_free_with_pending);
     run("credential errors", test_credential_errors);
     run("reconnection", test_reconnection);

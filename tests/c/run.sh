@@ -55,7 +55,12 @@ asan)
     exec "$out/harness" "$emulator" "$out/chat"
     ;;
 valgrind)
-    command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
+    if ! command -v valgrind >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq valgrind >/dev/null
+        fi
+        command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
+    fi
     vg=(valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible
         --suppressions="$here/valgrind.supp" --trace-children=no)
     "${vg[@]}" "$out/header_check"
