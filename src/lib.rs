@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod ffi;
 pub mod protocol;
 pub mod runtime;
 pub mod transport;
