@@ -21,9 +21,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 from azure.messaging.webpubsubservice import WebPubSubServiceClient
 
-from webpubsub_client.models import WebPubSubProtocolType
-
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# Test the debug build of this checkout unless told otherwise (a stale release build in
+# target/ would otherwise win the loader's search order).
+_DEBUG_LIB = REPO_ROOT / "target" / "debug" / "libwebpubsub_client.so"
+if "WEBPUBSUB_CLIENT_LIB" not in os.environ and _DEBUG_LIB.is_file():
+    os.environ["WEBPUBSUB_CLIENT_LIB"] = str(_DEBUG_LIB)
+
+from webpubsub_client.models import WebPubSubProtocolType  # noqa: E402 - after choosing the library
+
 EMULATOR_BIN = Path(os.environ.get("WPS_EMULATOR_BIN", REPO_ROOT / "target" / "debug" / "webpubsub-emulator"))
 
 PROTOCOLS = [WebPubSubProtocolType.JSON_RELIABLE, WebPubSubProtocolType.JSON]

@@ -8,7 +8,8 @@ import logging
 import math
 import threading
 import urllib.parse
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from enum import Enum
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union, cast
 
 from . import _callbacks, _native
 from ._callbacks import REGISTRY
@@ -34,6 +35,7 @@ from .models import (
 )
 
 _LOGGER = logging.getLogger("webpubsub_client")
+E = TypeVar("E", bound=Enum)
 
 # Defaults of the official azure-messaging-webpubsubclient 1.1.0 (seconds).
 DEFAULT_RETRY_TOTAL = 3
@@ -117,7 +119,7 @@ def check_int(value: Any, what: str, minimum: int = 0) -> int:
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def seconds_to_ms(value: Any, what: str) -> int:
@@ -137,17 +139,17 @@ def check_ack_id(ack_id: Any) -> Optional[int]:
     check_int(ack_id, "ack_id", minimum=1)
     if ack_id > _native.UINT64_MAX:
         raise ValueError(f"ack_id must fit in 64 bits, got {ack_id}")
-    return ack_id
+    return int(ack_id)
 
 
-def _enum_value(enum_cls: Any, value: Any, what: str) -> Any:
+def _enum_value(enum_cls: Type[E], value: Any, what: str) -> E:
     if isinstance(value, enum_cls):
         return value
     if isinstance(value, str):
         # also accepts other str enums with the same values (azure.core's RetryMode)
         member = enum_cls._missing_(str(value.value) if hasattr(value, "value") else value)
         if member is not None:
-            return member
+            return cast(E, member)
         valid = ", ".join(repr(m.value) for m in enum_cls)
         raise ValueError(f"{what} must be one of {valid}, got {value!r}")
     raise TypeError(f"{what} must be a {enum_cls.__name__} or str, got {type(value).__name__}")
@@ -210,8 +212,7 @@ def _retry_mode(value: Any, what: str) -> int:
 
 
 def _retry_total(value: Any, what: str) -> int:
-    check_int(value, what)
-    return min(value, _native.UINT32_MAX)
+    return min(check_int(value, what), _native.UINT32_MAX)
 
 
 class Options:
@@ -295,7 +296,7 @@ class Options:
 
     def build(self) -> int:
         """A new ``wps_options`` handle holding these options (the caller frees it)."""
-        handle = lib.wps_options_new()
+        handle: Optional[int] = lib.wps_options_new()
         if not handle:
             raise MemoryError("wps_options_new failed")
         try:

@@ -89,7 +89,6 @@ class Completion:
         self.data: bytes = ctypes.string_at(raw.data, raw.data_len) if raw.data and raw.data_len else b""
 
 
-@_native.EVENT_CB
 def _on_event(key: Optional[int], event: Any) -> None:
     try:
         sink = REGISTRY.get(key)
@@ -99,7 +98,6 @@ def _on_event(key: Optional[int], event: Any) -> None:
         _LOGGER.exception("webpubsub_client: error while handling an event")
 
 
-@_native.USER_DATA_FREE_CB
 def _on_free(key: Optional[int]) -> None:
     try:
         REGISTRY.pop(key)
@@ -107,7 +105,6 @@ def _on_free(key: Optional[int]) -> None:
         _LOGGER.exception("webpubsub_client: error while releasing callback data")
 
 
-@_native.CREDENTIAL_CB
 def _on_credential(key: Optional[int], result: Optional[int]) -> None:
     try:
         provider: Optional[Callable[[], str]] = REGISTRY.get(key)
@@ -128,7 +125,6 @@ def _on_credential(key: Optional[int], result: Optional[int]) -> None:
             _LOGGER.exception("webpubsub_client: cannot report the credential error")
 
 
-@_native.COMPLETION_CB
 def _on_completion(key: Optional[int], completion: Any) -> None:
     try:
         handler = REGISTRY.pop(key)
@@ -147,7 +143,6 @@ _PY_LEVELS = {
 }
 
 
-@_native.LOG_CB
 def _on_log(_key: Optional[int], level: int, target: Optional[bytes], message: Optional[bytes]) -> None:
     try:
         py_level = _PY_LEVELS.get(level, logging.DEBUG)
@@ -157,11 +152,12 @@ def _on_log(_key: Optional[int], level: int, target: Optional[bytes], message: O
         pass  # logging failed; there is nowhere left to report it
 
 
-EVENT_TRAMPOLINE = _on_event
-FREE_TRAMPOLINE = _on_free
-CREDENTIAL_TRAMPOLINE = _on_credential
-COMPLETION_TRAMPOLINE = _on_completion
-LOG_TRAMPOLINE = _on_log
+# The one C function pointer per callback type; module globals, so never collected.
+EVENT_TRAMPOLINE = _native.EVENT_CB(_on_event)
+FREE_TRAMPOLINE = _native.USER_DATA_FREE_CB(_on_free)
+CREDENTIAL_TRAMPOLINE = _native.CREDENTIAL_CB(_on_credential)
+COMPLETION_TRAMPOLINE = _native.COMPLETION_CB(_on_completion)
+LOG_TRAMPOLINE = _native.LOG_CB(_on_log)
 
 _log_lock = threading.Lock()
 _log_level = 0

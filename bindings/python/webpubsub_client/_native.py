@@ -286,11 +286,12 @@ def _candidates() -> List[Path]:
     if ext_suffix:
         paths.append(package_dir / f"libwebpubsub_client{ext_suffix}")
     paths.extend(package_dir / name for name in _library_file_names())
-    # A source checkout: bindings/python/webpubsub_client -> repository root.
+    # A source checkout: bindings/python/webpubsub_client -> the repository root.
     repo_root = package_dir.parent.parent.parent
-    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", repo_root / "target"))
-    for profile in ("release", "debug"):
-        paths.extend(target_dir / profile / name for name in _library_file_names())
+    if (repo_root / "Cargo.toml").is_file():
+        target_dir = Path(os.environ.get("CARGO_TARGET_DIR", repo_root / "target"))
+        for profile in ("release", "debug"):
+            paths.extend(target_dir / profile / name for name in _library_file_names())
     return paths
 
 

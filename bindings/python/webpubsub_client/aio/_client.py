@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import inspect
 import logging
 import weakref
@@ -53,7 +54,7 @@ class WebPubSubClientCredential:
         result = self._provider()
         if inspect.isawaitable(result):
             result = await result
-        return result  # type: ignore[return-value]
+        return result
 
 
 class _AsyncSink:
@@ -84,9 +85,9 @@ class _AsyncSink:
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
-                task.add_done_callback(lambda t, k=kind: self._finished(t, k))
+                task.add_done_callback(functools.partial(self._finished, kind=kind))
 
-    def _finished(self, task: "asyncio.Future[Any]", kind: CallbackType) -> None:
+    def _finished(self, task: "asyncio.Future[Any]", *, kind: CallbackType) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
