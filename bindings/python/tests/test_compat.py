@@ -44,9 +44,11 @@ def run_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
     )
     received = Collector()
     stopped = Collector()
+    disconnected = Collector()
     for event in ("connected", "group-message", "server-message"):
         client.subscribe(models.CallbackType(event), lambda args, e=event: received((e, args)))
     client.subscribe(models.CallbackType.STOPPED, lambda: stopped("stopped"))
+    client.subscribe(models.CallbackType.DISCONNECTED, disconnected)
     client.open()
     try:
         connection_id = client._connection_id if package is official else client.connection_id
@@ -73,6 +75,7 @@ def run_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
     finally:
         client.close()
     stopped.wait_for(1)
+    disconnected.wait_for(1)
     return {
         "received": sorted(_normalize(kind, args) for kind, args in items),
         "forbidden": error,
@@ -80,6 +83,7 @@ def run_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
         "connected_before_close": is_connected,
         "connected_after_close": client.is_connected(),
         "stopped_events": len(stopped),
+        "disconnected_on_close": [(d.connection_id == connection_id, d.message) for d in disconnected.items],
     }
 
 

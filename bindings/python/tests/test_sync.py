@@ -226,6 +226,27 @@ def test_callback_may_send_from_inside_a_listener(hub: Hub, protocol: WebPubSubP
     assert [m.data for m in got.items] == ["ping", "pong"]
 
 
+def test_close_from_inside_a_listener(hub: Hub) -> None:
+    stopped = Collector()
+    errors: List[BaseException] = []
+    client = make(hub.url())
+
+    def on_message(_: OnGroupDataMessageArgs) -> None:
+        try:
+            client.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    client.open()
+    client.join_group("g")
+    client.send_to_group("g", "stop now", WebPubSubDataType.TEXT)
+    stopped.wait_for(1)
+    wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped state")
+    assert not errors
+
+
 # ---- server messages and events -----------------------------------------------------------
 
 
