@@ -7,6 +7,7 @@ Clients use this project's binding (``webpubsub_client``); tokens and server sen
 from the official server SDK (``azure-messaging-webpubsubservice``).
 """
 
+import logging
 import sys
 import threading
 import time
@@ -111,9 +112,11 @@ def main(connection_string: str) -> None:
         bob_in.wait_for(4, "the server messages")
 
         print("4. alice's socket drops; the reliable protocol recovers it silently")
-        emulator_route(endpoint, f"/connections/{alice.connection_id}/:drop")
+        before = alice.connection_id
+        emulator_route(endpoint, f"/connections/{before}/:drop")
         bob.send_to_group(GROUP, "sent while alice was recovering", WebPubSubDataType.TEXT, no_echo=True)
         alice_in.wait_for(4, "the message sent during recovery")
+        print(f"  [alice] still connection {alice.connection_id} (same: {alice.connection_id == before}), no event raised")
 
         print("5. the server ends alice's session (1008); she reconnects and rejoins the group")
         emulator_route(endpoint, f"/connections/{alice.connection_id}/:close?code=1008&reason=demo")
@@ -127,6 +130,7 @@ def main(connection_string: str) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="  (library log) %(message)s")
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
     main(sys.argv[1])
