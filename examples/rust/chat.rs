@@ -25,7 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     alice
-        .send_to_group("lobby", DataType::Text, "hello bob".into(), no_echo.clone())
+        .send_to_group("lobby", DataType::Text, "hello bob".into(), no_echo)
         .await?;
     let json = r#"{"mood":"happy"}"#;
     let ack = alice
