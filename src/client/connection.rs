@@ -249,9 +249,14 @@ impl Task {
         if attempt > 0 {
             info!("reconnecting (attempt {attempt})");
         }
+        // Boxed: connecting (TLS, upgrade) needs far more state than a live
+        // connection, and the task should not carry that size while idle.
         let opening = tokio::time::timeout(
             self.options.start_timeout,
-            open_connection(self.credential.clone(), self.connector.clone()),
+            Box::pin(open_connection(
+                self.credential.clone(),
+                self.connector.clone(),
+            )),
         );
         let result = match self.offline(opening, false).await {
             Ok(result) => result.unwrap_or_else(|_| Err(Error::Timeout)),
@@ -489,7 +494,7 @@ impl Task {
             let connector = self.connector.clone();
             let target = url.clone();
             let limit = (deadline - now).min(self.options.start_timeout);
-            let attempt_fut = async move { connector.connect(&target).await };
+            let attempt_fut = Box::pin(async move { connector.connect(&target).await });
             match self
                 .offline(tokio::time::timeout(limit, attempt_fut), true)
                 .await
