@@ -39,6 +39,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// Accepts connections forever: upgrade with tiny buffers, send `connected`, idle.
+#[allow(clippy::result_large_err)]
 async fn serve(listener: tokio::net::TcpListener) {
     let config = WebSocketConfig::default()
         .read_buffer_size(512)
