@@ -631,3 +631,38 @@ async fn reconnecting_gives_up_per_the_retry_policy_and_stops() {
     );
     assert_eq!(client.state(), ClientState::Stopped);
 }
+
+#[tokio::test]
+async fn operations_in_flight_when_stopping_fail_with_stopped() {
+    let fake = Fake::new().await;
+    let (client, _events, _conn) = connect(&fake, quiet_options()).await;
+    let mut sends = Vec::new();
+    for i in 0..200 {
+        let c = client.clone();
+        sends.push(tokio::spawn(async move {
+            c.send_to_group(
+                "g",
+                DataType::Text,
+                Bytes::from(format!("m{i}")),
+                SendToGroupOptions::default(),
+            )
+            .await
+        }));
+    }
+    for _ in 0..20 {
+        tokio::task::yield_now().await; // lets every send be queued or written (none is acked)
+    }
+    client.stop().await;
+    for send in sends {
+        assert_eq!(send.await.unwrap(), Err(Error::Stopped));
+    }
+    let late = client
+        .send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from("late"),
+            SendToGroupOptions::default(),
+        )
+        .await;
+    assert!(matches!(late, Err(Error::IllegalState(_))), "{late:?}");
+}

@@ -234,7 +234,9 @@ impl Task {
                     }
                     Some(Command::CancelInvocation(_)) => {}
                 },
-                Some(op) = self.operations.recv() => reject(op, Error::IllegalState("the client is not started".into())),
+                // Callers check the state first: what still arrives here was sent
+                // while the client was running, so it was stopped under it.
+                Some(op) = self.operations.recv() => reject(op, Error::Stopped),
             }
         }
     }
@@ -567,6 +569,9 @@ impl Task {
     /// Stops: fails pending operations, raises `Disconnected` (if connected) and
     /// `Stopped`, then answers the `stop()` caller.
     fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
+        while let Ok(op) = self.operations.try_recv() {
+            reject(op, Error::Stopped);
+        }
         self.pending.fail_all(Error::Stopped, &mut self.done);
         self.finish_done();
         let connection_id = self.session.take().map(|s| s.connection_id);
