@@ -344,6 +344,18 @@ impl Task {
         let mut sequence_armed = false;
         let mut op_armed: Option<Instant> = None;
         loop {
+            if reliable && !sequence_armed && self.sequence.has_unacked() {
+                sequence_timer
+                    .as_mut()
+                    .reset(now + self.options.sequence_ack_interval);
+                sequence_armed = true;
+            }
+            if let Some(due) = self.pending.next_due().map(Instant::from_std) {
+                if op_armed.map_or(true, |armed| due < armed) {
+                    op_timer.as_mut().reset(due);
+                    op_armed = Some(due);
+                }
+            }
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None => {
@@ -422,18 +434,6 @@ impl Task {
             if !self.out.is_empty() {
                 if let Err(e) = write_out(&mut ws, &mut self.out).await {
                     return self.dropped(None, format!("write failed: {e}"));
-                }
-            }
-            if reliable && !sequence_armed && self.sequence.has_unacked() {
-                sequence_timer
-                    .as_mut()
-                    .reset(now + self.options.sequence_ack_interval);
-                sequence_armed = true;
-            }
-            if let Some(due) = self.pending.next_due().map(Instant::from_std) {
-                if op_armed.map_or(true, |armed| due < armed) {
-                    op_timer.as_mut().reset(due);
-                    op_armed = Some(due);
                 }
             }
         }
