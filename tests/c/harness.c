@@ -678,6 +678,81 @@ static bool test_cancel(void) {
     return true;
 }
 
+/* Many operations racing with cancel and free: every completion arrives exactly once. */
+enum { RACE_OPS = 200 };
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int calls[RACE_OPS];
+    wps_status status[RACE_OPS];
+    int total;
+} race;
+
+typedef struct {
+    race *r;
+    int index;
+} race_slot;
+
+static void on_race_complete(void *user_data, const wps_completion *done) {
+    race_slot *slot = user_data;
+    race *r = slot->r;
+    pthread_mutex_lock(&r->mu);
+    r->calls[slot->index]++;
+    r->status[slot->index] = done->status;
+    r->total++;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static bool test_completion_races(void) {
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    race *r = calloc(1, sizeof *r);
+    race_slot *slots = calloc(RACE_OPS, sizeof *slots);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    wps_status cancel[RACE_OPS];
+    uint64_t ids[RACE_OPS];
+    /* first half: cancel every other one right away, wait for all */
+    for (int k = 0; k < RACE_OPS / 2; k++) {
+        slots[k] = (race_slot){r, k};
+        CHECK_OK(wps_client_send_to_group_async(a, "race", WPS_DATA_TYPE_TEXT, (const uint8_t *)"r", 1, 0, on_race_complete, &slots[k], &ids[k]));
+        cancel[k] = k % 2 ? wps_client_cancel(a, ids[k]) : WPS_STATUS_INVALID_ARGUMENT;
+    }
+    int64_t deadline = now_ms() + WAIT_MS;
+    pthread_mutex_lock(&r->mu);
+    while (r->total < RACE_OPS / 2 && timed_wait(&r->cv, &r->mu, deadline)) {
+    }
+    pthread_mutex_unlock(&r->mu);
+    for (int k = 0; k < RACE_OPS / 2; k++) {
+        CHECK(r->calls[k] == 1);
+        if (cancel[k] == WPS_STATUS_OK) CHECK(r->status[k] == WPS_STATUS_CANCELLED);
+        else CHECK(r->status[k] == WPS_STATUS_OK);
+    }
+    /* second half: free while they are in flight; all completed when free returns */
+    for (int k = RACE_OPS / 2; k < RACE_OPS; k++) {
+        slots[k] = (race_slot){r, k};
+        CHECK_OK(wps_client_send_to_group_async(a, "race", WPS_DATA_TYPE_TEXT, (const uint8_t *)"r", 1, 0, on_race_complete, &slots[k], NULL));
+    }
+    CHECK(free_client(a, ra));
+    pthread_mutex_lock(&r->mu);
+    int total = r->total;
+    pthread_mutex_unlock(&r->mu);
+    CHECK(total == RACE_OPS);
+    for (int k = RACE_OPS / 2; k < RACE_OPS; k++) {
+        CHECK(r->calls[k] == 1);
+        if (r->status[k] != WPS_STATUS_OK && r->status[k] != WPS_STATUS_STOPPED) fprintf(stderr, "  op %d: %s\n", k, wps_status_str(r->status[k]));
+        CHECK(r->status[k] == WPS_STATUS_OK || r->status[k] == WPS_STATUS_STOPPED);
+    }
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r);
+    free(slots);
+    return true;
+}
+
 /* Calls from inside callbacks: a blocking send from a group-message callback. */
 static bool test_call_inside_callback(void) {
     recorder *ra, *rb;
@@ -1121,6 +1196,7 @@ int main(int argc, char **argv) {
     run("chat between two clients", test_chat);
     run("async operations and upstream", test_async_and_upstream);
     run("cancel", test_cancel);
+    run("completion races with cancel and free", test_completion_races);
     run("blocking call inside a callback", test_call_inside_callback);
     run("free inside a callback", test_free_inside_callback);
     run("free inside a completion callback", test_free_inside_completion);
