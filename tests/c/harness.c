@@ -886,7 +886,8 @@ static bool test_free_with_pending(void) {
 typedef struct {
     pthread_mutex_t mu;
     int calls, freed;
-    int mode; /* 0: good url; 1: error; 2: no answer; good url first then no roles: 3 */
+    int mode; /* 0: good url; 1: error; 2: no answer; 3: good url first then no roles; 4: free the client */
+    wps_client *client;
 } cred_state;
 
 static void on_credential(void *user_data, wps_credential_result *result) {
@@ -899,6 +900,11 @@ static void on_credential(void *user_data, wps_credential_result *result) {
         return;
     }
     if (mode == 2) return;
+    if (mode == 4) {
+        wps_client_free(s->client); /* deferred: the credential call is still running */
+        wps_credential_result_set_error(result, "freed");
+        return;
+    }
     char *url = emulator_client_url(&EMU, HUB, "carol", mode == 3 && n > 1 ? "[]" : ALL_ROLES);
     wps_status s1 = wps_credential_result_set_url(result, url);
     wps_status s2 = wps_credential_result_set_url(result, url); /* a second answer is refused */
@@ -928,6 +934,26 @@ static bool test_credential_errors(void) {
         CHECK(cs.calls >= 1 && cs.freed == 1);
         pthread_mutex_destroy(&cs.mu);
     }
+    /* the client freed from inside its own credential callback */
+    cred_state cs = {.mode = 4};
+    pthread_mutex_init(&cs.mu, NULL);
+    recorder *r = recorder_new();
+    wps_client *fc = NULL;
+    CHECK_OK(wps_client_new_with_credential(on_credential, &cs, on_credential_free, NULL, on_event, r, on_user_data_free, &fc));
+    cs.client = fc;
+    CHECK(wps_client_start(fc) != WPS_STATUS_OK);
+    CHECK(wait_freed(r));
+    int64_t deadline = now_ms() + WAIT_MS;
+    for (;;) {
+        pthread_mutex_lock(&cs.mu);
+        int freed = cs.freed;
+        pthread_mutex_unlock(&cs.mu);
+        if (freed == 1 || now_ms() > deadline) break;
+        usleep(1000);
+    }
+    CHECK(cs.freed == 1 && cs.calls == 1);
+    recorder_delete(r);
+    pthread_mutex_destroy(&cs.mu);
     /* a bad token and an unreachable server */
     wps_options *o = test_options();
     wps_options_set_reconnect_retry(o, 0, 10, 10, WPS_RETRY_FIXED);
