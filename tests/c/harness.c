@@ -454,6 +454,13 @@ static bool test_options_setters(void) {
     CHECK_OK(wps_options_set_sequence_ack_interval_ms(o, 500));
     CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 3), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_options_set_protocol(NULL, 0), WPS_STATUS_NULL_ARG);
+    /* a CA that is not PEM is refused when the client is made */
+    const char *junk = "not a certificate";
+    CHECK_OK(wps_options_add_ca_pem(o, (const uint8_t *)junk, strlen(junk)));
+    wps_client *c = NULL;
+    wps_status s = wps_client_new("wss://127.0.0.1:1/client/hubs/x?access_token=t", o, NULL, NULL, NULL, &c);
+    if (s != WPS_STATUS_INVALID_ARGUMENT) fprintf(stderr, "  junk CA: %s: %s\n", wps_status_str(s), wps_last_error_message());
+    CHECK(s == WPS_STATUS_INVALID_ARGUMENT && c == NULL);
     wps_options_free(o);
     return true;
 }
