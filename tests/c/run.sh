@@ -28,6 +28,9 @@ emulator="$lib_dir/webpubsub-emulator"
 out="${CARGO_TARGET_DIR:-$root/target}/c-tests/$mode"
 mkdir -p "$out"
 
+# The emulator logs to stderr; keep only its warnings unless asked otherwise.
+export RUST_LOG=${RUST_LOG:-warn}
+
 cc=${CC:-cc}
 cxx=${CXX:-c++}
 warn=(-Wall -Wextra -Werror)
