@@ -2,7 +2,9 @@
  * Plain C11 + pthreads, no framework. Prints "ok - NAME" / "FAIL - NAME" per test and
  * a final "N passed, N failed" line; exits non-zero on failure.
  *
- * Usage: harness EMULATOR_BIN [EXAMPLE_BIN] */
+ * Usage: harness EMULATOR_BIN EXAMPLE_BIN TLS_DIR
+ * (TLS_DIR holds ca.pem, cert.pem and key.pem: a test CA and a 127.0.0.1 server
+ * certificate it signed; run.sh makes them with openssl.) */
 #define _GNU_SOURCE
 #include "webpubsub_client.h"
 #include "support.h"
@@ -22,8 +24,10 @@ static const char *CHAT_ONLY = "[\"webpubsub.joinLeaveGroup.chat\",\"webpubsub.s
 static const int64_t WAIT_MS = 10000;
 
 static emulator EMU;
+static const char *EMULATOR_BIN;
 static upstream *UP;
 static const char *EXAMPLE_BIN;
+static const char *TLS_DIR;
 
 /* ------------------------------------------------------------------ checks */
 
@@ -1172,10 +1176,6 @@ static bool test_logging(void) {
 
 /* The copyable example runs against the emulator. */
 static bool test_example(void) {
-    if (!EXAMPLE_BIN) {
-        fprintf(stderr, "  no example binary given\n");
-        return false;
-    }
     char *url = emulator_client_url(&EMU, HUB, "example", ALL_ROLES);
     fflush(NULL);
     pid_t pid = fork();
@@ -1188,6 +1188,61 @@ static bool test_example(void) {
     int status = 0;
     CHECK(waitpid(pid, &status, 0) == pid);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return true;
+}
+
+/* wss: refused without the test CA (TLS status), works with it as an extra root. */
+static uint8_t *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    uint8_t *buf = malloc(65536);
+    *len = fread(buf, 1, 65536, f);
+    fclose(f);
+    return buf;
+}
+
+static bool test_wss_with_extra_ca(void) {
+    CHECK(TLS_DIR != NULL);
+    char cert[512], key[512], ca[512];
+    snprintf(cert, sizeof cert, "%s/cert.pem", TLS_DIR);
+    snprintf(key, sizeof key, "%s/key.pem", TLS_DIR);
+    snprintf(ca, sizeof ca, "%s/ca.pem", TLS_DIR);
+    const char *args[] = {"--tls-cert", cert, "--tls-key", key, NULL};
+    emulator tls;
+    CHECK(emulator_start(&tls, EMULATOR_BIN, args) == 0);
+    bool ok = tls.tls;
+    char *url = emulator_client_url(&tls, HUB, "secure", ALL_ROLES);
+    ok = ok && strncmp(url, "wss://", 6) == 0;
+    /* without the CA: a TLS failure */
+    wps_options *o = test_options();
+    wps_options_set_reconnect_retry(o, 0, 10, 10, WPS_RETRY_FIXED);
+    /* loading the platform's roots takes seconds under valgrind */
+    wps_options_set_start_timeout_ms(o, 60000);
+    wps_client *c = NULL;
+    wps_status s = wps_client_new(url, o, NULL, NULL, NULL, &c);
+    ok = ok && s == WPS_STATUS_OK;
+    s = c ? wps_client_start(c) : s;
+    if (s != WPS_STATUS_TLS) fprintf(stderr, "  wss without CA: %s: %s\n", wps_status_str(s), wps_last_error_message());
+    ok = ok && s == WPS_STATUS_TLS;
+    wps_client_free(c);
+    /* with it: a round trip */
+    size_t len = 0;
+    uint8_t *pem = read_file(ca, &len);
+    ok = ok && pem && wps_options_add_ca_pem(o, pem, len) == WPS_STATUS_OK;
+    free(pem);
+    recorder *r = recorder_new();
+    c = NULL;
+    ok = ok && wps_client_new(url, o, on_event, r, on_user_data_free, &c) == WPS_STATUS_OK;
+    ok = ok && wps_client_start(c) == WPS_STATUS_OK;
+    ok = ok && wps_client_join_group(c, "chat", NULL) == WPS_STATUS_OK;
+    ok = ok && send_text(c, "chat", "over tls", 0);
+    ok = ok && wait_event(r, 0, WPS_EVENT_GROUP_MESSAGE, "over tls") >= 0;
+    if (c) ok = free_client(c, r) && ok;
+    else recorder_delete(r);
+    wps_options_free(o);
+    free(url);
+    ok = emulator_stop(&tls) == 0 && ok;
+    CHECK(ok);
     return true;
 }
 
@@ -1205,11 +1260,13 @@ static void run(const char *name, bool (*test)(void)) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s EMULATOR_BIN [EXAMPLE_BIN]\n", argv[0]);
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s EMULATOR_BIN EXAMPLE_BIN TLS_DIR\n", argv[0]);
         return 2;
     }
-    EXAMPLE_BIN = argc > 2 ? argv[2] : NULL;
+    EMULATOR_BIN = argv[1];
+    EXAMPLE_BIN = argv[2];
+    TLS_DIR = argv[3];
     UP = upstream_start();
     if (!UP) {
         fprintf(stderr, "cannot start the upstream server\n");
@@ -1239,6 +1296,7 @@ int main(int argc, char **argv) {
     run("dispatcher threads and order", test_threads_and_order);
     run("fork", test_fork);
     run("logging", test_logging);
+    run("wss with an extra CA", test_wss_with_extra_ca);
     run("example", test_example);
     int emu = emulator_stop(&EMU);
     upstream_stop(UP);
