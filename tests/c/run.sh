@@ -33,7 +33,7 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 cc=${CC:-cc}
 cxx=${CXX:-c++}
-warn=(-Wall -Wextra -Werror)
+warn=(-Wall -Wextra -Wpedantic -Werror)
 flags=(-g -O1 -pthread -I"$root/include" -I"$here")
 link=(-L"$lib_dir" -Wl,-rpath,"$lib_dir" -lwebpubsub_client -pthread)
 if [ "$mode" = asan ]; then
