@@ -18,8 +18,9 @@
  * - Event and completion callbacks run on library-owned dispatcher threads (a small
  *   shared pool; every client is pinned to one thread, so one client's callbacks are
  *   ordered), never on the I/O threads. Every function may be called from inside a
- *   callback, blocking ones included; `wps_client_free` inside a callback defers the
- *   teardown until the callback returns.
+ *   callback, blocking ones included (acks are resolved on the I/O threads, so they
+ *   cannot deadlock; meanwhile the clients sharing that dispatcher thread wait);
+ *   `wps_client_free` inside a callback defers the teardown until it returns.
  * - In a fork() child, a client created in the parent returns WPS_STATUS_FORKED.
  *
  * Deviations from the project's style notes: the enum-like values are `#define`d
