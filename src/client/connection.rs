@@ -118,11 +118,7 @@ pub(crate) fn spawn(
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
     let task = Task {
         shared: shared.clone(),
-        connector: Connector::new(
-            options.protocol,
-            options.extra_ca_pem.clone(),
-            options.max_message_size,
-        ),
+        connector: Connector::new(&options),
         pending: Pending::new(options.ack_timeout, options.message_retry.clone()),
         options,
         credential,
