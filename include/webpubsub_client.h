@@ -895,6 +895,15 @@ wps_status wps_options_set_sequence_ack_interval_ms(struct wps_options *o, uint6
 wps_status wps_options_add_ca_pem(struct wps_options *o, const uint8_t *pem, size_t len);
 
 /**
+ * The `User-Agent` header of the WebSocket upgrade (copied; printable ASCII, checked
+ * by `wps_client_new`). NULL sends none. Default `webpubsub-client-rust/{version}`.
+ *
+ * # Safety
+ * `ua` is NULL or a NUL-terminated string.
+ */
+wps_status wps_options_set_user_agent(struct wps_options *o, const char *ua);
+
+/**
  * Returns a static, NUL-terminated description of a status code; never NULL.
  */
 const char *wps_status_str(wps_status status);

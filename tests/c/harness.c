@@ -306,6 +306,7 @@ static bool wait_completion(completion *c) {
 
 static wps_options *test_options(void) {
     wps_options *o = wps_options_new();
+    wps_options_set_user_agent(o, "webpubsub-c-harness/1.0");
     wps_options_set_reconnect_retry(o, UINT32_MAX, 100, 1000, WPS_RETRY_FIXED);
     wps_options_set_recovery(o, 10000, 100);
     wps_options_set_start_timeout_ms(o, 5000);
@@ -458,6 +459,16 @@ static bool test_options_setters(void) {
     CHECK_OK(wps_options_set_sequence_ack_interval_ms(o, 500));
     CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 3), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_options_set_protocol(NULL, 0), WPS_STATUS_NULL_ARG);
+    /* the user agent: any printable ASCII, checked when the client is made */
+    const char bad_ua[] = {'a', 1, 0};
+    CHECK_OK(wps_options_set_user_agent(o, NULL));
+    CHECK_OK(wps_options_set_user_agent(o, bad_ua));
+    wps_client *ua_client = NULL;
+    CHECK_STATUS(wps_client_new("ws://127.0.0.1:1/client/hubs/x?access_token=t", o, NULL, NULL, NULL, &ua_client), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK(ua_client == NULL);
+    const char bad_utf8[] = {(char)0xc3, 0};
+    CHECK_STATUS(wps_options_set_user_agent(o, bad_utf8), WPS_STATUS_INVALID_UTF8);
+    CHECK_OK(wps_options_set_user_agent(o, "harness/1.0 (C)"));
     /* a CA that is not PEM is refused when the client is made */
     const char *junk = "not a certificate";
     CHECK_OK(wps_options_add_ca_pem(o, (const uint8_t *)junk, strlen(junk)));
