@@ -99,7 +99,10 @@ class Upstream:
                     self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the emulator gave up on a slow reply (an invoke that timed out)
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -166,11 +166,13 @@ async def test_async_credential_is_awaited_for_every_new_connection(hub: Hub) ->
         return hub.url()
 
     connected = AsyncCollector()
-    async with make(WebPubSubClientCredential(provide)) as client:
-        await client.subscribe(CallbackType.CONNECTED, connected)
+    client = make(WebPubSubClientCredential(provide))
+    await client.subscribe(CallbackType.CONNECTED, connected)
+    async with client:
+        await connected.wait_for(1)
         first = client.connection_id
         await asyncio.get_running_loop().run_in_executor(None, lambda: hub.drop(first, recoverable=False))
-        (again,) = await connected.wait_for(1)
+        again = (await connected.wait_for(2))[1]
         assert again.connection_id != first
     assert len(calls) == 2
 
