@@ -344,6 +344,38 @@ def test_lost_ack_times_out_then_a_retry_keeps_its_ack_id(hub: Hub) -> None:
     assert [m.data for m in got.items] == ["once", "marker"]
 
 
+def test_caller_chosen_ack_id_deduplicates(hub: Hub, upstream: Upstream) -> None:
+    got = Collector()
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        first = client.send_to_group("g", "once", WebPubSubDataType.TEXT, ack_id=1000)
+        again = client.send_to_group("g", "once", WebPubSubDataType.TEXT, ack_id=1000)
+        assert (first.ack_id, first.is_duplicated) == (1000, False)
+        assert (again.ack_id, again.is_duplicated) == (1000, True)
+        event = client.send_event("notify", "e", WebPubSubDataType.TEXT, ack_id=2000)
+        assert (event.ack_id, event.is_duplicated) == (2000, False)
+        client.send_to_group("g", "marker", WebPubSubDataType.TEXT)
+        got.wait_for(2)
+    assert [m.data for m in got.items] == ["once", "marker"]
+
+
+def test_keep_alive_timeout_recovers_a_silent_connection(hub: Hub) -> None:
+    """While muted the service discards frames; only a keep-alive recovery gets them replayed."""
+    got, disconnected = Collector(), Collector()
+    with make(hub.url(), keep_alive_interval=0.1, keep_alive_timeout=0.6) as subscriber, make(hub.url()) as publisher:
+        subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        subscriber.subscribe(CallbackType.DISCONNECTED, disconnected)
+        subscriber.join_group("g")
+        connection_id = subscriber.connection_id
+        hub.mute(connection_id, 3000)
+        publisher.send_to_group("g", "sent while muted", WebPubSubDataType.TEXT)
+        got.wait_for(1, timeout=2.5)  # well before the mute ends
+        assert subscriber.connection_id == connection_id
+        assert disconnected.items == []
+    assert got.items[0].data == "sent while muted"
+
+
 # ---- connection loss ----------------------------------------------------------------------------
 
 
