@@ -538,7 +538,7 @@ def state_of(handle: int) -> WebPubSubClientState:
 
 
 def connection_id_of(handle: int) -> Optional[str]:
-    """The current connection id, or None before the first connection."""
+    """The current connection id, or None when there is none."""
     size = 128
     for _ in range(4):
         buf = ctypes.create_string_buffer(size)
