@@ -204,6 +204,8 @@ class Emulator:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self._stderr.close()
+        if self.process.returncode == 0:
+            self.stderr_path.unlink()  # kept only when the emulator did not exit cleanly
 
 
 @pytest.fixture(scope="session")
