@@ -330,10 +330,7 @@ class Options:
         if self.ca_pem is not None:
             calls.append(("wps_options_add_ca_pem", (self.ca_pem, len(self.ca_pem))))
         if self.user_agent is not None:
-            if _native.has("wps_options_set_user_agent"):
-                calls.append(("wps_options_set_user_agent", (self.user_agent,)))
-            else:
-                _LOGGER.debug("webpubsub_client: this native library does not set a user agent; ignored")
+            calls.append(("wps_options_set_user_agent", (self.user_agent,)))
         for name, args in calls:
             status = getattr(lib, name)(handle, *args)
             if status != _native.STATUS_OK:
@@ -569,14 +566,10 @@ def send_flags(ack: bool, no_echo: bool = False) -> int:
     return flags
 
 
-def require_ack_id_support(ack_id: Optional[int], ack: bool, function: str) -> None:
-    """Reject ``ack_id`` when fire-and-forget, or when the native library cannot pass it."""
-    if ack_id is None:
-        return
-    if not ack:
+def check_ack_id_use(ack_id: Optional[int], ack: bool) -> None:
+    """Reject ``ack_id`` on a fire-and-forget message (it has no ackId)."""
+    if ack_id is not None and not ack:
         raise ValueError("ack_id cannot be used with ack=False (a fire-and-forget message has no ackId)")
-    if not _native.has(function):
-        raise NotImplementedError(f"ack_id needs a native library that exports {function}")
 
 
 def check_timeout(timeout: Any) -> int:

@@ -387,7 +387,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         out = _native.WpsAckResult()
         handle = self._live_handle()
         if ack_id is not None:
-            _base.require_ack_id_support(ack_id, ack, "wps_client_send_to_group_with_ack_id")
+            _base.check_ack_id_use(ack_id, ack)
             status = lib.wps_client_send_to_group_with_ack_id(
                 handle, group, kind, payload, len(payload), flags, ack_id, ctypes.byref(out)
             )
@@ -419,7 +419,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         out = _native.WpsAckResult()
         handle = self._live_handle()
         if ack_id is not None:
-            _base.require_ack_id_support(ack_id, ack, "wps_client_send_event_with_ack_id")
+            _base.check_ack_id_use(ack_id, ack)
             status = lib.wps_client_send_event_with_ack_id(
                 handle, event, kind, payload, len(payload), flags, ack_id, ctypes.byref(out)
             )

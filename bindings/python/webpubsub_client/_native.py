@@ -236,10 +236,7 @@ _SIGNATURES = {
     "wps_client_cancel": (_status, [_handle, c_uint64]),
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
-}
-
-# Additions requested in the contract's CHANGES.md; used only when the library has them.
-_OPTIONAL_SIGNATURES = {
+    # caller-chosen ackIds and the user agent
     "wps_client_send_to_group_with_ack_id": (
         _status,
         [_handle, c_char_p, c_uint32, _bytes, c_size_t, c_uint32, c_uint64, _out_ack],
@@ -300,11 +297,6 @@ def _declare(cdll: ctypes.CDLL) -> None:
         func = getattr(cdll, name)
         func.restype = restype
         func.argtypes = argtypes
-    for name, (restype, argtypes) in _OPTIONAL_SIGNATURES.items():
-        func = getattr(cdll, name, None)
-        if func is not None:
-            func.restype = restype
-            func.argtypes = argtypes
 
 
 def load_library() -> ctypes.CDLL:
@@ -344,10 +336,6 @@ def load_library() -> ctypes.CDLL:
 
 lib: ctypes.CDLL = load_library()
 
-
-def has(name: str) -> bool:
-    """Whether the loaded library exports the optional function ``name``."""
-    return getattr(lib, name, None) is not None
 
 
 def decode(value: Optional[bytes]) -> Optional[str]:

@@ -384,7 +384,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         size = len(payload)
         if ack_id is not None:
-            _base.require_ack_id_support(ack_id, ack, "wps_client_send_to_group_with_ack_id_async")
+            _base.check_ack_id_use(ack_id, ack)
             chosen = ack_id
             completion = await self._run(
                 lambda cb, ud, op: lib.wps_client_send_to_group_with_ack_id_async(
@@ -421,7 +421,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         size = len(payload)
         if ack_id is not None:
-            _base.require_ack_id_support(ack_id, ack, "wps_client_send_event_with_ack_id_async")
+            _base.check_ack_id_use(ack_id, ack)
             chosen = ack_id
             completion = await self._run(
                 lambda cb, ud, op: lib.wps_client_send_event_with_ack_id_async(
