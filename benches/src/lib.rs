@@ -1,0 +1,306 @@
+//! Shared pieces of the Rust benchmark drivers: the command line every driver
+//! (in every language) accepts, statistics, process readings and the one JSON
+//! result line that `run.py` reads.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use serde_json::{json, Map, Value};
+
+/// The subprotocol every contender uses (the official clients' default).
+pub const SUBPROTOCOL: &str = "json.reliable.webpubsub.azure.v1";
+
+/// Clients connected before the mid-point reading of the idle scenario.
+pub const IDLE_MIDPOINT: usize = 100;
+
+/// What one driver run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Sequential acked sends: rate and ack latency.
+    Seq,
+    /// Pipelined publishing (`--window 0` = fire-and-forget).
+    Pub,
+    /// The subscriber counting what a publisher in another process sends.
+    Sub,
+    /// Connect, join, send and receive the first message, repeatedly.
+    Ready,
+    /// Many idle connected clients: memory and threads.
+    Idle,
+}
+
+/// The command line shared by all drivers (see `benches/BENCHMARKS.md`).
+#[derive(Parser, Debug, Clone)]
+pub struct Args {
+    /// Which scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Client access URL (`ws://127.0.0.1:PORT/client/hubs/HUB?access_token=...`).
+    #[arg(long)]
+    pub url: String,
+    /// Group used for sending and subscribing.
+    #[arg(long, default_value = "bench")]
+    pub group: String,
+    /// Upper bound on messages (or iterations) measured.
+    #[arg(long, default_value_t = 1000)]
+    pub count: u64,
+    /// Upper bound on the measured time, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 16)]
+    pub size: usize,
+    /// Send binary payloads instead of text.
+    #[arg(long)]
+    pub binary: bool,
+    /// Acked sends in flight; 0 sends fire-and-forget.
+    #[arg(long, default_value_t = 0)]
+    pub window: usize,
+    /// Idle clients to connect.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Subscriber: stop after this long without a message (once one arrived).
+    #[arg(long, default_value_t = 500)]
+    pub idle_ms: u64,
+    /// Publisher: once connected, wait for a line on stdin before measuring.
+    #[arg(long)]
+    pub go: bool,
+}
+
+impl Args {
+    /// The measurement deadline, counted from now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + Duration::from_secs_f64(self.seconds)
+    }
+
+    /// The payload every message carries: `size` bytes of text or binary.
+    pub fn payload(&self) -> Vec<u8> {
+        if self.binary {
+            (0..self.size).map(|i| (i % 251) as u8).collect()
+        } else {
+            vec![b'x'; self.size]
+        }
+    }
+
+    /// The wire name of the payload's data type.
+    pub fn data_type(&self) -> &'static str {
+        if self.binary {
+            "binary"
+        } else {
+            "text"
+        }
+    }
+}
+
+/// With `--go`, blocks until a line arrives on stdin (the subscriber is ready).
+pub fn wait_for_go(args: &Args) {
+    if args.go {
+        let mut line = String::new();
+        // EOF or an error also releases the publisher: run.py is gone or done.
+        let _ = std::io::stdin().read_line(&mut line);
+    }
+}
+
+/// Prints a marker line (`START`, `READY`) that `run.py` waits for.
+pub fn mark(line: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout means run.py is gone; nothing useful is left to do then.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Prints the one JSON result line: `fields` plus the driver and scenario names.
+pub fn emit(driver: &str, scenario: Scenario, fields: Value) {
+    let mut obj = Map::new();
+    obj.insert("driver".into(), json!(driver));
+    obj.insert(
+        "scenario".into(),
+        json!(format!("{scenario:?}").to_lowercase()),
+    );
+    if let Value::Object(extra) = fields {
+        obj.extend(extra);
+    }
+    mark(&Value::Object(obj).to_string());
+}
+
+/// Nearest-rank percentile of an ascending slice (`q` in 0..=1); 0 when empty.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Result fields of the sequential scenario from per-message latencies in µs.
+pub fn seq_result(mut latencies_us: Vec<f64>, elapsed: Duration) -> Value {
+    latencies_us.sort_by(f64::total_cmp);
+    let n = latencies_us.len();
+    json!({
+        "count": n,
+        "seconds": elapsed.as_secs_f64(),
+        "rate": n as f64 / elapsed.as_secs_f64(),
+        "p50_us": percentile(&latencies_us, 0.50),
+        "p99_us": percentile(&latencies_us, 0.99),
+    })
+}
+
+/// Result fields of the time-to-ready scenario from per-iteration times in ms.
+pub fn ready_result(mut times_ms: Vec<f64>) -> Value {
+    times_ms.sort_by(f64::total_cmp);
+    let n = times_ms.len();
+    json!({
+        "count": n,
+        "p50_ms": percentile(&times_ms, 0.50),
+        "p99_ms": percentile(&times_ms, 0.99),
+        "mean_ms": times_ms.iter().sum::<f64>() / n.max(1) as f64,
+    })
+}
+
+/// Result fields of a publisher run.
+pub fn pub_result(sent: u64, acked: u64, elapsed: Duration) -> Value {
+    json!({
+        "sent": sent,
+        "acked": acked,
+        "seconds": elapsed.as_secs_f64(),
+        "rate": sent as f64 / elapsed.as_secs_f64(),
+    })
+}
+
+/// What a subscriber has received so far.
+#[derive(Debug, Default)]
+pub struct Receipts {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    /// Messages received.
+    pub count: u64,
+    /// Payload bytes received.
+    pub bytes: u64,
+}
+
+impl Receipts {
+    /// Records one received message carrying `bytes` payload bytes.
+    pub fn record(&mut self, bytes: usize) {
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.count += 1;
+        self.bytes += bytes as u64;
+    }
+
+    /// Whether the subscriber should stop: `count` reached, or quiet for
+    /// `idle` after the first message, or past `deadline`.
+    pub fn done(&self, args: &Args, deadline: Instant) -> bool {
+        let now = Instant::now();
+        self.count >= args.count
+            || now >= deadline
+            || self
+                .last
+                .is_some_and(|t| now - t >= Duration::from_millis(args.idle_ms))
+    }
+
+    /// How long to wait for the next message before checking `done` again.
+    pub fn poll_interval(&self, args: &Args) -> Duration {
+        Duration::from_millis(args.idle_ms.clamp(1, 100))
+    }
+
+    /// Result fields: rate measured from the first to the last message.
+    pub fn result(&self) -> Value {
+        let span = match (self.first, self.last) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64(),
+            _ => 0.0,
+        };
+        let rate = if span > 0.0 {
+            (self.count - 1) as f64 / span
+        } else {
+            0.0
+        };
+        json!({ "received": self.count, "bytes": self.bytes, "seconds": span, "rate": rate })
+    }
+}
+
+/// `VmRSS` (KiB) and `Threads` of this process, from `/proc/self/status`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStatus {
+    /// Resident set size in KiB.
+    pub rss_kib: u64,
+    /// Number of threads.
+    pub threads: u64,
+}
+
+impl ProcStatus {
+    /// Reads `/proc/self/status`; zeros where a field is missing.
+    pub fn read() -> ProcStatus {
+        let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        ProcStatus {
+            rss_kib: field("VmRSS:"),
+            threads: field("Threads:"),
+        }
+    }
+}
+
+/// Result fields of the idle scenario from readings before any client, after
+/// [`IDLE_MIDPOINT`] clients and after all `clients`.
+pub fn idle_result(
+    clients: usize,
+    before: ProcStatus,
+    mid: ProcStatus,
+    after: ProcStatus,
+    connect: Duration,
+) -> Value {
+    let marginal = clients.saturating_sub(IDLE_MIDPOINT).max(1) as f64;
+    json!({
+        "clients": clients,
+        "rss_before_kib": before.rss_kib,
+        "rss_mid_kib": mid.rss_kib,
+        "rss_after_kib": after.rss_kib,
+        "threads_before": before.threads,
+        "threads_mid": mid.threads,
+        "threads_after": after.threads,
+        "rss_per_client_kib": (after.rss_kib.saturating_sub(mid.rss_kib)) as f64 / marginal,
+        "rss_total_per_client_kib": (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / clients.max(1) as f64,
+        "connect_seconds": connect.as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn proc_status_reads_this_process() {
+        let s = ProcStatus::read();
+        assert!(s.rss_kib > 0);
+        assert!(s.threads >= 1);
+    }
+
+    #[test]
+    fn receipts_rate_spans_first_to_last() {
+        let mut r = Receipts::default();
+        assert_eq!(r.result()["rate"], 0.0);
+        r.record(3);
+        std::thread::sleep(Duration::from_millis(20));
+        r.record(3);
+        let v = r.result();
+        assert_eq!(v["received"], 2);
+        assert_eq!(v["bytes"], 6);
+        let rate = v["rate"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate < 60.0, "{rate}");
+    }
+}
