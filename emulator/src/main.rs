@@ -1,1 +1,126 @@
-fn main() {}
+//! `webpubsub-emulator`: runs the local Web PubSub server until Ctrl-C or SIGTERM.
+//! The first stdout line is the connection string; logs go to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use webpubsub_emulator::{Config, Emulator, TlsFiles};
+
+/// A local Azure Web PubSub-compatible server for development and tests.
+#[derive(Parser, Debug)]
+#[command(name = "webpubsub-emulator", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: the OS picks one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Access key signing tokens (default: random).
+    #[arg(long)]
+    access_key: Option<String>,
+    /// URL receiving user events and invocations as CloudEvents.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Fault injection: abruptly drop every client socket every N ms.
+    #[arg(long, value_name = "N")]
+    fault_drop_every_ms: Option<u64>,
+    /// Largest WebSocket message accepted from a client, in bytes.
+    #[arg(long, value_name = "N", default_value_t = 1024 * 1024)]
+    max_frame_bytes: usize,
+    /// How long a dropped reliable connection stays recoverable, in ms.
+    #[arg(long, value_name = "N", default_value_t = 30_000)]
+    recovery_window_ms: u64,
+    /// Reliable protocol: unacknowledged messages kept per connection.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_unacked_frames: usize,
+    /// Reliable protocol: unacknowledged bytes kept per connection.
+    #[arg(long, value_name = "N", default_value_t = 16 * 1024 * 1024)]
+    max_unacked_bytes: usize,
+    /// TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = Config {
+        host: args.host,
+        port: args.port,
+        access_key: args.access_key,
+        upstream: args.upstream,
+        fault_drop_every_ms: args.fault_drop_every_ms,
+        max_frame_bytes: args.max_frame_bytes,
+        recovery_window: Duration::from_millis(args.recovery_window_ms),
+        max_unacked_frames: args.max_unacked_frames,
+        max_unacked_bytes: args.max_unacked_bytes,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        },
+        ..Config::default()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("webpubsub-emulator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let emulator = match Emulator::start(config).await {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("webpubsub-emulator: cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", emulator.connection_string());
+        let _ = out.flush();
+        drop(out);
+        tracing::info!("listening on {}", emulator.endpoint());
+        terminated().await;
+        tracing::info!("shutting down");
+        emulator.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

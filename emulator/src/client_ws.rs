@@ -1,0 +1,775 @@
+//! The client endpoint `/client/hubs/{hub}`: authentication, subprotocol choice,
+//! recovery, and the per-socket reader and writer tasks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{self, Permission};
+use crate::frames::{self, Payload, Publication};
+use crate::hub::{Conn, Hub, Out, Protocol, Server, SocketHandle, Stats, POLICY_CLOSE};
+
+/// Subprotocol names.
+const JSON_V1: &str = "json.webpubsub.azure.v1";
+const JSON_RELIABLE_V1: &str = "json.reliable.webpubsub.azure.v1";
+/// Close reason of a failed recovery (the official clients look for close code 1008).
+pub(crate) const NOT_RECOVERABLE: &str = "The connection could not be recovered.";
+/// Longest group name accepted.
+pub(crate) const MAX_GROUP_NAME: usize = 1024;
+/// Events queued to the upstream per socket before acks fail with InternalServerError.
+const MAX_PENDING_UPSTREAM: usize = 1000;
+/// Frames written per flush at most.
+const WRITE_BATCH: usize = 256;
+/// How long the writer waits for the client's close reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// The same wait when the whole server shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
+
+/// A plain-text error response.
+pub(crate) fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, message.into()).into_response()
+}
+
+/// The access token from `access_token` or `Authorization: Bearer`.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+/// Checks a group name; the error is the BadRequest message.
+pub(crate) fn validate_group(group: &str) -> Result<(), String> {
+    if group.is_empty() {
+        return Err("The group name must not be empty.".into());
+    }
+    if group.chars().count() > MAX_GROUP_NAME {
+        return Err(format!(
+            "The group name is longer than {MAX_GROUP_NAME} characters."
+        ));
+    }
+    Ok(())
+}
+
+enum Session {
+    New(Arc<Conn>, Vec<String>),
+    Recover(Arc<Conn>),
+    Unrecoverable,
+}
+
+/// `GET /client/hubs/{hub}` with a WebSocket upgrade.
+pub(crate) async fn client_endpoint(
+    State(server): State<Arc<Server>>,
+    Path(hub_name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let recovering = query.contains_key("awps_connection_id");
+    let Some(token) = query
+        .get("access_token")
+        .cloned()
+        .or_else(|| bearer(&headers))
+    else {
+        return error_response(StatusCode::UNAUTHORIZED, "Unauthorized: no access token.");
+    };
+    let claims = match auth::verify(&server.access_key, &token, !recovering) {
+        Ok(c) => c,
+        Err(e) => return error_response(StatusCode::UNAUTHORIZED, format!("Unauthorized: {e}.")),
+    };
+    let path = format!("/client/hubs/{hub_name}");
+    if !claims
+        .audiences
+        .iter()
+        .any(|a| auth::audience_matches(a, &path, &server.config.host, server.port))
+    {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "Unauthorized: {}.",
+                auth::AuthError::WrongAudience(claims.audiences.join(","))
+            ),
+        );
+    }
+    let mut ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!("Expected a WebSocket upgrade: {e}"),
+            )
+        }
+    };
+    let requested: Vec<String> = ws
+        .requested_protocols()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let protocol = match requested
+        .iter()
+        .find(|p| *p == JSON_V1 || *p == JSON_RELIABLE_V1)
+    {
+        Some(p) => {
+            ws.set_selected_protocol(HeaderValue::from_str(p).expect("known protocol name"));
+            if p == JSON_V1 {
+                Protocol::Json
+            } else {
+                Protocol::JsonReliable
+            }
+        }
+        None if requested.is_empty() => Protocol::Simple,
+        None => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Unsupported subprotocol(s) {requested:?}: this server speaks {JSON_V1} and {JSON_RELIABLE_V1}, or none."
+                ),
+            )
+        }
+    };
+    let hub = server.hub(&hub_name);
+    let session = if recovering {
+        let id = query
+            .get("awps_connection_id")
+            .map(String::as_str)
+            .unwrap_or("");
+        let token = query
+            .get("awps_reconnection_token")
+            .map(String::as_str)
+            .unwrap_or("");
+        match hub.connections.get(id).map(|c| c.clone()) {
+            Some(c)
+                if protocol.is_reliable()
+                    && c.protocol == protocol
+                    && c.reconnection_token == token
+                    && !c.is_closed() =>
+            {
+                Session::Recover(c)
+            }
+            _ => Session::Unrecoverable,
+        }
+    } else {
+        let conn = Conn::new(
+            &server,
+            claims.user_id.clone(),
+            protocol,
+            claims.roles.clone(),
+        );
+        let groups: Vec<String> = claims
+            .groups
+            .into_iter()
+            .filter(|g| validate_group(g).is_ok())
+            .collect();
+        Session::New(conn, groups)
+    };
+    let max = server.config.max_frame_bytes;
+    let tasks = server.tasks.clone();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            tasks.track_future(async move { run_session(server, hub, session, socket).await })
+        })
+}
+
+async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut socket: WebSocket) {
+    let (conn, epoch, rx, kill) = match session {
+        Session::Unrecoverable => {
+            Stats::inc(&server.stats.failed_recoveries);
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: POLICY_CLOSE,
+                    reason: NOT_RECOVERABLE.into(),
+                })))
+                .await;
+            let drain = async { while let Some(Ok(_)) = socket.recv().await {} };
+            tokio::select! {
+                _ = tokio::time::timeout(CLOSE_GRACE, drain) => {}
+                _ = server.shutdown.cancelled() => {}
+            }
+            return;
+        }
+        Session::New(conn, groups) => {
+            let (handle, rx, kill) = socket_handle(&server);
+            let connected = (conn.protocol != Protocol::Simple).then(|| {
+                frames::connected(
+                    conn.user_id.as_deref(),
+                    &conn.id,
+                    conn.protocol
+                        .is_reliable()
+                        .then_some(conn.reconnection_token.as_str()),
+                )
+            });
+            let Some(epoch) = conn.attach(handle, connected) else {
+                return;
+            };
+            hub.register(&conn, &groups);
+            Stats::inc(&server.stats.connections_opened);
+            if let Some(up) = &server.upstream {
+                up.system_event(&server, &hub, &conn, "connected");
+            }
+            (conn, epoch, rx, kill)
+        }
+        Session::Recover(conn) => {
+            let (handle, rx, kill) = socket_handle(&server);
+            let connected = Some(frames::connected(
+                conn.user_id.as_deref(),
+                &conn.id,
+                Some(conn.reconnection_token.as_str()),
+            ));
+            let Some(epoch) = conn.attach(handle, connected) else {
+                return;
+            };
+            Stats::inc(&server.stats.recoveries);
+            (conn, epoch, rx, kill)
+        }
+    };
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        kill.clone(),
+        server.shutdown.clone(),
+        server.clone(),
+    ));
+    let mut reader = Reader {
+        server: server.clone(),
+        hub: hub.clone(),
+        conn: conn.clone(),
+        upstream_tx: None,
+    };
+    let end = reader.run(stream, &kill).await;
+    kill.cancel();
+    let _ = writer.await;
+    if !conn.detach(epoch) {
+        return; // a recovery attached a newer socket
+    }
+    let recoverable = conn.protocol.is_reliable() && end == End::Abrupt && !conn.is_closed();
+    if !recoverable {
+        hub.remove(&conn);
+        return;
+    }
+    let window = server.config.recovery_window;
+    let shutdown = server.shutdown.clone();
+    server.tasks.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(window) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        if conn.detached_since(epoch) {
+            hub.remove(&conn);
+        }
+    });
+}
+
+fn socket_handle(server: &Server) -> (SocketHandle, mpsc::Receiver<Out>, CancellationToken) {
+    let (tx, rx) = mpsc::channel(server.config.max_outbound_queue.max(1) + 8);
+    let kill = CancellationToken::new();
+    (
+        SocketHandle {
+            tx,
+            kill: kill.clone(),
+        },
+        rx,
+        kill,
+    )
+}
+
+/// Cuts a close reason to the 123 bytes a close frame can carry.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Out>,
+    kill: CancellationToken,
+    shutdown: CancellationToken,
+    server: Arc<Server>,
+) {
+    let mut close = None;
+    let mut grace = CLOSE_GRACE;
+    'outer: loop {
+        let first = tokio::select! {
+            biased;
+            _ = kill.cancelled() => break,
+            _ = shutdown.cancelled() => {
+                close = Some((1001, "The emulator is shutting down.".to_owned()));
+                grace = SHUTDOWN_GRACE;
+                break;
+            }
+            out = rx.recv() => out,
+        };
+        let mut next = first;
+        let mut written = 0u64;
+        while let Some(out) = next.take() {
+            match out {
+                Out::Frame(m) => {
+                    if sink.feed(m).await.is_err() {
+                        break 'outer;
+                    }
+                    written += 1;
+                }
+                Out::Close(code, reason) => {
+                    close = Some((code, reason));
+                    break;
+                }
+            }
+            if written < WRITE_BATCH as u64 {
+                next = rx.try_recv().ok();
+            }
+        }
+        server
+            .stats
+            .frames_out
+            .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        if sink.flush().await.is_err() || close.is_some() {
+            break;
+        }
+        if written == 0 {
+            break; // channel closed: the socket was detached
+        }
+    }
+    if let Some((code, reason)) = close {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: close_reason(&reason).into(),
+        }));
+        if sink.send(frame).await.is_ok() {
+            tokio::select! {
+                _ = tokio::time::timeout(grace, kill.cancelled()) => {}
+                _ = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => {}
+            }
+        }
+    }
+    kill.cancel();
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Socket lost without a close handshake: a reliable session stays recoverable.
+    Abrupt,
+    /// Closed by the client or the server on purpose.
+    Closed,
+}
+
+/// A JSON frame from a client. Unknown fields are ignored.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Inbound<'a> {
+    #[serde(rename = "type")]
+    ty: String,
+    group: Option<String>,
+    ack_id: Option<u64>,
+    no_echo: Option<bool>,
+    data_type: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    event: Option<String>,
+    invocation_id: Option<String>,
+    target: Option<String>,
+    sequence_id: Option<u64>,
+}
+
+/// An operation's failure: the ack error name and message.
+type OpError = (&'static str, String);
+
+fn bad(message: impl Into<String>) -> OpError {
+    ("BadRequest", message.into())
+}
+
+struct UpstreamJob {
+    ack_id: Option<u64>,
+    event: String,
+    payload: Option<Payload>,
+}
+
+struct Reader {
+    server: Arc<Server>,
+    hub: Arc<Hub>,
+    conn: Arc<Conn>,
+    upstream_tx: Option<mpsc::Sender<UpstreamJob>>,
+}
+
+impl Reader {
+    async fn run(&mut self, mut stream: SplitStream<WebSocket>, kill: &CancellationToken) -> End {
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = kill.cancelled() => return End::Abrupt,
+                item = stream.next() => item,
+            };
+            Stats::inc(&self.server.stats.frames_in);
+            match item {
+                None => return End::Abrupt,
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    if text.contains("Space limit exceeded") || text.contains("too long") {
+                        self.reject(
+                            1009,
+                            &format!(
+                                "Frame too large: the limit is {} bytes.",
+                                self.server.config.max_frame_bytes
+                            ),
+                        );
+                        return End::Closed;
+                    }
+                    return End::Abrupt;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    // A normal close ends the session; any other code keeps a reliable
+                    // session recoverable (the client may be about to recover).
+                    let normal = frame
+                        .as_ref()
+                        .map_or(true, |f| matches!(f.code, 1000 | 1001));
+                    return if normal { End::Closed } else { End::Abrupt };
+                }
+                Some(Ok(Message::Text(text))) => {
+                    if self.conn.protocol == Protocol::Simple {
+                        self.simple_event(Payload::Text(text.as_str().to_owned()));
+                    } else if let Err(reason) = self.handle_json(text.as_str()) {
+                        self.reject(1003, &reason);
+                        return End::Closed;
+                    }
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    if self.conn.protocol == Protocol::Simple {
+                        self.simple_event(Payload::Binary(bytes));
+                    } else {
+                        self.reject(
+                            1003,
+                            "Binary frames are not supported by the JSON subprotocols.",
+                        );
+                        return End::Closed;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            }
+        }
+    }
+
+    /// Ends the session because of bad input: `disconnected` with the reason, then a
+    /// close frame with `code`.
+    fn reject(&self, code: u16, reason: &str) {
+        Stats::inc(&self.server.stats.bad_frames);
+        tracing::info!(connection = %self.conn.id, "closing: {reason}");
+        self.hub.close(&self.conn, code, reason);
+    }
+
+    fn simple_event(&mut self, payload: Payload) {
+        if self.server.upstream.is_some() {
+            self.queue_upstream(UpstreamJob {
+                ack_id: None,
+                event: "message".into(),
+                payload: Some(payload),
+            });
+        }
+    }
+
+    /// Handles one JSON frame. Err = the session must be closed with that reason.
+    fn handle_json(&mut self, text: &str) -> Result<(), String> {
+        let frame: Inbound = match serde_json::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                // Still answer with an ack when an ackId can be found.
+                let ack_id = serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("ackId").and_then(serde_json::Value::as_u64));
+                return match ack_id {
+                    Some(id) => {
+                        Stats::inc(&self.server.stats.bad_frames);
+                        self.conn.send_ack(frames::ack(
+                            id,
+                            Some(("BadRequest", &format!("Invalid frame: {e}"))),
+                        ));
+                        Ok(())
+                    }
+                    None => Err(format!("Invalid frame: {e}")),
+                };
+            }
+        };
+        match frame.ty.as_str() {
+            "ping" => {
+                self.conn.send_control(frames::pong());
+                Ok(())
+            }
+            "sequenceAck" => match frame.sequence_id {
+                Some(seq) => {
+                    self.conn.sequence_ack(seq);
+                    Ok(())
+                }
+                None => Err("Invalid sequenceAck frame: no sequenceId.".into()),
+            },
+            "invoke" => self.invoke(frame),
+            "cancelInvocation" => {
+                if let Some(id) = frame.invocation_id {
+                    if let Some(h) = self.conn.invocations.lock().remove(&id) {
+                        h.abort();
+                    }
+                }
+                Ok(())
+            }
+            "joinGroup" | "leaveGroup" | "sendToGroup" | "event" => {
+                if let Some(id) = frame.ack_id {
+                    if !self.conn.acks.lock().insert(id) {
+                        self.conn.send_ack(frames::ack(
+                            id,
+                            Some((
+                                "Duplicate",
+                                "The message with this ackId was already processed.",
+                            )),
+                        ));
+                        return Ok(());
+                    }
+                }
+                let ack_id = frame.ack_id;
+                match self.operation(frame) {
+                    Ok(false) => Ok(()), // the ack comes later (upstream)
+                    Ok(true) => {
+                        if let Some(id) = ack_id {
+                            self.conn.send_ack(frames::ack(id, None));
+                        }
+                        Ok(())
+                    }
+                    Err((name, message)) => match ack_id {
+                        Some(id) => {
+                            self.conn.send_ack(frames::ack(id, Some((name, &message))));
+                            Ok(())
+                        }
+                        None if name == "BadRequest" => Err(message),
+                        None => Ok(()),
+                    },
+                }
+            }
+            other => {
+                Stats::inc(&self.server.stats.bad_frames);
+                if let Some(id) = frame.ack_id {
+                    self.conn.send_ack(frames::ack(
+                        id,
+                        Some(("BadRequest", &format!("Unknown frame type '{other}'."))),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs an ack-able operation. Ok(true): ack now; Ok(false): acked later.
+    fn operation(&mut self, frame: Inbound) -> Result<bool, OpError> {
+        match frame.ty.as_str() {
+            "joinGroup" | "leaveGroup" => {
+                let group = frame
+                    .group
+                    .ok_or_else(|| bad("The frame has no 'group'."))?;
+                validate_group(&group).map_err(bad)?;
+                if !self.conn.allowed(Permission::JoinLeaveGroup, &group) {
+                    return Err((
+                        "Forbidden",
+                        format!(
+                            "The connection has no permission to join or leave group '{group}'."
+                        ),
+                    ));
+                }
+                if frame.ty == "joinGroup" {
+                    self.hub.join(&self.conn, &group);
+                } else {
+                    self.hub.leave(&self.conn, &group);
+                }
+                Ok(true)
+            }
+            "sendToGroup" => {
+                let group = frame
+                    .group
+                    .ok_or_else(|| bad("The frame has no 'group'."))?;
+                validate_group(&group).map_err(bad)?;
+                let payload = payload_of(frame.data_type.as_deref(), frame.data)?
+                    .ok_or_else(|| bad("The frame has no 'data'."))?;
+                if !self.conn.allowed(Permission::SendToGroup, &group) {
+                    return Err((
+                        "Forbidden",
+                        format!("The connection has no permission to send to group '{group}'."),
+                    ));
+                }
+                let publication =
+                    Publication::group(&group, self.conn.user_id.as_deref(), &payload);
+                let excluded: &[&str] = if frame.no_echo.unwrap_or(false) {
+                    &[self.conn.id.as_str()]
+                } else {
+                    &[]
+                };
+                self.hub.publish_group(&group, &publication, excluded);
+                Ok(true)
+            }
+            _ => {
+                let event = frame
+                    .event
+                    .filter(|e| !e.is_empty())
+                    .ok_or_else(|| bad("The frame has no 'event' name."))?;
+                let payload = payload_of(frame.data_type.as_deref(), frame.data)?;
+                if self.server.upstream.is_none() {
+                    return Ok(true);
+                }
+                if self.queue_upstream(UpstreamJob {
+                    ack_id: frame.ack_id,
+                    event,
+                    payload,
+                }) {
+                    Ok(false)
+                } else {
+                    Err((
+                        "InternalServerError",
+                        format!("Too many events waiting for the upstream (limit {MAX_PENDING_UPSTREAM})."),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Queues an event to this socket's upstream worker (events keep their order).
+    fn queue_upstream(&mut self, job: UpstreamJob) -> bool {
+        let tx = self.upstream_tx.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(MAX_PENDING_UPSTREAM);
+            self.server.tasks.spawn(upstream_worker(
+                self.server.clone(),
+                self.hub.clone(),
+                self.conn.clone(),
+                rx,
+            ));
+            tx
+        });
+        tx.try_send(job).is_ok()
+    }
+
+    fn invoke(&mut self, frame: Inbound) -> Result<(), String> {
+        let Some(id) = frame.invocation_id.filter(|i| !i.is_empty()) else {
+            return Err("Invalid invoke frame: no invocationId.".into());
+        };
+        let fail = |conn: &Arc<Conn>, name: &str, message: &str| {
+            conn.send_control(frames::invoke_response(&id, Err((name, message))));
+        };
+        if frame.target.as_deref().is_some_and(|t| t != "event") {
+            fail(
+                &self.conn,
+                "BadRequest",
+                "Only invoke target 'event' is supported.",
+            );
+            return Ok(());
+        }
+        let Some(event) = frame.event.filter(|e| !e.is_empty()) else {
+            fail(
+                &self.conn,
+                "BadRequest",
+                "The invoke frame has no 'event' name.",
+            );
+            return Ok(());
+        };
+        let payload = match payload_of(frame.data_type.as_deref(), frame.data) {
+            Ok(p) => p,
+            Err((name, message)) => {
+                fail(&self.conn, name, &message);
+                return Ok(());
+            }
+        };
+        if self.server.upstream.is_none() {
+            fail(
+                &self.conn,
+                "BadRequest",
+                "No upstream server is configured: start the emulator with --upstream URL to handle invocations.",
+            );
+            return Ok(());
+        }
+        let mut pending = self.conn.invocations.lock();
+        if pending.contains_key(&id) {
+            drop(pending);
+            fail(
+                &self.conn,
+                "BadRequest",
+                "An invocation with this invocationId is pending.",
+            );
+            return Ok(());
+        }
+        let (server, hub, conn) = (self.server.clone(), self.hub.clone(), self.conn.clone());
+        let invocation_id = id.clone();
+        let task = self.server.tasks.spawn(async move {
+            let up = server.upstream.as_ref().expect("checked above");
+            let result = up
+                .user_event(&server, &hub, &conn, &event, payload.as_ref())
+                .await;
+            if conn.invocations.lock().remove(&invocation_id).is_none() {
+                return; // cancelled
+            }
+            let msg = match &result {
+                Ok(body) => frames::invoke_response(&invocation_id, Ok(body.as_ref())),
+                Err(e) => frames::invoke_response(&invocation_id, Err(("InternalServerError", e))),
+            };
+            conn.send_control(msg);
+        });
+        pending.insert(id, task.abort_handle());
+        Ok(())
+    }
+}
+
+fn payload_of(
+    data_type: Option<&str>,
+    data: Option<&RawValue>,
+) -> Result<Option<Payload>, OpError> {
+    match (data_type, data) {
+        (_, None) => Ok(None),
+        (dt, Some(d)) => Payload::from_frame(dt.unwrap_or("text"), d)
+            .map(Some)
+            .map_err(bad),
+    }
+}
+
+async fn upstream_worker(
+    server: Arc<Server>,
+    hub: Arc<Hub>,
+    conn: Arc<Conn>,
+    mut rx: mpsc::Receiver<UpstreamJob>,
+) {
+    let Some(up) = server.upstream.as_ref() else {
+        return;
+    };
+    while let Some(job) = rx.recv().await {
+        let result = up
+            .user_event(&server, &hub, &conn, &job.event, job.payload.as_ref())
+            .await;
+        match result {
+            Ok(body) => {
+                if let Some(id) = job.ack_id {
+                    conn.send_ack(frames::ack(id, None));
+                }
+                if let Some(body) = body {
+                    conn.send_data(&Publication::server(&body));
+                }
+            }
+            Err(e) => {
+                tracing::info!(connection = %conn.id, "upstream event failed: {e}");
+                if let Some(id) = job.ack_id {
+                    conn.send_ack(frames::ack(id, Some(("InternalServerError", &e))));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,577 @@
+//! Shared state: hubs, connections, groups, users and the per-connection reliable
+//! replay buffer.
+//!
+//! There is no global lock on the message path: hubs, connections, groups and users
+//! live in sharded maps, a group's members behind their own `RwLock`, and each
+//! connection's send state behind its own small mutex (held only to assign a sequence
+//! id, buffer the frame and queue it to the connection's writer task).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use rand::distr::{Alphanumeric, SampleString};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{role_grants, Permission};
+use crate::frames::{self, Publication};
+use crate::upstream::Upstream;
+use crate::Config;
+
+/// Close code used when a session is ended for good by the server.
+pub(crate) const POLICY_CLOSE: u16 = 1008;
+/// Frames kept free in every outbound queue for the final close.
+const CLOSE_HEADROOM: usize = 4;
+
+/// The WebSocket subprotocol of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// `json.webpubsub.azure.v1`.
+    Json,
+    /// `json.reliable.webpubsub.azure.v1`.
+    JsonReliable,
+    /// No subprotocol: raw frames in and out.
+    Simple,
+}
+
+impl Protocol {
+    pub(crate) fn is_reliable(self) -> bool {
+        self == Protocol::JsonReliable
+    }
+}
+
+/// Counters served by `GET /_emulator/stats`.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub recoveries: AtomicU64,
+    pub failed_recoveries: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub buffer_overflows: AtomicU64,
+    pub faults_dropped: AtomicU64,
+    pub upstream_requests: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub rest_requests: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The whole server's shared state.
+pub(crate) struct Server {
+    pub config: Config,
+    pub access_key: String,
+    pub port: u16,
+    pub hubs: DashMap<String, Arc<Hub>>,
+    pub stats: Stats,
+    pub upstream: Option<Upstream>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl Server {
+    /// The hub of that name (case-insensitive), created on first use.
+    pub(crate) fn hub(&self, name: &str) -> Arc<Hub> {
+        let key = name.to_ascii_lowercase();
+        if let Some(h) = self.hubs.get(&key) {
+            return h.clone();
+        }
+        self.hubs
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(Hub {
+                    name: name.to_owned(),
+                    ..Hub::default()
+                })
+            })
+            .clone()
+    }
+
+    /// The hub of that name if it exists.
+    pub(crate) fn existing_hub(&self, name: &str) -> Option<Arc<Hub>> {
+        self.hubs.get(&name.to_ascii_lowercase()).map(|h| h.clone())
+    }
+
+    /// Total connections over all hubs.
+    pub(crate) fn connection_count(&self) -> usize {
+        self.hubs.iter().map(|h| h.connections.len()).sum()
+    }
+}
+
+/// A set of connections (a group's members or a user's connections).
+#[derive(Default)]
+pub(crate) struct Members {
+    pub members: RwLock<HashMap<String, Arc<Conn>>>,
+}
+
+/// One hub.
+#[derive(Default)]
+pub(crate) struct Hub {
+    pub name: String,
+    pub connections: DashMap<String, Arc<Conn>>,
+    pub groups: DashMap<String, Arc<Members>>,
+    pub users: DashMap<String, Arc<Members>>,
+    /// Groups a user was added to through REST: applied to the user's new connections.
+    pub user_groups: DashMap<String, HashSet<String>>,
+}
+
+fn add_member(map: &DashMap<String, Arc<Members>>, key: &str, conn: &Arc<Conn>) {
+    map.entry(key.to_owned())
+        .or_default()
+        .members
+        .write()
+        .insert(conn.id.clone(), conn.clone());
+}
+
+fn remove_member(map: &DashMap<String, Arc<Members>>, key: &str, conn_id: &str) {
+    if let Some(m) = map.get(key) {
+        m.members.write().remove(conn_id);
+    }
+    map.remove_if(key, |_, m| m.members.read().is_empty());
+}
+
+impl Hub {
+    /// Registers a new connection and joins its initial groups.
+    pub(crate) fn register(self: &Arc<Self>, conn: &Arc<Conn>, groups: &[String]) {
+        self.connections.insert(conn.id.clone(), conn.clone());
+        if let Some(user) = &conn.user_id {
+            add_member(&self.users, user, conn);
+            let persisted: Vec<String> = self
+                .user_groups
+                .get(user)
+                .map(|g| g.iter().cloned().collect())
+                .unwrap_or_default();
+            for g in persisted {
+                self.join(conn, &g);
+            }
+        }
+        for g in groups {
+            self.join(conn, g);
+        }
+    }
+
+    /// Adds a connection to a group (idempotent).
+    pub(crate) fn join(&self, conn: &Arc<Conn>, group: &str) {
+        if conn.is_closed() {
+            return;
+        }
+        conn.groups.lock().insert(group.to_owned());
+        add_member(&self.groups, group, conn);
+    }
+
+    /// Removes a connection from a group (idempotent).
+    pub(crate) fn leave(&self, conn: &Conn, group: &str) {
+        conn.groups.lock().remove(group);
+        remove_member(&self.groups, group, &conn.id);
+    }
+
+    /// Forgets a connection: out of every map, its socket (if any) closed abruptly
+    /// unless a close was already queued. Idempotent.
+    pub(crate) fn remove(&self, conn: &Arc<Conn>) {
+        {
+            let mut st = conn.state.lock();
+            st.closed = true;
+            if let Some(sock) = st.socket.take() {
+                sock.kill.cancel();
+            }
+            st.buffer.clear();
+            st.buffered_bytes = 0;
+        }
+        let removed = self
+            .connections
+            .remove_if(&conn.id, |_, c| Arc::ptr_eq(c, conn))
+            .is_some();
+        let groups: Vec<String> = conn.groups.lock().drain().collect();
+        for g in groups {
+            remove_member(&self.groups, &g, &conn.id);
+        }
+        if let Some(user) = &conn.user_id {
+            remove_member(&self.users, user, &conn.id);
+        }
+        for (_, h) in conn.invocations.lock().drain() {
+            h.abort();
+        }
+        if removed {
+            if let Some(server) = conn.server.upgrade() {
+                Stats::inc(&server.stats.connections_closed);
+                if let Some(up) = &server.upstream {
+                    up.system_event(&server, self, conn, "disconnected");
+                }
+            }
+        }
+    }
+
+    /// Ends a session for good: a `disconnected` system frame with the reason (JSON
+    /// protocols), a close frame with `code` and the reason, then forgotten.
+    pub(crate) fn close(&self, conn: &Arc<Conn>, code: u16, reason: &str) {
+        conn.close_socket(code, reason, true);
+        self.remove(conn);
+    }
+
+    /// Delivers a publication to every member of a group, except `excluded`.
+    pub(crate) fn publish_group(&self, group: &str, p: &Publication, excluded: &[&str]) {
+        let Some(members) = self.groups.get(group).map(|m| m.clone()) else {
+            return;
+        };
+        for c in members.members.read().values() {
+            if !excluded.contains(&c.id.as_str()) {
+                c.send_data(p);
+            }
+        }
+    }
+}
+
+/// What the writer task of a socket receives.
+pub(crate) enum Out {
+    /// A frame to write.
+    Frame(Message),
+    /// Write a close frame, then end the socket.
+    Close(u16, String),
+}
+
+/// The attached socket of a connection.
+pub(crate) struct SocketHandle {
+    pub tx: mpsc::Sender<Out>,
+    /// Cancelled to drop the socket at once, without a close frame.
+    pub kill: CancellationToken,
+}
+
+/// Mutable send state of a connection.
+pub(crate) struct ConnState {
+    pub socket: Option<SocketHandle>,
+    /// Incremented on every attach, so a stale socket's end does not detach a newer one.
+    pub epoch: u64,
+    pub closed: bool,
+    pub last_seq: u64,
+    /// Reliable: frames sent but not covered by the client's sequenceAck.
+    pub buffer: VecDeque<(u64, Utf8Bytes)>,
+    pub buffered_bytes: usize,
+    /// Fault: until then nothing is sent (frames are discarded, not queued).
+    pub muted_until: Option<Instant>,
+    /// Fault: this many acks are still to be swallowed.
+    pub drop_acks: u64,
+}
+
+/// Recently processed ackIds of a connection, for `Duplicate`.
+pub(crate) struct AckWindow {
+    order: VecDeque<u64>,
+    seen: HashSet<u64>,
+    capacity: usize,
+}
+
+impl AckWindow {
+    fn new(capacity: usize) -> Self {
+        AckWindow {
+            order: VecDeque::new(),
+            seen: HashSet::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records an ackId; false when it was already recorded.
+    pub(crate) fn insert(&mut self, ack_id: u64) -> bool {
+        if !self.seen.insert(ack_id) {
+            return false;
+        }
+        self.order.push_back(ack_id);
+        if self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// One logical client connection; with the reliable protocol it outlives its sockets.
+pub(crate) struct Conn {
+    pub id: String,
+    pub user_id: Option<String>,
+    pub protocol: Protocol,
+    pub reconnection_token: String,
+    pub roles: Vec<String>,
+    /// Permissions granted through REST: (permission, target group or all).
+    pub granted: RwLock<Vec<(Permission, Option<String>)>>,
+    pub groups: Mutex<HashSet<String>>,
+    pub state: Mutex<ConnState>,
+    pub acks: Mutex<AckWindow>,
+    /// Pending upstream invocations, aborted by `cancelInvocation`.
+    pub invocations: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    pub server: Weak<Server>,
+    max_unacked_frames: usize,
+    max_unacked_bytes: usize,
+}
+
+/// Random identifier of `len` alphanumeric characters.
+pub(crate) fn random_id(len: usize) -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), len)
+}
+
+impl Conn {
+    /// A new, not yet attached connection.
+    pub(crate) fn new(
+        server: &Arc<Server>,
+        user_id: Option<String>,
+        protocol: Protocol,
+        roles: Vec<String>,
+    ) -> Arc<Conn> {
+        Arc::new(Conn {
+            id: random_id(22),
+            user_id,
+            protocol,
+            reconnection_token: random_id(40),
+            roles,
+            granted: RwLock::new(Vec::new()),
+            groups: Mutex::new(HashSet::new()),
+            state: Mutex::new(ConnState {
+                socket: None,
+                epoch: 0,
+                closed: false,
+                last_seq: 0,
+                buffer: VecDeque::new(),
+                buffered_bytes: 0,
+                muted_until: None,
+                drop_acks: 0,
+            }),
+            acks: Mutex::new(AckWindow::new(server.config.ack_window)),
+            invocations: Mutex::new(HashMap::new()),
+            server: Arc::downgrade(server),
+            max_unacked_frames: server.config.max_unacked_frames,
+            max_unacked_bytes: server.config.max_unacked_bytes,
+        })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
+    /// May this connection do `perm` on `group`?
+    pub(crate) fn allowed(&self, perm: Permission, group: &str) -> bool {
+        self.roles.iter().any(|r| role_grants(r, perm, group))
+            || self
+                .granted
+                .read()
+                .iter()
+                .any(|(p, target)| *p == perm && target.as_deref().map_or(true, |t| t == group))
+    }
+
+    /// Queues a frame to the attached socket, honouring mute. Returns false when the
+    /// outbound queue is full (the caller ends the session).
+    fn push(st: &mut ConnState, msg: Message) -> bool {
+        if let Some(until) = st.muted_until {
+            if Instant::now() < until {
+                return true;
+            }
+            st.muted_until = None;
+        }
+        let Some(sock) = &st.socket else {
+            return true;
+        };
+        if sock.tx.capacity() <= CLOSE_HEADROOM {
+            return false;
+        }
+        sock.tx.try_send(Out::Frame(msg)).is_ok() || sock.tx.is_closed()
+    }
+
+    /// Sends a non-data frame (connected, pong, invokeResponse).
+    pub(crate) fn send_control(self: &Arc<Self>, msg: Message) {
+        let full = {
+            let mut st = self.state.lock();
+            !st.closed && !Self::push(&mut st, msg)
+        };
+        if full {
+            self.overflow("the client does not read: its outbound queue is full");
+        }
+    }
+
+    /// Sends an ack, unless the `:dropAcks` fault swallows it.
+    pub(crate) fn send_ack(self: &Arc<Self>, msg: Message) {
+        let full = {
+            let mut st = self.state.lock();
+            if st.drop_acks > 0 {
+                st.drop_acks -= 1;
+                return;
+            }
+            !st.closed && !Self::push(&mut st, msg)
+        };
+        if full {
+            self.overflow("the client does not read: its outbound queue is full");
+        }
+    }
+
+    /// Delivers a data message: with the reliable protocol it gets the next sequence id
+    /// and is buffered until acknowledged (also while no socket is attached).
+    pub(crate) fn send_data(self: &Arc<Self>, p: &Publication) {
+        let problem = {
+            let mut st = self.state.lock();
+            if st.closed {
+                return;
+            }
+            match self.protocol {
+                Protocol::Simple => (!Self::push(&mut st, p.raw()))
+                    .then_some("the client does not read: its outbound queue is full"),
+                Protocol::Json => (!Self::push(&mut st, p.json()))
+                    .then_some("the client does not read: its outbound queue is full"),
+                Protocol::JsonReliable => {
+                    st.last_seq += 1;
+                    let seq = st.last_seq;
+                    let text = p.json_with_sequence(seq);
+                    st.buffered_bytes += text.len();
+                    st.buffer.push_back((seq, text.clone()));
+                    if st.buffer.len() > self.max_unacked_frames
+                        || st.buffered_bytes > self.max_unacked_bytes
+                    {
+                        Some("the reliable buffer overflowed")
+                    } else {
+                        (!Self::push(&mut st, Message::Text(text)))
+                            .then_some("the client does not read: its outbound queue is full")
+                    }
+                }
+            }
+        };
+        if let Some(why) = problem {
+            self.overflow(why);
+        }
+    }
+
+    /// Ends the session for good because a buffer or queue overflowed.
+    fn overflow(self: &Arc<Self>, why: &str) {
+        let Some(server) = self.server.upgrade() else {
+            return;
+        };
+        Stats::inc(&server.stats.buffer_overflows);
+        let reason = format!(
+            "{why} (limits: {} unacknowledged messages, {} bytes); the connection is closed and cannot be recovered",
+            self.max_unacked_frames, self.max_unacked_bytes
+        );
+        tracing::warn!(connection = %self.id, "{reason}");
+        self.close_socket(POLICY_CLOSE, &reason, true);
+        // Removal takes group locks that a publisher may hold right now: do it later.
+        let conn = self.clone();
+        let hubs: Vec<Arc<Hub>> = server.hubs.iter().map(|h| h.clone()).collect();
+        tokio::spawn(async move {
+            for h in hubs {
+                if h.connections.get(&conn.id).is_some() {
+                    h.remove(&conn);
+                }
+            }
+        });
+    }
+
+    /// Marks the session closed and queues `disconnected` (JSON protocols, when
+    /// `announce`) and a close frame to the attached socket, using the reserved headroom.
+    pub(crate) fn close_socket(&self, code: u16, reason: &str, announce: bool) {
+        let mut st = self.state.lock();
+        st.closed = true;
+        if let Some(sock) = st.socket.take() {
+            if announce && self.protocol != Protocol::Simple {
+                let _ = sock.tx.try_send(Out::Frame(frames::disconnected(reason)));
+            }
+            if sock
+                .tx
+                .try_send(Out::Close(code, reason.to_owned()))
+                .is_err()
+            {
+                sock.kill.cancel();
+            }
+        }
+    }
+
+    /// Drops the attached socket at once, without a close frame. The session stays.
+    pub(crate) fn drop_socket(&self) -> bool {
+        let st = self.state.lock();
+        match &st.socket {
+            Some(sock) => {
+                sock.kill.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Attaches a socket: drops a previous one, queues `connected` (JSON protocols) first and then, on a
+    /// recovery, every unacknowledged frame in order. Returns the socket's epoch, or
+    /// None when the session is closed.
+    pub(crate) fn attach(&self, sock: SocketHandle, connected: Option<Message>) -> Option<u64> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return None;
+        }
+        if let Some(old) = st.socket.take() {
+            old.kill.cancel();
+        }
+        st.epoch += 1;
+        st.muted_until = None;
+        let mut ok = connected.map_or(true, |c| sock.tx.try_send(Out::Frame(c)).is_ok());
+        for (_, text) in &st.buffer {
+            ok = ok
+                && sock
+                    .tx
+                    .try_send(Out::Frame(Message::Text(text.clone())))
+                    .is_ok();
+        }
+        if !ok {
+            sock.kill.cancel();
+            return None;
+        }
+        st.socket = Some(sock);
+        Some(st.epoch)
+    }
+
+    /// Detaches the socket of that epoch; false when a newer socket is attached.
+    pub(crate) fn detach(&self, epoch: u64) -> bool {
+        let mut st = self.state.lock();
+        if st.epoch != epoch {
+            return false;
+        }
+        st.socket = None;
+        true
+    }
+
+    /// Still detached since that epoch (the recovery window is running out)?
+    pub(crate) fn detached_since(&self, epoch: u64) -> bool {
+        let st = self.state.lock();
+        st.epoch == epoch && st.socket.is_none() && !st.closed
+    }
+
+    /// The client acknowledged every frame up to `seq`.
+    pub(crate) fn sequence_ack(&self, seq: u64) {
+        let mut st = self.state.lock();
+        while let Some((s, text)) = st.buffer.front() {
+            if *s > seq {
+                break;
+            }
+            let len = text.len();
+            st.buffer.pop_front();
+            st.buffered_bytes -= len;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AckWindow;
+
+    #[test]
+    fn ack_window_forgets_oldest() {
+        let mut w = AckWindow::new(2);
+        assert!(w.insert(1));
+        assert!(!w.insert(1));
+        assert!(w.insert(2));
+        assert!(w.insert(3));
+        assert!(w.insert(1));
+        assert!(!w.insert(3));
+    }
+}

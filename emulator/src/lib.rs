@@ -1,0 +1,209 @@
+//! A local Azure Web PubSub-compatible server for development and tests.
+//!
+//! It speaks the client protocol (`json.webpubsub.azure.v1`,
+//! `json.reliable.webpubsub.azure.v1` and plain WebSocket clients), the service REST
+//! API used by the official server SDKs, forwards user events to an upstream over
+//! CloudEvents, and offers fault-injection routes under `/_emulator/`.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use webpubsub_emulator::{Config, Emulator, TokenOptions};
+//! let emulator = Emulator::start(Config::default()).await?;
+//! let url = emulator.client_url("chat", &TokenOptions::default());
+//! println!("{} -> {url}", emulator.connection_string());
+//! emulator.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod auth;
+mod client_ws;
+mod faults;
+mod frames;
+mod hub;
+mod rest;
+mod server;
+mod upstream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Server;
+
+/// PEM files for serving https/wss.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// How to run the emulator. Every field has a default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (default `127.0.0.1`).
+    pub host: String,
+    /// Port to listen on (default 0: the OS picks).
+    pub port: u16,
+    /// Access key signing every token (default: a random key).
+    pub access_key: Option<String>,
+    /// Where `event`/`invoke` frames are POSTed as CloudEvents (default: none).
+    pub upstream: Option<String>,
+    /// Fault: drop every client socket abruptly every N ms (default: off).
+    pub fault_drop_every_ms: Option<u64>,
+    /// Largest WebSocket message accepted from a client (default 1 MiB).
+    pub max_frame_bytes: usize,
+    /// How long a dropped reliable connection stays recoverable (default 30 s).
+    pub recovery_window: Duration,
+    /// Serve https/wss with these PEM files (default: plain http/ws).
+    pub tls: Option<TlsFiles>,
+    /// Reliable protocol: unacknowledged frames kept per connection before it is
+    /// closed for good (default 1000).
+    pub max_unacked_frames: usize,
+    /// Reliable protocol: unacknowledged bytes kept per connection (default 16 MB).
+    pub max_unacked_bytes: usize,
+    /// Frames queued to one socket before a client that does not read is closed
+    /// (default 1,000,000).
+    pub max_outbound_queue: usize,
+    /// AckIds remembered per connection for `Duplicate` (default 1000).
+    pub ack_window: usize,
+    /// Timeout of one upstream request (default 30 s).
+    pub upstream_timeout: Duration,
+    /// Largest REST request body (default 1 MiB, like `max_frame_bytes`).
+    pub max_rest_body_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 0,
+            access_key: None,
+            upstream: None,
+            fault_drop_every_ms: None,
+            max_frame_bytes: 1024 * 1024,
+            recovery_window: Duration::from_secs(30),
+            tls: None,
+            max_unacked_frames: 1000,
+            max_unacked_bytes: 16 * 1024 * 1024,
+            max_outbound_queue: 1_000_000,
+            ack_window: 1000,
+            upstream_timeout: Duration::from_secs(30),
+            max_rest_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Claims of a client token made by [`Emulator::client_url`] or
+/// [`auth::sign_client_token`].
+#[derive(Debug, Default, Clone)]
+pub struct TokenOptions {
+    /// User id (`sub`).
+    pub user_id: Option<String>,
+    /// Roles, e.g. `webpubsub.joinLeaveGroup`, `webpubsub.sendToGroup.room1`.
+    pub roles: Vec<String>,
+    /// Groups joined at connect.
+    pub groups: Vec<String>,
+    /// Lifetime (default one hour).
+    pub ttl: Option<Duration>,
+}
+
+/// A running emulator. Dropping it shuts it down (use [`Emulator::shutdown`] to wait).
+pub struct Emulator {
+    server: Arc<Server>,
+    accept: Option<JoinHandle<()>>,
+    shutdown: CancellationToken,
+}
+
+impl Emulator {
+    /// Binds the listener and starts serving on the current tokio runtime.
+    pub async fn start(config: Config) -> std::io::Result<Emulator> {
+        let (server, accept) = server::start(config).await?;
+        Ok(Emulator {
+            shutdown: server.shutdown.clone(),
+            server,
+            accept: Some(accept),
+        })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.server.port
+    }
+
+    /// The access key that signs tokens.
+    pub fn access_key(&self) -> &str {
+        &self.server.access_key
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.server.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The host clients should use: the listen host, or 127.0.0.1 for a wildcard.
+    fn public_host(&self) -> &str {
+        match self.server.config.host.as_str() {
+            "0.0.0.0" | "::" | "[::]" | "" => "127.0.0.1",
+            h => h,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` (`https` with TLS).
+    pub fn endpoint(&self) -> String {
+        format!("{}://{}:{}", self.scheme(), self.public_host(), self.port())
+    }
+
+    /// `Endpoint=http://127.0.0.1;Port=PORT;AccessKey=KEY;Version=1.0;`
+    pub fn connection_string(&self) -> String {
+        format!(
+            "Endpoint={}://{};Port={};AccessKey={};Version=1.0;",
+            self.scheme(),
+            self.public_host(),
+            self.port(),
+            self.access_key()
+        )
+    }
+
+    /// A ready client URL `ws(s)://127.0.0.1:PORT/client/hubs/{hub}?access_token=JWT`.
+    pub fn client_url(&self, hub: &str, token: &TokenOptions) -> String {
+        let audience = format!("{}/client/hubs/{hub}", self.endpoint());
+        let jwt = auth::sign_client_token(self.access_key(), &audience, token);
+        let ws = if self.server.config.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        format!(
+            "{ws}://{}:{}/client/hubs/{hub}?access_token={jwt}",
+            self.public_host(),
+            self.port()
+        )
+    }
+
+    /// Stops accepting, closes every socket (close code 1001) and waits for the
+    /// server's tasks to end (at most a few seconds).
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+        self.server.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server.tasks.wait()).await;
+        server::forget_all(&self.server);
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        server::forget_all(&self.server);
+    }
+}

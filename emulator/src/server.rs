@@ -1,0 +1,172 @@
+//! Listener, optional TLS, routing and the accept loop.
+//!
+//! hyper-util's connection builder is driven directly (instead of `axum::serve`) so that
+//! plain and TLS sockets share one accept loop and every connection task observes the
+//! shutdown token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{any, get, post};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::{random_id, Server};
+use crate::upstream::Upstream;
+use crate::{client_ws, faults, rest, Config, TlsFiles};
+
+fn invalid(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
+}
+
+fn tls_acceptor(files: &TlsFiles) -> std::io::Result<TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| {
+            invalid(format!(
+                "cannot read certificate {}: {e}",
+                files.cert.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(invalid(format!(
+            "no certificate in {}",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        invalid(format!(
+            "cannot read private key {}: {e}",
+            files.key.display()
+        ))
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(format!("TLS setup: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid(format!("TLS certificate/key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/client/hubs/{hub}", any(client_ws::client_endpoint))
+        .route("/_emulator/stats", get(faults::stats))
+        .route(
+            "/_emulator/hubs/{hub}/connections/{id}/{action}",
+            post(faults::connection_fault),
+        )
+        .nest("/api", rest::router(&server))
+        .fallback(rest::not_found)
+        .with_state(server)
+}
+
+/// Binds and spawns the accept loop.
+pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinHandle<()>)> {
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+    let upstream = config
+        .upstream
+        .as_deref()
+        .map(|u| Upstream::new(u, config.upstream_timeout))
+        .transpose()
+        .map_err(invalid)?;
+    let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
+    let port = listener.local_addr()?.port();
+    let access_key = config.access_key.clone().unwrap_or_else(|| random_id(44));
+    let server = Arc::new(Server {
+        access_key,
+        port,
+        hubs: Default::default(),
+        stats: Default::default(),
+        upstream,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        config,
+    });
+    if let Some(ms) = server.config.fault_drop_every_ms {
+        server.tasks.spawn(faults::drop_every(server.clone(), ms));
+    }
+    let app = router(server.clone());
+    let accept = tokio::spawn(accept_loop(server.clone(), listener, tls, app));
+    Ok((server, accept))
+}
+
+async fn accept_loop(
+    server: Arc<Server>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = server.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let shutdown = server.shutdown.clone();
+        server.tasks.spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(stream)) => serve(TokioIo::new(stream), app, shutdown).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+                None => serve(TokioIo::new(tcp), app, shutdown).await,
+            }
+        });
+    }
+}
+
+async fn serve<I>(io: TokioIo<I>, app: Router, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
+/// Drops every connection and hub (breaks nothing if tasks still run).
+pub(crate) fn forget_all(server: &Server) {
+    for hub in server.hubs.iter() {
+        let conns: Vec<_> = hub.connections.iter().map(|c| c.clone()).collect();
+        for c in conns {
+            hub.remove(&c);
+        }
+    }
+    server.hubs.clear();
+}

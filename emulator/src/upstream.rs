@@ -1,0 +1,156 @@
+//! CloudEvents (HTTP binary mode) to the `--upstream` URL: user events, invocations and
+//! the `connected`/`disconnected` system events.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::frames::Payload;
+use crate::hub::{random_id, Conn, Hub, Server, Stats};
+
+/// The upstream event handler.
+pub(crate) struct Upstream {
+    url: String,
+    client: reqwest::Client,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Upstream {
+    /// A client for `url` with a per-request timeout.
+    pub(crate) fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
+        Ok(Upstream {
+            url: url.to_owned(),
+            client,
+        })
+    }
+
+    fn request(
+        &self,
+        server: &Server,
+        hub: &Hub,
+        conn: &Conn,
+        ce_type: &str,
+        event: &str,
+    ) -> reqwest::RequestBuilder {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(server.access_key.as_bytes()).expect("any key");
+        mac.update(conn.id.as_bytes());
+        let signature = format!("sha256={}", hex(&mac.finalize().into_bytes()));
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header("ce-specversion", "1.0")
+            .header("ce-type", ce_type)
+            .header(
+                "ce-source",
+                format!("/hubs/{}/client/{}", hub.name, conn.id),
+            )
+            .header("ce-id", random_id(16))
+            .header(
+                "ce-time",
+                humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            )
+            .header("ce-awpsversion", "1.0")
+            .header("ce-hub", hub.name.as_str())
+            .header("ce-connectionId", conn.id.as_str())
+            .header("ce-eventName", event)
+            .header("ce-signature", signature);
+        if let Some(user) = &conn.user_id {
+            req = req.header("ce-userId", user.as_str());
+        }
+        req
+    }
+
+    /// Posts a user event and returns the reply body (None when empty).
+    pub(crate) async fn user_event(
+        &self,
+        server: &Server,
+        hub: &Hub,
+        conn: &Conn,
+        event: &str,
+        payload: Option<&Payload>,
+    ) -> Result<Option<Payload>, String> {
+        Stats::inc(&server.stats.upstream_requests);
+        let mut req = self.request(
+            server,
+            hub,
+            conn,
+            &format!("azure.webpubsub.user.{event}"),
+            event,
+        );
+        if let Some(p) = payload {
+            let (body, content_type) = p.to_http();
+            req = req.header("content-type", content_type).body(body);
+        }
+        let result = async {
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| format!("the upstream request failed: {e}"))?;
+            let status = resp.status();
+            let content_type = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body: Bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| format!("reading the upstream reply failed: {e}"))?;
+            if !status.is_success() {
+                return Err(format!(
+                    "the upstream answered HTTP {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                ));
+            }
+            if body.is_empty() {
+                return Ok(None);
+            }
+            Payload::from_http(content_type.as_deref(), body)
+                .map(Some)
+                .map_err(|e| format!("the upstream reply is invalid: {e}"))
+        }
+        .await;
+        if result.is_err() {
+            Stats::inc(&server.stats.upstream_errors);
+        }
+        result
+    }
+
+    /// Posts a system event (`connected`, `disconnected`) in the background; failures
+    /// are logged only.
+    pub(crate) fn system_event(&self, server: &Arc<Server>, hub: &Hub, conn: &Conn, name: &str) {
+        if server.shutdown.is_cancelled() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let req = self
+            .request(
+                server,
+                hub,
+                conn,
+                &format!("azure.webpubsub.sys.{name}"),
+                name,
+            )
+            .header("content-type", "application/json")
+            .body("{}");
+        let tasks = server.tasks.clone();
+        let server = server.clone();
+        tasks.spawn(async move {
+            Stats::inc(&server.stats.upstream_requests);
+            if let Err(e) = req.send().await.and_then(|r| r.error_for_status()) {
+                Stats::inc(&server.stats.upstream_errors);
+                tracing::debug!("upstream system event failed: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,289 @@
+//! The client endpoint: every frame type, acks, permissions, echo, auth.
+mod common;
+
+use common::*;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn connected_frame_and_subprotocol() {
+    let emu = start().await;
+    let url = emu.client_url("chat", &all_roles("alice"));
+    let (ws, connected) = connect_json(&url, RELIABLE).await;
+    assert_eq!(ws.protocol.as_deref(), Some(RELIABLE));
+    assert_eq!(connected["userId"], "alice");
+    assert!(connected["connectionId"].as_str().unwrap().len() > 8);
+    assert!(connected["reconnectionToken"].is_string());
+
+    let (ws2, connected2) = connect_json(&url, JSON).await;
+    assert_eq!(ws2.protocol.as_deref(), Some(JSON));
+    assert!(
+        connected2.get("reconnectionToken").is_none(),
+        "{connected2}"
+    );
+
+    let anon = emu.client_url("chat", &TokenOptions::default());
+    let (_ws3, c3) = connect_json(&anon, JSON).await;
+    assert!(c3["userId"].is_null());
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn join_send_ack_and_group_message() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let (mut b, _) = connect_json(&emu.client_url("h", &all_roles("b")), RELIABLE).await;
+    assert_ack_ok(&b.join("g", 1).await);
+    let ack = a
+        .call(json!({"type":"sendToGroup","group":"g","ackId":7,"dataType":"text","data":"hi"}))
+        .await;
+    assert_ack_ok(&ack);
+    let m = b.next_json().await;
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["from"], "group");
+    assert_eq!(m["group"], "g");
+    assert_eq!(m["fromUserId"], "a");
+    assert_eq!(m["dataType"], "text");
+    assert_eq!(m["data"], "hi");
+    assert_eq!(m["sequenceId"], 1);
+
+    a.send_json(json!({"type":"sendToGroup","group":"g","dataType":"json","data":{"x":[1,2]}}))
+        .await;
+    let m = b.next_json().await;
+    assert_eq!(m["data"], json!({"x":[1,2]}));
+    assert_eq!(m["sequenceId"], 2);
+
+    a.send_json(json!({"type":"sendToGroup","group":"g","dataType":"binary","data":"AAEC"}))
+        .await;
+    let m = b.next_json().await;
+    assert_eq!(m["dataType"], "binary");
+    assert_eq!(m["data"], "AAEC");
+
+    // The non-reliable protocol never carries sequenceId.
+    assert_ack_ok(&a.join("g", 8).await);
+    b.send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"back"}))
+        .await;
+    let m = a.next_json().await;
+    assert_eq!(m["data"], "back");
+    assert!(m.get("sequenceId").is_none(), "{m}");
+    assert_eq!(b.next_json().await["data"], "back"); // b's own echo
+
+    // Leave: no more messages.
+    assert_ack_ok(
+        &a.call(json!({"type":"leaveGroup","group":"g","ackId":9}))
+            .await,
+    );
+    b.send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"gone"}))
+        .await;
+    assert_eq!(b.next_json().await["data"], "gone");
+    assert_ack_ok(&a.join("other", 10).await); // the next frame a sees is this ack
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_echo_excludes_the_sender() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    assert_ack_ok(&a.join("g", 1).await);
+    a.send_json(
+        json!({"type":"sendToGroup","group":"g","noEcho":true,"dataType":"text","data":"1"}),
+    )
+    .await;
+    a.send_json(
+        json!({"type":"sendToGroup","group":"g","noEcho":false,"dataType":"text","data":"2"}),
+    )
+    .await;
+    let m = a.next_json().await;
+    assert_eq!(m["data"], "2", "the noEcho message must not come back");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicate_ack_id() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    assert_ack_ok(&a.join("g", 5).await);
+    assert_ack_error(&a.join("g", 5).await, "Duplicate");
+    let ack = a
+        .call(json!({"type":"sendToGroup","group":"g","ackId":5,"dataType":"text","data":"x"}))
+        .await;
+    assert_ack_error(&ack, "Duplicate");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn forbidden_without_roles_and_scoped_roles() {
+    let emu = start().await;
+    let none = TokenOptions::default();
+    let (mut a, _) = connect_json(&emu.client_url("h", &none), JSON).await;
+    assert_ack_error(&a.join("g", 1).await, "Forbidden");
+    let ack = a
+        .call(json!({"type":"sendToGroup","group":"g","ackId":2,"dataType":"text","data":"x"}))
+        .await;
+    assert_ack_error(&ack, "Forbidden");
+
+    let scoped = TokenOptions {
+        roles: vec![
+            "webpubsub.joinLeaveGroup.g1".into(),
+            "webpubsub.sendToGroups.room*".into(),
+        ],
+        ..Default::default()
+    };
+    let (mut b, _) = connect_json(&emu.client_url("h", &scoped), JSON).await;
+    assert_ack_ok(&b.join("g1", 1).await);
+    assert_ack_error(&b.join("g2", 2).await, "Forbidden");
+    let send = |ack: u64, g: &str| json!({"type":"sendToGroup","group":g,"ackId":ack,"dataType":"text","data":"x"});
+    assert_ack_ok(&b.call(send(3, "room1")).await);
+    assert_ack_error(&b.call(send(4, "g1")).await, "Forbidden");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn initial_groups_from_the_token() {
+    let emu = start().await;
+    let opts = TokenOptions {
+        groups: vec!["start".into()],
+        ..Default::default()
+    };
+    let (mut a, _) = connect_json(&emu.client_url("h", &opts), JSON).await;
+    let (mut b, _) = connect_json(&emu.client_url("h", &all_roles("b")), JSON).await;
+    assert_ack_ok(
+        &b.call(
+            json!({"type":"sendToGroup","group":"start","ackId":1,"dataType":"text","data":"w"}),
+        )
+        .await,
+    );
+    assert_eq!(a.next_json().await["data"], "w");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn ping_pong_and_unknown_types() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(a.next_json().await["type"], "pong");
+    let ack = a.call(json!({"type":"somethingNew","ackId":3})).await;
+    assert_ack_error(&ack, "BadRequest");
+    a.send_json(json!({"type":"somethingNewer"})).await; // ignored, no ack id
+    a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(a.next_json().await["type"], "pong");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn events_and_invokes_without_upstream() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let ack = a
+        .call(json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"}))
+        .await;
+    assert_ack_ok(&ack);
+    a.send_json(json!({"type":"invoke","invocationId":"i1","target":"event","event":"e","dataType":"text","data":"x"}))
+        .await;
+    let r = a.next_json().await;
+    assert_eq!(r["type"], "invokeResponse");
+    assert_eq!(r["invocationId"], "i1");
+    assert_eq!(r["success"], false);
+    assert!(r["error"]["message"].as_str().unwrap().contains("upstream"));
+    a.send_json(json!({"type":"cancelInvocation","invocationId":"i1"}))
+        .await;
+    a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(a.next_json().await["type"], "pong");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn simple_client_gets_raw_frames() {
+    let emu = start().await;
+    let opts = TokenOptions {
+        groups: vec!["g".into()],
+        ..Default::default()
+    };
+    let mut simple = connect(&emu.client_url("h", &opts), None).await;
+    assert_eq!(simple.protocol, None);
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let send = |ack: u64, dt: &str, data: serde_json::Value| json!({"type":"sendToGroup","group":"g","ackId":ack,"dataType":dt,"data":data});
+    assert_ack_ok(&a.call(send(1, "text", json!("plain"))).await);
+    assert_ack_ok(&a.call(send(2, "binary", json!("AQID"))).await);
+    assert_ack_ok(&a.call(send(3, "json", json!({"k":1}))).await);
+    assert_eq!(simple.next_message().await, Message::Text("plain".into()));
+    assert_eq!(
+        simple.next_message().await,
+        Message::Binary(vec![1u8, 2, 3].into())
+    );
+    assert_eq!(
+        simple.next_message().await,
+        Message::Text(r#"{"k":1}"#.into())
+    );
+    emu.shutdown().await;
+}
+
+async fn status_of(url: &str, protocol: Option<&str>) -> u16 {
+    match try_connect(url, protocol).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_before_upgrade() {
+    let emu = start().await;
+    let base = format!("ws://127.0.0.1:{}/client/hubs/h", emu.port());
+    let aud = format!("http://127.0.0.1:{}/client/hubs/h", emu.port());
+    let key = emu.access_key().to_owned();
+    let sign = |claims: serde_json::Value, key: &str| webpubsub_emulator::auth::sign(key, &claims);
+    let good = sign(json!({"aud": aud, "exp": now() + 60}), &key);
+    assert_eq!(
+        status_of(&format!("{base}?access_token={good}"), Some(JSON)).await,
+        101
+    );
+    // Audience variants are tolerated.
+    let localhost = sign(
+        json!({"aud": format!("http://localhost:{}/client/hubs/h?x=1", emu.port()), "exp": now() + 60}),
+        &key,
+    );
+    assert_eq!(
+        status_of(&format!("{base}?access_token={localhost}"), Some(JSON)).await,
+        101
+    );
+
+    let expired = sign(json!({"aud": aud, "exp": now() - 10}), &key);
+    let wrong_key = sign(json!({"aud": aud, "exp": now() + 60}), "not-the-key");
+    let wrong_aud = sign(
+        json!({"aud": format!("http://127.0.0.1:{}/client/hubs/other", emu.port()), "exp": now() + 60}),
+        &key,
+    );
+    for bad in [
+        expired.as_str(),
+        wrong_key.as_str(),
+        wrong_aud.as_str(),
+        "garbage",
+    ] {
+        assert_eq!(
+            status_of(&format!("{base}?access_token={bad}"), Some(JSON)).await,
+            401,
+            "{bad}"
+        );
+    }
+    assert_eq!(status_of(&base, Some(JSON)).await, 401);
+    // Authorization header works too.
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        base.as_str(),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {good}").parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+    // An unknown subprotocol is refused.
+    assert_eq!(
+        status_of(
+            &format!("{base}?access_token={good}"),
+            Some("protobuf.webpubsub.azure.v1")
+        )
+        .await,
+        400
+    );
+    emu.shutdown().await;
+}

@@ -1,0 +1,215 @@
+//! Test helpers: a running emulator, raw WebSocket clients and REST calls.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+pub use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+pub const JSON: &str = "json.webpubsub.azure.v1";
+pub const RELIABLE: &str = "json.reliable.webpubsub.azure.v1";
+/// Upper bound for anything a test waits for.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub async fn start() -> Emulator {
+    start_with(Config::default()).await
+}
+
+pub async fn start_with(config: Config) -> Emulator {
+    Emulator::start(config).await.expect("emulator starts")
+}
+
+/// Token options with every role.
+pub fn all_roles(user: &str) -> TokenOptions {
+    TokenOptions {
+        user_id: Some(user.into()),
+        roles: vec![
+            "webpubsub.joinLeaveGroup".into(),
+            "webpubsub.sendToGroup".into(),
+        ],
+        ..Default::default()
+    }
+}
+
+pub struct Ws {
+    pub inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub protocol: Option<String>,
+}
+
+/// Connects to `url` offering `protocol`; panics on failure.
+pub async fn connect(url: &str, protocol: Option<&str>) -> Ws {
+    try_connect(url, protocol)
+        .await
+        .expect("websocket connects")
+}
+
+pub async fn try_connect(
+    url: &str,
+    protocol: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = url.into_client_request()?;
+    if let Some(p) = protocol {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(p).unwrap());
+    }
+    let (inner, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("connect in time")?;
+    let protocol = resp
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .map(|v| v.to_str().unwrap().to_owned());
+    Ok(Ws { inner, protocol })
+}
+
+/// Connects and reads the `connected` frame.
+pub async fn connect_json(url: &str, protocol: &str) -> (Ws, Value) {
+    let mut ws = connect(url, Some(protocol)).await;
+    let connected = ws.next_json().await;
+    assert_eq!(connected["type"], "system", "{connected}");
+    assert_eq!(connected["event"], "connected", "{connected}");
+    (ws, connected)
+}
+
+impl Ws {
+    pub async fn send_json(&mut self, v: Value) {
+        self.inner
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.inner
+            .send(Message::Text(s.to_owned().into()))
+            .await
+            .expect("send");
+    }
+
+    /// The next frame of any kind (pings skipped).
+    pub async fn next_message(&mut self) -> Message {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("a frame in time")
+                .expect("stream open")
+                .expect("no socket error");
+            if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
+                return m;
+            }
+        }
+    }
+
+    /// The next frame, parsed as JSON.
+    pub async fn next_json(&mut self) -> Value {
+        match self.next_message().await {
+            Message::Text(t) => serde_json::from_str(t.as_str()).expect("JSON frame"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Reads until the close frame; returns its code and reason.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            let item = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("close in time");
+            match item {
+                Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
+                    return (code.into(), reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the socket ends without a close frame (an abrupt drop).
+    pub async fn expect_abrupt_end(&mut self) {
+        loop {
+            let item = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("end in time");
+            match item {
+                None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(f))) => panic!("expected no close frame, got {f:?}"),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Sends a frame with an ackId and returns the ack (skipping `skip_other` frames).
+    pub async fn call(&mut self, frame: Value) -> Value {
+        let ack_id = frame["ackId"].clone();
+        self.send_json(frame).await;
+        loop {
+            let f = self.next_json().await;
+            if f["type"] == "ack" && f["ackId"] == ack_id {
+                return f;
+            }
+        }
+    }
+
+    pub async fn join(&mut self, group: &str, ack_id: u64) -> Value {
+        self.call(json!({"type": "joinGroup", "group": group, "ackId": ack_id}))
+            .await
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.inner.close(None).await;
+    }
+}
+
+pub fn assert_ack_ok(ack: &Value) {
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["success"], true, "{ack}");
+}
+
+pub fn assert_ack_error(ack: &Value, name: &str) {
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["success"], false, "{ack}");
+    assert_eq!(ack["error"]["name"], name, "{ack}");
+}
+
+/// A signed REST bearer token for `url` (the full request URL).
+pub fn rest_token(emulator: &Emulator, url: &str) -> String {
+    webpubsub_emulator::auth::sign(
+        emulator.access_key(),
+        &json!({"aud": url, "exp": now() + 3600, "iat": now()}),
+    )
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub async fn stats(emulator: &Emulator) -> Value {
+    reqwest::get(format!("{}/_emulator/stats", emulator.endpoint()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+pub async fn fault(emulator: &Emulator, hub: &str, conn: &str, action: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!(
+            "{}/_emulator/hubs/{hub}/connections/{conn}/{action}",
+            emulator.endpoint()
+        ))
+        .send()
+        .await
+        .unwrap()
+}
