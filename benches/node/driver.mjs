@@ -163,11 +163,28 @@ async function sub() {
   });
   await client.start();
   await client.joinGroup(args.group);
+  // run.py writes the publisher's sent count on stdin once it is done (EOF: count unknown).
+  let sentTotal = null;
+  let sentAt = null;
+  const rl = createInterface({ input: process.stdin });
+  const onSent = (line) => {
+    if (sentAt !== null) return;
+    sentTotal = /^\d+$/.test(line?.trim() ?? "") ? Number(line.trim()) : null;
+    sentAt = now();
+    rl.close();
+  };
+  rl.once("line", onSent);
+  rl.once("close", () => onSent(null));
   mark("READY");
   const deadline = now() + args.seconds;
   const poll = Math.min(Math.max(args.idleMs, 1), 100);
-  const done = () =>
-    received >= args.count || now() >= deadline || (last !== null && now() - last >= args.idleMs / 1000);
+  const done = () => {
+    const t = now();
+    if (received >= args.count || t >= deadline) return true;
+    if (sentAt === null) return false;
+    if (sentTotal !== null && received >= sentTotal) return true;
+    return t - Math.max(last ?? sentAt, sentAt) >= args.idleMs / 1000;
+  };
   while (!done()) {
     await new Promise((resolve) => setTimeout(resolve, poll));
   }

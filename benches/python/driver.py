@@ -43,7 +43,8 @@ def parse_args(argv):
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--idle-ms", type=int, default=500)
     p.add_argument("--go", action="store_true", help="publisher: wait for a stdin line")
-    p.add_argument("--ack-timeout", type=float, help="seconds; default: the client's own")
+    p.add_argument("--timeouts", type=float,
+                   help="ack and start timeouts in seconds; default: the client's own")
     return p.parse_args(argv)
 
 
@@ -142,13 +143,16 @@ class Receipts:
         if self.count >= self.args.count:
             self.full.set()
 
-    def done(self, deadline):
+    def done(self, deadline, sent):
         now = time.monotonic()
-        return (
-            self.count >= self.args.count
-            or now >= deadline
-            or (self.last is not None and now - self.last >= self.args.idle_ms / 1000)
-        )
+        if self.count >= self.args.count or now >= deadline:
+            return True
+        if sent.at is None:
+            return False
+        if sent.total is not None and self.count >= sent.total:
+            return True
+        quiet_from = sent.at if self.last is None else max(self.last, sent.at)
+        return now - quiet_from >= self.args.idle_ms / 1000
 
     def poll_interval(self):
         return min(max(self.args.idle_ms, 1), 100) / 1000
@@ -159,6 +163,21 @@ class Receipts:
         return {"received": self.count, "bytes": self.bytes, "seconds": span, "rate": rate}
 
 
+class SentCount:
+    """What run.py tells a subscriber on stdin once the publisher is done: how
+    many messages it sent (EOF without a number: done, count unknown)."""
+
+    def __init__(self):
+        self.total = None
+        self.at = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        line = sys.stdin.readline().strip()
+        self.total = int(line) if line.isdigit() else None
+        self.at = time.monotonic()
+
+
 class Bench:
     """Scenario code shared by the sync and asyncio forms."""
 
@@ -167,7 +186,9 @@ class Bench:
         module, self.is_async = CLIENTS[args.client]
         pkg = importlib.import_module(module + (".aio" if self.is_async else ""))
         models = importlib.import_module(module + ".models")
-        kwargs = {} if args.ack_timeout is None else {"ack_timeout": args.ack_timeout}
+        kwargs = {}
+        if args.timeouts is not None:
+            kwargs = {"ack_timeout": args.timeouts, "start_timeout": args.timeouts}
         self.client_class = functools.partial(pkg.WebPubSubClient, **kwargs)
         self.group_message = models.CallbackType.GROUP_MESSAGE
         data_type = models.WebPubSubDataType
@@ -242,9 +263,10 @@ class SyncBench(Bench):
         client.subscribe(self.group_message, lambda e: got.record(e.data))
         client.open()
         client.join_group(a.group)
+        sent = SentCount()
         mark("READY")
         deadline = self.deadline()
-        while not got.done(deadline):
+        while not got.done(deadline, sent):
             got.full.wait(got.poll_interval())
         emit(a, got.result())
         client.close()
@@ -352,9 +374,10 @@ class AsyncBench(Bench):
 
         client = await self.open(on_message)
         await client.join_group(a.group)
+        sent = SentCount()
         mark("READY")
         deadline = self.deadline()
-        while not got.done(deadline):
+        while not got.done(deadline, sent):
             await asyncio.sleep(got.poll_interval())
         emit(a, got.result())
         await client.close()

@@ -3,6 +3,7 @@
 //! result line that `run.py` reads.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -188,15 +189,22 @@ impl Receipts {
         self.bytes += bytes as u64;
     }
 
-    /// Whether the subscriber should stop: `count` reached, or quiet for
-    /// `idle` after the first message, or past `deadline`.
-    pub fn done(&self, args: &Args, deadline: Instant) -> bool {
+    /// Whether the subscriber should stop: `--count` reached, past `deadline`,
+    /// or, once the publisher is done (see [`SentCount`]), everything it sent
+    /// arrived or nothing more came for `--idle-ms`.
+    pub fn done(&self, args: &Args, deadline: Instant, sent: &SentCount) -> bool {
         let now = Instant::now();
-        self.count >= args.count
-            || now >= deadline
-            || self
-                .last
-                .is_some_and(|t| now - t >= Duration::from_millis(args.idle_ms))
+        if self.count >= args.count || now >= deadline {
+            return true;
+        }
+        let Some((total, at)) = sent.get() else {
+            return false;
+        };
+        if total.is_some_and(|n| self.count >= n) {
+            return true;
+        }
+        let quiet_from = self.last.map_or(at, |last| last.max(at));
+        now - quiet_from >= Duration::from_millis(args.idle_ms)
     }
 
     /// How long to wait for the next message before checking `done` again.
@@ -216,6 +224,41 @@ impl Receipts {
             0.0
         };
         json!({ "received": self.count, "bytes": self.bytes, "seconds": span, "rate": rate })
+    }
+}
+
+/// What run.py tells a subscriber on stdin once the publisher is done: how
+/// many messages it sent. EOF without a number means "done, count unknown".
+#[derive(Clone, Debug, Default)]
+pub struct SentCount(Arc<Mutex<Option<PublisherDone>>>);
+
+/// The publisher's sent count (if known) and when the subscriber learnt it.
+pub type PublisherDone = (Option<u64>, Instant);
+
+impl SentCount {
+    /// Starts a thread that reads one line from stdin into the returned value.
+    pub fn from_stdin() -> SentCount {
+        let sent = SentCount::default();
+        let setter = sent.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let total = match std::io::stdin().read_line(&mut line) {
+                Ok(_) => line.trim().parse().ok(),
+                Err(_) => None,
+            };
+            setter.set(total);
+        });
+        sent
+    }
+
+    /// Records that the publisher is done, having sent `total` (if known).
+    pub fn set(&self, total: Option<u64>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((total, Instant::now()));
+    }
+
+    /// `None` while the publisher runs; then its count and when it was told.
+    pub fn get(&self) -> Option<PublisherDone> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -281,6 +324,48 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 99.0);
         assert_eq!(percentile(&v, 0.0), 1.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn subscriber_stops_when_everything_sent_arrived() {
+        let args = Args::parse_from([
+            "x",
+            "sub",
+            "--url",
+            "u",
+            "--count",
+            "100",
+            "--idle-ms",
+            "60000",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sent = SentCount::default();
+        let mut got = Receipts::default();
+        got.record(1);
+        got.record(1);
+        assert!(!got.done(&args, deadline, &sent), "publisher still running");
+        sent.set(Some(3));
+        assert!(
+            !got.done(&args, deadline, &sent),
+            "one message still missing"
+        );
+        got.record(1);
+        assert!(got.done(&args, deadline, &sent));
+    }
+
+    #[test]
+    fn subscriber_stops_when_quiet_after_the_publisher_is_done() {
+        let args = Args::parse_from(["x", "sub", "--url", "u", "--idle-ms", "0"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sent = SentCount::default();
+        let got = Receipts::default();
+        assert!(!got.done(&args, deadline, &sent));
+        sent.set(None);
+        assert!(got.done(&args, deadline, &sent));
+        assert!(
+            got.done(&args, Instant::now(), &SentCount::default()),
+            "deadline"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use webpubsub_bench::{
     emit, idle_result, mark, pub_result, ready_result, seq_result, wait_for_go, Args, ProcStatus,
-    Receipts, Scenario, IDLE_MIDPOINT, SUBPROTOCOL,
+    Receipts, Scenario, SentCount, IDLE_MIDPOINT, SUBPROTOCOL,
 };
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -226,12 +226,13 @@ async fn subscribe(args: &Args) -> Result<()> {
     ws.send(Message::text(join_frame(&args.group, 1))).await?;
     wait_ack(&mut ws, 1).await?;
     let (mut sink, mut stream) = ws.split();
+    let sent = SentCount::from_stdin();
     mark("READY");
     let deadline = args.deadline();
     let mut got = Receipts::default();
     let mut acked_seq = 0;
     let mut last_seq = 0;
-    while !got.done(args, deadline) {
+    while !got.done(args, deadline, &sent) {
         let frame =
             match tokio::time::timeout(got.poll_interval(args), next_json(&mut stream)).await {
                 Ok(frame) => frame?,
