@@ -253,7 +253,9 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
         upstream_tx: None,
     };
     let end = reader.run(stream, &kill).await;
-    kill.cancel();
+    if end != End::ServerClosing {
+        kill.cancel();
+    }
     let _ = writer.await;
     if !conn.detach(epoch) {
         return; // a recovery attached a newer socket
@@ -372,6 +374,8 @@ enum End {
     Abrupt,
     /// Closed by the client or the server on purpose.
     Closed,
+    /// The server queued a close but can read no more: let the writer finish it.
+    ServerClosing,
 }
 
 /// A JSON frame from a client. Unknown fields are ignored.
@@ -414,18 +418,23 @@ struct Reader {
 
 impl Reader {
     async fn run(&mut self, mut stream: SplitStream<WebSocket>, kill: &CancellationToken) -> End {
+        // Once the server has queued a close, frames are read (for the client's close
+        // reply) but ignored.
+        let mut closing = false;
         loop {
             let item = tokio::select! {
                 biased;
-                _ = kill.cancelled() => return End::Abrupt,
+                _ = kill.cancelled() => return if closing { End::Closed } else { End::Abrupt },
                 item = stream.next() => item,
             };
             Stats::inc(&self.server.stats.frames_in);
-            match item {
-                None => return End::Abrupt,
+            let message = match item {
+                None => return if closing { End::Closed } else { End::Abrupt },
                 Some(Err(e)) => {
                     let text = e.to_string();
-                    if text.contains("Space limit exceeded") || text.contains("too long") {
+                    if !closing
+                        && (text.contains("Space limit exceeded") || text.contains("too long"))
+                    {
                         self.reject(
                             1009,
                             &format!(
@@ -433,9 +442,9 @@ impl Reader {
                                 self.server.config.max_frame_bytes
                             ),
                         );
-                        return End::Closed;
+                        return End::ServerClosing;
                     }
-                    return End::Abrupt;
+                    return if closing { End::Closed } else { End::Abrupt };
                 }
                 Some(Ok(Message::Close(frame))) => {
                     // A normal close ends the session; any other code keeps a reliable
@@ -443,17 +452,27 @@ impl Reader {
                     let normal = frame
                         .as_ref()
                         .map_or(true, |f| matches!(f.code, 1000 | 1001));
-                    return if normal { End::Closed } else { End::Abrupt };
+                    return if normal || closing {
+                        End::Closed
+                    } else {
+                        End::Abrupt
+                    };
                 }
-                Some(Ok(Message::Text(text))) => {
+                Some(Ok(m)) => m,
+            };
+            if closing {
+                continue;
+            }
+            match message {
+                Message::Text(text) => {
                     if self.conn.protocol == Protocol::Simple {
                         self.simple_event(Payload::Text(text.as_str().to_owned()));
                     } else if let Err(reason) = self.handle_json(text.as_str()) {
                         self.reject(1003, &reason);
-                        return End::Closed;
+                        closing = true;
                     }
                 }
-                Some(Ok(Message::Binary(bytes))) => {
+                Message::Binary(bytes) => {
                     if self.conn.protocol == Protocol::Simple {
                         self.simple_event(Payload::Binary(bytes));
                     } else {
@@ -461,10 +480,10 @@ impl Reader {
                             1003,
                             "Binary frames are not supported by the JSON subprotocols.",
                         );
-                        return End::Closed;
+                        closing = true;
                     }
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {}
             }
         }
     }

@@ -104,6 +104,24 @@ impl Server {
         self.hubs.get(&name.to_ascii_lowercase()).map(|h| h.clone())
     }
 
+    /// The host clients use: the listen host, or 127.0.0.1 for a wildcard address.
+    pub(crate) fn public_host(&self) -> &str {
+        match self.config.host.as_str() {
+            "0.0.0.0" | "::" | "[::]" | "" => "127.0.0.1",
+            h => h,
+        }
+    }
+
+    /// `http(s)://host:port`.
+    pub(crate) fn endpoint(&self) -> String {
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}:{}", self.public_host(), self.port)
+    }
+
     /// Total connections over all hubs.
     pub(crate) fn connection_count(&self) -> usize {
         self.hubs.iter().map(|h| h.connections.len()).sum()
@@ -230,6 +248,43 @@ impl Hub {
                 c.send_data(p);
             }
         }
+    }
+
+    /// Delivers a publication to every connection of a user, except `excluded`.
+    pub(crate) fn publish_user(&self, user: &str, p: &Publication, excluded: &[&str]) {
+        let Some(members) = self.users.get(user).map(|m| m.clone()) else {
+            return;
+        };
+        for c in members.members.read().values() {
+            if !excluded.contains(&c.id.as_str()) {
+                c.send_data(p);
+            }
+        }
+    }
+
+    /// Delivers a publication to every connection of the hub, except `excluded`.
+    pub(crate) fn publish_all(&self, p: &Publication, excluded: &[&str]) {
+        for c in self.connections.iter() {
+            if !excluded.contains(&c.id.as_str()) {
+                c.send_data(p);
+            }
+        }
+    }
+
+    /// The connections of a user (snapshot).
+    pub(crate) fn user_connections(&self, user: &str) -> Vec<Arc<Conn>> {
+        self.users
+            .get(user)
+            .map(|m| m.members.read().values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The connections of a group (snapshot).
+    pub(crate) fn group_connections(&self, group: &str) -> Vec<Arc<Conn>> {
+        self.groups
+            .get(group)
+            .map(|m| m.members.read().values().cloned().collect())
+            .unwrap_or_default()
     }
 }
 

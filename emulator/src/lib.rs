@@ -140,33 +140,21 @@ impl Emulator {
         &self.server.access_key
     }
 
-    fn scheme(&self) -> &'static str {
-        if self.server.config.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        }
-    }
-
-    /// The host clients should use: the listen host, or 127.0.0.1 for a wildcard.
-    fn public_host(&self) -> &str {
-        match self.server.config.host.as_str() {
-            "0.0.0.0" | "::" | "[::]" | "" => "127.0.0.1",
-            h => h,
-        }
-    }
-
     /// `http://127.0.0.1:PORT` (`https` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("{}://{}:{}", self.scheme(), self.public_host(), self.port())
+        self.server.endpoint()
     }
 
     /// `Endpoint=http://127.0.0.1;Port=PORT;AccessKey=KEY;Version=1.0;`
     pub fn connection_string(&self) -> String {
+        let scheme = if self.server.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!(
-            "Endpoint={}://{};Port={};AccessKey={};Version=1.0;",
-            self.scheme(),
-            self.public_host(),
+            "Endpoint={scheme}://{};Port={};AccessKey={};Version=1.0;",
+            self.server.public_host(),
             self.port(),
             self.access_key()
         )
@@ -183,7 +171,7 @@ impl Emulator {
         };
         format!(
             "{ws}://{}:{}/client/hubs/{hub}?access_token={jwt}",
-            self.public_host(),
+            self.server.public_host(),
             self.port()
         )
     }

@@ -1,24 +1,405 @@
-//! The service REST API used by the official server SDKs.
+//! The service REST API used by the official server SDKs, under `/api/hubs/{hub}`.
+//!
+//! One dispatcher matches the raw path segments (percent-decoded one by one, so a
+//! group or user name may contain an encoded `/`), because the API's `:send`-style
+//! segments are not expressible as axum route literals.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::Json;
+use percent_encoding::percent_decode_str;
 use serde_json::json;
 
-use crate::hub::Server;
+use crate::auth::{self, Permission};
+use crate::client_ws::{bearer, validate_group};
+use crate::frames::{Payload, Publication};
+use crate::hub::{Conn, Hub, Server, Stats, POLICY_CLOSE};
+use crate::TokenOptions;
 
-/// The `/api` routes.
-pub(crate) fn router(_server: &Arc<Server>) -> Router<Arc<Server>> {
-    Router::new()
-}
-
-/// Any unknown route: 404 with a JSON error.
-pub(crate) async fn not_found(uri: axum::http::Uri) -> Response {
+/// A JSON error body `{"code":..., "message":...}`.
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let code = match status {
+        StatusCode::UNAUTHORIZED => "Unauthorized",
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        _ => "BadRequest",
+    };
     (
-        StatusCode::NOT_FOUND,
-        Json(json!({"code": "NotFound", "message": format!("No route for {}", uri.path())})),
+        status,
+        Json(json!({"code": code, "message": message.into()})),
     )
         .into_response()
+}
+
+/// Query parameters, repeated keys kept.
+struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    fn parse(uri: &Uri) -> Self {
+        QueryParams(
+            form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// Every request that no other route took: the REST API, or 404.
+pub(crate) async fn dispatch(
+    State(server): State<Arc<Server>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    Stats::inc(&server.stats.rest_requests);
+    let Some(rest) = uri.path().strip_prefix("/api/hubs/") else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("No route for {} {}.", method, uri.path()),
+        );
+    };
+    let mut segments = Vec::new();
+    for raw in rest.split('/') {
+        match percent_decode_str(raw).decode_utf8() {
+            Ok(s) => segments.push(s.into_owned()),
+            Err(_) => return error(StatusCode::BAD_REQUEST, "The path is not valid UTF-8."),
+        }
+    }
+    if let Err(e) = authorize(&server, &uri, &headers) {
+        return error(StatusCode::UNAUTHORIZED, format!("Unauthorized: {e}."));
+    }
+    let query = QueryParams::parse(&uri);
+    let limit = server.config.max_rest_body_bytes;
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("The request body is larger than {limit} bytes."),
+            )
+        }
+    };
+    let req = Request {
+        server: &server,
+        method: &method,
+        query: &query,
+        headers: &headers,
+        body,
+    };
+    let hub_name = &segments[0];
+    if hub_name.is_empty() {
+        return error(StatusCode::NOT_FOUND, "The hub name is empty.");
+    }
+    let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
+    match req.route(hub_name, &rest) {
+        Some(response) => response,
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("No route for {} {}.", method, uri.path()),
+        ),
+    }
+}
+
+fn authorize(server: &Server, uri: &Uri, headers: &HeaderMap) -> Result<(), auth::AuthError> {
+    let token = bearer(headers).ok_or(auth::AuthError::Missing)?;
+    let claims = auth::verify(&server.access_key, &token, true)?;
+    let path = percent_decode_str(uri.path()).decode_utf8_lossy();
+    if claims
+        .audiences
+        .iter()
+        .any(|a| auth::audience_matches(a, &path, &server.config.host, server.port))
+    {
+        Ok(())
+    } else {
+        Err(auth::AuthError::WrongAudience(claims.audiences.join(",")))
+    }
+}
+
+struct Request<'a> {
+    server: &'a Arc<Server>,
+    method: &'a Method,
+    query: &'a QueryParams,
+    headers: &'a HeaderMap,
+    body: bytes::Bytes,
+}
+
+fn status(code: StatusCode) -> Response {
+    code.into_response()
+}
+
+fn exists(found: bool) -> Response {
+    status(if found {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    })
+}
+
+impl Request<'_> {
+    /// Matches the route; None = no such route.
+    fn route(&self, hub_name: &str, rest: &[&str]) -> Option<Response> {
+        let hub = self.server.hub(hub_name);
+        let m = self.method;
+        let response = match rest {
+            [":send"] if m == Method::POST => self.send(|p, ex| hub.publish_all(p, ex)),
+            ["groups", g, ":send"] if m == Method::POST => match validate_group(g) {
+                Ok(()) => self.send(|p, ex| hub.publish_group(g, p, ex)),
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+            },
+            ["users", u, ":send"] if m == Method::POST => {
+                self.send(|p, ex| hub.publish_user(u, p, ex))
+            }
+            ["connections", c, ":send"] if m == Method::POST => self.send(|p, _| {
+                if let Some(conn) = hub.connections.get(*c).map(|c| c.clone()) {
+                    conn.send_data(p);
+                }
+            }),
+            ["groups", g, "connections", c] => self.group_connection(&hub, g, c)?,
+            ["users", u, "groups", g] => self.user_group(&hub, u, g)?,
+            ["connections", c, "groups"] if m == Method::DELETE => {
+                if let Some(conn) = conn(&hub, c) {
+                    let groups: Vec<String> = conn.groups.lock().iter().cloned().collect();
+                    for g in groups {
+                        hub.leave(&conn, &g);
+                    }
+                }
+                status(StatusCode::NO_CONTENT)
+            }
+            ["users", u, "groups"] if m == Method::DELETE => {
+                hub.user_groups.remove(*u);
+                for conn in hub.user_connections(u) {
+                    let groups: Vec<String> = conn.groups.lock().iter().cloned().collect();
+                    for g in groups {
+                        hub.leave(&conn, &g);
+                    }
+                }
+                status(StatusCode::NO_CONTENT)
+            }
+            ["connections", c] if m == Method::DELETE => {
+                if let Some(conn) = conn(&hub, c) {
+                    hub.close(&conn, POLICY_CLOSE, &self.reason());
+                }
+                status(StatusCode::NO_CONTENT)
+            }
+            ["connections", c] if m == Method::HEAD => exists(conn(&hub, c).is_some()),
+            ["groups", g] if m == Method::HEAD => exists(!hub.group_connections(g).is_empty()),
+            ["users", u] if m == Method::HEAD => exists(!hub.user_connections(u).is_empty()),
+            [":closeConnections"] if m == Method::POST => {
+                let all: Vec<Arc<Conn>> = hub.connections.iter().map(|c| c.clone()).collect();
+                self.close_all(&hub, all)
+            }
+            ["groups", g, ":closeConnections"] if m == Method::POST => {
+                self.close_all(&hub, hub.group_connections(g))
+            }
+            ["users", u, ":closeConnections"] if m == Method::POST => {
+                self.close_all(&hub, hub.user_connections(u))
+            }
+            ["groups", g, "connections"] if m == Method::GET => {
+                let value: Vec<_> = hub
+                    .group_connections(g)
+                    .iter()
+                    .map(|c| json!({"connectionId": c.id, "userId": c.user_id}))
+                    .collect();
+                Json(json!({"value": value, "nextLink": null})).into_response()
+            }
+            ["permissions", perm, "connections", c] => self.permission(&hub, perm, c)?,
+            [":generateToken"] if m == Method::POST || m == Method::GET => {
+                self.generate_token(&hub)
+            }
+            _ => return None,
+        };
+        Some(response)
+    }
+
+    fn excluded(&self) -> Vec<&str> {
+        self.query.all("excluded")
+    }
+
+    fn reason(&self) -> String {
+        self.query
+            .get("reason")
+            .filter(|r| !r.is_empty())
+            .unwrap_or("The connection was closed by the server.")
+            .to_owned()
+    }
+
+    /// Decodes the body by content type and publishes it once.
+    fn send(&self, deliver: impl FnOnce(&Publication, &[&str])) -> Response {
+        let content_type = self
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok());
+        match Payload::from_http(content_type, self.body.clone()) {
+            Ok(payload) => {
+                deliver(&Publication::server(&payload), &self.excluded());
+                status(StatusCode::ACCEPTED)
+            }
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        }
+    }
+
+    fn close_all(&self, hub: &Hub, conns: Vec<Arc<Conn>>) -> Response {
+        let excluded = self.excluded();
+        let reason = self.reason();
+        for c in conns {
+            if !excluded.contains(&c.id.as_str()) {
+                hub.close(&c, POLICY_CLOSE, &reason);
+            }
+        }
+        status(StatusCode::NO_CONTENT)
+    }
+
+    fn group_connection(&self, hub: &Hub, group: &str, c: &str) -> Option<Response> {
+        if let Err(e) = validate_group(group) {
+            return Some(error(StatusCode::BAD_REQUEST, e));
+        }
+        Some(match *self.method {
+            Method::PUT => match conn(hub, c) {
+                Some(conn) => {
+                    hub.join(&conn, group);
+                    status(StatusCode::OK)
+                }
+                None => error(StatusCode::NOT_FOUND, format!("No connection '{c}'.")),
+            },
+            Method::DELETE => {
+                if let Some(conn) = conn(hub, c) {
+                    hub.leave(&conn, group);
+                }
+                status(StatusCode::NO_CONTENT)
+            }
+            _ => return None,
+        })
+    }
+
+    fn user_group(&self, hub: &Hub, user: &str, group: &str) -> Option<Response> {
+        if let Err(e) = validate_group(group) {
+            return Some(error(StatusCode::BAD_REQUEST, e));
+        }
+        Some(match *self.method {
+            Method::PUT => {
+                hub.user_groups
+                    .entry(user.to_owned())
+                    .or_default()
+                    .insert(group.to_owned());
+                for conn in hub.user_connections(user) {
+                    hub.join(&conn, group);
+                }
+                status(StatusCode::OK)
+            }
+            Method::DELETE => {
+                if let Some(mut groups) = hub.user_groups.get_mut(user) {
+                    groups.remove(group);
+                }
+                hub.user_groups.remove_if(user, |_, g| g.is_empty());
+                for conn in hub.user_connections(user) {
+                    hub.leave(&conn, group);
+                }
+                status(StatusCode::NO_CONTENT)
+            }
+            Method::HEAD => exists(
+                hub.user_connections(user)
+                    .iter()
+                    .any(|c| c.groups.lock().contains(group)),
+            ),
+            _ => return None,
+        })
+    }
+
+    fn permission(&self, hub: &Hub, perm: &str, c: &str) -> Option<Response> {
+        let Some(permission) = Permission::from_rest_name(perm) else {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                format!("Unknown permission '{perm}': use joinLeaveGroup or sendToGroup."),
+            ));
+        };
+        let target = self.query.get("targetName").map(str::to_owned);
+        let Some(conn) = conn(hub, c) else {
+            return Some(match *self.method {
+                Method::DELETE => status(StatusCode::NO_CONTENT),
+                _ => error(StatusCode::NOT_FOUND, format!("No connection '{c}'.")),
+            });
+        };
+        Some(match *self.method {
+            Method::PUT => {
+                let mut granted = conn.granted.write();
+                if !granted.contains(&(permission, target.clone())) {
+                    granted.push((permission, target));
+                }
+                status(StatusCode::OK)
+            }
+            Method::DELETE => {
+                conn.granted
+                    .write()
+                    .retain(|(p, t)| !(*p == permission && *t == target));
+                status(StatusCode::NO_CONTENT)
+            }
+            Method::HEAD => exists(match &target {
+                Some(group) => conn.allowed(permission, group),
+                None => conn
+                    .granted
+                    .read()
+                    .iter()
+                    .any(|(p, t)| *p == permission && t.is_none()),
+            }),
+            _ => return None,
+        })
+    }
+
+    fn generate_token(&self, hub: &Hub) -> Response {
+        let minutes = match self.query.get("minutesToExpire").map(str::parse::<u64>) {
+            None => 60,
+            Some(Ok(m)) if m > 0 => m,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "minutesToExpire must be a positive integer.",
+                )
+            }
+        };
+        let opts = TokenOptions {
+            user_id: self.query.get("userId").map(str::to_owned),
+            roles: self
+                .query
+                .all("role")
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            groups: self
+                .query
+                .all("group")
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            ttl: Some(Duration::from_secs(minutes * 60)),
+        };
+        let audience = format!("{}/client/hubs/{}", self.server.endpoint(), hub.name);
+        let token = auth::sign_client_token(&self.server.access_key, &audience, &opts);
+        Json(json!({ "token": token })).into_response()
+    }
+}
+
+fn conn(hub: &Hub, id: &str) -> Option<Arc<Conn>> {
+    hub.connections.get(id).map(|c| c.clone())
 }

@@ -69,8 +69,7 @@ fn router(server: Arc<Server>) -> Router {
             "/_emulator/hubs/{hub}/connections/{id}/{action}",
             post(faults::connection_fault),
         )
-        .nest("/api", rest::router(&server))
-        .fallback(rest::not_found)
+        .fallback(rest::dispatch)
         .with_state(server)
 }
 

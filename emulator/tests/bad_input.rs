@@ -1,0 +1,180 @@
+//! Bad input from clients: clear ack errors or a close with a reason, never a crash,
+//! and other connections are not affected.
+mod common;
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn still_alive(ws: &mut Ws) {
+    ws.send_json(json!({"type":"ping"})).await;
+    assert_eq!(ws.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn invalid_frames_with_ack_id_get_bad_request() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let long = "x".repeat(1025);
+    let cases = [
+        json!({"type":"joinGroup","ackId":1,"group":5}),
+        json!({"type":"joinGroup","ackId":2}),
+        json!({"type":"joinGroup","ackId":3,"group":""}),
+        json!({"type":"joinGroup","ackId":4,"group":long}),
+        json!({"type":"sendToGroup","ackId":5,"group":"g","dataType":"binary","data":"!!notbase64"}),
+        json!({"type":"sendToGroup","ackId":6,"group":"g","dataType":"text","data":{"not":"a string"}}),
+        json!({"type":"sendToGroup","ackId":7,"group":"g","dataType":"yaml","data":"x"}),
+        json!({"type":"sendToGroup","ackId":8,"group":"g","dataType":"text"}),
+        json!({"type":"event","ackId":9,"dataType":"text","data":"no event name"}),
+    ];
+    for frame in cases {
+        let ack = a.call(frame.clone()).await;
+        assert_ack_error(&ack, "BadRequest");
+        assert!(
+            !ack["error"]["message"].as_str().unwrap().is_empty(),
+            "{frame}"
+        );
+    }
+    // 1024 characters is fine.
+    assert_ack_ok(&a.join(&"y".repeat(1024), 10).await);
+    still_alive(&mut a).await;
+    emu.shutdown().await;
+}
+
+async fn expect_rejected(emu: &Emulator, send: Message, code: u16, reason_part: &str) {
+    let (mut bystander, _) = connect_json(&emu.client_url("h", &all_roles("b")), JSON).await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    a.inner.send(send).await.unwrap();
+    let d = a.next_json().await;
+    assert_eq!(d["event"], "disconnected", "{d}");
+    let (got, reason) = a.expect_close().await;
+    assert_eq!(got, code, "{reason}");
+    assert!(reason.contains(reason_part), "{reason}");
+    still_alive(&mut bystander).await;
+}
+
+#[tokio::test]
+async fn invalid_frames_without_ack_id_close_with_a_reason() {
+    let emu = start_with(Config {
+        max_frame_bytes: 4096,
+        ..Config::default()
+    })
+    .await;
+    expect_rejected(
+        &emu,
+        Message::Text("{not json".into()),
+        1003,
+        "Invalid frame",
+    )
+    .await;
+    expect_rejected(
+        &emu,
+        Message::Text(r#"{"type":"joinGroup","ackId":-1,"group":"g"}"#.into()),
+        1003,
+        "Invalid frame",
+    )
+    .await;
+    expect_rejected(
+        &emu,
+        Message::Text(
+            r#"{"type":"sendToGroup","group":"g","dataType":"binary","data":"%%"}"#.into(),
+        ),
+        1003,
+        "base64",
+    )
+    .await;
+    expect_rejected(
+        &emu,
+        Message::Text(r#"{"type":"sequenceAck"}"#.into()),
+        1003,
+        "sequenceId",
+    )
+    .await;
+    expect_rejected(
+        &emu,
+        Message::Text(r#"{"type":"invoke","event":"e"}"#.into()),
+        1003,
+        "invocationId",
+    )
+    .await;
+    expect_rejected(&emu, Message::Binary(vec![1u8, 2].into()), 1003, "Binary").await;
+    assert!(stats(&emu).await["badFrames"].as_u64().unwrap() >= 6);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_frames_close_1009() {
+    let emu = start_with(Config {
+        max_frame_bytes: 4096,
+        ..Config::default()
+    })
+    .await;
+    let (mut bystander, _) = connect_json(&emu.client_url("h", &all_roles("b")), JSON).await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let big = json!({"type":"sendToGroup","group":"g","dataType":"text","data":"z".repeat(5000)});
+    a.inner
+        .send(Message::Text(big.to_string().into()))
+        .await
+        .unwrap();
+    let (code, reason) = a.expect_close().await;
+    assert_eq!(code, 1009);
+    assert!(reason.contains("4096"), "{reason}");
+    still_alive(&mut bystander).await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_frames_is_answered_in_order() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let (mut b, _) = connect_json(&emu.client_url("h", &all_roles("b")), JSON).await;
+    const N: u64 = 3000;
+    for i in 1..=N {
+        a.inner
+            .feed(Message::Text(
+                json!({"type":"sendToGroup","group":"g","ackId":i,"dataType":"text","data":"x"})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+    }
+    a.inner.flush().await.unwrap();
+    for i in 1..=N {
+        let ack = a.next_json().await;
+        assert_eq!(ack["ackId"], i);
+    }
+    still_alive(&mut b).await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn recovery_without_the_reliable_protocol_is_refused() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let (_a, c) = connect_json(&url, RELIABLE).await;
+    let recover = format!(
+        "{url}&awps_connection_id={}&awps_reconnection_token={}",
+        c["connectionId"].as_str().unwrap(),
+        c["reconnectionToken"].as_str().unwrap()
+    );
+    let mut ws = connect(&recover, Some(JSON)).await;
+    assert_eq!(ws.expect_close().await.0, 1008);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn non_websocket_requests_to_the_client_endpoint() {
+    let emu = start().await;
+    let url = emu
+        .client_url("h", &all_roles("a"))
+        .replacen("ws://", "http://", 1);
+    let resp = reqwest::get(&url).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let resp = reqwest::get(format!("{}/client/hubs/h", emu.endpoint()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    emu.shutdown().await;
+}
