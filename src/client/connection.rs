@@ -1,0 +1,970 @@
+//! The one task that owns a client's socket and its state machine.
+//!
+//! ```text
+//!            start                      connected frame
+//!  Stopped ─────────▶ Connecting ───────────────────────▶ Connected ◀──────────┐
+//!     ▲                  │ ▲  failed (start: error to caller)  │ dropped, reliable │ recovered
+//!     │ stop / give up   │ │                                   ▼  (not 1008)      │ (no events)
+//!     └──────────────────┘ └── Disconnected ◀── session lost ── Recovering ───────┘
+//!                               (reconnect delay)   (1008, window over, not reliable)
+//! ```
+//!
+//! Everything else talks to the task over two channels: commands (start, stop,
+//! cancel; unbounded) and operations (encoded frames with their reply channel;
+//! bounded, so a fast sender feels backpressure). Each phase is one method below,
+//! returning the next phase; `serve` is the connected loop.
+
+use super::pending::{Done, OpKind, Operation, Pending, Purpose};
+use super::sequence::Sequence;
+use super::{ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult};
+use crate::protocol::{json, DataType, Downstream, Upstream};
+use crate::transport::{redact_url, Connector, Ws};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use log::{debug, info, trace, warn};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+/// Operations queued towards the task before senders wait.
+const OPERATION_QUEUE: usize = 1024;
+/// Operations written per batch before one flush.
+const BATCH: usize = 256;
+/// How long a closing handshake may take when stopping.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The close code after which a session cannot be recovered.
+const POLICY_VIOLATION: u16 = 1008;
+
+/// A control message to the connection task.
+pub(crate) enum Command {
+    /// Open the connection; reply once connected (or failed).
+    Start(oneshot::Sender<Result<(), Error>>),
+    /// Close and stop; reply once stopped.
+    Stop(oneshot::Sender<()>),
+    /// The caller of an invocation gave up.
+    CancelInvocation(String),
+}
+
+/// What the client handle reads without asking the task.
+pub(crate) struct Shared {
+    state: AtomicU8,
+    connection_id: Mutex<Option<String>>,
+    next_ack_id: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn state(&self) -> ClientState {
+        match self.state.load(Ordering::Acquire) {
+            1 => ClientState::Connecting,
+            2 => ClientState::Connected,
+            3 => ClientState::Recovering,
+            4 => ClientState::Disconnected,
+            _ => ClientState::Stopped,
+        }
+    }
+
+    pub(crate) fn connection_id(&self) -> Option<String> {
+        self.connection_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The next ackId of this client (unique per connection, counting from 1).
+    pub(crate) fn next_ack_id(&self) -> u64 {
+        self.next_ack_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn set_state(&self, state: ClientState) {
+        let n = match state {
+            ClientState::Stopped => 0,
+            ClientState::Connecting => 1,
+            ClientState::Connected => 2,
+            ClientState::Recovering => 3,
+            ClientState::Disconnected => 4,
+        };
+        self.state.store(n, Ordering::Release);
+    }
+
+    fn set_connection_id(&self, id: Option<String>) {
+        *self.connection_id.lock().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+}
+
+/// Starts a client's connection task on `runtime`; returns what the handle keeps.
+pub(crate) fn spawn(
+    runtime: &tokio::runtime::Handle,
+    credential: Credential,
+    options: ClientOptions,
+    on_event: EventHandler,
+) -> (
+    Arc<Shared>,
+    mpsc::UnboundedSender<Command>,
+    mpsc::Sender<Operation>,
+) {
+    let shared = Arc::new(Shared {
+        state: AtomicU8::new(0),
+        connection_id: Mutex::new(None),
+        next_ack_id: AtomicU64::new(1),
+    });
+    let (command_tx, commands) = mpsc::unbounded_channel();
+    let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
+    let task = Task {
+        shared: shared.clone(),
+        connector: Connector::new(
+            options.protocol,
+            options.extra_ca_pem.clone(),
+            options.max_message_size,
+        ),
+        pending: Pending::new(options.ack_timeout, options.message_retry.clone()),
+        options,
+        credential,
+        on_event,
+        commands,
+        operations,
+        sequence: Sequence::default(),
+        groups: BTreeSet::new(),
+        session: None,
+        announced: false,
+        disconnect_message: None,
+        out: Vec::new(),
+        done: Vec::new(),
+    };
+    runtime.spawn(task.run());
+    (shared, command_tx, operation_tx)
+}
+
+/// The phase to run next.
+enum Next {
+    /// Stopped: wait for `start`.
+    Idle,
+    /// Open a new connection; `start` is the caller of `start()`, `attempt` 0 for a
+    /// start and from 1 for automatic reconnects.
+    Open {
+        start: Option<oneshot::Sender<Result<(), Error>>>,
+        attempt: u32,
+    },
+    /// Connected: run the connection.
+    Serve(Box<Ws>),
+    /// The socket dropped: try to recover the same session.
+    Recover {
+        since: Instant,
+        close_code: Option<u16>,
+        reason: String,
+    },
+    /// The session is gone.
+    Lost {
+        close_code: Option<u16>,
+        message: Option<String>,
+    },
+    /// The client handle was dropped.
+    Exit,
+}
+
+/// The service-side session of the current connection.
+struct Session {
+    url: String,
+    connection_id: String,
+    reconnection_token: Option<String>,
+}
+
+struct Task {
+    shared: Arc<Shared>,
+    options: ClientOptions,
+    credential: Credential,
+    connector: Connector,
+    on_event: EventHandler,
+    commands: mpsc::UnboundedReceiver<Command>,
+    operations: mpsc::Receiver<Operation>,
+    pending: Pending,
+    sequence: Sequence,
+    /// Groups joined through this client, rejoined after a reconnect.
+    groups: BTreeSet<String>,
+    session: Option<Session>,
+    /// A `Connected` event was raised for the current session.
+    announced: bool,
+    /// The reason of the service's last `system`/`disconnected` frame.
+    disconnect_message: Option<String>,
+    /// Frames to write at the end of the current step.
+    out: Vec<Utf8Bytes>,
+    /// Operations finished in the current step.
+    done: Vec<Done>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut next = Next::Idle;
+        loop {
+            next = match next {
+                Next::Idle => self.idle().await,
+                Next::Open { start, attempt } => self.open(start, attempt).await,
+                Next::Serve(ws) => self.serve(*ws).await,
+                Next::Recover {
+                    since,
+                    close_code,
+                    reason,
+                } => self.recover(since, close_code, reason).await,
+                Next::Lost {
+                    close_code,
+                    message,
+                } => self.lose_session(close_code, message),
+                Next::Exit => break,
+            };
+        }
+        self.pending.fail_all(Error::Stopped, &mut self.done);
+        self.finish_done();
+        self.shared.set_connection_id(None);
+        self.shared.set_state(ClientState::Stopped);
+        debug!("client dropped; connection task ends");
+    }
+
+    /// Stopped: operations are refused until `start`.
+    async fn idle(&mut self) -> Next {
+        self.shared.set_state(ClientState::Stopped);
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => return Next::Exit,
+                    Some(Command::Start(reply)) => return Next::Open { start: Some(reply), attempt: 0 },
+                    Some(Command::Stop(reply)) => {
+                        let _ = reply.send(());
+                    }
+                    Some(Command::CancelInvocation(_)) => {}
+                },
+                Some(op) = self.operations.recv() => reject(op, Error::IllegalState("the client is not started".into())),
+            }
+        }
+    }
+
+    /// Opens a new connection: credential, handshake, `connected` frame.
+    async fn open(
+        &mut self,
+        start: Option<oneshot::Sender<Result<(), Error>>>,
+        attempt: u32,
+    ) -> Next {
+        self.shared.set_state(ClientState::Connecting);
+        if attempt > 0 {
+            info!("reconnecting (attempt {attempt})");
+        }
+        let opening = tokio::time::timeout(
+            self.options.start_timeout,
+            open_connection(self.credential.clone(), self.connector.clone()),
+        );
+        let result = match self.offline(opening, false).await {
+            Ok(result) => result.unwrap_or_else(|_| Err(Error::Timeout)),
+            Err(next) => return next,
+        };
+        let (ws, session, user_id) = match result {
+            Ok(opened) => opened,
+            Err(error) => {
+                return match start {
+                    Some(reply) => {
+                        warn!("start failed: {error}");
+                        let _ = reply.send(Err(error));
+                        Next::Idle
+                    }
+                    None => self.after_failed_reconnect(attempt, error).await,
+                }
+            }
+        };
+        info!(
+            "connected: connection {} to {}",
+            session.connection_id,
+            redact_url(&session.url)
+        );
+        self.sequence.reset();
+        self.shared
+            .set_connection_id(Some(session.connection_id.clone()));
+        let connection_id = session.connection_id.clone();
+        self.session = Some(session);
+        self.disconnect_message = None;
+        if attempt > 0 && self.options.auto_rejoin_groups {
+            self.queue_rejoins();
+        }
+        self.announced = true;
+        self.shared.set_state(ClientState::Connected);
+        self.emit(Event::Connected {
+            connection_id,
+            user_id,
+        });
+        if let Some(reply) = start {
+            let _ = reply.send(Ok(()));
+        }
+        Next::Serve(Box::new(ws))
+    }
+
+    /// A reconnect attempt failed: wait per the reconnect policy, or give up.
+    async fn after_failed_reconnect(&mut self, attempt: u32, error: Error) -> Next {
+        self.shared.set_state(ClientState::Disconnected);
+        let Some(delay) = self.options.reconnect_retry.delay_before(attempt) else {
+            warn!("reconnect attempt {attempt} failed: {error}; giving up");
+            return self.stop(None);
+        };
+        warn!("reconnect attempt {attempt} failed: {error}; next attempt in {delay:?}");
+        match self
+            .offline(sleep_until(Instant::now() + delay), false)
+            .await
+        {
+            Ok(()) => Next::Open {
+                start: None,
+                attempt: attempt + 1,
+            },
+            Err(next) => next,
+        }
+    }
+
+    /// Connected: reads frames, writes operations, runs the timers.
+    async fn serve(&mut self, mut ws: Ws) -> Next {
+        self.shared.set_state(ClientState::Connected);
+        let reliable = self.options.protocol.is_reliable();
+        let far = far_future();
+        let mut now = Instant::now();
+        self.pending.take_unsent(now.into_std(), &mut self.out);
+        if let Err(e) = write_out(&mut ws, &mut self.out).await {
+            return self.dropped(None, format!("write failed: {e}"));
+        }
+        let ping_every = self.options.keep_alive_interval;
+        let silence_limit = self.options.keep_alive_timeout;
+        let ping = sleep_until(ping_every.map_or(far, |d| now + d));
+        let silence = sleep_until(silence_limit.map_or(far, |d| now + d));
+        let sequence_timer = sleep_until(far);
+        let op_timer = sleep_until(far);
+        tokio::pin!(ping, silence, sequence_timer, op_timer);
+        let mut last_received = now;
+        let mut sequence_armed = false;
+        let mut op_armed: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => {
+                        close(&mut ws, CloseCode::Away).await;
+                        return Next::Exit;
+                    }
+                    Some(Command::Start(reply)) => {
+                        let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
+                    }
+                    Some(Command::Stop(reply)) => {
+                        close(&mut ws, CloseCode::Normal).await;
+                        return self.stop(Some(reply));
+                    }
+                    Some(Command::CancelInvocation(id)) => {
+                        self.out.extend(self.pending.cancel_invoke(&id));
+                    }
+                },
+                message = ws.next() => {
+                    now = Instant::now();
+                    last_received = now;
+                    match message {
+                        Some(Ok(Message::Text(text))) => self.on_frame(Bytes::from(text), now),
+                        Some(Ok(Message::Binary(_))) => warn!("ignoring a binary frame: the JSON protocols use text frames"),
+                        Some(Ok(Message::Close(frame))) => {
+                            let (code, reason) = frame.map_or((None, String::new()), |f| (Some(u16::from(f.code)), f.reason.to_string()));
+                            return self.dropped(code, if reason.is_empty() { "closed by the service".into() } else { reason });
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return self.dropped(None, e.to_string()),
+                        None => return self.dropped(None, "the connection closed".into()),
+                    }
+                },
+                Some(op) = self.operations.recv() => {
+                    now = Instant::now();
+                    self.send_op(op, now);
+                    for _ in 1..BATCH {
+                        match self.operations.try_recv() {
+                            Ok(op) => self.send_op(op, now),
+                            Err(_) => break,
+                        }
+                    }
+                },
+                () = &mut ping, if ping_every.is_some() => {
+                    now = Instant::now();
+                    trace!("keep-alive ping");
+                    self.out.push(encode(&Upstream::Ping));
+                    ping.as_mut().reset(ping_every.map_or(far, |d| now + d));
+                },
+                () = &mut silence, if silence_limit.is_some() => {
+                    now = Instant::now();
+                    let limit = silence_limit.unwrap_or_default();
+                    if now >= last_received + limit {
+                        warn!("nothing received for {limit:?}: closing the connection to recover it");
+                        return self.dropped(None, format!("nothing received for {limit:?}"));
+                    }
+                    silence.as_mut().reset(last_received + limit);
+                },
+                () = &mut sequence_timer, if sequence_armed => {
+                    now = Instant::now();
+                    sequence_armed = false;
+                    if let Some(sequence_id) = self.sequence.take_ack() {
+                        self.out.push(encode(&Upstream::SequenceAck { sequence_id }));
+                    }
+                },
+                () = &mut op_timer, if op_armed.is_some() => {
+                    now = Instant::now();
+                    op_armed = None;
+                    self.pending.expire(now.into_std(), &mut self.out, &mut self.done);
+                },
+            }
+            self.finish_done();
+            if !self.out.is_empty() {
+                if let Err(e) = write_out(&mut ws, &mut self.out).await {
+                    return self.dropped(None, format!("write failed: {e}"));
+                }
+            }
+            if reliable && !sequence_armed && self.sequence.has_unacked() {
+                sequence_timer
+                    .as_mut()
+                    .reset(now + self.options.sequence_ack_interval);
+                sequence_armed = true;
+            }
+            if let Some(due) = self.pending.next_due().map(Instant::from_std) {
+                if op_armed.map_or(true, |armed| due < armed) {
+                    op_timer.as_mut().reset(due);
+                    op_armed = Some(due);
+                }
+            }
+        }
+    }
+
+    /// Recovering: reconnects to the same session every `recovery_attempt_delay` for
+    /// `recovery_window`. Operations queue meanwhile; no events are raised.
+    async fn recover(&mut self, since: Instant, close_code: Option<u16>, reason: String) -> Next {
+        self.shared.set_state(ClientState::Recovering);
+        let deadline = since + self.options.recovery_window;
+        let Some(session) = &self.session else {
+            return Next::Lost {
+                close_code,
+                message: Some(reason),
+            };
+        };
+        let connection_id = session.connection_id.clone();
+        let url = recovery_url(
+            &session.url,
+            &connection_id,
+            session.reconnection_token.as_deref().unwrap_or_default(),
+        );
+        info!("connection {connection_id} dropped ({reason}); recovering");
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let connector = self.connector.clone();
+            let target = url.clone();
+            let limit = (deadline - now).min(self.options.start_timeout);
+            let attempt_fut = async move { connector.connect(&target).await };
+            match self
+                .offline(tokio::time::timeout(limit, attempt_fut), true)
+                .await
+            {
+                Err(next) => return next,
+                Ok(Ok(Ok(ws))) => {
+                    info!("connection {connection_id} recovered (attempt {attempt})");
+                    return Next::Serve(Box::new(ws));
+                }
+                Ok(Ok(Err(e))) => {
+                    debug!("recovery attempt {attempt} of connection {connection_id} failed: {e}")
+                }
+                Ok(Err(_)) => {
+                    debug!("recovery attempt {attempt} of connection {connection_id} timed out")
+                }
+            }
+            let retry_at = Instant::now() + self.options.recovery_attempt_delay;
+            if retry_at >= deadline {
+                break;
+            }
+            if let Err(next) = self.offline(sleep_until(retry_at), true).await {
+                return next;
+            }
+        }
+        warn!(
+            "connection {connection_id} could not be recovered within {:?}",
+            self.options.recovery_window
+        );
+        Next::Lost {
+            close_code,
+            message: Some(reason),
+        }
+    }
+
+    /// The session is gone: report it, fail what was pending, then reconnect or stop.
+    fn lose_session(&mut self, close_code: Option<u16>, message: Option<String>) -> Next {
+        let connection_id = self.session.take().map(|s| s.connection_id);
+        let message = self.disconnect_message.take().or(message);
+        warn!(
+            "connection {} lost ({}close code {}): the session cannot be recovered",
+            connection_id.as_deref().unwrap_or("-"),
+            message
+                .as_deref()
+                .map(|m| format!("{m}; "))
+                .unwrap_or_default(),
+            close_code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
+        );
+        self.shared.set_connection_id(None);
+        self.sequence.reset();
+        self.pending.connection_dropped(false, &mut self.done);
+        self.finish_done();
+        if std::mem::take(&mut self.announced) {
+            self.emit(Event::Disconnected {
+                connection_id,
+                message,
+                close_code,
+            });
+        }
+        if self.options.auto_reconnect {
+            self.shared.set_state(ClientState::Disconnected);
+            Next::Open {
+                start: None,
+                attempt: 1,
+            }
+        } else {
+            self.stop(None)
+        }
+    }
+
+    /// Stops: fails pending operations, raises `Disconnected` (if connected) and
+    /// `Stopped`, then answers the `stop()` caller.
+    fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
+        self.pending.fail_all(Error::Stopped, &mut self.done);
+        self.finish_done();
+        let connection_id = self.session.take().map(|s| s.connection_id);
+        self.shared.set_connection_id(None);
+        self.shared.set_state(ClientState::Stopped);
+        self.sequence.reset();
+        self.groups.clear();
+        if std::mem::take(&mut self.announced) {
+            self.emit(Event::Disconnected {
+                connection_id,
+                message: Some("stopped by the client".into()),
+                close_code: Some(1000),
+            });
+        }
+        info!("stopped");
+        self.emit(Event::Stopped);
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+        Next::Idle
+    }
+
+    /// Classifies an ended socket: recover (reliable, not 1008) or lose the session.
+    fn dropped(&mut self, close_code: Option<u16>, reason: String) -> Next {
+        let recoverable = self.options.protocol.is_reliable()
+            && close_code != Some(POLICY_VIOLATION)
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.reconnection_token.is_some());
+        self.pending.connection_dropped(recoverable, &mut self.done);
+        self.finish_done();
+        if recoverable {
+            Next::Recover {
+                since: Instant::now(),
+                close_code,
+                reason,
+            }
+        } else {
+            Next::Lost {
+                close_code,
+                message: Some(reason),
+            }
+        }
+    }
+
+    /// Runs `fut` while not connected, answering commands meanwhile. Operations are
+    /// queued (`queue`, during a recovery) or refused. `Err` carries the phase to go
+    /// to when the client was stopped or dropped.
+    async fn offline<F: Future>(&mut self, fut: F, queue: bool) -> Result<F::Output, Next> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                output = &mut fut => return Ok(output),
+                command = self.commands.recv() => match command {
+                    None => return Err(Next::Exit),
+                    Some(Command::Stop(reply)) => return Err(self.stop(Some(reply))),
+                    Some(Command::Start(reply)) => {
+                        let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
+                    }
+                    Some(Command::CancelInvocation(id)) => {
+                        self.pending.cancel_invoke(&id);
+                    }
+                },
+                Some(op) = self.operations.recv() => {
+                    if queue {
+                        self.queue_op(op);
+                    } else {
+                        reject(op, Error::NotConnected);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes an operation on the live connection (the frame goes to `out`).
+    fn send_op(&mut self, op: Operation, now: Instant) {
+        match op.kind {
+            OpKind::FireAndForget => self.out.push(op.frame),
+            OpKind::Ack {
+                ack_id,
+                purpose,
+                reply,
+            } => {
+                if reply.is_closed() {
+                    return;
+                }
+                match self.pending.add_ack(
+                    ack_id,
+                    op.frame.clone(),
+                    purpose,
+                    Some(reply),
+                    Some(now.into_std()),
+                ) {
+                    Ok(()) => self.out.push(op.frame),
+                    Err(done) => done.reply(),
+                }
+            }
+            OpKind::Invoke {
+                invocation_id,
+                timeout,
+                reply,
+            } => {
+                if reply.is_closed() {
+                    return;
+                }
+                self.pending.add_invoke(
+                    invocation_id,
+                    op.frame.clone(),
+                    timeout,
+                    reply,
+                    Some(now.into_std()),
+                );
+                self.out.push(op.frame);
+            }
+        }
+    }
+
+    /// Keeps an operation until the connection is recovered.
+    fn queue_op(&mut self, op: Operation) {
+        match op.kind {
+            OpKind::FireAndForget => self.pending.add_unsent_frame(op.frame),
+            OpKind::Ack {
+                ack_id,
+                purpose,
+                reply,
+            } => {
+                if let Err(done) =
+                    self.pending
+                        .add_ack(ack_id, op.frame, purpose, Some(reply), None)
+                {
+                    done.reply();
+                }
+            }
+            OpKind::Invoke {
+                invocation_id,
+                timeout,
+                reply,
+            } => {
+                self.pending
+                    .add_invoke(invocation_id, op.frame, timeout, reply, None);
+            }
+        }
+    }
+
+    /// Queues a joinGroup for every group joined before the session was lost.
+    fn queue_rejoins(&mut self) {
+        for group in self.groups.clone() {
+            let ack_id = self.shared.next_ack_id();
+            let frame = encode(&Upstream::JoinGroup {
+                group: group.clone(),
+                ack_id: Some(ack_id),
+            });
+            debug!("rejoining group {group:?} (ackId {ack_id})");
+            if let Err(done) =
+                self.pending
+                    .add_ack(ack_id, frame, Purpose::Rejoin(group), None, None)
+            {
+                self.done.push(done);
+            }
+        }
+    }
+
+    /// Handles one frame from the service. Malformed and unknown frames are logged
+    /// and skipped, never fatal.
+    fn on_frame(&mut self, frame: Bytes, now: Instant) {
+        let downstream = match json::decode_downstream(&frame) {
+            Ok(downstream) => downstream,
+            Err(e) => {
+                warn!("skipping a malformed frame from the service: {e}");
+                return;
+            }
+        };
+        match downstream {
+            Downstream::Ack {
+                ack_id,
+                success,
+                error,
+            } => match self.pending.on_ack(ack_id, success, error, now.into_std()) {
+                Some(done) => self.done.push(done),
+                None => trace!("ack {ack_id} completes nothing (late, duplicate or retrying)"),
+            },
+            Downstream::GroupMessage {
+                group,
+                from_user_id,
+                data,
+                sequence_id,
+            } => {
+                if self.accept_sequence(sequence_id) {
+                    self.emit(Event::GroupMessage {
+                        group,
+                        from_user_id,
+                        data_type: data.data_type,
+                        data: data.bytes,
+                        sequence_id,
+                    });
+                }
+            }
+            Downstream::ServerMessage { data, sequence_id } => {
+                if self.accept_sequence(sequence_id) {
+                    self.emit(Event::ServerMessage {
+                        data_type: data.data_type,
+                        data: data.bytes,
+                        sequence_id,
+                    });
+                }
+            }
+            Downstream::InvokeResponse {
+                invocation_id,
+                success,
+                data,
+                error,
+            } => {
+                let result = if success {
+                    let data = data.unwrap_or(crate::protocol::Data {
+                        data_type: DataType::Text,
+                        bytes: Bytes::new(),
+                    });
+                    Ok(InvokeResult {
+                        data_type: data.data_type,
+                        data: data.bytes,
+                    })
+                } else {
+                    let error = error.unwrap_or_else(|| crate::protocol::ErrorDetail {
+                        name: "Unknown".into(),
+                        message: "the invocation failed".into(),
+                    });
+                    Err(Error::Invoke {
+                        invocation_id: invocation_id.clone(),
+                        name: error.name,
+                        message: error.message,
+                    })
+                };
+                if !self.pending.on_invoke_response(&invocation_id, result) {
+                    debug!("invoke response {invocation_id:?} matches no pending invocation");
+                }
+            }
+            Downstream::Connected {
+                connection_id,
+                reconnection_token,
+                ..
+            } => {
+                debug!("connected frame for connection {connection_id} on a live connection: new reconnection token");
+                if let (Some(session), Some(token)) = (self.session.as_mut(), reconnection_token) {
+                    session.reconnection_token = Some(token);
+                }
+            }
+            Downstream::Disconnected { message } => {
+                info!(
+                    "the service is closing the connection: {}",
+                    message.as_deref().unwrap_or("")
+                );
+                self.disconnect_message = message;
+            }
+            Downstream::Pong => trace!("pong"),
+            Downstream::Unknown { kind } => debug!("ignoring a frame of unknown type {kind:?}"),
+        }
+    }
+
+    /// Dedupes a data frame by sequence id (reliable protocols) and sends a
+    /// `sequenceAck` at once after a big jump. `false`: already delivered.
+    fn accept_sequence(&mut self, sequence_id: Option<u64>) -> bool {
+        let Some(id) = sequence_id.filter(|_| self.options.protocol.is_reliable()) else {
+            return true;
+        };
+        if !self.sequence.accept(id) {
+            trace!("dropping duplicate data frame {id}");
+            return false;
+        }
+        if self.sequence.ack_due_now(self.options.sequence_ack_jump) {
+            if let Some(sequence_id) = self.sequence.take_ack() {
+                self.out
+                    .push(encode(&Upstream::SequenceAck { sequence_id }));
+            }
+        }
+        true
+    }
+
+    /// Delivers finished operations: group bookkeeping, rejoin failures, replies.
+    fn finish_done(&mut self) {
+        for done in std::mem::take(&mut self.done) {
+            match (&done.purpose, &done.result) {
+                (Purpose::Join(group) | Purpose::Rejoin(group), Ok(_)) => {
+                    self.groups.insert(group.clone());
+                }
+                (Purpose::Leave(group), Ok(_)) => {
+                    self.groups.remove(group);
+                }
+                (Purpose::Rejoin(group), Err(error)) if *error != Error::Stopped => {
+                    warn!("rejoining group {group:?} failed: {error}");
+                    self.emit(Event::RejoinGroupFailed {
+                        group: group.clone(),
+                        error: error.clone(),
+                    });
+                }
+                _ => {}
+            }
+            done.reply();
+        }
+    }
+
+    /// Calls the event handler; a panicking handler is logged, never fatal.
+    fn emit(&self, event: Event) {
+        let handler = &self.on_event;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(event))).is_err() {
+            warn!("the event handler panicked; the event was dropped");
+        }
+    }
+}
+
+/// Gets a URL from the credential, connects, and waits for the `connected` frame.
+async fn open_connection(
+    credential: Credential,
+    connector: Connector,
+) -> Result<(Ws, Session, Option<String>), Error> {
+    let url = credential.client_url().await?;
+    debug!("connecting to {}", redact_url(&url));
+    let mut ws = connector.connect(&url).await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => match json::decode_downstream(&Bytes::from(text)) {
+                Ok(Downstream::Connected {
+                    connection_id,
+                    user_id,
+                    reconnection_token,
+                }) => {
+                    return Ok((
+                        ws,
+                        Session {
+                            url,
+                            connection_id,
+                            reconnection_token,
+                        },
+                        user_id,
+                    ));
+                }
+                Ok(other) => debug!("ignoring a frame before the connected frame: {other:?}"),
+                Err(e) => warn!("skipping a malformed frame from the service: {e}"),
+            },
+            Some(Ok(Message::Close(frame))) => {
+                let detail = frame.map_or_else(
+                    || "no close frame".to_owned(),
+                    |f| format!("{} {}", u16::from(f.code), f.reason),
+                );
+                return Err(Error::Connect(format!(
+                    "closed before the connected frame ({detail})"
+                )));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(Error::Connect(e.to_string())),
+            None => return Err(Error::Connect("closed before the connected frame".into())),
+        }
+    }
+}
+
+/// The URL of a recovery attempt: the lost connection's URL plus its id and token.
+fn recovery_url(url: &str, connection_id: &str, token: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!(
+        "{url}{separator}awps_connection_id={}&awps_reconnection_token={}",
+        percent_encode(connection_id),
+        percent_encode(token)
+    )
+}
+
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn encode(frame: &Upstream) -> Utf8Bytes {
+    json::encode_upstream(frame).into()
+}
+
+/// Refuses an operation that cannot be sent.
+fn reject(op: Operation, error: Error) {
+    match op.kind {
+        OpKind::FireAndForget => debug!("dropping a fire-and-forget frame: {error}"),
+        OpKind::Ack { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        OpKind::Invoke { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+    }
+}
+
+/// Writes every frame of `out`, then flushes once.
+async fn write_out(
+    ws: &mut Ws,
+    out: &mut Vec<Utf8Bytes>,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    for frame in out.drain(..) {
+        ws.feed(Message::Text(frame)).await?;
+    }
+    ws.flush().await
+}
+
+/// Sends a close frame, waiting at most `CLOSE_TIMEOUT`.
+async fn close(ws: &mut Ws, code: CloseCode) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(""),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
+}
+
+/// A deadline that never comes (timers that are off).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_url_appends_encoded_session() {
+        assert_eq!(
+            recovery_url("ws://h/client/hubs/x?access_token=t", "c 1", "a+b/c="),
+            "ws://h/client/hubs/x?access_token=t&awps_connection_id=c%201&awps_reconnection_token=a%2Bb%2Fc%3D"
+        );
+        assert_eq!(
+            recovery_url("ws://h/x", "c", "t"),
+            "ws://h/x?awps_connection_id=c&awps_reconnection_token=t"
+        );
+    }
+}

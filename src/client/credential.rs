@@ -1,0 +1,102 @@
+//! Where the client URL comes from: a fixed string or a provider called before every
+//! new connection (never for a recovery, which reuses the URL of the lost connection).
+
+use super::Error;
+use futures_util::future::BoxFuture;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+/// A function returning a fresh client access URL (with its `access_token`).
+pub type UrlProvider = Arc<dyn Fn() -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
+
+/// The client access URL, fixed or provided anew for every new connection.
+#[derive(Clone)]
+pub enum Credential {
+    /// A fixed `wss://…/client/hubs/{hub}?access_token=…` URL.
+    Url(String),
+    /// Called before every NEW connection (not for a recovery). May be slow.
+    Provider(UrlProvider),
+}
+
+impl Credential {
+    /// A credential from an async function (e.g. one asking your server for a token).
+    pub fn provider<F, Fut>(f: F) -> Credential
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        Credential::Provider(Arc::new(move || Box::pin(f())))
+    }
+
+    /// Fetches the URL for a new connection and checks it.
+    pub(crate) async fn client_url(&self) -> Result<String, Error> {
+        let url = match self {
+            Credential::Url(url) => url.clone(),
+            Credential::Provider(provider) => provider().await.map_err(Error::Credential)?,
+        };
+        normalize_url(&url).map_err(|e| match self {
+            Credential::Url(_) => Error::InvalidArgument(e),
+            Credential::Provider(_) => Error::Credential(e),
+        })
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Url(url) => f
+                .debug_tuple("Url")
+                .field(&crate::transport::redact_url(url))
+                .finish(),
+            Credential::Provider(_) => f.write_str("Provider(..)"),
+        }
+    }
+}
+
+/// Accepts `ws://`, `wss://` and their `http://`/`https://` spellings (turned into the
+/// WebSocket schemes); anything else is an error that never repeats the URL (it may
+/// hold a token).
+pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("the client URL has no scheme (expected ws:// or wss://)")?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        _ => return Err("the client URL scheme must be ws, wss, http or https".into()),
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    if host.is_empty() {
+        return Err("the client URL has no host".into());
+    }
+    Ok(format!("{scheme}://{rest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_are_normalized() {
+        assert_eq!(
+            normalize_url("https://h/client/hubs/x?access_token=t").unwrap(),
+            "wss://h/client/hubs/x?access_token=t"
+        );
+        assert_eq!(normalize_url("http://h:8080/a").unwrap(), "ws://h:8080/a");
+        assert_eq!(normalize_url("wss://h").unwrap(), "wss://h");
+        assert!(normalize_url("ftp://h").is_err());
+        assert!(normalize_url("no scheme").is_err());
+        assert!(normalize_url("ws://?access_token=secret")
+            .unwrap_err()
+            .find("secret")
+            .is_none());
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let c = Credential::Url("wss://h/client/hubs/x?access_token=secret".into());
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,522 @@
+//! The async client: a cheap handle (`Client`) over one connection task per client.
+//!
+//! Every method encodes its frame on the caller's thread and hands it to the client's
+//! connection task (see `connection.rs`), which owns the socket and the state machine.
+//! Replies come back over a oneshot channel, so the methods work from any executor.
+
+mod connection;
+mod credential;
+mod options;
+mod pending;
+mod sequence;
+
+pub use credential::{Credential, UrlProvider};
+pub use options::{ClientOptions, RetryMode, RetryOptions};
+
+use crate::protocol::{json, Data, DataType, Upstream};
+use bytes::Bytes;
+use connection::{Command, Shared};
+use pending::{OpKind, Operation, Purpose};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The connection state of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientState {
+    /// Not started, stopped, or given up reconnecting.
+    Stopped,
+    /// Opening a new connection (`start` or an automatic reconnect).
+    Connecting,
+    /// Connected; operations are sent at once.
+    Connected,
+    /// The socket dropped and the same session is being recovered; operations queue.
+    Recovering,
+    /// The session was lost; waiting before the next reconnect attempt.
+    Disconnected,
+}
+
+/// What happened on the connection, delivered in order to the [`EventHandler`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A new connection is ready (not raised again after a recovery).
+    Connected {
+        /// The service's id of this connection.
+        connection_id: String,
+        /// The user id of the token, if any.
+        user_id: Option<String>,
+    },
+    /// The session was lost (or stopped); an automatic reconnect may follow.
+    Disconnected {
+        /// The id of the connection that was lost.
+        connection_id: Option<String>,
+        /// The service's reason (`system`/`disconnected` frame) or the close reason.
+        message: Option<String>,
+        /// The WebSocket close code, when a close frame arrived.
+        close_code: Option<u16>,
+    },
+    /// The client stopped: by `stop`, or after giving up reconnecting.
+    Stopped,
+    /// A message from the server side.
+    ServerMessage {
+        /// How to read `data`.
+        data_type: DataType,
+        /// The payload (see [`Data`]).
+        data: Bytes,
+        /// The sequence id on reliable protocols.
+        sequence_id: Option<u64>,
+    },
+    /// A message published to a joined group.
+    GroupMessage {
+        /// The group.
+        group: String,
+        /// The publisher's user id, if any.
+        from_user_id: Option<String>,
+        /// How to read `data`.
+        data_type: DataType,
+        /// The payload (see [`Data`]).
+        data: Bytes,
+        /// The sequence id on reliable protocols.
+        sequence_id: Option<u64>,
+    },
+    /// Rejoining a group after a reconnect failed.
+    RejoinGroupFailed {
+        /// The group that could not be rejoined.
+        group: String,
+        /// Why.
+        error: Error,
+    },
+}
+
+/// Called from the connection task for every event, in order. Must not block
+/// (the FFI enqueues to its dispatcher; Rust users may use [`Client::with_channel`]).
+pub type EventHandler = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// The outcome of an operation that was acked (or sent fire-and-forget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckResult {
+    /// The ackId used; `None` for fire-and-forget.
+    pub ack_id: Option<u64>,
+    /// The service had already processed this ackId (a retry or a resend after a
+    /// recovery): the operation took effect once.
+    pub is_duplicated: bool,
+}
+
+/// The reply of an `invoke_event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvokeResult {
+    /// How to read `data`.
+    pub data_type: DataType,
+    /// The payload (see [`Data`]).
+    pub data: Bytes,
+}
+
+/// Options of [`Client::send_to_group`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendToGroupOptions {
+    /// Do not deliver the message back to this connection.
+    pub no_echo: bool,
+    /// Send without an ackId and return once queued.
+    pub fire_and_forget: bool,
+    /// Use this ackId instead of the next one (must be unique among pending operations).
+    pub ack_id: Option<u64>,
+}
+
+/// Options of [`Client::send_event`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendEventOptions {
+    /// Send without an ackId and return once queued.
+    pub fire_and_forget: bool,
+    /// Use this ackId instead of the next one (must be unique among pending operations).
+    pub ack_id: Option<u64>,
+}
+
+/// Options of [`Client::invoke_event`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InvokeOptions {
+    /// How long to wait for the reply; `None` uses the client's `ack_timeout`.
+    pub timeout: Option<Duration>,
+}
+
+/// Every failure the client reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A bad argument (empty group, invalid JSON payload, bad URL, ...).
+    InvalidArgument(String),
+    /// The call does not fit the client's state (not started, already started).
+    IllegalState(String),
+    /// There is no connection to send on (or it was lost before the ack).
+    NotConnected,
+    /// No ack or reply arrived in time.
+    Timeout,
+    /// The operation was cancelled.
+    Cancelled,
+    /// The client was stopped (or dropped) before the operation completed.
+    Stopped,
+    /// The service refused the operation (`success:false` in the ack).
+    Ack {
+        /// The ackId of the refused operation.
+        ack_id: u64,
+        /// The service's error name, e.g. `Forbidden`.
+        name: String,
+        /// The service's detail.
+        message: String,
+    },
+    /// The invocation failed (`success:false` in the invoke response).
+    Invoke {
+        /// The invocation id.
+        invocation_id: String,
+        /// The service's error name.
+        name: String,
+        /// The service's detail.
+        message: String,
+    },
+    /// The connection could not be opened (transport, handshake, HTTP 401, ...).
+    Connect(String),
+    /// The credential provider failed.
+    Credential(String),
+    /// TLS setup or certificate verification failed.
+    Tls(String),
+    /// The service broke the protocol.
+    Protocol(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
+            Error::IllegalState(m) => write!(f, "illegal state: {m}"),
+            Error::NotConnected => f.write_str("not connected"),
+            Error::Timeout => f.write_str("timed out"),
+            Error::Cancelled => f.write_str("cancelled"),
+            Error::Stopped => f.write_str("client stopped"),
+            Error::Ack {
+                ack_id,
+                name,
+                message,
+            } => write!(f, "operation {ack_id} failed: {name}: {message}"),
+            Error::Invoke {
+                invocation_id,
+                name,
+                message,
+            } => {
+                write!(f, "invocation {invocation_id} failed: {name}: {message}")
+            }
+            Error::Connect(m) => write!(f, "connect failed: {m}"),
+            Error::Credential(m) => write!(f, "credential failed: {m}"),
+            Error::Tls(m) => write!(f, "TLS failed: {m}"),
+            Error::Protocol(m) => write!(f, "protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// A Web PubSub client. Cheap to clone (an `Arc` inside); `Send + Sync`. Dropping the
+/// last clone stops its connection task (no events are raised after that).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    operations: mpsc::Sender<Operation>,
+    ack_timeout: Duration,
+    next_invocation_id: AtomicU64,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("state", &self.state())
+            .field("connection_id", &self.connection_id())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Creates a stopped client; events go to `on_event`. Fails on invalid options or
+    /// a fixed URL that is not a ws/wss (or http/https) URL.
+    pub fn new(
+        credential: Credential,
+        options: ClientOptions,
+        on_event: EventHandler,
+    ) -> Result<Client, Error> {
+        options.validate().map_err(Error::InvalidArgument)?;
+        if let Credential::Url(url) = &credential {
+            credential::normalize_url(url).map_err(Error::InvalidArgument)?;
+        }
+        let ack_timeout = options.ack_timeout;
+        let runtime = crate::runtime::try_handle().map_err(Error::IllegalState)?;
+        let (shared, commands, operations) =
+            connection::spawn(&runtime, credential, options, on_event);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                shared,
+                commands,
+                operations,
+                ack_timeout,
+                next_invocation_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Like [`Client::new`], with the events delivered to an unbounded channel.
+    pub fn with_channel(
+        credential: Credential,
+        options: ClientOptions,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<Event>), Error> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = Client::new(
+            credential,
+            options,
+            Arc::new(move |event| {
+                let _ = tx.send(event);
+            }),
+        )?;
+        Ok((client, rx))
+    }
+
+    /// Opens the connection: gets the URL, connects and waits for the service's
+    /// `connected` frame (bounded by `start_timeout`). One attempt; later losses are
+    /// handled by recovery and auto-reconnect.
+    pub async fn start(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Start(tx))?;
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    /// Closes the connection and stops reconnecting. Pending operations fail with
+    /// `Error::Stopped`. Returns once stopped (after the `Stopped` event).
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.command(Command::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> ClientState {
+        self.inner.shared.state()
+    }
+
+    /// The current connection id, when connected or recovering.
+    pub fn connection_id(&self) -> Option<String> {
+        self.inner.shared.connection_id()
+    }
+
+    /// Joins a group; the group is rejoined after a reconnect (auto-rejoin).
+    pub async fn join_group(&self, group: &str) -> Result<AckResult, Error> {
+        check_name("group", group)?;
+        let ack_id = self.next_ack_id();
+        let frame = Upstream::JoinGroup {
+            group: group.to_owned(),
+            ack_id: Some(ack_id),
+        };
+        self.acked(frame, ack_id, Purpose::Join(group.to_owned()))
+            .await
+    }
+
+    /// Leaves a group.
+    pub async fn leave_group(&self, group: &str) -> Result<AckResult, Error> {
+        check_name("group", group)?;
+        let ack_id = self.next_ack_id();
+        let frame = Upstream::LeaveGroup {
+            group: group.to_owned(),
+            ack_id: Some(ack_id),
+        };
+        self.acked(frame, ack_id, Purpose::Leave(group.to_owned()))
+            .await
+    }
+
+    /// Publishes to a group. Waits for the ack unless `fire_and_forget`.
+    pub async fn send_to_group(
+        &self,
+        group: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: SendToGroupOptions,
+    ) -> Result<AckResult, Error> {
+        check_name("group", group)?;
+        let data = check_data(data_type, data)?;
+        let ack_id =
+            (!opts.fire_and_forget).then(|| opts.ack_id.unwrap_or_else(|| self.next_ack_id()));
+        let frame = Upstream::SendToGroup {
+            group: group.to_owned(),
+            ack_id,
+            no_echo: opts.no_echo,
+            data,
+        };
+        match ack_id {
+            Some(ack_id) => self.acked(frame, ack_id, Purpose::Send).await,
+            None => self.fire_and_forget(frame).await,
+        }
+    }
+
+    /// Sends a user event to the upstream server. Waits for the ack unless
+    /// `fire_and_forget`.
+    pub async fn send_event(
+        &self,
+        event: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: SendEventOptions,
+    ) -> Result<AckResult, Error> {
+        check_name("event", event)?;
+        let data = check_data(data_type, data)?;
+        let ack_id =
+            (!opts.fire_and_forget).then(|| opts.ack_id.unwrap_or_else(|| self.next_ack_id()));
+        let frame = Upstream::Event {
+            event: event.to_owned(),
+            ack_id,
+            data,
+        };
+        match ack_id {
+            Some(ack_id) => self.acked(frame, ack_id, Purpose::Send).await,
+            None => self.fire_and_forget(frame).await,
+        }
+    }
+
+    /// Sends an event whose reply comes from the upstream server. Dropping the future
+    /// before it resolves sends `cancelInvocation`; so does a timeout.
+    pub async fn invoke_event(
+        &self,
+        event: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: InvokeOptions,
+    ) -> Result<InvokeResult, Error> {
+        check_name("event", event)?;
+        let data = check_data(data_type, data)?;
+        let timeout = opts.timeout.unwrap_or(self.inner.ack_timeout);
+        if timeout.is_zero() {
+            return Err(Error::InvalidArgument(
+                "invoke timeout must be greater than zero".into(),
+            ));
+        }
+        self.check_usable()?;
+        let invocation_id = self
+            .inner
+            .next_invocation_id
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
+        let frame = json::encode_upstream(&Upstream::Invoke {
+            invocation_id: invocation_id.clone(),
+            event: event.to_owned(),
+            data,
+        });
+        let (tx, rx) = oneshot::channel();
+        let mut guard = CancelOnDrop {
+            commands: &self.inner.commands,
+            invocation_id: Some(invocation_id.clone()),
+        };
+        self.operation(Operation {
+            frame: frame.into(),
+            kind: OpKind::Invoke {
+                invocation_id,
+                timeout,
+                reply: tx,
+            },
+        })
+        .await?;
+        let result = rx.await.unwrap_or(Err(Error::Stopped));
+        guard.invocation_id = None;
+        result
+    }
+
+    fn next_ack_id(&self) -> u64 {
+        self.inner.shared.next_ack_id()
+    }
+
+    fn command(&self, command: Command) -> Result<(), Error> {
+        self.inner
+            .commands
+            .send(command)
+            .map_err(|_| Error::Stopped)
+    }
+
+    async fn operation(&self, op: Operation) -> Result<(), Error> {
+        self.inner
+            .operations
+            .send(op)
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Operations need a started client: connected, or recovering (they then queue).
+    fn check_usable(&self) -> Result<(), Error> {
+        match self.state() {
+            ClientState::Connected | ClientState::Recovering => Ok(()),
+            ClientState::Stopped => Err(Error::IllegalState("the client is not started".into())),
+            ClientState::Connecting | ClientState::Disconnected => Err(Error::NotConnected),
+        }
+    }
+
+    async fn acked(
+        &self,
+        frame: Upstream,
+        ack_id: u64,
+        purpose: Purpose,
+    ) -> Result<AckResult, Error> {
+        self.check_usable()?;
+        let (tx, rx) = oneshot::channel();
+        let frame = json::encode_upstream(&frame).into();
+        self.operation(Operation {
+            frame,
+            kind: OpKind::Ack {
+                ack_id,
+                purpose,
+                reply: tx,
+            },
+        })
+        .await?;
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    async fn fire_and_forget(&self, frame: Upstream) -> Result<AckResult, Error> {
+        self.check_usable()?;
+        let frame = json::encode_upstream(&frame).into();
+        self.operation(Operation {
+            frame,
+            kind: OpKind::FireAndForget,
+        })
+        .await?;
+        Ok(AckResult {
+            ack_id: None,
+            is_duplicated: false,
+        })
+    }
+}
+
+/// Sends `cancelInvocation` when an `invoke_event` future is dropped unfinished.
+struct CancelOnDrop<'a> {
+    commands: &'a mpsc::UnboundedSender<Command>,
+    invocation_id: Option<String>,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.invocation_id.take() {
+            let _ = self.commands.send(Command::CancelInvocation(id));
+        }
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} name must not be empty"
+        )));
+    }
+    Ok(())
+}
+
+fn check_data(data_type: DataType, bytes: Bytes) -> Result<Data, Error> {
+    let data = Data { data_type, bytes };
+    json::validate_payload(&data).map_err(|e| Error::InvalidArgument(e.0))?;
+    Ok(data)
+}

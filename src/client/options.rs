@@ -1,0 +1,215 @@
+//! Client options, their defaults (those of the official clients) and retry policies.
+
+use crate::protocol::Protocol;
+use std::time::Duration;
+
+/// How the delay between attempts grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryMode {
+    /// Every attempt waits `delay`.
+    #[default]
+    Fixed,
+    /// Attempt n waits `delay * 2^(n-1)`, capped at `max_delay`.
+    Exponential,
+}
+
+/// A retry policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryOptions {
+    /// Retries after the first attempt; `None` retries forever.
+    pub max_retries: Option<u32>,
+    /// Base delay between attempts.
+    pub delay: Duration,
+    /// Upper bound of the delay in exponential mode.
+    pub max_delay: Duration,
+    /// Fixed or exponential delays.
+    pub mode: RetryMode,
+}
+
+impl RetryOptions {
+    /// The message retry default: 3 retries, 1 s apart.
+    pub fn message_default() -> RetryOptions {
+        RetryOptions {
+            max_retries: Some(3),
+            delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            mode: RetryMode::Fixed,
+        }
+    }
+
+    /// The reconnect default: unbounded retries, 1 s apart.
+    pub fn reconnect_default() -> RetryOptions {
+        RetryOptions {
+            max_retries: None,
+            ..RetryOptions::message_default()
+        }
+    }
+
+    /// The delay before retry number `retry` (1-based), or `None` when retries are
+    /// exhausted.
+    pub fn delay_before(&self, retry: u32) -> Option<Duration> {
+        if retry == 0 || self.max_retries.is_some_and(|max| retry > max) {
+            return None;
+        }
+        Some(match self.mode {
+            RetryMode::Fixed => self.delay,
+            RetryMode::Exponential => {
+                let factor = 1u32.checked_shl(retry - 1).unwrap_or(u32::MAX);
+                self.delay.saturating_mul(factor).min(self.max_delay)
+            }
+        })
+    }
+}
+
+/// Everything configurable about a client. `Default` gives the official clients'
+/// defaults; every timer can be shortened (tests run in seconds).
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The subprotocol; `JsonReliable` by default.
+    pub protocol: Protocol,
+    /// Open a new connection after the session is lost (default true).
+    pub auto_reconnect: bool,
+    /// Rejoin the groups joined through this client after a new connection (default true).
+    pub auto_rejoin_groups: bool,
+    /// Retries of an acked operation that timed out or hit `InternalServerError`;
+    /// a retry keeps its ackId. Default: 3 retries, 1 s apart.
+    pub message_retry: RetryOptions,
+    /// Retries of a new connection after the session was lost. Default: unbounded, 1 s.
+    pub reconnect_retry: RetryOptions,
+    /// Send a `ping` this often; `None` disables (default 20 s).
+    pub keep_alive_interval: Option<Duration>,
+    /// Close and recover a connection that received nothing for this long; `None`
+    /// disables (default 120 s).
+    pub keep_alive_timeout: Option<Duration>,
+    /// How long an acked operation waits for its ack before `Error::Timeout` (or a
+    /// retry) (default 30 s). Also the default invoke timeout.
+    pub ack_timeout: Duration,
+    /// How long `start` waits for the credential, the handshake and the `connected`
+    /// frame (default 30 s).
+    pub start_timeout: Duration,
+    /// How long a dropped reliable connection keeps trying to recover (default 30 s).
+    pub recovery_window: Duration,
+    /// Delay between recovery attempts (default 1 s).
+    pub recovery_attempt_delay: Duration,
+    /// How often a changed `sequenceAck` is sent (default 1 s).
+    pub sequence_ack_interval: Duration,
+    /// A `sequenceAck` is sent at once when the sequence id moved by more than this
+    /// since the last one (default 300).
+    pub sequence_ack_jump: u64,
+    /// Extra trusted root certificates (PEM) for `wss://`, besides the platform roots.
+    pub extra_ca_pem: Vec<Vec<u8>>,
+    /// Largest incoming WebSocket message accepted (default 16 MiB).
+    pub max_message_size: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            protocol: Protocol::JsonReliable,
+            auto_reconnect: true,
+            auto_rejoin_groups: true,
+            message_retry: RetryOptions::message_default(),
+            reconnect_retry: RetryOptions::reconnect_default(),
+            keep_alive_interval: Some(Duration::from_secs(20)),
+            keep_alive_timeout: Some(Duration::from_secs(120)),
+            ack_timeout: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(30),
+            recovery_window: Duration::from_secs(30),
+            recovery_attempt_delay: Duration::from_secs(1),
+            sequence_ack_interval: Duration::from_secs(1),
+            sequence_ack_jump: 300,
+            extra_ca_pem: Vec::new(),
+            max_message_size: 16 << 20,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Rejects option values that cannot work (zero timers, empty delays).
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("ack_timeout", self.ack_timeout),
+            ("start_timeout", self.start_timeout),
+            ("recovery_attempt_delay", self.recovery_attempt_delay),
+            ("sequence_ack_interval", self.sequence_ack_interval),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(format!("{name} must be greater than zero"));
+            }
+        }
+        for (name, value) in [
+            ("keep_alive_interval", self.keep_alive_interval),
+            ("keep_alive_timeout", self.keep_alive_timeout),
+        ] {
+            if value.is_some_and(|v| v.is_zero()) {
+                return Err(format!(
+                    "{name} must be None (disabled) or greater than zero"
+                ));
+            }
+        }
+        crate::transport::check_extra_ca(&self.extra_ca_pem)?;
+        if self.max_message_size < 1024 {
+            return Err("max_message_size must be at least 1024 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_official_clients() {
+        let o = ClientOptions::default();
+        assert_eq!(o.protocol, Protocol::JsonReliable);
+        assert!(o.auto_reconnect && o.auto_rejoin_groups);
+        assert_eq!(o.message_retry.max_retries, Some(3));
+        assert_eq!(o.message_retry.delay, Duration::from_secs(1));
+        assert_eq!(o.message_retry.max_delay, Duration::from_secs(30));
+        assert_eq!(o.message_retry.mode, RetryMode::Fixed);
+        assert_eq!(o.reconnect_retry.max_retries, None);
+        assert_eq!(o.keep_alive_interval, Some(Duration::from_secs(20)));
+        assert_eq!(o.keep_alive_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(o.ack_timeout, Duration::from_secs(30));
+        assert_eq!(o.recovery_window, Duration::from_secs(30));
+        assert_eq!(o.recovery_attempt_delay, Duration::from_secs(1));
+        assert_eq!(o.sequence_ack_interval, Duration::from_secs(1));
+        assert_eq!(o.sequence_ack_jump, 300);
+        assert!(o.validate().is_ok());
+    }
+
+    #[test]
+    fn fixed_and_exponential_delays() {
+        let fixed = RetryOptions::message_default();
+        assert_eq!(fixed.delay_before(0), None);
+        assert_eq!(fixed.delay_before(1), Some(Duration::from_secs(1)));
+        assert_eq!(fixed.delay_before(3), Some(Duration::from_secs(1)));
+        assert_eq!(fixed.delay_before(4), None);
+        let exp = RetryOptions {
+            mode: RetryMode::Exponential,
+            max_retries: None,
+            ..fixed
+        };
+        assert_eq!(exp.delay_before(1), Some(Duration::from_secs(1)));
+        assert_eq!(exp.delay_before(2), Some(Duration::from_secs(2)));
+        assert_eq!(exp.delay_before(5), Some(Duration::from_secs(16)));
+        assert_eq!(exp.delay_before(6), Some(Duration::from_secs(30)));
+        assert_eq!(exp.delay_before(100), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn zero_timers_are_rejected() {
+        let o = ClientOptions {
+            ack_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert!(o.validate().unwrap_err().contains("ack_timeout"));
+        let o = ClientOptions {
+            keep_alive_interval: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        assert!(o.validate().is_err());
+    }
+}

@@ -1,0 +1,638 @@
+//! Operations awaiting an ack or an invoke response, with their deadlines.
+//!
+//! Pure bookkeeping (no I/O): the connection task tells it what was sent and what
+//! arrived, and it says what to resend and what finished. An acked operation keeps
+//! its encoded frame, so a retry or a resend after a recovery reuses the same ackId
+//! and the service's `Duplicate` answer makes it safe.
+
+use super::options::RetryOptions;
+use super::{AckResult, Error, InvokeResult};
+use crate::protocol::{json, ErrorDetail, Upstream};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Where the outcome of an acked operation goes.
+pub(crate) type AckReply = oneshot::Sender<Result<AckResult, Error>>;
+/// Where the outcome of an invocation goes.
+pub(crate) type InvokeReply = oneshot::Sender<Result<InvokeResult, Error>>;
+
+/// An encoded frame on its way to the connection task.
+pub(crate) struct Operation {
+    /// The frame, ready to write.
+    pub(crate) frame: Utf8Bytes,
+    /// What to wait for.
+    pub(crate) kind: OpKind,
+}
+
+/// What an [`Operation`] waits for.
+pub(crate) enum OpKind {
+    /// Nothing: written and forgotten.
+    FireAndForget,
+    /// An ack with this id.
+    Ack {
+        ack_id: u64,
+        purpose: Purpose,
+        reply: AckReply,
+    },
+    /// An `invokeResponse` with this id, for at most `timeout`.
+    Invoke {
+        invocation_id: String,
+        timeout: Duration,
+        reply: InvokeReply,
+    },
+}
+
+/// Why an acked operation was sent; the connection task tracks joined groups with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A message (sendToGroup or event).
+    Send,
+    /// A user's joinGroup.
+    Join(String),
+    /// A user's leaveGroup.
+    Leave(String),
+    /// The automatic rejoin of a group after a reconnect (no caller waits).
+    Rejoin(String),
+}
+
+/// A finished acked operation.
+pub(crate) struct Done {
+    pub(crate) purpose: Purpose,
+    pub(crate) reply: Option<AckReply>,
+    pub(crate) result: Result<AckResult, Error>,
+}
+
+impl Done {
+    /// Hands the result to the caller, if one still waits.
+    pub(crate) fn reply(self) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(self.result);
+        }
+    }
+}
+
+enum Phase {
+    /// Not written on the current connection (queued during a recovery).
+    Unsent,
+    /// Written; waiting for the ack until `due`.
+    AwaitingAck,
+    /// Failed retriably; resent at `due`.
+    RetryWait,
+}
+
+struct AckOp {
+    frame: Utf8Bytes,
+    purpose: Purpose,
+    reply: Option<AckReply>,
+    retries: u32,
+    phase: Phase,
+    due: Option<Instant>,
+}
+
+impl AckOp {
+    /// Whether anyone still cares about the outcome.
+    fn wanted(&self) -> bool {
+        self.reply
+            .as_ref()
+            .map_or(matches!(self.purpose, Purpose::Rejoin(_)), |r| {
+                !r.is_closed()
+            })
+    }
+}
+
+struct InvokeOp {
+    frame: Utf8Bytes,
+    reply: InvokeReply,
+    timeout: Duration,
+    due: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Ack(u64),
+    Invoke(String),
+}
+
+/// Something to write once the connection is (again) usable, in order.
+enum Unsent {
+    Op(Key),
+    Frame(Utf8Bytes),
+}
+
+/// All operations in flight on one client.
+///
+/// Each operation carries its own deadline; instead of one timer entry per operation
+/// (which would pile up for every acked message at high rates), one timer points at
+/// the earliest deadline and `expire` sweeps the (small) set of pending operations.
+pub(crate) struct Pending {
+    acks: HashMap<u64, AckOp>,
+    invokes: HashMap<String, InvokeOp>,
+    /// No deadline is earlier than this (it may be earlier than every real one).
+    earliest: Option<Instant>,
+    unsent: Vec<Unsent>,
+    ack_timeout: Duration,
+    retry: RetryOptions,
+}
+
+impl Pending {
+    pub(crate) fn new(ack_timeout: Duration, retry: RetryOptions) -> Pending {
+        Pending {
+            acks: HashMap::new(),
+            invokes: HashMap::new(),
+            earliest: None,
+            unsent: Vec::new(),
+            ack_timeout,
+            retry,
+        }
+    }
+
+    /// Registers an acked operation, written now (`sent_at`) or queued (`None`).
+    /// An ackId already pending is refused.
+    pub(crate) fn add_ack(
+        &mut self,
+        ack_id: u64,
+        frame: Utf8Bytes,
+        purpose: Purpose,
+        reply: Option<AckReply>,
+        sent_at: Option<Instant>,
+    ) -> Result<(), Done> {
+        if self.acks.contains_key(&ack_id) {
+            let error = Error::InvalidArgument(format!(
+                "ackId {ack_id} is already in use by a pending operation"
+            ));
+            return Err(Done {
+                purpose,
+                reply,
+                result: Err(error),
+            });
+        }
+        let mut op = AckOp {
+            frame,
+            purpose,
+            reply,
+            retries: 0,
+            phase: Phase::Unsent,
+            due: None,
+        };
+        match sent_at {
+            Some(now) => {
+                op.phase = Phase::AwaitingAck;
+                op.due = Some(self.arm(now + self.ack_timeout));
+            }
+            None => self.unsent.push(Unsent::Op(Key::Ack(ack_id))),
+        }
+        self.acks.insert(ack_id, op);
+        Ok(())
+    }
+
+    /// Registers an invocation, written now (`sent_at`) or queued (`None`).
+    pub(crate) fn add_invoke(
+        &mut self,
+        invocation_id: String,
+        frame: Utf8Bytes,
+        timeout: Duration,
+        reply: InvokeReply,
+        sent_at: Option<Instant>,
+    ) {
+        if self.invokes.contains_key(&invocation_id) {
+            let _ = reply.send(Err(Error::InvalidArgument(format!(
+                "invocation {invocation_id} is already pending"
+            ))));
+            return;
+        }
+        let due = match sent_at {
+            Some(now) => Some(self.arm(now + timeout)),
+            None => {
+                self.unsent
+                    .push(Unsent::Op(Key::Invoke(invocation_id.clone())));
+                None
+            }
+        };
+        self.invokes.insert(
+            invocation_id,
+            InvokeOp {
+                frame,
+                reply,
+                timeout,
+                due,
+            },
+        );
+    }
+
+    /// Queues a fire-and-forget frame until the connection is usable again.
+    pub(crate) fn add_unsent_frame(&mut self, frame: Utf8Bytes) {
+        self.unsent.push(Unsent::Frame(frame));
+    }
+
+    /// The ack of `ack_id` arrived. `Duplicate` counts as success; a retriable failure
+    /// (`InternalServerError`) schedules a resend with the same ackId while the retry
+    /// policy allows. Returns the finished operation, if this finished one.
+    pub(crate) fn on_ack(
+        &mut self,
+        ack_id: u64,
+        success: bool,
+        error: Option<ErrorDetail>,
+        now: Instant,
+    ) -> Option<Done> {
+        let op = self.acks.get_mut(&ack_id)?;
+        let result = match error {
+            _ if success => Ok(AckResult {
+                ack_id: Some(ack_id),
+                is_duplicated: false,
+            }),
+            Some(e) if e.name == "Duplicate" => Ok(AckResult {
+                ack_id: Some(ack_id),
+                is_duplicated: true,
+            }),
+            Some(e) => {
+                if e.name == "InternalServerError" && op.wanted() {
+                    if let Some(delay) = self.retry.delay_before(op.retries + 1) {
+                        op.phase = Phase::RetryWait;
+                        op.due = Some(now + delay);
+                        lower(&mut self.earliest, now + delay);
+                        return None;
+                    }
+                }
+                Err(Error::Ack {
+                    ack_id,
+                    name: e.name,
+                    message: e.message,
+                })
+            }
+            None => Err(Error::Ack {
+                ack_id,
+                name: "Unknown".into(),
+                message: "the service refused the operation".into(),
+            }),
+        };
+        let op = self.acks.remove(&ack_id)?;
+        Some(Done {
+            purpose: op.purpose,
+            reply: op.reply,
+            result,
+        })
+    }
+
+    /// The reply of an invocation arrived; `false` if none was pending with that id.
+    pub(crate) fn on_invoke_response(
+        &mut self,
+        invocation_id: &str,
+        result: Result<InvokeResult, Error>,
+    ) -> bool {
+        match self.invokes.remove(invocation_id) {
+            Some(op) => {
+                let _ = op.reply.send(result);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The caller gave up on an invocation. Returns the `cancelInvocation` frame to
+    /// write when the invocation had been sent.
+    pub(crate) fn cancel_invoke(&mut self, invocation_id: &str) -> Option<Utf8Bytes> {
+        let op = self.invokes.remove(invocation_id)?;
+        let _ = op.reply.send(Err(Error::Cancelled));
+        op.due.map(|_| cancel_frame(invocation_id))
+    }
+
+    /// When the earliest deadline may be due (then call `expire`).
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.earliest
+    }
+
+    /// Handles every deadline due at `now`: ack timeouts (retry with the same ackId,
+    /// or `Error::Timeout`), retry delays (resend), invoke timeouts (`cancelInvocation`).
+    /// Frames to write go to `out`, finished operations to `done`.
+    pub(crate) fn expire(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>, done: &mut Vec<Done>) {
+        let mut due: Vec<u64> = self
+            .acks
+            .iter()
+            .filter(|(_, op)| op.due.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        due.sort_unstable();
+        for ack_id in due {
+            self.expire_ack(ack_id, now, out, done);
+        }
+        let due: Vec<String> = self
+            .invokes
+            .iter()
+            .filter(|(_, op)| op.due.is_some_and(|d| d <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some(op) = self.invokes.remove(&id) {
+                let _ = op.reply.send(Err(Error::Timeout));
+                out.push(cancel_frame(&id));
+            }
+        }
+        self.earliest = self
+            .acks
+            .values()
+            .filter_map(|op| op.due)
+            .chain(self.invokes.values().filter_map(|op| op.due))
+            .min();
+    }
+
+    fn expire_ack(
+        &mut self,
+        ack_id: u64,
+        now: Instant,
+        out: &mut Vec<Utf8Bytes>,
+        done: &mut Vec<Done>,
+    ) {
+        let Some(op) = self.acks.get_mut(&ack_id) else {
+            return;
+        };
+        match op.phase {
+            Phase::AwaitingAck => {
+                let delay = if op.wanted() {
+                    self.retry.delay_before(op.retries + 1)
+                } else {
+                    None
+                };
+                match delay {
+                    Some(delay) => {
+                        op.phase = Phase::RetryWait;
+                        op.due = Some(now + delay);
+                    }
+                    None => {
+                        if let Some(op) = self.acks.remove(&ack_id) {
+                            done.push(Done {
+                                purpose: op.purpose,
+                                reply: op.reply,
+                                result: Err(Error::Timeout),
+                            });
+                        }
+                    }
+                }
+            }
+            Phase::RetryWait => {
+                op.retries += 1;
+                op.phase = Phase::AwaitingAck;
+                op.due = Some(now + self.ack_timeout);
+                out.push(op.frame.clone());
+            }
+            Phase::Unsent => {}
+        }
+    }
+
+    /// The socket dropped. On a recoverable drop, acked operations stay and are resent
+    /// with their ackIds once recovered (the service dedupes them); otherwise they fail
+    /// with `NotConnected`, as do invocations already sent (their replies are lost).
+    pub(crate) fn connection_dropped(&mut self, recoverable: bool, done: &mut Vec<Done>) {
+        self.earliest = None;
+        let sent: Vec<String> = self
+            .invokes
+            .iter()
+            .filter(|(_, op)| op.due.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in sent {
+            if let Some(op) = self.invokes.remove(&id) {
+                let _ = op.reply.send(Err(Error::NotConnected));
+            }
+        }
+        if !recoverable {
+            self.fail_all(Error::NotConnected, done);
+            return;
+        }
+        let mut in_flight: Vec<u64> = self
+            .acks
+            .iter()
+            .filter(|(_, op)| !matches!(op.phase, Phase::Unsent))
+            .map(|(id, _)| *id)
+            .collect();
+        in_flight.sort_unstable();
+        for ack_id in &in_flight {
+            if let Some(op) = self.acks.get_mut(ack_id) {
+                op.phase = Phase::Unsent;
+                op.due = None;
+            }
+        }
+        let queued = std::mem::take(&mut self.unsent);
+        self.unsent = in_flight
+            .into_iter()
+            .map(|id| Unsent::Op(Key::Ack(id)))
+            .chain(queued)
+            .collect();
+    }
+
+    /// The connection is usable: every queued or interrupted operation is written now,
+    /// in order, with its original ackId.
+    pub(crate) fn take_unsent(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>) {
+        for unsent in std::mem::take(&mut self.unsent) {
+            match unsent {
+                Unsent::Frame(frame) => out.push(frame),
+                Unsent::Op(Key::Ack(ack_id)) => {
+                    let Some(op) = self.acks.get_mut(&ack_id) else {
+                        continue;
+                    };
+                    if !matches!(op.phase, Phase::Unsent) {
+                        continue;
+                    }
+                    op.phase = Phase::AwaitingAck;
+                    let due = now + self.ack_timeout;
+                    op.due = Some(due);
+                    lower(&mut self.earliest, due);
+                    out.push(op.frame.clone());
+                }
+                Unsent::Op(Key::Invoke(id)) => {
+                    let Some(op) = self.invokes.get_mut(&id) else {
+                        continue;
+                    };
+                    if op.due.is_some() {
+                        continue;
+                    }
+                    let due = now + op.timeout;
+                    op.due = Some(due);
+                    lower(&mut self.earliest, due);
+                    out.push(op.frame.clone());
+                }
+            }
+        }
+    }
+
+    /// Fails every operation with `error` (stop, session lost, client dropped).
+    pub(crate) fn fail_all(&mut self, error: Error, done: &mut Vec<Done>) {
+        self.earliest = None;
+        self.unsent.clear();
+        for (_, op) in self.invokes.drain() {
+            let _ = op.reply.send(Err(error.clone()));
+        }
+        let mut acks: Vec<(u64, AckOp)> = self.acks.drain().collect();
+        acks.sort_unstable_by_key(|(id, _)| *id);
+        for (_, op) in acks {
+            done.push(Done {
+                purpose: op.purpose,
+                reply: op.reply,
+                result: Err(error.clone()),
+            });
+        }
+    }
+
+    /// Notes a new deadline; returns it.
+    fn arm(&mut self, due: Instant) -> Instant {
+        lower(&mut self.earliest, due);
+        due
+    }
+}
+
+/// Moves `earliest` down to `due` if that is earlier.
+fn lower(earliest: &mut Option<Instant>, due: Instant) {
+    *earliest = Some(earliest.map_or(due, |e| e.min(due)));
+}
+
+fn cancel_frame(invocation_id: &str) -> Utf8Bytes {
+    json::encode_upstream(&Upstream::CancelInvocation {
+        invocation_id: invocation_id.to_owned(),
+    })
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::options::RetryMode;
+
+    fn pending(retries: u32) -> Pending {
+        let retry = RetryOptions {
+            max_retries: Some(retries),
+            delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(1),
+            mode: RetryMode::Fixed,
+        };
+        Pending::new(Duration::from_secs(10), retry)
+    }
+
+    fn frame(n: u64) -> Utf8Bytes {
+        Utf8Bytes::from(format!("frame{n}"))
+    }
+
+    fn add(
+        p: &mut Pending,
+        ack_id: u64,
+        now: Option<Instant>,
+    ) -> oneshot::Receiver<Result<AckResult, Error>> {
+        let (tx, rx) = oneshot::channel();
+        assert!(p
+            .add_ack(ack_id, frame(ack_id), Purpose::Send, Some(tx), now)
+            .is_ok());
+        rx
+    }
+
+    fn error(name: &str) -> Option<ErrorDetail> {
+        Some(ErrorDetail {
+            name: name.into(),
+            message: "m".into(),
+        })
+    }
+
+    #[test]
+    fn a_timeout_is_retried_with_the_same_frame_then_fails() {
+        let t0 = Instant::now();
+        let mut p = pending(1);
+        let mut rx = add(&mut p, 1, Some(t0));
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(10)));
+        p.expire(t0 + Duration::from_secs(10), &mut out, &mut done);
+        assert!(out.is_empty() && done.is_empty());
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(11)));
+        p.expire(t0 + Duration::from_secs(11), &mut out, &mut done);
+        assert_eq!(out, vec![frame(1)]);
+        p.expire(t0 + Duration::from_secs(21), &mut out, &mut done);
+        assert_eq!(done.len(), 1);
+        done.pop().unwrap().reply();
+        assert_eq!(rx.try_recv().unwrap(), Err(Error::Timeout));
+        assert_eq!(p.next_due(), None);
+    }
+
+    #[test]
+    fn duplicate_is_success_and_forbidden_is_final() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        add(&mut p, 1, Some(t0));
+        add(&mut p, 2, Some(t0));
+        let done = p.on_ack(1, false, error("Duplicate"), t0).unwrap();
+        assert_eq!(
+            done.result,
+            Ok(AckResult {
+                ack_id: Some(1),
+                is_duplicated: true
+            })
+        );
+        let done = p.on_ack(2, false, error("Forbidden"), t0).unwrap();
+        assert!(
+            matches!(done.result, Err(Error::Ack { ack_id: 2, ref name, .. }) if name == "Forbidden")
+        );
+        assert!(p.on_ack(2, true, None, t0).is_none());
+    }
+
+    #[test]
+    fn an_internal_error_is_retried_and_a_late_ack_still_completes() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let _rx = add(&mut p, 1, Some(t0));
+        assert!(p
+            .on_ack(1, false, error("InternalServerError"), t0)
+            .is_none());
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(1)));
+        let done = p.on_ack(1, true, None, t0).unwrap();
+        assert!(done.result.is_ok());
+    }
+
+    #[test]
+    fn a_recoverable_drop_resends_in_order_and_a_lost_session_fails_all() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        add(&mut p, 2, Some(t0));
+        add(&mut p, 1, Some(t0));
+        let mut done = Vec::new();
+        p.connection_dropped(true, &mut done);
+        assert!(done.is_empty());
+        assert_eq!(p.next_due(), None);
+        add(&mut p, 3, None);
+        p.add_unsent_frame(Utf8Bytes::from_static("ff"));
+        let mut out = Vec::new();
+        p.take_unsent(t0, &mut out);
+        assert_eq!(
+            out,
+            vec![frame(1), frame(2), frame(3), Utf8Bytes::from_static("ff")]
+        );
+        p.connection_dropped(false, &mut done);
+        assert_eq!(done.len(), 3);
+        assert!(done.iter().all(|d| d.result == Err(Error::NotConnected)));
+    }
+
+    #[test]
+    fn invocations_time_out_with_a_cancel_and_fail_on_a_drop() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let (tx, mut rx) = oneshot::channel();
+        p.add_invoke("7".into(), frame(7), Duration::from_secs(2), tx, Some(t0));
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        p.expire(t0 + Duration::from_secs(2), &mut out, &mut done);
+        assert_eq!(out, vec![cancel_frame("7")]);
+        assert_eq!(rx.try_recv().unwrap(), Err(Error::Timeout));
+
+        let (tx, mut rx) = oneshot::channel();
+        p.add_invoke("8".into(), frame(8), Duration::from_secs(2), tx, Some(t0));
+        p.connection_dropped(true, &mut done);
+        assert_eq!(rx.try_recv().unwrap(), Err(Error::NotConnected));
+    }
+
+    #[test]
+    fn an_ack_id_in_use_is_refused() {
+        let mut p = pending(0);
+        add(&mut p, 1, None);
+        let (tx, _rx) = oneshot::channel();
+        let refused = p
+            .add_ack(1, frame(1), Purpose::Send, Some(tx), None)
+            .err()
+            .unwrap();
+        assert!(matches!(refused.result, Err(Error::InvalidArgument(_))));
+    }
+}

@@ -1,0 +1,73 @@
+//! Sequence tracking of a reliable connection: dedupe and `sequenceAck` timing.
+
+/// The highest sequence id delivered and the last one acknowledged to the service.
+#[derive(Debug, Default)]
+pub(crate) struct Sequence {
+    delivered: u64,
+    acked: u64,
+}
+
+impl Sequence {
+    /// Forgets everything (a new connection starts from zero).
+    pub(crate) fn reset(&mut self) {
+        *self = Sequence::default();
+    }
+
+    /// Records a data frame's id; `false` means it was already delivered (drop it).
+    pub(crate) fn accept(&mut self, id: u64) -> bool {
+        if id <= self.delivered {
+            return false;
+        }
+        self.delivered = id;
+        true
+    }
+
+    /// Whether delivered frames are not yet acknowledged.
+    pub(crate) fn has_unacked(&self) -> bool {
+        self.delivered > self.acked
+    }
+
+    /// Whether the delivered id moved by more than `jump` since the last ack.
+    pub(crate) fn ack_due_now(&self, jump: u64) -> bool {
+        self.delivered - self.acked > jump
+    }
+
+    /// The id to acknowledge now, if it changed since the last ack.
+    pub(crate) fn take_ack(&mut self) -> Option<u64> {
+        self.has_unacked().then(|| {
+            self.acked = self.delivered;
+            self.delivered
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sequence;
+
+    #[test]
+    fn duplicates_are_dropped_and_acks_sent_once() {
+        let mut s = Sequence::default();
+        assert!(s.accept(1));
+        assert!(s.accept(2));
+        assert!(!s.accept(2));
+        assert!(!s.accept(1));
+        assert!(s.accept(5));
+        assert_eq!(s.take_ack(), Some(5));
+        assert_eq!(s.take_ack(), None);
+        assert!(!s.accept(4));
+        assert!(!s.has_unacked());
+    }
+
+    #[test]
+    fn a_jump_over_the_threshold_is_due_at_once() {
+        let mut s = Sequence::default();
+        assert!(s.accept(300));
+        assert!(!s.ack_due_now(300));
+        assert!(s.accept(301));
+        assert!(s.ack_due_now(300));
+        assert_eq!(s.take_ack(), Some(301));
+        s.reset();
+        assert!(s.accept(1));
+    }
+}

@@ -1,0 +1,577 @@
+//! The JSON subprotocols `json.webpubsub.azure.v1` and `json.reliable.webpubsub.azure.v1`.
+//!
+//! Both share one frame format; the reliable one adds `sequenceId` to data frames and the
+//! `sequenceAck` upstream frame. Encoding writes straight into one `String`; decoding
+//! borrows from the received buffer and slices payloads out of it without copying when
+//! the wire form allows (JSON values, text without escapes).
+
+use super::frames::{Data, DataType, Downstream, ErrorDetail, ProtocolError, Upstream};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// Checks that a payload can be sent with its data type: text must be UTF-8 and json
+/// must be exactly one valid JSON value. Binary and protobuf accept any bytes.
+pub fn validate_payload(data: &Data) -> Result<(), ProtocolError> {
+    match data.data_type {
+        DataType::Text => std::str::from_utf8(&data.bytes)
+            .map(|_| ())
+            .map_err(|e| ProtocolError(format!("text data is not valid UTF-8: {e}"))),
+        DataType::Json => serde_json::from_slice::<&RawValue>(&data.bytes)
+            .map(|_| ())
+            .map_err(|e| ProtocolError(format!("json data is not a valid JSON value: {e}"))),
+        DataType::Binary | DataType::Protobuf => Ok(()),
+    }
+}
+
+/// Serializes an upstream frame. Payloads must have passed [`validate_payload`]
+/// (text that is not UTF-8 is written lossily, never panics).
+pub fn encode_upstream(frame: &Upstream) -> String {
+    let mut w = Writer::with_capacity(64 + payload_len(frame));
+    match frame {
+        Upstream::JoinGroup { group, ack_id } => {
+            w.raw(r#"{"type":"joinGroup","group":"#);
+            w.string(group);
+            w.opt_u64(",\"ackId\":", *ack_id);
+        }
+        Upstream::LeaveGroup { group, ack_id } => {
+            w.raw(r#"{"type":"leaveGroup","group":"#);
+            w.string(group);
+            w.opt_u64(",\"ackId\":", *ack_id);
+        }
+        Upstream::SendToGroup {
+            group,
+            ack_id,
+            no_echo,
+            data,
+        } => {
+            w.raw(r#"{"type":"sendToGroup","group":"#);
+            w.string(group);
+            w.opt_u64(",\"ackId\":", *ack_id);
+            w.raw(if *no_echo {
+                ",\"noEcho\":true"
+            } else {
+                ",\"noEcho\":false"
+            });
+            w.data(data);
+        }
+        Upstream::Event {
+            event,
+            ack_id,
+            data,
+        } => {
+            w.raw(r#"{"type":"event","event":"#);
+            w.string(event);
+            w.opt_u64(",\"ackId\":", *ack_id);
+            w.data(data);
+        }
+        Upstream::Invoke {
+            invocation_id,
+            event,
+            data,
+        } => {
+            w.raw(r#"{"type":"invoke","invocationId":"#);
+            w.string(invocation_id);
+            w.raw(r#","target":"event","event":"#);
+            w.string(event);
+            w.data(data);
+        }
+        Upstream::CancelInvocation { invocation_id } => {
+            w.raw(r#"{"type":"cancelInvocation","invocationId":"#);
+            w.string(invocation_id);
+        }
+        Upstream::SequenceAck { sequence_id } => {
+            w.raw(r#"{"type":"sequenceAck","sequenceId":"#);
+            w.u64(*sequence_id);
+        }
+        Upstream::Ping => w.raw(r#"{"type":"ping""#),
+    }
+    w.finish()
+}
+
+/// Serializes a downstream frame (what the service sends; used by tests and tools).
+pub fn encode_downstream(frame: &Downstream) -> String {
+    let mut w = Writer::with_capacity(96);
+    match frame {
+        Downstream::Ack {
+            ack_id,
+            success,
+            error,
+        } => {
+            w.raw(r#"{"type":"ack","ackId":"#);
+            w.u64(*ack_id);
+            w.raw(if *success {
+                ",\"success\":true"
+            } else {
+                ",\"success\":false"
+            });
+            w.error(error.as_ref());
+        }
+        Downstream::GroupMessage {
+            group,
+            from_user_id,
+            data,
+            sequence_id,
+        } => {
+            w.raw(r#"{"type":"message","from":"group","group":"#);
+            w.string(group);
+            if let Some(user) = from_user_id {
+                w.raw(",\"fromUserId\":");
+                w.string(user);
+            }
+            w.data(data);
+            w.opt_u64(",\"sequenceId\":", *sequence_id);
+        }
+        Downstream::ServerMessage { data, sequence_id } => {
+            w.raw(r#"{"type":"message","from":"server""#);
+            w.data(data);
+            w.opt_u64(",\"sequenceId\":", *sequence_id);
+        }
+        Downstream::InvokeResponse {
+            invocation_id,
+            success,
+            data,
+            error,
+        } => {
+            w.raw(r#"{"type":"invokeResponse","invocationId":"#);
+            w.string(invocation_id);
+            w.raw(if *success {
+                ",\"success\":true"
+            } else {
+                ",\"success\":false"
+            });
+            if let Some(data) = data {
+                w.data(data);
+            }
+            w.error(error.as_ref());
+        }
+        Downstream::Connected {
+            connection_id,
+            user_id,
+            reconnection_token,
+        } => {
+            w.raw(r#"{"type":"system","event":"connected","userId":"#);
+            match user_id {
+                Some(user) => w.string(user),
+                None => w.raw("null"),
+            }
+            w.raw(",\"connectionId\":");
+            w.string(connection_id);
+            if let Some(token) = reconnection_token {
+                w.raw(",\"reconnectionToken\":");
+                w.string(token);
+            }
+        }
+        Downstream::Disconnected { message } => {
+            w.raw(r#"{"type":"system","event":"disconnected""#);
+            if let Some(message) = message {
+                w.raw(",\"message\":");
+                w.string(message);
+            }
+        }
+        Downstream::Pong => w.raw(r#"{"type":"pong""#),
+        Downstream::Unknown { kind } => {
+            w.raw(r#"{"type":"#);
+            w.string(kind);
+        }
+    }
+    w.finish()
+}
+
+/// Parses a frame received from the service. Unknown `type` values (and unknown
+/// `message`/`system` variants) give [`Downstream::Unknown`]; malformed frames give an
+/// error. Payloads are sliced out of `frame` without copying where possible.
+pub fn decode_downstream(frame: &Bytes) -> Result<Downstream, ProtocolError> {
+    let wire = Wire::parse(frame)?;
+    let f = Fields(&wire);
+    Ok(match wire.kind.as_ref() {
+        "ack" => Downstream::Ack {
+            ack_id: f.req_u64("ackId", wire.ack_id)?,
+            success: f.req_bool("success", wire.success)?,
+            error: f.error()?,
+        },
+        "message" => match f.opt_str("from", wire.from)?.as_deref() {
+            Some("group") => Downstream::GroupMessage {
+                group: f.req_str("group", wire.group)?,
+                from_user_id: f.opt_str("fromUserId", wire.from_user_id)?,
+                data: f.data(frame)?,
+                sequence_id: f.opt_u64("sequenceId", wire.sequence_id)?,
+            },
+            Some("server") => Downstream::ServerMessage {
+                data: f.data(frame)?,
+                sequence_id: f.opt_u64("sequenceId", wire.sequence_id)?,
+            },
+            _ => Downstream::Unknown {
+                kind: "message".into(),
+            },
+        },
+        "invokeResponse" => Downstream::InvokeResponse {
+            invocation_id: f.req_str("invocationId", wire.invocation_id)?,
+            success: f.req_bool("success", wire.success)?,
+            data: match wire.data_type {
+                Some(_) => Some(f.data(frame)?),
+                None => None,
+            },
+            error: f.error()?,
+        },
+        "system" => match f.opt_str("event", wire.event)?.as_deref() {
+            Some("connected") => Downstream::Connected {
+                connection_id: f.req_str("connectionId", wire.connection_id)?,
+                user_id: f.opt_str("userId", wire.user_id)?,
+                reconnection_token: f.opt_str("reconnectionToken", wire.reconnection_token)?,
+            },
+            Some("disconnected") => Downstream::Disconnected {
+                message: f.opt_str("message", wire.message)?,
+            },
+            _ => Downstream::Unknown {
+                kind: "system".into(),
+            },
+        },
+        "pong" => Downstream::Pong,
+        other => Downstream::Unknown {
+            kind: other.to_owned(),
+        },
+    })
+}
+
+/// Parses a frame sent by a client (the service's side; used by tests and tools).
+/// Unknown `type` values are errors here: a service must answer them, not skip them.
+pub fn decode_upstream(frame: &Bytes) -> Result<Upstream, ProtocolError> {
+    let wire = Wire::parse(frame)?;
+    let f = Fields(&wire);
+    Ok(match wire.kind.as_ref() {
+        "joinGroup" => Upstream::JoinGroup {
+            group: f.req_str("group", wire.group)?,
+            ack_id: f.opt_u64("ackId", wire.ack_id)?,
+        },
+        "leaveGroup" => Upstream::LeaveGroup {
+            group: f.req_str("group", wire.group)?,
+            ack_id: f.opt_u64("ackId", wire.ack_id)?,
+        },
+        "sendToGroup" => Upstream::SendToGroup {
+            group: f.req_str("group", wire.group)?,
+            ack_id: f.opt_u64("ackId", wire.ack_id)?,
+            no_echo: f.opt_bool("noEcho", wire.no_echo)?.unwrap_or(false),
+            data: f.data(frame)?,
+        },
+        "event" => Upstream::Event {
+            event: f.req_str("event", wire.event)?,
+            ack_id: f.opt_u64("ackId", wire.ack_id)?,
+            data: f.data(frame)?,
+        },
+        "invoke" => Upstream::Invoke {
+            invocation_id: f.req_str("invocationId", wire.invocation_id)?,
+            event: f.req_str("event", wire.event)?,
+            data: f.data(frame)?,
+        },
+        "cancelInvocation" => Upstream::CancelInvocation {
+            invocation_id: f.req_str("invocationId", wire.invocation_id)?,
+        },
+        "sequenceAck" => Upstream::SequenceAck {
+            sequence_id: f.req_u64("sequenceId", wire.sequence_id)?,
+        },
+        "ping" => Upstream::Ping,
+        other => {
+            return Err(ProtocolError(format!(
+                "unknown upstream frame type {other:?}"
+            )))
+        }
+    })
+}
+
+/// One frame as it sits on the wire: the `type`, and every other known field left
+/// unparsed until the type says what it must be (so an unknown type never fails on a
+/// field whose shape it changed).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    ack_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    success: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+    #[serde(borrow)]
+    from: Option<&'a RawValue>,
+    #[serde(borrow)]
+    group: Option<&'a RawValue>,
+    #[serde(borrow)]
+    from_user_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    sequence_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    invocation_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    connection_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    reconnection_token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow)]
+    no_echo: Option<&'a RawValue>,
+}
+
+impl<'a> Wire<'a> {
+    fn parse(frame: &'a [u8]) -> Result<Wire<'a>, ProtocolError> {
+        serde_json::from_slice(frame).map_err(|e| ProtocolError(format!("malformed frame: {e}")))
+    }
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    name: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// Typed access to the raw fields of a [`Wire`].
+struct Fields<'w, 'a>(&'w Wire<'a>);
+
+impl<'a> Fields<'_, 'a> {
+    fn parse<T: Deserialize<'a>>(&self, name: &str, raw: &'a RawValue) -> Result<T, ProtocolError> {
+        serde_json::from_str(raw.get()).map_err(|e| {
+            ProtocolError(format!(
+                "field {name:?} of a {:?} frame is malformed: {e}",
+                self.0.kind
+            ))
+        })
+    }
+
+    fn missing(&self, name: &str) -> ProtocolError {
+        ProtocolError(format!(
+            "field {name:?} missing in a {:?} frame",
+            self.0.kind
+        ))
+    }
+
+    fn opt_str(
+        &self,
+        name: &str,
+        raw: Option<&'a RawValue>,
+    ) -> Result<Option<String>, ProtocolError> {
+        raw.map(|r| self.parse::<Option<String>>(name, r))
+            .transpose()
+            .map(Option::flatten)
+    }
+
+    fn req_str(&self, name: &str, raw: Option<&'a RawValue>) -> Result<String, ProtocolError> {
+        self.opt_str(name, raw)?.ok_or_else(|| self.missing(name))
+    }
+
+    fn opt_u64(&self, name: &str, raw: Option<&'a RawValue>) -> Result<Option<u64>, ProtocolError> {
+        raw.map(|r| self.parse::<Option<u64>>(name, r))
+            .transpose()
+            .map(Option::flatten)
+    }
+
+    fn req_u64(&self, name: &str, raw: Option<&'a RawValue>) -> Result<u64, ProtocolError> {
+        self.opt_u64(name, raw)?.ok_or_else(|| self.missing(name))
+    }
+
+    fn opt_bool(
+        &self,
+        name: &str,
+        raw: Option<&'a RawValue>,
+    ) -> Result<Option<bool>, ProtocolError> {
+        raw.map(|r| self.parse::<Option<bool>>(name, r))
+            .transpose()
+            .map(Option::flatten)
+    }
+
+    fn req_bool(&self, name: &str, raw: Option<&'a RawValue>) -> Result<bool, ProtocolError> {
+        self.opt_bool(name, raw)?.ok_or_else(|| self.missing(name))
+    }
+
+    fn error(&self) -> Result<Option<ErrorDetail>, ProtocolError> {
+        let Some(raw) = self.0.error else {
+            return Ok(None);
+        };
+        let error: Option<WireError> = self.parse("error", raw)?;
+        Ok(error.map(|e| ErrorDetail {
+            name: e.name,
+            message: e.message.unwrap_or_default(),
+        }))
+    }
+
+    /// The `dataType` + `data` pair as a payload, sliced from `frame` when possible.
+    fn data(&self, frame: &Bytes) -> Result<Data, ProtocolError> {
+        let name = self.req_str("dataType", self.0.data_type)?;
+        let data_type = DataType::from_wire(&name)
+            .ok_or_else(|| ProtocolError(format!("unknown dataType {name:?}")))?;
+        let raw = self.0.data;
+        let bytes = match data_type {
+            DataType::Json => match raw {
+                Some(raw) => slice_of(frame, raw.get()),
+                None => Bytes::from_static(b"null"),
+            },
+            DataType::Text => self.string_data(frame, raw)?,
+            DataType::Binary | DataType::Protobuf => {
+                let encoded = self.string_data(frame, raw)?;
+                Bytes::from(BASE64.decode(&encoded).map_err(|e| {
+                    ProtocolError(format!("{data_type} data is not valid base64: {e}"))
+                })?)
+            }
+        };
+        Ok(Data { data_type, bytes })
+    }
+
+    /// The content of a JSON string `data` field: a slice of the frame when it has no
+    /// escapes, else the unescaped copy.
+    fn string_data(
+        &self,
+        frame: &Bytes,
+        raw: Option<&'a RawValue>,
+    ) -> Result<Bytes, ProtocolError> {
+        let raw = raw.ok_or_else(|| self.missing("data"))?.get();
+        if !raw.starts_with('"') {
+            return Err(ProtocolError(format!(
+                "data of a {:?} frame must be a JSON string",
+                self.0.kind
+            )));
+        }
+        if raw.contains('\\') {
+            let unescaped: String = serde_json::from_str(raw).map_err(|e| {
+                ProtocolError(format!(
+                    "data of a {:?} frame is malformed: {e}",
+                    self.0.kind
+                ))
+            })?;
+            Ok(Bytes::from(unescaped))
+        } else {
+            Ok(slice_of(frame, &raw[1..raw.len() - 1]))
+        }
+    }
+}
+
+/// `part` as a zero-copy slice of `frame` when it lies inside it, else a copy.
+fn slice_of(frame: &Bytes, part: &str) -> Bytes {
+    let start = frame.as_ptr() as usize;
+    let p = part.as_ptr() as usize;
+    if p >= start && p + part.len() <= start + frame.len() {
+        frame.slice(p - start..p - start + part.len())
+    } else {
+        Bytes::copy_from_slice(part.as_bytes())
+    }
+}
+
+fn payload_len(frame: &Upstream) -> usize {
+    let data = match frame {
+        Upstream::SendToGroup { data, .. }
+        | Upstream::Event { data, .. }
+        | Upstream::Invoke { data, .. } => data,
+        _ => return 0,
+    };
+    match data.data_type {
+        DataType::Text | DataType::Json => data.bytes.len() + 8,
+        DataType::Binary | DataType::Protobuf => data.bytes.len().div_ceil(3) * 4,
+    }
+}
+
+/// Appends JSON fragments to one growing `String`.
+struct Writer {
+    out: String,
+}
+
+impl Writer {
+    fn with_capacity(capacity: usize) -> Writer {
+        Writer {
+            out: String::with_capacity(capacity),
+        }
+    }
+
+    fn raw(&mut self, s: &str) {
+        self.out.push_str(s);
+    }
+
+    fn u64(&mut self, n: u64) {
+        self.out.push_str(itoa::Buffer::new().format(n));
+    }
+
+    fn opt_u64(&mut self, key: &str, n: Option<u64>) {
+        if let Some(n) = n {
+            self.out.push_str(key);
+            self.u64(n);
+        }
+    }
+
+    /// Writes `s` as a JSON string literal.
+    fn string(&mut self, s: &str) {
+        self.out.push('"');
+        let bytes = s.as_bytes();
+        let mut run = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let escape = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0x08 => "\\b",
+                0x0c => "\\f",
+                0x00..=0x1f => "",
+                _ => continue,
+            };
+            self.out.push_str(&s[run..i]);
+            if escape.is_empty() {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                self.out.push_str("\\u00");
+                self.out.push(HEX[(b >> 4) as usize] as char);
+                self.out.push(HEX[(b & 0xf) as usize] as char);
+            } else {
+                self.out.push_str(escape);
+            }
+            run = i + 1;
+        }
+        self.out.push_str(&s[run..]);
+        self.out.push('"');
+    }
+
+    fn data(&mut self, data: &Data) {
+        self.out.push_str(",\"dataType\":\"");
+        self.out.push_str(data.data_type.as_str());
+        self.out.push_str("\",\"data\":");
+        match data.data_type {
+            DataType::Text => match std::str::from_utf8(&data.bytes) {
+                Ok(text) => self.string(text),
+                Err(_) => self.string(&String::from_utf8_lossy(&data.bytes)),
+            },
+            DataType::Json => match std::str::from_utf8(&data.bytes) {
+                Ok(json) if !json.trim().is_empty() => self.out.push_str(json),
+                _ => self.out.push_str("null"),
+            },
+            DataType::Binary | DataType::Protobuf => {
+                self.out.push('"');
+                BASE64.encode_string(&data.bytes, &mut self.out);
+                self.out.push('"');
+            }
+        }
+    }
+
+    fn error(&mut self, error: Option<&ErrorDetail>) {
+        if let Some(error) = error {
+            self.out.push_str(",\"error\":{\"name\":");
+            self.string(&error.name);
+            self.out.push_str(",\"message\":");
+            self.string(&error.message);
+            self.out.push('}');
+        }
+    }
+
+    fn finish(mut self) -> String {
+        self.out.push('}');
+        self.out
+    }
+}

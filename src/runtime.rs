@@ -1,0 +1,77 @@
+//! The one process-wide tokio runtime every client's connection task runs on.
+//!
+//! It is created on first use and lives in a static that is never dropped, so no
+//! client ever blocks on a runtime shutting down. Its worker threads are shared by
+//! all clients: the thread count does not grow with the number of clients.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use tokio::runtime::{Handle, Runtime};
+
+struct Shared {
+    runtime: Runtime,
+    pid: u32,
+}
+
+static RUNTIME: OnceLock<Shared> = OnceLock::new();
+
+fn shared() -> &'static Shared {
+    RUNTIME.get_or_init(|| {
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 4);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("webpubsub-rt")
+            .enable_all()
+            .build()
+            .expect("building the webpubsub client runtime");
+        Shared {
+            runtime,
+            pid: std::process::id(),
+        }
+    })
+}
+
+/// The runtime's handle, or an error in a `fork()` child of the process that created
+/// it (its worker threads do not exist there, so using it would hang).
+pub fn try_handle() -> Result<Handle, String> {
+    let shared = shared();
+    if shared.pid != std::process::id() {
+        return Err("the webpubsub runtime was created before fork(); it cannot be used in the child process".into());
+    }
+    Ok(shared.runtime.handle().clone())
+}
+
+/// The runtime's handle (created on first use).
+///
+/// # Panics
+/// In a `fork()` child of the process that created the runtime (see [`try_handle`]).
+pub fn handle() -> Handle {
+    try_handle().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a future to completion on the shared runtime, blocking the calling thread.
+/// For blocking calls from threads that are not runtime workers (FFI, plain threads).
+///
+/// # Panics
+/// When called from inside an async context (a runtime worker), where blocking would
+/// stall other tasks, or in a `fork()` child (see [`try_handle`]).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    assert!(
+        Handle::try_current().is_err(),
+        "webpubsub_client::runtime::block_on called from an async context; await the future instead"
+    );
+    handle().block_on(f)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn block_on_runs_on_the_shared_runtime() {
+        let name = super::block_on(async {
+            tokio::spawn(async { std::thread::current().name().map(String::from) }).await
+        });
+        assert_eq!(name.unwrap().as_deref(), Some("webpubsub-rt"));
+    }
+}

@@ -1,0 +1,169 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
+use webpubsub_client::{ClientOptions, Event, RetryMode, RetryOptions};
+
+/// Options with every timer shortened so tests run in seconds.
+pub fn fast_options() -> ClientOptions {
+    ClientOptions {
+        message_retry: RetryOptions {
+            max_retries: Some(2),
+            delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            mode: RetryMode::Fixed,
+        },
+        reconnect_retry: RetryOptions {
+            max_retries: Some(20),
+            delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            mode: RetryMode::Fixed,
+        },
+        ack_timeout: Duration::from_secs(5),
+        start_timeout: Duration::from_secs(5),
+        recovery_window: Duration::from_secs(5),
+        recovery_attempt_delay: Duration::from_millis(100),
+        sequence_ack_interval: Duration::from_millis(100),
+        ..ClientOptions::default()
+    }
+}
+
+/// The next event, failing the test after `secs` seconds.
+pub async fn next_event(events: &mut UnboundedReceiver<Event>, secs: u64) -> Event {
+    match tokio::time::timeout(Duration::from_secs(secs), events.recv()).await {
+        Ok(Some(event)) => event,
+        Ok(None) => panic!("event channel closed"),
+        Err(_) => panic!("no event within {secs} s"),
+    }
+}
+
+/// Skips events until one matches, failing after `secs` seconds; returns it and the
+/// events skipped on the way.
+pub async fn wait_for(
+    events: &mut UnboundedReceiver<Event>,
+    secs: u64,
+    mut matches: impl FnMut(&Event) -> bool,
+) -> (Event, Vec<Event>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut skipped = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(event)) if matches(&event) => return (event, skipped),
+            Ok(Some(event)) => skipped.push(event),
+            Ok(None) => panic!("event channel closed; skipped {skipped:?}"),
+            Err(_) => panic!("no matching event within {secs} s; skipped {skipped:?}"),
+        }
+    }
+}
+
+/// Every event already queued (without waiting).
+pub fn drain(events: &mut UnboundedReceiver<Event>) -> Vec<Event> {
+    let mut all = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        all.push(event);
+    }
+    all
+}
+
+/// The text payload of a group or server message.
+pub fn message_text(event: &Event) -> Option<String> {
+    match event {
+        Event::GroupMessage { data, .. } | Event::ServerMessage { data, .. } => {
+            Some(String::from_utf8_lossy(data).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` (connection closed after it); returns
+/// the status and the body.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Calls an emulator test route (`:drop`, `:mute?ms=`, `:dropAcks?count=`, `:close?code=`).
+pub async fn fault(
+    emulator: &webpubsub_emulator::Emulator,
+    hub: &str,
+    connection_id: &str,
+    action: &str,
+) {
+    let path = format!("/_emulator/hubs/{hub}/connections/{connection_id}/{action}");
+    let (status, body) = http(emulator.port(), "POST", &path, &[], b"").await;
+    assert_eq!(status, 200, "{path}: {body}");
+}
+
+/// The emulator's counters.
+pub async fn stats(emulator: &webpubsub_emulator::Emulator) -> serde_json::Value {
+    let (status, body) = http(emulator.port(), "GET", "/_emulator/stats", &[], b"").await;
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Sends text to one connection through the service REST API (a server message).
+pub async fn rest_send_to_connection(
+    emulator: &webpubsub_emulator::Emulator,
+    hub: &str,
+    id: &str,
+    text: &str,
+) {
+    let path = format!("/api/hubs/{hub}/connections/{id}/:send?api-version=2024-12-01");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({"aud": format!("{}{path}", emulator.endpoint()), "exp": exp});
+    let token = webpubsub_emulator::auth::sign(emulator.access_key(), &claims);
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "text/plain"),
+    ];
+    let (status, body) = http(emulator.port(), "POST", &path, &headers, text.as_bytes()).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+/// Roles allowing every group operation.
+pub fn all_roles() -> Vec<String> {
+    vec![
+        "webpubsub.joinLeaveGroup".into(),
+        "webpubsub.sendToGroup".into(),
+    ]
+}

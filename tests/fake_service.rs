@@ -1,0 +1,557 @@
+//! The client against a scripted fake service: exact frames on the wire, malformed
+//! input, sequence handling, recovery URLs, retries and cancellation.
+
+mod common;
+
+use bytes::Bytes;
+use common::{fast_options, next_event, wait_for};
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use webpubsub_client::{
+    Client, ClientOptions, ClientState, Credential, DataType, Error, Event, InvokeOptions,
+    SendToGroupOptions,
+};
+
+struct Fake {
+    listener: TcpListener,
+    url: String,
+}
+
+impl Fake {
+    async fn new() -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "ws://{}/client/hubs/h?access_token=tok",
+            listener.local_addr().unwrap()
+        );
+        Fake { listener, url }
+    }
+
+    /// Accepts the next connection; returns it and its request URI.
+    #[allow(clippy::result_large_err)]
+    async fn accept(&self) -> (Conn, String) {
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), self.listener.accept())
+            .await
+            .expect("no connection within 10 s")
+            .unwrap();
+        let uri = Arc::new(Mutex::new(String::new()));
+        let seen = uri.clone();
+        let ws =
+            tokio_tungstenite::accept_hdr_async(tcp, move |req: &Request, mut resp: Response| {
+                *seen.lock().unwrap() = req.uri().to_string();
+                let offered = req.headers().get("Sec-WebSocket-Protocol").cloned();
+                if let Some(protocol) = offered {
+                    resp.headers_mut()
+                        .insert("Sec-WebSocket-Protocol", protocol);
+                }
+                Ok(resp)
+            })
+            .await
+            .unwrap();
+        let uri = uri.lock().unwrap().clone();
+        (Conn { ws }, uri)
+    }
+}
+
+struct Conn {
+    ws: WebSocketStream<TcpStream>,
+}
+
+impl Conn {
+    async fn send(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    async fn connected(&mut self, id: &str, token: &str) {
+        self.send(&format!(
+            r#"{{"type":"system","event":"connected","userId":"u","connectionId":"{id}","reconnectionToken":"{token}"}}"#
+        ))
+        .await;
+    }
+
+    /// The next text frame from the client (pings skipped).
+    async fn recv(&mut self) -> serde_json::Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("no frame from the client within 10 s")
+                .expect("connection closed")
+                .unwrap();
+            if let Message::Text(text) = message {
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if value["type"] != "ping" {
+                    return value;
+                }
+            }
+        }
+    }
+
+    /// Asserts that nothing but pings arrives for `ms` milliseconds.
+    async fn silent_for(&mut self, ms: u64) {
+        let quiet = tokio::time::timeout(Duration::from_millis(ms), self.recv()).await;
+        assert!(quiet.is_err(), "unexpected frame {:?}", quiet.unwrap());
+    }
+}
+
+fn quiet_options() -> ClientOptions {
+    ClientOptions {
+        keep_alive_interval: None,
+        keep_alive_timeout: None,
+        ..fast_options()
+    }
+}
+
+/// A started client on a fake service, with the connected frame sent.
+async fn connect(
+    fake: &Fake,
+    options: ClientOptions,
+) -> (Client, tokio::sync::mpsc::UnboundedReceiver<Event>, Conn) {
+    let (client, mut events) =
+        Client::with_channel(Credential::Url(fake.url.clone()), options).unwrap();
+    let starter = client.clone();
+    let start = tokio::spawn(async move { starter.start().await });
+    let (mut conn, uri) = fake.accept().await;
+    assert_eq!(uri, "/client/hubs/h?access_token=tok");
+    conn.connected("conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    let event = next_event(&mut events, 5).await;
+    assert_eq!(
+        event,
+        Event::Connected {
+            connection_id: "conn1".into(),
+            user_id: Some("u".into())
+        }
+    );
+    (client, events, conn)
+}
+
+fn server_message(text: &str, sequence_id: u64) -> String {
+    format!(
+        r#"{{"type":"message","from":"server","dataType":"text","data":"{text}","sequenceId":{sequence_id}}}"#
+    )
+}
+
+#[tokio::test]
+async fn the_subprotocol_is_offered_and_frames_match_the_reference() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    assert_eq!(client.state(), ClientState::Connected);
+    assert_eq!(client.connection_id().as_deref(), Some("conn1"));
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("g").await });
+    let frame = conn.recv().await;
+    assert_eq!(
+        frame,
+        serde_json::json!({"type":"joinGroup","group":"g","ackId":frame["ackId"]})
+    );
+    let ack_id = frame["ackId"].as_u64().unwrap();
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{ack_id},"success":true}}"#
+    ))
+    .await;
+    let result = join.await.unwrap().unwrap();
+    assert_eq!(result.ack_id, Some(ack_id));
+    assert!(!result.is_duplicated);
+
+    client
+        .send_to_group(
+            "g",
+            DataType::Json,
+            Bytes::from_static(br#"{"a":1}"#),
+            SendToGroupOptions {
+                no_echo: true,
+                fire_and_forget: true,
+                ack_id: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"sendToGroup","group":"g","noEcho":true,"dataType":"json","data":{"a":1}})
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_frames_are_skipped() {
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    conn.send("garbage").await;
+    conn.send(r#"{"type":"brandNew","group":{"x":1}}"#).await;
+    conn.send(r#"{"type":"message","from":"server","dataType":"text"}"#)
+        .await;
+    conn.send(r#"{"type":"ack","ackId":999,"success":true}"#)
+        .await;
+    conn.ws
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    conn.send(&server_message("still alive", 1)).await;
+    let event = next_event(&mut events, 5).await;
+    assert_eq!(
+        event,
+        Event::ServerMessage {
+            data_type: DataType::Text,
+            data: Bytes::from("still alive"),
+            sequence_id: Some(1)
+        }
+    );
+    assert_eq!(client.state(), ClientState::Connected);
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_sequence_ids_are_dropped_and_acknowledged() {
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    for (text, id) in [("a", 1), ("b", 2), ("b", 2), ("a", 1), ("c", 3)] {
+        conn.send(&server_message(text, id)).await;
+    }
+    let mut texts = Vec::new();
+    for _ in 0..3 {
+        texts.push(common::message_text(&next_event(&mut events, 5).await).unwrap());
+    }
+    assert_eq!(texts, ["a", "b", "c"]);
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"sequenceAck","sequenceId":3})
+    );
+    conn.silent_for(300).await;
+    assert!(
+        events.try_recv().is_err(),
+        "duplicates must not be delivered"
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_sequence_jump_over_300_is_acknowledged_at_once() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        sequence_ack_interval: Duration::from_secs(3600),
+        ..quiet_options()
+    };
+    let (client, mut events, mut conn) = connect(&fake, options).await;
+    conn.send(&server_message("x", 1)).await;
+    next_event(&mut events, 5).await;
+    conn.silent_for(200).await;
+    conn.send(&server_message("y", 302)).await;
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"sequenceAck","sequenceId":302})
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_pending_operation_is_resent_with_its_ack_id_after_recovery() {
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    conn.send(&server_message("before", 5)).await;
+    next_event(&mut events, 5).await;
+    let c = client.clone();
+    let send = tokio::spawn(async move {
+        c.send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from("once"),
+            SendToGroupOptions::default(),
+        )
+        .await
+    });
+    let first = conn.recv().await;
+    let first = if first["type"] == "sequenceAck" {
+        conn.recv().await
+    } else {
+        first
+    };
+    assert_eq!(first["type"], "sendToGroup");
+    drop(conn);
+
+    let (mut conn, uri) = fake.accept().await;
+    assert_eq!(
+        uri,
+        "/client/hubs/h?access_token=tok&awps_connection_id=conn1&awps_reconnection_token=rt1"
+    );
+    let mut resent = conn.recv().await;
+    if resent["type"] == "sequenceAck" {
+        resent = conn.recv().await;
+    }
+    assert_eq!(resent, first, "resent with the same ackId");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":false,"error":{{"name":"Duplicate","message":"done"}}}}"#,
+        first["ackId"]
+    ))
+    .await;
+    let result = send.await.unwrap().unwrap();
+    assert_eq!(result.ack_id, first["ackId"].as_u64());
+    assert!(result.is_duplicated);
+
+    conn.send(&server_message("before", 5)).await;
+    conn.send(&server_message("after", 6)).await;
+    let event = next_event(&mut events, 5).await;
+    assert_eq!(
+        common::message_text(&event).as_deref(),
+        Some("after"),
+        "replayed frame deduped, no events"
+    );
+    assert_eq!(client.state(), ClientState::Connected);
+    assert_eq!(client.connection_id().as_deref(), Some("conn1"));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn forbidden_is_not_retried_and_internal_errors_are_retried_with_the_same_ack_id() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("g").await });
+    let frame = conn.recv().await;
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":false,"error":{{"name":"Forbidden","message":"no role"}}}}"#,
+        frame["ackId"]
+    ))
+    .await;
+    let error = join.await.unwrap().unwrap_err();
+    assert_eq!(
+        error,
+        Error::Ack {
+            ack_id: frame["ackId"].as_u64().unwrap(),
+            name: "Forbidden".into(),
+            message: "no role".into()
+        }
+    );
+    conn.silent_for(400).await;
+
+    let c = client.clone();
+    let send = tokio::spawn(async move {
+        c.send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from("x"),
+            SendToGroupOptions::default(),
+        )
+        .await
+    });
+    let frame = conn.recv().await;
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":false,"error":{{"name":"InternalServerError","message":"oops"}}}}"#,
+        frame["ackId"]
+    ))
+    .await;
+    let retry = conn.recv().await;
+    assert_eq!(retry, frame);
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        frame["ackId"]
+    ))
+    .await;
+    assert_eq!(send.await.unwrap().unwrap().ack_id, frame["ackId"].as_u64());
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn invocations_reply_time_out_and_cancel() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let c = client.clone();
+    let invoke = tokio::spawn(async move {
+        c.invoke_event(
+            "echo",
+            DataType::Text,
+            Bytes::from("ping?"),
+            InvokeOptions::default(),
+        )
+        .await
+    });
+    let frame = conn.recv().await;
+    assert_eq!(frame["type"], "invoke");
+    assert_eq!(frame["target"], "event");
+    assert_eq!(frame["event"], "echo");
+    assert_eq!(frame["data"], "ping?");
+    let id = frame["invocationId"].as_str().unwrap().to_owned();
+    conn.send(&format!(r#"{{"type":"invokeResponse","invocationId":"{id}","success":true,"dataType":"text","data":"pong!"}}"#))
+        .await;
+    let reply = invoke.await.unwrap().unwrap();
+    assert_eq!(
+        (reply.data_type, reply.data),
+        (DataType::Text, Bytes::from("pong!"))
+    );
+
+    let c = client.clone();
+    let invoke = tokio::spawn(async move {
+        let opts = InvokeOptions {
+            timeout: Some(Duration::from_millis(200)),
+        };
+        c.invoke_event("slow", DataType::Text, Bytes::from("x"), opts)
+            .await
+    });
+    let frame = conn.recv().await;
+    let id = frame["invocationId"].clone();
+    assert_eq!(invoke.await.unwrap().unwrap_err(), Error::Timeout);
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"cancelInvocation","invocationId":id})
+    );
+
+    let c = client.clone();
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), async move {
+        c.invoke_event(
+            "dropped",
+            DataType::Text,
+            Bytes::from("x"),
+            InvokeOptions::default(),
+        )
+        .await
+    })
+    .await;
+    assert!(abandoned.is_err());
+    let frame = conn.recv().await;
+    assert_eq!(frame["event"], "dropped");
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"cancelInvocation","invocationId":frame["invocationId"]})
+    );
+
+    let c = client.clone();
+    let invoke = tokio::spawn(async move {
+        c.invoke_event(
+            "refused",
+            DataType::Text,
+            Bytes::from("x"),
+            InvokeOptions::default(),
+        )
+        .await
+    });
+    let frame = conn.recv().await;
+    let id = frame["invocationId"].as_str().unwrap().to_owned();
+    conn.send(&format!(
+        r#"{{"type":"invokeResponse","invocationId":"{id}","success":false,"error":{{"name":"BadRequest","message":"no handler"}}}}"#
+    ))
+    .await;
+    assert_eq!(
+        invoke.await.unwrap().unwrap_err(),
+        Error::Invoke {
+            invocation_id: id,
+            name: "BadRequest".into(),
+            message: "no handler".into()
+        }
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_pings_and_closes_a_silent_connection_to_recover_it() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        keep_alive_interval: Some(Duration::from_millis(100)),
+        keep_alive_timeout: Some(Duration::from_millis(500)),
+        ..fast_options()
+    };
+    let (client, mut events, mut conn) = connect(&fake, options).await;
+    let ping = tokio::time::timeout(Duration::from_secs(5), conn.ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ping, Message::text(r#"{"type":"ping"}"#));
+    let (mut recovered, uri) = fake.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    recovered.send(&server_message("back", 1)).await;
+    let event = next_event(&mut events, 5).await;
+    assert_eq!(common::message_text(&event).as_deref(), Some("back"));
+    drop(conn);
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn close_1008_loses_the_session_then_reconnects_with_a_fresh_url_and_rejoins() {
+    let fake = Fake::new().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let base = fake.url.clone();
+    let credential = Credential::provider(move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let url = base.replace("access_token=tok", &format!("access_token=tok{n}"));
+        async move { Ok(url) }
+    });
+    let (client, mut events) = Client::with_channel(credential, quiet_options()).unwrap();
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut conn, uri) = fake.accept().await;
+    assert!(uri.ends_with("access_token=tok1"), "{uri}");
+    conn.connected("conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    next_event(&mut events, 5).await;
+
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("room").await });
+    let frame = conn.recv().await;
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        frame["ackId"]
+    ))
+    .await;
+    join.await.unwrap().unwrap();
+
+    conn.send(r#"{"type":"system","event":"disconnected","message":"kicked"}"#)
+        .await;
+    conn.ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Policy,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+    let event = next_event(&mut events, 5).await;
+    assert_eq!(
+        event,
+        Event::Disconnected {
+            connection_id: Some("conn1".into()),
+            message: Some("kicked".into()),
+            close_code: Some(1008)
+        }
+    );
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        uri.ends_with("access_token=tok2"),
+        "a fresh URL, no recovery: {uri}"
+    );
+    conn.connected("conn2", "rt2").await;
+    let event = next_event(&mut events, 5).await;
+    assert_eq!(
+        event,
+        Event::Connected {
+            connection_id: "conn2".into(),
+            user_id: Some("u".into())
+        }
+    );
+    let rejoin = conn.recv().await;
+    assert_eq!(rejoin["type"], "joinGroup");
+    assert_eq!(rejoin["group"], "room");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":false,"error":{{"name":"Forbidden","message":"not any more"}}}}"#,
+        rejoin["ackId"]
+    ))
+    .await;
+    let (event, _) = wait_for(&mut events, 5, |e| {
+        matches!(e, Event::RejoinGroupFailed { .. })
+    })
+    .await;
+    assert!(
+        matches!(event, Event::RejoinGroupFailed { group, error: Error::Ack { name, .. } } if group == "room" && name == "Forbidden")
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    client.stop().await;
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
+    assert_eq!(event, Event::Stopped);
+}
