@@ -1,0 +1,232 @@
+"""The asyncio client against the real library and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, List
+
+import pytest
+from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream
+
+from webpubsub_client.aio import WebPubSubClient, WebPubSubClientCredential
+from webpubsub_client.models import (
+    CallbackType,
+    InvokeEventError,
+    OnConnectedArgs,
+    OnGroupDataMessageArgs,
+    OpenClientError,
+    SendMessageError,
+    WebPubSubClientState,
+    WebPubSubDataType,
+    WebPubSubProtocolType,
+)
+
+
+def make(url: Any, protocol: WebPubSubProtocolType = WebPubSubProtocolType.JSON_RELIABLE, **kw: Any) -> WebPubSubClient:
+    return WebPubSubClient(url, protocol_type=protocol, **{**FAST, **kw})
+
+
+@pytest.fixture(params=PROTOCOLS, ids=["reliable", "json"])
+def protocol(request: Any) -> WebPubSubProtocolType:
+    return request.param
+
+
+class AsyncCollector:
+    """Collects listener arguments on the event loop; ``wait_for`` is bounded."""
+
+    def __init__(self) -> None:
+        self.items: List[Any] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, *args: Any) -> None:
+        self.items.append(args[0] if len(args) == 1 else args)
+        self._changed.set()
+
+    async def wait_for(self, count: int, timeout: float = WAIT) -> List[Any]:
+        async def reached() -> None:
+            while len(self.items) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(reached(), timeout)
+        except asyncio.TimeoutError:
+            pytest.fail(f"expected {count} items within {timeout} s, got {self.items!r}")
+        return list(self.items)
+
+
+async def test_open_close_and_async_listeners(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    connected, stopped = AsyncCollector(), AsyncCollector()
+    loop = asyncio.get_running_loop()
+    threads: List[bool] = []
+
+    async def on_connected(args: OnConnectedArgs) -> None:
+        threads.append(asyncio.get_running_loop() is loop)
+        connected(args)
+
+    client = make(hub.url("alice"), protocol)
+    await client.subscribe(CallbackType.CONNECTED, on_connected)
+    await client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))  # plain functions work too
+    await client.open()
+    assert client.is_connected()
+    (args,) = await connected.wait_for(1)
+    assert args.user_id == "alice" and args.connection_id == client.connection_id
+    assert threads == [True]  # listeners run on the loop that opened the client
+    with pytest.raises(OpenClientError):
+        await client.open()
+    await client.close()
+    await stopped.wait_for(1)
+    await client.close()
+    assert client.state is WebPubSubClientState.STOPPED
+
+
+async def test_context_manager_and_round_trip(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    got = AsyncCollector()
+    async with make(hub.url("bob"), protocol) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        r1 = await client.send_to_group("g", "text", WebPubSubDataType.TEXT)
+        r2 = await client.send_to_group("g", {"j": [1]}, WebPubSubDataType.JSON)
+        await client.send_to_group("g", b"\x00b", WebPubSubDataType.BINARY, ack=False)
+        assert r1.ack_id is not None and r2.ack_id is not None and r1.ack_id != r2.ack_id
+        messages = await got.wait_for(3)
+        await client.leave_group("g")
+    assert [m.data if m.data_type != "binary" else bytes(m.data) for m in messages] == ["text", {"j": [1]}, b"\x00b"]
+    assert all(isinstance(m, OnGroupDataMessageArgs) and m.from_user_id == "bob" for m in messages)
+    assert not client.is_connected()
+
+
+async def test_async_listener_may_await_client_calls(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    """The "callback deadlock" case for asyncio: a listener awaits a send."""
+    got = AsyncCollector()
+    async with make(hub.url(), protocol) as client:
+
+        async def on_message(message: OnGroupDataMessageArgs) -> None:
+            got(message)
+            if message.data == "ping":
+                await client.send_to_group("g", "pong", WebPubSubDataType.TEXT)
+
+        await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        await client.join_group("g")
+        await client.send_to_group("g", "ping", WebPubSubDataType.TEXT)
+        await got.wait_for(2)
+    assert [m.data for m in got.items] == ["ping", "pong"]
+
+
+async def test_server_messages_and_events(hub: Hub, upstream: Upstream) -> None:
+    got = AsyncCollector()
+    async with make(hub.url("carol")) as client:
+        await client.subscribe(CallbackType.SERVER_MESSAGE, got)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: hub.service.send_to_user("carol", {"a": 1}))
+        (message,) = await got.wait_for(1)
+        assert message.data == {"a": 1} and message.data_type is WebPubSubDataType.JSON
+        while not upstream.events.empty():
+            upstream.events.get_nowait()
+        await client.send_event("notify", "hello", WebPubSubDataType.TEXT)
+        event = await asyncio.get_running_loop().run_in_executor(None, upstream.next_event)
+    assert event["event"] == "notify" and event["body"] == b"hello"
+
+
+async def test_invoke_and_cancellation(hub: Hub) -> None:
+    async with make(hub.url()) as client:
+        result = await client.invoke_event("echo", {"q": 1}, WebPubSubDataType.JSON)
+        assert result.data == {"q": 1}
+        with pytest.raises(InvokeEventError):
+            await client.invoke_event("fail", "x", WebPubSubDataType.TEXT)
+        started = time.monotonic()
+        task = asyncio.ensure_future(client.invoke_event("slow", "x", WebPubSubDataType.TEXT))
+        await asyncio.sleep(0)  # let the invocation start
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 1.0
+        # the client is still usable after a cancelled operation
+        # (the emulator may finish the slow upstream call first: allow for it)
+        again = await client.invoke_event("echo", "still here", WebPubSubDataType.TEXT, timeout=WAIT)
+        assert again.data == "still here"
+
+
+async def test_forbidden_and_not_connected_errors(hub: Hub) -> None:
+    client = make(hub.url(roles=[]), message_retry_total=0)
+    with pytest.raises(SendMessageError):
+        await client.join_group("g")
+    async with client:
+        with pytest.raises(SendMessageError) as info:
+            await client.join_group("g")
+    assert info.value.error_detail is not None and info.value.error_detail.name == "Forbidden"
+
+
+async def test_async_credential_is_awaited_for_every_new_connection(hub: Hub) -> None:
+    calls: List[str] = []
+
+    async def provide() -> str:
+        await asyncio.sleep(0)
+        calls.append("called")
+        return hub.url()
+
+    connected = AsyncCollector()
+    async with make(WebPubSubClientCredential(provide)) as client:
+        await client.subscribe(CallbackType.CONNECTED, connected)
+        first = client.connection_id
+        await asyncio.get_running_loop().run_in_executor(None, lambda: hub.drop(first, recoverable=False))
+        (again,) = await connected.wait_for(1)
+        assert again.connection_id != first
+    assert len(calls) == 2
+
+
+async def test_async_credential_error_fails_open(hub: Hub) -> None:
+    async def broken() -> str:
+        raise RuntimeError("token service down")
+
+    client = make(WebPubSubClientCredential(broken), reconnect_retry_total=0)
+    with pytest.raises(OpenClientError, match="token service down"):
+        await client.open()
+
+
+async def test_recovery_after_drop_async(hub: Hub) -> None:
+    got = AsyncCollector()
+    total = 30
+    async with make(hub.url()) as subscriber, make(hub.url()) as publisher:
+        await subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await subscriber.join_group("g")
+        connection_id = subscriber.connection_id
+        loop = asyncio.get_running_loop()
+        for i in range(total):
+            if i == total // 2:
+                await loop.run_in_executor(None, hub.drop, connection_id)
+            await publisher.send_to_group("g", str(i), WebPubSubDataType.TEXT)
+        await got.wait_for(total)
+        assert subscriber.connection_id == connection_id
+    assert [m.data for m in got.items] == [str(i) for i in range(total)]
+
+
+async def test_concurrent_operations_on_one_loop(hub: Hub) -> None:
+    got = AsyncCollector()
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        results = await asyncio.gather(*(client.send_to_group("g", str(i), "text") for i in range(50)))
+        assert len({r.ack_id for r in results}) == 50
+        await got.wait_for(50)
+    assert sorted(int(m.data) for m in got.items) == list(range(50))
+
+
+def test_async_client_works_across_asyncio_run_calls(hub: Hub) -> None:
+    """Each asyncio.run gets a new loop; opening again binds the listeners to the new loop."""
+    client = make(hub.url())
+    seen: List[str] = []
+
+    async def session(tag: str) -> None:
+        got = AsyncCollector()
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        async with client:
+            await client.join_group("g")
+            await client.send_to_group("g", tag, "text")
+            await got.wait_for(1)
+        await client.unsubscribe(CallbackType.GROUP_MESSAGE, got)
+        seen.extend(m.data for m in got.items)
+
+    asyncio.run(session("first"))
+    asyncio.run(session("second"))
+    assert seen == ["first", "second"]

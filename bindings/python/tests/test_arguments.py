@@ -1,0 +1,141 @@
+"""Bad arguments raise TypeError/ValueError with clear messages before reaching the library."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import pytest
+
+from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
+from webpubsub_client.aio import WebPubSubClient as AsyncWebPubSubClient
+from webpubsub_client.models import CallbackType, RetryMode, WebPubSubDataType, WebPubSubProtocolType
+
+URL = "ws://127.0.0.1:9/client/hubs/h?access_token=x"
+
+
+@pytest.fixture
+def client() -> WebPubSubClient:
+    return WebPubSubClient(URL)
+
+
+@pytest.mark.parametrize(
+    "credential, error, text",
+    [
+        (None, TypeError, "credential must be a str or WebPubSubClientCredential"),
+        (42, TypeError, "credential must be a str or WebPubSubClientCredential"),
+        ("", ValueError, "must not be empty"),
+        ("ws://x\0y", ValueError, "NUL"),
+    ],
+)
+def test_bad_credential(credential: Any, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        WebPubSubClient(credential)
+
+
+def test_bad_credential_provider() -> None:
+    with pytest.raises(TypeError, match="client_access_url_provider must be a str or a callable"):
+        WebPubSubClientCredential(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["not a url at all", "ftp://host/x", "ws:///no-host"])
+def test_unusable_url_is_a_value_error(url: str) -> None:
+    with pytest.raises(ValueError, match="must be a ws:// or wss:// client access URL"):
+        WebPubSubClient(url)
+    with pytest.raises(ValueError, match="must be a ws:// or wss:// client access URL"):
+        WebPubSubClientCredential(url)
+
+
+@pytest.mark.parametrize(
+    "options, error, text",
+    [
+        ({"protocol_type": "mqtt"}, ValueError, "protocol_type must be one of"),
+        ({"protocol_type": 1}, TypeError, "protocol_type must be a WebPubSubProtocolType or str"),
+        ({"auto_rejoin_groups": "yes"}, TypeError, "auto_rejoin_groups must be a bool"),
+        ({"message_retry_total": -1}, ValueError, "message_retry_total must be >= 0"),
+        ({"message_retry_total": 1.5}, TypeError, "message_retry_total must be an int"),
+        ({"reconnect_retry_total": True}, TypeError, "reconnect_retry_total must be an int"),
+        ({"message_retry_backoff_factor": -0.1}, ValueError, "message_retry_backoff_factor must be a finite"),
+        ({"reconnect_retry_backoff_max": math.inf}, ValueError, "reconnect_retry_backoff_max must be a finite"),
+        ({"ack_timeout": "1"}, TypeError, "ack_timeout must be a number of seconds"),
+        ({"ack_timeout": 0}, ValueError, "ack_timeout must be > 0"),
+        ({"start_timeout": math.nan}, ValueError, "start_timeout must be a finite"),
+        ({"message_retry_mode": "sometimes"}, ValueError, "message_retry_mode must be one of"),
+        ({"keep_alive_interval": -1}, ValueError, "keep_alive_interval"),
+        ({"ca_pem": 12}, TypeError, "ca_pem must be PEM text"),
+        ({"logging_enable": 1}, TypeError, "logging_enable must be a bool"),
+        ({"no_such_option": 1}, TypeError, "no_such_option"),
+    ],
+)
+def test_bad_options(options: Dict[str, Any], error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        WebPubSubClient(URL, **options)
+    with pytest.raises(error, match=text):
+        AsyncWebPubSubClient(URL, **options)
+
+
+def test_accepted_option_spellings() -> None:
+    WebPubSubClient(
+        URL,
+        protocol_type="JSON.WEBPUBSUB.AZURE.V1",
+        message_retry_mode="Fixed",
+        reconnect_retry_mode=RetryMode.Exponential,
+        reconnect_retry_total=2**63,  # the official default for "unbounded"
+        keep_alive_interval=0,
+        keep_alive_timeout=0,
+    )
+    WebPubSubClient(URL, protocol_type=WebPubSubProtocolType.JSON, message_retry_mode=RetryMode.Fixed)
+
+
+def test_azure_core_retry_mode_is_accepted() -> None:
+    from azure.core.pipeline.policies import RetryMode as AzureRetryMode
+
+    WebPubSubClient(URL, message_retry_mode=AzureRetryMode.Fixed, reconnect_retry_mode=AzureRetryMode.Exponential)
+
+
+@pytest.mark.parametrize(
+    "call, error, text",
+    [
+        (lambda c: c.join_group(None), TypeError, "group_name must be a str"),
+        (lambda c: c.join_group(""), ValueError, "group_name must not be empty"),
+        (lambda c: c.leave_group("a\0b"), ValueError, "group_name must not contain a NUL"),
+        (lambda c: c.join_group("g", ack_id=0), ValueError, "ack_id must be >= 1"),
+        (lambda c: c.join_group("g", ack_id="1"), TypeError, "ack_id must be an int"),
+        (lambda c: c.send_to_group("g", b"x", WebPubSubDataType.TEXT), TypeError, "content must be a str"),
+        (lambda c: c.send_to_group("g", "x", WebPubSubDataType.BINARY), TypeError, "content must be bytes"),
+        (lambda c: c.send_to_group("g", {1, 2}, WebPubSubDataType.JSON), TypeError, "not JSON-serializable"),
+        (lambda c: c.send_to_group("g", math.nan, WebPubSubDataType.JSON), ValueError, "not valid JSON"),
+        (lambda c: c.send_to_group("g", "x", "xml"), ValueError, "data_type must be one of"),
+        (lambda c: c.send_to_group("g", "x", 3), TypeError, "data_type must be a WebPubSubDataType"),
+        (lambda c: c.send_to_group("g", "x", "text", ack="no"), TypeError, "ack must be a bool"),
+        (lambda c: c.send_to_group("g", "x", "text", no_echo=1), TypeError, "no_echo must be a bool"),
+        (lambda c: c.send_to_group("g", "x", "text", ack=False, ack_id=5), ValueError, "ack_id cannot be used"),
+        (lambda c: c.send_event(1, "x", "text"), TypeError, "event_name must be a str"),
+        (lambda c: c.send_event("e", "x", "text", ack_id=-3), ValueError, "ack_id must be >= 1"),
+        (lambda c: c.invoke_event("", "x", "text"), ValueError, "event_name must not be empty"),
+        (lambda c: c.invoke_event("e", "x", "text", timeout=0), ValueError, "timeout must be > 0"),
+        (lambda c: c.invoke_event("e", "x", "text", timeout="1"), TypeError, "timeout must be a number"),
+        (lambda c: c.subscribe("nope", print), ValueError, "event must be one of"),
+        (lambda c: c.subscribe(CallbackType.CONNECTED, "not callable"), TypeError, "listener must be callable"),
+        (lambda c: c.unsubscribe(7, print), TypeError, "event must be a CallbackType or str"),
+    ],
+)
+def test_bad_operation_arguments(client: WebPubSubClient, call: Any, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        call(client)
+
+
+@pytest.mark.parametrize(
+    "call, error, text",
+    [
+        (lambda c: c.join_group(5), TypeError, "group_name must be a str"),
+        (lambda c: c.send_to_group("g", 1, "text"), TypeError, "content must be a str"),
+        (lambda c: c.send_event("e", "x", "bogus"), ValueError, "data_type must be one of"),
+        (lambda c: c.invoke_event("e", "x", "text", timeout=-1), ValueError, "timeout must be a finite"),
+        (lambda c: c.subscribe("nope", print), ValueError, "event must be one of"),
+    ],
+)
+async def test_bad_async_operation_arguments(call: Any, error: type, text: str) -> None:
+    client = AsyncWebPubSubClient(URL)
+    with pytest.raises(error, match=text):
+        await call(client)

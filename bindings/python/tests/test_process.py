@@ -1,0 +1,83 @@
+"""Loader, logging and interpreter-exit behaviour (some in a child interpreter)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict
+
+from conftest import FAST, Hub, wait_until
+
+import webpubsub_client
+from webpubsub_client import WebPubSubClient, _native
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, env: Dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_missing_library_error_lists_every_path_tried(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "libwebpubsub_client.so"
+    result = run_python("import webpubsub_client", {_native.ENV_VAR: str(missing)})
+    assert result.returncode != 0
+    assert "LibraryNotFoundError" in result.stderr
+    assert str(missing) in result.stderr
+    assert _native.ENV_VAR in result.stderr
+
+
+def test_loader_candidates_cover_env_package_and_target(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv(_native.ENV_VAR, str(tmp_path / "lib.so"))
+    candidates = [str(p) for p in _native._candidates()]
+    assert candidates[0] == str(tmp_path / "lib.so")
+    package_dir = Path(_native.__file__).resolve().parent
+    assert any(c.startswith(str(package_dir)) for c in candidates)
+    assert any(os.sep + "release" + os.sep in c for c in candidates)
+    assert any(os.sep + "debug" + os.sep in c for c in candidates)
+
+
+def test_native_version_is_exposed() -> None:
+    assert webpubsub_client.native_version()
+
+
+def test_library_logs_reach_python_logging(hub: Hub, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="webpubsub_client.native")
+    with WebPubSubClient(hub.url(), **FAST) as client:
+        client.join_group("g")
+    wait_until(
+        lambda: any(r.name == "webpubsub_client.native" for r in caplog.records),
+        what="a log record from the native library",
+    )
+
+
+def test_open_client_is_closed_at_interpreter_exit(hub: Hub) -> None:
+    """A client left open is stopped by the exit hook: the process exits promptly and cleanly."""
+    code = f"""
+        from webpubsub_client import WebPubSubClient
+        client = WebPubSubClient({hub.url("leaver")!r}, start_timeout=5.0)
+        client.subscribe("group-message", lambda m: print("message", m.data, flush=True))
+        client.open()
+        client.join_group("exit-group")
+        print(client.connection_id, flush=True)
+        # no close(): the exit hook must stop it
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr
+    connection_id = result.stdout.strip().splitlines()[-1]
+    assert connection_id
+    wait_until(
+        lambda: not hub.service.connection_exists(connection_id),
+        what="the child's connection closed",
+    )

@@ -1,0 +1,483 @@
+"""The synchronous client against the real library and the emulator."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, List
+
+import pytest
+from conftest import FAST, PROTOCOLS, WAIT, Collector, Hub, Upstream, wait_until
+
+from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
+from webpubsub_client.models import (
+    CallbackType,
+    InvokeEventError,
+    OnConnectedArgs,
+    OnDisconnectedArgs,
+    OnGroupDataMessageArgs,
+    OnRejoinGroupFailedArgs,
+    OnServerDataMessageArgs,
+    OpenClientError,
+    SendMessageError,
+    WebPubSubClientState,
+    WebPubSubDataType,
+    WebPubSubProtocolType,
+)
+
+
+def make(url: Any, protocol: WebPubSubProtocolType = WebPubSubProtocolType.JSON_RELIABLE, **kw: Any) -> WebPubSubClient:
+    return WebPubSubClient(url, protocol_type=protocol, **{**FAST, **kw})
+
+
+@pytest.fixture(params=PROTOCOLS, ids=["reliable", "json"])
+def protocol(request: Any) -> WebPubSubProtocolType:
+    return request.param
+
+
+# ---- lifecycle ---------------------------------------------------------------------------
+
+
+def test_open_close_events_and_state(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    client = make(hub.url("alice"), protocol)
+    connected, stopped = Collector(), Collector()
+    client.subscribe(CallbackType.CONNECTED, connected)
+    client.subscribe("stopped", lambda: stopped("stopped"))
+    assert client.state is WebPubSubClientState.STOPPED
+    assert not client.is_connected()
+    assert client.connection_id is None
+
+    client.open()
+    assert client.is_connected()
+    assert client.state is WebPubSubClientState.CONNECTED
+    (args,) = connected.wait_for(1)
+    assert isinstance(args, OnConnectedArgs)
+    assert args.user_id == "alice"
+    assert args.connection_id and args.connection_id == client.connection_id
+
+    client.close()
+    stopped.wait_for(1)
+    assert not client.is_connected()
+    assert client.state is WebPubSubClientState.STOPPED
+
+
+def test_second_open_raises_and_close_is_idempotent(hub: Hub) -> None:
+    client = make(hub.url())
+    client.open()
+    with pytest.raises(OpenClientError):
+        client.open()
+    assert client.is_connected()
+    client.close()
+    client.close()  # a second close is a no-op, as in the official client
+    # a closed client can be opened again
+    client.open()
+    assert client.is_connected()
+    client.close()
+
+
+def test_close_before_open_is_a_no_op(hub: Hub) -> None:
+    client = make(hub.url())
+    client.close()
+    assert client.state is WebPubSubClientState.STOPPED
+
+
+def test_context_manager(hub: Hub) -> None:
+    with make(hub.url()) as client:
+        assert isinstance(client, WebPubSubClient)
+        assert client.is_connected()
+    assert not client.is_connected()
+
+
+def test_open_with_bad_token_raises_open_client_error(hub: Hub) -> None:
+    url = hub.url().split("access_token=")[0] + "access_token=not.a.jwt"
+    client = make(url, reconnect_retry_total=0)
+    started = time.monotonic()
+    with pytest.raises(OpenClientError) as info:
+        client.open()
+    assert time.monotonic() - started < FAST["start_timeout"] + 1
+    assert "Failed to open client" in str(info.value)
+    assert client.state is WebPubSubClientState.STOPPED
+
+
+def test_open_unreachable_server_raises_open_client_error() -> None:
+    url = "ws://127.0.0.1:9/client/hubs/h?access_token=x"  # port 9 (discard): nothing listens
+    client = WebPubSubClient(url, start_timeout=2.0, reconnect_retry_total=0)
+    with pytest.raises(OpenClientError):
+        client.open()
+
+
+# ---- group messages ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data_type, content, expected",
+    [
+        (WebPubSubDataType.TEXT, "héllo", "héllo"),
+        (WebPubSubDataType.JSON, {"a": [1, 2.5, None, True], "b": "x"}, {"a": [1, 2.5, None, True], "b": "x"}),
+        (WebPubSubDataType.JSON, "just a string", "just a string"),
+        (WebPubSubDataType.JSON, 42, 42),
+        (WebPubSubDataType.BINARY, b"\x00\x01\xffbin", b"\x00\x01\xffbin"),
+        (WebPubSubDataType.BINARY, memoryview(b"view"), b"view"),
+        (WebPubSubDataType.PROTOBUF, bytearray(b"\x08\x96\x01"), b"\x08\x96\x01"),
+        ("text", "lower-case data type", "lower-case data type"),
+    ],
+)
+def test_send_to_group_round_trip(
+    hub: Hub, protocol: WebPubSubProtocolType, data_type: Any, content: Any, expected: Any
+) -> None:
+    received = Collector()
+    with make(hub.url("bob"), protocol) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, received)
+        client.join_group("room")
+        result = client.send_to_group("room", content, data_type)
+        assert result.ack_id is not None and not result.is_duplicated
+        (message,) = received.wait_for(1)
+    assert isinstance(message, OnGroupDataMessageArgs)
+    assert message.group == "room"
+    assert message.from_user_id == "bob"
+    assert message.data_type == WebPubSubDataType(str(data_type))
+    if isinstance(expected, bytes):
+        assert isinstance(message.data, memoryview)
+        assert bytes(message.data) == expected
+    else:
+        assert message.data == expected
+    if protocol is WebPubSubProtocolType.JSON_RELIABLE:
+        assert isinstance(message.sequence_id, int) and message.sequence_id > 0
+    else:
+        assert message.sequence_id is None
+
+
+def test_no_echo_fire_and_forget_and_leave(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    a_got, b_got = Collector(), Collector()
+    with make(hub.url("a"), protocol) as a, make(hub.url("b"), protocol) as b:
+        a.subscribe(CallbackType.GROUP_MESSAGE, a_got)
+        b.subscribe(CallbackType.GROUP_MESSAGE, b_got)
+        a.join_group("g")
+        b.join_group("g")
+        a.send_to_group("g", "1-no-echo", WebPubSubDataType.TEXT, no_echo=True)
+        result = a.send_to_group("g", "2-fire-and-forget", WebPubSubDataType.TEXT, ack=False)
+        assert result.ack_id is None
+        b_got.wait_for(2)
+        a_got.wait_for(1)
+        b.leave_group("g")
+        a.send_to_group("g", "3-after-leave", WebPubSubDataType.TEXT)
+        a_got.wait_for(2)
+        # b left before message 3 was sent, and a's copy of 3 arrived after a's copy of 2:
+        # ordering on one connection makes "b has nothing more" a safe check once a has 3.
+        b.send_to_group("g", "4-from-b", WebPubSubDataType.TEXT)
+        a_got.wait_for(3)
+    assert [m.data for m in b_got.items] == ["1-no-echo", "2-fire-and-forget"]
+    assert [m.data for m in a_got.items] == ["2-fire-and-forget", "3-after-leave", "4-from-b"]
+
+
+def test_unsubscribe_stops_delivery(hub: Hub) -> None:
+    first, second = Collector(), Collector()
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, first)
+        client.subscribe(CallbackType.GROUP_MESSAGE, second)
+        client.join_group("g")
+        client.send_to_group("g", "one", "text")
+        first.wait_for(1)
+        second.wait_for(1)
+        client.unsubscribe(CallbackType.GROUP_MESSAGE, first)
+        client.unsubscribe(CallbackType.GROUP_MESSAGE, first)  # absent: ignored
+        client.send_to_group("g", "two", "text")
+        second.wait_for(2)
+    assert [m.data for m in first.items] == ["one"]
+
+
+def test_listener_exception_is_logged_and_others_still_run(hub: Hub, caplog: Any) -> None:
+    got = Collector()
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, broken)
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        client.send_to_group("g", "x", "text")
+        client.send_to_group("g", "y", "text")
+        got.wait_for(2)
+    assert any("listener bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_callback_may_send_from_inside_a_listener(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    """The official suite's "callback deadlock" case: a listener sends and waits for the ack."""
+    got = Collector()
+    errors: List[BaseException] = []
+    with make(hub.url(), protocol) as client:
+
+        def on_message(message: OnGroupDataMessageArgs) -> None:
+            got(message)
+            if message.data == "ping":
+                try:
+                    client.send_to_group("g", "pong", WebPubSubDataType.TEXT)
+                    client.join_group("other")
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+        client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        client.join_group("g")
+        client.send_to_group("g", "ping", WebPubSubDataType.TEXT)
+        got.wait_for(2)
+    assert not errors
+    assert [m.data for m in got.items] == ["ping", "pong"]
+
+
+def test_close_from_inside_a_listener(hub: Hub) -> None:
+    stopped = Collector()
+    errors: List[BaseException] = []
+    client = make(hub.url())
+
+    def on_message(_: OnGroupDataMessageArgs) -> None:
+        try:
+            client.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    client.open()
+    client.join_group("g")
+    client.send_to_group("g", "stop now", WebPubSubDataType.TEXT)
+    stopped.wait_for(1)
+    wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped state")
+    assert not errors
+
+
+# ---- server messages and events -----------------------------------------------------------
+
+
+def test_server_messages_of_every_type(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    got = Collector()
+    with make(hub.url("carol"), protocol) as client:
+        client.subscribe(CallbackType.SERVER_MESSAGE, got)
+        hub.service.send_to_all("plain", content_type="text/plain")
+        hub.service.send_to_user("carol", {"k": 1})
+        hub.service.send_to_connection(client.connection_id, b"\x01\x02", content_type="application/octet-stream")
+        messages = got.wait_for(3)
+    assert all(isinstance(m, OnServerDataMessageArgs) for m in messages)
+    assert [(m.data_type, m.data if m.data_type != "binary" else bytes(m.data)) for m in messages] == [
+        (WebPubSubDataType.TEXT, "plain"),
+        (WebPubSubDataType.JSON, {"k": 1}),
+        (WebPubSubDataType.BINARY, b"\x01\x02"),
+    ]
+
+
+def test_send_event_reaches_the_upstream(hub: Hub, upstream: Upstream) -> None:
+    while not upstream.events.empty():
+        upstream.events.get_nowait()
+    with make(hub.url("dave")) as client:
+        result = client.send_event("notify", {"n": 1}, WebPubSubDataType.JSON)
+        assert result.ack_id is not None
+        first = upstream.next_event()
+        client.send_event("notify", b"\x07", WebPubSubDataType.BINARY, ack=False)
+        second = upstream.next_event()
+    assert first["event"] == "notify" and first["user_id"] == "dave"
+    assert json.loads(first["body"]) == {"n": 1}
+    assert second["body"] == b"\x07"
+
+
+def test_invoke_event(hub: Hub) -> None:
+    with make(hub.url()) as client:
+        text = client.invoke_event("echo", "hi", WebPubSubDataType.TEXT)
+        assert (text.data_type, text.data) == (WebPubSubDataType.TEXT, "hi")
+        value = client.invoke_event("echo", {"x": [1]}, WebPubSubDataType.JSON)
+        assert (value.data_type, value.data) == (WebPubSubDataType.JSON, {"x": [1]})
+        raw = client.invoke_event("echo", b"\x00\x01", WebPubSubDataType.BINARY)
+        assert (raw.data_type, raw.data) == (WebPubSubDataType.BINARY, b"\x00\x01")
+        with pytest.raises(InvokeEventError) as info:
+            client.invoke_event("fail", "x", WebPubSubDataType.TEXT)
+        assert info.value.error_detail is not None and info.value.error_detail.name
+        started = time.monotonic()
+        with pytest.raises(InvokeEventError) as timed_out:
+            client.invoke_event("slow", "x", WebPubSubDataType.TEXT, timeout=0.3)
+        assert time.monotonic() - started < 2.5
+        assert timed_out.value.error_detail is not None
+        assert timed_out.value.error_detail.name == "Timeout"
+
+
+# ---- errors from the service ----------------------------------------------------------------
+
+
+def test_forbidden_join_fails_fast_without_retrying(hub: Hub) -> None:
+    with make(hub.url(roles=[]), message_retry_total=3, message_retry_backoff_factor=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(SendMessageError) as info:
+            client.join_group("locked")
+        assert time.monotonic() - started < 1.0  # Forbidden is never retried
+    assert info.value.error_detail is not None
+    assert info.value.error_detail.name == "Forbidden"
+    assert "Forbidden" in str(info.value)
+
+
+def test_operations_when_not_connected_raise_send_message_error(hub: Hub) -> None:
+    client = make(hub.url(), message_retry_total=0)
+    with pytest.raises(SendMessageError):
+        client.join_group("g")
+    with pytest.raises(SendMessageError):
+        client.send_to_group("g", "x", WebPubSubDataType.TEXT)
+    with pytest.raises(SendMessageError):
+        client.send_event("e", "x", WebPubSubDataType.TEXT)
+    with pytest.raises(InvokeEventError):
+        client.invoke_event("echo", "x", WebPubSubDataType.TEXT)
+
+
+def test_lost_ack_times_out_then_a_retry_keeps_its_ack_id(hub: Hub) -> None:
+    with make(hub.url(), message_retry_total=0, ack_timeout=0.5) as client:
+        hub.drop_acks(client.connection_id, 1)
+        with pytest.raises(SendMessageError) as info:
+            client.join_group("g")
+        assert info.value.error_detail is not None and info.value.error_detail.name == "Timeout"
+    got = Collector()
+    with make(hub.url(), message_retry_total=2, ack_timeout=0.5) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        hub.drop_acks(client.connection_id, 1)
+        result = client.send_to_group("g", "once", WebPubSubDataType.TEXT)
+        assert result.is_duplicated  # the retry reused the ackId; the service had it already
+        client.send_to_group("g", "marker", WebPubSubDataType.TEXT)
+        got.wait_for(2)
+    assert [m.data for m in got.items] == ["once", "marker"]
+
+
+# ---- connection loss ----------------------------------------------------------------------------
+
+
+def test_recovery_after_a_dropped_socket_loses_and_duplicates_nothing(hub: Hub) -> None:
+    got, disconnected = Collector(), Collector()
+    total = 60
+    with make(hub.url("sub")) as subscriber, make(hub.url("pub")) as publisher:
+        subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        subscriber.subscribe(CallbackType.DISCONNECTED, disconnected)
+        subscriber.join_group("g")
+        connection_id = subscriber.connection_id
+        for i in range(total):
+            if i == total // 3:
+                hub.drop(connection_id)
+            if i == 2 * total // 3:
+                hub.drop(publisher.connection_id)  # the publisher recovers mid-stream too
+            publisher.send_to_group("g", str(i), WebPubSubDataType.TEXT)
+        got.wait_for(total)
+        assert subscriber.connection_id == connection_id  # recovered, not reconnected
+        publisher.send_to_group("g", "end", WebPubSubDataType.TEXT)
+        got.wait_for(total + 1)
+    assert [m.data for m in got.items] == [str(i) for i in range(total)] + ["end"]
+    sequence_ids = [m.sequence_id for m in got.items]
+    assert sequence_ids == sorted(set(sequence_ids))
+    assert disconnected.items == []
+
+
+def test_unrecoverable_drop_reconnects_and_rejoins_groups(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    connected, disconnected, got = Collector(), Collector(), Collector()
+    with make(hub.url("r"), protocol) as client:
+        client.subscribe(CallbackType.CONNECTED, connected)
+        client.subscribe(CallbackType.DISCONNECTED, disconnected)
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        first_id = client.connection_id
+        hub.drop(first_id, recoverable=False)
+        (lost,) = disconnected.wait_for(1)
+        assert isinstance(lost, OnDisconnectedArgs)
+        assert lost.connection_id == first_id
+        (again,) = connected.wait_for(1)
+        assert again.connection_id != first_id
+        wait_until(client.is_connected, what="reconnected")
+        # auto-rejoin: the group works on the new connection without joining again
+        hub.service.send_to_group("g", "after", content_type="text/plain")
+        got.wait_for(1)
+    assert got.items[0].data == "after"
+
+
+def test_close_code_1008_disconnects_then_stops_without_reconnect(hub: Hub) -> None:
+    disconnected, stopped = Collector(), Collector()
+    client = make(hub.url(), reconnect_retry_total=0)
+    client.subscribe(CallbackType.DISCONNECTED, disconnected)
+    client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    client.open()
+    hub.close_connection(client.connection_id, 1008, "policy")
+    disconnected.wait_for(1)
+    stopped.wait_for(1)
+    assert client.state is WebPubSubClientState.STOPPED
+    assert disconnected.items[0].close_code in (None, 1008)
+    client.close()
+
+
+def test_rejoin_failure_is_reported(hub: Hub) -> None:
+    """The second URL has no permission to join, so rejoining after a reconnect fails."""
+    urls = [hub.url(roles=["webpubsub.joinLeaveGroup"]), hub.url(roles=[])]
+    calls: List[str] = []
+
+    def provide() -> str:
+        calls.append("called")
+        return urls[min(len(calls) - 1, 1)]
+
+    failed = Collector()
+    with make(WebPubSubClientCredential(provide)) as client:
+        client.subscribe(CallbackType.REJOIN_GROUP_FAILED, failed)
+        client.join_group("g")
+        hub.drop(client.connection_id, recoverable=False)
+        (args,) = failed.wait_for(1)
+    assert isinstance(args, OnRejoinGroupFailedArgs)
+    assert args.group == "g"
+    assert isinstance(args.error, SendMessageError)
+    assert args.error.error_detail is not None and args.error.error_detail.name == "Forbidden"
+    assert len(calls) >= 2  # the provider is called again for the new connection
+
+
+def test_credential_errors_fail_open(hub: Hub) -> None:
+    def broken() -> str:
+        raise RuntimeError("no token for you")
+
+    client = make(WebPubSubClientCredential(broken), reconnect_retry_total=0)
+    with pytest.raises(OpenClientError) as info:
+        client.open()
+    assert "no token for you" in str(info.value)
+
+    wrong_type = make(WebPubSubClientCredential(lambda: 123), reconnect_retry_total=0)  # type: ignore[arg-type,return-value]
+    with pytest.raises(OpenClientError):
+        wrong_type.open()
+
+
+# ---- concurrency and lifetime --------------------------------------------------------------------
+
+
+def test_many_threads_share_one_client(hub: Hub) -> None:
+    got = Collector()
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        errors: List[BaseException] = []
+
+        def work(n: int) -> None:
+            try:
+                for i in range(10):
+                    client.send_to_group("g", f"{n}-{i}", WebPubSubDataType.TEXT)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert not errors
+        got.wait_for(40)
+    assert sorted(m.data for m in got.items) == sorted(f"{n}-{i}" for n in range(4) for i in range(10))
+
+
+def test_garbage_collected_client_releases_its_callbacks(hub: Hub) -> None:
+    import gc
+
+    from webpubsub_client._callbacks import REGISTRY
+
+    gc.collect()
+    before = len(REGISTRY)
+    client = make(WebPubSubClientCredential(hub.url()))
+    client.open()
+    assert len(REGISTRY) == before + 2  # the event sink and the credential provider
+    del client
+    gc.collect()
+    wait_until(lambda: len(REGISTRY) == before, what="registry entries released")

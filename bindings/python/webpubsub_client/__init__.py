@@ -1,0 +1,26 @@
+"""Azure Web PubSub client on a Rust core: the API of ``azure.messaging.webpubsubclient``, faster.
+
+``from webpubsub_client import WebPubSubClient`` replaces
+``from azure.messaging.webpubsubclient import WebPubSubClient``; models are in
+:mod:`webpubsub_client.models` and the asyncio client in :mod:`webpubsub_client.aio`.
+"""
+
+import atexit as _atexit
+
+from . import _callbacks
+from ._client import WebPubSubClient, WebPubSubClientCredential
+from ._native import LibraryNotFoundError
+from ._native import version as native_version
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LibraryNotFoundError",
+    "WebPubSubClient",
+    "WebPubSubClientCredential",
+    "native_version",
+]
+
+# At exit, live clients are freed by their weakref finalizers and the library's logs
+# stop reaching Python before it tears down (either order is safe).
+_atexit.register(_callbacks.disable_native_logging)

@@ -1,0 +1,586 @@
+"""What the sync and asyncio clients share: argument checks, options, payloads, errors, handles."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import threading
+import urllib.parse
+from enum import Enum
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union, cast
+
+from . import _callbacks, _native
+from ._callbacks import REGISTRY
+from ._native import lib
+from .models import (
+    AckMessageError,
+    CallbackType,
+    InvokeEventError,
+    InvokeEventResult,
+    OnConnectedArgs,
+    OnDisconnectedArgs,
+    OnGroupDataMessageArgs,
+    OnRejoinGroupFailedArgs,
+    OnServerDataMessageArgs,
+    OpenClientError,
+    RetryMode,
+    SendMessageError,
+    WebPubSubClientError,
+    WebPubSubClientState,
+    WebPubSubDataType,
+    WebPubSubProtocolType,
+    WebPubSubResult,
+)
+
+_LOGGER = logging.getLogger("webpubsub_client")
+E = TypeVar("E", bound=Enum)
+
+# Defaults of the official azure-messaging-webpubsubclient 1.1.0 (seconds).
+DEFAULT_RETRY_TOTAL = 3
+DEFAULT_RETRY_BACKOFF_FACTOR = 0.8
+DEFAULT_RETRY_BACKOFF_MAX = 120.0
+DEFAULT_ACK_TIMEOUT = 30.0
+DEFAULT_START_TIMEOUT = 30.0
+# Additions (the JavaScript client's values).
+DEFAULT_KEEP_ALIVE_INTERVAL = 20.0
+DEFAULT_KEEP_ALIVE_TIMEOUT = 120.0
+DEFAULT_RECOVERY_TIMEOUT = 30.0
+DEFAULT_RECOVERY_RETRY_INTERVAL = 1.0
+DEFAULT_SEQUENCE_ACK_INTERVAL = 1.0
+
+_DATA_TYPES = {
+    WebPubSubDataType.TEXT: _native.DATA_TYPE_TEXT,
+    WebPubSubDataType.JSON: _native.DATA_TYPE_JSON,
+    WebPubSubDataType.BINARY: _native.DATA_TYPE_BINARY,
+    WebPubSubDataType.PROTOBUF: _native.DATA_TYPE_PROTOBUF,
+}
+_DATA_TYPES_BY_NUMBER = {number: member for member, number in _DATA_TYPES.items()}
+
+_STATES = {
+    _native.STATE_STOPPED: WebPubSubClientState.STOPPED,
+    _native.STATE_CONNECTING: WebPubSubClientState.CONNECTING,
+    _native.STATE_CONNECTED: WebPubSubClientState.CONNECTED,
+    _native.STATE_RECOVERING: WebPubSubClientState.RECOVERING,
+    _native.STATE_DISCONNECTED: WebPubSubClientState.DISCONNECTED,
+}
+
+# error_detail.name for failures that did not come from the service
+_LOCAL_ERROR_NAMES = {
+    _native.STATUS_ILLEGAL_STATE: "IllegalState",
+    _native.STATUS_NOT_CONNECTED: "NotConnected",
+    _native.STATUS_TIMEOUT: "Timeout",
+    _native.STATUS_CANCELLED: "Cancelled",
+    _native.STATUS_STOPPED: "Stopped",
+}
+_ARGUMENT_STATUSES = (
+    _native.STATUS_NULL_ARG,
+    _native.STATUS_INVALID_UTF8,
+    _native.STATUS_INVALID_ARGUMENT,
+)
+
+# ---- argument checks -----------------------------------------------------------------
+
+
+def check_name(value: Any, what: str) -> bytes:
+    """A group or event name as a NUL-terminated UTF-8 string, or TypeError/ValueError."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if "\0" in value:
+        raise ValueError(f"{what} must not contain a NUL character")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text: {exc}") from None
+
+
+def check_url(value: Any, what: str) -> bytes:
+    """A client access URL (``ws``, ``wss``, ``http`` or ``https`` with a host) as C string bytes."""
+    encoded = check_name(value, what)
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme.lower() not in ("ws", "wss", "http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be a ws:// or wss:// client access URL, got {value!r}")
+    return encoded
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """``value`` if it is a bool, else TypeError."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(value: Any, what: str, minimum: int = 0) -> int:
+    """``value`` if it is an int (not bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def seconds_to_ms(value: Any, what: str) -> int:
+    """A non-negative, finite duration in seconds as whole milliseconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds (int or float), got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+    ms = int(round(value * 1000))
+    return min(ms, _native.UINT64_MAX)
+
+
+def check_ack_id(ack_id: Any) -> Optional[int]:
+    """None, or a positive ackId that fits in 64 bits."""
+    if ack_id is None:
+        return None
+    check_int(ack_id, "ack_id", minimum=1)
+    if ack_id > _native.UINT64_MAX:
+        raise ValueError(f"ack_id must fit in 64 bits, got {ack_id}")
+    return int(ack_id)
+
+
+def _enum_value(enum_cls: Type[E], value: Any, what: str) -> E:
+    if isinstance(value, enum_cls):
+        return value
+    if isinstance(value, str):
+        # also accepts other str enums with the same values (azure.core's RetryMode)
+        member = enum_cls._missing_(str(value.value) if hasattr(value, "value") else value)
+        if member is not None:
+            return cast(E, member)
+        valid = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{what} must be one of {valid}, got {value!r}")
+    raise TypeError(f"{what} must be a {enum_cls.__name__} or str, got {type(value).__name__}")
+
+
+def data_type_of(value: Any) -> WebPubSubDataType:
+    """``value`` as a :class:`WebPubSubDataType` (str values accepted, case-insensitively)."""
+    return _enum_value(WebPubSubDataType, value, "data_type")
+
+
+def encode_content(content: Any, data_type: Any) -> Tuple[int, bytes]:
+    """The C data type and payload bytes for ``content`` sent as ``data_type``.
+
+    text: a ``str``; json: any JSON-serializable value; binary/protobuf: ``bytes``,
+    ``bytearray`` or ``memoryview``.
+    """
+    kind = data_type_of(data_type)
+    if kind is WebPubSubDataType.TEXT:
+        if not isinstance(content, str):
+            raise TypeError(f"content must be a str when data_type is text, got {type(content).__name__}")
+        return _DATA_TYPES[kind], content.encode("utf-8", errors="strict")
+    if kind is WebPubSubDataType.JSON:
+        try:
+            text = json.dumps(content, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except TypeError as exc:
+            raise TypeError(f"content is not JSON-serializable: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"content is not valid JSON: {exc}") from None
+        return _DATA_TYPES[kind], text.encode("utf-8")
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return _DATA_TYPES[kind], bytes(content)
+    raise TypeError(
+        f"content must be bytes, bytearray or memoryview when data_type is {kind.value}, got {type(content).__name__}"
+    )
+
+
+def decode_content(data_type: int, data: bytes, binary: Callable[[bytes], Any]) -> Tuple[Any, Any]:
+    """``(data_type, value)`` for a received payload; ``binary`` wraps binary payloads."""
+    kind = _DATA_TYPES_BY_NUMBER.get(data_type)
+    if kind is WebPubSubDataType.TEXT:
+        return kind, data.decode("utf-8", errors="replace")
+    if kind is WebPubSubDataType.JSON:
+        try:
+            return kind, json.loads(data.decode("utf-8"))
+        except ValueError:
+            _LOGGER.warning("webpubsub_client: received json data that does not parse; passing the text")
+            return kind, data.decode("utf-8", errors="replace")
+    if kind is None:
+        _LOGGER.warning("webpubsub_client: received unknown data type %d; passing bytes", data_type)
+        return data_type, binary(data)
+    return kind, binary(data)
+
+
+# ---- options -----------------------------------------------------------------------
+
+
+def _retry_mode(value: Any, what: str) -> int:
+    mode = _enum_value(RetryMode, value, what)
+    return _native.RETRY_FIXED if mode is RetryMode.Fixed else _native.RETRY_EXPONENTIAL
+
+
+def _retry_total(value: Any, what: str) -> int:
+    return min(check_int(value, what), _native.UINT32_MAX)
+
+
+class Options:
+    """Validated client options (every official keyword plus the additions), in C units."""
+
+    def __init__(
+        self,
+        *,
+        protocol_type: Union[WebPubSubProtocolType, str] = WebPubSubProtocolType.JSON_RELIABLE,
+        auto_rejoin_groups: bool = True,
+        auto_reconnect: Optional[bool] = None,
+        message_retry_total: int = DEFAULT_RETRY_TOTAL,
+        message_retry_backoff_factor: float = DEFAULT_RETRY_BACKOFF_FACTOR,
+        message_retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX,
+        message_retry_mode: Union[RetryMode, str] = RetryMode.Exponential,
+        reconnect_retry_total: int = DEFAULT_RETRY_TOTAL,
+        reconnect_retry_backoff_factor: float = DEFAULT_RETRY_BACKOFF_FACTOR,
+        reconnect_retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX,
+        reconnect_retry_mode: Union[RetryMode, str] = RetryMode.Exponential,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        keep_alive_interval: float = DEFAULT_KEEP_ALIVE_INTERVAL,
+        keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+        recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT,
+        recovery_retry_interval: float = DEFAULT_RECOVERY_RETRY_INTERVAL,
+        sequence_ack_interval: float = DEFAULT_SEQUENCE_ACK_INTERVAL,
+        ca_pem: Optional[Union[str, bytes]] = None,
+        logging_enable: bool = False,
+        user_agent: Optional[str] = None,
+    ) -> None:
+        protocol = _enum_value(WebPubSubProtocolType, protocol_type, "protocol_type")
+        self.protocol = (
+            _native.PROTOCOL_JSON if protocol is WebPubSubProtocolType.JSON else _native.PROTOCOL_JSON_RELIABLE
+        )
+        self.auto_rejoin_groups = check_bool(auto_rejoin_groups, "auto_rejoin_groups")
+        self.message_retry = (
+            _retry_total(message_retry_total, "message_retry_total"),
+            seconds_to_ms(message_retry_backoff_factor, "message_retry_backoff_factor"),
+            seconds_to_ms(message_retry_backoff_max, "message_retry_backoff_max"),
+            _retry_mode(message_retry_mode, "message_retry_mode"),
+        )
+        self.reconnect_retry = (
+            _retry_total(reconnect_retry_total, "reconnect_retry_total"),
+            seconds_to_ms(reconnect_retry_backoff_factor, "reconnect_retry_backoff_factor"),
+            seconds_to_ms(reconnect_retry_backoff_max, "reconnect_retry_backoff_max"),
+            _retry_mode(reconnect_retry_mode, "reconnect_retry_mode"),
+        )
+        # Like the official client: no reconnect retries means no automatic reconnect.
+        self.auto_reconnect = (
+            reconnect_retry_total > 0 if auto_reconnect is None else check_bool(auto_reconnect, "auto_reconnect")
+        )
+        self.ack_timeout_ms = seconds_to_ms(ack_timeout, "ack_timeout")
+        self.start_timeout_ms = seconds_to_ms(start_timeout, "start_timeout")
+        if self.ack_timeout_ms == 0:
+            raise ValueError("ack_timeout must be > 0")
+        if self.start_timeout_ms == 0:
+            raise ValueError("start_timeout must be > 0")
+        self.keep_alive = (
+            seconds_to_ms(keep_alive_interval, "keep_alive_interval"),
+            seconds_to_ms(keep_alive_timeout, "keep_alive_timeout"),
+        )
+        self.recovery = (
+            seconds_to_ms(recovery_timeout, "recovery_timeout"),
+            seconds_to_ms(recovery_retry_interval, "recovery_retry_interval"),
+        )
+        self.sequence_ack_interval_ms = seconds_to_ms(sequence_ack_interval, "sequence_ack_interval")
+        if self.sequence_ack_interval_ms == 0:
+            raise ValueError("sequence_ack_interval must be > 0")
+        self.ca_pem: Optional[bytes] = None
+        if ca_pem is not None:
+            if isinstance(ca_pem, str):
+                self.ca_pem = ca_pem.encode("utf-8")
+            elif isinstance(ca_pem, (bytes, bytearray, memoryview)):
+                self.ca_pem = bytes(ca_pem)
+            else:
+                raise TypeError(f"ca_pem must be PEM text (str or bytes), got {type(ca_pem).__name__}")
+        self.logging_enable = check_bool(logging_enable, "logging_enable")
+        self.user_agent: Optional[bytes] = None
+        if user_agent is not None:
+            self.user_agent = check_name(user_agent, "user_agent")
+
+    def build(self) -> int:
+        """A new ``wps_options`` handle holding these options (the caller frees it)."""
+        handle: Optional[int] = lib.wps_options_new()
+        if not handle:
+            raise MemoryError("wps_options_new failed")
+        try:
+            self._apply(handle)
+        except BaseException:
+            lib.wps_options_free(handle)
+            raise
+        return handle
+
+    def _apply(self, handle: int) -> None:
+        calls: List[Tuple[str, Tuple[Any, ...]]] = [
+            ("wps_options_set_protocol", (self.protocol,)),
+            ("wps_options_set_auto_reconnect", (self.auto_reconnect,)),
+            ("wps_options_set_auto_rejoin_groups", (self.auto_rejoin_groups,)),
+            ("wps_options_set_message_retry", self.message_retry),
+            ("wps_options_set_reconnect_retry", self.reconnect_retry),
+            ("wps_options_set_keep_alive", self.keep_alive),
+            ("wps_options_set_ack_timeout_ms", (self.ack_timeout_ms,)),
+            ("wps_options_set_start_timeout_ms", (self.start_timeout_ms,)),
+            ("wps_options_set_recovery", self.recovery),
+            ("wps_options_set_sequence_ack_interval_ms", (self.sequence_ack_interval_ms,)),
+        ]
+        if self.ca_pem is not None:
+            calls.append(("wps_options_add_ca_pem", (self.ca_pem, len(self.ca_pem))))
+        if self.user_agent is not None:
+            if _native.has("wps_options_set_user_agent"):
+                calls.append(("wps_options_set_user_agent", (self.user_agent,)))
+            else:
+                _LOGGER.debug("webpubsub_client: this native library does not set a user agent; ignored")
+        for name, args in calls:
+            status = getattr(lib, name)(handle, *args)
+            if status != _native.STATUS_OK:
+                raise ValueError(f"invalid client option ({name}): {_detail(status)}")
+
+
+# ---- errors -------------------------------------------------------------------------
+
+
+def _detail(status: int, message: Optional[str] = None) -> str:
+    text = _native.last_error_message() if message is None else message
+    name = _native.status_str(status)
+    return f"{name}: {text}" if text else name
+
+
+def open_error(status: int, message: Optional[str] = None) -> Exception:
+    """The exception for a failed ``wps_client_start`` (read on the calling thread)."""
+    text = _native.last_error_message() if message is None else message
+    if status == _native.STATUS_ILLEGAL_STATE:
+        return OpenClientError(f"Client can be only started when it's Stopped ({_detail(status, text)})", status=status)
+    return OpenClientError(f"Failed to open client. {_detail(status, text)}", status=status)
+
+
+def operation_error(
+    status: int,
+    *,
+    invoke: bool = False,
+    ack_id: Optional[int] = None,
+    name: Optional[str] = None,
+    message: Optional[str] = None,
+) -> Exception:
+    """The exception for a failed operation; name/message default to this thread's last error."""
+    if message is None:
+        message = _native.last_error_message()
+    if name is None:
+        name = _native.last_error_name()
+    if status in _ARGUMENT_STATUSES:
+        return ValueError(_detail(status, message))
+    if status in (_native.STATUS_ACK_ERROR, _native.STATUS_INVOKE_ERROR) or status in _LOCAL_ERROR_NAMES:
+        detail = AckMessageError(name=name or _LOCAL_ERROR_NAMES.get(status, "Error"), message=message)
+        if invoke:
+            return InvokeEventError("Failed to invoke event.", detail, status=status)
+        return SendMessageError("Failed to send message.", ack_id, detail, status=status)
+    return WebPubSubClientError(_detail(status, message), status=status)
+
+
+def check_status(status: int) -> None:
+    """Raise for a failed call that is neither open nor an operation."""
+    if status == _native.STATUS_OK:
+        return
+    if status in _ARGUMENT_STATUSES:
+        raise ValueError(_detail(status))
+    raise WebPubSubClientError(_detail(status), status=status)
+
+
+def ack_result(out: _native.WpsAckResult) -> WebPubSubResult:
+    """A blocking operation's ``wps_ack_result`` as a :class:`WebPubSubResult`."""
+    return WebPubSubResult(out.ack_id if out.has_ack_id else None, bool(out.is_duplicated))
+
+
+def invoke_result(data_type: int, data: bytes) -> InvokeEventResult:
+    """An invoke response: text as ``str``, json parsed, binary as ``bytes``."""
+    kind, value = decode_content(data_type, data, bytes)
+    return InvokeEventResult(kind, value)
+
+
+# ---- events -------------------------------------------------------------------------
+
+_EVENT_TYPES = {
+    _native.EVENT_CONNECTED: CallbackType.CONNECTED,
+    _native.EVENT_DISCONNECTED: CallbackType.DISCONNECTED,
+    _native.EVENT_STOPPED: CallbackType.STOPPED,
+    _native.EVENT_SERVER_MESSAGE: CallbackType.SERVER_MESSAGE,
+    _native.EVENT_GROUP_MESSAGE: CallbackType.GROUP_MESSAGE,
+    _native.EVENT_REJOIN_GROUP_FAILED: CallbackType.REJOIN_GROUP_FAILED,
+}
+
+
+def event_args(event: _native.WpsEvent) -> Optional[Tuple[CallbackType, Tuple[Any, ...]]]:
+    """The callback type and listener arguments for a borrowed native event (copied)."""
+    kind = _EVENT_TYPES.get(event.kind)
+    if kind is None:
+        _LOGGER.debug("webpubsub_client: ignoring unknown event kind %d", event.kind)
+        return None
+    dec = _native.decode
+    if kind is CallbackType.CONNECTED:
+        return kind, (OnConnectedArgs(dec(event.connection_id) or "", dec(event.user_id)),)
+    if kind is CallbackType.DISCONNECTED:
+        return kind, (OnDisconnectedArgs(dec(event.connection_id), dec(event.message), event.close_code or None),)
+    if kind is CallbackType.STOPPED:
+        return kind, ()
+    if kind is CallbackType.REJOIN_GROUP_FAILED:
+        detail = AckMessageError(name=dec(event.error_name) or "Error", message=dec(event.message) or "")
+        error = SendMessageError("Failed to rejoin group.", None, detail)
+        return kind, (OnRejoinGroupFailedArgs(dec(event.group) or "", error),)
+    raw = ctypes.string_at(event.data, event.data_len) if event.data and event.data_len else b""
+    data_type, data = decode_content(event.data_type, raw, memoryview)
+    sequence_id = event.sequence_id if event.has_sequence_id else None
+    if kind is CallbackType.SERVER_MESSAGE:
+        return kind, (OnServerDataMessageArgs(data_type, data, sequence_id),)
+    return kind, (
+        OnGroupDataMessageArgs(
+            data_type=data_type,
+            data=data,
+            group=dec(event.group) or "",
+            from_user_id=dec(event.from_user_id),
+            sequence_id=sequence_id,
+        ),
+    )
+
+
+def callback_type_of(event: Any) -> CallbackType:
+    """``event`` as a :class:`CallbackType`; unknown names raise ValueError."""
+    return _enum_value(CallbackType, event, "event")
+
+
+class Listeners:
+    """The listeners of one client, per event type (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_type: Dict[CallbackType, List[Callable[..., Any]]] = {t: [] for t in CallbackType}
+
+    def add(self, event: Any, listener: Any) -> None:
+        """Append ``listener`` for ``event`` (the same listener may be added twice, as officially)."""
+        kind = callback_type_of(event)
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        with self._lock:
+            self._by_type[kind].append(listener)
+
+    def remove(self, event: Any, listener: Any) -> None:
+        """Remove one registration of ``listener``; absent listeners are ignored."""
+        kind = callback_type_of(event)
+        with self._lock:
+            try:
+                self._by_type[kind].remove(listener)
+            except ValueError:
+                _LOGGER.info("webpubsub_client: listener to remove is not subscribed to %s", kind.value)
+
+    def snapshot(self, kind: CallbackType) -> List[Callable[..., Any]]:
+        """A copy of the listeners of ``kind``."""
+        with self._lock:
+            return list(self._by_type[kind])
+
+
+# ---- native client handle -------------------------------------------------------------
+
+
+def free_client(handle: int) -> None:
+    """Free a native client: stops it, completes pending operations, waits for callbacks."""
+    lib.wps_client_free(handle)
+
+
+def new_native_client(
+    url_or_provider: Union[str, Callable[[], str]],
+    options: Options,
+    sink: Any,
+) -> int:
+    """Create a native client whose events go to ``sink.on_native_event``; returns its handle.
+
+    The caller frees it with :func:`free_client` (a ``weakref.finalize`` on the
+    Python client, which also runs at interpreter exit). ``sink`` must not refer
+    to that client, or the finalizer could never run before exit.
+    """
+    _callbacks.enable_native_logging(trace=options.logging_enable)
+    opts = options.build()
+    out = ctypes.c_void_p()
+    sink_key = REGISTRY.add(sink)
+    cred_key = 0
+    try:
+        if isinstance(url_or_provider, str):
+            url = check_url(url_or_provider, "credential")
+            status = lib.wps_client_new(
+                url,
+                opts,
+                _callbacks.EVENT_TRAMPOLINE,
+                _callbacks.user_data(sink_key),
+                _callbacks.FREE_TRAMPOLINE,
+                ctypes.byref(out),
+            )
+        else:
+            cred_key = REGISTRY.add(url_or_provider)
+            status = lib.wps_client_new_with_credential(
+                _callbacks.CREDENTIAL_TRAMPOLINE,
+                _callbacks.user_data(cred_key),
+                _callbacks.FREE_TRAMPOLINE,
+                opts,
+                _callbacks.EVENT_TRAMPOLINE,
+                _callbacks.user_data(sink_key),
+                _callbacks.FREE_TRAMPOLINE,
+                ctypes.byref(out),
+            )
+    finally:
+        lib.wps_options_free(opts)
+    if status != _native.STATUS_OK or not out.value:
+        # On failure the library did not take the user data: release it here.
+        REGISTRY.pop(sink_key)
+        REGISTRY.pop(cred_key)
+        if status in _ARGUMENT_STATUSES:
+            raise ValueError(f"cannot create the client: {_detail(status)}")
+        raise WebPubSubClientError(f"cannot create the client: {_detail(status)}", status=status)
+    handle: int = out.value
+    return handle
+
+
+def state_of(handle: int) -> WebPubSubClientState:
+    """The client's current state."""
+    return _STATES.get(lib.wps_client_state(handle), WebPubSubClientState.STOPPED)
+
+
+def connection_id_of(handle: int) -> Optional[str]:
+    """The current connection id, or None before the first connection."""
+    size = 128
+    for _ in range(4):
+        buf = ctypes.create_string_buffer(size)
+        out_len = ctypes.c_size_t(0)
+        status = lib.wps_client_connection_id(handle, buf, size, ctypes.byref(out_len))
+        if status == _native.STATUS_OK:
+            return buf.raw[: out_len.value].decode("utf-8", errors="replace") or None
+        if status == _native.STATUS_INVALID_ARGUMENT and out_len.value >= size:
+            size = out_len.value + 1
+            continue
+        return None
+    return None
+
+
+def send_flags(ack: bool, no_echo: bool = False) -> int:
+    """The ``WPS_SEND_*`` flags for these options."""
+    flags = 0 if ack else _native.SEND_FIRE_AND_FORGET
+    if no_echo:
+        flags |= _native.SEND_NO_ECHO
+    return flags
+
+
+def require_ack_id_support(ack_id: Optional[int], ack: bool, function: str) -> None:
+    """Reject ``ack_id`` when fire-and-forget, or when the native library cannot pass it."""
+    if ack_id is None:
+        return
+    if not ack:
+        raise ValueError("ack_id cannot be used with ack=False (a fire-and-forget message has no ackId)")
+    if not _native.has(function):
+        raise NotImplementedError(f"ack_id needs a native library that exports {function}")
+
+
+def check_timeout(timeout: Any) -> int:
+    """An invoke timeout in seconds (None = the ack timeout) as milliseconds (0 = ack timeout)."""
+    if timeout is None:
+        return 0
+    ms = seconds_to_ms(timeout, "timeout")
+    if ms == 0:
+        raise ValueError("timeout must be > 0 seconds (or None for the ack timeout)")
+    return ms
+
+
+def log_listener_error(kind: CallbackType) -> None:
+    """Log the exception a listener raised (it never reaches the library)."""
+    _LOGGER.exception("webpubsub_client: a %s listener raised", kind.value)

@@ -1,0 +1,202 @@
+"""The C callback trampolines and the table of Python objects behind their ``user_data``.
+
+One module-level ``CFUNCTYPE`` object per callback type. ``user_data`` is never a
+Python pointer: it is an integer key into :data:`REGISTRY`, a thread-safe table that
+holds the Python side (an event sink, a credential provider, a completion handler)
+until the library's ``user_data_free`` finalizer (or a one-shot completion) drops it.
+No exception ever crosses into C: each trampoline catches and logs everything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import threading
+from typing import Any, Callable, Dict, Optional
+
+from . import _native
+from ._native import lib
+
+_LOGGER = logging.getLogger("webpubsub_client")
+NATIVE_LOGGER = logging.getLogger("webpubsub_client.native")
+
+
+class Registry:
+    """Thread-safe table from integer keys (passed to C as ``user_data``) to Python objects."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: Dict[int, Any] = {}
+        self._keys = itertools.count(1)
+
+    def add(self, obj: Any) -> int:
+        """Store ``obj`` and return its key (never 0, so it is never a NULL pointer)."""
+        with self._lock:
+            key = next(self._keys)
+            self._items[key] = obj
+            return key
+
+    def get(self, key: Optional[int]) -> Any:
+        """The object stored under ``key``, or None."""
+        if key is None:
+            return None
+        with self._lock:
+            return self._items.get(key)
+
+    def pop(self, key: Optional[int]) -> Any:
+        """Remove and return the object stored under ``key`` (None when absent)."""
+        if key is None:
+            return None
+        with self._lock:
+            return self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+REGISTRY = Registry()
+
+
+def user_data(key: int) -> ctypes.c_void_p:
+    """A registry key as the ``void *user_data`` argument."""
+    return ctypes.c_void_p(key)
+
+
+class Completion:
+    """A Python copy of the borrowed ``wps_completion`` struct."""
+
+    __slots__ = (
+        "status",
+        "op_id",
+        "ack_id",
+        "is_duplicated",
+        "error_name",
+        "error_message",
+        "data_type",
+        "data",
+    )
+
+    def __init__(self, raw: _native.WpsCompletion) -> None:
+        self.status: int = raw.status
+        self.op_id: int = raw.op_id
+        self.ack_id: Optional[int] = raw.ack_id if raw.has_ack_id else None
+        self.is_duplicated: bool = bool(raw.is_duplicated)
+        self.error_name: str = _native.decode(raw.error_name) or ""
+        self.error_message: str = _native.decode(raw.error_message) or ""
+        self.data_type: int = raw.data_type
+        self.data: bytes = ctypes.string_at(raw.data, raw.data_len) if raw.data and raw.data_len else b""
+
+
+def _on_event(key: Optional[int], event: Any) -> None:
+    try:
+        sink = REGISTRY.get(key)
+        if sink is not None:
+            sink.on_native_event(event.contents)
+    except BaseException:  # noqa: BLE001 - nothing may propagate into C
+        _LOGGER.exception("webpubsub_client: error while handling an event")
+
+
+def _on_free(key: Optional[int]) -> None:
+    try:
+        REGISTRY.pop(key)
+    except BaseException:  # noqa: BLE001
+        _LOGGER.exception("webpubsub_client: error while releasing callback data")
+
+
+def _on_credential(key: Optional[int], result: Optional[int]) -> None:
+    try:
+        provider: Optional[Callable[[], str]] = REGISTRY.get(key)
+        if provider is None:
+            raise RuntimeError("the credential provider was released")
+        url = provider()
+        if not isinstance(url, str):
+            raise TypeError(f"the credential must return a str URL, got {type(url).__name__}")
+        if "\0" in url:
+            raise ValueError("the URL returned by the credential contains a NUL character")
+        lib.wps_credential_result_set_url(result, url.encode("utf-8"))
+    except BaseException as exc:  # noqa: BLE001
+        _LOGGER.warning("webpubsub_client: the credential failed: %r", exc)
+        message = (f"{type(exc).__name__}: {exc}").replace("\0", " ")
+        try:
+            lib.wps_credential_result_set_error(result, message.encode("utf-8", errors="replace"))
+        except BaseException:  # noqa: BLE001
+            _LOGGER.exception("webpubsub_client: cannot report the credential error")
+
+
+def _on_completion(key: Optional[int], completion: Any) -> None:
+    try:
+        handler = REGISTRY.pop(key)
+        if handler is not None:
+            handler(Completion(completion.contents))
+    except BaseException:  # noqa: BLE001
+        _LOGGER.exception("webpubsub_client: error while completing an operation")
+
+
+_PY_LEVELS = {
+    _native.LOG_ERROR: logging.ERROR,
+    _native.LOG_WARN: logging.WARNING,
+    _native.LOG_INFO: logging.INFO,
+    _native.LOG_DEBUG: logging.DEBUG,
+    _native.LOG_TRACE: 5,
+}
+
+
+def _on_log(_key: Optional[int], level: int, target: Optional[bytes], message: Optional[bytes]) -> None:
+    try:
+        py_level = _PY_LEVELS.get(level, logging.DEBUG)
+        if NATIVE_LOGGER.isEnabledFor(py_level):
+            NATIVE_LOGGER.log(py_level, "[%s] %s", _native.decode(target), _native.decode(message))
+    except BaseException:  # noqa: BLE001
+        pass  # logging failed; there is nowhere left to report it
+
+
+# The one C function pointer per callback type; module globals, so never collected.
+EVENT_TRAMPOLINE = _native.EVENT_CB(_on_event)
+FREE_TRAMPOLINE = _native.USER_DATA_FREE_CB(_on_free)
+CREDENTIAL_TRAMPOLINE = _native.CREDENTIAL_CB(_on_credential)
+COMPLETION_TRAMPOLINE = _native.COMPLETION_CB(_on_completion)
+LOG_TRAMPOLINE = _native.LOG_CB(_on_log)
+
+_log_lock = threading.Lock()
+_log_level = 0
+
+
+def _native_level_for(py_level: int, trace: bool) -> int:
+    if trace or py_level <= 5:
+        return _native.LOG_TRACE
+    if py_level <= logging.DEBUG:
+        return _native.LOG_DEBUG
+    if py_level <= logging.INFO:
+        return _native.LOG_INFO
+    if py_level <= logging.WARNING:
+        return _native.LOG_WARN
+    return _native.LOG_ERROR
+
+
+def enable_native_logging(trace: bool = False) -> None:
+    """Route the library's logs into the ``webpubsub_client.native`` logger.
+
+    The native filter follows the logger's effective level when called (``trace``
+    forces every level); it only ever widens, so a later, quieter client does not
+    silence an earlier one. Python's own filtering still applies to each record.
+    """
+    global _log_level  # noqa: PLW0603 - process-wide, like the C function it wraps
+    wanted = _native_level_for(NATIVE_LOGGER.getEffectiveLevel(), trace)
+    with _log_lock:
+        if wanted <= _log_level:
+            return
+        status = lib.wps_set_log_callback(LOG_TRAMPOLINE, None, wanted)
+        if status == _native.STATUS_OK:
+            _log_level = wanted
+        else:
+            _LOGGER.warning("webpubsub_client: cannot install the log callback: %s", _native.status_str(status))
+
+
+def disable_native_logging() -> None:
+    """Stop the library's logs (run at interpreter exit, before Python tears down)."""
+    global _log_level  # noqa: PLW0603
+    with _log_lock:
+        lib.wps_set_log_callback(_native.LOG_CB(), None, 0)
+        _log_level = 0

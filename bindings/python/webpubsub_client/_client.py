@@ -1,0 +1,380 @@
+"""The synchronous client, with the API of ``azure.messaging.webpubsubclient.WebPubSubClient``."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import weakref
+from typing import Any, Callable, Optional, Union
+
+from . import _base, _native
+from ._native import lib
+from .models import (
+    CallbackType,
+    InvokeEventResult,
+    OpenClientError,
+    RetryMode,
+    WebPubSubClientError,
+    WebPubSubClientState,
+    WebPubSubDataType,
+    WebPubSubProtocolType,
+    WebPubSubResult,
+)
+
+__all__ = ["WebPubSubClient", "WebPubSubClientCredential"]
+
+_LOGGER = logging.getLogger("webpubsub_client")
+
+
+class WebPubSubClientCredential:
+    """Where the client gets its URL: a fixed client access URL, or a callable returning one.
+
+    A callable is called (on a library thread) before every *new* connection, so
+    short-lived tokens are refreshed; a recovery of the same connection reuses the URL.
+
+    :param client_access_url_provider: ``wss://.../client/hubs/{hub}?access_token=...``, or a
+        callable taking no argument that returns such a URL.
+    """
+
+    def __init__(self, client_access_url_provider: Union[str, Callable[[], str]]) -> None:
+        if isinstance(client_access_url_provider, str):
+            _base.check_url(client_access_url_provider, "client_access_url_provider")
+            url = client_access_url_provider
+            self._client_access_url_provider: Callable[[], str] = lambda: url
+        elif callable(client_access_url_provider):
+            self._client_access_url_provider = client_access_url_provider
+        else:
+            raise TypeError(
+                "client_access_url_provider must be a str or a callable returning a str, "
+                f"got {type(client_access_url_provider).__name__}"
+            )
+
+    def get_client_access_url(self) -> str:
+        """Return the client access URL (calls the provider)."""
+        return self._client_access_url_provider()
+
+
+class _SyncSink:
+    """Receives native events on the dispatcher thread and calls the listeners there, in order."""
+
+    def __init__(self, listeners: _base.Listeners) -> None:
+        self._listeners = listeners
+
+    def on_native_event(self, event: _native.WpsEvent) -> None:
+        converted = _base.event_args(event)
+        if converted is None:
+            return
+        kind, args = converted
+        for listener in self._listeners.snapshot(kind):
+            try:
+                listener(*args)
+            except Exception:  # noqa: BLE001 - a listener's error must not stop the others
+                _base.log_listener_error(kind)
+
+
+class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
+    """A Web PubSub client: ``open()``, join groups, send, receive through ``subscribe``.
+
+    :param credential: the client access URL, or a :class:`WebPubSubClientCredential`.
+    :keyword protocol_type: ``WebPubSubProtocolType.JSON_RELIABLE`` (default) or ``JSON``.
+    :keyword bool auto_rejoin_groups: rejoin the joined groups after a reconnect (default True).
+    :keyword int message_retry_total: retries of a failed operation (default 3). Service
+        errors ``Forbidden`` and ``BadRequest`` are never retried; a retry keeps its ackId.
+    :keyword float message_retry_backoff_factor: first retry delay in seconds (default 0.8).
+    :keyword float message_retry_backoff_max: longest retry delay in seconds (default 120).
+    :keyword message_retry_mode: ``RetryMode.Exponential`` (default; delay doubles per
+        attempt) or ``RetryMode.Fixed``; azure.core's ``RetryMode`` works too.
+    :keyword int reconnect_retry_total: attempts to open a new connection after the
+        connection is lost (default 3); 0 disables automatic reconnect.
+    :keyword float reconnect_retry_backoff_factor: as for messages (default 0.8).
+    :keyword float reconnect_retry_backoff_max: as for messages (default 120).
+    :keyword reconnect_retry_mode: as for messages (default exponential).
+    :keyword float ack_timeout: seconds to wait for the service's ack (default 30).
+    :keyword float start_timeout: seconds ``open()`` waits for the connection (default 30).
+    :keyword bool logging_enable: also pass the library's trace-level logs to the
+        ``webpubsub_client.native`` logger (default False).
+    :keyword str user_agent: a prefix for the User-Agent header.
+
+    Additions to the official client:
+
+    :keyword bool auto_reconnect: open a new connection when the session is lost
+        (default: ``reconnect_retry_total > 0``).
+    :keyword float keep_alive_interval: seconds between keep-alive pings; 0 disables (default 20).
+    :keyword float keep_alive_timeout: close and recover when nothing arrives for this
+        long; 0 disables (default 120).
+    :keyword float recovery_timeout: how long a reliable connection tries to recover
+        (default 30).
+    :keyword float recovery_retry_interval: delay between recovery attempts (default 1).
+    :keyword float sequence_ack_interval: how often delivered sequence ids are
+        acknowledged (default 1).
+    :keyword ca_pem: extra trusted root certificate(s), PEM text, for ``wss://``.
+
+    Listeners run on a library thread, one event at a time and in order; they may call
+    any method of the client (a listener sending a message is fine). Keep them short:
+    clients share a small pool of such threads.
+    """
+
+    def __init__(
+        self,
+        credential: Union[WebPubSubClientCredential, str],
+        *,
+        protocol_type: Union[WebPubSubProtocolType, str] = WebPubSubProtocolType.JSON_RELIABLE,
+        auto_rejoin_groups: bool = True,
+        auto_reconnect: Optional[bool] = None,
+        message_retry_total: int = _base.DEFAULT_RETRY_TOTAL,
+        message_retry_backoff_factor: float = _base.DEFAULT_RETRY_BACKOFF_FACTOR,
+        message_retry_backoff_max: float = _base.DEFAULT_RETRY_BACKOFF_MAX,
+        message_retry_mode: Union[RetryMode, str] = RetryMode.Exponential,
+        reconnect_retry_total: int = _base.DEFAULT_RETRY_TOTAL,
+        reconnect_retry_backoff_factor: float = _base.DEFAULT_RETRY_BACKOFF_FACTOR,
+        reconnect_retry_backoff_max: float = _base.DEFAULT_RETRY_BACKOFF_MAX,
+        reconnect_retry_mode: Union[RetryMode, str] = RetryMode.Exponential,
+        ack_timeout: float = _base.DEFAULT_ACK_TIMEOUT,
+        start_timeout: float = _base.DEFAULT_START_TIMEOUT,
+        keep_alive_interval: float = _base.DEFAULT_KEEP_ALIVE_INTERVAL,
+        keep_alive_timeout: float = _base.DEFAULT_KEEP_ALIVE_TIMEOUT,
+        recovery_timeout: float = _base.DEFAULT_RECOVERY_TIMEOUT,
+        recovery_retry_interval: float = _base.DEFAULT_RECOVERY_RETRY_INTERVAL,
+        sequence_ack_interval: float = _base.DEFAULT_SEQUENCE_ACK_INTERVAL,
+        ca_pem: Optional[Union[str, bytes]] = None,
+        logging_enable: bool = False,
+        user_agent: Optional[str] = None,
+    ) -> None:
+        if isinstance(credential, WebPubSubClientCredential):
+            source: Union[str, Callable[[], str]] = credential.get_client_access_url
+        elif isinstance(credential, str):
+            source = credential
+        else:
+            raise TypeError(f"credential must be a str or WebPubSubClientCredential, got {type(credential).__name__}")
+        options = _base.Options(
+            protocol_type=protocol_type,
+            auto_rejoin_groups=auto_rejoin_groups,
+            auto_reconnect=auto_reconnect,
+            message_retry_total=message_retry_total,
+            message_retry_backoff_factor=message_retry_backoff_factor,
+            message_retry_backoff_max=message_retry_backoff_max,
+            message_retry_mode=message_retry_mode,
+            reconnect_retry_total=reconnect_retry_total,
+            reconnect_retry_backoff_factor=reconnect_retry_backoff_factor,
+            reconnect_retry_backoff_max=reconnect_retry_backoff_max,
+            reconnect_retry_mode=reconnect_retry_mode,
+            ack_timeout=ack_timeout,
+            start_timeout=start_timeout,
+            keep_alive_interval=keep_alive_interval,
+            keep_alive_timeout=keep_alive_timeout,
+            recovery_timeout=recovery_timeout,
+            recovery_retry_interval=recovery_retry_interval,
+            sequence_ack_interval=sequence_ack_interval,
+            ca_pem=ca_pem,
+            logging_enable=logging_enable,
+            user_agent=user_agent,
+        )
+        self._listeners = _base.Listeners()
+        self._handle = _base.new_native_client(source, options, _SyncSink(self._listeners))
+        self._finalizer = weakref.finalize(self, _base.free_client, self._handle)
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect to the service; returns once connected.
+
+        :raises OpenClientError: the client is not stopped (already open or opening), or
+            the connection failed within ``start_timeout``.
+        """
+        handle = self._live_handle()
+        if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
+            raise OpenClientError("Client can be only started when it's Stopped")
+        status = lib.wps_client_start(handle)
+        if status != _native.STATUS_OK:
+            raise _base.open_error(status)
+
+    def close(self) -> None:
+        """Stop the client and close the connection; does nothing if it is already stopped."""
+        if not self._finalizer.alive:
+            return
+        if _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
+            return
+        status = lib.wps_client_stop(self._handle)
+        if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
+            _base.check_status(status)
+
+    def is_connected(self) -> bool:
+        """True while the client has an open connection (not while recovering or reconnecting)."""
+        return self._finalizer.alive and _base.state_of(self._handle) is WebPubSubClientState.CONNECTED
+
+    @property
+    def state(self) -> WebPubSubClientState:
+        """The client's state: Stopped, Connecting, Connected, Recovering or Disconnected."""
+        if not self._finalizer.alive:
+            return WebPubSubClientState.STOPPED
+        return _base.state_of(self._handle)
+
+    @property
+    def connection_id(self) -> Optional[str]:
+        """The id of the current (or last) connection, or None before the first one."""
+        if not self._finalizer.alive:
+            return None
+        return _base.connection_id_of(self._handle)
+
+    def __enter__(self) -> "WebPubSubClient":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        self.close()
+
+    # ---- listeners ---------------------------------------------------------------
+
+    def subscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
+        """Call ``listener`` for every ``event`` (a :class:`CallbackType` or its value).
+
+        ``connected`` gets ``OnConnectedArgs``, ``disconnected`` ``OnDisconnectedArgs``,
+        ``stopped`` no argument, ``server-message`` ``OnServerDataMessageArgs``,
+        ``group-message`` ``OnGroupDataMessageArgs``, ``rejoin-group-failed``
+        ``OnRejoinGroupFailedArgs``.
+        """
+        self._listeners.add(event, listener)
+
+    def unsubscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
+        """Remove a listener added with :meth:`subscribe`."""
+        self._listeners.remove(event, listener)
+
+    # ---- operations --------------------------------------------------------------
+
+    def join_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
+        """Join ``group_name``; waits for the service's ack.
+
+        ``ack_id`` is accepted for compatibility and checked, but the library numbers
+        join messages itself (joining is idempotent, so a chosen ackId adds nothing).
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        group = _base.check_name(group_name, "group_name")
+        _base.check_ack_id(ack_id)
+        out = _native.WpsAckResult()
+        status = lib.wps_client_join_group(self._live_handle(), group, ctypes.byref(out))
+        if status != _native.STATUS_OK:
+            raise _base.operation_error(status)
+        return _base.ack_result(out)
+
+    def leave_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
+        """Leave ``group_name``; waits for the service's ack (``ack_id`` as for :meth:`join_group`).
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        group = _base.check_name(group_name, "group_name")
+        _base.check_ack_id(ack_id)
+        out = _native.WpsAckResult()
+        status = lib.wps_client_leave_group(self._live_handle(), group, ctypes.byref(out))
+        if status != _native.STATUS_OK:
+            raise _base.operation_error(status)
+        return _base.ack_result(out)
+
+    def send_to_group(
+        self,
+        group_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        ack_id: Optional[int] = None,
+        ack: bool = True,
+        no_echo: bool = False,
+    ) -> WebPubSubResult:
+        """Publish ``content`` to ``group_name``.
+
+        ``content``: a ``str`` for text, any JSON value for json, ``bytes``/``bytearray``/
+        ``memoryview`` for binary and protobuf. With ``ack=False`` the message is sent
+        without an ackId and the call returns once it is queued; ``no_echo=True`` keeps
+        it from coming back to this connection.
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        group = _base.check_name(group_name, "group_name")
+        kind, payload = _base.encode_content(content, data_type)
+        _base.check_bool(ack, "ack")
+        _base.check_bool(no_echo, "no_echo")
+        _base.check_ack_id(ack_id)
+        flags = _base.send_flags(ack, no_echo)
+        out = _native.WpsAckResult()
+        handle = self._live_handle()
+        if ack_id is not None:
+            _base.require_ack_id_support(ack_id, ack, "wps_client_send_to_group_with_ack_id")
+            status = lib.wps_client_send_to_group_with_ack_id(
+                handle, group, kind, payload, len(payload), flags, ack_id, ctypes.byref(out)
+            )
+        else:
+            status = lib.wps_client_send_to_group(handle, group, kind, payload, len(payload), flags, ctypes.byref(out))
+        if status != _native.STATUS_OK:
+            raise _base.operation_error(status, ack_id=ack_id)
+        return _base.ack_result(out)
+
+    def send_event(
+        self,
+        event_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        ack_id: Optional[int] = None,
+        ack: bool = True,
+    ) -> WebPubSubResult:
+        """Send ``content`` to the upstream event handler as event ``event_name`` (content as for
+        :meth:`send_to_group`).
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        event = _base.check_name(event_name, "event_name")
+        kind, payload = _base.encode_content(content, data_type)
+        _base.check_bool(ack, "ack")
+        _base.check_ack_id(ack_id)
+        flags = _base.send_flags(ack)
+        out = _native.WpsAckResult()
+        handle = self._live_handle()
+        if ack_id is not None:
+            _base.require_ack_id_support(ack_id, ack, "wps_client_send_event_with_ack_id")
+            status = lib.wps_client_send_event_with_ack_id(
+                handle, event, kind, payload, len(payload), flags, ack_id, ctypes.byref(out)
+            )
+        else:
+            status = lib.wps_client_send_event(handle, event, kind, payload, len(payload), flags, ctypes.byref(out))
+        if status != _native.STATUS_OK:
+            raise _base.operation_error(status, ack_id=ack_id)
+        return _base.ack_result(out)
+
+    def invoke_event(
+        self,
+        event_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        timeout: Optional[float] = None,
+    ) -> InvokeEventResult:
+        """Send ``content`` as event ``event_name`` and return the upstream's response.
+
+        ``timeout`` in seconds (default: ``ack_timeout``); on timeout the invocation is
+        cancelled at the service. The response's ``data`` is ``str``, a JSON value or ``bytes``.
+
+        :raises InvokeEventError: the upstream answered with an error, or the call timed out.
+        """
+        event = _base.check_name(event_name, "event_name")
+        kind, payload = _base.encode_content(content, data_type)
+        timeout_ms = _base.check_timeout(timeout)
+        response = ctypes.c_void_p()
+        status = lib.wps_client_invoke_event(
+            self._live_handle(), event, kind, payload, len(payload), timeout_ms, ctypes.byref(response)
+        )
+        if status != _native.STATUS_OK:
+            raise _base.operation_error(status, invoke=True)
+        try:
+            size = ctypes.c_size_t(0)
+            pointer = lib.wps_invoke_response_data(response, ctypes.byref(size))
+            data = ctypes.string_at(pointer, size.value) if pointer and size.value else b""
+            return _base.invoke_result(lib.wps_invoke_response_data_type(response), data)
+        finally:
+            lib.wps_invoke_response_free(response)
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _live_handle(self) -> int:
+        if not self._finalizer.alive:
+            raise WebPubSubClientError("the client was freed (interpreter exit)")
+        return self._handle

@@ -1,0 +1,423 @@
+"""The asyncio client, with the API of ``azure.messaging.webpubsubclient.aio.WebPubSubClient``."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import inspect
+import logging
+import weakref
+from typing import Any, Awaitable, Callable, Optional, Set, Tuple, Union
+
+from .. import _base, _callbacks, _native
+from .._callbacks import REGISTRY, Completion
+from .._native import lib
+from ..models import (
+    CallbackType,
+    InvokeEventResult,
+    OpenClientError,
+    RetryMode,
+    WebPubSubClientError,
+    WebPubSubClientState,
+    WebPubSubDataType,
+    WebPubSubProtocolType,
+    WebPubSubResult,
+)
+
+__all__ = ["WebPubSubClient", "WebPubSubClientCredential"]
+
+_LOGGER = logging.getLogger("webpubsub_client")
+
+UrlProvider = Union[str, Callable[[], Awaitable[str]], Callable[[], str]]
+
+
+class WebPubSubClientCredential:
+    """Where the client gets its URL: a fixed URL, or a coroutine function (or plain function)
+    returning one, awaited on the client's event loop before every *new* connection.
+    """
+
+    def __init__(self, client_access_url_provider: UrlProvider) -> None:
+        if isinstance(client_access_url_provider, str):
+            _base.check_url(client_access_url_provider, "client_access_url_provider")
+        elif not callable(client_access_url_provider):
+            raise TypeError(
+                "client_access_url_provider must be a str or a callable returning a str (or an awaitable "
+                f"of one), got {type(client_access_url_provider).__name__}"
+            )
+        self._provider = client_access_url_provider
+
+    async def get_client_access_url(self) -> str:
+        """Return the client access URL (awaits the provider)."""
+        if isinstance(self._provider, str):
+            return self._provider
+        result = self._provider()
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+class _AsyncSink:
+    """Moves native events from the dispatcher thread onto the client's event loop, in order."""
+
+    def __init__(self, listeners: _base.Listeners) -> None:
+        self._listeners = listeners
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tasks: Set["asyncio.Future[Any]"] = set()
+
+    def on_native_event(self, event: _native.WpsEvent) -> None:
+        converted = _base.event_args(event)
+        loop = self.loop
+        if converted is None or loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._dispatch, *converted)
+        except RuntimeError:
+            _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", converted[0].value)
+
+    def _dispatch(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
+        for listener in self._listeners.snapshot(kind):
+            try:
+                result = listener(*args)
+            except Exception:  # noqa: BLE001
+                _base.log_listener_error(kind)
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(functools.partial(self._finished, kind=kind))
+
+    def _finished(self, task: "asyncio.Future[Any]", *, kind: CallbackType) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
+
+    def credential_provider(self, credential: WebPubSubClientCredential, timeout: float) -> Callable[[], str]:
+        """A blocking provider for the library thread that awaits ``credential`` on the loop."""
+
+        def provide() -> str:
+            loop = self.loop
+            if loop is None or loop.is_closed():
+                raise RuntimeError("the client's event loop is not running")
+            future = asyncio.run_coroutine_threadsafe(credential.get_client_access_url(), loop)
+            return future.result(timeout)
+
+        return provide
+
+
+def _settle(future: "asyncio.Future[Completion]", completion: Completion) -> None:
+    if not future.done():
+        future.set_result(completion)
+
+
+def _blocking_call(function: Callable[[int], int], handle: int) -> Tuple[int, str]:
+    """Run a blocking C call (in an executor thread) and read its error on that thread."""
+    status = function(handle)
+    message = _native.last_error_message() if status != _native.STATUS_OK else ""
+    return status, message
+
+
+class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
+    """The asyncio Web PubSub client; same keywords as :class:`webpubsub_client.WebPubSubClient`.
+
+    Every operation is a coroutine; cancelling one cancels it in the library (an invoke
+    sends ``cancelInvocation``). Listeners may be plain functions or coroutine functions;
+    they run on the event loop that called :meth:`open`, in event order (a coroutine
+    listener is started in order, as a task).
+    """
+
+    def __init__(
+        self,
+        credential: Union[WebPubSubClientCredential, str],
+        *,
+        protocol_type: Union[WebPubSubProtocolType, str] = WebPubSubProtocolType.JSON_RELIABLE,
+        auto_rejoin_groups: bool = True,
+        auto_reconnect: Optional[bool] = None,
+        message_retry_total: int = _base.DEFAULT_RETRY_TOTAL,
+        message_retry_backoff_factor: float = _base.DEFAULT_RETRY_BACKOFF_FACTOR,
+        message_retry_backoff_max: float = _base.DEFAULT_RETRY_BACKOFF_MAX,
+        message_retry_mode: Union[RetryMode, str] = RetryMode.Exponential,
+        reconnect_retry_total: int = _base.DEFAULT_RETRY_TOTAL,
+        reconnect_retry_backoff_factor: float = _base.DEFAULT_RETRY_BACKOFF_FACTOR,
+        reconnect_retry_backoff_max: float = _base.DEFAULT_RETRY_BACKOFF_MAX,
+        reconnect_retry_mode: Union[RetryMode, str] = RetryMode.Exponential,
+        ack_timeout: float = _base.DEFAULT_ACK_TIMEOUT,
+        start_timeout: float = _base.DEFAULT_START_TIMEOUT,
+        keep_alive_interval: float = _base.DEFAULT_KEEP_ALIVE_INTERVAL,
+        keep_alive_timeout: float = _base.DEFAULT_KEEP_ALIVE_TIMEOUT,
+        recovery_timeout: float = _base.DEFAULT_RECOVERY_TIMEOUT,
+        recovery_retry_interval: float = _base.DEFAULT_RECOVERY_RETRY_INTERVAL,
+        sequence_ack_interval: float = _base.DEFAULT_SEQUENCE_ACK_INTERVAL,
+        ca_pem: Optional[Union[str, bytes]] = None,
+        logging_enable: bool = False,
+        user_agent: Optional[str] = None,
+    ) -> None:
+        if not isinstance(credential, (WebPubSubClientCredential, str)):
+            raise TypeError(f"credential must be a str or WebPubSubClientCredential, got {type(credential).__name__}")
+        options = _base.Options(
+            protocol_type=protocol_type,
+            auto_rejoin_groups=auto_rejoin_groups,
+            auto_reconnect=auto_reconnect,
+            message_retry_total=message_retry_total,
+            message_retry_backoff_factor=message_retry_backoff_factor,
+            message_retry_backoff_max=message_retry_backoff_max,
+            message_retry_mode=message_retry_mode,
+            reconnect_retry_total=reconnect_retry_total,
+            reconnect_retry_backoff_factor=reconnect_retry_backoff_factor,
+            reconnect_retry_backoff_max=reconnect_retry_backoff_max,
+            reconnect_retry_mode=reconnect_retry_mode,
+            ack_timeout=ack_timeout,
+            start_timeout=start_timeout,
+            keep_alive_interval=keep_alive_interval,
+            keep_alive_timeout=keep_alive_timeout,
+            recovery_timeout=recovery_timeout,
+            recovery_retry_interval=recovery_retry_interval,
+            sequence_ack_interval=sequence_ack_interval,
+            ca_pem=ca_pem,
+            logging_enable=logging_enable,
+            user_agent=user_agent,
+        )
+        self._listeners = _base.Listeners()
+        self._sink = _AsyncSink(self._listeners)
+        source: Union[str, Callable[[], str]]
+        if isinstance(credential, str):
+            _base.check_url(credential, "credential")
+            source = credential
+        else:
+            source = self._sink.credential_provider(credential, max(start_timeout, 1.0))
+        self._handle = _base.new_native_client(source, options, self._sink)
+        self._finalizer = weakref.finalize(self, _base.free_client, self._handle)
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect to the service; returns once connected.
+
+        :raises OpenClientError: the client is not stopped, or the connection failed.
+        """
+        handle = self._live_handle()
+        if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
+            raise OpenClientError("Client can be only started when it's Stopped")
+        loop = asyncio.get_running_loop()
+        self._sink.loop = loop
+        status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_start, handle)
+        if status != _native.STATUS_OK:
+            raise _base.open_error(status, message)
+
+    async def close(self) -> None:
+        """Stop the client; does nothing if it is already stopped."""
+        if not self._finalizer.alive or _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
+            return
+        loop = asyncio.get_running_loop()
+        status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_stop, self._handle)
+        if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
+            raise WebPubSubClientError(f"{_native.status_str(status)}: {message}", status=status)
+
+    def is_connected(self) -> bool:
+        """True while the client has an open connection."""
+        return self._finalizer.alive and _base.state_of(self._handle) is WebPubSubClientState.CONNECTED
+
+    @property
+    def state(self) -> WebPubSubClientState:
+        """The client's state: Stopped, Connecting, Connected, Recovering or Disconnected."""
+        if not self._finalizer.alive:
+            return WebPubSubClientState.STOPPED
+        return _base.state_of(self._handle)
+
+    @property
+    def connection_id(self) -> Optional[str]:
+        """The id of the current (or last) connection, or None before the first one."""
+        if not self._finalizer.alive:
+            return None
+        return _base.connection_id_of(self._handle)
+
+    async def __aenter__(self) -> "WebPubSubClient":
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        await self.close()
+
+    # ---- listeners ---------------------------------------------------------------
+
+    async def subscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
+        """Call ``listener`` (a function or coroutine function) for every ``event``."""
+        self._listeners.add(event, listener)
+
+    async def unsubscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
+        """Remove a listener added with :meth:`subscribe`."""
+        self._listeners.remove(event, listener)
+
+    # ---- operations --------------------------------------------------------------
+
+    async def join_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
+        """Join ``group_name`` (see the sync client).
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        group = _base.check_name(group_name, "group_name")
+        _base.check_ack_id(ack_id)
+        handle = self._live_handle()
+        completion = await self._run(lambda cb, ud, op: lib.wps_client_join_group_async(handle, group, cb, ud, op))
+        return _ack_result(completion)
+
+    async def leave_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
+        """Leave ``group_name`` (see the sync client).
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        group = _base.check_name(group_name, "group_name")
+        _base.check_ack_id(ack_id)
+        handle = self._live_handle()
+        completion = await self._run(lambda cb, ud, op: lib.wps_client_leave_group_async(handle, group, cb, ud, op))
+        return _ack_result(completion)
+
+    async def send_to_group(
+        self,
+        group_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        ack_id: Optional[int] = None,
+        ack: bool = True,
+        no_echo: bool = False,
+    ) -> WebPubSubResult:
+        """Publish ``content`` to ``group_name`` (see the sync client).
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        group = _base.check_name(group_name, "group_name")
+        kind, payload = _base.encode_content(content, data_type)
+        _base.check_bool(ack, "ack")
+        _base.check_bool(no_echo, "no_echo")
+        _base.check_ack_id(ack_id)
+        flags = _base.send_flags(ack, no_echo)
+        handle = self._live_handle()
+        size = len(payload)
+        if ack_id is not None:
+            _base.require_ack_id_support(ack_id, ack, "wps_client_send_to_group_with_ack_id_async")
+            chosen = ack_id
+            completion = await self._run(
+                lambda cb, ud, op: lib.wps_client_send_to_group_with_ack_id_async(
+                    handle, group, kind, payload, size, flags, chosen, cb, ud, op
+                ),
+                ack_id=ack_id,
+            )
+        else:
+            completion = await self._run(
+                lambda cb, ud, op: lib.wps_client_send_to_group_async(
+                    handle, group, kind, payload, size, flags, cb, ud, op
+                )
+            )
+        return _ack_result(completion)
+
+    async def send_event(
+        self,
+        event_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        ack_id: Optional[int] = None,
+        ack: bool = True,
+    ) -> WebPubSubResult:
+        """Send ``content`` as event ``event_name`` to the upstream (see the sync client).
+
+        :raises SendMessageError: the service refused, the ack timed out, or not connected.
+        """
+        event = _base.check_name(event_name, "event_name")
+        kind, payload = _base.encode_content(content, data_type)
+        _base.check_bool(ack, "ack")
+        _base.check_ack_id(ack_id)
+        flags = _base.send_flags(ack)
+        handle = self._live_handle()
+        size = len(payload)
+        if ack_id is not None:
+            _base.require_ack_id_support(ack_id, ack, "wps_client_send_event_with_ack_id_async")
+            chosen = ack_id
+            completion = await self._run(
+                lambda cb, ud, op: lib.wps_client_send_event_with_ack_id_async(
+                    handle, event, kind, payload, size, flags, chosen, cb, ud, op
+                ),
+                ack_id=ack_id,
+            )
+        else:
+            completion = await self._run(
+                lambda cb, ud, op: lib.wps_client_send_event_async(
+                    handle, event, kind, payload, size, flags, cb, ud, op
+                )
+            )
+        return _ack_result(completion)
+
+    async def invoke_event(
+        self,
+        event_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        timeout: Optional[float] = None,
+    ) -> InvokeEventResult:
+        """Send ``content`` as event ``event_name`` and return the upstream's response.
+
+        :raises InvokeEventError: the upstream answered with an error, or the call timed out.
+        """
+        event = _base.check_name(event_name, "event_name")
+        kind, payload = _base.encode_content(content, data_type)
+        timeout_ms = _base.check_timeout(timeout)
+        handle = self._live_handle()
+        size = len(payload)
+        completion = await self._run(
+            lambda cb, ud, op: lib.wps_client_invoke_event_async(
+                handle, event, kind, payload, size, timeout_ms, cb, ud, op
+            ),
+            invoke=True,
+        )
+        return _base.invoke_result(completion.data_type, completion.data)
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _live_handle(self) -> int:
+        if not self._finalizer.alive:
+            raise WebPubSubClientError("the client was freed (interpreter exit)")
+        return self._handle
+
+    async def _run(
+        self,
+        start: Callable[[Any, ctypes.c_void_p, Any], int],
+        *,
+        invoke: bool = False,
+        ack_id: Optional[int] = None,
+    ) -> Completion:
+        """Start an asynchronous C operation and await its completion on this loop."""
+        loop = asyncio.get_running_loop()
+        future: "asyncio.Future[Completion]" = loop.create_future()
+
+        def complete(completion: Completion) -> None:  # on the dispatcher thread
+            try:
+                loop.call_soon_threadsafe(_settle, future, completion)
+            except RuntimeError:
+                _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
+
+        key = REGISTRY.add(complete)
+        op_id = ctypes.c_uint64(0)
+        status = start(_callbacks.COMPLETION_TRAMPOLINE, _callbacks.user_data(key), ctypes.byref(op_id))
+        if status != _native.STATUS_OK:
+            REGISTRY.pop(key)
+            raise _base.operation_error(status, invoke=invoke, ack_id=ack_id)
+        try:
+            completion = await future
+        except asyncio.CancelledError:
+            lib.wps_client_cancel(self._handle, op_id.value)
+            raise
+        if completion.status != _native.STATUS_OK:
+            raise _base.operation_error(
+                completion.status,
+                invoke=invoke,
+                ack_id=completion.ack_id if completion.ack_id is not None else ack_id,
+                name=completion.error_name,
+                message=completion.error_message,
+            )
+        return completion
+
+
+def _ack_result(completion: Completion) -> WebPubSubResult:
+    return WebPubSubResult(completion.ack_id, completion.is_duplicated)

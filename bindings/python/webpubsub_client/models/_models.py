@@ -1,0 +1,205 @@
+"""Event arguments, results and exceptions, with the fields of the official package."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from ._enums import WebPubSubDataType
+
+__all__ = [
+    "AckMessageError",
+    "InvokeEventError",
+    "InvokeEventResult",
+    "OnConnectedArgs",
+    "OnDisconnectedArgs",
+    "OnGroupDataMessageArgs",
+    "OnRejoinGroupFailedArgs",
+    "OnServerDataMessageArgs",
+    "OpenClientError",
+    "SendMessageError",
+    "WebPubSubClientError",
+    "WebPubSubResult",
+]
+
+
+def _repr(obj: object) -> str:
+    fields = ", ".join(f"{k}={v!r}" for k, v in vars(obj).items())
+    return f"{type(obj).__name__}({fields})"
+
+
+class AckMessageError:
+    """Error details the service sent (``name`` such as ``"Forbidden"``, and ``message``).
+
+    For failures that never reached the service, ``name`` tells what happened locally
+    (``"Timeout"``, ``"NotConnected"``, ``"Stopped"``, ``"Cancelled"``).
+    """
+
+    def __init__(self, *, name: str, message: str) -> None:
+        self.name = name
+        self.message = message
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AckMessageError) and vars(self) == vars(other)
+
+
+class WebPubSubClientError(Exception):
+    """Base of every error this package raises (besides TypeError/ValueError for bad arguments).
+
+    :ivar status: the native library's status code (0 when raised by Python code).
+    """
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class OpenClientError(WebPubSubClientError):
+    """The client could not be opened (connect failed, timed out, or it is not stopped)."""
+
+
+class SendMessageError(WebPubSubClientError):
+    """An operation (join, leave, send, invoke) failed.
+
+    :ivar ack_id: the ackId of the failed message, when known.
+    :ivar error_detail: what went wrong (:class:`AckMessageError`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        ack_id: Optional[int] = None,
+        error_detail: Optional[AckMessageError] = None,
+        *,
+        status: int = 0,
+    ) -> None:
+        super().__init__(message, status=status)
+        self.name = "SendMessageError"
+        self.ack_id = ack_id
+        self.error_detail = error_detail
+
+    def __str__(self) -> str:
+        if self.error_detail is None:
+            return self.message
+        return f"{self.message} {self.error_detail.name}: {self.error_detail.message}"
+
+
+class InvokeEventError(SendMessageError):
+    """``invoke_event`` failed: the upstream answered with an error, timed out, or was cancelled."""
+
+    def __init__(
+        self,
+        message: str,
+        error_detail: Optional[AckMessageError] = None,
+        *,
+        status: int = 0,
+    ) -> None:
+        super().__init__(message, None, error_detail, status=status)
+        self.name = "InvokeEventError"
+
+
+class WebPubSubResult:
+    """Outcome of an acknowledged operation.
+
+    :ivar ack_id: the ackId used (None for a fire-and-forget send).
+    :ivar is_duplicated: True when the service had already processed this ackId.
+    """
+
+    def __init__(self, ack_id: Optional[int] = None, is_duplicated: bool = False) -> None:
+        self.ack_id = ack_id
+        self.is_duplicated = is_duplicated
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+class InvokeEventResult:
+    """Response of ``invoke_event``: ``data`` is ``str`` (text), a JSON value (json) or ``bytes``."""
+
+    def __init__(self, data_type: WebPubSubDataType, data: Any) -> None:
+        self.data_type = data_type
+        self.data = data
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+class OnConnectedArgs:
+    """Arguments of the ``connected`` event."""
+
+    def __init__(self, connection_id: str, user_id: Optional[str] = None) -> None:
+        self.connection_id = connection_id
+        self.user_id = user_id
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+class OnDisconnectedArgs:
+    """Arguments of the ``disconnected`` event (``close_code`` is an addition: None when unknown)."""
+
+    def __init__(
+        self,
+        connection_id: Optional[str] = None,
+        message: Optional[str] = None,
+        close_code: Optional[int] = None,
+    ) -> None:
+        self.connection_id = connection_id
+        self.message = message
+        self.close_code = close_code
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+class OnServerDataMessageArgs:
+    """A message from the server: ``data`` is ``str`` (text), a JSON value (json) or ``memoryview`` (binary)."""
+
+    def __init__(
+        self,
+        data_type: Union[WebPubSubDataType, str],
+        data: Any,
+        sequence_id: Optional[int] = None,
+    ) -> None:
+        self.data_type = data_type
+        self.data = data
+        self.sequence_id = sequence_id
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+class OnGroupDataMessageArgs:
+    """A message published to a joined group; ``data`` as in :class:`OnServerDataMessageArgs`."""
+
+    def __init__(
+        self,
+        *,
+        data_type: Union[WebPubSubDataType, str],
+        data: Any,
+        group: str,
+        from_user_id: Optional[str] = None,
+        sequence_id: Optional[int] = None,
+    ) -> None:
+        self.data_type = data_type
+        self.data = data
+        self.group = group
+        self.from_user_id = from_user_id
+        self.sequence_id = sequence_id
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
+class OnRejoinGroupFailedArgs:
+    """A group could not be rejoined after a reconnect; ``error`` is a :class:`SendMessageError`."""
+
+    def __init__(self, group: str, error: Exception) -> None:
+        self.group = group
+        self.error = error
+
+    def __repr__(self) -> str:
+        return _repr(self)
