@@ -2,7 +2,7 @@
 """Benchmark orchestrator: every client side by side against one local emulator.
 
     python3 benches/run.py --quick      # about 3 minutes
-    python3 benches/run.py              # full mode: longer runs, 3 repeats, median
+    python3 benches/run.py              # full mode: 5 s runs, 3 repeats, median (~25 min)
 
 It builds what it needs (emulator, drivers), starts `webpubsub-emulator --port 0`
 on 127.0.0.1, mints client URLs with the official server SDK, runs each
@@ -68,13 +68,13 @@ class Scenario:
 SCENARIOS = [
     Scenario(
         "s1", "1. Sequential acked send_to_group", "seq", {"size": 16},
-        {"count": 20000, "seconds": 1}, {"count": 200000, "seconds": 8},
+        {"count": 20000, "seconds": 1}, {"count": 200000, "seconds": 5},
         "one client sends 16-byte text messages to a group, waiting for each ack "
         "before the next: messages/s and ack latency.",
     ),
     Scenario(
         "s2-ff", "2a. Pipelined publishing, fire-and-forget", "pub", {"size": 16, "window": 0},
-        {"count": 200000, "seconds": 1}, {"count": 2000000, "seconds": 8},
+        {"count": 200000, "seconds": 1}, {"count": 2000000, "seconds": 5},
         "a publisher sends 16-byte text messages without ackIds as fast as it can; "
         "a subscriber of the same kind in another process counts them: "
         "messages/s delivered (first to last arrival).",
@@ -82,7 +82,7 @@ SCENARIOS = [
     Scenario(
         "s2-ack", f"2b. Pipelined publishing, {WINDOW} acks in flight", "pub",
         {"size": 16, "window": WINDOW},
-        {"count": 200000, "seconds": 1}, {"count": 2000000, "seconds": 8},
+        {"count": 200000, "seconds": 1}, {"count": 2000000, "seconds": 5},
         f"as 2a, but every message is acked and up to {WINDOW} are in flight "
         "(worker tasks/threads awaiting the ack): messages/s delivered.",
     ),
@@ -102,13 +102,13 @@ SCENARIOS = [
     Scenario(
         "s5-1k", f"5a. 1 KiB binary payloads, {WINDOW} acks in flight", "pub",
         {"size": 1024, "binary": True, "window": WINDOW},
-        {"count": 100000, "seconds": 1}, {"count": 1000000, "seconds": 8},
+        {"count": 100000, "seconds": 1}, {"count": 1000000, "seconds": 5},
         "as 2b with 1 KiB binary payloads (base64 on the wire): messages/s and MiB/s delivered.",
     ),
     Scenario(
         "s5-64k", f"5b. 64 KiB binary payloads, {WINDOW} acks in flight", "pub",
         {"size": 65536, "binary": True, "window": WINDOW},
-        {"count": 10000, "seconds": 1}, {"count": 100000, "seconds": 8},
+        {"count": 10000, "seconds": 1}, {"count": 100000, "seconds": 5},
         "as 2b with 64 KiB binary payloads: messages/s and MiB/s delivered.",
     ),
 ]
@@ -463,6 +463,18 @@ def primary(scn_key, res):
     return res["rate"], True
 
 
+def cpu_per_msg_us(rec):
+    """Client CPU µs per message: the sender's, plus the subscriber's in 2 and 5."""
+    res = rec["result"]
+    if "pub" in rec:
+        n = res["received"]
+        cpu = rec["pub"].get("cpu_s", 0) + res.get("cpu_s", 0)
+    else:
+        n = res.get("count", 0)
+        cpu = res.get("cpu_s", 0)
+    return cpu / n * 1e6 if n and cpu else None
+
+
 def speed_ratio(scn_key, mine, other):
     """How many times better `mine` is than `other` (>1 = better)."""
     a, hi = primary(scn_key, mine)
@@ -548,16 +560,16 @@ def met_word(met):
 def scenario_table(scn, results, contenders, order):
     lines = []
     if scn.key == "s1":
-        head = ["msgs/s", "p50 ack µs", "p99 ack µs"]
+        head = ["msgs/s", "p50 ack µs", "p99 ack µs", "client CPU µs/msg"]
     elif scn.key == "s3":
         head = ["p50 ms", "p99 ms", "mean ms", "runs"]
     elif scn.key == "s4":
         head = ["KiB/client", "KiB/client incl. fixed", "threads at 0 / 100 / 1,000",
                 "connect s"]
     elif scn.key.startswith("s5"):
-        head = ["delivered msgs/s", "MiB/s", "published msgs/s", "lost"]
+        head = ["delivered msgs/s", "MiB/s", "published msgs/s", "lost", "client CPU µs/msg"]
     else:
-        head = ["delivered msgs/s", "published msgs/s", "lost"]
+        head = ["delivered msgs/s", "published msgs/s", "lost", "client CPU µs/msg"]
     head += ["vs raw floor", "vs official Py", "vs official JS", "emulator CPU (hottest thread)"]
     lines.append("| contender | " + " | ".join(head) + " |")
     lines.append("|---|" + "---:|" * len(head))
@@ -573,7 +585,8 @@ def scenario_table(scn, results, contenders, order):
             continue
         res = rec["result"]
         if scn.key == "s1":
-            cells = [fmt_num(res["rate"]), fmt_num(res["p50_us"]), fmt_num(res["p99_us"])]
+            cells = [fmt_num(res["rate"]), fmt_num(res["p50_us"]), fmt_num(res["p99_us"]),
+                     fmt_num(cpu_per_msg_us(rec), 1)]
         elif scn.key == "s3":
             cells = [fmt_num(res["p50_ms"], 1), fmt_num(res["p99_ms"], 1),
                      fmt_num(res["mean_ms"], 1), str(res["count"])]
@@ -587,7 +600,7 @@ def scenario_table(scn, results, contenders, order):
             cells = [fmt_num(res["rate"])]
             if scn.key.startswith("s5"):
                 cells.append(fmt_num(res["rate"] * scn.args["size"] / 2**20, 1))
-            cells += [fmt_num(rec["pub"]["rate"]), str(lost)]
+            cells += [fmt_num(rec["pub"]["rate"]), str(lost), fmt_num(cpu_per_msg_us(rec), 1)]
         off = results.get((official_py_for(c), scn.key), {}).get("result")
         cells += [
             fmt_pct(speed_ratio(scn.key, res, floor)) if floor and ck != "raw" else "–",
@@ -653,7 +666,7 @@ def write_report(path, run, results, contenders, order):
         "",
         "```",
         "python3 benches/run.py --quick   # ~3 minutes, 1 run per cell",
-        "python3 benches/run.py           # full: longer runs, median of 3",
+        "python3 benches/run.py           # full: 5 s runs, median of 3 (about 25 minutes)",
         "python3 benches/run.py --quick --contenders raw,rust,js-official --scenarios s1,s2-ff",
         "```",
         "",
@@ -777,6 +790,8 @@ def write_chart(path, results, contenders, order):
         ("s3", "3. time to ready p50: ms (lower is better)", lambda r: r["p50_ms"], False),
         ("s4", "4. RSS per idle client: KiB (lower is better)",
          lambda r: r["rss_per_client_kib"], False),
+        ("s2-ack", "2b. client CPU per message: µs (lower is better)",
+         None, True),
     ]
     colors = {"raw": "#444444", "rust": "#c2410c", "c": "#1d4ed8", "py": "#15803d",
               "py-aio": "#65a30d", "py-official": "#a3a3a3", "py-official-aio": "#d4d4d4",
@@ -787,8 +802,11 @@ def write_chart(path, results, contenders, order):
         for ck in order:
             rec = results.get((ck, sk))
             if rec and "result" in rec:
+                v = get(rec["result"]) if get else cpu_per_msg_us(rec)
+                if v is None:
+                    continue
                 names.append(contenders[ck].label.replace("official ", "off. ").replace("ours: ", ""))
-                vals.append(max(get(rec["result"]), 1e-9))
+                vals.append(max(v, 1e-9))
                 cols.append(colors[ck])
         ax.set_title(title, fontsize=10)
         if not vals:
@@ -799,15 +817,13 @@ def write_chart(path, results, contenders, order):
         if log and max(vals) / min(vals) > 20:
             ax.set_xscale("log")
         for b, v in zip(bars, vals[::-1]):
-            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:,.3g}", va="center",
-                    fontsize=8)
+            label = f" {v:,.0f}" if v >= 1000 else f" {v:.3g}"
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, label, va="center", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
         ax.margins(x=0.25)
-    axes.flat[-1].set_axis_off()
-    axes.flat[-1].text(0, 0.5, "ours: Rust, C, Python (green)\nfloor: raw socket (dark grey)\n"
-                       "official: Python (grey), JS (yellow)\n\nsee BENCHMARKS.md for ratios,\n"
-                       "emulator CPU and the method", fontsize=10, va="center")
-    fig.suptitle("webpubsub-client benchmarks (loopback, one local emulator)", fontsize=13)
+    fig.suptitle("webpubsub-client benchmarks (loopback, one local emulator). Ours: Rust (orange), "
+                 "C (blue), Python (greens); raw floor (dark grey); official Python (greys), "
+                 "JS (yellow)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -912,9 +928,11 @@ def progress_line(scn, c, rec):
         fig = (f"{r['rss_per_client_kib']:.1f} KiB/client, threads "
                f"{r['threads_before']}/{r['threads_mid']}/{r['threads_after']}")
     elif scn.key == "s1":
-        fig = f"{r['rate']:,.0f} msg/s  p50 {r['p50_us']:.0f} µs  p99 {r['p99_us']:.0f} µs"
+        fig = (f"{r['rate']:,.0f} msg/s  p50 {r['p50_us']:.0f} µs  p99 {r['p99_us']:.0f} µs"
+               f"  cpu {cpu_per_msg_us(rec) or 0:.1f} µs/msg")
     else:
-        fig = f"{r['rate']:,.0f} msg/s delivered ({rec['pub']['sent'] - r['received']} lost)"
+        fig = (f"{r['rate']:,.0f} msg/s delivered ({rec['pub']['sent'] - r['received']} lost)"
+               f"  cpu {cpu_per_msg_us(rec) or 0:.1f} µs/msg")
     e = rec["emulator"]
     sat = "  <<< EMULATOR SATURATED" if e["saturated"] else ""
     return f"{head} {fig}   [emulator {e['cpu_pct']:.0f}% cpu, hottest thread {e['hot_thread_pct']:.0f}%]{sat}"

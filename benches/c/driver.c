@@ -45,6 +45,12 @@ static double now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static void die(const char *what, wps_status s) {
     fprintf(stderr, "bench-c: %s: %s (%s)\n", what, wps_status_str(s), wps_last_error_message());
     exit(1);
@@ -101,6 +107,7 @@ static void run_seq(void) {
     double *lat = malloc(sizeof(double) * (size_t)A.count);
     long n = 0;
     mark("START");
+    double cpu = cpu_now();
     double start = now(), deadline = start + A.seconds;
     while (n < A.count) {
         double t0 = now();
@@ -111,8 +118,10 @@ static void run_seq(void) {
     double elapsed = now() - start;
     qsort(lat, (size_t)n, sizeof(double), cmp_double);
     emit_head();
-    printf(",\"count\":%ld,\"seconds\":%.6f,\"rate\":%.3f,\"p50_us\":%.3f,\"p99_us\":%.3f", n,
-           elapsed, (double)n / elapsed, percentile(lat, n, 0.5), percentile(lat, n, 0.99));
+    printf(",\"count\":%ld,\"seconds\":%.6f,\"rate\":%.3f,\"p50_us\":%.3f,\"p99_us\":%.3f,"
+           "\"cpu_s\":%.6f",
+           n, elapsed, (double)n / elapsed, percentile(lat, n, 0.5), percentile(lat, n, 0.99),
+           cpu_now() - cpu);
     emit_tail();
     free(lat);
     wps_client_free(c);
@@ -150,6 +159,7 @@ static void run_pub(void) {
         (void)fgets(line, sizeof line, stdin);
     }
     mark("START");
+    double cpu = cpu_now();
     double start = now(), deadline = start + A.seconds;
     long sent = 0;
     while (sent < A.count && now() < deadline) {
@@ -176,11 +186,11 @@ static void run_pub(void) {
         fprintf(stderr, "bench-c: %ld acked sends failed\n", failed);
         exit(1);
     }
+    wps_client_free(c); /* CPU counted until everything queued is written and closed */
     emit_head();
-    printf(",\"sent\":%ld,\"acked\":%ld,\"seconds\":%.6f,\"rate\":%.3f", sent, acked, elapsed,
-           (double)sent / elapsed);
+    printf(",\"sent\":%ld,\"acked\":%ld,\"seconds\":%.6f,\"rate\":%.3f,\"cpu_s\":%.6f", sent,
+           acked, elapsed, (double)sent / elapsed, cpu_now() - cpu);
     emit_tail();
-    wps_client_free(c);
 }
 
 /* ------------------------------------------------------------------ sub */
@@ -249,6 +259,7 @@ static void run_sub(void) {
     }
     pthread_detach(reader);
     mark("READY");
+    double cpu = cpu_now();
     double deadline = now() + A.seconds;
     long poll_ms = A.idle_ms < 1 ? 1 : (A.idle_ms > 100 ? 100 : A.idle_ms);
     pthread_mutex_lock(&R.mu);
@@ -267,8 +278,8 @@ static void run_sub(void) {
     long count = R.count, bytes = R.bytes;
     pthread_mutex_unlock(&R.mu);
     emit_head();
-    printf(",\"received\":%ld,\"bytes\":%ld,\"seconds\":%.6f,\"rate\":%.3f", count, bytes, span,
-           span > 0 ? (double)(count - 1) / span : 0.0);
+    printf(",\"received\":%ld,\"bytes\":%ld,\"seconds\":%.6f,\"rate\":%.3f,\"cpu_s\":%.6f", count,
+           bytes, span, span > 0 ? (double)(count - 1) / span : 0.0, cpu_now() - cpu);
     emit_tail();
     wps_client_free(c);
 }

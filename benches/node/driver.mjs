@@ -44,6 +44,11 @@ if (!args.url || !["seq", "pub", "sub", "ready", "idle"].includes(scenario)) {
 }
 
 const now = () => Number(process.hrtime.bigint()) / 1e9;
+// CPU seconds used by this process since `start` (a process.cpuUsage() reading).
+const cpuSince = (start) => {
+  const d = process.cpuUsage(start);
+  return (d.user + d.system) / 1e6;
+};
 const mark = (line) => process.stdout.write(line + "\n");
 const emit = (fields) => mark(JSON.stringify({ driver: "node-official", scenario, ...fields }));
 const dataType = args.binary ? "binary" : "text";
@@ -85,6 +90,7 @@ async function seq() {
   await client.start();
   const latencies = [];
   mark("START");
+  const cpu = process.cpuUsage();
   const start = now();
   const deadline = start + args.seconds;
   for (let i = 0; i < args.count; i++) {
@@ -101,6 +107,7 @@ async function seq() {
     rate: latencies.length / elapsed,
     p50_us: percentile(latencies, 0.5),
     p99_us: percentile(latencies, 0.99),
+    cpu_s: cpuSince(cpu),
   });
   await stopClient(client);
 }
@@ -124,6 +131,7 @@ async function pub() {
   await client.start();
   await waitForGo();
   mark("START");
+  const cpu = process.cpuUsage();
   const start = now();
   const deadline = start + args.seconds;
   let sent = 0;
@@ -144,8 +152,8 @@ async function pub() {
     await Promise.all(Array.from({ length: args.window }, worker));
   }
   const elapsed = now() - start;
-  emit({ sent, acked, seconds: elapsed, rate: sent / elapsed });
-  await stopClient(client);
+  await stopClient(client); // CPU counted until everything queued is written and closed
+  emit({ sent, acked, seconds: elapsed, rate: sent / elapsed, cpu_s: cpuSince(cpu) });
 }
 
 async function sub() {
@@ -176,6 +184,7 @@ async function sub() {
   rl.once("line", onSent);
   rl.once("close", () => onSent(null));
   mark("READY");
+  const cpu = process.cpuUsage();
   const deadline = now() + args.seconds;
   const poll = Math.min(Math.max(args.idleMs, 1), 100);
   const done = () => {
@@ -189,7 +198,13 @@ async function sub() {
     await new Promise((resolve) => setTimeout(resolve, poll));
   }
   const span = first === null ? 0 : last - first;
-  emit({ received, bytes, seconds: span, rate: span > 0 ? (received - 1) / span : 0 });
+  emit({
+    received,
+    bytes,
+    seconds: span,
+    rate: span > 0 ? (received - 1) / span : 0,
+    cpu_s: cpuSince(cpu),
+  });
   await stopClient(client);
 }
 

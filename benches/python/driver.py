@@ -69,7 +69,7 @@ def percentile(sorted_values, q):
     return sorted_values[min(max(int(rank), 1), len(sorted_values)) - 1]
 
 
-def seq_result(latencies_us, elapsed):
+def seq_result(latencies_us, elapsed, cpu_s):
     latencies_us.sort()
     n = len(latencies_us)
     return {
@@ -78,6 +78,7 @@ def seq_result(latencies_us, elapsed):
         "rate": n / elapsed,
         "p50_us": percentile(latencies_us, 0.50),
         "p99_us": percentile(latencies_us, 0.99),
+        "cpu_s": cpu_s,
     }
 
 
@@ -92,8 +93,9 @@ def ready_result(times_ms):
     }
 
 
-def pub_result(sent, acked, elapsed):
-    return {"sent": sent, "acked": acked, "seconds": elapsed, "rate": sent / elapsed}
+def pub_result(sent, acked, elapsed, cpu_s):
+    return {"sent": sent, "acked": acked, "seconds": elapsed, "rate": sent / elapsed,
+            "cpu_s": cpu_s}
 
 
 def proc_status():
@@ -157,10 +159,11 @@ class Receipts:
     def poll_interval(self):
         return min(max(self.args.idle_ms, 1), 100) / 1000
 
-    def result(self):
+    def result(self, cpu_start):
         span = (self.last - self.first) if self.first is not None else 0.0
         rate = (self.count - 1) / span if span > 0 else 0.0
-        return {"received": self.count, "bytes": self.bytes, "seconds": span, "rate": rate}
+        return {"received": self.count, "bytes": self.bytes, "seconds": span, "rate": rate,
+                "cpu_s": time.process_time() - cpu_start}
 
 
 class SentCount:
@@ -210,6 +213,7 @@ class SyncBench(Bench):
         client.open()
         latencies = []
         mark("START")
+        cpu = time.process_time()
         start = time.monotonic()
         deadline = start + a.seconds
         for _ in range(a.count):
@@ -218,7 +222,7 @@ class SyncBench(Bench):
                 break
             client.send_to_group(a.group, self.content, self.data_type)
             latencies.append((time.monotonic() - t0) * 1e6)
-        emit(a, seq_result(latencies, time.monotonic() - start))
+        emit(a, seq_result(latencies, time.monotonic() - start, time.process_time() - cpu))
         client.close()
 
     def pub(self):
@@ -227,6 +231,7 @@ class SyncBench(Bench):
         client.open()
         wait_for_go(a)
         mark("START")
+        cpu = time.process_time()
         start = time.monotonic()
         deadline = start + a.seconds
         if a.window == 0:
@@ -253,8 +258,9 @@ class SyncBench(Bench):
                 for f in [pool.submit(worker) for _ in range(a.window)]:
                     f.result()
             sent, acked = counts["sent"], counts["acked"]
-        emit(a, pub_result(sent, acked, time.monotonic() - start))
-        client.close()
+        elapsed = time.monotonic() - start
+        client.close()  # CPU counted until everything queued is written and closed
+        emit(a, pub_result(sent, acked, elapsed, time.process_time() - cpu))
 
     def sub(self):
         a = self.args
@@ -265,10 +271,11 @@ class SyncBench(Bench):
         client.join_group(a.group)
         sent = SentCount()
         mark("READY")
+        cpu = time.process_time()
         deadline = self.deadline()
         while not got.done(deadline, sent):
             got.full.wait(got.poll_interval())
-        emit(a, got.result())
+        emit(a, got.result(cpu))
         client.close()
 
     def ready(self):
@@ -327,6 +334,7 @@ class AsyncBench(Bench):
         client = await self.open()
         latencies = []
         mark("START")
+        cpu = time.process_time()
         start = time.monotonic()
         deadline = start + a.seconds
         for _ in range(a.count):
@@ -335,7 +343,7 @@ class AsyncBench(Bench):
                 break
             await client.send_to_group(a.group, self.content, self.data_type)
             latencies.append((time.monotonic() - t0) * 1e6)
-        emit(a, seq_result(latencies, time.monotonic() - start))
+        emit(a, seq_result(latencies, time.monotonic() - start, time.process_time() - cpu))
         await client.close()
 
     async def pub(self):
@@ -343,6 +351,7 @@ class AsyncBench(Bench):
         client = await self.open()
         wait_for_go(a)
         mark("START")
+        cpu = time.process_time()
         start = time.monotonic()
         deadline = start + a.seconds
         if a.window == 0:
@@ -362,8 +371,9 @@ class AsyncBench(Bench):
 
             await asyncio.gather(*(worker() for _ in range(a.window)))
             sent, acked = counts["sent"], counts["acked"]
-        emit(a, pub_result(sent, acked, time.monotonic() - start))
-        await client.close()
+        elapsed = time.monotonic() - start
+        await client.close()  # CPU counted until everything queued is written and closed
+        emit(a, pub_result(sent, acked, elapsed, time.process_time() - cpu))
 
     async def sub(self):
         a = self.args
@@ -376,10 +386,11 @@ class AsyncBench(Bench):
         await client.join_group(a.group)
         sent = SentCount()
         mark("READY")
+        cpu = time.process_time()
         deadline = self.deadline()
         while not got.done(deadline, sent):
             await asyncio.sleep(got.poll_interval())
-        emit(a, got.result())
+        emit(a, got.result(cpu))
         await client.close()
 
     async def ready(self):

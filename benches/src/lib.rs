@@ -134,7 +134,7 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Result fields of the sequential scenario from per-message latencies in µs.
-pub fn seq_result(mut latencies_us: Vec<f64>, elapsed: Duration) -> Value {
+pub fn seq_result(mut latencies_us: Vec<f64>, elapsed: Duration, cpu: Duration) -> Value {
     latencies_us.sort_by(f64::total_cmp);
     let n = latencies_us.len();
     json!({
@@ -143,6 +143,7 @@ pub fn seq_result(mut latencies_us: Vec<f64>, elapsed: Duration) -> Value {
         "rate": n as f64 / elapsed.as_secs_f64(),
         "p50_us": percentile(&latencies_us, 0.50),
         "p99_us": percentile(&latencies_us, 0.99),
+        "cpu_s": cpu.as_secs_f64(),
     })
 }
 
@@ -159,12 +160,13 @@ pub fn ready_result(mut times_ms: Vec<f64>) -> Value {
 }
 
 /// Result fields of a publisher run.
-pub fn pub_result(sent: u64, acked: u64, elapsed: Duration) -> Value {
+pub fn pub_result(sent: u64, acked: u64, elapsed: Duration, cpu: Duration) -> Value {
     json!({
         "sent": sent,
         "acked": acked,
         "seconds": elapsed.as_secs_f64(),
         "rate": sent as f64 / elapsed.as_secs_f64(),
+        "cpu_s": cpu.as_secs_f64(),
     })
 }
 
@@ -212,8 +214,9 @@ impl Receipts {
         Duration::from_millis(args.idle_ms.clamp(1, 100))
     }
 
-    /// Result fields: rate measured from the first to the last message.
-    pub fn result(&self) -> Value {
+    /// Result fields: rate measured from the first to the last message, and the
+    /// CPU time used since `cpu_start` (a [`cpu_time`] reading).
+    pub fn result(&self, cpu_start: Duration) -> Value {
         let span = match (self.first, self.last) {
             (Some(a), Some(b)) => (b - a).as_secs_f64(),
             _ => 0.0,
@@ -223,7 +226,13 @@ impl Receipts {
         } else {
             0.0
         };
-        json!({ "received": self.count, "bytes": self.bytes, "seconds": span, "rate": rate })
+        json!({
+            "received": self.count,
+            "bytes": self.bytes,
+            "seconds": span,
+            "rate": rate,
+            "cpu_s": (cpu_time().saturating_sub(cpu_start)).as_secs_f64(),
+        })
     }
 }
 
@@ -260,6 +269,21 @@ impl SentCount {
     pub fn get(&self) -> Option<PublisherDone> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// CPU time consumed so far by this process, all threads, exited ones included
+/// (`CLOCK_PROCESS_CPUTIME_ID`, as the C and Python drivers read it).
+pub fn cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// `VmRSS` (KiB) and `Threads` of this process, from `/proc/self/status`.
@@ -378,11 +402,12 @@ mod tests {
     #[test]
     fn receipts_rate_spans_first_to_last() {
         let mut r = Receipts::default();
-        assert_eq!(r.result()["rate"], 0.0);
+        assert_eq!(r.result(cpu_time())["rate"], 0.0);
         r.record(3);
         std::thread::sleep(Duration::from_millis(20));
         r.record(3);
-        let v = r.result();
+        let v = r.result(Duration::ZERO);
+        assert!(v["cpu_s"].as_f64().unwrap() > 0.0);
         assert_eq!(v["received"], 2);
         assert_eq!(v["bytes"], 6);
         let rate = v["rate"].as_f64().unwrap();

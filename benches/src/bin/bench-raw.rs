@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use webpubsub_bench::{
-    emit, idle_result, mark, pub_result, ready_result, seq_result, wait_for_go, Args, ProcStatus,
-    Receipts, Scenario, SentCount, IDLE_MIDPOINT, SUBPROTOCOL,
+    cpu_time, emit, idle_result, mark, pub_result, ready_result, seq_result, wait_for_go, Args,
+    ProcStatus, Receipts, Scenario, SentCount, IDLE_MIDPOINT, SUBPROTOCOL,
 };
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -128,6 +128,7 @@ async fn seq(args: &Args) -> Result<()> {
     let payload = args.payload();
     let mut latencies = Vec::with_capacity(args.count as usize);
     mark("START");
+    let cpu = cpu_time();
     let start = Instant::now();
     let deadline = args.deadline();
     for ack_id in 1..=args.count {
@@ -141,7 +142,11 @@ async fn seq(args: &Args) -> Result<()> {
         latencies.push(t0.elapsed().as_secs_f64() * 1e6);
     }
     let elapsed = start.elapsed();
-    emit(DRIVER, args.scenario, seq_result(latencies, elapsed));
+    emit(
+        DRIVER,
+        args.scenario,
+        seq_result(latencies, elapsed, cpu_time().saturating_sub(cpu)),
+    );
     ws.close(None).await?;
     Ok(())
 }
@@ -163,6 +168,7 @@ async fn publish(args: &Args) -> Result<()> {
     let go = args.clone();
     tokio::task::spawn_blocking(move || wait_for_go(&go)).await?;
     mark("START");
+    let cpu = cpu_time();
     let start = Instant::now();
     let deadline = args.deadline();
     let mut sent = 0;
@@ -192,12 +198,17 @@ async fn publish(args: &Args) -> Result<()> {
         }
     }
     let elapsed = start.elapsed();
+    sink.close().await?;
     emit(
         DRIVER,
         args.scenario,
-        pub_result(sent, acked.load(Ordering::SeqCst), elapsed),
+        pub_result(
+            sent,
+            acked.load(Ordering::SeqCst),
+            elapsed,
+            cpu_time().saturating_sub(cpu),
+        ),
     );
-    sink.close().await?;
     Ok(())
 }
 
@@ -228,6 +239,7 @@ async fn subscribe(args: &Args) -> Result<()> {
     let (mut sink, mut stream) = ws.split();
     let sent = SentCount::from_stdin();
     mark("READY");
+    let cpu = cpu_time();
     let deadline = args.deadline();
     let mut got = Receipts::default();
     let mut acked_seq = 0;
@@ -251,7 +263,7 @@ async fn subscribe(args: &Args) -> Result<()> {
     if last_seq > acked_seq {
         sequence_ack(&mut sink, last_seq).await?;
     }
-    emit(DRIVER, args.scenario, got.result());
+    emit(DRIVER, args.scenario, got.result(cpu));
     sink.close().await?;
     Ok(())
 }

@@ -10,8 +10,8 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::UnboundedReceiver;
 use webpubsub_bench::{
-    emit, idle_result, mark, pub_result, ready_result, seq_result, wait_for_go, Args, ProcStatus,
-    Receipts, Scenario, SentCount, IDLE_MIDPOINT,
+    cpu_time, emit, idle_result, mark, pub_result, ready_result, seq_result, wait_for_go, Args,
+    ProcStatus, Receipts, Scenario, SentCount, IDLE_MIDPOINT,
 };
 use webpubsub_client::{Client, ClientOptions, Credential, DataType, Event, SendToGroupOptions};
 
@@ -61,6 +61,7 @@ async fn seq(args: &Args) -> Result<()> {
     let payload = Bytes::from(args.payload());
     let mut latencies = Vec::with_capacity(args.count as usize);
     mark("START");
+    let cpu = cpu_time();
     let start = Instant::now();
     let deadline = args.deadline();
     for _ in 0..args.count {
@@ -76,7 +77,7 @@ async fn seq(args: &Args) -> Result<()> {
     emit(
         DRIVER,
         args.scenario,
-        seq_result(latencies, start.elapsed()),
+        seq_result(latencies, start.elapsed(), cpu_time().saturating_sub(cpu)),
     );
     client.stop().await;
     Ok(())
@@ -88,6 +89,7 @@ async fn publish(args: &Args) -> Result<()> {
     let go = args.clone();
     tokio::task::spawn_blocking(move || wait_for_go(&go)).await?;
     mark("START");
+    let cpu = cpu_time();
     let start = Instant::now();
     let deadline = args.deadline();
     let mut sent = 0;
@@ -124,12 +126,14 @@ async fn publish(args: &Args) -> Result<()> {
             }
         }
     }
+    let elapsed = start.elapsed();
+    // CPU is counted until everything queued is written and the client stopped.
+    client.stop().await;
     emit(
         DRIVER,
         args.scenario,
-        pub_result(sent, acked_count, start.elapsed()),
+        pub_result(sent, acked_count, elapsed, cpu_time().saturating_sub(cpu)),
     );
-    client.stop().await;
     Ok(())
 }
 
@@ -138,6 +142,7 @@ async fn subscribe(args: &Args) -> Result<()> {
     client.join_group(&args.group).await?;
     let sent = SentCount::from_stdin();
     mark("READY");
+    let cpu = cpu_time();
     let deadline = args.deadline();
     let mut got = Receipts::default();
     while !got.done(args, deadline, &sent) {
@@ -147,7 +152,7 @@ async fn subscribe(args: &Args) -> Result<()> {
             Ok(None) => return Err("the event channel closed".into()),
         }
     }
-    emit(DRIVER, args.scenario, got.result());
+    emit(DRIVER, args.scenario, got.result(cpu));
     client.stop().await;
     Ok(())
 }
