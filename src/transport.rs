@@ -5,7 +5,7 @@
 //! line, which carries the access token, never reaches a log, and so that an HTTP
 //! refusal (401, 404, ...) becomes a clear error.
 
-use crate::client::Error;
+use crate::client::{ClientOptions, Error};
 use crate::protocol::Protocol;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -107,23 +107,21 @@ impl AsyncWrite for Stream {
 pub(crate) struct Connector {
     protocol: Protocol,
     extra_ca_pem: Arc<Vec<Vec<u8>>>,
+    user_agent: Option<Arc<str>>,
     config: WebSocketConfig,
 }
 
 impl Connector {
-    pub(crate) fn new(
-        protocol: Protocol,
-        extra_ca_pem: Vec<Vec<u8>>,
-        max_message_size: usize,
-    ) -> Connector {
+    pub(crate) fn new(options: &ClientOptions) -> Connector {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(WRITE_BUFFER)
-            .max_message_size(Some(max_message_size))
-            .max_frame_size(Some(max_message_size));
+            .max_message_size(Some(options.max_message_size))
+            .max_frame_size(Some(options.max_message_size));
         Connector {
-            protocol,
-            extra_ca_pem: Arc::new(extra_ca_pem),
+            protocol: options.protocol,
+            extra_ca_pem: Arc::new(options.extra_ca_pem.clone()),
+            user_agent: options.user_agent.as_deref().map(Arc::from),
             config,
         }
     }
@@ -186,9 +184,14 @@ impl Connector {
 
     async fn upgrade(&self, mut stream: Stream, host: &str, target: &str) -> Result<Ws, Error> {
         let key = generate_key();
+        let user_agent = self
+            .user_agent
+            .as_deref()
+            .map(|ua| format!("User-Agent: {ua}\r\n"))
+            .unwrap_or_default();
         let request = format!(
             "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n{user_agent}\r\n",
             self.protocol.name()
         );
         let io_error = |e: io::Error| Error::Connect(format!("WebSocket upgrade: {e}"));

@@ -20,7 +20,7 @@ use super::{ClientOptions, ClientState, Credential, Error, Event, EventHandler, 
 use crate::protocol::{json, DataType, Downstream, Upstream};
 use crate::transport::{redact_url, Connector, Ws};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use log::{debug, info, trace, warn};
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -31,11 +31,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 /// Operations queued towards the task before senders wait.
 const OPERATION_QUEUE: usize = 1024;
-/// Operations written per batch before one flush.
+/// Operations written per batch before one flush; also frames read per wake-up.
 const BATCH: usize = 256;
 /// How long a closing handshake may take when stopping.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -118,11 +118,7 @@ pub(crate) fn spawn(
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
     let task = Task {
         shared: shared.clone(),
-        connector: Connector::new(
-            options.protocol,
-            options.extra_ca_pem.clone(),
-            options.max_message_size,
-        ),
+        connector: Connector::new(&options),
         pending: Pending::new(options.ack_timeout, options.message_retry.clone()),
         options,
         credential,
@@ -361,16 +357,20 @@ impl Task {
                 message = ws.next() => {
                     now = Instant::now();
                     last_received = now;
-                    match message {
-                        Some(Ok(Message::Text(text))) => self.on_frame(Bytes::from(text), now),
-                        Some(Ok(Message::Binary(_))) => warn!("ignoring a binary frame: the JSON protocols use text frames"),
-                        Some(Ok(Message::Close(frame))) => {
-                            let (code, reason) = frame.map_or((None, String::new()), |f| (Some(u16::from(f.code)), f.reason.to_string()));
-                            return self.dropped(code, if reason.is_empty() { "closed by the service".into() } else { reason });
+                    let mut message = message;
+                    let mut budget = BATCH;
+                    loop {
+                        if let Some(next) = self.on_message(message, now) {
+                            return next;
                         }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => return self.dropped(None, e.to_string()),
-                        None => return self.dropped(None, "the connection closed".into()),
+                        budget -= 1;
+                        if budget == 0 {
+                            break;
+                        }
+                        match ws.next().now_or_never() {
+                            Some(more) => message = more,
+                            None => break,
+                        }
                     }
                 },
                 Some(op) = self.operations.recv() => {
@@ -430,6 +430,35 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Handles what the socket produced; `Some` when the connection ended.
+    fn on_message(
+        &mut self,
+        message: Option<Result<Message, WsError>>,
+        now: Instant,
+    ) -> Option<Next> {
+        match message {
+            Some(Ok(Message::Text(text))) => self.on_frame(Bytes::from(text), now),
+            Some(Ok(Message::Binary(_))) => {
+                warn!("ignoring a binary frame: the JSON protocols use text frames")
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame.map_or((None, String::new()), |f| {
+                    (Some(u16::from(f.code)), f.reason.to_string())
+                });
+                let reason = if reason.is_empty() {
+                    "closed by the service".into()
+                } else {
+                    reason
+                };
+                return Some(self.dropped(code, reason));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(self.dropped(None, e.to_string())),
+            None => return Some(self.dropped(None, "the connection closed".into())),
+        }
+        None
     }
 
     /// Recovering: reconnects to the same session every `recovery_attempt_delay` for
@@ -928,10 +957,7 @@ fn reject(op: Operation, error: Error) {
 }
 
 /// Writes every frame of `out`, then flushes once.
-async fn write_out(
-    ws: &mut Ws,
-    out: &mut Vec<Utf8Bytes>,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+async fn write_out(ws: &mut Ws, out: &mut Vec<Utf8Bytes>) -> Result<(), WsError> {
     for frame in out.drain(..) {
         ws.feed(Message::Text(frame)).await?;
     }
