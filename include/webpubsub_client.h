@@ -18,8 +18,9 @@
  * - Event and completion callbacks run on library-owned dispatcher threads (a small
  *   shared pool; every client is pinned to one thread, so one client's callbacks are
  *   ordered), never on the I/O threads. Every function may be called from inside a
- *   callback, blocking ones included; `wps_client_free` inside a callback defers the
- *   teardown until the callback returns.
+ *   callback, blocking ones included (acks are resolved on the I/O threads, so they
+ *   cannot deadlock; meanwhile the clients sharing that dispatcher thread wait);
+ *   `wps_client_free` inside a callback defers the teardown until it returns.
  * - In a fork() child, a client created in the parent returns WPS_STATUS_FORKED.
  *
  * Deviations from the project's style notes: the enum-like values are `#define`d
@@ -482,10 +483,10 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
                                           struct wps_client **out);
 
 /**
- * Frees a client (NULL is ignored): stops it, completes every pending operation
- * (`WPS_STATUS_STOPPED`, or the outcome that was already on its way), waits for the
- * running callbacks and runs the finalizers. When it returns, no callback of this
- * client is running or will run.
+ * Frees a client (NULL is ignored): completes every pending operation with
+ * `WPS_STATUS_STOPPED` (unless its outcome was already queued), stops the client,
+ * waits for the running callbacks and runs the finalizers. When it returns, no
+ * callback of this client is running or will run.
  *
  * Inside a callback, the teardown is deferred: no further event of this client is
  * delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
@@ -892,6 +893,15 @@ wps_status wps_options_set_sequence_ack_interval_ms(struct wps_options *o, uint6
  * `pem` is NULL (with `len` 0) or points to `len` readable bytes.
  */
 wps_status wps_options_add_ca_pem(struct wps_options *o, const uint8_t *pem, size_t len);
+
+/**
+ * The `User-Agent` header of the WebSocket upgrade (copied; printable ASCII, checked
+ * by `wps_client_new`). NULL sends none. Default `webpubsub-client-rust/{version}`.
+ *
+ * # Safety
+ * `ua` is NULL or a NUL-terminated string.
+ */
+wps_status wps_options_set_user_agent(struct wps_options *o, const char *ua);
 
 /**
  * Returns a static, NUL-terminated description of a status code; never NULL.

@@ -270,10 +270,10 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
     })
 }
 
-/// Frees a client (NULL is ignored): stops it, completes every pending operation
-/// (`WPS_STATUS_STOPPED`, or the outcome that was already on its way), waits for the
-/// running callbacks and runs the finalizers. When it returns, no callback of this
-/// client is running or will run.
+/// Frees a client (NULL is ignored): completes every pending operation with
+/// `WPS_STATUS_STOPPED` (unless its outcome was already queued), stops the client,
+/// waits for the running callbacks and runs the finalizers. When it returns, no
+/// callback of this client is running or will run.
 ///
 /// Inside a callback, the teardown is deferred: no further event of this client is
 /// delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
@@ -309,9 +309,9 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
                 });
             }
         } else {
+            shared.stop_all_ops();
             let client = shared.client.clone();
             let _ = block(async move { client.stop().await });
-            shared.stop_all_ops();
             if let Some(cred) = &shared.credential {
                 cred.close(true);
             }

@@ -156,6 +156,7 @@ int emulator_start(emulator *e, const char *bin, const char *const *extra_args) 
         return -1;
     }
     e->port = atoi(port + 5);
+    e->tls = strstr(line, "Endpoint=https://") != NULL;
     key += strlen("AccessKey=");
     size_t n = strcspn(key, ";\r\n");
     if (n >= sizeof e->key) n = sizeof e->key - 1;
@@ -191,7 +192,7 @@ char *emulator_client_url(const emulator *e, const char *hub, const char *user, 
     char *token = jwt_sign(e->key, claims);
     size_t n = strlen(token) + strlen(hub) + 128;
     char *url = malloc(n);
-    snprintf(url, n, "ws://127.0.0.1:%d/client/hubs/%s?access_token=%s", e->port, hub, token);
+    snprintf(url, n, "%s://127.0.0.1:%d/client/hubs/%s?access_token=%s", e->tls ? "wss" : "ws", e->port, hub, token);
     free(token);
     return url;
 }
