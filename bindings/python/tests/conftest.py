@@ -99,7 +99,10 @@ class Upstream:
                     self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the emulator gave up on a slow reply (an invoke that timed out)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -183,6 +186,10 @@ class Emulator:
         """Process the next ``count`` frames with an ackId but send no ack for them."""
         self.post(f"/_emulator/hubs/{hub}/connections/{connection_id}/:dropAcks?count={count}")
 
+    def mute(self, hub: str, connection_id: str, ms: int) -> None:
+        """Send nothing at all to this connection for ``ms`` (frames are discarded)."""
+        self.post(f"/_emulator/hubs/{hub}/connections/{connection_id}/:mute?ms={ms}")
+
     def stats(self) -> Dict[str, Any]:
         with urllib.request.urlopen(self.base + "/_emulator/stats", timeout=WAIT) as response:
             return json.loads(response.read())
@@ -237,6 +244,9 @@ class Hub:
 
     def drop_acks(self, connection_id: str, count: int) -> None:
         self.emulator.drop_acks(self.name, connection_id, count)
+
+    def mute(self, connection_id: str, ms: int) -> None:
+        self.emulator.mute(self.name, connection_id, ms)
 
 
 @pytest.fixture

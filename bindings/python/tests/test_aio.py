@@ -166,11 +166,13 @@ async def test_async_credential_is_awaited_for_every_new_connection(hub: Hub) ->
         return hub.url()
 
     connected = AsyncCollector()
-    async with make(WebPubSubClientCredential(provide)) as client:
-        await client.subscribe(CallbackType.CONNECTED, connected)
+    client = make(WebPubSubClientCredential(provide))
+    await client.subscribe(CallbackType.CONNECTED, connected)
+    async with client:
+        await connected.wait_for(1)
         first = client.connection_id
         await asyncio.get_running_loop().run_in_executor(None, lambda: hub.drop(first, recoverable=False))
-        (again,) = await connected.wait_for(1)
+        again = (await connected.wait_for(2))[1]
         assert again.connection_id != first
     assert len(calls) == 2
 
@@ -230,3 +232,40 @@ def test_async_client_works_across_asyncio_run_calls(hub: Hub) -> None:
     asyncio.run(session("first"))
     asyncio.run(session("second"))
     assert seen == ["first", "second"]
+
+
+async def test_caller_chosen_ack_id_async(hub: Hub) -> None:
+    async with make(hub.url()) as client:
+        await client.join_group("g")
+        first = await client.send_to_group("g", "x", WebPubSubDataType.TEXT, ack_id=77)
+        again = await client.send_to_group("g", "x", WebPubSubDataType.TEXT, ack_id=77)
+        event = await client.send_event("notify", "x", WebPubSubDataType.TEXT, ack_id=78)
+    assert (first.ack_id, first.is_duplicated, again.is_duplicated) == (77, False, True)
+    assert (event.ack_id, event.is_duplicated) == (78, False)
+
+
+async def test_disconnected_rejoin_failed_and_stopped_async(hub: Hub) -> None:
+    """A lost session: disconnected, then a new connection whose URL may not rejoin the group."""
+    urls = [hub.url(roles=["webpubsub.joinLeaveGroup"]), hub.url(roles=[])]
+
+    async def provide() -> str:
+        return urls.pop(0) if len(urls) > 1 else urls[0]
+
+    disconnected, failed, stopped = AsyncCollector(), AsyncCollector(), AsyncCollector()
+    client = make(WebPubSubClientCredential(provide))
+    await client.subscribe(CallbackType.DISCONNECTED, disconnected)
+    await client.subscribe(CallbackType.REJOIN_GROUP_FAILED, failed)
+    await client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    await client.open()
+    await client.join_group("g")
+    first = client.connection_id
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: hub.drop(first, recoverable=False))
+    (lost,) = await disconnected.wait_for(1)
+    assert lost.connection_id == first
+    (rejoin,) = await failed.wait_for(1)
+    assert rejoin.group == "g"
+    assert isinstance(rejoin.error, SendMessageError)
+    assert rejoin.error.error_detail is not None and rejoin.error.error_detail.name == "Forbidden"
+    await client.close()
+    await stopped.wait_for(1)

@@ -241,8 +241,9 @@ def test_close_from_inside_a_listener(hub: Hub) -> None:
     client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
     client.open()
     client.join_group("g")
-    client.send_to_group("g", "stop now", WebPubSubDataType.TEXT)
-    stopped.wait_for(1)
+    with make(hub.url("other")) as publisher:  # (the client's own send could be failed by its close)
+        publisher.send_to_group("g", "stop now", WebPubSubDataType.TEXT)
+        stopped.wait_for(1)
     wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped state")
     assert not errors
 
@@ -343,6 +344,38 @@ def test_lost_ack_times_out_then_a_retry_keeps_its_ack_id(hub: Hub) -> None:
     assert [m.data for m in got.items] == ["once", "marker"]
 
 
+def test_caller_chosen_ack_id_deduplicates(hub: Hub, upstream: Upstream) -> None:
+    got = Collector()
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        first = client.send_to_group("g", "once", WebPubSubDataType.TEXT, ack_id=1000)
+        again = client.send_to_group("g", "once", WebPubSubDataType.TEXT, ack_id=1000)
+        assert (first.ack_id, first.is_duplicated) == (1000, False)
+        assert (again.ack_id, again.is_duplicated) == (1000, True)
+        event = client.send_event("notify", "e", WebPubSubDataType.TEXT, ack_id=2000)
+        assert (event.ack_id, event.is_duplicated) == (2000, False)
+        client.send_to_group("g", "marker", WebPubSubDataType.TEXT)
+        got.wait_for(2)
+    assert [m.data for m in got.items] == ["once", "marker"]
+
+
+def test_keep_alive_timeout_recovers_a_silent_connection(hub: Hub) -> None:
+    """While muted the service discards frames; only a keep-alive recovery gets them replayed."""
+    got, disconnected = Collector(), Collector()
+    with make(hub.url(), keep_alive_interval=0.1, keep_alive_timeout=0.6) as subscriber, make(hub.url()) as publisher:
+        subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        subscriber.subscribe(CallbackType.DISCONNECTED, disconnected)
+        subscriber.join_group("g")
+        connection_id = subscriber.connection_id
+        hub.mute(connection_id, 3000)
+        publisher.send_to_group("g", "sent while muted", WebPubSubDataType.TEXT)
+        got.wait_for(1, timeout=2.5)  # well before the mute ends
+        assert subscriber.connection_id == connection_id
+        assert disconnected.items == []
+    assert got.items[0].data == "sent while muted"
+
+
 # ---- connection loss ----------------------------------------------------------------------------
 
 
@@ -364,28 +397,35 @@ def test_recovery_after_a_dropped_socket_loses_and_duplicates_nothing(hub: Hub) 
         assert subscriber.connection_id == connection_id  # recovered, not reconnected
         publisher.send_to_group("g", "end", WebPubSubDataType.TEXT)
         got.wait_for(total + 1)
+        assert disconnected.items == []  # a recovery raises no disconnected event
     assert [m.data for m in got.items] == [str(i) for i in range(total)] + ["end"]
     sequence_ids = [m.sequence_id for m in got.items]
     assert sequence_ids == sorted(set(sequence_ids))
-    assert disconnected.items == []
 
 
 def test_unrecoverable_drop_reconnects_and_rejoins_groups(hub: Hub, protocol: WebPubSubProtocolType) -> None:
     connected, disconnected, got = Collector(), Collector(), Collector()
-    with make(hub.url("r"), protocol) as client:
-        client.subscribe(CallbackType.CONNECTED, connected)
-        client.subscribe(CallbackType.DISCONNECTED, disconnected)
-        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+    client = make(hub.url("r"), protocol)
+    client.subscribe(CallbackType.CONNECTED, connected)
+    client.subscribe(CallbackType.DISCONNECTED, disconnected)
+    client.subscribe(CallbackType.SERVER_MESSAGE, got)  # a REST send to a group arrives from "server"
+    with client:
         client.join_group("g")
+        (first,) = connected.wait_for(1)
         first_id = client.connection_id
+        assert first.connection_id == first_id
         hub.drop(first_id, recoverable=False)
         (lost,) = disconnected.wait_for(1)
         assert isinstance(lost, OnDisconnectedArgs)
         assert lost.connection_id == first_id
-        (again,) = connected.wait_for(1)
+        again = connected.wait_for(2)[1]
         assert again.connection_id != first_id
         wait_until(client.is_connected, what="reconnected")
-        # auto-rejoin: the group works on the new connection without joining again
+        # auto-rejoin: the new connection is put back in the group without joining again
+        wait_until(
+            lambda: again.connection_id in [c.connection_id for c in hub.service.list_connections(group="g")],
+            what="the new connection rejoined the group",
+        )
         hub.service.send_to_group("g", "after", content_type="text/plain")
         got.wait_for(1)
     assert got.items[0].data == "after"

@@ -5,13 +5,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import weakref
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, overload
 
 from . import _base, _native
 from ._native import lib
 from .models import (
     CallbackType,
     InvokeEventResult,
+    OnConnectedArgs,
+    OnDisconnectedArgs,
+    OnGroupDataMessageArgs,
+    OnRejoinGroupFailedArgs,
+    OnServerDataMessageArgs,
     OpenClientError,
     RetryMode,
     WebPubSubClientError,
@@ -225,6 +230,48 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
     # ---- listeners ---------------------------------------------------------------
 
+    @overload
+    def subscribe(
+        self,
+        event: Literal[CallbackType.CONNECTED, "connected"],
+        listener: Callable[[OnConnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def subscribe(
+        self,
+        event: Literal[CallbackType.DISCONNECTED, "disconnected"],
+        listener: Callable[[OnDisconnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def subscribe(
+        self,
+        event: Literal[CallbackType.STOPPED, "stopped"],
+        listener: Callable[[], Any],
+    ) -> None: ...
+
+    @overload
+    def subscribe(
+        self,
+        event: Literal[CallbackType.SERVER_MESSAGE, "server-message"],
+        listener: Callable[[OnServerDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def subscribe(
+        self,
+        event: Literal[CallbackType.GROUP_MESSAGE, "group-message"],
+        listener: Callable[[OnGroupDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def subscribe(
+        self,
+        event: Literal[CallbackType.REJOIN_GROUP_FAILED, "rejoin-group-failed"],
+        listener: Callable[[OnRejoinGroupFailedArgs], Any],
+    ) -> None: ...
+
     def subscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
         """Call ``listener`` for every ``event`` (a :class:`CallbackType` or its value).
 
@@ -234,6 +281,48 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ``OnRejoinGroupFailedArgs``.
         """
         self._listeners.add(event, listener)
+
+    @overload
+    def unsubscribe(
+        self,
+        event: Literal[CallbackType.CONNECTED, "connected"],
+        listener: Callable[[OnConnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def unsubscribe(
+        self,
+        event: Literal[CallbackType.DISCONNECTED, "disconnected"],
+        listener: Callable[[OnDisconnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def unsubscribe(
+        self,
+        event: Literal[CallbackType.STOPPED, "stopped"],
+        listener: Callable[[], Any],
+    ) -> None: ...
+
+    @overload
+    def unsubscribe(
+        self,
+        event: Literal[CallbackType.SERVER_MESSAGE, "server-message"],
+        listener: Callable[[OnServerDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def unsubscribe(
+        self,
+        event: Literal[CallbackType.GROUP_MESSAGE, "group-message"],
+        listener: Callable[[OnGroupDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    def unsubscribe(
+        self,
+        event: Literal[CallbackType.REJOIN_GROUP_FAILED, "rejoin-group-failed"],
+        listener: Callable[[OnRejoinGroupFailedArgs], Any],
+    ) -> None: ...
 
     def unsubscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
         """Remove a listener added with :meth:`subscribe`."""

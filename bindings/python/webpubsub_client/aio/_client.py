@@ -8,7 +8,7 @@ import functools
 import inspect
 import logging
 import weakref
-from typing import Any, Awaitable, Callable, Optional, Set, Tuple, Union
+from typing import Any, Awaitable, Callable, Literal, Optional, Set, Tuple, Union, overload
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -16,6 +16,11 @@ from .._native import lib
 from ..models import (
     CallbackType,
     InvokeEventResult,
+    OnConnectedArgs,
+    OnDisconnectedArgs,
+    OnGroupDataMessageArgs,
+    OnRejoinGroupFailedArgs,
+    OnServerDataMessageArgs,
     OpenClientError,
     RetryMode,
     WebPubSubClientError,
@@ -240,9 +245,93 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
     # ---- listeners ---------------------------------------------------------------
 
+    @overload
+    async def subscribe(
+        self,
+        event: Literal[CallbackType.CONNECTED, "connected"],
+        listener: Callable[[OnConnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def subscribe(
+        self,
+        event: Literal[CallbackType.DISCONNECTED, "disconnected"],
+        listener: Callable[[OnDisconnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def subscribe(
+        self,
+        event: Literal[CallbackType.STOPPED, "stopped"],
+        listener: Callable[[], Any],
+    ) -> None: ...
+
+    @overload
+    async def subscribe(
+        self,
+        event: Literal[CallbackType.SERVER_MESSAGE, "server-message"],
+        listener: Callable[[OnServerDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def subscribe(
+        self,
+        event: Literal[CallbackType.GROUP_MESSAGE, "group-message"],
+        listener: Callable[[OnGroupDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def subscribe(
+        self,
+        event: Literal[CallbackType.REJOIN_GROUP_FAILED, "rejoin-group-failed"],
+        listener: Callable[[OnRejoinGroupFailedArgs], Any],
+    ) -> None: ...
+
     async def subscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
         """Call ``listener`` (a function or coroutine function) for every ``event``."""
         self._listeners.add(event, listener)
+
+    @overload
+    async def unsubscribe(
+        self,
+        event: Literal[CallbackType.CONNECTED, "connected"],
+        listener: Callable[[OnConnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def unsubscribe(
+        self,
+        event: Literal[CallbackType.DISCONNECTED, "disconnected"],
+        listener: Callable[[OnDisconnectedArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def unsubscribe(
+        self,
+        event: Literal[CallbackType.STOPPED, "stopped"],
+        listener: Callable[[], Any],
+    ) -> None: ...
+
+    @overload
+    async def unsubscribe(
+        self,
+        event: Literal[CallbackType.SERVER_MESSAGE, "server-message"],
+        listener: Callable[[OnServerDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def unsubscribe(
+        self,
+        event: Literal[CallbackType.GROUP_MESSAGE, "group-message"],
+        listener: Callable[[OnGroupDataMessageArgs], Any],
+    ) -> None: ...
+
+    @overload
+    async def unsubscribe(
+        self,
+        event: Literal[CallbackType.REJOIN_GROUP_FAILED, "rejoin-group-failed"],
+        listener: Callable[[OnRejoinGroupFailedArgs], Any],
+    ) -> None: ...
 
     async def unsubscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
         """Remove a listener added with :meth:`subscribe`."""
