@@ -805,7 +805,7 @@ def write_chart(path, results, contenders, order):
         ("s3", "3. time to ready p50: ms (lower is better)", lambda r: r["p50_ms"], False),
         ("s4", "4. RSS per idle client: KiB (lower is better)",
          lambda r: r["rss_per_client_kib"], False),
-        ("s2-ack", "2b. client CPU per message: µs (lower is better)",
+        ("s2-ack", "2b. client CPU per message: µs (lower better)",
          None, True),
     ]
     colors = {"raw": "#444444", "rust": "#c2410c", "c": "#1d4ed8", "py": "#15803d",
