@@ -657,7 +657,7 @@ def versions():
                                    f"(commit {cmd(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD'])})",
         "azure-messaging-webpubsubclient": version("azure-messaging-webpubsubclient"),
         "@azure/web-pubsub-client": js,
-        "rustc": cmd(["rustc", "--version"]),
+        "rustc": cmd(["rustc", "--version"]).removeprefix("rustc "),
         "python": platform.python_version(),
         "node": cmd(["node", "--version"]),
     }
