@@ -756,9 +756,10 @@ impl Reader {
         let invocation_id = id.clone();
         let task = self.server.tasks.spawn(async move {
             let up = server.upstream.as_ref().expect("checked above");
-            let result = up
-                .user_event(&server, &hub, &conn, &event, payload.as_ref())
-                .await;
+            let result = tokio::select! {
+                r = up.user_event(&server, &hub, &conn, &event, payload.as_ref()) => r,
+                _ = server.shutdown.cancelled() => return,
+            };
             if conn.invocations.lock().remove(&invocation_id).is_none() {
                 return; // cancelled
             }
@@ -795,9 +796,10 @@ async fn upstream_worker(
         return;
     };
     while let Some(job) = rx.recv().await {
-        let result = up
-            .user_event(&server, &hub, &conn, &job.event, job.payload.as_ref())
-            .await;
+        let result = tokio::select! {
+            r = up.user_event(&server, &hub, &conn, &job.event, job.payload.as_ref()) => r,
+            _ = server.shutdown.cancelled() => return,
+        };
         match result {
             Ok(body) => {
                 if let Some(id) = job.ack_id {

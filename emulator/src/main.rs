@@ -48,26 +48,27 @@ struct Args {
     tls_key: Option<PathBuf>,
 }
 
-async fn terminated() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, so
+/// call it before announcing readiness.
+#[cfg(unix)]
+fn terminated() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn terminated() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 fn main() -> ExitCode {
@@ -113,12 +114,19 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let stop = match terminated() {
+            Ok(stop) => stop,
+            Err(e) => {
+                eprintln!("webpubsub-emulator: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", emulator.connection_string());
         let _ = out.flush();
         drop(out);
         tracing::info!("listening on {}", emulator.endpoint());
-        terminated().await;
+        stop.await;
         tracing::info!("shutting down");
         emulator.shutdown().await;
         ExitCode::SUCCESS

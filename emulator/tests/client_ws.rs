@@ -299,3 +299,20 @@ async fn a_client_close_gets_a_close_reply() {
     assert!(matches!(end, Some(Ok(Message::Close(_))) | None), "{end:?}");
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_restart_on_the_same_port_works_and_clients_see_1001() {
+    let emu = start().await;
+    let port = emu.port();
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    emu.shutdown().await;
+    assert_eq!(a.expect_close().await.0, 1001);
+    let again = start_with(Config {
+        port,
+        ..Config::default()
+    })
+    .await;
+    assert_eq!(again.port(), port);
+    let (_b, _) = connect_json(&again.client_url("h", &all_roles("b")), JSON).await;
+    again.shutdown().await;
+}

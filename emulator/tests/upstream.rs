@@ -311,3 +311,38 @@ async fn connected_and_disconnected_system_events() {
     emu.shutdown().await;
     up.task.abort();
 }
+
+#[tokio::test]
+async fn an_event_flood_past_the_upstream_queue_gets_internal_server_error() {
+    let mut up = upstream().await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    // The upstream never answers "hang": one request in flight, 1000 queued, the next fails.
+    for id in 1..=1002u64 {
+        futures_util::SinkExt::feed(
+            &mut a.inner,
+            Message::Text(
+                json!({"type":"event","event":"hang","ackId":id,"dataType":"text","data":"x"})
+                    .to_string()
+                    .into(),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    futures_util::SinkExt::flush(&mut a.inner).await.unwrap();
+    let ack = a.next_json().await;
+    assert_eq!(ack["ackId"], 1002, "{ack}");
+    assert_ack_error(&ack, "InternalServerError");
+    assert!(ack["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream"));
+    let _ = next_seen(&mut up).await;
+    emu.shutdown().await;
+    up.task.abort();
+}

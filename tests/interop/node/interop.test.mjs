@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { createInterface } from "node:readline";
+import { createServer } from "node:http";
 import { WebPubSubClient } from "@azure/web-pubsub-client";
 import { WebPubSubServiceClient } from "@azure/web-pubsub";
 
@@ -18,19 +19,31 @@ let endpoint;
 let service;
 const started = [];
 
-before(async () => {
+/** Starts the emulator binary; resolves to [process, connection string]. */
+async function startEmulator(extraArgs = []) {
   const bin = process.env.WPS_EMULATOR_BIN;
   if (!bin || !existsSync(bin)) {
     throw new Error(
       `WPS_EMULATOR_BIN must name the built webpubsub-emulator binary (got ${JSON.stringify(bin)})`,
     );
   }
-  emulator = spawn(bin, ["--port", "0"], { stdio: ["ignore", "pipe", "ignore"] });
-  const lines = createInterface({ input: emulator.stdout });
-  connectionString = await withTimeout(
+  const proc = spawn(bin, ["--port", "0", ...extraArgs], { stdio: ["ignore", "pipe", "ignore"] });
+  const lines = createInterface({ input: proc.stdout });
+  const line = await withTimeout(
     new Promise((resolve) => lines.once("line", resolve)),
     "the emulator's connection string",
   );
+  return [proc, line];
+}
+
+async function stopEmulator(proc) {
+  const exited = new Promise((resolve) => proc.once("exit", (code) => resolve(code)));
+  proc.kill("SIGTERM");
+  assert.equal(await withTimeout(exited, "the emulator to exit"), 0);
+}
+
+before(async () => {
+  [emulator, connectionString] = await startEmulator();
   assert.match(connectionString, /^Endpoint=http:\/\/127\.0\.0\.1;Port=\d+;AccessKey=.+;Version=1\.0;$/);
   const port = /Port=(\d+);/.exec(connectionString)[1];
   endpoint = `http://127.0.0.1:${port}`;
@@ -40,9 +53,7 @@ before(async () => {
 
 after(async () => {
   for (const c of started) c.stop();
-  const exited = new Promise((resolve) => emulator.once("exit", (code) => resolve(code)));
-  emulator.kill("SIGTERM");
-  assert.equal(await withTimeout(exited, "the emulator to exit"), 0);
+  await stopEmulator(emulator);
 });
 
 function withTimeout(promise, what) {
@@ -194,4 +205,44 @@ test("a bad token gets 401 before the upgrade", async () => {
   });
   await assert.rejects(client.start());
   client.stop();
+});
+
+test("sendEvent and invokeEvent through an upstream", async () => {
+  // A tiny upstream: echoes the body back with its content type, records the CloudEvents headers.
+  const seen = new Queue();
+  const upstream = createServer((req, res) => {
+    const chunks = [];
+    req.on("data", (c) => chunks.push(c));
+    req.on("end", () => {
+      if (!String(req.headers["ce-type"]).startsWith("azure.webpubsub.user.")) {
+        res.writeHead(204).end();
+        return;
+      }
+      seen.push(req.headers);
+      res.writeHead(200, { "content-type": req.headers["content-type"] });
+      res.end(Buffer.concat(chunks));
+    });
+  });
+  await new Promise((resolve) => upstream.listen(0, "127.0.0.1", resolve));
+  const [proc, cs] = await startEmulator(["--upstream", `http://127.0.0.1:${upstream.address().port}/events`]);
+  try {
+    const svc = new WebPubSubServiceClient(cs, HUB, { allowInsecureConnection: true });
+    const { url } = await svc.getClientAccessToken({ userId: "caller" });
+    const c = await newClient(url);
+    const result = await c.sdk.invokeEvent("echo", "ping?", "text");
+    assert.equal(result.data, "ping?");
+    assert.equal(result.dataType, "text");
+    const headers = await seen.next("the invoke at the upstream");
+    assert.equal(headers["ce-type"], "azure.webpubsub.user.echo");
+    assert.equal(headers["ce-userid"], "caller");
+    assert.equal(headers["ce-connectionid"], c.connectionId);
+    const json = await c.sdk.invokeEvent("echo", { q: 1 }, "json");
+    assert.deepEqual(json.data, { q: 1 });
+    await c.sdk.sendEvent("echo", "event body", "text");
+    assert.equal((await c.server.next("the upstream reply")).data, "event body");
+    c.sdk.stop();
+  } finally {
+    await stopEmulator(proc);
+    upstream.close();
+  }
 });

@@ -1,5 +1,6 @@
 """Fixtures: the emulator binary from WPS_EMULATOR_BIN, started on a free port."""
 
+import contextlib
 import json
 import os
 import queue
@@ -39,6 +40,13 @@ class Emulator:
 
 @pytest.fixture
 def emulator():
+    with running_emulator() as emu:
+        yield emu
+
+
+@contextlib.contextmanager
+def running_emulator(*args):
+    """Starts the binary with `--port 0` and `args`; stops it with SIGTERM (exit 0)."""
     binary = os.environ.get("WPS_EMULATOR_BIN")
     if not binary or not os.path.isfile(binary):
         pytest.fail(
@@ -46,7 +54,7 @@ def emulator():
             f"(got {binary!r}); build it with `cargo build -p webpubsub-emulator`"
         )
     proc = subprocess.Popen(
-        [binary, "--port", "0"],
+        [binary, "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
