@@ -27,7 +27,7 @@ use tokio_tungstenite::WebSocketStream;
 pub(crate) type Ws = WebSocketStream<Stream>;
 
 /// Read buffer per connection: small, so an idle client costs little.
-const READ_BUFFER: usize = 16 * 1024;
+const READ_BUFFER: usize = 8 * 1024;
 /// Bytes buffered before a write reaches the socket (a flush always writes all).
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Largest HTTP response head accepted during the upgrade.

@@ -631,3 +631,72 @@ async fn reconnecting_gives_up_per_the_retry_policy_and_stops() {
     );
     assert_eq!(client.state(), ClientState::Stopped);
 }
+
+#[tokio::test]
+async fn operations_in_flight_when_stopping_fail_with_stopped() {
+    let fake = Fake::new().await;
+    let (client, _events, _conn) = connect(&fake, quiet_options()).await;
+    let mut sends = Vec::new();
+    for i in 0..200 {
+        let c = client.clone();
+        sends.push(tokio::spawn(async move {
+            c.send_to_group(
+                "g",
+                DataType::Text,
+                Bytes::from(format!("m{i}")),
+                SendToGroupOptions::default(),
+            )
+            .await
+        }));
+    }
+    for _ in 0..20 {
+        tokio::task::yield_now().await; // lets every send be queued or written (none is acked)
+    }
+    client.stop().await;
+    for send in sends {
+        assert_eq!(send.await.unwrap(), Err(Error::Stopped));
+    }
+    let late = client
+        .send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from("late"),
+            SendToGroupOptions::default(),
+        )
+        .await;
+    assert!(matches!(late, Err(Error::IllegalState(_))), "{late:?}");
+}
+
+#[tokio::test]
+async fn a_resent_operation_still_times_out_on_a_quiet_recovered_connection() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        ack_timeout: Duration::from_millis(300),
+        message_retry: webpubsub_client::RetryOptions {
+            max_retries: Some(0),
+            ..fast_options().message_retry
+        },
+        ..quiet_options()
+    };
+    let (client, _events, mut conn) = connect(&fake, options).await;
+    let c = client.clone();
+    let send = tokio::spawn(async move {
+        c.send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from("x"),
+            SendToGroupOptions::default(),
+        )
+        .await
+    });
+    conn.recv().await;
+    drop(conn);
+    let (mut conn, _) = fake.accept().await;
+    conn.recv().await;
+    let result = tokio::time::timeout(Duration::from_secs(3), send)
+        .await
+        .expect("the ack timeout fired")
+        .unwrap();
+    assert_eq!(result, Err(Error::Timeout));
+    client.stop().await;
+}

@@ -234,7 +234,9 @@ impl Task {
                     }
                     Some(Command::CancelInvocation(_)) => {}
                 },
-                Some(op) = self.operations.recv() => reject(op, Error::IllegalState("the client is not started".into())),
+                // Callers check the state first: what still arrives here was sent
+                // while the client was running, so it was stopped under it.
+                Some(op) = self.operations.recv() => reject(op, Error::Stopped),
             }
         }
     }
@@ -249,9 +251,14 @@ impl Task {
         if attempt > 0 {
             info!("reconnecting (attempt {attempt})");
         }
+        // Boxed: connecting (TLS, upgrade) needs far more state than a live
+        // connection, and the task should not carry that size while idle.
         let opening = tokio::time::timeout(
             self.options.start_timeout,
-            open_connection(self.credential.clone(), self.connector.clone()),
+            Box::pin(open_connection(
+                self.credential.clone(),
+                self.connector.clone(),
+            )),
         );
         let result = match self.offline(opening, false).await {
             Ok(result) => result.unwrap_or_else(|_| Err(Error::Timeout)),
@@ -337,6 +344,18 @@ impl Task {
         let mut sequence_armed = false;
         let mut op_armed: Option<Instant> = None;
         loop {
+            if reliable && !sequence_armed && self.sequence.has_unacked() {
+                sequence_timer
+                    .as_mut()
+                    .reset(now + self.options.sequence_ack_interval);
+                sequence_armed = true;
+            }
+            if let Some(due) = self.pending.next_due().map(Instant::from_std) {
+                if op_armed.map_or(true, |armed| due < armed) {
+                    op_timer.as_mut().reset(due);
+                    op_armed = Some(due);
+                }
+            }
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None => {
@@ -417,18 +436,6 @@ impl Task {
                     return self.dropped(None, format!("write failed: {e}"));
                 }
             }
-            if reliable && !sequence_armed && self.sequence.has_unacked() {
-                sequence_timer
-                    .as_mut()
-                    .reset(now + self.options.sequence_ack_interval);
-                sequence_armed = true;
-            }
-            if let Some(due) = self.pending.next_due().map(Instant::from_std) {
-                if op_armed.map_or(true, |armed| due < armed) {
-                    op_timer.as_mut().reset(due);
-                    op_armed = Some(due);
-                }
-            }
         }
     }
 
@@ -489,7 +496,7 @@ impl Task {
             let connector = self.connector.clone();
             let target = url.clone();
             let limit = (deadline - now).min(self.options.start_timeout);
-            let attempt_fut = async move { connector.connect(&target).await };
+            let attempt_fut = Box::pin(async move { connector.connect(&target).await });
             match self
                 .offline(tokio::time::timeout(limit, attempt_fut), true)
                 .await
@@ -562,6 +569,9 @@ impl Task {
     /// Stops: fails pending operations, raises `Disconnected` (if connected) and
     /// `Stopped`, then answers the `stop()` caller.
     fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
+        while let Ok(op) = self.operations.try_recv() {
+            reject(op, Error::Stopped);
+        }
         self.pending.fail_all(Error::Stopped, &mut self.done);
         self.finish_done();
         let connection_id = self.session.take().map(|s| s.connection_id);

@@ -520,3 +520,56 @@ fn check_data(data_type: DataType, bytes: Bytes) -> Result<Data, Error> {
     json::validate_payload(&data).map_err(|e| Error::InvalidArgument(e.0))?;
     Ok(data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send<T: Send>(_: &T) {}
+
+    #[test]
+    fn the_client_and_its_futures_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Client>();
+        send_sync::<Event>();
+        send_sync::<Error>();
+        let credential = Credential::Url("ws://127.0.0.1:9/client/hubs/h".into());
+        let client = Client::new(credential, ClientOptions::default(), Arc::new(|_| {})).unwrap();
+        send(&client.start());
+        send(&client.stop());
+        send(&client.join_group("g"));
+        send(&client.send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::new(),
+            SendToGroupOptions::default(),
+        ));
+        send(&client.send_event(
+            "e",
+            DataType::Text,
+            Bytes::new(),
+            SendEventOptions::default(),
+        ));
+        send(&client.invoke_event("e", DataType::Text, Bytes::new(), InvokeOptions::default()));
+    }
+
+    #[test]
+    fn calls_before_start_are_illegal_state() {
+        let credential = Credential::Url("ws://127.0.0.1:9/client/hubs/h".into());
+        let client = Client::new(credential, ClientOptions::default(), Arc::new(|_| {})).unwrap();
+        assert_eq!(client.state(), ClientState::Stopped);
+        let result = crate::runtime::block_on(client.join_group("g"));
+        assert!(matches!(result, Err(Error::IllegalState(_))), "{result:?}");
+        let result = crate::runtime::block_on(client.invoke_event(
+            "e",
+            DataType::Json,
+            "{".into(),
+            InvokeOptions::default(),
+        ));
+        assert!(
+            matches!(result, Err(Error::InvalidArgument(_))),
+            "{result:?}"
+        );
+        crate::runtime::block_on(client.stop());
+    }
+}
