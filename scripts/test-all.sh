@@ -115,8 +115,11 @@ run_counted() {
             passed=$(sum_matches '[0-9]+ passed;' "$LOG_DIR/$name.log")
             failed=$(sum_matches '[0-9]+ failed;' "$LOG_DIR/$name.log") ;;
         pytest)
-            passed=$(tail -n 3 "$LOG_DIR/$name.log" | sum_matches '[0-9]+ passed' /dev/stdin)
-            failed=$(tail -n 3 "$LOG_DIR/$name.log" | sum_matches '[0-9]+ (failed|error)' /dev/stdin) ;;
+            # The closing line, e.g. "3 failed, 120 passed, 1 skipped in 9.1s"; a skip is a failure.
+            local closing
+            closing=$(grep -E '([0-9]+ (passed|failed|errors?|skipped)(, )?)+.* in [0-9.]+s' "$LOG_DIR/$name.log" | tail -n 1)
+            passed=$(echo "$closing" | sum_matches '[0-9]+ passed' /dev/stdin)
+            failed=$(echo "$closing" | sum_matches '[0-9]+ (failed|errors?|skipped)' /dev/stdin) ;;
         node)
             passed=$(sum_matches '^# pass [0-9]+' "$LOG_DIR/$name.log")
             failed=$(sum_matches '^# fail [0-9]+' "$LOG_DIR/$name.log") ;;
@@ -138,11 +141,11 @@ suite_c-asan() { build_native; run_counted c-asan plain tests/c/run.sh asan; }
 suite_c-valgrind() { need_apt valgrind; build_native; run_counted c-valgrind plain tests/c/run.sh valgrind; }
 suite_pytest() {
     build_native; setup_venv
-    run_counted pytest pytest .venv/bin/python -m pytest -q bindings/python/tests
+    run_counted pytest pytest .venv/bin/python -m pytest -q --timeout 300 bindings/python/tests
 }
 suite_interop-python() {
     build_native; setup_venv
-    run_counted interop-python pytest .venv/bin/python -m pytest -q tests/interop/python
+    run_counted interop-python pytest .venv/bin/python -m pytest -q --timeout 300 tests/interop/python
 }
 suite_interop-node() {
     build_native; setup_node

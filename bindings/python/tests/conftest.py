@@ -131,7 +131,7 @@ class Upstream:
 class Emulator:
     """A running ``webpubsub-emulator`` process."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, *extra_args: str) -> None:
         if not EMULATOR_BIN.is_file():
             pytest.exit(
                 f"emulator binary not found at {EMULATOR_BIN}: run `cargo build -p webpubsub-emulator` "
@@ -151,6 +151,7 @@ class Emulator:
                 upstream_url,
                 "--recovery-window-ms",
                 "5000",
+                *extra_args,
             ],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -203,6 +204,8 @@ class Emulator:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self._stderr.close()
+        if self.process.returncode == 0:
+            self.stderr_path.unlink()  # kept only when the emulator did not exit cleanly
 
 
 @pytest.fixture(scope="session")

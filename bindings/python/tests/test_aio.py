@@ -269,3 +269,22 @@ async def test_disconnected_rejoin_failed_and_stopped_async(hub: Hub) -> None:
     assert rejoin.error.error_detail is not None and rejoin.error.error_detail.name == "Forbidden"
     await client.close()
     await stopped.wait_for(1)
+
+
+async def test_async_listener_exception_is_logged(hub: Hub, caplog: Any) -> None:
+    got = AsyncCollector()
+
+    async def broken(_: Any) -> None:
+        raise RuntimeError("async listener bug")
+
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, broken)
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        await client.send_to_group("g", "x", WebPubSubDataType.TEXT)
+        await client.send_to_group("g", "y", WebPubSubDataType.TEXT)
+        await got.wait_for(2)
+    assert any(
+        r.name == "webpubsub_client" and r.exc_info and str(r.exc_info[1]) == "async listener bug"
+        for r in caplog.records
+    )

@@ -65,6 +65,8 @@ def test_unusable_url_is_a_value_error(url: str) -> None:
         ({"ca_pem": 12}, TypeError, "ca_pem must be PEM text"),
         ({"logging_enable": 1}, TypeError, "logging_enable must be a bool"),
         ({"no_such_option": 1}, TypeError, "no_such_option"),
+        ({"user_agent": 5}, TypeError, "user_agent must be a str"),
+        ({"user_agent": "two\nlines"}, ValueError, "user_agent must be printable ASCII"),
     ],
 )
 def test_bad_options(options: Dict[str, Any], error: type, text: str) -> None:
@@ -83,6 +85,7 @@ def test_accepted_option_spellings() -> None:
         reconnect_retry_total=2**63,  # the official default for "unbounded"
         keep_alive_interval=0,
         keep_alive_timeout=0,
+        user_agent="my-app/1.0",
     )
     WebPubSubClient(URL, protocol_type=WebPubSubProtocolType.JSON, message_retry_mode=RetryMode.Fixed)
 

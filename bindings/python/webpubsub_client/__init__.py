@@ -11,8 +11,9 @@ from . import _callbacks
 from ._client import WebPubSubClient, WebPubSubClientCredential
 from ._native import LibraryNotFoundError
 from ._native import version as native_version
+from ._version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "LibraryNotFoundError",

@@ -6,6 +6,7 @@ import ctypes
 import json
 import logging
 import math
+import platform
 import threading
 import urllib.parse
 from enum import Enum
@@ -14,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Un
 from . import _callbacks, _native
 from ._callbacks import REGISTRY
 from ._native import lib
+from ._version import VERSION as PACKAGE_VERSION
 from .models import (
     AckMessageError,
     CallbackType,
@@ -49,6 +51,7 @@ DEFAULT_KEEP_ALIVE_TIMEOUT = 120.0
 DEFAULT_RECOVERY_TIMEOUT = 30.0
 DEFAULT_RECOVERY_RETRY_INTERVAL = 1.0
 DEFAULT_SEQUENCE_ACK_INTERVAL = 1.0
+DEFAULT_USER_AGENT = f"webpubsub-client-python/{PACKAGE_VERSION} Python/{platform.python_version()}"
 
 _DATA_TYPES = {
     WebPubSubDataType.TEXT: _native.DATA_TYPE_TEXT,
@@ -290,9 +293,14 @@ class Options:
             else:
                 raise TypeError(f"ca_pem must be PEM text (str or bytes), got {type(ca_pem).__name__}")
         self.logging_enable = check_bool(logging_enable, "logging_enable")
-        self.user_agent: Optional[bytes] = None
+        # Like the official client: the caller's user agent goes in front of the package's own.
+        agent = DEFAULT_USER_AGENT
         if user_agent is not None:
-            self.user_agent = check_name(user_agent, "user_agent")
+            check_name(user_agent, "user_agent")
+            if not all(" " <= c <= "~" for c in user_agent):
+                raise ValueError(f"user_agent must be printable ASCII, got {user_agent!r}")
+            agent = f"{user_agent} {DEFAULT_USER_AGENT}"
+        self.user_agent: Optional[bytes] = agent.encode("utf-8")
 
     def build(self) -> int:
         """A new ``wps_options`` handle holding these options (the caller frees it)."""
@@ -538,7 +546,7 @@ def state_of(handle: int) -> WebPubSubClientState:
 
 
 def connection_id_of(handle: int) -> Optional[str]:
-    """The current connection id, or None before the first connection."""
+    """The current connection id, or None when there is none."""
     size = 128
     for _ in range(4):
         buf = ctypes.create_string_buffer(size)

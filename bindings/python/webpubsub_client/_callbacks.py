@@ -145,9 +145,12 @@ _PY_LEVELS = {
 
 def _on_log(_key: Optional[int], level: int, target: Optional[bytes], message: Optional[bytes]) -> None:
     try:
+        source = _native.decode(target) or ""
+        if level >= _native.LOG_TRACE and source.startswith("tungstenite"):
+            return  # the WebSocket library's trace records print frame payloads (reconnection tokens)
         py_level = _PY_LEVELS.get(level, logging.DEBUG)
         if NATIVE_LOGGER.isEnabledFor(py_level):
-            NATIVE_LOGGER.log(py_level, "[%s] %s", _native.decode(target), _native.decode(message))
+            NATIVE_LOGGER.log(py_level, "[%s] %s", source, _native.decode(message))
     except BaseException:  # noqa: BLE001
         pass  # logging failed; there is nowhere left to report it
 

@@ -231,7 +231,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
     @property
     def connection_id(self) -> Optional[str]:
-        """The id of the current (or last) connection, or None before the first one."""
+        """The id of the current connection, or None when there is none."""
         if not self._finalizer.alive:
             return None
         return _base.connection_id_of(self._handle)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the examples against a fresh emulator, so they never rot: the Rust chat, the
+# README's C quick start (examples/c/hello.c) and the Python demo (examples/c/chat.c is
+# built and run by tests/c/run.sh). Prints "N passed, N failed".
+# Expects .venv with scripts/requirements-test.txt installed (scripts/test-all.sh does it).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+. scripts/emulator.sh
+start_emulator || exit 1
+PY=.venv/bin/python
+passed=0 failed=0
+
+run() { # run NAME CMD...
+    echo "--- example $1"
+    if "${@:2}"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "example $1 FAILED"; fi
+}
+
+client_url() { # client_url USER: a client access URL with the join and send roles
+    "$PY" -c 'import sys
+from azure.messaging.webpubsubservice import WebPubSubServiceClient
+s = WebPubSubServiceClient.from_connection_string(sys.argv[1], hub="chat")
+print(s.get_client_access_token(user_id=sys.argv[2], roles=["webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"])["url"])' \
+        "$WPS_CONNECTION_STRING" "$1"
+}
+
+run rust timeout 120 cargo run --quiet --example chat -- "$(client_url alice)" "$(client_url bob)"
+hello="$ROOT/target/examples-c/hello"
+mkdir -p "$(dirname "$hello")"
+run c-hello sh -c 'cc -std=c11 -Wall -Wextra -Werror "$1" -I include -L target/debug -lwebpubsub_client -lpthread -o "$2" &&
+    LD_LIBRARY_PATH=target/debug timeout 60 "$2" "$3"' _ examples/c/hello.c "$hello" "$(client_url carol)"
+run python env WEBPUBSUB_CLIENT_LIB="$ROOT/target/debug/libwebpubsub_client.so" PYTHONPATH="$ROOT/bindings/python" \
+    timeout 120 "$PY" examples/python/chat_demo.py "$WPS_CONNECTION_STRING"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
