@@ -176,6 +176,38 @@ async fn group_and_server_messages_flow_with_every_data_type() {
 }
 
 #[tokio::test]
+async fn stop_writes_every_fire_and_forget_message_already_reported_sent() {
+    let emulator = emulator().await;
+    let (subscriber, mut events, _) = started(&emulator, "sub", fast_options()).await;
+    subscriber.join_group("ff").await.unwrap();
+    let fire_and_forget = SendToGroupOptions {
+        fire_and_forget: true,
+        ..SendToGroupOptions::default()
+    };
+    let total = 800;
+    // The stop races the operation queue: several rounds make the race certain to show.
+    for round in 0..10 {
+        let (publisher, _publisher_events, _) = started(&emulator, "pub", fast_options()).await;
+        let sends = (0..total).map(|i| {
+            publisher.send_to_group("ff", DataType::Text, text(&i.to_string()), fire_and_forget)
+        });
+        for sent in futures_util::future::join_all(sends).await {
+            assert_eq!(sent.unwrap().ack_id, None);
+        }
+        publisher.stop().await;
+        // Concurrent sends have no order among themselves: compare the sorted numbers.
+        let mut got: Vec<usize> = group_texts(&mut events, total, 10)
+            .await
+            .iter()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..total).collect::<Vec<_>>(), "round {round}");
+    }
+    subscriber.stop().await;
+}
+
+#[tokio::test]
 async fn recovery_after_drops_loses_and_duplicates_nothing_in_either_direction() {
     let emulator = emulator().await;
     let (publisher, mut publisher_events, publisher_id) =

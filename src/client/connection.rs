@@ -359,6 +359,7 @@ impl Task {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None => {
+                        self.write_queued_fire_and_forget(&mut ws).await;
                         close(&mut ws, CloseCode::Away).await;
                         return Next::Exit;
                     }
@@ -366,6 +367,7 @@ impl Task {
                         let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
                     }
                     Some(Command::Stop(reply)) => {
+                        self.write_queued_fire_and_forget(&mut ws).await;
                         close(&mut ws, CloseCode::Normal).await;
                         return self.stop(Some(reply));
                     }
@@ -436,6 +438,26 @@ impl Task {
                     return self.dropped(None, format!("write failed: {e}"));
                 }
             }
+        }
+    }
+
+    /// Before a closing handshake: writes the queued fire-and-forget frames, whose
+    /// senders were already told they were sent (commands and operations travel on
+    /// separate channels, so a stop can overtake them). Queued acked operations fail
+    /// with `Stopped` unsent, so that a caller's retry cannot publish twice.
+    async fn write_queued_fire_and_forget(&mut self, ws: &mut Ws) {
+        while let Ok(op) = self.operations.try_recv() {
+            match op.kind {
+                OpKind::FireAndForget => self.out.push(op.frame),
+                _ => reject(op, Error::Stopped),
+            }
+        }
+        if !self.out.is_empty() {
+            let written = tokio::time::timeout(CLOSE_TIMEOUT, write_out(ws, &mut self.out)).await;
+            if !matches!(written, Ok(Ok(()))) {
+                warn!("stopping: queued fire-and-forget frames could not all be written");
+            }
+            self.out.clear();
         }
     }
 

@@ -290,8 +290,10 @@ impl Client {
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
-    /// Closes the connection and stops reconnecting. Pending operations fail with
-    /// `Error::Stopped`. Returns once stopped (after the `Stopped` event).
+    /// Closes the connection and stops reconnecting. Fire-and-forget messages whose
+    /// send returned before this call are written before the close frame; acked
+    /// operations still pending fail with `Error::Stopped`. Returns once stopped
+    /// (after the `Stopped` event).
     pub async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
         if self.command(Command::Stop(tx)).is_ok() {
