@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The connection state of a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -226,6 +227,7 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     operations: mpsc::Sender<Operation>,
     ack_timeout: Duration,
+    max_outgoing: usize,
     next_invocation_id: AtomicU64,
 }
 
@@ -251,6 +253,7 @@ impl Client {
             credential::normalize_url(url).map_err(Error::InvalidArgument)?;
         }
         let ack_timeout = options.ack_timeout;
+        let max_outgoing = options.max_outgoing_message_size;
         let runtime = crate::runtime::try_handle().map_err(Error::IllegalState)?;
         let (shared, commands, operations) =
             connection::spawn(&runtime, credential, options, on_event);
@@ -260,6 +263,7 @@ impl Client {
                 commands,
                 operations,
                 ack_timeout,
+                max_outgoing,
                 next_invocation_id: AtomicU64::new(1),
             }),
         })
@@ -404,18 +408,18 @@ impl Client {
             .next_invocation_id
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
-        let frame = json::encode_upstream(&Upstream::Invoke {
+        let frame = self.encode(&Upstream::Invoke {
             invocation_id: invocation_id.clone(),
             event: event.to_owned(),
             data,
-        });
+        })?;
         let (tx, rx) = oneshot::channel();
         let mut guard = CancelOnDrop {
             commands: &self.inner.commands,
             invocation_id: Some(invocation_id.clone()),
         };
         self.operation(Operation {
-            frame: frame.into(),
+            frame,
             kind: OpKind::Invoke {
                 invocation_id,
                 timeout,
@@ -426,6 +430,21 @@ impl Client {
         let result = rx.await.unwrap_or(Err(Error::Stopped));
         guard.invocation_id = None;
         result
+    }
+
+    /// Encodes a frame, refusing one over `max_outgoing_message_size` (the service
+    /// would close the connection, and the resend after each recovery would fail again).
+    fn encode(&self, frame: &Upstream) -> Result<Utf8Bytes, Error> {
+        let text = json::encode_upstream(frame);
+        let limit = self.inner.max_outgoing;
+        if text.len() > limit {
+            return Err(Error::InvalidArgument(format!(
+                "the message is {} bytes encoded, over the limit of {limit} bytes \
+                 (max_outgoing_message_size)",
+                text.len()
+            )));
+        }
+        Ok(text.into())
     }
 
     fn next_ack_id(&self) -> u64 {
@@ -463,8 +482,8 @@ impl Client {
         purpose: Purpose,
     ) -> Result<AckResult, Error> {
         self.check_usable()?;
+        let frame = self.encode(&frame)?;
         let (tx, rx) = oneshot::channel();
-        let frame = json::encode_upstream(&frame).into();
         self.operation(Operation {
             frame,
             kind: OpKind::Ack {
@@ -479,7 +498,7 @@ impl Client {
 
     async fn fire_and_forget(&self, frame: Upstream) -> Result<AckResult, Error> {
         self.check_usable()?;
-        let frame = json::encode_upstream(&frame).into();
+        let frame = self.encode(&frame)?;
         self.operation(Operation {
             frame,
             kind: OpKind::FireAndForget,
