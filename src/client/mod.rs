@@ -121,7 +121,8 @@ pub struct SendToGroupOptions {
     pub no_echo: bool,
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId instead of the next one (must be unique among pending operations).
+    /// Use this ackId instead of the next one. It must not be in use by a pending
+    /// operation (else `Error::InvalidArgument`); automatic ackIds skip it while it is.
     pub ack_id: Option<u64>,
 }
 
@@ -130,7 +131,8 @@ pub struct SendToGroupOptions {
 pub struct SendEventOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId instead of the next one (must be unique among pending operations).
+    /// Use this ackId instead of the next one. It must not be in use by a pending
+    /// operation (else `Error::InvalidArgument`); automatic ackIds skip it while it is.
     pub ack_id: Option<u64>,
 }
 
@@ -321,7 +323,7 @@ impl Client {
             group: group.to_owned(),
             ack_id: Some(ack_id),
         };
-        self.acked(frame, ack_id, Purpose::Join(group.to_owned()))
+        self.acked(frame, ack_id, true, Purpose::Join(group.to_owned()))
             .await
     }
 
@@ -333,7 +335,7 @@ impl Client {
             group: group.to_owned(),
             ack_id: Some(ack_id),
         };
-        self.acked(frame, ack_id, Purpose::Leave(group.to_owned()))
+        self.acked(frame, ack_id, true, Purpose::Leave(group.to_owned()))
             .await
     }
 
@@ -347,16 +349,15 @@ impl Client {
     ) -> Result<AckResult, Error> {
         check_name("group", group)?;
         let data = check_data(data_type, data)?;
-        let ack_id =
-            (!opts.fire_and_forget).then(|| opts.ack_id.unwrap_or_else(|| self.next_ack_id()));
+        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
         let frame = Upstream::SendToGroup {
             group: group.to_owned(),
-            ack_id,
+            ack_id: ack_id.map(|(id, _)| id),
             no_echo: opts.no_echo,
             data,
         };
         match ack_id {
-            Some(ack_id) => self.acked(frame, ack_id, Purpose::Send).await,
+            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
             None => self.fire_and_forget(frame).await,
         }
     }
@@ -372,15 +373,14 @@ impl Client {
     ) -> Result<AckResult, Error> {
         check_name("event", event)?;
         let data = check_data(data_type, data)?;
-        let ack_id =
-            (!opts.fire_and_forget).then(|| opts.ack_id.unwrap_or_else(|| self.next_ack_id()));
+        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
         let frame = Upstream::Event {
             event: event.to_owned(),
-            ack_id,
+            ack_id: ack_id.map(|(id, _)| id),
             data,
         };
         match ack_id {
-            Some(ack_id) => self.acked(frame, ack_id, Purpose::Send).await,
+            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
             None => self.fire_and_forget(frame).await,
         }
     }
@@ -447,6 +447,16 @@ impl Client {
         Ok(text.into())
     }
 
+    /// The ackId of a message and whether it is automatic: none for fire-and-forget,
+    /// else the caller's or the next of the counter.
+    fn choose_ack_id(&self, fire_and_forget: bool, chosen: Option<u64>) -> Option<(u64, bool)> {
+        match (fire_and_forget, chosen) {
+            (true, _) => None,
+            (false, Some(ack_id)) => Some((ack_id, false)),
+            (false, None) => Some((self.next_ack_id(), true)),
+        }
+    }
+
     fn next_ack_id(&self) -> u64 {
         self.inner.shared.next_ack_id()
     }
@@ -479,6 +489,7 @@ impl Client {
         &self,
         frame: Upstream,
         ack_id: u64,
+        automatic: bool,
         purpose: Purpose,
     ) -> Result<AckResult, Error> {
         self.check_usable()?;
@@ -488,6 +499,7 @@ impl Client {
             frame,
             kind: OpKind::Ack {
                 ack_id,
+                automatic,
                 purpose,
                 reply: tx,
             },

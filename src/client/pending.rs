@@ -33,6 +33,9 @@ pub(crate) enum OpKind {
     /// An ack with this id.
     Ack {
         ack_id: u64,
+        /// Drawn from the client's counter (not chosen by the caller): the connection
+        /// task renumbers it if a caller's ackId holds the same id.
+        automatic: bool,
         purpose: Purpose,
         reply: AckReply,
     },
@@ -160,7 +163,8 @@ impl Pending {
     ) -> Result<(), Done> {
         if self.acks.contains_key(&ack_id) {
             let error = Error::InvalidArgument(format!(
-                "ackId {ack_id} is already in use by a pending operation"
+                "ackId {ack_id} is already in use by a pending operation of this client; \
+                 choose another one or wait until that operation completes"
             ));
             return Err(Done {
                 purpose,
@@ -185,6 +189,11 @@ impl Pending {
         }
         self.acks.insert(ack_id, op);
         Ok(())
+    }
+
+    /// Whether an acked operation with this id is pending.
+    pub(crate) fn has_ack(&self, ack_id: u64) -> bool {
+        self.acks.contains_key(&ack_id)
     }
 
     /// Registers an invocation, written now (`sent_at`) or queued (`None`).

@@ -92,6 +92,19 @@ pub fn encode_upstream(frame: &Upstream) -> String {
     w.finish()
 }
 
+/// Rewrites the `ackId` of a frame made by [`encode_upstream`] from `old` to `new`;
+/// `None` when the frame has no `ackId` equal to `old`. The first `,"ackId":` is the
+/// frame's own: it precedes the payload, and no JSON string holds an unescaped quote.
+pub fn replace_ack_id(frame: &str, old: u64, new: u64) -> Option<String> {
+    const KEY: &str = ",\"ackId\":";
+    let at = frame.find(KEY)? + KEY.len();
+    let digits = frame[at..].bytes().take_while(u8::is_ascii_digit).count();
+    if frame[at..at + digits] != *old.to_string() {
+        return None;
+    }
+    Some(format!("{}{new}{}", &frame[..at], &frame[at + digits..]))
+}
+
 /// Serializes a downstream frame (what the service sends; used by tests and tools).
 pub fn encode_downstream(frame: &Downstream) -> String {
     let mut w = Writer::with_capacity(96);
