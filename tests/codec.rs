@@ -601,3 +601,27 @@ fn replace_ack_id_rewrites_only_the_frames_own_ack_id() {
     let unacked = json::encode_upstream(&Upstream::Ping);
     assert_eq!(json::replace_ack_id(&unacked, 1, 2), None);
 }
+
+#[test]
+fn the_compact_ack_fast_path_agrees_with_the_general_parser() {
+    assert_eq!(
+        down(r#"{"type":"ack","ackId":42,"success":true}"#),
+        Downstream::Ack {
+            ack_id: 42,
+            success: true,
+            error: None
+        }
+    );
+    assert_eq!(
+        down(r#"{"type":"ack","ackId":18446744073709551615,"success":true}"#),
+        Downstream::Ack {
+            ack_id: u64::MAX,
+            success: true,
+            error: None
+        }
+    );
+    down_err(br#"{"type":"ack","ackId":007,"success":true}"#);
+    down_err(br#"{"type":"ack","ackId":,"success":true}"#);
+    down_err(br#"{"type":"ack","ackId":-1,"success":true}"#);
+    down_err(br#"{"type":"ack","ackId":18446744073709551616,"success":true}"#);
+}
