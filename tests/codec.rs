@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use webpubsub_client::protocol::json;
 use webpubsub_client::protocol::json::{
     decode_downstream, decode_upstream, encode_downstream, encode_upstream, validate_payload,
 };
@@ -571,4 +572,56 @@ proptest! {
         encoded.truncate(at);
         let _ = decode_downstream(&Bytes::from(encoded));
     }
+}
+
+#[test]
+fn replace_ack_id_rewrites_only_the_frames_own_ack_id() {
+    let frame = json::encode_upstream(&Upstream::SendToGroup {
+        group: r#"g,"ackId":12"#.into(),
+        ack_id: Some(12),
+        no_echo: true,
+        data: Data {
+            data_type: DataType::Json,
+            bytes: Bytes::from_static(br#"{"x":1,"ackId":12}"#),
+        },
+    });
+    let renumbered = json::replace_ack_id(&frame, 12, 7).unwrap();
+    let expected = json::encode_upstream(&Upstream::SendToGroup {
+        group: r#"g,"ackId":12"#.into(),
+        ack_id: Some(7),
+        no_echo: true,
+        data: Data {
+            data_type: DataType::Json,
+            bytes: Bytes::from_static(br#"{"x":1,"ackId":12}"#),
+        },
+    });
+    assert_eq!(renumbered, expected);
+    assert_eq!(json::replace_ack_id(&frame, 1, 7), None);
+    assert_eq!(json::replace_ack_id(&frame, 123, 7), None);
+    let unacked = json::encode_upstream(&Upstream::Ping);
+    assert_eq!(json::replace_ack_id(&unacked, 1, 2), None);
+}
+
+#[test]
+fn the_compact_ack_fast_path_agrees_with_the_general_parser() {
+    assert_eq!(
+        down(r#"{"type":"ack","ackId":42,"success":true}"#),
+        Downstream::Ack {
+            ack_id: 42,
+            success: true,
+            error: None
+        }
+    );
+    assert_eq!(
+        down(r#"{"type":"ack","ackId":18446744073709551615,"success":true}"#),
+        Downstream::Ack {
+            ack_id: u64::MAX,
+            success: true,
+            error: None
+        }
+    );
+    down_err(br#"{"type":"ack","ackId":007,"success":true}"#);
+    down_err(br#"{"type":"ack","ackId":,"success":true}"#);
+    down_err(br#"{"type":"ack","ackId":-1,"success":true}"#);
+    down_err(br#"{"type":"ack","ackId":18446744073709551616,"success":true}"#);
 }

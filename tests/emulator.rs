@@ -834,3 +834,69 @@ async fn blocking_calls_work_from_a_plain_thread() {
     assert!(matches!(seen[2], Event::Disconnected { .. }));
     assert_eq!(seen[3], Event::Stopped);
 }
+
+#[tokio::test]
+async fn an_oversized_message_fails_at_once_and_the_connection_stays() {
+    let emulator = emulator().await;
+    let (alice, mut events, connection_id) = started(&emulator, "alice", fast_options()).await;
+    alice.join_group("big").await.unwrap();
+    let limit = ClientOptions::default().max_outgoing_message_size;
+    let frame_len = |len: usize| {
+        webpubsub_client::protocol::json::encode_upstream(
+            &webpubsub_client::protocol::Upstream::SendToGroup {
+                group: "big".into(),
+                ack_id: None,
+                no_echo: false,
+                data: webpubsub_client::Data {
+                    data_type: DataType::Text,
+                    bytes: Bytes::from(vec![b'x'; len]),
+                },
+            },
+        )
+        .len()
+    };
+    let overhead = frame_len(0);
+    assert_eq!(frame_len(limit - overhead), limit);
+    let fire = SendToGroupOptions {
+        fire_and_forget: true,
+        ..SendToGroupOptions::default()
+    };
+
+    let started_at = Instant::now();
+    let too_big = Bytes::from(vec![b'x'; limit - overhead + 1]);
+    let error = alice
+        .send_to_group("big", DataType::Text, too_big.clone(), fire)
+        .await
+        .unwrap_err();
+    let Error::InvalidArgument(message) = &error else {
+        panic!("{error:?}")
+    };
+    assert!(
+        message.contains(&(limit + 1).to_string()) && message.contains(&limit.to_string()),
+        "{message}"
+    );
+    let error = alice
+        .send_to_group(
+            "big",
+            DataType::Text,
+            too_big,
+            SendToGroupOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument(_)), "{error:?}");
+    assert!(started_at.elapsed() < Duration::from_secs(1));
+
+    // A frame of exactly the limit is what the service accepts: it arrives, and the
+    // connection was never dropped.
+    let at_limit = Bytes::from(vec![b'x'; limit - overhead]);
+    alice
+        .send_to_group("big", DataType::Text, at_limit, fire)
+        .await
+        .unwrap();
+    let texts = group_texts(&mut events, 1, 10).await;
+    assert_eq!(texts[0].len(), limit - overhead);
+    assert_eq!(alice.state(), ClientState::Connected);
+    assert_eq!(alice.connection_id(), Some(connection_id));
+    alice.stop().await;
+}

@@ -700,3 +700,63 @@ async fn a_resent_operation_still_times_out_on_a_quiet_recovered_connection() {
     assert_eq!(result, Err(Error::Timeout));
     client.stop().await;
 }
+
+#[tokio::test]
+async fn automatic_ack_ids_skip_ids_chosen_by_the_caller_while_pending() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("g").await });
+    let first = conn.recv().await["ackId"].as_u64().unwrap();
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{first},"success":true}}"#
+    ))
+    .await;
+    assert_eq!(join.await.unwrap().unwrap().ack_id, Some(first));
+
+    // The caller takes the id the counter gives next; it stays pending.
+    let chosen = first + 1;
+    let send = |ack_id: Option<u64>| {
+        let c = client.clone();
+        tokio::spawn(async move {
+            let opts = SendToGroupOptions {
+                ack_id,
+                ..SendToGroupOptions::default()
+            };
+            c.send_to_group("g", DataType::Text, Bytes::from("x"), opts)
+                .await
+        })
+    };
+    let user = send(Some(chosen));
+    assert_eq!(conn.recv().await["ackId"], chosen);
+
+    // The automatic one skips it.
+    let automatic = send(None);
+    let frame = conn.recv().await;
+    assert_eq!(frame["ackId"], chosen + 1);
+    assert_eq!(frame["group"], "g");
+    assert_eq!(frame["data"], "x");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        chosen + 1
+    ))
+    .await;
+    assert_eq!(automatic.await.unwrap().unwrap().ack_id, Some(chosen + 1));
+
+    // A caller's id colliding with a pending one is refused, clearly, and not sent.
+    let error = send(Some(chosen)).await.unwrap().unwrap_err();
+    let Error::InvalidArgument(message) = &error else {
+        panic!("{error:?}")
+    };
+    assert!(
+        message.contains(&format!("ackId {chosen}")) && message.contains("pending"),
+        "{message}"
+    );
+    conn.silent_for(200).await;
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{chosen},"success":true}}"#
+    ))
+    .await;
+    assert_eq!(user.await.unwrap().unwrap().ack_id, Some(chosen));
+    client.stop().await;
+}

@@ -14,7 +14,7 @@
 //! bounded, so a fast sender feels backpressure). Each phase is one method below,
 //! returning the next phase; `serve` is the connected loop.
 
-use super::pending::{Done, OpKind, Operation, Pending, Purpose};
+use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose};
 use super::sequence::Sequence;
 use super::{ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult};
 use crate::protocol::{json, DataType, Downstream, Upstream};
@@ -675,21 +675,18 @@ impl Task {
             OpKind::FireAndForget => self.out.push(op.frame),
             OpKind::Ack {
                 ack_id,
+                automatic,
                 purpose,
                 reply,
             } => {
                 if reply.is_closed() {
                     return;
                 }
-                match self.pending.add_ack(
-                    ack_id,
-                    op.frame.clone(),
-                    purpose,
-                    Some(reply),
-                    Some(now.into_std()),
-                ) {
-                    Ok(()) => self.out.push(op.frame),
-                    Err(done) => done.reply(),
+                let sent_at = Some(now.into_std());
+                if let Some(frame) =
+                    self.add_ack(ack_id, automatic, op.frame, purpose, reply, sent_at)
+                {
+                    self.out.push(frame);
                 }
             }
             OpKind::Invoke {
@@ -718,15 +715,11 @@ impl Task {
             OpKind::FireAndForget => self.pending.add_unsent_frame(op.frame),
             OpKind::Ack {
                 ack_id,
+                automatic,
                 purpose,
                 reply,
             } => {
-                if let Err(done) =
-                    self.pending
-                        .add_ack(ack_id, op.frame, purpose, Some(reply), None)
-                {
-                    done.reply();
-                }
+                self.add_ack(ack_id, automatic, op.frame, purpose, reply, None);
             }
             OpKind::Invoke {
                 invocation_id,
@@ -739,10 +732,54 @@ impl Task {
         }
     }
 
+    /// Registers a caller's acked operation, written now (`sent_at`) or queued; returns
+    /// the frame to write. An automatic ackId still held by a pending operation (whose
+    /// caller chose it) is replaced by the next free one, so only a caller's own
+    /// choice can collide (`InvalidArgument`).
+    fn add_ack(
+        &mut self,
+        mut ack_id: u64,
+        automatic: bool,
+        mut frame: Utf8Bytes,
+        purpose: Purpose,
+        reply: AckReply,
+        sent_at: Option<std::time::Instant>,
+    ) -> Option<Utf8Bytes> {
+        if automatic && self.pending.has_ack(ack_id) {
+            let free = self.free_ack_id();
+            if let Some(renumbered) = json::replace_ack_id(&frame, ack_id, free) {
+                debug!("automatic ackId {ack_id} is held by a pending operation: using {free}");
+                frame = renumbered.into();
+                ack_id = free;
+            }
+        }
+        match self
+            .pending
+            .add_ack(ack_id, frame.clone(), purpose, Some(reply), sent_at)
+        {
+            Ok(()) => Some(frame),
+            Err(done) => {
+                done.reply();
+                None
+            }
+        }
+    }
+
+    /// The next ackId of the counter that no pending operation holds (the loop ends:
+    /// at most one id per pending operation is skipped).
+    fn free_ack_id(&self) -> u64 {
+        loop {
+            let ack_id = self.shared.next_ack_id();
+            if !self.pending.has_ack(ack_id) {
+                return ack_id;
+            }
+        }
+    }
+
     /// Queues a joinGroup for every group joined before the session was lost.
     fn queue_rejoins(&mut self) {
         for group in self.groups.clone() {
-            let ack_id = self.shared.next_ack_id();
+            let ack_id = self.free_ack_id();
             let frame = encode(&Upstream::JoinGroup {
                 group: group.clone(),
                 ack_id: Some(ack_id),

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The connection state of a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,7 +121,8 @@ pub struct SendToGroupOptions {
     pub no_echo: bool,
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId instead of the next one (must be unique among pending operations).
+    /// Use this ackId instead of the next one. It must not be in use by a pending
+    /// operation (else `Error::InvalidArgument`); automatic ackIds skip it while it is.
     pub ack_id: Option<u64>,
 }
 
@@ -129,7 +131,8 @@ pub struct SendToGroupOptions {
 pub struct SendEventOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId instead of the next one (must be unique among pending operations).
+    /// Use this ackId instead of the next one. It must not be in use by a pending
+    /// operation (else `Error::InvalidArgument`); automatic ackIds skip it while it is.
     pub ack_id: Option<u64>,
 }
 
@@ -226,6 +229,7 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     operations: mpsc::Sender<Operation>,
     ack_timeout: Duration,
+    max_outgoing: usize,
     next_invocation_id: AtomicU64,
 }
 
@@ -251,6 +255,7 @@ impl Client {
             credential::normalize_url(url).map_err(Error::InvalidArgument)?;
         }
         let ack_timeout = options.ack_timeout;
+        let max_outgoing = options.max_outgoing_message_size;
         let runtime = crate::runtime::try_handle().map_err(Error::IllegalState)?;
         let (shared, commands, operations) =
             connection::spawn(&runtime, credential, options, on_event);
@@ -260,6 +265,7 @@ impl Client {
                 commands,
                 operations,
                 ack_timeout,
+                max_outgoing,
                 next_invocation_id: AtomicU64::new(1),
             }),
         })
@@ -319,7 +325,7 @@ impl Client {
             group: group.to_owned(),
             ack_id: Some(ack_id),
         };
-        self.acked(frame, ack_id, Purpose::Join(group.to_owned()))
+        self.acked(frame, ack_id, true, Purpose::Join(group.to_owned()))
             .await
     }
 
@@ -331,7 +337,7 @@ impl Client {
             group: group.to_owned(),
             ack_id: Some(ack_id),
         };
-        self.acked(frame, ack_id, Purpose::Leave(group.to_owned()))
+        self.acked(frame, ack_id, true, Purpose::Leave(group.to_owned()))
             .await
     }
 
@@ -345,16 +351,15 @@ impl Client {
     ) -> Result<AckResult, Error> {
         check_name("group", group)?;
         let data = check_data(data_type, data)?;
-        let ack_id =
-            (!opts.fire_and_forget).then(|| opts.ack_id.unwrap_or_else(|| self.next_ack_id()));
+        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
         let frame = Upstream::SendToGroup {
             group: group.to_owned(),
-            ack_id,
+            ack_id: ack_id.map(|(id, _)| id),
             no_echo: opts.no_echo,
             data,
         };
         match ack_id {
-            Some(ack_id) => self.acked(frame, ack_id, Purpose::Send).await,
+            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
             None => self.fire_and_forget(frame).await,
         }
     }
@@ -370,15 +375,14 @@ impl Client {
     ) -> Result<AckResult, Error> {
         check_name("event", event)?;
         let data = check_data(data_type, data)?;
-        let ack_id =
-            (!opts.fire_and_forget).then(|| opts.ack_id.unwrap_or_else(|| self.next_ack_id()));
+        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
         let frame = Upstream::Event {
             event: event.to_owned(),
-            ack_id,
+            ack_id: ack_id.map(|(id, _)| id),
             data,
         };
         match ack_id {
-            Some(ack_id) => self.acked(frame, ack_id, Purpose::Send).await,
+            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
             None => self.fire_and_forget(frame).await,
         }
     }
@@ -406,18 +410,18 @@ impl Client {
             .next_invocation_id
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
-        let frame = json::encode_upstream(&Upstream::Invoke {
+        let frame = self.encode(&Upstream::Invoke {
             invocation_id: invocation_id.clone(),
             event: event.to_owned(),
             data,
-        });
+        })?;
         let (tx, rx) = oneshot::channel();
         let mut guard = CancelOnDrop {
             commands: &self.inner.commands,
             invocation_id: Some(invocation_id.clone()),
         };
         self.operation(Operation {
-            frame: frame.into(),
+            frame,
             kind: OpKind::Invoke {
                 invocation_id,
                 timeout,
@@ -428,6 +432,31 @@ impl Client {
         let result = rx.await.unwrap_or(Err(Error::Stopped));
         guard.invocation_id = None;
         result
+    }
+
+    /// Encodes a frame, refusing one over `max_outgoing_message_size` (the service
+    /// would close the connection, and the resend after each recovery would fail again).
+    fn encode(&self, frame: &Upstream) -> Result<Utf8Bytes, Error> {
+        let text = json::encode_upstream(frame);
+        let limit = self.inner.max_outgoing;
+        if text.len() > limit {
+            return Err(Error::InvalidArgument(format!(
+                "the message is {} bytes encoded, over the limit of {limit} bytes \
+                 (max_outgoing_message_size)",
+                text.len()
+            )));
+        }
+        Ok(text.into())
+    }
+
+    /// The ackId of a message and whether it is automatic: none for fire-and-forget,
+    /// else the caller's or the next of the counter.
+    fn choose_ack_id(&self, fire_and_forget: bool, chosen: Option<u64>) -> Option<(u64, bool)> {
+        match (fire_and_forget, chosen) {
+            (true, _) => None,
+            (false, Some(ack_id)) => Some((ack_id, false)),
+            (false, None) => Some((self.next_ack_id(), true)),
+        }
     }
 
     fn next_ack_id(&self) -> u64 {
@@ -462,15 +491,17 @@ impl Client {
         &self,
         frame: Upstream,
         ack_id: u64,
+        automatic: bool,
         purpose: Purpose,
     ) -> Result<AckResult, Error> {
         self.check_usable()?;
+        let frame = self.encode(&frame)?;
         let (tx, rx) = oneshot::channel();
-        let frame = json::encode_upstream(&frame).into();
         self.operation(Operation {
             frame,
             kind: OpKind::Ack {
                 ack_id,
+                automatic,
                 purpose,
                 reply: tx,
             },
@@ -481,7 +512,7 @@ impl Client {
 
     async fn fire_and_forget(&self, frame: Upstream) -> Result<AckResult, Error> {
         self.check_usable()?;
-        let frame = json::encode_upstream(&frame).into();
+        let frame = self.encode(&frame)?;
         self.operation(Operation {
             frame,
             kind: OpKind::FireAndForget,

@@ -100,6 +100,11 @@ pub struct ClientOptions {
     pub extra_ca_pem: Vec<Vec<u8>>,
     /// Largest incoming WebSocket message accepted (default 16 MiB).
     pub max_message_size: usize,
+    /// Largest outgoing frame (the encoded JSON text, in bytes) the client sends; a
+    /// bigger operation fails at once with `Error::InvalidArgument` and nothing is
+    /// queued. Default 1 MiB, the service's limit on client frames (a bigger frame
+    /// would get the connection closed).
+    pub max_outgoing_message_size: usize,
     /// The `User-Agent` header of the WebSocket upgrade; `None` sends none
     /// (default `webpubsub-client-rust/{version}`). Printable ASCII only.
     pub user_agent: Option<String>,
@@ -123,6 +128,7 @@ impl Default for ClientOptions {
             sequence_ack_jump: 300,
             extra_ca_pem: Vec::new(),
             max_message_size: 16 << 20,
+            max_outgoing_message_size: 1 << 20,
             user_agent: Some(
                 concat!("webpubsub-client-rust/", env!("CARGO_PKG_VERSION")).to_owned(),
             ),
@@ -163,6 +169,9 @@ impl ClientOptions {
         if self.max_message_size < 1024 {
             return Err("max_message_size must be at least 1024 bytes".into());
         }
+        if self.max_outgoing_message_size < 1024 {
+            return Err("max_outgoing_message_size must be at least 1024 bytes".into());
+        }
         Ok(())
     }
 }
@@ -188,6 +197,7 @@ mod tests {
         assert_eq!(o.recovery_attempt_delay, Duration::from_secs(1));
         assert_eq!(o.sequence_ack_interval, Duration::from_secs(1));
         assert_eq!(o.sequence_ack_jump, 300);
+        assert_eq!(o.max_outgoing_message_size, 1024 * 1024);
         assert!(o.validate().is_ok());
     }
 

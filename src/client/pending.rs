@@ -9,6 +9,7 @@ use super::options::RetryOptions;
 use super::{AckResult, Error, InvokeResult};
 use crate::protocol::{json, ErrorDetail, Upstream};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -33,6 +34,9 @@ pub(crate) enum OpKind {
     /// An ack with this id.
     Ack {
         ack_id: u64,
+        /// Drawn from the client's counter (not chosen by the caller): the connection
+        /// task renumbers it if a caller's ackId holds the same id.
+        automatic: bool,
         purpose: Purpose,
         reply: AckReply,
     },
@@ -127,7 +131,7 @@ enum Unsent {
 /// (which would pile up for every acked message at high rates), one timer points at
 /// the earliest deadline and `expire` sweeps the (small) set of pending operations.
 pub(crate) struct Pending {
-    acks: HashMap<u64, AckOp>,
+    acks: HashMap<u64, AckOp, BuildHasherDefault<AckIdHasher>>,
     invokes: HashMap<String, InvokeOp>,
     /// No deadline is earlier than this (it may be earlier than every real one).
     earliest: Option<Instant>,
@@ -139,7 +143,7 @@ pub(crate) struct Pending {
 impl Pending {
     pub(crate) fn new(ack_timeout: Duration, retry: RetryOptions) -> Pending {
         Pending {
-            acks: HashMap::new(),
+            acks: HashMap::default(),
             invokes: HashMap::new(),
             earliest: None,
             unsent: Vec::new(),
@@ -160,7 +164,8 @@ impl Pending {
     ) -> Result<(), Done> {
         if self.acks.contains_key(&ack_id) {
             let error = Error::InvalidArgument(format!(
-                "ackId {ack_id} is already in use by a pending operation"
+                "ackId {ack_id} is already in use by a pending operation of this client; \
+                 choose another one or wait until that operation completes"
             ));
             return Err(Done {
                 purpose,
@@ -185,6 +190,11 @@ impl Pending {
         }
         self.acks.insert(ack_id, op);
         Ok(())
+    }
+
+    /// Whether an acked operation with this id is pending.
+    pub(crate) fn has_ack(&self, ack_id: u64) -> bool {
+        self.acks.contains_key(&ack_id)
     }
 
     /// Registers an invocation, written now (`sent_at`) or queued (`None`).
@@ -478,6 +488,29 @@ impl Pending {
     fn arm(&mut self, due: Instant) -> Instant {
         lower(&mut self.earliest, due);
         due
+    }
+}
+
+/// Hashes ackIds (local, mostly sequential integers, not attacker-chosen keys of
+/// another party) with one multiply instead of SipHash, on the per-message path.
+#[derive(Default)]
+struct AckIdHasher(u64);
+
+impl Hasher for AckIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b) ^ self.0.rotate_left(8));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ self.0)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(26);
     }
 }
 

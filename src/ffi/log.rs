@@ -61,9 +61,18 @@ struct Bridge;
 
 static BRIDGE: Bridge = Bridge;
 
+/// Whether a record may reach the host: within the process-wide level, and for
+/// tungstenite (and tokio-tungstenite) at most DEBUG, since its TRACE records dump
+/// frame payloads, which include the reconnection token.
+fn allowed(metadata: &Metadata) -> bool {
+    let noisy = metadata.target().starts_with("tungstenite")
+        || metadata.target().starts_with("tokio_tungstenite");
+    metadata.level() <= log::max_level() && !(noisy && metadata.level() > log::Level::Debug)
+}
+
 impl Log for Bridge {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        allowed(metadata)
     }
 
     fn log(&self, record: &Record) {
@@ -173,4 +182,29 @@ pub extern "C" fn wps_set_log_callback(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use log::Level;
+
+    fn meta(target: &str, level: Level) -> Metadata<'_> {
+        Metadata::builder().target(target).level(level).build()
+    }
+
+    #[test]
+    fn tungstenite_is_capped_at_debug() {
+        log::set_max_level(LevelFilter::Trace);
+        for target in ["tungstenite::protocol", "tokio_tungstenite", "tungstenite"] {
+            assert!(!allowed(&meta(target, Level::Trace)), "{target}");
+            assert!(allowed(&meta(target, Level::Debug)), "{target}");
+        }
+        assert!(allowed(&meta("webpubsub_client::client", Level::Trace)));
+        log::set_max_level(LevelFilter::Info);
+        assert!(!allowed(&meta("tungstenite::protocol", Level::Debug)));
+        assert!(!allowed(&meta("webpubsub_client::client", Level::Debug)));
+        assert!(allowed(&meta("webpubsub_client::client", Level::Info)));
+        log::set_max_level(LevelFilter::Off);
+    }
 }

@@ -30,7 +30,7 @@ pub fn validate_payload(data: &Data) -> Result<(), ProtocolError> {
 /// Serializes an upstream frame. Payloads must have passed [`validate_payload`]
 /// (text that is not UTF-8 is written lossily, never panics).
 pub fn encode_upstream(frame: &Upstream) -> String {
-    let mut w = Writer::with_capacity(64 + payload_len(frame));
+    let mut w = Writer::with_capacity(FRAME_OVERHEAD + payload_len(frame));
     match frame {
         Upstream::JoinGroup { group, ack_id } => {
             w.raw(r#"{"type":"joinGroup","group":"#);
@@ -90,6 +90,36 @@ pub fn encode_upstream(frame: &Upstream) -> String {
         Upstream::Ping => w.raw(r#"{"type":"ping""#),
     }
     w.finish()
+}
+
+/// Rewrites the `ackId` of a frame made by [`encode_upstream`] from `old` to `new`;
+/// `None` when the frame has no `ackId` equal to `old`. The first `,"ackId":` is the
+/// frame's own: it precedes the payload, and no JSON string holds an unescaped quote.
+pub fn replace_ack_id(frame: &str, old: u64, new: u64) -> Option<String> {
+    const KEY: &str = ",\"ackId\":";
+    let at = frame.find(KEY)? + KEY.len();
+    let digits = frame[at..].bytes().take_while(u8::is_ascii_digit).count();
+    if frame[at..at + digits] != *old.to_string() {
+        return None;
+    }
+    Some(format!("{}{new}{}", &frame[..at], &frame[at + digits..]))
+}
+
+/// The common successful ack in its compact form, `{"type":"ack","ackId":N,"success":true}`,
+/// without the general parser; any other form gives `None` (and takes the general path).
+fn decode_plain_ack(frame: &[u8]) -> Option<Downstream> {
+    let rest = frame.strip_prefix(br#"{"type":"ack","ackId":"#)?;
+    let rest = rest.strip_suffix(br#","success":true}"#)?;
+    let leading_zero = rest.len() > 1 && rest[0] == b'0';
+    if rest.is_empty() || rest.len() > 19 || leading_zero || !rest.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ack_id = rest.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+    Some(Downstream::Ack {
+        ack_id,
+        success: true,
+        error: None,
+    })
 }
 
 /// Serializes a downstream frame (what the service sends; used by tests and tools).
@@ -185,6 +215,9 @@ pub fn encode_downstream(frame: &Downstream) -> String {
 /// `message`/`system` variants) give [`Downstream::Unknown`]; malformed frames give an
 /// error. Payloads are sliced out of `frame` without copying where possible.
 pub fn decode_downstream(frame: &Bytes) -> Result<Downstream, ProtocolError> {
+    if let Some(ack) = decode_plain_ack(frame) {
+        return Ok(ack);
+    }
     let wire = Wire::parse(frame)?;
     let f = Fields(&wire);
     Ok(match wire.kind.as_ref() {
@@ -467,18 +500,44 @@ fn slice_of(frame: &Bytes, part: &str) -> Bytes {
     }
 }
 
+/// Room for the fixed parts of the longest upstream frame (keys, type, a 20-digit
+/// ackId, quotes), so that encoding a frame without escapes allocates exactly once.
+const FRAME_OVERHEAD: usize = 128;
+
+/// The encoded size of a frame's variable parts (names and payload), escapes aside.
 fn payload_len(frame: &Upstream) -> usize {
-    let data = match frame {
-        Upstream::SendToGroup { data, .. }
-        | Upstream::Event { data, .. }
-        | Upstream::Invoke { data, .. } => data,
-        _ => return 0,
+    let (name, data) = match frame {
+        Upstream::SendToGroup { group, data, .. } => (group.len(), data),
+        Upstream::Event { event, data, .. } => (event.len(), data),
+        Upstream::Invoke {
+            invocation_id,
+            event,
+            data,
+        } => (invocation_id.len() + event.len(), data),
+        Upstream::JoinGroup { group, .. } | Upstream::LeaveGroup { group, .. } => {
+            return group.len()
+        }
+        Upstream::CancelInvocation { invocation_id } => return invocation_id.len(),
+        Upstream::SequenceAck { .. } | Upstream::Ping => return 0,
     };
-    match data.data_type {
-        DataType::Text | DataType::Json => data.bytes.len() + 8,
+    name + match data.data_type {
+        DataType::Text | DataType::Json => data.bytes.len(),
         DataType::Binary | DataType::Protobuf => data.bytes.len().div_ceil(3) * 4,
     }
 }
+
+/// Bytes that a JSON string literal must escape: `"`, `\` and control characters.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
 
 /// Appends JSON fragments to one growing `String`.
 struct Writer {
@@ -512,7 +571,12 @@ impl Writer {
         self.out.push('"');
         let bytes = s.as_bytes();
         let mut run = 0;
-        for (i, &b) in bytes.iter().enumerate() {
+        let Some(first) = bytes.iter().position(|&b| NEEDS_ESCAPE[b as usize]) else {
+            self.out.push_str(s);
+            self.out.push('"');
+            return;
+        };
+        for (i, &b) in bytes.iter().enumerate().skip(first) {
             let escape = match b {
                 b'"' => "\\\"",
                 b'\\' => "\\\\",
