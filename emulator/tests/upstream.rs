@@ -322,17 +322,21 @@ async fn an_event_flood_past_the_upstream_queue_gets_internal_server_error() {
     .await;
     let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
     // The upstream never answers "hang": one request in flight, 1000 queued, the next fails.
-    for id in 1..=1002u64 {
-        futures_util::SinkExt::feed(
-            &mut a.inner,
-            Message::Text(
-                json!({"type":"event","event":"hang","ackId":id,"dataType":"text","data":"x"})
-                    .to_string()
-                    .into(),
-            ),
+    let hang = |id: u64| {
+        Message::Text(
+            json!({"type":"event","event":"hang","ackId":id,"dataType":"text","data":"x"})
+                .to_string()
+                .into(),
         )
+    };
+    futures_util::SinkExt::send(&mut a.inner, hang(1))
         .await
         .unwrap();
+    let _ = next_seen(&mut up).await; // the first request is now in flight
+    for id in 2..=1002u64 {
+        futures_util::SinkExt::feed(&mut a.inner, hang(id))
+            .await
+            .unwrap();
     }
     futures_util::SinkExt::flush(&mut a.inner).await.unwrap();
     let ack = a.next_json().await;
@@ -342,7 +346,6 @@ async fn an_event_flood_past_the_upstream_queue_gets_internal_server_error() {
         .as_str()
         .unwrap()
         .contains("upstream"));
-    let _ = next_seen(&mut up).await;
     emu.shutdown().await;
     up.task.abort();
 }
