@@ -13,7 +13,7 @@ mod sequence;
 pub use credential::{Credential, UrlProvider};
 pub use options::{ClientOptions, RetryMode, RetryOptions};
 
-use crate::protocol::{json, Data, DataType, Upstream};
+use crate::protocol::{json, Data, DataType, ProtocolError, Upstream};
 use bytes::Bytes;
 use connection::{Command, Shared};
 use pending::{OpKind, Operation, Purpose};
@@ -325,8 +325,13 @@ impl Client {
             group: group.to_owned(),
             ack_id: Some(ack_id),
         };
-        self.acked(frame, ack_id, true, Purpose::Join(group.to_owned()))
-            .await
+        self.acked(
+            self.encode(&frame)?,
+            ack_id,
+            true,
+            Purpose::Join(group.to_owned()),
+        )
+        .await
     }
 
     /// Leaves a group.
@@ -337,8 +342,13 @@ impl Client {
             group: group.to_owned(),
             ack_id: Some(ack_id),
         };
-        self.acked(frame, ack_id, true, Purpose::Leave(group.to_owned()))
-            .await
+        self.acked(
+            self.encode(&frame)?,
+            ack_id,
+            true,
+            Purpose::Leave(group.to_owned()),
+        )
+        .await
     }
 
     /// Publishes to a group. Waits for the ack unless `fire_and_forget`.
@@ -350,14 +360,14 @@ impl Client {
         opts: SendToGroupOptions,
     ) -> Result<AckResult, Error> {
         check_name("group", group)?;
-        let data = check_data(data_type, data)?;
         let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
-        let frame = Upstream::SendToGroup {
-            group: group.to_owned(),
-            ack_id: ack_id.map(|(id, _)| id),
-            no_echo: opts.no_echo,
-            data,
+        let data = Data {
+            data_type,
+            bytes: data,
         };
+        let frame =
+            json::encode_send_to_group(group, ack_id.map(|(id, _)| id), opts.no_echo, &data);
+        let frame = self.checked(frame)?;
         match ack_id {
             Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
             None => self.fire_and_forget(frame).await,
@@ -374,13 +384,12 @@ impl Client {
         opts: SendEventOptions,
     ) -> Result<AckResult, Error> {
         check_name("event", event)?;
-        let data = check_data(data_type, data)?;
         let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
-        let frame = Upstream::Event {
-            event: event.to_owned(),
-            ack_id: ack_id.map(|(id, _)| id),
-            data,
+        let data = Data {
+            data_type,
+            bytes: data,
         };
+        let frame = self.checked(json::encode_event(event, ack_id.map(|(id, _)| id), &data))?;
         match ack_id {
             Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
             None => self.fire_and_forget(frame).await,
@@ -437,7 +446,12 @@ impl Client {
     /// Encodes a frame, refusing one over `max_outgoing_message_size` (the service
     /// would close the connection, and the resend after each recovery would fail again).
     fn encode(&self, frame: &Upstream) -> Result<Utf8Bytes, Error> {
-        let text = json::encode_upstream(frame);
+        self.checked(Ok(json::encode_upstream(frame)))
+    }
+
+    /// An encoded frame, or why it cannot be sent: a bad payload, or a size over the limit.
+    fn checked(&self, encoded: Result<String, ProtocolError>) -> Result<Utf8Bytes, Error> {
+        let text = encoded.map_err(|e| Error::InvalidArgument(e.0))?;
         let limit = self.inner.max_outgoing;
         if text.len() > limit {
             return Err(Error::InvalidArgument(format!(
@@ -489,13 +503,12 @@ impl Client {
 
     async fn acked(
         &self,
-        frame: Upstream,
+        frame: Utf8Bytes,
         ack_id: u64,
         automatic: bool,
         purpose: Purpose,
     ) -> Result<AckResult, Error> {
         self.check_usable()?;
-        let frame = self.encode(&frame)?;
         let (tx, rx) = oneshot::channel();
         self.operation(Operation {
             frame,
@@ -510,9 +523,8 @@ impl Client {
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
-    async fn fire_and_forget(&self, frame: Upstream) -> Result<AckResult, Error> {
+    async fn fire_and_forget(&self, frame: Utf8Bytes) -> Result<AckResult, Error> {
         self.check_usable()?;
-        let frame = self.encode(&frame)?;
         self.operation(Operation {
             frame,
             kind: OpKind::FireAndForget,

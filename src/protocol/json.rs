@@ -27,6 +27,42 @@ pub fn validate_payload(data: &Data) -> Result<(), ProtocolError> {
     }
 }
 
+/// Serializes a `sendToGroup` frame from borrowed parts, checking the payload as
+/// [`validate_payload`] does in the same pass (what the client does per message).
+pub fn encode_send_to_group(
+    group: &str,
+    ack_id: Option<u64>,
+    no_echo: bool,
+    data: &Data,
+) -> Result<String, ProtocolError> {
+    let mut w = Writer::with_capacity(FRAME_OVERHEAD + group.len() + data_len(data));
+    w.raw(r#"{"type":"sendToGroup","group":"#);
+    w.string(group);
+    w.opt_u64(",\"ackId\":", ack_id);
+    w.raw(if no_echo {
+        ",\"noEcho\":true"
+    } else {
+        ",\"noEcho\":false"
+    });
+    w.checked_data(data)?;
+    Ok(w.finish())
+}
+
+/// Serializes an `event` frame from borrowed parts, checking the payload as
+/// [`validate_payload`] does in the same pass.
+pub fn encode_event(
+    event: &str,
+    ack_id: Option<u64>,
+    data: &Data,
+) -> Result<String, ProtocolError> {
+    let mut w = Writer::with_capacity(FRAME_OVERHEAD + event.len() + data_len(data));
+    w.raw(r#"{"type":"event","event":"#);
+    w.string(event);
+    w.opt_u64(",\"ackId\":", ack_id);
+    w.checked_data(data)?;
+    Ok(w.finish())
+}
+
 /// Serializes an upstream frame. Payloads must have passed [`validate_payload`]
 /// (text that is not UTF-8 is written lossily, never panics).
 pub fn encode_upstream(frame: &Upstream) -> String {
@@ -520,10 +556,41 @@ fn payload_len(frame: &Upstream) -> usize {
         Upstream::CancelInvocation { invocation_id } => return invocation_id.len(),
         Upstream::SequenceAck { .. } | Upstream::Ping => return 0,
     };
-    name + match data.data_type {
+    name + data_len(data)
+}
+
+/// The encoded size of a payload, escapes aside.
+fn data_len(data: &Data) -> usize {
+    match data.data_type {
         DataType::Text | DataType::Json => data.bytes.len(),
         DataType::Binary | DataType::Protobuf => data.bytes.len().div_ceil(3) * 4,
     }
+}
+
+/// The index of the first byte of `bytes` that a JSON string must escape. Skips eight
+/// bytes at a time while none of them is `"`, `\\` or a control character.
+fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let mut start = 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
+        let special = has_zero_byte(x ^ (ONES * u64::from(b'"')))
+            | has_zero_byte(x ^ (ONES * u64::from(b'\\')));
+        if control | special != 0 {
+            break;
+        }
+        start += 8;
+    }
+    bytes[start..]
+        .iter()
+        .position(|&b| NEEDS_ESCAPE[b as usize])
+        .map(|i| start + i)
 }
 
 /// Bytes that a JSON string literal must escape: `"`, `\` and control characters.
@@ -571,7 +638,7 @@ impl Writer {
         self.out.push('"');
         let bytes = s.as_bytes();
         let mut run = 0;
-        let Some(first) = bytes.iter().position(|&b| NEEDS_ESCAPE[b as usize]) else {
+        let Some(first) = first_to_escape(bytes) else {
             self.out.push_str(s);
             self.out.push('"');
             return;
@@ -622,6 +689,23 @@ impl Writer {
                 self.out.push('"');
             }
         }
+    }
+
+    /// Like `data`, failing on a payload that [`validate_payload`] refuses.
+    fn checked_data(&mut self, data: &Data) -> Result<(), ProtocolError> {
+        match data.data_type {
+            DataType::Text => {
+                let text = std::str::from_utf8(&data.bytes)
+                    .map_err(|e| ProtocolError(format!("text data is not valid UTF-8: {e}")))?;
+                self.out.push_str(",\"dataType\":\"text\",\"data\":");
+                self.string(text);
+            }
+            _ => {
+                validate_payload(data)?;
+                self.data(data);
+            }
+        }
+        Ok(())
     }
 
     fn error(&mut self, error: Option<&ErrorDetail>) {
