@@ -75,3 +75,95 @@ pub fn message_text(event: &Event) -> Option<String> {
         _ => None,
     }
 }
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` (connection closed after it); returns
+/// the status and the body.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Calls an emulator test route (`:drop`, `:mute?ms=`, `:dropAcks?count=`, `:close?code=`).
+pub async fn fault(
+    emulator: &webpubsub_emulator::Emulator,
+    hub: &str,
+    connection_id: &str,
+    action: &str,
+) {
+    let path = format!("/_emulator/hubs/{hub}/connections/{connection_id}/{action}");
+    let (status, body) = http(emulator.port(), "POST", &path, &[], b"").await;
+    assert_eq!(status, 200, "{path}: {body}");
+}
+
+/// The emulator's counters.
+pub async fn stats(emulator: &webpubsub_emulator::Emulator) -> serde_json::Value {
+    let (status, body) = http(emulator.port(), "GET", "/_emulator/stats", &[], b"").await;
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Sends text to one connection through the service REST API (a server message).
+pub async fn rest_send_to_connection(
+    emulator: &webpubsub_emulator::Emulator,
+    hub: &str,
+    id: &str,
+    text: &str,
+) {
+    let path = format!("/api/hubs/{hub}/connections/{id}/:send?api-version=2024-12-01");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({"aud": format!("{}{path}", emulator.endpoint()), "exp": exp});
+    let token = webpubsub_emulator::auth::sign(emulator.access_key(), &claims);
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "text/plain"),
+    ];
+    let (status, body) = http(emulator.port(), "POST", &path, &headers, text.as_bytes()).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+/// Roles allowing every group operation.
+pub fn all_roles() -> Vec<String> {
+    vec![
+        "webpubsub.joinLeaveGroup".into(),
+        "webpubsub.sendToGroup".into(),
+    ]
+}

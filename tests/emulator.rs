@@ -1,0 +1,767 @@
+//! End-to-end tests against the in-process emulator: real sockets, real faults.
+
+mod common;
+
+use bytes::Bytes;
+use common::{all_roles, fast_options, fault, message_text, next_event, stats, wait_for};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use webpubsub_client::{
+    Client, ClientOptions, ClientState, Credential, DataType, Error, Event, InvokeOptions,
+    Protocol, RetryOptions, SendEventOptions, SendToGroupOptions,
+};
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+const HUB: &str = "hub";
+
+async fn emulator() -> Emulator {
+    Emulator::start(Config {
+        recovery_window: Duration::from_secs(10),
+        ..Config::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn token(user: &str) -> TokenOptions {
+    TokenOptions {
+        user_id: Some(user.into()),
+        roles: all_roles(),
+        ..TokenOptions::default()
+    }
+}
+
+/// A started client; returns it, its events (after `Connected`) and its connection id.
+async fn started(
+    emulator: &Emulator,
+    user: &str,
+    options: ClientOptions,
+) -> (Client, UnboundedReceiver<Event>, String) {
+    let url = emulator.client_url(HUB, &token(user));
+    let (client, mut events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected {
+        connection_id,
+        user_id,
+    } = next_event(&mut events, 5).await
+    else {
+        panic!("not connected")
+    };
+    assert_eq!(user_id.as_deref(), Some(user));
+    assert_eq!(
+        client.connection_id().as_deref(),
+        Some(connection_id.as_str())
+    );
+    (client, events, connection_id)
+}
+
+fn text(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+async fn publish(client: &Client, group: &str, body: &str) -> webpubsub_client::AckResult {
+    client
+        .send_to_group(
+            group,
+            DataType::Text,
+            text(body),
+            SendToGroupOptions::default(),
+        )
+        .await
+        .unwrap()
+}
+
+/// Collects the texts of the next `n` group messages (other events fail the test).
+async fn group_texts(events: &mut UnboundedReceiver<Event>, n: usize, secs: u64) -> Vec<String> {
+    let mut texts = Vec::new();
+    while texts.len() < n {
+        match next_event(events, secs).await {
+            event @ Event::GroupMessage { .. } => texts.push(message_text(&event).unwrap()),
+            other => panic!("unexpected event {other:?} after {} messages", texts.len()),
+        }
+    }
+    texts
+}
+
+#[tokio::test]
+async fn group_and_server_messages_flow_with_every_data_type() {
+    let emulator = emulator().await;
+    let (alice, mut alice_events, alice_id) = started(&emulator, "alice", fast_options()).await;
+    let (bob, mut bob_events, _) = started(&emulator, "bob", fast_options()).await;
+    let joined = bob.join_group("chat").await.unwrap();
+    assert!(joined.ack_id.is_some() && !joined.is_duplicated);
+    alice.join_group("chat").await.unwrap();
+
+    let sent = publish(&alice, "chat", "hello").await;
+    assert!(sent.ack_id.is_some() && sent.ack_id != joined.ack_id);
+    let event = next_event(&mut bob_events, 5).await;
+    let Event::GroupMessage {
+        group,
+        from_user_id,
+        data_type,
+        data,
+        sequence_id,
+    } = event
+    else {
+        panic!("{event:?}")
+    };
+    assert_eq!(
+        (group.as_str(), from_user_id.as_deref(), data_type),
+        ("chat", Some("alice"), DataType::Text)
+    );
+    assert_eq!(data, text("hello"));
+    assert!(sequence_id.is_some());
+    let echo = next_event(&mut alice_events, 5).await;
+    assert_eq!(
+        message_text(&echo).as_deref(),
+        Some("hello"),
+        "echoed to the sender"
+    );
+
+    let json = Bytes::from_static(br#"{"n":[1,2,{"x":"y"}]}"#);
+    let no_echo = SendToGroupOptions {
+        no_echo: true,
+        ..Default::default()
+    };
+    alice
+        .send_to_group("chat", DataType::Json, json.clone(), no_echo)
+        .await
+        .unwrap();
+    let binary = Bytes::from_static(&[0, 1, 2, 254, 255]);
+    let fire = SendToGroupOptions {
+        no_echo: true,
+        fire_and_forget: true,
+        ack_id: None,
+    };
+    let result = alice
+        .send_to_group("chat", DataType::Binary, binary.clone(), fire)
+        .await
+        .unwrap();
+    assert_eq!(result.ack_id, None);
+    let Event::GroupMessage {
+        data_type, data, ..
+    } = next_event(&mut bob_events, 5).await
+    else {
+        panic!()
+    };
+    assert_eq!((data_type, data), (DataType::Json, json));
+    let Event::GroupMessage {
+        data_type, data, ..
+    } = next_event(&mut bob_events, 5).await
+    else {
+        panic!()
+    };
+    assert_eq!((data_type, data), (DataType::Binary, binary));
+
+    common::rest_send_to_connection(&emulator, HUB, &alice_id, "from the server").await;
+    let event = next_event(&mut alice_events, 5).await;
+    assert!(
+        matches!(&event, Event::ServerMessage { data_type: DataType::Text, data, sequence_id: Some(_) } if data == "from the server"),
+        "{event:?}"
+    );
+
+    bob.leave_group("chat").await.unwrap();
+    publish(&alice, "chat", "after leave").await;
+    next_event(&mut alice_events, 5).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), bob_events.recv())
+            .await
+            .is_err()
+    );
+    alice.stop().await;
+    bob.stop().await;
+}
+
+#[tokio::test]
+async fn recovery_after_drops_loses_and_duplicates_nothing_in_either_direction() {
+    let emulator = emulator().await;
+    let (publisher, mut publisher_events, publisher_id) =
+        started(&emulator, "pub", fast_options()).await;
+    let (subscriber, mut subscriber_events, subscriber_id) =
+        started(&emulator, "sub", fast_options()).await;
+    subscriber.join_group("g").await.unwrap();
+    const N: usize = 200;
+    let mut drops = 0;
+    for i in 0..N {
+        if i % 25 == 10 {
+            let victim = if (i / 25) % 2 == 0 {
+                &publisher_id
+            } else {
+                &subscriber_id
+            };
+            fault(&emulator, HUB, victim, ":drop").await;
+            drops += 1;
+        }
+        let result = publish(&publisher, "g", &format!("m{i}")).await;
+        assert!(result.ack_id.is_some());
+    }
+    let texts = group_texts(&mut subscriber_events, N, 15).await;
+    let expected: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected, "every message once, in order");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), subscriber_events.recv())
+            .await
+            .is_err()
+    );
+    assert!(
+        publisher_events.try_recv().is_err(),
+        "no disconnected/connected events on recovery"
+    );
+    assert_eq!(
+        publisher.connection_id().as_deref(),
+        Some(publisher_id.as_str())
+    );
+    assert_eq!(
+        subscriber.connection_id().as_deref(),
+        Some(subscriber_id.as_str())
+    );
+    assert!(stats(&emulator).await["recoveries"].as_u64().unwrap() >= drops);
+    publisher.stop().await;
+    subscriber.stop().await;
+}
+
+#[tokio::test]
+async fn an_operation_pending_when_the_socket_drops_is_resent_and_deduplicated() {
+    let emulator = emulator().await;
+    let (publisher, _publisher_events, publisher_id) =
+        started(&emulator, "pub", fast_options()).await;
+    let (subscriber, mut subscriber_events, _) = started(&emulator, "sub", fast_options()).await;
+    subscriber.join_group("g").await.unwrap();
+    fault(&emulator, HUB, &publisher_id, ":dropAcks?count=1").await;
+    let p = publisher.clone();
+    let send = tokio::spawn(async move { publish(&p, "g", "exactly once").await });
+    assert_eq!(
+        group_texts(&mut subscriber_events, 1, 5).await,
+        ["exactly once"]
+    );
+    fault(&emulator, HUB, &publisher_id, ":drop").await;
+    let result = tokio::time::timeout(Duration::from_secs(5), send)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        result.is_duplicated,
+        "resent with the same ackId after the recovery: {result:?}"
+    );
+    publish(&publisher, "g", "marker").await;
+    assert_eq!(
+        group_texts(&mut subscriber_events, 1, 5).await,
+        ["marker"],
+        "nothing published twice"
+    );
+    publisher.stop().await;
+    subscriber.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_operation_keeps_its_ack_id_and_a_lost_ack_times_out() {
+    let emulator = emulator().await;
+    let options = ClientOptions {
+        ack_timeout: Duration::from_millis(300),
+        ..fast_options()
+    };
+    let (publisher, _e, publisher_id) = started(&emulator, "pub", options).await;
+    let (subscriber, mut subscriber_events, _) = started(&emulator, "sub", fast_options()).await;
+    subscriber.join_group("g").await.unwrap();
+
+    fault(&emulator, HUB, &publisher_id, ":dropAcks?count=1").await;
+    let result = publish(&publisher, "g", "retried").await;
+    assert!(
+        result.is_duplicated,
+        "the retry reused the ackId: {result:?}"
+    );
+    publish(&publisher, "g", "marker").await;
+    assert_eq!(
+        group_texts(&mut subscriber_events, 2, 5).await,
+        ["retried", "marker"]
+    );
+
+    let no_retry = ClientOptions {
+        ack_timeout: Duration::from_millis(300),
+        message_retry: RetryOptions {
+            max_retries: Some(0),
+            ..fast_options().message_retry
+        },
+        ..fast_options()
+    };
+    let (lonely, _e2, lonely_id) = started(&emulator, "lonely", no_retry).await;
+    fault(&emulator, HUB, &lonely_id, ":dropAcks?count=5").await;
+    let began = Instant::now();
+    let error = lonely.join_group("g").await.unwrap_err();
+    assert_eq!(error, Error::Timeout);
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    for c in [publisher, subscriber, lonely] {
+        c.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn forbidden_surfaces_at_once_with_its_name_and_message() {
+    let emulator = emulator().await;
+    let url = emulator.client_url(
+        HUB,
+        &TokenOptions {
+            user_id: Some("nobody".into()),
+            ..Default::default()
+        },
+    );
+    let options = ClientOptions {
+        message_retry: RetryOptions {
+            delay: Duration::from_secs(2),
+            ..RetryOptions::message_default()
+        },
+        ..fast_options()
+    };
+    let (client, _events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    client.start().await.unwrap();
+    let began = Instant::now();
+    let error = client.join_group("secret").await.unwrap_err();
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "not retried: {:?}",
+        began.elapsed()
+    );
+    let Error::Ack { name, message, .. } = &error else {
+        panic!("{error:?}")
+    };
+    assert_eq!(name, "Forbidden");
+    assert!(!message.is_empty());
+    assert!(error.to_string().contains("Forbidden"));
+    let error = client
+        .send_to_group("secret", DataType::Text, text("x"), Default::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::Ack { ref name, .. } if name == "Forbidden"),
+        "{error:?}"
+    );
+    client.stop().await;
+}
+
+/// A credential handing out a fresh token on every call; counts the calls.
+fn counting_credential(emulator: &Emulator, user: &str) -> (Credential, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let endpoint_url = emulator.client_url(HUB, &token(user));
+    let key = emulator.access_key().to_owned();
+    let base = endpoint_url.split('?').next().unwrap().to_owned();
+    let audience = base.replacen("ws://", "http://", 1);
+    let user = user.to_owned();
+    let credential = Credential::provider(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let jwt = webpubsub_emulator::auth::sign_client_token(&key, &audience, &token(&user));
+        let url = format!("{base}?access_token={jwt}");
+        async move { Ok(url) }
+    });
+    (credential, calls)
+}
+
+async fn assert_new_connection_and_rejoined(
+    emulator: &Emulator,
+    client: &Client,
+    events: &mut UnboundedReceiver<Event>,
+    old_id: &str,
+    close_code: Option<u16>,
+) {
+    let (event, _) = wait_for(events, 10, |e| matches!(e, Event::Disconnected { .. })).await;
+    let Event::Disconnected {
+        connection_id,
+        close_code: code,
+        ..
+    } = event
+    else {
+        unreachable!()
+    };
+    assert_eq!(connection_id.as_deref(), Some(old_id));
+    assert_eq!(code, close_code);
+    let (event, skipped) = wait_for(events, 10, |e| matches!(e, Event::Connected { .. })).await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let Event::Connected {
+        connection_id: new_id,
+        ..
+    } = event
+    else {
+        unreachable!()
+    };
+    assert_ne!(new_id, old_id);
+    assert_eq!(client.state(), ClientState::Connected);
+    let (other, _oe, _) = started(emulator, "other", fast_options()).await;
+    let mut got = None;
+    for i in 0..50 {
+        publish(&other, "room", &format!("probe{i}")).await;
+        if let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(100), events.recv()).await
+        {
+            got = Some(event);
+            break;
+        }
+    }
+    let event = got.expect("the group was rejoined");
+    assert!(
+        matches!(&event, Event::GroupMessage { group, .. } if group == "room"),
+        "{event:?}"
+    );
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn close_1008_opens_a_new_connection_from_the_provider_and_rejoins() {
+    let emulator = emulator().await;
+    let (credential, calls) = counting_credential(&emulator, "carol");
+    let (client, mut events) = Client::with_channel(credential, fast_options()).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!()
+    };
+    client.join_group("room").await.unwrap();
+    fault(
+        &emulator,
+        HUB,
+        &connection_id,
+        ":close?code=1008&reason=policy",
+    )
+    .await;
+    assert_new_connection_and_rejoined(&emulator, &client, &mut events, &connection_id, Some(1008))
+        .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the provider is called for every new connection"
+    );
+
+    let connection_id = client.connection_id().unwrap();
+    fault(&emulator, HUB, &connection_id, ":drop").await;
+    publish(&client, "room", "after recovery").await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "never for a recovery");
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn an_unrecoverable_drop_opens_a_new_connection_and_rejoins() {
+    let emulator = emulator().await;
+    let (credential, calls) = counting_credential(&emulator, "dave");
+    let (client, mut events) = Client::with_channel(credential, fast_options()).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!()
+    };
+    client.join_group("room").await.unwrap();
+    fault(&emulator, HUB, &connection_id, ":drop?recoverable=false").await;
+    assert_new_connection_and_rejoined(&emulator, &client, &mut events, &connection_id, Some(1008))
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(stats(&emulator).await["failedRecoveries"].as_u64().unwrap() >= 1);
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn the_json_protocol_reconnects_instead_of_recovering() {
+    let emulator = emulator().await;
+    let options = ClientOptions {
+        protocol: Protocol::Json,
+        ..fast_options()
+    };
+    let (client, mut events, id) = started(&emulator, "erin", options).await;
+    client.join_group("room").await.unwrap();
+    fault(&emulator, HUB, &id, ":drop").await;
+    assert_new_connection_and_rejoined(&emulator, &client, &mut events, &id, None).await;
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn without_auto_reconnect_a_lost_session_stops_the_client() {
+    let emulator = emulator().await;
+    let options = ClientOptions {
+        auto_reconnect: false,
+        ..fast_options()
+    };
+    let (client, mut events, id) = started(&emulator, "fay", options).await;
+    fault(&emulator, HUB, &id, ":close?code=1008").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected {
+            close_code: Some(1008),
+            ..
+        }
+    ));
+    assert_eq!(next_event(&mut events, 5).await, Event::Stopped);
+    assert_eq!(client.state(), ClientState::Stopped);
+    let error = client.join_group("g").await.unwrap_err();
+    assert!(matches!(error, Error::IllegalState(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn keep_alive_closes_a_muted_connection_and_recovers_it() {
+    let emulator = emulator().await;
+    let options = ClientOptions {
+        keep_alive_interval: Some(Duration::from_millis(100)),
+        keep_alive_timeout: Some(Duration::from_millis(400)),
+        ..fast_options()
+    };
+    let (client, mut events, id) = started(&emulator, "gus", options).await;
+    client.join_group("room").await.unwrap();
+    let before = stats(&emulator).await["recoveries"].as_u64().unwrap();
+    fault(&emulator, HUB, &id, ":mute?ms=1000").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats(&emulator).await["recoveries"].as_u64().unwrap() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the silent connection was never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish(&client, "room", "alive").await;
+    let (event, skipped) = wait_for(&mut events, 5, |e| {
+        message_text(e).as_deref() == Some("alive")
+    })
+    .await;
+    assert!(
+        skipped.is_empty(),
+        "no disconnected/connected events: {skipped:?}"
+    );
+    assert!(matches!(event, Event::GroupMessage { .. }));
+    assert_eq!(client.connection_id(), Some(id));
+    client.stop().await;
+}
+
+/// A tiny upstream: answers `echo` user events with `echo:` + body (text), every
+/// other request with 204.
+async fn upstream() -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/upstream", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut headers = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        headers.push(line.trim_end().to_ascii_lowercase());
+                    }
+                    let header = |name: &str| {
+                        headers
+                            .iter()
+                            .find_map(|h| h.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+                    };
+                    let length: usize = header("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let response = if header("ce-type").as_deref()
+                        == Some("azure.webpubsub.user.echo")
+                    {
+                        let reply = format!("echo:{}", String::from_utf8_lossy(&body));
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        )
+                    } else {
+                        "HTTP/1.1 204 No Content\r\n\r\n".to_owned()
+                    };
+                    if stream
+                        .get_mut()
+                        .write_all(response.as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn invoke_and_events_reach_the_upstream() {
+    let (url, server) = upstream().await;
+    let emulator = Emulator::start(Config {
+        upstream: Some(url),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let (client, _events, _) = started(&emulator, "hal", fast_options()).await;
+    let reply = client
+        .invoke_event("echo", DataType::Text, text("hi"), InvokeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.data_type, reply.data),
+        (DataType::Text, text("echo:hi"))
+    );
+    let acked = client
+        .send_event(
+            "echo",
+            DataType::Text,
+            text("event"),
+            SendEventOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(acked.ack_id.is_some());
+    let fire = SendEventOptions {
+        fire_and_forget: true,
+        ack_id: None,
+    };
+    assert_eq!(
+        client
+            .send_event("echo", DataType::Json, text("[1]"), fire)
+            .await
+            .unwrap()
+            .ack_id,
+        None
+    );
+    client.stop().await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn invoke_without_an_upstream_is_an_invoke_error() {
+    let emulator = emulator().await;
+    let (client, _events, _) = started(&emulator, "ida", fast_options()).await;
+    let error = client
+        .invoke_event("echo", DataType::Text, text("hi"), InvokeOptions::default())
+        .await
+        .unwrap_err();
+    let Error::Invoke { name, message, .. } = &error else {
+        panic!("{error:?}")
+    };
+    assert_eq!(name, "BadRequest");
+    assert!(message.contains("upstream"), "{message}");
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn stop_start_and_bad_input() {
+    let emulator = emulator().await;
+    let (client, mut events, first_id) = started(&emulator, "jo", fast_options()).await;
+    assert!(matches!(client.start().await, Err(Error::IllegalState(_))));
+    let bad_json = client
+        .send_to_group("g", DataType::Json, text("{nope"), Default::default())
+        .await;
+    assert!(
+        matches!(bad_json, Err(Error::InvalidArgument(_))),
+        "{bad_json:?}"
+    );
+    let bad_text = client
+        .send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from_static(&[0xff]),
+            Default::default(),
+        )
+        .await;
+    assert!(matches!(bad_text, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        client.join_group("").await,
+        Err(Error::InvalidArgument(_))
+    ));
+    client.stop().await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected { .. }
+    ));
+    assert_eq!(next_event(&mut events, 5).await, Event::Stopped);
+    assert_eq!(client.state(), ClientState::Stopped);
+    assert_eq!(client.connection_id(), None);
+    assert!(matches!(
+        client.join_group("g").await,
+        Err(Error::IllegalState(_))
+    ));
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!()
+    };
+    assert_ne!(connection_id, first_id);
+    client.stop().await;
+
+    let url = emulator.client_url(HUB, &TokenOptions::default());
+    let forged = format!("{}x", url);
+    let (bad, _e) = Client::with_channel(Credential::Url(forged), fast_options()).unwrap();
+    let error = bad.start().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Connect(m) if m.contains("401")),
+        "{error:?}"
+    );
+    assert!(!error.to_string().contains("access_token"));
+    assert_eq!(bad.state(), ClientState::Stopped);
+    assert!(matches!(
+        Client::with_channel(Credential::Url("ftp://x".into()), fast_options()),
+        Err(Error::InvalidArgument(_))
+    ));
+    let failing = Credential::provider(|| async { Err("no token today".to_owned()) });
+    let (c, _e) = Client::with_channel(failing, fast_options()).unwrap();
+    assert_eq!(
+        c.start().await,
+        Err(Error::Credential("no token today".into()))
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_closes_the_connection() {
+    let emulator = emulator().await;
+    let (client, _events, _) = started(&emulator, "kim", fast_options()).await;
+    let clone = client.clone();
+    drop(client);
+    assert_eq!(
+        stats(&emulator).await["connections"],
+        1,
+        "a clone keeps it alive"
+    );
+    drop(clone);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats(&emulator).await["connections"] != 0 {
+        assert!(Instant::now() < deadline, "the connection stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_clients_cost_no_thread() {
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+    let emulator = emulator().await;
+    let (first, _e, _) = started(&emulator, "t0", fast_options()).await;
+    let before = threads();
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        clients.push(started(&emulator, &format!("t{}", i + 1), fast_options()).await);
+    }
+    assert_eq!(
+        threads(),
+        before,
+        "50 more connected clients, no more threads"
+    );
+    let ids: HashSet<String> = clients.iter().map(|(_, _, id)| id.clone()).collect();
+    assert_eq!(ids.len(), 50);
+    for (c, _, _) in clients {
+        c.stop().await;
+    }
+    first.stop().await;
+}
