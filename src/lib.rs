@@ -5,6 +5,7 @@
 //! process-wide tokio runtime every client runs on).
 
 pub mod client;
+pub mod ffi;
 pub mod protocol;
 pub mod runtime;
 pub mod transport;

@@ -1,0 +1,426 @@
+//! Callback types and the conversion of core events and results into the borrowed C
+//! structs handed to them. Everything here runs on a dispatcher thread.
+
+use std::ffi::{c_char, c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::client::{AckResult, Error, Event, InvokeResult};
+use crate::protocol::DataType;
+
+use super::dispatcher::{InCallback, Worker};
+use super::status::{
+    set_last_error, to_cstring, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON,
+    WPS_DATA_TYPE_PROTOBUF, WPS_DATA_TYPE_TEXT, WPS_STATUS_ACK_ERROR, WPS_STATUS_CANCELLED,
+    WPS_STATUS_CONNECT_FAILED, WPS_STATUS_CREDENTIAL_FAILED, WPS_STATUS_ILLEGAL_STATE,
+    WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVOKE_ERROR,
+    WPS_STATUS_NOT_CONNECTED, WPS_STATUS_OK, WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
+    WPS_STATUS_TLS,
+};
+
+/// Event kind: connected (`connection_id`, `user_id`).
+pub const WPS_EVENT_CONNECTED: u32 = 1;
+/// Event kind: the session was lost (`connection_id`, `message`, `close_code`).
+pub const WPS_EVENT_DISCONNECTED: u32 = 2;
+/// Event kind: the client stopped and will not reconnect.
+pub const WPS_EVENT_STOPPED: u32 = 3;
+/// Event kind: a message from the server (`data_type`, `data`, `sequence_id`).
+pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;
+/// Event kind: a group message (`group`, `from_user_id`, `data_type`, `data`, `sequence_id`).
+pub const WPS_EVENT_GROUP_MESSAGE: u32 = 5;
+/// Event kind: rejoining `group` after a reconnect failed (`message`, `error_name`).
+pub const WPS_EVENT_REJOIN_GROUP_FAILED: u32 = 6;
+
+/// An event, borrowed by the callback for the duration of the call. Strings are
+/// NUL-terminated UTF-8 or NULL when absent. Only ever allocated by the library, so
+/// fields may be appended in later versions.
+#[repr(C)]
+pub struct wps_event {
+    /// One of `WPS_EVENT_*`.
+    pub kind: u32,
+    /// Connected, disconnected (when known).
+    pub connection_id: *const c_char,
+    /// Connected: the user id, NULL when anonymous.
+    pub user_id: *const c_char,
+    /// Group message, rejoin failed.
+    pub group: *const c_char,
+    /// Group message: the sender's user id, NULL when anonymous.
+    pub from_user_id: *const c_char,
+    /// Messages: one of `WPS_DATA_TYPE_*`.
+    pub data_type: u32,
+    /// Messages: the payload (JSON as its serialized text), `data_len` bytes.
+    pub data: *const u8,
+    /// Length of `data`.
+    pub data_len: usize,
+    /// Messages on the reliable protocol carry a sequence id.
+    pub has_sequence_id: bool,
+    /// The sequence id when `has_sequence_id`.
+    pub sequence_id: u64,
+    /// Disconnected: the reason; rejoin failed: the error message.
+    pub message: *const c_char,
+    /// Rejoin failed: the service's error name, when it gave one.
+    pub error_name: *const c_char,
+    /// Disconnected: the WebSocket close code, 0 when none.
+    pub close_code: u16,
+}
+
+/// Event callback. `event` is borrowed for the duration of the call.
+pub type wps_event_cb =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, event: *const wps_event)>;
+
+/// Finalizer of a callback's user data: runs exactly once, after the last callback.
+pub type wps_user_data_free_cb = Option<unsafe extern "C" fn(user_data: *mut c_void)>;
+
+/// The outcome of an asynchronous operation, borrowed for the duration of the call.
+#[repr(C)]
+pub struct wps_completion {
+    /// `WPS_STATUS_OK` or why the operation failed.
+    pub status: wps_status,
+    /// The id the starting call returned.
+    pub op_id: u64,
+    /// Acked operations: whether `ack_id` is set (not for fire-and-forget).
+    pub has_ack_id: bool,
+    /// The operation's ackId.
+    pub ack_id: u64,
+    /// The service had already processed this ackId (still a success).
+    pub is_duplicated: bool,
+    /// The service's error name on ACK/INVOKE errors; NULL otherwise.
+    pub error_name: *const c_char,
+    /// What went wrong; NULL on success.
+    pub error_message: *const c_char,
+    /// Invoke only: the response's `WPS_DATA_TYPE_*`.
+    pub data_type: u32,
+    /// Invoke only: the response payload, `data_len` bytes.
+    pub data: *const u8,
+    /// Length of `data`.
+    pub data_len: usize,
+}
+
+/// Completion callback of an asynchronous operation; runs exactly once.
+pub type wps_completion_cb =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, completion: *const wps_completion)>;
+
+/// A user data pointer that the library only hands back to the user's callbacks.
+#[derive(Clone, Copy)]
+pub(crate) struct UserData(pub(crate) *mut c_void);
+
+// SAFETY: the API contract makes the user responsible for the user data being usable
+// from the library's threads; the library never dereferences it.
+unsafe impl Send for UserData {}
+// SAFETY: as above.
+unsafe impl Sync for UserData {}
+
+/// The numeric data type of a core data type.
+pub(crate) fn data_type_code(t: DataType) -> u32 {
+    match t {
+        DataType::Text => WPS_DATA_TYPE_TEXT,
+        DataType::Json => WPS_DATA_TYPE_JSON,
+        DataType::Binary => WPS_DATA_TYPE_BINARY,
+        DataType::Protobuf => WPS_DATA_TYPE_PROTOBUF,
+    }
+}
+
+/// The status, service error name and message of a core error.
+pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
+    let status = match e {
+        Error::InvalidArgument(_) => WPS_STATUS_INVALID_ARGUMENT,
+        Error::IllegalState(_) => WPS_STATUS_ILLEGAL_STATE,
+        Error::NotConnected => WPS_STATUS_NOT_CONNECTED,
+        Error::Timeout => WPS_STATUS_TIMEOUT,
+        Error::Cancelled => WPS_STATUS_CANCELLED,
+        Error::Stopped => WPS_STATUS_STOPPED,
+        Error::Ack { .. } => WPS_STATUS_ACK_ERROR,
+        Error::Invoke { .. } => WPS_STATUS_INVOKE_ERROR,
+        Error::Connect(_) => WPS_STATUS_CONNECT_FAILED,
+        Error::Credential(_) => WPS_STATUS_CREDENTIAL_FAILED,
+        Error::Tls(_) => WPS_STATUS_TLS,
+        _ => WPS_STATUS_INTERNAL,
+    };
+    let name = match e {
+        Error::Ack { name, .. } | Error::Invoke { name, .. } => name.clone(),
+        _ => String::new(),
+    };
+    (status, name, e.to_string())
+}
+
+/// Records a core error as this thread's last error and returns its status.
+pub(crate) fn fail_with(e: Error) -> wps_status {
+    let (status, name, message) = error_parts(&e);
+    set_last_error(&message, &name);
+    status
+}
+
+/// An event converted to owned C data, ready to be lent to the callback.
+struct OwnedEvent {
+    kind: u32,
+    connection_id: Option<CString>,
+    user_id: Option<CString>,
+    group: Option<CString>,
+    from_user_id: Option<CString>,
+    data_type: u32,
+    data: Bytes,
+    sequence_id: Option<u64>,
+    message: Option<CString>,
+    error_name: Option<CString>,
+    close_code: u16,
+}
+
+fn opt(s: Option<&str>) -> Option<CString> {
+    s.map(to_cstring)
+}
+
+fn ptr(s: &Option<CString>) -> *const c_char {
+    s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+impl OwnedEvent {
+    fn empty(kind: u32) -> OwnedEvent {
+        OwnedEvent {
+            kind,
+            connection_id: None,
+            user_id: None,
+            group: None,
+            from_user_id: None,
+            data_type: WPS_DATA_TYPE_TEXT,
+            data: Bytes::new(),
+            sequence_id: None,
+            message: None,
+            error_name: None,
+            close_code: 0,
+        }
+    }
+
+    fn new(event: Event) -> OwnedEvent {
+        match event {
+            Event::Connected {
+                connection_id,
+                user_id,
+            } => OwnedEvent {
+                connection_id: opt(Some(&connection_id)),
+                user_id: opt(user_id.as_deref()),
+                ..OwnedEvent::empty(WPS_EVENT_CONNECTED)
+            },
+            Event::Disconnected {
+                connection_id,
+                message,
+                close_code,
+            } => OwnedEvent {
+                connection_id: opt(connection_id.as_deref()),
+                message: opt(message.as_deref()),
+                close_code: close_code.unwrap_or(0),
+                ..OwnedEvent::empty(WPS_EVENT_DISCONNECTED)
+            },
+            Event::Stopped => OwnedEvent::empty(WPS_EVENT_STOPPED),
+            Event::ServerMessage {
+                data_type,
+                data,
+                sequence_id,
+            } => OwnedEvent {
+                data_type: data_type_code(data_type),
+                data,
+                sequence_id,
+                ..OwnedEvent::empty(WPS_EVENT_SERVER_MESSAGE)
+            },
+            Event::GroupMessage {
+                group,
+                from_user_id,
+                data_type,
+                data,
+                sequence_id,
+            } => OwnedEvent {
+                group: opt(Some(&group)),
+                from_user_id: opt(from_user_id.as_deref()),
+                data_type: data_type_code(data_type),
+                data,
+                sequence_id,
+                ..OwnedEvent::empty(WPS_EVENT_GROUP_MESSAGE)
+            },
+            Event::RejoinGroupFailed { group, error } => {
+                let (_, name, message) = error_parts(&error);
+                OwnedEvent {
+                    group: opt(Some(&group)),
+                    message: opt(Some(&message)),
+                    error_name: (!name.is_empty()).then(|| to_cstring(&name)),
+                    ..OwnedEvent::empty(WPS_EVENT_REJOIN_GROUP_FAILED)
+                }
+            }
+        }
+    }
+
+    fn view(&self) -> wps_event {
+        wps_event {
+            kind: self.kind,
+            connection_id: ptr(&self.connection_id),
+            user_id: ptr(&self.user_id),
+            group: ptr(&self.group),
+            from_user_id: ptr(&self.from_user_id),
+            data_type: self.data_type,
+            data: self.data.as_ptr(),
+            data_len: self.data.len(),
+            has_sequence_id: self.sequence_id.is_some(),
+            sequence_id: self.sequence_id.unwrap_or(0),
+            message: ptr(&self.message),
+            error_name: ptr(&self.error_name),
+            close_code: self.close_code,
+        }
+    }
+}
+
+/// Delivers one client's events to its callback on the client's dispatcher thread.
+pub(crate) struct EventSink {
+    worker: Arc<Worker>,
+    cb: wps_event_cb,
+    user_data: UserData,
+    user_data_free: wps_user_data_free_cb,
+    closed: AtomicBool,
+}
+
+impl EventSink {
+    pub(crate) fn new(
+        worker: Arc<Worker>,
+        cb: wps_event_cb,
+        user_data: *mut c_void,
+        user_data_free: wps_user_data_free_cb,
+    ) -> EventSink {
+        EventSink {
+            worker,
+            cb,
+            user_data: UserData(user_data),
+            user_data_free,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The dispatcher thread of this client.
+    pub(crate) fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    /// Queues an event (called by the core on its connection task; never blocks long).
+    pub(crate) fn deliver(self: &Arc<Self>, event: Event) {
+        if self.closed.load(Ordering::Acquire) || self.cb.is_none() {
+            return;
+        }
+        let owned = OwnedEvent::new(event);
+        let sink = Arc::clone(self);
+        self.worker.push(Box::new(move || {
+            if let (Some(cb), false) = (sink.cb, sink.closed.load(Ordering::Acquire)) {
+                let view = owned.view();
+                let _inside = InCallback::enter();
+                // SAFETY: the callback and its user data were registered together.
+                unsafe { cb(sink.user_data.0, &view) };
+            }
+        }));
+    }
+
+    /// Queues the last job of this client: after it no event callback runs, and the
+    /// user data finalizer has run; then `done` runs.
+    pub(crate) fn close_then(self: &Arc<Self>, done: impl FnOnce() + Send + 'static) {
+        let sink = Arc::clone(self);
+        self.worker.push(Box::new(move || {
+            sink.closed.store(true, Ordering::Release);
+            if let Some(free) = sink.user_data_free {
+                let _inside = InCallback::enter();
+                // SAFETY: runs once: this is the client's only closing job.
+                unsafe { free(sink.user_data.0) };
+            }
+            done();
+        }));
+    }
+}
+
+/// Where an operation's completion goes.
+pub(crate) struct CompletionTarget {
+    pub(crate) cb: wps_completion_cb,
+    pub(crate) user_data: UserData,
+}
+
+/// An operation's outcome converted to owned C data.
+pub(crate) struct OwnedCompletion {
+    status: wps_status,
+    ack: Option<AckResult>,
+    error_name: Option<CString>,
+    error_message: Option<CString>,
+    response: Option<InvokeResult>,
+}
+
+impl OwnedCompletion {
+    /// Completion with only a status (cancelled, stopped).
+    pub(crate) fn status(status: wps_status, message: &str) -> OwnedCompletion {
+        OwnedCompletion {
+            status,
+            ack: None,
+            error_name: None,
+            error_message: Some(to_cstring(message)),
+            response: None,
+        }
+    }
+
+    fn error(e: &Error) -> OwnedCompletion {
+        let (status, name, message) = error_parts(e);
+        OwnedCompletion {
+            status,
+            ack: None,
+            error_name: (!name.is_empty()).then(|| to_cstring(&name)),
+            error_message: Some(to_cstring(&message)),
+            response: None,
+        }
+    }
+
+    /// Completion of an acked operation.
+    pub(crate) fn from_ack(r: Result<AckResult, Error>) -> OwnedCompletion {
+        match r {
+            Ok(ack) => OwnedCompletion {
+                ack: Some(ack),
+                ..OwnedCompletion::status(WPS_STATUS_OK, "")
+            },
+            Err(e) => OwnedCompletion::error(&e),
+        }
+    }
+
+    /// Completion of an invocation.
+    pub(crate) fn from_invoke(r: Result<InvokeResult, Error>) -> OwnedCompletion {
+        match r {
+            Ok(resp) => OwnedCompletion {
+                response: Some(resp),
+                ..OwnedCompletion::status(WPS_STATUS_OK, "")
+            },
+            Err(e) => OwnedCompletion::error(&e),
+        }
+    }
+
+    /// Calls the completion callback (on the dispatcher thread).
+    pub(crate) fn deliver(self, op_id: u64, target: CompletionTarget) {
+        let Some(cb) = target.cb else { return };
+        let ok = self.status == WPS_STATUS_OK;
+        let (data_type, data): (u32, &[u8]) = match &self.response {
+            Some(r) => (data_type_code(r.data_type), &r.data),
+            None => (WPS_DATA_TYPE_TEXT, &[]),
+        };
+        let view = wps_completion {
+            status: self.status,
+            op_id,
+            has_ack_id: self.ack.as_ref().is_some_and(|a| a.ack_id.is_some()),
+            ack_id: self.ack.as_ref().and_then(|a| a.ack_id).unwrap_or(0),
+            is_duplicated: self.ack.as_ref().is_some_and(|a| a.is_duplicated),
+            error_name: if ok {
+                std::ptr::null()
+            } else {
+                ptr(&self.error_name)
+            },
+            error_message: if ok {
+                std::ptr::null()
+            } else {
+                ptr(&self.error_message)
+            },
+            data_type,
+            data: data.as_ptr(),
+            data_len: data.len(),
+        };
+        let _inside = InCallback::enter();
+        // SAFETY: the callback and its user data were given together for this operation.
+        unsafe { cb(target.user_data.0, &view) };
+    }
+}

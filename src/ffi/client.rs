@@ -1,0 +1,898 @@
+//! `wps_client`: creation, lifetime, and the blocking and asynchronous operations.
+//!
+//! Blocking calls spawn the core future on the shared runtime and wait on a channel,
+//! so they work from any thread, dispatcher threads included (acks are resolved by the
+//! core's reader task, never by a dispatcher). Asynchronous calls spawn a task that
+//! queues the completion to the client's dispatcher thread.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::client::{
+    AckResult, Client, ClientState, Credential, Error, EventHandler, InvokeOptions, InvokeResult,
+    SendEventOptions, SendToGroupOptions,
+};
+use crate::protocol::DataType;
+
+use super::callbacks::{
+    data_type_code, fail_with, wps_completion_cb, wps_event_cb, wps_user_data_free_cb,
+    CompletionTarget, EventSink, OwnedCompletion, UserData,
+};
+use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
+use super::credential::{wps_credential_cb, CredentialSink};
+use super::dispatcher::{self, in_callback};
+use super::options::wps_options;
+use super::panic::{guard, guard_value, FfiResult};
+use super::status::{
+    fail, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_PROTOBUF,
+    WPS_DATA_TYPE_TEXT, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_NO_ECHO, WPS_STATE_CONNECTED,
+    WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED, WPS_STATE_RECOVERING, WPS_STATE_STOPPED,
+    WPS_STATUS_CANCELLED, WPS_STATUS_FORKED, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
+    WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
+};
+
+/// A client: an opaque handle to a boxed `Arc` of the library's client state (the core
+/// `Client`, its dispatcher thread and its pending operations). Created by
+/// `wps_client_new*`, released by `wps_client_free`.
+pub struct wps_client {
+    _private: [u8; 0],
+}
+
+/// The response of a blocking invocation: an opaque box owned by the caller,
+/// released by `wps_invoke_response_free`.
+pub struct wps_invoke_response {
+    data_type: u32,
+    data: Bytes,
+}
+
+/// The outcome of a blocking acked operation.
+#[repr(C)]
+pub struct wps_ack_result {
+    /// The operation's ackId when `has_ack_id` (not for fire-and-forget).
+    pub ack_id: u64,
+    /// Whether `ack_id` is set.
+    pub has_ack_id: bool,
+    /// The service had already processed this ackId (still a success).
+    pub is_duplicated: bool,
+}
+
+/// The shared runtime; `WPS_STATUS_FORKED` in a fork() child of the process that
+/// started it (the core records its pid; its threads do not exist in the child).
+fn runtime() -> FfiResult<tokio::runtime::Handle> {
+    crate::runtime::try_handle().map_err(|e| fail(WPS_STATUS_FORKED, e))
+}
+
+/// Runs a core future on the runtime and waits for it on this thread.
+fn block<F>(fut: F) -> FfiResult<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = mpsc::sync_channel(1);
+    runtime()?.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| {
+        fail(
+            WPS_STATUS_INTERNAL,
+            "the operation was dropped by the runtime",
+        )
+    })
+}
+
+struct Pending {
+    target: CompletionTarget,
+    abort: Option<tokio::task::AbortHandle>,
+}
+
+#[derive(Default)]
+struct Ops {
+    closing: bool,
+    pending: HashMap<u64, Pending>,
+}
+
+/// Everything behind a `wps_client` handle.
+struct Shared {
+    client: Client,
+    sink: Arc<EventSink>,
+    credential: Option<Arc<CredentialSink>>,
+    ops: Mutex<Ops>,
+    next_op: AtomicU64,
+}
+
+impl Shared {
+    fn ops(&self) -> MutexGuard<'_, Ops> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues the completion of `op_id` unless it was already completed. The queue
+    /// push happens under the ops lock so that teardown sees either the pending
+    /// entry or the queued completion, never neither.
+    fn complete(&self, op_id: u64, outcome: OwnedCompletion) {
+        let mut ops = self.ops();
+        if let Some(p) = ops.pending.remove(&op_id) {
+            self.push_completion(op_id, p.target, outcome);
+        }
+    }
+
+    fn push_completion(&self, op_id: u64, target: CompletionTarget, outcome: OwnedCompletion) {
+        self.sink
+            .worker()
+            .push(Box::new(move || outcome.deliver(op_id, target)));
+    }
+
+    /// Completes every pending operation with `WPS_STATUS_STOPPED` and refuses new ones.
+    fn stop_all_ops(&self) {
+        let mut ops = self.ops();
+        ops.closing = true;
+        let mut pending: Vec<_> = ops.pending.drain().collect();
+        pending.sort_by_key(|(id, _)| *id);
+        for (id, p) in pending {
+            if let Some(abort) = p.abort {
+                abort.abort();
+            }
+            self.push_completion(
+                id,
+                p.target,
+                OwnedCompletion::status(WPS_STATUS_STOPPED, "the client was freed"),
+            );
+        }
+    }
+}
+
+/// Borrows the client behind a handle (a `Box<Arc<Shared>>`), refusing it in a
+/// fork() child.
+///
+/// # Safety
+/// `c` is NULL or a live handle from `wps_client_new*`.
+unsafe fn client_arg<'a>(c: *const wps_client) -> FfiResult<&'a Arc<Shared>> {
+    let shared = handle_arg(c.cast::<Arc<Shared>>(), "client")?;
+    runtime()?;
+    Ok(shared)
+}
+
+/// Creates the client state; on failure nothing is taken over (no finalizer runs).
+fn new_client(
+    credential: Credential,
+    credential_sink: Option<Arc<CredentialSink>>,
+    opts: *const wps_options,
+    on_event: wps_event_cb,
+    user_data: *mut c_void,
+    user_data_free: wps_user_data_free_cb,
+    out: *mut *mut wps_client,
+) -> FfiResult {
+    if out.is_null() {
+        return Err(fail(WPS_STATUS_NULL_ARG, "`out` is NULL"));
+    }
+    runtime()?;
+    // SAFETY: `opts` is NULL or comes from `wps_options_new`.
+    let options = unsafe { opts.as_ref() }
+        .map(|o| o.inner.clone())
+        .unwrap_or_default();
+    let sink = Arc::new(EventSink::new(
+        dispatcher::assign(),
+        on_event,
+        user_data,
+        user_data_free,
+    ));
+    let handler: EventHandler = {
+        let sink = Arc::clone(&sink);
+        Arc::new(move |event| sink.deliver(event))
+    };
+    let client = Client::new(credential, options, handler).map_err(fail_with)?;
+    let shared = Arc::new(Shared {
+        client,
+        sink,
+        credential: credential_sink,
+        ops: Mutex::new(Ops::default()),
+        next_op: AtomicU64::new(1),
+    });
+    // SAFETY: checked non-NULL above.
+    unsafe { out.write(Box::into_raw(Box::new(shared)).cast()) };
+    Ok(())
+}
+
+/// Creates a stopped client connecting to a fixed client URL
+/// (`ws[s]://host/client/hubs/HUB?access_token=...`).
+///
+/// `opts` may be NULL (defaults) and is copied. `on_event` (may be NULL) receives every
+/// event on the client's dispatcher thread with `user_data`; `user_data_free` (may be
+/// NULL) runs exactly once after the last callback, at the latest when
+/// `wps_client_free` returns. On failure nothing is taken over: no finalizer runs.
+///
+/// # Safety
+/// `url` is NULL or NUL-terminated; `opts` is NULL or from `wps_options_new`; `out` is
+/// NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_new(
+    url: *const c_char,
+    opts: *const wps_options,
+    on_event: wps_event_cb,
+    user_data: *mut c_void,
+    user_data_free: wps_user_data_free_cb,
+    out: *mut *mut wps_client,
+) -> wps_status {
+    guard(|| {
+        let url = str_arg(url, "url")?.to_owned();
+        new_client(
+            Credential::Url(url),
+            None,
+            opts,
+            on_event,
+            user_data,
+            user_data_free,
+            out,
+        )
+    })
+}
+
+/// Creates a stopped client whose URL comes from `cred`, called before every new
+/// connection (see `wps_credential_cb`). `cred_user_data_free` runs exactly once after
+/// the last credential call. Otherwise as `wps_client_new`.
+///
+/// # Safety
+/// As `wps_client_new`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_new_with_credential(
+    cred: wps_credential_cb,
+    cred_user_data: *mut c_void,
+    cred_user_data_free: wps_user_data_free_cb,
+    opts: *const wps_options,
+    on_event: wps_event_cb,
+    user_data: *mut c_void,
+    user_data_free: wps_user_data_free_cb,
+    out: *mut *mut wps_client,
+) -> wps_status {
+    guard(|| {
+        let Some(cred) = cred else {
+            return Err(fail(WPS_STATUS_NULL_ARG, "`cred` is NULL"));
+        };
+        let sink = Arc::new(CredentialSink::new(
+            cred,
+            cred_user_data,
+            cred_user_data_free,
+        ));
+        new_client(
+            sink.credential(),
+            Some(sink),
+            opts,
+            on_event,
+            user_data,
+            user_data_free,
+            out,
+        )
+    })
+}
+
+/// Frees a client (NULL is ignored): stops it, completes every pending operation
+/// (`WPS_STATUS_STOPPED`, or the outcome that was already on its way), waits for the
+/// running callbacks and runs the finalizers. When it returns, no callback of this
+/// client is running or will run.
+///
+/// Inside a callback, the teardown is deferred: the client's remaining callbacks are
+/// dropped, its pending operations complete with `WPS_STATUS_STOPPED` and the
+/// finalizers run on library threads after the current callback returns. In a fork()
+/// child the handle is left alone (its threads do not exist there).
+///
+/// # Safety
+/// `c` is NULL or a handle from `wps_client_new*`, not used after this call.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
+    guard_value((), || {
+        if c.is_null() {
+            return;
+        }
+        let shared = *Box::from_raw(c.cast::<Arc<Shared>>());
+        if runtime().is_err() {
+            std::mem::forget(shared);
+            return;
+        }
+        if in_callback() {
+            shared.stop_all_ops();
+            shared.sink.close_then(|| {});
+            let _ = runtime().map(|rt| {
+                rt.spawn(async move {
+                    shared.client.stop().await;
+                    if let Some(cred) = &shared.credential {
+                        cred.close(false);
+                    }
+                })
+            });
+        } else {
+            let client = shared.client.clone();
+            let _ = block(async move { client.stop().await });
+            shared.stop_all_ops();
+            if let Some(cred) = &shared.credential {
+                cred.close(true);
+            }
+            let (tx, rx) = mpsc::sync_channel(1);
+            shared.sink.close_then(move || {
+                let _ = tx.send(());
+            });
+            let _ = rx.recv();
+        }
+    })
+}
+
+/// Connects; blocks until connected or failed (start timeout). Fails with
+/// `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped.
+///
+/// # Safety
+/// `c` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
+    guard(|| {
+        let client = client_arg(c)?.client.clone();
+        block(async move { client.start().await })?.map_err(fail_with)
+    })
+}
+
+/// Stops the client: closes the connection, no reconnect; blocks until stopped
+/// (the stopped event is raised). Stopping a stopped client is a no-op.
+///
+/// # Safety
+/// `c` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_stop(c: *mut wps_client) -> wps_status {
+    guard(|| {
+        let client = client_arg(c)?.client.clone();
+        block(async move { client.stop().await })
+    })
+}
+
+/// The client's state, a `WPS_STATE_*` value (`WPS_STATE_STOPPED` for NULL).
+///
+/// # Safety
+/// `c` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_state(c: *const wps_client) -> u32 {
+    guard_value(WPS_STATE_STOPPED, || match client_arg(c) {
+        Ok(shared) => match shared.client.state() {
+            ClientState::Stopped => WPS_STATE_STOPPED,
+            ClientState::Connecting => WPS_STATE_CONNECTING,
+            ClientState::Connected => WPS_STATE_CONNECTED,
+            ClientState::Recovering => WPS_STATE_RECOVERING,
+            ClientState::Disconnected => WPS_STATE_DISCONNECTED,
+        },
+        Err(_) => WPS_STATE_STOPPED,
+    })
+}
+
+/// Copies the current connection id, NUL-terminated, into `buf` (`buf_len` bytes).
+/// `*out_len` receives its length without the NUL, also when `buf` is too small, in
+/// which case the call fails with `WPS_STATUS_INVALID_ARGUMENT` (`buf` may then be
+/// NULL with `buf_len` 0, to ask for the size). `WPS_STATUS_NOT_CONNECTED` when there
+/// is no connection id.
+///
+/// # Safety
+/// `buf` is NULL or writable for `buf_len` bytes; `out_len` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_connection_id(
+    c: *const wps_client,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> wps_status {
+    guard(|| {
+        let shared = client_arg(c)?;
+        if out_len.is_null() {
+            return Err(fail(WPS_STATUS_NULL_ARG, "`out_len` is NULL"));
+        }
+        let id = shared
+            .client
+            .connection_id()
+            .ok_or_else(|| fail(WPS_STATUS_NOT_CONNECTED, "the client has no connection"))?;
+        out_len.write(id.len());
+        if buf.is_null() || buf_len <= id.len() {
+            return Err(fail(
+                WPS_STATUS_INVALID_ARGUMENT,
+                format!("the buffer needs {} bytes", id.len() + 1),
+            ));
+        }
+        std::ptr::copy_nonoverlapping(id.as_ptr(), buf.cast::<u8>(), id.len());
+        buf.add(id.len()).write(0);
+        Ok(())
+    })
+}
+
+/// The payload of a message argument, checked against its data type.
+unsafe fn payload(data_type: u32, data: *const u8, len: usize) -> FfiResult<(DataType, Bytes)> {
+    let bytes = bytes_arg(data, len, "data")?;
+    let t = match data_type {
+        WPS_DATA_TYPE_TEXT => DataType::Text,
+        WPS_DATA_TYPE_JSON => DataType::Json,
+        WPS_DATA_TYPE_BINARY => DataType::Binary,
+        WPS_DATA_TYPE_PROTOBUF => DataType::Protobuf,
+        _ => {
+            return Err(fail(
+                WPS_STATUS_INVALID_ARGUMENT,
+                format!("unknown data type {data_type}"),
+            ))
+        }
+    };
+    if matches!(t, DataType::Text | DataType::Json) {
+        if let Err(e) = std::str::from_utf8(bytes) {
+            return Err(fail(
+                WPS_STATUS_INVALID_UTF8,
+                format!("text/json `data` is not UTF-8: {e}"),
+            ));
+        }
+    }
+    Ok((t, Bytes::copy_from_slice(bytes)))
+}
+
+fn send_flags(flags: u32, allowed: u32) -> FfiResult<(bool, bool)> {
+    if flags & !allowed != 0 {
+        return Err(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            format!("unknown send flags {flags:#x}"),
+        ));
+    }
+    Ok((
+        flags & WPS_SEND_NO_ECHO != 0,
+        flags & WPS_SEND_FIRE_AND_FORGET != 0,
+    ))
+}
+
+fn invoke_options(timeout_ms: u64) -> InvokeOptions {
+    InvokeOptions {
+        timeout: (timeout_ms != 0).then(|| Duration::from_millis(timeout_ms)),
+    }
+}
+
+type AckFuture = std::pin::Pin<Box<dyn Future<Output = Result<AckResult, Error>> + Send>>;
+
+/// The core call behind each acked operation, built from checked arguments.
+enum AckOp {
+    Join(String),
+    Leave(String),
+    SendToGroup(String, DataType, Bytes, SendToGroupOptions),
+    SendEvent(String, DataType, Bytes, SendEventOptions),
+}
+
+impl AckOp {
+    fn future(self, client: Client) -> AckFuture {
+        Box::pin(async move {
+            match self {
+                AckOp::Join(g) => client.join_group(&g).await,
+                AckOp::Leave(g) => client.leave_group(&g).await,
+                AckOp::SendToGroup(g, t, d, o) => client.send_to_group(&g, t, d, o).await,
+                AckOp::SendEvent(e, t, d, o) => client.send_event(&e, t, d, o).await,
+            }
+        })
+    }
+
+    unsafe fn join(group: *const c_char) -> FfiResult<AckOp> {
+        Ok(AckOp::Join(str_arg(group, "group")?.to_owned()))
+    }
+
+    unsafe fn leave(group: *const c_char) -> FfiResult<AckOp> {
+        Ok(AckOp::Leave(str_arg(group, "group")?.to_owned()))
+    }
+
+    unsafe fn send_to_group(
+        group: *const c_char,
+        data_type: u32,
+        data: *const u8,
+        len: usize,
+        flags: u32,
+    ) -> FfiResult<AckOp> {
+        let group = str_arg(group, "group")?.to_owned();
+        let (t, d) = payload(data_type, data, len)?;
+        let (no_echo, fire_and_forget) =
+            send_flags(flags, WPS_SEND_NO_ECHO | WPS_SEND_FIRE_AND_FORGET)?;
+        let opts = SendToGroupOptions {
+            no_echo,
+            fire_and_forget,
+            ..SendToGroupOptions::default()
+        };
+        Ok(AckOp::SendToGroup(group, t, d, opts))
+    }
+
+    unsafe fn send_event(
+        event: *const c_char,
+        data_type: u32,
+        data: *const u8,
+        len: usize,
+        flags: u32,
+    ) -> FfiResult<AckOp> {
+        let event = str_arg(event, "event")?.to_owned();
+        let (t, d) = payload(data_type, data, len)?;
+        let (_, fire_and_forget) = send_flags(flags, WPS_SEND_FIRE_AND_FORGET)?;
+        let opts = SendEventOptions {
+            fire_and_forget,
+            ..SendEventOptions::default()
+        };
+        Ok(AckOp::SendEvent(event, t, d, opts))
+    }
+}
+
+/// Runs an acked operation to completion on this thread.
+unsafe fn run_blocking(
+    c: *mut wps_client,
+    op: FfiResult<AckOp>,
+    out: *mut wps_ack_result,
+) -> FfiResult {
+    let shared = client_arg(c)?;
+    let fut = op?.future(shared.client.clone());
+    let ack = block(fut)?.map_err(fail_with)?;
+    if !out.is_null() {
+        out.write(wps_ack_result {
+            ack_id: ack.ack_id.unwrap_or(0),
+            has_ack_id: ack.ack_id.is_some(),
+            is_duplicated: ack.is_duplicated,
+        });
+    }
+    Ok(())
+}
+
+/// Starts an operation whose completion goes to `cb` on the dispatcher thread.
+unsafe fn run_async<T, F>(
+    c: *mut wps_client,
+    fut: impl FnOnce(Client) -> FfiResult<F>,
+    convert: fn(Result<T, Error>) -> OwnedCompletion,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> FfiResult
+where
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    let shared = client_arg(c)?;
+    let fut = fut(shared.client.clone())?;
+    let rt = runtime()?;
+    let id = shared.next_op.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut ops = shared.ops();
+        if ops.closing {
+            return Err(fail(WPS_STATUS_STOPPED, "the client is being freed"));
+        }
+        let target = CompletionTarget {
+            cb,
+            user_data: UserData(user_data),
+        };
+        ops.pending.insert(
+            id,
+            Pending {
+                target,
+                abort: None,
+            },
+        );
+    }
+    if !op_id.is_null() {
+        op_id.write(id);
+    }
+    let task = {
+        let shared = Arc::clone(shared);
+        rt.spawn(async move {
+            let outcome = convert(fut.await);
+            shared.complete(id, outcome);
+        })
+    };
+    match shared.ops().pending.get_mut(&id) {
+        Some(p) => p.abort = Some(task.abort_handle()),
+        None => task.abort(),
+    }
+    Ok(())
+}
+
+unsafe fn run_async_ack(
+    c: *mut wps_client,
+    op: FfiResult<AckOp>,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> FfiResult {
+    run_async(
+        c,
+        |client| Ok(op?.future(client)),
+        OwnedCompletion::from_ack,
+        cb,
+        user_data,
+        op_id,
+    )
+}
+
+/// Joins `group`; blocks until acked. `out` (may be NULL) receives the ack.
+///
+/// # Safety
+/// `c` is NULL or a live handle; `group` is NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_join_group(
+    c: *mut wps_client,
+    group: *const c_char,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| run_blocking(c, AckOp::join(group), out))
+}
+
+/// Leaves `group`; blocks until acked. `out` (may be NULL) receives the ack.
+///
+/// # Safety
+/// As `wps_client_join_group`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_leave_group(
+    c: *mut wps_client,
+    group: *const c_char,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| run_blocking(c, AckOp::leave(group), out))
+}
+
+/// Sends a message to `group`; blocks until acked (with `WPS_SEND_FIRE_AND_FORGET`:
+/// until written). `flags` combines `WPS_SEND_*`. `out` may be NULL.
+///
+/// # Safety
+/// `data` is NULL (with `len` 0) or readable for `len` bytes; otherwise as `wps_client_join_group`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_to_group(
+    c: *mut wps_client,
+    group: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| {
+        run_blocking(
+            c,
+            AckOp::send_to_group(group, data_type, data, len, flags),
+            out,
+        )
+    })
+}
+
+/// Sends an event to the upstream server; blocks until acked (with
+/// `WPS_SEND_FIRE_AND_FORGET`: until written). `out` may be NULL.
+///
+/// # Safety
+/// As `wps_client_send_to_group`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_event(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| {
+        run_blocking(
+            c,
+            AckOp::send_event(event, data_type, data, len, flags),
+            out,
+        )
+    })
+}
+
+/// Invokes the upstream handler of `event` and blocks for its response, which is
+/// written to `*out` (owned by the caller: `wps_invoke_response_free`).
+/// `timeout_ms` 0 uses the ack timeout.
+///
+/// # Safety
+/// As `wps_client_send_to_group`; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_invoke_event(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    out: *mut *mut wps_invoke_response,
+) -> wps_status {
+    guard(|| {
+        let shared = client_arg(c)?;
+        let event = str_arg(event, "event")?.to_owned();
+        let (t, d) = payload(data_type, data, len)?;
+        if out.is_null() {
+            return Err(fail(WPS_STATUS_NULL_ARG, "`out` is NULL"));
+        }
+        let client = shared.client.clone();
+        let opts = invoke_options(timeout_ms);
+        let r: InvokeResult = block(async move { client.invoke_event(&event, t, d, opts).await })?
+            .map_err(fail_with)?;
+        let resp = wps_invoke_response {
+            data_type: data_type_code(r.data_type),
+            data: r.data,
+        };
+        write_out(out, Box::into_raw(Box::new(resp)), "out")
+    })
+}
+
+/// The payload of an invoke response, valid until `wps_invoke_response_free`;
+/// `*len` (may be NULL) receives its length. NULL (length 0) for a NULL response.
+///
+/// # Safety
+/// `r` is NULL or a live response; `len` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_invoke_response_data(
+    r: *const wps_invoke_response,
+    len: *mut usize,
+) -> *const u8 {
+    guard_value(std::ptr::null(), || {
+        let (ptr, n) = r
+            .as_ref()
+            .map_or((std::ptr::null(), 0), |r| (r.data.as_ptr(), r.data.len()));
+        if !len.is_null() {
+            len.write(n);
+        }
+        ptr
+    })
+}
+
+/// The `WPS_DATA_TYPE_*` of an invoke response (`WPS_DATA_TYPE_TEXT` for NULL).
+///
+/// # Safety
+/// `r` is NULL or from `wps_client_invoke_event` and not freed.
+#[no_mangle]
+pub unsafe extern "C" fn wps_invoke_response_data_type(r: *const wps_invoke_response) -> u32 {
+    guard_value(WPS_DATA_TYPE_TEXT, || {
+        r.as_ref().map_or(WPS_DATA_TYPE_TEXT, |r| r.data_type)
+    })
+}
+
+/// Frees an invoke response (NULL is ignored).
+///
+/// # Safety
+/// `r` is NULL or from `wps_client_invoke_event`, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn wps_invoke_response_free(r: *mut wps_invoke_response) {
+    guard_value((), || {
+        if !r.is_null() {
+            drop(Box::from_raw(r));
+        }
+    })
+}
+
+/// Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
+/// and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
+/// outcome. The call itself fails only on bad arguments or a client being freed.
+///
+/// # Safety
+/// As `wps_client_join_group`; `op_id` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_join_group_async(
+    c: *mut wps_client,
+    group: *const c_char,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| run_async_ack(c, AckOp::join(group), cb, user_data, op_id))
+}
+
+/// Leaves `group` without blocking; see `wps_client_join_group_async`.
+///
+/// # Safety
+/// As `wps_client_join_group_async`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_leave_group_async(
+    c: *mut wps_client,
+    group: *const c_char,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| run_async_ack(c, AckOp::leave(group), cb, user_data, op_id))
+}
+
+/// Sends to `group` without blocking; see `wps_client_join_group_async`.
+///
+/// # Safety
+/// As `wps_client_send_to_group`; `op_id` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_to_group_async(
+    c: *mut wps_client,
+    group: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        run_async_ack(
+            c,
+            AckOp::send_to_group(group, data_type, data, len, flags),
+            cb,
+            user_data,
+            op_id,
+        )
+    })
+}
+
+/// Sends an event without blocking; see `wps_client_join_group_async`.
+///
+/// # Safety
+/// As `wps_client_send_event`; `op_id` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_event_async(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        run_async_ack(
+            c,
+            AckOp::send_event(event, data_type, data, len, flags),
+            cb,
+            user_data,
+            op_id,
+        )
+    })
+}
+
+/// Invokes without blocking; the completion carries the response (`data_type`,
+/// `data`, `data_len`). Cancelling it sends cancelInvocation. See
+/// `wps_client_join_group_async`.
+///
+/// # Safety
+/// As `wps_client_send_event`; `op_id` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_invoke_event_async(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let event = str_arg(event, "event")?.to_owned();
+        let (t, d) = payload(data_type, data, len)?;
+        let opts = invoke_options(timeout_ms);
+        let fut =
+            move |client: Client| Ok(async move { client.invoke_event(&event, t, d, opts).await });
+        run_async(c, fut, OwnedCompletion::from_invoke, cb, user_data, op_id)
+    })
+}
+
+/// Cancels a pending asynchronous operation: its completion reports
+/// `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation).
+/// `WPS_STATUS_INVALID_ARGUMENT` when no operation `op_id` is pending (already completed).
+///
+/// # Safety
+/// `c` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_cancel(c: *mut wps_client, op_id: u64) -> wps_status {
+    guard(|| {
+        let shared = client_arg(c)?;
+        let mut ops = shared.ops();
+        let p = ops.pending.remove(&op_id).ok_or_else(|| {
+            fail(
+                WPS_STATUS_INVALID_ARGUMENT,
+                format!("no pending operation {op_id}"),
+            )
+        })?;
+        if let Some(abort) = p.abort {
+            abort.abort();
+        }
+        shared.push_completion(
+            op_id,
+            p.target,
+            OwnedCompletion::status(WPS_STATUS_CANCELLED, "the operation was cancelled"),
+        );
+        Ok(())
+    })
+}

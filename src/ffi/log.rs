@@ -1,0 +1,176 @@
+//! The log bridge: records of the `log` crate go to one process-wide C callback.
+//!
+//! Records are queued (bounded; excess records are dropped) to one library-owned
+//! logging thread, which calls the callback, so the callback never runs on an I/O
+//! thread nor while a library lock is held.
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_void};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Mutex, OnceLock};
+
+use log::{LevelFilter, Log, Metadata, Record};
+
+use super::dispatcher::InCallback;
+use super::panic::guard;
+use super::status::{
+    fail, to_cstring, wps_status, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
+};
+
+/// Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
+/// `message` are borrowed for the duration of the call.
+pub type wps_log_cb = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        level: u32,
+        target: *const c_char,
+        message: *const c_char,
+    ),
+>;
+
+/// Records waiting for the logging thread beyond this are dropped.
+const QUEUE_CAPACITY: usize = 4096;
+
+#[derive(Clone, Copy)]
+struct Sink {
+    cb: unsafe extern "C" fn(*mut c_void, u32, *const c_char, *const c_char),
+    user_data: *mut c_void,
+}
+
+// SAFETY: the user data is only handed back to the user's callback, which the caller
+// of `wps_set_log_callback` declares callable from the library's logging thread.
+unsafe impl Send for Sink {}
+
+enum Msg {
+    Record {
+        level: u32,
+        target: String,
+        message: String,
+    },
+    Flush(SyncSender<()>),
+}
+
+static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+static QUEUE: OnceLock<SyncSender<Msg>> = OnceLock::new();
+
+thread_local! {
+    static ON_LOG_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+struct Bridge;
+
+static BRIDGE: Bridge = Bridge;
+
+impl Log for Bridge {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        if let Some(queue) = QUEUE.get() {
+            let msg = Msg::Record {
+                level: record.level() as u32,
+                target: record.target().to_owned(),
+                message: record.args().to_string(),
+            };
+            if let Err(TrySendError::Full(_)) = queue.try_send(msg) {
+                // The logging thread is behind: dropping is better than blocking I/O.
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn run(rx: Receiver<Msg>) {
+    ON_LOG_THREAD.with(|f| f.set(true));
+    for msg in rx {
+        match msg {
+            Msg::Record {
+                level,
+                target,
+                message,
+            } => {
+                let sink = *SINK.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(sink) = sink {
+                    let target = to_cstring(&target);
+                    let message = to_cstring(&message);
+                    let _inside = InCallback::enter();
+                    // SAFETY: the callback and user data were registered together.
+                    unsafe { (sink.cb)(sink.user_data, level, target.as_ptr(), message.as_ptr()) };
+                }
+            }
+            Msg::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+fn queue() -> Result<&'static SyncSender<Msg>, wps_status> {
+    if let Some(q) = QUEUE.get() {
+        return Ok(q);
+    }
+    log::set_logger(&BRIDGE).map_err(|_| {
+        fail(
+            WPS_STATUS_INTERNAL,
+            "another `log` logger is installed in this process",
+        )
+    })?;
+    Ok(QUEUE.get_or_init(|| {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("wps-log".to_owned())
+            .spawn(move || run(rx))
+            .expect("spawn the logging thread");
+        tx
+    }))
+}
+
+/// Routes the library's logs to `cb` (process-wide), up to `max_level` (`WPS_LOG_*`;
+/// 0 or a NULL `cb` turns logging off).
+///
+/// The callback runs on a library-owned logging thread. When this returns, the
+/// previous callback is no longer running (unless this is called from inside it) and
+/// will not be called again with its user data.
+#[no_mangle]
+pub extern "C" fn wps_set_log_callback(
+    cb: wps_log_cb,
+    user_data: *mut c_void,
+    max_level: u32,
+) -> wps_status {
+    guard(|| {
+        let filter = match max_level {
+            0 => LevelFilter::Off,
+            1 => LevelFilter::Error,
+            2 => LevelFilter::Warn,
+            3 => LevelFilter::Info,
+            4 => LevelFilter::Debug,
+            5 => LevelFilter::Trace,
+            _ => {
+                return Err(fail(
+                    WPS_STATUS_INVALID_ARGUMENT,
+                    format!("unknown log level {max_level}"),
+                ))
+            }
+        };
+        let queue = queue()?;
+        let sink = cb.map(|cb| Sink { cb, user_data });
+        log::set_max_level(if sink.is_some() {
+            filter
+        } else {
+            LevelFilter::Off
+        });
+        *SINK.lock().unwrap_or_else(|e| e.into_inner()) = sink;
+        if !ON_LOG_THREAD.with(|f| f.get()) {
+            let (tx, rx) = mpsc::sync_channel(1);
+            if queue.send(Msg::Flush(tx)).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,232 @@
+//! `wps_options`: an opaque builder of client options, copied by `wps_client_new`.
+
+use std::time::Duration;
+
+use crate::client::{ClientOptions, RetryMode, RetryOptions};
+use crate::protocol::Protocol;
+
+use super::convert::{bytes_arg, handle_mut};
+use super::panic::{guard, guard_value, FfiResult};
+use super::status::{
+    fail, wps_status, WPS_PROTOCOL_JSON, WPS_PROTOCOL_JSON_RELIABLE, WPS_RETRY_EXPONENTIAL,
+    WPS_RETRY_FIXED, WPS_STATUS_INVALID_ARGUMENT,
+};
+
+/// Client options: an opaque builder (a boxed `ClientOptions`), created by
+/// `wps_options_new` with the official clients' defaults, released by `wps_options_free`.
+pub struct wps_options {
+    pub(crate) inner: ClientOptions,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+fn retry(max_retries: u32, delay_ms: u64, max_delay_ms: u64, mode: u32) -> FfiResult<RetryOptions> {
+    let mode = match mode {
+        WPS_RETRY_FIXED => RetryMode::Fixed,
+        WPS_RETRY_EXPONENTIAL => RetryMode::Exponential,
+        _ => {
+            return Err(fail(
+                WPS_STATUS_INVALID_ARGUMENT,
+                format!("unknown retry mode {mode}"),
+            ))
+        }
+    };
+    Ok(RetryOptions {
+        max_retries: (max_retries != u32::MAX).then_some(max_retries),
+        delay: ms(delay_ms),
+        max_delay: ms(max_delay_ms),
+        mode,
+    })
+}
+
+fn positive(v: u64, what: &str) -> FfiResult<Duration> {
+    if v == 0 {
+        return Err(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            format!("`{what}` must be above 0"),
+        ));
+    }
+    Ok(ms(v))
+}
+
+/// Applies `set` to the options behind `o`.
+fn with(o: *mut wps_options, set: impl FnOnce(&mut ClientOptions) -> FfiResult) -> wps_status {
+    // SAFETY: `o` comes from `wps_options_new` per the API contract.
+    guard(|| set(&mut unsafe { handle_mut(o, "options") }?.inner))
+}
+
+/// Creates options holding the defaults (those of the official clients). Never NULL
+/// except on allocation failure. Free with `wps_options_free`.
+#[no_mangle]
+pub extern "C" fn wps_options_new() -> *mut wps_options {
+    guard_value(std::ptr::null_mut(), || {
+        Box::into_raw(Box::new(wps_options {
+            inner: ClientOptions::default(),
+        }))
+    })
+}
+
+/// Frees options (NULL is ignored). Clients created from them keep their own copy.
+///
+/// # Safety
+/// `o` is NULL or comes from `wps_options_new` and is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn wps_options_free(o: *mut wps_options) {
+    guard_value((), || {
+        if !o.is_null() {
+            drop(Box::from_raw(o));
+        }
+    })
+}
+
+/// Subprotocol: `WPS_PROTOCOL_JSON_RELIABLE` (default) or `WPS_PROTOCOL_JSON`.
+#[no_mangle]
+pub extern "C" fn wps_options_set_protocol(o: *mut wps_options, protocol: u32) -> wps_status {
+    with(o, |opts| {
+        opts.protocol = match protocol {
+            WPS_PROTOCOL_JSON_RELIABLE => Protocol::JsonReliable,
+            WPS_PROTOCOL_JSON => Protocol::Json,
+            _ => {
+                return Err(fail(
+                    WPS_STATUS_INVALID_ARGUMENT,
+                    format!("unknown protocol {protocol}"),
+                ))
+            }
+        };
+        Ok(())
+    })
+}
+
+/// Whether a lost session is replaced by a new connection (default true).
+#[no_mangle]
+pub extern "C" fn wps_options_set_auto_reconnect(o: *mut wps_options, on: bool) -> wps_status {
+    with(o, |opts| {
+        opts.auto_reconnect = on;
+        Ok(())
+    })
+}
+
+/// Whether groups joined by the user are joined again after a reconnect (default true).
+#[no_mangle]
+pub extern "C" fn wps_options_set_auto_rejoin_groups(o: *mut wps_options, on: bool) -> wps_status {
+    with(o, |opts| {
+        opts.auto_rejoin_groups = on;
+        Ok(())
+    })
+}
+
+/// Retry policy of operations (default 3 retries, 1000 ms, max 30000 ms, fixed).
+/// `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
+#[no_mangle]
+pub extern "C" fn wps_options_set_message_retry(
+    o: *mut wps_options,
+    max_retries: u32,
+    delay_ms: u64,
+    max_delay_ms: u64,
+    mode: u32,
+) -> wps_status {
+    with(o, |opts| {
+        opts.message_retry = retry(max_retries, delay_ms, max_delay_ms, mode)?;
+        Ok(())
+    })
+}
+
+/// Retry policy of reconnecting (default unbounded, 1000 ms, max 30000 ms, fixed).
+/// `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
+#[no_mangle]
+pub extern "C" fn wps_options_set_reconnect_retry(
+    o: *mut wps_options,
+    max_retries: u32,
+    delay_ms: u64,
+    max_delay_ms: u64,
+    mode: u32,
+) -> wps_status {
+    with(o, |opts| {
+        opts.reconnect_retry = retry(max_retries, delay_ms, max_delay_ms, mode)?;
+        Ok(())
+    })
+}
+
+/// Keep-alive: send a ping every `interval_ms` (default 20000) and drop the
+/// connection after `timeout_ms` of silence (default 120000); 0 disables either.
+#[no_mangle]
+pub extern "C" fn wps_options_set_keep_alive(
+    o: *mut wps_options,
+    interval_ms: u64,
+    timeout_ms: u64,
+) -> wps_status {
+    with(o, |opts| {
+        opts.keep_alive_interval = (interval_ms != 0).then(|| ms(interval_ms));
+        opts.keep_alive_timeout = (timeout_ms != 0).then(|| ms(timeout_ms));
+        Ok(())
+    })
+}
+
+/// How long an operation waits for its ack (default 30000 ms; must be above 0).
+#[no_mangle]
+pub extern "C" fn wps_options_set_ack_timeout_ms(o: *mut wps_options, ms: u64) -> wps_status {
+    with(o, |opts| {
+        opts.ack_timeout = positive(ms, "ms")?;
+        Ok(())
+    })
+}
+
+/// How long `wps_client_start` waits for a connection (must be above 0).
+#[no_mangle]
+pub extern "C" fn wps_options_set_start_timeout_ms(o: *mut wps_options, ms: u64) -> wps_status {
+    with(o, |opts| {
+        opts.start_timeout = positive(ms, "ms")?;
+        Ok(())
+    })
+}
+
+/// Reliable protocol recovery: how long to try (default 30000 ms) and the delay
+/// between attempts (default 1000 ms).
+#[no_mangle]
+pub extern "C" fn wps_options_set_recovery(
+    o: *mut wps_options,
+    window_ms: u64,
+    attempt_delay_ms: u64,
+) -> wps_status {
+    with(o, |opts| {
+        opts.recovery_window = ms(window_ms);
+        opts.recovery_attempt_delay = ms(attempt_delay_ms);
+        Ok(())
+    })
+}
+
+/// Reliable protocol: how often the delivered sequence id is acknowledged
+/// (default 1000 ms; must be above 0).
+#[no_mangle]
+pub extern "C" fn wps_options_set_sequence_ack_interval_ms(
+    o: *mut wps_options,
+    ms: u64,
+) -> wps_status {
+    with(o, |opts| {
+        opts.sequence_ack_interval = positive(ms, "ms")?;
+        Ok(())
+    })
+}
+
+/// Adds trusted root certificates (PEM, one or more) for `wss://`, on top of the
+/// platform's roots. The bytes are copied.
+///
+/// # Safety
+/// `pem` is NULL (with `len` 0) or points to `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn wps_options_add_ca_pem(
+    o: *mut wps_options,
+    pem: *const u8,
+    len: usize,
+) -> wps_status {
+    with(o, |opts| {
+        let pem = bytes_arg(pem, len, "pem")?;
+        if pem.is_empty() {
+            return Err(fail(WPS_STATUS_INVALID_ARGUMENT, "`pem` is empty"));
+        }
+        opts.extra_ca_pem.push(pem.to_vec());
+        Ok(())
+    })
+}

@@ -1,0 +1,209 @@
+//! Status codes, their names, the thread-local last error and the enum-like constants.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CString};
+
+/// Result code of every fallible call. The numbers are stable.
+pub type wps_status = u32;
+
+/// Success.
+pub const WPS_STATUS_OK: wps_status = 0;
+/// A required pointer argument was NULL.
+pub const WPS_STATUS_NULL_ARG: wps_status = 1;
+/// A string argument was not valid UTF-8.
+pub const WPS_STATUS_INVALID_UTF8: wps_status = 2;
+/// An argument was out of range or malformed.
+pub const WPS_STATUS_INVALID_ARGUMENT: wps_status = 3;
+/// The call is not valid in the client's current state (not started, already started...).
+pub const WPS_STATUS_ILLEGAL_STATE: wps_status = 4;
+/// The client has no connection.
+pub const WPS_STATUS_NOT_CONNECTED: wps_status = 5;
+/// The operation timed out.
+pub const WPS_STATUS_TIMEOUT: wps_status = 6;
+/// The operation was cancelled (`wps_client_cancel`).
+pub const WPS_STATUS_CANCELLED: wps_status = 7;
+/// The service answered success:false; `wps_last_error_name()` has its error name.
+pub const WPS_STATUS_ACK_ERROR: wps_status = 8;
+/// The invocation failed; `wps_last_error_name()` has its error name.
+pub const WPS_STATUS_INVOKE_ERROR: wps_status = 9;
+/// Connecting failed (transport, handshake, HTTP 401...).
+pub const WPS_STATUS_CONNECT_FAILED: wps_status = 10;
+/// The credential callback reported an error.
+pub const WPS_STATUS_CREDENTIAL_FAILED: wps_status = 11;
+/// A TLS error.
+pub const WPS_STATUS_TLS: wps_status = 12;
+/// The client was stopped or freed while the operation was pending.
+pub const WPS_STATUS_STOPPED: wps_status = 13;
+/// A bug inside the library was caught at the API boundary.
+pub const WPS_STATUS_PANIC: wps_status = 14;
+/// The client (or the library's runtime) was created before a fork(): unusable in the child.
+pub const WPS_STATUS_FORKED: wps_status = 15;
+/// Any other internal error.
+pub const WPS_STATUS_INTERNAL: wps_status = 99;
+
+/// Data type: UTF-8 text.
+pub const WPS_DATA_TYPE_TEXT: u32 = 0;
+/// Data type: a JSON value in its serialized (UTF-8) form.
+pub const WPS_DATA_TYPE_JSON: u32 = 1;
+/// Data type: raw bytes.
+pub const WPS_DATA_TYPE_BINARY: u32 = 2;
+/// Data type: protobuf bytes.
+pub const WPS_DATA_TYPE_PROTOBUF: u32 = 3;
+
+/// Subprotocol `json.reliable.webpubsub.azure.v1` (the default).
+pub const WPS_PROTOCOL_JSON_RELIABLE: u32 = 0;
+/// Subprotocol `json.webpubsub.azure.v1`.
+pub const WPS_PROTOCOL_JSON: u32 = 1;
+
+/// Retry with a fixed delay.
+pub const WPS_RETRY_FIXED: u32 = 0;
+/// Retry with a delay doubling each attempt, capped at the maximum delay.
+pub const WPS_RETRY_EXPONENTIAL: u32 = 1;
+
+/// Client state: stopped (initial and final state).
+pub const WPS_STATE_STOPPED: u32 = 0;
+/// Client state: connecting.
+pub const WPS_STATE_CONNECTING: u32 = 1;
+/// Client state: connected.
+pub const WPS_STATE_CONNECTED: u32 = 2;
+/// Client state: recovering the same connection after a drop.
+pub const WPS_STATE_RECOVERING: u32 = 3;
+/// Client state: disconnected, reconnecting if enabled.
+pub const WPS_STATE_DISCONNECTED: u32 = 4;
+
+/// Send flag: do not echo a group message back to the sender.
+pub const WPS_SEND_NO_ECHO: u32 = 1;
+/// Send flag: send without an ackId; the call completes once the frame is written.
+pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
+
+/// Log level: errors.
+pub const WPS_LOG_ERROR: u32 = 1;
+/// Log level: warnings.
+pub const WPS_LOG_WARN: u32 = 2;
+/// Log level: information.
+pub const WPS_LOG_INFO: u32 = 3;
+/// Log level: debugging detail.
+pub const WPS_LOG_DEBUG: u32 = 4;
+/// Log level: everything.
+pub const WPS_LOG_TRACE: u32 = 5;
+
+struct LastError {
+    message: CString,
+    name: CString,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError {
+        message: CString::default(),
+        name: CString::default(),
+    });
+}
+
+/// Converts text to a C string, dropping interior NULs rather than failing.
+pub(crate) fn to_cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).expect("NULs removed")
+}
+
+/// Records the detail of a failure on this thread and returns `status`.
+pub(crate) fn fail(status: wps_status, message: impl AsRef<str>) -> wps_status {
+    set_last_error(message.as_ref(), "");
+    status
+}
+
+/// Sets this thread's last error message and service error name.
+pub(crate) fn set_last_error(message: &str, name: &str) {
+    LAST_ERROR.with(|e| {
+        let mut e = e.borrow_mut();
+        e.message = to_cstring(message);
+        e.name = to_cstring(name);
+    });
+}
+
+/// Clears this thread's last error (every status-returning call starts with this).
+pub(crate) fn clear_last_error() {
+    LAST_ERROR.with(|e| {
+        let mut e = e.borrow_mut();
+        if !e.message.is_empty() || !e.name.is_empty() {
+            e.message = CString::default();
+            e.name = CString::default();
+        }
+    });
+}
+
+/// Returns a static, NUL-terminated description of a status code; never NULL.
+#[no_mangle]
+pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
+    let s: &'static [u8] = match status {
+        WPS_STATUS_OK => b"ok\0",
+        WPS_STATUS_NULL_ARG => b"null argument\0",
+        WPS_STATUS_INVALID_UTF8 => b"invalid UTF-8\0",
+        WPS_STATUS_INVALID_ARGUMENT => b"invalid argument\0",
+        WPS_STATUS_ILLEGAL_STATE => b"illegal state\0",
+        WPS_STATUS_NOT_CONNECTED => b"not connected\0",
+        WPS_STATUS_TIMEOUT => b"timeout\0",
+        WPS_STATUS_CANCELLED => b"cancelled\0",
+        WPS_STATUS_ACK_ERROR => b"ack error\0",
+        WPS_STATUS_INVOKE_ERROR => b"invoke error\0",
+        WPS_STATUS_CONNECT_FAILED => b"connect failed\0",
+        WPS_STATUS_CREDENTIAL_FAILED => b"credential failed\0",
+        WPS_STATUS_TLS => b"TLS error\0",
+        WPS_STATUS_STOPPED => b"stopped\0",
+        WPS_STATUS_PANIC => b"panic\0",
+        WPS_STATUS_FORKED => b"used in a fork() child\0",
+        WPS_STATUS_INTERNAL => b"internal error\0",
+        _ => b"unknown status\0",
+    };
+    s.as_ptr().cast()
+}
+
+/// The detail message of the last failed call on this thread, "" when none.
+///
+/// Valid until the next `wps_` call on this thread; never NULL.
+#[no_mangle]
+pub extern "C" fn wps_last_error_message() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().message.as_ptr())
+}
+
+/// The service's error name ("Forbidden") of the last ACK or INVOKE error on this
+/// thread, "" otherwise. Valid until the next `wps_` call on this thread; never NULL.
+#[no_mangle]
+pub extern "C" fn wps_last_error_name() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().name.as_ptr())
+}
+
+/// The library's version, a static string like "0.1.0".
+#[no_mangle]
+pub extern "C" fn wps_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    fn text(p: *const c_char) -> String {
+        unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn every_status_has_a_name_and_unknown_is_not_null() {
+        for s in 0..=15 {
+            assert_ne!(text(wps_status_str(s)), "unknown status", "{s}");
+        }
+        assert_eq!(text(wps_status_str(99)), "internal error");
+        assert_eq!(text(wps_status_str(12345)), "unknown status");
+    }
+
+    #[test]
+    fn last_error_is_per_thread_and_cleared() {
+        fail(WPS_STATUS_INVALID_ARGUMENT, "bad\0thing");
+        assert_eq!(text(wps_last_error_message()), "badthing");
+        std::thread::spawn(|| assert_eq!(text(wps_last_error_message()), ""))
+            .join()
+            .unwrap();
+        clear_last_error();
+        assert_eq!(text(wps_last_error_message()), "");
+        assert_eq!(text(wps_last_error_name()), "");
+    }
+}

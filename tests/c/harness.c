@@ -1,0 +1,1054 @@
+/* The C test harness: drives the real library (cdylib) against the real emulator.
+ * Plain C11 + pthreads, no framework. Prints "ok - NAME" / "FAIL - NAME" per test and
+ * a final "N passed, N failed" line; exits non-zero on failure.
+ *
+ * Usage: harness EMULATOR_BIN [EXAMPLE_BIN] */
+#define _GNU_SOURCE
+#include "webpubsub_client.h"
+#include "support.h"
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *HUB = "chat";
+static const char *ALL_ROLES = "[\"webpubsub.joinLeaveGroup\",\"webpubsub.sendToGroup\"]";
+static const char *CHAT_ONLY = "[\"webpubsub.joinLeaveGroup.chat\",\"webpubsub.sendToGroup.chat\"]";
+static const int64_t WAIT_MS = 10000;
+
+static emulator EMU;
+static upstream *UP;
+static const char *EXAMPLE_BIN;
+
+/* ------------------------------------------------------------------ checks */
+
+#define CHECK(cond)                                                                     \
+    do {                                                                                \
+        if (!(cond)) {                                                                  \
+            fprintf(stderr, "  %s:%d: check failed: %s (last error: %s)\n", __FILE__,   \
+                    __LINE__, #cond, wps_last_error_message());                         \
+            return false;                                                               \
+        }                                                                               \
+    } while (0)
+
+#define CHECK_STATUS(expr, want)                                                        \
+    do {                                                                                \
+        wps_status s_ = (expr);                                                         \
+        if (s_ != (want)) {                                                             \
+            fprintf(stderr, "  %s:%d: %s returned %u (%s: %s), expected %s\n", __FILE__, \
+                    __LINE__, #expr, s_, wps_status_str(s_), wps_last_error_message(),  \
+                    #want);                                                             \
+            return false;                                                               \
+        }                                                                               \
+    } while (0)
+
+#define CHECK_OK(expr) CHECK_STATUS(expr, WPS_STATUS_OK)
+
+/* ------------------------------------------------------------------ event recorder */
+
+typedef struct {
+    uint32_t kind;
+    char connection_id[128], user_id[64], group[64], from_user_id[64], message[256], error_name[64];
+    uint32_t data_type;
+    char data[512];
+    size_t data_len;
+    bool has_sequence_id;
+    uint64_t sequence_id;
+    uint16_t close_code;
+} event_copy;
+
+enum { MAX_EVENTS = 512 };
+
+/* What the recorder's callback does when a group message with data "ping" or "die" arrives. */
+typedef struct recorder {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    event_copy events[MAX_EVENTS];
+    int count;
+    int freed;                 /* user_data_free calls */
+    int calls_after_free;      /* callbacks after user_data_free: must stay 0 */
+    int in_flight;             /* callbacks running right now */
+    wps_client *self;          /* for actions from inside callbacks */
+    wps_status inner_status;   /* status of the call made inside the callback */
+    int inner_calls;
+    pthread_t thread;          /* the dispatcher thread that delivered the first event */
+    bool thread_set, thread_changed;
+} recorder;
+
+static recorder *recorder_new(void) {
+    recorder *r = calloc(1, sizeof *r);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    return r;
+}
+
+static void recorder_delete(recorder *r) {
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r);
+}
+
+static void copy_str(char *dst, size_t cap, const char *src) {
+    snprintf(dst, cap, "%s", src ? src : "");
+}
+
+static void on_event(void *user_data, const wps_event *ev) {
+    recorder *r = user_data;
+    pthread_mutex_lock(&r->mu);
+    if (r->freed) r->calls_after_free++;
+    if (!r->thread_set) {
+        r->thread = pthread_self();
+        r->thread_set = true;
+    } else if (!pthread_equal(r->thread, pthread_self())) {
+        r->thread_changed = true;
+    }
+    r->in_flight++;
+    if (r->count < MAX_EVENTS) {
+        event_copy *e = &r->events[r->count];
+        memset(e, 0, sizeof *e);
+        e->kind = ev->kind;
+        copy_str(e->connection_id, sizeof e->connection_id, ev->connection_id);
+        copy_str(e->user_id, sizeof e->user_id, ev->user_id);
+        copy_str(e->group, sizeof e->group, ev->group);
+        copy_str(e->from_user_id, sizeof e->from_user_id, ev->from_user_id);
+        copy_str(e->message, sizeof e->message, ev->message);
+        copy_str(e->error_name, sizeof e->error_name, ev->error_name);
+        e->data_type = ev->data_type;
+        e->data_len = ev->data_len < sizeof e->data - 1 ? ev->data_len : sizeof e->data - 1;
+        if (e->data_len) memcpy(e->data, ev->data, e->data_len);
+        e->has_sequence_id = ev->has_sequence_id;
+        e->sequence_id = ev->sequence_id;
+        e->close_code = ev->close_code;
+        r->count++;
+    }
+    wps_client *self = r->self;
+    pthread_mutex_unlock(&r->mu);
+
+    bool ping = ev->kind == WPS_EVENT_GROUP_MESSAGE && ev->data_len == 4 && memcmp(ev->data, "ping", 4) == 0;
+    bool die = ev->kind == WPS_EVENT_GROUP_MESSAGE && ev->data_len == 3 && memcmp(ev->data, "die", 3) == 0;
+    if (self && ping) {
+        /* A blocking call from inside a callback: the ack is resolved by the reader task. */
+        wps_ack_result ack;
+        wps_status s = wps_client_send_to_group(self, "chat", WPS_DATA_TYPE_TEXT, (const uint8_t *)"pong", 4, 0, &ack);
+        if (s == WPS_STATUS_OK && (!ack.has_ack_id || wps_client_state(self) != WPS_STATE_CONNECTED)) s = WPS_STATUS_INTERNAL;
+        pthread_mutex_lock(&r->mu);
+        r->inner_status = s;
+        r->inner_calls++;
+        pthread_mutex_unlock(&r->mu);
+    } else if (self && die) {
+        pthread_mutex_lock(&r->mu);
+        r->self = NULL;
+        pthread_mutex_unlock(&r->mu);
+        wps_client_free(self); /* deferred: this callback is still running */
+        pthread_mutex_lock(&r->mu);
+        r->inner_calls++;
+        r->inner_status = r->freed ? WPS_STATUS_INTERNAL : WPS_STATUS_OK; /* finalizer must not have run yet */
+        pthread_mutex_unlock(&r->mu);
+    }
+    pthread_mutex_lock(&r->mu);
+    r->in_flight--;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static void on_user_data_free(void *user_data) {
+    recorder *r = user_data;
+    pthread_mutex_lock(&r->mu);
+    r->freed++;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static bool timed_wait(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline) {
+    int64_t left = deadline - now_ms();
+    if (left <= 0) return false;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t ns = ts.tv_nsec + (left % 1000) * 1000000;
+    ts.tv_sec += left / 1000 + ns / 1000000000;
+    ts.tv_nsec = ns % 1000000000;
+    pthread_cond_timedwait(cv, mu, &ts);
+    return true;
+}
+
+/* Index of the first event at or after `from` of `kind` (and data, when given); waits up to WAIT_MS. */
+static int wait_event(recorder *r, int from, uint32_t kind, const char *data) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    pthread_mutex_lock(&r->mu);
+    for (;;) {
+        for (int i = from; i < r->count; i++) {
+            event_copy *e = &r->events[i];
+            if (e->kind == kind && (!data || (e->data_len == strlen(data) && memcmp(e->data, data, e->data_len) == 0))) {
+                pthread_mutex_unlock(&r->mu);
+                return i;
+            }
+        }
+        if (!timed_wait(&r->cv, &r->mu, deadline)) break;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return -1;
+}
+
+static int count_kind(recorder *r, uint32_t kind) {
+    int n = 0;
+    pthread_mutex_lock(&r->mu);
+    for (int i = 0; i < r->count; i++) n += r->events[i].kind == kind;
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+static int event_count(recorder *r) {
+    pthread_mutex_lock(&r->mu);
+    int n = r->count;
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+static bool wait_freed(recorder *r) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    pthread_mutex_lock(&r->mu);
+    while (r->freed == 0 && timed_wait(&r->cv, &r->mu, deadline)) {
+    }
+    bool ok = r->freed == 1;
+    pthread_mutex_unlock(&r->mu);
+    return ok;
+}
+
+/* ------------------------------------------------------------------ completion recorder */
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int calls;
+    wps_status status;
+    uint64_t op_id, ack_id;
+    bool has_ack_id, is_duplicated, message_set;
+    char error_name[64];
+    uint32_t data_type;
+    char data[512];
+    size_t data_len;
+} completion;
+
+static void completion_init(completion *c) {
+    memset(c, 0, sizeof *c);
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv, NULL);
+}
+
+static void completion_destroy(completion *c) {
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->cv);
+}
+
+static void on_complete(void *user_data, const wps_completion *done) {
+    completion *c = user_data;
+    pthread_mutex_lock(&c->mu);
+    c->calls++;
+    c->status = done->status;
+    c->op_id = done->op_id;
+    c->has_ack_id = done->has_ack_id;
+    c->ack_id = done->ack_id;
+    c->is_duplicated = done->is_duplicated;
+    c->message_set = done->error_message != NULL;
+    copy_str(c->error_name, sizeof c->error_name, done->error_name);
+    c->data_type = done->data_type;
+    c->data_len = done->data_len < sizeof c->data - 1 ? done->data_len : sizeof c->data - 1;
+    if (c->data_len) memcpy(c->data, done->data, c->data_len);
+    c->data[c->data_len] = 0;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static bool wait_completion(completion *c) {
+    int64_t deadline = now_ms() + WAIT_MS;
+    pthread_mutex_lock(&c->mu);
+    while (c->calls == 0 && timed_wait(&c->cv, &c->mu, deadline)) {
+    }
+    bool ok = c->calls == 1;
+    pthread_mutex_unlock(&c->mu);
+    return ok;
+}
+
+/* ------------------------------------------------------------------ helpers */
+
+static wps_options *test_options(void) {
+    wps_options *o = wps_options_new();
+    wps_options_set_reconnect_retry(o, UINT32_MAX, 100, 1000, WPS_RETRY_FIXED);
+    wps_options_set_recovery(o, 10000, 100);
+    wps_options_set_start_timeout_ms(o, 5000);
+    wps_options_set_ack_timeout_ms(o, 5000);
+    return o;
+}
+
+/* A started client for `user` with `roles` recording into a new recorder. */
+static wps_client *connect_client(const char *user, const char *roles, recorder **rec) {
+    char *url = emulator_client_url(&EMU, HUB, user, roles);
+    wps_options *o = test_options();
+    *rec = recorder_new();
+    wps_client *c = NULL;
+    wps_status s = wps_client_new(url, o, on_event, *rec, on_user_data_free, &c);
+    wps_options_free(o);
+    free(url);
+    if (s != WPS_STATUS_OK) {
+        fprintf(stderr, "  wps_client_new: %s\n", wps_last_error_message());
+        return NULL;
+    }
+    s = wps_client_start(c);
+    if (s != WPS_STATUS_OK) {
+        fprintf(stderr, "  wps_client_start: %s (%s)\n", wps_status_str(s), wps_last_error_message());
+        wps_client_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* Frees a client and checks its finalizer ran exactly once, before free returned. */
+static bool free_client(wps_client *c, recorder *r) {
+    wps_client_free(c);
+    pthread_mutex_lock(&r->mu);
+    bool ok = r->freed == 1 && r->in_flight == 0;
+    pthread_mutex_unlock(&r->mu);
+    recorder_delete(r);
+    return ok;
+}
+
+static bool connection_id(wps_client *c, char *buf, size_t cap) {
+    size_t len = 0;
+    return wps_client_connection_id(c, buf, cap, &len) == WPS_STATUS_OK && len == strlen(buf);
+}
+
+static bool send_text(wps_client *c, const char *group, const char *text, uint32_t flags) {
+    return wps_client_send_to_group(c, group, WPS_DATA_TYPE_TEXT, (const uint8_t *)text, strlen(text), flags, NULL) == WPS_STATUS_OK;
+}
+
+static int thread_count(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    int n = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "Threads:", 8) == 0) n = atoi(line + 8);
+    if (f) fclose(f);
+    return n;
+}
+
+/* ------------------------------------------------------------------ tests */
+
+static bool test_status_strings(void) {
+    CHECK(strcmp(wps_version(), WPS_VERSION) == 0);
+    CHECK(strcmp(wps_status_str(WPS_STATUS_OK), "ok") == 0);
+    CHECK(strcmp(wps_status_str(12345), "unknown status") == 0);
+    for (uint32_t s = 0; s <= WPS_STATUS_FORKED; s++) CHECK(wps_status_str(s) != NULL);
+    CHECK(strcmp(wps_last_error_message(), "") == 0);
+    CHECK(strcmp(wps_last_error_name(), "") == 0);
+    return true;
+}
+
+static bool test_null_and_invalid_arguments(void) {
+    const char bad_utf8[] = {(char)0xff, (char)0xfe, 0};
+    wps_client *c = NULL;
+    CHECK_STATUS(wps_client_new(NULL, NULL, NULL, NULL, NULL, &c), WPS_STATUS_NULL_ARG);
+    CHECK(strlen(wps_last_error_message()) > 0);
+    CHECK_STATUS(wps_client_new(bad_utf8, NULL, NULL, NULL, NULL, &c), WPS_STATUS_INVALID_UTF8);
+    CHECK_STATUS(wps_client_new("ws://127.0.0.1:1/client/hubs/x", NULL, NULL, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_new("not a url", NULL, NULL, NULL, NULL, &c), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK(c == NULL);
+    CHECK_STATUS(wps_client_new_with_credential(NULL, NULL, NULL, NULL, NULL, NULL, NULL, &c), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_start(NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_stop(NULL), WPS_STATUS_NULL_ARG);
+    CHECK(wps_client_state(NULL) == WPS_STATE_STOPPED);
+    size_t len = 0;
+    CHECK_STATUS(wps_client_connection_id(NULL, NULL, 0, &len), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_join_group(NULL, "g", NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_leave_group(NULL, "g", NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group(NULL, "g", 0, NULL, 0, 0, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_event(NULL, "e", 0, NULL, 0, 0, NULL), WPS_STATUS_NULL_ARG);
+    wps_invoke_response *resp = NULL;
+    CHECK_STATUS(wps_client_invoke_event(NULL, "e", 0, NULL, 0, 0, &resp), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_join_group_async(NULL, "g", NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_leave_group_async(NULL, "g", NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group_async(NULL, "g", 0, NULL, 0, 0, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_event_async(NULL, "e", 0, NULL, 0, 0, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_invoke_event_async(NULL, "e", 0, NULL, 0, 0, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_cancel(NULL, 1), WPS_STATUS_NULL_ARG);
+    wps_client_free(NULL);
+    wps_options_free(NULL);
+    wps_invoke_response_free(NULL);
+    CHECK(wps_invoke_response_data(NULL, &len) == NULL && len == 0);
+    CHECK(wps_invoke_response_data_type(NULL) == WPS_DATA_TYPE_TEXT);
+    CHECK_STATUS(wps_credential_result_set_url(NULL, "ws://x"), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_credential_result_set_error(NULL, "no"), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_set_log_callback(NULL, NULL, 99), WPS_STATUS_INVALID_ARGUMENT);
+
+    /* Arguments of a real (unstarted) client. */
+    char *url = emulator_client_url(&EMU, HUB, "alice", ALL_ROLES);
+    recorder *r = recorder_new();
+    CHECK_OK(wps_client_new(url, NULL, on_event, r, on_user_data_free, &c));
+    free(url);
+    CHECK(wps_client_state(c) == WPS_STATE_STOPPED);
+    CHECK_STATUS(wps_client_connection_id(c, NULL, 0, &len), WPS_STATUS_NOT_CONNECTED);
+    CHECK_STATUS(wps_client_join_group(c, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_join_group(c, bad_utf8, NULL), WPS_STATUS_INVALID_UTF8);
+    CHECK_STATUS(wps_client_leave_group_async(c, bad_utf8, on_complete, NULL, NULL), WPS_STATUS_INVALID_UTF8);
+    CHECK_STATUS(wps_client_send_to_group(c, "g", WPS_DATA_TYPE_TEXT, NULL, 5, 0, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group(c, "g", WPS_DATA_TYPE_TEXT, (const uint8_t *)bad_utf8, 2, 0, NULL), WPS_STATUS_INVALID_UTF8);
+    CHECK_STATUS(wps_client_send_to_group(c, "g", 77, (const uint8_t *)"x", 1, 0, NULL), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_client_send_to_group(c, "g", WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, 0x80, NULL), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_client_send_event(c, "e", WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, WPS_SEND_NO_ECHO, NULL), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_client_send_event(c, bad_utf8, WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, 0, NULL), WPS_STATUS_INVALID_UTF8);
+    CHECK_STATUS(wps_client_invoke_event(c, "e", WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, 0, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_invoke_event_async(c, NULL, 0, NULL, 0, 0, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_cancel(c, 424242), WPS_STATUS_INVALID_ARGUMENT);
+    /* Not started: operations fail with a status, never hang. */
+    wps_status s = wps_client_join_group(c, "g", NULL);
+    CHECK(s == WPS_STATUS_NOT_CONNECTED || s == WPS_STATUS_ILLEGAL_STATE);
+    CHECK_OK(wps_client_stop(c));
+    CHECK(free_client(c, r));
+    return true;
+}
+
+static bool test_options_setters(void) {
+    wps_options *o = wps_options_new();
+    CHECK(o != NULL);
+    CHECK_OK(wps_options_set_protocol(o, WPS_PROTOCOL_JSON));
+    CHECK_STATUS(wps_options_set_protocol(o, 9), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_OK(wps_options_set_auto_reconnect(o, false));
+    CHECK_OK(wps_options_set_auto_rejoin_groups(o, false));
+    CHECK_OK(wps_options_set_message_retry(o, 2, 10, 100, WPS_RETRY_EXPONENTIAL));
+    CHECK_STATUS(wps_options_set_message_retry(o, 2, 10, 100, 7), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_OK(wps_options_set_reconnect_retry(o, UINT32_MAX, 10, 100, WPS_RETRY_FIXED));
+    CHECK_OK(wps_options_set_keep_alive(o, 0, 0));
+    CHECK_OK(wps_options_set_ack_timeout_ms(o, 1000));
+    CHECK_STATUS(wps_options_set_ack_timeout_ms(o, 0), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_OK(wps_options_set_start_timeout_ms(o, 1000));
+    CHECK_OK(wps_options_set_recovery(o, 1000, 100));
+    CHECK_OK(wps_options_set_sequence_ack_interval_ms(o, 500));
+    CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 3), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_protocol(NULL, 0), WPS_STATUS_NULL_ARG);
+    wps_options_free(o);
+    return true;
+}
+
+/* The chat: two users, every data type, echo and no-echo, acks, a server message. */
+static bool test_chat(void) {
+    recorder *ra, *rb;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    wps_client *b = connect_client("bob", CHAT_ONLY, &rb);
+    CHECK(b);
+    int i = wait_event(ra, 0, WPS_EVENT_CONNECTED, NULL);
+    CHECK(i >= 0);
+    char id[128];
+    CHECK(connection_id(a, id, sizeof id));
+    CHECK(strcmp(ra->events[i].connection_id, id) == 0);
+    CHECK(strcmp(ra->events[i].user_id, "alice") == 0);
+    CHECK(wps_client_state(a) == WPS_STATE_CONNECTED);
+    size_t need = 0;
+    char tiny[4];
+    CHECK_STATUS(wps_client_connection_id(a, tiny, sizeof tiny, &need), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK(need == strlen(id));
+
+    wps_ack_result ack = {0};
+    CHECK_OK(wps_client_join_group(a, "chat", &ack));
+    CHECK(ack.has_ack_id && ack.ack_id > 0 && !ack.is_duplicated);
+    CHECK_OK(wps_client_join_group(b, "chat", NULL));
+
+    /* text, with echo */
+    CHECK_OK(wps_client_send_to_group(a, "chat", WPS_DATA_TYPE_TEXT, (const uint8_t *)"hello bob", 9, 0, &ack));
+    CHECK(ack.has_ack_id);
+    i = wait_event(rb, 0, WPS_EVENT_GROUP_MESSAGE, "hello bob");
+    CHECK(i >= 0);
+    event_copy *e = &rb->events[i];
+    CHECK(strcmp(e->group, "chat") == 0 && strcmp(e->from_user_id, "alice") == 0);
+    CHECK(e->data_type == WPS_DATA_TYPE_TEXT && e->has_sequence_id && e->sequence_id > 0);
+    CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "hello bob") >= 0);
+
+    /* no echo: alice must not see "quiet" but does see the "loud" sent after it */
+    CHECK(send_text(a, "chat", "quiet", WPS_SEND_NO_ECHO));
+    CHECK(send_text(a, "chat", "loud", 0));
+    int loud = wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "loud");
+    CHECK(loud >= 0);
+    CHECK(wait_event(rb, 0, WPS_EVENT_GROUP_MESSAGE, "quiet") >= 0);
+    pthread_mutex_lock(&ra->mu);
+    bool quiet_seen = false;
+    for (int k = 0; k <= loud; k++) quiet_seen |= ra->events[k].data_len == 5 && memcmp(ra->events[k].data, "quiet", 5) == 0;
+    pthread_mutex_unlock(&ra->mu);
+    CHECK(!quiet_seen);
+
+    /* json and binary from bob, fire-and-forget */
+    const char *json = "{\"n\":1,\"s\":\"x\"}";
+    CHECK_OK(wps_client_send_to_group(b, "chat", WPS_DATA_TYPE_JSON, (const uint8_t *)json, strlen(json), WPS_SEND_FIRE_AND_FORGET, &ack));
+    CHECK(!ack.has_ack_id);
+    i = wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, json);
+    CHECK(i >= 0 && ra->events[i].data_type == WPS_DATA_TYPE_JSON && strcmp(ra->events[i].from_user_id, "bob") == 0);
+    const uint8_t bin[] = {0, 1, 2, 0xff, 0xfe, 0};
+    CHECK_OK(wps_client_send_to_group(b, "chat", WPS_DATA_TYPE_BINARY, bin, sizeof bin, 0, NULL));
+    int64_t deadline = now_ms() + WAIT_MS;
+    bool got_bin = false;
+    while (!got_bin && now_ms() < deadline) {
+        i = wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, NULL);
+        pthread_mutex_lock(&ra->mu);
+        for (int k = 0; k < ra->count; k++)
+            got_bin |= ra->events[k].data_type == WPS_DATA_TYPE_BINARY && ra->events[k].data_len == sizeof bin &&
+                       memcmp(ra->events[k].data, bin, sizeof bin) == 0;
+        if (!got_bin) timed_wait(&ra->cv, &ra->mu, deadline);
+        pthread_mutex_unlock(&ra->mu);
+    }
+    CHECK(got_bin);
+
+    /* a message from the server (REST) */
+    char path[512], aud[600], claims[800];
+    snprintf(path, sizeof path, "/api/hubs/%s/connections/%s/:send?api-version=2024-12-01", HUB, id);
+    snprintf(aud, sizeof aud, "http://127.0.0.1:%d%s", EMU.port, path);
+    snprintf(claims, sizeof claims, "{\"aud\":\"%s\",\"iat\":%ld,\"exp\":%ld}", aud, (long)time(NULL), (long)time(NULL) + 600);
+    char *token = jwt_sign(EMU.key, claims);
+    int code = http_request(EMU.port, "POST", path, token, "text/plain", "from the server");
+    free(token);
+    if (code != 202) fprintf(stderr, "  REST send answered %d\n", code);
+    CHECK(code == 202);
+    i = wait_event(ra, 0, WPS_EVENT_SERVER_MESSAGE, "from the server");
+    CHECK(i >= 0 && ra->events[i].data_type == WPS_DATA_TYPE_TEXT);
+
+    /* leave: bob no longer receives */
+    CHECK_OK(wps_client_leave_group(b, "chat", &ack));
+    CHECK(ack.has_ack_id);
+    CHECK(send_text(a, "chat", "bob left", 0));
+    CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "bob left") >= 0);
+    CHECK(send_text(b, "chat", "still allowed to send", 0));
+    CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "still allowed to send") >= 0);
+    pthread_mutex_lock(&rb->mu);
+    bool leaked = false;
+    for (int k = 0; k < rb->count; k++) leaked |= rb->events[k].data_len == 8 && memcmp(rb->events[k].data, "bob left", 8) == 0;
+    bool one_thread = !rb->thread_changed;
+    pthread_mutex_unlock(&rb->mu);
+    CHECK(!leaked);
+    CHECK(one_thread);
+
+    /* ack errors: bob may only join "chat" */
+    CHECK_STATUS(wps_client_join_group(b, "secret", NULL), WPS_STATUS_ACK_ERROR);
+    CHECK(strcmp(wps_last_error_name(), "Forbidden") == 0);
+    CHECK(strlen(wps_last_error_message()) > 0);
+    completion done;
+    completion_init(&done);
+    uint64_t op = 0;
+    CHECK_OK(wps_client_join_group_async(b, "secret", on_complete, &done, &op));
+    CHECK(wait_completion(&done));
+    CHECK(done.status == WPS_STATUS_ACK_ERROR && strcmp(done.error_name, "Forbidden") == 0 && done.op_id == op);
+    CHECK(done.message_set);
+    completion_destroy(&done);
+
+    /* stop: the stopped event, then operations fail */
+    CHECK_OK(wps_client_stop(b));
+    CHECK(wait_event(rb, 0, WPS_EVENT_STOPPED, NULL) >= 0);
+    CHECK(wps_client_state(b) == WPS_STATE_STOPPED);
+    CHECK(wps_client_join_group(b, "chat", NULL) != WPS_STATUS_OK);
+    CHECK(free_client(b, rb));
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* Every operation in its asynchronous form, and the upstream ones in both forms. */
+static bool test_async_and_upstream(void) {
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    completion c[5];
+    uint64_t ops[5] = {0};
+    for (int k = 0; k < 5; k++) completion_init(&c[k]);
+    CHECK_OK(wps_client_join_group_async(a, "room", on_complete, &c[0], &ops[0]));
+    CHECK(wait_completion(&c[0]));
+    CHECK(c[0].status == WPS_STATUS_OK && c[0].has_ack_id && c[0].op_id == ops[0] && !c[0].message_set);
+    CHECK_OK(wps_client_send_to_group_async(a, "room", WPS_DATA_TYPE_TEXT, (const uint8_t *)"async hi", 8, 0, on_complete, &c[1], &ops[1]));
+    CHECK(wait_completion(&c[1]));
+    CHECK(c[1].status == WPS_STATUS_OK && c[1].has_ack_id && c[1].ack_id != c[0].ack_id && ops[1] != ops[0]);
+    CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "async hi") >= 0);
+    const char *json = "{\"k\":[1,2]}";
+    CHECK_OK(wps_client_send_event_async(a, "evt", WPS_DATA_TYPE_JSON, (const uint8_t *)json, strlen(json), 0, on_complete, &c[2], &ops[2]));
+    CHECK(wait_completion(&c[2]));
+    CHECK(c[2].status == WPS_STATUS_OK && c[2].has_ack_id);
+    char body[512];
+    CHECK(upstream_count(UP, "evt", body, sizeof body) == 1);
+    CHECK(strcmp(body, json) == 0);
+    CHECK_OK(wps_client_invoke_event_async(a, "echo", WPS_DATA_TYPE_TEXT, (const uint8_t *)"ping?", 5, 0, on_complete, &c[3], &ops[3]));
+    CHECK(wait_completion(&c[3]));
+    CHECK(c[3].status == WPS_STATUS_OK && c[3].data_type == WPS_DATA_TYPE_TEXT && strcmp(c[3].data, "ping?") == 0);
+    CHECK_OK(wps_client_leave_group_async(a, "room", on_complete, &c[4], NULL));
+    CHECK(wait_completion(&c[4]));
+    CHECK(c[4].status == WPS_STATUS_OK);
+
+    /* blocking send_event and invoke */
+    wps_ack_result ack;
+    CHECK_OK(wps_client_send_event(a, "evt", WPS_DATA_TYPE_TEXT, (const uint8_t *)"second", 6, 0, &ack));
+    CHECK(ack.has_ack_id);
+    CHECK(upstream_count(UP, "evt", body, sizeof body) == 2 && strcmp(body, "second") == 0);
+    CHECK_OK(wps_client_send_event(a, "evt", WPS_DATA_TYPE_TEXT, (const uint8_t *)"third", 5, WPS_SEND_FIRE_AND_FORGET, &ack));
+    CHECK(!ack.has_ack_id);
+    wps_invoke_response *resp = NULL;
+    const uint8_t bin[] = {9, 0, 8};
+    CHECK_OK(wps_client_invoke_event(a, "echo", WPS_DATA_TYPE_BINARY, bin, sizeof bin, 0, &resp));
+    size_t len = 0;
+    const uint8_t *data = wps_invoke_response_data(resp, &len);
+    CHECK(wps_invoke_response_data_type(resp) == WPS_DATA_TYPE_BINARY && len == sizeof bin && memcmp(data, bin, len) == 0);
+    wps_invoke_response_free(resp);
+    resp = NULL;
+    CHECK_STATUS(wps_client_invoke_event(a, "fail", WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, 0, &resp), WPS_STATUS_INVOKE_ERROR);
+    CHECK(resp == NULL);
+    CHECK(strcmp(wps_last_error_name(), "InternalServerError") == 0);
+    for (int k = 0; k < 5; k++) completion_destroy(&c[k]);
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* Cancel: the completion reports CANCELLED exactly once; an invocation is abandoned. */
+static bool test_cancel(void) {
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    int before = upstream_count(UP, "slow", NULL, 0);
+    completion c;
+    completion_init(&c);
+    uint64_t op = 0;
+    CHECK_OK(wps_client_invoke_event_async(a, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"zz", 2, 0, on_complete, &c, &op));
+    int64_t deadline = now_ms() + WAIT_MS;
+    while (upstream_count(UP, "slow", NULL, 0) == before && now_ms() < deadline) usleep(5000);
+    CHECK(upstream_count(UP, "slow", NULL, 0) == before + 1);
+    CHECK_OK(wps_client_cancel(a, op));
+    CHECK(wait_completion(&c));
+    CHECK(c.status == WPS_STATUS_CANCELLED && c.op_id == op);
+    CHECK_STATUS(wps_client_cancel(a, op), WPS_STATUS_INVALID_ARGUMENT);
+    upstream_release(UP);
+    /* the connection is still usable and the cancelled op never completes again */
+    CHECK_OK(wps_client_join_group(a, "after-cancel", NULL));
+    pthread_mutex_lock(&c.mu);
+    int calls = c.calls;
+    pthread_mutex_unlock(&c.mu);
+    CHECK(calls == 1);
+    /* an invocation timing out */
+    CHECK_STATUS(wps_client_invoke_event(a, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"t", 1, 200, &(wps_invoke_response *){NULL}), WPS_STATUS_TIMEOUT);
+    completion_destroy(&c);
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* Calls from inside callbacks: a blocking send from a group-message callback. */
+static bool test_call_inside_callback(void) {
+    recorder *ra, *rb;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    wps_client *b = connect_client("bob", CHAT_ONLY, &rb);
+    CHECK(b);
+    pthread_mutex_lock(&rb->mu);
+    rb->self = b;
+    pthread_mutex_unlock(&rb->mu);
+    CHECK_OK(wps_client_join_group(a, "chat", NULL));
+    CHECK_OK(wps_client_join_group(b, "chat", NULL));
+    CHECK(send_text(a, "chat", "ping", 0));
+    CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "pong") >= 0);
+    pthread_mutex_lock(&rb->mu);
+    rb->self = NULL;
+    bool ok = rb->inner_calls == 1 && rb->inner_status == WPS_STATUS_OK;
+    pthread_mutex_unlock(&rb->mu);
+    CHECK(ok);
+    CHECK(free_client(b, rb));
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* wps_client_free from inside the client's own callback defers the teardown. */
+static bool test_free_inside_callback(void) {
+    recorder *ra, *rv;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    wps_client *v = connect_client("victim", ALL_ROLES, &rv);
+    CHECK(v);
+    CHECK_OK(wps_client_join_group(a, "chat", NULL));
+    CHECK_OK(wps_client_join_group(v, "chat", NULL));
+    completion pending;
+    completion_init(&pending);
+    CHECK_OK(wps_client_invoke_event_async(v, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"p", 1, 0, on_complete, &pending, NULL));
+    pthread_mutex_lock(&rv->mu);
+    rv->self = v;
+    pthread_mutex_unlock(&rv->mu);
+    CHECK(send_text(a, "chat", "die", 0));
+    CHECK(wait_freed(rv));
+    CHECK(wait_completion(&pending));
+    CHECK(pending.status == WPS_STATUS_STOPPED || pending.status == WPS_STATUS_CANCELLED);
+    pthread_mutex_lock(&rv->mu);
+    bool ok = rv->inner_calls == 1 && rv->inner_status == WPS_STATUS_OK && rv->calls_after_free == 0 && rv->in_flight == 0;
+    pthread_mutex_unlock(&rv->mu);
+    CHECK(ok);
+    /* more traffic to the group: nothing reaches the freed client's callback */
+    CHECK(send_text(a, "chat", "after", 0));
+    CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "after") >= 0);
+    pthread_mutex_lock(&rv->mu);
+    ok = rv->calls_after_free == 0 && rv->freed == 1;
+    pthread_mutex_unlock(&rv->mu);
+    CHECK(ok);
+    upstream_release(UP);
+    recorder_delete(rv);
+    completion_destroy(&pending);
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* wps_client_free with pending operations: each completes exactly once before it returns. */
+static bool test_free_with_pending(void) {
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    completion slow, joined;
+    completion_init(&slow);
+    completion_init(&joined);
+    CHECK_OK(wps_client_invoke_event_async(a, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"p", 1, 0, on_complete, &slow, NULL));
+    CHECK_OK(wps_client_join_group_async(a, "g1", on_complete, &joined, NULL));
+    int events_before = event_count(ra);
+    wps_client_free(a);
+    pthread_mutex_lock(&ra->mu);
+    bool ok = ra->freed == 1 && ra->in_flight == 0 && ra->calls_after_free == 0;
+    int events_after = ra->count;
+    pthread_mutex_unlock(&ra->mu);
+    CHECK(ok);
+    CHECK(slow.calls == 1 && (slow.status == WPS_STATUS_STOPPED || slow.status == WPS_STATUS_CANCELLED));
+    CHECK(joined.calls == 1);
+    upstream_release(UP);
+    /* nothing more arrives */
+    usleep(100000);
+    CHECK(event_count(ra) == events_after && events_after >= events_before);
+    CHECK(slow.calls == 1 && joined.calls == 1);
+    completion_destroy(&slow);
+    completion_destroy(&joined);
+    recorder_delete(ra);
+    return true;
+}
+
+/* The credential callback: called for every new connection, errors surface. */
+typedef struct {
+    pthread_mutex_t mu;
+    int calls, freed;
+    int mode; /* 0: good url; 1: error; 2: no answer; good url first then no roles: 3 */
+} cred_state;
+
+static void on_credential(void *user_data, wps_credential_result *result) {
+    cred_state *s = user_data;
+    pthread_mutex_lock(&s->mu);
+    int n = ++s->calls, mode = s->mode;
+    pthread_mutex_unlock(&s->mu);
+    if (mode == 1) {
+        wps_credential_result_set_error(result, "no token for you");
+        return;
+    }
+    if (mode == 2) return;
+    char *url = emulator_client_url(&EMU, HUB, "carol", mode == 3 && n > 1 ? "[]" : ALL_ROLES);
+    wps_status s1 = wps_credential_result_set_url(result, url);
+    wps_status s2 = wps_credential_result_set_url(result, url); /* a second answer is refused */
+    if (s1 != WPS_STATUS_OK || s2 != WPS_STATUS_ILLEGAL_STATE) fprintf(stderr, "  credential result: %u %u\n", s1, s2);
+    free(url);
+}
+
+static void on_credential_free(void *user_data) {
+    cred_state *s = user_data;
+    pthread_mutex_lock(&s->mu);
+    s->freed++;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static bool test_credential_errors(void) {
+    for (int mode = 1; mode <= 2; mode++) {
+        cred_state cs = {.mode = mode};
+        pthread_mutex_init(&cs.mu, NULL);
+        wps_options *o = test_options();
+        wps_options_set_reconnect_retry(o, 0, 10, 10, WPS_RETRY_FIXED);
+        wps_client *c = NULL;
+        CHECK_OK(wps_client_new_with_credential(on_credential, &cs, on_credential_free, o, NULL, NULL, NULL, &c));
+        wps_options_free(o);
+        CHECK_STATUS(wps_client_start(c), WPS_STATUS_CREDENTIAL_FAILED);
+        if (mode == 1) CHECK(strstr(wps_last_error_message(), "no token for you") != NULL);
+        wps_client_free(c);
+        CHECK(cs.calls >= 1 && cs.freed == 1);
+        pthread_mutex_destroy(&cs.mu);
+    }
+    /* a bad token and an unreachable server */
+    wps_options *o = test_options();
+    wps_options_set_reconnect_retry(o, 0, 10, 10, WPS_RETRY_FIXED);
+    char url[256];
+    snprintf(url, sizeof url, "ws://127.0.0.1:%d/client/hubs/chat?access_token=bad", EMU.port);
+    wps_client *c = NULL;
+    CHECK_OK(wps_client_new(url, o, NULL, NULL, NULL, &c));
+    CHECK_STATUS(wps_client_start(c), WPS_STATUS_CONNECT_FAILED);
+    wps_client_free(c);
+    CHECK_OK(wps_client_new("ws://127.0.0.1:1/client/hubs/chat?access_token=x", o, NULL, NULL, NULL, &c));
+    CHECK_STATUS(wps_client_start(c), WPS_STATUS_CONNECT_FAILED);
+    wps_client_free(c);
+    wps_options_free(o);
+    return true;
+}
+
+static int emulator_post(const char *conn, const char *action) {
+    char path[512];
+    snprintf(path, sizeof path, "/_emulator/hubs/%s/connections/%s/%s", HUB, conn, action);
+    return http_request(EMU.port, "POST", path, NULL, NULL, NULL);
+}
+
+/* Reconnection: a dropped socket is recovered (same connection, nothing lost), a 1008
+ * close loses the session: disconnected, a new connection (new credential call),
+ * groups rejoined, and a rejoin refused raises rejoin-group-failed. */
+static bool test_reconnection(void) {
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    cred_state cs = {.mode = 3};
+    pthread_mutex_init(&cs.mu, NULL);
+    recorder *rc = recorder_new();
+    wps_options *o = test_options();
+    wps_client *c = NULL;
+    CHECK_OK(wps_client_new_with_credential(on_credential, &cs, on_credential_free, o, on_event, rc, on_user_data_free, &c));
+    wps_options_free(o);
+    CHECK_OK(wps_client_start(c));
+    CHECK_OK(wps_client_join_group(c, "chat", NULL));
+    char id1[128], id2[128], id3[128];
+    CHECK(connection_id(c, id1, sizeof id1));
+
+    int code = emulator_post(id1, ":drop");
+    CHECK(code == 200 || code == 204);
+    CHECK(send_text(a, "chat", "during recovery", 0));
+    CHECK(wait_event(rc, 0, WPS_EVENT_GROUP_MESSAGE, "during recovery") >= 0);
+    CHECK(send_text(a, "chat", "after recovery", 0));
+    CHECK(wait_event(rc, 0, WPS_EVENT_GROUP_MESSAGE, "after recovery") >= 0);
+    int64_t deadline = now_ms() + WAIT_MS;
+    while (wps_client_state(c) != WPS_STATE_CONNECTED && now_ms() < deadline) usleep(10000);
+    CHECK(connection_id(c, id2, sizeof id2));
+    CHECK(strcmp(id1, id2) == 0);
+    CHECK(count_kind(rc, WPS_EVENT_DISCONNECTED) == 0);
+    CHECK(count_kind(rc, WPS_EVENT_CONNECTED) == 1);
+    CHECK(cs.calls == 1);
+
+    code = emulator_post(id1, ":close?code=1008&reason=policy");
+    CHECK(code == 200 || code == 204);
+    int d = wait_event(rc, 0, WPS_EVENT_DISCONNECTED, NULL);
+    CHECK(d >= 0);
+    CHECK(strcmp(rc->events[d].connection_id, id1) == 0);
+    CHECK(rc->events[d].close_code == 1008);
+    int cn = wait_event(rc, d, WPS_EVENT_CONNECTED, NULL);
+    CHECK(cn > d);
+    CHECK(strcmp(rc->events[cn].connection_id, id1) != 0);
+    CHECK(connection_id(c, id3, sizeof id3) && strcmp(id3, rc->events[cn].connection_id) == 0);
+    /* the second token has no roles: rejoining "chat" is refused */
+    int rj = wait_event(rc, cn, WPS_EVENT_REJOIN_GROUP_FAILED, NULL);
+    CHECK(rj > cn);
+    CHECK(strcmp(rc->events[rj].group, "chat") == 0 && strcmp(rc->events[rj].error_name, "Forbidden") == 0);
+    CHECK(cs.calls == 2);
+    CHECK(wps_client_state(c) == WPS_STATE_CONNECTED);
+
+    /* with auto-reconnect off, 1008 stops the client */
+    wps_options *o2 = test_options();
+    wps_options_set_auto_reconnect(o2, false);
+    char *url = emulator_client_url(&EMU, HUB, "dave", ALL_ROLES);
+    recorder *rd = recorder_new();
+    wps_client *dc = NULL;
+    CHECK_OK(wps_client_new(url, o2, on_event, rd, on_user_data_free, &dc));
+    free(url);
+    wps_options_free(o2);
+    CHECK_OK(wps_client_start(dc));
+    char idd[128];
+    CHECK(connection_id(dc, idd, sizeof idd));
+    code = emulator_post(idd, ":close?code=1008&reason=bye");
+    CHECK(code == 200 || code == 204);
+    int ds = wait_event(rd, 0, WPS_EVENT_DISCONNECTED, NULL);
+    CHECK(ds >= 0 && rd->events[ds].close_code == 1008);
+    CHECK(wait_event(rd, ds, WPS_EVENT_STOPPED, NULL) > ds);
+    CHECK(wps_client_state(dc) == WPS_STATE_STOPPED);
+    CHECK(free_client(dc, rd));
+
+    CHECK(free_client(c, rc));
+    CHECK(cs.freed == 1);
+    pthread_mutex_destroy(&cs.mu);
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* Many clients share a few dispatcher threads; one client's events arrive in order. */
+static bool test_threads_and_order(void) {
+    enum { N = 40, MSGS = 100 };
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    int base = thread_count();
+    wps_client *cs[N];
+    recorder *rs[N];
+    for (int k = 0; k < N; k++) {
+        cs[k] = connect_client("many", ALL_ROLES, &rs[k]);
+        CHECK(cs[k]);
+    }
+    int grown = thread_count() - base;
+    if (grown > 8) fprintf(stderr, "  threads grew from %d by %d for %d clients\n", base, grown, N);
+    CHECK(grown <= 8);
+    CHECK_OK(wps_client_join_group(cs[0], "order", NULL));
+    char msg[32];
+    for (int k = 0; k < MSGS; k++) {
+        snprintf(msg, sizeof msg, "m%03d", k);
+        CHECK(send_text(a, "order", msg, 0));
+    }
+    snprintf(msg, sizeof msg, "m%03d", MSGS - 1);
+    CHECK(wait_event(rs[0], 0, WPS_EVENT_GROUP_MESSAGE, msg) >= 0);
+    int next = 0;
+    pthread_mutex_lock(&rs[0]->mu);
+    for (int k = 0; k < rs[0]->count; k++) {
+        event_copy *e = &rs[0]->events[k];
+        if (e->kind != WPS_EVENT_GROUP_MESSAGE) continue;
+        snprintf(msg, sizeof msg, "m%03d", next);
+        if (e->data_len == 4 && memcmp(e->data, msg, 4) == 0) next++;
+        else next = -1000;
+    }
+    pthread_mutex_unlock(&rs[0]->mu);
+    CHECK(next == MSGS);
+    for (int k = 0; k < N; k++) CHECK(free_client(cs[k], rs[k]));
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* A client used in a fork() child returns WPS_STATUS_FORKED. */
+static bool test_fork(void) {
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        int bad = 0;
+        bad += wps_client_join_group(a, "chat", NULL) != WPS_STATUS_FORKED;
+        bad += wps_client_join_group_async(a, "chat", on_complete, NULL, NULL) != WPS_STATUS_FORKED;
+        bad += wps_client_start(a) != WPS_STATUS_FORKED;
+        bad += wps_client_state(a) != WPS_STATE_STOPPED;
+        wps_client *c = NULL;
+        bad += wps_client_new("ws://127.0.0.1:1/client/hubs/x", NULL, NULL, NULL, NULL, &c) != WPS_STATUS_FORKED;
+        wps_client_free(a); /* left alone in the child */
+        _exit(bad);
+    }
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    CHECK_OK(wps_client_join_group(a, "still-works", NULL));
+    CHECK(free_client(a, ra));
+    return true;
+}
+
+/* The log bridge. */
+typedef struct {
+    pthread_mutex_t mu;
+    int calls;
+    bool bad_level;
+} log_state;
+
+static void on_log(void *user_data, uint32_t level, const char *target, const char *message) {
+    log_state *s = user_data;
+    pthread_mutex_lock(&s->mu);
+    s->calls++;
+    s->bad_level |= level < WPS_LOG_ERROR || level > WPS_LOG_TRACE || !target || !message;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static bool test_logging(void) {
+    log_state ls = {.calls = 0};
+    pthread_mutex_init(&ls.mu, NULL);
+    CHECK_OK(wps_set_log_callback(on_log, &ls, WPS_LOG_TRACE));
+    recorder *ra;
+    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    CHECK_OK(wps_client_join_group(a, "logged", NULL));
+    CHECK(free_client(a, ra));
+    CHECK_OK(wps_set_log_callback(NULL, NULL, 0));
+    pthread_mutex_lock(&ls.mu);
+    int calls = ls.calls;
+    bool bad = ls.bad_level;
+    pthread_mutex_unlock(&ls.mu);
+    CHECK(calls > 0 && !bad);
+    a = connect_client("alice", ALL_ROLES, &ra);
+    CHECK(a);
+    CHECK(free_client(a, ra));
+    CHECK(ls.calls == calls);
+    pthread_mutex_destroy(&ls.mu);
+    return true;
+}
+
+/* The copyable example runs against the emulator. */
+static bool test_example(void) {
+    if (!EXAMPLE_BIN) {
+        fprintf(stderr, "  no example binary given\n");
+        return false;
+    }
+    char *url = emulator_client_url(&EMU, HUB, "example", ALL_ROLES);
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        execl(EXAMPLE_BIN, EXAMPLE_BIN, url, (char *)NULL);
+        _exit(127);
+    }
+    free(url);
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return true;
+}
+
+/* ------------------------------------------------------------------ main */
+
+static int passed, failed;
+
+static void run(const char *name, bool (*test)(void)) {
+    int64_t t0 = now_ms();
+    bool ok = test();
+    printf("%s - %s (%lld ms)\n", ok ? "ok" : "FAIL", name, (long long)(now_ms() - t0));
+    fflush(stdout);
+    if (ok) passed++;
+    else failed++;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s EMULATOR_BIN [EXAMPLE_BIN]\n", argv[0]);
+        return 2;
+    }
+    EXAMPLE_BIN = argc > 2 ? argv[2] : NULL;
+    UP = upstream_start();
+    if (!UP) {
+        fprintf(stderr, "cannot start the upstream server\n");
+        return 2;
+    }
+    char upstream_url[64];
+    snprintf(upstream_url, sizeof upstream_url, "http://127.0.0.1:%d/", upstream_port(UP));
+    const char *args[] = {"--upstream", upstream_url, NULL};
+    if (emulator_start(&EMU, argv[1], args) != 0) {
+        fprintf(stderr, "cannot start the emulator %s\n", argv[1]);
+        upstream_stop(UP);
+        return 2;
+    }
+    run("status strings", test_status_strings);
+    run("null and invalid arguments", test_null_and_invalid_arguments);
+    run("options", test_options_setters);
+    run("chat between two clients", test_chat);
+    run("async operations and upstream", test_async_and_upstream);
+    run("cancel", test_cancel);
+    run("blocking call inside a callback", test_call_inside_callback);
+    run("free inside a callback", test_free_inside_callback);
+    run("free with pending operations", test_free_with_pending);
+    run("credential errors", test_credential_errors);
+    run("reconnection", test_reconnection);
+    run("dispatcher threads and order", test_threads_and_order);
+    run("fork", test_fork);
+    run("logging", test_logging);
+    run("example", test_example);
+    int emu = emulator_stop(&EMU);
+    upstream_stop(UP);
+    if (emu != 0) {
+        fprintf(stderr, "the emulator did not exit cleanly (%d)\n", emu);
+        failed++;
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the library (cargo, debug), the emulator and the C harness, then runs the
+# harness against the real emulator.
+#
+#   tests/c/run.sh [plain|asan|valgrind]
+#
+# plain:    the harness as is.
+# asan:     the harness and the example built with -fsanitize=address,undefined, the
+#           library built normally; leaks detected (ASAN_OPTIONS=detect_leaks=1) with
+#           tests/c/lsan.supp, which only covers the library's intentional process-wide
+#           statics (see that file).
+# valgrind: valgrind --error-exitcode=1 --leak-check=full with tests/c/valgrind.supp
+#           (same scope, documented there).
+# Every mode first checks that the committed header is the generated one and that it
+# compiles as C11 and C++17 with -Wall -Wextra -Werror.
+set -euo pipefail
+
+mode=${1:-plain}
+case "$mode" in plain|asan|valgrind) ;; *) echo "usage: $0 [plain|asan|valgrind]" >&2; exit 2 ;; esac
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cd "$root"
+
+# The build fails when include/webpubsub_client.h differs from what cbindgen generates.
+WPS_CHECK_HEADER=1 cargo build --quiet -p webpubsub-client -p webpubsub-emulator
+lib_dir="${CARGO_TARGET_DIR:-$root/target}/debug"
+emulator="$lib_dir/webpubsub-emulator"
+out="${CARGO_TARGET_DIR:-$root/target}/c-tests/$mode"
+mkdir -p "$out"
+
+cc=${CC:-cc}
+cxx=${CXX:-c++}
+warn=(-Wall -Wextra -Werror)
+flags=(-g -O1 -pthread -I"$root/include" -I"$here")
+link=(-L"$lib_dir" -Wl,-rpath,"$lib_dir" -lwebpubsub_client -pthread)
+if [ "$mode" = asan ]; then
+    flags+=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
+    link+=(-fsanitize=address,undefined)
+fi
+
+"$cxx" -std=c++17 "${warn[@]}" "${flags[@]}" "$here/header_check.cpp" "${link[@]}" -o "$out/header_check"
+"$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$here/harness.c" "$here/support.c" "${link[@]}" -o "$out/harness"
+"$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$root/examples/c/chat.c" "${link[@]}" -o "$out/chat"
+
+case "$mode" in
+plain)
+    "$out/header_check"
+    exec "$out/harness" "$emulator" "$out/chat"
+    ;;
+asan)
+    export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
+    export LSAN_OPTIONS=suppressions="$here/lsan.supp":print_suppressions=0
+    export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+    "$out/header_check"
+    exec "$out/harness" "$emulator" "$out/chat"
+    ;;
+valgrind)
+    command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
+    vg=(valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible
+        --suppressions="$here/valgrind.supp" --trace-children=no)
+    "${vg[@]}" "$out/header_check"
+    exec "${vg[@]}" "$out/harness" "$emulator" "$out/chat"
+    ;;
+esac
