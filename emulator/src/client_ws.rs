@@ -749,6 +749,54 @@ impl Reader {
     }
 }
 
+/// A connection without a socket whose client text frames go through the same
+/// handling as on a live socket; whatever it would send is discarded. For fuzzing.
+pub(crate) struct Detached {
+    reader: Reader,
+    rx: mpsc::Receiver<Out>,
+}
+
+impl Detached {
+    /// A reliable connection with every role, registered in hub `fuzz` of `server`.
+    pub(crate) fn new(server: &Arc<Server>) -> Detached {
+        let hub = server.hub("fuzz");
+        let conn = Conn::new(
+            server,
+            Some("fuzzer".into()),
+            Protocol::JsonReliable,
+            vec![
+                "webpubsub.joinLeaveGroup".into(),
+                "webpubsub.sendToGroup".into(),
+            ],
+        );
+        let (handle, rx, _kill) = socket_handle(server);
+        conn.attach(handle, None);
+        hub.register(&conn, &[]);
+        Detached {
+            reader: Reader {
+                server: server.clone(),
+                hub,
+                conn,
+                upstream_tx: None,
+            },
+            rx,
+        }
+    }
+
+    /// Handles one text frame; `false` when it would close the connection.
+    pub(crate) fn frame(&mut self, text: &str) -> bool {
+        let ok = self.reader.handle_json(text).is_ok();
+        while self.rx.try_recv().is_ok() {}
+        ok
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        self.reader.hub.remove(&self.reader.conn);
+    }
+}
+
 fn payload_of(
     data_type: Option<&str>,
     data: Option<&RawValue>,
