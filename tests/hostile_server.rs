@@ -449,6 +449,7 @@ async fn hostile_http_upgrade_answers_fail_start_with_a_clear_error() {
             other => panic!("{expected}: unexpected error {other:?}"),
         }
         assert!(!error.to_string().contains("tok"), "no token in {error}");
+        assert_eq!(client.state(), ClientState::Stopped);
     }
 }
 
@@ -630,5 +631,6 @@ async fn a_server_that_accepts_and_never_speaks_times_out_the_start() {
     // Data frames before the connected frame are ignored; the connected frame never comes.
     send(&mut ws, &server_message("early", 1)).await;
     assert_eq!(start.await.unwrap(), Err(Error::Timeout));
+    assert_eq!(client.state(), ClientState::Stopped);
     closed_by_client(&mut ws).await;
 }
