@@ -62,8 +62,10 @@ struct Bridge;
 static BRIDGE: Bridge = Bridge;
 
 impl Log for Bridge {
+    /// Only the library's own records: dependencies (tungstenite) dump whole frames at
+    /// trace level, reconnection tokens and user payloads included.
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        metadata.level() <= log::max_level() && metadata.target().starts_with("webpubsub_client")
     }
 
     fn log(&self, record: &Record) {
