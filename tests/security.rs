@@ -10,7 +10,74 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use webpubsub_client::{Client, ClientOptions, Credential, Event};
+use webpubsub_client::{Client, ClientOptions, Credential, Error, Event};
+use webpubsub_emulator::{Config, Emulator, TlsFiles, TokenOptions};
+
+// ---------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------
+
+/// An emulator serving wss with a self-signed certificate for `names`; returns it
+/// and the certificate (PEM).
+async fn tls_emulator(names: &[&str], tag: &str) -> (Emulator, String) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = rcgen::generate_simple_self_signed(names).unwrap();
+    let dir = std::env::temp_dir().join(format!("wps-security-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let emulator = Emulator::start(Config {
+        tls: Some(TlsFiles {
+            cert: cert_path,
+            key: key_path,
+        }),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    (emulator, cert.cert.pem())
+}
+
+async fn start_with_ca(emulator: &Emulator, ca: Option<&str>) -> Result<(), Error> {
+    let url = emulator.client_url("h", &TokenOptions::default());
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+    let options = ClientOptions {
+        extra_ca_pem: ca.map(|pem| pem.as_bytes().to_vec()).into_iter().collect(),
+        ..common::fast_options()
+    };
+    let (client, _events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    let result = client.start().await;
+    client.stop().await;
+    result
+}
+
+#[tokio::test]
+async fn a_self_signed_certificate_is_refused_unless_its_ca_is_given() {
+    let (emulator, pem) = tls_emulator(&["127.0.0.1", "localhost"], "self-signed").await;
+    match start_with_ca(&emulator, None).await {
+        Err(Error::Tls(message)) => assert!(
+            message.contains("certificate") || message.contains("Certificate"),
+            "{message}"
+        ),
+        other => panic!("an unknown CA must fail with Error::Tls, got {other:?}"),
+    }
+    assert_eq!(start_with_ca(&emulator, Some(&pem)).await, Ok(()));
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_host_name_is_refused_even_with_its_ca() {
+    let (emulator, pem) = tls_emulator(&["wrong.example"], "wrong-host").await;
+    match start_with_ca(&emulator, Some(&pem)).await {
+        Err(Error::Tls(message)) => assert!(
+            message.to_lowercase().contains("name") || message.contains("NotValidForName"),
+            "{message}"
+        ),
+        other => panic!("a wrong host name must fail with Error::Tls, got {other:?}"),
+    }
+    emulator.shutdown().await;
+}
 
 // ---------------------------------------------------------------------------
 // Tokens in logs
