@@ -13,6 +13,7 @@ fn main() {
     let header = crate_dir.join("include").join("webpubsub_client.h");
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=cbindgen.toml");
+    println!("cargo:rerun-if-changed=include/webpubsub_client.h");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=WPS_CHECK_HEADER");
 

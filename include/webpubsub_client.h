@@ -18,8 +18,9 @@
  * - Event and completion callbacks run on library-owned dispatcher threads (a small
  *   shared pool; every client is pinned to one thread, so one client's callbacks are
  *   ordered), never on the I/O threads. Every function may be called from inside a
- *   callback, blocking ones included; `wps_client_free` inside a callback defers the
- *   teardown until the callback returns.
+ *   callback, blocking ones included (acks are resolved on the I/O threads, so they
+ *   cannot deadlock; meanwhile the clients sharing that dispatcher thread wait);
+ *   `wps_client_free` inside a callback defers the teardown until it returns.
  * - In a fork() child, a client created in the parent returns WPS_STATUS_FORKED.
  *
  * Deviations from the project's style notes: the enum-like values are `#define`d
@@ -208,7 +209,7 @@ typedef uint32_t wps_status;
  * NUL-terminated UTF-8 or NULL when absent. Only ever allocated by the library, so
  * fields may be appended in later versions.
  */
-typedef struct {
+typedef struct wps_event {
   /**
    * One of `WPS_EVENT_*`.
    */
@@ -266,7 +267,7 @@ typedef struct {
 /**
  * Event callback. `event` is borrowed for the duration of the call.
  */
-typedef void (*wps_event_cb)(void *user_data, const wps_event *event);
+typedef void (*wps_event_cb)(void *user_data, const struct wps_event *event);
 
 /**
  * Finalizer of a callback's user data: runs exactly once, after the last callback.
@@ -278,12 +279,12 @@ typedef void (*wps_user_data_free_cb)(void *user_data);
  * library thread, where it may block. It must call `wps_credential_result_set_url` or
  * `wps_credential_result_set_error` on `result` exactly once before returning.
  */
-typedef void (*wps_credential_cb)(void *user_data, wps_credential_result *result);
+typedef void (*wps_credential_cb)(void *user_data, struct wps_credential_result *result);
 
 /**
  * The outcome of a blocking acked operation.
  */
-typedef struct {
+typedef struct wps_ack_result {
   /**
    * The operation's ackId when `has_ack_id` (not for fire-and-forget).
    */
@@ -301,7 +302,7 @@ typedef struct {
 /**
  * The outcome of an asynchronous operation, borrowed for the duration of the call.
  */
-typedef struct {
+typedef struct wps_completion {
   /**
    * `WPS_STATUS_OK` or why the operation failed.
    */
@@ -347,7 +348,7 @@ typedef struct {
 /**
  * Completion callback of an asynchronous operation; runs exactly once.
  */
-typedef void (*wps_completion_cb)(void *user_data, const wps_completion *completion);
+typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *completion);
 
 /**
  * Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
@@ -458,11 +459,11 @@ extern "C" {
  * NULL or writable.
  */
 wps_status wps_client_new(const char *url,
-                          const wps_options *opts,
+                          const struct wps_options *opts,
                           wps_event_cb on_event,
                           void *user_data,
                           wps_user_data_free_cb user_data_free,
-                          wps_client **out);
+                          struct wps_client **out);
 
 /**
  * Creates a stopped client whose URL comes from `cred`, called before every new
@@ -475,27 +476,27 @@ wps_status wps_client_new(const char *url,
 wps_status wps_client_new_with_credential(wps_credential_cb cred,
                                           void *cred_user_data,
                                           wps_user_data_free_cb cred_user_data_free,
-                                          const wps_options *opts,
+                                          const struct wps_options *opts,
                                           wps_event_cb on_event,
                                           void *user_data,
                                           wps_user_data_free_cb user_data_free,
-                                          wps_client **out);
+                                          struct wps_client **out);
 
 /**
- * Frees a client (NULL is ignored): stops it, completes every pending operation
- * (`WPS_STATUS_STOPPED`, or the outcome that was already on its way), waits for the
- * running callbacks and runs the finalizers. When it returns, no callback of this
- * client is running or will run.
+ * Frees a client (NULL is ignored): completes every pending operation with
+ * `WPS_STATUS_STOPPED` (unless its outcome was already queued), stops the client,
+ * waits for the running callbacks and runs the finalizers. When it returns, no
+ * callback of this client is running or will run.
  *
- * Inside a callback, the teardown is deferred: the client's remaining callbacks are
- * dropped, its pending operations complete with `WPS_STATUS_STOPPED` and the
+ * Inside a callback, the teardown is deferred: no further event of this client is
+ * delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
  * finalizers run on library threads after the current callback returns. In a fork()
  * child the handle is left alone (its threads do not exist there).
  *
  * # Safety
  * `c` is NULL or a handle from `wps_client_new*`, not used after this call.
  */
-void wps_client_free(wps_client *c);
+void wps_client_free(struct wps_client *c);
 
 /**
  * Connects; blocks until connected or failed (start timeout). Fails with
@@ -504,7 +505,7 @@ void wps_client_free(wps_client *c);
  * # Safety
  * `c` is NULL or a live handle.
  */
-wps_status wps_client_start(wps_client *c);
+wps_status wps_client_start(struct wps_client *c);
 
 /**
  * Stops the client: closes the connection, no reconnect; blocks until stopped
@@ -513,7 +514,7 @@ wps_status wps_client_start(wps_client *c);
  * # Safety
  * `c` is NULL or a live handle.
  */
-wps_status wps_client_stop(wps_client *c);
+wps_status wps_client_stop(struct wps_client *c);
 
 /**
  * The client's state, a `WPS_STATE_*` value (`WPS_STATE_STOPPED` for NULL).
@@ -521,7 +522,7 @@ wps_status wps_client_stop(wps_client *c);
  * # Safety
  * `c` is NULL or a live handle.
  */
-uint32_t wps_client_state(const wps_client *c);
+uint32_t wps_client_state(const struct wps_client *c);
 
 /**
  * Copies the current connection id, NUL-terminated, into `buf` (`buf_len` bytes).
@@ -533,7 +534,7 @@ uint32_t wps_client_state(const wps_client *c);
  * # Safety
  * `buf` is NULL or writable for `buf_len` bytes; `out_len` is NULL or writable.
  */
-wps_status wps_client_connection_id(const wps_client *c,
+wps_status wps_client_connection_id(const struct wps_client *c,
                                     char *buf,
                                     size_t buf_len,
                                     size_t *out_len);
@@ -544,7 +545,9 @@ wps_status wps_client_connection_id(const wps_client *c,
  * # Safety
  * `c` is NULL or a live handle; `group` is NULL or NUL-terminated; `out` is NULL or writable.
  */
-wps_status wps_client_join_group(wps_client *c, const char *group, wps_ack_result *out);
+wps_status wps_client_join_group(struct wps_client *c,
+                                 const char *group,
+                                 struct wps_ack_result *out);
 
 /**
  * Leaves `group`; blocks until acked. `out` (may be NULL) receives the ack.
@@ -552,7 +555,9 @@ wps_status wps_client_join_group(wps_client *c, const char *group, wps_ack_resul
  * # Safety
  * As `wps_client_join_group`.
  */
-wps_status wps_client_leave_group(wps_client *c, const char *group, wps_ack_result *out);
+wps_status wps_client_leave_group(struct wps_client *c,
+                                  const char *group,
+                                  struct wps_ack_result *out);
 
 /**
  * Sends a message to `group`; blocks until acked (with `WPS_SEND_FIRE_AND_FORGET`:
@@ -561,13 +566,13 @@ wps_status wps_client_leave_group(wps_client *c, const char *group, wps_ack_resu
  * # Safety
  * `data` is NULL (with `len` 0) or readable for `len` bytes; otherwise as `wps_client_join_group`.
  */
-wps_status wps_client_send_to_group(wps_client *c,
+wps_status wps_client_send_to_group(struct wps_client *c,
                                     const char *group,
                                     uint32_t data_type,
                                     const uint8_t *data,
                                     size_t len,
                                     uint32_t flags,
-                                    wps_ack_result *out);
+                                    struct wps_ack_result *out);
 
 /**
  * Sends an event to the upstream server; blocks until acked (with
@@ -576,13 +581,13 @@ wps_status wps_client_send_to_group(wps_client *c,
  * # Safety
  * As `wps_client_send_to_group`.
  */
-wps_status wps_client_send_event(wps_client *c,
+wps_status wps_client_send_event(struct wps_client *c,
                                  const char *event,
                                  uint32_t data_type,
                                  const uint8_t *data,
                                  size_t len,
                                  uint32_t flags,
-                                 wps_ack_result *out);
+                                 struct wps_ack_result *out);
 
 /**
  * Invokes the upstream handler of `event` and blocks for its response, which is
@@ -592,13 +597,13 @@ wps_status wps_client_send_event(wps_client *c,
  * # Safety
  * As `wps_client_send_to_group`; `out` is NULL or writable.
  */
-wps_status wps_client_invoke_event(wps_client *c,
+wps_status wps_client_invoke_event(struct wps_client *c,
                                    const char *event,
                                    uint32_t data_type,
                                    const uint8_t *data,
                                    size_t len,
                                    uint64_t timeout_ms,
-                                   wps_invoke_response **out);
+                                   struct wps_invoke_response **out);
 
 /**
  * The payload of an invoke response, valid until `wps_invoke_response_free`;
@@ -607,7 +612,7 @@ wps_status wps_client_invoke_event(wps_client *c,
  * # Safety
  * `r` is NULL or a live response; `len` is NULL or writable.
  */
-const uint8_t *wps_invoke_response_data(const wps_invoke_response *r, size_t *len);
+const uint8_t *wps_invoke_response_data(const struct wps_invoke_response *r, size_t *len);
 
 /**
  * The `WPS_DATA_TYPE_*` of an invoke response (`WPS_DATA_TYPE_TEXT` for NULL).
@@ -615,7 +620,7 @@ const uint8_t *wps_invoke_response_data(const wps_invoke_response *r, size_t *le
  * # Safety
  * `r` is NULL or from `wps_client_invoke_event` and not freed.
  */
-uint32_t wps_invoke_response_data_type(const wps_invoke_response *r);
+uint32_t wps_invoke_response_data_type(const struct wps_invoke_response *r);
 
 /**
  * Frees an invoke response (NULL is ignored).
@@ -623,7 +628,7 @@ uint32_t wps_invoke_response_data_type(const wps_invoke_response *r);
  * # Safety
  * `r` is NULL or from `wps_client_invoke_event`, not used afterwards.
  */
-void wps_invoke_response_free(wps_invoke_response *r);
+void wps_invoke_response_free(struct wps_invoke_response *r);
 
 /**
  * Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
@@ -633,7 +638,7 @@ void wps_invoke_response_free(wps_invoke_response *r);
  * # Safety
  * As `wps_client_join_group`; `op_id` is NULL or writable.
  */
-wps_status wps_client_join_group_async(wps_client *c,
+wps_status wps_client_join_group_async(struct wps_client *c,
                                        const char *group,
                                        wps_completion_cb cb,
                                        void *user_data,
@@ -645,7 +650,7 @@ wps_status wps_client_join_group_async(wps_client *c,
  * # Safety
  * As `wps_client_join_group_async`.
  */
-wps_status wps_client_leave_group_async(wps_client *c,
+wps_status wps_client_leave_group_async(struct wps_client *c,
                                         const char *group,
                                         wps_completion_cb cb,
                                         void *user_data,
@@ -657,7 +662,7 @@ wps_status wps_client_leave_group_async(wps_client *c,
  * # Safety
  * As `wps_client_send_to_group`; `op_id` is NULL or writable.
  */
-wps_status wps_client_send_to_group_async(wps_client *c,
+wps_status wps_client_send_to_group_async(struct wps_client *c,
                                           const char *group,
                                           uint32_t data_type,
                                           const uint8_t *data,
@@ -673,7 +678,7 @@ wps_status wps_client_send_to_group_async(wps_client *c,
  * # Safety
  * As `wps_client_send_event`; `op_id` is NULL or writable.
  */
-wps_status wps_client_send_event_async(wps_client *c,
+wps_status wps_client_send_event_async(struct wps_client *c,
                                        const char *event,
                                        uint32_t data_type,
                                        const uint8_t *data,
@@ -691,7 +696,7 @@ wps_status wps_client_send_event_async(wps_client *c,
  * # Safety
  * As `wps_client_send_event`; `op_id` is NULL or writable.
  */
-wps_status wps_client_invoke_event_async(wps_client *c,
+wps_status wps_client_invoke_event_async(struct wps_client *c,
                                          const char *event,
                                          uint32_t data_type,
                                          const uint8_t *data,
@@ -702,6 +707,75 @@ wps_status wps_client_invoke_event_async(wps_client *c,
                                          uint64_t *op_id);
 
 /**
+ * Like `wps_client_send_to_group`, with a caller-chosen ackId (positive, unique per
+ * connection; a retry with the same id is answered as a duplicate). Ignored with
+ * `WPS_SEND_FIRE_AND_FORGET`.
+ *
+ * # Safety
+ * As `wps_client_send_to_group`.
+ */
+wps_status wps_client_send_to_group_with_ack_id(struct wps_client *c,
+                                                const char *group,
+                                                uint32_t data_type,
+                                                const uint8_t *data,
+                                                size_t len,
+                                                uint32_t flags,
+                                                uint64_t ack_id,
+                                                struct wps_ack_result *out);
+
+/**
+ * Like `wps_client_send_event`, with a caller-chosen ackId (see
+ * `wps_client_send_to_group_with_ack_id`).
+ *
+ * # Safety
+ * As `wps_client_send_event`.
+ */
+wps_status wps_client_send_event_with_ack_id(struct wps_client *c,
+                                             const char *event,
+                                             uint32_t data_type,
+                                             const uint8_t *data,
+                                             size_t len,
+                                             uint32_t flags,
+                                             uint64_t ack_id,
+                                             struct wps_ack_result *out);
+
+/**
+ * Like `wps_client_send_to_group_async`, with a caller-chosen ackId (see
+ * `wps_client_send_to_group_with_ack_id`).
+ *
+ * # Safety
+ * As `wps_client_send_to_group_async`.
+ */
+wps_status wps_client_send_to_group_with_ack_id_async(struct wps_client *c,
+                                                      const char *group,
+                                                      uint32_t data_type,
+                                                      const uint8_t *data,
+                                                      size_t len,
+                                                      uint32_t flags,
+                                                      uint64_t ack_id,
+                                                      wps_completion_cb cb,
+                                                      void *user_data,
+                                                      uint64_t *op_id);
+
+/**
+ * Like `wps_client_send_event_async`, with a caller-chosen ackId (see
+ * `wps_client_send_to_group_with_ack_id`).
+ *
+ * # Safety
+ * As `wps_client_send_event_async`.
+ */
+wps_status wps_client_send_event_with_ack_id_async(struct wps_client *c,
+                                                   const char *event,
+                                                   uint32_t data_type,
+                                                   const uint8_t *data,
+                                                   size_t len,
+                                                   uint32_t flags,
+                                                   uint64_t ack_id,
+                                                   wps_completion_cb cb,
+                                                   void *user_data,
+                                                   uint64_t *op_id);
+
+/**
  * Cancels a pending asynchronous operation: its completion reports
  * `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation).
  * `WPS_STATUS_INVALID_ARGUMENT` when no operation `op_id` is pending (already completed).
@@ -709,7 +783,7 @@ wps_status wps_client_invoke_event_async(wps_client *c,
  * # Safety
  * `c` is NULL or a live handle.
  */
-wps_status wps_client_cancel(wps_client *c, uint64_t op_id);
+wps_status wps_client_cancel(struct wps_client *c, uint64_t op_id);
 
 /**
  * Answers a credential request with the client URL to connect to (copied).
@@ -718,7 +792,7 @@ wps_status wps_client_cancel(wps_client *c, uint64_t op_id);
  * `r` is the result passed to the running credential callback; `url` is NULL or a
  * NUL-terminated string.
  */
-wps_status wps_credential_result_set_url(wps_credential_result *r, const char *url);
+wps_status wps_credential_result_set_url(struct wps_credential_result *r, const char *url);
 
 /**
  * Answers a credential request with a failure (the message is copied); the
@@ -728,13 +802,13 @@ wps_status wps_credential_result_set_url(wps_credential_result *r, const char *u
  * `r` is the result passed to the running credential callback; `message` is NULL or
  * a NUL-terminated string.
  */
-wps_status wps_credential_result_set_error(wps_credential_result *r, const char *message);
+wps_status wps_credential_result_set_error(struct wps_credential_result *r, const char *message);
 
 /**
  * Creates options holding the defaults (those of the official clients). Never NULL
  * except on allocation failure. Free with `wps_options_free`.
  */
-wps_options *wps_options_new(void);
+struct wps_options *wps_options_new(void);
 
 /**
  * Frees options (NULL is ignored). Clients created from them keep their own copy.
@@ -742,28 +816,28 @@ wps_options *wps_options_new(void);
  * # Safety
  * `o` is NULL or comes from `wps_options_new` and is not used afterwards.
  */
-void wps_options_free(wps_options *o);
+void wps_options_free(struct wps_options *o);
 
 /**
  * Subprotocol: `WPS_PROTOCOL_JSON_RELIABLE` (default) or `WPS_PROTOCOL_JSON`.
  */
-wps_status wps_options_set_protocol(wps_options *o, uint32_t protocol);
+wps_status wps_options_set_protocol(struct wps_options *o, uint32_t protocol);
 
 /**
  * Whether a lost session is replaced by a new connection (default true).
  */
-wps_status wps_options_set_auto_reconnect(wps_options *o, bool on);
+wps_status wps_options_set_auto_reconnect(struct wps_options *o, bool on);
 
 /**
  * Whether groups joined by the user are joined again after a reconnect (default true).
  */
-wps_status wps_options_set_auto_rejoin_groups(wps_options *o, bool on);
+wps_status wps_options_set_auto_rejoin_groups(struct wps_options *o, bool on);
 
 /**
  * Retry policy of operations (default 3 retries, 1000 ms, max 30000 ms, fixed).
  * `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
  */
-wps_status wps_options_set_message_retry(wps_options *o,
+wps_status wps_options_set_message_retry(struct wps_options *o,
                                          uint32_t max_retries,
                                          uint64_t delay_ms,
                                          uint64_t max_delay_ms,
@@ -773,7 +847,7 @@ wps_status wps_options_set_message_retry(wps_options *o,
  * Retry policy of reconnecting (default unbounded, 1000 ms, max 30000 ms, fixed).
  * `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
  */
-wps_status wps_options_set_reconnect_retry(wps_options *o,
+wps_status wps_options_set_reconnect_retry(struct wps_options *o,
                                            uint32_t max_retries,
                                            uint64_t delay_ms,
                                            uint64_t max_delay_ms,
@@ -783,29 +857,33 @@ wps_status wps_options_set_reconnect_retry(wps_options *o,
  * Keep-alive: send a ping every `interval_ms` (default 20000) and drop the
  * connection after `timeout_ms` of silence (default 120000); 0 disables either.
  */
-wps_status wps_options_set_keep_alive(wps_options *o, uint64_t interval_ms, uint64_t timeout_ms);
+wps_status wps_options_set_keep_alive(struct wps_options *o,
+                                      uint64_t interval_ms,
+                                      uint64_t timeout_ms);
 
 /**
  * How long an operation waits for its ack (default 30000 ms; must be above 0).
  */
-wps_status wps_options_set_ack_timeout_ms(wps_options *o, uint64_t ms);
+wps_status wps_options_set_ack_timeout_ms(struct wps_options *o, uint64_t ms);
 
 /**
  * How long `wps_client_start` waits for a connection (must be above 0).
  */
-wps_status wps_options_set_start_timeout_ms(wps_options *o, uint64_t ms);
+wps_status wps_options_set_start_timeout_ms(struct wps_options *o, uint64_t ms);
 
 /**
  * Reliable protocol recovery: how long to try (default 30000 ms) and the delay
  * between attempts (default 1000 ms).
  */
-wps_status wps_options_set_recovery(wps_options *o, uint64_t window_ms, uint64_t attempt_delay_ms);
+wps_status wps_options_set_recovery(struct wps_options *o,
+                                    uint64_t window_ms,
+                                    uint64_t attempt_delay_ms);
 
 /**
  * Reliable protocol: how often the delivered sequence id is acknowledged
  * (default 1000 ms; must be above 0).
  */
-wps_status wps_options_set_sequence_ack_interval_ms(wps_options *o, uint64_t ms);
+wps_status wps_options_set_sequence_ack_interval_ms(struct wps_options *o, uint64_t ms);
 
 /**
  * Adds trusted root certificates (PEM, one or more) for `wss://`, on top of the
@@ -814,7 +892,16 @@ wps_status wps_options_set_sequence_ack_interval_ms(wps_options *o, uint64_t ms)
  * # Safety
  * `pem` is NULL (with `len` 0) or points to `len` readable bytes.
  */
-wps_status wps_options_add_ca_pem(wps_options *o, const uint8_t *pem, size_t len);
+wps_status wps_options_add_ca_pem(struct wps_options *o, const uint8_t *pem, size_t len);
+
+/**
+ * The `User-Agent` header of the WebSocket upgrade (copied; printable ASCII, checked
+ * by `wps_client_new`). NULL sends none. Default `webpubsub-client-rust/{version}`.
+ *
+ * # Safety
+ * `ua` is NULL or a NUL-terminated string.
+ */
+wps_status wps_options_set_user_agent(struct wps_options *o, const char *ua);
 
 /**
  * Returns a static, NUL-terminated description of a status code; never NULL.

@@ -3,6 +3,26 @@
 //! Layers, bottom up: [`protocol`] (pure codec), [`transport`] (WebSocket over
 //! TCP/TLS), [`client`] (the handle and its connection task), [`runtime`] (the one
 //! process-wide tokio runtime every client runs on).
+//!
+//! ```no_run
+//! use webpubsub_client::{Client, ClientOptions, Credential, DataType, Event, SendToGroupOptions};
+//!
+//! # async fn demo() -> Result<(), webpubsub_client::Error> {
+//! let url = "wss://example.webpubsub.azure.com/client/hubs/chat?access_token=...".to_owned();
+//! let (client, mut events) = Client::with_channel(Credential::Url(url), ClientOptions::default())?;
+//! client.start().await?;
+//! client.join_group("room").await?;
+//! client.send_to_group("room", DataType::Text, "hello".into(), SendToGroupOptions::default()).await?;
+//! while let Some(event) = events.recv().await {
+//!     if let Event::GroupMessage { group, data, .. } = event {
+//!         println!("{group}: {}", String::from_utf8_lossy(&data));
+//!     }
+//! }
+//! client.stop().await;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod ffi;

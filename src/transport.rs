@@ -5,11 +5,14 @@
 //! line, which carries the access token, never reaches a log, and so that an HTTP
 //! refusal (401, 404, ...) becomes a clear error.
 
-use crate::client::Error;
+use crate::client::{ClientOptions, Error};
 use crate::protocol::Protocol;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -104,25 +107,21 @@ impl AsyncWrite for Stream {
 pub(crate) struct Connector {
     protocol: Protocol,
     extra_ca_pem: Arc<Vec<Vec<u8>>>,
-    tls: Arc<OnceLock<Result<Arc<rustls::ClientConfig>, String>>>,
+    user_agent: Option<Arc<str>>,
     config: WebSocketConfig,
 }
 
 impl Connector {
-    pub(crate) fn new(
-        protocol: Protocol,
-        extra_ca_pem: Vec<Vec<u8>>,
-        max_message_size: usize,
-    ) -> Connector {
+    pub(crate) fn new(options: &ClientOptions) -> Connector {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(WRITE_BUFFER)
-            .max_message_size(Some(max_message_size))
-            .max_frame_size(Some(max_message_size));
+            .max_message_size(Some(options.max_message_size))
+            .max_frame_size(Some(options.max_message_size));
         Connector {
-            protocol,
-            extra_ca_pem: Arc::new(extra_ca_pem),
-            tls: Arc::new(OnceLock::new()),
+            protocol: options.protocol,
+            extra_ca_pem: Arc::new(options.extra_ca_pem.clone()),
+            user_agent: options.user_agent.as_deref().map(Arc::from),
             config,
         }
     }
@@ -185,9 +184,14 @@ impl Connector {
 
     async fn upgrade(&self, mut stream: Stream, host: &str, target: &str) -> Result<Ws, Error> {
         let key = generate_key();
+        let user_agent = self
+            .user_agent
+            .as_deref()
+            .map(|ua| format!("User-Agent: {ua}\r\n"))
+            .unwrap_or_default();
         let request = format!(
             "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n{user_agent}\r\n",
             self.protocol.name()
         );
         let io_error = |e: io::Error| Error::Connect(format!("WebSocket upgrade: {e}"));
@@ -260,11 +264,48 @@ impl Connector {
     }
 
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
-        self.tls
-            .get_or_init(|| build_tls_config(&self.extra_ca_pem))
-            .clone()
-            .map_err(Error::Tls)
+        tls_config(&self.extra_ca_pem).map_err(Error::Tls)
     }
+}
+
+/// The TLS configuration for a set of extra CAs, built once per process and shared
+/// by every client with the same set (a root store is too big to copy per client).
+fn tls_config(extra_ca_pem: &[Vec<u8>]) -> Result<Arc<rustls::ClientConfig>, String> {
+    type Cache = Mutex<HashMap<Vec<Vec<u8>>, Arc<rustls::ClientConfig>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Some(config) = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(extra_ca_pem)
+    {
+        return Ok(config.clone());
+    }
+    let config = build_tls_config(extra_ca_pem)?;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(extra_ca_pem.to_vec(), config.clone());
+    Ok(config)
+}
+
+/// Checks that every extra CA PEM holds at least one parsable certificate.
+pub(crate) fn check_extra_ca(extra_ca_pem: &[Vec<u8>]) -> Result<(), String> {
+    parse_extra_ca(extra_ca_pem).map(drop)
+}
+
+fn parse_extra_ca(extra_ca_pem: &[Vec<u8>]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut certs = Vec::new();
+    for pem in extra_ca_pem {
+        let before = certs.len();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            certs.push(cert.map_err(|e| format!("extra CA certificate is not valid PEM: {e}"))?);
+        }
+        if certs.len() == before {
+            return Err("an extra CA PEM holds no certificate".into());
+        }
+    }
+    Ok(certs)
 }
 
 /// The platform's trusted roots, loaded once per process.
@@ -283,21 +324,11 @@ fn platform_roots() -> &'static RootCertStore {
 }
 
 fn build_tls_config(extra_ca_pem: &[Vec<u8>]) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
     let mut roots = platform_roots().clone();
-    for pem in extra_ca_pem {
-        let mut count = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| format!("extra CA certificate is not valid PEM: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("extra CA certificate rejected: {e}"))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err("an extra CA PEM holds no certificate".into());
-        }
+    for cert in parse_extra_ca(extra_ca_pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("extra CA certificate rejected: {e}"))?;
     }
     if roots.is_empty() {
         return Err("no trusted root certificates (none on the platform and no extra CA)".into());

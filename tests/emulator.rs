@@ -765,3 +765,40 @@ async fn idle_clients_cost_no_thread() {
     }
     first.stop().await;
 }
+
+#[tokio::test]
+async fn blocking_calls_work_from_a_plain_thread() {
+    let emulator = emulator().await;
+    let url = emulator.client_url(HUB, &token("plain"));
+    let thread = std::thread::spawn(move || {
+        use webpubsub_client::runtime::block_on;
+        let (client, mut events) =
+            Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+        block_on(client.start()).unwrap();
+        block_on(client.join_group("g")).unwrap();
+        block_on(client.send_to_group(
+            "g",
+            DataType::Text,
+            text("sync"),
+            SendToGroupOptions::default(),
+        ))
+        .unwrap();
+        block_on(client.stop());
+        let mut seen = Vec::new();
+        while let Some(event) = events.blocking_recv() {
+            let stopped = event == Event::Stopped;
+            seen.push(event);
+            if stopped {
+                break;
+            }
+        }
+        seen
+    });
+    let seen = tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(seen[0], Event::Connected { .. }));
+    assert_eq!(message_text(&seen[1]).as_deref(), Some("sync"));
+    assert!(matches!(seen[2], Event::Disconnected { .. }));
+    assert_eq!(seen[3], Event::Stopped);
+}

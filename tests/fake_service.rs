@@ -46,7 +46,11 @@ impl Fake {
         let seen = uri.clone();
         let ws =
             tokio_tungstenite::accept_hdr_async(tcp, move |req: &Request, mut resp: Response| {
-                *seen.lock().unwrap() = req.uri().to_string();
+                let agent = req
+                    .headers()
+                    .get("User-Agent")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                *seen.lock().unwrap() = format!("{} {}", req.uri(), agent.unwrap_or_default());
                 let offered = req.headers().get("Sec-WebSocket-Protocol").cloned();
                 if let Some(protocol) = offered {
                     resp.headers_mut()
@@ -56,8 +60,13 @@ impl Fake {
             })
             .await
             .unwrap();
-        let uri = uri.lock().unwrap().clone();
-        (Conn { ws }, uri)
+        let seen = uri.lock().unwrap().clone();
+        let (uri, agent) = seen.split_once(' ').unwrap();
+        assert!(
+            agent.starts_with("webpubsub-client-rust/"),
+            "User-Agent {agent:?}"
+        );
+        (Conn { ws }, uri.to_owned())
     }
 }
 
@@ -554,4 +563,71 @@ async fn close_1008_loses_the_session_then_reconnects_with_a_fresh_url_and_rejoi
     client.stop().await;
     let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
     assert_eq!(event, Event::Stopped);
+}
+
+#[tokio::test]
+async fn a_new_reconnection_token_is_used_by_the_next_recovery() {
+    let fake = Fake::new().await;
+    let (client, mut events, conn) = connect(&fake, quiet_options()).await;
+    drop(conn);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(uri.ends_with("awps_reconnection_token=rt1"), "{uri}");
+    conn.connected("conn1", "rt2").await;
+    conn.send(&server_message("m", 1)).await;
+    next_event(&mut events, 5).await;
+    drop(conn);
+    let (_conn, uri) = fake.accept().await;
+    assert!(
+        uri.ends_with("awps_connection_id=conn1&awps_reconnection_token=rt2"),
+        "{uri}"
+    );
+    assert!(
+        events.try_recv().is_err(),
+        "no connected event after a recovery"
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn reconnecting_gives_up_per_the_retry_policy_and_stops() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        reconnect_retry: webpubsub_client::RetryOptions {
+            max_retries: Some(2),
+            delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(50),
+            mode: webpubsub_client::RetryMode::Fixed,
+        },
+        ..quiet_options()
+    };
+    let (client, mut events, mut conn) = connect(&fake, options).await;
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.join_group("g").await });
+    conn.recv().await;
+    drop(fake);
+    conn.ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Policy,
+            reason: "gone".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        pending.await.unwrap(),
+        Err(Error::NotConnected),
+        "pending ops fail when the session is lost"
+    );
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected {
+            close_code: Some(1008),
+            ..
+        }
+    ));
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Stopped,
+        "1 attempt + 2 retries, then stopped"
+    );
+    assert_eq!(client.state(), ClientState::Stopped);
 }

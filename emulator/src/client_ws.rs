@@ -252,11 +252,23 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
         conn: conn.clone(),
         upstream_tx: None,
     };
-    let end = reader.run(stream, &kill).await;
+    let (end, stream) = reader.run(stream, &kill).await;
     if end != End::ServerClosing {
         kill.cancel();
     }
-    let _ = writer.await;
+    if let Ok(sink) = writer.await {
+        if matches!(end, End::ClientClosed { .. }) {
+            // Send the close reply tungstenite queued for the client's close frame.
+            if let Ok(mut ws) = stream.reunite(sink) {
+                let _ = tokio::time::timeout(CLOSE_GRACE, ws.close()).await;
+            }
+        }
+    }
+    let end = match end {
+        End::ClientClosed { normal: true } => End::Closed,
+        End::ClientClosed { normal: false } => End::Abrupt,
+        other => other,
+    };
     if !conn.detach(epoch) {
         return; // a recovery attached a newer socket
     }
@@ -300,13 +312,14 @@ fn close_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
+/// Writes queued frames in batches; returns the sink for a final close handshake.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Out>,
     kill: CancellationToken,
     shutdown: CancellationToken,
     server: Arc<Server>,
-) {
+) -> SplitSink<WebSocket, Message> {
     let mut close = None;
     let mut grace = CLOSE_GRACE;
     'outer: loop {
@@ -366,6 +379,7 @@ async fn write_loop(
         }
     }
     kill.cancel();
+    sink
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -374,6 +388,9 @@ enum End {
     Abrupt,
     /// Closed by the client or the server on purpose.
     Closed,
+    /// The client sent a close frame: reply; a normal code (1000, 1001, none) ends the
+    /// session, any other keeps a reliable one recoverable.
+    ClientClosed { normal: bool },
     /// The server queued a close but can read no more: let the writer finish it.
     ServerClosing,
 }
@@ -417,7 +434,16 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(&mut self, mut stream: SplitStream<WebSocket>, kill: &CancellationToken) -> End {
+    async fn run(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        kill: &CancellationToken,
+    ) -> (End, SplitStream<WebSocket>) {
+        let end = self.read(&mut stream, kill).await;
+        (end, stream)
+    }
+
+    async fn read(&mut self, stream: &mut SplitStream<WebSocket>, kill: &CancellationToken) -> End {
         // Once the server has queued a close, frames are read (for the client's close
         // reply) but ignored.
         let mut closing = false;
@@ -447,15 +473,13 @@ impl Reader {
                     return if closing { End::Closed } else { End::Abrupt };
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    // A normal close ends the session; any other code keeps a reliable
-                    // session recoverable (the client may be about to recover).
                     let normal = frame
                         .as_ref()
                         .map_or(true, |f| matches!(f.code, 1000 | 1001));
-                    return if normal || closing {
+                    return if closing {
                         End::Closed
                     } else {
-                        End::Abrupt
+                        End::ClientClosed { normal }
                     };
                 }
                 Some(Ok(m)) => m,

@@ -287,3 +287,15 @@ async fn bad_tokens_get_401_before_upgrade() {
     );
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_close_gets_a_close_reply() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    a.inner.close(None).await.unwrap();
+    let end = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut a.inner))
+        .await
+        .expect("the reply in time");
+    assert!(matches!(end, Some(Ok(Message::Close(_))) | None), "{end:?}");
+    emu.shutdown().await;
+}

@@ -299,3 +299,30 @@ async fn periodic_drop_fault_then_recovery() {
     assert!(stats(&emu).await["faultDrops"].as_u64().unwrap() >= 1);
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn recovery_replaces_a_socket_that_is_still_open() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("b"));
+    let (mut old, connected) = connect_json(&url, RELIABLE).await;
+    assert_ack_ok(&old.join("g", 1).await);
+    let (mut new, again) = connect_json(&recovery_url(&url, &connected), RELIABLE).await;
+    assert_eq!(again["connectionId"], connected["connectionId"]);
+    old.expect_abrupt_end().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    a.send_json(text("g", "to the new socket")).await;
+    assert_eq!(new.next_json().await["data"], "to the new socket");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn random_keys_differ() {
+    let (a, b) = (start().await, start().await);
+    assert_ne!(a.access_key(), b.access_key());
+    assert!(a.access_key().len() >= 32);
+    assert!(a
+        .connection_string()
+        .contains(&format!("AccessKey={};", a.access_key())));
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -40,24 +40,28 @@ impl Drop for DropSignal {
 struct Upstream {
     url: String,
     seen: mpsc::UnboundedReceiver<Seen>,
+    system: mpsc::UnboundedReceiver<String>,
     cancelled: mpsc::UnboundedReceiver<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
 /// Replies by event name: `echo` returns the body with its content type, `empty` 200
-/// with no body, `fail` 500, `hang` never answers. System events are not recorded.
+/// with no body, `fail` 500, `hang` never answers. System events go to `system`.
 async fn upstream() -> Upstream {
     let (seen_tx, seen) = mpsc::unbounded_channel();
     let (cancel_tx, cancelled) = mpsc::unbounded_channel();
+    let (system_tx, system) = mpsc::unbounded_channel();
     let seen_tx = Arc::new(seen_tx);
     let app = axum::Router::new().route(
         "/events",
         post(move |headers: HeaderMap, body: Bytes| {
             let seen_tx = seen_tx.clone();
             let cancel_tx = cancel_tx.clone();
+            let system_tx = system_tx.clone();
             async move {
                 let ce_type = headers["ce-type"].to_str().unwrap().to_owned();
                 if !ce_type.starts_with("azure.webpubsub.user.") {
+                    let _ = system_tx.send(ce_type);
                     return StatusCode::NO_CONTENT.into_response();
                 }
                 let event = headers["ce-eventName"].to_str().unwrap().to_owned();
@@ -93,6 +97,7 @@ async fn upstream() -> Upstream {
     Upstream {
         url,
         seen,
+        system,
         cancelled,
         task,
     }
@@ -283,4 +288,26 @@ async fn unreachable_upstream_is_an_internal_server_error() {
     let r = a.next_json().await;
     assert_eq!(r["error"]["name"], "InternalServerError");
     emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn connected_and_disconnected_system_events() {
+    let mut up = upstream().await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    let (a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    let event = tokio::time::timeout(WAIT, up.system.recv())
+        .await
+        .expect("connected");
+    assert_eq!(event.as_deref(), Some("azure.webpubsub.sys.connected"));
+    a.close().await;
+    let event = tokio::time::timeout(WAIT, up.system.recv())
+        .await
+        .expect("disconnected");
+    assert_eq!(event.as_deref(), Some("azure.webpubsub.sys.disconnected"));
+    emu.shutdown().await;
+    up.task.abort();
 }

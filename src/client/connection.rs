@@ -118,11 +118,7 @@ pub(crate) fn spawn(
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
     let task = Task {
         shared: shared.clone(),
-        connector: Connector::new(
-            options.protocol,
-            options.extra_ca_pem.clone(),
-            options.max_message_size,
-        ),
+        connector: Connector::new(&options),
         pending: Pending::new(options.ack_timeout, options.message_retry.clone()),
         options,
         credential,
@@ -501,9 +497,13 @@ impl Task {
         let connection_id = self.session.take().map(|s| s.connection_id);
         let message = self.disconnect_message.take().or(message);
         warn!(
-            "connection {} lost (close code {close_code:?}: {})",
+            "connection {} lost ({}close code {}): the session cannot be recovered",
             connection_id.as_deref().unwrap_or("-"),
-            message.as_deref().unwrap_or("")
+            message
+                .as_deref()
+                .map(|m| format!("{m}; "))
+                .unwrap_or_default(),
+            close_code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
         );
         self.shared.set_connection_id(None);
         self.sequence.reset();

@@ -100,6 +100,9 @@ pub struct ClientOptions {
     pub extra_ca_pem: Vec<Vec<u8>>,
     /// Largest incoming WebSocket message accepted (default 16 MiB).
     pub max_message_size: usize,
+    /// The `User-Agent` header of the WebSocket upgrade; `None` sends none
+    /// (default `webpubsub-client-rust/{version}`). Printable ASCII only.
+    pub user_agent: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -120,6 +123,9 @@ impl Default for ClientOptions {
             sequence_ack_jump: 300,
             extra_ca_pem: Vec::new(),
             max_message_size: 16 << 20,
+            user_agent: Some(
+                concat!("webpubsub-client-rust/", env!("CARGO_PKG_VERSION")).to_owned(),
+            ),
         }
     }
 }
@@ -146,6 +152,12 @@ impl ClientOptions {
                 return Err(format!(
                     "{name} must be None (disabled) or greater than zero"
                 ));
+            }
+        }
+        crate::transport::check_extra_ca(&self.extra_ca_pem)?;
+        if let Some(ua) = &self.user_agent {
+            if !ua.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                return Err("user_agent must be printable ASCII".into());
             }
         }
         if self.max_message_size < 1024 {
@@ -205,6 +217,11 @@ mod tests {
             ..Default::default()
         };
         assert!(o.validate().unwrap_err().contains("ack_timeout"));
+        let o = ClientOptions {
+            user_agent: Some("x\r\nInjected: 1".into()),
+            ..Default::default()
+        };
+        assert!(o.validate().unwrap_err().contains("user_agent"));
         let o = ClientOptions {
             keep_alive_interval: Some(Duration::ZERO),
             ..Default::default()

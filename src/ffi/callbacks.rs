@@ -315,6 +315,11 @@ impl EventSink {
         }));
     }
 
+    /// Stops event delivery at once (a callback already running finishes).
+    pub(crate) fn close_now(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
     /// Queues the last job of this client: after it no event callback runs, and the
     /// user data finalizer has run; then `done` runs.
     pub(crate) fn close_then(self: &Arc<Self>, done: impl FnOnce() + Send + 'static) {

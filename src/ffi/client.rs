@@ -270,13 +270,13 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
     })
 }
 
-/// Frees a client (NULL is ignored): stops it, completes every pending operation
-/// (`WPS_STATUS_STOPPED`, or the outcome that was already on its way), waits for the
-/// running callbacks and runs the finalizers. When it returns, no callback of this
-/// client is running or will run.
+/// Frees a client (NULL is ignored): completes every pending operation with
+/// `WPS_STATUS_STOPPED` (unless its outcome was already queued), stops the client,
+/// waits for the running callbacks and runs the finalizers. When it returns, no
+/// callback of this client is running or will run.
 ///
-/// Inside a callback, the teardown is deferred: the client's remaining callbacks are
-/// dropped, its pending operations complete with `WPS_STATUS_STOPPED` and the
+/// Inside a callback, the teardown is deferred: no further event of this client is
+/// delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
 /// finalizers run on library threads after the current callback returns. In a fork()
 /// child the handle is left alone (its threads do not exist there).
 ///
@@ -288,31 +288,36 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
         if c.is_null() {
             return;
         }
-        let shared = *Box::from_raw(c.cast::<Arc<Shared>>());
+        // The handle stays allocated until the client's last callback ran, so a
+        // callback still running during the teardown may use it.
+        let handle = Box::from_raw(c.cast::<Arc<Shared>>());
         if runtime().is_err() {
-            std::mem::forget(shared);
+            std::mem::forget(handle);
             return;
         }
+        let shared = Arc::clone(&handle);
         if in_callback() {
+            shared.sink.close_now();
             shared.stop_all_ops();
-            shared.sink.close_then(|| {});
-            let _ = runtime().map(|rt| {
+            shared.sink.close_then(move || drop(handle));
+            if let Ok(rt) = runtime() {
                 rt.spawn(async move {
                     shared.client.stop().await;
                     if let Some(cred) = &shared.credential {
                         cred.close(false);
                     }
-                })
-            });
+                });
+            }
         } else {
+            shared.stop_all_ops();
             let client = shared.client.clone();
             let _ = block(async move { client.stop().await });
-            shared.stop_all_ops();
             if let Some(cred) = &shared.credential {
                 cred.close(true);
             }
             let (tx, rx) = mpsc::sync_channel(1);
             shared.sink.close_then(move || {
+                drop(handle);
                 let _ = tx.send(());
             });
             let _ = rx.recv();
@@ -482,6 +487,7 @@ impl AckOp {
         data: *const u8,
         len: usize,
         flags: u32,
+        ack_id: Option<u64>,
     ) -> FfiResult<AckOp> {
         let group = str_arg(group, "group")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
@@ -490,7 +496,7 @@ impl AckOp {
         let opts = SendToGroupOptions {
             no_echo,
             fire_and_forget,
-            ..SendToGroupOptions::default()
+            ack_id,
         };
         Ok(AckOp::SendToGroup(group, t, d, opts))
     }
@@ -501,13 +507,14 @@ impl AckOp {
         data: *const u8,
         len: usize,
         flags: u32,
+        ack_id: Option<u64>,
     ) -> FfiResult<AckOp> {
         let event = str_arg(event, "event")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
         let (_, fire_and_forget) = send_flags(flags, WPS_SEND_FIRE_AND_FORGET)?;
         let opts = SendEventOptions {
             fire_and_forget,
-            ..SendEventOptions::default()
+            ack_id,
         };
         Ok(AckOp::SendEvent(event, t, d, opts))
     }
@@ -644,7 +651,7 @@ pub unsafe extern "C" fn wps_client_send_to_group(
     guard(|| {
         run_blocking(
             c,
-            AckOp::send_to_group(group, data_type, data, len, flags),
+            AckOp::send_to_group(group, data_type, data, len, flags, None),
             out,
         )
     })
@@ -668,7 +675,7 @@ pub unsafe extern "C" fn wps_client_send_event(
     guard(|| {
         run_blocking(
             c,
-            AckOp::send_event(event, data_type, data, len, flags),
+            AckOp::send_event(event, data_type, data, len, flags, None),
             out,
         )
     })
@@ -805,7 +812,7 @@ pub unsafe extern "C" fn wps_client_send_to_group_async(
     guard(|| {
         run_async_ack(
             c,
-            AckOp::send_to_group(group, data_type, data, len, flags),
+            AckOp::send_to_group(group, data_type, data, len, flags, None),
             cb,
             user_data,
             op_id,
@@ -832,7 +839,7 @@ pub unsafe extern "C" fn wps_client_send_event_async(
     guard(|| {
         run_async_ack(
             c,
-            AckOp::send_event(event, data_type, data, len, flags),
+            AckOp::send_event(event, data_type, data, len, flags, None),
             cb,
             user_data,
             op_id,
@@ -865,6 +872,99 @@ pub unsafe extern "C" fn wps_client_invoke_event_async(
         let fut =
             move |client: Client| Ok(async move { client.invoke_event(&event, t, d, opts).await });
         run_async(c, fut, OwnedCompletion::from_invoke, cb, user_data, op_id)
+    })
+}
+
+/// Like `wps_client_send_to_group`, with a caller-chosen ackId (positive, unique per
+/// connection; a retry with the same id is answered as a duplicate). Ignored with
+/// `WPS_SEND_FIRE_AND_FORGET`.
+///
+/// # Safety
+/// As `wps_client_send_to_group`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_to_group_with_ack_id(
+    c: *mut wps_client,
+    group: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_to_group(group, data_type, data, len, flags, Some(ack_id));
+        run_blocking(c, op, out)
+    })
+}
+
+/// Like `wps_client_send_event`, with a caller-chosen ackId (see
+/// `wps_client_send_to_group_with_ack_id`).
+///
+/// # Safety
+/// As `wps_client_send_event`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_event_with_ack_id(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    out: *mut wps_ack_result,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_event(event, data_type, data, len, flags, Some(ack_id));
+        run_blocking(c, op, out)
+    })
+}
+
+/// Like `wps_client_send_to_group_async`, with a caller-chosen ackId (see
+/// `wps_client_send_to_group_with_ack_id`).
+///
+/// # Safety
+/// As `wps_client_send_to_group_async`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_to_group_with_ack_id_async(
+    c: *mut wps_client,
+    group: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_to_group(group, data_type, data, len, flags, Some(ack_id));
+        run_async_ack(c, op, cb, user_data, op_id)
+    })
+}
+
+/// Like `wps_client_send_event_async`, with a caller-chosen ackId (see
+/// `wps_client_send_to_group_with_ack_id`).
+///
+/// # Safety
+/// As `wps_client_send_event_async`.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_send_event_with_ack_id_async(
+    c: *mut wps_client,
+    event: *const c_char,
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    ack_id: u64,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let op = AckOp::send_event(event, data_type, data, len, flags, Some(ack_id));
+        run_async_ack(c, op, cb, user_data, op_id)
     })
 }
 

@@ -1,11 +1,12 @@
 //! `wps_options`: an opaque builder of client options, copied by `wps_client_new`.
 
+use std::ffi::c_char;
 use std::time::Duration;
 
 use crate::client::{ClientOptions, RetryMode, RetryOptions};
 use crate::protocol::Protocol;
 
-use super::convert::{bytes_arg, handle_mut};
+use super::convert::{bytes_arg, handle_mut, str_arg};
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
     fail, wps_status, WPS_PROTOCOL_JSON, WPS_PROTOCOL_JSON_RELIABLE, WPS_RETRY_EXPONENTIAL,
@@ -227,6 +228,26 @@ pub unsafe extern "C" fn wps_options_add_ca_pem(
             return Err(fail(WPS_STATUS_INVALID_ARGUMENT, "`pem` is empty"));
         }
         opts.extra_ca_pem.push(pem.to_vec());
+        Ok(())
+    })
+}
+
+/// The `User-Agent` header of the WebSocket upgrade (copied; printable ASCII, checked
+/// by `wps_client_new`). NULL sends none. Default `webpubsub-client-rust/{version}`.
+///
+/// # Safety
+/// `ua` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn wps_options_set_user_agent(
+    o: *mut wps_options,
+    ua: *const c_char,
+) -> wps_status {
+    with(o, |opts| {
+        opts.user_agent = if ua.is_null() {
+            None
+        } else {
+            Some(str_arg(ua, "ua")?.to_owned())
+        };
         Ok(())
     })
 }

@@ -103,32 +103,58 @@ pub struct ErrorDetail {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
     /// `joinGroup`.
-    JoinGroup { group: String, ack_id: Option<u64> },
+    JoinGroup {
+        /// The group to join.
+        group: String,
+        /// Asks for an ack when set.
+        ack_id: Option<u64>,
+    },
     /// `leaveGroup`.
-    LeaveGroup { group: String, ack_id: Option<u64> },
+    LeaveGroup {
+        /// The group to leave.
+        group: String,
+        /// Asks for an ack when set.
+        ack_id: Option<u64>,
+    },
     /// `sendToGroup`: publish to a group.
     SendToGroup {
+        /// The target group.
         group: String,
+        /// Asks for an ack when set.
         ack_id: Option<u64>,
+        /// Do not deliver back to the sender.
         no_echo: bool,
+        /// The payload.
         data: Data,
     },
     /// `event`: a user event for the upstream server.
     Event {
+        /// The event name.
         event: String,
+        /// Asks for an ack when set.
         ack_id: Option<u64>,
+        /// The payload.
         data: Data,
     },
     /// `invoke`: a request whose reply is an `invokeResponse`.
     Invoke {
+        /// Matches the reply to the request.
         invocation_id: String,
+        /// The event name (target `event`).
         event: String,
+        /// The payload.
         data: Data,
     },
     /// `cancelInvocation`: the caller no longer waits for the reply.
-    CancelInvocation { invocation_id: String },
+    CancelInvocation {
+        /// The invocation given up.
+        invocation_id: String,
+    },
     /// `sequenceAck`: everything up to this sequence id was delivered.
-    SequenceAck { sequence_id: u64 },
+    SequenceAck {
+        /// The highest sequence id delivered.
+        sequence_id: u64,
+    },
     /// `ping`: keep-alive.
     Ping,
 }
@@ -138,41 +164,63 @@ pub enum Upstream {
 pub enum Downstream {
     /// The answer to an upstream frame that carried an ackId.
     Ack {
+        /// The ackId answered.
         ack_id: u64,
+        /// Whether the operation succeeded.
         success: bool,
+        /// Why it failed (`Duplicate` means it had already succeeded).
         error: Option<ErrorDetail>,
     },
     /// A message published to a group the client joined.
     GroupMessage {
+        /// The group.
         group: String,
+        /// The publisher's user id, if any.
         from_user_id: Option<String>,
+        /// The payload.
         data: Data,
+        /// Present on reliable protocols.
         sequence_id: Option<u64>,
     },
     /// A message from the server side (REST API or upstream).
     ServerMessage {
+        /// The payload.
         data: Data,
+        /// Present on reliable protocols.
         sequence_id: Option<u64>,
     },
     /// The reply to an `invoke`: `data` on success, `error` on failure.
     InvokeResponse {
+        /// The invocation answered.
         invocation_id: String,
+        /// Whether the invocation succeeded.
         success: bool,
+        /// The reply payload, if any.
         data: Option<Data>,
+        /// Why it failed.
         error: Option<ErrorDetail>,
     },
     /// `system`/`connected`: the first frame of a connection.
     Connected {
+        /// The service's id of the connection.
         connection_id: String,
+        /// The token's user id (may be null).
         user_id: Option<String>,
+        /// Recovers this connection (reliable protocols only).
         reconnection_token: Option<String>,
     },
     /// `system`/`disconnected`: the service is about to close the socket.
-    Disconnected { message: Option<String> },
+    Disconnected {
+        /// The reason.
+        message: Option<String>,
+    },
     /// The reply to a `ping`.
     Pong,
     /// A frame whose `type` (or `from`/`event`) this codec does not know; ignored.
-    Unknown { kind: String },
+    Unknown {
+        /// The frame's `type`.
+        kind: String,
+    },
 }
 
 impl Downstream {

@@ -28,9 +28,12 @@ emulator="$lib_dir/webpubsub-emulator"
 out="${CARGO_TARGET_DIR:-$root/target}/c-tests/$mode"
 mkdir -p "$out"
 
+# The emulator logs to stderr; keep only its warnings unless asked otherwise.
+export RUST_LOG=${RUST_LOG:-warn}
+
 cc=${CC:-cc}
 cxx=${CXX:-c++}
-warn=(-Wall -Wextra -Werror)
+warn=(-Wall -Wextra -Wpedantic -Werror)
 flags=(-g -O1 -pthread -I"$root/include" -I"$here")
 link=(-L"$lib_dir" -Wl,-rpath,"$lib_dir" -lwebpubsub_client -pthread)
 if [ "$mode" = asan ]; then
@@ -42,23 +45,41 @@ fi
 "$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$here/harness.c" "$here/support.c" "${link[@]}" -o "$out/harness"
 "$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$root/examples/c/chat.c" "${link[@]}" -o "$out/chat"
 
+# A throwaway test CA and a 127.0.0.1 server certificate for the wss test.
+tls="$out/tls"
+mkdir -p "$tls"
+command -v openssl >/dev/null || { echo "openssl is needed to make the test certificates" >&2; exit 2; }
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=wps-test-ca -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
+    -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$tls/key.pem" -out "$tls/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' > "$tls/ext.cnf"
+openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial -days 2 \
+    -extfile "$tls/ext.cnf" -out "$tls/cert.pem" 2>/dev/null
+
 case "$mode" in
 plain)
     "$out/header_check"
-    exec "$out/harness" "$emulator" "$out/chat"
+    exec "$out/harness" "$emulator" "$out/chat" "$tls"
     ;;
 asan)
     export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
     export LSAN_OPTIONS=suppressions="$here/lsan.supp":print_suppressions=0
     export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     "$out/header_check"
-    exec "$out/harness" "$emulator" "$out/chat"
+    exec "$out/harness" "$emulator" "$out/chat" "$tls"
     ;;
 valgrind)
-    command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
-    vg=(valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible
+    if ! command -v valgrind >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq valgrind >/dev/null
+        fi
+        command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
+    fi
+    vg=(valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible --num-callers=40
         --suppressions="$here/valgrind.supp" --trace-children=no)
     "${vg[@]}" "$out/header_check"
-    exec "${vg[@]}" "$out/harness" "$emulator" "$out/chat"
+    exec "${vg[@]}" "$out/harness" "$emulator" "$out/chat" "$tls"
     ;;
 esac

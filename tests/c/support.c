@@ -156,6 +156,7 @@ int emulator_start(emulator *e, const char *bin, const char *const *extra_args) 
         return -1;
     }
     e->port = atoi(port + 5);
+    e->tls = strstr(line, "Endpoint=https://") != NULL;
     key += strlen("AccessKey=");
     size_t n = strcspn(key, ";\r\n");
     if (n >= sizeof e->key) n = sizeof e->key - 1;
@@ -191,7 +192,7 @@ char *emulator_client_url(const emulator *e, const char *hub, const char *user, 
     char *token = jwt_sign(e->key, claims);
     size_t n = strlen(token) + strlen(hub) + 128;
     char *url = malloc(n);
-    snprintf(url, n, "ws://127.0.0.1:%d/client/hubs/%s?access_token=%s", e->port, hub, token);
+    snprintf(url, n, "%s://127.0.0.1:%d/client/hubs/%s?access_token=%s", e->tls ? "wss" : "ws", e->port, hub, token);
     free(token);
     return url;
 }
@@ -307,6 +308,7 @@ static void *serve_conn(void *p) {
     int fd = a->fd;
     free(a);
     char buf[65536];
+    buf[0] = 0;
     size_t have = 0;
     char *end = NULL;
     while (have < sizeof buf - 1 && !(end = strstr(buf, "\r\n\r\n"))) {

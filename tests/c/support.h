@@ -19,6 +19,7 @@ char *jwt_sign(const char *key, const char *claims_json);
 typedef struct {
     pid_t pid;
     int port;
+    int tls;
     char key[256];
 } emulator;
 
@@ -26,7 +27,8 @@ typedef struct {
 int emulator_start(emulator *e, const char *bin, const char *const *extra_args);
 /* Stops it (SIGTERM, then waits); returns the exit status or -1. */
 int emulator_stop(emulator *e);
-/* A client URL for `hub` with a token for `user` (NULL = anonymous) and a JSON array of roles. */
+/* A client URL for `hub` with a token for `user` (NULL = anonymous) and a JSON array of
+ * roles; wss:// when the emulator serves TLS. */
 char *emulator_client_url(const emulator *e, const char *hub, const char *user, const char *roles_json);
 
 /* Sends an HTTP request to 127.0.0.1:port; returns the status code or -1. Optional body and

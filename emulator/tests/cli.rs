@@ -1,0 +1,79 @@
+//! The binary: connection string first on stdout, clean exit on SIGTERM, bad flags.
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_webpubsub-emulator");
+
+#[test]
+fn prints_the_connection_string_and_stops_on_sigterm() {
+    let mut child = Command::new(BIN)
+        .args(["--port", "0", "--access-key", "k3y"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let rest = line
+        .trim_end()
+        .strip_prefix("Endpoint=http://127.0.0.1;Port=")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let (port, tail) = rest.split_once(';').unwrap();
+    assert!(port.parse::<u16>().unwrap() > 0);
+    assert_eq!(tail, "AccessKey=k3y;Version=1.0;");
+    // It serves: the stats route answers.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap()))
+        .expect("listening");
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_flags_fail_with_a_message() {
+    let out = Command::new(BIN)
+        .args(["--port", "notaport"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--port"));
+    let out = Command::new(BIN)
+        .args(["--tls-cert", "/nonexistent.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "--tls-cert needs --tls-key");
+    let out = Command::new(BIN)
+        .args([
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            "/nonexistent.pem",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
+}

@@ -1,0 +1,177 @@
+//! The C ABI driven from Rust, like a C program would: many clients on a few
+//! dispatcher threads, ordered events, finalizers exactly once. (The full C harness is
+//! `tests/c/run.sh`.)
+
+use std::ffi::{c_void, CStr, CString};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_GROUP_MESSAGE};
+use webpubsub_client::ffi::client::{
+    wps_client, wps_client_free, wps_client_join_group, wps_client_new, wps_client_send_to_group,
+    wps_client_start,
+};
+use webpubsub_client::ffi::status::{wps_last_error_message, WPS_DATA_TYPE_TEXT, WPS_STATUS_OK};
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+/// What one client's callbacks saw.
+#[derive(Default)]
+struct Seen {
+    messages: Vec<String>,
+    threads: Vec<String>,
+    freed: usize,
+}
+
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Seen>,
+    changed: Condvar,
+}
+
+impl Recorder {
+    fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = self.seen.lock().unwrap();
+        while !done(&seen) {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
+            seen = self.changed.wait_timeout(seen, left).unwrap().0;
+        }
+    }
+}
+
+unsafe extern "C" fn on_event(user_data: *mut c_void, event: *const wps_event) {
+    let rec = &*(user_data as *const Recorder);
+    let event = &*event;
+    let mut seen = rec.seen.lock().unwrap();
+    let name = std::thread::current().name().unwrap_or("").to_owned();
+    seen.threads.push(name);
+    if event.kind == WPS_EVENT_GROUP_MESSAGE {
+        let data = std::slice::from_raw_parts(event.data, event.data_len);
+        seen.messages
+            .push(String::from_utf8_lossy(data).into_owned());
+    }
+    rec.changed.notify_all();
+}
+
+unsafe extern "C" fn on_free(user_data: *mut c_void) {
+    let rec = &*(user_data as *const Recorder);
+    rec.seen.lock().unwrap().freed += 1;
+    rec.changed.notify_all();
+}
+
+fn check(status: u32, what: &str) {
+    if status != WPS_STATUS_OK {
+        let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
+        panic!("{what}: status {status}: {detail:?}");
+    }
+}
+
+/// How many clients fit this process's open-file limit (two sockets each, the
+/// emulator runs in-process), at most `wanted`.
+fn clients_within_fd_limit(wanted: usize) -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let soft: Option<usize> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok());
+    soft.map_or(wanted, |n| wanted.min(n.saturating_sub(64) / 2))
+}
+
+fn thread_count() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line["Threads:".len()..].trim().parse().unwrap()
+}
+
+#[test]
+fn many_clients_share_a_few_dispatcher_threads_and_events_stay_ordered() {
+    const MESSAGES: usize = 50;
+    let clients_wanted = clients_within_fd_limit(1000);
+    assert!(
+        clients_wanted >= 100,
+        "the open-file limit is too low for this test"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let token = TokenOptions {
+        user_id: Some("u".into()),
+        roles: vec![
+            "webpubsub.joinLeaveGroup".into(),
+            "webpubsub.sendToGroup".into(),
+        ],
+        ..TokenOptions::default()
+    };
+    let url = CString::new(emulator.client_url("hub", &token)).unwrap();
+    let group = c"g";
+
+    let recorders: Vec<Box<Recorder>> = (0..clients_wanted).map(|_| Box::default()).collect();
+    let mut clients: Vec<*mut wps_client> = Vec::new();
+    let mut before = 0;
+    for (i, rec) in recorders.iter().enumerate() {
+        let mut c = std::ptr::null_mut();
+        let user_data = &**rec as *const Recorder as *mut c_void;
+        let status = unsafe {
+            wps_client_new(
+                url.as_ptr(),
+                std::ptr::null(),
+                Some(on_event),
+                user_data,
+                Some(on_free),
+                &mut c,
+            )
+        };
+        check(status, "wps_client_new");
+        check(unsafe { wps_client_start(c) }, "wps_client_start");
+        if i == 0 {
+            before = thread_count();
+        }
+        clients.push(c);
+    }
+    let grown = thread_count().saturating_sub(before);
+    assert!(grown <= 8, "{clients_wanted} clients added {grown} threads");
+
+    let (sender, receiver) = (clients[0], clients[clients_wanted - 1]);
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    for i in 0..MESSAGES {
+        let text = format!("m{i:03}");
+        let status = unsafe {
+            wps_client_send_to_group(
+                sender,
+                group.as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                text.as_ptr(),
+                text.len(),
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        check(status, "send");
+    }
+    let rec = &recorders[clients_wanted - 1];
+    rec.wait("every message", |s| s.messages.len() >= MESSAGES);
+    let expected: Vec<String> = (0..MESSAGES).map(|i| format!("m{i:03}")).collect();
+    {
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen.messages, expected);
+        assert!(
+            seen.threads.iter().all(|t| t.starts_with("wps-dispatch-")),
+            "{:?}",
+            seen.threads
+        );
+    }
+
+    for c in clients {
+        unsafe { wps_client_free(c) };
+    }
+    for rec in &recorders {
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen.freed, 1, "finalizer ran once, before free returned");
+    }
+    rt.block_on(emulator.shutdown());
+}

@@ -1,0 +1,128 @@
+//! Logs make a reconnect storm readable and never contain the access token: every
+//! record of the process (client, tungstenite, rustls, ...) is captured at trace level
+//! while a client connects, recovers, reconnects and fails to start.
+
+mod common;
+
+use common::{all_roles, fast_options, fault, next_event, wait_for};
+use std::sync::{Arc, Mutex};
+use webpubsub_client::{Client, Credential, DataType, Event, SendToGroupOptions};
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+struct Capture;
+
+static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let line = format!("{} {}: {}", record.level(), record.target(), record.args());
+        LINES.lock().unwrap().push(line);
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: Capture = Capture;
+
+/// Every occurrence of `key` in `line` is followed by the redaction marker.
+fn redacted(line: &str, key: &str) -> bool {
+    line.match_indices(key)
+        .all(|(at, _)| line[at + key.len()..].starts_with("***"))
+}
+
+#[tokio::test]
+async fn no_token_in_any_log_line() {
+    log::set_logger(&LOGGER).unwrap();
+    log::set_max_level(log::LevelFilter::Trace);
+
+    let emulator = Emulator::start(Config::default()).await.unwrap();
+    let handed_out = Arc::new(Mutex::new(Vec::<String>::new()));
+    let tokens = handed_out.clone();
+    let key = emulator.access_key().to_owned();
+    let base = emulator
+        .client_url("hub", &TokenOptions::default())
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let audience = base.replacen("ws://", "http://", 1);
+    let credential = Credential::provider(move || {
+        let opts = TokenOptions {
+            user_id: Some("logger".into()),
+            roles: all_roles(),
+            ..Default::default()
+        };
+        let jwt = webpubsub_emulator::auth::sign_client_token(&key, &audience, &opts);
+        tokens.lock().unwrap().push(jwt.clone());
+        let url = format!("{base}?access_token={jwt}");
+        async move { Ok(url) }
+    });
+    let (client, mut events) = Client::with_channel(credential, fast_options()).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!()
+    };
+    client.join_group("g").await.unwrap();
+
+    fault(&emulator, "hub", &connection_id, ":drop").await;
+    client
+        .send_to_group(
+            "g",
+            DataType::Text,
+            "after drop".into(),
+            SendToGroupOptions::default(),
+        )
+        .await
+        .unwrap();
+    fault(&emulator, "hub", &connection_id, ":close?code=1008").await;
+    wait_for(&mut events, 10, |e| matches!(e, Event::Connected { .. })).await;
+    client.stop().await;
+
+    let bad_url = format!("{}x", emulator.client_url("hub", &TokenOptions::default()));
+    handed_out
+        .lock()
+        .unwrap()
+        .push(bad_url.split("access_token=").nth(1).unwrap().to_owned());
+    let (bad, _events) = Client::with_channel(Credential::Url(bad_url), fast_options()).unwrap();
+    assert!(bad.start().await.is_err());
+
+    let lines = LINES.lock().unwrap().clone();
+    let tokens = handed_out.lock().unwrap().clone();
+    assert!(tokens.len() >= 3);
+    let ours: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(" webpubsub_client"))
+        .collect();
+    for needle in [
+        "connected: connection",
+        "recovering",
+        "recovered",
+        "lost",
+        "start failed",
+        "access_token=***",
+    ] {
+        assert!(
+            ours.iter().any(|l| l.contains(needle)),
+            "no log line with {needle:?} in {ours:#?}"
+        );
+    }
+    for line in &lines {
+        for token in &tokens {
+            assert!(
+                !line.contains(token.as_str()),
+                "token in a log line: {line}"
+            );
+            let signature = token.rsplit('.').next().unwrap();
+            assert!(
+                !line.contains(signature),
+                "token signature in a log line: {line}"
+            );
+        }
+        assert!(redacted(line, "access_token="), "{line}");
+        assert!(redacted(line, "awps_reconnection_token="), "{line}");
+    }
+}

@@ -1,0 +1,123 @@
+//! wss:// end to end: the emulator serves TLS with a certificate issued by a CA made
+//! in the test; the client trusts that CA only through `extra_ca_pem`.
+
+mod common;
+
+use bytes::Bytes;
+use common::{all_roles, fast_options, next_event};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use webpubsub_client::{
+    Client, ClientOptions, Credential, DataType, Error, Event, SendToGroupOptions,
+};
+use webpubsub_emulator::{Config, Emulator, TlsFiles, TokenOptions};
+
+struct Pki {
+    ca_pem: String,
+    dir: std::path::PathBuf,
+    files: TlsFiles,
+}
+
+fn pki(name: &str) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "webpubsub test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut leaf_params =
+        CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let dir = std::env::temp_dir().join(format!("wps-client-tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.cert, leaf.pem()).unwrap();
+    std::fs::write(&files.key, leaf_key.serialize_pem()).unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        dir,
+        files,
+    }
+}
+
+#[tokio::test]
+async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
+    let pki = pki("ok");
+    let emulator = Emulator::start(Config {
+        tls: Some(pki.files.clone()),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let token = TokenOptions {
+        user_id: Some("tls".into()),
+        roles: all_roles(),
+        ..Default::default()
+    };
+    let url = emulator.client_url("hub", &token);
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+
+    let options = ClientOptions {
+        extra_ca_pem: vec![pki.ca_pem.clone().into_bytes()],
+        ..fast_options()
+    };
+    let (client, mut events) = Client::with_channel(Credential::Url(url.clone()), options).unwrap();
+    client.start().await.unwrap();
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    client.join_group("secure").await.unwrap();
+    client
+        .send_to_group(
+            "secure",
+            DataType::Text,
+            Bytes::from("over tls"),
+            SendToGroupOptions::default(),
+        )
+        .await
+        .unwrap();
+    let event = next_event(&mut events, 5).await;
+    assert_eq!(common::message_text(&event).as_deref(), Some("over tls"));
+    client.stop().await;
+
+    let (untrusting, _events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    let error = untrusting.start().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Tls(m) if m.contains("certificate")),
+        "{error:?}"
+    );
+
+    std::fs::remove_dir_all(&pki.dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_extra_ca_is_refused_when_the_client_is_made() {
+    let options = ClientOptions {
+        extra_ca_pem: vec![b"-----BEGIN CERTIFICATE-----\nnope\n".to_vec()],
+        ..fast_options()
+    };
+    let error =
+        Client::with_channel(Credential::Url("wss://127.0.0.1:9/x".into()), options).unwrap_err();
+    assert!(
+        matches!(&error, Error::InvalidArgument(m) if m.contains("PEM")),
+        "{error:?}"
+    );
+    let options = ClientOptions {
+        extra_ca_pem: vec![b"no pem at all".to_vec()],
+        ..fast_options()
+    };
+    let error =
+        Client::with_channel(Credential::Url("wss://127.0.0.1:9/x".into()), options).unwrap_err();
+    assert!(
+        matches!(&error, Error::InvalidArgument(m) if m.contains("no certificate")),
+        "{error:?}"
+    );
+}
