@@ -89,11 +89,11 @@ impl Settings {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short() {
     run(Settings {
-        messages: 1500,
+        messages: 10_000,
         publishers: 2,
         steady_subscribers: 2,
-        drop_ms: 250,
-        refuse_ms: 1500,
+        drop_ms: 200,
+        refuse_ms: 500,
         window: 64,
         seconds: 40,
         seed: seed(),
