@@ -398,8 +398,8 @@ struct Subscriber {
     name: String,
     client: Client,
     proxy: Proxy,
-    log: Arc<Mutex<Vec<Seen>>>,
-    /// Highest counter received per publisher (progress, read without the log).
+    check: Arc<Mutex<Check>>,
+    /// Highest counter received per publisher (progress, read without the lock).
     highest: Arc<Vec<AtomicU64>>,
     collector: tokio::task::JoinHandle<()>,
 }
@@ -452,10 +452,11 @@ async fn client_via(
 async fn subscriber(emulator: &Emulator, name: &str, publishers: u64, s: &Settings) -> Subscriber {
     let proxy = Proxy::start(emulator.port(), s.drop_ms, s.seed ^ hash(name)).await;
     let (client, mut events, id) = client_via(emulator, &proxy, name).await;
-    let log = Arc::new(Mutex::new(vec![Seen::Connected(id)]));
+    let check = Arc::new(Mutex::new(Check::new(name, publishers as usize)));
+    check.lock().unwrap().see(Seen::Connected(id));
     let highest: Arc<Vec<AtomicU64>> =
         Arc::new((0..publishers).map(|_| AtomicU64::new(0)).collect());
-    let (l, h, who) = (log.clone(), highest.clone(), name.to_owned());
+    let (l, h, who) = (check.clone(), highest.clone(), name.to_owned());
     let collector = tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             let seen = match event {
@@ -473,7 +474,7 @@ async fn subscriber(emulator: &Emulator, name: &str, publishers: u64, s: &Settin
                 Event::Stopped => return,
                 other => panic!("{who}: unexpected event {other:?}"),
             };
-            l.lock().unwrap().push(seen);
+            l.lock().unwrap().see(seen);
         }
     });
     let mut joined = false;
@@ -494,7 +495,7 @@ async fn subscriber(emulator: &Emulator, name: &str, publishers: u64, s: &Settin
         name: name.to_owned(),
         client,
         proxy,
-        log,
+        check,
         highest,
         collector,
     }
@@ -518,18 +519,37 @@ fn parse(data: &[u8]) -> Option<(u64, u64)> {
 
 type Sending = Pin<Box<dyn Future<Output = (u64, Result<AckResult, Error>)> + Send>>;
 
-/// What a publisher got back.
+/// What a publisher got back (counts only, so that long runs stay small).
 #[derive(Default, Debug)]
 struct Published {
-    /// Outcome per counter (index = counter - 1).
-    results: Vec<Option<Result<AckResult, Error>>>,
+    /// Whether each counter completed (index = counter - 1).
+    done: Vec<bool>,
+    /// Successes answered `Duplicate` (a resend after a recovery).
+    duplicated: u64,
+    /// The first problems seen (an error, a second completion, a wrong ackId).
+    problems: Vec<String>,
 }
 
 impl Published {
     fn record(&mut self, counter: u64, result: Result<AckResult, Error>) {
-        let slot = &mut self.results[counter as usize - 1];
-        assert!(slot.is_none(), "counter {counter} completed twice");
-        *slot = Some(result);
+        let slot = &mut self.done[counter as usize - 1];
+        let problem = match result {
+            _ if *slot => Some(format!("counter {counter} completed twice")),
+            Ok(ack) if ack.ack_id != Some(counter) => {
+                Some(format!("counter {counter} acked as {:?}", ack.ack_id))
+            }
+            Ok(ack) => {
+                self.duplicated += u64::from(ack.is_duplicated);
+                None
+            }
+            Err(e) => Some(format!("counter {counter} failed: {e}")),
+        };
+        *slot = true;
+        if let Some(problem) = problem {
+            if self.problems.len() < 10 {
+                self.problems.push(problem);
+            }
+        }
     }
 }
 
@@ -574,7 +594,7 @@ async fn publish(
         if let Some(pace) = pace {
             sleep(pace).await;
         }
-        out.results.resize_with(counter as usize, || None);
+        out.done.resize(counter as usize, false);
         let c = client.clone();
         let mut send: Sending = Box::pin(tokio::task::unconstrained(async move {
             let r = c
@@ -723,7 +743,10 @@ async fn run(s: Settings) {
                 pace: Some(Duration::from_millis(20)),
             };
             let last = publish(&client, p as u64, plan, &mut out, &reached).await;
-            assert!(reached(), "publisher{p}: a subscriber never got the tail");
+            assert!(
+                reached(),
+                "publisher{p}: a subscriber never got the tail (see the checks)"
+            );
             (chaos_last, last, out)
         }));
     }
@@ -748,17 +771,13 @@ async fn run(s: Settings) {
     let mut sent_total = 0;
     let mut acked_duplicates = 0;
     for (p, (chaos_last, last, out)) in finals.iter().enumerate() {
-        assert_eq!(out.results.len() as u64, *last);
-        for (i, result) in out.results.iter().enumerate() {
-            match result {
-                Some(Ok(ack)) => {
-                    assert_eq!(ack.ack_id, Some(i as u64 + 1), "publisher{p}");
-                    acked_duplicates += u64::from(ack.is_duplicated);
-                }
-                Some(Err(e)) => panic!("publisher{p} message {}: {e}", i + 1),
-                None => panic!("publisher{p} message {} never completed", i + 1),
-            }
-        }
+        assert_eq!(out.done.len() as u64, *last);
+        assert!(out.problems.is_empty(), "publisher{p}: {:?}", out.problems);
+        assert!(
+            out.done.iter().all(|d| *d),
+            "publisher{p}: a send never completed"
+        );
+        acked_duplicates += out.duplicated;
         if s.seconds >= 60 || *chaos_last == s.messages {
             report.push(format!(
                 "publisher{p}: {chaos_last} sent under chaos + {} tail",
@@ -783,8 +802,7 @@ async fn run(s: Settings) {
     let mut delivered_total = 0;
     let mut suppressed_total = 0;
     for sub in subscribers.iter().chain([&unlucky]) {
-        let log = sub.log.lock().unwrap().clone();
-        let check = check_log(&sub.name, &log, &lasts);
+        let check = sub.check.lock().unwrap().finish(&lasts);
         let steady = sub.name != "unlucky";
         if steady {
             assert_eq!(check.reconnects, 0, "{}: must only recover", sub.name);
@@ -861,87 +879,135 @@ async fn run(s: Settings) {
     emulator.shutdown().await;
 }
 
-/// What one subscriber's log says.
+/// The running check of one subscriber's events: no duplicate, order kept per
+/// publisher, gaps only across a reported full reconnect (`Disconnected` with 1008,
+/// then `Connected` with a new id), nothing past the last counter sent. The first
+/// violation is kept and reported at the end.
 struct Check {
+    name: String,
+    last: Vec<u64>,
+    gap_allowed: Vec<bool>,
+    ids: Vec<String>,
+    disconnected: bool,
+    failure: Option<String>,
     delivered: u64,
     lost: u64,
     reconnects: u64,
     rejoin_failures: u64,
 }
 
-/// No duplicate, order kept per publisher, gaps only across a reported full reconnect
-/// (`Disconnected` with 1008, then `Connected` with a new id), and nothing past the
-/// last counter sent.
-fn check_log(name: &str, log: &[Seen], lasts: &[u64]) -> Check {
-    let mut last = vec![0u64; lasts.len()];
-    let mut gap_allowed = vec![false; lasts.len()];
-    let mut ids: Vec<String> = Vec::new();
-    let mut disconnected = false;
-    let mut check = Check {
-        delivered: 0,
-        lost: 0,
-        reconnects: 0,
-        rejoin_failures: 0,
-    };
-    for (i, seen) in log.iter().enumerate() {
-        match seen {
-            Seen::Connected(id) => {
-                assert!(
-                    ids.is_empty() || disconnected,
-                    "{name}: Connected #{i} without Disconnected before it"
-                );
-                assert!(
-                    !ids.contains(id),
-                    "{name}: a reconnect must bring a new connection id, got {id} again"
-                );
-                if !ids.is_empty() {
-                    check.reconnects += 1;
-                    gap_allowed.iter_mut().for_each(|g| *g = true);
-                }
-                ids.push(id.clone());
-                disconnected = false;
-            }
-            Seen::Disconnected(code) => {
-                assert!(!disconnected, "{name}: Disconnected twice in a row");
-                assert_eq!(
-                    *code,
-                    Some(1008),
-                    "{name}: a lost session here is a refused recovery (1008)"
-                );
-                disconnected = true;
-            }
-            Seen::RejoinFailed(error) => {
-                assert_eq!(*error, Error::NotConnected, "{name}: rejoin failed");
-                check.rejoin_failures += 1;
-            }
-            Seen::Message { publisher, counter } => {
-                let p = *publisher as usize;
-                assert!(
-                    !disconnected,
-                    "{name}: a message between Disconnected and Connected"
-                );
-                assert!(
-                    *counter > last[p],
-                    "{name}: publisher{p} counter {counter} after {} (duplicate or out of order)",
-                    last[p]
-                );
-                assert!(
-                    *counter <= lasts[p],
-                    "{name}: counter {counter} was never sent"
-                );
-                if *counter != last[p] + 1 {
-                    assert!(
-                        gap_allowed[p],
-                        "{name}: publisher{p} messages {}..{counter} lost without a reconnect",
-                        last[p] + 1
-                    );
-                    check.lost += counter - last[p] - 1;
-                }
-                gap_allowed[p] = false;
-                last[p] = *counter;
-                check.delivered += 1;
-            }
+impl Check {
+    fn new(name: &str, publishers: usize) -> Check {
+        Check {
+            name: name.to_owned(),
+            last: vec![0; publishers],
+            gap_allowed: vec![false; publishers],
+            ids: Vec::new(),
+            disconnected: false,
+            failure: None,
+            delivered: 0,
+            lost: 0,
+            reconnects: 0,
+            rejoin_failures: 0,
         }
     }
-    check
+
+    fn see(&mut self, seen: Seen) {
+        if let Err(problem) = self.step(seen) {
+            let name = &self.name;
+            self.failure.get_or_insert(format!("{name}: {problem}"));
+        }
+    }
+
+    fn step(&mut self, seen: Seen) -> Result<(), String> {
+        match seen {
+            Seen::Connected(id) => {
+                if !self.ids.is_empty() && !self.disconnected {
+                    return Err("Connected without Disconnected before it".into());
+                }
+                if self.ids.contains(&id) {
+                    return Err(format!(
+                        "a reconnect must bring a new connection id, got {id} again"
+                    ));
+                }
+                if !self.ids.is_empty() {
+                    self.reconnects += 1;
+                    self.gap_allowed.iter_mut().for_each(|g| *g = true);
+                }
+                self.ids.push(id);
+                self.disconnected = false;
+            }
+            Seen::Disconnected(code) => {
+                if self.disconnected {
+                    return Err("Disconnected twice in a row".into());
+                }
+                if code != Some(1008) {
+                    return Err(format!(
+                        "a lost session here is a refused recovery (1008), not {code:?}"
+                    ));
+                }
+                self.disconnected = true;
+            }
+            Seen::RejoinFailed(error) => {
+                if error != Error::NotConnected {
+                    return Err(format!("rejoin failed: {error}"));
+                }
+                self.rejoin_failures += 1;
+            }
+            Seen::Message { publisher, counter } => {
+                let p = publisher as usize;
+                let last = self.last[p];
+                if self.disconnected {
+                    return Err("a message between Disconnected and Connected".into());
+                }
+                if counter <= last {
+                    return Err(format!(
+                        "publisher{p} counter {counter} after {last} (duplicate or out of order)"
+                    ));
+                }
+                if counter != last + 1 {
+                    if !self.gap_allowed[p] {
+                        return Err(format!(
+                            "publisher{p} messages {}..{counter} lost without a reconnect",
+                            last + 1
+                        ));
+                    }
+                    self.lost += counter - last - 1;
+                }
+                self.gap_allowed[p] = false;
+                self.last[p] = counter;
+                self.delivered += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The figures, after asserting that nothing went wrong and nothing arrived that
+    /// was not sent (`lasts`: the last counter of each publisher).
+    fn finish(&self, lasts: &[u64]) -> Figures {
+        if let Some(failure) = &self.failure {
+            panic!("{failure}");
+        }
+        for (p, (seen, sent)) in self.last.iter().zip(lasts).enumerate() {
+            assert!(
+                seen <= sent,
+                "{}: publisher{p} counter {seen} was never sent",
+                self.name
+            );
+        }
+        Figures {
+            delivered: self.delivered,
+            lost: self.lost,
+            reconnects: self.reconnects,
+            rejoin_failures: self.rejoin_failures,
+        }
+    }
+}
+
+/// What one subscriber saw, in numbers.
+struct Figures {
+    delivered: u64,
+    lost: u64,
+    reconnects: u64,
+    rejoin_failures: u64,
 }
