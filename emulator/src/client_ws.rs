@@ -252,7 +252,13 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
         conn: conn.clone(),
         upstream_tx: None,
     };
-    let (end, stream) = reader.run(stream, &kill).await;
+    // One reader per connection at a time: after a recovery the old socket's reader may
+    // still be handling a frame, and the client resends it on the new socket; handled
+    // concurrently, two frames of one client could be published out of order.
+    let (end, stream) = {
+        let _one_reader = conn.reading.lock().await;
+        reader.run(stream, &kill).await
+    };
     if end != End::ServerClosing {
         kill.cancel();
     }
