@@ -252,7 +252,13 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
         conn: conn.clone(),
         upstream_tx: None,
     };
-    let (end, stream) = reader.run(stream, &kill).await;
+    // One reader per connection at a time: after a recovery the old socket's reader may
+    // still be handling a frame, and the client resends it on the new socket; handled
+    // concurrently, two frames of one client could be published out of order.
+    let (end, stream) = {
+        let _one_reader = conn.reading.lock().await;
+        reader.run(stream, &kill).await
+    };
     if end != End::ServerClosing {
         kill.cancel();
     }
@@ -771,6 +777,54 @@ impl Reader {
         });
         pending.insert(id, task.abort_handle());
         Ok(())
+    }
+}
+
+/// A connection without a socket whose client text frames go through the same
+/// handling as on a live socket; whatever it would send is discarded. For fuzzing.
+pub(crate) struct Detached {
+    reader: Reader,
+    rx: mpsc::Receiver<Out>,
+}
+
+impl Detached {
+    /// A reliable connection with every role, registered in hub `fuzz` of `server`.
+    pub(crate) fn new(server: &Arc<Server>) -> Detached {
+        let hub = server.hub("fuzz");
+        let conn = Conn::new(
+            server,
+            Some("fuzzer".into()),
+            Protocol::JsonReliable,
+            vec![
+                "webpubsub.joinLeaveGroup".into(),
+                "webpubsub.sendToGroup".into(),
+            ],
+        );
+        let (handle, rx, _kill) = socket_handle(server);
+        conn.attach(handle, None);
+        hub.register(&conn, &[]);
+        Detached {
+            reader: Reader {
+                server: server.clone(),
+                hub,
+                conn,
+                upstream_tx: None,
+            },
+            rx,
+        }
+    }
+
+    /// Handles one text frame; `false` when it would close the connection.
+    pub(crate) fn frame(&mut self, text: &str) -> bool {
+        let ok = self.reader.handle_json(text).is_ok();
+        while self.rx.try_recv().is_ok() {}
+        ok
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        self.reader.hub.remove(&self.reader.conn);
     }
 }
 

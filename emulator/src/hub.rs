@@ -365,6 +365,9 @@ pub(crate) struct Conn {
     /// Pending upstream invocations, aborted by `cancelInvocation`.
     pub invocations: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     pub server: Weak<Server>,
+    /// Held by the reader of the attached socket: a recovery's reader waits until the
+    /// previous socket's reader has finished the frame it was handling.
+    pub reading: tokio::sync::Mutex<()>,
     max_unacked_frames: usize,
     max_unacked_bytes: usize,
 }
@@ -403,6 +406,7 @@ impl Conn {
             acks: Mutex::new(AckWindow::new(server.config.ack_window)),
             invocations: Mutex::new(HashMap::new()),
             server: Arc::downgrade(server),
+            reading: tokio::sync::Mutex::new(()),
             max_unacked_frames: server.config.max_unacked_frames,
             max_unacked_bytes: server.config.max_unacked_bytes,
         })

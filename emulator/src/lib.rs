@@ -33,6 +33,69 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::Server;
 
+/// Entry points for fuzzing the parsers of untrusted client input. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use crate::hub::Server;
+    use crate::Config;
+
+    /// An emulator without a listener, to feed client frames to.
+    pub struct ClientFrames {
+        server: Arc<Server>,
+    }
+
+    impl Default for ClientFrames {
+        fn default() -> Self {
+            ClientFrames {
+                server: Arc::new(Server {
+                    access_key: "fuzz".into(),
+                    port: 0,
+                    hubs: Default::default(),
+                    stats: Default::default(),
+                    upstream: None,
+                    shutdown: CancellationToken::new(),
+                    tasks: TaskTracker::new(),
+                    config: Config::default(),
+                }),
+            }
+        }
+    }
+
+    impl ClientFrames {
+        /// Feeds `frames` as the text frames of one new reliable connection, in order,
+        /// until one would close it. Returns how many were accepted.
+        pub fn connection<'a>(&self, frames: impl IntoIterator<Item = &'a str>) -> usize {
+            let mut conn = crate::client_ws::Detached::new(&self.server);
+            frames.into_iter().take_while(|f| conn.frame(f)).count()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::ClientFrames;
+
+        #[test]
+        fn frames_are_handled_until_one_closes_the_connection() {
+            let emulator = ClientFrames::default();
+            let frames = [
+                r#"{"type":"joinGroup","group":"g","ackId":1}"#,
+                r#"{"type":"sendToGroup","group":"g","ackId":2,"dataType":"text","data":"x"}"#,
+                r#"{"type":"sequenceAck","sequenceId":1}"#,
+                r#"{"type":"nope","ackId":3}"#,
+                "not json",
+                r#"{"type":"ping"}"#,
+            ];
+            assert_eq!(emulator.connection(frames), 4);
+            assert_eq!(emulator.connection([r#"{"type":"ping"}"#]), 1);
+        }
+    }
+}
+
 /// PEM files for serving https/wss.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {

@@ -270,6 +270,7 @@ impl Task {
                 return match start {
                     Some(reply) => {
                         warn!("start failed: {error}");
+                        self.shared.set_state(ClientState::Stopped);
                         let _ = reply.send(Err(error));
                         Next::Idle
                     }

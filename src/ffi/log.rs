@@ -61,13 +61,11 @@ struct Bridge;
 
 static BRIDGE: Bridge = Bridge;
 
-/// Whether a record may reach the host: within the process-wide level, and for
-/// tungstenite (and tokio-tungstenite) at most DEBUG, since its TRACE records dump
-/// frame payloads, which include the reconnection token.
+/// Whether a record may reach the host: within the process-wide level, and only the
+/// library's own records. Dependencies (tungstenite) dump whole frames at trace level,
+/// reconnection tokens and user payloads included.
 fn allowed(metadata: &Metadata) -> bool {
-    let noisy = metadata.target().starts_with("tungstenite")
-        || metadata.target().starts_with("tokio_tungstenite");
-    metadata.level() <= log::max_level() && !(noisy && metadata.level() > log::Level::Debug)
+    metadata.level() <= log::max_level() && metadata.target().starts_with("webpubsub_client")
 }
 
 impl Log for Bridge {
@@ -194,11 +192,11 @@ mod tests {
     }
 
     #[test]
-    fn tungstenite_is_capped_at_debug() {
+    fn only_the_librarys_own_records_pass() {
         log::set_max_level(LevelFilter::Trace);
-        for target in ["tungstenite::protocol", "tokio_tungstenite", "tungstenite"] {
+        for target in ["tungstenite::protocol", "tokio_tungstenite", "rustls::conn"] {
             assert!(!allowed(&meta(target, Level::Trace)), "{target}");
-            assert!(allowed(&meta(target, Level::Debug)), "{target}");
+            assert!(!allowed(&meta(target, Level::Error)), "{target}");
         }
         assert!(allowed(&meta("webpubsub_client::client", Level::Trace)));
         log::set_max_level(LevelFilter::Info);

@@ -1,0 +1,18 @@
+//! The emulator's handling of client text frames: the input is split into lines, each
+//! one frame of the same connection (join, publish to itself, sequence acks, bad
+//! frames...), run through the real frame handler. Must never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
+use webpubsub_emulator::fuzzing::ClientFrames;
+
+fuzz_target!(|data: &[u8]| {
+    static EMULATOR: OnceLock<ClientFrames> = OnceLock::new();
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    EMULATOR
+        .get_or_init(ClientFrames::default)
+        .connection(text.split('\n'));
+});

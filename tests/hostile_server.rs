@@ -1,0 +1,636 @@
+//! The client against a hostile server: truncated frames, every field with the wrong
+//! type, huge frames and HTTP heads, floods, binary and control frames, acks for
+//! unknown ids, sequence ids out of order, a second `connected` frame, and every
+//! interesting close code. The client must stay up, report what the protocol says
+//! through its events, and leave nothing behind (its socket is closed once the last
+//! handle is dropped, and the heap returns to where it was).
+//!
+//! (tests/fake_service.rs covers the basic malformed / unknown / duplicate cases.)
+
+mod common;
+
+use common::{next_event, wait_for};
+use futures_util::{SinkExt, StreamExt};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::WebSocketStream;
+use webpubsub_client::{Client, ClientOptions, ClientState, Credential, Error, Event, Protocol};
+
+/// Counts live heap bytes, to show that hostile sessions leave nothing behind.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Tests run one at a time so that the heap measurement sees only its own test.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Hostile {
+    listener: TcpListener,
+    url: String,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+impl Hostile {
+    async fn new() -> Hostile {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "ws://{}/client/hubs/h?access_token=tok",
+            listener.local_addr().unwrap()
+        );
+        Hostile { listener, url }
+    }
+
+    async fn accept_tcp(&self) -> TcpStream {
+        tokio::time::timeout(Duration::from_secs(10), self.listener.accept())
+            .await
+            .expect("no connection within 10 s")
+            .unwrap()
+            .0
+    }
+
+    /// Accepts a WebSocket (any size of frame may be sent); returns it and its URI.
+    #[allow(clippy::result_large_err)]
+    async fn accept(&self) -> (Ws, String) {
+        let tcp = self.accept_tcp().await;
+        let uri = Arc::new(Mutex::new(String::new()));
+        let seen = uri.clone();
+        let config = WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let ws = tokio_tungstenite::accept_hdr_async_with_config(
+            tcp,
+            move |req: &Request, mut resp: Response| {
+                *seen.lock().unwrap() = req.uri().to_string();
+                if let Some(p) = req.headers().get("Sec-WebSocket-Protocol").cloned() {
+                    resp.headers_mut().insert("Sec-WebSocket-Protocol", p);
+                }
+                Ok(resp)
+            },
+            Some(config),
+        )
+        .await
+        .unwrap();
+        let uri = uri.lock().unwrap().clone();
+        (ws, uri)
+    }
+}
+
+async fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+}
+
+async fn connected(ws: &mut Ws, id: &str, token: &str) {
+    send(
+        ws,
+        &format!(
+            r#"{{"type":"system","event":"connected","userId":"u","connectionId":"{id}","reconnectionToken":"{token}"}}"#
+        ),
+    )
+    .await;
+}
+
+/// The next text frame from the client that is not a ping or a sequenceAck.
+async fn recv(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame from the client within 10 s")
+            .expect("connection closed")
+            .unwrap();
+        if let Message::Text(text) = message {
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if value["type"] != "ping" && value["type"] != "sequenceAck" {
+                return value;
+            }
+        }
+    }
+}
+
+/// Waits until the client closes the socket (its connection task ended).
+async fn closed_by_client(ws: &mut Ws) {
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the client kept its socket open");
+}
+
+fn options(protocol: Protocol) -> ClientOptions {
+    ClientOptions {
+        protocol,
+        keep_alive_interval: None,
+        keep_alive_timeout: None,
+        max_message_size: 64 * 1024,
+        ..common::fast_options()
+    }
+}
+
+async fn start(
+    hostile: &Hostile,
+    options: ClientOptions,
+) -> (Client, UnboundedReceiver<Event>, Ws) {
+    let (client, mut events) =
+        Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut ws, _) = hostile.accept().await;
+    connected(&mut ws, "conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    (client, events, ws)
+}
+
+fn server_message(text: &str, sequence_id: u64) -> String {
+    format!(
+        r#"{{"type":"message","from":"server","dataType":"text","data":"{text}","sequenceId":{sequence_id}}}"#
+    )
+}
+
+/// Skips message events until the one with `text`; anything else fails.
+async fn until_message(events: &mut UnboundedReceiver<Event>, text: &str) -> usize {
+    let mut skipped = 0;
+    loop {
+        match next_event(events, 10).await {
+            Event::ServerMessage { ref data, .. } | Event::GroupMessage { ref data, .. }
+                if data.as_ref() == text.as_bytes() =>
+            {
+                return skipped
+            }
+            Event::ServerMessage { .. } | Event::GroupMessage { .. } => skipped += 1,
+            other => panic!("unexpected event {other:?} before {text:?}"),
+        }
+    }
+}
+
+/// Well-formed frames of every downstream type, the seeds of the hostile variants.
+const VALID: &[&str] = &[
+    r#"{"type":"ack","ackId":77,"success":false,"error":{"name":"Forbidden","message":"m"}}"#,
+    r#"{"type":"message","from":"group","group":"g","fromUserId":"u","dataType":"text","data":"x","sequenceId":1}"#,
+    r#"{"type":"message","from":"server","dataType":"json","data":{"a":1},"sequenceId":2}"#,
+    r#"{"type":"message","from":"server","dataType":"binary","data":"AAEC","sequenceId":3}"#,
+    r#"{"type":"invokeResponse","invocationId":"9","success":true,"dataType":"text","data":"x"}"#,
+    r#"{"type":"system","event":"connected","userId":"u","connectionId":"c","reconnectionToken":"t"}"#,
+    r#"{"type":"system","event":"disconnected","message":"m"}"#,
+    r#"{"type":"pong"}"#,
+];
+
+/// Every field of every valid frame replaced by a value of each wrong type.
+fn mistyped() -> Vec<String> {
+    let wrong = [
+        "null",
+        "true",
+        "0",
+        "-1",
+        "1.5",
+        "18446744073709551616",
+        "\"\"",
+        "\"text\"",
+        "[]",
+        "[1,\"a\"]",
+        "{}",
+        "{\"name\":5}",
+    ];
+    let mut out = Vec::new();
+    for frame in VALID {
+        let value: serde_json::Value = serde_json::from_str(frame).unwrap();
+        let object = value.as_object().unwrap();
+        for key in object.keys() {
+            for w in wrong {
+                let mut changed = object.clone();
+                changed.insert(key.clone(), serde_json::from_str(w).unwrap());
+                out.push(serde_json::Value::Object(changed).to_string());
+            }
+            let mut without = object.clone();
+            without.remove(key);
+            out.push(serde_json::Value::Object(without).to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn truncated_mistyped_binary_and_stray_frames_never_break_the_connection() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("room").await });
+    let join_frame = recv(&mut ws).await;
+
+    let mut barrage = 0;
+    for frame in VALID {
+        for end in 0..frame.len() {
+            send(&mut ws, &frame[..end]).await;
+            barrage += 1;
+        }
+    }
+    for frame in mistyped() {
+        send(&mut ws, &frame).await;
+        barrage += 1;
+    }
+    for stray in [
+        r#"{"type":"ack","ackId":0,"success":true}"#,
+        r#"{"type":"ack","ackId":18446744073709551615,"success":true}"#,
+        r#"{"type":"ack","ackId":424242,"success":false,"error":{"name":"Duplicate","message":""}}"#,
+        r#"{"type":"invokeResponse","invocationId":"nobody","success":false,"error":{"name":"X","message":"y"}}"#,
+        r#"{"type":"message","from":"elsewhere","dataType":"text","data":"x","sequenceId":5}"#,
+        r#"{"type":"system","event":"brandNew"}"#,
+        r#"[1,2,3]"#,
+        r#""type""#,
+        r#"{"type":"ack","ackId":1,"success":true,"type":"pong"}"#,
+        "\u{feff}{\"type\":\"pong\"}",
+        "",
+    ] {
+        send(&mut ws, stray).await;
+        barrage += 1;
+    }
+    ws.send(Message::binary(vec![0xffu8; 4096])).await.unwrap();
+    ws.send(Message::Ping(Bytes::from_static(b"hi")))
+        .await
+        .unwrap();
+    ws.send(Message::Pong(Bytes::from_static(b"unsolicited")))
+        .await
+        .unwrap();
+
+    send(&mut ws, &server_message("sentinel", 1_000_000)).await;
+    until_message(&mut events, "sentinel").await;
+    assert_eq!(client.state(), ClientState::Connected);
+    assert_eq!(client.connection_id().as_deref(), Some("conn1"));
+
+    // The operation pending through all that still completes with its own ack.
+    send(
+        &mut ws,
+        &format!(
+            r#"{{"type":"ack","ackId":{},"success":true}}"#,
+            join_frame["ackId"]
+        ),
+    )
+    .await;
+    let ack = join.await.unwrap().unwrap();
+    assert_eq!(ack.ack_id, join_frame["ackId"].as_u64());
+    assert!(barrage > 1000, "{barrage} hostile frames");
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn sequence_ids_out_of_order_are_delivered_once_and_acked_at_the_highest() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    for (text, id) in [
+        ("a", 1),
+        ("c", 3),
+        ("b", 2),
+        ("e", 5),
+        ("d", 4),
+        ("c", 3),
+        ("f", 6),
+        ("zero", 0),
+    ] {
+        send(&mut ws, &server_message(text, id)).await;
+    }
+    let mut texts = Vec::new();
+    for _ in 0..4 {
+        texts.push(common::message_text(&next_event(&mut events, 5).await).unwrap());
+    }
+    assert_eq!(
+        texts,
+        ["a", "c", "e", "f"],
+        "late and repeated ids are dropped"
+    );
+    let ack = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = frame {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "sequenceAck" {
+                break v;
+            }
+        }
+    };
+    assert_eq!(ack["sequenceId"], 6);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err(),
+        "nothing more delivered"
+    );
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_second_connected_frame_only_renews_the_reconnection_token() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    connected(&mut ws, "other", "rt2").await;
+    send(&mut ws, &server_message("after", 1)).await;
+    assert_eq!(until_message(&mut events, "after").await, 0);
+    assert_eq!(client.connection_id().as_deref(), Some("conn1"));
+    drop(ws);
+    let (mut ws, uri) = hostile.accept().await;
+    assert!(
+        uri.ends_with("awps_connection_id=conn1&awps_reconnection_token=rt2"),
+        "recovers its own connection with the newest token: {uri}"
+    );
+    connected(&mut ws, "conn1", "rt3").await;
+    send(&mut ws, &server_message("recovered", 2)).await;
+    assert_eq!(until_message(&mut events, "recovered").await, 0);
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn huge_frames_are_refused_by_dropping_the_socket_then_recovering() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    let big = "x".repeat(60 * 1024);
+    send(&mut ws, &server_message(&big, 1)).await;
+    assert_eq!(
+        until_message(&mut events, &big).await,
+        0,
+        "60 KiB is allowed"
+    );
+    let huge = "y".repeat(4 << 20);
+    let _ = ws.send(Message::text(server_message(&huge, 2))).await;
+    let (mut ws, uri) = hostile.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    connected(&mut ws, "conn1", "rt1").await;
+    send(&mut ws, &server_message("small again", 3)).await;
+    assert_eq!(until_message(&mut events, "small again").await, 0);
+    assert_eq!(client.state(), ClientState::Connected);
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn hostile_http_upgrade_answers_fail_start_with_a_clear_error() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n".to_vec(), "401"),
+        (b"garbage\r\n\r\n".to_vec(), "malformed"),
+        (
+            [b"HTTP/1.1 101 Switching Protocols\r\nX-A: ".to_vec(), b"b".repeat(20_000)].concat(),
+            "too large",
+        ),
+        (
+            [b"HTTP/1.1 101 Switching Protocols\r\n".to_vec(), b"X-A: b\r\n".repeat(40), b"\r\n".to_vec()].concat(),
+            "malformed",
+        ),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n".to_vec(),
+            "Sec-WebSocket-Accept",
+        ),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tcp\r\n\r\n".to_vec(), "did not upgrade"),
+        (b"HTTP/1.1 200 OK\r\n".to_vec(), "closed the connection"),
+    ];
+    for (answer, expected) in cases {
+        let options = ClientOptions {
+            start_timeout: Duration::from_secs(3),
+            ..options(Protocol::JsonReliable)
+        };
+        let (client, _events) =
+            Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
+        let c = client.clone();
+        let start = tokio::spawn(async move { c.start().await });
+        let mut tcp = hostile.accept_tcp().await;
+        let mut request = [0u8; 4096];
+        let _ = tcp.read(&mut request).await.unwrap();
+        let _ = tcp.write_all(&answer).await;
+        drop(tcp);
+        let error = start.await.unwrap().unwrap_err();
+        match &error {
+            Error::Connect(m) => assert!(m.contains(expected), "{expected}: {m}"),
+            other => panic!("{expected}: unexpected error {other:?}"),
+        }
+        assert!(!error.to_string().contains("tok"), "no token in {error}");
+        assert_eq!(client.state(), ClientState::Stopped);
+    }
+}
+
+#[tokio::test]
+async fn a_flood_arrives_in_order_and_leaves_no_heap_behind() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    // Warm up the runtime and the lazily built parts, then measure.
+    flood_once(&hostile, 100).await;
+    let before = LIVE.load(Ordering::Relaxed);
+    for _ in 0..3 {
+        flood_once(&hostile, 20_000).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let grown = LIVE.load(Ordering::Relaxed) - before;
+    assert!(
+        grown < 256 * 1024,
+        "{grown} bytes still live after three floods of 20,000 frames"
+    );
+}
+
+async fn flood_once(hostile: &Hostile, n: u64) {
+    let (client, mut events, mut ws) = start(hostile, options(Protocol::JsonReliable)).await;
+    for i in 1..=n {
+        ws.feed(Message::text(server_message(&format!("m{i}"), i)))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+    for i in 1..=n {
+        let event = next_event(&mut events, 10).await;
+        assert_eq!(
+            common::message_text(&event).as_deref(),
+            Some(format!("m{i}").as_str())
+        );
+    }
+    drop(client);
+    closed_by_client(&mut ws).await;
+    drop(events);
+}
+
+/// How the server ends a connection in the close-code tests.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    Code(u16),
+    /// No close frame: the TCP connection just ends (the client sees 1006).
+    Abrupt,
+}
+
+async fn end(ws: &mut Ws, ending: Ending) {
+    match ending {
+        Ending::Code(code) => {
+            let _ = ws
+                .close(Some(CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: format!("closing with {code}").into(),
+                }))
+                .await;
+        }
+        Ending::Abrupt => {
+            let _ = ws.get_mut().shutdown().await;
+        }
+    }
+}
+
+const ENDINGS: [Ending; 8] = [
+    Ending::Code(1000),
+    Ending::Code(1001),
+    Ending::Abrupt,
+    Ending::Code(1008),
+    Ending::Code(1011),
+    Ending::Code(4000),
+    Ending::Code(4403),
+    Ending::Code(4999),
+];
+
+#[tokio::test]
+async fn every_close_code_on_the_reliable_protocol_recovers_except_1008() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    for ending in ENDINGS {
+        let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+        end(&mut ws, ending).await;
+        let (mut ws, uri) = hostile.accept().await;
+        if matches!(ending, Ending::Code(1008)) {
+            assert!(
+                !uri.contains("awps_connection_id"),
+                "{ending:?}: a new connection: {uri}"
+            );
+            let event = next_event(&mut events, 5).await;
+            assert_eq!(
+                event,
+                Event::Disconnected {
+                    connection_id: Some("conn1".into()),
+                    message: Some("closing with 1008".into()),
+                    close_code: Some(1008)
+                }
+            );
+            connected(&mut ws, "conn2", "rt2").await;
+            let (event, _) =
+                wait_for(&mut events, 5, |e| matches!(e, Event::Connected { .. })).await;
+            assert_eq!(
+                event,
+                Event::Connected {
+                    connection_id: "conn2".into(),
+                    user_id: Some("u".into())
+                }
+            );
+        } else {
+            assert!(
+                uri.ends_with("awps_connection_id=conn1&awps_reconnection_token=rt1"),
+                "{ending:?}: recovery expected: {uri}"
+            );
+            connected(&mut ws, "conn1", "rt1").await;
+        }
+        send(&mut ws, &server_message("alive", 1)).await;
+        assert_eq!(
+            until_message(&mut events, "alive").await,
+            0,
+            "{ending:?}: no other event (a recovery raises none)"
+        );
+        assert_eq!(client.state(), ClientState::Connected, "{ending:?}");
+        drop(client);
+        closed_by_client(&mut ws).await;
+    }
+}
+
+#[tokio::test]
+async fn every_close_code_on_the_json_protocol_is_reported_then_reconnected() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    for ending in ENDINGS {
+        let (client, mut events, mut ws) = start(&hostile, options(Protocol::Json)).await;
+        send(
+            &mut ws,
+            r#"{"type":"system","event":"disconnected","message":"bye"}"#,
+        )
+        .await;
+        end(&mut ws, ending).await;
+        let event = next_event(&mut events, 5).await;
+        let close_code = match ending {
+            Ending::Code(code) => Some(code),
+            Ending::Abrupt => None,
+        };
+        assert_eq!(
+            event,
+            Event::Disconnected {
+                connection_id: Some("conn1".into()),
+                message: Some("bye".into()),
+                close_code
+            },
+            "{ending:?}"
+        );
+        let (mut ws, uri) = hostile.accept().await;
+        assert!(!uri.contains("awps_connection_id"), "{ending:?}: {uri}");
+        connected(&mut ws, "conn2", "rt2").await;
+        assert!(matches!(
+            next_event(&mut events, 5).await,
+            Event::Connected { connection_id, .. } if connection_id == "conn2"
+        ));
+        drop(client);
+        closed_by_client(&mut ws).await;
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_accepts_and_never_speaks_times_out_the_start() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let options = ClientOptions {
+        start_timeout: Duration::from_millis(500),
+        ..options(Protocol::JsonReliable)
+    };
+    let (client, _events) =
+        Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut ws, _) = hostile.accept().await;
+    // Data frames before the connected frame are ignored; the connected frame never comes.
+    send(&mut ws, &server_message("early", 1)).await;
+    assert_eq!(start.await.unwrap(), Err(Error::Timeout));
+    assert_eq!(client.state(), ClientState::Stopped);
+    closed_by_client(&mut ws).await;
+}
