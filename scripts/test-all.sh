@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LOG_DIR="$ROOT/target/test-logs"
 mkdir -p "$LOG_DIR"
-ALL_SUITES="fmt clippy rust header c-plain c-asan c-valgrind pytest python-package interop-python interop-node examples"
+ALL_SUITES="fmt clippy rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest python-package interop-python interop-node examples"
 SUITES="${SUITES:-$ALL_SUITES}"
 
 TOTAL_PASSED=0
@@ -139,6 +139,11 @@ suite_header() { build_native; run_check header scripts/check-header.sh; }
 suite_c-plain() { build_native; run_counted c-plain plain tests/c/run.sh plain; }
 suite_c-asan() { build_native; run_counted c-asan plain tests/c/run.sh asan; }
 suite_c-valgrind() { need_apt valgrind; build_native; run_counted c-valgrind plain tests/c/run.sh valgrind; }
+suite_c-stress-asan() { build_native; run_counted c-stress-asan plain tests/c/stress/run.sh asan; }
+suite_c-stress-valgrind() {
+    need_apt valgrind; build_native
+    run_counted c-stress-valgrind plain tests/c/stress/run.sh valgrind
+}
 suite_pytest() {
     build_native; setup_venv
     run_counted pytest pytest .venv/bin/python -m pytest -q --timeout 300 bindings/python/tests
