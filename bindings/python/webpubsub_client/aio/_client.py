@@ -392,6 +392,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 ),
                 ack_id=ack_id,
             )
+        elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
+            _queue_now(lib.wps_client_send_to_group(handle, group, kind, payload, size, flags, None))
+            return WebPubSubResult(None, False)
         else:
             completion = await self._run(
                 lambda cb, ud, op: lib.wps_client_send_to_group_async(
@@ -429,6 +432,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 ),
                 ack_id=ack_id,
             )
+        elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
+            _queue_now(lib.wps_client_send_event(handle, event, kind, payload, size, flags, None))
+            return WebPubSubResult(None, False)
         else:
             completion = await self._run(
                 lambda cb, ud, op: lib.wps_client_send_event_async(
@@ -506,6 +512,18 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 message=completion.error_message,
             )
         return completion
+
+
+def _queue_now(status: int) -> None:
+    """Check the status of a fire-and-forget message queued by the blocking C call.
+
+    While connected that call returns as soon as the frame is queued (it only waits when
+    the library's operation queue is full), so it runs on the loop thread: no executor,
+    completion callback or thread hop. In other states the awaited asynchronous form is
+    used, so a recovering connection never stalls the loop.
+    """
+    if status != _native.STATUS_OK:
+        raise _base.operation_error(status)
 
 
 def _ack_result(completion: Completion) -> WebPubSubResult:
