@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import functools
 import inspect
@@ -62,21 +63,63 @@ class WebPubSubClientCredential:
         return result
 
 
+class _LoopBatch:
+    """Runs calls posted from the client's dispatcher thread on one event loop, in order,
+    waking the loop once per batch (one ``call_soon_threadsafe`` for all the calls posted
+    before the loop got to them) instead of once per call."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._calls: "collections.deque[Tuple[Callable[..., None], Tuple[Any, ...]]]" = collections.deque()
+        self._scheduled = False
+
+    def post(self, function: Callable[..., None], *args: Any) -> None:
+        """Queue ``function(*args)`` for the loop; RuntimeError when the loop is closed."""
+        self._calls.append((function, args))
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:
+                self._scheduled = False
+                self._calls.clear()
+                raise
+
+    def _drain(self) -> None:
+        # Cleared before draining: a call posted meanwhile is either drained here or
+        # schedules a new drain, never stranded.
+        self._scheduled = False
+        calls = self._calls
+        while calls:
+            function, args = calls.popleft()
+            try:
+                function(*args)
+            except Exception:  # noqa: BLE001
+                _LOGGER.exception("webpubsub_client: a queued call raised on the event loop")
+
+
 class _AsyncSink:
     """Moves native events from the dispatcher thread onto the client's event loop, in order."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
         self._listeners = listeners
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.batch: Optional[_LoopBatch] = None
         self._tasks: Set["asyncio.Future[Any]"] = set()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver events and completions to ``loop`` from now on."""
+        if self.loop is not loop:
+            self.batch = _LoopBatch(loop)
+        self.loop = loop
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
-        loop = self.loop
-        if converted is None or loop is None:
+        batch = self.batch
+        if converted is None or batch is None:
             return
         try:
-            loop.call_soon_threadsafe(self._dispatch, *converted)
+            batch.post(self._dispatch, *converted)
         except RuntimeError:
             _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", converted[0].value)
 
@@ -204,7 +247,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
             raise OpenClientError("Client can be only started when it's Stopped")
         loop = asyncio.get_running_loop()
-        self._sink.loop = loop
+        self._sink.bind(loop)
         status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_start, handle)
         if status != _native.STATUS_OK:
             raise _base.open_error(status, message)
@@ -486,9 +529,13 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         loop = asyncio.get_running_loop()
         future: "asyncio.Future[Completion]" = loop.create_future()
 
+        batch = self._sink.batch
+        if batch is None or batch.loop is not loop:
+            batch = _LoopBatch(loop)
+
         def complete(completion: Completion) -> None:  # on the dispatcher thread
             try:
-                loop.call_soon_threadsafe(_settle, future, completion)
+                batch.post(_settle, future, completion)
             except RuntimeError:
                 _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
 
