@@ -1,8 +1,8 @@
 //! `wps_client`: creation, lifetime, and the blocking and asynchronous operations.
 //!
-//! Blocking calls spawn the core future on the shared runtime and wait on a channel,
-//! so they work from any thread, dispatcher threads included (acks are resolved by the
-//! core's reader task, never by a dispatcher). Asynchronous calls spawn a task that
+//! Blocking calls drive the core future on the calling thread (the shared runtime
+//! does the I/O), so they work from any thread, dispatcher threads included (acks are
+//! resolved by the core's reader task, never by a dispatcher). Asynchronous calls spawn a task that
 //! queues the completion to the client's dispatcher thread.
 
 use std::collections::HashMap;
@@ -68,14 +68,22 @@ fn runtime() -> FfiResult<tokio::runtime::Handle> {
     crate::runtime::try_handle().map_err(|e| fail(WPS_STATUS_FORKED, e))
 }
 
-/// Runs a core future on the runtime and waits for it on this thread.
+/// Runs a core future to completion on this thread, driven by the shared runtime's
+/// I/O and timers: no task, no thread hop (a fire-and-forget send finishes on its
+/// first poll). On a thread already inside the runtime's context (a blocking-pool
+/// thread running a credential callback) it is spawned instead and waited for.
+/// A panic in the future unwinds to the caller's panic boundary.
 fn block<F>(fut: F) -> FfiResult<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    let rt = runtime()?;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Ok(rt.block_on(fut));
+    }
     let (tx, rx) = mpsc::sync_channel(1);
-    runtime()?.spawn(async move {
+    rt.spawn(async move {
         let _ = tx.send(fut.await);
     });
     rx.recv().map_err(|_| {

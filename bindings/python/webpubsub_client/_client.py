@@ -384,8 +384,14 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(no_echo, "no_echo")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack, no_echo)
-        out = _native.WpsAckResult()
         handle = self._live_handle()
+        if not ack and ack_id is None:
+            # no ack to read: no out-struct, and the call returns once the frame is queued
+            status = lib.wps_client_send_to_group(handle, group, kind, payload, len(payload), flags, None)
+            if status != _native.STATUS_OK:
+                raise _base.operation_error(status)
+            return WebPubSubResult(None, False)
+        out = _native.WpsAckResult()
         if ack_id is not None:
             _base.check_ack_id_use(ack_id, ack)
             status = lib.wps_client_send_to_group_with_ack_id(
@@ -416,8 +422,14 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(ack, "ack")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack)
-        out = _native.WpsAckResult()
         handle = self._live_handle()
+        if not ack and ack_id is None:
+            # no ack to read: no out-struct, and the call returns once the frame is queued
+            status = lib.wps_client_send_event(handle, event, kind, payload, len(payload), flags, None)
+            if status != _native.STATUS_OK:
+                raise _base.operation_error(status)
+            return WebPubSubResult(None, False)
+        out = _native.WpsAckResult()
         if ack_id is not None:
             _base.check_ack_id_use(ack_id, ack)
             status = lib.wps_client_send_event_with_ack_id(

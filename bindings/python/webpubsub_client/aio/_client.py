@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import functools
 import inspect
@@ -62,21 +63,63 @@ class WebPubSubClientCredential:
         return result
 
 
+class _LoopBatch:
+    """Runs calls posted from the client's dispatcher thread on one event loop, in order,
+    waking the loop once per batch (one ``call_soon_threadsafe`` for all the calls posted
+    before the loop got to them) instead of once per call."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._calls: "collections.deque[Tuple[Callable[..., None], Tuple[Any, ...]]]" = collections.deque()
+        self._scheduled = False
+
+    def post(self, function: Callable[..., None], *args: Any) -> None:
+        """Queue ``function(*args)`` for the loop; RuntimeError when the loop is closed."""
+        self._calls.append((function, args))
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:
+                self._scheduled = False
+                self._calls.clear()
+                raise
+
+    def _drain(self) -> None:
+        # Cleared before draining: a call posted meanwhile is either drained here or
+        # schedules a new drain, never stranded.
+        self._scheduled = False
+        calls = self._calls
+        while calls:
+            function, args = calls.popleft()
+            try:
+                function(*args)
+            except Exception:  # noqa: BLE001
+                _LOGGER.exception("webpubsub_client: a queued call raised on the event loop")
+
+
 class _AsyncSink:
     """Moves native events from the dispatcher thread onto the client's event loop, in order."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
         self._listeners = listeners
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.batch: Optional[_LoopBatch] = None
         self._tasks: Set["asyncio.Future[Any]"] = set()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver events and completions to ``loop`` from now on."""
+        if self.loop is not loop:
+            self.batch = _LoopBatch(loop)
+        self.loop = loop
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
-        loop = self.loop
-        if converted is None or loop is None:
+        batch = self.batch
+        if converted is None or batch is None:
             return
         try:
-            loop.call_soon_threadsafe(self._dispatch, *converted)
+            batch.post(self._dispatch, *converted)
         except RuntimeError:
             _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", converted[0].value)
 
@@ -204,7 +247,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
             raise OpenClientError("Client can be only started when it's Stopped")
         loop = asyncio.get_running_loop()
-        self._sink.loop = loop
+        self._sink.bind(loop)
         status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_start, handle)
         if status != _native.STATUS_OK:
             raise _base.open_error(status, message)
@@ -392,6 +435,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 ),
                 ack_id=ack_id,
             )
+        elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
+            _queue_now(lib.wps_client_send_to_group(handle, group, kind, payload, size, flags, None))
+            return WebPubSubResult(None, False)
         else:
             completion = await self._run(
                 lambda cb, ud, op: lib.wps_client_send_to_group_async(
@@ -429,6 +475,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 ),
                 ack_id=ack_id,
             )
+        elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
+            _queue_now(lib.wps_client_send_event(handle, event, kind, payload, size, flags, None))
+            return WebPubSubResult(None, False)
         else:
             completion = await self._run(
                 lambda cb, ud, op: lib.wps_client_send_event_async(
@@ -480,9 +529,13 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         loop = asyncio.get_running_loop()
         future: "asyncio.Future[Completion]" = loop.create_future()
 
+        batch = self._sink.batch
+        if batch is None or batch.loop is not loop:
+            batch = _LoopBatch(loop)
+
         def complete(completion: Completion) -> None:  # on the dispatcher thread
             try:
-                loop.call_soon_threadsafe(_settle, future, completion)
+                batch.post(_settle, future, completion)
             except RuntimeError:
                 _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
 
@@ -506,6 +559,18 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 message=completion.error_message,
             )
         return completion
+
+
+def _queue_now(status: int) -> None:
+    """Check the status of a fire-and-forget message queued by the blocking C call.
+
+    While connected that call returns as soon as the frame is queued (it only waits when
+    the library's operation queue is full), so it runs on the loop thread: no executor,
+    completion callback or thread hop. In other states the awaited asynchronous form is
+    used, so a recovering connection never stalls the loop.
+    """
+    if status != _native.STATUS_OK:
+        raise _base.operation_error(status)
 
 
 def _ack_result(completion: Completion) -> WebPubSubResult:
