@@ -384,24 +384,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(no_echo, "no_echo")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack, no_echo)
-        handle = self._live_handle()
-        if not ack and ack_id is None:
-            # no ack to read: no out-struct, and the call returns once the frame is queued
-            status = lib.wps_client_send_to_group(handle, group, kind, payload, len(payload), flags, None)
-            if status != _native.STATUS_OK:
-                raise _base.operation_error(status)
-            return WebPubSubResult(None, False)
-        out = _native.WpsAckResult()
-        if ack_id is not None:
-            _base.check_ack_id_use(ack_id, ack)
-            status = lib.wps_client_send_to_group_with_ack_id(
-                handle, group, kind, payload, len(payload), flags, ack_id, ctypes.byref(out)
-            )
-        else:
-            status = lib.wps_client_send_to_group(handle, group, kind, payload, len(payload), flags, ctypes.byref(out))
-        if status != _native.STATUS_OK:
-            raise _base.operation_error(status, ack_id=ack_id)
-        return _base.ack_result(out)
+        forms = (lib.wps_client_send_to_group, lib.wps_client_send_to_group_with_ack_id)
+        return self._send(forms, group, kind, payload, flags, ack, ack_id)
 
     def send_event(
         self,
@@ -422,21 +406,27 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(ack, "ack")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack)
+        forms = (lib.wps_client_send_event, lib.wps_client_send_event_with_ack_id)
+        return self._send(forms, event, kind, payload, flags, ack, ack_id)
+
+    def _send(
+        self, forms: Any, target: bytes, kind: int, payload: bytes, flags: int, ack: bool, ack_id: Optional[int]
+    ) -> WebPubSubResult:
+        """Sends through the C forms ``(plain, with_ack_id)`` of send_to_group or send_event."""
+        plain, with_ack_id = forms
         handle = self._live_handle()
         if not ack and ack_id is None:
             # no ack to read: no out-struct, and the call returns once the frame is queued
-            status = lib.wps_client_send_event(handle, event, kind, payload, len(payload), flags, None)
+            status = plain(handle, target, kind, payload, len(payload), flags, None)
             if status != _native.STATUS_OK:
                 raise _base.operation_error(status)
             return WebPubSubResult(None, False)
         out = _native.WpsAckResult()
         if ack_id is not None:
             _base.check_ack_id_use(ack_id, ack)
-            status = lib.wps_client_send_event_with_ack_id(
-                handle, event, kind, payload, len(payload), flags, ack_id, ctypes.byref(out)
-            )
+            status = with_ack_id(handle, target, kind, payload, len(payload), flags, ack_id, ctypes.byref(out))
         else:
-            status = lib.wps_client_send_event(handle, event, kind, payload, len(payload), flags, ctypes.byref(out))
+            status = plain(handle, target, kind, payload, len(payload), flags, ctypes.byref(out))
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=ack_id)
         return _base.ack_result(out)

@@ -337,7 +337,6 @@ def load_library() -> ctypes.CDLL:
 lib: ctypes.CDLL = load_library()
 
 
-
 def decode(value: Optional[bytes]) -> Optional[str]:
     """A borrowed C string (``c_char_p`` result) as ``str``; NULL gives None."""
     if value is None:

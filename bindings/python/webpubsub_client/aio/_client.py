@@ -424,27 +424,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(no_echo, "no_echo")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack, no_echo)
-        handle = self._live_handle()
-        size = len(payload)
-        if ack_id is not None:
-            _base.check_ack_id_use(ack_id, ack)
-            chosen = ack_id
-            completion = await self._run(
-                lambda cb, ud, op: lib.wps_client_send_to_group_with_ack_id_async(
-                    handle, group, kind, payload, size, flags, chosen, cb, ud, op
-                ),
-                ack_id=ack_id,
-            )
-        elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
-            _queue_now(lib.wps_client_send_to_group(handle, group, kind, payload, size, flags, None))
-            return WebPubSubResult(None, False)
-        else:
-            completion = await self._run(
-                lambda cb, ud, op: lib.wps_client_send_to_group_async(
-                    handle, group, kind, payload, size, flags, cb, ud, op
-                )
-            )
-        return _ack_result(completion)
+        forms = (
+            lib.wps_client_send_to_group,
+            lib.wps_client_send_to_group_async,
+            lib.wps_client_send_to_group_with_ack_id_async,
+        )
+        return await self._send(forms, group, kind, payload, flags, ack, ack_id)
 
     async def send_event(
         self,
@@ -464,25 +449,34 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(ack, "ack")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack)
+        forms = (
+            lib.wps_client_send_event,
+            lib.wps_client_send_event_async,
+            lib.wps_client_send_event_with_ack_id_async,
+        )
+        return await self._send(forms, event, kind, payload, flags, ack, ack_id)
+
+    async def _send(
+        self, forms: Any, target: bytes, kind: int, payload: bytes, flags: int, ack: bool, ack_id: Optional[int]
+    ) -> WebPubSubResult:
+        """Sends through the C forms ``(plain, async, with_ack_id_async)`` of send_to_group or send_event."""
+        plain, plain_async, with_ack_id_async = forms
         handle = self._live_handle()
         size = len(payload)
         if ack_id is not None:
             _base.check_ack_id_use(ack_id, ack)
             chosen = ack_id
             completion = await self._run(
-                lambda cb, ud, op: lib.wps_client_send_event_with_ack_id_async(
-                    handle, event, kind, payload, size, flags, chosen, cb, ud, op
-                ),
+                lambda cb, ud, op: with_ack_id_async(handle, target, kind, payload, size, flags, chosen, cb, ud, op),
                 ack_id=ack_id,
             )
         elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
-            _queue_now(lib.wps_client_send_event(handle, event, kind, payload, size, flags, None))
+            # queued at once on this thread: the blocking form returns when the frame is queued
+            _queue_now(plain(handle, target, kind, payload, size, flags, None))
             return WebPubSubResult(None, False)
         else:
             completion = await self._run(
-                lambda cb, ud, op: lib.wps_client_send_event_async(
-                    handle, event, kind, payload, size, flags, cb, ud, op
-                )
+                lambda cb, ud, op: plain_async(handle, target, kind, payload, size, flags, cb, ud, op)
             )
         return _ack_result(completion)
 
