@@ -368,10 +368,7 @@ impl Client {
         let frame =
             json::encode_send_to_group(group, ack_id.map(|(id, _)| id), opts.no_echo, &data);
         let frame = self.checked(frame)?;
-        match ack_id {
-            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
-            None => self.fire_and_forget(frame).await,
-        }
+        self.send_message(frame, ack_id).await
     }
 
     /// Sends a user event to the upstream server. Waits for the ack unless
@@ -390,10 +387,7 @@ impl Client {
             bytes: data,
         };
         let frame = self.checked(json::encode_event(event, ack_id.map(|(id, _)| id), &data))?;
-        match ack_id {
-            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
-            None => self.fire_and_forget(frame).await,
-        }
+        self.send_message(frame, ack_id).await
     }
 
     /// Sends an event whose reply comes from the upstream server. Dropping the future
@@ -521,6 +515,19 @@ impl Client {
         })
         .await?;
         rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    /// Sends an encoded `sendToGroup` or `event` frame: acked when it has an ackId
+    /// (from `choose_ack_id`), else fire-and-forget.
+    async fn send_message(
+        &self,
+        frame: Utf8Bytes,
+        ack_id: Option<(u64, bool)>,
+    ) -> Result<AckResult, Error> {
+        match ack_id {
+            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
+            None => self.fire_and_forget(frame).await,
+        }
     }
 
     async fn fire_and_forget(&self, frame: Utf8Bytes) -> Result<AckResult, Error> {
