@@ -252,7 +252,12 @@ impl Connector {
                     self.protocol.name()
                 )));
             }
-            let rest = buf.split_off(head_len);
+            // Frames that arrived with the response head start the read buffer. It
+            // gets its full capacity here: the codec sizes every later buffer after
+            // this first one, and one sized to `rest` would make it read the socket
+            // a frame at a time.
+            let mut rest = Vec::with_capacity(READ_BUFFER.max(buf.len() - head_len));
+            rest.extend_from_slice(&buf[head_len..]);
             return Ok(WebSocketStream::from_partially_read(
                 stream,
                 rest,

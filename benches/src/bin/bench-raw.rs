@@ -30,7 +30,7 @@ const DRIVER: &str = "raw";
 /// The service keeps unacknowledged frames for replay; acknowledge at least this often.
 const SEQUENCE_ACK_EVERY: u64 = 300;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
     let outcome = match args.scenario {
