@@ -150,6 +150,17 @@
 #define WPS_SEND_FIRE_AND_FORGET 2
 
 /**
+ * Dispatch mode (default): callbacks run on a library-owned dispatcher thread.
+ */
+#define WPS_DISPATCH_THREAD 0
+
+/**
+ * Dispatch mode: callbacks run on the application's thread, in `wps_client_dispatch`,
+ * when `wps_client_dispatch_fd` is readable (for event loops: epoll, libuv, asyncio).
+ */
+#define WPS_DISPATCH_POLL 1
+
+/**
  * Log level: errors.
  */
 #define WPS_LOG_ERROR 1
@@ -499,6 +510,31 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
 void wps_client_free(struct wps_client *c);
 
 /**
+ * Poll mode (`WPS_DISPATCH_POLL`): writes to `out_fd` a descriptor that is readable
+ * while callbacks of this client are queued. Watch it for readability in your event
+ * loop and call `wps_client_dispatch` then; never read it yourself. It stays valid
+ * until `wps_client_free` (stop watching it before). `WPS_STATUS_ILLEGAL_STATE` in
+ * thread mode.
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `out_fd` is NULL or writable.
+ */
+wps_status wps_client_dispatch_fd(const struct wps_client *c, int *out_fd);
+
+/**
+ * Poll mode: runs up to `max` queued callbacks (events and completions) of this client
+ * on the calling thread, in order; `ran` (may be NULL) receives how many ran. While
+ * more remain queued the descriptor stays readable. Callbacks may call the API,
+ * `wps_client_free` of this client included, but not `wps_client_dispatch` of this
+ * client: that, a call from two threads at once, and a client in thread mode get
+ * `WPS_STATUS_ILLEGAL_STATE`.
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `ran` is NULL or writable.
+ */
+wps_status wps_client_dispatch(struct wps_client *c, size_t max, size_t *ran);
+
+/**
  * Connects; blocks until connected or failed (start timeout). Fails with
  * `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped.
  *
@@ -822,6 +858,12 @@ void wps_options_free(struct wps_options *o);
  * Subprotocol: `WPS_PROTOCOL_JSON_RELIABLE` (default) or `WPS_PROTOCOL_JSON`.
  */
 wps_status wps_options_set_protocol(struct wps_options *o, uint32_t protocol);
+
+/**
+ * Where the client's callbacks run: `WPS_DISPATCH_THREAD` (default: a library
+ * thread) or `WPS_DISPATCH_POLL` (the application's thread, in `wps_client_dispatch`).
+ */
+wps_status wps_options_set_dispatch_mode(struct wps_options *o, uint32_t mode);
 
 /**
  * Whether a lost session is replaced by a new connection (default true).

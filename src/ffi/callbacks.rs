@@ -293,8 +293,8 @@ impl EventSink {
         }
     }
 
-    /// The dispatcher thread of this client.
-    pub(crate) fn worker(&self) -> &Worker {
+    /// Where this client's callbacks run.
+    pub(crate) fn worker(&self) -> &Arc<Worker> {
         &self.worker
     }
 

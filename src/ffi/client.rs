@@ -6,7 +6,7 @@
 //! queues the completion to the client's dispatcher thread.
 
 use std::collections::HashMap;
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -26,15 +26,16 @@ use super::callbacks::{
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
-use super::dispatcher::{self, in_callback};
+use super::dispatcher::{self, in_callback, DispatchError, Worker};
 use super::options::wps_options;
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
     fail, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_PROTOBUF,
     WPS_DATA_TYPE_TEXT, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_NO_ECHO, WPS_STATE_CONNECTED,
     WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED, WPS_STATE_RECOVERING, WPS_STATE_STOPPED,
-    WPS_STATUS_CANCELLED, WPS_STATUS_FORKED, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
-    WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
+    WPS_STATUS_CANCELLED, WPS_STATUS_FORKED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INTERNAL,
+    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED,
+    WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
 };
 
 /// A client: an opaque handle to a boxed `Arc` of the library's client state (the core
@@ -180,15 +181,20 @@ fn new_client(
     }
     runtime()?;
     // SAFETY: `opts` is NULL or comes from `wps_options_new`.
-    let options = unsafe { opts.as_ref() }
-        .map(|o| o.inner.clone())
+    let (options, poll) = unsafe { opts.as_ref() }
+        .map(|o| (o.inner.clone(), o.poll))
         .unwrap_or_default();
-    let sink = Arc::new(EventSink::new(
-        dispatcher::assign(),
-        on_event,
-        user_data,
-        user_data_free,
-    ));
+    let worker = if poll {
+        Worker::polled().map_err(|e| {
+            fail(
+                WPS_STATUS_INTERNAL,
+                format!("creating the dispatch descriptor: {e}"),
+            )
+        })?
+    } else {
+        dispatcher::assign()
+    };
+    let sink = Arc::new(EventSink::new(worker, on_event, user_data, user_data_free));
     let handler: EventHandler = {
         let sink = Arc::clone(&sink);
         Arc::new(move |event| sink.deliver(event))
@@ -304,6 +310,12 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             return;
         }
         let shared = Arc::clone(&handle);
+        // Poll mode: nothing polls this client any more; a library thread runs what
+        // is left (completions, the finalizer), and no further event is delivered.
+        if shared.sink.worker().fd().is_some() {
+            shared.sink.close_now();
+            shared.sink.worker().hand_over();
+        }
         if in_callback() {
             shared.sink.close_now();
             shared.stop_all_ops();
@@ -331,6 +343,69 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             let _ = rx.recv();
         }
     })
+}
+
+/// Poll mode (`WPS_DISPATCH_POLL`): writes to `out_fd` a descriptor that is readable
+/// while callbacks of this client are queued. Watch it for readability in your event
+/// loop and call `wps_client_dispatch` then; never read it yourself. It stays valid
+/// until `wps_client_free` (stop watching it before). `WPS_STATUS_ILLEGAL_STATE` in
+/// thread mode.
+///
+/// # Safety
+/// `c` is NULL or a live handle; `out_fd` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_dispatch_fd(
+    c: *const wps_client,
+    out_fd: *mut c_int,
+) -> wps_status {
+    guard(|| {
+        let shared = client_arg(c)?;
+        if out_fd.is_null() {
+            return Err(fail(WPS_STATUS_NULL_ARG, "`out_fd` is NULL"));
+        }
+        let fd = shared.sink.worker().fd().ok_or_else(not_polled)?;
+        out_fd.write(fd);
+        Ok(())
+    })
+}
+
+/// Poll mode: runs up to `max` queued callbacks (events and completions) of this client
+/// on the calling thread, in order; `ran` (may be NULL) receives how many ran. While
+/// more remain queued the descriptor stays readable. Callbacks may call the API,
+/// `wps_client_free` of this client included, but not `wps_client_dispatch` of this
+/// client: that, a call from two threads at once, and a client in thread mode get
+/// `WPS_STATUS_ILLEGAL_STATE`.
+///
+/// # Safety
+/// `c` is NULL or a live handle; `ran` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_dispatch(
+    c: *mut wps_client,
+    max: usize,
+    ran: *mut usize,
+) -> wps_status {
+    guard(|| {
+        // The worker is kept alive by this call: a callback may free the client.
+        let worker = Arc::clone(client_arg(c)?.sink.worker());
+        let count = worker.dispatch(max).map_err(|e| match e {
+            DispatchError::NotPolled => not_polled(),
+            DispatchError::Busy => fail(
+                WPS_STATUS_ILLEGAL_STATE,
+                "wps_client_dispatch is already running for this client",
+            ),
+        })?;
+        if !ran.is_null() {
+            ran.write(count);
+        }
+        Ok(())
+    })
+}
+
+fn not_polled() -> wps_status {
+    fail(
+        WPS_STATUS_ILLEGAL_STATE,
+        "the client's callbacks run on a library thread (dispatch mode WPS_DISPATCH_POLL was not set)",
+    )
 }
 
 /// Connects; blocks until connected or failed (start timeout). Fails with

@@ -1,18 +1,28 @@
-//! Library-owned dispatcher threads that run every event and completion callback.
+//! Where every event and completion callback runs: a library-owned dispatcher thread,
+//! or the application's own thread (poll mode).
 //!
-//! A small process-wide pool (`min(cpus, 4)` threads, started on first use, never
-//! stopped). Each client is pinned to one worker, whose FIFO queue keeps that client's
-//! callbacks in order. Jobs are popped under the queue lock and run after releasing it,
-//! so no callback ever runs while a library lock is held, and never on a tokio worker.
+//! Thread mode (the default): a small process-wide pool (`min(cpus, 4)` threads,
+//! started on first use, never stopped). Each client is pinned to one worker, whose FIFO
+//! queue keeps that client's callbacks in order.
+//!
+//! Poll mode: the client gets a worker of its own that no thread runs. A file
+//! descriptor becomes readable when callbacks are queued, and the application runs
+//! them with `dispatch` on its event loop. When the client is freed, what is left is
+//! handed over to a pool thread, so finalizers always run.
+//!
+//! Jobs are taken under the queue lock and run after releasing it, so no callback ever
+//! runs while a library lock is held, and never on a tokio worker. A dispatcher is only
+//! woken (condvar or descriptor) when it is idle, not once per job.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use super::panic::guard_job;
 
-/// A unit of work for a dispatcher thread.
+/// A unit of work for a dispatcher.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// Most dispatcher threads the pool ever starts.
@@ -44,36 +54,243 @@ pub(crate) fn in_callback() -> bool {
     CALLBACK_DEPTH.with(|d| d.get() > 0)
 }
 
-/// One dispatcher thread's queue.
+/// Why `dispatch` could not run.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum DispatchError {
+    /// The worker is run by a library thread, not polled.
+    NotPolled,
+    /// Another `dispatch` of this worker is running (on this or another thread).
+    Busy,
+}
+
+/// How a worker is woken when a job arrives while it is idle.
+enum Wake {
+    /// A pool thread sleeping on the condvar.
+    Thread(Condvar),
+    /// The application polls a descriptor.
+    Poll(Signal),
+}
+
+/// A worker's queue and its state, under one lock.
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Thread mode: the thread waits on the condvar. Poll mode: the descriptor is
+    /// not signalled.
+    idle: bool,
+    /// Poll mode, after the client was freed: jobs go to this pool worker.
+    forward: Option<Arc<Worker>>,
+    /// Poll mode: a `dispatch` is running.
+    dispatching: bool,
+    /// Poll mode: hand over to a pool thread once the running `dispatch` returns.
+    hand_over_pending: bool,
+}
+
+/// One client's FIFO of callbacks (thread mode: shared by the clients pinned to it).
 pub(crate) struct Worker {
-    queue: Mutex<VecDeque<Job>>,
-    ready: Condvar,
+    queue: Mutex<Queue>,
+    wake: Wake,
 }
 
 impl Worker {
-    /// Appends a job; it runs after every job pushed before it.
-    pub(crate) fn push(&self, job: Job) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(job);
-        self.ready.notify_one();
-    }
-
-    fn run(&self) {
-        loop {
-            let job = {
-                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                loop {
-                    if let Some(job) = queue.pop_front() {
-                        break job;
-                    }
-                    queue = self.ready.wait(queue).unwrap_or_else(|e| e.into_inner());
-                }
-            };
-            guard_job("dispatcher job", job);
+    fn new(wake: Wake) -> Worker {
+        Worker {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                idle: true,
+                forward: None,
+                dispatching: false,
+                hand_over_pending: false,
+            }),
+            wake,
         }
     }
+
+    /// A worker run by the application (poll mode), with its readiness descriptor.
+    pub(crate) fn polled() -> io::Result<Arc<Worker>> {
+        Ok(Arc::new(Worker::new(Wake::Poll(Signal::new()?))))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends a job; it runs after every job pushed before it.
+    pub(crate) fn push(&self, job: Job) {
+        let mut queue = self.lock();
+        if let Some(target) = &queue.forward {
+            let target = Arc::clone(target);
+            drop(queue);
+            target.push(job);
+            return;
+        }
+        queue.jobs.push_back(job);
+        let wake = std::mem::replace(&mut queue.idle, false);
+        drop(queue);
+        if wake {
+            match &self.wake {
+                Wake::Thread(ready) => ready.notify_one(),
+                Wake::Poll(signal) => signal.set(),
+            }
+        }
+    }
+
+    /// Poll mode: the descriptor that is readable while callbacks are queued.
+    pub(crate) fn fd(&self) -> Option<std::ffi::c_int> {
+        match &self.wake {
+            Wake::Poll(signal) => Some(signal.fd()),
+            Wake::Thread(_) => None,
+        }
+    }
+
+    /// Poll mode: runs up to `max` queued callbacks on this thread, in order; returns
+    /// how many ran. The descriptor stays readable while callbacks remain.
+    pub(crate) fn dispatch(&self, max: usize) -> Result<usize, DispatchError> {
+        let Wake::Poll(signal) = &self.wake else {
+            return Err(DispatchError::NotPolled);
+        };
+        {
+            let mut queue = self.lock();
+            if queue.dispatching {
+                return Err(DispatchError::Busy);
+            }
+            if queue.forward.is_some() {
+                return Ok(0);
+            }
+            queue.dispatching = true;
+        }
+        let mut ran = 0;
+        loop {
+            let job = {
+                let mut queue = self.lock();
+                if queue.hand_over_pending {
+                    queue.dispatching = false;
+                    self.hand_over_locked(&mut queue);
+                    return Ok(ran);
+                }
+                let next = if ran < max {
+                    queue.jobs.pop_front()
+                } else {
+                    None
+                };
+                match next {
+                    Some(job) => job,
+                    None => {
+                        if queue.jobs.is_empty() && !queue.idle {
+                            signal.clear();
+                            queue.idle = true;
+                        }
+                        queue.dispatching = false;
+                        return Ok(ran);
+                    }
+                }
+            };
+            guard_job("dispatched callback", job);
+            ran += 1;
+        }
+    }
+
+    /// Poll mode: from now on a pool thread runs this worker's jobs (the client is
+    /// being freed and will not be polled again). Deferred to the end of a running
+    /// `dispatch`, so that no two threads run this client's callbacks at once.
+    pub(crate) fn hand_over(&self) {
+        if !matches!(self.wake, Wake::Poll(_)) {
+            return;
+        }
+        let mut queue = self.lock();
+        if queue.dispatching {
+            queue.hand_over_pending = true;
+        } else {
+            self.hand_over_locked(&mut queue);
+        }
+    }
+
+    fn hand_over_locked(&self, queue: &mut Queue) {
+        if queue.forward.is_some() {
+            return;
+        }
+        let target = assign();
+        let jobs = std::mem::take(&mut queue.jobs);
+        // Pushed under this worker's lock: a job forwarded later cannot overtake them.
+        target.push(Box::new(move || {
+            for job in jobs {
+                guard_job("dispatcher job", job);
+            }
+        }));
+        queue.forward = Some(target);
+    }
+
+    fn run(&self, ready: &Condvar) {
+        let mut batch = VecDeque::new();
+        loop {
+            {
+                let mut queue = self.lock();
+                while queue.jobs.is_empty() {
+                    queue.idle = true;
+                    queue = ready.wait(queue).unwrap_or_else(|e| e.into_inner());
+                }
+                std::mem::swap(&mut queue.jobs, &mut batch);
+            }
+            for job in batch.drain(..) {
+                guard_job("dispatcher job", job);
+            }
+        }
+    }
+}
+
+/// A readiness descriptor: readable while set.
+#[cfg(unix)]
+struct Signal {
+    read: std::os::unix::net::UnixStream,
+    write: std::os::unix::net::UnixStream,
+}
+
+#[cfg(unix)]
+impl Signal {
+    fn new() -> io::Result<Signal> {
+        let (read, write) = std::os::unix::net::UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        Ok(Signal { read, write })
+    }
+
+    fn fd(&self) -> std::ffi::c_int {
+        use std::os::fd::AsRawFd;
+        self.read.as_raw_fd()
+    }
+
+    fn set(&self) {
+        use std::io::Write;
+        // At most one byte is ever pending: `set` only follows a `clear`.
+        let _ = (&self.write).write(&[1]);
+    }
+
+    fn clear(&self) {
+        use std::io::Read;
+        let mut buf = [0u8; 16];
+        while matches!((&self.read).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// Poll mode needs a Unix platform (a socket pair is its descriptor).
+#[cfg(not(unix))]
+struct Signal(());
+
+#[cfg(not(unix))]
+impl Signal {
+    fn new() -> io::Result<Signal> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "poll dispatch needs a Unix platform",
+        ))
+    }
+
+    fn fd(&self) -> std::ffi::c_int {
+        -1
+    }
+
+    fn set(&self) {}
+
+    fn clear(&self) {}
 }
 
 struct Pool {
@@ -88,14 +305,15 @@ fn pool() -> &'static Pool {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = (0..cpus.clamp(1, MAX_WORKERS))
             .map(|i| {
-                let worker = Arc::new(Worker {
-                    queue: Mutex::new(VecDeque::new()),
-                    ready: Condvar::new(),
-                });
+                let worker = Arc::new(Worker::new(Wake::Thread(Condvar::new())));
                 let w = Arc::clone(&worker);
                 std::thread::Builder::new()
                     .name(format!("wps-dispatch-{i}"))
-                    .spawn(move || w.run())
+                    .spawn(move || {
+                        if let Wake::Thread(ready) = &w.wake {
+                            w.run(ready);
+                        }
+                    })
                     .expect("spawn a dispatcher thread");
                 worker
             })
@@ -107,7 +325,7 @@ fn pool() -> &'static Pool {
     })
 }
 
-/// Picks the worker a new client is pinned to (round robin).
+/// Picks the pool worker a new client is pinned to (round robin).
 pub(crate) fn assign() -> Arc<Worker> {
     let pool = pool();
     let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.workers.len();
@@ -145,5 +363,52 @@ mod tests {
             assert!(!inside);
         }
         assert!(pool().workers.len() <= MAX_WORKERS);
+    }
+
+    #[cfg(unix)]
+    fn readable(fd: std::ffi::c_int) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_polled_worker_signals_once_and_runs_jobs_only_when_dispatched() {
+        let worker = Worker::polled().unwrap();
+        let fd = worker.fd().unwrap();
+        assert!(!readable(fd));
+        let (tx, rx) = mpsc::channel();
+        for i in 0..5 {
+            let tx = tx.clone();
+            worker.push(Box::new(move || tx.send(i).unwrap()));
+        }
+        assert!(readable(fd));
+        assert!(rx.try_recv().is_err(), "nothing runs before dispatch");
+        assert_eq!(worker.dispatch(2), Ok(2));
+        assert!(readable(fd), "still readable while jobs remain");
+        assert_eq!(worker.dispatch(100), Ok(3));
+        assert!(!readable(fd));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+
+        let inner = Arc::clone(&worker);
+        let (busy_tx, busy_rx) = mpsc::channel();
+        worker.push(Box::new(move || busy_tx.send(inner.dispatch(1)).unwrap()));
+        assert_eq!(worker.dispatch(1), Ok(1));
+        assert_eq!(busy_rx.try_recv(), Ok(Err(DispatchError::Busy)));
+        assert_eq!(assign().dispatch(1), Err(DispatchError::NotPolled));
+
+        worker.push(Box::new(move || tx.send(5).unwrap()));
+        worker.hand_over();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(5));
+        assert_eq!(
+            worker.dispatch(1),
+            Ok(0),
+            "a handed-over worker has nothing to dispatch"
+        );
     }
 }

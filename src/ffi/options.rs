@@ -9,14 +9,17 @@ use crate::protocol::Protocol;
 use super::convert::{bytes_arg, handle_mut, str_arg};
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
-    fail, wps_status, WPS_PROTOCOL_JSON, WPS_PROTOCOL_JSON_RELIABLE, WPS_RETRY_EXPONENTIAL,
-    WPS_RETRY_FIXED, WPS_STATUS_INVALID_ARGUMENT,
+    fail, wps_status, WPS_DISPATCH_POLL, WPS_DISPATCH_THREAD, WPS_PROTOCOL_JSON,
+    WPS_PROTOCOL_JSON_RELIABLE, WPS_RETRY_EXPONENTIAL, WPS_RETRY_FIXED,
+    WPS_STATUS_INVALID_ARGUMENT,
 };
 
 /// Client options: an opaque builder (a boxed `ClientOptions`), created by
 /// `wps_options_new` with the official clients' defaults, released by `wps_options_free`.
 pub struct wps_options {
     pub(crate) inner: ClientOptions,
+    /// Callbacks are polled by the application (`WPS_DISPATCH_POLL`).
+    pub(crate) poll: bool,
 }
 
 fn ms(v: u64) -> Duration {
@@ -54,8 +57,13 @@ fn positive(v: u64, what: &str) -> FfiResult<Duration> {
 
 /// Applies `set` to the options behind `o`.
 fn with(o: *mut wps_options, set: impl FnOnce(&mut ClientOptions) -> FfiResult) -> wps_status {
+    with_handle(o, |options| set(&mut options.inner))
+}
+
+/// Applies `set` to the handle `o`.
+fn with_handle(o: *mut wps_options, set: impl FnOnce(&mut wps_options) -> FfiResult) -> wps_status {
     // SAFETY: `o` comes from `wps_options_new` per the API contract.
-    guard(|| set(&mut unsafe { handle_mut(o, "options") }?.inner))
+    guard(|| set(unsafe { handle_mut(o, "options") }?))
 }
 
 /// Creates options holding the defaults (those of the official clients). Never NULL
@@ -65,6 +73,7 @@ pub extern "C" fn wps_options_new() -> *mut wps_options {
     guard_value(std::ptr::null_mut(), || {
         Box::into_raw(Box::new(wps_options {
             inner: ClientOptions::default(),
+            poll: false,
         }))
     })
 }
@@ -93,6 +102,25 @@ pub extern "C" fn wps_options_set_protocol(o: *mut wps_options, protocol: u32) -
                 return Err(fail(
                     WPS_STATUS_INVALID_ARGUMENT,
                     format!("unknown protocol {protocol}"),
+                ))
+            }
+        };
+        Ok(())
+    })
+}
+
+/// Where the client's callbacks run: `WPS_DISPATCH_THREAD` (default: a library
+/// thread) or `WPS_DISPATCH_POLL` (the application's thread, in `wps_client_dispatch`).
+#[no_mangle]
+pub extern "C" fn wps_options_set_dispatch_mode(o: *mut wps_options, mode: u32) -> wps_status {
+    with_handle(o, |options| {
+        options.poll = match mode {
+            WPS_DISPATCH_THREAD => false,
+            WPS_DISPATCH_POLL => true,
+            _ => {
+                return Err(fail(
+                    WPS_STATUS_INVALID_ARGUMENT,
+                    format!("unknown dispatch mode {mode}"),
                 ))
             }
         };

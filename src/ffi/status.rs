@@ -76,6 +76,12 @@ pub const WPS_SEND_NO_ECHO: u32 = 1;
 /// Send flag: send without an ackId; the call completes once the frame is written.
 pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 
+/// Dispatch mode (default): callbacks run on a library-owned dispatcher thread.
+pub const WPS_DISPATCH_THREAD: u32 = 0;
+/// Dispatch mode: callbacks run on the application's thread, in `wps_client_dispatch`,
+/// when `wps_client_dispatch_fd` is readable (for event loops: epoll, libuv, asyncio).
+pub const WPS_DISPATCH_POLL: u32 = 1;
+
 /// Log level: errors.
 pub const WPS_LOG_ERROR: u32 = 1;
 /// Log level: warnings.

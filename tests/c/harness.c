@@ -9,6 +9,7 @@
 #include "webpubsub_client.h"
 #include "support.h"
 
+#include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -1257,6 +1258,172 @@ static bool test_wss_with_extra_ca(void) {
     return true;
 }
 
+/* ------------------------------------------------------------------ poll mode */
+
+/* Polls the client's descriptor and dispatches until `done(arg)` or WAIT_MS; false on timeout. */
+static bool dispatch_until(wps_client *c, bool (*done)(void *), void *arg) {
+    int fd = -1;
+    if (wps_client_dispatch_fd(c, &fd) != WPS_STATUS_OK || fd < 0) return false;
+    int64_t deadline = now_ms() + WAIT_MS;
+    while (!done(arg)) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0) return false;
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, (int)(left < 100 ? left : 100)) < 0) return false;
+        size_t ran = 0;
+        if (wps_client_dispatch(c, 64, &ran) != WPS_STATUS_OK) return false;
+    }
+    return true;
+}
+
+static bool completed(void *arg) { return ((completion *)arg)->calls > 0; }
+
+typedef struct {
+    recorder *r;
+    int kind, at_least;
+} kind_count;
+
+static bool has_events(void *arg) {
+    kind_count *k = arg;
+    return count_kind(k->r, (uint32_t)k->kind) >= k->at_least;
+}
+
+/* Inside a dispatched callback: a nested dispatch of the same client is refused. */
+typedef struct {
+    completion done;
+    wps_client *client;
+    wps_status nested;
+} nested_dispatch;
+
+static void on_complete_nested(void *user_data, const wps_completion *done) {
+    nested_dispatch *n = user_data;
+    n->nested = wps_client_dispatch(n->client, 10, NULL);
+    on_complete(&n->done, done);
+}
+
+static wps_client *poll_client(const char *user, recorder **rec) {
+    char *url = emulator_client_url(&EMU, HUB, user, ALL_ROLES);
+    wps_options *o = test_options();
+    wps_client *c = NULL;
+    *rec = recorder_new();
+    bool ok = wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL) == WPS_STATUS_OK &&
+              wps_client_new(url, o, on_event, *rec, on_user_data_free, &c) == WPS_STATUS_OK &&
+              wps_client_start(c) == WPS_STATUS_OK;
+    wps_options_free(o);
+    free(url);
+    if (!ok) fprintf(stderr, "  poll client: %s\n", wps_last_error_message());
+    return ok ? c : NULL;
+}
+
+/* WPS_DISPATCH_POLL: callbacks run on the polling thread, in order, only inside
+ * wps_client_dispatch; misuse gets clear errors; free runs what is left. */
+static bool test_poll_mode(void) {
+    wps_options *o = wps_options_new();
+    CHECK_STATUS(wps_options_set_dispatch_mode(o, 7), WPS_STATUS_INVALID_ARGUMENT);
+    wps_options_free(o);
+    recorder *rt;
+    wps_client *threaded = connect_client("threaded", ALL_ROLES, &rt);
+    CHECK(threaded);
+    int fd = -1;
+    CHECK_STATUS(wps_client_dispatch_fd(threaded, &fd), WPS_STATUS_ILLEGAL_STATE);
+    CHECK_STATUS(wps_client_dispatch(threaded, 1, NULL), WPS_STATUS_ILLEGAL_STATE);
+    CHECK(strstr(wps_last_error_message(), "WPS_DISPATCH_POLL") != NULL);
+    CHECK(free_client(threaded, rt));
+
+    recorder *r;
+    wps_client *c = poll_client("poller", &r);
+    CHECK(c);
+    CHECK_STATUS(wps_client_dispatch_fd(c, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_dispatch(NULL, 1, NULL), WPS_STATUS_NULL_ARG);
+    /* Nothing runs until dispatched: the connected event waits in the queue. */
+    usleep(50000);
+    CHECK(event_count(r) == 0);
+    kind_count connected = {r, WPS_EVENT_CONNECTED, 1};
+    CHECK(dispatch_until(c, has_events, &connected));
+    CHECK(pthread_equal(r->thread, pthread_self()));
+
+    completion joined;
+    completion_init(&joined);
+    CHECK_OK(wps_client_join_group_async(c, "poll", on_complete, &joined, NULL));
+    CHECK(dispatch_until(c, completed, &joined));
+    CHECK(joined.status == WPS_STATUS_OK);
+    enum { N = 300 };
+    char text[16];
+    for (int i = 0; i < N; i++) {
+        snprintf(text, sizeof text, "m%d", i);
+        CHECK(send_text(c, "poll", text, WPS_SEND_FIRE_AND_FORGET));
+    }
+    kind_count all = {r, WPS_EVENT_GROUP_MESSAGE, N};
+    CHECK(dispatch_until(c, has_events, &all));
+    /* In order, all on this thread, and `max` bounds one call. */
+    int seen = 0;
+    pthread_mutex_lock(&r->mu);
+    for (int i = 0; i < r->count; i++) {
+        if (r->events[i].kind != WPS_EVENT_GROUP_MESSAGE) continue;
+        snprintf(text, sizeof text, "m%d", seen);
+        if (strcmp(r->events[i].data, text) == 0) seen++;
+    }
+    bool same_thread = !r->thread_changed;
+    pthread_mutex_unlock(&r->mu);
+    CHECK(seen == N && same_thread);
+    CHECK(send_text(c, "poll", "x", 0) && send_text(c, "poll", "y", 0));
+    usleep(100000);
+    size_t ran = 99;
+    CHECK_OK(wps_client_dispatch(c, 1, &ran));
+    CHECK(ran == 1);
+    CHECK_OK(wps_client_dispatch(c, 100, &ran));
+    CHECK(ran == 1);
+
+    nested_dispatch n = {.client = c};
+    completion_init(&n.done);
+    CHECK_OK(wps_client_join_group_async(c, "poll2", on_complete_nested, &n, NULL));
+    CHECK(dispatch_until(c, completed, &n.done));
+    CHECK(n.nested == WPS_STATUS_ILLEGAL_STATE);
+
+    /* Freed with an operation pending and callbacks queued: the pending operation
+     * completes (on a library thread), the finalizer runs, before free returns. */
+    completion slow;
+    completion_init(&slow);
+    CHECK_OK(wps_client_invoke_event_async(c, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"p", 1, 0, on_complete, &slow, NULL));
+    CHECK(send_text(c, "poll", "queued", 0));
+    wps_client_free(c);
+    CHECK(r->freed == 1 && r->in_flight == 0);
+    CHECK(slow.calls == 1 && (slow.status == WPS_STATUS_STOPPED || slow.status == WPS_STATUS_CANCELLED));
+    upstream_release(UP);
+    completion_destroy(&joined);
+    completion_destroy(&n.done);
+    completion_destroy(&slow);
+    recorder_delete(r);
+
+    /* Freed from inside its own dispatched callback: the finalizer runs after it. */
+    recorder *rd;
+    wps_client *d = poll_client("dier", &rd);
+    CHECK(d);
+    completion dj;
+    completion_init(&dj);
+    CHECK_OK(wps_client_join_group_async(d, "poll", on_complete, &dj, NULL));
+    CHECK(dispatch_until(d, completed, &dj));
+    pthread_mutex_lock(&rd->mu);
+    rd->self = d;
+    pthread_mutex_unlock(&rd->mu);
+    CHECK(send_text(d, "poll", "die", 0));
+    int fd_d = -1;
+    CHECK_OK(wps_client_dispatch_fd(d, &fd_d));
+    int64_t deadline = now_ms() + WAIT_MS;
+    while (rd->inner_calls == 0 && now_ms() < deadline) {
+        struct pollfd p = {.fd = fd_d, .events = POLLIN};
+        poll(&p, 1, 100);
+        /* One callback per call: the handle is gone once the "die" callback ran. */
+        CHECK_OK(wps_client_dispatch(d, 1, NULL));
+    }
+    CHECK_OK(wait_inner(rd));
+    CHECK(wait_freed(rd));
+    CHECK(rd->calls_after_free == 0);
+    completion_destroy(&dj);
+    recorder_delete(rd);
+    return true;
+}
+
 /* ------------------------------------------------------------------ main */
 
 static int passed, failed;
@@ -1308,6 +1475,7 @@ int main(int argc, char **argv) {
     run("fork", test_fork);
     run("logging", test_logging);
     run("wss with an extra CA", test_wss_with_extra_ca);
+    run("poll dispatch mode", test_poll_mode);
     run("example", test_example);
     int emu = emulator_stop(&EMU);
     upstream_stop(UP);
