@@ -5,6 +5,7 @@
 //! all clients: the thread count does not grow with the number of clients.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use tokio::runtime::{Handle, Runtime};
 
@@ -15,8 +16,31 @@ struct Shared {
 
 static RUNTIME: OnceLock<Shared> = OnceLock::new();
 
+/// Set in the child of a `fork()` (an atfork handler), so that every call can check
+/// for it without a `getpid` system call.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+#[cfg(unix)]
+extern "C" fn mark_forked() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+/// Whether this process is a `fork()` child of the one that created the runtime.
+fn forked(shared: &Shared) -> bool {
+    if cfg!(unix) {
+        FORKED.load(Ordering::Relaxed)
+    } else {
+        shared.pid != std::process::id()
+    }
+}
+
 fn shared() -> &'static Shared {
     RUNTIME.get_or_init(|| {
+        #[cfg(unix)]
+        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::pthread_atfork(None, None, Some(mark_forked));
+        }
         let workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .clamp(1, 4);
@@ -37,7 +61,7 @@ fn shared() -> &'static Shared {
 /// it (its worker threads do not exist there, so using it would hang).
 pub fn try_handle() -> Result<Handle, String> {
     let shared = shared();
-    if shared.pid != std::process::id() {
+    if forked(shared) {
         return Err("the webpubsub runtime was created before fork(); it cannot be used in the child process".into());
     }
     Ok(shared.runtime.handle().clone())
