@@ -489,8 +489,13 @@ def new_native_client(
     url_or_provider: Union[str, Callable[[], str]],
     options: Options,
     sink: Any,
+    *,
+    poll: bool = False,
 ) -> int:
     """Create a native client whose events go to ``sink.on_native_event``; returns its handle.
+
+    With ``poll`` its callbacks run only in ``wps_client_dispatch`` (poll dispatch mode),
+    on the thread that calls it, instead of on a library thread.
 
     The caller frees it with :func:`free_client` (a ``weakref.finalize`` on the
     Python client, which also runs at interpreter exit). ``sink`` must not refer
@@ -498,6 +503,9 @@ def new_native_client(
     """
     _callbacks.enable_native_logging(trace=options.logging_enable)
     opts = options.build()
+    if poll and lib.wps_options_set_dispatch_mode(opts, _native.DISPATCH_POLL) != _native.STATUS_OK:
+        lib.wps_options_free(opts)
+        raise RuntimeError(f"poll dispatch mode: {_native.last_error_message()}")
     out = ctypes.c_void_p()
     sink_key = REGISTRY.add(sink)
     cred_key = 0

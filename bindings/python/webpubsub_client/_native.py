@@ -17,6 +17,7 @@ from ctypes import (
     Structure,
     c_bool,
     c_char_p,
+    c_int,
     c_size_t,
     c_uint16,
     c_uint32,
@@ -67,6 +68,9 @@ STATE_DISCONNECTED = 4
 
 SEND_NO_ECHO = 1
 SEND_FIRE_AND_FORGET = 2
+
+DISPATCH_THREAD = 0
+DISPATCH_POLL = 1
 
 LOG_ERROR = 1
 LOG_WARN = 2
@@ -234,6 +238,10 @@ _SIGNATURES = {
         [_handle, c_char_p, c_uint32, _bytes, c_size_t, c_uint64, COMPLETION_CB, c_void_p, _out_u64],
     ),
     "wps_client_cancel": (_status, [_handle, c_uint64]),
+    # poll dispatch mode (callbacks run on the event loop's thread)
+    "wps_options_set_dispatch_mode": (_status, [_handle, c_uint32]),
+    "wps_client_dispatch_fd": (_status, [_handle, POINTER(c_int)]),
+    "wps_client_dispatch": (_status, [_handle, c_size_t, POINTER(c_size_t)]),
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
     # caller-chosen ackIds and the user agent

@@ -8,6 +8,7 @@ import ctypes
 import functools
 import inspect
 import logging
+import threading
 import weakref
 from typing import Any, Awaitable, Callable, Literal, Optional, Set, Tuple, Union, overload
 
@@ -105,18 +106,23 @@ class _AsyncSink:
         self._listeners = listeners
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.batch: Optional[_LoopBatch] = None
+        self.thread = 0  # the thread running ``loop``
         self._tasks: Set["asyncio.Future[Any]"] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Deliver events and completions to ``loop`` from now on."""
+        """Deliver events and completions to ``loop`` (running on this thread) from now on."""
         if self.loop is not loop:
             self.batch = _LoopBatch(loop)
         self.loop = loop
+        self.thread = threading.get_ident()
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
         batch = self.batch
         if converted is None or batch is None:
+            return
+        if _on_loop(batch.loop, self.thread):  # dispatched by the loop itself (poll mode)
+            self._dispatch(*converted)
             return
         try:
             batch.post(self._dispatch, *converted)
@@ -151,6 +157,84 @@ class _AsyncSink:
             return future.result(timeout)
 
         return provide
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
+    """Whether this is ``loop``'s own thread (``thread``) with ``loop`` running on it.
+
+    Cheaper than ``asyncio.get_running_loop()``, which makes a system call per call
+    on Python 3.11.
+    """
+    return threading.get_ident() == thread and loop.is_running()
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Poller:
+    """Runs the native client's callbacks on the event loop that opened it.
+
+    The client is in poll dispatch mode: its descriptor becomes readable when callbacks
+    are queued, and a reader on the loop runs them with ``wps_client_dispatch``. Events
+    and completions then reach listeners and futures with no thread hop. Once the client
+    is freed, the library runs what is left on its own thread (posted to the loop).
+    """
+
+    BATCH = 256  # callbacks per reader wake-up; the descriptor stays readable for more
+
+    def __init__(self, handle: int) -> None:
+        self._lock = threading.RLock()
+        self._handle = handle
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._fd = -1
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Dispatch on ``loop`` (the running loop) from now on."""
+        with self._lock:
+            if self._loop is loop or not self._handle:
+                return
+            self._remove_reader()
+            fd = ctypes.c_int(-1)
+            status = lib.wps_client_dispatch_fd(self._handle, ctypes.byref(fd))
+            if status != _native.STATUS_OK:
+                raise WebPubSubClientError(f"{_native.status_str(status)}: {_native.last_error_message()}", status=status)
+            loop.add_reader(fd.value, self.dispatch)
+            self._loop, self._fd = loop, fd.value
+
+    def dispatch(self) -> None:
+        """Run the queued callbacks (on the loop's thread)."""
+        with self._lock:
+            if self._handle:
+                lib.wps_client_dispatch(self._handle, self.BATCH, None)
+
+    def _remove_reader(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._fd)
+
+    def free(self) -> None:
+        """Stop dispatching and free the native client (the client's finalizer)."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and _running_loop() is not loop:
+            # Another thread runs the loop: unregister and free there, so that the
+            # descriptor is never closed while the loop still watches it.
+            try:
+                loop.call_soon_threadsafe(self.free_now)
+                return
+            except RuntimeError:
+                pass
+        self.free_now()
+
+    def free_now(self) -> None:
+        with self._lock:
+            handle, self._handle = self._handle, 0
+            if handle:
+                self._remove_reader()
+                _base.free_client(handle)
 
 
 def _settle(future: "asyncio.Future[Completion]", completion: Completion) -> None:
@@ -233,8 +317,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             source = credential
         else:
             source = self._sink.credential_provider(credential, max(start_timeout, 1.0))
-        self._handle = _base.new_native_client(source, options, self._sink)
-        self._finalizer = weakref.finalize(self, _base.free_client, self._handle)
+        self._handle = _base.new_native_client(source, options, self._sink, poll=True)
+        self._poller = _Poller(self._handle)
+        self._finalizer = weakref.finalize(self, self._poller.free)
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -248,6 +333,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise OpenClientError("Client can be only started when it's Stopped")
         loop = asyncio.get_running_loop()
         self._sink.bind(loop)
+        self._poller.attach(loop)
         status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_start, handle)
         if status != _native.STATUS_OK:
             raise _base.open_error(status, message)
@@ -258,6 +344,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             return
         loop = asyncio.get_running_loop()
         status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_stop, self._handle)
+        self._poller.dispatch()  # the disconnected and stopped events, before close returns
         if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
             raise WebPubSubClientError(f"{_native.status_str(status)}: {message}", status=status)
 
@@ -521,14 +608,20 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> Completion:
         """Start an asynchronous C operation and await its completion on this loop."""
         loop = asyncio.get_running_loop()
+        self._poller.attach(loop)  # completions are dispatched by the loop awaiting them
         future: "asyncio.Future[Completion]" = loop.create_future()
 
         batch = self._sink.batch
         if batch is None or batch.loop is not loop:
             batch = _LoopBatch(loop)
 
-        def complete(completion: Completion) -> None:  # on the dispatcher thread
-            try:
+        thread = threading.get_ident()
+
+        def complete(completion: Completion) -> None:
+            if _on_loop(loop, thread):  # dispatched by this loop (poll mode)
+                _settle(future, completion)
+                return
+            try:  # from a library thread (after the client was freed) or another loop
                 batch.post(_settle, future, completion)
             except RuntimeError:
                 _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
