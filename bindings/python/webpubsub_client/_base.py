@@ -448,11 +448,16 @@ def callback_type_of(event: Any) -> CallbackType:
 
 
 class Listeners:
-    """The listeners of one client, per event type (thread-safe)."""
+    """The listeners of one client, per event type (thread-safe).
+
+    Each type holds an immutable tuple, replaced on every change: events read it without
+    a lock or a copy, and a listener added or removed during a dispatch takes effect from
+    the next event.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_type: Dict[CallbackType, List[Callable[..., Any]]] = {t: [] for t in CallbackType}
+        self._by_type: Dict[CallbackType, Tuple[Callable[..., Any], ...]] = {t: () for t in CallbackType}
 
     def add(self, event: Any, listener: Any) -> None:
         """Append ``listener`` for ``event`` (the same listener may be added twice, as officially)."""
@@ -460,21 +465,23 @@ class Listeners:
         if not callable(listener):
             raise TypeError(f"listener must be callable, got {type(listener).__name__}")
         with self._lock:
-            self._by_type[kind].append(listener)
+            self._by_type[kind] = self._by_type[kind] + (listener,)
 
     def remove(self, event: Any, listener: Any) -> None:
         """Remove one registration of ``listener``; absent listeners are ignored."""
         kind = callback_type_of(event)
         with self._lock:
+            current = list(self._by_type[kind])
             try:
-                self._by_type[kind].remove(listener)
+                current.remove(listener)
             except ValueError:
                 _LOGGER.info("webpubsub_client: listener to remove is not subscribed to %s", kind.value)
+                return
+            self._by_type[kind] = tuple(current)
 
-    def snapshot(self, kind: CallbackType) -> List[Callable[..., Any]]:
-        """A copy of the listeners of ``kind``."""
-        with self._lock:
-            return list(self._by_type[kind])
+    def snapshot(self, kind: CallbackType) -> Tuple[Callable[..., Any], ...]:
+        """The listeners of ``kind`` now (an immutable tuple)."""
+        return self._by_type[kind]
 
 
 # ---- native client handle -------------------------------------------------------------
