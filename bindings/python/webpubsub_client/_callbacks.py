@@ -23,37 +23,36 @@ NATIVE_LOGGER = logging.getLogger("webpubsub_client.native")
 
 
 class Registry:
-    """Thread-safe table from integer keys (passed to C as ``user_data``) to Python objects."""
+    """Thread-safe table from integer keys (passed to C as ``user_data``) to Python objects.
+
+    Needs no lock of its own: ``next`` on the key counter and each dict operation are
+    single, atomic steps under the interpreter lock.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._items: Dict[int, Any] = {}
         self._keys = itertools.count(1)
 
     def add(self, obj: Any) -> int:
         """Store ``obj`` and return its key (never 0, so it is never a NULL pointer)."""
-        with self._lock:
-            key = next(self._keys)
-            self._items[key] = obj
-            return key
+        key = next(self._keys)
+        self._items[key] = obj
+        return key
 
     def get(self, key: Optional[int]) -> Any:
         """The object stored under ``key``, or None."""
         if key is None:
             return None
-        with self._lock:
-            return self._items.get(key)
+        return self._items.get(key)
 
     def pop(self, key: Optional[int]) -> Any:
         """Remove and return the object stored under ``key`` (None when absent)."""
         if key is None:
             return None
-        with self._lock:
-            return self._items.pop(key, None)
+        return self._items.pop(key, None)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._items)
 
 
 REGISTRY = Registry()
@@ -83,10 +82,13 @@ class Completion:
         self.op_id: int = raw.op_id
         self.ack_id: Optional[int] = raw.ack_id if raw.has_ack_id else None
         self.is_duplicated: bool = bool(raw.is_duplicated)
-        self.error_name: str = _native.decode(raw.error_name) or ""
-        self.error_message: str = _native.decode(raw.error_message) or ""
+        self.error_name = self.error_message = ""
+        if self.status != _native.STATUS_OK:  # both are NULL on success
+            self.error_name = _native.decode(raw.error_name) or ""
+            self.error_message = _native.decode(raw.error_message) or ""
         self.data_type: int = raw.data_type
-        self.data: bytes = ctypes.string_at(raw.data, raw.data_len) if raw.data and raw.data_len else b""
+        size = raw.data_len
+        self.data: bytes = ctypes.string_at(raw.data, size) if size else b""
 
 
 def _on_event(key: Optional[int], event: Any) -> None:
