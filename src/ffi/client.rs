@@ -115,6 +115,9 @@ struct Shared {
     credential: Option<Arc<CredentialSink>>,
     ops: Mutex<Ops>,
     next_op: AtomicU64,
+    /// Operations removed before their outcome arrived (cancelled, or the client is
+    /// being freed). While none were, the core's "gave up?" check needs no lock.
+    given_up: AtomicU64,
 }
 
 impl Shared {
@@ -142,6 +145,7 @@ impl Shared {
     fn stop_all_ops(&self) {
         let mut ops = self.ops();
         ops.closing = true;
+        self.given_up.fetch_add(1, Ordering::Release);
         let mut pending: Vec<_> = ops.pending.drain().collect();
         pending.sort_by_key(|(id, _)| *id);
         for (id, p) in pending {
@@ -203,6 +207,7 @@ fn new_client(
         credential: credential_sink,
         ops: Mutex::new(Ops::default()),
         next_op: AtomicU64::new(1),
+        given_up: AtomicU64::new(0),
     });
     // SAFETY: checked non-NULL above.
     unsafe { out.write(Box::into_raw(Box::new(shared)).cast()) };
@@ -660,9 +665,10 @@ impl AckCallback for AckCompletion {
 
     /// Cancelled or freed: the operation is no longer pending.
     fn is_cancelled(&self) -> bool {
-        self.shared
-            .upgrade()
-            .map_or(true, |shared| !shared.ops().pending.contains_key(&self.id))
+        self.shared.upgrade().map_or(true, |shared| {
+            shared.given_up.load(Ordering::Acquire) != 0
+                && !shared.ops().pending.contains_key(&self.id)
+        })
     }
 }
 
@@ -1044,6 +1050,7 @@ pub unsafe extern "C" fn wps_client_cancel(c: *mut wps_client, op_id: u64) -> wp
                 format!("no pending operation {op_id}"),
             )
         })?;
+        shared.given_up.fetch_add(1, Ordering::Release);
         if let Some(abort) = p.abort {
             abort.abort();
         }
