@@ -236,7 +236,7 @@ impl Task {
                 },
                 // Callers check the state first: what still arrives here was sent
                 // while the client was running, so it was stopped under it.
-                Some(op) = self.operations.recv() => reject(op, Error::Stopped),
+                Some(op) = self.operations.recv() => op.refuse(Error::Stopped),
             }
         }
     }
@@ -450,7 +450,7 @@ impl Task {
         while let Ok(op) = self.operations.try_recv() {
             match op.kind {
                 OpKind::FireAndForget => self.out.push(op.frame),
-                _ => reject(op, Error::Stopped),
+                _ => op.refuse(Error::Stopped),
             }
         }
         if !self.out.is_empty() {
@@ -593,7 +593,7 @@ impl Task {
     /// `Stopped`, then answers the `stop()` caller.
     fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
         while let Ok(op) = self.operations.try_recv() {
-            reject(op, Error::Stopped);
+            op.refuse(Error::Stopped);
         }
         self.pending.fail_all(Error::Stopped, &mut self.done);
         self.finish_done();
@@ -663,7 +663,7 @@ impl Task {
                     if queue {
                         self.queue_op(op);
                     } else {
-                        reject(op, Error::NotConnected);
+                        op.refuse(Error::NotConnected);
                     }
                 }
             }
@@ -790,7 +790,7 @@ impl Task {
                 self.pending
                     .add_ack(ack_id, frame, Purpose::Rejoin(group), None, None)
             {
-                self.done.push(done);
+                self.done.push(*done);
             }
         }
     }
@@ -1011,19 +1011,6 @@ fn percent_encode(value: &str) -> String {
 
 fn encode(frame: &Upstream) -> Utf8Bytes {
     json::encode_upstream(frame).into()
-}
-
-/// Refuses an operation that cannot be sent.
-fn reject(op: Operation, error: Error) {
-    match op.kind {
-        OpKind::FireAndForget => debug!("dropping a fire-and-forget frame: {error}"),
-        OpKind::Ack { reply, .. } => {
-            let _ = reply.send(Err(error));
-        }
-        OpKind::Invoke { reply, .. } => {
-            let _ = reply.send(Err(error));
-        }
-    }
 }
 
 /// Writes every frame of `out`, then flushes once.

@@ -2,12 +2,15 @@
 //!
 //! Every method encodes its frame on the caller's thread and hands it to the client's
 //! connection task (see `connection.rs`), which owns the socket and the state machine.
-//! Replies come back over a oneshot channel, so the methods work from any executor.
+//! Replies come back over a oneshot channel, so the methods work from any executor;
+//! the crate's C layer uses the `*_then` forms instead, whose outcome goes to a
+//! completion callback (no task, no channel per operation).
 
 mod connection;
 mod credential;
 mod options;
 mod pending;
+mod queue;
 mod sequence;
 
 pub use credential::{Credential, UrlProvider};
@@ -16,7 +19,9 @@ pub use options::{ClientOptions, RetryMode, RetryOptions};
 use crate::protocol::{json, Data, DataType, ProtocolError, Upstream};
 use bytes::Bytes;
 use connection::{Command, Shared};
-use pending::{OpKind, Operation, Purpose};
+pub(crate) use pending::AckCallback;
+use pending::{AckReply, OpKind, Operation, Purpose};
+use queue::OpSender;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -227,7 +232,7 @@ pub struct Client {
 struct Inner {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
-    operations: mpsc::Sender<Operation>,
+    operations: OpSender,
     ack_timeout: Duration,
     max_outgoing: usize,
     next_invocation_id: AtomicU64,
@@ -263,7 +268,7 @@ impl Client {
             inner: Arc::new(Inner {
                 shared,
                 commands,
-                operations,
+                operations: OpSender::new(operations, runtime),
                 ack_timeout,
                 max_outgoing,
                 next_invocation_id: AtomicU64::new(1),
@@ -319,36 +324,12 @@ impl Client {
 
     /// Joins a group; the group is rejoined after a reconnect (auto-rejoin).
     pub async fn join_group(&self, group: &str) -> Result<AckResult, Error> {
-        check_name("group", group)?;
-        let ack_id = self.next_ack_id();
-        let frame = Upstream::JoinGroup {
-            group: group.to_owned(),
-            ack_id: Some(ack_id),
-        };
-        self.acked(
-            self.encode(&frame)?,
-            ack_id,
-            true,
-            Purpose::Join(group.to_owned()),
-        )
-        .await
+        self.run(self.membership(group, true)?).await
     }
 
     /// Leaves a group.
     pub async fn leave_group(&self, group: &str) -> Result<AckResult, Error> {
-        check_name("group", group)?;
-        let ack_id = self.next_ack_id();
-        let frame = Upstream::LeaveGroup {
-            group: group.to_owned(),
-            ack_id: Some(ack_id),
-        };
-        self.acked(
-            self.encode(&frame)?,
-            ack_id,
-            true,
-            Purpose::Leave(group.to_owned()),
-        )
-        .await
+        self.run(self.membership(group, false)?).await
     }
 
     /// Publishes to a group. Waits for the ack unless `fire_and_forget`.
@@ -359,16 +340,8 @@ impl Client {
         data: Bytes,
         opts: SendToGroupOptions,
     ) -> Result<AckResult, Error> {
-        check_name("group", group)?;
-        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
-        let data = Data {
-            data_type,
-            bytes: data,
-        };
-        let frame =
-            json::encode_send_to_group(group, ack_id.map(|(id, _)| id), opts.no_echo, &data);
-        let frame = self.checked(frame)?;
-        self.send_message(frame, ack_id).await
+        self.run(self.group_message(group, data_type, data, opts)?)
+            .await
     }
 
     /// Sends a user event to the upstream server. Waits for the ack unless
@@ -380,14 +353,44 @@ impl Client {
         data: Bytes,
         opts: SendEventOptions,
     ) -> Result<AckResult, Error> {
-        check_name("event", event)?;
-        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
-        let data = Data {
-            data_type,
-            bytes: data,
-        };
-        let frame = self.checked(json::encode_event(event, ack_id.map(|(id, _)| id), &data))?;
-        self.send_message(frame, ack_id).await
+        self.run(self.event_message(event, data_type, data, opts)?)
+            .await
+    }
+
+    /// [`Client::join_group`] without a future: the outcome goes to `done`, exactly
+    /// once (at once on the calling thread when refused). Never blocks.
+    pub(crate) fn join_group_then(&self, group: &str, done: Box<dyn AckCallback>) {
+        self.start_then(self.membership(group, true), done);
+    }
+
+    /// [`Client::leave_group`] without a future; see [`Client::join_group_then`].
+    pub(crate) fn leave_group_then(&self, group: &str, done: Box<dyn AckCallback>) {
+        self.start_then(self.membership(group, false), done);
+    }
+
+    /// [`Client::send_to_group`] without a future; see [`Client::join_group_then`].
+    /// A fire-and-forget message completes once queued.
+    pub(crate) fn send_to_group_then(
+        &self,
+        group: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: SendToGroupOptions,
+        done: Box<dyn AckCallback>,
+    ) {
+        self.start_then(self.group_message(group, data_type, data, opts), done);
+    }
+
+    /// [`Client::send_event`] without a future; see [`Client::send_to_group_then`].
+    pub(crate) fn send_event_then(
+        &self,
+        event: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: SendEventOptions,
+        done: Box<dyn AckCallback>,
+    ) {
+        self.start_then(self.event_message(event, data_type, data, opts), done);
     }
 
     /// Sends an event whose reply comes from the upstream server. Dropping the future
@@ -479,11 +482,7 @@ impl Client {
     }
 
     async fn operation(&self, op: Operation) -> Result<(), Error> {
-        self.inner
-            .operations
-            .send(op)
-            .await
-            .map_err(|_| Error::Stopped)
+        self.inner.operations.send(op).await
     }
 
     /// Operations need a started client: connected, or recovering (they then queue).
@@ -495,52 +494,139 @@ impl Client {
         }
     }
 
-    async fn acked(
+    /// A joinGroup (`join`) or leaveGroup, checked and encoded.
+    fn membership(&self, group: &str, join: bool) -> Result<Prepared, Error> {
+        check_name("group", group)?;
+        let ack_id = self.next_ack_id();
+        let (frame, purpose) = if join {
+            let frame = Upstream::JoinGroup {
+                group: group.to_owned(),
+                ack_id: Some(ack_id),
+            };
+            (frame, Purpose::Join(group.to_owned()))
+        } else {
+            let frame = Upstream::LeaveGroup {
+                group: group.to_owned(),
+                ack_id: Some(ack_id),
+            };
+            (frame, Purpose::Leave(group.to_owned()))
+        };
+        Ok(Prepared {
+            frame: self.encode(&frame)?,
+            ack: Some((ack_id, true, purpose)),
+        })
+    }
+
+    /// A sendToGroup, checked and encoded.
+    fn group_message(
         &self,
-        frame: Utf8Bytes,
-        ack_id: u64,
-        automatic: bool,
-        purpose: Purpose,
-    ) -> Result<AckResult, Error> {
+        group: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: SendToGroupOptions,
+    ) -> Result<Prepared, Error> {
+        check_name("group", group)?;
+        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
+        let data = Data {
+            data_type,
+            bytes: data,
+        };
+        let frame =
+            json::encode_send_to_group(group, ack_id.map(|(id, _)| id), opts.no_echo, &data);
+        Ok(Prepared::message(self.checked(frame)?, ack_id))
+    }
+
+    /// An event, checked and encoded.
+    fn event_message(
+        &self,
+        event: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: SendEventOptions,
+    ) -> Result<Prepared, Error> {
+        check_name("event", event)?;
+        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
+        let data = Data {
+            data_type,
+            bytes: data,
+        };
+        let frame = json::encode_event(event, ack_id.map(|(id, _)| id), &data);
+        Ok(Prepared::message(self.checked(frame)?, ack_id))
+    }
+
+    /// Sends a prepared operation and waits for its ack (fire-and-forget: until queued).
+    async fn run(&self, op: Prepared) -> Result<AckResult, Error> {
         self.check_usable()?;
+        let Some((ack_id, automatic, purpose)) = op.ack else {
+            self.operation(Operation {
+                frame: op.frame,
+                kind: OpKind::FireAndForget,
+            })
+            .await?;
+            return Ok(NO_ACK);
+        };
         let (tx, rx) = oneshot::channel();
         self.operation(Operation {
-            frame,
+            frame: op.frame,
             kind: OpKind::Ack {
                 ack_id,
                 automatic,
                 purpose,
-                reply: tx,
+                reply: tx.into(),
             },
         })
         .await?;
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
-    /// Sends an encoded `sendToGroup` or `event` frame: acked when it has an ackId
-    /// (from `choose_ack_id`), else fire-and-forget.
-    async fn send_message(
-        &self,
-        frame: Utf8Bytes,
-        ack_id: Option<(u64, bool)>,
-    ) -> Result<AckResult, Error> {
-        match ack_id {
-            Some((ack_id, automatic)) => self.acked(frame, ack_id, automatic, Purpose::Send).await,
-            None => self.fire_and_forget(frame).await,
-        }
+    /// Hands a prepared operation (or why there is none) to the connection task
+    /// without waiting; the outcome goes to `done`, exactly once.
+    fn start_then(&self, op: Result<Prepared, Error>, done: Box<dyn AckCallback>) {
+        let op = match op.and_then(|op| self.check_usable().map(|()| op)) {
+            Ok(op) => op,
+            Err(error) => return done.complete(Err(error)),
+        };
+        let Some((ack_id, automatic, purpose)) = op.ack else {
+            let queued = self.inner.operations.submit(Operation {
+                frame: op.frame,
+                kind: OpKind::FireAndForget,
+            });
+            return done.complete(queued.map(|()| NO_ACK));
+        };
+        // A refused operation has already given its reply the error.
+        let _ = self.inner.operations.submit(Operation {
+            frame: op.frame,
+            kind: OpKind::Ack {
+                ack_id,
+                automatic,
+                purpose,
+                reply: AckReply::callback(done),
+            },
+        });
     }
+}
 
-    async fn fire_and_forget(&self, frame: Utf8Bytes) -> Result<AckResult, Error> {
-        self.check_usable()?;
-        self.operation(Operation {
+/// The outcome of a fire-and-forget message.
+const NO_ACK: AckResult = AckResult {
+    ack_id: None,
+    is_duplicated: false,
+};
+
+/// An operation checked and encoded on the caller's thread, ready for the connection task.
+struct Prepared {
+    frame: Utf8Bytes,
+    /// The ackId, whether it is automatic, and why it was sent; `None` for
+    /// fire-and-forget.
+    ack: Option<(u64, bool, Purpose)>,
+}
+
+impl Prepared {
+    /// A message (sendToGroup or event) with its ackId from `choose_ack_id`.
+    fn message(frame: Utf8Bytes, ack_id: Option<(u64, bool)>) -> Prepared {
+        Prepared {
             frame,
-            kind: OpKind::FireAndForget,
-        })
-        .await?;
-        Ok(AckResult {
-            ack_id: None,
-            is_duplicated: false,
-        })
+            ack: ack_id.map(|(id, automatic)| (id, automatic, Purpose::Send)),
+        }
     }
 }
 

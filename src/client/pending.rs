@@ -8,14 +8,81 @@
 use super::options::RetryOptions;
 use super::{AckResult, Error, InvokeResult};
 use crate::protocol::{json, ErrorDetail, Upstream};
+use log::debug;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+/// Receives the outcome of an acked operation started without a future (the FFI's
+/// asynchronous operations): no task and no channel per operation.
+pub(crate) trait AckCallback: Send {
+    /// Takes the outcome; called exactly once. It may run on the caller's thread
+    /// (refused at once) or on a runtime worker (the connection task), so it must not
+    /// block. After the caller gave up (`is_cancelled`), the outcome means nothing
+    /// (`Error::Stopped` when the operation was dropped unwritten).
+    fn complete(self: Box<Self>, outcome: Result<AckResult, Error>);
+
+    /// Whether the caller gave up: an operation not yet written is then dropped
+    /// unwritten, and a failed one is not retried.
+    fn is_cancelled(&self) -> bool;
+}
+
 /// Where the outcome of an acked operation goes.
-pub(crate) type AckReply = oneshot::Sender<Result<AckResult, Error>>;
+pub(crate) enum AckReply {
+    /// An awaiting future (the async methods); it gave up when the receiver is dropped.
+    Future(oneshot::Sender<Result<AckResult, Error>>),
+    /// A completion callback.
+    Callback(CallbackReply),
+}
+
+impl AckReply {
+    /// A reply to `callback`.
+    pub(crate) fn callback(callback: Box<dyn AckCallback>) -> AckReply {
+        AckReply::Callback(CallbackReply(Some(callback)))
+    }
+
+    /// Hands the outcome over (ignored when the caller gave up).
+    pub(crate) fn send(self, outcome: Result<AckResult, Error>) {
+        match self {
+            AckReply::Future(tx) => {
+                let _ = tx.send(outcome);
+            }
+            AckReply::Callback(mut reply) => {
+                if let Some(callback) = reply.0.take() {
+                    callback.complete(outcome);
+                }
+            }
+        }
+    }
+
+    /// Whether the caller gave up.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            AckReply::Future(tx) => tx.is_closed(),
+            AckReply::Callback(reply) => reply.0.as_ref().map_or(true, |c| c.is_cancelled()),
+        }
+    }
+}
+
+impl From<oneshot::Sender<Result<AckResult, Error>>> for AckReply {
+    fn from(tx: oneshot::Sender<Result<AckResult, Error>>) -> AckReply {
+        AckReply::Future(tx)
+    }
+}
+
+/// A callback that completes with `Error::Stopped` if dropped uncalled (an operation
+/// dropped unfinished with the connection task), as an awaiting future would see it.
+pub(crate) struct CallbackReply(Option<Box<dyn AckCallback>>);
+
+impl Drop for CallbackReply {
+    fn drop(&mut self) {
+        if let Some(callback) = self.0.take() {
+            callback.complete(Err(Error::Stopped));
+        }
+    }
+}
 /// Where the outcome of an invocation goes.
 pub(crate) type InvokeReply = oneshot::Sender<Result<InvokeResult, Error>>;
 
@@ -25,6 +92,19 @@ pub(crate) struct Operation {
     pub(crate) frame: Utf8Bytes,
     /// What to wait for.
     pub(crate) kind: OpKind,
+}
+
+impl Operation {
+    /// Refuses an operation that cannot be sent: its caller gets `error`.
+    pub(crate) fn refuse(self, error: Error) {
+        match self.kind {
+            OpKind::FireAndForget => debug!("dropping a fire-and-forget frame: {error}"),
+            OpKind::Ack { reply, .. } => reply.send(Err(error)),
+            OpKind::Invoke { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
 }
 
 /// What an [`Operation`] waits for.
@@ -72,7 +152,7 @@ impl Done {
     /// Hands the result to the caller, if one still waits.
     pub(crate) fn reply(self) {
         if let Some(reply) = self.reply {
-            let _ = reply.send(self.result);
+            reply.send(self.result);
         }
     }
 }
@@ -153,7 +233,7 @@ impl Pending {
     }
 
     /// Registers an acked operation, written now (`sent_at`) or queued (`None`).
-    /// An ackId already pending is refused.
+    /// An ackId already pending is refused (boxed: the rare path stays off the stack).
     pub(crate) fn add_ack(
         &mut self,
         ack_id: u64,
@@ -161,17 +241,17 @@ impl Pending {
         purpose: Purpose,
         reply: Option<AckReply>,
         sent_at: Option<Instant>,
-    ) -> Result<(), Done> {
+    ) -> Result<(), Box<Done>> {
         if self.acks.contains_key(&ack_id) {
             let error = Error::InvalidArgument(format!(
                 "ackId {ack_id} is already in use by a pending operation of this client; \
                  choose another one or wait until that operation completes"
             ));
-            return Err(Done {
+            return Err(Box::new(Done {
                 purpose,
                 reply,
                 result: Err(error),
-            });
+            }));
         }
         let mut op = AckOp {
             frame,
@@ -552,7 +632,7 @@ mod tests {
     ) -> oneshot::Receiver<Result<AckResult, Error>> {
         let (tx, rx) = oneshot::channel();
         assert!(p
-            .add_ack(ack_id, frame(ack_id), Purpose::Send, Some(tx), now)
+            .add_ack(ack_id, frame(ack_id), Purpose::Send, Some(tx.into()), now)
             .is_ok());
         rx
     }
@@ -663,7 +743,7 @@ mod tests {
         add(&mut p, 1, None);
         let (tx, _rx) = oneshot::channel();
         let refused = p
-            .add_ack(1, frame(1), Purpose::Send, Some(tx), None)
+            .add_ack(1, frame(1), Purpose::Send, Some(tx.into()), None)
             .err()
             .unwrap();
         assert!(matches!(refused.result, Err(Error::InvalidArgument(_))));

@@ -2,21 +2,22 @@
 //!
 //! Blocking calls drive the core future on the calling thread (the shared runtime
 //! does the I/O), so they work from any thread, dispatcher threads included (acks are
-//! resolved by the core's reader task, never by a dispatcher). Asynchronous calls spawn a task that
-//! queues the completion to the client's dispatcher thread.
+//! resolved by the core's reader task, never by a dispatcher). Asynchronous acked
+//! calls hand the core a completion callback (no task per operation) that queues the
+//! completion to the client's dispatcher thread; an invocation runs as a task.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::client::{
-    AckResult, Client, ClientState, Credential, Error, EventHandler, InvokeOptions, InvokeResult,
-    SendEventOptions, SendToGroupOptions,
+    AckCallback, AckResult, Client, ClientState, Credential, Error, EventHandler, InvokeOptions,
+    InvokeResult, SendEventOptions, SendToGroupOptions,
 };
 use crate::protocol::DataType;
 
@@ -95,8 +96,10 @@ where
     })
 }
 
+/// An asynchronous operation not completed yet.
 struct Pending {
     target: CompletionTarget,
+    /// The task of an invocation (acked operations run without one).
     abort: Option<tokio::task::AbortHandle>,
 }
 
@@ -113,6 +116,9 @@ struct Shared {
     credential: Option<Arc<CredentialSink>>,
     ops: Mutex<Ops>,
     next_op: AtomicU64,
+    /// Operations removed before their outcome arrived (cancelled, or the client is
+    /// being freed). While none were, the core's "gave up?" check needs no lock.
+    given_up: AtomicU64,
 }
 
 impl Shared {
@@ -140,6 +146,7 @@ impl Shared {
     fn stop_all_ops(&self) {
         let mut ops = self.ops();
         ops.closing = true;
+        self.given_up.fetch_add(1, Ordering::Release);
         let mut pending: Vec<_> = ops.pending.drain().collect();
         pending.sort_by_key(|(id, _)| *id);
         for (id, p) in pending {
@@ -206,6 +213,7 @@ fn new_client(
         credential: credential_sink,
         ops: Mutex::new(Ops::default()),
         next_op: AtomicU64::new(1),
+        given_up: AtomicU64::new(0),
     });
     // SAFETY: checked non-NULL above.
     unsafe { out.write(Box::into_raw(Box::new(shared)).cast()) };
@@ -556,6 +564,16 @@ impl AckOp {
         })
     }
 
+    /// Starts the operation; its outcome goes to `done`.
+    fn start(self, client: &Client, done: Box<dyn AckCallback>) {
+        match self {
+            AckOp::Join(g) => client.join_group_then(&g, done),
+            AckOp::Leave(g) => client.leave_group_then(&g, done),
+            AckOp::SendToGroup(g, t, d, o) => client.send_to_group_then(&g, t, d, o, done),
+            AckOp::SendEvent(e, t, d, o) => client.send_event_then(&e, t, d, o, done),
+        }
+    }
+
     unsafe fn join(group: *const c_char) -> FfiResult<AckOp> {
         Ok(AckOp::Join(str_arg(group, "group")?.to_owned()))
     }
@@ -622,22 +640,14 @@ unsafe fn run_blocking(
     Ok(())
 }
 
-/// Starts an operation whose completion goes to `cb` on the dispatcher thread.
-unsafe fn run_async<T, F>(
-    c: *mut wps_client,
-    fut: impl FnOnce(Client) -> FfiResult<F>,
-    convert: fn(Result<T, Error>) -> OwnedCompletion,
+/// Registers an asynchronous operation completing to `cb`; writes its id to `op_id`.
+/// Refused while the client is being freed.
+unsafe fn register(
+    shared: &Shared,
     cb: wps_completion_cb,
     user_data: *mut c_void,
     op_id: *mut u64,
-) -> FfiResult
-where
-    F: Future<Output = Result<T, Error>> + Send + 'static,
-    T: Send + 'static,
-{
-    let shared = client_arg(c)?;
-    let fut = fut(shared.client.clone())?;
-    let rt = runtime()?;
+) -> FfiResult<u64> {
     let id = shared.next_op.fetch_add(1, Ordering::Relaxed);
     {
         let mut ops = shared.ops();
@@ -659,6 +669,26 @@ where
     if !op_id.is_null() {
         op_id.write(id);
     }
+    Ok(id)
+}
+
+/// Starts an operation as a task whose completion goes to `cb` on the dispatcher thread.
+unsafe fn run_async<T, F>(
+    c: *mut wps_client,
+    fut: impl FnOnce(Client) -> FfiResult<F>,
+    convert: fn(Result<T, Error>) -> OwnedCompletion,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> FfiResult
+where
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    let shared = client_arg(c)?;
+    let fut = fut(shared.client.clone())?;
+    let rt = runtime()?;
+    let id = register(shared, cb, user_data, op_id)?;
     let task = {
         let shared = Arc::clone(shared);
         rt.spawn(async move {
@@ -673,6 +703,8 @@ where
     Ok(())
 }
 
+/// Starts an acked operation whose completion goes to `cb` on the dispatcher thread:
+/// the core calls back with the outcome, no task involved.
 unsafe fn run_async_ack(
     c: *mut wps_client,
     op: FfiResult<AckOp>,
@@ -680,14 +712,39 @@ unsafe fn run_async_ack(
     user_data: *mut c_void,
     op_id: *mut u64,
 ) -> FfiResult {
-    run_async(
-        c,
-        |client| Ok(op?.future(client)),
-        OwnedCompletion::from_ack,
-        cb,
-        user_data,
-        op_id,
-    )
+    let shared = client_arg(c)?;
+    let op = op?;
+    let id = register(shared, cb, user_data, op_id)?;
+    let done = Box::new(AckCompletion {
+        shared: Arc::downgrade(shared),
+        id,
+    });
+    op.start(&shared.client, done);
+    Ok(())
+}
+
+/// The core's completion callback of an asynchronous acked operation. Holds the client
+/// weakly: the core may keep it after the client is freed (every operation is then
+/// completed already).
+struct AckCompletion {
+    shared: Weak<Shared>,
+    id: u64,
+}
+
+impl AckCallback for AckCompletion {
+    fn complete(self: Box<Self>, outcome: Result<AckResult, Error>) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.complete(self.id, OwnedCompletion::from_ack(outcome));
+        }
+    }
+
+    /// Cancelled or freed: the operation is no longer pending.
+    fn is_cancelled(&self) -> bool {
+        self.shared.upgrade().map_or(true, |shared| {
+            shared.given_up.load(Ordering::Acquire) != 0
+                && !shared.ops().pending.contains_key(&self.id)
+        })
+    }
 }
 
 /// Joins `group`; blocks until acked. `out` (may be NULL) receives the ack.
@@ -1068,6 +1125,7 @@ pub unsafe extern "C" fn wps_client_cancel(c: *mut wps_client, op_id: u64) -> wp
                 format!("no pending operation {op_id}"),
             )
         })?;
+        shared.given_up.fetch_add(1, Ordering::Release);
         if let Some(abort) = p.abort {
             abort.abort();
         }

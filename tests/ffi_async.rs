@@ -1,0 +1,367 @@
+//! The C ABI's asynchronous acked operations driven from Rust, like a C program would:
+//! order, exactly-once completions, cancellation, refusals, and bursts far larger than
+//! the core's operation queue.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use webpubsub_client::ffi::callbacks::{wps_completion, wps_event, WPS_EVENT_GROUP_MESSAGE};
+use webpubsub_client::ffi::client::{
+    wps_client, wps_client_cancel, wps_client_free, wps_client_join_group,
+    wps_client_join_group_async, wps_client_new, wps_client_send_event_async,
+    wps_client_send_to_group_async, wps_client_start,
+};
+use webpubsub_client::ffi::status::{
+    wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_SEND_FIRE_AND_FORGET,
+    WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INVALID_ARGUMENT,
+    WPS_STATUS_INVALID_UTF8, WPS_STATUS_OK, WPS_STATUS_STOPPED,
+};
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+/// How long any wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What the callbacks of one client saw.
+#[derive(Default)]
+struct Seen {
+    /// Group message texts, in arrival order.
+    messages: Vec<String>,
+    /// Per operation id: the statuses its completions reported, in order.
+    completions: HashMap<u64, Vec<u32>>,
+    /// Completions that carried an ackId.
+    acked: usize,
+}
+
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Seen>,
+    changed: Condvar,
+}
+
+impl Recorder {
+    fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = self.seen.lock().unwrap();
+        while !done(&seen) {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
+            seen = self.changed.wait_timeout(seen, left).unwrap().0;
+        }
+    }
+
+    fn user_data(&self) -> *mut c_void {
+        self as *const Recorder as *mut c_void
+    }
+}
+
+unsafe extern "C" fn on_event(user_data: *mut c_void, event: *const wps_event) {
+    let rec = &*(user_data as *const Recorder);
+    let event = &*event;
+    if event.kind == WPS_EVENT_GROUP_MESSAGE {
+        let data = std::slice::from_raw_parts(event.data, event.data_len);
+        let mut seen = rec.seen.lock().unwrap();
+        seen.messages
+            .push(String::from_utf8_lossy(data).into_owned());
+        rec.changed.notify_all();
+    }
+}
+
+unsafe extern "C" fn on_complete(user_data: *mut c_void, done: *const wps_completion) {
+    let rec = &*(user_data as *const Recorder);
+    let done = &*done;
+    let mut seen = rec.seen.lock().unwrap();
+    seen.completions
+        .entry(done.op_id)
+        .or_default()
+        .push(done.status);
+    if done.has_ack_id {
+        seen.acked += 1;
+    }
+    rec.changed.notify_all();
+}
+
+fn check(status: u32, what: &str) {
+    if status != WPS_STATUS_OK {
+        let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
+        panic!("{what}: status {status}: {detail:?}");
+    }
+}
+
+/// An emulator and clients of one hub that may join and publish to any group.
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    emulator: Emulator,
+    url: CString,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // A receiver of a 5,000 message burst may fall more than the default 1,000
+        // frames behind with its sequence acks on a busy machine; the emulator would
+        // then end its session, which is not what these tests are about.
+        let config = Config {
+            max_unacked_frames: 100_000,
+            ..Config::default()
+        };
+        let emulator = rt.block_on(Emulator::start(config)).unwrap();
+        let token = TokenOptions {
+            user_id: Some("u".into()),
+            roles: vec![
+                "webpubsub.joinLeaveGroup".into(),
+                "webpubsub.sendToGroup".into(),
+            ],
+            ..TokenOptions::default()
+        };
+        let url = CString::new(emulator.client_url("hub", &token)).unwrap();
+        Setup { rt, emulator, url }
+    }
+
+    /// A client whose events and completions go to `rec`; started when `start`.
+    fn client(&self, rec: &Recorder, start: bool) -> *mut wps_client {
+        let mut c = std::ptr::null_mut();
+        let status = unsafe {
+            wps_client_new(
+                self.url.as_ptr(),
+                std::ptr::null(),
+                Some(on_event),
+                rec.user_data(),
+                None,
+                &mut c,
+            )
+        };
+        check(status, "wps_client_new");
+        if start {
+            check(unsafe { wps_client_start(c) }, "wps_client_start");
+        }
+        c
+    }
+
+    fn shutdown(self) {
+        self.rt.block_on(self.emulator.shutdown());
+    }
+}
+
+/// Sends `text` to `group` without blocking; returns the operation id.
+fn send_async(c: *mut wps_client, group: &CStr, text: &str, flags: u32, rec: &Recorder) -> u64 {
+    let mut op = 0;
+    let status = unsafe {
+        wps_client_send_to_group_async(
+            c,
+            group.as_ptr(),
+            WPS_DATA_TYPE_TEXT,
+            text.as_ptr(),
+            text.len(),
+            flags,
+            Some(on_complete),
+            rec.user_data(),
+            &mut op,
+        )
+    };
+    check(status, "wps_client_send_to_group_async");
+    op
+}
+
+#[test]
+fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once() {
+    // Far more than the core's operation queue (1024) holds, issued before any ack.
+    const SENDS: usize = 5000;
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let sender = setup.client(&sender_rec, true);
+    let receiver = setup.client(&receiver_rec, true);
+    let group = c"burst";
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+
+    let started = Instant::now();
+    let ops: Vec<u64> = (0..SENDS)
+        .map(|i| send_async(sender, group, &format!("m{i:05}"), 0, &sender_rec))
+        .collect();
+    assert!(
+        started.elapsed() < WAIT,
+        "issuing the sends took {:?}",
+        started.elapsed()
+    );
+    sender_rec.wait("every completion", |s| s.completions.len() == SENDS);
+    receiver_rec.wait("every message", |s| s.messages.len() >= SENDS);
+    {
+        let seen = sender_rec.seen.lock().unwrap();
+        for op in &ops {
+            assert_eq!(seen.completions[op], vec![WPS_STATUS_OK], "operation {op}");
+        }
+        assert_eq!(seen.acked, SENDS);
+    }
+    let expected: Vec<String> = (0..SENDS).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(receiver_rec.seen.lock().unwrap().messages, expected);
+
+    // Fire-and-forget async sends keep their place among acked ones.
+    let mixed: Vec<u64> = (0..100)
+        .map(|i| {
+            let flags = if i % 2 == 0 {
+                WPS_SEND_FIRE_AND_FORGET
+            } else {
+                0
+            };
+            send_async(sender, group, &format!("f{i:03}"), flags, &sender_rec)
+        })
+        .collect();
+    sender_rec.wait("the mixed completions", |s| {
+        s.completions.len() == SENDS + mixed.len()
+    });
+    receiver_rec.wait("the mixed messages", |s| {
+        s.messages.len() >= SENDS + mixed.len()
+    });
+    let expected: Vec<String> = (0..100).map(|i| format!("f{i:03}")).collect();
+    assert_eq!(
+        receiver_rec.seen.lock().unwrap().messages[SENDS..],
+        expected
+    );
+    assert_eq!(sender_rec.seen.lock().unwrap().acked, SENDS + 50);
+
+    unsafe {
+        wps_client_free(sender);
+        wps_client_free(receiver);
+    }
+    setup.shutdown();
+}
+
+#[test]
+fn a_cancelled_async_operation_completes_once_with_cancelled() {
+    const SENDS: usize = 1000;
+    let setup = Setup::new();
+    let rec = Recorder::default();
+    let c = setup.client(&rec, true);
+    let group = c"cancel";
+    let mut cancelled = Vec::new();
+    let mut kept = Vec::new();
+    for i in 0..SENDS {
+        let op = send_async(c, group, "x", 0, &rec);
+        if i % 2 == 0 {
+            // It may have completed already (then there is nothing left to cancel).
+            if unsafe { wps_client_cancel(c, op) } == WPS_STATUS_OK {
+                cancelled.push(op);
+            } else {
+                kept.push(op);
+            }
+        } else {
+            kept.push(op);
+        }
+    }
+    assert!(!cancelled.is_empty());
+    rec.wait("every completion", |s| s.completions.len() == SENDS);
+    {
+        let seen = rec.seen.lock().unwrap();
+        for op in &cancelled {
+            assert_eq!(seen.completions[op], vec![WPS_STATUS_CANCELLED], "{op}");
+        }
+        for op in &kept {
+            assert_eq!(seen.completions[op], vec![WPS_STATUS_OK], "{op}");
+        }
+    }
+    // Nothing is left to cancel, and late acks of cancelled operations changed nothing.
+    for op in &cancelled {
+        assert_eq!(
+            unsafe { wps_client_cancel(c, *op) },
+            WPS_STATUS_INVALID_ARGUMENT
+        );
+    }
+    // In flight when freed: each completes exactly once, OK or STOPPED.
+    let in_flight: Vec<u64> = (0..SENDS)
+        .map(|_| send_async(c, group, "y", 0, &rec))
+        .collect();
+    unsafe { wps_client_free(c) };
+    let seen = rec.seen.lock().unwrap();
+    for op in &in_flight {
+        let statuses = &seen.completions[op];
+        assert_eq!(statuses.len(), 1, "{op}: {statuses:?}");
+        assert!(
+            statuses[0] == WPS_STATUS_OK || statuses[0] == WPS_STATUS_STOPPED,
+            "{op}: {statuses:?}"
+        );
+    }
+    drop(seen);
+    setup.shutdown();
+}
+
+#[test]
+fn refused_async_operations_complete_with_the_reason() {
+    let setup = Setup::new();
+    let rec = Recorder::default();
+    let c = setup.client(&rec, false);
+    let group = c"g";
+    let mut op = 0;
+    // Not started: the call succeeds, the completion says why.
+    let status = unsafe {
+        wps_client_join_group_async(
+            c,
+            group.as_ptr(),
+            Some(on_complete),
+            rec.user_data(),
+            &mut op,
+        )
+    };
+    check(status, "join_group_async");
+    rec.wait("the refusal", |s| s.completions.contains_key(&op));
+    assert_eq!(
+        rec.seen.lock().unwrap().completions[&op],
+        vec![WPS_STATUS_ILLEGAL_STATE]
+    );
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    // A bad payload (invalid JSON) and an empty group: refused by the core.
+    let bad_json = "{";
+    let status = unsafe {
+        wps_client_send_event_async(
+            c,
+            c"e".as_ptr(),
+            WPS_DATA_TYPE_JSON,
+            bad_json.as_ptr(),
+            bad_json.len(),
+            0,
+            Some(on_complete),
+            rec.user_data(),
+            &mut op,
+        )
+    };
+    check(status, "send_event_async");
+    let json_op = op;
+    let empty_op = send_async(c, c"", "x", 0, &rec);
+    rec.wait("the refusals", |s| {
+        s.completions.contains_key(&json_op) && s.completions.contains_key(&empty_op)
+    });
+    {
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(
+            seen.completions[&json_op],
+            vec![WPS_STATUS_INVALID_ARGUMENT]
+        );
+        assert_eq!(
+            seen.completions[&empty_op],
+            vec![WPS_STATUS_INVALID_ARGUMENT]
+        );
+    }
+    // Bad C arguments: the call itself fails and nothing completes.
+    let bad_utf8 = [0xffu8, 0];
+    let status = unsafe {
+        wps_client_send_to_group_async(
+            c,
+            bad_utf8.as_ptr().cast(),
+            WPS_DATA_TYPE_TEXT,
+            std::ptr::null(),
+            0,
+            0,
+            Some(on_complete),
+            rec.user_data(),
+            &mut op,
+        )
+    };
+    assert_eq!(status, WPS_STATUS_INVALID_UTF8);
+    unsafe { wps_client_free(c) };
+    assert_eq!(rec.seen.lock().unwrap().completions.len(), 3);
+    setup.shutdown();
+}
