@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 from typing import Any, List
 
@@ -288,3 +290,39 @@ async def test_async_listener_exception_is_logged(hub: Hub, caplog: Any) -> None
         r.name == "webpubsub_client" and r.exc_info and str(r.exc_info[1]) == "async listener bug"
         for r in caplog.records
     )
+
+
+async def test_listeners_and_completions_run_on_the_loop_thread(hub: Hub) -> None:
+    """The native callbacks are dispatched by the loop itself (poll mode): no thread hop."""
+    loop_thread = threading.get_ident()
+    threads: List[int] = []
+    got = AsyncCollector()
+
+    def on_message(args: OnGroupDataMessageArgs) -> None:
+        threads.append(threading.get_ident())
+        got(args)
+
+    client = make(hub.url())
+    await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    async with client:
+        await client.join_group("loop")
+        results = await asyncio.gather(*(client.send_to_group("loop", f"m{i}", WebPubSubDataType.TEXT) for i in range(200)))
+        assert all(r.ack_id is not None for r in results)
+        items = await got.wait_for(200)
+    assert [a.data for a in items] == [f"m{i}" for i in range(200)]
+    assert set(threads) == {loop_thread}
+
+
+async def test_client_dropped_without_close_leaves_the_loop_clean(hub: Hub) -> None:
+    """Garbage-collecting an open client frees it and unregisters its descriptor."""
+    loop = asyncio.get_running_loop()
+    client = make(hub.url())
+    await client.open()
+    await client.join_group("g")
+    fd = client._poller._fd  # pylint: disable=protected-access
+    del client
+    gc.collect()
+    assert loop.remove_reader(fd) is False, "the dispatch descriptor is still watched"
+    other = make(hub.url())
+    async with other:
+        assert (await other.join_group("g")).ack_id is not None
