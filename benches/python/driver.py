@@ -108,6 +108,19 @@ def proc_status():
     return fields.get("VmRSS", 0), fields.get("Threads", 0)
 
 
+def settled_status():
+    """proc_status once the thread count is steady: threads of a just-joined connect pool
+    may still be exiting. Bounded: at most 1 s."""
+    last = proc_status()
+    for _ in range(20):
+        time.sleep(0.05)
+        now = proc_status()
+        if now[1] == last[1]:
+            return now
+        last = now
+    return last
+
+
 def idle_result(clients, before, mid, after, connect_seconds):
     marginal = max(clients - IDLE_MIDPOINT, 1)
     return {
@@ -314,11 +327,11 @@ class SyncBench(Bench):
         first = min(a.clients, IDLE_MIDPOINT)
         with ThreadPoolExecutor(IDLE_CONNECT_PARALLEL) as pool:
             clients.extend(pool.map(open_one, range(first)))
-        mid = proc_status()
+        mid = settled_status()
         with ThreadPoolExecutor(IDLE_CONNECT_PARALLEL) as pool:
             clients.extend(pool.map(open_one, range(a.clients - first)))
         elapsed = time.monotonic() - start
-        emit(a, idle_result(a.clients, before, mid, proc_status(), elapsed))
+        emit(a, idle_result(a.clients, before, mid, settled_status(), elapsed))
 
 
 class AsyncBench(Bench):

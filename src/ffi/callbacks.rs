@@ -358,7 +358,8 @@ impl OwnedCompletion {
             status,
             ack: None,
             error_name: None,
-            error_message: Some(to_cstring(message)),
+            // A success carries no message (the callback sees NULL): nothing to allocate.
+            error_message: (status != WPS_STATUS_OK).then(|| to_cstring(message)),
             response: None,
         }
     }
