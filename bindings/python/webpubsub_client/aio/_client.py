@@ -192,8 +192,18 @@ class _Poller:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd = -1
 
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """This thread's running loop: the attached one when it runs on this thread (read
+        without ``asyncio.get_running_loop()``, a system call per call on Python 3.11)."""
+        loop = self._loop
+        if loop is not None and getattr(loop, "_thread_id", None) == threading.get_ident():
+            return loop
+        return asyncio.get_running_loop()
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Dispatch on ``loop`` (the running loop) from now on."""
+        if self._loop is loop:
+            return
         with self._lock:
             if self._loop is loop or not self._handle:
                 return
@@ -607,7 +617,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ack_id: Optional[int] = None,
     ) -> Completion:
         """Start an asynchronous C operation and await its completion on this loop."""
-        loop = asyncio.get_running_loop()
+        loop = self._poller.running_loop()
         self._poller.attach(loop)  # completions are dispatched by the loop awaiting them
         future: "asyncio.Future[Completion]" = loop.create_future()
 
