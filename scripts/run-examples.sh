@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the examples against a fresh emulator, so they never rot: the Rust chat, the
-# README's C quick start (examples/c/hello.c) and the Python demo (examples/c/chat.c is
+# README's C quick start (examples/c/hello.c), the C event-loop example
+# (examples/c/event_loop.c) and the Python demo (examples/c/chat.c is
 # built and run by tests/c/run.sh). Prints "N passed, N failed".
 # Expects .venv with scripts/requirements-test.txt installed (scripts/test-all.sh does it).
 set -uo pipefail
@@ -29,6 +30,9 @@ hello="$ROOT/target/examples-c/hello"
 mkdir -p "$(dirname "$hello")"
 run c-hello sh -c 'cc -std=c11 -Wall -Wextra -Werror "$1" -I include -L target/debug -lwebpubsub_client -lpthread -o "$2" &&
     LD_LIBRARY_PATH=target/debug timeout 60 "$2" "$3"' _ examples/c/hello.c "$hello" "$(client_url carol)"
+event_loop="$ROOT/target/examples-c/event_loop"
+run c-event-loop sh -c 'cc -std=c11 -Wall -Wextra -Werror "$1" -I include -L target/debug -lwebpubsub_client -lpthread -o "$2" &&
+    LD_LIBRARY_PATH=target/debug timeout 60 "$2" "$3"' _ examples/c/event_loop.c "$event_loop" "$(client_url dave)"
 run python env WEBPUBSUB_CLIENT_LIB="$ROOT/target/debug/libwebpubsub_client.so" PYTHONPATH="$ROOT/bindings/python" \
     timeout 120 "$PY" examples/python/chat_demo.py "$WPS_CONNECTION_STRING"
 echo "$passed passed, $failed failed"
