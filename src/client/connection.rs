@@ -103,7 +103,7 @@ pub(crate) fn spawn(
     runtime: &tokio::runtime::Handle,
     credential: Credential,
     options: ClientOptions,
-    on_event: EventHandler,
+    on_event: Arc<dyn EventHandler>,
 ) -> (
     Arc<Shared>,
     mpsc::UnboundedSender<Command>,
@@ -132,6 +132,7 @@ pub(crate) fn spawn(
         disconnect_message: None,
         out: Vec::new(),
         done: Vec::new(),
+        in_batch: false,
     };
     runtime.spawn(task.run());
     (shared, command_tx, operation_tx)
@@ -176,7 +177,7 @@ struct Task {
     options: ClientOptions,
     credential: Credential,
     connector: Connector,
-    on_event: EventHandler,
+    on_event: Arc<dyn EventHandler>,
     commands: mpsc::UnboundedReceiver<Command>,
     operations: mpsc::Receiver<Operation>,
     pending: Pending,
@@ -192,6 +193,8 @@ struct Task {
     out: Vec<Utf8Bytes>,
     /// Operations finished in the current step.
     done: Vec<Done>,
+    /// Events go to the handler as part of a batch of frames (see `end_batch`).
+    in_batch: bool,
 }
 
 impl Task {
@@ -381,18 +384,25 @@ impl Task {
                     last_received = now;
                     let mut message = message;
                     let mut budget = BATCH;
-                    loop {
+                    // The events of the frames read now go to the handler as one batch.
+                    self.in_batch = true;
+                    let ended = loop {
                         if let Some(next) = self.on_message(message, now) {
-                            return next;
+                            break Some(next);
                         }
                         budget -= 1;
                         if budget == 0 {
-                            break;
+                            break None;
                         }
                         match ws.next().now_or_never() {
                             Some(more) => message = more,
-                            None => break,
+                            None => break None,
                         }
+                    };
+                    self.in_batch = false;
+                    self.end_batch();
+                    if let Some(next) = ended {
+                        return next;
                     }
                 },
                 Some(op) = self.operations.recv() => {
@@ -933,11 +943,27 @@ impl Task {
         }
     }
 
-    /// Calls the event handler; a panicking handler is logged, never fatal.
+    /// Calls the event handler; a panicking handler is logged, never fatal. Outside a
+    /// batch of frames, the batch ends with the event.
     fn emit(&self, event: Event) {
         let handler = &self.on_event;
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(event))).is_err() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.on_event(event)))
+            .is_err()
+        {
             warn!("the event handler panicked; the event was dropped");
+        }
+        if !self.in_batch {
+            self.end_batch();
+        }
+    }
+
+    /// Tells the event handler that a batch of events is complete.
+    fn end_batch(&self) {
+        let handler = &self.on_event;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.on_batch_end()))
+            .is_err()
+        {
+            warn!("the event handler panicked at the end of a batch");
         }
     }
 }

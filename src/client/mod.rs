@@ -96,9 +96,24 @@ pub enum Event {
     },
 }
 
-/// Called from the connection task for every event, in order. Must not block
-/// (the FFI enqueues to its dispatcher; Rust users may use [`Client::with_channel`]).
-pub type EventHandler = Arc<dyn Fn(Event) + Send + Sync>;
+/// Receives a client's events, in order, on its connection task. Must not block (the
+/// FFI enqueues to its dispatcher; Rust users may use [`Client::with_channel`]). Any
+/// `Fn(Event) + Send + Sync` closure is one.
+pub trait EventHandler: Send + Sync {
+    /// One event.
+    fn on_event(&self, event: Event);
+
+    /// Every event of one read from the socket went to `on_event`: a handler that hands
+    /// events to another thread may wake it once per batch here. Also called after each
+    /// event raised outside such a batch. Does nothing by default.
+    fn on_batch_end(&self) {}
+}
+
+impl<F: Fn(Event) + Send + Sync> EventHandler for F {
+    fn on_event(&self, event: Event) {
+        self(event)
+    }
+}
 
 /// The outcome of an operation that was acked (or sent fire-and-forget).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +268,7 @@ impl Client {
     pub fn new(
         credential: Credential,
         options: ClientOptions,
-        on_event: EventHandler,
+        on_event: Arc<dyn EventHandler>,
     ) -> Result<Client, Error> {
         options.validate().map_err(Error::InvalidArgument)?;
         if let Credential::Url(url) = &credential {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::client::{AckResult, Error, Event, InvokeResult};
+use crate::client::{AckResult, Error, Event, EventHandler, InvokeResult};
 use crate::protocol::DataType;
 
 use super::dispatcher::{InCallback, Worker};
@@ -299,13 +299,14 @@ impl EventSink {
     }
 
     /// Queues an event (called by the core on its connection task; never blocks long).
-    pub(crate) fn deliver(self: &Arc<Self>, event: Event) {
+    /// The dispatcher is woken by `end_batch`.
+    fn deliver(self: &Arc<Self>, event: Event) {
         if self.closed.load(Ordering::Acquire) || self.cb.is_none() {
             return;
         }
         let owned = OwnedEvent::new(event);
         let sink = Arc::clone(self);
-        self.worker.push(Box::new(move || {
+        self.worker.push_quietly(Box::new(move || {
             if let (Some(cb), false) = (sink.cb, sink.closed.load(Ordering::Acquire)) {
                 let view = owned.view();
                 let _inside = InCallback::enter();
@@ -333,6 +334,20 @@ impl EventSink {
             }
             done();
         }));
+    }
+}
+
+/// The core's event handler of a C client: events are queued for the client's
+/// dispatcher, which is woken once per batch of frames rather than once per event.
+pub(crate) struct SinkHandler(pub(crate) Arc<EventSink>);
+
+impl EventHandler for SinkHandler {
+    fn on_event(&self, event: Event) {
+        self.0.deliver(event);
+    }
+
+    fn on_batch_end(&self) {
+        self.0.worker.wake();
     }
 }
 

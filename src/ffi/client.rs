@@ -16,14 +16,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::client::{
-    AckCallback, AckResult, Client, ClientState, Credential, Error, EventHandler, InvokeOptions,
-    InvokeResult, SendEventOptions, SendToGroupOptions,
+    AckCallback, AckResult, Client, ClientState, Credential, Error, InvokeOptions, InvokeResult,
+    SendEventOptions, SendToGroupOptions,
 };
 use crate::protocol::DataType;
 
 use super::callbacks::{
     data_type_code, fail_with, wps_completion_cb, wps_event_cb, wps_user_data_free_cb,
-    CompletionTarget, EventSink, OwnedCompletion, UserData,
+    CompletionTarget, EventSink, OwnedCompletion, SinkHandler, UserData,
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
@@ -202,10 +202,7 @@ fn new_client(
         dispatcher::assign()
     };
     let sink = Arc::new(EventSink::new(worker, on_event, user_data, user_data_free));
-    let handler: EventHandler = {
-        let sink = Arc::clone(&sink);
-        Arc::new(move |event| sink.deliver(event))
-    };
+    let handler = Arc::new(SinkHandler(Arc::clone(&sink)));
     let client = Client::new(credential, options, handler).map_err(fail_with)?;
     let shared = Arc::new(Shared {
         client,

@@ -116,21 +116,52 @@ impl Worker {
 
     /// Appends a job; it runs after every job pushed before it.
     pub(crate) fn push(&self, job: Job) {
+        self.enqueue(job, true);
+    }
+
+    /// Appends a job without waking the dispatcher: the caller calls `wake` once it
+    /// has pushed a batch.
+    pub(crate) fn push_quietly(&self, job: Job) {
+        self.enqueue(job, false);
+    }
+
+    /// Wakes the dispatcher if it is idle with jobs queued.
+    pub(crate) fn wake(&self) {
         let mut queue = self.lock();
         if let Some(target) = &queue.forward {
             let target = Arc::clone(target);
             drop(queue);
-            target.push(job);
+            target.wake();
+            return;
+        }
+        let wake = !queue.jobs.is_empty() && queue.idle;
+        queue.idle &= !wake;
+        drop(queue);
+        if wake {
+            self.notify();
+        }
+    }
+
+    fn enqueue(&self, job: Job, wake: bool) {
+        let mut queue = self.lock();
+        if let Some(target) = &queue.forward {
+            let target = Arc::clone(target);
+            drop(queue);
+            target.enqueue(job, wake);
             return;
         }
         queue.jobs.push_back(job);
-        let wake = std::mem::replace(&mut queue.idle, false);
+        let wake = wake && std::mem::replace(&mut queue.idle, false);
         drop(queue);
         if wake {
-            match &self.wake {
-                Wake::Thread(ready) => ready.notify_one(),
-                Wake::Poll(signal) => signal.set(),
-            }
+            self.notify();
+        }
+    }
+
+    fn notify(&self) {
+        match &self.wake {
+            Wake::Thread(ready) => ready.notify_one(),
+            Wake::Poll(signal) => signal.set(),
         }
     }
 
@@ -401,6 +432,14 @@ mod tests {
         assert_eq!(worker.dispatch(1), Ok(1));
         assert_eq!(busy_rx.try_recv(), Ok(Err(DispatchError::Busy)));
         assert_eq!(assign().dispatch(1), Err(DispatchError::NotPolled));
+
+        let quiet = tx.clone();
+        worker.push_quietly(Box::new(move || quiet.send(6).unwrap()));
+        assert!(!readable(fd), "a quiet push waits for `wake`");
+        worker.wake();
+        assert!(readable(fd));
+        assert_eq!(worker.dispatch(10), Ok(1));
+        assert_eq!(rx.try_recv(), Ok(6));
 
         worker.push(Box::new(move || tx.send(5).unwrap()));
         worker.hand_over();
