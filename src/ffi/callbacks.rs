@@ -2,7 +2,7 @@
 //! structs handed to them. Everything here runs on a dispatcher thread.
 
 use std::ffi::{c_char, c_void, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -337,17 +337,38 @@ impl EventSink {
     }
 }
 
+/// Events queued before the dispatcher is woken within one batch of frames: bounds the
+/// delay a long batch adds to its first event.
+const WAKE_EVERY: usize = 64;
+
 /// The core's event handler of a C client: events are queued for the client's
-/// dispatcher, which is woken once per batch of frames rather than once per event.
-pub(crate) struct SinkHandler(pub(crate) Arc<EventSink>);
+/// dispatcher, which is woken once per batch of frames (or per `WAKE_EVERY` events)
+/// rather than once per event.
+pub(crate) struct SinkHandler {
+    sink: Arc<EventSink>,
+    queued: AtomicUsize,
+}
+
+impl SinkHandler {
+    pub(crate) fn new(sink: Arc<EventSink>) -> SinkHandler {
+        SinkHandler {
+            sink,
+            queued: AtomicUsize::new(0),
+        }
+    }
+}
 
 impl EventHandler for SinkHandler {
     fn on_event(&self, event: Event) {
-        self.0.deliver(event);
+        self.sink.deliver(event);
+        if self.queued.fetch_add(1, Ordering::Relaxed) + 1 >= WAKE_EVERY {
+            self.on_batch_end();
+        }
     }
 
     fn on_batch_end(&self) {
-        self.0.worker.wake();
+        self.queued.store(0, Ordering::Relaxed);
+        self.sink.worker.wake();
     }
 }
 

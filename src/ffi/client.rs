@@ -202,7 +202,7 @@ fn new_client(
         dispatcher::assign()
     };
     let sink = Arc::new(EventSink::new(worker, on_event, user_data, user_data_free));
-    let handler = Arc::new(SinkHandler(Arc::clone(&sink)));
+    let handler = Arc::new(SinkHandler::new(Arc::clone(&sink)));
     let client = Client::new(credential, options, handler).map_err(fail_with)?;
     let shared = Arc::new(Shared {
         client,

@@ -218,9 +218,12 @@ static bool test_free_with_pending_and_running_callbacks(void) {
         }
         issued++;
     }
-    /* Some of them are delivered while we free: wait until callbacks are running. */
+    /* Some of them are delivered while we free: wait until half arrived at the
+     * subscriber and the publisher's own (slow) echo callbacks are running. */
     int64_t deadline = now_ms() + 10000;
-    while (atomic_load(&sub_c.messages) < issued / 2 && now_ms() < deadline) usleep(1000);
+    while ((atomic_load(&sub_c.messages) < issued / 2 || atomic_load(&pub_c.messages) == 0) &&
+           now_ms() < deadline)
+        usleep(1000);
     bool callbacks_seen = atomic_load(&pub_c.messages) > 0;
     int completed_before = atomic_load(&o->total);
 
