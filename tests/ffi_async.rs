@@ -2,9 +2,10 @@
 //! order, exactly-once completions, cancellation, refusals, and bursts far larger than
 //! the core's operation queue.
 
+mod common;
+
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{wps_completion, wps_event, WPS_EVENT_GROUP_MESSAGE};
@@ -18,7 +19,7 @@ use webpubsub_client::ffi::status::{
     WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INVALID_ARGUMENT,
     WPS_STATUS_INVALID_UTF8, WPS_STATUS_OK, WPS_STATUS_STOPPED,
 };
-use webpubsub_emulator::{Config, Emulator, TokenOptions};
+use webpubsub_emulator::{Config, Emulator};
 
 /// How long any wait in these tests may take.
 const WAIT: Duration = Duration::from_secs(30);
@@ -34,24 +35,9 @@ struct Seen {
     acked: usize,
 }
 
-#[derive(Default)]
-struct Recorder {
-    seen: Mutex<Seen>,
-    changed: Condvar,
-}
+type Recorder = common::Watched<Seen>;
 
 impl Recorder {
-    fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        let mut seen = self.seen.lock().unwrap();
-        while !done(&seen) {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
-            seen = self.changed.wait_timeout(seen, left).unwrap().0;
-        }
-    }
-
     fn user_data(&self) -> *mut c_void {
         self as *const Recorder as *mut c_void
     }
@@ -108,14 +94,7 @@ impl Setup {
             ..Config::default()
         };
         let emulator = rt.block_on(Emulator::start(config)).unwrap();
-        let token = TokenOptions {
-            user_id: Some("u".into()),
-            roles: vec![
-                "webpubsub.joinLeaveGroup".into(),
-                "webpubsub.sendToGroup".into(),
-            ],
-            ..TokenOptions::default()
-        };
+        let token = common::user_token("u");
         let url = CString::new(emulator.client_url("hub", &token)).unwrap();
         Setup { rt, emulator, url }
     }

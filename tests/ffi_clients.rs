@@ -2,9 +2,9 @@
 //! dispatcher threads, ordered events, finalizers exactly once. (The full C harness is
 //! `tests/c/run.sh`.)
 
+mod common;
+
 use std::ffi::{c_void, CStr, CString};
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_GROUP_MESSAGE};
 use webpubsub_client::ffi::client::{
@@ -12,7 +12,7 @@ use webpubsub_client::ffi::client::{
     wps_client_start,
 };
 use webpubsub_client::ffi::status::{wps_last_error_message, WPS_DATA_TYPE_TEXT, WPS_STATUS_OK};
-use webpubsub_emulator::{Config, Emulator, TokenOptions};
+use webpubsub_emulator::{Config, Emulator};
 
 /// What one client's callbacks saw.
 #[derive(Default)]
@@ -22,24 +22,7 @@ struct Seen {
     freed: usize,
 }
 
-#[derive(Default)]
-struct Recorder {
-    seen: Mutex<Seen>,
-    changed: Condvar,
-}
-
-impl Recorder {
-    fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = self.seen.lock().unwrap();
-        while !done(&seen) {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
-            seen = self.changed.wait_timeout(seen, left).unwrap().0;
-        }
-    }
-}
+type Recorder = common::Watched<Seen>;
 
 unsafe extern "C" fn on_event(user_data: *mut c_void, event: *const wps_event) {
     let rec = &*(user_data as *const Recorder);
@@ -96,14 +79,7 @@ fn many_clients_share_a_few_dispatcher_threads_and_events_stay_ordered() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
-    let token = TokenOptions {
-        user_id: Some("u".into()),
-        roles: vec![
-            "webpubsub.joinLeaveGroup".into(),
-            "webpubsub.sendToGroup".into(),
-        ],
-        ..TokenOptions::default()
-    };
+    let token = common::user_token("u");
     let url = CString::new(emulator.client_url("hub", &token)).unwrap();
     let group = c"g";
 

@@ -540,15 +540,10 @@ impl Client {
         data: Bytes,
         opts: SendToGroupOptions,
     ) -> Result<Prepared, Error> {
-        check_name("group", group)?;
-        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
-        let data = Data {
-            data_type,
-            bytes: data,
-        };
-        let frame =
-            json::encode_send_to_group(group, ack_id.map(|(id, _)| id), opts.no_echo, &data);
-        Ok(Prepared::message(self.checked(frame)?, ack_id))
+        let ack_id = (opts.fire_and_forget, opts.ack_id);
+        self.message(("group", group), data_type, data, ack_id, |id, data| {
+            json::encode_send_to_group(group, id, opts.no_echo, data)
+        })
     }
 
     /// An event, checked and encoded.
@@ -559,13 +554,25 @@ impl Client {
         data: Bytes,
         opts: SendEventOptions,
     ) -> Result<Prepared, Error> {
-        check_name("event", event)?;
-        let ack_id = self.choose_ack_id(opts.fire_and_forget, opts.ack_id);
-        let data = Data {
-            data_type,
-            bytes: data,
-        };
-        let frame = json::encode_event(event, ack_id.map(|(id, _)| id), &data);
+        let ack_id = (opts.fire_and_forget, opts.ack_id);
+        self.message(("event", event), data_type, data, ack_id, |id, data| {
+            json::encode_event(event, id, data)
+        })
+    }
+
+    /// A message frame: checks the `(what, name)` target, picks the ackId from
+    /// `(fire_and_forget, caller's ack_id)`, encodes with `encode` and checks the size.
+    fn message(
+        &self,
+        (what, name): (&str, &str),
+        data_type: DataType,
+        bytes: Bytes,
+        (fire_and_forget, ack_id): (bool, Option<u64>),
+        encode: impl FnOnce(Option<u64>, &Data) -> Result<String, ProtocolError>,
+    ) -> Result<Prepared, Error> {
+        check_name(what, name)?;
+        let ack_id = self.choose_ack_id(fire_and_forget, ack_id);
+        let frame = encode(ack_id.map(|(id, _)| id), &Data { data_type, bytes });
         Ok(Prepared::message(self.checked(frame)?, ack_id))
     }
 

@@ -167,3 +167,43 @@ pub fn all_roles() -> Vec<String> {
         "webpubsub.sendToGroup".into(),
     ]
 }
+
+/// A token for `user` with [`all_roles`].
+pub fn user_token(user: &str) -> webpubsub_emulator::TokenOptions {
+    webpubsub_emulator::TokenOptions {
+        user_id: Some(user.into()),
+        roles: all_roles(),
+        ..webpubsub_emulator::TokenOptions::default()
+    }
+}
+
+/// State that callbacks on other threads update, with a bounded wait for a condition.
+pub struct Watched<T> {
+    /// The state; notify `changed` after changing it.
+    pub seen: std::sync::Mutex<T>,
+    /// Signalled on every change.
+    pub changed: std::sync::Condvar,
+}
+
+impl<T: Default> Default for Watched<T> {
+    fn default() -> Self {
+        Watched {
+            seen: std::sync::Mutex::new(T::default()),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl<T> Watched<T> {
+    /// Waits until `done` holds; panics naming `what` after 30 s.
+    pub fn wait(&self, what: &str, done: impl Fn(&T) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = self.seen.lock().unwrap();
+        while !done(&seen) {
+            let left = deadline
+                .checked_duration_since(std::time::Instant::now())
+                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
+            seen = self.changed.wait_timeout(seen, left).unwrap().0;
+        }
+    }
+}
