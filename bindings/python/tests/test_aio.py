@@ -326,3 +326,59 @@ async def test_client_dropped_without_close_leaves_the_loop_clean(hub: Hub) -> N
     other = make(hub.url())
     async with other:
         assert (await other.join_group("g")).ack_id is not None
+
+
+async def test_coroutine_listeners_start_in_order_and_may_suspend(hub: Hub, caplog: Any) -> None:
+    """Coroutine listeners run at once up to their first await; those that suspend go on
+    as tasks (awaiting futures, sleeping, failing after an await) and their errors are logged."""
+    order: List[str] = []
+    resumed = AsyncCollector()
+
+    async def quick(args: OnGroupDataMessageArgs) -> None:
+        order.append(args.data)
+
+    async def slow(args: OnGroupDataMessageArgs) -> None:
+        await asyncio.sleep(0)  # a bare yield
+        await asyncio.sleep(0.01)  # a future
+        if args.data == "boom":
+            raise RuntimeError("late listener bug")
+        resumed(args.data)
+
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, quick)
+        await client.subscribe(CallbackType.GROUP_MESSAGE, slow)
+        await client.join_group("g")
+        for text in ["a", "boom", "b"]:
+            await client.send_to_group("g", text, WebPubSubDataType.TEXT)
+        assert await resumed.wait_for(2) == ["a", "b"]
+    assert order == ["a", "boom", "b"]
+    assert any(r.exc_info and str(r.exc_info[1]) == "late listener bug" for r in caplog.records)
+
+
+async def test_a_suspended_listener_is_cancelled_like_a_task() -> None:
+    """``_resume`` drives a started coroutine exactly as a task would, cancellation included."""
+    from webpubsub_client.aio._client import _resume  # pylint: disable=import-outside-toplevel
+
+    steps: List[str] = []
+    gate: "asyncio.Future[str]" = asyncio.get_running_loop().create_future()
+
+    async def listener() -> str:
+        steps.append("start")
+        value = await gate
+        steps.append(value)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            steps.append("cancelled")
+            raise
+        return "unreachable"
+
+    coro = listener()
+    task = asyncio.ensure_future(_resume(coro, coro.send(None)))
+    gate.set_result("opened")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert steps == ["start", "opened", "cancelled"]

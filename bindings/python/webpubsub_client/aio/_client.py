@@ -136,10 +136,27 @@ class _AsyncSink:
             except Exception:  # noqa: BLE001
                 _base.log_listener_error(kind)
                 continue
-            if inspect.isawaitable(result):
-                task = asyncio.ensure_future(result)
-                self._tasks.add(task)
-                task.add_done_callback(functools.partial(self._finished, kind=kind))
+            if inspect.iscoroutine(result):
+                self._start_eagerly(result, kind)
+            elif inspect.isawaitable(result):
+                self._track(asyncio.ensure_future(result), kind)
+
+    def _start_eagerly(self, coro: Any, kind: CallbackType) -> None:
+        """Runs a coroutine listener at once, up to its first suspension; only one that
+        suspends becomes a task (most listeners finish without suspending, and a task per
+        event costs more than the event). Listeners thus start in event order."""
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:  # noqa: BLE001
+            _base.log_listener_error(kind)
+            return
+        self._track(asyncio.ensure_future(_resume(coro, yielded)), kind)
+
+    def _track(self, task: "asyncio.Future[Any]", kind: CallbackType) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._finished, kind=kind))
 
     def _finished(self, task: "asyncio.Future[Any]", *, kind: CallbackType) -> None:
         self._tasks.discard(task)
@@ -157,6 +174,34 @@ class _AsyncSink:
             return future.result(timeout)
 
         return provide
+
+
+async def _resume(coro: Any, yielded: Any) -> Any:
+    """Drives a coroutine started with ``send(None)`` that suspended, as its task would
+    have: it waits for what the coroutine awaits (``yielded``: a future, or None for a bare
+    yield), then resumes it; a cancellation cancels the awaited future and is thrown in."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            elif getattr(yielded, "_asyncio_future_blocking", None) is not None:
+                yielded._asyncio_future_blocking = False
+                await asyncio.wait((yielded,))
+            else:
+                yielded = coro.throw(RuntimeError(f"a listener awaited {yielded!r}, which is not a future"))
+                continue
+        except asyncio.CancelledError as cancel:
+            if yielded is not None:
+                yielded.cancel()
+            try:
+                yielded = coro.throw(cancel)
+            except StopIteration as done:
+                return done.value
+            continue
+        try:
+            yielded = coro.send(None)
+        except StopIteration as done:
+            return done.value
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
@@ -265,7 +310,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     Every operation is a coroutine; cancelling one cancels it in the library (an invoke
     sends ``cancelInvocation``). Listeners may be plain functions or coroutine functions;
     they run on the event loop that called :meth:`open`, in event order (a coroutine
-    listener is started in order, as a task).
+    listener starts at once, in order, and continues as a task if it suspends).
     """
 
     def __init__(
