@@ -150,6 +150,14 @@
 #define WPS_SEND_FIRE_AND_FORGET 2
 
 /**
+ * Send flag (asynchronous forms only): queue the message without waking the client's
+ * connection task. It is sent at the next `wps_client_flush_deferred`, or with the
+ * next operation started without this flag. An event loop starting many messages per
+ * iteration saves a wake-up (a system call) per message.
+ */
+#define WPS_SEND_DEFERRED 4
+
+/**
  * Dispatch mode (default): callbacks run on a library-owned dispatcher thread.
  */
 #define WPS_DISPATCH_THREAD 0
@@ -810,6 +818,15 @@ wps_status wps_client_send_event_with_ack_id_async(struct wps_client *c,
                                                    wps_completion_cb cb,
                                                    void *user_data,
                                                    uint64_t *op_id);
+
+/**
+ * Sends the messages started with `WPS_SEND_DEFERRED`, in order, waking the
+ * connection task once for all of them. Never blocks.
+ *
+ * # Safety
+ * `c` is NULL or a live handle.
+ */
+wps_status wps_client_flush_deferred(struct wps_client *c);
 
 /**
  * Cancels a pending asynchronous operation: its completion reports

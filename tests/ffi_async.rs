@@ -1,6 +1,6 @@
 //! The C ABI's asynchronous acked operations driven from Rust, like a C program would:
-//! order, exactly-once completions, cancellation, refusals, and bursts far larger than
-//! the core's operation queue.
+//! order, exactly-once completions, cancellation, refusals, deferred sends, and bursts
+//! far larger than the core's operation queue.
 
 mod common;
 
@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{wps_completion, wps_event, WPS_EVENT_GROUP_MESSAGE};
 use webpubsub_client::ffi::client::{
-    wps_client, wps_client_cancel, wps_client_free, wps_client_join_group,
-    wps_client_join_group_async, wps_client_new, wps_client_send_event_async,
-    wps_client_send_to_group_async, wps_client_start,
+    wps_client, wps_client_cancel, wps_client_flush_deferred, wps_client_free,
+    wps_client_join_group, wps_client_join_group_async, wps_client_new,
+    wps_client_send_event_async, wps_client_send_to_group, wps_client_send_to_group_async,
+    wps_client_start,
 };
 use webpubsub_client::ffi::status::{
-    wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_SEND_FIRE_AND_FORGET,
-    WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INVALID_ARGUMENT,
-    WPS_STATUS_INVALID_UTF8, WPS_STATUS_OK, WPS_STATUS_STOPPED,
+    wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_SEND_DEFERRED,
+    WPS_SEND_FIRE_AND_FORGET, WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE,
+    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NULL_ARG, WPS_STATUS_OK,
+    WPS_STATUS_STOPPED,
 };
 use webpubsub_emulator::{Config, Emulator};
 
@@ -255,16 +257,7 @@ fn a_cancelled_async_operation_completes_once_with_cancelled() {
         .map(|_| send_async(c, group, "y", 0, &rec))
         .collect();
     unsafe { wps_client_free(c) };
-    let seen = rec.seen.lock().unwrap();
-    for op in &in_flight {
-        let statuses = &seen.completions[op];
-        assert_eq!(statuses.len(), 1, "{op}: {statuses:?}");
-        assert!(
-            statuses[0] == WPS_STATUS_OK || statuses[0] == WPS_STATUS_STOPPED,
-            "{op}: {statuses:?}"
-        );
-    }
-    drop(seen);
+    assert_completed_once_ok_or_stopped(&rec, &in_flight);
     setup.shutdown();
 }
 
@@ -343,4 +336,117 @@ fn refused_async_operations_complete_with_the_reason() {
     unsafe { wps_client_free(c) };
     assert_eq!(rec.seen.lock().unwrap().completions.len(), 3);
     setup.shutdown();
+}
+
+#[test]
+fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let sender = setup.client(&sender_rec, true);
+    let receiver = setup.client(&receiver_rec, true);
+    let group = c"deferred";
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+
+    // Deferred: nothing is sent until the flush.
+    let deferred: Vec<u64> = (0..10)
+        .map(|i| {
+            send_async(
+                sender,
+                group,
+                &format!("d{i}"),
+                WPS_SEND_DEFERRED,
+                &sender_rec,
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sender_rec.seen.lock().unwrap().completions.is_empty());
+    assert!(receiver_rec.seen.lock().unwrap().messages.is_empty());
+    check(unsafe { wps_client_flush_deferred(sender) }, "flush");
+    sender_rec.wait("the deferred acks", |s| s.completions.len() == 10);
+    receiver_rec.wait("the deferred messages", |s| s.messages.len() >= 10);
+    for op in &deferred {
+        assert_eq!(
+            sender_rec.seen.lock().unwrap().completions[op],
+            vec![WPS_STATUS_OK]
+        );
+    }
+
+    // A send that is not deferred takes the deferred ones along, after them.
+    for i in 0..5 {
+        send_async(
+            sender,
+            group,
+            &format!("e{i}"),
+            WPS_SEND_DEFERRED,
+            &sender_rec,
+        );
+    }
+    send_async(sender, group, "now", 0, &sender_rec);
+    receiver_rec.wait("the messages sent along", |s| s.messages.len() >= 16);
+    let expected: Vec<String> = (0..10)
+        .map(|i| format!("d{i}"))
+        .chain((0..5).map(|i| format!("e{i}")))
+        .chain(["now".to_string()])
+        .collect();
+    assert_eq!(receiver_rec.seen.lock().unwrap().messages, expected);
+    sender_rec.wait("their acks", |s| s.completions.len() == 16);
+
+    // The blocking forms cannot defer: they would wait for a message never sent.
+    let text = "x";
+    let status = unsafe {
+        wps_client_send_to_group(
+            sender,
+            group.as_ptr(),
+            WPS_DATA_TYPE_TEXT,
+            text.as_ptr(),
+            text.len(),
+            WPS_SEND_DEFERRED,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT);
+    let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
+    assert!(
+        detail.to_string_lossy().contains("asynchronous forms only"),
+        "{detail:?}"
+    );
+    assert_eq!(
+        unsafe { wps_client_flush_deferred(std::ptr::null_mut()) },
+        WPS_STATUS_NULL_ARG
+    );
+
+    // Still deferred when the client is freed: each completes exactly once.
+    let left: Vec<u64> = (0..3)
+        .map(|i| {
+            send_async(
+                sender,
+                group,
+                &format!("l{i}"),
+                WPS_SEND_DEFERRED,
+                &sender_rec,
+            )
+        })
+        .collect();
+    unsafe { wps_client_free(sender) };
+    assert_completed_once_ok_or_stopped(&sender_rec, &left);
+    unsafe { wps_client_free(receiver) };
+    setup.shutdown();
+}
+
+/// Each of `ops`, pending when its client was freed, completed exactly once: sent (OK)
+/// or given up (STOPPED).
+fn assert_completed_once_ok_or_stopped(rec: &Recorder, ops: &[u64]) {
+    let seen = rec.seen.lock().unwrap();
+    for op in ops {
+        let statuses = &seen.completions[op];
+        assert_eq!(statuses.len(), 1, "{op}: {statuses:?}");
+        assert!(
+            statuses[0] == WPS_STATUS_OK || statuses[0] == WPS_STATUS_STOPPED,
+            "{op}: {statuses:?}"
+        );
+    }
 }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use connection::{Command, Shared};
 pub(crate) use pending::AckCallback;
 use pending::{AckReply, OpKind, Operation, Purpose};
+pub(crate) use queue::Handover;
 use queue::OpSender;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -321,6 +322,7 @@ impl Client {
     /// operations still pending fail with `Error::Stopped`. Returns once stopped
     /// (after the `Stopped` event).
     pub async fn stop(&self) {
+        self.flush_deferred();
         let (tx, rx) = oneshot::channel();
         if self.command(Command::Stop(tx)).is_ok() {
             let _ = rx.await;
@@ -375,25 +377,31 @@ impl Client {
     /// [`Client::join_group`] without a future: the outcome goes to `done`, exactly
     /// once (at once on the calling thread when refused). Never blocks.
     pub(crate) fn join_group_then(&self, group: &str, done: Box<dyn AckCallback>) {
-        self.start_then(self.membership(group, true), done);
+        self.start_then(self.membership(group, true), Handover::Now, done);
     }
 
     /// [`Client::leave_group`] without a future; see [`Client::join_group_then`].
     pub(crate) fn leave_group_then(&self, group: &str, done: Box<dyn AckCallback>) {
-        self.start_then(self.membership(group, false), done);
+        self.start_then(self.membership(group, false), Handover::Now, done);
     }
 
     /// [`Client::send_to_group`] without a future; see [`Client::join_group_then`].
-    /// A fire-and-forget message completes once queued.
+    /// A fire-and-forget message completes once queued. A deferred message waits for
+    /// [`Client::flush_deferred`] or the next operation not deferred.
     pub(crate) fn send_to_group_then(
         &self,
         group: &str,
         data_type: DataType,
         data: Bytes,
         opts: SendToGroupOptions,
+        handover: Handover,
         done: Box<dyn AckCallback>,
     ) {
-        self.start_then(self.group_message(group, data_type, data, opts), done);
+        self.start_then(
+            self.group_message(group, data_type, data, opts),
+            handover,
+            done,
+        );
     }
 
     /// [`Client::send_event`] without a future; see [`Client::send_to_group_then`].
@@ -403,9 +411,19 @@ impl Client {
         data_type: DataType,
         data: Bytes,
         opts: SendEventOptions,
+        handover: Handover,
         done: Box<dyn AckCallback>,
     ) {
-        self.start_then(self.event_message(event, data_type, data, opts), done);
+        self.start_then(
+            self.event_message(event, data_type, data, opts),
+            handover,
+            done,
+        );
+    }
+
+    /// Hands the deferred messages to the connection task, in order (one wake-up).
+    pub(crate) fn flush_deferred(&self) {
+        self.inner.operations.flush();
     }
 
     /// Sends an event whose reply comes from the upstream server. Dropping the future
@@ -602,29 +620,40 @@ impl Client {
     }
 
     /// Hands a prepared operation (or why there is none) to the connection task
-    /// without waiting; the outcome goes to `done`, exactly once.
-    fn start_then(&self, op: Result<Prepared, Error>, done: Box<dyn AckCallback>) {
+    /// without waiting (or defers it); the outcome goes to `done`, exactly once.
+    fn start_then(
+        &self,
+        op: Result<Prepared, Error>,
+        handover: Handover,
+        done: Box<dyn AckCallback>,
+    ) {
         let op = match op.and_then(|op| self.check_usable().map(|()| op)) {
             Ok(op) => op,
             Err(error) => return done.complete(Err(error)),
         };
         let Some((ack_id, automatic, purpose)) = op.ack else {
-            let queued = self.inner.operations.submit(Operation {
-                frame: op.frame,
-                kind: OpKind::FireAndForget,
-            });
+            let queued = self.inner.operations.submit(
+                Operation {
+                    frame: op.frame,
+                    kind: OpKind::FireAndForget,
+                },
+                handover,
+            );
             return done.complete(queued.map(|()| NO_ACK));
         };
         // A refused operation has already given its reply the error.
-        let _ = self.inner.operations.submit(Operation {
-            frame: op.frame,
-            kind: OpKind::Ack {
-                ack_id,
-                automatic,
-                purpose,
-                reply: AckReply::callback(done),
+        let _ = self.inner.operations.submit(
+            Operation {
+                frame: op.frame,
+                kind: OpKind::Ack {
+                    ack_id,
+                    automatic,
+                    purpose,
+                    reply: AckReply::callback(done),
+                },
             },
-        });
+            handover,
+        );
     }
 }
 

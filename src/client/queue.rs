@@ -6,6 +6,11 @@
 //! the channel when there is room, else into an unbounded overflow queue that one task
 //! moves into the channel in order. While the overflow queue holds operations, every
 //! later operation joins it, so none overtakes an earlier one of the same caller.
+//!
+//! Waking the connection task costs the submitting thread a system call. A caller that
+//! starts many operations in a row (an event loop, once per iteration) may defer them:
+//! they wait on the sender until `flush`, or until an operation that is not deferred,
+//! and then reach the connection task together, for one wake-up.
 
 use super::pending::Operation;
 use super::Error;
@@ -20,6 +25,19 @@ pub(crate) struct OpSender {
     tx: mpsc::Sender<Operation>,
     overflow: Arc<Overflow>,
     runtime: Handle,
+    /// Set while `deferred` holds operations.
+    has_deferred: AtomicBool,
+    /// Deferred operations, oldest first, waiting for `flush`.
+    deferred: Mutex<Vec<Operation>>,
+}
+
+/// When a submitted operation is handed to the connection task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handover {
+    /// At once (waking the connection task if it sleeps).
+    Now,
+    /// At the next `flush` or the next operation handed over at once.
+    Deferred,
 }
 
 /// Operations that found the channel full, oldest first.
@@ -43,15 +61,22 @@ impl OpSender {
             tx,
             overflow: Arc::default(),
             runtime,
+            has_deferred: AtomicBool::new(false),
+            deferred: Mutex::default(),
         }
+    }
+
+    fn deferred(&self) -> MutexGuard<'_, Vec<Operation>> {
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Hands `op` to the connection task, waiting for room in the channel. Behind
     /// operations in the overflow queue, it joins that queue instead (no overtaking).
     /// `Error::Stopped` when the connection task is gone.
     pub(crate) async fn send(&self, op: Operation) -> Result<(), Error> {
+        self.flush();
         if self.overflow.active.load(Ordering::Acquire) {
-            return self.submit(op);
+            return self.hand_over(op);
         }
         self.tx.send(op).await.map_err(|_| Error::Stopped)
     }
@@ -59,8 +84,37 @@ impl OpSender {
     /// Hands `op` to the connection task without waiting (never blocks the thread):
     /// into the channel, or into the overflow queue when the channel is full or the
     /// queue is not empty. When the connection task is gone, the operation is refused
-    /// (its reply gets `Error::Stopped`) and so is the call.
-    pub(crate) fn submit(&self, op: Operation) -> Result<(), Error> {
+    /// (its reply gets `Error::Stopped`) and so is the call. A deferred operation is
+    /// only queued here (its refusal, if any, comes with the flush).
+    pub(crate) fn submit(&self, op: Operation, handover: Handover) -> Result<(), Error> {
+        match handover {
+            Handover::Deferred => {
+                self.deferred().push(op);
+                self.has_deferred.store(true, Ordering::Release);
+                Ok(())
+            }
+            Handover::Now => {
+                self.flush();
+                self.hand_over(op)
+            }
+        }
+    }
+
+    /// Hands every deferred operation to the connection task, in order. They are
+    /// handed over under the lock, so that two flushing threads cannot interleave.
+    pub(crate) fn flush(&self) {
+        if !self.has_deferred.load(Ordering::Acquire) {
+            return;
+        }
+        let mut deferred = self.deferred();
+        self.has_deferred.store(false, Ordering::Release);
+        for op in deferred.drain(..) {
+            // A refused operation has already given its reply the error.
+            let _ = self.hand_over(op);
+        }
+    }
+
+    fn hand_over(&self, op: Operation) -> Result<(), Error> {
         let op = if self.overflow.active.load(Ordering::Acquire) {
             op
         } else {
@@ -113,13 +167,26 @@ async fn drain(tx: mpsc::Sender<Operation>, overflow: Arc<Overflow>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::pending::OpKind;
+    use crate::client::pending::{AckReply, OpKind};
     use tokio_tungstenite::tungstenite::Utf8Bytes;
 
     fn op(n: usize) -> Operation {
         Operation {
             frame: Utf8Bytes::from(n.to_string()),
             kind: OpKind::FireAndForget,
+        }
+    }
+
+    /// An acked operation whose outcome goes to `reply`.
+    fn acked(reply: AckReply) -> Operation {
+        Operation {
+            frame: Utf8Bytes::from_static("a"),
+            kind: OpKind::Ack {
+                ack_id: 1,
+                automatic: true,
+                purpose: crate::client::pending::Purpose::Send,
+                reply,
+            },
         }
     }
 
@@ -133,7 +200,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let sender = OpSender::new(tx, runtime.clone());
         for n in 0..5000 {
-            sender.submit(op(n)).unwrap();
+            sender.submit(op(n), Handover::Now).unwrap();
         }
         assert!(sender.overflow.active.load(Ordering::Acquire));
         let received = runtime.block_on(async {
@@ -143,7 +210,7 @@ mod tests {
             while received.len() < 5001 {
                 received.push(frame(rx.recv().await.unwrap()));
             }
-            sender.submit(op(5001)).unwrap();
+            sender.submit(op(5001), Handover::Now).unwrap();
             received.push(frame(rx.recv().await.unwrap()));
             received
         });
@@ -156,22 +223,64 @@ mod tests {
         let (tx, rx) = mpsc::channel(1);
         let sender = OpSender::new(tx, runtime.clone());
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let acked = |reply| Operation {
-            frame: Utf8Bytes::from_static("a"),
-            kind: OpKind::Ack {
-                ack_id: 1,
-                automatic: true,
-                purpose: crate::client::pending::Purpose::Send,
-                reply,
-            },
-        };
-        sender.submit(op(0)).unwrap();
-        sender.submit(acked(reply.into())).unwrap();
+        sender.submit(op(0), Handover::Now).unwrap();
+        sender.submit(acked(reply.into()), Handover::Now).unwrap();
         drop(rx);
         let outcome = runtime.block_on(answer).unwrap();
         assert_eq!(outcome, Err(Error::Stopped));
         let (reply, answer) = tokio::sync::oneshot::channel();
-        assert_eq!(sender.submit(acked(reply.into())), Err(Error::Stopped));
+        assert_eq!(
+            sender.submit(acked(reply.into()), Handover::Now),
+            Err(Error::Stopped)
+        );
+        assert_eq!(runtime.block_on(answer).unwrap(), Err(Error::Stopped));
+    }
+
+    #[test]
+    fn deferred_operations_wait_for_a_flush_or_an_operation_handed_over_at_once() {
+        let runtime = crate::runtime::handle();
+        let (tx, mut rx) = mpsc::channel(4);
+        let sender = OpSender::new(tx, runtime.clone());
+        for n in 0..3 {
+            sender.submit(op(n), Handover::Deferred).unwrap();
+        }
+        assert!(
+            rx.try_recv().is_err(),
+            "deferred operations were handed over"
+        );
+        sender.flush();
+        sender.submit(op(3), Handover::Deferred).unwrap();
+        sender.submit(op(4), Handover::Deferred).unwrap();
+        sender.submit(op(5), Handover::Now).unwrap();
+        // more than the channel holds: the overflow queue keeps the order
+        for n in 6..20 {
+            sender.submit(op(n), Handover::Deferred).unwrap();
+        }
+        let received = runtime.block_on(async {
+            sender.send(op(20)).await.unwrap();
+            let mut received = Vec::new();
+            while received.len() < 21 {
+                received.push(frame(rx.recv().await.unwrap()));
+            }
+            received
+        });
+        assert_eq!(received, (0..21).collect::<Vec<_>>());
+        sender.flush(); // nothing left: a no-op
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn deferred_operations_for_a_gone_task_are_refused_at_the_flush() {
+        let runtime = crate::runtime::handle();
+        let (tx, rx) = mpsc::channel(4);
+        let sender = OpSender::new(tx, runtime.clone());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        drop(rx);
+        assert_eq!(
+            sender.submit(acked(reply.into()), Handover::Deferred),
+            Ok(())
+        );
+        sender.flush();
         assert_eq!(runtime.block_on(answer).unwrap(), Err(Error::Stopped));
     }
 }

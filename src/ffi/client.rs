@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::client::{
-    AckCallback, AckResult, Client, ClientState, Credential, Error, InvokeOptions, InvokeResult,
-    SendEventOptions, SendToGroupOptions,
+    AckCallback, AckResult, Client, ClientState, Credential, Error, Handover, InvokeOptions,
+    InvokeResult, SendEventOptions, SendToGroupOptions,
 };
 use crate::protocol::DataType;
 
@@ -32,11 +32,11 @@ use super::options::wps_options;
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
     fail, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_PROTOBUF,
-    WPS_DATA_TYPE_TEXT, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_NO_ECHO, WPS_STATE_CONNECTED,
-    WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED, WPS_STATE_RECOVERING, WPS_STATE_STOPPED,
-    WPS_STATUS_CANCELLED, WPS_STATUS_FORKED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INTERNAL,
-    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED,
-    WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
+    WPS_DATA_TYPE_TEXT, WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_NO_ECHO,
+    WPS_STATE_CONNECTED, WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED, WPS_STATE_RECOVERING,
+    WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_FORKED, WPS_STATUS_ILLEGAL_STATE,
+    WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8,
+    WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
 };
 
 /// A client: an opaque handle to a boxed `Arc` of the library's client state (the core
@@ -520,17 +520,29 @@ unsafe fn payload(data_type: u32, data: *const u8, len: usize) -> FfiResult<(Dat
     Ok((t, Bytes::copy_from_slice(bytes)))
 }
 
-fn send_flags(flags: u32, allowed: u32) -> FfiResult<(bool, bool)> {
+/// The `WPS_SEND_*` flags of a message.
+struct SendFlags {
+    no_echo: bool,
+    fire_and_forget: bool,
+    handover: Handover,
+}
+
+fn send_flags(flags: u32, allowed: u32) -> FfiResult<SendFlags> {
     if flags & !allowed != 0 {
         return Err(fail(
             WPS_STATUS_INVALID_ARGUMENT,
             format!("unknown send flags {flags:#x}"),
         ));
     }
-    Ok((
-        flags & WPS_SEND_NO_ECHO != 0,
-        flags & WPS_SEND_FIRE_AND_FORGET != 0,
-    ))
+    Ok(SendFlags {
+        no_echo: flags & WPS_SEND_NO_ECHO != 0,
+        fire_and_forget: flags & WPS_SEND_FIRE_AND_FORGET != 0,
+        handover: if flags & WPS_SEND_DEFERRED != 0 {
+            Handover::Deferred
+        } else {
+            Handover::Now
+        },
+    })
 }
 
 fn invoke_options(timeout_ms: u64) -> InvokeOptions {
@@ -545,20 +557,29 @@ type AckFuture = std::pin::Pin<Box<dyn Future<Output = Result<AckResult, Error>>
 enum AckOp {
     Join(String),
     Leave(String),
-    SendToGroup(String, DataType, Bytes, SendToGroupOptions),
-    SendEvent(String, DataType, Bytes, SendEventOptions),
+    SendToGroup(String, DataType, Bytes, SendToGroupOptions, Handover),
+    SendEvent(String, DataType, Bytes, SendEventOptions, Handover),
 }
 
 impl AckOp {
-    fn future(self, client: Client) -> AckFuture {
-        Box::pin(async move {
+    /// The operation as a future, for the blocking forms (which cannot defer).
+    fn future(self, client: Client) -> FfiResult<AckFuture> {
+        if let AckOp::SendToGroup(.., Handover::Deferred)
+        | AckOp::SendEvent(.., Handover::Deferred) = self
+        {
+            return Err(fail(
+                WPS_STATUS_INVALID_ARGUMENT,
+                "WPS_SEND_DEFERRED applies to the asynchronous forms only",
+            ));
+        }
+        Ok(Box::pin(async move {
             match self {
                 AckOp::Join(g) => client.join_group(&g).await,
                 AckOp::Leave(g) => client.leave_group(&g).await,
-                AckOp::SendToGroup(g, t, d, o) => client.send_to_group(&g, t, d, o).await,
-                AckOp::SendEvent(e, t, d, o) => client.send_event(&e, t, d, o).await,
+                AckOp::SendToGroup(g, t, d, o, _) => client.send_to_group(&g, t, d, o).await,
+                AckOp::SendEvent(e, t, d, o, _) => client.send_event(&e, t, d, o).await,
             }
-        })
+        }))
     }
 
     /// Starts the operation; its outcome goes to `done`.
@@ -566,8 +587,8 @@ impl AckOp {
         match self {
             AckOp::Join(g) => client.join_group_then(&g, done),
             AckOp::Leave(g) => client.leave_group_then(&g, done),
-            AckOp::SendToGroup(g, t, d, o) => client.send_to_group_then(&g, t, d, o, done),
-            AckOp::SendEvent(e, t, d, o) => client.send_event_then(&e, t, d, o, done),
+            AckOp::SendToGroup(g, t, d, o, h) => client.send_to_group_then(&g, t, d, o, h, done),
+            AckOp::SendEvent(e, t, d, o, h) => client.send_event_then(&e, t, d, o, h, done),
         }
     }
 
@@ -589,14 +610,16 @@ impl AckOp {
     ) -> FfiResult<AckOp> {
         let group = str_arg(group, "group")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
-        let (no_echo, fire_and_forget) =
-            send_flags(flags, WPS_SEND_NO_ECHO | WPS_SEND_FIRE_AND_FORGET)?;
+        let f = send_flags(
+            flags,
+            WPS_SEND_NO_ECHO | WPS_SEND_FIRE_AND_FORGET | WPS_SEND_DEFERRED,
+        )?;
         let opts = SendToGroupOptions {
-            no_echo,
-            fire_and_forget,
+            no_echo: f.no_echo,
+            fire_and_forget: f.fire_and_forget,
             ack_id,
         };
-        Ok(AckOp::SendToGroup(group, t, d, opts))
+        Ok(AckOp::SendToGroup(group, t, d, opts, f.handover))
     }
 
     unsafe fn send_event(
@@ -609,12 +632,12 @@ impl AckOp {
     ) -> FfiResult<AckOp> {
         let event = str_arg(event, "event")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
-        let (_, fire_and_forget) = send_flags(flags, WPS_SEND_FIRE_AND_FORGET)?;
+        let f = send_flags(flags, WPS_SEND_FIRE_AND_FORGET | WPS_SEND_DEFERRED)?;
         let opts = SendEventOptions {
-            fire_and_forget,
+            fire_and_forget: f.fire_and_forget,
             ack_id,
         };
-        Ok(AckOp::SendEvent(event, t, d, opts))
+        Ok(AckOp::SendEvent(event, t, d, opts, f.handover))
     }
 }
 
@@ -625,7 +648,7 @@ unsafe fn run_blocking(
     out: *mut wps_ack_result,
 ) -> FfiResult {
     let shared = client_arg(c)?;
-    let fut = op?.future(shared.client.clone());
+    let fut = op?.future(shared.client.clone())?;
     let ack = block(fut)?.map_err(fail_with)?;
     if !out.is_null() {
         out.write(wps_ack_result {
@@ -1102,6 +1125,19 @@ pub unsafe extern "C" fn wps_client_send_event_with_ack_id_async(
     guard(|| {
         let op = AckOp::send_event(event, data_type, data, len, flags, Some(ack_id));
         run_async_ack(c, op, cb, user_data, op_id)
+    })
+}
+
+/// Sends the messages started with `WPS_SEND_DEFERRED`, in order, waking the
+/// connection task once for all of them. Never blocks.
+///
+/// # Safety
+/// `c` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_flush_deferred(c: *mut wps_client) -> wps_status {
+    guard(|| {
+        client_arg(c)?.client.flush_deferred();
+        Ok(())
     })
 }
 

@@ -75,6 +75,11 @@ pub const WPS_STATE_DISCONNECTED: u32 = 4;
 pub const WPS_SEND_NO_ECHO: u32 = 1;
 /// Send flag: send without an ackId; the call completes once the frame is written.
 pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
+/// Send flag (asynchronous forms only): queue the message without waking the client's
+/// connection task. It is sent at the next `wps_client_flush_deferred`, or with the
+/// next operation started without this flag. An event loop starting many messages per
+/// iteration saves a wake-up (a system call) per message.
+pub const WPS_SEND_DEFERRED: u32 = 4;
 
 /// Dispatch mode (default): callbacks run on a library-owned dispatcher thread.
 pub const WPS_DISPATCH_THREAD: u32 = 0;

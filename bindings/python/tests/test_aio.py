@@ -216,6 +216,25 @@ async def test_concurrent_operations_on_one_loop(hub: Hub) -> None:
     assert sorted(int(m.data) for m in got.items) == list(range(50))
 
 
+async def test_sends_started_together_arrive_in_start_order(hub: Hub) -> None:
+    """Acked sends are deferred and sent together once per loop iteration (or every 32);
+    fire-and-forget sends go at once and take the deferred ones along, in order."""
+    total = 200
+    got = AsyncCollector()
+    async with make(hub.url()) as publisher, make(hub.url()) as subscriber:
+        await subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await subscriber.join_group("g")
+        results = await asyncio.gather(
+            *(publisher.send_to_group("g", str(i), "text", ack=i % 7 != 0) for i in range(total))
+        )
+        assert sum(r.ack_id is not None for r in results) == total - len(range(0, total, 7))
+        await got.wait_for(total)
+        # one more, alone in its iteration: the scheduled flush sends it
+        await publisher.send_to_group("g", "last", "text")
+        await got.wait_for(total + 1)
+    assert [m.data for m in got.items] == [str(i) for i in range(total)] + ["last"]
+
+
 def test_async_client_works_across_asyncio_run_calls(hub: Hub) -> None:
     """Each asyncio.run gets a new loop; opening again binds the listeners to the new loop."""
     client = make(hub.url())

@@ -68,6 +68,7 @@ STATE_DISCONNECTED = 4
 
 SEND_NO_ECHO = 1
 SEND_FIRE_AND_FORGET = 2
+SEND_DEFERRED = 4
 
 DISPATCH_THREAD = 0
 DISPATCH_POLL = 1
@@ -238,6 +239,7 @@ _SIGNATURES = {
         [_handle, c_char_p, c_uint32, _bytes, c_size_t, c_uint64, COMPLETION_CB, c_void_p, _out_u64],
     ),
     "wps_client_cancel": (_status, [_handle, c_uint64]),
+    "wps_client_flush_deferred": (_status, [_handle]),
     # poll dispatch mode (callbacks run on the event loop's thread)
     "wps_options_set_dispatch_mode": (_status, [_handle, c_uint32]),
     "wps_client_dispatch_fd": (_status, [_handle, POINTER(c_int)]),

@@ -230,12 +230,15 @@ class _Poller:
     """
 
     BATCH = 256  # callbacks per reader wake-up; the descriptor stays readable for more
+    FLUSH_EVERY = 32  # deferred messages sent at once; bounds how long the first waits
 
     def __init__(self, handle: int) -> None:
         self._lock = threading.RLock()
         self._handle = handle
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd = -1
+        self._flush_scheduled = False
+        self._deferred = 0  # messages deferred since the last flush
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """This thread's running loop: the attached one when it runs on this thread (read
@@ -265,6 +268,28 @@ class _Poller:
         with self._lock:
             if self._handle:
                 lib.wps_client_dispatch(self._handle, self.BATCH, None)
+
+    def flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Send the messages started with ``SEND_DEFERRED`` once the loop has run the
+        callbacks ready now, or at once every ``FLUSH_EVERY`` messages: one wake-up of the
+        library's thread for a run of messages instead of one each, while the first of a
+        long run already travel."""
+        self._deferred += 1
+        if self._deferred >= self.FLUSH_EVERY:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
+
+    def _flush(self) -> None:
+        self._deferred = 0  # before the call: a message deferred after it counts again
+        with self._lock:
+            if self._handle:
+                lib.wps_client_flush_deferred(self._handle)
 
     def _remove_reader(self) -> None:
         loop, self._loop = self._loop, None
@@ -532,7 +557,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
         handle = self._live_handle()
-        completion = await self._run(lambda cb, ud, op: lib.wps_client_join_group_async(handle, group, cb, ud, op))
+        completion = await self._run(lib.wps_client_join_group_async, handle, group)
         return _ack_result(completion)
 
     async def leave_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
@@ -543,7 +568,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
         handle = self._live_handle()
-        completion = await self._run(lambda cb, ud, op: lib.wps_client_leave_group_async(handle, group, cb, ud, op))
+        completion = await self._run(lib.wps_client_leave_group_async, handle, group)
         return _ack_result(completion)
 
     async def send_to_group(
@@ -607,10 +632,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         size = len(payload)
         if ack_id is not None:
             _base.check_ack_id_use(ack_id, ack)
-            chosen = ack_id
             completion = await self._run(
-                lambda cb, ud, op: with_ack_id_async(handle, target, kind, payload, size, flags, chosen, cb, ud, op),
-                ack_id=ack_id,
+                with_ack_id_async, handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, ack_id,
+                ack_id=ack_id, deferred=True,
             )
         elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
             # queued at once on this thread: the blocking form returns when the frame is queued
@@ -618,7 +642,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             return WebPubSubResult(None, False)
         else:
             completion = await self._run(
-                lambda cb, ud, op: plain_async(handle, target, kind, payload, size, flags, cb, ud, op)
+                plain_async, handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, deferred=True
             )
         return _ack_result(completion)
 
@@ -640,10 +664,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         size = len(payload)
         completion = await self._run(
-            lambda cb, ud, op: lib.wps_client_invoke_event_async(
-                handle, event, kind, payload, size, timeout_ms, cb, ud, op
-            ),
-            invoke=True,
+            lib.wps_client_invoke_event_async, handle, event, kind, payload, size, timeout_ms, invoke=True
         )
         return _base.invoke_result(completion.data_type, completion.data)
 
@@ -656,12 +677,15 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
     async def _run(
         self,
-        start: Callable[[Any, ctypes.c_void_p, Any], int],
-        *,
+        start: Callable[..., int],
+        *args: Any,
         invoke: bool = False,
         ack_id: Optional[int] = None,
+        deferred: bool = False,
     ) -> Completion:
-        """Start an asynchronous C operation and await its completion on this loop."""
+        """Start the asynchronous C operation ``start(*args, callback, user_data, op_id)``
+        and await its completion on this loop (``deferred``: started with ``SEND_DEFERRED``,
+        so a flush is scheduled)."""
         loop = self._poller.running_loop()
         self._poller.attach(loop)  # completions are dispatched by the loop awaiting them
         future: "asyncio.Future[Completion]" = loop.create_future()
@@ -683,10 +707,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
         key = REGISTRY.add(complete)
         op_id = ctypes.c_uint64(0)
-        status = start(_callbacks.COMPLETION_TRAMPOLINE, _callbacks.user_data(key), ctypes.byref(op_id))
+        status = start(*args, _callbacks.COMPLETION_TRAMPOLINE, key, ctypes.byref(op_id))
         if status != _native.STATUS_OK:
             REGISTRY.pop(key)
             raise _base.operation_error(status, invoke=invoke, ack_id=ack_id)
+        if deferred:
+            self._poller.flush_soon(loop)
         try:
             completion = await future
         except asyncio.CancelledError:
