@@ -121,6 +121,7 @@ def test_open_unreachable_server_raises_open_client_error() -> None:
         (WebPubSubDataType.BINARY, memoryview(b"view"), b"view"),
         (WebPubSubDataType.PROTOBUF, bytearray(b"\x08\x96\x01"), b"\x08\x96\x01"),
         ("text", "lower-case data type", "lower-case data type"),
+        ("JSON", {"upper": "case"}, {"upper": "case"}),
     ],
 )
 def test_send_to_group_round_trip(

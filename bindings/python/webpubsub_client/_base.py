@@ -149,6 +149,9 @@ def _enum_value(enum_cls: Type[E], value: Any, what: str) -> E:
     if isinstance(value, enum_cls):
         return value
     if isinstance(value, str):
+        exact = enum_cls._value2member_map_.get(value)  # "text": a dict hit, no scan
+        if exact is not None:
+            return cast(E, exact)
         # also accepts other str enums with the same values (azure.core's RetryMode)
         member = enum_cls._missing_(str(value.value) if hasattr(value, "value") else value)
         if member is not None:
