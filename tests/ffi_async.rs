@@ -13,7 +13,7 @@ use webpubsub_client::ffi::client::{
     wps_client, wps_client_cancel, wps_client_flush_deferred, wps_client_free,
     wps_client_join_group, wps_client_join_group_async, wps_client_new,
     wps_client_send_event_async, wps_client_send_to_group, wps_client_send_to_group_async,
-    wps_client_start,
+    wps_client_start, wps_client_stop,
 };
 use webpubsub_client::ffi::status::{
     wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_SEND_DEFERRED,
@@ -418,6 +418,24 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
         unsafe { wps_client_flush_deferred(std::ptr::null_mut()) },
         WPS_STATUS_NULL_ARG
     );
+
+    // Still deferred when the client is stopped: stop sends them first.
+    for i in 0..5 {
+        send_async(
+            sender,
+            group,
+            &format!("s{i}"),
+            WPS_SEND_DEFERRED | WPS_SEND_FIRE_AND_FORGET,
+            &sender_rec,
+        );
+    }
+    check(unsafe { wps_client_stop(sender) }, "stop");
+    receiver_rec.wait("the messages sent by stop", |s| s.messages.len() >= 21);
+    assert_eq!(
+        receiver_rec.seen.lock().unwrap().messages[16..],
+        (0..5).map(|i| format!("s{i}")).collect::<Vec<_>>()[..]
+    );
+    check(unsafe { wps_client_start(sender) }, "restart");
 
     // Still deferred when the client is freed: each completes exactly once.
     let left: Vec<u64> = (0..3)
