@@ -188,6 +188,27 @@ def test_unsubscribe_stops_delivery(hub: Hub) -> None:
     assert [m.data for m in first.items] == ["one"]
 
 
+def test_listeners_keep_their_thread_locals_between_events(hub: Hub) -> None:
+    # Listeners run on a library thread; its Python thread state (and with it every
+    # threading.local) must last from one event to the next, as on a Python thread.
+    local = threading.local()
+    seen = Collector()
+
+    def listener(message: OnGroupDataMessageArgs) -> None:
+        count = getattr(local, "count", 0) + 1
+        local.count = count
+        seen((threading.get_ident(), count))
+
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, listener)
+        client.join_group("g")
+        for i in range(5):
+            client.send_to_group("g", str(i), "text")
+        items = seen.wait_for(5)
+    assert len({ident for ident, _ in items}) == 1  # one client: one dispatcher thread
+    assert [count for _, count in items] == [1, 2, 3, 4, 5]
+
+
 def test_listener_exception_is_logged_and_others_still_run(hub: Hub, caplog: Any) -> None:
     got = Collector()
 

@@ -13,7 +13,7 @@ import ctypes
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Set
 
 from . import _native
 from ._native import lib
@@ -91,8 +91,31 @@ class Completion:
         self.data: bytes = ctypes.string_at(raw.data, size) if size else b""
 
 
+_gil_state_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_state_ensure.argtypes = []
+_gil_state_ensure.restype = ctypes.c_int
+_kept_threads: Set[int] = set()
+
+
+def _keep_thread_state() -> None:
+    """Keep this thread's Python thread state from one callback to the next.
+
+    A ctypes callback on a thread that Python did not start (the library's dispatcher
+    threads) gets a new thread state for each call and frees it on return: two system
+    calls (the frame stack's ``mmap``/``munmap``) and more than half the cost of a small
+    event. One ``PyGILState_Ensure`` that is never released keeps it. The dispatcher
+    threads are a fixed pool of at most four, so at most that many states are kept;
+    on a Python thread the extra count is harmless (the state ends with the thread).
+    """
+    ident = threading.get_ident()
+    if ident not in _kept_threads:
+        _kept_threads.add(ident)
+        _gil_state_ensure()
+
+
 def _on_event(key: Optional[int], event: Any) -> None:
     try:
+        _keep_thread_state()
         sink = REGISTRY.get(key)
         if sink is not None:
             sink.on_native_event(event.contents)
@@ -129,6 +152,7 @@ def _on_credential(key: Optional[int], result: Optional[int]) -> None:
 
 def _on_completion(key: Optional[int], completion: Any) -> None:
     try:
+        _keep_thread_state()
         handler = REGISTRY.pop(key)
         if handler is not None:
             handler(Completion(completion.contents))
