@@ -60,6 +60,8 @@ _DATA_TYPES = {
     WebPubSubDataType.PROTOBUF: _native.DATA_TYPE_PROTOBUF,
 }
 _DATA_TYPES_BY_NUMBER = {number: member for member, number in _DATA_TYPES.items()}
+_TEXT = WebPubSubDataType.TEXT
+_JSON = WebPubSubDataType.JSON
 
 _STATES = {
     _native.STATE_STOPPED: WebPubSubClientState.STOPPED,
@@ -195,9 +197,9 @@ def encode_content(content: Any, data_type: Any) -> Tuple[int, bytes]:
 def decode_content(data_type: int, data: bytes, binary: Callable[[bytes], Any]) -> Tuple[Any, Any]:
     """``(data_type, value)`` for a received payload; ``binary`` wraps binary payloads."""
     kind = _DATA_TYPES_BY_NUMBER.get(data_type)
-    if kind is WebPubSubDataType.TEXT:
+    if kind is _TEXT:
         return kind, data.decode("utf-8", errors="replace")
-    if kind is WebPubSubDataType.JSON:
+    if kind is _JSON:
         try:
             return kind, json.loads(data.decode("utf-8"))
         except ValueError:
@@ -402,47 +404,75 @@ def invoke_result(data_type: int, data: bytes) -> InvokeEventResult:
 
 # ---- events -------------------------------------------------------------------------
 
-_EVENT_TYPES = {
-    _native.EVENT_CONNECTED: CallbackType.CONNECTED,
-    _native.EVENT_DISCONNECTED: CallbackType.DISCONNECTED,
-    _native.EVENT_STOPPED: CallbackType.STOPPED,
-    _native.EVENT_SERVER_MESSAGE: CallbackType.SERVER_MESSAGE,
-    _native.EVENT_GROUP_MESSAGE: CallbackType.GROUP_MESSAGE,
-    _native.EVENT_REJOIN_GROUP_FAILED: CallbackType.REJOIN_GROUP_FAILED,
+
+def _payload(event: _native.WpsEvent) -> bytes:
+    """A copy of the event's borrowed ``data`` (slicing the ``char *``: cheaper than ``string_at``)."""
+    size = event.data_len
+    return event.data[:size] if size and event.data else b""
+
+
+def _group_message(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    data_type, data = decode_content(event.data_type, _payload(event), memoryview)
+    group = event.group
+    sender = event.from_user_id
+    args = OnGroupDataMessageArgs(
+        data_type=data_type,
+        data=data,
+        group=group.decode("utf-8", errors="replace") if group is not None else "",
+        from_user_id=sender.decode("utf-8", errors="replace") if sender is not None else None,
+        sequence_id=event.sequence_id if event.has_sequence_id else None,
+    )
+    return _GROUP_MESSAGE, (args,)
+
+
+def _server_message(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    data_type, data = decode_content(event.data_type, _payload(event), memoryview)
+    sequence_id = event.sequence_id if event.has_sequence_id else None
+    return CallbackType.SERVER_MESSAGE, (OnServerDataMessageArgs(data_type, data, sequence_id),)
+
+
+def _connected(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    dec = _native.decode
+    return CallbackType.CONNECTED, (OnConnectedArgs(dec(event.connection_id) or "", dec(event.user_id)),)
+
+
+def _disconnected(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    dec = _native.decode
+    args = OnDisconnectedArgs(dec(event.connection_id), dec(event.message), event.close_code or None)
+    return CallbackType.DISCONNECTED, (args,)
+
+
+def _stopped(_event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    return CallbackType.STOPPED, ()
+
+
+def _rejoin_group_failed(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    dec = _native.decode
+    detail = AckMessageError(name=dec(event.error_name) or "Error", message=dec(event.message) or "")
+    error = SendMessageError("Failed to rejoin group.", None, detail)
+    return CallbackType.REJOIN_GROUP_FAILED, (OnRejoinGroupFailedArgs(dec(event.group) or "", error),)
+
+
+_GROUP_MESSAGE = CallbackType.GROUP_MESSAGE
+
+# Native event kind -> its converter: one dict lookup per event.
+_EVENT_CONVERTERS: Dict[int, Callable[[_native.WpsEvent], Tuple[CallbackType, Tuple[Any, ...]]]] = {
+    _native.EVENT_CONNECTED: _connected,
+    _native.EVENT_DISCONNECTED: _disconnected,
+    _native.EVENT_STOPPED: _stopped,
+    _native.EVENT_SERVER_MESSAGE: _server_message,
+    _native.EVENT_GROUP_MESSAGE: _group_message,
+    _native.EVENT_REJOIN_GROUP_FAILED: _rejoin_group_failed,
 }
 
 
 def event_args(event: _native.WpsEvent) -> Optional[Tuple[CallbackType, Tuple[Any, ...]]]:
     """The callback type and listener arguments for a borrowed native event (copied)."""
-    kind = _EVENT_TYPES.get(event.kind)
-    if kind is None:
+    convert = _EVENT_CONVERTERS.get(event.kind)
+    if convert is None:
         _LOGGER.debug("webpubsub_client: ignoring unknown event kind %d", event.kind)
         return None
-    dec = _native.decode
-    if kind is CallbackType.CONNECTED:
-        return kind, (OnConnectedArgs(dec(event.connection_id) or "", dec(event.user_id)),)
-    if kind is CallbackType.DISCONNECTED:
-        return kind, (OnDisconnectedArgs(dec(event.connection_id), dec(event.message), event.close_code or None),)
-    if kind is CallbackType.STOPPED:
-        return kind, ()
-    if kind is CallbackType.REJOIN_GROUP_FAILED:
-        detail = AckMessageError(name=dec(event.error_name) or "Error", message=dec(event.message) or "")
-        error = SendMessageError("Failed to rejoin group.", None, detail)
-        return kind, (OnRejoinGroupFailedArgs(dec(event.group) or "", error),)
-    raw = ctypes.string_at(event.data, event.data_len) if event.data and event.data_len else b""
-    data_type, data = decode_content(event.data_type, raw, memoryview)
-    sequence_id = event.sequence_id if event.has_sequence_id else None
-    if kind is CallbackType.SERVER_MESSAGE:
-        return kind, (OnServerDataMessageArgs(data_type, data, sequence_id),)
-    return kind, (
-        OnGroupDataMessageArgs(
-            data_type=data_type,
-            data=data,
-            group=dec(event.group) or "",
-            from_user_id=dec(event.from_user_id),
-            sequence_id=sequence_id,
-        ),
-    )
+    return convert(event)
 
 
 def callback_type_of(event: Any) -> CallbackType:

@@ -16,6 +16,7 @@ from ctypes import (
     POINTER,
     Structure,
     c_bool,
+    c_char,
     c_char_p,
     c_int,
     c_size_t,
@@ -102,7 +103,7 @@ class WpsEvent(Structure):
         ("group", c_char_p),
         ("from_user_id", c_char_p),
         ("data_type", c_uint32),
-        ("data", c_void_p),
+        ("data", POINTER(c_char)),  # sliced to copy: cheaper than string_at
         ("data_len", c_size_t),
         ("has_sequence_id", c_bool),
         ("sequence_id", c_uint64),
