@@ -6,7 +6,7 @@ import asyncio
 import gc
 import threading
 import time
-from typing import Any, List
+from typing import Any, Callable, List
 
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream
@@ -46,15 +46,20 @@ class AsyncCollector:
         self._changed.set()
 
     async def wait_for(self, count: int, timeout: float = WAIT) -> List[Any]:
+        return await self.wait_until(lambda items: len(items) >= count, timeout, f"{count} items")
+
+    async def wait_until(
+        self, predicate: Callable[[List[Any]], bool], timeout: float = WAIT, what: str = "the condition"
+    ) -> List[Any]:
         async def reached() -> None:
-            while len(self.items) < count:
+            while not predicate(self.items):
                 self._changed.clear()
                 await self._changed.wait()
 
         try:
             await asyncio.wait_for(reached(), timeout)
         except asyncio.TimeoutError:
-            pytest.fail(f"expected {count} items within {timeout} s, got {self.items!r}")
+            pytest.fail(f"expected {what} within {timeout} s, got {self.items!r}")
         return list(self.items)
 
 
@@ -157,6 +162,31 @@ async def test_forbidden_and_not_connected_errors(hub: Hub) -> None:
         with pytest.raises(SendMessageError) as info:
             await client.join_group("g")
     assert info.value.error_detail is not None and info.value.error_detail.name == "Forbidden"
+
+
+async def test_fire_and_forget_in_every_state(hub: Hub) -> None:
+    """A fire-and-forget send is queued on the loop thread: an error at once when the
+    client is not open or closed; no error (the frame is queued) around a dropped socket."""
+    client = make(hub.url(), message_retry_total=0)
+    with pytest.raises(SendMessageError):
+        await client.send_to_group("g", "before open", "text", ack=False)
+    got = AsyncCollector()
+    loop = asyncio.get_running_loop()
+    async with make(hub.url()) as subscriber:
+        await subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await subscriber.join_group("g")
+        async with client:
+            await client.send_to_group("g", "connected", "text", ack=False)
+            await got.wait_for(1)
+            await loop.run_in_executor(None, hub.drop, client.connection_id)
+            for _ in range(100):  # while the client notices the drop and recovers
+                result = await client.send_to_group("g", "around the drop", "text", ack=False)
+                assert result.ack_id is None
+            await client.send_to_group("g", "last", "text")  # acked: sent after the recovery
+            await got.wait_until(lambda items: bool(items) and items[-1].data == "last")
+        with pytest.raises(SendMessageError):
+            await client.send_to_group("g", "after close", "text", ack=False)
+    assert got.items[0].data == "connected"
 
 
 async def test_async_credential_is_awaited_for_every_new_connection(hub: Hub) -> None:

@@ -636,7 +636,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 with_ack_id_async, handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, ack_id,
                 ack_id=ack_id, deferred=True,
             )
-        elif not ack and lib.wps_client_state(handle) == _native.STATE_CONNECTED:
+        elif not ack:
             # queued at once on this thread: the blocking form returns when the frame is queued
             _queue_now(plain(handle, target, kind, payload, size, flags, None))
             return WebPubSubResult(None, False)
@@ -732,10 +732,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 def _queue_now(status: int) -> None:
     """Check the status of a fire-and-forget message queued by the blocking C call.
 
-    While connected that call returns as soon as the frame is queued (it only waits when
-    the library's operation queue is full), so it runs on the loop thread: no executor,
-    completion callback or thread hop. In other states the awaited asynchronous form is
-    used, so a recovering connection never stalls the loop.
+    That call returns as soon as the frame is queued, or at once with an error when the
+    client is not connected, so it runs on the loop thread: no executor, completion
+    callback or thread hop. It waits only while the library's operation queue is full,
+    which the connection task empties in every state (a recovering connection queues
+    what it takes): that wait is the backpressure a fast producer needs.
     """
     if status != _native.STATUS_OK:
         raise _base.operation_error(status)
