@@ -685,6 +685,7 @@ def write_report(path, run, results, contenders, order):
         "python3 benches/run.py --quick   # ~3 minutes, 1 run per cell",
         "python3 benches/run.py           # full: 5 s runs, median of 3 (about 20 minutes)",
         "python3 benches/run.py --quick --contenders raw,rust,js-official --scenarios s1,s2-ff",
+        "python3 benches/run.py --render  # this file again from benches/out/results.json",
         "```",
         "",
         "## This run",
@@ -875,6 +876,9 @@ def parse_args():
                    help="keep the emulator's replay limits (1,000 frames / 16 MB per connection)")
     p.add_argument("--report", default=str(BENCH / "BENCHMARKS.md"),
                    help="where to write the markdown (the chart goes beside it)")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: write the report and chart again from the last run's "
+                        "benches/out/results.json (after editing benches/analysis.md)")
     a = p.parse_args()
     a.contenders = [x for x in a.contenders.split(",") if x]
     a.scenarios = [x for x in a.scenarios.split(",") if x]
@@ -885,9 +889,26 @@ def parse_args():
     return a
 
 
+def render(args):
+    """Writes the report and chart of the last run again, from its results.json."""
+    saved = json.loads((OUT / "results.json").read_text())
+    run, records = saved["run"], saved["records"]
+    contenders = make_contenders()
+    present = {r["contender"] for r in records}
+    order = [k for k in contenders if k in present]
+    results = {(r["contender"], r["scenario"]): r for r in records}
+    report = Path(args.report)
+    write_report(report, run, results, contenders, order)
+    write_chart(report.with_name("chart.png"), results, contenders, order)
+    print(f"wrote {report} and {report.with_name('chart.png')} from {OUT / 'results.json'}")
+    return 0
+
+
 def main():
     ensure_venv()
     args = parse_args()
+    if args.render:
+        return render(args)
     started = time.monotonic()
     command = "python3 benches/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if not args.no_build:
