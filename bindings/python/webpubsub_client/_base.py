@@ -62,6 +62,7 @@ _DATA_TYPES = {
 _DATA_TYPES_BY_NUMBER = {number: member for member, number in _DATA_TYPES.items()}
 _TEXT = WebPubSubDataType.TEXT
 _JSON = WebPubSubDataType.JSON
+_TEXT_NUMBER = _DATA_TYPES[_TEXT]
 
 _STATES = {
     _native.STATE_STOPPED: WebPubSubClientState.STOPPED,
@@ -175,11 +176,11 @@ def encode_content(content: Any, data_type: Any) -> Tuple[int, bytes]:
     ``bytearray`` or ``memoryview``.
     """
     kind = data_type_of(data_type)
-    if kind is WebPubSubDataType.TEXT:
+    if kind is _TEXT:
         if not isinstance(content, str):
             raise TypeError(f"content must be a str when data_type is text, got {type(content).__name__}")
-        return _DATA_TYPES[kind], content.encode("utf-8", errors="strict")
-    if kind is WebPubSubDataType.JSON:
+        return _TEXT_NUMBER, content.encode()  # UTF-8, strict
+    if kind is _JSON:
         try:
             text = json.dumps(content, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except TypeError as exc:
