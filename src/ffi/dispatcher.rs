@@ -295,10 +295,13 @@ impl Signal {
         let _ = (&self.write).write(&[1]);
     }
 
+    /// One read: at most one byte is pending, so no second read (and system call) to
+    /// find the socket empty. Were more pending, the descriptor would stay readable and
+    /// the next `dispatch` would find no job and clear it again.
     fn clear(&self) {
         use std::io::Read;
         let mut buf = [0u8; 16];
-        while matches!((&self.read).read(&mut buf), Ok(n) if n > 0) {}
+        let _ = (&self.read).read(&mut buf);
     }
 }
 
