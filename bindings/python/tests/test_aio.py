@@ -11,6 +11,7 @@ from typing import Any, Callable, List
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream
 
+from webpubsub_client import WebPubSubClient as SyncClient
 from webpubsub_client.aio import WebPubSubClient, WebPubSubClientCredential
 from webpubsub_client.models import (
     CallbackType,
@@ -162,6 +163,27 @@ async def test_forbidden_and_not_connected_errors(hub: Hub) -> None:
         with pytest.raises(SendMessageError) as info:
             await client.join_group("g")
     assert info.value.error_detail is not None and info.value.error_detail.name == "Forbidden"
+
+
+async def test_a_send_after_a_quiet_spell_is_not_held_for_the_next_loop_pass(hub: Hub) -> None:
+    """Acked sends are deferred to the end of the loop pass, except one that follows a
+    quiet spell: it reaches the service while its coroutine waits, even if the loop does
+    not run again (here it is blocked on purpose)."""
+    arrived = threading.Event()
+    with SyncClient(hub.url(), **FAST) as subscriber:
+        subscriber.subscribe(CallbackType.GROUP_MESSAGE, lambda _message: arrived.set())
+        subscriber.join_group("g")
+        async with make(hub.url()) as publisher:
+            await asyncio.sleep(0.05)  # quiet
+            send = publisher.send_to_group("g", "at once", "text")
+            ack = send.send(None)  # runs the coroutine up to its wait for the ack
+            try:
+                assert arrived.wait(WAIT), "the message was held until the next loop pass"
+            finally:  # finish the send as its task would: once the ack's future is done
+                await asyncio.wait((ack,), timeout=WAIT)
+                with pytest.raises(StopIteration) as done:
+                    send.send(None)
+            assert done.value.value.ack_id is not None
 
 
 async def test_fire_and_forget_in_every_state(hub: Hub) -> None:

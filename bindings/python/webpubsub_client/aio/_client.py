@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 import weakref
 from typing import Any, Awaitable, Callable, Literal, Optional, Set, Tuple, Union, overload
 
@@ -231,6 +232,7 @@ class _Poller:
 
     BATCH = 256  # callbacks per reader wake-up; the descriptor stays readable for more
     FLUSH_EVERY = 32  # deferred messages sent at once; bounds how long the first waits
+    QUIET = 50e-6  # seconds: a message this long after the previous one is sent at once
 
     def __init__(self, handle: int) -> None:
         self._lock = threading.RLock()
@@ -239,6 +241,7 @@ class _Poller:
         self._fd = -1
         self._flush_scheduled = False
         self._deferred = 0  # messages deferred since the last flush
+        self._last_deferred = 0.0  # time.monotonic() of the last one
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """This thread's running loop: the attached one when it runs on this thread (read
@@ -273,9 +276,13 @@ class _Poller:
         """Send the messages started with ``SEND_DEFERRED`` once the loop has run the
         callbacks ready now, or at once every ``FLUSH_EVERY`` messages: one wake-up of the
         library's thread for a run of messages instead of one each, while the first of a
-        long run already travel."""
+        long run already travel. A message ``QUIET`` seconds after the previous one is
+        sent at once: it most likely starts no run (sequential awaited sends), and
+        waiting for the next loop pass would only add that pass to its round trip."""
         self._deferred += 1
-        if self._deferred >= self.FLUSH_EVERY:
+        now = time.monotonic()
+        quiet, self._last_deferred = now - self._last_deferred >= self.QUIET, now
+        if quiet or self._deferred >= self.FLUSH_EVERY:
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
