@@ -897,11 +897,15 @@ def render(args):
     present = {r["contender"] for r in records}
     order = [k for k in contenders if k in present]
     results = {(r["contender"], r["scenario"]): r for r in records}
-    report = Path(args.report)
+    write_outputs(Path(args.report), run, results, contenders, order, f"from {OUT / 'results.json'}")
+    return 0
+
+
+def write_outputs(report, run, results, contenders, order, how):
+    """Writes the markdown report and the chart beside it; `how` ends the message."""
     write_report(report, run, results, contenders, order)
     write_chart(report.with_name("chart.png"), results, contenders, order)
-    print(f"wrote {report} and {report.with_name('chart.png')} from {OUT / 'results.json'}")
-    return 0
+    print(f"\nwrote {report} and {report.with_name('chart.png')} {how}")
 
 
 def main():
@@ -961,10 +965,7 @@ def main():
     run["versions"] = versions()
     (OUT / "results.json").write_text(json.dumps(
         {"run": run, "records": list(results.values())}, indent=1))
-    report = Path(args.report)
-    write_report(report, run, results, contenders, order)
-    write_chart(report.with_name("chart.png"), results, contenders, order)
-    print(f"\nwrote {report} and {report.with_name('chart.png')} in {run['duration_s']:.0f} s")
+    write_outputs(Path(args.report), run, results, contenders, order, f"in {run['duration_s']:.0f} s")
     return summarize(results, contenders, order)
 
 

@@ -281,7 +281,8 @@ class _Poller:
         waiting for the next loop pass would only add that pass to its round trip."""
         self._deferred += 1
         now = time.monotonic()
-        quiet, self._last_deferred = now - self._last_deferred >= self.QUIET, now
+        quiet = now - self._last_deferred >= self.QUIET
+        self._last_deferred = now
         if quiet or self._deferred >= self.FLUSH_EVERY:
             self._flush()
         elif not self._flush_scheduled:
