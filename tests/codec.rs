@@ -631,14 +631,14 @@ proptest! {
     fn borrowed_encoders_match_encode_upstream(name in "\\PC*|[\"\\\\\\x00-\\x1f a-z]{0,40}", text in "\\PC*|[\"\\\\\\x00-\\x1f a-z]{0,40}", ack in proptest::option::of(any::<u64>()), no_echo in any::<bool>()) {
         let data = Data { data_type: DataType::Text, bytes: Bytes::from(text.clone()) };
         prop_assert_eq!(
-            json::encode_send_to_group(&name, ack, no_echo, &data).unwrap(),
+            json::encode_send_to_group(&name, ack, no_echo, data.data_type, &data.bytes).unwrap(),
             encode_upstream(&Upstream::SendToGroup { group: name.clone(), ack_id: ack, no_echo, data: data.clone() })
         );
         prop_assert_eq!(
-            json::encode_event(&name, ack, &data).unwrap(),
+            json::encode_event(&name, ack, data.data_type, &data.bytes).unwrap(),
             encode_upstream(&Upstream::Event { event: name.clone(), ack_id: ack, data: data.clone() })
         );
-        let decoded: serde_json::Value = serde_json::from_str(&json::encode_event(&name, ack, &data).unwrap()).unwrap();
+        let decoded: serde_json::Value = serde_json::from_str(&json::encode_event(&name, ack, data.data_type, &data.bytes).unwrap()).unwrap();
         prop_assert_eq!(decoded["data"].as_str(), Some(text.as_str()));
         prop_assert_eq!(decoded["event"].as_str(), Some(name.as_str()));
     }
@@ -650,18 +650,20 @@ fn borrowed_encoders_check_the_payload() {
         data_type: DataType::Text,
         bytes: Bytes::from_static(b"\xff"),
     };
-    assert!(json::encode_send_to_group("g", None, false, &bad_text).is_err());
+    assert!(
+        json::encode_send_to_group("g", None, false, bad_text.data_type, &bad_text.bytes).is_err()
+    );
     let bad_json = Data {
         data_type: DataType::Json,
         bytes: Bytes::from_static(b"{"),
     };
-    assert!(json::encode_event("e", Some(1), &bad_json).is_err());
+    assert!(json::encode_event("e", Some(1), bad_json.data_type, &bad_json.bytes).is_err());
     let binary = Data {
         data_type: DataType::Binary,
         bytes: Bytes::from_static(b"\xff\x00"),
     };
     assert_eq!(
-        json::encode_event("e", Some(1), &binary).unwrap(),
+        json::encode_event("e", Some(1), binary.data_type, &binary.bytes).unwrap(),
         r#"{"type":"event","event":"e","ackId":1,"dataType":"binary","data":"/wA="}"#
     );
 }

@@ -35,6 +35,9 @@ struct Seen {
     completions: HashMap<u64, Vec<u32>>,
     /// Completions that carried an ackId.
     acked: usize,
+    /// Group messages (`m <group> <sender or -> <text>`) and completions (`c <op id>`), in the
+    /// order the callbacks ran.
+    timeline: Vec<String>,
 }
 
 type Recorder = common::Watched<Seen>;
@@ -50,9 +53,15 @@ unsafe extern "C" fn on_event(user_data: *mut c_void, event: *const wps_event) {
     let event = &*event;
     if event.kind == WPS_EVENT_GROUP_MESSAGE {
         let data = std::slice::from_raw_parts(event.data, event.data_len);
+        let text = String::from_utf8_lossy(data).into_owned();
+        let group = CStr::from_ptr(event.group).to_string_lossy();
+        let from = match event.from_user_id.is_null() {
+            true => "-".into(),
+            false => CStr::from_ptr(event.from_user_id).to_string_lossy(),
+        };
         let mut seen = rec.seen.lock().unwrap();
-        seen.messages
-            .push(String::from_utf8_lossy(data).into_owned());
+        seen.timeline.push(format!("m {group} {from} {text}"));
+        seen.messages.push(text);
         rec.changed.notify_all();
     }
 }
@@ -61,6 +70,7 @@ unsafe extern "C" fn on_complete(user_data: *mut c_void, done: *const wps_comple
     let rec = &*(user_data as *const Recorder);
     let done = &*done;
     let mut seen = rec.seen.lock().unwrap();
+    seen.timeline.push(format!("c {}", done.op_id));
     seen.completions
         .entry(done.op_id)
         .or_default()
@@ -103,27 +113,33 @@ impl Setup {
 
     /// A client whose events and completions go to `rec`; started when `start`.
     fn client(&self, rec: &Recorder, start: bool) -> *mut wps_client {
-        let mut c = std::ptr::null_mut();
-        let status = unsafe {
-            wps_client_new(
-                self.url.as_ptr(),
-                std::ptr::null(),
-                Some(on_event),
-                rec.user_data(),
-                None,
-                &mut c,
-            )
-        };
-        check(status, "wps_client_new");
-        if start {
-            check(unsafe { wps_client_start(c) }, "wps_client_start");
-        }
-        c
+        client_of(&self.url, rec, start)
     }
 
     fn shutdown(self) {
         self.rt.block_on(self.emulator.shutdown());
     }
+}
+
+/// A client of the service at `url` whose events and completions go to `rec`;
+/// started when `start`.
+fn client_of(url: &CStr, rec: &Recorder, start: bool) -> *mut wps_client {
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new(
+            url.as_ptr(),
+            std::ptr::null(),
+            Some(on_event),
+            rec.user_data(),
+            None,
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new");
+    if start {
+        check(unsafe { wps_client_start(c) }, "wps_client_start");
+    }
+    c
 }
 
 /// Sends `text` to `group` without blocking; returns the operation id.
@@ -210,6 +226,103 @@ fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once()
         wps_client_free(receiver);
     }
     setup.shutdown();
+}
+
+/// A scripted service for one connection: connects the client, reads `sends`
+/// acked sendToGroup frames, then writes each one's echo (from `sender(i)`, to group
+/// `left` or `right` in turn) followed by its ack, all in one write, so that a socket
+/// read holds both events and acks.
+#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
+async fn echo_then_ack_service(listener: tokio::net::TcpListener, sends: usize) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message;
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
+        if let Some(protocol) = req.headers().get("Sec-WebSocket-Protocol").cloned() {
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", protocol);
+        }
+        Ok(resp)
+    })
+    .await
+    .unwrap();
+    let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
+    ws.send(Message::text(connected)).await.unwrap();
+    let mut sent = Vec::new();
+    while sent.len() < sends {
+        let Some(Ok(Message::Text(text))) = ws.next().await else {
+            panic!("the client went away");
+        };
+        let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if frame["type"] == "sendToGroup" {
+            sent.push((frame["ackId"].as_u64().unwrap(), frame["data"].clone()));
+        }
+    }
+    for (i, (ack_id, data)) in sent.iter().enumerate() {
+        let group = ["left", "right"][i % 2];
+        let mut echo = serde_json::json!({"type": "message", "from": "group", "group": group,
+            "dataType": "text", "data": data, "sequenceId": i + 1});
+        if let Some(user) = sender(i) {
+            echo["fromUserId"] = user.into();
+        }
+        ws.feed(Message::text(echo.to_string())).await.unwrap();
+        let ack = serde_json::json!({"type": "ack", "ackId": ack_id, "success": true});
+        ws.feed(Message::text(ack.to_string())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+}
+
+/// The sender of the `i`th echo of `echo_then_ack_service`: two users and none, in turn.
+fn sender(i: usize) -> Option<&'static str> {
+    [Some("ann"), Some("bob"), None][i % 3]
+}
+
+#[test]
+fn a_completion_never_overtakes_the_events_received_before_it() {
+    // The events of a socket read are queued together at its end; the acks read with
+    // them must not complete ahead of them (the core completes a read's acks after its
+    // events). Each event also names its own group and sender.
+    const SENDS: usize = 200;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
+    let service = rt.spawn(echo_then_ack_service(listener, SENDS));
+    let rec = Recorder::default();
+    let c = client_of(&CString::new(url).unwrap(), &rec, true);
+    let ops: Vec<u64> = (0..SENDS)
+        .map(|i| send_async(c, c"left", &format!("m{i:03}"), 0, &rec))
+        .collect();
+    rec.wait("every echo and completion", |s| {
+        s.completions.len() == SENDS && s.messages.len() == SENDS
+    });
+    let timeline = rec.seen.lock().unwrap().timeline.clone();
+    let at = |entry: String| timeline.iter().position(|e| *e == entry);
+    let mut last_echo = None;
+    for (i, op) in ops.iter().enumerate() {
+        let group = ["left", "right"][i % 2];
+        let from = sender(i).unwrap_or("-");
+        let echo = at(format!("m {group} {from} m{i:03}"));
+        let done = at(format!("c {op}"));
+        assert!(
+            echo.is_some() && done.is_some(),
+            "message {i}: {timeline:?}"
+        );
+        assert!(
+            echo < done,
+            "message {i} completed before its echo: {timeline:?}"
+        );
+        assert!(
+            echo > last_echo,
+            "message {i} echoed out of order: {timeline:?}"
+        );
+        last_echo = echo;
+    }
+    unsafe { wps_client_free(c) };
+    rt.block_on(service).unwrap();
 }
 
 #[test]

@@ -2,9 +2,11 @@
 //!
 //! Every method encodes its frame on the caller's thread and hands it to the client's
 //! connection task (see `connection.rs`), which owns the socket and the state machine.
-//! Replies come back over a oneshot channel, so the methods work from any executor;
-//! the crate's C layer uses the `*_then` forms instead, whose outcome goes to a
-//! completion callback (no task, no channel per operation).
+//! Replies come back over a oneshot channel, so the methods work from any executor.
+//! The crate's C layer builds the same operations from the caller's borrowed buffers
+//! (`group_message` and the like, each a [`Prepared`] frame) and either awaits them
+//! (`run`) or starts them with a completion callback (`start_then`: no task, no channel
+//! per operation).
 
 mod connection;
 mod credential;
@@ -341,12 +343,12 @@ impl Client {
 
     /// Joins a group; the group is rejoined after a reconnect (auto-rejoin).
     pub async fn join_group(&self, group: &str) -> Result<AckResult, Error> {
-        self.run(self.membership(group, true)?).await
+        self.run(self.membership(group, Membership::Join)?).await
     }
 
     /// Leaves a group.
     pub async fn leave_group(&self, group: &str) -> Result<AckResult, Error> {
-        self.run(self.membership(group, false)?).await
+        self.run(self.membership(group, Membership::Leave)?).await
     }
 
     /// Publishes to a group. Waits for the ack unless `fire_and_forget`.
@@ -357,7 +359,7 @@ impl Client {
         data: Bytes,
         opts: SendToGroupOptions,
     ) -> Result<AckResult, Error> {
-        self.run(self.group_message(group, data_type, data, opts)?)
+        self.run(self.group_message(group, data_type, &data, opts)?)
             .await
     }
 
@@ -370,55 +372,8 @@ impl Client {
         data: Bytes,
         opts: SendEventOptions,
     ) -> Result<AckResult, Error> {
-        self.run(self.event_message(event, data_type, data, opts)?)
+        self.run(self.event_message(event, data_type, &data, opts)?)
             .await
-    }
-
-    /// [`Client::join_group`] without a future: the outcome goes to `done`, exactly
-    /// once (at once on the calling thread when refused). Never blocks.
-    pub(crate) fn join_group_then(&self, group: &str, done: Box<dyn AckCallback>) {
-        self.start_then(self.membership(group, true), Handover::Now, done);
-    }
-
-    /// [`Client::leave_group`] without a future; see [`Client::join_group_then`].
-    pub(crate) fn leave_group_then(&self, group: &str, done: Box<dyn AckCallback>) {
-        self.start_then(self.membership(group, false), Handover::Now, done);
-    }
-
-    /// [`Client::send_to_group`] without a future; see [`Client::join_group_then`].
-    /// A fire-and-forget message completes once queued. A deferred message waits for
-    /// [`Client::flush_deferred`] or the next operation not deferred.
-    pub(crate) fn send_to_group_then(
-        &self,
-        group: &str,
-        data_type: DataType,
-        data: Bytes,
-        opts: SendToGroupOptions,
-        handover: Handover,
-        done: Box<dyn AckCallback>,
-    ) {
-        self.start_then(
-            self.group_message(group, data_type, data, opts),
-            handover,
-            done,
-        );
-    }
-
-    /// [`Client::send_event`] without a future; see [`Client::send_to_group_then`].
-    pub(crate) fn send_event_then(
-        &self,
-        event: &str,
-        data_type: DataType,
-        data: Bytes,
-        opts: SendEventOptions,
-        handover: Handover,
-        done: Box<dyn AckCallback>,
-    ) {
-        self.start_then(
-            self.event_message(event, data_type, data, opts),
-            handover,
-            done,
-        );
     }
 
     /// Hands the deferred messages to the connection task, in order (one wake-up).
@@ -527,11 +482,15 @@ impl Client {
         }
     }
 
-    /// A joinGroup (`join`) or leaveGroup, checked and encoded.
-    fn membership(&self, group: &str, join: bool) -> Result<Prepared, Error> {
+    /// A joinGroup or leaveGroup, checked and encoded.
+    pub(crate) fn membership(
+        &self,
+        group: &str,
+        membership: Membership,
+    ) -> Result<Prepared, Error> {
         check_name("group", group)?;
         let ack_id = self.next_ack_id();
-        let (frame, purpose) = if join {
+        let (frame, purpose) = if membership == Membership::Join {
             let frame = Upstream::JoinGroup {
                 group: group.to_owned(),
                 ack_id: Some(ack_id),
@@ -551,31 +510,41 @@ impl Client {
     }
 
     /// A sendToGroup, checked and encoded.
-    fn group_message(
+    pub(crate) fn group_message(
         &self,
         group: &str,
         data_type: DataType,
-        data: Bytes,
+        data: &[u8],
         opts: SendToGroupOptions,
     ) -> Result<Prepared, Error> {
         let ack_id = (opts.fire_and_forget, opts.ack_id);
-        self.message(("group", group), data_type, data, ack_id, |id, data| {
-            json::encode_send_to_group(group, id, opts.no_echo, data)
-        })
+        self.message(
+            ("group", group),
+            data_type,
+            data,
+            ack_id,
+            |id, data_type, data| {
+                json::encode_send_to_group(group, id, opts.no_echo, data_type, data)
+            },
+        )
     }
 
     /// An event, checked and encoded.
-    fn event_message(
+    pub(crate) fn event_message(
         &self,
         event: &str,
         data_type: DataType,
-        data: Bytes,
+        data: &[u8],
         opts: SendEventOptions,
     ) -> Result<Prepared, Error> {
         let ack_id = (opts.fire_and_forget, opts.ack_id);
-        self.message(("event", event), data_type, data, ack_id, |id, data| {
-            json::encode_event(event, id, data)
-        })
+        self.message(
+            ("event", event),
+            data_type,
+            data,
+            ack_id,
+            |id, data_type, data| json::encode_event(event, id, data_type, data),
+        )
     }
 
     /// A message frame: checks the `(what, name)` target, picks the ackId from
@@ -584,18 +553,18 @@ impl Client {
         &self,
         (what, name): (&str, &str),
         data_type: DataType,
-        bytes: Bytes,
+        data: &[u8],
         (fire_and_forget, ack_id): (bool, Option<u64>),
-        encode: impl FnOnce(Option<u64>, &Data) -> Result<String, ProtocolError>,
+        encode: impl FnOnce(Option<u64>, DataType, &[u8]) -> Result<String, ProtocolError>,
     ) -> Result<Prepared, Error> {
         check_name(what, name)?;
         let ack_id = self.choose_ack_id(fire_and_forget, ack_id);
-        let frame = encode(ack_id.map(|(id, _)| id), &Data { data_type, bytes });
+        let frame = encode(ack_id.map(|(id, _)| id), data_type, data);
         Ok(Prepared::message(self.checked(frame)?, ack_id))
     }
 
     /// Sends a prepared operation and waits for its ack (fire-and-forget: until queued).
-    async fn run(&self, op: Prepared) -> Result<AckResult, Error> {
+    pub(crate) async fn run(&self, op: Prepared) -> Result<AckResult, Error> {
         self.check_usable()?;
         let Some((ack_id, automatic, purpose)) = op.ack else {
             self.operation(Operation {
@@ -619,9 +588,35 @@ impl Client {
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
+    /// [`Client::run`] of a fire-and-forget message when it would not wait (room in the
+    /// operations channel): its outcome at once. An acked operation, or one that would
+    /// wait, is given back for `run`.
+    pub(crate) fn try_run(&self, op: Prepared) -> Result<Result<AckResult, Error>, Prepared> {
+        if op.ack.is_some() {
+            return Err(op);
+        }
+        if let Err(error) = self.check_usable() {
+            return Ok(Err(error));
+        }
+        let op = Operation {
+            frame: op.frame,
+            kind: OpKind::FireAndForget,
+        };
+        match self.inner.operations.try_send(op) {
+            Ok(queued) => Ok(queued.map(|()| NO_ACK)),
+            Err(op) => Err(Prepared {
+                frame: op.frame,
+                ack: None,
+            }),
+        }
+    }
+
     /// Hands a prepared operation (or why there is none) to the connection task
-    /// without waiting (or defers it); the outcome goes to `done`, exactly once.
-    fn start_then(
+    /// without waiting (or defers it); the outcome goes to `done`, exactly once (at
+    /// once on the calling thread when refused). Never blocks. A fire-and-forget
+    /// message completes once queued; a deferred one waits for
+    /// [`Client::flush_deferred`] or the next operation not deferred.
+    pub(crate) fn start_then(
         &self,
         op: Result<Prepared, Error>,
         handover: Handover,
@@ -663,8 +658,16 @@ const NO_ACK: AckResult = AckResult {
     is_duplicated: false,
 };
 
-/// An operation checked and encoded on the caller's thread, ready for the connection task.
-struct Prepared {
+/// Whether a membership operation joins or leaves its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Membership {
+    Join,
+    Leave,
+}
+
+/// An operation checked and encoded on the caller's thread, ready for the connection
+/// task; it owns nothing of the caller's.
+pub(crate) struct Prepared {
     frame: Utf8Bytes,
     /// The ackId, whether it is automatic, and why it was sent; `None` for
     /// fire-and-forget.

@@ -81,6 +81,23 @@ impl OpSender {
         self.tx.send(op).await.map_err(|_| Error::Stopped)
     }
 
+    /// [`OpSender::send`] when it would not wait: hands `op` over if the channel has
+    /// room (or joins the overflow queue behind earlier operations), else gives it back.
+    pub(crate) fn try_send(&self, op: Operation) -> Result<Result<(), Error>, Operation> {
+        self.flush();
+        if self.overflow.active.load(Ordering::Acquire) {
+            return Ok(self.hand_over(op));
+        }
+        match self.tx.try_send(op) {
+            Ok(()) => Ok(Ok(())),
+            Err(TrySendError::Closed(op)) => {
+                op.refuse(Error::Stopped);
+                Ok(Err(Error::Stopped))
+            }
+            Err(TrySendError::Full(op)) => Err(op),
+        }
+    }
+
     /// Hands `op` to the connection task without waiting (never blocks the thread):
     /// into the channel, or into the overflow queue when the channel is full or the
     /// queue is not empty. When the connection task is gone, the operation is refused

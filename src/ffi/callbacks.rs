@@ -1,16 +1,16 @@
 //! Callback types and the conversion of core events and results into the borrowed C
 //! structs handed to them. Everything here runs on a dispatcher thread.
 
-use std::ffi::{c_char, c_void, CString};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
 use crate::client::{AckResult, Error, Event, EventHandler, InvokeResult};
 use crate::protocol::DataType;
 
-use super::dispatcher::{InCallback, Worker};
+use super::dispatcher::{InCallback, Job, Worker};
 use super::status::{
     set_last_error, to_cstring, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON,
     WPS_DATA_TYPE_PROTOBUF, WPS_DATA_TYPE_TEXT, WPS_STATUS_ACK_ERROR, WPS_STATUS_CANCELLED,
@@ -153,12 +153,12 @@ pub(crate) fn fail_with(e: Error) -> wps_status {
 }
 
 /// An event converted to owned C data, ready to be lent to the callback.
-struct OwnedEvent {
+pub(crate) struct OwnedEvent {
     kind: u32,
     connection_id: Option<CString>,
     user_id: Option<CString>,
-    group: Option<CString>,
-    from_user_id: Option<CString>,
+    group: Option<Arc<CStr>>,
+    from_user_id: Option<Arc<CStr>>,
     data_type: u32,
     data: Bytes,
     sequence_id: Option<u64>,
@@ -171,8 +171,25 @@ fn opt(s: Option<&str>) -> Option<CString> {
     s.map(to_cstring)
 }
 
-fn ptr(s: &Option<CString>) -> *const c_char {
-    s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+fn ptr<S: AsRef<CStr>>(s: &Option<S>) -> *const c_char {
+    s.as_ref().map_or(std::ptr::null(), |s| s.as_ref().as_ptr())
+}
+
+/// The C strings of the last group and sender seen. A subscriber's events mostly
+/// repeat them, so they are shared rather than allocated per event (an allocation
+/// freed on the dispatcher thread contends with the connection task's allocator).
+#[derive(Default)]
+struct Names {
+    group: Option<Arc<CStr>>,
+    from_user_id: Option<Arc<CStr>>,
+}
+
+/// `s` as a C string: the one in `slot` when equal, else a new one kept there.
+fn shared_name(slot: &mut Option<Arc<CStr>>, s: &str) -> Arc<CStr> {
+    match slot {
+        Some(name) if name.to_bytes() == s.as_bytes() => Arc::clone(name),
+        _ => Arc::clone(slot.insert(to_cstring(s).into())),
+    }
 }
 
 impl OwnedEvent {
@@ -192,7 +209,7 @@ impl OwnedEvent {
         }
     }
 
-    fn new(event: Event) -> OwnedEvent {
+    fn new(event: Event, names: &mut Names) -> OwnedEvent {
         match event {
             Event::Connected {
                 connection_id,
@@ -230,8 +247,8 @@ impl OwnedEvent {
                 data,
                 sequence_id,
             } => OwnedEvent {
-                group: opt(Some(&group)),
-                from_user_id: opt(from_user_id.as_deref()),
+                group: Some(shared_name(&mut names.group, &group)),
+                from_user_id: from_user_id.map(|id| shared_name(&mut names.from_user_id, &id)),
                 data_type: data_type_code(data_type),
                 data,
                 sequence_id,
@@ -240,7 +257,7 @@ impl OwnedEvent {
             Event::RejoinGroupFailed { group, error } => {
                 let (_, name, message) = error_parts(&error);
                 OwnedEvent {
-                    group: opt(Some(&group)),
+                    group: Some(to_cstring(&group).into()),
                     message: opt(Some(&message)),
                     error_name: (!name.is_empty()).then(|| to_cstring(&name)),
                     ..OwnedEvent::empty(WPS_EVENT_REJOIN_GROUP_FAILED)
@@ -275,6 +292,16 @@ pub(crate) struct EventSink {
     user_data: UserData,
     user_data_free: wps_user_data_free_cb,
     closed: AtomicBool,
+    /// The events of the current batch of frames, not queued yet: the connection task
+    /// gathers them here and `end_batch` queues them under one lock of the worker.
+    gathered: Mutex<Gathered>,
+}
+
+/// What the connection task gathers for one batch of frames.
+#[derive(Default)]
+struct Gathered {
+    jobs: Vec<Job>,
+    names: Names,
 }
 
 impl EventSink {
@@ -290,7 +317,12 @@ impl EventSink {
             user_data: UserData(user_data),
             user_data_free,
             closed: AtomicBool::new(false),
+            gathered: Mutex::default(),
         }
+    }
+
+    fn gathered(&self) -> MutexGuard<'_, Gathered> {
+        self.gathered.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Where this client's callbacks run.
@@ -298,22 +330,31 @@ impl EventSink {
         &self.worker
     }
 
-    /// Queues an event (called by the core on its connection task; never blocks long).
-    /// The dispatcher is woken by `end_batch`.
-    fn deliver(self: &Arc<Self>, event: Event) {
+    /// Gathers an event (called by the core on its connection task; never blocks long)
+    /// for `end_batch`; returns how many are gathered.
+    fn deliver(self: &Arc<Self>, event: Event) -> usize {
         if self.closed.load(Ordering::Acquire) || self.cb.is_none() {
-            return;
+            return 0;
         }
-        let owned = OwnedEvent::new(event);
-        let sink = Arc::clone(self);
-        self.worker.push_quietly(Box::new(move || {
-            if let (Some(cb), false) = (sink.cb, sink.closed.load(Ordering::Acquire)) {
-                let view = owned.view();
-                let _inside = InCallback::enter();
-                // SAFETY: the callback and its user data were registered together.
-                unsafe { cb(sink.user_data.0, &view) };
-            }
-        }));
+        let mut gathered = self.gathered();
+        let owned = OwnedEvent::new(event, &mut gathered.names);
+        gathered.jobs.push(Job::Event(Arc::clone(self), owned));
+        gathered.jobs.len()
+    }
+
+    /// Runs the callback with `event` (on the dispatcher), unless delivery stopped.
+    pub(crate) fn call(&self, event: &OwnedEvent) {
+        if let (Some(cb), false) = (self.cb, self.closed.load(Ordering::Acquire)) {
+            let view = event.view();
+            let _inside = InCallback::enter();
+            // SAFETY: the callback and its user data were registered together.
+            unsafe { cb(self.user_data.0, &view) };
+        }
+    }
+
+    /// Queues the gathered events, in order, and wakes the dispatcher.
+    fn end_batch(&self) {
+        self.worker.push_all(&mut self.gathered().jobs);
     }
 
     /// Stops event delivery at once (a callback already running finishes).
@@ -325,7 +366,7 @@ impl EventSink {
     /// user data finalizer has run; then `done` runs.
     pub(crate) fn close_then(self: &Arc<Self>, done: impl FnOnce() + Send + 'static) {
         let sink = Arc::clone(self);
-        self.worker.push(Box::new(move || {
+        self.worker.push(Job::new(move || {
             sink.closed.store(true, Ordering::Release);
             if let Some(free) = sink.user_data_free {
                 let _inside = InCallback::enter();
@@ -337,38 +378,32 @@ impl EventSink {
     }
 }
 
-/// Events queued before the dispatcher is woken within one batch of frames: bounds the
+/// Events gathered before they are queued within one batch of frames: bounds the
 /// delay a long batch adds to its first event.
 const WAKE_EVERY: usize = 64;
 
 /// The core's event handler of a C client: events are queued for the client's
-/// dispatcher, which is woken once per batch of frames (or per `WAKE_EVERY` events)
-/// rather than once per event.
+/// dispatcher once per batch of frames (or per `WAKE_EVERY` events), under one lock
+/// and with at most one wake-up, rather than once per event.
 pub(crate) struct SinkHandler {
     sink: Arc<EventSink>,
-    queued: AtomicUsize,
 }
 
 impl SinkHandler {
     pub(crate) fn new(sink: Arc<EventSink>) -> SinkHandler {
-        SinkHandler {
-            sink,
-            queued: AtomicUsize::new(0),
-        }
+        SinkHandler { sink }
     }
 }
 
 impl EventHandler for SinkHandler {
     fn on_event(&self, event: Event) {
-        self.sink.deliver(event);
-        if self.queued.fetch_add(1, Ordering::Relaxed) + 1 >= WAKE_EVERY {
-            self.on_batch_end();
+        if self.sink.deliver(event) >= WAKE_EVERY {
+            self.sink.end_batch();
         }
     }
 
     fn on_batch_end(&self) {
-        self.queued.store(0, Ordering::Relaxed);
-        self.sink.worker.wake();
+        self.sink.end_batch();
     }
 }
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use crate::client::{
     AckCallback, AckResult, Client, ClientState, Credential, Error, Handover, InvokeOptions,
-    InvokeResult, SendEventOptions, SendToGroupOptions,
+    InvokeResult, Membership, Prepared, SendEventOptions, SendToGroupOptions,
 };
 use crate::protocol::DataType;
 
@@ -27,7 +27,7 @@ use super::callbacks::{
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
-use super::dispatcher::{self, in_callback, DispatchError, Worker};
+use super::dispatcher::{self, in_callback, DispatchError, Job, Worker};
 use super::options::wps_options;
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
@@ -139,7 +139,7 @@ impl Shared {
     fn push_completion(&self, op_id: u64, target: CompletionTarget, outcome: OwnedCompletion) {
         self.sink
             .worker()
-            .push(Box::new(move || outcome.deliver(op_id, target)));
+            .push(Job::new(move || outcome.deliver(op_id, target)));
     }
 
     /// Completes every pending operation with `WPS_STATUS_STOPPED` and refuses new ones.
@@ -494,8 +494,13 @@ pub unsafe extern "C" fn wps_client_connection_id(
     })
 }
 
-/// The payload of a message argument, checked against its data type.
-unsafe fn payload(data_type: u32, data: *const u8, len: usize) -> FfiResult<(DataType, Bytes)> {
+/// The payload of a message argument, checked against its data type (borrowed: the
+/// core encodes it into the frame before the call returns).
+unsafe fn payload<'a>(
+    data_type: u32,
+    data: *const u8,
+    len: usize,
+) -> FfiResult<(DataType, &'a [u8])> {
     let bytes = bytes_arg(data, len, "data")?;
     let t = match data_type {
         WPS_DATA_TYPE_TEXT => DataType::Text,
@@ -517,7 +522,7 @@ unsafe fn payload(data_type: u32, data: *const u8, len: usize) -> FfiResult<(Dat
             ));
         }
     }
-    Ok((t, Bytes::copy_from_slice(bytes)))
+    Ok((t, bytes))
 }
 
 /// The `WPS_SEND_*` flags of a message.
@@ -551,53 +556,40 @@ fn invoke_options(timeout_ms: u64) -> InvokeOptions {
     }
 }
 
-type AckFuture = std::pin::Pin<Box<dyn Future<Output = Result<AckResult, Error>> + Send>>;
-
-/// The core call behind each acked operation, built from checked arguments.
-enum AckOp {
-    Join(String),
-    Leave(String),
-    SendToGroup(String, DataType, Bytes, SendToGroupOptions, Handover),
-    SendEvent(String, DataType, Bytes, SendEventOptions, Handover),
+/// An acked operation's checked arguments, borrowed from the call; the core encodes
+/// them (`prepare`) into a frame that owns nothing of the caller's.
+enum AckOp<'a> {
+    Join(&'a str),
+    Leave(&'a str),
+    SendToGroup(&'a str, DataType, &'a [u8], SendToGroupOptions, Handover),
+    SendEvent(&'a str, DataType, &'a [u8], SendEventOptions, Handover),
 }
 
-impl AckOp {
-    /// The operation as a future, for the blocking forms (which cannot defer).
-    fn future(self, client: Client) -> FfiResult<AckFuture> {
-        if let AckOp::SendToGroup(.., Handover::Deferred)
-        | AckOp::SendEvent(.., Handover::Deferred) = self
-        {
-            return Err(fail(
-                WPS_STATUS_INVALID_ARGUMENT,
-                "WPS_SEND_DEFERRED applies to the asynchronous forms only",
-            ));
-        }
-        Ok(Box::pin(async move {
-            match self {
-                AckOp::Join(g) => client.join_group(&g).await,
-                AckOp::Leave(g) => client.leave_group(&g).await,
-                AckOp::SendToGroup(g, t, d, o, _) => client.send_to_group(&g, t, d, o).await,
-                AckOp::SendEvent(e, t, d, o, _) => client.send_event(&e, t, d, o).await,
-            }
-        }))
-    }
-
-    /// Starts the operation; its outcome goes to `done`.
-    fn start(self, client: &Client, done: Box<dyn AckCallback>) {
+impl<'a> AckOp<'a> {
+    /// When the operation is to reach the connection task.
+    fn handover(&self) -> Handover {
         match self {
-            AckOp::Join(g) => client.join_group_then(&g, done),
-            AckOp::Leave(g) => client.leave_group_then(&g, done),
-            AckOp::SendToGroup(g, t, d, o, h) => client.send_to_group_then(&g, t, d, o, h, done),
-            AckOp::SendEvent(e, t, d, o, h) => client.send_event_then(&e, t, d, o, h, done),
+            AckOp::Join(_) | AckOp::Leave(_) => Handover::Now,
+            AckOp::SendToGroup(.., h) | AckOp::SendEvent(.., h) => *h,
         }
     }
 
-    unsafe fn join(group: *const c_char) -> FfiResult<AckOp> {
-        Ok(AckOp::Join(str_arg(group, "group")?.to_owned()))
+    /// The operation checked and encoded by the core.
+    fn prepare(self, client: &Client) -> Result<Prepared, Error> {
+        match self {
+            AckOp::Join(g) => client.membership(g, Membership::Join),
+            AckOp::Leave(g) => client.membership(g, Membership::Leave),
+            AckOp::SendToGroup(g, t, d, o, _) => client.group_message(g, t, d, o),
+            AckOp::SendEvent(e, t, d, o, _) => client.event_message(e, t, d, o),
+        }
     }
 
-    unsafe fn leave(group: *const c_char) -> FfiResult<AckOp> {
-        Ok(AckOp::Leave(str_arg(group, "group")?.to_owned()))
+    unsafe fn join(group: *const c_char) -> FfiResult<AckOp<'a>> {
+        Ok(AckOp::Join(str_arg(group, "group")?))
+    }
+
+    unsafe fn leave(group: *const c_char) -> FfiResult<AckOp<'a>> {
+        Ok(AckOp::Leave(str_arg(group, "group")?))
     }
 
     unsafe fn send_to_group(
@@ -607,8 +599,8 @@ impl AckOp {
         len: usize,
         flags: u32,
         ack_id: Option<u64>,
-    ) -> FfiResult<AckOp> {
-        let group = str_arg(group, "group")?.to_owned();
+    ) -> FfiResult<AckOp<'a>> {
+        let group = str_arg(group, "group")?;
         let (t, d) = payload(data_type, data, len)?;
         let f = send_flags(
             flags,
@@ -629,8 +621,8 @@ impl AckOp {
         len: usize,
         flags: u32,
         ack_id: Option<u64>,
-    ) -> FfiResult<AckOp> {
-        let event = str_arg(event, "event")?.to_owned();
+    ) -> FfiResult<AckOp<'a>> {
+        let event = str_arg(event, "event")?;
         let (t, d) = payload(data_type, data, len)?;
         let f = send_flags(flags, WPS_SEND_FIRE_AND_FORGET | WPS_SEND_DEFERRED)?;
         let opts = SendEventOptions {
@@ -648,8 +640,22 @@ unsafe fn run_blocking(
     out: *mut wps_ack_result,
 ) -> FfiResult {
     let shared = client_arg(c)?;
-    let fut = op?.future(shared.client.clone())?;
-    let ack = block(fut)?.map_err(fail_with)?;
+    let op = op?;
+    if op.handover() == Handover::Deferred {
+        return Err(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            "WPS_SEND_DEFERRED applies to the asynchronous forms only",
+        ));
+    }
+    let prepared = op.prepare(&shared.client).map_err(fail_with)?;
+    let outcome = match shared.client.try_run(prepared) {
+        Ok(outcome) => outcome,
+        Err(prepared) => {
+            let client = shared.client.clone();
+            block(async move { client.run(prepared).await })?
+        }
+    };
+    let ack = outcome.map_err(fail_with)?;
     if !out.is_null() {
         out.write(wps_ack_result {
             ack_id: ack.ack_id.unwrap_or(0),
@@ -739,7 +745,10 @@ unsafe fn run_async_ack(
         shared: Arc::downgrade(shared),
         id,
     });
-    op.start(&shared.client, done);
+    let handover = op.handover();
+    shared
+        .client
+        .start_then(op.prepare(&shared.client), handover, done);
     Ok(())
 }
 
@@ -861,6 +870,7 @@ pub unsafe extern "C" fn wps_client_invoke_event(
         let shared = client_arg(c)?;
         let event = str_arg(event, "event")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
+        let d = Bytes::copy_from_slice(d);
         if out.is_null() {
             return Err(fail(WPS_STATUS_NULL_ARG, "`out` is NULL"));
         }
@@ -1028,6 +1038,7 @@ pub unsafe extern "C" fn wps_client_invoke_event_async(
     guard(|| {
         let event = str_arg(event, "event")?.to_owned();
         let (t, d) = payload(data_type, data, len)?;
+        let d = Bytes::copy_from_slice(d);
         let opts = invoke_options(timeout_ms);
         let fut =
             move |client: Client| Ok(async move { client.invoke_event(&event, t, d, opts).await });

@@ -20,10 +20,32 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
+use super::callbacks::{EventSink, OwnedEvent};
 use super::panic::guard_job;
 
 /// A unit of work for a dispatcher.
-pub(crate) type Job = Box<dyn FnOnce() + Send>;
+pub(crate) enum Job {
+    /// A closure: a completion, a finalizer, jobs handed over.
+    Run(Box<dyn FnOnce() + Send>),
+    /// An event for its client's callback, held in the queue itself: no allocation
+    /// per event (freed on the dispatcher thread, it would contend with the
+    /// connection task's allocator).
+    Event(Arc<EventSink>, OwnedEvent),
+}
+
+impl Job {
+    /// A closure as a job.
+    pub(crate) fn new(f: impl FnOnce() + Send + 'static) -> Job {
+        Job::Run(Box::new(f))
+    }
+
+    fn run(self) {
+        match self {
+            Job::Run(f) => f(),
+            Job::Event(sink, event) => sink.call(&event),
+        }
+    }
+}
 
 /// Most dispatcher threads the pool ever starts.
 const MAX_WORKERS: usize = 4;
@@ -116,42 +138,28 @@ impl Worker {
 
     /// Appends a job; it runs after every job pushed before it.
     pub(crate) fn push(&self, job: Job) {
-        self.enqueue(job, true);
+        self.append(|queue| queue.push_back(job));
     }
 
-    /// Appends a job without waking the dispatcher: the caller calls `wake` once it
-    /// has pushed a batch.
-    pub(crate) fn push_quietly(&self, job: Job) {
-        self.enqueue(job, false);
+    /// Appends every job of `jobs` (emptied, its capacity kept), in order, under one
+    /// lock; the dispatcher is woken at most once.
+    pub(crate) fn push_all(&self, jobs: &mut Vec<Job>) {
+        if !jobs.is_empty() {
+            self.append(|queue| queue.extend(jobs.drain(..)));
+        }
     }
 
-    /// Wakes the dispatcher if it is idle with jobs queued.
-    pub(crate) fn wake(&self) {
+    /// Adds jobs with `add` under the lock (or to the worker this one forwards to), and
+    /// wakes the dispatcher if it was idle.
+    fn append(&self, add: impl FnOnce(&mut VecDeque<Job>)) {
         let mut queue = self.lock();
         if let Some(target) = &queue.forward {
             let target = Arc::clone(target);
             drop(queue);
-            target.wake();
-            return;
+            return target.append(add);
         }
-        let wake = !queue.jobs.is_empty() && queue.idle;
-        queue.idle &= !wake;
-        drop(queue);
-        if wake {
-            self.notify();
-        }
-    }
-
-    fn enqueue(&self, job: Job, wake: bool) {
-        let mut queue = self.lock();
-        if let Some(target) = &queue.forward {
-            let target = Arc::clone(target);
-            drop(queue);
-            target.enqueue(job, wake);
-            return;
-        }
-        queue.jobs.push_back(job);
-        let wake = wake && std::mem::replace(&mut queue.idle, false);
+        add(&mut queue.jobs);
+        let wake = std::mem::replace(&mut queue.idle, false);
         drop(queue);
         if wake {
             self.notify();
@@ -215,7 +223,7 @@ impl Worker {
                     }
                 }
             };
-            guard_job("dispatched callback", job);
+            guard_job("dispatched callback", || job.run());
             ran += 1;
         }
     }
@@ -242,9 +250,9 @@ impl Worker {
         let target = assign();
         let jobs = std::mem::take(&mut queue.jobs);
         // Pushed under this worker's lock: a job forwarded later cannot overtake them.
-        target.push(Box::new(move || {
+        target.push(Job::new(move || {
             for job in jobs {
-                guard_job("dispatcher job", job);
+                guard_job("dispatcher job", || job.run());
             }
         }));
         queue.forward = Some(target);
@@ -262,7 +270,7 @@ impl Worker {
                 std::mem::swap(&mut queue.jobs, &mut batch);
             }
             for job in batch.drain(..) {
-                guard_job("dispatcher job", job);
+                guard_job("dispatcher job", || job.run());
             }
         }
     }
@@ -378,16 +386,16 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         for i in 0..100 {
             let tx = tx.clone();
-            worker.push(Box::new(move || {
+            worker.push(Job::new(move || {
                 let name = std::thread::current().name().unwrap_or("").to_owned();
                 tx.send((i, name, in_callback())).unwrap();
             }));
         }
-        worker.push(Box::new(|| {
+        worker.push(Job::new(|| {
             panic!("a panicking job does not kill the worker")
         }));
         let tx2 = tx.clone();
-        worker.push(Box::new(move || {
+        worker.push(Job::new(move || {
             tx2.send((100, String::new(), false)).unwrap()
         }));
         for i in 0..=100 {
@@ -419,7 +427,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         for i in 0..5 {
             let tx = tx.clone();
-            worker.push(Box::new(move || tx.send(i).unwrap()));
+            worker.push(Job::new(move || tx.send(i).unwrap()));
         }
         assert!(readable(fd));
         assert!(rx.try_recv().is_err(), "nothing runs before dispatch");
@@ -431,20 +439,25 @@ mod tests {
 
         let inner = Arc::clone(&worker);
         let (busy_tx, busy_rx) = mpsc::channel();
-        worker.push(Box::new(move || busy_tx.send(inner.dispatch(1)).unwrap()));
+        worker.push(Job::new(move || busy_tx.send(inner.dispatch(1)).unwrap()));
         assert_eq!(worker.dispatch(1), Ok(1));
         assert_eq!(busy_rx.try_recv(), Ok(Err(DispatchError::Busy)));
         assert_eq!(assign().dispatch(1), Err(DispatchError::NotPolled));
 
-        let quiet = tx.clone();
-        worker.push_quietly(Box::new(move || quiet.send(6).unwrap()));
-        assert!(!readable(fd), "a quiet push waits for `wake`");
-        worker.wake();
+        let mut batch: Vec<Job> = Vec::new();
+        worker.push_all(&mut batch);
+        assert!(!readable(fd), "an empty batch signals nothing");
+        for i in 6..9 {
+            let tx = tx.clone();
+            batch.push(Job::new(move || tx.send(i).unwrap()));
+        }
+        worker.push_all(&mut batch);
+        assert!(batch.is_empty());
         assert!(readable(fd));
-        assert_eq!(worker.dispatch(10), Ok(1));
-        assert_eq!(rx.try_recv(), Ok(6));
+        assert_eq!(worker.dispatch(10), Ok(3));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![6, 7, 8]);
 
-        worker.push(Box::new(move || tx.send(5).unwrap()));
+        worker.push(Job::new(move || tx.send(5).unwrap()));
         worker.hand_over();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(5));
         assert_eq!(

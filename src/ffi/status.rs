@@ -110,9 +110,15 @@ thread_local! {
     });
 }
 
-/// Converts text to a C string, dropping interior NULs rather than failing.
+/// Converts text to a C string, dropping interior NULs rather than failing. One
+/// allocation, sized for the terminator (it runs for the group of every event).
 pub(crate) fn to_cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', "")).expect("NULs removed")
+    let mut bytes = Vec::with_capacity(s.len() + 1);
+    bytes.extend_from_slice(s.as_bytes());
+    if s.contains('\0') {
+        bytes.retain(|&b| b != 0);
+    }
+    CString::new(bytes).expect("NULs removed")
 }
 
 /// Records the detail of a failure on this thread and returns `status`.

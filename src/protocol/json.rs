@@ -16,11 +16,16 @@ use std::borrow::Cow;
 /// Checks that a payload can be sent with its data type: text must be UTF-8 and json
 /// must be exactly one valid JSON value. Binary and protobuf accept any bytes.
 pub fn validate_payload(data: &Data) -> Result<(), ProtocolError> {
-    match data.data_type {
-        DataType::Text => std::str::from_utf8(&data.bytes)
+    check_payload(data.data_type, &data.bytes)
+}
+
+/// [`validate_payload`] of borrowed bytes.
+fn check_payload(data_type: DataType, bytes: &[u8]) -> Result<(), ProtocolError> {
+    match data_type {
+        DataType::Text => std::str::from_utf8(bytes)
             .map(|_| ())
             .map_err(|e| ProtocolError(format!("text data is not valid UTF-8: {e}"))),
-        DataType::Json => serde_json::from_slice::<&RawValue>(&data.bytes)
+        DataType::Json => serde_json::from_slice::<&RawValue>(bytes)
             .map(|_| ())
             .map_err(|e| ProtocolError(format!("json data is not a valid JSON value: {e}"))),
         DataType::Binary | DataType::Protobuf => Ok(()),
@@ -33,9 +38,10 @@ pub fn encode_send_to_group(
     group: &str,
     ack_id: Option<u64>,
     no_echo: bool,
-    data: &Data,
+    data_type: DataType,
+    data: &[u8],
 ) -> Result<String, ProtocolError> {
-    let mut w = Writer::with_capacity(FRAME_OVERHEAD + group.len() + data_len(data));
+    let mut w = Writer::with_capacity(FRAME_OVERHEAD + group.len() + data_len(data_type, data));
     w.raw(r#"{"type":"sendToGroup","group":"#);
     w.string(group);
     w.opt_u64(",\"ackId\":", ack_id);
@@ -44,7 +50,7 @@ pub fn encode_send_to_group(
     } else {
         ",\"noEcho\":false"
     });
-    w.checked_data(data)?;
+    w.checked_data(data_type, data)?;
     Ok(w.finish())
 }
 
@@ -53,13 +59,14 @@ pub fn encode_send_to_group(
 pub fn encode_event(
     event: &str,
     ack_id: Option<u64>,
-    data: &Data,
+    data_type: DataType,
+    data: &[u8],
 ) -> Result<String, ProtocolError> {
-    let mut w = Writer::with_capacity(FRAME_OVERHEAD + event.len() + data_len(data));
+    let mut w = Writer::with_capacity(FRAME_OVERHEAD + event.len() + data_len(data_type, data));
     w.raw(r#"{"type":"event","event":"#);
     w.string(event);
     w.opt_u64(",\"ackId\":", ack_id);
-    w.checked_data(data)?;
+    w.checked_data(data_type, data)?;
     Ok(w.finish())
 }
 
@@ -92,7 +99,7 @@ pub fn encode_upstream(frame: &Upstream) -> String {
             } else {
                 ",\"noEcho\":false"
             });
-            w.data(data);
+            w.data(data.data_type, &data.bytes);
         }
         Upstream::Event {
             event,
@@ -102,7 +109,7 @@ pub fn encode_upstream(frame: &Upstream) -> String {
             w.raw(r#"{"type":"event","event":"#);
             w.string(event);
             w.opt_u64(",\"ackId\":", *ack_id);
-            w.data(data);
+            w.data(data.data_type, &data.bytes);
         }
         Upstream::Invoke {
             invocation_id,
@@ -113,7 +120,7 @@ pub fn encode_upstream(frame: &Upstream) -> String {
             w.string(invocation_id);
             w.raw(r#","target":"event","event":"#);
             w.string(event);
-            w.data(data);
+            w.data(data.data_type, &data.bytes);
         }
         Upstream::CancelInvocation { invocation_id } => {
             w.raw(r#"{"type":"cancelInvocation","invocationId":"#);
@@ -188,12 +195,12 @@ pub fn encode_downstream(frame: &Downstream) -> String {
                 w.raw(",\"fromUserId\":");
                 w.string(user);
             }
-            w.data(data);
+            w.data(data.data_type, &data.bytes);
             w.opt_u64(",\"sequenceId\":", *sequence_id);
         }
         Downstream::ServerMessage { data, sequence_id } => {
             w.raw(r#"{"type":"message","from":"server""#);
-            w.data(data);
+            w.data(data.data_type, &data.bytes);
             w.opt_u64(",\"sequenceId\":", *sequence_id);
         }
         Downstream::InvokeResponse {
@@ -210,7 +217,7 @@ pub fn encode_downstream(frame: &Downstream) -> String {
                 ",\"success\":false"
             });
             if let Some(data) = data {
-                w.data(data);
+                w.data(data.data_type, &data.bytes);
             }
             w.error(error.as_ref());
         }
@@ -556,14 +563,14 @@ fn payload_len(frame: &Upstream) -> usize {
         Upstream::CancelInvocation { invocation_id } => return invocation_id.len(),
         Upstream::SequenceAck { .. } | Upstream::Ping => return 0,
     };
-    name + data_len(data)
+    name + data_len(data.data_type, &data.bytes)
 }
 
 /// The encoded size of a payload, escapes aside.
-fn data_len(data: &Data) -> usize {
-    match data.data_type {
-        DataType::Text | DataType::Json => data.bytes.len(),
-        DataType::Binary | DataType::Protobuf => data.bytes.len().div_ceil(3) * 4,
+fn data_len(data_type: DataType, bytes: &[u8]) -> usize {
+    match data_type {
+        DataType::Text | DataType::Json => bytes.len(),
+        DataType::Binary | DataType::Protobuf => bytes.len().div_ceil(3) * 4,
     }
 }
 
@@ -670,39 +677,39 @@ impl Writer {
         self.out.push('"');
     }
 
-    fn data(&mut self, data: &Data) {
+    fn data(&mut self, data_type: DataType, bytes: &[u8]) {
         self.out.push_str(",\"dataType\":\"");
-        self.out.push_str(data.data_type.as_str());
+        self.out.push_str(data_type.as_str());
         self.out.push_str("\",\"data\":");
-        match data.data_type {
-            DataType::Text => match std::str::from_utf8(&data.bytes) {
+        match data_type {
+            DataType::Text => match std::str::from_utf8(bytes) {
                 Ok(text) => self.string(text),
-                Err(_) => self.string(&String::from_utf8_lossy(&data.bytes)),
+                Err(_) => self.string(&String::from_utf8_lossy(bytes)),
             },
-            DataType::Json => match std::str::from_utf8(&data.bytes) {
+            DataType::Json => match std::str::from_utf8(bytes) {
                 Ok(json) if !json.trim().is_empty() => self.out.push_str(json),
                 _ => self.out.push_str("null"),
             },
             DataType::Binary | DataType::Protobuf => {
                 self.out.push('"');
-                BASE64.encode_string(&data.bytes, &mut self.out);
+                BASE64.encode_string(bytes, &mut self.out);
                 self.out.push('"');
             }
         }
     }
 
     /// Like `data`, failing on a payload that [`validate_payload`] refuses.
-    fn checked_data(&mut self, data: &Data) -> Result<(), ProtocolError> {
-        match data.data_type {
+    fn checked_data(&mut self, data_type: DataType, bytes: &[u8]) -> Result<(), ProtocolError> {
+        match data_type {
             DataType::Text => {
-                let text = std::str::from_utf8(&data.bytes)
+                let text = std::str::from_utf8(bytes)
                     .map_err(|e| ProtocolError(format!("text data is not valid UTF-8: {e}")))?;
                 self.out.push_str(",\"dataType\":\"text\",\"data\":");
                 self.string(text);
             }
             _ => {
-                validate_payload(data)?;
-                self.data(data);
+                check_payload(data_type, bytes)?;
+                self.data(data_type, bytes);
             }
         }
         Ok(())
