@@ -88,14 +88,7 @@ impl OpSender {
         if self.overflow.active.load(Ordering::Acquire) {
             return Ok(self.hand_over(op));
         }
-        match self.tx.try_send(op) {
-            Ok(()) => Ok(Ok(())),
-            Err(TrySendError::Closed(op)) => {
-                op.refuse(Error::Stopped);
-                Ok(Err(Error::Stopped))
-            }
-            Err(TrySendError::Full(op)) => Err(op),
-        }
+        self.send_if_room(op)
     }
 
     /// Hands `op` to the connection task without waiting (never blocks the thread):
@@ -131,17 +124,26 @@ impl OpSender {
         }
     }
 
+    /// Puts `op` into the channel if it has room (refused with `Error::Stopped` when the
+    /// connection task is gone); a full channel gives it back.
+    fn send_if_room(&self, op: Operation) -> Result<Result<(), Error>, Operation> {
+        match self.tx.try_send(op) {
+            Ok(()) => Ok(Ok(())),
+            Err(TrySendError::Closed(op)) => {
+                op.refuse(Error::Stopped);
+                Ok(Err(Error::Stopped))
+            }
+            Err(TrySendError::Full(op)) => Err(op),
+        }
+    }
+
     fn hand_over(&self, op: Operation) -> Result<(), Error> {
         let op = if self.overflow.active.load(Ordering::Acquire) {
             op
         } else {
-            match self.tx.try_send(op) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Closed(op)) => {
-                    op.refuse(Error::Stopped);
-                    return Err(Error::Stopped);
-                }
-                Err(TrySendError::Full(op)) => op,
+            match self.send_if_room(op) {
+                Ok(sent) => return sent,
+                Err(op) => op,
             }
         };
         let mut queue = self.overflow.queue();
