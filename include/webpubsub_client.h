@@ -505,7 +505,8 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * Frees a client (NULL is ignored): completes every pending operation with
  * `WPS_STATUS_STOPPED` (unless its outcome was already queued), stops the client,
  * waits for the running callbacks and runs the finalizers. When it returns, no
- * callback of this client is running or will run.
+ * callback of this client is running or will run, and the client's connection task
+ * has ended and released its memory.
  *
  * Inside a callback, the teardown is deferred: no further event of this client is
  * delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the

@@ -107,8 +107,10 @@ run_check() {
 run_counted() {
     local name=$1 kind=$2; shift 2
     log "$name: $*"
-    "$@" 2>&1 | tee "$LOG_DIR/$name.log" | grep -E --line-buffered \
-        '^(test result:|=+ .* in [0-9.]+s|# (pass|fail)|[0-9]+ passed, [0-9]+ failed|FAIL|error)' || true
+    # The `|| true` stays inside the braces: outside, a failing runner (pipefail) would
+    # run it and PIPESTATUS would then hold its 0 instead of the runner's status.
+    "$@" 2>&1 | tee "$LOG_DIR/$name.log" | { grep -E --line-buffered \
+        '^(test result:|=+ .* in [0-9.]+s|# (pass|fail)|[0-9]+ passed, [0-9]+ failed|FAIL|error)' || true; }
     local rc=${PIPESTATUS[0]} passed failed
     case $kind in
         cargo)
@@ -124,8 +126,11 @@ run_counted() {
             passed=$(sum_matches '^# pass [0-9]+' "$LOG_DIR/$name.log")
             failed=$(sum_matches '^# fail [0-9]+' "$LOG_DIR/$name.log") ;;
         plain)
-            passed=$(tail -n 5 "$LOG_DIR/$name.log" | sum_matches '^[0-9]+ passed' /dev/stdin)
-            failed=$(tail -n 5 "$LOG_DIR/$name.log" | sum_matches ' [0-9]+ failed' /dev/stdin) ;;
+            # The runner's last "N passed, N failed" line; valgrind's leak report may follow it.
+            local closing
+            closing=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOG_DIR/$name.log" | tail -n 1)
+            passed=$(echo "$closing" | sum_matches '^[0-9]+ passed' /dev/stdin)
+            failed=$(echo "$closing" | sum_matches ' [0-9]+ failed' /dev/stdin) ;;
     esac
     record "$name" "$passed" "$failed" "$rc"
 }

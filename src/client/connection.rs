@@ -25,7 +25,7 @@ use log::{debug, info, trace, warn};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     state: AtomicU8,
     connection_id: Mutex<Option<String>>,
     next_ack_id: AtomicU64,
+    /// Set once the task has ended and dropped everything it held.
+    ended: Mutex<bool>,
+    ended_changed: Condvar,
 }
 
 impl Shared {
@@ -96,6 +99,27 @@ impl Shared {
     fn set_connection_id(&self, id: Option<String>) {
         *self.connection_id.lock().unwrap_or_else(|e| e.into_inner()) = id;
     }
+
+    /// Blocks until the task has ended (it ends once every client handle is dropped),
+    /// at most `limit`; whether it has.
+    pub(crate) fn wait_ended(&self, limit: Duration) -> bool {
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let (ended, _) = self
+            .ended_changed
+            .wait_timeout_while(ended, limit, |ended| !*ended)
+            .unwrap_or_else(|e| e.into_inner());
+        *ended
+    }
+}
+
+/// The task's last field: dropped after all the others, it marks the task ended.
+struct EndMark(Arc<Shared>);
+
+impl Drop for EndMark {
+    fn drop(&mut self) {
+        *self.0.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.0.ended_changed.notify_all();
+    }
 }
 
 /// Starts a client's connection task on `runtime`; returns what the handle keeps.
@@ -113,6 +137,8 @@ pub(crate) fn spawn(
         state: AtomicU8::new(0),
         connection_id: Mutex::new(None),
         next_ack_id: AtomicU64::new(1),
+        ended: Mutex::new(false),
+        ended_changed: Condvar::new(),
     });
     let (command_tx, commands) = mpsc::unbounded_channel();
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
@@ -133,6 +159,7 @@ pub(crate) fn spawn(
         out: Vec::new(),
         done: Vec::new(),
         in_batch: false,
+        _end: EndMark(shared.clone()),
     };
     runtime.spawn(task.run());
     (shared, command_tx, operation_tx)
@@ -195,6 +222,8 @@ struct Task {
     done: Vec<Done>,
     /// Events go to the handler as part of a batch of frames (see `end_batch`).
     in_batch: bool,
+    /// Last, so that it is dropped last.
+    _end: EndMark,
 }
 
 impl Task {

@@ -256,6 +256,16 @@ struct Inner {
     next_invocation_id: AtomicU64,
 }
 
+/// See [`Client::end_watch`].
+pub(crate) struct EndWatch(Arc<Shared>);
+
+impl EndWatch {
+    /// Blocks until the connection task has ended, at most `limit`; whether it has.
+    pub(crate) fn wait(&self, limit: Duration) -> bool {
+        self.0.wait_ended(limit)
+    }
+}
+
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
@@ -329,6 +339,13 @@ impl Client {
         if self.command(Command::Stop(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// What tells when this client's connection task has ended, which it does once
+    /// every handle is dropped: for a caller that drops the last handle and must
+    /// know the client's memory is released (the C API's `wps_client_free`).
+    pub(crate) fn end_watch(&self) -> EndWatch {
+        EndWatch(Arc::clone(&self.inner.shared))
     }
 
     /// The current connection state.
@@ -763,5 +780,20 @@ mod tests {
             "{result:?}"
         );
         crate::runtime::block_on(client.stop());
+    }
+
+    #[test]
+    fn the_connection_task_ends_once_the_last_handle_is_dropped() {
+        let credential = Credential::Url("ws://127.0.0.1:9/client/hubs/h".into());
+        let client = Client::new(credential, ClientOptions::default(), Arc::new(|_| {})).unwrap();
+        let ended = client.end_watch();
+        let clone = client.clone();
+        drop(client);
+        assert!(
+            !ended.wait(Duration::from_millis(50)),
+            "a handle is still alive"
+        );
+        drop(clone);
+        assert!(ended.wait(Duration::from_secs(10)), "the task did not end");
     }
 }

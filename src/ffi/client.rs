@@ -14,6 +14,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use log::warn;
 
 use crate::client::{
     AckCallback, AckResult, Client, ClientState, Credential, Error, Handover, InvokeOptions,
@@ -38,6 +39,10 @@ use super::status::{
     WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8,
     WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
 };
+
+/// How long `wps_client_free` waits for the client's connection task to end once its
+/// last handle is gone (it takes microseconds; the bound only keeps a bug from hanging).
+const TASK_END_LIMIT: Duration = Duration::from_secs(2);
 
 /// A client: an opaque handle to a boxed `Arc` of the library's client state (the core
 /// `Client`, its dispatcher thread and its pending operations). Created by
@@ -292,7 +297,8 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// Frees a client (NULL is ignored): completes every pending operation with
 /// `WPS_STATUS_STOPPED` (unless its outcome was already queued), stops the client,
 /// waits for the running callbacks and runs the finalizers. When it returns, no
-/// callback of this client is running or will run.
+/// callback of this client is running or will run, and the client's connection task
+/// has ended and released its memory.
 ///
 /// Inside a callback, the teardown is deferred: no further event of this client is
 /// delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
@@ -336,6 +342,7 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
         } else {
             shared.stop_all_ops();
             let client = shared.client.clone();
+            let ended = client.end_watch();
             let _ = block(async move { client.stop().await });
             if let Some(cred) = &shared.credential {
                 cred.close(true);
@@ -346,6 +353,11 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
                 let _ = tx.send(());
             });
             let _ = rx.recv();
+            // With this last reference, the connection task ends and drops its state.
+            drop(shared);
+            if !ended.wait(TASK_END_LIMIT) {
+                warn!("wps_client_free: the connection task did not end within {TASK_END_LIMIT:?}");
+            }
         }
     })
 }
