@@ -12,7 +12,9 @@
 //! Checked, per subscriber and publisher: no duplicate, order kept, nothing lost
 //! except across a full reconnect, which must be reported as `Disconnected` (close code
 //! 1008) then `Connected` with a new connection id, once per refused recovery. Each
-//! publisher sends with its counter as ackId and gets exactly one success per message.
+//! publisher gets exactly one success per message, acked with its counter as ackId:
+//! the first publisher sends one message at a time with automatic ackIds (its caller
+//! writes its own frames), the others pipeline with the counter as their chosen ackId.
 //!
 //! The short form runs in `cargo test`. The long form is ignored by default:
 //! `WPS_CHAOS_MESSAGES=100000 WPS_CHAOS_DROP_MS=200 WPS_CHAOS_SECONDS=900 \
@@ -561,12 +563,21 @@ struct Plan {
     window: usize,
     deadline: Instant,
     pace: Option<Duration>,
+    /// The client numbers the messages itself (its n-th message gets ackId n, so the
+    /// counter still names it); else the counter is given as ackId.
+    automatic_ack_ids: bool,
 }
 
-/// Publishes the plan's counters with the counter as ackId. The frames reach the
-/// connection task in counter order (each send is polled once, unconstrained, before
-/// the next is created). Stops early when `stop_when` says so; returns the last
-/// counter sent.
+/// Whether publisher `p` sends one message at a time with automatic ackIds: an idle
+/// client, whose caller writes its own frames (the others pipeline through the
+/// connection task).
+fn sequential(p: usize, s: &Settings) -> bool {
+    p == 0 && s.publishers > 1
+}
+
+/// Publishes the plan's counters. The frames reach the connection task in counter
+/// order (each send is polled once, unconstrained, before the next is created). Stops
+/// early when `stop_when` says so; returns the last counter sent.
 async fn publish(
     client: &Client,
     publisher: u64,
@@ -580,6 +591,7 @@ async fn publish(
         window,
         deadline,
         pace,
+        automatic_ack_ids,
     } = plan;
     let mut in_flight: FuturesUnordered<Sending> = FuturesUnordered::new();
     let mut last = from - 1;
@@ -603,7 +615,7 @@ async fn publish(
                     DataType::Text,
                     payload(publisher, counter),
                     SendToGroupOptions {
-                        ack_id: Some(counter),
+                        ack_id: (!automatic_ack_ids).then_some(counter),
                         ..SendToGroupOptions::default()
                     },
                 )
@@ -691,9 +703,10 @@ async fn run(s: Settings) {
             let plan = Plan {
                 from: 1,
                 to: s.messages,
-                window: s.window,
+                window: if sequential(p, &s) { 1 } else { s.window },
                 deadline,
                 pace: None,
+                automatic_ack_ids: sequential(p, &s),
             };
             let last = publish(&client, p as u64, plan, &mut out, &never).await;
             (last, out)
@@ -729,6 +742,7 @@ async fn run(s: Settings) {
         let (client, everyone) = (client.clone(), everyone.clone());
         let (chaos_last, mut out) = std::mem::take(&mut sent[p]);
         let first_tail = chaos_last + 1;
+        let one_at_a_time = sequential(p, &s);
         tails.push(tokio::spawn(async move {
             let reached = move || {
                 everyone
@@ -738,9 +752,10 @@ async fn run(s: Settings) {
             let plan = Plan {
                 from: first_tail,
                 to: first_tail + 10_000,
-                window: 4,
+                window: if one_at_a_time { 1 } else { 4 },
                 deadline: tail_deadline,
                 pace: Some(Duration::from_millis(20)),
+                automatic_ack_ids: one_at_a_time,
             };
             let last = publish(&client, p as u64, plan, &mut out, &reached).await;
             assert!(

@@ -215,6 +215,38 @@ async fn stop_writes_every_fire_and_forget_message_already_reported_sent() {
 }
 
 #[tokio::test]
+async fn one_callers_fire_and_forget_and_acked_messages_arrive_in_call_order() {
+    // An acked send on an idle client is written by its caller, a fire-and-forget one
+    // by the connection task: the first must never overtake the second.
+    let emulator = emulator().await;
+    let (subscriber, mut events, _) = started(&emulator, "sub", fast_options()).await;
+    subscriber.join_group("order").await.unwrap();
+    let (publisher, _publisher_events, _) = started(&emulator, "pub", fast_options()).await;
+    let fire_and_forget = SendToGroupOptions {
+        fire_and_forget: true,
+        ..SendToGroupOptions::default()
+    };
+    let rounds = 300;
+    let mut expected = Vec::new();
+    for i in 0..rounds {
+        for k in 0..i % 3 {
+            let body = format!("f{i}.{k}");
+            publisher
+                .send_to_group("order", DataType::Text, text(&body), fire_and_forget)
+                .await
+                .unwrap();
+            expected.push(body);
+        }
+        let body = format!("a{i}");
+        publish(&publisher, "order", &body).await;
+        expected.push(body);
+    }
+    assert_eq!(group_texts(&mut events, expected.len(), 10).await, expected);
+    publisher.stop().await;
+    subscriber.stop().await;
+}
+
+#[tokio::test]
 async fn recovery_after_drops_loses_and_duplicates_nothing_in_either_direction() {
     let emulator = emulator().await;
     let (publisher, mut publisher_events, publisher_id) =

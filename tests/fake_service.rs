@@ -118,6 +118,36 @@ fn quiet_options() -> ClientOptions {
     }
 }
 
+/// Quiet options with a 300 ms ack timeout and no retry.
+fn one_try_options() -> ClientOptions {
+    ClientOptions {
+        ack_timeout: Duration::from_millis(300),
+        message_retry: webpubsub_client::RetryOptions {
+            max_retries: Some(0),
+            ..fast_options().message_retry
+        },
+        ..quiet_options()
+    }
+}
+
+/// An acked text message `body` to group `g`, sent from a task.
+fn spawn_send(
+    client: &Client,
+    body: &'static str,
+) -> tokio::task::JoinHandle<Result<webpubsub_client::AckResult, Error>> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        client
+            .send_to_group(
+                "g",
+                DataType::Text,
+                Bytes::from(body),
+                SendToGroupOptions::default(),
+            )
+            .await
+    })
+}
+
 /// A started client on a fake service, with the connected frame sent.
 async fn connect(
     fake: &Fake,
@@ -267,16 +297,7 @@ async fn a_pending_operation_is_resent_with_its_ack_id_after_recovery() {
     let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
     conn.send(&server_message("before", 5)).await;
     next_event(&mut events, 5).await;
-    let c = client.clone();
-    let send = tokio::spawn(async move {
-        c.send_to_group(
-            "g",
-            DataType::Text,
-            Bytes::from("once"),
-            SendToGroupOptions::default(),
-        )
-        .await
-    });
+    let send = spawn_send(&client, "once");
     let first = conn.recv().await;
     let first = if first["type"] == "sequenceAck" {
         conn.recv().await
@@ -341,16 +362,7 @@ async fn forbidden_is_not_retried_and_internal_errors_are_retried_with_the_same_
     );
     conn.silent_for(400).await;
 
-    let c = client.clone();
-    let send = tokio::spawn(async move {
-        c.send_to_group(
-            "g",
-            DataType::Text,
-            Bytes::from("x"),
-            SendToGroupOptions::default(),
-        )
-        .await
-    });
+    let send = spawn_send(&client, "x");
     let frame = conn.recv().await;
     conn.send(&format!(
         r#"{{"type":"ack","ackId":{},"success":false,"error":{{"name":"InternalServerError","message":"oops"}}}}"#,
@@ -670,25 +682,8 @@ async fn operations_in_flight_when_stopping_fail_with_stopped() {
 #[tokio::test]
 async fn a_resent_operation_still_times_out_on_a_quiet_recovered_connection() {
     let fake = Fake::new().await;
-    let options = ClientOptions {
-        ack_timeout: Duration::from_millis(300),
-        message_retry: webpubsub_client::RetryOptions {
-            max_retries: Some(0),
-            ..fast_options().message_retry
-        },
-        ..quiet_options()
-    };
-    let (client, _events, mut conn) = connect(&fake, options).await;
-    let c = client.clone();
-    let send = tokio::spawn(async move {
-        c.send_to_group(
-            "g",
-            DataType::Text,
-            Bytes::from("x"),
-            SendToGroupOptions::default(),
-        )
-        .await
-    });
+    let (client, _events, mut conn) = connect(&fake, one_try_options()).await;
+    let send = spawn_send(&client, "x");
     conn.recv().await;
     drop(conn);
     let (mut conn, _) = fake.accept().await;
@@ -758,5 +753,75 @@ async fn automatic_ack_ids_skip_ids_chosen_by_the_caller_while_pending() {
     ))
     .await;
     assert_eq!(user.await.unwrap().unwrap().ack_id, Some(chosen));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_clients_caller_writes_its_own_frame_while_the_connection_task_is_busy() {
+    let fake = Fake::new().await;
+    // The event handler runs on the connection task: holding it holds the task.
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
+    let handler = move |event: Event| {
+        if matches!(event, Event::ServerMessage { .. }) {
+            entered_tx.lock().unwrap().send(()).unwrap();
+            let _ = released
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(30));
+        }
+    };
+    let client = Client::new(
+        Credential::Url(fake.url.clone()),
+        quiet_options(),
+        Arc::new(handler),
+    )
+    .unwrap();
+    let starter = client.clone();
+    let start = tokio::spawn(async move { starter.start().await });
+    let (mut conn, _) = fake.accept().await;
+    conn.connected("conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    conn.send(&server_message("hold", 1)).await;
+    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the handler was not called");
+
+    let send = spawn_send(&client, "direct");
+    // The task is still inside the handler: only the caller can have written this.
+    let frame = conn.recv().await;
+    assert_eq!(frame["type"], "sendToGroup");
+    assert_eq!(frame["data"], "direct");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        frame["ackId"]
+    ))
+    .await;
+    release.send(()).unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(10), send)
+        .await
+        .expect("the ack did not complete the send")
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent.ack_id, frame["ackId"].as_u64());
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_frame_its_caller_wrote_still_times_out_when_nothing_comes_back() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, one_try_options()).await;
+    let started = std::time::Instant::now();
+    let send = spawn_send(&client, "lost");
+    assert_eq!(conn.recv().await["data"], "lost");
+    // Nothing is read after the write (no ack, no pings): the timeout must still run.
+    let outcome = tokio::time::timeout(Duration::from_secs(10), send)
+        .await
+        .expect("the send never timed out")
+        .unwrap();
+    assert_eq!(outcome.unwrap_err(), Error::Timeout);
+    assert!(started.elapsed() < Duration::from_secs(5));
     client.stop().await;
 }

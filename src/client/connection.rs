@@ -12,15 +12,19 @@
 //! Everything else talks to the task over two channels: commands (start, stop,
 //! cancel; unbounded) and operations (encoded frames with their reply channel;
 //! bounded, so a fast sender feels backpressure). Each phase is one method below,
-//! returning the next phase; `serve` is the connected loop.
+//! returning the next phase; `serve` is the connected loop. While it serves, an idle
+//! client's caller may write its own frame (see `direct.rs`); the task registers those
+//! operations before it reads anything more.
 
+use super::direct::{Direct, WriteHalf};
 use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose};
 use super::sequence::Sequence;
 use super::{ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult};
 use crate::protocol::{json, DataType, Downstream, Upstream};
 use crate::transport::{redact_url, Connector, Ws};
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::stream::SplitStream;
+use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use log::{debug, info, trace, warn};
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -60,6 +64,8 @@ pub(crate) struct Shared {
     /// Set once the task has ended and dropped everything it held.
     ended: Mutex<bool>,
     ended_changed: Condvar,
+    /// The write path callers share with the task.
+    pub(crate) direct: Arc<Direct>,
 }
 
 impl Shared {
@@ -139,6 +145,7 @@ pub(crate) fn spawn(
         next_ack_id: AtomicU64::new(1),
         ended: Mutex::new(false),
         ended_changed: Condvar::new(),
+        direct: Arc::default(),
     });
     let (command_tx, commands) = mpsc::unbounded_channel();
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
@@ -159,6 +166,7 @@ pub(crate) fn spawn(
         out: Vec::new(),
         done: Vec::new(),
         in_batch: false,
+        taken: 0,
         _end: EndMark(shared.clone()),
     };
     runtime.spawn(task.run());
@@ -188,6 +196,16 @@ enum Next {
         close_code: Option<u16>,
         message: Option<String>,
     },
+    /// The client handle was dropped.
+    Exit,
+}
+
+/// Why the connected loop ended.
+enum End {
+    /// The socket ended or failed: its close code and reason.
+    Dropped(Option<u16>, String),
+    /// `stop()` was called.
+    Stop(oneshot::Sender<()>),
     /// The client handle was dropped.
     Exit,
 }
@@ -222,6 +240,8 @@ struct Task {
     done: Vec<Done>,
     /// Events go to the handler as part of a batch of frames (see `end_batch`).
     in_batch: bool,
+    /// Operations taken from the channel in the current step, finished once written.
+    taken: usize,
     /// Last, so that it is dropped last.
     _end: EndMark,
 }
@@ -268,7 +288,10 @@ impl Task {
                 },
                 // Callers check the state first: what still arrives here was sent
                 // while the client was running, so it was stopped under it.
-                Some(op) = self.operations.recv() => op.refuse(Error::Stopped),
+                Some(op) = self.operations.recv() => {
+                    self.shared.direct.finished(1);
+                    op.refuse(Error::Stopped);
+                }
             }
         }
     }
@@ -356,16 +379,51 @@ impl Task {
         }
     }
 
-    /// Connected: reads frames, writes operations, runs the timers.
-    async fn serve(&mut self, mut ws: Ws) -> Next {
+    /// Connected: serves until the socket ends or the client stops, then takes the
+    /// write half back from callers and registers what they wrote before going on.
+    async fn serve(&mut self, ws: Ws) -> Next {
         self.shared.set_state(ClientState::Connected);
+        let (sink, mut stream) = ws.split();
+        let end = self.serve_until_end(sink, &mut stream).await;
+        let sink = self.shared.direct.close().await;
+        self.register_written();
+        self.shared.direct.finished(std::mem::take(&mut self.taken));
+        let ws = sink.and_then(|sink| stream.reunite(sink).ok());
+        match end {
+            End::Dropped(close_code, reason) => self.dropped(close_code, reason),
+            End::Stop(reply) => {
+                if let Some(mut ws) = ws {
+                    self.write_queued_fire_and_forget(&mut ws).await;
+                    close(&mut ws, CloseCode::Normal).await;
+                }
+                self.stop(Some(reply))
+            }
+            End::Exit => {
+                if let Some(mut ws) = ws {
+                    self.write_queued_fire_and_forget(&mut ws).await;
+                    close(&mut ws, CloseCode::Away).await;
+                }
+                Next::Exit
+            }
+        }
+    }
+
+    /// The connected loop: reads frames, writes operations, runs the timers.
+    async fn serve_until_end(&mut self, sink: WriteHalf, stream: &mut SplitStream<Ws>) -> End {
         let reliable = self.options.protocol.is_reliable();
         let far = far_future();
         let mut now = Instant::now();
-        self.pending.take_unsent(now.into_std(), &mut self.out);
-        if let Err(e) = write_out(&mut ws, &mut self.out).await {
-            return self.dropped(None, format!("write failed: {e}"));
+        let direct = self.shared.direct.clone();
+        {
+            // What queued during a recovery goes out before any caller's direct write.
+            let mut slot = direct.lock().await;
+            let sink = slot.insert(sink);
+            self.pending.take_unsent(now.into_std(), &mut self.out);
+            if let Err(e) = write_out(sink, &mut self.out).await {
+                return End::Dropped(None, format!("write failed: {e}"));
+            }
         }
+        direct.set_pending(self.pending.len());
         let ping_every = self.options.keep_alive_interval;
         let silence_limit = self.options.keep_alive_timeout;
         let ping = sleep_until(ping_every.map_or(far, |d| now + d));
@@ -389,60 +447,64 @@ impl Task {
                     op_armed = Some(due);
                 }
             }
+            let mut flush = false;
             tokio::select! {
                 command = self.commands.recv() => match command {
-                    None => {
-                        self.write_queued_fire_and_forget(&mut ws).await;
-                        close(&mut ws, CloseCode::Away).await;
-                        return Next::Exit;
-                    }
+                    None => return End::Exit,
                     Some(Command::Start(reply)) => {
                         let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
                     }
-                    Some(Command::Stop(reply)) => {
-                        self.write_queued_fire_and_forget(&mut ws).await;
-                        close(&mut ws, CloseCode::Normal).await;
-                        return self.stop(Some(reply));
-                    }
+                    Some(Command::Stop(reply)) => return End::Stop(reply),
                     Some(Command::CancelInvocation(id)) => {
                         self.out.extend(self.pending.cancel_invoke(&id));
                     }
                 },
-                message = ws.next() => {
+                message = stream.next() => {
                     now = Instant::now();
                     last_received = now;
+                    // Before anything read now: an ack may be for a caller's own write.
+                    self.register_written();
                     let mut message = message;
                     let mut budget = BATCH;
                     // The events of the frames read now go to the handler as one batch.
                     self.in_batch = true;
                     let ended = loop {
-                        if let Some(next) = self.on_message(message, now) {
-                            break Some(next);
+                        if let Some(end) = self.on_message(message, now) {
+                            break Some(end);
                         }
                         budget -= 1;
                         if budget == 0 {
                             break None;
                         }
-                        match ws.next().now_or_never() {
+                        match stream.next().now_or_never() {
                             Some(more) => message = more,
                             None => break None,
                         }
                     };
                     self.in_batch = false;
                     self.end_batch();
-                    if let Some(next) = ended {
-                        return next;
+                    if let Some(end) = ended {
+                        return end;
                     }
                 },
                 Some(op) = self.operations.recv() => {
                     now = Instant::now();
                     self.send_op(op, now);
+                    self.taken += 1;
                     for _ in 1..BATCH {
                         match self.operations.try_recv() {
-                            Ok(op) => self.send_op(op, now),
+                            Ok(op) => {
+                                self.send_op(op, now);
+                                self.taken += 1;
+                            }
                             Err(_) => break,
                         }
                     }
+                },
+                () = direct.woken() => {
+                    now = Instant::now();
+                    self.register_written();
+                    flush = true;
                 },
                 () = &mut ping, if ping_every.is_some() => {
                     now = Instant::now();
@@ -455,7 +517,7 @@ impl Task {
                     let limit = silence_limit.unwrap_or_default();
                     if now >= last_received + limit {
                         warn!("nothing received for {limit:?}: closing the connection to recover it");
-                        return self.dropped(None, format!("nothing received for {limit:?}"));
+                        return End::Dropped(None, format!("nothing received for {limit:?}"));
                     }
                     silence.as_mut().reset(last_received + limit);
                 },
@@ -472,10 +534,40 @@ impl Task {
                     self.pending.expire(now.into_std(), &mut self.out, &mut self.done);
                 },
             }
+            direct.set_pending(self.pending.len());
             self.finish_done();
-            if !self.out.is_empty() {
-                if let Err(e) = write_out(&mut ws, &mut self.out).await {
-                    return self.dropped(None, format!("write failed: {e}"));
+            if flush || !self.out.is_empty() {
+                let mut slot = direct.lock().await;
+                if let Some(sink) = slot.as_mut() {
+                    if let Err(e) = write_out(sink, &mut self.out).await {
+                        return End::Dropped(None, format!("write failed: {e}"));
+                    }
+                }
+            }
+            direct.finished(std::mem::take(&mut self.taken));
+        }
+    }
+
+    /// Registers the acked operations callers wrote themselves, as sent when they were
+    /// written. (Only acked operations take that path: a fire-and-forget one needs
+    /// nothing more, and invocations always go through the channel.)
+    fn register_written(&mut self) {
+        for (op, written_at) in self.shared.direct.take_written() {
+            if let OpKind::Ack {
+                ack_id,
+                purpose,
+                reply,
+                ..
+            } = op.kind
+            {
+                if reply.is_closed() {
+                    continue;
+                }
+                if let Err(done) =
+                    self.pending
+                        .add_ack(ack_id, op.frame, purpose, Some(reply), Some(written_at))
+                {
+                    done.reply();
                 }
             }
         }
@@ -487,6 +579,7 @@ impl Task {
     /// with `Stopped` unsent, so that a caller's retry cannot publish twice.
     async fn write_queued_fire_and_forget(&mut self, ws: &mut Ws) {
         while let Ok(op) = self.operations.try_recv() {
+            self.shared.direct.finished(1);
             match op.kind {
                 OpKind::FireAndForget => self.out.push(op.frame),
                 _ => op.refuse(Error::Stopped),
@@ -506,7 +599,7 @@ impl Task {
         &mut self,
         message: Option<Result<Message, WsError>>,
         now: Instant,
-    ) -> Option<Next> {
+    ) -> Option<End> {
         match message {
             Some(Ok(Message::Text(text))) => self.on_frame(Bytes::from(text), now),
             Some(Ok(Message::Binary(_))) => {
@@ -521,11 +614,11 @@ impl Task {
                 } else {
                     reason
                 };
-                return Some(self.dropped(code, reason));
+                return Some(End::Dropped(code, reason));
             }
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Some(self.dropped(None, e.to_string())),
-            None => return Some(self.dropped(None, "the connection closed".into())),
+            Some(Err(e)) => return Some(End::Dropped(None, e.to_string())),
+            None => return Some(End::Dropped(None, "the connection closed".into())),
         }
         None
     }
@@ -632,6 +725,7 @@ impl Task {
     /// `Stopped`, then answers the `stop()` caller.
     fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
         while let Ok(op) = self.operations.try_recv() {
+            self.shared.direct.finished(1);
             op.refuse(Error::Stopped);
         }
         self.pending.fail_all(Error::Stopped, &mut self.done);
@@ -699,6 +793,7 @@ impl Task {
                     }
                 },
                 Some(op) = self.operations.recv() => {
+                    self.shared.direct.finished(1);
                     if queue {
                         self.queue_op(op);
                     } else {
@@ -1069,7 +1164,10 @@ fn encode(frame: &Upstream) -> Utf8Bytes {
 }
 
 /// Writes every frame of `out`, then flushes once.
-async fn write_out(ws: &mut Ws, out: &mut Vec<Utf8Bytes>) -> Result<(), WsError> {
+async fn write_out<S>(ws: &mut S, out: &mut Vec<Utf8Bytes>) -> Result<(), WsError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
     for frame in out.drain(..) {
         ws.feed(Message::Text(frame)).await?;
     }

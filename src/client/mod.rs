@@ -1,7 +1,9 @@
 //! The async client: a cheap handle (`Client`) over one connection task per client.
 //!
 //! Every method encodes its frame on the caller's thread and hands it to the client's
-//! connection task (see `connection.rs`), which owns the socket and the state machine.
+//! connection task (see `connection.rs`), which owns the socket and the state machine;
+//! an awaited acked operation on an idle client is written by its caller instead, and
+//! the task takes it over from there (see `direct.rs`).
 //! Replies come back over a oneshot channel, so the methods work from any executor.
 //! The crate's C layer builds the same operations from the caller's borrowed buffers
 //! (`group_message` and the like, each a [`Prepared`] frame) and either awaits them
@@ -10,6 +12,7 @@
 
 mod connection;
 mod credential;
+mod direct;
 mod options;
 mod pending;
 mod queue;
@@ -21,6 +24,7 @@ pub use options::{ClientOptions, RetryMode, RetryOptions};
 use crate::protocol::{json, Data, DataType, ProtocolError, Upstream};
 use bytes::Bytes;
 use connection::{Command, Shared};
+use direct::Written;
 pub(crate) use pending::AckCallback;
 use pending::{AckReply, OpKind, Operation, Purpose};
 pub(crate) use queue::Handover;
@@ -254,6 +258,7 @@ struct Inner {
     ack_timeout: Duration,
     max_outgoing: usize,
     next_invocation_id: AtomicU64,
+    runtime: tokio::runtime::Handle,
 }
 
 /// See [`Client::end_watch`].
@@ -294,12 +299,13 @@ impl Client {
             connection::spawn(&runtime, credential, options, on_event);
         Ok(Client {
             inner: Arc::new(Inner {
-                shared,
                 commands,
-                operations: OpSender::new(operations, runtime),
+                operations: OpSender::new(operations, runtime.clone(), shared.direct.clone()),
+                shared,
                 ack_timeout,
                 max_outgoing,
                 next_invocation_id: AtomicU64::new(1),
+                runtime,
             }),
         })
     }
@@ -470,7 +476,10 @@ impl Client {
     fn choose_ack_id(&self, fire_and_forget: bool, chosen: Option<u64>) -> Option<(u64, bool)> {
         match (fire_and_forget, chosen) {
             (true, _) => None,
-            (false, Some(ack_id)) => Some((ack_id, false)),
+            (false, Some(ack_id)) => {
+                self.inner.shared.direct.chose_ack_id();
+                Some((ack_id, false))
+            }
             (false, None) => Some((self.next_ack_id(), true)),
         }
     }
@@ -592,7 +601,7 @@ impl Client {
             return Ok(NO_ACK);
         };
         let (tx, rx) = oneshot::channel();
-        self.operation(Operation {
+        let op = Operation {
             frame: op.frame,
             kind: OpKind::Ack {
                 ack_id,
@@ -600,8 +609,33 @@ impl Client {
                 purpose,
                 reply: tx.into(),
             },
-        })
-        .await?;
+        };
+        // Deferred operations first: a direct write must not overtake them.
+        self.inner.operations.flush();
+        match self.inner.shared.direct.try_write(op) {
+            Written::Yes => self.await_written(rx).await,
+            Written::No(op) => {
+                self.operation(op).await?;
+                rx.await.unwrap_or(Err(Error::Stopped))
+            }
+        }
+    }
+
+    /// Waits for the outcome of an operation this caller wrote itself. The connection
+    /// task registers it when it next reads; past the ack timeout with nothing read,
+    /// the task is woken to register it, so that its timeout and retries run.
+    async fn await_written(
+        &self,
+        mut rx: oneshot::Receiver<Result<AckResult, Error>>,
+    ) -> Result<AckResult, Error> {
+        let late = {
+            let _runtime = self.inner.runtime.enter();
+            tokio::time::sleep(self.inner.ack_timeout)
+        };
+        tokio::select! {
+            outcome = &mut rx => return outcome.unwrap_or(Err(Error::Stopped)),
+            () = late => self.inner.shared.direct.wake(),
+        }
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 

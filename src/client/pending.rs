@@ -232,6 +232,11 @@ impl Pending {
         }
     }
 
+    /// How many operations are pending (acked, invocations and unsent frames).
+    pub(crate) fn len(&self) -> usize {
+        self.acks.len() + self.invokes.len() + self.unsent.len()
+    }
+
     /// Registers an acked operation, written now (`sent_at`) or queued (`None`).
     /// An ackId already pending is refused (boxed: the rare path stays off the stack).
     pub(crate) fn add_ack(

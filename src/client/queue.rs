@@ -11,7 +11,12 @@
 //! starts many operations in a row (an event loop, once per iteration) may defer them:
 //! they wait on the sender until `flush`, or until an operation that is not deferred,
 //! and then reach the connection task together, for one wake-up.
+//!
+//! Every operation handed over (into the channel or the overflow queue) is counted in
+//! [`Direct`] until the task is done with it, so that a direct write never overtakes
+//! one; deferred operations are handed over before any direct write is tried.
 
+use super::direct::Direct;
 use super::pending::Operation;
 use super::Error;
 use std::collections::VecDeque;
@@ -25,6 +30,7 @@ pub(crate) struct OpSender {
     tx: mpsc::Sender<Operation>,
     overflow: Arc<Overflow>,
     runtime: Handle,
+    direct: Arc<Direct>,
     /// Set while `deferred` holds operations.
     has_deferred: AtomicBool,
     /// Deferred operations, oldest first, waiting for `flush`.
@@ -55,12 +61,18 @@ impl Overflow {
 }
 
 impl OpSender {
-    /// Wraps the channel; the overflow task runs on `runtime`.
-    pub(crate) fn new(tx: mpsc::Sender<Operation>, runtime: Handle) -> OpSender {
+    /// Wraps the channel; the overflow task runs on `runtime`; operations are counted
+    /// in `direct`.
+    pub(crate) fn new(
+        tx: mpsc::Sender<Operation>,
+        runtime: Handle,
+        direct: Arc<Direct>,
+    ) -> OpSender {
         OpSender {
             tx,
             overflow: Arc::default(),
             runtime,
+            direct,
             has_deferred: AtomicBool::new(false),
             deferred: Mutex::default(),
         }
@@ -78,7 +90,12 @@ impl OpSender {
         if self.overflow.active.load(Ordering::Acquire) {
             return self.hand_over(op);
         }
-        self.tx.send(op).await.map_err(|_| Error::Stopped)
+        // Counted once the channel has room for it: a caller that gives up while
+        // waiting leaves nothing counted.
+        let permit = self.tx.reserve().await.map_err(|_| Error::Stopped)?;
+        self.direct.queued_one();
+        permit.send(op);
+        Ok(())
     }
 
     /// [`OpSender::send`] when it would not wait: hands `op` over if the channel has
@@ -125,15 +142,19 @@ impl OpSender {
     }
 
     /// Puts `op` into the channel if it has room (refused with `Error::Stopped` when the
-    /// connection task is gone); a full channel gives it back.
+    /// connection task is gone); a full channel gives it back. Counted once put in.
     fn send_if_room(&self, op: Operation) -> Result<Result<(), Error>, Operation> {
-        match self.tx.try_send(op) {
-            Ok(()) => Ok(Ok(())),
-            Err(TrySendError::Closed(op)) => {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                self.direct.queued_one();
+                permit.send(op);
+                Ok(Ok(()))
+            }
+            Err(TrySendError::Closed(())) => {
                 op.refuse(Error::Stopped);
                 Ok(Err(Error::Stopped))
             }
-            Err(TrySendError::Full(op)) => Err(op),
+            Err(TrySendError::Full(())) => Err(op),
         }
     }
 
@@ -146,6 +167,7 @@ impl OpSender {
                 Err(op) => op,
             }
         };
+        self.direct.queued_one();
         let mut queue = self.overflow.queue();
         queue.push_back(op);
         if !self.overflow.active.swap(true, Ordering::AcqRel) {
@@ -217,7 +239,7 @@ mod tests {
     fn a_full_channel_neither_blocks_nor_reorders_nor_loses() {
         let runtime = crate::runtime::handle();
         let (tx, mut rx) = mpsc::channel(4);
-        let sender = OpSender::new(tx, runtime.clone());
+        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
         for n in 0..5000 {
             sender.submit(op(n), Handover::Now).unwrap();
         }
@@ -240,7 +262,7 @@ mod tests {
     fn operations_for_a_gone_task_are_refused() {
         let runtime = crate::runtime::handle();
         let (tx, rx) = mpsc::channel(1);
-        let sender = OpSender::new(tx, runtime.clone());
+        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
         let (reply, answer) = tokio::sync::oneshot::channel();
         sender.submit(op(0), Handover::Now).unwrap();
         sender.submit(acked(reply.into()), Handover::Now).unwrap();
@@ -259,7 +281,7 @@ mod tests {
     fn deferred_operations_wait_for_a_flush_or_an_operation_handed_over_at_once() {
         let runtime = crate::runtime::handle();
         let (tx, mut rx) = mpsc::channel(4);
-        let sender = OpSender::new(tx, runtime.clone());
+        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
         for n in 0..3 {
             sender.submit(op(n), Handover::Deferred).unwrap();
         }
@@ -292,7 +314,7 @@ mod tests {
     fn deferred_operations_for_a_gone_task_are_refused_at_the_flush() {
         let runtime = crate::runtime::handle();
         let (tx, rx) = mpsc::channel(4);
-        let sender = OpSender::new(tx, runtime.clone());
+        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
         let (reply, answer) = tokio::sync::oneshot::channel();
         drop(rx);
         assert_eq!(

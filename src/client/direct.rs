@@ -1,0 +1,163 @@
+//! The write path an idle client's caller takes itself: its frame written on its own
+//! thread, with no hand-off to the connection task.
+//!
+//! A caller that awaits one acked operation at a time (a blocking C or Python call in
+//! a loop) would otherwise wake the connection task to write each frame, then sleep
+//! until the task reads the ack: two thread wake-ups per round trip where one will do.
+//! When the client is idle (serving, nothing queued towards the task, nothing awaiting
+//! an ack) the caller writes the frame itself, non-blocking, and leaves the operation
+//! in `written`; the task registers it before it reads anything more from the socket,
+//! so the ack always finds it. Anything else (a busy client, a socket that would
+//! block, a half the reader holds) goes through the channel as before.
+//!
+//! The connection task stays the owner: it puts the socket's write half here while it
+//! serves, writes through the same lock, and takes the half back (and registers what
+//! is left in `written`) before it recovers, reconnects or stops.
+
+use super::pending::Operation;
+use crate::transport::Ws;
+use futures_util::stream::SplitSink;
+use futures_util::task::noop_waker_ref;
+use futures_util::Sink;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The socket's write half.
+pub(crate) type WriteHalf = SplitSink<Ws, Message>;
+
+/// What callers and the connection task share for direct writes.
+#[derive(Default)]
+pub(crate) struct Direct {
+    /// The write half while the task serves; `None` otherwise.
+    sink: tokio::sync::Mutex<Option<WriteHalf>>,
+    /// Operations handed towards the task (channel, overflow or deferred queue) that it
+    /// has not finished with: a direct write must not overtake them.
+    queued: AtomicUsize,
+    /// Operations the task holds in its pending table (as of its last step).
+    pending: AtomicUsize,
+    /// Acked operations written by callers, with when, for the task to register.
+    written: Mutex<Vec<(Operation, Instant)>>,
+    /// Set for good once a caller chooses its own ackId: only the task can renumber an
+    /// automatic ackId that collides with one, and a written frame cannot be renumbered.
+    chosen_ack_ids: AtomicBool,
+    /// Wakes the task: a written frame was left to flush, a write failed, or an ack is
+    /// late (its operation must be registered for the timeout to run).
+    wake: Notify,
+}
+
+/// The result of [`Direct::try_write`].
+pub(crate) enum Written {
+    /// Written (or left for the task to flush); the operation is the task's now.
+    Yes,
+    /// Not written: send the operation through the channel.
+    No(Operation),
+}
+
+impl Direct {
+    fn written(&self) -> MutexGuard<'_, Vec<(Operation, Instant)>> {
+        self.written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `op`'s frame on this thread if the client is idle, never blocking.
+    pub(crate) fn try_write(&self, op: Operation) -> Written {
+        if self.chosen_ack_ids.load(Ordering::Relaxed) || !self.idle() {
+            return Written::No(op);
+        }
+        let Ok(mut slot) = self.sink.try_lock() else {
+            return Written::No(op);
+        };
+        let Some(sink) = slot.as_mut() else {
+            return Written::No(op);
+        };
+        // Checked again under the lock, which the task holds while it writes.
+        if !self.idle() || !self.written().is_empty() {
+            return Written::No(op);
+        }
+        let mut cx = Context::from_waker(noop_waker_ref());
+        if !matches!(
+            Pin::new(&mut *sink).poll_ready(&mut cx),
+            Poll::Ready(Ok(()))
+        ) {
+            return Written::No(op);
+        }
+        let frame = op.frame.clone();
+        // Registered before the frame leaves, so that its ack cannot arrive first.
+        self.written().push((op, Instant::now()));
+        let flushed = Pin::new(&mut *sink)
+            .start_send(Message::Text(frame))
+            .is_ok()
+            && matches!(
+                Pin::new(&mut *sink).poll_flush(&mut cx),
+                Poll::Ready(Ok(()))
+            );
+        if !flushed {
+            // Left in the write half, or the socket failed: either way the task's next
+            // flush finishes it or finds the failure.
+            self.wake.notify_one();
+        }
+        Written::Yes
+    }
+
+    fn idle(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0 && self.pending.load(Ordering::Acquire) == 0
+    }
+
+    /// Turns direct writes off for good (a caller chose an ackId).
+    pub(crate) fn chose_ack_id(&self) {
+        self.chosen_ack_ids.store(true, Ordering::Relaxed);
+    }
+
+    /// An operation was handed towards the task.
+    pub(crate) fn queued_one(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The task is done with `n` queued operations (written, queued for a recovery or
+    /// refused).
+    pub(crate) fn finished(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// The task's pending table holds `n` operations.
+    pub(crate) fn set_pending(&self, n: usize) {
+        self.pending.store(n, Ordering::Release);
+    }
+
+    /// The operations written by callers since the last call, oldest first.
+    pub(crate) fn take_written(&self) -> Vec<(Operation, Instant)> {
+        let mut written = self.written();
+        if written.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut *written)
+        }
+    }
+
+    /// Wakes the connection task (see [`Direct::woken`]).
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Completes when a caller woke the task.
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// The write half, for the task's own writes (putting it there opens the direct
+    /// path).
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, Option<WriteHalf>> {
+        self.sink.lock().await
+    }
+
+    /// Takes the write half back from callers (the task stops serving).
+    pub(crate) async fn close(&self) -> Option<WriteHalf> {
+        self.sink.lock().await.take()
+    }
+}
