@@ -145,7 +145,10 @@ pub(crate) fn spawn(
         next_ack_id: AtomicU64::new(1),
         ended: Mutex::new(false),
         ended_changed: Condvar::new(),
-        direct: Arc::default(),
+        direct: Arc::new(Direct::new(
+            options.keep_alive_interval,
+            options.ack_timeout,
+        )),
     });
     let (command_tx, commands) = mpsc::unbounded_channel();
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
@@ -508,6 +511,8 @@ impl Task {
                 },
                 () = &mut ping, if ping_every.is_some() => {
                     now = Instant::now();
+                    // Bounds how late a caller's write is registered with nothing read.
+                    self.register_written();
                     trace!("keep-alive ping");
                     self.out.push(encode(&Upstream::Ping));
                     ping.as_mut().reset(ping_every.map_or(far, |d| now + d));
@@ -548,9 +553,8 @@ impl Task {
         }
     }
 
-    /// Registers the acked operations callers wrote themselves, as sent when they were
-    /// written. (Only acked operations take that path: a fire-and-forget one needs
-    /// nothing more, and invocations always go through the channel.)
+    /// Registers the acked operations callers wrote themselves (only acked ones take
+    /// that path), as sent when they were written.
     fn register_written(&mut self) {
         for (op, written_at) in self.shared.direct.take_written() {
             if let OpKind::Ack {

@@ -1,20 +1,22 @@
 //! The write path an idle client's caller takes itself: its frame written on its own
 //! thread, with no hand-off to the connection task.
 //!
-//! A caller that awaits one acked operation at a time (a blocking C or Python call in
-//! a loop) would otherwise wake the connection task to write each frame, then sleep
-//! until the task reads the ack: two thread wake-ups per round trip where one will do.
-//! When the client is idle (serving, nothing queued towards the task, nothing awaiting
-//! an ack) the caller writes the frame itself, non-blocking, and leaves the operation
-//! in `written`; the task registers it before it reads anything more from the socket,
-//! so the ack always finds it. Anything else (a busy client, a socket that would
-//! block, a half the reader holds) goes through the channel as before.
+//! A caller that waits for one acked operation at a time (a blocking C or Python call
+//! in a loop, an asyncio loop awaiting each send) would otherwise wake the connection
+//! task to write each frame, then sleep until the task reads the ack: two thread
+//! wake-ups per round trip where one will do. When the client is idle (serving,
+//! nothing queued towards the task, nothing awaiting an ack) the caller writes the
+//! frame itself, non-blocking, and leaves the operation in `written`; the task
+//! registers it before it reads anything more from the socket, so the ack always finds
+//! it, and at each keep-alive ping, so its timeout runs even when nothing is read.
+//! Anything else (a busy client, a socket that would block, a half the reader holds)
+//! goes through the channel as before.
 //!
 //! The connection task stays the owner: it puts the socket's write half here while it
 //! serves, writes through the same lock, and takes the half back (and registers what
 //! is left in `written`) before it recovers, reconnects or stops.
 
-use super::pending::Operation;
+use super::pending::{OpKind, Operation};
 use crate::transport::Ws;
 use futures_util::stream::SplitSink;
 use futures_util::task::noop_waker_ref;
@@ -23,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -48,6 +50,11 @@ pub(crate) struct Direct {
     /// Wakes the task: a written frame was left to flush, a write failed, or an ack is
     /// late (its operation must be registered for the timeout to run).
     wake: Notify,
+    /// The keep-alive pings come more often than the ack timeout. The task registers
+    /// what callers wrote at each ping too, so a written operation is registered before
+    /// its timeout is due even when nothing is read; only then may a caller that does
+    /// not wait for the outcome (a completion callback) write its own frame.
+    pings_register: bool,
 }
 
 /// The result of [`Direct::try_write`].
@@ -59,13 +66,30 @@ pub(crate) enum Written {
 }
 
 impl Direct {
+    /// Shared state for a client whose pings come every `keep_alive_interval`, with
+    /// `ack_timeout`.
+    pub(crate) fn new(keep_alive_interval: Option<Duration>, ack_timeout: Duration) -> Direct {
+        Direct {
+            pings_register: keep_alive_interval.is_some_and(|every| every < ack_timeout),
+            ..Direct::default()
+        }
+    }
+
     fn written(&self) -> MutexGuard<'_, Vec<(Operation, Instant)>> {
         self.written.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes `op`'s frame on this thread if the client is idle, never blocking.
+    /// Whether the task registers a written operation before its timeout is due even
+    /// when nothing is read (else an awaiting caller must wake it: see `wake`).
+    pub(crate) fn pings_register(&self) -> bool {
+        self.pings_register
+    }
+
+    /// Writes an acked operation's frame on this thread if the client is idle, never
+    /// blocking. For an awaited operation, or any when [`Direct::pings_register`].
     pub(crate) fn try_write(&self, op: Operation) -> Written {
-        if self.chosen_ack_ids.load(Ordering::Relaxed) || !self.idle() {
+        let acked = matches!(op.kind, OpKind::Ack { .. });
+        if !acked || self.chosen_ack_ids.load(Ordering::Relaxed) || !self.idle() {
             return Written::No(op);
         }
         let Ok(mut slot) = self.sink.try_lock() else {

@@ -622,12 +622,16 @@ impl Client {
     }
 
     /// Waits for the outcome of an operation this caller wrote itself. The connection
-    /// task registers it when it next reads; past the ack timeout with nothing read,
-    /// the task is woken to register it, so that its timeout and retries run.
+    /// task registers it when it next reads or pings; without pings to rely on, a
+    /// caller still waiting past the ack timeout wakes the task to register it, so that
+    /// its timeout and retries run.
     async fn await_written(
         &self,
         mut rx: oneshot::Receiver<Result<AckResult, Error>>,
     ) -> Result<AckResult, Error> {
+        if self.inner.shared.direct.pings_register() {
+            return rx.await.unwrap_or(Err(Error::Stopped));
+        }
         let late = {
             let _runtime = self.inner.runtime.enter();
             tokio::time::sleep(self.inner.ack_timeout)
@@ -666,7 +670,9 @@ impl Client {
     /// without waiting (or defers it); the outcome goes to `done`, exactly once (at
     /// once on the calling thread when refused). Never blocks. A fire-and-forget
     /// message completes once queued; a deferred one waits for
-    /// [`Client::flush_deferred`] or the next operation not deferred.
+    /// [`Client::flush_deferred`] or the next operation not deferred. An acked one on
+    /// an idle client, handed over at once or flushed alone, is written by the caller
+    /// (see `direct.rs`) when the keep-alive pings bound how late the task registers it.
     pub(crate) fn start_then(
         &self,
         op: Result<Prepared, Error>,
@@ -687,19 +693,25 @@ impl Client {
             );
             return done.complete(queued.map(|()| NO_ACK));
         };
-        // A refused operation has already given its reply the error.
-        let _ = self.inner.operations.submit(
-            Operation {
-                frame: op.frame,
-                kind: OpKind::Ack {
-                    ack_id,
-                    automatic,
-                    purpose,
-                    reply: AckReply::callback(done),
-                },
+        let mut op = Operation {
+            frame: op.frame,
+            kind: OpKind::Ack {
+                ack_id,
+                automatic,
+                purpose,
+                reply: AckReply::callback(done),
             },
-            handover,
-        );
+        };
+        if handover == Handover::Now && self.inner.shared.direct.pings_register() {
+            // Deferred operations first: a direct write must not overtake them.
+            self.inner.operations.flush();
+            op = match self.inner.shared.direct.try_write(op) {
+                Written::Yes => return,
+                Written::No(op) => op,
+            };
+        }
+        // A refused operation has already given its reply the error.
+        let _ = self.inner.operations.submit(op, handover);
     }
 }
 
@@ -767,6 +779,7 @@ fn check_data(data_type: DataType, bytes: Bytes) -> Result<Data, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     fn send<T: Send>(_: &T) {}
 
@@ -829,5 +842,150 @@ mod tests {
         );
         drop(clone);
         assert!(ended.wait(Duration::from_secs(10)), "the task did not end");
+    }
+
+    /// Hands an operation's outcome to a channel.
+    struct ToChannel(std::sync::mpsc::Sender<Result<AckResult, Error>>);
+
+    impl AckCallback for ToChannel {
+        fn complete(self: Box<Self>, outcome: Result<AckResult, Error>) {
+            let _ = self.0.send(outcome);
+        }
+
+        fn is_cancelled(&self) -> bool {
+            false
+        }
+    }
+
+    /// A scripted service on a plain thread: the connected frame, then per round a
+    /// server message (which holds the client's connection task in its event handler),
+    /// the next sendToGroup frame reported to `frames`, and its ack.
+    #[allow(clippy::result_large_err)] // tungstenite's handshake callback returns a response
+    fn holding_service(rounds: usize) -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
+        use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+        use tokio_tungstenite::tungstenite::Message;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "ws://{}/client/hubs/h?access_token=t",
+            listener.local_addr().unwrap()
+        );
+        let (frames_tx, frames) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let echo_protocol = |req: &Request, mut resp: Response| {
+                if let Some(protocol) = req.headers().get("Sec-WebSocket-Protocol") {
+                    resp.headers_mut()
+                        .insert("Sec-WebSocket-Protocol", protocol.clone());
+                }
+                Ok(resp)
+            };
+            let mut ws = tokio_tungstenite::tungstenite::accept_hdr(tcp, echo_protocol).unwrap();
+            ws.send(Message::text(
+                r#"{"type":"system","event":"connected","userId":"u","connectionId":"c1","reconnectionToken":"t1"}"#,
+            ))
+            .unwrap();
+            for round in 1..=rounds {
+                ws.send(Message::text(format!(
+                    r#"{{"type":"message","from":"server","dataType":"text","data":"hold","sequenceId":{round}}}"#
+                )))
+                .unwrap();
+                let frame = loop {
+                    let Ok(Message::Text(text)) = ws.read() else {
+                        return;
+                    };
+                    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    if frame["type"] == "sendToGroup" {
+                        break frame;
+                    }
+                };
+                let ack = format!(
+                    r#"{{"type":"ack","ackId":{},"success":true}}"#,
+                    frame["ackId"]
+                );
+                let _ = frames_tx.send(frame);
+                ws.send(Message::text(ack)).unwrap();
+            }
+            while ws.read().is_ok() {}
+        });
+        (url, frames)
+    }
+
+    #[test]
+    fn a_callback_operation_on_an_idle_client_is_written_by_its_caller() {
+        let (url, frames) = holding_service(2);
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
+        let handler = move |event: Event| {
+            if matches!(event, Event::ServerMessage { .. }) {
+                let _ = entered_tx.lock().unwrap().send(());
+                let _ = released
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            }
+        };
+        let client = Client::new(
+            Credential::Url(url),
+            ClientOptions::default(),
+            Arc::new(handler),
+        )
+        .unwrap();
+        crate::runtime::block_on(client.start()).unwrap();
+        // At once, then deferred and flushed alone: both written by this thread while
+        // the connection task is held inside the event handler.
+        for handover in [Handover::Now, Handover::Deferred] {
+            entered
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the handler was not called");
+            let (done, outcome) = std::sync::mpsc::channel();
+            let message = client.group_message(
+                "g",
+                DataType::Text,
+                format!("{handover:?}").as_bytes(),
+                SendToGroupOptions::default(),
+            );
+            client.start_then(message, handover, Box::new(ToChannel(done)));
+            client.flush_deferred();
+            let frame = frames
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{handover:?}: no frame while the task is held"));
+            assert_eq!(frame["data"], format!("{handover:?}"));
+            release.send(()).unwrap();
+            let acked = outcome.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(acked.unwrap().ack_id, frame["ackId"].as_u64());
+        }
+        crate::runtime::block_on(client.stop());
+    }
+
+    #[test]
+    fn a_callback_operation_its_caller_wrote_times_out_with_nothing_read() {
+        // The service acks nothing and answers no ping: only the task's registration
+        // at each keep-alive ping lets the ack timeout run.
+        let (url, _frames) = holding_service(0);
+        let options = ClientOptions {
+            keep_alive_interval: Some(Duration::from_millis(100)),
+            keep_alive_timeout: None,
+            ack_timeout: Duration::from_millis(400),
+            message_retry: RetryOptions {
+                max_retries: Some(0),
+                ..RetryOptions::message_default()
+            },
+            ..ClientOptions::default()
+        };
+        let client = Client::new(Credential::Url(url), options, Arc::new(|_| {})).unwrap();
+        crate::runtime::block_on(client.start()).unwrap();
+        let (done, outcome) = std::sync::mpsc::channel();
+        let started = std::time::Instant::now();
+        let message =
+            client.group_message("g", DataType::Text, b"lost", SendToGroupOptions::default());
+        client.start_then(message, Handover::Now, Box::new(ToChannel(done)));
+        let outcome = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the operation never timed out");
+        assert_eq!(outcome, Err(Error::Timeout));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        crate::runtime::block_on(client.stop());
     }
 }

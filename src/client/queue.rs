@@ -16,7 +16,7 @@
 //! [`Direct`] until the task is done with it, so that a direct write never overtakes
 //! one; deferred operations are handed over before any direct write is tried.
 
-use super::direct::Direct;
+use super::direct::{Direct, Written};
 use super::pending::Operation;
 use super::Error;
 use std::collections::VecDeque;
@@ -128,13 +128,25 @@ impl OpSender {
     }
 
     /// Hands every deferred operation to the connection task, in order. They are
-    /// handed over under the lock, so that two flushing threads cannot interleave.
+    /// handed over under the lock, so that two flushing threads cannot interleave. A
+    /// single acked one on an idle client is written at once instead when its outcome
+    /// may go unawaited (see [`Direct::pings_register`]): a run of them is better
+    /// written by the task, for one wake-up.
     pub(crate) fn flush(&self) {
         if !self.has_deferred.load(Ordering::Acquire) {
             return;
         }
         let mut deferred = self.deferred();
         self.has_deferred.store(false, Ordering::Release);
+        if deferred.len() == 1 && self.direct.pings_register() {
+            if let Some(op) = deferred.pop() {
+                if let Written::No(op) = self.direct.try_write(op) {
+                    // A refused operation has already given its reply the error.
+                    let _ = self.hand_over(op);
+                }
+            }
+            return;
+        }
         for op in deferred.drain(..) {
             // A refused operation has already given its reply the error.
             let _ = self.hand_over(op);
