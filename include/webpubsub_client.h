@@ -822,7 +822,8 @@ wps_status wps_client_send_event_with_ack_id_async(struct wps_client *c,
 
 /**
  * Sends the messages started with `WPS_SEND_DEFERRED`, in order, waking the
- * connection task once for all of them. Never blocks.
+ * connection task once for all of them (a single acked message on an otherwise idle
+ * client is written by the calling thread instead). Never blocks.
  *
  * # Safety
  * `c` is NULL or a live handle.

@@ -1152,7 +1152,8 @@ pub unsafe extern "C" fn wps_client_send_event_with_ack_id_async(
 }
 
 /// Sends the messages started with `WPS_SEND_DEFERRED`, in order, waking the
-/// connection task once for all of them. Never blocks.
+/// connection task once for all of them (a single acked message on an otherwise idle
+/// client is written by the calling thread instead). Never blocks.
 ///
 /// # Safety
 /// `c` is NULL or a live handle.
