@@ -156,12 +156,7 @@ impl Direct {
 
     /// The operations written by callers since the last call, oldest first.
     pub(crate) fn take_written(&self) -> Vec<(Operation, Instant)> {
-        let mut written = self.written();
-        if written.is_empty() {
-            Vec::new()
-        } else {
-            std::mem::take(&mut *written)
-        }
+        std::mem::take(&mut *self.written())
     }
 
     /// Wakes the connection task (see [`Direct::woken`]).

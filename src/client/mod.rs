@@ -258,7 +258,6 @@ struct Inner {
     ack_timeout: Duration,
     max_outgoing: usize,
     next_invocation_id: AtomicU64,
-    runtime: tokio::runtime::Handle,
 }
 
 /// See [`Client::end_watch`].
@@ -300,12 +299,11 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 commands,
-                operations: OpSender::new(operations, runtime.clone(), shared.direct.clone()),
+                operations: OpSender::new(operations, runtime, shared.direct.clone()),
                 shared,
                 ack_timeout,
                 max_outgoing,
                 next_invocation_id: AtomicU64::new(1),
-                runtime,
             }),
         })
     }
@@ -610,9 +608,7 @@ impl Client {
                 reply: tx.into(),
             },
         };
-        // Deferred operations first: a direct write must not overtake them.
-        self.inner.operations.flush();
-        match self.inner.shared.direct.try_write(op) {
+        match self.inner.operations.try_write(op) {
             Written::Yes => self.await_written(rx).await,
             Written::No(op) => {
                 self.operation(op).await?;
@@ -633,7 +629,7 @@ impl Client {
             return rx.await.unwrap_or(Err(Error::Stopped));
         }
         let late = {
-            let _runtime = self.inner.runtime.enter();
+            let _runtime = self.inner.operations.runtime().enter();
             tokio::time::sleep(self.inner.ack_timeout)
         };
         tokio::select! {
@@ -703,9 +699,7 @@ impl Client {
             },
         };
         if handover == Handover::Now && self.inner.shared.direct.pings_register() {
-            // Deferred operations first: a direct write must not overtake them.
-            self.inner.operations.flush();
-            op = match self.inner.shared.direct.try_write(op) {
+            op = match self.inner.operations.try_write(op) {
                 Written::Yes => return,
                 Written::No(op) => op,
             };

@@ -138,19 +138,32 @@ impl OpSender {
         }
         let mut deferred = self.deferred();
         self.has_deferred.store(false, Ordering::Release);
-        if deferred.len() == 1 && self.direct.pings_register() {
-            if let Some(op) = deferred.pop() {
-                if let Written::No(op) = self.direct.try_write(op) {
-                    // A refused operation has already given its reply the error.
-                    let _ = self.hand_over(op);
-                }
-            }
-            return;
-        }
+        let alone = deferred.len() == 1 && self.direct.pings_register();
         for op in deferred.drain(..) {
+            let op = if alone {
+                match self.direct.try_write(op) {
+                    Written::Yes => continue,
+                    Written::No(op) => op,
+                }
+            } else {
+                op
+            };
             // A refused operation has already given its reply the error.
             let _ = self.hand_over(op);
         }
+    }
+
+    /// Writes an acked operation on this thread if the client is idle (see
+    /// [`Direct::try_write`]), after handing the deferred ones over: it must not
+    /// overtake them.
+    pub(crate) fn try_write(&self, op: Operation) -> Written {
+        self.flush();
+        self.direct.try_write(op)
+    }
+
+    /// The runtime the connection task runs on.
+    pub(crate) fn runtime(&self) -> &Handle {
+        &self.runtime
     }
 
     /// Puts `op` into the channel if it has room (refused with `Error::Stopped` when the
