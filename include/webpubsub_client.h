@@ -301,7 +301,8 @@ typedef void (*wps_user_data_free_cb)(void *user_data);
 typedef void (*wps_credential_cb)(void *user_data, struct wps_credential_result *result);
 
 /**
- * The outcome of a blocking acked operation.
+ * The outcome of a blocking acked operation: written on success, and when the
+ * service refused the operation (`WPS_STATUS_ACK_ERROR`, with the refused ackId).
  */
 typedef struct wps_ack_result {
   /**
@@ -331,11 +332,12 @@ typedef struct wps_completion {
    */
   uint64_t op_id;
   /**
-   * Acked operations: whether `ack_id` is set (not for fire-and-forget).
+   * Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
+   * only for `WPS_STATUS_ACK_ERROR`).
    */
   bool has_ack_id;
   /**
-   * The operation's ackId.
+   * The operation's ackId (on `WPS_STATUS_ACK_ERROR`, the refused one).
    */
   uint64_t ack_id;
   /**

@@ -80,9 +80,10 @@ pub struct wps_completion {
     pub status: wps_status,
     /// The id the starting call returned.
     pub op_id: u64,
-    /// Acked operations: whether `ack_id` is set (not for fire-and-forget).
+    /// Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
+    /// only for `WPS_STATUS_ACK_ERROR`).
     pub has_ack_id: bool,
-    /// The operation's ackId.
+    /// The operation's ackId (on `WPS_STATUS_ACK_ERROR`, the refused one).
     pub ack_id: u64,
     /// The service had already processed this ackId (still a success).
     pub is_duplicated: bool,
@@ -143,6 +144,18 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
         _ => String::new(),
     };
     (status, name, e.to_string())
+}
+
+/// The ackId of an operation the service refused (`WPS_STATUS_ACK_ERROR`): its caller
+/// reports it with the error, as the official clients do.
+pub(crate) fn refused_ack(e: &Error) -> Option<AckResult> {
+    match e {
+        Error::Ack { ack_id, .. } => Some(AckResult {
+            ack_id: Some(*ack_id),
+            is_duplicated: false,
+        }),
+        _ => None,
+    }
 }
 
 /// Records a core error as this thread's last error and returns its status.
@@ -439,7 +452,7 @@ impl OwnedCompletion {
         let (status, name, message) = error_parts(e);
         OwnedCompletion {
             status,
-            ack: None,
+            ack: refused_ack(e),
             error_name: (!name.is_empty()).then(|| to_cstring(&name)),
             error_message: Some(to_cstring(&message)),
             response: None,

@@ -23,7 +23,7 @@ use crate::client::{
 use crate::protocol::DataType;
 
 use super::callbacks::{
-    data_type_code, fail_with, wps_completion_cb, wps_event_cb, wps_user_data_free_cb,
+    data_type_code, fail_with, refused_ack, wps_completion_cb, wps_event_cb, wps_user_data_free_cb,
     CompletionTarget, EventSink, OwnedCompletion, SinkHandler, UserData,
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
@@ -58,7 +58,8 @@ pub struct wps_invoke_response {
     data: Bytes,
 }
 
-/// The outcome of a blocking acked operation.
+/// The outcome of a blocking acked operation: written on success, and when the
+/// service refused the operation (`WPS_STATUS_ACK_ERROR`, with the refused ackId).
 #[repr(C)]
 pub struct wps_ack_result {
     /// The operation's ackId when `has_ack_id` (not for fire-and-forget).
@@ -667,15 +668,18 @@ unsafe fn run_blocking(
             block(async move { client.run(prepared).await })?
         }
     };
-    let ack = outcome.map_err(fail_with)?;
-    if !out.is_null() {
+    let (ack, result) = match outcome {
+        Ok(ack) => (Some(ack), Ok(())),
+        Err(error) => (refused_ack(&error), Err(fail_with(error))),
+    };
+    if let (Some(ack), false) = (ack, out.is_null()) {
         out.write(wps_ack_result {
             ack_id: ack.ack_id.unwrap_or(0),
             has_ack_id: ack.ack_id.is_some(),
             is_duplicated: ack.is_duplicated,
         });
     }
-    Ok(())
+    result
 }
 
 /// Registers an asynchronous operation completing to `cb`; writes its id to `op_id`.

@@ -577,16 +577,20 @@ static bool test_chat(void) {
     CHECK(!leaked);
     CHECK(one_thread);
 
-    /* ack errors: bob may only join "chat" */
+    /* ack errors: bob may only join "chat"; the refused ackId is reported */
     CHECK_STATUS(wps_client_join_group(b, "secret", NULL), WPS_STATUS_ACK_ERROR);
     CHECK(strcmp(wps_last_error_name(), "Forbidden") == 0);
     CHECK(strlen(wps_last_error_message()) > 0);
+    wps_ack_result refused = {0};
+    CHECK_STATUS(wps_client_join_group(b, "secret", &refused), WPS_STATUS_ACK_ERROR);
+    CHECK(refused.has_ack_id && refused.ack_id > 0 && !refused.is_duplicated);
     completion done;
     completion_init(&done);
     uint64_t op = 0;
     CHECK_OK(wps_client_join_group_async(b, "secret", on_complete, &done, &op));
     CHECK(wait_completion(&done));
     CHECK(done.status == WPS_STATUS_ACK_ERROR && strcmp(done.error_name, "Forbidden") == 0 && done.op_id == op);
+    CHECK(done.has_ack_id && done.ack_id > refused.ack_id);
     CHECK(done.message_set);
     completion_destroy(&done);
 

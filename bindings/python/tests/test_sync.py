@@ -336,6 +336,22 @@ def test_forbidden_join_fails_fast_without_retrying(hub: Hub) -> None:
     assert info.value.error_detail is not None
     assert info.value.error_detail.name == "Forbidden"
     assert "Forbidden" in str(info.value)
+    assert info.value.ack_id is not None  # the refused ackId, as the official client reports it
+
+
+def test_a_refused_send_reports_its_ack_id(hub: Hub) -> None:
+    with make(hub.url(roles=["webpubsub.joinLeaveGroup"]), message_retry_total=0) as client:
+        refused = []
+        for text in ("one", "two"):
+            with pytest.raises(SendMessageError) as info:
+                client.send_to_group("g", text, WebPubSubDataType.TEXT)
+            refused.append(info.value)
+        with pytest.raises(SendMessageError) as chosen:
+            client.send_to_group("g", "three", WebPubSubDataType.TEXT, ack_id=900)
+    assert all(e.error_detail is not None and e.error_detail.name == "Forbidden" for e in refused)
+    assert refused[0].ack_id is not None and refused[1].ack_id is not None
+    assert refused[0].ack_id != refused[1].ack_id
+    assert chosen.value.ack_id == 900
 
 
 def test_operations_when_not_connected_raise_send_message_error(hub: Hub) -> None:

@@ -397,6 +397,12 @@ def ack_result(out: _native.WpsAckResult) -> WebPubSubResult:
     return WebPubSubResult(out.ack_id if out.has_ack_id else None, bool(out.is_duplicated))
 
 
+def refused_ack_id(out: _native.WpsAckResult, chosen: Optional[int] = None) -> Optional[int]:
+    """The ackId of a failed blocking operation: the refused one the library wrote to
+    ``out`` (``WPS_STATUS_ACK_ERROR``), else the caller's ``chosen`` one."""
+    return out.ack_id if out.has_ack_id else chosen
+
+
 def invoke_result(data_type: int, data: bytes) -> InvokeEventResult:
     """An invoke response: text as ``str``, json parsed, binary as ``bytes``."""
     kind, value = decode_content(data_type, data, bytes)
