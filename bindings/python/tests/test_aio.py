@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
+import logging
 import threading
 import time
 from typing import Any, Callable, List
@@ -12,6 +14,9 @@ import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream
 
 from webpubsub_client import WebPubSubClient as SyncClient
+from webpubsub_client import _native
+from webpubsub_client._callbacks import REGISTRY
+from webpubsub_client.aio import _client as aio_client
 from webpubsub_client.aio import WebPubSubClient, WebPubSubClientCredential
 from webpubsub_client.models import (
     CallbackType,
@@ -163,6 +168,75 @@ async def test_forbidden_and_not_connected_errors(hub: Hub) -> None:
         with pytest.raises(SendMessageError) as info:
             await client.join_group("g")
     assert info.value.error_detail is not None and info.value.error_detail.name == "Forbidden"
+
+
+async def test_acked_sends_report_refusals_and_unsendable_states(hub: Hub) -> None:
+    """An acked send's errors reach its awaiting coroutine: refused by the service (with
+    the ackId and the service's error name) and not connected (before and after)."""
+    client = make(hub.url(roles=["webpubsub.joinLeaveGroup"]), message_retry_total=0)
+    with pytest.raises(SendMessageError):
+        await client.send_to_group("g", "before open", WebPubSubDataType.TEXT)
+    async with client:
+        refused = await asyncio.gather(
+            *(client.send_to_group("g", str(i), WebPubSubDataType.TEXT) for i in range(20)), return_exceptions=True
+        )
+        event = await client.send_event("notify", "x", WebPubSubDataType.TEXT)
+    assert all(isinstance(e, SendMessageError) for e in refused), refused
+    assert all(e.error_detail is not None and e.error_detail.name == "Forbidden" for e in refused)
+    ack_ids = [e.ack_id for e in refused]
+    assert None not in ack_ids and len(set(ack_ids)) == len(ack_ids)
+    assert event.ack_id is not None and not event.is_duplicated
+    with pytest.raises(SendMessageError):
+        await client.send_event("notify", "after close", WebPubSubDataType.TEXT)
+
+
+async def test_a_cancelled_send_is_cancelled_and_the_client_stays_usable(hub: Hub, caplog: Any) -> None:
+    """Cancelling the coroutine awaiting an acked send raises CancelledError there; its
+    completion, when it comes, is dropped without a trace or a leak, and later sends go on."""
+    got = AsyncCollector()
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        registered = len(REGISTRY)
+        task = asyncio.ensure_future(client.send_to_group("g", "cancelled", WebPubSubDataType.TEXT))
+        await asyncio.sleep(0)  # the send starts; its ack cannot be dispatched before the cancel
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        after = await client.send_to_group("g", "after", WebPubSubDataType.TEXT)
+        assert after.ack_id is not None
+        items = await got.wait_until(lambda items: "after" in [m.data for m in items])
+        assert len(REGISTRY) == registered
+    assert [m.data for m in items][-1] == "after"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+async def test_a_send_completed_off_its_loop_thread_settles_on_its_loop() -> None:
+    """A completion that the library runs on its own thread (the client was freed)
+    reaches the future through its loop: a result and an error alike."""
+    loop = asyncio.get_running_loop()
+    ok_future = loop.create_future()
+    failed_future = loop.create_future()
+    ok = _native.WpsCompletion(status=_native.STATUS_OK, has_ack_id=True, ack_id=5)
+    failed = _native.WpsCompletion(
+        status=_native.STATUS_ACK_ERROR, has_ack_id=True, ack_id=6, error_name=b"Forbidden", error_message=b"no"
+    )
+    ok_key, failed_key = REGISTRY.add(ok_future), REGISTRY.add(failed_future)
+
+    def complete() -> None:
+        aio_client._ACKED_TRAMPOLINE(ok_key, ctypes.pointer(ok))  # pylint: disable=protected-access
+        aio_client._ACKED_TRAMPOLINE(failed_key, ctypes.pointer(failed))  # pylint: disable=protected-access
+
+    thread = threading.Thread(target=complete)
+    thread.start()
+    thread.join(WAIT)
+    result = await asyncio.wait_for(ok_future, WAIT)
+    assert (result.ack_id, result.is_duplicated) == (5, False)
+    with pytest.raises(SendMessageError) as info:
+        await asyncio.wait_for(failed_future, WAIT)
+    assert info.value.ack_id == 6
+    assert info.value.error_detail is not None and info.value.error_detail.name == "Forbidden"
+    assert REGISTRY.get(ok_key) is None and REGISTRY.get(failed_key) is None
 
 
 async def test_a_send_after_a_quiet_spell_is_not_held_for_the_next_loop_pass(hub: Hub) -> None:

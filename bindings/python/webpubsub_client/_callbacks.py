@@ -97,7 +97,7 @@ _gil_state_ensure.restype = ctypes.c_int
 _kept_threads: Set[int] = set()
 
 
-def _keep_thread_state() -> None:
+def keep_thread_state() -> None:
     """Keep this thread's Python thread state from one callback to the next.
 
     A ctypes callback on a thread that Python did not start (the library's dispatcher
@@ -115,7 +115,7 @@ def _keep_thread_state() -> None:
 
 def _on_event(key: Optional[int], event: Any) -> None:
     try:
-        _keep_thread_state()
+        keep_thread_state()
         sink = REGISTRY.get(key)
         if sink is not None:
             sink.on_native_event(event.contents)
@@ -152,7 +152,7 @@ def _on_credential(key: Optional[int], result: Optional[int]) -> None:
 
 def _on_completion(key: Optional[int], completion: Any) -> None:
     try:
-        _keep_thread_state()
+        keep_thread_state()
         handler = REGISTRY.pop(key)
         if handler is not None:
             handler(Completion(completion.contents))

@@ -330,6 +330,59 @@ def _settle(future: "asyncio.Future[Completion]", completion: Completion) -> Non
         future.set_result(completion)
 
 
+def _on_acked(key: Optional[int], raw: Any) -> None:
+    """Completion of a send with an automatic ackId (see ``WebPubSubClient._send``): its
+    future, stored under ``key``, gets the result or the error. Reads only what a send's
+    outcome needs: this runs once per message."""
+    try:
+        future = REGISTRY.pop(key)
+        if future is None:
+            return
+        completion = raw.contents
+        status = completion.status
+        ack_id = completion.ack_id if completion.has_ack_id else None
+        outcome: Union[WebPubSubResult, Exception]
+        if status == _native.STATUS_OK:
+            outcome = WebPubSubResult(ack_id, bool(completion.is_duplicated))
+        else:
+            outcome = _base.operation_error(
+                status,
+                ack_id=ack_id,
+                name=_native.decode(completion.error_name) or "",
+                message=_native.decode(completion.error_message) or "",
+            )
+        loop = future.get_loop()
+        if getattr(loop, "_thread_id", None) == threading.get_ident():  # dispatched by the loop (poll mode)
+            _resolve(future, outcome)
+            return
+        _callbacks.keep_thread_state()  # a library thread (the client was freed) or another loop
+        loop.call_soon_threadsafe(_resolve, future, outcome)
+    except RuntimeError:
+        _LOGGER.debug("webpubsub_client: event loop closed before a send completed")
+    except BaseException:  # noqa: BLE001 - nothing may propagate into C
+        _LOGGER.exception("webpubsub_client: error while completing a send")
+
+
+def _resolve(future: "asyncio.Future[WebPubSubResult]", outcome: Union[WebPubSubResult, Exception]) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+_ACKED_TRAMPOLINE = _native.COMPLETION_CB(_on_acked)
+
+# The C forms (plain, async, with_ack_id_async) of each send.
+_GROUP_FORMS = (
+    lib.wps_client_send_to_group,
+    lib.wps_client_send_to_group_async,
+    lib.wps_client_send_to_group_with_ack_id_async,
+)
+_EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_async, lib.wps_client_send_event_with_ack_id_async)
+
+
 def _blocking_call(function: Callable[[int], int], handle: int) -> Tuple[int, str]:
     """Run a blocking C call (in an executor thread) and read its error on that thread."""
     status = function(handle)
@@ -599,12 +652,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(no_echo, "no_echo")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack, no_echo)
-        forms = (
-            lib.wps_client_send_to_group,
-            lib.wps_client_send_to_group_async,
-            lib.wps_client_send_to_group_with_ack_id_async,
-        )
-        return await self._send(forms, group, kind, payload, flags, ack, ack_id)
+        return await self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
     async def send_event(
         self,
@@ -624,12 +672,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         _base.check_bool(ack, "ack")
         _base.check_ack_id(ack_id)
         flags = _base.send_flags(ack)
-        forms = (
-            lib.wps_client_send_event,
-            lib.wps_client_send_event_async,
-            lib.wps_client_send_event_with_ack_id_async,
-        )
-        return await self._send(forms, event, kind, payload, flags, ack, ack_id)
+        return await self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
     async def _send(
         self, forms: Any, target: bytes, kind: int, payload: bytes, flags: int, ack: bool, ack_id: Optional[int]
@@ -644,15 +687,26 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 with_ack_id_async, handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, ack_id,
                 ack_id=ack_id, deferred=True,
             )
-        elif not ack:
+            return _ack_result(completion)
+        if not ack:
             # queued at once on this thread: the blocking form returns when the frame is queued
             _queue_now(plain(handle, target, kind, payload, size, flags, None))
             return WebPubSubResult(None, False)
-        else:
-            completion = await self._run(
-                plain_async, handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, deferred=True
-            )
-        return _ack_result(completion)
+        loop = self._poller.running_loop()
+        self._poller.attach(loop)
+        future = loop.create_future()
+        key = REGISTRY.add(future)
+        op_id = ctypes.c_uint64(0)
+        status = plain_async(handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, _ACKED_TRAMPOLINE, key, op_id)
+        if status != _native.STATUS_OK:
+            REGISTRY.pop(key)
+            raise _base.operation_error(status)
+        self._poller.flush_soon(loop)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            lib.wps_client_cancel(handle, op_id.value)
+            raise
 
     async def invoke_event(
         self,
