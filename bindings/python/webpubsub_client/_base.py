@@ -392,14 +392,17 @@ def check_status(status: int) -> None:
     raise WebPubSubClientError(_detail(status), status=status)
 
 
-def ack_result(out: _native.WpsAckResult) -> WebPubSubResult:
-    """A blocking operation's ``wps_ack_result`` as a :class:`WebPubSubResult`."""
+def ack_result(out: Union[_native.WpsAckResult, _native.WpsCompletion]) -> WebPubSubResult:
+    """An operation's ``wps_ack_result`` (or ``wps_completion``, same fields) as a
+    :class:`WebPubSubResult`."""
     return WebPubSubResult(out.ack_id if out.has_ack_id else None, bool(out.is_duplicated))
 
 
-def refused_ack_id(out: _native.WpsAckResult, chosen: Optional[int] = None) -> Optional[int]:
-    """The ackId of a failed blocking operation: the refused one the library wrote to
-    ``out`` (``WPS_STATUS_ACK_ERROR``), else the caller's ``chosen`` one."""
+def refused_ack_id(
+    out: Union[_native.WpsAckResult, _native.WpsCompletion], chosen: Optional[int] = None
+) -> Optional[int]:
+    """The ackId of a failed operation: the refused one the library wrote to ``out``
+    (``WPS_STATUS_ACK_ERROR``), else the caller's ``chosen`` one."""
     return out.ack_id if out.has_ack_id else chosen
 
 

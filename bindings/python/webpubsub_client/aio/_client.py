@@ -325,11 +325,6 @@ class _Poller:
                 _base.free_client(handle)
 
 
-def _settle(future: "asyncio.Future[Completion]", completion: Completion) -> None:
-    if not future.done():
-        future.set_result(completion)
-
-
 def _on_acked(key: Optional[int], raw: Any) -> None:
     """Completion of a send with an automatic ackId (see ``WebPubSubClient._send``): its
     future, stored under ``key``, gets the result or the error. Reads only what a send's
@@ -340,14 +335,13 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
             return
         completion = raw.contents
         status = completion.status
-        ack_id = completion.ack_id if completion.has_ack_id else None
         outcome: Union[WebPubSubResult, Exception]
         if status == _native.STATUS_OK:
-            outcome = WebPubSubResult(ack_id, bool(completion.is_duplicated))
+            outcome = _base.ack_result(completion)
         else:
             outcome = _base.operation_error(
                 status,
-                ack_id=ack_id,
+                ack_id=_base.refused_ack_id(completion),
                 name=_native.decode(completion.error_name) or "",
                 message=_native.decode(completion.error_message) or "",
             )
@@ -363,7 +357,9 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
         _LOGGER.exception("webpubsub_client: error while completing a send")
 
 
-def _resolve(future: "asyncio.Future[WebPubSubResult]", outcome: Union[WebPubSubResult, Exception]) -> None:
+def _resolve(future: "asyncio.Future[Any]", outcome: Any) -> None:
+    """Gives ``future`` its result, or its error when ``outcome`` is an exception,
+    unless it is done already (cancelled)."""
     if future.done():
         return
     if isinstance(outcome, Exception):
@@ -692,6 +688,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             # queued at once on this thread: the blocking form returns when the frame is queued
             _queue_now(plain(handle, target, kind, payload, size, flags, None))
             return WebPubSubResult(None, False)
+        # _run's steps written out: this is the hot path, and its extra calls cost ~1 us per send
         loop = self._poller.running_loop()
         self._poller.attach(loop)
         future = loop.create_future()
@@ -760,16 +757,16 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
         def complete(completion: Completion) -> None:
             if _on_loop(loop, thread):  # dispatched by this loop (poll mode)
-                _settle(future, completion)
+                _resolve(future, completion)
                 return
             try:  # from a library thread (after the client was freed) or another loop
-                batch.post(_settle, future, completion)
+                batch.post(_resolve, future, completion)
             except RuntimeError:
                 _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
 
         key = REGISTRY.add(complete)
         op_id = ctypes.c_uint64(0)
-        status = start(*args, _callbacks.COMPLETION_TRAMPOLINE, key, ctypes.byref(op_id))
+        status = start(*args, _callbacks.COMPLETION_TRAMPOLINE, key, op_id)
         if status != _native.STATUS_OK:
             REGISTRY.pop(key)
             raise _base.operation_error(status, invoke=invoke, ack_id=ack_id)
