@@ -301,8 +301,11 @@ typedef void (*wps_user_data_free_cb)(void *user_data);
 typedef void (*wps_credential_cb)(void *user_data, struct wps_credential_result *result);
 
 /**
- * The outcome of a blocking acked operation: written on success, and when the
- * service refused the operation (`WPS_STATUS_ACK_ERROR`, with the refused ackId).
+ * The outcome of a blocking acked operation, written whatever the status. On a
+ * failure `has_ack_id` tells whether the failed operation had an ackId: refused
+ * (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
+ * resend with it is deduplicated by the service), or sent when its connection was
+ * lost (`WPS_STATUS_NOT_CONNECTED`).
  */
 typedef struct wps_ack_result {
   /**
@@ -333,11 +336,12 @@ typedef struct wps_completion {
   uint64_t op_id;
   /**
    * Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
-   * only for `WPS_STATUS_ACK_ERROR`).
+   * when the operation had one: `WPS_STATUS_ACK_ERROR`, `WPS_STATUS_TIMEOUT` after
+   * its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost).
    */
   bool has_ack_id;
   /**
-   * The operation's ackId (on `WPS_STATUS_ACK_ERROR`, the refused one).
+   * The operation's ackId (on a failure, the failed one's).
    */
   uint64_t ack_id;
   /**
@@ -587,7 +591,7 @@ wps_status wps_client_connection_id(const struct wps_client *c,
                                     size_t *out_len);
 
 /**
- * Joins `group`; blocks until acked. `out` (may be NULL) receives the ack.
+ * Joins `group`; blocks until acked. `out` (may be NULL) receives the outcome (`wps_ack_result`).
  *
  * # Safety
  * `c` is NULL or a live handle; `group` is NULL or NUL-terminated; `out` is NULL or writable.
@@ -597,7 +601,7 @@ wps_status wps_client_join_group(struct wps_client *c,
                                  struct wps_ack_result *out);
 
 /**
- * Leaves `group`; blocks until acked. `out` (may be NULL) receives the ack.
+ * Leaves `group`; blocks until acked. `out` (may be NULL) receives the outcome (`wps_ack_result`).
  *
  * # Safety
  * As `wps_client_join_group`.

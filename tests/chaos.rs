@@ -433,7 +433,7 @@ async fn client_via(
             Ok(()) => break,
             Err(e) if attempts < 50 => {
                 assert!(
-                    matches!(e, Error::Connect(_) | Error::Timeout),
+                    matches!(e, Error::Connect(_) | Error::Timeout { .. }),
                     "start of {user}: {e}"
                 );
                 sleep(Duration::from_millis(20)).await;
@@ -487,7 +487,7 @@ async fn subscriber(emulator: &Emulator, name: &str, publishers: u64, s: &Settin
                 break;
             }
             Err(e) => {
-                assert!(matches!(e, Error::NotConnected), "{name} join: {e}");
+                assert!(matches!(e, Error::NotConnected { .. }), "{name} join: {e}");
                 sleep(Duration::from_millis(50)).await;
             }
         }
@@ -964,7 +964,7 @@ impl Check {
                 self.disconnected = true;
             }
             Seen::RejoinFailed(error) => {
-                if error != Error::NotConnected {
+                if !matches!(error, Error::NotConnected { .. }) {
                     return Err(format!("rejoin failed: {error}"));
                 }
                 self.rejoin_failures += 1;

@@ -418,7 +418,10 @@ async fn invocations_reply_time_out_and_cancel() {
     });
     let frame = conn.recv().await;
     let id = frame["invocationId"].clone();
-    assert_eq!(invoke.await.unwrap().unwrap_err(), Error::Timeout);
+    assert_eq!(
+        invoke.await.unwrap().unwrap_err(),
+        Error::Timeout { ack_id: None }
+    );
     assert_eq!(
         conn.recv().await,
         serde_json::json!({"type":"cancelInvocation","invocationId":id})
@@ -615,7 +618,8 @@ async fn reconnecting_gives_up_per_the_retry_policy_and_stops() {
     let (client, mut events, mut conn) = connect(&fake, options).await;
     let c = client.clone();
     let pending = tokio::spawn(async move { c.join_group("g").await });
-    conn.recv().await;
+    let ack_id = conn.recv().await["ackId"].as_u64();
+    assert!(ack_id.is_some());
     drop(fake);
     conn.ws
         .close(Some(CloseFrame {
@@ -626,8 +630,8 @@ async fn reconnecting_gives_up_per_the_retry_policy_and_stops() {
         .unwrap();
     assert_eq!(
         pending.await.unwrap(),
-        Err(Error::NotConnected),
-        "pending ops fail when the session is lost"
+        Err(Error::NotConnected { ack_id }),
+        "pending ops fail when the session is lost, with their ackIds"
     );
     assert!(matches!(
         next_event(&mut events, 5).await,
@@ -684,15 +688,20 @@ async fn a_resent_operation_still_times_out_on_a_quiet_recovered_connection() {
     let fake = Fake::new().await;
     let (client, _events, mut conn) = connect(&fake, one_try_options()).await;
     let send = spawn_send(&client, "x");
-    conn.recv().await;
+    let ack_id = conn.recv().await["ackId"].as_u64();
+    assert!(ack_id.is_some());
     drop(conn);
     let (mut conn, _) = fake.accept().await;
-    conn.recv().await;
+    assert_eq!(
+        conn.recv().await["ackId"].as_u64(),
+        ack_id,
+        "resent with its ackId"
+    );
     let result = tokio::time::timeout(Duration::from_secs(3), send)
         .await
         .expect("the ack timeout fired")
         .unwrap();
-    assert_eq!(result, Err(Error::Timeout));
+    assert_eq!(result, Err(Error::Timeout { ack_id }));
     client.stop().await;
 }
 
@@ -815,13 +824,19 @@ async fn a_frame_its_caller_wrote_still_times_out_when_nothing_comes_back() {
     let (client, _events, mut conn) = connect(&fake, one_try_options()).await;
     let started = std::time::Instant::now();
     let send = spawn_send(&client, "lost");
-    assert_eq!(conn.recv().await["data"], "lost");
+    let frame = conn.recv().await;
+    assert_eq!(frame["data"], "lost");
     // Nothing is read after the write (no ack, no pings): the timeout must still run.
     let outcome = tokio::time::timeout(Duration::from_secs(10), send)
         .await
         .expect("the send never timed out")
         .unwrap();
-    assert_eq!(outcome.unwrap_err(), Error::Timeout);
+    assert_eq!(
+        outcome.unwrap_err(),
+        Error::Timeout {
+            ack_id: frame["ackId"].as_u64()
+        }
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     client.stop().await;
 }

@@ -10,16 +10,21 @@ use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{wps_completion, wps_event, WPS_EVENT_GROUP_MESSAGE};
 use webpubsub_client::ffi::client::{
-    wps_client, wps_client_cancel, wps_client_flush_deferred, wps_client_free,
-    wps_client_join_group, wps_client_join_group_async, wps_client_new,
-    wps_client_send_event_async, wps_client_send_to_group, wps_client_send_to_group_async,
-    wps_client_start, wps_client_stop,
+    wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id,
+    wps_client_flush_deferred, wps_client_free, wps_client_join_group, wps_client_join_group_async,
+    wps_client_new, wps_client_send_event_async, wps_client_send_to_group,
+    wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id, wps_client_start,
+    wps_client_stop,
+};
+use webpubsub_client::ffi::options::{
+    wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
+    wps_options_set_message_retry,
 };
 use webpubsub_client::ffi::status::{
-    wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_SEND_DEFERRED,
-    WPS_SEND_FIRE_AND_FORGET, WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE,
+    wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED,
+    WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE,
     WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NULL_ARG, WPS_STATUS_OK,
-    WPS_STATUS_STOPPED,
+    WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
 };
 use webpubsub_emulator::{Config, Emulator};
 
@@ -35,6 +40,8 @@ struct Seen {
     completions: HashMap<u64, Vec<u32>>,
     /// Completions that carried an ackId.
     acked: usize,
+    /// Per operation id: the ackId its completion carried.
+    ack_ids: HashMap<u64, u64>,
     /// Group messages (`m <group> <sender or -> <text>`) and completions (`c <op id>`), in the
     /// order the callbacks ran.
     timeline: Vec<String>,
@@ -77,6 +84,7 @@ unsafe extern "C" fn on_complete(user_data: *mut c_void, done: *const wps_comple
         .push(done.status);
     if done.has_ack_id {
         seen.acked += 1;
+        seen.ack_ids.insert(done.op_id, done.ack_id);
     }
     rec.changed.notify_all();
 }
@@ -160,6 +168,33 @@ fn send_async(c: *mut wps_client, group: &CStr, text: &str, flags: u32, rec: &Re
     };
     check(status, "wps_client_send_to_group_async");
     op
+}
+
+/// A blocking send of `text` to group "g" (with `ack_id` when given): its status and the
+/// `wps_ack_result` it wrote over stale values.
+fn send_blocking(c: *mut wps_client, text: &str, ack_id: Option<u64>) -> (u32, wps_ack_result) {
+    let mut out = wps_ack_result {
+        ack_id: 7,
+        has_ack_id: true,
+        is_duplicated: true,
+    };
+    let (group, data, len) = (c"g".as_ptr(), text.as_ptr(), text.len());
+    let status = unsafe {
+        match ack_id {
+            None => wps_client_send_to_group(c, group, WPS_DATA_TYPE_TEXT, data, len, 0, &mut out),
+            Some(id) => wps_client_send_to_group_with_ack_id(
+                c,
+                group,
+                WPS_DATA_TYPE_TEXT,
+                data,
+                len,
+                0,
+                id,
+                &mut out,
+            ),
+        }
+    };
+    (status, out)
 }
 
 #[test]
@@ -448,6 +483,70 @@ fn refused_async_operations_complete_with_the_reason() {
     assert_eq!(status, WPS_STATUS_INVALID_UTF8);
     unsafe { wps_client_free(c) };
     assert_eq!(rec.seen.lock().unwrap().completions.len(), 3);
+    setup.shutdown();
+}
+
+#[test]
+fn a_timed_out_operation_reports_its_ack_id_and_a_resend_with_it_is_a_duplicate() {
+    let setup = Setup::new();
+    let rec = Recorder::default();
+    let mut c = std::ptr::null_mut();
+    unsafe {
+        let opts = wps_options_new();
+        check(wps_options_set_ack_timeout_ms(opts, 300), "ack timeout");
+        check(
+            wps_options_set_message_retry(opts, 0, 100, 100, WPS_RETRY_FIXED),
+            "message retry",
+        );
+        let status = wps_client_new(
+            setup.url.as_ptr(),
+            opts,
+            Some(on_event),
+            rec.user_data(),
+            None,
+            &mut c,
+        );
+        wps_options_free(opts);
+        check(status, "wps_client_new");
+        check(wps_client_start(c), "wps_client_start");
+    }
+    let mut id = [0u8; 128];
+    let mut len = 0;
+    check(
+        unsafe { wps_client_connection_id(c, id.as_mut_ptr().cast(), id.len(), &mut len) },
+        "connection id",
+    );
+    let connection_id = std::str::from_utf8(&id[..len]).unwrap();
+    // The emulator delivers the next two messages but swallows their acks.
+    setup.rt.block_on(common::fault(
+        &setup.emulator,
+        "hub",
+        connection_id,
+        ":dropAcks?count=2",
+    ));
+    let (status, out) = send_blocking(c, "once", None);
+    assert_eq!(status, WPS_STATUS_TIMEOUT);
+    assert!(out.has_ack_id && out.ack_id > 0 && !out.is_duplicated);
+    let op = send_async(c, c"g", "twice", 0, &rec);
+    rec.wait("the async timeout", |s| s.completions.contains_key(&op));
+    let async_ack_id = {
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen.completions[&op], vec![WPS_STATUS_TIMEOUT]);
+        seen.ack_ids[&op]
+    };
+    assert!(async_ack_id > out.ack_id);
+    // Both were delivered: a resend with the reported ackId is deduplicated.
+    for (text, ack_id) in [("once", out.ack_id), ("twice", async_ack_id)] {
+        let (status, again) = send_blocking(c, text, Some(ack_id));
+        check(status, "the resend");
+        assert!(again.has_ack_id && again.ack_id == ack_id && again.is_duplicated);
+    }
+    // A failure with no ackId still writes `out`: cleared.
+    unsafe { wps_client_stop(c) };
+    let (status, stale) = send_blocking(c, "late", None);
+    assert_eq!(status, WPS_STATUS_ILLEGAL_STATE);
+    assert!(!stale.has_ack_id && !stale.is_duplicated && stale.ack_id == 0);
+    unsafe { wps_client_free(c) };
     setup.shutdown();
 }
 

@@ -630,7 +630,7 @@ async fn a_server_that_accepts_and_never_speaks_times_out_the_start() {
     let (mut ws, _) = hostile.accept().await;
     // Data frames before the connected frame are ignored; the connected frame never comes.
     send(&mut ws, &server_message("early", 1)).await;
-    assert_eq!(start.await.unwrap(), Err(Error::Timeout));
+    assert_eq!(start.await.unwrap(), Err(Error::Timeout { ack_id: None }));
     assert_eq!(client.state(), ClientState::Stopped);
     closed_by_client(&mut ws).await;
 }

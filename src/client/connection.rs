@@ -269,7 +269,7 @@ impl Task {
                 Next::Exit => break,
             };
         }
-        self.pending.fail_all(Error::Stopped, &mut self.done);
+        self.pending.fail_all(|_| Error::Stopped, &mut self.done);
         self.finish_done();
         self.shared.set_connection_id(None);
         self.shared.set_state(ClientState::Stopped);
@@ -319,7 +319,7 @@ impl Task {
             )),
         );
         let result = match self.offline(opening, false).await {
-            Ok(result) => result.unwrap_or_else(|_| Err(Error::Timeout)),
+            Ok(result) => result.unwrap_or_else(|_| Err(Error::Timeout { ack_id: None })),
             Err(next) => return next,
         };
         let (ws, session, user_id) = match result {
@@ -732,7 +732,7 @@ impl Task {
             self.shared.direct.finished(1);
             op.refuse(Error::Stopped);
         }
-        self.pending.fail_all(Error::Stopped, &mut self.done);
+        self.pending.fail_all(|_| Error::Stopped, &mut self.done);
         self.finish_done();
         let connection_id = self.session.take().map(|s| s.connection_id);
         self.shared.set_connection_id(None);
@@ -801,7 +801,7 @@ impl Task {
                     if queue {
                         self.queue_op(op);
                     } else {
-                        op.refuse(Error::NotConnected);
+                        op.refuse(Error::NotConnected { ack_id: None });
                     }
                 }
             }

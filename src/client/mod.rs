@@ -178,9 +178,18 @@ pub enum Error {
     /// The call does not fit the client's state (not started, already started).
     IllegalState(String),
     /// There is no connection to send on (or it was lost before the ack).
-    NotConnected,
+    NotConnected {
+        /// The ackId of an acked operation the client had taken in (sent, or queued to
+        /// send) when its connection was lost; `None` when it was never taken in.
+        ack_id: Option<u64>,
+    },
     /// No ack or reply arrived in time.
-    Timeout,
+    Timeout {
+        /// The ackId of the acked operation that timed out (every retry used it, so a
+        /// resend with it is deduplicated by the service); `None` for an invocation or
+        /// a start.
+        ack_id: Option<u64>,
+    },
     /// The operation was cancelled.
     Cancelled,
     /// The client was stopped (or dropped) before the operation completed.
@@ -218,8 +227,17 @@ impl fmt::Display for Error {
         match self {
             Error::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
             Error::IllegalState(m) => write!(f, "illegal state: {m}"),
-            Error::NotConnected => f.write_str("not connected"),
-            Error::Timeout => f.write_str("timed out"),
+            Error::NotConnected { ack_id: None } => f.write_str("not connected"),
+            Error::NotConnected {
+                ack_id: Some(ack_id),
+            } => write!(
+                f,
+                "not connected: the connection was lost before the ack of operation {ack_id}"
+            ),
+            Error::Timeout { ack_id: None } => f.write_str("timed out"),
+            Error::Timeout {
+                ack_id: Some(ack_id),
+            } => write!(f, "timed out waiting for the ack of operation {ack_id}"),
             Error::Cancelled => f.write_str("cancelled"),
             Error::Stopped => f.write_str("client stopped"),
             Error::Ack {
@@ -243,6 +261,18 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+impl Error {
+    /// The ackId of the acked operation this error ended: the refused one, the one that
+    /// timed out, or the one whose connection was lost. `None` for every other error.
+    pub fn ack_id(&self) -> Option<u64> {
+        match self {
+            Error::Ack { ack_id, .. } => Some(*ack_id),
+            Error::NotConnected { ack_id } | Error::Timeout { ack_id } => *ack_id,
+            _ => None,
+        }
+    }
+}
 
 /// A Web PubSub client. Cheap to clone (an `Arc` inside); `Send + Sync`. Dropping the
 /// last clone stops its connection task (no events are raised after that).
@@ -502,7 +532,9 @@ impl Client {
         match self.state() {
             ClientState::Connected | ClientState::Recovering => Ok(()),
             ClientState::Stopped => Err(Error::IllegalState("the client is not started".into())),
-            ClientState::Connecting | ClientState::Disconnected => Err(Error::NotConnected),
+            ClientState::Connecting | ClientState::Disconnected => {
+                Err(Error::NotConnected { ack_id: None })
+            }
         }
     }
 
@@ -978,7 +1010,10 @@ mod tests {
         let outcome = outcome
             .recv_timeout(Duration::from_secs(10))
             .expect("the operation never timed out");
-        assert_eq!(outcome, Err(Error::Timeout));
+        assert!(
+            matches!(outcome, Err(Error::Timeout { ack_id: Some(_) })),
+            "{outcome:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(3));
         crate::runtime::block_on(client.stop());
     }

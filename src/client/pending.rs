@@ -399,7 +399,7 @@ impl Pending {
     }
 
     /// Handles every deadline due at `now`: ack timeouts (retry with the same ackId,
-    /// or `Error::Timeout`), retry delays (resend), invoke timeouts (`cancelInvocation`).
+    /// or `Error::Timeout` with the ackId), retry delays (resend), invoke timeouts (`cancelInvocation`).
     /// Frames to write go to `out`, finished operations to `done`.
     pub(crate) fn expire(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>, done: &mut Vec<Done>) {
         let mut due: Vec<u64> = self
@@ -420,7 +420,7 @@ impl Pending {
             .collect();
         for id in due {
             if let Some(op) = self.invokes.remove(&id) {
-                let _ = op.reply.send(Err(Error::Timeout));
+                let _ = op.reply.send(Err(Error::Timeout { ack_id: None }));
                 out.push(cancel_frame(&id));
             }
         }
@@ -459,7 +459,9 @@ impl Pending {
                             done.push(Done {
                                 purpose: op.purpose,
                                 reply: op.reply,
-                                result: Err(Error::Timeout),
+                                result: Err(Error::Timeout {
+                                    ack_id: Some(ack_id),
+                                }),
                             });
                         }
                     }
@@ -488,11 +490,11 @@ impl Pending {
             .collect();
         for id in sent {
             if let Some(op) = self.invokes.remove(&id) {
-                let _ = op.reply.send(Err(Error::NotConnected));
+                let _ = op.reply.send(Err(Error::NotConnected { ack_id: None }));
             }
         }
         if !recoverable {
-            self.fail_all(Error::NotConnected, done);
+            self.fail_all(|ack_id| Error::NotConnected { ack_id }, done);
             return;
         }
         let mut in_flight: Vec<u64> = self
@@ -551,20 +553,21 @@ impl Pending {
         }
     }
 
-    /// Fails every operation with `error` (stop, session lost, client dropped).
-    pub(crate) fn fail_all(&mut self, error: Error, done: &mut Vec<Done>) {
+    /// Fails every operation with `error(its ackId)`, `None` for an invocation (stop,
+    /// session lost, client dropped).
+    pub(crate) fn fail_all(&mut self, error: impl Fn(Option<u64>) -> Error, done: &mut Vec<Done>) {
         self.earliest = None;
         self.unsent.clear();
         for (_, op) in self.invokes.drain() {
-            let _ = op.reply.send(Err(error.clone()));
+            let _ = op.reply.send(Err(error(None)));
         }
         let mut acks: Vec<(u64, AckOp)> = self.acks.drain().collect();
         acks.sort_unstable_by_key(|(id, _)| *id);
-        for (_, op) in acks {
+        for (ack_id, op) in acks {
             done.push(Done {
                 purpose: op.purpose,
                 reply: op.reply,
-                result: Err(error.clone()),
+                result: Err(error(Some(ack_id))),
             });
         }
     }
@@ -664,7 +667,10 @@ mod tests {
         p.expire(t0 + Duration::from_secs(21), &mut out, &mut done);
         assert_eq!(done.len(), 1);
         done.pop().unwrap().reply();
-        assert_eq!(rx.try_recv().unwrap(), Err(Error::Timeout));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Err(Error::Timeout { ack_id: Some(1) })
+        );
         assert_eq!(p.next_due(), None);
     }
 
@@ -721,8 +727,13 @@ mod tests {
             vec![frame(1), frame(2), frame(3), Utf8Bytes::from_static("ff")]
         );
         p.connection_dropped(false, &mut done);
-        assert_eq!(done.len(), 3);
-        assert!(done.iter().all(|d| d.result == Err(Error::NotConnected)));
+        let failed: Vec<_> = done.into_iter().map(|d| d.result).collect();
+        let lost = |ack_id| {
+            Err(Error::NotConnected {
+                ack_id: Some(ack_id),
+            })
+        };
+        assert_eq!(failed, vec![lost(1), lost(2), lost(3)]);
     }
 
     #[test]
@@ -734,12 +745,15 @@ mod tests {
         let (mut out, mut done) = (Vec::new(), Vec::new());
         p.expire(t0 + Duration::from_secs(2), &mut out, &mut done);
         assert_eq!(out, vec![cancel_frame("7")]);
-        assert_eq!(rx.try_recv().unwrap(), Err(Error::Timeout));
+        assert_eq!(rx.try_recv().unwrap(), Err(Error::Timeout { ack_id: None }));
 
         let (tx, mut rx) = oneshot::channel();
         p.add_invoke("8".into(), frame(8), Duration::from_secs(2), tx, Some(t0));
         p.connection_dropped(true, &mut done);
-        assert_eq!(rx.try_recv().unwrap(), Err(Error::NotConnected));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Err(Error::NotConnected { ack_id: None })
+        );
     }
 
     #[test]

@@ -81,9 +81,10 @@ pub struct wps_completion {
     /// The id the starting call returned.
     pub op_id: u64,
     /// Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
-    /// only for `WPS_STATUS_ACK_ERROR`).
+    /// when the operation had one: `WPS_STATUS_ACK_ERROR`, `WPS_STATUS_TIMEOUT` after
+    /// its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost).
     pub has_ack_id: bool,
-    /// The operation's ackId (on `WPS_STATUS_ACK_ERROR`, the refused one).
+    /// The operation's ackId (on a failure, the failed one's).
     pub ack_id: u64,
     /// The service had already processed this ackId (still a success).
     pub is_duplicated: bool,
@@ -128,8 +129,8 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
     let status = match e {
         Error::InvalidArgument(_) => WPS_STATUS_INVALID_ARGUMENT,
         Error::IllegalState(_) => WPS_STATUS_ILLEGAL_STATE,
-        Error::NotConnected => WPS_STATUS_NOT_CONNECTED,
-        Error::Timeout => WPS_STATUS_TIMEOUT,
+        Error::NotConnected { .. } => WPS_STATUS_NOT_CONNECTED,
+        Error::Timeout { .. } => WPS_STATUS_TIMEOUT,
         Error::Cancelled => WPS_STATUS_CANCELLED,
         Error::Stopped => WPS_STATUS_STOPPED,
         Error::Ack { .. } => WPS_STATUS_ACK_ERROR,
@@ -146,16 +147,13 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
     (status, name, e.to_string())
 }
 
-/// The ackId of an operation the service refused (`WPS_STATUS_ACK_ERROR`): its caller
-/// reports it with the error, as the official clients do.
-pub(crate) fn refused_ack(e: &Error) -> Option<AckResult> {
-    match e {
-        Error::Ack { ack_id, .. } => Some(AckResult {
-            ack_id: Some(*ack_id),
-            is_duplicated: false,
-        }),
-        _ => None,
-    }
+/// The ackId of the acked operation `e` ended (refused, timed out, connection lost):
+/// its caller reports it with the error, so that it can resend with it.
+pub(crate) fn failed_ack(e: &Error) -> Option<AckResult> {
+    e.ack_id().map(|ack_id| AckResult {
+        ack_id: Some(ack_id),
+        is_duplicated: false,
+    })
 }
 
 /// Records a core error as this thread's last error and returns its status.
@@ -452,7 +450,7 @@ impl OwnedCompletion {
         let (status, name, message) = error_parts(e);
         OwnedCompletion {
             status,
-            ack: refused_ack(e),
+            ack: failed_ack(e),
             error_name: (!name.is_empty()).then(|| to_cstring(&name)),
             error_message: Some(to_cstring(&message)),
             response: None,

@@ -23,7 +23,7 @@ use crate::client::{
 use crate::protocol::DataType;
 
 use super::callbacks::{
-    data_type_code, fail_with, refused_ack, wps_completion_cb, wps_event_cb, wps_user_data_free_cb,
+    data_type_code, fail_with, wps_completion_cb, wps_event_cb, wps_user_data_free_cb,
     CompletionTarget, EventSink, OwnedCompletion, SinkHandler, UserData,
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
@@ -58,8 +58,11 @@ pub struct wps_invoke_response {
     data: Bytes,
 }
 
-/// The outcome of a blocking acked operation: written on success, and when the
-/// service refused the operation (`WPS_STATUS_ACK_ERROR`, with the refused ackId).
+/// The outcome of a blocking acked operation, written whatever the status. On a
+/// failure `has_ack_id` tells whether the failed operation had an ackId: refused
+/// (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
+/// resend with it is deduplicated by the service), or sent when its connection was
+/// lost (`WPS_STATUS_NOT_CONNECTED`).
 #[repr(C)]
 pub struct wps_ack_result {
     /// The operation's ackId when `has_ack_id` (not for fire-and-forget).
@@ -646,33 +649,24 @@ impl<'a> AckOp<'a> {
     }
 }
 
-/// Runs an acked operation to completion on this thread.
+/// Runs an acked operation to completion on this thread; writes `out` (when not NULL)
+/// whatever the outcome.
 unsafe fn run_blocking(
     c: *mut wps_client,
     op: FfiResult<AckOp>,
     out: *mut wps_ack_result,
 ) -> FfiResult {
-    let shared = client_arg(c)?;
-    let op = op?;
-    if op.handover() == Handover::Deferred {
-        return Err(fail(
-            WPS_STATUS_INVALID_ARGUMENT,
-            "WPS_SEND_DEFERRED applies to the asynchronous forms only",
-        ));
-    }
-    let prepared = op.prepare(&shared.client).map_err(fail_with)?;
-    let outcome = match shared.client.try_run(prepared) {
-        Ok(outcome) => outcome,
-        Err(prepared) => {
-            let client = shared.client.clone();
-            block(async move { client.run(prepared).await })?
-        }
+    let (ack, result) = match run_acked(c, op) {
+        Ok(ack) => (ack, Ok(())),
+        Err((status, ack_id)) => (
+            AckResult {
+                ack_id,
+                is_duplicated: false,
+            },
+            Err(status),
+        ),
     };
-    let (ack, result) = match outcome {
-        Ok(ack) => (Some(ack), Ok(())),
-        Err(error) => (refused_ack(&error), Err(fail_with(error))),
-    };
-    if let (Some(ack), false) = (ack, out.is_null()) {
+    if !out.is_null() {
         out.write(wps_ack_result {
             ack_id: ack.ack_id.unwrap_or(0),
             has_ack_id: ack.ack_id.is_some(),
@@ -680,6 +674,37 @@ unsafe fn run_blocking(
         });
     }
     result
+}
+
+/// The outcome of a blocking acked operation; a failure's status comes with the
+/// failed operation's ackId, if it had one.
+unsafe fn run_acked(
+    c: *mut wps_client,
+    op: FfiResult<AckOp>,
+) -> Result<AckResult, (wps_status, Option<u64>)> {
+    let no_ack_id = |status| (status, None);
+    let shared = client_arg(c).map_err(no_ack_id)?;
+    let op = op.map_err(no_ack_id)?;
+    if op.handover() == Handover::Deferred {
+        return Err(no_ack_id(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            "WPS_SEND_DEFERRED applies to the asynchronous forms only",
+        )));
+    }
+    let prepared = op
+        .prepare(&shared.client)
+        .map_err(|e| no_ack_id(fail_with(e)))?;
+    let outcome = match shared.client.try_run(prepared) {
+        Ok(outcome) => outcome,
+        Err(prepared) => {
+            let client = shared.client.clone();
+            block(async move { client.run(prepared).await }).map_err(no_ack_id)?
+        }
+    };
+    outcome.map_err(|error| {
+        let ack_id = error.ack_id();
+        (fail_with(error), ack_id)
+    })
 }
 
 /// Registers an asynchronous operation completing to `cb`; writes its id to `op_id`.
@@ -792,7 +817,7 @@ impl AckCallback for AckCompletion {
     }
 }
 
-/// Joins `group`; blocks until acked. `out` (may be NULL) receives the ack.
+/// Joins `group`; blocks until acked. `out` (may be NULL) receives the outcome (`wps_ack_result`).
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `group` is NULL or NUL-terminated; `out` is NULL or writable.
@@ -805,7 +830,7 @@ pub unsafe extern "C" fn wps_client_join_group(
     guard(|| run_blocking(c, AckOp::join(group), out))
 }
 
-/// Leaves `group`; blocks until acked. `out` (may be NULL) receives the ack.
+/// Leaves `group`; blocks until acked. `out` (may be NULL) receives the outcome (`wps_ack_result`).
 ///
 /// # Safety
 /// As `wps_client_join_group`.

@@ -391,6 +391,27 @@ async def test_caller_chosen_ack_id_async(hub: Hub) -> None:
     assert (event.ack_id, event.is_duplicated) == (78, False)
 
 
+async def test_a_timed_out_send_reports_its_ack_id_and_a_resend_with_it_is_deduplicated(hub: Hub) -> None:
+    got = AsyncCollector()
+    async with make(hub.url(), message_retry_total=0, ack_timeout=0.5) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        hub.drop_acks(client.connection_id, 2)  # both delivered, their acks swallowed
+        lost = []
+        for text in ("one", "two"):
+            with pytest.raises(SendMessageError) as info:
+                await client.send_to_group("g", text, WebPubSubDataType.TEXT)
+            assert info.value.error_detail is not None and info.value.error_detail.name == "Timeout"
+            lost.append(info.value.ack_id)
+        assert None not in lost and lost[0] != lost[1]
+        for text, ack_id in zip(("one", "two"), lost):
+            again = await client.send_to_group("g", text, WebPubSubDataType.TEXT, ack_id=ack_id)
+            assert (again.ack_id, again.is_duplicated) == (ack_id, True)
+        await client.send_to_group("g", "marker", WebPubSubDataType.TEXT)
+        await got.wait_for(3)
+    assert [m.data for m in got.items] == ["one", "two", "marker"]
+
+
 async def test_disconnected_rejoin_failed_and_stopped_async(hub: Hub) -> None:
     """A lost session: disconnected, then a new connection whose URL may not rejoin the group."""
     urls = [hub.url(roles=["webpubsub.joinLeaveGroup"]), hub.url(roles=[])]

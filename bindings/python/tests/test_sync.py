@@ -372,6 +372,7 @@ def test_lost_ack_times_out_then_a_retry_keeps_its_ack_id(hub: Hub) -> None:
         with pytest.raises(SendMessageError) as info:
             client.join_group("g")
         assert info.value.error_detail is not None and info.value.error_detail.name == "Timeout"
+        assert info.value.ack_id is not None
     got = Collector()
     with make(hub.url(), message_retry_total=2, ack_timeout=0.5) as client:
         client.subscribe(CallbackType.GROUP_MESSAGE, got)
@@ -379,6 +380,24 @@ def test_lost_ack_times_out_then_a_retry_keeps_its_ack_id(hub: Hub) -> None:
         hub.drop_acks(client.connection_id, 1)
         result = client.send_to_group("g", "once", WebPubSubDataType.TEXT)
         assert result.is_duplicated  # the retry reused the ackId; the service had it already
+        client.send_to_group("g", "marker", WebPubSubDataType.TEXT)
+        got.wait_for(2)
+    assert [m.data for m in got.items] == ["once", "marker"]
+
+
+def test_a_timed_out_send_reports_its_ack_id_and_a_resend_with_it_is_deduplicated(hub: Hub) -> None:
+    got = Collector()
+    with make(hub.url(), message_retry_total=0, ack_timeout=0.5) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        hub.drop_acks(client.connection_id, 1)  # delivered, its ack swallowed
+        with pytest.raises(SendMessageError) as info:
+            client.send_to_group("g", "once", WebPubSubDataType.TEXT)
+        assert info.value.error_detail is not None and info.value.error_detail.name == "Timeout"
+        lost = info.value.ack_id
+        assert lost is not None
+        again = client.send_to_group("g", "once", WebPubSubDataType.TEXT, ack_id=lost)
+        assert (again.ack_id, again.is_duplicated) == (lost, True)
         client.send_to_group("g", "marker", WebPubSubDataType.TEXT)
         got.wait_for(2)
     assert [m.data for m in got.items] == ["once", "marker"]

@@ -398,11 +398,12 @@ def ack_result(out: Union[_native.WpsAckResult, _native.WpsCompletion]) -> WebPu
     return WebPubSubResult(out.ack_id if out.has_ack_id else None, bool(out.is_duplicated))
 
 
-def refused_ack_id(
+def failed_ack_id(
     out: Union[_native.WpsAckResult, _native.WpsCompletion], chosen: Optional[int] = None
 ) -> Optional[int]:
-    """The ackId of a failed operation: the refused one the library wrote to ``out``
-    (``WPS_STATUS_ACK_ERROR``), else the caller's ``chosen`` one."""
+    """The ackId of a failed operation, which the library wrote to ``out`` when it had
+    one (refused, timed out after its retries, connection lost after it was sent), else
+    the caller's ``chosen`` one."""
     return out.ack_id if out.has_ack_id else chosen
 
 

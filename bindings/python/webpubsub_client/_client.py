@@ -343,7 +343,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         out = _native.WpsAckResult()
         status = lib.wps_client_join_group(self._live_handle(), group, ctypes.byref(out))
         if status != _native.STATUS_OK:
-            raise _base.operation_error(status, ack_id=_base.refused_ack_id(out))
+            raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
         return _base.ack_result(out)
 
     def leave_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
@@ -356,7 +356,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         out = _native.WpsAckResult()
         status = lib.wps_client_leave_group(self._live_handle(), group, ctypes.byref(out))
         if status != _native.STATUS_OK:
-            raise _base.operation_error(status, ack_id=_base.refused_ack_id(out))
+            raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
         return _base.ack_result(out)
 
     def send_to_group(
@@ -428,7 +428,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         else:
             status = plain(handle, target, kind, payload, len(payload), flags, ctypes.byref(out))
         if status != _native.STATUS_OK:
-            raise _base.operation_error(status, ack_id=_base.refused_ack_id(out, ack_id))
+            raise _base.operation_error(status, ack_id=_base.failed_ack_id(out, ack_id))
         return _base.ack_result(out)
 
     def invoke_event(

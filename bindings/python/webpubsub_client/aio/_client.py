@@ -341,7 +341,7 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
         else:
             outcome = _base.operation_error(
                 status,
-                ack_id=_base.refused_ack_id(completion),
+                ack_id=_base.failed_ack_id(completion),
                 name=_native.decode(completion.error_name) or "",
                 message=_native.decode(completion.error_message) or "",
             )

@@ -64,7 +64,9 @@ class OpenClientError(WebPubSubClientError):
 class SendMessageError(WebPubSubClientError):
     """An operation (join, leave, send, invoke) failed.
 
-    :ivar ack_id: the ackId of the failed message, when known.
+    :ivar ack_id: the ackId of the failed message when it had one: refused, timed out
+        (a resend with it is deduplicated by the service), or sent when its connection
+        was lost.
     :ivar error_detail: what went wrong (:class:`AckMessageError`).
     """
 
