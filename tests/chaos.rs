@@ -13,8 +13,10 @@
 //! except across a full reconnect, which must be reported as `Disconnected` (close code
 //! 1008) then `Connected` with a new connection id, once per refused recovery. Each
 //! publisher gets exactly one success per message, acked with its counter as ackId:
-//! the first publisher sends one message at a time with automatic ackIds (its caller
-//! writes its own frames), the others pipeline with the counter as their chosen ackId.
+//! the first two publishers send one message at a time with automatic ackIds (their
+//! callers write their own frames), the first through the Rust API's futures, the
+//! second through the C API's asynchronous form and its completion callback; the
+//! others pipeline with the counter as their chosen ackId.
 //!
 //! The short form runs in `cargo test`. The long form is ignored by default:
 //! `WPS_CHAOS_MESSAGES=100000 WPS_CHAOS_DROP_MS=200 WPS_CHAOS_SECONDS=900 \
@@ -26,6 +28,7 @@ use bytes::Bytes;
 use common::{all_roles, stats};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
+use std::ffi::{c_void, CStr, CString};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +38,19 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, sleep_until, Instant};
+use webpubsub_client::ffi::callbacks::{wps_completion, wps_event, WPS_EVENT_CONNECTED};
+use webpubsub_client::ffi::client::{
+    wps_client, wps_client_free, wps_client_new, wps_client_send_to_group_async, wps_client_start,
+    wps_client_stop,
+};
+use webpubsub_client::ffi::options::{
+    wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
+    wps_options_set_reconnect_retry, wps_options_set_recovery,
+    wps_options_set_sequence_ack_interval_ms, wps_options_set_start_timeout_ms,
+};
+use webpubsub_client::ffi::status::{
+    wps_last_error_message, WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED, WPS_STATUS_OK,
+};
 use webpubsub_client::{
     AckResult, Client, ClientOptions, ClientState, Credential, DataType, Error, Event, RetryMode,
     RetryOptions, SendToGroupOptions,
@@ -92,7 +108,7 @@ impl Settings {
 async fn chaos_short() {
     run(Settings {
         messages: 10_000,
-        publishers: 2,
+        publishers: 3,
         steady_subscribers: 2,
         drop_ms: 200,
         refuse_ms: 500,
@@ -108,7 +124,7 @@ async fn chaos_short() {
 async fn chaos_long() {
     run(Settings::from_env(Settings {
         messages: 100_000,
-        publishers: 2,
+        publishers: 3,
         steady_subscribers: 2,
         drop_ms: 200,
         refuse_ms: 3000,
@@ -406,11 +422,8 @@ struct Subscriber {
     collector: tokio::task::JoinHandle<()>,
 }
 
-async fn client_via(
-    emulator: &Emulator,
-    proxy: &Proxy,
-    user: &str,
-) -> (Client, tokio::sync::mpsc::UnboundedReceiver<Event>, String) {
+/// A client access URL of `user` that goes through `proxy`.
+fn url_via(emulator: &Emulator, proxy: &Proxy, user: &str) -> String {
     let url = emulator.client_url(
         HUB,
         &TokenOptions {
@@ -419,11 +432,19 @@ async fn client_via(
             ..TokenOptions::default()
         },
     );
-    let url = url.replacen(
+    url.replacen(
         &format!("127.0.0.1:{}/", emulator.port()),
         &format!("127.0.0.1:{}/", proxy.port),
         1,
-    );
+    )
+}
+
+async fn client_via(
+    emulator: &Emulator,
+    proxy: &Proxy,
+    user: &str,
+) -> (Client, tokio::sync::mpsc::UnboundedReceiver<Event>, String) {
+    let url = url_via(emulator, proxy, user);
     let (client, mut events) = Client::with_channel(Credential::Url(url), options()).unwrap();
     // The proxy may cut the very first connection too: retry the start (bounded).
     let mut attempts = 0;
@@ -449,6 +470,193 @@ async fn client_via(
         }
     };
     (client, events, id)
+}
+
+/// A client of the C API, with the options of [`options`]. It records the kinds of
+/// the events it gets after its first `Connected`: a publisher only recovers, so none
+/// may come.
+struct CClient {
+    handle: *mut wps_client,
+    /// Lent to the client as its event callback's user data; outlives it.
+    events: Box<Mutex<Vec<u32>>>,
+}
+
+// SAFETY: the C API may be called from any thread; `events` is behind a lock.
+unsafe impl Send for CClient {}
+unsafe impl Sync for CClient {}
+
+unsafe extern "C" fn on_c_event(user_data: *mut c_void, event: *const wps_event) {
+    let events = &*(user_data as *const Mutex<Vec<u32>>);
+    events.lock().unwrap().push((*event).kind);
+}
+
+/// Settles the send whose boxed reply is `user_data`.
+unsafe extern "C" fn on_c_sent(user_data: *mut c_void, done: *const wps_completion) {
+    let reply =
+        Box::from_raw(user_data as *mut tokio::sync::oneshot::Sender<Result<AckResult, Error>>);
+    let done = &*done;
+    let result = if done.status == WPS_STATUS_OK {
+        Ok(AckResult {
+            ack_id: done.has_ack_id.then_some(done.ack_id),
+            is_duplicated: done.is_duplicated,
+        })
+    } else {
+        let message = match done.error_message.is_null() {
+            true => String::new(),
+            false => CStr::from_ptr(done.error_message)
+                .to_string_lossy()
+                .into_owned(),
+        };
+        Err(Error::Protocol(format!(
+            "status {}: {message}",
+            done.status
+        )))
+    };
+    let _ = reply.send(result);
+}
+
+fn c_check(status: u32, what: &str) {
+    if status != WPS_STATUS_OK {
+        let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
+        panic!("{what}: status {status}: {detail:?}");
+    }
+}
+
+impl CClient {
+    /// Starts a C client of `user` through `proxy` (the start is retried, bounded, as
+    /// the proxy may cut the first connection too).
+    fn start_via(emulator: &Emulator, proxy: &Proxy, user: &str) -> CClient {
+        let url = CString::new(url_via(emulator, proxy, user)).unwrap();
+        let events: Box<Mutex<Vec<u32>>> = Box::default();
+        let mut handle = std::ptr::null_mut();
+        unsafe {
+            let o = wps_options_new();
+            c_check(
+                wps_options_set_reconnect_retry(o, u32::MAX, 100, 1000, WPS_RETRY_FIXED),
+                "reconnect retry",
+            );
+            c_check(wps_options_set_ack_timeout_ms(o, 60_000), "ack timeout");
+            c_check(wps_options_set_start_timeout_ms(o, 5_000), "start timeout");
+            c_check(wps_options_set_recovery(o, 30_000, 50), "recovery");
+            c_check(
+                wps_options_set_sequence_ack_interval_ms(o, 100),
+                "sequence ack",
+            );
+            let status = wps_client_new(
+                url.as_ptr(),
+                o,
+                Some(on_c_event),
+                &*events as *const Mutex<Vec<u32>> as *mut c_void,
+                None,
+                &mut handle,
+            );
+            wps_options_free(o);
+            c_check(status, "wps_client_new");
+        }
+        let client = CClient { handle, events };
+        let mut attempts = 0;
+        while unsafe { wps_client_start(client.handle) } != WPS_STATUS_OK {
+            attempts += 1;
+            assert!(
+                attempts < 50,
+                "{user} could not start in {attempts} attempts"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !client.events.lock().unwrap().contains(&WPS_EVENT_CONNECTED) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{user}: no Connected event"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        client.events.lock().unwrap().clear();
+        client
+    }
+
+    /// Sends `data` to the group with the asynchronous C form; the future settles from
+    /// the completion callback.
+    fn send(&self, data: Bytes) -> impl Future<Output = Result<AckResult, Error>> {
+        let (reply, settled) = tokio::sync::oneshot::channel();
+        let user_data = Box::into_raw(Box::new(reply)) as *mut c_void;
+        let group = CString::new(GROUP).unwrap();
+        let mut op = 0;
+        let status = unsafe {
+            wps_client_send_to_group_async(
+                self.handle,
+                group.as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                data.as_ptr(),
+                data.len(),
+                0,
+                Some(on_c_sent),
+                user_data,
+                &mut op,
+            )
+        };
+        if status != WPS_STATUS_OK {
+            // The call failed: nothing completes, the reply is ours again.
+            drop(unsafe {
+                Box::from_raw(
+                    user_data as *mut tokio::sync::oneshot::Sender<Result<AckResult, Error>>,
+                )
+            });
+        }
+        async move {
+            match status {
+                WPS_STATUS_OK => settled.await.unwrap_or(Err(Error::Stopped)),
+                _ => Err(Error::Protocol(format!(
+                    "the send was refused: status {status}"
+                ))),
+            }
+        }
+    }
+}
+
+impl Drop for CClient {
+    fn drop(&mut self) {
+        unsafe {
+            wps_client_stop(self.handle);
+            wps_client_free(self.handle);
+        }
+    }
+}
+
+/// How a publisher sends.
+#[derive(Clone)]
+enum Sender {
+    Rust(Client),
+    C(Arc<CClient>),
+}
+
+impl Sender {
+    /// The events since it started, from `events` for a Rust client (a publisher only
+    /// recovers: none may come).
+    fn events_since_start(
+        &self,
+        events: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Event>>,
+    ) -> Vec<String> {
+        match (self, events) {
+            (Sender::Rust(_), Some(events)) => std::iter::from_fn(|| events.try_recv().ok())
+                .map(|e| format!("{e:?}"))
+                .collect(),
+            (Sender::C(c), _) => {
+                let kinds = c.events.lock().unwrap();
+                kinds.iter().map(|k| format!("C event kind {k}")).collect()
+            }
+            (Sender::Rust(_), None) => vec!["a Rust publisher without its events".into()],
+        }
+    }
+
+    async fn stop(&self) {
+        match self {
+            Sender::Rust(client) => client.stop().await,
+            Sender::C(c) => tokio::task::block_in_place(|| unsafe {
+                c_check(wps_client_stop(c.handle), "wps_client_stop");
+            }),
+        }
+    }
 }
 
 async fn subscriber(emulator: &Emulator, name: &str, publishers: u64, s: &Settings) -> Subscriber {
@@ -570,16 +778,21 @@ struct Plan {
 
 /// Whether publisher `p` sends one message at a time with automatic ackIds: an idle
 /// client, whose caller writes its own frames (the others pipeline through the
-/// connection task).
+/// connection task). One publisher at least pipelines.
 fn sequential(p: usize, s: &Settings) -> bool {
-    p == 0 && s.publishers > 1
+    p < 2 && (p as u64) < s.publishers - 1
+}
+
+/// Whether publisher `p` sends through the C API (the second sequential one).
+fn through_c(p: usize, s: &Settings) -> bool {
+    p == 1 && sequential(p, s)
 }
 
 /// Publishes the plan's counters. The frames reach the connection task in counter
 /// order (each send is polled once, unconstrained, before the next is created). Stops
 /// early when `stop_when` says so; returns the last counter sent.
 async fn publish(
-    client: &Client,
+    sender: &Sender,
     publisher: u64,
     plan: Plan,
     out: &mut Published,
@@ -607,21 +820,30 @@ async fn publish(
             sleep(pace).await;
         }
         out.done.resize(counter as usize, false);
-        let c = client.clone();
-        let mut send: Sending = Box::pin(tokio::task::unconstrained(async move {
-            let r = c
-                .send_to_group(
-                    GROUP,
-                    DataType::Text,
-                    payload(publisher, counter),
-                    SendToGroupOptions {
-                        ack_id: (!automatic_ack_ids).then_some(counter),
-                        ..SendToGroupOptions::default()
-                    },
-                )
-                .await;
-            (counter, r)
-        }));
+        let mut send: Sending = match sender {
+            Sender::Rust(client) => {
+                let c = client.clone();
+                Box::pin(tokio::task::unconstrained(async move {
+                    let r = c
+                        .send_to_group(
+                            GROUP,
+                            DataType::Text,
+                            payload(publisher, counter),
+                            SendToGroupOptions {
+                                ack_id: (!automatic_ack_ids).then_some(counter),
+                                ..SendToGroupOptions::default()
+                            },
+                        )
+                        .await;
+                    (counter, r)
+                }))
+            }
+            Sender::C(client) => {
+                assert!(automatic_ack_ids, "the C publisher numbers nothing itself");
+                let sent = client.send(payload(publisher, counter));
+                Box::pin(async move { (counter, sent.await) })
+            }
+        };
         let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
         match first {
             Poll::Ready((c, r)) => out.record(c, r),
@@ -658,11 +880,21 @@ async fn run(s: Settings) {
     let unlucky = subscriber(&emulator, "unlucky", s.publishers, &s).await;
 
     let mut publishers = Vec::new();
-    for p in 0..s.publishers {
+    for p in 0..s.publishers as usize {
         let name = format!("publisher{p}");
         let proxy = Proxy::start(emulator.port(), s.drop_ms, s.seed ^ hash(&name)).await;
-        let (client, events, _) = client_via(&emulator, &proxy, &name).await;
-        publishers.push((client, events, proxy));
+        let (sender, events) = match through_c(p, &s) {
+            true => {
+                let c =
+                    tokio::task::block_in_place(|| CClient::start_via(&emulator, &proxy, &name));
+                (Sender::C(Arc::new(c)), None)
+            }
+            false => {
+                let (client, events, _) = client_via(&emulator, &proxy, &name).await;
+                (Sender::Rust(client), Some(events))
+            }
+        };
+        publishers.push((sender, events, proxy));
     }
 
     // The unlucky subscriber's session is forgotten now and then.
@@ -696,8 +928,8 @@ async fn run(s: Settings) {
     let deadline = Instant::now() + Duration::from_secs(s.seconds);
     let never = || false;
     let mut tasks = Vec::new();
-    for (p, (client, _, _)) in publishers.iter().enumerate() {
-        let (client, s) = (client.clone(), s.clone());
+    for (p, (sender, _, _)) in publishers.iter().enumerate() {
+        let (sender, s) = (sender.clone(), s.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Published::default();
             let plan = Plan {
@@ -708,7 +940,7 @@ async fn run(s: Settings) {
                 pace: None,
                 automatic_ack_ids: sequential(p, &s),
             };
-            let last = publish(&client, p as u64, plan, &mut out, &never).await;
+            let last = publish(&sender, p as u64, plan, &mut out, &never).await;
             (last, out)
         }));
     }
@@ -738,8 +970,8 @@ async fn run(s: Settings) {
         .collect();
     let tail_deadline = Instant::now() + Duration::from_secs(30);
     let mut tails = Vec::new();
-    for (p, (client, _, _)) in publishers.iter().enumerate() {
-        let (client, everyone) = (client.clone(), everyone.clone());
+    for (p, (sender, _, _)) in publishers.iter().enumerate() {
+        let (sender, everyone) = (sender.clone(), everyone.clone());
         let (chaos_last, mut out) = std::mem::take(&mut sent[p]);
         let first_tail = chaos_last + 1;
         let one_at_a_time = sequential(p, &s);
@@ -757,7 +989,7 @@ async fn run(s: Settings) {
                 pace: Some(Duration::from_millis(20)),
                 automatic_ack_ids: one_at_a_time,
             };
-            let last = publish(&client, p as u64, plan, &mut out, &reached).await;
+            let last = publish(&sender, p as u64, plan, &mut out, &reached).await;
             assert!(
                 reached(),
                 "publisher{p}: a subscriber never got the tail (see the checks)"
@@ -806,8 +1038,8 @@ async fn run(s: Settings) {
         }
         sent_total += last;
     }
-    for (_, events, _) in &mut publishers {
-        let events: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    for (sender, events, _) in &mut publishers {
+        let events = sender.events_since_start(events);
         assert!(
             events.is_empty(),
             "a publisher must only recover, never reconnect: {events:?}"
@@ -888,8 +1120,8 @@ async fn run(s: Settings) {
             .expect("collector ends after Stopped")
             .unwrap();
     }
-    for (client, _, _) in &publishers {
-        client.stop().await;
+    for (sender, _, _) in &publishers {
+        sender.stop().await;
     }
     emulator.shutdown().await;
 }
