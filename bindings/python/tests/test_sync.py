@@ -135,6 +135,15 @@ def test_send_to_group_round_trip(
         assert result.ack_id is not None and not result.is_duplicated
         (message,) = received.wait_for(1)
     assert isinstance(message, OnGroupDataMessageArgs)
+    # built without its __init__ (the subscriber's hot path): exactly the attributes it sets
+    rebuilt = OnGroupDataMessageArgs(
+        data_type=message.data_type,
+        data=message.data,
+        group=message.group,
+        from_user_id=message.from_user_id,
+        sequence_id=message.sequence_id,
+    )
+    assert vars(message) == vars(rebuilt)
     assert message.group == "room"
     assert message.from_user_id == "bob"
     assert message.data_type == WebPubSubDataType(str(data_type))

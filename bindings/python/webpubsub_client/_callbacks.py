@@ -32,18 +32,15 @@ class Registry:
     def __init__(self) -> None:
         self._items: Dict[int, Any] = {}
         self._keys = itertools.count(1)
+        # ``get(key)``: the object stored under ``key``, or None (also for a None key).
+        # The dict's own method, not a wrapper: one Python call less on every event.
+        self.get: Callable[[Optional[int]], Any] = self._items.get
 
     def add(self, obj: Any) -> int:
         """Store ``obj`` and return its key (never 0, so it is never a NULL pointer)."""
         key = next(self._keys)
         self._items[key] = obj
         return key
-
-    def get(self, key: Optional[int]) -> Any:
-        """The object stored under ``key``, or None."""
-        if key is None:
-            return None
-        return self._items.get(key)
 
     def pop(self, key: Optional[int]) -> Any:
         """Remove and return the object stored under ``key`` (None when absent)."""
@@ -113,10 +110,15 @@ def keep_thread_state() -> None:
         _gil_state_ensure()
 
 
+_get_ident = threading.get_ident
+_registered = REGISTRY.get
+
+
 def _on_event(key: Optional[int], event: Any) -> None:
     try:
-        keep_thread_state()
-        sink = REGISTRY.get(key)
+        if _get_ident() not in _kept_threads:  # keep_thread_state's test, without its call
+            keep_thread_state()
+        sink = _registered(key)
         if sink is not None:
             sink.on_native_event(event.contents)
     except BaseException:  # noqa: BLE001 - nothing may propagate into C

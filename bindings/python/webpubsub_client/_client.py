@@ -77,6 +77,11 @@ class _SyncSink:
                 _base.log_listener_error(kind)
 
 
+# The C forms (plain, with_ack_id) of each send, looked up once.
+_GROUP_FORMS = (lib.wps_client_send_to_group, lib.wps_client_send_to_group_with_ack_id)
+_EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_with_ack_id)
+
+
 class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     """A Web PubSub client: ``open()``, join groups, send, receive through ``subscribe``.
 
@@ -380,12 +385,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         kind, payload = _base.encode_content(content, data_type)
-        _base.check_bool(ack, "ack")
-        _base.check_bool(no_echo, "no_echo")
-        _base.check_ack_id(ack_id)
-        flags = _base.send_flags(ack, no_echo)
-        forms = (lib.wps_client_send_to_group, lib.wps_client_send_to_group_with_ack_id)
-        return self._send(forms, group, kind, payload, flags, ack, ack_id)
+        flags = _base.send_flags(ack, no_echo, ack_id)
+        return self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
     def send_event(
         self,
@@ -403,11 +404,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         event = _base.check_name(event_name, "event_name")
         kind, payload = _base.encode_content(content, data_type)
-        _base.check_bool(ack, "ack")
-        _base.check_ack_id(ack_id)
-        flags = _base.send_flags(ack)
-        forms = (lib.wps_client_send_event, lib.wps_client_send_event_with_ack_id)
-        return self._send(forms, event, kind, payload, flags, ack, ack_id)
+        flags = _base.send_flags(ack, ack_id=ack_id)
+        return self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
     def _send(
         self, forms: Any, target: bytes, kind: int, payload: bytes, flags: int, ack: bool, ack_id: Optional[int]
@@ -423,7 +421,6 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             return WebPubSubResult(None, False)
         out = _native.WpsAckResult()
         if ack_id is not None:
-            _base.check_ack_id_use(ack_id, ack)
             status = with_ack_id(handle, target, kind, payload, len(payload), flags, ack_id, ctypes.byref(out))
         else:
             status = plain(handle, target, kind, payload, len(payload), flags, ctypes.byref(out))

@@ -137,6 +137,8 @@ class _AsyncSink:
             except Exception:  # noqa: BLE001
                 _base.log_listener_error(kind)
                 continue
+            if result is None:  # a plain function: skips two inspect calls (0.2 us an event)
+                continue
             if inspect.iscoroutine(result):
                 self._start_eagerly(result, kind)
             elif inspect.isawaitable(result):
@@ -644,10 +646,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         kind, payload = _base.encode_content(content, data_type)
-        _base.check_bool(ack, "ack")
-        _base.check_bool(no_echo, "no_echo")
-        _base.check_ack_id(ack_id)
-        flags = _base.send_flags(ack, no_echo)
+        flags = _base.send_flags(ack, no_echo, ack_id)
         return await self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
     async def send_event(
@@ -665,9 +664,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         event = _base.check_name(event_name, "event_name")
         kind, payload = _base.encode_content(content, data_type)
-        _base.check_bool(ack, "ack")
-        _base.check_ack_id(ack_id)
-        flags = _base.send_flags(ack)
+        flags = _base.send_flags(ack, ack_id=ack_id)
         return await self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
     async def _send(
@@ -678,7 +675,6 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         size = len(payload)
         if ack_id is not None:
-            _base.check_ack_id_use(ack_id, ack)
             completion = await self._run(
                 with_ack_id_async, handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, ack_id,
                 ack_id=ack_id, deferred=True,
