@@ -353,15 +353,17 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             }
             let (tx, rx) = mpsc::sync_channel(1);
             shared.sink.close_then(move || {
+                // With this last reference, the connection task ends and drops its state.
                 drop(handle);
                 let _ = tx.send(());
             });
-            let _ = rx.recv();
-            // With this last reference, the connection task ends and drops its state.
             drop(shared);
+            // The task's end follows the finalizer: waiting for it first, this thread
+            // sleeps once for both, and the finalizer's signal is already there.
             if !ended.wait(TASK_END_LIMIT) {
                 warn!("wps_client_free: the connection task did not end within {TASK_END_LIMIT:?}");
             }
+            let _ = rx.recv();
         }
     })
 }
