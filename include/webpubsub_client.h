@@ -301,28 +301,6 @@ typedef void (*wps_user_data_free_cb)(void *user_data);
 typedef void (*wps_credential_cb)(void *user_data, struct wps_credential_result *result);
 
 /**
- * The outcome of a blocking acked operation, written whatever the status. On a
- * failure `has_ack_id` tells whether the failed operation had an ackId: refused
- * (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
- * resend with it is deduplicated by the service), or sent when its connection was
- * lost (`WPS_STATUS_NOT_CONNECTED`).
- */
-typedef struct wps_ack_result {
-  /**
-   * The operation's ackId when `has_ack_id` (not for fire-and-forget).
-   */
-  uint64_t ack_id;
-  /**
-   * Whether `ack_id` is set.
-   */
-  bool has_ack_id;
-  /**
-   * The service had already processed this ackId (still a success).
-   */
-  bool is_duplicated;
-} wps_ack_result;
-
-/**
  * The outcome of an asynchronous operation, borrowed for the duration of the call.
  */
 typedef struct wps_completion {
@@ -374,6 +352,28 @@ typedef struct wps_completion {
  * Completion callback of an asynchronous operation; runs exactly once.
  */
 typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *completion);
+
+/**
+ * The outcome of a blocking acked operation, written whatever the status. On a
+ * failure `has_ack_id` tells whether the failed operation had an ackId: refused
+ * (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
+ * resend with it is deduplicated by the service), or sent when its connection was
+ * lost (`WPS_STATUS_NOT_CONNECTED`).
+ */
+typedef struct wps_ack_result {
+  /**
+   * The operation's ackId when `has_ack_id` (not for fire-and-forget).
+   */
+  uint64_t ack_id;
+  /**
+   * Whether `ack_id` is set.
+   */
+  bool has_ack_id;
+  /**
+   * The service had already processed this ackId (still a success).
+   */
+  bool is_duplicated;
+} wps_ack_result;
 
 /**
  * Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
@@ -566,6 +566,35 @@ wps_status wps_client_start(struct wps_client *c);
  * `c` is NULL or a live handle.
  */
 wps_status wps_client_stop(struct wps_client *c);
+
+/**
+ * Connects without blocking: `cb` (may be NULL) runs once on the dispatcher thread
+ * when connected or failed, with the status `wps_client_start` would return (see
+ * `wps_client_join_group_async` for `op_id`). For an event loop that must not block
+ * for the connection. The start is handed to the client before this returns, so a
+ * later stop (blocking or not) comes after it. Cancelling it only ends the wait: the
+ * connection attempt goes on (stop the client to end it).
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `op_id` is NULL or writable.
+ */
+wps_status wps_client_start_async(struct wps_client *c,
+                                  wps_completion_cb cb,
+                                  void *user_data,
+                                  uint64_t *op_id);
+
+/**
+ * Stops the client without blocking: `cb` (may be NULL) runs once stopped, after the
+ * disconnected and stopped events (see `wps_client_join_group_async` for `op_id`).
+ * Stopping a stopped client completes at once with `WPS_STATUS_OK`.
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `op_id` is NULL or writable.
+ */
+wps_status wps_client_stop_async(struct wps_client *c,
+                                 wps_completion_cb cb,
+                                 void *user_data,
+                                 uint64_t *op_id);
 
 /**
  * The client's state, a `WPS_STATE_*` value (`WPS_STATE_STOPPED` for NULL).

@@ -8,13 +8,16 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::time::{Duration, Instant};
 
-use webpubsub_client::ffi::callbacks::{wps_completion, wps_event, WPS_EVENT_GROUP_MESSAGE};
+use webpubsub_client::ffi::callbacks::{
+    wps_completion, wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED,
+    WPS_EVENT_GROUP_MESSAGE, WPS_EVENT_STOPPED,
+};
 use webpubsub_client::ffi::client::{
     wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id,
     wps_client_flush_deferred, wps_client_free, wps_client_join_group, wps_client_join_group_async,
     wps_client_new, wps_client_send_event_async, wps_client_send_to_group,
     wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id, wps_client_start,
-    wps_client_stop,
+    wps_client_start_async, wps_client_state, wps_client_stop, wps_client_stop_async,
 };
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
@@ -22,9 +25,10 @@ use webpubsub_client::ffi::options::{
 };
 use webpubsub_client::ffi::status::{
     wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED,
-    WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE,
-    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NULL_ARG, WPS_STATUS_OK,
-    WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
+    WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_STATE_CONNECTED, WPS_STATE_STOPPED,
+    WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INVALID_ARGUMENT,
+    WPS_STATUS_INVALID_UTF8, WPS_STATUS_NULL_ARG, WPS_STATUS_OK, WPS_STATUS_STOPPED,
+    WPS_STATUS_TIMEOUT,
 };
 use webpubsub_emulator::{Config, Emulator};
 
@@ -42,8 +46,9 @@ struct Seen {
     acked: usize,
     /// Per operation id: the ackId its completion carried.
     ack_ids: HashMap<u64, u64>,
-    /// Group messages (`m <group> <sender or -> <text>`) and completions (`c <op id>`), in the
-    /// order the callbacks ran.
+    /// Group messages (`m <group> <sender or -> <text>`), the connected, disconnected and
+    /// stopped events (`connected`, ...) and completions (`c <op id>`), in the order the
+    /// callbacks ran.
     timeline: Vec<String>,
 }
 
@@ -58,6 +63,16 @@ impl Recorder {
 unsafe extern "C" fn on_event(user_data: *mut c_void, event: *const wps_event) {
     let rec = &*(user_data as *const Recorder);
     let event = &*event;
+    let lifecycle = match event.kind {
+        WPS_EVENT_CONNECTED => Some("connected"),
+        WPS_EVENT_DISCONNECTED => Some("disconnected"),
+        WPS_EVENT_STOPPED => Some("stopped"),
+        _ => None,
+    };
+    if let Some(name) = lifecycle {
+        rec.seen.lock().unwrap().timeline.push(name.into());
+        rec.changed.notify_all();
+    }
     if event.kind == WPS_EVENT_GROUP_MESSAGE {
         let data = std::slice::from_raw_parts(event.data, event.data_len);
         let text = String::from_utf8_lossy(data).into_owned();
@@ -358,6 +373,85 @@ fn a_completion_never_overtakes_the_events_received_before_it() {
     }
     unsafe { wps_client_free(c) };
     rt.block_on(service).unwrap();
+}
+
+#[test]
+fn start_and_stop_without_blocking_complete_after_their_events() {
+    let setup = Setup::new();
+    let rec = Recorder::default();
+    let c = setup.client(&rec, false);
+    let (mut start, mut stop, mut again, mut idle) = (0, 0, 0, 0);
+    let (on, data) = (Some(on_complete as _), rec.user_data());
+    unsafe {
+        check(
+            wps_client_start_async(c, on, data, &mut start),
+            "start_async",
+        );
+        rec.wait("the start", |s| s.completions.contains_key(&start));
+        assert_eq!(wps_client_state(c), WPS_STATE_CONNECTED);
+        // a second start while connected fails as the blocking one does
+        check(
+            wps_client_start_async(c, on, data, &mut again),
+            "start_async",
+        );
+        check(wps_client_stop_async(c, on, data, &mut stop), "stop_async");
+        rec.wait("the stop", |s| s.completions.contains_key(&stop));
+        assert_eq!(wps_client_state(c), WPS_STATE_STOPPED);
+        // stopping a stopped client completes with OK
+        check(wps_client_stop_async(c, on, data, &mut idle), "stop_async");
+        rec.wait("the idle stop", |s| s.completions.contains_key(&idle));
+        // started again without blocking, then freed while connected
+        let mut restart = 0;
+        check(
+            wps_client_start_async(c, on, data, &mut restart),
+            "start_async",
+        );
+        rec.wait("the restart", |s| s.completions.contains_key(&restart));
+        assert_eq!(wps_client_state(c), WPS_STATE_CONNECTED);
+        assert_eq!(
+            wps_client_start_async(std::ptr::null_mut(), on, data, std::ptr::null_mut()),
+            WPS_STATUS_NULL_ARG
+        );
+        assert_eq!(
+            wps_client_stop_async(std::ptr::null_mut(), None, data, std::ptr::null_mut()),
+            WPS_STATUS_NULL_ARG
+        );
+        wps_client_free(c);
+    }
+    let seen = rec.seen.lock().unwrap();
+    for (op, status) in [
+        (start, WPS_STATUS_OK),
+        (again, WPS_STATUS_ILLEGAL_STATE),
+        (stop, WPS_STATUS_OK),
+        (idle, WPS_STATUS_OK),
+    ] {
+        assert_eq!(
+            seen.completions[&op],
+            vec![status],
+            "operation {op}: {:?}",
+            seen.timeline
+        );
+    }
+    let at = |entry: &str| {
+        seen.timeline
+            .iter()
+            .position(|e| e == entry)
+            .unwrap_or(usize::MAX)
+    };
+    // the start completes after the connected event, the stop after the stopped event
+    assert!(
+        at("connected") < at(&format!("c {start}")),
+        "{:?}",
+        seen.timeline
+    );
+    assert!(at("disconnected") < at("stopped"), "{:?}", seen.timeline);
+    assert!(
+        at("stopped") < at(&format!("c {stop}")),
+        "{:?}",
+        seen.timeline
+    );
+    drop(seen);
+    setup.shutdown();
 }
 
 #[test]

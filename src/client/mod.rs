@@ -30,6 +30,7 @@ use pending::{AckReply, OpKind, Operation, Purpose};
 pub(crate) use queue::Handover;
 use queue::OpSender;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -358,9 +359,18 @@ impl Client {
     /// `connected` frame (bounded by `start_timeout`). One attempt; later losses are
     /// handled by recovery and auto-reconnect.
     pub async fn start(&self) -> Result<(), Error> {
+        self.start_now()?.await
+    }
+
+    /// [`Client::start`]'s command handed to the connection task at once, on the calling
+    /// thread (so it keeps its place among the caller's later commands); the future
+    /// gives its outcome.
+    pub(crate) fn start_now(
+        &self,
+    ) -> Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error> {
         let (tx, rx) = oneshot::channel();
         self.command(Command::Start(tx))?;
-        rx.await.unwrap_or(Err(Error::Stopped))
+        Ok(async move { rx.await.unwrap_or(Err(Error::Stopped)) })
     }
 
     /// Closes the connection and stops reconnecting. Fire-and-forget messages whose
@@ -368,10 +378,18 @@ impl Client {
     /// operations still pending fail with `Error::Stopped`. Returns once stopped
     /// (after the `Stopped` event).
     pub async fn stop(&self) {
+        self.stop_now().await
+    }
+
+    /// [`Client::stop`]'s command handed over at once, as [`Client::start_now`]'s.
+    pub(crate) fn stop_now(&self) -> impl Future<Output = ()> + Send + 'static {
         self.flush_deferred();
         let (tx, rx) = oneshot::channel();
-        if self.command(Command::Stop(tx)).is_ok() {
-            let _ = rx.await;
+        let sent = self.command(Command::Stop(tx)).is_ok();
+        async move {
+            if sent {
+                let _ = rx.await;
+            }
         }
     }
 

@@ -457,6 +457,14 @@ impl OwnedCompletion {
         }
     }
 
+    /// Completion of an operation with no result but its status (start, stop).
+    pub(crate) fn from_unit(r: Result<(), Error>) -> OwnedCompletion {
+        match r {
+            Ok(()) => OwnedCompletion::status(WPS_STATUS_OK, ""),
+            Err(e) => OwnedCompletion::error(&e),
+        }
+    }
+
     /// Completion of an acked operation.
     pub(crate) fn from_ack(r: Result<AckResult, Error>) -> OwnedCompletion {
         match r {

@@ -457,6 +457,53 @@ pub unsafe extern "C" fn wps_client_stop(c: *mut wps_client) -> wps_status {
     })
 }
 
+/// Connects without blocking: `cb` (may be NULL) runs once on the dispatcher thread
+/// when connected or failed, with the status `wps_client_start` would return (see
+/// `wps_client_join_group_async` for `op_id`). For an event loop that must not block
+/// for the connection. The start is handed to the client before this returns, so a
+/// later stop (blocking or not) comes after it. Cancelling it only ends the wait: the
+/// connection attempt goes on (stop the client to end it).
+///
+/// # Safety
+/// `c` is NULL or a live handle; `op_id` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_start_async(
+    c: *mut wps_client,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let fut = |client: Client| client.start_now().map_err(fail_with);
+        run_async(c, fut, OwnedCompletion::from_unit, cb, user_data, op_id)
+    })
+}
+
+/// Stops the client without blocking: `cb` (may be NULL) runs once stopped, after the
+/// disconnected and stopped events (see `wps_client_join_group_async` for `op_id`).
+/// Stopping a stopped client completes at once with `WPS_STATUS_OK`.
+///
+/// # Safety
+/// `c` is NULL or a live handle; `op_id` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_stop_async(
+    c: *mut wps_client,
+    cb: wps_completion_cb,
+    user_data: *mut c_void,
+    op_id: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let fut = |client: Client| {
+            let stopped = client.stop_now();
+            Ok(async move {
+                stopped.await;
+                Ok(())
+            })
+        };
+        run_async(c, fut, OwnedCompletion::from_unit, cb, user_data, op_id)
+    })
+}
+
 /// The client's state, a `WPS_STATE_*` value (`WPS_STATE_STOPPED` for NULL).
 ///
 /// # Safety

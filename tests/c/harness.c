@@ -391,6 +391,8 @@ static bool test_null_and_invalid_arguments(void) {
     CHECK_STATUS(wps_client_new_with_credential(NULL, NULL, NULL, NULL, NULL, NULL, NULL, &c), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_client_start(NULL), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_client_stop(NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_start_async(NULL, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_stop_async(NULL, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
     CHECK(wps_client_state(NULL) == WPS_STATE_STOPPED);
     size_t len = 0;
     CHECK_STATUS(wps_client_connection_id(NULL, NULL, 0, &len), WPS_STATUS_NULL_ARG);
@@ -638,6 +640,18 @@ static bool test_async_and_upstream(void) {
     CHECK_OK(wps_client_leave_group_async(a, "room", on_complete, &c[4], NULL));
     CHECK(wait_completion(&c[4]));
     CHECK(c[4].status == WPS_STATUS_OK);
+
+    /* stop and start without blocking: each completes once its state is reached */
+    completion life[2];
+    for (int k = 0; k < 2; k++) completion_init(&life[k]);
+    CHECK_OK(wps_client_stop_async(a, on_complete, &life[0], NULL));
+    CHECK(wait_completion(&life[0]));
+    CHECK(life[0].status == WPS_STATUS_OK && wps_client_state(a) == WPS_STATE_STOPPED);
+    CHECK(wait_event(ra, 0, WPS_EVENT_STOPPED, NULL) >= 0);
+    CHECK_OK(wps_client_start_async(a, on_complete, &life[1], NULL));
+    CHECK(wait_completion(&life[1]));
+    CHECK(life[1].status == WPS_STATUS_OK && wps_client_state(a) == WPS_STATE_CONNECTED);
+    for (int k = 0; k < 2; k++) completion_destroy(&life[k]);
 
     /* blocking send_event and invoke */
     wps_ack_result ack;

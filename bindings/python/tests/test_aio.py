@@ -94,6 +94,25 @@ async def test_open_close_and_async_listeners(hub: Hub, protocol: WebPubSubProto
     assert client.state is WebPubSubClientState.STOPPED
 
 
+async def test_a_cancelled_open_stops_the_client_and_it_opens_again(hub: Hub) -> None:
+    """open() awaits the library's start without a thread; cancelling it stops the client,
+    so no connection stays up behind the cancelled call, and a later open() works."""
+    stopped = AsyncCollector()
+    client = make(hub.url("alice"))
+    await client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    task = asyncio.ensure_future(client.open())
+    await asyncio.sleep(0)  # the start is handed over; its completion cannot be dispatched before the cancel
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await stopped.wait_for(1)
+    assert client.state is WebPubSubClientState.STOPPED
+    await client.open()
+    assert client.is_connected()
+    await client.close()
+    assert client.state is WebPubSubClientState.STOPPED
+
+
 async def test_context_manager_and_round_trip(hub: Hub, protocol: WebPubSubProtocolType) -> None:
     got = AsyncCollector()
     async with make(hub.url("bob"), protocol) as client:

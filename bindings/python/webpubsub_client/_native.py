@@ -219,6 +219,8 @@ _SIGNATURES = {
     "wps_invoke_response_data": (c_void_p, [_handle, POINTER(c_size_t)]),
     "wps_invoke_response_free": (None, [_handle]),
     # asynchronous operations
+    "wps_client_start_async": (_status, [_handle, COMPLETION_CB, c_void_p, _out_u64]),
+    "wps_client_stop_async": (_status, [_handle, COMPLETION_CB, c_void_p, _out_u64]),
     "wps_client_join_group_async": (
         _status,
         [_handle, c_char_p, COMPLETION_CB, c_void_p, _out_u64],

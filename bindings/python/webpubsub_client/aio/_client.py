@@ -378,14 +378,9 @@ _GROUP_FORMS = (
     lib.wps_client_send_to_group_async,
     lib.wps_client_send_to_group_with_ack_id_async,
 )
+# A NULL completion callback, for an operation whose outcome nobody awaits.
+_NO_COMPLETION = _native.COMPLETION_CB()
 _EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_async, lib.wps_client_send_event_with_ack_id_async)
-
-
-def _blocking_call(function: Callable[[int], int], handle: int) -> Tuple[int, str]:
-    """Run a blocking C call (in an executor thread) and read its error on that thread."""
-    status = function(handle)
-    message = _native.last_error_message() if status != _native.STATUS_OK else ""
-    return status, message
 
 
 class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
@@ -470,22 +465,24 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
             raise OpenClientError("Client can be only started when it's Stopped")
-        loop = asyncio.get_running_loop()
-        self._sink.bind(loop)
-        self._poller.attach(loop)
-        status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_start, handle)
-        if status != _native.STATUS_OK:
-            raise _base.open_error(status, message)
+        self._sink.bind(asyncio.get_running_loop())
+        try:
+            completion = await self._run(lib.wps_client_start_async, handle, checked=False)
+        except asyncio.CancelledError:
+            lib.wps_client_stop_async(handle, _NO_COMPLETION, None, None)  # no connection behind a cancelled open
+            raise
+        if completion.status != _native.STATUS_OK:
+            raise _base.open_error(completion.status, completion.error_message)
 
     async def close(self) -> None:
         """Stop the client; does nothing if it is already stopped."""
         if not self._finalizer.alive or _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
             return
-        loop = asyncio.get_running_loop()
-        status, message = await loop.run_in_executor(None, _blocking_call, lib.wps_client_stop, self._handle)
-        self._poller.dispatch()  # the disconnected and stopped events, before close returns
+        # completes after the disconnected and stopped events, dispatched before it
+        completion = await self._run(lib.wps_client_stop_async, self._handle, checked=False)
+        status = completion.status
         if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
-            raise WebPubSubClientError(f"{_native.status_str(status)}: {message}", status=status)
+            raise WebPubSubClientError(f"{_native.status_str(status)}: {completion.error_message}", status=status)
 
     def is_connected(self) -> bool:
         """True while the client has an open connection."""
@@ -737,10 +734,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         invoke: bool = False,
         ack_id: Optional[int] = None,
         deferred: bool = False,
+        checked: bool = True,
     ) -> Completion:
         """Start the asynchronous C operation ``start(*args, callback, user_data, op_id)``
         and await its completion on this loop (``deferred``: started with ``SEND_DEFERRED``,
-        so a flush is scheduled)."""
+        so a flush is scheduled; ``checked``: a failed completion raises, else the caller
+        reads its status)."""
         loop = self._poller.running_loop()
         self._poller.attach(loop)  # completions are dispatched by the loop awaiting them
         future: "asyncio.Future[Completion]" = loop.create_future()
@@ -773,7 +772,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         except asyncio.CancelledError:
             lib.wps_client_cancel(self._handle, op_id.value)
             raise
-        if completion.status != _native.STATUS_OK:
+        if checked and completion.status != _native.STATUS_OK:
             raise _base.operation_error(
                 completion.status,
                 invoke=invoke,
