@@ -451,6 +451,19 @@ fn start_and_stop_without_blocking_complete_after_their_events() {
         seen.timeline
     );
     drop(seen);
+    // freed with its start still in flight: the start completes exactly once, and the
+    // free returns (the connection attempt is stopped under it)
+    let rec = Recorder::default();
+    let c = setup.client(&rec, false);
+    let mut pending = 0;
+    unsafe {
+        check(
+            wps_client_start_async(c, Some(on_complete), rec.user_data(), &mut pending),
+            "start_async",
+        );
+        wps_client_free(c);
+    }
+    assert_completed_once_ok_or_stopped(&rec, &[pending]);
     setup.shutdown();
 }
 
