@@ -110,15 +110,10 @@ def keep_thread_state() -> None:
         _gil_state_ensure()
 
 
-_get_ident = threading.get_ident
-_registered = REGISTRY.get
-
-
 def _on_event(key: Optional[int], event: Any) -> None:
     try:
-        if _get_ident() not in _kept_threads:  # keep_thread_state's test, without its call
-            keep_thread_state()
-        sink = _registered(key)
+        keep_thread_state()
+        sink = REGISTRY.get(key)
         if sink is not None:
             sink.on_native_event(event.contents)
     except BaseException:  # noqa: BLE001 - nothing may propagate into C
