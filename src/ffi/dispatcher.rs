@@ -276,14 +276,53 @@ impl Worker {
     }
 }
 
-/// A readiness descriptor: readable while set.
-#[cfg(unix)]
+/// A readiness descriptor: readable while set. On Linux an eventfd: setting and
+/// clearing it are a counter's write and read, where a socket pair queues and frees a
+/// buffer each time.
+#[cfg(target_os = "linux")]
+struct Signal(std::os::fd::OwnedFd);
+
+#[cfg(target_os = "linux")]
+impl Signal {
+    fn new() -> io::Result<Signal> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor
+        // that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        Ok(Signal(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn fd(&self) -> std::ffi::c_int {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+
+    fn set(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one` to a descriptor this value owns.
+        let _ = unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// One read resets the counter, however often it was set.
+    fn clear(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `count`, from a descriptor this value owns.
+        let _ = unsafe { libc::read(self.fd(), (&mut count as *mut u64).cast(), 8) };
+    }
+}
+
+/// A readiness descriptor: readable while set (a socket pair).
+#[cfg(all(unix, not(target_os = "linux")))]
 struct Signal {
     read: std::os::unix::net::UnixStream,
     write: std::os::unix::net::UnixStream,
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(target_os = "linux")))]
 impl Signal {
     fn new() -> io::Result<Signal> {
         let (read, write) = std::os::unix::net::UnixStream::pair()?;
@@ -313,7 +352,7 @@ impl Signal {
     }
 }
 
-/// Poll mode needs a Unix platform (a socket pair is its descriptor).
+/// Poll mode needs a Unix platform (an eventfd or a socket pair is its descriptor).
 #[cfg(not(unix))]
 struct Signal(());
 
