@@ -279,6 +279,37 @@ async def test_a_send_after_a_quiet_spell_is_not_held_for_the_next_loop_pass(hub
             assert done.value.value.ack_id is not None
 
 
+async def test_a_long_run_of_sends_is_handed_over_without_waiting_for_the_loop(hub: Hub, monkeypatch: Any) -> None:
+    """In a run of acked sends the last of every ``FLUSH_EVERY`` is handed over at once,
+    taking the deferred ones before it along: a long run travels while the loop is busy
+    (here blocked on purpose), in order. No send counts as quiet here, so that no
+    timing can start a new run."""
+    monkeypatch.setattr(aio_client._Poller, "QUIET", float("inf"))
+    run = aio_client._Poller.FLUSH_EVERY
+    got: List[str] = []
+    arrived = threading.Event()
+
+    def on_message(message: Any) -> None:
+        got.append(message.data)
+        if len(got) == run:
+            arrived.set()
+
+    with SyncClient(hub.url(), **FAST) as subscriber:
+        subscriber.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        subscriber.join_group("g")
+        async with make(hub.url()) as publisher:
+            sends = [publisher.send_to_group("g", str(i), "text") for i in range(run)]
+            acks = [send.send(None) for send in sends]  # each runs up to its wait for the ack
+            try:
+                assert arrived.wait(WAIT), f"{len(got)} of {run} arrived while the loop was blocked"
+            finally:
+                await asyncio.wait(acks, timeout=WAIT)
+                for send in sends:
+                    with pytest.raises(StopIteration):
+                        send.send(None)
+    assert got == [str(i) for i in range(run)]
+
+
 async def test_fire_and_forget_in_every_state(hub: Hub) -> None:
     """A fire-and-forget send is queued on the loop thread: an error at once when the
     client is not open or closed; no error (the frame is queued) around a dropped socket."""
@@ -374,7 +405,7 @@ async def test_sends_started_together_arrive_in_start_order(hub: Hub) -> None:
         )
         assert sum(r.ack_id is not None for r in results) == total - len(range(0, total, 7))
         await got.wait_for(total)
-        # one more, alone in its iteration: the scheduled flush sends it
+        # one more, after a quiet spell: handed over at once
         await publisher.send_to_group("g", "last", "text")
         await got.wait_for(total + 1)
     assert [m.data for m in got.items] == [str(i) for i in range(total)] + ["last"]

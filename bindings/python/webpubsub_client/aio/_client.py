@@ -233,7 +233,7 @@ class _Poller:
     """
 
     BATCH = 256  # callbacks per reader wake-up; the descriptor stays readable for more
-    FLUSH_EVERY = 32  # deferred messages sent at once; bounds how long the first waits
+    FLUSH_EVERY = 32  # messages per run handed over at once; bounds how long the first waits
     QUIET = 50e-6  # seconds: a message this long after the previous one is sent at once
 
     def __init__(self, handle: int) -> None:
@@ -242,8 +242,8 @@ class _Poller:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd = -1
         self._flush_scheduled = False
-        self._deferred = 0  # messages deferred since the last flush
-        self._last_deferred = 0.0  # time.monotonic() of the last one
+        self._deferred = 0  # messages deferred since the last hand-over
+        self._last_send = 0.0  # time.monotonic() of the last acked send
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """This thread's running loop: the attached one when it runs on this thread (read
@@ -274,28 +274,28 @@ class _Poller:
             if self._handle:
                 lib.wps_client_dispatch(self._handle, self.BATCH, None)
 
-    def flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Send the messages started with ``SEND_DEFERRED`` once the loop has run the
-        callbacks ready now, or at once every ``FLUSH_EVERY`` messages: one wake-up of the
-        library's thread for a run of messages instead of one each, while the first of a
-        long run already travel. A message ``QUIET`` seconds after the previous one is
-        sent at once: it most likely starts no run (sequential awaited sends), and
-        waiting for the next loop pass would only add that pass to its round trip."""
-        self._deferred += 1
+    def handover(self, loop: asyncio.AbstractEventLoop) -> int:
+        """The handover flag of the next acked send. Usually ``SEND_DEFERRED``, with a
+        flush scheduled for once the loop has run the callbacks ready now: one wake-up of
+        the library's thread for a run of messages instead of one each. ``0`` (handed over
+        at once, after the deferred ones) every ``FLUSH_EVERY`` messages, so that the first
+        of a long run already travel, and for a message ``QUIET`` seconds after the
+        previous one: it most likely starts no run (sequential awaited sends), and waiting
+        for the next loop pass would only add that pass to its round trip."""
         now = time.monotonic()
-        quiet = now - self._last_deferred >= self.QUIET
-        self._last_deferred = now
-        if quiet or self._deferred >= self.FLUSH_EVERY:
-            self._flush()
-        elif not self._flush_scheduled:
+        quiet = now - self._last_send >= self.QUIET
+        self._last_send = now
+        if quiet or self._deferred >= self.FLUSH_EVERY - 1:
+            self._deferred = 0
+            return 0
+        self._deferred += 1
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_later)
+        return _native.SEND_DEFERRED
 
     def _flush_later(self) -> None:
         self._flush_scheduled = False
-        self._flush()
-
-    def _flush(self) -> None:
         self._deferred = 0  # before the call: a message deferred after it counts again
         with self._lock:
             if self._handle:
@@ -672,9 +672,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         size = len(payload)
         if ack_id is not None:
+            flags |= self._poller.handover(self._poller.running_loop())
             completion = await self._run(
-                with_ack_id_async, handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, ack_id,
-                ack_id=ack_id, deferred=True,
+                with_ack_id_async, handle, target, kind, payload, size, flags, ack_id, ack_id=ack_id
             )
             return _ack_result(completion)
         if not ack:
@@ -687,11 +687,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         future = loop.create_future()
         key = REGISTRY.add(future)
         op_id = ctypes.c_uint64(0)
-        status = plain_async(handle, target, kind, payload, size, flags | _native.SEND_DEFERRED, _ACKED_TRAMPOLINE, key, op_id)
+        flags |= self._poller.handover(loop)
+        status = plain_async(handle, target, kind, payload, size, flags, _ACKED_TRAMPOLINE, key, op_id)
         if status != _native.STATUS_OK:
             REGISTRY.pop(key)
             raise _base.operation_error(status)
-        self._poller.flush_soon(loop)
         try:
             return await future
         except asyncio.CancelledError:
@@ -733,13 +733,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         *args: Any,
         invoke: bool = False,
         ack_id: Optional[int] = None,
-        deferred: bool = False,
         checked: bool = True,
     ) -> Completion:
         """Start the asynchronous C operation ``start(*args, callback, user_data, op_id)``
-        and await its completion on this loop (``deferred``: started with ``SEND_DEFERRED``,
-        so a flush is scheduled; ``checked``: a failed completion raises, else the caller
-        reads its status)."""
+        and await its completion on this loop (``checked``: a failed completion raises,
+        else the caller reads its status)."""
         loop = self._poller.running_loop()
         self._poller.attach(loop)  # completions are dispatched by the loop awaiting them
         future: "asyncio.Future[Completion]" = loop.create_future()
@@ -765,8 +763,6 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if status != _native.STATUS_OK:
             REGISTRY.pop(key)
             raise _base.operation_error(status, invoke=invoke, ack_id=ack_id)
-        if deferred:
-            self._poller.flush_soon(loop)
         try:
             completion = await future
         except asyncio.CancelledError:
