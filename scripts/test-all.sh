@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LOG_DIR="$ROOT/target/test-logs"
 mkdir -p "$LOG_DIR"
-ALL_SUITES="fmt clippy rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest python-package interop-python interop-node examples"
+ALL_SUITES="fmt clippy rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest python-lint python-package interop-python interop-node examples"
 SUITES="${SUITES:-$ALL_SUITES}"
 
 TOTAL_PASSED=0
@@ -152,6 +152,11 @@ suite_c-stress-valgrind() {
 suite_pytest() {
     build_native; setup_venv
     run_counted pytest pytest .venv/bin/python -m pytest -q --timeout 300 bindings/python/tests
+}
+suite_python-lint() {
+    setup_venv
+    run_check python-lint bash -c 'cd bindings/python && ../../.venv/bin/ruff check webpubsub_client tests &&
+        ../../.venv/bin/ruff format --check webpubsub_client tests && ../../.venv/bin/mypy'
 }
 suite_python-package() { build_native; setup_venv; run_counted python-package plain scripts/check-python-package.sh; }
 suite_interop-python() {

@@ -16,8 +16,8 @@ from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream
 from webpubsub_client import WebPubSubClient as SyncClient
 from webpubsub_client import _native
 from webpubsub_client._callbacks import REGISTRY
-from webpubsub_client.aio import _client as aio_client
 from webpubsub_client.aio import WebPubSubClient, WebPubSubClientCredential
+from webpubsub_client.aio import _client as aio_client
 from webpubsub_client.models import (
     CallbackType,
     InvokeEventError,
@@ -522,7 +522,8 @@ async def test_listeners_and_completions_run_on_the_loop_thread(hub: Hub) -> Non
     await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
     async with client:
         await client.join_group("loop")
-        results = await asyncio.gather(*(client.send_to_group("loop", f"m{i}", WebPubSubDataType.TEXT) for i in range(200)))
+        sends = (client.send_to_group("loop", f"m{i}", WebPubSubDataType.TEXT) for i in range(200))
+        results = await asyncio.gather(*sends)
         assert all(r.ack_id is not None for r in results)
         items = await got.wait_for(200)
     assert [a.data for a in items] == [f"m{i}" for i in range(200)]

@@ -13,7 +13,7 @@ import ctypes
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Optional, Set, cast
 
 from . import _native
 from ._native import lib
@@ -34,7 +34,7 @@ class Registry:
         self._keys = itertools.count(1)
         # ``get(key)``: the object stored under ``key``, or None (also for a None key).
         # The dict's own method, not a wrapper: one Python call less on every event.
-        self.get: Callable[[Optional[int]], Any] = self._items.get
+        self.get = cast(Callable[[Optional[int]], Any], self._items.get)
 
     def add(self, obj: Any) -> int:
         """Store ``obj`` and return its key (never 0, so it is never a NULL pointer)."""

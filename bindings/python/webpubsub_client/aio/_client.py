@@ -264,7 +264,8 @@ class _Poller:
             fd = ctypes.c_int(-1)
             status = lib.wps_client_dispatch_fd(self._handle, ctypes.byref(fd))
             if status != _native.STATUS_OK:
-                raise WebPubSubClientError(f"{_native.status_str(status)}: {_native.last_error_message()}", status=status)
+                message = f"{_native.status_str(status)}: {_native.last_error_message()}"
+                raise WebPubSubClientError(message, status=status)
             loop.add_reader(fd.value, self.dispatch)
             self._loop, self._fd = loop, fd.value
 
@@ -684,7 +685,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         # _run's steps written out: this is the hot path, and its extra calls cost ~1 us per send
         loop = self._poller.running_loop()
         self._poller.attach(loop)
-        future = loop.create_future()
+        future: "asyncio.Future[WebPubSubResult]" = loop.create_future()
         key = REGISTRY.add(future)
         op_id = ctypes.c_uint64(0)
         flags |= self._poller.handover(loop)
