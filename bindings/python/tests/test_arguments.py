@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any, Dict
 
 import pytest
 
-from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
+from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _base
 from webpubsub_client.aio import WebPubSubClient as AsyncWebPubSubClient
 from webpubsub_client.models import CallbackType, RetryMode, WebPubSubDataType, WebPubSubProtocolType
 
@@ -94,6 +95,45 @@ def test_azure_core_retry_mode_is_accepted() -> None:
     from azure.core.pipeline.policies import RetryMode as AzureRetryMode
 
     WebPubSubClient(URL, message_retry_mode=AzureRetryMode.Fixed, reconnect_retry_mode=AzureRetryMode.Exponential)
+
+
+class _OtherStrEnum(str, enum.Enum):  # another library's str enum with the same values
+    JSON = "json"
+
+
+class _MyStr(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "spelling, member",
+    [
+        (WebPubSubDataType.TEXT, WebPubSubDataType.TEXT),
+        ("text", WebPubSubDataType.TEXT),
+        ("binary", WebPubSubDataType.BINARY),
+        ("TEXT", WebPubSubDataType.TEXT),
+        ("Protobuf", WebPubSubDataType.PROTOBUF),
+        (_OtherStrEnum.JSON, WebPubSubDataType.JSON),
+        (_MyStr("json"), WebPubSubDataType.JSON),
+    ],
+)
+def test_data_type_spellings(spelling: Any, member: WebPubSubDataType) -> None:
+    """Members, exact values (the per-message fast path), other cases and other str types."""
+    assert _base.data_type_of(spelling) is member
+
+
+@pytest.mark.parametrize(
+    "spelling, error, text",
+    [
+        ("xml", ValueError, "data_type must be one of"),
+        (_MyStr("xml"), ValueError, "data_type must be one of"),
+        (["text"], TypeError, "data_type must be a WebPubSubDataType or str, got list"),
+        (None, TypeError, "data_type must be a WebPubSubDataType or str, got NoneType"),
+    ],
+)
+def test_bad_data_type_spellings(spelling: Any, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        _base.data_type_of(spelling)
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,8 @@ _DATA_TYPES = {
     WebPubSubDataType.PROTOBUF: _native.DATA_TYPE_PROTOBUF,
 }
 _DATA_TYPES_BY_NUMBER = {number: member for member, number in _DATA_TYPES.items()}
+# Each member under its exact value; a member hashes and compares as its value, so both find it.
+_DATA_TYPE_VALUES: Dict[str, WebPubSubDataType] = {member.value: member for member in WebPubSubDataType}
 _TEXT = WebPubSubDataType.TEXT
 _JSON = WebPubSubDataType.JSON
 _TEXT_NUMBER = _DATA_TYPES[_TEXT]
@@ -166,6 +168,10 @@ def _enum_value(enum_cls: Type[E], value: Any, what: str) -> E:
 
 def data_type_of(value: Any) -> WebPubSubDataType:
     """``value`` as a :class:`WebPubSubDataType` (str values accepted, case-insensitively)."""
+    if value.__class__ is str or value.__class__ is WebPubSubDataType:
+        member = _DATA_TYPE_VALUES.get(value)  # the usual spellings: one dict hit (this runs per message)
+        if member is not None:
+            return member
     return _enum_value(WebPubSubDataType, value, "data_type")
 
 
