@@ -751,8 +751,10 @@ def write_report(path, run, results, contenders, order):
         "",
         "- One emulator process (`target/release/webpubsub-emulator --port 0`) serves the whole "
         "run. Each contender runs each scenario in its own process(es), one after another, "
-        "never two at once. Scenarios 2 and 5 start a subscriber process, wait until it has "
-        "joined, then start the publisher.",
+        "never two at once. In full mode the three repeats go round the contenders (one run "
+        "of each, then the next round), so that a slower or faster spell of the shared "
+        "machine does not hold all of one contender's runs. Scenarios 2 and 5 start a "
+        "subscriber process, wait until it has joined, then start the publisher.",
         "- Every run is bounded in count and time; the figures are computed from what was "
         "achieved. Drivers print one JSON line; the raw logs and all records are kept in "
         "`benches/out/` (not committed).",
@@ -946,18 +948,26 @@ def main():
             if scn.key not in args.scenarios:
                 continue
             params = scn.quick if args.quick else scn.full
+            present = [ck for ck in order if not contenders[ck].missing]
             for ck in order:
-                c = contenders[ck]
-                if c.missing:
+                if contenders[ck].missing:
                     results[(ck, scn.key)] = {"contender": ck, "scenario": scn.key,
-                                              "error": c.missing}
-                    continue
-                t0 = time.monotonic()
-                recs = [run_one(emu, url, c, scn, params, f"r{i}") for i in range(repeats)]
-                rec = median_record(recs, scn.key)
-                rec["wall_s"] = round(time.monotonic() - t0, 1)
+                                              "error": contenders[ck].missing}
+            # The repeats go round the contenders (one run of each, then the next round):
+            # this shared machine drifts between faster and slower spells lasting minutes,
+            # and a contender's repeats run back to back would all land in one of them.
+            recs = {ck: [] for ck in present}
+            wall = dict.fromkeys(present, 0.0)
+            for i in range(repeats):
+                for ck in present:
+                    t0 = time.monotonic()
+                    recs[ck].append(run_one(emu, url, contenders[ck], scn, params, f"r{i}"))
+                    wall[ck] += time.monotonic() - t0
+            for ck in present:
+                rec = median_record(recs[ck], scn.key)
+                rec["wall_s"] = round(wall[ck], 1)
                 results[(ck, scn.key)] = rec
-                print(progress_line(scn, c, rec), flush=True)
+                print(progress_line(scn, contenders[ck], rec), flush=True)
     finally:
         emu.stop()
     run["duration_s"] = time.monotonic() - started
