@@ -459,6 +459,25 @@ mod tests {
 
     #[cfg(unix)]
     #[test]
+    fn a_signal_set_twice_is_cleared_by_one_clear() {
+        let signal = Signal::new().unwrap();
+        assert!(!readable(signal.fd()));
+        signal.set();
+        signal.set();
+        assert!(readable(signal.fd()));
+        signal.clear();
+        assert!(!readable(signal.fd()), "one clear empties it");
+        signal.clear();
+        assert!(
+            !readable(signal.fd()),
+            "clearing an empty signal is harmless"
+        );
+        signal.set();
+        assert!(readable(signal.fd()));
+    }
+
+    #[cfg(unix)]
+    #[test]
     fn a_polled_worker_signals_once_and_runs_jobs_only_when_dispatched() {
         let worker = Worker::polled().unwrap();
         let fd = worker.fd().unwrap();
