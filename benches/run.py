@@ -485,11 +485,15 @@ def speed_ratio(scn_key, mine, other):
 
 
 def median_record(records, scn_key):
+    """The median run of a cell by its primary figure, with every run's figure kept beside it
+    (`repeat_figures`, in run order; None for a failed run)."""
     ok = [r for r in records if "result" in r]
     if not ok:
         return records[-1]
     ok.sort(key=lambda r: primary(scn_key, r["result"])[0])
-    return ok[len(ok) // 2]
+    rec = dict(ok[len(ok) // 2])
+    rec["repeat_figures"] = [primary(scn_key, r["result"])[0] if "result" in r else None for r in records]
+    return rec
 
 
 def official_py_for(c):
@@ -995,6 +999,9 @@ def progress_line(scn, c, rec):
     else:
         fig = (f"{r['rate']:,.0f} msg/s delivered ({rec['pub']['sent'] - r['received']} lost)"
                f"  cpu {cpu_per_msg_us(rec) or 0:.1f} µs/msg")
+    figures = rec.get("repeat_figures", [])
+    if len(figures) > 1:
+        fig += "  (runs: " + ", ".join("failed" if v is None else fmt_num(v) for v in figures) + ")"
     e = rec["emulator"]
     sat = "  <<< EMULATOR SATURATED" if e["saturated"] else ""
     return f"{head} {fig}   [emulator {emulator_cell(e)}]{sat}"
