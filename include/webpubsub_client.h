@@ -315,7 +315,8 @@ typedef struct wps_completion {
   /**
    * Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
    * when the operation had one: `WPS_STATUS_ACK_ERROR`, `WPS_STATUS_TIMEOUT` after
-   * its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost).
+   * its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost,
+   * `WPS_STATUS_STOPPED` when `wps_client_stop` ended it).
    */
   bool has_ack_id;
   /**
@@ -357,8 +358,9 @@ typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *
  * The outcome of a blocking acked operation, written whatever the status. On a
  * failure `has_ack_id` tells whether the failed operation had an ackId: refused
  * (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
- * resend with it is deduplicated by the service), or sent when its connection was
- * lost (`WPS_STATUS_NOT_CONNECTED`).
+ * resend with it is deduplicated by the service), sent when its connection was lost
+ * (`WPS_STATUS_NOT_CONNECTED`), or sent when `wps_client_stop` ended it
+ * (`WPS_STATUS_STOPPED`).
  */
 typedef struct wps_ack_result {
   /**

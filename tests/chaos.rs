@@ -605,7 +605,9 @@ impl CClient {
         }
         async move {
             match status {
-                WPS_STATUS_OK => settled.await.unwrap_or(Err(Error::Stopped)),
+                WPS_STATUS_OK => settled
+                    .await
+                    .unwrap_or(Err(Error::Stopped { ack_id: None })),
                 _ => Err(Error::Protocol(format!(
                     "the send was refused: status {status}"
                 ))),

@@ -669,8 +669,17 @@ async fn operations_in_flight_when_stopping_fail_with_stopped() {
         tokio::task::yield_now().await; // lets every send be queued or written (none is acked)
     }
     client.stop().await;
+    let mut taken_in = std::collections::HashSet::new();
     for send in sends {
-        assert_eq!(send.await.unwrap(), Err(Error::Stopped));
+        match send.await.unwrap() {
+            Err(Error::Stopped {
+                ack_id: Some(ack_id),
+            }) => {
+                assert!(taken_in.insert(ack_id), "ackId {ack_id} reported twice");
+            }
+            Err(Error::Stopped { ack_id: None }) => {}
+            other => panic!("expected Stopped, got {other:?}"),
+        }
     }
     let late = client
         .send_to_group(
@@ -681,6 +690,39 @@ async fn operations_in_flight_when_stopping_fail_with_stopped() {
         )
         .await;
     assert!(matches!(late, Err(Error::IllegalState(_))), "{late:?}");
+}
+
+#[tokio::test]
+async fn operations_written_before_a_stop_fail_with_their_ack_ids() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let sends = [spawn_send(&client, "a"), spawn_send(&client, "b")];
+    let mut written = std::collections::HashMap::new();
+    while written.len() < 2 {
+        let frame = conn.recv().await;
+        if frame["type"] == "sendToGroup" {
+            written.insert(
+                frame["data"].as_str().unwrap().to_owned(),
+                frame["ackId"].as_u64(),
+            );
+        }
+    }
+    client.stop().await;
+    for (send, body) in sends.into_iter().zip(["a", "b"]) {
+        let outcome = send.await.unwrap();
+        assert_eq!(
+            outcome,
+            Err(Error::Stopped {
+                ack_id: written[body]
+            })
+        );
+        let message = outcome.unwrap_err().to_string();
+        let expected = format!(
+            "client stopped before the ack of operation {}",
+            written[body].unwrap()
+        );
+        assert_eq!(message, expected);
+    }
 }
 
 #[tokio::test]

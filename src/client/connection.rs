@@ -269,7 +269,8 @@ impl Task {
                 Next::Exit => break,
             };
         }
-        self.pending.fail_all(|_| Error::Stopped, &mut self.done);
+        self.pending
+            .fail_all(|ack_id| Error::Stopped { ack_id }, &mut self.done);
         self.finish_done();
         self.shared.set_connection_id(None);
         self.shared.set_state(ClientState::Stopped);
@@ -293,7 +294,7 @@ impl Task {
                 // while the client was running, so it was stopped under it.
                 Some(op) = self.operations.recv() => {
                     self.shared.direct.finished(1);
-                    op.refuse(Error::Stopped);
+                    op.refuse(Error::Stopped { ack_id: None });
                 }
             }
         }
@@ -586,7 +587,7 @@ impl Task {
             self.shared.direct.finished(1);
             match op.kind {
                 OpKind::FireAndForget => self.out.push(op.frame),
-                _ => op.refuse(Error::Stopped),
+                _ => op.refuse(Error::Stopped { ack_id: None }),
             }
         }
         if !self.out.is_empty() {
@@ -730,9 +731,10 @@ impl Task {
     fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
         while let Ok(op) = self.operations.try_recv() {
             self.shared.direct.finished(1);
-            op.refuse(Error::Stopped);
+            op.refuse(Error::Stopped { ack_id: None });
         }
-        self.pending.fail_all(|_| Error::Stopped, &mut self.done);
+        self.pending
+            .fail_all(|ack_id| Error::Stopped { ack_id }, &mut self.done);
         self.finish_done();
         let connection_id = self.session.take().map(|s| s.connection_id);
         self.shared.set_connection_id(None);
@@ -1058,7 +1060,7 @@ impl Task {
                 (Purpose::Leave(group), Ok(_)) => {
                     self.groups.remove(group);
                 }
-                (Purpose::Rejoin(group), Err(error)) if *error != Error::Stopped => {
+                (Purpose::Rejoin(group), Err(error)) if !matches!(error, Error::Stopped { .. }) => {
                     warn!("rejoining group {group:?} failed: {error}");
                     self.emit(Event::RejoinGroupFailed {
                         group: group.clone(),

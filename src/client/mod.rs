@@ -194,7 +194,11 @@ pub enum Error {
     /// The operation was cancelled.
     Cancelled,
     /// The client was stopped (or dropped) before the operation completed.
-    Stopped,
+    Stopped {
+        /// The ackId of an acked operation the client had taken in (sent, or queued to
+        /// send) when it was stopped; `None` when it was never taken in.
+        ack_id: Option<u64>,
+    },
     /// The service refused the operation (`success:false` in the ack).
     Ack {
         /// The ackId of the refused operation.
@@ -240,7 +244,10 @@ impl fmt::Display for Error {
                 ack_id: Some(ack_id),
             } => write!(f, "timed out waiting for the ack of operation {ack_id}"),
             Error::Cancelled => f.write_str("cancelled"),
-            Error::Stopped => f.write_str("client stopped"),
+            Error::Stopped { ack_id: None } => f.write_str("client stopped"),
+            Error::Stopped {
+                ack_id: Some(ack_id),
+            } => write!(f, "client stopped before the ack of operation {ack_id}"),
             Error::Ack {
                 ack_id,
                 name,
@@ -265,11 +272,14 @@ impl std::error::Error for Error {}
 
 impl Error {
     /// The ackId of the acked operation this error ended: the refused one, the one that
-    /// timed out, or the one whose connection was lost. `None` for every other error.
+    /// timed out, or the one whose connection was lost or whose client was stopped.
+    /// `None` for every other error.
     pub fn ack_id(&self) -> Option<u64> {
         match self {
             Error::Ack { ack_id, .. } => Some(*ack_id),
-            Error::NotConnected { ack_id } | Error::Timeout { ack_id } => *ack_id,
+            Error::NotConnected { ack_id }
+            | Error::Timeout { ack_id }
+            | Error::Stopped { ack_id } => *ack_id,
             _ => None,
         }
     }
@@ -370,7 +380,7 @@ impl Client {
     ) -> Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error> {
         let (tx, rx) = oneshot::channel();
         self.command(Command::Start(tx))?;
-        Ok(async move { rx.await.unwrap_or(Err(Error::Stopped)) })
+        Ok(async move { rx.await.unwrap_or(Err(Error::Stopped { ack_id: None })) })
     }
 
     /// Closes the connection and stops reconnecting. Fire-and-forget messages whose
@@ -492,7 +502,7 @@ impl Client {
             },
         })
         .await?;
-        let result = rx.await.unwrap_or(Err(Error::Stopped));
+        let result = rx.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
         guard.invocation_id = None;
         result
     }
@@ -538,7 +548,7 @@ impl Client {
         self.inner
             .commands
             .send(command)
-            .map_err(|_| Error::Stopped)
+            .map_err(|_| Error::Stopped { ack_id: None })
     }
 
     async fn operation(&self, op: Operation) -> Result<(), Error> {
@@ -662,7 +672,7 @@ impl Client {
             Written::Yes => self.await_written(rx).await,
             Written::No(op) => {
                 self.operation(op).await?;
-                rx.await.unwrap_or(Err(Error::Stopped))
+                rx.await.unwrap_or(Err(Error::Stopped { ack_id: None }))
             }
         }
     }
@@ -676,17 +686,17 @@ impl Client {
         mut rx: oneshot::Receiver<Result<AckResult, Error>>,
     ) -> Result<AckResult, Error> {
         if self.inner.shared.direct.pings_register() {
-            return rx.await.unwrap_or(Err(Error::Stopped));
+            return rx.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
         }
         let late = {
             let _runtime = self.inner.operations.runtime().enter();
             tokio::time::sleep(self.inner.ack_timeout)
         };
         tokio::select! {
-            outcome = &mut rx => return outcome.unwrap_or(Err(Error::Stopped)),
+            outcome = &mut rx => return outcome.unwrap_or(Err(Error::Stopped { ack_id: None })),
             () = late => self.inner.shared.direct.wake(),
         }
-        rx.await.unwrap_or(Err(Error::Stopped))
+        rx.await.unwrap_or(Err(Error::Stopped { ack_id: None }))
     }
 
     /// [`Client::run`] of a fire-and-forget message when it would not wait (room in the

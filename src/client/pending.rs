@@ -79,7 +79,7 @@ pub(crate) struct CallbackReply(Option<Box<dyn AckCallback>>);
 impl Drop for CallbackReply {
     fn drop(&mut self) {
         if let Some(callback) = self.0.take() {
-            callback.complete(Err(Error::Stopped));
+            callback.complete(Err(Error::Stopped { ack_id: None }));
         }
     }
 }

@@ -92,7 +92,11 @@ impl OpSender {
         }
         // Counted once the channel has room for it: a caller that gives up while
         // waiting leaves nothing counted.
-        let permit = self.tx.reserve().await.map_err(|_| Error::Stopped)?;
+        let permit = self
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| Error::Stopped { ack_id: None })?;
         self.direct.queued_one();
         permit.send(op);
         Ok(())
@@ -176,8 +180,8 @@ impl OpSender {
                 Ok(Ok(()))
             }
             Err(TrySendError::Closed(())) => {
-                op.refuse(Error::Stopped);
-                Ok(Err(Error::Stopped))
+                op.refuse(Error::Stopped { ack_id: None });
+                Ok(Err(Error::Stopped { ack_id: None }))
             }
             Err(TrySendError::Full(())) => Err(op),
         }
@@ -215,7 +219,7 @@ async fn drain(tx: mpsc::Sender<Operation>, overflow: Arc<Overflow>) {
                 queue.drain(..).collect()
             };
             for op in refused {
-                op.refuse(Error::Stopped);
+                op.refuse(Error::Stopped { ack_id: None });
             }
             return;
         };
@@ -293,13 +297,16 @@ mod tests {
         sender.submit(acked(reply.into()), Handover::Now).unwrap();
         drop(rx);
         let outcome = runtime.block_on(answer).unwrap();
-        assert_eq!(outcome, Err(Error::Stopped));
+        assert_eq!(outcome, Err(Error::Stopped { ack_id: None }));
         let (reply, answer) = tokio::sync::oneshot::channel();
         assert_eq!(
             sender.submit(acked(reply.into()), Handover::Now),
-            Err(Error::Stopped)
+            Err(Error::Stopped { ack_id: None })
         );
-        assert_eq!(runtime.block_on(answer).unwrap(), Err(Error::Stopped));
+        assert_eq!(
+            runtime.block_on(answer).unwrap(),
+            Err(Error::Stopped { ack_id: None })
+        );
     }
 
     #[test]
@@ -347,6 +354,9 @@ mod tests {
             Ok(())
         );
         sender.flush();
-        assert_eq!(runtime.block_on(answer).unwrap(), Err(Error::Stopped));
+        assert_eq!(
+            runtime.block_on(answer).unwrap(),
+            Err(Error::Stopped { ack_id: None })
+        );
     }
 }

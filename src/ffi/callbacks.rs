@@ -82,7 +82,8 @@ pub struct wps_completion {
     pub op_id: u64,
     /// Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
     /// when the operation had one: `WPS_STATUS_ACK_ERROR`, `WPS_STATUS_TIMEOUT` after
-    /// its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost).
+    /// its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost,
+    /// `WPS_STATUS_STOPPED` when `wps_client_stop` ended it).
     pub has_ack_id: bool,
     /// The operation's ackId (on a failure, the failed one's).
     pub ack_id: u64,
@@ -132,7 +133,7 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
         Error::NotConnected { .. } => WPS_STATUS_NOT_CONNECTED,
         Error::Timeout { .. } => WPS_STATUS_TIMEOUT,
         Error::Cancelled => WPS_STATUS_CANCELLED,
-        Error::Stopped => WPS_STATUS_STOPPED,
+        Error::Stopped { .. } => WPS_STATUS_STOPPED,
         Error::Ack { .. } => WPS_STATUS_ACK_ERROR,
         Error::Invoke { .. } => WPS_STATUS_INVOKE_ERROR,
         Error::Connect(_) => WPS_STATUS_CONNECT_FAILED,
@@ -147,7 +148,8 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
     (status, name, e.to_string())
 }
 
-/// The ackId of the acked operation `e` ended (refused, timed out, connection lost):
+/// The ackId of the acked operation `e` ended (refused, timed out, connection lost,
+/// client stopped):
 /// its caller reports it with the error, so that it can resend with it.
 pub(crate) fn failed_ack(e: &Error) -> Option<AckResult> {
     e.ack_id().map(|ack_id| AckResult {

@@ -462,6 +462,22 @@ async def test_a_timed_out_send_reports_its_ack_id_and_a_resend_with_it_is_dedup
     assert [m.data for m in got.items] == ["one", "two", "marker"]
 
 
+async def test_a_send_pending_at_close_reports_its_ack_id_async(hub: Hub) -> None:
+    got = AsyncCollector()
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        hub.drop_acks(client.connection_id, 1)  # delivered, its ack swallowed
+        send = asyncio.ensure_future(client.send_to_group("g", "held", WebPubSubDataType.TEXT))
+        await got.wait_for(1)  # the service has it: the client took it in
+        await client.close()
+        with pytest.raises(SendMessageError) as info:
+            await asyncio.wait_for(send, WAIT)
+    assert info.value.ack_id is not None
+    assert info.value.error_detail is not None and info.value.error_detail.name == "Stopped"
+    assert str(info.value.ack_id) in info.value.error_detail.message
+
+
 async def test_disconnected_rejoin_failed_and_stopped_async(hub: Hub) -> None:
     """A lost session: disconnected, then a new connection whose URL may not rejoin the group."""
     urls = [hub.url(roles=["webpubsub.joinLeaveGroup"]), hub.url(roles=[])]

@@ -412,6 +412,33 @@ def test_a_timed_out_send_reports_its_ack_id_and_a_resend_with_it_is_deduplicate
     assert [m.data for m in got.items] == ["once", "marker"]
 
 
+def test_a_send_pending_at_close_reports_its_ack_id(hub: Hub) -> None:
+    got = Collector()
+    outcome: List[BaseException] = []
+
+    def send(client: WebPubSubClient) -> None:
+        try:
+            client.send_to_group("g", "held", WebPubSubDataType.TEXT)
+        except BaseException as e:  # checked below, whatever it is
+            outcome.append(e)
+
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        hub.drop_acks(client.connection_id, 1)  # delivered, its ack swallowed
+        sender = threading.Thread(target=send, args=(client,))
+        sender.start()
+        got.wait_for(1)  # the service has it: the client took it in
+        client.close()
+        sender.join(WAIT)
+    assert not sender.is_alive() and len(outcome) == 1
+    error = outcome[0]
+    assert isinstance(error, SendMessageError), repr(error)
+    assert error.ack_id is not None
+    assert error.error_detail is not None and error.error_detail.name == "Stopped"
+    assert str(error.ack_id) in error.error_detail.message
+
+
 def test_caller_chosen_ack_id_deduplicates(hub: Hub, upstream: Upstream) -> None:
     got = Collector()
     with make(hub.url()) as client:

@@ -408,7 +408,8 @@ def failed_ack_id(
     out: Union[_native.WpsAckResult, _native.WpsCompletion], chosen: Optional[int] = None
 ) -> Optional[int]:
     """The ackId of a failed operation, which the library wrote to ``out`` when it had
-    one (refused, timed out after its retries, connection lost after it was sent), else
+    one (refused, timed out after its retries, connection lost or client closed after it
+    was sent), else
     the caller's ``chosen`` one."""
     return out.ack_id if out.has_ack_id else chosen
 
