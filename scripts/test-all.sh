@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LOG_DIR="$ROOT/target/test-logs"
 mkdir -p "$LOG_DIR"
-ALL_SUITES="fmt clippy rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest python-lint python-package interop-python interop-node examples"
+ALL_SUITES="fmt clippy doc rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest python-lint python-package interop-python interop-node examples"
 SUITES="${SUITES:-$ALL_SUITES}"
 
 TOTAL_PASSED=0
@@ -139,6 +139,7 @@ run_counted() {
 
 suite_fmt() { run_check fmt cargo fmt --all -- --check; }
 suite_clippy() { run_check clippy cargo clippy --workspace --all-targets --quiet -- -D warnings; }
+suite_doc() { RUSTDOCFLAGS="-D warnings" run_check doc cargo doc --workspace --no-deps --quiet; }
 suite_rust() { run_counted rust cargo cargo test --workspace --no-fail-fast; }
 suite_header() { build_native; run_check header scripts/check-header.sh; }
 suite_c-plain() { build_native; run_counted c-plain plain tests/c/run.sh plain; }

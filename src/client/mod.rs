@@ -6,7 +6,7 @@
 //! the task takes it over from there (see `direct.rs`).
 //! Replies come back over a oneshot channel, so the methods work from any executor.
 //! The crate's C layer builds the same operations from the caller's borrowed buffers
-//! (`group_message` and the like, each a [`Prepared`] frame) and either awaits them
+//! (`group_message` and the like, each a `Prepared` frame) and either awaits them
 //! (`run`) or starts them with a completion callback (`start_then`: no task, no channel
 //! per operation).
 
