@@ -377,6 +377,46 @@ async fn a_retried_operation_keeps_its_ack_id_and_a_lost_ack_times_out() {
 }
 
 #[tokio::test]
+async fn automatic_ack_ids_never_reach_an_id_the_caller_chose_ahead_of_them() {
+    // The service answers `Duplicate` to an ackId it processed on the connection, so an
+    // automatic ackId equal to one a caller chose earlier would drop its message.
+    let emulator = emulator().await;
+    let (alice, mut events, _) = started(&emulator, "alice", fast_options()).await;
+    let joined = alice.join_group("ids").await.unwrap();
+    let next = joined.ack_id.unwrap() + 1;
+    let chosen = [next + 1, next + 3];
+    for (n, ack_id) in chosen.iter().enumerate() {
+        let opts = SendToGroupOptions {
+            ack_id: Some(*ack_id),
+            ..SendToGroupOptions::default()
+        };
+        let result = alice
+            .send_to_group("ids", DataType::Text, text(&format!("chosen {n}")), opts)
+            .await
+            .unwrap();
+        assert_eq!(
+            (result.ack_id, result.is_duplicated),
+            (Some(*ack_id), false)
+        );
+    }
+    for n in 0..5 {
+        let result = publish(&alice, "ids", &format!("automatic {n}")).await;
+        assert!(
+            !result.is_duplicated,
+            "automatic {n} got a used ackId: {result:?}"
+        );
+        assert!(!chosen.contains(&result.ack_id.unwrap()));
+    }
+    let mut texts = group_texts(&mut events, 7, 5).await;
+    texts.sort();
+    let mut expected: Vec<String> = (0..2).map(|n| format!("chosen {n}")).collect();
+    expected.extend((0..5).map(|n| format!("automatic {n}")));
+    expected.sort();
+    assert_eq!(texts, expected, "every message published once");
+    alice.stop().await;
+}
+
+#[tokio::test]
 async fn forbidden_surfaces_at_once_with_its_name_and_message() {
     let emulator = emulator().await;
     let url = emulator.client_url(

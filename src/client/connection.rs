@@ -45,6 +45,9 @@ const BATCH: usize = 256;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The close code after which a session cannot be recovered.
 const POLICY_VIOLATION: u16 = 1008;
+/// How far ahead of the ackId counter a caller's chosen ackId moves it (see
+/// `Shared::skip_chosen_ack_id`): 2^32 automatic operations on one connection.
+const CHOSEN_AHEAD_LIMIT: u64 = 1 << 32;
 
 /// A control message to the connection task.
 pub(crate) enum Command {
@@ -89,6 +92,19 @@ impl Shared {
     /// The next ackId of this client (unique per connection, counting from 1).
     pub(crate) fn next_ack_id(&self) -> u64 {
         self.next_ack_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Moves the counter past an ackId a caller chose ahead of it. The service answers
+    /// `Duplicate` to an ackId it already processed on the connection, so an automatic
+    /// ackId that later reached the chosen one would have its message dropped. A choice
+    /// `CHOSEN_AHEAD_LIMIT` or more ahead is left alone: the counter cannot get there
+    /// while the service still remembers it, and jumping would bring it near overflow.
+    pub(crate) fn skip_chosen_ack_id(&self, chosen: u64) {
+        let next = self.next_ack_id.load(Ordering::Relaxed);
+        if chosen >= next && chosen - next < CHOSEN_AHEAD_LIMIT {
+            self.next_ack_id
+                .fetch_max(chosen.saturating_add(1), Ordering::Relaxed);
+        }
     }
 
     fn set_state(&self, state: ClientState) {
@@ -1197,6 +1213,39 @@ fn far_future() -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            state: AtomicU8::new(0),
+            connection_id: Mutex::new(None),
+            next_ack_id: AtomicU64::new(1),
+            ended: Mutex::new(false),
+            ended_changed: Condvar::new(),
+            direct: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn the_counter_skips_ack_ids_chosen_ahead_of_it() {
+        let s = shared();
+        assert_eq!(s.next_ack_id(), 1);
+        s.skip_chosen_ack_id(5);
+        assert_eq!(s.next_ack_id(), 6, "past a choice ahead");
+        s.skip_chosen_ack_id(3);
+        s.skip_chosen_ack_id(6);
+        assert_eq!(
+            s.next_ack_id(),
+            7,
+            "a choice behind it (a resend) moves nothing"
+        );
+        s.skip_chosen_ack_id(8);
+        assert_eq!(s.next_ack_id(), 9, "past the very next id");
+        s.skip_chosen_ack_id(10 + CHOSEN_AHEAD_LIMIT);
+        s.skip_chosen_ack_id(u64::MAX);
+        assert_eq!(s.next_ack_id(), 10, "too far ahead to be reached");
+        s.skip_chosen_ack_id(11 + CHOSEN_AHEAD_LIMIT - 1);
+        assert_eq!(s.next_ack_id(), 11 + CHOSEN_AHEAD_LIMIT);
+    }
 
     #[test]
     fn recovery_url_appends_encoded_session() {

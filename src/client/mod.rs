@@ -150,7 +150,9 @@ pub struct SendToGroupOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
     /// Use this ackId instead of the next one. It must not be in use by a pending
-    /// operation (else `Error::InvalidArgument`); automatic ackIds skip it while it is.
+    /// operation (else `Error::InvalidArgument`). Automatic ackIds never take it: the
+    /// counter moves past a choice ahead of it, since the service would answer a reused
+    /// one with `Duplicate` and drop its message.
     pub ack_id: Option<u64>,
 }
 
@@ -160,7 +162,9 @@ pub struct SendEventOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
     /// Use this ackId instead of the next one. It must not be in use by a pending
-    /// operation (else `Error::InvalidArgument`); automatic ackIds skip it while it is.
+    /// operation (else `Error::InvalidArgument`). Automatic ackIds never take it: the
+    /// counter moves past a choice ahead of it, since the service would answer a reused
+    /// one with `Duplicate` and drop its message.
     pub ack_id: Option<u64>,
 }
 
@@ -534,6 +538,7 @@ impl Client {
             (true, _) => None,
             (false, Some(ack_id)) => {
                 self.inner.shared.direct.chose_ack_id();
+                self.inner.shared.skip_chosen_ack_id(ack_id);
                 Some((ack_id, false))
             }
             (false, None) => Some((self.next_ack_id(), true)),

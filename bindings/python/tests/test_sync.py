@@ -455,6 +455,26 @@ def test_caller_chosen_ack_id_deduplicates(hub: Hub, upstream: Upstream) -> None
     assert [m.data for m in got.items] == ["once", "marker"]
 
 
+def test_automatic_ack_ids_never_reuse_one_chosen_ahead_of_them(hub: Hub) -> None:
+    """The service answers a reused ackId with Duplicate and drops the message: the
+    automatic ids must step over the chosen ones."""
+    got = Collector()
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        joined = client.join_group("g").ack_id
+        assert joined is not None
+        chosen = [joined + 2, joined + 4]
+        for n, ack_id in enumerate(chosen):
+            result = client.send_to_group("g", f"chosen {n}", WebPubSubDataType.TEXT, ack_id=ack_id)
+            assert (result.ack_id, result.is_duplicated) == (ack_id, False)
+        for n in range(5):
+            result = client.send_to_group("g", f"automatic {n}", WebPubSubDataType.TEXT)
+            assert not result.is_duplicated and result.ack_id not in chosen, (n, result.ack_id)
+        got.wait_for(7)
+    expected = [f"chosen {n}" for n in range(2)] + [f"automatic {n}" for n in range(5)]
+    assert sorted(m.data for m in got.items) == sorted(expected)
+
+
 def test_keep_alive_timeout_recovers_a_silent_connection(hub: Hub) -> None:
     """While muted the service discards frames; only a keep-alive recovery gets them replayed."""
     got, disconnected = Collector(), Collector()
