@@ -716,6 +716,9 @@ void wps_invoke_response_free(struct wps_invoke_response *r);
  * Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
  * and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
  * outcome. The call itself fails only on bad arguments or a client being freed.
+ * Operations are written in call order, with at most 999 acked ones awaiting their
+ * acks per client (the service remembers a connection's last 1000 ackIds, which
+ * keeps a resend after a recovery from publishing twice); later ones wait queued.
  *
  * # Safety
  * As `wps_client_join_group`; `op_id` is NULL or writable.

@@ -328,6 +328,77 @@ async fn an_operation_pending_when_the_socket_drops_is_resent_and_deduplicated()
 }
 
 #[tokio::test]
+async fn more_sends_in_flight_than_the_service_remembers_are_still_published_once() {
+    // The service remembers the last 1000 ackIds of a connection. Acks travel in order,
+    // so when one is lost every later one is too: with at most 1000 acked operations in
+    // flight, every one resent after a recovery is among those it remembers.
+    const SENDS: usize = 1500;
+    // The subscriber's downstream buffer is raised: a burst of 1500 at loopback speed
+    // outruns any client's sequenceAck, and that limit is not what this test is about.
+    let emulator = Emulator::start(Config {
+        recovery_window: Duration::from_secs(10),
+        max_unacked_frames: 100_000,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let options = ClientOptions {
+        ack_timeout: Duration::from_secs(30), // the recovery resends them, not a retry
+        ..fast_options()
+    };
+    let (publisher, _publisher_events, publisher_id) = started(&emulator, "pub", options).await;
+    let (subscriber, mut subscriber_events, _) = started(&emulator, "sub", fast_options()).await;
+    subscriber.join_group("g").await.unwrap();
+    fault(&emulator, HUB, &publisher_id, ":dropAcks?count=1000").await;
+    let sends: Vec<_> = (0..SENDS)
+        .map(|n| {
+            let p = publisher.clone();
+            tokio::spawn(async move {
+                p.send_to_group(
+                    "g",
+                    DataType::Text,
+                    text(&format!("m{n}")),
+                    SendToGroupOptions::default(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut texts = Vec::new();
+    let take = |event: Event| message_text(&event).unwrap_or_else(|| panic!("{event:?}"));
+    while texts.len() < 999 {
+        texts.push(take(next_event(&mut subscriber_events, 10).await));
+    }
+    // Then until nothing more arrives: the acks of the first 1000 never come.
+    while let Ok(Some(event)) =
+        tokio::time::timeout(Duration::from_millis(300), subscriber_events.recv()).await
+    {
+        texts.push(take(event));
+    }
+    fault(&emulator, HUB, &publisher_id, ":drop").await;
+    for send in sends {
+        let result = tokio::time::timeout(Duration::from_secs(20), send)
+            .await
+            .expect("every send completes after the recovery")
+            .unwrap();
+        assert!(result.is_ok(), "{result:?}");
+    }
+    publish(&publisher, "g", "marker").await;
+    loop {
+        let text = take(next_event(&mut subscriber_events, 10).await);
+        if text == "marker" {
+            break;
+        }
+        texts.push(text);
+    }
+    let distinct: HashSet<&String> = texts.iter().collect();
+    assert_eq!(distinct.len(), SENDS, "every message arrived");
+    assert_eq!(texts.len(), SENDS, "none arrived twice");
+    publisher.stop().await;
+    subscriber.stop().await;
+}
+
+#[tokio::test]
 async fn a_retried_operation_keeps_its_ack_id_and_a_lost_ack_times_out() {
     let emulator = emulator().await;
     let options = ClientOptions {

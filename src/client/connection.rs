@@ -45,6 +45,15 @@ const BATCH: usize = 256;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The close code after which a session cannot be recovered.
 const POLICY_VIOLATION: u16 = 1008;
+/// How many of a connection's latest ackIds the service remembers for `Duplicate`.
+const SERVICE_ACK_MEMORY: usize = 1000;
+/// Acked operations the task takes in at most; further operations wait in the channel.
+/// Acks arrive in order: when one is lost with a dropped socket, so is every later one.
+/// With no more in flight than the service remembers, every operation it processed but
+/// whose ack was lost is still among those it remembers when the recovery resends it.
+/// One less than that memory: a caller may also have written one operation itself
+/// (only ever one, and only when nothing was pending) that the task has not registered.
+const MAX_PENDING_ACKS: usize = SERVICE_ACK_MEMORY - 1;
 /// How far ahead of the ackId counter a caller's chosen ackId moves it (see
 /// `Shared::skip_chosen_ack_id`): 2^32 automatic operations on one connection.
 const CHOSEN_AHEAD_LIMIT: u64 = 1 << 32;
@@ -507,11 +516,14 @@ impl Task {
                         return end;
                     }
                 },
-                Some(op) = self.operations.recv() => {
+                Some(op) = self.operations.recv(), if self.pending.acks_len() < MAX_PENDING_ACKS => {
                     now = Instant::now();
                     self.send_op(op, now);
                     self.taken += 1;
                     for _ in 1..BATCH {
+                        if self.pending.acks_len() >= MAX_PENDING_ACKS {
+                            break;
+                        }
                         match self.operations.try_recv() {
                             Ok(op) => {
                                 self.send_op(op, now);
@@ -814,7 +826,7 @@ impl Task {
                         self.pending.cancel_invoke(&id);
                     }
                 },
-                Some(op) = self.operations.recv() => {
+                Some(op) = self.operations.recv(), if !queue || self.pending.acks_len() < MAX_PENDING_ACKS => {
                     self.shared.direct.finished(1);
                     if queue {
                         self.queue_op(op);

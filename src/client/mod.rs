@@ -3,7 +3,9 @@
 //! Every method encodes its frame on the caller's thread and hands it to the client's
 //! connection task (see `connection.rs`), which owns the socket and the state machine;
 //! an awaited acked operation on an idle client is written by its caller instead, and
-//! the task takes it over from there (see `direct.rs`).
+//! the task takes it over from there (see `direct.rs`). The task keeps at most 999
+//! acked operations in flight (the service remembers a connection's last 1000 ackIds,
+//! which is what makes a resend after a recovery safe); later ones wait their turn.
 //! Replies come back over a oneshot channel, so the methods work from any executor.
 //! The crate's C layer builds the same operations from the caller's borrowed buffers
 //! (`group_message` and the like, each a `Prepared` frame) and either awaits them

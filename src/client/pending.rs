@@ -282,6 +282,11 @@ impl Pending {
         self.acks.contains_key(&ack_id)
     }
 
+    /// How many acked operations are registered (sent, queued or awaiting a retry).
+    pub(crate) fn acks_len(&self) -> usize {
+        self.acks.len()
+    }
+
     /// Registers an invocation, written now (`sent_at`) or queued (`None`).
     pub(crate) fn add_invoke(
         &mut self,
