@@ -794,8 +794,8 @@ wps_status wps_client_invoke_event_async(struct wps_client *c,
 /**
  * Like `wps_client_send_to_group`, with a caller-chosen ackId (unique per
  * connection; a retry with the same id is answered as a duplicate). Ignored with
- * `WPS_SEND_FIRE_AND_FORGET`. Automatic ackIds never take it afterwards: the client's
- * counter moves past a choice ahead of it.
+ * `WPS_SEND_FIRE_AND_FORGET`. The client's automatic ackIds skip the latest 1000
+ * chosen ones (the service would answer a reused one with `Duplicate`).
  *
  * # Safety
  * As `wps_client_send_to_group`.

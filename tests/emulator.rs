@@ -448,7 +448,7 @@ async fn a_retried_operation_keeps_its_ack_id_and_a_lost_ack_times_out() {
 }
 
 #[tokio::test]
-async fn automatic_ack_ids_never_reach_an_id_the_caller_chose_ahead_of_them() {
+async fn automatic_ack_ids_skip_the_ids_callers_chose() {
     // The service answers `Duplicate` to an ackId it processed on the connection, so an
     // automatic ackId equal to one a caller chose earlier would drop its message.
     let emulator = emulator().await;

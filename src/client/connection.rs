@@ -16,6 +16,7 @@
 //! client's caller may write its own frame (see `direct.rs`); the task registers those
 //! operations before it reads anything more.
 
+use super::ack_ids::{AckIds, SERVICE_ACK_MEMORY};
 use super::direct::{Direct, WriteHalf};
 use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose};
 use super::sequence::Sequence;
@@ -28,7 +29,7 @@ use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use log::{debug, info, trace, warn};
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -45,8 +46,6 @@ const BATCH: usize = 256;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The close code after which a session cannot be recovered.
 const POLICY_VIOLATION: u16 = 1008;
-/// How many of a connection's latest ackIds the service remembers for `Duplicate`.
-const SERVICE_ACK_MEMORY: usize = 1000;
 /// Acked operations the task takes in at most; further operations wait in the channel.
 /// Acks arrive in order: when one is lost with a dropped socket, so is every later one.
 /// With no more in flight than the service remembers, every operation it processed but
@@ -54,9 +53,6 @@ const SERVICE_ACK_MEMORY: usize = 1000;
 /// One less than that memory: a caller may also have written one operation itself
 /// (only ever one, and only when nothing was pending) that the task has not registered.
 const MAX_PENDING_ACKS: usize = SERVICE_ACK_MEMORY - 1;
-/// How far ahead of the ackId counter a caller's chosen ackId moves it (see
-/// `Shared::skip_chosen_ack_id`): 2^32 automatic operations on one connection.
-const CHOSEN_AHEAD_LIMIT: u64 = 1 << 32;
 
 /// A control message to the connection task.
 pub(crate) enum Command {
@@ -72,7 +68,8 @@ pub(crate) enum Command {
 pub(crate) struct Shared {
     state: AtomicU8,
     connection_id: Mutex<Option<String>>,
-    next_ack_id: AtomicU64,
+    /// The automatic ackIds.
+    pub(crate) ack_ids: AckIds,
     /// Set once the task has ended and dropped everything it held.
     ended: Mutex<bool>,
     ended_changed: Condvar,
@@ -98,22 +95,9 @@ impl Shared {
             .clone()
     }
 
-    /// The next ackId of this client (unique per connection, counting from 1).
+    /// The next automatic ackId of this client (see `ack_ids.rs`).
     pub(crate) fn next_ack_id(&self) -> u64 {
-        self.next_ack_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Moves the counter past an ackId a caller chose ahead of it. The service answers
-    /// `Duplicate` to an ackId it already processed on the connection, so an automatic
-    /// ackId that later reached the chosen one would have its message dropped. A choice
-    /// `CHOSEN_AHEAD_LIMIT` or more ahead is left alone: the counter cannot get there
-    /// while the service still remembers it, and jumping would bring it near overflow.
-    pub(crate) fn skip_chosen_ack_id(&self, chosen: u64) {
-        let next = self.next_ack_id.load(Ordering::Relaxed);
-        if chosen >= next && chosen - next < CHOSEN_AHEAD_LIMIT {
-            self.next_ack_id
-                .fetch_max(chosen.saturating_add(1), Ordering::Relaxed);
-        }
+        self.ack_ids.next()
     }
 
     fn set_state(&self, state: ClientState) {
@@ -167,7 +151,7 @@ pub(crate) fn spawn(
     let shared = Arc::new(Shared {
         state: AtomicU8::new(0),
         connection_id: Mutex::new(None),
-        next_ack_id: AtomicU64::new(1),
+        ack_ids: AckIds::default(),
         ended: Mutex::new(false),
         ended_changed: Condvar::new(),
         direct: Arc::new(Direct::new(
@@ -1225,39 +1209,6 @@ fn far_future() -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn shared() -> Shared {
-        Shared {
-            state: AtomicU8::new(0),
-            connection_id: Mutex::new(None),
-            next_ack_id: AtomicU64::new(1),
-            ended: Mutex::new(false),
-            ended_changed: Condvar::new(),
-            direct: Arc::default(),
-        }
-    }
-
-    #[test]
-    fn the_counter_skips_ack_ids_chosen_ahead_of_it() {
-        let s = shared();
-        assert_eq!(s.next_ack_id(), 1);
-        s.skip_chosen_ack_id(5);
-        assert_eq!(s.next_ack_id(), 6, "past a choice ahead");
-        s.skip_chosen_ack_id(3);
-        s.skip_chosen_ack_id(6);
-        assert_eq!(
-            s.next_ack_id(),
-            7,
-            "a choice behind it (a resend) moves nothing"
-        );
-        s.skip_chosen_ack_id(8);
-        assert_eq!(s.next_ack_id(), 9, "past the very next id");
-        s.skip_chosen_ack_id(10 + CHOSEN_AHEAD_LIMIT);
-        s.skip_chosen_ack_id(u64::MAX);
-        assert_eq!(s.next_ack_id(), 10, "too far ahead to be reached");
-        s.skip_chosen_ack_id(11 + CHOSEN_AHEAD_LIMIT - 1);
-        assert_eq!(s.next_ack_id(), 11 + CHOSEN_AHEAD_LIMIT);
-    }
 
     #[test]
     fn recovery_url_appends_encoded_session() {

@@ -12,6 +12,7 @@
 //! (`run`) or starts them with a completion callback (`start_then`: no task, no channel
 //! per operation).
 
+mod ack_ids;
 mod connection;
 mod credential;
 mod direct;
@@ -152,9 +153,9 @@ pub struct SendToGroupOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
     /// Use this ackId instead of the next one. It must not be in use by a pending
-    /// operation (else `Error::InvalidArgument`). Automatic ackIds never take it: the
-    /// counter moves past a choice ahead of it, since the service would answer a reused
-    /// one with `Duplicate` and drop its message.
+    /// operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
+    /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
+    /// message.
     pub ack_id: Option<u64>,
 }
 
@@ -164,9 +165,9 @@ pub struct SendEventOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
     /// Use this ackId instead of the next one. It must not be in use by a pending
-    /// operation (else `Error::InvalidArgument`). Automatic ackIds never take it: the
-    /// counter moves past a choice ahead of it, since the service would answer a reused
-    /// one with `Duplicate` and drop its message.
+    /// operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
+    /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
+    /// message.
     pub ack_id: Option<u64>,
 }
 
@@ -540,7 +541,7 @@ impl Client {
             (true, _) => None,
             (false, Some(ack_id)) => {
                 self.inner.shared.direct.chose_ack_id();
-                self.inner.shared.skip_chosen_ack_id(ack_id);
+                self.inner.shared.ack_ids.chose(ack_id);
                 Some((ack_id, false))
             }
             (false, None) => Some((self.next_ack_id(), true)),
