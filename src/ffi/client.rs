@@ -1140,7 +1140,7 @@ pub unsafe extern "C" fn wps_client_invoke_event_async(
     })
 }
 
-/// Like `wps_client_send_to_group`, with a caller-chosen ackId (unique per
+/// Like `wps_client_send_to_group`, with a caller-chosen ackId (positive, unique per
 /// connection; a retry with the same id is answered as a duplicate). Ignored with
 /// `WPS_SEND_FIRE_AND_FORGET`. The client's automatic ackIds skip the latest 1000
 /// chosen ones (the service would answer a reused one with `Duplicate`).

@@ -141,10 +141,10 @@ def seconds_to_ms(value: Any, what: str) -> int:
 
 
 def check_ack_id(ack_id: Any) -> Optional[int]:
-    """None, or an ackId that fits in 64 bits (0 included, as the official clients send it)."""
+    """None, or a positive ackId that fits in 64 bits."""
     if ack_id is None:
         return None
-    check_int(ack_id, "ack_id", minimum=0)
+    check_int(ack_id, "ack_id", minimum=1)
     if ack_id > _native.UINT64_MAX:
         raise ValueError(f"ack_id must fit in 64 bits, got {ack_id}")
     return int(ack_id)
@@ -638,7 +638,7 @@ def connection_id_of(handle: int) -> Optional[str]:
 
 def send_flags(ack: Any, no_echo: Any = False, ack_id: Any = None) -> int:
     """The ``WPS_SEND_*`` flags of a send, after checking its options: ``ack`` and
-    ``no_echo`` bools, ``ack_id`` None or a 64-bit unsigned int, and never with ``ack=False``
+    ``no_echo`` bools, ``ack_id`` None or a positive 64-bit int, and never with ``ack=False``
     (a fire-and-forget message has no ackId). One call for all of them: this runs per message."""
     if not isinstance(ack, bool):
         check_bool(ack, "ack")
