@@ -860,6 +860,17 @@ async fn stop_start_and_bad_input() {
         )
         .await;
     assert!(matches!(bad_text, Err(Error::InvalidArgument(_))));
+    let zero = SendToGroupOptions {
+        ack_id: Some(0),
+        ..Default::default()
+    };
+    let zero = client
+        .send_to_group("g", DataType::Text, text("x"), zero)
+        .await;
+    assert!(
+        matches!(&zero, Err(Error::InvalidArgument(m)) if m.contains("at least 1")),
+        "{zero:?}"
+    );
     assert!(matches!(
         client.join_group("").await,
         Err(Error::InvalidArgument(_))

@@ -152,8 +152,8 @@ pub struct SendToGroupOptions {
     pub no_echo: bool,
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId instead of the next one. It must not be in use by a pending
-    /// operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
+    /// Use this ackId (at least 1) instead of the next one. It must not be in use by a
+    /// pending operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
     /// message.
     pub ack_id: Option<u64>,
@@ -164,8 +164,8 @@ pub struct SendToGroupOptions {
 pub struct SendEventOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId instead of the next one. It must not be in use by a pending
-    /// operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
+    /// Use this ackId (at least 1) instead of the next one. It must not be in use by a
+    /// pending operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
     /// message.
     pub ack_id: Option<u64>,
@@ -650,6 +650,11 @@ impl Client {
         encode: impl FnOnce(Option<u64>, DataType, &[u8]) -> Result<String, ProtocolError>,
     ) -> Result<Prepared, Error> {
         check_name(what, name)?;
+        if ack_id == Some(0) && !fire_and_forget {
+            return Err(Error::InvalidArgument(
+                "ackId must be at least 1 (the service refuses 0)".into(),
+            ));
+        }
         let ack_id = self.choose_ack_id(fire_and_forget, ack_id);
         let frame = encode(ack_id.map(|(id, _)| id), data_type, data);
         Ok(Prepared::message(self.checked(frame)?, ack_id))

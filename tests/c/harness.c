@@ -676,6 +676,8 @@ static bool test_async_and_upstream(void) {
     CHECK(ack.has_ack_id && ack.ack_id == 1000 && !ack.is_duplicated);
     CHECK_OK(wps_client_send_to_group_with_ack_id(a, "room", WPS_DATA_TYPE_TEXT, (const uint8_t *)"once", 4, 0, 1000, &ack));
     CHECK(ack.ack_id == 1000 && ack.is_duplicated);
+    CHECK_STATUS(wps_client_send_to_group_with_ack_id(a, "room", WPS_DATA_TYPE_TEXT, (const uint8_t *)"zero", 4, 0, 0, &ack), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(wps_last_error_message(), "at least 1") != NULL && !ack.has_ack_id);
     CHECK_OK(wps_client_send_event_with_ack_id(a, "evt", WPS_DATA_TYPE_TEXT, (const uint8_t *)"e", 1, 0, 1001, &ack));
     CHECK(ack.ack_id == 1001 && !ack.is_duplicated);
     completion d[2];
