@@ -718,15 +718,18 @@ async fn keep_alive_closes_a_muted_connection_and_recovers_it() {
 
 /// A tiny upstream: answers `echo` user events with `echo:` + body (text), every
 /// other request with 204.
-async fn upstream() -> (String, tokio::task::JoinHandle<()>) {
+async fn upstream() -> (String, tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/upstream", listener.local_addr().unwrap());
+    let failed = Arc::new(AtomicUsize::new(0));
+    let fail_count = failed.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let failed = failed.clone();
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
                 loop {
@@ -753,9 +756,11 @@ async fn upstream() -> (String, tokio::task::JoinHandle<()>) {
                     if stream.read_exact(&mut body).await.is_err() {
                         return;
                     }
-                    let response = if header("ce-type").as_deref()
-                        == Some("azure.webpubsub.user.echo")
-                    {
+                    let kind = header("ce-type");
+                    let response = if kind.as_deref() == Some("azure.webpubsub.user.fail") {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    } else if kind.as_deref() == Some("azure.webpubsub.user.echo") {
                         let reply = format!("echo:{}", String::from_utf8_lossy(&body));
                         format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{reply}",
@@ -776,12 +781,12 @@ async fn upstream() -> (String, tokio::task::JoinHandle<()>) {
             });
         }
     });
-    (url, task)
+    (url, task, fail_count)
 }
 
 #[tokio::test]
 async fn invoke_and_events_reach_the_upstream() {
-    let (url, server) = upstream().await;
+    let (url, server, failed) = upstream().await;
     let emulator = Emulator::start(Config {
         upstream: Some(url),
         ..Config::default()
@@ -819,6 +824,22 @@ async fn invoke_and_events_reach_the_upstream() {
             .ack_id,
         None
     );
+    // An upstream failure is InternalServerError: retried with the same ackId (two
+    // retries in fast_options), each attempt reaching the upstream, and reported as
+    // the failure it is, not as a duplicate of the failed attempt.
+    let failure = client
+        .send_event(
+            "fail",
+            DataType::Text,
+            text("x"),
+            SendEventOptions::default(),
+        )
+        .await;
+    assert!(
+        matches!(&failure, Err(Error::Ack { name, .. }) if name == "InternalServerError"),
+        "{failure:?}"
+    );
+    assert_eq!(failed.load(Ordering::SeqCst), 3, "1 attempt + 2 retries");
     client.stop().await;
     server.abort();
 }

@@ -603,6 +603,7 @@ impl Reader {
                     }
                     Err((name, message)) => match ack_id {
                         Some(id) => {
+                            self.conn.acks.lock().forget(id);
                             self.conn.send_ack(frames::ack(id, Some((name, &message))));
                             Ok(())
                         }
@@ -866,6 +867,7 @@ async fn upstream_worker(
             Err(e) => {
                 tracing::info!(connection = %conn.id, "upstream event failed: {e}");
                 if let Some(id) = job.ack_id {
+                    conn.acks.lock().forget(id);
                     conn.send_ack(frames::ack(id, Some(("InternalServerError", &e))));
                 }
             }

@@ -348,6 +348,14 @@ impl AckWindow {
         }
         true
     }
+
+    /// Forgets an ackId whose operation failed: it was not processed, so a retry with
+    /// it is processed again instead of being answered with `Duplicate`.
+    pub(crate) fn forget(&mut self, ack_id: u64) {
+        if self.seen.remove(&ack_id) {
+            self.order.retain(|id| *id != ack_id);
+        }
+    }
 }
 
 /// One logical client connection; with the reliable protocol it outlives its sockets.
@@ -632,5 +640,17 @@ mod tests {
         assert!(w.insert(3));
         assert!(w.insert(1));
         assert!(!w.insert(3));
+    }
+
+    #[test]
+    fn a_forgotten_ack_id_is_new_again_and_frees_its_place() {
+        let mut w = AckWindow::new(2);
+        assert!(w.insert(1));
+        assert!(w.insert(2));
+        w.forget(1);
+        w.forget(7);
+        assert!(w.insert(3), "1's place is free: 2 stays");
+        assert!(!w.insert(2));
+        assert!(w.insert(1));
     }
 }
