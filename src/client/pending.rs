@@ -173,6 +173,11 @@ struct AckOp {
     retries: u32,
     phase: Phase,
     due: Option<Instant>,
+    /// The error of the latest attempt the service refused (then retried).
+    refused: Option<ErrorDetail>,
+    /// An attempt timed out or was cut off by a dropped socket: the service may have
+    /// processed it without our hearing so.
+    maybe_processed: bool,
 }
 
 impl AckOp {
@@ -265,6 +270,8 @@ impl Pending {
             retries: 0,
             phase: Phase::Unsent,
             due: None,
+            refused: None,
+            maybe_processed: false,
         };
         match sent_at {
             Some(now) => {
@@ -326,7 +333,9 @@ impl Pending {
         self.unsent.push(Unsent::Frame(frame));
     }
 
-    /// The ack of `ack_id` arrived. `Duplicate` counts as success; a retriable failure
+    /// The ack of `ack_id` arrived. `Duplicate` counts as success, unless every earlier
+    /// attempt was refused: then the service remembers a refused attempt, not a
+    /// processed one, and the operation fails with that refusal. A retriable failure
     /// (`InternalServerError`) schedules a resend with the same ackId while the retry
     /// policy allows. Returns the finished operation, if this finished one.
     pub(crate) fn on_ack(
@@ -342,13 +351,21 @@ impl Pending {
                 ack_id: Some(ack_id),
                 is_duplicated: false,
             }),
-            Some(e) if e.name == "Duplicate" => Ok(AckResult {
-                ack_id: Some(ack_id),
-                is_duplicated: true,
-            }),
+            Some(e) if e.name == "Duplicate" => match op.refused.take() {
+                Some(refusal) if !op.maybe_processed => Err(Error::Ack {
+                    ack_id,
+                    name: refusal.name,
+                    message: refusal.message,
+                }),
+                _ => Ok(AckResult {
+                    ack_id: Some(ack_id),
+                    is_duplicated: true,
+                }),
+            },
             Some(e) => {
                 if e.name == "InternalServerError" && op.wanted() {
                     if let Some(delay) = self.retry.delay_before(op.retries + 1) {
+                        op.refused = Some(e);
                         op.phase = Phase::RetryWait;
                         op.due = Some(now + delay);
                         lower(&mut self.earliest, now + delay);
@@ -456,6 +473,7 @@ impl Pending {
                 };
                 match delay {
                     Some(delay) => {
+                        op.maybe_processed = true;
                         op.phase = Phase::RetryWait;
                         op.due = Some(now + delay);
                     }
@@ -511,6 +529,7 @@ impl Pending {
         in_flight.sort_unstable();
         for ack_id in &in_flight {
             if let Some(op) = self.acks.get_mut(ack_id) {
+                op.maybe_processed |= matches!(op.phase, Phase::AwaitingAck);
                 op.phase = Phase::Unsent;
                 op.due = None;
             }
@@ -657,6 +676,20 @@ mod tests {
         })
     }
 
+    /// Adds operation `ack_id`, sent at `t0`, and refuses it once with a retriable
+    /// error; the receiver keeps it wanted.
+    fn refused_once(
+        p: &mut Pending,
+        ack_id: u64,
+        t0: Instant,
+    ) -> oneshot::Receiver<Result<AckResult, Error>> {
+        let rx = add(p, ack_id, Some(t0));
+        assert!(p
+            .on_ack(ack_id, false, error("InternalServerError"), t0)
+            .is_none());
+        rx
+    }
+
     #[test]
     fn a_timeout_is_retried_with_the_same_frame_then_fails() {
         let t0 = Instant::now();
@@ -704,13 +737,50 @@ mod tests {
     fn an_internal_error_is_retried_and_a_late_ack_still_completes() {
         let t0 = Instant::now();
         let mut p = pending(3);
-        let _rx = add(&mut p, 1, Some(t0));
-        assert!(p
-            .on_ack(1, false, error("InternalServerError"), t0)
-            .is_none());
+        let _rx = refused_once(&mut p, 1, t0);
         assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(1)));
         let done = p.on_ack(1, true, None, t0).unwrap();
         assert!(done.result.is_ok());
+    }
+
+    #[test]
+    fn a_duplicate_after_refusals_only_is_the_refusal_after_a_lost_attempt_a_success() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let _rx = refused_once(&mut p, 1, t0);
+        let done = p.on_ack(1, false, error("Duplicate"), t0).unwrap();
+        assert!(
+            matches!(done.result, Err(Error::Ack { ack_id: 1, ref name, .. }) if name == "InternalServerError"),
+            "the service remembered the refused attempt: {:?}",
+            done.result
+        );
+
+        let _rx = refused_once(&mut p, 2, t0);
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        p.expire(t0 + Duration::from_secs(1), &mut out, &mut done);
+        assert_eq!(out, vec![frame(2)], "retried");
+        p.expire(t0 + Duration::from_secs(11), &mut out, &mut done);
+        assert!(done.is_empty(), "the retry timed out: retried again");
+        let done = p.on_ack(2, false, error("Duplicate"), t0).unwrap();
+        assert_eq!(
+            done.result,
+            Ok(AckResult {
+                ack_id: Some(2),
+                is_duplicated: true
+            }),
+            "the timed-out attempt may have been processed"
+        );
+
+        let _rx = refused_once(&mut p, 3, t0);
+        let mut finished = Vec::new();
+        p.expire(t0 + Duration::from_secs(1), &mut out, &mut finished);
+        p.connection_dropped(true, &mut finished);
+        assert!(finished.is_empty());
+        let done = p.on_ack(3, false, error("Duplicate"), t0).unwrap();
+        assert!(
+            done.result.is_ok(),
+            "the attempt cut off by the drop may have been processed"
+        );
     }
 
     #[test]
