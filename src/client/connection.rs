@@ -500,12 +500,12 @@ impl Task {
                         return end;
                     }
                 },
-                Some(op) = self.operations.recv(), if self.pending.acks_len() < MAX_PENDING_ACKS => {
+                Some(op) = self.operations.recv(), if self.takes_operations() => {
                     now = Instant::now();
                     self.send_op(op, now);
                     self.taken += 1;
                     for _ in 1..BATCH {
-                        if self.pending.acks_len() >= MAX_PENDING_ACKS {
+                        if !self.takes_operations() {
                             break;
                         }
                         match self.operations.try_recv() {
@@ -810,7 +810,7 @@ impl Task {
                         self.pending.cancel_invoke(&id);
                     }
                 },
-                Some(op) = self.operations.recv(), if !queue || self.pending.acks_len() < MAX_PENDING_ACKS => {
+                Some(op) = self.operations.recv(), if !queue || self.takes_operations() => {
                     self.shared.direct.finished(1);
                     if queue {
                         self.queue_op(op);
@@ -820,6 +820,12 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Whether the task takes another operation from the channel: fewer than
+    /// `MAX_PENDING_ACKS` acked ones are pending.
+    fn takes_operations(&self) -> bool {
+        self.pending.acks_len() < MAX_PENDING_ACKS
     }
 
     /// Writes an operation on the live connection (the frame goes to `out`).
