@@ -909,6 +909,7 @@ def render(args):
 
 def write_outputs(report, run, results, contenders, order, how):
     """Writes the markdown report and the chart beside it; `how` ends the message."""
+    report.parent.mkdir(parents=True, exist_ok=True)
     write_report(report, run, results, contenders, order)
     write_chart(report.with_name("chart.png"), results, contenders, order)
     print(f"\nwrote {report} and {report.with_name('chart.png')} {how}")
