@@ -158,6 +158,14 @@
 #define WPS_SEND_DEFERRED 4
 
 /**
+ * Send flag (asynchronous forms only): in poll mode, a successful completion is
+ * written as a `wps_ack_record` by `wps_client_dispatch_records` instead of calling
+ * the callback (a failure still calls it). For bindings where a foreign callback costs
+ * more than the work it does. Any other dispatch calls the callback as usual.
+ */
+#define WPS_SEND_RECORD 8
+
+/**
  * Dispatch mode (default): callbacks run on a library-owned dispatcher thread.
  */
 #define WPS_DISPATCH_THREAD 0
@@ -299,6 +307,33 @@ typedef void (*wps_user_data_free_cb)(void *user_data);
  * `wps_credential_result_set_error` on `result` exactly once before returning.
  */
 typedef void (*wps_credential_cb)(void *user_data, struct wps_credential_result *result);
+
+/**
+ * A successful asynchronous send started with `WPS_SEND_RECORD`, as
+ * `wps_client_dispatch_records` writes it instead of calling the send's callback.
+ */
+typedef struct wps_ack_record {
+  /**
+   * The user data the send was started with.
+   */
+  void *user_data;
+  /**
+   * The id the starting call returned.
+   */
+  uint64_t op_id;
+  /**
+   * The send's ackId when `has_ack_id` (not for fire-and-forget).
+   */
+  uint64_t ack_id;
+  /**
+   * Whether `ack_id` is set.
+   */
+  bool has_ack_id;
+  /**
+   * The service had already processed this ackId (still a success).
+   */
+  bool is_duplicated;
+} wps_ack_record;
 
 /**
  * The outcome of an asynchronous operation, borrowed for the duration of the call.
@@ -550,6 +585,25 @@ wps_status wps_client_dispatch_fd(const struct wps_client *c, int *out_fd);
  * `c` is NULL or a live handle; `ran` is NULL or writable.
  */
 wps_status wps_client_dispatch(struct wps_client *c, size_t max, size_t *ran);
+
+/**
+ * Poll mode: as `wps_client_dispatch`, but a successful completion of a send started
+ * with `WPS_SEND_RECORD` is written to `records` (room for `cap`, at least 1) instead
+ * of calling its callback. The call returns before running a callback once it wrote a
+ * record, so the callbacks that ran (`ran`, may be NULL) came before the records
+ * (`recorded`, may be NULL), in completion order; what is left stays queued and the
+ * descriptor readable.
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `records` is NULL or writable for `cap` records;
+ * `ran` and `recorded` are NULL or writable.
+ */
+wps_status wps_client_dispatch_records(struct wps_client *c,
+                                       size_t max,
+                                       struct wps_ack_record *records,
+                                       size_t cap,
+                                       size_t *ran,
+                                       size_t *recorded);
 
 /**
  * Connects; blocks until connected or failed (start timeout). Fails with

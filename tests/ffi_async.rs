@@ -9,26 +9,27 @@ use std::ffi::{c_void, CStr, CString};
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{
-    wps_completion, wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED,
+    wps_ack_record, wps_completion, wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED,
     WPS_EVENT_GROUP_MESSAGE, WPS_EVENT_STOPPED,
 };
 use webpubsub_client::ffi::client::{
-    wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id,
-    wps_client_flush_deferred, wps_client_free, wps_client_join_group, wps_client_join_group_async,
-    wps_client_new, wps_client_send_event_async, wps_client_send_to_group,
-    wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id, wps_client_start,
-    wps_client_start_async, wps_client_state, wps_client_stop, wps_client_stop_async,
+    wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id, wps_client_dispatch,
+    wps_client_dispatch_records, wps_client_flush_deferred, wps_client_free, wps_client_join_group,
+    wps_client_join_group_async, wps_client_new, wps_client_send_event_async,
+    wps_client_send_to_group, wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id,
+    wps_client_start, wps_client_start_async, wps_client_state, wps_client_stop,
+    wps_client_stop_async,
 };
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
-    wps_options_set_message_retry,
+    wps_options_set_dispatch_mode, wps_options_set_message_retry,
 };
 use webpubsub_client::ffi::status::{
-    wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED,
-    WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_STATE_CONNECTED, WPS_STATE_STOPPED,
-    WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INVALID_ARGUMENT,
-    WPS_STATUS_INVALID_UTF8, WPS_STATUS_NULL_ARG, WPS_STATUS_OK, WPS_STATUS_STOPPED,
-    WPS_STATUS_TIMEOUT,
+    wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_DISPATCH_POLL,
+    WPS_RETRY_FIXED, WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_RECORD,
+    WPS_STATE_CONNECTED, WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE,
+    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NULL_ARG, WPS_STATUS_OK,
+    WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
 };
 use webpubsub_emulator::{Config, Emulator};
 
@@ -715,24 +716,7 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
     sender_rec.wait("their acks", |s| s.completions.len() == 16);
 
     // The blocking forms cannot defer: they would wait for a message never sent.
-    let text = "x";
-    let status = unsafe {
-        wps_client_send_to_group(
-            sender,
-            group.as_ptr(),
-            WPS_DATA_TYPE_TEXT,
-            text.as_ptr(),
-            text.len(),
-            WPS_SEND_DEFERRED,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT);
-    let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
-    assert!(
-        detail.to_string_lossy().contains("asynchronous forms only"),
-        "{detail:?}"
-    );
+    assert_blocking_send_refused(sender, group, WPS_SEND_DEFERRED, "asynchronous forms only");
     assert_eq!(
         unsafe { wps_client_flush_deferred(std::ptr::null_mut()) },
         WPS_STATUS_NULL_ARG
@@ -771,6 +755,193 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
     unsafe { wps_client_free(sender) };
     assert_completed_once_ok_or_stopped(&sender_rec, &left);
     unsafe { wps_client_free(receiver) };
+    setup.shutdown();
+}
+
+/// A blocking send to `group` with `flags`, which only the asynchronous forms take, is
+/// refused with an error that says `part`.
+fn assert_blocking_send_refused(c: *mut wps_client, group: &CStr, flags: u32, part: &str) {
+    let text = "blocking";
+    let status = unsafe {
+        wps_client_send_to_group(
+            c,
+            group.as_ptr(),
+            WPS_DATA_TYPE_TEXT,
+            text.as_ptr(),
+            text.len(),
+            flags,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT);
+    let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
+    assert!(detail.to_string_lossy().contains(part), "{detail:?}");
+}
+
+/// Dispatches a poll-mode client's queue with `wps_client_dispatch_records` until
+/// `done` holds for what its callbacks saw and the records it wrote (in order).
+fn dispatch_records_until(
+    c: *mut wps_client,
+    rec: &Recorder,
+    records: &mut Vec<wps_ack_record>,
+    done: impl Fn(&Seen, &[wps_ack_record]) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [wps_ack_record {
+        user_data: std::ptr::null_mut(),
+        op_id: 0,
+        ack_id: 0,
+        has_ack_id: false,
+        is_duplicated: false,
+    }; 4];
+    while !done(&rec.seen.lock().unwrap(), records) {
+        assert!(Instant::now() < deadline, "timed out dispatching");
+        let (mut ran, mut written) = (0, 0);
+        let status = unsafe {
+            wps_client_dispatch_records(c, 16, buf.as_mut_ptr(), buf.len(), &mut ran, &mut written)
+        };
+        check(status, "wps_client_dispatch_records");
+        records.extend_from_slice(&buf[..written]);
+        if ran + written == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+#[test]
+fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
+    let setup = Setup::new();
+    let (rec, thread_rec) = (Recorder::default(), Recorder::default());
+    let options = wps_options_new();
+    check(
+        wps_options_set_dispatch_mode(options, WPS_DISPATCH_POLL),
+        "dispatch mode",
+    );
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new(
+            setup.url.as_ptr(),
+            options,
+            Some(on_event),
+            rec.user_data(),
+            None,
+            &mut c,
+        )
+    };
+    unsafe { wps_options_free(options) };
+    check(status, "wps_client_new");
+    check(unsafe { wps_client_start(c) }, "start");
+    let group = c"records";
+
+    // Ten recorded sends, one that is not, a recorded fire-and-forget, and a recorded
+    // one cancelled while deferred (a failure: its callback says so).
+    let recorded: Vec<u64> = (0..10)
+        .map(|i| send_async(c, group, &format!("r{i}"), WPS_SEND_RECORD, &rec))
+        .collect();
+    let plain = send_async(c, group, "plain", 0, &rec);
+    let forgotten = send_async(
+        c,
+        group,
+        "ff",
+        WPS_SEND_RECORD | WPS_SEND_FIRE_AND_FORGET,
+        &rec,
+    );
+    let cancelled = send_async(c, group, "x", WPS_SEND_RECORD | WPS_SEND_DEFERRED, &rec);
+    check(unsafe { wps_client_cancel(c, cancelled) }, "cancel");
+
+    let mut records = Vec::new();
+    dispatch_records_until(c, &rec, &mut records, |seen, records| {
+        records.len() == 11 && seen.completions.len() == 2
+    });
+    let ops: Vec<u64> = records.iter().map(|r| r.op_id).collect();
+    let mut expected = recorded.clone();
+    expected.push(forgotten);
+    expected.sort_unstable();
+    let mut sorted = ops.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, expected, "each recorded success once, as a record");
+    for r in &records {
+        assert_eq!(r.user_data, rec.user_data());
+        assert_eq!(
+            r.has_ack_id,
+            r.op_id != forgotten,
+            "fire-and-forget has no ackId"
+        );
+        assert!(!r.is_duplicated);
+    }
+    let ack_ids: std::collections::HashSet<u64> = records
+        .iter()
+        .filter(|r| r.has_ack_id)
+        .map(|r| r.ack_id)
+        .collect();
+    assert_eq!(ack_ids.len(), 10);
+    {
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen.completions[&plain], vec![WPS_STATUS_OK]);
+        assert_eq!(seen.completions[&cancelled], vec![WPS_STATUS_CANCELLED]);
+        assert!(recorded.iter().all(|op| !seen.completions.contains_key(op)));
+    }
+
+    // A plain dispatch calls the callback of a recorded success.
+    let again = send_async(c, group, "again", WPS_SEND_RECORD, &rec);
+    let deadline = Instant::now() + WAIT;
+    while !rec.seen.lock().unwrap().completions.contains_key(&again) {
+        assert!(Instant::now() < deadline, "timed out dispatching");
+        check(
+            unsafe { wps_client_dispatch(c, 16, std::ptr::null_mut()) },
+            "dispatch",
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    // Bad arguments.
+    let mut buf = [records[0]; 1];
+    let (null, none) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let refused = [
+        (
+            unsafe { wps_client_dispatch_records(c, 1, null, 1, none, none) },
+            WPS_STATUS_NULL_ARG,
+        ),
+        (
+            unsafe { wps_client_dispatch_records(c, 1, buf.as_mut_ptr(), 0, none, none) },
+            WPS_STATUS_INVALID_ARGUMENT,
+        ),
+        (
+            unsafe {
+                wps_client_dispatch_records(
+                    std::ptr::null_mut(),
+                    1,
+                    buf.as_mut_ptr(),
+                    1,
+                    none,
+                    none,
+                )
+            },
+            WPS_STATUS_NULL_ARG,
+        ),
+    ];
+    for (status, expected) in refused {
+        assert_eq!(status, expected);
+    }
+    assert_blocking_send_refused(c, group, WPS_SEND_RECORD, "WPS_SEND_RECORD");
+
+    // In thread mode the flag changes nothing: the callback runs.
+    let threaded = setup.client(&thread_rec, true);
+    let op = send_async(threaded, group, "t", WPS_SEND_RECORD, &thread_rec);
+    thread_rec.wait("the thread-mode completion", |s| {
+        s.completions.contains_key(&op)
+    });
+    assert_eq!(
+        thread_rec.seen.lock().unwrap().completions[&op],
+        vec![WPS_STATUS_OK]
+    );
+    assert_eq!(
+        unsafe { wps_client_dispatch_records(threaded, 1, buf.as_mut_ptr(), 1, none, none) },
+        WPS_STATUS_ILLEGAL_STATE
+    );
+
+    unsafe { wps_client_free(threaded) };
+    unsafe { wps_client_free(c) };
     setup.shutdown();
 }
 

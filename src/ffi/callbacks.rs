@@ -101,6 +101,23 @@ pub struct wps_completion {
     pub data_len: usize,
 }
 
+/// A successful asynchronous send started with `WPS_SEND_RECORD`, as
+/// `wps_client_dispatch_records` writes it instead of calling the send's callback.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct wps_ack_record {
+    /// The user data the send was started with.
+    pub user_data: *mut c_void,
+    /// The id the starting call returned.
+    pub op_id: u64,
+    /// The send's ackId when `has_ack_id` (not for fire-and-forget).
+    pub ack_id: u64,
+    /// Whether `ack_id` is set.
+    pub has_ack_id: bool,
+    /// The service had already processed this ackId (still a success).
+    pub is_duplicated: bool,
+}
+
 /// Completion callback of an asynchronous operation; runs exactly once.
 pub type wps_completion_cb =
     Option<unsafe extern "C" fn(user_data: *mut c_void, completion: *const wps_completion)>;
@@ -424,6 +441,8 @@ impl EventHandler for SinkHandler {
 pub(crate) struct CompletionTarget {
     pub(crate) cb: wps_completion_cb,
     pub(crate) user_data: UserData,
+    /// `WPS_SEND_RECORD`: a success may be written as a record instead of calling `cb`.
+    pub(crate) record: bool,
 }
 
 /// An operation's outcome converted to owned C data.
@@ -487,6 +506,21 @@ impl OwnedCompletion {
             },
             Err(e) => OwnedCompletion::error(&e),
         }
+    }
+
+    /// The record that stands for this completion: a success of an operation started
+    /// with `WPS_SEND_RECORD`.
+    pub(crate) fn record(&self, op_id: u64, target: &CompletionTarget) -> Option<wps_ack_record> {
+        if !target.record || self.status != WPS_STATUS_OK || self.response.is_some() {
+            return None;
+        }
+        Some(wps_ack_record {
+            user_data: target.user_data.0,
+            op_id,
+            ack_id: self.ack.as_ref().and_then(|a| a.ack_id).unwrap_or(0),
+            has_ack_id: self.ack.as_ref().is_some_and(|a| a.ack_id.is_some()),
+            is_duplicated: self.ack.as_ref().is_some_and(|a| a.is_duplicated),
+        })
     }
 
     /// Calls the completion callback (on the dispatcher thread).

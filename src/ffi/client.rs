@@ -23,8 +23,8 @@ use crate::client::{
 use crate::protocol::DataType;
 
 use super::callbacks::{
-    data_type_code, fail_with, wps_completion_cb, wps_event_cb, wps_user_data_free_cb,
-    CompletionTarget, EventSink, OwnedCompletion, SinkHandler, UserData,
+    data_type_code, fail_with, wps_ack_record, wps_completion_cb, wps_event_cb,
+    wps_user_data_free_cb, CompletionTarget, EventSink, OwnedCompletion, SinkHandler, UserData,
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
@@ -34,10 +34,10 @@ use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
     fail, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_PROTOBUF,
     WPS_DATA_TYPE_TEXT, WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_NO_ECHO,
-    WPS_STATE_CONNECTED, WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED, WPS_STATE_RECOVERING,
-    WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_FORKED, WPS_STATUS_ILLEGAL_STATE,
-    WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8,
-    WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
+    WPS_SEND_RECORD, WPS_STATE_CONNECTED, WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED,
+    WPS_STATE_RECOVERING, WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_FORKED,
+    WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
+    WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
 };
 
 /// How long `wps_client_free` waits for the client's connection task to end once its
@@ -149,7 +149,7 @@ impl Shared {
     fn push_completion(&self, op_id: u64, target: CompletionTarget, outcome: OwnedCompletion) {
         self.sink
             .worker()
-            .push(Job::new(move || outcome.deliver(op_id, target)));
+            .push(Job::Completion(op_id, target, outcome));
     }
 
     /// Completes every pending operation with `WPS_STATUS_STOPPED` and refuses new ones.
@@ -408,21 +408,67 @@ pub unsafe extern "C" fn wps_client_dispatch(
     max: usize,
     ran: *mut usize,
 ) -> wps_status {
+    guard(|| dispatch(c, max, None, ran, std::ptr::null_mut()))
+}
+
+/// Poll mode: as `wps_client_dispatch`, but a successful completion of a send started
+/// with `WPS_SEND_RECORD` is written to `records` (room for `cap`, at least 1) instead
+/// of calling its callback. The call returns before running a callback once it wrote a
+/// record, so the callbacks that ran (`ran`, may be NULL) came before the records
+/// (`recorded`, may be NULL), in completion order; what is left stays queued and the
+/// descriptor readable.
+///
+/// # Safety
+/// `c` is NULL or a live handle; `records` is NULL or writable for `cap` records;
+/// `ran` and `recorded` are NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_dispatch_records(
+    c: *mut wps_client,
+    max: usize,
+    records: *mut wps_ack_record,
+    cap: usize,
+    ran: *mut usize,
+    recorded: *mut usize,
+) -> wps_status {
     guard(|| {
-        // The worker is kept alive by this call: a callback may free the client.
-        let worker = Arc::clone(client_arg(c)?.sink.worker());
-        let count = worker.dispatch(max).map_err(|e| match e {
-            DispatchError::NotPolled => not_polled(),
-            DispatchError::Busy => fail(
-                WPS_STATUS_ILLEGAL_STATE,
-                "wps_client_dispatch is already running for this client",
-            ),
-        })?;
-        if !ran.is_null() {
-            ran.write(count);
+        if records.is_null() {
+            return Err(fail(WPS_STATUS_NULL_ARG, "`records` is NULL"));
         }
-        Ok(())
+        if cap == 0 {
+            return Err(fail(
+                WPS_STATUS_INVALID_ARGUMENT,
+                "`cap` is 0: no room for a record",
+            ));
+        }
+        let records = std::slice::from_raw_parts_mut(records, cap);
+        dispatch(c, max, Some(records), ran, recorded)
     })
+}
+
+/// Runs the dispatch of `c` and writes its counts.
+unsafe fn dispatch(
+    c: *mut wps_client,
+    max: usize,
+    records: Option<&mut [wps_ack_record]>,
+    ran: *mut usize,
+    recorded: *mut usize,
+) -> FfiResult {
+    // The worker is kept alive by this call: a callback may free the client.
+    let worker = Arc::clone(client_arg(c)?.sink.worker());
+    let (count, written) = worker.dispatch(max, records).map_err(|e| match e {
+        DispatchError::NotPolled => not_polled(),
+        DispatchError::Busy => fail(
+            WPS_STATUS_ILLEGAL_STATE,
+            "wps_client_dispatch is already running for this client",
+        ),
+    })?;
+    if !ran.is_null() {
+        ran.write(count);
+    }
+    if !recorded.is_null() {
+        recorded.write(written);
+    }
+    Ok(())
 }
 
 fn not_polled() -> wps_status {
@@ -595,7 +641,22 @@ unsafe fn payload<'a>(
 struct SendFlags {
     no_echo: bool,
     fire_and_forget: bool,
+    delivery: Delivery,
+}
+
+/// How an asynchronous send reaches the connection task and its completion the caller
+/// (`WPS_SEND_DEFERRED`, `WPS_SEND_RECORD`); the blocking forms take neither.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Delivery {
     handover: Handover,
+    record: bool,
+}
+
+impl Delivery {
+    const BLOCKING: Delivery = Delivery {
+        handover: Handover::Now,
+        record: false,
+    };
 }
 
 fn send_flags(flags: u32, allowed: u32) -> FfiResult<SendFlags> {
@@ -608,10 +669,13 @@ fn send_flags(flags: u32, allowed: u32) -> FfiResult<SendFlags> {
     Ok(SendFlags {
         no_echo: flags & WPS_SEND_NO_ECHO != 0,
         fire_and_forget: flags & WPS_SEND_FIRE_AND_FORGET != 0,
-        handover: if flags & WPS_SEND_DEFERRED != 0 {
-            Handover::Deferred
-        } else {
-            Handover::Now
+        delivery: Delivery {
+            handover: if flags & WPS_SEND_DEFERRED != 0 {
+                Handover::Deferred
+            } else {
+                Handover::Now
+            },
+            record: flags & WPS_SEND_RECORD != 0,
         },
     })
 }
@@ -627,16 +691,16 @@ fn invoke_options(timeout_ms: u64) -> InvokeOptions {
 enum AckOp<'a> {
     Join(&'a str),
     Leave(&'a str),
-    SendToGroup(&'a str, DataType, &'a [u8], SendToGroupOptions, Handover),
-    SendEvent(&'a str, DataType, &'a [u8], SendEventOptions, Handover),
+    SendToGroup(&'a str, DataType, &'a [u8], SendToGroupOptions, Delivery),
+    SendEvent(&'a str, DataType, &'a [u8], SendEventOptions, Delivery),
 }
 
 impl<'a> AckOp<'a> {
-    /// When the operation is to reach the connection task.
-    fn handover(&self) -> Handover {
+    /// When the operation is to reach the connection task, and how it completes.
+    fn delivery(&self) -> Delivery {
         match self {
-            AckOp::Join(_) | AckOp::Leave(_) => Handover::Now,
-            AckOp::SendToGroup(.., h) | AckOp::SendEvent(.., h) => *h,
+            AckOp::Join(_) | AckOp::Leave(_) => Delivery::BLOCKING,
+            AckOp::SendToGroup(.., d) | AckOp::SendEvent(.., d) => *d,
         }
     }
 
@@ -670,14 +734,14 @@ impl<'a> AckOp<'a> {
         let (t, d) = payload(data_type, data, len)?;
         let f = send_flags(
             flags,
-            WPS_SEND_NO_ECHO | WPS_SEND_FIRE_AND_FORGET | WPS_SEND_DEFERRED,
+            WPS_SEND_NO_ECHO | WPS_SEND_FIRE_AND_FORGET | WPS_SEND_DEFERRED | WPS_SEND_RECORD,
         )?;
         let opts = SendToGroupOptions {
             no_echo: f.no_echo,
             fire_and_forget: f.fire_and_forget,
             ack_id,
         };
-        Ok(AckOp::SendToGroup(group, t, d, opts, f.handover))
+        Ok(AckOp::SendToGroup(group, t, d, opts, f.delivery))
     }
 
     unsafe fn send_event(
@@ -690,12 +754,15 @@ impl<'a> AckOp<'a> {
     ) -> FfiResult<AckOp<'a>> {
         let event = str_arg(event, "event")?;
         let (t, d) = payload(data_type, data, len)?;
-        let f = send_flags(flags, WPS_SEND_FIRE_AND_FORGET | WPS_SEND_DEFERRED)?;
+        let f = send_flags(
+            flags,
+            WPS_SEND_FIRE_AND_FORGET | WPS_SEND_DEFERRED | WPS_SEND_RECORD,
+        )?;
         let opts = SendEventOptions {
             fire_and_forget: f.fire_and_forget,
             ack_id,
         };
-        Ok(AckOp::SendEvent(event, t, d, opts, f.handover))
+        Ok(AckOp::SendEvent(event, t, d, opts, f.delivery))
     }
 }
 
@@ -735,10 +802,10 @@ unsafe fn run_acked(
     let no_ack_id = |status| (status, None);
     let shared = client_arg(c).map_err(no_ack_id)?;
     let op = op.map_err(no_ack_id)?;
-    if op.handover() == Handover::Deferred {
+    if op.delivery() != Delivery::BLOCKING {
         return Err(no_ack_id(fail(
             WPS_STATUS_INVALID_ARGUMENT,
-            "WPS_SEND_DEFERRED applies to the asynchronous forms only",
+            "WPS_SEND_DEFERRED and WPS_SEND_RECORD apply to the asynchronous forms only",
         )));
     }
     let prepared = op
@@ -763,6 +830,7 @@ unsafe fn register(
     shared: &Shared,
     cb: wps_completion_cb,
     user_data: *mut c_void,
+    record: bool,
     op_id: *mut u64,
 ) -> FfiResult<u64> {
     let id = shared.next_op.fetch_add(1, Ordering::Relaxed);
@@ -774,6 +842,7 @@ unsafe fn register(
         let target = CompletionTarget {
             cb,
             user_data: UserData(user_data),
+            record,
         };
         ops.pending.insert(
             id,
@@ -805,7 +874,7 @@ where
     let shared = client_arg(c)?;
     let fut = fut(shared.client.clone())?;
     let rt = runtime()?;
-    let id = register(shared, cb, user_data, op_id)?;
+    let id = register(shared, cb, user_data, false, op_id)?;
     let task = {
         let shared = Arc::clone(shared);
         rt.spawn(async move {
@@ -831,15 +900,15 @@ unsafe fn run_async_ack(
 ) -> FfiResult {
     let shared = client_arg(c)?;
     let op = op?;
-    let id = register(shared, cb, user_data, op_id)?;
+    let delivery = op.delivery();
+    let id = register(shared, cb, user_data, delivery.record, op_id)?;
     let done = Box::new(AckCompletion {
         shared: Arc::downgrade(shared),
         id,
     });
-    let handover = op.handover();
     shared
         .client
-        .start_then(op.prepare(&shared.client), handover, done);
+        .start_then(op.prepare(&shared.client), delivery.handover, done);
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use super::callbacks::{EventSink, OwnedEvent};
+use super::callbacks::{wps_ack_record, CompletionTarget, EventSink, OwnedCompletion, OwnedEvent};
 use super::panic::guard_job;
 
 /// A unit of work for a dispatcher.
@@ -31,6 +31,9 @@ pub(crate) enum Job {
     /// per event (freed on the dispatcher thread, it would contend with the
     /// connection task's allocator).
     Event(Arc<EventSink>, OwnedEvent),
+    /// An operation's outcome (its id, where it goes, what it is), also held in the
+    /// queue itself: one per acked message.
+    Completion(u64, CompletionTarget, OwnedCompletion),
 }
 
 impl Job {
@@ -43,6 +46,15 @@ impl Job {
         match self {
             Job::Run(f) => f(),
             Job::Event(sink, event) => sink.call(&event),
+            Job::Completion(op_id, target, outcome) => outcome.deliver(op_id, target),
+        }
+    }
+
+    /// The record this job stands for, when it may be written as one.
+    fn record(&self) -> Option<wps_ack_record> {
+        match self {
+            Job::Completion(op_id, target, outcome) => outcome.record(*op_id, target),
+            _ => None,
         }
     }
 }
@@ -182,8 +194,18 @@ impl Worker {
     }
 
     /// Poll mode: runs up to `max` queued callbacks on this thread, in order; returns
-    /// how many ran. The descriptor stays readable while callbacks remain.
-    pub(crate) fn dispatch(&self, max: usize) -> Result<usize, DispatchError> {
+    /// how many ran and how many records were written. The descriptor stays readable
+    /// while callbacks remain.
+    ///
+    /// With `records`, the completions that stand for a record are written there
+    /// instead of calling their callbacks, up to its length. The call then returns
+    /// before running a callback, so that the caller sees everything in order: the
+    /// callbacks that ran, then the records.
+    pub(crate) fn dispatch(
+        &self,
+        max: usize,
+        mut records: Option<&mut [wps_ack_record]>,
+    ) -> Result<(usize, usize), DispatchError> {
         let Wake::Poll(signal) = &self.wake else {
             return Err(DispatchError::NotPolled);
         };
@@ -193,20 +215,31 @@ impl Worker {
                 return Err(DispatchError::Busy);
             }
             if queue.forward.is_some() {
-                return Ok(0);
+                return Ok((0, 0));
             }
             queue.dispatching = true;
         }
-        let mut ran = 0;
+        let (mut ran, mut recorded) = (0, 0);
         loop {
             let job = {
                 let mut queue = self.lock();
                 if queue.hand_over_pending {
                     queue.dispatching = false;
                     self.hand_over_locked(&mut queue);
-                    return Ok(ran);
+                    return Ok((ran, recorded));
                 }
-                let next = if ran < max {
+                if let Some(records) = records.as_deref_mut() {
+                    while let Some(record) = queue.jobs.front().and_then(Job::record) {
+                        let Some(slot) = records.get_mut(recorded) else {
+                            break;
+                        };
+                        *slot = record;
+                        recorded += 1;
+                        queue.jobs.pop_front();
+                    }
+                }
+                // After a record, the front is a callback or a record with no room.
+                let next = if ran < max && recorded == 0 {
                     queue.jobs.pop_front()
                 } else {
                     None
@@ -219,7 +252,7 @@ impl Worker {
                             queue.idle = true;
                         }
                         queue.dispatching = false;
-                        return Ok(ran);
+                        return Ok((ran, recorded));
                     }
                 }
             };
@@ -489,18 +522,20 @@ mod tests {
         }
         assert!(readable(fd));
         assert!(rx.try_recv().is_err(), "nothing runs before dispatch");
-        assert_eq!(worker.dispatch(2), Ok(2));
+        assert_eq!(worker.dispatch(2, None), Ok((2, 0)));
         assert!(readable(fd), "still readable while jobs remain");
-        assert_eq!(worker.dispatch(100), Ok(3));
+        assert_eq!(worker.dispatch(100, None), Ok((3, 0)));
         assert!(!readable(fd));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
 
         let inner = Arc::clone(&worker);
         let (busy_tx, busy_rx) = mpsc::channel();
-        worker.push(Job::new(move || busy_tx.send(inner.dispatch(1)).unwrap()));
-        assert_eq!(worker.dispatch(1), Ok(1));
+        worker.push(Job::new(move || {
+            busy_tx.send(inner.dispatch(1, None)).unwrap()
+        }));
+        assert_eq!(worker.dispatch(1, None), Ok((1, 0)));
         assert_eq!(busy_rx.try_recv(), Ok(Err(DispatchError::Busy)));
-        assert_eq!(assign().dispatch(1), Err(DispatchError::NotPolled));
+        assert_eq!(assign().dispatch(1, None), Err(DispatchError::NotPolled));
 
         let mut batch: Vec<Job> = Vec::new();
         worker.push_all(&mut batch);
@@ -512,16 +547,103 @@ mod tests {
         worker.push_all(&mut batch);
         assert!(batch.is_empty());
         assert!(readable(fd));
-        assert_eq!(worker.dispatch(10), Ok(3));
+        assert_eq!(worker.dispatch(10, None), Ok((3, 0)));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![6, 7, 8]);
 
         worker.push(Job::new(move || tx.send(5).unwrap()));
         worker.hand_over();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(5));
         assert_eq!(
-            worker.dispatch(1),
-            Ok(0),
+            worker.dispatch(1, None),
+            Ok((0, 0)),
             "a handed-over worker has nothing to dispatch"
         );
+    }
+
+    /// The completion callback of `completion_job`: counts the calls in the `Mutex<Vec>`
+    /// its user data points to, by ackId (0 for a failure).
+    unsafe extern "C" fn note_completion(
+        user_data: *mut std::ffi::c_void,
+        completion: *const super::super::callbacks::wps_completion,
+    ) {
+        let calls = &*(user_data as *const Mutex<Vec<u64>>);
+        calls.lock().unwrap().push((*completion).ack_id);
+    }
+
+    /// A queued completion of ackId `ack_id` (a failure when `None`) for `calls`.
+    fn completion_job(calls: &Arc<Mutex<Vec<u64>>>, ack_id: Option<u64>, record: bool) -> Job {
+        use super::super::callbacks::UserData;
+        use crate::client::{AckResult, Error};
+        let outcome = match ack_id {
+            Some(id) => OwnedCompletion::from_ack(Ok(AckResult {
+                ack_id: Some(id),
+                is_duplicated: id % 2 == 0,
+            })),
+            None => OwnedCompletion::from_ack(Err(Error::Cancelled)),
+        };
+        let target = CompletionTarget {
+            cb: Some(note_completion),
+            user_data: UserData(Arc::as_ptr(calls) as *mut std::ffi::c_void),
+            record,
+        };
+        Job::Completion(ack_id.unwrap_or(0) + 100, target, outcome)
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn records_stand_for_recordable_successes_in_order_with_the_callbacks() {
+        let worker = Worker::polled().unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        for job in [
+            completion_job(&calls, Some(1), true),
+            completion_job(&calls, Some(2), true),
+            completion_job(&calls, Some(3), false), // not started with WPS_SEND_RECORD
+            completion_job(&calls, None, true),     // a failure calls its callback
+            completion_job(&calls, Some(4), true),
+            completion_job(&calls, Some(5), true),
+            completion_job(&calls, Some(6), true),
+        ] {
+            worker.push(job);
+        }
+        let empty = wps_ack_record {
+            user_data: std::ptr::null_mut(),
+            op_id: 0,
+            ack_id: 0,
+            has_ack_id: false,
+            is_duplicated: false,
+        };
+        let mut records = [empty; 2];
+        let ids = |r: &[wps_ack_record]| r.iter().map(|r| r.ack_id).collect::<Vec<_>>();
+
+        // two records, then it stops before the callback that follows them
+        assert_eq!(worker.dispatch(10, Some(&mut records)), Ok((0, 2)));
+        assert_eq!(ids(&records), [1, 2]);
+        assert_eq!(records[0].op_id, 101);
+        assert_eq!(records[0].user_data, Arc::as_ptr(&calls) as *mut _);
+        assert!(records[0].has_ack_id && !records[0].is_duplicated && records[1].is_duplicated);
+        assert!(calls.lock().unwrap().is_empty());
+
+        // the two callbacks, then records up to the room there is
+        assert_eq!(worker.dispatch(10, Some(&mut records)), Ok((2, 2)));
+        assert_eq!(*calls.lock().unwrap(), [3, 0]);
+        assert_eq!(ids(&records), [4, 5]);
+        assert!(readable(worker.fd().unwrap()), "one record is left");
+
+        // a plain dispatch calls the callback of a recordable success
+        assert_eq!(worker.dispatch(10, None), Ok((1, 0)));
+        assert_eq!(*calls.lock().unwrap(), [3, 0, 6]);
+        assert!(!readable(worker.fd().unwrap()));
+        assert_eq!(worker.dispatch(10, Some(&mut records)), Ok((0, 0)));
+    }
+
+    #[test]
+    fn a_pool_thread_calls_the_callback_of_a_recordable_success() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let worker = assign();
+        worker.push(completion_job(&calls, Some(7), true));
+        let (tx, rx) = mpsc::channel();
+        worker.push(Job::new(move || tx.send(()).unwrap()));
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(*calls.lock().unwrap(), [7]);
     }
 }

@@ -80,6 +80,11 @@ pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 /// next operation started without this flag. An event loop starting many messages per
 /// iteration saves a wake-up (a system call) per message.
 pub const WPS_SEND_DEFERRED: u32 = 4;
+/// Send flag (asynchronous forms only): in poll mode, a successful completion is
+/// written as a `wps_ack_record` by `wps_client_dispatch_records` instead of calling
+/// the callback (a failure still calls it). For bindings where a foreign callback costs
+/// more than the work it does. Any other dispatch calls the callback as usual.
+pub const WPS_SEND_RECORD: u32 = 8;
 
 /// Dispatch mode (default): callbacks run on a library-owned dispatcher thread.
 pub const WPS_DISPATCH_THREAD: u32 = 0;

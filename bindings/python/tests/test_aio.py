@@ -381,6 +381,42 @@ async def test_recovery_after_drop_async(hub: Hub) -> None:
     assert [m.data for m in got.items] == [str(i) for i in range(total)]
 
 
+async def _result_of(future: "asyncio.Future[Any]") -> Any:
+    return await future
+
+
+async def test_recorded_sends_settle_their_futures_on_their_own_loops() -> None:
+    """Records (successes written by ``wps_client_dispatch_records``) settle their
+    futures: on the dispatching loop at once, on another loop through that loop; a
+    cancelled future and a key that is gone are skipped."""
+    loop = asyncio.get_running_loop()
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever)
+    thread.start()
+    try:
+        here, cancelled = loop.create_future(), loop.create_future()
+        cancelled.cancel()
+        there = other.create_future()  # settled on its thread by the call_soon_threadsafe it gets
+        keys = [REGISTRY.add(f) for f in (here, cancelled, there)]
+        gone = REGISTRY.add(None)
+        REGISTRY.pop(gone)
+        records = (_native.WpsAckRecord * 4)(
+            _native.WpsAckRecord(keys[0], 1, 7, True, False),
+            _native.WpsAckRecord(keys[1], 2, 8, True, False),
+            _native.WpsAckRecord(keys[2], 3, 9, True, True),
+            _native.WpsAckRecord(gone, 4, 10, True, False),
+        )
+        aio_client._settle(loop, memoryview(records).cast("B"))  # pylint: disable=protected-access
+        assert (here.result().ack_id, here.result().is_duplicated) == (7, False)
+        result = asyncio.run_coroutine_threadsafe(_result_of(there), other).result(WAIT)
+        assert (result.ack_id, result.is_duplicated) == (9, True)
+        assert all(REGISTRY.get(key) is None for key in keys)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(WAIT)
+        other.close()
+
+
 async def test_concurrent_operations_on_one_loop(hub: Hub) -> None:
     got = AsyncCollector()
     async with make(hub.url()) as client:

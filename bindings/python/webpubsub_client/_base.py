@@ -91,8 +91,27 @@ _ARGUMENT_STATUSES = (
 # ---- argument checks -----------------------------------------------------------------
 
 
+_CHECKED_NAMES: Dict[str, bytes] = {}  # names that passed check_name, encoded
+_CHECKED_NAMES_MAX = 256  # then the cache starts over: a program with many names pays the checks
+
+
 def check_name(value: Any, what: str) -> bytes:
-    """A group or event name as a NUL-terminated UTF-8 string, or TypeError/ValueError."""
+    """A group or event name as a NUL-terminated UTF-8 string, or TypeError/ValueError.
+
+    A name that passed before is one dict hit: sends check their group or event name per message."""
+    if value.__class__ is str:
+        encoded = _CHECKED_NAMES.get(value)
+        if encoded is not None:
+            return encoded
+    encoded = _check_new_name(value, what)
+    if value.__class__ is str:
+        if len(_CHECKED_NAMES) >= _CHECKED_NAMES_MAX:
+            _CHECKED_NAMES.clear()
+        _CHECKED_NAMES[value] = encoded
+    return encoded
+
+
+def _check_new_name(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
     if not value:
@@ -107,7 +126,7 @@ def check_name(value: Any, what: str) -> bytes:
 
 def check_url(value: Any, what: str) -> bytes:
     """A client access URL (``ws``, ``wss``, ``http`` or ``https`` with a host) as C string bytes."""
-    encoded = check_name(value, what)
+    encoded = _check_new_name(value, what)  # not cached: a URL carries its access token
     parts = urllib.parse.urlsplit(value)
     if parts.scheme.lower() not in ("ws", "wss", "http", "https") or not parts.hostname:
         raise ValueError(f"{what} must be a ws:// or wss:// client access URL, got {value!r}")

@@ -35,6 +35,9 @@ class Registry:
         # ``get(key)``: the object stored under ``key``, or None (also for a None key).
         # The dict's own method, not a wrapper: one Python call less on every event.
         self.get = cast(Callable[[Optional[int]], Any], self._items.get)
+        # ``take(key, None)``: remove and return what is stored under ``key`` (the
+        # dict's own ``pop``, for the same reason: it runs once per acked send).
+        self.take = cast(Callable[[int, None], Any], self._items.pop)
 
     def add(self, obj: Any) -> int:
         """Store ``obj`` and return its key (never 0, so it is never a NULL pointer)."""

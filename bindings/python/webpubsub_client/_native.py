@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import sys
 import sysconfig
 from ctypes import (
@@ -70,6 +71,7 @@ STATE_DISCONNECTED = 4
 SEND_NO_ECHO = 1
 SEND_FIRE_AND_FORGET = 2
 SEND_DEFERRED = 4
+SEND_RECORD = 8
 
 DISPATCH_THREAD = 0
 DISPATCH_POLL = 1
@@ -138,6 +140,33 @@ class WpsCompletion(Structure):
         ("data", c_void_p),
         ("data_len", c_size_t),
     ]
+
+
+class WpsAckRecord(Structure):
+    """``wps_ack_record``: a successful send written by ``wps_client_dispatch_records``."""
+
+    _fields_ = [
+        ("user_data", c_void_p),
+        ("op_id", c_uint64),
+        ("ack_id", c_uint64),
+        ("has_ack_id", c_bool),
+        ("is_duplicated", c_bool),
+    ]
+
+
+def _ack_record_struct() -> struct.Struct:
+    """``wps_ack_record`` as a ``struct`` format (user_data, op_id, ack_id, has_ack_id,
+    is_duplicated, then padding): unpacking a buffer of records costs a fraction of
+    reading each field through ctypes."""
+    codes = "PQQ??"
+    # a field's offset in native alignment: the prefix ending with it, less its own size
+    offsets = [struct.calcsize("@" + codes[: i + 1]) - struct.calcsize("@" + codes[i]) for i in range(len(codes))]
+    if offsets != [getattr(WpsAckRecord, field[0]).offset for field in WpsAckRecord._fields_]:
+        raise ImportError("webpubsub_client: wps_ack_record does not have the layout this binding reads")
+    return struct.Struct(f"@{codes}{ctypes.sizeof(WpsAckRecord) - struct.calcsize('@' + codes)}x")
+
+
+ACK_RECORD = _ack_record_struct()
 
 
 # ---- callback types -----------------------------------------------------------------
@@ -247,6 +276,10 @@ _SIGNATURES = {
     "wps_options_set_dispatch_mode": (_status, [_handle, c_uint32]),
     "wps_client_dispatch_fd": (_status, [_handle, POINTER(c_int)]),
     "wps_client_dispatch": (_status, [_handle, c_size_t, POINTER(c_size_t)]),
+    "wps_client_dispatch_records": (
+        _status,
+        [_handle, c_size_t, POINTER(WpsAckRecord), c_size_t, POINTER(c_size_t), POINTER(c_size_t)],
+    ),
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
     # caller-chosen ackIds and the user agent

@@ -244,6 +244,10 @@ class _Poller:
         self._flush_scheduled = False
         self._deferred = 0  # messages deferred since the last hand-over
         self._last_send = 0.0  # time.monotonic() of the last acked send
+        self._records = (_native.WpsAckRecord * self.BATCH)()
+        self._records_view = memoryview(self._records).cast("B")
+        self._ran, self._recorded = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        self._ran_ref, self._recorded_ref = ctypes.byref(self._ran), ctypes.byref(self._recorded)
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """This thread's running loop: the attached one when it runs on this thread (read
@@ -270,30 +274,49 @@ class _Poller:
             self._loop, self._fd = loop, fd.value
 
     def dispatch(self) -> None:
-        """Run the queued callbacks (on the loop's thread)."""
+        """Run the queued callbacks, and settle the acked sends the library wrote as
+        records instead (``SEND_RECORD``: no foreign callback per message), in order (on
+        the loop's thread). Up to ``BATCH`` of them; the descriptor stays readable for more."""
         with self._lock:
-            if self._handle:
-                lib.wps_client_dispatch(self._handle, self.BATCH, None)
+            done = 0
+            while done < self.BATCH and self._handle:  # a callback may free the client
+                lib.wps_client_dispatch_records(
+                    self._handle, self.BATCH - done, self._records, self.BATCH, self._ran_ref, self._recorded_ref
+                )
+                recorded = self._recorded.value
+                if recorded:
+                    _settle(self._loop, self._records_view[: recorded * _native.ACK_RECORD.size])
+                step = self._ran.value + recorded
+                if not step:
+                    break
+                done += step
 
-    def handover(self, loop: asyncio.AbstractEventLoop) -> int:
-        """The handover flag of the next acked send. Usually ``SEND_DEFERRED``, with a
-        flush scheduled for once the loop has run the callbacks ready now: one wake-up of
-        the library's thread for a run of messages instead of one each. ``0`` (handed over
-        at once, after the deferred ones) every ``FLUSH_EVERY`` messages, so that the first
-        of a long run already travel, and for a message ``QUIET`` seconds after the
-        previous one: it most likely starts no run (sequential awaited sends), and waiting
-        for the next loop pass would only add that pass to its round trip."""
+    def prepare_send(self) -> Tuple[asyncio.AbstractEventLoop, int]:
+        """For an acked send from the running loop: that loop, attached so that it
+        dispatches the completion, and the send's handover flag. One call per message.
+
+        The flag is usually ``SEND_DEFERRED``, with a flush scheduled for once the loop
+        has run the callbacks ready now: one wake-up of the library's thread for a run of
+        messages instead of one each. It is ``0`` (handed over at once, after the deferred
+        ones) every ``FLUSH_EVERY`` messages, so that the first of a long run already
+        travel, and for a message ``QUIET`` seconds after the previous one: it most likely
+        starts no run (sequential awaited sends), and waiting for the next loop pass would
+        only add that pass to its round trip."""
+        loop = self._loop
+        if loop is None or getattr(loop, "_thread_id", None) != threading.get_ident():
+            loop = asyncio.get_running_loop()
+            self.attach(loop)
         now = time.monotonic()
         quiet = now - self._last_send >= self.QUIET
         self._last_send = now
         if quiet or self._deferred >= self.FLUSH_EVERY - 1:
             self._deferred = 0
-            return 0
+            return loop, 0
         self._deferred += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_later)
-        return _native.SEND_DEFERRED
+        return loop, _native.SEND_DEFERRED
 
     def _flush_later(self) -> None:
         self._flush_scheduled = False
@@ -328,10 +351,26 @@ class _Poller:
                 _base.free_client(handle)
 
 
+def _settle(loop: Optional[asyncio.AbstractEventLoop], records: memoryview) -> None:
+    """The futures of the acked sends in ``records`` (``wps_ack_record``s written by
+    ``wps_client_dispatch_records`` on ``loop``'s thread) get their results."""
+    take = REGISTRY.take
+    for key, _op_id, ack_id, has_ack_id, is_duplicated in _native.ACK_RECORD.iter_unpack(records):
+        future = take(key, None)
+        if future is None or future.done():
+            continue
+        result = WebPubSubResult(ack_id if has_ack_id else None, is_duplicated)
+        if future.get_loop() is loop:
+            future.set_result(result)
+        else:  # sent from another loop, which awaits it
+            future.get_loop().call_soon_threadsafe(_resolve, future, result)
+
+
 def _on_acked(key: Optional[int], raw: Any) -> None:
-    """Completion of a send with an automatic ackId (see ``WebPubSubClient._send``): its
-    future, stored under ``key``, gets the result or the error. Reads only what a send's
-    outcome needs: this runs once per message."""
+    """Completion of a send with an automatic ackId (see ``WebPubSubClient._send``) that
+    was not written as a record: a failure, or any outcome once the client was freed (a
+    library thread then runs what was left). Its future, stored under ``key``, gets the
+    result or the error."""
     try:
         future = REGISTRY.pop(key)
         if future is None:
@@ -350,7 +389,11 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
             )
         loop = future.get_loop()
         if getattr(loop, "_thread_id", None) == threading.get_ident():  # dispatched by the loop (poll mode)
-            _resolve(future, outcome)
+            if not future.done():  # _resolve written out
+                if status == _native.STATUS_OK:
+                    future.set_result(outcome)
+                else:
+                    future.set_exception(outcome)
             return
         _callbacks.keep_thread_state()  # a library thread (the client was freed) or another loop
         loop.call_soon_threadsafe(_resolve, future, outcome)
@@ -644,7 +687,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         kind, payload = _base.encode_content(content, data_type)
-        flags = _base.send_flags(ack, no_echo, ack_id)
+        flags = 0 if ack is True and no_echo is False and ack_id is None else _base.send_flags(ack, no_echo, ack_id)
         return await self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
     async def send_event(
@@ -673,7 +716,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         size = len(payload)
         if ack_id is not None:
-            flags |= self._poller.handover(self._poller.running_loop())
+            flags |= self._poller.prepare_send()[1]
             completion = await self._run(
                 with_ack_id_async, handle, target, kind, payload, size, flags, ack_id, ack_id=ack_id
             )
@@ -683,12 +726,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             _queue_now(plain(handle, target, kind, payload, size, flags, None))
             return WebPubSubResult(None, False)
         # _run's steps written out: this is the hot path, and its extra calls cost ~1 us per send
-        loop = self._poller.running_loop()
-        self._poller.attach(loop)
+        loop, handover = self._poller.prepare_send()
         future: "asyncio.Future[WebPubSubResult]" = loop.create_future()
         key = REGISTRY.add(future)
         op_id = ctypes.c_uint64(0)
-        flags |= self._poller.handover(loop)
+        # SEND_RECORD: the success comes back as a record for _settle, a failure to _on_acked
+        flags |= handover | _native.SEND_RECORD
         status = plain_async(handle, target, kind, payload, size, flags, _ACKED_TRAMPOLINE, key, op_id)
         if status != _native.STATUS_OK:
             REGISTRY.pop(key)
