@@ -396,9 +396,9 @@ pub unsafe extern "C" fn wps_client_dispatch_fd(
 /// Poll mode: runs up to `max` queued callbacks (events and completions) of this client
 /// on the calling thread, in order; `ran` (may be NULL) receives how many ran. While
 /// more remain queued the descriptor stays readable. Callbacks may call the API,
-/// `wps_client_free` of this client included, but not `wps_client_dispatch` of this
-/// client: that, a call from two threads at once, and a client in thread mode get
-/// `WPS_STATUS_ILLEGAL_STATE`.
+/// `wps_client_free` of this client included, but not a dispatch of this client
+/// (`wps_client_dispatch`, `wps_client_dispatch_records`): that, a call from two threads
+/// at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `ran` is NULL or writable.
