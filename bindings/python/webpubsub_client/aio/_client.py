@@ -223,6 +223,31 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
         return None
 
 
+class _DispatchBuffers:
+    """What ``wps_client_dispatch_records`` writes to: records and the two counts. One
+    set per thread, shared by the clients its loop dispatches (a dispatch never runs
+    inside another on one thread), so that an idle client holds none."""
+
+    RECORDS = 32  # records per native call
+
+    def __init__(self) -> None:
+        self.records = (_native.WpsAckRecord * self.RECORDS)()
+        self.view = memoryview(self.records).cast("B")
+        self.ran, self.recorded = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        self.ran_ref, self.recorded_ref = ctypes.byref(self.ran), ctypes.byref(self.recorded)
+
+
+_THREAD_BUFFERS = threading.local()
+
+
+def _dispatch_buffers() -> _DispatchBuffers:
+    """This thread's dispatch buffers (made on first use)."""
+    buffers: Optional[_DispatchBuffers] = getattr(_THREAD_BUFFERS, "buffers", None)
+    if buffers is None:
+        buffers = _THREAD_BUFFERS.buffers = _DispatchBuffers()
+    return buffers
+
+
 class _Poller:
     """Runs the native client's callbacks on the event loop that opened it.
 
@@ -232,7 +257,7 @@ class _Poller:
     is freed, the library runs what is left on its own thread (posted to the loop).
     """
 
-    BATCH = 256  # callbacks per reader wake-up; the descriptor stays readable for more
+    BATCH = 256  # callbacks and records per reader wake-up; the descriptor stays readable for more
     FLUSH_EVERY = 32  # messages per run handed over at once; bounds how long the first waits
     QUIET = 50e-6  # seconds: a message this long after the previous one is sent at once
 
@@ -244,10 +269,6 @@ class _Poller:
         self._flush_scheduled = False
         self._deferred = 0  # messages deferred since the last hand-over
         self._last_send = 0.0  # time.monotonic() of the last acked send
-        self._records = (_native.WpsAckRecord * self.BATCH)()
-        self._records_view = memoryview(self._records).cast("B")
-        self._ran, self._recorded = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        self._ran_ref, self._recorded_ref = ctypes.byref(self._ran), ctypes.byref(self._recorded)
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """This thread's running loop: the attached one when it runs on this thread (read
@@ -277,16 +298,17 @@ class _Poller:
         """Run the queued callbacks, and settle the acked sends the library wrote as
         records instead (``SEND_RECORD``: no foreign callback per message), in order (on
         the loop's thread). Up to ``BATCH`` of them; the descriptor stays readable for more."""
+        out = _dispatch_buffers()
         with self._lock:
             done = 0
             while done < self.BATCH and self._handle:  # a callback may free the client
                 lib.wps_client_dispatch_records(
-                    self._handle, self.BATCH - done, self._records, self.BATCH, self._ran_ref, self._recorded_ref
+                    self._handle, self.BATCH - done, out.records, out.RECORDS, out.ran_ref, out.recorded_ref
                 )
-                recorded = self._recorded.value
+                recorded = out.recorded.value
                 if recorded:
-                    _settle(self._loop, self._records_view[: recorded * _native.ACK_RECORD.size])
-                step = self._ran.value + recorded
+                    _settle(self._loop, out.view[: recorded * _native.ACK_RECORD.size])
+                step = out.ran.value + recorded
                 if not step:
                     break
                 done += step
