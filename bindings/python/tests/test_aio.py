@@ -417,6 +417,29 @@ async def test_recorded_sends_settle_their_futures_on_their_own_loops() -> None:
         other.close()
 
 
+async def test_a_refused_dispatch_is_logged_and_its_stale_counts_are_not_read(hub: Hub, caplog: Any) -> None:
+    """A dispatch the library refuses (one nested in a listener) writes no counts: it is
+    logged, and the records of the call before it are not settled again."""
+    results: List[Any] = []
+    async with make(hub.url()) as client:
+        poller = client._poller  # pylint: disable=protected-access
+
+        def listener(_event: Any) -> None:
+            results.append(poller.dispatch())
+
+        await client.subscribe(CallbackType.GROUP_MESSAGE, listener)
+        await client.join_group("g")
+        first = await client.send_to_group("g", "one", WebPubSubDataType.TEXT)
+        deadline = time.monotonic() + WAIT
+        while not results and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        second = await client.send_to_group("g", "two", WebPubSubDataType.TEXT)
+    assert results, "the listener ran"
+    assert first.ack_id is not None and second.ack_id == first.ack_id + 1
+    refusals = [r for r in caplog.records if "dispatch failed" in r.getMessage()]
+    assert refusals and "already running" in refusals[0].getMessage(), caplog.records
+
+
 async def test_concurrent_operations_on_one_loop(hub: Hub) -> None:
     got = AsyncCollector()
     async with make(hub.url()) as client:

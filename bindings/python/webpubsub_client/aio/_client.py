@@ -302,9 +302,12 @@ class _Poller:
         with self._lock:
             done = 0
             while done < self.BATCH and self._handle:  # a callback may free the client
-                lib.wps_client_dispatch_records(
+                status = lib.wps_client_dispatch_records(
                     self._handle, self.BATCH - done, out.records, out.RECORDS, out.ran_ref, out.recorded_ref
                 )
+                if status != _native.STATUS_OK:  # the counts were not written
+                    _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
+                    break
                 recorded = out.recorded.value
                 if recorded:
                     _settle(self._loop, out.view[: recorded * _native.ACK_RECORD.size])
