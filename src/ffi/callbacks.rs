@@ -514,13 +514,22 @@ impl OwnedCompletion {
         if !target.record || self.status != WPS_STATUS_OK || self.response.is_some() {
             return None;
         }
+        let (has_ack_id, ack_id, is_duplicated) = self.ack_fields();
         Some(wps_ack_record {
             user_data: target.user_data.0,
             op_id,
-            ack_id: self.ack.as_ref().and_then(|a| a.ack_id).unwrap_or(0),
-            has_ack_id: self.ack.as_ref().is_some_and(|a| a.ack_id.is_some()),
-            is_duplicated: self.ack.as_ref().is_some_and(|a| a.is_duplicated),
+            ack_id,
+            has_ack_id,
+            is_duplicated,
         })
+    }
+
+    /// `has_ack_id`, `ack_id` and `is_duplicated` as the C structs carry them.
+    fn ack_fields(&self) -> (bool, u64, bool) {
+        match &self.ack {
+            Some(a) => (a.ack_id.is_some(), a.ack_id.unwrap_or(0), a.is_duplicated),
+            None => (false, 0, false),
+        }
     }
 
     /// Calls the completion callback (on the dispatcher thread).
@@ -531,12 +540,13 @@ impl OwnedCompletion {
             Some(r) => (data_type_code(r.data_type), &r.data),
             None => (WPS_DATA_TYPE_TEXT, &[]),
         };
+        let (has_ack_id, ack_id, is_duplicated) = self.ack_fields();
         let view = wps_completion {
             status: self.status,
             op_id,
-            has_ack_id: self.ack.as_ref().is_some_and(|a| a.ack_id.is_some()),
-            ack_id: self.ack.as_ref().and_then(|a| a.ack_id).unwrap_or(0),
-            is_duplicated: self.ack.as_ref().is_some_and(|a| a.is_duplicated),
+            has_ack_id,
+            ack_id,
+            is_duplicated,
             error_name: if ok {
                 std::ptr::null()
             } else {

@@ -385,10 +385,11 @@ def _settle(loop: Optional[asyncio.AbstractEventLoop], records: memoryview) -> N
         if future is None or future.done():
             continue
         result = WebPubSubResult(ack_id if has_ack_id else None, is_duplicated)
-        if future.get_loop() is loop:
+        own = future.get_loop()
+        if own is loop:
             future.set_result(result)
         else:  # sent from another loop, which awaits it
-            future.get_loop().call_soon_threadsafe(_resolve, future, result)
+            own.call_soon_threadsafe(_resolve, future, result)
 
 
 def _on_acked(key: Optional[int], raw: Any) -> None:
@@ -414,11 +415,7 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
             )
         loop = future.get_loop()
         if getattr(loop, "_thread_id", None) == threading.get_ident():  # dispatched by the loop (poll mode)
-            if not future.done():  # _resolve written out
-                if status == _native.STATUS_OK:
-                    future.set_result(outcome)
-                else:
-                    future.set_exception(outcome)
+            _resolve(future, outcome)
             return
         _callbacks.keep_thread_state()  # a library thread (the client was freed) or another loop
         loop.call_soon_threadsafe(_resolve, future, outcome)
