@@ -75,6 +75,17 @@
 #define WPS_EVENT_REJOIN_GROUP_FAILED 6
 
 /**
+ * `wps_message_record.flags`: `sequence_id` is set (the reliable subprotocols).
+ */
+#define WPS_MESSAGE_HAS_SEQUENCE_ID 1
+
+/**
+ * `wps_message_record.flags`: the message names its sender (`from_user_id_len` bytes,
+ * which may be 0).
+ */
+#define WPS_MESSAGE_HAS_FROM_USER_ID 2
+
+/**
  * Data type: UTF-8 text.
  */
 #define WPS_DATA_TYPE_TEXT 0
@@ -336,6 +347,47 @@ typedef struct wps_ack_record {
 } wps_ack_record;
 
 /**
+ * The arrays `wps_client_dispatch_into` writes records to, and its counts. Set the
+ * four input fields; the call sets the four output fields.
+ */
+typedef struct wps_dispatch_buffers {
+  /**
+   * In: room for `ack_cap` records of sends started with `WPS_SEND_RECORD`, or NULL:
+   * their callbacks are called instead.
+   */
+  struct wps_ack_record *acks;
+  /**
+   * In: records `acks` has room for.
+   */
+  size_t ack_cap;
+  /**
+   * In: `message_cap` bytes, 8-byte aligned, for `wps_message_record`s, or NULL:
+   * messages reach the event callback instead.
+   */
+  uint8_t *messages;
+  /**
+   * In: bytes `messages` has room for.
+   */
+  size_t message_cap;
+  /**
+   * Out: how many callbacks ran.
+   */
+  size_t ran;
+  /**
+   * Out: how many ack records were written.
+   */
+  size_t acks_written;
+  /**
+   * Out: how many message records were written.
+   */
+  size_t messages_written;
+  /**
+   * Out: how many bytes of `messages` they take.
+   */
+  size_t message_bytes;
+} wps_dispatch_buffers;
+
+/**
  * The outcome of an asynchronous operation, borrowed for the duration of the call.
  */
 typedef struct wps_completion {
@@ -417,6 +469,48 @@ typedef struct wps_ack_result {
  * `message` are borrowed for the duration of the call.
  */
 typedef void (*wps_log_cb)(void *user_data, uint32_t level, const char *target, const char *message);
+
+/**
+ * A group or server message as `wps_client_dispatch_into` writes it instead of calling
+ * the event callback. The record is followed by `group_len` bytes of the group name,
+ * `from_user_id_len` bytes of the sender's user id and `data_len` bytes of the payload
+ * (UTF-8 as the event callback would see them, without NUL terminators); the next
+ * record starts `size` bytes after this one's start.
+ */
+typedef struct wps_message_record {
+  /**
+   * Bytes from this record's start to the next one's: a multiple of 8.
+   */
+  uint32_t size;
+  /**
+   * `WPS_EVENT_GROUP_MESSAGE` or `WPS_EVENT_SERVER_MESSAGE`.
+   */
+  uint32_t kind;
+  /**
+   * The sequence id when `flags` has `WPS_MESSAGE_HAS_SEQUENCE_ID`, else 0.
+   */
+  uint64_t sequence_id;
+  /**
+   * One of `WPS_DATA_TYPE_*`.
+   */
+  uint32_t data_type;
+  /**
+   * `WPS_MESSAGE_*` bits.
+   */
+  uint32_t flags;
+  /**
+   * Length of the group name (0 for a server message).
+   */
+  uint32_t group_len;
+  /**
+   * Length of the sender's user id (0 when it has none).
+   */
+  uint32_t from_user_id_len;
+  /**
+   * Length of the payload (JSON as its serialized text).
+   */
+  uint64_t data_len;
+} wps_message_record;
 
 /**
  * Success.
@@ -578,7 +672,7 @@ wps_status wps_client_dispatch_fd(const struct wps_client *c, int *out_fd);
  * on the calling thread, in order; `ran` (may be NULL) receives how many ran. While
  * more remain queued the descriptor stays readable. Callbacks may call the API,
  * `wps_client_free` of this client included, but not a dispatch of this client
- * (`wps_client_dispatch`, `wps_client_dispatch_records`): that, a call from two threads
+ * (`wps_client_dispatch`, `_records`, `_into`): that, a call from two threads
  * at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
  *
  * # Safety
@@ -604,6 +698,24 @@ wps_status wps_client_dispatch_records(struct wps_client *c,
                                        size_t cap,
                                        size_t *ran,
                                        size_t *recorded);
+
+/**
+ * Poll mode: as `wps_client_dispatch_records`, with a second array for messages. A
+ * group or server message is written to `buffers->messages` as a `wps_message_record`
+ * followed by its bytes, instead of calling the event callback; a message larger than
+ * `message_cap` still reaches the callback. Acked sends go to `buffers->acks` as
+ * with `wps_client_dispatch_records`. Either array may be NULL (then `ack_cap` or
+ * `message_cap` is ignored). The call returns before running a callback once it wrote
+ * a record; the counts are in `buffers`'s output fields. Events other than messages,
+ * failures and any other dispatch still call the callbacks.
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `buffers` is NULL or points to a `wps_dispatch_buffers`
+ * whose arrays are NULL or writable for their capacities.
+ */
+wps_status wps_client_dispatch_into(struct wps_client *c,
+                                    size_t max,
+                                    struct wps_dispatch_buffers *buffers);
 
 /**
  * Connects; blocks until connected or failed (start timeout). Fails with

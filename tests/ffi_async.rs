@@ -9,16 +9,17 @@ use std::ffi::{c_void, CStr, CString};
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{
-    wps_ack_record, wps_completion, wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED,
-    WPS_EVENT_GROUP_MESSAGE, WPS_EVENT_STOPPED,
+    wps_ack_record, wps_completion, wps_dispatch_buffers, wps_event, wps_message_record,
+    WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED, WPS_EVENT_GROUP_MESSAGE, WPS_EVENT_STOPPED,
+    WPS_MESSAGE_HAS_FROM_USER_ID, WPS_MESSAGE_HAS_SEQUENCE_ID,
 };
 use webpubsub_client::ffi::client::{
     wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id, wps_client_dispatch,
-    wps_client_dispatch_records, wps_client_flush_deferred, wps_client_free, wps_client_join_group,
-    wps_client_join_group_async, wps_client_new, wps_client_send_event_async,
-    wps_client_send_to_group, wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id,
-    wps_client_start, wps_client_start_async, wps_client_state, wps_client_stop,
-    wps_client_stop_async,
+    wps_client_dispatch_into, wps_client_dispatch_records, wps_client_flush_deferred,
+    wps_client_free, wps_client_join_group, wps_client_join_group_async, wps_client_new,
+    wps_client_send_event_async, wps_client_send_to_group, wps_client_send_to_group_async,
+    wps_client_send_to_group_with_ack_id, wps_client_start, wps_client_start_async,
+    wps_client_state, wps_client_stop, wps_client_stop_async,
 };
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
@@ -778,6 +779,15 @@ fn assert_blocking_send_refused(c: *mut wps_client, group: &CStr, flags: u32, pa
     assert!(detail.to_string_lossy().contains(part), "{detail:?}");
 }
 
+/// An ack record to fill the arrays the library writes to.
+const NO_RECORD: wps_ack_record = wps_ack_record {
+    user_data: std::ptr::null_mut(),
+    op_id: 0,
+    ack_id: 0,
+    has_ack_id: false,
+    is_duplicated: false,
+};
+
 /// Dispatches a poll-mode client's queue with `wps_client_dispatch_records` until
 /// `done` holds for what its callbacks saw and the records it wrote (in order).
 fn dispatch_records_until(
@@ -787,13 +797,7 @@ fn dispatch_records_until(
     done: impl Fn(&Seen, &[wps_ack_record]) -> bool,
 ) {
     let deadline = Instant::now() + WAIT;
-    let mut buf = [wps_ack_record {
-        user_data: std::ptr::null_mut(),
-        op_id: 0,
-        ack_id: 0,
-        has_ack_id: false,
-        is_duplicated: false,
-    }; 4];
+    let mut buf = [NO_RECORD; 4];
     while !done(&rec.seen.lock().unwrap(), records) {
         assert!(Instant::now() < deadline, "timed out dispatching");
         let (mut ran, mut written) = (0, 0);
@@ -808,10 +812,8 @@ fn dispatch_records_until(
     }
 }
 
-#[test]
-fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
-    let setup = Setup::new();
-    let (rec, thread_rec) = (Recorder::default(), Recorder::default());
+/// A started client in poll dispatch mode whose events and completions go to `rec`.
+fn started_poll_client(url: &CStr, rec: &Recorder) -> *mut wps_client {
     let options = wps_options_new();
     check(
         wps_options_set_dispatch_mode(options, WPS_DISPATCH_POLL),
@@ -820,7 +822,7 @@ fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
     let mut c = std::ptr::null_mut();
     let status = unsafe {
         wps_client_new(
-            setup.url.as_ptr(),
+            url.as_ptr(),
             options,
             Some(on_event),
             rec.user_data(),
@@ -831,6 +833,14 @@ fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
     unsafe { wps_options_free(options) };
     check(status, "wps_client_new");
     check(unsafe { wps_client_start(c) }, "start");
+    c
+}
+
+#[test]
+fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
+    let setup = Setup::new();
+    let (rec, thread_rec) = (Recorder::default(), Recorder::default());
+    let c = started_poll_client(&setup.url, &rec);
     let group = c"records";
 
     // Ten recorded sends, one that is not, a recorded fire-and-forget, and a recorded
@@ -957,4 +967,158 @@ fn assert_completed_once_ok_or_stopped(rec: &Recorder, ops: &[u64]) {
             "{op}: {statuses:?}"
         );
     }
+}
+
+/// A message record read back from a `wps_client_dispatch_into` buffer: the
+/// `m <group> <sender or -> <text>` line the event callback records, its sequence id.
+fn read_message_records(buf: &[u8], count: usize) -> Vec<(String, Option<u64>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for _ in 0..count {
+        // SAFETY: the library wrote a record at `at` (8-byte aligned in an aligned buffer).
+        let r = unsafe { &*buf[at..].as_ptr().cast::<wps_message_record>() };
+        assert_eq!(r.kind, WPS_EVENT_GROUP_MESSAGE);
+        assert_eq!(r.data_type, WPS_DATA_TYPE_TEXT);
+        assert_eq!(r.size % 8, 0);
+        let text =
+            |from: usize, len: usize| String::from_utf8_lossy(&buf[from..from + len]).into_owned();
+        let start = at + std::mem::size_of::<wps_message_record>();
+        let (glen, flen) = (r.group_len as usize, r.from_user_id_len as usize);
+        let from = match r.flags & WPS_MESSAGE_HAS_FROM_USER_ID {
+            0 => "-".to_string(),
+            _ => text(start + glen, flen),
+        };
+        let data = text(start + glen + flen, r.data_len as usize);
+        let line = format!("m {} {from} {data}", text(start, glen));
+        let sequence_id = (r.flags & WPS_MESSAGE_HAS_SEQUENCE_ID != 0).then_some(r.sequence_id);
+        out.push((line, sequence_id));
+        at += r.size as usize;
+    }
+    out
+}
+
+#[test]
+fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call_back() {
+    let setup = Setup::new();
+    let rec = Recorder::default();
+    let c = started_poll_client(&setup.url, &rec);
+    let group = c"messages";
+    check(
+        unsafe { wps_client_join_group(c, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    // Small messages fit the 256-byte buffer (a few at a time), a 300-byte one never does.
+    let large = "L".repeat(300);
+    let mut texts: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    texts.insert(7, large.clone());
+    texts.insert(15, large);
+    let ops: Vec<u64> = texts
+        .iter()
+        .map(|t| send_async(c, group, t, WPS_SEND_RECORD, &rec))
+        .collect();
+
+    let mut acks = [NO_RECORD; 4];
+    let mut messages = [0u64; 32];
+    let (mut lines, mut sequence_ids, mut acked) = (Vec::new(), Vec::new(), Vec::new());
+    let deadline = Instant::now() + WAIT;
+    while lines.len() < texts.len() || acked.len() < ops.len() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out dispatching: {lines:?}"
+        );
+        let mut buffers = wps_dispatch_buffers {
+            acks: acks.as_mut_ptr(),
+            ack_cap: acks.len(),
+            messages: messages.as_mut_ptr().cast(),
+            message_cap: std::mem::size_of_val(&messages),
+            ran: 99,
+            acks_written: 99,
+            messages_written: 99,
+            message_bytes: 99,
+        };
+        check(
+            unsafe { wps_client_dispatch_into(c, 16, &mut buffers) },
+            "wps_client_dispatch_into",
+        );
+        assert!(buffers.message_bytes <= buffers.message_cap);
+        // the callbacks that ran came before this call's records
+        let called: Vec<String> = {
+            let mut seen = rec.seen.lock().unwrap();
+            let timeline = std::mem::take(&mut seen.timeline);
+            timeline
+                .into_iter()
+                .filter(|l| l.starts_with("m "))
+                .collect()
+        };
+        lines.extend(called.into_iter().map(|l| (l, true)));
+        // SAFETY: the buffer is plain bytes, 8-byte aligned.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(messages.as_ptr().cast::<u8>(), buffers.message_bytes)
+        };
+        for (line, sequence_id) in read_message_records(bytes, buffers.messages_written) {
+            lines.push((line, false));
+            sequence_ids.push(sequence_id);
+        }
+        acked.extend(acks[..buffers.acks_written].iter().map(|r| r.op_id));
+        if buffers.ran + buffers.acks_written + buffers.messages_written == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let expected: Vec<(String, bool)> = texts
+        .iter()
+        .map(|t| (format!("m messages u {t}"), t.len() == 300))
+        .collect();
+    assert_eq!(lines, expected, "in order; only the large ones called back");
+    assert!(
+        sequence_ids.iter().all(Option::is_some),
+        "the reliable protocol numbers them"
+    );
+    assert!(sequence_ids.windows(2).all(|w| w[0] < w[1]));
+    acked.sort_unstable();
+    assert_eq!(acked, ops, "every acked send as a record");
+
+    // Bad arguments, and no arrays at all (a plain dispatch).
+    let mut misaligned = wps_dispatch_buffers {
+        acks: std::ptr::null_mut(),
+        ack_cap: 4,
+        messages: messages.as_mut_ptr().cast::<u8>().wrapping_add(1),
+        message_cap: 64,
+        ran: 0,
+        acks_written: 0,
+        messages_written: 0,
+        message_bytes: 0,
+    };
+    assert_eq!(
+        unsafe { wps_client_dispatch_into(c, 1, &mut misaligned) },
+        WPS_STATUS_INVALID_ARGUMENT
+    );
+    assert_eq!(
+        unsafe { wps_client_dispatch_into(c, 1, std::ptr::null_mut()) },
+        WPS_STATUS_NULL_ARG
+    );
+    let mut none = wps_dispatch_buffers {
+        messages: std::ptr::null_mut(),
+        ..misaligned
+    };
+    check(
+        unsafe { wps_client_dispatch_into(c, 1, &mut none) },
+        "no arrays",
+    );
+    assert_eq!(
+        (none.acks_written, none.messages_written, none.message_bytes),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        unsafe { wps_client_dispatch_into(std::ptr::null_mut(), 1, &mut none) },
+        WPS_STATUS_NULL_ARG
+    );
+
+    let threaded = setup.client(&rec, true);
+    assert_eq!(
+        unsafe { wps_client_dispatch_into(threaded, 1, &mut none) },
+        WPS_STATUS_ILLEGAL_STATE
+    );
+    unsafe { wps_client_free(threaded) };
+    unsafe { wps_client_free(c) };
+    setup.shutdown();
 }

@@ -118,6 +118,65 @@ pub struct wps_ack_record {
     pub is_duplicated: bool,
 }
 
+/// `wps_message_record.flags`: `sequence_id` is set (the reliable subprotocols).
+pub const WPS_MESSAGE_HAS_SEQUENCE_ID: u32 = 1;
+/// `wps_message_record.flags`: the message names its sender (`from_user_id_len` bytes,
+/// which may be 0).
+pub const WPS_MESSAGE_HAS_FROM_USER_ID: u32 = 2;
+
+/// A group or server message as `wps_client_dispatch_into` writes it instead of calling
+/// the event callback. The record is followed by `group_len` bytes of the group name,
+/// `from_user_id_len` bytes of the sender's user id and `data_len` bytes of the payload
+/// (UTF-8 as the event callback would see them, without NUL terminators); the next
+/// record starts `size` bytes after this one's start.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct wps_message_record {
+    /// Bytes from this record's start to the next one's: a multiple of 8.
+    pub size: u32,
+    /// `WPS_EVENT_GROUP_MESSAGE` or `WPS_EVENT_SERVER_MESSAGE`.
+    pub kind: u32,
+    /// The sequence id when `flags` has `WPS_MESSAGE_HAS_SEQUENCE_ID`, else 0.
+    pub sequence_id: u64,
+    /// One of `WPS_DATA_TYPE_*`.
+    pub data_type: u32,
+    /// `WPS_MESSAGE_*` bits.
+    pub flags: u32,
+    /// Length of the group name (0 for a server message).
+    pub group_len: u32,
+    /// Length of the sender's user id (0 when it has none).
+    pub from_user_id_len: u32,
+    /// Length of the payload (JSON as its serialized text).
+    pub data_len: u64,
+}
+
+// The record has no padding: `write_message_record` copies it whole into C memory.
+const _: () = assert!(std::mem::size_of::<wps_message_record>() == 40);
+
+/// The arrays `wps_client_dispatch_into` writes records to, and its counts. Set the
+/// four input fields; the call sets the four output fields.
+#[repr(C)]
+pub struct wps_dispatch_buffers {
+    /// In: room for `ack_cap` records of sends started with `WPS_SEND_RECORD`, or NULL:
+    /// their callbacks are called instead.
+    pub acks: *mut wps_ack_record,
+    /// In: records `acks` has room for.
+    pub ack_cap: usize,
+    /// In: `message_cap` bytes, 8-byte aligned, for `wps_message_record`s, or NULL:
+    /// messages reach the event callback instead.
+    pub messages: *mut u8,
+    /// In: bytes `messages` has room for.
+    pub message_cap: usize,
+    /// Out: how many callbacks ran.
+    pub ran: usize,
+    /// Out: how many ack records were written.
+    pub acks_written: usize,
+    /// Out: how many message records were written.
+    pub messages_written: usize,
+    /// Out: how many bytes of `messages` they take.
+    pub message_bytes: usize,
+}
+
 /// Completion callback of an asynchronous operation; runs exactly once.
 pub type wps_completion_cb =
     Option<unsafe extern "C" fn(user_data: *mut c_void, completion: *const wps_completion)>;
@@ -199,6 +258,11 @@ pub(crate) struct OwnedEvent {
 
 fn opt(s: Option<&str>) -> Option<CString> {
     s.map(to_cstring)
+}
+
+/// A string's bytes without its NUL (none when absent).
+fn name_bytes(s: &Option<Arc<CStr>>) -> &[u8] {
+    s.as_deref().map_or(&[], CStr::to_bytes)
 }
 
 fn ptr<S: AsRef<CStr>>(s: &Option<S>) -> *const c_char {
@@ -296,6 +360,49 @@ impl OwnedEvent {
         }
     }
 
+    /// Writes this event at the start of `out` as a `wps_message_record` and its bytes;
+    /// returns the record's size. `None` (nothing written) for an event that is not a
+    /// message, or one that does not fit.
+    pub(crate) fn write_message_record(&self, out: &mut [u8]) -> Option<usize> {
+        if self.kind != WPS_EVENT_GROUP_MESSAGE && self.kind != WPS_EVENT_SERVER_MESSAGE {
+            return None;
+        }
+        let (group, from) = (name_bytes(&self.group), name_bytes(&self.from_user_id));
+        let header = std::mem::size_of::<wps_message_record>();
+        let used = header + group.len() + from.len() + self.data.len();
+        let size = used.checked_next_multiple_of(8)?;
+        if size > out.len() {
+            return None;
+        }
+        let mut flags = 0;
+        if self.sequence_id.is_some() {
+            flags |= WPS_MESSAGE_HAS_SEQUENCE_ID;
+        }
+        if self.from_user_id.is_some() {
+            flags |= WPS_MESSAGE_HAS_FROM_USER_ID;
+        }
+        let record = wps_message_record {
+            size: u32::try_from(size).ok()?,
+            kind: self.kind,
+            sequence_id: self.sequence_id.unwrap_or(0),
+            data_type: self.data_type,
+            flags,
+            group_len: u32::try_from(group.len()).ok()?,
+            from_user_id_len: u32::try_from(from.len()).ok()?,
+            data_len: self.data.len() as u64,
+        };
+        // SAFETY: `out` has room for the header (checked above); the record has no
+        // padding, and the write needs no alignment.
+        unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<wps_message_record>(), record) };
+        let mut at = header;
+        for part in [group, from, &self.data[..]] {
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        out[at..size].fill(0);
+        Some(size)
+    }
+
     fn view(&self) -> wps_event {
         wps_event {
             kind: self.kind,
@@ -370,6 +477,11 @@ impl EventSink {
         let owned = OwnedEvent::new(event, &mut gathered.names);
         gathered.jobs.push(Job::Event(Arc::clone(self), owned));
         gathered.jobs.len()
+    }
+
+    /// Whether events still reach this client (its callback or its records).
+    pub(crate) fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
     }
 
     /// Runs the callback with `event` (on the dispatcher), unless delivery stopped.
@@ -564,5 +676,101 @@ impl OwnedCompletion {
         let _inside = InCallback::enter();
         // SAFETY: the callback and its user data were given together for this operation.
         unsafe { cb(target.user_data.0, &view) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record at the start of `out`, and the bytes that follow it.
+    fn read(out: &[u8]) -> (wps_message_record, &[u8]) {
+        // SAFETY: `out` holds a record written by `write_message_record`.
+        let record = unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<wps_message_record>()) };
+        (
+            record,
+            &out[std::mem::size_of::<wps_message_record>()..record.size as usize],
+        )
+    }
+
+    fn group_message(from_user_id: Option<&str>, sequence_id: Option<u64>) -> OwnedEvent {
+        let event = Event::GroupMessage {
+            group: "grp".into(),
+            from_user_id: from_user_id.map(String::from),
+            data_type: DataType::Json,
+            data: Bytes::from_static(b"{\"a\":1}"),
+            sequence_id,
+        };
+        OwnedEvent::new(event, &mut Names::default())
+    }
+
+    #[test]
+    fn a_message_record_holds_the_fields_then_the_names_and_payload() {
+        let mut out = [0xAAu8; 128];
+        let size = group_message(Some("alice"), Some(7))
+            .write_message_record(&mut out)
+            .unwrap();
+        assert_eq!(size, 56, "40 + 3 + 5 + 7 = 55, padded to a multiple of 8");
+        let (record, rest) = read(&out);
+        assert_eq!((record.size, record.kind), (56, WPS_EVENT_GROUP_MESSAGE));
+        assert_eq!(
+            (record.sequence_id, record.data_type),
+            (7, WPS_DATA_TYPE_JSON)
+        );
+        assert_eq!(
+            record.flags,
+            WPS_MESSAGE_HAS_SEQUENCE_ID | WPS_MESSAGE_HAS_FROM_USER_ID
+        );
+        assert_eq!(
+            (record.group_len, record.from_user_id_len, record.data_len),
+            (3, 5, 7)
+        );
+        assert_eq!(rest, b"grpalice{\"a\":1}\0", "the padding is zeroed");
+        assert_eq!(out[size], 0xAA, "nothing is written past the record");
+    }
+
+    #[test]
+    fn a_message_record_marks_what_is_absent() {
+        let mut out = [0u8; 64];
+        group_message(None, None)
+            .write_message_record(&mut out)
+            .unwrap();
+        let (record, _) = read(&out);
+        assert_eq!(
+            (record.flags, record.sequence_id, record.from_user_id_len),
+            (0, 0, 0)
+        );
+
+        let server = OwnedEvent::new(
+            Event::ServerMessage {
+                data_type: DataType::Binary,
+                data: Bytes::from_static(&[0, 1, 2]),
+                sequence_id: None,
+            },
+            &mut Names::default(),
+        );
+        assert_eq!(server.write_message_record(&mut out), Some(48));
+        let (record, rest) = read(&out);
+        assert_eq!(
+            (record.kind, record.data_type),
+            (WPS_EVENT_SERVER_MESSAGE, WPS_DATA_TYPE_BINARY)
+        );
+        assert_eq!((record.group_len, record.data_len), (0, 3));
+        assert_eq!(&rest[..3], [0, 1, 2]);
+    }
+
+    #[test]
+    fn only_messages_that_fit_are_written() {
+        let mut out = [0xAAu8; 55];
+        assert_eq!(
+            group_message(Some("alice"), None).write_message_record(&mut out),
+            None
+        );
+        assert!(out.iter().all(|&b| b == 0xAA), "nothing written");
+        let mut room = [0u8; 256];
+        assert_eq!(
+            OwnedEvent::empty(WPS_EVENT_STOPPED).write_message_record(&mut room),
+            None
+        );
     }
 }

@@ -23,12 +23,13 @@ use crate::client::{
 use crate::protocol::DataType;
 
 use super::callbacks::{
-    data_type_code, fail_with, wps_ack_record, wps_completion_cb, wps_event_cb,
-    wps_user_data_free_cb, CompletionTarget, EventSink, OwnedCompletion, SinkHandler, UserData,
+    data_type_code, fail_with, wps_ack_record, wps_completion_cb, wps_dispatch_buffers,
+    wps_event_cb, wps_user_data_free_cb, CompletionTarget, EventSink, OwnedCompletion, SinkHandler,
+    UserData,
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
-use super::dispatcher::{self, in_callback, DispatchError, Job, Worker};
+use super::dispatcher::{self, in_callback, DispatchError, Job, Records, Worker};
 use super::options::wps_options;
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
@@ -397,7 +398,7 @@ pub unsafe extern "C" fn wps_client_dispatch_fd(
 /// on the calling thread, in order; `ran` (may be NULL) receives how many ran. While
 /// more remain queued the descriptor stays readable. Callbacks may call the API,
 /// `wps_client_free` of this client included, but not a dispatch of this client
-/// (`wps_client_dispatch`, `wps_client_dispatch_records`): that, a call from two threads
+/// (`wps_client_dispatch`, `_records`, `_into`): that, a call from two threads
 /// at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
 ///
 /// # Safety
@@ -408,7 +409,11 @@ pub unsafe extern "C" fn wps_client_dispatch(
     max: usize,
     ran: *mut usize,
 ) -> wps_status {
-    guard(|| dispatch(c, max, None, ran, std::ptr::null_mut()))
+    guard(|| {
+        let count = dispatch(c, max, None)?;
+        write_if(ran, count);
+        Ok(())
+    })
 }
 
 /// Poll mode: as `wps_client_dispatch`, but a successful completion of a send started
@@ -440,35 +445,83 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
                 "`cap` is 0: no room for a record",
             ));
         }
-        let records = std::slice::from_raw_parts_mut(records, cap);
-        dispatch(c, max, Some(records), ran, recorded)
+        let acks = std::slice::from_raw_parts_mut(records, cap);
+        let mut records = Records::new(acks, &mut []);
+        let count = dispatch(c, max, Some(&mut records))?;
+        write_if(ran, count);
+        write_if(recorded, records.acks_written);
+        Ok(())
     })
 }
 
-/// Runs the dispatch of `c` and writes its counts.
+/// Poll mode: as `wps_client_dispatch_records`, with a second array for messages. A
+/// group or server message is written to `buffers->messages` as a `wps_message_record`
+/// followed by its bytes, instead of calling the event callback; a message larger than
+/// `message_cap` still reaches the callback. Acked sends go to `buffers->acks` as
+/// with `wps_client_dispatch_records`. Either array may be NULL (then `ack_cap` or
+/// `message_cap` is ignored). The call returns before running a callback once it wrote
+/// a record; the counts are in `buffers`'s output fields. Events other than messages,
+/// failures and any other dispatch still call the callbacks.
+///
+/// # Safety
+/// `c` is NULL or a live handle; `buffers` is NULL or points to a `wps_dispatch_buffers`
+/// whose arrays are NULL or writable for their capacities.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_dispatch_into(
+    c: *mut wps_client,
+    max: usize,
+    buffers: *mut wps_dispatch_buffers,
+) -> wps_status {
+    guard(|| {
+        let Some(buffers) = buffers.as_mut() else {
+            return Err(fail(WPS_STATUS_NULL_ARG, "`buffers` is NULL"));
+        };
+        let acks = match buffers.acks.is_null() {
+            true => &mut [][..],
+            false => std::slice::from_raw_parts_mut(buffers.acks, buffers.ack_cap),
+        };
+        let messages = match buffers.messages.is_null() {
+            true => &mut [][..],
+            false if buffers.messages.align_offset(8) != 0 => {
+                return Err(fail(
+                    WPS_STATUS_INVALID_ARGUMENT,
+                    "`buffers->messages` is not 8-byte aligned",
+                ))
+            }
+            false => std::slice::from_raw_parts_mut(buffers.messages, buffers.message_cap),
+        };
+        let mut records = Records::new(acks, messages);
+        let count = dispatch(c, max, Some(&mut records))?;
+        buffers.ran = count;
+        buffers.acks_written = records.acks_written;
+        buffers.messages_written = records.messages_written;
+        buffers.message_bytes = records.message_bytes;
+        Ok(())
+    })
+}
+
+/// Runs the dispatch of `c`; returns how many callbacks ran.
 unsafe fn dispatch(
     c: *mut wps_client,
     max: usize,
-    records: Option<&mut [wps_ack_record]>,
-    ran: *mut usize,
-    recorded: *mut usize,
-) -> FfiResult {
+    records: Option<&mut Records<'_>>,
+) -> Result<usize, wps_status> {
     // The worker is kept alive by this call: a callback may free the client.
     let worker = Arc::clone(client_arg(c)?.sink.worker());
-    let (count, written) = worker.dispatch(max, records).map_err(|e| match e {
+    worker.dispatch(max, records).map_err(|e| match e {
         DispatchError::NotPolled => not_polled(),
         DispatchError::Busy => fail(
             WPS_STATUS_ILLEGAL_STATE,
-            "wps_client_dispatch is already running for this client",
+            "a dispatch of this client is already running",
         ),
-    })?;
-    if !ran.is_null() {
-        ran.write(count);
+    })
+}
+
+/// Writes `value` to `p` unless `p` is NULL (an optional output).
+unsafe fn write_if(p: *mut usize, value: usize) {
+    if !p.is_null() {
+        p.write(value);
     }
-    if !recorded.is_null() {
-        recorded.write(written);
-    }
-    Ok(())
 }
 
 fn not_polled() -> wps_status {

@@ -49,12 +49,63 @@ impl Job {
             Job::Completion(op_id, target, outcome) => outcome.deliver(op_id, target),
         }
     }
+}
 
-    /// The record this job stands for, when it may be written as one.
-    fn record(&self) -> Option<wps_ack_record> {
-        match self {
-            Job::Completion(op_id, target, outcome) => outcome.record(*op_id, target),
-            _ => None,
+/// Where a dispatch writes the jobs that stand for records instead of running them,
+/// and how many it wrote.
+pub(crate) struct Records<'a> {
+    acks: &'a mut [wps_ack_record],
+    messages: &'a mut [u8],
+    /// Ack records written to the start of `acks`.
+    pub(crate) acks_written: usize,
+    /// Message records written to the start of `messages`.
+    pub(crate) messages_written: usize,
+    /// Bytes of `messages` they take.
+    pub(crate) message_bytes: usize,
+}
+
+impl<'a> Records<'a> {
+    /// Records of successful `WPS_SEND_RECORD` sends go to `acks`, and group and server
+    /// messages to `messages` (either may be empty: those jobs then run).
+    pub(crate) fn new(acks: &'a mut [wps_ack_record], messages: &'a mut [u8]) -> Records<'a> {
+        Records {
+            acks,
+            messages,
+            acks_written: 0,
+            messages_written: 0,
+            message_bytes: 0,
+        }
+    }
+
+    fn written(&self) -> usize {
+        self.acks_written + self.messages_written
+    }
+
+    /// Writes the record `job` stands for, if it stands for one and there is room;
+    /// returns whether it did.
+    fn write(&mut self, job: &Job) -> bool {
+        match job {
+            Job::Completion(op_id, target, outcome) => {
+                let Some(slot) = self.acks.get_mut(self.acks_written) else {
+                    return false;
+                };
+                let Some(record) = outcome.record(*op_id, target) else {
+                    return false;
+                };
+                *slot = record;
+                self.acks_written += 1;
+                true
+            }
+            Job::Event(sink, event) if sink.is_open() => {
+                let room = &mut self.messages[self.message_bytes..];
+                let Some(size) = event.write_message_record(room) else {
+                    return false;
+                };
+                self.message_bytes += size;
+                self.messages_written += 1;
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -194,18 +245,17 @@ impl Worker {
     }
 
     /// Poll mode: runs up to `max` queued callbacks on this thread, in order; returns
-    /// how many ran and how many records were written. The descriptor stays readable
-    /// while callbacks remain.
+    /// how many ran. The descriptor stays readable while callbacks remain.
     ///
-    /// With `records`, the completions that stand for a record are written there
-    /// instead of calling their callbacks, up to its length. The call then returns
-    /// before running a callback, so that the caller sees everything in order: the
-    /// callbacks that ran, then the records.
+    /// With `records`, the jobs that stand for a record are written there instead of
+    /// running, as long as there is room. The call then returns before running a
+    /// callback, so that the caller sees everything in order: the callbacks that ran,
+    /// then the records.
     pub(crate) fn dispatch(
         &self,
         max: usize,
-        mut records: Option<&mut [wps_ack_record]>,
-    ) -> Result<(usize, usize), DispatchError> {
+        mut records: Option<&mut Records<'_>>,
+    ) -> Result<usize, DispatchError> {
         let Wake::Poll(signal) = &self.wake else {
             return Err(DispatchError::NotPolled);
         };
@@ -215,31 +265,28 @@ impl Worker {
                 return Err(DispatchError::Busy);
             }
             if queue.forward.is_some() {
-                return Ok((0, 0));
+                return Ok(0);
             }
             queue.dispatching = true;
         }
-        let (mut ran, mut recorded) = (0, 0);
+        let mut ran = 0;
         loop {
             let job = {
                 let mut queue = self.lock();
                 if queue.hand_over_pending {
                     queue.dispatching = false;
                     self.hand_over_locked(&mut queue);
-                    return Ok((ran, recorded));
+                    return Ok(ran);
                 }
+                let mut recorded = false;
                 if let Some(records) = records.as_deref_mut() {
-                    while let Some(record) = queue.jobs.front().and_then(Job::record) {
-                        let Some(slot) = records.get_mut(recorded) else {
-                            break;
-                        };
-                        *slot = record;
-                        recorded += 1;
+                    while queue.jobs.front().is_some_and(|job| records.write(job)) {
                         queue.jobs.pop_front();
                     }
+                    recorded = records.written() > 0;
                 }
                 // After a record, the front is a callback or a record with no room.
-                let next = if ran < max && recorded == 0 {
+                let next = if ran < max && !recorded {
                     queue.jobs.pop_front()
                 } else {
                     None
@@ -252,7 +299,7 @@ impl Worker {
                             queue.idle = true;
                         }
                         queue.dispatching = false;
-                        return Ok((ran, recorded));
+                        return Ok(ran);
                     }
                 }
             };
@@ -522,9 +569,9 @@ mod tests {
         }
         assert!(readable(fd));
         assert!(rx.try_recv().is_err(), "nothing runs before dispatch");
-        assert_eq!(worker.dispatch(2, None), Ok((2, 0)));
+        assert_eq!(worker.dispatch(2, None), Ok(2));
         assert!(readable(fd), "still readable while jobs remain");
-        assert_eq!(worker.dispatch(100, None), Ok((3, 0)));
+        assert_eq!(worker.dispatch(100, None), Ok(3));
         assert!(!readable(fd));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
 
@@ -533,7 +580,7 @@ mod tests {
         worker.push(Job::new(move || {
             busy_tx.send(inner.dispatch(1, None)).unwrap()
         }));
-        assert_eq!(worker.dispatch(1, None), Ok((1, 0)));
+        assert_eq!(worker.dispatch(1, None), Ok(1));
         assert_eq!(busy_rx.try_recv(), Ok(Err(DispatchError::Busy)));
         assert_eq!(assign().dispatch(1, None), Err(DispatchError::NotPolled));
 
@@ -547,7 +594,7 @@ mod tests {
         worker.push_all(&mut batch);
         assert!(batch.is_empty());
         assert!(readable(fd));
-        assert_eq!(worker.dispatch(10, None), Ok((3, 0)));
+        assert_eq!(worker.dispatch(10, None), Ok(3));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![6, 7, 8]);
 
         worker.push(Job::new(move || tx.send(5).unwrap()));
@@ -555,7 +602,7 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(5));
         assert_eq!(
             worker.dispatch(1, None),
-            Ok((0, 0)),
+            Ok(0),
             "a handed-over worker has nothing to dispatch"
         );
     }
@@ -612,28 +659,33 @@ mod tests {
             has_ack_id: false,
             is_duplicated: false,
         };
-        let mut records = [empty; 2];
+        let mut acks = [empty; 2];
         let ids = |r: &[wps_ack_record]| r.iter().map(|r| r.ack_id).collect::<Vec<_>>();
+        let dispatch = |acks: &mut [wps_ack_record]| {
+            let mut records = Records::new(acks, &mut []);
+            let ran = worker.dispatch(10, Some(&mut records)).unwrap();
+            (ran, records.acks_written)
+        };
 
         // two records, then it stops before the callback that follows them
-        assert_eq!(worker.dispatch(10, Some(&mut records)), Ok((0, 2)));
-        assert_eq!(ids(&records), [1, 2]);
-        assert_eq!(records[0].op_id, 101);
-        assert_eq!(records[0].user_data, Arc::as_ptr(&calls) as *mut _);
-        assert!(records[0].has_ack_id && !records[0].is_duplicated && records[1].is_duplicated);
+        assert_eq!(dispatch(&mut acks), (0, 2));
+        assert_eq!(ids(&acks), [1, 2]);
+        assert_eq!(acks[0].op_id, 101);
+        assert_eq!(acks[0].user_data, Arc::as_ptr(&calls) as *mut _);
+        assert!(acks[0].has_ack_id && !acks[0].is_duplicated && acks[1].is_duplicated);
         assert!(calls.lock().unwrap().is_empty());
 
         // the two callbacks, then records up to the room there is
-        assert_eq!(worker.dispatch(10, Some(&mut records)), Ok((2, 2)));
+        assert_eq!(dispatch(&mut acks), (2, 2));
         assert_eq!(*calls.lock().unwrap(), [3, 0]);
-        assert_eq!(ids(&records), [4, 5]);
+        assert_eq!(ids(&acks), [4, 5]);
         assert!(readable(worker.fd().unwrap()), "one record is left");
 
-        // a plain dispatch calls the callback of a recordable success
-        assert_eq!(worker.dispatch(10, None), Ok((1, 0)));
+        // a dispatch with no room for acks calls the callback of a recordable success
+        assert_eq!(dispatch(&mut []), (1, 0));
         assert_eq!(*calls.lock().unwrap(), [3, 0, 6]);
         assert!(!readable(worker.fd().unwrap()));
-        assert_eq!(worker.dispatch(10, Some(&mut records)), Ok((0, 0)));
+        assert_eq!(dispatch(&mut acks), (0, 0));
     }
 
     #[test]

@@ -418,26 +418,94 @@ async def test_recorded_sends_settle_their_futures_on_their_own_loops() -> None:
 
 
 async def test_a_refused_dispatch_is_logged_and_its_stale_counts_are_not_read(hub: Hub, caplog: Any) -> None:
-    """A dispatch the library refuses (one nested in a listener) writes no counts: it is
-    logged, and the records of the call before it are not settled again."""
+    """A dispatch the library refuses (one nested in a listener that runs inside the
+    native dispatch: events other than messages) writes no counts: it is logged, and the
+    records of the call before it are not settled again."""
     results: List[Any] = []
-    async with make(hub.url()) as client:
-        poller = client._poller  # pylint: disable=protected-access
-
-        def listener(_event: Any) -> None:
-            results.append(poller.dispatch())
-
-        await client.subscribe(CallbackType.GROUP_MESSAGE, listener)
-        await client.join_group("g")
+    client = make(hub.url())
+    poller = client._poller  # pylint: disable=protected-access
+    await client.subscribe(CallbackType.CONNECTED, lambda _event: results.append(poller.dispatch()))
+    async with client:
         first = await client.send_to_group("g", "one", WebPubSubDataType.TEXT)
-        deadline = time.monotonic() + WAIT
-        while not results and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
         second = await client.send_to_group("g", "two", WebPubSubDataType.TEXT)
     assert results, "the listener ran"
     assert first.ack_id is not None and second.ack_id == first.ack_id + 1
     refusals = [r for r in caplog.records if "dispatch failed" in r.getMessage()]
     assert refusals and "already running" in refusals[0].getMessage(), caplog.records
+
+
+async def test_messages_written_as_records_and_by_callback_arrive_in_order(hub: Hub) -> None:
+    """Messages reach listeners as records, except those larger than the records buffer,
+    which take the event callback: in arrival order, with every field."""
+    big = "x" * (aio_client._DispatchBuffers.MESSAGE_BYTES + 1)  # pylint: disable=protected-access
+    sent: List[Any] = ["a", big, {"j": "ü"}, b"\x00\xff" * 20_000, "é", b"", ""]
+    kinds = [WebPubSubDataType.TEXT, WebPubSubDataType.TEXT, WebPubSubDataType.JSON, WebPubSubDataType.BINARY]
+    kinds += [WebPubSubDataType.TEXT, WebPubSubDataType.BINARY, WebPubSubDataType.TEXT]
+    got = AsyncCollector()
+    async with make(hub.url("bob")) as subscriber, make(hub.url(None)) as anonymous:
+        await subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await subscriber.join_group("g")
+        for content, kind in zip(sent, kinds):
+            await anonymous.send_to_group("g", content, kind, ack=False)
+        await got.wait_for(len(sent))
+        await subscriber.send_to_group("g", "mine", WebPubSubDataType.TEXT)  # after the others: one sender at a time
+        messages = await got.wait_for(len(sent) + 1)
+    data = [bytes(m.data) if m.data_type is WebPubSubDataType.BINARY else m.data for m in messages]
+    assert data == [*sent, "mine"]
+    assert [m.data_type for m in messages] == [*kinds, WebPubSubDataType.TEXT]
+    assert [m.from_user_id for m in messages] == [None] * len(sent) + ["bob"]
+    assert all(m.group == "g" for m in messages)
+    ids = [m.sequence_id for m in messages]
+    assert all(i is not None for i in ids) and ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def test_a_listener_that_frees_the_client_stops_the_messages_after_it(hub: Hub) -> None:
+    """Once a listener frees the client, no later message of the same records reaches a
+    listener, as no event callback runs after a free."""
+    got: List[Any] = []
+    async with make(hub.url()) as sender:
+        client = make(hub.url())
+
+        def listener(message: OnGroupDataMessageArgs) -> None:
+            got.append(message.data)
+            client._finalizer()  # pylint: disable=protected-access
+
+        await client.subscribe(CallbackType.GROUP_MESSAGE, listener)
+        await client.open()
+        await client.join_group("g")
+        for i in range(50):
+            await sender.send_to_group("g", str(i), WebPubSubDataType.TEXT, ack=False)
+        await sender.send_to_group("g", "last", WebPubSubDataType.TEXT)
+        deadline = time.monotonic() + WAIT
+        while not got and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+    assert got == ["0"]
+    assert not client.is_connected()
+
+
+async def test_a_dispatch_nested_in_a_message_listener_keeps_the_order(hub: Hub) -> None:
+    """A message listener runs after the records are read, outside the native dispatch:
+    a dispatch of its client nested in it returns at once, and the messages after it in
+    the same records, then the next ones, still arrive in order."""
+    got: List[Any] = []
+    async with make(hub.url()) as client:
+        poller = client._poller  # pylint: disable=protected-access
+
+        def listener(message: OnGroupDataMessageArgs) -> None:
+            got.append(message.data)
+            poller.dispatch()
+
+        await client.subscribe(CallbackType.GROUP_MESSAGE, listener)
+        await client.join_group("g")
+        for i in range(100):
+            await client.send_to_group("g", str(i), WebPubSubDataType.TEXT, ack=False)
+        results = await asyncio.gather(*(client.send_to_group("g", f"a{i}", WebPubSubDataType.TEXT) for i in range(50)))
+        deadline = time.monotonic() + WAIT
+        while len(got) < 150 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    assert got == [str(i) for i in range(100)] + [f"a{i}" for i in range(50)]
+    assert len({r.ack_id for r in results}) == 50
 
 
 async def test_concurrent_operations_on_one_loop(hub: Hub) -> None:

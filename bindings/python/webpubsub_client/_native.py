@@ -27,7 +27,7 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 __all__ = ["lib", "load_library", "LibraryNotFoundError"]
 
@@ -88,6 +88,9 @@ EVENT_STOPPED = 3
 EVENT_SERVER_MESSAGE = 4
 EVENT_GROUP_MESSAGE = 5
 EVENT_REJOIN_GROUP_FAILED = 6
+
+MESSAGE_HAS_SEQUENCE_ID = 1
+MESSAGE_HAS_FROM_USER_ID = 2
 
 UINT32_MAX = 0xFFFF_FFFF
 UINT64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -154,19 +157,56 @@ class WpsAckRecord(Structure):
     ]
 
 
-def _ack_record_struct() -> struct.Struct:
-    """``wps_ack_record`` as a ``struct`` format (user_data, op_id, ack_id, has_ack_id,
-    is_duplicated, then padding): unpacking a buffer of records costs a fraction of
-    reading each field through ctypes."""
-    codes = "PQQ??"
+class WpsMessageRecord(Structure):
+    """``wps_message_record``: a message written by ``wps_client_dispatch_into``, followed
+    by its group name, sender and payload bytes."""
+
+    _fields_ = [
+        ("size", c_uint32),
+        ("kind", c_uint32),
+        ("sequence_id", c_uint64),
+        ("data_type", c_uint32),
+        ("flags", c_uint32),
+        ("group_len", c_uint32),
+        ("from_user_id_len", c_uint32),
+        ("data_len", c_uint64),
+    ]
+
+
+class WpsDispatchBuffers(Structure):
+    """``wps_dispatch_buffers``: the arrays ``wps_client_dispatch_into`` writes to (set by
+    the caller), then its counts (set by the call)."""
+
+    _fields_ = [
+        ("acks", POINTER(WpsAckRecord)),
+        ("ack_cap", c_size_t),
+        ("messages", c_void_p),
+        ("message_cap", c_size_t),
+        ("ran", c_size_t),
+        ("acks_written", c_size_t),
+        ("messages_written", c_size_t),
+        ("message_bytes", c_size_t),
+    ]
+
+
+def _record_struct(record: Any, codes: str) -> struct.Struct:
+    """The ctypes struct ``record`` as a ``struct`` format of ``codes`` (one per field,
+    then the trailing padding): unpacking a buffer of records costs a fraction of reading
+    each field through ctypes. Refuses a layout that differs from the library's."""
     # a field's offset in native alignment: the prefix ending with it, less its own size
     offsets = [struct.calcsize("@" + codes[: i + 1]) - struct.calcsize("@" + codes[i]) for i in range(len(codes))]
-    if offsets != [getattr(WpsAckRecord, field[0]).offset for field in WpsAckRecord._fields_]:
-        raise ImportError("webpubsub_client: wps_ack_record does not have the layout this binding reads")
-    return struct.Struct(f"@{codes}{ctypes.sizeof(WpsAckRecord) - struct.calcsize('@' + codes)}x")
+    if offsets != [getattr(record, field[0]).offset for field in record._fields_]:
+        raise ImportError(f"webpubsub_client: {record.__name__} does not have the layout this binding reads")
+    return struct.Struct(f"@{codes}{ctypes.sizeof(record) - struct.calcsize('@' + codes)}x")
 
 
-ACK_RECORD = _ack_record_struct()
+# user_data, op_id, ack_id, has_ack_id, is_duplicated
+ACK_RECORD = _record_struct(WpsAckRecord, "PQQ??")
+# size, kind, sequence_id, data_type, flags, group_len, from_user_id_len, data_len
+MESSAGE_RECORD = _record_struct(WpsMessageRecord, "IIQIIIIQ")
+# the four counts at the end of wps_dispatch_buffers
+DISPATCH_COUNTS = struct.Struct("@4N")
+DISPATCH_COUNTS_OFFSET = WpsDispatchBuffers.ran.offset
 
 
 # ---- callback types -----------------------------------------------------------------
@@ -280,6 +320,7 @@ _SIGNATURES = {
         _status,
         [_handle, c_size_t, POINTER(WpsAckRecord), c_size_t, POINTER(c_size_t), POINTER(c_size_t)],
     ),
+    "wps_client_dispatch_into": (_status, [_handle, c_size_t, POINTER(WpsDispatchBuffers)]),
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
     # caller-chosen ackIds and the user agent

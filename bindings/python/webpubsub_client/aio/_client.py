@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Awaitable, Callable, Literal, Optional, Set, Tuple, Union, overload
+from typing import Any, Awaitable, Callable, List, Literal, Optional, Set, Tuple, Union, overload
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -117,18 +117,31 @@ class _AsyncSink:
         self.loop = loop
         self.thread = threading.get_ident()
 
+    def on_messages(self, converted: List[Tuple[CallbackType, Tuple[Any, ...]]], poller: "_Poller") -> None:
+        """The messages the poller's dispatch wrote as records, converted, for the listeners
+        in order; none once the client is freed (as no event callback runs then)."""
+        for kind, args in converted:
+            if not poller.alive:
+                return
+            self.on_converted(kind, args)
+
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
+        if converted is not None:
+            self.on_converted(*converted)
+
+    def on_converted(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
+        """An event's callback type and listener arguments, for the listeners on the loop."""
         batch = self.batch
-        if converted is None or batch is None:
+        if batch is None:
             return
         if _on_loop(batch.loop, self.thread):  # dispatched by the loop itself (poll mode)
-            self._dispatch(*converted)
+            self._dispatch(kind, args)
             return
         try:
-            batch.post(self._dispatch, *converted)
+            batch.post(self._dispatch, kind, args)
         except RuntimeError:
-            _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", converted[0].value)
+            _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", kind.value)
 
     def _dispatch(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
         for listener in self._listeners.snapshot(kind):
@@ -224,17 +237,24 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
 
 
 class _DispatchBuffers:
-    """What ``wps_client_dispatch_records`` writes to: records and the two counts. One
-    set per thread, shared by the clients its loop dispatches (a dispatch never runs
-    inside another on one thread), so that an idle client holds none."""
+    """What ``wps_client_dispatch_into`` writes to: ack records, message records and the
+    counts. One set per thread, shared by the clients its loop dispatches (a dispatch
+    never runs inside another on one thread, and the records are converted before any
+    listener runs), so that an idle client holds none."""
 
-    RECORDS = 32  # records per native call
+    ACKS = 32  # ack records per native call
+    MESSAGE_BYTES = 32 * 1024  # message records per native call; a larger message takes its callback
 
     def __init__(self) -> None:
-        self.records = (_native.WpsAckRecord * self.RECORDS)()
-        self.view = memoryview(self.records).cast("B")
-        self.ran, self.recorded = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        self.ran_ref, self.recorded_ref = ctypes.byref(self.ran), ctypes.byref(self.recorded)
+        self.acks = (_native.WpsAckRecord * self.ACKS)()
+        self.ack_view = memoryview(self.acks).cast("B")
+        self.messages = (ctypes.c_uint64 * (self.MESSAGE_BYTES // 8))()  # 8-byte aligned
+        self.message_view = memoryview(self.messages).cast("B")
+        self.buffers = _native.WpsDispatchBuffers(
+            self.acks, self.ACKS, ctypes.addressof(self.messages), self.MESSAGE_BYTES
+        )
+        self.ref = ctypes.byref(self.buffers)
+        self.counts = memoryview(self.buffers).cast("B")
 
 
 _THREAD_BUFFERS = threading.local()
@@ -261,14 +281,21 @@ class _Poller:
     FLUSH_EVERY = 32  # messages per run handed over at once; bounds how long the first waits
     QUIET = 50e-6  # seconds: a message this long after the previous one is sent at once
 
-    def __init__(self, handle: int) -> None:
+    def __init__(self, handle: int, sink: _AsyncSink) -> None:
         self._lock = threading.RLock()
         self._handle = handle
+        self._sink = sink  # where the messages written as records go
+        self._delivering = False  # their listeners are running
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd = -1
         self._flush_scheduled = False
         self._deferred = 0  # messages deferred since the last hand-over
         self._last_send = 0.0  # time.monotonic() of the last acked send
+
+    @property
+    def alive(self) -> bool:
+        """Whether the native client is not freed yet."""
+        return bool(self._handle)
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """This thread's running loop: the attached one when it runs on this thread (read
@@ -295,23 +322,33 @@ class _Poller:
             self._loop, self._fd = loop, fd.value
 
     def dispatch(self) -> None:
-        """Run the queued callbacks, and settle the acked sends the library wrote as
-        records instead (``SEND_RECORD``: no foreign callback per message), in order (on
-        the loop's thread). Up to ``BATCH`` of them; the descriptor stays readable for more."""
+        """Run the queued callbacks, settle the acked sends the library wrote as records
+        instead (``SEND_RECORD``), and hand the messages it wrote as records to the
+        listeners: no foreign callback per message. In order, on the loop's thread; up to
+        ``BATCH`` of them, and the descriptor stays readable for more."""
+        if self._delivering:  # nested in a listener of our records: after them, in order
+            return
         out = _dispatch_buffers()
+        counts = _native.DISPATCH_COUNTS.unpack_from
         with self._lock:
             done = 0
-            while done < self.BATCH and self._handle:  # a callback may free the client
-                status = lib.wps_client_dispatch_records(
-                    self._handle, self.BATCH - done, out.records, out.RECORDS, out.ran_ref, out.recorded_ref
-                )
+            while done < self.BATCH and self._handle:  # a listener may free the client
+                status = lib.wps_client_dispatch_into(self._handle, self.BATCH - done, out.ref)
                 if status != _native.STATUS_OK:  # the counts were not written
                     _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
                     break
-                recorded = out.recorded.value
-                if recorded:
-                    _settle(self._loop, out.view[: recorded * _native.ACK_RECORD.size])
-                step = out.ran.value + recorded
+                ran, acks, messages, message_bytes = counts(out.counts, _native.DISPATCH_COUNTS_OFFSET)
+                if acks:
+                    _settle(self._loop, out.ack_view[: acks * _native.ACK_RECORD.size])
+                if messages:
+                    # converted first: a listener may dispatch another client of this thread
+                    converted = _base.message_records(out.message_view[:message_bytes], messages)
+                    self._delivering = True
+                    try:
+                        self._sink.on_messages(converted, self)
+                    finally:
+                        self._delivering = False
+                step = ran + acks + messages
                 if not step:
                     break
                 done += step
@@ -518,7 +555,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         else:
             source = self._sink.credential_provider(credential, max(start_timeout, 1.0))
         self._handle = _base.new_native_client(source, options, self._sink, poll=True)
-        self._poller = _Poller(self._handle)
+        self._poller = _Poller(self._handle, self._sink)
         self._finalizer = weakref.finalize(self, self._poller.free)
 
     # ---- lifecycle ---------------------------------------------------------------
