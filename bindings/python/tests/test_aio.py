@@ -459,6 +459,31 @@ async def test_messages_written_as_records_and_by_callback_arrive_in_order(hub: 
     assert all(i is not None for i in ids) and ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
+async def test_a_message_that_fails_to_convert_is_logged_and_the_others_arrive(
+    hub: Hub, monkeypatch: Any, caplog: Any
+) -> None:
+    """One bad message among records is dropped with an error in the log, as its event
+    callback would drop it; the messages around it still reach the listeners."""
+    real = aio_client._base.decode_content  # pylint: disable=protected-access
+
+    def decode(number: int, data: bytes, binary: Any) -> Any:
+        if data == b'"boom"':
+            raise RecursionError("hostile")
+        return real(number, data, binary)
+
+    monkeypatch.setattr(aio_client._base, "decode_content", decode)  # pylint: disable=protected-access
+    got = AsyncCollector()
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        for content in [1, "boom", 3]:
+            await client.send_to_group("g", content, WebPubSubDataType.JSON, ack=False)
+        await client.send_to_group("g", "end", WebPubSubDataType.TEXT)
+        messages = await got.wait_for(3)
+    assert [m.data for m in messages] == [1, 3, "end"]
+    assert any("converting a message" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_listener_that_frees_the_client_stops_the_messages_after_it(hub: Hub) -> None:
     """Once a listener frees the client, no later message of the same records reaches a
     listener, as no event callback runs after a free."""

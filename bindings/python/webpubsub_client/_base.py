@@ -477,36 +477,44 @@ def _group_message(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ..
 def message_records(view: memoryview, count: int) -> List[Tuple[CallbackType, Tuple[Any, ...]]]:
     """The callback types and listener arguments of the ``count`` ``wps_message_record``s
     at the start of ``view`` (written by ``wps_client_dispatch_into``), as
-    :func:`event_args` converts the same messages from the event callback."""
+    :func:`event_args` converts the same messages from the event callback. A message
+    that fails to convert is logged and left out, as its callback would drop it."""
     unpack = _native.MESSAGE_RECORD.unpack_from
-    header = _native.MESSAGE_RECORD.size
     converted: List[Tuple[CallbackType, Tuple[Any, ...]]] = []
     at = 0
     for _ in range(count):
-        size, kind, sequence_id, number, flags, group_len, from_len, data_len = unpack(view, at)
-        start = at + header
-        sender_at = start + group_len
-        data_at = sender_at + from_len
-        data = view[data_at : data_at + data_len]
-        if number == _TEXT_NUMBER:
-            data_type, value = _TEXT, str(data, "utf-8", "replace")
-        else:
-            data_type, value = decode_content(number, bytes(data), memoryview)
-        has_sequence_id = flags & _native.MESSAGE_HAS_SEQUENCE_ID
-        if kind == _native.EVENT_GROUP_MESSAGE:
-            args = _new(OnGroupDataMessageArgs)
-            args.data_type = data_type
-            args.data = value
-            args.group = str(view[start:sender_at], "utf-8", "replace")
-            has_sender = flags & _native.MESSAGE_HAS_FROM_USER_ID
-            args.from_user_id = str(view[sender_at:data_at], "utf-8", "replace") if has_sender else None
-            args.sequence_id = sequence_id if has_sequence_id else None
-            converted.append((_GROUP_MESSAGE, (args,)))
-        else:
-            server = OnServerDataMessageArgs(data_type, value, sequence_id if has_sequence_id else None)
-            converted.append((CallbackType.SERVER_MESSAGE, (server,)))
+        size = unpack(view, at)[0]
+        try:
+            converted.append(_message_record(view, at, unpack))
+        except Exception:  # noqa: BLE001 - the rest of the records still go out
+            _LOGGER.exception("webpubsub_client: error while converting a message")
         at += size
     return converted
+
+
+def _message_record(view: memoryview, at: int, unpack: Any) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    """The record at ``at`` of ``view`` converted (see :func:`message_records`)."""
+    _size, kind, sequence_id, number, flags, group_len, from_len, data_len = unpack(view, at)
+    start = at + _native.MESSAGE_RECORD.size
+    sender_at = start + group_len
+    data_at = sender_at + from_len
+    data = view[data_at : data_at + data_len]
+    if number == _TEXT_NUMBER:
+        data_type, value = _TEXT, str(data, "utf-8", "replace")
+    else:
+        data_type, value = decode_content(number, bytes(data), memoryview)
+    has_sequence_id = flags & _native.MESSAGE_HAS_SEQUENCE_ID
+    if kind != _native.EVENT_GROUP_MESSAGE:
+        server = OnServerDataMessageArgs(data_type, value, sequence_id if has_sequence_id else None)
+        return CallbackType.SERVER_MESSAGE, (server,)
+    args = _new(OnGroupDataMessageArgs)
+    args.data_type = data_type
+    args.data = value
+    args.group = str(view[start:sender_at], "utf-8", "replace")
+    has_sender = flags & _native.MESSAGE_HAS_FROM_USER_ID
+    args.from_user_id = str(view[sender_at:data_at], "utf-8", "replace") if has_sender else None
+    args.sequence_id = sequence_id if has_sequence_id else None
+    return _GROUP_MESSAGE, (args,)
 
 
 def _server_message(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:

@@ -120,10 +120,17 @@ class _AsyncSink:
     def on_messages(self, converted: List[Tuple[CallbackType, Tuple[Any, ...]]], poller: "_Poller") -> None:
         """The messages the poller's dispatch wrote as records, converted, for the listeners
         in order; none once the client is freed (as no event callback runs then)."""
+        batch = self.batch
+        if batch is None:
+            return
+        here = _on_loop(batch.loop, self.thread)  # the poller's loop is usually ours
         for kind, args in converted:
             if not poller.alive:
                 return
-            self.on_converted(kind, args)
+            if here:
+                self._dispatch(kind, args)
+            else:
+                self.on_converted(kind, args)
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
