@@ -245,9 +245,9 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
 
 class _DispatchBuffers:
     """What ``wps_client_dispatch_into`` writes to: ack records, message records and the
-    counts. One set per thread, shared by the clients its loop dispatches (a dispatch
-    never runs inside another on one thread, and the records are converted before any
-    listener runs), so that an idle client holds none."""
+    counts. One set per thread, shared by the clients its loop dispatches (the native
+    dispatch never runs inside another on one thread, and its records are converted
+    before any listener runs), so that an idle client holds none."""
 
     ACKS = 32  # ack records per native call
     MESSAGE_BYTES = 32 * 1024  # message records per native call; a larger message takes its callback
@@ -753,7 +753,14 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         kind, payload = _base.encode_content(content, data_type)
-        flags = 0 if ack is True and no_echo is False and ack_id is None else _base.send_flags(ack, no_echo, ack_id)
+        if ack is True and no_echo is False and ack_id is None:  # the hot path: one coroutine frame
+            future, op_id = self._start_acked(_GROUP_FORMS[1], group, kind, payload, 0)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                lib.wps_client_cancel(self._handle, op_id)
+                raise
+        flags = _base.send_flags(ack, no_echo, ack_id)
         return await self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
     async def send_event(
@@ -779,34 +786,42 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> WebPubSubResult:
         """Sends through the C forms ``(plain, async, with_ack_id_async)`` of send_to_group or send_event."""
         plain, plain_async, with_ack_id_async = forms
-        handle = self._live_handle()
-        size = len(payload)
         if ack_id is not None:
+            handle = self._live_handle()
             flags |= self._poller.prepare_send()[1]
             completion = await self._run(
-                with_ack_id_async, handle, target, kind, payload, size, flags, ack_id, ack_id=ack_id
+                with_ack_id_async, handle, target, kind, payload, len(payload), flags, ack_id, ack_id=ack_id
             )
             return _ack_result(completion)
         if not ack:
             # queued at once on this thread: the blocking form returns when the frame is queued
-            _queue_now(plain(handle, target, kind, payload, size, flags, None))
+            _queue_now(plain(self._live_handle(), target, kind, payload, len(payload), flags, None))
             return WebPubSubResult(None, False)
-        # _run's steps written out: this is the hot path, and its extra calls cost ~1 us per send
+        future, op_id = self._start_acked(plain_async, target, kind, payload, flags)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            lib.wps_client_cancel(self._handle, op_id)
+            raise
+
+    def _start_acked(
+        self, start: Any, target: bytes, kind: int, payload: bytes, flags: int
+    ) -> Tuple["asyncio.Future[WebPubSubResult]", int]:
+        """Starts an acked send with an automatic ackId through the C form ``start``: its
+        future, settled from the send's record (``SEND_RECORD``) or by ``_on_acked`` on
+        failure, and its operation id. A plain function, not a coroutine: this is the hot
+        path, and ``_run``'s extra calls and frames cost ~1 us per send."""
+        handle = self._live_handle()
         loop, handover = self._poller.prepare_send()
         future: "asyncio.Future[WebPubSubResult]" = loop.create_future()
         key = REGISTRY.add(future)
         op_id = ctypes.c_uint64(0)
-        # SEND_RECORD: the success comes back as a record for _settle, a failure to _on_acked
         flags |= handover | _native.SEND_RECORD
-        status = plain_async(handle, target, kind, payload, size, flags, _ACKED_TRAMPOLINE, key, op_id)
+        status = start(handle, target, kind, payload, len(payload), flags, _ACKED_TRAMPOLINE, key, op_id)
         if status != _native.STATUS_OK:
             REGISTRY.pop(key)
             raise _base.operation_error(status)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            lib.wps_client_cancel(handle, op_id.value)
-            raise
+        return future, op_id.value
 
     async def invoke_event(
         self,
