@@ -230,6 +230,26 @@ async def test_a_cancelled_send_is_cancelled_and_the_client_stays_usable(hub: Hu
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
+async def test_a_send_cancelled_after_its_client_was_freed_does_not_reach_the_freed_handle(
+    hub: Hub, monkeypatch: Any
+) -> None:
+    """The await of a send is cancelled after the client's finalizer freed it (interpreter
+    exit, a daemon loop still running): the cancellation is not passed to the freed
+    handle, and the await ends cancelled."""
+    cancels: List[Any] = []
+    real = aio_client.lib.wps_client_cancel
+    monkeypatch.setattr(aio_client.lib, "wps_client_cancel", lambda *args: cancels.append(args) or real(*args))
+    client = make(hub.url())
+    await client.open()
+    task = asyncio.ensure_future(client.send_to_group("g", "late", WebPubSubDataType.TEXT))
+    await asyncio.sleep(0)  # the send starts; its ack cannot be dispatched before the free
+    client._finalizer()  # pylint: disable=protected-access
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not cancels, "no call with the freed handle"
+
+
 async def test_a_send_completed_off_its_loop_thread_settles_on_its_loop() -> None:
     """A completion that the library runs on its own thread (the client was freed)
     reaches the future through its loop: a result and an error alike."""

@@ -394,6 +394,13 @@ class _Poller:
             if self._handle:
                 lib.wps_client_flush_deferred(self._handle)
 
+    def cancel(self, op_id: int) -> None:
+        """Cancels operation ``op_id`` of the native client, unless it is freed already (its
+        operations were then completed): a cancelled await must not reach a freed handle."""
+        with self._lock:
+            if self._handle:
+                lib.wps_client_cancel(self._handle, op_id)
+
     def _remove_reader(self) -> None:
         loop, self._loop = self._loop, None
         if loop is not None and not loop.is_closed():
@@ -758,7 +765,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             try:
                 return await future
             except asyncio.CancelledError:
-                lib.wps_client_cancel(self._handle, op_id)
+                self._poller.cancel(op_id)
                 raise
         flags = _base.send_flags(ack, no_echo, ack_id)
         return await self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
@@ -801,7 +808,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         try:
             return await future
         except asyncio.CancelledError:
-            lib.wps_client_cancel(self._handle, op_id)
+            self._poller.cancel(op_id)
             raise
 
     def _start_acked(
@@ -891,7 +898,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         try:
             completion = await future
         except asyncio.CancelledError:
-            lib.wps_client_cancel(self._handle, op_id.value)
+            self._poller.cancel(op_id.value)
             raise
         if checked and completion.status != _native.STATUS_OK:
             raise _base.operation_error(
