@@ -1067,6 +1067,18 @@ wps_status wps_credential_result_set_url(struct wps_credential_result *r, const 
 wps_status wps_credential_result_set_error(struct wps_credential_result *r, const char *message);
 
 /**
+ * Stops every callback of the library for good, in the whole process: no event,
+ * completion, user data finalizer, credential or log callback is called after this
+ * returns (a credential request then fails, so a connection attempt fails; every
+ * other call is skipped). Returns once the callbacks running on other threads have
+ * returned, or after `timeout_ms` with `WPS_STATUS_TIMEOUT` (the switch is set even
+ * then). Meant for a language runtime that cannot take calls while it shuts down, such
+ * as Python at interpreter exit: a library thread entering it then would be stopped
+ * in the middle of the library. Blocking calls still return.
+ */
+wps_status wps_callbacks_disable(uint32_t timeout_ms);
+
+/**
  * Creates options holding the defaults (those of the official clients). Never NULL
  * except on allocation failure. Free with `wps_options_free`.
  */

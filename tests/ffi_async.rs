@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::check;
+
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::time::{Duration, Instant};
@@ -104,13 +106,6 @@ unsafe extern "C" fn on_complete(user_data: *mut c_void, done: *const wps_comple
         seen.ack_ids.insert(done.op_id, done.ack_id);
     }
     rec.changed.notify_all();
-}
-
-fn check(status: u32, what: &str) {
-    if status != WPS_STATUS_OK {
-        let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
-        panic!("{what}: status {status}: {detail:?}");
-    }
 }
 
 /// An emulator and clients of one hub that may join and publish to any group.
@@ -762,18 +757,7 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
 /// A blocking send to `group` with `flags`, which only the asynchronous forms take, is
 /// refused with an error that says `part`.
 fn assert_blocking_send_refused(c: *mut wps_client, group: &CStr, flags: u32, part: &str) {
-    let text = "blocking";
-    let status = unsafe {
-        wps_client_send_to_group(
-            c,
-            group.as_ptr(),
-            WPS_DATA_TYPE_TEXT,
-            text.as_ptr(),
-            text.len(),
-            flags,
-            std::ptr::null_mut(),
-        )
-    };
+    let status = common::ffi_send_text(c, group, "blocking", flags);
     assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT);
     let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
     assert!(detail.to_string_lossy().contains(part), "{detail:?}");

@@ -4,14 +4,15 @@
 
 mod common;
 
-use std::ffi::{c_void, CStr, CString};
+use common::check;
+
+use std::ffi::{c_void, CString};
 
 use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_GROUP_MESSAGE};
 use webpubsub_client::ffi::client::{
-    wps_client, wps_client_free, wps_client_join_group, wps_client_new, wps_client_send_to_group,
-    wps_client_start,
+    wps_client, wps_client_free, wps_client_join_group, wps_client_send_to_group, wps_client_start,
 };
-use webpubsub_client::ffi::status::{wps_last_error_message, WPS_DATA_TYPE_TEXT, WPS_STATUS_OK};
+use webpubsub_client::ffi::status::WPS_DATA_TYPE_TEXT;
 use webpubsub_emulator::{Config, Emulator};
 
 /// What one client's callbacks saw.
@@ -42,13 +43,6 @@ unsafe extern "C" fn on_free(user_data: *mut c_void) {
     let rec = &*(user_data as *const Recorder);
     rec.seen.lock().unwrap().freed += 1;
     rec.changed.notify_all();
-}
-
-fn check(status: u32, what: &str) {
-    if status != WPS_STATUS_OK {
-        let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
-        panic!("{what}: status {status}: {detail:?}");
-    }
 }
 
 /// How many clients fit this process's open-file limit (two sockets each, the
@@ -87,19 +81,8 @@ fn many_clients_share_a_few_dispatcher_threads_and_events_stay_ordered() {
     let mut clients: Vec<*mut wps_client> = Vec::new();
     let mut before = 0;
     for (i, rec) in recorders.iter().enumerate() {
-        let mut c = std::ptr::null_mut();
         let user_data = &**rec as *const Recorder as *mut c_void;
-        let status = unsafe {
-            wps_client_new(
-                url.as_ptr(),
-                std::ptr::null(),
-                Some(on_event),
-                user_data,
-                Some(on_free),
-                &mut c,
-            )
-        };
-        check(status, "wps_client_new");
+        let c = common::ffi_client(&url, Some(on_event), user_data, Some(on_free));
         check(unsafe { wps_client_start(c) }, "wps_client_start");
         if i == 0 {
             before = thread_count();

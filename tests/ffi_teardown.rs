@@ -4,13 +4,15 @@
 
 mod common;
 
-use std::ffi::{CStr, CString};
+use common::check;
+
+use std::ffi::CString;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use webpubsub_client::ffi::client::{
     wps_client, wps_client_free, wps_client_new, wps_client_send_to_group, wps_client_start,
 };
-use webpubsub_client::ffi::status::{wps_last_error_message, WPS_DATA_TYPE_TEXT, WPS_STATUS_OK};
+use webpubsub_client::ffi::status::WPS_DATA_TYPE_TEXT;
 use webpubsub_emulator::{Config, Emulator};
 
 /// Counts the connection tasks that ended (their last log record), synchronously.
@@ -35,13 +37,6 @@ impl log::Log for TaskEnds {
 }
 
 static LOGGER: TaskEnds = TaskEnds;
-
-fn check(status: u32, what: &str) {
-    if status != WPS_STATUS_OK {
-        let detail = unsafe { CStr::from_ptr(wps_last_error_message()) };
-        panic!("{what}: status {status}: {detail:?}");
-    }
-}
 
 #[test]
 fn free_returns_after_the_connection_task_has_ended() {

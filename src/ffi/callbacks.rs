@@ -10,7 +10,8 @@ use bytes::Bytes;
 use crate::client::{AckResult, Error, Event, EventHandler, InvokeResult};
 use crate::protocol::DataType;
 
-use super::dispatcher::{InCallback, Job, Worker};
+use super::dispatcher::{Job, Worker};
+use super::gate::InCallback;
 use super::status::{
     set_last_error, to_cstring, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON,
     WPS_DATA_TYPE_PROTOBUF, WPS_DATA_TYPE_TEXT, WPS_STATUS_ACK_ERROR, WPS_STATUS_CANCELLED,
@@ -488,9 +489,10 @@ impl EventSink {
     pub(crate) fn call(&self, event: &OwnedEvent) {
         if let (Some(cb), false) = (self.cb, self.closed.load(Ordering::Acquire)) {
             let view = event.view();
-            let _inside = InCallback::enter();
-            // SAFETY: the callback and its user data were registered together.
-            unsafe { cb(self.user_data.0, &view) };
+            if let Some(_inside) = InCallback::enter() {
+                // SAFETY: the callback and its user data were registered together.
+                unsafe { cb(self.user_data.0, &view) };
+            }
         }
     }
 
@@ -510,8 +512,7 @@ impl EventSink {
         let sink = Arc::clone(self);
         self.worker.push(Job::new(move || {
             sink.closed.store(true, Ordering::Release);
-            if let Some(free) = sink.user_data_free {
-                let _inside = InCallback::enter();
+            if let (Some(free), Some(_inside)) = (sink.user_data_free, InCallback::enter()) {
                 // SAFETY: runs once: this is the client's only closing job.
                 unsafe { free(sink.user_data.0) };
             }
@@ -673,9 +674,10 @@ impl OwnedCompletion {
             data: data.as_ptr(),
             data_len: data.len(),
         };
-        let _inside = InCallback::enter();
-        // SAFETY: the callback and its user data were given together for this operation.
-        unsafe { cb(target.user_data.0, &view) };
+        if let Some(_inside) = InCallback::enter() {
+            // SAFETY: the callback and its user data were given together for this operation.
+            unsafe { cb(target.user_data.0, &view) };
+        }
     }
 }
 

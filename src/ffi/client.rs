@@ -29,7 +29,8 @@ use super::callbacks::{
 };
 use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
-use super::dispatcher::{self, in_callback, DispatchError, Job, Records, Worker};
+use super::dispatcher::{self, DispatchError, Job, Records, Worker};
+use super::gate::in_callback;
 use super::options::wps_options;
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{

@@ -8,7 +8,7 @@ use crate::client::Credential;
 
 use super::callbacks::{wps_user_data_free_cb, UserData};
 use super::convert::{handle_mut, str_arg};
-use super::dispatcher::{in_callback, InCallback};
+use super::gate::{in_callback, InCallback};
 use super::panic::{guard, FfiResult};
 use super::status::{fail, wps_status, WPS_STATUS_ILLEGAL_STATE};
 
@@ -130,10 +130,10 @@ impl CredentialSink {
             st.in_flight += 1;
         }
         let mut result = wps_credential_result { outcome: None };
-        {
-            let _inside = InCallback::enter();
+        match InCallback::enter() {
             // SAFETY: the callback and its user data were registered together.
-            unsafe { (self.cb)(self.user_data.0, &mut result) };
+            Some(_inside) => unsafe { (self.cb)(self.user_data.0, &mut result) },
+            None => result.outcome = Some(Err("callbacks are disabled".to_owned())),
         }
         let finalize = {
             let mut st = self.lock();
@@ -157,8 +157,7 @@ impl CredentialSink {
     }
 
     fn finalize(&self) {
-        if let Some(free) = self.user_data_free {
-            let _inside = InCallback::enter();
+        if let (Some(free), Some(_inside)) = (self.user_data_free, InCallback::enter()) {
             // SAFETY: `take_finalizer` lets this happen once, after the last call.
             unsafe { free(self.user_data.0) };
         }

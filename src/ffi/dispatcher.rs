@@ -14,7 +14,6 @@
 //! runs while a library lock is held, and never on a tokio worker. A dispatcher is only
 //! woken (condvar or descriptor) when it is idle, not once per job.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,32 +111,6 @@ impl<'a> Records<'a> {
 
 /// Most dispatcher threads the pool ever starts.
 const MAX_WORKERS: usize = 4;
-
-thread_local! {
-    static CALLBACK_DEPTH: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Marks the current thread as running a user callback for the guard's lifetime.
-pub(crate) struct InCallback(());
-
-impl InCallback {
-    /// Enters a callback on this thread.
-    pub(crate) fn enter() -> InCallback {
-        CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
-        InCallback(())
-    }
-}
-
-impl Drop for InCallback {
-    fn drop(&mut self) {
-        CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
-    }
-}
-
-/// True while this thread is inside a user callback called by the library.
-pub(crate) fn in_callback() -> bool {
-    CALLBACK_DEPTH.with(|d| d.get() > 0)
-}
 
 /// Why `dispatch` could not run.
 #[derive(Debug, PartialEq, Eq)]
@@ -496,6 +469,7 @@ pub(crate) fn assign() -> Arc<Worker> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ffi::gate::in_callback;
     use std::sync::mpsc;
     use std::time::Duration;
 

@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
-use super::dispatcher::InCallback;
+use super::gate::InCallback;
 use super::panic::guard;
 use super::status::{
     fail, to_cstring, wps_status, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
@@ -102,10 +102,9 @@ fn run(rx: Receiver<Msg>) {
                 message,
             } => {
                 let sink = *SINK.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(sink) = sink {
+                if let (Some(sink), Some(_inside)) = (sink, InCallback::enter()) {
                     let target = to_cstring(&target);
                     let message = to_cstring(&message);
-                    let _inside = InCallback::enter();
                     // SAFETY: the callback and user data were registered together.
                     unsafe { (sink.cb)(sink.user_data, level, target.as_ptr(), message.as_ptr()) };
                 }

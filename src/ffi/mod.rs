@@ -8,6 +8,7 @@
 pub mod callbacks;
 pub mod client;
 pub mod credential;
+pub mod gate;
 pub mod options;
 pub mod status;
 

@@ -207,3 +207,54 @@ impl<T> Watched<T> {
         }
     }
 }
+
+/// Panics with the library's last error unless `status` is `WPS_STATUS_OK` (C ABI tests).
+pub fn check(status: u32, what: &str) {
+    use webpubsub_client::ffi::status::{wps_last_error_message, WPS_STATUS_OK};
+    if status != WPS_STATUS_OK {
+        let detail = unsafe { std::ffi::CStr::from_ptr(wps_last_error_message()) };
+        panic!("{what}: status {status}: {detail:?}");
+    }
+}
+
+/// A new C client of `url` with default options (not started); panics on failure.
+pub fn ffi_client(
+    url: &std::ffi::CStr,
+    on_event: webpubsub_client::ffi::callbacks::wps_event_cb,
+    user_data: *mut std::ffi::c_void,
+    on_free: webpubsub_client::ffi::callbacks::wps_user_data_free_cb,
+) -> *mut webpubsub_client::ffi::client::wps_client {
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        webpubsub_client::ffi::client::wps_client_new(
+            url.as_ptr(),
+            std::ptr::null(),
+            on_event,
+            user_data,
+            on_free,
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new");
+    c
+}
+
+/// A blocking send of `text` to `group` with `flags`; its status.
+pub fn ffi_send_text(
+    c: *mut webpubsub_client::ffi::client::wps_client,
+    group: &std::ffi::CStr,
+    text: &str,
+    flags: u32,
+) -> u32 {
+    unsafe {
+        webpubsub_client::ffi::client::wps_client_send_to_group(
+            c,
+            group.as_ptr(),
+            webpubsub_client::ffi::status::WPS_DATA_TYPE_TEXT,
+            text.as_ptr(),
+            text.len(),
+            flags,
+            std::ptr::null_mut(),
+        )
+    }
+}

@@ -81,3 +81,49 @@ def test_open_client_is_closed_at_interpreter_exit(hub: Hub) -> None:
         lambda: not hub.service.connection_exists(connection_id),
         what="the child's connection closed",
     )
+
+
+def test_exit_with_daemon_threads_inside_calls_does_not_crash(hub: Hub) -> None:
+    """The interpreter exits while daemon threads keep calling a sync and an asyncio client
+    (a publisher thread left running): the exit hook stops the clients instead of freeing
+    them under those threads, so the process exits cleanly, and what the threads sent
+    before the exit arrived."""
+    url = hub.url("daemon")
+    code = f"""
+        import asyncio, threading
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.aio import WebPubSubClient as AsyncClient
+        client = WebPubSubClient({url!r}, start_timeout=5.0)
+        client.open()
+        sent = threading.Event()
+
+        def publish():
+            i = 0
+            while True:
+                try:
+                    client.send_to_group("daemon-group", str(i), "text", ack=i % 2 == 0)
+                except Exception:
+                    pass
+                i += 1
+                if i == 200:
+                    sent.set()
+
+        async def publish_async():
+            async with AsyncClient({url!r}) as aclient:
+                while True:
+                    try:
+                        await aclient.send_to_group("daemon-group", "a", "text", ack=False)
+                    except Exception:
+                        pass
+                    await asyncio.sleep(0)
+
+        for _ in range(3):
+            threading.Thread(target=publish, daemon=True).start()
+        threading.Thread(target=lambda: asyncio.run(publish_async()), daemon=True).start()
+        sent.wait(10)
+        print("exiting", flush=True)
+    """
+    for _ in range(5):  # the race with the exit hook: several exits
+        result = run_python(code, {})
+        assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+        assert result.stdout.strip().endswith("exiting")

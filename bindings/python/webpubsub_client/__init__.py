@@ -22,6 +22,6 @@ __all__ = [
     "native_version",
 ]
 
-# At exit, live clients are freed by their weakref finalizers and the library's logs
-# stop reaching Python before it tears down (either order is safe).
-_atexit.register(_callbacks.disable_native_logging)
+# At exit, live clients are freed (or stopped) by their weakref finalizers, and the
+# library stops calling into Python before it tears down (either order is safe).
+_atexit.register(_callbacks.quiesce_native)

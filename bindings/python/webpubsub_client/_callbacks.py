@@ -223,9 +223,18 @@ def enable_native_logging(trace: bool = False) -> None:
             _LOGGER.warning("webpubsub_client: cannot install the log callback: %s", _native.status_str(status))
 
 
-def disable_native_logging() -> None:
-    """Stop the library's logs (run at interpreter exit, before Python tears down)."""
+# How long the exit hook waits for the callbacks running on library threads.
+_QUIESCE_MS = 2000
+
+
+def quiesce_native() -> None:
+    """At interpreter exit, before Python tears down: the library's logs stop, then every
+    callback of the library for good, once the running ones have returned. A library
+    thread that entered Python during its finalization would be stopped inside the
+    library (Python ends such threads with ``pthread_exit``), which aborts the process."""
     global _log_level  # noqa: PLW0603
     with _log_lock:
         lib.wps_set_log_callback(_native.LOG_CB(), None, 0)
         _log_level = 0
+    if lib.wps_callbacks_disable(_QUIESCE_MS) != _native.STATUS_OK:
+        _LOGGER.warning("webpubsub_client: a callback still ran at exit: %s", _native.last_error_message())

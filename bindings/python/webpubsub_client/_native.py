@@ -323,6 +323,7 @@ _SIGNATURES = {
     "wps_client_dispatch_into": (_status, [_handle, c_size_t, POINTER(WpsDispatchBuffers)]),
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
+    "wps_callbacks_disable": (_status, [c_uint32]),
     # caller-chosen ackIds and the user agent
     "wps_client_send_to_group_with_ack_id": (
         _status,
