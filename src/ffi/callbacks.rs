@@ -487,7 +487,7 @@ impl EventSink {
 
     /// Runs the callback with `event` (on the dispatcher), unless delivery stopped.
     pub(crate) fn call(&self, event: &OwnedEvent) {
-        if let (Some(cb), false) = (self.cb, self.closed.load(Ordering::Acquire)) {
+        if let (Some(cb), true) = (self.cb, self.is_open()) {
             let view = event.view();
             if let Some(_inside) = InCallback::enter() {
                 // SAFETY: the callback and its user data were registered together.

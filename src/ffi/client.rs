@@ -27,7 +27,7 @@ use super::callbacks::{
     wps_event_cb, wps_user_data_free_cb, CompletionTarget, EventSink, OwnedCompletion, SinkHandler,
     UserData,
 };
-use super::convert::{bytes_arg, handle_arg, str_arg, write_out};
+use super::convert::{bytes_arg, handle_arg, str_arg, write_optional, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
 use super::dispatcher::{self, DispatchError, Job, Records, Worker};
 use super::gate::in_callback;
@@ -412,7 +412,7 @@ pub unsafe extern "C" fn wps_client_dispatch(
 ) -> wps_status {
     guard(|| {
         let count = dispatch(c, max, None)?;
-        write_if(ran, count);
+        write_optional(ran, count);
         Ok(())
     })
 }
@@ -449,8 +449,8 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
         let acks = std::slice::from_raw_parts_mut(records, cap);
         let mut records = Records::new(acks, &mut []);
         let count = dispatch(c, max, Some(&mut records))?;
-        write_if(ran, count);
-        write_if(recorded, records.acks_written);
+        write_optional(ran, count);
+        write_optional(recorded, records.acks_written);
         Ok(())
     })
 }
@@ -516,13 +516,6 @@ unsafe fn dispatch(
             "a dispatch of this client is already running",
         ),
     })
-}
-
-/// Writes `value` to `p` unless `p` is NULL (an optional output).
-unsafe fn write_if(p: *mut usize, value: usize) {
-    if !p.is_null() {
-        p.write(value);
-    }
 }
 
 fn not_polled() -> wps_status {
@@ -837,13 +830,14 @@ unsafe fn run_blocking(
             Err(status),
         ),
     };
-    if !out.is_null() {
-        out.write(wps_ack_result {
+    write_optional(
+        out,
+        wps_ack_result {
             ack_id: ack.ack_id.unwrap_or(0),
             has_ack_id: ack.ack_id.is_some(),
             is_duplicated: ack.is_duplicated,
-        });
-    }
+        },
+    );
     result
 }
 
@@ -906,9 +900,7 @@ unsafe fn register(
             },
         );
     }
-    if !op_id.is_null() {
-        op_id.write(id);
-    }
+    write_optional(op_id, id);
     Ok(id)
 }
 
@@ -1114,9 +1106,7 @@ pub unsafe extern "C" fn wps_invoke_response_data(
         let (ptr, n) = r
             .as_ref()
             .map_or((std::ptr::null(), 0), |r| (r.data.as_ptr(), r.data.len()));
-        if !len.is_null() {
-            len.write(n);
-        }
+        write_optional(len, n);
         ptr
     })
 }

@@ -78,6 +78,16 @@ pub(crate) unsafe fn write_out<T>(p: *mut T, value: T, what: &str) -> FfiResult 
     Ok(())
 }
 
+/// Writes an optional output argument: nothing when `p` is NULL.
+///
+/// # Safety
+/// `p` is NULL or valid for a write of `T`.
+pub(crate) unsafe fn write_optional<T>(p: *mut T, value: T) {
+    if !p.is_null() {
+        p.write(value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
