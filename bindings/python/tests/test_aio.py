@@ -406,7 +406,7 @@ async def _result_of(future: "asyncio.Future[Any]") -> Any:
 
 
 async def test_recorded_sends_settle_their_futures_on_their_own_loops() -> None:
-    """Records (successes written by ``wps_client_dispatch_records``) settle their
+    """Records (successes written by ``wps_client_dispatch_into``) settle their
     futures: on the dispatching loop at once, on another loop through that loop; a
     cancelled future and a key that is gone are skipped."""
     loop = asyncio.get_running_loop()

@@ -146,7 +146,7 @@ class WpsCompletion(Structure):
 
 
 class WpsAckRecord(Structure):
-    """``wps_ack_record``: a successful send written by ``wps_client_dispatch_records``."""
+    """``wps_ack_record``: a successful send written by ``wps_client_dispatch_into``."""
 
     _fields_ = [
         ("user_data", c_void_p),
@@ -316,10 +316,6 @@ _SIGNATURES = {
     "wps_options_set_dispatch_mode": (_status, [_handle, c_uint32]),
     "wps_client_dispatch_fd": (_status, [_handle, POINTER(c_int)]),
     "wps_client_dispatch": (_status, [_handle, c_size_t, POINTER(c_size_t)]),
-    "wps_client_dispatch_records": (
-        _status,
-        [_handle, c_size_t, POINTER(WpsAckRecord), c_size_t, POINTER(c_size_t), POINTER(c_size_t)],
-    ),
     "wps_client_dispatch_into": (_status, [_handle, c_size_t, POINTER(WpsDispatchBuffers)]),
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),

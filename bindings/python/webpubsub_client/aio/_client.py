@@ -429,7 +429,7 @@ class _Poller:
 
 def _settle(loop: Optional[asyncio.AbstractEventLoop], records: memoryview) -> None:
     """The futures of the acked sends in ``records`` (``wps_ack_record``s written by
-    ``wps_client_dispatch_records`` on ``loop``'s thread) get their results."""
+    ``wps_client_dispatch_into`` on ``loop``'s thread) get their results."""
     take = REGISTRY.take
     for key, _op_id, ack_id, has_ack_id, is_duplicated in _native.ACK_RECORD.iter_unpack(records):
         future = take(key, None)
