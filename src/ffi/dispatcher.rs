@@ -187,6 +187,11 @@ impl Worker {
 
     /// Adds jobs with `add` under the lock (or to the worker this one forwards to), and
     /// wakes the dispatcher if it was idle.
+    ///
+    /// In poll mode the descriptor is set under the lock, as `dispatch` clears it: set
+    /// after the lock, it could follow a dispatch that already ran the new jobs and
+    /// marked the queue idle, and stay readable with nothing queued (the application's
+    /// loop would then wake for nothing on every pass).
     fn append(&self, add: impl FnOnce(&mut VecDeque<Job>)) {
         let mut queue = self.lock();
         if let Some(target) = &queue.forward {
@@ -195,17 +200,15 @@ impl Worker {
             return target.append(add);
         }
         add(&mut queue.jobs);
-        let wake = std::mem::replace(&mut queue.idle, false);
-        drop(queue);
-        if wake {
-            self.notify();
+        if !std::mem::replace(&mut queue.idle, false) {
+            return;
         }
-    }
-
-    fn notify(&self) {
         match &self.wake {
-            Wake::Thread(ready) => ready.notify_one(),
             Wake::Poll(signal) => signal.set(),
+            Wake::Thread(ready) => {
+                drop(queue);
+                ready.notify_one();
+            }
         }
     }
 
@@ -528,6 +531,44 @@ mod tests {
         );
         signal.set();
         assert!(readable(signal.fd()));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_descriptor_is_readable_exactly_while_jobs_wait_under_concurrent_pushes() {
+        // A push racing a dispatch that runs its job at once must not leave the
+        // descriptor readable over an empty, idle queue (the loop would spin).
+        let worker = Worker::polled().unwrap();
+        let fd = worker.fd().unwrap();
+        let pushed = 200_000;
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let pusher = {
+            let (worker, ran) = (Arc::clone(&worker), Arc::clone(&ran));
+            std::thread::spawn(move || {
+                for _ in 0..pushed {
+                    let ran = Arc::clone(&ran);
+                    worker.push(Job::new(move || {
+                        ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }));
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut stale = 0;
+        while ran.load(std::sync::atomic::Ordering::Relaxed) < pushed {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "jobs left undispatched"
+            );
+            worker.dispatch(usize::MAX, None).unwrap();
+            let queue = worker.lock();
+            if queue.jobs.is_empty() && queue.idle && readable(fd) {
+                stale += 1;
+            }
+        }
+        pusher.join().unwrap();
+        assert_eq!(stale, 0, "readable with nothing queued");
+        assert!(!readable(fd));
     }
 
     #[cfg(unix)]
