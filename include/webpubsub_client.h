@@ -1072,9 +1072,10 @@ wps_status wps_credential_result_set_error(struct wps_credential_result *r, cons
  * returns (a credential request then fails, so a connection attempt fails; every
  * other call is skipped). Returns once the callbacks running on other threads have
  * returned, or after `timeout_ms` with `WPS_STATUS_TIMEOUT` (the switch is set even
- * then). Meant for a language runtime that cannot take calls while it shuts down, such
- * as Python at interpreter exit: a library thread entering it then would be stopped
- * in the middle of the library. Blocking calls still return.
+ * then). Called from inside callbacks, it does not wait for the callbacks of the
+ * threads that call it too. Meant for a language runtime that cannot take calls while
+ * it shuts down, such as Python at interpreter exit: a library thread entering it then
+ * would be stopped in the middle of the library. Blocking calls still return.
  */
 wps_status wps_callbacks_disable(uint32_t timeout_ms);
 

@@ -4,6 +4,7 @@
 //! counts the callbacks running. `wps_callbacks_disable` closes the gate for good.
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,34 +15,88 @@ thread_local! {
     static CALLBACK_DEPTH: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Callbacks running now, on every thread.
-static RUNNING: AtomicUsize = AtomicUsize::new(0);
-/// Set by `wps_callbacks_disable`: no callback starts any more.
-static DISABLED: AtomicBool = AtomicBool::new(false);
+/// The process's gate; a type so that its tests can use gates of their own (closing
+/// this one is for good).
+struct Gate {
+    /// Callbacks running now, on every thread.
+    running: AtomicUsize,
+    /// No callback starts any more.
+    disabled: AtomicBool,
+    /// The callbacks of the threads waiting in `disable` from inside callbacks: those
+    /// cannot return while their thread waits, so no waiter waits for them (two such
+    /// threads would otherwise wait for each other).
+    waiting: AtomicUsize,
+}
 
-/// Marks the current thread as running a user callback for the guard's lifetime.
-pub(crate) struct InCallback(());
+static GATE: Gate = Gate::new();
+
+impl Gate {
+    const fn new() -> Gate {
+        Gate {
+            running: AtomicUsize::new(0),
+            disabled: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    fn enter(&'static self) -> Option<InCallback> {
+        // Counted before the check, and the switch is set before the count is read:
+        // either the callback sees the switch, or `disable` sees it run.
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if self.disabled.load(Ordering::SeqCst) {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
+        Some(InCallback {
+            gate: self,
+            _this_thread: PhantomData,
+        })
+    }
+
+    /// Closes the gate, then waits up to `timeout` for the callbacks running on other
+    /// threads; false when some still ran at the limit.
+    fn disable(&self, timeout: Duration) -> bool {
+        self.disabled.store(true, Ordering::SeqCst);
+        let own = CALLBACK_DEPTH.with(Cell::get);
+        self.waiting.fetch_add(own, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        // The count of running callbacks is read before the waiters': a waiter that
+        // leaves in between is then still counted as running, never the other way.
+        let done = loop {
+            let running = self.running.load(Ordering::SeqCst);
+            if running <= self.waiting.load(Ordering::SeqCst) {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        self.waiting.fetch_sub(own, Ordering::SeqCst);
+        done
+    }
+}
+
+/// Marks the current thread as running a user callback for the guard's lifetime (it
+/// stays on the thread that entered).
+pub(crate) struct InCallback {
+    gate: &'static Gate,
+    _this_thread: PhantomData<*const ()>,
+}
 
 impl InCallback {
     /// Enters a callback on this thread; `None` once callbacks are disabled (the
     /// caller then skips the call).
     pub(crate) fn enter() -> Option<InCallback> {
-        // Counted before the check, and the switch is set before the count is read:
-        // either the callback sees the switch, or `wps_callbacks_disable` sees it run.
-        RUNNING.fetch_add(1, Ordering::SeqCst);
-        if DISABLED.load(Ordering::SeqCst) {
-            RUNNING.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
-        Some(InCallback(()))
+        GATE.enter()
     }
 }
 
 impl Drop for InCallback {
     fn drop(&mut self) {
         CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
-        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        self.gate.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -55,24 +110,74 @@ pub(crate) fn in_callback() -> bool {
 /// returns (a credential request then fails, so a connection attempt fails; every
 /// other call is skipped). Returns once the callbacks running on other threads have
 /// returned, or after `timeout_ms` with `WPS_STATUS_TIMEOUT` (the switch is set even
-/// then). Meant for a language runtime that cannot take calls while it shuts down, such
-/// as Python at interpreter exit: a library thread entering it then would be stopped
-/// in the middle of the library. Blocking calls still return.
+/// then). Called from inside callbacks, it does not wait for the callbacks of the
+/// threads that call it too. Meant for a language runtime that cannot take calls while
+/// it shuts down, such as Python at interpreter exit: a library thread entering it then
+/// would be stopped in the middle of the library. Blocking calls still return.
 #[no_mangle]
 pub extern "C" fn wps_callbacks_disable(timeout_ms: u32) -> wps_status {
     guard(|| {
-        DISABLED.store(true, Ordering::SeqCst);
-        let own = CALLBACK_DEPTH.with(Cell::get); // from inside a callback: not waited for
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms.into());
-        while RUNNING.load(Ordering::SeqCst) > own {
-            if Instant::now() >= deadline {
-                return Err(fail(
-                    WPS_STATUS_TIMEOUT,
-                    "callbacks are disabled, but some still ran when the timeout expired",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        if GATE.disable(Duration::from_millis(timeout_ms.into())) {
+            Ok(())
+        } else {
+            Err(fail(
+                WPS_STATUS_TIMEOUT,
+                "callbacks are disabled, but some still ran when the timeout expired",
+            ))
         }
-        Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{mpsc, Barrier};
+
+    fn gate() -> &'static Gate {
+        Box::leak(Box::new(Gate::new()))
+    }
+
+    #[test]
+    fn a_callback_on_another_thread_is_waited_for() {
+        let gate = gate();
+        let (entered_tx, entered) = mpsc::channel();
+        let (leave_tx, leave) = mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            let _inside = gate.enter().unwrap();
+            entered_tx.send(()).unwrap();
+            leave.recv().unwrap();
+        });
+        entered.recv().unwrap();
+        assert!(!gate.disable(Duration::from_millis(20)), "still running");
+        assert!(gate.enter().is_none(), "closed even after a timeout");
+        leave_tx.send(()).unwrap();
+        assert!(gate.disable(Duration::from_secs(30)));
+        other.join().unwrap();
+        assert_eq!(gate.running.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn callbacks_disabling_at_once_do_not_wait_for_each_other() {
+        let gate = gate();
+        let meet = std::sync::Arc::new(Barrier::new(2));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let meet = meet.clone();
+                std::thread::spawn(move || {
+                    let _inside = gate.enter().unwrap();
+                    let _nested = gate.enter().unwrap();
+                    meet.wait();
+                    gate.disable(Duration::from_secs(30))
+                })
+            })
+            .collect();
+        for thread in threads {
+            assert!(
+                thread.join().unwrap(),
+                "a disabling callback waited out its timeout"
+            );
+        }
+        assert_eq!(gate.running.load(Ordering::SeqCst), 0);
+        assert_eq!(gate.waiting.load(Ordering::SeqCst), 0);
+    }
 }
