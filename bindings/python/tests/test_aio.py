@@ -437,6 +437,74 @@ async def test_recorded_sends_settle_their_futures_on_their_own_loops() -> None:
         other.close()
 
 
+async def test_a_record_for_a_closed_loop_is_skipped_and_the_ones_after_it_settle() -> None:
+    """A send whose loop was closed before its ack came (nothing awaits it any more) is
+    skipped: the records after it in the same call still settle their futures."""
+    loop = asyncio.get_running_loop()
+    closed = asyncio.new_event_loop()
+    orphan = closed.create_future()
+    closed.close()
+    here = loop.create_future()
+    keys = [REGISTRY.add(f) for f in (orphan, here)]
+    records = (_native.WpsAckRecord * 2)(
+        _native.WpsAckRecord(keys[0], 1, 7, True, False),
+        _native.WpsAckRecord(keys[1], 2, 8, True, False),
+    )
+    aio_client._settle(loop, memoryview(records).cast("B"))  # pylint: disable=protected-access
+    assert here.result().ack_id == 8
+    assert not orphan.done()
+    assert all(REGISTRY.get(key) is None for key in keys)
+
+
+def test_a_listener_interrupting_the_loop_loses_none_of_the_messages_after_it(hub: Hub, monkeypatch: Any) -> None:
+    """A KeyboardInterrupt from a listener stops the loop in the middle of a call's
+    records: the messages after it, already taken from the library, arrive once the
+    loop runs again, in order."""
+    batches: List[int] = []
+    real = aio_client._base.message_records  # pylint: disable=protected-access
+
+    def counting(view: Any, count: int) -> Any:
+        batches.append(count)
+        return real(view, count)
+
+    monkeypatch.setattr(aio_client._base, "message_records", counting)  # pylint: disable=protected-access
+    got: List[str] = []
+    interrupted: List[bool] = []
+
+    def listener(message: OnGroupDataMessageArgs) -> None:
+        got.append(message.data)
+        if message.data == "2" and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+    async def until(count: int) -> None:
+        deadline = time.monotonic() + WAIT
+        while len(got) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    loop = asyncio.new_event_loop()
+    client = make(hub.url())
+    try:
+        loop.run_until_complete(client.subscribe(CallbackType.GROUP_MESSAGE, listener))
+        loop.run_until_complete(client.open())
+        loop.run_until_complete(client.join_group("g"))
+        # Published while the loop does not run: the messages wait in the library, and
+        # the loop's next dispatch takes them in one call.
+        with SyncClient(hub.url()) as publisher:
+            for i in range(1, 6):
+                publisher.send_to_group("g", str(i), "text")
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(until(5))
+        assert got == ["1", "2"]
+        loop.run_until_complete(until(5))
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+    assert got == ["1", "2", "3", "4", "5"]
+    assert max(batches) >= 3, f"the messages came in batches {batches}: no call held the ones after the interrupt"
+
+
 async def test_a_refused_dispatch_is_logged_and_its_stale_counts_are_not_read(hub: Hub, caplog: Any) -> None:
     """A dispatch the library refuses (one nested in a listener that runs inside the
     native dispatch: events other than messages) writes no counts: it is logged, and the

@@ -124,13 +124,19 @@ class _AsyncSink:
         if batch is None:
             return
         here = _on_loop(batch.loop, self.thread)  # the poller's loop is usually ours
-        for kind, args in converted:
+        for i, (kind, args) in enumerate(converted):
             if not poller.alive:
                 return
-            if here:
-                self._dispatch(kind, args)
-            else:
+            if not here:
                 self.on_converted(kind, args)
+                continue
+            try:
+                self._dispatch(kind, args)
+            except BaseException:  # KeyboardInterrupt, SystemExit: the loop stops here
+                # The rest were taken from the library already: they arrive after it.
+                if i + 1 < len(converted):
+                    batch.loop.call_soon(self.on_messages, converted[i + 1 :], poller)
+                raise
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
@@ -439,8 +445,11 @@ def _settle(loop: Optional[asyncio.AbstractEventLoop], records: memoryview) -> N
         own = future.get_loop()
         if own is loop:
             future.set_result(result)
-        else:  # sent from another loop, which awaits it
+            continue
+        try:  # sent from another loop, which awaits it
             own.call_soon_threadsafe(_resolve, future, result)
+        except RuntimeError:  # closed: nothing awaits the future any more
+            _LOGGER.debug("webpubsub_client: event loop closed before a send completed")
 
 
 def _on_acked(key: Optional[int], raw: Any) -> None:
