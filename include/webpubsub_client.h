@@ -686,7 +686,8 @@ wps_status wps_client_dispatch(struct wps_client *c, size_t max, size_t *ran);
  * of calling its callback. The call returns before running a callback once it wrote a
  * record, so the callbacks that ran (`ran`, may be NULL) came before the records
  * (`recorded`, may be NULL), in completion order; what is left stays queued and the
- * descriptor readable.
+ * descriptor readable. `records` must be aligned for `wps_ack_record`
+ * (`WPS_STATUS_INVALID_ARGUMENT`).
  *
  * # Safety
  * `c` is NULL or a live handle; `records` is NULL or writable for `cap` records;
@@ -707,7 +708,10 @@ wps_status wps_client_dispatch_records(struct wps_client *c,
  * with `wps_client_dispatch_records`. Either array may be NULL (then `ack_cap` or
  * `message_cap` is ignored). The call returns before running a callback once it wrote
  * a record; the counts are in `buffers`'s output fields. Events other than messages,
- * failures and any other dispatch still call the callbacks.
+ * failures and any other dispatch still call the callbacks. The order holds within
+ * each array and against the callbacks (which came first), not between the two
+ * arrays. Both arrays must be 8-byte aligned (`WPS_STATUS_INVALID_ARGUMENT`), and
+ * belong to the call until it returns: a callback it runs must not use them.
  *
  * # Safety
  * `c` is NULL or a live handle; `buffers` is NULL or points to a `wps_dispatch_buffers`

@@ -913,6 +913,17 @@ fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
             },
             WPS_STATUS_NULL_ARG,
         ),
+        (
+            unsafe {
+                let misaligned = buf.as_mut_ptr().cast::<u8>().wrapping_add(4).cast();
+                wps_client_dispatch_records(c, 1, misaligned, 1, none, none)
+            },
+            WPS_STATUS_INVALID_ARGUMENT,
+        ),
+        (
+            unsafe { wps_client_dispatch_records(c, 1, buf.as_mut_ptr(), usize::MAX, none, none) },
+            WPS_STATUS_INVALID_ARGUMENT,
+        ),
     ];
     for (status, expected) in refused {
         assert_eq!(status, expected);
@@ -1074,6 +1085,25 @@ fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call
     };
     assert_eq!(
         unsafe { wps_client_dispatch_into(c, 1, &mut misaligned) },
+        WPS_STATUS_INVALID_ARGUMENT
+    );
+    let mut misaligned_acks = wps_dispatch_buffers {
+        acks: acks.as_mut_ptr().cast::<u8>().wrapping_add(4).cast(),
+        messages: std::ptr::null_mut(),
+        ..misaligned
+    };
+    assert_eq!(
+        unsafe { wps_client_dispatch_into(c, 1, &mut misaligned_acks) },
+        WPS_STATUS_INVALID_ARGUMENT
+    );
+    let mut too_long = wps_dispatch_buffers {
+        acks: acks.as_mut_ptr(),
+        ack_cap: usize::MAX / 16,
+        messages: std::ptr::null_mut(),
+        ..misaligned
+    };
+    assert_eq!(
+        unsafe { wps_client_dispatch_into(c, 1, &mut too_long) },
         WPS_STATUS_INVALID_ARGUMENT
     );
     assert_eq!(

@@ -27,7 +27,7 @@ use super::callbacks::{
     wps_event_cb, wps_user_data_free_cb, CompletionTarget, EventSink, OwnedCompletion, SinkHandler,
     UserData,
 };
-use super::convert::{bytes_arg, handle_arg, str_arg, write_optional, write_out};
+use super::convert::{array_out, bytes_arg, handle_arg, str_arg, write_optional, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
 use super::dispatcher::{self, DispatchError, Job, Records, Worker};
 use super::gate::in_callback;
@@ -422,7 +422,8 @@ pub unsafe extern "C" fn wps_client_dispatch(
 /// of calling its callback. The call returns before running a callback once it wrote a
 /// record, so the callbacks that ran (`ran`, may be NULL) came before the records
 /// (`recorded`, may be NULL), in completion order; what is left stays queued and the
-/// descriptor readable.
+/// descriptor readable. `records` must be aligned for `wps_ack_record`
+/// (`WPS_STATUS_INVALID_ARGUMENT`).
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `records` is NULL or writable for `cap` records;
@@ -446,7 +447,7 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
                 "`cap` is 0: no room for a record",
             ));
         }
-        let acks = std::slice::from_raw_parts_mut(records, cap);
+        let acks = array_out(records, cap, 1, "records")?;
         let mut records = Records::new(acks, &mut []);
         let count = dispatch(c, max, Some(&mut records))?;
         write_optional(ran, count);
@@ -462,7 +463,10 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
 /// with `wps_client_dispatch_records`. Either array may be NULL (then `ack_cap` or
 /// `message_cap` is ignored). The call returns before running a callback once it wrote
 /// a record; the counts are in `buffers`'s output fields. Events other than messages,
-/// failures and any other dispatch still call the callbacks.
+/// failures and any other dispatch still call the callbacks. The order holds within
+/// each array and against the callbacks (which came first), not between the two
+/// arrays. Both arrays must be 8-byte aligned (`WPS_STATUS_INVALID_ARGUMENT`), and
+/// belong to the call until it returns: a callback it runs must not use them.
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `buffers` is NULL or points to a `wps_dispatch_buffers`
@@ -474,29 +478,24 @@ pub unsafe extern "C" fn wps_client_dispatch_into(
     buffers: *mut wps_dispatch_buffers,
 ) -> wps_status {
     guard(|| {
-        let Some(buffers) = buffers.as_mut() else {
+        if buffers.is_null() {
             return Err(fail(WPS_STATUS_NULL_ARG, "`buffers` is NULL"));
-        };
-        let acks = match buffers.acks.is_null() {
-            true => &mut [][..],
-            false => std::slice::from_raw_parts_mut(buffers.acks, buffers.ack_cap),
-        };
-        let messages = match buffers.messages.is_null() {
-            true => &mut [][..],
-            false if buffers.messages.align_offset(8) != 0 => {
-                return Err(fail(
-                    WPS_STATUS_INVALID_ARGUMENT,
-                    "`buffers->messages` is not 8-byte aligned",
-                ))
-            }
-            false => std::slice::from_raw_parts_mut(buffers.messages, buffers.message_cap),
-        };
+        }
+        // Fields read and written one by one: callbacks run during the call, so no
+        // reference to the caller's struct is held across it.
+        let acks = array_out((*buffers).acks, (*buffers).ack_cap, 1, "buffers->acks")?;
+        let messages = array_out(
+            (*buffers).messages,
+            (*buffers).message_cap,
+            8,
+            "buffers->messages",
+        )?;
         let mut records = Records::new(acks, messages);
         let count = dispatch(c, max, Some(&mut records))?;
-        buffers.ran = count;
-        buffers.acks_written = records.acks_written;
-        buffers.messages_written = records.messages_written;
-        buffers.message_bytes = records.message_bytes;
+        (*buffers).ran = count;
+        (*buffers).acks_written = records.acks_written;
+        (*buffers).messages_written = records.messages_written;
+        (*buffers).message_bytes = records.message_bytes;
         Ok(())
     })
 }

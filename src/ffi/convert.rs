@@ -47,6 +47,39 @@ pub(crate) unsafe fn bytes_arg<'a>(p: *const u8, len: usize, what: &str) -> FfiR
     Ok(std::slice::from_raw_parts(p, len))
 }
 
+/// Borrows an output array of `len` elements aligned to `align` (at least `T`'s), or
+/// none when `p` is NULL (its length is then ignored).
+///
+/// # Safety
+/// `p` is NULL or points to `len` writable elements valid for `'a`.
+pub(crate) unsafe fn array_out<'a, T>(
+    p: *mut T,
+    len: usize,
+    align: usize,
+    what: &str,
+) -> FfiResult<&'a mut [T]> {
+    if p.is_null() {
+        return Ok(&mut []);
+    }
+    let align = align.max(std::mem::align_of::<T>());
+    if (p as usize) % align != 0 {
+        return Err(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            format!("`{what}` is not {align}-byte aligned"),
+        ));
+    }
+    if !len
+        .checked_mul(std::mem::size_of::<T>())
+        .is_some_and(|bytes| bytes <= isize::MAX as usize)
+    {
+        return Err(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            format!("`{what}` is too long"),
+        ));
+    }
+    Ok(std::slice::from_raw_parts_mut(p, len))
+}
+
 /// Borrows the object behind an opaque handle.
 ///
 /// # Safety
