@@ -1217,7 +1217,9 @@ const char *wps_version(void);
  *
  * The callback runs on a library-owned logging thread. When this returns, the
  * previous callback is no longer running (unless this is called from inside it) and
- * will not be called again with its user data.
+ * will not be called again with its user data. In a `fork()` child of a process
+ * whose logging thread had started, a callback gets `WPS_STATUS_FORKED` (there is no
+ * thread to run it); NULL still turns logging off.
  */
 wps_status wps_set_log_callback(wps_log_cb cb, void *user_data, uint32_t max_level);
 

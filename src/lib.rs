@@ -26,6 +26,7 @@
 
 pub mod client;
 pub mod ffi;
+mod fork;
 pub mod protocol;
 pub mod runtime;
 pub mod transport;

@@ -5,34 +5,11 @@
 //! all clients: the thread count does not grow with the number of clients.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use tokio::runtime::{Handle, Runtime};
 
-struct Shared {
-    runtime: Runtime,
-    pid: u32,
-}
-
-static RUNTIME: OnceLock<Shared> = OnceLock::new();
-
-/// Set in the child of a `fork()` (an atfork handler), so that every call can check
-/// for it without a `getpid` system call.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-#[cfg(unix)]
-extern "C" fn mark_forked() {
-    FORKED.store(true, Ordering::Relaxed);
-}
-
-/// Whether this process is a `fork()` child of the one that created the runtime.
-fn forked(shared: &Shared) -> bool {
-    if cfg!(unix) {
-        FORKED.load(Ordering::Relaxed)
-    } else {
-        shared.pid != std::process::id()
-    }
-}
+/// The runtime, with the `fork()` generation its threads belong to.
+static RUNTIME: OnceLock<(Runtime, usize)> = OnceLock::new();
 
 /// How many worker threads the runtime gets on a machine with `cpus` processors: half
 /// of them, from 1 to 4. The workers only move frames between sockets and queues; the
@@ -44,13 +21,9 @@ fn worker_threads(cpus: usize) -> usize {
     (cpus / 2).clamp(1, 4)
 }
 
-fn shared() -> &'static Shared {
+fn runtime() -> &'static (Runtime, usize) {
     RUNTIME.get_or_init(|| {
-        #[cfg(unix)]
-        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
-        unsafe {
-            libc::pthread_atfork(None, None, Some(mark_forked));
-        }
+        crate::fork::watch();
         let workers = worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
@@ -58,21 +31,18 @@ fn shared() -> &'static Shared {
             .enable_all()
             .build()
             .expect("building the webpubsub client runtime");
-        Shared {
-            runtime,
-            pid: std::process::id(),
-        }
+        (runtime, crate::fork::generation())
     })
 }
 
 /// The runtime's handle, or an error in a `fork()` child of the process that created
 /// it (its worker threads do not exist there, so using it would hang).
 pub fn try_handle() -> Result<Handle, String> {
-    let shared = shared();
-    if forked(shared) {
+    let (runtime, generation) = runtime();
+    if crate::fork::generation() != *generation {
         return Err("the webpubsub runtime was created before fork(); it cannot be used in the child process".into());
     }
-    Ok(shared.runtime.handle().clone())
+    Ok(runtime.handle().clone())
 }
 
 /// The runtime's handle (created on first use).

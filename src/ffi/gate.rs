@@ -100,6 +100,15 @@ impl Drop for InCallback {
     }
 }
 
+/// In a new `fork()` child, on the thread that forked (the child's only thread): the
+/// callbacks that ran on the parent's other threads are gone, so only this thread's
+/// count. Touches only atomics and this thread's own depth.
+pub(crate) fn forget_other_threads() {
+    let own = CALLBACK_DEPTH.with(Cell::get);
+    GATE.running.store(own, Ordering::SeqCst);
+    GATE.waiting.store(0, Ordering::SeqCst);
+}
+
 /// True while this thread is inside a user callback called by the library.
 pub(crate) fn in_callback() -> bool {
     CALLBACK_DEPTH.with(|d| d.get() > 0)

@@ -14,7 +14,8 @@ use log::{LevelFilter, Log, Metadata, Record};
 use super::gate::InCallback;
 use super::panic::guard;
 use super::status::{
-    fail, to_cstring, wps_status, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
+    fail, to_cstring, wps_status, WPS_STATUS_FORKED, WPS_STATUS_INTERNAL,
+    WPS_STATUS_INVALID_ARGUMENT,
 };
 
 /// Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
@@ -51,7 +52,9 @@ enum Msg {
 }
 
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
-static QUEUE: OnceLock<SyncSender<Msg>> = OnceLock::new();
+/// The logging thread's queue and the `fork()` generation of the thread, once started;
+/// `None` when the application had installed a `log` logger of its own.
+static QUEUE: OnceLock<Option<(SyncSender<Msg>, usize)>> = OnceLock::new();
 
 thread_local! {
     static ON_LOG_THREAD: Cell<bool> = const { Cell::new(false) };
@@ -77,7 +80,7 @@ impl Log for Bridge {
         if !self.enabled(record.metadata()) {
             return;
         }
-        if let Some(queue) = QUEUE.get() {
+        if let Some(Some((queue, _))) = QUEUE.get() {
             let msg = Msg::Record {
                 level: record.level() as u32,
                 target: record.target().to_owned(),
@@ -101,6 +104,10 @@ fn run(rx: Receiver<Msg>) {
                 target,
                 message,
             } => {
+                // Queued under an earlier level: only what the current one lets through.
+                if level as usize > log::max_level() as usize {
+                    continue;
+                }
                 let sink = *SINK.lock().unwrap_or_else(|e| e.into_inner());
                 if let (Some(sink), Some(_inside)) = (sink, InCallback::enter()) {
                     let target = to_cstring(&target);
@@ -116,24 +123,24 @@ fn run(rx: Receiver<Msg>) {
     }
 }
 
-fn queue() -> Result<&'static SyncSender<Msg>, wps_status> {
-    if let Some(q) = QUEUE.get() {
-        return Ok(q);
-    }
-    log::set_logger(&BRIDGE).map_err(|_| {
-        fail(
-            WPS_STATUS_INTERNAL,
-            "another `log` logger is installed in this process",
-        )
-    })?;
-    Ok(QUEUE.get_or_init(|| {
+fn queue() -> Result<&'static (SyncSender<Msg>, usize), wps_status> {
+    // Installed and started once, by whichever call comes first.
+    let started = QUEUE.get_or_init(|| {
+        log::set_logger(&BRIDGE).ok()?;
+        crate::fork::watch();
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("wps-log".to_owned())
             .spawn(move || run(rx))
             .expect("spawn the logging thread");
-        tx
-    }))
+        Some((tx, crate::fork::generation()))
+    });
+    started.as_ref().ok_or_else(|| {
+        fail(
+            WPS_STATUS_INTERNAL,
+            "another `log` logger is installed in this process",
+        )
+    })
 }
 
 /// Routes the library's logs to `cb` (process-wide), up to `max_level` (`WPS_LOG_*`;
@@ -141,7 +148,9 @@ fn queue() -> Result<&'static SyncSender<Msg>, wps_status> {
 ///
 /// The callback runs on a library-owned logging thread. When this returns, the
 /// previous callback is no longer running (unless this is called from inside it) and
-/// will not be called again with its user data.
+/// will not be called again with its user data. In a `fork()` child of a process
+/// whose logging thread had started, a callback gets `WPS_STATUS_FORKED` (there is no
+/// thread to run it); NULL still turns logging off.
 #[no_mangle]
 pub extern "C" fn wps_set_log_callback(
     cb: wps_log_cb,
@@ -163,7 +172,14 @@ pub extern "C" fn wps_set_log_callback(
                 ))
             }
         };
-        let queue = queue()?;
+        let (queue, generation) = queue()?;
+        let forked = crate::fork::generation() != *generation;
+        if forked && cb.is_some() {
+            return Err(fail(
+                WPS_STATUS_FORKED,
+                "the logging thread was started before fork(): the child process cannot route logs",
+            ));
+        }
         let sink = cb.map(|cb| Sink { cb, user_data });
         log::set_max_level(if sink.is_some() {
             filter
@@ -171,7 +187,9 @@ pub extern "C" fn wps_set_log_callback(
             LevelFilter::Off
         });
         *SINK.lock().unwrap_or_else(|e| e.into_inner()) = sink;
-        if !ON_LOG_THREAD.with(|f| f.get()) {
+        // The previous callback is done once the thread has emptied the queue (in a
+        // fork() child there is no thread, and nothing runs it).
+        if !forked && !ON_LOG_THREAD.with(|f| f.get()) {
             let (tx, rx) = mpsc::sync_channel(1);
             if queue.send(Msg::Flush(tx)).is_ok() {
                 let _ = rx.recv();
