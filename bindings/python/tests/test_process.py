@@ -127,3 +127,36 @@ def test_exit_with_daemon_threads_inside_calls_does_not_crash(hub: Hub) -> None:
         result = run_python(code, {})
         assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
         assert result.stdout.strip().endswith("exiting")
+
+
+def test_a_fork_child_exits_promptly_with_clients_of_its_parent(hub: Hub) -> None:
+    """A fork() child of a process with open sync and asyncio clients (a prefork server's
+    worker) exits normally without waiting for library threads it does not have; the
+    parent's clients keep working."""
+    url = hub.url("forker")
+    code = f"""
+        import asyncio, os, sys
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.aio import WebPubSubClient as AsyncClient
+        client = WebPubSubClient({url!r}, start_timeout=5.0)
+        client.subscribe("group-message", lambda m: None)
+        client.open()
+        aclient = AsyncClient({url!r})
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(aclient.open())
+        for exit_by in ("sys.exit", "return"):
+            pid = os.fork()
+            if pid == 0:
+                if exit_by == "sys.exit":
+                    sys.exit(0)
+                break  # the child leaves the loop and ends the script
+            _, status = os.waitpid(pid, 0)
+            print(exit_by, os.waitstatus_to_exitcode(status), flush=True)
+        else:
+            print(client.send_to_group("fork-group", "after", "text").ack_id is not None, flush=True)
+            loop.run_until_complete(aclient.close())
+            client.close()
+    """
+    result = run_python(code, {}, timeout=60)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["sys.exit", "0", "return", "0", "True"], result.stdout

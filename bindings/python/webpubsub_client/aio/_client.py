@@ -8,6 +8,7 @@ import ctypes
 import functools
 import inspect
 import logging
+import os
 import threading
 import time
 import weakref
@@ -304,6 +305,7 @@ class _Poller:
         self._flush_scheduled = False
         self._deferred = 0  # messages deferred since the last hand-over
         self._last_send = 0.0  # time.monotonic() of the last acked send
+        self._pid = os.getpid()  # a fork() child leaves the client and the loop alone
 
     @property
     def alive(self) -> bool:
@@ -413,7 +415,11 @@ class _Poller:
             loop.remove_reader(self._fd)
 
     def free(self) -> None:
-        """Stop dispatching and free the native client (the client's finalizer)."""
+        """Stop dispatching and free the native client (the client's finalizer). Not in a
+        fork() child: its copy of the loop's epoll instance is the parent's, so removing
+        the reader there would remove it from the parent's loop."""
+        if os.getpid() != self._pid:
+            return
         loop = self._loop
         if loop is not None and loop.is_running() and _running_loop() is not loop:
             # Another thread runs the loop: unregister and free there, so that the
