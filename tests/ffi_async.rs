@@ -11,9 +11,9 @@ use std::ffi::{c_void, CStr, CString};
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{
-    wps_ack_record, wps_completion, wps_dispatch_buffers, wps_event, wps_message_record,
-    WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED, WPS_EVENT_GROUP_MESSAGE, WPS_EVENT_STOPPED,
-    WPS_MESSAGE_HAS_FROM_USER_ID, WPS_MESSAGE_HAS_SEQUENCE_ID,
+    wps_ack_record, wps_completion, wps_dispatch_buffers, wps_event, wps_event_cb,
+    wps_message_record, WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED, WPS_EVENT_GROUP_MESSAGE,
+    WPS_EVENT_STOPPED, WPS_MESSAGE_HAS_FROM_USER_ID, WPS_MESSAGE_HAS_SEQUENCE_ID,
 };
 use webpubsub_client::ffi::client::{
     wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id, wps_client_dispatch,
@@ -798,6 +798,11 @@ fn dispatch_records_until(
 
 /// A started client in poll dispatch mode whose events and completions go to `rec`.
 fn started_poll_client(url: &CStr, rec: &Recorder) -> *mut wps_client {
+    started_poll_client_with(url, Some(on_event), rec)
+}
+
+/// As `started_poll_client`, with the event callback `on_event` (may be None).
+fn started_poll_client_with(url: &CStr, on_event: wps_event_cb, rec: &Recorder) -> *mut wps_client {
     let options = wps_options_new();
     check(
         wps_options_set_dispatch_mode(options, WPS_DISPATCH_POLL),
@@ -808,7 +813,7 @@ fn started_poll_client(url: &CStr, rec: &Recorder) -> *mut wps_client {
         wps_client_new(
             url.as_ptr(),
             options,
-            Some(on_event),
+            on_event,
             rec.user_data(),
             None,
             &mut c,
@@ -990,6 +995,63 @@ fn read_message_records(buf: &[u8], count: usize) -> Vec<(String, Option<u64>)> 
         at += r.size as usize;
     }
     out
+}
+
+#[test]
+fn a_client_without_an_event_callback_still_gets_its_messages_as_records() {
+    let setup = Setup::new();
+    let rec = Recorder::default();
+    let c = started_poll_client_with(&setup.url, None, &rec);
+    let group = c"no-callback";
+    check(
+        unsafe { wps_client_join_group(c, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    for text in ["a", "b", "c"] {
+        check(common::ffi_send_text(c, group, text, 0), "a blocking send");
+    }
+    let mut messages = [0u64; 64];
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while lines.len() < 3 {
+        assert!(Instant::now() < deadline, "timed out: {lines:?}");
+        let mut buffers = wps_dispatch_buffers {
+            acks: std::ptr::null_mut(),
+            ack_cap: 0,
+            messages: messages.as_mut_ptr().cast(),
+            message_cap: std::mem::size_of_val(&messages),
+            ran: 0,
+            acks_written: 0,
+            messages_written: 0,
+            message_bytes: 0,
+        };
+        check(
+            unsafe { wps_client_dispatch_into(c, 16, &mut buffers) },
+            "wps_client_dispatch_into",
+        );
+        // SAFETY: the buffer is plain bytes, 8-byte aligned.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(messages.as_ptr().cast::<u8>(), buffers.message_bytes)
+        };
+        lines.extend(
+            read_message_records(bytes, buffers.messages_written)
+                .into_iter()
+                .map(|(l, _)| l),
+        );
+        if buffers.messages_written == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert_eq!(
+        lines,
+        [
+            "m no-callback u a",
+            "m no-callback u b",
+            "m no-callback u c"
+        ]
+    );
+    unsafe { wps_client_free(c) };
+    setup.shutdown();
 }
 
 #[test]

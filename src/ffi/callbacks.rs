@@ -471,7 +471,16 @@ impl EventSink {
     /// Gathers an event (called by the core on its connection task; never blocks long)
     /// for `end_batch`; returns how many are gathered.
     fn deliver(self: &Arc<Self>, event: Event) -> usize {
-        if self.closed.load(Ordering::Acquire) || self.cb.is_none() {
+        if self.closed.load(Ordering::Acquire) {
+            return 0;
+        }
+        // Without a callback, only a message can still reach the application: as a
+        // record of a poll-mode dispatch.
+        let recordable = matches!(
+            event,
+            Event::GroupMessage { .. } | Event::ServerMessage { .. }
+        ) && self.worker.fd().is_some();
+        if self.cb.is_none() && !recordable {
             return 0;
         }
         let mut gathered = self.gathered();

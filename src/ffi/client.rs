@@ -465,7 +465,9 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
 /// a record; the counts are in `buffers`'s output fields. Events other than messages,
 /// failures and any other dispatch still call the callbacks. The order holds within
 /// each array and against the callbacks (which came first), not between the two
-/// arrays. Both arrays must be 8-byte aligned (`WPS_STATUS_INVALID_ARGUMENT`), and
+/// arrays. A client created without an event callback still gets its messages here
+/// (those that reach no record are dropped). Both arrays must be 8-byte aligned
+/// (`WPS_STATUS_INVALID_ARGUMENT`), and
 /// belong to the call until it returns: a callback it runs must not use them.
 ///
 /// # Safety
