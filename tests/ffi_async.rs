@@ -997,6 +997,36 @@ fn read_message_records(buf: &[u8], count: usize) -> Vec<(String, Option<u64>)> 
     out
 }
 
+/// One `wps_client_dispatch_into` of up to 16 callbacks into `acks` (none when empty)
+/// and `messages`; its counts, every output field written.
+fn dispatch_into(
+    c: *mut wps_client,
+    acks: &mut [wps_ack_record],
+    messages: &mut [u64],
+) -> wps_dispatch_buffers {
+    let mut buffers = wps_dispatch_buffers {
+        acks: if acks.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            acks.as_mut_ptr()
+        },
+        ack_cap: acks.len(),
+        messages: messages.as_mut_ptr().cast(),
+        message_cap: std::mem::size_of_val(messages),
+        ran: 99,
+        acks_written: 99,
+        messages_written: 99,
+        message_bytes: 99,
+    };
+    check(
+        unsafe { wps_client_dispatch_into(c, 16, &mut buffers) },
+        "wps_client_dispatch_into",
+    );
+    assert!(buffers.ack_cap == 0 || buffers.acks_written <= buffers.ack_cap);
+    assert!(buffers.message_bytes <= buffers.message_cap);
+    buffers
+}
+
 #[test]
 fn a_client_without_an_event_callback_still_gets_its_messages_as_records() {
     let setup = Setup::new();
@@ -1015,20 +1045,7 @@ fn a_client_without_an_event_callback_still_gets_its_messages_as_records() {
     let deadline = Instant::now() + WAIT;
     while lines.len() < 3 {
         assert!(Instant::now() < deadline, "timed out: {lines:?}");
-        let mut buffers = wps_dispatch_buffers {
-            acks: std::ptr::null_mut(),
-            ack_cap: 0,
-            messages: messages.as_mut_ptr().cast(),
-            message_cap: std::mem::size_of_val(&messages),
-            ran: 0,
-            acks_written: 0,
-            messages_written: 0,
-            message_bytes: 0,
-        };
-        check(
-            unsafe { wps_client_dispatch_into(c, 16, &mut buffers) },
-            "wps_client_dispatch_into",
-        );
+        let buffers = dispatch_into(c, &mut [], &mut messages);
         // SAFETY: the buffer is plain bytes, 8-byte aligned.
         let bytes = unsafe {
             std::slice::from_raw_parts(messages.as_ptr().cast::<u8>(), buffers.message_bytes)
@@ -1083,21 +1100,7 @@ fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call
             Instant::now() < deadline,
             "timed out dispatching: {lines:?}"
         );
-        let mut buffers = wps_dispatch_buffers {
-            acks: acks.as_mut_ptr(),
-            ack_cap: acks.len(),
-            messages: messages.as_mut_ptr().cast(),
-            message_cap: std::mem::size_of_val(&messages),
-            ran: 99,
-            acks_written: 99,
-            messages_written: 99,
-            message_bytes: 99,
-        };
-        check(
-            unsafe { wps_client_dispatch_into(c, 16, &mut buffers) },
-            "wps_client_dispatch_into",
-        );
-        assert!(buffers.message_bytes <= buffers.message_cap);
+        let buffers = dispatch_into(c, &mut acks, &mut messages);
         // the callbacks that ran came before this call's records
         let called: Vec<String> = {
             let mut seen = rec.seen.lock().unwrap();
