@@ -7,11 +7,16 @@ mod common;
 use common::check;
 
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_GROUP_MESSAGE};
+use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_GROUP_MESSAGE};
 use webpubsub_client::ffi::client::{
-    wps_client, wps_client_free, wps_client_join_group, wps_client_send_to_group, wps_client_start,
+    wps_client, wps_client_free, wps_client_join_group, wps_client_new_with_credential,
+    wps_client_send_to_group, wps_client_start,
 };
+use webpubsub_client::ffi::credential::{wps_credential_result, wps_credential_result_set_url};
 use webpubsub_client::ffi::status::WPS_DATA_TYPE_TEXT;
 use webpubsub_emulator::{Config, Emulator};
 
@@ -132,5 +137,80 @@ fn many_clients_share_a_few_dispatcher_threads_and_events_stay_ordered() {
         let seen = rec.seen.lock().unwrap();
         assert_eq!(seen.freed, 1, "finalizer ran once, before free returned");
     }
+    rt.block_on(emulator.shutdown());
+}
+
+/// What the client freed from its own callback saw.
+struct FreedInside {
+    url: CString,
+    client: AtomicPtr<wps_client>,
+    callback_returned: AtomicBool,
+    finalized: Mutex<Option<(String, bool)>>,
+}
+
+unsafe extern "C" fn provide_url(user_data: *mut c_void, result: *mut wps_credential_result) {
+    let s = &*(user_data as *const FreedInside);
+    wps_credential_result_set_url(result, s.url.as_ptr());
+}
+
+unsafe extern "C" fn credential_finalizer(user_data: *mut c_void) {
+    let s = &*(user_data as *const FreedInside);
+    let thread = std::thread::current().name().unwrap_or("").to_owned();
+    let after = s.callback_returned.load(Ordering::SeqCst);
+    *s.finalized.lock().unwrap() = Some((thread, after));
+}
+
+unsafe extern "C" fn free_on_connected(user_data: *mut c_void, event: *const wps_event) {
+    let s = &*(user_data as *const FreedInside);
+    if (*event).kind == WPS_EVENT_CONNECTED {
+        wps_client_free(s.client.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(300));
+        s.callback_returned.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_client_freed_in_its_callback_finalizes_its_credential_on_the_dispatcher_after_it() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let state = FreedInside {
+        url: CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap(),
+        client: AtomicPtr::new(std::ptr::null_mut()),
+        callback_returned: AtomicBool::new(false),
+        finalized: Mutex::new(None),
+    };
+    let user_data = &state as *const FreedInside as *mut c_void;
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new_with_credential(
+            Some(provide_url),
+            user_data,
+            Some(credential_finalizer),
+            std::ptr::null(),
+            Some(free_on_connected),
+            user_data,
+            None,
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new_with_credential");
+    state.client.store(c, Ordering::SeqCst);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (thread, after) = loop {
+        if let Some(seen) = state.finalized.lock().unwrap().clone() {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the credential finalizer never ran"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(thread.starts_with("wps-dispatch-"), "ran on {thread:?}");
+    assert!(
+        after,
+        "ran before the callback that freed the client returned"
+    );
     rt.block_on(emulator.shutdown());
 }

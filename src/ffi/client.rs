@@ -341,8 +341,13 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             if let Ok(rt) = runtime() {
                 rt.spawn(async move {
                     shared.client.stop().await;
-                    if let Some(cred) = &shared.credential {
-                        cred.close(false);
+                    // On the dispatcher, after the running callback: a finalizer may
+                    // block, and must never run on an I/O thread.
+                    if let Some(cred) = shared.credential.clone() {
+                        shared
+                            .sink
+                            .worker()
+                            .push(Job::new(move || cred.close(false)));
                     }
                 });
             }
