@@ -8,6 +8,7 @@ use common::check;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{
@@ -134,6 +135,20 @@ impl Setup {
     /// A client whose events and completions go to `rec`; started when `start`.
     fn client(&self, rec: &Recorder, start: bool) -> *mut wps_client {
         client_of(&self.url, rec, start)
+    }
+
+    /// Has the emulator deliver the next `count` messages of `c` but swallow their acks.
+    fn drop_acks(&self, c: *mut wps_client, count: u32) {
+        let mut id = [0u8; 128];
+        let mut len = 0;
+        check(
+            unsafe { wps_client_connection_id(c, id.as_mut_ptr().cast(), id.len(), &mut len) },
+            "connection id",
+        );
+        let connection_id = std::str::from_utf8(&id[..len]).unwrap();
+        let action = format!(":dropAcks?count={count}");
+        self.rt
+            .block_on(common::fault(&self.emulator, "hub", connection_id, &action));
     }
 
     fn shutdown(self) {
@@ -614,20 +629,8 @@ fn a_timed_out_operation_reports_its_ack_id_and_a_resend_with_it_is_a_duplicate(
         check(status, "wps_client_new");
         check(wps_client_start(c), "wps_client_start");
     }
-    let mut id = [0u8; 128];
-    let mut len = 0;
-    check(
-        unsafe { wps_client_connection_id(c, id.as_mut_ptr().cast(), id.len(), &mut len) },
-        "connection id",
-    );
-    let connection_id = std::str::from_utf8(&id[..len]).unwrap();
     // The emulator delivers the next two messages but swallows their acks.
-    setup.rt.block_on(common::fault(
-        &setup.emulator,
-        "hub",
-        connection_id,
-        ":dropAcks?count=2",
-    ));
+    setup.drop_acks(c, 2);
     let (status, out) = send_blocking(c, "once", None);
     assert_eq!(status, WPS_STATUS_TIMEOUT);
     assert!(out.has_ack_id && out.ack_id > 0 && !out.is_duplicated);
@@ -651,6 +654,77 @@ fn a_timed_out_operation_reports_its_ack_id_and_a_resend_with_it_is_a_duplicate(
     assert_eq!(status, WPS_STATUS_ILLEGAL_STATE);
     assert!(!stale.has_ack_id && !stale.is_duplicated && stale.ack_id == 0);
     unsafe { wps_client_free(c) };
+    setup.shutdown();
+}
+
+/// A client that frees itself inside the callback of the group message "free me".
+struct FreedOnMessage {
+    rec: Recorder,
+    client: AtomicPtr<wps_client>,
+}
+
+unsafe extern "C" fn free_on_message(user_data: *mut c_void, event: *const wps_event) {
+    let this = &*(user_data as *const FreedOnMessage);
+    on_event(this.rec.user_data(), event);
+    let event = &*event;
+    if event.kind == WPS_EVENT_GROUP_MESSAGE
+        && std::slice::from_raw_parts(event.data, event.data_len) == b"free me"
+    {
+        wps_client_free(this.client.load(Ordering::SeqCst));
+    }
+}
+
+/// A send the service took in but never acked, pending when `c` is freed by `free`:
+/// completes once with `WPS_STATUS_STOPPED` and its ackId, after the message arrived.
+fn assert_freed_send_reports_its_ack_id(
+    setup: &Setup,
+    c: *mut wps_client,
+    rec: &Recorder,
+    free: impl FnOnce(),
+) {
+    check(
+        unsafe { wps_client_join_group(c, c"g".as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    setup.drop_acks(c, 1);
+    let op = send_async(c, c"g", "free me", 0, rec);
+    rec.wait("the message, so taken in", |s| {
+        s.messages.iter().any(|m| m == "free me")
+    });
+    free();
+    rec.wait("the completion", |s| s.completions.contains_key(&op));
+    let seen = rec.seen.lock().unwrap();
+    assert_eq!(seen.completions[&op], vec![WPS_STATUS_STOPPED]);
+    assert!(seen.ack_ids.get(&op).is_some_and(|id| *id > 0), "no ackId");
+}
+
+#[test]
+fn a_send_pending_when_its_client_is_freed_reports_its_ack_id() {
+    let setup = Setup::new();
+    // Freed by the application.
+    let rec = Recorder::default();
+    let c = setup.client(&rec, true);
+    assert_freed_send_reports_its_ack_id(&setup, c, &rec, || unsafe { wps_client_free(c) });
+    // Freed inside its own event callback: the same, after that callback.
+    let freed = FreedOnMessage {
+        rec: Recorder::default(),
+        client: AtomicPtr::new(std::ptr::null_mut()),
+    };
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new(
+            setup.url.as_ptr(),
+            std::ptr::null(),
+            Some(free_on_message),
+            &freed as *const FreedOnMessage as *mut c_void,
+            None,
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new");
+    freed.client.store(c, Ordering::SeqCst);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    assert_freed_send_reports_its_ack_id(&setup, c, &freed.rec, || {});
     setup.shutdown();
 }
 

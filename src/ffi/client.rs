@@ -154,7 +154,15 @@ impl Shared {
             .push(Job::Completion(op_id, target, outcome));
     }
 
-    /// Completes every pending operation with `WPS_STATUS_STOPPED` and refuses new ones.
+    /// Refuses new operations: the client is being freed.
+    fn refuse_new_ops(&self) {
+        self.ops().closing = true;
+    }
+
+    /// Completes every operation still pending with `WPS_STATUS_STOPPED` and refuses
+    /// new ones. After the core's stop, which has completed the acked operations it had
+    /// taken in with their ackIds, this ends what is left: invocations, and operations
+    /// that never reached the connection task.
     fn stop_all_ops(&self) {
         let mut ops = self.ops();
         ops.closing = true;
@@ -301,9 +309,10 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
     })
 }
 
-/// Frees a client (NULL is ignored): completes every pending operation with
-/// `WPS_STATUS_STOPPED` (unless its outcome was already queued), stops the client,
-/// waits for the running callbacks and runs the finalizers. When it returns, no
+/// Frees a client (NULL is ignored): stops the client, completes every pending
+/// operation with `WPS_STATUS_STOPPED` (unless its outcome was already queued; an
+/// acked operation the client had sent reports its ackId, as after
+/// `wps_client_stop`), waits for the running callbacks and runs the finalizers. When it returns, no
 /// callback of this client is running or will run, and the client's connection task
 /// has ended and released its memory.
 ///
@@ -323,10 +332,10 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
         // The handle stays allocated until the client's last callback ran, so a
         // callback still running during the teardown may use it.
         let handle = Box::from_raw(c.cast::<Arc<Shared>>());
-        if runtime().is_err() {
+        let Ok(rt) = runtime() else {
             std::mem::forget(handle);
             return;
-        }
+        };
         let shared = Arc::clone(&handle);
         // Poll mode: nothing polls this client any more; a library thread runs what
         // is left (completions, the finalizer), and no further event is delivered.
@@ -334,28 +343,29 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             shared.sink.close_now();
             shared.sink.worker().hand_over();
         }
+        // The core's stop completes the acked operations it had taken in, each with its
+        // ackId; stop_all_ops then ends the rest.
+        shared.refuse_new_ops();
         if in_callback() {
             shared.sink.close_now();
-            shared.stop_all_ops();
-            shared.sink.close_then(move || drop(handle));
-            if let Ok(rt) = runtime() {
-                rt.spawn(async move {
-                    shared.client.stop().await;
-                    // On the dispatcher, after the running callback: a finalizer may
-                    // block, and must never run on an I/O thread.
-                    if let Some(cred) = shared.credential.clone() {
-                        shared
-                            .sink
-                            .worker()
-                            .push(Job::new(move || cred.close(false)));
-                    }
-                });
-            }
+            rt.spawn(async move {
+                shared.client.stop().await;
+                shared.stop_all_ops();
+                // On the dispatcher, after the running callback and the completions: a
+                // finalizer may block, and must never run on an I/O thread.
+                if let Some(cred) = shared.credential.clone() {
+                    shared
+                        .sink
+                        .worker()
+                        .push(Job::new(move || cred.close(false)));
+                }
+                shared.sink.close_then(move || drop(handle));
+            });
         } else {
-            shared.stop_all_ops();
             let client = shared.client.clone();
             let ended = client.end_watch();
             let _ = block(async move { client.stop().await });
+            shared.stop_all_ops();
             if let Some(cred) = &shared.credential {
                 cred.close(true);
             }

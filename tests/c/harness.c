@@ -1025,26 +1025,42 @@ static int emulator_post(const char *conn, const char *action) {
     return http_request(EMU.port, "POST", path, NULL, NULL, NULL);
 }
 
-/* A send the service took in but never acked, ended by wps_client_stop: STOPPED with
- * its ackId, so that the caller can send it again with the same one. */
+/* Sends "unacked" to group "held" of a new client whose ack the emulator swallows, and
+ * waits until it is delivered (so the service took it in): pending for good. */
+static wps_client *client_with_held_send(recorder **r, completion *held) {
+    wps_client *a = connect_client("alice", ALL_ROLES, r);
+    if (!a) return NULL;
+    char id[128];
+    int code = 0;
+    bool ok = wps_client_join_group(a, "held", NULL) == WPS_STATUS_OK && connection_id(a, id, sizeof id) &&
+              ((code = emulator_post(id, ":dropAcks?count=1")) == 200 || code == 204) &&
+              wps_client_send_to_group_async(a, "held", WPS_DATA_TYPE_TEXT, (const uint8_t *)"unacked", 7, 0, on_complete, held, NULL) == WPS_STATUS_OK &&
+              wait_event(*r, 0, WPS_EVENT_GROUP_MESSAGE, "unacked") >= 0;
+    if (ok) return a;
+    free_client(a, *r);
+    return NULL;
+}
+
+/* A send the service took in but never acked, ended by wps_client_stop or by
+ * wps_client_free: STOPPED with its ackId, so that the caller can send it again with
+ * the same one. */
 static bool test_stop_reports_ack_ids(void) {
     recorder *ra;
-    wps_client *a = connect_client("alice", ALL_ROLES, &ra);
-    CHECK(a);
-    CHECK_OK(wps_client_join_group(a, "held", NULL));
-    char id[128];
-    CHECK(connection_id(a, id, sizeof id));
-    int code = emulator_post(id, ":dropAcks?count=1");
-    CHECK(code == 200 || code == 204);
     completion held;
     completion_init(&held);
-    CHECK_OK(wps_client_send_to_group_async(a, "held", WPS_DATA_TYPE_TEXT, (const uint8_t *)"unacked", 7, 0, on_complete, &held, NULL));
-    CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "unacked") >= 0); /* delivered, so taken in */
+    wps_client *a = client_with_held_send(&ra, &held);
+    CHECK(a);
     CHECK_OK(wps_client_stop(a));
     CHECK(wait_completion(&held));
     CHECK(held.status == WPS_STATUS_STOPPED && held.has_ack_id && held.ack_id > 0 && held.message_set);
-    completion_destroy(&held);
     CHECK(free_client(a, ra));
+    completion_destroy(&held);
+    completion_init(&held);
+    a = client_with_held_send(&ra, &held);
+    CHECK(a);
+    CHECK(free_client(a, ra)); /* the completion ran before it returned */
+    CHECK(held.calls == 1 && held.status == WPS_STATUS_STOPPED && held.has_ack_id && held.ack_id > 0);
+    completion_destroy(&held);
     return true;
 }
 
@@ -1654,7 +1670,7 @@ int main(int argc, char **argv) {
     run("free inside a completion callback", test_free_inside_completion);
     run("free with pending operations", test_free_with_pending);
     run("credential errors", test_credential_errors);
-    run("stop reports the ackIds of pending sends", test_stop_reports_ack_ids);
+    run("stop and free report the ackIds of pending sends", test_stop_reports_ack_ids);
     run("reconnection", test_reconnection);
     run("dispatcher threads and order", test_threads_and_order);
     run("fork", test_fork);
