@@ -641,8 +641,8 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
 /**
  * Frees a client (NULL is ignored): stops the client, completes every pending
  * operation with `WPS_STATUS_STOPPED` (unless its outcome was already queued; an
- * acked operation the client had sent reports its ackId, as after
- * `wps_client_stop`), waits for the running callbacks and runs the finalizers. When it returns, no
+ * acked operation the client had sent reports its ackId, as after `wps_client_stop`),
+ * waits for the running callbacks and runs the finalizers. When it returns, no
  * callback of this client is running or will run, and the client's connection task
  * has ended and released its memory.
  *
