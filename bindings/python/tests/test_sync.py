@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import threading
 import time
 from typing import Any, List
@@ -105,6 +108,37 @@ def test_open_unreachable_server_raises_open_client_error() -> None:
     client = WebPubSubClient(url, start_timeout=2.0, reconnect_retry_total=0)
     with pytest.raises(OpenClientError):
         client.open()
+
+
+def test_ctrl_c_interrupts_an_open_that_waits_for_the_server(hub: Hub) -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in an ``open()`` of the main thread at once,
+    as in the official client, and leaves the client stopped and usable. It was only raised
+    when the blocking native call returned: after ``start_timeout`` (30 s by default)."""
+    assert threading.current_thread() is threading.main_thread()
+    silent = socket.socket()  # accepts the connection, never answers the handshake
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    url = f"ws://127.0.0.1:{silent.getsockname()[1]}/client/hubs/h?access_token=x"
+    client = WebPubSubClient(url, start_timeout=WAIT, reconnect_retry_total=0)
+    stopped = Collector()
+    client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    interrupt = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.open()
+        elapsed = time.monotonic() - started
+    finally:
+        interrupt.join()
+        silent.close()
+    assert elapsed < WAIT / 2, f"KeyboardInterrupt came {elapsed:.1f} s after open()"
+    wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="the interrupted open stopping")
+    client.close()
+    other = make(hub.url())  # the process goes on normally
+    other.open()
+    assert other.is_connected()
+    other.close()
 
 
 # ---- group messages ----------------------------------------------------------------------

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import weakref
-from typing import Any, Callable, Literal, Optional, Union, overload
+from typing import Any, Callable, List, Literal, Optional, Tuple, Union, overload
 
 from . import _base, _native
 from ._native import lib
@@ -75,6 +76,33 @@ class _SyncSink:
                 listener(*args)
             except Exception:  # noqa: BLE001 - a listener's error must not stop the others
                 _base.log_listener_error(kind)
+
+
+def _start_interruptibly(client: "WebPubSubClient") -> Tuple[int, str]:
+    """``wps_client_start`` on a helper thread, while the main thread waits for it in a way
+    a signal interrupts: Ctrl-C raises KeyboardInterrupt at once, as in the official client,
+    instead of once the blocking call returns (up to ``start_timeout``). An interrupted
+    open leaves the client stopped. Returns the status and its error message (read on the
+    helper). The helper holds ``client``, so that its handle is not freed under the call."""
+    outcome: List[Tuple[int, str]] = []
+    interrupted = threading.Event()
+
+    def start() -> None:
+        handle = client._handle  # pylint: disable=protected-access
+        status = lib.wps_client_start(handle)
+        outcome.append((status, "" if status == _native.STATUS_OK else _native.last_error_message()))
+        if status == _native.STATUS_OK and interrupted.is_set():
+            lib.wps_client_stop(handle)  # connected after the interrupt's stop came too early
+
+    starter = threading.Thread(target=start, name="webpubsub-open", daemon=True)
+    starter.start()
+    try:
+        starter.join()
+    except BaseException:
+        interrupted.set()
+        lib.wps_client_stop(client._handle)  # pylint: disable=protected-access
+        raise
+    return outcome[0]
 
 
 # The C forms (plain, with_ack_id) of each send, looked up once.
@@ -186,7 +214,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     # ---- lifecycle ---------------------------------------------------------------
 
     def open(self) -> None:
-        """Connect to the service; returns once connected.
+        """Connect to the service; returns once connected. On the main thread, Ctrl-C
+        interrupts the wait (KeyboardInterrupt) and stops the client.
 
         :raises OpenClientError: the client is not stopped (already open or opening), or
             the connection failed within ``start_timeout``.
@@ -194,9 +223,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         handle = self._live_handle()
         if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
             raise OpenClientError("Client can be only started when it's Stopped")
-        status = lib.wps_client_start(handle)
+        if threading.current_thread() is threading.main_thread():
+            status, message = _start_interruptibly(self)
+        else:
+            status, message = lib.wps_client_start(handle), None
         if status != _native.STATUS_OK:
-            raise _base.open_error(status)
+            raise _base.open_error(status, message)
 
     def close(self) -> None:
         """Stop the client and close the connection; does nothing if it is already stopped."""
