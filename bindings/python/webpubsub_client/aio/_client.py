@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -167,22 +168,38 @@ class _AsyncSink:
             if result is None:  # a plain function: skips two inspect calls (0.2 us an event)
                 continue
             if inspect.iscoroutine(result):
-                self._start_eagerly(result, kind)
+                self._start(result, kind)
             elif inspect.isawaitable(result):
                 self._track(asyncio.ensure_future(result), kind)
 
-    def _start_eagerly(self, coro: Any, kind: CallbackType) -> None:
-        """Runs a coroutine listener at once, up to its first suspension; only one that
-        suspends becomes a task (most listeners finish without suspending, and a task per
-        event costs more than the event). Listeners thus start in event order."""
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
+    def _start(self, coro: Any, kind: CallbackType) -> None:
+        """Runs a coroutine listener in a task of its own, as the official client does:
+        ``asyncio.current_task()`` is its own, and ``asyncio.timeout``, ``TaskGroup`` and
+        (from Python 3.12) ``asyncio.wait_for`` work from its first line. From Python 3.12
+        the task starts eagerly: at once, up to its first suspension, and one that finishes
+        without suspending is never scheduled (about 1 us more than a plain call). Before,
+        it starts on the loop's next pass. Either way coroutine listeners start in event order."""
+        loop = self.loop
+        assert loop is not None  # bound before any event reaches the loop
+        if sys.version_info >= (3, 12):
+            task = asyncio.Task(coro, loop=loop, eager_start=True)
+            if task.done():
+                self._finished(task, kind=kind)
+            else:
+                self._track(task, kind)
             return
+        self._tasks.add(loop.create_task(self._run(coro, kind)))
+
+    async def _run(self, coro: Any, kind: CallbackType) -> None:
+        """A listener's task before Python 3.12: logs what the listener raised and forgets
+        the task itself, where a done callback would cost the loop one more pass per event
+        (5.9 against 4.3 us a trivial listener on 3.11)."""
+        try:
+            await coro
         except Exception:  # noqa: BLE001
             _base.log_listener_error(kind)
-            return
-        self._track(asyncio.ensure_future(_resume(coro, yielded)), kind)
+        finally:
+            self._tasks.discard(asyncio.current_task(self.loop))
 
     def _track(self, task: "asyncio.Future[Any]", kind: CallbackType) -> None:
         self._tasks.add(task)
@@ -204,34 +221,6 @@ class _AsyncSink:
             return future.result(timeout)
 
         return provide
-
-
-async def _resume(coro: Any, yielded: Any) -> Any:
-    """Drives a coroutine started with ``send(None)`` that suspended, as its task would
-    have: it waits for what the coroutine awaits (``yielded``: a future, or None for a bare
-    yield), then resumes it; a cancellation cancels the awaited future and is thrown in."""
-    while True:
-        try:
-            if yielded is None:
-                await asyncio.sleep(0)
-            elif getattr(yielded, "_asyncio_future_blocking", None) is not None:
-                yielded._asyncio_future_blocking = False
-                await asyncio.wait((yielded,))
-            else:
-                yielded = coro.throw(RuntimeError(f"a listener awaited {yielded!r}, which is not a future"))
-                continue
-        except asyncio.CancelledError as cancel:
-            if yielded is not None:
-                yielded.cancel()
-            try:
-                yielded = coro.throw(cancel)
-            except StopIteration as done:
-                return done.value
-            continue
-        try:
-            yielded = coro.send(None)
-        except StopIteration as done:
-            return done.value
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
@@ -521,7 +510,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     Every operation is a coroutine; cancelling one cancels it in the library (an invoke
     sends ``cancelInvocation``). Listeners may be plain functions or coroutine functions;
     they run on the event loop that called :meth:`open`, in event order (a coroutine
-    listener starts at once, in order, and continues as a task if it suspends).
+    listener runs in a task of its own, as in the official client: started at once from
+    Python 3.12, on the loop's next pass before).
     """
 
     def __init__(
