@@ -882,3 +882,62 @@ async fn a_frame_its_caller_wrote_still_times_out_when_nothing_comes_back() {
     assert!(started.elapsed() < Duration::from_secs(5));
     client.stop().await;
 }
+
+/// Queues fire-and-forget messages far bigger in total than the socket buffers of a
+/// peer that reads nothing, so the client's writes block.
+async fn fill_a_peer_that_reads_nothing(client: &Client) {
+    let body = Bytes::from("x".repeat(900_000));
+    for _ in 0..64 {
+        let opts = SendToGroupOptions {
+            fire_and_forget: true,
+            ..SendToGroupOptions::default()
+        };
+        client
+            .send_to_group("g", DataType::Text, body.clone(), opts)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn stop_returns_while_the_peer_reads_nothing() {
+    let fake = Fake::new().await;
+    let (client, mut events, conn) = connect(&fake, quiet_options()).await;
+    fill_a_peer_that_reads_nothing(&client).await;
+    tokio::time::timeout(Duration::from_secs(5), client.stop())
+        .await
+        .expect("stop() hung on a connection whose writes block");
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
+    assert_eq!(event, Event::Stopped);
+    assert_eq!(client.state(), ClientState::Stopped);
+    drop(conn);
+}
+
+#[tokio::test]
+async fn keep_alive_recovers_a_connection_whose_peer_reads_nothing() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        keep_alive_timeout: Some(Duration::from_millis(800)),
+        ..quiet_options()
+    };
+    let (client, mut events, conn) = connect(&fake, options).await;
+    fill_a_peer_that_reads_nothing(&client).await;
+    // Nothing was received for longer than the keep-alive timeout: the client drops
+    // the connection and recovers it, though its writes never finish.
+    let (recovered, uri) = fake.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    drop(conn);
+    // This one reads: the messages still queued go out on it.
+    let (mut sink, mut stream) = recovered.ws.split();
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    sink.send(Message::text(server_message("back", 1)))
+        .await
+        .unwrap();
+    let (event, _) = wait_for(&mut events, 10, |e| common::message_text(e).is_some()).await;
+    assert_eq!(common::message_text(&event).as_deref(), Some("back"));
+    tokio::time::timeout(Duration::from_secs(5), client.stop())
+        .await
+        .expect("stop() hung");
+    reader.abort();
+}

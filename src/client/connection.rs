@@ -29,8 +29,10 @@ use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use log::{debug, info, trace, warn};
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
@@ -432,8 +434,8 @@ impl Task {
             let mut slot = direct.lock().await;
             let sink = slot.insert(sink);
             self.pending.take_unsent(now.into_std(), &mut self.out);
-            if let Err(e) = write_out(sink, &mut self.out).await {
-                return End::Dropped(None, format!("write failed: {e}"));
+            if let Err(end) = self.write_serving(sink).await {
+                return end;
             }
         }
         direct.set_pending(self.pending.len());
@@ -557,12 +559,66 @@ impl Task {
             if flush || !self.out.is_empty() {
                 let mut slot = direct.lock().await;
                 if let Some(sink) = slot.as_mut() {
-                    if let Err(e) = write_out(sink, &mut self.out).await {
-                        return End::Dropped(None, format!("write failed: {e}"));
+                    if let Err(end) = self.write_serving(sink).await {
+                        return end;
                     }
                 }
             }
             direct.finished(std::mem::take(&mut self.taken));
+        }
+    }
+
+    /// Writes `out` (and flushes) on the live connection. Commands are still answered
+    /// meanwhile: a peer that reads nothing keeps the socket's buffers full and a write
+    /// waiting, for as long as the connection stays up, and neither a stop nor the
+    /// client's drop may wait for it longer than `CLOSE_TIMEOUT`. A write that makes no
+    /// progress for the keep-alive timeout drops the connection (to recover it), as
+    /// silence does: the socket is not read while a write waits.
+    async fn write_serving(&mut self, sink: &mut WriteHalf) -> Result<(), End> {
+        let stall_limit = self.options.keep_alive_timeout;
+        let mut cancelled = Vec::new();
+        loop {
+            let written = {
+                let write = write_out(sink, &mut self.out, stall_limit);
+                tokio::pin!(write);
+                let mut ending = None;
+                let written = loop {
+                    tokio::select! {
+                        written = &mut write => break Some(written),
+                        command = self.commands.recv() => match command {
+                            None => {
+                                ending = Some(End::Exit);
+                                break None;
+                            }
+                            Some(Command::Stop(reply)) => {
+                                ending = Some(End::Stop(reply));
+                                break None;
+                            }
+                            Some(Command::Start(reply)) => {
+                                let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
+                            }
+                            Some(Command::CancelInvocation(id)) => cancelled.push(id),
+                        },
+                    }
+                };
+                if let Some(end) = ending {
+                    // The frames being written may be fire-and-forget messages already
+                    // reported sent: they go before the close frame, if they can.
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut write).await;
+                    return Err(end);
+                }
+                written.unwrap_or(Ok(()))
+            };
+            if let Err(reason) = written {
+                warn!("{reason}: closing the connection to recover it");
+                return Err(End::Dropped(None, reason));
+            }
+            for id in cancelled.drain(..) {
+                self.out.extend(self.pending.cancel_invoke(&id));
+            }
+            if self.out.is_empty() {
+                return Ok(());
+            }
         }
     }
 
@@ -603,7 +659,8 @@ impl Task {
             }
         }
         if !self.out.is_empty() {
-            let written = tokio::time::timeout(CLOSE_TIMEOUT, write_out(ws, &mut self.out)).await;
+            let written =
+                tokio::time::timeout(CLOSE_TIMEOUT, write_out(ws, &mut self.out, None)).await;
             if !matches!(written, Ok(Ok(()))) {
                 warn!("stopping: queued fire-and-forget frames could not all be written");
             }
@@ -1187,15 +1244,45 @@ fn encode(frame: &Upstream) -> Utf8Bytes {
     json::encode_upstream(frame).into()
 }
 
-/// Writes every frame of `out`, then flushes once.
-async fn write_out<S>(ws: &mut S, out: &mut Vec<Utf8Bytes>) -> Result<(), WsError>
+/// Writes every frame of `out`, then flushes once. With a `stall_limit`, a step (a
+/// frame, or the flush) still waiting after it fails the write: the peer reads nothing.
+async fn write_out<S>(
+    ws: &mut S,
+    out: &mut Vec<Utf8Bytes>,
+    stall_limit: Option<Duration>,
+) -> Result<(), String>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     for frame in out.drain(..) {
-        ws.feed(Message::Text(frame)).await?;
+        within(stall_limit, ws.feed(Message::Text(frame))).await?;
     }
-    ws.flush().await
+    within(stall_limit, ws.flush()).await
+}
+
+/// Runs one write step, failing it once it has waited `limit`. The timer starts only
+/// when the step waits, so the common step that completes at once costs none.
+async fn within<F>(limit: Option<Duration>, step: F) -> Result<(), String>
+where
+    F: Future<Output = Result<(), WsError>>,
+{
+    tokio::pin!(step);
+    let mut stall: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = step.as_mut().poll(cx) {
+            return Poll::Ready(done.map_err(|e| format!("write failed: {e}")));
+        }
+        if let Some(limit) = limit {
+            let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(format!(
+                    "no write went through for {limit:?} (the service reads nothing)"
+                )));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Sends a close frame, waiting at most `CLOSE_TIMEOUT`.
