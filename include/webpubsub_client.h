@@ -70,7 +70,7 @@
 #define WPS_EVENT_GROUP_MESSAGE 5
 
 /**
- * Event kind: rejoining `group` after a reconnect failed (`message`, `error_name`).
+ * Event kind: rejoining `group` on a new connection failed (`message`, `error_name`).
  */
 #define WPS_EVENT_REJOIN_GROUP_FAILED 6
 
@@ -1117,7 +1117,8 @@ wps_status wps_options_set_dispatch_mode(struct wps_options *o, uint32_t mode);
 wps_status wps_options_set_auto_reconnect(struct wps_options *o, bool on);
 
 /**
- * Whether groups joined by the user are joined again after a reconnect (default true).
+ * Whether groups joined by the user are joined again on every new connection: after a
+ * reconnect, and on a start after a stop (default true).
  */
 wps_status wps_options_set_auto_rejoin_groups(struct wps_options *o, bool on);
 

@@ -941,3 +941,59 @@ async fn keep_alive_recovers_a_connection_whose_peer_reads_nothing() {
         .expect("stop() hung");
     reader.abort();
 }
+
+#[tokio::test]
+async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("room").await });
+    let frame = conn.recv().await;
+    assert_eq!(frame["type"], "joinGroup");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        frame["ackId"]
+    ))
+    .await;
+    join.await.unwrap().unwrap();
+    client.stop().await;
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
+    assert_eq!(event, Event::Stopped);
+    drop(conn);
+
+    // As with the official clients, a restart rejoins what was joined.
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut conn, _) = fake.accept().await;
+    conn.connected("conn2", "rt2").await;
+    start.await.unwrap().unwrap();
+    let rejoin = conn.recv().await;
+    assert_eq!(rejoin["type"], "joinGroup");
+    assert_eq!(rejoin["group"], "room");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        rejoin["ackId"]
+    ))
+    .await;
+
+    // Left: not rejoined by the start after.
+    let c = client.clone();
+    let leave = tokio::spawn(async move { c.leave_group("room").await });
+    let frame = conn.recv().await;
+    assert_eq!(frame["type"], "leaveGroup");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        frame["ackId"]
+    ))
+    .await;
+    leave.await.unwrap().unwrap();
+    client.stop().await;
+    drop(conn);
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut conn, _) = fake.accept().await;
+    conn.connected("conn3", "rt3").await;
+    start.await.unwrap().unwrap();
+    conn.silent_for(300).await;
+    client.stop().await;
+}

@@ -241,7 +241,8 @@ struct Task {
     operations: mpsc::Receiver<Operation>,
     pending: Pending,
     sequence: Sequence,
-    /// Groups joined through this client, rejoined after a reconnect.
+    /// Groups joined through this client, rejoined on every new connection: after a
+    /// reconnect, and after a `start` that follows a stop (as the official clients do).
     groups: BTreeSet<String>,
     session: Option<Session>,
     /// A `Connected` event was raised for the current session.
@@ -359,7 +360,7 @@ impl Task {
         let connection_id = session.connection_id.clone();
         self.session = Some(session);
         self.disconnect_message = None;
-        if attempt > 0 && self.options.auto_rejoin_groups {
+        if self.options.auto_rejoin_groups {
             self.queue_rejoins();
         }
         self.announced = true;
@@ -809,7 +810,6 @@ impl Task {
         self.shared.set_connection_id(None);
         self.shared.set_state(ClientState::Stopped);
         self.sequence.reset();
-        self.groups.clear();
         if std::mem::take(&mut self.announced) {
             self.emit(Event::Disconnected {
                 connection_id,
@@ -992,7 +992,8 @@ impl Task {
         }
     }
 
-    /// Queues a joinGroup for every group joined before the session was lost.
+    /// Queues a joinGroup for every group joined before the session was lost or the
+    /// client stopped.
     fn queue_rejoins(&mut self) {
         for group in self.groups.clone() {
             let ack_id = self.free_ack_id();

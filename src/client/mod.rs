@@ -98,7 +98,7 @@ pub enum Event {
         /// The sequence id on reliable protocols.
         sequence_id: Option<u64>,
     },
-    /// Rejoining a group after a reconnect failed.
+    /// Rejoining a group on a new connection failed.
     RejoinGroupFailed {
         /// The group that could not be rejoined.
         group: String,
@@ -393,7 +393,8 @@ impl Client {
     /// Closes the connection and stops reconnecting. Fire-and-forget messages whose
     /// send returned before this call are written before the close frame; acked
     /// operations still pending fail with `Error::Stopped`. Returns once stopped
-    /// (after the `Stopped` event).
+    /// (after the `Stopped` event). Joined groups are rejoined by the next `start`
+    /// (with `auto_rejoin_groups`), as the official clients do.
     pub async fn stop(&self) {
         self.stop_now().await
     }
@@ -427,7 +428,8 @@ impl Client {
         self.inner.shared.connection_id()
     }
 
-    /// Joins a group; the group is rejoined after a reconnect (auto-rejoin).
+    /// Joins a group; the group is rejoined on every new connection (auto-rejoin): after
+    /// a reconnect, and after a `start` that follows a `stop`, until it is left.
     pub async fn join_group(&self, group: &str) -> Result<AckResult, Error> {
         self.run(self.membership(group, Membership::Join)?).await
     }

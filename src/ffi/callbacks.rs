@@ -31,7 +31,7 @@ pub const WPS_EVENT_STOPPED: u32 = 3;
 pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;
 /// Event kind: a group message (`group`, `from_user_id`, `data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_GROUP_MESSAGE: u32 = 5;
-/// Event kind: rejoining `group` after a reconnect failed (`message`, `error_name`).
+/// Event kind: rejoining `group` on a new connection failed (`message`, `error_name`).
 pub const WPS_EVENT_REJOIN_GROUP_FAILED: u32 = 6;
 
 /// An event, borrowed by the callback for the duration of the call. Strings are

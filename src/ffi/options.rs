@@ -137,7 +137,8 @@ pub extern "C" fn wps_options_set_auto_reconnect(o: *mut wps_options, on: bool) 
     })
 }
 
-/// Whether groups joined by the user are joined again after a reconnect (default true).
+/// Whether groups joined by the user are joined again on every new connection: after a
+/// reconnect, and on a start after a stop (default true).
 #[no_mangle]
 pub extern "C" fn wps_options_set_auto_rejoin_groups(o: *mut wps_options, on: bool) -> wps_status {
     with(o, |opts| {

@@ -115,7 +115,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
     :param credential: the client access URL, or a :class:`WebPubSubClientCredential`.
     :keyword protocol_type: ``WebPubSubProtocolType.JSON_RELIABLE`` (default) or ``JSON``.
-    :keyword bool auto_rejoin_groups: rejoin the joined groups after a reconnect (default True).
+    :keyword bool auto_rejoin_groups: rejoin the joined groups on every new connection: after a
+        reconnect, and on an ``open()`` after a ``close()`` (default True).
     :keyword int message_retry_total: retries of a failed operation (default 3). Service
         errors ``Forbidden`` and ``BadRequest`` are never retried; a retry keeps its ackId.
     :keyword float message_retry_backoff_factor: first retry delay in seconds (default 0.8).
