@@ -646,10 +646,11 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * callback of this client is running or will run, and the client's connection task
  * has ended and released its memory.
  *
- * Inside a callback, the teardown is deferred: no further event of this client is
- * delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
- * finalizers run on library threads after the current callback returns. In a fork()
- * child the handle is left alone (its threads do not exist there).
+ * Inside a callback (of any client, or a credential, log or finalizer callback), the
+ * teardown is deferred: no further event of this client is delivered, and once that
+ * callback has returned (the outermost one, when callbacks nest) its pending
+ * operations complete with `WPS_STATUS_STOPPED` and the finalizers run on library
+ * threads. In a fork() child the handle is left alone (its threads do not exist there).
  *
  * # Safety
  * `c` is NULL or a handle from `wps_client_new*`, not used after this call.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_GROUP_MESSAGE};
 use webpubsub_client::ffi::client::{
     wps_client, wps_client_free, wps_client_join_group, wps_client_new_with_credential,
-    wps_client_send_to_group, wps_client_start,
+    wps_client_send_to_group, wps_client_start, wps_client_start_async,
 };
 use webpubsub_client::ffi::credential::{wps_credential_result, wps_credential_result_set_url};
 use webpubsub_client::ffi::status::WPS_DATA_TYPE_TEXT;
@@ -146,6 +146,8 @@ struct FreedInside {
     client: AtomicPtr<wps_client>,
     callback_returned: AtomicBool,
     finalized: Mutex<Option<(String, bool)>>,
+    /// The application no longer uses the client: a callback may free it.
+    may_free: AtomicBool,
 }
 
 unsafe extern "C" fn provide_url(user_data: *mut c_void, result: *mut wps_credential_result) {
@@ -178,6 +180,7 @@ fn a_client_freed_in_its_callback_finalizes_its_credential_on_the_dispatcher_aft
         client: AtomicPtr::new(std::ptr::null_mut()),
         callback_returned: AtomicBool::new(false),
         finalized: Mutex::new(None),
+        may_free: AtomicBool::new(true),
     };
     let user_data = &state as *const FreedInside as *mut c_void;
     let mut c = std::ptr::null_mut();
@@ -211,6 +214,73 @@ fn a_client_freed_in_its_callback_finalizes_its_credential_on_the_dispatcher_aft
     assert!(
         after,
         "ran before the callback that freed the client returned"
+    );
+    rt.block_on(emulator.shutdown());
+}
+
+unsafe extern "C" fn free_in_credential(
+    user_data: *mut c_void,
+    result: *mut wps_credential_result,
+) {
+    let s = &*(user_data as *const FreedInside);
+    wps_credential_result_set_url(result, s.url.as_ptr());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.may_free.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wps_client_free(s.client.load(Ordering::SeqCst));
+    // Still using the user data the event callback shares with this one.
+    std::thread::sleep(Duration::from_millis(300));
+    s.callback_returned.store(true, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn event_finalizer(user_data: *mut c_void) {
+    credential_finalizer(user_data);
+}
+
+#[test]
+fn a_client_freed_in_its_credential_callback_finalizes_its_user_data_after_it() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let state = FreedInside {
+        url: CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap(),
+        client: AtomicPtr::new(std::ptr::null_mut()),
+        callback_returned: AtomicBool::new(false),
+        finalized: Mutex::new(None),
+        may_free: AtomicBool::new(false),
+    };
+    let user_data = &state as *const FreedInside as *mut c_void;
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new_with_credential(
+            Some(free_in_credential),
+            user_data,
+            None,
+            std::ptr::null(),
+            None,
+            user_data,
+            Some(event_finalizer),
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new_with_credential");
+    state.client.store(c, Ordering::SeqCst);
+    let status =
+        unsafe { wps_client_start_async(c, None, std::ptr::null_mut(), std::ptr::null_mut()) };
+    check(status, "wps_client_start_async");
+    state.may_free.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (thread, after) = loop {
+        if let Some(seen) = state.finalized.lock().unwrap().clone() {
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "the finalizer never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(thread.starts_with("wps-dispatch-"), "ran on {thread:?}");
+    assert!(
+        after,
+        "ran before the credential callback that freed the client returned"
     );
     rt.block_on(emulator.shutdown());
 }

@@ -30,7 +30,7 @@ use super::callbacks::{
 use super::convert::{array_out, bytes_arg, handle_arg, str_arg, write_optional, write_out};
 use super::credential::{wps_credential_cb, CredentialSink};
 use super::dispatcher::{self, DispatchError, Job, Records, Worker};
-use super::gate::in_callback;
+use super::gate::{after_callback, in_callback};
 use super::options::wps_options;
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
@@ -316,10 +316,11 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// callback of this client is running or will run, and the client's connection task
 /// has ended and released its memory.
 ///
-/// Inside a callback, the teardown is deferred: no further event of this client is
-/// delivered, its pending operations complete with `WPS_STATUS_STOPPED` and the
-/// finalizers run on library threads after the current callback returns. In a fork()
-/// child the handle is left alone (its threads do not exist there).
+/// Inside a callback (of any client, or a credential, log or finalizer callback), the
+/// teardown is deferred: no further event of this client is delivered, and once that
+/// callback has returned (the outermost one, when callbacks nest) its pending
+/// operations complete with `WPS_STATUS_STOPPED` and the finalizers run on library
+/// threads. In a fork() child the handle is left alone (its threads do not exist there).
 ///
 /// # Safety
 /// `c` is NULL or a handle from `wps_client_new*`, not used after this call.
@@ -348,18 +349,23 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
         shared.refuse_new_ops();
         if in_callback() {
             shared.sink.close_now();
-            rt.spawn(async move {
-                shared.client.stop().await;
-                shared.stop_all_ops();
-                // On the dispatcher, after the running callback and the completions: a
-                // finalizer may block, and must never run on an I/O thread.
-                if let Some(cred) = shared.credential.clone() {
-                    shared
-                        .sink
-                        .worker()
-                        .push(Job::new(move || cred.close(false)));
-                }
-                shared.sink.close_then(move || drop(handle));
+            // Once the callback calling this has returned (it may be another client's,
+            // a credential or a log callback, on another thread than the dispatcher):
+            // it may still use the user data the finalizers release.
+            after_callback(move || {
+                rt.spawn(async move {
+                    shared.client.stop().await;
+                    shared.stop_all_ops();
+                    // On the dispatcher, after the completions: a finalizer may block,
+                    // and must never run on an I/O thread.
+                    if let Some(cred) = shared.credential.clone() {
+                        shared
+                            .sink
+                            .worker()
+                            .push(Job::new(move || cred.close(false)));
+                    }
+                    shared.sink.close_then(move || drop(handle));
+                });
             });
         } else {
             let client = shared.client.clone();

@@ -2,17 +2,21 @@
 //! completions, user data finalizers, credential providers, the log callback) passes
 //! through `InCallback::enter`, which marks the thread as inside a callback and
 //! counts the callbacks running. `wps_callbacks_disable` closes the gate for good.
+//! Work that must wait until a callback has returned (the teardown of a client freed
+//! inside it) is kept per thread until its outermost callback returns.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::panic::guard;
+use super::panic::{guard, guard_job};
 use super::status::{fail, wps_status, WPS_STATUS_TIMEOUT};
 
 thread_local! {
     static CALLBACK_DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// What runs once this thread's outermost callback has returned.
+    static AFTER_CALLBACKS: RefCell<Vec<Box<dyn FnOnce()>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The process's gate; a type so that its tests can use gates of their own (closing
@@ -95,8 +99,26 @@ impl InCallback {
 
 impl Drop for InCallback {
     fn drop(&mut self) {
-        CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
+        let depth = CALLBACK_DEPTH.with(|d| {
+            d.set(d.get() - 1);
+            d.get()
+        });
         self.gate.running.fetch_sub(1, Ordering::SeqCst);
+        if depth == 0 {
+            for job in AFTER_CALLBACKS.with(|jobs| jobs.take()) {
+                guard_job("work deferred until a callback returned", job);
+            }
+        }
+    }
+}
+
+/// Runs `f` on this thread once its outermost callback has returned (the callback
+/// calling this may still use what `f` releases); at once outside callbacks.
+pub(crate) fn after_callback(f: impl FnOnce() + 'static) {
+    if in_callback() {
+        AFTER_CALLBACKS.with(|jobs| jobs.borrow_mut().push(Box::new(f)));
+    } else {
+        f();
     }
 }
 
@@ -163,6 +185,26 @@ mod tests {
         assert!(gate.disable(Duration::from_secs(30)));
         other.join().unwrap();
         assert_eq!(gate.running.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn deferred_work_runs_once_the_outermost_callback_returned() {
+        let gate = gate();
+        let ran = std::rc::Rc::new(Cell::new(0));
+        let count = |ran: &std::rc::Rc<Cell<i32>>| {
+            let ran = ran.clone();
+            move || ran.set(ran.get() + 1)
+        };
+        after_callback(count(&ran));
+        assert_eq!(ran.get(), 1, "outside callbacks: at once");
+        let outer = gate.enter().unwrap();
+        let inner = gate.enter().unwrap();
+        after_callback(count(&ran));
+        drop(inner);
+        assert_eq!(ran.get(), 1, "still inside the outer callback");
+        drop(outer);
+        assert_eq!(ran.get(), 2);
+        assert!(!in_callback());
     }
 
     #[test]
