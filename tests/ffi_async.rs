@@ -19,10 +19,11 @@ use webpubsub_client::ffi::callbacks::{
 use webpubsub_client::ffi::client::{
     wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id, wps_client_dispatch,
     wps_client_dispatch_into, wps_client_dispatch_records, wps_client_flush_deferred,
-    wps_client_free, wps_client_join_group, wps_client_join_group_async, wps_client_new,
-    wps_client_send_event_async, wps_client_send_to_group, wps_client_send_to_group_async,
-    wps_client_send_to_group_with_ack_id, wps_client_start, wps_client_start_async,
-    wps_client_state, wps_client_stop, wps_client_stop_async,
+    wps_client_free, wps_client_invoke_event_async, wps_client_join_group,
+    wps_client_join_group_async, wps_client_new, wps_client_send_event_async,
+    wps_client_send_to_group, wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id,
+    wps_client_start, wps_client_start_async, wps_client_state, wps_client_stop,
+    wps_client_stop_async,
 };
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
@@ -1274,4 +1275,59 @@ fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call
     unsafe { wps_client_free(threaded) };
     unsafe { wps_client_free(c) };
     setup.shutdown();
+}
+
+#[test]
+fn an_invocation_started_before_a_stop_completes_with_stopped() {
+    // An upstream that takes every invocation and never answers: the invocations are
+    // pending when the client stops.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let upstream_url = format!("http://{}/", upstream.local_addr().unwrap());
+    rt.spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = upstream.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = Config {
+        upstream: Some(upstream_url),
+        ..Config::default()
+    };
+    let emulator = rt.block_on(Emulator::start(config)).unwrap();
+    let url = CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap();
+    let rec = Recorder::default();
+    let c = client_of(&url, &rec, false);
+    for round in 0..30 {
+        check(unsafe { wps_client_start(c) }, "wps_client_start");
+        let mut op = 0;
+        let status = unsafe {
+            wps_client_invoke_event_async(
+                c,
+                c"e".as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                "x".as_ptr(),
+                1,
+                0,
+                Some(on_complete),
+                rec.user_data(),
+                &mut op,
+            )
+        };
+        check(status, "wps_client_invoke_event_async");
+        check(unsafe { wps_client_stop(c) }, "wps_client_stop");
+        rec.wait("the invocation's completion", |s| {
+            s.completions.contains_key(&op)
+        });
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(
+            seen.completions[&op],
+            vec![WPS_STATUS_STOPPED],
+            "round {round}: started while connected, ended by the stop"
+        );
+    }
+    unsafe { wps_client_free(c) };
+    rt.block_on(emulator.shutdown());
 }

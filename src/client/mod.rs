@@ -478,6 +478,42 @@ impl Client {
         data: Bytes,
         opts: InvokeOptions,
     ) -> Result<InvokeResult, Error> {
+        let (op, reply, mut guard) = self.invocation(event, data_type, data, opts)?;
+        self.operation(op).await?;
+        let result = reply.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
+        guard.disarm();
+        result
+    }
+
+    /// [`Client::invoke_event`] handed over at once, as [`Client::start_now`]: the
+    /// invocation takes its place among the operations (in call order, or refused)
+    /// before this returns, and the future only waits for the reply (dropping it sends
+    /// `cancelInvocation`).
+    pub(crate) fn invoke_now(
+        &self,
+        event: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: InvokeOptions,
+    ) -> Result<impl Future<Output = Result<InvokeResult, Error>> + Send + 'static, Error> {
+        let (op, reply, mut guard) = self.invocation(event, data_type, data, opts)?;
+        self.inner.operations.submit(op, Handover::Now)?;
+        Ok(async move {
+            let result = reply.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
+            guard.disarm();
+            result
+        })
+    }
+
+    /// An invocation checked and encoded, the receiver of its reply, and the guard
+    /// that cancels it unless disarmed.
+    fn invocation(
+        &self,
+        event: &str,
+        data_type: DataType,
+        data: Bytes,
+        opts: InvokeOptions,
+    ) -> Result<(Operation, InvokeReceiver, CancelOnDrop), Error> {
         check_name("event", event)?;
         let data = check_data(data_type, data)?;
         let timeout = opts.timeout.unwrap_or(self.inner.ack_timeout);
@@ -498,22 +534,19 @@ impl Client {
             data,
         })?;
         let (tx, rx) = oneshot::channel();
-        let mut guard = CancelOnDrop {
-            commands: &self.inner.commands,
+        let guard = CancelOnDrop {
+            commands: self.inner.commands.clone(),
             invocation_id: Some(invocation_id.clone()),
         };
-        self.operation(Operation {
+        let op = Operation {
             frame,
             kind: OpKind::Invoke {
                 invocation_id,
                 timeout,
                 reply: tx,
             },
-        })
-        .await?;
-        let result = rx.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
-        guard.invocation_id = None;
-        result
+        };
+        Ok((op, rx, guard))
     }
 
     /// Encodes a frame, refusing one over `max_outgoing_message_size` (the service
@@ -816,13 +849,23 @@ impl Prepared {
     }
 }
 
-/// Sends `cancelInvocation` when an `invoke_event` future is dropped unfinished.
-struct CancelOnDrop<'a> {
-    commands: &'a mpsc::UnboundedSender<Command>,
+/// Where the reply of an invocation arrives.
+type InvokeReceiver = oneshot::Receiver<Result<InvokeResult, Error>>;
+
+/// Sends `cancelInvocation` when an invocation's future is dropped unfinished.
+struct CancelOnDrop {
+    commands: mpsc::UnboundedSender<Command>,
     invocation_id: Option<String>,
 }
 
-impl Drop for CancelOnDrop<'_> {
+impl CancelOnDrop {
+    /// The invocation ended: nothing to cancel.
+    fn disarm(&mut self) {
+        self.invocation_id = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if let Some(id) = self.invocation_id.take() {
             let _ = self.commands.send(Command::CancelInvocation(id));

@@ -1269,8 +1269,12 @@ pub unsafe extern "C" fn wps_client_invoke_event_async(
         let (t, d) = payload(data_type, data, len)?;
         let d = Bytes::copy_from_slice(d);
         let opts = invoke_options(timeout_ms);
-        let fut =
-            move |client: Client| Ok(async move { client.invoke_event(&event, t, d, opts).await });
+        // Handed over before this returns (in call order with the other operations, and
+        // before a later stop); a refusal completes like the other operations' do.
+        let fut = move |client: Client| {
+            let reply = client.invoke_now(&event, t, d, opts);
+            Ok(async move { reply?.await })
+        };
         run_async(c, fut, OwnedCompletion::from_invoke, cb, user_data, op_id)
     })
 }
