@@ -1163,7 +1163,7 @@ wps_status wps_options_set_start_timeout_ms(struct wps_options *o, uint64_t ms);
 
 /**
  * Reliable protocol recovery: how long to try (default 30000 ms) and the delay
- * between attempts (default 1000 ms).
+ * between attempts (default 1000 ms; must be above 0).
  */
 wps_status wps_options_set_recovery(struct wps_options *o,
                                     uint64_t window_ms,

@@ -213,7 +213,7 @@ pub extern "C" fn wps_options_set_start_timeout_ms(o: *mut wps_options, ms: u64)
 }
 
 /// Reliable protocol recovery: how long to try (default 30000 ms) and the delay
-/// between attempts (default 1000 ms).
+/// between attempts (default 1000 ms; must be above 0).
 #[no_mangle]
 pub extern "C" fn wps_options_set_recovery(
     o: *mut wps_options,
@@ -221,8 +221,8 @@ pub extern "C" fn wps_options_set_recovery(
     attempt_delay_ms: u64,
 ) -> wps_status {
     with(o, |opts| {
+        opts.recovery_attempt_delay = positive(attempt_delay_ms, "attempt_delay_ms")?;
         opts.recovery_window = ms(window_ms);
-        opts.recovery_attempt_delay = ms(attempt_delay_ms);
         Ok(())
     })
 }

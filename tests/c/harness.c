@@ -465,6 +465,7 @@ static bool test_options_setters(void) {
     CHECK_STATUS(wps_options_set_ack_timeout_ms(o, 0), WPS_STATUS_INVALID_ARGUMENT);
     CHECK_OK(wps_options_set_start_timeout_ms(o, 1000));
     CHECK_OK(wps_options_set_recovery(o, 1000, 100));
+    CHECK_STATUS(wps_options_set_recovery(o, 1000, 0), WPS_STATUS_INVALID_ARGUMENT);
     CHECK_OK(wps_options_set_sequence_ack_interval_ms(o, 500));
     CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 3), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_options_set_protocol(NULL, 0), WPS_STATUS_NULL_ARG);
