@@ -86,6 +86,15 @@ impl Conn {
         .await;
     }
 
+    /// Acknowledges `frame` (an upstream frame with an ackId) as a success.
+    async fn ack(&mut self, frame: &serde_json::Value) {
+        self.send(&format!(
+            r#"{{"type":"ack","ackId":{},"success":true}}"#,
+            frame["ackId"]
+        ))
+        .await;
+    }
+
     /// The next text frame from the client (pings skipped).
     async fn recv(&mut self) -> serde_json::Value {
         loop {
@@ -371,11 +380,7 @@ async fn forbidden_is_not_retried_and_internal_errors_are_retried_with_the_same_
     .await;
     let retry = conn.recv().await;
     assert_eq!(retry, frame);
-    conn.send(&format!(
-        r#"{{"type":"ack","ackId":{},"success":true}}"#,
-        frame["ackId"]
-    ))
-    .await;
+    conn.ack(&frame).await;
     assert_eq!(send.await.unwrap().unwrap().ack_id, frame["ackId"].as_u64());
     client.stop().await;
 }
@@ -520,11 +525,7 @@ async fn close_1008_loses_the_session_then_reconnects_with_a_fresh_url_and_rejoi
     let c = client.clone();
     let join = tokio::spawn(async move { c.join_group("room").await });
     let frame = conn.recv().await;
-    conn.send(&format!(
-        r#"{{"type":"ack","ackId":{},"success":true}}"#,
-        frame["ackId"]
-    ))
-    .await;
+    conn.ack(&frame).await;
     join.await.unwrap().unwrap();
 
     conn.send(r#"{"type":"system","event":"disconnected","message":"kicked"}"#)
@@ -845,11 +846,7 @@ async fn an_idle_clients_caller_writes_its_own_frame_while_the_connection_task_i
     let frame = conn.recv().await;
     assert_eq!(frame["type"], "sendToGroup");
     assert_eq!(frame["data"], "direct");
-    conn.send(&format!(
-        r#"{{"type":"ack","ackId":{},"success":true}}"#,
-        frame["ackId"]
-    ))
-    .await;
+    conn.ack(&frame).await;
     release.send(()).unwrap();
     let sent = tokio::time::timeout(Duration::from_secs(10), send)
         .await
@@ -950,11 +947,7 @@ async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
     let join = tokio::spawn(async move { c.join_group("room").await });
     let frame = conn.recv().await;
     assert_eq!(frame["type"], "joinGroup");
-    conn.send(&format!(
-        r#"{{"type":"ack","ackId":{},"success":true}}"#,
-        frame["ackId"]
-    ))
-    .await;
+    conn.ack(&frame).await;
     join.await.unwrap().unwrap();
     client.stop().await;
     let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
@@ -970,22 +963,14 @@ async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
     let rejoin = conn.recv().await;
     assert_eq!(rejoin["type"], "joinGroup");
     assert_eq!(rejoin["group"], "room");
-    conn.send(&format!(
-        r#"{{"type":"ack","ackId":{},"success":true}}"#,
-        rejoin["ackId"]
-    ))
-    .await;
+    conn.ack(&rejoin).await;
 
     // Left: not rejoined by the start after.
     let c = client.clone();
     let leave = tokio::spawn(async move { c.leave_group("room").await });
     let frame = conn.recv().await;
     assert_eq!(frame["type"], "leaveGroup");
-    conn.send(&format!(
-        r#"{{"type":"ack","ackId":{},"success":true}}"#,
-        frame["ackId"]
-    ))
-    .await;
+    conn.ack(&frame).await;
     leave.await.unwrap().unwrap();
     client.stop().await;
     drop(conn);

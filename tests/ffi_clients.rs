@@ -150,6 +150,37 @@ struct FreedInside {
     may_free: AtomicBool,
 }
 
+impl FreedInside {
+    /// A client of `emulator`'s hub "hub" not created yet; its callbacks may free it
+    /// once `may_free` is set.
+    fn new(emulator: &Emulator, may_free: bool) -> FreedInside {
+        FreedInside {
+            url: CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap(),
+            client: AtomicPtr::new(std::ptr::null_mut()),
+            callback_returned: AtomicBool::new(false),
+            finalized: Mutex::new(None),
+            may_free: AtomicBool::new(may_free),
+        }
+    }
+
+    fn user_data(&self) -> *mut c_void {
+        self as *const FreedInside as *mut c_void
+    }
+
+    /// Waits for the finalizer: the thread it ran on, and whether the callback that
+    /// freed the client had returned by then.
+    fn wait_finalized(&self, what: &str) -> (String, bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(seen) = self.finalized.lock().unwrap().clone() {
+                return seen;
+            }
+            assert!(Instant::now() < deadline, "the {what} never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 unsafe extern "C" fn provide_url(user_data: *mut c_void, result: *mut wps_credential_result) {
     let s = &*(user_data as *const FreedInside);
     wps_credential_result_set_url(result, s.url.as_ptr());
@@ -175,14 +206,8 @@ unsafe extern "C" fn free_on_connected(user_data: *mut c_void, event: *const wps
 fn a_client_freed_in_its_callback_finalizes_its_credential_on_the_dispatcher_after_it() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
-    let state = FreedInside {
-        url: CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap(),
-        client: AtomicPtr::new(std::ptr::null_mut()),
-        callback_returned: AtomicBool::new(false),
-        finalized: Mutex::new(None),
-        may_free: AtomicBool::new(true),
-    };
-    let user_data = &state as *const FreedInside as *mut c_void;
+    let state = FreedInside::new(&emulator, true);
+    let user_data = state.user_data();
     let mut c = std::ptr::null_mut();
     let status = unsafe {
         wps_client_new_with_credential(
@@ -199,17 +224,7 @@ fn a_client_freed_in_its_callback_finalizes_its_credential_on_the_dispatcher_aft
     check(status, "wps_client_new_with_credential");
     state.client.store(c, Ordering::SeqCst);
     check(unsafe { wps_client_start(c) }, "wps_client_start");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (thread, after) = loop {
-        if let Some(seen) = state.finalized.lock().unwrap().clone() {
-            break seen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the credential finalizer never ran"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (thread, after) = state.wait_finalized("credential finalizer");
     assert!(thread.starts_with("wps-dispatch-"), "ran on {thread:?}");
     assert!(
         after,
@@ -242,14 +257,8 @@ unsafe extern "C" fn event_finalizer(user_data: *mut c_void) {
 fn a_client_freed_in_its_credential_callback_finalizes_its_user_data_after_it() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
-    let state = FreedInside {
-        url: CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap(),
-        client: AtomicPtr::new(std::ptr::null_mut()),
-        callback_returned: AtomicBool::new(false),
-        finalized: Mutex::new(None),
-        may_free: AtomicBool::new(false),
-    };
-    let user_data = &state as *const FreedInside as *mut c_void;
+    let state = FreedInside::new(&emulator, false);
+    let user_data = state.user_data();
     let mut c = std::ptr::null_mut();
     let status = unsafe {
         wps_client_new_with_credential(
@@ -269,14 +278,7 @@ fn a_client_freed_in_its_credential_callback_finalizes_its_user_data_after_it() 
         unsafe { wps_client_start_async(c, None, std::ptr::null_mut(), std::ptr::null_mut()) };
     check(status, "wps_client_start_async");
     state.may_free.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (thread, after) = loop {
-        if let Some(seen) = state.finalized.lock().unwrap().clone() {
-            break seen;
-        }
-        assert!(Instant::now() < deadline, "the finalizer never ran");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (thread, after) = state.wait_finalized("user data finalizer");
     assert!(thread.starts_with("wps-dispatch-"), "ran on {thread:?}");
     assert!(
         after,
