@@ -468,7 +468,7 @@ impl Task {
                 command = self.commands.recv() => match command {
                     None => return End::Exit,
                     Some(Command::Start(reply)) => {
-                        let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
+                        let _ = reply.send(Err(already_started()));
                     }
                     Some(Command::Stop(reply)) => return End::Stop(reply),
                     Some(Command::CancelInvocation(id)) => {
@@ -596,7 +596,7 @@ impl Task {
                                 break None;
                             }
                             Some(Command::Start(reply)) => {
-                                let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
+                                let _ = reply.send(Err(already_started()));
                             }
                             Some(Command::CancelInvocation(id)) => cancelled.push(id),
                         },
@@ -861,7 +861,7 @@ impl Task {
                     None => return Err(Next::Exit),
                     Some(Command::Stop(reply)) => return Err(self.stop(Some(reply))),
                     Some(Command::Start(reply)) => {
-                        let _ = reply.send(Err(Error::IllegalState("the client is already started".into())));
+                        let _ = reply.send(Err(already_started()));
                     }
                     Some(Command::CancelInvocation(id)) => {
                         self.pending.cancel_invoke(&id);
@@ -1243,6 +1243,11 @@ fn percent_encode(value: &str) -> String {
 
 fn encode(frame: &Upstream) -> Utf8Bytes {
     json::encode_upstream(frame).into()
+}
+
+/// The refusal of a `start` while the client runs.
+fn already_started() -> Error {
+    Error::IllegalState("the client is already started".into())
 }
 
 /// Writes every frame of `out`, then flushes once. With a `stall_limit`, a step (a

@@ -478,11 +478,9 @@ impl Client {
         data: Bytes,
         opts: InvokeOptions,
     ) -> Result<InvokeResult, Error> {
-        let (op, reply, mut guard) = self.invocation(event, data_type, data, opts)?;
+        let (op, reply, guard) = self.invocation(event, data_type, data, opts)?;
         self.operation(op).await?;
-        let result = reply.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
-        guard.disarm();
-        result
+        invocation_reply(reply, guard).await
     }
 
     /// [`Client::invoke_event`] handed over at once, as [`Client::start_now`]: the
@@ -496,13 +494,9 @@ impl Client {
         data: Bytes,
         opts: InvokeOptions,
     ) -> Result<impl Future<Output = Result<InvokeResult, Error>> + Send + 'static, Error> {
-        let (op, reply, mut guard) = self.invocation(event, data_type, data, opts)?;
+        let (op, reply, guard) = self.invocation(event, data_type, data, opts)?;
         self.inner.operations.submit(op, Handover::Now)?;
-        Ok(async move {
-            let result = reply.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
-            guard.disarm();
-            result
-        })
+        Ok(invocation_reply(reply, guard))
     }
 
     /// An invocation checked and encoded, the receiver of its reply, and the guard
@@ -851,6 +845,16 @@ impl Prepared {
 
 /// Where the reply of an invocation arrives.
 type InvokeReceiver = oneshot::Receiver<Result<InvokeResult, Error>>;
+
+/// Waits for an invocation's reply; dropped before it, `guard` cancels the invocation.
+async fn invocation_reply(
+    reply: InvokeReceiver,
+    mut guard: CancelOnDrop,
+) -> Result<InvokeResult, Error> {
+    let result = reply.await.unwrap_or(Err(Error::Stopped { ack_id: None }));
+    guard.disarm();
+    result
+}
 
 /// Sends `cancelInvocation` when an invocation's future is dropped unfinished.
 struct CancelOnDrop {

@@ -159,13 +159,12 @@ impl Shared {
         self.ops().closing = true;
     }
 
-    /// Completes every operation still pending with `WPS_STATUS_STOPPED` and refuses
-    /// new ones. After the core's stop, which has completed the acked operations it had
-    /// taken in with their ackIds, this ends what is left: invocations, and operations
-    /// that never reached the connection task.
+    /// Completes every operation still pending with `WPS_STATUS_STOPPED`, once new ones
+    /// are refused (`refuse_new_ops`). After the core's stop, which has completed the
+    /// acked operations it had taken in with their ackIds, this ends what is left:
+    /// invocations, and operations that never reached the connection task.
     fn stop_all_ops(&self) {
         let mut ops = self.ops();
-        ops.closing = true;
         self.given_up.fetch_add(1, Ordering::Release);
         let mut pending: Vec<_> = ops.pending.drain().collect();
         pending.sort_by_key(|(id, _)| *id);
