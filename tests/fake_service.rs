@@ -982,3 +982,37 @@ async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
     conn.silent_for(300).await;
     client.stop().await;
 }
+
+#[tokio::test]
+async fn an_operation_given_up_during_a_recovery_is_not_sent_after_it() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let send = spawn_send(&client, "in flight");
+    let first = conn.recv().await;
+    assert_eq!(first["data"], "in flight");
+    drop(conn);
+
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        client.send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from("given up"),
+            SendToGroupOptions::default(),
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "sent while recovering: {gave_up:?}");
+    let kept = spawn_send(&client, "kept");
+
+    let (mut conn, _) = fake.accept().await;
+    let resent = conn.recv().await;
+    assert_eq!(resent, first);
+    conn.ack(&resent).await;
+    let next = conn.recv().await;
+    assert_eq!(next["data"], "kept", "the given-up message was written");
+    conn.ack(&next).await;
+    send.await.unwrap().unwrap();
+    kept.await.unwrap().unwrap();
+    client.stop().await;
+}

@@ -490,6 +490,9 @@ impl Pending {
                     }
                 }
             }
+            Phase::RetryWait if !op.wanted() => {
+                self.acks.remove(&ack_id);
+            }
             Phase::RetryWait => {
                 op.retries += 1;
                 op.phase = Phase::AwaitingAck;
@@ -543,7 +546,8 @@ impl Pending {
     }
 
     /// The connection is usable: every queued or interrupted operation is written now,
-    /// in order, with its original ackId.
+    /// in order, with its original ackId. One whose caller gave up meanwhile is
+    /// dropped unwritten, as on a live connection.
     pub(crate) fn take_unsent(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>) {
         for unsent in std::mem::take(&mut self.unsent) {
             match unsent {
@@ -553,6 +557,10 @@ impl Pending {
                         continue;
                     };
                     if !matches!(op.phase, Phase::Unsent) {
+                        continue;
+                    }
+                    if !op.wanted() {
+                        self.acks.remove(&ack_id);
                         continue;
                     }
                     op.phase = Phase::AwaitingAck;
@@ -787,19 +795,22 @@ mod tests {
     fn a_recoverable_drop_resends_in_order_and_a_lost_session_fails_all() {
         let t0 = Instant::now();
         let mut p = pending(3);
-        add(&mut p, 2, Some(t0));
-        add(&mut p, 1, Some(t0));
+        let _rx2 = add(&mut p, 2, Some(t0));
+        let _rx1 = add(&mut p, 1, Some(t0));
+        let gave_up = add(&mut p, 4, Some(t0));
         let mut done = Vec::new();
         p.connection_dropped(true, &mut done);
         assert!(done.is_empty());
         assert_eq!(p.next_due(), None);
-        add(&mut p, 3, None);
+        let _rx3 = add(&mut p, 3, None);
+        drop(gave_up);
         p.add_unsent_frame(Utf8Bytes::from_static("ff"));
         let mut out = Vec::new();
         p.take_unsent(t0, &mut out);
         assert_eq!(
             out,
-            vec![frame(1), frame(2), frame(3), Utf8Bytes::from_static("ff")]
+            vec![frame(1), frame(2), frame(3), Utf8Bytes::from_static("ff")],
+            "4 was given up"
         );
         p.connection_dropped(false, &mut done);
         let failed: Vec<_> = done.into_iter().map(|d| d.result).collect();
