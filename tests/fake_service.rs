@@ -939,47 +939,77 @@ async fn keep_alive_recovers_a_connection_whose_peer_reads_nothing() {
     reader.abort();
 }
 
+/// Joins (`join`) or leaves `group` through `client`, the fake acknowledging it.
+async fn group_op(client: &Client, conn: &mut Conn, join: bool, group: &str) {
+    let (c, g) = (client.clone(), group.to_owned());
+    let op = tokio::spawn(async move {
+        if join {
+            c.join_group(&g).await
+        } else {
+            c.leave_group(&g).await
+        }
+    });
+    let frame = conn.recv().await;
+    let kind = if join { "joinGroup" } else { "leaveGroup" };
+    assert_eq!(
+        (&frame["type"], &frame["group"]),
+        (&kind.into(), &group.into())
+    );
+    conn.ack(&frame).await;
+    op.await.unwrap().unwrap();
+}
+
+/// Stops `client` and starts it again on a new connection `id`, which it returns.
+async fn restart(fake: &Fake, client: &Client, conn: Conn, id: &str) -> Conn {
+    client.stop().await;
+    drop(conn);
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut conn, _) = fake.accept().await;
+    conn.connected(id, &format!("rt-{id}")).await;
+    start.await.unwrap().unwrap();
+    conn
+}
+
 #[tokio::test]
 async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
     let fake = Fake::new().await;
     let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
-    let c = client.clone();
-    let join = tokio::spawn(async move { c.join_group("room").await });
-    let frame = conn.recv().await;
-    assert_eq!(frame["type"], "joinGroup");
-    conn.ack(&frame).await;
-    join.await.unwrap().unwrap();
-    client.stop().await;
-    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
-    assert_eq!(event, Event::Stopped);
-    drop(conn);
+    group_op(&client, &mut conn, true, "room").await;
 
     // As with the official clients, a restart rejoins what was joined.
-    let c = client.clone();
-    let start = tokio::spawn(async move { c.start().await });
-    let (mut conn, _) = fake.accept().await;
-    conn.connected("conn2", "rt2").await;
-    start.await.unwrap().unwrap();
+    let mut conn = restart(&fake, &client, conn, "conn2").await;
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
+    assert_eq!(event, Event::Stopped);
     let rejoin = conn.recv().await;
     assert_eq!(rejoin["type"], "joinGroup");
     assert_eq!(rejoin["group"], "room");
     conn.ack(&rejoin).await;
 
     // Left: not rejoined by the start after.
-    let c = client.clone();
-    let leave = tokio::spawn(async move { c.leave_group("room").await });
-    let frame = conn.recv().await;
-    assert_eq!(frame["type"], "leaveGroup");
-    conn.ack(&frame).await;
-    leave.await.unwrap().unwrap();
-    client.stop().await;
-    drop(conn);
-    let c = client.clone();
-    let start = tokio::spawn(async move { c.start().await });
-    let (mut conn, _) = fake.accept().await;
-    conn.connected("conn3", "rt3").await;
-    start.await.unwrap().unwrap();
+    group_op(&client, &mut conn, false, "room").await;
+    let mut conn = restart(&fake, &client, conn, "conn3").await;
     conn.silent_for(300).await;
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_leave_stops_the_retries_of_its_groups_rejoin() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    group_op(&client, &mut conn, true, "room").await;
+    let mut conn = restart(&fake, &client, conn, "conn2").await;
+    let rejoin = conn.recv().await;
+    assert_eq!(rejoin["type"], "joinGroup");
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":false,"error":{{"name":"InternalServerError","message":"oops"}}}}"#,
+        rejoin["ackId"]
+    ))
+    .await;
+    group_op(&client, &mut conn, false, "room").await;
+    // A rejoin retried now (100 ms after the error) would put the client back in
+    // the group it has just left.
+    conn.silent_for(500).await;
     client.stop().await;
 }
 

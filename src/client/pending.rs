@@ -139,6 +139,9 @@ pub(crate) enum Purpose {
     Leave(String),
     /// The automatic rejoin of a group after a reconnect (no caller waits).
     Rejoin(String),
+    /// A rejoin that a later leave of its group made moot: not retried, not resent,
+    /// and its outcome is ignored.
+    Abandoned,
 }
 
 /// A finished acked operation.
@@ -273,6 +276,9 @@ impl Pending {
             refused: None,
             maybe_processed: false,
         };
+        if let Purpose::Leave(group) = &op.purpose {
+            self.abandon_rejoin(group);
+        }
         match sent_at {
             Some(now) => {
                 op.phase = Phase::AwaitingAck;
@@ -282,6 +288,20 @@ impl Pending {
         }
         self.acks.insert(ack_id, op);
         Ok(())
+    }
+
+    /// A leave of `group` makes its automatic rejoin moot. Else a rejoin retried after
+    /// an `InternalServerError` or a timeout could reach the service after the leave
+    /// and join the group again. One not written yet or waiting for its retry is
+    /// dropped; one awaiting its ack (written before the leave) is kept but abandoned.
+    fn abandon_rejoin(&mut self, group: &str) {
+        self.acks.retain(|_, op| {
+            if !matches!(&op.purpose, Purpose::Rejoin(g) if g == group) {
+                return true;
+            }
+            op.purpose = Purpose::Abandoned;
+            matches!(op.phase, Phase::AwaitingAck)
+        });
     }
 
     /// Whether an acked operation with this id is pending.
@@ -839,6 +859,42 @@ mod tests {
         assert_eq!(
             rx.try_recv().unwrap(),
             Err(Error::NotConnected { ack_id: None })
+        );
+    }
+
+    #[test]
+    fn a_leave_abandons_the_rejoin_of_its_group_in_every_phase() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let rejoin = |p: &mut Pending, ack_id, group: &str, now| {
+            let purpose = Purpose::Rejoin(group.into());
+            assert!(p.add_ack(ack_id, frame(ack_id), purpose, None, now).is_ok());
+        };
+        rejoin(&mut p, 1, "awaiting", Some(t0));
+        rejoin(&mut p, 2, "retrying", Some(t0));
+        assert!(p
+            .on_ack(2, false, error("InternalServerError"), t0)
+            .is_none());
+        rejoin(&mut p, 3, "unsent", None);
+        rejoin(&mut p, 4, "other", None);
+        for (ack_id, group) in [(5, "awaiting"), (6, "retrying"), (7, "unsent")] {
+            let purpose = Purpose::Leave(group.into());
+            assert!(p
+                .add_ack(ack_id, frame(ack_id), purpose, None, Some(t0))
+                .is_ok());
+        }
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        p.expire(t0 + Duration::from_secs(1), &mut out, &mut done);
+        assert!(out.is_empty(), "rejoin 2 retried after its leave");
+        p.take_unsent(t0, &mut out);
+        assert_eq!(out, vec![frame(4)], "only the other group's rejoin");
+        let done = p
+            .on_ack(1, false, error("InternalServerError"), t0)
+            .unwrap();
+        assert_eq!(
+            done.purpose,
+            Purpose::Abandoned,
+            "not retried, not reported"
         );
     }
 
