@@ -370,7 +370,7 @@ typedef struct wps_dispatch_buffers {
    */
   size_t message_cap;
   /**
-   * Out: how many callbacks ran.
+   * Out: how many events and completions were taken (`ran` of `wps_client_dispatch`).
    */
   size_t ran;
   /**
@@ -670,9 +670,11 @@ void wps_client_free(struct wps_client *c);
 wps_status wps_client_dispatch_fd(const struct wps_client *c, int *out_fd);
 
 /**
- * Poll mode: runs up to `max` queued callbacks (events and completions) of this client
- * on the calling thread, in order; `ran` (may be NULL) receives how many ran. While
- * more remain queued the descriptor stays readable. Callbacks may call the API,
+ * Poll mode: takes up to `max` queued events and completions of this client, in
+ * order, and runs their callbacks on the calling thread; `ran` (may be NULL) receives
+ * how many were taken. Each runs its callback at most once: not at all when that
+ * callback is NULL or callbacks were disabled (`wps_callbacks_disable`). While more
+ * remain queued the descriptor stays readable. Callbacks may call the API,
  * `wps_client_free` of this client included, but not a dispatch of this client
  * (`wps_client_dispatch`, `_records`, `_into`): that, a call from two threads
  * at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
@@ -686,7 +688,7 @@ wps_status wps_client_dispatch(struct wps_client *c, size_t max, size_t *ran);
  * Poll mode: as `wps_client_dispatch`, but a successful completion of a send started
  * with `WPS_SEND_RECORD` is written to `records` (room for `cap`, at least 1) instead
  * of calling its callback. The call returns before running a callback once it wrote a
- * record, so the callbacks that ran (`ran`, may be NULL) came before the records
+ * record, so the events and completions taken (`ran`, may be NULL) came before the records
  * (`recorded`, may be NULL), in completion order; what is left stays queued and the
  * descriptor readable. `records` must be aligned for `wps_ack_record`
  * (`WPS_STATUS_INVALID_ARGUMENT`).

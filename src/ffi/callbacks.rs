@@ -168,7 +168,7 @@ pub struct wps_dispatch_buffers {
     pub messages: *mut u8,
     /// In: bytes `messages` has room for.
     pub message_cap: usize,
-    /// Out: how many callbacks ran.
+    /// Out: how many events and completions were taken (`ran` of `wps_client_dispatch`).
     pub ran: usize,
     /// Out: how many ack records were written.
     pub acks_written: usize,

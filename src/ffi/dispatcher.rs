@@ -220,8 +220,8 @@ impl Worker {
         }
     }
 
-    /// Poll mode: runs up to `max` queued callbacks on this thread, in order; returns
-    /// how many ran. The descriptor stays readable while callbacks remain.
+    /// Poll mode: runs up to `max` queued jobs on this thread, in order; returns how
+    /// many ran. The descriptor stays readable while jobs remain.
     ///
     /// With `records`, the jobs that stand for a record are written there instead of
     /// running, as long as there is room. The call then returns before running a
