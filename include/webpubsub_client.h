@@ -446,8 +446,9 @@ typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *
  * failure `has_ack_id` tells whether the failed operation had an ackId: refused
  * (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
  * resend with it is deduplicated by the service), sent when its connection was lost
- * (`WPS_STATUS_NOT_CONNECTED`), or sent when `wps_client_stop` ended it
- * (`WPS_STATUS_STOPPED`).
+ * (`WPS_STATUS_NOT_CONNECTED`), sent when `wps_client_stop` ended it
+ * (`WPS_STATUS_STOPPED`), or given up by the interrupt check
+ * (`WPS_STATUS_INTERRUPTED`).
  */
 typedef struct wps_ack_result {
   /**
@@ -463,6 +464,12 @@ typedef struct wps_ack_result {
    */
   bool is_duplicated;
 } wps_ack_result;
+
+/**
+ * Interrupt check: returns non-zero to end the wait of the blocking call that asks.
+ * Runs on that call's thread, with none of the library's locks held.
+ */
+typedef int (*wps_interrupt_cb)(void);
 
 /**
  * Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
@@ -591,6 +598,11 @@ typedef struct wps_message_record {
  * The client (or the library's runtime) was created before a fork(): unusable in the child.
  */
 #define WPS_STATUS_FORKED 15
+
+/**
+ * The interrupt check (`wps_set_interrupt_check`) ended the wait of a blocking call.
+ */
+#define WPS_STATUS_INTERRUPTED 16
 
 /**
  * Any other internal error.
@@ -1088,6 +1100,21 @@ wps_status wps_credential_result_set_error(struct wps_credential_result *r, cons
  * would be stopped in the middle of the library. Blocking calls still return.
  */
 wps_status wps_callbacks_disable(uint32_t timeout_ms);
+
+/**
+ * Sets the interrupt check of blocking calls, for the whole process. While
+ * `wps_client_start`, `wps_client_join_group`, `wps_client_leave_group`,
+ * `wps_client_send_to_group`, `wps_client_send_event` (and their `_with_ack_id`
+ * forms) or `wps_client_invoke_event` waits, `cb` is called on the waiting thread
+ * every `interval_ms` (above 0); once it returns non-zero, the call returns
+ * `WPS_STATUS_INTERRUPTED`. The operation is then given up as by `wps_client_cancel`:
+ * not written if it was not yet, not retried, its ack ignored (its ackId is still in
+ * `out`); an invocation is cancelled at the service. An interrupted start goes on
+ * (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
+ * interrupted. NULL `cb` removes the check; a wait already running keeps the check it
+ * started with. Not called once callbacks are disabled (`wps_callbacks_disable`).
+ */
+wps_status wps_set_interrupt_check(wps_interrupt_cb cb, uint32_t interval_ms);
 
 /**
  * Creates options holding the defaults (those of the official clients). Never NULL

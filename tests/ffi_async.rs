@@ -1279,25 +1279,9 @@ fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call
 
 #[test]
 fn an_invocation_started_before_a_stop_completes_with_stopped() {
-    // An upstream that takes every invocation and never answers: the invocations are
-    // pending when the client stops.
+    // The invocations are pending when the client stops.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let upstream = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let upstream_url = format!("http://{}/", upstream.local_addr().unwrap());
-    rt.spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = upstream.accept().await {
-            held.push(socket);
-        }
-    });
-    let config = Config {
-        upstream: Some(upstream_url),
-        ..Config::default()
-    };
-    let emulator = rt.block_on(Emulator::start(config)).unwrap();
-    let url = CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap();
+    let (emulator, url) = common::emulator_with_silent_upstream(&rt);
     let rec = Recorder::default();
     let c = client_of(&url, &rec, false);
     for round in 0..30 {

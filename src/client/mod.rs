@@ -834,6 +834,11 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// The operation's ackId (`None` for fire-and-forget).
+    pub(crate) fn ack_id(&self) -> Option<u64> {
+        self.ack.as_ref().map(|(ack_id, ..)| *ack_id)
+    }
+
     /// A message (sendToGroup or event) with its ackId from `choose_ack_id`.
     fn message(frame: Utf8Bytes, ack_id: Option<(u64, bool)>) -> Prepared {
         Prepared {

@@ -31,6 +31,7 @@ use super::convert::{array_out, bytes_arg, handle_arg, str_arg, write_optional, 
 use super::credential::{wps_credential_cb, CredentialSink};
 use super::dispatcher::{self, DispatchError, Job, Records, Worker};
 use super::gate::{after_callback, in_callback};
+use super::interrupt::{self, Interrupted};
 use super::options::wps_options;
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
@@ -38,8 +39,9 @@ use super::status::{
     WPS_DATA_TYPE_TEXT, WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_NO_ECHO,
     WPS_SEND_RECORD, WPS_STATE_CONNECTED, WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED,
     WPS_STATE_RECOVERING, WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_FORKED,
-    WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT,
-    WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
+    WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INTERNAL, WPS_STATUS_INTERRUPTED,
+    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED,
+    WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
 };
 
 /// How long `wps_client_free` waits for the client's connection task to end once its
@@ -64,8 +66,9 @@ pub struct wps_invoke_response {
 /// failure `has_ack_id` tells whether the failed operation had an ackId: refused
 /// (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
 /// resend with it is deduplicated by the service), sent when its connection was lost
-/// (`WPS_STATUS_NOT_CONNECTED`), or sent when `wps_client_stop` ended it
-/// (`WPS_STATUS_STOPPED`).
+/// (`WPS_STATUS_NOT_CONNECTED`), sent when `wps_client_stop` ended it
+/// (`WPS_STATUS_STOPPED`), or given up by the interrupt check
+/// (`WPS_STATUS_INTERRUPTED`).
 #[repr(C)]
 pub struct wps_ack_result {
     /// The operation's ackId when `has_ack_id` (not for fire-and-forget).
@@ -86,15 +89,42 @@ fn runtime() -> FfiResult<tokio::runtime::Handle> {
 /// I/O and timers: no task, no thread hop (a fire-and-forget send finishes on its
 /// first poll). On a thread already inside the runtime's context (a blocking-pool
 /// thread running a credential callback) it is spawned instead and waited for.
-/// A panic in the future unwinds to the caller's panic boundary.
+/// A panic in the future unwinds to the caller's panic boundary. Never interrupted:
+/// the stops.
 fn block<F>(fut: F) -> FfiResult<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    wait(fut, false)
+}
+
+/// As `block`, for a wait the interrupt check may end (`wps_set_interrupt_check`):
+/// then the future is dropped, which gives the operation up.
+fn block_interruptible<F>(fut: F) -> FfiResult<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    wait(fut, true)
+}
+
+fn wait<F>(fut: F, interruptible: bool) -> FfiResult<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let rt = runtime()?;
     if tokio::runtime::Handle::try_current().is_err() {
-        return Ok(rt.block_on(fut));
+        if !interruptible {
+            return Ok(rt.block_on(fut));
+        }
+        return interrupt::block_on(&rt, fut).map_err(|Interrupted| {
+            fail(
+                WPS_STATUS_INTERRUPTED,
+                "the interrupt check ended the wait; the operation was given up",
+            )
+        });
     }
     let (tx, rx) = mpsc::sync_channel(1);
     rt.spawn(async move {
@@ -557,7 +587,7 @@ fn not_polled() -> wps_status {
 pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
     guard(|| {
         let client = client_arg(c)?.client.clone();
-        block(async move { client.start().await })?.map_err(fail_with)
+        block_interruptible(async move { client.start().await })?.map_err(fail_with)
     })
 }
 
@@ -885,8 +915,12 @@ unsafe fn run_acked(
     let outcome = match shared.client.try_run(prepared) {
         Ok(outcome) => outcome,
         Err(prepared) => {
+            let ack_id = prepared.ack_id();
             let client = shared.client.clone();
-            block(async move { client.run(prepared).await }).map_err(no_ack_id)?
+            block_interruptible(async move { client.run(prepared).await }).map_err(|status| {
+                // An interrupted operation may have been written: a resend keeps its ackId.
+                (status, ack_id.filter(|_| status == WPS_STATUS_INTERRUPTED))
+            })?
         }
     };
     outcome.map_err(|error| {
@@ -1105,8 +1139,9 @@ pub unsafe extern "C" fn wps_client_invoke_event(
         }
         let client = shared.client.clone();
         let opts = invoke_options(timeout_ms);
-        let r: InvokeResult = block(async move { client.invoke_event(&event, t, d, opts).await })?
-            .map_err(fail_with)?;
+        let r: InvokeResult =
+            block_interruptible(async move { client.invoke_event(&event, t, d, opts).await })?
+                .map_err(fail_with)?;
         let resp = wps_invoke_response {
             data_type: data_type_code(r.data_type),
             data: r.data,

@@ -9,6 +9,7 @@ pub mod callbacks;
 pub mod client;
 pub mod credential;
 pub mod gate;
+pub mod interrupt;
 pub mod options;
 pub mod status;
 

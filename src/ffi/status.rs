@@ -38,6 +38,8 @@ pub const WPS_STATUS_STOPPED: wps_status = 13;
 pub const WPS_STATUS_PANIC: wps_status = 14;
 /// The client (or the library's runtime) was created before a fork(): unusable in the child.
 pub const WPS_STATUS_FORKED: wps_status = 15;
+/// The interrupt check (`wps_set_interrupt_check`) ended the wait of a blocking call.
+pub const WPS_STATUS_INTERRUPTED: wps_status = 16;
 /// Any other internal error.
 pub const WPS_STATUS_INTERNAL: wps_status = 99;
 
@@ -172,6 +174,7 @@ pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
         WPS_STATUS_STOPPED => b"stopped\0",
         WPS_STATUS_PANIC => b"panic\0",
         WPS_STATUS_FORKED => b"used in a fork() child\0",
+        WPS_STATUS_INTERRUPTED => b"interrupted\0",
         WPS_STATUS_INTERNAL => b"internal error\0",
         _ => b"unknown status\0",
     };
@@ -210,7 +213,7 @@ mod tests {
 
     #[test]
     fn every_status_has_a_name_and_unknown_is_not_null() {
-        for s in 0..=15 {
+        for s in 0..=16 {
             assert_ne!(text(wps_status_str(s)), "unknown status", "{s}");
         }
         assert_eq!(text(wps_status_str(99)), "internal error");

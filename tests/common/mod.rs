@@ -258,3 +258,29 @@ pub fn ffi_send_text(
         )
     }
 }
+
+/// An emulator on `rt` whose upstream takes every request and never answers: events
+/// with an ack and invocations stay pending. Returns it with a client URL of user `u`.
+pub fn emulator_with_silent_upstream(
+    rt: &tokio::runtime::Runtime,
+) -> (webpubsub_emulator::Emulator, std::ffi::CString) {
+    let upstream = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let upstream_url = format!("http://{}/", upstream.local_addr().unwrap());
+    rt.spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = upstream.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = webpubsub_emulator::Config {
+        upstream: Some(upstream_url),
+        ..webpubsub_emulator::Config::default()
+    };
+    let emulator = rt
+        .block_on(webpubsub_emulator::Emulator::start(config))
+        .unwrap();
+    let url = emulator.client_url("hub", &user_token("u"));
+    (emulator, std::ffi::CString::new(url).unwrap())
+}

@@ -141,6 +141,50 @@ def test_ctrl_c_interrupts_an_open_that_waits_for_the_server(hub: Hub) -> None:
     other.close()
 
 
+def _interrupted(call: Any, expected: Any) -> Any:
+    """Runs ``call`` on the main thread with a SIGINT sent 0.3 s into it; the exception it
+    raised (``expected``), once checked that it came at once."""
+    assert threading.current_thread() is threading.main_thread()
+    interrupt = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    interrupt.start()
+    try:
+        with pytest.raises(expected) as info:
+            call()
+        elapsed = time.monotonic() - started
+    finally:
+        interrupt.join()
+    assert elapsed < 3, f"{info.typename} came {elapsed:.1f} s after the call"
+    return info.value
+
+
+def test_ctrl_c_interrupts_blocking_operations_that_wait_for_the_service(hub: Hub, upstream: Upstream) -> None:
+    """Ctrl-C raises KeyboardInterrupt in a send or an invocation of the main thread waiting
+    for its ack or reply, as in the official client, and the client goes on. It was only
+    raised once the blocking native call returned: here, after the upstream's 8 s."""
+    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    client = make(hub.url(), ack_timeout=WAIT)
+    client.open()
+    try:
+        _interrupted(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT), KeyboardInterrupt)
+        _interrupted(lambda: client.invoke_event("slow", "x", WebPubSubDataType.TEXT, timeout=WAIT), KeyboardInterrupt)
+
+        # A SIGINT handler of the application runs instead, and the call fails.
+        seen: List[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+        try:
+            error = _interrupted(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT), SendMessageError)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert seen == [signal.SIGINT]
+        assert error.error_detail.name == "Interrupted"
+        assert error.ack_id is not None
+        assert client.send_to_group("g", "x", WebPubSubDataType.TEXT).ack_id is not None
+    finally:
+        client.close()
+        upstream.slow_seconds = slow_seconds
+
+
 # ---- group messages ----------------------------------------------------------------------
 
 

@@ -25,3 +25,4 @@ __all__ = [
 # At exit, live clients are freed (or stopped) by their weakref finalizers, and the
 # library stops calling into Python before it tears down (either order is safe).
 _atexit.register(_callbacks.quiesce_native)
+_callbacks.install_interrupt_check()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import signal
 import threading
 from typing import Any, Callable, Dict, Optional, Set, cast
 
@@ -238,3 +239,26 @@ def quiesce_native() -> None:
         _log_level = 0
     if lib.wps_callbacks_disable(_QUIESCE_MS) != _native.STATUS_OK:
         _LOGGER.warning("webpubsub_client: a callback still ran at exit: %s", _native.last_error_message())
+
+
+# Ctrl-C during a blocking call of the main thread. While a blocking call waits, the
+# library asks Python's own "was SIGINT received?" every _INTERRUPT_CHECK_MS: it is C
+# code run with the GIL held (no bytecode, so no Python signal handler runs inside the
+# callback), and it says yes only on the main thread, where Python handles signals. The
+# call then returns STATUS_INTERRUPTED and `redeliver_interrupt` hands the signal back.
+_INTERRUPT_CHECK_MS = 50
+_INTERRUPT_CHECK = _native.INTERRUPT_CB(ctypes.pythonapi.PyOS_InterruptOccurred)
+
+
+def install_interrupt_check() -> None:
+    """Let Ctrl-C end the waits of blocking calls on the main thread (process-wide)."""
+    status = lib.wps_set_interrupt_check(_INTERRUPT_CHECK, _INTERRUPT_CHECK_MS)
+    if status != _native.STATUS_OK:
+        _LOGGER.warning("webpubsub_client: cannot install the interrupt check: %s", _native.last_error_message())
+
+
+def redeliver_interrupt() -> None:
+    """A blocking call was interrupted by a SIGINT that the interrupt check took from
+    Python: raise it again, so that Python's handler runs now (by default it raises
+    KeyboardInterrupt from here)."""
+    signal.raise_signal(signal.SIGINT)

@@ -49,6 +49,7 @@ STATUS_TLS = 12
 STATUS_STOPPED = 13
 STATUS_PANIC = 14
 STATUS_FORKED = 15
+STATUS_INTERRUPTED = 16
 STATUS_INTERNAL = 99
 
 DATA_TYPE_TEXT = 0
@@ -216,6 +217,7 @@ USER_DATA_FREE_CB = CFUNCTYPE(None, c_void_p)
 CREDENTIAL_CB = CFUNCTYPE(None, c_void_p, c_void_p)
 COMPLETION_CB = CFUNCTYPE(None, c_void_p, POINTER(WpsCompletion))
 LOG_CB = CFUNCTYPE(None, c_void_p, c_uint32, c_char_p, c_char_p)
+INTERRUPT_CB = CFUNCTYPE(c_int)
 
 _status = c_uint32
 _handle = c_void_p
@@ -320,6 +322,7 @@ _SIGNATURES = {
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
     "wps_callbacks_disable": (_status, [c_uint32]),
+    "wps_set_interrupt_check": (_status, [INTERRUPT_CB, c_uint32]),
     # caller-chosen ackIds and the user agent
     "wps_client_send_to_group_with_ack_id": (
         _status,

@@ -1,0 +1,122 @@
+//! The interrupt check of blocking calls: one process-wide function that a blocking
+//! call waiting for the service asks, every interval, whether to stop waiting (a
+//! Ctrl-C, a shutdown flag). Without one, blocking calls wait with no timer at all.
+
+use std::ffi::c_int;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+
+use super::gate::InCallback;
+use super::panic::guard;
+use super::status::{fail, wps_status, WPS_STATUS_INVALID_ARGUMENT};
+
+/// Interrupt check: returns non-zero to end the wait of the blocking call that asks.
+/// Runs on that call's thread, with none of the library's locks held.
+pub type wps_interrupt_cb = Option<unsafe extern "C" fn() -> c_int>;
+
+#[derive(Clone, Copy)]
+struct Check {
+    cb: unsafe extern "C" fn() -> c_int,
+    interval: Duration,
+}
+
+impl Check {
+    /// Asks the application; never once callbacks are disabled.
+    fn interrupted(&self) -> bool {
+        match InCallback::enter() {
+            // SAFETY: the caller of `wps_set_interrupt_check` declared it callable from
+            // any thread that makes a blocking call.
+            Some(_inside) => unsafe { (self.cb)() != 0 },
+            None => false,
+        }
+    }
+}
+
+static CHECK: Mutex<Option<Check>> = Mutex::new(None);
+
+/// Sets the interrupt check of blocking calls, for the whole process. While
+/// `wps_client_start`, `wps_client_join_group`, `wps_client_leave_group`,
+/// `wps_client_send_to_group`, `wps_client_send_event` (and their `_with_ack_id`
+/// forms) or `wps_client_invoke_event` waits, `cb` is called on the waiting thread
+/// every `interval_ms` (above 0); once it returns non-zero, the call returns
+/// `WPS_STATUS_INTERRUPTED`. The operation is then given up as by `wps_client_cancel`:
+/// not written if it was not yet, not retried, its ack ignored (its ackId is still in
+/// `out`); an invocation is cancelled at the service. An interrupted start goes on
+/// (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
+/// interrupted. NULL `cb` removes the check; a wait already running keeps the check it
+/// started with. Not called once callbacks are disabled (`wps_callbacks_disable`).
+#[no_mangle]
+pub extern "C" fn wps_set_interrupt_check(cb: wps_interrupt_cb, interval_ms: u32) -> wps_status {
+    guard(|| {
+        let check = match cb {
+            Some(_) if interval_ms == 0 => {
+                return Err(fail(
+                    WPS_STATUS_INVALID_ARGUMENT,
+                    "`interval_ms` must be above 0",
+                ))
+            }
+            Some(cb) => Some(Check {
+                cb,
+                interval: Duration::from_millis(interval_ms.into()),
+            }),
+            None => None,
+        };
+        *CHECK.lock().unwrap_or_else(|e| e.into_inner()) = check;
+        Ok(())
+    })
+}
+
+/// The interrupt check ended the wait.
+pub(crate) struct Interrupted;
+
+/// Wakes the thread that waits in `block_on`.
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+thread_local! {
+    static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+}
+
+/// Runs `fut` to completion on this thread, driven by the runtime's I/O and timers
+/// (this thread only polls it). With an interrupt check set, it is asked every
+/// interval, and the future is dropped once it says so.
+pub(crate) fn block_on<F: Future>(rt: &Handle, fut: F) -> Result<F::Output, Interrupted> {
+    let check = *CHECK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(check) = check else {
+        return Ok(rt.block_on(fut));
+    };
+    let _context = rt.enter();
+    let waker = WAKER.with(Waker::clone);
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = pin!(fut);
+    let mut next_check = Instant::now() + check.interval;
+    loop {
+        if let Poll::Ready(output) = fut.as_mut().poll(&mut cx) {
+            return Ok(output);
+        }
+        let now = Instant::now();
+        if now >= next_check {
+            if check.interrupted() {
+                return Err(Interrupted);
+            }
+            next_check = now + check.interval;
+        }
+        // Woken (or spuriously, which only costs a poll) or due for a check.
+        std::thread::park_timeout(next_check - now);
+    }
+}
