@@ -306,3 +306,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str =
         if time.monotonic() > deadline:
             pytest.fail(f"{what} not met within {timeout} s")
         time.sleep(0.02)
+
+
+def assert_keywords_logged(caplog: Any, constructor_keyword: str, extra: Dict[str, Any]) -> None:
+    """What the keyword-argument tests of both clients logged: each ignored name once per
+    method (the constructor's ``constructor_keyword``, the ``extra`` of six methods), and
+    the two operations called with ``logging_enable=True`` twice each."""
+    methods = ("subscribe", "join_group", "send_to_group", "send_event", "leave_group", "unsubscribe")
+    expected = [f"WebPubSubClient ignores the keyword argument {constructor_keyword!r}"]
+    expected += [f"{method} ignores the keyword argument {name!r}" for method in methods for name in extra]
+    messages = [r.getMessage() for r in caplog.records if r.name == "webpubsub_client"]
+    ignored = [m for m in messages if "ignores the keyword argument" in m]
+    assert sorted(ignored) == sorted(f"webpubsub_client: {m}" for m in expected)
+    assert messages.count("webpubsub_client: join_group 'g'") == 2
+    assert messages.count("webpubsub_client: send_to_group 'g': b'acked'") == 2

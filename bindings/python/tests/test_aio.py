@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, List
 
 import pytest
-from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream
+from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged
 
 from webpubsub_client import WebPubSubClient as SyncClient
 from webpubsub_client import _native
@@ -127,6 +127,26 @@ async def test_context_manager_and_round_trip(hub: Hub, protocol: WebPubSubProto
     assert [m.data if m.data_type != "binary" else bytes(m.data) for m in messages] == ["text", {"j": [1]}, b"\x00b"]
     assert all(isinstance(m, OnGroupDataMessageArgs) and m.from_user_id == "bob" for m in messages)
     assert not client.is_connected()
+
+
+async def test_keyword_arguments_the_official_client_ignores_are_ignored_async(hub: Hub, caplog: Any) -> None:
+    """As for the sync client (names of this test only: each is logged once per process)."""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client.native")  # first: each call sets the capture level too
+    caplog.set_level(logging.DEBUG, logger="webpubsub_client")
+    extra = {"retry_total": 1, "ackId": 7}
+    got = AsyncCollector()
+    client = make(hub.url(), connection_verify=False)
+    await client.subscribe(CallbackType.GROUP_MESSAGE, got, **extra)
+    async with client:
+        for _ in range(2):
+            await client.join_group("g", logging_enable=True, **extra)
+            await client.send_to_group("g", "acked", "text", logging_enable=True, **extra)
+            await client.send_to_group("g", "queued", "text", ack=False, **extra)
+            await client.send_event("e", "event", "text", **extra)
+            await client.leave_group("other", **extra)
+        await got.wait_for(4)
+        await client.unsubscribe(CallbackType.GROUP_MESSAGE, got, **extra)
+    assert_keywords_logged(caplog, "connection_verify", extra)
 
 
 async def test_async_listener_may_await_client_calls(hub: Hub, protocol: WebPubSubProtocolType) -> None:
@@ -456,6 +476,13 @@ async def test_a_record_for_a_closed_loop_is_skipped_and_the_ones_after_it_settl
     assert all(REGISTRY.get(key) is None for key in keys)
 
 
+async def _until(got: List[str], count: int) -> None:
+    """Returns once ``got`` holds ``count`` items, or after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while len(got) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def test_a_listener_interrupting_the_loop_loses_none_of_the_messages_after_it(hub: Hub, monkeypatch: Any) -> None:
     """A KeyboardInterrupt from a listener stops the loop in the middle of a call's
     records: the messages after it, already taken from the library, arrive once the
@@ -477,11 +504,6 @@ def test_a_listener_interrupting_the_loop_loses_none_of_the_messages_after_it(hu
             interrupted.append(True)
             raise KeyboardInterrupt
 
-    async def until(count: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while len(got) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-
     loop = asyncio.new_event_loop()
     client = make(hub.url())
     try:
@@ -495,14 +517,52 @@ def test_a_listener_interrupting_the_loop_loses_none_of_the_messages_after_it(hu
                 publisher.send_to_group("g", str(i), "text")
         time.sleep(0.3)
         with pytest.raises(KeyboardInterrupt):
-            loop.run_until_complete(until(5))
+            loop.run_until_complete(_until(got, 5))
         assert got == ["1", "2"]
-        loop.run_until_complete(until(5))
+        loop.run_until_complete(_until(got, 5))
         loop.run_until_complete(client.close())
     finally:
         loop.close()
     assert got == ["1", "2", "3", "4", "5"]
     assert max(batches) >= 3, f"the messages came in batches {batches}: no call held the ones after the interrupt"
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_a_listener_interrupting_the_loop_leaves_the_event_to_the_listeners_after_it(hub: Hub, raised: type) -> None:
+    """A KeyboardInterrupt or SystemExit from a listener stops the loop, as in the official
+    client (whose listener task re-raises it), once the listeners after it had the event.
+    From an event that a library callback delivers (connected), it cannot cross the
+    library: it is logged, and the listeners after it still get the event."""
+    connected: List[str] = []
+    got: List[str] = []
+
+    def payload_of(args: Any) -> str:
+        return str(args.connection_id if isinstance(args, OnConnectedArgs) else args.data)
+
+    def interrupting(args: Any) -> None:
+        if payload_of(args) in ("1", client.connection_id):
+            raise raised
+
+    loop = asyncio.new_event_loop()
+    client = make(hub.url())
+    try:
+        for kind, sink in ((CallbackType.CONNECTED, connected), (CallbackType.GROUP_MESSAGE, got)):
+            loop.run_until_complete(client.subscribe(kind, interrupting))
+            loop.run_until_complete(client.subscribe(kind, lambda args, sink=sink: sink.append(payload_of(args))))
+        loop.run_until_complete(client.open())
+        loop.run_until_complete(client.join_group("g"))
+        assert connected == [client.connection_id]
+        with SyncClient(hub.url()) as publisher:
+            publisher.send_to_group("g", "1", "text")
+            publisher.send_to_group("g", "2", "text")
+        with pytest.raises(raised):
+            loop.run_until_complete(_until(got, 2))
+        assert got[:1] == ["1"]
+        loop.run_until_complete(_until(got, 2))
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+    assert got == ["1", "2"]
 
 
 async def test_a_refused_dispatch_is_logged_and_its_stale_counts_are_not_read(hub: Hub, caplog: Any) -> None:

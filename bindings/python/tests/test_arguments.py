@@ -65,7 +65,6 @@ def test_unusable_url_is_a_value_error(url: str) -> None:
         ({"keep_alive_interval": -1}, ValueError, "keep_alive_interval"),
         ({"ca_pem": 12}, TypeError, "ca_pem must be PEM text"),
         ({"logging_enable": 1}, TypeError, "logging_enable must be a bool"),
-        ({"no_such_option": 1}, TypeError, "no_such_option"),
         ({"user_agent": 5}, TypeError, "user_agent must be a str"),
         ({"user_agent": "two\nlines"}, ValueError, "user_agent must be printable ASCII"),
     ],

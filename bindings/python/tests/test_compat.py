@@ -184,6 +184,10 @@ def test_every_official_method_exists_with_the_same_parameters(official_cls: Any
         assert inspect.iscoroutinefunction(mine) == inspect.iscoroutinefunction(theirs), name
         their_params = inspect.signature(theirs).parameters
         my_params = inspect.signature(mine).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in their_params.values()):
+            assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in my_params.values()), (
+                f"{our_cls.__name__}.{name} refuses the keyword arguments the official one ignores"
+            )
         for param in their_params.values():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import time
 from typing import Any, List
 
 import pytest
-from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, wait_until
+from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, assert_keywords_logged, wait_until
 
 from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
 from webpubsub_client.models import (
@@ -259,6 +260,30 @@ def test_no_echo_fire_and_forget_and_leave(hub: Hub, protocol: WebPubSubProtocol
     assert [m.data for m in a_got.items] == ["2-fire-and-forget", "3-after-leave", "4-from-b"]
 
 
+def test_keyword_arguments_the_official_client_ignores_are_ignored(hub: Hub, caplog: Any) -> None:
+    """Code written for the official client runs unchanged: the constructor and the methods
+    that take ``**kwargs`` there ignore what they do not use (an azure-core per-call option,
+    a misspelt name), each name logged once per method at debug level, and an operation's
+    ``logging_enable=True`` logs its outgoing message. (Names of this test only: each is
+    logged once per process.)"""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client.native")  # first: each call sets the capture level too
+    caplog.set_level(logging.DEBUG, logger="webpubsub_client")
+    extra = {"timeout": 5, "noecho": True}
+    got = Collector()
+    client = make(hub.url(), transport=None)
+    client.subscribe(CallbackType.GROUP_MESSAGE, got, **extra)
+    with client:
+        for _ in range(2):
+            client.join_group("g", logging_enable=True, **extra)
+            client.send_to_group("g", "acked", "text", logging_enable=True, **extra)
+            client.send_to_group("g", "queued", "text", ack=False, **extra)
+            client.send_event("e", "event", "text", **extra)
+            client.leave_group("other", **extra)
+        got.wait_for(4)
+        client.unsubscribe(CallbackType.GROUP_MESSAGE, got, **extra)
+    assert_keywords_logged(caplog, "transport", extra)
+
+
 def test_unsubscribe_stops_delivery(hub: Hub) -> None:
     first, second = Collector(), Collector()
     with make(hub.url()) as client:
@@ -312,6 +337,37 @@ def test_listener_exception_is_logged_and_others_still_run(hub: Hub, caplog: Any
     assert any(
         r.name == "webpubsub_client" and r.exc_info and str(r.exc_info[1]) == "listener bug" for r in caplog.records
     )
+
+
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_a_listener_raising_a_base_exception_ends_only_its_own_call(hub: Hub, caplog: Any, raised: type) -> None:
+    """A SystemExit, KeyboardInterrupt or GeneratorExit from a listener ends only that call,
+    as in the official client (a thread per call): the listeners after it get the event,
+    the events after it arrive, and the exception is logged."""
+    got, stopped = Collector(), Collector()
+
+    def quitting(message: OnGroupDataMessageArgs) -> None:
+        if message.data == "x":
+            raise raised("listener quits")
+
+    client = make(hub.url())
+    client.subscribe(CallbackType.GROUP_MESSAGE, quitting)
+    client.subscribe(CallbackType.GROUP_MESSAGE, lambda message: got(message.data))
+    client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    with client:
+        client.join_group("g")
+        client.send_to_group("g", "x", "text")
+        client.send_to_group("g", "y", "text")
+        got.wait_until(lambda items: "y" in items)
+    stopped.wait_for(1)  # after the messages, on the same thread
+    assert got.items == ["x", "y"]
+    assert any(
+        r.name == "webpubsub_client"
+        and "group-message listener raised" in r.getMessage()
+        and r.exc_info
+        and r.exc_info[0] is raised
+        for r in caplog.records
+    ), caplog.records
 
 
 def test_callback_may_send_from_inside_a_listener(hub: Hub, protocol: WebPubSubProtocolType) -> None:

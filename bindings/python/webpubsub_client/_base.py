@@ -10,7 +10,7 @@ import platform
 import threading
 import urllib.parse
 from enum import Enum
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, TypeVar, Union, cast
 
 from . import _callbacks, _native
 from ._callbacks import REGISTRY
@@ -168,6 +168,31 @@ def check_ack_id(ack_id: Any) -> Optional[int]:
     if ack_id > _native.UINT64_MAX:
         raise ValueError(f"ack_id must fit in 64 bits, got {ack_id}")
     return int(ack_id)
+
+
+_IGNORED_KEYWORDS: Set[Tuple[str, str]] = set()  # (method, name) pairs logged already
+
+
+def ignore_keywords(method: str, names: Iterable[str]) -> None:
+    """Keyword arguments ``method`` has no use for, ignored as the official client's
+    ``**kwargs`` ignores them (azure-core's per-call options, a misspelt name): each name
+    is logged once per method, at debug level."""
+    for name in names:
+        if (method, name) not in _IGNORED_KEYWORDS:
+            _IGNORED_KEYWORDS.add((method, name))
+            _LOGGER.debug("webpubsub_client: %s ignores the keyword argument %r", method, name)
+
+
+def operation_keywords(method: str, kwargs: Dict[str, Any], target: str, payload: Optional[bytes] = None) -> None:
+    """The extra keyword arguments of an operation on group or event ``target``, as the
+    official client treats them: ``logging_enable=True`` logs the outgoing message at debug
+    level, the others are ignored (:func:`ignore_keywords`)."""
+    if kwargs.get("logging_enable"):
+        if payload is None:
+            _LOGGER.debug("webpubsub_client: %s %r", method, target)
+        else:
+            _LOGGER.debug("webpubsub_client: %s %r: %r", method, target, payload)
+    ignore_keywords(method, [name for name in kwargs if name != "logging_enable"])
 
 
 def _enum_value(enum_cls: Type[E], value: Any, what: str) -> E:

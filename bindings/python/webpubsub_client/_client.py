@@ -74,7 +74,9 @@ class _SyncSink:
         for listener in self._listeners.snapshot(kind):
             try:
                 listener(*args)
-            except Exception:  # noqa: BLE001 - a listener's error must not stop the others
+            except BaseException:  # noqa: BLE001 - a listener's error must not stop the others
+                # SystemExit and KeyboardInterrupt too: in the official client they end only
+                # the listener's own thread, and here there is no caller to raise them to.
                 _base.log_listener_error(kind)
 
 
@@ -148,6 +150,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         acknowledged (default 1).
     :keyword ca_pem: extra trusted root certificate(s), PEM text, for ``wss://``.
 
+    Keyword arguments that the official client takes in ``**kwargs`` without using them
+    (azure-core's per-call options, a misspelt name) are ignored as there, each name logged
+    once per method at debug level; an operation's ``logging_enable=True`` logs its
+    outgoing message at debug level.
+
     Listeners run on a library thread, one event at a time and in order; they may call
     any method of the client (a listener sending a message is fine). Keep them short:
     clients share a small pool of such threads.
@@ -178,7 +185,10 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ca_pem: Optional[Union[str, bytes]] = None,
         logging_enable: bool = False,
         user_agent: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
+        if kwargs:
+            _base.ignore_keywords("WebPubSubClient", kwargs)
         if isinstance(credential, WebPubSubClientCredential):
             source: Union[str, Callable[[], str]] = credential.get_client_access_url
         elif isinstance(credential, str):
@@ -310,7 +320,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         listener: Callable[[OnRejoinGroupFailedArgs], Any],
     ) -> None: ...
 
-    def subscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
+    def subscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any], **kwargs: Any) -> None:
         """Call ``listener`` for every ``event`` (a :class:`CallbackType` or its value).
 
         ``connected`` gets ``OnConnectedArgs``, ``disconnected`` ``OnDisconnectedArgs``,
@@ -318,6 +328,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ``group-message`` ``OnGroupDataMessageArgs``, ``rejoin-group-failed``
         ``OnRejoinGroupFailedArgs``.
         """
+        if kwargs:
+            _base.ignore_keywords("subscribe", kwargs)
         self._listeners.add(event, listener)
 
     @overload
@@ -362,13 +374,15 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         listener: Callable[[OnRejoinGroupFailedArgs], Any],
     ) -> None: ...
 
-    def unsubscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any]) -> None:
+    def unsubscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any], **kwargs: Any) -> None:
         """Remove a listener added with :meth:`subscribe`."""
+        if kwargs:
+            _base.ignore_keywords("unsubscribe", kwargs)
         self._listeners.remove(event, listener)
 
     # ---- operations --------------------------------------------------------------
 
-    def join_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
+    def join_group(self, group_name: str, *, ack_id: Optional[int] = None, **kwargs: Any) -> WebPubSubResult:
         """Join ``group_name``; waits for the service's ack.
 
         ``ack_id`` is accepted for compatibility and checked, but the library numbers
@@ -378,19 +392,23 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
+        if kwargs:
+            _base.operation_keywords("join_group", kwargs, group_name)
         out = _native.WpsAckResult()
         status = lib.wps_client_join_group(self._live_handle(), group, ctypes.byref(out))
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
         return _base.ack_result(out)
 
-    def leave_group(self, group_name: str, *, ack_id: Optional[int] = None) -> WebPubSubResult:
+    def leave_group(self, group_name: str, *, ack_id: Optional[int] = None, **kwargs: Any) -> WebPubSubResult:
         """Leave ``group_name``; waits for the service's ack (``ack_id`` as for :meth:`join_group`).
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
+        if kwargs:
+            _base.operation_keywords("leave_group", kwargs, group_name)
         out = _native.WpsAckResult()
         status = lib.wps_client_leave_group(self._live_handle(), group, ctypes.byref(out))
         if status != _native.STATUS_OK:
@@ -406,6 +424,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ack_id: Optional[int] = None,
         ack: bool = True,
         no_echo: bool = False,
+        **kwargs: Any,
     ) -> WebPubSubResult:
         """Publish ``content`` to ``group_name``.
 
@@ -418,6 +437,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         kind, payload = _base.encode_content(content, data_type)
+        if kwargs:
+            _base.operation_keywords("send_to_group", kwargs, group_name, payload)
         flags = _base.send_flags(ack, no_echo, ack_id)
         return self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
@@ -429,6 +450,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         *,
         ack_id: Optional[int] = None,
         ack: bool = True,
+        **kwargs: Any,
     ) -> WebPubSubResult:
         """Send ``content`` to the upstream event handler as event ``event_name`` (content as for
         :meth:`send_to_group`).
@@ -437,6 +459,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         event = _base.check_name(event_name, "event_name")
         kind, payload = _base.encode_content(content, data_type)
+        if kwargs:
+            _base.operation_keywords("send_event", kwargs, event_name, payload)
         flags = _base.send_flags(ack, ack_id=ack_id)
         return self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
