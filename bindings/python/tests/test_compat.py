@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import subprocess
+import sys
 from typing import Any, Dict, List, Tuple
 
 import azure.messaging.webpubsubclient as official
 import azure.messaging.webpubsubclient.aio as official_aio
 import azure.messaging.webpubsubclient.models as official_models
 import pytest
+from azure.core.exceptions import AzureError
 from conftest import Collector, Hub
 
 import webpubsub_client as ours
@@ -72,7 +76,7 @@ def run_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
             error: Tuple[Any, ...] = ("no error",)
         except Exception as exc:  # noqa: BLE001 - compared below
             detail = getattr(exc, "error_detail", None)
-            error = (type(exc).__name__, getattr(detail, "name", None))
+            error = (type(exc).__name__, getattr(detail, "name", None), isinstance(exc, AzureError))
         with pytest.raises(Exception) as second_open:
             client.open()
         is_connected = client.is_connected()
@@ -83,7 +87,7 @@ def run_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
     return {
         "received": sorted(_normalize(kind, args) for kind, args in items),
         "forbidden": error,
-        "second_open": type(second_open.value).__name__,
+        "second_open": (type(second_open.value).__name__, isinstance(second_open.value, AzureError)),
         "connected_before_close": is_connected,
         "connected_after_close": client.is_connected(),
         "stopped_events": len(stopped),
@@ -96,8 +100,8 @@ def test_same_scenario_same_results(hub: Hub) -> None:
     expected = run_scenario(official, official_models, hub)
     actual = run_scenario(ours, ours_models, hub)
     assert actual == expected
-    assert expected["forbidden"] == ("SendMessageError", "Forbidden")
-    assert expected["second_open"] == "OpenClientError"
+    assert expected["forbidden"] == ("SendMessageError", "Forbidden", True)
+    assert expected["second_open"] == ("OpenClientError", True)
     assert len(expected["received"]) == 8
 
 
@@ -142,7 +146,8 @@ async def run_async_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, A
         await client.join_group("not-allowed")
         error: Tuple[Any, ...] = ("no error",)
     except Exception as exc:  # noqa: BLE001 - compared below
-        error = (type(exc).__name__, getattr(getattr(exc, "error_detail", None), "name", None))
+        detail = getattr(exc, "error_detail", None)
+        error = (type(exc).__name__, getattr(detail, "name", None), isinstance(exc, AzureError))
     await client.close()
     await wait_for(5)
     return {
@@ -156,7 +161,7 @@ async def test_same_async_scenario_same_results(hub: Hub) -> None:
     expected = await run_async_scenario(official_aio, official_models, hub)
     actual = await run_async_scenario(ours_aio, ours_models, hub)
     assert actual == expected
-    assert expected["forbidden"] == ("SendMessageError", "Forbidden")
+    assert expected["forbidden"] == ("SendMessageError", "Forbidden", True)
     assert expected["stopped"] == 1 and len(expected["received"]) == 4
 
 
@@ -209,3 +214,19 @@ def test_models_have_the_official_names_and_values() -> None:
     )
     assert (error.name, error.ack_id, error.error_detail.name) == ("SendMessageError", 3, "Forbidden")
     assert ours_models.OnDisconnectedArgs(connection_id="c", message="m").message == "m"
+
+
+def test_without_azure_core_the_errors_are_plain_exceptions() -> None:
+    """azure-core is not a dependency: without it the package imports, and its errors
+    derive from Exception alone (with it, they are AzureErrors: the scenario above)."""
+    code = (
+        "import sys; sys.modules['azure.core.exceptions'] = None\n"
+        "from webpubsub_client.models import SendMessageError, WebPubSubClientError\n"
+        "assert WebPubSubClientError.__bases__ == (Exception,), WebPubSubClientError.__mro__\n"
+        "assert 'azure.core' not in sys.modules\n"
+        "print(SendMessageError('m').message)\n"
+    )
+    package_dir = os.path.dirname(os.path.dirname(ours.__file__))
+    env = {**os.environ, "PYTHONPATH": package_dir}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "m\n", "")

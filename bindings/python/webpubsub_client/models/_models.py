@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ._enums import WebPubSubDataType
+
+if TYPE_CHECKING:
+    _ErrorBase = Exception
+else:
+    try:
+        # Wherever the official client was installed, azure-core is too: then, as there,
+        # every error of this package is an AzureError, and `except AzureError` catches it.
+        from azure.core.exceptions import AzureError as _ErrorBase
+    except ImportError:
+        _ErrorBase = Exception
 
 __all__ = [
     "AckMessageError",
@@ -45,8 +55,9 @@ class AckMessageError:
         return isinstance(other, AckMessageError) and vars(self) == vars(other)
 
 
-class WebPubSubClientError(Exception):
-    """Base of every error this package raises (besides TypeError/ValueError for bad arguments).
+class WebPubSubClientError(_ErrorBase):
+    """Base of every error this package raises (besides TypeError/ValueError for bad arguments);
+    an ``azure.core.exceptions.AzureError`` when azure-core is installed, as in the official client.
 
     :ivar status: the native library's status code (0 when raised by Python code).
     """
