@@ -128,7 +128,7 @@ impl Upstream {
     }
 
     /// Posts a system event (`connected`, `disconnected`) in the background; failures
-    /// are logged only.
+    /// are logged only, and a shutdown abandons it.
     pub(crate) fn system_event(&self, server: &Arc<Server>, hub: &Hub, conn: &Conn, name: &str) {
         if server.shutdown.is_cancelled() || tokio::runtime::Handle::try_current().is_err() {
             return;
@@ -147,7 +147,12 @@ impl Upstream {
         let server = server.clone();
         tasks.spawn(async move {
             Stats::inc(&server.stats.upstream_requests);
-            if let Err(e) = req.send().await.and_then(|r| r.error_for_status()) {
+            let sent = tokio::select! {
+                sent = req.send() => sent,
+                // Not waited for by a shutdown (a silent upstream would hold it).
+                _ = server.shutdown.cancelled() => return,
+            };
+            if let Err(e) = sent.and_then(|r| r.error_for_status()) {
                 Stats::inc(&server.stats.upstream_errors);
                 tracing::debug!("upstream system event failed: {e}");
             }

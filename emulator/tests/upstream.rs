@@ -349,3 +349,36 @@ async fn an_event_flood_past_the_upstream_queue_gets_internal_server_error() {
     emu.shutdown().await;
     up.task.abort();
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_silent_upstream() {
+    // Takes every request and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let emu = start_with(Config {
+        upstream: Some(url),
+        ..Config::default()
+    })
+    .await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    a.send_json(json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"}))
+        .await;
+    a.send_json(json!({"type":"invoke","invocationId":"i","target":"event","event":"e"}))
+        .await;
+    let started = std::time::Instant::now();
+    emu.shutdown().await;
+    // Its pending system event (connected), user event and invocation end with it,
+    // rather than at the upstream timeout (shutdown gives up waiting after 5 s).
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    silent.abort();
+}
