@@ -993,12 +993,12 @@ async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
     client.stop().await;
 }
 
-#[tokio::test]
-async fn a_leave_stops_the_retries_of_its_groups_rejoin() {
-    let fake = Fake::new().await;
-    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+/// A client that joined `room`, restarted, and whose rejoin of it the fake refused
+/// with `InternalServerError` (retried 100 ms later); with that rejoin frame.
+async fn rejoin_refused_once(fake: &Fake) -> (Client, Conn, serde_json::Value) {
+    let (client, _events, mut conn) = connect(fake, quiet_options()).await;
     group_op(&client, &mut conn, true, "room").await;
-    let mut conn = restart(&fake, &client, conn, "conn2").await;
+    let mut conn = restart(fake, &client, conn, "conn2").await;
     let rejoin = conn.recv().await;
     assert_eq!(rejoin["type"], "joinGroup");
     conn.send(&format!(
@@ -1006,10 +1006,45 @@ async fn a_leave_stops_the_retries_of_its_groups_rejoin() {
         rejoin["ackId"]
     ))
     .await;
+    (client, conn, rejoin)
+}
+
+#[tokio::test]
+async fn a_leave_stops_the_retries_of_its_groups_rejoin() {
+    let fake = Fake::new().await;
+    let (client, mut conn, _) = rejoin_refused_once(&fake).await;
     group_op(&client, &mut conn, false, "room").await;
     // A rejoin retried now (100 ms after the error) would put the client back in
     // the group it has just left.
     conn.silent_for(500).await;
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_leave_given_up_during_a_recovery_keeps_its_groups_rejoin() {
+    let fake = Fake::new().await;
+    let (client, conn, rejoin) = rejoin_refused_once(&fake).await;
+    drop(conn);
+    for _ in 0..200 {
+        if client.state() == ClientState::Recovering {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(client.state(), ClientState::Recovering);
+    // Queued, then given up: never written, so it leaves nothing and abandons nothing.
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(300), client.leave_group("room")).await;
+    assert!(gave_up.is_err(), "left while recovering: {gave_up:?}");
+
+    let (mut conn, _) = fake.accept().await;
+    let resent = conn.recv().await;
+    assert_eq!(
+        resent, rejoin,
+        "the rejoin (refused, so the client is not in the group) was dropped"
+    );
+    conn.ack(&resent).await;
+    conn.silent_for(300).await;
     client.stop().await;
 }
 

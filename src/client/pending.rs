@@ -276,11 +276,13 @@ impl Pending {
             refused: None,
             maybe_processed: false,
         };
-        if let Purpose::Leave(group) = &op.purpose {
-            self.abandon_rejoin(group);
-        }
         match sent_at {
             Some(now) => {
+                // A queued leave abandons nothing until written (`take_unsent`): its
+                // caller may still give it up unwritten.
+                if let Purpose::Leave(group) = &op.purpose {
+                    self.abandon_rejoin(group);
+                }
                 op.phase = Phase::AwaitingAck;
                 op.due = Some(self.arm(now + self.ack_timeout));
             }
@@ -290,9 +292,9 @@ impl Pending {
         Ok(())
     }
 
-    /// A leave of `group` makes its automatic rejoin moot. Else a rejoin retried after
-    /// an `InternalServerError` or a timeout could reach the service after the leave
-    /// and join the group again. One not written yet or waiting for its retry is
+    /// A leave of `group`, once written, makes its automatic rejoin moot. Else a rejoin
+    /// retried after an `InternalServerError` or a timeout could reach the service after
+    /// the leave and join the group again. One not written yet or waiting for its retry is
     /// dropped; one awaiting its ack (written before the leave) is kept but abandoned.
     fn abandon_rejoin(&mut self, group: &str) {
         self.acks.retain(|_, op| {
@@ -588,6 +590,10 @@ impl Pending {
                     op.due = Some(due);
                     lower(&mut self.earliest, due);
                     out.push(op.frame.clone());
+                    if let Purpose::Leave(group) = &op.purpose {
+                        let group = group.clone();
+                        self.abandon_rejoin(&group);
+                    }
                 }
                 Unsent::Op(Key::Invoke(id)) => {
                     let Some(op) = self.invokes.get_mut(&id) else {
@@ -896,6 +902,37 @@ mod tests {
             Purpose::Abandoned,
             "not retried, not reported"
         );
+    }
+
+    #[test]
+    fn a_queued_leave_abandons_the_rejoin_once_written_and_a_given_up_one_never() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let rejoin = Purpose::Rejoin("g".into());
+        assert!(p.add_ack(1, frame(1), rejoin, None, None).is_ok());
+        let leave = |p: &mut Pending, ack_id| {
+            let (tx, rx) = oneshot::channel();
+            let purpose = Purpose::Leave("g".into());
+            assert!(p
+                .add_ack(ack_id, frame(ack_id), purpose, Some(tx.into()), None)
+                .is_ok());
+            rx
+        };
+        drop(leave(&mut p, 2));
+        let mut out = Vec::new();
+        p.take_unsent(t0, &mut out);
+        assert_eq!(out, vec![frame(1)], "the given-up leave dropped the rejoin");
+
+        let mut done = Vec::new();
+        p.connection_dropped(true, &mut done);
+        let _rx = leave(&mut p, 3);
+        out.clear();
+        p.take_unsent(t0, &mut out);
+        assert_eq!(out, vec![frame(1), frame(3)], "the rejoin, then the leave");
+        let done = p
+            .on_ack(1, false, error("InternalServerError"), t0)
+            .unwrap();
+        assert_eq!(done.purpose, Purpose::Abandoned, "written before its leave");
     }
 
     #[test]
