@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -183,6 +184,29 @@ def test_ctrl_c_interrupts_blocking_operations_that_wait_for_the_service(hub: Hu
         assert client.send_to_group("g", "x", WebPubSubDataType.TEXT).ack_id is not None
     finally:
         client.close()
+        upstream.slow_seconds = slow_seconds
+
+
+def test_ctrl_c_in_a_blocking_operation_reaches_an_event_loop_signal_handler_once(hub: Hub, upstream: Upstream) -> None:
+    """An asyncio loop's ``add_signal_handler(SIGINT)`` learns of signals through the
+    wakeup fd, written by Python's C handler on every delivery: one Ctrl-C in a blocking
+    call of the loop's thread must reach it once. (Raising SIGINT again to hand it back to
+    Python wrote the fd twice: servers such as uvicorn read a second SIGINT as 'force exit'.)"""
+    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    seen: List[int] = []
+    loop = asyncio.new_event_loop()
+    loop.add_signal_handler(signal.SIGINT, seen.append, signal.SIGINT)
+    client = make(hub.url(), ack_timeout=WAIT)
+    client.open()
+    try:
+        error = _interrupted(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT), SendMessageError)
+        assert error.error_detail.name == "Interrupted"
+        loop.run_until_complete(asyncio.sleep(0.2))
+        assert seen == [signal.SIGINT]
+    finally:
+        client.close()
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.close()
         upstream.slow_seconds = slow_seconds
 
 

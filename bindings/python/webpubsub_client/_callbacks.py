@@ -13,6 +13,7 @@ import ctypes
 import itertools
 import logging
 import signal
+import sys
 import threading
 from typing import Any, Callable, Dict, Optional, Set, cast
 
@@ -259,6 +260,12 @@ def install_interrupt_check() -> None:
 
 def redeliver_interrupt() -> None:
     """A blocking call was interrupted by a SIGINT that the interrupt check took from
-    Python: raise it again, so that Python's handler runs now (by default it raises
-    KeyboardInterrupt from here)."""
-    signal.raise_signal(signal.SIGINT)
+    Python: run Python's handler now, as Python would have (by default it raises
+    KeyboardInterrupt from here). Called, not raised again: the signal's delivery already
+    wrote the wakeup fd (``signal.set_wakeup_fd``), and a second delivery would write it
+    again, so an event loop's ``add_signal_handler(SIGINT)`` would see two Ctrl-C."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, sys._getframe(1))  # pylint: disable=protected-access
+    else:  # not Python's handler: the signal's own action
+        signal.raise_signal(signal.SIGINT)
