@@ -11,6 +11,7 @@
 
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -373,7 +374,7 @@ static bool test_status_strings(void) {
     CHECK(strcmp(wps_version(), WPS_VERSION) == 0);
     CHECK(strcmp(wps_status_str(WPS_STATUS_OK), "ok") == 0);
     CHECK(strcmp(wps_status_str(12345), "unknown status") == 0);
-    for (uint32_t s = 0; s <= WPS_STATUS_FORKED; s++) CHECK(wps_status_str(s) != NULL);
+    for (uint32_t s = 0; s <= WPS_STATUS_INTERRUPTED; s++) CHECK(strcmp(wps_status_str(s), "unknown status") != 0);
     CHECK(strcmp(wps_last_error_message(), "") == 0);
     CHECK(strcmp(wps_last_error_name(), "") == 0);
     return true;
@@ -1264,6 +1265,77 @@ static bool test_logging(void) {
     return true;
 }
 
+/* The interrupt check, as a C program uses it for Ctrl-C: a SIGINT handler sets a flag
+ * that the check returns. */
+static volatile sig_atomic_t SIGINT_SEEN;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    SIGINT_SEEN = 1;
+}
+
+static int interrupt_check(void) { return SIGINT_SEEN; }
+
+/* "Ctrl-C" 200 ms from now, sent to the thread `arg` points to (the waiting one, so
+ * that the handler runs there and not on a thread of the library). */
+static void *sigint_later(void *arg) {
+    usleep(200000);
+    pthread_kill(*(pthread_t *)arg, SIGINT);
+    return NULL;
+}
+
+/* With the check set: a send and an invocation that the upstream holds ("slow") are
+ * interrupted, the send with its ackId; then the client works as before. */
+static bool interrupted_calls(wps_client *c, recorder *r) {
+    pthread_t self = pthread_self(), timer;
+    SIGINT_SEEN = 0;
+    CHECK(pthread_create(&timer, NULL, sigint_later, &self) == 0);
+    wps_ack_result ack = {0};
+    wps_status s = wps_client_send_event(c, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"s", 1, 0, &ack);
+    pthread_join(timer, NULL);
+    CHECK_STATUS(s, WPS_STATUS_INTERRUPTED);
+    CHECK(ack.has_ack_id && ack.ack_id > 0);
+    SIGINT_SEEN = 0;
+    CHECK(pthread_create(&timer, NULL, sigint_later, &self) == 0);
+    wps_invoke_response *resp = NULL;
+    s = wps_client_invoke_event(c, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"i", 1, 30000, &resp);
+    pthread_join(timer, NULL);
+    CHECK_STATUS(s, WPS_STATUS_INTERRUPTED);
+    CHECK(resp == NULL);
+    upstream_release(UP);
+    /* the check stays set and says no: answered calls succeed */
+    SIGINT_SEEN = 0;
+    wps_ack_result sent = {0};
+    CHECK_OK(wps_client_join_group(c, "interrupted", NULL));
+    CHECK_OK(wps_client_send_to_group(c, "interrupted", WPS_DATA_TYPE_TEXT, (const uint8_t *)"after", 5, 0, &sent));
+    CHECK(sent.has_ack_id && sent.ack_id > ack.ack_id);
+    CHECK(wait_event(r, 0, WPS_EVENT_GROUP_MESSAGE, "after") >= 0);
+    return true;
+}
+
+static bool test_interrupt_check(void) {
+    CHECK_STATUS(wps_set_interrupt_check(interrupt_check, 0), WPS_STATUS_INVALID_ARGUMENT);
+    recorder *r;
+    wps_client *c = connect_client("interrupted", ALL_ROLES, &r);
+    CHECK(c);
+    struct sigaction sa = {.sa_handler = on_sigint, .sa_flags = SA_RESTART}, old;
+    sigemptyset(&sa.sa_mask);
+    CHECK(sigaction(SIGINT, &sa, &old) == 0);
+    bool ok = wps_set_interrupt_check(interrupt_check, 20) == WPS_STATUS_OK && interrupted_calls(c, r);
+    /* The check is process-wide: removed whatever happened, before the next test. */
+    ok = wps_set_interrupt_check(NULL, 0) == WPS_STATUS_OK && ok;
+    sigaction(SIGINT, &old, NULL);
+    CHECK(ok);
+    /* Removed: no longer asked, so with the flag set an invocation waits for its timeout. */
+    SIGINT_SEEN = 1;
+    wps_invoke_response *resp = NULL;
+    CHECK_STATUS(wps_client_invoke_event(c, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"t", 1, 200, &resp), WPS_STATUS_TIMEOUT);
+    upstream_release(UP);
+    CHECK(strcmp(wps_status_str(WPS_STATUS_INTERRUPTED), "interrupted") == 0);
+    CHECK(free_client(c, r));
+    return true;
+}
+
 /* The copyable example runs against the emulator. */
 static bool test_example(void) {
     char *url = emulator_client_url(&EMU, HUB, "example", ALL_ROLES);
@@ -1676,6 +1748,7 @@ int main(int argc, char **argv) {
     run("dispatcher threads and order", test_threads_and_order);
     run("fork", test_fork);
     run("logging", test_logging);
+    run("interrupt check of blocking calls", test_interrupt_check);
     run("wss with an extra CA", test_wss_with_extra_ca);
     run("poll dispatch mode", test_poll_mode);
     run("poll dispatch records", test_poll_records);
