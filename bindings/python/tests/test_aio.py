@@ -476,6 +476,30 @@ async def test_a_record_for_a_closed_loop_is_skipped_and_the_ones_after_it_settl
     assert all(REGISTRY.get(key) is None for key in keys)
 
 
+def test_calls_queued_behind_one_that_stops_the_loop_run_when_it_runs_again() -> None:
+    """A call posted to the loop (an event from the dispatcher thread) that raises
+    KeyboardInterrupt stops the loop; the calls queued behind it run once the loop runs
+    again, without waiting for a next post, which may never come."""
+    loop = asyncio.new_event_loop()
+    batch = aio_client._LoopBatch(loop)  # pylint: disable=protected-access
+    ran: List[str] = []
+
+    def interrupting() -> None:
+        ran.append("interrupting")
+        raise KeyboardInterrupt
+
+    try:
+        for call in (interrupting, lambda: ran.append("second"), lambda: ran.append("third")):
+            batch.post(call)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(WAIT))
+        assert ran == ["interrupting"]
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert ran == ["interrupting", "second", "third"]
+    finally:
+        loop.close()
+
+
 async def _until(got: List[str], count: int) -> None:
     """Returns once ``got`` holds ``count`` items, or after WAIT seconds."""
     deadline = time.monotonic() + WAIT

@@ -100,6 +100,13 @@ class _LoopBatch:
                 function(*args)
             except Exception:  # noqa: BLE001
                 _LOGGER.exception("webpubsub_client: a queued call raised on the event loop")
+            except BaseException:
+                # It stops the loop (KeyboardInterrupt, SystemExit): the calls behind it
+                # run when the loop runs again, not at the next post, which may never come.
+                if calls and not self._scheduled:
+                    self._scheduled = True
+                    self.loop.call_soon(self._drain)
+                raise
 
 
 class _AsyncSink:
