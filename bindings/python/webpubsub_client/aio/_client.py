@@ -118,6 +118,9 @@ class _AsyncSink:
         self.batch: Optional[_LoopBatch] = None
         self.thread = 0  # the thread running ``loop``
         self._tasks: Set["asyncio.Future[Any]"] = set()
+        # What a listener run inside the native dispatch raised to stop the loop; it cannot
+        # cross the library, so the poller raises it once the native call has returned.
+        self._interrupt: Optional[BaseException] = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events and completions to ``loop`` (running on this thread) from now on."""
@@ -158,12 +161,25 @@ class _AsyncSink:
         if batch is None:
             return
         if _on_loop(batch.loop, self.thread):  # dispatched by the loop itself (poll mode)
-            self._dispatch(kind, args)
+            try:
+                self._dispatch(kind, args)
+            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: see take_interrupt
+                if self._interrupt is None:
+                    self._interrupt = exc
+                else:
+                    _base.log_listener_error(kind)  # a second one: the first is raised
             return
         try:
             batch.post(self._dispatch, kind, args)
         except RuntimeError:
             _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", kind.value)
+
+    def take_interrupt(self) -> Optional[BaseException]:
+        """The KeyboardInterrupt or SystemExit a listener raised inside the native dispatch
+        that just returned, if any, for the poller to raise: the loop stops, as it does
+        for one raised by a listener of a message record."""
+        interrupt, self._interrupt = self._interrupt, None
+        return interrupt
 
     def _dispatch(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
         """Calls the listeners of ``kind``. A KeyboardInterrupt or SystemExit from one (or
@@ -361,14 +377,20 @@ class _Poller:
                 ran, acks, messages, message_bytes = counts(out.counts, _native.DISPATCH_COUNTS_OFFSET)
                 if acks:
                     _settle(self._loop, out.ack_view[: acks * _native.ACK_RECORD.size])
+                interrupt = self._sink.take_interrupt()
                 if messages:
                     # converted first: a listener may dispatch another client of this thread
                     converted = _base.message_records(out.message_view[:message_bytes], messages)
-                    self._delivering = True
-                    try:
-                        self._sink.on_messages(converted, self)
-                    finally:
-                        self._delivering = False
+                    if interrupt is not None and self._loop is not None:  # after it: once the loop runs again
+                        self._loop.call_soon(self._sink.on_messages, converted, self)
+                    else:
+                        self._delivering = True
+                        try:
+                            self._sink.on_messages(converted, self)
+                        finally:
+                            self._delivering = False
+                if interrupt is not None:
+                    raise interrupt
                 step = ran + acks + messages
                 if not step:
                     break
