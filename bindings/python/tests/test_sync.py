@@ -483,6 +483,7 @@ def test_invoke_event(hub: Hub) -> None:
         with pytest.raises(InvokeEventError) as info:
             client.invoke_event("fail", "x", WebPubSubDataType.TEXT)
         assert info.value.error_detail is not None and info.value.error_detail.name
+        assert not info.value.error_detail.message.startswith("invocation "), info.value.error_detail.message
         started = time.monotonic()
         with pytest.raises(InvokeEventError) as timed_out:
             client.invoke_event("slow", "x", WebPubSubDataType.TEXT, timeout=0.3)
@@ -766,6 +767,8 @@ def test_rejoin_failure_is_reported(hub: Hub) -> None:
     assert args.group == "g"
     assert isinstance(args.error, SendMessageError)
     assert args.error.error_detail is not None and args.error.error_detail.name == "Forbidden"
+    # the service's own text, as in a join's error (was prefixed "operation N failed: Forbidden: ")
+    assert args.error.error_detail.message == "The connection has no permission to join or leave group 'g'."
     assert len(calls) >= 2  # the provider is called again for the new connection
 
 

@@ -403,6 +403,19 @@ def _detail(status: int, message: Optional[str] = None) -> str:
     return f"{name}: {text}" if text else name
 
 
+def service_message(name: str, message: str) -> str:
+    """The service's own text of a refusal: the library's message ``operation 7 failed:
+    Forbidden: <text>`` (or ``invocation <id> failed: ...``) without its prefix, as the
+    official client's ``error_detail.message``."""
+    if name:
+        for lead in ("operation ", "invocation "):
+            if message.startswith(lead):
+                head, sep, rest = message.partition(f" failed: {name}: ")
+                if sep and " " not in head[len(lead) :]:
+                    return rest
+    return message
+
+
 def open_error(status: int, message: Optional[str] = None) -> Exception:
     """The exception for a failed ``wps_client_start`` (read on the calling thread)."""
     text = _native.last_error_message() if message is None else message
@@ -429,6 +442,8 @@ def operation_error(
     if status in _ARGUMENT_STATUSES:
         return ValueError(_detail(status, message))
     if status in (_native.STATUS_ACK_ERROR, _native.STATUS_INVOKE_ERROR) or status in _LOCAL_ERROR_NAMES:
+        if status in (_native.STATUS_ACK_ERROR, _native.STATUS_INVOKE_ERROR):
+            message = service_message(name, message)
         detail = AckMessageError(name=name or _LOCAL_ERROR_NAMES.get(status, "Error"), message=message)
         if invoke:
             return InvokeEventError("Failed to invoke event.", detail, status=status)
@@ -583,7 +598,8 @@ def _stopped(_event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
 
 def _rejoin_group_failed(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
     dec = _native.decode
-    detail = AckMessageError(name=dec(event.error_name) or "Error", message=dec(event.message) or "")
+    name = dec(event.error_name) or ""
+    detail = AckMessageError(name=name or "Error", message=service_message(name, dec(event.message) or ""))
     error = SendMessageError("Failed to rejoin group.", None, detail)
     return CallbackType.REJOIN_GROUP_FAILED, (OnRejoinGroupFailedArgs(dec(event.group) or "", error),)
 
