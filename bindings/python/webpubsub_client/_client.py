@@ -119,14 +119,16 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     :keyword protocol_type: ``WebPubSubProtocolType.JSON_RELIABLE`` (default) or ``JSON``.
     :keyword bool auto_rejoin_groups: rejoin the joined groups on every new connection: after a
         reconnect, and on an ``open()`` after a ``close()`` (default True).
-    :keyword int message_retry_total: retries of a failed operation (default 3). Service
-        errors ``Forbidden`` and ``BadRequest`` are never retried; a retry keeps its ackId.
+    :keyword int message_retry_total: retries of an operation whose ack timed out or was
+        ``InternalServerError`` (default 3); a retry keeps its ackId. Other failures
+        (``Forbidden``, ``BadRequest``, not connected) are not retried.
     :keyword float message_retry_backoff_factor: first retry delay in seconds (default 0.8).
     :keyword float message_retry_backoff_max: longest retry delay in seconds (default 120).
     :keyword message_retry_mode: ``RetryMode.Exponential`` (default; delay doubles per
         attempt) or ``RetryMode.Fixed``; azure.core's ``RetryMode`` works too.
-    :keyword int reconnect_retry_total: attempts to open a new connection after the
-        connection is lost (default 3); 0 disables automatic reconnect.
+    :keyword int reconnect_retry_total: retries of a failed attempt to open a new
+        connection after the session is lost (default 3: four attempts); 0 disables
+        automatic reconnect.
     :keyword float reconnect_retry_backoff_factor: as for messages (default 0.8).
     :keyword float reconnect_retry_backoff_max: as for messages (default 120).
     :keyword reconnect_retry_mode: as for messages (default exponential).

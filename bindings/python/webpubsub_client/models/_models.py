@@ -41,7 +41,8 @@ class AckMessageError:
     """Error details the service sent (``name`` such as ``"Forbidden"``, and ``message``).
 
     For failures that never reached the service, ``name`` tells what happened locally
-    (``"Timeout"``, ``"NotConnected"``, ``"Stopped"``, ``"Cancelled"``).
+    (``"Timeout"``, ``"NotConnected"``, ``"IllegalState"`` (not open), ``"Stopped"``,
+    ``"Cancelled"``, ``"Interrupted"``).
     """
 
     def __init__(self, *, name: str, message: str) -> None:
@@ -56,7 +57,7 @@ class AckMessageError:
 
 
 class WebPubSubClientError(_ErrorBase):
-    """Base of every error this package raises (besides TypeError/ValueError for bad arguments);
+    """Base of every error the clients raise (besides TypeError/ValueError for bad arguments);
     an ``azure.core.exceptions.AzureError`` when azure-core is installed, as in the official client.
 
     :ivar status: the native library's status code (0 when raised by Python code).
@@ -77,7 +78,7 @@ class SendMessageError(WebPubSubClientError):
 
     :ivar ack_id: the ackId of the failed message when it had one: refused, timed out
         (a resend with it is deduplicated by the service), or sent when its connection
-        was lost.
+        was lost, the client was closed or Ctrl-C gave it up.
     :ivar error_detail: what went wrong (:class:`AckMessageError`).
     """
 
