@@ -17,11 +17,14 @@
  *   after the last callback that may use that user_data.
  * - Event and completion callbacks run on library-owned dispatcher threads (a small
  *   shared pool; every client is pinned to one thread, so one client's callbacks are
- *   ordered), never on the I/O threads. Every function may be called from inside a
+ *   ordered), never on the I/O threads; in poll mode (WPS_DISPATCH_POLL), on the
+ *   thread calling `wps_client_dispatch`. Every function may be called from inside a
  *   callback, blocking ones included (acks are resolved on the I/O threads, so they
  *   cannot deadlock; meanwhile the clients sharing that dispatcher thread wait);
  *   `wps_client_free` inside a callback defers the teardown until it returns.
- * - In a fork() child, a client created in the parent returns WPS_STATUS_FORKED.
+ * - In a fork() child, a client created in the parent returns WPS_STATUS_FORKED, and so
+ *   does `wps_client_new*` once the parent had called it (the library's threads do
+ *   not exist in the child).
  *
  * Deviations from the project's style notes: the enum-like values are `#define`d
  * constants on fixed-width integer typedefs (uint32_t), not C enums, so that a value
@@ -156,7 +159,9 @@
 #define WPS_SEND_NO_ECHO 1
 
 /**
- * Send flag: send without an ackId; the call completes once the frame is written.
+ * Send flag: send without an ackId; the call completes once the frame is queued for the
+ * connection, not once it is written (while the connection recovers it waits, and it is
+ * dropped if the session is lost).
  */
 #define WPS_SEND_FIRE_AND_FORGET 2
 
@@ -620,7 +625,8 @@ extern "C" {
  * `opts` may be NULL (defaults) and is copied. `on_event` (may be NULL) receives every
  * event on the client's dispatcher thread with `user_data`; `user_data_free` (may be
  * NULL) runs exactly once after the last callback, at the latest when
- * `wps_client_free` returns. On failure nothing is taken over: no finalizer runs.
+ * `wps_client_free` returns (unless freed inside a callback: see `wps_client_free`).
+ * On failure nothing is taken over: no finalizer runs.
  *
  * # Safety
  * `url` is NULL or NUL-terminated; `opts` is NULL or from `wps_options_new`; `out` is
@@ -662,7 +668,10 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * teardown is deferred: no further event of this client is delivered, and once that
  * callback has returned (the outermost one, when callbacks nest) its pending
  * operations complete with `WPS_STATUS_STOPPED` and the finalizers run on library
- * threads. In a fork() child the handle is left alone (its threads do not exist there).
+ * threads. In poll mode, what is left at free (completions, the `user_data_free`
+ * finalizer) runs on a library thread, not in `wps_client_dispatch`; outside a
+ * callback, this waits for it. In a fork() child the handle is left alone (its threads
+ * do not exist there).
  *
  * # Safety
  * `c` is NULL or a handle from `wps_client_new*`, not used after this call.
@@ -831,7 +840,7 @@ wps_status wps_client_leave_group(struct wps_client *c,
 
 /**
  * Sends a message to `group`; blocks until acked (with `WPS_SEND_FIRE_AND_FORGET`:
- * until written). `flags` combines `WPS_SEND_*`. `out` may be NULL.
+ * until queued). `flags` combines `WPS_SEND_*`. `out` may be NULL.
  *
  * # Safety
  * `data` is NULL (with `len` 0) or readable for `len` bytes; otherwise as `wps_client_join_group`.
@@ -846,7 +855,7 @@ wps_status wps_client_send_to_group(struct wps_client *c,
 
 /**
  * Sends an event to the upstream server; blocks until acked (with
- * `WPS_SEND_FIRE_AND_FORGET`: until written). `out` may be NULL.
+ * `WPS_SEND_FIRE_AND_FORGET`: until queued). `out` may be NULL.
  *
  * # Safety
  * As `wps_client_send_to_group`.
@@ -903,7 +912,10 @@ void wps_invoke_response_free(struct wps_invoke_response *r);
 /**
  * Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
  * and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
- * outcome. The call itself fails only on bad arguments or a client being freed.
+ * outcome. The call itself fails only on a bad C argument (NULL, invalid UTF-8, unknown
+ * data type or flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then
+ * nothing completes; every other failure, state and arguments the client checks (empty
+ * name, invalid JSON, a message too large, ackId 0) included, comes in the completion.
  * Operations are written in call order, with at most 999 acked ones awaiting their
  * acks per client (the service remembers a connection's last 1000 ackIds, which
  * keeps a resend after a recovery from publishing twice); later ones wait queued.

@@ -272,7 +272,8 @@ fn new_client(
 /// `opts` may be NULL (defaults) and is copied. `on_event` (may be NULL) receives every
 /// event on the client's dispatcher thread with `user_data`; `user_data_free` (may be
 /// NULL) runs exactly once after the last callback, at the latest when
-/// `wps_client_free` returns. On failure nothing is taken over: no finalizer runs.
+/// `wps_client_free` returns (unless freed inside a callback: see `wps_client_free`).
+/// On failure nothing is taken over: no finalizer runs.
 ///
 /// # Safety
 /// `url` is NULL or NUL-terminated; `opts` is NULL or from `wps_options_new`; `out` is
@@ -349,7 +350,10 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// teardown is deferred: no further event of this client is delivered, and once that
 /// callback has returned (the outermost one, when callbacks nest) its pending
 /// operations complete with `WPS_STATUS_STOPPED` and the finalizers run on library
-/// threads. In a fork() child the handle is left alone (its threads do not exist there).
+/// threads. In poll mode, what is left at free (completions, the `user_data_free`
+/// finalizer) runs on a library thread, not in `wps_client_dispatch`; outside a
+/// callback, this waits for it. In a fork() child the handle is left alone (its threads
+/// do not exist there).
 ///
 /// # Safety
 /// `c` is NULL or a handle from `wps_client_new*`, not used after this call.
@@ -873,6 +877,13 @@ unsafe fn run_blocking(
     op: FfiResult<AckOp>,
     out: *mut wps_ack_result,
 ) -> FfiResult {
+    // Cleared first, so that `out` is written also when a panic ends the call.
+    let cleared = wps_ack_result {
+        ack_id: 0,
+        has_ack_id: false,
+        is_duplicated: false,
+    };
+    write_optional(out, cleared);
     let (ack, result) = match run_acked(c, op) {
         Ok(ack) => (ack, Ok(())),
         Err((status, ack_id)) => (
@@ -1066,7 +1077,7 @@ pub unsafe extern "C" fn wps_client_leave_group(
 }
 
 /// Sends a message to `group`; blocks until acked (with `WPS_SEND_FIRE_AND_FORGET`:
-/// until written). `flags` combines `WPS_SEND_*`. `out` may be NULL.
+/// until queued). `flags` combines `WPS_SEND_*`. `out` may be NULL.
 ///
 /// # Safety
 /// `data` is NULL (with `len` 0) or readable for `len` bytes; otherwise as `wps_client_join_group`.
@@ -1090,7 +1101,7 @@ pub unsafe extern "C" fn wps_client_send_to_group(
 }
 
 /// Sends an event to the upstream server; blocks until acked (with
-/// `WPS_SEND_FIRE_AND_FORGET`: until written). `out` may be NULL.
+/// `WPS_SEND_FIRE_AND_FORGET`: until queued). `out` may be NULL.
 ///
 /// # Safety
 /// As `wps_client_send_to_group`.
@@ -1195,7 +1206,10 @@ pub unsafe extern "C" fn wps_invoke_response_free(r: *mut wps_invoke_response) {
 
 /// Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
 /// and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
-/// outcome. The call itself fails only on bad arguments or a client being freed.
+/// outcome. The call itself fails only on a bad C argument (NULL, invalid UTF-8, unknown
+/// data type or flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then
+/// nothing completes; every other failure, state and arguments the client checks (empty
+/// name, invalid JSON, a message too large, ackId 0) included, comes in the completion.
 /// Operations are written in call order, with at most 999 acked ones awaiting their
 /// acks per client (the service remembers a connection's last 1000 ackIds, which
 /// keeps a resend after a recovery from publishing twice); later ones wait queued.

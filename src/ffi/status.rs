@@ -75,7 +75,9 @@ pub const WPS_STATE_DISCONNECTED: u32 = 4;
 
 /// Send flag: do not echo a group message back to the sender.
 pub const WPS_SEND_NO_ECHO: u32 = 1;
-/// Send flag: send without an ackId; the call completes once the frame is written.
+/// Send flag: send without an ackId; the call completes once the frame is queued for the
+/// connection, not once it is written (while the connection recovers it waits, and it is
+/// dropped if the session is lost).
 pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 /// Send flag (asynchronous forms only): queue the message without waking the client's
 /// connection task. It is sent at the next `wps_client_flush_deferred`, or with the
