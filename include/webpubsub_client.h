@@ -993,7 +993,8 @@ wps_status wps_client_invoke_event_async(struct wps_client *c,
 
 /**
  * Like `wps_client_send_to_group`, with a caller-chosen ackId (positive, unique per
- * connection; a retry with the same id is answered as a duplicate). Ignored with
+ * connection; a retry with the same id is answered as a duplicate; a retry of a send
+ * given up while still pending, cancelled or interrupted, waits for it). Ignored with
  * `WPS_SEND_FIRE_AND_FORGET`. The client's automatic ackIds skip the latest 1000
  * chosen ones (the service would answer a reused one with `Duplicate`).
  *
@@ -1121,7 +1122,8 @@ wps_status wps_callbacks_disable(uint32_t timeout_ms);
  * every `interval_ms` (above 0); once it returns non-zero, the call returns
  * `WPS_STATUS_INTERRUPTED`. The operation is then given up as by `wps_client_cancel`:
  * not written if it was not yet, not retried, its ack ignored (its ackId is still in
- * `out`); an invocation is cancelled at the service. An interrupted start goes on
+ * `out`: a resend with it, `_with_ack_id`, waits for the same operation if it is still
+ * pending); an invocation is cancelled at the service. An interrupted start goes on
  * (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
  * interrupted. NULL `cb` removes the check; a wait already running keeps the check it
  * started with. Not called once callbacks are disabled (`wps_callbacks_disable`).

@@ -951,7 +951,8 @@ impl Task {
     /// Registers a caller's acked operation, written now (`sent_at`) or queued; returns
     /// the frame to write. An automatic ackId still held by a pending operation (whose
     /// caller chose it) is replaced by the next free one, so only a caller's own
-    /// choice can collide (`InvalidArgument`).
+    /// choice can collide (`InvalidArgument`), unless it resends an operation whose
+    /// caller gave up: it then waits for that one (`Pending::reattach`).
     fn add_ack(
         &mut self,
         mut ack_id: u64,
@@ -961,6 +962,14 @@ impl Task {
         reply: AckReply,
         sent_at: Option<std::time::Instant>,
     ) -> Option<Utf8Bytes> {
+        let reply = if automatic {
+            reply
+        } else {
+            match self.pending.reattach(ack_id, &frame, reply) {
+                Ok(()) => return None,
+                Err(reply) => reply,
+            }
+        };
         if automatic && self.pending.has_ack(ack_id) {
             let free = self.free_ack_id();
             if let Some(renumbered) = json::replace_ack_id(&frame, ack_id, free) {

@@ -153,7 +153,8 @@ pub struct SendToGroupOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
     /// Use this ackId (at least 1) instead of the next one. It must not be in use by a
-    /// pending operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
+    /// pending operation (else `Error::InvalidArgument`), unless that is this very message,
+    /// given up by its caller: then this waits for it. Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
     /// message.
     pub ack_id: Option<u64>,
@@ -165,7 +166,8 @@ pub struct SendEventOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
     /// Use this ackId (at least 1) instead of the next one. It must not be in use by a
-    /// pending operation (else `Error::InvalidArgument`). Automatic ackIds skip the latest 1000
+    /// pending operation (else `Error::InvalidArgument`), unless that is this very message,
+    /// given up by its caller: then this waits for it. Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
     /// message.
     pub ack_id: Option<u64>,

@@ -306,6 +306,25 @@ impl Pending {
         });
     }
 
+    /// A caller resending, with its ackId, the very frame of an operation whose caller
+    /// gave up (an interrupted or cancelled wait) waits for that operation instead:
+    /// nothing is written twice, and its outcome is this caller's. `reply` comes back
+    /// when there is no such operation.
+    pub(crate) fn reattach(
+        &mut self,
+        ack_id: u64,
+        frame: &Utf8Bytes,
+        reply: AckReply,
+    ) -> Result<(), AckReply> {
+        match self.acks.get_mut(&ack_id) {
+            Some(op) if op.frame == *frame && !op.wanted() => {
+                op.reply = Some(reply);
+                Ok(())
+            }
+            _ => Err(reply),
+        }
+    }
+
     /// Whether an acked operation with this id is pending.
     pub(crate) fn has_ack(&self, ack_id: u64) -> bool {
         self.acks.contains_key(&ack_id)
@@ -933,6 +952,23 @@ mod tests {
             .on_ack(1, false, error("InternalServerError"), t0)
             .unwrap();
         assert_eq!(done.purpose, Purpose::Abandoned, "written before its leave");
+    }
+
+    #[test]
+    fn a_resend_of_an_operation_given_up_waits_for_it() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        drop(add(&mut p, 1, Some(t0)));
+        let (tx, _rx) = oneshot::channel();
+        let other = Utf8Bytes::from_static("another frame");
+        let refused = p.reattach(1, &other, tx.into());
+        assert!(refused.is_err(), "not the same operation");
+        let (tx, mut rx) = oneshot::channel();
+        assert!(p.reattach(1, &frame(1), tx.into()).is_ok());
+        let (tx, _held) = oneshot::channel();
+        assert!(p.reattach(1, &frame(1), tx.into()).is_err(), "wanted again");
+        p.on_ack(1, true, None, t0).unwrap().reply();
+        assert_eq!(rx.try_recv().unwrap().unwrap().ack_id, Some(1));
     }
 
     #[test]

@@ -1330,7 +1330,8 @@ pub unsafe extern "C" fn wps_client_invoke_event_async(
 }
 
 /// Like `wps_client_send_to_group`, with a caller-chosen ackId (positive, unique per
-/// connection; a retry with the same id is answered as a duplicate). Ignored with
+/// connection; a retry with the same id is answered as a duplicate; a retry of a send
+/// given up while still pending, cancelled or interrupted, waits for it). Ignored with
 /// `WPS_SEND_FIRE_AND_FORGET`. The client's automatic ackIds skip the latest 1000
 /// chosen ones (the service would answer a reused one with `Duplicate`).
 ///
