@@ -1081,3 +1081,28 @@ async fn an_operation_given_up_during_a_recovery_is_not_sent_after_it() {
     kept.await.unwrap().unwrap();
     client.stop().await;
 }
+
+#[tokio::test]
+async fn a_resend_with_the_ack_id_of_a_send_given_up_waits_for_it() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let send = |c: Client| async move {
+        let options = SendToGroupOptions {
+            ack_id: Some(7),
+            ..SendToGroupOptions::default()
+        };
+        c.send_to_group("g", DataType::Text, Bytes::from("once"), options)
+            .await
+    };
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), send(client.clone())).await;
+    assert!(gave_up.is_err(), "acked without an ack: {gave_up:?}");
+    let frame = conn.recv().await;
+    assert_eq!(frame["ackId"], 7);
+    // Refused as 'ackId in use' before, while the first attempt was pending.
+    let resend = tokio::spawn(send(client.clone()));
+    conn.silent_for(200).await; // not written twice
+    conn.ack(&frame).await;
+    let result = resend.await.unwrap().unwrap();
+    assert_eq!((result.ack_id, result.is_duplicated), (Some(7), false));
+    client.stop().await;
+}
