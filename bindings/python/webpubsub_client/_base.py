@@ -437,8 +437,6 @@ def operation_error(
         message = _native.last_error_message()
     if name is None:
         name = _native.last_error_name()
-    if status == _native.STATUS_INTERRUPTED:
-        _callbacks.redeliver_interrupt()  # KeyboardInterrupt, unless a handler of the application
     if status in _ARGUMENT_STATUSES:
         return ValueError(_detail(status, message))
     if status in (_native.STATUS_ACK_ERROR, _native.STATUS_INVOKE_ERROR) or status in _LOCAL_ERROR_NAMES:

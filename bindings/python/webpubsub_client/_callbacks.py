@@ -247,6 +247,8 @@ def quiesce_native() -> None:
 # code run with the GIL held (no bytecode, so no Python signal handler runs inside the
 # callback), and it says yes only on the main thread, where Python handles signals. The
 # call then returns STATUS_INTERRUPTED and `redeliver_interrupt` hands the signal back.
+# With Python's default handler that raises KeyboardInterrupt; a handler of the
+# application that returns (a graceful-shutdown flag) lets the operation resume.
 _INTERRUPT_CHECK_MS = 50
 _INTERRUPT_CHECK = _native.INTERRUPT_CB(ctypes.pythonapi.PyOS_InterruptOccurred)
 
@@ -261,9 +263,10 @@ def install_interrupt_check() -> None:
 def redeliver_interrupt() -> None:
     """A blocking call was interrupted by a SIGINT that the interrupt check took from
     Python: run Python's handler now, as Python would have (by default it raises
-    KeyboardInterrupt from here). Called, not raised again: the signal's delivery already
-    wrote the wakeup fd (``signal.set_wakeup_fd``), and a second delivery would write it
-    again, so an event loop's ``add_signal_handler(SIGINT)`` would see two Ctrl-C."""
+    KeyboardInterrupt from here; when it returns, the caller resumes its operation, as
+    the official client's wait goes on). Called, not raised again: the signal's delivery
+    already wrote the wakeup fd (``signal.set_wakeup_fd``), and a second delivery would
+    write it again, so an event loop's ``add_signal_handler(SIGINT)`` would see two Ctrl-C."""
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, sys._getframe(1))  # pylint: disable=protected-access

@@ -8,7 +8,7 @@ import threading
 import weakref
 from typing import Any, Callable, List, Literal, Optional, Tuple, Union, overload
 
-from . import _base, _native
+from . import _base, _callbacks, _native
 from ._native import lib
 from .models import (
     CallbackType,
@@ -398,6 +398,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             _base.operation_keywords("join_group", kwargs, group_name)
         out = _native.WpsAckResult()
         status = lib.wps_client_join_group(self._live_handle(), group, ctypes.byref(out))
+        while status == _native.STATUS_INTERRUPTED:  # the application's SIGINT handler returned
+            _callbacks.redeliver_interrupt()
+            status = lib.wps_client_join_group(self._live_handle(), group, ctypes.byref(out))
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
         return _base.ack_result(out)
@@ -413,6 +416,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             _base.operation_keywords("leave_group", kwargs, group_name)
         out = _native.WpsAckResult()
         status = lib.wps_client_leave_group(self._live_handle(), group, ctypes.byref(out))
+        while status == _native.STATUS_INTERRUPTED:  # as in join_group
+            _callbacks.redeliver_interrupt()
+            status = lib.wps_client_leave_group(self._live_handle(), group, ctypes.byref(out))
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
         return _base.ack_result(out)
@@ -483,6 +489,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             status = with_ack_id(handle, target, kind, payload, len(payload), flags, ack_id, ctypes.byref(out))
         else:
             status = plain(handle, target, kind, payload, len(payload), flags, ctypes.byref(out))
+        if status == _native.STATUS_INTERRUPTED:
+            _callbacks.redeliver_interrupt()
+            # The application's SIGINT handler returned: the send goes on, with its ackId
+            # (a resend of one the service has processed is answered as a duplicate).
+            return self._send(forms, target, kind, payload, flags, True, _base.failed_ack_id(out, ack_id))
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out, ack_id))
         return _base.ack_result(out)
@@ -509,6 +520,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         status = lib.wps_client_invoke_event(
             self._live_handle(), event, kind, payload, len(payload), timeout_ms, ctypes.byref(response)
         )
+        if status == _native.STATUS_INTERRUPTED:  # cancelled at the service: not resumed
+            _callbacks.redeliver_interrupt()
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, invoke=True)
         try:
