@@ -15,7 +15,7 @@ from typing import Any, List
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, assert_keywords_logged, wait_until
 
-from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
+from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _native
 from webpubsub_client.models import (
     CallbackType,
     InvokeEventError,
@@ -216,6 +216,41 @@ def test_with_a_sigint_handler_of_the_application_a_blocking_operation_goes_on(h
         loop.remove_signal_handler(signal.SIGINT)
         loop.close()
         upstream.slow_seconds = slow_seconds
+
+
+def test_an_interrupted_fire_and_forget_send_raises_or_resumes(hub: Hub) -> None:
+    """A fire-and-forget send blocks only while the library's queue is full; interrupted
+    there, it hands the SIGINT back like the acked ones: KeyboardInterrupt by default, the
+    send again after an application handler that returns. (The native interrupt itself is
+    tested with the acked calls; here the native send is stubbed to report it once.)"""
+    client = make(hub.url())
+    client.open()
+    calls: List[int] = []
+
+    def interrupted_once(*args: Any) -> int:
+        calls.append(len(calls))
+        return _native.STATUS_INTERRUPTED if len(calls) == 1 else _native.STATUS_OK
+
+    forms = (interrupted_once, interrupted_once)
+    flags = _native.SEND_FIRE_AND_FORGET
+
+    def send() -> Any:
+        return client._send(forms, b"g", 0, b"x", flags, False, None)  # pylint: disable=protected-access
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            send()
+        assert calls == [0]
+        calls.clear()
+        flagged: List[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: flagged.append(signum))
+        try:
+            result = send()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert (flagged, calls, result.ack_id) == ([signal.SIGINT], [0, 1], None)
+    finally:
+        client.close()
 
 
 # ---- group messages ----------------------------------------------------------------------

@@ -481,6 +481,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if not ack and ack_id is None:
             # no ack to read: no out-struct, and the call returns once the frame is queued
             status = plain(handle, target, kind, payload, len(payload), flags, None)
+            if status == _native.STATUS_INTERRUPTED:  # while it waited for room in a full queue
+                _callbacks.redeliver_interrupt()
+                return self._send(forms, target, kind, payload, flags, ack, ack_id)  # not queued: again
             if status != _native.STATUS_OK:
                 raise _base.operation_error(status)
             return WebPubSubResult(None, False)
