@@ -1106,3 +1106,33 @@ async fn a_resend_with_the_ack_id_of_a_send_given_up_waits_for_it() {
     assert_eq!((result.ack_id, result.is_duplicated), (Some(7), false));
     client.stop().await;
 }
+
+#[tokio::test]
+async fn a_resend_of_a_send_its_caller_wrote_itself_then_gave_up_waits_for_it() {
+    // An idle client's caller writes its frame itself (src/client/direct.rs); the task
+    // registers it only when it next reads. Given up before that (the Python binding's
+    // interrupted send), the resend with its ackId was written a second time, and the
+    // service's immediate `Duplicate` for it answered the resend before the first
+    // attempt's own outcome: `is_duplicated` true, whatever the first one's fate.
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let send = |c: Client, ack_id: Option<u64>| async move {
+        let options = SendToGroupOptions {
+            ack_id,
+            ..SendToGroupOptions::default()
+        };
+        c.send_to_group("g", DataType::Text, Bytes::from("once"), options)
+            .await
+    };
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(200), send(client.clone(), None)).await;
+    assert!(gave_up.is_err(), "acked without an ack: {gave_up:?}");
+    let frame = conn.recv().await;
+    let ack_id = frame["ackId"].as_u64().unwrap();
+    let resend = tokio::spawn(send(client.clone(), Some(ack_id)));
+    conn.silent_for(200).await; // not written twice
+    conn.ack(&frame).await;
+    let result = resend.await.unwrap().unwrap();
+    assert_eq!((result.ack_id, result.is_duplicated), (Some(ack_id), false));
+    client.stop().await;
+}

@@ -624,7 +624,9 @@ impl Task {
     }
 
     /// Registers the acked operations callers wrote themselves (only acked ones take
-    /// that path), as sent when they were written.
+    /// that path), as sent when they were written. One whose caller gave up meanwhile is
+    /// registered too: it was written, and a resend with its ackId waits for it
+    /// (`Pending::reattach`) instead of writing it again.
     fn register_written(&mut self) {
         for (op, written_at) in self.shared.direct.take_written() {
             if let OpKind::Ack {
@@ -634,9 +636,6 @@ impl Task {
                 ..
             } = op.kind
             {
-                if reply.is_closed() {
-                    continue;
-                }
                 if let Err(done) =
                     self.pending
                         .add_ack(ack_id, op.frame, purpose, Some(reply), Some(written_at))
@@ -965,6 +964,8 @@ impl Task {
         let reply = if automatic {
             reply
         } else {
+            // The operation it resends may be one a caller wrote itself, not registered yet.
+            self.register_written();
             match self.pending.reattach(ack_id, &frame, reply) {
                 Ok(()) => return None,
                 Err(reply) => reply,
