@@ -58,7 +58,8 @@ class Upstream:
     """An HTTP server the emulator posts CloudEvents to.
 
     Event ``echo`` answers with the request body; ``fail`` answers HTTP 500; ``slow``
-    answers after ``slow_seconds``. Every user event is recorded in ``events``.
+    answers after ``slow_seconds``, ``slow-fail`` HTTP 500 after them. Every user event
+    is recorded in ``events``.
     """
 
     def __init__(self) -> None:
@@ -84,6 +85,9 @@ class Upstream:
                         }
                     )
                 if event == "fail":
+                    self._reply(500, b"upstream refused", "text/plain")
+                elif event == "slow-fail":
+                    time.sleep(upstream.slow_seconds)
                     self._reply(500, b"upstream refused", "text/plain")
                 elif event == "slow":
                     time.sleep(upstream.slow_seconds)

@@ -218,6 +218,39 @@ def test_with_a_sigint_handler_of_the_application_a_blocking_operation_goes_on(h
         upstream.slow_seconds = slow_seconds
 
 
+def test_a_send_resumed_after_a_sigint_handler_has_the_outcome_of_its_first_attempt(
+    hub: Hub, upstream: Upstream
+) -> None:
+    """A send resumed after the application's SIGINT handler returned has the outcome of
+    the attempt it interrupted, as the official client's wait does. The first attempt of
+    an idle client is written by the caller itself; the resend was written again, and the
+    service's immediate 'Duplicate' for it was returned as a success (is_duplicated) before
+    the first attempt's own outcome: here the upstream's refusal. And a first attempt
+    acked while the handler ran made the send a duplicate of itself."""
+    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 1.5
+    client = make(hub.url(), ack_timeout=WAIT)
+    client.open()
+    flagged: List[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        flagged.append(signum)
+        if len(flagged) == 2:
+            time.sleep(2.0)  # a handler taking its time: the ack arrives meanwhile
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with pytest.raises(SendMessageError) as info:
+            _sigint_during(lambda: client.send_event("slow-fail", "x", WebPubSubDataType.TEXT))
+        assert info.value.error_detail is not None and info.value.error_detail.name != "Duplicate"
+        result = _sigint_during(lambda: client.send_event("slow", "y", WebPubSubDataType.TEXT))
+        assert (result.ack_id is not None, result.is_duplicated) == (True, False)
+        assert flagged == [signal.SIGINT, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        client.close()
+        upstream.slow_seconds = slow_seconds
+
+
 def test_an_interrupted_fire_and_forget_send_raises_or_resumes(hub: Hub) -> None:
     """A fire-and-forget send blocks only while the library's queue is full; interrupted
     there, it hands the SIGINT back like the acked ones: KeyboardInterrupt by default, the

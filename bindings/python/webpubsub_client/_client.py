@@ -496,7 +496,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             _callbacks.redeliver_interrupt()
             # The application's SIGINT handler returned: the send goes on, with its ackId
             # (a resend of one the service has processed is answered as a duplicate).
-            return self._send(forms, target, kind, payload, flags, True, _base.failed_ack_id(out, ack_id))
+            result = self._send(forms, target, kind, payload, flags, True, _base.failed_ack_id(out, ack_id))
+            if ack_id is None and result.is_duplicated:
+                # The ackId was this call's own: the duplicate is its interrupted attempt,
+                # acked while the handler ran. One send, as the official client's wait sees it.
+                return WebPubSubResult(result.ack_id, False)
+            return result
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out, ack_id))
         return _base.ack_result(out)
