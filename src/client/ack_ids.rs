@@ -59,8 +59,13 @@ impl AckIds {
         }
     }
 
-    /// Records an ackId a caller chose, for [`AckIds::next`] to skip.
-    pub(crate) fn chose(&self, id: u64) {
+    /// Records an ackId a caller chose, for [`AckIds::next`] to skip; false, recording
+    /// nothing, for one the counter has passed (no automatic ackId can meet it any more:
+    /// a resend with an ackId the client drew itself).
+    pub(crate) fn chose(&self, id: u64) -> bool {
+        if id < self.next.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut chosen = self.chosen();
         if chosen.ids.insert(id) {
             chosen.order.push_back(id);
@@ -71,6 +76,7 @@ impl AckIds {
             }
         }
         self.any_chosen.store(true, Ordering::Release);
+        true
     }
 }
 
@@ -82,11 +88,15 @@ mod tests {
     fn automatic_ids_skip_the_chosen_ones_and_never_jump() {
         let ids = AckIds::default();
         assert_eq!(ids.next(), 1);
-        ids.chose(3);
+        assert!(
+            !ids.chose(1),
+            "a resend with an id already drawn: nothing to skip"
+        );
+        assert!(!ids.any_chosen.load(Ordering::Acquire));
+        assert!(ids.chose(3));
         ids.chose(4);
         ids.chose(1_000_000);
         ids.chose(u64::MAX);
-        ids.chose(1); // a resend with an id already used: nothing to skip
         assert_eq!([ids.next(), ids.next(), ids.next()], [2, 5, 6]);
     }
 

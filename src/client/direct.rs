@@ -44,8 +44,9 @@ pub(crate) struct Direct {
     pending: AtomicUsize,
     /// Acked operations written by callers, with when, for the task to register.
     written: Mutex<Vec<(Operation, Instant)>>,
-    /// Set for good once a caller chooses its own ackId: only the task can renumber an
-    /// automatic ackId that collides with one, and a written frame cannot be renumbered.
+    /// Set for good once a caller chooses its own ackId ahead of the counter: only the
+    /// task can renumber an automatic ackId that collides with one, and a written frame
+    /// cannot be renumbered.
     chosen_ack_ids: AtomicBool,
     /// Wakes the task: a written frame was left to flush, a write failed, or an ack is
     /// late (its operation must be registered for the timeout to run).
@@ -131,7 +132,7 @@ impl Direct {
         self.queued.load(Ordering::Acquire) == 0 && self.pending.load(Ordering::Acquire) == 0
     }
 
-    /// Turns direct writes off for good (a caller chose an ackId).
+    /// Turns direct writes off for good (a caller chose an ackId ahead of the counter).
     pub(crate) fn chose_ack_id(&self) {
         self.chosen_ack_ids.store(true, Ordering::Relaxed);
     }

@@ -571,8 +571,11 @@ impl Client {
         match (fire_and_forget, chosen) {
             (true, _) => None,
             (false, Some(ack_id)) => {
-                self.inner.shared.direct.chose_ack_id();
-                self.inner.shared.ack_ids.chose(ack_id);
+                if self.inner.shared.ack_ids.chose(ack_id) {
+                    // Ahead of the counter: an automatic ackId may meet it while it is
+                    // pending, and only the connection task can renumber that one.
+                    self.inner.shared.direct.chose_ack_id();
+                }
                 Some((ack_id, false))
             }
             (false, None) => Some((self.next_ack_id(), true)),
