@@ -40,6 +40,18 @@ def _normalize(kind: str, args: Any) -> Tuple[Any, ...]:
 _FORBIDDEN = "The connection has no permission to join or leave group 'not-allowed'."
 
 
+def _failure(exc: Exception) -> Tuple[Any, ...]:
+    """What the scenarios compare of an operation's error: its class, its detail's name
+    and message, and whether it is an AzureError."""
+    detail = getattr(exc, "error_detail", None)
+    return (
+        type(exc).__name__,
+        getattr(detail, "name", None),
+        getattr(detail, "message", None),
+        isinstance(exc, AzureError),
+    )
+
+
 def run_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
     """Join, publish every data type, receive server messages, hit a Forbidden, close."""
     url = hub.url("compat-user", roles=["webpubsub.joinLeaveGroup.g", "webpubsub.sendToGroup.g"])
@@ -78,13 +90,7 @@ def run_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
             client.join_group("not-allowed")
             error: Tuple[Any, ...] = ("no error",)
         except Exception as exc:  # noqa: BLE001 - compared below
-            detail = getattr(exc, "error_detail", None)
-            error = (
-                type(exc).__name__,
-                getattr(detail, "name", None),
-                getattr(detail, "message", None),
-                isinstance(exc, AzureError),
-            )
+            error = _failure(exc)
         with pytest.raises(Exception) as second_open:
             client.open()
         is_connected = client.is_connected()
@@ -155,13 +161,7 @@ async def run_async_scenario(package: Any, models: Any, hub: Hub) -> Dict[str, A
         await client.join_group("not-allowed")
         error: Tuple[Any, ...] = ("no error",)
     except Exception as exc:  # noqa: BLE001 - compared below
-        detail = getattr(exc, "error_detail", None)
-        error = (
-            type(exc).__name__,
-            getattr(detail, "name", None),
-            getattr(detail, "message", None),
-            isinstance(exc, AzureError),
-        )
+        error = _failure(exc)
     await client.close()
     await wait_for(5)
     return {

@@ -6,7 +6,7 @@ import ctypes
 import logging
 import threading
 import weakref
-from typing import Any, Callable, List, Literal, Optional, Tuple, Union, overload
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union, overload
 
 from . import _base, _callbacks, _native
 from ._native import lib
@@ -392,33 +392,28 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """
-        group = _base.check_name(group_name, "group_name")
-        _base.check_ack_id(ack_id)
-        if kwargs:
-            _base.operation_keywords("join_group", kwargs, group_name)
-        out = _native.WpsAckResult()
-        status = lib.wps_client_join_group(self._live_handle(), group, ctypes.byref(out))
-        while status == _native.STATUS_INTERRUPTED:  # the application's SIGINT handler returned
-            _callbacks.redeliver_interrupt()
-            status = lib.wps_client_join_group(self._live_handle(), group, ctypes.byref(out))
-        if status != _native.STATUS_OK:
-            raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
-        return _base.ack_result(out)
+        return self._group_op(lib.wps_client_join_group, "join_group", group_name, ack_id, kwargs)
 
     def leave_group(self, group_name: str, *, ack_id: Optional[int] = None, **kwargs: Any) -> WebPubSubResult:
         """Leave ``group_name``; waits for the service's ack (``ack_id`` as for :meth:`join_group`).
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """
+        return self._group_op(lib.wps_client_leave_group, "leave_group", group_name, ack_id, kwargs)
+
+    def _group_op(
+        self, call: Any, method: str, group_name: str, ack_id: Optional[int], kwargs: Dict[str, Any]
+    ) -> WebPubSubResult:
+        """Joins or leaves (``call``, the blocking C form) ``group_name``, the checks of both done."""
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
         if kwargs:
-            _base.operation_keywords("leave_group", kwargs, group_name)
+            _base.operation_keywords(method, kwargs, group_name)
         out = _native.WpsAckResult()
-        status = lib.wps_client_leave_group(self._live_handle(), group, ctypes.byref(out))
-        while status == _native.STATUS_INTERRUPTED:  # as in join_group
-            _callbacks.redeliver_interrupt()
-            status = lib.wps_client_leave_group(self._live_handle(), group, ctypes.byref(out))
+        status = call(self._live_handle(), group, ctypes.byref(out))
+        while status == _native.STATUS_INTERRUPTED:  # the application's SIGINT handler returned
+            _callbacks.redeliver_interrupt()  # joining and leaving are idempotent: again
+            status = call(self._live_handle(), group, ctypes.byref(out))
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
         return _base.ack_result(out)
