@@ -73,7 +73,8 @@
 #define WPS_EVENT_GROUP_MESSAGE 5
 
 /**
- * Event kind: rejoining `group` on a new connection failed (`message`, `error_name`).
+ * Event kind: rejoining `group` on a new connection failed (`message`, `error_name`,
+ * `service_message`).
  */
 #define WPS_EVENT_REJOIN_GROUP_FAILED 6
 
@@ -305,6 +306,11 @@ typedef struct wps_event {
    * Disconnected: the WebSocket close code, 0 when none.
    */
   uint16_t close_code;
+  /**
+   * Rejoin failed: the service's own text when it refused the join (it is also in
+   * `message`, after the library's description of the operation); NULL otherwise.
+   */
+  const char *service_message;
 } wps_event;
 
 /**
@@ -439,6 +445,11 @@ typedef struct wps_completion {
    * Length of `data`.
    */
   size_t data_len;
+  /**
+   * The service's own text on ACK/INVOKE errors (it is also in `error_message`, after
+   * the library's description of the operation); NULL otherwise.
+   */
+  const char *service_message;
 } wps_completion;
 
 /**
@@ -565,12 +576,14 @@ typedef struct wps_message_record {
 #define WPS_STATUS_CANCELLED 7
 
 /**
- * The service answered success:false; `wps_last_error_name()` has its error name.
+ * The service answered success:false; `wps_last_error_name()` has its error name and
+ * `wps_last_error_service_message()` its text.
  */
 #define WPS_STATUS_ACK_ERROR 8
 
 /**
- * The invocation failed; `wps_last_error_name()` has its error name.
+ * The invocation failed; `wps_last_error_name()` has its error name and
+ * `wps_last_error_service_message()` its text.
  */
 #define WPS_STATUS_INVOKE_ERROR 9
 
@@ -1253,6 +1266,14 @@ const char *wps_last_error_message(void);
  * thread, "" otherwise. Valid until the next `wps_` call on this thread; never NULL.
  */
 const char *wps_last_error_name(void);
+
+/**
+ * The service's own text of the last ACK or INVOKE error on this thread ("No
+ * permission to join group"), "" otherwise. `wps_last_error_message()` has it too,
+ * after the library's description of the operation. Valid until the next `wps_` call
+ * on this thread; never NULL.
+ */
+const char *wps_last_error_service_message(void);
 
 /**
  * The library's version, a static string like "0.1.0".

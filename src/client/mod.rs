@@ -292,6 +292,15 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The service's own text of a refusal (`Ack` or `Invoke`), without the library's
+    /// description of the operation around it. `None` for every other error.
+    pub fn service_message(&self) -> Option<&str> {
+        match self {
+            Error::Ack { message, .. } | Error::Invoke { message, .. } => Some(message),
+            _ => None,
+        }
+    }
 }
 
 /// A Web PubSub client. Cheap to clone (an `Arc` inside); `Send + Sync`. Dropping the

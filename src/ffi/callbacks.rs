@@ -31,7 +31,8 @@ pub const WPS_EVENT_STOPPED: u32 = 3;
 pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;
 /// Event kind: a group message (`group`, `from_user_id`, `data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_GROUP_MESSAGE: u32 = 5;
-/// Event kind: rejoining `group` on a new connection failed (`message`, `error_name`).
+/// Event kind: rejoining `group` on a new connection failed (`message`, `error_name`,
+/// `service_message`).
 pub const WPS_EVENT_REJOIN_GROUP_FAILED: u32 = 6;
 
 /// An event, borrowed by the callback for the duration of the call. Strings are
@@ -65,6 +66,9 @@ pub struct wps_event {
     pub error_name: *const c_char,
     /// Disconnected: the WebSocket close code, 0 when none.
     pub close_code: u16,
+    /// Rejoin failed: the service's own text when it refused the join (it is also in
+    /// `message`, after the library's description of the operation); NULL otherwise.
+    pub service_message: *const c_char,
 }
 
 /// Event callback. `event` is borrowed for the duration of the call.
@@ -100,6 +104,9 @@ pub struct wps_completion {
     pub data: *const u8,
     /// Length of `data`.
     pub data_len: usize,
+    /// The service's own text on ACK/INVOKE errors (it is also in `error_message`, after
+    /// the library's description of the operation); NULL otherwise.
+    pub service_message: *const c_char,
 }
 
 /// A successful asynchronous send started with `WPS_SEND_RECORD`, as
@@ -238,7 +245,7 @@ pub(crate) fn failed_ack(e: &Error) -> Option<AckResult> {
 /// Records a core error as this thread's last error and returns its status.
 pub(crate) fn fail_with(e: Error) -> wps_status {
     let (status, name, message) = error_parts(&e);
-    set_last_error(&message, &name);
+    set_last_error(&message, &name, e.service_message().unwrap_or_default());
     status
 }
 
@@ -255,6 +262,7 @@ pub(crate) struct OwnedEvent {
     message: Option<CString>,
     error_name: Option<CString>,
     close_code: u16,
+    service_message: Option<CString>,
 }
 
 fn opt(s: Option<&str>) -> Option<CString> {
@@ -301,6 +309,7 @@ impl OwnedEvent {
             message: None,
             error_name: None,
             close_code: 0,
+            service_message: None,
         }
     }
 
@@ -355,6 +364,7 @@ impl OwnedEvent {
                     group: Some(to_cstring(&group).into()),
                     message: opt(Some(&message)),
                     error_name: (!name.is_empty()).then(|| to_cstring(&name)),
+                    service_message: error.service_message().map(to_cstring),
                     ..OwnedEvent::empty(WPS_EVENT_REJOIN_GROUP_FAILED)
                 }
             }
@@ -419,6 +429,7 @@ impl OwnedEvent {
             message: ptr(&self.message),
             error_name: ptr(&self.error_name),
             close_code: self.close_code,
+            service_message: ptr(&self.service_message),
         }
     }
 }
@@ -573,6 +584,7 @@ pub(crate) struct OwnedCompletion {
     ack: Option<AckResult>,
     error_name: Option<CString>,
     error_message: Option<CString>,
+    service_message: Option<CString>,
     response: Option<InvokeResult>,
 }
 
@@ -585,6 +597,7 @@ impl OwnedCompletion {
             error_name: None,
             // A success carries no message (the callback sees NULL): nothing to allocate.
             error_message: (status != WPS_STATUS_OK).then(|| to_cstring(message)),
+            service_message: None,
             response: None,
         }
     }
@@ -596,6 +609,7 @@ impl OwnedCompletion {
             ack: failed_ack(e),
             error_name: (!name.is_empty()).then(|| to_cstring(&name)),
             error_message: Some(to_cstring(&message)),
+            service_message: e.service_message().map(to_cstring),
             response: None,
         }
     }
@@ -682,6 +696,11 @@ impl OwnedCompletion {
             data_type,
             data: data.as_ptr(),
             data_len: data.len(),
+            service_message: if ok {
+                std::ptr::null()
+            } else {
+                ptr(&self.service_message)
+            },
         };
         if let Some(_inside) = InCallback::enter() {
             // SAFETY: the callback and its user data were given together for this operation.

@@ -22,9 +22,11 @@ pub const WPS_STATUS_NOT_CONNECTED: wps_status = 5;
 pub const WPS_STATUS_TIMEOUT: wps_status = 6;
 /// The operation was cancelled (`wps_client_cancel`).
 pub const WPS_STATUS_CANCELLED: wps_status = 7;
-/// The service answered success:false; `wps_last_error_name()` has its error name.
+/// The service answered success:false; `wps_last_error_name()` has its error name and
+/// `wps_last_error_service_message()` its text.
 pub const WPS_STATUS_ACK_ERROR: wps_status = 8;
-/// The invocation failed; `wps_last_error_name()` has its error name.
+/// The invocation failed; `wps_last_error_name()` has its error name and
+/// `wps_last_error_service_message()` its text.
 pub const WPS_STATUS_INVOKE_ERROR: wps_status = 9;
 /// Connecting failed (transport, handshake, HTTP 401...).
 pub const WPS_STATUS_CONNECT_FAILED: wps_status = 10;
@@ -110,12 +112,14 @@ pub const WPS_LOG_TRACE: u32 = 5;
 struct LastError {
     message: CString,
     name: CString,
+    service_message: CString,
 }
 
 thread_local! {
     static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError {
         message: CString::default(),
         name: CString::default(),
+        service_message: CString::default(),
     });
 }
 
@@ -132,16 +136,17 @@ pub(crate) fn to_cstring(s: &str) -> CString {
 
 /// Records the detail of a failure on this thread and returns `status`.
 pub(crate) fn fail(status: wps_status, message: impl AsRef<str>) -> wps_status {
-    set_last_error(message.as_ref(), "");
+    set_last_error(message.as_ref(), "", "");
     status
 }
 
-/// Sets this thread's last error message and service error name.
-pub(crate) fn set_last_error(message: &str, name: &str) {
+/// Sets this thread's last error message, and the service's error name and own text.
+pub(crate) fn set_last_error(message: &str, name: &str, service_message: &str) {
     LAST_ERROR.with(|e| {
         let mut e = e.borrow_mut();
         e.message = to_cstring(message);
         e.name = to_cstring(name);
+        e.service_message = to_cstring(service_message);
     });
 }
 
@@ -149,9 +154,10 @@ pub(crate) fn set_last_error(message: &str, name: &str) {
 pub(crate) fn clear_last_error() {
     LAST_ERROR.with(|e| {
         let mut e = e.borrow_mut();
-        if !e.message.is_empty() || !e.name.is_empty() {
+        if !e.message.is_empty() || !e.name.is_empty() || !e.service_message.is_empty() {
             e.message = CString::default();
             e.name = CString::default();
+            e.service_message = CString::default();
         }
     });
 }
@@ -198,6 +204,15 @@ pub extern "C" fn wps_last_error_name() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().name.as_ptr())
 }
 
+/// The service's own text of the last ACK or INVOKE error on this thread ("No
+/// permission to join group"), "" otherwise. `wps_last_error_message()` has it too,
+/// after the library's description of the operation. Valid until the next `wps_` call
+/// on this thread; never NULL.
+#[no_mangle]
+pub extern "C" fn wps_last_error_service_message() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().service_message.as_ptr())
+}
+
 /// The library's version, a static string like "0.1.0".
 #[no_mangle]
 pub extern "C" fn wps_version() -> *const c_char {
@@ -232,5 +247,9 @@ mod tests {
         clear_last_error();
         assert_eq!(text(wps_last_error_message()), "");
         assert_eq!(text(wps_last_error_name()), "");
+        set_last_error("operation 1 failed: Forbidden: no", "Forbidden", "no");
+        assert_eq!(text(wps_last_error_service_message()), "no");
+        clear_last_error();
+        assert_eq!(text(wps_last_error_service_message()), "");
     }
 }

@@ -59,7 +59,7 @@ static const char *TLS_DIR;
 
 typedef struct {
     uint32_t kind;
-    char connection_id[128], user_id[64], group[64], from_user_id[64], message[256], error_name[64];
+    char connection_id[128], user_id[64], group[64], from_user_id[64], message[256], error_name[64], service_message[256];
     uint32_t data_type;
     char data[512];
     size_t data_len;
@@ -128,6 +128,7 @@ static void on_event(void *user_data, const wps_event *ev) {
         copy_str(e->from_user_id, sizeof e->from_user_id, ev->from_user_id);
         copy_str(e->message, sizeof e->message, ev->message);
         copy_str(e->error_name, sizeof e->error_name, ev->error_name);
+        copy_str(e->service_message, sizeof e->service_message, ev->service_message);
         e->data_type = ev->data_type;
         e->data_len = ev->data_len < sizeof e->data - 1 ? ev->data_len : sizeof e->data - 1;
         if (e->data_len) memcpy(e->data, ev->data, e->data_len);
@@ -258,7 +259,7 @@ typedef struct {
     wps_status status;
     uint64_t op_id, ack_id;
     bool has_ack_id, is_duplicated, message_set;
-    char error_name[64];
+    char error_name[64], service_message[256];
     uint32_t data_type;
     char data[512];
     size_t data_len;
@@ -286,6 +287,7 @@ static void on_complete(void *user_data, const wps_completion *done) {
     c->is_duplicated = done->is_duplicated;
     c->message_set = done->error_message != NULL;
     copy_str(c->error_name, sizeof c->error_name, done->error_name);
+    copy_str(c->service_message, sizeof c->service_message, done->service_message);
     c->data_type = done->data_type;
     c->data_len = done->data_len < sizeof c->data - 1 ? done->data_len : sizeof c->data - 1;
     if (c->data_len) memcpy(c->data, done->data, c->data_len);
@@ -377,6 +379,7 @@ static bool test_status_strings(void) {
     for (uint32_t s = 0; s <= WPS_STATUS_INTERRUPTED; s++) CHECK(strcmp(wps_status_str(s), "unknown status") != 0);
     CHECK(strcmp(wps_last_error_message(), "") == 0);
     CHECK(strcmp(wps_last_error_name(), "") == 0);
+    CHECK(strcmp(wps_last_error_service_message(), "") == 0);
     return true;
 }
 
@@ -590,7 +593,8 @@ static bool test_chat(void) {
     /* ack errors: bob may only join "chat"; the refused ackId is reported */
     CHECK_STATUS(wps_client_join_group(b, "secret", NULL), WPS_STATUS_ACK_ERROR);
     CHECK(strcmp(wps_last_error_name(), "Forbidden") == 0);
-    CHECK(strlen(wps_last_error_message()) > 0);
+    CHECK(strcmp(wps_last_error_service_message(), "The connection has no permission to join or leave group 'secret'.") == 0);
+    CHECK(strstr(wps_last_error_message(), wps_last_error_service_message()) != NULL);
     wps_ack_result refused = {0};
     CHECK_STATUS(wps_client_join_group(b, "secret", &refused), WPS_STATUS_ACK_ERROR);
     CHECK(refused.has_ack_id && refused.ack_id > 0 && !refused.is_duplicated);
@@ -602,6 +606,7 @@ static bool test_chat(void) {
     CHECK(done.status == WPS_STATUS_ACK_ERROR && strcmp(done.error_name, "Forbidden") == 0 && done.op_id == op);
     CHECK(done.has_ack_id && done.ack_id > refused.ack_id);
     CHECK(done.message_set);
+    CHECK(strcmp(done.service_message, "The connection has no permission to join or leave group 'secret'.") == 0);
     completion_destroy(&done);
 
     /* stop: the stopped event, then operations fail */
@@ -673,6 +678,7 @@ static bool test_async_and_upstream(void) {
     CHECK_STATUS(wps_client_invoke_event(a, "fail", WPS_DATA_TYPE_TEXT, (const uint8_t *)"x", 1, 0, &resp), WPS_STATUS_INVOKE_ERROR);
     CHECK(resp == NULL);
     CHECK(strcmp(wps_last_error_name(), "InternalServerError") == 0);
+    CHECK(strlen(wps_last_error_service_message()) > 0 && strstr(wps_last_error_message(), wps_last_error_service_message()) != NULL);
     /* caller-chosen ackIds: a repeat is reported as a duplicate, not an error */
     CHECK_OK(wps_client_send_to_group_with_ack_id(a, "room", WPS_DATA_TYPE_TEXT, (const uint8_t *)"once", 4, 0, 1000, &ack));
     CHECK(ack.has_ack_id && ack.ack_id == 1000 && !ack.is_duplicated);
@@ -1113,6 +1119,7 @@ static bool test_reconnection(void) {
     int rj = wait_event(rc, cn, WPS_EVENT_REJOIN_GROUP_FAILED, NULL);
     CHECK(rj > cn);
     CHECK(strcmp(rc->events[rj].group, "chat") == 0 && strcmp(rc->events[rj].error_name, "Forbidden") == 0);
+    CHECK(strcmp(rc->events[rj].service_message, "The connection has no permission to join or leave group 'chat'.") == 0);
     CHECK(cs.calls == 2);
     CHECK(wps_client_state(c) == WPS_STATE_CONNECTED);
 

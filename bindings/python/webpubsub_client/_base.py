@@ -403,19 +403,6 @@ def _detail(status: int, message: Optional[str] = None) -> str:
     return f"{name}: {text}" if text else name
 
 
-def service_message(name: str, message: str) -> str:
-    """The service's own text of a refusal: the library's message ``operation 7 failed:
-    Forbidden: <text>`` (or ``invocation <id> failed: ...``) without its prefix, as the
-    official client's ``error_detail.message``."""
-    if name:
-        for lead in ("operation ", "invocation "):
-            if message.startswith(lead):
-                head, sep, rest = message.partition(f" failed: {name}: ")
-                if sep and " " not in head[len(lead) :]:
-                    return rest
-    return message
-
-
 def open_error(status: int, message: Optional[str] = None) -> Exception:
     """The exception for a failed ``wps_client_start`` (read on the calling thread)."""
     text = _native.last_error_message() if message is None else message
@@ -431,17 +418,22 @@ def operation_error(
     ack_id: Optional[int] = None,
     name: Optional[str] = None,
     message: Optional[str] = None,
+    service_message: Optional[str] = None,
 ) -> Exception:
-    """The exception for a failed operation; name/message default to this thread's last error."""
+    """The exception for a failed operation. The service's error name, the library's
+    message and the service's own text default to this thread's last error; a refusal's
+    ``error_detail`` has the service's name and text, as the official client's."""
     if message is None:
         message = _native.last_error_message()
     if name is None:
         name = _native.last_error_name()
+    if service_message is None:
+        service_message = _native.last_error_service_message()
     if status in _ARGUMENT_STATUSES:
         return ValueError(_detail(status, message))
     if status in (_native.STATUS_ACK_ERROR, _native.STATUS_INVOKE_ERROR) or status in _LOCAL_ERROR_NAMES:
         if status in (_native.STATUS_ACK_ERROR, _native.STATUS_INVOKE_ERROR):
-            message = service_message(name, message)
+            message = service_message
         detail = AckMessageError(name=name or _LOCAL_ERROR_NAMES.get(status, "Error"), message=message)
         if invoke:
             return InvokeEventError("Failed to invoke event.", detail, status=status)
@@ -597,7 +589,9 @@ def _stopped(_event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
 def _rejoin_group_failed(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
     dec = _native.decode
     name = dec(event.error_name) or ""
-    detail = AckMessageError(name=name or "Error", message=service_message(name, dec(event.message) or ""))
+    service_message = dec(event.service_message)
+    message = (dec(event.message) or "") if service_message is None else service_message
+    detail = AckMessageError(name=name or "Error", message=message)
     error = SendMessageError("Failed to rejoin group.", None, detail)
     return CallbackType.REJOIN_GROUP_FAILED, (OnRejoinGroupFailedArgs(dec(event.group) or "", error),)
 

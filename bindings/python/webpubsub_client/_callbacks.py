@@ -75,6 +75,7 @@ class Completion:
         "is_duplicated",
         "error_name",
         "error_message",
+        "service_message",
         "data_type",
         "data",
     )
@@ -84,10 +85,11 @@ class Completion:
         self.op_id: int = raw.op_id
         self.ack_id: Optional[int] = raw.ack_id if raw.has_ack_id else None
         self.is_duplicated: bool = bool(raw.is_duplicated)
-        self.error_name = self.error_message = ""
-        if self.status != _native.STATUS_OK:  # both are NULL on success
+        self.error_name = self.error_message = self.service_message = ""
+        if self.status != _native.STATUS_OK:  # all three are NULL on success
             self.error_name = _native.decode(raw.error_name) or ""
             self.error_message = _native.decode(raw.error_message) or ""
+            self.service_message = _native.decode(raw.service_message) or ""
         self.data_type: int = raw.data_type
         size = raw.data_len
         self.data: bytes = ctypes.string_at(raw.data, size) if size else b""

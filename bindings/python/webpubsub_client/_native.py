@@ -116,6 +116,7 @@ class WpsEvent(Structure):
         ("message", c_char_p),
         ("error_name", c_char_p),
         ("close_code", c_uint16),
+        ("service_message", c_char_p),
     ]
 
 
@@ -143,6 +144,7 @@ class WpsCompletion(Structure):
         ("data_type", c_uint32),
         ("data", c_void_p),
         ("data_len", c_size_t),
+        ("service_message", c_char_p),
     ]
 
 
@@ -230,6 +232,7 @@ _SIGNATURES = {
     "wps_status_str": (c_char_p, [c_uint32]),
     "wps_last_error_message": (c_char_p, []),
     "wps_last_error_name": (c_char_p, []),
+    "wps_last_error_service_message": (c_char_p, []),
     "wps_version": (c_char_p, []),
     # options
     "wps_options_new": (_handle, []),
@@ -439,6 +442,11 @@ def last_error_message() -> str:
 def last_error_name() -> str:
     """The service error name of the last ack/invoke failure on this thread, or ``""``."""
     return decode(lib.wps_last_error_name()) or ""
+
+
+def last_error_service_message() -> str:
+    """The service's own text of the last ack/invoke failure on this thread, or ``""``."""
+    return decode(lib.wps_last_error_service_message()) or ""
 
 
 def status_str(status: int) -> str:

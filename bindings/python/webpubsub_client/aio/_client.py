@@ -506,6 +506,7 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
                 ack_id=_base.failed_ack_id(completion),
                 name=_native.decode(completion.error_name) or "",
                 message=_native.decode(completion.error_message) or "",
+                service_message=_native.decode(completion.service_message) or "",
             )
         loop = future.get_loop()
         if getattr(loop, "_thread_id", None) == threading.get_ident():  # dispatched by the loop (poll mode)
@@ -969,6 +970,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 ack_id=completion.ack_id if completion.ack_id is not None else ack_id,
                 name=completion.error_name,
                 message=completion.error_message,
+                service_message=completion.service_message,
             )
         return completion
 
