@@ -1136,3 +1136,56 @@ async fn a_resend_of_a_send_its_caller_wrote_itself_then_gave_up_waits_for_it() 
     assert_eq!((result.ack_id, result.is_duplicated), (Some(ack_id), false));
     client.stop().await;
 }
+
+#[tokio::test]
+async fn the_ack_of_a_callers_write_read_in_the_same_batch_as_earlier_frames_completes_it() {
+    let fake = Fake::new().await;
+    // The event handler runs on the connection task: holding it holds the task in the
+    // middle of a batch of frames read from the socket.
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
+    let handler = move |event: Event| {
+        if matches!(event, Event::ServerMessage { .. }) {
+            entered_tx.lock().unwrap().send(()).unwrap();
+            // As a second runtime worker would, another thread polls the socket
+            // meanwhile and sees the ack arrive.
+            tokio::task::block_in_place(|| {
+                let _ = released
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            });
+        }
+    };
+    let client = Client::new(
+        Credential::Url(fake.url.clone()),
+        one_try_options(),
+        Arc::new(handler),
+    )
+    .unwrap();
+    let starter = client.clone();
+    let start = tokio::spawn(async move { starter.start().await });
+    let (mut conn, _) = fake.accept().await;
+    conn.connected("conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    conn.send(&server_message("hold", 1)).await;
+    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the handler was not called");
+    let send = spawn_send(&client, "direct");
+    let frame = conn.recv().await;
+    assert_eq!(frame["data"], "direct");
+    conn.ack(&frame).await;
+    // The ack reaches the client's socket while its task is still in the handler: the
+    // task reads it within the same batch, before it would register the write anew.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    release.send(()).unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(10), send)
+        .await
+        .expect("the send never completed")
+        .unwrap();
+    assert_eq!(sent.unwrap().ack_id, frame["ackId"].as_u64());
+    client.stop().await;
+}

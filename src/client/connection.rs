@@ -1036,10 +1036,16 @@ impl Task {
                 ack_id,
                 success,
                 error,
-            } => match self.pending.on_ack(ack_id, success, error, now.into_std()) {
-                Some(done) => self.done.push(done),
-                None => trace!("ack {ack_id} completes nothing (late, duplicate or retrying)"),
-            },
+            } => {
+                if !self.pending.has_ack(ack_id) {
+                    // A caller may have written it while this batch was being read.
+                    self.register_written();
+                }
+                match self.pending.on_ack(ack_id, success, error, now.into_std()) {
+                    Some(done) => self.done.push(done),
+                    None => trace!("ack {ack_id} completes nothing (late, duplicate or retrying)"),
+                }
+            }
             Downstream::GroupMessage {
                 group,
                 from_user_id,

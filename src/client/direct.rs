@@ -7,10 +7,11 @@
 //! wake-ups per round trip where one will do. When the client is idle (serving,
 //! nothing queued towards the task, nothing awaiting an ack) the caller writes the
 //! frame itself, non-blocking, and leaves the operation in `written`; the task
-//! registers it before it reads anything more from the socket, so the ack always finds
-//! it, and at each keep-alive ping, so its timeout runs even when nothing is read.
-//! Anything else (a busy client, a socket that would block, a half the reader holds)
-//! goes through the channel as before.
+//! registers it before it reads anything more from the socket and before it looks for
+//! the operation of an ack (a batch of frames may be read around a write), so the ack
+//! always finds it, and at each keep-alive ping, so its timeout runs even when nothing
+//! is read. Anything else (a busy client, a socket that would block, a half the reader
+//! holds) goes through the channel as before.
 //!
 //! The connection task stays the owner: it puts the socket's write half here while it
 //! serves, writes through the same lock, and takes the half back (and registers what
