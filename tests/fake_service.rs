@@ -1189,3 +1189,48 @@ async fn the_ack_of_a_callers_write_read_in_the_same_batch_as_earlier_frames_com
     assert_eq!(sent.unwrap().ack_id, frame["ackId"].as_u64());
     client.stop().await;
 }
+
+#[tokio::test]
+async fn fire_and_forget_senders_feel_backpressure_during_a_recovery() {
+    let fake = Fake::new().await;
+    let (client, _events, conn) = connect(&fake, quiet_options()).await;
+    drop(conn);
+    // The recovery attempt is accepted by TCP but not answered for now.
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), fake.listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.state(), ClientState::Recovering);
+    const SENDS: usize = 20_000;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (c, counter) = (client.clone(), sent.clone());
+    let sender = tokio::spawn(async move {
+        for n in 0..SENDS {
+            let opts = SendToGroupOptions {
+                fire_and_forget: true,
+                ..SendToGroupOptions::default()
+            };
+            let body = Bytes::from(n.to_string());
+            c.send_to_group("g", DataType::Text, body, opts)
+                .await
+                .unwrap();
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let queued = sent.load(Ordering::Relaxed);
+    assert!(
+        queued < SENDS,
+        "all {queued} sends returned with no connection to write them to"
+    );
+    // Once recovered, every message goes out, in order.
+    drop(tcp);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    for n in 0..SENDS {
+        let frame = conn.recv().await;
+        assert_eq!(frame["data"], n.to_string());
+    }
+    sender.await.unwrap();
+    client.stop().await;
+}

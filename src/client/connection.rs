@@ -879,9 +879,11 @@ impl Task {
     }
 
     /// Whether the task takes another operation from the channel: fewer than
-    /// `MAX_PENDING_ACKS` acked ones are pending.
+    /// `MAX_PENDING_ACKS` acked ones are pending, and (during a recovery, the only time
+    /// anything waits unwritten) fewer than `OPERATION_QUEUE` wait to be written, so
+    /// that senders feel backpressure as they do from the socket.
     fn takes_operations(&self) -> bool {
-        self.pending.acks_len() < MAX_PENDING_ACKS
+        self.pending.acks_len() < MAX_PENDING_ACKS && self.pending.unsent_len() < OPERATION_QUEUE
     }
 
     /// Writes an operation on the live connection (the frame goes to `out`).

@@ -335,6 +335,11 @@ impl Pending {
         self.acks.len()
     }
 
+    /// How many operations and frames wait to be written once the connection is usable.
+    pub(crate) fn unsent_len(&self) -> usize {
+        self.unsent.len()
+    }
+
     /// Registers an invocation, written now (`sent_at`) or queued (`None`).
     pub(crate) fn add_invoke(
         &mut self,
