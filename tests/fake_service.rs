@@ -1191,6 +1191,39 @@ async fn the_ack_of_a_callers_write_read_in_the_same_batch_as_earlier_frames_com
 }
 
 #[tokio::test]
+async fn the_sequence_is_acknowledged_again_after_a_recovery() {
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    for id in 1..=3 {
+        conn.send(&server_message("m", id)).await;
+        next_event(&mut events, 5).await;
+    }
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"sequenceAck","sequenceId":3})
+    );
+    // That ack was written, but the socket drops before the service takes it in: the
+    // service replays what it still holds to the recovered connection.
+    drop(conn);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    conn.connected("conn1", "rt2").await;
+    for id in 1..=3 {
+        conn.send(&server_message("m", id)).await;
+    }
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"sequenceAck","sequenceId":3}),
+        "the replayed frames stay in the service's buffer until acknowledged"
+    );
+    assert!(
+        events.try_recv().is_err(),
+        "replayed frames are not delivered"
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
 async fn fire_and_forget_senders_feel_backpressure_during_a_recovery() {
     let fake = Fake::new().await;
     let (client, _events, conn) = connect(&fake, quiet_options()).await;

@@ -835,6 +835,7 @@ impl Task {
         self.pending.connection_dropped(recoverable, &mut self.done);
         self.finish_done();
         if recoverable {
+            self.sequence.ack_again();
             Next::Recover {
                 since: Instant::now(),
                 close_code,

@@ -13,6 +13,13 @@ impl Sequence {
         *self = Sequence::default();
     }
 
+    /// The socket dropped: its last `sequenceAck` may never have reached the service,
+    /// which then replays what it covered. The recovered connection acknowledges the
+    /// delivered id again (the replayed frames, all duplicates, would not).
+    pub(crate) fn ack_again(&mut self) {
+        self.acked = 0;
+    }
+
     /// Records a data frame's id; `false` means it was already delivered (drop it).
     pub(crate) fn accept(&mut self, id: u64) -> bool {
         if id <= self.delivered {
@@ -69,5 +76,17 @@ mod tests {
         assert_eq!(s.take_ack(), Some(301));
         s.reset();
         assert!(s.accept(1));
+    }
+
+    #[test]
+    fn a_drop_makes_the_delivered_id_due_again() {
+        let mut s = Sequence::default();
+        s.ack_again();
+        assert_eq!(s.take_ack(), None, "nothing delivered");
+        assert!(s.accept(7));
+        assert_eq!(s.take_ack(), Some(7));
+        s.ack_again();
+        assert!(!s.accept(7));
+        assert_eq!(s.take_ack(), Some(7));
     }
 }
