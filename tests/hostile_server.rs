@@ -634,3 +634,31 @@ async fn a_server_that_accepts_and_never_speaks_times_out_the_start() {
     assert_eq!(client.state(), ClientState::Stopped);
     closed_by_client(&mut ws).await;
 }
+
+#[tokio::test]
+async fn the_reason_of_a_recovered_close_is_not_reported_for_a_later_loss() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    send(
+        &mut ws,
+        r#"{"type":"system","event":"disconnected","message":"service upgrade"}"#,
+    )
+    .await;
+    end(&mut ws, Ending::Code(1001)).await;
+    let (mut ws, uri) = hostile.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    connected(&mut ws, "conn1", "rt2").await;
+    send(&mut ws, &server_message("recovered", 1)).await;
+    assert_eq!(until_message(&mut events, "recovered").await, 0);
+    end(&mut ws, Ending::Code(1008)).await;
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected {
+            connection_id: Some("conn1".into()),
+            message: Some("closing with 1008".into()),
+            close_code: Some(1008)
+        }
+    );
+    drop(client);
+}

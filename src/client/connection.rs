@@ -733,6 +733,8 @@ impl Task {
                 Err(next) => return next,
                 Ok(Ok(Ok(ws))) => {
                     info!("connection {connection_id} recovered (attempt {attempt})");
+                    // The service's reason for the recovered drop explains no later one.
+                    self.disconnect_message = None;
                     return Next::Serve(Box::new(ws));
                 }
                 Ok(Ok(Err(e))) => {
