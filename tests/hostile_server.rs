@@ -662,3 +662,52 @@ async fn the_reason_of_a_recovered_close_is_not_reported_for_a_later_loss() {
     );
     drop(client);
 }
+
+#[tokio::test]
+async fn a_recovery_whose_connections_close_at_once_ends_with_its_window() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let options = ClientOptions {
+        recovery_window: Duration::from_secs(1),
+        ..options(Protocol::JsonReliable)
+    };
+    let (client, mut events, mut ws) = start(&hostile, options).await;
+    let c = client.clone();
+    let send = tokio::spawn(async move { c.join_group("g").await });
+    let join = recv(&mut ws).await;
+    end(&mut ws, Ending::Abrupt).await;
+    // Every recovery attempt is accepted, then closed before a single frame.
+    let mut recoveries = 0;
+    let mut ws = loop {
+        let (mut ws, uri) = hostile.accept().await;
+        if !uri.contains("awps_connection_id") {
+            break ws;
+        }
+        recoveries += 1;
+        assert!(
+            recoveries < 100,
+            "recovering for good, {recoveries} connections"
+        );
+        end(&mut ws, Ending::Code(1011)).await;
+    };
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected {
+            close_code: Some(1011),
+            ..
+        }
+    ));
+    assert_eq!(
+        send.await.unwrap(),
+        Err(Error::NotConnected {
+            ack_id: join["ackId"].as_u64()
+        })
+    );
+    connected(&mut ws, "conn2", "rt2").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    drop(client);
+    closed_by_client(&mut ws).await;
+}

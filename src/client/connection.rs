@@ -177,6 +177,7 @@ pub(crate) fn spawn(
         session: None,
         announced: false,
         disconnect_message: None,
+        recovered_at: None,
         out: Vec::new(),
         done: Vec::new(),
         in_batch: false,
@@ -199,9 +200,10 @@ enum Next {
     },
     /// Connected: run the connection.
     Serve(Box<Ws>),
-    /// The socket dropped: try to recover the same session.
+    /// The socket dropped: try to recover the same session, from `first_attempt` on.
     Recover {
         since: Instant,
+        first_attempt: Instant,
         close_code: Option<u16>,
         reason: String,
     },
@@ -249,6 +251,8 @@ struct Task {
     announced: bool,
     /// The reason of the service's last `system`/`disconnected` frame.
     disconnect_message: Option<String>,
+    /// When the recovery that opened the current connection began, and when it did.
+    recovered_at: Option<(Instant, Instant)>,
     /// Frames to write at the end of the current step.
     out: Vec<Utf8Bytes>,
     /// Operations finished in the current step.
@@ -271,9 +275,10 @@ impl Task {
                 Next::Serve(ws) => self.serve(*ws).await,
                 Next::Recover {
                     since,
+                    first_attempt,
                     close_code,
                     reason,
-                } => self.recover(since, close_code, reason).await,
+                } => self.recover(since, first_attempt, close_code, reason).await,
                 Next::Lost {
                     close_code,
                     message,
@@ -360,6 +365,7 @@ impl Task {
         let connection_id = session.connection_id.clone();
         self.session = Some(session);
         self.disconnect_message = None;
+        self.recovered_at = None;
         if self.options.auto_rejoin_groups {
             self.queue_rejoins();
         }
@@ -699,7 +705,13 @@ impl Task {
 
     /// Recovering: reconnects to the same session every `recovery_attempt_delay` for
     /// `recovery_window`. Operations queue meanwhile; no events are raised.
-    async fn recover(&mut self, since: Instant, close_code: Option<u16>, reason: String) -> Next {
+    async fn recover(
+        &mut self,
+        since: Instant,
+        first_attempt: Instant,
+        close_code: Option<u16>,
+        reason: String,
+    ) -> Next {
         self.shared.set_state(ClientState::Recovering);
         let deadline = since + self.options.recovery_window;
         let Some(session) = &self.session else {
@@ -716,7 +728,13 @@ impl Task {
         );
         info!("connection {connection_id} dropped ({reason}); recovering");
         let mut attempt = 0u32;
-        loop {
+        let mut attempt_at = first_attempt;
+        while attempt_at < deadline {
+            if attempt_at > Instant::now() {
+                if let Err(next) = self.offline(sleep_until(attempt_at), true).await {
+                    return next;
+                }
+            }
             attempt += 1;
             let now = Instant::now();
             if now >= deadline {
@@ -735,6 +753,7 @@ impl Task {
                     info!("connection {connection_id} recovered (attempt {attempt})");
                     // The service's reason for the recovered drop explains no later one.
                     self.disconnect_message = None;
+                    self.recovered_at = Some((since, Instant::now()));
                     return Next::Serve(Box::new(ws));
                 }
                 Ok(Ok(Err(e))) => {
@@ -744,13 +763,7 @@ impl Task {
                     debug!("recovery attempt {attempt} of connection {connection_id} timed out")
                 }
             }
-            let retry_at = Instant::now() + self.options.recovery_attempt_delay;
-            if retry_at >= deadline {
-                break;
-            }
-            if let Err(next) = self.offline(sleep_until(retry_at), true).await {
-                return next;
-            }
+            attempt_at = Instant::now() + self.options.recovery_attempt_delay;
         }
         warn!(
             "connection {connection_id} could not be recovered within {:?}",
@@ -838,8 +851,18 @@ impl Task {
         self.finish_done();
         if recoverable {
             self.sequence.ack_again();
+            let now = Instant::now();
+            let delay = self.options.recovery_attempt_delay;
+            // A connection that ends within an attempt's delay of its recovery was one
+            // more failed attempt of that recovery: its window goes on, and so does the
+            // delay between attempts.
+            let (since, first_attempt) = match self.recovered_at.take() {
+                Some((since, at)) if now < at + delay => (since, at + delay),
+                _ => (now, now),
+            };
             Next::Recover {
-                since: Instant::now(),
+                since,
+                first_attempt,
                 close_code,
                 reason,
             }
