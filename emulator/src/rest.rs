@@ -216,14 +216,7 @@ impl Request<'_> {
             ["users", u, ":closeConnections"] if m == Method::POST => {
                 self.close_all(&hub, hub.user_connections(u))
             }
-            ["groups", g, "connections"] if m == Method::GET => {
-                let value: Vec<_> = hub
-                    .group_connections(g)
-                    .iter()
-                    .map(|c| json!({"connectionId": c.id, "userId": c.user_id}))
-                    .collect();
-                Json(json!({"value": value, "nextLink": null})).into_response()
-            }
+            ["groups", g, "connections"] if m == Method::GET => self.list_group(&hub, g),
             ["permissions", perm, "connections", c] => self.permission(&hub, perm, c)?,
             [":generateToken"] if m == Method::POST || m == Method::GET => {
                 self.generate_token(&hub)
@@ -258,6 +251,22 @@ impl Request<'_> {
             }
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         }
+    }
+
+    /// One page with every member, or the first `top` of them.
+    fn list_group(&self, hub: &Hub, group: &str) -> Response {
+        let top = match self.query.get("top").map(str::parse::<usize>) {
+            None => usize::MAX,
+            Some(Ok(n)) if n > 0 => n,
+            Some(_) => return error(StatusCode::BAD_REQUEST, "top must be a positive integer."),
+        };
+        let value: Vec<_> = hub
+            .group_connections(group)
+            .iter()
+            .take(top)
+            .map(|c| json!({"connectionId": c.id, "userId": c.user_id}))
+            .collect();
+        Json(json!({"value": value, "nextLink": null})).into_response()
     }
 
     fn close_all(&self, hub: &Hub, conns: Vec<Arc<Conn>>) -> Response {

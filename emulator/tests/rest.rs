@@ -264,6 +264,42 @@ async fn group_membership_routes() {
 }
 
 #[tokio::test]
+async fn listing_a_group_honours_top() {
+    let emu = start().await;
+    let mut clients = Vec::new();
+    for user in ["u1", "u2", "u3"] {
+        let (mut ws, id) = client(&emu, user, JSON).await;
+        assert_ack_ok(&ws.join("g", 1).await);
+        clients.push((ws, id));
+    }
+    let listed = |body: &str| -> Vec<String> {
+        let list: Value = serde_json::from_str(body).unwrap();
+        list["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["connectionId"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (code, body) = call(&emu, Method::GET, "hub/groups/g/connections?top=2", None).await;
+    assert_eq!(code, 200, "{body}");
+    let two = listed(&body);
+    assert_eq!(two.len(), 2, "{body}");
+    assert!(two.iter().all(|id| clients.iter().any(|(_, c)| c == id)));
+    let (_, body) = call(&emu, Method::GET, "hub/groups/g/connections?top=5", None).await;
+    assert_eq!(listed(&body).len(), 3, "{body}");
+    for bad in ["0", "x", "-1"] {
+        let path = format!("hub/groups/g/connections?top={bad}");
+        assert_eq!(
+            call(&emu, Method::GET, &path, None).await.0,
+            400,
+            "top={bad}"
+        );
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn existence_and_close_routes() {
     let emu = start().await;
     let (mut a, a_id) = client(&emu, "ua", RELIABLE).await;
