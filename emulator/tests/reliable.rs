@@ -76,6 +76,30 @@ async fn recovery_replays_every_unacked_frame_in_order() {
 }
 
 #[tokio::test]
+async fn a_recovery_needs_no_access_token() {
+    let emu = start().await;
+    let (mut a, connected) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    let id = connected["connectionId"].as_str().unwrap();
+    assert_ack_ok(&a.join("g", 1).await);
+    fault(&emu, "h", id, ":drop").await;
+    a.expect_abrupt_end().await;
+    // The documented recovery URL carries only the connection id and reconnection token.
+    let bare = format!("ws://127.0.0.1:{}/client/hubs/h?", emu.port());
+    let wrong = json!({"connectionId": id, "reconnectionToken": "wrong"});
+    let mut refused = connect(&recovery_url(&bare, &wrong), Some(RELIABLE)).await;
+    assert_eq!(refused.expect_close().await.0, 1008);
+    let (mut a2, again) = connect_json(&recovery_url(&bare, &connected), RELIABLE).await;
+    assert_eq!(again["connectionId"], id);
+    assert_ack_error(&a2.join("g", 1).await, "Duplicate");
+    // A new connection still needs one.
+    match try_connect(&bare, Some(RELIABLE)).await {
+        Err(e) => assert!(e.to_string().contains("401"), "{e}"),
+        Ok(_) => panic!("a new connection without a token was accepted"),
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn failed_recovery_is_accepted_then_closed_1008() {
     let emu = start().await;
     let url = emu.client_url("h", &all_roles("b"));
