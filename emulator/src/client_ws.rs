@@ -28,7 +28,8 @@ const JSON_RELIABLE_V1: &str = "json.reliable.webpubsub.azure.v1";
 pub(crate) const NOT_RECOVERABLE: &str = "The connection could not be recovered.";
 /// Longest group name accepted.
 pub(crate) const MAX_GROUP_NAME: usize = 1024;
-/// Events queued to the upstream per socket before acks fail with InternalServerError.
+/// Events queued to the upstream per socket, and invocations pending per connection,
+/// before more fail with InternalServerError.
 const MAX_PENDING_UPSTREAM: usize = 1000;
 /// Frames written per flush at most.
 const WRITE_BATCH: usize = 256;
@@ -762,6 +763,17 @@ impl Reader {
                 &self.conn,
                 "BadRequest",
                 "An invocation with this invocationId is pending.",
+            );
+            return Ok(());
+        }
+        if pending.len() >= MAX_PENDING_UPSTREAM {
+            drop(pending);
+            fail(
+                &self.conn,
+                "InternalServerError",
+                &format!(
+                    "Too many invocations waiting for the upstream (limit {MAX_PENDING_UPSTREAM})."
+                ),
             );
             return Ok(());
         }

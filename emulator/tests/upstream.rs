@@ -351,6 +351,48 @@ async fn an_event_flood_past_the_upstream_queue_gets_internal_server_error() {
 }
 
 #[tokio::test]
+async fn an_invocation_flood_past_the_pending_limit_gets_internal_server_error() {
+    let mut up = upstream().await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    // The upstream never answers "hang": 1000 invocations pending, the next fails at once.
+    for id in 1..=1001u64 {
+        let frame = json!({"type":"invoke","invocationId":id.to_string(),"event":"hang"});
+        futures_util::SinkExt::feed(&mut a.inner, Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+    futures_util::SinkExt::flush(&mut a.inner).await.unwrap();
+    let r = a.next_json().await;
+    assert_eq!(
+        (r["invocationId"].as_str(), r["success"].as_bool()),
+        (Some("1001"), Some(false)),
+        "{r}"
+    );
+    assert_eq!(r["error"]["name"], "InternalServerError", "{r}");
+    // Cancelling one makes room for another.
+    for _ in 0..1000 {
+        let _ = next_seen(&mut up).await;
+    }
+    a.send_json(json!({"type":"cancelInvocation","invocationId":"1"}))
+        .await;
+    tokio::time::timeout(WAIT, up.cancelled.recv())
+        .await
+        .expect("the upstream request is dropped");
+    a.send_json(
+        json!({"type":"invoke","invocationId":"again","event":"echo","dataType":"text","data":"x"}),
+    )
+    .await;
+    assert_eq!(a.next_json().await["invocationId"], "again");
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
 async fn shutdown_does_not_wait_for_a_silent_upstream() {
     // Takes every request and never answers.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
