@@ -471,9 +471,10 @@ impl Reader {
                 None => return if closing { End::Closed } else { End::Abrupt },
                 Some(Err(e)) => {
                     let text = e.to_string();
-                    if !closing
-                        && (text.contains("Space limit exceeded") || text.contains("too long"))
-                    {
+                    if closing {
+                        return End::Closed;
+                    }
+                    if text.contains("Space limit exceeded") || text.contains("too long") {
                         self.reject(
                             1009,
                             &format!(
@@ -483,7 +484,12 @@ impl Reader {
                         );
                         return End::ServerClosing;
                     }
-                    return if closing { End::Closed } else { End::Abrupt };
+                    if text.contains("UTF-8") {
+                        // RFC 6455 8.1: fail the connection with 1007.
+                        self.reject(1007, "Invalid frame: a text frame is not valid UTF-8.");
+                        return End::ServerClosing;
+                    }
+                    return End::Abrupt;
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let normal = frame

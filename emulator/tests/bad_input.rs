@@ -5,6 +5,8 @@ mod common;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn still_alive(ws: &mut Ws) {
@@ -121,6 +123,35 @@ async fn oversized_frames_close_1009() {
     assert_eq!(code, 1009);
     assert!(reason.contains("4096"), "{reason}");
     still_alive(&mut bystander).await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_text_frame_of_invalid_utf8_closes_1007_for_good() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let invalid = || {
+        Message::Frame(Frame::message(
+            vec![b'{', 0xff, b'}'],
+            OpCode::Data(Data::Text),
+            true,
+        ))
+    };
+    expect_rejected(&emu, invalid(), 1007, "UTF-8").await;
+    // A simple client gets the close frame too (without the JSON `disconnected`).
+    let mut simple = connect(&url, None).await;
+    simple.inner.send(invalid()).await.unwrap();
+    assert_eq!(simple.expect_close().await.0, 1007);
+    // The reliable session is over, not waiting for a recovery.
+    let deadline = std::time::Instant::now() + WAIT;
+    while stats(&emu).await["connections"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            stats(&emu).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     emu.shutdown().await;
 }
 
