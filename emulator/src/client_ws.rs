@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, Permission};
 use crate::frames::{self, Payload, Publication};
-use crate::hub::{Conn, Hub, Out, Protocol, Server, SocketHandle, Stats, POLICY_CLOSE};
+use crate::hub::{Conn, Hub, Protocol, Server, Stats, POLICY_CLOSE};
+use crate::outbound::{Out, Outbound, SocketHandle};
 
 /// Subprotocol names.
 const JSON_V1: &str = "json.webpubsub.azure.v1";
@@ -211,7 +212,7 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
             return;
         }
         Session::New(conn, groups) => {
-            let (handle, rx, kill) = socket_handle(&server);
+            let (handle, rx, kill) = SocketHandle::new(&server.config);
             let connected = (conn.protocol != Protocol::Simple).then(|| {
                 frames::connected(
                     conn.user_id.as_deref(),
@@ -232,7 +233,7 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
             (conn, epoch, rx, kill)
         }
         Session::Recover(conn) => {
-            let (handle, rx, kill) = socket_handle(&server);
+            let (handle, rx, kill) = SocketHandle::new(&server.config);
             let connected = Some(frames::connected(
                 conn.user_id.as_deref(),
                 &conn.id,
@@ -303,19 +304,6 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
     });
 }
 
-fn socket_handle(server: &Server) -> (SocketHandle, mpsc::Receiver<Out>, CancellationToken) {
-    let (tx, rx) = mpsc::channel(server.config.max_outbound_queue.max(1) + 8);
-    let kill = CancellationToken::new();
-    (
-        SocketHandle {
-            tx,
-            kill: kill.clone(),
-        },
-        rx,
-        kill,
-    )
-}
-
 /// Cuts a close reason to the 123 bytes a close frame can carry.
 fn close_reason(reason: &str) -> String {
     let mut end = reason.len().min(123);
@@ -328,7 +316,7 @@ fn close_reason(reason: &str) -> String {
 /// Writes queued frames in batches; returns the sink for a final close handshake.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Out>,
+    mut rx: Outbound,
     kill: CancellationToken,
     shutdown: CancellationToken,
     server: Arc<Server>,
@@ -362,7 +350,7 @@ async fn write_loop(
                 }
             }
             if written < WRITE_BATCH as u64 {
-                next = rx.try_recv().ok();
+                next = rx.try_recv();
             }
         }
         server
@@ -809,7 +797,7 @@ impl Reader {
 /// handling as on a live socket; whatever it would send is discarded. For fuzzing.
 pub(crate) struct Detached {
     reader: Reader,
-    rx: mpsc::Receiver<Out>,
+    rx: Outbound,
 }
 
 impl Detached {
@@ -825,7 +813,7 @@ impl Detached {
                 "webpubsub.sendToGroup".into(),
             ],
         );
-        let (handle, rx, _kill) = socket_handle(server);
+        let (handle, rx, _kill) = SocketHandle::new(&server.config);
         conn.attach(handle, None);
         hub.register(&conn, &[]);
         Detached {
@@ -842,7 +830,7 @@ impl Detached {
     /// Handles one text frame; `false` when it would close the connection.
     pub(crate) fn frame(&mut self, text: &str) -> bool {
         let ok = self.reader.handle_json(text).is_ok();
-        while self.rx.try_recv().is_ok() {}
+        while self.rx.try_recv().is_some() {}
         ok
     }
 }

@@ -15,19 +15,17 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use rand::distr::{Alphanumeric, SampleString};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{role_grants, Permission};
 use crate::frames::{self, Publication};
+use crate::outbound::SocketHandle;
 use crate::upstream::Upstream;
 use crate::Config;
 
 /// Close code used when a session is ended for good by the server.
 pub(crate) const POLICY_CLOSE: u16 = 1008;
-/// Frames kept free in every outbound queue for the final close.
-const CLOSE_HEADROOM: usize = 4;
 
 /// The WebSocket subprotocol of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,21 +286,6 @@ impl Hub {
     }
 }
 
-/// What the writer task of a socket receives.
-pub(crate) enum Out {
-    /// A frame to write.
-    Frame(Message),
-    /// Write a close frame, then end the socket.
-    Close(u16, String),
-}
-
-/// The attached socket of a connection.
-pub(crate) struct SocketHandle {
-    pub tx: mpsc::Sender<Out>,
-    /// Cancelled to drop the socket at once, without a close frame.
-    pub kill: CancellationToken,
-}
-
 /// Mutable send state of a connection.
 pub(crate) struct ConnState {
     pub socket: Option<SocketHandle>,
@@ -356,6 +339,14 @@ impl AckWindow {
             self.order.retain(|id| *id != ack_id);
         }
     }
+}
+
+/// Which limit a connection went over.
+enum Overflow {
+    /// The reliable replay buffer.
+    Reliable,
+    /// The socket's outbound queue.
+    Outbound,
 }
 
 /// One logical client connection; with the reliable protocol it outlives its sockets.
@@ -443,13 +434,7 @@ impl Conn {
             }
             st.muted_until = None;
         }
-        let Some(sock) = &st.socket else {
-            return true;
-        };
-        if sock.tx.capacity() <= CLOSE_HEADROOM {
-            return false;
-        }
-        sock.tx.try_send(Out::Frame(msg)).is_ok() || sock.tx.is_closed()
+        st.socket.as_ref().map_or(true, |sock| sock.push(msg))
     }
 
     /// Sends a non-data frame (connected, pong, invokeResponse).
@@ -459,7 +444,7 @@ impl Conn {
             !st.closed && !Self::push(&mut st, msg)
         };
         if full {
-            self.overflow("the client does not read: its outbound queue is full");
+            self.overflow(Overflow::Outbound);
         }
     }
 
@@ -474,7 +459,7 @@ impl Conn {
             !st.closed && !Self::push(&mut st, msg)
         };
         if full {
-            self.overflow("the client does not read: its outbound queue is full");
+            self.overflow(Overflow::Outbound);
         }
     }
 
@@ -487,10 +472,8 @@ impl Conn {
                 return;
             }
             match self.protocol {
-                Protocol::Simple => (!Self::push(&mut st, p.raw()))
-                    .then_some("the client does not read: its outbound queue is full"),
-                Protocol::Json => (!Self::push(&mut st, p.json()))
-                    .then_some("the client does not read: its outbound queue is full"),
+                Protocol::Simple => (!Self::push(&mut st, p.raw())).then_some(Overflow::Outbound),
+                Protocol::Json => (!Self::push(&mut st, p.json())).then_some(Overflow::Outbound),
                 Protocol::JsonReliable => {
                     st.last_seq += 1;
                     let seq = st.last_seq;
@@ -500,29 +483,35 @@ impl Conn {
                     if st.buffer.len() > self.max_unacked_frames
                         || st.buffered_bytes > self.max_unacked_bytes
                     {
-                        Some("the reliable buffer overflowed")
+                        Some(Overflow::Reliable)
                     } else {
-                        (!Self::push(&mut st, Message::Text(text)))
-                            .then_some("the client does not read: its outbound queue is full")
+                        (!Self::push(&mut st, Message::Text(text))).then_some(Overflow::Outbound)
                     }
                 }
             }
         };
-        if let Some(why) = problem {
-            self.overflow(why);
+        if let Some(what) = problem {
+            self.overflow(what);
         }
     }
 
     /// Ends the session for good because a buffer or queue overflowed.
-    fn overflow(self: &Arc<Self>, why: &str) {
+    fn overflow(self: &Arc<Self>, what: Overflow) {
         let Some(server) = self.server.upgrade() else {
             return;
         };
         Stats::inc(&server.stats.buffer_overflows);
-        let reason = format!(
-            "{why} (limits: {} unacknowledged messages, {} bytes); the connection is closed and cannot be recovered",
-            self.max_unacked_frames, self.max_unacked_bytes
-        );
+        let why = match what {
+            Overflow::Reliable => format!(
+                "the reliable buffer overflowed (limits: {} unacknowledged messages, {} bytes)",
+                self.max_unacked_frames, self.max_unacked_bytes
+            ),
+            Overflow::Outbound => format!(
+                "the client does not read: its outbound queue is full (limits: {} frames, {} bytes)",
+                server.config.max_outbound_queue, server.config.max_outbound_bytes
+            ),
+        };
+        let reason = format!("{why}; the connection is closed and cannot be recovered");
         tracing::warn!(connection = %self.id, "{reason}");
         self.close_socket(POLICY_CLOSE, &reason, true);
         // Removal takes group locks that a publisher may hold right now: do it later.
@@ -544,13 +533,9 @@ impl Conn {
         st.closed = true;
         if let Some(sock) = st.socket.take() {
             if announce && self.protocol != Protocol::Simple {
-                let _ = sock.tx.try_send(Out::Frame(frames::disconnected(reason)));
+                sock.send(frames::disconnected(reason));
             }
-            if sock
-                .tx
-                .try_send(Out::Close(code, reason.to_owned()))
-                .is_err()
-            {
+            if !sock.close(code, reason) {
                 sock.kill.cancel();
             }
         }
@@ -581,13 +566,9 @@ impl Conn {
         }
         st.epoch += 1;
         st.muted_until = None;
-        let mut ok = connected.map_or(true, |c| sock.tx.try_send(Out::Frame(c)).is_ok());
+        let mut ok = connected.map_or(true, |c| sock.send(c));
         for (_, text) in &st.buffer {
-            ok = ok
-                && sock
-                    .tx
-                    .try_send(Out::Frame(Message::Text(text.clone())))
-                    .is_ok();
+            ok = ok && sock.send(Message::Text(text.clone()));
         }
         if !ok {
             sock.kill.cancel();

@@ -20,6 +20,7 @@ mod client_ws;
 mod faults;
 mod frames;
 mod hub;
+mod outbound;
 mod rest;
 mod server;
 mod upstream;
@@ -132,6 +133,9 @@ pub struct Config {
     /// Frames queued to one socket before a client that does not read is closed
     /// (default 1,000,000).
     pub max_outbound_queue: usize,
+    /// Bytes queued to one socket before a client that does not read is closed
+    /// (default 64 MiB).
+    pub max_outbound_bytes: usize,
     /// AckIds remembered per connection for `Duplicate` (default 1000).
     pub ack_window: usize,
     /// Timeout of one upstream request (default 30 s).
@@ -154,6 +158,7 @@ impl Default for Config {
             max_unacked_frames: 1000,
             max_unacked_bytes: 16 * 1024 * 1024,
             max_outbound_queue: 1_000_000,
+            max_outbound_bytes: 64 * 1024 * 1024,
             ack_window: 1000,
             upstream_timeout: Duration::from_secs(30),
             max_rest_body_bytes: 1024 * 1024,

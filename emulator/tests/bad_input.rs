@@ -181,6 +181,31 @@ async fn a_flood_of_frames_is_answered_in_order() {
 }
 
 #[tokio::test]
+async fn a_client_that_does_not_read_is_closed_past_64_mib_queued() {
+    let emu = start().await;
+    let (mut b, _) = connect_json(&emu.client_url("h", &all_roles("b")), JSON).await;
+    // b reads nothing: 100 MiB for it, in far fewer frames than the queue's frame limit.
+    let url = format!("{}/api/hubs/h/:send", emu.endpoint());
+    let rest = reqwest::Client::new();
+    for _ in 0..100 {
+        let resp = rest
+            .post(&url)
+            .bearer_auth(rest_token(&emu, &url))
+            .header("content-type", "text/plain")
+            .body(vec![b'x'; 1024 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+    assert_eq!(stats(&emu).await["bufferOverflows"], 1);
+    let (code, reason) = b.expect_close().await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("does not read"), "{reason}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn recovery_without_the_reliable_protocol_is_refused() {
     let emu = start().await;
     let url = emu.client_url("h", &all_roles("a"));
