@@ -1201,7 +1201,9 @@ wps_status wps_options_set_reconnect_retry(struct wps_options *o,
 
 /**
  * Keep-alive: send a ping every `interval_ms` (default 20000) and drop the
- * connection after `timeout_ms` of silence (default 120000); 0 disables either.
+ * connection after `timeout_ms` of silence (default 120000); 0 disables either. With
+ * both set, the timeout must be longer than the interval (`wps_client_new` fails
+ * with `WPS_STATUS_INVALID_ARGUMENT` otherwise).
  */
 wps_status wps_options_set_keep_alive(struct wps_options *o,
                                       uint64_t interval_ms,

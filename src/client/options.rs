@@ -160,6 +160,16 @@ impl ClientOptions {
                 ));
             }
         }
+        if let (Some(interval), Some(timeout)) = (self.keep_alive_interval, self.keep_alive_timeout)
+        {
+            // The silence timer would end a quiet, healthy connection before its next
+            // ping could be answered.
+            if timeout <= interval {
+                return Err(format!(
+                    "keep_alive_timeout ({timeout:?}) must be longer than keep_alive_interval ({interval:?})"
+                ));
+            }
+        }
         crate::transport::check_extra_ca(&self.extra_ca_pem)?;
         if let Some(ua) = &self.user_agent {
             if !ua.bytes().all(|b| (0x20..0x7f).contains(&b)) {
@@ -237,5 +247,25 @@ mod tests {
             ..Default::default()
         };
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn a_silence_timeout_within_the_ping_interval_is_rejected() {
+        let o = ClientOptions {
+            keep_alive_interval: Some(Duration::from_secs(20)),
+            keep_alive_timeout: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
+        assert!(o.validate().unwrap_err().contains("keep_alive_timeout"));
+        let o = ClientOptions {
+            keep_alive_timeout: Some(Duration::from_secs(21)),
+            ..o
+        };
+        assert!(o.validate().is_ok());
+        let o = ClientOptions {
+            keep_alive_interval: None,
+            ..o
+        };
+        assert!(o.validate().is_ok(), "no pings: any silence timeout");
     }
 }

@@ -63,6 +63,7 @@ def test_unusable_url_is_a_value_error(url: str) -> None:
         ({"start_timeout": math.nan}, ValueError, "start_timeout must be a finite"),
         ({"message_retry_mode": "sometimes"}, ValueError, "message_retry_mode must be one of"),
         ({"keep_alive_interval": -1}, ValueError, "keep_alive_interval"),
+        ({"keep_alive_interval": 30, "keep_alive_timeout": 30}, ValueError, "must be longer than keep_alive_interval"),
         ({"ca_pem": 12}, TypeError, "ca_pem must be PEM text"),
         ({"logging_enable": 1}, TypeError, "logging_enable must be a bool"),
         ({"user_agent": 5}, TypeError, "user_agent must be a str"),

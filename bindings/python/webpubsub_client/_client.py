@@ -144,7 +144,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         (default: ``reconnect_retry_total > 0``).
     :keyword float keep_alive_interval: seconds between keep-alive pings; 0 disables (default 20).
     :keyword float keep_alive_timeout: close and recover when nothing arrives for this
-        long; 0 disables (default 120).
+        long; 0 disables (default 120). Longer than ``keep_alive_interval`` when both are set.
     :keyword float recovery_timeout: how long a reliable connection tries to recover
         (default 30).
     :keyword float recovery_retry_interval: delay between recovery attempts (default 1).
