@@ -40,6 +40,9 @@ struct Args {
     /// Reliable protocol: unacknowledged bytes kept per connection.
     #[arg(long, value_name = "N", default_value_t = 16 * 1024 * 1024)]
     max_unacked_bytes: usize,
+    /// Bytes queued to one socket before a client that does not read is closed.
+    #[arg(long, value_name = "N", default_value_t = 64 * 1024 * 1024)]
+    max_outbound_bytes: usize,
     /// TLS certificate chain (PEM); needs --tls-key.
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         recovery_window: Duration::from_millis(args.recovery_window_ms),
         max_unacked_frames: args.max_unacked_frames,
         max_unacked_bytes: args.max_unacked_bytes,
+        max_outbound_bytes: args.max_outbound_bytes,
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,
