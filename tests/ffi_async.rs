@@ -1315,3 +1315,70 @@ fn an_invocation_started_before_a_stop_completes_with_stopped() {
     unsafe { wps_client_free(c) };
     rt.block_on(emulator.shutdown());
 }
+
+/// A scripted service for one connection: connects the client, then gathers the data of
+/// every sendToGroup frame until the client closes.
+#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
+async fn gathering_service(listener: tokio::net::TcpListener) -> Vec<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message;
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
+        if let Some(protocol) = req.headers().get("Sec-WebSocket-Protocol").cloned() {
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", protocol);
+        }
+        Ok(resp)
+    })
+    .await
+    .unwrap();
+    let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
+    ws.send(Message::text(connected)).await.unwrap();
+    let mut gathered = Vec::new();
+    while let Some(Ok(Message::Text(text))) = ws.next().await {
+        let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if frame["type"] == "sendToGroup" {
+            gathered.push(frame["data"].as_str().unwrap().to_owned());
+        }
+    }
+    gathered
+}
+
+#[test]
+fn fire_and_forget_sends_past_the_operation_queue_go_out_before_a_stop() {
+    // Far more than the core's operation queue (1024) holds: most wait in its overflow
+    // queue, already completed as sent, when the stop comes.
+    const SENDS: usize = 5000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
+    let service = rt.spawn(gathering_service(listener));
+    let rec = Recorder::default();
+    let c = client_of(&CString::new(url).unwrap(), &rec, true);
+    let ops: Vec<u64> = (0..SENDS)
+        .map(|i| send_async(c, c"g", &format!("m{i:05}"), WPS_SEND_FIRE_AND_FORGET, &rec))
+        .collect();
+    check(unsafe { wps_client_stop(c) }, "wps_client_stop");
+    rec.wait("every completion", |s| s.completions.len() == SENDS);
+    {
+        let seen = rec.seen.lock().unwrap();
+        for op in &ops {
+            assert_eq!(seen.completions[op], vec![WPS_STATUS_OK], "operation {op}");
+        }
+    }
+    let gathered = rt
+        .block_on(async { tokio::time::timeout(WAIT, service).await })
+        .expect("the service still reads after the stop")
+        .unwrap();
+    let expected: Vec<String> = (0..SENDS).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(
+        gathered.len(),
+        SENDS,
+        "messages reported sent before the stop but never written"
+    );
+    assert_eq!(gathered, expected);
+    unsafe { wps_client_free(c) };
+}

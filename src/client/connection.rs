@@ -19,6 +19,7 @@
 use super::ack_ids::{AckIds, SERVICE_ACK_MEMORY};
 use super::direct::{Direct, WriteHalf};
 use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose};
+use super::queue::Overflow;
 use super::sequence::Sequence;
 use super::{ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult};
 use crate::protocol::{json, DataType, Downstream, Upstream};
@@ -77,6 +78,8 @@ pub(crate) struct Shared {
     ended_changed: Condvar,
     /// The write path callers share with the task.
     pub(crate) direct: Arc<Direct>,
+    /// Operations waiting for room in the operations channel.
+    pub(crate) overflow: Arc<Overflow>,
 }
 
 impl Shared {
@@ -160,6 +163,7 @@ pub(crate) fn spawn(
             options.keep_alive_interval,
             options.ack_timeout,
         )),
+        overflow: Arc::default(),
     });
     let (command_tx, commands) = mpsc::unbounded_channel();
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
@@ -652,13 +656,13 @@ impl Task {
         }
     }
 
-    /// Before a closing handshake: writes the queued fire-and-forget frames, whose
-    /// senders were already told they were sent (commands and operations travel on
-    /// separate channels, so a stop can overtake them). Queued acked operations fail
-    /// with `Stopped` unsent, so that a caller's retry cannot publish twice.
+    /// Before a closing handshake: writes the queued fire-and-forget frames (in the
+    /// channel and its overflow queue), whose senders were already told they were sent
+    /// (commands and operations travel on separate channels, so a stop can overtake
+    /// them). Queued acked operations fail with `Stopped` unsent, so that a caller's
+    /// retry cannot publish twice.
     async fn write_queued_fire_and_forget(&mut self, ws: &mut Ws) {
-        while let Ok(op) = self.operations.try_recv() {
-            self.shared.direct.finished(1);
+        for op in self.take_waiting() {
             match op.kind {
                 OpKind::FireAndForget => self.out.push(op.frame),
                 _ => op.refuse(Error::Stopped { ack_id: None }),
@@ -672,6 +676,14 @@ impl Task {
             }
             self.out.clear();
         }
+    }
+
+    /// Takes every operation handed towards the task and not taken in yet, oldest
+    /// first (see [`Overflow::take_waiting`]); the task is done with them.
+    fn take_waiting(&mut self) -> Vec<Operation> {
+        let waiting = self.shared.overflow.take_waiting(&mut self.operations);
+        self.shared.direct.finished(waiting.len());
+        waiting
     }
 
     /// Handles what the socket produced; `Some` when the connection ended.
@@ -813,8 +825,7 @@ impl Task {
     /// Stops: fails pending operations, raises `Disconnected` (if connected) and
     /// `Stopped`, then answers the `stop()` caller.
     fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
-        while let Ok(op) = self.operations.try_recv() {
-            self.shared.direct.finished(1);
+        for op in self.take_waiting() {
             op.refuse(Error::Stopped { ack_id: None });
         }
         self.pending

@@ -358,7 +358,12 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 commands,
-                operations: OpSender::new(operations, runtime, shared.direct.clone()),
+                operations: OpSender::new(
+                    operations,
+                    shared.overflow.clone(),
+                    runtime,
+                    shared.direct.clone(),
+                ),
                 shared,
                 ack_timeout,
                 max_outgoing,

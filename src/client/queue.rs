@@ -15,6 +15,9 @@
 //! Every operation handed over (into the channel or the overflow queue) is counted in
 //! [`Direct`] until the task is done with it, so that a direct write never overtakes
 //! one; deferred operations are handed over before any direct write is tried.
+//!
+//! A stopping task takes what waits in the overflow queue too
+//! ([`Overflow::take_waiting`]): those operations were already reported handed over.
 
 use super::direct::{Direct, Written};
 use super::pending::Operation;
@@ -46,9 +49,10 @@ pub(crate) enum Handover {
     Deferred,
 }
 
-/// Operations that found the channel full, oldest first.
+/// Operations that found the channel full, oldest first; shared by a client's senders
+/// and its connection task.
 #[derive(Default)]
-struct Overflow {
+pub(crate) struct Overflow {
     /// Set while `queue` holds operations (and a task moves them into the channel).
     active: AtomicBool,
     queue: Mutex<VecDeque<Operation>>,
@@ -58,19 +62,34 @@ impl Overflow {
     fn queue(&self) -> MutexGuard<'_, VecDeque<Operation>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Takes every operation waiting for the connection task, oldest first: those in
+    /// its channel `rx`, then those in this queue (a fire-and-forget one there was
+    /// already reported sent). The channel is emptied under the queue's lock, which
+    /// `drain` holds while it moves an operation, so none is taken out of order.
+    pub(crate) fn take_waiting(&self, rx: &mut mpsc::Receiver<Operation>) -> Vec<Operation> {
+        let mut queue = self.queue();
+        let mut waiting = Vec::new();
+        while let Ok(op) = rx.try_recv() {
+            waiting.push(op);
+        }
+        waiting.extend(queue.drain(..));
+        waiting
+    }
 }
 
 impl OpSender {
-    /// Wraps the channel; the overflow task runs on `runtime`; operations are counted
-    /// in `direct`.
+    /// Wraps the channel, with its `overflow` queue; the overflow task runs on
+    /// `runtime`; operations are counted in `direct`.
     pub(crate) fn new(
         tx: mpsc::Sender<Operation>,
+        overflow: Arc<Overflow>,
         runtime: Handle,
         direct: Arc<Direct>,
     ) -> OpSender {
         OpSender {
             tx,
-            overflow: Arc::default(),
+            overflow,
             runtime,
             direct,
             has_deferred: AtomicBool::new(false),
@@ -268,7 +287,7 @@ mod tests {
     fn a_full_channel_neither_blocks_nor_reorders_nor_loses() {
         let runtime = crate::runtime::handle();
         let (tx, mut rx) = mpsc::channel(4);
-        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
+        let sender = OpSender::new(tx, Arc::default(), runtime.clone(), Arc::default());
         for n in 0..5000 {
             sender.submit(op(n), Handover::Now).unwrap();
         }
@@ -291,7 +310,7 @@ mod tests {
     fn operations_for_a_gone_task_are_refused() {
         let runtime = crate::runtime::handle();
         let (tx, rx) = mpsc::channel(1);
-        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
+        let sender = OpSender::new(tx, Arc::default(), runtime.clone(), Arc::default());
         let (reply, answer) = tokio::sync::oneshot::channel();
         sender.submit(op(0), Handover::Now).unwrap();
         sender.submit(acked(reply.into()), Handover::Now).unwrap();
@@ -313,7 +332,7 @@ mod tests {
     fn deferred_operations_wait_for_a_flush_or_an_operation_handed_over_at_once() {
         let runtime = crate::runtime::handle();
         let (tx, mut rx) = mpsc::channel(4);
-        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
+        let sender = OpSender::new(tx, Arc::default(), runtime.clone(), Arc::default());
         for n in 0..3 {
             sender.submit(op(n), Handover::Deferred).unwrap();
         }
@@ -346,7 +365,7 @@ mod tests {
     fn deferred_operations_for_a_gone_task_are_refused_at_the_flush() {
         let runtime = crate::runtime::handle();
         let (tx, rx) = mpsc::channel(4);
-        let sender = OpSender::new(tx, runtime.clone(), Arc::default());
+        let sender = OpSender::new(tx, Arc::default(), runtime.clone(), Arc::default());
         let (reply, answer) = tokio::sync::oneshot::channel();
         drop(rx);
         assert_eq!(
