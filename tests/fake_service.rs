@@ -749,6 +749,35 @@ async fn a_resent_operation_still_times_out_on_a_quiet_recovered_connection() {
 }
 
 #[tokio::test]
+async fn an_unacked_send_times_out_on_a_connection_that_keeps_dropping_and_recovering() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        ack_timeout: Duration::from_secs(1),
+        ..one_try_options()
+    };
+    let (client, _events, mut conn) = connect(&fake, options).await;
+    let send = spawn_send(&client, "x");
+    let ack_id = conn.recv().await["ackId"].as_u64();
+    assert!(ack_id.is_some());
+    // Each connection stays up longer than a recovery attempt's delay (100 ms), so each
+    // drop starts a new recovery, and shorter than the ack timeout; nothing is acked.
+    let mut recoveries = 0;
+    while !send.is_finished() && recoveries < 15 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(conn);
+        conn = fake.accept().await.0;
+        recoveries += 1;
+    }
+    assert!(
+        send.is_finished(),
+        "the send was still waiting for its ack after {recoveries} recoveries"
+    );
+    assert_eq!(send.await.unwrap(), Err(Error::Timeout { ack_id }));
+    drop(conn);
+    client.stop().await;
+}
+
+#[tokio::test]
 async fn automatic_ack_ids_skip_ids_chosen_by_the_caller_while_pending() {
     let fake = Fake::new().await;
     let (client, _events, mut conn) = connect(&fake, quiet_options()).await;

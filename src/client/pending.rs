@@ -161,7 +161,8 @@ impl Done {
 }
 
 enum Phase {
-    /// Not written on the current connection (queued during a recovery).
+    /// Not written on the current connection: queued during a recovery, or cut off by
+    /// a dropped socket (then `due` keeps the deadline of that attempt's ack).
     Unsent,
     /// Written; waiting for the ack until `due`.
     AwaitingAck,
@@ -552,6 +553,9 @@ impl Pending {
     /// The socket dropped. On a recoverable drop, acked operations stay and are resent
     /// with their ackIds once recovered (the service dedupes them); otherwise they fail
     /// with `NotConnected`, as do invocations already sent (their replies are lost).
+    /// A resend is the same attempt, with the same ack deadline (else a connection that
+    /// keeps dropping and recovering would hold an unacked operation forever), or the
+    /// retry that was waiting for its delay.
     pub(crate) fn connection_dropped(&mut self, recoverable: bool, done: &mut Vec<Done>) {
         self.earliest = None;
         let sent: Vec<String> = self
@@ -578,9 +582,15 @@ impl Pending {
         in_flight.sort_unstable();
         for ack_id in &in_flight {
             if let Some(op) = self.acks.get_mut(ack_id) {
-                op.maybe_processed |= matches!(op.phase, Phase::AwaitingAck);
+                match op.phase {
+                    Phase::AwaitingAck => op.maybe_processed = true,
+                    Phase::RetryWait => {
+                        op.retries += 1;
+                        op.due = None;
+                    }
+                    Phase::Unsent => {}
+                }
                 op.phase = Phase::Unsent;
-                op.due = None;
             }
         }
         let queued = std::mem::take(&mut self.unsent);
@@ -593,7 +603,8 @@ impl Pending {
 
     /// The connection is usable: every queued or interrupted operation is written now,
     /// in order, with its original ackId. One whose caller gave up meanwhile is
-    /// dropped unwritten, as on a live connection.
+    /// dropped unwritten, as on a live connection; so is one whose ack deadline passed
+    /// meanwhile, until `expire` retries it or fails it with `Error::Timeout`.
     pub(crate) fn take_unsent(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>) {
         for unsent in std::mem::take(&mut self.unsent) {
             match unsent {
@@ -610,10 +621,12 @@ impl Pending {
                         continue;
                     }
                     op.phase = Phase::AwaitingAck;
-                    let due = now + self.ack_timeout;
+                    let due = op.due.unwrap_or(now + self.ack_timeout);
                     op.due = Some(due);
                     lower(&mut self.earliest, due);
-                    out.push(op.frame.clone());
+                    if due > now {
+                        out.push(op.frame.clone());
+                    }
                     if let Purpose::Leave(group) = &op.purpose {
                         let group = group.clone();
                         self.abandon_rejoin(&group);
@@ -768,6 +781,43 @@ mod tests {
             Err(Error::Timeout { ack_id: Some(1) })
         );
         assert_eq!(p.next_due(), None);
+    }
+
+    #[test]
+    fn a_resend_after_a_recovery_keeps_its_ack_deadline_or_is_the_retry_it_waited_for() {
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut p = pending(1);
+        let mut rx = add(&mut p, 1, Some(t0));
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        for recovered in [2, 4] {
+            p.connection_dropped(true, &mut done);
+            p.take_unsent(at(recovered), &mut out);
+            assert_eq!(std::mem::take(&mut out), vec![frame(1)], "resent");
+            assert_eq!(
+                p.next_due(),
+                Some(at(10)),
+                "the deadline of the first write"
+            );
+        }
+        // Past its deadline when recovered: not resent, but retried after the delay.
+        p.connection_dropped(true, &mut done);
+        p.take_unsent(at(12), &mut out);
+        assert!(out.is_empty());
+        p.expire(at(12), &mut out, &mut done);
+        assert!(out.is_empty() && done.is_empty());
+        assert_eq!(p.next_due(), Some(at(13)));
+        // Dropped while waiting for that retry: the resend is the retry.
+        p.connection_dropped(true, &mut done);
+        p.take_unsent(at(14), &mut out);
+        assert_eq!(out, vec![frame(1)]);
+        p.expire(at(24), &mut out, &mut done);
+        assert_eq!(done.len(), 1, "its one retry was used");
+        done.pop().unwrap().reply();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Err(Error::Timeout { ack_id: Some(1) })
+        );
     }
 
     #[test]
