@@ -407,7 +407,8 @@ impl Client {
     }
 
     /// Closes the connection and stops reconnecting. Fire-and-forget messages whose
-    /// send returned before this call are written before the close frame; acked
+    /// send returned before this call are written before the close frame (not during
+    /// a recovery, when there is no socket: they are dropped); acked
     /// operations still pending fail with `Error::Stopped`. Returns once stopped
     /// (after the `Stopped` event). Joined groups are rejoined by the next `start`
     /// (with `auto_rejoin_groups`), as the official clients do.

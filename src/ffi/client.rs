@@ -597,6 +597,10 @@ pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
 
 /// Stops the client: closes the connection, no reconnect; blocks until stopped
 /// (the stopped event is raised). Stopping a stopped client is a no-op.
+/// Fire-and-forget messages whose send returned before this call (asynchronous ones
+/// included) are written before the close frame, except while the client recovers a
+/// dropped connection: with no socket to write to, they are dropped. Acked operations
+/// still pending fail with `WPS_STATUS_STOPPED`.
 ///
 /// # Safety
 /// `c` is NULL or a live handle.
@@ -632,7 +636,8 @@ pub unsafe extern "C" fn wps_client_start_async(
 
 /// Stops the client without blocking: `cb` (may be NULL) runs once stopped, after the
 /// disconnected and stopped events (see `wps_client_join_group_async` for `op_id`).
-/// Stopping a stopped client completes at once with `WPS_STATUS_OK`.
+/// Stopping a stopped client completes at once with `WPS_STATUS_OK`. What
+/// `wps_client_stop` says of earlier sends holds here too.
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `op_id` is NULL or writable.
