@@ -7,18 +7,21 @@ emulator, and what each received is compared. The public API surface is compared
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
+import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Tuple
+import time
+from typing import Any, Callable, Dict, List, Tuple
 
 import azure.messaging.webpubsubclient as official
 import azure.messaging.webpubsubclient.aio as official_aio
 import azure.messaging.webpubsubclient.models as official_models
 import pytest
 from azure.core.exceptions import AzureError
-from conftest import Collector, Hub
+from conftest import Collector, Hub, Upstream, wait_until
 
 import webpubsub_client as ours
 import webpubsub_client.aio as ours_aio
@@ -245,3 +248,204 @@ def test_without_azure_core_the_errors_are_plain_exceptions() -> None:
     env = {**os.environ, "PYTHONPATH": package_dir}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert (done.returncode, done.stdout, done.stderr) == (0, "m\n", "")
+
+
+# ---- JSON content the official client's encoder (azure-core's AzureJSONEncoder) accepts --------
+
+
+def _json_values() -> List[Any]:
+    """JSON content with values the standard json module refuses and the official client's
+    encoder writes: datetimes (as UTC, RFC 3339), dates, times, timedeltas (ISO 8601
+    durations), bytes and bytearrays (base64), nested and at the top."""
+    utc = datetime.timezone.utc
+    return [
+        {"at": datetime.datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=utc)},
+        {"at": datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))},
+        {"naive": datetime.datetime(2024, 1, 2, 3, 4, 5)},  # local time, in both clients
+        [datetime.date(2024, 2, 29), datetime.time(23, 59, 1, 5)],
+        {
+            "durations": [
+                datetime.timedelta(days=1, seconds=5),
+                datetime.timedelta(seconds=90.25),
+                datetime.timedelta(0),
+                datetime.timedelta(hours=-1),
+            ]
+        },
+        {"raw": b"\x00\x01\xff", "more": bytearray(b"abc")},
+        b"top-level bytes",
+        (1, {"nested": [{"deeper": datetime.date(2000, 1, 1)}]}),
+    ]
+
+
+def run_json_scenario(package: Any, models: Any, hub: Hub, upstream: Upstream, event: str) -> Dict[str, Any]:
+    """Publish and send as events each of :func:`_json_values` as json; what the group
+    received and what the upstream got."""
+    client = package.WebPubSubClient(
+        hub.url("json-user"),
+        message_retry_total=0,
+        reconnect_retry_total=0,
+        ack_timeout=1.0,  # the official client's lost ack wake-ups wait this long (see run_scenario)
+        start_timeout=5.0,
+    )
+    received = Collector()
+    client.subscribe(models.CallbackType.GROUP_MESSAGE, lambda args: received(args.data))
+    outcomes: List[Any] = []
+    bodies: List[Any] = []
+    client.open()
+    try:
+        client.join_group("g")
+        for value in _json_values():
+            try:
+                client.send_to_group("g", value, models.WebPubSubDataType.JSON)
+                outcomes.append("sent")
+            except Exception as exc:  # noqa: BLE001 - compared below
+                outcomes.append(type(exc).__name__)
+            try:
+                client.send_event(event, value, models.WebPubSubDataType.JSON)
+                bodies.append(json.loads(_next_event_named(upstream, event)["body"]))
+            except Exception as exc:  # noqa: BLE001 - compared below
+                bodies.append(type(exc).__name__)
+        items = received.wait_for(outcomes.count("sent"))
+    finally:
+        client.close()
+    return {"outcomes": outcomes, "received": items, "upstream": bodies}
+
+
+def _next_event_named(upstream: Upstream, name: str) -> Dict[str, Any]:
+    """The next upstream event called ``name`` (events of other names are skipped)."""
+    while True:
+        event = upstream.next_event()
+        if event["event"] == name:
+            return event
+
+
+def test_json_content_is_encoded_as_by_the_official_client(hub: Hub, upstream: Upstream) -> None:
+    expected = run_json_scenario(official, official_models, hub, upstream, "json-official")
+    actual = run_json_scenario(ours, ours_models, hub, upstream, "json-ours")
+    assert actual == expected
+    assert expected["outcomes"] == ["sent"] * len(_json_values())
+    assert expected["received"][0] == {"at": "2024-01-02T03:04:05.123456Z"}
+    assert expected["received"][1] == {"at": "2024-01-02T01:04:05Z"}
+    assert expected["received"][4] == {"durations": ["P1DT00H00M05S", "PT01M30.25S", "PT00S", "P-1DT23H00M00S"]}
+    assert expected["received"][5] == {"raw": "AAH/", "more": "YWJj"}
+
+
+# ---- the credential's own error ------------------------------------------------------------------
+
+
+class _TokenServiceDown(Exception):
+    """What an application's URL provider raises."""
+
+
+def test_a_failing_credential_raises_its_own_error_from_open(hub: Hub) -> None:
+    """The official open() calls the provider itself, so the provider's exception reaches
+    the caller unchanged (an application catching its token service's error there)."""
+
+    def broken() -> str:
+        raise _TokenServiceDown("token service down")
+
+    outcomes = []
+    for package in (official, ours):
+        client = package.WebPubSubClient(
+            package.WebPubSubClientCredential(broken), reconnect_retry_total=0, start_timeout=5.0
+        )
+        with pytest.raises(Exception) as info:
+            client.open()
+        outcomes.append((type(info.value), str(info.value), client.is_connected()))
+        # and the client is still usable: a second open calls the provider again
+        with pytest.raises(Exception) as again:
+            client.open()
+        outcomes.append((type(again.value), str(again.value)))
+    assert outcomes[2:] == outcomes[:2]
+    assert outcomes[0] == (_TokenServiceDown, "token service down", False)
+
+
+async def test_a_failing_async_credential_raises_its_own_error_from_open(hub: Hub) -> None:
+    async def broken() -> str:
+        raise _TokenServiceDown("token service down")
+
+    outcomes = []
+    for package in (official_aio, ours_aio):
+        client = package.WebPubSubClient(
+            package.WebPubSubClientCredential(broken), reconnect_retry_total=0, start_timeout=5.0
+        )
+        with pytest.raises(Exception) as info:
+            await client.open()
+        outcomes.append((type(info.value), str(info.value), client.is_connected()))
+    assert outcomes[1] == outcomes[0]
+    assert outcomes[0] == (_TokenServiceDown, "token service down", False)
+
+
+# ---- the lifecycle: before open, close, close again, open again, a lost connection ------------
+
+
+def run_lifecycle(package: Any, models: Any, hub: Hub) -> Dict[str, Any]:
+    """Which events each step of a client's life brings, and how operations fail outside it.
+
+    The official client runs each listener in a thread of its own, so the events of one
+    step are compared as a sorted list (their order is not its contract)."""
+    client = package.WebPubSubClient(
+        hub.url("life-user"),
+        message_retry_total=0,  # the official client retries a send before open for 5.6 s otherwise
+        reconnect_retry_total=2,
+        reconnect_retry_backoff_factor=0.1,
+        ack_timeout=1.0,  # see run_scenario
+        start_timeout=5.0,
+    )
+    events = Collector()
+    for kind in ("connected", "disconnected", "stopped", "group-message"):
+        client.subscribe(models.CallbackType(kind), lambda *args, k=kind: events((k, args[0] if args else None)))
+    result: Dict[str, Any] = {}
+
+    def failure(call: Callable[[], Any]) -> Any:
+        try:
+            call()
+            return "no error"
+        except Exception as exc:  # noqa: BLE001 - compared below
+            return (type(exc).__name__, isinstance(exc, AzureError))
+
+    def step(name: str, count: int) -> List[Any]:
+        items = events.wait_for(count)
+        time.sleep(0.3)  # nothing more comes
+        result[name] = sorted(kind for kind, _ in events.items)
+        del events.items[:]
+        return items
+
+    text = models.WebPubSubDataType.TEXT
+    result["join_before_open"] = failure(lambda: client.join_group("g"))
+    result["fire_and_forget_before_open"] = failure(lambda: client.send_to_group("g", "x", text, ack=False))
+    result["connected_before_open"] = client.is_connected()
+    client.open()
+    first = step("open", 1)[0][1].connection_id
+    client.join_group("g")
+    client.close()
+    stopped = step("close", 2)
+    result["close_names_the_connection"] = [
+        args.connection_id == first for kind, args in stopped if kind == "disconnected"
+    ]
+    client.close()  # again: nothing happens
+    step("close_again", 0)
+    result["connected_after_close"] = client.is_connected()
+    result["join_after_close"] = failure(lambda: client.join_group("g"))
+    with client:  # open again
+        second = step("reopen", 1)[0][1].connection_id
+        result["new_connection"] = second != first
+        client.send_to_group("g", "rejoined on open", text)  # the group is rejoined
+        step("send_after_reopen", 1)
+        hub.drop(second, recoverable=False)  # a new connection, the group rejoined again
+        step("lost", 2)
+        wait_until(client.is_connected, what="reconnected")
+        client.send_to_group("g", "rejoined after reconnect", text)
+        step("send_after_reconnect", 1)
+    step("exit", 2)
+    result["connected_after_exit"] = client.is_connected()
+    return result
+
+
+def test_the_lifecycle_brings_the_same_events(hub: Hub) -> None:
+    expected = run_lifecycle(official, official_models, hub)
+    actual = run_lifecycle(ours, ours_models, hub)
+    assert actual == expected
+    assert expected["close"] == expected["exit"] == ["disconnected", "stopped"]
+    assert expected["lost"] == ["connected", "disconnected"]
+    assert expected["join_before_open"] == expected["join_after_close"] == ("SendMessageError", True)

@@ -10,7 +10,7 @@ import platform
 import threading
 import urllib.parse
 from enum import Enum
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, TypeVar, Union, cast
 
 from . import _callbacks, _native
 from ._callbacks import REGISTRY
@@ -35,6 +35,16 @@ from .models import (
     WebPubSubProtocolType,
     WebPubSubResult,
 )
+
+if TYPE_CHECKING:
+    _JSONEncoder = json.JSONEncoder
+else:
+    try:
+        # The official client's JSON encoder, which also writes datetimes, timedeltas
+        # and bytes; azure-core is installed wherever the official client was.
+        from azure.core.serialization import AzureJSONEncoder as _JSONEncoder
+    except ImportError:
+        _JSONEncoder = json.JSONEncoder
 
 _LOGGER = logging.getLogger("webpubsub_client")
 E = TypeVar("E", bound=Enum)
@@ -223,7 +233,8 @@ def data_type_of(value: Any) -> WebPubSubDataType:
 def encode_content(content: Any, data_type: Any) -> Tuple[int, bytes]:
     """The C data type and payload bytes for ``content`` sent as ``data_type``.
 
-    text: a ``str``; json: any JSON-serializable value; binary/protobuf: ``bytes``,
+    text: a ``str``; json: any JSON-serializable value (with azure-core installed, also
+    datetimes, timedeltas and bytes, as the official client writes them); binary/protobuf: ``bytes``,
     ``bytearray`` or ``memoryview``.
     """
     kind = data_type_of(data_type)
@@ -233,7 +244,7 @@ def encode_content(content: Any, data_type: Any) -> Tuple[int, bytes]:
         return _TEXT_NUMBER, content.encode()  # UTF-8, strict
     if kind is _JSON:
         try:
-            text = json.dumps(content, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            text = json.dumps(content, cls=_JSONEncoder, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except TypeError as exc:
             raise TypeError(f"content is not JSON-serializable: {exc}") from None
         except ValueError as exc:

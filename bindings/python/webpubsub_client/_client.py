@@ -60,6 +60,23 @@ class WebPubSubClientCredential:
         return self._client_access_url_provider()
 
 
+class _Provider:
+    """The application's URL provider as the library calls it, keeping what it raised:
+    :meth:`WebPubSubClient.open` raises that exception itself, as the official ``open()``
+    (which calls the provider on the caller's thread) does. Holds no reference to the client."""
+
+    def __init__(self, provider: Callable[[], str]) -> None:
+        self.provider = provider
+        self.error: Optional[Exception] = None
+
+    def __call__(self) -> str:
+        try:
+            return self.provider()
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
 class _SyncSink:
     """Receives native events on the dispatcher thread and calls the listeners there, in order."""
 
@@ -191,8 +208,10 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> None:
         if kwargs:
             _base.ignore_keywords("WebPubSubClient", kwargs)
+        self._provider: Optional[_Provider] = None
         if isinstance(credential, WebPubSubClientCredential):
-            source: Union[str, Callable[[], str]] = credential.get_client_access_url
+            self._provider = _Provider(credential.get_client_access_url)
+            source: Union[str, Callable[[], str]] = self._provider
         elif isinstance(credential, str):
             source = credential
         else:
@@ -232,15 +251,24 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
         :raises OpenClientError: the client is not stopped (already open or opening), or
             the connection failed within ``start_timeout``.
+
+        An exception that the credential's provider raised is raised as it is, as in the
+        official client.
         """
         handle = self._live_handle()
         if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
             raise OpenClientError("Client can be only started when it's Stopped")
+        provider = self._provider
+        if provider is not None:
+            provider.error = None
         if threading.current_thread() is threading.main_thread():
             status, message = _start_interruptibly(self)
         else:
             status, message = lib.wps_client_start(handle), None
         if status != _native.STATUS_OK:
+            if status == _native.STATUS_CREDENTIAL_FAILED and provider is not None and provider.error is not None:
+                error, provider.error = provider.error, None
+                raise error
             raise _base.open_error(status, message)
 
     def close(self) -> None:

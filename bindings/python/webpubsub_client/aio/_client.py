@@ -121,6 +121,8 @@ class _AsyncSink:
         # What a listener run inside the native dispatch raised to stop the loop; it cannot
         # cross the library, so the poller raises it once the native call has returned.
         self._interrupt: Optional[BaseException] = None
+        # What the credential's provider raised during an open() (which raises it).
+        self.credential_error: Optional[Exception] = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events and completions to ``loop`` (running on this thread) from now on."""
@@ -251,7 +253,12 @@ class _AsyncSink:
             if loop is None or loop.is_closed():
                 raise RuntimeError("the client's event loop is not running")
             future = asyncio.run_coroutine_threadsafe(credential.get_client_access_url(), loop)
-            return future.result(timeout)
+            try:
+                return future.result(timeout)
+            except Exception as exc:
+                if future.done() and not future.cancelled() and future.exception() is exc:
+                    self.credential_error = exc  # the provider's own: open() raises it
+                raise
 
         return provide
 
@@ -626,18 +633,24 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     async def open(self) -> None:
         """Connect to the service; returns once connected.
 
-        :raises OpenClientError: the client is not stopped, or the connection failed.
+        :raises OpenClientError: the client is not stopped, or the connection failed. An
+            exception the credential's provider raised is raised as it is, as officially.
         """
         handle = self._live_handle()
         if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
             raise OpenClientError("Client can be only started when it's Stopped")
         self._sink.bind(asyncio.get_running_loop())
+        self._sink.credential_error = None
         try:
             completion = await self._run(lib.wps_client_start_async, handle, checked=False)
         except asyncio.CancelledError:
             lib.wps_client_stop_async(handle, _NO_COMPLETION, None, None)  # no connection behind a cancelled open
             raise
         if completion.status != _native.STATUS_OK:
+            error = self._sink.credential_error
+            if completion.status == _native.STATUS_CREDENTIAL_FAILED and error is not None:
+                self._sink.credential_error = None
+                raise error  # what the provider raised, as the official open() raises it
             raise _base.open_error(completion.status, completion.error_message)
 
     async def close(self) -> None:
