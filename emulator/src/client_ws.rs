@@ -67,8 +67,8 @@ pub(crate) fn validate_group(group: &str) -> Result<(), String> {
 }
 
 enum Session {
-    New(Arc<Conn>, Vec<String>),
-    Recover(Arc<Conn>),
+    New(Arc<Hub>, Arc<Conn>, Vec<String>),
+    Recover(Arc<Hub>, Arc<Conn>),
     Unrecoverable,
 }
 
@@ -149,7 +149,6 @@ pub(crate) async fn client_endpoint(
             )
         }
     };
-    let hub = server.hub(&hub_name);
     let session = if recovering {
         let id = query
             .get("awps_connection_id")
@@ -159,14 +158,19 @@ pub(crate) async fn client_endpoint(
             .get("awps_reconnection_token")
             .map(String::as_str)
             .unwrap_or("");
-        match hub.connections.get(id).map(|c| c.clone()) {
-            Some(c)
+        // Only an existing hub: a recovery may carry no token to vouch for the name.
+        let found = server.existing_hub(&hub_name).and_then(|hub| {
+            let conn = hub.connections.get(id).map(|c| c.clone())?;
+            Some((conn, hub))
+        });
+        match found {
+            Some((c, hub))
                 if protocol.is_reliable()
                     && c.protocol == protocol
                     && c.reconnection_token == token
                     && !c.is_closed() =>
             {
-                Session::Recover(c)
+                Session::Recover(hub, c)
             }
             _ => Session::Unrecoverable,
         }
@@ -183,19 +187,19 @@ pub(crate) async fn client_endpoint(
             .into_iter()
             .filter(|g| validate_group(g).is_ok())
             .collect();
-        Session::New(conn, groups)
+        Session::New(server.hub(&hub_name), conn, groups)
     };
     let max = server.config.max_frame_bytes;
     let tasks = server.tasks.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            tasks.track_future(async move { run_session(server, hub, session, socket).await })
+            tasks.track_future(async move { run_session(server, session, socket).await })
         })
 }
 
-async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut socket: WebSocket) {
-    let (conn, epoch, rx, kill) = match session {
+async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocket) {
+    let (hub, conn, epoch, rx, kill) = match session {
         Session::Unrecoverable => {
             Stats::inc(&server.stats.failed_recoveries);
             let _ = socket
@@ -211,7 +215,7 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
             }
             return;
         }
-        Session::New(conn, groups) => {
+        Session::New(hub, conn, groups) => {
             let (handle, rx, kill) = SocketHandle::new(&server.config);
             let connected = (conn.protocol != Protocol::Simple).then(|| {
                 frames::connected(
@@ -230,9 +234,9 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
             if let Some(up) = &server.upstream {
                 up.system_event(&server, &hub, &conn, "connected");
             }
-            (conn, epoch, rx, kill)
+            (hub, conn, epoch, rx, kill)
         }
-        Session::Recover(conn) => {
+        Session::Recover(hub, conn) => {
             let (handle, rx, kill) = SocketHandle::new(&server.config);
             let connected = Some(frames::connected(
                 conn.user_id.as_deref(),
@@ -243,7 +247,7 @@ async fn run_session(server: Arc<Server>, hub: Arc<Hub>, session: Session, mut s
                 return;
             };
             Stats::inc(&server.stats.recoveries);
-            (conn, epoch, rx, kill)
+            (hub, conn, epoch, rx, kill)
         }
     };
     let (sink, stream) = socket.split();

@@ -100,6 +100,24 @@ async fn a_recovery_needs_no_access_token() {
 }
 
 #[tokio::test]
+async fn a_recovery_without_a_token_creates_no_hub() {
+    let emu = start().await;
+    let hubs = stats(&emu).await["hubs"].clone();
+    // Without an access token nothing vouches for the hub name: each made-up one would
+    // otherwise stay in memory for good.
+    for n in 0..3 {
+        let url = format!(
+            "ws://127.0.0.1:{}/client/hubs/made-up-{n}?awps_connection_id=c&awps_reconnection_token=t",
+            emu.port()
+        );
+        let mut refused = connect(&url, Some(RELIABLE)).await;
+        assert_eq!(refused.expect_close().await.0, 1008);
+    }
+    assert_eq!(stats(&emu).await["hubs"], hubs);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn failed_recovery_is_accepted_then_closed_1008() {
     let emu = start().await;
     let url = emu.client_url("h", &all_roles("b"));
