@@ -145,7 +145,9 @@
 #define WPS_STATE_CONNECTED 2
 
 /**
- * Client state: recovering the same connection after a drop.
+ * Client state: recovering the same connection after a drop. Operations queue for the
+ * recovered connection, up to 16,384 of them (or 16 MiB of fire-and-forget messages);
+ * past that, new ones fail at once with `WPS_STATUS_NOT_CONNECTED`.
  */
 #define WPS_STATE_RECOVERING 3
 
@@ -161,8 +163,8 @@
 
 /**
  * Send flag: send without an ackId; the call completes once the frame is queued for the
- * connection, not once it is written (while the connection recovers it waits, and it is
- * dropped if the session is lost).
+ * connection, not once it is written (while the connection recovers it waits queued,
+ * and it is dropped if the session is lost).
  */
 #define WPS_SEND_FIRE_AND_FORGET 2
 

@@ -1253,7 +1253,7 @@ async fn the_sequence_is_acknowledged_again_after_a_recovery() {
 }
 
 #[tokio::test]
-async fn fire_and_forget_senders_feel_backpressure_during_a_recovery() {
+async fn a_recovery_queues_so_many_operations_and_refuses_more_at_once() {
     let fake = Fake::new().await;
     let (client, _events, conn) = connect(&fake, quiet_options()).await;
     drop(conn);
@@ -1264,35 +1264,54 @@ async fn fire_and_forget_senders_feel_backpressure_during_a_recovery() {
         .unwrap();
     assert_eq!(client.state(), ClientState::Recovering);
     const SENDS: usize = 20_000;
-    let sent = Arc::new(AtomicUsize::new(0));
-    let (c, counter) = (client.clone(), sent.clone());
+    let c = client.clone();
     let sender = tokio::spawn(async move {
+        let mut outcomes = Vec::with_capacity(SENDS);
         for n in 0..SENDS {
             let opts = SendToGroupOptions {
                 fire_and_forget: true,
                 ..SendToGroupOptions::default()
             };
             let body = Bytes::from(n.to_string());
-            c.send_to_group("g", DataType::Text, body, opts)
-                .await
-                .unwrap();
-            counter.fetch_add(1, Ordering::Relaxed);
+            outcomes.push(c.send_to_group("g", DataType::Text, body, opts).await);
         }
+        outcomes
     });
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let queued = sent.load(Ordering::Relaxed);
+    // No sender waits for the recovery: the loop ends while it still goes on.
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), sender)
+        .await
+        .expect("a send waited for the recovery")
+        .unwrap();
+    assert_eq!(client.state(), ClientState::Recovering);
+    let queued = outcomes.iter().take_while(|r| r.is_ok()).count();
     assert!(
-        queued < SENDS,
-        "all {queued} sends returned with no connection to write them to"
+        (16 * 1024..SENDS).contains(&queued),
+        "{queued} sends queued for the recovered connection"
     );
-    // Once recovered, every message goes out, in order.
+    assert!(
+        outcomes[queued..]
+            .iter()
+            .all(|r| *r == Err(Error::NotConnected { ack_id: None })),
+        "past the limit, every send is refused"
+    );
+    // Once recovered, every queued message goes out, in order, and nothing else.
     drop(tcp);
     let (mut conn, uri) = fake.accept().await;
     assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
-    for n in 0..SENDS {
+    for n in 0..queued {
         let frame = conn.recv().await;
         assert_eq!(frame["data"], n.to_string());
     }
-    sender.await.unwrap();
+    let c = client.clone();
+    let probe = tokio::spawn(async move {
+        let opts = SendToGroupOptions {
+            fire_and_forget: true,
+            ..SendToGroupOptions::default()
+        };
+        c.send_to_group("g", DataType::Text, Bytes::from("after"), opts)
+            .await
+    });
+    assert_eq!(conn.recv().await["data"], "after");
+    probe.await.unwrap().unwrap();
     client.stop().await;
 }

@@ -31,7 +31,7 @@ use log::{debug, info, trace, warn};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -43,6 +43,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 /// Operations queued towards the task before senders wait.
 const OPERATION_QUEUE: usize = 1024;
+/// Operations a recovery queues for the recovered connection at most, and bytes of
+/// fire-and-forget frames; past either, new operations fail at once with
+/// `NotConnected` until the recovery ends (no sender waits, none queues without bound).
+const RECOVERY_QUEUE_OPS: usize = 16 * 1024;
+const RECOVERY_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Operations written per batch before one flush; also frames read per wake-up.
 const BATCH: usize = 256;
 /// How long a closing handshake may take when stopping.
@@ -80,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) direct: Arc<Direct>,
     /// Operations waiting for room in the operations channel.
     pub(crate) overflow: Arc<Overflow>,
+    /// Set while a recovery's queue is full (`RECOVERY_QUEUE_OPS`, `RECOVERY_QUEUE_BYTES`).
+    recovery_queue_full: AtomicBool,
 }
 
 impl Shared {
@@ -91,6 +98,11 @@ impl Shared {
             4 => ClientState::Disconnected,
             _ => ClientState::Stopped,
         }
+    }
+
+    /// Whether a recovery queues no more operations now (they fail with `NotConnected`).
+    pub(crate) fn recovery_queue_full(&self) -> bool {
+        self.recovery_queue_full.load(Ordering::Acquire)
     }
 
     pub(crate) fn connection_id(&self) -> Option<String> {
@@ -164,6 +176,7 @@ pub(crate) fn spawn(
             options.ack_timeout,
         )),
         overflow: Arc::default(),
+        recovery_queue_full: AtomicBool::new(false),
     });
     let (command_tx, commands) = mpsc::unbounded_channel();
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
@@ -724,6 +737,7 @@ impl Task {
         close_code: Option<u16>,
         reason: String,
     ) -> Next {
+        self.update_recovery_queue_full();
         self.shared.set_state(ClientState::Recovering);
         let deadline = since + self.options.recovery_window;
         let Some(session) = &self.session else {
@@ -907,6 +921,7 @@ impl Task {
                     self.shared.direct.finished(1);
                     if queue {
                         self.queue_op(op);
+                        self.update_recovery_queue_full();
                     } else {
                         op.refuse(Error::NotConnected { ack_id: None });
                     }
@@ -916,11 +931,20 @@ impl Task {
     }
 
     /// Whether the task takes another operation from the channel: fewer than
-    /// `MAX_PENDING_ACKS` acked ones are pending, and (during a recovery, the only time
-    /// anything waits unwritten) fewer than `OPERATION_QUEUE` wait to be written, so
-    /// that senders feel backpressure as they do from the socket.
+    /// `MAX_PENDING_ACKS` acked ones are pending.
     fn takes_operations(&self) -> bool {
-        self.pending.acks_len() < MAX_PENDING_ACKS && self.pending.unsent_len() < OPERATION_QUEUE
+        self.pending.acks_len() < MAX_PENDING_ACKS
+    }
+
+    /// Tells senders whether a recovery may queue more. The task keeps taking what
+    /// was handed over (a fire-and-forget sender was told it was sent), so the queue
+    /// can pass the limits by what was in flight when it filled, never by more.
+    fn update_recovery_queue_full(&self) {
+        let full = self.pending.unsent_len() >= RECOVERY_QUEUE_OPS
+            || self.pending.unsent_frame_bytes() >= RECOVERY_QUEUE_BYTES;
+        self.shared
+            .recovery_queue_full
+            .store(full, Ordering::Release);
     }
 
     /// Writes an operation on the live connection (the frame goes to `out`).

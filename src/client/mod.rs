@@ -612,10 +612,15 @@ impl Client {
         self.inner.operations.send(op).await
     }
 
-    /// Operations need a started client: connected, or recovering (they then queue).
+    /// Operations need a started client: connected, or recovering (they then queue, up
+    /// to a limit).
     fn check_usable(&self) -> Result<(), Error> {
         match self.state() {
-            ClientState::Connected | ClientState::Recovering => Ok(()),
+            ClientState::Connected => Ok(()),
+            ClientState::Recovering if self.inner.shared.recovery_queue_full() => {
+                Err(Error::NotConnected { ack_id: None })
+            }
+            ClientState::Recovering => Ok(()),
             ClientState::Stopped => Err(Error::IllegalState("the client is not started".into())),
             ClientState::Connecting | ClientState::Disconnected => {
                 Err(Error::NotConnected { ack_id: None })

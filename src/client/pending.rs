@@ -225,6 +225,8 @@ pub(crate) struct Pending {
     /// No deadline is earlier than this (it may be earlier than every real one).
     earliest: Option<Instant>,
     unsent: Vec<Unsent>,
+    /// Bytes of the `Unsent::Frame`s in `unsent`.
+    unsent_frame_bytes: usize,
     ack_timeout: Duration,
     retry: RetryOptions,
 }
@@ -236,6 +238,7 @@ impl Pending {
             invokes: HashMap::new(),
             earliest: None,
             unsent: Vec::new(),
+            unsent_frame_bytes: 0,
             ack_timeout,
             retry,
         }
@@ -377,7 +380,13 @@ impl Pending {
 
     /// Queues a fire-and-forget frame until the connection is usable again.
     pub(crate) fn add_unsent_frame(&mut self, frame: Utf8Bytes) {
+        self.unsent_frame_bytes += frame.len();
         self.unsent.push(Unsent::Frame(frame));
+    }
+
+    /// Bytes of the fire-and-forget frames waiting to be written.
+    pub(crate) fn unsent_frame_bytes(&self) -> usize {
+        self.unsent_frame_bytes
     }
 
     /// The ack of `ack_id` arrived. `Duplicate` counts as success, unless every earlier
@@ -606,6 +615,7 @@ impl Pending {
     /// dropped unwritten, as on a live connection; so is one whose ack deadline passed
     /// meanwhile, until `expire` retries it or fails it with `Error::Timeout`.
     pub(crate) fn take_unsent(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>) {
+        self.unsent_frame_bytes = 0;
         for unsent in std::mem::take(&mut self.unsent) {
             match unsent {
                 Unsent::Frame(frame) => out.push(frame),
@@ -653,6 +663,7 @@ impl Pending {
     pub(crate) fn fail_all(&mut self, error: impl Fn(Option<u64>) -> Error, done: &mut Vec<Done>) {
         self.earliest = None;
         self.unsent.clear();
+        self.unsent_frame_bytes = 0;
         for (_, op) in self.invokes.drain() {
             let _ = op.reply.send(Err(error(None)));
         }

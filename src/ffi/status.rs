@@ -70,7 +70,9 @@ pub const WPS_STATE_STOPPED: u32 = 0;
 pub const WPS_STATE_CONNECTING: u32 = 1;
 /// Client state: connected.
 pub const WPS_STATE_CONNECTED: u32 = 2;
-/// Client state: recovering the same connection after a drop.
+/// Client state: recovering the same connection after a drop. Operations queue for the
+/// recovered connection, up to 16,384 of them (or 16 MiB of fire-and-forget messages);
+/// past that, new ones fail at once with `WPS_STATUS_NOT_CONNECTED`.
 pub const WPS_STATE_RECOVERING: u32 = 3;
 /// Client state: disconnected, reconnecting if enabled.
 pub const WPS_STATE_DISCONNECTED: u32 = 4;
@@ -78,8 +80,8 @@ pub const WPS_STATE_DISCONNECTED: u32 = 4;
 /// Send flag: do not echo a group message back to the sender.
 pub const WPS_SEND_NO_ECHO: u32 = 1;
 /// Send flag: send without an ackId; the call completes once the frame is queued for the
-/// connection, not once it is written (while the connection recovers it waits, and it is
-/// dropped if the session is lost).
+/// connection, not once it is written (while the connection recovers it waits queued,
+/// and it is dropped if the session is lost).
 pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 /// Send flag (asynchronous forms only): queue the message without waking the client's
 /// connection task. It is sent at the next `wps_client_flush_deferred`, or with the

@@ -995,7 +995,8 @@ def _queue_now(status: int) -> None:
     client is not connected, so it runs on the loop thread: no executor, completion
     callback or thread hop. It waits only while the library's operation queue is full,
     which the connection task empties in every state (a recovering connection queues
-    what it takes): that wait is the backpressure a fast producer needs.
+    what it takes, and once its own queue is full new sends fail at once instead): that
+    wait is the backpressure a fast producer needs.
     """
     if status != _native.STATUS_OK:
         raise _base.operation_error(status)
