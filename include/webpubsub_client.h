@@ -74,7 +74,7 @@
 
 /**
  * Event kind: rejoining `group` on a new connection failed (`message`, `error_name`,
- * `service_message`).
+ * `service_message`, `ack_id`).
  */
 #define WPS_EVENT_REJOIN_GROUP_FAILED 6
 
@@ -313,6 +313,14 @@ typedef struct wps_event {
    * `message`, after the library's description of the operation); NULL otherwise.
    */
   const char *service_message;
+  /**
+   * Rejoin failed: whether `ack_id` is set (the rejoin was sent, or queued to be).
+   */
+  bool has_ack_id;
+  /**
+   * Rejoin failed: the ackId of the failed joinGroup when `has_ack_id`.
+   */
+  uint64_t ack_id;
 } wps_event;
 
 /**

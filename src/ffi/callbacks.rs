@@ -32,7 +32,7 @@ pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;
 /// Event kind: a group message (`group`, `from_user_id`, `data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_GROUP_MESSAGE: u32 = 5;
 /// Event kind: rejoining `group` on a new connection failed (`message`, `error_name`,
-/// `service_message`).
+/// `service_message`, `ack_id`).
 pub const WPS_EVENT_REJOIN_GROUP_FAILED: u32 = 6;
 
 /// An event, borrowed by the callback for the duration of the call. Strings are
@@ -69,6 +69,10 @@ pub struct wps_event {
     /// Rejoin failed: the service's own text when it refused the join (it is also in
     /// `message`, after the library's description of the operation); NULL otherwise.
     pub service_message: *const c_char,
+    /// Rejoin failed: whether `ack_id` is set (the rejoin was sent, or queued to be).
+    pub has_ack_id: bool,
+    /// Rejoin failed: the ackId of the failed joinGroup when `has_ack_id`.
+    pub ack_id: u64,
 }
 
 /// Event callback. `event` is borrowed for the duration of the call.
@@ -263,6 +267,7 @@ pub(crate) struct OwnedEvent {
     error_name: Option<CString>,
     close_code: u16,
     service_message: Option<CString>,
+    ack_id: Option<u64>,
 }
 
 fn opt(s: Option<&str>) -> Option<CString> {
@@ -310,6 +315,7 @@ impl OwnedEvent {
             error_name: None,
             close_code: 0,
             service_message: None,
+            ack_id: None,
         }
     }
 
@@ -365,6 +371,7 @@ impl OwnedEvent {
                     message: opt(Some(&message)),
                     error_name: (!name.is_empty()).then(|| to_cstring(&name)),
                     service_message: error.service_message().map(to_cstring),
+                    ack_id: error.ack_id(),
                     ..OwnedEvent::empty(WPS_EVENT_REJOIN_GROUP_FAILED)
                 }
             }
@@ -430,6 +437,8 @@ impl OwnedEvent {
             error_name: ptr(&self.error_name),
             close_code: self.close_code,
             service_message: ptr(&self.service_message),
+            has_ack_id: self.ack_id.is_some(),
+            ack_id: self.ack_id.unwrap_or(0),
         }
     }
 }

@@ -60,6 +60,8 @@ static const char *TLS_DIR;
 typedef struct {
     uint32_t kind;
     char connection_id[128], user_id[64], group[64], from_user_id[64], message[256], error_name[64], service_message[256];
+    bool has_ack_id;
+    uint64_t ack_id;
     uint32_t data_type;
     char data[512];
     size_t data_len;
@@ -129,6 +131,8 @@ static void on_event(void *user_data, const wps_event *ev) {
         copy_str(e->message, sizeof e->message, ev->message);
         copy_str(e->error_name, sizeof e->error_name, ev->error_name);
         copy_str(e->service_message, sizeof e->service_message, ev->service_message);
+        e->has_ack_id = ev->has_ack_id;
+        e->ack_id = ev->ack_id;
         e->data_type = ev->data_type;
         e->data_len = ev->data_len < sizeof e->data - 1 ? ev->data_len : sizeof e->data - 1;
         if (e->data_len) memcpy(e->data, ev->data, e->data_len);
@@ -1120,6 +1124,7 @@ static bool test_reconnection(void) {
     CHECK(rj > cn);
     CHECK(strcmp(rc->events[rj].group, "chat") == 0 && strcmp(rc->events[rj].error_name, "Forbidden") == 0);
     CHECK(strcmp(rc->events[rj].service_message, "The connection has no permission to join or leave group 'chat'.") == 0);
+    CHECK(rc->events[rj].has_ack_id && rc->events[rj].ack_id > 0);
     CHECK(cs.calls == 2);
     CHECK(wps_client_state(c) == WPS_STATE_CONNECTED);
 

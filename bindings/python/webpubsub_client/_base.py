@@ -603,7 +603,8 @@ def _rejoin_group_failed(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[A
     service_message = dec(event.service_message)
     message = (dec(event.message) or "") if service_message is None else service_message
     detail = AckMessageError(name=name or "Error", message=message)
-    error = SendMessageError("Failed to rejoin group.", None, detail)
+    ack_id = event.ack_id if event.has_ack_id else None
+    error = SendMessageError("Failed to rejoin group.", ack_id, detail)
     return CallbackType.REJOIN_GROUP_FAILED, (OnRejoinGroupFailedArgs(dec(event.group) or "", error),)
 
 

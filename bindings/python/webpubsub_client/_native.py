@@ -117,6 +117,8 @@ class WpsEvent(Structure):
         ("error_name", c_char_p),
         ("close_code", c_uint16),
         ("service_message", c_char_p),
+        ("has_ack_id", c_bool),
+        ("ack_id", c_uint64),
     ]
 
 
