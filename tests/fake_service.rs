@@ -1315,3 +1315,52 @@ async fn a_recovery_queues_so_many_operations_and_refuses_more_at_once() {
     probe.await.unwrap().unwrap();
     client.stop().await;
 }
+
+#[tokio::test]
+async fn a_recovery_with_as_many_acks_pending_as_it_keeps_makes_no_sender_wait() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        ack_timeout: Duration::from_secs(30),
+        recovery_window: Duration::from_secs(30),
+        ..quiet_options()
+    };
+    let (client, _events, mut conn) = connect(&fake, options).await;
+    // As many acked sends in flight as the client keeps (the service's ackId memory
+    // less one), none of them acked.
+    let unacked: Vec<_> = (0..999).map(|_| spawn_send(&client, "unacked")).collect();
+    for _ in 0..999 {
+        conn.recv().await;
+    }
+    drop(conn);
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), fake.listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.state(), ClientState::Recovering);
+    // No ack can come to make room: more than the operation queue holds fails at once.
+    let c = client.clone();
+    let sender = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        for n in 0..2000 {
+            let opts = SendToGroupOptions {
+                fire_and_forget: n % 2 == 0,
+                ..SendToGroupOptions::default()
+            };
+            let body = Bytes::from(n.to_string());
+            outcomes.push(c.send_to_group("g", DataType::Text, body, opts).await);
+        }
+        outcomes
+    });
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), sender)
+        .await
+        .expect("a send waited for the recovery")
+        .unwrap();
+    assert!(outcomes
+        .iter()
+        .all(|r| matches!(r, Err(Error::NotConnected { .. }))));
+    drop(tcp);
+    client.stop().await;
+    for send in unacked {
+        assert!(matches!(send.await.unwrap(), Err(Error::Stopped { .. })));
+    }
+}

@@ -917,9 +917,11 @@ impl Task {
                         self.pending.cancel_invoke(&id);
                     }
                 },
-                Some(op) = self.operations.recv(), if !queue || self.takes_operations() => {
+                // Taken in every state, so that no sender waits while there is no
+                // connection to write to.
+                Some(op) = self.operations.recv() => {
                     self.shared.direct.finished(1);
-                    if queue {
+                    if queue && !self.is_ack_over_limit(&op) {
                         self.queue_op(op);
                         self.update_recovery_queue_full();
                     } else {
@@ -936,12 +938,19 @@ impl Task {
         self.pending.acks_len() < MAX_PENDING_ACKS
     }
 
+    /// Whether `op` is an acked operation past `MAX_PENDING_ACKS`: during a recovery,
+    /// when no ack can come to make room, it is refused rather than waited for.
+    fn is_ack_over_limit(&self, op: &Operation) -> bool {
+        matches!(op.kind, OpKind::Ack { .. }) && !self.takes_operations()
+    }
+
     /// Tells senders whether a recovery may queue more. The task keeps taking what
     /// was handed over (a fire-and-forget sender was told it was sent), so the queue
     /// can pass the limits by what was in flight when it filled, never by more.
     fn update_recovery_queue_full(&self) {
         let full = self.pending.unsent_len() >= RECOVERY_QUEUE_OPS
-            || self.pending.unsent_frame_bytes() >= RECOVERY_QUEUE_BYTES;
+            || self.pending.unsent_frame_bytes() >= RECOVERY_QUEUE_BYTES
+            || !self.takes_operations();
         self.shared
             .recovery_queue_full
             .store(full, Ordering::Release);
