@@ -146,8 +146,9 @@
 
 /**
  * Client state: recovering the same connection after a drop. Operations queue for the
- * recovered connection, up to 16,384 of them (or 16 MiB of fire-and-forget messages);
- * past that, new ones fail at once with `WPS_STATUS_NOT_CONNECTED`.
+ * recovered connection; once 16,384 are queued (or 16 MiB of fire-and-forget
+ * messages, or 999 acked ones are pending), new ones fail at once with
+ * `WPS_STATUS_NOT_CONNECTED`, and no call waits for the recovery.
  */
 #define WPS_STATE_RECOVERING 3
 
@@ -164,7 +165,7 @@
 /**
  * Send flag: send without an ackId; the call completes once the frame is queued for the
  * connection, not once it is written (while the connection recovers it waits queued,
- * and it is dropped if the session is lost).
+ * and it is dropped if the session is lost or the client is stopped first).
  */
 #define WPS_SEND_FIRE_AND_FORGET 2
 
@@ -471,9 +472,9 @@ typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *
  * The outcome of a blocking acked operation, written whatever the status. On a
  * failure `has_ack_id` tells whether the failed operation had an ackId: refused
  * (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
- * resend with it is deduplicated by the service), sent when its connection was lost
- * (`WPS_STATUS_NOT_CONNECTED`), sent when `wps_client_stop` ended it
- * (`WPS_STATUS_STOPPED`), or given up by the interrupt check
+ * resend with it is deduplicated by the service), sent (or queued during a recovery)
+ * when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`
+ * ended it (`WPS_STATUS_STOPPED`), or given up by the interrupt check
  * (`WPS_STATUS_INTERRUPTED`).
  */
 typedef struct wps_ack_result {
@@ -571,7 +572,8 @@ typedef struct wps_message_record {
 #define WPS_STATUS_ILLEGAL_STATE 4
 
 /**
- * The client has no connection.
+ * The client has no connection, lost it before the operation's ack, or is recovering it
+ * with as many operations queued as it takes (see `WPS_STATE_RECOVERING`).
  */
 #define WPS_STATUS_NOT_CONNECTED 5
 
@@ -1225,7 +1227,8 @@ wps_status wps_options_set_keep_alive(struct wps_options *o,
                                       uint64_t timeout_ms);
 
 /**
- * How long an operation waits for its ack (default 30000 ms; must be above 0).
+ * How long an operation waits for its ack (default 30000 ms; must be above 0), from
+ * each attempt's write: a resend after a recovery does not restart it.
  */
 wps_status wps_options_set_ack_timeout_ms(struct wps_options *o, uint64_t ms);
 
@@ -1236,7 +1239,8 @@ wps_status wps_options_set_start_timeout_ms(struct wps_options *o, uint64_t ms);
 
 /**
  * Reliable protocol recovery: how long to try (default 30000 ms) and the delay
- * between attempts (default 1000 ms; must be above 0).
+ * between attempts (default 1000 ms; must be above 0). A recovered connection that
+ * drops again within that delay continues the same recovery and its window.
  */
 wps_status wps_options_set_recovery(struct wps_options *o,
                                     uint64_t window_ms,

@@ -50,6 +50,9 @@ pub enum ClientState {
     /// Connected; operations are sent at once.
     Connected,
     /// The socket dropped and the same session is being recovered; operations queue.
+    /// Once 16,384 are queued (or 16 MiB of fire-and-forget frames, or 999 acked ones
+    /// are pending), new ones fail at once with `Error::NotConnected`: no call waits
+    /// for the recovery.
     Recovering,
     /// The session was lost; waiting before the next reconnect attempt.
     Disconnected,
@@ -187,7 +190,8 @@ pub enum Error {
     InvalidArgument(String),
     /// The call does not fit the client's state (not started, already started).
     IllegalState(String),
-    /// There is no connection to send on (or it was lost before the ack).
+    /// There is no connection to send on (or it was lost before the ack, or a recovery
+    /// has queued as many operations as it takes).
     NotConnected {
         /// The ackId of an acked operation the client had taken in (sent, or queued to
         /// send) when its connection was lost; `None` when it was never taken in.

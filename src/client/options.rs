@@ -79,7 +79,8 @@ pub struct ClientOptions {
     /// Send a `ping` this often; `None` disables (default 20 s).
     pub keep_alive_interval: Option<Duration>,
     /// Close and recover a connection that received nothing for this long; `None`
-    /// disables (default 120 s).
+    /// disables (default 120 s). Must be longer than `keep_alive_interval` when both are
+    /// set (else `Client::new` fails with `Error::InvalidArgument`).
     pub keep_alive_timeout: Option<Duration>,
     /// How long an acked operation waits for its ack before `Error::Timeout` (or a
     /// retry) (default 30 s), from each attempt's write: a resend after a recovery does
@@ -88,11 +89,14 @@ pub struct ClientOptions {
     /// How long `start` waits for the credential, the handshake and the `connected`
     /// frame (default 30 s).
     pub start_timeout: Duration,
-    /// How long a dropped reliable connection keeps trying to recover (default 30 s).
+    /// How long a dropped reliable connection keeps trying to recover (default 30 s). A
+    /// recovered connection that drops again within `recovery_attempt_delay` continues
+    /// the same recovery and its window.
     pub recovery_window: Duration,
     /// Delay between recovery attempts (default 1 s).
     pub recovery_attempt_delay: Duration,
-    /// How often a changed `sequenceAck` is sent (default 1 s).
+    /// How often a changed `sequenceAck` is sent (default 1 s). A recovered connection
+    /// acknowledges the delivered id again, changed or not.
     pub sequence_ack_interval: Duration,
     /// A `sequenceAck` is sent at once when the sequence id moved by more than this
     /// since the last one (default 300).
@@ -138,7 +142,8 @@ impl Default for ClientOptions {
 }
 
 impl ClientOptions {
-    /// Rejects option values that cannot work (zero timers, empty delays).
+    /// Rejects option values that cannot work (zero timers, empty delays, a silence
+    /// timeout within the ping interval).
     pub(crate) fn validate(&self) -> Result<(), String> {
         let positive = [
             ("ack_timeout", self.ack_timeout),

@@ -65,9 +65,9 @@ pub struct wps_invoke_response {
 /// The outcome of a blocking acked operation, written whatever the status. On a
 /// failure `has_ack_id` tells whether the failed operation had an ackId: refused
 /// (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
-/// resend with it is deduplicated by the service), sent when its connection was lost
-/// (`WPS_STATUS_NOT_CONNECTED`), sent when `wps_client_stop` ended it
-/// (`WPS_STATUS_STOPPED`), or given up by the interrupt check
+/// resend with it is deduplicated by the service), sent (or queued during a recovery)
+/// when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`
+/// ended it (`WPS_STATUS_STOPPED`), or given up by the interrupt check
 /// (`WPS_STATUS_INTERRUPTED`).
 #[repr(C)]
 pub struct wps_ack_result {

@@ -196,7 +196,8 @@ pub extern "C" fn wps_options_set_keep_alive(
     })
 }
 
-/// How long an operation waits for its ack (default 30000 ms; must be above 0).
+/// How long an operation waits for its ack (default 30000 ms; must be above 0), from
+/// each attempt's write: a resend after a recovery does not restart it.
 #[no_mangle]
 pub extern "C" fn wps_options_set_ack_timeout_ms(o: *mut wps_options, ms: u64) -> wps_status {
     with(o, |opts| {
@@ -215,7 +216,8 @@ pub extern "C" fn wps_options_set_start_timeout_ms(o: *mut wps_options, ms: u64)
 }
 
 /// Reliable protocol recovery: how long to try (default 30000 ms) and the delay
-/// between attempts (default 1000 ms; must be above 0).
+/// between attempts (default 1000 ms; must be above 0). A recovered connection that
+/// drops again within that delay continues the same recovery and its window.
 #[no_mangle]
 pub extern "C" fn wps_options_set_recovery(
     o: *mut wps_options,

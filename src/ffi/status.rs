@@ -16,7 +16,8 @@ pub const WPS_STATUS_INVALID_UTF8: wps_status = 2;
 pub const WPS_STATUS_INVALID_ARGUMENT: wps_status = 3;
 /// The call is not valid in the client's current state (not started, already started...).
 pub const WPS_STATUS_ILLEGAL_STATE: wps_status = 4;
-/// The client has no connection.
+/// The client has no connection, lost it before the operation's ack, or is recovering it
+/// with as many operations queued as it takes (see `WPS_STATE_RECOVERING`).
 pub const WPS_STATUS_NOT_CONNECTED: wps_status = 5;
 /// The operation timed out.
 pub const WPS_STATUS_TIMEOUT: wps_status = 6;
@@ -71,8 +72,9 @@ pub const WPS_STATE_CONNECTING: u32 = 1;
 /// Client state: connected.
 pub const WPS_STATE_CONNECTED: u32 = 2;
 /// Client state: recovering the same connection after a drop. Operations queue for the
-/// recovered connection, up to 16,384 of them (or 16 MiB of fire-and-forget messages);
-/// past that, new ones fail at once with `WPS_STATUS_NOT_CONNECTED`.
+/// recovered connection; once 16,384 are queued (or 16 MiB of fire-and-forget
+/// messages, or 999 acked ones are pending), new ones fail at once with
+/// `WPS_STATUS_NOT_CONNECTED`, and no call waits for the recovery.
 pub const WPS_STATE_RECOVERING: u32 = 3;
 /// Client state: disconnected, reconnecting if enabled.
 pub const WPS_STATE_DISCONNECTED: u32 = 4;
@@ -81,7 +83,7 @@ pub const WPS_STATE_DISCONNECTED: u32 = 4;
 pub const WPS_SEND_NO_ECHO: u32 = 1;
 /// Send flag: send without an ackId; the call completes once the frame is queued for the
 /// connection, not once it is written (while the connection recovers it waits queued,
-/// and it is dropped if the session is lost).
+/// and it is dropped if the session is lost or the client is stopped first).
 pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 /// Send flag (asynchronous forms only): queue the message without waking the client's
 /// connection task. It is sent at the next `wps_client_flush_deferred`, or with the

@@ -149,7 +149,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     :keyword float reconnect_retry_backoff_factor: as for messages (default 0.8).
     :keyword float reconnect_retry_backoff_max: as for messages (default 120).
     :keyword reconnect_retry_mode: as for messages (default exponential).
-    :keyword float ack_timeout: seconds to wait for the service's ack (default 30).
+    :keyword float ack_timeout: seconds to wait for the service's ack (default 30), from
+        each attempt's write: a resend after a recovery does not restart it.
     :keyword float start_timeout: seconds ``open()`` waits for the connection (default 30).
     :keyword bool logging_enable: also pass the library's trace-level logs to the
         ``webpubsub_client.native`` logger (default False).
@@ -459,10 +460,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> WebPubSubResult:
         """Publish ``content`` to ``group_name``.
 
-        ``content``: a ``str`` for text, any JSON value for json, ``bytes``/``bytearray``/
-        ``memoryview`` for binary and protobuf. With ``ack=False`` the message is sent
-        without an ackId and the call returns once it is queued; ``no_echo=True`` keeps
-        it from coming back to this connection.
+        ``content``: a ``str`` for text, any JSON value for json (with azure-core installed,
+        also datetimes, timedeltas and bytes, as the official client writes them),
+        ``bytes``/``bytearray``/``memoryview`` for binary and protobuf. With ``ack=False``
+        the message is sent without an ackId and the call returns once it is queued;
+        ``no_echo=True`` keeps it from coming back to this connection.
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """

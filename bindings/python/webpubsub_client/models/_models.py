@@ -77,8 +77,9 @@ class SendMessageError(WebPubSubClientError):
     """An operation (join, leave, send, invoke) failed.
 
     :ivar ack_id: the ackId of the failed message when it had one: refused, timed out
-        (a resend with it is deduplicated by the service), or sent when its connection
-        was lost, the client was closed or Ctrl-C gave it up.
+        (a resend with it is deduplicated by the service), or sent (or queued during a
+        recovery) when its connection was lost, the client was closed or Ctrl-C gave it
+        up. In the error of a failed rejoin, the ackId of its joinGroup.
     :ivar error_detail: what went wrong (:class:`AckMessageError`).
     """
 
@@ -209,7 +210,7 @@ class OnGroupDataMessageArgs:
 
 
 class OnRejoinGroupFailedArgs:
-    """A group could not be rejoined after a reconnect; ``error`` is a :class:`SendMessageError`."""
+    """A group could not be rejoined on a new connection; ``error`` is a :class:`SendMessageError`."""
 
     def __init__(self, group: str, error: Exception) -> None:
         self.group = group
