@@ -128,7 +128,7 @@ pub struct Config {
     /// Reliable protocol: unacknowledged frames kept per connection before it is
     /// closed for good (default 1000).
     pub max_unacked_frames: usize,
-    /// Reliable protocol: unacknowledged bytes kept per connection (default 16 MB).
+    /// Reliable protocol: unacknowledged bytes kept per connection (default 16 MiB).
     pub max_unacked_bytes: usize,
     /// Frames queued to one socket before a client that does not read is closed
     /// (default 1,000,000).
