@@ -148,7 +148,7 @@
  * Client state: recovering the same connection after a drop. Operations queue for the
  * recovered connection; once 16,384 are queued (or 16 MiB of fire-and-forget
  * messages, or 999 acked ones are pending), new ones fail at once with
- * `WPS_STATUS_NOT_CONNECTED`, and no call waits for the recovery.
+ * `WPS_STATUS_NOT_CONNECTED` instead of waiting for the recovery.
  */
 #define WPS_STATE_RECOVERING 3
 

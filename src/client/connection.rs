@@ -905,6 +905,9 @@ impl Task {
     async fn offline<F: Future>(&mut self, fut: F, queue: bool) -> Result<F::Output, Next> {
         tokio::pin!(fut);
         loop {
+            if queue {
+                self.update_recovery_queue_full();
+            }
             tokio::select! {
                 output = &mut fut => return Ok(output),
                 command = self.commands.recv() => match command {
@@ -917,13 +920,10 @@ impl Task {
                         self.pending.cancel_invoke(&id);
                     }
                 },
-                // Taken in every state, so that no sender waits while there is no
-                // connection to write to.
-                Some(op) = self.operations.recv() => {
+                Some(op) = self.operations.recv(), if !queue || self.takes_operations() => {
                     self.shared.direct.finished(1);
-                    if queue && !self.is_ack_over_limit(&op) {
+                    if queue {
                         self.queue_op(op);
-                        self.update_recovery_queue_full();
                     } else {
                         op.refuse(Error::NotConnected { ack_id: None });
                     }
@@ -938,15 +938,11 @@ impl Task {
         self.pending.acks_len() < MAX_PENDING_ACKS
     }
 
-    /// Whether `op` is an acked operation past `MAX_PENDING_ACKS`: during a recovery,
-    /// when no ack can come to make room, it is refused rather than waited for.
-    fn is_ack_over_limit(&self, op: &Operation) -> bool {
-        matches!(op.kind, OpKind::Ack { .. }) && !self.takes_operations()
-    }
-
-    /// Tells senders whether a recovery may queue more. The task keeps taking what
-    /// was handed over (a fire-and-forget sender was told it was sent), so the queue
-    /// can pass the limits by what was in flight when it filled, never by more.
+    /// Tells senders whether a recovery may queue more: not once its queue is full, nor
+    /// while `MAX_PENDING_ACKS` acked operations are pending (no ack can come to make
+    /// room, and a sender would wait for the whole recovery). What was handed over
+    /// before stays: the queue can pass the limits by what was in flight when it
+    /// filled, and acked operations beyond the pending limit wait in the channel.
     fn update_recovery_queue_full(&self) {
         let full = self.pending.unsent_len() >= RECOVERY_QUEUE_OPS
             || self.pending.unsent_frame_bytes() >= RECOVERY_QUEUE_BYTES

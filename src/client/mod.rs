@@ -51,8 +51,8 @@ pub enum ClientState {
     Connected,
     /// The socket dropped and the same session is being recovered; operations queue.
     /// Once 16,384 are queued (or 16 MiB of fire-and-forget frames, or 999 acked ones
-    /// are pending), new ones fail at once with `Error::NotConnected`: no call waits
-    /// for the recovery.
+    /// are pending), new ones fail at once with `Error::NotConnected` instead of
+    /// waiting for the recovery.
     Recovering,
     /// The session was lost; waiting before the next reconnect attempt.
     Disconnected,

@@ -74,7 +74,7 @@ pub const WPS_STATE_CONNECTED: u32 = 2;
 /// Client state: recovering the same connection after a drop. Operations queue for the
 /// recovered connection; once 16,384 are queued (or 16 MiB of fire-and-forget
 /// messages, or 999 acked ones are pending), new ones fail at once with
-/// `WPS_STATUS_NOT_CONNECTED`, and no call waits for the recovery.
+/// `WPS_STATUS_NOT_CONNECTED` instead of waiting for the recovery.
 pub const WPS_STATE_RECOVERING: u32 = 3;
 /// Client state: disconnected, reconnecting if enabled.
 pub const WPS_STATE_DISCONNECTED: u32 = 4;
