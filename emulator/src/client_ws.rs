@@ -668,12 +668,9 @@ impl Reader {
                 }
                 let publication =
                     Publication::group(&group, self.conn.user_id.as_deref(), &payload);
-                let excluded: &[&str] = if frame.no_echo.unwrap_or(false) {
-                    &[self.conn.id.as_str()]
-                } else {
-                    &[]
-                };
-                self.hub.publish_group(&group, &publication, excluded);
+                let no_echo = frame.no_echo.unwrap_or(false);
+                self.hub
+                    .publish_group(&group, &publication, |c| !(no_echo && c.id == self.conn.id));
                 Ok(true)
             }
             _ => {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{role_grants, Permission};
+use crate::filter::{Filter, Subject};
 use crate::frames::{self, Publication};
 use crate::outbound::SocketHandle;
 use crate::upstream::Upstream;
@@ -158,6 +159,14 @@ fn remove_member(map: &DashMap<String, Arc<Members>>, key: &str, conn_id: &str) 
     map.remove_if(key, |_, m| m.members.read().is_empty());
 }
 
+fn publish(members: &Members, p: &Publication, pick: impl Fn(&Conn) -> bool) {
+    for c in members.members.read().values() {
+        if pick(c) {
+            c.send_data(p);
+        }
+    }
+}
+
 impl Hub {
     /// Registers a new connection and joins its initial groups.
     pub(crate) fn register(self: &Arc<Self>, conn: &Arc<Conn>, groups: &[String]) {
@@ -236,34 +245,24 @@ impl Hub {
         self.remove(conn);
     }
 
-    /// Delivers a publication to every member of a group, except `excluded`.
-    pub(crate) fn publish_group(&self, group: &str, p: &Publication, excluded: &[&str]) {
-        let Some(members) = self.groups.get(group).map(|m| m.clone()) else {
-            return;
-        };
-        for c in members.members.read().values() {
-            if !excluded.contains(&c.id.as_str()) {
-                c.send_data(p);
-            }
+    /// Delivers a publication to every member of a group that `pick` accepts.
+    pub(crate) fn publish_group(&self, group: &str, p: &Publication, pick: impl Fn(&Conn) -> bool) {
+        if let Some(members) = self.groups.get(group).map(|m| m.clone()) {
+            publish(&members, p, pick);
         }
     }
 
-    /// Delivers a publication to every connection of a user, except `excluded`.
-    pub(crate) fn publish_user(&self, user: &str, p: &Publication, excluded: &[&str]) {
-        let Some(members) = self.users.get(user).map(|m| m.clone()) else {
-            return;
-        };
-        for c in members.members.read().values() {
-            if !excluded.contains(&c.id.as_str()) {
-                c.send_data(p);
-            }
+    /// Delivers a publication to every connection of a user that `pick` accepts.
+    pub(crate) fn publish_user(&self, user: &str, p: &Publication, pick: impl Fn(&Conn) -> bool) {
+        if let Some(members) = self.users.get(user).map(|m| m.clone()) {
+            publish(&members, p, pick);
         }
     }
 
-    /// Delivers a publication to every connection of the hub, except `excluded`.
-    pub(crate) fn publish_all(&self, p: &Publication, excluded: &[&str]) {
+    /// Delivers a publication to every connection of the hub that `pick` accepts.
+    pub(crate) fn publish_all(&self, p: &Publication, pick: impl Fn(&Conn) -> bool) {
         for c in self.connections.iter() {
-            if !excluded.contains(&c.id.as_str()) {
+            if pick(&c) {
                 c.send_data(p);
             }
         }
@@ -413,6 +412,23 @@ impl Conn {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.state.lock().closed
+    }
+
+    /// Does a REST `filter` select this connection?
+    pub(crate) fn matches(&self, filter: &Filter) -> bool {
+        let none = HashSet::new();
+        let joined;
+        let groups = if filter.uses_groups() {
+            joined = self.groups.lock();
+            &*joined
+        } else {
+            &none
+        };
+        filter.matches(&Subject {
+            connection_id: &self.id,
+            user_id: self.user_id.as_deref(),
+            groups,
+        })
     }
 
     /// May this connection do `perm` on `group`?

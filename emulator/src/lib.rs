@@ -18,6 +18,7 @@
 pub mod auth;
 mod client_ws;
 mod faults;
+mod filter;
 mod frames;
 mod hub;
 mod outbound;

@@ -13,10 +13,12 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use percent_encoding::percent_decode_str;
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{self, Permission};
 use crate::client_ws::{bearer, validate_group};
+use crate::filter::Filter;
 use crate::frames::{Payload, Publication};
 use crate::hub::{Conn, Hub, Server, Stats, POLICY_CLOSE};
 use crate::TokenOptions;
@@ -163,19 +165,28 @@ impl Request<'_> {
         let hub = self.server.hub(hub_name);
         let m = self.method;
         let response = match rest {
-            [":send"] if m == Method::POST => self.send(|p, ex| hub.publish_all(p, ex)),
+            [":send"] if m == Method::POST => {
+                self.send(|p, to| hub.publish_all(p, |c| to.picks(c)))
+            }
             ["groups", g, ":send"] if m == Method::POST => match validate_group(g) {
-                Ok(()) => self.send(|p, ex| hub.publish_group(g, p, ex)),
+                Ok(()) => self.send(|p, to| hub.publish_group(g, p, |c| to.picks(c))),
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
             ["users", u, ":send"] if m == Method::POST => {
-                self.send(|p, ex| hub.publish_user(u, p, ex))
+                self.send(|p, to| hub.publish_user(u, p, |c| to.picks(c)))
             }
-            ["connections", c, ":send"] if m == Method::POST => self.send(|p, _| {
-                if let Some(conn) = hub.connections.get(*c).map(|c| c.clone()) {
-                    conn.send_data(p);
+            ["connections", c, ":send"] if m == Method::POST => {
+                let payload = match self.payload() {
+                    Ok(payload) => payload,
+                    Err(e) => return Some(error(StatusCode::BAD_REQUEST, e)),
+                };
+                if let Some(conn) = conn(&hub, c) {
+                    conn.send_data(&Publication::server(&payload));
                 }
-            }),
+                status(StatusCode::ACCEPTED)
+            }
+            [":addToGroups"] if m == Method::POST => self.update_groups(&hub, true),
+            [":removeFromGroups"] if m == Method::POST => self.update_groups(&hub, false),
             ["groups", g, "connections", c] => self.group_connection(&hub, g, c)?,
             ["users", u, "groups", g] => self.user_group(&hub, u, g)?,
             ["connections", c, "groups"] if m == Method::DELETE => {
@@ -238,19 +249,78 @@ impl Request<'_> {
             .to_owned()
     }
 
-    /// Decodes the body by content type and publishes it once.
-    fn send(&self, deliver: impl FnOnce(&Publication, &[&str])) -> Response {
+    /// The body decoded by content type.
+    fn payload(&self) -> Result<Payload, String> {
         let content_type = self
             .headers
             .get("content-type")
             .and_then(|v| v.to_str().ok());
-        match Payload::from_http(content_type, self.body.clone()) {
+        Payload::from_http(content_type, self.body.clone())
+    }
+
+    /// Decodes the body and publishes it once to the connections the query selects.
+    fn send(&self, deliver: impl FnOnce(&Publication, &Selection)) -> Response {
+        let filter = match parse_filter(self.query.get("filter")) {
+            Ok(f) => f,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
+        match self.payload() {
             Ok(payload) => {
-                deliver(&Publication::server(&payload), &self.excluded());
+                let to = Selection {
+                    excluded: self.excluded(),
+                    filter,
+                };
+                deliver(&Publication::server(&payload), &to);
                 status(StatusCode::ACCEPTED)
             }
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         }
+    }
+
+    /// `:addToGroups` / `:removeFromGroups`: body `{"groups": [...], "filter": "..."}`;
+    /// every connection of the hub the filter selects (all without one) joins or leaves
+    /// every group.
+    fn update_groups(&self, hub: &Hub, add: bool) -> Response {
+        #[derive(Deserialize)]
+        struct Body {
+            groups: Option<Vec<String>>,
+            filter: Option<String>,
+        }
+        let body: Body = match serde_json::from_slice(&self.body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("The body is not a valid JSON object with groups and filter: {e}."),
+                )
+            }
+        };
+        let Some(groups) = body.groups else {
+            return error(StatusCode::BAD_REQUEST, "The body has no 'groups'.");
+        };
+        if let Some(e) = groups.iter().find_map(|g| validate_group(g).err()) {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+        let filter = match parse_filter(body.filter.as_deref()) {
+            Ok(f) => f,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
+        let selected: Vec<Arc<Conn>> = hub
+            .connections
+            .iter()
+            .filter(|c| filter.as_ref().map_or(true, |f| c.matches(f)))
+            .map(|c| c.clone())
+            .collect();
+        for conn in selected {
+            for g in &groups {
+                if add {
+                    hub.join(&conn, g);
+                } else {
+                    hub.leave(&conn, g);
+                }
+            }
+        }
+        status(StatusCode::OK)
     }
 
     /// One page with every member, or the first `top` of them.
@@ -406,6 +476,27 @@ impl Request<'_> {
         let audience = format!("{}/client/hubs/{}", self.server.endpoint(), hub.name);
         let token = auth::sign_client_token(&self.server.access_key, &audience, &opts);
         Json(json!({ "token": token })).into_response()
+    }
+}
+
+/// The connections a send reaches: not `excluded`, and selected by `filter` when given.
+struct Selection<'a> {
+    excluded: Vec<&'a str>,
+    filter: Option<Filter>,
+}
+
+impl Selection<'_> {
+    fn picks(&self, conn: &Conn) -> bool {
+        !self.excluded.contains(&conn.id.as_str())
+            && self.filter.as_ref().map_or(true, |f| conn.matches(f))
+    }
+}
+
+/// Parses an optional filter; blank counts as none.
+fn parse_filter(text: Option<&str>) -> Result<Option<Filter>, String> {
+    match text {
+        Some(t) if !t.trim().is_empty() => Filter::parse(t).map(Some),
+        _ => Ok(None),
     }
 }
 

@@ -538,3 +538,289 @@ async fn unknown_routes_and_bad_bodies() {
     assert_eq!(code, 400);
     emu.shutdown().await;
 }
+
+/// `path` with `filter` as a query parameter (percent-encoded).
+fn filtered(path: &str, filter: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let encoded: String = form_urlencoded::byte_serialize(filter.as_bytes()).collect();
+    format!("{path}{sep}filter={encoded}")
+}
+
+/// Sends `marker` to one connection and asserts it is the next thing the socket gets:
+/// proof that nothing sent before it reached that connection.
+async fn assert_nothing_before(emu: &Emulator, ws: &mut Ws, id: &str, marker: &str) {
+    let path = format!("hub/connections/{id}/:send");
+    assert_eq!(call(emu, Method::POST, &path, text(marker)).await.0, 202);
+    assert_eq!(server_msg(&ws.next_json().await).1, marker);
+}
+
+async fn anonymous(emu: &Emulator) -> (Ws, String) {
+    let (ws, c) = connect_json(&emu.client_url("hub", &TokenOptions::default()), JSON).await;
+    (ws, c["connectionId"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn send_to_all_honours_the_filter() {
+    let emu = start().await;
+    let (mut alice, alice_id) = client(&emu, "alice", JSON).await;
+    let (mut bob, bob_id) = client(&emu, "bob", RELIABLE).await;
+    let (mut anon, anon_id) = anonymous(&emu).await;
+    assert_ack_ok(&alice.join("vip", 1).await);
+
+    let send = |filter: &str| filtered("hub/:send?api-version=2024-12-01", filter);
+    assert_eq!(
+        call(
+            &emu,
+            Method::POST,
+            &send("userId ne 'bob'"),
+            text("not-bob")
+        )
+        .await
+        .0,
+        202
+    );
+    assert_eq!(server_msg(&alice.next_json().await).1, "not-bob");
+    assert_eq!(server_msg(&anon.next_json().await).1, "not-bob");
+    assert_nothing_before(&emu, &mut bob, &bob_id, "b1").await;
+
+    let path = send("userId eq null");
+    assert_eq!(call(&emu, Method::POST, &path, text("anon")).await.0, 202);
+    assert_eq!(server_msg(&anon.next_json().await).1, "anon");
+    let path = send(&format!("'vip' in groups or connectionId eq '{bob_id}'"));
+    assert_eq!(
+        call(&emu, Method::POST, &path, text("vip-or-bob")).await.0,
+        202
+    );
+    assert_eq!(server_msg(&alice.next_json().await).1, "vip-or-bob");
+    assert_eq!(server_msg(&bob.next_json().await).1, "vip-or-bob");
+    assert_nothing_before(&emu, &mut anon, &anon_id, "n1").await;
+
+    // excluded and filter both apply
+    let path = filtered(
+        &format!("hub/:send?excluded={alice_id}"),
+        "not('nothing' in groups)",
+    );
+    assert_eq!(call(&emu, Method::POST, &path, text("both")).await.0, 202);
+    assert_eq!(server_msg(&bob.next_json().await).1, "both");
+    assert_eq!(server_msg(&anon.next_json().await).1, "both");
+    assert_nothing_before(&emu, &mut alice, &alice_id, "a1").await;
+
+    // a filter nobody matches reaches nobody; a blank one is no filter
+    let path = send("startswith(userId, 'z')");
+    assert_eq!(call(&emu, Method::POST, &path, text("none")).await.0, 202);
+    let path = send(" ");
+    assert_eq!(call(&emu, Method::POST, &path, text("all")).await.0, 202);
+    for ws in [&mut alice, &mut bob, &mut anon] {
+        assert_eq!(server_msg(&ws.next_json().await).1, "all");
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn send_to_group_and_user_honour_the_filter() {
+    let emu = start().await;
+    let (mut a1, a1_id) = client(&emu, "alice", JSON).await;
+    let (mut a2, a2_id) = client(&emu, "alice", RELIABLE).await;
+    let (mut bob, bob_id) = client(&emu, "bob", JSON).await;
+    let (mut out, out_id) = client(&emu, "carol", JSON).await;
+    for ws in [&mut a1, &mut a2, &mut bob] {
+        assert_ack_ok(&ws.join("room", 1).await);
+    }
+    assert_ack_ok(&a2.join("mods", 2).await);
+
+    // group: members only, then the filter among them
+    let path = filtered(
+        "hub/groups/room/:send",
+        "userId eq 'alice' or userId eq 'carol'",
+    );
+    assert_eq!(call(&emu, Method::POST, &path, text("alices")).await.0, 202);
+    assert_eq!(server_msg(&a1.next_json().await).1, "alices");
+    assert_eq!(server_msg(&a2.next_json().await).1, "alices");
+    assert_nothing_before(&emu, &mut bob, &bob_id, "b1").await;
+    assert_nothing_before(&emu, &mut out, &out_id, "c1").await;
+
+    let path = filtered("hub/groups/room/:send", "not('mods' in groups)");
+    assert_eq!(
+        call(&emu, Method::POST, &path, text("no-mods")).await.0,
+        202
+    );
+    assert_eq!(server_msg(&a1.next_json().await).1, "no-mods");
+    assert_eq!(server_msg(&bob.next_json().await).1, "no-mods");
+    assert_nothing_before(&emu, &mut a2, &a2_id, "a2").await;
+
+    // user: that user's connections only, then the filter among them
+    let path = filtered(
+        "hub/users/alice/:send",
+        &format!("connectionId ne '{a1_id}'"),
+    );
+    assert_eq!(
+        call(&emu, Method::POST, &path, text("a2-only")).await.0,
+        202
+    );
+    assert_eq!(server_msg(&a2.next_json().await).1, "a2-only");
+    assert_nothing_before(&emu, &mut a1, &a1_id, "a1").await;
+    let path = filtered("hub/users/alice/:send", "userId eq 'bob'");
+    assert_eq!(call(&emu, Method::POST, &path, text("nobody")).await.0, 202);
+    assert_nothing_before(&emu, &mut a1, &a1_id, "a1b").await;
+    assert_nothing_before(&emu, &mut a2, &a2_id, "a2b").await;
+    assert_nothing_before(&emu, &mut bob, &bob_id, "b2").await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn add_and_remove_connections_to_groups_by_filter() {
+    let emu = start().await;
+    let (mut alice, alice_id) = client(&emu, "alice", JSON).await;
+    let (mut bob, bob_id) = client(&emu, "bob", JSON).await;
+    let (_anon, anon_id) = anonymous(&emu).await;
+    let members = |group: &str| {
+        let emu = &emu;
+        let path = format!("hub/groups/{group}/connections");
+        async move {
+            let (code, body) = call(emu, Method::GET, &path, None).await;
+            assert_eq!(code, 200, "{body}");
+            let list: Value = serde_json::from_str(&body).unwrap();
+            let mut ids: Vec<String> = list["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["connectionId"].as_str().unwrap().to_owned())
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let sorted = |ids: &[&String]| {
+        let mut v: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    let json_body = |v: Value| Some(("application/json", v.to_string().into_bytes()));
+
+    let (code, body) = call(
+        &emu,
+        Method::POST,
+        "hub/:addToGroups?api-version=2024-12-01",
+        json_body(json!({"groups": ["g1", "g2"], "filter": "userId ne null"})),
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, ""));
+    assert_eq!(members("g1").await, sorted(&[&alice_id, &bob_id]));
+    assert_eq!(members("g2").await, sorted(&[&alice_id, &bob_id]));
+
+    // the joined groups are real: a group send reaches them
+    assert_eq!(
+        call(&emu, Method::POST, "hub/groups/g2/:send", text("g2"))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(server_msg(&alice.next_json().await).1, "g2");
+    assert_eq!(server_msg(&bob.next_json().await).1, "g2");
+
+    let (code, _) = call(
+        &emu,
+        Method::POST,
+        "hub/:removeFromGroups",
+        json_body(json!({"groups": ["g1"], "filter": "userId eq 'alice'"})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(members("g1").await, sorted(&[&bob_id]));
+    assert_eq!(members("g2").await, sorted(&[&alice_id, &bob_id]));
+
+    // a filter on groups sees the memberships before the update
+    let (code, _) = call(
+        &emu,
+        Method::POST,
+        "hub/:addToGroups",
+        json_body(json!({"groups": ["g3", "g1"], "filter": "not('g1' in groups)"})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(members("g3").await, sorted(&[&alice_id, &anon_id]));
+    assert_eq!(members("g1").await, sorted(&[&alice_id, &bob_id, &anon_id]));
+
+    // without a filter: every connection
+    let (code, _) = call(
+        &emu,
+        Method::POST,
+        "hub/:removeFromGroups",
+        json_body(json!({"groups": ["g1", "g2", "g3"]})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    for g in ["g1", "g2", "g3"] {
+        assert_eq!(
+            call(&emu, Method::HEAD, &format!("hub/groups/{g}"), None)
+                .await
+                .0,
+            404
+        );
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_filters_are_400_and_send_nothing() {
+    let emu = start().await;
+    let (mut alice, alice_id) = client(&emu, "alice", JSON).await;
+    assert_ack_ok(&alice.join("g", 1).await);
+    for bad in [
+        "userId eq",
+        "userId = 'alice'",
+        "user eq 'alice'",
+        "userId eq 'alice",
+        "not length(userId) gt 5",
+        "userId EQ 'alice'",
+        "userId eq 1",
+    ] {
+        for route in ["hub/:send", "hub/groups/g/:send", "hub/users/alice/:send"] {
+            let (code, body) = call(&emu, Method::POST, &filtered(route, bad), text("x")).await;
+            assert_eq!(code, 400, "{route} {bad}: {body}");
+            let err: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(err["code"], "BadRequest");
+            let message = err["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(&format!("Invalid filter '{bad}': ")),
+                "{message}"
+            );
+        }
+        for route in ["hub/:addToGroups", "hub/:removeFromGroups"] {
+            let body = json!({"groups": ["other"], "filter": bad}).to_string();
+            let (code, body) = call(
+                &emu,
+                Method::POST,
+                route,
+                Some(("application/json", body.into_bytes())),
+            )
+            .await;
+            assert_eq!(code, 400, "{route} {bad}: {body}");
+            assert!(body.contains("Invalid filter"), "{body}");
+        }
+    }
+    assert_eq!(
+        call(&emu, Method::HEAD, "hub/groups/other", None).await.0,
+        404
+    );
+    assert_nothing_before(&emu, &mut alice, &alice_id, "after").await;
+
+    // bad group-update bodies
+    for body in [
+        "{oops",
+        "{}",
+        r#"{"groups": "g"}"#,
+        r#"{"groups": [""]}"#,
+        r#"{"groups": ["g"], "filter": 1}"#,
+    ] {
+        let (code, answer) = call(
+            &emu,
+            Method::POST,
+            "hub/:addToGroups",
+            Some(("application/json", body.as_bytes().to_vec())),
+        )
+        .await;
+        assert_eq!(code, 400, "{body}: {answer}");
+    }
+    emu.shutdown().await;
+}

@@ -12,12 +12,15 @@ import urllib.error
 import urllib.request
 
 import pytest
+from azure.core.exceptions import HttpResponseError
+from azure.core.rest import HttpRequest
 from azure.messaging.webpubsubclient.aio import WebPubSubClient
 from azure.messaging.webpubsubclient.models import (
     CallbackType,
     SendMessageError,
     WebPubSubDataType,
 )
+from conftest import HUB
 
 ROLES = ["webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"]
 WAIT = 15
@@ -143,6 +146,63 @@ def test_service_sdk_group_and_connection_management(service, client_url):
             service.close_connection(a.connection_id, reason="bye now")
             assert (await get(a.disconnected)).message == "bye now"
             assert not service.connection_exists(a.connection_id)
+
+    asyncio.run(body())
+
+
+def test_service_sdk_filtered_sends_and_group_updates(service, client_url):
+    """The SDK's `filter` keyword; `:addToGroups` / `:removeFromGroups` (which
+    azure-messaging-webpubsubservice 1.3.0 has no method for) through its own pipeline."""
+
+    def update_groups(action, groups, filter):
+        request = HttpRequest(
+            "POST",
+            f"/api/hubs/{HUB}/:{action}",
+            params={"api-version": "2024-01-01"},
+            json={"groups": groups, "filter": filter},
+        )
+        return service.send_request(request).status_code
+
+    async def body():
+        async with clients() as new:
+            a = await new(client_url("alice", ROLES))
+            b = await new(client_url("bob", ROLES))
+            anon = await new(client_url())
+
+            async def nothing_else(c):
+                service.send_to_connection(c.connection_id, "marker", content_type="text/plain")
+                assert (await get(c.server)).data == "marker"
+
+            await a.sdk.join_group("room")
+            await b.sdk.join_group("room")
+            service.send_to_all("not bob", content_type="text/plain", filter="userId ne 'bob'")
+            assert (await get(a.server)).data == "not bob"
+            assert (await get(anon.server)).data == "not bob"
+            await nothing_else(b)
+            service.send_to_group("room", "alice", content_type="text/plain", filter="userId eq 'alice'")
+            assert (await get(a.server)).data == "alice"
+            await nothing_else(b)
+            service.send_to_user("bob", "none", content_type="text/plain", filter="not('room' in groups)")
+            await nothing_else(b)
+
+            assert update_groups("addToGroups", ["vip"], "userId eq 'bob' or userId eq null") == 200
+            service.send_to_group("vip", "vip", content_type="text/plain")
+            assert (await get(b.server)).data == "vip"
+            assert (await get(anon.server)).data == "vip"
+            await nothing_else(a)
+            assert update_groups("removeFromGroups", ["vip", "room"], "userId ne null") == 200
+            service.send_to_group("vip", "still vip", content_type="text/plain")
+            assert (await get(anon.server)).data == "still vip"
+            await nothing_else(b)
+            assert not service.group_exists("room")
+
+            with pytest.raises(HttpResponseError) as err:
+                service.send_to_all("x", content_type="text/plain", filter="userId = 'bob'")
+            assert err.value.status_code == 400
+            assert "Invalid filter" in str(err.value)
+            assert update_groups("addToGroups", ["g"], "userId eq") == 400
+            for c in (a, b, anon):
+                await nothing_else(c)
 
     asyncio.run(body())
 
