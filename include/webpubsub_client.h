@@ -22,6 +22,10 @@
  *   callback, blocking ones included (acks are resolved on the I/O threads, so they
  *   cannot deadlock; meanwhile the clients sharing that dispatcher thread wait);
  *   `wps_client_free` inside a callback defers the teardown until it returns.
+ *   A callback must return normally: a C++ exception or a longjmp out of it is
+ *   undefined behaviour.
+ * - Every function may also be called while a thread or the process exits: from an
+ *   `atexit` handler, or a C++ static, C++ `thread_local` or pthread key destructor.
  * - In a fork() child, a client created in the parent returns WPS_STATUS_FORKED, and so
  *   does `wps_client_new*` once the parent had called it (the library's threads do
  *   not exist in the child).

@@ -88,7 +88,8 @@ fn runtime() -> FfiResult<tokio::runtime::Handle> {
 /// Runs a core future to completion on this thread, driven by the shared runtime's
 /// I/O and timers: no task, no thread hop (a fire-and-forget send finishes on its
 /// first poll). On a thread already inside the runtime's context (a blocking-pool
-/// thread running a credential callback) it is spawned instead and waited for.
+/// thread running a credential callback), or exiting with the context gone, it is
+/// spawned instead and waited for.
 /// A panic in the future unwinds to the caller's panic boundary. Never interrupted:
 /// the stops.
 fn block<F>(fut: F) -> FfiResult<F::Output>
@@ -115,7 +116,9 @@ where
     F::Output: Send + 'static,
 {
     let rt = runtime()?;
-    if tokio::runtime::Handle::try_current().is_err() {
+    // Outside the runtime's context, unless its thread-local is destroyed (a call from
+    // a thread-exit or `atexit` handler): the waits on this thread would need it.
+    if tokio::runtime::Handle::try_current().is_err_and(|e| !e.is_thread_local_destroyed()) {
         if !interruptible {
             return Ok(rt.block_on(fut));
         }

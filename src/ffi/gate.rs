@@ -5,7 +5,7 @@
 //! Work that must wait until a callback has returned (the teardown of a client freed
 //! inside it) is kept per thread until its outermost callback returns.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,10 +13,15 @@ use std::time::{Duration, Instant};
 use super::panic::{guard, guard_job};
 use super::status::{fail, wps_status, WPS_STATUS_TIMEOUT};
 
+/// Work deferred until a callback has returned.
+type Deferred = Vec<Box<dyn FnOnce()>>;
+
 thread_local! {
     static CALLBACK_DEPTH: Cell<usize> = const { Cell::new(0) };
-    /// What runs once this thread's outermost callback has returned.
-    static AFTER_CALLBACKS: RefCell<Vec<Box<dyn FnOnce()>>> = const { RefCell::new(Vec::new()) };
+    /// What runs once this thread's outermost callback has returned (NULL: nothing). A
+    /// pointer without a destructor, so that it stays usable while the thread exits (a
+    /// callback dispatched by an `atexit` handler, after Rust's thread-locals are gone).
+    static AFTER_CALLBACKS: Cell<*mut Deferred> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 /// The process's gate; a type so that its tests can use gates of their own (closing
@@ -105,8 +110,12 @@ impl Drop for InCallback {
         });
         self.gate.running.fetch_sub(1, Ordering::SeqCst);
         if depth == 0 {
-            for job in AFTER_CALLBACKS.with(|jobs| jobs.take()) {
-                guard_job("work deferred until a callback returned", job);
+            let jobs = AFTER_CALLBACKS.with(|jobs| jobs.replace(std::ptr::null_mut()));
+            if !jobs.is_null() {
+                // SAFETY: allocated by `after_callback` on this thread, taken out above.
+                for job in *unsafe { Box::from_raw(jobs) } {
+                    guard_job("work deferred until a callback returned", job);
+                }
             }
         }
     }
@@ -116,7 +125,14 @@ impl Drop for InCallback {
 /// calling this may still use what `f` releases); at once outside callbacks.
 pub(crate) fn after_callback(f: impl FnOnce() + 'static) {
     if in_callback() {
-        AFTER_CALLBACKS.with(|jobs| jobs.borrow_mut().push(Box::new(f)));
+        AFTER_CALLBACKS.with(|jobs| {
+            if jobs.get().is_null() {
+                jobs.set(Box::into_raw(Box::default()));
+            }
+            // SAFETY: allocated above or earlier on this thread, freed only by the
+            // outermost callback's end on this thread.
+            unsafe { (*jobs.get()).push(Box::new(f)) };
+        });
     } else {
         f();
     }

@@ -101,8 +101,12 @@ pub(crate) fn block_on<F: Future>(rt: &Handle, fut: F) -> Result<F::Output, Inte
     let Some(check) = check else {
         return Ok(rt.block_on(fut));
     };
+    // Without this thread's waker (destroyed: a call from a thread-exit handler), the
+    // wait is not interrupted.
+    let Ok(waker) = WAKER.try_with(Waker::clone) else {
+        return Ok(rt.block_on(fut));
+    };
     let _context = rt.enter();
-    let waker = WAKER.with(Waker::clone);
     let mut cx = Context::from_waker(&waker);
     let mut fut = pin!(fut);
     let mut next_check = Instant::now() + check.interval;

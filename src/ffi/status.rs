@@ -1,6 +1,6 @@
 //! Status codes, their names, the thread-local last error and the enum-like constants.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::ffi::{c_char, CString};
 
 /// Result code of every fallible call. The numbers are stable.
@@ -113,6 +113,7 @@ pub const WPS_LOG_DEBUG: u32 = 4;
 /// Log level: everything.
 pub const WPS_LOG_TRACE: u32 = 5;
 
+#[derive(Default)]
 struct LastError {
     message: CString,
     name: CString,
@@ -120,11 +121,38 @@ struct LastError {
 }
 
 thread_local! {
-    static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError {
-        message: CString::default(),
-        name: CString::default(),
-        service_message: CString::default(),
-    });
+    /// This thread's last error, allocated on first use: a pointer without a destructor,
+    /// so that it stays usable while the thread exits (an `atexit` handler or a C++ or
+    /// pthread key destructor may call the library after Rust's thread-locals are gone).
+    /// `OWNER` frees it with those; one allocated after that is never freed.
+    static LAST_ERROR: Cell<*mut LastError> = const { Cell::new(std::ptr::null_mut()) };
+    static OWNER: Owner = const { Owner };
+}
+
+/// Frees this thread's last error when its thread-locals are destroyed.
+struct Owner;
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let last = LAST_ERROR.with(|p| p.replace(std::ptr::null_mut()));
+        if !last.is_null() {
+            // SAFETY: allocated by `with_last_error` on this thread, and no longer in it.
+            drop(unsafe { Box::from_raw(last) });
+        }
+    }
+}
+
+/// Runs `f` with this thread's last error (no library call runs inside `f`).
+fn with_last_error<R>(f: impl FnOnce(&mut LastError) -> R) -> R {
+    LAST_ERROR.with(|p| {
+        if p.get().is_null() {
+            p.set(Box::into_raw(Box::default()));
+            let _ = OWNER.try_with(|_| ());
+        }
+        // SAFETY: allocated above or earlier on this thread, only freed by `Owner` on
+        // this thread, and never borrowed twice (`f` calls nothing that borrows it).
+        f(unsafe { &mut *p.get() })
+    })
 }
 
 /// Converts text to a C string, dropping interior NULs rather than failing. One
@@ -146,8 +174,7 @@ pub(crate) fn fail(status: wps_status, message: impl AsRef<str>) -> wps_status {
 
 /// Sets this thread's last error message, and the service's error name and own text.
 pub(crate) fn set_last_error(message: &str, name: &str, service_message: &str) {
-    LAST_ERROR.with(|e| {
-        let mut e = e.borrow_mut();
+    with_last_error(|e| {
         e.message = to_cstring(message);
         e.name = to_cstring(name);
         e.service_message = to_cstring(service_message);
@@ -156,8 +183,10 @@ pub(crate) fn set_last_error(message: &str, name: &str, service_message: &str) {
 
 /// Clears this thread's last error (every status-returning call starts with this).
 pub(crate) fn clear_last_error() {
-    LAST_ERROR.with(|e| {
-        let mut e = e.borrow_mut();
+    if LAST_ERROR.with(|p| p.get().is_null()) {
+        return;
+    }
+    with_last_error(|e| {
         if !e.message.is_empty() || !e.name.is_empty() || !e.service_message.is_empty() {
             e.message = CString::default();
             e.name = CString::default();
@@ -198,14 +227,14 @@ pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
 /// Valid until the next `wps_` call on this thread; never NULL.
 #[no_mangle]
 pub extern "C" fn wps_last_error_message() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().message.as_ptr())
+    with_last_error(|e| e.message.as_ptr())
 }
 
 /// The service's error name ("Forbidden") of the last ACK or INVOKE error on this
 /// thread, "" otherwise. Valid until the next `wps_` call on this thread; never NULL.
 #[no_mangle]
 pub extern "C" fn wps_last_error_name() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().name.as_ptr())
+    with_last_error(|e| e.name.as_ptr())
 }
 
 /// The service's own text of the last ACK or INVOKE error on this thread ("No
@@ -214,7 +243,7 @@ pub extern "C" fn wps_last_error_name() -> *const c_char {
 /// on this thread; never NULL.
 #[no_mangle]
 pub extern "C" fn wps_last_error_service_message() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().service_message.as_ptr())
+    with_last_error(|e| e.service_message.as_ptr())
 }
 
 /// The library's version, a static string like "0.1.0".

@@ -29,6 +29,7 @@ static emulator EMU;
 static const char *EMULATOR_BIN;
 static upstream *UP;
 static const char *EXAMPLE_BIN;
+static const char *SELF;
 static const char *TLS_DIR;
 
 /* ------------------------------------------------------------------ checks */
@@ -416,6 +417,27 @@ static bool test_null_and_invalid_arguments(void) {
     CHECK_STATUS(wps_client_send_event_async(NULL, "e", 0, NULL, 0, 0, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_client_invoke_event_async(NULL, "e", 0, NULL, 0, 0, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_client_cancel(NULL, 1), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group_with_ack_id(NULL, "g", 0, NULL, 0, 0, 1, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_event_with_ack_id(NULL, "e", 0, NULL, 0, 0, 1, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group_with_ack_id_async(NULL, "g", 0, NULL, 0, 0, 1, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_event_with_ack_id_async(NULL, "e", 0, NULL, 0, 0, 1, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK(strcmp(wps_last_error_message(), "`client` is NULL") == 0);
+    wps_ack_record record;
+    CHECK_STATUS(wps_client_dispatch_records(NULL, 1, &record, 1, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_dispatch_records(NULL, 1, NULL, 1, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_dispatch_mode(NULL, WPS_DISPATCH_POLL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_auto_reconnect(NULL, true), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_auto_rejoin_groups(NULL, true), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_message_retry(NULL, 1, 1, 1, WPS_RETRY_FIXED), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_reconnect_retry(NULL, 1, 1, 1, WPS_RETRY_FIXED), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_keep_alive(NULL, 1, 2), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_ack_timeout_ms(NULL, 1), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_start_timeout_ms(NULL, 1), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_recovery(NULL, 1, 1), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_sequence_ack_interval_ms(NULL, 1), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_add_ca_pem(NULL, (const uint8_t *)"x", 1), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_user_agent(NULL, "ua"), WPS_STATUS_NULL_ARG);
+    CHECK(strcmp(wps_last_error_message(), "`options` is NULL") == 0);
     wps_client_free(NULL);
     wps_options_free(NULL);
     wps_invoke_response_free(NULL);
@@ -476,6 +498,17 @@ static bool test_options_setters(void) {
     CHECK_STATUS(wps_options_set_recovery(o, 1000, 0), WPS_STATUS_INVALID_ARGUMENT);
     CHECK_OK(wps_options_set_sequence_ack_interval_ms(o, 500));
     CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 3), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 0), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_options_set_start_timeout_ms(o, 0), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_options_set_sequence_ack_interval_ms(o, 0), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_options_set_reconnect_retry(o, 1, 1, 1, 2), WPS_STATUS_INVALID_ARGUMENT);
+    /* a keep-alive timeout not longer than its interval is refused when the client is made */
+    wps_options *ka = wps_options_new();
+    CHECK_OK(wps_options_set_keep_alive(ka, 1000, 1000));
+    wps_client *ka_client = NULL;
+    CHECK_STATUS(wps_client_new("ws://127.0.0.1:1/client/hubs/x?access_token=t", ka, NULL, NULL, NULL, &ka_client), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK(ka_client == NULL && strstr(wps_last_error_message(), "keep_alive_timeout") != NULL);
+    wps_options_free(ka);
     CHECK_STATUS(wps_options_set_protocol(NULL, 0), WPS_STATUS_NULL_ARG);
     /* the user agent: any printable ASCII, checked when the client is made */
     const char bad_ua[] = {'a', 1, 0};
@@ -1709,6 +1742,57 @@ static bool test_poll_message_records(void) {
     return true;
 }
 
+/* ------------------------------------------------------------------ at exit */
+
+static wps_client *AT_EXIT_CLIENT;
+static int AT_EXIT_FREED;
+
+static void on_at_exit_free(void *user_data) { *(int *)user_data += 1; }
+
+/* Runs after the library's thread-locals of this thread were destroyed (as a C++
+ * static destructor would): every call still works, with its error message. */
+static void at_exit_cleanup(void) {
+    int bad = 0;
+    bad += wps_client_send_to_group(AT_EXIT_CLIENT, "g", WPS_DATA_TYPE_TEXT, (const uint8_t *)"bye", 3, 0, NULL) != WPS_STATUS_OK;
+    bad += wps_client_join_group(AT_EXIT_CLIENT, NULL, NULL) != WPS_STATUS_NULL_ARG;
+    bad += strcmp(wps_last_error_message(), "`group` is NULL") != 0;
+    bad += wps_client_stop(AT_EXIT_CLIENT) != WPS_STATUS_OK;
+    wps_client_free(AT_EXIT_CLIENT);
+    bad += AT_EXIT_FREED != 1;
+    if (bad) {
+        fprintf(stderr, "  at exit: %d checks failed\n", bad);
+        _exit(3);
+    }
+}
+
+/* The child of test_calls_at_exit: a connected client, left to an atexit handler. */
+static int at_exit_main(const char *url) {
+    if (wps_client_new(url, NULL, NULL, &AT_EXIT_FREED, on_at_exit_free, &AT_EXIT_CLIENT) != WPS_STATUS_OK ||
+        wps_client_start(AT_EXIT_CLIENT) != WPS_STATUS_OK || wps_client_join_group(AT_EXIT_CLIENT, "g", NULL) != WPS_STATUS_OK) {
+        fprintf(stderr, "  at exit child: %s\n", wps_last_error_message());
+        return 2;
+    }
+    atexit(at_exit_cleanup);
+    return 0;
+}
+
+/* A client used and freed from an atexit handler (a child process of this harness). */
+static bool test_calls_at_exit(void) {
+    char *url = emulator_client_url(&EMU, HUB, "leaver", ALL_ROLES);
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        execl(SELF, SELF, "--at-exit", url, (char *)NULL);
+        _exit(127);
+    }
+    free(url);
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return true;
+}
+
 /* ------------------------------------------------------------------ main */
 
 static int passed, failed;
@@ -1723,6 +1807,8 @@ static void run(const char *name, bool (*test)(void)) {
 }
 
 int main(int argc, char **argv) {
+    SELF = argv[0];
+    if (argc == 3 && strcmp(argv[1], "--at-exit") == 0) return at_exit_main(argv[2]);
     if (argc < 4) {
         fprintf(stderr, "usage: %s EMULATOR_BIN EXAMPLE_BIN TLS_DIR\n", argv[0]);
         return 2;
@@ -1766,6 +1852,7 @@ int main(int argc, char **argv) {
     run("poll dispatch records", test_poll_records);
     run("poll dispatch message records", test_poll_message_records);
     run("example", test_example);
+    run("calls from an atexit handler", test_calls_at_exit);
     int emu = emulator_stop(&EMU);
     upstream_stop(UP);
     if (emu != 0) {

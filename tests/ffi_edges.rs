@@ -1,0 +1,454 @@
+//! Edge cases of the C ABI: calls back into the API from inside callbacks (credential,
+//! poll-mode dispatch), a client freed under a blocking call, arguments at the limits
+//! of their types, and calls from a thread-exit handler.
+
+mod common;
+
+use common::check;
+
+use std::cell::RefCell;
+use std::ffi::{c_void, CStr, CString};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_STOPPED};
+use webpubsub_client::ffi::client::{
+    wps_client, wps_client_dispatch, wps_client_free, wps_client_invoke_event,
+    wps_client_join_group, wps_client_new, wps_client_new_with_credential,
+    wps_client_send_to_group, wps_client_start, wps_client_state, wps_client_stop,
+    wps_invoke_response,
+};
+use webpubsub_client::ffi::credential::{wps_credential_result, wps_credential_result_set_url};
+use webpubsub_client::ffi::options::*;
+use webpubsub_client::ffi::status::*;
+use webpubsub_emulator::{Config, Emulator};
+
+/// How long any wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn emulator() -> (tokio::runtime::Runtime, Emulator, CString) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let url = CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap();
+    (rt, emulator, url)
+}
+
+/// Runs `call` on another thread; its result, or a panic naming `what` if it hangs.
+fn bounded<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(call());
+    });
+    rx.recv_timeout(WAIT)
+        .unwrap_or_else(|_| panic!("{what} did not return within {WAIT:?}"))
+}
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(wps_last_error_message()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A credential callback's state: the URL it answers with, the client, and the
+/// statuses of the calls it made on that client.
+struct Credential {
+    url: CString,
+    client: AtomicPtr<wps_client>,
+    stop: AtomicU32,
+    join: AtomicU32,
+}
+
+unsafe extern "C" fn stop_then_answer(user_data: *mut c_void, result: *mut wps_credential_result) {
+    let s = &*(user_data as *const Credential);
+    let c = s.client.load(Ordering::SeqCst);
+    s.join.store(
+        wps_client_join_group(c, c"g".as_ptr(), std::ptr::null_mut()),
+        Ordering::SeqCst,
+    );
+    s.stop.store(wps_client_stop(c), Ordering::SeqCst);
+    wps_credential_result_set_url(result, s.url.as_ptr());
+}
+
+#[test]
+fn a_credential_callback_may_stop_its_own_client() {
+    let (rt, emulator, url) = emulator();
+    let state = Box::leak(Box::new(Credential {
+        url,
+        client: AtomicPtr::default(),
+        stop: AtomicU32::new(u32::MAX),
+        join: AtomicU32::new(u32::MAX),
+    }));
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new_with_credential(
+            Some(stop_then_answer),
+            state as *mut Credential as *mut c_void,
+            None,
+            std::ptr::null(),
+            None,
+            std::ptr::null_mut(),
+            None,
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new_with_credential");
+    state.client.store(c, Ordering::SeqCst);
+    let client = c as usize;
+    let start = bounded("wps_client_start", move || unsafe {
+        wps_client_start(client as *mut wps_client)
+    });
+    assert_eq!(start, WPS_STATUS_STOPPED, "{}", last_error());
+    assert_eq!(unsafe { wps_client_state(c) }, WPS_STATE_STOPPED);
+    // Returns once the credential callback has.
+    bounded("wps_client_free", move || unsafe {
+        wps_client_free(client as *mut wps_client)
+    });
+    assert_eq!(state.stop.load(Ordering::SeqCst), WPS_STATUS_OK);
+    assert_eq!(state.join.load(Ordering::SeqCst), WPS_STATUS_NOT_CONNECTED);
+    rt.block_on(emulator.shutdown());
+}
+
+/// Poll-mode events: the client stops itself from inside the dispatched connected
+/// event; `stopped` counts the stopped events.
+struct SelfStop {
+    client: AtomicPtr<wps_client>,
+    stop: AtomicU32,
+    stopped: AtomicU32,
+}
+
+unsafe extern "C" fn stop_on_connected(user_data: *mut c_void, event: *const wps_event) {
+    let s = &*(user_data as *const SelfStop);
+    match (*event).kind {
+        WPS_EVENT_CONNECTED => s.stop.store(
+            wps_client_stop(s.client.load(Ordering::SeqCst)),
+            Ordering::SeqCst,
+        ),
+        WPS_EVENT_STOPPED => {
+            s.stopped.fetch_add(1, Ordering::SeqCst);
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn a_dispatched_callback_may_stop_its_own_client() {
+    let (rt, emulator, url) = emulator();
+    let state = SelfStop {
+        client: AtomicPtr::default(),
+        stop: AtomicU32::new(u32::MAX),
+        stopped: AtomicU32::new(0),
+    };
+    let o = wps_options_new();
+    check(
+        wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL),
+        "dispatch mode",
+    );
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new(
+            url.as_ptr(),
+            o,
+            Some(stop_on_connected),
+            &state as *const SelfStop as *mut c_void,
+            None,
+            &mut c,
+        )
+    };
+    unsafe { wps_options_free(o) };
+    check(status, "wps_client_new");
+    state.client.store(c, Ordering::SeqCst);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    let deadline = std::time::Instant::now() + WAIT;
+    while state.stopped.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no stopped event");
+        check(
+            unsafe { wps_client_dispatch(c, 16, std::ptr::null_mut()) },
+            "wps_client_dispatch",
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(state.stop.load(Ordering::SeqCst), WPS_STATUS_OK);
+    unsafe { wps_client_free(c) };
+    rt.block_on(emulator.shutdown());
+}
+
+#[test]
+fn a_blocking_call_ends_when_another_thread_frees_its_client() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (emulator, url) = common::emulator_with_silent_upstream(&rt);
+    let c = common::ffi_client(&url, None, std::ptr::null_mut(), None);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    let client = c as usize;
+    let (tx, rx) = mpsc::channel();
+    let invoker = std::thread::spawn(move || {
+        let mut out: *mut wps_invoke_response = std::ptr::null_mut();
+        let status = unsafe {
+            wps_client_invoke_event(
+                client as *mut wps_client,
+                c"slow".as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                b"x".as_ptr(),
+                1,
+                0,
+                &mut out,
+            )
+        };
+        tx.send((status, last_error(), out.is_null())).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    bounded("wps_client_free", move || unsafe {
+        wps_client_free(client as *mut wps_client)
+    });
+    let (status, message, no_response) = rx.recv_timeout(WAIT).expect("the invocation ended");
+    assert_eq!(status, WPS_STATUS_STOPPED, "{message}");
+    assert!(!message.is_empty());
+    assert!(no_response);
+    invoker.join().unwrap();
+    rt.block_on(emulator.shutdown());
+}
+
+#[test]
+fn options_at_the_limits_of_their_types_make_a_working_client() {
+    let (rt, emulator, url) = emulator();
+    let o = wps_options_new();
+    for (status, what) in [
+        (
+            wps_options_set_message_retry(o, u32::MAX, u64::MAX, u64::MAX, WPS_RETRY_EXPONENTIAL),
+            "message retry",
+        ),
+        (
+            wps_options_set_reconnect_retry(o, u32::MAX, u64::MAX, u64::MAX, WPS_RETRY_FIXED),
+            "reconnect retry",
+        ),
+        (
+            wps_options_set_keep_alive(o, u64::MAX - 1, u64::MAX),
+            "keep alive",
+        ),
+        (wps_options_set_ack_timeout_ms(o, u64::MAX), "ack timeout"),
+        (
+            wps_options_set_start_timeout_ms(o, u64::MAX),
+            "start timeout",
+        ),
+        (wps_options_set_recovery(o, u64::MAX, u64::MAX), "recovery"),
+        (
+            wps_options_set_sequence_ack_interval_ms(o, u64::MAX),
+            "sequence ack interval",
+        ),
+    ] {
+        check(status, what);
+    }
+    let mut c = std::ptr::null_mut();
+    let status =
+        unsafe { wps_client_new(url.as_ptr(), o, None, std::ptr::null_mut(), None, &mut c) };
+    unsafe { wps_options_free(o) };
+    check(status, "wps_client_new");
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    check(common::ffi_send_text(c, c"g", "hi", 0), "acked send");
+    let mut out: *mut wps_invoke_response = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_invoke_event(
+            c,
+            c"e".as_ptr(),
+            WPS_DATA_TYPE_TEXT,
+            b"x".as_ptr(),
+            1,
+            u64::MAX,
+            &mut out,
+        )
+    };
+    assert_ne!(status, WPS_STATUS_PANIC, "{}", last_error());
+    check(unsafe { wps_client_stop(c) }, "wps_client_stop");
+    unsafe { wps_client_free(c) };
+    rt.block_on(emulator.shutdown());
+}
+
+#[test]
+fn a_length_past_isize_max_is_refused() {
+    let (rt, emulator, url) = emulator();
+    let c = common::ffi_client(&url, None, std::ptr::null_mut(), None);
+    let status = unsafe {
+        wps_client_send_to_group(
+            c,
+            c"g".as_ptr(),
+            WPS_DATA_TYPE_BINARY,
+            b"x".as_ptr(),
+            usize::MAX,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT);
+    assert!(last_error().contains("too long"), "{}", last_error());
+    unsafe { wps_client_free(c) };
+    rt.block_on(emulator.shutdown());
+}
+
+thread_local! {
+    /// Runs when its thread exits: registered before the library's thread-locals, it
+    /// is destroyed after them (as a pthread key destructor, an `atexit` handler or a
+    /// C++ static destructor runs after them).
+    static AT_THREAD_EXIT: AtThreadExit = const { AtThreadExit(RefCell::new(None)) };
+}
+
+struct AtThreadExit(RefCell<Option<Box<dyn FnOnce()>>>);
+
+impl Drop for AtThreadExit {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.borrow_mut().take() {
+            f();
+        }
+    }
+}
+
+/// The user data of a client freed late: the client, and its finalizer calls.
+#[derive(Default)]
+struct Late {
+    client: AtomicPtr<wps_client>,
+    freed: AtomicU32,
+}
+
+impl Late {
+    /// A `Late` that outlives its client, as user data.
+    fn leaked() -> (&'static Late, *mut c_void) {
+        let late: &'static Late = Box::leak(Box::default());
+        (late, late as *const Late as *mut c_void)
+    }
+}
+
+unsafe extern "C" fn count_free(user_data: *mut c_void) {
+    (*(user_data as *const Late))
+        .freed
+        .fetch_add(1, Ordering::SeqCst);
+}
+
+#[test]
+fn calls_from_a_thread_exit_handler_work_after_the_librarys_thread_locals_are_gone() {
+    let (rt, emulator, url) = emulator();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let late = tx.clone();
+        AT_THREAD_EXIT.with(|f| {
+            *f.0.borrow_mut() = Some(Box::new(move || unsafe {
+                let (state, user_data) = Late::leaked();
+                let c = common::ffi_client(&url, None, user_data, Some(count_free));
+                let null_group = wps_client_join_group(c, std::ptr::null(), std::ptr::null_mut());
+                let message = last_error();
+                let start = wps_client_start(c);
+                let send = common::ffi_send_text(c, c"g", "late", 0);
+                let stop = wps_client_stop(c);
+                wps_client_free(c);
+                let freed = state.freed.load(Ordering::SeqCst) == 1 && last_error().is_empty();
+                late.send((null_group, message, start, send, stop, freed))
+                    .unwrap();
+            }))
+        });
+        // The library's thread-locals (its last error, the runtime's context) in use.
+        assert_eq!(
+            unsafe { wps_client_stop(std::ptr::null_mut()) },
+            WPS_STATUS_NULL_ARG
+        );
+        let c = common::ffi_client(c"ws://127.0.0.1:1/x", None, std::ptr::null_mut(), None);
+        assert_ne!(unsafe { wps_client_start(c) }, WPS_STATUS_OK);
+        unsafe { wps_client_free(c) };
+    });
+    let (null_group, message, start, send, stop, freed) =
+        rx.recv_timeout(WAIT).expect("the exit handler ran");
+    assert!(freed, "the free finished (its finalizer ran, no panic)");
+    assert_eq!(null_group, WPS_STATUS_NULL_ARG);
+    assert_eq!(message, "`group` is NULL");
+    assert_eq!(
+        (start, send, stop),
+        (WPS_STATUS_OK, WPS_STATUS_OK, WPS_STATUS_OK)
+    );
+    rt.block_on(emulator.shutdown());
+}
+
+/// A started poll-mode client of `url` whose events go to `on_event` with `user_data`
+/// (a `Late`, which counts the finalizer calls).
+fn started_poll_client(
+    url: &CStr,
+    on_event: webpubsub_client::ffi::callbacks::wps_event_cb,
+    user_data: *mut c_void,
+) -> *mut wps_client {
+    let o = wps_options_new();
+    check(
+        wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL),
+        "dispatch mode",
+    );
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new(
+            url.as_ptr(),
+            o,
+            on_event,
+            user_data,
+            Some(count_free),
+            &mut c,
+        )
+    };
+    unsafe { wps_options_free(o) };
+    check(status, "wps_client_new");
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    c
+}
+
+unsafe extern "C" fn free_on_connected(user_data: *mut c_void, event: *const wps_event) {
+    if (*event).kind == WPS_EVENT_CONNECTED {
+        wps_client_free((*(user_data as *const Late)).client.load(Ordering::SeqCst));
+    }
+}
+
+unsafe extern "C" fn ignore_event(_: *mut c_void, _: *const wps_event) {}
+
+/// Dispatches `c` until a callback ran, for at most `WAIT`; whether one did.
+fn dispatch_one(c: *mut wps_client) -> bool {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut ran = 0;
+    while ran == 0 {
+        if std::time::Instant::now() > deadline
+            || unsafe { wps_client_dispatch(c, 1, &mut ran) } != WPS_STATUS_OK
+        {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+#[test]
+fn a_client_freed_in_a_callback_dispatched_from_a_thread_exit_handler_is_torn_down() {
+    let (rt, emulator, url) = emulator();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let late = tx.clone();
+        let url_late = url.clone();
+        AT_THREAD_EXIT.with(|f| {
+            *f.0.borrow_mut() = Some(Box::new(move || {
+                let (state, user_data) = Late::leaked();
+                let c = started_poll_client(&url_late, Some(free_on_connected), user_data);
+                state.client.store(c, Ordering::SeqCst);
+                // One callback per dispatch: the handle is gone once the free ran.
+                let mut freed = false;
+                let deadline = std::time::Instant::now() + WAIT;
+                while !freed && std::time::Instant::now() < deadline {
+                    unsafe { wps_client_dispatch(c, 1, std::ptr::null_mut()) };
+                    std::thread::sleep(Duration::from_millis(5));
+                    freed = state.freed.load(Ordering::SeqCst) == 1;
+                }
+                late.send(freed).unwrap();
+            }))
+        });
+        // The library's thread-locals of callbacks in use: a dispatched callback ran.
+        let (_, user_data) = Late::leaked();
+        let c = started_poll_client(&url, Some(ignore_event), user_data);
+        let dispatched = dispatch_one(c);
+        unsafe { wps_client_free(c) };
+        assert!(dispatched);
+    });
+    assert!(
+        rx.recv_timeout(WAIT).expect("the exit handler ran"),
+        "the client was not freed"
+    );
+    rt.block_on(emulator.shutdown());
+}
