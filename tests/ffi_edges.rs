@@ -139,24 +139,12 @@ fn a_dispatched_callback_may_stop_its_own_client() {
         stop: AtomicU32::new(u32::MAX),
         stopped: AtomicU32::new(0),
     };
-    let o = wps_options_new();
-    check(
-        wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL),
-        "dispatch mode",
+    let c = poll_client(
+        &url,
+        Some(stop_on_connected),
+        &state as *const SelfStop as *mut c_void,
+        None,
     );
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new(
-            url.as_ptr(),
-            o,
-            Some(stop_on_connected),
-            &state as *const SelfStop as *mut c_void,
-            None,
-            &mut c,
-        )
-    };
-    unsafe { wps_options_free(o) };
-    check(status, "wps_client_new");
     state.client.store(c, Ordering::SeqCst);
     check(unsafe { wps_client_start(c) }, "wps_client_start");
     let deadline = std::time::Instant::now() + WAIT;
@@ -364,12 +352,12 @@ fn calls_from_a_thread_exit_handler_work_after_the_librarys_thread_locals_are_go
     rt.block_on(emulator.shutdown());
 }
 
-/// A started poll-mode client of `url` whose events go to `on_event` with `user_data`
-/// (a `Late`, which counts the finalizer calls).
-fn started_poll_client(
+/// A poll-mode client of `url` whose events go to `on_event` with `user_data`.
+fn poll_client(
     url: &CStr,
     on_event: webpubsub_client::ffi::callbacks::wps_event_cb,
     user_data: *mut c_void,
+    user_data_free: webpubsub_client::ffi::callbacks::wps_user_data_free_cb,
 ) -> *mut wps_client {
     let o = wps_options_new();
     check(
@@ -377,18 +365,21 @@ fn started_poll_client(
         "dispatch mode",
     );
     let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new(
-            url.as_ptr(),
-            o,
-            on_event,
-            user_data,
-            Some(count_free),
-            &mut c,
-        )
-    };
+    let status =
+        unsafe { wps_client_new(url.as_ptr(), o, on_event, user_data, user_data_free, &mut c) };
     unsafe { wps_options_free(o) };
     check(status, "wps_client_new");
+    c
+}
+
+/// A started poll-mode client of `url` whose events go to `on_event` with `user_data`
+/// (a `Late`, which counts the finalizer calls).
+fn started_poll_client(
+    url: &CStr,
+    on_event: webpubsub_client::ffi::callbacks::wps_event_cb,
+    user_data: *mut c_void,
+) -> *mut wps_client {
+    let c = poll_client(url, on_event, user_data, Some(count_free));
     check(unsafe { wps_client_start(c) }, "wps_client_start");
     c
 }

@@ -1382,13 +1382,17 @@ static bool test_interrupt_check(void) {
 }
 
 /* The copyable example runs against the emulator. */
-static bool test_example(void) {
-    char *url = emulator_client_url(&EMU, HUB, "example", ALL_ROLES);
+/* Runs `bin [flag] <client url of user>` and checks that it exits with 0. */
+static bool run_child(const char *bin, const char *flag, const char *user) {
+    char *url = emulator_client_url(&EMU, HUB, user, ALL_ROLES);
     fflush(NULL);
     pid_t pid = fork();
     CHECK(pid >= 0);
     if (pid == 0) {
-        execl(EXAMPLE_BIN, EXAMPLE_BIN, url, (char *)NULL);
+        if (flag)
+            execl(bin, bin, flag, url, (char *)NULL);
+        else
+            execl(bin, bin, url, (char *)NULL);
         _exit(127);
     }
     free(url);
@@ -1397,6 +1401,8 @@ static bool test_example(void) {
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     return true;
 }
+
+static bool test_example(void) { return run_child(EXAMPLE_BIN, NULL, "example"); }
 
 /* wss: refused without the test CA (TLS status), works with it as an extra root. */
 static uint8_t *read_file(const char *path, size_t *len) {
@@ -1777,21 +1783,7 @@ static int at_exit_main(const char *url) {
 }
 
 /* A client used and freed from an atexit handler (a child process of this harness). */
-static bool test_calls_at_exit(void) {
-    char *url = emulator_client_url(&EMU, HUB, "leaver", ALL_ROLES);
-    fflush(NULL);
-    pid_t pid = fork();
-    CHECK(pid >= 0);
-    if (pid == 0) {
-        execl(SELF, SELF, "--at-exit", url, (char *)NULL);
-        _exit(127);
-    }
-    free(url);
-    int status = 0;
-    CHECK(waitpid(pid, &status, 0) == pid);
-    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    return true;
-}
+static bool test_calls_at_exit(void) { return run_child(SELF, "--at-exit", "leaver"); }
 
 /* ------------------------------------------------------------------ main */
 
