@@ -352,6 +352,38 @@ fn calls_from_a_thread_exit_handler_work_after_the_librarys_thread_locals_are_go
     rt.block_on(emulator.shutdown());
 }
 
+/// A thread-exit handler registered after the library's first call on its thread but
+/// before its first blocking call (a C++ `thread_local` whose constructor makes the
+/// client) runs once the runtime's parker of that thread is gone, its context not yet.
+#[test]
+fn a_client_made_before_its_thread_exit_handler_is_used_stopped_and_freed_by_it() {
+    let (rt, emulator, url) = emulator();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (state, user_data) = Late::leaked();
+        let client = common::ffi_client(&url, None, user_data, Some(count_free)) as usize;
+        AT_THREAD_EXIT.with(|f| {
+            *f.0.borrow_mut() = Some(Box::new(move || unsafe {
+                let c = client as *mut wps_client;
+                let send = common::ffi_send_text(c, c"g", "late", 0);
+                let message = last_error();
+                let stop = wps_client_stop(c);
+                wps_client_free(c);
+                let freed = state.freed.load(Ordering::SeqCst) == 1;
+                tx.send((send, message, stop, freed)).unwrap();
+            }))
+        });
+        check(
+            unsafe { wps_client_start(client as *mut wps_client) },
+            "wps_client_start",
+        );
+    });
+    let (send, message, stop, freed) = rx.recv_timeout(WAIT).expect("the exit handler ran");
+    assert_eq!((send, stop), (WPS_STATUS_OK, WPS_STATUS_OK), "{message}");
+    assert!(freed, "the free finished (its finalizer ran)");
+    rt.block_on(emulator.shutdown());
+}
+
 /// A poll-mode client of `url` whose events go to `on_event` with `user_data`.
 fn poll_client(
     url: &CStr,

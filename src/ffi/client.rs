@@ -88,8 +88,8 @@ fn runtime() -> FfiResult<tokio::runtime::Handle> {
 /// Runs a core future to completion on this thread, driven by the shared runtime's
 /// I/O and timers: no task, no thread hop (a fire-and-forget send finishes on its
 /// first poll). On a thread already inside the runtime's context (a blocking-pool
-/// thread running a credential callback), or exiting with the context gone, it is
-/// spawned instead and waited for.
+/// thread running a credential callback), or exiting with the runtime's thread-locals
+/// being destroyed (`BLOCK_ON_HERE`), it is spawned instead and waited for.
 /// A panic in the future unwinds to the caller's panic boundary. Never interrupted:
 /// the stops.
 fn block<F>(fut: F) -> FfiResult<F::Output>
@@ -110,15 +110,44 @@ where
     wait(fut, true)
 }
 
+thread_local! {
+    /// Made after the runtime's thread-locals that a wait on this thread uses (its
+    /// context and its parker), so destroyed before them: once it is gone, a call from
+    /// a later thread-exit handler (a C++ `thread_local` made after the library's first
+    /// call on its thread) would find the parker gone and the context not yet.
+    static BLOCK_ON_HERE: BlockOnHere = BlockOnHere::new();
+}
+
+/// The marker of `BLOCK_ON_HERE`.
+struct BlockOnHere;
+
+impl BlockOnHere {
+    /// Makes this thread's parker of the runtime first (a wait on a ready future).
+    fn new() -> BlockOnHere {
+        if let Ok(rt) = crate::runtime::try_handle() {
+            rt.block_on(async {});
+        }
+        BlockOnHere
+    }
+}
+
+/// A destructor, so that the thread-local is destroyed with the others and says so.
+impl Drop for BlockOnHere {
+    fn drop(&mut self) {}
+}
+
 fn wait<F>(fut: F, interruptible: bool) -> FfiResult<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let rt = runtime()?;
-    // Outside the runtime's context, unless its thread-local is destroyed (a call from
-    // a thread-exit or `atexit` handler): the waits on this thread would need it.
-    if tokio::runtime::Handle::try_current().is_err_and(|e| !e.is_thread_local_destroyed()) {
+    // Outside the runtime's context, unless this thread's exit has begun destroying the
+    // runtime's thread-locals (a call from a thread-exit or `atexit` handler): the
+    // waits on this thread need them. The context is made first, `BLOCK_ON_HERE` after.
+    if tokio::runtime::Handle::try_current().is_err_and(|e| !e.is_thread_local_destroyed())
+        && BLOCK_ON_HERE.try_with(|_| ()).is_ok()
+    {
         if !interruptible {
             return Ok(rt.block_on(fut));
         }
