@@ -1382,3 +1382,46 @@ fn fire_and_forget_sends_past_the_operation_queue_go_out_before_a_stop() {
     assert_eq!(gathered, expected);
     unsafe { wps_client_free(c) };
 }
+
+#[test]
+fn a_deferred_send_cancelled_before_its_flush_is_never_written() {
+    // Cancelled while deferred, it must not be written (`wps_client_cancel`: given up,
+    // "not written if it was not yet"), also when the flush finds it alone on an idle
+    // client, which the flushing thread would otherwise write itself.
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let sender = setup.client(&sender_rec, true);
+    let receiver = setup.client(&receiver_rec, true);
+    let group = c"cancelled-deferred";
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    for round in 0..5 {
+        let op = send_async(
+            sender,
+            group,
+            &format!("cancelled{round}"),
+            WPS_SEND_DEFERRED,
+            &sender_rec,
+        );
+        check(unsafe { wps_client_cancel(sender, op) }, "cancel");
+        check(unsafe { wps_client_flush_deferred(sender) }, "flush");
+        // A marker behind it on the same connection: once it arrived, so would have
+        // the cancelled message.
+        let marker = send_async(sender, group, &format!("marker{round}"), 0, &sender_rec);
+        sender_rec.wait("the marker's ack", |s| s.completions.contains_key(&marker));
+        receiver_rec.wait("the marker", |s| s.messages.len() > round);
+        let seen = sender_rec.seen.lock().unwrap();
+        assert_eq!(seen.completions[&op], vec![WPS_STATUS_CANCELLED]);
+        assert_eq!(seen.completions[&marker], vec![WPS_STATUS_OK]);
+    }
+    assert_eq!(
+        receiver_rec.seen.lock().unwrap().messages,
+        (0..5).map(|i| format!("marker{i}")).collect::<Vec<_>>(),
+        "a cancelled deferred send was published"
+    );
+    unsafe { wps_client_free(sender) };
+    unsafe { wps_client_free(receiver) };
+    setup.shutdown();
+}

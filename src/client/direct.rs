@@ -89,8 +89,10 @@ impl Direct {
 
     /// Writes an acked operation's frame on this thread if the client is idle, never
     /// blocking. For an awaited operation, or any when [`Direct::pings_register`].
+    /// One whose caller gave up (a deferred send cancelled before its flush) is left
+    /// to the task, which drops it unwritten.
     pub(crate) fn try_write(&self, op: Operation) -> Written {
-        let acked = matches!(op.kind, OpKind::Ack { .. });
+        let acked = matches!(&op.kind, OpKind::Ack { reply, .. } if !reply.is_closed());
         if !acked || self.chosen_ack_ids.load(Ordering::Relaxed) || !self.idle() {
             return Written::No(op);
         }
