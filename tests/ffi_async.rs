@@ -1425,3 +1425,53 @@ fn a_deferred_send_cancelled_before_its_flush_is_never_written() {
     unsafe { wps_client_free(receiver) };
     setup.shutdown();
 }
+
+#[test]
+fn deferred_fire_and_forget_sends_flushed_while_a_stop_comes_go_out_before_it() {
+    // The sends returned (completed as sent) before the stop was called, so the stop
+    // writes them before its close frame, also while another thread is still flushing
+    // them: the stop's own flush must not find them gone and overtake them.
+    const SENDS: usize = 3000;
+    const ROUNDS: usize = 20;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for round in 0..ROUNDS {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
+        let service = rt.spawn(gathering_service(listener));
+        let rec = Recorder::default();
+        let c = client_of(&CString::new(url).unwrap(), &rec, true);
+        for i in 0..SENDS {
+            let flags = WPS_SEND_DEFERRED | WPS_SEND_FIRE_AND_FORGET;
+            send_async(c, c"g", &format!("m{i:05}"), flags, &rec);
+        }
+        rec.wait("every completion", |s| s.completions.len() == SENDS);
+        let meet = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let flusher = {
+            let (meet, handle) = (meet.clone(), c as usize);
+            std::thread::spawn(move || {
+                meet.wait();
+                check(
+                    unsafe { wps_client_flush_deferred(handle as *mut wps_client) },
+                    "flush",
+                );
+            })
+        };
+        meet.wait();
+        // Into the flush, which takes milliseconds for this many.
+        std::thread::sleep(Duration::from_micros(200));
+        check(unsafe { wps_client_stop(c) }, "wps_client_stop");
+        flusher.join().unwrap();
+        let gathered = rt
+            .block_on(async { tokio::time::timeout(WAIT, service).await })
+            .expect("the service still reads after the stop")
+            .unwrap();
+        assert_eq!(
+            gathered.len(),
+            SENDS,
+            "round {round}: deferred messages reported sent before the stop were dropped"
+        );
+        unsafe { wps_client_free(c) };
+    }
+}

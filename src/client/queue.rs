@@ -151,7 +151,9 @@ impl OpSender {
     }
 
     /// Hands every deferred operation to the connection task, in order. They are
-    /// handed over under the lock, so that two flushing threads cannot interleave. A
+    /// handed over under the lock, so that two flushing threads cannot interleave, and
+    /// `has_deferred` is cleared only once they are: a flush that comes meanwhile (a
+    /// stop's, before its command) waits for them instead of overtaking them. A
     /// single acked one on an idle client is written at once instead when its outcome
     /// may go unawaited (see [`Direct::pings_register`]): a run of them is better
     /// written by the task, for one wake-up.
@@ -160,7 +162,6 @@ impl OpSender {
             return;
         }
         let mut deferred = self.deferred();
-        self.has_deferred.store(false, Ordering::Release);
         let alone = deferred.len() == 1 && self.direct.pings_register();
         for op in deferred.drain(..) {
             let op = if alone {
@@ -174,6 +175,7 @@ impl OpSender {
             // A refused operation has already given its reply the error.
             let _ = self.hand_over(op);
         }
+        self.has_deferred.store(false, Ordering::Release);
     }
 
     /// Writes an acked operation on this thread if the client is idle (see
