@@ -950,3 +950,128 @@ async def test_a_coroutine_listener_runs_in_a_task_of_its_own(hub: Hub) -> None:
             await client.send_to_group("g", text, WebPubSubDataType.TEXT)
         assert await outcomes.wait_for(2) == ["ok", "ok"]
     assert all(task is not None for task in tasks) and len(set(map(id, tasks))) == 2
+
+
+def test_listeners_follow_the_client_to_a_new_loop_once_the_loop_that_opened_it_closed(hub: Hub) -> None:
+    """The client is opened in one asyncio.run and used, still open, in the next: its
+    listeners then run on the new loop. They were left on the closed one, so every event
+    after it (messages, disconnected, stopped) was dropped while sends kept working."""
+    client = make(hub.url())
+    got: List[str] = []
+    stopped: List[str] = []
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        async def reached() -> None:
+            while not predicate():
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(reached(), WAIT)
+
+    async def first() -> None:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, lambda args: got.append(args.data))
+        await client.subscribe(CallbackType.STOPPED, lambda: stopped.append("stopped"))
+        await client.open()
+        await client.join_group("g")
+        await client.send_to_group("g", "first", WebPubSubDataType.TEXT)
+        await until(lambda: "first" in got)
+
+    async def second() -> None:
+        try:
+            await client.send_to_group("g", "second", WebPubSubDataType.TEXT)
+            await until(lambda: "second" in got)
+        finally:
+            await client.close()
+        await until(lambda: bool(stopped))
+
+    asyncio.run(first())
+    asyncio.run(second())
+    assert got == ["first", "second"] and stopped == ["stopped"]
+
+
+async def test_close_waits_for_the_listener_tasks_running_as_officially(hub: Hub, caplog: Any) -> None:
+    """As the official close(), ours waits (up to 1 s) for the coroutine listeners still
+    running when it is called, and cancels those still running then, with a warning. It
+    returned at once, so such a listener was cancelled by the asyncio.run ending after an
+    ``async with``; the disconnected and stopped listeners, started by the close itself,
+    are not waited for (one may reopen the client), nor is a listener that calls close()."""
+    log: List[str] = []
+    closed_in_listener = asyncio.Event()
+    client = make(hub.url())
+
+    async def on_message(args: OnGroupDataMessageArgs) -> None:
+        if args.data == "close":
+            await client.close()  # from a listener: close() does not wait for its own task
+            closed_in_listener.set()
+            return
+        log.append(f"start {args.data}")
+        await asyncio.sleep(0.2 if args.data == "short" else 3 * WAIT)
+        log.append(f"end {args.data}")
+
+    async def on_stopped() -> None:
+        await asyncio.sleep(1.5)
+        log.append("stopped listener done")
+
+    await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    await client.subscribe(CallbackType.STOPPED, on_stopped)
+    async with client:
+        await client.join_group("g")
+        await client.send_to_group("g", "short", WebPubSubDataType.TEXT)
+        await client.send_to_group("g", "long", WebPubSubDataType.TEXT)
+        while len(log) < 2:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+    took = time.monotonic() - started
+    assert log == ["start short", "start long", "end short"], log
+    assert 0.9 < took < 2.5, took
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
+    ]
+    await asyncio.sleep(1.6)
+    assert log[-1] == "stopped listener done", "the stopped listener is not cancelled"
+
+    await client.open()
+    await client.join_group("g")
+    started = time.monotonic()
+    await client.send_to_group("g", "close", WebPubSubDataType.TEXT)
+    await asyncio.wait_for(closed_in_listener.wait(), WAIT)
+    assert time.monotonic() - started < 0.9
+    assert client.state is WebPubSubClientState.STOPPED
+
+
+def test_sends_on_a_loop_are_flushed_by_that_loop_while_another_holds_a_pending_flush(
+    hub: Hub, monkeypatch: Any
+) -> None:
+    """Deferred sends are handed over by a flush that the loop sending them runs on its
+    next pass. One flag said "a flush is scheduled" for every loop: once a loop stopped
+    with its flush still pending (stopped from a callback, from another thread, or
+    abandoned), or while that loop was busy in another thread, the sends of every other
+    loop were deferred with no flush of their own and hung until some later send."""
+    monkeypatch.setattr(aio_client._Poller, "QUIET", float("inf"))  # every send is deferred
+    client = make(hub.url())
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(client.open())
+        first.run_until_complete(client.join_group("g"))
+
+        def burst() -> None:
+            for i in range(3):
+                first.create_task(client.send_to_group("g", f"first {i}", WebPubSubDataType.TEXT))
+            first.call_soon(first.stop)  # runs after the sends, before their flush
+
+        first.call_soon(burst)
+        first.run_forever()  # stops with the flush pending
+
+        async def second() -> List[Any]:
+            try:
+                sends = [client.send_to_group("g", f"second {i}", WebPubSubDataType.TEXT) for i in range(3)]
+                return await asyncio.wait_for(asyncio.gather(*sends), WAIT / 2)
+            finally:
+                await client.close()
+
+        results = asyncio.run(second())
+        assert all(result.ack_id is not None for result in results)
+    finally:
+        for task in asyncio.all_tasks(first):
+            task.cancel()
+        first.run_until_complete(asyncio.sleep(0))  # the first loop's own flush runs at last
+        first.close()

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Awaitable, Callable, List, Literal, Optional, Set, Tuple, Union, overload
+from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Tuple, Union, overload
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -112,12 +112,16 @@ class _LoopBatch:
 class _AsyncSink:
     """Moves native events from the dispatcher thread onto the client's event loop, in order."""
 
+    LISTENER_GRACE = 1.0  # seconds close() waits for running listeners (the official client's)
+
     def __init__(self, listeners: _base.Listeners) -> None:
         self._listeners = listeners
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.batch: Optional[_LoopBatch] = None
         self.thread = 0  # the thread running ``loop``
-        self._tasks: Set["asyncio.Future[Any]"] = set()
+        # The running tasks of coroutine listeners (and awaitables a listener returned), by
+        # the event they listen to: close() waits for them, as the official close() does.
+        self._tasks: Dict["asyncio.Future[Any]", CallbackType] = {}
         # What a listener run inside the native dispatch raised to stop the loop; it cannot
         # cross the library, so the poller raises it once the native call has returned.
         self._interrupt: Optional[BaseException] = None
@@ -223,7 +227,7 @@ class _AsyncSink:
             else:
                 self._track(task, kind)
             return
-        self._tasks.add(loop.create_task(self._run(coro, kind)))
+        self._tasks[loop.create_task(self._run(coro, kind))] = kind
 
     async def _run(self, coro: Any, kind: CallbackType) -> None:
         """A listener's task before Python 3.12: logs what the listener raised and forgets
@@ -234,16 +238,43 @@ class _AsyncSink:
         except Exception:  # noqa: BLE001
             _base.log_listener_error(kind)
         finally:
-            self._tasks.discard(asyncio.current_task(self.loop))
+            self._tasks.pop(asyncio.current_task(self.loop), None)  # type: ignore[arg-type]
 
     def _track(self, task: "asyncio.Future[Any]", kind: CallbackType) -> None:
-        self._tasks.add(task)
+        self._tasks[task] = kind
         task.add_done_callback(functools.partial(self._finished, kind=kind))
 
     def _finished(self, task: "asyncio.Future[Any]", *, kind: CallbackType) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
+
+    def running_listeners(self) -> List["asyncio.Future[Any]"]:
+        """The listener tasks running on this thread's loop, except the caller's own."""
+        loop = asyncio.get_running_loop()
+        current = asyncio.current_task(loop)
+        return [task for task in self._tasks if task is not current and not task.done() and task.get_loop() is loop]
+
+    async def finish_listeners(self, tasks: List["asyncio.Future[Any]"]) -> None:
+        """Waits up to ``LISTENER_GRACE`` seconds for ``tasks`` (the listeners running when
+        close() was called), then cancels those still running, with a warning, as the
+        official close() does; the cancelled ones get as long again to end."""
+        pending = [task for task in tasks if not task.done()]
+        if not pending:
+            return
+        _, still = await asyncio.wait(pending, timeout=self.LISTENER_GRACE)
+        if not still:
+            return
+        for task in still:
+            kind = self._tasks.get(task)
+            what = kind.value if kind is not None else "an event"
+            _LOGGER.warning(
+                "webpubsub_client: a %s listener was still running %g s after close(); cancelled",
+                what,
+                self.LISTENER_GRACE,
+            )
+            task.cancel()
+        await asyncio.wait(still, timeout=self.LISTENER_GRACE)  # bounded: a task may ignore its cancellation
 
     def credential_provider(self, credential: WebPubSubClientCredential, timeout: float) -> Callable[[], str]:
         """A blocking provider for the library thread that awaits ``credential`` on the loop."""
@@ -331,7 +362,11 @@ class _Poller:
         self._delivering = False  # their listeners are running
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd = -1
-        self._flush_scheduled = False
+        # The loop on which a flush of the deferred sends is scheduled. Per loop: a send
+        # deferred on one loop may count only on a flush of its own loop, which runs after
+        # it on that loop's next pass, never on one of a loop that may never run again
+        # (stopped) or that runs on another thread (busy, or its flush ran before the send).
+        self._flush_loop: Optional[asyncio.AbstractEventLoop] = None
         self._deferred = 0  # messages deferred since the last hand-over
         self._last_send = 0.0  # time.monotonic() of the last acked send
         self._pid = os.getpid()  # a fork() child leaves the client and the loop alone
@@ -364,6 +399,12 @@ class _Poller:
                 raise WebPubSubClientError(message, status=status)
             loop.add_reader(fd.value, self.dispatch)
             self._loop, self._fd = loop, fd.value
+            sink_loop = self._sink.loop
+            if sink_loop is not None and sink_loop.is_closed():
+                # The loop that opened the client is gone (an asyncio.run ended): the
+                # listeners move to this one, which dispatches now, instead of every event
+                # being dropped on the way to the closed loop.
+                self._sink.bind(loop)
 
     def dispatch(self) -> None:
         """Run the queued callbacks, settle the acked sends the library wrote as records
@@ -425,13 +466,14 @@ class _Poller:
             self._deferred = 0
             return loop, 0
         self._deferred += 1
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_later)
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_soon(self._flush_later, loop)
         return loop, _native.SEND_DEFERRED
 
-    def _flush_later(self) -> None:
-        self._flush_scheduled = False
+    def _flush_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._flush_loop is loop:  # else another loop's is scheduled since
+            self._flush_loop = None
         self._deferred = 0  # before the call: a message deferred after it counts again
         with self._lock:
             if self._handle:
@@ -657,11 +699,15 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """Stop the client; does nothing if it is already stopped."""
         if not self._finalizer.alive or _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
             return
+        # The listeners running now are waited for once stopped, as officially; not those
+        # the stop starts (disconnected, stopped: one may reopen), nor the caller's own.
+        listeners = self._sink.running_listeners()
         # completes after the disconnected and stopped events, dispatched before it
         completion = await self._run(lib.wps_client_stop_async, self._handle, checked=False)
         status = completion.status
         if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
             raise WebPubSubClientError(f"{_native.status_str(status)}: {completion.error_message}", status=status)
+        await self._sink.finish_listeners(listeners)
 
     def is_connected(self) -> bool:
         """True while the client has an open connection."""
