@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from typing import Any, List
 
 import pytest
@@ -905,3 +906,52 @@ def test_garbage_collected_client_releases_its_callbacks(hub: Hub) -> None:
     del client
     gc.collect()
     wait_until(lambda: len(REGISTRY) == before, what="registry entries released")
+
+
+def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:
+    """A listener that refers to its client (an echo bot's ``client.send_to_group``) keeps
+    a running client alive, as the official client's threads do, but not a closed, dropped
+    one: it is collected and its native client freed (before, its event sink in the
+    callback registry kept the listener, and through it the client, until exit)."""
+    import gc
+
+    from webpubsub_client._callbacks import REGISTRY
+
+    gc.collect()
+    before = len(REGISTRY)
+    got = Collector()
+
+    def start_echo_bot() -> "weakref.ref[WebPubSubClient]":
+        bot = make(hub.url("bot"))
+        bot.subscribe(
+            CallbackType.GROUP_MESSAGE,
+            lambda m: m.data == "ping" and bot.send_to_group("g", "pong", WebPubSubDataType.TEXT),
+        )
+        bot.open()
+        bot.join_group("g")
+        return weakref.ref(bot)
+
+    bot_ref = start_echo_bot()
+    gc.collect()  # the running bot is kept alive by its listener
+    with make(hub.url("other")) as other:
+        other.subscribe(CallbackType.GROUP_MESSAGE, got)
+        other.join_group("g")
+        other.send_to_group("g", "ping", WebPubSubDataType.TEXT)
+        got.wait_until(lambda items: [m.data for m in items][-1:] == ["pong"])
+    del other
+    for _ in range(3):
+        client = make(hub.url())
+        client.subscribe(CallbackType.GROUP_MESSAGE, lambda _m, c=client: c.join_group("x"))
+        client.subscribe(CallbackType.STOPPED, lambda c=client: c.state)
+        client.open()
+        client.close()
+        del client
+    gc.collect()
+    gc.collect()
+    wait_until(lambda: len(REGISTRY) == before + 1, what="closed clients freed")  # the bot's sink is left
+    bot = bot_ref()
+    assert bot is not None
+    bot.close()
+    del bot
+    gc.collect()
+    wait_until(lambda: len(REGISTRY) == before, what="the closed bot freed")

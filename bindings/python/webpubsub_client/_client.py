@@ -78,23 +78,50 @@ class _Provider:
 
 
 class _SyncSink:
-    """Receives native events on the dispatcher thread and calls the listeners there, in order."""
+    """Receives native events on the dispatcher thread and calls the listeners there, in order.
+
+    The sink lives in the callback registry (a module global) until the native client is
+    freed, so what it holds strongly is never collected before. It holds the client's
+    listeners strongly only while the client runs (from ``open()`` to its ``stopped``
+    event), weakly otherwise: a listener that refers to its client
+    (``lambda m: client.send_to_group(...)``) then keeps a running client alive, as the
+    official client's threads do, but no longer keeps a stopped, dropped client (and its
+    native handle) alive until the interpreter exits."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
-        self._listeners = listeners
+        self._listeners = weakref.ref(listeners)
+        self._held: Optional[_base.Listeners] = None
+        self._lock = threading.Lock()
+        self.handle = 0  # set once the native client exists
+
+    def hold(self) -> None:
+        """The client runs (or is opening): keep its listeners."""
+        with self._lock:
+            self._held = self._listeners()
+
+    def release_if_stopped(self) -> None:
+        """Let the listeners (and so a client they refer to) go once the client is stopped."""
+        with self._lock:
+            if _base.state_of(self.handle) is WebPubSubClientState.STOPPED:
+                self._held = None
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
+        listeners = self._listeners()
+        if listeners is None:  # the client was collected; its handle is being freed
+            return
         converted = _base.event_args(event)
         if converted is None:
             return
         kind, args = converted
-        for listener in self._listeners.snapshot(kind):
+        for listener in listeners.snapshot(kind):
             try:
                 listener(*args)
             except BaseException:  # noqa: BLE001 - a listener's error must not stop the others
                 # SystemExit and KeyboardInterrupt too: in the official client they end only
                 # the listener's own thread, and here there is no caller to raise them to.
                 _base.log_listener_error(kind)
+        if kind is CallbackType.STOPPED:
+            self.release_if_stopped()
 
 
 def _start_interruptibly(client: "WebPubSubClient") -> Tuple[int, str]:
@@ -241,7 +268,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             user_agent=user_agent,
         )
         self._listeners = _base.Listeners()
-        self._handle = _base.new_native_client(source, options, _SyncSink(self._listeners))
+        self._sink = _SyncSink(self._listeners)
+        self._handle = _base.new_native_client(source, options, self._sink)
+        self._sink.handle = self._handle
         self._finalizer = weakref.finalize(self, _base.free_client, self._handle)
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -262,10 +291,17 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         provider = self._provider
         if provider is not None:
             provider.error = None
-        if threading.current_thread() is threading.main_thread():
-            status, message = _start_interruptibly(self)
-        else:
-            status, message = lib.wps_client_start(handle), None
+        self._sink.hold()
+        try:
+            if threading.current_thread() is threading.main_thread():
+                status, message = _start_interruptibly(self)
+            else:
+                status, message = lib.wps_client_start(handle), None
+        finally:
+            # Again after the start: a stopped event of an earlier run, delivered while this
+            # one started, may have let the listeners go.
+            self._sink.hold()
+            self._sink.release_if_stopped()
         if status != _native.STATUS_OK:
             if status == _native.STATUS_CREDENTIAL_FAILED and provider is not None and provider.error is not None:
                 error, provider.error = provider.error, None
