@@ -160,3 +160,29 @@ def test_a_fork_child_exits_promptly_with_clients_of_its_parent(hub: Hub) -> Non
     result = run_python(code, {}, timeout=60)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.split() == ["sys.exit", "0", "return", "0", "True"], result.stdout
+
+
+def test_exit_while_a_listener_blocks_for_good_does_not_hang(hub: Hub) -> None:
+    """The interpreter exits while a listener waits for something that never comes: the
+    exit hook does not wait for it without end (before, freeing the client at exit waited
+    for the running callback, so the process never exited); the official client's
+    listener threads are daemon threads."""
+    code = f"""
+        import threading
+        from webpubsub_client import WebPubSubClient
+        client = WebPubSubClient({hub.url("stuck")!r}, start_timeout=5.0)
+        entered = threading.Event()
+
+        def on_message(_):
+            entered.set()
+            threading.Event().wait()
+
+        client.subscribe("group-message", on_message)
+        client.open()
+        client.join_group("g")
+        client.send_to_group("g", "block", "text")
+        print(entered.wait(10), flush=True)
+    """
+    result = run_python(code, {}, timeout=20)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["True"]

@@ -678,10 +678,11 @@ class Listeners:
 def free_client(handle: int) -> None:
     """Free a native client: stops it, completes pending operations, waits for callbacks.
 
-    At interpreter exit while other threads still run (daemon threads), one of them may
-    be inside a call on this client: it is then only stopped (which is safe alongside
-    other calls), and its memory is left to the end of the process."""
-    if not threading.main_thread().is_alive() and threading.active_count() > 1:
+    At interpreter exit it is only stopped (which is safe alongside other calls), and its
+    memory is left to the end of the process: a daemon thread may be inside a call on
+    it, and a listener still running would be waited for without end (the exit hook
+    then waits for running callbacks a bounded time)."""
+    if not threading.main_thread().is_alive():
         lib.wps_client_stop(handle)
         return
     lib.wps_client_free(handle)
