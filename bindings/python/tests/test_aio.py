@@ -8,6 +8,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Callable, List
 
 import pytest
@@ -1075,3 +1076,47 @@ def test_sends_on_a_loop_are_flushed_by_that_loop_while_another_holds_a_pending_
             task.cancel()
         first.run_until_complete(asyncio.sleep(0))  # the first loop's own flush runs at last
         first.close()
+
+
+async def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:
+    """As in the sync client: a listener that refers to its client keeps a running client
+    alive (an echo bot made in a function), but not a closed, dropped one, whose sink in
+    the callback registry held the listener, and through it the client, until exit."""
+    gc.collect()
+    before = len(REGISTRY)
+    got = AsyncCollector()
+
+    async def start_echo_bot() -> "weakref.ref[WebPubSubClient]":
+        bot = make(hub.url("bot"))
+
+        async def echo(message: Any) -> None:
+            if message.data == "ping":
+                await bot.send_to_group("g", "pong", WebPubSubDataType.TEXT)
+
+        await bot.subscribe(CallbackType.GROUP_MESSAGE, echo)
+        await bot.open()
+        await bot.join_group("g")
+        return weakref.ref(bot)
+
+    bot_ref = await start_echo_bot()
+    gc.collect()  # the running bot is kept alive by its listener
+    async with make(hub.url("other")) as other:
+        await other.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await other.join_group("g")
+        await other.send_to_group("g", "ping", WebPubSubDataType.TEXT)
+        await got.wait_until(lambda items: [m.data for m in items][-1:] == ["pong"])
+    del other
+    for _ in range(3):
+        client = make(hub.url())
+        await client.subscribe(CallbackType.GROUP_MESSAGE, lambda _m, c=client: c.is_connected())
+        await client.open()
+        await client.close()
+        del client
+    deadline = time.monotonic() + WAIT
+    while len(REGISTRY) != before + 1:  # the bot's sink is left
+        assert time.monotonic() < deadline, f"closed clients not freed: {len(REGISTRY) - before} sinks left"
+        gc.collect()
+        await asyncio.sleep(0.05)
+    bot = bot_ref()
+    assert bot is not None
+    await bot.close()

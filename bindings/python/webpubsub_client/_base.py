@@ -9,6 +9,7 @@ import math
 import platform
 import threading
 import urllib.parse
+import weakref
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, TypeVar, Union, cast
 
@@ -670,6 +671,37 @@ class Listeners:
     def snapshot(self, kind: CallbackType) -> Tuple[Callable[..., Any], ...]:
         """The listeners of ``kind`` now (an immutable tuple)."""
         return self._by_type[kind]
+
+
+class HeldListeners:
+    """A client's listeners as its event sink holds them. The sink lives in the callback
+    registry (a module global) until the native client is freed, so what it holds
+    strongly is never collected before: it holds the listeners strongly only while the
+    client runs (from ``open()`` to its ``stopped`` event), weakly otherwise. A listener
+    that refers to its client (``lambda m: client.send_to_group(...)``) then keeps a
+    running client alive, as the official client's threads do, but not a stopped,
+    dropped one (and its native handle) until the interpreter exits."""
+
+    def __init__(self, listeners: Listeners) -> None:
+        self._ref = weakref.ref(listeners)
+        self._held: Optional[Listeners] = None
+        self._lock = threading.Lock()
+        self.handle = 0  # set once the native client exists
+
+    def get(self) -> Optional[Listeners]:
+        """The listeners; None once the client was collected (its handle is being freed)."""
+        return self._ref()
+
+    def hold(self) -> None:
+        """The client runs (or is opening): keep its listeners."""
+        with self._lock:
+            self._held = self._ref()
+
+    def release_if_stopped(self) -> None:
+        """Let the listeners (and a client they refer to) go once the client is stopped."""
+        with self._lock:
+            if state_of(self.handle) is WebPubSubClientState.STOPPED:
+                self._held = None
 
 
 # ---- native client handle -------------------------------------------------------------

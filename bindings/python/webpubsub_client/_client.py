@@ -78,35 +78,13 @@ class _Provider:
 
 
 class _SyncSink:
-    """Receives native events on the dispatcher thread and calls the listeners there, in order.
-
-    The sink lives in the callback registry (a module global) until the native client is
-    freed, so what it holds strongly is never collected before. It holds the client's
-    listeners strongly only while the client runs (from ``open()`` to its ``stopped``
-    event), weakly otherwise: a listener that refers to its client
-    (``lambda m: client.send_to_group(...)``) then keeps a running client alive, as the
-    official client's threads do, but no longer keeps a stopped, dropped client (and its
-    native handle) alive until the interpreter exits."""
+    """Receives native events on the dispatcher thread and calls the listeners there, in order."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
-        self._listeners = weakref.ref(listeners)
-        self._held: Optional[_base.Listeners] = None
-        self._lock = threading.Lock()
-        self.handle = 0  # set once the native client exists
-
-    def hold(self) -> None:
-        """The client runs (or is opening): keep its listeners."""
-        with self._lock:
-            self._held = self._listeners()
-
-    def release_if_stopped(self) -> None:
-        """Let the listeners (and so a client they refer to) go once the client is stopped."""
-        with self._lock:
-            if _base.state_of(self.handle) is WebPubSubClientState.STOPPED:
-                self._held = None
+        self.listeners = _base.HeldListeners(listeners)
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
-        listeners = self._listeners()
+        listeners = self.listeners.get()
         if listeners is None:  # the client was collected; its handle is being freed
             return
         converted = _base.event_args(event)
@@ -121,7 +99,7 @@ class _SyncSink:
                 # the listener's own thread, and here there is no caller to raise them to.
                 _base.log_listener_error(kind)
         if kind is CallbackType.STOPPED:
-            self.release_if_stopped()
+            self.listeners.release_if_stopped()
 
 
 def _start_interruptibly(client: "WebPubSubClient") -> Tuple[int, str]:
@@ -270,7 +248,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         self._listeners = _base.Listeners()
         self._sink = _SyncSink(self._listeners)
         self._handle = _base.new_native_client(source, options, self._sink)
-        self._sink.handle = self._handle
+        self._sink.listeners.handle = self._handle
         self._finalizer = weakref.finalize(self, _base.free_client, self._handle)
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -291,7 +269,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         provider = self._provider
         if provider is not None:
             provider.error = None
-        self._sink.hold()
+        self._sink.listeners.hold()
         try:
             if threading.current_thread() is threading.main_thread():
                 status, message = _start_interruptibly(self)
@@ -300,8 +278,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         finally:
             # Again after the start: a stopped event of an earlier run, delivered while this
             # one started, may have let the listeners go.
-            self._sink.hold()
-            self._sink.release_if_stopped()
+            self._sink.listeners.hold()
+            self._sink.listeners.release_if_stopped()
         if status != _native.STATUS_OK:
             if status == _native.STATUS_CREDENTIAL_FAILED and provider is not None and provider.error is not None:
                 error, provider.error = provider.error, None

@@ -115,7 +115,7 @@ class _AsyncSink:
     LISTENER_GRACE = 1.0  # seconds close() waits for running listeners (the official client's)
 
     def __init__(self, listeners: _base.Listeners) -> None:
-        self._listeners = listeners
+        self.listeners = _base.HeldListeners(listeners)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.batch: Optional[_LoopBatch] = None
         self.thread = 0  # the thread running ``loop``
@@ -192,7 +192,10 @@ class _AsyncSink:
         from the eager start of its task) is raised once the others had the event: it stops
         the loop, as the official client's listener task does."""
         interrupt: Optional[BaseException] = None
-        for listener in self._listeners.snapshot(kind):
+        listeners = self.listeners.get()
+        if listeners is None:  # the client was collected; its handle is being freed
+            return
+        for listener in listeners.snapshot(kind):
             try:
                 result = listener(*args)
                 if result is None:  # a plain function: skips two inspect calls (0.2 us an event)
@@ -208,6 +211,8 @@ class _AsyncSink:
                     _base.log_listener_error(kind)  # a second one: the first is raised
                 else:
                     interrupt = exc
+        if kind is CallbackType.STOPPED:
+            self.listeners.release_if_stopped()
         if interrupt is not None:
             raise interrupt
 
@@ -667,6 +672,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         else:
             source = self._sink.credential_provider(credential, max(start_timeout, 1.0))
         self._handle = _base.new_native_client(source, options, self._sink, poll=True)
+        self._sink.listeners.handle = self._handle
         self._poller = _Poller(self._handle, self._sink)
         self._finalizer = weakref.finalize(self, self._poller.free)
 
@@ -683,11 +689,17 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise OpenClientError("Client can be only started when it's Stopped")
         self._sink.bind(asyncio.get_running_loop())
         self._sink.credential_error = None
+        self._sink.listeners.hold()
         try:
             completion = await self._run(lib.wps_client_start_async, handle, checked=False)
         except asyncio.CancelledError:
             lib.wps_client_stop_async(handle, _NO_COMPLETION, None, None)  # no connection behind a cancelled open
             raise
+        finally:
+            # Again after the start: a stopped event of an earlier run, delivered while this
+            # one started, may have let the listeners go.
+            self._sink.listeners.hold()
+            self._sink.listeners.release_if_stopped()
         if completion.status != _native.STATUS_OK:
             error = self._sink.credential_error
             if completion.status == _native.STATUS_CREDENTIAL_FAILED and error is not None:
