@@ -1120,3 +1120,65 @@ async def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> 
     bot = bot_ref()
     assert bot is not None
     await bot.close()
+
+
+async def test_close_awaited_by_a_listener_through_another_task_does_not_wait_for_that_listener(
+    hub: Hub, caplog: Any
+) -> None:
+    """close() waits for the listener tasks running when it is called, except the
+    caller's own; but a listener that awaits close() through a task of its own
+    (``asyncio.gather``, ``asyncio.wait_for`` before Python 3.12, a ``TaskGroup``) was
+    waited for by the very close() it awaits: 1 s lost, a warning, and the listener
+    cancelled, so the rest of it never ran. Two listeners closing at once waited for
+    each other the same way."""
+    log: List[str] = []
+    done = asyncio.Event()
+    both = asyncio.Event()
+    client = make(hub.url())
+
+    async def on_message(args: OnGroupDataMessageArgs) -> None:
+        try:
+            if args.data == "gather":
+                await asyncio.gather(client.close())
+            elif args.data == "wait_for":
+                await asyncio.wait_for(client.close(), 3 * WAIT)
+            else:  # two listeners, each closing once both run
+                log.append(f"start {args.data}")
+                if sum(entry.startswith("start") for entry in log) == 2:
+                    both.set()
+                await both.wait()  # both go on in the same pass of the loop
+                await client.close()
+            log.append(f"after {args.data}")
+        finally:
+            done.set()
+
+    await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    for how in ("gather", "wait_for"):
+        done.clear()
+        await client.open()
+        await client.join_group("g")
+        started = time.monotonic()
+        await client.send_to_group("g", how, WebPubSubDataType.TEXT)
+        await asyncio.wait_for(done.wait(), WAIT)
+        took = time.monotonic() - started
+        assert log[-1:] == [f"after {how}"], (how, log)
+        assert took < 0.9, (how, took)
+        assert client.state is WebPubSubClientState.STOPPED
+
+    # two listeners closing the client at once
+    sender = make(hub.url())
+    await sender.open()
+    log.clear()
+    await client.open()
+    await client.join_group("g")
+    started = time.monotonic()
+    await sender.send_to_group("g", "one", WebPubSubDataType.TEXT, no_echo=True)
+    await sender.send_to_group("g", "two", WebPubSubDataType.TEXT, no_echo=True)
+    deadline = time.monotonic() + WAIT
+    while len(log) < 4 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    took = time.monotonic() - started
+    await sender.close()
+    assert sorted(log) == ["after one", "after two", "start one", "start two"], log
+    assert took < 0.9, took
+    assert not [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

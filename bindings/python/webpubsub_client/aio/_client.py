@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import ctypes
 import functools
 import inspect
@@ -40,6 +41,12 @@ __all__ = ["WebPubSubClient", "WebPubSubClientCredential"]
 _LOGGER = logging.getLogger("webpubsub_client")
 
 UrlProvider = Union[str, Callable[[], Awaitable[str]], Callable[[], str]]
+
+# In a coroutine listener's task, and in the tasks it starts (gather, wait_for before
+# Python 3.12, a TaskGroup): a one-item list holding that listener task (empty during the
+# eager start of the task, when it is the current task). close() must not wait for the
+# listener task it runs under, even through a task of its own.
+_LISTENER_TASK: "contextvars.ContextVar[List[asyncio.Future[Any]]]" = contextvars.ContextVar("_LISTENER_TASK")
 
 
 class WebPubSubClientCredential:
@@ -122,6 +129,11 @@ class _AsyncSink:
         # The running tasks of coroutine listeners (and awaitables a listener returned), by
         # the event they listen to: close() waits for them, as the official close() does.
         self._tasks: Dict["asyncio.Future[Any]", CallbackType] = {}
+        # The listener tasks inside a close() of this client (directly or through a task
+        # they await): a close() running meanwhile does not wait for them, as they wait
+        # for the stop themselves; and the futures waking such a close() when one enters.
+        self._closing: Dict["asyncio.Future[Any]", int] = {}
+        self._close_wakers: List["asyncio.Future[None]"] = []
         # What a listener run inside the native dispatch raised to stop the loop; it cannot
         # cross the library, so the poller raises it once the native call has returned.
         self._interrupt: Optional[BaseException] = None
@@ -225,14 +237,20 @@ class _AsyncSink:
         it starts on the loop's next pass. Either way coroutine listeners start in event order."""
         loop = self.loop
         assert loop is not None  # bound before any event reaches the loop
+        cell: List["asyncio.Future[Any]"] = []
+        context = contextvars.copy_context()
+        context.run(_LISTENER_TASK.set, cell)
         if sys.version_info >= (3, 12):
-            task = asyncio.Task(coro, loop=loop, eager_start=True)
+            task = asyncio.Task(coro, loop=loop, eager_start=True, context=context)
             if task.done():
                 self._finished(task, kind=kind)
             else:
+                cell.append(task)
                 self._track(task, kind)
             return
-        self._tasks[loop.create_task(self._run(coro, kind))] = kind
+        task = context.run(loop.create_task, self._run(coro, kind))
+        cell.append(task)
+        self._tasks[task] = kind
 
     async def _run(self, coro: Any, kind: CallbackType) -> None:
         """A listener's task before Python 3.12: logs what the listener raised and forgets
@@ -254,22 +272,68 @@ class _AsyncSink:
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
 
-    def running_listeners(self) -> List["asyncio.Future[Any]"]:
-        """The listener tasks running on this thread's loop, except the caller's own."""
+    def running_listeners(self, own: Optional["asyncio.Future[Any]"]) -> List["asyncio.Future[Any]"]:
+        """The listener tasks running on this thread's loop, except the caller's own
+        (``own``: the listener task it runs under, if any)."""
         loop = asyncio.get_running_loop()
         current = asyncio.current_task(loop)
-        return [task for task in self._tasks if task is not current and not task.done() and task.get_loop() is loop]
+        return [
+            task
+            for task in self._tasks
+            if task is not current and task is not own and not task.done() and task.get_loop() is loop
+        ]
+
+    def enter_close(self) -> Optional["asyncio.Future[Any]"]:
+        """A close() starts: the listener task it runs under (directly or through tasks
+        of its own), if any, is marked as closing, and the close() calls waiting for it
+        on this loop are woken: it waits for the stop itself, so none waits for it."""
+        cell = _LISTENER_TASK.get(None)
+        if cell is None:
+            return None
+        own = cell[0] if cell else asyncio.current_task()  # empty: its eager start
+        if own is None:
+            return None
+        self._closing[own] = self._closing.get(own, 0) + 1
+        loop = asyncio.get_running_loop()
+        wakers, self._close_wakers = self._close_wakers, []
+        for waker in wakers:
+            if waker.get_loop() is not loop:
+                self._close_wakers.append(waker)
+            elif not waker.done():
+                waker.set_result(None)
+        return own
+
+    def leave_close(self, own: Optional["asyncio.Future[Any]"]) -> None:
+        """The close() that ``enter_close`` returned ``own`` for has ended."""
+        if own is None:
+            return
+        count = self._closing.pop(own, 1) - 1
+        if count > 0:
+            self._closing[own] = count
 
     async def finish_listeners(self, tasks: List["asyncio.Future[Any]"]) -> None:
         """Waits up to ``LISTENER_GRACE`` seconds for ``tasks`` (the listeners running when
         close() was called), then cancels those still running, with a warning, as the
         official close() does; the cancelled ones get as long again to end."""
-        pending = [task for task in tasks if not task.done()]
-        if not pending:
-            return
-        _, still = await asyncio.wait(pending, timeout=self.LISTENER_GRACE)
-        if not still:
-            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.LISTENER_GRACE
+        while True:
+            # Not one that entered a close() meanwhile: it waits for the stop, done now.
+            still = [task for task in tasks if not task.done() and task not in self._closing]
+            if not still:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            waker: "asyncio.Future[None]" = loop.create_future()
+            self._close_wakers.append(waker)
+            try:
+                await asyncio.wait([*still, waker], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not waker.done():
+                    waker.cancel()
+                    if waker in self._close_wakers:
+                        self._close_wakers.remove(waker)
         for task in still:
             kind = self._tasks.get(task)
             what = kind.value if kind is not None else "an event"
@@ -712,14 +776,19 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if not self._finalizer.alive or _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
             return
         # The listeners running now are waited for once stopped, as officially; not those
-        # the stop starts (disconnected, stopped: one may reopen), nor the caller's own.
-        listeners = self._sink.running_listeners()
-        # completes after the disconnected and stopped events, dispatched before it
-        completion = await self._run(lib.wps_client_stop_async, self._handle, checked=False)
-        status = completion.status
-        if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
-            raise WebPubSubClientError(f"{_native.status_str(status)}: {completion.error_message}", status=status)
-        await self._sink.finish_listeners(listeners)
+        # the stop starts (disconnected, stopped: one may reopen), nor the caller's own
+        # (even through a task it awaits), nor one that closes the client too.
+        own = self._sink.enter_close()
+        try:
+            listeners = self._sink.running_listeners(own)
+            # completes after the disconnected and stopped events, dispatched before it
+            completion = await self._run(lib.wps_client_stop_async, self._handle, checked=False)
+            status = completion.status
+            if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
+                raise WebPubSubClientError(f"{_native.status_str(status)}: {completion.error_message}", status=status)
+            await self._sink.finish_listeners(listeners)
+        finally:
+            self._sink.leave_close(own)
 
     def is_connected(self) -> bool:
         """True while the client has an open connection."""
