@@ -291,13 +291,13 @@ fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once()
     setup.shutdown();
 }
 
-/// A scripted service for one connection: connects the client, reads `sends`
-/// acked sendToGroup frames, then writes each one's echo (from `sender(i)`, to group
-/// `left` or `right` in turn) followed by its ack, all in one write, so that a socket
-/// read holds both events and acks.
+/// The scripted services' connection: the client's WebSocket, accepted with the
+/// subprotocol it asked for, and its `connected` frame sent.
 #[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
-async fn echo_then_ack_service(listener: tokio::net::TcpListener, sends: usize) {
-    use futures_util::{SinkExt, StreamExt};
+async fn accepted_connected(
+    listener: tokio::net::TcpListener,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
     use tokio_tungstenite::tungstenite::Message;
     let (tcp, _) = listener.accept().await.unwrap();
@@ -312,6 +312,17 @@ async fn echo_then_ack_service(listener: tokio::net::TcpListener, sends: usize) 
     .unwrap();
     let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
     ws.send(Message::text(connected)).await.unwrap();
+    ws
+}
+
+/// A scripted service for one connection: connects the client, reads `sends`
+/// acked sendToGroup frames, then writes each one's echo (from `sender(i)`, to group
+/// `left` or `right` in turn) followed by its ack, all in one write, so that a socket
+/// read holds both events and acks.
+async fn echo_then_ack_service(listener: tokio::net::TcpListener, sends: usize) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = accepted_connected(listener).await;
     let mut sent = Vec::new();
     while sent.len() < sends {
         let Some(Ok(Message::Text(text))) = ws.next().await else {
@@ -1318,23 +1329,10 @@ fn an_invocation_started_before_a_stop_completes_with_stopped() {
 
 /// A scripted service for one connection: connects the client, then gathers the data of
 /// every sendToGroup frame until the client closes.
-#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
 async fn gathering_service(listener: tokio::net::TcpListener) -> Vec<String> {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
-    let (tcp, _) = listener.accept().await.unwrap();
-    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
-        if let Some(protocol) = req.headers().get("Sec-WebSocket-Protocol").cloned() {
-            resp.headers_mut()
-                .insert("Sec-WebSocket-Protocol", protocol);
-        }
-        Ok(resp)
-    })
-    .await
-    .unwrap();
-    let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
-    ws.send(Message::text(connected)).await.unwrap();
+    let mut ws = accepted_connected(listener).await;
     let mut gathered = Vec::new();
     while let Some(Ok(Message::Text(text))) = ws.next().await {
         let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
