@@ -837,25 +837,37 @@ async fn automatic_ack_ids_skip_ids_chosen_by_the_caller_while_pending() {
     client.stop().await;
 }
 
-#[tokio::test]
-async fn an_idle_clients_caller_writes_its_own_frame_while_the_connection_task_is_busy() {
-    let fake = Fake::new().await;
-    // The event handler runs on the connection task: holding it holds the task.
+/// A started client whose connection task is held inside its event handler (the
+/// handler of a server message waits for `release`). With `in_place` the handler waits
+/// in `block_in_place`, so that another thread polls the socket meanwhile, as a second
+/// runtime worker would.
+async fn held_client(
+    fake: &Fake,
+    options: ClientOptions,
+    in_place: bool,
+) -> (Client, Conn, std::sync::mpsc::Sender<()>) {
     let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
     let (release, released) = std::sync::mpsc::channel::<()>();
     let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
     let handler = move |event: Event| {
         if matches!(event, Event::ServerMessage { .. }) {
             entered_tx.lock().unwrap().send(()).unwrap();
-            let _ = released
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(30));
+            let wait = || {
+                let _ = released
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            };
+            if in_place {
+                tokio::task::block_in_place(wait);
+            } else {
+                wait();
+            }
         }
     };
     let client = Client::new(
         Credential::Url(fake.url.clone()),
-        quiet_options(),
+        options,
         Arc::new(handler),
     )
     .unwrap();
@@ -869,6 +881,13 @@ async fn an_idle_clients_caller_writes_its_own_frame_while_the_connection_task_i
         .await
         .unwrap()
         .expect("the handler was not called");
+    (client, conn, release)
+}
+
+#[tokio::test]
+async fn an_idle_clients_caller_writes_its_own_frame_while_the_connection_task_is_busy() {
+    let fake = Fake::new().await;
+    let (client, mut conn, release) = held_client(&fake, quiet_options(), false).await;
 
     let send = spawn_send(&client, "direct");
     // The task is still inside the handler: only the caller can have written this.
@@ -1169,40 +1188,9 @@ async fn a_resend_of_a_send_its_caller_wrote_itself_then_gave_up_waits_for_it() 
 #[tokio::test]
 async fn the_ack_of_a_callers_write_read_in_the_same_batch_as_earlier_frames_completes_it() {
     let fake = Fake::new().await;
-    // The event handler runs on the connection task: holding it holds the task in the
-    // middle of a batch of frames read from the socket.
-    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
-    let handler = move |event: Event| {
-        if matches!(event, Event::ServerMessage { .. }) {
-            entered_tx.lock().unwrap().send(()).unwrap();
-            // As a second runtime worker would, another thread polls the socket
-            // meanwhile and sees the ack arrive.
-            tokio::task::block_in_place(|| {
-                let _ = released
-                    .lock()
-                    .unwrap()
-                    .recv_timeout(Duration::from_secs(30));
-            });
-        }
-    };
-    let client = Client::new(
-        Credential::Url(fake.url.clone()),
-        one_try_options(),
-        Arc::new(handler),
-    )
-    .unwrap();
-    let starter = client.clone();
-    let start = tokio::spawn(async move { starter.start().await });
-    let (mut conn, _) = fake.accept().await;
-    conn.connected("conn1", "rt1").await;
-    start.await.unwrap().unwrap();
-    conn.send(&server_message("hold", 1)).await;
-    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .expect("the handler was not called");
+    // The task is held in the middle of a batch of frames read from the socket, while
+    // another thread polls the socket and sees the ack arrive.
+    let (client, mut conn, release) = held_client(&fake, one_try_options(), true).await;
     let send = spawn_send(&client, "direct");
     let frame = conn.recv().await;
     assert_eq!(frame["data"], "direct");
