@@ -103,6 +103,17 @@ async fn upstream() -> Upstream {
     }
 }
 
+/// An emulator that posts its events to a new [`upstream`].
+async fn emulator_with_upstream() -> (Upstream, Emulator) {
+    let up = upstream().await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    (up, emu)
+}
+
 async fn next_seen(up: &mut Upstream) -> Seen {
     tokio::time::timeout(WAIT, up.seen.recv())
         .await
@@ -112,12 +123,7 @@ async fn next_seen(up: &mut Upstream) -> Seen {
 
 #[tokio::test]
 async fn events_are_cloud_events_and_replies_come_back() {
-    let mut up = upstream().await;
-    let emu = start_with(Config {
-        upstream: Some(up.url.clone()),
-        ..Config::default()
-    })
-    .await;
+    let (mut up, emu) = emulator_with_upstream().await;
     let (mut a, connected) =
         connect_json(&emu.client_url("Chat", &all_roles("alice")), RELIABLE).await;
     let ack = a
@@ -188,12 +194,7 @@ async fn events_are_cloud_events_and_replies_come_back() {
 
 #[tokio::test]
 async fn invoke_round_trip_errors_and_cancel() {
-    let mut up = upstream().await;
-    let emu = start_with(Config {
-        upstream: Some(up.url.clone()),
-        ..Config::default()
-    })
-    .await;
+    let (mut up, emu) = emulator_with_upstream().await;
     let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), RELIABLE).await;
     a.send_json(json!({"type":"invoke","invocationId":"1","target":"event","event":"echo","dataType":"text","data":"q"})).await;
     let r = a.next_json().await;
@@ -247,12 +248,7 @@ async fn invoke_round_trip_errors_and_cancel() {
 
 #[tokio::test]
 async fn simple_client_frames_become_message_events() {
-    let mut up = upstream().await;
-    let emu = start_with(Config {
-        upstream: Some(up.url.clone()),
-        ..Config::default()
-    })
-    .await;
+    let (mut up, emu) = emulator_with_upstream().await;
     let mut s = connect(&emu.client_url("h", &TokenOptions::default()), None).await;
     s.send_text("raw text").await;
     let seen = next_seen(&mut up).await;
@@ -292,12 +288,7 @@ async fn unreachable_upstream_is_an_internal_server_error() {
 
 #[tokio::test]
 async fn connected_and_disconnected_system_events() {
-    let mut up = upstream().await;
-    let emu = start_with(Config {
-        upstream: Some(up.url.clone()),
-        ..Config::default()
-    })
-    .await;
+    let (mut up, emu) = emulator_with_upstream().await;
     let (a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
     let event = tokio::time::timeout(WAIT, up.system.recv())
         .await
@@ -314,12 +305,7 @@ async fn connected_and_disconnected_system_events() {
 
 #[tokio::test]
 async fn an_event_flood_past_the_upstream_queue_gets_internal_server_error() {
-    let mut up = upstream().await;
-    let emu = start_with(Config {
-        upstream: Some(up.url.clone()),
-        ..Config::default()
-    })
-    .await;
+    let (mut up, emu) = emulator_with_upstream().await;
     let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
     // The upstream never answers "hang": one request in flight, 1000 queued, the next fails.
     let hang = |id: u64| {
@@ -352,12 +338,7 @@ async fn an_event_flood_past_the_upstream_queue_gets_internal_server_error() {
 
 #[tokio::test]
 async fn an_invocation_flood_past_the_pending_limit_gets_internal_server_error() {
-    let mut up = upstream().await;
-    let emu = start_with(Config {
-        upstream: Some(up.url.clone()),
-        ..Config::default()
-    })
-    .await;
+    let (mut up, emu) = emulator_with_upstream().await;
     let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
     // The upstream never answers "hang": 1000 invocations pending, the next fails at once.
     for id in 1..=1001u64 {
