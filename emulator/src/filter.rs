@@ -614,33 +614,28 @@ impl Expr {
 fn truth(e: &Expr, s: &Subject) -> Option<bool> {
     match e {
         Expr::Not(inner) => truth(inner, s).map(|b| !b),
-        Expr::And(items) => {
-            let mut result = Some(true);
-            for item in items {
-                match truth(item, s) {
-                    Some(false) => return Some(false),
-                    None => result = None,
-                    Some(true) => {}
-                }
-            }
-            result
-        }
-        Expr::Or(items) => {
-            let mut result = Some(false);
-            for item in items {
-                match truth(item, s) {
-                    Some(true) => return Some(true),
-                    None => result = None,
-                    Some(false) => {}
-                }
-            }
-            result
-        }
+        Expr::And(items) => connective(items, s, false),
+        Expr::Or(items) => connective(items, s, true),
         _ => match value(e, s) {
             Value::Bool(b) => Some(b),
             _ => None,
         },
     }
+}
+
+/// `and` (`decisive` false) or `or` (`decisive` true) in three-valued logic: the
+/// decisive value as soon as an item has it, else null if an item is null, else the
+/// other value.
+fn connective(items: &[Expr], s: &Subject, decisive: bool) -> Option<bool> {
+    let mut result = Some(!decisive);
+    for item in items {
+        match truth(item, s) {
+            Some(b) if b == decisive => return Some(decisive),
+            None => result = None,
+            Some(_) => {}
+        }
+    }
+    result
 }
 
 /// The order of two values of one orderable type; None when either is null.
