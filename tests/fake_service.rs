@@ -1240,17 +1240,23 @@ async fn the_sequence_is_acknowledged_again_after_a_recovery() {
     client.stop().await;
 }
 
-#[tokio::test]
-async fn a_recovery_queues_so_many_operations_and_refuses_more_at_once() {
-    let fake = Fake::new().await;
-    let (client, _events, conn) = connect(&fake, quiet_options()).await;
-    drop(conn);
-    // The recovery attempt is accepted by TCP but not answered for now.
+/// The recovery attempt of `client`, whose connection just dropped, accepted by TCP and
+/// not answered: the client recovers until the stream is dropped.
+async fn held_recovery(fake: &Fake, client: &Client) -> tokio::net::TcpStream {
     let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), fake.listener.accept())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(client.state(), ClientState::Recovering);
+    tcp
+}
+
+#[tokio::test]
+async fn a_recovery_queues_so_many_operations_and_refuses_more_at_once() {
+    let fake = Fake::new().await;
+    let (client, _events, conn) = connect(&fake, quiet_options()).await;
+    drop(conn);
+    let tcp = held_recovery(&fake, &client).await;
     const SENDS: usize = 20_000;
     let c = client.clone();
     let sender = tokio::spawn(async move {
@@ -1320,11 +1326,7 @@ async fn a_recovery_with_as_many_acks_pending_as_it_keeps_makes_no_sender_wait()
         conn.recv().await;
     }
     drop(conn);
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), fake.listener.accept())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(client.state(), ClientState::Recovering);
+    let tcp = held_recovery(&fake, &client).await;
     // No ack can come to make room: more than the operation queue holds fails at once.
     let c = client.clone();
     let sender = tokio::spawn(async move {
