@@ -14,6 +14,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LOG_DIR="$ROOT/target/test-logs"
 mkdir -p "$LOG_DIR"
+# One build per run: incremental compilation state would only add gigabytes of disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 ALL_SUITES="fmt clippy doc rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest python-lint python-package interop-python interop-node examples"
 SUITES="${SUITES:-$ALL_SUITES}"
 
