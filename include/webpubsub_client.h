@@ -233,8 +233,9 @@
 typedef struct wps_client wps_client;
 
 /**
- * Where a credential callback puts its answer: an opaque slot (a Rust struct owned
- * by the library), valid only during the callback. Set exactly one of a URL or an error.
+ * Where a credential callback puts its answer: an opaque token, valid only during
+ * the callback. Set exactly one of a URL or an error. A token used after its callback
+ * returned (or any other pointer) is refused with `WPS_STATUS_ILLEGAL_STATE`.
  */
 typedef struct wps_credential_result wps_credential_result;
 
@@ -1120,8 +1121,7 @@ wps_status wps_client_cancel(struct wps_client *c, uint64_t op_id);
  * Answers a credential request with the client URL to connect to (copied).
  *
  * # Safety
- * `r` is the result passed to the running credential callback; `url` is NULL or a
- * NUL-terminated string.
+ * `url` is NULL or a NUL-terminated string.
  */
 wps_status wps_credential_result_set_url(struct wps_credential_result *r, const char *url);
 
@@ -1130,8 +1130,7 @@ wps_status wps_credential_result_set_url(struct wps_credential_result *r, const 
  * connection attempt fails with `WPS_STATUS_CREDENTIAL_FAILED`.
  *
  * # Safety
- * `r` is the result passed to the running credential callback; `message` is NULL or
- * a NUL-terminated string.
+ * `message` is NULL or a NUL-terminated string.
  */
 wps_status wps_credential_result_set_error(struct wps_credential_result *r, const char *message);
 

@@ -19,7 +19,9 @@ use webpubsub_client::ffi::client::{
     wps_client_send_to_group, wps_client_start, wps_client_state, wps_client_stop,
     wps_invoke_response,
 };
-use webpubsub_client::ffi::credential::{wps_credential_result, wps_credential_result_set_url};
+use webpubsub_client::ffi::credential::{
+    wps_credential_result, wps_credential_result_set_error, wps_credential_result_set_url,
+};
 use webpubsub_client::ffi::options::*;
 use webpubsub_client::ffi::status::*;
 use webpubsub_emulator::{Config, Emulator};
@@ -48,6 +50,28 @@ fn last_error() -> String {
     unsafe { CStr::from_ptr(wps_last_error_message()) }
         .to_string_lossy()
         .into_owned()
+}
+
+/// A client without event callback whose URL comes from `cred`.
+fn credential_client(
+    cred: unsafe extern "C" fn(*mut c_void, *mut wps_credential_result),
+    user_data: *mut c_void,
+) -> *mut wps_client {
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new_with_credential(
+            Some(cred),
+            user_data,
+            None,
+            std::ptr::null(),
+            None,
+            std::ptr::null_mut(),
+            None,
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new_with_credential");
+    c
 }
 
 /// A credential callback's state: the URL it answers with, the client, and the
@@ -79,20 +103,7 @@ fn a_credential_callback_may_stop_its_own_client() {
         stop: AtomicU32::new(u32::MAX),
         join: AtomicU32::new(u32::MAX),
     }));
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new_with_credential(
-            Some(stop_then_answer),
-            state as *mut Credential as *mut c_void,
-            None,
-            std::ptr::null(),
-            None,
-            std::ptr::null_mut(),
-            None,
-            &mut c,
-        )
-    };
-    check(status, "wps_client_new_with_credential");
+    let c = credential_client(stop_then_answer, state as *mut Credential as *mut c_void);
     state.client.store(c, Ordering::SeqCst);
     let client = c as usize;
     let start = bounded("wps_client_start", move || unsafe {
@@ -106,6 +117,41 @@ fn a_credential_callback_may_stop_its_own_client() {
     });
     assert_eq!(state.stop.load(Ordering::SeqCst), WPS_STATUS_OK);
     assert_eq!(state.join.load(Ordering::SeqCst), WPS_STATUS_NOT_CONNECTED);
+    rt.block_on(emulator.shutdown());
+}
+
+/// The result slot lent to the last credential call, kept past its return.
+static KEPT_RESULT: AtomicPtr<wps_credential_result> = AtomicPtr::new(std::ptr::null_mut());
+
+unsafe extern "C" fn answer_and_keep(user_data: *mut c_void, result: *mut wps_credential_result) {
+    KEPT_RESULT.store(result, Ordering::SeqCst);
+    wps_credential_result_set_url(result, (*(user_data as *const CString)).as_ptr());
+}
+
+#[test]
+fn a_credential_result_used_after_its_callback_returned_is_refused() {
+    let (rt, emulator, url) = emulator();
+    let url = Box::leak(Box::new(url));
+    let c = credential_client(answer_and_keep, url as *mut CString as *mut c_void);
+    let client = c as usize;
+    let start = bounded("wps_client_start", move || unsafe {
+        wps_client_start(client as *mut wps_client)
+    });
+    check(start, "wps_client_start");
+    let kept = KEPT_RESULT.load(Ordering::SeqCst);
+    assert!(!kept.is_null());
+    let late = unsafe { wps_credential_result_set_url(kept, url.as_ptr()) };
+    assert_eq!(late, WPS_STATUS_ILLEGAL_STATE, "{}", last_error());
+    assert!(last_error().contains("returned"), "{}", last_error());
+    let late = unsafe { wps_credential_result_set_error(kept, c"late".as_ptr()) };
+    assert_eq!(late, WPS_STATUS_ILLEGAL_STATE, "{}", last_error());
+    let garbage = 8usize as *mut wps_credential_result;
+    let status = unsafe { wps_credential_result_set_url(garbage, url.as_ptr()) };
+    assert_eq!(status, WPS_STATUS_ILLEGAL_STATE, "{}", last_error());
+    assert_eq!(unsafe { wps_client_state(c) }, WPS_STATE_CONNECTED);
+    bounded("wps_client_free", move || unsafe {
+        wps_client_free(client as *mut wps_client)
+    });
     rt.block_on(emulator.shutdown());
 }
 

@@ -1,21 +1,24 @@
 //! The credential callback: a C function asked for a fresh client URL before every
 //! new connection, run on a library thread where it may block.
 
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::client::Credential;
 
 use super::callbacks::{wps_user_data_free_cb, UserData};
-use super::convert::{handle_mut, str_arg};
+use super::convert::str_arg;
 use super::gate::{in_callback, InCallback};
 use super::panic::{guard, FfiResult};
-use super::status::{fail, wps_status, WPS_STATUS_ILLEGAL_STATE};
+use super::status::{fail, wps_status, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_NULL_ARG};
 
-/// Where a credential callback puts its answer: an opaque slot (a Rust struct owned
-/// by the library), valid only during the callback. Set exactly one of a URL or an error.
+/// Where a credential callback puts its answer: an opaque token, valid only during
+/// the callback. Set exactly one of a URL or an error. A token used after its callback
+/// returned (or any other pointer) is refused with `WPS_STATUS_ILLEGAL_STATE`.
 pub struct wps_credential_result {
-    outcome: Option<Result<String, String>>,
+    _opaque: [u8; 0],
 }
 
 /// Credential callback: called before every new connection (not for a recovery) on a
@@ -24,27 +27,69 @@ pub struct wps_credential_result {
 pub type wps_credential_cb =
     Option<unsafe extern "C" fn(user_data: *mut c_void, result: *mut wps_credential_result)>;
 
-/// Stores the callback's answer in the slot it was lent.
-///
-/// # Safety
-/// `r` is NULL or the slot passed to the running credential callback.
-unsafe fn set(r: *mut wps_credential_result, outcome: Result<String, String>) -> FfiResult {
-    let r = handle_mut(r, "result")?;
-    if r.outcome.is_some() {
+type Outcome = Option<Result<String, String>>;
+
+/// The answers of the running credential calls, by token. A token is a number never
+/// reused, not an address, so a late or stray call finds nothing instead of memory
+/// that is gone.
+static SLOTS: Mutex<BTreeMap<usize, Outcome>> = Mutex::new(BTreeMap::new());
+static NEXT_TOKEN: AtomicUsize = AtomicUsize::new(1);
+
+fn slots() -> MutexGuard<'static, BTreeMap<usize, Outcome>> {
+    SLOTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A slot lent to one credential call; its token leaves the table when it drops.
+struct Slot(usize);
+
+impl Slot {
+    fn open() -> Slot {
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        slots().insert(token, None);
+        Slot(token)
+    }
+
+    fn token(&self) -> *mut wps_credential_result {
+        self.0 as *mut wps_credential_result
+    }
+
+    fn take(self) -> Outcome {
+        slots().remove(&self.0).flatten()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        slots().remove(&self.0);
+    }
+}
+
+/// Stores the callback's answer in the slot `r` names.
+fn set(r: *mut wps_credential_result, outcome: Result<String, String>) -> FfiResult {
+    if r.is_null() {
+        return Err(fail(WPS_STATUS_NULL_ARG, "`result` is NULL"));
+    }
+    let mut slots = slots();
+    let Some(slot) = slots.get_mut(&(r as usize)) else {
+        return Err(fail(
+            WPS_STATUS_ILLEGAL_STATE,
+            "`result` is not the result of a running credential call (its callback returned)",
+        ));
+    };
+    if slot.is_some() {
         return Err(fail(
             WPS_STATUS_ILLEGAL_STATE,
             "the credential result is already set",
         ));
     }
-    r.outcome = Some(outcome);
+    *slot = Some(outcome);
     Ok(())
 }
 
 /// Answers a credential request with the client URL to connect to (copied).
 ///
 /// # Safety
-/// `r` is the result passed to the running credential callback; `url` is NULL or a
-/// NUL-terminated string.
+/// `url` is NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn wps_credential_result_set_url(
     r: *mut wps_credential_result,
@@ -60,8 +105,7 @@ pub unsafe extern "C" fn wps_credential_result_set_url(
 /// connection attempt fails with `WPS_STATUS_CREDENTIAL_FAILED`.
 ///
 /// # Safety
-/// `r` is the result passed to the running credential callback; `message` is NULL or
-/// a NUL-terminated string.
+/// `message` is NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn wps_credential_result_set_error(
     r: *mut wps_credential_result,
@@ -129,12 +173,15 @@ impl CredentialSink {
             }
             st.in_flight += 1;
         }
-        let mut result = wps_credential_result { outcome: None };
-        match InCallback::enter() {
-            // SAFETY: the callback and its user data were registered together.
-            Some(_inside) => unsafe { (self.cb)(self.user_data.0, &mut result) },
-            None => result.outcome = Some(Err("callbacks are disabled".to_owned())),
-        }
+        let slot = Slot::open();
+        let outcome = match InCallback::enter() {
+            Some(_inside) => {
+                // SAFETY: the callback and its user data were registered together.
+                unsafe { (self.cb)(self.user_data.0, slot.token()) };
+                slot.take()
+            }
+            None => Some(Err("callbacks are disabled".to_owned())),
+        };
         let finalize = {
             let mut st = self.lock();
             st.in_flight -= 1;
@@ -143,9 +190,7 @@ impl CredentialSink {
         if finalize {
             self.finalize();
         }
-        result
-            .outcome
-            .unwrap_or_else(|| Err("the credential callback set no result".to_owned()))
+        outcome.unwrap_or_else(|| Err("the credential callback set no result".to_owned()))
     }
 
     fn take_finalizer(&self, st: &mut State) -> bool {
