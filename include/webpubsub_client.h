@@ -1274,6 +1274,20 @@ wps_status wps_options_add_ca_pem(struct wps_options *o, const uint8_t *pem, siz
 wps_status wps_options_set_user_agent(struct wps_options *o, const char *ua);
 
 /**
+ * The HTTP proxy of the client's connections (copied). NULL (the default) takes it
+ * from the environment as the official Python client does: `https_proxy` or
+ * `HTTPS_PROXY` for `wss://`, `http_proxy` or `HTTP_PROXY` for `ws://`, except for the
+ * hosts `no_proxy` or `NO_PROXY` lists and loopback hosts. An empty string connects
+ * directly; otherwise `http://[user[:password]@]host[:port]` (Basic authentication,
+ * port 80 by default) is used for every connection. A URL that is not of that form
+ * fails with `WPS_STATUS_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `url` is NULL or a NUL-terminated string.
+ */
+wps_status wps_options_set_proxy(struct wps_options *o, const char *url);
+
+/**
  * Returns a static, NUL-terminated description of a status code; never NULL.
  */
 const char *wps_status_str(wps_status status);

@@ -28,6 +28,7 @@ pub mod client;
 pub mod ffi;
 mod fork;
 pub mod protocol;
+pub mod proxy;
 pub mod runtime;
 pub mod transport;
 
@@ -36,3 +37,4 @@ pub use client::{
     InvokeOptions, InvokeResult, RetryMode, RetryOptions, SendEventOptions, SendToGroupOptions,
 };
 pub use protocol::{Data, DataType, Protocol};
+pub use proxy::ProxySetting;

@@ -1,5 +1,5 @@
 //! WebSocket over TCP or TLS (rustls with the ring provider; platform roots plus
-//! optional extra CAs; verification always on).
+//! optional extra CAs; verification always on), directly or through an HTTP proxy.
 //!
 //! The HTTP upgrade is written here rather than by tungstenite so that the request
 //! line, which carries the access token, never reaches a log, and so that an HTTP
@@ -7,6 +7,7 @@
 
 use crate::client::{ClientOptions, Error};
 use crate::protocol::Protocol;
+use crate::proxy::ProxySetting;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
@@ -102,12 +103,51 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Reads from `stream` into `buf` until it holds a whole HTTP response head; returns
+/// the head's length (bytes after it are the peer's next data). `during` names the
+/// exchange in errors.
+pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    during: &str,
+) -> Result<usize, Error> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Error::Connect(format!("{during}: {e}")))?;
+        if n == 0 {
+            return Err(Error::Connect(format!(
+                "the server closed the connection during the {during}"
+            )));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        match httparse::Response::new(&mut headers).parse(buf) {
+            Ok(httparse::Status::Complete(len)) => return Ok(len),
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(Error::Connect(format!(
+                    "{during}: HTTP response head too large"
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Connect(format!(
+                    "{during}: malformed HTTP response: {e}"
+                )))
+            }
+        }
+    }
+}
+
 /// Opens WebSocket connections for one client (its subprotocol and trusted roots).
 #[derive(Clone)]
 pub(crate) struct Connector {
     protocol: Protocol,
     extra_ca_pem: Arc<Vec<Vec<u8>>>,
     user_agent: Option<Arc<str>>,
+    proxy: ProxySetting,
     config: WebSocketConfig,
 }
 
@@ -122,6 +162,7 @@ impl Connector {
             protocol: options.protocol,
             extra_ca_pem: Arc::new(options.extra_ca_pem.clone()),
             user_agent: options.user_agent.as_deref().map(Arc::from),
+            proxy: options.proxy.clone(),
             config,
         }
     }
@@ -145,10 +186,27 @@ impl Connector {
             .ok_or_else(|| Error::InvalidArgument("the client URL has no host".into()))?;
         let bare_host = host.trim_start_matches('[').trim_end_matches(']');
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let tcp = TcpStream::connect((bare_host, port))
-            .await
-            .map_err(|e| Error::Connect(format!("TCP connect to {host}:{port}: {e}")))?;
+        let proxy = self
+            .proxy
+            .resolve(bare_host, tls, |name| std::env::var(name).ok())
+            .map_err(Error::InvalidArgument)?;
+        let mut tcp = match &proxy {
+            Some(proxy) => TcpStream::connect((proxy.host.as_str(), proxy.port))
+                .await
+                .map_err(|e| {
+                    Error::Connect(format!(
+                        "TCP connect to proxy {}:{}: {e}",
+                        proxy.host, proxy.port
+                    ))
+                })?,
+            None => TcpStream::connect((bare_host, port))
+                .await
+                .map_err(|e| Error::Connect(format!("TCP connect to {host}:{port}: {e}")))?,
+        };
         let _ = tcp.set_nodelay(true);
+        if let Some(proxy) = proxy {
+            proxy.tunnel(&mut tcp, &format!("{host}:{port}")).await?;
+        }
         let stream = if tls {
             let config = self.tls_config()?;
             let name = ServerName::try_from(bare_host.to_owned()).map_err(|e| {
@@ -201,71 +259,54 @@ impl Connector {
             .map_err(io_error)?;
         stream.flush().await.map_err(io_error)?;
         let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut chunk).await.map_err(io_error)?;
-            if n == 0 {
-                return Err(Error::Connect(
-                    "the server closed the connection during the WebSocket upgrade".into(),
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut response = httparse::Response::new(&mut headers);
-            let head_len = match response.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => continue,
-                Ok(httparse::Status::Partial) => {
-                    return Err(Error::Connect("HTTP response head too large".into()))
-                }
-                Err(e) => return Err(Error::Connect(format!("malformed HTTP response: {e}"))),
-            };
-            let code = response.code.unwrap_or(0);
-            if code != 101 {
-                let reason = response.reason.unwrap_or("");
-                return Err(Error::Connect(
-                    format!("HTTP {code} {reason}").trim_end().to_owned(),
-                ));
-            }
-            let header = |name: &str| {
-                response
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case(name))
-                    .map(|h| String::from_utf8_lossy(h.value))
-            };
-            if !header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
-                return Err(Error::Connect(
-                    "the server did not upgrade to WebSocket".into(),
-                ));
-            }
-            if header("Sec-WebSocket-Accept").as_deref()
-                != Some(derive_accept_key(key.as_bytes()).as_str())
-            {
-                return Err(Error::Connect(
-                    "the server's Sec-WebSocket-Accept does not match".into(),
-                ));
-            }
-            if header("Sec-WebSocket-Protocol").as_deref() != Some(self.protocol.name()) {
-                return Err(Error::Connect(format!(
-                    "the server did not accept the subprotocol {}",
-                    self.protocol.name()
-                )));
-            }
-            // Frames that arrived with the response head start the read buffer. It
-            // gets its full capacity here: the codec sizes every later buffer after
-            // this first one, and one sized to `rest` would make it read the socket
-            // a frame at a time.
-            let mut rest = Vec::with_capacity(READ_BUFFER.max(buf.len() - head_len));
-            rest.extend_from_slice(&buf[head_len..]);
-            return Ok(WebSocketStream::from_partially_read(
-                stream,
-                rest,
-                Role::Client,
-                Some(self.config),
-            )
-            .await);
+        let head_len = read_response_head(&mut stream, &mut buf, "WebSocket upgrade").await?;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        response
+            .parse(&buf)
+            .map_err(|e| Error::Connect(format!("malformed HTTP response: {e}")))?;
+        let code = response.code.unwrap_or(0);
+        if code != 101 {
+            let reason = response.reason.unwrap_or("");
+            return Err(Error::Connect(
+                format!("HTTP {code} {reason}").trim_end().to_owned(),
+            ));
         }
+        let header = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value))
+        };
+        if !header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+            return Err(Error::Connect(
+                "the server did not upgrade to WebSocket".into(),
+            ));
+        }
+        if header("Sec-WebSocket-Accept").as_deref()
+            != Some(derive_accept_key(key.as_bytes()).as_str())
+        {
+            return Err(Error::Connect(
+                "the server's Sec-WebSocket-Accept does not match".into(),
+            ));
+        }
+        if header("Sec-WebSocket-Protocol").as_deref() != Some(self.protocol.name()) {
+            return Err(Error::Connect(format!(
+                "the server did not accept the subprotocol {}",
+                self.protocol.name()
+            )));
+        }
+        // Frames that arrived with the response head start the read buffer. It
+        // gets its full capacity here: the codec sizes every later buffer after
+        // this first one, and one sized to `rest` would make it read the socket
+        // a frame at a time.
+        let mut rest = Vec::with_capacity(READ_BUFFER.max(buf.len() - head_len));
+        rest.extend_from_slice(&buf[head_len..]);
+        Ok(
+            WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(self.config))
+                .await,
+        )
     }
 
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {

@@ -6,9 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::{all_roles, fast_options, next_event};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use webpubsub_client::{
-    Client, ClientOptions, Credential, DataType, Error, Event, SendToGroupOptions,
-};
+use webpubsub_client::{Client, ClientOptions, Credential, DataType, Error, SendToGroupOptions};
 use webpubsub_emulator::{Config, Emulator, TlsFiles, TokenOptions};
 
 struct Pki {
@@ -47,15 +45,20 @@ fn pki(name: &str) -> Pki {
     }
 }
 
-#[tokio::test]
-async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
-    let pki = pki("ok");
-    let emulator = Emulator::start(Config {
+/// An emulator serving TLS with `pki`'s certificate.
+async fn tls_emulator(pki: &Pki) -> Emulator {
+    Emulator::start(Config {
         tls: Some(pki.files.clone()),
         ..Config::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
+    let pki = pki("ok");
+    let emulator = tls_emulator(&pki).await;
     let token = TokenOptions {
         user_id: Some("tls".into()),
         roles: all_roles(),
@@ -68,12 +71,7 @@ async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
         extra_ca_pem: vec![pki.ca_pem.clone().into_bytes()],
         ..fast_options()
     };
-    let (client, mut events) = Client::with_channel(Credential::Url(url.clone()), options).unwrap();
-    client.start().await.unwrap();
-    assert!(matches!(
-        next_event(&mut events, 5).await,
-        Event::Connected { .. }
-    ));
+    let (client, mut events) = common::started(url.clone(), options).await;
     client.join_group("secure").await.unwrap();
     client
         .send_to_group(
@@ -120,4 +118,34 @@ async fn a_bad_extra_ca_is_refused_when_the_client_is_made() {
         matches!(&error, Error::InvalidArgument(m) if m.contains("no certificate")),
         "{error:?}"
     );
+}
+
+#[tokio::test]
+async fn wss_goes_through_a_proxy_tunnel_with_end_to_end_verification() {
+    let pki = pki("proxy");
+    let emulator = tls_emulator(&pki).await;
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], emulator.port()));
+    let proxy = common::proxy::TestProxy::start(target, None).await;
+    let url = emulator.client_url("hub", &common::user_token("tls"));
+    let options = ClientOptions {
+        extra_ca_pem: vec![pki.ca_pem.clone().into_bytes()],
+        proxy: webpubsub_client::ProxySetting::Url(proxy.url.clone()),
+        ..fast_options()
+    };
+    let (client, _events) = common::started(url.clone(), options).await;
+    assert!(proxy.heads()[0].starts_with("CONNECT 127.0.0.1:"));
+    client.stop().await;
+
+    // Through the same tunnel, a certificate the client does not trust still fails.
+    let options = ClientOptions {
+        proxy: webpubsub_client::ProxySetting::Url(proxy.url.clone()),
+        ..fast_options()
+    };
+    let (untrusting, _events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    let error = untrusting.start().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Tls(m) if m.contains("certificate")),
+        "{error:?}"
+    );
+    std::fs::remove_dir_all(&pki.dir).unwrap();
 }

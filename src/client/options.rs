@@ -1,6 +1,7 @@
 //! Client options, their defaults (those of the official clients) and retry policies.
 
 use crate::protocol::Protocol;
+use crate::proxy::ProxySetting;
 use std::time::Duration;
 
 /// How the delay between attempts grows.
@@ -113,6 +114,9 @@ pub struct ClientOptions {
     /// The `User-Agent` header of the WebSocket upgrade; `None` sends none
     /// (default `webpubsub-client-rust/{version}`). Printable ASCII only.
     pub user_agent: Option<String>,
+    /// The HTTP proxy connections go through (default: the environment's, as for the
+    /// official Python client; see `ProxySetting`).
+    pub proxy: ProxySetting,
 }
 
 impl Default for ClientOptions {
@@ -137,6 +141,7 @@ impl Default for ClientOptions {
             user_agent: Some(
                 concat!("webpubsub-client-rust/", env!("CARGO_PKG_VERSION")).to_owned(),
             ),
+            proxy: ProxySetting::FromEnvironment,
         }
     }
 }
@@ -182,6 +187,7 @@ impl ClientOptions {
                 return Err("user_agent must be printable ASCII".into());
             }
         }
+        self.proxy.validate()?;
         if self.max_message_size < 1024 {
             return Err("max_message_size must be at least 1024 bytes".into());
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::client::{ClientOptions, RetryMode, RetryOptions};
 use crate::protocol::Protocol;
+use crate::proxy::ProxySetting;
 
 use super::convert::{bytes_arg, handle_mut, str_arg};
 use super::panic::{guard, guard_value, FfiResult};
@@ -281,6 +282,37 @@ pub unsafe extern "C" fn wps_options_set_user_agent(
         } else {
             Some(str_arg(ua, "ua")?.to_owned())
         };
+        Ok(())
+    })
+}
+
+/// The HTTP proxy of the client's connections (copied). NULL (the default) takes it
+/// from the environment as the official Python client does: `https_proxy` or
+/// `HTTPS_PROXY` for `wss://`, `http_proxy` or `HTTP_PROXY` for `ws://`, except for the
+/// hosts `no_proxy` or `NO_PROXY` lists and loopback hosts. An empty string connects
+/// directly; otherwise `http://[user[:password]@]host[:port]` (Basic authentication,
+/// port 80 by default) is used for every connection. A URL that is not of that form
+/// fails with `WPS_STATUS_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `url` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn wps_options_set_proxy(
+    o: *mut wps_options,
+    url: *const c_char,
+) -> wps_status {
+    with(o, |opts| {
+        let proxy = match url.is_null() {
+            true => ProxySetting::FromEnvironment,
+            false => match str_arg(url, "url")? {
+                "" => ProxySetting::Direct,
+                url => ProxySetting::Url(url.to_owned()),
+            },
+        };
+        proxy
+            .validate()
+            .map_err(|e| fail(WPS_STATUS_INVALID_ARGUMENT, e))?;
+        opts.proxy = proxy;
         Ok(())
     })
 }

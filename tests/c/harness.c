@@ -520,6 +520,15 @@ static bool test_options_setters(void) {
     const char bad_utf8[] = {(char)0xc3, 0};
     CHECK_STATUS(wps_options_set_user_agent(o, bad_utf8), WPS_STATUS_INVALID_UTF8);
     CHECK_OK(wps_options_set_user_agent(o, "harness/1.0 (C)"));
+    /* the proxy: NULL (the environment's), "" (none) or an http:// URL, checked at once */
+    CHECK_STATUS(wps_options_set_proxy(NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_options_set_proxy(o, "socks5://127.0.0.1:1080"), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(wps_last_error_message(), "only http:// proxies") != NULL);
+    CHECK_STATUS(wps_options_set_proxy(o, "http://proxy:99999"), WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_options_set_proxy(o, bad_utf8), WPS_STATUS_INVALID_UTF8);
+    CHECK_OK(wps_options_set_proxy(o, "http://user:secret@proxy.example:3128"));
+    CHECK_OK(wps_options_set_proxy(o, ""));
+    CHECK_OK(wps_options_set_proxy(o, NULL));
     /* a CA that is not PEM is refused when the client is made */
     const char *junk = "not a certificate";
     CHECK_OK(wps_options_add_ca_pem(o, (const uint8_t *)junk, strlen(junk)));

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use webpubsub_client::{ClientOptions, Event, RetryMode, RetryOptions};
@@ -283,4 +285,19 @@ pub fn emulator_with_silent_upstream(
         .unwrap();
     let url = emulator.client_url("hub", &user_token("u"));
     (emulator, std::ffi::CString::new(url).unwrap())
+}
+
+/// A started client of `url`, its connected event taken.
+pub async fn started(
+    url: String,
+    options: ClientOptions,
+) -> (webpubsub_client::Client, UnboundedReceiver<Event>) {
+    let credential = webpubsub_client::Credential::Url(url);
+    let (client, mut events) = webpubsub_client::Client::with_channel(credential, options).unwrap();
+    client.start().await.unwrap();
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    (client, events)
 }

@@ -1,0 +1,340 @@
+//! HTTP proxies: which proxy a connection goes through (the client's setting or the
+//! environment, as the official Python client reads it) and the `CONNECT` tunnel.
+
+use base64::Engine;
+use std::net::IpAddr;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::client::Error;
+use crate::transport::read_response_head;
+
+/// Where a client's connections go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ProxySetting {
+    /// The environment decides, as for the official Python client: `https_proxy` (or
+    /// `HTTPS_PROXY`) for `wss://`, `http_proxy` (or `HTTP_PROXY`) for `ws://`, and
+    /// `no_proxy` (or `NO_PROXY`) lists hosts reached directly. Loopback hosts are
+    /// always reached directly. The default.
+    #[default]
+    FromEnvironment,
+    /// Every connection is direct.
+    Direct,
+    /// Every connection goes through this HTTP proxy:
+    /// `http://[user[:password]@]host[:port]` (port 80 by default).
+    Url(String),
+}
+
+/// The proxy one connection goes through.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Proxy {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// The `Proxy-Authorization` value (Basic), when the URL carries a user.
+    authorization: Option<String>,
+}
+
+impl ProxySetting {
+    /// Checks an explicit proxy URL; the environment's is checked at each connection.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        match self {
+            ProxySetting::Url(url) => Proxy::parse(url).map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    /// The proxy for a connection to `host` (`tls` for `wss://`); `env` reads a
+    /// variable of the environment.
+    pub(crate) fn resolve(
+        &self,
+        host: &str,
+        tls: bool,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Proxy>, String> {
+        match self {
+            ProxySetting::Direct => Ok(None),
+            ProxySetting::Url(url) => Proxy::parse(url).map(Some),
+            ProxySetting::FromEnvironment => {
+                // The lowercase name first, as the official Python client reads them.
+                let var = |name: &str| {
+                    [name.to_owned(), name.to_ascii_uppercase()]
+                        .into_iter()
+                        .find_map(|name| env(&name).map(|value| (name, value)))
+                        .filter(|(_, value)| !value.trim().is_empty())
+                };
+                let Some((name, url)) = var(if tls { "https_proxy" } else { "http_proxy" }) else {
+                    return Ok(None);
+                };
+                if is_loopback(host) || var("no_proxy").is_some_and(|(_, l)| bypasses(&l, host)) {
+                    return Ok(None);
+                }
+                Proxy::parse(&url)
+                    .map(Some)
+                    .map_err(|e| format!("{name}: {e}"))
+            }
+        }
+    }
+}
+
+impl Proxy {
+    /// Parses `http://[user[:password]@]host[:port][/]`; the scheme may be left out.
+    fn parse(url: &str) -> Result<Proxy, String> {
+        let url = url.trim();
+        let rest = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "the proxy scheme {scheme:?} is not supported (only http:// proxies)"
+                ))
+            }
+            None => url,
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let (userinfo, host_port) = match authority.rsplit_once('@') {
+            Some((userinfo, host_port)) => (Some(userinfo), host_port),
+            None => (None, authority),
+        };
+        let (host, port) = split_host_port(host_port)
+            .ok_or_else(|| "the proxy URL has no valid host and port".to_owned())?;
+        let authorization = userinfo.map(|userinfo| {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            let credentials = format!("{}:{}", percent_decode(user), percent_decode(password));
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(credentials)
+            )
+        });
+        Ok(Proxy {
+            host,
+            port,
+            authorization,
+        })
+    }
+
+    /// Asks the proxy, over `tcp`, for a tunnel to `target` (`host:port`); on success
+    /// `tcp` carries the target's bytes from the next one on.
+    pub(crate) async fn tunnel(&self, tcp: &mut TcpStream, target: &str) -> Result<(), Error> {
+        let authorization = self
+            .authorization
+            .as_deref()
+            .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{authorization}\r\n");
+        let proxy = format!("{}:{}", self.host, self.port);
+        let io_error = |e: std::io::Error| Error::Connect(format!("proxy {proxy}: {e}"));
+        tcp.write_all(request.as_bytes()).await.map_err(io_error)?;
+        let mut buf = Vec::with_capacity(256);
+        let during = format!("CONNECT through proxy {proxy}");
+        let head_len = read_response_head(tcp, &mut buf, &during).await?;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        response
+            .parse(&buf)
+            .map_err(|e| Error::Connect(format!("{during}: malformed HTTP response: {e}")))?;
+        let code = response.code.unwrap_or(0);
+        if !(200..300).contains(&code) {
+            let reason = response.reason.unwrap_or("");
+            return Err(Error::Connect(
+                format!("proxy {proxy} refused CONNECT to {target}: HTTP {code} {reason}")
+                    .trim_end()
+                    .to_owned(),
+            ));
+        }
+        // Neither a TLS server nor a WebSocket server speaks first: nothing of the
+        // target's can come before the client's first bytes.
+        if head_len < buf.len() {
+            return Err(Error::Connect(format!(
+                "proxy {proxy} sent data after its CONNECT response"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `host[:port]` or `[v6][:port]`, port 80 when absent.
+fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match s.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok().filter(|&p| p != 0)?,
+        None => 80,
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+/// `%XX` escapes of a URL's user or password decoded (others kept as written).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `host` names this machine (a proxy would reach its own loopback instead).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a `no_proxy` list (comma-separated: `*`, host names matching themselves and
+/// their subdomains, with or without a leading dot, IP addresses and CIDR blocks)
+/// covers `host`.
+fn bypasses(list: &str, host: &str) -> bool {
+    let ip = host.parse::<IpAddr>().ok();
+    list.split(',').map(str::trim).any(|entry| {
+        if entry == "*" || entry.eq_ignore_ascii_case(host) {
+            return true;
+        }
+        if let (Some(ip), Some((net, bits))) = (ip, entry.split_once('/')) {
+            return in_block(ip, net, bits);
+        }
+        let domain = entry.trim_start_matches('.');
+        !domain.is_empty()
+            && host.len() > domain.len()
+            && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain)
+            && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
+    })
+}
+
+/// Whether `ip` lies in the block `net/bits`.
+fn in_block(ip: IpAddr, net: &str, bits: &str) -> bool {
+    let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u32>()) else {
+        return false;
+    };
+    let (ip, net, width) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return false,
+    };
+    if bits > width {
+        return false;
+    }
+    let shift = width - bits;
+    shift >= 128 || ((ip ^ net) >> shift) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_environment_picks_the_proxy_by_scheme_lowercase_first() {
+        let vars = [
+            ("https_proxy", "http://secure:3128"),
+            ("HTTPS_PROXY", "http://ignored:1"),
+            ("HTTP_PROXY", "plain:8080"),
+        ];
+        let from_env = ProxySetting::FromEnvironment;
+        let secure = from_env.resolve("svc.example", true, env(&vars)).unwrap();
+        assert_eq!(
+            secure.map(|p| (p.host, p.port)),
+            Some(("secure".into(), 3128))
+        );
+        let plain = from_env.resolve("svc.example", false, env(&vars)).unwrap();
+        assert_eq!(
+            plain.map(|p| (p.host, p.port)),
+            Some(("plain".into(), 8080))
+        );
+        assert_eq!(from_env.resolve("svc.example", true, env(&[])), Ok(None));
+        assert_eq!(
+            from_env.resolve("svc.example", true, env(&[("https_proxy", " ")])),
+            Ok(None)
+        );
+        let bad = from_env.resolve("svc.example", false, env(&[("HTTP_PROXY", "ftp://p")]));
+        assert!(bad.unwrap_err().starts_with("HTTP_PROXY: the proxy scheme"));
+    }
+
+    #[test]
+    fn no_proxy_and_loopback_go_direct() {
+        let with = |no_proxy: &'static str| {
+            move |host: &str| {
+                let vars = [("https_proxy", "http://p:3128"), ("NO_PROXY", no_proxy)];
+                ProxySetting::FromEnvironment
+                    .resolve(host, true, env(&vars))
+                    .unwrap()
+                    .is_none()
+            }
+        };
+        assert!(with("")("127.0.0.1"));
+        assert!(with("")("localhost"));
+        assert!(with("")("::1"));
+        assert!(!with("")("svc.example"));
+        assert!(with("*")("svc.example"));
+        assert!(with("other.test, example")("svc.example"));
+        assert!(with(".example")("svc.example"));
+        assert!(with("SVC.example")("svc.example"));
+        assert!(!with("vc.example")("svc.example"));
+        assert!(with("10.0.0.0/8")("10.1.2.3"));
+        assert!(!with("10.0.0.0/8")("11.1.2.3"));
+        assert!(with("fd00::/8")("fd12::1"));
+        assert!(with("0.0.0.0/0")("8.8.8.8"));
+        assert!(!with("10.0.0.0/99")("10.1.2.3"));
+    }
+
+    #[test]
+    fn an_explicit_setting_ignores_the_environment() {
+        let vars = [("https_proxy", "http://env:1")];
+        assert_eq!(
+            ProxySetting::Direct.resolve("h", true, env(&vars)),
+            Ok(None)
+        );
+        let url = ProxySetting::Url("http://me:3128".into());
+        let proxy = url.resolve("127.0.0.1", true, env(&vars)).unwrap().unwrap();
+        assert_eq!((proxy.host.as_str(), proxy.port), ("me", 3128));
+    }
+
+    #[test]
+    fn proxy_urls_parse_with_credentials_and_defaults() {
+        let p = Proxy::parse("http://us%3Aer:p%40ss@[::1]:8080/").unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("::1", 8080));
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(p.authorization.unwrap().trim_start_matches("Basic "))
+            .unwrap();
+        assert_eq!(decoded, b"us:er:p@ss");
+        let p = Proxy::parse("HTTP://proxy").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.authorization),
+            ("proxy", 80, None)
+        );
+        for bad in [
+            "socks5://p:1080",
+            "https://p:443",
+            "http://",
+            "http://p:0",
+            "p:x",
+        ] {
+            assert!(Proxy::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
