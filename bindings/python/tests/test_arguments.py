@@ -10,7 +10,7 @@ import pytest
 
 from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _base
 from webpubsub_client.aio import WebPubSubClient as AsyncWebPubSubClient
-from webpubsub_client.models import CallbackType, RetryMode, WebPubSubDataType, WebPubSubProtocolType
+from webpubsub_client.models import CallbackType, OpenClientError, RetryMode, WebPubSubDataType, WebPubSubProtocolType
 
 URL = "ws://127.0.0.1:9/client/hubs/h?access_token=x"
 
@@ -188,3 +188,12 @@ async def test_bad_async_operation_arguments(call: Any, error: type, text: str) 
     client = AsyncWebPubSubClient(URL)
     with pytest.raises(error, match=text):
         await call(client)
+
+
+def test_an_open_error_names_its_kind_once() -> None:
+    """The library's message already starts with the status name (was "connect failed: connect failed: ...")."""
+    client = WebPubSubClient("ws://127.0.0.1:1/client/hubs/h?access_token=t", reconnect_retry_total=0)
+    with pytest.raises(OpenClientError) as failed:
+        client.open()
+    assert str(failed.value).startswith("Failed to open client. connect failed: TCP connect to 127.0.0.1:1")
+    assert str(failed.value).count("connect failed") == 1

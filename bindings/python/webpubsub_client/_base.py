@@ -412,7 +412,9 @@ class Options:
 def _detail(status: int, message: Optional[str] = None) -> str:
     text = _native.last_error_message() if message is None else message
     name = _native.status_str(status)
-    return f"{name}: {text}" if text else name
+    if not text or text.startswith(name):  # the library's own errors name their kind
+        return text or name
+    return f"{name}: {text}"
 
 
 def open_error(status: int, message: Optional[str] = None) -> Exception:
