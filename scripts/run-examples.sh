@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the examples against a fresh emulator, so they never rot: the Rust chat, the
 # README's C quick start (examples/c/hello.c), the C event-loop example
-# (examples/c/event_loop.c) and the Python demo (examples/c/chat.c is
-# built and run by tests/c/run.sh). Prints "N passed, N failed".
+# (examples/c/event_loop.c), the same hello.c against the library as scripts/install.sh
+# installs it (shared and static, found by pkg-config) and the Python demo
+# (examples/c/chat.c is built and run by tests/c/run.sh). Prints "N passed, N failed".
 # Expects .venv with scripts/requirements-test.txt installed (scripts/test-all.sh does it).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +34,25 @@ run c-hello sh -c 'cc -std=c11 -Wall -Wextra -Werror "$1" -I include -L target/d
 event_loop="$ROOT/target/examples-c/event_loop"
 run c-event-loop sh -c 'cc -std=c11 -Wall -Wextra -Werror "$1" -I include -L target/debug -lwebpubsub_client -lpthread -o "$2" &&
     LD_LIBRARY_PATH=target/debug timeout 60 "$2" "$3"' _ examples/c/event_loop.c "$event_loop" "$(client_url dave)"
+# The installed library: scripts/install.sh into a prefix, then hello.c built with
+# pkg-config, once against the shared library and once against the static one alone.
+prefix="$ROOT/target/install-test"
+rm -rf "$prefix"
+installed() { # installed shared|static URL
+    local pc="env PKG_CONFIG_PATH=$prefix/lib/pkgconfig pkg-config"
+    local out="$ROOT/target/examples-c/hello-$1"
+    if [ "$1" = shared ]; then
+        cc -std=c11 -Wall -Werror examples/c/hello.c $($pc --cflags --libs webpubsub_client) -o "$out" &&
+            LD_LIBRARY_PATH="$prefix/lib" timeout 60 "$out" "$2"
+    else
+        cc -std=c11 -Wall -Werror examples/c/hello.c $($pc --cflags webpubsub_client) "$prefix/lib/libwebpubsub_client.a" \
+            $($pc --static --libs-only-l webpubsub_client | sed 's/-lwebpubsub_client//') -o "$out" &&
+            ! readelf -d "$out" | grep -q libwebpubsub_client && timeout 60 "$out" "$2"
+    fi
+}
+run install scripts/install.sh --prefix "$prefix" --profile dev
+run installed-shared installed shared "$(client_url erin)"
+run installed-static installed static "$(client_url frank)"
 run python env WEBPUBSUB_CLIENT_LIB="$ROOT/target/debug/libwebpubsub_client.so" PYTHONPATH="$ROOT/bindings/python" \
     timeout 120 "$PY" examples/python/chat_demo.py "$WPS_CONNECTION_STRING"
 echo "$passed passed, $failed failed"

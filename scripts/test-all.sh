@@ -170,7 +170,7 @@ suite_interop-node() {
     build_native; setup_node
     run_counted interop-node node node --test tests/interop/node/
 }
-suite_examples() { build_native; setup_venv; run_counted examples plain scripts/run-examples.sh; }
+suite_examples() { need_apt pkg-config binutils; build_native; setup_venv; run_counted examples plain scripts/run-examples.sh; }
 
 START=$(date +%s)
 for suite in $SUITES; do
