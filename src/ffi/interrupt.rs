@@ -5,7 +5,8 @@
 use std::ffi::c_int;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -38,7 +39,26 @@ impl Check {
     }
 }
 
-static CHECK: Mutex<Option<Check>> = Mutex::new(None);
+/// The check's function (NULL: none) and interval. Atomics rather than a lock: a
+/// fork() child may set them while a thread of its parent was reading them at the fork,
+/// and no thread of the child would ever release a lock that thread held. A waiter may
+/// read a new function with the previous interval (and calls racing each other may
+/// leave one's function with the other's interval), which only shifts its checks.
+static CHECK_FN: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+static CHECK_INTERVAL_MS: AtomicU32 = AtomicU32::new(0);
+
+/// The check in force.
+fn current() -> Option<Check> {
+    let f = CHECK_FN.load(Ordering::Acquire);
+    if f.is_null() {
+        return None;
+    }
+    // SAFETY: stored by `wps_set_interrupt_check` from a function of this type.
+    let cb = unsafe { std::mem::transmute::<*mut (), unsafe extern "C" fn() -> c_int>(f) };
+    // Stored before the function: at least as new as it.
+    let interval = Duration::from_millis(CHECK_INTERVAL_MS.load(Ordering::Acquire).into());
+    Some(Check { cb, interval })
+}
 
 /// Sets the interrupt check of blocking calls, for the whole process. While
 /// `wps_client_start`, `wps_client_join_group`, `wps_client_leave_group`,
@@ -55,20 +75,19 @@ static CHECK: Mutex<Option<Check>> = Mutex::new(None);
 #[no_mangle]
 pub extern "C" fn wps_set_interrupt_check(cb: wps_interrupt_cb, interval_ms: u32) -> wps_status {
     guard(|| {
-        let check = match cb {
+        match cb {
             Some(_) if interval_ms == 0 => {
                 return Err(fail(
                     WPS_STATUS_INVALID_ARGUMENT,
                     "`interval_ms` must be above 0",
                 ))
             }
-            Some(cb) => Some(Check {
-                cb,
-                interval: Duration::from_millis(interval_ms.into()),
-            }),
-            None => None,
-        };
-        *CHECK.lock().unwrap_or_else(|e| e.into_inner()) = check;
+            Some(cb) => {
+                CHECK_INTERVAL_MS.store(interval_ms, Ordering::Release);
+                CHECK_FN.store(cb as *mut (), Ordering::Release);
+            }
+            None => CHECK_FN.store(std::ptr::null_mut(), Ordering::Release),
+        }
         Ok(())
     })
 }
@@ -97,8 +116,7 @@ thread_local! {
 /// (this thread only polls it). With an interrupt check set, it is asked every
 /// interval, and the future is dropped once it says so.
 pub(crate) fn block_on<F: Future>(rt: &Handle, fut: F) -> Result<F::Output, Interrupted> {
-    let check = *CHECK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(check) = check else {
+    let Some(check) = current() else {
         return Ok(rt.block_on(fut));
     };
     // Without this thread's waker (destroyed: a call from a thread-exit handler), the

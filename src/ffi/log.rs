@@ -173,12 +173,17 @@ pub extern "C" fn wps_set_log_callback(
             }
         };
         let (queue, generation) = queue()?;
-        let forked = crate::fork::generation() != *generation;
-        if forked && cb.is_some() {
-            return Err(fail(
-                WPS_STATUS_FORKED,
-                "the logging thread was started before fork(): the child process cannot route logs",
-            ));
+        if crate::fork::generation() != *generation {
+            if cb.is_some() {
+                return Err(fail(
+                    WPS_STATUS_FORKED,
+                    "the logging thread was started before fork(): the child process cannot route logs",
+                ));
+            }
+            // Without `SINK`: a thread of the parent may have held its lock at the fork,
+            // and no thread of the child would ever release it. Nothing reads it here.
+            log::set_max_level(LevelFilter::Off);
+            return Ok(());
         }
         let sink = cb.map(|cb| Sink { cb, user_data });
         log::set_max_level(if sink.is_some() {
@@ -187,9 +192,8 @@ pub extern "C" fn wps_set_log_callback(
             LevelFilter::Off
         });
         *SINK.lock().unwrap_or_else(|e| e.into_inner()) = sink;
-        // The previous callback is done once the thread has emptied the queue (in a
-        // fork() child there is no thread, and nothing runs it).
-        if !forked && !ON_LOG_THREAD.with(|f| f.get()) {
+        // The previous callback is done once the thread has emptied the queue.
+        if !ON_LOG_THREAD.with(|f| f.get()) {
             let (tx, rx) = mpsc::sync_channel(1);
             if queue.send(Msg::Flush(tx)).is_ok() {
                 let _ = rx.recv();
@@ -206,6 +210,41 @@ mod tests {
 
     fn meta(target: &str, level: Level) -> Metadata<'_> {
         Metadata::builder().target(target).level(level).build()
+    }
+
+    /// A fork() child turns logging off without the lock a thread of its parent held
+    /// at the fork (the logging thread copies the callback under it for every record):
+    /// no thread of the child would ever release it.
+    #[cfg(unix)]
+    #[test]
+    fn a_fork_child_turns_logging_off_while_the_parent_held_the_callback_lock() {
+        use super::super::status::WPS_STATUS_OK;
+        use std::sync::mpsc;
+        queue().unwrap();
+        let (locked_tx, locked) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _sink = SINK.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        });
+        locked.recv().unwrap();
+        // SAFETY: the child only calls the function under test, then `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe { libc::alarm(5) }; // a hang ends the child with SIGALRM
+            let status = wps_set_log_callback(None, std::ptr::null_mut(), 0);
+            unsafe { libc::_exit(if status == WPS_STATUS_OK { 0 } else { 1 }) };
+        }
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child hung or failed (wait status {status:#x})"
+        );
     }
 
     #[test]
