@@ -701,7 +701,11 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * threads. In poll mode, what is left at free (completions, the `user_data_free`
  * finalizer) runs on a library thread, not in `wps_client_dispatch`; outside a
  * callback, this waits for it. In a fork() child the handle is left alone (its threads
- * do not exist there).
+ * do not exist there). A callback running during the teardown (a finalizer included)
+ * may still use the handle: a start then fails with `WPS_STATUS_STOPPED`, as do new
+ * asynchronous operations. A second free of a handle is detected and ignored (an
+ * error is logged) as long as no new client got the same address; any other use of a
+ * freed handle is undefined behaviour.
  *
  * # Safety
  * `c` is NULL or a handle from `wps_client_new*`, not used after this call.
@@ -780,7 +784,9 @@ wps_status wps_client_dispatch_into(struct wps_client *c,
 
 /**
  * Connects; blocks until connected or failed (start timeout). Fails with
- * `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped.
+ * `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped, and with
+ * `WPS_STATUS_STOPPED` once its `wps_client_free` has begun (from a callback running
+ * during the teardown).
  *
  * # Safety
  * `c` is NULL or a live handle.

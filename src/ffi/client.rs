@@ -6,7 +6,7 @@
 //! calls hand the core a completion callback (no task per operation) that queues the
 //! completion to the client's dispatcher thread; an invocation runs as a task.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{c_char, c_int, c_void};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -243,6 +243,30 @@ impl Shared {
     }
 }
 
+/// The addresses of the live handles: `wps_client_free` of a handle not in it (freed
+/// already) is found out instead of freeing it twice, until a new client reuses the
+/// address. Only `new` and `free` take the lock, never the other calls.
+static LIVE: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+fn live() -> MutexGuard<'static, BTreeSet<usize>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The allocation behind a handle being freed. Released only by `release`: a panic
+/// unwinding through `wps_client_free` leaves it allocated (a callback still running
+/// may be using it) rather than freeing it under that callback.
+struct Handle(*mut Arc<Shared>);
+
+// SAFETY: owns a `Box<Arc<Shared>>`, which is `Send`.
+unsafe impl Send for Handle {}
+
+impl Handle {
+    fn release(self) {
+        // SAFETY: from `Box::into_raw` in `new_client`; released once (`self` is moved).
+        drop(unsafe { Box::from_raw(self.0) });
+    }
+}
+
 /// Borrows the client behind a handle (a `Box<Arc<Shared>>`), refusing it in a
 /// fork() child.
 ///
@@ -293,8 +317,10 @@ fn new_client(
         next_op: AtomicU64::new(1),
         given_up: AtomicU64::new(0),
     });
+    let handle = Box::into_raw(Box::new(shared));
+    live().insert(handle as usize);
     // SAFETY: checked non-NULL above.
-    unsafe { out.write(Box::into_raw(Box::new(shared)).cast()) };
+    unsafe { out.write(handle.cast()) };
     Ok(())
 }
 
@@ -385,7 +411,11 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// threads. In poll mode, what is left at free (completions, the `user_data_free`
 /// finalizer) runs on a library thread, not in `wps_client_dispatch`; outside a
 /// callback, this waits for it. In a fork() child the handle is left alone (its threads
-/// do not exist there).
+/// do not exist there). A callback running during the teardown (a finalizer included)
+/// may still use the handle: a start then fails with `WPS_STATUS_STOPPED`, as do new
+/// asynchronous operations. A second free of a handle is detected and ignored (an
+/// error is logged) as long as no new client got the same address; any other use of a
+/// freed handle is undefined behaviour.
 ///
 /// # Safety
 /// `c` is NULL or a handle from `wps_client_new*`, not used after this call.
@@ -395,14 +425,17 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
         if c.is_null() {
             return;
         }
-        // The handle stays allocated until the client's last callback ran, so a
-        // callback still running during the teardown may use it.
-        let handle = Box::from_raw(c.cast::<Arc<Shared>>());
         let Ok(rt) = runtime() else {
-            std::mem::forget(handle);
             return;
         };
-        let shared = Arc::clone(&handle);
+        if !live().remove(&(c as usize)) {
+            log::error!("wps_client_free: {c:p} is not a live client (freed twice?); ignored");
+            return;
+        }
+        // The handle stays allocated until the client's last callback ran, so a
+        // callback still running during the teardown may use it.
+        let handle = Handle(c.cast::<Arc<Shared>>());
+        let shared = Arc::clone(&*handle.0);
         // Poll mode: nothing polls this client any more; a library thread runs what
         // is left (completions, the finalizer), and no further event is delivered.
         if shared.sink.worker().fd().is_some() {
@@ -429,7 +462,7 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
                             .worker()
                             .push(Job::new(move || cred.close(false)));
                     }
-                    shared.sink.close_then(move || drop(handle));
+                    shared.sink.close_then(move || handle.release());
                 });
             });
         } else {
@@ -443,7 +476,7 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             let (tx, rx) = mpsc::sync_channel(1);
             shared.sink.close_then(move || {
                 // With this last reference, the connection task ends and drops its state.
-                drop(handle);
+                handle.release();
                 let _ = tx.send(());
             });
             drop(shared);
@@ -615,14 +648,20 @@ fn not_polled() -> wps_status {
 }
 
 /// Connects; blocks until connected or failed (start timeout). Fails with
-/// `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped.
+/// `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped, and with
+/// `WPS_STATUS_STOPPED` once its `wps_client_free` has begun (from a callback running
+/// during the teardown).
 ///
 /// # Safety
 /// `c` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
     guard(|| {
-        let client = client_arg(c)?.client.clone();
+        let shared = client_arg(c)?;
+        if shared.ops().closing {
+            return Err(fail(WPS_STATUS_STOPPED, "the client is being freed"));
+        }
+        let client = shared.client.clone();
         block_interruptible(async move { client.start().await })?.map_err(fail_with)
     })
 }

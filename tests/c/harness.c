@@ -955,6 +955,60 @@ static bool test_free_inside_completion(void) {
     return true;
 }
 
+/* A user_data_free finalizer that calls back into its own client while wps_client_free
+ * runs it: the calls get statuses (a start is refused: the client is being freed), and
+ * a second free of the same handle is detected and ignored rather than freeing it twice
+ * (asan and valgrind report a double free otherwise). Both for a free outside callbacks
+ * and for one deferred by a callback. */
+typedef struct {
+    wps_client *client;
+    int freed, events, done;
+    wps_status start, join_async, stop;
+} reentering;
+
+static void on_free_reenter(void *user_data) {
+    reentering *f = user_data;
+    f->freed++;
+    f->start = wps_client_start(f->client);
+    f->join_async = wps_client_join_group_async(f->client, "g", NULL, NULL, NULL);
+    f->stop = wps_client_stop(f->client);
+    wps_client_free(f->client); /* the second free of this handle */
+    __atomic_store_n(&f->done, 1, __ATOMIC_RELEASE);
+}
+
+static void on_event_free_self(void *user_data, const wps_event *ev) {
+    reentering *f = user_data;
+    f->events++;
+    if (ev->kind == WPS_EVENT_CONNECTED) wps_client_free(f->client); /* deferred */
+}
+
+static bool reentering_client(reentering *f, wps_event_cb on_ev) {
+    char *url = emulator_client_url(&EMU, HUB, "alice", ALL_ROLES);
+    wps_options *o = test_options();
+    wps_status s = wps_client_new(url, o, on_ev, f, on_free_reenter, &f->client);
+    wps_options_free(o);
+    free(url);
+    return s == WPS_STATUS_OK;
+}
+
+static bool test_finalizer_reenters_its_client(void) {
+    reentering f = {.start = 99, .join_async = 99, .stop = 99};
+    CHECK(reentering_client(&f, NULL));
+    CHECK_OK(wps_client_start(f.client));
+    wps_client_free(f.client);
+    CHECK(f.freed == 1 && f.done);
+    CHECK(f.start == WPS_STATUS_STOPPED && f.join_async == WPS_STATUS_STOPPED && f.stop == WPS_STATUS_OK);
+
+    reentering g = {.start = 99, .join_async = 99, .stop = 99};
+    CHECK(reentering_client(&g, on_event_free_self));
+    CHECK_OK(wps_client_start(g.client));
+    int64_t deadline = now_ms() + WAIT_MS;
+    while (!__atomic_load_n(&g.done, __ATOMIC_ACQUIRE) && now_ms() < deadline) usleep(1000);
+    CHECK(__atomic_load_n(&g.done, __ATOMIC_ACQUIRE) && g.freed == 1 && g.events == 1);
+    CHECK(g.start == WPS_STATUS_STOPPED && g.join_async == WPS_STATUS_STOPPED && g.stop == WPS_STATUS_OK);
+    return true;
+}
+
 /* wps_client_free with pending operations: each completes exactly once before it returns. */
 static bool test_free_with_pending(void) {
     recorder *ra;
@@ -1841,6 +1895,7 @@ int main(int argc, char **argv) {
     run("free inside a callback", test_free_inside_callback);
     run("free inside a completion callback", test_free_inside_completion);
     run("free with pending operations", test_free_with_pending);
+    run("a finalizer calling into its client, freeing it again", test_finalizer_reenters_its_client);
     run("credential errors", test_credential_errors);
     run("stop and free report the ackIds of pending sends", test_stop_reports_ack_ids);
     run("reconnection", test_reconnection);
