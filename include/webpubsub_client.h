@@ -258,8 +258,12 @@ typedef uint32_t wps_status;
 
 /**
  * An event, borrowed by the callback for the duration of the call. Strings are
- * NUL-terminated UTF-8 or NULL when absent. Only ever allocated by the library, so
- * fields may be appended in later versions.
+ * NUL-terminated UTF-8 or NULL when absent. The ids and names (`connection_id`,
+ * `user_id`, `group`, `from_user_id`) come whole with their byte lengths (`*_len`):
+ * one holding U+0000 is longer than `strlen` finds. In the texts (`message`,
+ * `error_name`, `service_message`) a U+0000 is written as the six characters
+ * `\u0000`. Only ever allocated by the library, so fields may be appended in later
+ * versions.
  */
 typedef struct wps_event {
   /**
@@ -327,6 +331,22 @@ typedef struct wps_event {
    * Rejoin failed: the ackId of the failed joinGroup when `has_ack_id`.
    */
   uint64_t ack_id;
+  /**
+   * Length of `connection_id` in bytes, without its NUL (0 when NULL).
+   */
+  size_t connection_id_len;
+  /**
+   * Length of `user_id` in bytes, without its NUL (0 when NULL).
+   */
+  size_t user_id_len;
+  /**
+   * Length of `group` in bytes, without its NUL (0 when NULL).
+   */
+  size_t group_len;
+  /**
+   * Length of `from_user_id` in bytes, without its NUL (0 when NULL).
+   */
+  size_t from_user_id_len;
 } wps_event;
 
 /**
@@ -442,7 +462,8 @@ typedef struct wps_completion {
    */
   bool is_duplicated;
   /**
-   * The service's error name on ACK/INVOKE errors; NULL otherwise.
+   * The service's error name on ACK/INVOKE errors; NULL otherwise. In this and the
+   * other texts a U+0000 is written as the six characters `\u0000`.
    */
   const char *error_name;
   /**
@@ -505,7 +526,8 @@ typedef int (*wps_interrupt_cb)(void);
 
 /**
  * Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
- * `message` are borrowed for the duration of the call.
+ * `message` are borrowed for the duration of the call (a U+0000 in them is written as
+ * the six characters `\u0000`).
  */
 typedef void (*wps_log_cb)(void *user_data, uint32_t level, const char *target, const char *message);
 
@@ -513,7 +535,7 @@ typedef void (*wps_log_cb)(void *user_data, uint32_t level, const char *target, 
  * A group or server message as `wps_client_dispatch_into` writes it instead of calling
  * the event callback. The record is followed by `group_len` bytes of the group name,
  * `from_user_id_len` bytes of the sender's user id and `data_len` bytes of the payload
- * (UTF-8 as the event callback would see them, without NUL terminators); the next
+ * (UTF-8 as the event callback would see them, whole, without NUL terminators); the next
  * record starts `size` bytes after this one's start.
  */
 typedef struct wps_message_record {
@@ -849,7 +871,8 @@ uint32_t wps_client_state(const struct wps_client *c);
  * `*out_len` receives its length without the NUL, also when `buf` is too small, in
  * which case the call fails with `WPS_STATUS_INVALID_ARGUMENT` (`buf` may then be
  * NULL with `buf_len` 0, to ask for the size). `WPS_STATUS_NOT_CONNECTED` when there
- * is no connection id.
+ * is no connection id. All of its bytes are copied: one holding U+0000 is longer than
+ * `strlen` finds.
  *
  * # Safety
  * `buf` is NULL or writable for `buf_len` bytes; `out_len` is NULL or writable.
@@ -1300,6 +1323,8 @@ const char *wps_status_str(wps_status status);
 
 /**
  * The detail message of the last failed call on this thread, "" when none.
+ * Like every text the library writes as a C string, a U+0000 in it (from the service's
+ * text) is written as the six characters `\u0000`.
  *
  * Valid until the next `wps_` call on this thread; never NULL.
  */

@@ -1,7 +1,7 @@
 //! Callback types and the conversion of core events and results into the borrowed C
 //! structs handed to them. Everything here runs on a dispatcher thread.
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,8 +36,12 @@ pub const WPS_EVENT_GROUP_MESSAGE: u32 = 5;
 pub const WPS_EVENT_REJOIN_GROUP_FAILED: u32 = 6;
 
 /// An event, borrowed by the callback for the duration of the call. Strings are
-/// NUL-terminated UTF-8 or NULL when absent. Only ever allocated by the library, so
-/// fields may be appended in later versions.
+/// NUL-terminated UTF-8 or NULL when absent. The ids and names (`connection_id`,
+/// `user_id`, `group`, `from_user_id`) come whole with their byte lengths (`*_len`):
+/// one holding U+0000 is longer than `strlen` finds. In the texts (`message`,
+/// `error_name`, `service_message`) a U+0000 is written as the six characters
+/// `\u0000`. Only ever allocated by the library, so fields may be appended in later
+/// versions.
 #[repr(C)]
 pub struct wps_event {
     /// One of `WPS_EVENT_*`.
@@ -73,6 +77,14 @@ pub struct wps_event {
     pub has_ack_id: bool,
     /// Rejoin failed: the ackId of the failed joinGroup when `has_ack_id`.
     pub ack_id: u64,
+    /// Length of `connection_id` in bytes, without its NUL (0 when NULL).
+    pub connection_id_len: usize,
+    /// Length of `user_id` in bytes, without its NUL (0 when NULL).
+    pub user_id_len: usize,
+    /// Length of `group` in bytes, without its NUL (0 when NULL).
+    pub group_len: usize,
+    /// Length of `from_user_id` in bytes, without its NUL (0 when NULL).
+    pub from_user_id_len: usize,
 }
 
 /// Event callback. `event` is borrowed for the duration of the call.
@@ -98,7 +110,8 @@ pub struct wps_completion {
     pub ack_id: u64,
     /// The service had already processed this ackId (still a success).
     pub is_duplicated: bool,
-    /// The service's error name on ACK/INVOKE errors; NULL otherwise.
+    /// The service's error name on ACK/INVOKE errors; NULL otherwise. In this and the
+    /// other texts a U+0000 is written as the six characters `\u0000`.
     pub error_name: *const c_char,
     /// What went wrong; NULL on success.
     pub error_message: *const c_char,
@@ -139,7 +152,7 @@ pub const WPS_MESSAGE_HAS_FROM_USER_ID: u32 = 2;
 /// A group or server message as `wps_client_dispatch_into` writes it instead of calling
 /// the event callback. The record is followed by `group_len` bytes of the group name,
 /// `from_user_id_len` bytes of the sender's user id and `data_len` bytes of the payload
-/// (UTF-8 as the event callback would see them, without NUL terminators); the next
+/// (UTF-8 as the event callback would see them, whole, without NUL terminators); the next
 /// record starts `size` bytes after this one's start.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -256,10 +269,10 @@ pub(crate) fn fail_with(e: Error) -> wps_status {
 /// An event converted to owned C data, ready to be lent to the callback.
 pub(crate) struct OwnedEvent {
     kind: u32,
-    connection_id: Option<CString>,
-    user_id: Option<CString>,
-    group: Option<Arc<CStr>>,
-    from_user_id: Option<Arc<CStr>>,
+    connection_id: Option<Name>,
+    user_id: Option<Name>,
+    group: Option<Name>,
+    from_user_id: Option<Name>,
     data_type: u32,
     data: Bytes,
     sequence_id: Option<u64>,
@@ -274,13 +287,31 @@ fn opt(s: Option<&str>) -> Option<CString> {
     s.map(to_cstring)
 }
 
-/// A string's bytes without its NUL (none when absent).
-fn name_bytes(s: &Option<Arc<CStr>>) -> &[u8] {
-    s.as_deref().map_or(&[], CStr::to_bytes)
+/// An id or a name as C data: its bytes, all of them (U+0000 included), then a NUL.
+type Name = Arc<[u8]>;
+
+fn c_name(s: &str) -> Name {
+    let mut bytes = Vec::with_capacity(s.len() + 1);
+    bytes.extend_from_slice(s.as_bytes());
+    bytes.push(0);
+    bytes.into()
 }
 
-fn ptr<S: AsRef<CStr>>(s: &Option<S>) -> *const c_char {
-    s.as_ref().map_or(std::ptr::null(), |s| s.as_ref().as_ptr())
+/// A name's bytes without its NUL (none when absent).
+fn name_bytes(s: &Option<Name>) -> &[u8] {
+    s.as_deref().map_or(&[], |b| &b[..b.len() - 1])
+}
+
+/// A name's pointer (NULL when absent) and length.
+fn name_ptr(s: &Option<Name>) -> (*const c_char, usize) {
+    match s {
+        Some(b) => (b.as_ptr().cast(), b.len() - 1),
+        None => (std::ptr::null(), 0),
+    }
+}
+
+fn ptr(s: &Option<CString>) -> *const c_char {
+    s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
 }
 
 /// The C strings of the last group and sender seen. A subscriber's events mostly
@@ -288,15 +319,15 @@ fn ptr<S: AsRef<CStr>>(s: &Option<S>) -> *const c_char {
 /// freed on the dispatcher thread contends with the connection task's allocator).
 #[derive(Default)]
 struct Names {
-    group: Option<Arc<CStr>>,
-    from_user_id: Option<Arc<CStr>>,
+    group: Option<Name>,
+    from_user_id: Option<Name>,
 }
 
-/// `s` as a C string: the one in `slot` when equal, else a new one kept there.
-fn shared_name(slot: &mut Option<Arc<CStr>>, s: &str) -> Arc<CStr> {
+/// `s` as a name: the one in `slot` when equal, else a new one kept there.
+fn shared_name(slot: &mut Option<Name>, s: &str) -> Name {
     match slot {
-        Some(name) if name.to_bytes() == s.as_bytes() => Arc::clone(name),
-        _ => Arc::clone(slot.insert(to_cstring(s).into())),
+        Some(kept) if kept[..kept.len() - 1] == *s.as_bytes() => Arc::clone(kept),
+        _ => Arc::clone(slot.insert(c_name(s))),
     }
 }
 
@@ -325,8 +356,8 @@ impl OwnedEvent {
                 connection_id,
                 user_id,
             } => OwnedEvent {
-                connection_id: opt(Some(&connection_id)),
-                user_id: opt(user_id.as_deref()),
+                connection_id: Some(c_name(&connection_id)),
+                user_id: user_id.as_deref().map(c_name),
                 ..OwnedEvent::empty(WPS_EVENT_CONNECTED)
             },
             Event::Disconnected {
@@ -334,7 +365,7 @@ impl OwnedEvent {
                 message,
                 close_code,
             } => OwnedEvent {
-                connection_id: opt(connection_id.as_deref()),
+                connection_id: connection_id.as_deref().map(c_name),
                 message: opt(message.as_deref()),
                 close_code: close_code.unwrap_or(0),
                 ..OwnedEvent::empty(WPS_EVENT_DISCONNECTED)
@@ -367,7 +398,7 @@ impl OwnedEvent {
             Event::RejoinGroupFailed { group, error } => {
                 let (_, name, message) = error_parts(&error);
                 OwnedEvent {
-                    group: Some(to_cstring(&group).into()),
+                    group: Some(c_name(&group)),
                     message: opt(Some(&message)),
                     error_name: (!name.is_empty()).then(|| to_cstring(&name)),
                     service_message: error.service_message().map(to_cstring),
@@ -422,12 +453,16 @@ impl OwnedEvent {
     }
 
     fn view(&self) -> wps_event {
+        let (connection_id, connection_id_len) = name_ptr(&self.connection_id);
+        let (user_id, user_id_len) = name_ptr(&self.user_id);
+        let (group, group_len) = name_ptr(&self.group);
+        let (from_user_id, from_user_id_len) = name_ptr(&self.from_user_id);
         wps_event {
             kind: self.kind,
-            connection_id: ptr(&self.connection_id),
-            user_id: ptr(&self.user_id),
-            group: ptr(&self.group),
-            from_user_id: ptr(&self.from_user_id),
+            connection_id,
+            user_id,
+            group,
+            from_user_id,
             data_type: self.data_type,
             data: self.data.as_ptr(),
             data_len: self.data.len(),
@@ -439,6 +474,10 @@ impl OwnedEvent {
             service_message: ptr(&self.service_message),
             has_ack_id: self.ack_id.is_some(),
             ack_id: self.ack_id.unwrap_or(0),
+            connection_id_len,
+            user_id_len,
+            group_len,
+            from_user_id_len,
         }
     }
 }

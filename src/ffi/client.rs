@@ -753,7 +753,8 @@ pub unsafe extern "C" fn wps_client_state(c: *const wps_client) -> u32 {
 /// `*out_len` receives its length without the NUL, also when `buf` is too small, in
 /// which case the call fails with `WPS_STATUS_INVALID_ARGUMENT` (`buf` may then be
 /// NULL with `buf_len` 0, to ask for the size). `WPS_STATUS_NOT_CONNECTED` when there
-/// is no connection id.
+/// is no connection id. All of its bytes are copied: one holding U+0000 is longer than
+/// `strlen` finds.
 ///
 /// # Safety
 /// `buf` is NULL or writable for `buf_len` bytes; `out_len` is NULL or writable.

@@ -19,7 +19,8 @@ use super::status::{
 };
 
 /// Log callback: `level` is one of `WPS_LOG_*`; `target` (the emitting module) and
-/// `message` are borrowed for the duration of the call.
+/// `message` are borrowed for the duration of the call (a U+0000 in them is written as
+/// the six characters `\u0000`).
 pub type wps_log_cb = Option<
     unsafe extern "C" fn(
         user_data: *mut c_void,

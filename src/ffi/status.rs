@@ -155,15 +155,17 @@ fn with_last_error<R>(f: impl FnOnce(&mut LastError) -> R) -> R {
     })
 }
 
-/// Converts text to a C string, dropping interior NULs rather than failing. One
-/// allocation, sized for the terminator (it runs for the group of every event).
+/// Converts text (a message, a reason, a log record) to a C string. A C string cannot
+/// hold U+0000, so each one is written as the six characters `\u0000` (as JSON writes
+/// it) rather than dropped or ending the text early. One allocation, sized for the
+/// terminator.
 pub(crate) fn to_cstring(s: &str) -> CString {
+    if s.contains('\0') {
+        return CString::new(s.replace('\0', "\\u0000")).expect("no NUL left");
+    }
     let mut bytes = Vec::with_capacity(s.len() + 1);
     bytes.extend_from_slice(s.as_bytes());
-    if s.contains('\0') {
-        bytes.retain(|&b| b != 0);
-    }
-    CString::new(bytes).expect("NULs removed")
+    CString::new(bytes).expect("no NUL")
 }
 
 /// Records the detail of a failure on this thread and returns `status`.
@@ -223,6 +225,8 @@ pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
 }
 
 /// The detail message of the last failed call on this thread, "" when none.
+/// Like every text the library writes as a C string, a U+0000 in it (from the service's
+/// text) is written as the six characters `\u0000`.
 ///
 /// Valid until the next `wps_` call on this thread; never NULL.
 #[no_mangle]
@@ -272,8 +276,8 @@ mod tests {
 
     #[test]
     fn last_error_is_per_thread_and_cleared() {
-        fail(WPS_STATUS_INVALID_ARGUMENT, "bad\0thing");
-        assert_eq!(text(wps_last_error_message()), "badthing");
+        fail(WPS_STATUS_INVALID_ARGUMENT, "bad\0thing\0");
+        assert_eq!(text(wps_last_error_message()), "bad\\u0000thing\\u0000");
         std::thread::spawn(|| assert_eq!(text(wps_last_error_message()), ""))
             .join()
             .unwrap();

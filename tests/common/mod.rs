@@ -138,6 +138,20 @@ pub async fn stats(emulator: &webpubsub_emulator::Emulator) -> serde_json::Value
     serde_json::from_str(&body).unwrap()
 }
 
+/// The `Authorization` header value of a service REST request to `path`.
+pub fn rest_authorization(emulator: &webpubsub_emulator::Emulator, path: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({"aud": format!("{}{path}", emulator.endpoint()), "exp": exp});
+    format!(
+        "Bearer {}",
+        webpubsub_emulator::auth::sign(emulator.access_key(), &claims)
+    )
+}
+
 /// Sends text to one connection through the service REST API (a server message).
 pub async fn rest_send_to_connection(
     emulator: &webpubsub_emulator::Emulator,
@@ -146,14 +160,7 @@ pub async fn rest_send_to_connection(
     text: &str,
 ) {
     let path = format!("/api/hubs/{hub}/connections/{id}/:send?api-version=2024-12-01");
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = serde_json::json!({"aud": format!("{}{path}", emulator.endpoint()), "exp": exp});
-    let token = webpubsub_emulator::auth::sign(emulator.access_key(), &claims);
-    let auth = format!("Bearer {token}");
+    let auth = rest_authorization(emulator, &path);
     let headers = [
         ("Authorization", auth.as_str()),
         ("Content-Type", "text/plain"),

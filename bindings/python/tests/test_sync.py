@@ -68,6 +68,22 @@ def test_open_close_events_and_state(hub: Hub, protocol: WebPubSubProtocolType) 
     assert client.state is WebPubSubClientState.STOPPED
 
 
+def test_user_ids_with_nul_arrive_whole(hub: Hub) -> None:
+    # A token's user id may hold U+0000: the library gives it with its length, and the
+    # binding reads all of it rather than the C string's prefix.
+    connected, received = Collector(), Collector()
+    client = make(hub.url("al\x00ice"))
+    client.subscribe(CallbackType.CONNECTED, connected)
+    client.subscribe(CallbackType.GROUP_MESSAGE, received)
+    with client:
+        client.join_group("room")
+        client.send_to_group("room", "t\x00ext", WebPubSubDataType.TEXT)
+        (message,) = received.wait_for(1)
+    (args,) = connected.wait_for(1)
+    assert args.user_id == "al\x00ice"
+    assert (message.from_user_id, message.data) == ("al\x00ice", "t\x00ext")
+
+
 def test_second_open_raises_and_close_is_idempotent(hub: Hub) -> None:
     client = make(hub.url())
     client.open()

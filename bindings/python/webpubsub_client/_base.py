@@ -514,8 +514,8 @@ def _group_message(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ..
     return _group_message_args(
         data_type,
         value,
-        group.decode("utf-8", "replace") if group is not None else "",
-        sender.decode("utf-8", "replace") if sender is not None else None,
+        group[: event.group_len].decode("utf-8", "replace") if group else "",
+        sender[: event.from_user_id_len].decode("utf-8", "replace") if sender else None,
         event.sequence_id if event.has_sequence_id else None,
     )
 
@@ -586,13 +586,14 @@ def _server_message(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, .
 
 
 def _connected(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
-    dec = _native.decode
-    return CallbackType.CONNECTED, (OnConnectedArgs(dec(event.connection_id) or "", dec(event.user_id)),)
+    name = _native.name
+    connection_id = name(event.connection_id, event.connection_id_len) or ""
+    return CallbackType.CONNECTED, (OnConnectedArgs(connection_id, name(event.user_id, event.user_id_len)),)
 
 
 def _disconnected(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
-    dec = _native.decode
-    args = OnDisconnectedArgs(dec(event.connection_id), dec(event.message), event.close_code or None)
+    connection_id = _native.name(event.connection_id, event.connection_id_len)
+    args = OnDisconnectedArgs(connection_id, _native.decode(event.message), event.close_code or None)
     return CallbackType.DISCONNECTED, (args,)
 
 
@@ -608,7 +609,8 @@ def _rejoin_group_failed(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[A
     detail = AckMessageError(name=name or "Error", message=message)
     ack_id = event.ack_id if event.has_ack_id else None
     error = SendMessageError("Failed to rejoin group.", ack_id, detail)
-    return CallbackType.REJOIN_GROUP_FAILED, (OnRejoinGroupFailedArgs(dec(event.group) or "", error),)
+    group = _native.name(event.group, event.group_len) or ""
+    return CallbackType.REJOIN_GROUP_FAILED, (OnRejoinGroupFailedArgs(group, error),)
 
 
 _GROUP_MESSAGE = CallbackType.GROUP_MESSAGE

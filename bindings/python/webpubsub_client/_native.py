@@ -100,14 +100,16 @@ UINT64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class WpsEvent(Structure):
-    """``wps_event``: borrowed, valid only during the event callback."""
+    """``wps_event``: borrowed, valid only during the event callback. The ids and names are
+    read with their ``*_len`` fields (:func:`name`): one holding U+0000 is longer than its
+    C string."""
 
     _fields_ = [
         ("kind", c_uint32),
-        ("connection_id", c_char_p),
-        ("user_id", c_char_p),
-        ("group", c_char_p),
-        ("from_user_id", c_char_p),
+        ("connection_id", POINTER(c_char)),
+        ("user_id", POINTER(c_char)),
+        ("group", POINTER(c_char)),
+        ("from_user_id", POINTER(c_char)),
         ("data_type", c_uint32),
         ("data", POINTER(c_char)),  # sliced to copy: cheaper than string_at
         ("data_len", c_size_t),
@@ -119,6 +121,10 @@ class WpsEvent(Structure):
         ("service_message", c_char_p),
         ("has_ack_id", c_bool),
         ("ack_id", c_uint64),
+        ("connection_id_len", c_size_t),
+        ("user_id_len", c_size_t),
+        ("group_len", c_size_t),
+        ("from_user_id_len", c_size_t),
     ]
 
 
@@ -427,6 +433,15 @@ def load_library() -> ctypes.CDLL:
 
 
 lib: ctypes.CDLL = load_library()
+
+
+def name(pointer: Any, length: int) -> Optional[str]:
+    """An id or name of ``wps_event`` (a ``char *`` and its length) as ``str``, whole;
+    NULL gives None."""
+    if not pointer:
+        return None
+    data: bytes = pointer[:length]
+    return data.decode("utf-8", errors="replace")
 
 
 def decode(value: Optional[bytes]) -> Optional[str]:
