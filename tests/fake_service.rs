@@ -385,6 +385,44 @@ async fn forbidden_is_not_retried_and_internal_errors_are_retried_with_the_same_
     client.stop().await;
 }
 
+/// Acks `frame` with the error `name`.
+async fn refuse(conn: &mut Conn, frame: &serde_json::Value, name: &str) {
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{},"success":false,"error":{{"name":"{name}","message":"m"}}}}"#,
+        frame["ackId"]
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_duplicate_after_a_refused_resend_is_that_refusal_though_a_drop_came_first() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let send = spawn_send(&client, "x");
+    let first = conn.recv().await;
+    assert_eq!(first["type"], "sendToGroup");
+    // Cut off unanswered: the service may or may not have processed it.
+    drop(conn);
+    let (mut conn, _) = fake.accept().await;
+    let resent = conn.recv().await;
+    assert_eq!(resent, first);
+    // Refused, not Duplicate: so the cut-off attempt was not processed.
+    refuse(&mut conn, &resent, "InternalServerError").await;
+    let retry = conn.recv().await;
+    assert_eq!(retry, first, "retried with the same ackId");
+    // The service remembers the refused attempt: nothing was published.
+    refuse(&mut conn, &retry, "Duplicate").await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), send)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&outcome, Err(Error::Ack { name, .. }) if name == "InternalServerError"),
+        "reported {outcome:?}"
+    );
+    client.stop().await;
+}
+
 #[tokio::test]
 async fn invocations_reply_time_out_and_cancel() {
     let fake = Fake::new().await;

@@ -179,8 +179,10 @@ struct AckOp {
     due: Option<Instant>,
     /// The error of the latest attempt the service refused (then retried).
     refused: Option<ErrorDetail>,
-    /// An attempt timed out or was cut off by a dropped socket: the service may have
-    /// processed it without our hearing so.
+    /// An attempt since the latest refusal timed out or was cut off by a dropped
+    /// socket: the service may have processed it without our hearing so. A refusal
+    /// clears it: had an earlier attempt been processed, the service would have answered
+    /// the refused one `Duplicate`.
     maybe_processed: bool,
 }
 
@@ -389,9 +391,10 @@ impl Pending {
         self.unsent_frame_bytes
     }
 
-    /// The ack of `ack_id` arrived. `Duplicate` counts as success, unless every earlier
-    /// attempt was refused: then the service remembers a refused attempt, not a
-    /// processed one, and the operation fails with that refusal. A retriable failure
+    /// The ack of `ack_id` arrived. `Duplicate` counts as success, unless the latest
+    /// answered attempt was refused and no attempt since may have been processed: then
+    /// the service remembers a refused attempt, not a processed one, and the operation
+    /// fails with that refusal. A retriable failure
     /// (`InternalServerError`) schedules a resend with the same ackId while the retry
     /// policy allows. Returns the finished operation, if this finished one.
     pub(crate) fn on_ack(
@@ -422,6 +425,7 @@ impl Pending {
                 if e.name == "InternalServerError" && op.wanted() {
                     if let Some(delay) = self.retry.delay_before(op.retries + 1) {
                         op.refused = Some(e);
+                        op.maybe_processed = false;
                         op.phase = Phase::RetryWait;
                         op.due = Some(now + delay);
                         lower(&mut self.earliest, now + delay);
@@ -899,6 +903,27 @@ mod tests {
         assert!(
             done.result.is_ok(),
             "the attempt cut off by the drop may have been processed"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_after_a_refusal_that_followed_a_lost_attempt_is_the_refusal() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let _rx = add(&mut p, 1, Some(t0));
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        p.connection_dropped(true, &mut done);
+        p.take_unsent(t0, &mut out);
+        assert_eq!(out, vec![frame(1)], "resent");
+        // Refused, not Duplicate: the attempt cut off by the drop was not processed.
+        assert!(p
+            .on_ack(1, false, error("InternalServerError"), t0)
+            .is_none());
+        let done = p.on_ack(1, false, error("Duplicate"), t0).unwrap();
+        assert!(
+            matches!(done.result, Err(Error::Ack { ack_id: 1, ref name, .. }) if name == "InternalServerError"),
+            "the service remembered the refused attempt: {:?}",
+            done.result
         );
     }
 
