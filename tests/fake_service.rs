@@ -875,6 +875,68 @@ async fn automatic_ack_ids_skip_ids_chosen_by_the_caller_while_pending() {
     client.stop().await;
 }
 
+#[tokio::test]
+async fn a_resend_with_the_drawn_ack_id_of_a_renumbered_send_given_up_waits_for_it() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let send = |ack_id: Option<u64>, body: &'static str| {
+        let c = client.clone();
+        tokio::spawn(async move {
+            let opts = SendToGroupOptions {
+                ack_id,
+                ..SendToGroupOptions::default()
+            };
+            c.send_to_group("g", DataType::Text, Bytes::from(body), opts)
+                .await
+        })
+    };
+    let first = send(None, "first");
+    let frame = conn.recv().await;
+    conn.ack(&frame).await;
+    let drawn = first.await.unwrap().unwrap().ack_id.unwrap() + 1;
+    // The id the counter gives next, chosen and held pending; then so many other chosen
+    // ids that the counter no longer skips it.
+    let held = send(Some(drawn), "held");
+    assert_eq!(conn.recv().await["ackId"], drawn);
+    for i in 0..1000 {
+        let other = send(Some(1_000_000 + i), "other");
+        let frame = conn.recv().await;
+        conn.ack(&frame).await;
+        other.await.unwrap().unwrap();
+    }
+    // An automatic send draws that id: the connection task writes it under another.
+    let renumbered = send(None, "renumbered");
+    let frame = conn.recv().await;
+    assert_eq!(frame["data"], "renumbered");
+    let used = frame["ackId"].as_u64().unwrap();
+    assert_ne!(used, drawn);
+    // Its caller gives up, and resends with the ackId it drew (as an interrupted
+    // blocking call of the C API reports it): this waits for the same operation.
+    renumbered.abort();
+    assert!(renumbered.await.unwrap_err().is_cancelled());
+    let resend = send(Some(drawn), "renumbered");
+    conn.silent_for(200).await;
+    assert!(!resend.is_finished(), "{:?}", resend.await);
+    conn.ack(&frame).await;
+    let result = tokio::time::timeout(Duration::from_secs(5), resend)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        result,
+        Ok(webpubsub_client::AckResult {
+            ack_id: Some(used),
+            is_duplicated: false
+        })
+    );
+    conn.send(&format!(
+        r#"{{"type":"ack","ackId":{drawn},"success":true}}"#
+    ))
+    .await;
+    held.await.unwrap().unwrap();
+    client.stop().await;
+}
+
 /// A started client whose connection task is held inside its event handler (the
 /// handler of a server message waits for `release`). With `in_place` the handler waits
 /// in `block_in_place`, so that another thread polls the socket meanwhile, as a second

@@ -963,6 +963,13 @@ impl Task {
                 reply,
             } => {
                 if reply.is_closed() {
+                    // Dropped unwritten. Its caller may resend it with the ackId it
+                    // drew: not with one a pending operation holds (the service would
+                    // take the resend for that one's duplicate).
+                    if automatic && self.pending.has_ack(ack_id) {
+                        let free = self.free_ack_id();
+                        self.pending.renumber(ack_id, &op.frame, free);
+                    }
                     return;
                 }
                 let sent_at = Some(now.into_std());
@@ -1019,7 +1026,9 @@ impl Task {
     /// the frame to write. An automatic ackId still held by a pending operation (whose
     /// caller chose it) is replaced by the next free one, so only a caller's own
     /// choice can collide (`InvalidArgument`), unless it resends an operation whose
-    /// caller gave up: it then waits for that one (`Pending::reattach`).
+    /// caller gave up: it then waits for that one (`Pending::reattach`). Such a resend
+    /// may carry the automatic ackId its caller drew (an interrupted call reports it):
+    /// it goes under that ackId's replacement, as the operation it resends did.
     fn add_ack(
         &mut self,
         mut ack_id: u64,
@@ -1032,6 +1041,9 @@ impl Task {
         let reply = if automatic {
             reply
         } else {
+            if let Some(used) = self.pending.renumbered(ack_id, &frame) {
+                (ack_id, frame) = renumber(ack_id, frame, used);
+            }
             // The operation it resends may be one a caller wrote itself, not registered yet.
             self.register_written();
             match self.pending.reattach(ack_id, &frame, reply) {
@@ -1040,12 +1052,10 @@ impl Task {
             }
         };
         if automatic && self.pending.has_ack(ack_id) {
-            let free = self.free_ack_id();
-            if let Some(renumbered) = json::replace_ack_id(&frame, ack_id, free) {
-                debug!("automatic ackId {ack_id} is held by a pending operation: using {free}");
-                frame = renumbered.into();
-                ack_id = free;
-            }
+            let (drawn, drawn_frame) = (ack_id, frame.clone());
+            (ack_id, frame) = renumber(drawn, frame, self.free_ack_id());
+            debug!("automatic ackId {drawn} is held by a pending operation: using {ack_id}");
+            self.pending.renumber(drawn, &drawn_frame, ack_id);
         }
         match self
             .pending
@@ -1323,6 +1333,15 @@ fn percent_encode(value: &str) -> String {
         }
     }
     out
+}
+
+/// `frame` with its ackId `ack_id` replaced by `new`, and its ackId now (still
+/// `ack_id` for a frame without that ackId: none encoded by this crate).
+fn renumber(ack_id: u64, frame: Utf8Bytes, new: u64) -> (u64, Utf8Bytes) {
+    match json::replace_ack_id(&frame, ack_id, new) {
+        Some(renumbered) => (new, renumbered.into()),
+        None => (ack_id, frame),
+    }
 }
 
 fn encode(frame: &Upstream) -> Utf8Bytes {

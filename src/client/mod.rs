@@ -159,7 +159,9 @@ pub struct SendToGroupOptions {
     /// pending operation (else `Error::InvalidArgument`), unless that is this very message,
     /// given up by its caller: then this waits for it. Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
-    /// message.
+    /// message. (Rarely an automatic ackId drawn for a message is held by a pending
+    /// operation and the message goes out under another: a resend with the drawn one goes
+    /// under that one too, and its result carries it.)
     pub ack_id: Option<u64>,
 }
 
@@ -172,7 +174,9 @@ pub struct SendEventOptions {
     /// pending operation (else `Error::InvalidArgument`), unless that is this very message,
     /// given up by its caller: then this waits for it. Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
-    /// message.
+    /// message. (Rarely an automatic ackId drawn for a message is held by a pending
+    /// operation and the message goes out under another: a resend with the drawn one goes
+    /// under that one too, and its result carries it.)
     pub ack_id: Option<u64>,
 }
 

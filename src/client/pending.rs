@@ -5,12 +5,13 @@
 //! its encoded frame, so a retry or a resend after a recovery reuses the same ackId
 //! and the service's `Duplicate` answer makes it safe.
 
+use super::ack_ids::SERVICE_ACK_MEMORY;
 use super::options::RetryOptions;
 use super::{AckResult, Error, InvokeResult};
 use crate::protocol::{json, ErrorDetail, Upstream};
 use log::debug;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -231,6 +232,11 @@ pub(crate) struct Pending {
     unsent_frame_bytes: usize,
     ack_timeout: Duration,
     retry: RetryOptions,
+    /// Automatic ackIds drawn by a caller and replaced by the connection task (they
+    /// collided with a pending operation's), with their replacements, oldest first; at
+    /// most `SERVICE_ACK_MEMORY`.
+    /// (Frames by their hash: the record must not hold their bytes.)
+    renumbered: VecDeque<(u64, u64, u64)>,
 }
 
 impl Pending {
@@ -243,7 +249,36 @@ impl Pending {
             unsent_frame_bytes: 0,
             ack_timeout,
             retry,
+            renumbered: VecDeque::new(),
         }
+    }
+
+    /// Notes that the operation `frame`, whose caller drew the automatic ackId `drawn`,
+    /// goes out (or would have) under `used`. Its caller knows only `drawn`: a resend
+    /// with it must reach the same operation (see [`Pending::renumbered`]).
+    pub(crate) fn renumber(&mut self, drawn: u64, frame: &str, used: u64) {
+        if drawn == used {
+            return;
+        }
+        if self.renumbered.len() == SERVICE_ACK_MEMORY {
+            self.renumbered.pop_front();
+        }
+        self.renumbered.push_back((drawn, frame_hash(frame), used));
+    }
+
+    /// The ackId that replaced `drawn` if `frame` (carrying `drawn`) is an operation
+    /// renumbered so: not for another message with that ackId (the pending operation
+    /// whose caller chose it, resent by that caller).
+    pub(crate) fn renumbered(&self, drawn: u64, frame: &str) -> Option<u64> {
+        if self.renumbered.is_empty() {
+            return None;
+        }
+        let hash = frame_hash(frame);
+        self.renumbered
+            .iter()
+            .rev()
+            .find(|(d, h, _)| *d == drawn && *h == hash)
+            .map(|(.., used)| *used)
     }
 
     /// How many operations are pending (acked, invocations and unsent frames).
@@ -712,6 +747,13 @@ impl Hasher for AckIdHasher {
     }
 }
 
+/// A frame's hash, to recognise it again.
+fn frame_hash(frame: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    frame.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Moves `earliest` down to `due` if that is earlier.
 fn lower(earliest: &mut Option<Instant>, due: Instant) {
     *earliest = Some(earliest.map_or(due, |e| e.min(due)));
@@ -1060,6 +1102,21 @@ mod tests {
         assert!(p.reattach(1, &frame(1), tx.into()).is_err(), "wanted again");
         p.on_ack(1, true, None, t0).unwrap().reply();
         assert_eq!(rx.try_recv().unwrap().unwrap().ack_id, Some(1));
+    }
+
+    #[test]
+    fn a_renumbered_ack_id_is_found_for_its_own_frame_only() {
+        let mut p = pending(0);
+        assert_eq!(p.renumbered(2, "drawn"), None);
+        p.renumber(2, "drawn", 2);
+        assert_eq!(p.renumbered(2, "drawn"), None, "not renumbered");
+        p.renumber(2, "drawn", 5);
+        assert_eq!(p.renumbered(2, "drawn"), Some(5));
+        assert_eq!(p.renumbered(2, "the holder's"), None);
+        for n in 0..SERVICE_ACK_MEMORY as u64 {
+            p.renumber(100 + n, "other", 10_000 + n);
+        }
+        assert_eq!(p.renumbered(2, "drawn"), None, "forgotten");
     }
 
     #[test]

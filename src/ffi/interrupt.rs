@@ -68,7 +68,8 @@ fn current() -> Option<Check> {
 /// `WPS_STATUS_INTERRUPTED`. The operation is then given up as by `wps_client_cancel`:
 /// not written if it was not yet, not retried, its ack ignored (its ackId is still in
 /// `out`: a resend with it, `_with_ack_id`, waits for the same operation if it is still
-/// pending); an invocation is cancelled at the service. An interrupted start goes on
+/// pending, and its `out` has the ackId the operation went out under, which in rare
+/// cases differs); an invocation is cancelled at the service. An interrupted start goes on
 /// (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
 /// interrupted. NULL `cb` removes the check; a wait already running keeps the check it
 /// started with. Not called once callbacks are disabled (`wps_callbacks_disable`).
