@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use percent_encoding::percent_decode_str;
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
 
@@ -184,9 +185,10 @@ fn host_ok(host: &str, configured_host: &str) -> bool {
     ) || host == configured_host.to_ascii_lowercase()
 }
 
-/// Does the audience URL `aud` name `path` on this server? Scheme (http/https/ws/wss),
-/// loopback host variants, a missing port, the query and a trailing slash are tolerated;
-/// the path is compared without case.
+/// Does the audience URL `aud` name `path` (percent-decoded) on this server? Scheme
+/// (http/https/ws/wss), loopback host variants, a missing port, the query and a
+/// trailing slash are tolerated; the audience's path is percent-decoded (the SDKs sign
+/// the URL as sent) and compared without case.
 pub fn audience_matches(aud: &str, path: &str, configured_host: &str, port: u16) -> bool {
     let Some((scheme, rest)) = aud.split_once("://") else {
         return false;
@@ -214,7 +216,8 @@ pub fn audience_matches(aud: &str, path: &str, configured_host: &str, port: u16)
             return false;
         }
     }
-    aud_path
+    percent_decode_str(aud_path)
+        .decode_utf8_lossy()
         .trim_end_matches('/')
         .eq_ignore_ascii_case(path.trim_end_matches('/'))
 }
@@ -364,6 +367,12 @@ mod tests {
             80
         ));
         assert!(!audience_matches("not a url", p, "127.0.0.1", 80));
+        assert!(audience_matches(
+            "http://127.0.0.1:80/api/hubs/h/groups/a%20b%2Fc",
+            "/api/hubs/h/groups/a b/c",
+            "127.0.0.1",
+            80
+        ));
     }
 
     #[test]

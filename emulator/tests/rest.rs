@@ -824,3 +824,30 @@ async fn invalid_filters_are_400_and_send_nothing() {
     }
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn names_that_need_percent_encoding_pass_auth_as_the_sdks_sign_them() {
+    // The service SDKs put the request URL as sent, percent-encoded, in `aud`.
+    let emu = start().await;
+    let (mut a, a_id) = client(&emu, "user é/1", JSON).await;
+    for (i, group) in ["a b", "a/b", "é"].into_iter().enumerate() {
+        assert_ack_ok(&a.join(group, i as u64 + 1).await);
+        let encoded: String =
+            percent_encoding::utf8_percent_encode(group, percent_encoding::NON_ALPHANUMERIC)
+                .collect();
+        let (code, body) = call(
+            &emu,
+            Method::POST,
+            &format!("hub/groups/{encoded}/:send?api-version=2024-12-01"),
+            text(group),
+        )
+        .await;
+        assert_eq!(code, 202, "{group}: {body}");
+        assert_eq!(server_msg(&a.next_json().await), ("text", &json!(group)));
+    }
+    let (code, body) = call(&emu, Method::HEAD, "hub/users/user%20%C3%A9%2F1", None).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = call(&emu, Method::HEAD, &format!("hub/connections/{a_id}"), None).await;
+    assert_eq!(code, 200, "{body}");
+    emu.shutdown().await;
+}
