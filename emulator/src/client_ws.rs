@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{self, Permission};
 use crate::frames::{self, Payload, Publication};
 use crate::hub::{Conn, Hub, Protocol, Server, Stats, POLICY_CLOSE};
+use crate::names::{validate_group, validate_hub};
 use crate::outbound::{Out, Outbound, SocketHandle};
 
 /// Subprotocol names.
@@ -27,8 +28,6 @@ const JSON_V1: &str = "json.webpubsub.azure.v1";
 const JSON_RELIABLE_V1: &str = "json.reliable.webpubsub.azure.v1";
 /// Close reason of a failed recovery (the official clients look for close code 1008).
 pub(crate) const NOT_RECOVERABLE: &str = "The connection could not be recovered.";
-/// Longest group name accepted.
-pub(crate) const MAX_GROUP_NAME: usize = 1024;
 /// Events queued to the upstream per socket, and invocations pending per connection,
 /// before more fail with InternalServerError.
 const MAX_PENDING_UPSTREAM: usize = 1000;
@@ -53,19 +52,6 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
-/// Checks a group name; the error is the BadRequest message.
-pub(crate) fn validate_group(group: &str) -> Result<(), String> {
-    if group.is_empty() {
-        return Err("The group name must not be empty.".into());
-    }
-    if group.chars().count() > MAX_GROUP_NAME {
-        return Err(format!(
-            "The group name is longer than {MAX_GROUP_NAME} characters."
-        ));
-    }
-    Ok(())
-}
-
 enum Session {
     New(Arc<Hub>, Arc<Conn>, Vec<String>),
     Recover(Arc<Hub>, Arc<Conn>),
@@ -80,6 +66,9 @@ pub(crate) async fn client_endpoint(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    if let Err(e) = validate_hub(&hub_name) {
+        return error_response(StatusCode::BAD_REQUEST, e);
+    }
     let recovering = query.contains_key("awps_connection_id");
     let token = query
         .get("access_token")
@@ -175,6 +164,14 @@ pub(crate) async fn client_endpoint(
             _ => Session::Unrecoverable,
         }
     } else {
+        // Sessions waiting for a recovery count: they come back without asking.
+        let max = server.config.max_connections;
+        if server.connection_count() >= max {
+            return error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("Too many connections: the limit is {max}."),
+            );
+        }
         let claims = claims.unwrap_or_default();
         let conn = Conn::new(
             &server,
@@ -647,7 +644,9 @@ impl Reader {
                     ));
                 }
                 if frame.ty == "joinGroup" {
-                    self.hub.join(&self.conn, &group);
+                    if !self.hub.join(&self.conn, &group) {
+                        return Err(bad(self.conn.too_many_groups()));
+                    }
                 } else {
                     self.hub.leave(&self.conn, &group);
                 }

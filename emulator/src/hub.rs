@@ -187,13 +187,23 @@ impl Hub {
         }
     }
 
-    /// Adds a connection to a group (idempotent).
-    pub(crate) fn join(&self, conn: &Arc<Conn>, group: &str) {
+    /// Adds a connection to a group (idempotent). False when it is in as many groups as
+    /// it may be and not in this one (nothing changes).
+    pub(crate) fn join(&self, conn: &Arc<Conn>, group: &str) -> bool {
         if conn.is_closed() {
-            return;
+            return true;
         }
-        conn.groups.lock().insert(group.to_owned());
+        {
+            let mut groups = conn.groups.lock();
+            if !groups.contains(group) {
+                if groups.len() >= conn.max_groups {
+                    return false;
+                }
+                groups.insert(group.to_owned());
+            }
+        }
         add_member(&self.groups, group, conn);
+        true
     }
 
     /// Removes a connection from a group (idempotent).
@@ -368,6 +378,8 @@ pub(crate) struct Conn {
     pub reading: tokio::sync::Mutex<()>,
     max_unacked_frames: usize,
     max_unacked_bytes: usize,
+    /// Groups it may be in at once.
+    max_groups: usize,
 }
 
 /// Random identifier of `len` alphanumeric characters.
@@ -407,7 +419,16 @@ impl Conn {
             reading: tokio::sync::Mutex::new(()),
             max_unacked_frames: server.config.max_unacked_frames,
             max_unacked_bytes: server.config.max_unacked_bytes,
+            max_groups: server.config.max_groups_per_connection,
         })
+    }
+
+    /// Why a join was refused when it is in as many groups as it may be.
+    pub(crate) fn too_many_groups(&self) -> String {
+        format!(
+            "The connection is already in {} groups, the most it may join.",
+            self.max_groups
+        )
     }
 
     pub(crate) fn is_closed(&self) -> bool {

@@ -21,6 +21,7 @@ mod faults;
 mod filter;
 mod frames;
 mod hub;
+mod names;
 mod outbound;
 mod rest;
 mod server;
@@ -143,6 +144,16 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Largest REST request body (default 1 MiB, like `max_frame_bytes`).
     pub max_rest_body_bytes: usize,
+    /// Longest wait for an HTTP request head, for a REST request body, and how long an
+    /// idle keep-alive connection is kept (default 30 s).
+    pub http_timeout: Duration,
+    /// Client connections at once, over all hubs; a new one past it gets HTTP 429
+    /// (default 100,000: the service's largest standard instance, 100 units of 1,000;
+    /// the docs give the quota, not the answer, so 429 is the emulator's choice).
+    pub max_connections: usize,
+    /// Groups one connection may be in at once (default 10,000). The service documents
+    /// no such limit: this one only bounds what one connection can make the emulator hold.
+    pub max_groups_per_connection: usize,
 }
 
 impl Default for Config {
@@ -163,6 +174,9 @@ impl Default for Config {
             ack_window: 1000,
             upstream_timeout: Duration::from_secs(30),
             max_rest_body_bytes: 1024 * 1024,
+            http_timeout: Duration::from_secs(30),
+            max_connections: 100_000,
+            max_groups_per_connection: 10_000,
         }
     }
 }

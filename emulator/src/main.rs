@@ -43,6 +43,15 @@ struct Args {
     /// Bytes queued to one socket before a client that does not read is closed.
     #[arg(long, value_name = "N", default_value_t = 64 * 1024 * 1024)]
     max_outbound_bytes: usize,
+    /// Longest wait for an HTTP request head or REST body, and longest idle keep-alive, in ms.
+    #[arg(long, value_name = "N", default_value_t = 30_000)]
+    http_timeout_ms: u64,
+    /// Client connections at once, over all hubs; more get HTTP 429.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    max_connections: usize,
+    /// Groups one connection may be in at once.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_groups_per_connection: usize,
     /// TLS certificate chain (PEM); needs --tls-key.
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -94,6 +103,9 @@ fn main() -> ExitCode {
         max_unacked_frames: args.max_unacked_frames,
         max_unacked_bytes: args.max_unacked_bytes,
         max_outbound_bytes: args.max_outbound_bytes,
+        http_timeout: Duration::from_millis(args.http_timeout_ms),
+        max_connections: args.max_connections,
+        max_groups_per_connection: args.max_groups_per_connection,
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,

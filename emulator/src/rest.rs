@@ -17,10 +17,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{self, Permission};
-use crate::client_ws::{bearer, validate_group};
+use crate::client_ws::bearer;
 use crate::filter::Filter;
 use crate::frames::{Payload, Publication};
 use crate::hub::{Conn, Hub, Server, Stats, POLICY_CLOSE};
+use crate::names::{validate_group, validate_hub};
 use crate::TokenOptions;
 
 /// A JSON error body `{"code":..., "message":...}`.
@@ -30,6 +31,7 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
         StatusCode::NOT_FOUND => "NotFound",
         StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
         StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        StatusCode::REQUEST_TIMEOUT => "RequestTimeout",
         _ => "BadRequest",
     };
     (
@@ -94,12 +96,19 @@ pub(crate) async fn dispatch(
     }
     let query = QueryParams::parse(&uri);
     let limit = server.config.max_rest_body_bytes;
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => {
+    let timeout = server.config.http_timeout;
+    let body = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("The request body is larger than {limit} bytes."),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("The request body did not arrive within {timeout:?}."),
             )
         }
     };
@@ -113,6 +122,9 @@ pub(crate) async fn dispatch(
     let hub_name = &segments[0];
     if hub_name.is_empty() {
         return error(StatusCode::NOT_FOUND, "The hub name is empty.");
+    }
+    if let Err(e) = validate_hub(hub_name) {
+        return error(StatusCode::BAD_REQUEST, e);
     }
     let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
     match req.route(hub_name, &rest) {
@@ -356,10 +368,8 @@ impl Request<'_> {
         }
         Some(match *self.method {
             Method::PUT => match conn(hub, c) {
-                Some(conn) => {
-                    hub.join(&conn, group);
-                    status(StatusCode::OK)
-                }
+                Some(conn) if hub.join(&conn, group) => status(StatusCode::OK),
+                Some(conn) => error(StatusCode::BAD_REQUEST, conn.too_many_groups()),
                 None => error(StatusCode::NOT_FOUND, format!("No connection '{c}'.")),
             },
             Method::DELETE => {
@@ -447,13 +457,14 @@ impl Request<'_> {
     }
 
     fn generate_token(&self, hub: &Hub) -> Response {
-        let minutes = match self.query.get("minutesToExpire").map(str::parse::<u64>) {
+        // An int32 in the service's API.
+        let minutes = match self.query.get("minutesToExpire").map(str::parse::<i32>) {
             None => 60,
-            Some(Ok(m)) if m > 0 => m,
+            Some(Ok(m)) if m > 0 => u64::from(m.unsigned_abs()),
             Some(_) => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "minutesToExpire must be a positive integer.",
+                    "minutesToExpire must be a positive 32-bit integer.",
                 )
             }
         };

@@ -1,16 +1,19 @@
 //! Listener, optional TLS, routing and the accept loop.
 //!
-//! hyper-util's connection builder is driven directly (instead of `axum::serve`) so that
-//! plain and TLS sockets share one accept loop and every connection task observes the
-//! shutdown token.
+//! hyper's HTTP/1.1 connection is driven directly (instead of `axum::serve`) so that
+//! plain and TLS sockets share one accept loop, every connection task observes the
+//! shutdown token, and a peer that is slow to send a request head, or idle between
+//! requests, is cut off after `Config::http_timeout`. There is no HTTP/2: the official
+//! SDKs speak HTTP/1.1 (TLS offers only `http/1.1`), and a cleartext HTTP/2 connection
+//! could stall the protocol detection or idle without a bound.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::{any, get, post};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -127,28 +130,35 @@ async fn accept_loop(
         let app = app.clone();
         let tls = tls.clone();
         let shutdown = server.shutdown.clone();
+        let timeout = server.config.http_timeout;
         server.tasks.spawn(async move {
             match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                     {
-                        Ok(Ok(stream)) => serve(TokioIo::new(stream), app, shutdown).await,
+                        Ok(Ok(stream)) => serve(TokioIo::new(stream), app, shutdown, timeout).await,
                         Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-                None => serve(TokioIo::new(tcp), app, shutdown).await,
+                None => serve(TokioIo::new(tcp), app, shutdown, timeout).await,
             }
         });
     }
 }
 
-async fn serve<I>(io: TokioIo<I>, app: Router, shutdown: CancellationToken)
+/// Serves one HTTP/1.1 connection. A request head must arrive whole within `timeout`
+/// of the connection's start or of the previous response, which also closes a
+/// keep-alive connection idle for that long.
+async fn serve<I>(io: TokioIo<I>, app: Router, shutdown: CancellationToken, timeout: Duration)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(app));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(io, TowerToHyperService::new(app))
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

@@ -107,7 +107,7 @@ async fn a_recovery_without_a_token_creates_no_hub() {
     // otherwise stay in memory for good.
     for n in 0..3 {
         let url = format!(
-            "ws://127.0.0.1:{}/client/hubs/made-up-{n}?awps_connection_id=c&awps_reconnection_token=t",
+            "ws://127.0.0.1:{}/client/hubs/madeUp{n}?awps_connection_id=c&awps_reconnection_token=t",
             emu.port()
         );
         let mut refused = connect(&url, Some(RELIABLE)).await;

@@ -1,0 +1,290 @@
+//! Hostile or broken peers: HTTP peers that are slow or idle, too many connections or
+//! groups, hub and group names the service refuses, and REST input that used to crash
+//! a request.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+const SHORT: Duration = Duration::from_millis(300);
+
+fn short_timeouts() -> Config {
+    Config {
+        http_timeout: SHORT,
+        ..Config::default()
+    }
+}
+
+/// Reads until the server closes the socket: what it sent, and when it closed.
+async fn until_closed(tcp: &mut TcpStream) -> (String, Duration) {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("the server closes the socket in time");
+        match read {
+            Ok(0) | Err(_) => return (String::from_utf8_lossy(&out).into_owned(), start.elapsed()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+async fn tcp(emu: &Emulator) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", emu.port())).await.unwrap()
+}
+
+/// The HTTP status of a WebSocket connect (101 when it upgrades).
+async fn ws_status(url: &str, protocol: &str) -> u16 {
+    match try_connect(url, Some(protocol)).await {
+        Ok(_) => 101,
+        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+async fn rest(emu: &Emulator, method: reqwest::Method, path: &str) -> reqwest::Response {
+    let url = format!("{}{path}", emu.endpoint());
+    reqwest::Client::new()
+        .request(method, &url)
+        .bearer_auth(rest_token(emu, &url))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    let emu = start_with(short_timeouts()).await;
+    // Nothing at all, half a head, half an HTTP/2 preface.
+    for partial in [
+        &b""[..],
+        b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\n",
+        b"PRI * HTTP/2.0\r\n",
+    ] {
+        let mut tcp = tcp(&emu).await;
+        tcp.write_all(partial).await.unwrap();
+        let (_, took) = until_closed(&mut tcp).await;
+        assert!(took < WAIT, "{partial:?}");
+    }
+    // A head trickled a byte at a time, each byte well within the timeout.
+    let head = b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut tcp = tcp(&emu).await;
+    let start = Instant::now();
+    let mut sent = 0;
+    for byte in head {
+        if tcp.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (response, _) = until_closed(&mut tcp).await;
+    assert!(
+        sent < head.len() || !response.starts_with("HTTP/1.1 200"),
+        "the whole head was accepted over {:?}: {response}",
+        start.elapsed()
+    );
+    // Other peers are served meanwhile.
+    assert_eq!(stats(&emu).await["connections"], 0);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let emu = start_with(short_timeouts()).await;
+    let mut tcp = tcp(&emu).await;
+    tcp.write_all(b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (response, took) = until_closed(&mut tcp).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(took >= SHORT / 2, "closed after {took:?}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rest_body_that_never_ends_gets_408() {
+    let emu = start_with(short_timeouts()).await;
+    let url = format!("{}/api/hubs/h/:send", emu.endpoint());
+    let head = format!(
+        "POST /api/hubs/h/:send HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nab",
+        rest_token(&emu, &url)
+    );
+    let mut tcp = tcp(&emu).await;
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let (response, _) = until_closed(&mut tcp).await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn new_connections_past_the_limit_get_429_and_recoveries_still_work() {
+    let emu = start_with(Config {
+        max_connections: 2,
+        ..Config::default()
+    })
+    .await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let (a, _) = connect_json(&url, JSON).await;
+    let (_b, cb) = connect_json(&url, RELIABLE).await;
+    assert_eq!(ws_status(&url, JSON).await, 429);
+    assert_eq!(ws_status(&url, RELIABLE).await, 429);
+
+    // b's socket drops: its session still counts, and its recovery is let in.
+    let id_b = cb["connectionId"].as_str().unwrap();
+    assert!(fault(&emu, "h", id_b, ":drop").await.status().is_success());
+    let recover = format!(
+        "{url}&awps_connection_id={id_b}&awps_reconnection_token={}",
+        cb["reconnectionToken"].as_str().unwrap()
+    );
+    assert_eq!(ws_status(&url, JSON).await, 429);
+    let (_b2, again) = connect_json(&recover, RELIABLE).await;
+    assert_eq!(again["connectionId"], id_b);
+
+    // Once a ends, a new connection fits again.
+    a.close().await;
+    let deadline = Instant::now() + WAIT;
+    while ws_status(&url, JSON).await != 101 {
+        assert!(
+            Instant::now() < deadline,
+            "no room after a connection ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_joins_at_most_so_many_groups() {
+    let emu = start_with(Config {
+        max_groups_per_connection: 3,
+        ..Config::default()
+    })
+    .await;
+    let (mut a, c) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    for (i, g) in ["g1", "g2", "g3"].into_iter().enumerate() {
+        assert_ack_ok(&a.join(g, i as u64 + 1).await);
+    }
+    let ack = a.join("g4", 4).await;
+    assert_ack_error(&ack, "BadRequest");
+    assert!(
+        ack["error"]["message"].as_str().unwrap().contains('3'),
+        "{ack}"
+    );
+    // Joining a group it is in is no new group.
+    assert_ack_ok(&a.join("g1", 5).await);
+    // Nor through REST.
+    let id = c["connectionId"].as_str().unwrap();
+    let put = |g: &str| format!("/api/hubs/h/groups/{g}/connections/{id}");
+    assert_eq!(
+        rest(&emu, reqwest::Method::PUT, &put("g5")).await.status(),
+        400
+    );
+    assert_eq!(
+        rest(&emu, reqwest::Method::PUT, &put("g2")).await.status(),
+        200
+    );
+    // Leaving makes room.
+    let leave = json!({"type": "leaveGroup", "group": "g3", "ackId": 6});
+    assert_ack_ok(&a.call(leave).await);
+    assert_ack_ok(&a.join("g4", 7).await);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn hub_names_follow_the_service_pattern() {
+    let emu = start().await;
+    let long = "a".repeat(129);
+    for bad in ["1hub", "a-b", "_a", long.as_str()] {
+        let url = emu.client_url(bad, &all_roles("a"));
+        assert_eq!(ws_status(&url, JSON).await, 400, "client endpoint, {bad}");
+        let resp = rest(
+            &emu,
+            reqwest::Method::POST,
+            &format!("/api/hubs/{bad}/:send"),
+        )
+        .await;
+        assert_eq!(resp.status(), 400, "REST, {bad}");
+    }
+    let resp = rest(&emu, reqwest::Method::POST, "/api/hubs/a%20b/:send").await;
+    assert_eq!(resp.status(), 400, "REST, 'a b'");
+    assert_eq!(
+        stats(&emu).await["hubs"],
+        0,
+        "no hub made for a refused name"
+    );
+    let long = "a".repeat(128);
+    for good in ["h", "Hub_1.x,y", long.as_str()] {
+        let url = emu.client_url(good, &all_roles("a"));
+        assert_eq!(ws_status(&url, JSON).await, 101, "client endpoint, {good}");
+        let resp = rest(
+            &emu,
+            reqwest::Method::POST,
+            &format!("/api/hubs/{good}/:send"),
+        )
+        .await;
+        assert_eq!(resp.status(), 202, "REST, {good}");
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn blank_group_names_are_refused() {
+    let emu = start().await;
+    let (mut a, c) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    assert_ack_error(&a.join(" ", 1).await, "BadRequest");
+    assert_ack_error(&a.join("\t \t", 2).await, "BadRequest");
+    assert_ack_ok(&a.join(" g ", 3).await);
+    let id = c["connectionId"].as_str().unwrap();
+    for (method, path) in [
+        (
+            reqwest::Method::PUT,
+            format!("/api/hubs/h/groups/%20/connections/{id}"),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/hubs/h/groups/%20%20/:send".into(),
+        ),
+    ] {
+        assert_eq!(rest(&emu, method, &path).await.status(), 400, "{path}");
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_out_of_range_token_lifetime_is_400() {
+    let emu = start().await;
+    let huge = u64::MAX.to_string();
+    let resp = rest(
+        &emu,
+        reqwest::Method::POST,
+        &format!("/api/hubs/h/:generateToken?minutesToExpire={huge}"),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    // The service's parameter is an int32.
+    let resp = rest(
+        &emu,
+        reqwest::Method::POST,
+        "/api/hubs/h/:generateToken?minutesToExpire=2147483648",
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let resp = rest(
+        &emu,
+        reqwest::Method::POST,
+        "/api/hubs/h/:generateToken?minutesToExpire=2147483647",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    emu.shutdown().await;
+}
