@@ -15,7 +15,7 @@ import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged
 
 from webpubsub_client import WebPubSubClient as SyncClient
-from webpubsub_client import _native
+from webpubsub_client import _base, _native
 from webpubsub_client._callbacks import REGISTRY
 from webpubsub_client.aio import WebPubSubClient, WebPubSubClientCredential
 from webpubsub_client.aio import _client as aio_client
@@ -619,7 +619,7 @@ async def test_a_refused_dispatch_is_logged_and_its_stale_counts_are_not_read(hu
 async def test_messages_written_as_records_and_by_callback_arrive_in_order(hub: Hub) -> None:
     """Messages reach listeners as records, except those larger than the records buffer,
     which take the event callback: in arrival order, with every field."""
-    big = "x" * (aio_client._DispatchBuffers.MESSAGE_BYTES + 1)  # pylint: disable=protected-access
+    big = "x" * (_base.DispatchBuffers.MESSAGE_BYTES + 1)
     sent: List[Any] = ["a", big, {"j": "ü"}, b"\x00\xff" * 20_000, "é", b"", ""]
     kinds = [WebPubSubDataType.TEXT, WebPubSubDataType.TEXT, WebPubSubDataType.JSON, WebPubSubDataType.BINARY]
     kinds += [WebPubSubDataType.TEXT, WebPubSubDataType.BINARY, WebPubSubDataType.TEXT]

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Dict
 
+import pytest
 from conftest import FAST, Hub, wait_until
 
 import webpubsub_client
@@ -186,3 +188,48 @@ def test_exit_while_a_listener_blocks_for_good_does_not_hang(hub: Hub) -> None:
     result = run_python(code, {}, timeout=20)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.split() == ["True"]
+
+
+@pytest.mark.parametrize(
+    "keep_busy",
+    [
+        "time.sleep(0.001)",
+        "threading.Event().wait(0.01)",
+        "client.send_to_group('elsewhere', 'busy', 'text')",  # a library call, in and out
+    ],
+    ids=["sleeps", "waits", "calls-the-library"],
+)
+def test_exit_while_a_listener_keeps_running_exits_cleanly(hub: Hub, keep_busy: str) -> None:
+    """The interpreter exits while a listener of a sync client keeps running, taking the
+    interpreter lock again and again: the process exits at once with the script's own
+    code, as with the official client (whose listeners run on daemon threads). Before,
+    listeners ran inside the library's dispatcher threads: the exit hook waited 2 s for
+    them, and once Python finalized, the listener's next take of the lock ended its
+    thread with ``pthread_exit`` inside the library, which aborted the process (SIGABRT)."""
+    code = f"""
+        import sys, threading, time
+        from webpubsub_client import WebPubSubClient
+        client = WebPubSubClient({hub.url("busy")!r}, start_timeout=5.0)
+        entered = threading.Event()
+
+        def on_message(_):
+            entered.set()
+            while True:
+                try:
+                    {keep_busy}
+                except Exception:
+                    pass
+
+        client.subscribe("group-message", on_message)
+        client.open()
+        client.join_group("g")
+        client.send_to_group("g", "block", "text")
+        print(entered.wait(10), flush=True)
+        sys.exit(3)
+    """
+    started = time.monotonic()
+    result = run_python(code, {}, timeout=20)
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["True"]
+    assert "still ran" not in result.stderr, result.stderr[-2000:]  # no listener inside the library
+    assert time.monotonic() - started < 10

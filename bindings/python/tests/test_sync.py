@@ -16,7 +16,7 @@ from typing import Any, List
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, assert_keywords_logged, wait_until
 
-from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _native
+from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _base, _native
 from webpubsub_client.models import (
     CallbackType,
     InvokeEventError,
@@ -436,6 +436,44 @@ def test_listeners_keep_their_thread_locals_between_events(hub: Hub) -> None:
         items = seen.wait_for(5)
     assert len({ident for ident, _ in items}) == 1  # one client: one dispatcher thread
     assert [count for _, count in items] == [1, 2, 3, 4, 5]
+
+
+def test_events_and_messages_reach_the_listeners_in_order_on_a_python_thread(hub: Hub) -> None:
+    """Messages reach the listeners as records, except those larger than the records
+    buffer, which take the event callback, as the other events do: all in arrival order,
+    with every field, on one daemon thread that Python started (not a library thread,
+    which Python would see as a dummy thread), where a listener still running at exit
+    is ended as the official client's are."""
+    big = "x" * (_base.DispatchBuffers.MESSAGE_BYTES + 1)
+    sent: List[Any] = ["a", big, {"j": "ü"}, b"\x00\xff" * 20_000, "é", b"", ""]
+    kinds = [WebPubSubDataType.TEXT, WebPubSubDataType.TEXT, WebPubSubDataType.JSON, WebPubSubDataType.BINARY]
+    kinds += [WebPubSubDataType.TEXT, WebPubSubDataType.BINARY, WebPubSubDataType.TEXT]
+    seen = Collector()
+    subscriber = make(hub.url("bob"))
+    for event in (CallbackType.CONNECTED, CallbackType.GROUP_MESSAGE, CallbackType.STOPPED):
+        subscriber.subscribe(event, lambda *args, e=event: seen((e, threading.current_thread(), args)))
+    with subscriber, make(hub.url(None)) as anonymous:
+        subscriber.join_group("g")
+        for content, kind in zip(sent, kinds):
+            anonymous.send_to_group("g", content, kind, ack=False)
+        seen.wait_for(1 + len(sent))
+    items = seen.wait_for(2 + len(sent))
+    assert [event for event, _, _ in items] == [
+        CallbackType.CONNECTED,
+        *[CallbackType.GROUP_MESSAGE] * len(sent),
+        CallbackType.STOPPED,
+    ]
+    threads = {thread for _, thread, _ in items}
+    assert len(threads) == 1
+    (thread,) = threads
+    assert thread.daemon and not isinstance(thread, threading._DummyThread)  # pylint: disable=protected-access
+    messages = [args[0] for _, _, args in items[1:-1]]
+    data = [bytes(m.data) if m.data_type is WebPubSubDataType.BINARY else m.data for m in messages]
+    assert data == sent
+    assert [m.data_type for m in messages] == kinds
+    assert all(m.from_user_id is None and m.group == "g" for m in messages)
+    ids = [m.sequence_id for m in messages]
+    assert all(i is not None for i in ids) and ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
 def test_listener_exception_is_logged_and_others_still_run(hub: Hub, caplog: Any) -> None:

@@ -536,6 +536,27 @@ def _group_message_args(
     return _GROUP_MESSAGE, (args,)
 
 
+class DispatchBuffers:
+    """What ``wps_client_dispatch_into`` writes to: ack records, message records and the
+    counts. One set per dispatching thread, shared by the clients it dispatches (the
+    native dispatch never runs inside another on one thread, and its records are
+    converted before any listener runs), so that an idle client holds none."""
+
+    ACKS = 32  # ack records per native call
+    MESSAGE_BYTES = 32 * 1024  # message records per native call; a larger message takes its callback
+
+    def __init__(self) -> None:
+        self.acks = (_native.WpsAckRecord * self.ACKS)()
+        self.ack_view = memoryview(self.acks).cast("B")
+        self.messages = (ctypes.c_uint64 * (self.MESSAGE_BYTES // 8))()  # 8-byte aligned
+        self.message_view = memoryview(self.messages).cast("B")
+        self.buffers = _native.WpsDispatchBuffers(
+            self.acks, self.ACKS, ctypes.addressof(self.messages), self.MESSAGE_BYTES
+        )
+        self.ref = ctypes.byref(self.buffers)
+        self.counts = memoryview(self.buffers).cast("B")
+
+
 def message_records(view: memoryview, count: int) -> List[Tuple[CallbackType, Tuple[Any, ...]]]:
     """The callback types and listener arguments of the ``count`` ``wps_message_record``s
     at the start of ``view`` (written by ``wps_client_dispatch_into``), as
@@ -716,8 +737,9 @@ def free_client(handle: int) -> None:
 
     At interpreter exit it is only stopped (which is safe alongside other calls), and its
     memory is left to the end of the process: a daemon thread may be inside a call on
-    it, and a listener still running would be waited for without end (the exit hook
-    then waits for running callbacks a bounded time)."""
+    it, and a callback still running (an asyncio listener of an event other than a
+    message) would be waited for without end (the exit hook then waits for running
+    callbacks a bounded time)."""
     if not threading.main_thread().is_alive():
         lib.wps_client_stop(handle)
         return
@@ -728,13 +750,11 @@ def new_native_client(
     url_or_provider: Union[str, Callable[[], str]],
     options: Options,
     sink: Any,
-    *,
-    poll: bool = False,
 ) -> int:
     """Create a native client whose events go to ``sink.on_native_event``; returns its handle.
 
-    With ``poll`` its callbacks run only in ``wps_client_dispatch`` (poll dispatch mode),
-    on the thread that calls it, instead of on a library thread.
+    It is in poll dispatch mode: its callbacks run only in a dispatch of the client
+    (``wps_client_dispatch_into``), on the thread that calls it, never on a library thread.
 
     The caller frees it with :func:`free_client` (a ``weakref.finalize`` on the
     Python client, which also runs at interpreter exit). ``sink`` must not refer
@@ -742,7 +762,7 @@ def new_native_client(
     """
     _callbacks.enable_native_logging(trace=options.logging_enable)
     opts = options.build()
-    if poll and lib.wps_options_set_dispatch_mode(opts, _native.DISPATCH_POLL) != _native.STATUS_OK:
+    if lib.wps_options_set_dispatch_mode(opts, _native.DISPATCH_POLL) != _native.STATUS_OK:
         lib.wps_options_free(opts)
         raise RuntimeError(f"poll dispatch mode: {_native.last_error_message()}")
     out = ctypes.c_void_p()

@@ -118,8 +118,9 @@ def keep_thread_state() -> None:
 
 
 def _on_event(key: Optional[int], event: Any) -> None:
+    # Only ever inside a dispatch of a client in poll mode, on a Python thread: a sync
+    # client's dispatcher thread, an asyncio client's event loop.
     try:
-        keep_thread_state()
         sink = REGISTRY.get(key)
         if sink is not None:
             sink.on_native_event(event.contents)
@@ -233,9 +234,12 @@ _QUIESCE_MS = 2000
 
 def quiesce_native() -> None:
     """At interpreter exit, before Python tears down: the library's logs stop, then every
-    callback of the library for good, once the running ones have returned. A library
-    thread that entered Python during its finalization would be stopped inside the
-    library (Python ends such threads with ``pthread_exit``), which aborts the process."""
+    callback of the library for good, once the running ones have returned. A thread that
+    entered Python from inside the library during its finalization would be stopped
+    there (Python ends such threads with ``pthread_exit``), which aborts the process.
+    The sync client's listeners are not such callbacks: they run once the library's call
+    has returned (see :mod:`._dispatcher`), so one still running at exit is ended as any
+    daemon thread is, and is not waited for here."""
     global _log_level  # noqa: PLW0603
     with _log_lock:
         lib.wps_set_log_callback(_native.LOG_CB(), None, 0)

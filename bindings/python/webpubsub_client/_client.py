@@ -8,7 +8,7 @@ import threading
 import weakref
 from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union, overload
 
-from . import _base, _callbacks, _native
+from . import _base, _callbacks, _dispatcher, _native
 from ._native import lib
 from .models import (
     CallbackType,
@@ -78,28 +78,47 @@ class _Provider:
 
 
 class _SyncSink:
-    """Receives native events on the dispatcher thread and calls the listeners there, in order."""
+    """A client's events on their way to its listeners: converted by the event callback
+    during the client's dispatch, then delivered by its worker thread (see
+    :mod:`._dispatcher`), once the dispatch has returned, in order."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
         self.listeners = _base.HeldListeners(listeners)
+        self._events: List[Tuple[CallbackType, Tuple[Any, ...]]] = []
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
+        converted = _base.event_args(event)
+        if converted is not None:
+            self._events.append(converted)
+
+    def take(self) -> List[Tuple[CallbackType, Tuple[Any, ...]]]:
+        """The events the event callback converted since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def deliver(self, events: List[Tuple[CallbackType, Tuple[Any, ...]]], dispatch: _dispatcher.Dispatch) -> None:
+        """Calls the listeners of each event in turn; none once the client is freed."""
         listeners = self.listeners.get()
         if listeners is None:  # the client was collected; its handle is being freed
             return
-        converted = _base.event_args(event)
-        if converted is None:
-            return
-        kind, args = converted
-        for listener in listeners.snapshot(kind):
-            try:
-                listener(*args)
-            except BaseException:  # noqa: BLE001 - a listener's error must not stop the others
-                # SystemExit and KeyboardInterrupt too: in the official client they end only
-                # the listener's own thread, and here there is no caller to raise them to.
-                _base.log_listener_error(kind)
-        if kind is CallbackType.STOPPED:
-            self.listeners.release_if_stopped()
+        snapshot = listeners.snapshot
+        for kind, args in events:
+            if not dispatch.handle:  # freed by a listener (or collected meanwhile)
+                return
+            for listener in snapshot(kind):
+                try:
+                    listener(*args)
+                except BaseException:  # noqa: BLE001 - a listener's error must not stop the others
+                    # SystemExit and KeyboardInterrupt too: in the official client they end only
+                    # the listener's own thread, and here there is no caller to raise them to.
+                    _base.log_listener_error(kind)
+            if kind is _STOPPED:
+                with dispatch.lock:  # the handle is read: not during its free
+                    if dispatch.handle:
+                        self.listeners.release_if_stopped()
+
+
+_STOPPED = CallbackType.STOPPED
 
 
 def _start_interruptibly(client: "WebPubSubClient") -> Tuple[int, str]:
@@ -180,9 +199,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     once per method at debug level; an operation's ``logging_enable=True`` logs its
     outgoing message at debug level.
 
-    Listeners run on a library thread, one event at a time and in order; they may call
-    any method of the client (a listener sending a message is fine). Keep them short:
-    clients share a small pool of such threads.
+    Listeners run on a daemon thread of the package, one event at a time and in order;
+    they may call any method of the client (a listener sending a message is fine). Keep
+    them short: clients share a small pool of such threads.
     """
 
     def __init__(
@@ -249,7 +268,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         self._sink = _SyncSink(self._listeners)
         self._handle = _base.new_native_client(source, options, self._sink)
         self._sink.listeners.handle = self._handle
-        self._finalizer = weakref.finalize(self, _base.free_client, self._handle)
+        try:
+            dispatch = _dispatcher.Dispatch(self._handle, self._sink)
+        except BaseException:
+            _base.free_client(self._handle)
+            raise
+        self._finalizer = weakref.finalize(self, dispatch.free)
 
     # ---- lifecycle ---------------------------------------------------------------
 

@@ -379,35 +379,14 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
         return None
 
 
-class _DispatchBuffers:
-    """What ``wps_client_dispatch_into`` writes to: ack records, message records and the
-    counts. One set per thread, shared by the clients its loop dispatches (the native
-    dispatch never runs inside another on one thread, and its records are converted
-    before any listener runs), so that an idle client holds none."""
-
-    ACKS = 32  # ack records per native call
-    MESSAGE_BYTES = 32 * 1024  # message records per native call; a larger message takes its callback
-
-    def __init__(self) -> None:
-        self.acks = (_native.WpsAckRecord * self.ACKS)()
-        self.ack_view = memoryview(self.acks).cast("B")
-        self.messages = (ctypes.c_uint64 * (self.MESSAGE_BYTES // 8))()  # 8-byte aligned
-        self.message_view = memoryview(self.messages).cast("B")
-        self.buffers = _native.WpsDispatchBuffers(
-            self.acks, self.ACKS, ctypes.addressof(self.messages), self.MESSAGE_BYTES
-        )
-        self.ref = ctypes.byref(self.buffers)
-        self.counts = memoryview(self.buffers).cast("B")
-
-
 _THREAD_BUFFERS = threading.local()
 
 
-def _dispatch_buffers() -> _DispatchBuffers:
+def _dispatch_buffers() -> _base.DispatchBuffers:
     """This thread's dispatch buffers (made on first use)."""
-    buffers: Optional[_DispatchBuffers] = getattr(_THREAD_BUFFERS, "buffers", None)
+    buffers: Optional[_base.DispatchBuffers] = getattr(_THREAD_BUFFERS, "buffers", None)
     if buffers is None:
-        buffers = _THREAD_BUFFERS.buffers = _DispatchBuffers()
+        buffers = _THREAD_BUFFERS.buffers = _base.DispatchBuffers()
     return buffers
 
 
@@ -735,7 +714,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             source = credential
         else:
             source = self._sink.credential_provider(credential, max(start_timeout, 1.0))
-        self._handle = _base.new_native_client(source, options, self._sink, poll=True)
+        self._handle = _base.new_native_client(source, options, self._sink)
         self._sink.listeners.handle = self._handle
         self._poller = _Poller(self._handle, self._sink)
         self._finalizer = weakref.finalize(self, self._poller.free)
