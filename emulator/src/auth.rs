@@ -185,10 +185,13 @@ fn host_ok(host: &str, configured_host: &str) -> bool {
     ) || host == configured_host.to_ascii_lowercase()
 }
 
-/// Does the audience URL `aud` name `path` (percent-decoded) on this server? Scheme
-/// (http/https/ws/wss), loopback host variants, a missing port, the query and a
-/// trailing slash are tolerated; the audience's path is percent-decoded (the SDKs sign
-/// the URL as sent) and compared without case.
+/// Does the audience URL `aud` name `path` (the request's path as sent, still
+/// percent-encoded) on this server? Scheme (http/https/ws/wss), loopback host variants,
+/// a missing port, the query and a trailing slash are tolerated; the paths are compared
+/// segment by segment, each percent-decoded (the SDKs sign the URL as sent, and may
+/// encode a name otherwise than the request), without case. An encoded '/' stays
+/// inside its segment: a token for group 'a/connections/c' is not one for connection
+/// 'c' of group 'a'.
 pub fn audience_matches(aud: &str, path: &str, configured_host: &str, port: u16) -> bool {
     let Some((scheme, rest)) = aud.split_once("://") else {
         return false;
@@ -216,10 +219,18 @@ pub fn audience_matches(aud: &str, path: &str, configured_host: &str, port: u16)
             return false;
         }
     }
-    percent_decode_str(aud_path)
-        .decode_utf8_lossy()
-        .trim_end_matches('/')
-        .eq_ignore_ascii_case(path.trim_end_matches('/'))
+    let segments = |path: &str| {
+        path.trim_end_matches('/')
+            .split('/')
+            .map(|s| percent_decode_str(s).collect::<Vec<u8>>())
+            .collect::<Vec<_>>()
+    };
+    let (aud_path, path) = (segments(aud_path), segments(path));
+    aud_path.len() == path.len()
+        && aud_path
+            .iter()
+            .zip(&path)
+            .all(|(a, b)| a.eq_ignore_ascii_case(b))
 }
 
 /// The two client permissions.
@@ -369,10 +380,27 @@ mod tests {
         assert!(!audience_matches("not a url", p, "127.0.0.1", 80));
         assert!(audience_matches(
             "http://127.0.0.1:80/api/hubs/h/groups/a%20b%2Fc",
-            "/api/hubs/h/groups/a b/c",
+            "/api/hubs/h/groups/a%20b%2fc",
             "127.0.0.1",
             80
         ));
+        assert!(audience_matches(
+            "http://127.0.0.1:80/api/hubs/h/groups/%C3%A9",
+            "/api/hubs/h/groups/\u{e9}",
+            "127.0.0.1",
+            80
+        ));
+        for (aud, path) in [
+            ("/api/hubs/h/groups/a%2Fb", "/api/hubs/h/groups/a/b"),
+            ("/api/hubs/h/groups/a/b", "/api/hubs/h/groups/a%2Fb"),
+            ("/api/hubs/h/groups/a%2F..%2F..%2Fx", "/api/hubs/h/groups/x"),
+        ] {
+            let aud = format!("http://127.0.0.1:80{aud}");
+            assert!(
+                !audience_matches(&aud, path, "127.0.0.1", 80),
+                "{aud} {path}"
+            );
+        }
     }
 
     #[test]

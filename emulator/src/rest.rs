@@ -139,11 +139,10 @@ pub(crate) async fn dispatch(
 fn authorize(server: &Server, uri: &Uri, headers: &HeaderMap) -> Result<(), auth::AuthError> {
     let token = bearer(headers).ok_or(auth::AuthError::Missing)?;
     let claims = auth::verify(&server.access_key, &token, true)?;
-    let path = percent_decode_str(uri.path()).decode_utf8_lossy();
     if claims
         .audiences
         .iter()
-        .any(|a| auth::audience_matches(a, &path, &server.config.host, server.port))
+        .any(|a| auth::audience_matches(a, uri.path(), &server.config.host, server.port))
     {
         Ok(())
     } else {

@@ -851,3 +851,35 @@ async fn names_that_need_percent_encoding_pass_auth_as_the_sdks_sign_them() {
     assert_eq!(code, 200, "{body}");
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_encoded_slash_in_the_audience_is_not_a_path_separator() {
+    // A token signed for HEAD on group 'a/connections/<id>' (one segment, '/' encoded)
+    // must not authorize PUT on group 'a', connection <id> (three segments), although
+    // both paths read the same once decoded whole.
+    let emu = start().await;
+    let (_a, a_id) = client(&emu, "u", JSON).await;
+    let base = format!("{}/api/hubs/hub/groups", emu.endpoint());
+    let signed_for = format!("{base}/a%2Fconnections%2F{a_id}");
+    let token = rest_token(&emu, &signed_for);
+    let used_for = format!("{base}/a/connections/{a_id}");
+    let (code, body) = call_with(&used_for, Method::PUT, Some(token), None).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = call(&emu, Method::HEAD, "hub/groups/a", None).await;
+    assert_eq!(code, 404, "the connection joined group 'a': {body}");
+    // The other way round: a token for the three segments does not pass for the one.
+    let token = rest_token(&emu, &used_for);
+    let (code, body) = call_with(&signed_for, Method::HEAD, Some(token), None).await;
+    assert_eq!(code, 401, "{body}");
+    // Encodings of the same segments are one path: hex case and optional escapes.
+    let token = rest_token(&emu, &format!("{base}/%61%2fb/:send"));
+    let (code, body) = call_with(
+        &format!("{base}/a%2Fb/:send"),
+        Method::POST,
+        Some(token),
+        text("x"),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    emu.shutdown().await;
+}
