@@ -10,12 +10,13 @@ use crate::client::Error;
 use crate::transport::read_response_head;
 
 /// Where a client's connections go.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum ProxySetting {
     /// The environment decides, as for the official Python client: `https_proxy` (or
-    /// `HTTPS_PROXY`) for `wss://`, `http_proxy` (or `HTTP_PROXY`) for `ws://`, and
-    /// `no_proxy` (or `NO_PROXY`) lists hosts reached directly. Loopback hosts are
-    /// always reached directly. The default.
+    /// `HTTPS_PROXY`) for `wss://`, `http_proxy` (or `HTTP_PROXY`, except in a CGI
+    /// program, where a request header sets it) for `ws://`, and `no_proxy` (or
+    /// `NO_PROXY`) lists hosts reached directly. Loopback hosts are always reached
+    /// directly. The default.
     #[default]
     FromEnvironment,
     /// Every connection is direct.
@@ -25,13 +26,43 @@ pub enum ProxySetting {
     Url(String),
 }
 
+/// Shows a proxy URL without its user info (it may hold a password).
+impl std::fmt::Debug for ProxySetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxySetting::FromEnvironment => f.write_str("FromEnvironment"),
+            ProxySetting::Direct => f.write_str("Direct"),
+            ProxySetting::Url(url) => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+                let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                let shown = match rest[..end].rsplit_once('@') {
+                    Some((_, host)) => format!("{scheme}://***@{host}{}", &rest[end..]),
+                    None => url.clone(),
+                };
+                f.debug_tuple("Url").field(&shown).finish()
+            }
+        }
+    }
+}
+
 /// The proxy one connection goes through.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub(crate) struct Proxy {
     pub(crate) host: String,
     pub(crate) port: u16,
     /// The `Proxy-Authorization` value (Basic), when the URL carries a user.
     authorization: Option<String>,
+}
+
+/// Shows the proxy without its credentials.
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("authorization", &self.authorization.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl ProxySetting {
@@ -56,9 +87,14 @@ impl ProxySetting {
             ProxySetting::Url(url) => Proxy::parse(url).map(Some),
             ProxySetting::FromEnvironment => {
                 // The lowercase name first, as the official Python client reads them.
+                // In a CGI program (REQUEST_METHOD set), HTTP_PROXY comes from the
+                // request's `Proxy:` header ("httpoxy"): ignored there, as Python's
+                // urllib and Go do.
+                let cgi = env("REQUEST_METHOD").is_some();
                 let var = |name: &str| {
                     [name.to_owned(), name.to_ascii_uppercase()]
                         .into_iter()
+                        .filter(|name| !(cgi && name == "HTTP_PROXY"))
                         .find_map(|name| env(&name).map(|value| (name, value)))
                         .filter(|(_, value)| !value.trim().is_empty())
                 };
@@ -199,23 +235,29 @@ fn is_loopback(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Whether a `no_proxy` list (comma-separated: `*`, host names matching themselves and
-/// their subdomains, with or without a leading dot, IP addresses and CIDR blocks)
-/// covers `host`.
+/// Whether a `no_proxy` list (comma-separated: `*`; host names, with or without a
+/// leading dot, each covering itself and its subdomains, as for curl and Python's
+/// requests; IP addresses, IPv6 ones with or without brackets; and CIDR blocks) covers
+/// `host`.
 fn bypasses(list: &str, host: &str) -> bool {
     let ip = host.parse::<IpAddr>().ok();
     list.split(',').map(str::trim).any(|entry| {
         if entry == "*" || entry.eq_ignore_ascii_case(host) {
             return true;
         }
-        if let (Some(ip), Some((net, bits))) = (ip, entry.split_once('/')) {
-            return in_block(ip, net, bits);
+        if let Some(ip) = ip {
+            let entry = entry.replace(['[', ']'], "");
+            return match entry.split_once('/') {
+                Some((net, bits)) => in_block(ip, net, bits),
+                None => entry.parse::<IpAddr>() == Ok(ip),
+            };
         }
-        let domain = entry.trim_start_matches('.');
+        // Bytes, not str slices: no char boundary to respect.
+        let (host, domain) = (host.as_bytes(), entry.trim_start_matches('.').as_bytes());
         !domain.is_empty()
-            && host.len() > domain.len()
+            && host.len() >= domain.len()
             && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain)
-            && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
+            && (host.len() == domain.len() || host[host.len() - domain.len() - 1] == b'.')
     })
 }
 
@@ -300,6 +342,54 @@ mod tests {
         assert!(with("fd00::/8")("fd12::1"));
         assert!(with("0.0.0.0/0")("8.8.8.8"));
         assert!(!with("10.0.0.0/99")("10.1.2.3"));
+    }
+
+    #[test]
+    fn a_no_proxy_domain_with_a_leading_dot_covers_the_domain_itself() {
+        // As curl and Python's requests read it (the comment on `bypasses` too).
+        assert!(bypasses(".example.com", "example.com"));
+        assert!(bypasses(".example.com", "svc.example.com"));
+        assert!(bypasses("example.com", "example.com"));
+        assert!(!bypasses(".example.com", "notexample.com"));
+        assert!(!bypasses("x", "a\u{e9}"), "no panic on a non-ASCII host");
+    }
+
+    #[test]
+    fn no_proxy_ipv6_entries_match_bracketed_or_not_in_any_spelling() {
+        for entry in ["fd00::1", "[fd00::1]", "FD00:0:0::1", "[fd00::]/16"] {
+            assert!(bypasses(entry, "fd00::1"), "{entry}");
+        }
+        assert!(!bypasses("[fd00::2]", "fd00::1"));
+    }
+
+    #[test]
+    fn http_proxy_in_capitals_is_ignored_in_a_cgi_environment() {
+        // "httpoxy": a CGI server turns a request's `Proxy:` header into HTTP_PROXY.
+        // Python's urllib and Go ignore it there; the lowercase name still counts.
+        let cgi = [("REQUEST_METHOD", "GET"), ("HTTP_PROXY", "http://evil:1")];
+        let from_env = ProxySetting::FromEnvironment;
+        assert_eq!(from_env.resolve("svc.example", false, env(&cgi)), Ok(None));
+        let cgi = [("REQUEST_METHOD", "GET"), ("http_proxy", "http://mine:2")];
+        let proxy = from_env.resolve("svc.example", false, env(&cgi)).unwrap();
+        assert_eq!(proxy.map(|p| p.host), Some("mine".to_owned()));
+        let cgi = [("REQUEST_METHOD", "GET"), ("HTTPS_PROXY", "http://mine:3")];
+        let proxy = from_env.resolve("svc.example", true, env(&cgi)).unwrap();
+        assert_eq!(proxy.map(|p| p.host), Some("mine".to_owned()));
+    }
+
+    #[test]
+    fn a_proxy_password_stays_out_of_debug_output() {
+        let setting = ProxySetting::Url("http://me:s3cr%40t@proxy:3128".into());
+        let shown = format!("{setting:?}");
+        assert!(!shown.contains("s3cr"), "{shown}");
+        assert!(shown.contains("proxy:3128"), "{shown}");
+        let options = crate::ClientOptions {
+            proxy: setting,
+            ..Default::default()
+        };
+        assert!(!format!("{options:?}").contains("s3cr"));
+        let proxy = Proxy::parse("http://me:s3cr%40t@proxy:3128").unwrap();
+        assert!(!format!("{proxy:?}").contains(proxy.authorization.as_deref().unwrap()));
     }
 
     #[test]

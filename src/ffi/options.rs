@@ -288,8 +288,9 @@ pub unsafe extern "C" fn wps_options_set_user_agent(
 
 /// The HTTP proxy of the client's connections (copied). NULL (the default) takes it
 /// from the environment as the official Python client does: `https_proxy` or
-/// `HTTPS_PROXY` for `wss://`, `http_proxy` or `HTTP_PROXY` for `ws://`, except for the
-/// hosts `no_proxy` or `NO_PROXY` lists and loopback hosts. An empty string connects
+/// `HTTPS_PROXY` for `wss://`, `http_proxy` or `HTTP_PROXY` (not in a CGI program, where
+/// a request header sets it) for `ws://`, except for the hosts `no_proxy` or `NO_PROXY`
+/// lists and loopback hosts. An empty string connects
 /// directly; otherwise `http://[user[:password]@]host[:port]` (Basic authentication,
 /// port 80 by default) is used for every connection. A URL that is not of that form
 /// fails with `WPS_STATUS_INVALID_ARGUMENT`.
