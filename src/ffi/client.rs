@@ -658,11 +658,17 @@ fn not_polled() -> wps_status {
 pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
     guard(|| {
         let shared = client_arg(c)?;
-        if shared.ops().closing {
-            return Err(fail(WPS_STATUS_STOPPED, "the client is being freed"));
-        }
-        let client = shared.client.clone();
-        block_interruptible(async move { client.start().await })?.map_err(fail_with)
+        // The check and the start command under one lock: a free on another thread
+        // (while a callback of this client runs) either came first, or queues its stop
+        // after this start, which it then ends.
+        let start = {
+            let ops = shared.ops();
+            if ops.closing {
+                return Err(fail(WPS_STATUS_STOPPED, "the client is being freed"));
+            }
+            shared.client.start_now().map_err(fail_with)?
+        };
+        block_interruptible(start)?.map_err(fail_with)
     })
 }
 
