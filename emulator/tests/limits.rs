@@ -288,3 +288,17 @@ async fn an_out_of_range_token_lifetime_is_400() {
     assert_eq!(resp.status(), 200);
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upgraded_connection_idle_past_the_header_timeout_stays_open() {
+    // The header-read timeout bounds HTTP request heads only: a WebSocket that is
+    // quiet for several times that long is still served.
+    let emu = start_with(short_timeouts()).await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let (mut ws, _) = connect_json(&url, JSON).await;
+    tokio::time::sleep(SHORT * 4).await;
+    assert_ack_ok(&ws.join("g", 1).await);
+    tokio::time::sleep(SHORT * 4).await;
+    assert_ack_ok(&ws.join("g2", 2).await);
+    emu.shutdown().await;
+}
