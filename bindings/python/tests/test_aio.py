@@ -881,14 +881,27 @@ async def test_listeners_and_completions_run_on_the_loop_thread(hub: Hub) -> Non
 
 
 async def test_client_dropped_without_close_leaves_the_loop_clean(hub: Hub) -> None:
-    """Garbage-collecting an open client frees it and unregisters its descriptor."""
+    """An open client that nothing refers to keeps running, as the official asyncio
+    client's tasks keep it; closed and dropped, it is freed and its descriptor no longer
+    watched."""
     loop = asyncio.get_running_loop()
     client = make(hub.url())
     await client.open()
     await client.join_group("g")
     fd = client._poller._fd  # pylint: disable=protected-access
+    ref = weakref.ref(client)
     del client
     gc.collect()
+    kept = ref()
+    assert kept is not None and kept.is_connected()
+    await kept.close()
+    del kept
+    for _ in range(50):  # the stopped event that lets it go may still be on its way
+        gc.collect()
+        if ref() is None:
+            break
+        await asyncio.sleep(0.05)
+    assert ref() is None
     assert loop.remove_reader(fd) is False, "the dispatch descriptor is still watched"
     other = make(hub.url())
     async with other:

@@ -947,19 +947,39 @@ def test_many_threads_share_one_client(hub: Hub) -> None:
     assert sorted(m.data for m in got.items) == sorted(f"{n}-{i}" for n in range(4) for i in range(10))
 
 
-def test_garbage_collected_client_releases_its_callbacks(hub: Hub) -> None:
+def test_an_open_client_referred_to_by_nothing_runs_until_closed(hub: Hub) -> None:
+    """As the official client's threads keep it: an open client that nothing refers to
+    (its listener neither) keeps running and delivering; once closed and dropped, it is
+    collected and its callbacks released (before, it was collected and closed while open)."""
     import gc
 
     from webpubsub_client._callbacks import REGISTRY
 
     gc.collect()
     before = len(REGISTRY)
+    got = Collector()
     client = make(WebPubSubClientCredential(hub.url()))
+    client.subscribe(CallbackType.GROUP_MESSAGE, got)
     client.open()
+    client.join_group("kept")
     assert len(REGISTRY) == before + 2  # the event sink and the credential provider
+    ref = weakref.ref(client)
     del client
     gc.collect()
-    wait_until(lambda: len(REGISTRY) == before, what="registry entries released")
+    kept = ref()
+    assert kept is not None and kept.is_connected()
+    del kept
+    with make(hub.url("other")) as other:
+        other.send_to_group("kept", "still here", WebPubSubDataType.TEXT)
+    del other
+    assert [m.data for m in got.wait_for(1)] == ["still here"]
+    kept = ref()
+    assert kept is not None
+    kept.close()
+    del kept
+    gc.collect()
+    wait_until(lambda: gc.collect() >= 0 and len(REGISTRY) == before, what="registry entries released")
+    assert ref() is None
 
 
 def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:

@@ -699,17 +699,16 @@ class Listeners:
 
 
 class HeldListeners:
-    """A client's listeners as its event sink holds them. The sink lives in the callback
-    registry (a module global) until the native client is freed, so what it holds
-    strongly is never collected before: it holds the listeners strongly only while the
-    client runs (from ``open()`` to its ``stopped`` event), weakly otherwise. A listener
-    that refers to its client (``lambda m: client.send_to_group(...)``) then keeps a
-    running client alive, as the official client's threads do, but not a stopped,
-    dropped one (and its native handle) until the interpreter exits."""
+    """A client's listeners, and the client, as its event sink holds them. The sink lives
+    in the callback registry (a module global) until the native client is freed, so what
+    it holds strongly is never collected before: it holds them strongly only while the
+    client runs (from ``open()`` to its ``stopped`` event), weakly otherwise. A running
+    client referred to by nothing else keeps running, as the official client's threads
+    keep it, but a stopped, dropped one (and its native handle) is collected."""
 
     def __init__(self, listeners: Listeners) -> None:
         self._ref = weakref.ref(listeners)
-        self._held: Optional[Listeners] = None
+        self._held: Optional[Tuple[Listeners, Any]] = None
         self._lock = threading.Lock()
         self.handle = 0  # set once the native client exists
 
@@ -717,10 +716,11 @@ class HeldListeners:
         """The listeners; None once the client was collected (its handle is being freed)."""
         return self._ref()
 
-    def hold(self) -> None:
-        """The client runs (or is opening): keep its listeners."""
+    def hold(self, client: Any) -> None:
+        """``client`` runs (or is opening): keep it and its listeners."""
         with self._lock:
-            self._held = self._ref()
+            listeners = self._ref()
+            self._held = None if listeners is None else (listeners, client)
 
     def release_if_stopped(self) -> None:
         """Let the listeners (and a client they refer to) go once the client is stopped."""

@@ -293,7 +293,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         provider = self._provider
         if provider is not None:
             provider.error = None
-        self._sink.listeners.hold()
+        self._sink.listeners.hold(self)
         try:
             if threading.current_thread() is threading.main_thread():
                 status, message = _start_interruptibly(self)
@@ -302,7 +302,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         finally:
             # Again after the start: a stopped event of an earlier run, delivered while this
             # one started, may have let the listeners go.
-            self._sink.listeners.hold()
+            self._sink.listeners.hold(self)
             self._sink.listeners.release_if_stopped()
         if status != _native.STATUS_OK:
             if status == _native.STATUS_CREDENTIAL_FAILED and provider is not None and provider.error is not None:

@@ -732,7 +732,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise OpenClientError("Client can be only started when it's Stopped")
         self._sink.bind(asyncio.get_running_loop())
         self._sink.credential_error = None
-        self._sink.listeners.hold()
+        self._sink.listeners.hold(self)
         try:
             completion = await self._run(lib.wps_client_start_async, handle, checked=False)
         except asyncio.CancelledError:
@@ -741,7 +741,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         finally:
             # Again after the start: a stopped event of an earlier run, delivered while this
             # one started, may have let the listeners go.
-            self._sink.listeners.hold()
+            self._sink.listeners.hold(self)
             self._sink.listeners.release_if_stopped()
         if completion.status != _native.STATUS_OK:
             error = self._sink.credential_error
