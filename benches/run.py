@@ -780,7 +780,7 @@ def write_report(path, run, results, contenders, order):
         "- The Rust API driver runs its work as a task on the library's runtime, as a tokio "
         "application would; the C driver uses the default dispatch mode (callbacks on the "
         "library's dispatcher thread); the Python asyncio binding dispatches on the event loop "
-        "(poll mode).",
+        "and the sync binding on daemon threads of its own (both poll mode).",
         "- Pipelined acked sends: async clients run "
         f"{WINDOW} tasks each awaiting its ack; sync Python clients {WINDOW} threads; the C "
         f"driver the asynchronous API with {WINDOW} completions outstanding.",

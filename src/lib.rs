@@ -1,8 +1,9 @@
 //! Azure Web PubSub client: an async Rust core behind a C ABI.
 //!
 //! Layers, bottom up: [`protocol`] (pure codec), [`transport`] (WebSocket over
-//! TCP/TLS), [`client`] (the handle and its connection task), [`runtime`] (the one
-//! process-wide tokio runtime every client runs on).
+//! TCP/TLS, directly or through the HTTP proxy [`proxy`] picks), [`client`] (the handle
+//! and its connection task), [`runtime`] (the one process-wide tokio runtime every
+//! client runs on).
 //!
 //! ```no_run
 //! use webpubsub_client::{Client, ClientOptions, Credential, DataType, Event, SendToGroupOptions};

@@ -418,8 +418,8 @@ def test_unsubscribe_stops_delivery(hub: Hub) -> None:
 
 
 def test_listeners_keep_their_thread_locals_between_events(hub: Hub) -> None:
-    # Listeners run on a library thread; its Python thread state (and with it every
-    # threading.local) must last from one event to the next, as on a Python thread.
+    # Listeners run on a daemon thread of the package, the same one for every event of a
+    # client: every threading.local must last from one event to the next.
     local = threading.local()
     seen = Collector()
 
@@ -434,7 +434,7 @@ def test_listeners_keep_their_thread_locals_between_events(hub: Hub) -> None:
         for i in range(5):
             client.send_to_group("g", str(i), "text")
         items = seen.wait_for(5)
-    assert len({ident for ident, _ in items}) == 1  # one client: one dispatcher thread
+    assert len({ident for ident, _ in items}) == 1  # one client: one daemon thread
     assert [count for _, count in items] == [1, 2, 3, 4, 5]
 
 

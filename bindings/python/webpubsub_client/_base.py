@@ -723,7 +723,7 @@ class HeldListeners:
             self._held = None if listeners is None else (listeners, client)
 
     def release_if_stopped(self) -> None:
-        """Let the listeners (and a client they refer to) go once the client is stopped."""
+        """Let the listeners and the client go once the client is stopped."""
         with self._lock:
             if state_of(self.handle) is WebPubSubClientState.STOPPED:
                 self._held = None
@@ -757,8 +757,9 @@ def new_native_client(
     (``wps_client_dispatch_into``), on the thread that calls it, never on a library thread.
 
     The caller frees it with :func:`free_client` (a ``weakref.finalize`` on the
-    Python client, which also runs at interpreter exit). ``sink`` must not refer
-    to that client, or the finalizer could never run before exit.
+    Python client, which also runs at interpreter exit). ``sink`` may hold that client
+    only while it runs (:class:`HeldListeners`), or the finalizer of a stopped client
+    could never run before exit.
     """
     _callbacks.enable_native_logging(trace=options.logging_enable)
     opts = options.build()

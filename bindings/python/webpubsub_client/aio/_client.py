@@ -75,9 +75,9 @@ class WebPubSubClientCredential:
 
 
 class _LoopBatch:
-    """Runs calls posted from the client's dispatcher thread on one event loop, in order,
-    waking the loop once per batch (one ``call_soon_threadsafe`` for all the calls posted
-    before the loop got to them) instead of once per call."""
+    """Runs calls posted from other threads (a dispatch off the loop's thread) on one event
+    loop, in order, waking the loop once per batch (one ``call_soon_threadsafe`` for all
+    the calls posted before the loop got to them) instead of once per call."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -117,7 +117,8 @@ class _LoopBatch:
 
 
 class _AsyncSink:
-    """Moves native events from the dispatcher thread onto the client's event loop, in order."""
+    """Hands native events to the listeners on the client's event loop, in order (posted
+    there when a dispatch runs on another thread)."""
 
     LISTENER_GRACE = 1.0  # seconds close() waits for running listeners (the official client's)
 
