@@ -600,20 +600,76 @@ def test_a_listener_interrupting_the_loop_leaves_the_event_to_the_listeners_afte
 
 
 async def test_a_refused_dispatch_is_logged_and_its_stale_counts_are_not_read(hub: Hub, caplog: Any) -> None:
-    """A dispatch the library refuses (one nested in a listener that runs inside the
-    native dispatch: events other than messages) writes no counts: it is logged, and the
-    records of the call before it are not settled again."""
+    """A dispatch the library refuses (one nested in a callback of the native dispatch)
+    writes no counts: it is logged, and the records of the call before it are not settled
+    again. No listener runs inside the native dispatch: the nested dispatch is made from
+    the event callback itself."""
     results: List[Any] = []
     client = make(hub.url())
     poller = client._poller  # pylint: disable=protected-access
-    await client.subscribe(CallbackType.CONNECTED, lambda _event: results.append(poller.dispatch()))
+    sink = client._sink  # pylint: disable=protected-access
+    convert = sink.on_native_event
+
+    def nested(event: Any) -> None:
+        convert(event)
+        if not results:
+            results.append(event)
+            poller.dispatch()
+
+    sink.on_native_event = nested  # type: ignore[method-assign]
     async with client:
         first = await client.send_to_group("g", "one", WebPubSubDataType.TEXT)
         second = await client.send_to_group("g", "two", WebPubSubDataType.TEXT)
-    assert results, "the listener ran"
+    assert results, "the nested dispatch ran"
     assert first.ack_id is not None and second.ack_id == first.ack_id + 1
     refusals = [r for r in caplog.records if "dispatch failed" in r.getMessage()]
     assert refusals and "already running" in refusals[0].getMessage(), caplog.records
+
+
+async def test_listeners_run_outside_the_native_dispatch(hub: Hub) -> None:
+    """The listeners of the events the event callback brings (connected, disconnected,
+    stopped, a message too big for the records buffer) run once the native dispatch has
+    returned, as those of messages written as records do: a dispatch of the client made
+    from one is not refused as nested. Inside the library, a listener still running at
+    interpreter exit would be ended there, which aborts the process."""
+    client = make(hub.url())
+    statuses: List[Any] = []
+
+    def probe(kind: str) -> Callable[..., None]:
+        def listener(*_event: Any) -> None:
+            statuses.append((kind, _native.lib.wps_client_dispatch(client._handle, 0, None)))
+
+        return listener
+
+    for kind in (CallbackType.CONNECTED, CallbackType.GROUP_MESSAGE, CallbackType.DISCONNECTED, CallbackType.STOPPED):
+        await client.subscribe(kind, probe(kind.value))
+    async with client:
+        await client.join_group("g")
+        await client.send_to_group("g", "x" * (_base.DispatchBuffers.MESSAGE_BYTES + 1), WebPubSubDataType.TEXT)
+        await client.send_to_group("g", "small", WebPubSubDataType.TEXT)
+        deadline = time.monotonic() + WAIT
+        while sum(kind == "group-message" for kind, _ in statuses) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    ok = _native.STATUS_OK
+    expected = [(k, ok) for k in ("connected", "group-message", "group-message", "disconnected", "stopped")]
+    assert statuses == expected
+
+
+async def test_coroutine_listeners_start_before_the_awaiting_code_resumes(hub: Hub) -> None:
+    """A coroutine listener of connected has started when open() returns, as when the
+    listeners ran inside the native dispatch: the completion that resumes open() comes
+    after the event, so its future gets its result after the listener's task is made."""
+    seen: List[str] = []
+    client = make(hub.url())
+
+    async def on_connected(_event: Any) -> None:
+        seen.append("connected")
+
+    await client.subscribe(CallbackType.CONNECTED, on_connected)
+    await client.open()
+    seen.append("open returned")
+    await client.close()
+    assert seen == ["connected", "open returned"]
 
 
 async def test_messages_written_as_records_and_by_callback_arrive_in_order(hub: Hub) -> None:

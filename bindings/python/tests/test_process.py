@@ -233,3 +233,50 @@ def test_exit_while_a_listener_keeps_running_exits_cleanly(hub: Hub, keep_busy: 
     assert result.stdout.split() == ["True"]
     assert "still ran" not in result.stderr, result.stderr[-2000:]  # no listener inside the library
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    "event",
+    ["connected", "big-message"],
+)
+def test_exit_while_an_asyncio_listener_keeps_running_exits_cleanly(hub: Hub, event: str) -> None:
+    """The interpreter exits while a listener of an asyncio client, whose loop runs on a
+    daemon thread, keeps running, taking the interpreter lock again and again: the process
+    exits at once with the script's own code. The event is one the event callback brings
+    (connected) or a message too big for the dispatch buffer (over 32 KiB). Before, its
+    listeners ran inside the event callback, in the library's dispatch on the loop's
+    thread: the exit hook waited 2 s for them, and once Python finalized, the listener's
+    next take of the lock ended its thread with ``pthread_exit`` inside the library, which
+    aborted the process (SIGABRT)."""
+    code = f"""
+        import asyncio, sys, threading, time
+        from webpubsub_client.aio import WebPubSubClient
+        entered = threading.Event()
+
+        def keep_running(*_):
+            entered.set()
+            while True:
+                time.sleep(0.001)
+
+        async def main():
+            client = WebPubSubClient({hub.url("busy-aio")!r}, start_timeout=5.0)
+            if {event!r} == "connected":
+                await client.subscribe("connected", keep_running)
+                await client.open()
+            else:
+                await client.subscribe("group-message", keep_running)
+                await client.open()
+                await client.join_group("g")
+                await client.send_to_group("g", "x" * 40000, "text")
+            await asyncio.sleep(3600)
+
+        threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+        print(entered.wait(10), flush=True)
+        sys.exit(3)
+    """
+    started = time.monotonic()
+    result = run_python(code, {}, timeout=20)
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["True"], result.stderr[-2000:]
+    assert "still ran" not in result.stderr, result.stderr[-2000:]  # no listener inside the library
+    assert time.monotonic() - started < 10

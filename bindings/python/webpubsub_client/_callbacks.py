@@ -237,9 +237,10 @@ def quiesce_native() -> None:
     callback of the library for good, once the running ones have returned. A thread that
     entered Python from inside the library during its finalization would be stopped
     there (Python ends such threads with ``pthread_exit``), which aborts the process.
-    The sync client's listeners are not such callbacks: they run once the library's call
-    has returned (see :mod:`._dispatcher`), so one still running at exit is ended as any
-    daemon thread is, and is not waited for here."""
+    The listeners are not such callbacks: they run once the library's dispatch has
+    returned (the sync client's, see :mod:`._dispatcher`; the asyncio client's, on its
+    loop, see ``_Poller.dispatch``), so one still running at exit is ended as any daemon
+    thread is, and is not waited for here."""
     global _log_level  # noqa: PLW0603
     with _log_lock:
         lib.wps_set_log_callback(_native.LOG_CB(), None, 0)

@@ -117,8 +117,9 @@ class _LoopBatch:
 
 
 class _AsyncSink:
-    """Hands native events to the listeners on the client's event loop, in order (posted
-    there when a dispatch runs on another thread)."""
+    """A client's events on their way to its listeners, on the client's event loop, in
+    order: converted by the event callback during the poller's dispatch, then delivered
+    by the poller once that call has returned (see :meth:`_Poller.dispatch`)."""
 
     LISTENER_GRACE = 1.0  # seconds close() waits for running listeners (the official client's)
 
@@ -135,9 +136,6 @@ class _AsyncSink:
         # for the stop themselves; and the futures waking such a close() when one enters.
         self._closing: Dict["asyncio.Future[Any]", int] = {}
         self._close_wakers: List["asyncio.Future[None]"] = []
-        # What a listener run inside the native dispatch raised to stop the loop; it cannot
-        # cross the library, so the poller raises it once the native call has returned.
-        self._interrupt: Optional[BaseException] = None
         # What the credential's provider raised during an open() (which raises it).
         self.credential_error: Optional[Exception] = None
 
@@ -148,57 +146,50 @@ class _AsyncSink:
         self.loop = loop
         self.thread = threading.get_ident()
 
-    def on_messages(self, converted: List[Tuple[CallbackType, Tuple[Any, ...]]], poller: "_Poller") -> None:
-        """The messages the poller's dispatch wrote as records, converted, for the listeners
-        in order; none once the client is freed (as no event callback runs then)."""
+    def deliver(self, events: List["_Pending"], poller: "_Poller") -> None:
+        """What one of the poller's dispatches took, in order (see :data:`_Pending`): the
+        events for the listeners (none once the client is freed), the completions for
+        their futures. Called once the native call has returned: no listener runs inside
+        the library, where Python could end its thread at exit (SIGABRT)."""
         batch = self.batch
-        if batch is None:
-            return
-        here = _on_loop(batch.loop, self.thread)  # the poller's loop is usually ours
-        for i, (kind, args) in enumerate(converted):
-            if not poller.alive:
-                return
+        here = batch is not None and _on_loop(batch.loop, self.thread)  # the poller's loop is usually ours
+        for i, (kind, args) in enumerate(events):
+            if kind is None:  # a completion: its future gets its result, in order
+                args[0](*args[1:])
+                continue
+            if batch is None or not poller.alive:
+                continue
             if not here:
-                self.on_converted(kind, args)
+                self.post(kind, args)
                 continue
             try:
                 self._dispatch(kind, args)
             except BaseException:  # KeyboardInterrupt, SystemExit: the loop stops here
                 # The rest were taken from the library already: they arrive after it.
-                if i + 1 < len(converted):
-                    batch.loop.call_soon(self.on_messages, converted[i + 1 :], poller)
+                if i + 1 < len(events):
+                    batch.loop.call_soon(self.deliver, events[i + 1 :], poller)
                 raise
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
-        if converted is not None:
-            self.on_converted(*converted)
+        if converted is None:
+            return
+        pending: Optional[List[_Pending]] = getattr(_THREAD_BUFFERS, "pending", None)
+        if pending is not None:  # the poller's dispatch: delivered once it has returned
+            pending.append(converted)
+        else:  # a library thread, once the client is freed
+            self.post(*converted)
 
-    def on_converted(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
-        """An event's callback type and listener arguments, for the listeners on the loop."""
+    def post(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
+        """An event's callback type and listener arguments, for the listeners on the
+        client's loop, from another thread or loop (or a freed client's library thread)."""
         batch = self.batch
         if batch is None:
-            return
-        if _on_loop(batch.loop, self.thread):  # dispatched by the loop itself (poll mode)
-            try:
-                self._dispatch(kind, args)
-            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: see take_interrupt
-                if self._interrupt is None:
-                    self._interrupt = exc
-                else:
-                    _base.log_listener_error(kind)  # a second one: the first is raised
             return
         try:
             batch.post(self._dispatch, kind, args)
         except RuntimeError:
             _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", kind.value)
-
-    def take_interrupt(self) -> Optional[BaseException]:
-        """The KeyboardInterrupt or SystemExit a listener raised inside the native dispatch
-        that just returned, if any, for the poller to raise: the loop stops, as it does
-        for one raised by a listener of a message record."""
-        interrupt, self._interrupt = self._interrupt, None
-        return interrupt
 
     def _dispatch(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
         """Calls the listeners of ``kind``. A KeyboardInterrupt or SystemExit from one (or
@@ -382,6 +373,24 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
 
 _THREAD_BUFFERS = threading.local()
 
+# What a poller's dispatch took, for after the native call, in order: an event (its
+# callback type and listener arguments), or ``(None, (function, *args))``, a completion
+# to run on the loop (a future's result), kept in its place among the events so that a
+# coroutine listener's task is scheduled before the awaiting code resumes, as when the
+# listeners ran inside the dispatch. ``_THREAD_BUFFERS.pending`` is the list of the
+# dispatch running on this thread (None outside one).
+_Pending = Tuple[Optional[CallbackType], Tuple[Any, ...]]
+
+
+def _defer(function: Callable[..., None], *args: Any) -> bool:
+    """Inside a poller's dispatch on this thread: queue ``function(*args)`` after the
+    events taken so far (True); else False, for the caller to run it now."""
+    pending: Optional[List[_Pending]] = getattr(_THREAD_BUFFERS, "pending", None)
+    if pending is None:
+        return False
+    pending.append((None, (function, *args)))
+    return True
+
 
 def _dispatch_buffers() -> _base.DispatchBuffers:
     """This thread's dispatch buffers (made on first use)."""
@@ -395,9 +404,10 @@ class _Poller:
     """Runs the native client's callbacks on the event loop that opened it.
 
     The client is in poll dispatch mode: its descriptor becomes readable when callbacks
-    are queued, and a reader on the loop runs them with ``wps_client_dispatch``. Events
-    and completions then reach listeners and futures with no thread hop. Once the client
-    is freed, the library runs what is left on its own thread (posted to the loop).
+    are queued, and a reader on the loop runs them with ``wps_client_dispatch_into``.
+    Completions then reach their futures with no thread hop, and events their listeners,
+    once that call has returned. Once the client is freed, the library runs what is left
+    on its own thread (posted to the loop).
     """
 
     BATCH = 256  # callbacks and records per reader wake-up; the descriptor stays readable for more
@@ -407,7 +417,7 @@ class _Poller:
     def __init__(self, handle: int, sink: _AsyncSink) -> None:
         self._lock = threading.RLock()
         self._handle = handle
-        self._sink = sink  # where the messages written as records go
+        self._sink = sink  # where the events go
         self._delivering = False  # their listeners are running
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd = -1
@@ -456,39 +466,48 @@ class _Poller:
                 self._sink.bind(loop)
 
     def dispatch(self) -> None:
-        """Run the queued callbacks, settle the acked sends the library wrote as records
-        instead (``SEND_RECORD``), and hand the messages it wrote as records to the
-        listeners: no foreign callback per message. In order, on the loop's thread; up to
-        ``BATCH`` of them, and the descriptor stays readable for more."""
-        if self._delivering:  # nested in a listener of our records: after them, in order
+        """Run the queued callbacks, which only take what they bring (the event callback
+        converts its event, a completion on this loop is kept for its future), and the
+        records the library wrote instead: acked sends (``SEND_RECORD``) and messages (no
+        foreign callback per message). Then, once the native call has returned, in the
+        order they came (the callbacks' before the records), the listeners get the events
+        and the futures their results. On the loop's thread; up to ``BATCH`` of them, and
+        the descriptor stays readable for more."""
+        if self._delivering:  # nested in a listener of our events: after them, in order
             return
         out = _dispatch_buffers()
         counts = _native.DISPATCH_COUNTS.unpack_from
         with self._lock:
             done = 0
             while done < self.BATCH and self._handle:  # a listener may free the client
-                status = lib.wps_client_dispatch_into(self._handle, self.BATCH - done, out.ref)
+                events: List[_Pending] = []
+                outer = getattr(_THREAD_BUFFERS, "pending", None)  # None but in a test's nested call
+                _THREAD_BUFFERS.pending = events
+                try:
+                    status = lib.wps_client_dispatch_into(self._handle, self.BATCH - done, out.ref)
+                finally:
+                    _THREAD_BUFFERS.pending = outer
+                # all taken from the buffers first: a listener may dispatch another client of this thread
+                step = 0
                 if status != _native.STATUS_OK:  # the counts were not written
                     _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
-                    break
-                ran, acks, messages, message_bytes = counts(out.counts, _native.DISPATCH_COUNTS_OFFSET)
-                if acks:
-                    _settle(self._loop, out.ack_view[: acks * _native.ACK_RECORD.size])
-                interrupt = self._sink.take_interrupt()
-                if messages:
-                    # converted first: a listener may dispatch another client of this thread
-                    converted = _base.message_records(out.message_view[:message_bytes], messages)
-                    if interrupt is not None and self._loop is not None:  # after it: once the loop runs again
-                        self._loop.call_soon(self._sink.on_messages, converted, self)
-                    else:
-                        self._delivering = True
-                        try:
-                            self._sink.on_messages(converted, self)
-                        finally:
-                            self._delivering = False
-                if interrupt is not None:
-                    raise interrupt
-                step = ran + acks + messages
+                else:
+                    ran, acks, messages, message_bytes = counts(out.counts, _native.DISPATCH_COUNTS_OFFSET)
+                    if acks:
+                        records = out.ack_view[: acks * _native.ACK_RECORD.size]
+                        if events:  # after the callbacks, as they came (copied: the buffer is reused)
+                            events.append((None, (_settle, self._loop, bytes(records))))
+                        else:
+                            _settle(self._loop, records)
+                    if messages:
+                        events += _base.message_records(out.message_view[:message_bytes], messages)
+                    step = ran + acks + messages
+                if events:
+                    self._delivering = True
+                    try:
+                        self._sink.deliver(events, self)
+                    finally:
+                        self._delivering = False
                 if not step:
                     break
                 done += step
@@ -565,7 +584,7 @@ class _Poller:
                 _base.free_client(handle)
 
 
-def _settle(loop: Optional[asyncio.AbstractEventLoop], records: memoryview) -> None:
+def _settle(loop: Optional[asyncio.AbstractEventLoop], records: Union[memoryview, bytes]) -> None:
     """The futures of the acked sends in ``records`` (``wps_ack_record``s written by
     ``wps_client_dispatch_into`` on ``loop``'s thread) get their results."""
     take = REGISTRY.take
@@ -608,7 +627,8 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
             )
         loop = future.get_loop()
         if getattr(loop, "_thread_id", None) == threading.get_ident():  # dispatched by the loop (poll mode)
-            _resolve(future, outcome)
+            if not _defer(_resolve, future, outcome):
+                _resolve(future, outcome)
             return
         _callbacks.keep_thread_state()  # a library thread (the client was freed) or another loop
         loop.call_soon_threadsafe(_resolve, future, outcome)
@@ -1065,7 +1085,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
         def complete(completion: Completion) -> None:
             if _on_loop(loop, thread):  # dispatched by this loop (poll mode)
-                _resolve(future, completion)
+                if not _defer(_resolve, future, completion):
+                    _resolve(future, completion)
                 return
             try:  # from a library thread (after the client was freed) or another loop
                 batch.post(_resolve, future, completion)
