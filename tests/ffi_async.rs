@@ -138,6 +138,22 @@ impl Setup {
         client_of(&self.url, rec, start)
     }
 
+    /// Two started clients, the second joined to `group`.
+    fn sender_and_receiver(
+        &self,
+        sender_rec: &Recorder,
+        receiver_rec: &Recorder,
+        group: &CStr,
+    ) -> (*mut wps_client, *mut wps_client) {
+        let sender = self.client(sender_rec, true);
+        let receiver = self.client(receiver_rec, true);
+        check(
+            unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+            "join",
+        );
+        (sender, receiver)
+    }
+
     /// Has the emulator deliver the next `count` messages of `c` but swallow their acks.
     fn drop_acks(&self, c: *mut wps_client, count: u32) {
         let mut id = [0u8; 128];
@@ -231,13 +247,8 @@ fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once()
     const SENDS: usize = 5000;
     let setup = Setup::new();
     let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
-    let sender = setup.client(&sender_rec, true);
-    let receiver = setup.client(&receiver_rec, true);
     let group = c"burst";
-    check(
-        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
-        "join",
-    );
+    let (sender, receiver) = setup.sender_and_receiver(&sender_rec, &receiver_rec, group);
 
     let started = Instant::now();
     let ops: Vec<u64> = (0..SENDS)
@@ -744,13 +755,8 @@ fn a_send_pending_when_its_client_is_freed_reports_its_ack_id() {
 fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
     let setup = Setup::new();
     let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
-    let sender = setup.client(&sender_rec, true);
-    let receiver = setup.client(&receiver_rec, true);
     let group = c"deferred";
-    check(
-        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
-        "join",
-    );
+    let (sender, receiver) = setup.sender_and_receiver(&sender_rec, &receiver_rec, group);
 
     // Deferred: nothing is sent until the flush.
     let deferred: Vec<u64> = (0..10)
@@ -1388,13 +1394,8 @@ fn a_deferred_send_cancelled_before_its_flush_is_never_written() {
     // client, which the flushing thread would otherwise write itself.
     let setup = Setup::new();
     let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
-    let sender = setup.client(&sender_rec, true);
-    let receiver = setup.client(&receiver_rec, true);
     let group = c"cancelled-deferred";
-    check(
-        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
-        "join",
-    );
+    let (sender, receiver) = setup.sender_and_receiver(&sender_rec, &receiver_rec, group);
     for round in 0..5 {
         let op = send_async(
             sender,
