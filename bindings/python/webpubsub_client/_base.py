@@ -708,7 +708,7 @@ class HeldListeners:
 
     def __init__(self, listeners: Listeners) -> None:
         self._ref = weakref.ref(listeners)
-        self._held: Optional[Tuple[Listeners, Any]] = None
+        self._held: Any = None  # the running client, which holds its listeners
         self._lock = threading.Lock()
         self.handle = 0  # set once the native client exists
 
@@ -717,10 +717,9 @@ class HeldListeners:
         return self._ref()
 
     def hold(self, client: Any) -> None:
-        """``client`` runs (or is opening): keep it and its listeners."""
+        """``client`` runs (or is opening): keep it, and through it its listeners."""
         with self._lock:
-            listeners = self._ref()
-            self._held = None if listeners is None else (listeners, client)
+            self._held = client
 
     def release_if_stopped(self) -> None:
         """Let the listeners and the client go once the client is stopped."""
