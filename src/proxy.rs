@@ -134,7 +134,7 @@ impl Proxy {
             .ok_or_else(|| "the proxy URL has no valid host and port".to_owned())?;
         let authorization = userinfo.map(|userinfo| {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            let credentials = format!("{}:{}", percent_decode(user), percent_decode(password));
+            let credentials = [percent_decode(user), percent_decode(password)].join(&b':');
             format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(credentials)
@@ -205,8 +205,9 @@ fn split_host_port(s: &str) -> Option<(String, u16)> {
     (!host.is_empty()).then(|| (host.to_owned(), port))
 }
 
-/// `%XX` escapes of a URL's user or password decoded (others kept as written).
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes of a URL's user or password decoded (others kept as written): bytes,
+/// sent as they are, as curl does, whether or not they are UTF-8.
+fn percent_decode(s: &str) -> Vec<u8> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -226,7 +227,7 @@ fn percent_decode(s: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Whether `host` names this machine (a proxy would reach its own loopback instead).
@@ -412,6 +413,14 @@ mod tests {
             .decode(p.authorization.unwrap().trim_start_matches("Basic "))
             .unwrap();
         assert_eq!(decoded, b"us:er:p@ss");
+        let p = Proxy::parse("http://me:p%FFss@proxy").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(p.authorization.unwrap().trim_start_matches("Basic "))
+            .unwrap();
+        assert_eq!(
+            decoded, b"me:p\xffss",
+            "bytes sent as they are, not made UTF-8"
+        );
         let p = Proxy::parse("HTTP://proxy").unwrap();
         assert_eq!(
             (p.host.as_str(), p.port, p.authorization),
