@@ -74,11 +74,12 @@ impl ProxySetting {
         }
     }
 
-    /// The proxy for a connection to `host` (`tls` for `wss://`); `env` reads a
+    /// The proxy for a connection to `host`:`port` (`tls` for `wss://`); `env` reads a
     /// variable of the environment.
     pub(crate) fn resolve(
         &self,
         host: &str,
+        port: u16,
         tls: bool,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<Proxy>, String> {
@@ -101,7 +102,9 @@ impl ProxySetting {
                 let Some((name, url)) = var(if tls { "https_proxy" } else { "http_proxy" }) else {
                     return Ok(None);
                 };
-                if is_loopback(host) || var("no_proxy").is_some_and(|(_, l)| bypasses(&l, host)) {
+                if is_loopback(host)
+                    || var("no_proxy").is_some_and(|(_, l)| bypasses(&l, host, port))
+                {
                     return Ok(None);
                 }
                 Proxy::parse(&url)
@@ -239,10 +242,15 @@ fn is_loopback(host: &str) -> bool {
 /// Whether a `no_proxy` list (comma-separated: `*`; host names, with or without a
 /// leading dot, each covering itself and its subdomains, as for curl and Python's
 /// requests; IP addresses, IPv6 ones with or without brackets; and CIDR blocks) covers
-/// `host`.
-fn bypasses(list: &str, host: &str) -> bool {
+/// `host`. An entry with a port (`host:8443`, `[v6]:8443`) covers that port only, as
+/// for Python's urllib and Go.
+fn bypasses(list: &str, host: &str, port: u16) -> bool {
     let ip = host.parse::<IpAddr>().ok();
     list.split(',').map(str::trim).any(|entry| {
+        let (entry, entry_port) = split_entry_port(entry);
+        if entry_port.is_some_and(|p| p != port) {
+            return false;
+        }
         if entry == "*" || entry.eq_ignore_ascii_case(host) {
             return true;
         }
@@ -260,6 +268,18 @@ fn bypasses(list: &str, host: &str) -> bool {
             && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain)
             && (host.len() == domain.len() || host[host.len() - domain.len() - 1] == b'.')
     })
+}
+
+/// A `no_proxy` entry and its port, if it has one: `host:port` or `[v6]:port`; an
+/// unbracketed IPv6 address has no port.
+fn split_entry_port(entry: &str) -> (&str, Option<u16>) {
+    let split = match entry.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+            port.parse().ok().map(|port| (host, Some(port)))
+        }
+        _ => None,
+    };
+    split.unwrap_or((entry, None))
 }
 
 /// Whether `ip` lies in the block `net/bits`.
@@ -299,22 +319,29 @@ mod tests {
             ("HTTP_PROXY", "plain:8080"),
         ];
         let from_env = ProxySetting::FromEnvironment;
-        let secure = from_env.resolve("svc.example", true, env(&vars)).unwrap();
+        let secure = from_env
+            .resolve("svc.example", 443, true, env(&vars))
+            .unwrap();
         assert_eq!(
             secure.map(|p| (p.host, p.port)),
             Some(("secure".into(), 3128))
         );
-        let plain = from_env.resolve("svc.example", false, env(&vars)).unwrap();
+        let plain = from_env
+            .resolve("svc.example", 443, false, env(&vars))
+            .unwrap();
         assert_eq!(
             plain.map(|p| (p.host, p.port)),
             Some(("plain".into(), 8080))
         );
-        assert_eq!(from_env.resolve("svc.example", true, env(&[])), Ok(None));
         assert_eq!(
-            from_env.resolve("svc.example", true, env(&[("https_proxy", " ")])),
+            from_env.resolve("svc.example", 443, true, env(&[])),
             Ok(None)
         );
-        let bad = from_env.resolve("svc.example", false, env(&[("HTTP_PROXY", "ftp://p")]));
+        assert_eq!(
+            from_env.resolve("svc.example", 443, true, env(&[("https_proxy", " ")])),
+            Ok(None)
+        );
+        let bad = from_env.resolve("svc.example", 443, false, env(&[("HTTP_PROXY", "ftp://p")]));
         assert!(bad.unwrap_err().starts_with("HTTP_PROXY: the proxy scheme"));
     }
 
@@ -324,7 +351,7 @@ mod tests {
             move |host: &str| {
                 let vars = [("https_proxy", "http://p:3128"), ("NO_PROXY", no_proxy)];
                 ProxySetting::FromEnvironment
-                    .resolve(host, true, env(&vars))
+                    .resolve(host, 443, true, env(&vars))
                     .unwrap()
                     .is_none()
             }
@@ -348,19 +375,37 @@ mod tests {
     #[test]
     fn a_no_proxy_domain_with_a_leading_dot_covers_the_domain_itself() {
         // As curl and Python's requests read it (the comment on `bypasses` too).
-        assert!(bypasses(".example.com", "example.com"));
-        assert!(bypasses(".example.com", "svc.example.com"));
-        assert!(bypasses("example.com", "example.com"));
-        assert!(!bypasses(".example.com", "notexample.com"));
-        assert!(!bypasses("x", "a\u{e9}"), "no panic on a non-ASCII host");
+        assert!(bypasses(".example.com", "example.com", 443));
+        assert!(bypasses(".example.com", "svc.example.com", 443));
+        assert!(bypasses("example.com", "example.com", 443));
+        assert!(!bypasses(".example.com", "notexample.com", 443));
+        assert!(
+            !bypasses("x", "a\u{e9}", 443),
+            "no panic on a non-ASCII host"
+        );
     }
 
     #[test]
     fn no_proxy_ipv6_entries_match_bracketed_or_not_in_any_spelling() {
         for entry in ["fd00::1", "[fd00::1]", "FD00:0:0::1", "[fd00::]/16"] {
-            assert!(bypasses(entry, "fd00::1"), "{entry}");
+            assert!(bypasses(entry, "fd00::1", 443), "{entry}");
         }
-        assert!(!bypasses("[fd00::2]", "fd00::1"));
+        assert!(!bypasses("[fd00::2]", "fd00::1", 443));
+    }
+
+    #[test]
+    fn a_no_proxy_entry_with_a_port_covers_that_port_only() {
+        assert!(bypasses("svc.example:8443", "svc.example", 8443));
+        assert!(!bypasses("svc.example:8443", "svc.example", 443));
+        assert!(bypasses(".example:8443", "svc.example", 8443));
+        assert!(bypasses("10.0.0.1:8443", "10.0.0.1", 8443));
+        assert!(!bypasses("10.0.0.1:8443", "10.0.0.1", 443));
+        assert!(bypasses("[fd00::1]:8443", "fd00::1", 8443));
+        assert!(!bypasses("[fd00::1]:8443", "fd00::1", 443));
+        assert!(
+            bypasses("fd00::1", "fd00::1", 8443),
+            "no port in a bare IPv6 address"
+        );
     }
 
     #[test]
@@ -369,12 +414,19 @@ mod tests {
         // Python's urllib and Go ignore it there; the lowercase name still counts.
         let cgi = [("REQUEST_METHOD", "GET"), ("HTTP_PROXY", "http://evil:1")];
         let from_env = ProxySetting::FromEnvironment;
-        assert_eq!(from_env.resolve("svc.example", false, env(&cgi)), Ok(None));
+        assert_eq!(
+            from_env.resolve("svc.example", 443, false, env(&cgi)),
+            Ok(None)
+        );
         let cgi = [("REQUEST_METHOD", "GET"), ("http_proxy", "http://mine:2")];
-        let proxy = from_env.resolve("svc.example", false, env(&cgi)).unwrap();
+        let proxy = from_env
+            .resolve("svc.example", 443, false, env(&cgi))
+            .unwrap();
         assert_eq!(proxy.map(|p| p.host), Some("mine".to_owned()));
         let cgi = [("REQUEST_METHOD", "GET"), ("HTTPS_PROXY", "http://mine:3")];
-        let proxy = from_env.resolve("svc.example", true, env(&cgi)).unwrap();
+        let proxy = from_env
+            .resolve("svc.example", 443, true, env(&cgi))
+            .unwrap();
         assert_eq!(proxy.map(|p| p.host), Some("mine".to_owned()));
     }
 
@@ -397,11 +449,14 @@ mod tests {
     fn an_explicit_setting_ignores_the_environment() {
         let vars = [("https_proxy", "http://env:1")];
         assert_eq!(
-            ProxySetting::Direct.resolve("h", true, env(&vars)),
+            ProxySetting::Direct.resolve("h", 443, true, env(&vars)),
             Ok(None)
         );
         let url = ProxySetting::Url("http://me:3128".into());
-        let proxy = url.resolve("127.0.0.1", true, env(&vars)).unwrap().unwrap();
+        let proxy = url
+            .resolve("127.0.0.1", 443, true, env(&vars))
+            .unwrap()
+            .unwrap();
         assert_eq!((proxy.host.as_str(), proxy.port), ("me", 3128));
     }
 

@@ -188,7 +188,7 @@ impl Connector {
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let proxy = self
             .proxy
-            .resolve(bare_host, tls, |name| std::env::var(name).ok())
+            .resolve(bare_host, port, tls, |name| std::env::var(name).ok())
             .map_err(Error::InvalidArgument)?;
         let mut tcp = match &proxy {
             Some(proxy) => TcpStream::connect((proxy.host.as_str(), proxy.port))
