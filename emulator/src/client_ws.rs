@@ -543,10 +543,14 @@ impl Reader {
         let frame: Inbound = match serde_json::from_str(text) {
             Ok(f) => f,
             Err(e) => {
-                // Still answer with an ack when an ackId can be found.
-                let ack_id = serde_json::from_str::<serde_json::Value>(text)
+                // Still answer with an ack when an ackId can be found. The values stay
+                // raw: parsed into a tree, one nested deeper than serde_json's recursion
+                // limit would hide the ackId.
+                let ack_id = serde_json::from_str::<HashMap<String, &RawValue>>(text)
                     .ok()
-                    .and_then(|v| v.get("ackId").and_then(serde_json::Value::as_u64));
+                    .and_then(|fields| {
+                        serde_json::from_str::<u64>(fields.get("ackId")?.get()).ok()
+                    });
                 return match ack_id {
                     Some(id) => {
                         Stats::inc(&self.server.stats.bad_frames);

@@ -234,3 +234,46 @@ async fn non_websocket_requests_to_the_client_endpoint() {
     assert_eq!(resp.status().as_u16(), 401);
     emu.shutdown().await;
 }
+
+/// JSON nested `depth` levels deep: `[[[...]]]`.
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn deeply_nested_json_is_passed_on_or_refused_but_never_crashes() {
+    let emu = start().await;
+    let (mut a, c) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let id = c["connectionId"].as_str().unwrap();
+    let deep = nested(200_000);
+    assert_ack_ok(&a.join("g", 1).await);
+    // Passed on as it came, never parsed into a tree.
+    a.send_text(&format!(
+        r#"{{"type":"sendToGroup","group":"g","ackId":2,"noEcho":true,"dataType":"json","data":{deep},"x":{deep}}}"#
+    ))
+    .await;
+    assert_eq!(a.next_json().await["ackId"], 2);
+    // An invalid frame deeper than serde_json's recursion limit still gets its ack.
+    a.send_text(&format!(
+        r#"{{"type":"joinGroup","group":5,"ackId":3,"x":{}}}"#,
+        nested(200)
+    ))
+    .await;
+    assert_ack_error(&a.next_json().await, "BadRequest");
+    let url = format!("{}/api/hubs/h/connections/{id}/:send", emu.endpoint());
+    let sent = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(rest_token(&emu, &url))
+        .header("content-type", "application/json")
+        .body(deep.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    match a.next_message().await {
+        Message::Text(t) => assert!(t.as_str().contains(&deep)),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+    still_alive(&mut a).await;
+    emu.shutdown().await;
+}
