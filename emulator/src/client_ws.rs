@@ -53,7 +53,8 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 enum Session {
-    New(Arc<Hub>, Arc<Conn>, Vec<String>),
+    /// A new connection for the hub of that name, with its initial groups.
+    New(String, Arc<Conn>, Vec<String>),
     Recover(Arc<Hub>, Arc<Conn>),
     Unrecoverable,
 }
@@ -164,27 +165,32 @@ pub(crate) async fn client_endpoint(
             _ => Session::Unrecoverable,
         }
     } else {
-        // Sessions waiting for a recovery count: they come back without asking.
-        let max = server.config.max_connections;
-        if server.connection_count() >= max {
+        // Sessions waiting for a recovery hold their slots: they come back without asking.
+        // Taken now, the slot is the connection's until it is forgotten; if the upgrade
+        // never completes, it is given back with the dropped session.
+        let Some(slot) = server.slots.take() else {
             return error_response(
                 StatusCode::TOO_MANY_REQUESTS,
-                format!("Too many connections: the limit is {max}."),
+                format!(
+                    "Too many connections: the limit is {}.",
+                    server.config.max_connections
+                ),
             );
-        }
+        };
         let claims = claims.unwrap_or_default();
         let conn = Conn::new(
             &server,
             claims.user_id.clone(),
             protocol,
             claims.roles.clone(),
+            Some(slot),
         );
         let groups: Vec<String> = claims
             .groups
             .into_iter()
             .filter(|g| validate_group(g).is_ok())
             .collect();
-        Session::New(server.hub(&hub_name), conn, groups)
+        Session::New(hub_name, conn, groups)
     };
     let max = server.config.max_frame_bytes;
     let tasks = server.tasks.clone();
@@ -212,7 +218,7 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
             }
             return;
         }
-        Session::New(hub, conn, groups) => {
+        Session::New(hub_name, conn, groups) => {
             let (handle, rx, kill) = SocketHandle::new(&server.config);
             let connected = (conn.protocol != Protocol::Simple).then(|| {
                 frames::connected(
@@ -226,7 +232,10 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
             let Some(epoch) = conn.attach(handle, connected) else {
                 return;
             };
-            hub.register(&conn, &groups);
+            let hub = server.with_hub(&hub_name, |hub| {
+                hub.register(&conn, &groups);
+                hub.clone()
+            });
             Stats::inc(&server.stats.connections_opened);
             if let Some(up) = &server.upstream {
                 up.system_event(&server, &hub, &conn, "connected");
@@ -807,7 +816,6 @@ pub(crate) struct Detached {
 impl Detached {
     /// A reliable connection with every role, registered in hub `fuzz` of `server`.
     pub(crate) fn new(server: &Arc<Server>) -> Detached {
-        let hub = server.hub("fuzz");
         let conn = Conn::new(
             server,
             Some("fuzzer".into()),
@@ -816,10 +824,14 @@ impl Detached {
                 "webpubsub.joinLeaveGroup".into(),
                 "webpubsub.sendToGroup".into(),
             ],
+            None,
         );
         let (handle, rx, _kill) = SocketHandle::new(&server.config);
         conn.attach(handle, None);
-        hub.register(&conn, &[]);
+        let hub = server.with_hub("fuzz", |hub| {
+            hub.register(&conn, &[]);
+            hub.clone()
+        });
         Detached {
             reader: Reader {
                 server: server.clone(),

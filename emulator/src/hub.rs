@@ -1,6 +1,11 @@
 //! Shared state: hubs, connections, groups, users and the per-connection reliable
 //! replay buffer.
 //!
+//! A hub exists while something in it lasts: a connection (also one awaiting its
+//! recovery) or a user's group membership made through REST. Every change that adds
+//! such state goes through [`Server::with_hub`], so a hub is never forgotten while it
+//! is being filled.
+//!
 //! There is no global lock on the message path: hubs, connections, groups and users
 //! live in sharded maps, a group's members behind their own `RwLock`, and each
 //! connection's send state behind its own small mutex (held only to assign a sequence
@@ -22,6 +27,7 @@ use crate::auth::{role_grants, Permission};
 use crate::filter::{Filter, Subject};
 use crate::frames::{self, Publication};
 use crate::outbound::SocketHandle;
+use crate::slots::{Slot, Slots};
 use crate::upstream::Upstream;
 use crate::Config;
 
@@ -78,24 +84,44 @@ pub(crate) struct Server {
     pub upstream: Option<Upstream>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// Client connections at once, up to `config.max_connections`.
+    pub slots: Slots,
 }
 
 impl Server {
     /// The hub of that name (case-insensitive), created on first use.
-    pub(crate) fn hub(&self, name: &str) -> Arc<Hub> {
+    fn hub(&self, name: &str) -> Arc<Hub> {
         let key = name.to_ascii_lowercase();
         if let Some(h) = self.hubs.get(&key) {
             return h.clone();
         }
         self.hubs
             .entry(key)
-            .or_insert_with(|| {
-                Arc::new(Hub {
-                    name: name.to_owned(),
-                    ..Hub::default()
-                })
-            })
+            .or_insert_with(|| Arc::new(Hub::new(name)))
             .clone()
+    }
+
+    /// Runs `f` on the hub of that name (created if need be), which is not forgotten
+    /// meanwhile; afterwards it is forgotten if nothing in it lasts.
+    pub(crate) fn with_hub<T>(&self, name: &str, f: impl FnOnce(&Arc<Hub>) -> T) -> T {
+        loop {
+            let hub = self.hub(name);
+            let live = hub.live.read();
+            if !*live {
+                continue; // forgotten since it was looked up: take the new one
+            }
+            let out = f(&hub);
+            drop(live);
+            self.release_hub(&hub);
+            return out;
+        }
+    }
+
+    /// Forgets the hub if nothing in it lasts and no [`Server::with_hub`] is using it.
+    fn release_hub(&self, hub: &Hub) {
+        self.hubs.remove_if(&hub.name.to_ascii_lowercase(), |_, h| {
+            std::ptr::eq(&**h, hub) && h.retire_if_idle()
+        });
     }
 
     /// The hub of that name if it exists.
@@ -134,7 +160,6 @@ pub(crate) struct Members {
 }
 
 /// One hub.
-#[derive(Default)]
 pub(crate) struct Hub {
     pub name: String,
     pub connections: DashMap<String, Arc<Conn>>,
@@ -142,6 +167,8 @@ pub(crate) struct Hub {
     pub users: DashMap<String, Arc<Members>>,
     /// Groups a user was added to through REST: applied to the user's new connections.
     pub user_groups: DashMap<String, HashSet<String>>,
+    /// False once forgotten; read-locked by [`Server::with_hub`] while in use.
+    live: RwLock<bool>,
 }
 
 fn add_member(map: &DashMap<String, Arc<Members>>, key: &str, conn: &Arc<Conn>) {
@@ -168,6 +195,32 @@ fn publish(members: &Members, p: &Publication, pick: impl Fn(&Conn) -> bool) {
 }
 
 impl Hub {
+    fn new(name: &str) -> Self {
+        Hub {
+            name: name.to_owned(),
+            connections: DashMap::new(),
+            groups: DashMap::new(),
+            users: DashMap::new(),
+            user_groups: DashMap::new(),
+            live: RwLock::new(true),
+        }
+    }
+
+    /// Marks the hub forgotten if nothing in it lasts and nobody is using it; true if so.
+    fn retire_if_idle(&self) -> bool {
+        let Some(mut live) = self.live.try_write() else {
+            return false;
+        };
+        let idle = self.connections.is_empty()
+            && self.user_groups.is_empty()
+            && self.groups.is_empty()
+            && self.users.is_empty();
+        if idle {
+            *live = false;
+        }
+        idle
+    }
+
     /// Registers a new connection and joins its initial groups.
     pub(crate) fn register(self: &Arc<Self>, conn: &Arc<Conn>, groups: &[String]) {
         self.connections.insert(conn.id.clone(), conn.clone());
@@ -203,6 +256,10 @@ impl Hub {
             }
         }
         add_member(&self.groups, group, conn);
+        if conn.is_closed() {
+            // Removed meanwhile, maybe before it was added here: take it out again.
+            remove_member(&self.groups, group, &conn.id);
+        }
         true
     }
 
@@ -238,12 +295,14 @@ impl Hub {
         for (_, h) in conn.invocations.lock().drain() {
             h.abort();
         }
+        conn.slot.lock().take();
         if removed {
             if let Some(server) = conn.server.upgrade() {
                 Stats::inc(&server.stats.connections_closed);
                 if let Some(up) = &server.upstream {
                     up.system_event(&server, self, conn, "disconnected");
                 }
+                server.release_hub(self);
             }
         }
     }
@@ -380,6 +439,8 @@ pub(crate) struct Conn {
     max_unacked_bytes: usize,
     /// Groups it may be in at once.
     max_groups: usize,
+    /// Its share of `max_connections`, given back when it is forgotten.
+    slot: Mutex<Option<Slot>>,
 }
 
 /// Random identifier of `len` alphanumeric characters.
@@ -388,12 +449,13 @@ pub(crate) fn random_id(len: usize) -> String {
 }
 
 impl Conn {
-    /// A new, not yet attached connection.
+    /// A new, not yet attached connection holding `slot` (none: outside the budget).
     pub(crate) fn new(
         server: &Arc<Server>,
         user_id: Option<String>,
         protocol: Protocol,
         roles: Vec<String>,
+        slot: Option<Slot>,
     ) -> Arc<Conn> {
         Arc::new(Conn {
             id: random_id(22),
@@ -420,6 +482,7 @@ impl Conn {
             max_unacked_frames: server.config.max_unacked_frames,
             max_unacked_bytes: server.config.max_unacked_bytes,
             max_groups: server.config.max_groups_per_connection,
+            slot: Mutex::new(slot),
         })
     }
 

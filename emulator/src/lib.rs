@@ -25,6 +25,7 @@ mod names;
 mod outbound;
 mod rest;
 mod server;
+mod slots;
 mod upstream;
 
 use std::path::PathBuf;
@@ -45,6 +46,7 @@ pub mod fuzzing {
     use tokio_util::task::TaskTracker;
 
     use crate::hub::Server;
+    use crate::slots::Slots;
     use crate::Config;
 
     /// An emulator without a listener, to feed client frames to.
@@ -63,6 +65,7 @@ pub mod fuzzing {
                     upstream: None,
                     shutdown: CancellationToken::new(),
                     tasks: TaskTracker::new(),
+                    slots: Slots::new(Config::default().max_connections),
                     config: Config::default(),
                 }),
             }

@@ -127,7 +127,12 @@ pub(crate) async fn dispatch(
         return error(StatusCode::BAD_REQUEST, e);
     }
     let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
-    match req.route(hub_name, &rest) {
+    if let ["groups", group, ..] | ["users", _, "groups", group, ..] = rest.as_slice() {
+        if let Err(e) = validate_group(group) {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    }
+    match server.with_hub(hub_name, |hub| req.route(hub, &rest)) {
         Some(response) => response,
         None => error(
             StatusCode::NOT_FOUND,
@@ -172,17 +177,15 @@ fn exists(found: bool) -> Response {
 
 impl Request<'_> {
     /// Matches the route; None = no such route.
-    fn route(&self, hub_name: &str, rest: &[&str]) -> Option<Response> {
-        let hub = self.server.hub(hub_name);
+    fn route(&self, hub: &Arc<Hub>, rest: &[&str]) -> Option<Response> {
         let m = self.method;
         let response = match rest {
             [":send"] if m == Method::POST => {
                 self.send(|p, to| hub.publish_all(p, |c| to.picks(c)))
             }
-            ["groups", g, ":send"] if m == Method::POST => match validate_group(g) {
-                Ok(()) => self.send(|p, to| hub.publish_group(g, p, |c| to.picks(c))),
-                Err(e) => error(StatusCode::BAD_REQUEST, e),
-            },
+            ["groups", g, ":send"] if m == Method::POST => {
+                self.send(|p, to| hub.publish_group(g, p, |c| to.picks(c)))
+            }
             ["users", u, ":send"] if m == Method::POST => {
                 self.send(|p, to| hub.publish_user(u, p, |c| to.picks(c)))
             }
@@ -191,17 +194,17 @@ impl Request<'_> {
                     Ok(payload) => payload,
                     Err(e) => return Some(error(StatusCode::BAD_REQUEST, e)),
                 };
-                if let Some(conn) = conn(&hub, c) {
+                if let Some(conn) = conn(hub, c) {
                     conn.send_data(&Publication::server(&payload));
                 }
                 status(StatusCode::ACCEPTED)
             }
-            [":addToGroups"] if m == Method::POST => self.update_groups(&hub, true),
-            [":removeFromGroups"] if m == Method::POST => self.update_groups(&hub, false),
-            ["groups", g, "connections", c] => self.group_connection(&hub, g, c)?,
-            ["users", u, "groups", g] => self.user_group(&hub, u, g)?,
+            [":addToGroups"] if m == Method::POST => self.update_groups(hub, true),
+            [":removeFromGroups"] if m == Method::POST => self.update_groups(hub, false),
+            ["groups", g, "connections", c] => self.group_connection(hub, g, c)?,
+            ["users", u, "groups", g] => self.user_group(hub, u, g)?,
             ["connections", c, "groups"] if m == Method::DELETE => {
-                if let Some(conn) = conn(&hub, c) {
+                if let Some(conn) = conn(hub, c) {
                     let groups: Vec<String> = conn.groups.lock().iter().cloned().collect();
                     for g in groups {
                         hub.leave(&conn, &g);
@@ -220,29 +223,27 @@ impl Request<'_> {
                 status(StatusCode::NO_CONTENT)
             }
             ["connections", c] if m == Method::DELETE => {
-                if let Some(conn) = conn(&hub, c) {
+                if let Some(conn) = conn(hub, c) {
                     hub.close(&conn, POLICY_CLOSE, &self.reason());
                 }
                 status(StatusCode::NO_CONTENT)
             }
-            ["connections", c] if m == Method::HEAD => exists(conn(&hub, c).is_some()),
+            ["connections", c] if m == Method::HEAD => exists(conn(hub, c).is_some()),
             ["groups", g] if m == Method::HEAD => exists(!hub.group_connections(g).is_empty()),
             ["users", u] if m == Method::HEAD => exists(!hub.user_connections(u).is_empty()),
             [":closeConnections"] if m == Method::POST => {
                 let all: Vec<Arc<Conn>> = hub.connections.iter().map(|c| c.clone()).collect();
-                self.close_all(&hub, all)
+                self.close_all(hub, all)
             }
             ["groups", g, ":closeConnections"] if m == Method::POST => {
-                self.close_all(&hub, hub.group_connections(g))
+                self.close_all(hub, hub.group_connections(g))
             }
             ["users", u, ":closeConnections"] if m == Method::POST => {
-                self.close_all(&hub, hub.user_connections(u))
+                self.close_all(hub, hub.user_connections(u))
             }
-            ["groups", g, "connections"] if m == Method::GET => self.list_group(&hub, g),
-            ["permissions", perm, "connections", c] => self.permission(&hub, perm, c)?,
-            [":generateToken"] if m == Method::POST || m == Method::GET => {
-                self.generate_token(&hub)
-            }
+            ["groups", g, "connections"] if m == Method::GET => self.list_group(hub, g),
+            ["permissions", perm, "connections", c] => self.permission(hub, perm, c)?,
+            [":generateToken"] if m == Method::POST || m == Method::GET => self.generate_token(hub),
             _ => return None,
         };
         Some(response)
@@ -362,9 +363,6 @@ impl Request<'_> {
     }
 
     fn group_connection(&self, hub: &Hub, group: &str, c: &str) -> Option<Response> {
-        if let Err(e) = validate_group(group) {
-            return Some(error(StatusCode::BAD_REQUEST, e));
-        }
         Some(match *self.method {
             Method::PUT => match conn(hub, c) {
                 Some(conn) if hub.join(&conn, group) => status(StatusCode::OK),
@@ -382,9 +380,6 @@ impl Request<'_> {
     }
 
     fn user_group(&self, hub: &Hub, user: &str, group: &str) -> Option<Response> {
-        if let Err(e) = validate_group(group) {
-            return Some(error(StatusCode::BAD_REQUEST, e));
-        }
         Some(match *self.method {
             Method::PUT => {
                 hub.user_groups

@@ -24,7 +24,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{random_id, Server};
+use crate::hub::{random_id, Hub, Server};
+use crate::slots::Slots;
 use crate::upstream::Upstream;
 use crate::{client_ws, faults, rest, Config, TlsFiles};
 
@@ -96,6 +97,7 @@ pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinH
         upstream,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        slots: Slots::new(config.max_connections),
         config,
     });
     if let Some(ms) = server.config.fault_drop_every_ms {
@@ -171,7 +173,9 @@ where
 
 /// Drops every connection and hub (breaks nothing if tasks still run).
 pub(crate) fn forget_all(server: &Server) {
-    for hub in server.hubs.iter() {
+    // Collected first: removing a hub's last connection removes the hub from the map.
+    let hubs: Vec<Arc<Hub>> = server.hubs.iter().map(|h| h.clone()).collect();
+    for hub in hubs {
         let conns: Vec<_> = hub.connections.iter().map(|c| c.clone()).collect();
         for c in conns {
             hub.remove(&c);

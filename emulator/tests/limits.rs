@@ -261,6 +261,229 @@ async fn blank_group_names_are_refused() {
 }
 
 #[tokio::test]
+async fn group_names_follow_the_pattern_as_dotnet_reads_it() {
+    let emu = start().await;
+    let (mut a, c) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let id = c["connectionId"].as_str().unwrap();
+    // `.` stops at a line feed; `$` also matches before a final one.
+    assert_ack_error(&a.join("a\nb", 1).await, "BadRequest");
+    assert_ack_error(&a.join("\ng", 2).await, "BadRequest");
+    assert_ack_ok(&a.join("g\n", 3).await);
+    // The length counts UTF-16 code units: a character outside the BMP counts 2.
+    let astral = "\u{1F600}";
+    assert_ack_ok(&a.join(&astral.repeat(512), 4).await);
+    assert_ack_error(&a.join(&astral.repeat(513), 5).await, "BadRequest");
+    let send = json!({"type": "sendToGroup", "group": "a\nb", "ackId": 6, "dataType": "text", "data": "x"});
+    assert_ack_error(&a.call(send).await, "BadRequest");
+    let leave = json!({"type": "leaveGroup", "group": "a\nb", "ackId": 7});
+    assert_ack_error(&a.call(leave).await, "BadRequest");
+    // Every REST route with a group in its path.
+    let long = "%F0%9F%98%80".repeat(513);
+    for group in ["a%0Ab", long.as_str()] {
+        for (method, path) in [
+            (
+                reqwest::Method::PUT,
+                format!("groups/{group}/connections/{id}"),
+            ),
+            (
+                reqwest::Method::DELETE,
+                format!("groups/{group}/connections/{id}"),
+            ),
+            (reqwest::Method::POST, format!("groups/{group}/:send")),
+            (
+                reqwest::Method::POST,
+                format!("groups/{group}/:closeConnections"),
+            ),
+            (reqwest::Method::HEAD, format!("groups/{group}")),
+            (reqwest::Method::GET, format!("groups/{group}/connections")),
+            (reqwest::Method::PUT, format!("users/u/groups/{group}")),
+        ] {
+            let resp = rest(&emu, method.clone(), &format!("/api/hubs/h/{path}")).await;
+            assert_eq!(resp.status(), 400, "{method} {path}");
+        }
+    }
+    let resp = rest(&emu, reqwest::Method::HEAD, "/api/hubs/h/groups/g%0A").await;
+    assert_eq!(resp.status(), 200, "the member of 'g\\n'");
+    // Without an ackId a refused name still ends the session.
+    a.send_json(json!({"type": "joinGroup", "group": "a\nb"}))
+        .await;
+    assert_eq!(a.expect_close().await.0, 1003);
+    emu.shutdown().await;
+}
+
+/// A complete WebSocket upgrade request for the client URL `url`.
+fn upgrade_request(emu: &Emulator, url: &str) -> String {
+    let path = url.split_once(&format!(":{}", emu.port())).unwrap().1;
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// The status code of the response head read from `tcp`.
+async fn response_status(tcp: &mut TcpStream) -> u16 {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(WAIT, tcp.read(&mut byte)).await;
+        assert_eq!(
+            read.expect("a response in time").unwrap(),
+            1,
+            "closed early"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    head[9..12].parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_burst_of_connects_never_goes_past_the_limit() {
+    const MAX: usize = 5;
+    const TRIES: usize = 60;
+    let emu = start_with(Config {
+        max_connections: MAX,
+        ..Config::default()
+    })
+    .await;
+    let url = emu.client_url("h", &all_roles("a"));
+    // Every request arrives before any upgrade can complete.
+    let request = upgrade_request(&emu, &url);
+    let mut socks = Vec::new();
+    for _ in 0..TRIES {
+        socks.push(tcp(&emu).await);
+    }
+    for sock in &mut socks {
+        sock.write_all(request.as_bytes()).await.unwrap();
+    }
+    let mut open = Vec::new();
+    for mut sock in socks {
+        match response_status(&mut sock).await {
+            101 => open.push(sock),
+            status => assert_eq!(status, 429),
+        }
+    }
+    assert_eq!(open.len(), MAX, "connections let in");
+    let deadline = Instant::now() + WAIT;
+    while stats(&emu).await["connections"] != MAX {
+        assert!(Instant::now() < deadline, "{}", stats(&emu).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every slot comes back once they end, and the limit still holds.
+    drop(open);
+    let deadline = Instant::now() + WAIT;
+    while stats(&emu).await["connections"] != 0 {
+        assert!(Instant::now() < deadline, "connections not forgotten");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut again = Vec::new();
+    for _ in 0..MAX {
+        again.push(connect_json(&url, JSON).await);
+    }
+    assert_eq!(ws_status(&url, JSON).await, 429);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_that_never_completes_gives_its_slot_back() {
+    let emu = start_with(Config {
+        max_connections: 1,
+        ..Config::default()
+    })
+    .await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let request = upgrade_request(&emu, &url);
+    for _ in 0..5 {
+        // A complete upgrade request from a peer that is gone before the answer.
+        let mut tcp = tcp(&emu).await;
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        drop(tcp);
+    }
+    let deadline = Instant::now() + WAIT;
+    while ws_status(&url, JSON).await != 101 {
+        assert!(
+            Instant::now() < deadline,
+            "a slot was kept by a dead upgrade"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    emu.shutdown().await;
+}
+
+/// Polls the stats until `hubs` is `n`.
+async fn until_hubs(emu: &Emulator, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    while stats(emu).await["hubs"] != n {
+        assert!(
+            Instant::now() < deadline,
+            "hubs: {}, expected {n}",
+            stats(emu).await["hubs"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hub_is_forgotten_once_nothing_in_it_lasts() {
+    let emu = start().await;
+    for n in 0..20 {
+        let (mut ws, _) =
+            connect_json(&emu.client_url(&format!("c{n}"), &all_roles("a")), JSON).await;
+        assert_ack_ok(&ws.join("g", 1).await);
+        ws.close().await;
+        let hub = format!("/api/hubs/r{n}");
+        let sent = rest(
+            &emu,
+            reqwest::Method::POST,
+            &format!("{hub}/groups/g/:send"),
+        )
+        .await;
+        assert_eq!(sent.status(), 202);
+        let head = rest(&emu, reqwest::Method::HEAD, &format!("{hub}/users/u")).await;
+        assert_eq!(head.status(), 404);
+    }
+    until_hubs(&emu, 0).await;
+
+    // A user's group membership made over REST lasts without connections, so its hub does.
+    let put = rest(
+        &emu,
+        reqwest::Method::PUT,
+        "/api/hubs/Keep/users/u/groups/g",
+    )
+    .await;
+    assert_eq!(put.status(), 200);
+    until_hubs(&emu, 1).await;
+    let (ws, c) = connect_json(&emu.client_url("keep", &all_roles("u")), JSON).await;
+    let id = c["connectionId"].as_str().unwrap();
+    let members = rest(
+        &emu,
+        reqwest::Method::GET,
+        "/api/hubs/keep/groups/g/connections",
+    )
+    .await;
+    let members: serde_json::Value = members.json().await.unwrap();
+    assert_eq!(members["value"][0]["connectionId"], id);
+    ws.close().await;
+    let deadline = Instant::now() + WAIT;
+    while stats(&emu).await["connections"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the connection was not forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats(&emu).await["hubs"], 1);
+    let delete = rest(
+        &emu,
+        reqwest::Method::DELETE,
+        "/api/hubs/keep/users/u/groups",
+    )
+    .await;
+    assert_eq!(delete.status(), 204);
+    until_hubs(&emu, 0).await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_out_of_range_token_lifetime_is_400() {
     let emu = start().await;
     let huge = u64::MAX.to_string();
