@@ -233,9 +233,11 @@
 typedef struct wps_client wps_client;
 
 /**
- * Where a credential callback puts its answer: an opaque token, valid only during
- * the callback. Set exactly one of a URL or an error. A token used after its callback
- * returned (or any other pointer) is refused with `WPS_STATUS_ILLEGAL_STATE`.
+ * Where a credential callback puts its answer: an opaque token. Set exactly one of a
+ * URL or an error, during the callback, or after it once the callback deferred the
+ * answer (`wps_credential_result_defer`). A token that is not pending (its callback
+ * returned without deferring, it was answered, or its request was abandoned), or any
+ * other pointer, is refused with `WPS_STATUS_ILLEGAL_STATE`.
  */
 typedef struct wps_credential_result wps_credential_result;
 
@@ -361,8 +363,10 @@ typedef void (*wps_user_data_free_cb)(void *user_data);
 
 /**
  * Credential callback: called before every new connection (not for a recovery) on a
- * library thread, where it may block. It must call `wps_credential_result_set_url` or
- * `wps_credential_result_set_error` on `result` exactly once before returning.
+ * library thread. It must either answer with `wps_credential_result_set_url` or
+ * `wps_credential_result_set_error` before returning (it may block meanwhile), or call
+ * `wps_credential_result_defer` and answer later, from any thread. A callback that
+ * returns having done neither fails the attempt with `WPS_STATUS_CREDENTIAL_FAILED`.
  */
 typedef void (*wps_credential_cb)(void *user_data, struct wps_credential_result *result);
 
@@ -694,7 +698,8 @@ wps_status wps_client_new(const char *url,
 /**
  * Creates a stopped client whose URL comes from `cred`, called before every new
  * connection (see `wps_credential_cb`). `cred_user_data_free` runs exactly once after
- * the last credential call. Otherwise as `wps_client_new`.
+ * the last credential call and the last deferred request (answered or abandoned, see
+ * `wps_credential_result_defer`). Otherwise as `wps_client_new`.
  *
  * # Safety
  * As `wps_client_new`.
@@ -1162,6 +1167,22 @@ wps_status wps_credential_result_set_url(struct wps_credential_result *r, const 
  * `message` is NULL or a NUL-terminated string.
  */
 wps_status wps_credential_result_set_error(struct wps_credential_result *r, const char *message);
+
+/**
+ * Defers the answer to a credential request; called inside its callback. The callback
+ * then returns, and the connection attempt waits, with no thread blocked and within
+ * its start timeout, for `wps_credential_result_set_url` or `_set_error` on `r`, called
+ * from any thread (an answer given before the callback returns is taken as usual). `r`
+ * stays valid until answered or until the request is abandoned (the client stopped or
+ * freed, or the attempt timed out): a late answer is then refused with
+ * `WPS_STATUS_ILLEGAL_STATE`. A pending request counts as a use of the credential's
+ * user data, so its finalizer runs after the answer or the abandonment: code answering
+ * later must not use that user data once `wps_client_free` has returned. An answer is
+ * not a callback: `wps_callbacks_disable` does not stop it. In a fork() child, the
+ * parent's requests are refused with `WPS_STATUS_FORKED`. `WPS_STATUS_ILLEGAL_STATE`
+ * once the callback has returned, or when `r` is already answered or deferred.
+ */
+wps_status wps_credential_result_defer(struct wps_credential_result *r);
 
 /**
  * Stops every callback of the library for good, in the whole process: no event,

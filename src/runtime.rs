@@ -45,6 +45,14 @@ pub fn try_handle() -> Result<Handle, String> {
     Ok(runtime.handle().clone())
 }
 
+/// Whether the runtime belongs to this process, without creating it: `None` before it
+/// is created, `Some(false)` in a `fork()` child of the process that created it.
+pub(crate) fn belongs_here() -> Option<bool> {
+    RUNTIME
+        .get()
+        .map(|(_, generation)| crate::fork::generation() == *generation)
+}
+
 /// The runtime's handle (created on first use).
 ///
 /// # Panics

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::check;
+use common::{check, ffi_credential_client, ffi_emulator, last_error};
 
 use std::cell::RefCell;
 use std::ffi::{c_void, CStr, CString};
@@ -15,26 +15,17 @@ use std::time::Duration;
 use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_STOPPED};
 use webpubsub_client::ffi::client::{
     wps_client, wps_client_dispatch, wps_client_free, wps_client_invoke_event,
-    wps_client_join_group, wps_client_new, wps_client_new_with_credential,
-    wps_client_send_to_group, wps_client_start, wps_client_state, wps_client_stop,
-    wps_invoke_response,
+    wps_client_join_group, wps_client_new, wps_client_send_to_group, wps_client_start,
+    wps_client_state, wps_client_stop, wps_invoke_response,
 };
 use webpubsub_client::ffi::credential::{
     wps_credential_result, wps_credential_result_set_error, wps_credential_result_set_url,
 };
 use webpubsub_client::ffi::options::*;
 use webpubsub_client::ffi::status::*;
-use webpubsub_emulator::{Config, Emulator};
 
 /// How long any wait in these tests may take.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn emulator() -> (tokio::runtime::Runtime, Emulator, CString) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
-    let url = CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap();
-    (rt, emulator, url)
-}
 
 /// Runs `call` on another thread; its result, or a panic naming `what` if it hangs.
 fn bounded<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'static) -> T {
@@ -44,34 +35,6 @@ fn bounded<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'sta
     });
     rx.recv_timeout(WAIT)
         .unwrap_or_else(|_| panic!("{what} did not return within {WAIT:?}"))
-}
-
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(wps_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// A client without event callback whose URL comes from `cred`.
-fn credential_client(
-    cred: unsafe extern "C" fn(*mut c_void, *mut wps_credential_result),
-    user_data: *mut c_void,
-) -> *mut wps_client {
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new_with_credential(
-            Some(cred),
-            user_data,
-            None,
-            std::ptr::null(),
-            None,
-            std::ptr::null_mut(),
-            None,
-            &mut c,
-        )
-    };
-    check(status, "wps_client_new_with_credential");
-    c
 }
 
 /// A credential callback's state: the URL it answers with, the client, and the
@@ -96,14 +59,19 @@ unsafe extern "C" fn stop_then_answer(user_data: *mut c_void, result: *mut wps_c
 
 #[test]
 fn a_credential_callback_may_stop_its_own_client() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let state = Box::leak(Box::new(Credential {
         url,
         client: AtomicPtr::default(),
         stop: AtomicU32::new(u32::MAX),
         join: AtomicU32::new(u32::MAX),
     }));
-    let c = credential_client(stop_then_answer, state as *mut Credential as *mut c_void);
+    let c = ffi_credential_client(
+        stop_then_answer,
+        state as *mut Credential as *mut c_void,
+        None,
+        std::ptr::null(),
+    );
     state.client.store(c, Ordering::SeqCst);
     let client = c as usize;
     let start = bounded("wps_client_start", move || unsafe {
@@ -130,9 +98,14 @@ unsafe extern "C" fn answer_and_keep(user_data: *mut c_void, result: *mut wps_cr
 
 #[test]
 fn a_credential_result_used_after_its_callback_returned_is_refused() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let url = Box::leak(Box::new(url));
-    let c = credential_client(answer_and_keep, url as *mut CString as *mut c_void);
+    let c = ffi_credential_client(
+        answer_and_keep,
+        url as *mut CString as *mut c_void,
+        None,
+        std::ptr::null(),
+    );
     let client = c as usize;
     let start = bounded("wps_client_start", move || unsafe {
         wps_client_start(client as *mut wps_client)
@@ -179,7 +152,7 @@ unsafe extern "C" fn stop_on_connected(user_data: *mut c_void, event: *const wps
 
 #[test]
 fn a_dispatched_callback_may_stop_its_own_client() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let state = SelfStop {
         client: AtomicPtr::default(),
         stop: AtomicU32::new(u32::MAX),
@@ -244,7 +217,7 @@ fn a_blocking_call_ends_when_another_thread_frees_its_client() {
 
 #[test]
 fn options_at_the_limits_of_their_types_make_a_working_client() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let o = wps_options_new();
     for (status, what) in [
         (
@@ -299,7 +272,7 @@ fn options_at_the_limits_of_their_types_make_a_working_client() {
 
 #[test]
 fn a_length_past_isize_max_is_refused() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let c = common::ffi_client(&url, None, std::ptr::null_mut(), None);
     let status = unsafe {
         wps_client_send_to_group(
@@ -358,7 +331,7 @@ unsafe extern "C" fn count_free(user_data: *mut c_void) {
 
 #[test]
 fn calls_from_a_thread_exit_handler_work_after_the_librarys_thread_locals_are_gone() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let late = tx.clone();
@@ -403,7 +376,7 @@ fn calls_from_a_thread_exit_handler_work_after_the_librarys_thread_locals_are_go
 /// client) runs once the runtime's parker of that thread is gone, its context not yet.
 #[test]
 fn a_client_made_before_its_thread_exit_handler_is_used_stopped_and_freed_by_it() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let (state, user_data) = Late::leaked();
@@ -487,7 +460,7 @@ fn dispatch_one(c: *mut wps_client) -> bool {
 
 #[test]
 fn a_client_freed_in_a_callback_dispatched_from_a_thread_exit_handler_is_torn_down() {
-    let (rt, emulator, url) = emulator();
+    let (rt, emulator, url) = ffi_emulator();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let late = tx.clone();

@@ -3,12 +3,22 @@
 //! parent may have held (none of the parent's threads exist in the child to release it).
 #![cfg(unix)]
 
-use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
+use webpubsub_client::ffi::client::{
+    wps_client_free, wps_client_new_with_credential, wps_client_start,
+};
+use webpubsub_client::ffi::credential::{
+    wps_credential_result, wps_credential_result_defer, wps_credential_result_set_error,
+    wps_credential_result_set_url,
+};
 use webpubsub_client::ffi::interrupt::wps_set_interrupt_check;
-use webpubsub_client::ffi::status::WPS_STATUS_OK;
+use webpubsub_client::ffi::status::{
+    WPS_STATUS_CREDENTIAL_FAILED, WPS_STATUS_FORKED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_OK,
+};
 
 unsafe extern "C" fn never() -> c_int {
     0
@@ -54,4 +64,65 @@ fn a_child_sets_the_interrupt_check_while_a_parent_thread_was_setting_it() {
     });
     stop.store(true, Ordering::Relaxed);
     setter.join().unwrap();
+}
+
+/// The token of the parent's deferred credential request.
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+unsafe extern "C" fn defer_and_keep(_user_data: *mut c_void, result: *mut wps_credential_result) {
+    assert_eq!(wps_credential_result_defer(result), WPS_STATUS_OK);
+    PENDING.store(result as usize, Ordering::SeqCst);
+}
+
+#[test]
+fn a_child_answering_its_parents_deferred_credential_is_refused_without_the_lock() {
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        wps_client_new_with_credential(
+            Some(defer_and_keep),
+            std::ptr::null_mut(),
+            None,
+            std::ptr::null(),
+            None,
+            std::ptr::null_mut(),
+            None,
+            &mut c,
+        )
+    };
+    assert_eq!(status, WPS_STATUS_OK);
+    let client = c as usize;
+    let (started, start) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = started.send(unsafe { wps_client_start(client as *mut _) });
+    });
+    while PENDING.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A parent thread takes the table's lock over and over (a stray token is looked up).
+    let stop = Arc::new(AtomicBool::new(false));
+    let answerer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let stray = (usize::MAX - 7) as *mut wps_credential_result;
+            while !stop.load(Ordering::Relaxed) {
+                let status = unsafe { wps_credential_result_set_url(stray, c"ws://h/".as_ptr()) };
+                assert_eq!(status, WPS_STATUS_ILLEGAL_STATE);
+            }
+        })
+    };
+    fork_children(300, || {
+        let token = PENDING.load(Ordering::SeqCst) as *mut wps_credential_result;
+        let answer = unsafe { wps_credential_result_set_error(token, c"child".as_ptr()) };
+        let deferral = wps_credential_result_defer(token);
+        u32::from(answer != WPS_STATUS_FORKED || deferral != WPS_STATUS_FORKED)
+    });
+    stop.store(true, Ordering::Relaxed);
+    answerer.join().unwrap();
+    // The parent's request is still pending.
+    let token = PENDING.load(Ordering::SeqCst) as *mut wps_credential_result;
+    let status = unsafe { wps_credential_result_set_error(token, c"parent".as_ptr()) };
+    assert_eq!(status, WPS_STATUS_OK);
+    let started = start.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(started, WPS_STATUS_CREDENTIAL_FAILED);
+    unsafe { wps_client_free(c) };
 }

@@ -361,7 +361,8 @@ pub unsafe extern "C" fn wps_client_new(
 
 /// Creates a stopped client whose URL comes from `cred`, called before every new
 /// connection (see `wps_credential_cb`). `cred_user_data_free` runs exactly once after
-/// the last credential call. Otherwise as `wps_client_new`.
+/// the last credential call and the last deferred request (answered or abandoned, see
+/// `wps_credential_result_defer`). Otherwise as `wps_client_new`.
 ///
 /// # Safety
 /// As `wps_client_new`.

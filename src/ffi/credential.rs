@@ -1,10 +1,13 @@
 //! The credential callback: a C function asked for a fresh client URL before every
-//! new connection, run on a library thread where it may block.
+//! new connection, run on a library thread. It answers before returning, or defers the
+//! answer and gives it later from any thread while the connection attempt waits.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
 
 use crate::client::Credential;
 
@@ -12,78 +15,147 @@ use super::callbacks::{wps_user_data_free_cb, UserData};
 use super::convert::str_arg;
 use super::gate::{in_callback, InCallback};
 use super::panic::{guard, FfiResult};
-use super::status::{fail, wps_status, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_NULL_ARG};
+use super::status::{
+    fail, wps_status, WPS_STATUS_FORKED, WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_NULL_ARG,
+};
 
-/// Where a credential callback puts its answer: an opaque token, valid only during
-/// the callback. Set exactly one of a URL or an error. A token used after its callback
-/// returned (or any other pointer) is refused with `WPS_STATUS_ILLEGAL_STATE`.
+/// Where a credential callback puts its answer: an opaque token. Set exactly one of a
+/// URL or an error, during the callback, or after it once the callback deferred the
+/// answer (`wps_credential_result_defer`). A token that is not pending (its callback
+/// returned without deferring, it was answered, or its request was abandoned), or any
+/// other pointer, is refused with `WPS_STATUS_ILLEGAL_STATE`.
 pub struct wps_credential_result {
     _opaque: [u8; 0],
 }
 
 /// Credential callback: called before every new connection (not for a recovery) on a
-/// library thread, where it may block. It must call `wps_credential_result_set_url` or
-/// `wps_credential_result_set_error` on `result` exactly once before returning.
+/// library thread. It must either answer with `wps_credential_result_set_url` or
+/// `wps_credential_result_set_error` before returning (it may block meanwhile), or call
+/// `wps_credential_result_defer` and answer later, from any thread. A callback that
+/// returns having done neither fails the attempt with `WPS_STATUS_CREDENTIAL_FAILED`.
 pub type wps_credential_cb =
     Option<unsafe extern "C" fn(user_data: *mut c_void, result: *mut wps_credential_result)>;
 
-type Outcome = Option<Result<String, String>>;
+type Outcome = Result<String, String>;
 
-/// The answers of the running credential calls, by token. A token is a number never
-/// reused, not an address, so a late or stray call finds nothing instead of memory
-/// that is gone.
-static SLOTS: Mutex<BTreeMap<usize, Outcome>> = Mutex::new(BTreeMap::new());
+/// Where a credential request stands.
+enum Request {
+    /// Its callback is running: what it set, and whether it deferred the answer.
+    Calling {
+        answer: Option<Outcome>,
+        deferred: bool,
+    },
+    /// Its callback returned after deferring: the connection attempt waits on this.
+    Waiting(oneshot::Sender<Outcome>),
+}
+
+/// The pending credential requests, by token. A token is a number never reused, not
+/// an address, so a late or stray call finds nothing instead of memory that is gone.
+static REQUESTS: Mutex<BTreeMap<usize, Request>> = Mutex::new(BTreeMap::new());
 static NEXT_TOKEN: AtomicUsize = AtomicUsize::new(1);
 
-fn slots() -> MutexGuard<'static, BTreeMap<usize, Outcome>> {
-    SLOTS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A slot lent to one credential call; its token leaves the table when it drops.
-struct Slot(usize);
-
-impl Slot {
-    fn open() -> Slot {
-        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-        slots().insert(token, None);
-        Slot(token)
-    }
-
-    fn token(&self) -> *mut wps_credential_result {
-        self.0 as *mut wps_credential_result
-    }
-
-    fn take(self) -> Outcome {
-        slots().remove(&self.0).flatten()
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        slots().remove(&self.0);
-    }
-}
-
-/// Stores the callback's answer in the slot `r` names.
-fn set(r: *mut wps_credential_result, outcome: Result<String, String>) -> FfiResult {
+/// The table, unless this is a fork() child of the process whose threads made the
+/// requests (a thread of that parent may have held its lock at the fork), or no request
+/// was ever made in this process. Checked before the lock is taken.
+fn requests(
+    r: *mut wps_credential_result,
+) -> FfiResult<MutexGuard<'static, BTreeMap<usize, Request>>> {
     if r.is_null() {
         return Err(fail(WPS_STATUS_NULL_ARG, "`result` is NULL"));
     }
-    let mut slots = slots();
-    let Some(slot) = slots.get_mut(&(r as usize)) else {
-        return Err(fail(
-            WPS_STATUS_ILLEGAL_STATE,
-            "`result` is not the result of a running credential call (its callback returned)",
-        ));
-    };
-    if slot.is_some() {
-        return Err(fail(
-            WPS_STATUS_ILLEGAL_STATE,
-            "the credential result is already set",
-        ));
+    match crate::runtime::belongs_here() {
+        Some(true) => Ok(REQUESTS.lock().unwrap_or_else(|e| e.into_inner())),
+        Some(false) => Err(fail(
+            WPS_STATUS_FORKED,
+            "the credential request belongs to the parent of this fork() child",
+        )),
+        None => Err(not_pending()),
     }
-    *slot = Some(outcome);
-    Ok(())
+}
+
+fn lock_requests() -> MutexGuard<'static, BTreeMap<usize, Request>> {
+    REQUESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn not_pending() -> wps_status {
+    fail(
+        WPS_STATUS_ILLEGAL_STATE,
+        "`result` is not a pending credential request (its callback returned without \
+         deferring, it was answered, or the request was abandoned)",
+    )
+}
+
+/// The token lent to one credential request; it leaves the table when this drops
+/// (the request is over: answered, or abandoned by its connection attempt).
+struct Token(usize);
+
+impl Token {
+    fn open() -> Token {
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        lock_requests().insert(
+            token,
+            Request::Calling {
+                answer: None,
+                deferred: false,
+            },
+        );
+        Token(token)
+    }
+
+    fn as_ptr(&self) -> *mut wps_credential_result {
+        self.0 as *mut wps_credential_result
+    }
+
+    /// Once the callback returned: its answer, or the receiver of the deferred one.
+    fn after_callback(&self) -> Result<Outcome, oneshot::Receiver<Outcome>> {
+        let mut requests = lock_requests();
+        match requests.remove(&self.0) {
+            Some(Request::Calling {
+                answer: None,
+                deferred: true,
+            }) => {
+                let (tx, rx) = oneshot::channel();
+                requests.insert(self.0, Request::Waiting(tx));
+                Err(rx)
+            }
+            Some(Request::Calling {
+                answer: Some(answer),
+                ..
+            }) => Ok(answer),
+            _ => Ok(Err("the credential callback set no result".to_owned())),
+        }
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        lock_requests().remove(&self.0);
+    }
+}
+
+/// Answers the request `r` names.
+fn set(r: *mut wps_credential_result, outcome: Outcome) -> FfiResult {
+    let mut requests = requests(r)?;
+    let token = r as usize;
+    match requests.remove(&token) {
+        Some(Request::Calling {
+            answer: None,
+            deferred,
+        }) => {
+            let answer = Some(outcome);
+            requests.insert(token, Request::Calling { answer, deferred });
+            Ok(())
+        }
+        Some(answered @ Request::Calling { .. }) => {
+            requests.insert(token, answered);
+            Err(fail(
+                WPS_STATUS_ILLEGAL_STATE,
+                "the credential result is already set",
+            ))
+        }
+        Some(Request::Waiting(tx)) => tx.send(outcome).map_err(|_| not_pending()),
+        None => Err(not_pending()),
+    }
 }
 
 /// Answers a credential request with the client URL to connect to (copied).
@@ -117,10 +189,55 @@ pub unsafe extern "C" fn wps_credential_result_set_error(
     })
 }
 
+/// Defers the answer to a credential request; called inside its callback. The callback
+/// then returns, and the connection attempt waits, with no thread blocked and within
+/// its start timeout, for `wps_credential_result_set_url` or `_set_error` on `r`, called
+/// from any thread (an answer given before the callback returns is taken as usual). `r`
+/// stays valid until answered or until the request is abandoned (the client stopped or
+/// freed, or the attempt timed out): a late answer is then refused with
+/// `WPS_STATUS_ILLEGAL_STATE`. A pending request counts as a use of the credential's
+/// user data, so its finalizer runs after the answer or the abandonment: code answering
+/// later must not use that user data once `wps_client_free` has returned. An answer is
+/// not a callback: `wps_callbacks_disable` does not stop it. In a fork() child, the
+/// parent's requests are refused with `WPS_STATUS_FORKED`. `WPS_STATUS_ILLEGAL_STATE`
+/// once the callback has returned, or when `r` is already answered or deferred.
+#[no_mangle]
+pub extern "C" fn wps_credential_result_defer(r: *mut wps_credential_result) -> wps_status {
+    guard(|| {
+        let mut requests = requests(r)?;
+        match requests.get_mut(&(r as usize)) {
+            Some(Request::Calling {
+                answer: None,
+                deferred,
+            }) if !*deferred => {
+                *deferred = true;
+                Ok(())
+            }
+            Some(Request::Calling { answer: None, .. }) => Err(fail(
+                WPS_STATUS_ILLEGAL_STATE,
+                "the credential result is already deferred",
+            )),
+            Some(Request::Calling { .. }) => Err(fail(
+                WPS_STATUS_ILLEGAL_STATE,
+                "the credential result is already set",
+            )),
+            Some(Request::Waiting(_)) | None => Err(fail(
+                WPS_STATUS_ILLEGAL_STATE,
+                "`result` is not the result of a running credential callback (a deferral is \
+                 only possible before the callback returns)",
+            )),
+        }
+    })
+}
+
 #[derive(Default)]
 struct State {
     closed: bool,
+    /// Requests whose callback runs, or whose deferred answer is awaited.
     in_flight: usize,
+    /// The finalizer was taken (it runs once).
+    finalizing: bool,
+    /// The finalizer has run.
     finalized: bool,
 }
 
@@ -131,6 +248,37 @@ pub(crate) struct CredentialSink {
     user_data_free: wps_user_data_free_cb,
     state: Mutex<State>,
     done: Condvar,
+}
+
+/// One request's use of a sink, from its callback to its answer or abandonment; the
+/// finalizer of a closed sink runs once the last use ends.
+struct Use(Arc<CredentialSink>);
+
+impl Drop for Use {
+    fn drop(&mut self) {
+        let finalize = {
+            let mut st = self.0.lock();
+            st.in_flight -= 1;
+            self.0.take_finalizer(&mut st)
+        };
+        if !finalize {
+            return;
+        }
+        let sink = Arc::clone(&self.0);
+        // A deferred request ends on a runtime thread (its connection attempt is dropped
+        // there); a finalizer may block, and must never run on an I/O thread.
+        drop(crate::runtime::handle().spawn_blocking(move || sink.finalize()));
+    }
+}
+
+/// What a credential callback left: its answer, or the deferred answer to await.
+enum Answer {
+    Now(Outcome),
+    Later {
+        rx: oneshot::Receiver<Outcome>,
+        _token: Token,
+        _use: Use,
+    },
 }
 
 impl CredentialSink {
@@ -148,54 +296,59 @@ impl CredentialSink {
         }
     }
 
-    /// The core credential that calls this sink on a blocking-pool thread.
+    /// The core credential that calls this sink on a blocking-pool thread, then awaits
+    /// a deferred answer without a thread.
     pub(crate) fn credential(self: &Arc<Self>) -> Credential {
         let sink = Arc::clone(self);
         Credential::Provider(Arc::new(move || {
             let sink = Arc::clone(&sink);
             Box::pin(async move {
-                tokio::task::spawn_blocking(move || sink.call())
-                    .await
-                    .unwrap_or_else(|e| Err(format!("credential callback failed: {e}")))
+                match tokio::task::spawn_blocking(move || sink.call()).await {
+                    Ok(Answer::Now(outcome)) => outcome,
+                    Ok(Answer::Later { rx, _token, _use }) => rx
+                        .await
+                        .unwrap_or_else(|_| Err("the credential request was abandoned".to_owned())),
+                    Err(e) => Err(format!("credential callback failed: {e}")),
+                }
             })
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn call(&self) -> Result<String, String> {
+    fn call(self: Arc<Self>) -> Answer {
         {
             let mut st = self.lock();
             if st.closed {
-                return Err("the client was freed".to_owned());
+                return Answer::Now(Err("the client was freed".to_owned()));
             }
             st.in_flight += 1;
         }
-        let slot = Slot::open();
-        let outcome = match InCallback::enter() {
-            Some(_inside) => {
-                // SAFETY: the callback and its user data were registered together.
-                unsafe { (self.cb)(self.user_data.0, slot.token()) };
-                slot.take()
-            }
-            None => Some(Err("callbacks are disabled".to_owned())),
+        let cb = self.cb;
+        let user_data = self.user_data.0;
+        let request = Use(self);
+        let token = Token::open();
+        let Some(inside) = InCallback::enter() else {
+            return Answer::Now(Err("callbacks are disabled".to_owned()));
         };
-        let finalize = {
-            let mut st = self.lock();
-            st.in_flight -= 1;
-            self.take_finalizer(&mut st)
-        };
-        if finalize {
-            self.finalize();
+        // SAFETY: the callback and its user data were registered together.
+        unsafe { cb(user_data, token.as_ptr()) };
+        drop(inside);
+        match token.after_callback() {
+            Ok(outcome) => Answer::Now(outcome),
+            Err(rx) => Answer::Later {
+                rx,
+                _token: token,
+                _use: request,
+            },
         }
-        outcome.unwrap_or_else(|| Err("the credential callback set no result".to_owned()))
     }
 
     fn take_finalizer(&self, st: &mut State) -> bool {
-        if st.closed && st.in_flight == 0 && !st.finalized {
-            st.finalized = true;
+        if st.closed && st.in_flight == 0 && !st.finalizing {
+            st.finalizing = true;
             return true;
         }
         false
@@ -203,14 +356,16 @@ impl CredentialSink {
 
     fn finalize(&self) {
         if let (Some(free), Some(_inside)) = (self.user_data_free, InCallback::enter()) {
-            // SAFETY: `take_finalizer` lets this happen once, after the last call.
+            // SAFETY: `take_finalizer` lets this happen once, after the last use.
             unsafe { free(self.user_data.0) };
         }
+        self.lock().finalized = true;
         self.done.notify_all();
     }
 
-    /// No more calls after this; the finalizer runs once the running call (if any)
-    /// returns. With `wait` (never from inside a callback), returns after it ran.
+    /// No more calls after this; the finalizer runs once the running call and the
+    /// deferred requests (if any) are over. With `wait` (never from inside a callback),
+    /// returns after it ran.
     pub(crate) fn close(&self, wait: bool) {
         let finalize = {
             let mut st = self.lock();

@@ -1149,6 +1149,152 @@ static wps_client *client_with_held_send(recorder **r, completion *held) {
     return NULL;
 }
 
+/* A credential callback that defers its answer: the token is answered later, from another
+ * thread, or never. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    wps_credential_result *token; /* the last request's, until taken */
+    int calls, freed;
+    wps_status deferred, again;
+} deferring_cred;
+
+static void on_credential_deferring(void *user_data, wps_credential_result *result) {
+    deferring_cred *d = user_data;
+    wps_status deferred = wps_credential_result_defer(result);
+    wps_status again = wps_credential_result_defer(result); /* a second deferral is refused */
+    pthread_mutex_lock(&d->mu);
+    d->calls++;
+    d->deferred = deferred;
+    d->again = again;
+    d->token = result;
+    pthread_cond_broadcast(&d->cv);
+    pthread_mutex_unlock(&d->mu);
+}
+
+static void on_deferring_free(void *user_data) {
+    deferring_cred *d = user_data;
+    pthread_mutex_lock(&d->mu);
+    d->freed++;
+    pthread_mutex_unlock(&d->mu);
+}
+
+/* The next deferred request's token (NULL after WAIT_MS). */
+static wps_credential_result *take_token(deferring_cred *d) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += WAIT_MS / 1000;
+    pthread_mutex_lock(&d->mu);
+    while (d->token == NULL && pthread_cond_timedwait(&d->cv, &d->mu, &until) == 0) {
+    }
+    wps_credential_result *token = d->token;
+    d->token = NULL;
+    pthread_mutex_unlock(&d->mu);
+    return token;
+}
+
+static int deferring_freed(deferring_cred *d) {
+    pthread_mutex_lock(&d->mu);
+    int freed = d->freed;
+    pthread_mutex_unlock(&d->mu);
+    return freed;
+}
+
+/* A wps_client_start on a thread of its own. */
+typedef struct {
+    wps_client *client;
+    pthread_t thread;
+    wps_status status;
+    char error[256];
+} starter;
+
+static void *run_start(void *arg) {
+    starter *s = arg;
+    s->status = wps_client_start(s->client);
+    snprintf(s->error, sizeof s->error, "%s", wps_last_error_message());
+    return NULL;
+}
+
+/* An answer given from a thread of its own: the URL, or else the error; then a second one. */
+typedef struct {
+    wps_credential_result *token;
+    const char *url, *error;
+    wps_status first, second;
+} answerer;
+
+static void *run_answer(void *arg) {
+    answerer *a = arg;
+    a->first = a->url ? wps_credential_result_set_url(a->token, a->url)
+                      : wps_credential_result_set_error(a->token, a->error);
+    a->second = wps_credential_result_set_url(a->token, "ws://127.0.0.1:1/client/hubs/x");
+    return NULL;
+}
+
+static bool answer_from_another_thread(answerer *a) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, run_answer, a) != 0) return false;
+    return pthread_join(t, NULL) == 0;
+}
+
+static bool test_credential_deferred(void) {
+    deferring_cred d = {.token = NULL};
+    pthread_mutex_init(&d.mu, NULL);
+    pthread_cond_init(&d.cv, NULL);
+    wps_client *c = NULL;
+    CHECK_OK(wps_client_new_with_credential(on_credential_deferring, &d, on_deferring_free, NULL, NULL, NULL, NULL, &c));
+    starter st = {.client = c};
+
+    /* answered later from another thread: connects; a second answer is refused */
+    CHECK(pthread_create(&st.thread, NULL, run_start, &st) == 0);
+    wps_credential_result *token = take_token(&d);
+    CHECK(token != NULL && d.deferred == WPS_STATUS_OK && d.again == WPS_STATUS_ILLEGAL_STATE);
+    char *url = emulator_client_url(&EMU, HUB, "dave", ALL_ROLES);
+    answerer a = {.token = token, .url = url};
+    CHECK(answer_from_another_thread(&a));
+    free(url);
+    CHECK(a.first == WPS_STATUS_OK && a.second == WPS_STATUS_ILLEGAL_STATE);
+    pthread_join(st.thread, NULL);
+    CHECK(st.status == WPS_STATUS_OK);
+    CHECK(wps_client_state(c) == WPS_STATE_CONNECTED);
+    CHECK_STATUS(wps_credential_result_defer(token), WPS_STATUS_ILLEGAL_STATE); /* outside its callback */
+    CHECK_OK(wps_client_stop(c));
+
+    /* answered with an error */
+    CHECK(pthread_create(&st.thread, NULL, run_start, &st) == 0);
+    token = take_token(&d);
+    CHECK(token != NULL);
+    a = (answerer){.token = token, .error = "denied later"};
+    CHECK(answer_from_another_thread(&a));
+    CHECK(a.first == WPS_STATUS_OK && a.second == WPS_STATUS_ILLEGAL_STATE);
+    pthread_join(st.thread, NULL);
+    CHECK(st.status == WPS_STATUS_CREDENTIAL_FAILED && strstr(st.error, "denied later") != NULL);
+
+    /* never answered: a stop ends the wait, the token is refused after */
+    CHECK(pthread_create(&st.thread, NULL, run_start, &st) == 0);
+    token = take_token(&d);
+    CHECK(token != NULL);
+    CHECK_OK(wps_client_stop(c));
+    pthread_join(st.thread, NULL);
+    CHECK(st.status == WPS_STATUS_STOPPED);
+    CHECK_STATUS(wps_credential_result_set_url(token, "ws://127.0.0.1:1/client/hubs/x"), WPS_STATUS_ILLEGAL_STATE);
+    CHECK(deferring_freed(&d) == 0);
+
+    /* never answered, then freed: no hang, the finalizer runs once, the token is refused */
+    CHECK(pthread_create(&st.thread, NULL, run_start, &st) == 0);
+    token = take_token(&d);
+    CHECK(token != NULL);
+    wps_client_free(c);
+    pthread_join(st.thread, NULL);
+    CHECK(st.status == WPS_STATUS_STOPPED);
+    CHECK(deferring_freed(&d) == 1);
+    CHECK_STATUS(wps_credential_result_set_error(token, "late"), WPS_STATUS_ILLEGAL_STATE);
+    usleep(50000);
+    CHECK(deferring_freed(&d) == 1 && d.calls == 4);
+    pthread_cond_destroy(&d.cv);
+    pthread_mutex_destroy(&d.mu);
+    return true;
+}
+
 /* A send the service took in but never acked, ended by wps_client_stop or by
  * wps_client_free: STOPPED with its ackId, so that the caller can send it again with
  * the same one. */
@@ -1897,6 +2043,7 @@ int main(int argc, char **argv) {
     run("free with pending operations", test_free_with_pending);
     run("a finalizer calling into its client, freeing it again", test_finalizer_reenters_its_client);
     run("credential errors", test_credential_errors);
+    run("credential answered later", test_credential_deferred);
     run("stop and free report the ackIds of pending sends", test_stop_reports_ack_ids);
     run("reconnection", test_reconnection);
     run("dispatcher threads and order", test_threads_and_order);

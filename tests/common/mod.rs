@@ -226,6 +226,59 @@ pub fn check(status: u32, what: &str) {
     }
 }
 
+/// This thread's last error message of the library (C ABI tests).
+pub fn last_error() -> String {
+    let message = unsafe {
+        std::ffi::CStr::from_ptr(webpubsub_client::ffi::status::wps_last_error_message())
+    };
+    message.to_string_lossy().into_owned()
+}
+
+/// An emulator on a runtime of its own, with a client URL of user `u` (C ABI tests).
+pub fn ffi_emulator() -> (
+    tokio::runtime::Runtime,
+    webpubsub_emulator::Emulator,
+    std::ffi::CString,
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt
+        .block_on(webpubsub_emulator::Emulator::start(
+            webpubsub_emulator::Config::default(),
+        ))
+        .unwrap();
+    let url = std::ffi::CString::new(emulator.client_url("hub", &user_token("u"))).unwrap();
+    (rt, emulator, url)
+}
+
+/// A new C client without event callback whose URL comes from `cred`, with `opts`
+/// (NULL: the defaults) and the credential's finalizer `cred_free` (not started);
+/// panics on failure.
+pub fn ffi_credential_client(
+    cred: unsafe extern "C" fn(
+        *mut std::ffi::c_void,
+        *mut webpubsub_client::ffi::credential::wps_credential_result,
+    ),
+    user_data: *mut std::ffi::c_void,
+    cred_free: webpubsub_client::ffi::callbacks::wps_user_data_free_cb,
+    opts: *const webpubsub_client::ffi::options::wps_options,
+) -> *mut webpubsub_client::ffi::client::wps_client {
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        webpubsub_client::ffi::client::wps_client_new_with_credential(
+            Some(cred),
+            user_data,
+            cred_free,
+            opts,
+            None,
+            std::ptr::null_mut(),
+            None,
+            &mut c,
+        )
+    };
+    check(status, "wps_client_new_with_credential");
+    c
+}
+
 /// A new C client of `url` with default options (not started); panics on failure.
 pub fn ffi_client(
     url: &std::ffi::CStr,
