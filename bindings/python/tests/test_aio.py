@@ -407,6 +407,47 @@ async def test_async_credential_error_fails_open(hub: Hub) -> None:
     assert client.state is WebPubSubClientState.STOPPED
 
 
+async def test_the_async_credential_runs_on_the_loop_and_is_cancelled_after_the_start_timeout(hub: Hub) -> None:
+    """The provider runs in a task on the client's loop, and the library's thread neither
+    runs nor waits for it: the request is answered from the task's done callback. One
+    still running once its connection attempt gave up (``start_timeout``) is cancelled."""
+    threads: List[int] = []
+    cancelled = asyncio.Event()
+    slow = [True]
+
+    async def provide() -> str:
+        threads.append(threading.get_ident())
+        if slow[0]:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return hub.url()
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=0.5, reconnect_retry_total=0)
+    with pytest.raises(OpenClientError):
+        await client.open()
+    await asyncio.wait_for(cancelled.wait(), WAIT)
+    slow[0] = False
+    async with client:
+        assert client.is_connected()
+    assert threads == [threading.get_ident()] * 2
+
+
+async def test_a_wrong_async_credential_answer_fails_open(hub: Hub) -> None:
+    async def not_a_str() -> Any:
+        return 42
+
+    async def with_nul() -> str:
+        return hub.url() + "\0"
+
+    for provide, text in ((not_a_str, "str URL"), (with_nul, "NUL")):
+        client = make(WebPubSubClientCredential(provide), reconnect_retry_total=0)
+        with pytest.raises(OpenClientError, match=text):
+            await client.open()
+
+
 async def test_recovery_after_drop_async(hub: Hub) -> None:
     got = AsyncCollector()
     total = 30

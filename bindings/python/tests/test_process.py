@@ -235,6 +235,36 @@ def test_exit_while_a_listener_keeps_running_exits_cleanly(hub: Hub, keep_busy: 
     assert time.monotonic() - started < 10
 
 
+def test_exit_while_a_credential_provider_keeps_running_exits_cleanly() -> None:
+    """The interpreter exits while the URL provider of a sync client, opening on a daemon
+    thread, keeps running, taking the interpreter lock again and again: the process exits
+    at once with the script's own code. Before, the provider ran inside the library's
+    credential callback, on a library thread: the exit hook waited 2 s for it, and once
+    Python finalized, the provider's next take of the lock ended its thread with
+    ``pthread_exit`` inside the library, which aborted the process (SIGABRT)."""
+    code = """
+        import sys, threading, time
+        from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
+        entered = threading.Event()
+
+        def provide():
+            entered.set()
+            while True:
+                time.sleep(0.001)
+
+        client = WebPubSubClient(WebPubSubClientCredential(provide), start_timeout=60.0)
+        threading.Thread(target=client.open, daemon=True).start()
+        print(entered.wait(10), flush=True)
+        sys.exit(3)
+    """
+    started = time.monotonic()
+    result = run_python(code, {}, timeout=20)
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["True"]
+    assert "still ran" not in result.stderr, result.stderr[-2000:]  # no provider inside the library
+    assert time.monotonic() - started < 10
+
+
 @pytest.mark.parametrize(
     "event",
     ["connected", "big-message"],

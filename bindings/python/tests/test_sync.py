@@ -919,6 +919,51 @@ def test_credential_errors_fail_open(hub: Hub) -> None:
     with pytest.raises(OpenClientError):
         wrong_type.open()
 
+    with_nul = make(WebPubSubClientCredential(lambda: hub.url() + "\0"), reconnect_retry_total=0)
+    with pytest.raises(OpenClientError, match="NUL"):
+        with_nul.open()
+
+
+def test_the_credential_provider_runs_on_a_daemon_thread_of_the_package(hub: Hub) -> None:
+    """Not on a library thread, where Python would end it inside the library at exit
+    (see test_process); the library's thread only defers the answer and returns."""
+    threads: List[threading.Thread] = []
+
+    def provide() -> str:
+        threads.append(threading.current_thread())
+        return hub.url()
+
+    with make(WebPubSubClientCredential(provide)) as client:
+        assert client.is_connected()
+    (thread,) = threads
+    assert thread.name == "webpubsub-credential" and thread.daemon
+    assert not isinstance(thread, threading._DummyThread)  # pylint: disable=protected-access
+
+
+def test_a_provider_slower_than_the_start_timeout_fails_open_and_its_late_answer_is_ignored(hub: Hub) -> None:
+    release = threading.Event()
+    answered = threading.Event()
+    slow = [True]
+
+    def provide() -> str:
+        if slow[0]:
+            release.wait(WAIT)
+            answered.set()
+        return hub.url()
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=0.5, reconnect_retry_total=0)
+    started = time.monotonic()
+    with pytest.raises(OpenClientError):
+        client.open()
+    assert time.monotonic() - started < WAIT / 2
+    assert client.state is WebPubSubClientState.STOPPED
+    release.set()
+    assert answered.wait(WAIT)
+    slow[0] = False
+    client.open()  # the abandoned request's answer reached nothing
+    assert client.is_connected()
+    client.close()
+
 
 # ---- concurrency and lifetime --------------------------------------------------------------------
 

@@ -746,11 +746,16 @@ def free_client(handle: int) -> None:
 
 
 def new_native_client(
-    url_or_provider: Union[str, Callable[[], str]],
+    url_or_provider: Union[str, Callable[[int], None]],
     options: Options,
     sink: Any,
 ) -> int:
     """Create a native client whose events go to ``sink.on_native_event``; returns its handle.
+
+    Its URL is ``url_or_provider``, or comes from it: called with the token of each
+    credential request, whose answer the credential callback has deferred, it starts
+    the application's provider elsewhere and returns at once; the provider's outcome
+    answers the token (:func:`._callbacks.answer_credential`).
 
     It is in poll dispatch mode: its callbacks run only in a dispatch of the client
     (``wps_client_dispatch_into``), on the thread that calls it, never on a library thread.

@@ -136,23 +136,43 @@ def _on_free(key: Optional[int]) -> None:
 
 
 def _on_credential(key: Optional[int], result: Optional[int]) -> None:
+    # On a library thread, where no application code may run (see `quiesce_native`): the
+    # answer is deferred, and the client's request handler only starts the provider
+    # elsewhere (a daemon thread of the sync client, the asyncio client's loop), which
+    # answers from there with `answer_credential`.
     try:
-        provider: Optional[Callable[[], str]] = REGISTRY.get(key)
-        if provider is None:
+        request: Optional[Callable[[int], None]] = REGISTRY.get(key)
+        if request is None:
             raise RuntimeError("the credential provider was released")
-        url = provider()
-        if not isinstance(url, str):
-            raise TypeError(f"the credential must return a str URL, got {type(url).__name__}")
-        if "\0" in url:
-            raise ValueError("the URL returned by the credential contains a NUL character")
-        lib.wps_credential_result_set_url(result, url.encode("utf-8"))
-    except BaseException as exc:  # noqa: BLE001
-        _LOGGER.warning("webpubsub_client: the credential failed: %r", exc)
-        message = (f"{type(exc).__name__}: {exc}").replace("\0", " ")
+        if lib.wps_credential_result_defer(result) != _native.STATUS_OK:
+            raise RuntimeError(f"cannot defer the credential: {_native.last_error_message()}")
+        request(cast(int, result))
+    except BaseException as exc:  # noqa: BLE001 - nothing may propagate into C
         try:
-            lib.wps_credential_result_set_error(result, message.encode("utf-8", errors="replace"))
+            answer_credential(result, None, exc)
         except BaseException:  # noqa: BLE001
             _LOGGER.exception("webpubsub_client: cannot report the credential error")
+
+
+def answer_credential(result: Optional[int], url: Any, error: Optional[BaseException] = None) -> None:
+    """Answer the credential request ``result`` with ``url``, a str without NUL (anything
+    else is an error), or with ``error``. A request no longer pending (its connection
+    attempt timed out, or the client stopped) refuses the answer: logged at debug level."""
+    if error is None:
+        try:
+            if not isinstance(url, str):
+                raise TypeError(f"the credential must return a str URL, got {type(url).__name__}")
+            if "\0" in url:
+                raise ValueError("the URL returned by the credential contains a NUL character")
+            status = lib.wps_credential_result_set_url(result, url.encode("utf-8"))
+        except Exception as exc:  # noqa: BLE001 - reported as the credential's error
+            error = exc
+    if error is not None:
+        _LOGGER.warning("webpubsub_client: the credential failed: %r", error)
+        message = (f"{type(error).__name__}: {error}").replace("\0", " ")
+        status = lib.wps_credential_result_set_error(result, message.encode("utf-8", errors="replace"))
+    if status != _native.STATUS_OK:
+        _LOGGER.debug("webpubsub_client: the credential's answer came too late: %s", _native.last_error_message())
 
 
 def _on_completion(key: Optional[int], completion: Any) -> None:
@@ -234,13 +254,16 @@ _QUIESCE_MS = 2000
 
 def quiesce_native() -> None:
     """At interpreter exit, before Python tears down: the library's logs stop, then every
-    callback of the library for good, once the running ones have returned. A thread that
-    entered Python from inside the library during its finalization would be stopped
-    there (Python ends such threads with ``pthread_exit``), which aborts the process.
-    The listeners are not such callbacks: they run once the library's dispatch has
-    returned (the sync client's, see :mod:`._dispatcher`; the asyncio client's, on its
-    loop, see ``_Poller.dispatch``), so one still running at exit is ended as any daemon
-    thread is, and is not waited for here."""
+    callback of the library for good, once the running ones have returned (waited for up
+    to ``_QUIESCE_MS``). A thread that entered Python from inside the library during its
+    finalization would be stopped there (Python ends such threads with ``pthread_exit``),
+    which aborts the process. No application code runs in such a callback, so none is
+    waited for here: the listeners run once the library's dispatch has returned (the sync
+    client's, see :mod:`._dispatcher`; the asyncio client's, on its loop, see
+    ``_Poller.dispatch``), and a credential provider runs after the credential callback
+    has deferred its answer and returned (the sync client's on a daemon thread of its
+    own, the asyncio client's on its loop), answering from there. One still running at
+    exit is ended as any daemon thread is (a pending request is abandoned)."""
     global _log_level  # noqa: PLW0603
     with _log_lock:
         lib.wps_set_log_callback(_native.LOG_CB(), None, 0)

@@ -35,8 +35,9 @@ _LOGGER = logging.getLogger("webpubsub_client")
 class WebPubSubClientCredential:
     """Where the client gets its URL: a fixed client access URL, or a callable returning one.
 
-    A callable is called (on a library thread) before every *new* connection, so
-    short-lived tokens are refreshed; a recovery of the same connection reuses the URL.
+    A callable is called (on a daemon thread of the package) before every *new*
+    connection, so short-lived tokens are refreshed; a recovery of the same connection
+    reuses the URL.
 
     :param client_access_url_provider: ``wss://.../client/hubs/{hub}?access_token=...``, or a
         callable taking no argument that returns such a URL.
@@ -61,20 +62,29 @@ class WebPubSubClientCredential:
 
 
 class _Provider:
-    """The application's URL provider as the library calls it, keeping what it raised:
-    :meth:`WebPubSubClient.open` raises that exception itself, as the official ``open()``
-    (which calls the provider on the caller's thread) does. Holds no reference to the client."""
+    """The application's URL provider as the library asks it: each request runs it on a
+    daemon thread of its own, never on the library's thread (see
+    :func:`._callbacks.quiesce_native`), which answers the request from there. Keeps what
+    it raised: :meth:`WebPubSubClient.open` raises that exception itself, as the official
+    ``open()`` (which calls the provider on the caller's thread) does. Holds no reference
+    to the client."""
 
     def __init__(self, provider: Callable[[], str]) -> None:
         self.provider = provider
         self.error: Optional[Exception] = None
 
-    def __call__(self) -> str:
+    def __call__(self, result: int) -> None:
+        threading.Thread(target=self._answer, args=(result,), name="webpubsub-credential", daemon=True).start()
+
+    def _answer(self, result: int) -> None:
         try:
-            return self.provider()
-        except Exception as exc:
-            self.error = exc
-            raise
+            url = self.provider()
+        except BaseException as exc:  # noqa: BLE001 - answered; this thread has no caller
+            if isinstance(exc, Exception):
+                self.error = exc
+            _callbacks.answer_credential(result, None, exc)
+            return
+        _callbacks.answer_credential(result, url)
 
 
 class _SyncSink:
@@ -236,7 +246,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         self._provider: Optional[_Provider] = None
         if isinstance(credential, WebPubSubClientCredential):
             self._provider = _Provider(credential.get_client_access_url)
-            source: Union[str, Callable[[], str]] = self._provider
+            source: Union[str, Callable[[int], None]] = self._provider
         elif isinstance(credential, str):
             source = credential
         else:

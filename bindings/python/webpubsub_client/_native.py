@@ -259,6 +259,7 @@ _SIGNATURES = {
     # credential
     "wps_credential_result_set_url": (_status, [_handle, c_char_p]),
     "wps_credential_result_set_error": (_status, [_handle, c_char_p]),
+    "wps_credential_result_defer": (_status, [_handle]),
     # client
     "wps_client_new": (
         _status,

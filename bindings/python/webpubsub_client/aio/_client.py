@@ -339,22 +339,40 @@ class _AsyncSink:
             task.cancel()
         await asyncio.wait(still, timeout=self.LISTENER_GRACE)  # bounded: a task may ignore its cancellation
 
-    def credential_provider(self, credential: WebPubSubClientCredential, timeout: float) -> Callable[[], str]:
-        """A blocking provider for the library thread that awaits ``credential`` on the loop."""
+    def credential_request(self, credential: WebPubSubClientCredential, timeout: float) -> Callable[[int], None]:
+        """The handler of the client's credential requests. Called on a library thread
+        with the token of a request whose answer is deferred, it only schedules
+        ``credential`` on the loop, where a done callback answers the request: no library
+        thread runs or waits for the provider. After ``timeout`` the provider's task is
+        cancelled (its connection attempt has given up by then)."""
 
-        def provide() -> str:
+        def request(result: int) -> None:
             loop = self.loop
             if loop is None or loop.is_closed():
                 raise RuntimeError("the client's event loop is not running")
-            future = asyncio.run_coroutine_threadsafe(credential.get_client_access_url(), loop)
-            try:
-                return future.result(timeout)
-            except Exception as exc:
-                if future.done() and not future.cancelled() and future.exception() is exc:
-                    self.credential_error = exc  # the provider's own: open() raises it
-                raise
+            loop.call_soon_threadsafe(self._provide, loop, credential, result, timeout)
 
-        return provide
+        return request
+
+    def _provide(
+        self, loop: asyncio.AbstractEventLoop, credential: WebPubSubClientCredential, result: int, timeout: float
+    ) -> None:
+        task = loop.create_task(credential.get_client_access_url())
+        timer = loop.call_later(timeout, task.cancel)
+        task.add_done_callback(functools.partial(self._answer_credential, result, timer))
+
+    def _answer_credential(self, result: int, timer: asyncio.TimerHandle, task: "asyncio.Task[str]") -> None:
+        timer.cancel()
+        if task.cancelled():
+            _callbacks.answer_credential(result, None, RuntimeError("the credential provider was cancelled"))
+            return
+        error = task.exception()
+        if error is None:
+            _callbacks.answer_credential(result, task.result())
+            return
+        if isinstance(error, Exception):
+            self.credential_error = error  # the provider's own: open() raises it
+        _callbacks.answer_credential(result, None, error)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
@@ -731,12 +749,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         )
         self._listeners = _base.Listeners()
         self._sink = _AsyncSink(self._listeners)
-        source: Union[str, Callable[[], str]]
+        source: Union[str, Callable[[int], None]]
         if isinstance(credential, str):
             _base.check_url(credential, "credential")
             source = credential
         else:
-            source = self._sink.credential_provider(credential, max(start_timeout, 1.0))
+            source = self._sink.credential_request(credential, max(start_timeout, 1.0))
         self._handle = _base.new_native_client(source, options, self._sink)
         self._sink.listeners.handle = self._handle
         self._poller = _Poller(self._handle, self._sink)
