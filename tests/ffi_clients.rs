@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::check;
+use common::{check, ffi_credential_client};
 
+use std::cell::UnsafeCell;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Mutex;
@@ -283,6 +284,77 @@ fn a_client_freed_in_its_credential_callback_finalizes_its_user_data_after_it() 
     assert!(
         after,
         "ran before the credential callback that freed the client returned"
+    );
+    rt.block_on(emulator.shutdown());
+}
+
+/// A credential callback that runs until released, whose finalizer writes with no
+/// synchronization of its own, as a C program may.
+struct HeldCredential {
+    url: CString,
+    entered: AtomicBool,
+    release: AtomicBool,
+    finalized: UnsafeCell<bool>,
+}
+
+unsafe extern "C" fn held_credential(user_data: *mut c_void, result: *mut wps_credential_result) {
+    let s = &*(user_data as *const HeldCredential);
+    s.entered.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.release.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wps_credential_result_set_url(result, s.url.as_ptr());
+}
+
+unsafe extern "C" fn held_credential_finalizer(user_data: *mut c_void) {
+    let s = &*(user_data as *const HeldCredential);
+    *s.finalized.get() = true;
+}
+
+/// A free while the credential callback runs on another thread returns once that
+/// callback has returned and the credential's finalizer has run after it (the read
+/// below is ordered after the finalizer's write; scripts/tsan.sh checks that too).
+#[test]
+fn a_client_freed_during_its_credential_callback_returns_after_the_finalizer_ran() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let state = HeldCredential {
+        url: CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap(),
+        entered: AtomicBool::new(false),
+        release: AtomicBool::new(false),
+        finalized: UnsafeCell::new(false),
+    };
+    let user_data = &state as *const HeldCredential as *mut c_void;
+    let c = ffi_credential_client(
+        held_credential,
+        user_data,
+        Some(held_credential_finalizer),
+        std::ptr::null(),
+    );
+    let status =
+        unsafe { wps_client_start_async(c, None, std::ptr::null_mut(), std::ptr::null_mut()) };
+    check(status, "wps_client_start_async");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !state.entered.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the credential callback never ran"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let release = &state.release;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            release.store(true, Ordering::SeqCst);
+        });
+        unsafe { wps_client_free(c) };
+    });
+    // SAFETY: the finalizer ran before `wps_client_free` returned.
+    assert!(
+        unsafe { *state.finalized.get() },
+        "free returned before the credential finalizer ran"
     );
     rt.block_on(emulator.shutdown());
 }
