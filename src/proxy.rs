@@ -242,8 +242,8 @@ fn is_loopback(host: &str) -> bool {
 /// Whether a `no_proxy` list (comma-separated: `*`; host names, with or without a
 /// leading dot, each covering itself and its subdomains, as for curl and Python's
 /// requests; IP addresses, IPv6 ones with or without brackets; and CIDR blocks) covers
-/// `host`. An entry with a port (`host:8443`, `[v6]:8443`) covers that port only, as
-/// for Python's urllib and Go.
+/// `host`. An entry with a port (`host:8443`, `[v6]:8443`) covers that port only (the
+/// URL's, or the scheme's default), as for Go.
 fn bypasses(list: &str, host: &str, port: u16) -> bool {
     let ip = host.parse::<IpAddr>().ok();
     list.split(',').map(str::trim).any(|entry| {

@@ -226,6 +226,7 @@ impl Hub {
         self.connections.insert(conn.id.clone(), conn.clone());
         if let Some(user) = &conn.user_id {
             add_member(&self.users, user, conn);
+            self.unless_closed(&self.users, user, conn);
             let persisted: Vec<String> = self
                 .user_groups
                 .get(user)
@@ -256,11 +257,20 @@ impl Hub {
             }
         }
         add_member(&self.groups, group, conn);
-        if conn.is_closed() {
-            // Removed meanwhile, maybe before it was added here: take it out again.
-            remove_member(&self.groups, group, &conn.id);
-        }
+        self.unless_closed(&self.groups, group, conn);
         true
+    }
+
+    /// A member just added to `map` whose connection was removed meanwhile, maybe
+    /// before the removal reached `map`: taken out again, and the hub forgotten if
+    /// nothing else in it lasts.
+    fn unless_closed(&self, map: &DashMap<String, Arc<Members>>, key: &str, conn: &Conn) {
+        if conn.is_closed() {
+            remove_member(map, key, &conn.id);
+            if let Some(server) = conn.server.upgrade() {
+                server.release_hub(self);
+            }
+        }
     }
 
     /// Removes a connection from a group (idempotent).
