@@ -448,6 +448,29 @@ async def test_a_wrong_async_credential_answer_fails_open(hub: Hub) -> None:
             await client.open()
 
 
+async def test_an_abandoned_async_providers_late_error_is_not_raised_by_the_next_open(hub: Hub) -> None:
+    """The provider of a request abandoned by its start timeout (its task lives on until
+    cancelled, at 1 s at the least) raises while the next open() waits on a request of
+    its own, which fails otherwise: that open() raises its own failure."""
+    go = asyncio.Event()
+    calls = [0]
+
+    async def provide() -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            await go.wait()
+            raise ValueError("stale")
+        go.set()
+        await asyncio.sleep(0.2)  # the stale request raises meanwhile
+        return 42
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=0.5, reconnect_retry_total=0)
+    with pytest.raises(OpenClientError):
+        await client.open()
+    with pytest.raises(OpenClientError, match="str URL"):
+        await client.open()
+
+
 async def test_recovery_after_drop_async(hub: Hub) -> None:
     got = AsyncCollector()
     total = 30

@@ -965,6 +965,30 @@ def test_a_provider_slower_than_the_start_timeout_fails_open_and_its_late_answer
     client.close()
 
 
+def test_an_abandoned_providers_late_error_is_not_raised_by_the_next_open(hub: Hub) -> None:
+    """The provider of a request abandoned by its start timeout raises while the next
+    open() waits on a request of its own, which fails otherwise: that open() raises its
+    own failure, not the stale exception."""
+    go = threading.Event()
+    calls = [0]
+
+    def provide() -> str:
+        calls[0] += 1
+        if calls[0] == 1:
+            go.wait(WAIT)
+            raise ValueError("stale")
+        go.set()
+        time.sleep(0.3)  # the stale request raises meanwhile
+        return 42  # type: ignore[return-value]
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=1.0, reconnect_retry_total=0)
+    with pytest.raises(OpenClientError):
+        client.open()
+    with pytest.raises(OpenClientError, match="str URL"):
+        client.open()
+    client.close()
+
+
 # ---- concurrency and lifetime --------------------------------------------------------------------
 
 

@@ -71,9 +71,15 @@ class _Provider:
 
     def __init__(self, provider: Callable[[], str]) -> None:
         self.provider = provider
+        # What the provider of the latest request raised, and that request's token: an
+        # abandoned request that raises later must not stand for the next one.
         self.error: Optional[Exception] = None
+        self._latest: Optional[int] = None
+        self._lock = threading.Lock()
 
     def __call__(self, result: int) -> None:
+        with self._lock:
+            self._latest, self.error = result, None
         threading.Thread(target=self._answer, args=(result,), name="webpubsub-credential", daemon=True).start()
 
     def _answer(self, result: int) -> None:
@@ -81,7 +87,9 @@ class _Provider:
             url = self.provider()
         except BaseException as exc:  # noqa: BLE001 - answered; this thread has no caller
             if isinstance(exc, Exception):
-                self.error = exc
+                with self._lock:
+                    if result == self._latest:
+                        self.error = exc
             _callbacks.answer_credential(result, None, exc)
             return
         _callbacks.answer_credential(result, url)

@@ -136,8 +136,10 @@ class _AsyncSink:
         # for the stop themselves; and the futures waking such a close() when one enters.
         self._closing: Dict["asyncio.Future[Any]", int] = {}
         self._close_wakers: List["asyncio.Future[None]"] = []
-        # What the credential's provider raised during an open() (which raises it).
+        # What the credential's provider raised during an open() (which raises it), for
+        # the latest request only: an abandoned one that raises later stands for nothing.
         self.credential_error: Optional[Exception] = None
+        self.latest_request: Optional[int] = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events and completions to ``loop`` (running on this thread) from now on."""
@@ -357,6 +359,7 @@ class _AsyncSink:
     def _provide(
         self, loop: asyncio.AbstractEventLoop, credential: WebPubSubClientCredential, result: int, timeout: float
     ) -> None:
+        self.credential_error, self.latest_request = None, result
         task = loop.create_task(credential.get_client_access_url())
         timer = loop.call_later(timeout, task.cancel)
         task.add_done_callback(functools.partial(self._answer_credential, result, timer))
@@ -370,7 +373,7 @@ class _AsyncSink:
         if error is None:
             _callbacks.answer_credential(result, task.result())
             return
-        if isinstance(error, Exception):
+        if isinstance(error, Exception) and result == self.latest_request:
             self.credential_error = error  # the provider's own: open() raises it
         _callbacks.answer_credential(result, None, error)
 
