@@ -31,6 +31,18 @@ def run_python(code: str, env: Dict[str, str], timeout: float = 30) -> subproces
     )
 
 
+def exits_at_once_with_3(code: str) -> None:
+    """Runs ``code``, which prints ``True`` once its scenario is set up and then calls
+    ``sys.exit(3)``: the process ends within 10 s with that code, and the exit hook
+    found no callback of the library still running (no application code inside it)."""
+    started = time.monotonic()
+    result = run_python(code, {}, timeout=20)
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["True"], result.stderr[-2000:]
+    assert "still ran" not in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - started < 10
+
+
 def test_missing_library_error_lists_every_path_tried(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "libwebpubsub_client.so"
     result = run_python("import webpubsub_client", {_native.ENV_VAR: str(missing)})
@@ -227,12 +239,7 @@ def test_exit_while_a_listener_keeps_running_exits_cleanly(hub: Hub, keep_busy: 
         print(entered.wait(10), flush=True)
         sys.exit(3)
     """
-    started = time.monotonic()
-    result = run_python(code, {}, timeout=20)
-    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
-    assert result.stdout.split() == ["True"]
-    assert "still ran" not in result.stderr, result.stderr[-2000:]  # no listener inside the library
-    assert time.monotonic() - started < 10
+    exits_at_once_with_3(code)
 
 
 def test_exit_while_a_credential_provider_keeps_running_exits_cleanly() -> None:
@@ -257,12 +264,7 @@ def test_exit_while_a_credential_provider_keeps_running_exits_cleanly() -> None:
         print(entered.wait(10), flush=True)
         sys.exit(3)
     """
-    started = time.monotonic()
-    result = run_python(code, {}, timeout=20)
-    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
-    assert result.stdout.split() == ["True"]
-    assert "still ran" not in result.stderr, result.stderr[-2000:]  # no provider inside the library
-    assert time.monotonic() - started < 10
+    exits_at_once_with_3(code)
 
 
 @pytest.mark.parametrize(
@@ -304,9 +306,4 @@ def test_exit_while_an_asyncio_listener_keeps_running_exits_cleanly(hub: Hub, ev
         print(entered.wait(10), flush=True)
         sys.exit(3)
     """
-    started = time.monotonic()
-    result = run_python(code, {}, timeout=20)
-    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
-    assert result.stdout.split() == ["True"], result.stderr[-2000:]
-    assert "still ran" not in result.stderr, result.stderr[-2000:]  # no listener inside the library
-    assert time.monotonic() - started < 10
+    exits_at_once_with_3(code)
