@@ -79,6 +79,11 @@ pub mod fuzzing {
             let mut conn = crate::client_ws::Detached::new(&self.server);
             frames.into_iter().take_while(|f| conn.frame(f)).count()
         }
+
+        /// Hubs in the server's table: none once every connection fed is gone.
+        pub fn hubs(&self) -> usize {
+            self.server.hubs.len()
+        }
     }
 
     #[cfg(test)]
@@ -98,6 +103,7 @@ pub mod fuzzing {
             ];
             assert_eq!(emulator.connection(frames), 4);
             assert_eq!(emulator.connection([r#"{"type":"ping"}"#]), 1);
+            assert_eq!(emulator.hubs(), 0);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The emulator's handling of client text frames: the input is split into lines, each
 //! one frame of the same connection (join, publish to itself, sequence acks, bad
-//! frames...), run through the real frame handler. Must never panic.
+//! frames...), run through the real frame handler. Must never panic, and the hub
+//! must be forgotten once the connection is gone.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    EMULATOR
-        .get_or_init(ClientFrames::default)
-        .connection(text.split('\n'));
+    let emulator = EMULATOR.get_or_init(ClientFrames::default);
+    emulator.connection(text.split('\n'));
+    assert_eq!(emulator.hubs(), 0, "a hub outlived its last connection");
 });
