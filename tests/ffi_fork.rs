@@ -3,14 +3,14 @@
 //! parent may have held (none of the parent's threads exist in the child to release it).
 #![cfg(unix)]
 
+mod common;
+
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use webpubsub_client::ffi::client::{
-    wps_client_free, wps_client_new_with_credential, wps_client_start,
-};
+use webpubsub_client::ffi::client::{wps_client_free, wps_client_start};
 use webpubsub_client::ffi::credential::{
     wps_credential_result, wps_credential_result_defer, wps_credential_result_set_error,
     wps_credential_result_set_url,
@@ -76,26 +76,19 @@ unsafe extern "C" fn defer_and_keep(_user_data: *mut c_void, result: *mut wps_cr
 
 #[test]
 fn a_child_answering_its_parents_deferred_credential_is_refused_without_the_lock() {
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new_with_credential(
-            Some(defer_and_keep),
-            std::ptr::null_mut(),
-            None,
-            std::ptr::null(),
-            None,
-            std::ptr::null_mut(),
-            None,
-            &mut c,
-        )
-    };
-    assert_eq!(status, WPS_STATUS_OK);
+    let c =
+        common::ffi_credential_client(defer_and_keep, std::ptr::null_mut(), None, std::ptr::null());
     let client = c as usize;
     let (started, start) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = started.send(unsafe { wps_client_start(client as *mut _) });
     });
+    let deadline = Instant::now() + Duration::from_secs(30);
     while PENDING.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the credential callback never ran"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     // A parent thread takes the table's lock over and over (a stray token is looked up).
