@@ -176,7 +176,7 @@ class _AsyncSink:
         converted = _base.event_args(event)
         if converted is None:
             return
-        pending: Optional[List[_Pending]] = getattr(_THREAD_BUFFERS, "pending", None)
+        pending = _pending()
         if pending is not None:  # the poller's dispatch: delivered once it has returned
             pending.append(converted)
         else:  # a library thread, once the client is freed
@@ -405,10 +405,16 @@ _THREAD_BUFFERS = threading.local()
 _Pending = Tuple[Optional[CallbackType], Tuple[Any, ...]]
 
 
+def _pending() -> Optional[List[_Pending]]:
+    """What the poller's dispatch running on this thread took so far; None outside one."""
+    pending: Optional[List[_Pending]] = getattr(_THREAD_BUFFERS, "pending", None)
+    return pending
+
+
 def _defer(function: Callable[..., None], *args: Any) -> bool:
     """Inside a poller's dispatch on this thread: queue ``function(*args)`` after the
     events taken so far (True); else False, for the caller to run it now."""
-    pending: Optional[List[_Pending]] = getattr(_THREAD_BUFFERS, "pending", None)
+    pending = _pending()
     if pending is None:
         return False
     pending.append((None, (function, *args)))
@@ -504,7 +510,7 @@ class _Poller:
             done = 0
             while done < self.BATCH and self._handle:  # a listener may free the client
                 events: List[_Pending] = []
-                outer = getattr(_THREAD_BUFFERS, "pending", None)  # None but in a test's nested call
+                outer = _pending()  # None but in a test's nested call
                 _THREAD_BUFFERS.pending = events
                 try:
                     status = lib.wps_client_dispatch_into(self._handle, self.BATCH - done, out.ref)
