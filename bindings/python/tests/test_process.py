@@ -307,3 +307,36 @@ def test_exit_while_an_asyncio_listener_keeps_running_exits_cleanly(hub: Hub, ev
         sys.exit(3)
     """
     exits_at_once_with_3(code)
+
+
+@pytest.mark.parametrize("provider", ["coroutine", "function"])
+def test_exit_while_an_asyncio_credential_provider_keeps_running_exits_cleanly(provider: str) -> None:
+    """The interpreter exits while the URL provider of an asyncio client, whose loop runs
+    on a daemon thread, keeps running, taking the interpreter lock again and again: the
+    process exits at once with the script's own code. The provider runs in a task on the
+    client's loop, never on a library thread, where Python's finalization would end it
+    with ``pthread_exit`` inside the library (the SIGABRT the sync provider had)."""
+    code = f"""
+        import asyncio, sys, threading, time
+        from webpubsub_client.aio import WebPubSubClient, WebPubSubClientCredential
+        entered = threading.Event()
+
+        def keep_running():
+            entered.set()
+            while True:
+                time.sleep(0.001)
+
+        async def provide_async():
+            keep_running()
+
+        provide = provide_async if {provider!r} == "coroutine" else keep_running
+
+        async def main():
+            client = WebPubSubClient(WebPubSubClientCredential(provide), start_timeout=60.0)
+            await client.open()
+
+        threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+        print(entered.wait(10), flush=True)
+        sys.exit(3)
+    """
+    exits_at_once_with_3(code)
