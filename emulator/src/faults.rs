@@ -25,6 +25,7 @@ fn error(status: StatusCode, message: String) -> Response {
 pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<serde_json::Value> {
     let s = &server.stats;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let held = server.held();
     Json(json!({
         "connections": server.connection_count(),
         "hubs": server.hubs.len(),
@@ -40,6 +41,15 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<serde_json:
         "upstreamRequests": get(&s.upstream_requests),
         "upstreamErrors": get(&s.upstream_errors),
         "restRequests": get(&s.rest_requests),
+        "groups": held.groups,
+        "users": held.users,
+        "userGroups": held.user_groups,
+        "awaitingRecovery": held.awaiting_recovery,
+        "slotsTaken": held.slots_taken,
+        "unackedMessages": held.unacked_messages,
+        "outboundBytes": held.outbound_bytes,
+        "pendingInvocations": held.pending_invocations,
+        "tasks": held.tasks,
     }))
 }
 

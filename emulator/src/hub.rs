@@ -151,6 +151,54 @@ impl Server {
     pub(crate) fn connection_count(&self) -> usize {
         self.hubs.iter().map(|h| h.connections.len()).sum()
     }
+
+    /// What the server holds right now, over all hubs.
+    pub(crate) fn held(&self) -> Held {
+        let mut held = Held {
+            slots_taken: self.slots.taken(),
+            tasks: self.tasks.len(),
+            ..Held::default()
+        };
+        for hub in self.hubs.iter() {
+            held.groups += hub.groups.len();
+            held.users += hub.users.len();
+            held.user_groups += hub.user_groups.len();
+            for conn in hub.connections.iter() {
+                held.pending_invocations += conn.invocations.lock().len();
+                let st = conn.state.lock();
+                held.unacked_messages += st.buffer.len();
+                match &st.socket {
+                    Some(sock) => held.outbound_bytes += sock.queued_bytes(),
+                    None => held.awaiting_recovery += usize::from(!st.closed),
+                }
+            }
+        }
+        held
+    }
+}
+
+/// What a server holds at one moment (served by `GET /_emulator/stats`): back to its
+/// baseline once the connections that made it are gone.
+#[derive(Default)]
+pub(crate) struct Held {
+    /// Groups with members.
+    pub groups: usize,
+    /// Users with connections.
+    pub users: usize,
+    /// Users with group memberships made through REST (these last by design).
+    pub user_groups: usize,
+    /// Reliable sessions without a socket, waiting for their recovery.
+    pub awaiting_recovery: usize,
+    /// Taken `max_connections` slots.
+    pub slots_taken: usize,
+    /// Reliable messages not acknowledged yet.
+    pub unacked_messages: usize,
+    /// Bytes queued to sockets and not yet taken by their writers.
+    pub outbound_bytes: usize,
+    /// Invocations waiting for the upstream.
+    pub pending_invocations: usize,
+    /// Server tasks running (connections, sessions, recovery windows, upstream posts).
+    pub tasks: usize,
 }
 
 /// A set of connections (a group's members or a user's connections).

@@ -82,6 +82,11 @@ impl SocketHandle {
         sent
     }
 
+    /// Bytes queued and not yet taken by the writer.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Queues the final close frame; false when it could not be queued.
     pub(crate) fn close(&self, code: u16, reason: &str) -> bool {
         self.tx

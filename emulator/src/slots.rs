@@ -32,6 +32,11 @@ impl Slots {
             .ok()
             .map(|_| Slot(self.taken.clone()))
     }
+
+    /// How many are taken.
+    pub(crate) fn taken(&self) -> usize {
+        self.taken.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Slot {
