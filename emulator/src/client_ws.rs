@@ -293,9 +293,9 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
         End::ClientClosed { normal: false } => End::Abrupt,
         other => other,
     };
-    if !conn.detach(epoch) {
+    let Some(away) = conn.detach(epoch) else {
         return; // a recovery attached a newer socket
-    }
+    };
     let recoverable = conn.protocol.is_reliable() && end == End::Abrupt && !conn.is_closed();
     if !recoverable {
         hub.remove(&conn);
@@ -307,6 +307,7 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
         tokio::select! {
             _ = tokio::time::sleep(window) => {}
             _ = shutdown.cancelled() => {}
+            _ = away.cancelled() => return, // recovered or forgotten
         }
         if conn.detached_since(epoch) {
             hub.remove(&conn);

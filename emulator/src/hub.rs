@@ -338,6 +338,9 @@ impl Hub {
             }
             st.buffer.clear();
             st.buffered_bytes = 0;
+            if let Some(away) = st.away.take() {
+                away.cancel();
+            }
         }
         let removed = self
             .connections
@@ -426,6 +429,9 @@ pub(crate) struct ConnState {
     pub muted_until: Option<Instant>,
     /// Fault: this many acks are still to be swallowed.
     pub drop_acks: u64,
+    /// While detached: cancelled once a socket is attached again or the session is
+    /// forgotten, which ends its recovery window early.
+    pub away: Option<CancellationToken>,
 }
 
 /// Recently processed ackIds of a connection, for `Duplicate`.
@@ -532,6 +538,7 @@ impl Conn {
                 buffered_bytes: 0,
                 muted_until: None,
                 drop_acks: 0,
+                away: None,
             }),
             acks: Mutex::new(AckWindow::new(server.config.ack_window)),
             invocations: Mutex::new(HashMap::new()),
@@ -722,6 +729,9 @@ impl Conn {
         if let Some(old) = st.socket.take() {
             old.kill.cancel();
         }
+        if let Some(away) = st.away.take() {
+            away.cancel();
+        }
         st.epoch += 1;
         st.muted_until = None;
         let mut ok = connected.map_or(true, |c| sock.send(c));
@@ -736,14 +746,17 @@ impl Conn {
         Some(st.epoch)
     }
 
-    /// Detaches the socket of that epoch; false when a newer socket is attached.
-    pub(crate) fn detach(&self, epoch: u64) -> bool {
+    /// Detaches the socket of that epoch. None when a newer socket is attached; else a
+    /// token cancelled once a socket is attached again or the session is forgotten.
+    pub(crate) fn detach(&self, epoch: u64) -> Option<CancellationToken> {
         let mut st = self.state.lock();
         if st.epoch != epoch {
-            return false;
+            return None;
         }
         st.socket = None;
-        true
+        let away = CancellationToken::new();
+        st.away = Some(away.clone());
+        Some(away)
     }
 
     /// Still detached since that epoch (the recovery window is running out)?

@@ -291,6 +291,26 @@ async fn recoveries_racing_expiring_and_late_leave_nothing_behind() {
     emu.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_recovered_session_keeps_no_recovery_timer() {
+    let emu = start_with(Config {
+        recovery_window: Duration::from_secs(60),
+        ..fast()
+    })
+    .await;
+    let before = baseline(&emu, true).await;
+    let url = emu.client_url("h", &all_roles("u"));
+    let (mut ws, connected) = connect_json(&url, RELIABLE).await;
+    let recover = recovery_url(&url, &connected);
+    for _ in 0..10 {
+        vanish(ws, false);
+        ws = connect_json(&recover, RELIABLE).await.0;
+    }
+    ws.close().await;
+    back_to(&emu, &before, WAIT).await;
+    emu.shutdown().await;
+}
+
 /// Requests an upstream received, and those it still holds.
 #[derive(Clone, Default)]
 struct Upstream {
