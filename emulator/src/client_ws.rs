@@ -324,6 +324,32 @@ fn close_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
+/// Runs one write to a socket, or gives it up: at once when the socket is killed, and
+/// once the session is closing (its close queued, or the server shutting down) when the
+/// peer has not taken it within the grace, so that a peer that does not read cannot
+/// hold the socket forever. The write is polled first: one the socket takes at once
+/// registers no waiter on the tokens (the per-frame path).
+async fn bounded<T>(
+    write: impl std::future::Future<Output = T>,
+    kill: &CancellationToken,
+    closing: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        out = write => Some(out),
+        _ = kill.cancelled() => None,
+        _ = async {
+            closing.cancelled().await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        } => None,
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => None,
+    }
+}
+
 /// Writes queued frames in batches; returns the sink for a final close handshake.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
@@ -332,6 +358,7 @@ async fn write_loop(
     shutdown: CancellationToken,
     server: Arc<Server>,
 ) -> SplitSink<WebSocket, Message> {
+    let closing = rx.closing.clone();
     let mut close = None;
     let mut grace = CLOSE_GRACE;
     'outer: loop {
@@ -350,7 +377,8 @@ async fn write_loop(
         while let Some(out) = next.take() {
             match out {
                 Out::Frame(m) => {
-                    if sink.feed(m).await.is_err() {
+                    let fed = bounded(sink.feed(m), &kill, &closing, &shutdown).await;
+                    if !matches!(fed, Some(Ok(()))) {
                         break 'outer;
                     }
                     written += 1;
@@ -368,7 +396,8 @@ async fn write_loop(
             .stats
             .frames_out
             .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
-        if sink.flush().await.is_err() || close.is_some() {
+        let flushed = bounded(sink.flush(), &kill, &closing, &shutdown).await;
+        if !matches!(flushed, Some(Ok(()))) || close.is_some() {
             break;
         }
         if written == 0 {
@@ -380,7 +409,8 @@ async fn write_loop(
             code,
             reason: close_reason(&reason).into(),
         }));
-        if sink.send(frame).await.is_ok() {
+        let sent = bounded(sink.send(frame), &kill, &closing, &shutdown).await;
+        if matches!(sent, Some(Ok(()))) {
             tokio::select! {
                 _ = tokio::time::timeout(grace, kill.cancelled()) => {}
                 _ = async {

@@ -37,12 +37,15 @@ pub(crate) struct SocketHandle {
     max_bytes: usize,
     /// Cancelled to drop the socket at once, without a close frame.
     pub kill: CancellationToken,
+    closing: CancellationToken,
 }
 
 /// The receiving end, drained by the socket's writer task.
 pub(crate) struct Outbound {
     rx: mpsc::Receiver<Out>,
     queued: Arc<AtomicUsize>,
+    /// Cancelled once the final close is queued.
+    pub closing: CancellationToken,
 }
 
 impl SocketHandle {
@@ -52,13 +55,20 @@ impl SocketHandle {
         let (tx, rx) = mpsc::channel(config.max_outbound_queue.max(1) + CLOSE_HEADROOM + 4);
         let queued = Arc::new(AtomicUsize::new(0));
         let kill = CancellationToken::new();
+        let closing = CancellationToken::new();
         let handle = SocketHandle {
             tx,
             queued: queued.clone(),
             max_bytes: config.max_outbound_bytes,
             kill: kill.clone(),
+            closing: closing.clone(),
         };
-        (handle, Outbound { rx, queued }, kill)
+        let outbound = Outbound {
+            rx,
+            queued,
+            closing,
+        };
+        (handle, outbound, kill)
     }
 
     /// Queues a frame within the limits. False when they are reached (the caller ends
@@ -89,6 +99,7 @@ impl SocketHandle {
 
     /// Queues the final close frame; false when it could not be queued.
     pub(crate) fn close(&self, code: u16, reason: &str) -> bool {
+        self.closing.cancel();
         self.tx
             .try_send(Out::Close(code, reason.to_owned()))
             .is_ok()

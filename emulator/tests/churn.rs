@@ -470,6 +470,79 @@ async fn rest_calls_on_unknown_names_create_nothing() {
     emu.shutdown().await;
 }
 
+/// A client that reads nothing, sent 64 KiB messages until its socket is full and they
+/// wait in its outbound queue.
+async fn stuck(emu: &Emulator, protocol: &str) -> (Ws, Value) {
+    let (ws, connected) = connect_json(&emu.client_url("h", &all_roles("u")), protocol).await;
+    let id = connected["connectionId"].as_str().unwrap();
+    let queued = stats(emu).await["outboundBytes"].as_u64().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while stats(emu).await["outboundBytes"].as_u64().unwrap() == queued {
+        assert!(
+            Instant::now() < deadline,
+            "nothing stayed queued for the peer"
+        );
+        send_to(emu, id).await;
+    }
+    (ws, connected)
+}
+
+/// Sends 64 KiB to connection `id`.
+async fn send_to(emu: &Emulator, id: &str) {
+    let url = format!("{}/api/hubs/h/connections/{id}/:send", emu.endpoint());
+    let sent = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(rest_token(emu, &url))
+        .header("content-type", "text/plain")
+        .body(vec![b'x'; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_let_go_once_closed() {
+    let emu = start_with(Config {
+        max_outbound_bytes: 1024 * 1024,
+        ..fast()
+    })
+    .await;
+    let before = baseline(&emu, true).await;
+    let mut held = Vec::new();
+    // Closed because its queue overflowed.
+    let (ws, connected) = stuck(&emu, JSON).await;
+    let deadline = Instant::now() + WAIT;
+    while stats(&emu).await["bufferOverflows"] == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the outbound queue never overflowed"
+        );
+        send_to(&emu, connected["connectionId"].as_str().unwrap()).await;
+    }
+    held.push(ws);
+    // Closed through REST.
+    let (ws, connected) = stuck(&emu, JSON).await;
+    let path = format!(
+        "/api/hubs/h/connections/{}",
+        connected["connectionId"].as_str().unwrap()
+    );
+    assert_eq!(rest(&emu, reqwest::Method::DELETE, &path).await, 204);
+    held.push(ws);
+    // Replaced by a recovery, which then ends the session.
+    let (ws, connected) = stuck(&emu, RELIABLE).await;
+    let url = emu.client_url("h", &all_roles("u"));
+    connect(&recovery_url(&url, &connected), Some(RELIABLE))
+        .await
+        .close()
+        .await;
+    held.push(ws);
+    // The server lets their sockets go, although they are still open on this side.
+    back_to(&emu, &before, WAIT).await;
+    drop(held);
+    emu.shutdown().await;
+}
+
 /// The binary, killed when dropped.
 struct Binary(std::process::Child);
 
