@@ -292,6 +292,7 @@ impl Hub {
     /// Adds a connection to a group (idempotent). False when it is in as many groups as
     /// it may be and not in this one (nothing changes).
     pub(crate) fn join(&self, conn: &Arc<Conn>, group: &str) -> bool {
+        let _changing = conn.membership.lock();
         if conn.is_closed() {
             return true;
         }
@@ -305,7 +306,6 @@ impl Hub {
             }
         }
         add_member(&self.groups, group, conn);
-        self.unless_closed(&self.groups, group, conn);
         true
     }
 
@@ -323,6 +323,7 @@ impl Hub {
 
     /// Removes a connection from a group (idempotent).
     pub(crate) fn leave(&self, conn: &Conn, group: &str) {
+        let _changing = conn.membership.lock();
         conn.groups.lock().remove(group);
         remove_member(&self.groups, group, &conn.id);
     }
@@ -346,7 +347,11 @@ impl Hub {
             .connections
             .remove_if(&conn.id, |_, c| Arc::ptr_eq(c, conn))
             .is_some();
-        let groups: Vec<String> = conn.groups.lock().drain().collect();
+        // Closed above, so once a join that is under way is done, no other starts.
+        let groups: Vec<String> = {
+            let _changing = conn.membership.lock();
+            conn.groups.lock().drain().collect()
+        };
         for g in groups {
             remove_member(&self.groups, &g, &conn.id);
         }
@@ -491,6 +496,9 @@ pub(crate) struct Conn {
     /// Permissions granted through REST: (permission, target group or all).
     pub granted: RwLock<Vec<(Permission, Option<String>)>>,
     pub groups: Mutex<HashSet<String>>,
+    /// Held while its group memberships change, so that a join and a leave at once
+    /// leave it in a group in both the group's and its own view, or in neither.
+    membership: Mutex<()>,
     pub state: Mutex<ConnState>,
     pub acks: Mutex<AckWindow>,
     /// Pending upstream invocations, aborted by `cancelInvocation`.
@@ -529,6 +537,7 @@ impl Conn {
             roles,
             granted: RwLock::new(Vec::new()),
             groups: Mutex::new(HashSet::new()),
+            membership: Mutex::new(()),
             state: Mutex::new(ConnState {
                 socket: None,
                 epoch: 0,

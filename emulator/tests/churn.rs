@@ -15,7 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::MaybeTlsStream;
 
@@ -467,6 +467,38 @@ async fn rest_calls_on_unknown_names_create_nothing() {
     }
     back_to(&emu, &before, WAIT).await;
     ws.close().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_joins_and_leaves_leave_no_member_behind() {
+    let emu = start().await;
+    let before = baseline(&emu, true).await;
+    let url = emu.client_url("h", &all_roles("u"));
+    for _ in 0..40 {
+        let (mut ws, connected) = connect_json(&url, JSON).await;
+        let id = connected["connectionId"].as_str().unwrap();
+        // A REST removal from the group, all but its last byte sent.
+        let path = format!("/api/hubs/h/groups/g/connections/{id}");
+        let token = rest_token(&emu, &format!("{}{path}", emu.endpoint()));
+        let mut leave = TcpStream::connect(("127.0.0.1", emu.port())).await.unwrap();
+        let request = format!(
+            "DELETE {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        let (head, last) = request.split_at(request.len() - 1);
+        leave.write_all(head.as_bytes()).await.unwrap();
+        // The client joins while REST removes it, at the same moment: either may win,
+        // but the group must not keep it once it is gone.
+        let join = json!({"type": "joinGroup", "group": "g", "ackId": 1});
+        let (_, sent) = tokio::join!(ws.send_json(join), leave.write_all(last.as_bytes()));
+        sent.unwrap();
+        assert_ack_ok(&ws.next_json().await);
+        let mut status = [0u8; 12];
+        leave.read_exact(&mut status).await.unwrap();
+        assert_eq!(&status[9..], b"204");
+        ws.close().await;
+    }
+    back_to(&emu, &before, WAIT).await;
     emu.shutdown().await;
 }
 
