@@ -4,46 +4,10 @@
 mod common;
 
 use bytes::Bytes;
+use common::pki::Pki;
 use common::{all_roles, fast_options, next_event};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use webpubsub_client::{Client, ClientOptions, Credential, DataType, Error, SendToGroupOptions};
-use webpubsub_emulator::{Config, Emulator, TlsFiles, TokenOptions};
-
-struct Pki {
-    ca_pem: String,
-    dir: std::path::PathBuf,
-    files: TlsFiles,
-}
-
-fn pki(name: &str) -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "webpubsub test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let mut leaf_params =
-        CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    leaf_params
-        .distinguished_name
-        .push(DnType::CommonName, "127.0.0.1");
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
-    let dir = std::env::temp_dir().join(format!("wps-client-tls-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let files = TlsFiles {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-    };
-    std::fs::write(&files.cert, leaf.pem()).unwrap();
-    std::fs::write(&files.key, leaf_key.serialize_pem()).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        dir,
-        files,
-    }
-}
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
 
 /// An emulator serving TLS with `pki`'s certificate.
 async fn tls_emulator(pki: &Pki) -> Emulator {
@@ -57,7 +21,7 @@ async fn tls_emulator(pki: &Pki) -> Emulator {
 
 #[tokio::test]
 async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
-    let pki = pki("ok");
+    let pki = Pki::new("ok");
     let emulator = tls_emulator(&pki).await;
     let token = TokenOptions {
         user_id: Some("tls".into()),
@@ -92,8 +56,6 @@ async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
         matches!(&error, Error::Tls(m) if m.contains("certificate")),
         "{error:?}"
     );
-
-    std::fs::remove_dir_all(&pki.dir).unwrap();
 }
 
 #[tokio::test]
@@ -122,7 +84,7 @@ async fn a_bad_extra_ca_is_refused_when_the_client_is_made() {
 
 #[tokio::test]
 async fn wss_goes_through_a_proxy_tunnel_with_end_to_end_verification() {
-    let pki = pki("proxy");
+    let pki = Pki::new("proxy");
     let emulator = tls_emulator(&pki).await;
     let target = std::net::SocketAddr::from(([127, 0, 0, 1], emulator.port()));
     let proxy = common::proxy::TestProxy::start(target, None).await;
@@ -147,5 +109,4 @@ async fn wss_goes_through_a_proxy_tunnel_with_end_to_end_verification() {
         matches!(&error, Error::Tls(m) if m.contains("certificate")),
         "{error:?}"
     );
-    std::fs::remove_dir_all(&pki.dir).unwrap();
 }

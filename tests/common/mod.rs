@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod proxy;
 
 use std::time::Duration;
