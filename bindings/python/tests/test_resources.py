@@ -1,0 +1,406 @@
+"""Client lifecycles give back what they took. After repeated lifecycles of each kind
+(opened and closed, never opened, failed, timed-out and cancelled opens, credential
+providers answering or raising, recoveries, sends cancelled or pending at close, a loop
+per client), of the sync and the asyncio client, each client dropped and collected, the
+process holds no more descriptors of any kind than after warm-up rounds (which make the
+shared runtime, the dispatch threads and so on), no more threads,
+no more objects of the binding's classes, no more entries in the callback registry, an
+asyncio loop watches no more descriptors, and the native heap has not grown with the
+rounds.
+
+Linux only (it reads /proc), as the test suite is. Baselines are taken inside each
+test, after its warm-up: other tests leave threads and clients behind in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any, Awaitable, Callable, Iterator, List, Optional
+
+import pytest
+from conftest import FAST, WAIT, Hub
+
+from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
+from webpubsub_client._callbacks import REGISTRY
+from webpubsub_client.aio import WebPubSubClient as AsyncClient
+from webpubsub_client.aio import WebPubSubClientCredential as AsyncCredential
+from webpubsub_client.models import OpenClientError, WebPubSubDataType
+
+HALF = 10  # rounds of a lifecycle in each of the two halves after its warm-up rounds
+# Warm-up rounds: enough clients to start every dispatch thread of the sync client (one
+# per processor, at most 4), each of which keeps the last client it dispatched referred
+# to until it wakes up again.
+WARM_UP = 4
+THREAD_SLACK = 2  # the runtime's blocking pool keeps an idle thread for 10 s
+# Native heap bytes each half may grow by, per round, in at least one of the two halves:
+# a one-off growth lands in one half, a leak grows both. A coarse bound: this heap also
+# holds the interpreter's larger objects and glibc's per-thread caches (each open() of
+# the sync client runs on a new thread), and moves by up to ~25 KiB in a half without a
+# leak. It catches a native client's state or dispatch buffers (tens of KiB);
+# tests/resources.rs counts the library's own heap exactly.
+HEAP_PER_ROUND = 8192
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+_LIBC = ctypes.CDLL(None)
+_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
+if _MALLINFO2 is not None:
+    _MALLINFO2.restype = _MallInfo2
+
+
+def native_heap() -> int:
+    """Bytes malloc has handed out and not taken back (glibc), else the resident set size:
+    the library's allocations, and the interpreter's larger ones."""
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return int(info.uordblks + info.hblkhd)
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def binding_objects() -> Counter[str]:
+    """Live objects of the binding's own classes (clients, sinks, dispatchers, ...), by class."""
+    return Counter(
+        type(obj).__qualname__ for obj in gc.get_objects() if str(type(obj).__module__).startswith("webpubsub_client")
+    )
+
+
+def descriptors() -> Counter[str]:
+    """Open descriptors by kind: ``socket``, ``pipe``, ``eventfd``, ``eventpoll``, or a path."""
+    kinds: Counter[str] = Counter()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        kind, _, rest = target.partition(":")
+        if kind == "anon_inode":
+            kinds[rest.strip("[]")] += 1
+        elif kind in ("socket", "pipe"):
+            kinds[kind] += 1
+        else:
+            kinds[target] += 1
+    return kinds
+
+
+class Usage:
+    """What the process holds now; ``loop``: also the descriptors that loop watches."""
+
+    def __init__(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        gc.collect()
+        self.fds = descriptors()
+        self.threads = len(os.listdir("/proc/self/task"))
+        self.objects = binding_objects()
+        self.registry = len(REGISTRY)
+        self.watched = len(loop._selector.get_map()) if loop is not None else 0  # type: ignore[attr-defined]
+
+    def within(self, baseline: "Usage") -> bool:
+        return (
+            all(count <= baseline.fds[kind] for kind, count in self.fds.items())
+            and self.threads <= baseline.threads + THREAD_SLACK
+            and all(count <= baseline.objects[kind] for kind, count in self.objects.items())
+            and self.registry <= baseline.registry
+            and self.watched <= baseline.watched
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"descriptors {dict(self.fds)}, {self.threads} threads, objects {dict(self.objects)}, "
+            f"{self.registry} registry entries, {self.watched} descriptors watched by the loop"
+        )
+
+
+class Halves:
+    """What a lifecycle's two halves left: their usage, and how much the heap grew in each."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ends: List[Usage] = []
+        self.growth: List[int] = []
+
+    def check(self, baseline: Usage) -> None:
+        """Fails unless each half ended ``within`` the baseline, and unless the heap grew
+        within its bound in at least one half."""
+        for half, end in enumerate(self.ends, 1):
+            assert end.within(baseline), f"{self.name}: after {half * HALF} rounds {end!r}; baseline {baseline!r}"
+        print(f"{self.name}: {baseline!r}; heap growth per half {self.growth} B")
+        assert min(self.growth) < HALF * HEAP_PER_ROUND, (
+            f"{self.name}: the native heap grew by {self.growth} B in halves of {HALF} rounds"
+        )
+
+
+def lifecycles(name: str, round_: Callable[[], None]) -> None:
+    """Runs ``round_`` ``WARM_UP`` times, then two halves of ``HALF`` rounds; fails unless
+    what the process holds came back after each half (waiting for it a bounded time),
+    and unless the native heap stayed put in at least one half."""
+    before = Usage()
+    for _ in range(WARM_UP):
+        round_()
+    deadline = time.monotonic() + WAIT
+    baseline = Usage()
+    while baseline.registry > before.registry and time.monotonic() < deadline:  # the warm-up's clients go
+        time.sleep(0.02)
+        baseline = Usage()
+    halves = Halves(name)
+    for _ in range(2):
+        start = native_heap()
+        for _ in range(HALF):
+            round_()
+        deadline = time.monotonic() + WAIT
+        end = Usage()
+        while not end.within(baseline) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            end = Usage()
+        halves.ends.append(end)
+        halves.growth.append(native_heap() - start)
+    halves.check(baseline)
+
+
+async def alifecycles(name: str, round_: Callable[[], Awaitable[None]]) -> None:
+    """:func:`lifecycles` on the running loop, whose watched descriptors count too; each
+    round bounded by ``WAIT``."""
+    loop = asyncio.get_running_loop()
+    before = Usage(loop)
+    for _ in range(WARM_UP):
+        await asyncio.wait_for(round_(), WAIT)
+    deadline = time.monotonic() + WAIT
+    baseline = Usage(loop)
+    while baseline.registry > before.registry and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        baseline = Usage(loop)
+    halves = Halves(name)
+    for _ in range(2):
+        start = native_heap()
+        for _ in range(HALF):
+            await asyncio.wait_for(round_(), WAIT)
+        deadline = time.monotonic() + WAIT
+        end = Usage(loop)
+        while not end.within(baseline) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            end = Usage(loop)
+        halves.ends.append(end)
+        halves.growth.append(native_heap() - start)
+    halves.check(baseline)
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """No log records of the library: pytest would keep each one (a failed open logs)."""
+    caplog.set_level(logging.CRITICAL, logger="webpubsub_client")
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A client URL whose port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"ws://127.0.0.1:{port}/client/hubs/h?access_token=t"
+
+
+@pytest.fixture
+def silent_url() -> Iterator[str]:
+    """A client URL of a server that accepts and never answers; it closes each socket
+    once the client has closed its end."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def hold(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(1024):
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"ws://127.0.0.1:{listener.getsockname()[1]}/client/hubs/h?access_token=t"
+    listener.close()
+
+
+def unauthorized(hub: Hub) -> str:
+    """A client URL of the hub whose token the emulator refuses (401)."""
+    return hub.url().split("access_token=")[0] + "access_token=bad"
+
+
+# ---- sync client ------------------------------------------------------------------------
+
+
+def make(url: Any, **kw: Any) -> WebPubSubClient:
+    return WebPubSubClient(url, **{**FAST, **kw})
+
+
+def test_sync_lifecycles_give_back_what_they_took(hub: Hub, refused_url: str, silent_url: str) -> None:
+    def used() -> None:
+        with make(hub.url()) as client:
+            client.join_group("g")
+            client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+
+    def never_opened() -> None:
+        make(hub.url())
+
+    def open_fails(url: str, **kw: Any) -> Callable[[], None]:
+        def round_() -> None:
+            with pytest.raises(OpenClientError):
+                make(url, **kw).open()
+
+        return round_
+
+    def provided() -> None:
+        with make(WebPubSubClientCredential(hub.url)) as client:
+            client.join_group("g")
+
+    def provider_raises() -> None:
+        def refuse() -> str:
+            raise LookupError("no token")
+
+        with pytest.raises(LookupError):
+            make(WebPubSubClientCredential(refuse)).open()
+
+    lifecycles("sync: open, join, send, close", used)
+    lifecycles("sync: never opened", never_opened)
+    lifecycles("sync: open refused", open_fails(refused_url))
+    lifecycles("sync: open unauthorized", open_fails(unauthorized(hub)))
+    lifecycles("sync: open over TLS to a plain server", open_fails(hub.url().replace("ws://", "wss://", 1)))
+    lifecycles("sync: open timeout", open_fails(silent_url, start_timeout=0.05))
+    lifecycles("sync: credential provider", provided)
+    lifecycles("sync: credential provider raising", provider_raises)
+
+
+def test_sync_recoveries_give_back_what_they_took(hub: Hub) -> None:
+    with make(hub.url(), recovery_retry_interval=0.02, recovery_timeout=120.0) as client:
+        connection_id = client.connection_id
+        assert connection_id is not None
+
+        def recovered() -> None:
+            hub.drop(connection_id)
+            client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+            assert client.connection_id == connection_id, "recovered, not reconnected"
+
+        lifecycles("sync: recoveries", recovered)
+
+
+# ---- asyncio client ---------------------------------------------------------------------
+
+
+def amake(url: Any, **kw: Any) -> AsyncClient:
+    return AsyncClient(url, **{**FAST, **kw})
+
+
+async def test_async_lifecycles_give_back_what_they_took(hub: Hub, refused_url: str, silent_url: str) -> None:
+    async def used() -> None:
+        async with amake(hub.url()) as client:
+            await client.join_group("g")
+            await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+
+    async def never_opened() -> None:
+        amake(hub.url())
+
+    def open_fails(url: str) -> Callable[[], Awaitable[None]]:
+        async def round_() -> None:
+            with pytest.raises(OpenClientError):
+                await amake(url).open()
+
+        return round_
+
+    async def open_cancelled() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(amake(silent_url).open(), 0.05)
+
+    async def provided() -> None:
+        async def provide() -> str:
+            return hub.url()
+
+        async with amake(AsyncCredential(provide)) as client:
+            await client.join_group("g")
+
+    async def provider_raises() -> None:
+        async def refuse() -> str:
+            raise LookupError("no token")
+
+        with pytest.raises(LookupError):
+            await amake(AsyncCredential(refuse)).open()
+
+    await alifecycles("asyncio: open, join, send, close", used)
+    await alifecycles("asyncio: never opened", never_opened)
+    await alifecycles("asyncio: open refused", open_fails(refused_url))
+    await alifecycles("asyncio: open unauthorized", open_fails(unauthorized(hub)))
+    await alifecycles("asyncio: open cancelled", open_cancelled)
+    await alifecycles("asyncio: credential provider", provided)
+    await alifecycles("asyncio: credential provider raising", provider_raises)
+
+
+async def test_async_recoveries_give_back_what_they_took(hub: Hub) -> None:
+    async with amake(hub.url(), recovery_retry_interval=0.02, recovery_timeout=120.0) as client:
+        connection_id = client.connection_id
+        assert connection_id is not None
+
+        async def recovered() -> None:
+            hub.drop(connection_id)  # a blocking HTTP request: no executor thread
+            await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+            assert client.connection_id == connection_id, "recovered, not reconnected"
+
+        await alifecycles("asyncio: recoveries", recovered)
+
+        async def cancelled() -> None:
+            hub.drop_acks(connection_id, 1)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.send_to_group("g", "hi", WebPubSubDataType.TEXT), 0.05)
+
+        await alifecycles("asyncio: sends cancelled", cancelled)
+
+
+async def test_async_sends_pending_at_close_give_back_what_they_took(hub: Hub) -> None:
+    async def pending_at_close() -> None:
+        async with amake(hub.url()) as client:
+            assert client.connection_id is not None
+            hub.drop_acks(client.connection_id, 100)
+            sends = [asyncio.ensure_future(client.send_to_group("g", "hi", WebPubSubDataType.TEXT)) for _ in range(5)]
+            await asyncio.sleep(0.02)
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        assert all(isinstance(outcome, Exception) for outcome in outcomes), outcomes
+
+    await alifecycles("asyncio: sends pending at close", pending_at_close)
+
+
+def test_a_loop_per_client_gives_back_what_it_took(hub: Hub) -> None:
+    """Each client opened, used and closed in an ``asyncio.run`` of its own (its reader
+    on a loop that is closed before the client is collected)."""
+
+    async def session() -> None:
+        async with amake(hub.url()) as client:
+            await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+
+    lifecycles("asyncio: a loop per client", lambda: asyncio.run(session()))
