@@ -153,8 +153,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Largest REST request body (default 1 MiB, like `max_frame_bytes`).
     pub max_rest_body_bytes: usize,
-    /// Longest wait for an HTTP request head, for a REST request body, and how long an
-    /// idle keep-alive connection is kept (default 30 s).
+    /// Longest wait for a TLS handshake, an HTTP request head and a REST request body,
+    /// and how long an idle keep-alive connection is kept (default 30 s).
     pub http_timeout: Duration,
     /// Client connections at once, over all hubs; a new one past it gets HTTP 429
     /// (default 100,000: the service's largest standard instance, 100 units of 1,000;

@@ -43,7 +43,7 @@ struct Args {
     /// Bytes queued to one socket before a client that does not read is closed.
     #[arg(long, value_name = "N", default_value_t = 64 * 1024 * 1024)]
     max_outbound_bytes: usize,
-    /// Longest wait for an HTTP request head or REST body, and longest idle keep-alive, in ms.
+    /// Longest wait for a TLS handshake, an HTTP request head or REST body, and longest idle keep-alive, in ms.
     #[arg(long, value_name = "N", default_value_t = 30_000)]
     http_timeout_ms: u64,
     /// Client connections at once, over all hubs; more get HTTP 429.

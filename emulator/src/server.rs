@@ -2,8 +2,8 @@
 //!
 //! hyper's HTTP/1.1 connection is driven directly (instead of `axum::serve`) so that
 //! plain and TLS sockets share one accept loop, every connection task observes the
-//! shutdown token, and a peer that is slow to send a request head, or idle between
-//! requests, is cut off after `Config::http_timeout`. There is no HTTP/2: the official
+//! shutdown token, and a peer that is slow to finish its TLS handshake or to send a
+//! request head, or idle between requests, is cut off after `Config::http_timeout`. There is no HTTP/2: the official
 //! SDKs speak HTTP/1.1 (TLS offers only `http/1.1`), and a cleartext HTTP/2 connection
 //! could stall the protocol detection or idle without a bound.
 
@@ -135,14 +135,11 @@ async fn accept_loop(
         let timeout = server.config.http_timeout;
         server.tasks.spawn(async move {
             match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
-                        Ok(Ok(stream)) => serve(TokioIo::new(stream), app, shutdown, timeout).await,
-                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    }
-                }
+                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve(TokioIo::new(stream), app, shutdown, timeout).await,
+                    Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                },
                 None => serve(TokioIo::new(tcp), app, shutdown, timeout).await,
             }
         });

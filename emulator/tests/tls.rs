@@ -4,6 +4,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -74,5 +75,41 @@ async fn wss_with_a_self_signed_certificate() {
     .err()
     .expect("refused");
     assert!(err.to_string().contains("private key"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_never_comes_is_cut_off_after_the_http_timeout() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("wps-emulator-tls-slow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.cert, cert.cert.pem()).unwrap();
+    std::fs::write(&files.key, cert.key_pair.serialize_pem()).unwrap();
+    let timeout = std::time::Duration::from_millis(300);
+    let emu = start_with(Config {
+        tls: Some(files),
+        http_timeout: timeout,
+        ..Config::default()
+    })
+    .await;
+    // A peer that connects and never starts its handshake, and one that stops halfway
+    // through its ClientHello, are let go as a peer that never sends its request head is.
+    for sent in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", emu.port()))
+            .await
+            .unwrap();
+        tcp.write_all(sent).await.unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(timeout * 10, tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("still open after {:?} ({sent:?})", start.elapsed()));
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    emu.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
