@@ -532,7 +532,9 @@ impl Reader {
                 }
                 Some(Ok(m)) => m,
             };
-            if closing {
+            // Closed by the server (bad input here, a REST close, an overflow): the
+            // session is gone, and what its socket still carries is not handled.
+            if closing || self.conn.is_closed() {
                 continue;
             }
             match message {

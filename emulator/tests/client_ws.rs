@@ -316,3 +316,39 @@ async fn a_restart_on_the_same_port_works_and_clients_see_1001() {
     let (_b, _) = connect_json(&again.client_url("h", &all_roles("b")), JSON).await;
     again.shutdown().await;
 }
+
+#[tokio::test]
+async fn frames_a_client_sends_after_the_server_closed_it_are_ignored() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("u"));
+    let (mut receiver, _) = connect_json(&url, JSON).await;
+    assert_ack_ok(&receiver.join("g", 1).await);
+    for close in ["fault", "REST"] {
+        let (mut late, connected) = connect_json(&url, JSON).await;
+        let id = connected["connectionId"].as_str().unwrap();
+        if close == "fault" {
+            let closed = fault(&emu, "h", id, ":close?code=1000&reason=bye").await;
+            assert!(closed.status().is_success());
+        } else {
+            let path = format!("/api/hubs/h/connections/{id}");
+            let token = rest_token(&emu, &format!("{}{path}", emu.endpoint()));
+            let status = reqwest::Client::new()
+                .delete(format!("{}{path}", emu.endpoint()))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 204);
+        }
+        // The session is gone: what its socket still carries during the close
+        // handshake is not handled (this send would be published before the marker).
+        late.send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"late"}))
+            .await;
+        receiver
+            .send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"marker"}))
+            .await;
+        assert_eq!(receiver.next_json().await["data"], "marker", "{close}");
+    }
+    emu.shutdown().await;
+}
