@@ -327,3 +327,67 @@ fn a_callback_returning_without_answering_or_deferring_fails_the_start() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     unsafe { wps_client_free(c) };
 }
+
+/// A credential whose callback defers, hands its token over, then keeps running until
+/// released.
+struct Holding {
+    tokens: Mutex<mpsc::Sender<usize>>,
+    release: Mutex<mpsc::Receiver<()>>,
+    freed: AtomicUsize,
+}
+
+unsafe extern "C" fn defer_and_hold(user_data: *mut c_void, result: *mut wps_credential_result) {
+    let s = &*(user_data as *const Holding);
+    check(
+        wps_credential_result_defer(result),
+        "wps_credential_result_defer",
+    );
+    s.tokens.lock().unwrap().send(result as usize).unwrap();
+    let _ = s.release.lock().unwrap().recv_timeout(WAIT);
+}
+
+unsafe extern "C" fn count_holding_free(user_data: *mut c_void) {
+    let s = &*(user_data as *const Holding);
+    s.freed.fetch_add(1, Ordering::SeqCst);
+}
+
+#[test]
+fn an_answer_after_a_stop_is_refused_while_the_deferring_callback_still_runs() {
+    let (rt, emulator, url) = ffi_emulator();
+    let (tx, tokens) = mpsc::channel();
+    let (release, rx) = mpsc::channel();
+    let state: &'static Holding = Box::leak(Box::new(Holding {
+        tokens: Mutex::new(tx),
+        release: Mutex::new(rx),
+        freed: AtomicUsize::new(0),
+    }));
+    let client = ffi_credential_client(
+        defer_and_hold,
+        state as *const Holding as *mut c_void,
+        Some(count_holding_free),
+        std::ptr::null(),
+    );
+    let client_addr = client as usize;
+    let (started_tx, started) = mpsc::channel();
+    std::thread::spawn(move || {
+        let status = unsafe { wps_client_start(client_addr as *mut wps_client) };
+        let _ = started_tx.send((status, last_error()));
+    });
+    let token =
+        tokens.recv_timeout(WAIT).expect("a credential request") as *mut wps_credential_result;
+    check(unsafe { wps_client_stop(client) }, "wps_client_stop");
+    let (status, error) = outcome(&started);
+    assert_eq!(status, WPS_STATUS_STOPPED, "{error}");
+    // The callback has deferred and still runs; its request is abandoned all the same.
+    let late = unsafe { wps_credential_result_set_url(token, url.as_ptr()) };
+    assert_eq!(late, WPS_STATUS_ILLEGAL_STATE, "{}", last_error());
+    release.send(()).unwrap();
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        unsafe { wps_client_free(client_addr as *mut wps_client) };
+        let _ = done_tx.send(());
+    });
+    done.recv_timeout(WAIT).expect("wps_client_free returned");
+    assert_eq!(state.freed.load(Ordering::SeqCst), 1);
+    rt.block_on(emulator.shutdown());
+}

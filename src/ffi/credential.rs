@@ -101,29 +101,27 @@ impl Token {
         );
         Token(token)
     }
+}
 
-    fn as_ptr(&self) -> *mut wps_credential_result {
-        self.0 as *mut wps_credential_result
-    }
-
-    /// Once the callback returned: its answer, or the receiver of the deferred one.
-    fn after_callback(&self) -> Result<Outcome, oneshot::Receiver<Outcome>> {
-        let mut requests = lock_requests();
-        match requests.remove(&self.0) {
-            Some(Request::Calling {
-                answer: None,
-                deferred: true,
-            }) => {
-                let (tx, rx) = oneshot::channel();
-                requests.insert(self.0, Request::Waiting(tx));
-                Err(rx)
-            }
-            Some(Request::Calling {
-                answer: Some(answer),
-                ..
-            }) => Ok(answer),
-            _ => Ok(Err("the credential callback set no result".to_owned())),
+/// Once the callback of request `token` returned: its answer, or the receiver of the
+/// deferred one. An abandoned request (out of the table) has no answer to take.
+fn after_callback(token: usize) -> Result<Outcome, oneshot::Receiver<Outcome>> {
+    let mut requests = lock_requests();
+    match requests.remove(&token) {
+        Some(Request::Calling {
+            answer: None,
+            deferred: true,
+        }) => {
+            let (tx, rx) = oneshot::channel();
+            requests.insert(token, Request::Waiting(tx));
+            Err(rx)
         }
+        Some(Request::Calling {
+            answer: Some(answer),
+            ..
+        }) => Ok(answer),
+        None => Ok(Err("the credential request was abandoned".to_owned())),
+        _ => Ok(Err("the credential callback set no result".to_owned())),
     }
 }
 
@@ -276,7 +274,6 @@ enum Answer {
     Now(Outcome),
     Later {
         rx: oneshot::Receiver<Outcome>,
-        _token: Token,
         _use: Use,
     },
 }
@@ -297,15 +294,20 @@ impl CredentialSink {
     }
 
     /// The core credential that calls this sink on a blocking-pool thread, then awaits
-    /// a deferred answer without a thread.
+    /// a deferred answer without a thread. The request's token belongs to the attempt's
+    /// future: dropping it (a stop, a free, the start timeout) takes the token out of the
+    /// table at once, even while the callback still runs, so that no answer is taken
+    /// after the abandonment.
     pub(crate) fn credential(self: &Arc<Self>) -> Credential {
         let sink = Arc::clone(self);
         Credential::Provider(Arc::new(move || {
             let sink = Arc::clone(&sink);
             Box::pin(async move {
-                match tokio::task::spawn_blocking(move || sink.call()).await {
+                let token = Token::open();
+                let id = token.0;
+                match tokio::task::spawn_blocking(move || sink.call(id)).await {
                     Ok(Answer::Now(outcome)) => outcome,
-                    Ok(Answer::Later { rx, _token, _use }) => rx
+                    Ok(Answer::Later { rx, _use }) => rx
                         .await
                         .unwrap_or_else(|_| Err("the credential request was abandoned".to_owned())),
                     Err(e) => Err(format!("credential callback failed: {e}")),
@@ -318,7 +320,8 @@ impl CredentialSink {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn call(self: Arc<Self>) -> Answer {
+    /// Runs the callback for the request `token` names.
+    fn call(self: Arc<Self>, token: usize) -> Answer {
         {
             let mut st = self.lock();
             if st.closed {
@@ -329,20 +332,15 @@ impl CredentialSink {
         let cb = self.cb;
         let user_data = self.user_data.0;
         let request = Use(self);
-        let token = Token::open();
         let Some(inside) = InCallback::enter() else {
             return Answer::Now(Err("callbacks are disabled".to_owned()));
         };
         // SAFETY: the callback and its user data were registered together.
-        unsafe { cb(user_data, token.as_ptr()) };
+        unsafe { cb(user_data, token as *mut wps_credential_result) };
         drop(inside);
-        match token.after_callback() {
+        match after_callback(token) {
             Ok(outcome) => Answer::Now(outcome),
-            Err(rx) => Answer::Later {
-                rx,
-                _token: token,
-                _use: request,
-            },
+            Err(rx) => Answer::Later { rx, _use: request },
         }
     }
 
