@@ -658,21 +658,31 @@ fn dispatch_until(c: *mut wps_client, done: &Done) -> u32 {
 /// Poll mode: starts `c` without blocking; its status.
 fn c_start_async(c: *mut wps_client) -> u32 {
     let done = Done::default();
-    let status = unsafe {
-        wps_client_start_async(c, Some(note_done), done.user_data(), std::ptr::null_mut())
-    };
-    check(status, "wps_client_start_async");
+    start_async(c, &done);
     dispatch_until(c, &done)
 }
 
 /// Poll mode: stops `c` without blocking.
 fn c_stop_async(c: *mut wps_client) {
     let done = Done::default();
+    stop_async(c, &done);
+    assert_eq!(dispatch_until(c, &done), WPS_STATUS_OK);
+}
+
+/// Starts `c` without blocking; the completion goes to `done`.
+fn start_async(c: *mut wps_client, done: &Done) {
+    let status = unsafe {
+        wps_client_start_async(c, Some(note_done), done.user_data(), std::ptr::null_mut())
+    };
+    check(status, "wps_client_start_async");
+}
+
+/// Stops `c` without blocking; the completion goes to `done`.
+fn stop_async(c: *mut wps_client, done: &Done) {
     let status = unsafe {
         wps_client_stop_async(c, Some(note_done), done.user_data(), std::ptr::null_mut())
     };
     check(status, "wps_client_stop_async");
-    assert_eq!(dispatch_until(c, &done), WPS_STATUS_OK);
 }
 
 /// Poll mode: an acked send without blocking.
@@ -868,30 +878,10 @@ fn c_abi(s: &Servers) {
     lifecycles("c: async start, stop, free on dispatcher threads", || {
         let c = c_client(&s.url, false, 0);
         let started = Done::default();
-        check(
-            unsafe {
-                wps_client_start_async(
-                    c,
-                    Some(note_done),
-                    started.user_data(),
-                    std::ptr::null_mut(),
-                )
-            },
-            "start",
-        );
+        start_async(c, &started);
         assert_eq!(started.wait(), WPS_STATUS_OK);
         let stopped = Done::default();
-        check(
-            unsafe {
-                wps_client_stop_async(
-                    c,
-                    Some(note_done),
-                    stopped.user_data(),
-                    std::ptr::null_mut(),
-                )
-            },
-            "stop",
-        );
+        stop_async(c, &stopped);
         assert_eq!(stopped.wait(), WPS_STATUS_OK);
         unsafe { wps_client_free(c) };
     });
