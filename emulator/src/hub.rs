@@ -273,8 +273,12 @@ impl Hub {
     pub(crate) fn register(self: &Arc<Self>, conn: &Arc<Conn>, groups: &[String]) {
         self.connections.insert(conn.id.clone(), conn.clone());
         if let Some(user) = &conn.user_id {
-            add_member(&self.users, user, conn);
-            self.unless_closed(&self.users, user, conn);
+            {
+                let _changing = conn.membership.lock();
+                if !conn.is_closed() {
+                    add_member(&self.users, user, conn);
+                }
+            }
             let persisted: Vec<String> = self
                 .user_groups
                 .get(user)
@@ -309,18 +313,6 @@ impl Hub {
         true
     }
 
-    /// A member just added to `map` whose connection was removed meanwhile, maybe
-    /// before the removal reached `map`: taken out again, and the hub forgotten if
-    /// nothing else in it lasts.
-    fn unless_closed(&self, map: &DashMap<String, Arc<Members>>, key: &str, conn: &Conn) {
-        if conn.is_closed() {
-            remove_member(map, key, &conn.id);
-            if let Some(server) = conn.server.upgrade() {
-                server.release_hub(self);
-            }
-        }
-    }
-
     /// Removes a connection from a group (idempotent).
     pub(crate) fn leave(&self, conn: &Conn, group: &str) {
         let _changing = conn.membership.lock();
@@ -347,16 +339,16 @@ impl Hub {
             .connections
             .remove_if(&conn.id, |_, c| Arc::ptr_eq(c, conn))
             .is_some();
-        // Closed above, so once a join that is under way is done, no other starts.
+        // Closed above, so once a join or a user entry under way is done, no other starts.
         let groups: Vec<String> = {
             let _changing = conn.membership.lock();
+            if let Some(user) = &conn.user_id {
+                remove_member(&self.users, user, &conn.id);
+            }
             conn.groups.lock().drain().collect()
         };
         for g in groups {
             remove_member(&self.groups, &g, &conn.id);
-        }
-        if let Some(user) = &conn.user_id {
-            remove_member(&self.users, user, &conn.id);
         }
         for (_, h) in conn.invocations.lock().drain() {
             h.abort();
@@ -496,8 +488,9 @@ pub(crate) struct Conn {
     /// Permissions granted through REST: (permission, target group or all).
     pub granted: RwLock<Vec<(Permission, Option<String>)>>,
     pub groups: Mutex<HashSet<String>>,
-    /// Held while its group memberships change, so that a join and a leave at once
-    /// leave it in a group in both the group's and its own view, or in neither.
+    /// Held while its group memberships or its user entry change: a join and a leave at
+    /// once leave it in a group in both the group's and its own view, or in neither, and
+    /// a join or a user entry racing the connection's removal is undone by it or not made.
     membership: Mutex<()>,
     pub state: Mutex<ConnState>,
     pub acks: Mutex<AckWindow>,

@@ -3,9 +3,10 @@
 //! hyper's HTTP/1.1 connection is driven directly (instead of `axum::serve`) so that
 //! plain and TLS sockets share one accept loop, every connection task observes the
 //! shutdown token, and a peer that is slow to finish its TLS handshake or to send a
-//! request head, or idle between requests, is cut off after `Config::http_timeout`. There is no HTTP/2: the official
-//! SDKs speak HTTP/1.1 (TLS offers only `http/1.1`), and a cleartext HTTP/2 connection
-//! could stall the protocol detection or idle without a bound.
+//! request head, or idle between requests, is cut off after `Config::http_timeout`.
+//! There is no HTTP/2: the official SDKs speak HTTP/1.1 (TLS offers only `http/1.1`),
+//! and a cleartext HTTP/2 connection could stall the protocol detection or idle without
+//! a bound.
 
 use std::sync::Arc;
 use std::time::Duration;
