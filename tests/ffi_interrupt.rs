@@ -1,23 +1,31 @@
 //! `wps_set_interrupt_check` against the emulator: a blocking call waiting for an
 //! upstream that never answers returns `WPS_STATUS_INTERRUPTED` once the check says
-//! so, and blocking calls that complete are unaffected by it. The check is
-//! process-wide, so this is a test binary of its own, with one test.
+//! so, and blocking calls that complete are unaffected by it, also when the blocking
+//! call is made inside a credential callback (a thread of the library's runtime). The
+//! check is process-wide, so this is a test binary of its own, with one test.
 
 mod common;
 
 use common::check;
 
-use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::ffi::{c_int, c_void, CString};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::client::{
     wps_ack_result, wps_client, wps_client_free, wps_client_invoke_event, wps_client_join_group,
-    wps_client_send_event, wps_client_start,
+    wps_client_new, wps_client_send_event, wps_client_start, wps_client_start_async,
 };
+use webpubsub_client::ffi::credential::{wps_credential_result, wps_credential_result_set_url};
 use webpubsub_client::ffi::interrupt::wps_set_interrupt_check;
+use webpubsub_client::ffi::options::{
+    wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
+    wps_options_set_message_retry,
+};
 use webpubsub_client::ffi::status::{
-    WPS_DATA_TYPE_TEXT, WPS_STATUS_INTERRUPTED, WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_OK,
+    WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED, WPS_STATUS_INTERRUPTED, WPS_STATUS_INVALID_ARGUMENT,
+    WPS_STATUS_OK,
 };
 
 static INTERRUPT: AtomicBool = AtomicBool::new(false);
@@ -60,6 +68,85 @@ fn send_event(c: *mut wps_client, out: &mut wps_ack_result) -> u32 {
             out,
         )
     }
+}
+
+/// A credential callback that makes a blocking call on another client (one whose
+/// upstream never answers) before answering; the call's status goes to `status`.
+struct BlockingCredential {
+    url: CString,
+    other: AtomicPtr<wps_client>,
+    status: mpsc::SyncSender<u32>,
+}
+
+unsafe extern "C" fn send_then_answer(user_data: *mut c_void, result: *mut wps_credential_result) {
+    let s = &*(user_data as *const BlockingCredential);
+    let mut out = wps_ack_result {
+        ack_id: 0,
+        has_ack_id: false,
+        is_duplicated: false,
+    };
+    let _ = s
+        .status
+        .send(send_event(s.other.load(Ordering::SeqCst), &mut out));
+    wps_credential_result_set_url(result, s.url.as_ptr());
+}
+
+/// The blocking call a credential callback makes (on a thread of the library's runtime,
+/// where it is spawned and waited for instead of driven in place) is interrupted too.
+fn a_blocking_call_inside_a_credential_callback_is_interrupted(url: &CString) {
+    // Without the check, the send would end with WPS_STATUS_TIMEOUT after 5 s.
+    let o = wps_options_new();
+    check(wps_options_set_ack_timeout_ms(o, 5_000), "ack timeout");
+    check(
+        wps_options_set_message_retry(o, 0, 100, 100, WPS_RETRY_FIXED),
+        "message retry",
+    );
+    let mut other = std::ptr::null_mut();
+    check(
+        unsafe {
+            wps_client_new(
+                url.as_ptr(),
+                o,
+                None,
+                std::ptr::null_mut(),
+                None,
+                &mut other,
+            )
+        },
+        "wps_client_new",
+    );
+    unsafe { wps_options_free(o) };
+    check(unsafe { wps_client_start(other) }, "start the other client");
+
+    let (tx, statuses) = mpsc::sync_channel(1);
+    let state = BlockingCredential {
+        url: url.clone(),
+        other: AtomicPtr::new(other),
+        status: tx,
+    };
+    let c = common::ffi_credential_client(
+        send_then_answer,
+        &state as *const BlockingCredential as *mut c_void,
+        None,
+        std::ptr::null(),
+    );
+    INTERRUPT.store(false, Ordering::SeqCst);
+    check(
+        unsafe { wps_client_start_async(c, None, std::ptr::null_mut(), std::ptr::null_mut()) },
+        "wps_client_start_async",
+    );
+    let setter = std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_millis(200));
+        INTERRUPT.store(true, Ordering::SeqCst);
+    });
+    let status = statuses
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the credential callback's call returned");
+    setter.join().unwrap();
+    INTERRUPT.store(false, Ordering::SeqCst);
+    assert_eq!(status, WPS_STATUS_INTERRUPTED);
+    unsafe { wps_client_free(c) };
+    unsafe { wps_client_free(other) };
 }
 
 #[test]
@@ -105,6 +192,8 @@ fn the_interrupt_check_ends_blocking_waits() {
     });
     assert_eq!(status, WPS_STATUS_INTERRUPTED);
     check(common::ffi_send_text(c, c"g", "after", 0), "send after");
+
+    a_blocking_call_inside_a_credential_callback_is_interrupted(&url);
 
     // Removed: no longer asked, and the wait goes on until the service answers.
     check(wps_set_interrupt_check(None, 0), "remove");

@@ -101,7 +101,9 @@ where
 }
 
 /// As `block`, for a wait the interrupt check may end (`wps_set_interrupt_check`):
-/// then the future is dropped, which gives the operation up.
+/// then the future is dropped (its task aborted, where it was spawned), which gives the
+/// operation up. The check is asked on both paths: a blocking call made inside a
+/// credential callback is interrupted too.
 fn block_interruptible<F>(fut: F) -> FfiResult<F::Output>
 where
     F: Future + Send + 'static,
@@ -151,23 +153,37 @@ where
         if !interruptible {
             return Ok(rt.block_on(fut));
         }
-        return interrupt::block_on(&rt, fut).map_err(|Interrupted| {
-            fail(
-                WPS_STATUS_INTERRUPTED,
-                "the interrupt check ended the wait; the operation was given up",
-            )
-        });
+        return interrupt::block_on(&rt, fut).map_err(|Interrupted| interrupted());
     }
     let (tx, rx) = mpsc::sync_channel(1);
-    rt.spawn(async move {
+    let task = rt.spawn(async move {
         let _ = tx.send(fut.await);
     });
-    rx.recv().map_err(|_| {
-        fail(
-            WPS_STATUS_INTERNAL,
-            "the operation was dropped by the runtime",
-        )
-    })
+    let received = if interruptible {
+        interrupt::recv(&rx)
+    } else {
+        Ok(rx.recv())
+    };
+    match received {
+        Ok(output) => output.map_err(|_| {
+            fail(
+                WPS_STATUS_INTERNAL,
+                "the operation was dropped by the runtime",
+            )
+        }),
+        Err(Interrupted) => {
+            // Dropping the future gives the operation up, as on the other path.
+            task.abort();
+            Err(interrupted())
+        }
+    }
+}
+
+fn interrupted() -> wps_status {
+    fail(
+        WPS_STATUS_INTERRUPTED,
+        "the interrupt check ended the wait; the operation was given up",
+    )
 }
 
 /// An asynchronous operation not completed yet.

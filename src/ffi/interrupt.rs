@@ -6,6 +6,7 @@ use std::ffi::c_int;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
@@ -111,6 +112,24 @@ impl Wake for Unpark {
 
 thread_local! {
     static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+}
+
+/// Waits on this thread for what `rx` receives (the output of a future spawned on the
+/// runtime: a blocking call made on a thread of the runtime, such as a credential
+/// callback's), asking the check every interval; the caller gives the future up when
+/// the check says so.
+pub(crate) fn recv<T>(rx: &Receiver<T>) -> Result<Result<T, RecvError>, Interrupted> {
+    let Some(check) = current() else {
+        return Ok(rx.recv());
+    };
+    loop {
+        match rx.recv_timeout(check.interval) {
+            Ok(output) => return Ok(Ok(output)),
+            Err(RecvTimeoutError::Disconnected) => return Ok(Err(RecvError)),
+            Err(RecvTimeoutError::Timeout) if check.interrupted() => return Err(Interrupted),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
 
 /// Runs `fut` to completion on this thread, driven by the runtime's I/O and timers
