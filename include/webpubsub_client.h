@@ -195,8 +195,10 @@
 #define WPS_DISPATCH_THREAD 0
 
 /**
- * Dispatch mode: callbacks run on the application's thread, in `wps_client_dispatch`,
- * when `wps_client_dispatch_fd` is readable (for event loops: epoll, libuv, asyncio).
+ * Dispatch mode: event and completion callbacks run on the application's thread, in
+ * `wps_client_dispatch`, when `wps_client_dispatch_fd` is readable (for event loops:
+ * epoll, libuv, asyncio). Not the credential callback, which runs on a library thread
+ * in either mode, nor what is left at `wps_client_free` (see there).
  */
 #define WPS_DISPATCH_POLL 1
 
@@ -228,7 +230,10 @@
 /**
  * A client: an opaque handle to a boxed `Arc` of the library's client state (the core
  * `Client`, its dispatcher thread and its pending operations). Created by
- * `wps_client_new*`, released by `wps_client_free`.
+ * `wps_client_new*`, released by `wps_client_free`. Every function taking it may be
+ * called from any thread, by several threads at once (a second concurrent dispatch of
+ * a poll-mode client is refused: see `wps_client_dispatch`); a blocking call still
+ * waiting when another thread frees the client returns `WPS_STATUS_STOPPED`.
  */
 typedef struct wps_client wps_client;
 
@@ -250,6 +255,8 @@ typedef struct wps_invoke_response wps_invoke_response;
 /**
  * Client options: an opaque builder (a boxed `ClientOptions`), created by
  * `wps_options_new` with the official clients' defaults, released by `wps_options_free`.
+ * Not synchronized: set it from one thread at a time, and not while a `wps_client_new*`
+ * on another thread copies it (clients copying it at once is fine).
  */
 typedef struct wps_options wps_options;
 
@@ -821,8 +828,11 @@ wps_status wps_client_dispatch_into(struct wps_client *c,
 wps_status wps_client_start(struct wps_client *c);
 
 /**
- * Stops the client: closes the connection, no reconnect; blocks until stopped
- * (the stopped event is raised). Stopping a stopped client is a no-op.
+ * Stops the client: closes the connection, no reconnect; blocks until stopped. The
+ * stopped event (after the disconnected one, if connected) is queued by then, but its
+ * callback, and those queued before it, may still run after this returns (the
+ * completion of `wps_client_stop_async` runs after them). Stopping a stopped client is
+ * a no-op.
  * Fire-and-forget messages whose send returned before this call (asynchronous ones
  * included) are written before the close frame, except while the client recovers a
  * dropped connection: with no socket to write to, they are dropped. Acked operations
@@ -909,7 +919,9 @@ wps_status wps_client_leave_group(struct wps_client *c,
 
 /**
  * Sends a message to `group`; blocks until acked (with `WPS_SEND_FIRE_AND_FORGET`:
- * until queued). `flags` combines `WPS_SEND_*`. `out` may be NULL.
+ * until queued). `flags` combines `WPS_SEND_*`. `out` may be NULL. A message whose
+ * frame, the JSON text with binary data in base64, exceeds 1 MiB (the service's limit)
+ * fails with `WPS_STATUS_INVALID_ARGUMENT`; so does an empty `group`.
  *
  * # Safety
  * `data` is NULL (with `len` 0) or readable for `len` bytes; otherwise as `wps_client_join_group`.
@@ -924,7 +936,8 @@ wps_status wps_client_send_to_group(struct wps_client *c,
 
 /**
  * Sends an event to the upstream server; blocks until acked (with
- * `WPS_SEND_FIRE_AND_FORGET`: until queued). `out` may be NULL.
+ * `WPS_SEND_FIRE_AND_FORGET`: until queued). `out` may be NULL. The 1 MiB limit of
+ * `wps_client_send_to_group` applies.
  *
  * # Safety
  * As `wps_client_send_to_group`.
@@ -940,7 +953,8 @@ wps_status wps_client_send_event(struct wps_client *c,
 /**
  * Invokes the upstream handler of `event` and blocks for its response, which is
  * written to `*out` (owned by the caller: `wps_invoke_response_free`).
- * `timeout_ms` 0 uses the ack timeout.
+ * `timeout_ms` 0 uses the ack timeout. The 1 MiB limit of `wps_client_send_to_group`
+ * applies.
  *
  * # Safety
  * As `wps_client_send_to_group`; `out` is NULL or writable.
@@ -1234,8 +1248,9 @@ void wps_options_free(struct wps_options *o);
 wps_status wps_options_set_protocol(struct wps_options *o, uint32_t protocol);
 
 /**
- * Where the client's callbacks run: `WPS_DISPATCH_THREAD` (default: a library
- * thread) or `WPS_DISPATCH_POLL` (the application's thread, in `wps_client_dispatch`).
+ * Where the client's event and completion callbacks run: `WPS_DISPATCH_THREAD`
+ * (default: a library thread) or `WPS_DISPATCH_POLL` (the application's thread, in
+ * `wps_client_dispatch`). A credential callback runs on a library thread either way.
  */
 wps_status wps_options_set_dispatch_mode(struct wps_options *o, uint32_t mode);
 
@@ -1287,7 +1302,9 @@ wps_status wps_options_set_keep_alive(struct wps_options *o,
 wps_status wps_options_set_ack_timeout_ms(struct wps_options *o, uint64_t ms);
 
 /**
- * How long `wps_client_start` waits for a connection (must be above 0).
+ * How long `wps_client_start` waits for a connection, the credential callback's answer
+ * included (default 30000 ms; must be above 0); also the bound of each reconnect
+ * attempt.
  */
 wps_status wps_options_set_start_timeout_ms(struct wps_options *o, uint64_t ms);
 
@@ -1308,7 +1325,9 @@ wps_status wps_options_set_sequence_ack_interval_ms(struct wps_options *o, uint6
 
 /**
  * Adds trusted root certificates (PEM, one or more) for `wss://`, on top of the
- * platform's roots. The bytes are copied.
+ * platform's roots. The bytes are copied; an empty buffer is refused here, and one
+ * holding no certificate or a malformed one by `wps_client_new`, both with
+ * `WPS_STATUS_INVALID_ARGUMENT`.
  *
  * # Safety
  * `pem` is NULL (with `len` 0) or points to `len` readable bytes.

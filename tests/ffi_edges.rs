@@ -291,6 +291,36 @@ fn a_length_past_isize_max_is_refused() {
     rt.block_on(emulator.shutdown());
 }
 
+/// The header says: a message whose frame (binary data in base64) exceeds 1 MiB fails
+/// with `WPS_STATUS_INVALID_ARGUMENT`, and the connection stays usable.
+#[test]
+fn a_message_over_the_one_mib_frame_limit_is_refused() {
+    let (rt, emulator, url) = ffi_emulator();
+    let c = common::ffi_client(&url, None, std::ptr::null_mut(), None);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    // 800 KiB of binary data is about 1.07 MiB in base64.
+    let big = vec![7u8; 800 * 1024];
+    let status = unsafe {
+        wps_client_send_to_group(
+            c,
+            c"g".as_ptr(),
+            WPS_DATA_TYPE_BINARY,
+            big.as_ptr(),
+            big.len(),
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT, "{}", last_error());
+    assert!(last_error().contains("limit"), "{}", last_error());
+    check(
+        common::ffi_send_text(c, c"g", "small", 0),
+        "a small send after",
+    );
+    unsafe { wps_client_free(c) };
+    rt.block_on(emulator.shutdown());
+}
+
 thread_local! {
     /// Runs when its thread exits: registered before the library's thread-locals, it
     /// is destroyed after them (as a pthread key destructor, an `atexit` handler or a

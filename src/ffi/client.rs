@@ -50,7 +50,10 @@ const TASK_END_LIMIT: Duration = Duration::from_secs(2);
 
 /// A client: an opaque handle to a boxed `Arc` of the library's client state (the core
 /// `Client`, its dispatcher thread and its pending operations). Created by
-/// `wps_client_new*`, released by `wps_client_free`.
+/// `wps_client_new*`, released by `wps_client_free`. Every function taking it may be
+/// called from any thread, by several threads at once (a second concurrent dispatch of
+/// a poll-mode client is refused: see `wps_client_dispatch`); a blocking call still
+/// waiting when another thread frees the client returns `WPS_STATUS_STOPPED`.
 pub struct wps_client {
     _private: [u8; 0],
 }
@@ -689,8 +692,11 @@ pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
     })
 }
 
-/// Stops the client: closes the connection, no reconnect; blocks until stopped
-/// (the stopped event is raised). Stopping a stopped client is a no-op.
+/// Stops the client: closes the connection, no reconnect; blocks until stopped. The
+/// stopped event (after the disconnected one, if connected) is queued by then, but its
+/// callback, and those queued before it, may still run after this returns (the
+/// completion of `wps_client_stop_async` runs after them). Stopping a stopped client is
+/// a no-op.
 /// Fire-and-forget messages whose send returned before this call (asynchronous ones
 /// included) are written before the close frame, except while the client recovers a
 /// dropped connection: with no socket to write to, they are dropped. Acked operations
@@ -1177,7 +1183,9 @@ pub unsafe extern "C" fn wps_client_leave_group(
 }
 
 /// Sends a message to `group`; blocks until acked (with `WPS_SEND_FIRE_AND_FORGET`:
-/// until queued). `flags` combines `WPS_SEND_*`. `out` may be NULL.
+/// until queued). `flags` combines `WPS_SEND_*`. `out` may be NULL. A message whose
+/// frame, the JSON text with binary data in base64, exceeds 1 MiB (the service's limit)
+/// fails with `WPS_STATUS_INVALID_ARGUMENT`; so does an empty `group`.
 ///
 /// # Safety
 /// `data` is NULL (with `len` 0) or readable for `len` bytes; otherwise as `wps_client_join_group`.
@@ -1201,7 +1209,8 @@ pub unsafe extern "C" fn wps_client_send_to_group(
 }
 
 /// Sends an event to the upstream server; blocks until acked (with
-/// `WPS_SEND_FIRE_AND_FORGET`: until queued). `out` may be NULL.
+/// `WPS_SEND_FIRE_AND_FORGET`: until queued). `out` may be NULL. The 1 MiB limit of
+/// `wps_client_send_to_group` applies.
 ///
 /// # Safety
 /// As `wps_client_send_to_group`.
@@ -1226,7 +1235,8 @@ pub unsafe extern "C" fn wps_client_send_event(
 
 /// Invokes the upstream handler of `event` and blocks for its response, which is
 /// written to `*out` (owned by the caller: `wps_invoke_response_free`).
-/// `timeout_ms` 0 uses the ack timeout.
+/// `timeout_ms` 0 uses the ack timeout. The 1 MiB limit of `wps_client_send_to_group`
+/// applies.
 ///
 /// # Safety
 /// As `wps_client_send_to_group`; `out` is NULL or writable.

@@ -17,6 +17,8 @@ use super::status::{
 
 /// Client options: an opaque builder (a boxed `ClientOptions`), created by
 /// `wps_options_new` with the official clients' defaults, released by `wps_options_free`.
+/// Not synchronized: set it from one thread at a time, and not while a `wps_client_new*`
+/// on another thread copies it (clients copying it at once is fine).
 pub struct wps_options {
     pub(crate) inner: ClientOptions,
     /// Callbacks are polled by the application (`WPS_DISPATCH_POLL`).
@@ -110,8 +112,9 @@ pub extern "C" fn wps_options_set_protocol(o: *mut wps_options, protocol: u32) -
     })
 }
 
-/// Where the client's callbacks run: `WPS_DISPATCH_THREAD` (default: a library
-/// thread) or `WPS_DISPATCH_POLL` (the application's thread, in `wps_client_dispatch`).
+/// Where the client's event and completion callbacks run: `WPS_DISPATCH_THREAD`
+/// (default: a library thread) or `WPS_DISPATCH_POLL` (the application's thread, in
+/// `wps_client_dispatch`). A credential callback runs on a library thread either way.
 #[no_mangle]
 pub extern "C" fn wps_options_set_dispatch_mode(o: *mut wps_options, mode: u32) -> wps_status {
     with_handle(o, |options| {
@@ -207,7 +210,9 @@ pub extern "C" fn wps_options_set_ack_timeout_ms(o: *mut wps_options, ms: u64) -
     })
 }
 
-/// How long `wps_client_start` waits for a connection (must be above 0).
+/// How long `wps_client_start` waits for a connection, the credential callback's answer
+/// included (default 30000 ms; must be above 0); also the bound of each reconnect
+/// attempt.
 #[no_mangle]
 pub extern "C" fn wps_options_set_start_timeout_ms(o: *mut wps_options, ms: u64) -> wps_status {
     with(o, |opts| {
@@ -246,7 +251,9 @@ pub extern "C" fn wps_options_set_sequence_ack_interval_ms(
 }
 
 /// Adds trusted root certificates (PEM, one or more) for `wss://`, on top of the
-/// platform's roots. The bytes are copied.
+/// platform's roots. The bytes are copied; an empty buffer is refused here, and one
+/// holding no certificate or a malformed one by `wps_client_new`, both with
+/// `WPS_STATUS_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `pem` is NULL (with `len` 0) or points to `len` readable bytes.

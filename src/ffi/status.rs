@@ -98,8 +98,10 @@ pub const WPS_SEND_RECORD: u32 = 8;
 
 /// Dispatch mode (default): callbacks run on a library-owned dispatcher thread.
 pub const WPS_DISPATCH_THREAD: u32 = 0;
-/// Dispatch mode: callbacks run on the application's thread, in `wps_client_dispatch`,
-/// when `wps_client_dispatch_fd` is readable (for event loops: epoll, libuv, asyncio).
+/// Dispatch mode: event and completion callbacks run on the application's thread, in
+/// `wps_client_dispatch`, when `wps_client_dispatch_fd` is readable (for event loops:
+/// epoll, libuv, asyncio). Not the credential callback, which runs on a library thread
+/// in either mode, nor what is left at `wps_client_free` (see there).
 pub const WPS_DISPATCH_POLL: u32 = 1;
 
 /// Log level: errors.
