@@ -12,7 +12,8 @@
 # valgrind: valgrind --error-exitcode=1 --leak-check=full with tests/c/valgrind.supp
 #           (same scope, documented there).
 # Every mode first checks that the committed header is the generated one and that it
-# compiles as C11 and C++17 with -Wall -Wextra -Werror.
+# compiles as C99, C11, C++11 and C++17 with -Wall -Wextra -Wpedantic -Werror (C99 and
+# C++11 are the oldest standards it supports: it needs <stdbool.h> and <stdint.h>).
 set -euo pipefail
 
 mode=${1:-plain}
@@ -42,6 +43,8 @@ if [ "$mode" = asan ]; then
 fi
 
 "$cxx" -std=c++17 "${warn[@]}" "${flags[@]}" "$here/header_check.cpp" "${link[@]}" -o "$out/header_check"
+echo '#include "webpubsub_client.h"' | "$cc" -std=c99 "${warn[@]}" -I"$root/include" -x c -fsyntax-only -
+echo '#include "webpubsub_client.h"' | "$cxx" -std=c++11 "${warn[@]}" -I"$root/include" -x c++ -fsyntax-only -
 "$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$here/harness.c" "$here/support.c" "${link[@]}" -o "$out/harness"
 "$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$root/examples/c/chat.c" "${link[@]}" -o "$out/chat"
 
