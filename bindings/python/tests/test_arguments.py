@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import enum
+import gc
+import logging
 import math
-from typing import Any, Dict
+import urllib.parse
+import uuid
+from typing import Any, Dict, List
 
 import pytest
 
 from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _base
 from webpubsub_client.aio import WebPubSubClient as AsyncWebPubSubClient
+from webpubsub_client.aio import WebPubSubClientCredential as AsyncWebPubSubClientCredential
 from webpubsub_client.models import CallbackType, OpenClientError, RetryMode, WebPubSubDataType, WebPubSubProtocolType
 
 URL = "ws://127.0.0.1:9/client/hubs/h?access_token=x"
@@ -39,12 +44,57 @@ def test_bad_credential_provider() -> None:
         WebPubSubClientCredential(3)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("url", ["not a url at all", "ftp://host/x", "ws:///no-host"])
+@pytest.mark.parametrize(
+    "url", ["not a url at all", "ftp://host/x", "ws:///no-host", "ws://?access_token=x", "ws://:80/x", "wss:/host/x"]
+)
 def test_unusable_url_is_a_value_error(url: str) -> None:
     with pytest.raises(ValueError, match="must be a ws:// or wss:// client access URL"):
         WebPubSubClient(url)
     with pytest.raises(ValueError, match="must be a ws:// or wss:// client access URL"):
         WebPubSubClientCredential(url)
+
+
+def _urllib_cache_holds(text: str) -> bool:
+    """Whether ``text`` is in a URL that ``urllib.parse`` keeps parsed: in the
+    ``functools.lru_cache`` of ``urlsplit`` (Python 3.11 and later; its cache dict and
+    entries are among its garbage-collector referents) or in ``_parse_cache`` (3.8 to 3.10)."""
+    caches = [*gc.get_referents(urllib.parse.urlsplit), getattr(urllib.parse, "_parse_cache", None)]
+    return any(text in repr(cache) for cache in caches)
+
+
+def test_the_access_token_is_not_kept_in_urllibs_cache() -> None:
+    """Checking a client access URL parses it without urllib, whose parse cache would keep
+    the URL, and its access token, for the rest of the process; a refused URL's error does
+    not repeat it either."""
+    canary = uuid.uuid4().hex
+    urllib.parse.urlsplit(f"wss://example.net/client/hubs/h?access_token={canary}")
+    assert _urllib_cache_holds(canary)  # the probe sees the cache of this Python
+
+    token = uuid.uuid4().hex
+    url = f"wss://127.0.0.1:9/client/hubs/h?access_token={token}"
+    WebPubSubClient(url)
+    WebPubSubClientCredential(url)
+    AsyncWebPubSubClient(url)
+    AsyncWebPubSubClientCredential(url)
+    with pytest.raises(ValueError) as refused:
+        WebPubSubClient(f"ftp://127.0.0.1:9/client/hubs/h?access_token={token}")
+    assert token not in str(refused.value)
+    assert not _urllib_cache_holds(token)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ws://127.0.0.1:9/client/hubs/h?access_token=x",
+        "WSS://example.net",
+        "http://[::1]:8080/client",
+        "https://user@example.net:443?access_token=x",
+        "  wss://example.net/padded  ",
+    ],
+)
+def test_usable_urls(url: str) -> None:
+    WebPubSubClient(url)
+    WebPubSubClientCredential(url)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ import logging
 import math
 import platform
 import threading
-import urllib.parse
 import weakref
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, TypeVar, Union, cast
@@ -136,13 +135,37 @@ def _check_new_name(value: Any, what: str) -> bytes:
         raise ValueError(f"{what} is not valid Unicode text: {exc}") from None
 
 
+_URL_SCHEMES = ("ws", "wss", "http", "https")
+
+
 def check_url(value: Any, what: str) -> bytes:
-    """A client access URL (``ws``, ``wss``, ``http`` or ``https`` with a host) as C string bytes."""
-    encoded = _check_new_name(value, what)  # not cached: a URL carries its access token
-    parts = urllib.parse.urlsplit(value)
-    if parts.scheme.lower() not in ("ws", "wss", "http", "https") or not parts.hostname:
-        raise ValueError(f"{what} must be a ws:// or wss:// client access URL, got {value!r}")
+    """A client access URL (``ws``, ``wss``, ``http`` or ``https`` with a host) as C string bytes.
+
+    The URL carries its access token, so it is kept nowhere: not in the cache of
+    :func:`check_name`, not in ``urllib.parse``'s (``urlsplit`` keeps the results of its
+    recent calls, in every Python version this package supports, so it is not used
+    here), and a refused URL's error does not repeat it."""
+    encoded = _check_new_name(value, what)
+    scheme, separator, rest = value.strip().partition("://")
+    if not separator or scheme.lower() not in _URL_SCHEMES or not _url_host(rest):
+        raise ValueError(
+            f"{what} must be a ws:// or wss:// client access URL (http:// and https:// are accepted too) "
+            "with a host; the value is not shown, as it may hold an access token"
+        )
     return encoded
+
+
+def _url_host(after_scheme: str) -> str:
+    """The host of a URL, from what follows its ``scheme://``: the authority (up to the
+    first ``/``, ``?`` or ``#``) without user info and port; an IPv6 address without its
+    brackets."""
+    authority = after_scheme
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    host = authority.rpartition("@")[2]
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0]
 
 
 def check_bool(value: Any, what: str) -> bool:
