@@ -22,11 +22,12 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Any, Awaitable, Callable, Iterator, List, Optional
 
 import pytest
-from conftest import FAST, WAIT, Hub
+from conftest import FAST, WAIT, Collector, Hub, wait_until
 
 from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
 from webpubsub_client._callbacks import REGISTRY
@@ -36,8 +37,7 @@ from webpubsub_client.models import OpenClientError, WebPubSubDataType
 
 HALF = 10  # rounds of a lifecycle in each of the two halves after its warm-up rounds
 # Warm-up rounds: enough clients to start every dispatch thread of the sync client (one
-# per processor, at most 4), each of which keeps the last client it dispatched referred
-# to until it wakes up again.
+# per processor, at most 4), each with its dispatch buffers.
 WARM_UP = 4
 THREAD_SLACK = 2  # the runtime's blocking pool keeps an idle thread for 10 s
 # Native heap bytes each half may grow by, per round, in at least one of the two halves:
@@ -297,6 +297,39 @@ def test_sync_lifecycles_give_back_what_they_took(hub: Hub, refused_url: str, si
     lifecycles("sync: open timeout", open_fails(silent_url, start_timeout=0.05))
     lifecycles("sync: credential provider", provided)
     lifecycles("sync: credential provider raising", provider_raises)
+
+
+def test_a_dropped_sync_client_is_collected_while_its_dispatch_thread_waits(hub: Hub) -> None:
+    """A closed client dropped by the application goes at once, with its listener (an
+    object the client's listeners hold, which received its messages) and the parts of it
+    that its dispatch thread used for its last events (its sink): the thread, now idle,
+    does not keep them until another client's events wake it up."""
+
+    class Listener:
+        def __init__(self) -> None:
+            self.messages = Collector()
+            self.stopped = threading.Event()
+
+    def run() -> List["weakref.ref[Any]"]:
+        listener = Listener()
+        client = make(hub.url())
+        client.subscribe("group-message", listener.messages)
+        client.subscribe("stopped", listener.stopped.set)
+        client.open()
+        client.join_group("g")
+        client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+        listener.messages.wait_for(1)
+        client.close()
+        assert listener.stopped.wait(WAIT)
+        return [weakref.ref(client), weakref.ref(listener), weakref.ref(client._sink)]
+
+    references = run()
+
+    def collected() -> bool:
+        gc.collect()
+        return all(reference() is None for reference in references)
+
+    wait_until(collected, what="the dropped client, its listener and its sink collected")
 
 
 def test_sync_recoveries_give_back_what_they_took(hub: Hub) -> None:

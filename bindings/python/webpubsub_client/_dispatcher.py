@@ -120,13 +120,19 @@ class _Worker:
 
     def _run(self) -> None:
         out = _base.DispatchBuffers()
-        select = self._selector.select
         while True:
-            for key, _events in select():
-                try:
-                    key.data.run(out)
-                except Exception:  # noqa: BLE001 - the thread serves the other clients too
-                    _LOGGER.exception("webpubsub_client: error while dispatching events")
+            self._dispatch_ready(out)
+
+    def _dispatch_ready(self, out: _base.DispatchBuffers) -> None:
+        """Waits for readable descriptors, then runs their clients' dispatches. A call of
+        its own, so that what the last dispatch used (the client's :class:`Dispatch` and
+        its sink) is let go when it returns: the loop's variables would keep it while the
+        thread waits for the next events, which may never come."""
+        for key, _events in self._selector.select():
+            try:
+                key.data.run(out)
+            except Exception:  # noqa: BLE001 - the thread serves the other clients too
+                _LOGGER.exception("webpubsub_client: error while dispatching events")
 
 
 _POOL_LOCK = threading.Lock()
