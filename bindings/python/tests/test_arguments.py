@@ -240,6 +240,40 @@ async def test_bad_async_operation_arguments(call: Any, error: type, text: str) 
         await call(client)
 
 
+_UNKNOWN_EVENTS = ["nope", "group_message", 7, None, ("connected",)]
+# What subscribe and unsubscribe log for each of them, in turn.
+_IGNORED = [f"webpubsub_client: {m} ignores {e!r}" for e in _UNKNOWN_EVENTS for m in ("subscribe", "unsubscribe")]
+
+
+def _ignored_events(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [
+        r.getMessage().split(", which is not an event")[0]
+        for r in caplog.records
+        if r.name == "webpubsub_client" and r.levelno == logging.ERROR
+    ]
+
+
+def test_unknown_events_are_logged_and_ignored(client: WebPubSubClient, caplog: pytest.LogCaptureFixture) -> None:
+    """As in the official client: no error raised, none of the listeners kept (so never called),
+    each call logged at error level. Other spellings of an event's value still subscribe."""
+    for event in _UNKNOWN_EVENTS:
+        client.subscribe(event, print)  # type: ignore[call-overload]
+        client.unsubscribe(event, print)  # type: ignore[call-overload]
+    assert all(client._listeners.snapshot(kind) == () for kind in CallbackType)
+    assert _ignored_events(caplog) == _IGNORED
+    client.subscribe("Group-Message", print)  # type: ignore[call-overload]
+    assert client._listeners.snapshot(CallbackType.GROUP_MESSAGE) == (print,)
+
+
+async def test_unknown_async_events_are_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    client = AsyncWebPubSubClient(URL)
+    for event in _UNKNOWN_EVENTS:
+        await client.subscribe(event, print)  # type: ignore[call-overload]
+        await client.unsubscribe(event, print)  # type: ignore[call-overload]
+    assert all(client._listeners.snapshot(kind) == () for kind in CallbackType)
+    assert _ignored_events(caplog) == _IGNORED
+
+
 def test_an_open_error_names_its_kind_once() -> None:
     """The library's message already starts with the status name (was "connect failed: connect failed: ...")."""
     client = WebPubSubClient("ws://127.0.0.1:1/client/hubs/h?access_token=t", reconnect_retry_total=0)

@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -232,6 +233,46 @@ def test_models_have_the_official_names_and_values() -> None:
     )
     assert (error.name, error.ack_id, error.error_detail.name) == ("SendMessageError", 3, "Forbidden")
     assert ours_models.OnDisconnectedArgs(connection_id="c", message="m").message == "m"
+
+
+def run_unknown_events_scenario(package: Any, hub: Hub) -> List[str]:
+    """Subscribe listeners to names that are no event, next to a real one, and receive a
+    group message: what the listeners of the unknown names received, and the real one's."""
+    client = package.WebPubSubClient(hub.url("unknown-events"), reconnect_retry_total=0, start_timeout=5.0)
+    received = Collector()
+    for name in ("foo", "group_message", "GroupMessage"):
+        client.subscribe(name, lambda *args, name=name: received(name))
+        client.unsubscribe(name, print)
+    client.subscribe("group-message", lambda args: received(args.data))
+    client.open()
+    try:
+        client.join_group("g")
+        client.send_to_group("g", "hi", "text")
+        received.wait_for(1)
+    finally:
+        client.close()
+    return list(received.items)
+
+
+def test_unknown_event_names_are_ignored_as_by_the_official_client(hub: Hub, caplog: pytest.LogCaptureFixture) -> None:
+    """Code written for the official client runs unchanged: a name that is no event raises
+    nothing, its listener never runs, and each call is logged at error level."""
+    caplog.set_level(logging.ERROR)
+    outcomes = {}
+    # each package's logger, and the words of its message about a name that is no event
+    for package, logger, words in (
+        (official, "azure.messaging.webpubsubclient", "wrong event type"),
+        (ours, "webpubsub_client", "which is not an event"),
+    ):
+        caplog.clear()
+        received = run_unknown_events_scenario(package, hub)
+        errors = [
+            r
+            for r in caplog.records
+            if r.name.startswith(logger) and r.levelno == logging.ERROR and words in r.getMessage()
+        ]
+        outcomes[package.__name__] = (received, len(errors))
+    assert outcomes["webpubsub_client"] == outcomes["azure.messaging.webpubsubclient"] == (["hi"], 6)
 
 
 def test_without_azure_core_the_errors_are_plain_exceptions() -> None:

@@ -679,9 +679,16 @@ def event_args(event: _native.WpsEvent) -> Optional[Tuple[CallbackType, Tuple[An
     return convert(event)
 
 
-def callback_type_of(event: Any) -> CallbackType:
-    """``event`` as a :class:`CallbackType`; unknown names raise ValueError."""
-    return _enum_value(CallbackType, event, "event")
+def callback_type_of(event: Any) -> Optional[CallbackType]:
+    """``event`` as a :class:`CallbackType` (a member, or its value in any case); None
+    for anything else."""
+    try:
+        return _enum_value(CallbackType, event, "event")
+    except (TypeError, ValueError):
+        return None
+
+
+_EVENT_NAMES = ", ".join(repr(kind.value) for kind in CallbackType)
 
 
 class Listeners:
@@ -697,16 +704,25 @@ class Listeners:
         self._by_type: Dict[CallbackType, Tuple[Callable[..., Any], ...]] = {t: () for t in CallbackType}
 
     def add(self, event: Any, listener: Any) -> None:
-        """Append ``listener`` for ``event`` (the same listener may be added twice, as officially)."""
-        kind = callback_type_of(event)
+        """Append ``listener`` for ``event`` (the same listener may be added twice, as officially).
+
+        An ``event`` that names no event is logged at error level and ignored, as the
+        official client does (see ``WebPubSubClient.subscribe``); a ``listener`` that is
+        not callable raises TypeError."""
         if not callable(listener):
             raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        kind = self._known(event, "subscribe")
+        if kind is None:
+            return
         with self._lock:
             self._by_type[kind] = self._by_type[kind] + (listener,)
 
     def remove(self, event: Any, listener: Any) -> None:
-        """Remove one registration of ``listener``; absent listeners are ignored."""
-        kind = callback_type_of(event)
+        """Remove one registration of ``listener``; absent listeners, and events that name no
+        event (logged at error level), are ignored."""
+        kind = self._known(event, "unsubscribe")
+        if kind is None:
+            return
         with self._lock:
             current = list(self._by_type[kind])
             try:
@@ -715,6 +731,16 @@ class Listeners:
                 _LOGGER.info("webpubsub_client: listener to remove is not subscribed to %s", kind.value)
                 return
             self._by_type[kind] = tuple(current)
+
+    @staticmethod
+    def _known(event: Any, method: str) -> Optional[CallbackType]:
+        """``event`` as a :class:`CallbackType`, or None, logged at error level, when it names no event."""
+        kind = callback_type_of(event)
+        if kind is None:
+            _LOGGER.error(
+                "webpubsub_client: %s ignores %r, which is not an event (the events: %s)", method, event, _EVENT_NAMES
+            )
+        return kind
 
     def snapshot(self, kind: CallbackType) -> Tuple[Callable[..., Any], ...]:
         """The listeners of ``kind`` now (an immutable tuple)."""

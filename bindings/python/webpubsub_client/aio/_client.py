@@ -889,7 +889,14 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> None: ...
 
     async def subscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any], **kwargs: Any) -> None:
-        """Call ``listener`` (a function or coroutine function) for every ``event``."""
+        """Call ``listener`` (a function or coroutine function) for every ``event``.
+
+        An ``event`` that names no event (``"foo"``, a misspelt name, a number) is logged at
+        error level on the ``webpubsub_client`` logger and ignored: the listener is never
+        called. The official client does the same, and code written for it must run
+        unchanged here, so this does not raise. Event values match in any case
+        (``"CONNECTED"``), which the official client ignores.
+        """
         if kwargs:
             _base.ignore_keywords("subscribe", kwargs)
         self._listeners.add(event, listener)
@@ -937,7 +944,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> None: ...
 
     async def unsubscribe(self, event: Union[CallbackType, str], listener: Callable[..., Any], **kwargs: Any) -> None:
-        """Remove a listener added with :meth:`subscribe`."""
+        """Remove a listener added with :meth:`subscribe`.
+
+        An ``event`` that names no event is logged at error level and ignored, as in
+        :meth:`subscribe`; so is a listener that is not subscribed (logged at info level).
+        """
         if kwargs:
             _base.ignore_keywords("unsubscribe", kwargs)
         self._listeners.remove(event, listener)
