@@ -130,6 +130,21 @@ async def test_context_manager_and_round_trip(hub: Hub, protocol: WebPubSubProto
     assert not client.is_connected()
 
 
+async def test_an_ack_id_with_ack_false_is_ignored_as_by_the_official_client_async(hub: Hub) -> None:
+    """As for the sync client: the ``ack_id`` of a fire-and-forget message is left out."""
+    got = AsyncCollector()
+    async with make(hub.url("a")) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        result = await client.send_to_group("g", "1", "text", ack=False, ack_id=7)
+        assert vars(result) == {"ack_id": None, "is_duplicated": False}
+        result = await client.send_event("e", "2", "text", ack=False, ack_id=7)
+        assert vars(result) == {"ack_id": None, "is_duplicated": False}
+        result = await client.send_to_group("g", "3", "text", ack_id=7)
+        assert vars(result) == {"ack_id": 7, "is_duplicated": False}
+        assert [m.data for m in await got.wait_for(2)] == ["1", "3"]
+
+
 async def test_keyword_arguments_the_official_client_ignores_are_ignored_async(hub: Hub, caplog: Any) -> None:
     """As for the sync client (names of this test only: each is logged once per process)."""
     caplog.set_level(logging.WARNING, logger="webpubsub_client.native")  # first: each call sets the capture level too

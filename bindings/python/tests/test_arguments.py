@@ -202,18 +202,16 @@ def test_bad_data_type_spellings(spelling: Any, error: type, text: str) -> None:
         (lambda c: c.send_to_group("g", "x", 3), TypeError, "data_type must be a WebPubSubDataType"),
         (lambda c: c.send_to_group("g", "x", "text", ack="no"), TypeError, "ack must be a bool"),
         (lambda c: c.send_to_group("g", "x", "text", no_echo=1), TypeError, "no_echo must be a bool"),
-        (lambda c: c.send_to_group("g", "x", "text", ack=False, ack_id=5), ValueError, "ack_id cannot be used"),
         (lambda c: c.send_event(1, "x", "text"), TypeError, "event_name must be a str"),
         (lambda c: c.send_event("e", "x", "text", ack_id=-3), ValueError, "ack_id must be >= 1"),
         (lambda c: c.send_event("e", "x", "text", ack=None), TypeError, "ack must be a bool"),
-        (lambda c: c.send_event("e", "x", "text", ack=False, ack_id=2), ValueError, "ack_id cannot be used"),
         (lambda c: c.send_event("e", "x", "text", ack_id=2**64), ValueError, "ack_id must fit in 64 bits"),
+        (lambda c: c.send_event("e", "x", "text", ack=False, ack_id="2"), TypeError, "ack_id must be an int"),
         (lambda c: c.invoke_event("", "x", "text"), ValueError, "event_name must not be empty"),
         (lambda c: c.invoke_event("e", "x", "text", timeout=0), ValueError, "timeout must be > 0"),
         (lambda c: c.invoke_event("e", "x", "text", timeout="1"), TypeError, "timeout must be a number"),
-        (lambda c: c.subscribe("nope", print), ValueError, "event must be one of"),
         (lambda c: c.subscribe(CallbackType.CONNECTED, "not callable"), TypeError, "listener must be callable"),
-        (lambda c: c.unsubscribe(7, print), TypeError, "event must be a CallbackType or str"),
+        (lambda c: c.subscribe("nope", None), TypeError, "listener must be callable"),
     ],
 )
 def test_bad_operation_arguments(client: WebPubSubClient, call: Any, error: type, text: str) -> None:
@@ -228,10 +226,9 @@ def test_bad_operation_arguments(client: WebPubSubClient, call: Any, error: type
         (lambda c: c.send_to_group("g", 1, "text"), TypeError, "content must be a str"),
         (lambda c: c.send_event("e", "x", "bogus"), ValueError, "data_type must be one of"),
         (lambda c: c.send_to_group("g", "x", "text", no_echo="yes"), TypeError, "no_echo must be a bool"),
-        (lambda c: c.send_to_group("g", "x", "text", ack=False, ack_id=1), ValueError, "ack_id cannot be used"),
         (lambda c: c.send_event("e", "x", "text", ack=1), TypeError, "ack must be a bool"),
         (lambda c: c.invoke_event("e", "x", "text", timeout=-1), ValueError, "timeout must be a finite"),
-        (lambda c: c.subscribe("nope", print), ValueError, "event must be one of"),
+        (lambda c: c.subscribe("connected", 1), TypeError, "listener must be callable"),
     ],
 )
 async def test_bad_async_operation_arguments(call: Any, error: type, text: str) -> None:

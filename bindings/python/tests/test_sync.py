@@ -377,6 +377,26 @@ def test_no_echo_fire_and_forget_and_leave(hub: Hub, protocol: WebPubSubProtocol
     assert [m.data for m in a_got.items] == ["2-fire-and-forget", "3-after-leave", "4-from-b"]
 
 
+def test_an_ack_id_with_ack_false_is_ignored_as_by_the_official_client(hub: Hub) -> None:
+    """A fire-and-forget message has no ackId: the official client leaves out an ``ack_id``
+    given with ``ack=False``; so does this one, where it raised ValueError. The id stays
+    free: an acked send with it afterwards is no duplicate."""
+    got = Collector()
+    with make(hub.url("a")) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        assert vars(client.send_to_group("g", "1", "text", ack=False, ack_id=7)) == {
+            "ack_id": None,
+            "is_duplicated": False,
+        }
+        assert vars(client.send_event("e", "2", "text", ack=False, ack_id=7)) == {
+            "ack_id": None,
+            "is_duplicated": False,
+        }
+        assert vars(client.send_to_group("g", "3", "text", ack_id=7)) == {"ack_id": 7, "is_duplicated": False}
+        assert [m.data for m in got.wait_for(2)] == ["1", "3"]
+
+
 def test_keyword_arguments_the_official_client_ignores_are_ignored(hub: Hub, caplog: Any) -> None:
     """Code written for the official client runs unchanged: the constructor and the methods
     that take ``**kwargs`` there ignore what they do not use (an azure-core per-call option,

@@ -879,10 +879,12 @@ def connection_id_of(handle: int) -> Optional[str]:
     return None
 
 
-def send_flags(ack: Any, no_echo: Any = False, ack_id: Any = None) -> int:
-    """The ``WPS_SEND_*`` flags of a send, after checking its options: ``ack`` and
-    ``no_echo`` bools, ``ack_id`` None or a positive 64-bit int, and never with ``ack=False``
-    (a fire-and-forget message has no ackId). One call for all of them: this runs per message."""
+def send_flags(ack: Any, no_echo: Any = False, ack_id: Any = None) -> Tuple[int, Optional[int]]:
+    """The ``WPS_SEND_*`` flags of a send and the ackId to send it with, after checking its
+    options: ``ack`` and ``no_echo`` bools, ``ack_id`` None or a positive 64-bit int. With
+    ``ack=False`` the ackId is None: a fire-and-forget message has none, and the official
+    client leaves out an ``ack_id`` given with it (logged here at debug level). One call
+    for all of them: this runs per message."""
     if not isinstance(ack, bool):
         check_bool(ack, "ack")
     if not isinstance(no_echo, bool):
@@ -890,9 +892,10 @@ def send_flags(ack: Any, no_echo: Any = False, ack_id: Any = None) -> int:
     if ack_id is not None:
         check_ack_id(ack_id)
         if not ack:
-            raise ValueError("ack_id cannot be used with ack=False (a fire-and-forget message has no ackId)")
+            _LOGGER.debug("webpubsub_client: ack_id %d is not sent: a message sent with ack=False has no ackId", ack_id)
+            ack_id = None
     flags = 0 if ack else _native.SEND_FIRE_AND_FORGET
-    return (flags | _native.SEND_NO_ECHO) if no_echo else flags
+    return (flags | _native.SEND_NO_ECHO) if no_echo else flags, ack_id
 
 
 def check_timeout(timeout: Any) -> int:

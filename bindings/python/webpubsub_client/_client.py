@@ -529,8 +529,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ``content``: a ``str`` for text, any JSON value for json (with azure-core installed,
         also datetimes, timedeltas and bytes, as the official client writes them),
         ``bytes``/``bytearray``/``memoryview`` for binary and protobuf. With ``ack=False``
-        the message is sent without an ackId and the call returns once it is queued;
-        ``no_echo=True`` keeps it from coming back to this connection.
+        the message is sent without an ackId (an ``ack_id`` given too is left out, as by the
+        official client) and the call returns once it is queued; ``no_echo=True`` keeps it
+        from coming back to this connection.
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """
@@ -538,7 +539,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         kind, payload = _base.encode_content(content, data_type)
         if kwargs:
             _base.operation_keywords("send_to_group", kwargs, group_name, payload)
-        flags = _base.send_flags(ack, no_echo, ack_id)
+        flags, ack_id = _base.send_flags(ack, no_echo, ack_id)
         return self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
     def send_event(
@@ -560,7 +561,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         kind, payload = _base.encode_content(content, data_type)
         if kwargs:
             _base.operation_keywords("send_event", kwargs, event_name, payload)
-        flags = _base.send_flags(ack, ack_id=ack_id)
+        flags, ack_id = _base.send_flags(ack, ack_id=ack_id)
         return self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
     def _send(

@@ -1007,7 +1007,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             except asyncio.CancelledError:
                 self._poller.cancel(op_id)
                 raise
-        flags = _base.send_flags(ack, no_echo, ack_id)
+        flags, ack_id = _base.send_flags(ack, no_echo, ack_id)
         return await self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
     async def send_event(
@@ -1028,7 +1028,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         kind, payload = _base.encode_content(content, data_type)
         if kwargs:
             _base.operation_keywords("send_event", kwargs, event_name, payload)
-        flags = _base.send_flags(ack, ack_id=ack_id)
+        flags, ack_id = _base.send_flags(ack, ack_id=ack_id)
         return await self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
     async def _send(
