@@ -417,6 +417,46 @@ async def test_a_failing_async_credential_raises_its_own_error_from_open(hub: Hu
     assert outcomes[0] == (_TokenServiceDown, "token service down", False)
 
 
+# ---- the official package's credential with our clients -----------------------------------------
+
+
+def test_the_official_credential_works_with_our_client(hub: Hub) -> None:
+    """A program that switched the client's import and kept the official credential's
+    (``from azure.messaging.webpubsubclient import WebPubSubClientCredential``) still runs:
+    the credential is used through its ``get_client_access_url``, for every new connection."""
+    calls = []
+
+    def provide() -> str:
+        calls.append("called")
+        return hub.url("official-credential")
+
+    with ours.WebPubSubClient(official.WebPubSubClientCredential(provide), start_timeout=5.0) as client:
+        client.join_group("g")
+        assert client.send_to_group("g", "hi", "text").ack_id is not None
+    assert calls == ["called"]
+    with pytest.raises(TypeError, match="credential must be a str or WebPubSubClientCredential"):
+        ours.WebPubSubClient(object())  # type: ignore[arg-type]
+
+
+async def test_the_official_async_credential_works_with_our_async_client(hub: Hub) -> None:
+    calls = []
+
+    async def provide() -> str:
+        calls.append("called")
+        return hub.url("official-credential")
+
+    async with ours_aio.WebPubSubClient(official_aio.WebPubSubClientCredential(provide), start_timeout=5.0) as client:
+        await client.join_group("g")
+        assert (await client.send_to_group("g", "hi", "text")).ack_id is not None
+    # the sync package's credential too, whose get_client_access_url is a plain method
+    sync_credential = official.WebPubSubClientCredential(lambda: hub.url("official-credential"))
+    async with ours_aio.WebPubSubClient(sync_credential, start_timeout=5.0) as client:
+        await client.join_group("g")
+    assert calls == ["called"]
+    with pytest.raises(TypeError, match="credential must be a str or WebPubSubClientCredential"):
+        ours_aio.WebPubSubClient(object())  # type: ignore[arg-type]
+
+
 # ---- the lifecycle: before open, close, close again, open again, a lost connection ------------
 
 

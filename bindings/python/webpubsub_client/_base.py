@@ -777,6 +777,13 @@ class HeldListeners:
                 self._held = None
 
 
+def is_credential(credential: Any) -> bool:
+    """Whether ``credential`` is a credential: an object with a ``get_client_access_url()``
+    method. Not only this package's ``WebPubSubClientCredential``: a program that switched
+    the client's import may still make the official package's."""
+    return callable(getattr(credential, "get_client_access_url", None))
+
+
 # ---- native client handle -------------------------------------------------------------
 
 

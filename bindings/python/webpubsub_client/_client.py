@@ -174,7 +174,9 @@ _EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_with_ack_id
 class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     """A Web PubSub client: ``open()``, join groups, send, receive through ``subscribe``.
 
-    :param credential: the client access URL, or a :class:`WebPubSubClientCredential`.
+    :param credential: the client access URL, or a :class:`WebPubSubClientCredential` (or
+        another object with its ``get_client_access_url()`` method, such as the official
+        package's credential).
     :keyword protocol_type: ``WebPubSubProtocolType.JSON_RELIABLE`` (default) or ``JSON``.
     :keyword bool auto_rejoin_groups: rejoin the joined groups on every new connection: after a
         reconnect, and on an ``open()`` after a ``close()`` (default True).
@@ -252,11 +254,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if kwargs:
             _base.ignore_keywords("WebPubSubClient", kwargs)
         self._provider: Optional[_Provider] = None
-        if isinstance(credential, WebPubSubClientCredential):
+        if isinstance(credential, str):
+            source: Union[str, Callable[[int], None]] = credential
+        elif _base.is_credential(credential):
             self._provider = _Provider(credential.get_client_access_url)
-            source: Union[str, Callable[[int], None]] = self._provider
-        elif isinstance(credential, str):
-            source = credential
+            source = self._provider
         else:
             raise TypeError(f"credential must be a str or WebPubSubClientCredential, got {type(credential).__name__}")
         options = _base.Options(

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Tuple, Union, overload
+from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Tuple, Union, cast, overload
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -360,7 +360,7 @@ class _AsyncSink:
         self, loop: asyncio.AbstractEventLoop, credential: WebPubSubClientCredential, result: int, timeout: float
     ) -> None:
         self.credential_error, self.latest_request = None, result
-        task = loop.create_task(credential.get_client_access_url())
+        task = loop.create_task(_client_access_url(credential))
         timer = loop.call_later(timeout, task.cancel)
         task.add_done_callback(functools.partial(self._answer_credential, result, timer))
 
@@ -376,6 +376,15 @@ class _AsyncSink:
         if isinstance(error, Exception) and result == self.latest_request:
             self.credential_error = error  # the provider's own: open() raises it
         _callbacks.answer_credential(result, None, error)
+
+
+async def _client_access_url(credential: Any) -> str:
+    """What ``credential.get_client_access_url()`` gives, awaited if it is awaitable: a
+    credential of the official sync package (a plain method) works too."""
+    url = credential.get_client_access_url()
+    if inspect.isawaitable(url):
+        url = await url
+    return cast(str, url)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
@@ -695,6 +704,10 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     """The asyncio Web PubSub client; same keywords as :class:`webpubsub_client.WebPubSubClient`
     (unused ones ignored as there).
 
+    ``credential``: the client access URL, or a :class:`WebPubSubClientCredential` (or another
+    object with a ``get_client_access_url()`` method, plain or coroutine, such as the official
+    package's credential).
+
     Every operation is a coroutine; cancelling one cancels it in the library (an invoke
     sends ``cancelInvocation``). Listeners may be plain functions or coroutine functions;
     they run on the event loop that called :meth:`open`, in event order (a coroutine
@@ -731,7 +744,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> None:
         if kwargs:
             _base.ignore_keywords("WebPubSubClient", kwargs)
-        if not isinstance(credential, (WebPubSubClientCredential, str)):
+        if not isinstance(credential, str) and not _base.is_credential(credential):
             raise TypeError(f"credential must be a str or WebPubSubClientCredential, got {type(credential).__name__}")
         options = _base.Options(
             protocol_type=protocol_type,
