@@ -16,7 +16,7 @@ LOG_DIR="$ROOT/target/test-logs"
 mkdir -p "$LOG_DIR"
 # One build per run: incremental compilation state would only add gigabytes of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-ALL_SUITES="fmt clippy doc rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest python-lint python-package interop-python interop-node examples"
+ALL_SUITES="fmt clippy doc rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest pytest-py310 pytest-py313 python-lint python-package interop-python interop-node examples"
 SUITES="${SUITES:-$ALL_SUITES}"
 
 TOTAL_PASSED=0
@@ -52,6 +52,33 @@ setup_venv() {
     .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements-test.txt ||
         die "pip install failed"
     VENV_READY=1
+}
+
+# find_python VERSION: an interpreter of that minor version that runs (pyenv's, or
+# pythonVERSION on PATH), printed; fails the run when there is none.
+find_python() {
+    local version=$1 candidate
+    for candidate in $(ls -d "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/"$version".*/bin/python"$version" \
+        2>/dev/null | sort -rV) $(command -v "python$version"); do
+        if "$candidate" -c 'import sys, venv' >/dev/null 2>&1; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    die "no working python$version (pyenv or PATH); the binding is tested on it"
+}
+
+# setup_venv_for VERSION: .venv-VERSION with the test packages, for that interpreter.
+setup_venv_for() {
+    local version=$1 python
+    python=$(find_python "$version") || exit 2
+    if [ ! -x ".venv-$version/bin/python" ]; then
+        log "creating .venv-$version ($python)"
+        "$python" -m venv ".venv-$version" || die "$python -m venv failed"
+    fi
+    log "pip install into .venv-$version"
+    ".venv-$version/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt ||
+        die "pip install into .venv-$version failed"
 }
 
 setup_node() {
@@ -155,6 +182,14 @@ suite_c-stress-valgrind() {
 suite_pytest() {
     build_native; setup_venv
     run_counted pytest pytest .venv/bin/python -m pytest -q --timeout 300 bindings/python/tests
+}
+# The binding's suite again on the oldest Python it supports and the newest here
+# (coroutine listeners start eagerly from 3.12).
+suite_pytest-py310() { pytest_on 3.10 pytest-py310; }
+suite_pytest-py313() { pytest_on 3.13 pytest-py313; }
+pytest_on() {
+    build_native; setup_venv_for "$1"
+    run_counted "$2" pytest ".venv-$1/bin/python" -m pytest -q --timeout 300 bindings/python/tests
 }
 suite_python-lint() {
     setup_venv

@@ -762,7 +762,7 @@ async def test_messages_written_as_records_and_by_callback_arrive_in_order(hub: 
     async with make(hub.url("bob")) as subscriber, make(hub.url(None)) as anonymous:
         await subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
         await subscriber.join_group("g")
-        for content, kind in zip(sent, kinds):
+        for content, kind in zip(sent, kinds, strict=True):
             await anonymous.send_to_group("g", content, kind, ack=False)
         await got.wait_for(len(sent))
         await subscriber.send_to_group("g", "mine", WebPubSubDataType.TEXT)  # after the others: one sender at a time
@@ -923,7 +923,7 @@ async def test_a_timed_out_send_reports_its_ack_id_and_a_resend_with_it_is_dedup
             assert info.value.error_detail is not None and info.value.error_detail.name == "Timeout"
             lost.append(info.value.ack_id)
         assert None not in lost and lost[0] != lost[1]
-        for text, ack_id in zip(("one", "two"), lost):
+        for text, ack_id in zip(("one", "two"), lost, strict=True):
             again = await client.send_to_group("g", text, WebPubSubDataType.TEXT, ack_id=ack_id)
             assert (again.ack_id, again.is_duplicated) == (ack_id, True)
         await client.send_to_group("g", "marker", WebPubSubDataType.TEXT)

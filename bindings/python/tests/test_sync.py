@@ -474,7 +474,7 @@ def test_events_and_messages_reach_the_listeners_in_order_on_a_python_thread(hub
         subscriber.subscribe(event, lambda *args, e=event: seen((e, threading.current_thread(), args)))
     with subscriber, make(hub.url(None)) as anonymous:
         subscriber.join_group("g")
-        for content, kind in zip(sent, kinds):
+        for content, kind in zip(sent, kinds, strict=True):
             anonymous.send_to_group("g", content, kind, ack=False)
         seen.wait_for(1 + len(sent))
     items = seen.wait_for(2 + len(sent))
