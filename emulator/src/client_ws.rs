@@ -10,11 +10,13 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, Permission};
@@ -437,6 +439,71 @@ enum End {
     ServerClosing,
 }
 
+/// The server's keep-alive of one socket, run by its reader: a WebSocket ping once the
+/// client has sent nothing for `ping_after`, and the end of the socket once it has sent
+/// nothing for `drop_after` in all. A frame only records when it came: the reader's one
+/// timer is rearmed when it fires, not per frame.
+struct KeepAlive {
+    /// None: never pinged.
+    ping_after: Option<Duration>,
+    /// None: never dropped for its silence.
+    drop_after: Option<Duration>,
+    /// When the last frame came (or the socket was opened).
+    heard: Instant,
+    /// Pinged since then.
+    pinged: bool,
+}
+
+/// What a client's silence calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Silence {
+    Ping,
+    Drop,
+}
+
+impl KeepAlive {
+    fn new(config: &crate::Config) -> Self {
+        let enabled = |d: Duration| (!d.is_zero()).then_some(d);
+        KeepAlive {
+            ping_after: enabled(config.keep_alive_interval),
+            drop_after: enabled(config.keep_alive_timeout),
+            heard: Instant::now(),
+            pinged: false,
+        }
+    }
+
+    /// A frame came from the client.
+    fn heard(&mut self) {
+        self.heard = Instant::now();
+        self.pinged = false;
+    }
+
+    /// When to look at the silence again, as of `now` (None: never). Frames heard since
+    /// only make a deadline later, so the timer never fires late.
+    fn next_check(&self, now: Instant) -> Option<Instant> {
+        let ping = match self.ping_after {
+            Some(after) if self.pinged => Some(now + after), // heard again by then?
+            Some(after) => Some(self.heard + after),
+            None => None,
+        };
+        let drop = self.drop_after.map(|after| self.heard + after);
+        ping.into_iter().chain(drop).min()
+    }
+
+    /// What the silence calls for at `now`; a ping is called for once per silence.
+    fn check(&mut self, now: Instant) -> Option<Silence> {
+        let silent = now.saturating_duration_since(self.heard);
+        if self.drop_after.is_some_and(|after| silent >= after) {
+            return Some(Silence::Drop);
+        }
+        if !self.pinged && self.ping_after.is_some_and(|after| silent >= after) {
+            self.pinged = true;
+            return Some(Silence::Ping);
+        }
+        None
+    }
+}
+
 /// A JSON frame from a client. Unknown fields are ignored.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -489,12 +556,28 @@ impl Reader {
         // Once the server has queued a close, frames are read (for the client's close
         // reply) but ignored.
         let mut closing = false;
+        let mut keep_alive = KeepAlive::new(&self.server.config);
+        let first_check = keep_alive.next_check(Instant::now());
+        let armed = first_check.is_some();
+        let timer = tokio::time::sleep_until(first_check.unwrap_or_else(Instant::now));
+        tokio::pin!(timer);
         loop {
             let item = tokio::select! {
                 biased;
                 _ = kill.cancelled() => return if closing { End::Closed } else { End::Abrupt },
                 item = stream.next() => item,
+                _ = &mut timer, if armed => {
+                    let now = Instant::now();
+                    if self.keep_alive(&mut keep_alive, now) == Some(Silence::Drop) {
+                        return if closing { End::Closed } else { End::Abrupt };
+                    }
+                    if let Some(at) = keep_alive.next_check(now) {
+                        timer.as_mut().reset(at);
+                    }
+                    continue;
+                }
             };
+            keep_alive.heard();
             Stats::inc(&self.server.stats.frames_in);
             let message = match item {
                 None => return if closing { End::Closed } else { End::Abrupt },
@@ -560,6 +643,25 @@ impl Reader {
                 Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {}
             }
         }
+    }
+
+    /// Acts on the client's silence at `now`: pings it, or counts its drop (the caller
+    /// ends the socket, as an abrupt loss).
+    fn keep_alive(&self, keep_alive: &mut KeepAlive, now: Instant) -> Option<Silence> {
+        let silence = keep_alive.check(now);
+        match silence {
+            Some(Silence::Ping) => self.conn.send_control(Message::Ping(Bytes::new())),
+            Some(Silence::Drop) => {
+                Stats::inc(&self.server.stats.keep_alive_drops);
+                tracing::info!(
+                    connection = %self.conn.id,
+                    "dropped: the client has sent nothing for {:?}",
+                    keep_alive.drop_after.unwrap_or_default()
+                );
+            }
+            None => {}
+        }
+        silence
     }
 
     /// Ends the session because of bad input: `disconnected` with the reason, then a
@@ -933,5 +1035,69 @@ async fn upstream_worker(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keep_alive(ping_secs: u64, drop_secs: u64) -> KeepAlive {
+        KeepAlive::new(&crate::Config {
+            keep_alive_interval: Duration::from_secs(ping_secs),
+            keep_alive_timeout: Duration::from_secs(drop_secs),
+            ..crate::Config::default()
+        })
+    }
+
+    #[test]
+    fn a_silent_client_is_pinged_once_then_dropped() {
+        let mut k = keep_alive(20, 60);
+        let at = |secs| k.heard + Duration::from_secs(secs);
+        let (t19, t20, t21, t41, t60) = (at(19), at(20), at(21), at(41), at(60));
+        assert_eq!(k.next_check(k.heard), Some(t20));
+        assert_eq!(k.check(t19), None);
+        assert_eq!(k.check(t20), Some(Silence::Ping));
+        assert_eq!(k.check(t21), None, "one ping per silence");
+        // Looked at again one interval on (a frame by then starts a new silence).
+        assert_eq!(k.next_check(t21), Some(t41));
+        assert_eq!(k.check(t41), None);
+        assert_eq!(k.next_check(t41 + Duration::from_secs(10)), Some(t60));
+        assert_eq!(k.check(t60), Some(Silence::Drop));
+    }
+
+    #[test]
+    fn a_frame_starts_the_silence_again() {
+        let mut k = keep_alive(20, 60);
+        let start = k.heard;
+        assert_eq!(
+            k.check(start + Duration::from_secs(30)),
+            Some(Silence::Ping)
+        );
+        k.heard();
+        assert!(k.heard >= start);
+        assert_eq!(
+            k.check(k.heard + Duration::from_secs(59)),
+            Some(Silence::Ping)
+        );
+        assert_eq!(k.check(k.heard + Duration::from_secs(59)), None);
+    }
+
+    #[test]
+    fn zero_turns_either_part_off() {
+        let mut k = keep_alive(0, 60);
+        let start = k.heard;
+        assert_eq!(k.next_check(start), Some(start + Duration::from_secs(60)));
+        assert_eq!(k.check(start + Duration::from_secs(59)), None);
+        let mut k = keep_alive(20, 0);
+        let start = k.heard;
+        assert_eq!(
+            k.check(start + Duration::from_secs(3600)),
+            Some(Silence::Ping)
+        );
+        let later = start + Duration::from_secs(3601);
+        assert_eq!(k.next_check(later), Some(later + Duration::from_secs(20)));
+        assert_eq!(k.check(later), None);
+        assert_eq!(keep_alive(0, 0).next_check(start), None);
     }
 }

@@ -38,6 +38,7 @@ pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<serde_json:
         "badFrames": get(&s.bad_frames),
         "bufferOverflows": get(&s.buffer_overflows),
         "faultDrops": get(&s.faults_dropped),
+        "keepAliveDrops": get(&s.keep_alive_drops),
         "upstreamRequests": get(&s.upstream_requests),
         "upstreamErrors": get(&s.upstream_errors),
         "restRequests": get(&s.rest_requests),

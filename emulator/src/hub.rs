@@ -63,6 +63,7 @@ pub(crate) struct Stats {
     pub bad_frames: AtomicU64,
     pub buffer_overflows: AtomicU64,
     pub faults_dropped: AtomicU64,
+    pub keep_alive_drops: AtomicU64,
     pub upstream_requests: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub rest_requests: AtomicU64,

@@ -163,6 +163,14 @@ pub struct Config {
     /// Groups one connection may be in at once (default 10,000). The service documents
     /// no such limit: this one only bounds what one connection can make the emulator hold.
     pub max_groups_per_connection: usize,
+    /// Keep-alive: a client socket that has sent nothing (no frame of any kind) for this
+    /// long is sent a WebSocket ping (default 20 s, the service's documented default
+    /// ping-pong interval; zero: never pinged).
+    pub keep_alive_interval: Duration,
+    /// Keep-alive: a client socket that has sent nothing for this long in all is dropped
+    /// as an abrupt loss, as if its TCP connection had died: a reliable session stays
+    /// recoverable (default 60 s; zero: never dropped for its silence).
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for Config {
@@ -186,6 +194,8 @@ impl Default for Config {
             http_timeout: Duration::from_secs(30),
             max_connections: 100_000,
             max_groups_per_connection: 10_000,
+            keep_alive_interval: Duration::from_secs(20),
+            keep_alive_timeout: Duration::from_secs(60),
         }
     }
 }

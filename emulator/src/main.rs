@@ -52,6 +52,13 @@ struct Args {
     /// Groups one connection may be in at once.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_groups_per_connection: usize,
+    /// Keep-alive: ping a client socket that has sent nothing for N ms (0: never).
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    keep_alive_interval_ms: u64,
+    /// Keep-alive: drop a client socket that has sent nothing for N ms, as if its TCP
+    /// connection had died (0: never).
+    #[arg(long, value_name = "N", default_value_t = 60_000)]
+    keep_alive_timeout_ms: u64,
     /// TLS certificate chain (PEM); needs --tls-key.
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -106,6 +113,8 @@ fn main() -> ExitCode {
         http_timeout: Duration::from_millis(args.http_timeout_ms),
         max_connections: args.max_connections,
         max_groups_per_connection: args.max_groups_per_connection,
+        keep_alive_interval: Duration::from_millis(args.keep_alive_interval_ms),
+        keep_alive_timeout: Duration::from_millis(args.keep_alive_timeout_ms),
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,

@@ -247,6 +247,31 @@ async fn handshakes_that_never_finish_give_everything_back() {
 }
 
 #[tokio::test]
+async fn silent_upgraded_peers_are_let_go() {
+    let emu = start_with(Config {
+        keep_alive_interval: Duration::from_millis(100),
+        keep_alive_timeout: Duration::from_millis(300),
+        ..fast()
+    })
+    .await;
+    let before = baseline(&emu, true).await;
+    let token = TokenOptions {
+        groups: vec!["g".into()],
+        ..all_roles("u")
+    };
+    let url = emu.client_url("h", &token);
+    // Upgraded, then silent for good: they never read, answer a ping or close.
+    let mut peers = Vec::new();
+    for protocol in [Some(JSON), Some(RELIABLE), None] {
+        peers.push(raw_upgrade(&emu, &url, protocol).await);
+    }
+    // Let go while they are still open on this side (the reliable one after its window).
+    back_to(&emu, &before, WINDOW + WAIT).await;
+    drop(peers);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn recoveries_racing_expiring_and_late_leave_nothing_behind() {
     let emu = start_with(fast()).await;
     let before = baseline(&emu, true).await;

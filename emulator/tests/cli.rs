@@ -77,3 +77,62 @@ fn bad_flags_fail_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
 }
+
+/// The binary, killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn keep_alive_flags_drop_a_silent_client() {
+    use std::io::{Read, Write};
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["--port", "0", "--access-key", "k3y"])
+            .args(["--keep-alive-interval-ms", "100"])
+            .args(["--keep-alive-timeout-ms", "300"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the binary starts"),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .split("Port=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let token = webpubsub_emulator::auth::sign_client_token(
+        "k3y",
+        &format!("http://127.0.0.1:{port}/client/hubs/h"),
+        &webpubsub_emulator::TokenOptions::default(),
+    );
+    // A simple client that upgrades and then never reads, answers or closes.
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        tcp,
+        "GET /client/hubs/h?access_token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut received = Vec::new();
+    tcp.read_to_end(&mut received)
+        .expect("the server ends the socket in time");
+    let head_end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an upgrade answer")
+        + 4;
+    assert!(received.starts_with(b"HTTP/1.1 101"));
+    // An empty ping frame, and nothing else before the end.
+    assert_eq!(&received[head_end..], &[0x89, 0x00]);
+}

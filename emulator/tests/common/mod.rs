@@ -213,3 +213,71 @@ pub async fn fault(emulator: &Emulator, hub: &str, conn: &str, action: &str) -> 
         .await
         .unwrap()
 }
+
+/// A WebSocket peer upgraded by hand over raw TCP, offering `protocol`: the `101` head
+/// is read and nothing more, so the peer answers nothing (not even a ping) until the
+/// test makes it.
+pub async fn raw_upgrade(emulator: &Emulator, url: &str, protocol: Option<&str>) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = url
+        .split_once(&format!(":{}", emulator.port()))
+        .expect("a client URL of this emulator")
+        .1;
+    let offer = protocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
+    );
+    let mut tcp = TcpStream::connect(("127.0.0.1", emulator.port()))
+        .await
+        .unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(WAIT, tcp.read(&mut byte))
+            .await
+            .expect("an upgrade answer in time");
+        assert_eq!(read.unwrap(), 1, "closed before the upgrade");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+/// Reads what the server sends over a raw WebSocket until it ends the socket, and
+/// returns its frames as (opcode, payload). Panics unless it ends within [`WAIT`].
+pub async fn frames_until_end(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("the server ends the socket in time");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+    // Server frames are not masked.
+    let mut frames = Vec::new();
+    let mut rest = &bytes[..];
+    while rest.len() >= 2 {
+        let opcode = rest[0] & 0x0f;
+        let (len, head) = match rest[1] & 0x7f {
+            126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        frames.push((opcode, rest[head..head + len].to_vec()));
+        rest = &rest[head + len..];
+    }
+    assert!(rest.is_empty(), "a partial frame: {rest:?}");
+    frames
+}
