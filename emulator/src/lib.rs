@@ -130,7 +130,8 @@ pub struct Config {
     pub upstream: Option<String>,
     /// Fault: drop every client socket abruptly every N ms (default: off).
     pub fault_drop_every_ms: Option<u64>,
-    /// Largest WebSocket message accepted from a client (default 1 MiB).
+    /// Largest WebSocket message accepted from a client, and largest upstream reply body
+    /// read: a longer reply is an upstream failure (default 1 MiB).
     pub max_frame_bytes: usize,
     /// How long a dropped reliable connection stays recoverable (default 30 s).
     pub recovery_window: Duration,

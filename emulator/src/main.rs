@@ -28,7 +28,7 @@ struct Args {
     /// Fault injection: abruptly drop every client socket every N ms.
     #[arg(long, value_name = "N")]
     fault_drop_every_ms: Option<u64>,
-    /// Largest WebSocket message accepted from a client, in bytes.
+    /// Largest WebSocket message accepted from a client, and largest upstream reply body read, in bytes.
     #[arg(long, value_name = "N", default_value_t = 1024 * 1024)]
     max_frame_bytes: usize,
     /// How long a dropped reliable connection stays recoverable, in ms.

@@ -84,7 +84,7 @@ pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinH
     let upstream = config
         .upstream
         .as_deref()
-        .map(|u| Upstream::new(u, config.upstream_timeout))
+        .map(|u| Upstream::new(u, config.upstream_timeout, config.max_frame_bytes))
         .transpose()
         .map_err(invalid)?;
     let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -15,6 +15,26 @@ use crate::hub::{random_id, Conn, Hub, Server, Stats};
 pub(crate) struct Upstream {
     url: String,
     client: reqwest::Client,
+    /// Longest reply body read; a longer one is an upstream failure.
+    max_reply_bytes: usize,
+}
+
+/// Bytes of an error reply quoted in the failure's message.
+const ERROR_EXCERPT: usize = 200;
+
+/// Reads at most `max` bytes of a reply body: the bytes, and whether that is the whole
+/// body. What a longer body has beyond `max` is never read (dropping the response
+/// closes its connection).
+async fn read_at_most(mut resp: reqwest::Response, max: usize) -> reqwest::Result<(Bytes, bool)> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if chunk.len() > max - body.len() {
+            body.extend_from_slice(&chunk[..max - body.len()]);
+            return Ok((body.freeze(), false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body.freeze(), true))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -22,8 +42,13 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl Upstream {
-    /// A client for `url` with a per-request timeout.
-    pub(crate) fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+    /// A client for `url` with a per-request timeout, reading reply bodies of at most
+    /// `max_reply_bytes`.
+    pub(crate) fn new(
+        url: &str,
+        timeout: Duration,
+        max_reply_bytes: usize,
+    ) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
@@ -31,6 +56,7 @@ impl Upstream {
         Ok(Upstream {
             url: url.to_owned(),
             client,
+            max_reply_bytes,
         })
     }
 
@@ -103,15 +129,24 @@ impl Upstream {
                 .get("content-type")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body: Bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| format!("reading the upstream reply failed: {e}"))?;
+            let read_failed = |e| format!("reading the upstream reply failed: {e}");
             if !status.is_success() {
+                let (excerpt, _) = read_at_most(resp, ERROR_EXCERPT)
+                    .await
+                    .map_err(read_failed)?;
                 return Err(format!(
                     "the upstream answered HTTP {status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                    String::from_utf8_lossy(&excerpt)
                 ));
+            }
+            let max = self.max_reply_bytes;
+            let too_large = || format!("the upstream reply is larger than {max} bytes");
+            if resp.content_length().is_some_and(|len| len > max as u64) {
+                return Err(too_large());
+            }
+            let (body, whole) = read_at_most(resp, max).await.map_err(read_failed)?;
+            if !whole {
+                return Err(too_large());
             }
             if body.is_empty() {
                 return Ok(None);

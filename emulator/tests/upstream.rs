@@ -405,3 +405,92 @@ async fn shutdown_does_not_wait_for_a_silent_upstream() {
     );
     silent.abort();
 }
+
+#[tokio::test]
+async fn an_oversize_upstream_reply_is_an_internal_server_error() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const REPLY: usize = 64 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    // Streams a 64 MiB reply (chunked, no length given), counting the bytes it hands
+    // out, and signals when the emulator stops taking them.
+    let produced = Arc::new(AtomicUsize::new(0));
+    let (gone_tx, mut gone) = mpsc::unbounded_channel();
+    let counter = produced.clone();
+    let app = axum::Router::new().route(
+        "/events",
+        post(move |headers: HeaderMap| {
+            let (counter, gone_tx) = (counter.clone(), gone_tx.clone());
+            async move {
+                if !headers["ce-type"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("azure.webpubsub.user.")
+                {
+                    return StatusCode::NO_CONTENT.into_response();
+                }
+                if headers["ce-eventName"] == "declared" {
+                    // Its length is declared: 2 MiB.
+                    return ([("content-type", "text/plain")], vec![b'x'; 2 << 20]).into_response();
+                }
+                let guard = DropSignal(gone_tx);
+                let chunks = futures_util::StreamExt::map(
+                    futures_util::stream::iter(0..REPLY / CHUNK),
+                    move |_| {
+                        let _ = &guard;
+                        counter.fetch_add(CHUNK, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(Bytes::from(vec![b'x'; CHUNK]))
+                    },
+                );
+                (
+                    [("content-type", "text/plain")],
+                    axum::body::Body::from_stream(chunks),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let emu = start_with(Config {
+        upstream: Some(url),
+        ..Config::default()
+    })
+    .await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    let ack = a
+        .call(json!({"type":"event","event":"big","ackId":1,"dataType":"text","data":"x"}))
+        .await;
+    assert_ack_error(&ack, "InternalServerError");
+    let message = ack["error"]["message"].as_str().unwrap();
+    assert!(message.contains("larger than 1048576 bytes"), "{message}");
+    // The emulator gave the reply up well before its end.
+    tokio::time::timeout(WAIT, gone.recv())
+        .await
+        .expect("the reply is abandoned");
+    let taken = produced.swap(0, Ordering::SeqCst);
+    assert!(taken < REPLY, "{taken} bytes taken");
+
+    a.send_json(json!({"type":"invoke","invocationId":"i","event":"big"}))
+        .await;
+    let r = a.next_json().await;
+    assert_eq!(
+        (r["invocationId"].as_str(), r["success"].as_bool()),
+        (Some("i"), Some(false)),
+        "{r}"
+    );
+    assert_eq!(r["error"]["name"], "InternalServerError", "{r}");
+    tokio::time::timeout(WAIT, gone.recv())
+        .await
+        .expect("the reply is abandoned");
+    assert!(produced.load(Ordering::SeqCst) < REPLY);
+    let ack = a
+        .call(json!({"type":"event","event":"declared","ackId":2,"dataType":"text","data":"x"}))
+        .await;
+    assert_ack_error(&ack, "InternalServerError");
+    // The connection is still served.
+    a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(a.next_json().await["type"], "pong");
+    emu.shutdown().await;
+    server.abort();
+}
