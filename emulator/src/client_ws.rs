@@ -978,11 +978,12 @@ impl Detached {
         }
     }
 
-    /// Handles one text frame; `false` when it would close the connection.
+    /// Handles one text frame; `false` when it would close the connection or closed
+    /// it (a socket's reader handles nothing more then either).
     pub(crate) fn frame(&mut self, text: &str) -> bool {
         let ok = self.reader.handle_json(text).is_ok();
         while self.rx.try_recv().is_some() {}
-        ok
+        ok && !self.reader.conn.is_closed()
     }
 }
 

@@ -49,13 +49,21 @@ pub mod fuzzing {
     use crate::slots::Slots;
     use crate::Config;
 
-    /// An emulator without a listener, to feed client frames to.
+    /// An emulator without a listener, to feed client frames to. Its reliable buffer
+    /// holds 8 unacknowledged messages, so that a few frames can make it overflow.
     pub struct ClientFrames {
         server: Arc<Server>,
+        /// Runs what the frame handling spawns (the removal of a connection whose
+        /// buffer overflowed).
+        runtime: tokio::runtime::Runtime,
     }
 
     impl Default for ClientFrames {
         fn default() -> Self {
+            let config = Config {
+                max_unacked_frames: 8,
+                ..Config::default()
+            };
             ClientFrames {
                 server: Arc::new(Server {
                     access_key: "fuzz".into(),
@@ -65,19 +73,30 @@ pub mod fuzzing {
                     upstream: None,
                     shutdown: CancellationToken::new(),
                     tasks: TaskTracker::new(),
-                    slots: Slots::new(Config::default().max_connections),
-                    config: Config::default(),
+                    slots: Slots::new(config.max_connections),
+                    config,
                 }),
+                runtime: tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a current-thread runtime"),
             }
         }
     }
 
     impl ClientFrames {
         /// Feeds `frames` as the text frames of one new reliable connection, in order,
-        /// until one would close it. Returns how many were accepted.
+        /// until one would close it or one closed it. Returns how many were accepted.
+        /// It runs them on its own runtime: not to be called from within another one.
         pub fn connection<'a>(&self, frames: impl IntoIterator<Item = &'a str>) -> usize {
-            let mut conn = crate::client_ws::Detached::new(&self.server);
-            frames.into_iter().take_while(|f| conn.frame(f)).count()
+            self.runtime.block_on(async {
+                let mut conn = crate::client_ws::Detached::new(&self.server);
+                let accepted = frames.into_iter().take_while(|f| conn.frame(f)).count();
+                drop(conn);
+                // Lets what the frames spawned run to its end.
+                tokio::task::yield_now().await;
+                accepted
+            })
         }
 
         /// Hubs in the server's table: none once every connection fed is gone.
@@ -104,6 +123,19 @@ pub mod fuzzing {
             assert_eq!(emulator.connection(frames), 4);
             assert_eq!(emulator.connection([r#"{"type":"ping"}"#]), 1);
             assert_eq!(emulator.hubs(), 0);
+        }
+
+        #[test]
+        fn a_connection_past_its_reliable_buffer_is_closed_outside_a_runtime() {
+            let emulator = ClientFrames::default();
+            let publish = r#"{"type":"sendToGroup","group":"g","dataType":"text","data":"x"}"#;
+            let frames = std::iter::once(r#"{"type":"joinGroup","group":"g"}"#)
+                .chain(std::iter::repeat(publish).take(100));
+            // Its own messages are never acknowledged: the ninth overflows the buffer,
+            // which closes the connection.
+            assert_eq!(emulator.connection(frames), 9);
+            assert_eq!(emulator.hubs(), 0);
+            assert_eq!(emulator.connection([r#"{"type":"ping"}"#]), 1);
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The emulator's handling of client text frames: the input is split into lines, each
 //! one frame of the same connection (join, publish to itself, sequence acks, bad
-//! frames...), run through the real frame handler. Must never panic, and the hub
-//! must be forgotten once the connection is gone.
+//! frames...), run through the real frame handler. Its reliable buffer is small (8
+//! messages), so that a few unacknowledged publications make it overflow, which closes
+//! the connection. Must never panic, and the hub must be forgotten once the connection
+//! is gone.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
