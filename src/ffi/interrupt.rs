@@ -4,18 +4,15 @@
 
 use std::ffi::c_int;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError};
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
-use std::thread::Thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 
 use super::gate::InCallback;
 use super::panic::guard;
+use super::park;
 use super::status::{fail, wps_status, WPS_STATUS_INVALID_ARGUMENT};
 
 /// Interrupt check: returns non-zero to end the wait of the blocking call that asks.
@@ -97,23 +94,6 @@ pub extern "C" fn wps_set_interrupt_check(cb: wps_interrupt_cb, interval_ms: u32
 /// The interrupt check ended the wait.
 pub(crate) struct Interrupted;
 
-/// Wakes the thread that waits in `block_on`.
-struct Unpark(Thread);
-
-impl Wake for Unpark {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-thread_local! {
-    static WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-}
-
 /// Waits on this thread for what `rx` receives (the output of a future spawned on the
 /// runtime: a blocking call made on a thread of the runtime, such as a credential
 /// callback's), asking the check every interval; the caller gives the future up when
@@ -133,33 +113,11 @@ pub(crate) fn recv<T>(rx: &Receiver<T>) -> Result<Result<T, RecvError>, Interrup
 }
 
 /// Runs `fut` to completion on this thread, driven by the runtime's I/O and timers
-/// (this thread only polls it). With an interrupt check set, it is asked every
-/// interval, and the future is dropped once it says so.
+/// (this thread only polls it: see `park`). With an interrupt check set, it is asked
+/// every interval, and the future is dropped once it says so.
 pub(crate) fn block_on<F: Future>(rt: &Handle, fut: F) -> Result<F::Output, Interrupted> {
-    let Some(check) = current() else {
-        return Ok(rt.block_on(fut));
-    };
-    // Without this thread's waker (destroyed: a call from a thread-exit handler), the
-    // wait is not interrupted.
-    let Ok(waker) = WAKER.try_with(Waker::clone) else {
-        return Ok(rt.block_on(fut));
-    };
-    let _context = rt.enter();
-    let mut cx = Context::from_waker(&waker);
-    let mut fut = pin!(fut);
-    let mut next_check = Instant::now() + check.interval;
-    loop {
-        if let Poll::Ready(output) = fut.as_mut().poll(&mut cx) {
-            return Ok(output);
-        }
-        let now = Instant::now();
-        if now >= next_check {
-            if check.interrupted() {
-                return Err(Interrupted);
-            }
-            next_check = now + check.interval;
-        }
-        // Woken (or spuriously, which only costs a poll) or due for a check.
-        std::thread::park_timeout(next_check - now);
-    }
+    let check = current();
+    let interrupted = || check.is_some_and(|c| c.interrupted());
+    let check = check.map(|c| (c.interval, &interrupted as &dyn Fn() -> bool));
+    park::block_on(rt, fut, check).ok_or(Interrupted)
 }

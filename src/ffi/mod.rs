@@ -17,3 +17,4 @@ mod convert;
 mod dispatcher;
 mod log;
 mod panic;
+mod park;
