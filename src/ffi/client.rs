@@ -9,11 +9,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{c_char, c_int, c_void};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use log::warn;
 
 use crate::client::{
@@ -160,7 +162,7 @@ where
     }
     let (tx, rx) = mpsc::sync_channel(1);
     let task = rt.spawn(async move {
-        let _ = tx.send(fut.await);
+        let _ = tx.send(AssertUnwindSafe(fut).catch_unwind().await);
     });
     let received = if interruptible {
         interrupt::recv(&rx)
@@ -168,12 +170,12 @@ where
         Ok(rx.recv())
     };
     match received {
-        Ok(output) => output.map_err(|_| {
-            fail(
-                WPS_STATUS_INTERNAL,
-                "the operation was dropped by the runtime",
-            )
-        }),
+        // A panic in the future goes on here, to the caller's panic boundary.
+        Ok(Ok(output)) => Ok(output.unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
+        Ok(Err(_)) => Err(fail(
+            WPS_STATUS_INTERNAL,
+            "the operation was dropped by the runtime",
+        )),
         Err(Interrupted) => {
             // Dropping the future gives the operation up, as on the other path.
             task.abort();
@@ -1576,4 +1578,39 @@ pub unsafe extern "C" fn wps_client_cancel(c: *mut wps_client, op_id: u64) -> wp
         );
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::status::{wps_last_error_message, WPS_STATUS_PANIC};
+    use std::ffi::CStr;
+
+    /// On a thread of the runtime (where a credential callback runs), a blocking call's
+    /// future is spawned and waited for; a panic in it still reaches the call's panic
+    /// boundary: `WPS_STATUS_PANIC`, as on the caller's own thread.
+    #[test]
+    fn a_panic_in_a_spawned_wait_reaches_the_callers_boundary() {
+        let rt = runtime().unwrap_or_else(|_| panic!("no runtime"));
+        let (status, message) = rt.block_on(async {
+            tokio::task::spawn_blocking(|| {
+                let status = guard(|| {
+                    wait(
+                        async {
+                            if true {
+                                panic!("a bug in the operation");
+                            }
+                        },
+                        false,
+                    )
+                });
+                let message = unsafe { CStr::from_ptr(wps_last_error_message()) };
+                (status, message.to_string_lossy().into_owned())
+            })
+            .await
+            .unwrap()
+        });
+        assert_eq!(status, WPS_STATUS_PANIC);
+        assert_eq!(message, "internal panic: a bug in the operation");
+    }
 }
