@@ -16,8 +16,11 @@
  *   the duration of the call only. A `user_data_free` finalizer runs exactly once,
  *   after the last callback that may use that user_data.
  * - Event and completion callbacks run on library-owned dispatcher threads (a small
- *   shared pool; every client is pinned to one thread, so one client's callbacks are
- *   ordered), never on the I/O threads; in poll mode (WPS_DISPATCH_POLL), on the
+ *   shared pool; every client is pinned to one thread, so one client's callbacks run
+ *   one at a time: events in the order their frames came, completions in the order
+ *   the operations completed; the frames read together are handed over as one batch,
+ *   so a completion may run before an event whose frame came just before its ack),
+ *   never on the I/O threads; in poll mode (WPS_DISPATCH_POLL), on the
  *   thread calling `wps_client_dispatch`. Every function may be called from inside a
  *   callback, blocking ones included (acks are resolved on the I/O threads, so they
  *   cannot deadlock; meanwhile the clients sharing that dispatcher thread wait);
