@@ -600,16 +600,6 @@ async fn a_client_that_stops_reading_is_let_go_once_closed() {
     emu.shutdown().await;
 }
 
-/// The binary, killed when dropped.
-struct Binary(std::process::Child);
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Descriptors and threads of process `pid`.
 fn fds_and_threads(pid: u32) -> (usize, usize) {
     let count = |dir: &str| {
@@ -622,30 +612,10 @@ fn fds_and_threads(pid: u32) -> (usize, usize) {
 
 #[tokio::test]
 async fn the_binary_is_back_to_its_descriptors_and_threads() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut binary = Binary(
-        Command::new(env!("CARGO_BIN_EXE_webpubsub-emulator"))
-            .args(["--port", "0", "--access-key", "churn-key"])
-            .args(["--recovery-window-ms", "300", "--http-timeout-ms", "300"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the binary starts"),
+    let (binary, port) = spawn_binary(
+        "churn-key",
+        &["--recovery-window-ms", "300", "--http-timeout-ms", "300"],
     );
-    let mut line = String::new();
-    BufReader::new(binary.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .split("Port=")
-        .nth(1)
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
     let pid = binary.0.id();
     let endpoint = format!("http://127.0.0.1:{port}/client/hubs/h");
     let token =

@@ -3,6 +3,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::spawn_binary;
+
 const BIN: &str = env!("CARGO_BIN_EXE_webpubsub-emulator");
 
 #[test]
@@ -78,39 +81,18 @@ fn bad_flags_fail_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
 }
 
-/// The binary, killed when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn keep_alive_flags_drop_a_silent_client() {
     use std::io::{Read, Write};
-    let mut child = Child(
-        Command::new(BIN)
-            .args(["--port", "0", "--access-key", "k3y"])
-            .args(["--keep-alive-interval-ms", "100"])
-            .args(["--keep-alive-timeout-ms", "300"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the binary starts"),
+    let (_binary, port) = spawn_binary(
+        "k3y",
+        &[
+            "--keep-alive-interval-ms",
+            "100",
+            "--keep-alive-timeout-ms",
+            "300",
+        ],
     );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .split("Port=")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
-        .and_then(|port| port.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     let token = webpubsub_emulator::auth::sign_client_token(
         "k3y",
         &format!("http://127.0.0.1:{port}/client/hubs/h"),

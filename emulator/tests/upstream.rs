@@ -114,6 +114,17 @@ async fn emulator_with_upstream() -> (Upstream, Emulator) {
     (up, emu)
 }
 
+/// An emulator that posts its events to `url`, and a JSON client of it.
+async fn emulator_posting_to(url: String) -> (Emulator, Ws) {
+    let emu = start_with(Config {
+        upstream: Some(url),
+        ..Config::default()
+    })
+    .await;
+    let (a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    (emu, a)
+}
+
 async fn next_seen(up: &mut Upstream) -> Seen {
     tokio::time::timeout(WAIT, up.seen.recv())
         .await
@@ -269,12 +280,7 @@ async fn unreachable_upstream_is_an_internal_server_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/x", listener.local_addr().unwrap());
     drop(listener); // nothing listens there any more
-    let emu = start_with(Config {
-        upstream: Some(url),
-        ..Config::default()
-    })
-    .await;
-    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    let (emu, mut a) = emulator_posting_to(url).await;
     let ack = a
         .call(json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"}))
         .await;
@@ -384,12 +390,7 @@ async fn shutdown_does_not_wait_for_a_silent_upstream() {
             held.push(socket);
         }
     });
-    let emu = start_with(Config {
-        upstream: Some(url),
-        ..Config::default()
-    })
-    .await;
-    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    let (emu, mut a) = emulator_posting_to(url).await;
     a.send_json(json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"}))
         .await;
     a.send_json(json!({"type":"invoke","invocationId":"i","target":"event","event":"e"}))
@@ -452,12 +453,7 @@ async fn an_oversize_upstream_reply_is_an_internal_server_error() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let emu = start_with(Config {
-        upstream: Some(url),
-        ..Config::default()
-    })
-    .await;
-    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    let (emu, mut a) = emulator_posting_to(url).await;
     let ack = a
         .call(json!({"type":"event","event":"big","ackId":1,"dataType":"text","data":"x"}))
         .await;

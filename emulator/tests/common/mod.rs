@@ -281,3 +281,40 @@ pub async fn frames_until_end(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
     assert!(rest.is_empty(), "a partial frame: {rest:?}");
     frames
 }
+
+/// The emulator binary, killed when dropped.
+pub struct Binary(pub std::process::Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the emulator binary on an OS-chosen port with `--access-key key` and `flags`;
+/// returns it and the port from the connection string it prints first.
+pub fn spawn_binary(key: &str, flags: &[&str]) -> (Binary, u16) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut binary = Binary(
+        Command::new(env!("CARGO_BIN_EXE_webpubsub-emulator"))
+            .args(["--port", "0", "--access-key", key])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the binary starts"),
+    );
+    let mut line = String::new();
+    BufReader::new(binary.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .split("Port=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (binary, port)
+}
