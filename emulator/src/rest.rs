@@ -78,6 +78,10 @@ pub(crate) async fn dispatch(
     body: Body,
 ) -> Response {
     Stats::inc(&server.stats.rest_requests);
+    // The Health API (`HEAD /api/health`): a probe, answered without a token.
+    if uri.path() == "/api/health" && (method == Method::HEAD || method == Method::GET) {
+        return status(StatusCode::OK);
+    }
     let Some(rest) = uri.path().strip_prefix("/api/hubs/") else {
         return error(
             StatusCode::NOT_FOUND,

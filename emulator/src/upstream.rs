@@ -72,9 +72,13 @@ impl Upstream {
             Hmac::<Sha256>::new_from_slice(server.access_key.as_bytes()).expect("any key");
         mac.update(conn.id.as_bytes());
         let signature = format!("sha256={}", hex(&mac.finalize().into_bytes()));
+        // The service sends its own host here on every request (the CloudEvents
+        // abuse-protection origin); @azure/web-pubsub-express ignores one without it.
+        let origin = format!("{}:{}", server.public_host(), server.port);
         let mut req = self
             .client
             .post(&self.url)
+            .header("WebHook-Request-Origin", origin)
             .header("ce-specversion", "1.0")
             .header("ce-type", ce_type)
             .header(

@@ -539,6 +539,24 @@ async fn unknown_routes_and_bad_bodies() {
     emu.shutdown().await;
 }
 
+/// `HEAD /api/health` (the Health API's Get Service Status, which the JS SDK's
+/// getServiceStatus sample calls): 200 with or without a token, as the service answers
+/// its health probe; other methods there are unknown routes.
+#[tokio::test]
+async fn health_api_answers_200() {
+    let emu = start().await;
+    let url = format!("{}/api/health?api-version=2024-12-01", emu.endpoint());
+    let token = rest_token(&emu, &url);
+    assert_eq!(
+        call_with(&url, Method::HEAD, Some(token), None).await,
+        (200, String::new())
+    );
+    assert_eq!(call_with(&url, Method::HEAD, None, None).await.0, 200);
+    assert_eq!(call_with(&url, Method::GET, None, None).await.0, 200);
+    assert_eq!(call_with(&url, Method::POST, None, None).await.0, 404);
+    emu.shutdown().await;
+}
+
 /// `path` with `filter` as a query parameter (percent-encoded).
 fn filtered(path: &str, filter: &str) -> String {
     let sep = if path.contains('?') { '&' } else { '?' };

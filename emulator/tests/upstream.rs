@@ -40,7 +40,7 @@ impl Drop for DropSignal {
 struct Upstream {
     url: String,
     seen: mpsc::UnboundedReceiver<Seen>,
-    system: mpsc::UnboundedReceiver<String>,
+    system: mpsc::UnboundedReceiver<Seen>,
     cancelled: mpsc::UnboundedReceiver<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -61,7 +61,7 @@ async fn upstream() -> Upstream {
             async move {
                 let ce_type = headers["ce-type"].to_str().unwrap().to_owned();
                 if !ce_type.starts_with("azure.webpubsub.user.") {
-                    let _ = system_tx.send(ce_type);
+                    let _ = system_tx.send(Seen { headers, body });
                     return StatusCode::NO_CONTENT.into_response();
                 }
                 let event = headers["ce-eventName"].to_str().unwrap().to_owned();
@@ -125,6 +125,12 @@ async fn emulator_posting_to(url: String) -> (Emulator, Ws) {
     (emu, a)
 }
 
+/// The `WebHook-Request-Origin` the emulator sends: the host of its endpoint, as the
+/// service sends its own (`xxx.webpubsub.azure.com`).
+fn origin(emu: &Emulator) -> String {
+    emu.endpoint().split_once("://").unwrap().1.to_owned()
+}
+
 async fn next_seen(up: &mut Upstream) -> Seen {
     tokio::time::timeout(WAIT, up.seen.recv())
         .await
@@ -151,6 +157,8 @@ async fn events_are_cloud_events_and_replies_come_back() {
     );
     assert_eq!(seen.h("ce-hub"), "Chat");
     assert_eq!(seen.h("ce-eventName"), "echo");
+    // Always sent by the service; @azure/web-pubsub-express ignores a request without it.
+    assert_eq!(seen.h("webhook-request-origin"), origin(&emu));
     assert!(!seen.h("ce-id").is_empty() && !seen.h("ce-source").is_empty());
     assert!(seen.h("ce-time").ends_with('Z'), "{}", seen.h("ce-time"));
     assert!(seen.h("content-type").starts_with("text/plain"));
@@ -298,13 +306,17 @@ async fn connected_and_disconnected_system_events() {
     let (a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
     let event = tokio::time::timeout(WAIT, up.system.recv())
         .await
-        .expect("connected");
-    assert_eq!(event.as_deref(), Some("azure.webpubsub.sys.connected"));
+        .expect("connected")
+        .unwrap();
+    assert_eq!(event.h("ce-type"), "azure.webpubsub.sys.connected");
+    assert_eq!(event.h("webhook-request-origin"), origin(&emu));
     a.close().await;
     let event = tokio::time::timeout(WAIT, up.system.recv())
         .await
-        .expect("disconnected");
-    assert_eq!(event.as_deref(), Some("azure.webpubsub.sys.disconnected"));
+        .expect("disconnected")
+        .unwrap();
+    assert_eq!(event.h("ce-type"), "azure.webpubsub.sys.disconnected");
+    assert_eq!(event.h("webhook-request-origin"), origin(&emu));
     emu.shutdown().await;
     up.task.abort();
 }
