@@ -6,8 +6,10 @@ import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { createServer } from "node:http";
-import { WebPubSubClient } from "@azure/web-pubsub-client";
+import { WebPubSubClient, WebPubSubJsonProtocol } from "@azure/web-pubsub-client";
 import { WebPubSubServiceClient } from "@azure/web-pubsub";
+import { WebPubSubEventHandler } from "@azure/web-pubsub-express";
+import express from "express";
 
 const HUB = "interop";
 const ROLES = ["webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"];
@@ -244,5 +246,150 @@ test("sendEvent and invokeEvent through an upstream", async () => {
   } finally {
     await stopEmulator(proc);
     upstream.close();
+  }
+});
+
+// ---- The official samples, re-typed: the same calls in the same order, with asserts. ----
+
+test("sample web-pubsub-client helloworld: a getClientAccessUrl credential and group-scoped roles", async () => {
+  const groupName = "testGroup";
+  const fetchClientAccessUrl = async () =>
+    (
+      await service.getClientAccessToken({
+        roles: [`webpubsub.joinLeaveGroup.${groupName}`, `webpubsub.sendToGroup.${groupName}`],
+      })
+    ).url;
+  const c = await newClient({ getClientAccessUrl: fetchClientAccessUrl });
+  await c.sdk.joinGroup(groupName);
+  await c.sdk.sendToGroup(groupName, "hello world", "text", { fireAndForget: true });
+  await c.sdk.sendToGroup(groupName, { a: 12, b: "hello" }, "json");
+  await c.sdk.sendToGroup(groupName, "hello json", "json");
+  const buf = Buffer.from("aGVsbG9w", "base64");
+  await c.sdk.sendToGroup(groupName, buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength), "binary");
+  const got = [];
+  for (let i = 0; i < 4; i++) got.push(await c.group.next(`group message ${i}`));
+  assert.deepEqual(got.map((m) => m.group), Array(4).fill(groupName));
+  assert.deepEqual(got.slice(0, 3).map((m) => m.data), ["hello world", { a: 12, b: "hello" }, "hello json"]);
+  assert.equal(Buffer.from(got[3].data).toString("base64"), "aGVsbG9w");
+  c.sdk.stop();
+  assert.equal((await c.disconnected.next("disconnected")).connectionId, c.connectionId);
+});
+
+test("samples web-pubsub broadcasting, directMessage and managingGroups", async () => {
+  // The samples use made-up user and connection ids; real ones are used here, so that
+  // their effect can be seen (adding an unknown connection is a 404 on the service too).
+  const chatHub = service;
+  const bterlson = await newClient(await clientUrl("bterlson"));
+  const xirzec = await newClient(await clientUrl("xirzec"));
+  await chatHub.group("admin").addUser("xirzec");
+
+  // broadcasting
+  await chatHub.sendToAll("Hi there!");
+  const adminGroup = chatHub.group("admin");
+  await adminGroup.sendToAll("Hi admins!");
+  const data = new Uint8Array(10);
+  for (let i = 0; i < 10; i++) data[i] = i;
+  await chatHub.sendToAll(data.buffer);
+  assert.equal((await bterlson.server.next()).data, "Hi there!");
+  assert.deepEqual([...new Uint8Array((await bterlson.server.next()).data)], [...data]);
+  assert.equal((await xirzec.server.next()).data, "Hi there!");
+  assert.equal((await xirzec.server.next()).data, "Hi admins!");
+  assert.deepEqual([...new Uint8Array((await xirzec.server.next()).data)], [...data]);
+
+  // directMessage: to a user, then the sample's second call (a connection id as a user id)
+  await chatHub.sendToUser("bterlson", "Hi there!");
+  await chatHub.sendToUser(bterlson.connectionId, "Hi there!");
+  assert.equal((await bterlson.server.next()).data, "Hi there!");
+
+  // managingGroups
+  await adminGroup.addUser("bterlson");
+  await adminGroup.removeUser("xirzec");
+  await adminGroup.addConnection(xirzec.connectionId);
+  await adminGroup.removeConnection(xirzec.connectionId);
+  await adminGroup.sendToAll("admins now", { contentType: "text/plain" });
+  assert.equal((await bterlson.server.next()).data, "admins now");
+  await chatHub.sendToConnection(xirzec.connectionId, "last", { contentType: "text/plain" });
+  assert.equal((await xirzec.server.next()).data, "last", "xirzec is out of admin");
+  await assert.rejects(adminGroup.addConnection("Tn3XcrAbHI0OE36XvbWwige4ac096c1"), (err) => err.statusCode === 404);
+  assert.equal(bterlson.server.size, 0, "the connection id is not a user id");
+});
+
+test("README: WebPubSubJsonProtocol reconnects after a drop and rejoins its groups", async () => {
+  // A client on json.webpubsub.azure.v1 cannot recover: a lost socket means a new
+  // connection, and autoRejoinGroups joins again the groups the client joined itself.
+  // One joined through a REST grant fails to rejoin ("rejoin-group-failed").
+  const url = await clientUrl("rejoiner", ["webpubsub.joinLeaveGroup.mine"]);
+  const c = await newClient(url, { protocol: WebPubSubJsonProtocol() });
+  const failed = new Queue();
+  c.sdk.on("rejoin-group-failed", (e) => failed.push(e.group));
+  await c.sdk.joinGroup("mine");
+  await service.grantPermission(c.connectionId, "joinLeaveGroup", { targetName: "granted" });
+  await c.sdk.joinGroup("granted");
+  assert.equal(await fault(c.connectionId, ":drop"), 200);
+  assert.equal((await c.disconnected.next("disconnected")).connectionId, c.connectionId);
+  assert.equal(await failed.next("rejoin-group-failed"), "granted");
+  const again = (await c.connected.next("the new connection")).connectionId;
+  assert.notEqual(again, c.connectionId);
+  await service.group("mine").sendToAll("to mine", { contentType: "text/plain" });
+  await service.group("granted").sendToAll("to granted", { contentType: "text/plain" });
+  await service.sendToConnection(again, "marker", { contentType: "text/plain" });
+  assert.equal((await c.server.next()).data, "to mine");
+  assert.equal((await c.server.next()).data, "marker");
+});
+
+test("README: autoReconnect false stops the client when the server closes it", async () => {
+  const c = await newClient(await clientUrl("once"), { autoReconnect: false });
+  const stopped = new Queue();
+  c.sdk.on("stopped", () => stopped.push(true));
+  await service.closeUserConnections("once", { reason: "done" });
+  assert.equal((await c.disconnected.next("disconnected")).message.message, "done");
+  assert.equal(await stopped.next("stopped"), true);
+  assert.equal(await service.userExists("once"), false);
+});
+
+test("sample web-pubsub-express server: its handler answers the emulator's user events", async () => {
+  // The sample's handler (handleConnect, onConnected, handleUserEvent, allowedEndpoints)
+  // on an express app, with the emulator's --upstream at the handler's path. The
+  // emulator sends no connect event and keeps no connection state: handleConnect is
+  // never called and the state the sample sets there is not sent back.
+  const seen = new Queue();
+  const handler = new WebPubSubEventHandler("chat", {
+    handleConnect(req, res) {
+      res.setState("calledTime", 1);
+      res.success();
+    },
+    onConnected(connectedRequest) {
+      seen.push(["connected", connectedRequest.context.connectionId, connectedRequest.context.origin]);
+    },
+    handleUserEvent(req, res) {
+      const calledTime = req.context.states.calledTime++;
+      seen.push(["user", req.context.connectionId, req.data, req.context.origin]);
+      res.setState("calledTime", calledTime);
+      res.success("Hello", "text");
+    },
+    allowedEndpoints: ["https://xxx.webpubsub.azure.com"],
+  });
+  const app = express();
+  app.use(handler.getMiddleware());
+  const server = await new Promise((resolve) => {
+    const s = app.listen(0, "127.0.0.1", () => resolve(s));
+  });
+  const upstream = `http://127.0.0.1:${server.address().port}${handler.path}`;
+  const [proc, cs] = await startEmulator(["--upstream", upstream]);
+  try {
+    const origin = /Endpoint=https?:\/\/([^;]+);Port=(\d+);/.exec(cs).slice(1).join(":");
+    const svc = new WebPubSubServiceClient(cs, "chat", { allowInsecureConnection: true });
+    const c = await newClient((await svc.getClientAccessToken({ userId: "user1" })).url);
+    assert.deepEqual(await seen.next("onConnected"), ["connected", c.connectionId, origin]);
+    await c.sdk.sendEvent("hello", "first", "text");
+    assert.deepEqual(await seen.next("handleUserEvent"), ["user", c.connectionId, "first", origin]);
+    assert.equal((await c.server.next("the handler's reply")).data, "Hello");
+    await c.sdk.sendEvent("hello", "second", "text");
+    assert.equal((await c.server.next("the handler's reply")).data, "Hello");
+    c.sdk.stop();
+  } finally {
+    await stopEmulator(proc);
+    server.closeAllConnections();
+    server.close();
   }
 });
