@@ -169,8 +169,15 @@ class Emulator:
         parts = dict(p.split("=", 1) for p in line.strip(";").split(";"))
         self.port = int(parts["Port"])
         self.base = f"http://127.0.0.1:{self.port}"
-        # keep draining stdout so that the process never blocks on a full pipe
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()
+        # keep draining stdout so that the process never blocks on a full pipe; closed at
+        # its end (an unclosed pipe is a ResourceWarning, an error under ``-W error``)
+        self._drain = threading.Thread(target=self._drain_stdout, args=(self.process.stdout,), daemon=True)
+        self._drain.start()
+
+    @staticmethod
+    def _drain_stdout(stdout: Any) -> None:
+        with stdout:
+            stdout.read()
 
     def post(self, path: str) -> int:
         """POST to an emulator-only test route; returns the HTTP status."""
@@ -207,6 +214,11 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        drain: Optional[threading.Thread] = getattr(self, "_drain", None)
+        if drain is not None:
+            drain.join(timeout=10)  # it closes the pipe at its end
+        elif self.process.stdout is not None:
+            self.process.stdout.close()  # it did not print its connection string
         self._stderr.close()
         if self.process.returncode == 0:
             self.stderr_path.unlink()  # kept only when the emulator did not exit cleanly
