@@ -261,7 +261,9 @@ async def test_a_cancelled_send_is_cancelled_and_the_client_stays_usable(hub: Hu
         after = await client.send_to_group("g", "after", WebPubSubDataType.TEXT)
         assert after.ack_id is not None
         items = await got.wait_until(lambda items: "after" in [m.data for m in items])
-        assert len(REGISTRY) == registered
+        # at most: a client an earlier test left open is freed once its loop is closed,
+        # and its entry may go meanwhile
+        assert len(REGISTRY) <= registered
     assert [m.data for m in items][-1] == "after"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
@@ -1230,8 +1232,6 @@ async def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> 
     """As in the sync client: a listener that refers to its client keeps a running client
     alive (an echo bot made in a function), but not a closed, dropped one, whose sink in
     the callback registry held the listener, and through it the client, until exit."""
-    gc.collect()
-    before = len(REGISTRY)
     got = AsyncCollector()
 
     async def start_echo_bot() -> "weakref.ref[WebPubSubClient]":
@@ -1254,15 +1254,20 @@ async def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> 
         await other.send_to_group("g", "ping", WebPubSubDataType.TEXT)
         await got.wait_until(lambda items: [m.data for m in items][-1:] == ["pong"])
     del other
+    # Their own sinks, not the registry's size: a client an earlier test left open on its
+    # loop is freed once that loop is closed, and its entry may go during this test.
+    sinks = []
     for _ in range(3):
         client = make(hub.url())
         await client.subscribe(CallbackType.GROUP_MESSAGE, lambda _m, c=client: c.is_connected())
         await client.open()
         await client.close()
+        sinks.append(weakref.ref(client._sink))  # pylint: disable=protected-access
         del client
     deadline = time.monotonic() + WAIT
-    while len(REGISTRY) != before + 1:  # the bot's sink is left
-        assert time.monotonic() < deadline, f"closed clients not freed: {len(REGISTRY) - before} sinks left"
+    while any(sink() is not None for sink in sinks):  # a sink leaves the registry once freed
+        left = sum(sink() is not None for sink in sinks)
+        assert time.monotonic() < deadline, f"closed clients not freed: {left} sinks left"
         gc.collect()
         await asyncio.sleep(0.05)
     bot = bot_ref()

@@ -340,3 +340,71 @@ def test_exit_while_an_asyncio_credential_provider_keeps_running_exits_cleanly(p
         sys.exit(3)
     """
     exits_at_once_with_3(code)
+
+
+FORGOTTEN_CLIENTS = """
+    import asyncio, gc, sys, weakref
+    from webpubsub_client import WebPubSubClient as SyncClient
+    from webpubsub_client.aio import WebPubSubClient
+    {loop_setup}
+    refs = []
+
+    async def forget():
+        client = WebPubSubClient({async_url!r}, start_timeout=5.0)
+        got = asyncio.Event()
+
+        async def on_message(message):
+            await asyncio.sleep(0)
+            got.set()
+
+        await client.subscribe("group-message", on_message)
+        await client.open()
+        await client.join_group("g")
+        await client.send_to_group("g", "hi", "text")
+        await asyncio.wait_for(got.wait(), 10)
+        asyncio.ensure_future(client.send_to_group("g", "pending", "text"))  # cancelled by the end
+        refs.append(weakref.ref(client))
+        print(client.connection_id, flush=True)
+        # no close(): asyncio.run ends with the client open
+
+    asyncio.run(forget())
+    gc.collect()
+    print(refs[0]() is None, flush=True)  # freed with its loop, before the exit
+    client = SyncClient({sync_url!r}, start_timeout=5.0)
+    client.subscribe("group-message", lambda message: None)
+    client.open()
+    client.join_group("g")
+    print(client.connection_id, flush=True)
+    del client  # never closed: it runs until the exit hook stops it
+    sys.exit(3)
+"""
+
+
+def forgotten_clients_exit_cleanly(hub: Hub, loop_setup: str = "") -> None:
+    """Runs :data:`FORGOTTEN_CLIENTS` in a child with warnings as errors, Python's
+    development mode and asyncio's debug mode (``loop_setup``: code that picks the
+    loop): an asyncio client left open when its ``asyncio.run`` ended is collected and
+    freed once that loop is closed, and a sync client left open and dropped runs until
+    the exit, which is prompt, with the script's own code and nothing on stderr; the
+    service then has neither connection."""
+    code = FORGOTTEN_CLIENTS.format(
+        loop_setup=loop_setup, async_url=hub.url("forgot-aio"), sync_url=hub.url("forgot-sync")
+    )
+    started = time.monotonic()
+    result = run_python(code, {"PYTHONDEVMODE": "1", "PYTHONWARNINGS": "error", "PYTHONASYNCIODEBUG": "1"})
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert result.stderr == ""
+    async_id, freed, sync_id = result.stdout.split()
+    assert freed == "True", "the asyncio client outlived its loop"
+    assert time.monotonic() - started < 10
+    wait_until(
+        lambda: not hub.service.connection_exists(async_id) and not hub.service.connection_exists(sync_id),
+        what="the forgotten clients' connections closed",
+    )
+
+
+def test_clients_left_open_are_freed_and_the_exit_is_clean(hub: Hub) -> None:
+    """A user forgets ``close()``, on an asyncio client whose ``asyncio.run`` ends and on
+    a sync client dropped: no crash, hang or output at exit. Before, the asyncio client
+    stayed connected (its socket, descriptor and registry entry kept) until the exit."""
+    forgotten_clients_exit_cleanly(hub)

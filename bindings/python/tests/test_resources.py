@@ -437,3 +437,35 @@ def test_a_loop_per_client_gives_back_what_it_took(hub: Hub) -> None:
             await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
 
     lifecycles("asyncio: a loop per client", lambda: asyncio.run(session()))
+
+
+def test_an_open_client_whose_loop_ended_without_close_is_freed_once_dropped(hub: Hub) -> None:
+    """A user forgets ``close()``: each client is opened, joins a group, sends and gets
+    a message (a coroutine listener too) in an ``asyncio.run`` that ends with it open,
+    and the application keeps no reference to it. Its loop is closed, so nothing can
+    deliver its events or await its operations any more: it is collected and its native
+    client freed (its connection closed), instead of staying connected, with its socket,
+    descriptor and registry entry, until the interpreter exits."""
+    connections: List[str] = []
+
+    async def forget() -> None:
+        got = asyncio.Event()
+
+        async def on_message(_args: Any) -> None:
+            got.set()
+
+        client = amake(hub.url())
+        await client.subscribe("group-message", on_message)
+        await client.open()
+        await client.join_group("g")
+        await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+        await asyncio.wait_for(got.wait(), WAIT)
+        assert client.connection_id is not None
+        connections.append(client.connection_id)
+        # no close(): asyncio.run ends with the client open
+
+    lifecycles("asyncio: loop ended without close()", lambda: asyncio.run(forget()))
+    wait_until(
+        lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
+        what="the forgotten clients' connections closed",
+    )

@@ -768,13 +768,18 @@ class HeldListeners:
     def hold(self, client: Any) -> None:
         """``client`` runs (or is opening): keep it, and through it its listeners."""
         with self._lock:
-            self._held = client
+            self._keep(client)
 
     def release_if_stopped(self) -> None:
         """Let the listeners and the client go once the client is stopped."""
         with self._lock:
             if state_of(self.handle) is WebPubSubClientState.STOPPED:
-                self._held = None
+                self._keep(None)
+
+    def _keep(self, client: Any) -> None:
+        """Hold ``client`` strongly (None: nothing), under the lock. The asyncio client's
+        sink holds it through its event loop instead (see ``aio._client._LoopHeld``)."""
+        self._held = client
 
 
 def is_credential(credential: Any) -> bool:

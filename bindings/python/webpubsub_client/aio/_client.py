@@ -116,6 +116,53 @@ class _LoopBatch:
                 raise
 
 
+class _Keeper:
+    """What the reader of a client's dispatch descriptor carries on the event loop the
+    client dispatches on (an argument of the loop's handle): the client while it runs,
+    else None. The loop holds it until the reader is removed, or until the loop is closed
+    (its selector, and with it every reader, is dropped then)."""
+
+    __slots__ = ("client", "__weakref__")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+
+class _LoopHeld(_base.HeldListeners):
+    """The asyncio client's listeners, and the client while it runs, held through the
+    event loop it dispatches on rather than by its sink (a global until the native
+    client is freed): the reader of the client's descriptor carries a :class:`_Keeper`
+    holding the client. A running client the application no longer refers to keeps
+    running while that loop lives and is not closed, as the official client's tasks
+    keep it. Once the loop is closed (an ``asyncio.run`` that ended without
+    ``close()``), nothing can deliver its events or await its operations: the loop has
+    dropped the keeper, the client is collected and its native client freed (its
+    connection closed). A client the application still refers to keeps running, and
+    dispatches on the next loop that uses it."""
+
+    def __init__(self, listeners: _base.Listeners) -> None:
+        super().__init__(listeners)
+        self._client: "Optional[weakref.ref[Any]]" = None  # the client while it runs
+        self._keeper: "Optional[weakref.ref[_Keeper]]" = None  # carried by the reader
+
+    def _keep(self, client: Any) -> None:
+        self._client = None if client is None else weakref.ref(client)
+        keeper = self._keeper() if self._keeper is not None else None
+        if keeper is not None:
+            keeper.client = client
+
+    def keeper(self) -> _Keeper:
+        """A keeper for the reader on the loop the client dispatches on from now on,
+        holding the client if it runs; the previous one no longer holds it."""
+        with self._lock:
+            previous = self._keeper() if self._keeper is not None else None
+            if previous is not None:
+                previous.client = None
+            keeper = _Keeper(self._client() if self._client is not None else None)
+            self._keeper = weakref.ref(keeper)
+            return keeper
+
+
 class _AsyncSink:
     """A client's events on their way to its listeners, on the client's event loop, in
     order: converted by the event callback during the poller's dispatch, then delivered
@@ -124,7 +171,7 @@ class _AsyncSink:
     LISTENER_GRACE = 1.0  # seconds close() waits for running listeners (the official client's)
 
     def __init__(self, listeners: _base.Listeners) -> None:
-        self.listeners = _base.HeldListeners(listeners)
+        self.listeners = _LoopHeld(listeners)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.batch: Optional[_LoopBatch] = None
         self.thread = 0  # the thread running ``loop``
@@ -494,7 +541,8 @@ class _Poller:
             if status != _native.STATUS_OK:
                 message = f"{_native.status_str(status)}: {_native.last_error_message()}"
                 raise WebPubSubClientError(message, status=status)
-            loop.add_reader(fd.value, self.dispatch)
+            # The reader carries the keeper: this loop holds the running client now.
+            loop.add_reader(fd.value, self.dispatch, self._sink.listeners.keeper())
             self._loop, self._fd = loop, fd.value
             sink_loop = self._sink.loop
             if sink_loop is not None and sink_loop.is_closed():
@@ -503,14 +551,15 @@ class _Poller:
                 # being dropped on the way to the closed loop.
                 self._sink.bind(loop)
 
-    def dispatch(self) -> None:
+    def dispatch(self, _keeper: Optional[_Keeper] = None) -> None:
         """Run the queued callbacks, which only take what they bring (the event callback
         converts its event, a completion on this loop is kept for its future), and the
         records the library wrote instead: acked sends (``SEND_RECORD``) and messages (no
         foreign callback per message). Then, once the native call has returned, in the
         order they came (the callbacks' before the records), the listeners get the events
         and the futures their results. On the loop's thread; up to ``BATCH`` of them, and
-        the descriptor stays readable for more."""
+        the descriptor stays readable for more. ``_keeper``: what the reader carries
+        (see :class:`_LoopHeld`), unused here."""
         if self._delivering:  # nested in a listener of our events: after them, in order
             return
         out = _dispatch_buffers()
