@@ -457,7 +457,8 @@ _THREAD_BUFFERS = threading.local()
 # to run on the loop (a future's result), kept in its place among the events so that a
 # coroutine listener's task is scheduled before the awaiting code resumes, as when the
 # listeners ran inside the dispatch. ``_THREAD_BUFFERS.pending`` is the list of the
-# dispatch running on this thread (None outside one).
+# dispatch running on this thread (None outside one), ``_THREAD_BUFFERS.loop`` the loop
+# that runs it.
 _Pending = Tuple[Optional[CallbackType], Tuple[Any, ...]]
 
 
@@ -465,6 +466,14 @@ def _pending() -> Optional[List[_Pending]]:
     """What the poller's dispatch running on this thread took so far; None outside one."""
     pending: Optional[List[_Pending]] = getattr(_THREAD_BUFFERS, "pending", None)
     return pending
+
+
+def _on_own_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread runs ``loop``: a poller's dispatch on it, or any code while it
+    runs here. The dispatch is told apart by the loop it records, not by the loop's
+    ``_thread_id``, which only asyncio's own loops have (uvloop's has none: every
+    completion of a failed send then took a thread hop from the loop's own thread)."""
+    return getattr(_THREAD_BUFFERS, "loop", None) is loop or getattr(loop, "_thread_id", None) == threading.get_ident()
 
 
 def _defer(function: Callable[..., None], *args: Any) -> bool:
@@ -569,11 +578,12 @@ class _Poller:
             while done < self.BATCH and self._handle:  # a listener may free the client
                 events: List[_Pending] = []
                 outer = _pending()  # None but in a test's nested call
-                _THREAD_BUFFERS.pending = events
+                outer_loop = getattr(_THREAD_BUFFERS, "loop", None)
+                _THREAD_BUFFERS.pending, _THREAD_BUFFERS.loop = events, self._loop
                 try:
                     status = lib.wps_client_dispatch_into(self._handle, self.BATCH - done, out.ref)
                 finally:
-                    _THREAD_BUFFERS.pending = outer
+                    _THREAD_BUFFERS.pending, _THREAD_BUFFERS.loop = outer, outer_loop
                 # all taken from the buffers first: a listener may dispatch another client of this thread
                 step = 0
                 if status != _native.STATUS_OK:  # the counts were not written
@@ -713,7 +723,7 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
                 service_message=_native.decode(completion.service_message) or "",
             )
         loop = future.get_loop()
-        if getattr(loop, "_thread_id", None) == threading.get_ident():  # dispatched by the loop (poll mode)
+        if _on_own_thread(loop):  # dispatched by the loop (poll mode)
             if not _defer(_resolve, future, outcome):
                 _resolve(future, outcome)
             return
