@@ -184,12 +184,16 @@ suite_pytest() {
     run_counted pytest pytest .venv/bin/python -m pytest -q --timeout 300 bindings/python/tests
 }
 # The binding's suite again on the oldest Python it supports and the newest here
-# (coroutine listeners start eagerly from 3.12).
+# (coroutine listeners start eagerly from 3.12); on the newest in Python's development
+# mode with asyncio's debug mode and every warning an error (an unawaited coroutine, an
+# unclosed resource, a call from the wrong thread, a deprecation).
 suite_pytest-py310() { pytest_on 3.10 pytest-py310; }
-suite_pytest-py313() { pytest_on 3.13 pytest-py313; }
+suite_pytest-py313() { PYTHONASYNCIODEBUG=1 pytest_on 3.13 pytest-py313 -X dev -W error; }
 pytest_on() {
-    build_native; setup_venv_for "$1"
-    run_counted "$2" pytest ".venv-$1/bin/python" -m pytest -q --timeout 300 bindings/python/tests
+    local version=$1 name=$2
+    shift 2
+    build_native; setup_venv_for "$version"
+    run_counted "$name" pytest ".venv-$version/bin/python" "$@" -m pytest -q --timeout 300 bindings/python/tests
 }
 suite_python-lint() {
     setup_venv
