@@ -4,6 +4,10 @@
     python3 benches/run.py --quick      # about 3 minutes
     python3 benches/run.py              # full mode: 5 s runs, 3 repeats, median (~20 min)
 
+The Python contenders run in the venv .venv (made with the interpreter that runs this
+script); WPS_BENCH_VENV names another, e.g. to measure them on another Python:
+`WPS_BENCH_VENV=.venv-bench-3.13 python3.13 benches/run.py --quick`.
+
 It builds what it needs (emulator, drivers), starts `webpubsub-emulator --port 0`
 on 127.0.0.1, mints client URLs with the official server SDK, runs each
 contender's driver for each scenario in turn, samples the emulator's CPU from
@@ -32,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benches"
 OUT = BENCH / "out"
 ANALYSIS = BENCH / "analysis.md"  # what we changed, what it bought, why misses miss
-VENV = ROOT / ".venv"
+VENV = ROOT / os.environ.get("WPS_BENCH_VENV", ".venv")
 RELEASE = ROOT / "target" / "release"
 HUB = "bench"
 ROLES = ["webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"]
