@@ -782,7 +782,8 @@ wps_status wps_client_dispatch(struct wps_client *c, size_t max, size_t *ran);
  * of calling its callback. The call returns before running a callback once it wrote a
  * record, so the events and completions taken (`ran`, may be NULL) came before the records
  * (`recorded`, may be NULL), in completion order; what is left stays queued and the
- * descriptor readable. `records` must be aligned for `wps_ack_record`
+ * descriptor readable. `max` bounds the callbacks run (0: none), `cap` the records
+ * written. `records` must be aligned for `wps_ack_record`
  * (`WPS_STATUS_INVALID_ARGUMENT`).
  *
  * # Safety
@@ -1402,7 +1403,9 @@ const char *wps_version(void);
  * previous callback is no longer running (unless this is called from inside it) and
  * will not be called again with its user data. In a `fork()` child of a process
  * whose logging thread had started, a callback gets `WPS_STATUS_FORKED` (there is no
- * thread to run it); NULL still turns logging off.
+ * thread to run it); NULL still turns logging off. `WPS_STATUS_INTERNAL` when another
+ * Rust `log` logger was installed in this process before the library's first call
+ * here (another Rust library linked in, for example): the library's logs go to it.
  */
 wps_status wps_set_log_callback(wps_log_cb cb, void *user_data, uint32_t max_level);
 

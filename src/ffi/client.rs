@@ -565,7 +565,8 @@ pub unsafe extern "C" fn wps_client_dispatch(
 /// of calling its callback. The call returns before running a callback once it wrote a
 /// record, so the events and completions taken (`ran`, may be NULL) came before the records
 /// (`recorded`, may be NULL), in completion order; what is left stays queued and the
-/// descriptor readable. `records` must be aligned for `wps_ack_record`
+/// descriptor readable. `max` bounds the callbacks run (0: none), `cap` the records
+/// written. `records` must be aligned for `wps_ack_record`
 /// (`WPS_STATUS_INVALID_ARGUMENT`).
 ///
 /// # Safety

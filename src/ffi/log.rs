@@ -151,7 +151,9 @@ fn queue() -> Result<&'static (SyncSender<Msg>, usize), wps_status> {
 /// previous callback is no longer running (unless this is called from inside it) and
 /// will not be called again with its user data. In a `fork()` child of a process
 /// whose logging thread had started, a callback gets `WPS_STATUS_FORKED` (there is no
-/// thread to run it); NULL still turns logging off.
+/// thread to run it); NULL still turns logging off. `WPS_STATUS_INTERNAL` when another
+/// Rust `log` logger was installed in this process before the library's first call
+/// here (another Rust library linked in, for example): the library's logs go to it.
 #[no_mangle]
 pub extern "C" fn wps_set_log_callback(
     cb: wps_log_cb,
