@@ -38,6 +38,8 @@ async fn tls_emulator(names: &[&str], tag: &str) -> (Emulator, String) {
     })
     .await
     .unwrap();
+    // Read at the start: the files are no longer needed.
+    std::fs::remove_dir_all(&dir).unwrap();
     (emulator, cert.cert.pem())
 }
 
