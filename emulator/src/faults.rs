@@ -12,14 +12,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::hub::{Server, Stats};
-
-fn error(status: StatusCode, message: String) -> Response {
-    (
-        status,
-        Json(json!({"code": status.canonical_reason(), "message": message})),
-    )
-        .into_response()
-}
+use crate::rest::error;
 
 /// `GET /_emulator/stats`.
 pub(crate) async fn stats(State(server): State<Arc<Server>>) -> Json<serde_json::Value> {

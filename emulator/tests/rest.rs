@@ -505,6 +505,10 @@ async fn unknown_routes_and_bad_bodies() {
         serde_json::from_str::<Value>(&body).unwrap()["code"],
         "NotFound"
     );
+    // The fault routes' errors have the same codes.
+    let fault = fault(&emu, "nohub", "c", "drop").await;
+    assert_eq!(fault.status(), 404);
+    assert_eq!(fault.json::<Value>().await.unwrap()["code"], "NotFound");
     let (code, _) = call_with(
         &format!("{}/nothing/here", emu.endpoint()),
         Method::GET,
