@@ -1,4 +1,5 @@
-//! The binary: connection string first on stdout, clean exit on SIGTERM, bad flags.
+//! The binary: connection string first on stdout, clean exit on SIGTERM, a plain log
+//! on a pipe, bad flags.
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ fn prints_the_connection_string_and_stops_on_sigterm() {
     let mut child = Command::new(BIN)
         .args(["--port", "0", "--access-key", "k3y"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("the binary starts");
     let mut line = String::new();
@@ -53,6 +54,11 @@ fn prints_the_connection_string_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its log, to a pipe: plain text, without a terminal's colour codes.
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("listening on"), "{log}");
+    assert!(!log.contains('\x1b'), "{log:?}");
 }
 
 #[test]
