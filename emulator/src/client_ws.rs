@@ -439,6 +439,18 @@ enum End {
     ServerClosing,
 }
 
+impl End {
+    /// The socket is gone without a close frame from the client (lost, killed, or
+    /// dropped for its silence): closed if the server had queued a close, else abrupt.
+    fn gone(closing: bool) -> End {
+        if closing {
+            End::Closed
+        } else {
+            End::Abrupt
+        }
+    }
+}
+
 /// The server's keep-alive of one socket, run by its reader: a WebSocket ping once the
 /// client has sent nothing for `ping_after`, and the end of the socket once it has sent
 /// nothing for `drop_after` in all. A frame only records when it came: the reader's one
@@ -564,12 +576,12 @@ impl Reader {
         loop {
             let item = tokio::select! {
                 biased;
-                _ = kill.cancelled() => return if closing { End::Closed } else { End::Abrupt },
+                _ = kill.cancelled() => return End::gone(closing),
                 item = stream.next() => item,
                 _ = &mut timer, if armed => {
                     let now = Instant::now();
                     if self.keep_alive(&mut keep_alive, now) == Some(Silence::Drop) {
-                        return if closing { End::Closed } else { End::Abrupt };
+                        return End::gone(closing);
                     }
                     if let Some(at) = keep_alive.next_check(now) {
                         timer.as_mut().reset(at);
@@ -580,7 +592,7 @@ impl Reader {
             keep_alive.heard();
             Stats::inc(&self.server.stats.frames_in);
             let message = match item {
-                None => return if closing { End::Closed } else { End::Abrupt },
+                None => return End::gone(closing),
                 Some(Err(e)) => {
                     let text = e.to_string();
                     if closing {
