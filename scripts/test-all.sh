@@ -41,16 +41,23 @@ need_apt() {
         die "apt-get install ${missing[*]} failed"
 }
 
+# make_venv DIR PYTHON: the venv DIR (made with PYTHON when missing) with the packages of
+# scripts/requirements-test.txt.
+make_venv() {
+    local dir=$1 python=$2
+    if [ ! -x "$dir/bin/python" ]; then
+        log "creating $dir ($python)"
+        "$python" -m venv "$dir" || die "$python -m venv failed"
+    fi
+    log "pip install into $dir (pytest, official SDKs)"
+    "$dir/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt ||
+        die "pip install into $dir failed"
+}
+
 setup_venv() {
     [ -n "${VENV_READY:-}" ] && return 0
     command -v python3 >/dev/null || die "python3 not found"
-    if [ ! -x .venv/bin/python ]; then
-        log "creating .venv"
-        python3 -m venv .venv || die "python3 -m venv failed"
-    fi
-    log "pip install (pytest, official SDKs)"
-    .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements-test.txt ||
-        die "pip install failed"
+    make_venv .venv python3
     VENV_READY=1
 }
 
@@ -70,15 +77,9 @@ find_python() {
 
 # setup_venv_for VERSION: .venv-VERSION with the test packages, for that interpreter.
 setup_venv_for() {
-    local version=$1 python
-    python=$(find_python "$version") || exit 2
-    if [ ! -x ".venv-$version/bin/python" ]; then
-        log "creating .venv-$version ($python)"
-        "$python" -m venv ".venv-$version" || die "$python -m venv failed"
-    fi
-    log "pip install into .venv-$version"
-    ".venv-$version/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt ||
-        die "pip install into .venv-$version failed"
+    local python
+    python=$(find_python "$1") || exit 2
+    make_venv ".venv-$1" "$python"
 }
 
 setup_node() {
