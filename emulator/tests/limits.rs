@@ -23,17 +23,8 @@ fn short_timeouts() -> Config {
 /// Reads until the server closes the socket: what it sent, and when it closed.
 async fn until_closed(tcp: &mut TcpStream) -> (String, Duration) {
     let start = Instant::now();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let read = tokio::time::timeout(WAIT, tcp.read(&mut buf))
-            .await
-            .expect("the server closes the socket in time");
-        match read {
-            Ok(0) | Err(_) => return (String::from_utf8_lossy(&out).into_owned(), start.elapsed()),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
+    let out = bytes_until_end(tcp).await;
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
 }
 
 async fn tcp(emu: &Emulator) -> TcpStream {

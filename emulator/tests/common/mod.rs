@@ -247,9 +247,9 @@ pub async fn raw_upgrade(emulator: &Emulator, url: &str, protocol: Option<&str>)
     tcp
 }
 
-/// Reads what the server sends over a raw WebSocket until it ends the socket, and
-/// returns its frames as (opcode, payload). Panics unless it ends within [`WAIT`].
-pub async fn frames_until_end(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+/// Reads what the server sends until it ends the socket (a close or a reset). Panics
+/// unless it ends within [`WAIT`] of the last bytes.
+pub async fn bytes_until_end(tcp: &mut TcpStream) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
     let mut bytes = Vec::new();
     let mut buf = [0u8; 4096];
@@ -258,10 +258,16 @@ pub async fn frames_until_end(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
             .await
             .expect("the server ends the socket in time");
         match read {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return bytes,
             Ok(n) => bytes.extend_from_slice(&buf[..n]),
         }
     }
+}
+
+/// Reads what the server sends over a raw WebSocket until it ends the socket, and
+/// returns its frames as (opcode, payload). Panics unless it ends within [`WAIT`].
+pub async fn frames_until_end(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let bytes = bytes_until_end(tcp).await;
     // Server frames are not masked.
     let mut frames = Vec::new();
     let mut rest = &bytes[..];
