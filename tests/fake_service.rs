@@ -1238,6 +1238,38 @@ async fn an_operation_given_up_during_a_recovery_is_not_sent_after_it() {
 }
 
 #[tokio::test]
+async fn an_invocation_given_up_during_a_recovery_is_not_sent_after_it() {
+    let fake = Fake::new().await;
+    let (client, _events, conn) = connect(&fake, quiet_options()).await;
+    drop(conn);
+    let held = held_recovery(&fake, &client).await;
+    // Handed over together, then given up together: a cancel may reach the connection
+    // task before its invocation.
+    let names: Vec<String> = (0..256).map(|n| format!("given-up-{n}")).collect();
+    let invocations = names.iter().map(|name| {
+        client.invoke_event(
+            name,
+            DataType::Text,
+            Bytes::from("x"),
+            InvokeOptions::default(),
+        )
+    });
+    let gave_up =
+        tokio::time::timeout(Duration::ZERO, futures_util::future::join_all(invocations)).await;
+    assert!(gave_up.is_err(), "answered while recovering: {gave_up:?}");
+    let kept = spawn_send(&client, "kept");
+    drop(held);
+
+    let (mut conn, _) = fake.accept().await;
+    let next = conn.recv().await;
+    assert_eq!(next["data"], "kept", "a given-up invocation was written");
+    conn.ack(&next).await;
+    kept.await.unwrap().unwrap();
+    conn.silent_for(200).await;
+    client.stop().await;
+}
+
+#[tokio::test]
 async fn a_resend_with_the_ack_id_of_a_send_given_up_waits_for_it() {
     let fake = Fake::new().await;
     let (client, _events, mut conn) = connect(&fake, quiet_options()).await;

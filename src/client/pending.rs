@@ -650,9 +650,10 @@ impl Pending {
     }
 
     /// The connection is usable: every queued or interrupted operation is written now,
-    /// in order, with its original ackId. One whose caller gave up meanwhile is
-    /// dropped unwritten, as on a live connection; so is one whose ack deadline passed
-    /// meanwhile, until `expire` retries it or fails it with `Error::Timeout`.
+    /// in order, with its original ackId. One whose caller gave up meanwhile (an
+    /// invocation too) is dropped unwritten, as on a live connection; so is one whose
+    /// ack deadline passed meanwhile, until `expire` retries it or fails it with
+    /// `Error::Timeout`.
     pub(crate) fn take_unsent(&mut self, now: Instant, out: &mut Vec<Utf8Bytes>) {
         self.unsent_frame_bytes = 0;
         for unsent in std::mem::take(&mut self.unsent) {
@@ -686,6 +687,11 @@ impl Pending {
                         continue;
                     };
                     if op.due.is_some() {
+                        continue;
+                    }
+                    if op.reply.is_closed() {
+                        // Its cancel reached the task before it did, and found nothing.
+                        self.invokes.remove(&id);
                         continue;
                     }
                     let due = now + op.timeout;
