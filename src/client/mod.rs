@@ -399,6 +399,12 @@ impl Client {
     /// Opens the connection: gets the URL, connects and waits for the service's
     /// `connected` frame (bounded by `start_timeout`). One attempt; later losses are
     /// handled by recovery and auto-reconnect.
+    ///
+    /// Cancel safety: the first poll hands the start to the client. Dropping the
+    /// future after that only ends the wait: the attempt goes on, and within
+    /// `start_timeout` the client is connected or stopped again. Meanwhile another
+    /// `start` fails with `Error::IllegalState`; `stop` ends the attempt. A future
+    /// dropped before its first poll does nothing.
     pub async fn start(&self) -> Result<(), Error> {
         self.start_now()?.await
     }
@@ -420,6 +426,10 @@ impl Client {
     /// operations still pending fail with `Error::Stopped`. Returns once stopped
     /// (after the `Stopped` event). Joined groups are rejoined by the next `start`
     /// (with `auto_rejoin_groups`), as the official clients do.
+    ///
+    /// Cancel safety: the first poll hands the stop to the client. Dropping the future
+    /// after that only ends the wait: the client still stops, and a later `start`
+    /// comes after the stop. A future dropped before its first poll does nothing.
     pub async fn stop(&self) {
         self.stop_now().await
     }
@@ -455,16 +465,32 @@ impl Client {
 
     /// Joins a group; the group is rejoined on every new connection (auto-rejoin): after
     /// a reconnect, and after a `start` that follows a `stop`, until it is left.
+    ///
+    /// Cancel safety: as [`Client::send_to_group`]'s acked messages. A join whose ack
+    /// arrives after its future was dropped counts as an awaited one: the group is
+    /// rejoined on new connections. One dropped unwritten, or whose ack never comes,
+    /// is not retried and is not rejoined.
     pub async fn join_group(&self, group: &str) -> Result<AckResult, Error> {
         self.run(self.membership(group, Membership::Join)?).await
     }
 
     /// Leaves a group.
+    ///
+    /// Cancel safety: as [`Client::join_group`]: once its ack arrives, the group is no
+    /// longer rejoined; dropped unwritten, it leaves nothing.
     pub async fn leave_group(&self, group: &str) -> Result<AckResult, Error> {
         self.run(self.membership(group, Membership::Leave)?).await
     }
 
     /// Publishes to a group. Waits for the ack unless `fire_and_forget`.
+    ///
+    /// Cancel safety: nothing is sent before the first poll, and a frame is written
+    /// whole or not at all. An acked message whose future is dropped before it was
+    /// written is never written (not after a recovery either). One already written
+    /// stays pending until its ack, its `ack_timeout` or the next lost connection,
+    /// without retries or resends, then nothing of it is kept. A fire-and-forget
+    /// message is queued once the future completes; dropped while it waits for room in
+    /// the queue, it is not sent.
     pub async fn send_to_group(
         &self,
         group: &str,
@@ -478,6 +504,8 @@ impl Client {
 
     /// Sends a user event to the upstream server. Waits for the ack unless
     /// `fire_and_forget`.
+    ///
+    /// Cancel safety: as [`Client::send_to_group`].
     pub async fn send_event(
         &self,
         event: &str,
@@ -496,6 +524,10 @@ impl Client {
 
     /// Sends an event whose reply comes from the upstream server. Dropping the future
     /// before it resolves sends `cancelInvocation`; so does a timeout.
+    ///
+    /// Cancel safety: nothing is sent before the first poll. Dropped after that, an
+    /// invocation already written is cancelled with `cancelInvocation`; one not written
+    /// yet (queued during a recovery too) is never written. Nothing of it is kept.
     pub async fn invoke_event(
         &self,
         event: &str,
