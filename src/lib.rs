@@ -5,6 +5,13 @@
 //! and its connection task), [`runtime`] (the one process-wide tokio runtime every
 //! client runs on).
 //!
+//! Logs go to the `log` crate under the target `webpubsub_client`, at every level
+//! without an access or reconnection token (URLs show `access_token=***`). Its
+//! WebSocket dependency logs whole frames at trace level under `tungstenite`, the
+//! service's `connected` frame with its reconnection token included: keep that target
+//! below trace in a log that others may read. (The C API and the Python binding pass
+//! on only the library's own records.)
+//!
 //! ```no_run
 //! use webpubsub_client::{Client, ClientOptions, Credential, DataType, Event, SendToGroupOptions};
 //!

@@ -110,6 +110,17 @@ async fn no_token_in_any_log_line() {
             "no log line with {needle:?} in {ours:#?}"
         );
     }
+    for line in &ours {
+        // The connected frame, as is or as a hex frame dump: its reconnection token.
+        let hex: String = "reconnectionToken"
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            !line.contains("reconnectionToken") && !line.to_lowercase().contains(&hex),
+            "{line}"
+        );
+    }
     for line in &lines {
         for token in &tokens {
             assert!(
