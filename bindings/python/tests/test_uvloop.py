@@ -4,11 +4,12 @@ uses it: its own reader of the dispatch descriptor, thread-safe calls, handles a
 debug mode differ from asyncio's loops (no ``_thread_id``, ``remove_reader`` returns
 None, readers are libuv poll handles).
 
-Each scenario runs in ``uvloop.run`` with the loop in debug mode; nothing may be logged
-by asyncio (a callback from the wrong thread, a slow callback, a never-retrieved
-exception) nor warned (an unawaited coroutine, an unclosed resource). uvloop is a test
-requirement (``scripts/requirements-test.txt``): without it these tests fail, they do
-not skip.
+Each scenario runs in ``uvloop.run``, or on a loop it runs itself, with the loop in
+debug mode; a scenario that compares uvloop with asyncio's loop runs on both. Nothing
+may be logged by asyncio (a callback from the wrong thread, a slow callback, a
+never-retrieved exception) nor warned (an unawaited coroutine, an unclosed resource).
+uvloop is a test requirement (``scripts/requirements-test.txt``): without it these
+tests fail, they do not skip.
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def run(main: Callable[[], Awaitable[T]], loop_factory: Optional[Callable[[], An
         return await asyncio.wait_for(main(), 60)
 
     return uvloop.run(bounded(), loop_factory=loop_factory or uvloop.new_event_loop, debug=True)
+
+
+def debug_loop(kind: str = "uvloop") -> Any:
+    """A new loop in debug mode, uvloop's or asyncio's (``kind``), for a test that runs it
+    itself (see ``run``)."""
+    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 10.0
+    return loop
+
+
+# A scenario that compares uvloop's loop with asyncio's runs on both.
+KINDS = pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
 
 
 def make(url: Any, **kw: Any) -> WebPubSubClient:
@@ -237,6 +251,53 @@ def test_a_refused_send_completes_on_the_loop_without_a_thread_hop(hub: Hub) -> 
 
     run(main, loop_factory=CountingLoop)
     assert hops == []
+
+
+@KINDS
+@pytest.mark.parametrize("where", ["another thread runs the loop", "the loop is stopped"])
+def test_a_send_from_a_thread_running_no_loop_raises_and_sends_nothing(hub: Hub, kind: str, where: str) -> None:
+    """A send driven by hand on a thread that runs no event loop raises asyncio's
+    "no running event loop" before anything is sent: whether the client's loop runs on
+    another thread, or was stopped on this one."""
+    loop = debug_loop(kind)
+    client = make(hub.url())
+    got: List[str] = []
+
+    async def start() -> None:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, lambda args: got.append(args.data))
+        await client.open()
+        await client.join_group("g")
+        await client.send_to_group("g", "first", WebPubSubDataType.TEXT)
+        await until(lambda: got == ["first"], "the first message")
+
+    async def finish() -> None:  # a stray message would arrive before this one
+        await client.send_to_group("g", "after", WebPubSubDataType.TEXT)
+        await until(lambda: got[-1:] == ["after"], "the message after")
+        await client.close()
+
+    def stray() -> None:
+        send = client.send_to_group("g", "stray", WebPubSubDataType.TEXT)
+        with pytest.raises(RuntimeError, match="no running event loop"):
+            send.send(None)
+
+    try:
+        if where == "the loop is stopped":
+            loop.run_until_complete(start())
+            stray()
+            loop.run_until_complete(finish())
+        else:
+            thread = threading.Thread(target=loop.run_forever)
+            thread.start()
+            try:
+                asyncio.run_coroutine_threadsafe(start(), loop).result(WAIT)
+                stray()
+                asyncio.run_coroutine_threadsafe(finish(), loop).result(WAIT)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(WAIT)
+    finally:
+        loop.close()
+    assert got == ["first", "after"]
 
 
 def test_a_client_left_open_is_freed_once_its_loop_is_closed(hub: Hub) -> None:
