@@ -853,7 +853,9 @@ wps_status wps_client_stop(struct wps_client *c);
  * `wps_client_join_group_async` for `op_id`). For an event loop that must not block
  * for the connection. The start is handed to the client before this returns, so a
  * later stop (blocking or not) comes after it. Cancelling it only ends the wait: the
- * connection attempt goes on (stop the client to end it).
+ * connection attempt goes on (stop the client to end it). Once the client's
+ * `wps_client_free` has begun (from a callback running during the teardown), it fails
+ * with `WPS_STATUS_STOPPED` and no connection is attempted.
  *
  * # Safety
  * `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -867,7 +869,9 @@ wps_status wps_client_start_async(struct wps_client *c,
  * Stops the client without blocking: `cb` (may be NULL) runs once stopped, after the
  * disconnected and stopped events (see `wps_client_join_group_async` for `op_id`).
  * Stopping a stopped client completes at once with `WPS_STATUS_OK`. What
- * `wps_client_stop` says of earlier sends holds here too.
+ * `wps_client_stop` says of earlier sends holds here too. Once the client's
+ * `wps_client_free` has begun it fails with `WPS_STATUS_STOPPED` (the free stops the
+ * client).
  *
  * # Safety
  * `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -1001,8 +1005,9 @@ void wps_invoke_response_free(struct wps_invoke_response *r);
  * and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
  * outcome. The call itself fails only on a bad C argument (NULL, invalid UTF-8, unknown
  * data type or flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then
- * nothing completes; every other failure, state and arguments the client checks (empty
- * name, invalid JSON, a message too large, ackId 0) included, comes in the completion.
+ * nothing is sent and nothing completes; every other failure, state and arguments the
+ * client checks (empty name, invalid JSON, a message too large, ackId 0) included,
+ * comes in the completion.
  * Operations are written in call order, with at most 999 acked ones awaiting their
  * acks per client (the service remembers a connection's last 1000 ackIds, which
  * keeps a resend after a recovery from publishing twice); later ones wait queued.

@@ -302,6 +302,23 @@ fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once()
     setup.shutdown();
 }
 
+/// A scripted service on a free loopback port, run on `rt`: the client URL to reach it
+/// and the service's task.
+fn scripted<F>(
+    rt: &tokio::runtime::Runtime,
+    service: impl FnOnce(tokio::net::TcpListener) -> F,
+) -> (CString, tokio::task::JoinHandle<F::Output>)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
+    (CString::new(url).unwrap(), rt.spawn(service(listener)))
+}
+
 /// The scripted services' connection: the client's WebSocket, accepted with the
 /// subprotocol it asked for, and its `connected` frame sent.
 #[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
@@ -371,13 +388,9 @@ fn a_completion_never_overtakes_the_events_received_before_it() {
     // events). Each event also names its own group and sender.
     const SENDS: usize = 200;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
-    let service = rt.spawn(echo_then_ack_service(listener, SENDS));
+    let (url, service) = scripted(&rt, |listener| echo_then_ack_service(listener, SENDS));
     let rec = Recorder::default();
-    let c = client_of(&CString::new(url).unwrap(), &rec, true);
+    let c = client_of(&url, &rec, true);
     let ops: Vec<u64> = (0..SENDS)
         .map(|i| send_async(c, c"left", &format!("m{i:03}"), 0, &rec))
         .collect();
@@ -1333,6 +1346,135 @@ fn an_invocation_started_before_a_stop_completes_with_stopped() {
     rt.block_on(emulator.shutdown());
 }
 
+/// A client that frees itself in its connected event's callback, then calls itself from
+/// that callback.
+#[derive(Default)]
+struct FreedOnConnected {
+    /// The completions of the calls.
+    rec: Recorder,
+    seen: common::Watched<FreedState>,
+}
+
+#[derive(Default)]
+struct FreedState {
+    /// The client, set once the call that started it has returned: no other thread may
+    /// be inside a call of a client when it is freed.
+    client: Option<usize>,
+    /// The statuses the calls returned.
+    statuses: Vec<u32>,
+    /// The finalizer ran.
+    freed: bool,
+}
+
+/// Frees the client, then invokes without blocking and sends a blocking marker behind
+/// the invocation: once the marker is acked, the service has read all written before it.
+unsafe extern "C" fn free_then_invoke(user_data: *mut c_void, event: *const wps_event) {
+    let this = &*(user_data as *const FreedOnConnected);
+    if (*event).kind != WPS_EVENT_CONNECTED {
+        return;
+    }
+    this.seen
+        .wait("the start call's return", |s| s.client.is_some());
+    let c = this.seen.seen.lock().unwrap().client.unwrap() as *mut wps_client;
+    wps_client_free(c);
+    let invoke = wps_client_invoke_event_async(
+        c,
+        c"e".as_ptr(),
+        WPS_DATA_TYPE_TEXT,
+        "x".as_ptr(),
+        1,
+        0,
+        Some(on_complete),
+        this.rec.user_data(),
+        std::ptr::null_mut(),
+    );
+    let (marker, _) = send_blocking(c, "marker", None);
+    this.seen
+        .seen
+        .lock()
+        .unwrap()
+        .statuses
+        .extend([invoke, marker]);
+    this.seen.changed.notify_all();
+}
+
+unsafe extern "C" fn note_freed(user_data: *mut c_void) {
+    let this = &*(user_data as *const FreedOnConnected);
+    this.seen.seen.lock().unwrap().freed = true;
+    this.seen.changed.notify_all();
+}
+
+/// A scripted service for one connection: connects the client, acks its sendToGroups, and
+/// gathers the type of every frame but pings and sequence acks until the client closes.
+async fn frame_types_service(listener: tokio::net::TcpListener) -> Vec<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = accepted_connected(listener).await;
+    let mut types = Vec::new();
+    while let Some(Ok(message)) = ws.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let kind = frame["type"].as_str().unwrap_or_default().to_owned();
+        if let (true, Some(ack_id)) = (kind == "sendToGroup", frame["ackId"].as_u64()) {
+            let ack = serde_json::json!({"type": "ack", "ackId": ack_id, "success": true});
+            ws.send(Message::text(ack.to_string())).await.unwrap();
+        }
+        if kind != "ping" && kind != "sequenceAck" {
+            types.push(kind);
+        }
+    }
+    types
+}
+
+#[test]
+fn an_invocation_after_the_free_began_is_refused_unsent() {
+    // Called by a callback that runs during the teardown: refused with STOPPED before it
+    // reaches the client, so nothing completes and nothing is written. (Handed over
+    // first, then refused, it was written whenever the connection task took it before
+    // the refusal dropped it: in some rounds only.)
+    const ROUNDS: usize = 300;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for round in 0..ROUNDS {
+        let (url, service) = scripted(&rt, frame_types_service);
+        let probe = FreedOnConnected::default();
+        let mut c = std::ptr::null_mut();
+        let status = unsafe {
+            wps_client_new(
+                url.as_ptr(),
+                std::ptr::null(),
+                Some(free_then_invoke),
+                &probe as *const FreedOnConnected as *mut c_void,
+                Some(note_freed),
+                &mut c,
+            )
+        };
+        check(status, "wps_client_new");
+        let status =
+            unsafe { wps_client_start_async(c, None, std::ptr::null_mut(), std::ptr::null_mut()) };
+        check(status, "wps_client_start_async");
+        probe.seen.seen.lock().unwrap().client = Some(c as usize);
+        probe.seen.changed.notify_all();
+        probe.seen.wait("the finalizer", |s| s.freed);
+        assert_eq!(
+            probe.seen.seen.lock().unwrap().statuses,
+            [WPS_STATUS_STOPPED, WPS_STATUS_OK],
+            "round {round}: the invocation's and the marker's statuses"
+        );
+        let types = rt
+            .block_on(async { tokio::time::timeout(WAIT, service).await })
+            .expect("the connection was not closed")
+            .unwrap();
+        assert_eq!(
+            types,
+            ["sendToGroup"],
+            "round {round}: the invocation was written"
+        );
+        assert!(probe.rec.seen.lock().unwrap().completions.is_empty());
+    }
+}
+
 /// A scripted service for one connection: connects the client, then gathers the data of
 /// every sendToGroup frame until the client closes.
 async fn gathering_service(listener: tokio::net::TcpListener) -> Vec<String> {
@@ -1355,13 +1497,9 @@ fn fire_and_forget_sends_past_the_operation_queue_go_out_before_a_stop() {
     // queue, already completed as sent, when the stop comes.
     const SENDS: usize = 5000;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
-    let service = rt.spawn(gathering_service(listener));
+    let (url, service) = scripted(&rt, gathering_service);
     let rec = Recorder::default();
-    let c = client_of(&CString::new(url).unwrap(), &rec, true);
+    let c = client_of(&url, &rec, true);
     let ops: Vec<u64> = (0..SENDS)
         .map(|i| send_async(c, c"g", &format!("m{i:05}"), WPS_SEND_FIRE_AND_FORGET, &rec))
         .collect();
@@ -1434,13 +1572,9 @@ fn deferred_fire_and_forget_sends_flushed_while_a_stop_comes_go_out_before_it() 
     const ROUNDS: usize = 20;
     let rt = tokio::runtime::Runtime::new().unwrap();
     for round in 0..ROUNDS {
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
-        let service = rt.spawn(gathering_service(listener));
+        let (url, service) = scripted(&rt, gathering_service);
         let rec = Recorder::default();
-        let c = client_of(&CString::new(url).unwrap(), &rec, true);
+        let c = client_of(&url, &rec, true);
         for i in 0..SENDS {
             let flags = WPS_SEND_DEFERRED | WPS_SEND_FIRE_AND_FORGET;
             send_async(c, c"g", &format!("m{i:05}"), flags, &rec);

@@ -237,6 +237,16 @@ impl Shared {
             .push(Job::Completion(op_id, target, outcome));
     }
 
+    /// Hands the client a start command, unless its free has begun (`None`). Under the
+    /// ops lock: a free on another thread (while a callback of this client runs) either
+    /// came first, or queues its stop after this start, which it then ends.
+    fn start_unless_freed(
+        &self,
+    ) -> Option<Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error>> {
+        let ops = self.ops();
+        (!ops.closing).then(|| self.client.start_now())
+    }
+
     /// Refuses new operations: the client is being freed.
     fn refuse_new_ops(&self) {
         self.ops().closing = true;
@@ -330,19 +340,29 @@ fn new_client(
     let sink = Arc::new(EventSink::new(worker, on_event, user_data, user_data_free));
     let handler = Arc::new(SinkHandler::new(Arc::clone(&sink)));
     let client = Client::new(credential, options, handler).map_err(fail_with)?;
+    let handle = into_handle(client, sink, credential_sink);
+    // SAFETY: checked non-NULL above.
+    unsafe { out.write(handle) };
+    Ok(())
+}
+
+/// Puts a new client's state behind a live handle.
+fn into_handle(
+    client: Client,
+    sink: Arc<EventSink>,
+    credential: Option<Arc<CredentialSink>>,
+) -> *mut wps_client {
     let shared = Arc::new(Shared {
         client,
         sink,
-        credential: credential_sink,
+        credential,
         ops: Mutex::new(Ops::default()),
         next_op: AtomicU64::new(1),
         given_up: AtomicU64::new(0),
     });
     let handle = Box::into_raw(Box::new(shared));
     live().insert(handle as usize);
-    // SAFETY: checked non-NULL above.
-    unsafe { out.write(handle.cast()) };
-    Ok(())
+    handle.cast()
 }
 
 /// Creates a stopped client connecting to a fixed client URL
@@ -680,17 +700,10 @@ fn not_polled() -> wps_status {
 #[no_mangle]
 pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
     guard(|| {
-        let shared = client_arg(c)?;
-        // The check and the start command under one lock: a free on another thread
-        // (while a callback of this client runs) either came first, or queues its stop
-        // after this start, which it then ends.
-        let start = {
-            let ops = shared.ops();
-            if ops.closing {
-                return Err(fail(WPS_STATUS_STOPPED, "the client is being freed"));
-            }
-            shared.client.start_now().map_err(fail_with)?
-        };
+        let start = client_arg(c)?
+            .start_unless_freed()
+            .ok_or_else(|| fail(WPS_STATUS_STOPPED, "the client is being freed"))?
+            .map_err(fail_with)?;
         block_interruptible(start)?.map_err(fail_with)
     })
 }
@@ -720,7 +733,9 @@ pub unsafe extern "C" fn wps_client_stop(c: *mut wps_client) -> wps_status {
 /// `wps_client_join_group_async` for `op_id`). For an event loop that must not block
 /// for the connection. The start is handed to the client before this returns, so a
 /// later stop (blocking or not) comes after it. Cancelling it only ends the wait: the
-/// connection attempt goes on (stop the client to end it).
+/// connection attempt goes on (stop the client to end it). Once the client's
+/// `wps_client_free` has begun (from a callback running during the teardown), it fails
+/// with `WPS_STATUS_STOPPED` and no connection is attempted.
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -732,15 +747,23 @@ pub unsafe extern "C" fn wps_client_start_async(
     op_id: *mut u64,
 ) -> wps_status {
     guard(|| {
-        let fut = |client: Client| client.start_now().map_err(fail_with);
-        run_async(c, fut, OwnedCompletion::from_unit, cb, user_data, op_id)
+        let op = |shared: &Shared| {
+            // `None`: a free began since the start was registered; it completes the start.
+            let start = shared
+                .start_unless_freed()
+                .unwrap_or(Err(Error::Stopped { ack_id: None }));
+            async move { start?.await }
+        };
+        run_async(c, op, OwnedCompletion::from_unit, cb, user_data, op_id)
     })
 }
 
 /// Stops the client without blocking: `cb` (may be NULL) runs once stopped, after the
 /// disconnected and stopped events (see `wps_client_join_group_async` for `op_id`).
 /// Stopping a stopped client completes at once with `WPS_STATUS_OK`. What
-/// `wps_client_stop` says of earlier sends holds here too.
+/// `wps_client_stop` says of earlier sends holds here too. Once the client's
+/// `wps_client_free` has begun it fails with `WPS_STATUS_STOPPED` (the free stops the
+/// client).
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -752,14 +775,14 @@ pub unsafe extern "C" fn wps_client_stop_async(
     op_id: *mut u64,
 ) -> wps_status {
     guard(|| {
-        let fut = |client: Client| {
-            let stopped = client.stop_now();
-            Ok(async move {
+        let op = |shared: &Shared| {
+            let stopped = shared.client.stop_now();
+            async move {
                 stopped.await;
                 Ok(())
-            })
+            }
         };
-        run_async(c, fut, OwnedCompletion::from_unit, cb, user_data, op_id)
+        run_async(c, op, OwnedCompletion::from_unit, cb, user_data, op_id)
     })
 }
 
@@ -1081,10 +1104,12 @@ unsafe fn register(
     Ok(id)
 }
 
-/// Starts an operation as a task whose completion goes to `cb` on the dispatcher thread.
+/// Starts an operation whose completion goes to `cb` on the dispatcher thread: it is
+/// registered first (refused while the client is being freed, so nothing reaches the
+/// client then), `handover` gives it to the client, and a task awaits its outcome.
 unsafe fn run_async<T, F>(
     c: *mut wps_client,
-    fut: impl FnOnce(Client) -> FfiResult<F>,
+    handover: impl FnOnce(&Shared) -> F,
     convert: fn(Result<T, Error>) -> OwnedCompletion,
     cb: wps_completion_cb,
     user_data: *mut c_void,
@@ -1095,9 +1120,9 @@ where
     T: Send + 'static,
 {
     let shared = client_arg(c)?;
-    let fut = fut(shared.client.clone())?;
     let rt = runtime()?;
     let id = register(shared, cb, user_data, false, op_id)?;
+    let fut = handover(shared);
     let task = {
         let shared = Arc::clone(shared);
         rt.spawn(async move {
@@ -1321,8 +1346,9 @@ pub unsafe extern "C" fn wps_invoke_response_free(r: *mut wps_invoke_response) {
 /// and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
 /// outcome. The call itself fails only on a bad C argument (NULL, invalid UTF-8, unknown
 /// data type or flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then
-/// nothing completes; every other failure, state and arguments the client checks (empty
-/// name, invalid JSON, a message too large, ackId 0) included, comes in the completion.
+/// nothing is sent and nothing completes; every other failure, state and arguments the
+/// client checks (empty name, invalid JSON, a message too large, ackId 0) included,
+/// comes in the completion.
 /// Operations are written in call order, with at most 999 acked ones awaiting their
 /// acks per client (the service remembers a connection's last 1000 ackIds, which
 /// keeps a resend after a recovery from publishing twice); later ones wait queued.
@@ -1434,11 +1460,11 @@ pub unsafe extern "C" fn wps_client_invoke_event_async(
         let opts = invoke_options(timeout_ms);
         // Handed over before this returns (in call order with the other operations, and
         // before a later stop); a refusal completes like the other operations' do.
-        let fut = move |client: Client| {
-            let reply = client.invoke_now(&event, t, d, opts);
-            Ok(async move { reply?.await })
+        let op = move |shared: &Shared| {
+            let reply = shared.client.invoke_now(&event, t, d, opts);
+            async move { reply?.await }
         };
-        run_async(c, fut, OwnedCompletion::from_invoke, cb, user_data, op_id)
+        run_async(c, op, OwnedCompletion::from_invoke, cb, user_data, op_id)
     })
 }
 
@@ -1584,7 +1610,8 @@ pub unsafe extern "C" fn wps_client_cancel(c: *mut wps_client, op_id: u64) -> wp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ffi::status::{wps_last_error_message, WPS_STATUS_PANIC};
+    use crate::ffi::callbacks::wps_completion;
+    use crate::ffi::status::{wps_last_error_message, WPS_STATUS_OK, WPS_STATUS_PANIC};
     use std::ffi::CStr;
 
     /// On a thread of the runtime (where a credential callback runs), a blocking call's
@@ -1613,5 +1640,112 @@ mod tests {
         });
         assert_eq!(status, WPS_STATUS_PANIC);
         assert_eq!(message, "internal panic: a bug in the operation");
+    }
+
+    /// A callback that frees its client, then calls it; the test's view of it.
+    struct FreedInCallback {
+        client: *mut wps_client,
+        /// Signalled once the call that runs the callback has returned: no other thread
+        /// may be inside a call of a client when it is freed.
+        returned: Mutex<mpsc::Receiver<()>>,
+        statuses: Mutex<Vec<wps_status>>,
+        completions: AtomicU64,
+    }
+
+    unsafe extern "C" fn count_completion(user_data: *mut c_void, _: *const wps_completion) {
+        let probe = &*(user_data as *const FreedInCallback);
+        probe.completions.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Frees the client (the teardown waits for this callback), then starts, stops and
+    /// invokes without blocking.
+    unsafe extern "C" fn free_then_call(user_data: *mut c_void, _: *const wps_completion) {
+        let probe = &*(user_data as *const FreedInCallback);
+        let (c, count) = (probe.client, Some(count_completion as _));
+        let returned = probe.returned.lock().unwrap();
+        returned.recv_timeout(Duration::from_secs(30)).unwrap();
+        wps_client_free(c);
+        let mut op = 0;
+        let statuses = [
+            wps_client_start_async(c, count, user_data, &mut op),
+            wps_client_stop_async(c, count, user_data, &mut op),
+            wps_client_invoke_event_async(
+                c,
+                c"e".as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                std::ptr::null(),
+                0,
+                0,
+                count,
+                user_data,
+                &mut op,
+            ),
+        ];
+        probe.statuses.lock().unwrap().extend(statuses);
+    }
+
+    unsafe extern "C" fn signal_freed(user_data: *mut c_void) {
+        let freed = Box::from_raw(user_data as *mut mpsc::SyncSender<()>);
+        let _ = freed.send(());
+    }
+
+    /// Once a client's free has begun, the asynchronous calls of a callback that runs
+    /// during the teardown fail with `WPS_STATUS_STOPPED`, complete nothing, and hand
+    /// nothing to the client: no connection is attempted, so the free's stop finds the
+    /// client stopped and raises no event.
+    #[test]
+    fn async_calls_after_the_free_began_reach_nothing() {
+        // A server that never answers the upgrade: a connection attempt would wait there.
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/client/hubs/h", server.local_addr().unwrap());
+        let (events_tx, events) = mpsc::channel();
+        let on_event = move |event| {
+            let _ = events_tx.send(event);
+        };
+        let client = Client::new(
+            Credential::Url(url),
+            crate::ClientOptions::default(),
+            Arc::new(on_event),
+        )
+        .unwrap();
+        let (freed_tx, freed) = mpsc::sync_channel::<()>(1);
+        let sink = Arc::new(EventSink::new(
+            dispatcher::assign(),
+            None,
+            Box::into_raw(Box::new(freed_tx)).cast(),
+            Some(signal_freed),
+        ));
+        let (returned_tx, returned) = mpsc::channel();
+        let probe = FreedInCallback {
+            client: into_handle(client, sink, None),
+            returned: Mutex::new(returned),
+            statuses: Mutex::new(Vec::new()),
+            completions: AtomicU64::new(0),
+        };
+        // Stopping a stopped client completes at once: the callback runs.
+        let user_data = &probe as *const FreedInCallback as *mut c_void;
+        let status = unsafe {
+            wps_client_stop_async(
+                probe.client,
+                Some(free_then_call),
+                user_data,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(status, WPS_STATUS_OK);
+        returned_tx.send(()).unwrap();
+        freed
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the teardown did not end");
+        assert_eq!(*probe.statuses.lock().unwrap(), [WPS_STATUS_STOPPED; 3]);
+        assert_eq!(probe.completions.load(Ordering::SeqCst), 0);
+        let events: Vec<_> = events.try_iter().collect();
+        assert!(events.is_empty(), "a start reached the client: {events:?}");
+        server.set_nonblocking(true).unwrap();
+        assert_eq!(
+            server.accept().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "a connection was attempted"
+        );
     }
 }
