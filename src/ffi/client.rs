@@ -55,7 +55,10 @@ const TASK_END_LIMIT: Duration = Duration::from_secs(2);
 /// `wps_client_new*`, released by `wps_client_free`. Every function taking it may be
 /// called from any thread, by several threads at once (a second concurrent dispatch of
 /// a poll-mode client is refused: see `wps_client_dispatch`); a blocking call still
-/// waiting when another thread frees the client returns `WPS_STATUS_STOPPED`.
+/// waiting when another thread frees the client returns `WPS_STATUS_STOPPED`. Any other
+/// call on another thread must have returned before the free begins: the free does not
+/// wait for it, and a call still in progress may then read released memory (a callback
+/// running during the teardown may still call it: see `wps_client_free`).
 pub struct wps_client {
     _private: [u8; 0],
 }
@@ -455,7 +458,9 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// callback, this waits for it. In a fork() child the handle is left alone (its threads
 /// do not exist there). A callback running during the teardown (a finalizer included)
 /// may still use the handle: a start then fails with `WPS_STATUS_STOPPED`, as do new
-/// asynchronous operations. A second free of a handle is detected and ignored (an
+/// asynchronous operations. Another thread must not be inside a call of this client
+/// (except a blocking call that waits: it returns `WPS_STATUS_STOPPED`) nor enter one
+/// once the free begins. A second free of a handle is detected and ignored (an
 /// error is logged) as long as no new client got the same address; any other use of a
 /// freed handle is undefined behaviour.
 ///
