@@ -97,19 +97,7 @@ impl Conn {
 
     /// The next text frame from the client (pings skipped).
     async fn recv(&mut self) -> serde_json::Value {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
-                .await
-                .expect("no frame from the client within 10 s")
-                .expect("connection closed")
-                .unwrap();
-            if let Message::Text(text) = message {
-                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-                if value["type"] != "ping" {
-                    return value;
-                }
-            }
-        }
+        common::next_client_frame(&mut self.ws).await
     }
 
     /// Asserts that nothing but pings arrives for `ms` milliseconds.

@@ -1,9 +1,10 @@
 //! The client against a hostile server: truncated frames, every field with the wrong
 //! type, huge frames and HTTP heads, floods, binary and control frames, acks for
-//! unknown ids, sequence ids out of order, a second `connected` frame, and every
-//! interesting close code. The client must stay up, report what the protocol says
-//! through its events, and leave nothing behind (its socket is closed once the last
-//! handle is dropped, and the heap returns to where it was).
+//! unknown ids, sequence ids out of order, extreme or malformed (also across a
+//! recovery), a second `connected` frame, and every interesting close code. The client
+//! must stay up, report what the protocol says through its events, and leave nothing
+//! behind (its socket is closed once the last handle is dropped, and the heap returns
+//! to where it was).
 //!
 //! (tests/fake_service.rs covers the basic malformed / unknown / duplicate cases.)
 
@@ -127,16 +128,9 @@ async fn connected(ws: &mut Ws, id: &str, token: &str) {
 /// The next text frame from the client that is not a ping or a sequenceAck.
 async fn recv(ws: &mut Ws) -> serde_json::Value {
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("no frame from the client within 10 s")
-            .expect("connection closed")
-            .unwrap();
-        if let Message::Text(text) = message {
-            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-            if value["type"] != "ping" && value["type"] != "sequenceAck" {
-                return value;
-            }
+        let value = common::next_client_frame(ws).await;
+        if value["type"] != "sequenceAck" {
+            return value;
         }
     }
 }
@@ -179,9 +173,7 @@ async fn start(
 }
 
 fn server_message(text: &str, sequence_id: u64) -> String {
-    format!(
-        r#"{{"type":"message","from":"server","dataType":"text","data":"{text}","sequenceId":{sequence_id}}}"#
-    )
+    server_message_with_id(text, &sequence_id.to_string())
 }
 
 /// Skips message events until the one with `text`; anything else fails.
@@ -357,6 +349,169 @@ async fn sequence_ids_out_of_order_are_delivered_once_and_acked_at_the_highest()
             .is_err(),
         "nothing more delivered"
     );
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+/// A server message whose `sequenceId` is the JSON text `id`.
+fn server_message_with_id(text: &str, id: &str) -> String {
+    format!(
+        r#"{{"type":"message","from":"server","dataType":"text","data":"{text}","sequenceId":{id}}}"#
+    )
+}
+
+/// A server message without a `sequenceId`: delivered whatever the sequence, so it
+/// shows that the frames written before it were handled.
+fn unsequenced(text: &str) -> String {
+    format!(r#"{{"type":"message","from":"server","dataType":"text","data":"{text}"}}"#)
+}
+
+/// The texts of the next `n` events, all messages.
+async fn texts(events: &mut UnboundedReceiver<Event>, n: usize) -> Vec<String> {
+    let mut texts = Vec::new();
+    for _ in 0..n {
+        let event = next_event(events, 10).await;
+        texts.push(common::message_text(&event).unwrap_or_else(|| panic!("{event:?}")));
+    }
+    texts
+}
+
+/// Reads the client's frames until its `sequenceAck` of `id`.
+async fn until_sequence_ack(ws: &mut Ws, id: u64) {
+    while common::next_client_frame(ws).await
+        != serde_json::json!({"type": "sequenceAck", "sequenceId": id})
+    {}
+}
+
+/// The reliable protocol with no periodic sequenceAck: only a jump of over 300 is
+/// acknowledged at once.
+fn acking_jumps_only() -> ClientOptions {
+    ClientOptions {
+        sequence_ack_interval: Duration::from_secs(3600),
+        ..options(Protocol::JsonReliable)
+    }
+}
+
+#[tokio::test]
+async fn extreme_sequence_ids_are_deduplicated_without_overflow() {
+    // 0 first, a jump of 2^40, an id going back, u64::MAX and what follows it: only
+    // ids above the highest delivered one are delivered (as the official JS client
+    // does), each jump is acknowledged at once, and the connection stays usable.
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, acking_jumps_only()).await;
+    const JUMP: u64 = 1 << 40;
+    for (text, id) in [
+        ("zero", 0),
+        ("one", 1),
+        ("jump", JUMP),
+        ("back", 2),
+        ("max", u64::MAX),
+        ("after max", 5),
+        ("max again", u64::MAX),
+    ] {
+        send(&mut ws, &server_message(text, id)).await;
+    }
+    send(&mut ws, &unsequenced("sentinel")).await;
+    assert_eq!(
+        texts(&mut events, 4).await,
+        ["one", "jump", "max", "sentinel"]
+    );
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("g").await });
+    // Each jump of more than 300 is acknowledged at once, nothing else. (The join's
+    // frame, which its caller may write itself, can come before them.)
+    let mut acks = Vec::new();
+    let mut join_frame = None;
+    while acks.len() < 2 || join_frame.is_none() {
+        let frame = common::next_client_frame(&mut ws).await;
+        match frame["type"].as_str() {
+            Some("sequenceAck") => acks.push(frame["sequenceId"].as_u64().unwrap()),
+            Some("joinGroup") => join_frame = Some(frame),
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!(acks, [JUMP, u64::MAX]);
+    let join_frame = join_frame.unwrap();
+    let ack = format!(
+        r#"{{"type":"ack","ackId":{},"success":true}}"#,
+        join_frame["ackId"]
+    );
+    send(&mut ws, &ack).await;
+    join.await.unwrap().unwrap();
+    assert_eq!(client.state(), ClientState::Connected);
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_message_with_a_malformed_sequence_id_is_dropped_and_the_sequence_kept() {
+    // Negative, fractional, beyond u64, or not a number: the frame is malformed and
+    // skipped with a warning, and its id reaches no state (2^64 taken as u64::MAX
+    // would drop every later message). A null id is no id: delivered, as the official
+    // JS client does.
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, acking_jumps_only()).await;
+    send(&mut ws, &server_message("one", 1)).await;
+    for id in [
+        "-1",
+        "-0.5",
+        "1.5",
+        "1e3",
+        "18446744073709551616",
+        "1000000000000000000000000",
+        "\"3\"",
+        "true",
+        "{}",
+        "[4]",
+    ] {
+        send(&mut ws, &server_message_with_id(&format!("bad {id}"), id)).await;
+    }
+    send(&mut ws, &server_message_with_id("null", "null")).await;
+    send(&mut ws, &server_message("two", 2)).await;
+    send(&mut ws, &server_message("far", 400)).await;
+    assert_eq!(texts(&mut events, 4).await, ["one", "null", "two", "far"]);
+    assert_eq!(
+        common::next_client_frame(&mut ws).await,
+        serde_json::json!({"type": "sequenceAck", "sequenceId": 400}),
+        "the jump from 0 to 400 is acknowledged at once"
+    );
+    assert_eq!(client.state(), ClientState::Connected);
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn after_a_recovery_the_replays_up_to_u64_max_are_dropped_and_it_is_acked_again() {
+    // The recovery URL names the connection and its token, not a sequence id: the
+    // service replays what the last sequenceAck did not cover, here all of it.
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    send(&mut ws, &server_message("one", 1)).await;
+    send(&mut ws, &server_message("max", u64::MAX)).await;
+    assert_eq!(texts(&mut events, 2).await, ["one", "max"]);
+    until_sequence_ack(&mut ws, u64::MAX).await;
+    drop(ws);
+    let (mut ws, uri) = hostile.accept().await;
+    assert!(
+        uri.ends_with("awps_connection_id=conn1&awps_reconnection_token=rt1"),
+        "{uri}"
+    );
+    connected(&mut ws, "conn1", "rt2").await;
+    for (text, id) in [("one", 1), ("max", u64::MAX), ("seven", 7)] {
+        send(&mut ws, &server_message(text, id)).await;
+    }
+    send(&mut ws, &unsequenced("sentinel")).await;
+    assert_eq!(
+        until_message(&mut events, "sentinel").await,
+        0,
+        "replayed frames are not delivered"
+    );
+    until_sequence_ack(&mut ws, u64::MAX).await;
+    assert_eq!(client.state(), ClientState::Connected);
+    assert_eq!(client.connection_id().as_deref(), Some("conn1"));
     drop(client);
     closed_by_client(&mut ws).await;
 }

@@ -79,6 +79,23 @@ mod tests {
     }
 
     #[test]
+    fn the_extreme_ids_neither_overflow_nor_reopen_the_sequence() {
+        let mut s = Sequence::default();
+        assert!(!s.accept(0), "0 is not above the start");
+        assert!(s.accept(u64::MAX));
+        assert!(s.ack_due_now(300));
+        assert_eq!(s.take_ack(), Some(u64::MAX));
+        assert!(!s.ack_due_now(0));
+        for id in [0, 1, u64::MAX - 1, u64::MAX] {
+            assert!(!s.accept(id), "{id} is not above u64::MAX");
+        }
+        s.ack_again();
+        assert!(s.ack_due_now(u64::MAX - 1));
+        assert_eq!(s.take_ack(), Some(u64::MAX));
+        assert!(!s.has_unacked());
+    }
+
+    #[test]
     fn a_drop_makes_the_delivered_id_due_again() {
         let mut s = Sequence::default();
         s.ack_again();

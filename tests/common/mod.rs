@@ -362,3 +362,24 @@ pub async fn started(
     ));
     (client, events)
 }
+
+/// The next text frame a client wrote to a scripted service, as JSON (pings skipped;
+/// at most 10 s).
+pub async fn next_client_frame(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> serde_json::Value {
+    use futures_util::StreamExt;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame from the client within 10 s")
+            .expect("connection closed")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if value["type"] != "ping" {
+                return value;
+            }
+        }
+    }
+}
