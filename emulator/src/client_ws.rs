@@ -45,6 +45,20 @@ pub(crate) fn error_response(status: StatusCode, message: impl Into<String>) -> 
     (status, message.into()).into_response()
 }
 
+/// `/clients/{kind}/hubs/{hub}`, where the service serves MQTT and Socket.IO clients:
+/// 501, since the emulator serves neither.
+pub(crate) async fn unsupported_client_endpoint(
+    Path((kind, _hub)): Path<(String, String)>,
+) -> Response {
+    error_response(
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "'{kind}' clients are not supported by the emulator: it serves Web PubSub \
+             clients at /client/hubs/{{hub}} only."
+        ),
+    )
+}
+
 /// The access token from `access_token` or `Authorization: Bearer`.
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get("authorization")?.to_str().ok()?;

@@ -4,6 +4,7 @@
 //! group or user name may contain an encoded `/`), because the API's `:send`-style
 //! segments are not expressible as axum route literals.
 
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,9 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     )
         .into_response()
 }
+
+/// The largest `maxpagesize` of a group listing, and its page size when none is given.
+const MAX_PAGE_SIZE: usize = 200;
 
 /// Query parameters, repeated keys kept.
 struct QueryParams(Vec<(String, String)>);
@@ -119,6 +123,7 @@ pub(crate) async fn dispatch(
     let req = Request {
         server: &server,
         method: &method,
+        path: uri.path(),
         query: &query,
         headers: &headers,
         body,
@@ -162,6 +167,8 @@ fn authorize(server: &Server, uri: &Uri, headers: &HeaderMap) -> Result<(), auth
 struct Request<'a> {
     server: &'a Arc<Server>,
     method: &'a Method,
+    /// The request path as it came, still percent-encoded.
+    path: &'a str,
     query: &'a QueryParams,
     headers: &'a HeaderMap,
     body: bytes::Bytes,
@@ -194,6 +201,9 @@ impl Request<'_> {
                 self.send(|p, to| hub.publish_user(u, p, |c| to.picks(c)))
             }
             ["connections", c, ":send"] if m == Method::POST => {
+                if let Err(e) = self.check_ttl() {
+                    return Some(error(StatusCode::BAD_REQUEST, e));
+                }
                 let payload = match self.payload() {
                     Ok(payload) => payload,
                     Err(e) => return Some(error(StatusCode::BAD_REQUEST, e)),
@@ -257,6 +267,25 @@ impl Request<'_> {
         self.query.all("excluded")
     }
 
+    /// The integer query parameter `name`, when given; an error outside `range`.
+    fn integer(&self, name: &str, range: RangeInclusive<i64>) -> Result<Option<i64>, String> {
+        match self.query.get(name).map(str::parse::<i64>) {
+            None => Ok(None),
+            Some(Ok(n)) if range.contains(&n) => Ok(Some(n)),
+            Some(_) => Err(format!(
+                "{name} must be an integer from {} to {}.",
+                range.start(),
+                range.end()
+            )),
+        }
+    }
+
+    /// `messageTtlSeconds` is range-checked (0 to 300), then not acted on: a message
+    /// waits for a slow client however long it takes.
+    fn check_ttl(&self) -> Result<(), String> {
+        self.integer("messageTtlSeconds", 0..=300).map(drop)
+    }
+
     fn reason(&self) -> String {
         self.query
             .get("reason")
@@ -276,6 +305,9 @@ impl Request<'_> {
 
     /// Decodes the body and publishes it once to the connections the query selects.
     fn send(&self, deliver: impl FnOnce(&Publication, &Selection)) -> Response {
+        if let Err(e) = self.check_ttl() {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
         let filter = match parse_filter(self.query.get("filter")) {
             Ok(f) => f,
             Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -339,20 +371,53 @@ impl Request<'_> {
         status(StatusCode::OK)
     }
 
-    /// One page with every member, or the first `top` of them.
+    /// One page of a group's members in connection id order: `maxpagesize` of them
+    /// (1 to 200, default 200) after `continuationToken` (the last connection id of the
+    /// previous page), `top` (1 to 2^31-1) at most in all pages. `nextLink` is this
+    /// path with the same query, the next token and what is left of `top`; null on the
+    /// last page.
     fn list_group(&self, hub: &Hub, group: &str) -> Response {
-        let top = match self.query.get("top").map(str::parse::<usize>) {
-            None => usize::MAX,
-            Some(Ok(n)) if n > 0 => n,
-            Some(_) => return error(StatusCode::BAD_REQUEST, "top must be a positive integer."),
+        let (top, page_size) = match (
+            self.integer("top", 1..=i64::from(i32::MAX)),
+            self.integer("maxpagesize", 1..=MAX_PAGE_SIZE as i64),
+        ) {
+            (Ok(top), Ok(size)) => (top, size.map_or(MAX_PAGE_SIZE, |n| n as usize)),
+            (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
         };
-        let value: Vec<_> = hub
+        let after = self.query.get("continuationToken").unwrap_or_default();
+        let mut members: Vec<Arc<Conn>> = hub
             .group_connections(group)
+            .into_iter()
+            .filter(|c| c.id.as_str() > after)
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let wanted = top.map_or(usize::MAX, |t| t as usize);
+        let page = &members[..members.len().min(page_size).min(wanted)];
+        let value: Vec<_> = page
             .iter()
-            .take(top)
             .map(|c| json!({"connectionId": c.id, "userId": c.user_id}))
             .collect();
-        Json(json!({"value": value, "nextLink": null})).into_response()
+        let left = top.map(|t| t - page.len() as i64);
+        let next_link = page
+            .last()
+            .filter(|_| members.len() > page.len() && left != Some(0))
+            .map(|last| self.next_link(&last.id, left));
+        Json(json!({ "value": value, "nextLink": next_link })).into_response()
+    }
+
+    /// This request's path and query for the page after connection `last`.
+    fn next_link(&self, last: &str, top: Option<i64>) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &self.query.0 {
+            if !matches!(k.as_str(), "top" | "continuationToken") {
+                query.append_pair(k, v);
+            }
+        }
+        if let Some(t) = top {
+            query.append_pair("top", &t.to_string());
+        }
+        query.append_pair("continuationToken", last);
+        format!("{}?{}", self.path, query.finish())
     }
 
     fn close_all(&self, hub: &Hub, conns: Vec<Arc<Conn>>) -> Response {
@@ -454,15 +519,21 @@ impl Request<'_> {
         })
     }
 
+    /// A client token signed by the emulator. `clientType` (`Default` or `MQTT`, any
+    /// case) picks the client path the token is for.
     fn generate_token(&self, hub: &Hub) -> Response {
-        // An int32 in the service's API.
-        let minutes = match self.query.get("minutesToExpire").map(str::parse::<i32>) {
-            None => 60,
-            Some(Ok(m)) if m > 0 => u64::from(m.unsigned_abs()),
+        let minutes = match self.integer("minutesToExpire", 1..=i64::from(i32::MAX)) {
+            Ok(m) => m.unwrap_or(60).unsigned_abs(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
+        let client_path = match self.query.get("clientType").map(str::to_ascii_lowercase) {
+            None => "client",
+            Some(t) if t == "default" => "client",
+            Some(t) if t == "mqtt" => "clients/mqtt",
             Some(_) => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "minutesToExpire must be a positive 32-bit integer.",
+                    "clientType must be Default or MQTT.",
                 )
             }
         };
@@ -482,7 +553,7 @@ impl Request<'_> {
                 .collect(),
             ttl: Some(Duration::from_secs(minutes * 60)),
         };
-        let audience = format!("{}/client/hubs/{}", self.server.endpoint(), hub.name);
+        let audience = format!("{}/{client_path}/hubs/{}", self.server.endpoint(), hub.name);
         let token = auth::sign_client_token(&self.server.access_key, &audience, &opts);
         Json(json!({ "token": token })).into_response()
     }

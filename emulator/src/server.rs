@@ -69,6 +69,10 @@ fn tls_acceptor(files: &TlsFiles) -> std::io::Result<TlsAcceptor> {
 fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/client/hubs/{hub}", any(client_ws::client_endpoint))
+        .route(
+            "/clients/{kind}/hubs/{hub}",
+            any(client_ws::unsupported_client_endpoint),
+        )
         .route("/_emulator/stats", get(faults::stats))
         .route(
             "/_emulator/hubs/{hub}/connections/{id}/{action}",

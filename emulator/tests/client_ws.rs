@@ -352,3 +352,19 @@ async fn frames_a_client_sends_after_the_server_closed_it_are_ignored() {
     }
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn mqtt_and_socketio_client_paths_are_refused_as_not_implemented() {
+    let emu = start().await;
+    for kind in ["mqtt", "socketio"] {
+        let url = format!("{}/clients/{kind}/hubs/chat?access_token=x", emu.endpoint());
+        let resp = reqwest::get(&url).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 501, "{url}");
+        let body = resp.text().await.unwrap();
+        assert!(
+            body.contains(&format!("'{kind}' clients are not supported")),
+            "{body}"
+        );
+    }
+    emu.shutdown().await;
+}

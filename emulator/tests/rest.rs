@@ -299,6 +299,177 @@ async fn listing_a_group_honours_top() {
     emu.shutdown().await;
 }
 
+/// The connection ids of a listing page, and its nextLink.
+fn page(body: &str) -> (Vec<String>, Option<String>) {
+    let page: Value = serde_json::from_str(body).unwrap();
+    let ids = page["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["connectionId"].as_str().unwrap().to_owned())
+        .collect();
+    (ids, page["nextLink"].as_str().map(str::to_owned))
+}
+
+/// Every page of a listing from `path` on, following nextLink (a path and query).
+async fn pages(emu: &Emulator, path: &str) -> Vec<Vec<String>> {
+    let mut url = format!("{}/api/hubs/{path}", emu.endpoint());
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        let token = rest_token(emu, &url);
+        let (code, body) = call_with(&url, Method::GET, Some(token), None).await;
+        assert_eq!(code, 200, "{url}: {body}");
+        let (ids, next) = page(&body);
+        out.push(ids);
+        match next {
+            Some(link) => {
+                assert!(link.starts_with("/api/hubs/"), "{link}");
+                url = format!("{}{link}", emu.endpoint());
+            }
+            None => return out,
+        }
+    }
+    panic!("more than 10 pages: {out:?}");
+}
+
+#[tokio::test]
+async fn listing_a_group_pages_with_maxpagesize_and_continuation_token() {
+    let emu = start().await;
+    // A group name with a space and an encoded '/': the nextLink keeps its encoding.
+    let group = "a b/c";
+    let encoded = "a%20b%2Fc";
+    let mut ids = Vec::new();
+    let mut sockets = Vec::new();
+    for user in ["u1", "u2", "u3", "u4", "u5"] {
+        let (mut ws, id) = client(&emu, user, JSON).await;
+        assert_ack_ok(&ws.join(group, 1).await);
+        ids.push(id);
+        sockets.push(ws);
+    }
+    ids.sort();
+    let (_outsider, _) = client(&emu, "u6", JSON).await;
+
+    let by_two = pages(
+        &emu,
+        &format!("hub/groups/{encoded}/connections?api-version=2024-12-01&maxpagesize=2"),
+    )
+    .await;
+    assert_eq!(by_two, [&ids[0..2], &ids[2..4], &ids[4..5]]);
+    let topped = pages(
+        &emu,
+        &format!("hub/groups/{encoded}/connections?maxpagesize=2&top=3"),
+    )
+    .await;
+    assert_eq!(topped, [&ids[0..2], &ids[2..3]]);
+    let exact = pages(
+        &emu,
+        &format!("hub/groups/{encoded}/connections?maxpagesize=5&top=5"),
+    )
+    .await;
+    assert_eq!(exact, [&ids[..]]);
+    let all = pages(&emu, &format!("hub/groups/{encoded}/connections")).await;
+    assert_eq!(all, [&ids[..]]);
+    let after = pages(
+        &emu,
+        &format!(
+            "hub/groups/{encoded}/connections?maxpagesize=3&continuationToken={}",
+            ids[1]
+        ),
+    )
+    .await;
+    assert_eq!(after, [&ids[2..5]]);
+    let past_the_end = format!(
+        "hub/groups/{encoded}/connections?continuationToken={}",
+        ids[4]
+    );
+    assert_eq!(pages(&emu, &past_the_end).await, [Vec::<String>::new()]);
+
+    for bad in [
+        "maxpagesize=0",
+        "maxpagesize=201",
+        "maxpagesize=x",
+        "top=2147483648",
+    ] {
+        let path = format!("hub/groups/{encoded}/connections?{bad}");
+        let (code, body) = call(&emu, Method::GET, &path, None).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn message_ttl_seconds_is_range_checked_on_every_send() {
+    let emu = start().await;
+    let (mut ws, id) = client(&emu, "u", JSON).await;
+    assert_ack_ok(&ws.join("g", 1).await);
+    let routes = [
+        "hub/:send".to_owned(),
+        "hub/groups/g/:send".to_owned(),
+        "hub/users/u/:send".to_owned(),
+        format!("hub/connections/{id}/:send"),
+    ];
+    for route in &routes {
+        for bad in ["301", "-1", "x"] {
+            let path = format!("{route}?messageTtlSeconds={bad}");
+            let (code, body) = call(&emu, Method::POST, &path, text("refused")).await;
+            assert_eq!(code, 400, "{path}: {body}");
+            assert!(body.contains("messageTtlSeconds"), "{body}");
+        }
+        for ok in ["0", "300"] {
+            let path = format!("{route}?messageTtlSeconds={ok}");
+            assert_eq!(
+                call(&emu, Method::POST, &path, text(ok)).await.0,
+                202,
+                "{path}"
+            );
+            assert_eq!(server_msg(&ws.next_json().await).1, ok);
+        }
+    }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn generate_token_honours_client_type() {
+    let emu = start().await;
+    let audience = |body: &str| {
+        let token: Value = serde_json::from_str(body).unwrap();
+        let claims = webpubsub_emulator::auth::verify(
+            emu.access_key(),
+            token["token"].as_str().unwrap(),
+            true,
+        )
+        .unwrap();
+        claims.audiences.join(",")
+    };
+    let base = format!("http://127.0.0.1:{}", emu.port());
+    for (client_type, path) in [
+        ("", "client"),
+        ("&clientType=Default", "client"),
+        ("&clientType=default", "client"),
+        ("&clientType=MQTT", "clients/mqtt"),
+        ("&clientType=mqtt", "clients/mqtt"),
+    ] {
+        let route = format!("hub/:generateToken?api-version=2024-12-01{client_type}");
+        let (code, body) = call(&emu, Method::POST, &route, None).await;
+        assert_eq!(code, 200, "{client_type}: {body}");
+        assert_eq!(
+            audience(&body),
+            format!("{base}/{path}/hubs/hub"),
+            "{client_type}"
+        );
+    }
+    let (code, body) = call(
+        &emu,
+        Method::POST,
+        "hub/:generateToken?clientType=Pigeon",
+        None,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("clientType"), "{body}");
+    emu.shutdown().await;
+}
+
 #[tokio::test]
 async fn existence_and_close_routes() {
     let emu = start().await;
