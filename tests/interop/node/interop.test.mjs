@@ -7,7 +7,7 @@ import { existsSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { createServer } from "node:http";
 import { WebPubSubClient, WebPubSubJsonProtocol } from "@azure/web-pubsub-client";
-import { WebPubSubServiceClient } from "@azure/web-pubsub";
+import { WebPubSubServiceClient, odata } from "@azure/web-pubsub";
 import { WebPubSubEventHandler } from "@azure/web-pubsub-express";
 import express from "express";
 
@@ -392,4 +392,311 @@ test("sample web-pubsub-express server: its handler answers the emulator's user 
     server.closeAllConnections();
     server.close();
   }
+});
+
+// ---- The whole public surface of @azure/web-pubsub's WebPubSubServiceClient and
+// WebPubSubGroup, each option included, observed by official clients. Each test has a
+// hub of its own, so that hub-wide sends and closes reach only its clients. A client
+// that must get nothing more is sent a marker on its own connection last: the next
+// thing it sees must be that marker. ----
+
+/** A service client for a hub of its own. */
+function hubService(hub) {
+  return new WebPubSubServiceClient(connectionString, hub, { allowInsecureConnection: true });
+}
+
+/** An official client of svc's hub. */
+async function hubClient(svc, tokenOptions = {}, clientOptions = {}) {
+  return newClient((await svc.getClientAccessToken(tokenOptions)).url, clientOptions);
+}
+
+async function nothingElse(svc, ...clients) {
+  for (const c of clients) {
+    await svc.sendToConnection(c.connectionId, "marker", { contentType: "text/plain" });
+    assert.equal((await c.server.next("the marker")).data, "marker");
+  }
+}
+
+function claims(token) {
+  return JSON.parse(Buffer.from(token.split(".")[1], "base64url").toString());
+}
+
+test("service SDK sends: every content type, excluded, filter and messageTtlSeconds", async () => {
+  const svc = hubService("surface_send");
+  const a = await hubClient(svc, { userId: "alice", roles: ROLES });
+  const b = await hubClient(svc, { userId: "bob", roles: ROLES });
+  const anon = await hubClient(svc);
+  await a.sdk.joinGroup("room");
+  await b.sdk.joinGroup("room");
+
+  await svc.sendToAll("text", {
+    contentType: "text/plain",
+    excludedConnections: [a.connectionId],
+    messageTtlSeconds: 60,
+  });
+  await svc.sendToAll({ json: [1, null] }, { filter: odata`userId ne ${null}` });
+  await svc.sendToAll(new Uint8Array([0, 255]), { messageTtlSeconds: 0 });
+  for (const c of [b, anon]) assert.equal((await c.server.next()).data, "text");
+  for (const c of [a, b]) assert.deepEqual((await c.server.next()).data, { json: [1, null] });
+  for (const c of [a, b, anon]) assert.deepEqual([...new Uint8Array((await c.server.next()).data)], [0, 255]);
+
+  const room = svc.group("room");
+  await room.sendToAll("to bob", {
+    contentType: "text/plain",
+    excludedConnections: [anon.connectionId],
+    filter: odata`userId eq ${"bob"}`,
+    messageTtlSeconds: 300,
+  });
+  await room.sendToAll("not bob", { contentType: "text/plain", excludedConnections: [b.connectionId] });
+  await room.sendToAll([1, 2]);
+  await room.sendToAll(new Uint8Array([1]).buffer);
+  assert.equal((await b.server.next()).data, "to bob");
+  assert.equal((await a.server.next()).data, "not bob");
+  for (const c of [a, b]) {
+    assert.deepEqual((await c.server.next()).data, [1, 2]);
+    assert.deepEqual([...new Uint8Array((await c.server.next()).data)], [1]);
+  }
+
+  await svc.sendToUser("alice", "filtered out", { contentType: "text/plain", filter: "not('room' in groups)" });
+  await svc.sendToUser("alice", { u: 1 }, { messageTtlSeconds: 10 });
+  await svc.sendToUser("alice", new Uint8Array([2]));
+  assert.deepEqual((await a.server.next()).data, { u: 1 });
+  assert.deepEqual([...new Uint8Array((await a.server.next()).data)], [2]);
+
+  await svc.sendToConnection(b.connectionId, { c: true }, { messageTtlSeconds: 10 });
+  await svc.sendToConnection(b.connectionId, "plain", { contentType: "text/plain", messageTtlSeconds: 10 });
+  await svc.sendToConnection(b.connectionId, new Uint8Array([3]));
+  assert.deepEqual((await b.server.next()).data, { c: true });
+  assert.equal((await b.server.next()).data, "plain");
+  assert.deepEqual([...new Uint8Array((await b.server.next()).data)], [3]);
+
+  await assert.rejects(
+    svc.sendToAll("x", { contentType: "text/plain", filter: "userId eq" }),
+    (e) => e.statusCode === 400,
+  );
+  await nothingElse(svc, a, b, anon);
+});
+
+test("service SDK membership: connections, users, filters, all groups", async () => {
+  const svc = hubService("surface_groups");
+  const a1 = await hubClient(svc, { userId: "alice", roles: ROLES });
+  const a2 = await hubClient(svc, { userId: "alice", roles: ROLES });
+  const b = await hubClient(svc, { userId: "bob", roles: ROLES });
+  const anon = await hubClient(svc);
+
+  const ug = svc.group("ug");
+  await ug.addUser("alice");
+  assert.equal(await svc.groupExists("ug"), true);
+  await ug.sendToAll("ug 1", { contentType: "text/plain" });
+  for (const c of [a1, a2]) assert.equal((await c.server.next()).data, "ug 1");
+  await ug.removeUser("alice");
+  assert.equal(await svc.groupExists("ug"), false);
+  await ug.sendToAll("ug 2", { contentType: "text/plain" });
+
+  await svc.group("x").addUser("alice");
+  await a1.sdk.joinGroup("self");
+  await svc.removeUserFromAllGroups("alice");
+  for (const g of ["x", "self"]) {
+    assert.equal(await svc.groupExists(g), false);
+    await svc.group(g).sendToAll("gone", { contentType: "text/plain" });
+  }
+
+  const c = svc.group("c");
+  await c.addConnection(a2.connectionId);
+  await c.addConnection(b.connectionId);
+  await svc.group("d").addConnection(b.connectionId);
+  await c.sendToAll("c 1", { contentType: "text/plain" });
+  assert.equal((await a2.server.next()).data, "c 1");
+  assert.equal((await b.server.next()).data, "c 1");
+  await c.removeConnection(b.connectionId);
+  await c.sendToAll("c 2", { contentType: "text/plain" });
+  assert.equal((await a2.server.next()).data, "c 2");
+  await svc.removeConnectionFromAllGroups(a2.connectionId);
+  assert.equal(await svc.groupExists("c"), false);
+  assert.equal(await svc.groupExists("d"), true);
+  await assert.rejects(c.addConnection("no-such-connection"), (e) => e.statusCode === 404);
+
+  // Filter-based: every connection the filter selects joins or leaves every group.
+  await svc.addConnectionsToGroups(["f1", "f2"], odata`userId eq ${"bob"} or userId eq ${null}`);
+  for (const g of ["f1", "f2"]) {
+    await svc.group(g).sendToAll(g, { contentType: "text/plain" });
+    for (const x of [b, anon]) assert.equal((await x.server.next()).data, g);
+  }
+  await svc.removeConnectionsFromGroups(["f1"], "userId ne null");
+  await svc.group("f1").sendToAll("f1 again", { contentType: "text/plain" });
+  assert.equal((await anon.server.next()).data, "f1 again");
+  await assert.rejects(svc.addConnectionsToGroups(["f3"], "userId eq"), (e) => e.statusCode === 400);
+  assert.equal(await svc.groupExists("f3"), false);
+
+  assert.equal(await svc.userExists("alice"), true);
+  assert.equal(await svc.userExists("nobody"), false);
+  assert.equal(await svc.connectionExists(b.connectionId), true);
+  assert.equal(await svc.connectionExists("no-such-connection"), false);
+  await nothingElse(svc, a1, a2, b, anon);
+});
+
+test("service SDK permissions with and without targetName", async () => {
+  const svc = hubService("surface_perms");
+  const a = await hubClient(svc, { userId: "alice" }, { messageRetryOptions: { maxRetries: 0 } });
+  const b = await hubClient(svc, { userId: "bob", roles: ROLES });
+  await b.sdk.joinGroup("any");
+  await b.sdk.joinGroup("perm");
+  const forbidden = (err) => err.errorDetail?.name === "Forbidden";
+
+  await assert.rejects(a.sdk.sendToGroup("any", "x", "text"), forbidden);
+  await svc.grantPermission(a.connectionId, "sendToGroup");
+  assert.equal(await svc.hasPermission(a.connectionId, "sendToGroup"), true);
+  await a.sdk.sendToGroup("any", "to any", "text");
+  assert.equal((await b.group.next()).data, "to any");
+  await svc.revokePermission(a.connectionId, "sendToGroup");
+  assert.equal(await svc.hasPermission(a.connectionId, "sendToGroup"), false);
+  await assert.rejects(a.sdk.sendToGroup("any", "x", "text"), forbidden);
+
+  await svc.grantPermission(a.connectionId, "sendToGroup", { targetName: "perm" });
+  assert.equal(await svc.hasPermission(a.connectionId, "sendToGroup", { targetName: "perm" }), true);
+  assert.equal(await svc.hasPermission(a.connectionId, "sendToGroup", { targetName: "any" }), false);
+  await a.sdk.sendToGroup("perm", "to perm", "text");
+  assert.equal((await b.group.next()).data, "to perm");
+  await assert.rejects(a.sdk.sendToGroup("any", "x", "text"), forbidden);
+  await svc.revokePermission(a.connectionId, "sendToGroup", { targetName: "perm" });
+  await assert.rejects(a.sdk.sendToGroup("perm", "x", "text"), forbidden);
+
+  await svc.grantPermission(a.connectionId, "joinLeaveGroup");
+  await a.sdk.joinGroup("joined");
+  assert.equal(await svc.groupExists("joined"), true);
+  await a.sdk.leaveGroup("joined");
+  await svc.revokePermission(a.connectionId, "joinLeaveGroup");
+  await assert.rejects(a.sdk.joinGroup("joined"), forbidden);
+  assert.equal(await svc.hasPermission("no-such-connection", "joinLeaveGroup"), false);
+  assert.equal(b.group.size, 0);
+});
+
+// The close methods' option types declare only `reason`; the generated operations they
+// call also send `excluded`, which the service takes.
+test("service SDK closes with excluded and reason", async () => {
+  const svc = hubService("surface_close");
+  const once = { autoReconnect: false };
+  const a1 = await hubClient(svc, { userId: "alice" }, once);
+  const a2 = await hubClient(svc, { userId: "alice" }, once);
+  const b = await hubClient(svc, { userId: "bob", groups: ["g"] }, once);
+  const c = await hubClient(svc, { userId: "carol", groups: ["g"] }, once);
+  const d = await hubClient(svc, {}, once);
+  const e = await hubClient(svc, {}, once);
+  const reason = async (x) => (await x.disconnected.next("disconnected")).message.message;
+
+  await svc.closeUserConnections("alice", { excluded: [a2.connectionId], reason: "alice out" });
+  assert.equal(await reason(a1), "alice out");
+  assert.equal(await svc.connectionExists(a1.connectionId), false);
+  assert.equal(await svc.userExists("alice"), true);
+
+  await svc.group("g").closeAllConnections({ excluded: [c.connectionId], reason: "group out" });
+  assert.equal(await reason(b), "group out");
+  assert.equal(await svc.userExists("bob"), false);
+
+  await svc.closeAllConnections({ excluded: [d.connectionId, e.connectionId], reason: "all out" });
+  for (const x of [a2, c]) assert.equal(await reason(x), "all out");
+  assert.equal(await svc.groupExists("g"), false);
+  assert.equal(await svc.connectionExists(d.connectionId), true);
+
+  await svc.closeConnection(d.connectionId, { reason: "just d" });
+  assert.equal(await reason(d), "just d");
+  await svc.closeConnection(e.connectionId);
+  assert.equal((await e.disconnected.next("disconnected")).connectionId, e.connectionId);
+  // Closing what is gone is no error.
+  await svc.closeConnection(d.connectionId);
+  await svc.closeUserConnections("alice");
+  await svc.group("g").closeAllConnections();
+  await svc.closeAllConnections();
+  for (const x of [a1, a2, b, c, d, e]) assert.equal(x.disconnected.size, 0);
+});
+
+test("group.listConnections pages with top, maxPageSize and continuation", async () => {
+  const svc = hubService("surface_list");
+  const expected = new Map();
+  for (const userId of ["u0", "u1", "u2", "u3", undefined]) {
+    const c = await hubClient(svc, { userId, groups: ["listed"] });
+    expected.set(c.connectionId, userId);
+  }
+  await hubClient(svc, { userId: "outsider" });
+  const listed = svc.group("listed");
+  // A connection without a user is listed with userId null.
+  const member = (m) => [m.connectionId, m.userId ?? undefined];
+  const pages = async (options, settings) => {
+    const out = [];
+    for await (const page of (await listed.listConnections(options)).byPage(settings)) {
+      out.push(page.map(member));
+    }
+    return out;
+  };
+
+  const all = [];
+  for await (const m of await listed.listConnections()) all.push(member(m));
+  assert.deepEqual(new Map(all), expected);
+  assert.equal(all.length, 5);
+  assert.deepEqual((await pages({ top: 3 })).map((p) => p.length), [3]);
+  assert.deepEqual(await pages(), [all]);
+  const none = [];
+  for await (const m of await svc.group("nobody").listConnections()) none.push(m);
+  assert.deepEqual(none, []);
+
+  const byTwo = await pages({ maxPageSize: 2 });
+  assert.deepEqual(byTwo.map((p) => p.length), [2, 2, 1]);
+  assert.deepEqual(new Map(byTwo.flat()), expected);
+  const topped = await pages({ top: 3, maxPageSize: 2 });
+  assert.deepEqual(topped, [byTwo[0], byTwo[1].slice(0, 1)]);
+
+  // byPage's continuationToken is a page's nextLink; the continuationToken option is
+  // the service's token inside it.
+  let nextLink;
+  const onResponse = (r) => {
+    nextLink ??= r.parsedBody.nextLink;
+  };
+  const first = await (await listed.listConnections({ maxPageSize: 2, onResponse })).byPage().next();
+  assert.deepEqual(first.value.map(member), byTwo[0]);
+  assert.ok(nextLink);
+  assert.deepEqual(await pages({ maxPageSize: 2 }, { continuationToken: nextLink }), byTwo.slice(1));
+  const token = new URL(nextLink, endpoint).searchParams.get("continuationToken");
+  assert.deepEqual(await pages({ maxPageSize: 2, continuationToken: token }), byTwo.slice(1));
+});
+
+test("getClientAccessToken: userId, roles, groups, expirationTimeInMinutes, clientProtocol", async () => {
+  const svc = hubService("surface_token");
+  const listener = await hubClient(svc, { userId: "listener", roles: ROLES });
+  await listener.sdk.joinGroup("only");
+  const token = await svc.getClientAccessToken({
+    userId: "tok",
+    roles: ["webpubsub.sendToGroup.only"],
+    groups: ["g1", "g2"],
+    expirationTimeInMinutes: 2,
+  });
+  const got = claims(token.token);
+  assert.equal(got.exp - got.iat, 120);
+  assert.equal(got.aud, `${endpoint}/client/hubs/surface_token`);
+  assert.equal(token.baseUrl, `${endpoint.replace("http", "ws")}/client/hubs/surface_token`);
+  const c = await newClient(token.url, { messageRetryOptions: { maxRetries: 0 } });
+  assert.equal(await svc.userExists("tok"), true);
+  assert.equal(await svc.groupExists("g1"), true);
+  await svc.group("g2").sendToAll("to g2", { contentType: "text/plain" });
+  assert.equal((await c.server.next()).data, "to g2");
+  await c.sdk.sendToGroup("only", "from tok", "text");
+  const m = await listener.group.next();
+  assert.deepEqual([m.data, m.fromUserId], ["from tok", "tok"]);
+  const forbidden = (err) => err.errorDetail?.name === "Forbidden";
+  await assert.rejects(c.sdk.joinGroup("other"), forbidden);
+  await assert.rejects(c.sdk.sendToGroup("other", "x", "text"), forbidden);
+
+  const expired = await svc.getClientAccessToken({ expirationTimeInMinutes: -1 });
+  assert.equal((await fetch(expired.url.replace("ws://", "http://"))).status, 401);
+
+  // MQTT and Socket.IO clients have their own paths; the emulator serves neither and says so.
+  for (const clientProtocol of ["mqtt", "socketio"]) {
+    const other = await svc.getClientAccessToken({ clientProtocol });
+    assert.match(other.url, new RegExp(`/clients/${clientProtocol}/hubs/surface_token\\?access_token=`));
+    const resp = await fetch(other.url.replace("ws://", "http://"));
+    assert.equal(resp.status, 501);
+    assert.match(await resp.text(), /not supported/);
+  }
+  const plain = await svc.getClientAccessToken({ clientProtocol: "default" });
+  assert.match(plain.url, /\/client\/hubs\/surface_token\?access_token=/);
+  await newClient(plain.url);
 });

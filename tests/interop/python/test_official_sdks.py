@@ -67,8 +67,8 @@ async def clients():
     try:
         yield new
     finally:
-        for c in made:
-            await c.sdk.close()
+        # At once: each close waits about a second for the client's own tasks.
+        await asyncio.gather(*(c.sdk.close() for c in made))
 
 
 def test_group_messages_text_json_binary(client_url):
