@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{all_roles, fast_options, fault, message_text, next_event, stats, wait_for};
+use common::{all_roles, drain, fast_options, fault, message_text, next_event, stats, wait_for};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -1084,4 +1084,72 @@ async fn an_oversized_message_fails_at_once_and_the_connection_stays() {
     assert_eq!(alice.state(), ClientState::Connected);
     assert_eq!(alice.connection_id(), Some(connection_id));
     alice.stop().await;
+}
+
+#[tokio::test]
+async fn a_start_refused_by_the_upstream_connect_event_fails_at_once_with_its_status() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    // An upstream that refuses every connection with 403 and counts the requests.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}/events", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    let upstream = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut socket = tokio::io::BufReader::new(socket);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    let line = line.to_ascii_lowercase();
+                    if let Some(value) = line.strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                socket.read_exact(&mut body).await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let refusal = "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\
+                               content-length: 7\r\nconnection: close\r\n\r\nnot you";
+                let _ = socket.get_mut().write_all(refusal.as_bytes()).await;
+            });
+        }
+    });
+    let emulator = Emulator::start(Config {
+        upstream: Some(upstream_url),
+        upstream_system_events: "connect".parse().unwrap(),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let url = emulator.client_url(HUB, &token("u"));
+    let (client, mut events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    let began = Instant::now();
+    let error = tokio::time::timeout(Duration::from_secs(10), client.start())
+        .await
+        .expect("start ends")
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::Connect(m) if m == "HTTP 403 Forbidden"),
+        "{error:?}"
+    );
+    // Refused once, not retried: start reports the first refusal.
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    assert_eq!(client.state(), ClientState::Stopped);
+    assert!(drain(&mut events)
+        .iter()
+        .all(|e| !matches!(e, Event::Connected { .. })));
+    upstream.abort();
 }

@@ -67,6 +67,8 @@ pub struct Claims {
     pub roles: Vec<String>,
     /// Groups joined at connect (`webpubsub.group`).
     pub groups: Vec<String>,
+    /// Every claim of the token, as signed (the upstream's `connect` event gets them).
+    pub payload: Map<String, Value>,
 }
 
 fn now_secs() -> u64 {
@@ -143,7 +145,10 @@ pub fn verify(access_key: &str, token: &str, check_time: bool) -> Result<Claims,
     mac.update(p.as_bytes());
     mac.verify_slice(&sig)
         .map_err(|_| AuthError::BadSignature)?;
-    let payload: Value = decode_part(p)?;
+    let payload = match decode_part(p)? {
+        Value::Object(claims) => claims,
+        _ => Map::new(),
+    };
     if check_time {
         let now = now_secs();
         if let Some(exp) = payload.get("exp").and_then(Value::as_f64) {
@@ -166,6 +171,7 @@ pub fn verify(access_key: &str, token: &str, check_time: bool) -> Result<Claims,
             .map(str::to_owned),
         roles: strings(payload.get(ROLE_CLAIM)),
         groups: strings(payload.get(GROUP_CLAIM)),
+        payload,
     })
 }
 

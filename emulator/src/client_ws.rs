@@ -8,7 +8,8 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -21,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, Permission};
 use crate::frames::{self, Payload, Publication};
-use crate::hub::{Conn, Hub, Protocol, Server, Stats, POLICY_CLOSE};
+use crate::hub::{new_connection_id, Conn, Hub, Protocol, Server, Stats, POLICY_CLOSE};
 use crate::names::{validate_group, validate_hub};
 use crate::outbound::{Out, Outbound, SocketHandle};
+use crate::upstream::{self, Accepted, Target};
 
 /// Subprotocol names.
 const JSON_V1: &str = "json.webpubsub.azure.v1";
@@ -80,6 +82,7 @@ pub(crate) async fn client_endpoint(
     State(server): State<Arc<Server>>,
     Path(hub_name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    uri: Uri,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -126,36 +129,28 @@ pub(crate) async fn client_endpoint(
             )
         }
     };
-    let requested: Vec<String> = ws
-        .requested_protocols()
+    // In the client's order (the upgrade's own list is sorted).
+    let requested: Vec<String> = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_owned())
         .filter(|p| !p.is_empty())
         .collect();
-    let protocol = match requested
-        .iter()
-        .find(|p| *p == JSON_V1 || *p == JSON_RELIABLE_V1)
-    {
-        Some(p) => {
-            ws.set_selected_protocol(HeaderValue::from_str(p).expect("known protocol name"));
-            if p == JSON_V1 {
-                Protocol::Json
-            } else {
-                Protocol::JsonReliable
-            }
-        }
-        None if requested.is_empty() => Protocol::Simple,
-        None => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "Unsupported subprotocol(s) {requested:?}: this server speaks {JSON_V1} and {JSON_RELIABLE_V1}, or none."
-                ),
-            )
-        }
-    };
-    let session = if recovering {
+    // The reliable protocol when both are offered.
+    let known = [JSON_RELIABLE_V1, JSON_V1]
+        .into_iter()
+        .find(|p| requested.iter().any(|r| r == p))
+        .map(str::to_owned);
+    // The upstream's connect reply may choose a subprotocol of its own.
+    let asks_upstream =
+        !recovering && server.upstream.is_some() && server.config.upstream_system_events.connect;
+    if known.is_none() && !requested.is_empty() && !asks_upstream {
+        return unsupported(&requested);
+    }
+    let (session, selected) = if recovering {
+        let protocol = protocol_of(known.as_deref());
         let id = query
             .get("awps_connection_id")
             .map(String::as_str)
@@ -169,7 +164,7 @@ pub(crate) async fn client_endpoint(
             let conn = hub.connections.get(id).map(|c| c.clone())?;
             Some((conn, hub))
         });
-        match found {
+        let session = match found {
             Some((c, hub))
                 if protocol.is_reliable()
                     && c.protocol == protocol
@@ -179,7 +174,8 @@ pub(crate) async fn client_endpoint(
                 Session::Recover(hub, c)
             }
             _ => Session::Unrecoverable,
-        }
+        };
+        (session, known)
     } else {
         // Sessions waiting for a recovery hold their slots: they come back without asking.
         // Taken now, the slot is the connection's until it is forgotten; if the upgrade
@@ -194,20 +190,52 @@ pub(crate) async fn client_endpoint(
             );
         };
         let claims = claims.unwrap_or_default();
+        let mut opening = Opening {
+            id: new_connection_id(),
+            user_id: claims.user_id.clone(),
+            roles: claims.roles.clone(),
+            groups: claims.groups.clone(),
+            state: String::new(),
+            subprotocol: known,
+        };
+        if asks_upstream {
+            let body = upstream::connect_body(
+                &claims.payload,
+                uri.query().unwrap_or(""),
+                &headers,
+                &requested,
+            );
+            if let Err(refused) = opening
+                .ask_upstream(&server, &hub_name, &body, &requested)
+                .await
+            {
+                return refused;
+            }
+            if opening.subprotocol.is_none() && !requested.is_empty() {
+                return unsupported(&requested);
+            }
+        }
         let conn = Conn::new(
             &server,
-            claims.user_id.clone(),
-            protocol,
-            claims.roles.clone(),
+            opening.id,
+            opening.user_id,
+            protocol_of(opening.subprotocol.as_deref()),
+            opening.roles,
             Some(slot),
         );
-        let groups: Vec<String> = claims
+        *conn.upstream_state.lock() = opening.state;
+        let groups: Vec<String> = opening
             .groups
             .into_iter()
             .filter(|g| validate_group(g).is_ok())
             .collect();
-        Session::New(hub_name, conn, groups)
+        (Session::New(hub_name, conn, groups), opening.subprotocol)
     };
+    if let Some(name) = selected {
+        ws.set_selected_protocol(
+            HeaderValue::from_str(&name).expect("a name taken from the client's header"),
+        );
+    }
     let max = server.config.max_frame_bytes;
     let tasks = server.tasks.clone();
     ws.max_message_size(max)
@@ -215,6 +243,101 @@ pub(crate) async fn client_endpoint(
         .on_upgrade(move |socket| {
             tasks.track_future(async move { run_session(server, session, socket).await })
         })
+}
+
+/// The protocol of a chosen subprotocol: another name than the JSON ones (chosen by the
+/// upstream), or none, is a simple client.
+fn protocol_of(subprotocol: Option<&str>) -> Protocol {
+    match subprotocol {
+        Some(JSON_V1) => Protocol::Json,
+        Some(JSON_RELIABLE_V1) => Protocol::JsonReliable,
+        _ => Protocol::Simple,
+    }
+}
+
+/// The answer to a handshake whose subprotocols cannot be served.
+fn unsupported(requested: &[String]) -> Response {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "Unsupported subprotocol(s) {requested:?}: this server speaks {JSON_V1} and {JSON_RELIABLE_V1}, or none."
+        ),
+    )
+}
+
+/// What a new connection opens with: from its token, then changed by the upstream's
+/// `connect` reply.
+struct Opening {
+    id: String,
+    user_id: Option<String>,
+    roles: Vec<String>,
+    groups: Vec<String>,
+    /// The upstream's state for it (empty: none).
+    state: String,
+    /// The subprotocol answered in the handshake.
+    subprotocol: Option<String>,
+}
+
+impl Opening {
+    /// Posts the `connect` event and applies the reply: its user id replaces the
+    /// token's, its roles and groups are added, its subprotocol (one the client offered)
+    /// is chosen, its `ce-connectionState` kept. Err: the answer refusing the handshake.
+    async fn ask_upstream(
+        &mut self,
+        server: &Server,
+        hub: &str,
+        body: &serde_json::Value,
+        offered: &[String],
+    ) -> Result<(), Response> {
+        let up = server
+            .upstream
+            .as_ref()
+            .expect("asked only with an upstream");
+        let target = Target {
+            hub,
+            connection_id: &self.id,
+            user_id: self.user_id.as_deref(),
+            state: String::new(),
+        };
+        let answer = tokio::select! {
+            answer = up.connect(server, &target, body) => answer,
+            _ = server.shutdown.cancelled() => {
+                return Err(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The emulator is shutting down.",
+                ))
+            }
+        };
+        let Accepted { reply, state } = answer.map_err(|refused| {
+            let mut response = (refused.status, refused.body).into_response();
+            if let Some(value) = refused
+                .content_type
+                .and_then(|c| HeaderValue::from_str(&c).ok())
+            {
+                response.headers_mut().insert("content-type", value);
+            }
+            response
+        })?;
+        if let Some(chosen) = reply.subprotocol.filter(|p| !p.is_empty()) {
+            if !offered.contains(&chosen) {
+                Stats::inc(&server.stats.upstream_errors);
+                return Err(error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "The upstream connect event failed: it chose subprotocol '{chosen}', which the client did not offer ({offered:?})."
+                    ),
+                ));
+            }
+            self.subprotocol = Some(chosen);
+        }
+        if let Some(user) = reply.user_id.filter(|u| !u.is_empty()) {
+            self.user_id = Some(user);
+        }
+        self.roles.extend(reply.roles.unwrap_or_default());
+        self.groups.extend(reply.groups.unwrap_or_default());
+        self.state = state.unwrap_or_default();
+        Ok(())
+    }
 }
 
 async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocket) {
@@ -979,6 +1102,7 @@ impl Detached {
     pub(crate) fn new(server: &Arc<Server>) -> Detached {
         let conn = Conn::new(
             server,
+            new_connection_id(),
             Some("fuzzer".into()),
             Protocol::JsonReliable,
             vec![

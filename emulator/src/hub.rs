@@ -495,6 +495,8 @@ pub(crate) struct Conn {
     membership: Mutex<()>,
     pub state: Mutex<ConnState>,
     pub acks: Mutex<AckWindow>,
+    /// The state the upstream keeps for it (`ce-connectionState`; empty: none).
+    pub upstream_state: Mutex<String>,
     /// Pending upstream invocations, aborted by `cancelInvocation`.
     pub invocations: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     pub server: Weak<Server>,
@@ -514,17 +516,24 @@ pub(crate) fn random_id(len: usize) -> String {
     Alphanumeric.sample_string(&mut rand::rng(), len)
 }
 
+/// A new connection id.
+pub(crate) fn new_connection_id() -> String {
+    random_id(22)
+}
+
 impl Conn {
-    /// A new, not yet attached connection holding `slot` (none: outside the budget).
+    /// A new, not yet attached connection of that id (see [`new_connection_id`]) holding
+    /// `slot` (none: outside the budget).
     pub(crate) fn new(
         server: &Arc<Server>,
+        id: String,
         user_id: Option<String>,
         protocol: Protocol,
         roles: Vec<String>,
         slot: Option<Slot>,
     ) -> Arc<Conn> {
         Arc::new(Conn {
-            id: random_id(22),
+            id,
             user_id,
             protocol,
             reconnection_token: random_id(40),
@@ -544,6 +553,7 @@ impl Conn {
                 away: None,
             }),
             acks: Mutex::new(AckWindow::new(server.config.ack_window)),
+            upstream_state: Mutex::new(String::new()),
             invocations: Mutex::new(HashMap::new()),
             server: Arc::downgrade(server),
             reading: tokio::sync::Mutex::new(()),

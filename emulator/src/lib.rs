@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Server;
+pub use crate::upstream::SystemEvents;
 
 /// Entry points for fuzzing the parsers of untrusted client input. Not a stable API.
 #[doc(hidden)]
@@ -160,6 +161,10 @@ pub struct Config {
     pub access_key: Option<String>,
     /// Where `event`/`invoke` frames are POSTed as CloudEvents (default: none).
     pub upstream: Option<String>,
+    /// The system events posted to the upstream (default: `connected` and
+    /// `disconnected`; `connect` is opt-in, as an upstream that does not handle it
+    /// would refuse every connection).
+    pub upstream_system_events: SystemEvents,
     /// Fault: drop every client socket abruptly every N ms (default: off).
     pub fault_drop_every_ms: Option<u64>,
     /// Largest WebSocket message accepted from a client, and largest upstream reply body
@@ -213,6 +218,7 @@ impl Default for Config {
             port: 0,
             access_key: None,
             upstream: None,
+            upstream_system_events: SystemEvents::default(),
             fault_drop_every_ms: None,
             max_frame_bytes: 1024 * 1024,
             recovery_window: Duration::from_secs(30),

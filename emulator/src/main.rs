@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use webpubsub_emulator::{Config, Emulator, TlsFiles};
+use webpubsub_emulator::{Config, Emulator, SystemEvents, TlsFiles};
 
 /// A local Azure Web PubSub-compatible server for development and tests.
 #[derive(Parser, Debug)]
@@ -26,6 +26,10 @@ struct Args {
     /// URL receiving user events and invocations as CloudEvents.
     #[arg(long)]
     upstream: Option<String>,
+    /// System events posted to the upstream: a comma-separated list of connect,
+    /// connected and disconnected (empty: none).
+    #[arg(long, value_name = "EVENTS", default_value = "connected,disconnected")]
+    upstream_system_events: SystemEvents,
     /// Fault injection: abruptly drop every client socket every N ms.
     #[arg(long, value_name = "N")]
     fault_drop_every_ms: Option<u64>,
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         port: args.port,
         access_key: args.access_key,
         upstream: args.upstream,
+        upstream_system_events: args.upstream_system_events,
         fault_drop_every_ms: args.fault_drop_every_ms,
         max_frame_bytes: args.max_frame_bytes,
         recovery_window: Duration::from_millis(args.recovery_window_ms),

@@ -11,6 +11,7 @@ use common::*;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use webpubsub_emulator::SystemEvents;
 
 /// One request the upstream received.
 #[derive(Debug)]
@@ -391,9 +392,8 @@ async fn an_invocation_flood_past_the_pending_limit_gets_internal_server_error()
     up.task.abort();
 }
 
-#[tokio::test]
-async fn shutdown_does_not_wait_for_a_silent_upstream() {
-    // Takes every request and never answers.
+/// An upstream that takes every request and never answers: its URL and its task.
+async fn silent_upstream() -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     let silent = tokio::spawn(async move {
@@ -402,6 +402,12 @@ async fn shutdown_does_not_wait_for_a_silent_upstream() {
             held.push(socket);
         }
     });
+    (url, silent)
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_silent_upstream() {
+    let (url, silent) = silent_upstream().await;
     let (emu, mut a) = emulator_posting_to(url).await;
     a.send_json(json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"}))
         .await;
@@ -501,4 +507,452 @@ async fn an_oversize_upstream_reply_is_an_internal_server_error() {
     assert_eq!(a.next_json().await["type"], "pong");
     emu.shutdown().await;
     server.abort();
+}
+
+// ---- The `connect` system event and the connection state (`ce-connectionState`). ----
+
+impl Seen {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+}
+
+/// An upstream that records every request, in order, and answers it with `reply`.
+struct Scripted {
+    url: String,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scripted {
+    async fn next(&mut self) -> Seen {
+        tokio::time::timeout(WAIT, self.seen.recv())
+            .await
+            .expect("an upstream request in time")
+            .unwrap()
+    }
+
+    /// The next request, which must be of that `ce-type` suffix (`sys.connect`, ...).
+    async fn next_of(&mut self, ce_type: &str) -> Seen {
+        let seen = self.next().await;
+        assert_eq!(seen.h("ce-type"), format!("azure.webpubsub.{ce_type}"));
+        seen
+    }
+}
+
+async fn scripted(
+    reply: impl Fn(&Seen) -> axum::response::Response + Clone + Send + Sync + 'static,
+) -> Scripted {
+    let (tx, seen) = mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/events",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let (reply, tx) = (reply.clone(), tx.clone());
+            async move {
+                let seen = Seen { headers, body };
+                let response = reply(&seen);
+                let _ = tx.send(seen);
+                response
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Scripted { url, seen, task }
+}
+
+/// Every system event, `connect` included.
+fn all_system_events() -> SystemEvents {
+    "connect,connected,disconnected".parse().unwrap()
+}
+
+/// An emulator posting every system event to `url`.
+async fn emulator_asking(url: &str) -> Emulator {
+    start_with(Config {
+        upstream: Some(url.to_owned()),
+        upstream_system_events: all_system_events(),
+        ..Config::default()
+    })
+    .await
+}
+
+/// Sends "hi" to a group the client is in, with ackId 1; returns the message it gets
+/// back (it may come before the ack or after it).
+async fn publish_to_own_group(ws: &mut Ws, group: &str) -> serde_json::Value {
+    ws.send_json(
+        json!({"type":"sendToGroup","group":group,"ackId":1,"dataType":"text","data":"hi"}),
+    )
+    .await;
+    let (mut message, mut acked) = (None, false);
+    while message.is_none() || !acked {
+        let frame = ws.next_json().await;
+        if frame["type"] == "ack" {
+            assert_ack_ok(&frame);
+            acked = true;
+        } else {
+            message = Some(frame);
+        }
+    }
+    message.unwrap()
+}
+
+/// Opens a socket offering `protocols` that the handshake must refuse; returns the
+/// status and body of the refusal.
+async fn refused(url: &str, protocols: &str) -> (u16, String) {
+    match try_connect(url, Some(protocols)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, the handshake was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn connect_is_posted_before_the_handshake_and_204_accepts_as_is() {
+    let mut up = scripted(|_| StatusCode::NO_CONTENT.into_response()).await;
+    let emu = emulator_asking(&up.url).await;
+    let url = emu.client_url(
+        "Chat",
+        &TokenOptions {
+            groups: vec!["token-group".into()],
+            ..all_roles("alice")
+        },
+    );
+    let (mut a, connected) = connect_json(&url, JSON).await;
+    assert_eq!(connected["userId"], "alice");
+    let id = connected["connectionId"].as_str().unwrap();
+    let connect = up.next_of("sys.connect").await;
+    assert_eq!(connect.h("ce-eventName"), "connect");
+    assert_eq!(connect.h("ce-connectionId"), id);
+    assert_eq!(connect.h("ce-userId"), "alice");
+    assert_eq!(connect.h("ce-hub"), "Chat");
+    assert_eq!(connect.h("webhook-request-origin"), origin(&emu));
+    assert!(connect.h("content-type").starts_with("application/json"));
+    assert!(connect.h("ce-connectionState").is_empty());
+    let body = connect.json();
+    assert_eq!(body["claims"]["sub"], json!(["alice"]));
+    assert_eq!(
+        body["claims"]["role"],
+        json!(["webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"])
+    );
+    assert_eq!(body["claims"]["webpubsub.group"], json!(["token-group"]));
+    let token = url.split_once("access_token=").unwrap().1;
+    assert_eq!(body["query"]["access_token"], json!([token]));
+    assert_eq!(body["headers"]["sec-websocket-protocol"], json!([JSON]));
+    assert_eq!(body["subprotocols"], json!([JSON]));
+    assert_eq!(body["clientCertificates"], json!([]));
+    // `connected` comes once the handshake is accepted.
+    let event = up.next_of("sys.connected").await;
+    assert_eq!(event.h("ce-connectionId"), id);
+    // The token's groups are joined as without `connect`.
+    let message = publish_to_own_group(&mut a, "token-group").await;
+    assert_eq!(message["data"], "hi");
+    a.close().await;
+    up.next_of("sys.disconnected").await;
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn a_200_connect_reply_sets_user_groups_roles_and_subprotocol() {
+    let mut up = scripted(|seen| {
+        if seen.h("ce-type") != "azure.webpubsub.sys.connect" {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        axum::Json(json!({
+            "userId": "bob",
+            "groups": ["room"],
+            "roles": ["webpubsub.sendToGroup.room"],
+            "subprotocol": JSON,
+        }))
+        .into_response()
+    })
+    .await;
+    let emu = emulator_asking(&up.url).await;
+    // A token with a user and no role.
+    let url = emu.client_url(
+        "h",
+        &TokenOptions {
+            user_id: Some("alice".into()),
+            ..Default::default()
+        },
+    );
+    // Without the reply, the reliable protocol would be chosen.
+    let mut a = connect(&url, Some(&format!("{JSON}, {RELIABLE}"))).await;
+    assert_eq!(a.protocol.as_deref(), Some(JSON));
+    let connected = a.next_json().await;
+    assert_eq!(connected["event"], "connected", "{connected}");
+    assert_eq!(connected["userId"], "bob");
+    assert!(connected.get("reconnectionToken").is_none(), "{connected}");
+    let connect = up.next_of("sys.connect").await;
+    assert_eq!(connect.h("ce-userId"), "alice");
+    assert_eq!(connect.json()["subprotocols"], json!([JSON, RELIABLE]));
+    assert_eq!(up.next_of("sys.connected").await.h("ce-userId"), "bob");
+    // In group "room" and allowed to send to it, but not to join or leave groups.
+    let message = publish_to_own_group(&mut a, "room").await;
+    assert_eq!(
+        (message["group"].as_str(), message["fromUserId"].as_str()),
+        (Some("room"), Some("bob")),
+        "{message}"
+    );
+    assert_ack_error(&a.join("other", 2).await, "Forbidden");
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn a_refused_connect_refuses_the_handshake_and_sends_nothing_more() {
+    let mut up = scripted(|seen| {
+        if seen.h("ce-type") != "azure.webpubsub.sys.connect" {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        match seen.h("ce-userId") {
+            "u400" => (StatusCode::BAD_REQUEST, "bad user").into_response(),
+            "u401" => (StatusCode::UNAUTHORIZED, "who are you?").into_response(),
+            "u403" => (StatusCode::FORBIDDEN, "not you").into_response(),
+            "u500" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+            "u503" => (StatusCode::SERVICE_UNAVAILABLE, "later").into_response(),
+            "bad-json" => ([("content-type", "application/json")], "{").into_response(),
+            "bad-protocol" => axum::Json(json!({"subprotocol": "other"})).into_response(),
+            _ => StatusCode::NO_CONTENT.into_response(),
+        }
+    })
+    .await;
+    let emu = emulator_asking(&up.url).await;
+    // 4xx: the upstream's answer is the client's; anything else: 500.
+    for (user, status, says) in [
+        ("u400", 400, "bad user"),
+        ("u401", 401, "who are you?"),
+        ("u403", 403, "not you"),
+        ("u500", 500, "boom"),
+        ("u503", 500, "later"),
+        ("bad-json", 500, "not the expected JSON"),
+        ("bad-protocol", 500, "subprotocol 'other'"),
+    ] {
+        let (got, body) = refused(&emu.client_url("h", &all_roles(user)), JSON).await;
+        assert_eq!(got, status, "{user}: {body}");
+        assert!(body.contains(says), "{user}: {body}");
+        assert_eq!(up.next_of("sys.connect").await.h("ce-userId"), user);
+    }
+    let held = stats(&emu).await;
+    assert_eq!(
+        (held["connections"].as_u64(), held["slotsTaken"].as_u64()),
+        (Some(0), Some(0)),
+        "{held}"
+    );
+    // A refused connection gets no `connected` nor `disconnected`: the next requests
+    // are those of an accepted one.
+    let (a, _) = connect_json(&emu.client_url("h", &all_roles("ok")), JSON).await;
+    assert_eq!(up.next_of("sys.connect").await.h("ce-userId"), "ok");
+    assert_eq!(up.next_of("sys.connected").await.h("ce-userId"), "ok");
+    a.close().await;
+    assert_eq!(up.next_of("sys.disconnected").await.h("ce-userId"), "ok");
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn a_silent_or_unreachable_upstream_refuses_the_handshake_with_500() {
+    let (url, silent) = silent_upstream().await;
+    let emu = start_with(Config {
+        upstream: Some(url),
+        upstream_system_events: all_system_events(),
+        upstream_timeout: std::time::Duration::from_millis(300),
+        ..Config::default()
+    })
+    .await;
+    let (status, body) = refused(&emu.client_url("h", &all_roles("u")), JSON).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("did not answer in time"), "{body}");
+    emu.shutdown().await;
+    silent.abort();
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/x", listener.local_addr().unwrap());
+    drop(listener); // nothing listens there any more
+    let emu = emulator_asking(&url).await;
+    let (status, body) = refused(&emu.client_url("h", &all_roles("u")), JSON).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("upstream request failed"), "{body}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_binary_posts_connect_only_when_its_flag_asks() {
+    let key = "upstream-flag-key";
+    let mut up = scripted(|_| StatusCode::NO_CONTENT.into_response()).await;
+    let client_url = |port: u16| {
+        let audience = format!("http://127.0.0.1:{port}/client/hubs/h");
+        let token = webpubsub_emulator::auth::sign_client_token(key, &audience, &all_roles("u"));
+        format!("ws://127.0.0.1:{port}/client/hubs/h?access_token={token}")
+    };
+    // By default: connected and disconnected, no connect.
+    let (binary, port) = spawn_binary(key, &["--upstream", &up.url]);
+    let (a, _) = connect_json(&client_url(port), JSON).await;
+    up.next_of("sys.connected").await;
+    a.close().await;
+    up.next_of("sys.disconnected").await;
+    drop(binary);
+    // Only the events named.
+    let (_binary, port) = spawn_binary(
+        key,
+        &[
+            "--upstream",
+            &up.url,
+            "--upstream-system-events",
+            "connect,disconnected",
+        ],
+    );
+    let (a, _) = connect_json(&client_url(port), JSON).await;
+    up.next_of("sys.connect").await;
+    a.close().await;
+    up.next_of("sys.disconnected").await;
+    assert_eq!(
+        "connected".parse::<SystemEvents>().unwrap(),
+        SystemEvents {
+            connect: false,
+            connected: true,
+            disconnected: false
+        }
+    );
+    assert_eq!(
+        Config::default().upstream_system_events,
+        SystemEvents::default()
+    );
+    assert!(!SystemEvents::default().connect);
+    let unknown = "connect,joined".parse::<SystemEvents>().unwrap_err();
+    assert!(unknown.contains("'joined'"), "{unknown}");
+    up.task.abort();
+}
+
+/// Answers `connect` with state `c0`; a user event `set` with the state in its body,
+/// `clear` with an empty state, `huge` with a state of as many bytes as its body says;
+/// any other user event with the state it got, as text.
+async fn state_keeping_upstream() -> Scripted {
+    scripted(|seen| {
+        let state = |value: &str| [("ce-connectionState", value.to_owned())];
+        match seen.h("ce-type") {
+            "azure.webpubsub.sys.connect" => (state("c0"), StatusCode::NO_CONTENT).into_response(),
+            "azure.webpubsub.user.set" => {
+                (state(std::str::from_utf8(&seen.body).unwrap()), "").into_response()
+            }
+            "azure.webpubsub.user.clear" => (state(""), "").into_response(),
+            "azure.webpubsub.user.huge" => {
+                let len: usize = std::str::from_utf8(&seen.body).unwrap().parse().unwrap();
+                (state(&"x".repeat(len)), "").into_response()
+            }
+            t if t.starts_with("azure.webpubsub.user.") => (
+                [("content-type", "text/plain")],
+                seen.h("ce-connectionState").to_owned(),
+            )
+                .into_response(),
+            _ => StatusCode::NO_CONTENT.into_response(),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_connection_state_goes_round_between_replies_and_requests() {
+    let mut up = state_keeping_upstream().await;
+    let emu = emulator_asking(&up.url).await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), RELIABLE).await;
+    up.next_of("sys.connect").await;
+    // Set by the connect reply; `connected` carries it too.
+    assert_eq!(
+        up.next_of("sys.connected").await.h("ce-connectionState"),
+        "c0"
+    );
+    let event = |event: &str, data: &str, ack_id: u64| json!({"type":"event","event":event,"ackId":ack_id,"dataType":"text","data":data});
+    assert_ack_ok(&a.call(event("show", "", 1)).await);
+    assert_eq!(a.next_json().await["data"], "c0");
+    up.next().await;
+    // A user event's reply replaces it.
+    let base64_json = "eyJjb3VudCI6MX0="; // {"count":1}
+    assert_ack_ok(&a.call(event("set", base64_json, 2)).await);
+    assert_eq!(up.next_of("user.set").await.h("ce-connectionState"), "c0");
+    a.send_json(json!({"type":"invoke","invocationId":"i","event":"show"}))
+        .await;
+    let r = a.next_json().await;
+    assert_eq!(
+        (r["success"].as_bool(), r["data"].as_str()),
+        (Some(true), Some(base64_json)),
+        "{r}"
+    );
+    up.next().await;
+    // An empty value clears it: no header at all.
+    assert_ack_ok(&a.call(event("clear", "", 3)).await);
+    up.next_of("user.clear").await;
+    assert_ack_ok(&a.call(event("show", "", 4)).await);
+    let seen = up.next_of("user.show").await;
+    assert!(seen.headers.get("ce-connectionState").is_none(), "{seen:?}");
+    // It lasts as long as the connection: `disconnected` carries it.
+    assert_ack_ok(&a.call(event("set", "c1", 5)).await);
+    up.next_of("user.set").await;
+    a.close().await;
+    assert_eq!(
+        up.next_of("sys.disconnected").await.h("ce-connectionState"),
+        "c1"
+    );
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn a_connection_state_over_4096_bytes_fails_the_reply_and_changes_nothing() {
+    let mut up = state_keeping_upstream().await;
+    let emu = emulator_asking(&up.url).await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    up.next_of("sys.connect").await;
+    up.next_of("sys.connected").await;
+    let event = |event: &str, data: &str, ack_id: u64| json!({"type":"event","event":event,"ackId":ack_id,"dataType":"text","data":data});
+    assert_ack_ok(&a.call(event("huge", "4096", 1)).await);
+    up.next_of("user.huge").await;
+    let ack = a.call(event("huge", "4097", 2)).await;
+    assert_ack_error(&ack, "InternalServerError");
+    let message = ack["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("ce-connectionState is 4097 bytes, more than the 4096"),
+        "{message}"
+    );
+    up.next_of("user.huge").await;
+    a.send_json(
+        json!({"type":"invoke","invocationId":"i","event":"huge","dataType":"text","data":"5000"}),
+    )
+    .await;
+    let r = a.next_json().await;
+    assert_eq!(
+        (r["success"].as_bool(), r["error"]["name"].as_str()),
+        (Some(false), Some("InternalServerError")),
+        "{r}"
+    );
+    up.next_of("user.huge").await;
+    // The state is still the last one accepted.
+    assert_ack_ok(&a.call(event("show", "", 3)).await);
+    assert_eq!(a.next_json().await["data"], "x".repeat(4096));
+    emu.shutdown().await;
+    up.task.abort();
+
+    // Set by a connect reply, it refuses the handshake.
+    let mut up = scripted(|seen| {
+        if seen.h("ce-type") != "azure.webpubsub.sys.connect" {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        (
+            [("ce-connectionState", "x".repeat(4097))],
+            StatusCode::NO_CONTENT,
+        )
+            .into_response()
+    })
+    .await;
+    let emu = emulator_asking(&up.url).await;
+    let (status, body) = refused(&emu.client_url("h", &all_roles("u")), JSON).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("ce-connectionState is 4097 bytes"), "{body}");
+    up.next_of("sys.connect").await;
+    emu.shutdown().await;
+    up.task.abort();
 }

@@ -106,7 +106,9 @@ async function newClient(url, options = {}) {
   sdk.on("connected", (e) => c.connected.push(e));
   sdk.on("disconnected", (e) => c.disconnected.push(e));
   await sdk.start();
-  c.connectionId = (await c.connected.next("connected")).connectionId;
+  const connected = await c.connected.next("connected");
+  c.connectionId = connected.connectionId;
+  c.userId = connected.userId;
   started.push(sdk);
   return c;
 }
@@ -349,9 +351,9 @@ test("README: autoReconnect false stops the client when the server closes it", a
 
 test("sample web-pubsub-express server: its handler answers the emulator's user events", async () => {
   // The sample's handler (handleConnect, onConnected, handleUserEvent, allowedEndpoints)
-  // on an express app, with the emulator's --upstream at the handler's path. The
-  // emulator sends no connect event and keeps no connection state: handleConnect is
-  // never called and the state the sample sets there is not sent back.
+  // on an express app, with the emulator's --upstream at the handler's path. By default
+  // the emulator sends no connect event (--upstream-system-events asks for it): the
+  // sample's handleConnect is never called, and calledTime is never set.
   const seen = new Queue();
   const handler = new WebPubSubEventHandler("chat", {
     handleConnect(req, res) {
@@ -699,4 +701,77 @@ test("getClientAccessToken: userId, roles, groups, expirationTimeInMinutes, clie
   const plain = await svc.getClientAccessToken({ clientProtocol: "default" });
   assert.match(plain.url, /\/client\/hubs\/surface_token\?access_token=/);
   await newClient(plain.url);
+});
+
+test("web-pubsub-express handleConnect sets the user and groups, and setState carries across events", async () => {
+  const seen = new Queue();
+  const handler = new WebPubSubEventHandler("chat", {
+    handleConnect(req, res) {
+      seen.push(["connect", req.context.connectionId, req.context.userId, req.subprotocols, "access_token" in req.queries]);
+      if (req.claims.sub?.[0] === "denied") {
+        res.fail(401, "no entry");
+        return;
+      }
+      res.setState("from", "connect");
+      res.success({ userId: "fromUpstream", groups: ["room"] });
+    },
+    onConnected(req) {
+      seen.push(["connected", req.context.connectionId, req.context.userId, req.context.states]);
+    },
+    handleUserEvent(req, res) {
+      const count = req.context.states.count ?? 0;
+      seen.push(["user", req.data, req.context.userId, { ...req.context.states }]);
+      res.setState("count", count + 1);
+      res.success(`count ${count}`, "text");
+    },
+  });
+  const app = express();
+  app.use(handler.getMiddleware());
+  const server = await new Promise((resolve) => {
+    const s = app.listen(0, "127.0.0.1", () => resolve(s));
+  });
+  const upstream = `http://127.0.0.1:${server.address().port}${handler.path}`;
+  const [proc, cs] = await startEmulator([
+    "--upstream",
+    upstream,
+    "--upstream-system-events",
+    "connect,connected,disconnected",
+  ]);
+  try {
+    const svc = new WebPubSubServiceClient(cs, "chat", { allowInsecureConnection: true });
+    // An anonymous token: the user comes from handleConnect.
+    const c = await newClient((await svc.getClientAccessToken()).url);
+    const [connect, connectionId, tokenUser, subprotocols, hasToken] = await seen.next("handleConnect");
+    assert.deepEqual(
+      [connect, connectionId, tokenUser, subprotocols, hasToken],
+      ["connect", c.connectionId, undefined, ["json.reliable.webpubsub.azure.v1"], true],
+    );
+    assert.deepEqual(await seen.next("onConnected"), ["connected", c.connectionId, "fromUpstream", { from: "connect" }]);
+    assert.equal(c.userId, "fromUpstream");
+    // In the group handleConnect named.
+    await svc.group("room").sendToAll("to the room", { contentType: "text/plain" });
+    assert.equal((await c.server.next("the message to the group")).data, "to the room");
+    // The state set by one reply comes with the next request.
+    await c.sdk.sendEvent("count", "first", "text");
+    assert.deepEqual(await seen.next("handleUserEvent"), ["user", "first", "fromUpstream", { from: "connect" }]);
+    assert.equal((await c.server.next("the handler's reply")).data, "count 0");
+    await c.sdk.sendEvent("count", "second", "text");
+    assert.deepEqual(await seen.next("handleUserEvent"), ["user", "second", "fromUpstream", { from: "connect", count: 1 }]);
+    assert.equal((await c.server.next("the handler's reply")).data, "count 1");
+    // fail(401) refuses the handshake: start rejects, and onConnected is not called.
+    const denied = new WebPubSubClient((await svc.getClientAccessToken({ userId: "denied" })).url, {
+      reconnectRetryOptions: { maxRetries: 0 },
+      keepAliveIntervalInMs: 1000,
+      keepAliveTimeoutInMs: 3000,
+    });
+    await assert.rejects(denied.start());
+    denied.stop();
+    assert.equal((await seen.next("handleConnect"))[2], "denied");
+    c.sdk.stop();
+    assert.equal(seen.size, 0);
+  } finally {
+    await stopEmulator(proc);
+    server.closeAllConnections();
+    server.close();
+  }
 });
