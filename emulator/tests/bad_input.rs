@@ -184,10 +184,14 @@ async fn a_flood_of_frames_is_answered_in_order() {
 async fn a_client_that_does_not_read_is_closed_past_64_mib_queued() {
     let emu = start().await;
     let (mut b, _) = connect_json(&emu.client_url("h", &all_roles("b")), JSON).await;
-    // b reads nothing: 100 MiB for it, in far fewer frames than the queue's frame limit.
+    // b reads nothing: up to 100 MiB for it, in far fewer frames than the queue's frame
+    // limit. It starts reading once the overflow is counted: the server gives a peer
+    // that does not read 2 s to take its close frame, then drops the socket.
     let url = format!("{}/api/hubs/h/:send", emu.endpoint());
     let rest = reqwest::Client::new();
-    for _ in 0..100 {
+    let mut sent = 0;
+    while stats(&emu).await["bufferOverflows"] == 0 {
+        assert!(sent < 100, "no overflow after {sent} MiB");
         let resp = rest
             .post(&url)
             .bearer_auth(rest_token(&emu, &url))
@@ -197,7 +201,9 @@ async fn a_client_that_does_not_read_is_closed_past_64_mib_queued() {
             .await
             .unwrap();
         assert_eq!(resp.status().as_u16(), 202);
+        sent += 1;
     }
+    assert!(sent > 64, "closed after {sent} MiB, below the 64 MiB limit");
     assert_eq!(stats(&emu).await["bufferOverflows"], 1);
     let (code, reason) = b.expect_close().await;
     assert_eq!(code, 1008);
