@@ -6,6 +6,7 @@ The emulator is found through ``$WPS_EMULATOR_BIN``, else the repository's
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
@@ -49,6 +50,16 @@ FAST = dict(
 )
 
 WAIT = 10.0  # upper bound for any single awaited condition
+
+
+async def until(predicate: Callable[[], bool], what: str = "the condition") -> None:
+    """Waits on the running loop until ``predicate()`` holds; fails after ``WAIT``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"{what} not met within {WAIT} s")
+        await asyncio.sleep(0.01)
 
 
 # ---- upstream event handler ------------------------------------------------------------

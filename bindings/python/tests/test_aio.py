@@ -12,7 +12,7 @@ import weakref
 from typing import Any, Callable, List
 
 import pytest
-from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged
+from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, until
 
 from webpubsub_client import WebPubSubClient as SyncClient
 from webpubsub_client import _base, _native
@@ -1111,13 +1111,6 @@ def test_listeners_follow_the_client_to_a_new_loop_once_the_loop_that_opened_it_
     got: List[str] = []
     stopped: List[str] = []
 
-    async def until(predicate: Callable[[], bool]) -> None:
-        async def reached() -> None:
-            while not predicate():
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(reached(), WAIT)
-
     async def first() -> None:
         await client.subscribe(CallbackType.GROUP_MESSAGE, lambda args: got.append(args.data))
         await client.subscribe(CallbackType.STOPPED, lambda: stopped.append("stopped"))
@@ -1137,6 +1130,32 @@ def test_listeners_follow_the_client_to_a_new_loop_once_the_loop_that_opened_it_
     asyncio.run(first())
     asyncio.run(second())
     assert got == ["first", "second"] and stopped == ["stopped"]
+
+
+def test_a_fire_and_forget_send_moves_the_client_to_a_new_loop(hub: Hub) -> None:
+    """The client is opened in one asyncio.run and used, still open, in the next only
+    through fire-and-forget sends: its listeners run on the new loop. That send never
+    attached the client to the loop, so its events waited in the library, unbounded, for
+    an operation that would."""
+    client = make(hub.url())
+    got: List[str] = []
+
+    async def first() -> None:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, lambda args: got.append(args.data))
+        await client.open()
+        await client.join_group("g")
+        await client.send_to_group("g", "first", WebPubSubDataType.TEXT)
+        await until(lambda: got == ["first"])
+
+    async def second() -> None:
+        try:
+            await client.send_to_group("g", "second", WebPubSubDataType.TEXT, ack=False)
+            await until(lambda: got == ["first", "second"])
+        finally:
+            await client.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
 
 
 async def test_close_waits_for_the_listener_tasks_running_as_officially(hub: Hub, caplog: Any) -> None:

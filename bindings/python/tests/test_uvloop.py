@@ -23,7 +23,7 @@ import weakref
 from typing import Any, Awaitable, Callable, Iterator, List, Optional, TypeVar
 
 import pytest
-from conftest import FAST, WAIT, Hub
+from conftest import FAST, WAIT, Hub, until
 from test_process import forgotten_clients_exit_cleanly
 
 from webpubsub_client._callbacks import REGISTRY
@@ -89,16 +89,6 @@ KINDS = pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
 
 def make(url: Any, **kw: Any) -> WebPubSubClient:
     return WebPubSubClient(url, **{**FAST, **kw})
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Waits on the loop until ``predicate()`` holds; fails after ``WAIT``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while not predicate():
-        if loop.time() > deadline:
-            pytest.fail(f"{what} not met within {WAIT} s")
-        await asyncio.sleep(0.01)
 
 
 def test_open_join_send_receive_and_close(hub: Hub) -> None:

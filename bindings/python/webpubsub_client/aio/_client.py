@@ -1117,7 +1117,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             return _ack_result(completion)
         if not ack:
             # queued at once on this thread: the blocking form returns when the frame is queued
-            _queue_now(plain(self._live_handle(), target, kind, payload, len(payload), flags, None))
+            handle = self._live_handle()
+            self._poller.attach(self._poller.running_loop())  # the events go to this loop from now on
+            _queue_now(plain(handle, target, kind, payload, len(payload), flags, None))
             return WebPubSubResult(None, False)
         future, op_id = self._start_acked(plain_async, target, kind, payload, flags)
         try:
