@@ -826,6 +826,31 @@ wps_status wps_client_dispatch_into(struct wps_client *c,
                                     struct wps_dispatch_buffers *buffers);
 
 /**
+ * Poll mode: nothing will dispatch this client for a while (the event loop that
+ * watched its descriptor ended, and the client stays open). Until
+ * `wps_client_dispatch_resume`, the group and server messages that come are dropped
+ * and counted (logged at info level at the first), rather than queued without bound;
+ * what is queued stays, and the other events and completions are queued as usual. The
+ * client goes on (acknowledgements, recoveries, reconnections). Suspending a suspended
+ * client does nothing.
+ * `WPS_STATUS_ILLEGAL_STATE` in thread mode.
+ *
+ * # Safety
+ * `c` is NULL or a live handle.
+ */
+wps_status wps_client_dispatch_suspend(struct wps_client *c);
+
+/**
+ * Poll mode: ends `wps_client_dispatch_suspend`; messages are queued again. `dropped`
+ * (may be NULL) receives how many messages the suspension dropped (0 when the client
+ * was not suspended). `WPS_STATUS_ILLEGAL_STATE` in thread mode.
+ *
+ * # Safety
+ * `c` is NULL or a live handle; `dropped` is NULL or writable.
+ */
+wps_status wps_client_dispatch_resume(struct wps_client *c, uint64_t *dropped);
+
+/**
  * Connects; blocks until connected or failed (start timeout). Fails with
  * `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped, and with
  * `WPS_STATUS_STOPPED` once its `wps_client_free` has begun (from a callback running

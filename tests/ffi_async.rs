@@ -1,6 +1,7 @@
 //! The C ABI's asynchronous acked operations driven from Rust, like a C program would:
-//! order, exactly-once completions, cancellation, refusals, deferred sends, and bursts
-//! far larger than the core's operation queue.
+//! order, exactly-once completions, cancellation, refusals, deferred sends, bursts far
+//! larger than the core's operation queue, and a poll-mode client whose dispatch is
+//! suspended.
 
 mod common;
 
@@ -18,12 +19,12 @@ use webpubsub_client::ffi::callbacks::{
 };
 use webpubsub_client::ffi::client::{
     wps_ack_result, wps_client, wps_client_cancel, wps_client_connection_id, wps_client_dispatch,
-    wps_client_dispatch_into, wps_client_dispatch_records, wps_client_flush_deferred,
-    wps_client_free, wps_client_invoke_event_async, wps_client_join_group,
-    wps_client_join_group_async, wps_client_new, wps_client_send_event_async,
-    wps_client_send_to_group, wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id,
-    wps_client_start, wps_client_start_async, wps_client_state, wps_client_stop,
-    wps_client_stop_async,
+    wps_client_dispatch_into, wps_client_dispatch_records, wps_client_dispatch_resume,
+    wps_client_dispatch_suspend, wps_client_flush_deferred, wps_client_free,
+    wps_client_invoke_event_async, wps_client_join_group, wps_client_join_group_async,
+    wps_client_new, wps_client_send_event_async, wps_client_send_to_group,
+    wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id, wps_client_start,
+    wps_client_start_async, wps_client_state, wps_client_stop, wps_client_stop_async,
 };
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
@@ -1607,4 +1608,83 @@ fn deferred_fire_and_forget_sends_flushed_while_a_stop_comes_go_out_before_it() 
         );
         unsafe { wps_client_free(c) };
     }
+}
+
+#[test]
+fn a_suspended_poll_client_drops_the_messages_that_come_and_counts_them() {
+    const MESSAGES: usize = 200;
+    let setup = Setup::new();
+    let (sender_rec, rec) = (Recorder::default(), Recorder::default());
+    let sender = setup.client(&sender_rec, true);
+    let c = started_poll_client(&setup.url, &rec);
+    let group = c"suspended";
+    check(
+        unsafe { wps_client_join_group(c, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    check(unsafe { wps_client_dispatch_suspend(c) }, "suspend");
+    check(unsafe { wps_client_dispatch_suspend(c) }, "suspend again");
+    for i in 0..MESSAGES {
+        check(
+            common::ffi_send_text(sender, group, &format!("m{i}"), 0),
+            "send",
+        );
+    }
+    // The client got every message: it acknowledged them all.
+    let deadline = Instant::now() + WAIT;
+    while setup.rt.block_on(common::stats(&setup.emulator))["unackedMessages"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the messages were not acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Only the connected event, queued before the suspension, is left.
+    let mut ran = 0;
+    check(
+        unsafe { wps_client_dispatch(c, 1000, &mut ran) },
+        "dispatch",
+    );
+    assert_eq!(ran, 1);
+    assert_eq!(rec.seen.lock().unwrap().timeline, ["connected"]);
+
+    let mut dropped = u64::MAX;
+    check(
+        unsafe { wps_client_dispatch_resume(c, &mut dropped) },
+        "resume",
+    );
+    assert_eq!(dropped, MESSAGES as u64);
+    check(
+        unsafe { wps_client_dispatch_resume(c, &mut dropped) },
+        "resume again",
+    );
+    assert_eq!(dropped, 0);
+    check(common::ffi_send_text(sender, group, "after", 0), "send");
+    dispatch_records_until(c, &rec, &mut Vec::new(), |seen, _| {
+        !seen.messages.is_empty()
+    });
+    assert_eq!(rec.seen.lock().unwrap().messages, ["after"]);
+
+    let null = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { wps_client_dispatch_suspend(null) },
+        WPS_STATUS_NULL_ARG
+    );
+    assert_eq!(
+        unsafe { wps_client_dispatch_resume(null, null.cast()) },
+        WPS_STATUS_NULL_ARG
+    );
+    assert_eq!(
+        unsafe { wps_client_dispatch_suspend(sender) },
+        WPS_STATUS_ILLEGAL_STATE
+    );
+    assert_eq!(
+        unsafe { wps_client_dispatch_resume(sender, null.cast()) },
+        WPS_STATUS_ILLEGAL_STATE
+    );
+    unsafe {
+        wps_client_free(sender);
+        wps_client_free(c);
+    }
+    setup.shutdown();
 }

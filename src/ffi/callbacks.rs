@@ -332,6 +332,14 @@ fn shared_name(slot: &mut Option<Name>, s: &str) -> Name {
 }
 
 impl OwnedEvent {
+    /// Whether it is a group or server message (not a lifecycle event).
+    pub(crate) fn is_message(&self) -> bool {
+        matches!(
+            self.kind,
+            WPS_EVENT_GROUP_MESSAGE | WPS_EVENT_SERVER_MESSAGE
+        )
+    }
+
     fn empty(kind: u32) -> OwnedEvent {
         OwnedEvent {
             kind,

@@ -671,6 +671,44 @@ pub unsafe extern "C" fn wps_client_dispatch_into(
     })
 }
 
+/// Poll mode: nothing will dispatch this client for a while (the event loop that
+/// watched its descriptor ended, and the client stays open). Until
+/// `wps_client_dispatch_resume`, the group and server messages that come are dropped
+/// and counted (logged at info level at the first), rather than queued without bound;
+/// what is queued stays, and the other events and completions are queued as usual. The
+/// client goes on (acknowledgements, recoveries, reconnections). Suspending a suspended
+/// client does nothing.
+/// `WPS_STATUS_ILLEGAL_STATE` in thread mode.
+///
+/// # Safety
+/// `c` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_dispatch_suspend(c: *mut wps_client) -> wps_status {
+    guard(|| {
+        let shared = client_arg(c)?;
+        shared.sink.worker().suspend().map_err(|_| not_polled())
+    })
+}
+
+/// Poll mode: ends `wps_client_dispatch_suspend`; messages are queued again. `dropped`
+/// (may be NULL) receives how many messages the suspension dropped (0 when the client
+/// was not suspended). `WPS_STATUS_ILLEGAL_STATE` in thread mode.
+///
+/// # Safety
+/// `c` is NULL or a live handle; `dropped` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn wps_client_dispatch_resume(
+    c: *mut wps_client,
+    dropped: *mut u64,
+) -> wps_status {
+    guard(|| {
+        let shared = client_arg(c)?;
+        let count = shared.sink.worker().resume().map_err(|_| not_polled())?;
+        write_optional(dropped, count);
+        Ok(())
+    })
+}
+
 /// Runs the dispatch of `c`; returns how many callbacks ran.
 unsafe fn dispatch(
     c: *mut wps_client,

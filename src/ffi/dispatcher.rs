@@ -8,7 +8,9 @@
 //! Poll mode: the client gets a worker of its own that no thread runs. A file
 //! descriptor becomes readable when callbacks are queued, and the application runs
 //! them with `dispatch` on its event loop. When the client is freed, what is left is
-//! handed over to a pool thread, so finalizers always run.
+//! handed over to a pool thread, so finalizers always run. While the application
+//! cannot poll (its event loop ended and the client stays open), `suspend` drops the
+//! client's messages instead of queueing them without end.
 //!
 //! Jobs are taken under the queue lock and run after releasing it, so no callback ever
 //! runs while a library lock is held, and never on a tokio worker. A dispatcher is only
@@ -18,6 +20,8 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+use log::info;
 
 use super::callbacks::{wps_ack_record, CompletionTarget, EventSink, OwnedCompletion, OwnedEvent};
 use super::panic::guard_job;
@@ -109,6 +113,12 @@ impl<'a> Records<'a> {
     }
 }
 
+/// The one record of a suspension, at its first dropped message: at info level, as the
+/// client may be on its way to being freed (an open client its application forgot).
+fn log_dropping() {
+    info!("a client's dispatch is suspended (its event loop ended): its messages are dropped until it resumes");
+}
+
 /// Most dispatcher threads the pool ever starts.
 const MAX_WORKERS: usize = 4;
 
@@ -141,6 +151,26 @@ struct Queue {
     dispatching: bool,
     /// Poll mode: hand over to a pool thread once the running `dispatch` returns.
     hand_over_pending: bool,
+    /// Poll mode, while suspended: the messages dropped since `suspend`.
+    suspended: Option<u64>,
+}
+
+impl Queue {
+    /// While suspended: drops the messages among the jobs from index `from` on (those
+    /// just added), and counts them. Returns whether they are the first the suspension
+    /// drops.
+    fn drop_messages(&mut self, from: usize) -> bool {
+        let Some(before) = self.suspended else {
+            return false;
+        };
+        let mut added = self.jobs.split_off(from);
+        let count = added.len();
+        added.retain(|job| !matches!(job, Job::Event(_, event) if event.is_message()));
+        let dropped = (count - added.len()) as u64;
+        self.jobs.append(&mut added);
+        self.suspended = Some(before.saturating_add(dropped));
+        before == 0 && dropped > 0
+    }
 }
 
 /// One client's FIFO of callbacks (thread mode: shared by the clients pinned to it).
@@ -158,6 +188,7 @@ impl Worker {
                 forward: None,
                 dispatching: false,
                 hand_over_pending: false,
+                suspended: None,
             }),
             wake,
         }
@@ -186,7 +217,7 @@ impl Worker {
     }
 
     /// Adds jobs with `add` under the lock (or to the worker this one forwards to), and
-    /// wakes the dispatcher if it was idle.
+    /// wakes the dispatcher if it was idle. A suspended worker drops the messages.
     ///
     /// In poll mode the descriptor is set under the lock, as `dispatch` clears it: set
     /// after the lock, it could follow a dispatch that already ran the new jobs and
@@ -199,17 +230,43 @@ impl Worker {
             drop(queue);
             return target.append(add);
         }
+        let before = queue.jobs.len();
         add(&mut queue.jobs);
-        if !std::mem::replace(&mut queue.idle, false) {
-            return;
-        }
-        match &self.wake {
-            Wake::Poll(signal) => signal.set(),
-            Wake::Thread(ready) => {
-                drop(queue);
-                ready.notify_one();
+        let first_drop = queue.drop_messages(before);
+        let wake = queue.jobs.len() > before && std::mem::replace(&mut queue.idle, false);
+        if wake {
+            if let Wake::Poll(signal) = &self.wake {
+                signal.set();
             }
         }
+        drop(queue);
+        if let (true, Wake::Thread(ready)) = (wake, &self.wake) {
+            ready.notify_one();
+        }
+        if first_drop {
+            log_dropping();
+        }
+    }
+
+    /// Poll mode: nothing will dispatch this worker for a while (the application's
+    /// event loop ended). Until `resume`, the messages that come are dropped and
+    /// counted; what is queued stays, and the other events and jobs (completions) are
+    /// queued as usual.
+    pub(crate) fn suspend(&self) -> Result<(), DispatchError> {
+        if !matches!(self.wake, Wake::Poll(_)) {
+            return Err(DispatchError::NotPolled);
+        }
+        self.lock().suspended.get_or_insert(0);
+        Ok(())
+    }
+
+    /// Poll mode: ends a suspension: messages are queued again. Returns how many it
+    /// dropped (0 when the worker was not suspended).
+    pub(crate) fn resume(&self) -> Result<u64, DispatchError> {
+        if !matches!(self.wake, Wake::Poll(_)) {
+            return Err(DispatchError::NotPolled);
+        }
+        Ok(self.lock().suspended.take().unwrap_or(0))
     }
 
     /// Poll mode: the descriptor that is readable while callbacks are queued.
@@ -620,6 +677,89 @@ mod tests {
             Ok(0),
             "a handed-over worker has nothing to dispatch"
         );
+    }
+
+    /// The event callback of `a_suspended_worker_drops_messages_and_keeps_other_jobs`:
+    /// notes each event's kind in the `Mutex<Vec<u32>>` its user data points to.
+    unsafe extern "C" fn note_event(
+        user_data: *mut std::ffi::c_void,
+        event: *const super::super::callbacks::wps_event,
+    ) {
+        let kinds = &*(user_data as *const Mutex<Vec<u32>>);
+        kinds.lock().unwrap().push((*event).kind);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_suspended_worker_drops_messages_and_keeps_other_jobs() {
+        use super::super::callbacks::{SinkHandler, WPS_EVENT_SERVER_MESSAGE, WPS_EVENT_STOPPED};
+        use crate::client::{Event, EventHandler};
+        use crate::protocol::DataType;
+
+        let worker = Worker::polled().unwrap();
+        let fd = worker.fd().unwrap();
+        let kinds = Arc::new(Mutex::new(Vec::<u32>::new()));
+        let sink = Arc::new(EventSink::new(
+            Arc::clone(&worker),
+            Some(note_event),
+            Arc::as_ptr(&kinds) as *mut std::ffi::c_void,
+            None,
+        ));
+        let events = SinkHandler::new(sink);
+        let message = || Event::ServerMessage {
+            data_type: DataType::Text,
+            data: bytes::Bytes::from_static(&[b'x'; 1024]),
+            sequence_id: None,
+        };
+        let send = |count: usize| {
+            for _ in 0..count {
+                events.on_event(message());
+            }
+            events.on_batch_end();
+        };
+
+        // What is queued stays; the messages that come are dropped and signal nothing.
+        send(2);
+        worker.suspend().unwrap();
+        assert_eq!(worker.dispatch(10, None), Ok(2));
+        assert!(!readable(fd));
+        send(10_000);
+        assert!(!readable(fd), "a dropped message signals nothing");
+        assert!(
+            worker.lock().jobs.is_empty(),
+            "nothing grows while suspended"
+        );
+
+        // Completions and lifecycle events are queued as usual, among dropped messages.
+        let (tx, rx) = mpsc::channel();
+        let first = tx.clone();
+        worker.push(Job::new(move || first.send(1).unwrap()));
+        send(1);
+        events.on_event(Event::Stopped);
+        events.on_batch_end();
+        worker.push(Job::new(move || tx.send(2).unwrap()));
+        worker.suspend().unwrap(); // again: the count goes on
+        assert!(readable(fd));
+        assert_eq!(worker.dispatch(10, None), Ok(3));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(!readable(fd));
+        assert_eq!(
+            *kinds.lock().unwrap(),
+            [
+                WPS_EVENT_SERVER_MESSAGE,
+                WPS_EVENT_SERVER_MESSAGE,
+                WPS_EVENT_STOPPED
+            ],
+            "the two messages queued before, and the lifecycle event"
+        );
+
+        assert_eq!(worker.resume(), Ok(10_001));
+        assert_eq!(worker.resume(), Ok(0), "the count starts again");
+        send(1);
+        assert_eq!(worker.dispatch(10, None), Ok(1));
+        assert_eq!(kinds.lock().unwrap()[3], WPS_EVENT_SERVER_MESSAGE);
+        assert_eq!(assign().suspend(), Err(DispatchError::NotPolled));
+        assert_eq!(assign().resume(), Err(DispatchError::NotPolled));
     }
 
     /// The completion callback of `completion_job`: counts the calls in the `Mutex<Vec>`

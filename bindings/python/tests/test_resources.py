@@ -27,7 +27,7 @@ from collections import Counter
 from typing import Any, Awaitable, Callable, Iterator, List, Optional
 
 import pytest
-from conftest import FAST, WAIT, Collector, Hub, wait_until
+from conftest import FAST, WAIT, Collector, Emulator, Hub, Upstream, until, wait_until
 
 from webpubsub_client import WebPubSubClient, WebPubSubClientCredential
 from webpubsub_client._callbacks import REGISTRY
@@ -469,3 +469,67 @@ def test_an_open_client_whose_loop_ended_without_close_is_freed_once_dropped(hub
         lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
         what="the forgotten clients' connections closed",
     )
+
+
+HELD_MESSAGES = 20_000  # of 1 KiB each
+HELD_CHUNK = 800  # published before waiting for their acks: the emulator keeps 1000 unacknowledged
+
+
+def test_a_held_client_whose_loop_ended_open_drops_its_messages_until_a_new_loop_uses_it(
+    upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The application keeps a client (a global) that an ``asyncio.run`` opened and
+    left open. Its loop is closed, so nothing can run its events until another loop uses
+    it: the library drops its messages instead of queueing them without end. The client stays
+    connected and acknowledges what it gets. The next loop that uses it resumes it: one
+    warning counts the dropped events, and the client works there.
+
+    Before, 20,000 messages of 1 KiB grew the native heap by about 46 MiB, and the next
+    loop got them all at once."""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client")
+    emulator = Emulator(upstream.url)  # its own: its unacknowledged count is the held client's
+    try:
+        hub = Hub(emulator)
+        client = amake(hub.url("held"))
+        got: List[str] = []
+
+        async def first() -> None:
+            await client.subscribe("group-message", lambda args: got.append(args.data[:6]))
+            await client.open()
+            await client.join_group("g")
+            await client.send_to_group("g", "first", WebPubSubDataType.TEXT)
+            await until(lambda: got == ["first"])
+            # no close(): asyncio.run ends with the client open
+
+        asyncio.run(first())
+        heap = native_heap()
+        payload = "x" * 1024
+        with make(hub.url("publisher")) as publisher:
+            for _ in range(HELD_MESSAGES // HELD_CHUNK):
+                for _ in range(HELD_CHUNK - 1):
+                    publisher.send_to_group("g", payload, WebPubSubDataType.TEXT, ack=False, no_echo=True)
+                publisher.send_to_group("g", payload, WebPubSubDataType.TEXT, no_echo=True)  # all of them are out
+                wait_until(
+                    lambda: emulator.stats()["unackedMessages"] == 0,
+                    what="the held client acknowledged every message",
+                )
+        grown = native_heap() - heap
+        assert grown < HELD_MESSAGES * 1024 // 4, f"the native heap grew by {grown} B"
+        assert client.is_connected()
+
+        async def second() -> None:
+            with pytest.raises(OpenClientError):
+                await client.open()  # still open
+            await client.send_to_group("g", "second", WebPubSubDataType.TEXT)
+            await until(lambda: got[-1:] == ["second"])
+            await client.close()
+
+        asyncio.run(second())
+        assert got == ["first", "second"]
+        messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert messages == [
+            f"webpubsub_client: {HELD_MESSAGES} messages came while no event loop ran the client (its loop was "
+            "closed while it was open); they were dropped",
+        ], messages
+    finally:
+        emulator.close()

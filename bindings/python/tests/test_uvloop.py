@@ -23,7 +23,7 @@ import weakref
 from typing import Any, Awaitable, Callable, Iterator, List, Optional, TypeVar
 
 import pytest
-from conftest import FAST, WAIT, Hub, until
+from conftest import FAST, WAIT, Emulator, Hub, Upstream, until, wait_until
 from test_process import forgotten_clients_exit_cleanly
 
 from webpubsub_client._callbacks import REGISTRY
@@ -328,3 +328,47 @@ def test_a_client_left_open_is_freed_once_its_loop_is_closed(hub: Hub) -> None:
 def test_clients_left_open_exit_cleanly_with_the_uvloop_policy(hub: Hub) -> None:
     """The interpreter-exit scenario of ``test_process`` with the uvloop policy set."""
     forgotten_clients_exit_cleanly(hub, "import uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())")
+
+
+def test_a_held_client_whose_loop_ended_open_drops_its_messages_until_the_next_loop(
+    upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``uvloop.run`` ends with the client open, and the application keeps it: the
+    messages that come before the next ``uvloop.run`` uses it (server messages, as the
+    service's REST API sends to a group) are dropped and counted (see test_resources for
+    the asyncio loop and the memory), and the client works there. Before, they were
+    queued, and the next loop got them all."""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client")
+    emulator = Emulator(upstream.url)  # its own: its unacknowledged count is the held client's
+    try:
+        hub = Hub(emulator)
+        client = make(hub.url("held"))
+        got: List[str] = []
+
+        async def first() -> None:
+            await client.subscribe(CallbackType.GROUP_MESSAGE, lambda args: got.append(args.data))
+            await client.subscribe(CallbackType.SERVER_MESSAGE, lambda args: got.append(args.data))
+            await client.open()
+            await client.join_group("g")
+            await client.send_to_group("g", "first", WebPubSubDataType.TEXT)
+            await until(lambda: got == ["first"], "the first message")
+
+        run(first)
+        for i in range(100):
+            hub.service.send_to_group("g", f"between {i}", content_type="text/plain")
+        wait_until(lambda: emulator.stats()["unackedMessages"] == 0, what="the held client acknowledged them")
+
+        async def second() -> None:
+            await client.send_to_group("g", "second", WebPubSubDataType.TEXT)
+            await until(lambda: got[-1:] == ["second"], "the second message")
+            await client.close()
+
+        run(second)
+        assert got == ["first", "second"]
+        dropped = [r.getMessage() for r in caplog.records if "they were dropped" in r.getMessage()]
+        assert dropped == [
+            "webpubsub_client: 100 messages came while no event loop ran the client (its loop was closed while it "
+            "was open); they were dropped"
+        ]
+    finally:
+        emulator.close()

@@ -331,6 +331,8 @@ _SIGNATURES = {
     "wps_client_dispatch_fd": (_status, [_handle, POINTER(c_int)]),
     "wps_client_dispatch": (_status, [_handle, c_size_t, POINTER(c_size_t)]),
     "wps_client_dispatch_into": (_status, [_handle, c_size_t, POINTER(WpsDispatchBuffers)]),
+    "wps_client_dispatch_suspend": (_status, [_handle]),
+    "wps_client_dispatch_resume": (_status, [_handle, _out_u64]),
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
     "wps_callbacks_disable": (_status, [c_uint32]),

@@ -119,13 +119,20 @@ class _LoopBatch:
 class _Keeper:
     """What the reader of a client's dispatch descriptor carries on the event loop the
     client dispatches on (an argument of the loop's handle): the client while it runs,
-    else None. The loop holds it until the reader is removed, or until the loop is closed
-    (its selector, and with it every reader, is dropped then)."""
+    else None, and the client's poller. The loop holds it until the reader is removed,
+    or until the loop is closed (its selector, and with it every reader, is dropped
+    then). When it goes, it lets the client go first, so that a client nothing else
+    refers to is freed before the poller is told (see :meth:`_Poller.suspend_if_closed`)."""
 
-    __slots__ = ("client", "__weakref__")
+    __slots__ = ("client", "poller", "__weakref__")
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, poller: "_Poller") -> None:
         self.client = client
+        self.poller = poller
+
+    def __del__(self) -> None:
+        self.client = None
+        self.poller.suspend_if_closed()
 
 
 class _LoopHeld(_base.HeldListeners):
@@ -137,8 +144,9 @@ class _LoopHeld(_base.HeldListeners):
     keep it. Once the loop is closed (an ``asyncio.run`` that ended without
     ``close()``), nothing can deliver its events or await its operations: the loop has
     dropped the keeper, the client is collected and its native client freed (its
-    connection closed). A client the application still refers to keeps running, and
-    dispatches on the next loop that uses it."""
+    connection closed). A client the application still refers to keeps running, its
+    messages dropped until the next loop that uses it dispatches it (see
+    :meth:`_Poller.suspend_if_closed`)."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
         super().__init__(listeners)
@@ -151,14 +159,14 @@ class _LoopHeld(_base.HeldListeners):
         if keeper is not None:
             keeper.client = client
 
-    def keeper(self) -> _Keeper:
-        """A keeper for the reader on the loop the client dispatches on from now on,
-        holding the client if it runs; the previous one no longer holds it."""
+    def keeper(self, poller: "_Poller") -> _Keeper:
+        """A keeper for the reader on the loop the client dispatches on from now on (with
+        ``poller``), holding the client if it runs; the previous one no longer holds it."""
         with self._lock:
             previous = self._keeper() if self._keeper is not None else None
             if previous is not None:
                 previous.client = None
-            keeper = _Keeper(self._client() if self._client is not None else None)
+            keeper = _Keeper(self._client() if self._client is not None else None, poller)
             self._keeper = weakref.ref(keeper)
             return keeper
 
@@ -538,7 +546,8 @@ class _Poller:
         return asyncio.get_running_loop()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Dispatch on ``loop`` (the running loop) from now on."""
+        """Dispatch on ``loop`` (the running loop) from now on. A client suspended since
+        its last loop was closed resumes; the messages it dropped meanwhile are logged."""
         if self._loop is loop:
             return
         with self._lock:
@@ -550,8 +559,16 @@ class _Poller:
             if status != _native.STATUS_OK:
                 message = f"{_native.status_str(status)}: {_native.last_error_message()}"
                 raise WebPubSubClientError(message, status=status)
+            dropped = ctypes.c_uint64(0)
+            lib.wps_client_dispatch_resume(self._handle, ctypes.byref(dropped))
+            if dropped.value:
+                _LOGGER.warning(
+                    "webpubsub_client: %d messages came while no event loop ran the client (its loop was "
+                    "closed while it was open); they were dropped",
+                    dropped.value,
+                )
             # The reader carries the keeper: this loop holds the running client now.
-            loop.add_reader(fd.value, self.dispatch, self._sink.listeners.keeper())
+            loop.add_reader(fd.value, self.dispatch, self._sink.listeners.keeper(self))
             self._loop, self._fd = loop, fd.value
             sink_loop = self._sink.loop
             if sink_loop is not None and sink_loop.is_closed():
@@ -559,6 +576,23 @@ class _Poller:
                 # listeners move to this one, which dispatches now, instead of every event
                 # being dropped on the way to the closed loop.
                 self._sink.bind(loop)
+
+    def suspend_if_closed(self) -> None:
+        """The loop dispatching the client let its reader go. If that loop was closed (an
+        ``asyncio.run`` ended with the client open) and the client is not freed (the
+        application refers to it), nothing runs its events until another loop uses it:
+        the library drops and counts the messages that come meanwhile, rather than
+        queueing them without end (its other events are kept). The client goes on
+        (sequence acks, recoveries, reconnections), and :meth:`attach` resumes it on the
+        next loop, with a warning that counts them. Not when the reader was removed (the
+        client moved to another loop, or is being freed).
+        A client in a reference cycle is suspended too, until the collector frees it: as
+        that cannot be told from one the application refers to, the warning waits for the
+        next loop."""
+        with self._lock:
+            loop = self._loop
+            if self._handle and loop is not None and loop.is_closed():
+                lib.wps_client_dispatch_suspend(self._handle)
 
     def dispatch(self, _keeper: Optional[_Keeper] = None) -> None:
         """Run the queued callbacks, which only take what they bring (the event callback
