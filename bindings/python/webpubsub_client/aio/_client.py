@@ -577,6 +577,12 @@ class _Poller:
                 # being dropped on the way to the closed loop.
                 self._sink.bind(loop)
 
+    def orphaned(self) -> bool:
+        """Whether the loop the client dispatches on was closed while it was open (read
+        by a fire-and-forget send, which otherwise never attaches the client)."""
+        loop = self._loop
+        return loop is not None and loop.is_closed()
+
     def suspend_if_closed(self) -> None:
         """The loop dispatching the client let its reader go. If that loop was closed (an
         ``asyncio.run`` ended with the client open) and the client is not freed (the
@@ -590,8 +596,7 @@ class _Poller:
         that cannot be told from one the application refers to, the warning waits for the
         next loop."""
         with self._lock:
-            loop = self._loop
-            if self._handle and loop is not None and loop.is_closed():
+            if self._handle and self.orphaned():
                 lib.wps_client_dispatch_suspend(self._handle)
 
     def dispatch(self, _keeper: Optional[_Keeper] = None) -> None:
@@ -1152,7 +1157,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if not ack:
             # queued at once on this thread: the blocking form returns when the frame is queued
             handle = self._live_handle()
-            self._poller.attach(self._poller.running_loop())  # the events go to this loop from now on
+            if self._poller.orphaned():  # its loop was closed: this one dispatches it from now on
+                self._poller.attach(self._poller.running_loop())
             _queue_now(plain(handle, target, kind, payload, len(payload), flags, None))
             return WebPubSubResult(None, False)
         future, op_id = self._start_acked(plain_async, target, kind, payload, flags)
