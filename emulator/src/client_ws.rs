@@ -22,14 +22,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, Permission};
 use crate::frames::{self, Payload, Publication};
-use crate::hub::{new_connection_id, Conn, Hub, Protocol, Server, Stats, POLICY_CLOSE};
+use crate::hub::{
+    new_connection_id, Conn, Hub, Protocol, Server, Stats, JSON_RELIABLE_V1, JSON_V1, POLICY_CLOSE,
+};
 use crate::names::{validate_group, validate_hub};
 use crate::outbound::{Out, Outbound, SocketHandle};
-use crate::upstream::{self, Accepted, Target};
+use crate::upstream::{self, Accepted, OwedDisconnected, Target};
 
-/// Subprotocol names.
-const JSON_V1: &str = "json.webpubsub.azure.v1";
-const JSON_RELIABLE_V1: &str = "json.reliable.webpubsub.azure.v1";
 /// Close reason of a failed recovery (the official clients look for close code 1008).
 pub(crate) const NOT_RECOVERABLE: &str = "The connection could not be recovered.";
 /// Events queued to the upstream per socket, and invocations pending per connection,
@@ -71,8 +70,9 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 enum Session {
-    /// A new connection for the hub of that name, with its initial groups.
-    New(String, Arc<Conn>, Vec<String>),
+    /// A new connection for the hub of that name, with its initial groups and the
+    /// `disconnected` owed when the upstream accepted its `connect`.
+    New(String, Arc<Conn>, Vec<String>, Option<OwedDisconnected>),
     Recover(Arc<Hub>, Arc<Conn>),
     Unrecoverable,
 }
@@ -150,7 +150,7 @@ pub(crate) async fn client_endpoint(
         return unsupported(&requested);
     }
     let (session, selected) = if recovering {
-        let protocol = protocol_of(known.as_deref());
+        let protocol = Protocol::of(known.as_deref());
         let id = query
             .get("awps_connection_id")
             .map(String::as_str)
@@ -198,6 +198,7 @@ pub(crate) async fn client_endpoint(
             state: String::new(),
             subprotocol: known,
         };
+        let mut owed = None;
         if asks_upstream {
             let body = upstream::connect_body(
                 &claims.payload,
@@ -205,12 +206,26 @@ pub(crate) async fn client_endpoint(
                 &headers,
                 &requested,
             );
-            if let Err(refused) = opening
-                .ask_upstream(&server, &hub_name, &body, &requested)
-                .await
-            {
-                return refused;
-            }
+            // A task of its own: if the client goes before the answer, the exchange
+            // still ends, and an accepted `connect` still gets its `disconnected`.
+            let asked = server.tasks.spawn(opening.ask_upstream(
+                server.clone(),
+                hub_name.clone(),
+                body,
+                requested.clone(),
+            ));
+            let (answered, accepted) = match asked.await {
+                Ok(Ok(accepted)) => accepted,
+                Ok(Err(refused)) => return refused,
+                Err(e) => {
+                    return error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("The upstream connect event failed: {e}."),
+                    )
+                }
+            };
+            opening = answered;
+            owed = Some(accepted);
             if opening.subprotocol.is_none() && !requested.is_empty() {
                 return unsupported(&requested);
             }
@@ -219,7 +234,7 @@ pub(crate) async fn client_endpoint(
             &server,
             opening.id,
             opening.user_id,
-            protocol_of(opening.subprotocol.as_deref()),
+            opening.subprotocol.clone(),
             opening.roles,
             Some(slot),
         );
@@ -229,7 +244,10 @@ pub(crate) async fn client_endpoint(
             .into_iter()
             .filter(|g| validate_group(g).is_ok())
             .collect();
-        (Session::New(hub_name, conn, groups), opening.subprotocol)
+        (
+            Session::New(hub_name, conn, groups, owed),
+            opening.subprotocol,
+        )
     };
     if let Some(name) = selected {
         ws.set_selected_protocol(
@@ -243,16 +261,6 @@ pub(crate) async fn client_endpoint(
         .on_upgrade(move |socket| {
             tasks.track_future(async move { run_session(server, session, socket).await })
         })
-}
-
-/// The protocol of a chosen subprotocol: another name than the JSON ones (chosen by the
-/// upstream), or none, is a simple client.
-fn protocol_of(subprotocol: Option<&str>) -> Protocol {
-    match subprotocol {
-        Some(JSON_V1) => Protocol::Json,
-        Some(JSON_RELIABLE_V1) => Protocol::JsonReliable,
-        _ => Protocol::Simple,
-    }
 }
 
 /// The answer to a handshake whose subprotocols cannot be served.
@@ -281,26 +289,28 @@ struct Opening {
 impl Opening {
     /// Posts the `connect` event and applies the reply: its user id replaces the
     /// token's, its roles and groups are added, its subprotocol (one the client offered)
-    /// is chosen, its `ce-connectionState` kept. Err: the answer refusing the handshake.
+    /// is chosen, its `ce-connectionState` kept. Ok: the opening so changed, and the
+    /// `disconnected` now owed. Err: the answer refusing the handshake.
     async fn ask_upstream(
-        &mut self,
-        server: &Server,
-        hub: &str,
-        body: &serde_json::Value,
-        offered: &[String],
-    ) -> Result<(), Response> {
+        mut self,
+        server: Arc<Server>,
+        hub: String,
+        body: serde_json::Value,
+        offered: Vec<String>,
+    ) -> Result<(Opening, OwedDisconnected), Response> {
         let up = server
             .upstream
             .as_ref()
             .expect("asked only with an upstream");
         let target = Target {
-            hub,
+            hub: &hub,
             connection_id: &self.id,
             user_id: self.user_id.as_deref(),
             state: String::new(),
+            subprotocol: None,
         };
         let answer = tokio::select! {
-            answer = up.connect(server, &target, body) => answer,
+            answer = up.connect(&server, &target, &body) => answer,
             _ = server.shutdown.cancelled() => {
                 return Err(error_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -336,7 +346,15 @@ impl Opening {
         self.roles.extend(reply.roles.unwrap_or_default());
         self.groups.extend(reply.groups.unwrap_or_default());
         self.state = state.unwrap_or_default();
-        Ok(())
+        let owed = OwedDisconnected::new(
+            server.clone(),
+            &hub,
+            &self.id,
+            self.user_id.as_deref(),
+            &self.state,
+            self.subprotocol.as_deref(),
+        );
+        Ok((self, owed))
     }
 }
 
@@ -357,7 +375,7 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
             }
             return;
         }
-        Session::New(hub_name, conn, groups) => {
+        Session::New(hub_name, conn, groups, owed) => {
             let (handle, rx, kill) = SocketHandle::new(&server.config);
             let connected = (conn.protocol != Protocol::Simple).then(|| {
                 frames::connected(
@@ -376,8 +394,11 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
                 hub.clone()
             });
             Stats::inc(&server.stats.connections_opened);
+            if let Some(owed) = owed {
+                owed.opened();
+            }
             if let Some(up) = &server.upstream {
-                up.system_event(&server, &hub, &conn, "connected");
+                up.system_event(&server, &Target::of(&hub.name, &conn), "connected");
             }
             (hub, conn, epoch, rx, kill)
         }
@@ -1104,7 +1125,7 @@ impl Detached {
             server,
             new_connection_id(),
             Some("fuzzer".into()),
-            Protocol::JsonReliable,
+            Some(JSON_RELIABLE_V1.into()),
             vec![
                 "webpubsub.joinLeaveGroup".into(),
                 "webpubsub.sendToGroup".into(),

@@ -28,7 +28,7 @@ use crate::filter::{Filter, Subject};
 use crate::frames::{self, Publication};
 use crate::outbound::SocketHandle;
 use crate::slots::{Slot, Slots};
-use crate::upstream::Upstream;
+use crate::upstream::{Target, Upstream};
 use crate::Config;
 
 /// Close code used when a session is ended for good by the server.
@@ -45,7 +45,21 @@ pub(crate) enum Protocol {
     Simple,
 }
 
+/// Subprotocol names.
+pub(crate) const JSON_V1: &str = "json.webpubsub.azure.v1";
+pub(crate) const JSON_RELIABLE_V1: &str = "json.reliable.webpubsub.azure.v1";
+
 impl Protocol {
+    /// The protocol of a chosen subprotocol: another name than the JSON ones (chosen by
+    /// the upstream), or none, is a simple client.
+    pub(crate) fn of(subprotocol: Option<&str>) -> Protocol {
+        match subprotocol {
+            Some(JSON_V1) => Protocol::Json,
+            Some(JSON_RELIABLE_V1) => Protocol::JsonReliable,
+            _ => Protocol::Simple,
+        }
+    }
+
     pub(crate) fn is_reliable(self) -> bool {
         self == Protocol::JsonReliable
     }
@@ -359,7 +373,7 @@ impl Hub {
             if let Some(server) = conn.server.upgrade() {
                 Stats::inc(&server.stats.connections_closed);
                 if let Some(up) = &server.upstream {
-                    up.system_event(&server, self, conn, "disconnected");
+                    up.system_event(&server, &Target::of(&self.name, conn), "disconnected");
                 }
                 server.release_hub(self);
             }
@@ -484,6 +498,8 @@ pub(crate) struct Conn {
     pub id: String,
     pub user_id: Option<String>,
     pub protocol: Protocol,
+    /// The subprotocol answered in the handshake (none: a simple client without one).
+    pub subprotocol: Option<String>,
     pub reconnection_token: String,
     pub roles: Vec<String>,
     /// Permissions granted through REST: (permission, target group or all).
@@ -522,20 +538,21 @@ pub(crate) fn new_connection_id() -> String {
 }
 
 impl Conn {
-    /// A new, not yet attached connection of that id (see [`new_connection_id`]) holding
-    /// `slot` (none: outside the budget).
+    /// A new, not yet attached connection of that id (see [`new_connection_id`]) speaking
+    /// `subprotocol`, holding `slot` (none: outside the budget).
     pub(crate) fn new(
         server: &Arc<Server>,
         id: String,
         user_id: Option<String>,
-        protocol: Protocol,
+        subprotocol: Option<String>,
         roles: Vec<String>,
         slot: Option<Slot>,
     ) -> Arc<Conn> {
         Arc::new(Conn {
             id,
             user_id,
-            protocol,
+            protocol: Protocol::of(subprotocol.as_deref()),
+            subprotocol,
             reconnection_token: random_id(40),
             roles,
             granted: RwLock::new(Vec::new()),

@@ -102,17 +102,80 @@ pub(crate) struct Target<'a> {
     pub user_id: Option<&'a str>,
     /// The connection's state, sent as `ce-connectionState` (empty: none).
     pub state: String,
+    /// Its subprotocol, sent as `ce-subprotocol` (none before it is chosen, or when it
+    /// has none).
+    pub subprotocol: Option<&'a str>,
 }
 
 impl<'a> Target<'a> {
-    /// An open connection of `hub`.
-    pub(crate) fn of(hub: &'a Hub, conn: &'a Conn) -> Self {
+    /// An open connection of the hub of that name.
+    pub(crate) fn of(hub: &'a str, conn: &'a Conn) -> Self {
         Target {
-            hub: &hub.name,
+            hub,
             connection_id: &conn.id,
             user_id: conn.user_id.as_deref(),
             state: conn.upstream_state.lock().clone(),
+            subprotocol: conn.subprotocol.as_deref(),
         }
+    }
+}
+
+/// The `disconnected` owed to the upstream for a connection whose `connect` it
+/// accepted: the service posts one after every accepted `connect`. Posted when dropped,
+/// unless [`Self::opened`] was called (the connection's removal posts it then), so a
+/// handshake that fails afterwards, or a client gone before the upgrade, still ends
+/// with it.
+pub(crate) struct OwedDisconnected {
+    server: Arc<Server>,
+    hub: String,
+    connection_id: String,
+    user_id: Option<String>,
+    state: String,
+    subprotocol: Option<String>,
+    owed: bool,
+}
+
+impl OwedDisconnected {
+    /// Owed for the connection `connection_id` of `hub`, with the user, state and
+    /// subprotocol the `connect` reply left it with.
+    pub(crate) fn new(
+        server: Arc<Server>,
+        hub: &str,
+        connection_id: &str,
+        user_id: Option<&str>,
+        state: &str,
+        subprotocol: Option<&str>,
+    ) -> Self {
+        OwedDisconnected {
+            server,
+            hub: hub.to_owned(),
+            connection_id: connection_id.to_owned(),
+            user_id: user_id.map(str::to_owned),
+            state: state.to_owned(),
+            subprotocol: subprotocol.map(str::to_owned),
+            owed: true,
+        }
+    }
+
+    /// The connection opened: its removal posts `disconnected`.
+    pub(crate) fn opened(mut self) {
+        self.owed = false;
+    }
+}
+
+impl Drop for OwedDisconnected {
+    fn drop(&mut self) {
+        let Some(up) = self.server.upstream.as_ref().filter(|_| self.owed) else {
+            return;
+        };
+        let target = Target {
+            hub: &self.hub,
+            connection_id: &self.connection_id,
+            user_id: self.user_id.as_deref(),
+            state: self.state.clone(),
+            subprotocol: self.subprotocol.as_deref(),
+        };
+        up.system_event(&self.server, &target, "disconnected");
     }
 }
 
@@ -323,6 +386,9 @@ impl Upstream {
         if !target.state.is_empty() {
             req = req.header("ce-connectionState", target.state.as_str());
         }
+        if let Some(subprotocol) = target.subprotocol {
+            req = req.header("ce-subprotocol", subprotocol);
+        }
         req
     }
 
@@ -417,7 +483,7 @@ impl Upstream {
         Stats::inc(&server.stats.upstream_requests);
         let mut req = self.request(
             server,
-            &Target::of(hub, conn),
+            &Target::of(&hub.name, conn),
             &format!("azure.webpubsub.user.{event}"),
             event,
         );
@@ -460,10 +526,10 @@ impl Upstream {
         result
     }
 
-    /// Posts a system event (`connected`, `disconnected`) in the background, if the
-    /// configured system events include it; failures are logged only, and a shutdown
-    /// abandons it.
-    pub(crate) fn system_event(&self, server: &Arc<Server>, hub: &Hub, conn: &Conn, name: &str) {
+    /// Posts a system event (`connected`, `disconnected`) about `target` in the
+    /// background, if the configured system events include it; failures are logged
+    /// only, and a shutdown abandons it.
+    pub(crate) fn system_event(&self, server: &Arc<Server>, target: &Target<'_>, name: &str) {
         if !server.config.upstream_system_events.posts(name)
             || server.shutdown.is_cancelled()
             || tokio::runtime::Handle::try_current().is_err()
@@ -471,12 +537,7 @@ impl Upstream {
             return;
         }
         let req = self
-            .request(
-                server,
-                &Target::of(hub, conn),
-                &format!("azure.webpubsub.sys.{name}"),
-                name,
-            )
+            .request(server, target, &format!("azure.webpubsub.sys.{name}"), name)
             .header("content-type", "application/json")
             .body("{}");
         let tasks = server.tasks.clone();

@@ -956,3 +956,143 @@ async fn a_connection_state_over_4096_bytes_fails_the_reply_and_changes_nothing(
     emu.shutdown().await;
     up.task.abort();
 }
+
+#[tokio::test]
+async fn every_event_after_connect_carries_the_subprotocol() {
+    let mut up = scripted(|seen| {
+        if seen.h("ce-type") == "azure.webpubsub.sys.connect" && seen.h("ce-userId") == "custom" {
+            return axum::Json(json!({"subprotocol": "custom.v1"})).into_response();
+        }
+        StatusCode::NO_CONTENT.into_response()
+    })
+    .await;
+    let emu = emulator_asking(&up.url).await;
+    // A JSON client: connected, a user event, an invocation and disconnected carry it;
+    // connect does not (the subprotocol is not chosen yet).
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    assert_eq!(up.next_of("sys.connect").await.h("ce-subprotocol"), "");
+    assert_eq!(up.next_of("sys.connected").await.h("ce-subprotocol"), JSON);
+    let event = json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"});
+    assert_ack_ok(&a.call(event).await);
+    assert_eq!(up.next_of("user.e").await.h("ce-subprotocol"), JSON);
+    a.send_json(
+        json!({"type":"invoke","invocationId":"i","event":"e","dataType":"text","data":"x"}),
+    )
+    .await;
+    assert_eq!(a.next_json().await["success"], true);
+    assert_eq!(up.next_of("user.e").await.h("ce-subprotocol"), JSON);
+    a.close().await;
+    assert_eq!(
+        up.next_of("sys.disconnected").await.h("ce-subprotocol"),
+        JSON
+    );
+    // A simple client speaking the subprotocol the upstream chose sends it too.
+    let mut s = connect(
+        &emu.client_url("h", &all_roles("custom")),
+        Some("custom.v1"),
+    )
+    .await;
+    assert_eq!(s.protocol.as_deref(), Some("custom.v1"));
+    up.next_of("sys.connect").await;
+    assert_eq!(
+        up.next_of("sys.connected").await.h("ce-subprotocol"),
+        "custom.v1"
+    );
+    s.send_text("raw").await;
+    assert_eq!(
+        up.next_of("user.message").await.h("ce-subprotocol"),
+        "custom.v1"
+    );
+    // A simple client without one sends none.
+    let mut plain = connect(&emu.client_url("h", &all_roles("plain")), None).await;
+    up.next_of("sys.connect").await;
+    let connected = up.next_of("sys.connected").await;
+    assert!(connected.headers.get("ce-subprotocol").is_none());
+    plain.send_text("raw").await;
+    assert!(up
+        .next_of("user.message")
+        .await
+        .headers
+        .get("ce-subprotocol")
+        .is_none());
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn an_accepted_connect_whose_handshake_fails_still_gets_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    // The connect reply waits until the test lets it go.
+    let (seen_tx, seen) = mpsc::unbounded_channel::<Seen>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let app = axum::Router::new().route(
+        "/events",
+        post({
+            let release = release.clone();
+            move |headers: HeaderMap, body: Bytes| {
+                let (seen_tx, release) = (seen_tx.clone(), release.clone());
+                async move {
+                    let connect = headers["ce-type"] == "azure.webpubsub.sys.connect";
+                    let _ = seen_tx.send(Seen { headers, body });
+                    if connect {
+                        release.notified().await;
+                    }
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut up = Scripted { url, seen, task };
+    let emu = emulator_asking(&up.url).await;
+    // A raw client sends its upgrade request and goes away before the answer.
+    let client_url = emu.client_url("h", &all_roles("gone"));
+    let path = client_url
+        .split_once(&format!(":{}", emu.port()))
+        .unwrap()
+        .1;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {JSON}\r\n\r\n"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", emu.port()))
+        .await
+        .unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let connect = up.next_of("sys.connect").await;
+    let id = connect.h("ce-connectionId").to_owned();
+    drop(tcp);
+    release.notify_one();
+    // The upstream accepted the connection: a `disconnected` follows (a `connected` may
+    // come first, when the answer went out before the emulator saw the client gone).
+    let mut after = up.next().await;
+    if after.h("ce-type") == "azure.webpubsub.sys.connected" {
+        after = up.next().await;
+    }
+    assert_eq!(after.h("ce-type"), "azure.webpubsub.sys.disconnected");
+    assert_eq!(after.h("ce-connectionId"), id);
+    assert_eq!(after.h("ce-userId"), "gone");
+    assert_eq!(after.h("ce-subprotocol"), JSON);
+    // The reply chooses no subprotocol, and the client offered only one of its own:
+    // the handshake is refused, after the upstream accepted it.
+    release.notify_one();
+    let (status, body) = refused(&emu.client_url("h", &all_roles("picky")), "custom.v1").await;
+    assert_eq!(status, 400, "{body}");
+    let id = up
+        .next_of("sys.connect")
+        .await
+        .h("ce-connectionId")
+        .to_owned();
+    let after = up.next_of("sys.disconnected").await;
+    assert_eq!(after.h("ce-connectionId"), id);
+    assert!(after.headers.get("ce-subprotocol").is_none());
+    let held = stats(&emu).await;
+    assert_eq!(
+        (held["connections"].as_u64(), held["slotsTaken"].as_u64()),
+        (Some(0), Some(0)),
+        "{held}"
+    );
+    emu.shutdown().await;
+    up.task.abort();
+}
