@@ -6,10 +6,11 @@
 //! datacenter) comes back within tens of microseconds, about as long as a parked thread
 //! takes to be woken and scheduled again. So a thread whose previous wait was that short
 //! spins first, watching a flag its waker sets, and the runtime's worker that completes
-//! the operation wakes it without a system call on either side. A thread whose previous
-//! wait was longer (a distant service) parks at once. At most one thread of the process
-//! spins at a time, and none on a single processor, where it would only delay the
-//! worker it waits for.
+//! the operation wakes it without a futex call on either side. Each turn of the spin
+//! yields the processor, so that a thread ready to run (the worker, the service on the
+//! same machine) is not kept waiting by it. A thread whose previous wait was longer (a
+//! distant service) parks at once. At most one thread of the process spins at a time,
+//! and none on a single processor, where it would only delay the worker it waits for.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -120,8 +121,8 @@ pub(crate) fn block_on<F: Future>(
     }
 }
 
-/// Spins until `waiter` is woken (true) or `until` (false); false at once when another
-/// thread spins.
+/// Spins until `waiter` is woken (true) or `until` (false), yielding the processor on
+/// each turn; false at once when another thread spins.
 fn spin_until_woken(waiter: &Waiter, until: Instant) -> bool {
     if SPINNING.swap(true, Ordering::Acquire) {
         return false;
@@ -133,7 +134,9 @@ fn spin_until_woken(waiter: &Waiter, until: Instant) -> bool {
         if Instant::now() >= until {
             break false;
         }
-        std::hint::spin_loop();
+        // Not a busy loop: on a busy machine the worker that will wake this thread may
+        // be waiting for a processor.
+        std::thread::yield_now();
     };
     SPINNING.store(false, Ordering::Release);
     woken
