@@ -1401,7 +1401,10 @@ unsafe extern "C" fn free_then_invoke(user_data: *mut c_void, event: *const wps_
 
 unsafe extern "C" fn note_freed(user_data: *mut c_void) {
     let this = &*(user_data as *const FreedOnConnected);
-    this.seen.seen.lock().unwrap().freed = true;
+    // Notified under the lock: the test, which may drop `this` once it sees `freed`,
+    // cannot see it before this call is done with `this`.
+    let mut seen = this.seen.seen.lock().unwrap();
+    seen.freed = true;
     this.seen.changed.notify_all();
 }
 
