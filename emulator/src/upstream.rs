@@ -231,6 +231,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A reply's content type, if it has a readable one.
+fn content_type(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 fn read_failed(e: reqwest::Error) -> String {
     format!("reading the upstream reply failed: {e}")
 }
@@ -430,11 +438,7 @@ impl Upstream {
             })?;
             let status = resp.status();
             if status.is_client_error() {
-                let content_type = resp
-                    .headers()
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
+                let content_type = content_type(&resp);
                 let (body, _) = read_at_most(resp, self.max_reply_bytes)
                     .await
                     .map_err(read_failed)?;
@@ -499,11 +503,7 @@ impl Upstream {
             if !resp.status().is_success() {
                 return Err(error_status(resp).await);
             }
-            let content_type = resp
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let content_type = content_type(&resp);
             let state = reply_state(resp.headers())?;
             let body = self.body(resp).await?;
             let reply = if body.is_empty() {
