@@ -6,7 +6,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{fast_options, fault, message_text, started, stats, user_token, wait_for};
+use common::{fast_options, fault, message_text, started, until_stats, user_token, wait_for};
 use futures_util::FutureExt;
 use std::future::Future;
 use std::sync::Arc;
@@ -28,17 +28,6 @@ const HUB: &str = "hub";
 /// when this thread is descheduled meanwhile.
 fn poll_once<F: Future>(future: F) -> Option<F::Output> {
     future.now_or_never()
-}
-
-/// Waits until the emulator's stats satisfy `done` (at most 5 s).
-async fn until_stats(emulator: &Emulator, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
-    for _ in 0..500 {
-        if done(&stats(emulator).await) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: {}", stats(emulator).await);
 }
 
 /// Waits (at most 5 s) until the credential was asked for a URL.
@@ -295,12 +284,12 @@ async fn a_dropped_invocation_is_cancelled_at_the_service() {
     let mut invocation = Box::pin(client.invoke_event("slow", DataType::Text, text("x"), options));
     tokio::select! {
         answer = &mut invocation => panic!("answered: {answer:?}"),
-        () = until_stats(&emulator, "the invocation never reached the upstream", |s| {
+        () = until_stats(&emulator, "the invocation never reached the upstream", 5, |s| {
             s["pendingInvocations"] == 1
         }) => {}
     }
     drop(invocation);
-    until_stats(&emulator, "the invocation was not cancelled", |s| {
+    until_stats(&emulator, "the invocation was not cancelled", 5, |s| {
         s["pendingInvocations"] == 0
     })
     .await;

@@ -3,7 +3,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::{all_roles, drain, fast_options, fault, message_text, next_event, stats, wait_for};
+use common::{
+    all_roles, drain, fast_options, fault, message_text, next_event, stats, until_stats, wait_for,
+};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -694,14 +696,13 @@ async fn keep_alive_closes_a_muted_connection_and_recovers_it() {
     client.join_group("room").await.unwrap();
     let before = stats(&emulator).await["recoveries"].as_u64().unwrap();
     fault(&emulator, HUB, &id, ":mute?ms=1000").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stats(&emulator).await["recoveries"].as_u64().unwrap() == before {
-        assert!(
-            Instant::now() < deadline,
-            "the silent connection was never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_stats(
+        &emulator,
+        "the silent connection was never recovered",
+        10,
+        |s| s["recoveries"].as_u64().unwrap() != before,
+    )
+    .await;
     publish(&client, "room", "alive").await;
     let (event, skipped) = wait_for(&mut events, 5, |e| {
         message_text(e).as_deref() == Some("alive")
@@ -949,11 +950,10 @@ async fn dropping_the_last_handle_closes_the_connection() {
         "a clone keeps it alive"
     );
     drop(clone);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stats(&emulator).await["connections"] != 0 {
-        assert!(Instant::now() < deadline, "the connection stayed open");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_stats(&emulator, "the connection stayed open", 5, |s| {
+        s["connections"] == 0
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -139,6 +139,25 @@ pub async fn stats(emulator: &webpubsub_emulator::Emulator) -> serde_json::Value
     serde_json::from_str(&body).unwrap()
 }
 
+/// Waits until the emulator's counters satisfy `done`: at most `secs` seconds, then
+/// panics with `what` and the counters.
+pub async fn until_stats(
+    emulator: &webpubsub_emulator::Emulator,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let counters = stats(emulator).await;
+        if done(&counters) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {counters}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The `Authorization` header value of a service REST request to `path`.
 pub fn rest_authorization(emulator: &webpubsub_emulator::Emulator, path: &str) -> String {
     let exp = std::time::SystemTime::now()
