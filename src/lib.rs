@@ -42,7 +42,8 @@ pub mod transport;
 
 pub use client::{
     AckResult, Client, ClientOptions, ClientState, Credential, Error, Event, EventHandler,
-    InvokeOptions, InvokeResult, RetryMode, RetryOptions, SendEventOptions, SendToGroupOptions,
+    InvokeOptions, InvokeResult, Resume, RetryMode, RetryOptions, SendEventOptions,
+    SendToGroupOptions,
 };
 pub use protocol::{Data, DataType, Protocol};
 pub use proxy::ProxySetting;

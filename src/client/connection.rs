@@ -21,7 +21,9 @@ use super::direct::{Direct, WriteHalf};
 use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose};
 use super::queue::Overflow;
 use super::sequence::Sequence;
-use super::{ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult};
+use super::{
+    ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult, Resume,
+};
 use crate::protocol::{json, DataType, Downstream, Upstream};
 use crate::transport::{redact_url, Connector, Ws};
 use bytes::Bytes;
@@ -473,6 +475,8 @@ impl Task {
         let mut last_received = now;
         let mut sequence_armed = false;
         let mut op_armed: Option<Instant> = None;
+        // Reading waits while the event handler holds too much (since the instant kept).
+        let mut paused = self.backpressure(now);
         loop {
             if reliable && !sequence_armed && self.sequence.has_unacked() {
                 sequence_timer
@@ -498,7 +502,7 @@ impl Task {
                         self.out.extend(self.pending.cancel_invoke(&id));
                     }
                 },
-                message = stream.next() => {
+                message = stream.next(), if paused.is_none() => {
                     now = Instant::now();
                     last_received = now;
                     // Before anything read now: an ack may be for a caller's own write.
@@ -525,6 +529,16 @@ impl Task {
                     if let Some(end) = ended {
                         return end;
                     }
+                    paused = self.backpressure(now);
+                },
+                () = resumed(&mut paused) => {
+                    now = Instant::now();
+                    let since = paused.take().map_or(now, |(_, since)| since);
+                    self.register_written();
+                    self.pending.postpone(now - since);
+                    op_armed = None;
+                    last_received = now;
+                    silence.as_mut().reset(silence_limit.map_or(far, |d| now + d));
                 },
                 Some(op) = self.operations.recv(), if self.takes_operations() => {
                     now = Instant::now();
@@ -556,7 +570,7 @@ impl Task {
                     self.out.push(encode(&Upstream::Ping));
                     ping.as_mut().reset(ping_every.map_or(far, |d| now + d));
                 },
-                () = &mut silence, if silence_limit.is_some() => {
+                () = &mut silence, if silence_limit.is_some() && paused.is_none() => {
                     now = Instant::now();
                     let limit = silence_limit.unwrap_or_default();
                     if now >= last_received + limit {
@@ -572,7 +586,7 @@ impl Task {
                         self.out.push(encode(&Upstream::SequenceAck { sequence_id }));
                     }
                 },
-                () = &mut op_timer, if op_armed.is_some() => {
+                () = &mut op_timer, if op_armed.is_some() && paused.is_none() => {
                     now = Instant::now();
                     op_armed = None;
                     self.pending.expire(now.into_std(), &mut self.out, &mut self.done);
@@ -1257,6 +1271,22 @@ impl Task {
         }
     }
 
+    /// Asks the event handler whether reading must wait (see
+    /// [`EventHandler::backpressure`]); a panicking handler is logged and not waited for.
+    fn backpressure(&self, now: Instant) -> Option<(Resume, Instant)> {
+        let handler = &self.on_event;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.backpressure())) {
+            Ok(resume) => resume.map(|resume| {
+                debug!("the event handler is behind: reading paused");
+                (resume, now)
+            }),
+            Err(_) => {
+                warn!("the event handler panicked when asked for backpressure");
+                None
+            }
+        }
+    }
+
     /// Tells the event handler that a batch of events is complete.
     fn end_batch(&self) {
         let handler = &self.on_event;
@@ -1265,6 +1295,14 @@ impl Task {
         {
             warn!("the event handler panicked at the end of a batch");
         }
+    }
+}
+
+/// Completes when the paused reading may go on (never while it is not paused).
+async fn resumed(paused: &mut Option<(Resume, Instant)>) {
+    match paused {
+        Some((resume, _)) => resume.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -121,7 +121,24 @@ pub trait EventHandler: Send + Sync {
     /// events to another thread may wake it once per batch here. Also called after each
     /// event raised outside such a batch. Does nothing by default.
     fn on_batch_end(&self) {}
+
+    /// Asked after each batch of frames read (and when a connection starts serving):
+    /// `Some(resume)` when the handler holds more events than it wants. The client then
+    /// reads nothing more from the socket until `resume` completes, so a slow consumer
+    /// holds the service back (which buffers, or drops a slow connection) instead of
+    /// growing the process's memory. Meanwhile operations are still written, keep-alive
+    /// pings still go out, and neither ack timeouts nor the keep-alive timeout run (an
+    /// operation's deadline moves by the pause). A consumer that awaits an operation of
+    /// this client before it takes more events would wait for the pause: complete
+    /// `resume` then (the C layer does so for its blocking calls). `None` (the default):
+    /// never paused.
+    fn backpressure(&self) -> Option<Resume> {
+        None
+    }
 }
+
+/// What [`EventHandler::backpressure`] returns: completes once reading may go on.
+pub type Resume = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl<F: Fn(Event) + Send + Sync> EventHandler for F {
     fn on_event(&self, event: Event) {
@@ -380,7 +397,9 @@ impl Client {
         })
     }
 
-    /// Like [`Client::new`], with the events delivered to an unbounded channel.
+    /// Like [`Client::new`], with the events delivered to an unbounded channel: a
+    /// receiver that falls behind lets it grow. An [`EventHandler`] of your own can
+    /// bound it with [`EventHandler::backpressure`].
     pub fn with_channel(
         credential: Credential,
         options: ClientOptions,

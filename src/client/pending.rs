@@ -515,6 +515,19 @@ impl Pending {
         self.earliest
     }
 
+    /// Moves every deadline `by` later: reading was paused that long, so no ack or
+    /// invoke response could be read meanwhile.
+    pub(crate) fn postpone(&mut self, by: Duration) {
+        let dues = self.acks.values_mut().map(|op| &mut op.due);
+        for due in dues
+            .chain(self.invokes.values_mut().map(|op| &mut op.due))
+            .flatten()
+        {
+            *due += by;
+        }
+        self.earliest = self.earliest.map(|earliest| earliest + by);
+    }
+
     /// Handles every deadline due at `now`: ack timeouts (retry with the same ackId,
     /// or `Error::Timeout` with the ackId), retry delays (resend), invoke timeouts (`cancelInvocation`).
     /// Frames to write go to `out`, finished operations to `done`.

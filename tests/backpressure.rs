@@ -1,0 +1,192 @@
+//! An event handler that is behind pauses the client's reading: the service holds the
+//! messages meanwhile, operations still go out, no timer runs out, nothing is lost.
+mod common;
+use bytes::Bytes;
+use common::{all_roles, fast_options, message_text, next_event, stats, until_stats, wait_for};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use webpubsub_client::{
+    Client, ClientOptions, Credential, DataType, Event, EventHandler, Resume, RetryOptions,
+    SendToGroupOptions,
+};
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+const HUB: &str = "hub";
+
+/// Messages the publisher sends while the subscriber is held: 11.25 MiB in all, under
+/// the emulator's 16 MiB of unacked messages per connection.
+const MESSAGES: usize = 360;
+const MESSAGE_BYTES: usize = 32 * 1024;
+
+/// Forwards events to a channel, and asks the client to stop reading while `held`.
+struct Gated {
+    events: mpsc::UnboundedSender<Event>,
+    held: watch::Receiver<bool>,
+}
+
+impl EventHandler for Gated {
+    fn on_event(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn backpressure(&self) -> Option<Resume> {
+        if !*self.held.borrow() {
+            return None;
+        }
+        let mut held = self.held.clone();
+        Some(Box::pin(async move {
+            let _ = held.wait_for(|held| !*held).await;
+        }))
+    }
+}
+
+fn url(emulator: &Emulator, user: &str) -> String {
+    let token = TokenOptions {
+        user_id: Some(user.into()),
+        roles: all_roles(),
+        ..TokenOptions::default()
+    };
+    emulator.client_url(HUB, &token)
+}
+
+async fn started_with_channel(
+    emulator: &Emulator,
+    user: &str,
+) -> (Client, mpsc::UnboundedReceiver<Event>) {
+    let credential = Credential::Url(url(emulator, user));
+    let (client, mut events) = Client::with_channel(credential, fast_options()).unwrap();
+    client.start().await.unwrap();
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    (client, events)
+}
+
+/// Sends the `MESSAGES` messages to `g`, all but the last fire-and-forget.
+async fn publish_all(publisher: &Client) {
+    let fire = SendToGroupOptions {
+        fire_and_forget: true,
+        ..SendToGroupOptions::default()
+    };
+    for n in 0..MESSAGES - 1 {
+        publisher
+            .send_to_group("g", DataType::Text, body(n), fire)
+            .await
+            .unwrap();
+    }
+    // The last one acked: the emulator then has them all.
+    let last = SendToGroupOptions::default();
+    publisher
+        .send_to_group("g", DataType::Text, body(MESSAGES - 1), last)
+        .await
+        .unwrap();
+}
+
+/// Once the emulator has every message: it holds at least 4 MiB for its sockets, and
+/// still does a second later. The subscriber stopped reading (one that reads, even
+/// slowly, empties it well within that second).
+async fn held_by_the_emulator(emulator: &Emulator) {
+    let held = |s: &serde_json::Value| s["outboundBytes"].as_u64().unwrap_or(0) >= 4 << 20;
+    until_stats(emulator, "messages held for the paused client", 20, held).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = stats(emulator).await;
+    assert!(held(&later), "the subscriber read on: {later}");
+}
+
+fn body(n: usize) -> Bytes {
+    let mut text = format!("{n:05}").into_bytes();
+    text.resize(MESSAGE_BYTES, b'.');
+    Bytes::from(text)
+}
+
+#[tokio::test]
+async fn a_held_handler_pauses_reading_and_loses_nothing() {
+    let emulator = Emulator::start(Config::default()).await.unwrap();
+    let (held_tx, held_rx) = watch::channel(false);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    // Timers far shorter than the pause: an ack timeout with no retry, and a
+    // keep-alive timeout that would drop a connection this quiet.
+    let options = ClientOptions {
+        ack_timeout: Duration::from_millis(300),
+        message_retry: RetryOptions {
+            max_retries: Some(0),
+            ..fast_options().message_retry
+        },
+        keep_alive_interval: Some(Duration::from_millis(100)),
+        keep_alive_timeout: Some(Duration::from_millis(400)),
+        ..fast_options()
+    };
+    let handler = Arc::new(Gated {
+        events: events_tx,
+        held: held_rx,
+    });
+    let subscriber = Client::new(Credential::Url(url(&emulator, "sub")), options, handler).unwrap();
+    subscriber.start().await.unwrap();
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    subscriber.join_group("g").await.unwrap();
+    let (observer, mut observed) = started_with_channel(&emulator, "observer").await;
+    observer.join_group("other").await.unwrap();
+    let (publisher, _publisher_events) = started_with_channel(&emulator, "pub").await;
+
+    held_tx.send(true).unwrap();
+    publish_all(&publisher).await;
+    held_by_the_emulator(&emulator).await;
+
+    // Operations still go out, and their ack waits for the pause without timing out.
+    let sending = {
+        let subscriber = subscriber.clone();
+        tokio::spawn(async move {
+            subscriber
+                .send_to_group(
+                    "other",
+                    DataType::Text,
+                    Bytes::from_static(b"while held"),
+                    SendToGroupOptions::default(),
+                )
+                .await
+        })
+    };
+    let (seen, _) = wait_for(&mut observed, 5, |e| {
+        message_text(e).as_deref() == Some("while held")
+    })
+    .await;
+    assert!(matches!(seen, Event::GroupMessage { .. }));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !sending.is_finished(),
+        "the ack waits for the reading to resume"
+    );
+    let received_while_held = std::iter::from_fn(|| events.try_recv().ok()).count();
+    assert!(
+        received_while_held < MESSAGES / 2,
+        "{received_while_held} events arrived while held"
+    );
+    let before = stats(&emulator).await;
+
+    held_tx.send(false).unwrap();
+    let mut next = received_while_held;
+    while next < MESSAGES {
+        match next_event(&mut events, 10).await {
+            Event::GroupMessage { data, .. } => {
+                assert_eq!(data, body(next), "message {next} in order");
+                next += 1;
+            }
+            other => panic!("unexpected {other:?} after {next} messages"),
+        }
+    }
+    let sent = sending
+        .await
+        .unwrap()
+        .expect("acked after the pause, within its timeout");
+    assert!(!sent.is_duplicated);
+    let after = stats(&emulator).await;
+    for counter in ["connectionsOpened", "recoveries", "bufferOverflows"] {
+        assert_eq!(before[counter], after[counter], "{counter}: {after}");
+    }
+    assert!(events.try_recv().is_err(), "nothing but the messages");
+}
