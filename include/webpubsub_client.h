@@ -1294,6 +1294,17 @@ wps_status wps_options_set_protocol(struct wps_options *o, uint32_t protocol);
 wps_status wps_options_set_dispatch_mode(struct wps_options *o, uint32_t mode);
 
 /**
+ * How many bytes of received events may wait for the application (for its callbacks,
+ * or for `wps_client_dispatch*` in poll mode) before the client stops reading its
+ * socket; reading goes on once they are down to half. Default 64 MiB; 0: no limit.
+ * While reading waits, the service holds the client's messages, within its own
+ * limits for a slow connection. Operations are still sent meanwhile, and their ack
+ * timeouts wait too. A blocking call of this client (its answer comes behind the
+ * events) lets reading go on until it returns, so a callback may make one.
+ */
+wps_status wps_options_set_event_backlog_bytes(struct wps_options *o, size_t bytes);
+
+/**
  * Whether a lost session is replaced by a new connection (default true).
  */
 wps_status wps_options_set_auto_reconnect(struct wps_options *o, bool on);

@@ -2,10 +2,23 @@
 //! messages meanwhile, operations still go out, no timer runs out, nothing is lost.
 mod common;
 use bytes::Bytes;
-use common::{all_roles, fast_options, message_text, next_event, stats, until_stats, wait_for};
+use common::{
+    all_roles, check, fast_options, message_text, next_event, stats, until_stats, wait_for,
+};
+use std::ffi::{c_void, CString};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_GROUP_MESSAGE};
+use webpubsub_client::ffi::client::{
+    wps_client, wps_client_dispatch, wps_client_free, wps_client_join_group, wps_client_new,
+    wps_client_start,
+};
+use webpubsub_client::ffi::options::{
+    wps_options_free, wps_options_new, wps_options_set_dispatch_mode,
+    wps_options_set_event_backlog_bytes,
+};
+use webpubsub_client::ffi::status::{WPS_DISPATCH_POLL, WPS_STATUS_OK};
 use webpubsub_client::{
     Client, ClientOptions, Credential, DataType, Event, EventHandler, Resume, RetryOptions,
     SendToGroupOptions,
@@ -189,4 +202,149 @@ async fn a_held_handler_pauses_reading_and_loses_nothing() {
         assert_eq!(before[counter], after[counter], "{counter}: {after}");
     }
     assert!(events.try_recv().is_err(), "nothing but the messages");
+}
+
+/// What a C client's callback saw, and what it is told.
+#[derive(Default)]
+struct Seen {
+    messages: Vec<Vec<u8>>,
+    /// The callback waits in its first message until this is set.
+    released: bool,
+    /// The status of the blocking send the callback made then, once it returned.
+    sent: Option<u32>,
+}
+
+/// The C client a callback sends with (null: it does not send).
+struct Subscriber {
+    watched: common::Watched<Seen>,
+    client: std::sync::atomic::AtomicPtr<wps_client>,
+}
+
+unsafe extern "C" fn on_event(user_data: *mut c_void, event: *const wps_event) {
+    let sub = &*(user_data as *const Subscriber);
+    let event = &*event;
+    if event.kind != WPS_EVENT_GROUP_MESSAGE {
+        return;
+    }
+    let data = std::slice::from_raw_parts(event.data, event.data_len).to_vec();
+    let first = {
+        let mut seen = sub.watched.seen.lock().unwrap();
+        seen.messages.push(data);
+        sub.watched.changed.notify_all();
+        seen.messages.len() == 1
+    };
+    let client = sub.client.load(std::sync::atomic::Ordering::Acquire);
+    if first && !client.is_null() {
+        sub.watched.wait("the test's release", |seen| seen.released);
+        let status = common::ffi_send_text(client, c"other", "from the callback", 0);
+        sub.watched.seen.lock().unwrap().sent = Some(status);
+        sub.watched.changed.notify_all();
+    }
+}
+
+/// A started C client of user `user`, joined to `g`, with a 256 KiB backlog.
+fn c_subscriber(emulator: &Emulator, user: &str, poll: bool, sub: &Subscriber) -> *mut wps_client {
+    let url = CString::new(url(emulator, user)).unwrap();
+    let mut c = std::ptr::null_mut();
+    unsafe {
+        let options = wps_options_new();
+        check(
+            wps_options_set_event_backlog_bytes(options, 256 << 10),
+            "backlog",
+        );
+        if poll {
+            check(
+                wps_options_set_dispatch_mode(options, WPS_DISPATCH_POLL),
+                "poll mode",
+            );
+        }
+        let user_data = sub as *const Subscriber as *mut c_void;
+        check(
+            wps_client_new(
+                url.as_ptr(),
+                options,
+                Some(on_event),
+                user_data,
+                None,
+                &mut c,
+            ),
+            "wps_client_new",
+        );
+        wps_options_free(options);
+        check(wps_client_start(c), "wps_client_start");
+        check(
+            wps_client_join_group(c, c"g".as_ptr(), std::ptr::null_mut()),
+            "join",
+        );
+    }
+    c
+}
+
+/// Publishes `MESSAGES` messages to `g`; returns once the subscriber stopped reading.
+fn publish_until_held(rt: &tokio::runtime::Runtime, emulator: &Emulator) -> Client {
+    rt.block_on(async {
+        let (publisher, _events) = started_with_channel(emulator, "pub").await;
+        publish_all(&publisher).await;
+        held_by_the_emulator(emulator).await;
+        publisher
+    })
+}
+
+fn assert_all_in_order(seen: &Seen) {
+    assert_eq!(seen.messages.len(), MESSAGES);
+    for (n, message) in seen.messages.iter().enumerate() {
+        assert!(message[..] == body(n)[..], "message {n} in order");
+    }
+}
+
+#[test]
+fn a_poll_mode_client_that_is_not_dispatched_stops_reading() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let sub = Subscriber {
+        watched: common::Watched::default(),
+        client: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+    };
+    let c = c_subscriber(&emulator, "sub", true, &sub);
+    let _publisher = publish_until_held(&rt, &emulator);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sub.watched.seen.lock().unwrap().messages.len() < MESSAGES {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all dispatched within 30 s"
+        );
+        check(
+            unsafe { wps_client_dispatch(c, 64, std::ptr::null_mut()) },
+            "dispatch",
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_all_in_order(&sub.watched.seen.lock().unwrap());
+    unsafe { wps_client_free(c) };
+}
+
+#[test]
+fn a_blocking_send_from_a_held_callback_still_gets_its_ack() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let sub = Subscriber {
+        watched: common::Watched::default(),
+        client: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+    };
+    let c = c_subscriber(&emulator, "sub", false, &sub);
+    sub.client.store(c, std::sync::atomic::Ordering::Release);
+    let _publisher = publish_until_held(&rt, &emulator);
+
+    // The callback sends while its client's reading is paused: the ack is behind the
+    // backlog, so the call resumes the reading until it returns.
+    sub.watched.seen.lock().unwrap().released = true;
+    sub.watched.changed.notify_all();
+    sub.watched
+        .wait("the callback's send to return", |seen| seen.sent.is_some());
+    assert_eq!(sub.watched.seen.lock().unwrap().sent, Some(WPS_STATUS_OK));
+    sub.watched
+        .wait("every message", |seen| seen.messages.len() == MESSAGES);
+    assert_all_in_order(&sub.watched.seen.lock().unwrap());
+    unsafe { wps_client_free(c) };
 }

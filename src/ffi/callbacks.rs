@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::client::{AckResult, Error, Event, EventHandler, InvokeResult};
+use crate::client::{AckResult, Error, Event, EventHandler, InvokeResult, Resume};
 use crate::protocol::DataType;
 
+use super::backlog::Backlog;
 use super::dispatcher::{Job, Worker};
 use super::gate::InCallback;
 use super::status::{
@@ -340,6 +341,18 @@ impl OwnedEvent {
         )
     }
 
+    /// About the memory it takes while it waits in a queue: its data, its names and
+    /// the job holding it, in bytes.
+    fn weight(&self) -> usize {
+        let name = |n: &Option<Name>| n.as_ref().map_or(0, |n| n.len());
+        std::mem::size_of::<Job>()
+            + self.data.len()
+            + name(&self.connection_id)
+            + name(&self.user_id)
+            + name(&self.group)
+            + name(&self.from_user_id)
+    }
+
     fn empty(kind: u32) -> OwnedEvent {
         OwnedEvent {
             kind,
@@ -490,6 +503,20 @@ impl OwnedEvent {
     }
 }
 
+/// An event waiting in its client's queue; counted in the client's backlog until it
+/// is dropped (it ran, became a record, or was dropped unseen).
+pub(crate) struct QueuedEvent {
+    pub(crate) sink: Arc<EventSink>,
+    pub(crate) event: OwnedEvent,
+    weight: usize,
+}
+
+impl Drop for QueuedEvent {
+    fn drop(&mut self) {
+        self.sink.backlog.release(self.weight);
+    }
+}
+
 /// Delivers one client's events to its callback on the client's dispatcher thread.
 pub(crate) struct EventSink {
     worker: Arc<Worker>,
@@ -500,6 +527,8 @@ pub(crate) struct EventSink {
     /// The events of the current batch of frames, not queued yet: the connection task
     /// gathers them here and `end_batch` queues them under one lock of the worker.
     gathered: Mutex<Gathered>,
+    /// The bytes of this client's events that wait, and its limit.
+    backlog: Arc<Backlog>,
 }
 
 /// What the connection task gathers for one batch of frames.
@@ -515,6 +544,7 @@ impl EventSink {
         cb: wps_event_cb,
         user_data: *mut c_void,
         user_data_free: wps_user_data_free_cb,
+        backlog_limit: usize,
     ) -> EventSink {
         EventSink {
             worker,
@@ -523,11 +553,17 @@ impl EventSink {
             user_data_free,
             closed: AtomicBool::new(false),
             gathered: Mutex::default(),
+            backlog: Arc::new(Backlog::new(backlog_limit)),
         }
     }
 
     fn gathered(&self) -> MutexGuard<'_, Gathered> {
         self.gathered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bytes of this client's events that wait, and its limit.
+    pub(crate) fn backlog(&self) -> &Backlog {
+        &self.backlog
     }
 
     /// Where this client's callbacks run.
@@ -551,8 +587,14 @@ impl EventSink {
             return 0;
         }
         let mut gathered = self.gathered();
-        let owned = OwnedEvent::new(event, &mut gathered.names);
-        gathered.jobs.push(Job::Event(Arc::clone(self), owned));
+        let event = OwnedEvent::new(event, &mut gathered.names);
+        let weight = event.weight();
+        self.backlog.hold(weight);
+        gathered.jobs.push(Job::Event(QueuedEvent {
+            sink: Arc::clone(self),
+            event,
+            weight,
+        }));
         gathered.jobs.len()
     }
 
@@ -623,6 +665,10 @@ impl EventHandler for SinkHandler {
 
     fn on_batch_end(&self) {
         self.sink.end_batch();
+    }
+
+    fn backpressure(&self) -> Option<Resume> {
+        self.sink.backlog.over()
     }
 }
 

@@ -19,11 +19,12 @@ use futures_util::FutureExt;
 use log::warn;
 
 use crate::client::{
-    AckCallback, AckResult, Client, ClientState, Credential, Error, Handover, InvokeOptions,
-    InvokeResult, Membership, Prepared, SendEventOptions, SendToGroupOptions,
+    AckCallback, AckResult, Client, ClientOptions, ClientState, Credential, Error, Handover,
+    InvokeOptions, InvokeResult, Membership, Prepared, SendEventOptions, SendToGroupOptions,
 };
 use crate::protocol::DataType;
 
+use super::backlog;
 use super::callbacks::{
     data_type_code, fail_with, wps_ack_record, wps_completion_cb, wps_dispatch_buffers,
     wps_event_cb, wps_user_data_free_cb, CompletionTarget, EventSink, OwnedCompletion, SinkHandler,
@@ -327,9 +328,10 @@ fn new_client(
     }
     runtime()?;
     // SAFETY: `opts` is NULL or comes from `wps_options_new`.
-    let (options, poll) = unsafe { opts.as_ref() }
-        .map(|o| (o.inner.clone(), o.poll))
-        .unwrap_or_default();
+    let (options, poll, backlog) = unsafe { opts.as_ref() }.map_or_else(
+        || (ClientOptions::default(), false, backlog::DEFAULT_LIMIT),
+        |o| (o.inner.clone(), o.poll, o.event_backlog_bytes),
+    );
     let worker = if poll {
         Worker::polled().map_err(|e| {
             fail(
@@ -340,7 +342,13 @@ fn new_client(
     } else {
         dispatcher::assign()
     };
-    let sink = Arc::new(EventSink::new(worker, on_event, user_data, user_data_free));
+    let sink = Arc::new(EventSink::new(
+        worker,
+        on_event,
+        user_data,
+        user_data_free,
+        backlog,
+    ));
     let handler = Arc::new(SinkHandler::new(Arc::clone(&sink)));
     let client = Client::new(credential, options, handler).map_err(fail_with)?;
     let handle = into_handle(client, sink, credential_sink);
@@ -1098,6 +1106,8 @@ unsafe fn run_acked(
     let prepared = op
         .prepare(&shared.client)
         .map_err(|e| no_ack_id(fail_with(e)))?;
+    // The ack comes behind the events: it is read whatever their backlog.
+    let _reading = shared.sink.backlog().unpause();
     let outcome = match shared.client.try_run(prepared) {
         Ok(outcome) => outcome,
         Err(prepared) => {
@@ -1331,6 +1341,7 @@ pub unsafe extern "C" fn wps_client_invoke_event(
         }
         let client = shared.client.clone();
         let opts = invoke_options(timeout_ms);
+        let _reading = shared.sink.backlog().unpause();
         let r: InvokeResult =
             block_interruptible(async move { client.invoke_event(&event, t, d, opts).await })?
                 .map_err(fail_with)?;
@@ -1757,6 +1768,7 @@ mod tests {
             None,
             Box::into_raw(Box::new(freed_tx)).cast(),
             Some(signal_freed),
+            0,
         ));
         let (returned_tx, returned) = mpsc::channel();
         let probe = FreedInCallback {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use log::info;
 
-use super::callbacks::{wps_ack_record, CompletionTarget, EventSink, OwnedCompletion, OwnedEvent};
+use super::callbacks::{wps_ack_record, CompletionTarget, OwnedCompletion, QueuedEvent};
 use super::panic::guard_job;
 
 /// A unit of work for a dispatcher.
@@ -33,7 +33,7 @@ pub(crate) enum Job {
     /// An event for its client's callback, held in the queue itself: no allocation
     /// per event (freed on the dispatcher thread, it would contend with the
     /// connection task's allocator).
-    Event(Arc<EventSink>, OwnedEvent),
+    Event(QueuedEvent),
     /// An operation's outcome (its id, where it goes, what it is), also held in the
     /// queue itself: one per acked message.
     Completion(u64, CompletionTarget, OwnedCompletion),
@@ -48,7 +48,7 @@ impl Job {
     fn run(self) {
         match self {
             Job::Run(f) => f(),
-            Job::Event(sink, event) => sink.call(&event),
+            Job::Event(queued) => queued.sink.call(&queued.event),
             Job::Completion(op_id, target, outcome) => outcome.deliver(op_id, target),
         }
     }
@@ -99,9 +99,9 @@ impl<'a> Records<'a> {
                 self.acks_written += 1;
                 true
             }
-            Job::Event(sink, event) if sink.is_open() => {
+            Job::Event(queued) if queued.sink.is_open() => {
                 let room = &mut self.messages[self.message_bytes..];
-                let Some(size) = event.write_message_record(room) else {
+                let Some(size) = queued.event.write_message_record(room) else {
                     return false;
                 };
                 self.message_bytes += size;
@@ -165,7 +165,7 @@ impl Queue {
         };
         let mut added = self.jobs.split_off(from);
         let count = added.len();
-        added.retain(|job| !matches!(job, Job::Event(_, event) if event.is_message()));
+        added.retain(|job| !matches!(job, Job::Event(queued) if queued.event.is_message()));
         let dropped = (count - added.len()) as u64;
         self.jobs.append(&mut added);
         self.suspended = Some(before.saturating_add(dropped));
@@ -692,7 +692,9 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_suspended_worker_drops_messages_and_keeps_other_jobs() {
-        use super::super::callbacks::{SinkHandler, WPS_EVENT_SERVER_MESSAGE, WPS_EVENT_STOPPED};
+        use super::super::callbacks::{
+            EventSink, SinkHandler, WPS_EVENT_SERVER_MESSAGE, WPS_EVENT_STOPPED,
+        };
         use crate::client::{Event, EventHandler};
         use crate::protocol::DataType;
 
@@ -704,6 +706,7 @@ mod tests {
             Some(note_event),
             Arc::as_ptr(&kinds) as *mut std::ffi::c_void,
             None,
+            0,
         ));
         let events = SinkHandler::new(sink);
         let message = || Event::ServerMessage {

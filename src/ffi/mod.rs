@@ -13,6 +13,7 @@ pub mod interrupt;
 pub mod options;
 pub mod status;
 
+mod backlog;
 mod convert;
 mod dispatcher;
 mod log;

@@ -7,6 +7,7 @@ use crate::client::{ClientOptions, RetryMode, RetryOptions};
 use crate::protocol::Protocol;
 use crate::proxy::ProxySetting;
 
+use super::backlog;
 use super::convert::{bytes_arg, handle_mut, str_arg};
 use super::panic::{guard, guard_value, FfiResult};
 use super::status::{
@@ -23,6 +24,8 @@ pub struct wps_options {
     pub(crate) inner: ClientOptions,
     /// Callbacks are polled by the application (`WPS_DISPATCH_POLL`).
     pub(crate) poll: bool,
+    /// Bytes of events that may wait for the application before reading pauses (0: no limit).
+    pub(crate) event_backlog_bytes: usize,
 }
 
 fn ms(v: u64) -> Duration {
@@ -77,6 +80,7 @@ pub extern "C" fn wps_options_new() -> *mut wps_options {
         Box::into_raw(Box::new(wps_options {
             inner: ClientOptions::default(),
             poll: false,
+            event_backlog_bytes: backlog::DEFAULT_LIMIT,
         }))
     })
 }
@@ -128,6 +132,24 @@ pub extern "C" fn wps_options_set_dispatch_mode(o: *mut wps_options, mode: u32) 
                 ))
             }
         };
+        Ok(())
+    })
+}
+
+/// How many bytes of received events may wait for the application (for its callbacks,
+/// or for `wps_client_dispatch*` in poll mode) before the client stops reading its
+/// socket; reading goes on once they are down to half. Default 64 MiB; 0: no limit.
+/// While reading waits, the service holds the client's messages, within its own
+/// limits for a slow connection. Operations are still sent meanwhile, and their ack
+/// timeouts wait too. A blocking call of this client (its answer comes behind the
+/// events) lets reading go on until it returns, so a callback may make one.
+#[no_mangle]
+pub extern "C" fn wps_options_set_event_backlog_bytes(
+    o: *mut wps_options,
+    bytes: usize,
+) -> wps_status {
+    with_handle(o, |options| {
+        options.event_backlog_bytes = bytes;
         Ok(())
     })
 }

@@ -497,6 +497,9 @@ static bool test_options_setters(void) {
     CHECK_OK(wps_options_set_recovery(o, 1000, 100));
     CHECK_STATUS(wps_options_set_recovery(o, 1000, 0), WPS_STATUS_INVALID_ARGUMENT);
     CHECK_OK(wps_options_set_sequence_ack_interval_ms(o, 500));
+    CHECK_OK(wps_options_set_event_backlog_bytes(o, 0));
+    CHECK_OK(wps_options_set_event_backlog_bytes(o, SIZE_MAX));
+    CHECK_STATUS(wps_options_set_event_backlog_bytes(NULL, 1), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 3), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_options_add_ca_pem(o, NULL, 0), WPS_STATUS_INVALID_ARGUMENT);
     CHECK_STATUS(wps_options_set_start_timeout_ms(o, 0), WPS_STATUS_INVALID_ARGUMENT);
@@ -538,6 +541,77 @@ static bool test_options_setters(void) {
     CHECK(s == WPS_STATUS_INVALID_ARGUMENT && c == NULL);
     wps_options_free(o);
     return true;
+}
+
+/* ------------------------------------------------------------------ a slow consumer */
+
+enum { SLOW_MESSAGES = 300, SLOW_BYTES = 4096 };
+
+/* The messages a slow callback has seen (their numbers, in arrival order). */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int seen[SLOW_MESSAGES];
+    int count;
+    bool wrong;  /* a message of the wrong size, or too many */
+} slow_consumer;
+
+static void on_event_slowly(void *user_data, const wps_event *ev) {
+    slow_consumer *s = user_data;
+    if (ev->kind != WPS_EVENT_GROUP_MESSAGE) return;
+    struct timespec nap = {0, 1000000};
+    nanosleep(&nap, NULL);  /* 1 ms a message: far slower than they come */
+    pthread_mutex_lock(&s->mu);
+    if (ev->data_len != SLOW_BYTES || s->count == SLOW_MESSAGES) {
+        s->wrong = true;
+    } else {
+        s->seen[s->count++] = atoi((const char *)ev->data);
+    }
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* A callback far slower than the messages, with a 16 KiB backlog: the client's reading
+ * pauses and resumes many times; every message arrives once, in order. */
+static bool test_slow_consumer(void) {
+    slow_consumer s = {.count = 0, .wrong = false};
+    pthread_mutex_init(&s.mu, NULL);
+    pthread_cond_init(&s.cv, NULL);
+    char *url = emulator_client_url(&EMU, HUB, "slow", ALL_ROLES);
+    wps_options *o = test_options();
+    CHECK_OK(wps_options_set_event_backlog_bytes(o, 16 * 1024));
+    wps_client *sub = NULL;
+    wps_status created = wps_client_new(url, o, on_event_slowly, &s, NULL, &sub);
+    wps_options_free(o);
+    free(url);
+    CHECK_OK(created);
+    CHECK_OK(wps_client_start(sub));
+    CHECK_OK(wps_client_join_group(sub, "slow", NULL));
+    recorder *rp;
+    wps_client *pub = connect_client("publisher", ALL_ROLES, &rp);
+    CHECK(pub != NULL);
+    static char body[SLOW_BYTES + 1];
+    memset(body, '.', SLOW_BYTES);
+    for (int n = 0; n < SLOW_MESSAGES; n++) {
+        snprintf(body, sizeof body, "%05d", n);
+        body[5] = '.';
+        uint32_t flags = n + 1 < SLOW_MESSAGES ? WPS_SEND_FIRE_AND_FORGET : 0;
+        CHECK(send_text(pub, "slow", body, flags));
+    }
+    int64_t deadline = now_ms() + 60000;
+    pthread_mutex_lock(&s.mu);
+    while (s.count < SLOW_MESSAGES && !s.wrong && timed_wait(&s.cv, &s.mu, deadline)) {
+    }
+    int count = s.count;
+    bool in_order = !s.wrong;
+    for (int n = 0; n < count; n++) in_order = in_order && s.seen[n] == n;
+    pthread_mutex_unlock(&s.mu);
+    wps_client_free(sub);
+    pthread_cond_destroy(&s.cv);
+    pthread_mutex_destroy(&s.mu);
+    if (count != SLOW_MESSAGES || !in_order) fprintf(stderr, "  %d of %d messages, in order: %d\n", count, SLOW_MESSAGES, in_order);
+    CHECK(count == SLOW_MESSAGES && in_order);
+    return free_client(pub, rp);
 }
 
 /* The chat: two users, every data type, echo and no-echo, acks, a server message. */
@@ -2034,6 +2108,7 @@ int main(int argc, char **argv) {
     run("null and invalid arguments", test_null_and_invalid_arguments);
     run("options", test_options_setters);
     run("chat between two clients", test_chat);
+    run("a slow consumer with a small backlog", test_slow_consumer);
     run("async operations and upstream", test_async_and_upstream);
     run("cancel", test_cancel);
     run("completion races with cancel and free", test_completion_races);
