@@ -1354,3 +1354,33 @@ async def test_close_awaited_by_a_listener_through_another_task_does_not_wait_fo
     assert sorted(log) == ["after one", "after two", "start one", "start two"], log
     assert took < 0.9, took
     assert not [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# ---- a loop that falls behind ------------------------------------------------------------
+
+
+async def test_a_loop_that_falls_behind_pauses_reading_and_loses_nothing(hub: Hub) -> None:
+    body = [f"{n:05}".ljust(32 * 1024, ".") for n in range(360)]  # 11.25 MiB
+    got: List[Any] = []
+
+    async def on_message(args: OnGroupDataMessageArgs) -> None:
+        got.append(args.data)
+
+    subscriber = make(hub.url("sub"), event_backlog_bytes=256 << 10)
+    await subscriber.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    async with subscriber:
+        await subscriber.join_group("g")
+        with SyncClient(hub.url("pub"), **FAST) as publisher:
+            for n, text in enumerate(body):  # the last acked: the emulator then has them all
+                publisher.send_to_group("g", text, WebPubSubDataType.TEXT, ack=n == len(body) - 1)
+            # This loop runs nothing meanwhile: the subscriber's reading pauses, and the
+            # emulator holds what the socket buffers cannot, still a second later (a
+            # client that reads, even slowly, empties that within the second).
+            deadline = time.monotonic() + WAIT
+            while hub.emulator.stats()["outboundBytes"] < 4 << 20:
+                assert time.monotonic() < deadline, hub.emulator.stats()
+                time.sleep(0.02)
+            time.sleep(1)
+            assert hub.emulator.stats()["outboundBytes"] >= 4 << 20, hub.emulator.stats()
+        await until(lambda: len(got) == len(body), "every message")
+        assert got == body

@@ -1122,3 +1122,55 @@ def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:
     bot.close()
     del bot
     wait_until(lambda: sinks_left(before), what="the closed bot freed")
+
+
+# ---- a listener that falls behind --------------------------------------------------------
+
+BACKLOG_MESSAGES = 360  # of 32 KiB: 11.25 MiB, under the emulator's 16 MiB unacked per connection
+
+
+def backlog_body(n: int) -> str:
+    return f"{n:05}".ljust(32 * 1024, ".")  # distinct, in order
+
+
+def held_by_the_emulator(emulator: Emulator) -> None:
+    """Once the emulator has every message: it holds 4 MiB for the subscriber's socket
+    and still does a second later. The subscriber stopped reading (one that reads, even
+    slowly, empties it well within that second)."""
+    wait_until(lambda: emulator.stats()["outboundBytes"] >= 4 << 20, what="messages held by the emulator")
+    time.sleep(1)
+    assert emulator.stats()["outboundBytes"] >= 4 << 20, emulator.stats()
+
+
+def test_a_listener_that_falls_behind_pauses_reading_and_may_still_send(hub: Hub) -> None:
+    release = threading.Event()
+    got = Collector()
+    sent: List[Any] = []
+
+    def on_message(args: OnGroupDataMessageArgs) -> None:
+        got((args.data[:5], len(args.data)))  # a failure prints these, not 32 KiB each
+        if len(got) == 1:  # held: the messages behind it wait, then the reading
+            assert release.wait(WAIT)
+            sent.append(subscriber.send_to_group("other", "from the listener", WebPubSubDataType.TEXT))
+
+    subscriber = make(hub.url("sub"), event_backlog_bytes=256 << 10)
+    subscriber.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    publisher = make(hub.url("pub"))
+    with subscriber, publisher:
+        subscriber.join_group("g")
+        for n in range(BACKLOG_MESSAGES):  # the last acked: the emulator then has them all
+            publisher.send_to_group("g", backlog_body(n), WebPubSubDataType.TEXT, ack=n == BACKLOG_MESSAGES - 1)
+        held_by_the_emulator(hub.emulator)
+        # The listener's blocking send lets the reading go on until its ack comes.
+        release.set()
+        got.wait_for(BACKLOG_MESSAGES)
+        assert got.items == [(f"{n:05}", 32 * 1024) for n in range(BACKLOG_MESSAGES)]
+        wait_until(lambda: len(sent) == 1, what="the listener's send")
+        assert sent[0].ack_id is not None
+
+
+def test_event_backlog_bytes_is_checked() -> None:
+    with pytest.raises(ValueError, match="event_backlog_bytes"):
+        WebPubSubClient("ws://127.0.0.1:1/client/hubs/h", event_backlog_bytes=-1)
+    with pytest.raises(TypeError, match="event_backlog_bytes"):
+        WebPubSubClient("ws://127.0.0.1:1/client/hubs/h", event_backlog_bytes=1.5)  # type: ignore[arg-type]

@@ -61,6 +61,7 @@ DEFAULT_KEEP_ALIVE_TIMEOUT = 120.0
 DEFAULT_RECOVERY_TIMEOUT = 30.0
 DEFAULT_RECOVERY_RETRY_INTERVAL = 1.0
 DEFAULT_SEQUENCE_ACK_INTERVAL = 1.0
+DEFAULT_EVENT_BACKLOG_BYTES = 64 << 20
 DEFAULT_USER_AGENT = f"webpubsub-client-python/{PACKAGE_VERSION} Python/{platform.python_version()}"
 
 _DATA_TYPES = {
@@ -334,6 +335,7 @@ class Options:
         recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT,
         recovery_retry_interval: float = DEFAULT_RECOVERY_RETRY_INTERVAL,
         sequence_ack_interval: float = DEFAULT_SEQUENCE_ACK_INTERVAL,
+        event_backlog_bytes: int = DEFAULT_EVENT_BACKLOG_BYTES,
         ca_pem: Optional[Union[str, bytes]] = None,
         logging_enable: bool = False,
         user_agent: Optional[str] = None,
@@ -376,6 +378,7 @@ class Options:
         self.sequence_ack_interval_ms = seconds_to_ms(sequence_ack_interval, "sequence_ack_interval")
         if self.sequence_ack_interval_ms == 0:
             raise ValueError("sequence_ack_interval must be > 0")
+        self.event_backlog_bytes = min(check_int(event_backlog_bytes, "event_backlog_bytes"), _native.SIZE_MAX)
         self.ca_pem: Optional[bytes] = None
         if ca_pem is not None:
             if isinstance(ca_pem, str):
@@ -418,6 +421,7 @@ class Options:
             ("wps_options_set_start_timeout_ms", (self.start_timeout_ms,)),
             ("wps_options_set_recovery", self.recovery),
             ("wps_options_set_sequence_ack_interval_ms", (self.sequence_ack_interval_ms,)),
+            ("wps_options_set_event_backlog_bytes", (self.event_backlog_bytes,)),
         ]
         if self.ca_pem is not None:
             calls.append(("wps_options_add_ca_pem", (self.ca_pem, len(self.ca_pem))))

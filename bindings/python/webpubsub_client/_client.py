@@ -212,6 +212,10 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     :keyword float recovery_retry_interval: delay between recovery attempts (default 1).
     :keyword float sequence_ack_interval: how often delivered sequence ids are
         acknowledged (default 1).
+    :keyword int event_backlog_bytes: how many bytes of received messages may wait for
+        the listeners before the client stops reading its connection, until they are
+        down to half (default 64 MiB; 0: no limit). The service holds the messages
+        meanwhile; a blocking call of the client lets reading go on until it returns.
     :keyword ca_pem: extra trusted root certificate(s), PEM text, for ``wss://``.
 
     Keyword arguments that the official client takes in ``**kwargs`` without using them
@@ -246,6 +250,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         recovery_timeout: float = _base.DEFAULT_RECOVERY_TIMEOUT,
         recovery_retry_interval: float = _base.DEFAULT_RECOVERY_RETRY_INTERVAL,
         sequence_ack_interval: float = _base.DEFAULT_SEQUENCE_ACK_INTERVAL,
+        event_backlog_bytes: int = _base.DEFAULT_EVENT_BACKLOG_BYTES,
         ca_pem: Optional[Union[str, bytes]] = None,
         logging_enable: bool = False,
         user_agent: Optional[str] = None,
@@ -280,6 +285,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             recovery_timeout=recovery_timeout,
             recovery_retry_interval=recovery_retry_interval,
             sequence_ack_interval=sequence_ack_interval,
+            event_backlog_bytes=event_backlog_bytes,
             ca_pem=ca_pem,
             logging_enable=logging_enable,
             user_agent=user_agent,

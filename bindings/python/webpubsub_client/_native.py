@@ -95,6 +95,7 @@ MESSAGE_HAS_FROM_USER_ID = 2
 
 UINT32_MAX = 0xFFFF_FFFF
 UINT64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+SIZE_MAX = (1 << (8 * ctypes.sizeof(c_size_t))) - 1
 
 # ---- structs ------------------------------------------------------------------------
 
@@ -255,6 +256,7 @@ _SIGNATURES = {
     "wps_options_set_start_timeout_ms": (_status, [_handle, c_uint64]),
     "wps_options_set_recovery": (_status, [_handle, c_uint64, c_uint64]),
     "wps_options_set_sequence_ack_interval_ms": (_status, [_handle, c_uint64]),
+    "wps_options_set_event_backlog_bytes": (_status, [_handle, c_size_t]),
     "wps_options_add_ca_pem": (_status, [_handle, _bytes, c_size_t]),
     # credential
     "wps_credential_result_set_url": (_status, [_handle, c_char_p]),
