@@ -114,11 +114,49 @@ fn body(n: usize) -> Bytes {
     Bytes::from(text)
 }
 
+/// A started client of user `sub` joined to `g`, whose handler holds it while the
+/// returned sender says so; its events, and its connection id.
+async fn held_subscriber(
+    emulator: &Emulator,
+    options: ClientOptions,
+) -> (
+    Client,
+    watch::Sender<bool>,
+    mpsc::UnboundedReceiver<Event>,
+    String,
+) {
+    let (held_tx, held_rx) = watch::channel(false);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let handler = Arc::new(Gated {
+        events: events_tx,
+        held: held_rx,
+    });
+    let subscriber = Client::new(Credential::Url(url(emulator, "sub")), options, handler).unwrap();
+    subscriber.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    subscriber.join_group("g").await.unwrap();
+    (subscriber, held_tx, events, connection_id)
+}
+
+/// Takes the group messages left of the `MESSAGES`, from `next` on: each once, in order,
+/// and nothing else.
+async fn rest_in_order(events: &mut mpsc::UnboundedReceiver<Event>, mut next: usize) {
+    while next < MESSAGES {
+        match next_event(events, 10).await {
+            Event::GroupMessage { data, .. } => {
+                assert_eq!(data, body(next), "message {next} in order");
+                next += 1;
+            }
+            other => panic!("unexpected {other:?} after {next} messages"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_held_handler_pauses_reading_and_loses_nothing() {
     let emulator = Emulator::start(Config::default()).await.unwrap();
-    let (held_tx, held_rx) = watch::channel(false);
-    let (events_tx, mut events) = mpsc::unbounded_channel();
     // Timers far shorter than the pause: an ack timeout with no retry, and a
     // keep-alive timeout that would drop a connection this quiet.
     let options = ClientOptions {
@@ -131,17 +169,7 @@ async fn a_held_handler_pauses_reading_and_loses_nothing() {
         keep_alive_timeout: Some(Duration::from_millis(400)),
         ..fast_options()
     };
-    let handler = Arc::new(Gated {
-        events: events_tx,
-        held: held_rx,
-    });
-    let subscriber = Client::new(Credential::Url(url(&emulator, "sub")), options, handler).unwrap();
-    subscriber.start().await.unwrap();
-    assert!(matches!(
-        next_event(&mut events, 5).await,
-        Event::Connected { .. }
-    ));
-    subscriber.join_group("g").await.unwrap();
+    let (subscriber, held_tx, mut events, _) = held_subscriber(&emulator, options).await;
     let (observer, mut observed) = started_with_channel(&emulator, "observer").await;
     observer.join_group("other").await.unwrap();
     let (publisher, _publisher_events) = started_with_channel(&emulator, "pub").await;
@@ -182,16 +210,7 @@ async fn a_held_handler_pauses_reading_and_loses_nothing() {
     let before = stats(&emulator).await;
 
     held_tx.send(false).unwrap();
-    let mut next = received_while_held;
-    while next < MESSAGES {
-        match next_event(&mut events, 10).await {
-            Event::GroupMessage { data, .. } => {
-                assert_eq!(data, body(next), "message {next} in order");
-                next += 1;
-            }
-            other => panic!("unexpected {other:?} after {next} messages"),
-        }
-    }
+    rest_in_order(&mut events, received_while_held).await;
     let sent = sending
         .await
         .unwrap()
@@ -202,6 +221,39 @@ async fn a_held_handler_pauses_reading_and_loses_nothing() {
         assert_eq!(before[counter], after[counter], "{counter}: {after}");
     }
     assert!(events.try_recv().is_err(), "nothing but the messages");
+}
+
+#[tokio::test]
+async fn a_connection_lost_while_paused_is_recovered_and_loses_nothing() {
+    let emulator = Emulator::start(Config {
+        recovery_window: Duration::from_secs(10),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    // Pings every 100 ms: a write finds the lost socket while nothing is read.
+    let options = ClientOptions {
+        keep_alive_interval: Some(Duration::from_millis(100)),
+        keep_alive_timeout: Some(Duration::from_millis(400)),
+        ..fast_options()
+    };
+    let (_subscriber, held_tx, mut events, id) = held_subscriber(&emulator, options).await;
+    let (publisher, _publisher_events) = started_with_channel(&emulator, "pub").await;
+    held_tx.send(true).unwrap();
+    publish_all(&publisher).await;
+    held_by_the_emulator(&emulator).await;
+
+    common::fault(&emulator, HUB, &id, ":drop").await;
+    until_stats(&emulator, "the paused client's recovery", 10, |s| {
+        s["recoveries"].as_u64() >= Some(1)
+    })
+    .await;
+    let received_while_held = std::iter::from_fn(|| events.try_recv().ok()).count();
+    held_tx.send(false).unwrap();
+    // The service replays what the client had not acknowledged; it keeps none twice.
+    rest_in_order(&mut events, received_while_held).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(events.try_recv().is_err(), "nothing after the messages");
 }
 
 /// What a C client's callback saw, and what it is told.
