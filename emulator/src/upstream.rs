@@ -365,13 +365,14 @@ impl Upstream {
             Hmac::<Sha256>::new_from_slice(server.access_key.as_bytes()).expect("any key");
         mac.update(target.connection_id.as_bytes());
         let signature = format!("sha256={}", hex(&mac.finalize().into_bytes()));
-        // The service sends its own host here on every request (the CloudEvents
-        // abuse-protection origin); @azure/web-pubsub-express ignores one without it.
-        let origin = format!("{}:{}", server.public_host(), server.port);
+        // The service sends its own host name here on every request (the CloudEvents
+        // abuse-protection origin, a DNS name: no port); @azure/web-pubsub-express
+        // ignores a request without it, and the .NET handler finds the access key that
+        // checks ce-signature by it, comparing it with its endpoint's host.
         let mut req = self
             .client
             .post(&self.url)
-            .header("WebHook-Request-Origin", origin)
+            .header("WebHook-Request-Origin", server.public_host())
             .header("ce-specversion", "1.0")
             .header("ce-type", ce_type)
             .header(

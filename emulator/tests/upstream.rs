@@ -126,10 +126,12 @@ async fn emulator_posting_to(url: String) -> (Emulator, Ws) {
     (emu, a)
 }
 
-/// The `WebHook-Request-Origin` the emulator sends: the host of its endpoint, as the
-/// service sends its own (`xxx.webpubsub.azure.com`).
+/// The `WebHook-Request-Origin` the emulator sends: the host of its endpoint without
+/// the port, as the service sends its own host name (`xxx.webpubsub.azure.com`) and the
+/// .NET handler looks the origin up by its endpoint's host.
 fn origin(emu: &Emulator) -> String {
-    emu.endpoint().split_once("://").unwrap().1.to_owned()
+    let authority = emu.endpoint().split_once("://").unwrap().1.to_owned();
+    authority.rsplit_once(':').unwrap().0.to_owned()
 }
 
 async fn next_seen(up: &mut Upstream) -> Seen {
