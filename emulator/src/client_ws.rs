@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{self, Permission};
 use crate::frames::{self, Payload, Publication};
 use crate::hub::{
-    new_connection_id, Conn, Hub, Protocol, Server, Stats, JSON_RELIABLE_V1, JSON_V1, POLICY_CLOSE,
+    new_connection_id, Conn, Hub, Protocol, Server, Stats, JSON_RELIABLE_V1, JSON_V1, LOST,
+    POLICY_CLOSE,
 };
 use crate::names::{validate_group, validate_hub};
 use crate::outbound::{Out, Outbound, SocketHandle};
@@ -398,7 +399,7 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
                 owed.opened();
             }
             if let Some(up) = &server.upstream {
-                up.system_event(&server, &Target::of(&hub.name, &conn), "connected");
+                up.system_event(&server, &Target::of(&hub.name, &conn), "connected", None);
             }
             (hub, conn, epoch, rx, kill)
         }
@@ -448,9 +449,10 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
             }
         }
     }
+    let why = end.reason();
     let end = match end {
-        End::ClientClosed { normal: true } => End::Closed,
-        End::ClientClosed { normal: false } => End::Abrupt,
+        End::ClientClosed { normal: true, .. } => End::Closed,
+        End::ClientClosed { normal: false, .. } => End::Abrupt,
         other => other,
     };
     let Some(away) = conn.detach(epoch) else {
@@ -458,7 +460,7 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
     };
     let recoverable = conn.protocol.is_reliable() && end == End::Abrupt && !conn.is_closed();
     if !recoverable {
-        hub.remove(&conn);
+        hub.remove(&conn, why.as_deref());
         return;
     }
     let window = server.config.recovery_window;
@@ -470,7 +472,7 @@ async fn run_session(server: Arc<Server>, session: Session, mut socket: WebSocke
             _ = away.cancelled() => return, // recovered or forgotten
         }
         if conn.detached_since(epoch) {
-            hub.remove(&conn);
+            hub.remove(&conn, why.as_deref());
         }
     });
 }
@@ -592,12 +594,23 @@ enum End {
     Closed,
     /// The client sent a close frame: reply; a normal code (1000, 1001, none) ends the
     /// session, any other keeps a reliable one recoverable.
-    ClientClosed { normal: bool },
+    ClientClosed { normal: bool, reason: String },
     /// The server queued a close but can read no more: let the writer finish it.
     ServerClosing,
 }
 
 impl End {
+    /// Why the connection ended, if it ends here: the client's close reason, or that the
+    /// socket was lost. None for a close without a reason, and for a close by the
+    /// server (which gave its reason when it closed).
+    fn reason(&self) -> Option<String> {
+        match self {
+            End::ClientClosed { reason, .. } if !reason.is_empty() => Some(reason.clone()),
+            End::Abrupt => Some(LOST.to_owned()),
+            _ => None,
+        }
+    }
+
     /// The socket is gone without a close frame from the client (lost, killed, or
     /// dropped for its silence): closed if the server had queued a close, else abrupt.
     fn gone(closing: bool) -> End {
@@ -774,13 +787,14 @@ impl Reader {
                     return End::Abrupt;
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let normal = frame
-                        .as_ref()
-                        .map_or(true, |f| matches!(f.code, 1000 | 1001));
-                    return if closing {
-                        End::Closed
-                    } else {
-                        End::ClientClosed { normal }
+                    if closing {
+                        return End::Closed;
+                    }
+                    return End::ClientClosed {
+                        normal: frame
+                            .as_ref()
+                            .map_or(true, |f| matches!(f.code, 1000 | 1001)),
+                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
                     };
                 }
                 Some(Ok(m)) => m,
@@ -1160,7 +1174,7 @@ impl Detached {
 
 impl Drop for Detached {
     fn drop(&mut self) {
-        self.reader.hub.remove(&self.reader.conn);
+        self.reader.hub.remove(&self.reader.conn, None);
     }
 }
 
@@ -1204,6 +1218,12 @@ async fn upstream_worker(
                 if let Some(id) = job.ack_id {
                     conn.acks.lock().forget(id);
                     conn.send_ack(frames::ack(id, Some(("InternalServerError", &e))));
+                }
+                if conn.protocol == Protocol::Simple {
+                    // The service drops a simple client whose `message` failed.
+                    let reason = format!("The upstream message event failed: {e}");
+                    hub.close(&conn, POLICY_CLOSE, &reason);
+                    return;
                 }
             }
         }

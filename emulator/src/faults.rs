@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::hub::{Server, Stats};
+use crate::hub::{Server, Stats, LOST};
 use crate::rest::error;
 
 /// `GET /_emulator/stats`.
@@ -83,7 +83,7 @@ pub(crate) async fn connection_fault(
             Stats::inc(&server.stats.faults_dropped);
             let dropped = conn.drop_socket();
             if !recoverable {
-                hub.remove(&conn);
+                hub.remove(&conn, Some(LOST));
             }
             Json(json!({"dropped": dropped, "recoverable": recoverable})).into_response()
         }
@@ -116,7 +116,7 @@ pub(crate) async fn connection_fault(
             }
             let reason = q.get("reason").cloned().unwrap_or_default();
             conn.close_socket(code, &reason, false);
-            hub.remove(&conn);
+            hub.remove(&conn, None);
             Json(json!({"closed": true, "code": code})).into_response()
         }
         other => error(

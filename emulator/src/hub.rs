@@ -34,6 +34,9 @@ use crate::Config;
 /// Close code used when a session is ended for good by the server.
 pub(crate) const POLICY_CLOSE: u16 = 1008;
 
+/// Why a connection ended when its socket went without a close frame.
+pub(crate) const LOST: &str = "The connection was lost without a close frame.";
+
 /// The WebSocket subprotocol of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Protocol {
@@ -336,11 +339,15 @@ impl Hub {
     }
 
     /// Forgets a connection: out of every map, its socket (if any) closed abruptly
-    /// unless a close was already queued. Idempotent.
-    pub(crate) fn remove(&self, conn: &Arc<Conn>) {
-        {
+    /// unless a close was already queued. The upstream's `disconnected` gives the
+    /// reason the session was closed with, else `reason`. Idempotent.
+    pub(crate) fn remove(&self, conn: &Arc<Conn>, reason: Option<&str>) {
+        let reason = {
             let mut st = conn.state.lock();
             st.closed = true;
+            if st.end_reason.is_none() {
+                st.end_reason = reason.map(str::to_owned);
+            }
             if let Some(sock) = st.socket.take() {
                 sock.kill.cancel();
             }
@@ -349,7 +356,8 @@ impl Hub {
             if let Some(away) = st.away.take() {
                 away.cancel();
             }
-        }
+            st.end_reason.clone()
+        };
         let removed = self
             .connections
             .remove_if(&conn.id, |_, c| Arc::ptr_eq(c, conn))
@@ -373,7 +381,8 @@ impl Hub {
             if let Some(server) = conn.server.upgrade() {
                 Stats::inc(&server.stats.connections_closed);
                 if let Some(up) = &server.upstream {
-                    up.system_event(&server, &Target::of(&self.name, conn), "disconnected");
+                    let target = Target::of(&self.name, conn);
+                    up.system_event(&server, &target, "disconnected", reason.as_deref());
                 }
                 server.release_hub(self);
             }
@@ -384,7 +393,7 @@ impl Hub {
     /// protocols), a close frame with `code` and the reason, then forgotten.
     pub(crate) fn close(&self, conn: &Arc<Conn>, code: u16, reason: &str) {
         conn.close_socket(code, reason, true);
-        self.remove(conn);
+        self.remove(conn, None);
     }
 
     /// Delivers a publication to every member of a group that `pick` accepts.
@@ -444,6 +453,8 @@ pub(crate) struct ConnState {
     /// While detached: cancelled once a socket is attached again or the session is
     /// forgotten, which ends its recovery window early.
     pub away: Option<CancellationToken>,
+    /// Why the session ended, once it has (None: no reason given).
+    pub end_reason: Option<String>,
 }
 
 /// Recently processed ackIds of a connection, for `Duplicate`.
@@ -568,6 +579,7 @@ impl Conn {
                 muted_until: None,
                 drop_acks: 0,
                 away: None,
+                end_reason: None,
             }),
             acks: Mutex::new(AckWindow::new(server.config.ack_window)),
             upstream_state: Mutex::new(String::new()),
@@ -715,17 +727,21 @@ impl Conn {
         tokio::spawn(async move {
             for h in hubs {
                 if h.connections.get(&conn.id).is_some() {
-                    h.remove(&conn);
+                    h.remove(&conn, None);
                 }
             }
         });
     }
 
-    /// Marks the session closed and queues `disconnected` (JSON protocols, when
-    /// `announce`) and a close frame to the attached socket, using the reserved headroom.
+    /// Marks the session closed for `reason` (when not empty) and queues `disconnected`
+    /// (JSON protocols, when `announce`) and a close frame to the attached socket, using
+    /// the reserved headroom.
     pub(crate) fn close_socket(&self, code: u16, reason: &str, announce: bool) {
         let mut st = self.state.lock();
         st.closed = true;
+        if st.end_reason.is_none() && !reason.is_empty() {
+            st.end_reason = Some(reason.to_owned());
+        }
         if let Some(sock) = st.socket.take() {
             if announce && self.protocol != Protocol::Simple {
                 sock.send(frames::disconnected(reason));

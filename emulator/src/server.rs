@@ -180,7 +180,7 @@ pub(crate) fn forget_all(server: &Server) {
     for hub in hubs {
         let conns: Vec<_> = hub.connections.iter().map(|c| c.clone()).collect();
         for c in conns {
-            hub.remove(&c);
+            hub.remove(&c, None);
         }
     }
     server.hubs.clear();

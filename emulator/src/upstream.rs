@@ -175,9 +175,17 @@ impl Drop for OwedDisconnected {
             state: self.state.clone(),
             subprotocol: self.subprotocol.as_deref(),
         };
-        up.system_event(&self.server, &target, "disconnected");
+        up.system_event(
+            &self.server,
+            &target,
+            "disconnected",
+            Some(HANDSHAKE_FAILED),
+        );
     }
 }
+
+/// Why a connection whose `connect` the upstream accepted ended before it opened.
+const HANDSHAKE_FAILED: &str = "The WebSocket handshake did not complete.";
 
 /// What a `200` reply to `connect` asks for. Every field may be missing; an empty string
 /// counts as missing.
@@ -529,8 +537,15 @@ impl Upstream {
 
     /// Posts a system event (`connected`, `disconnected`) about `target` in the
     /// background, if the configured system events include it; failures are logged
-    /// only, and a shutdown abandons it.
-    pub(crate) fn system_event(&self, server: &Arc<Server>, target: &Target<'_>, name: &str) {
+    /// only, and a shutdown abandons it. The body is `{}`, or `{"reason": ...}` with a
+    /// reason.
+    pub(crate) fn system_event(
+        &self,
+        server: &Arc<Server>,
+        target: &Target<'_>,
+        name: &str,
+        reason: Option<&str>,
+    ) {
         if !server.config.upstream_system_events.posts(name)
             || server.shutdown.is_cancelled()
             || tokio::runtime::Handle::try_current().is_err()
@@ -540,7 +555,10 @@ impl Upstream {
         let req = self
             .request(server, target, &format!("azure.webpubsub.sys.{name}"), name)
             .header("content-type", "application/json")
-            .body("{}");
+            .body(match reason {
+                Some(reason) => serde_json::json!({ "reason": reason }).to_string(),
+                None => "{}".to_owned(),
+            });
         let tasks = server.tasks.clone();
         let server = server.clone();
         tasks.spawn(async move {

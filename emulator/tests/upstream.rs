@@ -46,8 +46,9 @@ struct Upstream {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Replies by event name: `echo` returns the body with its content type, `empty` 200
-/// with no body, `fail` 500, `hang` never answers. System events go to `system`.
+/// Replies by event name: `echo` returns the body with its content type, `empty` and
+/// `message` 200 with no body, `hang` never answers, any other 500. System events go
+/// to `system`.
 async fn upstream() -> Upstream {
     let (seen_tx, seen) = mpsc::unbounded_channel();
     let (cancel_tx, cancelled) = mpsc::unbounded_channel();
@@ -79,7 +80,7 @@ async fn upstream() -> Upstream {
                     "json" => {
                         ([("content-type", "application/json")], r#"{"ok":true}"#).into_response()
                     }
-                    "empty" => StatusCode::OK.into_response(),
+                    "empty" | "message" => StatusCode::OK.into_response(),
                     "hang" => {
                         let _guard = DropSignal(cancel_tx);
                         std::future::pending::<()>().await;
@@ -1076,6 +1077,8 @@ async fn an_accepted_connect_whose_handshake_fails_still_gets_disconnected() {
     assert_eq!(after.h("ce-connectionId"), id);
     assert_eq!(after.h("ce-userId"), "gone");
     assert_eq!(after.h("ce-subprotocol"), JSON);
+    let reason = &after.json()["reason"];
+    assert!(reason.as_str().unwrap().contains("handshake"), "{reason}");
     // The reply chooses no subprotocol, and the client offered only one of its own:
     // the handshake is refused, after the upstream accepted it.
     release.notify_one();
@@ -1089,11 +1092,149 @@ async fn an_accepted_connect_whose_handshake_fails_still_gets_disconnected() {
     let after = up.next_of("sys.disconnected").await;
     assert_eq!(after.h("ce-connectionId"), id);
     assert!(after.headers.get("ce-subprotocol").is_none());
+    let reason = &after.json()["reason"];
+    assert!(reason.as_str().unwrap().contains("handshake"), "{reason}");
     let held = stats(&emu).await;
     assert_eq!(
         (held["connections"].as_u64(), held["slotsTaken"].as_u64()),
         (Some(0), Some(0)),
         "{held}"
+    );
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+/// The body of the next request, which must be the `disconnected` of connection `id`.
+async fn disconnected_body(up: &mut Scripted, id: &str) -> serde_json::Value {
+    let event = up.next_of("sys.disconnected").await;
+    assert_eq!(event.h("ce-connectionId"), id);
+    assert!(event.h("content-type").starts_with("application/json"));
+    event.json()
+}
+
+#[tokio::test]
+async fn disconnected_says_why_the_connection_ended() {
+    let mut up = scripted(|_| StatusCode::NO_CONTENT.into_response()).await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        recovery_window: std::time::Duration::from_millis(200),
+        ..Config::default()
+    })
+    .await;
+    let open = |protocol: &'static str| {
+        let url = emu.client_url("h", &all_roles("u"));
+        async move { connect_json(&url, protocol).await }
+    };
+    let id = |connected: &serde_json::Value| connected["connectionId"].as_str().unwrap().to_owned();
+
+    // A normal close without a reason: no reason.
+    let (a, connected) = open(JSON).await;
+    up.next_of("sys.connected").await;
+    a.close().await;
+    assert_eq!(disconnected_body(&mut up, &id(&connected)).await, json!({}));
+
+    // The client's close reason.
+    let (mut a, connected) = open(JSON).await;
+    up.next_of("sys.connected").await;
+    let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "bye".into(),
+    };
+    a.inner.close(Some(bye)).await.unwrap();
+    assert_eq!(
+        disconnected_body(&mut up, &id(&connected)).await,
+        json!({"reason": "bye"})
+    );
+
+    // The reason of a REST close.
+    let (mut a, connected) = open(JSON).await;
+    up.next_of("sys.connected").await;
+    let url = format!(
+        "{}/api/hubs/h/connections/{}?reason=maintenance",
+        emu.endpoint(),
+        id(&connected)
+    );
+    let token = rest_token(&emu, &url);
+    let resp = reqwest::Client::new()
+        .delete(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(a.expect_close().await, (1008, "maintenance".into()));
+    assert_eq!(
+        disconnected_body(&mut up, &id(&connected)).await,
+        json!({"reason": "maintenance"})
+    );
+
+    // The reason of a close for bad input: the one the client is told.
+    let (mut a, connected) = open(JSON).await;
+    up.next_of("sys.connected").await;
+    a.send_text("not json").await;
+    let told = a.next_json().await;
+    assert_eq!(told["event"], "disconnected", "{told}");
+    assert_eq!(
+        disconnected_body(&mut up, &id(&connected)).await,
+        json!({"reason": told["message"]})
+    );
+
+    // A socket lost without a close frame, and a reliable session not recovered in time.
+    for protocol in [JSON, RELIABLE] {
+        let (a, connected) = open(protocol).await;
+        up.next_of("sys.connected").await;
+        drop(a);
+        let body = disconnected_body(&mut up, &id(&connected)).await;
+        let reason = body["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("without a close frame"),
+            "{protocol}: {body}"
+        );
+    }
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn a_failed_message_event_drops_the_simple_client() {
+    let mut up = scripted(|seen| {
+        if seen.h("ce-type") != "azure.webpubsub.user.message" {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        match &seen.body[..] {
+            b"fail" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+            _ => ([("content-type", "text/plain")], "ok").into_response(),
+        }
+    })
+    .await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    let mut s = connect(&emu.client_url("h", &all_roles("u")), None).await;
+    let id = up
+        .next_of("sys.connected")
+        .await
+        .h("ce-connectionId")
+        .to_owned();
+    // A success: the reply comes back as a frame, and the connection stays.
+    s.send_text("hello").await;
+    up.next_of("user.message").await;
+    assert_eq!(s.next_message().await, Message::Text("ok".into()));
+    // A failure drops it, as the service documents; the upstream is told why.
+    s.send_text("fail").await;
+    up.next_of("user.message").await;
+    let (code, reason) = s.expect_close().await;
+    assert_eq!(code, 1008);
+    assert!(
+        reason.contains("HTTP 500") && reason.contains("boom"),
+        "{reason}"
+    );
+    let told = disconnected_body(&mut up, &id).await;
+    assert!(
+        told["reason"].as_str().unwrap().starts_with(&reason),
+        "{told}"
     );
     emu.shutdown().await;
     up.task.abort();

@@ -353,7 +353,8 @@ test("sample web-pubsub-express server: its handler answers the emulator's user 
   // The sample's handler (handleConnect, onConnected, handleUserEvent, allowedEndpoints)
   // on an express app, with the emulator's --upstream at the handler's path. By default
   // the emulator sends no connect event (--upstream-system-events asks for it): the
-  // sample's handleConnect is never called, and calledTime is never set.
+  // sample's handleConnect is never called, and calledTime is never set. onDisconnected
+  // is added: it gets the reason of a REST close.
   const seen = new Queue();
   const handler = new WebPubSubEventHandler("chat", {
     handleConnect(req, res) {
@@ -369,6 +370,9 @@ test("sample web-pubsub-express server: its handler answers the emulator's user 
       res.setState("calledTime", calledTime);
       res.success("Hello", "text");
     },
+    onDisconnected(req) {
+      seen.push(["disconnected", req.context.connectionId, req.reason]);
+    },
     allowedEndpoints: ["https://xxx.webpubsub.azure.com"],
   });
   const app = express();
@@ -382,14 +386,18 @@ test("sample web-pubsub-express server: its handler answers the emulator's user 
     // The host name, without the port, as the service sends its own.
     const origin = /Endpoint=https?:\/\/([^;]+);Port=/.exec(cs)[1];
     const svc = new WebPubSubServiceClient(cs, "chat", { allowInsecureConnection: true });
-    const c = await newClient((await svc.getClientAccessToken({ userId: "user1" })).url);
+    const c = await newClient((await svc.getClientAccessToken({ userId: "user1" })).url, {
+      autoReconnect: false,
+    });
     assert.deepEqual(await seen.next("onConnected"), ["connected", c.connectionId, origin]);
     await c.sdk.sendEvent("hello", "first", "text");
     assert.deepEqual(await seen.next("handleUserEvent"), ["user", c.connectionId, "first", origin]);
     assert.equal((await c.server.next("the handler's reply")).data, "Hello");
     await c.sdk.sendEvent("hello", "second", "text");
+    assert.deepEqual(await seen.next("handleUserEvent"), ["user", c.connectionId, "second", origin]);
     assert.equal((await c.server.next("the handler's reply")).data, "Hello");
-    c.sdk.stop();
+    await svc.closeConnection(c.connectionId, { reason: "bye" });
+    assert.deepEqual(await seen.next("onDisconnected"), ["disconnected", c.connectionId, "bye"]);
   } finally {
     await stopEmulator(proc);
     server.closeAllConnections();
