@@ -6,6 +6,7 @@ use common::{
     all_roles, check, fast_options, message_text, next_event, stats, until_stats, wait_for,
 };
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -32,10 +33,12 @@ const HUB: &str = "hub";
 const MESSAGES: usize = 360;
 const MESSAGE_BYTES: usize = 32 * 1024;
 
-/// Forwards events to a channel, and asks the client to stop reading while `held`.
+/// Forwards events to a channel, and asks the client to stop reading while `held`
+/// (counting the pauses).
 struct Gated {
     events: mpsc::UnboundedSender<Event>,
     held: watch::Receiver<bool>,
+    pauses: Arc<AtomicUsize>,
 }
 
 impl EventHandler for Gated {
@@ -47,6 +50,7 @@ impl EventHandler for Gated {
         if !*self.held.borrow() {
             return None;
         }
+        self.pauses.fetch_add(1, Ordering::SeqCst);
         let mut held = self.held.clone();
         Some(Box::pin(async move {
             let _ = held.wait_for(|held| !*held).await;
@@ -114,30 +118,49 @@ fn body(n: usize) -> Bytes {
     Bytes::from(text)
 }
 
-/// A started client of user `sub` joined to `g`, whose handler holds it while the
-/// returned sender says so; its events, and its connection id.
-async fn held_subscriber(
-    emulator: &Emulator,
-    options: ClientOptions,
-) -> (
-    Client,
-    watch::Sender<bool>,
-    mpsc::UnboundedReceiver<Event>,
-    String,
-) {
-    let (held_tx, held_rx) = watch::channel(false);
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let handler = Arc::new(Gated {
-        events: events_tx,
-        held: held_rx,
-    });
-    let subscriber = Client::new(Credential::Url(url(emulator, "sub")), options, handler).unwrap();
-    subscriber.start().await.unwrap();
-    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
-        panic!("not connected")
-    };
-    subscriber.join_group("g").await.unwrap();
-    (subscriber, held_tx, events, connection_id)
+/// A started client of user `sub` joined to `g`, whose handler holds it while `held`
+/// says so.
+struct Held {
+    client: Client,
+    held: watch::Sender<bool>,
+    events: mpsc::UnboundedReceiver<Event>,
+    connection_id: String,
+    pauses: Arc<AtomicUsize>,
+}
+
+impl Held {
+    async fn start(emulator: &Emulator, options: ClientOptions) -> Held {
+        let (held, held_rx) = watch::channel(false);
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let pauses = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(Gated {
+            events: events_tx,
+            held: held_rx,
+            pauses: Arc::clone(&pauses),
+        });
+        let client = Client::new(Credential::Url(url(emulator, "sub")), options, handler).unwrap();
+        client.start().await.unwrap();
+        let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+            panic!("not connected")
+        };
+        client.join_group("g").await.unwrap();
+        Held {
+            client,
+            held,
+            events,
+            connection_id,
+            pauses,
+        }
+    }
+
+    /// Waits until the client has paused its reading at least once.
+    async fn until_paused(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.pauses.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never paused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Takes the group messages left of the `MESSAGES`, from `next` on: each once, in order,
@@ -157,7 +180,7 @@ async fn rest_in_order(events: &mut mpsc::UnboundedReceiver<Event>, mut next: us
 #[tokio::test]
 async fn a_held_handler_pauses_reading_and_loses_nothing() {
     let emulator = Emulator::start(Config::default()).await.unwrap();
-    // Timers far shorter than the pause: an ack timeout with no retry, and a
+    // Timers shorter than the pause (over 2.5 s): an ack timeout with no retry, and a
     // keep-alive timeout that would drop a connection this quiet.
     let options = ClientOptions {
         ack_timeout: Duration::from_millis(300),
@@ -166,21 +189,22 @@ async fn a_held_handler_pauses_reading_and_loses_nothing() {
             ..fast_options().message_retry
         },
         keep_alive_interval: Some(Duration::from_millis(100)),
-        keep_alive_timeout: Some(Duration::from_millis(400)),
+        keep_alive_timeout: Some(Duration::from_secs(1)),
         ..fast_options()
     };
-    let (subscriber, held_tx, mut events, _) = held_subscriber(&emulator, options).await;
+    let mut sub = Held::start(&emulator, options).await;
     let (observer, mut observed) = started_with_channel(&emulator, "observer").await;
     observer.join_group("other").await.unwrap();
     let (publisher, _publisher_events) = started_with_channel(&emulator, "pub").await;
 
-    held_tx.send(true).unwrap();
+    sub.held.send(true).unwrap();
     publish_all(&publisher).await;
+    sub.until_paused().await;
     held_by_the_emulator(&emulator).await;
 
     // Operations still go out, and their ack waits for the pause without timing out.
     let sending = {
-        let subscriber = subscriber.clone();
+        let subscriber = sub.client.clone();
         tokio::spawn(async move {
             subscriber
                 .send_to_group(
@@ -202,15 +226,15 @@ async fn a_held_handler_pauses_reading_and_loses_nothing() {
         !sending.is_finished(),
         "the ack waits for the reading to resume"
     );
-    let received_while_held = std::iter::from_fn(|| events.try_recv().ok()).count();
+    let received_while_held = std::iter::from_fn(|| sub.events.try_recv().ok()).count();
     assert!(
         received_while_held < MESSAGES / 2,
         "{received_while_held} events arrived while held"
     );
     let before = stats(&emulator).await;
 
-    held_tx.send(false).unwrap();
-    rest_in_order(&mut events, received_while_held).await;
+    sub.held.send(false).unwrap();
+    rest_in_order(&mut sub.events, received_while_held).await;
     let sent = sending
         .await
         .unwrap()
@@ -220,7 +244,7 @@ async fn a_held_handler_pauses_reading_and_loses_nothing() {
     for counter in ["connectionsOpened", "recoveries", "bufferOverflows"] {
         assert_eq!(before[counter], after[counter], "{counter}: {after}");
     }
-    assert!(events.try_recv().is_err(), "nothing but the messages");
+    assert!(sub.events.try_recv().is_err(), "nothing but the messages");
 }
 
 #[tokio::test]
@@ -234,26 +258,28 @@ async fn a_connection_lost_while_paused_is_recovered_and_loses_nothing() {
     // Pings every 100 ms: a write finds the lost socket while nothing is read.
     let options = ClientOptions {
         keep_alive_interval: Some(Duration::from_millis(100)),
-        keep_alive_timeout: Some(Duration::from_millis(400)),
+        keep_alive_timeout: Some(Duration::from_secs(1)),
         ..fast_options()
     };
-    let (_subscriber, held_tx, mut events, id) = held_subscriber(&emulator, options).await;
+    let mut sub = Held::start(&emulator, options).await;
     let (publisher, _publisher_events) = started_with_channel(&emulator, "pub").await;
-    held_tx.send(true).unwrap();
+    sub.held.send(true).unwrap();
     publish_all(&publisher).await;
+    sub.until_paused().await;
     held_by_the_emulator(&emulator).await;
 
-    common::fault(&emulator, HUB, &id, ":drop").await;
+    let before = stats(&emulator).await["recoveries"].as_u64();
+    common::fault(&emulator, HUB, &sub.connection_id, ":drop").await;
     until_stats(&emulator, "the paused client's recovery", 10, |s| {
-        s["recoveries"].as_u64() >= Some(1)
+        s["recoveries"].as_u64() > before
     })
     .await;
-    let received_while_held = std::iter::from_fn(|| events.try_recv().ok()).count();
-    held_tx.send(false).unwrap();
+    let received_while_held = std::iter::from_fn(|| sub.events.try_recv().ok()).count();
+    sub.held.send(false).unwrap();
     // The service replays what the client had not acknowledged; it keeps none twice.
-    rest_in_order(&mut events, received_while_held).await;
+    rest_in_order(&mut sub.events, received_while_held).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(events.try_recv().is_err(), "nothing after the messages");
+    assert!(sub.events.try_recv().is_err(), "nothing after the messages");
 }
 
 /// What a C client's callback saw, and what it is told.
