@@ -89,7 +89,7 @@ impl Backlog {
         }
         let backlog = Arc::clone(self);
         Some(Box::pin(async move {
-            backlog.paused.store(true, Ordering::SeqCst);
+            let _paused = PausedFlag::set(&backlog.paused);
             loop {
                 let notified = backlog.drained.notified();
                 tokio::pin!(notified);
@@ -100,8 +100,24 @@ impl Backlog {
                 }
                 notified.await;
             }
-            backlog.paused.store(false, Ordering::Release);
         }))
+    }
+}
+
+/// `Backlog::paused` while a pause waits; cleared when it ends or is dropped (its
+/// connection ended).
+struct PausedFlag<'a>(&'a AtomicBool);
+
+impl<'a> PausedFlag<'a> {
+    fn set(flag: &'a AtomicBool) -> PausedFlag<'a> {
+        flag.store(true, Ordering::SeqCst);
+        PausedFlag(flag)
+    }
+}
+
+impl Drop for PausedFlag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -138,6 +154,17 @@ mod tests {
         assert!(backlog.over().is_none(), "not paused while it waits");
         drop(call);
         assert!(backlog.over().is_some(), "paused again after it");
+    }
+
+    #[test]
+    fn a_pause_given_up_is_no_longer_woken() {
+        let backlog = Arc::new(Backlog::new(100));
+        backlog.hold(101);
+        let mut resume = backlog.over().expect("over the limit");
+        assert!((&mut resume).now_or_never().is_none());
+        assert!(backlog.paused.load(Ordering::SeqCst));
+        drop(resume);
+        assert!(!backlog.paused.load(Ordering::SeqCst));
     }
 
     #[test]
