@@ -831,8 +831,9 @@ wps_status wps_client_dispatch_into(struct wps_client *c,
  * `wps_client_dispatch_resume`, the group and server messages that come are dropped
  * and counted (logged at info level at the first), rather than queued without bound;
  * what is queued stays, and the other events and completions are queued as usual. The
- * client goes on (acknowledgements, recoveries, reconnections). Suspending a suspended
- * client does nothing.
+ * client goes on (acknowledgements, recoveries, reconnections), reading whatever its
+ * event backlog (`wps_options_set_event_backlog_bytes`). Suspending a suspended client
+ * does nothing.
  * `WPS_STATUS_ILLEGAL_STATE` in thread mode.
  *
  * # Safety

@@ -4,7 +4,8 @@
 //!
 //! Never while a blocking call of the client waits for the service: the thread that
 //! would work the backlog down may be the one waiting (a callback sending), and the
-//! answer it waits for comes behind the events on the socket.
+//! answer it waits for comes behind the events on the socket. Nor while the client's
+//! dispatch is suspended: the messages that come are dropped then, not queued.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,9 +24,12 @@ pub(crate) struct Backlog {
     limit: usize,
     /// Blocking calls of the client waiting for the service.
     blocking: AtomicUsize,
+    /// The client's dispatch is suspended (poll mode): its messages are dropped.
+    suspended: AtomicBool,
     /// Reading is paused (a future of `over` is waiting).
     paused: AtomicBool,
-    /// Woken when the backlog falls to half the limit, or a blocking call starts.
+    /// Woken when the backlog falls to half the limit, a blocking call starts, or the
+    /// dispatch is suspended.
     drained: Notify,
 }
 
@@ -44,6 +48,7 @@ impl Backlog {
             bytes: AtomicUsize::new(0),
             limit,
             blocking: AtomicUsize::new(0),
+            suspended: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             drained: Notify::new(),
         }
@@ -67,23 +72,43 @@ impl Backlog {
     /// reading goes on meanwhile, whatever the backlog.
     pub(crate) fn unpause(&self) -> Unpaused<'_> {
         self.blocking.fetch_add(1, Ordering::SeqCst);
-        if self.paused.load(Ordering::SeqCst) {
-            self.drained.notify_waiters();
-        }
+        self.wake_paused();
         Unpaused(self)
     }
 
-    fn may_read(&self) -> bool {
-        self.bytes.load(Ordering::Acquire) <= self.limit / 2
-            || self.blocking.load(Ordering::SeqCst) > 0
+    /// The client's dispatch is suspended (`on`) or resumed: while suspended, the
+    /// messages that come are dropped, so reading goes on whatever the backlog.
+    pub(crate) fn set_suspended(&self, on: bool) {
+        self.suspended.store(on, Ordering::SeqCst);
+        if on {
+            self.wake_paused();
+        }
     }
 
-    /// Over the limit (and no blocking call waiting): a future that completes once the
-    /// backlog is down to half of it, or a blocking call starts.
+    /// Wakes the paused reading, if it is, to look again.
+    fn wake_paused(&self) {
+        if self.paused.load(Ordering::SeqCst) {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Reading goes on whatever the backlog: a blocking call waits, or the dispatch is
+    /// suspended.
+    fn reads_anyway(&self) -> bool {
+        self.blocking.load(Ordering::SeqCst) > 0 || self.suspended.load(Ordering::SeqCst)
+    }
+
+    fn may_read(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) <= self.limit / 2 || self.reads_anyway()
+    }
+
+    /// Over the limit (and no blocking call waiting, not suspended): a future that
+    /// completes once the backlog is down to half of it, a blocking call starts, or the
+    /// dispatch is suspended.
     pub(crate) fn over(self: &Arc<Self>) -> Option<Resume> {
         if self.limit == 0
             || self.bytes.load(Ordering::Acquire) <= self.limit
-            || self.blocking.load(Ordering::SeqCst) > 0
+            || self.reads_anyway()
         {
             return None;
         }
@@ -165,6 +190,33 @@ mod tests {
         assert!(backlog.paused.load(Ordering::SeqCst));
         drop(resume);
         assert!(!backlog.paused.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_suspension_resumes_reading_until_it_ends() {
+        let backlog = Arc::new(Backlog::new(100));
+        backlog.hold(101);
+        let mut resume = backlog.over().expect("over the limit");
+        assert!((&mut resume).now_or_never().is_none());
+        backlog.set_suspended(true);
+        assert!(resume.now_or_never().is_some(), "resumed by the suspension");
+        assert!(backlog.over().is_none(), "not paused while suspended");
+        backlog.set_suspended(false);
+        assert!(backlog.over().is_some(), "paused again after it");
+    }
+
+    #[test]
+    fn a_change_before_the_first_poll_is_not_missed() {
+        let backlog = Arc::new(Backlog::new(100));
+        backlog.hold(101);
+        let resume = backlog.over().expect("over the limit");
+        backlog.release(51);
+        assert!(resume.now_or_never().is_some(), "drained before the poll");
+        backlog.hold(51);
+        let resume = backlog.over().expect("over the limit");
+        let call = backlog.unpause();
+        assert!(resume.now_or_never().is_some(), "a call before the poll");
+        drop(call);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::client::{AckResult, Error, Event, EventHandler, InvokeResult, Resume}
 use crate::protocol::DataType;
 
 use super::backlog::Backlog;
-use super::dispatcher::{Job, Worker};
+use super::dispatcher::{DispatchError, Job, Worker};
 use super::gate::InCallback;
 use super::status::{
     set_last_error, to_cstring, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON,
@@ -564,6 +564,20 @@ impl EventSink {
     /// The bytes of this client's events that wait, and its limit.
     pub(crate) fn backlog(&self) -> &Backlog {
         &self.backlog
+    }
+
+    /// Poll mode: nothing dispatches this client for a while (see `Worker::suspend`).
+    /// Its messages are dropped as they come, so its reading goes on whatever waits.
+    pub(crate) fn suspend(&self) -> Result<(), DispatchError> {
+        self.worker.suspend()?;
+        self.backlog.set_suspended(true);
+        Ok(())
+    }
+
+    /// Poll mode: ends `suspend`; returns how many messages it dropped.
+    pub(crate) fn resume(&self) -> Result<u64, DispatchError> {
+        self.backlog.set_suspended(false);
+        self.worker.resume()
     }
 
     /// Where this client's callbacks run.

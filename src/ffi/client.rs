@@ -684,8 +684,9 @@ pub unsafe extern "C" fn wps_client_dispatch_into(
 /// `wps_client_dispatch_resume`, the group and server messages that come are dropped
 /// and counted (logged at info level at the first), rather than queued without bound;
 /// what is queued stays, and the other events and completions are queued as usual. The
-/// client goes on (acknowledgements, recoveries, reconnections). Suspending a suspended
-/// client does nothing.
+/// client goes on (acknowledgements, recoveries, reconnections), reading whatever its
+/// event backlog (`wps_options_set_event_backlog_bytes`). Suspending a suspended client
+/// does nothing.
 /// `WPS_STATUS_ILLEGAL_STATE` in thread mode.
 ///
 /// # Safety
@@ -694,7 +695,7 @@ pub unsafe extern "C" fn wps_client_dispatch_into(
 pub unsafe extern "C" fn wps_client_dispatch_suspend(c: *mut wps_client) -> wps_status {
     guard(|| {
         let shared = client_arg(c)?;
-        shared.sink.worker().suspend().map_err(|_| not_polled())
+        shared.sink.suspend().map_err(|_| not_polled())
     })
 }
 
@@ -711,7 +712,7 @@ pub unsafe extern "C" fn wps_client_dispatch_resume(
 ) -> wps_status {
     guard(|| {
         let shared = client_arg(c)?;
-        let count = shared.sink.worker().resume().map_err(|_| not_polled())?;
+        let count = shared.sink.resume().map_err(|_| not_polled())?;
         write_optional(dropped, count);
         Ok(())
     })

@@ -533,3 +533,59 @@ def test_a_held_client_whose_loop_ended_open_drops_its_messages_until_a_new_loop
         ], messages
     finally:
         emulator.close()
+
+
+def test_a_paused_client_whose_loop_ended_open_reads_on_and_drops_what_comes(
+    upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, for a client whose loop fell behind while the messages came: its reading
+    was paused then (its backlog full). Once its loop is closed, it reads on and drops
+    what comes; it does not wait for a loop that may never come, holding the service's
+    buffer meanwhile. The next loop gets what waited, in order, and the warning counts
+    the rest."""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client")
+    emulator = Emulator(upstream.url)  # its own: its counters are the held client's
+    try:
+        hub = Hub(emulator)
+        client = amake(hub.url("held"), event_backlog_bytes=256 << 10)
+        got: List[str] = []
+        count = 360
+
+        async def first() -> None:
+            await client.subscribe("group-message", lambda args: got.append(args.data[:5]))
+            await client.open()
+            await client.join_group("g")
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(first())
+            # The loop runs no more: the client's reading pauses once its backlog is full.
+            with make(hub.url("publisher")) as publisher:
+                for n in range(count):  # the last acked: the emulator then has them all
+                    text = f"{n:05}".ljust(32 * 1024, ".")
+                    publisher.send_to_group("g", text, WebPubSubDataType.TEXT, ack=n == count - 1)
+                time.sleep(1.5)  # a client that reads would have acknowledged them by then
+                assert emulator.stats()["unackedMessages"] >= count // 2, emulator.stats()
+        finally:
+            loop.close()  # with the client open
+        wait_until(
+            lambda: emulator.stats()["unackedMessages"] == 0 and emulator.stats()["outboundBytes"] == 0,
+            what="the held client read and acknowledged every message",
+        )
+        assert client.is_connected()
+
+        async def second() -> None:
+            await client.send_to_group("g", "after", WebPubSubDataType.TEXT)
+            await until(lambda: got[-1:] == ["after"])
+            await client.close()
+
+        asyncio.run(second())
+        kept = got[:-1]
+        assert kept == [f"{n:05}" for n in range(len(kept))]
+        messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert messages == [
+            f"webpubsub_client: {count - len(kept)} messages came while no event loop ran the client (its loop was "
+            "closed while it was open); they were dropped",
+        ], messages
+    finally:
+        emulator.close()
