@@ -1432,13 +1432,21 @@ where
     .await
 }
 
-/// Sends a close frame, waiting at most `CLOSE_TIMEOUT`.
+/// Sends a close frame and drops what comes until the service's close frame, waiting
+/// at most `CLOSE_TIMEOUT` in all. A socket closed with unread data (a paused reading
+/// leaves much) is reset, and the service may then lose the close frame and keep a
+/// reliable session for a recovery that never comes.
 async fn close(ws: &mut Ws, code: CloseCode) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(""),
     };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
+    let handshake = async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }
 
 /// A deadline that never comes (timers that are off).

@@ -1359,8 +1359,22 @@ async def test_close_awaited_by_a_listener_through_another_task_does_not_wait_fo
 # ---- a loop that falls behind ------------------------------------------------------------
 
 
+BEHIND_BODY = [f"{n:05}".ljust(32 * 1024, ".") for n in range(360)]  # 11.25 MiB
+
+
+def publish_while_the_loop_waits(hub: Hub) -> None:
+    """Publishes ``BEHIND_BODY`` to group ``g`` from a sync client on the loop's thread.
+    The loop runs nothing meanwhile: a subscriber with a small backlog stops reading, and
+    most messages are still unacknowledged a second and a half later (a client that
+    reads, even slowly, reads and acknowledges them within that time)."""
+    with SyncClient(hub.url("pub"), **FAST) as publisher:
+        for n, text in enumerate(BEHIND_BODY):  # the last acked: the emulator then has them all
+            publisher.send_to_group("g", text, WebPubSubDataType.TEXT, ack=n == len(BEHIND_BODY) - 1)
+        time.sleep(1.5)
+        assert hub.emulator.stats()["unackedMessages"] >= len(BEHIND_BODY) // 2, hub.emulator.stats()
+
+
 async def test_a_loop_that_falls_behind_pauses_reading_and_loses_nothing(hub: Hub) -> None:
-    body = [f"{n:05}".ljust(32 * 1024, ".") for n in range(360)]  # 11.25 MiB
     got: List[Any] = []
 
     async def on_message(args: OnGroupDataMessageArgs) -> None:
@@ -1370,17 +1384,42 @@ async def test_a_loop_that_falls_behind_pauses_reading_and_loses_nothing(hub: Hu
     await subscriber.subscribe(CallbackType.GROUP_MESSAGE, on_message)
     async with subscriber:
         await subscriber.join_group("g")
-        with SyncClient(hub.url("pub"), **FAST) as publisher:
-            for n, text in enumerate(body):  # the last acked: the emulator then has them all
-                publisher.send_to_group("g", text, WebPubSubDataType.TEXT, ack=n == len(body) - 1)
-            # This loop runs nothing meanwhile: the subscriber's reading pauses, and the
-            # emulator holds what the socket buffers cannot, still a second later (a
-            # client that reads, even slowly, empties that within the second).
-            deadline = time.monotonic() + WAIT
-            while hub.emulator.stats()["outboundBytes"] < 4 << 20:
-                assert time.monotonic() < deadline, hub.emulator.stats()
-                time.sleep(0.02)
-            time.sleep(1)
-            assert hub.emulator.stats()["outboundBytes"] >= 4 << 20, hub.emulator.stats()
-        await until(lambda: len(got) == len(body), "every message")
-        assert got == body
+        publish_while_the_loop_waits(hub)
+        await until(lambda: len(got) == len(BEHIND_BODY), "every message")
+        assert got == BEHIND_BODY
+
+
+async def test_listeners_awaiting_sends_while_the_reading_is_paused_all_get_their_acks(hub: Hub) -> None:
+    """Each message's coroutine listener awaits an acked send, whose ack comes behind the
+    messages the paused reading left unread: the loop dispatches the rest meanwhile, the
+    backlog falls, and every ack comes."""
+    got: List[Any] = []
+    acked: List[Any] = []
+
+    async def on_message(args: OnGroupDataMessageArgs) -> None:
+        got.append(args.data)
+        result = await subscriber.send_to_group("other", args.data[:5], WebPubSubDataType.TEXT)
+        acked.append(result.ack_id)
+
+    subscriber = make(hub.url("sub"), event_backlog_bytes=256 << 10)
+    await subscriber.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    async with subscriber:
+        await subscriber.join_group("g")
+        publish_while_the_loop_waits(hub)
+        await until(lambda: len(acked) == len(BEHIND_BODY), "every listener's ack")
+        assert got == BEHIND_BODY
+        assert None not in acked
+
+
+async def test_a_client_closed_while_its_reading_is_paused_closes_at_once(hub: Hub) -> None:
+    got: List[Any] = []
+    subscriber = make(hub.url("sub"), event_backlog_bytes=256 << 10)
+    await subscriber.subscribe(CallbackType.GROUP_MESSAGE, lambda args: got.append(args.data[:5]))
+    await subscriber.open()
+    await subscriber.join_group("g")
+    publish_while_the_loop_waits(hub)
+    started = time.monotonic()
+    await asyncio.wait_for(subscriber.close(), WAIT)
+    assert time.monotonic() - started < 2.0
+    assert subscriber.state is WebPubSubClientState.STOPPED
+    assert got == [f"{n:05}" for n in range(len(got))]  # what waited, in order
