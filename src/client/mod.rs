@@ -443,7 +443,8 @@ impl Client {
     /// send returned before this call are written before the close frame (not during
     /// a recovery, when there is no socket: they are dropped); acked
     /// operations still pending fail with `Error::Stopped`. Returns once stopped
-    /// (after the `Stopped` event). Joined groups are rejoined by the next `start`
+    /// (after the `Stopped` event): the closing handshake waits at most 1 s for the
+    /// service's close frame. Joined groups are rejoined by the next `start`
     /// (with `auto_rejoin_groups`), as the official clients do.
     ///
     /// Cancel safety: the first poll hands the stop to the client. Dropping the future

@@ -760,7 +760,8 @@ pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
     })
 }
 
-/// Stops the client: closes the connection, no reconnect; blocks until stopped. The
+/// Stops the client: closes the connection (the closing handshake waits at most 1 s
+/// for the service's close frame), no reconnect; blocks until stopped. The
 /// stopped event (after the disconnected one, if connected) is queued by then, but its
 /// callback, and those queued before it, may still run after this returns (the
 /// completion of `wps_client_stop_async` runs after them). Stopping a stopped client is
