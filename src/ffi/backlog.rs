@@ -33,10 +33,11 @@ pub(crate) struct Backlog {
     drained: Notify,
 }
 
-/// A blocking call's hold on its client's reading (see [`Backlog::unpause`]).
-pub(crate) struct Unpaused<'a>(&'a Backlog);
+/// A blocking call's hold on its client's reading (see [`Backlog::unpause`]). It owns a
+/// reference: the client may be freed by another thread while the call waits.
+pub(crate) struct Unpaused(Arc<Backlog>);
 
-impl Drop for Unpaused<'_> {
+impl Drop for Unpaused {
     fn drop(&mut self) {
         self.0.blocking.fetch_sub(1, Ordering::AcqRel);
     }
@@ -70,10 +71,10 @@ impl Backlog {
 
     /// A blocking call of the client waits for the service until the guard drops:
     /// reading goes on meanwhile, whatever the backlog.
-    pub(crate) fn unpause(&self) -> Unpaused<'_> {
+    pub(crate) fn unpause(self: &Arc<Self>) -> Unpaused {
         self.blocking.fetch_add(1, Ordering::SeqCst);
         self.wake_paused();
-        Unpaused(self)
+        Unpaused(Arc::clone(self))
     }
 
     /// The client's dispatch is suspended (`on`) or resumed: while suspended, the

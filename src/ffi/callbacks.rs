@@ -562,7 +562,7 @@ impl EventSink {
     }
 
     /// The bytes of this client's events that wait, and its limit.
-    pub(crate) fn backlog(&self) -> &Backlog {
+    pub(crate) fn backlog(&self) -> &Arc<Backlog> {
         &self.backlog
     }
 

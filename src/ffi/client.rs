@@ -1108,7 +1108,8 @@ unsafe fn run_acked(
     let prepared = op
         .prepare(&shared.client)
         .map_err(|e| no_ack_id(fail_with(e)))?;
-    // The ack comes behind the events: it is read whatever their backlog.
+    // The ack comes behind the events: it is read whatever their backlog. (The guard
+    // owns what it needs: another thread may free the client while this call waits.)
     let _reading = shared.sink.backlog().unpause();
     let outcome = match shared.client.try_run(prepared) {
         Ok(outcome) => outcome,
