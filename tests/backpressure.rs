@@ -674,11 +674,18 @@ fn a_blocking_invocation_join_and_leave_from_a_held_callback_return() {
     unsafe { wps_client_free(c) };
 }
 
-/// Waits until the emulator has only `count` connections.
-fn connections_down_to(rt: &tokio::runtime::Runtime, emulator: &Emulator, count: u64) {
+/// Stops `c`, which must return within 5 s, and waits until the emulator has closed its
+/// connection (the publisher's stays); returns the handle.
+fn stopped_at_once(c: Handle, rt: &tokio::runtime::Runtime, emulator: &Emulator) -> Handle {
+    let (stopped, c) = within("wps_client_stop", 5, move || {
+        let c = c.get();
+        (unsafe { wps_client_stop(c) }, Handle(c))
+    });
+    check(stopped, "wps_client_stop");
     rt.block_on(until_stats(emulator, "the connection closed", 10, |s| {
-        s["connections"].as_u64() == Some(count)
+        s["connections"].as_u64() == Some(1)
     }));
+    c
 }
 
 #[test]
@@ -690,12 +697,7 @@ fn a_paused_poll_mode_client_stops_and_frees_at_once() {
     let _publisher = publish_until_held(&rt, &emulator);
 
     // Never dispatched: its events wait, its reading is paused.
-    let (stopped, c) = within("wps_client_stop", 5, move || {
-        let c = c.get();
-        (unsafe { wps_client_stop(c) }, Handle(c))
-    });
-    check(stopped, "wps_client_stop");
-    connections_down_to(&rt, &emulator, 1);
+    let c = stopped_at_once(c, &rt, &emulator);
     within("wps_client_free", 5, move || unsafe {
         wps_client_free(c.get())
     });
@@ -712,12 +714,7 @@ fn a_paused_client_whose_callback_is_held_stops_and_frees_at_once() {
     let c = Handle(c_subscriber(&emulator, "sub", false, BACKLOG, sub));
     let _publisher = publish_until_held(&rt, &emulator);
 
-    let (stopped, c) = within("wps_client_stop", 5, move || {
-        let c = c.get();
-        (unsafe { wps_client_stop(c) }, Handle(c))
-    });
-    check(stopped, "wps_client_stop");
-    connections_down_to(&rt, &emulator, 1);
+    let c = stopped_at_once(c, &rt, &emulator);
     // The free waits for the held callback, and for nothing else.
     let (freed_tx, freed) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
