@@ -19,12 +19,11 @@ use futures_util::FutureExt;
 use log::warn;
 
 use crate::client::{
-    AckCallback, AckResult, Client, ClientOptions, ClientState, Credential, Error, Handover,
-    InvokeOptions, InvokeResult, Membership, Prepared, SendEventOptions, SendToGroupOptions,
+    AckCallback, AckResult, Client, ClientState, Credential, Error, Handover, InvokeOptions,
+    InvokeResult, Membership, Prepared, SendEventOptions, SendToGroupOptions,
 };
 use crate::protocol::DataType;
 
-use super::backlog;
 use super::callbacks::{
     data_type_code, fail_with, wps_ack_record, wps_completion_cb, wps_dispatch_buffers,
     wps_event_cb, wps_user_data_free_cb, CompletionTarget, EventSink, OwnedCompletion, SinkHandler,
@@ -328,11 +327,8 @@ fn new_client(
     }
     runtime()?;
     // SAFETY: `opts` is NULL or comes from `wps_options_new`.
-    let (options, poll, backlog) = unsafe { opts.as_ref() }.map_or_else(
-        || (ClientOptions::default(), false, backlog::DEFAULT_LIMIT),
-        |o| (o.inner.clone(), o.poll, o.event_backlog_bytes),
-    );
-    let worker = if poll {
+    let opts = unsafe { opts.as_ref() }.cloned().unwrap_or_default();
+    let worker = if opts.poll {
         Worker::polled().map_err(|e| {
             fail(
                 WPS_STATUS_INTERNAL,
@@ -347,10 +343,10 @@ fn new_client(
         on_event,
         user_data,
         user_data_free,
-        backlog,
+        opts.event_backlog_bytes,
     ));
     let handler = Arc::new(SinkHandler::new(Arc::clone(&sink)));
-    let client = Client::new(credential, options, handler).map_err(fail_with)?;
+    let client = Client::new(credential, opts.inner, handler).map_err(fail_with)?;
     let handle = into_handle(client, sink, credential_sink);
     // SAFETY: checked non-NULL above.
     unsafe { out.write(handle) };

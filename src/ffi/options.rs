@@ -20,12 +20,24 @@ use super::status::{
 /// `wps_options_new` with the official clients' defaults, released by `wps_options_free`.
 /// Not synchronized: set it from one thread at a time, and not while a `wps_client_new*`
 /// on another thread copies it (clients copying it at once is fine).
+#[derive(Clone)]
 pub struct wps_options {
     pub(crate) inner: ClientOptions,
     /// Callbacks are polled by the application (`WPS_DISPATCH_POLL`).
     pub(crate) poll: bool,
     /// Bytes of events that may wait for the application before reading pauses (0: no limit).
     pub(crate) event_backlog_bytes: usize,
+}
+
+/// The defaults: those of the official clients, thread dispatch, a 64 MiB event backlog.
+impl Default for wps_options {
+    fn default() -> wps_options {
+        wps_options {
+            inner: ClientOptions::default(),
+            poll: false,
+            event_backlog_bytes: backlog::DEFAULT_LIMIT,
+        }
+    }
 }
 
 fn ms(v: u64) -> Duration {
@@ -77,11 +89,7 @@ fn with_handle(o: *mut wps_options, set: impl FnOnce(&mut wps_options) -> FfiRes
 #[no_mangle]
 pub extern "C" fn wps_options_new() -> *mut wps_options {
     guard_value(std::ptr::null_mut(), || {
-        Box::into_raw(Box::new(wps_options {
-            inner: ClientOptions::default(),
-            poll: false,
-            event_backlog_bytes: backlog::DEFAULT_LIMIT,
-        }))
+        Box::into_raw(Box::new(wps_options::default()))
     })
 }
 
