@@ -590,28 +590,10 @@ async fn echo_upstream() -> String {
 
 /// Answers the requests of one upstream connection (HTTP/1.1 with a content length).
 async fn echo(socket: tokio::net::TcpStream) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut socket = tokio::io::BufReader::new(socket);
-    loop {
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
-                return;
-            }
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        if socket.read_exact(&mut body).await.is_err() {
-            return;
-        }
+    while let Some((_, body)) = common::read_request(&mut socket).await {
+        let length = body.len();
         let head = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {length}\r\n\r\n"
         );

@@ -720,7 +720,7 @@ async fn keep_alive_closes_a_muted_connection_and_recovers_it() {
 /// A tiny upstream: answers `echo` user events with `echo:` + body (text), every
 /// other request with 204.
 async fn upstream() -> (String, tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/upstream", listener.local_addr().unwrap());
     let failed = Arc::new(AtomicUsize::new(0));
@@ -733,31 +733,10 @@ async fn upstream() -> (String, tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
             let failed = failed.clone();
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
-                loop {
-                    let mut headers = Vec::new();
-                    loop {
-                        let mut line = String::new();
-                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        headers.push(line.trim_end().to_ascii_lowercase());
-                    }
-                    let header = |name: &str| {
-                        headers
-                            .iter()
-                            .find_map(|h| h.strip_prefix(&format!("{name}: ")).map(str::to_owned))
-                    };
-                    let length: usize = header("content-length")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    let mut body = vec![0; length];
-                    if stream.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    let kind = header("ce-type");
+                while let Some((headers, body)) = common::read_request(&mut stream).await {
+                    let kind = headers
+                        .iter()
+                        .find_map(|h| h.strip_prefix("ce-type: ").map(str::to_owned));
                     let response = if kind.as_deref() == Some("azure.webpubsub.user.fail") {
                         failed.fetch_add(1, Ordering::SeqCst);
                         "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_owned()
@@ -1088,7 +1067,7 @@ async fn an_oversized_message_fails_at_once_and_the_connection_stays() {
 
 #[tokio::test]
 async fn a_start_refused_by_the_upstream_connect_event_fails_at_once_with_its_status() {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // An upstream that refuses every connection with 403 and counts the requests.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_url = format!("http://{}/events", listener.local_addr().unwrap());
@@ -1099,22 +1078,9 @@ async fn a_start_refused_by_the_upstream_connect_event_fails_at_once_with_its_st
             let counted = counted.clone();
             tokio::spawn(async move {
                 let mut socket = tokio::io::BufReader::new(socket);
-                let mut length = 0;
-                loop {
-                    let mut line = String::new();
-                    if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                    let line = line.to_ascii_lowercase();
-                    if let Some(value) = line.strip_prefix("content-length:") {
-                        length = value.trim().parse().unwrap();
-                    }
+                if common::read_request(&mut socket).await.is_none() {
+                    return;
                 }
-                let mut body = vec![0; length];
-                socket.read_exact(&mut body).await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
                 let refusal = "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\
                                content-length: 7\r\nconnection: close\r\n\r\nnot you";

@@ -341,6 +341,34 @@ pub fn ffi_send_text(
     }
 }
 
+/// Reads one HTTP/1.1 request on a test upstream's connection: its header lines
+/// (lowercased, without the line end) and its body (`content-length` bytes). `None`
+/// once the peer has closed the connection or cut the body short.
+pub async fn read_request(
+    stream: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+) -> Option<(Vec<String>, Vec<u8>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        headers.push(line.trim_end().to_ascii_lowercase());
+    }
+    let length = headers
+        .iter()
+        .find_map(|h| h.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((headers, body))
+}
+
 /// An emulator on `rt` whose upstream takes every request and never answers: events
 /// with an ack and invocations stay pending. Returns it with a client URL of user `u`.
 pub fn emulator_with_silent_upstream(
