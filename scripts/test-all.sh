@@ -16,7 +16,7 @@ LOG_DIR="$ROOT/target/test-logs"
 mkdir -p "$LOG_DIR"
 # One build per run: incremental compilation state would only add gigabytes of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-ALL_SUITES="fmt clippy doc rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest pytest-py310 pytest-py313 python-lint python-package interop-python interop-node examples"
+ALL_SUITES="fmt clippy doc rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest pytest-py310 pytest-py312 pytest-py313 python-lint python-package interop-python interop-node examples"
 SUITES="${SUITES:-$ALL_SUITES}"
 
 TOTAL_PASSED=0
@@ -184,11 +184,12 @@ suite_pytest() {
     build_native; setup_venv
     run_counted pytest pytest .venv/bin/python -m pytest -q --timeout 300 bindings/python/tests
 }
-# The binding's suite again on the oldest Python it supports and the newest here
-# (coroutine listeners start eagerly from 3.12); on the newest in Python's development
-# mode with asyncio's debug mode and every warning an error (an unawaited coroutine, an
-# unclosed resource, a call from the wrong thread, a deprecation).
+# The binding's suite again on every other Python it supports: 3.10, the oldest, 3.12
+# (coroutine listeners start eagerly from 3.12) and 3.13, the newest here; on the newest
+# in Python's development mode with asyncio's debug mode and every warning an error (an
+# unawaited coroutine, an unclosed resource, a call from the wrong thread, a deprecation).
 suite_pytest-py310() { pytest_on 3.10 pytest-py310; }
+suite_pytest-py312() { pytest_on 3.12 pytest-py312; }
 suite_pytest-py313() { PYTHONASYNCIODEBUG=1 pytest_on 3.13 pytest-py313 -X dev -W error; }
 pytest_on() {
     local version=$1 name=$2
