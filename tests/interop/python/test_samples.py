@@ -6,6 +6,10 @@ azure-messaging-webpubsubclient (samples/) or azure-messaging-webpubsubservice
 prints. Where a sample cannot run unchanged on the installed SDK versions for a
 reason that has nothing to do with the server, the test says what it adapted.
 
+The client samples run twice: with the official client, and with this project's
+binding imported in its place (`webpubsub_client` for
+`azure.messaging.webpubsubclient`), the one change its users make to switch.
+
 The synchronous client 1.1.0 can lose the wake-up of an ack that arrives before it
 starts waiting (see test_official_sdks.py): its calls then succeed only after
 `ack_timeout`. The sync samples run with a short `ack_timeout` so that such a miss
@@ -13,30 +17,48 @@ costs seconds, not 30 s each.
 """
 
 import asyncio
+import importlib
 import io
 import json
+import pathlib
 import queue
+import sys
 import threading
 import time
+import types
 
 import pytest
 import websocket
 from azure.core.rest import HttpRequest
-from azure.messaging.webpubsubclient import WebPubSubClient, WebPubSubClientCredential
-from azure.messaging.webpubsubclient.aio import WebPubSubClient as AsyncClient
-from azure.messaging.webpubsubclient.aio import WebPubSubClientCredential as AsyncCredential
-from azure.messaging.webpubsubclient.models import (
-    CallbackType,
-    OpenClientError,
-    SendMessageError,
-    WebPubSubDataType,
-)
 from azure.messaging.webpubsubservice import WebPubSubServiceClient
 from azure.messaging.webpubsubservice.aio import WebPubSubServiceClient as AsyncServiceClient
 
 ROLES = ["webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"]
+# The binding is imported from its source folder; it loads the library from target/.
+BINDING = pathlib.Path(__file__).resolve().parents[3] / "bindings" / "python"
 WAIT = 15
 SYNC_ACK_TIMEOUT = 3
+
+
+@pytest.fixture(params=["azure.messaging.webpubsubclient", "webpubsub_client"], ids=["official", "ours"])
+def sdk(request):
+    """The client package a sample imports: its sync and asyncio clients and credentials
+    and the models it uses, under the names the samples give them."""
+    if request.param == "webpubsub_client" and str(BINDING) not in sys.path:
+        sys.path.insert(0, str(BINDING))
+    package = importlib.import_module(request.param)
+    aio = importlib.import_module(request.param + ".aio")
+    models = importlib.import_module(request.param + ".models")
+    return types.SimpleNamespace(
+        WebPubSubClient=package.WebPubSubClient,
+        WebPubSubClientCredential=package.WebPubSubClientCredential,
+        AsyncClient=aio.WebPubSubClient,
+        AsyncCredential=aio.WebPubSubClientCredential,
+        CallbackType=models.CallbackType,
+        OpenClientError=models.OpenClientError,
+        SendMessageError=models.SendMessageError,
+        WebPubSubDataType=models.WebPubSubDataType,
+    )
 
 
 def drain(q, n, what="a message"):
@@ -50,7 +72,7 @@ def drain(q, n, what="a message"):
     return out
 
 
-def test_hello_world_async(emulator):
+def test_hello_world_async(emulator, sdk):
     """samples/hello_world_async.py. The sample passes the sync package's credential
     (a plain callable) to the asyncio client, which 1.1.0 refuses with a TypeError
     before any I/O; the asyncio credential with an async provider is used instead."""
@@ -72,7 +94,7 @@ def test_hello_world_async(emulator):
         async def on_connected(msg):
             pass
 
-        client = AsyncClient(credential=AsyncCredential(client_access_url_provider=url))
+        client = sdk.AsyncClient(credential=sdk.AsyncCredential(client_access_url_provider=url))
         async with client:
             await client.subscribe("connected", on_connected)
             await client.subscribe("disconnected", on_disconnected)
@@ -91,36 +113,36 @@ def test_hello_world_async(emulator):
     asyncio.run(body())
 
 
-def test_hello_world_sync(emulator):
+def test_hello_world_sync(emulator, sdk):
     """samples/hello_world.py: the synchronous client as a context manager."""
     service = WebPubSubServiceClient.from_connection_string(connection_string=emulator.connection_string, hub="hub")
-    client = WebPubSubClient(
-        credential=WebPubSubClientCredential(
+    client = sdk.WebPubSubClient(
+        credential=sdk.WebPubSubClientCredential(
             client_access_url_provider=lambda: service.get_client_access_token(roles=ROLES)["url"]
         ),
         ack_timeout=SYNC_ACK_TIMEOUT,
     )
     got = queue.Queue()
     with client:
-        client.subscribe(CallbackType.CONNECTED, lambda e: None)
-        client.subscribe(CallbackType.DISCONNECTED, lambda e: None)
-        client.subscribe(CallbackType.GROUP_MESSAGE, got.put)
+        client.subscribe(sdk.CallbackType.CONNECTED, lambda e: None)
+        client.subscribe(sdk.CallbackType.DISCONNECTED, lambda e: None)
+        client.subscribe(sdk.CallbackType.GROUP_MESSAGE, got.put)
         client.join_group("test")
-        client.send_to_group("test", "hello text", WebPubSubDataType.TEXT, no_echo=False, ack=False)
-        client.send_to_group("test", {"hello": "json"}, WebPubSubDataType.JSON)
-        client.send_to_group("test", "hello text", WebPubSubDataType.TEXT)
-        client.send_to_group("test", memoryview("hello binary".encode()), WebPubSubDataType.BINARY)
+        client.send_to_group("test", "hello text", sdk.WebPubSubDataType.TEXT, no_echo=False, ack=False)
+        client.send_to_group("test", {"hello": "json"}, sdk.WebPubSubDataType.JSON)
+        client.send_to_group("test", "hello text", sdk.WebPubSubDataType.TEXT)
+        client.send_to_group("test", memoryview("hello binary".encode()), sdk.WebPubSubDataType.BINARY)
         msgs = drain(got, 4)
     assert [m.data for m in msgs[:3]] == ["hello text", {"hello": "json"}, "hello text"]
     assert bytes(msgs[3].data) == b"hello binary"
 
 
-def test_hello_world_exceptions(emulator):
+def test_hello_world_exceptions(emulator, sdk):
     """samples/hello_world_exceptions.py: open and join_group in retry loops that catch
     OpenClientError / SendMessageError; against a healthy server both pass first time."""
     service = WebPubSubServiceClient.from_connection_string(connection_string=emulator.connection_string, hub="hub")
-    client = WebPubSubClient(
-        credential=WebPubSubClientCredential(
+    client = sdk.WebPubSubClient(
+        credential=sdk.WebPubSubClientCredential(
             client_access_url_provider=lambda: service.get_client_access_token(roles=ROLES)["url"]
         ),
         ack_timeout=SYNC_ACK_TIMEOUT,
@@ -130,19 +152,19 @@ def test_hello_world_exceptions(emulator):
         try:
             client.open()
             break
-        except OpenClientError as err:
+        except sdk.OpenClientError as err:
             errors.append(err)
     for _ in range(3):
         try:
             client.join_group(group_name="test")
             break
-        except SendMessageError as err:
+        except sdk.SendMessageError as err:
             errors.append(err)
     client.close()
     assert errors == []
 
 
-def test_send_compare_between_async_sync(emulator):
+def test_send_compare_between_async_sync(emulator, sdk):
     """samples/send_compare_between_async_sync.py: 100 acked JSON sends with the sync
     client, then 100 concurrent ones with the asyncio client. The sample builds its
     service clients with DefaultAzureCredential (Entra ID, which the emulator does not
@@ -159,23 +181,26 @@ def test_send_compare_between_async_sync(emulator):
             return (await service.get_client_access_token(roles=ROLES))["url"]
 
     got = queue.Queue()
-    client = WebPubSubClient(
-        credential=WebPubSubClientCredential(client_access_url_provider=url), ack_timeout=SYNC_ACK_TIMEOUT
+    client = sdk.WebPubSubClient(
+        credential=sdk.WebPubSubClientCredential(client_access_url_provider=url), ack_timeout=SYNC_ACK_TIMEOUT
     )
-    client.subscribe(CallbackType.GROUP_MESSAGE, got.put)
+    client.subscribe(sdk.CallbackType.GROUP_MESSAGE, got.put)
     with client:
         client.join_group("test")
         for _ in range(count):
-            client.send_to_group("test", {"hello": "json"}, WebPubSubDataType.JSON)
+            client.send_to_group("test", {"hello": "json"}, sdk.WebPubSubDataType.JSON)
         assert [m.data for m in drain(got, count)] == [{"hello": "json"}] * count
 
     async def send_async():
-        client_async = AsyncClient(credential=AsyncCredential(client_access_url_provider=url_async))
+        client_async = sdk.AsyncClient(credential=sdk.AsyncCredential(client_access_url_provider=url_async))
         async with client_async:
             await client_async.join_group("send_compare_between_async_sync")
             await asyncio.wait_for(
                 asyncio.gather(
-                    *[client_async.send_to_group("test", {"hello": "json"}, WebPubSubDataType.JSON) for _ in range(count)]
+                    *[
+                        client_async.send_to_group("test", {"hello": "json"}, sdk.WebPubSubDataType.JSON)
+                        for _ in range(count)
+                    ]
                 ),
                 WAIT,
             )
