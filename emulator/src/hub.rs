@@ -344,10 +344,7 @@ impl Hub {
     pub(crate) fn remove(&self, conn: &Arc<Conn>, reason: Option<&str>) {
         let reason = {
             let mut st = conn.state.lock();
-            st.closed = true;
-            if st.end_reason.is_none() {
-                st.end_reason = reason.map(str::to_owned);
-            }
+            st.end(reason);
             if let Some(sock) = st.socket.take() {
                 sock.kill.cancel();
             }
@@ -455,6 +452,16 @@ pub(crate) struct ConnState {
     pub away: Option<CancellationToken>,
     /// Why the session ended, once it has (None: no reason given).
     pub end_reason: Option<String>,
+}
+
+impl ConnState {
+    /// Marks the session closed; the first non-empty reason given is the one kept.
+    fn end(&mut self, reason: Option<&str>) {
+        self.closed = true;
+        if self.end_reason.is_none() {
+            self.end_reason = reason.filter(|r| !r.is_empty()).map(str::to_owned);
+        }
+    }
 }
 
 /// Recently processed ackIds of a connection, for `Duplicate`.
@@ -738,10 +745,7 @@ impl Conn {
     /// the reserved headroom.
     pub(crate) fn close_socket(&self, code: u16, reason: &str, announce: bool) {
         let mut st = self.state.lock();
-        st.closed = true;
-        if st.end_reason.is_none() && !reason.is_empty() {
-            st.end_reason = Some(reason.to_owned());
-        }
+        st.end(Some(reason));
         if let Some(sock) = st.socket.take() {
             if announce && self.protocol != Protocol::Simple {
                 sock.send(frames::disconnected(reason));
