@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use webpubsub_client::{
-    Client, ClientOptions, ClientState, Credential, DataType, Error, Event, InvokeOptions,
-    SendToGroupOptions,
+    AckResult, Client, ClientOptions, ClientState, Credential, DataType, Error, Event,
+    InvokeOptions, SendToGroupOptions,
 };
 
 struct Fake {
@@ -333,6 +333,68 @@ async fn a_pending_operation_is_resent_with_its_ack_id_after_recovery() {
     );
     assert_eq!(client.state(), ClientState::Connected);
     assert_eq!(client.connection_id().as_deref(), Some("conn1"));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn operations_pending_at_a_drop_are_resent_in_the_order_they_were_written() {
+    // Resent by ackId before, which is not the order of a caller whose ackIds do not
+    // grow: its own ids (an idempotency key), or its own then automatic ones.
+    resent_as_written(&[
+        (Some(9000), "first"),
+        (Some(500), "second"),
+        (None, "third"),
+    ])
+    .await;
+    // The first written by its caller (an idle client), the second queued behind it:
+    // the task took the second in before it registered the first.
+    resent_as_written(&[(None, "own"), (None, "queued")]).await;
+}
+
+/// Sends `sends` (ackId, body) in this order, all pending when the connection drops;
+/// checks that the recovery resends them as they were written.
+async fn resent_as_written(sends: &[(Option<u64>, &'static str)]) {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let mut pending = Vec::new();
+    for &(ack_id, body) in sends {
+        let c = client.clone();
+        let mut send = Box::pin(async move {
+            let opts = SendToGroupOptions {
+                ack_id,
+                ..SendToGroupOptions::default()
+            };
+            c.send_to_group("g", DataType::Text, Bytes::from(body), opts)
+                .await
+        });
+        // Handed over at its first poll: in this order.
+        assert!(futures_util::poll!(&mut send).is_pending());
+        pending.push(tokio::spawn(send));
+    }
+    let mut written = Vec::new();
+    while written.len() < sends.len() {
+        written.push(conn.recv().await);
+    }
+    let bodies: Vec<&str> = written
+        .iter()
+        .map(|f| f["data"].as_str().unwrap())
+        .collect();
+    let sent: Vec<&str> = sends.iter().map(|(_, body)| *body).collect();
+    assert_eq!(bodies, sent);
+    drop(conn);
+
+    let (mut conn, _) = fake.accept().await;
+    let mut resent = Vec::new();
+    while resent.len() < sends.len() {
+        resent.push(conn.recv().await);
+    }
+    assert_eq!(resent, written, "resent as written, with the same ackIds");
+    for frame in &resent {
+        conn.ack(frame).await;
+    }
+    for send in pending {
+        send.await.unwrap().unwrap();
+    }
     client.stop().await;
 }
 
@@ -934,12 +996,41 @@ async fn held_client(
     options: ClientOptions,
     in_place: bool,
 ) -> (Client, Conn, std::sync::mpsc::Sender<()>) {
-    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (client, mut conn, mut hold) = holding_client(fake, options, in_place).await;
+    hold.hold(&mut conn).await;
+    (client, conn, hold.release)
+}
+
+/// Holds a client's connection task inside its event handler on demand (see
+/// [`held_client`]).
+struct Hold {
+    entered: tokio::sync::mpsc::UnboundedReceiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl Hold {
+    /// Sends a server message and returns once its handler holds the task.
+    async fn hold(&mut self, conn: &mut Conn) {
+        conn.send(&server_message("hold", 1)).await;
+        tokio::time::timeout(Duration::from_secs(10), self.entered.recv())
+            .await
+            .expect("the handler was not called");
+    }
+}
+
+/// A started client whose event handler waits for `Hold::release` at every server
+/// message (see [`held_client`]).
+async fn holding_client(
+    fake: &Fake,
+    options: ClientOptions,
+    in_place: bool,
+) -> (Client, Conn, Hold) {
+    let (entered_tx, entered) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (release, released) = std::sync::mpsc::channel::<()>();
-    let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
+    let released = Mutex::new(released);
     let handler = move |event: Event| {
         if matches!(event, Event::ServerMessage { .. }) {
-            entered_tx.lock().unwrap().send(()).unwrap();
+            let _ = entered_tx.send(());
             let wait = || {
                 let _ = released
                     .lock()
@@ -964,12 +1055,7 @@ async fn held_client(
     let (mut conn, _) = fake.accept().await;
     conn.connected("conn1", "rt1").await;
     start.await.unwrap().unwrap();
-    conn.send(&server_message("hold", 1)).await;
-    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .expect("the handler was not called");
-    (client, conn, release)
+    (client, conn, Hold { entered, release })
 }
 
 #[tokio::test]
@@ -1282,6 +1368,24 @@ async fn a_resend_with_the_ack_id_of_a_send_given_up_waits_for_it() {
     client.stop().await;
 }
 
+/// Sends "once" to group g, with `ack_id` or an automatic one.
+async fn send_once(c: Client, ack_id: Option<u64>) -> Result<AckResult, Error> {
+    let options = SendToGroupOptions {
+        ack_id,
+        ..SendToGroupOptions::default()
+    };
+    c.send_to_group("g", DataType::Text, Bytes::from("once"), options)
+        .await
+}
+
+/// A send whose caller gives up after 200 ms without its ack: the frame written.
+async fn given_up_send(client: &Client, conn: &mut Conn) -> serde_json::Value {
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(200), send_once(client.clone(), None)).await;
+    assert!(gave_up.is_err(), "acked without an ack: {gave_up:?}");
+    conn.recv().await
+}
+
 #[tokio::test]
 async fn a_resend_of_a_send_its_caller_wrote_itself_then_gave_up_waits_for_it() {
     // An idle client's caller writes its frame itself (src/client/direct.rs); the task
@@ -1291,21 +1395,31 @@ async fn a_resend_of_a_send_its_caller_wrote_itself_then_gave_up_waits_for_it() 
     // attempt's own outcome: `is_duplicated` true, whatever the first one's fate.
     let fake = Fake::new().await;
     let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
-    let send = |c: Client, ack_id: Option<u64>| async move {
-        let options = SendToGroupOptions {
-            ack_id,
-            ..SendToGroupOptions::default()
-        };
-        c.send_to_group("g", DataType::Text, Bytes::from("once"), options)
-            .await
-    };
-    let gave_up =
-        tokio::time::timeout(Duration::from_millis(200), send(client.clone(), None)).await;
-    assert!(gave_up.is_err(), "acked without an ack: {gave_up:?}");
-    let frame = conn.recv().await;
+    let frame = given_up_send(&client, &mut conn).await;
     let ack_id = frame["ackId"].as_u64().unwrap();
-    let resend = tokio::spawn(send(client.clone(), Some(ack_id)));
+    let resend = tokio::spawn(send_once(client.clone(), Some(ack_id)));
     conn.silent_for(200).await; // not written twice
+    conn.ack(&frame).await;
+    let result = resend.await.unwrap().unwrap();
+    assert_eq!((result.ack_id, result.is_duplicated), (Some(ack_id), false));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_resend_of_a_callers_write_registered_by_a_busy_task_waits_for_it() {
+    // The task registers a caller's write when it next reads. Until the end of that
+    // step it still counted nothing pending, so a resend given the same ackId meanwhile
+    // (the task held by the event handler) found the client idle: it was written a
+    // second time, then refused as 'ackId in use' though the message went out.
+    let fake = Fake::new().await;
+    let (client, mut conn, mut hold) = holding_client(&fake, quiet_options(), false).await;
+    let frame = given_up_send(&client, &mut conn).await;
+    let ack_id = frame["ackId"].as_u64().unwrap();
+    // The task reads (registering the write), then waits in the handler.
+    hold.hold(&mut conn).await;
+    let resend = tokio::spawn(send_once(client.clone(), Some(ack_id)));
+    conn.silent_for(200).await; // not written twice
+    hold.release.send(()).unwrap();
     conn.ack(&frame).await;
     let result = resend.await.unwrap().unwrap();
     assert_eq!((result.ack_id, result.is_duplicated), (Some(ack_id), false));

@@ -1,7 +1,7 @@
 //! The C ABI's asynchronous acked operations driven from Rust, like a C program would:
 //! order, exactly-once completions, cancellation, refusals, deferred sends, bursts far
-//! larger than the core's operation queue, and a poll-mode client whose dispatch is
-//! suspended.
+//! larger than the core's operation queue, threads mixing every form across socket
+//! drops, and a poll-mode client whose dispatch is suspended.
 
 mod common;
 
@@ -9,7 +9,7 @@ use common::check;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{
@@ -28,14 +28,15 @@ use webpubsub_client::ffi::client::{
 };
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
-    wps_options_set_dispatch_mode, wps_options_set_message_retry,
+    wps_options_set_dispatch_mode, wps_options_set_keep_alive, wps_options_set_message_retry,
+    wps_options_set_reconnect_retry, wps_options_set_recovery,
 };
 use webpubsub_client::ffi::status::{
     wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_DISPATCH_POLL,
     WPS_RETRY_FIXED, WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_RECORD,
     WPS_STATE_CONNECTED, WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE,
-    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NULL_ARG, WPS_STATUS_OK,
-    WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
+    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED,
+    WPS_STATUS_NULL_ARG, WPS_STATUS_OK, WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
 };
 use webpubsub_emulator::{Config, Emulator};
 
@@ -157,16 +158,13 @@ impl Setup {
 
     /// Has the emulator deliver the next `count` messages of `c` but swallow their acks.
     fn drop_acks(&self, c: *mut wps_client, count: u32) {
-        let mut id = [0u8; 128];
-        let mut len = 0;
-        check(
-            unsafe { wps_client_connection_id(c, id.as_mut_ptr().cast(), id.len(), &mut len) },
-            "connection id",
-        );
-        let connection_id = std::str::from_utf8(&id[..len]).unwrap();
         let action = format!(":dropAcks?count={count}");
-        self.rt
-            .block_on(common::fault(&self.emulator, "hub", connection_id, &action));
+        self.rt.block_on(common::fault(
+            &self.emulator,
+            "hub",
+            &connection_id(c),
+            &action,
+        ));
     }
 
     fn shutdown(self) {
@@ -1687,5 +1685,241 @@ fn a_suspended_poll_client_drops_the_messages_that_come_and_counts_them() {
         wps_client_free(sender);
         wps_client_free(c);
     }
+    setup.shutdown();
+}
+
+/// `c`'s connection id.
+fn connection_id(c: *mut wps_client) -> String {
+    try_connection_id(c).unwrap_or_else(|| panic!("connection id: {}", common::last_error()))
+}
+
+/// `c`'s connection id, if it has one.
+fn try_connection_id(c: *mut wps_client) -> Option<String> {
+    let mut id = [0u8; 128];
+    let mut len = 0;
+    let status = unsafe { wps_client_connection_id(c, id.as_mut_ptr().cast(), id.len(), &mut len) };
+    (status == WPS_STATUS_OK).then(|| String::from_utf8(id[..len].to_vec()).unwrap())
+}
+
+#[test]
+fn mixed_sends_of_several_threads_across_recovered_drops_arrive_once_in_order() {
+    mixed_sends_across_drops(true);
+}
+
+#[test]
+fn mixed_sends_of_several_threads_across_lost_sessions_complete_once_and_keep_order() {
+    mixed_sends_across_drops(false);
+}
+
+/// Several threads send through one client while its socket keeps dropping (the
+/// session `recoverable` or lost): one thread's blocking sends (its own writes when the
+/// client is idle), another's completion sends (its own writes too when idle, else
+/// queued), another's deferred sends flushed alone (written by the flushing thread) or
+/// in runs, and one that mixes all of these with joins. Every operation completes
+/// once; a subscriber gets each thread's messages in call order, none twice, every one
+/// acked successfully, and, when every drop was recovered, all of them.
+fn mixed_sends_across_drops(recoverable: bool) {
+    const PER_THREAD: usize = 1500;
+    const THREADS: usize = 4;
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let group = c"mixed";
+    let receiver = setup.client(&receiver_rec, true);
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    let sender = unsafe {
+        let o = wps_options_new();
+        check(wps_options_set_ack_timeout_ms(o, 60_000), "ack timeout");
+        check(wps_options_set_recovery(o, 30_000, 20), "recovery");
+        check(
+            wps_options_set_reconnect_retry(o, u32::MAX, 20, 20, WPS_RETRY_FIXED),
+            "reconnect retry",
+        );
+        // Frequent pings: the task registers the callers' writes, and writes, often.
+        check(wps_options_set_keep_alive(o, 50, 10_000), "keep-alive");
+        let mut c = std::ptr::null_mut();
+        let status = wps_client_new(
+            setup.url.as_ptr(),
+            o,
+            Some(on_event),
+            sender_rec.user_data(),
+            None,
+            &mut c,
+        );
+        wps_options_free(o);
+        check(status, "wps_client_new");
+        check(wps_client_start(c), "wps_client_start");
+        c
+    };
+    let sender_at = AtomicPtr::new(sender);
+    let sending = AtomicUsize::new(THREADS);
+    let drops = AtomicUsize::new(0);
+    // Per thread: (index, operation id) of its asynchronous sends, and the indexes its
+    // blocking sends got acked.
+    let outcomes = std::sync::Mutex::new(vec![(Vec::new(), Vec::new()); THREADS]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let action = match recoverable {
+                true => ":drop",
+                false => ":drop?recoverable=false",
+            };
+            let mut n = 0u64;
+            while sending.load(Ordering::Acquire) > 0 {
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5 + n * 37 % 40));
+                let c = sender_at.load(Ordering::Relaxed);
+                if unsafe { wps_client_state(c) } != WPS_STATE_CONNECTED {
+                    continue;
+                }
+                let Some(id) = try_connection_id(c) else {
+                    continue;
+                };
+                let path = format!("/_emulator/hubs/hub/connections/{id}/{action}");
+                let port = setup.emulator.port();
+                let (_, body) = setup
+                    .rt
+                    .block_on(common::http(port, "POST", &path, &[], b""));
+                if body.contains("\"dropped\":true") {
+                    drops.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        for t in 0..THREADS {
+            let (sender_at, sending, outcomes, rec) =
+                (&sender_at, &sending, &outcomes, &sender_rec);
+            s.spawn(move || {
+                let c = sender_at.load(Ordering::Relaxed);
+                let (mut started, mut acked) = (Vec::new(), Vec::new());
+                let mut deferred = 0;
+                for i in 0..PER_THREAD {
+                    let text = format!("t{t} {i:04}");
+                    let form = match t {
+                        3 => i % 4,
+                        _ => t,
+                    };
+                    match form {
+                        0 => match common::ffi_send_text(c, group, &text, 0) {
+                            WPS_STATUS_OK => acked.push(i),
+                            status => assert!(
+                                !recoverable && status == WPS_STATUS_NOT_CONNECTED,
+                                "{text}: status {status}: {}",
+                                common::last_error()
+                            ),
+                        },
+                        1 => {
+                            let op = send_async(c, group, &text, 0, rec);
+                            started.push((Some(i), op));
+                        }
+                        _ => {
+                            let op = send_async(c, group, &text, WPS_SEND_DEFERRED, rec);
+                            started.push((Some(i), op));
+                            deferred += 1;
+                            // Alone (written by this thread when idle), or in runs of 3.
+                            if t == 3 || deferred == 3 || i % 5 == 0 {
+                                check(unsafe { wps_client_flush_deferred(c) }, "flush");
+                                deferred = 0;
+                            }
+                            if t == 3 {
+                                let side = CString::new(format!("side{i}")).unwrap();
+                                let mut op = 0;
+                                check(
+                                    unsafe {
+                                        wps_client_join_group_async(
+                                            c,
+                                            side.as_ptr(),
+                                            Some(on_complete),
+                                            rec.user_data(),
+                                            &mut op,
+                                        )
+                                    },
+                                    "join async",
+                                );
+                                started.push((None, op));
+                            }
+                        }
+                    }
+                    // Now and then the thread waits for its latest operation: the client
+                    // falls idle, and fewer acked operations are pending than a recovery
+                    // queues (past 999, sends fail at once with NOT_CONNECTED, by design).
+                    if let (7, Some(&(_, op))) = (i % 8, started.last()) {
+                        check(unsafe { wps_client_flush_deferred(c) }, "flush");
+                        rec.wait("an operation", |s| s.completions.contains_key(&op));
+                    }
+                }
+                check(unsafe { wps_client_flush_deferred(c) }, "flush");
+                outcomes.lock().unwrap()[t] = (started, acked);
+                sending.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    });
+    let mut outcomes = outcomes.into_inner().unwrap();
+    let ops = outcomes
+        .iter()
+        .map(|(started, _)| started.len())
+        .sum::<usize>();
+    sender_rec.wait("every completion", |s| s.completions.len() == ops);
+    {
+        let seen = sender_rec.seen.lock().unwrap();
+        for (started, acked) in &mut outcomes {
+            for (i, op) in started.iter() {
+                let statuses = &seen.completions[op];
+                assert_eq!(statuses.len(), 1, "operation {op} completed {statuses:?}");
+                match (statuses[0], i) {
+                    (WPS_STATUS_OK, Some(i)) => acked.push(*i),
+                    (WPS_STATUS_OK, None) => {}
+                    (status, _) => assert!(!recoverable, "operation {op}: status {status}"),
+                }
+            }
+            acked.sort_unstable();
+        }
+    }
+    if recoverable {
+        let timeline = &sender_rec.seen.lock().unwrap().timeline;
+        assert!(
+            !timeline.iter().any(|e| e == "disconnected"),
+            "the sender only recovers: {timeline:?}"
+        );
+    }
+    let all_acked: usize = outcomes.iter().map(|(_, acked)| acked.len()).sum();
+    receiver_rec.wait("every message acked", |s| s.messages.len() >= all_acked);
+    // Anything written twice, or not acked, would arrive by now.
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { wps_client_free(sender) };
+    assert_eq!(
+        sender_rec.seen.lock().unwrap().completions.len(),
+        ops,
+        "a completion came for no operation"
+    );
+    let messages = receiver_rec.seen.lock().unwrap().messages.clone();
+    for (t, (_, acked)) in outcomes.iter().enumerate() {
+        let prefix = format!("t{t} ");
+        let got: Vec<usize> = messages
+            .iter()
+            .filter_map(|m| m.strip_prefix(&prefix))
+            .map(|i| i.parse().unwrap())
+            .collect();
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "thread {t}: out of order or twice: {got:?}"
+        );
+        if recoverable {
+            assert_eq!(got, (0..PER_THREAD).collect::<Vec<_>>(), "thread {t}");
+        } else {
+            let missing: Vec<&usize> = acked.iter().filter(|i| !got.contains(i)).collect();
+            assert!(
+                missing.is_empty(),
+                "thread {t}: acked, never received: {missing:?}"
+            );
+        }
+    }
+    let drops = drops.load(Ordering::Relaxed);
+    assert!(drops > 0, "no socket was dropped");
+    println!(
+        "socket drops: {drops}, messages acked {all_acked}, received {}",
+        messages.len()
+    );
+    unsafe { wps_client_free(receiver) };
     setup.shutdown();
 }

@@ -542,6 +542,9 @@ impl Task {
                 },
                 Some(op) = self.operations.recv(), if self.takes_operations() => {
                     now = Instant::now();
+                    // A caller's own write went out before the operations it queued
+                    // next: registered first, it is resent first after a recovery.
+                    self.register_written();
                     self.send_op(op, now);
                     self.taken += 1;
                     for _ in 1..BATCH {

@@ -9,9 +9,10 @@
 //! frame itself, non-blocking, and leaves the operation in `written`; the task
 //! registers it before it reads anything more from the socket and before it looks for
 //! the operation of an ack (a batch of frames may be read around a write), so the ack
-//! always finds it, and at each keep-alive ping, so its timeout runs even when nothing
-//! is read. Anything else (a busy client, a socket that would block, a half the reader
-//! holds) goes through the channel as before.
+//! always finds it; before it takes in operations queued after it, so a recovery
+//! resends them in that order; and at each keep-alive ping, so its timeout runs even
+//! when nothing is read. Anything else (a busy client, a socket that would block, a
+//! half the reader holds) goes through the channel as before.
 //!
 //! The connection task stays the owner: it puts the socket's write half here while it
 //! serves, writes through the same lock, and takes the half back (and registers what
@@ -102,10 +103,13 @@ impl Direct {
         let Some(sink) = slot.as_mut() else {
             return Written::No(op);
         };
-        // Checked again under the lock, which the task holds while it writes.
-        if !self.idle() || !self.written().is_empty() {
+        // Checked again under the lock, which the task holds while it writes; and with
+        // `written` locked, which the task empties as it counts its operations pending.
+        let written = self.written();
+        if !written.is_empty() || !self.idle() {
             return Written::No(op);
         }
+        drop(written);
         let mut cx = Context::from_waker(noop_waker_ref());
         if !matches!(
             Pin::new(&mut *sink).poll_ready(&mut cx),
@@ -158,9 +162,14 @@ impl Direct {
         self.pending.store(n, Ordering::Release);
     }
 
-    /// The operations written by callers since the last call, oldest first.
+    /// The operations written by callers since the last call, oldest first, for the
+    /// task's pending table: counted pending at once (until its next
+    /// [`Direct::set_pending`]), so that a caller never finds the client idle between
+    /// (a resend with the same ackId would be written twice).
     pub(crate) fn take_written(&self) -> Vec<(Operation, Instant)> {
-        std::mem::take(&mut *self.written())
+        let mut written = self.written();
+        self.pending.fetch_add(written.len(), Ordering::AcqRel);
+        std::mem::take(&mut *written)
     }
 
     /// Wakes the connection task (see [`Direct::woken`]).

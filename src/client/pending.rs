@@ -185,6 +185,10 @@ struct AckOp {
     /// clears it: had an earlier attempt been processed, the service would have answered
     /// the refused one `Duplicate`.
     maybe_processed: bool,
+    /// Its place in the order operations were registered (as written, or queued): a
+    /// recovery resends in this order, which the ackIds need not follow (a caller may
+    /// choose its own, and an automatic one may be renumbered).
+    order: u64,
 }
 
 impl AckOp {
@@ -237,6 +241,8 @@ pub(crate) struct Pending {
     /// most `SERVICE_ACK_MEMORY`.
     /// (Frames by their hash: the record must not hold their bytes.)
     renumbered: VecDeque<(u64, u64, u64)>,
+    /// The `AckOp::order` of the next operation registered.
+    next_order: u64,
 }
 
 impl Pending {
@@ -250,6 +256,7 @@ impl Pending {
             ack_timeout,
             retry,
             renumbered: VecDeque::new(),
+            next_order: 0,
         }
     }
 
@@ -316,7 +323,9 @@ impl Pending {
             due: None,
             refused: None,
             maybe_processed: false,
+            order: self.next_order,
         };
+        self.next_order += 1;
         match sent_at {
             Some(now) => {
                 // A queued leave abandons nothing until written (`take_unsent`): its
@@ -621,7 +630,8 @@ impl Pending {
     }
 
     /// The socket dropped. On a recoverable drop, acked operations stay and are resent
-    /// with their ackIds once recovered (the service dedupes them); otherwise they fail
+    /// with their ackIds once recovered (the service dedupes them): those written, in
+    /// the order they were registered, before those still queued; otherwise they fail
     /// with `NotConnected`, as do invocations already sent (their replies are lost).
     /// A resend is the same attempt, with the same ack deadline (else a connection that
     /// keeps dropping and recovering would hold an unacked operation forever), or the
@@ -643,14 +653,14 @@ impl Pending {
             self.fail_all(|ack_id| Error::NotConnected { ack_id }, done);
             return;
         }
-        let mut in_flight: Vec<u64> = self
+        let mut in_flight: Vec<(u64, u64)> = self
             .acks
             .iter()
             .filter(|(_, op)| !matches!(op.phase, Phase::Unsent))
-            .map(|(id, _)| *id)
+            .map(|(id, op)| (op.order, *id))
             .collect();
         in_flight.sort_unstable();
-        for ack_id in &in_flight {
+        for (_, ack_id) in &in_flight {
             if let Some(op) = self.acks.get_mut(ack_id) {
                 match op.phase {
                     Phase::AwaitingAck => op.maybe_processed = true,
@@ -666,7 +676,7 @@ impl Pending {
         let queued = std::mem::take(&mut self.unsent);
         self.unsent = in_flight
             .into_iter()
-            .map(|id| Unsent::Op(Key::Ack(id)))
+            .map(|(_, id)| Unsent::Op(Key::Ack(id)))
             .chain(queued)
             .collect();
     }
@@ -1015,8 +1025,8 @@ mod tests {
         p.take_unsent(t0, &mut out);
         assert_eq!(
             out,
-            vec![frame(1), frame(2), frame(3), Utf8Bytes::from_static("ff")],
-            "4 was given up"
+            vec![frame(2), frame(1), frame(3), Utf8Bytes::from_static("ff")],
+            "in the order registered (not by ackId); 4 was given up"
         );
         p.connection_dropped(false, &mut done);
         let failed: Vec<_> = done.into_iter().map(|d| d.result).collect();
