@@ -463,8 +463,9 @@ impl Task {
             if let Err(end) = self.write_serving(sink).await {
                 return end;
             }
+            // Under the lock: a caller checks for an idle client under it too.
+            direct.set_pending(self.pending.len());
         }
-        direct.set_pending(self.pending.len());
         let ping_every = self.options.keep_alive_interval;
         let silence_limit = self.options.keep_alive_timeout;
         let ping = sleep_until(ping_every.map_or(far, |d| now + d));
