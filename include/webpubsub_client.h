@@ -1040,9 +1040,10 @@ void wps_invoke_response_free(struct wps_invoke_response *r);
  * nothing is sent and nothing completes; every other failure, state and arguments the
  * client checks (empty name, invalid JSON, a message too large, ackId 0) included,
  * comes in the completion.
- * Operations are written in call order, with at most 999 acked ones awaiting their
- * acks per client (the service remembers a connection's last 1000 ackIds, which
- * keeps a resend after a recovery from publishing twice); later ones wait queued.
+ * Operations are written in call order (and resent in it after a recovery), with at
+ * most 999 acked ones awaiting their acks per client (the service remembers a
+ * connection's last 1000 ackIds, which keeps a resend after a recovery from publishing
+ * twice); later ones wait queued.
  *
  * # Safety
  * As `wps_client_join_group`; `op_id` is NULL or writable.
