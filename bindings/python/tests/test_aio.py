@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import select
 import threading
 import time
 import weakref
@@ -753,6 +754,34 @@ async def test_coroutine_listeners_start_before_the_awaiting_code_resumes(hub: H
     assert seen == ["connected", "open returned"]
 
 
+async def test_the_echo_of_an_acked_send_has_started_its_coroutine_listener_when_the_send_returns(
+    hub: Hub,
+) -> None:
+    """The service sends a group message to the group (the sender too) before it acks the
+    send: when an awaited send returns, the coroutine listener of its echo has started,
+    as in the official client and as when the ack takes the completion callback (a
+    caller-chosen ackId). The ack, written as a record, was settled before the messages
+    written as records in the same dispatch, so before Python 3.12 (no eager start) the
+    sending code resumed before that listener's task first ran."""
+    seen: List[str] = []
+
+    async def on_message(args: OnGroupDataMessageArgs) -> None:
+        seen.append(args.data)
+
+    late: List[str] = []
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        await client.join_group("g")
+        for n in range(20):
+            await client.send_to_group("g", str(n), WebPubSubDataType.TEXT)
+            if str(n) not in seen:
+                late.append(str(n))
+            await client.send_to_group("g", f"chosen {n}", WebPubSubDataType.TEXT, ack_id=1000 + n)
+            if f"chosen {n}" not in seen:
+                late.append(f"chosen {n}")
+    assert not late, f"returned before the echo's listener started: {late}"
+
+
 async def test_messages_written_as_records_and_by_callback_arrive_in_order(hub: Hub) -> None:
     """Messages reach listeners as records, except those larger than the records buffer,
     which take the event callback: in arrival order, with every field."""
@@ -880,6 +909,41 @@ async def test_sends_started_together_arrive_in_start_order(hub: Hub) -> None:
         await publisher.send_to_group("g", "last", "text")
         await got.wait_for(total + 1)
     assert [m.data for m in got.items] == [str(i) for i in range(total)] + ["last"]
+
+
+async def test_sends_of_every_form_arrive_in_the_order_they_start(hub: Hub) -> None:
+    """Sends from one loop reach the service in the order their coroutines start them,
+    whatever their form: acked (deferred and handed over together), fire-and-forget (the
+    blocking form, which hands the deferred ones over first) or with a caller-chosen
+    ackId. A send awaited directly starts before the tasks made before it, which start on
+    the loop's next pass (a fire-and-forget send does not suspend, so they start at the
+    next acked one): the order is that of the calls, not of the task creations."""
+    forms = [
+        lambda text: publisher.send_to_group("g", text, WebPubSubDataType.TEXT),
+        lambda text: publisher.send_to_group("g", text, WebPubSubDataType.TEXT, ack=False),
+        lambda text: publisher.send_to_group("g", text, WebPubSubDataType.TEXT, ack_id=10_000 + int(text)),
+    ]
+    got = AsyncCollector()
+    async with make(hub.url()) as publisher, make(hub.url()) as subscriber:
+        await subscriber.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await subscriber.join_group("g")
+        await asyncio.gather(*(forms[n % 3](str(n)) for n in range(1000)))
+        expected = [str(n) for n in range(1000)]
+        tasks, waiting = [], []
+        for n in range(1000, 1100):
+            if n % 10 == 0:  # awaited here: before the tasks made since the last suspension
+                await forms[n % 3](str(n))
+                expected.append(str(n))
+                if n % 3 != 1:  # it waited for its ack: the tasks started meanwhile
+                    expected += waiting
+                    waiting = []
+            else:
+                tasks.append(asyncio.ensure_future(forms[n % 3](str(n))))
+                waiting.append(str(n))
+        await asyncio.gather(*tasks)
+        messages = await got.wait_for(len(expected + waiting))
+        expected += waiting
+    assert [m.data for m in messages] == expected
 
 
 def test_async_client_works_across_asyncio_run_calls(hub: Hub) -> None:
@@ -1245,6 +1309,171 @@ def test_sends_on_a_loop_are_flushed_by_that_loop_while_another_holds_a_pending_
             task.cancel()
         first.run_until_complete(asyncio.sleep(0))  # the first loop's own flush runs at last
         first.close()
+
+
+async def test_a_dispatch_its_loop_began_before_another_thread_moved_the_client_is_left_to_the_new_loop(
+    hub: Hub, monkeypatch: Any
+) -> None:
+    """A client used from loops on two threads dispatches on the loop of its latest
+    operation. When another thread moves it while its loop is about to run the reader (a
+    pass took the reader's handle before it was removed), that dispatch took what had come
+    for the new loop and settled the new loop's futures from the old loop's thread, which
+    asyncio forbids: the new loop, asleep, was not woken, and in debug mode the call raised
+    and the send never completed. The reader's call is simulated here as that pass makes it."""
+    monkeypatch.setattr(aio_client._Poller, "QUIET", 0.0)  # every send handed over at once
+    loop = asyncio.get_running_loop()
+    async with make(hub.url()) as client:
+        await client.join_group("g")
+        fd = client._poller._fd  # pylint: disable=protected-access
+        reader = loop._selector.get_key(fd).data[0]  # type: ignore[attr-defined]
+        dispatch, args = reader._callback, reader._args  # what the pass calls, taken before the move
+        started, resume = threading.Event(), threading.Event()
+        outcome: List[Any] = []
+
+        async def send_from_another_loop() -> None:
+            send = asyncio.ensure_future(client.send_to_group("g", "there", WebPubSubDataType.TEXT))
+            await asyncio.sleep(0)  # the send starts: the client dispatches on this loop now
+            started.set()
+            resume.wait(WAIT)  # this loop runs nothing meanwhile
+            outcome.append(await asyncio.wait_for(send, WAIT / 2))
+
+        def another_thread() -> None:
+            other = asyncio.new_event_loop()
+            other.set_debug(True)  # a call from another thread raises
+            try:
+                other.run_until_complete(send_from_another_loop())
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                outcome.append(exc)
+            finally:
+                other.close()
+
+        thread = threading.Thread(target=another_thread, daemon=True)  # a hung loop must not hang the exit
+        thread.start()
+        try:
+            assert await loop.run_in_executor(None, started.wait, WAIT)
+            readable, _, _ = await loop.run_in_executor(None, select.select, [fd], [], [], WAIT)
+            assert readable, "the ack came"
+            dispatch(*args)
+        finally:
+            resume.set()
+            await loop.run_in_executor(None, thread.join, WAIT)
+        assert len(outcome) == 1 and getattr(outcome[0], "ack_id", None) is not None, outcome
+        after = await client.send_to_group("g", "here", WebPubSubDataType.TEXT)  # back on this loop
+        assert after.ack_id is not None
+
+
+def test_one_client_used_from_loops_on_two_threads_at_once(hub: Hub) -> None:
+    """Each operation moves the client to its own loop (the one dispatching its
+    completions), so one client used from two loops in two threads moves back and forth:
+    every send completes, each thread's messages arrive in its order, the listeners stay
+    on the loop that opened the client, and neither loop is called from the other's
+    thread (both in debug mode, where such a call raises)."""
+    client = make(hub.url())
+    got: List[str] = []
+    listener_threads = set()
+    opened = threading.Event()
+    outcomes: List[Any] = []
+
+    def on_message(message: OnGroupDataMessageArgs) -> None:
+        got.append(message.data)
+        listener_threads.add(threading.get_ident())
+
+    async def burst(tag: str) -> None:
+        for round_ in range(10):
+            sends = (
+                client.send_to_group("g", f"{tag}{round_}.{n}", WebPubSubDataType.TEXT, ack=n % 5 != 0)
+                for n in range(25)
+            )
+            await asyncio.wait_for(asyncio.gather(*sends), WAIT)
+            await client.join_group(f"{tag}{round_}")
+
+    async def opener() -> None:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        await client.open()
+        try:
+            await client.join_group("g")
+            opened.set()
+            await burst("a")
+            await until(lambda: len(got) == 500, "every message")
+        finally:
+            await client.close()
+
+    def run(main: Callable[[], Any]) -> None:
+        loop = asyncio.new_event_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = WAIT
+        try:
+            loop.run_until_complete(main())
+            outcomes.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcomes.append(exc)
+        finally:
+            loop.close()
+
+    other = threading.Thread(target=lambda: opened.wait(WAIT) and run(lambda: burst("b")), daemon=True)
+    other.start()
+    run(opener)
+    other.join(WAIT)
+    assert outcomes == [None, None], outcomes
+    for tag in "ab":
+        assert [text for text in got if text.startswith(tag)] == [f"{tag}{r}.{n}" for r in range(10) for n in range(25)]
+    assert listener_threads == {threading.get_ident()}
+
+
+def test_a_send_started_as_its_loop_stopped_completes_when_that_loop_runs_again(hub: Hub, monkeypatch: Any) -> None:
+    """An acked send waits for the flush its loop runs on its next pass: a loop stopped
+    right after the send started (``run_until_complete`` returning) hands it over when
+    it runs again, and the send completes there."""
+    monkeypatch.setattr(aio_client._Poller, "QUIET", float("inf"))  # every send is deferred
+    got: List[str] = []
+    client = make(hub.url())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(client.subscribe(CallbackType.GROUP_MESSAGE, lambda args: got.append(args.data)))
+        loop.run_until_complete(client.open())
+        loop.run_until_complete(client.join_group("g"))
+        sends: List[Any] = []
+
+        async def start() -> None:
+            sends.append(asyncio.ensure_future(client.send_to_group("g", "held", WebPubSubDataType.TEXT)))
+            await asyncio.sleep(0)  # the send starts; the loop stops before the flush
+
+        loop.run_until_complete(start())
+        assert not sends[0].done() and got == []
+        result = loop.run_until_complete(asyncio.wait_for(sends[0], WAIT))
+        assert result.ack_id is not None
+        loop.run_until_complete(until(lambda: got == ["held"]))
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()
+
+
+async def test_sends_deferred_around_a_close_complete_or_fail_at_once(hub: Hub, monkeypatch: Any) -> None:
+    """Acked sends still deferred when close() starts (before it, or after it in the
+    same loop pass) are handed over before the stop or refused by it: each completes, or
+    fails with "Stopped", at once rather than after its ack timeout."""
+    monkeypatch.setattr(aio_client._Poller, "QUIET", float("inf"))  # every send is deferred
+
+    def sends(client: WebPubSubClient, numbers: range) -> List["asyncio.Future[Any]"]:
+        return [asyncio.ensure_future(client.send_to_group("g", str(n), WebPubSubDataType.TEXT)) for n in numbers]
+
+    for close_first in (False, True):
+        client = make(hub.url(), ack_timeout=WAIT)
+        await client.open()
+        await client.join_group("g")
+        before = sends(client, range(5))
+        await asyncio.sleep(0)  # they start, deferred
+        closing = asyncio.ensure_future(client.close())
+        after = sends(client, range(5, 10)) if close_first else []
+        started = time.monotonic()
+        outcomes = await asyncio.wait_for(asyncio.gather(*before, *after, return_exceptions=True), WAIT)
+        await closing
+        assert time.monotonic() - started < WAIT / 2
+        for outcome in outcomes:
+            if isinstance(outcome, SendMessageError):
+                assert outcome.error_detail is not None and outcome.error_detail.name == "Stopped", outcome
+            else:
+                assert outcome.ack_id is not None, outcome
 
 
 async def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:

@@ -568,7 +568,7 @@ class _Poller:
                     dropped.value,
                 )
             # The reader carries the keeper: this loop holds the running client now.
-            loop.add_reader(fd.value, self.dispatch, self._sink.listeners.keeper(self))
+            loop.add_reader(fd.value, self.dispatch, self._sink.listeners.keeper(self), loop)
             self._loop, self._fd = loop, fd.value
             sink_loop = self._sink.loop
             if sink_loop is not None and sink_loop.is_closed():
@@ -599,20 +599,25 @@ class _Poller:
             if self._handle and self.orphaned():
                 lib.wps_client_dispatch_suspend(self._handle)
 
-    def dispatch(self, _keeper: Optional[_Keeper] = None) -> None:
+    def dispatch(self, _keeper: Optional[_Keeper] = None, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         """Run the queued callbacks, which only take what they bring (the event callback
         converts its event, a completion on this loop is kept for its future), and the
         records the library wrote instead: acked sends (``SEND_RECORD``) and messages (no
-        foreign callback per message). Then, once the native call has returned, in the
-        order they came (the callbacks' before the records), the listeners get the events
-        and the futures their results. On the loop's thread; up to ``BATCH`` of them, and
-        the descriptor stays readable for more. ``_keeper``: what the reader carries
-        (see :class:`_LoopHeld`), unused here."""
+        foreign callback per message). Then, once the native call has returned, the
+        listeners get the events and the futures their results: the callbacks' in the
+        order they came, then the messages', then the acked sends'. On the loop's thread;
+        up to ``BATCH`` of them, and the descriptor stays readable for more. What the
+        reader passes: ``_keeper`` (see :class:`_LoopHeld`), unused here, and ``loop``,
+        the loop it was added to."""
         if self._delivering:  # nested in a listener of our events: after them, in order
             return
         out = _dispatch_buffers()
         counts = _native.DISPATCH_COUNTS.unpack_from
         with self._lock:
+            if loop is not None and loop is not self._loop:
+                # Another thread moved the client to its loop after this one took the reader
+                # to run: what comes is that loop's to dispatch (its futures, its wake-up).
+                return
             done = 0
             while done < self.BATCH and self._handle:  # a listener may free the client
                 events: List[_Pending] = []
@@ -629,14 +634,18 @@ class _Poller:
                     _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
                 else:
                     ran, acks, messages, message_bytes = counts(out.counts, _native.DISPATCH_COUNTS_OFFSET)
+                    if messages:
+                        events += _base.message_records(out.message_view[:message_bytes], messages)
                     if acks:
+                        # After the messages, whose order against them the library does not
+                        # keep: the service sends a group message before the ack of the send
+                        # that published it, and the listeners of that message start before
+                        # the sending code resumes, as in the official client.
                         records = out.ack_view[: acks * _native.ACK_RECORD.size]
-                        if events:  # after the callbacks, as they came (copied: the buffer is reused)
+                        if events:  # copied: the buffer is reused
                             events.append((None, (_settle, self._loop, bytes(records))))
                         else:
                             _settle(self._loop, records)
-                    if messages:
-                        events += _base.message_records(out.message_view[:message_bytes], messages)
                     step = ran + acks + messages
                 if events:
                     self._delivering = True
