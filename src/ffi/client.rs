@@ -451,7 +451,10 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// acked operation the client had sent reports its ackId, as after `wps_client_stop`),
 /// waits for the running callbacks and runs the finalizers. When it returns, no
 /// callback of this client is running or will run, and the client's connection task
-/// has ended and released its memory.
+/// has ended and released its memory. What is left runs on a dispatcher thread (in
+/// poll mode, one of the pool's) after the callbacks queued there before it, those of
+/// the other clients sharing the thread included: a callback there that waits for
+/// this free to return deadlocks it.
 ///
 /// Inside a callback (of any client, or a credential, log or finalizer callback), the
 /// teardown is deferred: no further event of this client is delivered, and once that
@@ -532,11 +535,14 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
             });
             drop(shared);
             // The task's end follows the finalizer: waiting for it first, this thread
-            // sleeps once for both, and the finalizer's signal is already there.
-            if !ended.wait(TASK_END_LIMIT) {
+            // sleeps once for both, and the finalizer's signal is already there. A
+            // dispatcher busy with earlier callbacks for longer delays both: the bound
+            // then counts from the finalizer.
+            let ended_first = ended.wait(TASK_END_LIMIT);
+            let _ = rx.recv();
+            if !ended_first && !ended.wait(TASK_END_LIMIT) {
                 warn!("wps_client_free: the connection task did not end within {TASK_END_LIMIT:?}");
             }
-            let _ = rx.recv();
         }
     })
 }
