@@ -913,6 +913,12 @@ mod tests {
             None
         );
         assert!(out.iter().all(|&b| b == 0xAA), "nothing written");
+        let mut exact = [0xAAu8; 56];
+        assert_eq!(
+            group_message(Some("alice"), None).write_message_record(&mut exact),
+            Some(56),
+            "a buffer of the record's size holds it"
+        );
         let mut room = [0u8; 256];
         assert_eq!(
             OwnedEvent::empty(WPS_EVENT_STOPPED).write_message_record(&mut room),

@@ -679,8 +679,25 @@ mod tests {
         );
     }
 
-    /// The event callback of `a_suspended_worker_drops_messages_and_keeps_other_jobs`:
-    /// notes each event's kind in the `Mutex<Vec<u32>>` its user data points to.
+    /// A sink of `worker` whose callback notes each event's kind in `kinds`, reading
+    /// paused past `backlog_limit` bytes (0: never).
+    #[cfg(unix)]
+    fn noting_sink(
+        worker: &Arc<Worker>,
+        kinds: &Arc<Mutex<Vec<u32>>>,
+        backlog_limit: usize,
+    ) -> Arc<super::super::callbacks::EventSink> {
+        Arc::new(super::super::callbacks::EventSink::new(
+            Arc::clone(worker),
+            Some(note_event),
+            Arc::as_ptr(kinds) as *mut std::ffi::c_void,
+            None,
+            backlog_limit,
+        ))
+    }
+
+    /// The event callback of `noting_sink`: notes each event's kind in the
+    /// `Mutex<Vec<u32>>` its user data points to.
     unsafe extern "C" fn note_event(
         user_data: *mut std::ffi::c_void,
         event: *const super::super::callbacks::wps_event,
@@ -692,23 +709,14 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_suspended_worker_drops_messages_and_keeps_other_jobs() {
-        use super::super::callbacks::{
-            EventSink, SinkHandler, WPS_EVENT_SERVER_MESSAGE, WPS_EVENT_STOPPED,
-        };
+        use super::super::callbacks::{SinkHandler, WPS_EVENT_SERVER_MESSAGE, WPS_EVENT_STOPPED};
         use crate::client::{Event, EventHandler};
         use crate::protocol::DataType;
 
         let worker = Worker::polled().unwrap();
         let fd = worker.fd().unwrap();
         let kinds = Arc::new(Mutex::new(Vec::<u32>::new()));
-        let sink = Arc::new(EventSink::new(
-            Arc::clone(&worker),
-            Some(note_event),
-            Arc::as_ptr(&kinds) as *mut std::ffi::c_void,
-            None,
-            0,
-        ));
-        let events = SinkHandler::new(sink);
+        let events = SinkHandler::new(noting_sink(&worker, &kinds, 0));
         let message = || Event::ServerMessage {
             data_type: DataType::Text,
             data: bytes::Bytes::from_static(&[b'x'; 1024]),
@@ -763,6 +771,117 @@ mod tests {
         assert_eq!(kinds.lock().unwrap()[3], WPS_EVENT_SERVER_MESSAGE);
         assert_eq!(assign().suspend(), Err(DispatchError::NotPolled));
         assert_eq!(assign().resume(), Err(DispatchError::NotPolled));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_dispatch_on_a_second_thread_is_refused_while_one_runs_and_takes_the_rest_after() {
+        let worker = Worker::polled().unwrap();
+        let fd = worker.fd().unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel();
+        worker.push(Job::new(move || {
+            entered_tx.send(()).unwrap();
+            released.recv().unwrap();
+        }));
+        for i in 0..3 {
+            let tx = tx.clone();
+            worker.push(Job::new(move || tx.send(i).unwrap()));
+        }
+        let first = {
+            let worker = Arc::clone(&worker);
+            std::thread::spawn(move || worker.dispatch(2, None))
+        };
+        entered.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(worker.dispatch(10, None), Err(DispatchError::Busy));
+        assert!(rx.try_recv().is_err(), "nothing ran on the refused thread");
+        assert!(readable(fd), "the jobs left keep the descriptor readable");
+        release.send(()).unwrap();
+        assert_eq!(first.join().unwrap(), Ok(2));
+        assert!(readable(fd));
+        assert_eq!(worker.dispatch(10, None), Ok(2));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert!(!readable(fd));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_hand_over_from_a_dispatched_job_ends_that_dispatch_and_the_pool_runs_the_rest() {
+        // As when a callback frees its own client: the jobs after it are not run by
+        // the dispatch that ran it, but by a pool thread, in order.
+        let worker = Worker::polled().unwrap();
+        let inner = Arc::clone(&worker);
+        worker.push(Job::new(move || inner.hand_over()));
+        let (tx, rx) = mpsc::channel();
+        for i in 0..3 {
+            let tx = tx.clone();
+            worker.push(Job::new(move || {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                tx.send((i, name)).unwrap();
+            }));
+        }
+        assert_eq!(worker.dispatch(usize::MAX, None), Ok(1));
+        for i in 0..3 {
+            let (n, name) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            assert_eq!(n, i);
+            assert!(name.starts_with("wps-dispatch-"), "{name}");
+        }
+        assert_eq!(worker.dispatch(usize::MAX, None), Ok(0));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_backlog_is_worked_down_to_nothing_whichever_way_its_events_leave() {
+        use super::super::callbacks::SinkHandler;
+        use crate::client::{Event, EventHandler};
+        use crate::protocol::DataType;
+
+        let worker = Worker::polled().unwrap();
+        let kinds = Arc::new(Mutex::new(Vec::<u32>::new()));
+        // A backlog of one byte: reading pauses while any event waits.
+        let sink = noting_sink(&worker, &kinds, 1);
+        let events = SinkHandler::new(Arc::clone(&sink));
+        let send = |count: usize| {
+            for _ in 0..count {
+                events.on_event(Event::GroupMessage {
+                    group: "g".into(),
+                    from_user_id: None,
+                    data_type: DataType::Binary,
+                    data: bytes::Bytes::from_static(b"1234567"),
+                    sequence_id: None,
+                });
+            }
+            events.on_batch_end();
+        };
+        let drained = || sink.backlog().over().is_none();
+        // One 48-byte record: 40 of it, the group, the payload and the padding.
+        let mut room = [0u8; 48];
+        for _ in 0..100 {
+            send(4);
+            assert!(!drained());
+            assert_eq!(worker.dispatch(1, None), Ok(1), "one runs its callback");
+            let mut records = Records::new(&mut [], &mut room);
+            assert_eq!(worker.dispatch(0, Some(&mut records)), Ok(0));
+            assert_eq!(records.messages_written, 1, "one becomes a record");
+            sink.suspend().unwrap();
+            send(5);
+            assert_eq!(sink.resume(), Ok(5), "five dropped unseen");
+            assert!(!drained(), "two still wait");
+            assert_eq!(worker.dispatch(usize::MAX, None), Ok(2));
+            assert!(drained());
+        }
+        assert_eq!(kinds.lock().unwrap().len(), 300);
+
+        // Left at free: handed over to a pool thread, which skips them.
+        send(3);
+        sink.close_now();
+        worker.hand_over();
+        let (tx, rx) = mpsc::channel();
+        worker.push(Job::new(move || tx.send(()).unwrap()));
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(drained());
+        assert_eq!(kinds.lock().unwrap().len(), 300);
     }
 
     /// The completion callback of `completion_job`: counts the calls in the `Mutex<Vec>`
