@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -11,12 +12,13 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, List
+from typing import Any, List, Set
 
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, assert_keywords_logged, wait_until
 
-from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _base, _native
+from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _base, _dispatcher, _native
+from webpubsub_client._callbacks import REGISTRY
 from webpubsub_client.models import (
     CallbackType,
     InvokeEventError,
@@ -40,6 +42,20 @@ def make(url: Any, protocol: WebPubSubProtocolType = WebPubSubProtocolType.JSON_
 @pytest.fixture(params=PROTOCOLS, ids=["reliable", "json"])
 def protocol(request: Any) -> WebPubSubProtocolType:
     return request.param
+
+
+def pinned_beside(hub: Hub, client: WebPubSubClient, user_id: str) -> WebPubSubClient:
+    """A new client pinned to the same dispatch thread as ``client`` (clients are pinned
+    round robin, so one of the next few is)."""
+
+    def worker(c: WebPubSubClient) -> Any:
+        return c._finalizer.peek()[1].__self__._worker  # type: ignore[union-attr] # pylint: disable=protected-access
+
+    for _ in range(len(_dispatcher._WORKERS) + 1):  # pylint: disable=protected-access
+        other = make(hub.url(user_id))
+        if worker(other) is worker(client):
+            return other
+    pytest.fail("no client pinned to the same dispatch thread")
 
 
 # ---- lifecycle ---------------------------------------------------------------------------
@@ -102,6 +118,35 @@ def test_close_before_open_is_a_no_op(hub: Hub) -> None:
     client = make(hub.url())
     client.close()
     assert client.state is WebPubSubClientState.STOPPED
+
+
+def test_concurrent_closes_each_return_once_stopped(hub: Hub) -> None:
+    """Three threads closing one client at once: none raises, each returns once the client
+    is stopped (the official client's second close returns while the first still stops),
+    and there is one stopped event; the client opens again."""
+    client = make(hub.url())
+    events = Collector()
+    client.subscribe(CallbackType.CONNECTED, lambda _args: events("connected"))
+    client.subscribe(CallbackType.STOPPED, lambda: events("stopped"))
+    client.open()
+    outcomes: List[Any] = []
+
+    def close() -> None:
+        try:
+            client.close()
+            outcomes.append(client.state)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcomes.append(exc)
+
+    closers = [threading.Thread(target=close) for _ in range(3)]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join(WAIT)
+    assert outcomes == [WebPubSubClientState.STOPPED] * 3
+    client.open()  # its events come after the first run's, a second stopped event included
+    client.close()
+    assert events.wait_for(4) == ["connected", "stopped", "connected", "stopped"]
 
 
 def test_context_manager(hub: Hub) -> None:
@@ -268,6 +313,36 @@ def test_a_send_resumed_after_a_sigint_handler_has_the_outcome_of_its_first_atte
         upstream.slow_seconds = slow_seconds
 
 
+def test_ctrl_c_interrupts_a_join_and_a_handler_of_the_application_lets_it_join_again(hub: Hub) -> None:
+    """A join of the main thread waiting for its ack (here one the service never sends)
+    raises KeyboardInterrupt at once; after an application's SIGINT handler that returns,
+    it joins again (joining is idempotent) and returns once that join is acked. The
+    client goes on either way."""
+    got = Collector()
+    client = make(hub.url(), ack_timeout=WAIT, message_retry_total=0)
+    client.subscribe(CallbackType.GROUP_MESSAGE, got)
+    client.open()
+    try:
+        hub.drop_acks(client.connection_id, 1)
+        _interrupted(lambda: client.join_group("first"), KeyboardInterrupt)
+        hub.drop_acks(client.connection_id, 1)
+        flagged: List[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: flagged.append(signum))
+        try:
+            started = time.monotonic()
+            result = _sigint_during(lambda: client.join_group("second"))
+            elapsed = time.monotonic() - started
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert flagged == [signal.SIGINT]
+        assert result.ack_id is not None and elapsed < 3, f"joined after {elapsed:.1f} s"
+        for group in ("first", "second"):  # the interrupted join had reached the service
+            client.send_to_group(group, group, WebPubSubDataType.TEXT)
+        assert [m.data for m in got.wait_for(2)] == ["first", "second"]
+    finally:
+        client.close()
+
+
 def test_an_interrupted_fire_and_forget_send_raises_or_resumes(hub: Hub) -> None:
     """A fire-and-forget send blocks only while the library's queue is full; interrupted
     there, it hands the SIGINT back like the acked ones: KeyboardInterrupt by default, the
@@ -375,6 +450,36 @@ def test_no_echo_fire_and_forget_and_leave(hub: Hub, protocol: WebPubSubProtocol
         a_got.wait_for(3)
     assert [m.data for m in b_got.items] == ["1-no-echo", "2-fire-and-forget"]
     assert [m.data for m in a_got.items] == ["2-fire-and-forget", "3-after-leave", "4-from-b"]
+
+
+def test_a_message_over_the_size_limit_is_refused_before_it_is_sent(hub: Hub, upstream: Upstream) -> None:
+    """A message whose frame is over the 1 MiB limit (binary data under it, as base64 over)
+    raises ValueError at once, for every operation, acked or not; nothing is sent and the
+    connection stays up (the official client sends it, and the service closes the
+    connection)."""
+    got = Collector()
+    with make(hub.url()) as client:
+        client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.join_group("g")
+        calls = [
+            lambda: client.send_to_group("g", "x" * (1 << 20), WebPubSubDataType.TEXT),
+            lambda: client.send_to_group("g", b"\0" * 800_000, WebPubSubDataType.BINARY, ack=False),
+            lambda: client.send_to_group("g", ["x" * (1 << 20)], WebPubSubDataType.JSON, ack_id=5),
+            lambda: client.send_event("e", "x" * (1 << 20), WebPubSubDataType.TEXT),
+            lambda: client.invoke_event("echo", "x" * (1 << 20), WebPubSubDataType.TEXT),
+        ]
+        for call in calls:
+            with pytest.raises(ValueError, match="over the limit of 1048576 bytes"):
+                call()
+        connection_id = client.connection_id
+        client.send_event("marker", "after", WebPubSubDataType.TEXT)
+        client.send_to_group("g", "after", WebPubSubDataType.TEXT)
+        assert [m.data for m in got.wait_for(1)] == ["after"]
+        assert client.connection_id == connection_id
+    events = [upstream.next_event()]  # (the upstream's queue may hold other tests' events)
+    while events[-1]["event"] != "marker" or events[-1]["connection_id"] != connection_id:
+        events.append(upstream.next_event())
+    assert [e["body"] for e in events if e["connection_id"] == connection_id] == [b"after"]
 
 
 def test_an_ack_id_with_ack_false_is_ignored_as_by_the_official_client(hub: Hub) -> None:
@@ -588,6 +693,109 @@ def test_close_from_inside_a_listener(hub: Hub) -> None:
         stopped.wait_for(1)
     wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped state")
     assert not errors
+
+
+def test_a_listener_may_close_and_reopen_its_own_client(hub: Hub) -> None:
+    """A listener closing and reopening its client (on the thread that delivers the
+    client's events): the events queued before the close still come, in order, then the
+    first connection's stopped event, which must not let the reopened client go: held by
+    nothing but its listeners, it runs on and receives."""
+    seen = Collector()
+    gate = threading.Event()
+
+    def start(publisher: WebPubSubClient) -> "weakref.ref[WebPubSubClient]":
+        client = make(hub.url("c"))
+
+        def on_message(message: OnGroupDataMessageArgs) -> None:
+            seen(message.data)
+            if message.data == "hold":
+                assert gate.wait(WAIT)
+            elif message.data == "restart":
+                client.close()
+                client.open()
+                client.join_group("g")
+
+        client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        client.subscribe(CallbackType.CONNECTED, lambda _args: seen("connected"))
+        client.subscribe(CallbackType.DISCONNECTED, lambda _args: seen("disconnected"))
+        client.subscribe(CallbackType.STOPPED, lambda: seen("stopped"))
+        client.open()
+        client.join_group("g")
+        for data in ("hold", "restart", "queued"):
+            publisher.send_to_group("g", data, WebPubSubDataType.TEXT)
+        client.join_group("sync")  # its ack comes behind the three messages
+        return weakref.ref(client)
+
+    with make(hub.url("p")) as publisher:
+        reference = start(publisher)
+        gate.set()
+        seen.wait_until(lambda items: items.count("connected") == 2)
+        gc.collect()
+        publisher.send_to_group("g", "after", WebPubSubDataType.TEXT)
+        seen.wait_until(lambda items: "after" in items)
+    assert seen.items == ["connected", "hold", "restart", "queued", "disconnected", "stopped", "connected", "after"]
+    client = reference()
+    assert client is not None and client.is_connected()
+    client.close()
+
+
+def test_a_listener_may_make_blocking_calls_on_a_client_of_its_dispatch_thread(hub: Hub) -> None:
+    """A listener of one client sends, joins, leaves, closes and reopens another client
+    pinned to the same dispatch thread, which receives meanwhile: nothing deadlocks, and
+    that client's events come once the listener returns, in order."""
+    first = make(hub.url("first"))
+    second = pinned_beside(hub, first, "second")
+    got = Collector()
+    second.subscribe(CallbackType.GROUP_MESSAGE, lambda m: got(m.data))
+    second.subscribe(CallbackType.STOPPED, lambda: got("stopped"))
+    errors: List[BaseException] = []
+
+    def on_message(_message: OnGroupDataMessageArgs) -> None:
+        try:
+            for n in range(3):
+                second.send_to_group("g", f"sent {n}", WebPubSubDataType.TEXT)
+            second.join_group("other")
+            second.leave_group("other")
+            second.close()
+            second.open()
+            second.join_group("g")
+            second.send_to_group("g", "reopened", WebPubSubDataType.TEXT)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+        got("listener done")
+
+    first.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    with first, second:
+        second.join_group("g")
+        first.join_group("go")
+        first.send_to_group("go", "go", WebPubSubDataType.TEXT)
+        got.wait_until(lambda items: "reopened" in items)
+    assert not errors, errors
+    assert got.items[:6] == ["listener done", "sent 0", "sent 1", "sent 2", "stopped", "reopened"]
+
+
+def test_listeners_subscribed_or_unsubscribed_by_a_listener_take_effect_from_the_next_event(hub: Hub) -> None:
+    """A listener that unsubscribes itself and subscribes another while the messages of a
+    burst wait behind it (delivered together): the next message goes to the new one only."""
+    calls = Collector()
+    client = make(hub.url())
+
+    def second(message: OnGroupDataMessageArgs) -> None:
+        calls(("second", message.data))
+
+    def first(message: OnGroupDataMessageArgs) -> None:
+        calls(("first", message.data))
+        if message.data == "1":
+            client.unsubscribe(CallbackType.GROUP_MESSAGE, first)
+            client.subscribe(CallbackType.GROUP_MESSAGE, second)
+
+    client.subscribe(CallbackType.GROUP_MESSAGE, first)
+    with client, make(hub.url("p")) as publisher:
+        client.join_group("g")
+        for n in range(5):
+            publisher.send_to_group("g", str(n), WebPubSubDataType.TEXT, ack=n == 4)
+        calls.wait_for(5)
+    assert calls.items == [("first", "0"), ("first", "1"), ("second", "2"), ("second", "3"), ("second", "4")]
 
 
 # ---- server messages and events -----------------------------------------------------------
@@ -1036,22 +1244,63 @@ def test_many_threads_share_one_client(hub: Hub) -> None:
     assert sorted(m.data for m in got.items) == sorted(f"{n}-{i}" for n in range(4) for i in range(10))
 
 
+def registered() -> Set[int]:
+    """The callback registry's keys now. Compared as sets: the clients of earlier tests
+    may still be releasing theirs while a test runs."""
+    return set(REGISTRY._items)  # pylint: disable=protected-access
+
+
+def test_a_closed_client_dropped_while_its_events_wait_gets_them_then_is_collected(hub: Hub) -> None:
+    """A listener of one client blocks the dispatch thread while another client pinned to
+    it receives: that client's blocking calls still work; closed and dropped with its
+    events waiting, it is kept until they and its stopped event reached its listeners, in
+    order, none twice, and collected then."""
+    before = registered()
+    blocker = make(hub.url("blocker"))
+    gate, blocked = threading.Event(), threading.Event()
+
+    def hold(_message: OnGroupDataMessageArgs) -> None:
+        blocked.set()
+        assert gate.wait(WAIT)
+
+    blocker.subscribe(CallbackType.GROUP_MESSAGE, hold)
+    client = pinned_beside(hub, blocker, "client")
+    got = Collector()
+    client.subscribe(CallbackType.GROUP_MESSAGE, lambda m: got(m.data))
+    client.subscribe(CallbackType.STOPPED, lambda: got("stopped"))
+    with blocker, make(hub.url("publisher")) as publisher:
+        blocker.join_group("block")
+        client.open()
+        client.join_group("g")
+        publisher.send_to_group("block", "block", WebPubSubDataType.TEXT)
+        assert blocked.wait(WAIT)
+        for n in range(50):  # the last acked: the service has them all
+            publisher.send_to_group("g", str(n), WebPubSubDataType.TEXT, ack=n == 49)
+        assert client.send_to_group("g", "own", WebPubSubDataType.TEXT).ack_id is not None
+        client.close()
+        reference = weakref.ref(client)
+        del client
+        gc.collect()
+        assert reference() is not None and not got.items
+        gate.set()
+        assert got.wait_until(lambda items: "stopped" in items) == [*map(str, range(50)), "own", "stopped"]
+        wait_until(lambda: gc.collect() >= 0 and reference() is None, what="the dropped client collected")
+    del blocker, publisher
+    wait_until(lambda: gc.collect() >= 0 and not registered() - before, what="the other clients released")
+
+
 def test_an_open_client_referred_to_by_nothing_runs_until_closed(hub: Hub) -> None:
     """As the official client's threads keep it: an open client that nothing refers to
     (its listener neither) keeps running and delivering; once closed and dropped, it is
     collected and its callbacks released (before, it was collected and closed while open)."""
-    import gc
-
-    from webpubsub_client._callbacks import REGISTRY
-
-    gc.collect()
-    before = len(REGISTRY)
+    before = registered()
     got = Collector()
     client = make(WebPubSubClientCredential(hub.url()))
     client.subscribe(CallbackType.GROUP_MESSAGE, got)
     client.open()
     client.join_group("kept")
-    assert len(REGISTRY) == before + 2  # the event sink and the credential provider
+    mine = registered() - before
+    assert len(mine) == 2  # the event sink and the credential provider
     ref = weakref.ref(client)
     del client
     gc.collect()
@@ -1067,7 +1316,7 @@ def test_an_open_client_referred_to_by_nothing_runs_until_closed(hub: Hub) -> No
     kept.close()
     del kept
     gc.collect()
-    wait_until(lambda: gc.collect() >= 0 and len(REGISTRY) == before, what="registry entries released")
+    wait_until(lambda: gc.collect() >= 0 and not mine & registered(), what="registry entries released")
     assert ref() is None
 
 
@@ -1076,12 +1325,7 @@ def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:
     a running client alive, as the official client's threads do, but not a closed, dropped
     one: it is collected and its native client freed (before, its event sink in the
     callback registry kept the listener, and through it the client, until exit)."""
-    import gc
-
-    from webpubsub_client._callbacks import REGISTRY
-
-    gc.collect()
-    before = len(REGISTRY)
+    before = registered()
     got = Collector()
 
     def start_echo_bot() -> "weakref.ref[WebPubSubClient]":
@@ -1096,6 +1340,7 @@ def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:
 
     bot_ref = start_echo_bot()
     gc.collect()  # the running bot is kept alive by its listener
+    bots = registered() - before
     with make(hub.url("other")) as other:
         other.subscribe(CallbackType.GROUP_MESSAGE, got)
         other.join_group("g")
@@ -1110,18 +1355,18 @@ def test_a_closed_client_its_listeners_refer_to_is_collected(hub: Hub) -> None:
         client.close()
         del client
 
-    def sinks_left(count: int) -> bool:
+    def sinks_left(sinks: Set[int]) -> bool:
         # close() returns once the client stopped; its stopped event, which lets the
         # listeners go, may still be on its way to the dispatcher thread: collect again.
         gc.collect()
-        return len(REGISTRY) == count
+        return registered() - before == sinks
 
-    wait_until(lambda: sinks_left(before + 1), what="closed clients freed")  # the bot's sink is left
+    wait_until(lambda: sinks_left(bots), what="closed clients freed")  # the bot's sink is left
     bot = bot_ref()
     assert bot is not None
     bot.close()
     del bot
-    wait_until(lambda: sinks_left(before), what="the closed bot freed")
+    wait_until(lambda: sinks_left(set()), what="the closed bot freed")
 
 
 # ---- a listener that falls behind --------------------------------------------------------
