@@ -509,6 +509,8 @@ enum Overflow {
     Reliable,
     /// The socket's outbound queue.
     Outbound,
+    /// The socket's outbound queue, by the frames a recovery replays.
+    Replay,
 }
 
 /// One logical client connection; with the reliable protocol it outlives its sockets.
@@ -724,6 +726,10 @@ impl Conn {
                 "the client does not read: its outbound queue is full (limits: {} frames, {} bytes)",
                 server.config.max_outbound_queue, server.config.max_outbound_bytes
             ),
+            Overflow::Replay => format!(
+                "the unacknowledged messages to replay do not fit in the outbound queue (limit: {} frames)",
+                server.config.max_outbound_queue
+            ),
         };
         let reason = format!("{why}; the connection is closed and cannot be recovered");
         tracing::warn!(connection = %self.id, "{reason}");
@@ -769,31 +775,44 @@ impl Conn {
     }
 
     /// Attaches a socket: drops a previous one, queues `connected` (JSON protocols) first and then, on a
-    /// recovery, every unacknowledged frame in order. Returns the socket's epoch, or
-    /// None when the session is closed.
-    pub(crate) fn attach(&self, sock: SocketHandle, connected: Option<Message>) -> Option<u64> {
-        let mut st = self.state.lock();
-        if st.closed {
-            return None;
+    /// recovery, every unacknowledged frame in order. A replay that does not fit in the
+    /// socket's queue could never be delivered: the session then ends for good, as an
+    /// overflow, on the new socket. Returns the socket's epoch, or None when the session
+    /// is closed.
+    pub(crate) fn attach(
+        self: &Arc<Self>,
+        sock: SocketHandle,
+        connected: Option<Message>,
+    ) -> Option<u64> {
+        let (epoch, fits) = {
+            let mut st = self.state.lock();
+            if st.closed {
+                return None;
+            }
+            if let Some(old) = st.socket.take() {
+                old.kill.cancel();
+            }
+            if let Some(away) = st.away.take() {
+                away.cancel();
+            }
+            st.epoch += 1;
+            st.muted_until = None;
+            let fits = sock.fits(usize::from(connected.is_some()) + st.buffer.len());
+            if fits {
+                if let Some(c) = connected {
+                    sock.send(c);
+                }
+                for (_, text) in &st.buffer {
+                    sock.send(Message::Text(text.clone()));
+                }
+            }
+            st.socket = Some(sock);
+            (st.epoch, fits)
+        };
+        if !fits {
+            self.overflow(Overflow::Replay);
         }
-        if let Some(old) = st.socket.take() {
-            old.kill.cancel();
-        }
-        if let Some(away) = st.away.take() {
-            away.cancel();
-        }
-        st.epoch += 1;
-        st.muted_until = None;
-        let mut ok = connected.map_or(true, |c| sock.send(c));
-        for (_, text) in &st.buffer {
-            ok = ok && sock.send(Message::Text(text.clone()));
-        }
-        if !ok {
-            sock.kill.cancel();
-            return None;
-        }
-        st.socket = Some(sock);
-        Some(st.epoch)
+        Some(epoch)
     }
 
     /// Detaches the socket of that epoch. None when a newer socket is attached; else a

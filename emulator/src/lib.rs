@@ -180,7 +180,7 @@ pub struct Config {
     /// Reliable protocol: unacknowledged bytes kept per connection (default 16 MiB).
     pub max_unacked_bytes: usize,
     /// Frames queued to one socket before a client that does not read is closed
-    /// (default 1,000,000).
+    /// (default 1,000,000); a recovery whose replay does not fit ends the session.
     pub max_outbound_queue: usize,
     /// Bytes queued to one socket before a client that does not read is closed
     /// (default 64 MiB).

@@ -92,6 +92,11 @@ impl SocketHandle {
         sent
     }
 
+    /// Is there room for `frames` more frames, besides the headroom for the final close?
+    pub(crate) fn fits(&self, frames: usize) -> bool {
+        self.tx.capacity() >= frames + CLOSE_HEADROOM
+    }
+
     /// Bytes queued and not yet taken by the writer.
     pub(crate) fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)

@@ -95,13 +95,27 @@ async fn invalid_frames_without_ack_id_close_with_a_reason() {
     .await;
     expect_rejected(
         &emu,
+        Message::Text(r#"{"type":"sequenceAck","sequenceId":"5"}"#.into()),
+        1003,
+        "Invalid frame",
+    )
+    .await;
+    expect_rejected(
+        &emu,
+        Message::Text(r#"{"type":"sendToGroup","ackId":1.5,"group":"g","data":"x"}"#.into()),
+        1003,
+        "Invalid frame",
+    )
+    .await;
+    expect_rejected(
+        &emu,
         Message::Text(r#"{"type":"invoke","event":"e"}"#.into()),
         1003,
         "invocationId",
     )
     .await;
     expect_rejected(&emu, Message::Binary(vec![1u8, 2].into()), 1003, "Binary").await;
-    assert!(stats(&emu).await["badFrames"].as_u64().unwrap() >= 6);
+    assert!(stats(&emu).await["badFrames"].as_u64().unwrap() >= 8);
     emu.shutdown().await;
 }
 

@@ -112,6 +112,67 @@ async fn duplicate_ack_id() {
 }
 
 #[tokio::test]
+async fn ack_ids_at_the_ends_of_their_range_and_the_window_of_1000() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    for id in [0, u64::MAX] {
+        let ack = a.join("g", id).await;
+        assert_ack_ok(&ack);
+        assert_eq!(ack["ackId"], id, "{ack}");
+        assert_ack_error(&a.join("g", id).await, "Duplicate");
+    }
+    // The last 1000 ackIds are remembered (0 and MAX above are among them).
+    for id in 1..=998 {
+        a.send_json(json!({"type":"joinGroup","group":"g","ackId":id}))
+            .await;
+    }
+    for id in 1..=998u64 {
+        let ack = a.next_json().await;
+        assert_eq!(ack["ackId"], id, "{ack}");
+        assert_ack_ok(&ack);
+    }
+    assert_ack_error(&a.join("g", 0).await, "Duplicate");
+    assert_ack_ok(&a.join("g", 999).await); // the 1001st: 0 is forgotten
+    assert_ack_ok(&a.join("g", 0).await); // ... and MAX with it
+    assert_ack_ok(&a.join("g", u64::MAX).await);
+    assert_ack_error(&a.join("g", 3).await, "Duplicate");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_send_right_after_a_join_reaches_the_sender_and_leaving_twice_is_fine() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    // Not waiting for the join's ack: frames of one connection are handled in order.
+    a.send_json(json!({"type":"joinGroup","group":"g","ackId":1}))
+        .await;
+    a.send_json(json!({"type":"sendToGroup","group":"g","ackId":2,"dataType":"text","data":"hi"}))
+        .await;
+    let first = a.next_json().await;
+    assert_ack_ok(&first);
+    assert_eq!(first["ackId"], 1);
+    let mut rest = [a.next_json().await, a.next_json().await];
+    rest.sort_by_key(|f| f["type"].as_str().map(str::to_owned));
+    assert_ack_ok(&rest[0]);
+    assert_eq!(rest[0]["ackId"], 2);
+    assert_eq!(
+        (&rest[1]["data"], &rest[1]["sequenceId"]),
+        (&json!("hi"), &json!(1))
+    );
+    for id in [3, 4] {
+        let left = a
+            .call(json!({"type":"leaveGroup","group":"g","ackId":id}))
+            .await;
+        assert_ack_ok(&left);
+    }
+    assert_ack_ok(
+        &a.call(json!({"type":"leaveGroup","group":"never","ackId":5}))
+            .await,
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn forbidden_without_roles_and_scoped_roles() {
     let emu = start().await;
     let none = TokenOptions::default();

@@ -15,6 +15,16 @@ fn recovery_url(url: &str, connected: &Value) -> String {
     )
 }
 
+/// A publisher "a" on the JSON protocol, and "b" on the reliable one joined to "g": a,
+/// b, b's URL and its `connected` frame.
+async fn publisher_and_subscriber(emu: &Emulator) -> (Ws, Ws, String, Value) {
+    let (a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let url_b = emu.client_url("h", &all_roles("b"));
+    let (mut b, connected) = connect_json(&url_b, RELIABLE).await;
+    assert_ack_ok(&b.join("g", 1).await);
+    (a, b, url_b, connected)
+}
+
 fn text(group: &str, data: &str) -> Value {
     json!({"type":"sendToGroup","group":group,"dataType":"text","data":data})
 }
@@ -22,11 +32,8 @@ fn text(group: &str, data: &str) -> Value {
 #[tokio::test]
 async fn recovery_replays_every_unacked_frame_in_order() {
     let emu = start().await;
-    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
-    let url_b = emu.client_url("h", &all_roles("b"));
-    let (mut b, connected) = connect_json(&url_b, RELIABLE).await;
+    let (mut a, mut b, url_b, connected) = publisher_and_subscriber(&emu).await;
     let id = connected["connectionId"].as_str().unwrap().to_owned();
-    assert_ack_ok(&b.join("g", 1).await);
     for i in 1..=3 {
         a.send_json(text("g", &format!("m{i}"))).await;
     }
@@ -195,9 +202,7 @@ async fn buffer_overflow_closes_with_a_reason() {
         ..Config::default()
     })
     .await;
-    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
-    let (mut b, _) = connect_json(&emu.client_url("h", &all_roles("b")), RELIABLE).await;
-    assert_ack_ok(&b.join("g", 1).await);
+    let (mut a, mut b, _, _) = publisher_and_subscriber(&emu).await;
     for i in 0..6 {
         a.send_json(text("g", &i.to_string())).await;
     }
@@ -367,4 +372,257 @@ async fn random_keys_differ() {
         .contains(&format!("AccessKey={};", a.access_key())));
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A ping round trip: every frame `ws` sent before it has been handled.
+async fn handled(ws: &mut Ws) {
+    ws.send_json(json!({"type":"ping"})).await;
+    assert_eq!(ws.next_json().await["type"], "pong");
+}
+
+/// Sends m{i} to group g for each i.
+async fn publish(ws: &mut Ws, range: std::ops::RangeInclusive<u64>) {
+    for i in range {
+        ws.send_json(text("g", &format!("m{i}"))).await;
+    }
+}
+
+async fn unacked(emu: &Emulator) -> u64 {
+    stats(emu).await["unackedMessages"].as_u64().unwrap()
+}
+
+/// (sequenceId, data) of a message frame.
+fn seq_data(m: &Value) -> (u64, String) {
+    assert_eq!(m["type"], "message", "{m}");
+    (
+        m["sequenceId"].as_u64().unwrap(),
+        m["data"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn sequence_acks_ahead_behind_zero_and_max_neither_underflow_nor_stall() {
+    let emu = start().await;
+    let (mut a, mut b, url_b, connected) = publisher_and_subscriber(&emu).await;
+    publish(&mut a, 1..=3).await;
+    for i in 1..=3 {
+        assert_eq!(seq_data(&b.next_json().await), (i, format!("m{i}")));
+    }
+    b.send_json(json!({"type":"sequenceAck","sequenceId":u64::MAX}))
+        .await;
+    handled(&mut b).await;
+    assert_eq!(unacked(&emu).await, 0);
+
+    publish(&mut a, 4..=6).await;
+    for i in 4..=6 {
+        assert_eq!(b.next_json().await["sequenceId"], i);
+    }
+    // Backwards, zero and repeated acks change nothing past the highest one.
+    for seq in [0u64, 2, 4, 4, 3, 0] {
+        b.send_json(json!({"type":"sequenceAck","sequenceId":seq}))
+            .await;
+    }
+    handled(&mut b).await;
+    assert_eq!(unacked(&emu).await, 2);
+
+    // An ack ahead of every id sent covers what was sent, not what comes next.
+    b.send_json(json!({"type":"sequenceAck","sequenceId":100}))
+        .await;
+    handled(&mut b).await;
+    assert_eq!(unacked(&emu).await, 0);
+    publish(&mut a, 7..=7).await;
+    assert_eq!(seq_data(&b.next_json().await), (7, "m7".into()));
+    assert_eq!(unacked(&emu).await, 1);
+
+    fault(
+        &emu,
+        "h",
+        connected["connectionId"].as_str().unwrap(),
+        ":drop",
+    )
+    .await;
+    b.expect_abrupt_end().await;
+    let (mut b2, _) = connect_json(&recovery_url(&url_b, &connected), RELIABLE).await;
+    assert_eq!(seq_data(&b2.next_json().await), (7, "m7".into()));
+    publish(&mut a, 8..=8).await;
+    assert_eq!(seq_data(&b2.next_json().await), (8, "m8".into()));
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_recoveries_at_once_leave_one_socket_with_the_whole_replay() {
+    let emu = start().await;
+    let (mut a, mut b, url_b, connected) = publisher_and_subscriber(&emu).await;
+    for i in 1..=3 {
+        a.send_json(text("g", &format!("m{i}"))).await;
+    }
+    for _ in 1..=3 {
+        b.next_json().await;
+    }
+    let url = recovery_url(&url_b, &connected);
+    let (x, y) = tokio::join!(connect(&url, Some(RELIABLE)), connect(&url, Some(RELIABLE)));
+    b.expect_abrupt_end().await;
+    // Both attached (each replacing the socket before it) before m4 is published.
+    let deadline = Instant::now() + WAIT;
+    while stats(&emu).await["recoveries"] != 2 {
+        assert!(Instant::now() < deadline, "two recoveries never attached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ack_ok(
+        &a.call(json!({"type":"sendToGroup","group":"g","ackId":1,"dataType":"text","data":"m4"}))
+            .await,
+    );
+    // One socket was replaced and ends; the other has `connected`, the replay and m4.
+    let read = |mut ws: Ws| async move {
+        let mut frames = Vec::new();
+        loop {
+            let item = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.inner))
+                .await
+                .expect("a frame or the end in time");
+            match item {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    let last = v["sequenceId"] == 4;
+                    frames.push(v);
+                    if last {
+                        return Some((frames, ws));
+                    }
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                    panic!("a replaced socket ends without a close frame: {f:?}")
+                }
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return None,
+            }
+        }
+    };
+    let (x, y) = tokio::join!(read(x), read(y));
+    let (frames, _kept) = match (x, y) {
+        (Some(kept), None) | (None, Some(kept)) => kept,
+        (x, y) => panic!(
+            "exactly one socket must stay: {:?} {:?}",
+            x.map(|k| k.0),
+            y.map(|k| k.0)
+        ),
+    };
+    assert_eq!(frames[0]["event"], "connected", "{frames:?}");
+    assert_eq!(frames[0]["connectionId"], connected["connectionId"]);
+    let got: Vec<(u64, String)> = frames[1..].iter().map(seq_data).collect();
+    let want: Vec<(u64, String)> = (1..=4).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(got, want);
+    let s = stats(&emu).await;
+    assert_eq!(
+        (s["connections"].as_u64(), s["awaitingRecovery"].as_u64()),
+        (Some(2), Some(0))
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reconnection_token_of_another_connection_recovers_nothing() {
+    let emu = start().await;
+    let url_b = emu.client_url("h", &all_roles("b"));
+    let (mut b, cb) = connect_json(&url_b, RELIABLE).await;
+    let (mut c, cc) = connect_json(&emu.client_url("h", &all_roles("c")), RELIABLE).await;
+    let crossed = json!({
+        "connectionId": cb["connectionId"],
+        "reconnectionToken": cc["reconnectionToken"],
+    });
+    let mut refused = connect(&recovery_url(&url_b, &crossed), Some(RELIABLE)).await;
+    assert_eq!(
+        refused.expect_close().await,
+        (1008, "The connection could not be recovered.".into())
+    );
+    // Neither session was touched.
+    handled(&mut b).await;
+    handled(&mut c).await;
+    let (_b2, again) = connect_json(&recovery_url(&url_b, &cb), RELIABLE).await;
+    assert_eq!(again["connectionId"], cb["connectionId"]);
+    assert_eq!(again["reconnectionToken"], cb["reconnectionToken"]);
+    assert_eq!(again["userId"], "b");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn recoveries_under_load_replay_from_the_ack_with_no_gap_and_no_repeat() {
+    const N: u64 = 400;
+    let emu = start().await;
+    let (mut a, mut b, url_b, connected) = publisher_and_subscriber(&emu).await;
+    let publisher = tokio::spawn(async move {
+        for i in 1..=N {
+            a.send_json(text("g", &format!("m{i}"))).await;
+        }
+        a
+    });
+    let recovery = recovery_url(&url_b, &connected);
+    // On each socket the messages are consecutive from one past the last handled ack.
+    let mut expected = 1u64;
+    while expected <= N {
+        let (seq, data) = seq_data(&b.next_json().await);
+        assert_eq!((seq, data), (expected, format!("m{expected}")));
+        expected += 1;
+        if seq % 50 == 0 && seq < N {
+            // Ack, make sure it is handled, then recover with the old socket still open.
+            b.send_json(json!({"type":"sequenceAck","sequenceId":seq}))
+                .await;
+            b.send_json(json!({"type":"ping"})).await;
+            loop {
+                let m = b.next_json().await;
+                if m["type"] == "pong" {
+                    break;
+                }
+                assert_eq!(seq_data(&m), (expected, format!("m{expected}")));
+                expected += 1;
+            }
+            b = connect_json(&recovery, RELIABLE).await.0;
+            expected = seq + 1;
+        }
+    }
+    assert_eq!(stats(&emu).await["recoveries"], (N - 1) / 50);
+    publisher.await.unwrap();
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replay_too_big_for_the_outbound_queue_ends_the_session_for_good() {
+    let emu = start_with(Config {
+        max_outbound_queue: 2,
+        ..Config::default()
+    })
+    .await;
+    let (mut a, mut b, url_b, connected) = publisher_and_subscriber(&emu).await;
+    fault(
+        &emu,
+        "h",
+        connected["connectionId"].as_str().unwrap(),
+        ":drop",
+    )
+    .await;
+    b.expect_abrupt_end().await;
+    for i in 1..=20 {
+        a.send_json(text("g", &format!("m{i}"))).await;
+    }
+    handled(&mut a).await;
+    assert_eq!(unacked(&emu).await, 20);
+    // Twenty frames cannot be queued to a socket: the session cannot be recovered and
+    // ends with the reason, instead of staying forever without a socket.
+    let mut b2 = connect(&recovery_url(&url_b, &connected), Some(RELIABLE)).await;
+    let d = b2.next_json().await;
+    assert_eq!(d["event"], "disconnected", "{d}");
+    let (code, reason) = b2.expect_close().await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("replay"), "{reason}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = stats(&emu).await;
+        if s["connections"] == 1 && s["unackedMessages"] == 0 && s["slotsTaken"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session was never forgotten: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    emu.shutdown().await;
 }
