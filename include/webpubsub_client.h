@@ -380,6 +380,9 @@ typedef void (*wps_user_data_free_cb)(void *user_data);
  * `wps_credential_result_set_error` before returning (it may block meanwhile), or call
  * `wps_credential_result_defer` and answer later, from any thread. A callback that
  * returns having done neither fails the attempt with `WPS_STATUS_CREDENTIAL_FAILED`.
+ * A call that outlives its connection attempt (the start timeout, a stop) does not
+ * hold the next attempt back: the next call may then run at the same time, on another
+ * thread, with the same user data.
  */
 typedef void (*wps_credential_cb)(void *user_data, struct wps_credential_result *result);
 

@@ -213,6 +213,30 @@ fn a_stop_abandons_a_deferred_request_and_a_new_start_asks_again() {
     rt.block_on(emulator.shutdown());
 }
 
+/// The request is over when `wps_client_stop` returns, not only once the start it failed
+/// has returned too: an answer given straight after the stop is refused. (The task
+/// answered the stop before it dropped the request: most rounds took the answer.)
+#[test]
+fn an_answer_right_after_the_stop_returned_is_refused() {
+    let setup = Setup::new(0);
+    for round in 0..20 {
+        let start = setup.start();
+        let token = setup.token();
+        check(unsafe { wps_client_stop(setup.client) }, "wps_client_stop");
+        let late = unsafe { wps_credential_result_set_url(token, c"ws://127.0.0.1:9/x".as_ptr()) };
+        assert_eq!(
+            late,
+            WPS_STATUS_ILLEGAL_STATE,
+            "round {round}: {}",
+            last_error()
+        );
+        let (status, error) = outcome(&start);
+        assert_eq!(status, WPS_STATUS_STOPPED, "{error}");
+    }
+    let state = setup.free();
+    assert_eq!(state.freed.load(Ordering::SeqCst), 1);
+}
+
 #[test]
 fn a_free_abandons_a_deferred_request_and_finalizes_once() {
     let setup = Setup::new(0);

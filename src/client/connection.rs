@@ -921,33 +921,39 @@ impl Task {
     /// queued (`queue`, during a recovery) or refused. `Err` carries the phase to go
     /// to when the client was stopped or dropped.
     async fn offline<F: Future>(&mut self, fut: F, queue: bool) -> Result<F::Output, Next> {
-        tokio::pin!(fut);
-        loop {
-            if queue {
-                self.update_recovery_queue_full();
-            }
-            tokio::select! {
-                output = &mut fut => return Ok(output),
-                command = self.commands.recv() => match command {
-                    None => return Err(Next::Exit),
-                    Some(Command::Stop(reply)) => return Err(self.stop(Some(reply))),
-                    Some(Command::Start(reply)) => {
-                        let _ = reply.send(Err(already_started()));
-                    }
-                    Some(Command::CancelInvocation(id)) => {
-                        self.pending.cancel_invoke(&id);
-                    }
-                },
-                Some(op) = self.operations.recv(), if !queue || self.takes_operations() => {
-                    self.shared.direct.finished(1);
-                    if queue {
-                        self.queue_op(op);
-                    } else {
-                        op.refuse(Error::NotConnected { ack_id: None });
+        let stop = {
+            tokio::pin!(fut);
+            loop {
+                if queue {
+                    self.update_recovery_queue_full();
+                }
+                tokio::select! {
+                    output = &mut fut => return Ok(output),
+                    command = self.commands.recv() => match command {
+                        None => return Err(Next::Exit),
+                        Some(Command::Stop(reply)) => break reply,
+                        Some(Command::Start(reply)) => {
+                            let _ = reply.send(Err(already_started()));
+                        }
+                        Some(Command::CancelInvocation(id)) => {
+                            self.pending.cancel_invoke(&id);
+                        }
+                    },
+                    Some(op) = self.operations.recv(), if !queue || self.takes_operations() => {
+                        self.shared.direct.finished(1);
+                        if queue {
+                            self.queue_op(op);
+                        } else {
+                            op.refuse(Error::NotConnected { ack_id: None });
+                        }
                     }
                 }
             }
-        }
+        };
+        // `fut` was dropped, before the stop is answered: whoever waited for the stop
+        // finds what it abandoned over (a credential request, whose late answer is then
+        // refused).
+        Err(self.stop(Some(stop)))
     }
 
     /// Whether the task takes another operation from the channel: fewer than

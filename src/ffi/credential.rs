@@ -33,6 +33,9 @@ pub struct wps_credential_result {
 /// `wps_credential_result_set_error` before returning (it may block meanwhile), or call
 /// `wps_credential_result_defer` and answer later, from any thread. A callback that
 /// returns having done neither fails the attempt with `WPS_STATUS_CREDENTIAL_FAILED`.
+/// A call that outlives its connection attempt (the start timeout, a stop) does not
+/// hold the next attempt back: the next call may then run at the same time, on another
+/// thread, with the same user data.
 pub type wps_credential_cb =
     Option<unsafe extern "C" fn(user_data: *mut c_void, result: *mut wps_credential_result)>;
 
