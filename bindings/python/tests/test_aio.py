@@ -453,6 +453,38 @@ async def test_the_async_credential_runs_on_the_loop_and_is_cancelled_after_the_
     assert threads == [threading.get_ident()] * 2
 
 
+@pytest.mark.parametrize("how", ["close", "cancel"])
+async def test_a_stop_during_open_cancels_the_async_credential(how: str) -> None:
+    """A close() during open(), or a cancelled open(), cancels the provider at once, as the
+    official open() cancels the provider it awaits: its request is over. (It ran on until
+    the start timeout.)"""
+    asked, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def provide() -> str:
+        asked.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "ws://127.0.0.1:9/client/hubs/h"
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=WAIT * 6, reconnect_retry_total=0)
+    opening = asyncio.ensure_future(client.open())
+    await asyncio.wait_for(asked.wait(), WAIT)
+    if how == "close":
+        await client.close()
+        with pytest.raises(OpenClientError, match="stopped"):
+            await opening
+    else:
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+    await asyncio.wait_for(cancelled.wait(), WAIT)
+    # A cancelled open() sends its stop without waiting for it.
+    await until(lambda: client.state is WebPubSubClientState.STOPPED, "stopped")
+
+
 async def test_a_wrong_async_credential_answer_fails_open(hub: Hub) -> None:
     async def not_a_str() -> Any:
         return 42

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Tuple, Union, cast, overload
+from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Set, Tuple, Union, cast, overload
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -195,6 +195,9 @@ class _AsyncSink:
         # the latest request only: an abandoned one that raises later stands for nothing.
         self.credential_error: Optional[Exception] = None
         self.latest_request: Optional[int] = None
+        # The provider tasks not done yet: a stop cancels them (their requests are over),
+        # as the official client's provider is cancelled with its open().
+        self._providers: Set["asyncio.Task[str]"] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events and completions to ``loop`` (running on this thread) from now on."""
@@ -416,11 +419,21 @@ class _AsyncSink:
     ) -> None:
         self.credential_error, self.latest_request = None, result
         task = loop.create_task(_client_access_url(credential))
+        self._providers.add(task)
         timer = loop.call_later(timeout, task.cancel)
         task.add_done_callback(functools.partial(self._answer_credential, result, timer))
 
+    def cancel_providers(self) -> None:
+        """Cancel the provider tasks of this loop still running, once the client stopped:
+        their requests were abandoned, and their answers would be refused."""
+        loop = asyncio.get_running_loop()
+        for task in list(self._providers):
+            if task.get_loop() is loop:
+                task.cancel()
+
     def _answer_credential(self, result: int, timer: asyncio.TimerHandle, task: "asyncio.Task[str]") -> None:
         timer.cancel()
+        self._providers.discard(task)
         if task.cancelled():
             _callbacks.answer_credential(result, None, RuntimeError("the credential provider was cancelled"))
             return
@@ -909,6 +922,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             completion = await self._run(lib.wps_client_start_async, handle, checked=False)
         except asyncio.CancelledError:
             lib.wps_client_stop_async(handle, _NO_COMPLETION, None, None)  # no connection behind a cancelled open
+            self._sink.cancel_providers()
             raise
         finally:
             # Again after the start: a stopped event of an earlier run, delivered while this
@@ -934,6 +948,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             listeners = self._sink.running_listeners(own)
             # completes after the disconnected and stopped events, dispatched before it
             completion = await self._run(lib.wps_client_stop_async, self._handle, checked=False)
+            self._sink.cancel_providers()
             status = completion.status
             if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
                 raise WebPubSubClientError(f"{_native.status_str(status)}: {completion.error_message}", status=status)
