@@ -536,7 +536,7 @@ impl Task {
                     now = Instant::now();
                     let since = paused.take().map_or(now, |(_, since)| since);
                     self.register_written();
-                    self.pending.postpone(since.into_std(), now.into_std());
+                    self.pending.postpone(now - since);
                     op_armed = None;
                     last_received = now;
                     silence.as_mut().reset(silence_limit.map_or(far, |d| now + d));

@@ -128,7 +128,7 @@ pub trait EventHandler: Send + Sync {
     /// holds the service back (which buffers, or drops a slow connection) instead of
     /// growing the process's memory. Meanwhile operations are still written, keep-alive
     /// pings still go out, and neither ack timeouts nor the keep-alive timeout run (an
-    /// operation's deadline moves by the part of the pause it waited through). A consumer that awaits an operation of
+    /// operation's deadline moves by the pause). A consumer that awaits an operation of
     /// this client before it takes more events would wait for the pause: complete
     /// `resume` then (the C layer does so for its blocking calls). `None` (the default):
     /// never paused.
