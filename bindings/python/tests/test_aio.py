@@ -1394,64 +1394,6 @@ async def test_a_dispatch_its_loop_began_before_another_thread_moved_the_client_
         assert after.ack_id is not None
 
 
-def test_one_client_used_from_loops_on_two_threads_at_once(hub: Hub) -> None:
-    """Each operation moves the client to its own loop (the one dispatching its
-    completions), so one client used from two loops in two threads moves back and forth:
-    every send completes, each thread's messages arrive in its order, the listeners stay
-    on the loop that opened the client, and neither loop is called from the other's
-    thread (both in debug mode, where such a call raises)."""
-    client = make(hub.url())
-    got: List[str] = []
-    listener_threads = set()
-    opened = threading.Event()
-    outcomes: List[Any] = []
-
-    def on_message(message: OnGroupDataMessageArgs) -> None:
-        got.append(message.data)
-        listener_threads.add(threading.get_ident())
-
-    async def burst(tag: str) -> None:
-        for round_ in range(10):
-            sends = (
-                client.send_to_group("g", f"{tag}{round_}.{n}", WebPubSubDataType.TEXT, ack=n % 5 != 0)
-                for n in range(25)
-            )
-            await asyncio.wait_for(asyncio.gather(*sends), WAIT)
-            await client.join_group(f"{tag}{round_}")
-
-    async def opener() -> None:
-        await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
-        await client.open()
-        try:
-            await client.join_group("g")
-            opened.set()
-            await burst("a")
-            await until(lambda: len(got) == 500, "every message")
-        finally:
-            await client.close()
-
-    def run(main: Callable[[], Any]) -> None:
-        loop = asyncio.new_event_loop()
-        loop.set_debug(True)
-        loop.slow_callback_duration = WAIT
-        try:
-            loop.run_until_complete(main())
-            outcomes.append(None)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcomes.append(exc)
-        finally:
-            loop.close()
-
-    other = threading.Thread(target=lambda: opened.wait(WAIT) and run(lambda: burst("b")), daemon=True)
-    other.start()
-    run(opener)
-    other.join(WAIT)
-    assert outcomes == [None, None], outcomes
-    for tag in "ab":
-        assert [text for text in got if text.startswith(tag)] == [f"{tag}{r}.{n}" for r in range(10) for n in range(25)]
-    assert listener_threads == {threading.get_ident()}
-
-
 def test_a_send_started_as_its_loop_stopped_completes_when_that_loop_runs_again(hub: Hub, monkeypatch: Any) -> None:
     """An acked send waits for the flush its loop runs on its next pass: a loop stopped
     right after the send started (``run_until_complete`` returning) hands it over when
@@ -1483,7 +1425,7 @@ def test_a_send_started_as_its_loop_stopped_completes_when_that_loop_runs_again(
 async def test_sends_deferred_around_a_close_complete_or_fail_at_once(hub: Hub, monkeypatch: Any) -> None:
     """Acked sends still deferred when close() starts (before it, or after it in the
     same loop pass) are handed over before the stop or refused by it: each completes, or
-    fails with "Stopped", at once rather than after its ack timeout."""
+    fails with "Stopped" (or "IllegalState" once stopped), at once rather than after its ack timeout."""
     monkeypatch.setattr(aio_client._Poller, "QUIET", float("inf"))  # every send is deferred
 
     def sends(client: WebPubSubClient, numbers: range) -> List["asyncio.Future[Any]"]:
@@ -1503,7 +1445,9 @@ async def test_sends_deferred_around_a_close_complete_or_fail_at_once(hub: Hub, 
         assert time.monotonic() - started < WAIT / 2
         for outcome in outcomes:
             if isinstance(outcome, SendMessageError):
-                assert outcome.error_detail is not None and outcome.error_detail.name == "Stopped", outcome
+                # "Stopped" while the stop runs, "IllegalState" once the client is stopped.
+                names = ("Stopped", "IllegalState")
+                assert outcome.error_detail is not None and outcome.error_detail.name in names, outcome
             else:
                 assert outcome.ack_id is not None, outcome
 
