@@ -3,7 +3,7 @@
 //! kept however long it sends nothing of its own.
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
@@ -32,15 +32,10 @@ fn short_keep_alive() -> Config {
 
 /// Polls the stats until `key` is `value`.
 async fn until_stat(emu: &Emulator, key: &str, value: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = stats(emu).await;
-        if now[key] == value {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{key} never {value}: {now}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stats_until(emu, &format!("{key} never {value}"), |now| {
+        now[key] == value
+    })
+    .await;
 }
 
 /// An upstream that reports the `ce-type` of every system event it receives.

@@ -174,11 +174,10 @@ async fn recovery_window_expires() {
     )
     .await;
     b.expect_abrupt_end().await;
-    let deadline = Instant::now() + WAIT;
-    while stats(&emu).await["connections"] != 0 {
-        assert!(Instant::now() < deadline, "the session was never forgotten");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stats_until(&emu, "the session was never forgotten", |s| {
+        s["connections"] == 0
+    })
+    .await;
     let mut ws = connect(&recovery_url(&url, &connected), Some(RELIABLE)).await;
     assert_eq!(ws.expect_close().await.0, 1008);
     emu.shutdown().await;
@@ -323,11 +322,10 @@ async fn drop_on_plain_json_forgets_the_connection() {
     )
     .await;
     a.expect_abrupt_end().await;
-    let deadline = Instant::now() + WAIT;
-    while stats(&emu).await["connections"] != 0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stats_until(&emu, "the connection was never forgotten", |s| {
+        s["connections"] == 0
+    })
+    .await;
     emu.shutdown().await;
 }
 
@@ -463,11 +461,10 @@ async fn two_recoveries_at_once_leave_one_socket_with_the_whole_replay() {
     let (x, y) = tokio::join!(connect(&url, Some(RELIABLE)), connect(&url, Some(RELIABLE)));
     b.expect_abrupt_end().await;
     // Both attached (each replacing the socket before it) before m4 is published.
-    let deadline = Instant::now() + WAIT;
-    while stats(&emu).await["recoveries"] != 2 {
-        assert!(Instant::now() < deadline, "two recoveries never attached");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stats_until(&emu, "two recoveries never attached", |s| {
+        s["recoveries"] == 2
+    })
+    .await;
     assert_ack_ok(
         &a.call(json!({"type":"sendToGroup","group":"g","ackId":1,"dataType":"text","data":"m4"}))
             .await,
@@ -612,17 +609,9 @@ async fn a_replay_too_big_for_the_outbound_queue_ends_the_session_for_good() {
     let (code, reason) = b2.expect_close().await;
     assert_eq!(code, 1008);
     assert!(reason.contains("replay"), "{reason}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = stats(&emu).await;
-        if s["connections"] == 1 && s["unackedMessages"] == 0 && s["slotsTaken"] == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the session was never forgotten: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stats_until(&emu, "the session was never forgotten", |s| {
+        s["connections"] == 1 && s["unackedMessages"] == 0 && s["slotsTaken"] == 1
+    })
+    .await;
     emu.shutdown().await;
 }

@@ -203,6 +203,20 @@ pub async fn stats(emulator: &Emulator) -> Value {
         .unwrap()
 }
 
+/// Polls the stats until `done` holds of them, failing after `WAIT` with `what` never
+/// having happened; returns them.
+pub async fn stats_until(emulator: &Emulator, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = stats(emulator).await;
+        if done(&now) {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {now}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn fault(emulator: &Emulator, hub: &str, conn: &str, action: &str) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!(
