@@ -131,6 +131,23 @@ async def test_context_manager_and_round_trip(hub: Hub, protocol: WebPubSubProto
     assert not client.is_connected()
 
 
+async def test_json_with_lone_surrogates_round_trips_as_with_the_official_client(hub: Hub) -> None:
+    """UTF-8 cannot carry a lone surrogate: the JSON writes it as an escape, as the
+    official client's writes every non-ASCII character (was a UnicodeEncodeError). Text
+    has no escape for it: a ValueError naming the content."""
+    content = {"lone": "a\ud800b", "\udfffkey": ["\u00e9", "\U0001f600"]}
+    got = AsyncCollector()
+    async with make(hub.url("bob")) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        await client.join_group("g")
+        await client.send_to_group("g", content, WebPubSubDataType.JSON)
+        with pytest.raises(ValueError, match="content is not valid Unicode text"):
+            await client.send_to_group("g", "a\ud800b", WebPubSubDataType.TEXT)
+        await client.send_to_group("g", "after", WebPubSubDataType.TEXT)
+        messages = await got.wait_for(2)
+    assert [m.data for m in messages] == [content, "after"]
+
+
 async def test_an_ack_id_with_ack_false_is_ignored_as_by_the_official_client_async(hub: Hub) -> None:
     """As for the sync client: the ``ack_id`` of a fire-and-forget message is left out."""
     got = AsyncCollector()

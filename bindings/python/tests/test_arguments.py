@@ -115,6 +115,7 @@ def test_usable_urls(url: str) -> None:
         ({"keep_alive_interval": -1}, ValueError, "keep_alive_interval"),
         ({"keep_alive_interval": 30, "keep_alive_timeout": 30}, ValueError, "must be longer than keep_alive_interval"),
         ({"ca_pem": 12}, TypeError, "ca_pem must be PEM text"),
+        ({"ca_pem": "\ud800"}, ValueError, "ca_pem is not valid Unicode text"),
         ({"logging_enable": 1}, TypeError, "logging_enable must be a bool"),
         ({"user_agent": 5}, TypeError, "user_agent must be a str"),
         ({"user_agent": "two\nlines"}, ValueError, "user_agent must be printable ASCII"),
@@ -125,6 +126,18 @@ def test_bad_options(options: Dict[str, Any], error: type, text: str) -> None:
         WebPubSubClient(URL, **options)
     with pytest.raises(error, match=text):
         AsyncWebPubSubClient(URL, **options)
+
+
+@pytest.mark.parametrize("seconds", [10**400, 1.7e308], ids=["int beyond float", "float beyond 2**64 ms"])
+def test_durations_too_long_for_64_bit_milliseconds_mean_the_longest(seconds: Any) -> None:
+    """As ``reconnect_retry_total=2**63`` does: no OverflowError from converting a huge int to
+    float or a float product to int (were "int too large to convert to float" and
+    "cannot convert float infinity to integer")."""
+    options = _base.Options(ack_timeout=seconds, recovery_timeout=seconds, message_retry_backoff_factor=seconds)
+    assert options.ack_timeout_ms == options.recovery[0] == options.message_retry[1] == _base._native.UINT64_MAX
+    assert _base.check_timeout(seconds) == _base._native.UINT64_MAX
+    WebPubSubClient(URL, start_timeout=seconds, recovery_timeout=seconds, message_retry_backoff_max=seconds)
+    AsyncWebPubSubClient(URL, start_timeout=seconds, recovery_timeout=seconds, reconnect_retry_backoff_factor=seconds)
 
 
 def test_accepted_option_spellings() -> None:
@@ -201,6 +214,9 @@ def test_bad_data_type_spellings(spelling: Any, error: type, text: str) -> None:
         (lambda c: c.send_to_group("g", "x", "xml"), ValueError, "data_type must be one of"),
         (lambda c: c.send_to_group("g", "x", 3), TypeError, "data_type must be a WebPubSubDataType"),
         (lambda c: c.send_to_group("g", "x", "text", ack="no"), TypeError, "ack must be a bool"),
+        (lambda c: c.send_to_group("g", "a\ud800", "text"), ValueError, "content is not valid Unicode text"),
+        (lambda c: c.send_event("e", "\udfff", "text"), ValueError, "content is not valid Unicode text"),
+        (lambda c: c.invoke_event("e", "\udc80", "text"), ValueError, "content is not valid Unicode text"),
         (lambda c: c.send_to_group("g", "x", "text", no_echo=1), TypeError, "no_echo must be a bool"),
         (lambda c: c.send_event(1, "x", "text"), TypeError, "event_name must be a str"),
         (lambda c: c.send_event("e", "x", "text", ack_id=-3), ValueError, "ack_id must be >= 1"),
@@ -225,6 +241,8 @@ def test_bad_operation_arguments(client: WebPubSubClient, call: Any, error: type
         (lambda c: c.join_group(5), TypeError, "group_name must be a str"),
         (lambda c: c.send_to_group("g", 1, "text"), TypeError, "content must be a str"),
         (lambda c: c.send_event("e", "x", "bogus"), ValueError, "data_type must be one of"),
+        (lambda c: c.send_to_group("g", "\ud800", "text"), ValueError, "content is not valid Unicode text"),
+        (lambda c: c.invoke_event("e", "\ud800", "text"), ValueError, "content is not valid Unicode text"),
         (lambda c: c.send_to_group("g", "x", "text", no_echo="yes"), TypeError, "no_echo must be a bool"),
         (lambda c: c.send_event("e", "x", "text", ack=1), TypeError, "ack must be a bool"),
         (lambda c: c.invoke_event("e", "x", "text", timeout=-1), ValueError, "timeout must be a finite"),
@@ -235,6 +253,31 @@ async def test_bad_async_operation_arguments(call: Any, error: type, text: str) 
     client = AsyncWebPubSubClient(URL)
     with pytest.raises(error, match=text):
         await call(client)
+
+
+_UNKNOWN_DATA_TYPE_CALLS = [
+    lambda c: c.send_to_group("g", "x", "xml"),
+    lambda c: c.send_event("e", "x", "xml"),
+    lambda c: c.invoke_event("e", "x", "xml"),
+]
+
+
+@pytest.mark.parametrize("call", _UNKNOWN_DATA_TYPE_CALLS)
+@pytest.mark.parametrize("expected", [TypeError, ValueError])
+def test_an_unknown_data_type_is_a_type_error_as_officially_and_a_value_error(call: Any, expected: type) -> None:
+    """The official client raises TypeError ("Unsupported dataType: xml"): a program that
+    switched its import catches it as before (was a ValueError only)."""
+    with pytest.raises(expected, match="data_type must be one of"):
+        call(WebPubSubClient(URL))
+
+
+@pytest.mark.parametrize("call", _UNKNOWN_DATA_TYPE_CALLS)
+@pytest.mark.parametrize("expected", [TypeError, ValueError])
+async def test_an_unknown_data_type_is_a_type_error_as_officially_and_a_value_error_async(
+    call: Any, expected: type
+) -> None:
+    with pytest.raises(expected, match="data_type must be one of"):
+        await call(AsyncWebPubSubClient(URL))
 
 
 _UNKNOWN_EVENTS = ["nope", "group_message", 7, None, ("connected",)]

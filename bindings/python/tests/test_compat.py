@@ -311,7 +311,8 @@ def test_without_azure_core_the_errors_are_plain_exceptions() -> None:
 def _json_values() -> List[Any]:
     """JSON content with values the standard json module refuses and the official client's
     encoder writes: datetimes (as UTC, RFC 3339), dates, times, timedeltas (ISO 8601
-    durations), bytes and bytearrays (base64), nested and at the top."""
+    durations), bytes and bytearrays (base64), nested and at the top; and strings with
+    lone surrogates, which UTF-8 cannot carry (written as ``\\ud800`` escapes)."""
     utc = datetime.timezone.utc
     return [
         {"at": datetime.datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=utc)},
@@ -329,6 +330,7 @@ def _json_values() -> List[Any]:
         {"raw": b"\x00\x01\xff", "more": bytearray(b"abc")},
         b"top-level bytes",
         (1, {"nested": [{"deeper": datetime.date(2000, 1, 1)}]}),
+        {"lone": "a\ud800b\udfff", "\udc00key": ["\u00e9\U0001f600", "\ud83d"]},
     ]
 
 

@@ -185,14 +185,19 @@ def check_int(value: Any, what: str, minimum: int = 0) -> int:
     return int(value)
 
 
+_MAX_SECONDS = _native.UINT64_MAX // 1000  # longer durations are the longest the library takes
+
+
 def seconds_to_ms(value: Any, what: str) -> int:
-    """A non-negative, finite duration in seconds as whole milliseconds."""
+    """A non-negative, finite duration in seconds as whole milliseconds (at most 2**64 - 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number of seconds (int or float), got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    # NaN compares false to everything; an int is finite (and may be too large for a float)
+    if not value >= 0 or (isinstance(value, float) and math.isinf(value)):
         raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
-    ms = int(round(value * 1000))
-    return min(ms, _native.UINT64_MAX)
+    if value > _MAX_SECONDS:
+        return _native.UINT64_MAX
+    return min(int(round(value * 1000)), _native.UINT64_MAX)  # a float product may round up to 2**64
 
 
 def check_ack_id(ack_id: Any) -> Optional[int]:
@@ -246,35 +251,56 @@ def _enum_value(enum_cls: Type[E], value: Any, what: str) -> E:
     raise TypeError(f"{what} must be a {enum_cls.__name__} or str, got {type(value).__name__}")
 
 
+class UnsupportedDataTypeError(TypeError, ValueError):
+    """A ``data_type`` str that names no data type. A TypeError, as the official client
+    raises ("Unsupported dataType"), so that a program that switched its import still
+    catches it; a ValueError, as for the other options' unknown values."""
+
+
 def data_type_of(value: Any) -> WebPubSubDataType:
     """``value`` as a :class:`WebPubSubDataType` (str values accepted, case-insensitively)."""
     if value.__class__ is str or value.__class__ is WebPubSubDataType:
         member = _DATA_TYPE_VALUES.get(value)  # the usual spellings: one dict hit (this runs per message)
         if member is not None:
             return member
-    return _enum_value(WebPubSubDataType, value, "data_type")
+    try:
+        return _enum_value(WebPubSubDataType, value, "data_type")
+    except ValueError as exc:
+        raise UnsupportedDataTypeError(str(exc)) from None
 
 
 def encode_content(content: Any, data_type: Any) -> Tuple[int, bytes]:
     """The C data type and payload bytes for ``content`` sent as ``data_type``.
 
-    text: a ``str``; json: any JSON-serializable value (with azure-core installed, also
-    datetimes, timedeltas and bytes, as the official client writes them); binary/protobuf: ``bytes``,
+    text: a ``str`` (UTF-8 on the wire, so without lone surrogates); json: any
+    JSON-serializable value (with azure-core installed, also datetimes, timedeltas and
+    bytes, as the official client writes them); binary/protobuf: ``bytes``,
     ``bytearray`` or ``memoryview``.
     """
     kind = data_type_of(data_type)
     if kind is _TEXT:
         if not isinstance(content, str):
             raise TypeError(f"content must be a str when data_type is text, got {type(content).__name__}")
-        return _TEXT_NUMBER, content.encode()  # UTF-8, strict
+        try:
+            return _TEXT_NUMBER, content.encode()  # UTF-8, strict
+        except UnicodeEncodeError as exc:
+            # The library's text is UTF-8, which has no form for a lone surrogate (JSON's
+            # "\ud800" escape has one: send such a string as json).
+            raise ValueError(f"content is not valid Unicode text: {exc}") from None
     if kind is _JSON:
         try:
             text = json.dumps(content, cls=_JSONEncoder, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            try:
+                payload = text.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate, which UTF-8 cannot carry: written as an escape, as the
+                # official client writes every character beyond ASCII.
+                payload = json.dumps(content, cls=_JSONEncoder, separators=(",", ":"), allow_nan=False).encode("ascii")
         except TypeError as exc:
             raise TypeError(f"content is not JSON-serializable: {exc}") from None
         except ValueError as exc:
             raise ValueError(f"content is not valid JSON: {exc}") from None
-        return _DATA_TYPES[kind], text.encode("utf-8")
+        return _DATA_TYPES[kind], payload
     if isinstance(content, (bytes, bytearray, memoryview)):
         return _DATA_TYPES[kind], bytes(content)
     raise TypeError(
@@ -382,7 +408,10 @@ class Options:
         self.ca_pem: Optional[bytes] = None
         if ca_pem is not None:
             if isinstance(ca_pem, str):
-                self.ca_pem = ca_pem.encode("utf-8")
+                try:
+                    self.ca_pem = ca_pem.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(f"ca_pem is not valid Unicode text: {exc}") from None
             elif isinstance(ca_pem, (bytes, bytearray, memoryview)):
                 self.ca_pem = bytes(ca_pem)
             else:
