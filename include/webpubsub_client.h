@@ -1325,8 +1325,10 @@ wps_status wps_options_set_auto_reconnect(struct wps_options *o, bool on);
 wps_status wps_options_set_auto_rejoin_groups(struct wps_options *o, bool on);
 
 /**
- * Retry policy of operations (default 3 retries, 1000 ms, max 30000 ms, fixed).
- * `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
+ * Retry policy of operations (default 3 retries, 1000 ms, max 30000 ms, fixed): an
+ * acked operation is resent with its ackId after an ack timeout or an
+ * `InternalServerError`, never after another error. `max_retries` UINT32_MAX means
+ * unbounded; `mode` is a `WPS_RETRY_*` value.
  */
 wps_status wps_options_set_message_retry(struct wps_options *o,
                                          uint32_t max_retries,

@@ -3,9 +3,11 @@
  * Two clients join the group "chat"; the first says hello, the second prints what
  * arrives and answers; the program exits once both messages went around.
  *
- * Build: cc -std=c11 chat.c -I include -L target/debug -lwebpubsub_client -lpthread
- * Run:   ./chat 'ws://HOST/client/hubs/HUB?access_token=TOKEN'
+ * Build, from the repository root after `cargo build`:
+ *        cc -std=c11 examples/c/chat.c -I include -L target/debug -lwebpubsub_client -lpthread -o chat
+ * Run:   LD_LIBRARY_PATH=target/debug ./chat 'ws://HOST/client/hubs/HUB?access_token=TOKEN'
  *        (a token with the roles webpubsub.joinLeaveGroup and webpubsub.sendToGroup) */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include "webpubsub_client.h"
 
 #include <pthread.h>

@@ -1,6 +1,7 @@
 """A chat on the local emulator: two clients, a group, every data type, server sends, reconnects.
 
-Run by ``scripts/demo.sh`` (which starts the emulator); by hand:
+Run by ``scripts/demo.sh`` (which starts the emulator); by hand, with the package installed
+(or ``PYTHONPATH=bindings/python``):
 ``python examples/python/chat_demo.py "Endpoint=http://127.0.0.1;Port=PORT;AccessKey=KEY;Version=1.0;"``
 
 Clients use this project's binding (``webpubsub_client``); tokens and server sends come

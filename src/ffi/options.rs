@@ -181,8 +181,10 @@ pub extern "C" fn wps_options_set_auto_rejoin_groups(o: *mut wps_options, on: bo
     })
 }
 
-/// Retry policy of operations (default 3 retries, 1000 ms, max 30000 ms, fixed).
-/// `max_retries` UINT32_MAX means unbounded; `mode` is a `WPS_RETRY_*` value.
+/// Retry policy of operations (default 3 retries, 1000 ms, max 30000 ms, fixed): an
+/// acked operation is resent with its ackId after an ack timeout or an
+/// `InternalServerError`, never after another error. `max_retries` UINT32_MAX means
+/// unbounded; `mode` is a `WPS_RETRY_*` value.
 #[no_mangle]
 pub extern "C" fn wps_options_set_message_retry(
     o: *mut wps_options,

@@ -47,6 +47,8 @@ echo '#include "webpubsub_client.h"' | "$cc" -std=c99 "${warn[@]}" -I"$root/incl
 echo '#include "webpubsub_client.h"' | "$cxx" -std=c++11 "${warn[@]}" -I"$root/include" -x c++ -fsyntax-only -
 "$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$here/harness.c" "$here/support.c" "${link[@]}" -o "$out/harness"
 "$cc" -std=c11 "${warn[@]}" "${flags[@]}" "$root/examples/c/chat.c" "${link[@]}" -o "$out/chat"
+# As its comment builds it: -lpthread, not -pthread (which would define _REENTRANT for it).
+"$cc" -std=c11 "${warn[@]}" -I"$root/include" -fsyntax-only "$root/examples/c/chat.c"
 
 # A throwaway test CA and a 127.0.0.1 server certificate for the wss test.
 tls="$out/tls"
