@@ -69,13 +69,15 @@ class Upstream:
     """An HTTP server the emulator posts CloudEvents to.
 
     Event ``echo`` answers with the request body; ``fail`` answers HTTP 500; ``slow``
-    answers after ``slow_seconds``, ``slow-fail`` HTTP 500 after them. Every user event
-    is recorded in ``events``.
+    answers after ``slow_seconds``, ``slow-fail`` HTTP 500 after them; ``held`` sets
+    ``holding`` and answers with the request body once ``release`` is set (or after
+    ``WAIT``). Every user event is recorded in ``events``.
     """
 
     def __init__(self) -> None:
         self.events: "queue.Queue[Dict[str, Any]]" = queue.Queue()
         self.slow_seconds = 3.0
+        self.holding, self.release = threading.Event(), threading.Event()
         upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -104,6 +106,10 @@ class Upstream:
                     time.sleep(upstream.slow_seconds)
                     self._reply(200, body, content_type)
                 elif event == "echo":
+                    self._reply(200, body, content_type)
+                elif event == "held":
+                    upstream.holding.set()
+                    upstream.release.wait(WAIT)
                     self._reply(200, body, content_type)
                 else:
                     self._reply(200, b"", "")

@@ -1411,6 +1411,107 @@ async def test_a_dispatch_its_loop_began_before_another_thread_moved_the_client_
         assert after.ack_id is not None
 
 
+async def test_a_loop_closed_while_it_dispatched_the_client_hands_it_to_a_loop_still_using_it(
+    hub: Hub, upstream: Upstream
+) -> None:
+    """A client dispatches on the loop of its latest operation. When another thread's loop
+    took it while this loop awaited an operation, and that loop was closed (its
+    ``asyncio.run`` ended), the completion that came next had no loop to run it: the
+    awaited operation never completed, and the client was suspended, dropping the
+    messages for this loop's listeners. This loop dispatches the client again instead."""
+    loop = asyncio.get_running_loop()
+    messages = AsyncCollector()
+    upstream.holding.clear()
+    upstream.release.clear()
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.SERVER_MESSAGE, messages)
+        invoke = asyncio.ensure_future(client.invoke_event("held", "late", WebPubSubDataType.TEXT, timeout=WAIT))
+        try:
+            assert await loop.run_in_executor(None, upstream.holding.wait, WAIT)
+            outcome: List[Any] = []
+
+            def another_thread() -> None:
+                try:
+                    outcome.append(asyncio.run(client.join_group("g"), debug=True))  # closes its loop
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=another_thread, daemon=True)
+            thread.start()
+            await loop.run_in_executor(None, thread.join, WAIT)
+            assert len(outcome) == 1 and getattr(outcome[0], "ack_id", None) is not None, outcome
+            await loop.run_in_executor(None, lambda: hub.service.send_to_group("g", "after", content_type="text/plain"))
+        finally:
+            upstream.release.set()
+        assert (await asyncio.wait_for(invoke, WAIT)).data == "late"
+        assert [message.data for message in await messages.wait_for(1)] == ["after"]
+
+
+def test_one_client_used_from_loops_on_two_threads_at_once(hub: Hub) -> None:
+    """Each operation moves the client to its own loop (the one dispatching its
+    completions), so one client used from two loops in two threads moves back and forth:
+    every send completes, each thread's messages arrive in its order, the listeners stay
+    on the loop that opened the client, and neither loop is called from the other's
+    thread (both in debug mode, where such a call raises). The other loop, closed
+    first, leaves the client to the opener's, still using it."""
+    client = make(hub.url())
+    got: List[str] = []
+    listener_threads = set()
+    opened, other_done = threading.Event(), threading.Event()
+    outcomes: List[Any] = []
+
+    def on_message(message: OnGroupDataMessageArgs) -> None:
+        got.append(message.data)
+        listener_threads.add(threading.get_ident())
+
+    async def burst(tag: str) -> None:
+        for round_ in range(10):
+            sends = (
+                client.send_to_group("g", f"{tag}{round_}.{n}", WebPubSubDataType.TEXT, ack=n % 5 != 0)
+                for n in range(25)
+            )
+            await asyncio.wait_for(asyncio.gather(*sends), WAIT)
+            await client.join_group(f"{tag}{round_}")
+
+    async def opener() -> None:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        await client.open()
+        try:
+            await client.join_group("g")
+            opened.set()
+            await burst("a")
+            # and the other loop's sends acked: a stop fails those still waiting for their acks
+            await until(lambda: len(got) == 500 and other_done.is_set(), "every message and the other burst")
+        finally:
+            await client.close()
+
+    def run(main: Callable[[], Any]) -> None:
+        loop = asyncio.new_event_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = WAIT
+        try:
+            loop.run_until_complete(main())
+            outcomes.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcomes.append(exc)
+        finally:
+            loop.close()
+
+    def run_other() -> None:
+        if opened.wait(WAIT):
+            run(lambda: burst("b"))
+        other_done.set()
+
+    other = threading.Thread(target=run_other, daemon=True)
+    other.start()
+    run(opener)
+    other.join(WAIT)
+    assert outcomes == [None, None], [(outcome, getattr(outcome, "error_detail", None)) for outcome in outcomes]
+    for tag in "ab":
+        assert [text for text in got if text.startswith(tag)] == [f"{tag}{r}.{n}" for r in range(10) for n in range(25)]
+    assert listener_threads == {threading.get_ident()}
+
+
 def test_a_send_started_as_its_loop_stopped_completes_when_that_loop_runs_again(hub: Hub, monkeypatch: Any) -> None:
     """An acked send waits for the flush its loop runs on its next pass: a loop stopped
     right after the send started (``run_until_complete`` returning) hands it over when

@@ -145,8 +145,8 @@ class _LoopHeld(_base.HeldListeners):
     ``close()``), nothing can deliver its events or await its operations: the loop has
     dropped the keeper, the client is collected and its native client freed (its
     connection closed). A client the application still refers to keeps running, its
-    messages dropped until the next loop that uses it dispatches it (see
-    :meth:`_Poller.suspend_if_closed`)."""
+    messages dropped until the next loop that uses it dispatches it, or dispatched by
+    another loop that used it and is not closed (see :meth:`_Poller.suspend_if_closed`)."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
         super().__init__(listeners)
@@ -536,6 +536,9 @@ class _Poller:
         self._delivering = False  # their listeners are running
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._fd = -1
+        # The loops that dispatched the client: when the one dispatching it is closed, those
+        # still open may await its operations (see :meth:`suspend_if_closed`).
+        self._loops: "weakref.WeakSet[asyncio.AbstractEventLoop]" = weakref.WeakSet()
         # The loop on which a flush of the deferred sends is scheduled. Per loop: a send
         # deferred on one loop may count only on a flush of its own loop, which runs after
         # it on that loop's next pass, never on one of a loop that may never run again
@@ -583,6 +586,7 @@ class _Poller:
             # The reader carries the keeper: this loop holds the running client now.
             loop.add_reader(fd.value, self.dispatch, self._sink.listeners.keeper(self), loop)
             self._loop, self._fd = loop, fd.value
+            self._loops.add(loop)
             sink_loop = self._sink.loop
             if sink_loop is not None and sink_loop.is_closed():
                 # The loop that opened the client is gone (an asyncio.run ended): the
@@ -599,18 +603,41 @@ class _Poller:
     def suspend_if_closed(self) -> None:
         """The loop dispatching the client let its reader go. If that loop was closed (an
         ``asyncio.run`` ended with the client open) and the client is not freed (the
-        application refers to it), nothing runs its events until another loop uses it:
-        the library drops and counts the messages that come meanwhile, rather than
-        queueing them without end (its other events are kept). The client goes on
-        (sequence acks, recoveries, reconnections), and :meth:`attach` resumes it on the
-        next loop, with a warning that counts them. Not when the reader was removed (the
-        client moved to another loop, or is being freed).
-        A client in a reference cycle is suspended too, until the collector frees it: as
-        that cannot be told from one the application refers to, the warning waits for the
-        next loop."""
+        application refers to it), the loops that dispatched it before and are not closed
+        are asked to dispatch it again: another thread's loop that awaits an operation it
+        started before this loop took the client over gets its completion, and the
+        listeners their events (the first of them to run takes it). With none, nothing
+        runs its events until another loop uses it: the library drops and counts the
+        messages that come meanwhile, rather than queueing them without end (its other
+        events are kept). The client goes on (sequence acks, recoveries, reconnections),
+        and :meth:`attach` resumes it on the next loop, with a warning that counts them.
+        Not when the reader was removed (the client moved to another loop, or is being
+        freed).
+        A client in a reference cycle is suspended (or taken over) too, until the
+        collector frees it: as that cannot be told from one the application refers to,
+        the warning waits for the next loop."""
         with self._lock:
-            if self._handle and self.orphaned():
+            if not self._handle or not self.orphaned():
+                return
+            handed = False
+            for loop in list(self._loops):
+                if loop.is_closed():
+                    self._loops.discard(loop)
+                    continue
+                try:
+                    loop.call_soon_threadsafe(self._adopt, loop)
+                    handed = True
+                except RuntimeError:  # closed meanwhile
+                    self._loops.discard(loop)
+            if not handed:
                 lib.wps_client_dispatch_suspend(self._handle)
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``, asked by :meth:`suspend_if_closed`: dispatch the client here,
+        unless another loop took it since."""
+        with self._lock:
+            if self.orphaned():
+                self.attach(loop)
 
     def dispatch(self, _keeper: Optional[_Keeper] = None, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         """Run the queued callbacks, which only take what they bring (the event callback
