@@ -5,7 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{fast_options, next_event, wait_for};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1551,21 +1551,33 @@ async fn a_recovery_queues_so_many_operations_and_refuses_more_at_once() {
     client.stop().await;
 }
 
-#[tokio::test]
-async fn a_recovery_with_as_many_acks_pending_as_it_keeps_makes_no_sender_wait() {
-    let fake = Fake::new().await;
+/// A client (30 s ack timeout and recovery window) with as many acked sends `body` in
+/// flight as it keeps (the service's ackId memory less one), all written, none acked.
+async fn with_as_many_acks_pending_as_kept(
+    fake: &Fake,
+    body: &'static str,
+) -> (
+    Client,
+    Conn,
+    Vec<tokio::task::JoinHandle<Result<AckResult, Error>>>,
+) {
     let options = ClientOptions {
         ack_timeout: Duration::from_secs(30),
         recovery_window: Duration::from_secs(30),
         ..quiet_options()
     };
-    let (client, _events, mut conn) = connect(&fake, options).await;
-    // As many acked sends in flight as the client keeps (the service's ackId memory
-    // less one), none of them acked.
-    let unacked: Vec<_> = (0..999).map(|_| spawn_send(&client, "unacked")).collect();
+    let (client, _events, mut conn) = connect(fake, options).await;
+    let sends: Vec<_> = (0..999).map(|_| spawn_send(&client, body)).collect();
     for _ in 0..999 {
         conn.recv().await;
     }
+    (client, conn, sends)
+}
+
+#[tokio::test]
+async fn a_recovery_with_as_many_acks_pending_as_it_keeps_makes_no_sender_wait() {
+    let fake = Fake::new().await;
+    let (client, conn, unacked) = with_as_many_acks_pending_as_kept(&fake, "unacked").await;
     drop(conn);
     let tcp = held_recovery(&fake, &client).await;
     // No ack can come to make room: more than the operation queue holds fails at once.
@@ -1594,4 +1606,69 @@ async fn a_recovery_with_as_many_acks_pending_as_it_keeps_makes_no_sender_wait()
     for send in unacked {
         assert!(matches!(send.await.unwrap(), Err(Error::Stopped { .. })));
     }
+}
+
+/// A fire-and-forget text message `body` to group g; its outcome.
+async fn fire_and_forget(client: &Client, body: &'static str) -> Result<AckResult, Error> {
+    let opts = SendToGroupOptions {
+        fire_and_forget: true,
+        ..SendToGroupOptions::default()
+    };
+    client
+        .send_to_group("g", DataType::Text, Bytes::from(body), opts)
+        .await
+}
+
+#[tokio::test]
+async fn sends_given_up_hold_no_place_in_a_recovery() {
+    let fake = Fake::new().await;
+    let (client, conn, given_up) = with_as_many_acks_pending_as_kept(&fake, "given up").await;
+    // All given up (their tasks aborted) before the connection drops.
+    for send in &given_up {
+        send.abort();
+    }
+    for send in given_up {
+        assert!(send.await.unwrap_err().is_cancelled());
+    }
+    drop(conn);
+    let tcp = held_recovery(&fake, &client).await;
+    // None of them is resent: they leave room for what is sent during the recovery.
+    let during = fire_and_forget(&client, "during").await;
+    assert_eq!(
+        during.map(|r| r.ack_id),
+        Ok(None),
+        "refused while recovering"
+    );
+
+    // More given up while the recovery queues them, past what it keeps. (Unconstrained:
+    // each first poll hands its send over.)
+    tokio::task::unconstrained(async {
+        for _ in 0..1500 {
+            let _ = send_once(client.clone(), None).now_or_never();
+        }
+    })
+    .await;
+    // The connection task catches up with them; then the recovery takes sends again.
+    let started = tokio::time::Instant::now();
+    while fire_and_forget(&client, "after").await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "sends given up fill the recovery"
+        );
+        tokio::task::yield_now().await;
+    }
+    let kept = spawn_send(&client, "kept");
+
+    drop(tcp);
+    let (mut conn, _) = fake.accept().await;
+    for body in ["during", "after", "kept"] {
+        let frame = conn.recv().await;
+        assert_eq!(frame["data"], body, "a given-up send was written");
+        if body == "kept" {
+            conn.ack(&frame).await;
+        }
+    }
+    kept.await.unwrap().unwrap();
+    conn.silent_for(200).await;
+    client.stop().await;
 }

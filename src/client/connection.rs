@@ -964,16 +964,25 @@ impl Task {
 
     /// Tells senders whether a recovery may queue more: not once its queue is full, nor
     /// while `MAX_PENDING_ACKS` acked operations are pending (no ack can come to make
-    /// room, and a sender would wait for the whole recovery). What was handed over
-    /// before stays: the queue can pass the limits by what was in flight when it
-    /// filled, and acked operations beyond the pending limit wait in the channel.
-    fn update_recovery_queue_full(&self) {
-        let full = self.pending.unsent_len() >= RECOVERY_QUEUE_OPS
-            || self.pending.unsent_frame_bytes() >= RECOVERY_QUEUE_BYTES
-            || !self.takes_operations();
+    /// room, and a sender would wait for the whole recovery). Operations given up by
+    /// their callers are forgotten first: they will not be written, so they take no
+    /// room. What was handed over before stays: the queue can pass the limits by what
+    /// was in flight when it filled, and acked operations beyond the pending limit wait
+    /// in the channel.
+    fn update_recovery_queue_full(&mut self) {
+        if self.recovery_queue_is_full() {
+            self.pending.forget_given_up();
+        }
+        let full = self.recovery_queue_is_full();
         self.shared
             .recovery_queue_full
             .store(full, Ordering::Release);
+    }
+
+    fn recovery_queue_is_full(&self) -> bool {
+        self.pending.unsent_len() >= RECOVERY_QUEUE_OPS
+            || self.pending.unsent_frame_bytes() >= RECOVERY_QUEUE_BYTES
+            || !self.takes_operations()
     }
 
     /// Writes an operation on the live connection (the frame goes to `out`).

@@ -728,6 +728,23 @@ impl Pending {
         }
     }
 
+    /// Forgets the operations not written on the current connection whose callers gave
+    /// up, with the queue entries of invocations cancelled meanwhile: `take_unsent` would
+    /// drop them unwritten, so until then they would only hold places in a recovery's
+    /// queue and among the acked operations in flight.
+    pub(crate) fn forget_given_up(&mut self) {
+        self.acks
+            .retain(|_, op| !matches!(op.phase, Phase::Unsent) || op.wanted());
+        self.invokes
+            .retain(|_, op| op.due.is_some() || !op.reply.is_closed());
+        let (acks, invokes) = (&self.acks, &self.invokes);
+        self.unsent.retain(|unsent| match unsent {
+            Unsent::Frame(_) => true,
+            Unsent::Op(Key::Ack(ack_id)) => acks.contains_key(ack_id),
+            Unsent::Op(Key::Invoke(id)) => invokes.contains_key(id),
+        });
+    }
+
     /// Fails every operation with `error(its ackId)`, `None` for an invocation (stop,
     /// session lost, client dropped).
     pub(crate) fn fail_all(&mut self, error: impl Fn(Option<u64>) -> Error, done: &mut Vec<Done>) {
@@ -1148,6 +1165,30 @@ mod tests {
             p.renumber(100 + n, "other", 10_000 + n);
         }
         assert_eq!(p.renumbered(2, "drawn"), None, "forgotten");
+    }
+
+    #[test]
+    fn operations_given_up_unwritten_are_forgotten_with_their_queue_entries() {
+        let t0 = Instant::now();
+        let mut p = pending(3);
+        let _cut_off = add(&mut p, 1, Some(t0));
+        drop(add(&mut p, 2, Some(t0)));
+        let mut done = Vec::new();
+        p.connection_dropped(true, &mut done);
+        let _queued = add(&mut p, 3, None);
+        drop(add(&mut p, 4, None));
+        let (tx, _cancelled) = oneshot::channel();
+        p.add_invoke("5".into(), frame(5), Duration::from_secs(2), tx, None);
+        assert_eq!(p.cancel_invoke("5"), None, "never written");
+        let (tx, rx) = oneshot::channel();
+        p.add_invoke("6".into(), frame(6), Duration::from_secs(2), tx, None);
+        drop(rx);
+        p.add_unsent_frame(Utf8Bytes::from_static("ff"));
+        p.forget_given_up();
+        assert_eq!((p.acks_len(), p.unsent_len(), p.len()), (2, 3, 5));
+        let mut out = Vec::new();
+        p.take_unsent(t0, &mut out);
+        assert_eq!(out, vec![frame(1), frame(3), Utf8Bytes::from_static("ff")]);
     }
 
     #[test]
