@@ -568,16 +568,15 @@ impl EventSink {
 
     /// Poll mode: nothing dispatches this client for a while (see `Worker::suspend`).
     /// Its messages are dropped as they come, so its reading goes on whatever waits.
+    /// The backlog learns it under the worker's lock: a `resume` racing this call on
+    /// another thread cannot leave reading unbounded while messages are queued again.
     pub(crate) fn suspend(&self) -> Result<(), DispatchError> {
-        self.worker.suspend()?;
-        self.backlog.set_suspended(true);
-        Ok(())
+        self.worker.suspend(|| self.backlog.set_suspended(true))
     }
 
     /// Poll mode: ends `suspend`; returns how many messages it dropped.
     pub(crate) fn resume(&self) -> Result<u64, DispatchError> {
-        self.backlog.set_suspended(false);
-        self.worker.resume()
+        self.worker.resume(|| self.backlog.set_suspended(false))
     }
 
     /// Where this client's callbacks run.

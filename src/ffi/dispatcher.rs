@@ -251,22 +251,28 @@ impl Worker {
     /// Poll mode: nothing will dispatch this worker for a while (the application's
     /// event loop ended). Until `resume`, the messages that come are dropped and
     /// counted; what is queued stays, and the other events and jobs (completions) are
-    /// queued as usual.
-    pub(crate) fn suspend(&self) -> Result<(), DispatchError> {
+    /// queued as usual. `also` runs under the queue's lock: what it records about the
+    /// suspension then agrees with the worker's, whatever `resume` runs at once.
+    pub(crate) fn suspend(&self, also: impl FnOnce()) -> Result<(), DispatchError> {
         if !matches!(self.wake, Wake::Poll(_)) {
             return Err(DispatchError::NotPolled);
         }
-        self.lock().suspended.get_or_insert(0);
+        let mut queue = self.lock();
+        queue.suspended.get_or_insert(0);
+        also();
         Ok(())
     }
 
     /// Poll mode: ends a suspension: messages are queued again. Returns how many it
-    /// dropped (0 when the worker was not suspended).
-    pub(crate) fn resume(&self) -> Result<u64, DispatchError> {
+    /// dropped (0 when the worker was not suspended). `also` runs under the queue's
+    /// lock, as with `suspend`.
+    pub(crate) fn resume(&self, also: impl FnOnce()) -> Result<u64, DispatchError> {
         if !matches!(self.wake, Wake::Poll(_)) {
             return Err(DispatchError::NotPolled);
         }
-        Ok(self.lock().suspended.take().unwrap_or(0))
+        let mut queue = self.lock();
+        also();
+        Ok(queue.suspended.take().unwrap_or(0))
     }
 
     /// Poll mode: the descriptor that is readable while callbacks are queued.
@@ -731,7 +737,7 @@ mod tests {
 
         // What is queued stays; the messages that come are dropped and signal nothing.
         send(2);
-        worker.suspend().unwrap();
+        worker.suspend(|| {}).unwrap();
         assert_eq!(worker.dispatch(10, None), Ok(2));
         assert!(!readable(fd));
         send(10_000);
@@ -749,7 +755,7 @@ mod tests {
         events.on_event(Event::Stopped);
         events.on_batch_end();
         worker.push(Job::new(move || tx.send(2).unwrap()));
-        worker.suspend().unwrap(); // again: the count goes on
+        worker.suspend(|| {}).unwrap(); // again: the count goes on
         assert!(readable(fd));
         assert_eq!(worker.dispatch(10, None), Ok(3));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![1, 2]);
@@ -764,13 +770,69 @@ mod tests {
             "the two messages queued before, and the lifecycle event"
         );
 
-        assert_eq!(worker.resume(), Ok(10_001));
-        assert_eq!(worker.resume(), Ok(0), "the count starts again");
+        assert_eq!(worker.resume(|| {}), Ok(10_001));
+        assert_eq!(worker.resume(|| {}), Ok(0), "the count starts again");
         send(1);
         assert_eq!(worker.dispatch(10, None), Ok(1));
         assert_eq!(kinds.lock().unwrap()[3], WPS_EVENT_SERVER_MESSAGE);
-        assert_eq!(assign().suspend(), Err(DispatchError::NotPolled));
-        assert_eq!(assign().resume(), Err(DispatchError::NotPolled));
+        assert_eq!(assign().suspend(|| {}), Err(DispatchError::NotPolled));
+        assert_eq!(assign().resume(|| {}), Err(DispatchError::NotPolled));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_suspend_and_a_resume_racing_leave_the_queue_and_the_backlog_agreeing() {
+        use super::super::callbacks::SinkHandler;
+        use crate::client::{Event, EventHandler};
+        use crate::protocol::DataType;
+
+        const ROUNDS: usize = 20_000;
+        let worker = Worker::polled().unwrap();
+        let kinds = Arc::new(Mutex::new(Vec::<u32>::new()));
+        // A backlog of one byte, over its limit while the message below waits: reading
+        // then goes on only while the backlog is told the dispatch is suspended.
+        let sink = noting_sink(&worker, &kinds, 1);
+        let events = SinkHandler::new(Arc::clone(&sink));
+        events.on_event(Event::ServerMessage {
+            data_type: DataType::Text,
+            data: bytes::Bytes::from_static(b"x"),
+            sequence_id: None,
+        });
+        events.on_batch_end();
+        // Each round, a thread waiting for the round's number suspends as this one resumes.
+        let round = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let suspender = {
+            let (sink, round, done) = (Arc::clone(&sink), Arc::clone(&round), Arc::clone(&done));
+            std::thread::spawn(move || {
+                for r in 1..=ROUNDS {
+                    while round.load(Ordering::Acquire) != r {
+                        std::thread::yield_now();
+                    }
+                    sink.suspend().unwrap();
+                    done.store(r, Ordering::Release);
+                }
+            })
+        };
+        let mut disagreed = 0;
+        for r in 1..=ROUNDS {
+            round.store(r, Ordering::Release);
+            sink.resume().unwrap();
+            while done.load(Ordering::Acquire) != r {
+                std::thread::yield_now();
+            }
+            let suspended = worker.lock().suspended.is_some();
+            if sink.backlog().over().is_none() != suspended {
+                disagreed += 1;
+            }
+            sink.resume().unwrap();
+        }
+        suspender.join().unwrap();
+        assert_eq!(
+            disagreed, 0,
+            "rounds ending with the backlog and the queue at odds (reading past the \
+             backlog while messages are queued, or the reverse)"
+        );
     }
 
     #[cfg(unix)]
