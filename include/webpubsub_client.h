@@ -748,14 +748,14 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * finalizer) runs on a library thread, not in `wps_client_dispatch`; outside a
  * callback, this waits for it. Freed from a callback that a `wps_client_dispatch*`
  * call runs, the finalizer may run before that call has written its outputs and
- * returned: those must not live in memory the finalizer frees. In a fork() child the handle is left alone (its threads
- * do not exist there). A callback running during the teardown (a finalizer included)
- * may still use the handle: a start then fails with `WPS_STATUS_STOPPED`, as do new
- * asynchronous operations. Another thread must not be inside a call of this client
- * (except a blocking call that waits: it returns `WPS_STATUS_STOPPED`) nor enter one
- * once the free begins. A second free of a handle is detected and ignored (an
- * error is logged) as long as no new client got the same address; any other use of a
- * freed handle is undefined behaviour.
+ * returned: those must not live in memory the finalizer frees. In a fork() child the
+ * handle is left alone (its threads do not exist there). A callback running during the
+ * teardown (a finalizer included) may still use the handle: a start then fails with
+ * `WPS_STATUS_STOPPED`, as do new asynchronous operations. Another thread must not be
+ * inside a call of this client (except a blocking call that waits: it returns
+ * `WPS_STATUS_STOPPED`) nor enter one once the free begins. A second free of a handle
+ * is detected and ignored (an error is logged) as long as no new client got the same
+ * address; any other use of a freed handle is undefined behaviour.
  *
  * # Safety
  * `c` is NULL or a handle from `wps_client_new*`, not used after this call.
