@@ -1460,7 +1460,9 @@ const char *wps_version(void);
  *
  * The callback runs on a library-owned logging thread. When this returns, the
  * previous callback is no longer running (unless this is called from inside it) and
- * will not be called again with its user data. In a `fork()` child of a process
+ * will not be called again with its user data: to free that user data (at exit too,
+ * where the logging thread may still be in the callback while `atexit` handlers run),
+ * first replace the callback or turn logging off. In a `fork()` child of a process
  * whose logging thread had started, a callback gets `WPS_STATUS_FORKED` (there is no
  * thread to run it); NULL still turns logging off. `WPS_STATUS_INTERNAL` when another
  * Rust `log` logger was installed in this process before the library's first call

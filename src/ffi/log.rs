@@ -37,6 +37,11 @@ const QUEUE_CAPACITY: usize = 4096;
 struct Sink {
     cb: unsafe extern "C" fn(*mut c_void, u32, *const c_char, *const c_char),
     user_data: *mut c_void,
+    /// The `max_level` the callback was set with (above 0). Records are filtered
+    /// against it when delivered: the process-wide level only spares formatting what no
+    /// callback wants, and a thread logging may have read that of the callback set
+    /// before or after this one.
+    max_level: u32,
 }
 
 // SAFETY: the user data is only handed back to the user's callback, which the caller
@@ -105,12 +110,12 @@ fn run(rx: Receiver<Msg>) {
                 target,
                 message,
             } => {
-                // Queued under an earlier level: only what the current one lets through.
-                if level as usize > log::max_level() as usize {
-                    continue;
-                }
                 let sink = *SINK.lock().unwrap_or_else(|e| e.into_inner());
-                if let (Some(sink), Some(_inside)) = (sink, InCallback::enter()) {
+                // Maybe queued under another callback's level: only what this one wants.
+                let Some(sink) = sink.filter(|sink| level <= sink.max_level) else {
+                    continue;
+                };
+                if let Some(_inside) = InCallback::enter() {
                     let target = to_cstring(&target);
                     let message = to_cstring(&message);
                     // SAFETY: the callback and user data were registered together.
@@ -149,7 +154,9 @@ fn queue() -> Result<&'static (SyncSender<Msg>, usize), wps_status> {
 ///
 /// The callback runs on a library-owned logging thread. When this returns, the
 /// previous callback is no longer running (unless this is called from inside it) and
-/// will not be called again with its user data. In a `fork()` child of a process
+/// will not be called again with its user data: to free that user data (at exit too,
+/// where the logging thread may still be in the callback while `atexit` handlers run),
+/// first replace the callback or turn logging off. In a `fork()` child of a process
 /// whose logging thread had started, a callback gets `WPS_STATUS_FORKED` (there is no
 /// thread to run it); NULL still turns logging off. `WPS_STATUS_INTERNAL` when another
 /// Rust `log` logger was installed in this process before the library's first call
@@ -188,13 +195,22 @@ pub extern "C" fn wps_set_log_callback(
             log::set_max_level(LevelFilter::Off);
             return Ok(());
         }
-        let sink = cb.map(|cb| Sink { cb, user_data });
-        log::set_max_level(if sink.is_some() {
-            filter
-        } else {
-            LevelFilter::Off
+        let sink = cb.filter(|_| filter != LevelFilter::Off).map(|cb| Sink {
+            cb,
+            user_data,
+            max_level,
         });
-        *SINK.lock().unwrap_or_else(|e| e.into_inner()) = sink;
+        {
+            // Both under the lock: calls racing each other leave one call's level and
+            // callback, never one's level with the other's callback.
+            let mut current = SINK.lock().unwrap_or_else(|e| e.into_inner());
+            log::set_max_level(if sink.is_some() {
+                filter
+            } else {
+                LevelFilter::Off
+            });
+            *current = sink;
+        }
         // The previous callback is done once the thread has emptied the queue.
         if !ON_LOG_THREAD.with(|f| f.get()) {
             let (tx, rx) = mpsc::sync_channel(1);
