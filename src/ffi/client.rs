@@ -301,15 +301,17 @@ impl Handle {
     }
 }
 
-/// Borrows the client behind a handle (a `Box<Arc<Shared>>`), refusing it in a
-/// fork() child.
+/// The client behind a handle (a `Box<Arc<Shared>>`), refusing it in a fork() child.
+/// The call holds this reference to the end: a callback that the call itself brings
+/// about (the connected event of an asynchronous start) may free the client, and
+/// release the handle, on a dispatcher thread before the call returns.
 ///
 /// # Safety
 /// `c` is NULL or a live handle from `wps_client_new*`.
-unsafe fn client_arg<'a>(c: *const wps_client) -> FfiResult<&'a Arc<Shared>> {
+unsafe fn client_arg(c: *const wps_client) -> FfiResult<Arc<Shared>> {
     let shared = handle_arg(c.cast::<Arc<Shared>>(), "client")?;
     runtime()?;
-    Ok(shared)
+    Ok(Arc::clone(shared))
 }
 
 /// Creates the client state; on failure nothing is taken over (no finalizer runs).
@@ -1181,10 +1183,10 @@ where
 {
     let shared = client_arg(c)?;
     let rt = runtime()?;
-    let id = register(shared, cb, user_data, false, op_id)?;
-    let fut = handover(shared);
+    let id = register(&shared, cb, user_data, false, op_id)?;
+    let fut = handover(&shared);
     let task = {
-        let shared = Arc::clone(shared);
+        let shared = Arc::clone(&shared);
         rt.spawn(async move {
             let outcome = convert(fut.await);
             shared.complete(id, outcome);
@@ -1209,9 +1211,9 @@ unsafe fn run_async_ack(
     let shared = client_arg(c)?;
     let op = op?;
     let delivery = op.delivery();
-    let id = register(shared, cb, user_data, delivery.record, op_id)?;
+    let id = register(&shared, cb, user_data, delivery.record, op_id)?;
     let done = Box::new(AckCompletion {
-        shared: Arc::downgrade(shared),
+        shared: Arc::downgrade(&shared),
         id,
     });
     shared
