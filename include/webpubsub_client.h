@@ -1235,16 +1235,18 @@ wps_status wps_credential_result_set_error(struct wps_credential_result *r, cons
 /**
  * Defers the answer to a credential request; called inside its callback. The callback
  * then returns, and the connection attempt waits, with no thread blocked and within
- * its start timeout, for `wps_credential_result_set_url` or `_set_error` on `r`, called
- * from any thread (an answer given before the callback returns is taken as usual). `r`
- * stays valid until answered or until the request is abandoned (the client stopped or
- * freed, or the attempt timed out): a late answer is then refused with
- * `WPS_STATUS_ILLEGAL_STATE`. A pending request counts as a use of the credential's
- * user data, so its finalizer runs after the answer or the abandonment: code answering
- * later must not use that user data once `wps_client_free` has returned. An answer is
- * not a callback: `wps_callbacks_disable` does not stop it. In a fork() child, the
- * parent's requests are refused with `WPS_STATUS_FORKED`. `WPS_STATUS_ILLEGAL_STATE`
- * once the callback has returned, or when `r` is already answered or deferred.
+ * its start timeout, for `wps_credential_result_set_url` or `_set_error` on `r`,
+ * called from any thread (an answer given before the callback returns is taken as
+ * usual). `r` stays valid until answered or until the request is abandoned (the client
+ * stopped or freed, or the attempt timed out): a late answer is then refused with
+ * `WPS_STATUS_ILLEGAL_STATE`. The callback may defer even when the abandonment came
+ * while it ran (the answer is refused all the same). A pending request counts as a use
+ * of the credential's user data, so its finalizer runs after the answer or the
+ * abandonment: code answering later must not use that user data once `wps_client_free`
+ * has returned. An answer is not a callback: `wps_callbacks_disable` does not stop it.
+ * In a fork() child, the parent's requests are refused with `WPS_STATUS_FORKED`.
+ * `WPS_STATUS_ILLEGAL_STATE` once the callback has returned, or when `r` is already
+ * answered or deferred.
  */
 wps_status wps_credential_result_defer(struct wps_credential_result *r);
 

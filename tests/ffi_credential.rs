@@ -90,15 +90,8 @@ impl Setup {
         }
     }
 
-    /// Starts the client on another thread: the status and last error of the start.
     fn start(&self) -> mpsc::Receiver<(u32, String)> {
-        let client = self.client as usize;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let status = unsafe { wps_client_start(client as *mut wps_client) };
-            let _ = tx.send((status, last_error()));
-        });
-        rx
+        start_on_a_thread(self.client)
     }
 
     /// The next deferred request, once its callback has returned.
@@ -120,15 +113,32 @@ impl Setup {
     }
 
     fn free(self) -> &'static Deferring {
-        let client = self.client as usize;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            unsafe { wps_client_free(client as *mut wps_client) };
-            let _ = tx.send(());
-        });
-        rx.recv_timeout(WAIT).expect("wps_client_free returned");
+        free_on_a_thread(self.client);
         self.state
     }
+}
+
+/// Starts `client` on another thread: the status and last error of the start.
+fn start_on_a_thread(client: *mut wps_client) -> mpsc::Receiver<(u32, String)> {
+    let client = client as usize;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let status = unsafe { wps_client_start(client as *mut wps_client) };
+        let _ = tx.send((status, last_error()));
+    });
+    rx
+}
+
+/// Frees `client` on another thread, so that a free that hangs fails the test instead
+/// of hanging it.
+fn free_on_a_thread(client: *mut wps_client) {
+    let client = client as usize;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        unsafe { wps_client_free(client as *mut wps_client) };
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(WAIT).expect("wps_client_free returned");
 }
 
 fn outcome(start: &mpsc::Receiver<(u32, String)>) -> (u32, String) {
@@ -391,12 +401,7 @@ fn an_answer_after_a_stop_is_refused_while_the_deferring_callback_still_runs() {
         Some(count_holding_free),
         std::ptr::null(),
     );
-    let client_addr = client as usize;
-    let (started_tx, started) = mpsc::channel();
-    std::thread::spawn(move || {
-        let status = unsafe { wps_client_start(client_addr as *mut wps_client) };
-        let _ = started_tx.send((status, last_error()));
-    });
+    let started = start_on_a_thread(client);
     let token =
         tokens.recv_timeout(WAIT).expect("a credential request") as *mut wps_credential_result;
     check(unsafe { wps_client_stop(client) }, "wps_client_stop");
@@ -406,12 +411,64 @@ fn an_answer_after_a_stop_is_refused_while_the_deferring_callback_still_runs() {
     let late = unsafe { wps_credential_result_set_url(token, url.as_ptr()) };
     assert_eq!(late, WPS_STATUS_ILLEGAL_STATE, "{}", last_error());
     release.send(()).unwrap();
-    let (done_tx, done) = mpsc::channel();
-    std::thread::spawn(move || {
-        unsafe { wps_client_free(client_addr as *mut wps_client) };
-        let _ = done_tx.send(());
-    });
-    done.recv_timeout(WAIT).expect("wps_client_free returned");
+    free_on_a_thread(client);
     assert_eq!(state.freed.load(Ordering::SeqCst), 1);
+    rt.block_on(emulator.shutdown());
+}
+
+/// A credential whose callback, once released, defers and then answers, reporting both
+/// statuses and the answer's error.
+struct Late {
+    entered: Mutex<mpsc::Sender<()>>,
+    release: Mutex<mpsc::Receiver<()>>,
+    outcome: Mutex<mpsc::Sender<(u32, u32, String)>>,
+}
+
+unsafe extern "C" fn defer_when_released(
+    user_data: *mut c_void,
+    result: *mut wps_credential_result,
+) {
+    let s = &*(user_data as *const Late);
+    s.entered.lock().unwrap().send(()).unwrap();
+    let _ = s.release.lock().unwrap().recv_timeout(WAIT);
+    let deferred = wps_credential_result_defer(result);
+    let answered = wps_credential_result_set_url(result, c"ws://127.0.0.1:1/".as_ptr());
+    let _ = s
+        .outcome
+        .lock()
+        .unwrap()
+        .send((deferred, answered, last_error()));
+}
+
+#[test]
+fn a_callback_still_running_when_its_request_is_abandoned_may_defer_and_is_told_of_the_abandonment()
+{
+    let (rt, emulator, _url) = ffi_emulator();
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let (outcome_tx, outcome_rx) = mpsc::channel();
+    let state: &'static Late = Box::leak(Box::new(Late {
+        entered: Mutex::new(entered_tx),
+        release: Mutex::new(release_rx),
+        outcome: Mutex::new(outcome_tx),
+    }));
+    let client = ffi_credential_client(
+        defer_when_released,
+        state as *const Late as *mut c_void,
+        None,
+        std::ptr::null(),
+    );
+    let started = start_on_a_thread(client);
+    entered.recv_timeout(WAIT).expect("a credential request");
+    check(unsafe { wps_client_stop(client) }, "wps_client_stop");
+    let (status, error) = outcome(&started);
+    assert_eq!(status, WPS_STATUS_STOPPED, "{error}");
+
+    release.send(()).unwrap();
+    let (deferred, answered, error) = outcome_rx.recv_timeout(WAIT).expect("the callback's end");
+    assert_eq!(deferred, WPS_STATUS_OK, "the deferral inside the callback");
+    assert_eq!(answered, WPS_STATUS_ILLEGAL_STATE, "the answer");
+    assert!(error.contains("abandoned"), "{error}");
+    free_on_a_thread(client);
     rt.block_on(emulator.shutdown());
 }

@@ -50,6 +50,10 @@ enum Request {
     },
     /// Its callback returned after deferring: the connection attempt waits on this.
     Waiting(oneshot::Sender<Outcome>),
+    /// Its connection attempt was abandoned while its callback runs: the callback may
+    /// still defer, an answer is refused, and it leaves the table once the callback
+    /// returns.
+    Abandoned { deferred: bool },
 }
 
 /// The pending credential requests, by token. A token is a number never reused, not
@@ -80,6 +84,10 @@ fn lock_requests() -> MutexGuard<'static, BTreeMap<usize, Request>> {
     REQUESTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Why an abandoned request has no answer.
+const ABANDONED: &str = "the credential request was abandoned (its client was stopped or \
+                         freed, or the connection attempt timed out)";
+
 fn not_pending() -> wps_status {
     fail(
         WPS_STATUS_ILLEGAL_STATE,
@@ -89,7 +97,8 @@ fn not_pending() -> wps_status {
 }
 
 /// The token lent to one credential request; it leaves the table when this drops
-/// (the request is over: answered, or abandoned by its connection attempt).
+/// (the request is over: answered, or abandoned by its connection attempt), or once its
+/// callback returns if that still runs.
 struct Token(usize);
 
 impl Token {
@@ -107,7 +116,7 @@ impl Token {
 }
 
 /// Once the callback of request `token` returned: its answer, or the receiver of the
-/// deferred one. An abandoned request (out of the table) has no answer to take.
+/// deferred one. An abandoned request has no answer to take.
 fn after_callback(token: usize) -> Result<Outcome, oneshot::Receiver<Outcome>> {
     let mut requests = lock_requests();
     match requests.remove(&token) {
@@ -123,14 +132,17 @@ fn after_callback(token: usize) -> Result<Outcome, oneshot::Receiver<Outcome>> {
             answer: Some(answer),
             ..
         }) => Ok(answer),
-        None => Ok(Err("the credential request was abandoned".to_owned())),
+        Some(Request::Abandoned { .. }) | None => Ok(Err(ABANDONED.to_owned())),
         _ => Ok(Err("the credential callback set no result".to_owned())),
     }
 }
 
 impl Drop for Token {
     fn drop(&mut self) {
-        lock_requests().remove(&self.0);
+        let mut requests = lock_requests();
+        if let Some(Request::Calling { deferred, .. }) = requests.remove(&self.0) {
+            requests.insert(self.0, Request::Abandoned { deferred });
+        }
     }
 }
 
@@ -155,6 +167,10 @@ fn set(r: *mut wps_credential_result, outcome: Outcome) -> FfiResult {
             ))
         }
         Some(Request::Waiting(tx)) => tx.send(outcome).map_err(|_| not_pending()),
+        Some(abandoned @ Request::Abandoned { .. }) => {
+            requests.insert(token, abandoned);
+            Err(fail(WPS_STATUS_ILLEGAL_STATE, ABANDONED))
+        }
         None => Err(not_pending()),
     }
 }
@@ -192,29 +208,34 @@ pub unsafe extern "C" fn wps_credential_result_set_error(
 
 /// Defers the answer to a credential request; called inside its callback. The callback
 /// then returns, and the connection attempt waits, with no thread blocked and within
-/// its start timeout, for `wps_credential_result_set_url` or `_set_error` on `r`, called
-/// from any thread (an answer given before the callback returns is taken as usual). `r`
-/// stays valid until answered or until the request is abandoned (the client stopped or
-/// freed, or the attempt timed out): a late answer is then refused with
-/// `WPS_STATUS_ILLEGAL_STATE`. A pending request counts as a use of the credential's
-/// user data, so its finalizer runs after the answer or the abandonment: code answering
-/// later must not use that user data once `wps_client_free` has returned. An answer is
-/// not a callback: `wps_callbacks_disable` does not stop it. In a fork() child, the
-/// parent's requests are refused with `WPS_STATUS_FORKED`. `WPS_STATUS_ILLEGAL_STATE`
-/// once the callback has returned, or when `r` is already answered or deferred.
+/// its start timeout, for `wps_credential_result_set_url` or `_set_error` on `r`,
+/// called from any thread (an answer given before the callback returns is taken as
+/// usual). `r` stays valid until answered or until the request is abandoned (the client
+/// stopped or freed, or the attempt timed out): a late answer is then refused with
+/// `WPS_STATUS_ILLEGAL_STATE`. The callback may defer even when the abandonment came
+/// while it ran (the answer is refused all the same). A pending request counts as a use
+/// of the credential's user data, so its finalizer runs after the answer or the
+/// abandonment: code answering later must not use that user data once `wps_client_free`
+/// has returned. An answer is not a callback: `wps_callbacks_disable` does not stop it.
+/// In a fork() child, the parent's requests are refused with `WPS_STATUS_FORKED`.
+/// `WPS_STATUS_ILLEGAL_STATE` once the callback has returned, or when `r` is already
+/// answered or deferred.
 #[no_mangle]
 pub extern "C" fn wps_credential_result_defer(r: *mut wps_credential_result) -> wps_status {
     guard(|| {
         let mut requests = requests(r)?;
         match requests.get_mut(&(r as usize)) {
-            Some(Request::Calling {
-                answer: None,
-                deferred,
-            }) if !*deferred => {
+            Some(
+                Request::Calling {
+                    answer: None,
+                    deferred,
+                }
+                | Request::Abandoned { deferred },
+            ) if !*deferred => {
                 *deferred = true;
                 Ok(())
             }
-            Some(Request::Calling { answer: None, .. }) => Err(fail(
+            Some(Request::Calling { answer: None, .. } | Request::Abandoned { .. }) => Err(fail(
                 WPS_STATUS_ILLEGAL_STATE,
                 "the credential result is already deferred",
             )),
@@ -298,9 +319,9 @@ impl CredentialSink {
 
     /// The core credential that calls this sink on a blocking-pool thread, then awaits
     /// a deferred answer without a thread. The request's token belongs to the attempt's
-    /// future: dropping it (a stop, a free, the start timeout) takes the token out of the
-    /// table at once, even while the callback still runs, so that no answer is taken
-    /// after the abandonment.
+    /// future: dropping it (a stop, a free, the start timeout) abandons the request at
+    /// once, even while the callback still runs, so that no answer is taken after the
+    /// abandonment.
     pub(crate) fn credential(self: &Arc<Self>) -> Credential {
         let sink = Arc::clone(self);
         Credential::Provider(Arc::new(move || {
@@ -310,9 +331,9 @@ impl CredentialSink {
                 let id = token.0;
                 match tokio::task::spawn_blocking(move || sink.call(id)).await {
                     Ok(Answer::Now(outcome)) => outcome,
-                    Ok(Answer::Later { rx, _use }) => rx
-                        .await
-                        .unwrap_or_else(|_| Err("the credential request was abandoned".to_owned())),
+                    Ok(Answer::Later { rx, _use }) => {
+                        rx.await.unwrap_or_else(|_| Err(ABANDONED.to_owned()))
+                    }
                     Err(e) => Err(format!("credential callback failed: {e}")),
                 }
             })
