@@ -163,6 +163,15 @@ run_counted() {
             failed=$(echo "$closing" | sum_matches ' [0-9]+ failed' /dev/stdin) ;;
     esac
     record "$name" "$passed" "$failed" "$rc"
+    if [ "$rc" -ne 0 ] || [ "$failed" -ne 0 ]; then show_failures "$LOG_DIR/$name.log"; fi
+}
+
+# show_failures LOG: what a failed run said of its failures (panics, assertions, a
+# runner that died on a signal), so that the summary a CI service keeps names the cause.
+show_failures() {
+    printf -- '--- failure details from %s\n' "${1#"$ROOT"/}"
+    grep -E -A12 "panicked at|^---- |Caused by|process didn't exit|signal: |^FAILED |^E  |AssertionError|not ok |Error: |ERROR:|Segmentation|Aborted" "$1" |
+        head -n 120
 }
 
 # --- suites ----------------------------------------------------------------------------
