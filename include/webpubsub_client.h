@@ -747,8 +747,8 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * threads. In poll mode, what is left at free (completions, the `user_data_free`
  * finalizer) runs on a library thread, not in `wps_client_dispatch`; outside a
  * callback, this waits for it. Freed from a callback that a `wps_client_dispatch*`
- * call runs, the finalizer may run before that call has written its outputs and
- * returned: those must not live in memory the finalizer frees. In a fork() child the
+ * call runs, what is left waits until that call has written its outputs (counts and
+ * records): they may live in memory the finalizer frees. In a fork() child the
  * handle is left alone (its threads do not exist there). A callback running during the
  * teardown (a finalizer included) may still use the handle: a start then fails with
  * `WPS_STATUS_STOPPED`, as do new asynchronous operations. Another thread must not be

@@ -465,8 +465,8 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// threads. In poll mode, what is left at free (completions, the `user_data_free`
 /// finalizer) runs on a library thread, not in `wps_client_dispatch`; outside a
 /// callback, this waits for it. Freed from a callback that a `wps_client_dispatch*`
-/// call runs, the finalizer may run before that call has written its outputs and
-/// returned: those must not live in memory the finalizer frees. In a fork() child the
+/// call runs, what is left waits until that call has written its outputs (counts and
+/// records): they may live in memory the finalizer frees. In a fork() child the
 /// handle is left alone (its threads do not exist there). A callback running during the
 /// teardown (a finalizer included) may still use the handle: a start then fails with
 /// `WPS_STATUS_STOPPED`, as do new asynchronous operations. Another thread must not be
@@ -592,11 +592,7 @@ pub unsafe extern "C" fn wps_client_dispatch(
     max: usize,
     ran: *mut usize,
 ) -> wps_status {
-    guard(|| {
-        let count = dispatch(c, max, None)?;
-        write_optional(ran, count);
-        Ok(())
-    })
+    guard(|| dispatch(c, max, None, |count, _| write_optional(ran, count)))
 }
 
 /// Poll mode: as `wps_client_dispatch`, but a successful completion of a send started
@@ -632,10 +628,10 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
         }
         let acks = array_out(records, cap, 1, "records")?;
         let mut records = Records::new(acks, &mut []);
-        let count = dispatch(c, max, Some(&mut records))?;
-        write_optional(ran, count);
-        write_optional(recorded, records.acks_written);
-        Ok(())
+        dispatch(c, max, Some(&mut records), |count, records| {
+            write_optional(ran, count);
+            write_optional(recorded, records.map_or(0, |r| r.acks_written));
+        })
     })
 }
 
@@ -676,12 +672,14 @@ pub unsafe extern "C" fn wps_client_dispatch_into(
             "buffers->messages",
         )?;
         let mut records = Records::new(acks, messages);
-        let count = dispatch(c, max, Some(&mut records))?;
-        (*buffers).ran = count;
-        (*buffers).acks_written = records.acks_written;
-        (*buffers).messages_written = records.messages_written;
-        (*buffers).message_bytes = records.message_bytes;
-        Ok(())
+        dispatch(c, max, Some(&mut records), |count, records| {
+            (*buffers).ran = count;
+            if let Some(records) = records {
+                (*buffers).acks_written = records.acks_written;
+                (*buffers).messages_written = records.messages_written;
+                (*buffers).message_bytes = records.message_bytes;
+            }
+        })
     })
 }
 
@@ -724,21 +722,28 @@ pub unsafe extern "C" fn wps_client_dispatch_resume(
     })
 }
 
-/// Runs the dispatch of `c`; returns how many callbacks ran.
+/// Runs the dispatch of `c`; `outputs` writes the call's outputs from how many
+/// callbacks ran and the records, before the dispatch ends: a callback that freed the
+/// client leaves its finalizer to run after that (it may free where they go).
 unsafe fn dispatch(
     c: *mut wps_client,
     max: usize,
-    records: Option<&mut Records<'_>>,
-) -> Result<usize, wps_status> {
+    mut records: Option<&mut Records<'_>>,
+    outputs: impl FnOnce(usize, Option<&Records<'_>>),
+) -> FfiResult {
     // The worker is kept alive by this call: a callback may free the client.
     let worker = Arc::clone(client_arg(c)?.sink.worker());
-    worker.dispatch(max, records).map_err(|e| match e {
-        DispatchError::NotPolled => not_polled(),
-        DispatchError::Busy => fail(
-            WPS_STATUS_ILLEGAL_STATE,
-            "a dispatch of this client is already running",
-        ),
-    })
+    let dispatched = worker
+        .dispatch(max, records.as_deref_mut())
+        .map_err(|e| match e {
+            DispatchError::NotPolled => not_polled(),
+            DispatchError::Busy => fail(
+                WPS_STATUS_ILLEGAL_STATE,
+                "a dispatch of this client is already running",
+            ),
+        })?;
+    outputs(dispatched.ran, records.as_deref());
+    Ok(())
 }
 
 fn not_polled() -> wps_status {

@@ -149,7 +149,7 @@ struct Queue {
     forward: Option<Arc<Worker>>,
     /// Poll mode: a `dispatch` is running.
     dispatching: bool,
-    /// Poll mode: hand over to a pool thread once the running `dispatch` returns.
+    /// Poll mode: hand over to a pool thread once the running `dispatch` ends.
     hand_over_pending: bool,
     /// Poll mode, while suspended: the messages dropped since `suspend`.
     suspended: Option<u64>,
@@ -170,6 +170,23 @@ impl Queue {
         self.jobs.append(&mut added);
         self.suspended = Some(before.saturating_add(dropped));
         before == 0 && dropped > 0
+    }
+}
+
+/// A poll-mode dispatch that ran `ran` jobs, until dropped: then it ends, and a hand-over
+/// to a pool thread that a free asked for meanwhile happens.
+pub(crate) struct Dispatched<'a> {
+    worker: &'a Worker,
+    pub(crate) ran: usize,
+}
+
+impl Drop for Dispatched<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.worker.lock();
+        queue.dispatching = false;
+        if queue.hand_over_pending {
+            self.worker.hand_over_locked(&mut queue);
+        }
     }
 }
 
@@ -290,11 +307,16 @@ impl Worker {
     /// running, as long as there is room. The call then returns before running a
     /// callback, so that the caller sees everything in order: the callbacks that ran,
     /// then the records.
+    ///
+    /// The dispatch lasts as long as the returned `Dispatched`: the caller writes its
+    /// outputs first. A client freed meanwhile (by a callback this ran) is handed over
+    /// to a pool thread only then, so that its finalizer cannot run before the outputs
+    /// are written (they may live in the memory it frees).
     pub(crate) fn dispatch(
         &self,
         max: usize,
         mut records: Option<&mut Records<'_>>,
-    ) -> Result<usize, DispatchError> {
+    ) -> Result<Dispatched<'_>, DispatchError> {
         let Wake::Poll(signal) = &self.wake else {
             return Err(DispatchError::NotPolled);
         };
@@ -303,9 +325,7 @@ impl Worker {
             if queue.dispatching {
                 return Err(DispatchError::Busy);
             }
-            if queue.forward.is_some() {
-                return Ok(0);
-            }
+            // Once handed over, nothing is queued here: the loop finds no job.
             queue.dispatching = true;
         }
         let mut ran = 0;
@@ -313,9 +333,7 @@ impl Worker {
             let job = {
                 let mut queue = self.lock();
                 if queue.hand_over_pending {
-                    queue.dispatching = false;
-                    self.hand_over_locked(&mut queue);
-                    return Ok(ran);
+                    break;
                 }
                 let mut recorded = false;
                 if let Some(records) = records.as_deref_mut() {
@@ -337,14 +355,14 @@ impl Worker {
                             signal.clear();
                             queue.idle = true;
                         }
-                        queue.dispatching = false;
-                        return Ok(ran);
+                        break;
                     }
                 }
             };
             guard_job("dispatched callback", || job.run());
             ran += 1;
         }
+        Ok(Dispatched { worker: self, ran })
     }
 
     /// Poll mode: from now on a pool thread runs this worker's jobs (the client is
@@ -623,7 +641,7 @@ mod tests {
                 std::time::Instant::now() < deadline,
                 "jobs left undispatched"
             );
-            worker.dispatch(usize::MAX, None).unwrap();
+            worker.dispatch(usize::MAX, None).map(|d| d.ran).unwrap();
             let queue = worker.lock();
             if queue.jobs.is_empty() && queue.idle && readable(fd) {
                 stale += 1;
@@ -632,6 +650,30 @@ mod tests {
         pusher.join().unwrap();
         assert_eq!(stale, 0, "readable with nothing queued");
         assert!(!readable(fd));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn jobs_queued_by_a_free_inside_a_dispatch_wait_for_the_dispatch_to_end() {
+        // A callback that frees its client asks for the hand-over, and its finalizer is
+        // queued: that must not run before the dispatch's caller has written its
+        // outputs, which may live in the memory the finalizer frees.
+        let worker = Worker::polled().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::clone(&worker);
+        worker.push(Job::new(move || {
+            inner.hand_over();
+            inner.push(Job::new(move || tx.send(()).unwrap()));
+        }));
+        let dispatched = worker.dispatch(10, None).unwrap();
+        assert_eq!(dispatched.ran, 1, "the freeing callback only");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the finalizer ran before the dispatch ended"
+        );
+        drop(dispatched);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(()));
+        assert_eq!(worker.dispatch(1, None).map(|d| d.ran), Ok(0));
     }
 
     #[cfg(unix)]
@@ -647,20 +689,25 @@ mod tests {
         }
         assert!(readable(fd));
         assert!(rx.try_recv().is_err(), "nothing runs before dispatch");
-        assert_eq!(worker.dispatch(2, None), Ok(2));
+        assert_eq!(worker.dispatch(2, None).map(|d| d.ran), Ok(2));
         assert!(readable(fd), "still readable while jobs remain");
-        assert_eq!(worker.dispatch(100, None), Ok(3));
+        assert_eq!(worker.dispatch(100, None).map(|d| d.ran), Ok(3));
         assert!(!readable(fd));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
 
         let inner = Arc::clone(&worker);
         let (busy_tx, busy_rx) = mpsc::channel();
         worker.push(Job::new(move || {
-            busy_tx.send(inner.dispatch(1, None)).unwrap()
+            busy_tx
+                .send(inner.dispatch(1, None).map(|d| d.ran))
+                .unwrap()
         }));
-        assert_eq!(worker.dispatch(1, None), Ok(1));
+        assert_eq!(worker.dispatch(1, None).map(|d| d.ran), Ok(1));
         assert_eq!(busy_rx.try_recv(), Ok(Err(DispatchError::Busy)));
-        assert_eq!(assign().dispatch(1, None), Err(DispatchError::NotPolled));
+        assert_eq!(
+            assign().dispatch(1, None).map(|d| d.ran),
+            Err(DispatchError::NotPolled)
+        );
 
         let mut batch: Vec<Job> = Vec::new();
         worker.push_all(&mut batch);
@@ -672,14 +719,14 @@ mod tests {
         worker.push_all(&mut batch);
         assert!(batch.is_empty());
         assert!(readable(fd));
-        assert_eq!(worker.dispatch(10, None), Ok(3));
+        assert_eq!(worker.dispatch(10, None).map(|d| d.ran), Ok(3));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![6, 7, 8]);
 
         worker.push(Job::new(move || tx.send(5).unwrap()));
         worker.hand_over();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(5));
         assert_eq!(
-            worker.dispatch(1, None),
+            worker.dispatch(1, None).map(|d| d.ran),
             Ok(0),
             "a handed-over worker has nothing to dispatch"
         );
@@ -738,7 +785,7 @@ mod tests {
         // What is queued stays; the messages that come are dropped and signal nothing.
         send(2);
         worker.suspend(|| {}).unwrap();
-        assert_eq!(worker.dispatch(10, None), Ok(2));
+        assert_eq!(worker.dispatch(10, None).map(|d| d.ran), Ok(2));
         assert!(!readable(fd));
         send(10_000);
         assert!(!readable(fd), "a dropped message signals nothing");
@@ -757,7 +804,7 @@ mod tests {
         worker.push(Job::new(move || tx.send(2).unwrap()));
         worker.suspend(|| {}).unwrap(); // again: the count goes on
         assert!(readable(fd));
-        assert_eq!(worker.dispatch(10, None), Ok(3));
+        assert_eq!(worker.dispatch(10, None).map(|d| d.ran), Ok(3));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![1, 2]);
         assert!(!readable(fd));
         assert_eq!(
@@ -773,7 +820,7 @@ mod tests {
         assert_eq!(worker.resume(|| {}), Ok(10_001));
         assert_eq!(worker.resume(|| {}), Ok(0), "the count starts again");
         send(1);
-        assert_eq!(worker.dispatch(10, None), Ok(1));
+        assert_eq!(worker.dispatch(10, None).map(|d| d.ran), Ok(1));
         assert_eq!(kinds.lock().unwrap()[3], WPS_EVENT_SERVER_MESSAGE);
         assert_eq!(assign().suspend(|| {}), Err(DispatchError::NotPolled));
         assert_eq!(assign().resume(|| {}), Err(DispatchError::NotPolled));
@@ -853,16 +900,19 @@ mod tests {
         }
         let first = {
             let worker = Arc::clone(&worker);
-            std::thread::spawn(move || worker.dispatch(2, None))
+            std::thread::spawn(move || worker.dispatch(2, None).map(|d| d.ran))
         };
         entered.recv_timeout(Duration::from_secs(30)).unwrap();
-        assert_eq!(worker.dispatch(10, None), Err(DispatchError::Busy));
+        assert_eq!(
+            worker.dispatch(10, None).map(|d| d.ran),
+            Err(DispatchError::Busy)
+        );
         assert!(rx.try_recv().is_err(), "nothing ran on the refused thread");
         assert!(readable(fd), "the jobs left keep the descriptor readable");
         release.send(()).unwrap();
         assert_eq!(first.join().unwrap(), Ok(2));
         assert!(readable(fd));
-        assert_eq!(worker.dispatch(10, None), Ok(2));
+        assert_eq!(worker.dispatch(10, None).map(|d| d.ran), Ok(2));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
         assert!(!readable(fd));
     }
@@ -883,13 +933,13 @@ mod tests {
                 tx.send((i, name)).unwrap();
             }));
         }
-        assert_eq!(worker.dispatch(usize::MAX, None), Ok(1));
+        assert_eq!(worker.dispatch(usize::MAX, None).map(|d| d.ran), Ok(1));
         for i in 0..3 {
             let (n, name) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
             assert_eq!(n, i);
             assert!(name.starts_with("wps-dispatch-"), "{name}");
         }
-        assert_eq!(worker.dispatch(usize::MAX, None), Ok(0));
+        assert_eq!(worker.dispatch(usize::MAX, None).map(|d| d.ran), Ok(0));
     }
 
     #[cfg(unix)]
@@ -922,15 +972,19 @@ mod tests {
         for _ in 0..100 {
             send(4);
             assert!(!drained());
-            assert_eq!(worker.dispatch(1, None), Ok(1), "one runs its callback");
+            assert_eq!(
+                worker.dispatch(1, None).map(|d| d.ran),
+                Ok(1),
+                "one runs its callback"
+            );
             let mut records = Records::new(&mut [], &mut room);
-            assert_eq!(worker.dispatch(0, Some(&mut records)), Ok(0));
+            assert_eq!(worker.dispatch(0, Some(&mut records)).map(|d| d.ran), Ok(0));
             assert_eq!(records.messages_written, 1, "one becomes a record");
             sink.suspend().unwrap();
             send(5);
             assert_eq!(sink.resume(), Ok(5), "five dropped unseen");
             assert!(!drained(), "two still wait");
-            assert_eq!(worker.dispatch(usize::MAX, None), Ok(2));
+            assert_eq!(worker.dispatch(usize::MAX, None).map(|d| d.ran), Ok(2));
             assert!(drained());
         }
         assert_eq!(kinds.lock().unwrap().len(), 300);
@@ -1002,7 +1056,10 @@ mod tests {
         let ids = |r: &[wps_ack_record]| r.iter().map(|r| r.ack_id).collect::<Vec<_>>();
         let dispatch = |acks: &mut [wps_ack_record]| {
             let mut records = Records::new(acks, &mut []);
-            let ran = worker.dispatch(10, Some(&mut records)).unwrap();
+            let ran = worker
+                .dispatch(10, Some(&mut records))
+                .map(|d| d.ran)
+                .unwrap();
             (ran, records.acks_written)
         };
 
