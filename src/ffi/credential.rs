@@ -137,6 +137,13 @@ fn after_callback(token: usize) -> Result<Outcome, oneshot::Receiver<Outcome>> {
     }
 }
 
+/// The answer to a request whose callback does not run: it leaves the table (abandoned
+/// meanwhile, it would stay there, waiting for the callback's return).
+fn not_called(token: usize, why: &str) -> Answer {
+    lock_requests().remove(&token);
+    Answer::Now(Err(why.to_owned()))
+}
+
 impl Drop for Token {
     fn drop(&mut self) {
         let mut requests = lock_requests();
@@ -346,18 +353,21 @@ impl CredentialSink {
 
     /// Runs the callback for the request `token` names.
     fn call(self: Arc<Self>, token: usize) -> Answer {
-        {
+        let closed = {
             let mut st = self.lock();
-            if st.closed {
-                return Answer::Now(Err("the client was freed".to_owned()));
+            if !st.closed {
+                st.in_flight += 1;
             }
-            st.in_flight += 1;
+            st.closed
+        };
+        if closed {
+            return not_called(token, "the client was freed");
         }
         let cb = self.cb;
         let user_data = self.user_data.0;
         let request = Use(self);
         let Some(inside) = InCallback::enter() else {
-            return Answer::Now(Err("callbacks are disabled".to_owned()));
+            return not_called(token, "callbacks are disabled");
         };
         // SAFETY: the callback and its user data were registered together.
         unsafe { cb(user_data, token as *mut wps_credential_result) };
@@ -402,5 +412,32 @@ impl CredentialSink {
                 st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    unsafe extern "C" fn answer(_user_data: *mut c_void, result: *mut wps_credential_result) {
+        wps_credential_result_set_url(result, c"ws://127.0.0.1:1/".as_ptr());
+    }
+
+    #[test]
+    fn a_request_abandoned_before_its_callback_could_run_leaves_the_table() {
+        let sink = Arc::new(CredentialSink::new(answer, std::ptr::null_mut(), None));
+        sink.close(false);
+        let token = Token::open();
+        let id = token.0;
+        // The attempt is abandoned (a free) while its call waits for a pool thread.
+        drop(token);
+        assert!(matches!(
+            Arc::clone(&sink).call(id),
+            Answer::Now(Err(ref why)) if why.contains("freed")
+        ));
+        assert!(
+            !lock_requests().contains_key(&id),
+            "the request stays in the table"
+        );
     }
 }
