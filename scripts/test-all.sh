@@ -171,7 +171,7 @@ run_counted() {
 show_failures() {
     printf -- '--- failure details from %s\n' "${1#"$ROOT"/}"
     grep -E -A12 "panicked at|^---- |Caused by|process didn't exit|signal: |^FAILED |^E  |AssertionError|not ok |Error: |ERROR:|Segmentation|Aborted" "$1" |
-        head -n 120
+        head -n 200
 }
 
 # --- suites ----------------------------------------------------------------------------
@@ -179,7 +179,9 @@ show_failures() {
 suite_fmt() { run_check fmt cargo fmt --all -- --check; }
 suite_clippy() { run_check clippy cargo clippy --workspace --all-targets --quiet -- -D warnings; }
 suite_doc() { RUSTDOCFLAGS="-D warnings" run_check doc cargo doc --workspace --no-deps --quiet; }
-suite_rust() { run_counted rust cargo cargo test --workspace --no-fail-fast; }
+# Uncaptured: a test binary that dies (a signal, a panic in a callback across the C
+# ABI) takes the output libtest captured with it, and the log would not say why.
+suite_rust() { run_counted rust cargo cargo test --workspace --no-fail-fast -- --nocapture; }
 suite_header() { build_native; run_check header scripts/check-header.sh; }
 suite_c-plain() { build_native; run_counted c-plain plain tests/c/run.sh plain; }
 suite_c-asan() { build_native; run_counted c-asan plain tests/c/run.sh asan; }
