@@ -753,8 +753,9 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * teardown (a finalizer included) may still use the handle: a start then fails with
  * `WPS_STATUS_STOPPED`, as do new asynchronous operations. Another thread must not be
  * inside a call of this client (except a blocking call that waits: it returns
- * `WPS_STATUS_STOPPED`) nor enter one once the free begins. A second free of a handle
- * is detected and ignored (an error is logged) as long as no new client got the same
+ * `WPS_STATUS_STOPPED`; a free from a callback may run the finalizers before it writes
+ * its outputs) nor enter one once the free begins. A second free of a handle is
+ * detected and ignored (an error is logged) as long as no new client got the same
  * address; any other use of a freed handle is undefined behaviour.
  *
  * # Safety

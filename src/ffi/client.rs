@@ -471,8 +471,9 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// teardown (a finalizer included) may still use the handle: a start then fails with
 /// `WPS_STATUS_STOPPED`, as do new asynchronous operations. Another thread must not be
 /// inside a call of this client (except a blocking call that waits: it returns
-/// `WPS_STATUS_STOPPED`) nor enter one once the free begins. A second free of a handle
-/// is detected and ignored (an error is logged) as long as no new client got the same
+/// `WPS_STATUS_STOPPED`; a free from a callback may run the finalizers before it writes
+/// its outputs) nor enter one once the free begins. A second free of a handle is
+/// detected and ignored (an error is logged) as long as no new client got the same
 /// address; any other use of a freed handle is undefined behaviour.
 ///
 /// # Safety
@@ -514,13 +515,19 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
                     shared.stop_all_ops();
                     // On the dispatcher, after the completions: a finalizer may block,
                     // and must never run on an I/O thread.
-                    if let Some(cred) = shared.credential.clone() {
+                    let credential = shared.credential.clone();
+                    if let Some(cred) = credential.clone() {
                         shared
                             .sink
                             .worker()
                             .push(Job::new(move || cred.close(false)));
                     }
-                    shared.sink.close_then(move || handle.release());
+                    shared.sink.close_then(move || match credential {
+                        // A credential callback may still run on another thread (the
+                        // stop only abandoned its request), and use the handle.
+                        Some(cred) => cred.when_finalized(move || handle.release()),
+                        None => handle.release(),
+                    });
                 });
             });
         } else {

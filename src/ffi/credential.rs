@@ -268,6 +268,8 @@ struct State {
     finalizing: bool,
     /// The finalizer has run.
     finalized: bool,
+    /// What runs once the finalizer has run (`when_finalized`).
+    then: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The C credential callback of one client, with its user data and finalizer.
@@ -391,8 +393,27 @@ impl CredentialSink {
             // SAFETY: `take_finalizer` lets this happen once, after the last use.
             unsafe { free(self.user_data.0) };
         }
-        self.lock().finalized = true;
+        let then = {
+            let mut st = self.lock();
+            st.finalized = true;
+            st.then.take()
+        };
         self.done.notify_all();
+        if let Some(then) = then {
+            then();
+        }
+    }
+
+    /// Runs `f` once the finalizer has run (at once if it has): after the last call
+    /// and the last deferred request, on the thread that ends them.
+    pub(crate) fn when_finalized(&self, f: impl FnOnce() + Send + 'static) {
+        let mut st = self.lock();
+        if st.finalized {
+            drop(st);
+            f();
+        } else {
+            st.then = Some(Box::new(f));
+        }
     }
 
     /// No more calls after this; the finalizer runs once the running call and the
