@@ -394,6 +394,16 @@ class _TokenServiceDown(Exception):
     """What an application's URL provider raises."""
 
 
+def _open_failing(package: Any, provider: Callable[[], str]) -> Tuple[Any, Tuple[type, str, bool]]:
+    """A client of ``package`` whose credential is ``provider``, and what its open() raised."""
+    client = package.WebPubSubClient(
+        package.WebPubSubClientCredential(provider), reconnect_retry_total=0, start_timeout=5.0
+    )
+    with pytest.raises(BaseException) as info:
+        client.open()
+    return client, (type(info.value), str(info.value), client.is_connected())
+
+
 def test_a_failing_credential_raises_its_own_error_from_open(hub: Hub) -> None:
     """The official open() calls the provider itself, so the provider's exception reaches
     the caller unchanged (an application catching its token service's error there)."""
@@ -401,20 +411,29 @@ def test_a_failing_credential_raises_its_own_error_from_open(hub: Hub) -> None:
     def broken() -> str:
         raise _TokenServiceDown("token service down")
 
-    outcomes = []
+    outcomes: List[Any] = []
     for package in (official, ours):
-        client = package.WebPubSubClient(
-            package.WebPubSubClientCredential(broken), reconnect_retry_total=0, start_timeout=5.0
-        )
-        with pytest.raises(Exception) as info:
-            client.open()
-        outcomes.append((type(info.value), str(info.value), client.is_connected()))
+        client, outcome = _open_failing(package, broken)
+        outcomes.append(outcome)
         # and the client is still usable: a second open calls the provider again
         with pytest.raises(Exception) as again:
             client.open()
         outcomes.append((type(again.value), str(again.value)))
     assert outcomes[2:] == outcomes[:2]
     assert outcomes[0] == (_TokenServiceDown, "token service down", False)
+
+
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+def test_a_credential_raising_a_base_exception_raises_it_from_open(raised: type) -> None:
+    """A provider that calls ``sys.exit()`` (or raises KeyboardInterrupt): the official
+    open() raises that itself, so the program exits; ours wrapped it in OpenClientError."""
+
+    def stop() -> str:
+        raise raised("token service says stop")
+
+    outcomes = [_open_failing(package, stop)[1] for package in (official, ours)]
+    assert outcomes[1] == outcomes[0]
+    assert outcomes[0] == (raised, "token service says stop", False)
 
 
 async def test_a_failing_async_credential_raises_its_own_error_from_open(hub: Hub) -> None:

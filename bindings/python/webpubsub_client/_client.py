@@ -72,8 +72,9 @@ class _Provider:
     def __init__(self, provider: Callable[[], str]) -> None:
         self.provider = provider
         # What the provider of the latest request raised, and that request's token: an
-        # abandoned request that raises later must not stand for the next one.
-        self.error: Optional[Exception] = None
+        # abandoned request that raises later must not stand for the next one. A
+        # SystemExit or KeyboardInterrupt too: the official open() raises it (the program exits).
+        self.error: Optional[BaseException] = None
         self._latest: Optional[int] = None
         self._lock = threading.Lock()
 
@@ -85,11 +86,10 @@ class _Provider:
     def _answer(self, result: int) -> None:
         try:
             url = self.provider()
-        except BaseException as exc:  # noqa: BLE001 - answered; this thread has no caller
-            if isinstance(exc, Exception):
-                with self._lock:
-                    if result == self._latest:
-                        self.error = exc
+        except BaseException as exc:  # noqa: BLE001 - answered, and raised by open() if it is its request
+            with self._lock:
+                if result == self._latest:
+                    self.error = exc
             _callbacks.answer_credential(result, None, exc)
             return
         _callbacks.answer_credential(result, url)
