@@ -89,14 +89,14 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// Rounds of each lifecycle in each of the two halves after its warm-up round.
-const HALF: usize = 15;
+const HALF: usize = 25;
 
 /// Threads a section may end with above its baseline: the runtime's blocking pool
 /// (credential callbacks and finalizers run there) keeps an idle thread for 10 s.
 const THREAD_SLACK: usize = 2;
 
 /// Live heap bytes each half may grow by, per round: queues whose capacity grew (by up
-/// to ~5 KiB in a half on a loaded machine), not a client's state (KiBs). A one-off
+/// to ~7 KiB in a half on a loaded machine), not a client's state (KiBs). A one-off
 /// growth lands in one half; a leak grows both.
 const HEAP_PER_ROUND: isize = 512;
 
