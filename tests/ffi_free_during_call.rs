@@ -13,17 +13,14 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::ffi::{c_void, CString};
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::check;
+use common::{ffi_client, ffi_emulator};
 use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_CONNECTED};
-use webpubsub_client::ffi::client::{
-    wps_client, wps_client_free, wps_client_new, wps_client_start_async,
-};
+use webpubsub_client::ffi::client::{wps_client, wps_client_free, wps_client_start_async};
 use webpubsub_client::ffi::status::WPS_STATUS_OK;
-use webpubsub_emulator::{Config, Emulator};
 
 thread_local! {
     /// Whether this thread's allocations are held.
@@ -89,21 +86,13 @@ unsafe extern "C" fn note_finalized(_user_data: *mut c_void) {
 
 #[test]
 fn an_asynchronous_start_whose_connected_event_frees_the_client() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
-    let url = CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap();
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new(
-            url.as_ptr(),
-            std::ptr::null(),
-            Some(free_when_connected),
-            std::ptr::null_mut(),
-            Some(note_finalized),
-            &mut c,
-        )
-    };
-    check(status, "wps_client_new");
+    let (_rt, _emulator, url) = ffi_emulator();
+    let c = ffi_client(
+        &url,
+        Some(free_when_connected),
+        std::ptr::null_mut(),
+        Some(note_finalized),
+    );
     CLIENT.store(c as usize, Ordering::SeqCst);
 
     ARMED.with(|a| a.set(true));
