@@ -698,7 +698,9 @@ extern "C" {
  * event on the client's dispatcher thread with `user_data`; `user_data_free` (may be
  * NULL) runs exactly once after the last callback, at the latest when
  * `wps_client_free` returns (unless freed inside a callback: see `wps_client_free`).
- * On failure nothing is taken over: no finalizer runs.
+ * On failure nothing is taken over: no finalizer runs. `WPS_STATUS_INTERNAL` when the
+ * system refuses a thread the library needs (its runtime's or a dispatcher's, started
+ * with the first client); a later call tries again.
  *
  * # Safety
  * `url` is NULL or NUL-terminated; `opts` is NULL or from `wps_options_new`; `out` is
@@ -1470,6 +1472,8 @@ const char *wps_version(void);
  * thread to run it); NULL still turns logging off. `WPS_STATUS_INTERNAL` when another
  * Rust `log` logger was installed in this process before the library's first call
  * here (another Rust library linked in, for example): the library's logs go to it.
+ * `WPS_STATUS_INTERNAL` too when the system refuses the logging thread; a later call
+ * tries again.
  */
 wps_status wps_set_log_callback(wps_log_cb cb, void *user_data, uint32_t max_level);
 

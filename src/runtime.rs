@@ -4,8 +4,10 @@
 //! client ever blocks on a runtime shutting down. Its worker threads are shared by
 //! all clients: the thread count does not grow with the number of clients.
 
+use std::any::Any;
 use std::future::Future;
-use std::sync::OnceLock;
+use std::panic;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use tokio::runtime::{Handle, Runtime};
 
 /// The runtime, with the `fork()` generation its threads belong to.
@@ -21,26 +23,71 @@ fn worker_threads(cpus: usize) -> usize {
     (cpus / 2).clamp(1, 4)
 }
 
-fn runtime() -> &'static (Runtime, usize) {
-    RUNTIME.get_or_init(|| {
-        crate::fork::watch();
-        let workers = worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Serialises the runtime's creation: a failed attempt leaves nothing behind, so the
+/// next call tries again (`OnceLock` cannot hold an initialisation that may fail).
+static STARTING: Mutex<()> = Mutex::new(());
+
+fn runtime() -> Result<&'static (Runtime, usize), String> {
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    let _one = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    crate::fork::watch();
+    let workers = worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()));
+    // tokio panics when the system refuses a worker thread (a thread or memory limit).
+    let built = panic::catch_unwind(|| {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("webpubsub-rt")
             .enable_all()
             .build()
-            .expect("building the webpubsub client runtime");
-        (runtime, crate::fork::generation())
-    })
+    });
+    let runtime = match built {
+        Ok(Ok(runtime)) => runtime,
+        Ok(Err(e)) => return Err(format!("cannot start the webpubsub runtime: {e}")),
+        Err(payload) => {
+            let detail = panic_detail(payload.as_ref());
+            return Err(format!("cannot start the webpubsub runtime: {detail}"));
+        }
+    };
+    Ok(RUNTIME.get_or_init(|| (runtime, crate::fork::generation())))
 }
 
-/// The runtime's handle, or an error in a `fork()` child of the process that created
-/// it (its worker threads do not exist there, so using it would hang).
-pub fn try_handle() -> Result<Handle, String> {
-    let (runtime, generation) = runtime();
+/// The text a panic was raised with.
+pub(crate) fn panic_detail(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".to_owned())
+}
+
+/// Why the runtime cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeError {
+    /// It was created before `fork()`: its worker threads do not exist in this child.
+    Forked(String),
+    /// The system refused its threads (a thread or memory limit); a later call tries again.
+    Start(String),
+}
+
+impl std::fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (RuntimeError::Forked(message) | RuntimeError::Start(message)) = self;
+        f.write_str(message)
+    }
+}
+
+/// The runtime's handle (created on first use), or why it cannot be used.
+pub fn try_handle() -> Result<Handle, RuntimeError> {
+    let (runtime, generation) = runtime().map_err(RuntimeError::Start)?;
     if crate::fork::generation() != *generation {
-        return Err("the webpubsub runtime was created before fork(); it cannot be used in the child process".into());
+        return Err(RuntimeError::Forked(
+            "the webpubsub runtime was created before fork(); it cannot be used in the child process".into(),
+        ));
     }
     Ok(runtime.handle().clone())
 }
@@ -56,7 +103,7 @@ pub(crate) fn belongs_here() -> Option<bool> {
 /// The runtime's handle (created on first use).
 ///
 /// # Panics
-/// In a `fork()` child of the process that created the runtime (see [`try_handle`]).
+/// When it cannot be used (see [`try_handle`]).
 pub fn handle() -> Handle {
     try_handle().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -66,7 +113,7 @@ pub fn handle() -> Handle {
 ///
 /// # Panics
 /// When called from inside an async context (a runtime worker), where blocking would
-/// stall other tasks, or in a `fork()` child (see [`try_handle`]).
+/// stall other tasks, or when the runtime cannot be used (see [`try_handle`]).
 pub fn block_on<F: Future>(f: F) -> F::Output {
     assert!(
         Handle::try_current().is_err(),

@@ -364,8 +364,9 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Creates a stopped client; events go to `on_event`. Fails on invalid options or
-    /// a fixed URL that is not a ws/wss (or http/https) URL.
+    /// Creates a stopped client; events go to `on_event`. Fails on invalid options, a
+    /// fixed URL that is not a ws/wss (or http/https) URL, or a runtime that cannot be
+    /// used (see [`crate::runtime::try_handle`]).
     pub fn new(
         credential: Credential,
         options: ClientOptions,
@@ -377,7 +378,8 @@ impl Client {
         }
         let ack_timeout = options.ack_timeout;
         let max_outgoing = options.max_outgoing_message_size;
-        let runtime = crate::runtime::try_handle().map_err(Error::IllegalState)?;
+        let runtime =
+            crate::runtime::try_handle().map_err(|e| Error::IllegalState(e.to_string()))?;
         let (shared, commands, operations) =
             connection::spawn(&runtime, credential, options, on_event);
         Ok(Client {

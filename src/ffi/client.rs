@@ -23,6 +23,7 @@ use crate::client::{
     InvokeResult, Membership, Prepared, SendEventOptions, SendToGroupOptions,
 };
 use crate::protocol::DataType;
+use crate::runtime::RuntimeError;
 
 use super::callbacks::{
     data_type_code, fail_with, wps_ack_record, wps_completion_cb, wps_dispatch_buffers,
@@ -88,9 +89,13 @@ pub struct wps_ack_result {
 }
 
 /// The shared runtime; `WPS_STATUS_FORKED` in a fork() child of the process that
-/// started it (the core records its pid; its threads do not exist in the child).
+/// started it (the core records its pid; its threads do not exist in the child),
+/// `WPS_STATUS_INTERNAL` when the system refused its threads.
 fn runtime() -> FfiResult<tokio::runtime::Handle> {
-    crate::runtime::try_handle().map_err(|e| fail(WPS_STATUS_FORKED, e))
+    crate::runtime::try_handle().map_err(|e| match e {
+        RuntimeError::Forked(message) => fail(WPS_STATUS_FORKED, message),
+        RuntimeError::Start(message) => fail(WPS_STATUS_INTERNAL, message),
+    })
 }
 
 /// Runs a core future to completion on this thread, driven by the shared runtime's
@@ -331,15 +336,11 @@ fn new_client(
     // SAFETY: `opts` is NULL or comes from `wps_options_new`.
     let opts = unsafe { opts.as_ref() }.cloned().unwrap_or_default();
     let worker = if opts.poll {
-        Worker::polled().map_err(|e| {
-            fail(
-                WPS_STATUS_INTERNAL,
-                format!("creating the dispatch descriptor: {e}"),
-            )
-        })?
+        Worker::polled()
     } else {
         dispatcher::assign()
-    };
+    }
+    .map_err(|e| fail(WPS_STATUS_INTERNAL, e))?;
     let sink = Arc::new(EventSink::new(
         worker,
         on_event,
@@ -381,7 +382,9 @@ fn into_handle(
 /// event on the client's dispatcher thread with `user_data`; `user_data_free` (may be
 /// NULL) runs exactly once after the last callback, at the latest when
 /// `wps_client_free` returns (unless freed inside a callback: see `wps_client_free`).
-/// On failure nothing is taken over: no finalizer runs.
+/// On failure nothing is taken over: no finalizer runs. `WPS_STATUS_INTERNAL` when the
+/// system refuses a thread the library needs (its runtime's or a dispatcher's, started
+/// with the first client); a later call tries again.
 ///
 /// # Safety
 /// `url` is NULL or NUL-terminated; `opts` is NULL or from `wps_options_new`; `out` is
@@ -1786,7 +1789,7 @@ mod tests {
         .unwrap();
         let (freed_tx, freed) = mpsc::sync_channel::<()>(1);
         let sink = Arc::new(EventSink::new(
-            dispatcher::assign(),
+            dispatcher::assign().unwrap(),
             None,
             Box::into_raw(Box::new(freed_tx)).cast(),
             Some(signal_freed),

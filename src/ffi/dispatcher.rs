@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use log::info;
 
@@ -135,8 +135,10 @@ pub(crate) enum DispatchError {
 enum Wake {
     /// A pool thread sleeping on the condvar.
     Thread(Condvar),
-    /// The application polls a descriptor.
-    Poll(Signal),
+    /// The application polls a descriptor. The pool worker (the heir) runs the jobs once
+    /// the client is freed; picked when the client is made, so that a free cannot fail
+    /// for want of a thread.
+    Poll(Signal, Arc<Worker>),
 }
 
 /// A worker's queue and its state, under one lock.
@@ -212,8 +214,11 @@ impl Worker {
     }
 
     /// A worker run by the application (poll mode), with its readiness descriptor.
-    pub(crate) fn polled() -> io::Result<Arc<Worker>> {
-        Ok(Arc::new(Worker::new(Wake::Poll(Signal::new()?))))
+    pub(crate) fn polled() -> Result<Arc<Worker>, String> {
+        let heir = assign()?;
+        let signal =
+            Signal::new().map_err(|e| format!("cannot create the dispatch descriptor: {e}"))?;
+        Ok(Arc::new(Worker::new(Wake::Poll(signal, heir))))
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -252,7 +257,7 @@ impl Worker {
         let first_drop = queue.drop_messages(before);
         let wake = queue.jobs.len() > before && std::mem::replace(&mut queue.idle, false);
         if wake {
-            if let Wake::Poll(signal) = &self.wake {
+            if let Wake::Poll(signal, _) = &self.wake {
                 signal.set();
             }
         }
@@ -271,7 +276,7 @@ impl Worker {
     /// queued as usual. `also` runs under the queue's lock: what it records about the
     /// suspension then agrees with the worker's, whatever `resume` runs at once.
     pub(crate) fn suspend(&self, also: impl FnOnce()) -> Result<(), DispatchError> {
-        if !matches!(self.wake, Wake::Poll(_)) {
+        if !matches!(self.wake, Wake::Poll(..)) {
             return Err(DispatchError::NotPolled);
         }
         let mut queue = self.lock();
@@ -284,7 +289,7 @@ impl Worker {
     /// dropped (0 when the worker was not suspended). `also` runs under the queue's
     /// lock, as with `suspend`.
     pub(crate) fn resume(&self, also: impl FnOnce()) -> Result<u64, DispatchError> {
-        if !matches!(self.wake, Wake::Poll(_)) {
+        if !matches!(self.wake, Wake::Poll(..)) {
             return Err(DispatchError::NotPolled);
         }
         let mut queue = self.lock();
@@ -295,7 +300,7 @@ impl Worker {
     /// Poll mode: the descriptor that is readable while callbacks are queued.
     pub(crate) fn fd(&self) -> Option<std::ffi::c_int> {
         match &self.wake {
-            Wake::Poll(signal) => Some(signal.fd()),
+            Wake::Poll(signal, _) => Some(signal.fd()),
             Wake::Thread(_) => None,
         }
     }
@@ -317,7 +322,7 @@ impl Worker {
         max: usize,
         mut records: Option<&mut Records<'_>>,
     ) -> Result<Dispatched<'_>, DispatchError> {
-        let Wake::Poll(signal) = &self.wake else {
+        let Wake::Poll(signal, _) = &self.wake else {
             return Err(DispatchError::NotPolled);
         };
         {
@@ -369,7 +374,7 @@ impl Worker {
     /// being freed and will not be polled again). Deferred to the end of a running
     /// `dispatch`, so that no two threads run this client's callbacks at once.
     pub(crate) fn hand_over(&self) {
-        if !matches!(self.wake, Wake::Poll(_)) {
+        if !matches!(self.wake, Wake::Poll(..)) {
             return;
         }
         let mut queue = self.lock();
@@ -381,10 +386,13 @@ impl Worker {
     }
 
     fn hand_over_locked(&self, queue: &mut Queue) {
+        let Wake::Poll(_, heir) = &self.wake else {
+            return;
+        };
         if queue.forward.is_some() {
             return;
         }
-        let target = assign();
+        let target = Arc::clone(heir);
         let jobs = std::mem::take(&mut queue.jobs);
         // Pushed under this worker's lock: a job forwarded later cannot overtake them.
         target.push(Job::new(move || {
@@ -517,37 +525,50 @@ struct Pool {
 }
 
 static POOL: OnceLock<Pool> = OnceLock::new();
+/// Serialises the pool's start: a failed attempt leaves nothing behind, so the next
+/// call tries again (`OnceLock` cannot hold an initialisation that may fail).
+static STARTING: Mutex<()> = Mutex::new(());
 
-fn pool() -> &'static Pool {
-    POOL.get_or_init(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = (0..cpus.clamp(1, MAX_WORKERS))
-            .map(|i| {
-                let worker = Arc::new(Worker::new(Wake::Thread(Condvar::new())));
-                let w = Arc::clone(&worker);
-                std::thread::Builder::new()
-                    .name(format!("wps-dispatch-{i}"))
-                    .spawn(move || {
-                        if let Wake::Thread(ready) = &w.wake {
-                            w.run(ready);
-                        }
-                    })
-                    .expect("spawn a dispatcher thread");
-                worker
-            })
-            .collect();
-        Pool {
-            workers,
-            next: AtomicUsize::new(0),
+/// The pool, started on first use with one worker thread per processor (at most
+/// `MAX_WORKERS`), or as many as the system would start if at least one.
+fn pool() -> io::Result<&'static Pool> {
+    if let Some(pool) = POOL.get() {
+        return Ok(pool);
+    }
+    let _one = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(pool) = POOL.get() {
+        return Ok(pool);
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut workers = Vec::new();
+    for i in 0..cpus.clamp(1, MAX_WORKERS) {
+        let worker = Arc::new(Worker::new(Wake::Thread(Condvar::new())));
+        let w = Arc::clone(&worker);
+        let started = std::thread::Builder::new()
+            .name(format!("wps-dispatch-{i}"))
+            .spawn(move || {
+                if let Wake::Thread(ready) = &w.wake {
+                    w.run(ready);
+                }
+            });
+        match started {
+            Ok(_) => workers.push(worker),
+            Err(e) if workers.is_empty() => return Err(e),
+            Err(_) => break,
         }
-    })
+    }
+    Ok(POOL.get_or_init(|| Pool {
+        workers,
+        next: AtomicUsize::new(0),
+    }))
 }
 
-/// Picks the pool worker a new client is pinned to (round robin).
-pub(crate) fn assign() -> Arc<Worker> {
-    let pool = pool();
+/// Picks the pool worker a new client is pinned to (round robin); an error when the
+/// system refuses the pool's first thread.
+pub(crate) fn assign() -> Result<Arc<Worker>, String> {
+    let pool = pool().map_err(|e| format!("cannot start a dispatcher thread: {e}"))?;
     let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.workers.len();
-    Arc::clone(&pool.workers[i])
+    Ok(Arc::clone(&pool.workers[i]))
 }
 
 #[cfg(test)]
@@ -559,7 +580,7 @@ mod tests {
 
     #[test]
     fn jobs_of_one_worker_run_in_order_on_a_pool_thread() {
-        let worker = assign();
+        let worker = assign().unwrap();
         let (tx, rx) = mpsc::channel();
         for i in 0..100 {
             let tx = tx.clone();
@@ -581,7 +602,7 @@ mod tests {
             assert!(i == 100 || name.starts_with("wps-dispatch-"));
             assert!(!inside);
         }
-        assert!(pool().workers.len() <= MAX_WORKERS);
+        assert!(pool().unwrap().workers.len() <= MAX_WORKERS);
     }
 
     #[cfg(unix)]
@@ -705,7 +726,7 @@ mod tests {
         assert_eq!(worker.dispatch(1, None).map(|d| d.ran), Ok(1));
         assert_eq!(busy_rx.try_recv(), Ok(Err(DispatchError::Busy)));
         assert_eq!(
-            assign().dispatch(1, None).map(|d| d.ran),
+            assign().unwrap().dispatch(1, None).map(|d| d.ran),
             Err(DispatchError::NotPolled)
         );
 
@@ -822,8 +843,14 @@ mod tests {
         send(1);
         assert_eq!(worker.dispatch(10, None).map(|d| d.ran), Ok(1));
         assert_eq!(kinds.lock().unwrap()[3], WPS_EVENT_SERVER_MESSAGE);
-        assert_eq!(assign().suspend(|| {}), Err(DispatchError::NotPolled));
-        assert_eq!(assign().resume(|| {}), Err(DispatchError::NotPolled));
+        assert_eq!(
+            assign().unwrap().suspend(|| {}),
+            Err(DispatchError::NotPolled)
+        );
+        assert_eq!(
+            assign().unwrap().resume(|| {}),
+            Err(DispatchError::NotPolled)
+        );
     }
 
     #[cfg(unix)]
@@ -1087,7 +1114,7 @@ mod tests {
     #[test]
     fn a_pool_thread_calls_the_callback_of_a_recordable_success() {
         let calls = Arc::new(Mutex::new(Vec::new()));
-        let worker = assign();
+        let worker = assign().unwrap();
         worker.push(completion_job(&calls, Some(7), true));
         let (tx, rx) = mpsc::channel();
         worker.push(Job::new(move || tx.send(()).unwrap()));

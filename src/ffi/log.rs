@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::ffi::{c_char, c_void};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
@@ -61,6 +61,8 @@ static SINK: Mutex<Option<Sink>> = Mutex::new(None);
 /// The logging thread's queue and the `fork()` generation of the thread, once started;
 /// `None` when the application had installed a `log` logger of its own.
 static QUEUE: OnceLock<Option<(SyncSender<Msg>, usize)>> = OnceLock::new();
+/// Serialises the start of the logging thread (see `start`).
+static STARTING: Mutex<()> = Mutex::new(());
 
 thread_local! {
     static ON_LOG_THREAD: Cell<bool> = const { Cell::new(false) };
@@ -130,23 +132,42 @@ fn run(rx: Receiver<Msg>) {
 }
 
 fn queue() -> Result<&'static (SyncSender<Msg>, usize), wps_status> {
-    // Installed and started once, by whichever call comes first.
-    let started = QUEUE.get_or_init(|| {
-        log::set_logger(&BRIDGE).ok()?;
-        crate::fork::watch();
-        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
-        std::thread::Builder::new()
-            .name("wps-log".to_owned())
-            .spawn(move || run(rx))
-            .expect("spawn the logging thread");
-        Some((tx, crate::fork::generation()))
-    });
+    let started = match QUEUE.get() {
+        Some(started) => started,
+        None => start()?,
+    };
     started.as_ref().ok_or_else(|| {
         fail(
             WPS_STATUS_INTERNAL,
             "another `log` logger is installed in this process",
         )
     })
+}
+
+/// Starts the logging thread, then installs the bridge, once, by whichever call comes
+/// first. A thread the system refuses is an error that the next call tries again;
+/// another logger installed first is for good (the thread then ends at once).
+fn start() -> Result<&'static Option<(SyncSender<Msg>, usize)>, wps_status> {
+    let _one = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(started) = QUEUE.get() {
+        return Ok(started);
+    }
+    let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+    std::thread::Builder::new()
+        .name("wps-log".to_owned())
+        .spawn(move || run(rx))
+        .map_err(|e| {
+            fail(
+                WPS_STATUS_INTERNAL,
+                format!("cannot start the logging thread: {e}"),
+            )
+        })?;
+    let installed = log::set_logger(&BRIDGE).is_ok();
+    let started = installed.then(|| {
+        crate::fork::watch();
+        (tx, crate::fork::generation())
+    });
+    Ok(QUEUE.get_or_init(|| started))
 }
 
 /// Routes the library's logs to `cb` (process-wide), up to `max_level` (`WPS_LOG_*`;
@@ -161,6 +182,8 @@ fn queue() -> Result<&'static (SyncSender<Msg>, usize), wps_status> {
 /// thread to run it); NULL still turns logging off. `WPS_STATUS_INTERNAL` when another
 /// Rust `log` logger was installed in this process before the library's first call
 /// here (another Rust library linked in, for example): the library's logs go to it.
+/// `WPS_STATUS_INTERNAL` too when the system refuses the logging thread; a later call
+/// tries again.
 #[no_mangle]
 pub extern "C" fn wps_set_log_callback(
     cb: wps_log_cb,

@@ -9,12 +9,7 @@ use super::status::{clear_last_error, fail, wps_status, WPS_STATUS_OK, WPS_STATU
 pub(crate) type FfiResult<T = ()> = Result<T, wps_status>;
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {
-    let detail = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic payload".to_owned());
-    format!("internal panic: {detail}")
+    format!("internal panic: {}", crate::runtime::panic_detail(payload))
 }
 
 /// Runs the body of a status-returning export: clears the last error, maps `Ok` to
