@@ -78,6 +78,42 @@ def test_library_logs_reach_python_logging(hub: Hub, caplog: Any) -> None:
     )
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_refused_threads_fail_clearly_and_are_tried_again(hub: Hub) -> None:
+    """With an address-space limit just above what the child maps (no new thread stack
+    fits), a client cannot be made and logging cannot start, each with the reason; once
+    the limit is lifted, both work in the same process."""
+    code = f"""
+        import logging, re, resource
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.models import WebPubSubClientError
+        def limit(on):
+            status = open("/proc/self/status").read()
+            mapped = int(re.search(r"VmSize:\\s+(\\d+)", status).group(1)) * 1024
+            soft = mapped + (1 << 20) if on else resource.RLIM_INFINITY
+            resource.setrlimit(resource.RLIMIT_AS, (soft, resource.RLIM_INFINITY))
+        limit(True)
+        try:
+            WebPubSubClient({hub.url("limited")!r})
+        except WebPubSubClientError as e:
+            print("refused:", e, flush=True)
+        limit(False)
+        with WebPubSubClient({hub.url("limited")!r}, start_timeout=5.0) as client:
+            print("connected:", bool(client.connection_id), flush=True)
+    """
+    # tokio panics on a refused thread: no backtrace to allocate for under the limit
+    result = run_python(code, {"RUST_BACKTRACE": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    refused = "refused: cannot create the client: internal error: cannot start the webpubsub runtime"
+    assert lines[0].startswith(refused), result.stdout
+    assert lines[1:] == ["connected: True"], result.stdout
+    assert "cannot install the log callback: internal error: cannot start the logging thread" in result.stderr, (
+        result.stderr[-2000:]
+    )
+
+
 def test_open_client_is_closed_at_interpreter_exit(hub: Hub) -> None:
     """A client left open is stopped by the exit hook: the process exits promptly and cleanly."""
     code = f"""

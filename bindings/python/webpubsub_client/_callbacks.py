@@ -245,7 +245,11 @@ def enable_native_logging(trace: bool = False) -> None:
         if status == _native.STATUS_OK:
             _log_level = wanted
         else:
-            _LOGGER.warning("webpubsub_client: cannot install the log callback: %s", _native.status_str(status))
+            _LOGGER.warning(
+                "webpubsub_client: cannot install the log callback: %s: %s",
+                _native.status_str(status),
+                _native.last_error_message(),
+            )
 
 
 # How long the exit hook waits for the callbacks running on library threads.
