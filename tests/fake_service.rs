@@ -866,6 +866,35 @@ async fn an_unacked_send_times_out_on_a_connection_that_keeps_dropping_and_recov
 }
 
 #[tokio::test]
+async fn an_ack_deadline_passed_during_a_recovery_is_retried_once_recovered() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        message_retry: webpubsub_client::RetryOptions {
+            max_retries: Some(1),
+            ..fast_options().message_retry
+        },
+        ..one_try_options()
+    };
+    let (client, _events, mut conn) = connect(&fake, options).await;
+    let send = spawn_send(&client, "x");
+    let first = conn.recv().await;
+    drop(conn);
+    let tcp = held_recovery(&fake, &client).await;
+    // Its deadline passes during the recovery: the retry is the resend once recovered.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!send.is_finished(), "{:?}", send.await);
+    drop(tcp);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    assert_eq!(conn.recv().await, first, "resent with its ackId");
+    conn.silent_for(100).await;
+    conn.ack(&first).await;
+    let result = send.await.unwrap().unwrap();
+    assert_eq!(result.ack_id, first["ackId"].as_u64());
+    client.stop().await;
+}
+
+#[tokio::test]
 async fn automatic_ack_ids_skip_ids_chosen_by_the_caller_while_pending() {
     let fake = Fake::new().await;
     let (client, _events, mut conn) = connect(&fake, quiet_options()).await;

@@ -918,17 +918,28 @@ impl Task {
     }
 
     /// Runs `fut` while not connected, answering commands meanwhile. Operations are
-    /// queued (`queue`, during a recovery) or refused. `Err` carries the phase to go
-    /// to when the client was stopped or dropped.
+    /// queued (`queue`, during a recovery) or refused. During a recovery the ack
+    /// deadlines of the attempts the drop cut off run on (`Pending::expire`). `Err`
+    /// carries the phase to go to when the client was stopped or dropped.
     async fn offline<F: Future>(&mut self, fut: F, queue: bool) -> Result<F::Output, Next> {
+        let ack_timer = sleep_until(far_future());
         let stop = {
-            tokio::pin!(fut);
+            tokio::pin!(fut, ack_timer);
             loop {
+                let due = self.pending.next_due().filter(|_| queue);
                 if queue {
                     self.update_recovery_queue_full();
+                    if let Some(due) = due {
+                        ack_timer.as_mut().reset(Instant::from_std(due));
+                    }
                 }
                 tokio::select! {
                     output = &mut fut => return Ok(output),
+                    () = &mut ack_timer, if due.is_some() => {
+                        let now = Instant::now().into_std();
+                        self.pending.expire(now, &mut self.out, &mut self.done);
+                        self.finish_done();
+                    },
                     command = self.commands.recv() => match command {
                         None => return Err(Next::Exit),
                         Some(Command::Stop(reply)) => break reply,

@@ -84,8 +84,9 @@ pub struct ClientOptions {
     /// set (else `Client::new` fails with `Error::InvalidArgument`).
     pub keep_alive_timeout: Option<Duration>,
     /// How long an acked operation waits for its ack before `Error::Timeout` (or a
-    /// retry) (default 30 s), from each attempt's write: a resend after a recovery does
-    /// not restart it. Also the default invoke timeout.
+    /// retry) (default 30 s), from each attempt's write: it runs on while the connection
+    /// is being recovered, and a resend after a recovery does not restart it. Also the
+    /// default invoke timeout.
     pub ack_timeout: Duration,
     /// How long `start` waits for the credential, the handshake and the `connected`
     /// frame (default 30 s).

@@ -618,7 +618,24 @@ impl Pending {
                 op.due = Some(now + self.ack_timeout);
                 out.push(op.frame.clone());
             }
-            Phase::Unsent => {}
+            // An attempt cut off by a dropped socket whose ack deadline passed during
+            // the recovery: it timed out. Its retry, if any, is the resend once
+            // recovered (with a deadline of its own from that write), as for an
+            // operation waiting for its retry when the socket dropped.
+            Phase::Unsent => {
+                if op.wanted() && self.retry.delay_before(op.retries + 1).is_some() {
+                    op.retries += 1;
+                    op.due = None;
+                } else if let Some(op) = self.acks.remove(&ack_id) {
+                    done.push(Done {
+                        purpose: op.purpose,
+                        reply: op.reply,
+                        result: Err(Error::Timeout {
+                            ack_id: Some(ack_id),
+                        }),
+                    });
+                }
+            }
         }
     }
 
@@ -626,9 +643,10 @@ impl Pending {
     /// with their ackIds once recovered (the service dedupes them): those written, in
     /// the order they were registered, before those still queued; otherwise they fail
     /// with `NotConnected`, as do invocations already sent (their replies are lost).
-    /// A resend is the same attempt, with the same ack deadline (else a connection that
-    /// keeps dropping and recovering would hold an unacked operation forever), or the
-    /// retry that was waiting for its delay.
+    /// A resend is the same attempt, with the same ack deadline, which runs on during
+    /// the recovery (else a connection that keeps dropping and recovering, or a
+    /// recovery of a service that is gone, would hold an unacked operation past it), or
+    /// the retry that was waiting for its delay.
     pub(crate) fn connection_dropped(&mut self, recoverable: bool, done: &mut Vec<Done>) {
         self.earliest = None;
         let sent: Vec<String> = self
@@ -672,6 +690,8 @@ impl Pending {
             .map(|(_, id)| Unsent::Op(Key::Ack(id)))
             .chain(queued)
             .collect();
+        // The deadlines of the interrupted attempts run on during the recovery.
+        self.earliest = self.acks.values().filter_map(|op| op.due).min();
     }
 
     /// The connection is usable: every queued or interrupted operation is written now,
@@ -1027,7 +1047,11 @@ mod tests {
         let mut done = Vec::new();
         p.connection_dropped(true, &mut done);
         assert!(done.is_empty());
-        assert_eq!(p.next_due(), None);
+        assert_eq!(
+            p.next_due(),
+            Some(t0 + Duration::from_secs(10)),
+            "the deadlines of the interrupted attempts run on"
+        );
         let _rx3 = add(&mut p, 3, None);
         drop(gave_up);
         p.add_unsent_frame(Utf8Bytes::from_static("ff"));
@@ -1046,6 +1070,41 @@ mod tests {
             })
         };
         assert_eq!(failed, vec![lost(1), lost(2), lost(3)]);
+    }
+
+    #[test]
+    fn a_deadline_passed_during_a_recovery_fails_or_makes_the_resend_a_retry() {
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let timed_out = |ack_id| {
+            vec![Err(Error::Timeout {
+                ack_id: Some(ack_id),
+            })]
+        };
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        // No retry left: it fails at its deadline, recovered or not.
+        let mut p = pending(0);
+        let _rx = add(&mut p, 1, Some(t0));
+        p.connection_dropped(true, &mut done);
+        p.expire(at(10), &mut out, &mut done);
+        let results: Vec<_> = done.drain(..).map(|d| d.result).collect();
+        assert_eq!(results, timed_out(1));
+        assert_eq!(p.next_due(), None);
+        p.take_unsent(at(12), &mut out);
+        assert!(out.is_empty());
+        // A retry left: the resend once recovered is the retry, with a deadline of its own.
+        let mut p = pending(1);
+        let _rx = add(&mut p, 1, Some(t0));
+        p.connection_dropped(true, &mut done);
+        p.expire(at(10), &mut out, &mut done);
+        assert!(done.is_empty() && out.is_empty());
+        assert_eq!(p.next_due(), None);
+        p.take_unsent(at(12), &mut out);
+        assert_eq!(out, vec![frame(1)]);
+        assert_eq!(p.next_due(), Some(at(22)));
+        p.expire(at(22), &mut out, &mut done);
+        let results: Vec<_> = done.drain(..).map(|d| d.result).collect();
+        assert_eq!(results, timed_out(1), "no retry left after it");
     }
 
     #[test]

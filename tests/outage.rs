@@ -1,0 +1,410 @@
+//! The service goes away (its process killed: every socket cut without a close frame)
+//! and comes back on the same port without the sessions, or never comes back.
+//!
+//! The tests take turns: a killed service's port is free, and the system may give it
+//! to the service of a test running meanwhile, which the clients of the first would
+//! then reach.
+
+mod common;
+
+use bytes::Bytes;
+use common::{all_roles, fast_options, next_event};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::task::JoinHandle;
+use webpubsub_client::{
+    AckResult, Client, ClientOptions, ClientState, Credential, DataType, Error, Event, Protocol,
+    RetryOptions, SendEventOptions, SendToGroupOptions,
+};
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+const HUB: &str = "hub";
+
+/// One test at a time (see the module's doc).
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const KEY: &str = "outage-test-access-key-0123456789abcdefghijk";
+
+/// An emulator on a runtime of its own, with a fixed access key (tokens stay valid across
+/// a restart), so that it can be killed abruptly: its runtime shut down, every socket
+/// closes without a close frame, as when the process dies.
+struct Service {
+    rt: tokio::runtime::Runtime,
+    emulator: Option<Emulator>,
+}
+
+impl Service {
+    /// Listens on `port` (0: the OS picks); `upstream` receives the user events.
+    fn start(port: u16, upstream: Option<String>) -> Service {
+        // A runtime is neither made nor dropped within another's context.
+        std::thread::spawn(move || Service::start_here(port, upstream))
+            .join()
+            .unwrap()
+    }
+
+    fn start_here(port: u16, upstream: Option<String>) -> Service {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = Config {
+            port,
+            access_key: Some(KEY.into()),
+            upstream,
+            ..Config::default()
+        };
+        let emulator = rt.block_on(Emulator::start(config)).unwrap();
+        Service {
+            rt,
+            emulator: Some(emulator),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.emulator.as_ref().unwrap().port()
+    }
+
+    fn kill(mut self) {
+        let emulator = self.emulator.take();
+        std::thread::spawn(move || {
+            self.rt.shutdown_timeout(Duration::from_secs(5));
+            drop(emulator);
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+fn token(user: &str) -> TokenOptions {
+    TokenOptions {
+        user_id: Some(user.into()),
+        roles: all_roles(),
+        ..TokenOptions::default()
+    }
+}
+
+/// A provider of fresh client URLs of `user` on `port`, with its call count.
+fn credential(port: u16, user: &str) -> (Credential, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let user = user.to_owned();
+    let credential = Credential::provider(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let audience = format!("http://127.0.0.1:{port}/client/hubs/{HUB}");
+        let jwt = webpubsub_emulator::auth::sign_client_token(KEY, &audience, &token(&user));
+        let url = format!("ws://127.0.0.1:{port}/client/hubs/{HUB}?access_token={jwt}");
+        async move { Ok(url) }
+    });
+    (credential, calls)
+}
+
+/// An upstream that takes every request and never answers (events wait for their ack),
+/// on a runtime of its own; its URL and how many user events reached it (system events
+/// reach it too).
+fn silent_upstream() -> (tokio::runtime::Runtime, String, Arc<AtomicUsize>) {
+    std::thread::spawn(silent_upstream_here).join().unwrap()
+}
+
+fn silent_upstream_here() -> (tokio::runtime::Runtime, String, Arc<AtomicUsize>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/", upstream.local_addr().unwrap());
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    rt.spawn(async move {
+        while let Ok((socket, _)) = upstream.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut socket = tokio::io::BufReader::new(socket);
+                let mut line = String::new();
+                while socket.read_line(&mut line).await.is_ok_and(|n| n > 2) {
+                    if line
+                        .to_ascii_lowercase()
+                        .starts_with("ce-type: azure.webpubsub.user.")
+                    {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    line.clear();
+                }
+                // Held open, unanswered, until the runtime ends.
+                let _held = socket;
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    (rt, url, reached)
+}
+
+/// Waits until the upstream got `n` user events (they were sent), at most 5 s.
+async fn until_reached(reached: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reached.load(Ordering::SeqCst) < n {
+        assert!(Instant::now() < deadline, "the upstream got no event");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A started client of user `u` whose URL comes from [`credential`]; its events after
+/// `Connected`, its connection id and its credential's call count.
+async fn started(
+    port: u16,
+    options: ClientOptions,
+) -> (
+    Client,
+    tokio::sync::mpsc::UnboundedReceiver<Event>,
+    String,
+    Arc<AtomicUsize>,
+) {
+    let (credential, calls) = credential(port, "u");
+    let (client, mut events) = Client::with_channel(credential, options).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    (client, events, connection_id, calls)
+}
+
+/// An acked event, sent from a task; its outcome and how long it took.
+fn spawn_event(client: &Client) -> JoinHandle<(Result<AckResult, Error>, Duration)> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let sent = Instant::now();
+        let outcome = client
+            .send_event(
+                "e",
+                DataType::Text,
+                Bytes::from_static(b"x"),
+                SendEventOptions::default(),
+            )
+            .await;
+        (outcome, sent.elapsed())
+    })
+}
+
+#[tokio::test]
+async fn an_unacked_send_times_out_while_its_dead_service_is_being_recovered() {
+    let _turn = TURN.lock().await;
+    let (upstream_rt, upstream, reached) = silent_upstream();
+    let service = Service::start(0, Some(upstream));
+    let options = ClientOptions {
+        ack_timeout: Duration::from_secs(1),
+        message_retry: RetryOptions {
+            max_retries: Some(0),
+            ..fast_options().message_retry
+        },
+        recovery_window: Duration::from_secs(30),
+        ..fast_options()
+    };
+    let (client, _events, _, _) = started(service.port(), options).await;
+    // The upstream never answers: the event waits for its ack.
+    let send = spawn_event(&client);
+    until_reached(&reached, 1).await;
+    service.kill();
+    let (outcome, waited) = tokio::time::timeout(Duration::from_secs(5), send)
+        .await
+        .expect("the send still waited for its ack 5 s into the recovery")
+        .unwrap();
+    assert!(
+        matches!(outcome, Err(Error::Timeout { ack_id: Some(_) })),
+        "{outcome:?}"
+    );
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    assert_eq!(client.state(), ClientState::Recovering);
+    client.stop().await;
+    std::thread::spawn(move || drop(upstream_rt))
+        .join()
+        .unwrap();
+}
+
+/// Waits until `client` is in `state`, at most 5 s.
+async fn until_state(client: &Client, state: ClientState) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.state() != state {
+        assert!(Instant::now() < deadline, "still {:?}", client.state());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The service is killed with a group joined and a send in flight, and comes back on
+/// the same port without the session: the session is lost (a reliable client's
+/// recovery is refused with 1008), the client opens a new connection with a fresh URL
+/// and rejoins the group, and the sends of the outage fail with `NotConnected`.
+async fn a_restarted_service_gets_a_new_connection_that_rejoins(protocol: Protocol) {
+    let reliable = protocol.is_reliable();
+    let (upstream_rt, upstream, reached) = silent_upstream();
+    let first = Service::start(0, Some(upstream));
+    let port = first.port();
+    let options = ClientOptions {
+        protocol,
+        ..fast_options()
+    };
+    let (client, mut events, old_id, calls) = started(port, options).await;
+    client.join_group("g").await.unwrap();
+    let in_flight = spawn_event(&client);
+    until_reached(&reached, 1).await;
+    first.kill();
+    let offline = if reliable {
+        ClientState::Recovering
+    } else {
+        ClientState::Disconnected
+    };
+    until_state(&client, offline).await;
+    let during = spawn_event(&client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = Service::start(port, None);
+
+    let Event::Disconnected {
+        connection_id,
+        close_code,
+        ..
+    } = next_event(&mut events, 10).await
+    else {
+        panic!("not disconnected")
+    };
+    assert_eq!(connection_id.as_deref(), Some(old_id.as_str()));
+    assert_eq!(close_code, reliable.then_some(1008));
+    let event = next_event(&mut events, 10).await;
+    let Event::Connected { connection_id, .. } = &event else {
+        panic!("{event:?}")
+    };
+    assert_ne!(*connection_id, old_id);
+    assert_eq!(client.connection_id().as_ref(), Some(connection_id));
+    if reliable {
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "not for the recovery");
+    } else {
+        assert!(calls.load(Ordering::SeqCst) >= 2);
+    }
+    let (outcome, _) = in_flight.await.unwrap();
+    assert!(
+        matches!(outcome, Err(Error::NotConnected { ack_id: Some(_) })),
+        "{outcome:?}"
+    );
+    // Taken in by the recovery (it has an ackId); refused at once without one.
+    match during.await.unwrap() {
+        (Err(Error::NotConnected { ack_id }), _) => assert_eq!(ack_id.is_some(), reliable),
+        other => panic!("{other:?}"),
+    }
+
+    // Rejoined: its own message to the group comes back.
+    client
+        .send_to_group(
+            "g",
+            DataType::Text,
+            Bytes::from_static(b"back"),
+            SendToGroupOptions::default(),
+        )
+        .await
+        .unwrap();
+    let event = next_event(&mut events, 5).await;
+    assert!(
+        matches!(&event, Event::GroupMessage { group, data, .. } if group == "g" && data == "back"),
+        "{event:?}"
+    );
+    client.stop().await;
+    second.kill();
+    std::thread::spawn(move || drop(upstream_rt))
+        .join()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_service_refuses_the_recovery_and_the_client_reconnects_and_rejoins() {
+    let _turn = TURN.lock().await;
+    a_restarted_service_gets_a_new_connection_that_rejoins(Protocol::JsonReliable).await;
+}
+
+#[tokio::test]
+async fn a_restarted_service_gets_a_new_json_connection_that_rejoins() {
+    let _turn = TURN.lock().await;
+    a_restarted_service_gets_a_new_connection_that_rejoins(Protocol::Json).await;
+}
+
+#[tokio::test]
+async fn a_service_that_never_comes_back_is_retried_per_the_policy_then_the_client_stops() {
+    let _turn = TURN.lock().await;
+    let service = Service::start(0, None);
+    let options = ClientOptions {
+        recovery_window: Duration::from_secs(1),
+        reconnect_retry: RetryOptions {
+            max_retries: Some(5),
+            delay: Duration::from_millis(200),
+            ..fast_options().reconnect_retry
+        },
+        ..fast_options()
+    };
+    let (client, mut events, _, calls) = started(service.port(), options).await;
+    service.kill();
+    let Event::Disconnected { close_code, .. } = next_event(&mut events, 5).await else {
+        panic!("not disconnected")
+    };
+    assert_eq!(close_code, None);
+    let lost = Instant::now();
+    assert_eq!(next_event(&mut events, 5).await, Event::Stopped);
+    // One attempt at once, then 5 retries 200 ms apart: each refused at once.
+    let waited = lost.elapsed();
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1 + 1 + 5);
+    assert_eq!(client.state(), ClientState::Stopped);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(common::drain(&mut events), []);
+}
+
+/// The service's port is taken by a process that accepts connections (the kernel
+/// does) and never answers: `stop()` interrupts the attempt at once.
+async fn stop_interrupts_an_attempt_that_gets_no_answer(protocol: Protocol) {
+    let service = Service::start(0, None);
+    let port = service.port();
+    let options = ClientOptions {
+        protocol,
+        start_timeout: Duration::from_secs(30),
+        ..fast_options()
+    };
+    let (client, mut events, _, _) = started(port, options).await;
+    service.kill();
+    let _hung = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // Attempts 100 ms apart: one is waiting for its answer now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let offline = if protocol.is_reliable() {
+        ClientState::Recovering
+    } else {
+        ClientState::Connecting
+    };
+    assert_eq!(client.state(), offline);
+    let stopping = Instant::now();
+    tokio::time::timeout(Duration::from_secs(1), client.stop())
+        .await
+        .expect("stop waited for the attempt");
+    assert!(stopping.elapsed() < Duration::from_millis(500));
+    assert_eq!(client.state(), ClientState::Stopped);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = common::drain(&mut events);
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [Event::Disconnected { .. }, Event::Stopped]
+        ),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn stop_interrupts_a_recovery_attempt_that_gets_no_answer() {
+    let _turn = TURN.lock().await;
+    stop_interrupts_an_attempt_that_gets_no_answer(Protocol::JsonReliable).await;
+}
+
+#[tokio::test]
+async fn stop_interrupts_a_reconnect_attempt_that_gets_no_answer() {
+    let _turn = TURN.lock().await;
+    stop_interrupts_an_attempt_that_gets_no_answer(Protocol::Json).await;
+}
