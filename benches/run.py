@@ -918,8 +918,8 @@ def write_outputs(report, run, results, contenders, order, how):
 
 
 def main():
+    args = parse_args()  # first: --help and bad arguments need no environment
     ensure_venv()
-    args = parse_args()
     if args.render:
         return render(args)
     started = time.monotonic()
