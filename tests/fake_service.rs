@@ -1524,7 +1524,13 @@ async fn held_recovery(fake: &Fake, client: &Client) -> tokio::net::TcpStream {
 #[tokio::test]
 async fn a_recovery_queues_so_many_operations_and_refuses_more_at_once() {
     let fake = Fake::new().await;
-    let (client, _events, conn) = connect(&fake, quiet_options()).await;
+    // The recovery outlasts the sends however slow they are (TSan, a loaded machine):
+    // the test ends it by dropping the held attempt.
+    let options = ClientOptions {
+        recovery_window: Duration::from_secs(60),
+        ..quiet_options()
+    };
+    let (client, _events, conn) = connect(&fake, options).await;
     drop(conn);
     let tcp = held_recovery(&fake, &client).await;
     const SENDS: usize = 20_000;
