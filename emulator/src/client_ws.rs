@@ -856,14 +856,24 @@ impl Reader {
         self.hub.close(&self.conn, code, reason);
     }
 
+    /// Posts a simple client's frame as a `message` event. Without an upstream to take
+    /// it the connection is dropped, as the service documents; code 1000 is what a user
+    /// saw the service send (Azure/azure-webpubsub#432).
     fn simple_event(&mut self, payload: Payload) {
-        if self.server.upstream.is_some() {
-            self.queue_upstream(UpstreamJob {
-                ack_id: None,
-                event: "message".into(),
-                payload: Some(payload),
-            });
+        if self.server.upstream.is_none() {
+            self.hub.close(
+                &self.conn,
+                1000,
+                "No upstream is configured to receive a simple client's messages (start the \
+                 emulator with --upstream URL).",
+            );
+            return;
         }
+        self.queue_upstream(UpstreamJob {
+            ack_id: None,
+            event: "message".into(),
+            payload: Some(payload),
+        });
     }
 
     /// Handles one JSON frame. Err = the session must be closed with that reason.
@@ -916,13 +926,10 @@ impl Reader {
             "joinGroup" | "leaveGroup" | "sendToGroup" | "event" => {
                 if let Some(id) = frame.ack_id {
                     if !self.conn.acks.lock().insert(id) {
-                        self.conn.send_ack(frames::ack(
-                            id,
-                            Some((
-                                "Duplicate",
-                                "The message with this ackId was already processed.",
-                            )),
-                        ));
+                        // The service's own text (its reliable-clients guide).
+                        let message = format!("Message with ack-id: {id} has been processed");
+                        self.conn
+                            .send_ack(frames::ack(id, Some(("Duplicate", &message))));
                         return Ok(());
                     }
                 }
@@ -1178,13 +1185,14 @@ impl Drop for Detached {
     }
 }
 
+/// The payload of a frame; without a `dataType` it is JSON, as the service documents.
 fn payload_of(
     data_type: Option<&str>,
     data: Option<&RawValue>,
 ) -> Result<Option<Payload>, OpError> {
     match (data_type, data) {
         (_, None) => Ok(None),
-        (dt, Some(d)) => Payload::from_frame(dt.unwrap_or("text"), d)
+        (dt, Some(d)) => Payload::from_frame(dt.unwrap_or("json"), d)
             .map(Some)
             .map_err(bad),
     }

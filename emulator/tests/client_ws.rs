@@ -2,6 +2,7 @@
 mod common;
 
 use common::*;
+use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -24,7 +25,8 @@ async fn connected_frame_and_subprotocol() {
 
     let anon = emu.client_url("chat", &TokenOptions::default());
     let (_ws3, c3) = connect_json(&anon, JSON).await;
-    assert!(c3["userId"].is_null());
+    // Present and null, as the service's own transcripts show it.
+    assert_eq!(c3.get("userId"), Some(&serde_json::Value::Null), "{c3}");
     emu.shutdown().await;
 }
 
@@ -108,6 +110,44 @@ async fn duplicate_ack_id() {
         .call(json!({"type":"sendToGroup","group":"g","ackId":5,"dataType":"text","data":"x"}))
         .await;
     assert_ack_error(&ack, "Duplicate");
+    // The text of the service's own example (howto-develop-reliable-clients).
+    assert_eq!(
+        ack["error"]["message"], "Message with ack-id: 5 has been processed",
+        "{ack}"
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn data_without_a_data_type_is_json() {
+    // "If dataType isn't specified, it defaults to json" (the JSON subprotocol
+    // reference, for sendToGroup and event); the service internals page sends a
+    // group message without dataType or ackId.
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), RELIABLE).await;
+    assert_ack_ok(&a.join("g", 1).await);
+    a.send_json(json!({"type":"sendToGroup","group":"g","data":{"hello":"world"}}))
+        .await;
+    let m = a.next_json().await;
+    assert_eq!(
+        (&m["dataType"], &m["data"]),
+        (&json!("json"), &json!({"hello":"world"})),
+        "{m}"
+    );
+    // The echo comes before the ack.
+    a.send_json(json!({"type":"sendToGroup","group":"g","ackId":2,"data":"a JSON string"}))
+        .await;
+    let m = a.next_json().await;
+    assert_eq!(
+        (&m["dataType"], &m["data"]),
+        (&json!("json"), &json!("a JSON string")),
+        "{m}"
+    );
+    assert_ack_ok(&a.next_json().await);
+    assert_ack_ok(
+        &a.call(json!({"type":"event","event":"e","ackId":3,"data":[1,2]}))
+            .await,
+    );
     emu.shutdown().await;
 }
 
@@ -277,6 +317,30 @@ async fn simple_client_gets_raw_frames() {
         simple.next_message().await,
         Message::Text(r#"{"k":1}"#.into())
     );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_simple_client_that_sends_without_an_upstream_is_dropped() {
+    // "If the service can't find any registered servers to receive the messages, the
+    // service also drops the connection" (service internals); a user saw code 1000
+    // (Azure/azure-webpubsub#432).
+    let emu = start().await;
+    let url = emu.client_url("h", &TokenOptions::default());
+    for message in [
+        Message::Text("hi".into()),
+        Message::Binary(vec![1u8].into()),
+    ] {
+        let mut simple = connect(&url, None).await;
+        simple.inner.send(message).await.unwrap();
+        let (code, reason) = simple.expect_close().await;
+        assert_eq!(code, 1000, "{reason}");
+        assert!(reason.contains("upstream"), "{reason}");
+    }
+    stats_until(&emu, "the simple clients were never forgotten", |s| {
+        s["connections"] == 0
+    })
+    .await;
     emu.shutdown().await;
 }
 
