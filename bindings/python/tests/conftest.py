@@ -150,9 +150,9 @@ class Upstream:
 
 
 class Emulator:
-    """A running ``webpubsub-emulator`` process."""
+    """A running ``webpubsub-emulator`` process, on ``port`` (0: the OS picks one)."""
 
-    def __init__(self, upstream_url: str, *extra_args: str) -> None:
+    def __init__(self, upstream_url: str, *extra_args: str, port: int = 0) -> None:
         if not EMULATOR_BIN.is_file():
             pytest.exit(
                 f"emulator binary not found at {EMULATOR_BIN}: run `cargo build -p webpubsub-emulator` "
@@ -167,7 +167,7 @@ class Emulator:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                "0",
+                str(port),
                 "--upstream",
                 upstream_url,
                 "--recovery-window-ms",
@@ -222,6 +222,14 @@ class Emulator:
     def stats(self) -> Dict[str, Any]:
         with urllib.request.urlopen(self.base + "/_emulator/stats", timeout=WAIT) as response:
             return json.loads(response.read())
+
+    def kill(self) -> None:
+        """Kill the process (SIGKILL): every socket is cut without a close frame, as when
+        the service dies. Its port is free again."""
+        self.process.kill()
+        self.process.wait(timeout=WAIT)
+        self.close()
+        self.stderr_path.unlink()  # its death was no failure of its own
 
     def close(self) -> None:
         if self.process.poll() is None:
