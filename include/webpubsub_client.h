@@ -1365,8 +1365,9 @@ wps_status wps_options_set_keep_alive(struct wps_options *o,
 
 /**
  * How long an operation waits for its ack (default 30000 ms; must be above 0), from
- * each attempt's write: it runs on during a recovery, and a resend after a recovery
- * does not restart it.
+ * each attempt's write. It runs on during a recovery, from the call for an operation
+ * made meanwhile, and a resend after a recovery does not restart it: no call waits for
+ * a recovery longer than for its acks.
  */
 wps_status wps_options_set_ack_timeout_ms(struct wps_options *o, uint64_t ms);
 

@@ -869,6 +869,7 @@ async fn an_unacked_send_times_out_on_a_connection_that_keeps_dropping_and_recov
 async fn an_ack_deadline_passed_during_a_recovery_is_retried_once_recovered() {
     let fake = Fake::new().await;
     let options = ClientOptions {
+        ack_timeout: Duration::from_secs(1),
         message_retry: webpubsub_client::RetryOptions {
             max_retries: Some(1),
             ..fast_options().message_retry
@@ -880,8 +881,9 @@ async fn an_ack_deadline_passed_during_a_recovery_is_retried_once_recovered() {
     let first = conn.recv().await;
     drop(conn);
     let tcp = held_recovery(&fake, &client).await;
-    // Its deadline passes during the recovery: the retry is the resend once recovered.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Its deadline passes during the recovery (at 1 s): its retry's runs until 2.1 s
+    // (100 ms of delay, then 1 s), and is the resend once recovered.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(!send.is_finished(), "{:?}", send.await);
     drop(tcp);
     let (mut conn, uri) = fake.accept().await;

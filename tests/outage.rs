@@ -189,15 +189,16 @@ fn spawn_event(client: &Client) -> JoinHandle<(Result<AckResult, Error>, Duratio
     })
 }
 
-#[tokio::test]
-async fn an_unacked_send_times_out_while_its_dead_service_is_being_recovered() {
-    let _turn = TURN.lock().await;
+/// A send waiting for its ack when the service dies, and one made while the client
+/// recovers: each fails with `Timeout` once its attempts' ack deadlines ran out, while
+/// the recovery (30 s) still goes on. `retries` retries of 1 s each, 100 ms apart.
+async fn sends_time_out_while_a_dead_service_is_being_recovered(retries: u32) {
     let (upstream_rt, upstream, reached) = silent_upstream();
     let service = Service::start(0, Some(upstream));
     let options = ClientOptions {
         ack_timeout: Duration::from_secs(1),
         message_retry: RetryOptions {
-            max_retries: Some(0),
+            max_retries: Some(retries),
             ..fast_options().message_retry
         },
         recovery_window: Duration::from_secs(30),
@@ -205,23 +206,44 @@ async fn an_unacked_send_times_out_while_its_dead_service_is_being_recovered() {
     };
     let (client, _events, _, _) = started(service.port(), options).await;
     // The upstream never answers: the event waits for its ack.
-    let send = spawn_event(&client);
+    let in_flight = spawn_event(&client);
     until_reached(&reached, 1).await;
     service.kill();
-    let (outcome, waited) = tokio::time::timeout(Duration::from_secs(5), send)
-        .await
-        .expect("the send still waited for its ack 5 s into the recovery")
-        .unwrap();
-    assert!(
-        matches!(outcome, Err(Error::Timeout { ack_id: Some(_) })),
-        "{outcome:?}"
-    );
-    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    until_state(&client, ClientState::Recovering).await;
+    let made_during = spawn_event(&client);
+    // Each attempt's 1 s, and 100 ms before each retry.
+    let bound = Duration::from_millis(1100) * (retries + 1) + Duration::from_secs(3);
+    for send in [in_flight, made_during] {
+        let (outcome, waited) = tokio::time::timeout(bound, send)
+            .await
+            .expect("a send waited for the recovery")
+            .unwrap();
+        assert!(
+            matches!(outcome, Err(Error::Timeout { ack_id: Some(_) })),
+            "{outcome:?}"
+        );
+        assert!(
+            waited >= Duration::from_secs(u64::from(retries) + 1),
+            "{waited:?}"
+        );
+    }
     assert_eq!(client.state(), ClientState::Recovering);
     client.stop().await;
     std::thread::spawn(move || drop(upstream_rt))
         .join()
         .unwrap();
+}
+
+#[tokio::test]
+async fn sends_without_retries_time_out_while_a_dead_service_is_being_recovered() {
+    let _turn = TURN.lock().await;
+    sends_time_out_while_a_dead_service_is_being_recovered(0).await;
+}
+
+#[tokio::test]
+async fn sends_with_retries_time_out_while_a_dead_service_is_being_recovered() {
+    let _turn = TURN.lock().await;
+    sends_time_out_while_a_dead_service_is_being_recovered(2).await;
 }
 
 /// Waits until `client` is in `state`, at most 5 s.

@@ -18,7 +18,7 @@
 
 use super::ack_ids::{AckIds, SERVICE_ACK_MEMORY};
 use super::direct::{Direct, WriteHalf};
-use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose};
+use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose, Start};
 use super::queue::Overflow;
 use super::sequence::Sequence;
 use super::{
@@ -677,10 +677,13 @@ impl Task {
                 ..
             } = op.kind
             {
-                if let Err(done) =
-                    self.pending
-                        .add_ack(ack_id, op.frame, purpose, Some(reply), Some(written_at))
-                {
+                if let Err(done) = self.pending.add_ack(
+                    ack_id,
+                    op.frame,
+                    purpose,
+                    Some(reply),
+                    Start::Written(written_at),
+                ) {
                     done.reply();
                 }
             }
@@ -1016,9 +1019,9 @@ impl Task {
                     }
                     return;
                 }
-                let sent_at = Some(now.into_std());
+                let written = Start::Written(now.into_std());
                 if let Some(frame) =
-                    self.add_ack(ack_id, automatic, op.frame, purpose, reply, sent_at)
+                    self.add_ack(ack_id, automatic, op.frame, purpose, reply, written)
                 {
                     self.out.push(frame);
                 }
@@ -1053,7 +1056,8 @@ impl Task {
                 purpose,
                 reply,
             } => {
-                self.add_ack(ack_id, automatic, op.frame, purpose, reply, None);
+                let held = Start::Held(std::time::Instant::now());
+                self.add_ack(ack_id, automatic, op.frame, purpose, reply, held);
             }
             OpKind::Invoke {
                 invocation_id,
@@ -1066,7 +1070,7 @@ impl Task {
         }
     }
 
-    /// Registers a caller's acked operation, written now (`sent_at`) or queued; returns
+    /// Registers a caller's acked operation, written now or queued (`start`); returns
     /// the frame to write. An automatic ackId still held by a pending operation (whose
     /// caller chose it) is replaced by the next free one, so only a caller's own
     /// choice can collide (`InvalidArgument`), unless it resends an operation whose
@@ -1080,7 +1084,7 @@ impl Task {
         mut frame: Utf8Bytes,
         purpose: Purpose,
         reply: AckReply,
-        sent_at: Option<std::time::Instant>,
+        start: Start,
     ) -> Option<Utf8Bytes> {
         let reply = if automatic {
             reply
@@ -1103,7 +1107,7 @@ impl Task {
         }
         match self
             .pending
-            .add_ack(ack_id, frame.clone(), purpose, Some(reply), sent_at)
+            .add_ack(ack_id, frame.clone(), purpose, Some(reply), start)
         {
             Ok(()) => Some(frame),
             Err(done) => {
@@ -1136,7 +1140,7 @@ impl Task {
             debug!("rejoining group {group:?} (ackId {ack_id})");
             if let Err(done) =
                 self.pending
-                    .add_ack(ack_id, frame, Purpose::Rejoin(group), None, None)
+                    .add_ack(ack_id, frame, Purpose::Rejoin(group), None, Start::Queued)
             {
                 self.done.push(*done);
             }

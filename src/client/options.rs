@@ -84,8 +84,10 @@ pub struct ClientOptions {
     /// set (else `Client::new` fails with `Error::InvalidArgument`).
     pub keep_alive_timeout: Option<Duration>,
     /// How long an acked operation waits for its ack before `Error::Timeout` (or a
-    /// retry) (default 30 s), from each attempt's write: it runs on while the connection
-    /// is being recovered, and a resend after a recovery does not restart it. Also the
+    /// retry) (default 30 s), from each attempt's write. It runs on while the connection
+    /// is being recovered, from the call for an operation made meanwhile (a retry's
+    /// from when it would have been written), and a resend after a recovery does not
+    /// restart it: no call waits for a recovery longer than for its acks. Also the
     /// default invoke timeout.
     pub ack_timeout: Duration,
     /// How long `start` waits for the credential, the handshake and the `connected`

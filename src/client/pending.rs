@@ -221,6 +221,20 @@ enum Unsent {
     Frame(Utf8Bytes),
 }
 
+/// Where a new acked operation's ack deadline starts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Start {
+    /// Written at that instant.
+    Written(Instant),
+    /// Queued at that instant while a recovery holds the operations: the deadline runs
+    /// from then, as if it had been written (a caller waits no longer for a recovery
+    /// than for an ack).
+    Held(Instant),
+    /// Queued for the next connection (the rejoins before it opens): the deadline
+    /// starts with the write.
+    Queued,
+}
+
 /// All operations in flight on one client.
 ///
 /// Each operation carries its own deadline; instead of one timer entry per operation
@@ -293,15 +307,15 @@ impl Pending {
         self.acks.len() + self.invokes.len() + self.unsent.len()
     }
 
-    /// Registers an acked operation, written now (`sent_at`) or queued (`None`).
-    /// An ackId already pending is refused (boxed: the rare path stays off the stack).
+    /// Registers an acked operation, written or queued (`start`). An ackId already
+    /// pending is refused (boxed: the rare path stays off the stack).
     pub(crate) fn add_ack(
         &mut self,
         ack_id: u64,
         frame: Utf8Bytes,
         purpose: Purpose,
         reply: Option<AckReply>,
-        sent_at: Option<Instant>,
+        start: Start,
     ) -> Result<(), Box<Done>> {
         if self.acks.contains_key(&ack_id) {
             let error = Error::InvalidArgument(format!(
@@ -326,8 +340,8 @@ impl Pending {
             order: self.next_order,
         };
         self.next_order += 1;
-        match sent_at {
-            Some(now) => {
+        match start {
+            Start::Written(now) => {
                 // A queued leave abandons nothing until written (`take_unsent`): its
                 // caller may still give it up unwritten.
                 if let Purpose::Leave(group) = &op.purpose {
@@ -336,7 +350,11 @@ impl Pending {
                 op.phase = Phase::AwaitingAck;
                 op.due = Some(self.arm(now + self.ack_timeout));
             }
-            None => self.unsent.push(Unsent::Op(Key::Ack(ack_id))),
+            Start::Held(now) => {
+                op.due = Some(self.arm(now + self.ack_timeout));
+                self.unsent.push(Unsent::Op(Key::Ack(ack_id)));
+            }
+            Start::Queued => self.unsent.push(Unsent::Op(Key::Ack(ack_id))),
         }
         self.acks.insert(ack_id, op);
         Ok(())
@@ -618,14 +636,19 @@ impl Pending {
                 op.due = Some(now + self.ack_timeout);
                 out.push(op.frame.clone());
             }
-            // An attempt cut off by a dropped socket whose ack deadline passed during
-            // the recovery: it timed out. Its retry, if any, is the resend once
-            // recovered (with a deadline of its own from that write), as for an
-            // operation waiting for its retry when the socket dropped.
+            // An operation a recovery holds (cut off by the drop, or made since) whose
+            // ack deadline passed: that attempt timed out. Its retry, if any, runs its
+            // deadline from when it would have been written, after its delay; the resend
+            // once recovered is the attempt then running, with what is left of it.
             Phase::Unsent => {
-                if op.wanted() && self.retry.delay_before(op.retries + 1).is_some() {
+                let delay = if op.wanted() {
+                    self.retry.delay_before(op.retries + 1)
+                } else {
+                    None
+                };
+                if let Some(delay) = delay {
                     op.retries += 1;
-                    op.due = None;
+                    op.due = Some(now + delay + self.ack_timeout);
                 } else if let Some(op) = self.acks.remove(&ack_id) {
                     done.push(Done {
                         purpose: op.purpose,
@@ -860,9 +883,20 @@ mod tests {
     ) -> oneshot::Receiver<Result<AckResult, Error>> {
         let (tx, rx) = oneshot::channel();
         assert!(p
-            .add_ack(ack_id, frame(ack_id), Purpose::Send, Some(tx.into()), now)
+            .add_ack(
+                ack_id,
+                frame(ack_id),
+                Purpose::Send,
+                Some(tx.into()),
+                start(now)
+            )
             .is_ok());
         rx
+    }
+
+    /// Written at `now`, or queued for the next connection.
+    fn start(now: Option<Instant>) -> Start {
+        now.map_or(Start::Queued, Start::Written)
     }
 
     fn error(name: &str) -> Option<ErrorDetail> {
@@ -1073,6 +1107,35 @@ mod tests {
     }
 
     #[test]
+    fn an_operation_made_during_a_recovery_has_a_deadline_from_its_call() {
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let (mut out, mut done) = (Vec::new(), Vec::new());
+        let mut p = pending(1);
+        p.connection_dropped(true, &mut done);
+        let (tx, _rx) = oneshot::channel();
+        let held = Start::Held(at(1));
+        assert!(p
+            .add_ack(1, frame(1), Purpose::Send, Some(tx.into()), held)
+            .is_ok());
+        assert_eq!(p.next_due(), Some(at(11)));
+        // Its first attempt times out unwritten; the retry's runs from 1 s later.
+        p.expire(at(11), &mut out, &mut done);
+        assert!(done.is_empty() && out.is_empty());
+        assert_eq!(p.next_due(), Some(at(22)));
+        p.expire(at(22), &mut out, &mut done);
+        let results: Vec<_> = done.drain(..).map(|d| d.result).collect();
+        assert_eq!(results, vec![Err(Error::Timeout { ack_id: Some(1) })]);
+        p.take_unsent(at(23), &mut out);
+        assert!(out.is_empty(), "a timed-out operation is never written");
+        // Queued for the next connection (a rejoin), its deadline starts with its write.
+        let mut p = pending(1);
+        let rejoin = Purpose::Rejoin("g".into());
+        assert!(p.add_ack(2, frame(2), rejoin, None, Start::Queued).is_ok());
+        assert_eq!(p.next_due(), None);
+    }
+
+    #[test]
     fn a_deadline_passed_during_a_recovery_fails_or_makes_the_resend_a_retry() {
         let t0 = Instant::now();
         let at = |secs| t0 + Duration::from_secs(secs);
@@ -1092,17 +1155,18 @@ mod tests {
         assert_eq!(p.next_due(), None);
         p.take_unsent(at(12), &mut out);
         assert!(out.is_empty());
-        // A retry left: the resend once recovered is the retry, with a deadline of its own.
+        // A retry left: its deadline runs from when it would have been written (after
+        // its 1 s delay); the resend once recovered is that retry, with what is left.
         let mut p = pending(1);
         let _rx = add(&mut p, 1, Some(t0));
         p.connection_dropped(true, &mut done);
         p.expire(at(10), &mut out, &mut done);
         assert!(done.is_empty() && out.is_empty());
-        assert_eq!(p.next_due(), None);
+        assert_eq!(p.next_due(), Some(at(21)));
         p.take_unsent(at(12), &mut out);
         assert_eq!(out, vec![frame(1)]);
-        assert_eq!(p.next_due(), Some(at(22)));
-        p.expire(at(22), &mut out, &mut done);
+        assert_eq!(p.next_due(), Some(at(21)));
+        p.expire(at(21), &mut out, &mut done);
         let results: Vec<_> = done.drain(..).map(|d| d.result).collect();
         assert_eq!(results, timed_out(1), "no retry left after it");
     }
@@ -1133,7 +1197,9 @@ mod tests {
         let mut p = pending(3);
         let rejoin = |p: &mut Pending, ack_id, group: &str, now| {
             let purpose = Purpose::Rejoin(group.into());
-            assert!(p.add_ack(ack_id, frame(ack_id), purpose, None, now).is_ok());
+            assert!(p
+                .add_ack(ack_id, frame(ack_id), purpose, None, start(now))
+                .is_ok());
         };
         rejoin(&mut p, 1, "awaiting", Some(t0));
         rejoin(&mut p, 2, "retrying", Some(t0));
@@ -1145,7 +1211,7 @@ mod tests {
         for (ack_id, group) in [(5, "awaiting"), (6, "retrying"), (7, "unsent")] {
             let purpose = Purpose::Leave(group.into());
             assert!(p
-                .add_ack(ack_id, frame(ack_id), purpose, None, Some(t0))
+                .add_ack(ack_id, frame(ack_id), purpose, None, Start::Written(t0))
                 .is_ok());
         }
         let (mut out, mut done) = (Vec::new(), Vec::new());
@@ -1168,12 +1234,18 @@ mod tests {
         let t0 = Instant::now();
         let mut p = pending(3);
         let rejoin = Purpose::Rejoin("g".into());
-        assert!(p.add_ack(1, frame(1), rejoin, None, None).is_ok());
+        assert!(p.add_ack(1, frame(1), rejoin, None, Start::Queued).is_ok());
         let leave = |p: &mut Pending, ack_id| {
             let (tx, rx) = oneshot::channel();
             let purpose = Purpose::Leave("g".into());
             assert!(p
-                .add_ack(ack_id, frame(ack_id), purpose, Some(tx.into()), None)
+                .add_ack(
+                    ack_id,
+                    frame(ack_id),
+                    purpose,
+                    Some(tx.into()),
+                    Start::Queued
+                )
                 .is_ok());
             rx
         };
@@ -1256,7 +1328,7 @@ mod tests {
         add(&mut p, 1, None);
         let (tx, _rx) = oneshot::channel();
         let refused = p
-            .add_ack(1, frame(1), Purpose::Send, Some(tx.into()), None)
+            .add_ack(1, frame(1), Purpose::Send, Some(tx.into()), Start::Queued)
             .err()
             .unwrap();
         assert!(matches!(refused.result, Err(Error::InvalidArgument(_))));

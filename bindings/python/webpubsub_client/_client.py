@@ -194,8 +194,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     :keyword float reconnect_retry_backoff_max: as for messages (default 120).
     :keyword reconnect_retry_mode: as for messages (default exponential).
     :keyword float ack_timeout: seconds to wait for the service's ack (default 30), from
-        each attempt's write: it runs on during a recovery, and a resend after a recovery
-        does not restart it.
+        each attempt's write. It runs on during a recovery, from the call for an operation
+        made meanwhile, and a resend after a recovery does not restart it: no call waits
+        for a recovery longer than for its acks.
     :keyword float start_timeout: seconds ``open()`` waits for the connection (default 30).
     :keyword bool logging_enable: also pass the library's trace-level logs to the
         ``webpubsub_client.native`` logger (default False).
