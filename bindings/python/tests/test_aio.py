@@ -442,10 +442,13 @@ async def test_async_credential_error_fails_open(hub: Hub) -> None:
     assert client.state is WebPubSubClientState.STOPPED
 
 
-async def test_the_async_credential_runs_on_the_loop_and_is_cancelled_after_the_start_timeout(hub: Hub) -> None:
+async def test_the_async_credential_runs_on_the_loop_and_is_cancelled_after_the_start_timeout(
+    hub: Hub, caplog: Any
+) -> None:
     """The provider runs in a task on the client's loop, and the library's thread neither
     runs nor waits for it: the request is answered from the task's done callback. One
-    still running once its connection attempt gave up (``start_timeout``) is cancelled."""
+    still running once its connection attempt gave up (``start_timeout``) is cancelled,
+    and not reported as the credential's failure (the start timed out)."""
     threads: List[int] = []
     cancelled = asyncio.Event()
     slow = [True]
@@ -464,6 +467,8 @@ async def test_the_async_credential_runs_on_the_loop_and_is_cancelled_after_the_
     with pytest.raises(OpenClientError):
         await client.open()
     await asyncio.wait_for(cancelled.wait(), WAIT)
+    await asyncio.sleep(0.05)  # the cancelled provider's done callback has run
+    assert not [r for r in caplog.records if "the credential failed" in r.getMessage()]
     slow[0] = False
     async with client:
         assert client.is_connected()
@@ -471,10 +476,10 @@ async def test_the_async_credential_runs_on_the_loop_and_is_cancelled_after_the_
 
 
 @pytest.mark.parametrize("how", ["close", "cancel"])
-async def test_a_stop_during_open_cancels_the_async_credential(how: str) -> None:
+async def test_a_stop_during_open_cancels_the_async_credential(how: str, caplog: Any) -> None:
     """A close() during open(), or a cancelled open(), cancels the provider at once, as the
     official open() cancels the provider it awaits: its request is over. (It ran on until
-    the start timeout.)"""
+    the start timeout.) The cancellation is no failure to warn about."""
     asked, cancelled = asyncio.Event(), asyncio.Event()
 
     async def provide() -> str:
@@ -500,6 +505,8 @@ async def test_a_stop_during_open_cancels_the_async_credential(how: str) -> None
     await asyncio.wait_for(cancelled.wait(), WAIT)
     # A cancelled open() sends its stop without waiting for it.
     await until(lambda: client.state is WebPubSubClientState.STOPPED, "stopped")
+    await asyncio.sleep(0.05)  # the cancelled provider's done callback has run
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_a_wrong_async_credential_answer_fails_open(hub: Hub) -> None:

@@ -198,6 +198,8 @@ class _AsyncSink:
         # The provider tasks not done yet: a stop cancels them (their requests are over),
         # as the official client's provider is cancelled with its open().
         self._providers: Set["asyncio.Task[str]"] = set()
+        # The provider tasks cancelled by ``_give_up``, until their done callbacks ran.
+        self._given_up: Set["asyncio.Task[str]"] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events and completions to ``loop`` (running on this thread) from now on."""
@@ -420,7 +422,7 @@ class _AsyncSink:
         self.credential_error, self.latest_request = None, result
         task = loop.create_task(_client_access_url(credential))
         self._providers.add(task)
-        timer = loop.call_later(timeout, task.cancel)
+        timer = loop.call_later(timeout, self._give_up, task)
         task.add_done_callback(functools.partial(self._answer_credential, result, timer))
 
     def cancel_providers(self) -> None:
@@ -429,13 +431,24 @@ class _AsyncSink:
         loop = asyncio.get_running_loop()
         for task in list(self._providers):
             if task.get_loop() is loop:
-                task.cancel()
+                self._give_up(task)
+
+    def _give_up(self, task: "asyncio.Task[str]") -> None:
+        """Cancel a provider whose request the library has given up (its connection
+        attempt timed out, or the client stops): it is not answered, and its cancellation
+        is no credential failure to report (an answer could even reach a request not yet
+        abandoned, and fail the start being stopped with a warning)."""
+        if task.cancel():
+            self._given_up.add(task)
 
     def _answer_credential(self, result: int, timer: asyncio.TimerHandle, task: "asyncio.Task[str]") -> None:
         timer.cancel()
         self._providers.discard(task)
+        given_up = task in self._given_up
+        self._given_up.discard(task)
         if task.cancelled():
-            _callbacks.answer_credential(result, None, RuntimeError("the credential provider was cancelled"))
+            if not given_up:  # not by its timeout or a stop, which abandon the request
+                _callbacks.answer_credential(result, None, RuntimeError("the credential provider was cancelled"))
             return
         error = task.exception()
         if error is None:
