@@ -922,8 +922,9 @@ impl Task {
 
     /// Runs `fut` while not connected, answering commands meanwhile. Operations are
     /// queued (`queue`, during a recovery) or refused. During a recovery the ack
-    /// deadlines of the attempts the drop cut off run on (`Pending::expire`). `Err`
-    /// carries the phase to go to when the client was stopped or dropped.
+    /// deadlines of the operations it holds run on (`Pending::expire`): those the drop
+    /// cut off and those made since. `Err` carries the phase to go to when the client
+    /// was stopped or dropped.
     async fn offline<F: Future>(&mut self, fut: F, queue: bool) -> Result<F::Output, Next> {
         let ack_timer = sleep_until(far_future());
         let stop = {

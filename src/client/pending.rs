@@ -698,9 +698,11 @@ impl Pending {
             if let Some(op) = self.acks.get_mut(ack_id) {
                 match op.phase {
                     Phase::AwaitingAck => op.maybe_processed = true,
+                    // The retry it waited for is the resend; its deadline runs from
+                    // when it was to be written.
                     Phase::RetryWait => {
                         op.retries += 1;
-                        op.due = None;
+                        op.due = op.due.map(|written| written + self.ack_timeout);
                     }
                     Phase::Unsent => {}
                 }
@@ -713,7 +715,7 @@ impl Pending {
             .map(|(_, id)| Unsent::Op(Key::Ack(id)))
             .chain(queued)
             .collect();
-        // The deadlines of the interrupted attempts run on during the recovery.
+        // The deadlines of the interrupted attempts and retries run on during the recovery.
         self.earliest = self.acks.values().filter_map(|op| op.due).min();
     }
 
@@ -1169,6 +1171,19 @@ mod tests {
         p.expire(at(21), &mut out, &mut done);
         let results: Vec<_> = done.drain(..).map(|d| d.result).collect();
         assert_eq!(results, timed_out(1), "no retry left after it");
+        // Waiting for its retry at the drop: the retry's deadline runs from when it was
+        // to be written.
+        out.clear();
+        let mut p = pending(1);
+        let _rx = add(&mut p, 1, Some(t0));
+        p.expire(at(10), &mut out, &mut done);
+        assert_eq!(p.next_due(), Some(at(11)), "its retry, 1 s later");
+        p.connection_dropped(true, &mut done);
+        assert_eq!(p.next_due(), Some(at(21)));
+        p.expire(at(21), &mut out, &mut done);
+        let results: Vec<_> = done.drain(..).map(|d| d.result).collect();
+        assert_eq!(results, timed_out(1));
+        assert!(out.is_empty());
     }
 
     #[test]
