@@ -1210,7 +1210,9 @@ wps_status wps_client_flush_deferred(struct wps_client *c);
 
 /**
  * Cancels a pending asynchronous operation: its completion reports
- * `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation).
+ * `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation), with an acked
+ * operation's ackId (an automatic one too): one already written may still take effect,
+ * and a resend with that ackId (`..._with_ack_id`) cannot publish twice.
  * `WPS_STATUS_INVALID_ARGUMENT` when no operation `op_id` is pending (already completed).
  *
  * # Safety

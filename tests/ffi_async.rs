@@ -1531,11 +1531,13 @@ fn fire_and_forget_sends_past_the_operation_queue_go_out_before_a_stop() {
 fn a_deferred_send_cancelled_before_its_flush_is_never_written() {
     // Cancelled while deferred, it must not be written (`wps_client_cancel`: given up,
     // "not written if it was not yet"), also when the flush finds it alone on an idle
-    // client, which the flushing thread would otherwise write itself.
+    // client, which the flushing thread would otherwise write itself. Its completion
+    // carries its automatic ackId, which a resend then uses: published once.
     let setup = Setup::new();
     let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
     let group = c"cancelled-deferred";
     let (sender, receiver) = setup.sender_and_receiver(&sender_rec, &receiver_rec, group);
+    let mut cancelled = Vec::new();
     for round in 0..5 {
         let op = send_async(
             sender,
@@ -1554,12 +1556,39 @@ fn a_deferred_send_cancelled_before_its_flush_is_never_written() {
         let seen = sender_rec.seen.lock().unwrap();
         assert_eq!(seen.completions[&op], vec![WPS_STATUS_CANCELLED]);
         assert_eq!(seen.completions[&marker], vec![WPS_STATUS_OK]);
+        let ack_id = *seen
+            .ack_ids
+            .get(&op)
+            .expect("the cancellation has no ackId");
+        assert_ne!(Some(&ack_id), seen.ack_ids.get(&marker));
+        cancelled.push(ack_id);
     }
     assert_eq!(
         receiver_rec.seen.lock().unwrap().messages,
         (0..5).map(|i| format!("marker{i}")).collect::<Vec<_>>(),
         "a cancelled deferred send was published"
     );
+    let text = "resent";
+    let mut out = wps_ack_result {
+        ack_id: 0,
+        has_ack_id: false,
+        is_duplicated: true,
+    };
+    let status = unsafe {
+        wps_client_send_to_group_with_ack_id(
+            sender,
+            group.as_ptr(),
+            WPS_DATA_TYPE_TEXT,
+            text.as_ptr(),
+            text.len(),
+            0,
+            cancelled[0],
+            &mut out,
+        )
+    };
+    check(status, "the resend with the cancelled send's ackId");
+    assert_eq!((out.ack_id, out.is_duplicated), (cancelled[0], false));
+    receiver_rec.wait("the resend", |s| s.messages.len() == 6);
     unsafe { wps_client_free(sender) };
     unsafe { wps_client_free(receiver) };
     setup.shutdown();

@@ -717,6 +717,17 @@ impl OwnedCompletion {
         }
     }
 
+    /// Completion of an operation cancelled by its caller, with its ackId if acked.
+    pub(crate) fn cancelled(ack_id: Option<u64>) -> OwnedCompletion {
+        OwnedCompletion {
+            ack: ack_id.map(|ack_id| AckResult {
+                ack_id: Some(ack_id),
+                is_duplicated: false,
+            }),
+            ..OwnedCompletion::status(WPS_STATUS_CANCELLED, "the operation was cancelled")
+        }
+    }
+
     fn error(e: &Error) -> OwnedCompletion {
         let (status, name, message) = error_parts(e);
         OwnedCompletion {

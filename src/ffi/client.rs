@@ -41,10 +41,9 @@ use super::status::{
     fail, wps_status, WPS_DATA_TYPE_BINARY, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_PROTOBUF,
     WPS_DATA_TYPE_TEXT, WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_NO_ECHO,
     WPS_SEND_RECORD, WPS_STATE_CONNECTED, WPS_STATE_CONNECTING, WPS_STATE_DISCONNECTED,
-    WPS_STATE_RECOVERING, WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_FORKED,
-    WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INTERNAL, WPS_STATUS_INTERRUPTED,
-    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED,
-    WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
+    WPS_STATE_RECOVERING, WPS_STATE_STOPPED, WPS_STATUS_FORKED, WPS_STATUS_ILLEGAL_STATE,
+    WPS_STATUS_INTERNAL, WPS_STATUS_INTERRUPTED, WPS_STATUS_INVALID_ARGUMENT,
+    WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_STOPPED,
 };
 
 /// How long `wps_client_free` waits for the client's connection task to end once its
@@ -204,6 +203,9 @@ struct Pending {
     target: CompletionTarget,
     /// The task of an invocation (acked operations run without one).
     abort: Option<tokio::task::AbortHandle>,
+    /// An acked operation's ackId (the one drawn for it, if automatic): a cancellation
+    /// reports it, to resend the operation with.
+    ack_id: Option<u64>,
 }
 
 #[derive(Default)]
@@ -1156,6 +1158,7 @@ unsafe fn register(
     cb: wps_completion_cb,
     user_data: *mut c_void,
     record: bool,
+    ack_id: Option<u64>,
     op_id: *mut u64,
 ) -> FfiResult<u64> {
     let id = shared.next_op.fetch_add(1, Ordering::Relaxed);
@@ -1174,6 +1177,7 @@ unsafe fn register(
             Pending {
                 target,
                 abort: None,
+                ack_id,
             },
         );
     }
@@ -1198,7 +1202,7 @@ where
 {
     let shared = client_arg(c)?;
     let rt = runtime()?;
-    let id = register(&shared, cb, user_data, false, op_id)?;
+    let id = register(&shared, cb, user_data, false, None, op_id)?;
     let fut = handover(&shared);
     let task = {
         let shared = Arc::clone(&shared);
@@ -1226,14 +1230,14 @@ unsafe fn run_async_ack(
     let shared = client_arg(c)?;
     let op = op?;
     let delivery = op.delivery();
-    let id = register(&shared, cb, user_data, delivery.record, op_id)?;
+    let prepared = op.prepare(&shared.client);
+    let ack_id = prepared.as_ref().ok().and_then(Prepared::ack_id);
+    let id = register(&shared, cb, user_data, delivery.record, ack_id, op_id)?;
     let done = Box::new(AckCompletion {
         shared: Arc::downgrade(&shared),
         id,
     });
-    shared
-        .client
-        .start_then(op.prepare(&shared.client), delivery.handover, done);
+    shared.client.start_then(prepared, delivery.handover, done);
     Ok(())
 }
 
@@ -1657,7 +1661,9 @@ pub unsafe extern "C" fn wps_client_flush_deferred(c: *mut wps_client) -> wps_st
 }
 
 /// Cancels a pending asynchronous operation: its completion reports
-/// `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation).
+/// `WPS_STATUS_CANCELLED` (an invocation also sends cancelInvocation), with an acked
+/// operation's ackId (an automatic one too): one already written may still take effect,
+/// and a resend with that ackId (`..._with_ack_id`) cannot publish twice.
 /// `WPS_STATUS_INVALID_ARGUMENT` when no operation `op_id` is pending (already completed).
 ///
 /// # Safety
@@ -1677,11 +1683,7 @@ pub unsafe extern "C" fn wps_client_cancel(c: *mut wps_client, op_id: u64) -> wp
         if let Some(abort) = p.abort {
             abort.abort();
         }
-        shared.push_completion(
-            op_id,
-            p.target,
-            OwnedCompletion::status(WPS_STATUS_CANCELLED, "the operation was cancelled"),
-        );
+        shared.push_completion(op_id, p.target, OwnedCompletion::cancelled(p.ack_id));
         Ok(())
     })
 }
