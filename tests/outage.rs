@@ -8,82 +8,19 @@
 mod common;
 
 use bytes::Bytes;
-use common::{all_roles, fast_options, next_event};
+use common::outage::{client_url, silent_upstream, Service};
+use common::{fast_options, next_event};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
 use tokio::task::JoinHandle;
 use webpubsub_client::{
     AckResult, Client, ClientOptions, ClientState, Credential, DataType, Error, Event, Protocol,
     RetryOptions, SendEventOptions, SendToGroupOptions,
 };
-use webpubsub_emulator::{Config, Emulator, TokenOptions};
-
-const HUB: &str = "hub";
 
 /// One test at a time (see the module's doc).
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-const KEY: &str = "outage-test-access-key-0123456789abcdefghijk";
-
-/// An emulator on a runtime of its own, with a fixed access key (tokens stay valid across
-/// a restart), so that it can be killed abruptly: its runtime shut down, every socket
-/// closes without a close frame, as when the process dies.
-struct Service {
-    rt: tokio::runtime::Runtime,
-    emulator: Option<Emulator>,
-}
-
-impl Service {
-    /// Listens on `port` (0: the OS picks); `upstream` receives the user events.
-    fn start(port: u16, upstream: Option<String>) -> Service {
-        // A runtime is neither made nor dropped within another's context.
-        std::thread::spawn(move || Service::start_here(port, upstream))
-            .join()
-            .unwrap()
-    }
-
-    fn start_here(port: u16, upstream: Option<String>) -> Service {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let config = Config {
-            port,
-            access_key: Some(KEY.into()),
-            upstream,
-            ..Config::default()
-        };
-        let emulator = rt.block_on(Emulator::start(config)).unwrap();
-        Service {
-            rt,
-            emulator: Some(emulator),
-        }
-    }
-
-    fn port(&self) -> u16 {
-        self.emulator.as_ref().unwrap().port()
-    }
-
-    fn kill(mut self) {
-        let emulator = self.emulator.take();
-        std::thread::spawn(move || {
-            self.rt.shutdown_timeout(Duration::from_secs(5));
-            drop(emulator);
-        })
-        .join()
-        .unwrap();
-    }
-}
-
-fn token(user: &str) -> TokenOptions {
-    TokenOptions {
-        user_id: Some(user.into()),
-        roles: all_roles(),
-        ..TokenOptions::default()
-    }
-}
 
 /// A provider of fresh client URLs of `user` on `port`, with its call count.
 fn credential(port: u16, user: &str) -> (Credential, Arc<AtomicUsize>) {
@@ -92,55 +29,10 @@ fn credential(port: u16, user: &str) -> (Credential, Arc<AtomicUsize>) {
     let user = user.to_owned();
     let credential = Credential::provider(move || {
         counter.fetch_add(1, Ordering::SeqCst);
-        let audience = format!("http://127.0.0.1:{port}/client/hubs/{HUB}");
-        let jwt = webpubsub_emulator::auth::sign_client_token(KEY, &audience, &token(&user));
-        let url = format!("ws://127.0.0.1:{port}/client/hubs/{HUB}?access_token={jwt}");
+        let url = client_url(port, &user);
         async move { Ok(url) }
     });
     (credential, calls)
-}
-
-/// An upstream that takes every request and never answers (events wait for their ack),
-/// on a runtime of its own; its URL and how many user events reached it (system events
-/// reach it too).
-fn silent_upstream() -> (tokio::runtime::Runtime, String, Arc<AtomicUsize>) {
-    std::thread::spawn(silent_upstream_here).join().unwrap()
-}
-
-fn silent_upstream_here() -> (tokio::runtime::Runtime, String, Arc<AtomicUsize>) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let upstream = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}/", upstream.local_addr().unwrap());
-    let reached = Arc::new(AtomicUsize::new(0));
-    let counter = reached.clone();
-    rt.spawn(async move {
-        while let Ok((socket, _)) = upstream.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut socket = tokio::io::BufReader::new(socket);
-                let mut line = String::new();
-                while socket.read_line(&mut line).await.is_ok_and(|n| n > 2) {
-                    if line
-                        .to_ascii_lowercase()
-                        .starts_with("ce-type: azure.webpubsub.user.")
-                    {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                    }
-                    line.clear();
-                }
-                // Held open, unanswered, until the runtime ends.
-                let _held = socket;
-                std::future::pending::<()>().await;
-            });
-        }
-    });
-    (rt, url, reached)
 }
 
 /// Waits until the upstream got `n` user events (they were sent), at most 5 s.
@@ -193,7 +85,7 @@ fn spawn_event(client: &Client) -> JoinHandle<(Result<AckResult, Error>, Duratio
 /// recovers: each fails with `Timeout` once its attempts' ack deadlines ran out, while
 /// the recovery (30 s) still goes on. `retries` retries of 1 s each, 100 ms apart.
 async fn sends_time_out_while_a_dead_service_is_being_recovered(retries: u32) {
-    let (upstream_rt, upstream, reached) = silent_upstream();
+    let (upstream, reached) = silent_upstream();
     let service = Service::start(0, Some(upstream));
     let options = ClientOptions {
         ack_timeout: Duration::from_secs(1),
@@ -229,9 +121,6 @@ async fn sends_time_out_while_a_dead_service_is_being_recovered(retries: u32) {
     }
     assert_eq!(client.state(), ClientState::Recovering);
     client.stop().await;
-    std::thread::spawn(move || drop(upstream_rt))
-        .join()
-        .unwrap();
 }
 
 #[tokio::test]
@@ -261,7 +150,7 @@ async fn until_state(client: &Client, state: ClientState) {
 /// and rejoins the group, and the sends of the outage fail with `NotConnected`.
 async fn a_restarted_service_gets_a_new_connection_that_rejoins(protocol: Protocol) {
     let reliable = protocol.is_reliable();
-    let (upstream_rt, upstream, reached) = silent_upstream();
+    let (upstream, reached) = silent_upstream();
     let first = Service::start(0, Some(upstream));
     let port = first.port();
     let options = ClientOptions {
@@ -332,9 +221,6 @@ async fn a_restarted_service_gets_a_new_connection_that_rejoins(protocol: Protoc
     );
     client.stop().await;
     second.kill();
-    std::thread::spawn(move || drop(upstream_rt))
-        .join()
-        .unwrap();
 }
 
 #[tokio::test]

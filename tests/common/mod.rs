@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod outage;
 pub mod pki;
 pub mod proxy;
 
