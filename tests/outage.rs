@@ -316,3 +316,60 @@ async fn stop_interrupts_a_reconnect_attempt_that_gets_no_answer() {
     let _turn = TURN.lock().await;
     stop_interrupts_an_attempt_that_gets_no_answer(Protocol::Json).await;
 }
+
+/// Records the client's state when each event reaches the handler (from the connection
+/// task, as the event is raised).
+struct StateAtEvent {
+    client: std::sync::OnceLock<Client>,
+    seen: std::sync::Mutex<Vec<(&'static str, ClientState)>>,
+}
+
+impl webpubsub_client::EventHandler for StateAtEvent {
+    fn on_event(&self, event: Event) {
+        let kind = match event {
+            Event::Connected { .. } => "connected",
+            Event::Disconnected { .. } => "disconnected",
+            Event::Stopped => "stopped",
+            _ => return,
+        };
+        let state = self
+            .client
+            .get()
+            .map_or(ClientState::Stopped, Client::state);
+        self.seen.lock().unwrap().push((kind, state));
+    }
+}
+
+#[tokio::test]
+async fn a_lost_connection_is_reported_once_the_client_is_disconnected() {
+    let _turn = TURN.lock().await;
+    let service = Service::start(0, None);
+    let handler = Arc::new(StateAtEvent {
+        client: std::sync::OnceLock::new(),
+        seen: std::sync::Mutex::new(Vec::new()),
+    });
+    let options = ClientOptions {
+        protocol: Protocol::Json,
+        ..fast_options()
+    };
+    let url = client_url(service.port(), "u");
+    let client = Client::new(Credential::Url(url), options, handler.clone()).unwrap();
+    handler.client.set(client.clone()).ok().unwrap();
+    client.start().await.unwrap();
+    service.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handler.seen.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "no Disconnected event");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.stop().await;
+    // A listener calling the client from its Disconnected event is refused at once.
+    assert_eq!(
+        handler.seen.lock().unwrap().as_slice(),
+        [
+            ("connected", ClientState::Connected),
+            ("disconnected", ClientState::Disconnected),
+            ("stopped", ClientState::Stopped),
+        ]
+    );
+}

@@ -836,6 +836,9 @@ impl Task {
             close_code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
         );
         self.shared.set_connection_id(None);
+        // Before the event: a listener of it finds the client disconnected (its calls
+        // are refused at once), not connected still.
+        self.shared.set_state(ClientState::Disconnected);
         self.sequence.reset();
         self.pending.connection_dropped(false, &mut self.done);
         self.finish_done();
@@ -847,7 +850,6 @@ impl Task {
             });
         }
         if self.options.auto_reconnect {
-            self.shared.set_state(ClientState::Disconnected);
             Next::Open {
                 start: None,
                 attempt: 1,
