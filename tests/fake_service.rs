@@ -1709,3 +1709,45 @@ async fn sends_given_up_hold_no_place_in_a_recovery() {
     conn.silent_for(200).await;
     client.stop().await;
 }
+
+/// Closes a fake's connection with 1008: the session is lost, not recovered.
+async fn lose(mut conn: Conn) {
+    let frame = CloseFrame {
+        code: CloseCode::Policy,
+        reason: "lost".into(),
+    };
+    conn.ws.close(Some(frame)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rejoin_cut_off_by_a_lost_session_is_reported_once_the_client_is_disconnected() {
+    let fake = Fake::new().await;
+    let credential = Credential::Url(fake.url.clone());
+    let (client, handler) = common::StateAtEvent::client(credential, quiet_options());
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut conn, _) = fake.accept().await;
+    conn.connected("conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    group_op(&client, &mut conn, true, "room").await;
+    lose(conn).await;
+    let (mut conn, _) = fake.accept().await;
+    conn.connected("conn2", "rt2").await;
+    let rejoin = conn.recv().await;
+    assert_eq!(rejoin["type"], "joinGroup");
+    // Lost before the rejoin's ack: the rejoin fails with the session.
+    lose(conn).await;
+    handler.until(5).await;
+    client.stop().await;
+    use ClientState::{Connected, Disconnected};
+    assert_eq!(
+        handler.seen()[..5],
+        [
+            ("connected", Connected, Some("conn1".into())),
+            ("disconnected", Disconnected, None),
+            ("connected", Connected, Some("conn2".into())),
+            ("rejoinGroupFailed", Disconnected, None),
+            ("disconnected", Disconnected, None),
+        ]
+    );
+}

@@ -9,7 +9,7 @@ mod common;
 
 use bytes::Bytes;
 use common::outage::{client_url, silent_upstream, Service};
-use common::{fast_options, next_event};
+use common::{fast_options, next_event, StateAtEvent};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -317,59 +317,49 @@ async fn stop_interrupts_a_reconnect_attempt_that_gets_no_answer() {
     stop_interrupts_an_attempt_that_gets_no_answer(Protocol::Json).await;
 }
 
-/// Records the client's state when each event reaches the handler (from the connection
-/// task, as the event is raised).
-struct StateAtEvent {
-    client: std::sync::OnceLock<Client>,
-    seen: std::sync::Mutex<Vec<(&'static str, ClientState)>>,
-}
-
-impl webpubsub_client::EventHandler for StateAtEvent {
-    fn on_event(&self, event: Event) {
-        let kind = match event {
-            Event::Connected { .. } => "connected",
-            Event::Disconnected { .. } => "disconnected",
-            Event::Stopped => "stopped",
-            _ => return,
-        };
-        let state = self
-            .client
-            .get()
-            .map_or(ClientState::Stopped, Client::state);
-        self.seen.lock().unwrap().push((kind, state));
-    }
+/// The service dies and comes back without the sessions (a reliable client's recovery
+/// is refused): each event finds the client as it reports it, so that a listener
+/// calling the client from the event is refused at once on `Disconnected`, and finds
+/// the new connection's id on `Connected`.
+async fn events_find_the_client_as_they_report_it_through_an_outage(protocol: Protocol) {
+    let service = Service::start(0, None);
+    let port = service.port();
+    let options = ClientOptions {
+        protocol,
+        ..fast_options()
+    };
+    let (client, handler) = StateAtEvent::client(Credential::Url(client_url(port, "u")), options);
+    client.start().await.unwrap();
+    let first = client.connection_id().unwrap();
+    service.kill();
+    handler.until(2).await;
+    let service = Service::start(port, None);
+    handler.until(3).await;
+    let second = client.connection_id().unwrap();
+    assert_ne!(first, second);
+    client.stop().await;
+    service.kill();
+    use ClientState::{Connected, Disconnected, Stopped};
+    assert_eq!(
+        handler.seen(),
+        [
+            ("connected", Connected, Some(first)),
+            ("disconnected", Disconnected, None),
+            ("connected", Connected, Some(second)),
+            ("disconnected", Disconnected, None),
+            ("stopped", Stopped, None),
+        ]
+    );
 }
 
 #[tokio::test]
 async fn a_lost_connection_is_reported_once_the_client_is_disconnected() {
     let _turn = TURN.lock().await;
-    let service = Service::start(0, None);
-    let handler = Arc::new(StateAtEvent {
-        client: std::sync::OnceLock::new(),
-        seen: std::sync::Mutex::new(Vec::new()),
-    });
-    let options = ClientOptions {
-        protocol: Protocol::Json,
-        ..fast_options()
-    };
-    let url = client_url(service.port(), "u");
-    let client = Client::new(Credential::Url(url), options, handler.clone()).unwrap();
-    handler.client.set(client.clone()).ok().unwrap();
-    client.start().await.unwrap();
-    service.kill();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while handler.seen.lock().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "no Disconnected event");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    client.stop().await;
-    // A listener calling the client from its Disconnected event is refused at once.
-    assert_eq!(
-        handler.seen.lock().unwrap().as_slice(),
-        [
-            ("connected", ClientState::Connected),
-            ("disconnected", ClientState::Disconnected),
-            ("stopped", ClientState::Stopped),
-        ]
-    );
+    events_find_the_client_as_they_report_it_through_an_outage(Protocol::Json).await;
+}
+
+#[tokio::test]
+async fn a_refused_recovery_is_reported_once_the_client_is_disconnected() {
+    let _turn = TURN.lock().await;
+    events_find_the_client_as_they_report_it_through_an_outage(Protocol::JsonReliable).await;
 }

@@ -860,24 +860,32 @@ impl Task {
     }
 
     /// Stops: fails pending operations, raises `Disconnected` (if connected) and
-    /// `Stopped`, then answers the `stop()` caller.
+    /// `Stopped`, then answers the `stop()` caller. As with the official clients, each
+    /// event finds the client in the state it reports (`Disconnected`, then `Stopped`),
+    /// and the pending operations fail once it is no longer connected.
     fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
+        let announced = std::mem::take(&mut self.announced);
+        let connection_id = self.session.take().map(|s| s.connection_id);
+        self.shared.set_connection_id(None);
+        self.shared.set_state(if announced {
+            ClientState::Disconnected
+        } else {
+            ClientState::Stopped
+        });
         for op in self.take_waiting() {
             op.refuse(Error::Stopped { ack_id: None });
         }
         self.pending
             .fail_all(|ack_id| Error::Stopped { ack_id }, &mut self.done);
         self.finish_done();
-        let connection_id = self.session.take().map(|s| s.connection_id);
-        self.shared.set_connection_id(None);
-        self.shared.set_state(ClientState::Stopped);
         self.sequence.reset();
-        if std::mem::take(&mut self.announced) {
+        if announced {
             self.emit(Event::Disconnected {
                 connection_id,
                 message: Some("stopped by the client".into()),
                 close_code: Some(1000),
             });
+            self.shared.set_state(ClientState::Stopped);
         }
         info!("stopped");
         self.emit(Event::Stopped);
@@ -895,30 +903,32 @@ impl Task {
                 .session
                 .as_ref()
                 .is_some_and(|s| s.reconnection_token.is_some());
-        self.pending.connection_dropped(recoverable, &mut self.done);
-        self.finish_done();
-        if recoverable {
-            self.sequence.ack_again();
-            let now = Instant::now();
-            let delay = self.options.recovery_attempt_delay;
-            // A connection that ends within an attempt's delay of its recovery was one
-            // more failed attempt of that recovery: its window goes on, and so does the
-            // delay between attempts.
-            let (since, first_attempt) = match self.recovered_at.take() {
-                Some((since, at)) if now < at + delay => (since, at + delay),
-                _ => (now, now),
-            };
-            Next::Recover {
-                since,
-                first_attempt,
-                close_code,
-                reason,
-            }
-        } else {
-            Next::Lost {
+        if !recoverable {
+            // `lose_session` fails what was pending once the client is disconnected:
+            // not here, where a caller told of it (or a `RejoinGroupFailed` listener)
+            // would find it connected still.
+            return Next::Lost {
                 close_code,
                 message: Some(reason),
-            }
+            };
+        }
+        self.pending.connection_dropped(true, &mut self.done);
+        self.finish_done();
+        self.sequence.ack_again();
+        let now = Instant::now();
+        let delay = self.options.recovery_attempt_delay;
+        // A connection that ends within an attempt's delay of its recovery was one
+        // more failed attempt of that recovery: its window goes on, and so does the
+        // delay between attempts.
+        let (since, first_attempt) = match self.recovered_at.take() {
+            Some((since, at)) if now < at + delay => (since, at + delay),
+            _ => (now, now),
+        };
+        Next::Recover {
+            since,
+            first_attempt,
+            close_code,
+            reason,
         }
     }
 

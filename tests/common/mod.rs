@@ -5,9 +5,12 @@ pub mod outage;
 pub mod pki;
 pub mod proxy;
 
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
-use webpubsub_client::{ClientOptions, Event, RetryMode, RetryOptions};
+use webpubsub_client::{
+    Client, ClientOptions, ClientState, Credential, Event, RetryMode, RetryOptions,
+};
 
 /// Options with every timer shortened so tests run in seconds.
 pub fn fast_options() -> ClientOptions {
@@ -429,5 +432,66 @@ pub async fn next_client_frame(
                 return value;
             }
         }
+    }
+}
+
+/// An event as it reached a [`StateAtEvent`]: its kind, and the client's state and
+/// connection id at that moment.
+pub type Seen = (&'static str, ClientState, Option<String>);
+
+/// Records the client's state and connection id when each event reaches the handler
+/// (from the connection task, as the event is raised): what a listener calling the
+/// client from the event finds.
+#[derive(Default)]
+pub struct StateAtEvent {
+    client: std::sync::OnceLock<Client>,
+    seen: std::sync::Mutex<Vec<Seen>>,
+}
+
+impl StateAtEvent {
+    /// A client of `credential` whose events go to a new recorder; both.
+    pub fn client(credential: Credential, options: ClientOptions) -> (Client, Arc<StateAtEvent>) {
+        let handler = Arc::new(StateAtEvent::default());
+        let client = Client::new(credential, options, handler.clone()).unwrap();
+        handler.client.set(client.clone()).ok().unwrap();
+        (client, handler)
+    }
+
+    /// What was recorded so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` events were recorded, at most 10 s; returns them.
+    pub async fn until(&self, n: usize) -> Vec<Seen> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = self.seen();
+            if seen.len() >= n {
+                return seen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} events expected, got {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl webpubsub_client::EventHandler for StateAtEvent {
+    fn on_event(&self, event: Event) {
+        let kind = match event {
+            Event::Connected { .. } => "connected",
+            Event::Disconnected { .. } => "disconnected",
+            Event::Stopped => "stopped",
+            Event::RejoinGroupFailed { .. } => "rejoinGroupFailed",
+            Event::ServerMessage { .. } => "serverMessage",
+            Event::GroupMessage { .. } => "groupMessage",
+        };
+        let client = self.client.get();
+        let state = client.map_or(ClientState::Stopped, Client::state);
+        let connection_id = client.and_then(Client::connection_id);
+        self.seen.lock().unwrap().push((kind, state, connection_id));
     }
 }
