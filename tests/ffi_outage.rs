@@ -311,6 +311,17 @@ fn assert_finalized_once(rec: &Recorder) {
     );
 }
 
+/// Asserts that the client's events were one connection, its loss, then the stop.
+fn assert_stopped_after_one_connection(rec: &Recorder) {
+    let events = rec.seen.lock().unwrap().events.clone();
+    let expected = [
+        WPS_EVENT_CONNECTED,
+        WPS_EVENT_DISCONNECTED,
+        WPS_EVENT_STOPPED,
+    ];
+    assert_eq!(events, expected);
+}
+
 /// Asserts that each of `ops` completed exactly once, as `expected` says: its name, op
 /// id, status and whether it has an ackId (`None`: either; see `EITHER`).
 fn assert_completed(rec: &Recorder, expected: &[(&str, u64, u32, Option<bool>)]) {
@@ -568,14 +579,7 @@ fn poll_mode_descriptor_rests_while_a_json_client_reconnects_and_wakes_for_the_g
         "readable with nothing queued while reconnecting"
     );
     pump(c, rec, "the give-up", |s| s.events.len() == 3);
-    assert_eq!(
-        rec.seen.lock().unwrap().events,
-        [
-            WPS_EVENT_CONNECTED,
-            WPS_EVENT_DISCONNECTED,
-            WPS_EVENT_STOPPED
-        ]
-    );
+    assert_stopped_after_one_connection(rec);
     assert_eq!(state(c), WPS_STATE_STOPPED);
     let after = send_event(c, 0, rec);
     pump(c, rec, "the send after the give-up", |s| {
@@ -615,14 +619,7 @@ fn held_operations_complete_once_when_a_reliable_client_gives_up() {
             ("joined", joined, WPS_STATUS_NOT_CONNECTED, Some(true)),
         ],
     );
-    assert_eq!(
-        rec.seen.lock().unwrap().events,
-        [
-            WPS_EVENT_CONNECTED,
-            WPS_EVENT_DISCONNECTED,
-            WPS_EVENT_STOPPED
-        ]
-    );
+    assert_stopped_after_one_connection(rec);
     assert!(free_timed(c) < Duration::from_secs(2));
     assert_finalized_once(rec);
 }
@@ -673,14 +670,7 @@ fn a_stop_during_an_outage(protocol: u32) {
         );
     }
     assert_completed(rec, &[("stop", stop, WPS_STATUS_OK, Some(false))]);
-    assert_eq!(
-        rec.seen.lock().unwrap().events,
-        [
-            WPS_EVENT_CONNECTED,
-            WPS_EVENT_DISCONNECTED,
-            WPS_EVENT_STOPPED
-        ]
-    );
+    assert_stopped_after_one_connection(rec);
     assert_eq!(state(c), WPS_STATE_STOPPED);
     assert!(free_timed(c) < Duration::from_secs(2));
     assert_finalized_once(rec);
