@@ -162,8 +162,9 @@ impl Done {
 }
 
 enum Phase {
-    /// Not written on the current connection: queued during a recovery, or cut off by
-    /// a dropped socket (then `due` keeps the deadline of that attempt's ack).
+    /// Not written on the current connection: queued for the next one, or held by a
+    /// recovery (cut off by the drop, or made since), whose `due` is the deadline of
+    /// the attempt then running.
     Unsent,
     /// Written; waiting for the ack until `due`.
     AwaitingAck,
@@ -601,55 +602,39 @@ impl Pending {
         let Some(op) = self.acks.get_mut(&ack_id) else {
             return;
         };
-        match op.phase {
-            Phase::AwaitingAck => {
-                let delay = if op.wanted() {
-                    self.retry.delay_before(op.retries + 1)
-                } else {
-                    None
-                };
-                match delay {
-                    Some(delay) => {
-                        op.maybe_processed = true;
-                        op.phase = Phase::RetryWait;
-                        op.due = Some(now + delay);
-                    }
-                    None => {
-                        if let Some(op) = self.acks.remove(&ack_id) {
-                            done.push(Done {
-                                purpose: op.purpose,
-                                reply: op.reply,
-                                result: Err(Error::Timeout {
-                                    ack_id: Some(ack_id),
-                                }),
-                            });
-                        }
-                    }
-                }
-            }
-            Phase::RetryWait if !op.wanted() => {
-                self.acks.remove(&ack_id);
-            }
-            Phase::RetryWait => {
+        if let Phase::RetryWait = op.phase {
+            if op.wanted() {
                 op.retries += 1;
                 op.phase = Phase::AwaitingAck;
                 op.due = Some(now + self.ack_timeout);
                 out.push(op.frame.clone());
+            } else {
+                self.acks.remove(&ack_id);
             }
-            // An operation a recovery holds (cut off by the drop, or made since) whose
-            // ack deadline passed: that attempt timed out. Its retry, if any, runs its
-            // deadline from when it would have been written, after its delay; the resend
-            // once recovered is the attempt then running, with what is left of it.
-            Phase::Unsent => {
-                let delay = if op.wanted() {
-                    self.retry.delay_before(op.retries + 1)
-                } else {
-                    None
-                };
-                if let Some(delay) = delay {
-                    op.retries += 1;
-                    op.due = Some(now + delay + self.ack_timeout);
-                } else if let Some(op) = self.acks.remove(&ack_id) {
+            return;
+        }
+        // The attempt timed out: a written one (AwaitingAck), or one a recovery holds,
+        // cut off by the drop or made since (Unsent).
+        let delay = if op.wanted() {
+            self.retry.delay_before(op.retries + 1)
+        } else {
+            None
+        };
+        match (delay, &op.phase) {
+            (Some(delay), Phase::AwaitingAck) => {
+                op.maybe_processed = true;
+                op.phase = Phase::RetryWait;
+                op.due = Some(now + delay);
+            }
+            // Its retry runs its deadline from when it would have been written, after
+            // its delay; the resend once recovered is the attempt then running, with
+            // what is left of it.
+            (Some(delay), _) => {
+                op.retries += 1;
+                op.due = Some(now + delay + self.ack_timeout);
+            }
+            (None, _) => {
+                if let Some(op) = self.acks.remove(&ack_id) {
                     done.push(Done {
                         purpose: op.purpose,
                         reply: op.reply,
