@@ -39,6 +39,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod runtime;
 pub mod transport;
+mod try_once;
 
 pub use client::{
     AckResult, Client, ClientOptions, ClientState, Credential, Error, Event, EventHandler,

@@ -7,11 +7,12 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic;
-use std::sync::{Mutex, OnceLock, PoisonError};
 use tokio::runtime::{Handle, Runtime};
 
+use crate::try_once::TryOnce;
+
 /// The runtime, with the `fork()` generation its threads belong to.
-static RUNTIME: OnceLock<(Runtime, usize)> = OnceLock::new();
+static RUNTIME: TryOnce<(Runtime, usize)> = TryOnce::new();
 
 /// How many worker threads the runtime gets on a machine with `cpus` processors: half
 /// of them, from 1 to 4. The workers only move frames between sockets and queues; the
@@ -23,37 +24,27 @@ fn worker_threads(cpus: usize) -> usize {
     (cpus / 2).clamp(1, 4)
 }
 
-/// Serialises the runtime's creation: a failed attempt leaves nothing behind, so the
-/// next call tries again (`OnceLock` cannot hold an initialisation that may fail).
-static STARTING: Mutex<()> = Mutex::new(());
-
+/// The runtime, created by the first caller; an error when the system refuses its
+/// threads (not kept: the next caller tries again).
 fn runtime() -> Result<&'static (Runtime, usize), String> {
-    if let Some(runtime) = RUNTIME.get() {
-        return Ok(runtime);
-    }
-    let _one = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(runtime) = RUNTIME.get() {
-        return Ok(runtime);
-    }
-    crate::fork::watch();
-    let workers = worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()));
-    // tokio panics when the system refuses a worker thread (a thread or memory limit).
-    let built = panic::catch_unwind(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .thread_name("webpubsub-rt")
-            .enable_all()
-            .build()
-    });
-    let runtime = match built {
-        Ok(Ok(runtime)) => runtime,
-        Ok(Err(e)) => return Err(format!("cannot start the webpubsub runtime: {e}")),
-        Err(payload) => {
-            let detail = panic_detail(payload.as_ref());
-            return Err(format!("cannot start the webpubsub runtime: {detail}"));
-        }
-    };
-    Ok(RUNTIME.get_or_init(|| (runtime, crate::fork::generation())))
+    RUNTIME.get_or_try_init(|| {
+        crate::fork::watch();
+        let workers = worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        // tokio panics when the system refuses a worker thread (a thread or memory limit).
+        let built = panic::catch_unwind(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("webpubsub-rt")
+                .enable_all()
+                .build()
+        });
+        let detail = match built {
+            Ok(Ok(runtime)) => return Ok((runtime, crate::fork::generation())),
+            Ok(Err(e)) => e.to_string(),
+            Err(payload) => panic_detail(payload.as_ref()),
+        };
+        Err(format!("cannot start the webpubsub runtime: {detail}"))
+    })
 }
 
 /// The text a panic was raised with.
@@ -69,15 +60,19 @@ pub(crate) fn panic_detail(payload: &(dyn Any + Send)) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuntimeError {
     /// It was created before `fork()`: its worker threads do not exist in this child.
-    Forked(String),
+    Forked,
     /// The system refused its threads (a thread or memory limit); a later call tries again.
     Start(String),
 }
 
 impl std::fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (RuntimeError::Forked(message) | RuntimeError::Start(message)) = self;
-        f.write_str(message)
+        f.write_str(match self {
+            RuntimeError::Forked => {
+                "the webpubsub runtime was created before fork(); it cannot be used in the child process"
+            }
+            RuntimeError::Start(message) => message,
+        })
     }
 }
 
@@ -85,9 +80,7 @@ impl std::fmt::Display for RuntimeError {
 pub fn try_handle() -> Result<Handle, RuntimeError> {
     let (runtime, generation) = runtime().map_err(RuntimeError::Start)?;
     if crate::fork::generation() != *generation {
-        return Err(RuntimeError::Forked(
-            "the webpubsub runtime was created before fork(); it cannot be used in the child process".into(),
-        ));
+        return Err(RuntimeError::Forked);
     }
     Ok(runtime.handle().clone())
 }

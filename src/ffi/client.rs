@@ -91,9 +91,12 @@ pub struct wps_ack_result {
 /// started it (the core records its pid; its threads do not exist in the child),
 /// `WPS_STATUS_INTERNAL` when the system refused its threads.
 fn runtime() -> FfiResult<tokio::runtime::Handle> {
-    crate::runtime::try_handle().map_err(|e| match e {
-        RuntimeError::Forked(message) => fail(WPS_STATUS_FORKED, message),
-        RuntimeError::Start(message) => fail(WPS_STATUS_INTERNAL, message),
+    crate::runtime::try_handle().map_err(|e| {
+        let status = match e {
+            RuntimeError::Forked => WPS_STATUS_FORKED,
+            RuntimeError::Start(_) => WPS_STATUS_INTERNAL,
+        };
+        fail(status, e.to_string())
     })
 }
 

@@ -19,9 +19,11 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use log::info;
+
+use crate::try_once::TryOnce;
 
 use super::callbacks::{wps_ack_record, CompletionTarget, OwnedCompletion, QueuedEvent};
 use super::panic::guard_job;
@@ -524,43 +526,36 @@ struct Pool {
     next: AtomicUsize,
 }
 
-static POOL: OnceLock<Pool> = OnceLock::new();
-/// Serialises the pool's start: a failed attempt leaves nothing behind, so the next
-/// call tries again (`OnceLock` cannot hold an initialisation that may fail).
-static STARTING: Mutex<()> = Mutex::new(());
+static POOL: TryOnce<Pool> = TryOnce::new();
 
 /// The pool, started on first use with one worker thread per processor (at most
-/// `MAX_WORKERS`), or as many as the system would start if at least one.
+/// `MAX_WORKERS`), or as many as the system would start if at least one; an error
+/// (not kept: the next call tries again) when it refuses the first.
 fn pool() -> io::Result<&'static Pool> {
-    if let Some(pool) = POOL.get() {
-        return Ok(pool);
-    }
-    let _one = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(pool) = POOL.get() {
-        return Ok(pool);
-    }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut workers = Vec::new();
-    for i in 0..cpus.clamp(1, MAX_WORKERS) {
-        let worker = Arc::new(Worker::new(Wake::Thread(Condvar::new())));
-        let w = Arc::clone(&worker);
-        let started = std::thread::Builder::new()
-            .name(format!("wps-dispatch-{i}"))
-            .spawn(move || {
-                if let Wake::Thread(ready) = &w.wake {
-                    w.run(ready);
-                }
-            });
-        match started {
-            Ok(_) => workers.push(worker),
-            Err(e) if workers.is_empty() => return Err(e),
-            Err(_) => break,
+    POOL.get_or_try_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut workers = Vec::new();
+        for i in 0..cpus.clamp(1, MAX_WORKERS) {
+            let worker = Arc::new(Worker::new(Wake::Thread(Condvar::new())));
+            let w = Arc::clone(&worker);
+            let started = std::thread::Builder::new()
+                .name(format!("wps-dispatch-{i}"))
+                .spawn(move || {
+                    if let Wake::Thread(ready) = &w.wake {
+                        w.run(ready);
+                    }
+                });
+            match started {
+                Ok(_) => workers.push(worker),
+                Err(e) if workers.is_empty() => return Err(e),
+                Err(_) => break,
+            }
         }
-    }
-    Ok(POOL.get_or_init(|| Pool {
-        workers,
-        next: AtomicUsize::new(0),
-    }))
+        Ok(Pool {
+            workers,
+            next: AtomicUsize::new(0),
+        })
+    })
 }
 
 /// Picks the pool worker a new client is pinned to (round robin); an error when the

@@ -7,9 +7,11 @@
 use std::cell::Cell;
 use std::ffi::{c_char, c_void};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::Mutex;
 
 use log::{LevelFilter, Log, Metadata, Record};
+
+use crate::try_once::TryOnce;
 
 use super::gate::InCallback;
 use super::panic::guard;
@@ -60,9 +62,7 @@ enum Msg {
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
 /// The logging thread's queue and the `fork()` generation of the thread, once started;
 /// `None` when the application had installed a `log` logger of its own.
-static QUEUE: OnceLock<Option<(SyncSender<Msg>, usize)>> = OnceLock::new();
-/// Serialises the start of the logging thread (see `start`).
-static STARTING: Mutex<()> = Mutex::new(());
+static QUEUE: TryOnce<Option<(SyncSender<Msg>, usize)>> = TryOnce::new();
 
 thread_local! {
     static ON_LOG_THREAD: Cell<bool> = const { Cell::new(false) };
@@ -131,43 +131,34 @@ fn run(rx: Receiver<Msg>) {
     }
 }
 
+/// The logging thread's queue. The thread is started, then the bridge installed, once,
+/// by whichever call comes first. A thread the system refuses is an error that the next
+/// call tries again; another logger installed first is for good (the thread then ends
+/// at once).
 fn queue() -> Result<&'static (SyncSender<Msg>, usize), wps_status> {
-    let started = match QUEUE.get() {
-        Some(started) => started,
-        None => start()?,
-    };
+    let started = QUEUE.get_or_try_init(|| -> Result<_, wps_status> {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("wps-log".to_owned())
+            .spawn(move || run(rx))
+            .map_err(|e| {
+                fail(
+                    WPS_STATUS_INTERNAL,
+                    format!("cannot start the logging thread: {e}"),
+                )
+            })?;
+        let installed = log::set_logger(&BRIDGE).is_ok();
+        Ok(installed.then(|| {
+            crate::fork::watch();
+            (tx, crate::fork::generation())
+        }))
+    })?;
     started.as_ref().ok_or_else(|| {
         fail(
             WPS_STATUS_INTERNAL,
             "another `log` logger is installed in this process",
         )
     })
-}
-
-/// Starts the logging thread, then installs the bridge, once, by whichever call comes
-/// first. A thread the system refuses is an error that the next call tries again;
-/// another logger installed first is for good (the thread then ends at once).
-fn start() -> Result<&'static Option<(SyncSender<Msg>, usize)>, wps_status> {
-    let _one = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(started) = QUEUE.get() {
-        return Ok(started);
-    }
-    let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
-    std::thread::Builder::new()
-        .name("wps-log".to_owned())
-        .spawn(move || run(rx))
-        .map_err(|e| {
-            fail(
-                WPS_STATUS_INTERNAL,
-                format!("cannot start the logging thread: {e}"),
-            )
-        })?;
-    let installed = log::set_logger(&BRIDGE).is_ok();
-    let started = installed.then(|| {
-        crate::fork::watch();
-        (tx, crate::fork::generation())
-    });
-    Ok(QUEUE.get_or_init(|| started))
 }
 
 /// Routes the library's logs to `cb` (process-wide), up to `max_level` (`WPS_LOG_*`;
