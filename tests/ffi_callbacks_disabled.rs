@@ -11,7 +11,7 @@ use common::{check, ffi_credential_client};
 use std::ffi::{c_void, CStr, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use webpubsub_client::ffi::callbacks::{wps_completion, wps_event, WPS_EVENT_GROUP_MESSAGE};
 use webpubsub_client::ffi::client::{
@@ -71,14 +71,6 @@ fn send(c: *mut wps_client, group: &CStr, text: &str) {
     check(common::ffi_send_text(c, group, text, 0), "a blocking send");
 }
 
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn disabled_callbacks_are_waited_for_then_never_called_again() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -101,14 +93,14 @@ fn disabled_callbacks_are_waited_for_then_never_called_again() {
     std::thread::spawn(move || {
         let _ = started.send(unsafe { wps_client_start(client as *mut wps_client) });
     });
-    wait_until("the deferred request", || {
+    common::wait_until("the deferred request", || {
         DEFERRED.load(Ordering::SeqCst) != 0
     });
 
     // A callback that is still running when the switch is set: a short timeout says so,
     // a long one returns once it has.
     send(c, group, "slow");
-    wait_until("the slow callback", || {
+    common::wait_until("the slow callback", || {
         calls.slow_started.load(Ordering::SeqCst) == 1
     });
     assert_eq!(wps_callbacks_disable(20), WPS_STATUS_TIMEOUT);

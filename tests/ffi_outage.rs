@@ -53,15 +53,6 @@ fn url(port: u16, user: &str) -> CString {
     CString::new(client_url(port, user)).unwrap()
 }
 
-/// Waits until `done` holds, at most `WAIT`; panics naming `what`.
-fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// A completion as its callback saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Done {
@@ -282,7 +273,7 @@ fn state(c: *mut wps_client) -> u32 {
 }
 
 fn until_state(c: *mut wps_client, wanted: u32) {
-    until(&format!("state {wanted}"), || state(c) == wanted);
+    common::wait_until(&format!("state {wanted}"), || state(c) == wanted);
 }
 
 /// Frees `c` on another thread; how long the free took (a free that hangs fails the
@@ -423,7 +414,7 @@ fn pending_operations_complete_once_when_the_service_restarts(protocol: u32) {
     // poll mode.
     let in_flight = send_event(c, 0, rec);
     let recorded = send_event(c, WPS_SEND_RECORD, rec);
-    until("the event reached the upstream", || {
+    common::wait_until("the event reached the upstream", || {
         reached.load(Ordering::SeqCst) >= 1
     });
     first.kill();
@@ -432,7 +423,7 @@ fn pending_operations_complete_once_when_the_service_restarts(protocol: u32) {
     } else {
         WPS_STATE_DISCONNECTED
     };
-    until(
+    common::wait_until(
         "offline",
         || matches!(state(c), s if s == offline || s == WPS_STATE_CONNECTING),
     );
@@ -520,7 +511,7 @@ fn poll_mode_sends_time_out_during_a_recovery_and_the_descriptor_rests() {
     let c = started(&url(service.port(), "u"), &opts, rec);
     let fd = dispatch_fd(c);
     let in_flight = send_event(c, WPS_SEND_RECORD, rec);
-    until("the event reached the upstream", || {
+    common::wait_until("the event reached the upstream", || {
         reached.load(Ordering::SeqCst) >= 1
     });
     service.kill();
@@ -636,7 +627,7 @@ fn a_stop_during_an_outage(protocol: u32) {
     let rec = recorder();
     let c = started(&url(service.port(), "u"), &Opts::new(protocol), rec);
     let in_flight = send_event(c, WPS_SEND_RECORD, rec);
-    until("the event reached the upstream", || {
+    common::wait_until("the event reached the upstream", || {
         reached.load(Ordering::SeqCst) >= 1
     });
     service.kill();
@@ -1090,7 +1081,7 @@ fn freed_in_a_completion_during_a_recovery(poll: bool) {
         )
     };
     check(status, "wps_client_send_event_async");
-    until("the event reached the upstream", || {
+    common::wait_until("the event reached the upstream", || {
         reached.load(Ordering::SeqCst) >= 1
     });
     service.kill();

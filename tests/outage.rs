@@ -35,13 +35,15 @@ fn credential(port: u16, user: &str) -> (Credential, Arc<AtomicUsize>) {
     (credential, calls)
 }
 
-/// Waits until the upstream got `n` user events (they were sent), at most 5 s.
-async fn until_reached(reached: &AtomicUsize, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while reached.load(Ordering::SeqCst) < n {
-        assert!(Instant::now() < deadline, "the upstream got no event");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Waits until the upstream got a user event (the client wrote it), at most 5 s.
+async fn until_sent(reached: &AtomicUsize) {
+    let sent = || reached.load(Ordering::SeqCst) >= 1;
+    common::until(
+        "the user event at the upstream",
+        Duration::from_secs(5),
+        sent,
+    )
+    .await;
 }
 
 /// A started client of user `u` whose URL comes from [`credential`]; its events after
@@ -99,9 +101,10 @@ async fn sends_time_out_while_a_dead_service_is_being_recovered(retries: u32) {
     let (client, _events, _, _) = started(service.port(), options).await;
     // The upstream never answers: the event waits for its ack.
     let in_flight = spawn_event(&client);
-    until_reached(&reached, 1).await;
+    until_sent(&reached).await;
     service.kill();
-    until_state(&client, ClientState::Recovering).await;
+    let recovering = || client.state() == ClientState::Recovering;
+    common::until("the recovery", Duration::from_secs(5), recovering).await;
     let made_during = spawn_event(&client);
     // Each attempt's 1 s, and 100 ms before each retry.
     let bound = Duration::from_millis(1100) * (retries + 1) + Duration::from_secs(3);
@@ -135,15 +138,6 @@ async fn sends_with_retries_time_out_while_a_dead_service_is_being_recovered() {
     sends_time_out_while_a_dead_service_is_being_recovered(2).await;
 }
 
-/// Waits until `client` is in `state`, at most 5 s.
-async fn until_state(client: &Client, state: ClientState) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while client.state() != state {
-        assert!(Instant::now() < deadline, "still {:?}", client.state());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The service is killed with a group joined and a send in flight, and comes back on
 /// the same port without the session: the session is lost (a reliable client's
 /// recovery is refused with 1008), the client opens a new connection with a fresh URL
@@ -160,14 +154,15 @@ async fn a_restarted_service_gets_a_new_connection_that_rejoins(protocol: Protoc
     let (client, mut events, old_id, calls) = started(port, options).await;
     client.join_group("g").await.unwrap();
     let in_flight = spawn_event(&client);
-    until_reached(&reached, 1).await;
+    until_sent(&reached).await;
     first.kill();
     let offline = if reliable {
         ClientState::Recovering
     } else {
         ClientState::Disconnected
     };
-    until_state(&client, offline).await;
+    let lost = || client.state() == offline;
+    common::until("the loss seen", Duration::from_secs(5), lost).await;
     let during = spawn_event(&client);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = Service::start(port, None);

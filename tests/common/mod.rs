@@ -64,6 +64,31 @@ pub async fn wait_for(
     }
 }
 
+/// Waits until `done` holds, polling, at most 30 s; panics naming `what`.
+pub fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Waits until `done` holds, polling from async code, at most `limit`; panics naming
+/// `what`.
+pub async fn until(what: &str, limit: Duration, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Every event already queued (without waiting).
 pub fn drain(events: &mut UnboundedReceiver<Event>) -> Vec<Event> {
     let mut all = Vec::new();
