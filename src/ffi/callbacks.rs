@@ -254,10 +254,15 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
 /// client stopped):
 /// its caller reports it with the error, so that it can resend with it.
 pub(crate) fn failed_ack(e: &Error) -> Option<AckResult> {
-    e.ack_id().map(|ack_id| AckResult {
+    e.ack_id().map(unacked)
+}
+
+/// What a completion without an ack says of its operation: only its ackId.
+fn unacked(ack_id: u64) -> AckResult {
+    AckResult {
         ack_id: Some(ack_id),
         is_duplicated: false,
-    })
+    }
 }
 
 /// Records a core error as this thread's last error and returns its status.
@@ -720,10 +725,7 @@ impl OwnedCompletion {
     /// Completion of an operation cancelled by its caller, with its ackId if acked.
     pub(crate) fn cancelled(ack_id: Option<u64>) -> OwnedCompletion {
         OwnedCompletion {
-            ack: ack_id.map(|ack_id| AckResult {
-                ack_id: Some(ack_id),
-                is_duplicated: false,
-            }),
+            ack: ack_id.map(unacked),
             ..OwnedCompletion::status(WPS_STATUS_CANCELLED, "the operation was cancelled")
         }
     }
