@@ -200,6 +200,38 @@ async def test_async_listener_may_await_client_calls(hub: Hub, protocol: WebPubS
     assert [m.data for m in got.items] == ["ping", "pong"]
 
 
+@pytest.mark.parametrize("suspends", [False, True], ids=["returns", "suspends"])
+async def test_coroutine_listeners_leave_nothing_to_the_garbage_collector(hub: Hub, suspends: bool) -> None:
+    """Each coroutine listener runs in a task of its own; a done one is freed by its last
+    reference, not left in a cycle (a task per message made the collector run often)."""
+    got = AsyncCollector()
+
+    async def on_message(message: OnGroupDataMessageArgs) -> None:
+        if suspends:
+            await asyncio.sleep(0)
+        got(message)
+
+    async with make(hub.url()) as client:
+        await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+        await client.join_group("g")
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for i in range(50):
+                await client.send_to_group("g", str(i), WebPubSubDataType.TEXT, ack=False)
+            await got.wait_for(50)
+            await asyncio.sleep(0.05)  # the last listener tasks are done and dropped
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert [m.data for m in got.items] == [str(i) for i in range(50)]
+    assert left == []
+
+
 async def test_server_messages_and_events(hub: Hub, upstream: Upstream) -> None:
     got = AsyncCollector()
     async with make(hub.url("carol")) as client:

@@ -45,7 +45,9 @@ UrlProvider = Union[str, Callable[[], Awaitable[str]], Callable[[], str]]
 # In a coroutine listener's task, and in the tasks it starts (gather, wait_for before
 # Python 3.12, a TaskGroup): a one-item list holding that listener task (empty during the
 # eager start of the task, when it is the current task). close() must not wait for the
-# listener task it runs under, even through a task of its own.
+# listener task it runs under, even through a task of its own. Emptied once the task is
+# done: the task holds its context, which holds the list, and such a cycle per event
+# left every message to the garbage collector.
 _LISTENER_TASK: "contextvars.ContextVar[List[asyncio.Future[Any]]]" = contextvars.ContextVar("_LISTENER_TASK")
 
 
@@ -300,7 +302,7 @@ class _AsyncSink:
                 self._finished(task, kind=kind)
             else:
                 cell.append(task)
-                self._track(task, kind)
+                self._track(task, kind, cell)
             return
         self._tasks[loop.create_task(self._run(coro, kind))] = kind
 
@@ -311,19 +313,27 @@ class _AsyncSink:
         task itself, where a done callback would cost the loop one more pass per event
         (5.9 against 4.3 us a trivial listener on 3.11)."""
         task = asyncio.current_task(self.loop)
-        _LISTENER_TASK.set([task] if task is not None else [])
+        cell: List["asyncio.Future[Any]"] = [task] if task is not None else []
+        _LISTENER_TASK.set(cell)
         try:
             await coro
         except Exception:  # noqa: BLE001
             _base.log_listener_error(kind)
         finally:
+            cell.clear()
             self._tasks.pop(task, None)  # type: ignore[arg-type]
 
-    def _track(self, task: "asyncio.Future[Any]", kind: CallbackType) -> None:
+    def _track(
+        self, task: "asyncio.Future[Any]", kind: CallbackType, cell: Optional[List["asyncio.Future[Any]"]] = None
+    ) -> None:
         self._tasks[task] = kind
-        task.add_done_callback(functools.partial(self._finished, kind=kind))
+        task.add_done_callback(functools.partial(self._finished, kind=kind, cell=cell))
 
-    def _finished(self, task: "asyncio.Future[Any]", *, kind: CallbackType) -> None:
+    def _finished(
+        self, task: "asyncio.Future[Any]", *, kind: CallbackType, cell: Optional[List["asyncio.Future[Any]"]] = None
+    ) -> None:
+        if cell is not None:
+            cell.clear()
         self._tasks.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
