@@ -245,13 +245,13 @@ fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once()
     // Far more than the core's operation queue (1024) holds, issued before any ack.
     const SENDS: usize = 5000;
     let setup = Setup::new();
-    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
     let group = c"burst";
-    let (sender, receiver) = setup.sender_and_receiver(&sender_rec, &receiver_rec, group);
+    let (sender, receiver) = setup.sender_and_receiver(sender_rec, receiver_rec, group);
 
     let started = Instant::now();
     let ops: Vec<u64> = (0..SENDS)
-        .map(|i| send_async(sender, group, &format!("m{i:05}"), 0, &sender_rec))
+        .map(|i| send_async(sender, group, &format!("m{i:05}"), 0, sender_rec))
         .collect();
     assert!(
         started.elapsed() < WAIT,
@@ -278,7 +278,7 @@ fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once()
             } else {
                 0
             };
-            send_async(sender, group, &format!("f{i:03}"), flags, &sender_rec)
+            send_async(sender, group, &format!("f{i:03}"), flags, sender_rec)
         })
         .collect();
     sender_rec.wait("the mixed completions", |s| {
@@ -388,10 +388,10 @@ fn a_completion_never_overtakes_the_events_received_before_it() {
     const SENDS: usize = 200;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (url, service) = scripted(&rt, |listener| echo_then_ack_service(listener, SENDS));
-    let rec = Recorder::default();
-    let c = client_of(&url, &rec, true);
+    let rec = common::leaked::<Recorder>();
+    let c = client_of(&url, rec, true);
     let ops: Vec<u64> = (0..SENDS)
-        .map(|i| send_async(c, c"left", &format!("m{i:03}"), 0, &rec))
+        .map(|i| send_async(c, c"left", &format!("m{i:03}"), 0, rec))
         .collect();
     rec.wait("every echo and completion", |s| {
         s.completions.len() == SENDS && s.messages.len() == SENDS
@@ -425,8 +425,8 @@ fn a_completion_never_overtakes_the_events_received_before_it() {
 #[test]
 fn start_and_stop_without_blocking_complete_after_their_events() {
     let setup = Setup::new();
-    let rec = Recorder::default();
-    let c = setup.client(&rec, false);
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, false);
     let (mut start, mut stop, mut again, mut idle) = (0, 0, 0, 0);
     let (on, data) = (Some(on_complete as _), rec.user_data());
     unsafe {
@@ -500,8 +500,8 @@ fn start_and_stop_without_blocking_complete_after_their_events() {
     drop(seen);
     // freed with its start still in flight: the start completes exactly once, and the
     // free returns (the connection attempt is stopped under it)
-    let rec = Recorder::default();
-    let c = setup.client(&rec, false);
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, false);
     let mut pending = 0;
     unsafe {
         check(
@@ -510,7 +510,7 @@ fn start_and_stop_without_blocking_complete_after_their_events() {
         );
         wps_client_free(c);
     }
-    assert_completed_once_ok_or_stopped(&rec, &[pending]);
+    assert_completed_once_ok_or_stopped(rec, &[pending]);
     setup.shutdown();
 }
 
@@ -518,13 +518,13 @@ fn start_and_stop_without_blocking_complete_after_their_events() {
 fn a_cancelled_async_operation_completes_once_with_cancelled() {
     const SENDS: usize = 1000;
     let setup = Setup::new();
-    let rec = Recorder::default();
-    let c = setup.client(&rec, true);
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, true);
     let group = c"cancel";
     let mut cancelled = Vec::new();
     let mut kept = Vec::new();
     for i in 0..SENDS {
-        let op = send_async(c, group, "x", 0, &rec);
+        let op = send_async(c, group, "x", 0, rec);
         if i % 2 == 0 {
             // It may have completed already (then there is nothing left to cancel).
             if unsafe { wps_client_cancel(c, op) } == WPS_STATUS_OK {
@@ -556,18 +556,18 @@ fn a_cancelled_async_operation_completes_once_with_cancelled() {
     }
     // In flight when freed: each completes exactly once, OK or STOPPED.
     let in_flight: Vec<u64> = (0..SENDS)
-        .map(|_| send_async(c, group, "y", 0, &rec))
+        .map(|_| send_async(c, group, "y", 0, rec))
         .collect();
     unsafe { wps_client_free(c) };
-    assert_completed_once_ok_or_stopped(&rec, &in_flight);
+    assert_completed_once_ok_or_stopped(rec, &in_flight);
     setup.shutdown();
 }
 
 #[test]
 fn refused_async_operations_complete_with_the_reason() {
     let setup = Setup::new();
-    let rec = Recorder::default();
-    let c = setup.client(&rec, false);
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, false);
     let group = c"g";
     let mut op = 0;
     // Not started: the call succeeds, the completion says why.
@@ -604,7 +604,7 @@ fn refused_async_operations_complete_with_the_reason() {
     };
     check(status, "send_event_async");
     let json_op = op;
-    let empty_op = send_async(c, c"", "x", 0, &rec);
+    let empty_op = send_async(c, c"", "x", 0, rec);
     rec.wait("the refusals", |s| {
         s.completions.contains_key(&json_op) && s.completions.contains_key(&empty_op)
     });
@@ -643,7 +643,7 @@ fn refused_async_operations_complete_with_the_reason() {
 #[test]
 fn a_timed_out_operation_reports_its_ack_id_and_a_resend_with_it_is_a_duplicate() {
     let setup = Setup::new();
-    let rec = Recorder::default();
+    let rec = common::leaked::<Recorder>();
     let mut c = std::ptr::null_mut();
     unsafe {
         let opts = wps_options_new();
@@ -669,7 +669,7 @@ fn a_timed_out_operation_reports_its_ack_id_and_a_resend_with_it_is_a_duplicate(
     let (status, out) = send_blocking(c, "once", None);
     assert_eq!(status, WPS_STATUS_TIMEOUT);
     assert!(out.has_ack_id && out.ack_id > 0 && !out.is_duplicated);
-    let op = send_async(c, c"g", "twice", 0, &rec);
+    let op = send_async(c, c"g", "twice", 0, rec);
     rec.wait("the async timeout", |s| s.completions.contains_key(&op));
     let async_ack_id = {
         let seen = rec.seen.lock().unwrap();
@@ -737,21 +737,21 @@ fn assert_freed_send_reports_its_ack_id(
 fn a_send_pending_when_its_client_is_freed_reports_its_ack_id() {
     let setup = Setup::new();
     // Freed by the application.
-    let rec = Recorder::default();
-    let c = setup.client(&rec, true);
-    assert_freed_send_reports_its_ack_id(&setup, c, &rec, || unsafe { wps_client_free(c) });
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, true);
+    assert_freed_send_reports_its_ack_id(&setup, c, rec, || unsafe { wps_client_free(c) });
     // Freed inside its own event callback: the same, after that callback.
-    let freed = FreedOnMessage {
+    let freed: &FreedOnMessage = Box::leak(Box::new(FreedOnMessage {
         rec: Recorder::default(),
         client: AtomicPtr::new(std::ptr::null_mut()),
-    };
+    }));
     let mut c = std::ptr::null_mut();
     let status = unsafe {
         wps_client_new(
             setup.url.as_ptr(),
             std::ptr::null(),
             Some(free_on_message),
-            &freed as *const FreedOnMessage as *mut c_void,
+            freed as *const FreedOnMessage as *mut c_void,
             None,
             &mut c,
         )
@@ -766,9 +766,9 @@ fn a_send_pending_when_its_client_is_freed_reports_its_ack_id() {
 #[test]
 fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
     let setup = Setup::new();
-    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
     let group = c"deferred";
-    let (sender, receiver) = setup.sender_and_receiver(&sender_rec, &receiver_rec, group);
+    let (sender, receiver) = setup.sender_and_receiver(sender_rec, receiver_rec, group);
 
     // Deferred: nothing is sent until the flush.
     let deferred: Vec<u64> = (0..10)
@@ -778,7 +778,7 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
                 group,
                 &format!("d{i}"),
                 WPS_SEND_DEFERRED,
-                &sender_rec,
+                sender_rec,
             )
         })
         .collect();
@@ -802,10 +802,10 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
             group,
             &format!("e{i}"),
             WPS_SEND_DEFERRED,
-            &sender_rec,
+            sender_rec,
         );
     }
-    send_async(sender, group, "now", 0, &sender_rec);
+    send_async(sender, group, "now", 0, sender_rec);
     receiver_rec.wait("the messages sent along", |s| s.messages.len() >= 16);
     let expected: Vec<String> = (0..10)
         .map(|i| format!("d{i}"))
@@ -829,7 +829,7 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
             group,
             &format!("s{i}"),
             WPS_SEND_DEFERRED | WPS_SEND_FIRE_AND_FORGET,
-            &sender_rec,
+            sender_rec,
         );
     }
     check(unsafe { wps_client_stop(sender) }, "stop");
@@ -848,12 +848,12 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
                 group,
                 &format!("l{i}"),
                 WPS_SEND_DEFERRED,
-                &sender_rec,
+                sender_rec,
             )
         })
         .collect();
     unsafe { wps_client_free(sender) };
-    assert_completed_once_ok_or_stopped(&sender_rec, &left);
+    assert_completed_once_ok_or_stopped(sender_rec, &left);
     unsafe { wps_client_free(receiver) };
     setup.shutdown();
 }
@@ -932,28 +932,28 @@ fn started_poll_client_with(url: &CStr, on_event: wps_event_cb, rec: &Recorder) 
 #[test]
 fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
     let setup = Setup::new();
-    let (rec, thread_rec) = (Recorder::default(), Recorder::default());
-    let c = started_poll_client(&setup.url, &rec);
+    let (rec, thread_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
+    let c = started_poll_client(&setup.url, rec);
     let group = c"records";
 
     // Ten recorded sends, one that is not, a recorded fire-and-forget, and a recorded
     // one cancelled while deferred (a failure: its callback says so).
     let recorded: Vec<u64> = (0..10)
-        .map(|i| send_async(c, group, &format!("r{i}"), WPS_SEND_RECORD, &rec))
+        .map(|i| send_async(c, group, &format!("r{i}"), WPS_SEND_RECORD, rec))
         .collect();
-    let plain = send_async(c, group, "plain", 0, &rec);
+    let plain = send_async(c, group, "plain", 0, rec);
     let forgotten = send_async(
         c,
         group,
         "ff",
         WPS_SEND_RECORD | WPS_SEND_FIRE_AND_FORGET,
-        &rec,
+        rec,
     );
-    let cancelled = send_async(c, group, "x", WPS_SEND_RECORD | WPS_SEND_DEFERRED, &rec);
+    let cancelled = send_async(c, group, "x", WPS_SEND_RECORD | WPS_SEND_DEFERRED, rec);
     check(unsafe { wps_client_cancel(c, cancelled) }, "cancel");
 
     let mut records = Vec::new();
-    dispatch_records_until(c, &rec, &mut records, |seen, records| {
+    dispatch_records_until(c, rec, &mut records, |seen, records| {
         records.len() == 11 && seen.completions.len() == 2
     });
     let ops: Vec<u64> = records.iter().map(|r| r.op_id).collect();
@@ -986,7 +986,7 @@ fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
     }
 
     // A plain dispatch calls the callback of a recorded success.
-    let again = send_async(c, group, "again", WPS_SEND_RECORD, &rec);
+    let again = send_async(c, group, "again", WPS_SEND_RECORD, rec);
     let deadline = Instant::now() + WAIT;
     while !rec.seen.lock().unwrap().completions.contains_key(&again) {
         assert!(Instant::now() < deadline, "timed out dispatching");
@@ -1040,8 +1040,8 @@ fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
     assert_blocking_send_refused(c, group, WPS_SEND_RECORD, "WPS_SEND_RECORD");
 
     // In thread mode the flag changes nothing: the callback runs.
-    let threaded = setup.client(&thread_rec, true);
-    let op = send_async(threaded, group, "t", WPS_SEND_RECORD, &thread_rec);
+    let threaded = setup.client(thread_rec, true);
+    let op = send_async(threaded, group, "t", WPS_SEND_RECORD, thread_rec);
     thread_rec.wait("the thread-mode completion", |s| {
         s.completions.contains_key(&op)
     });
@@ -1134,8 +1134,8 @@ fn dispatch_into(
 #[test]
 fn a_client_without_an_event_callback_still_gets_its_messages_as_records() {
     let setup = Setup::new();
-    let rec = Recorder::default();
-    let c = started_poll_client_with(&setup.url, None, &rec);
+    let rec = common::leaked::<Recorder>();
+    let c = started_poll_client_with(&setup.url, None, rec);
     let group = c"no-callback";
     check(
         unsafe { wps_client_join_group(c, group.as_ptr(), std::ptr::null_mut()) },
@@ -1178,8 +1178,8 @@ fn a_client_without_an_event_callback_still_gets_its_messages_as_records() {
 #[test]
 fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call_back() {
     let setup = Setup::new();
-    let rec = Recorder::default();
-    let c = started_poll_client(&setup.url, &rec);
+    let rec = common::leaked::<Recorder>();
+    let c = started_poll_client(&setup.url, rec);
     let group = c"messages";
     check(
         unsafe { wps_client_join_group(c, group.as_ptr(), std::ptr::null_mut()) },
@@ -1192,7 +1192,7 @@ fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call
     texts.insert(15, large);
     let ops: Vec<u64> = texts
         .iter()
-        .map(|t| send_async(c, group, t, WPS_SEND_RECORD, &rec))
+        .map(|t| send_async(c, group, t, WPS_SEND_RECORD, rec))
         .collect();
 
     let mut acks = [NO_RECORD; 4];
@@ -1296,7 +1296,7 @@ fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call
         WPS_STATUS_NULL_ARG
     );
 
-    let threaded = setup.client(&rec, true);
+    let threaded = setup.client(rec, true);
     assert_eq!(
         unsafe { wps_client_dispatch_into(threaded, 1, &mut none) },
         WPS_STATUS_ILLEGAL_STATE
@@ -1311,8 +1311,8 @@ fn an_invocation_started_before_a_stop_completes_with_stopped() {
     // The invocations are pending when the client stops.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (emulator, url) = common::emulator_with_silent_upstream(&rt);
-    let rec = Recorder::default();
-    let c = client_of(&url, &rec, false);
+    let rec = common::leaked::<Recorder>();
+    let c = client_of(&url, rec, false);
     for round in 0..30 {
         check(unsafe { wps_client_start(c) }, "wps_client_start");
         let mut op = 0;
@@ -1440,14 +1440,14 @@ fn an_invocation_after_the_free_began_is_refused_unsent() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for round in 0..ROUNDS {
         let (url, service) = scripted(&rt, frame_types_service);
-        let probe = FreedOnConnected::default();
+        let probe = common::leaked::<FreedOnConnected>();
         let mut c = std::ptr::null_mut();
         let status = unsafe {
             wps_client_new(
                 url.as_ptr(),
                 std::ptr::null(),
                 Some(free_then_invoke),
-                &probe as *const FreedOnConnected as *mut c_void,
+                probe as *const FreedOnConnected as *mut c_void,
                 Some(note_freed),
                 &mut c,
             )
@@ -1500,10 +1500,10 @@ fn fire_and_forget_sends_past_the_operation_queue_go_out_before_a_stop() {
     const SENDS: usize = 5000;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (url, service) = scripted(&rt, gathering_service);
-    let rec = Recorder::default();
-    let c = client_of(&url, &rec, true);
+    let rec = common::leaked::<Recorder>();
+    let c = client_of(&url, rec, true);
     let ops: Vec<u64> = (0..SENDS)
-        .map(|i| send_async(c, c"g", &format!("m{i:05}"), WPS_SEND_FIRE_AND_FORGET, &rec))
+        .map(|i| send_async(c, c"g", &format!("m{i:05}"), WPS_SEND_FIRE_AND_FORGET, rec))
         .collect();
     check(unsafe { wps_client_stop(c) }, "wps_client_stop");
     rec.wait("every completion", |s| s.completions.len() == SENDS);
@@ -1534,9 +1534,9 @@ fn a_deferred_send_cancelled_before_its_flush_is_never_written() {
     // client, which the flushing thread would otherwise write itself. Its completion
     // carries its automatic ackId, which a resend then uses: published once.
     let setup = Setup::new();
-    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
     let group = c"cancelled-deferred";
-    let (sender, receiver) = setup.sender_and_receiver(&sender_rec, &receiver_rec, group);
+    let (sender, receiver) = setup.sender_and_receiver(sender_rec, receiver_rec, group);
     let mut cancelled = Vec::new();
     for round in 0..5 {
         let op = send_async(
@@ -1544,13 +1544,13 @@ fn a_deferred_send_cancelled_before_its_flush_is_never_written() {
             group,
             &format!("cancelled{round}"),
             WPS_SEND_DEFERRED,
-            &sender_rec,
+            sender_rec,
         );
         check(unsafe { wps_client_cancel(sender, op) }, "cancel");
         check(unsafe { wps_client_flush_deferred(sender) }, "flush");
         // A marker behind it on the same connection: once it arrived, so would have
         // the cancelled message.
-        let marker = send_async(sender, group, &format!("marker{round}"), 0, &sender_rec);
+        let marker = send_async(sender, group, &format!("marker{round}"), 0, sender_rec);
         sender_rec.wait("the marker's ack", |s| s.completions.contains_key(&marker));
         receiver_rec.wait("the marker", |s| s.messages.len() > round);
         let seen = sender_rec.seen.lock().unwrap();
@@ -1604,11 +1604,11 @@ fn deferred_fire_and_forget_sends_flushed_while_a_stop_comes_go_out_before_it() 
     let rt = tokio::runtime::Runtime::new().unwrap();
     for round in 0..ROUNDS {
         let (url, service) = scripted(&rt, gathering_service);
-        let rec = Recorder::default();
-        let c = client_of(&url, &rec, true);
+        let rec = common::leaked::<Recorder>();
+        let c = client_of(&url, rec, true);
         for i in 0..SENDS {
             let flags = WPS_SEND_DEFERRED | WPS_SEND_FIRE_AND_FORGET;
-            send_async(c, c"g", &format!("m{i:05}"), flags, &rec);
+            send_async(c, c"g", &format!("m{i:05}"), flags, rec);
         }
         rec.wait("every completion", |s| s.completions.len() == SENDS);
         let meet = std::sync::Arc::new(std::sync::Barrier::new(2));
@@ -1644,9 +1644,9 @@ fn deferred_fire_and_forget_sends_flushed_while_a_stop_comes_go_out_before_it() 
 fn a_suspended_poll_client_drops_the_messages_that_come_and_counts_them() {
     const MESSAGES: usize = 200;
     let setup = Setup::new();
-    let (sender_rec, rec) = (Recorder::default(), Recorder::default());
-    let sender = setup.client(&sender_rec, true);
-    let c = started_poll_client(&setup.url, &rec);
+    let (sender_rec, rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
+    let sender = setup.client(sender_rec, true);
+    let c = started_poll_client(&setup.url, rec);
     let group = c"suspended";
     check(
         unsafe { wps_client_join_group(c, group.as_ptr(), std::ptr::null_mut()) },
@@ -1688,9 +1688,7 @@ fn a_suspended_poll_client_drops_the_messages_that_come_and_counts_them() {
     );
     assert_eq!(dropped, 0);
     check(common::ffi_send_text(sender, group, "after", 0), "send");
-    dispatch_records_until(c, &rec, &mut Vec::new(), |seen, _| {
-        !seen.messages.is_empty()
-    });
+    dispatch_records_until(c, rec, &mut Vec::new(), |seen, _| !seen.messages.is_empty());
     assert_eq!(rec.seen.lock().unwrap().messages, ["after"]);
 
     let null = std::ptr::null_mut();
@@ -1751,9 +1749,9 @@ fn mixed_sends_across_drops(recoverable: bool) {
     const PER_THREAD: usize = 1500;
     const THREADS: usize = 4;
     let setup = Setup::new();
-    let (sender_rec, receiver_rec) = (Recorder::default(), Recorder::default());
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
     let group = c"mixed";
-    let receiver = setup.client(&receiver_rec, true);
+    let receiver = setup.client(receiver_rec, true);
     check(
         unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
         "join",

@@ -235,6 +235,14 @@ pub fn user_token(user: &str) -> webpubsub_emulator::TokenOptions {
     }
 }
 
+/// State for callbacks of a client under test, never freed: when an assertion fails
+/// with the client still running, its callbacks keep a valid pointer while the test
+/// unwinds (state on the test's stack would be freed under them: SIGSEGV, not the
+/// assertion's message).
+pub fn leaked<T: Default>() -> &'static T {
+    Box::leak(Box::default())
+}
+
 /// State that callbacks on other threads update, with a bounded wait for a condition.
 pub struct Watched<T> {
     /// The state; notify `changed` after changing it.
