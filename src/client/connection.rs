@@ -1345,10 +1345,19 @@ impl Task {
     }
 }
 
-/// Completes when the paused reading may go on (never while it is not paused).
+/// Completes when the paused reading may go on (never while it is not paused). A
+/// panicking `resume` is logged and lets reading go on, as a panicking handler does.
 async fn resumed(paused: &mut Option<(Resume, Instant)>) {
     match paused {
-        Some((resume, _)) => resume.await,
+        Some((resume, _)) => {
+            if std::panic::AssertUnwindSafe(resume)
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                warn!("the event handler's resume future panicked; reading goes on");
+            }
+        }
         None => std::future::pending().await,
     }
 }

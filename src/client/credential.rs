@@ -3,9 +3,12 @@
 
 use super::Error;
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use std::fmt;
 use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
+use tokio_tungstenite::tungstenite::http::Uri;
 
 /// A function returning a fresh client access URL (with its `access_token`).
 pub type UrlProvider = Arc<dyn Fn() -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
@@ -15,7 +18,8 @@ pub type UrlProvider = Arc<dyn Fn() -> BoxFuture<'static, Result<String, String>
 pub enum Credential {
     /// A fixed `wss://…/client/hubs/{hub}?access_token=…` URL.
     Url(String),
-    /// Called before every NEW connection (not for a recovery). May be slow.
+    /// Called before every NEW connection (not for a recovery). May be slow. An error,
+    /// or a panic, fails that connection attempt with `Error::Credential`.
     Provider(UrlProvider),
 }
 
@@ -33,7 +37,22 @@ impl Credential {
     pub(crate) async fn client_url(&self) -> Result<String, Error> {
         let url = match self {
             Credential::Url(url) => url.clone(),
-            Credential::Provider(provider) => provider().await.map_err(Error::Credential)?,
+            Credential::Provider(provider) => {
+                // A panicking provider fails this attempt, not the connection task.
+                let asked = panic::catch_unwind(AssertUnwindSafe(|| provider()));
+                let answer = match asked {
+                    Ok(url) => AssertUnwindSafe(url).catch_unwind().await,
+                    Err(payload) => Err(payload),
+                };
+                answer
+                    .unwrap_or_else(|payload| {
+                        Err(format!(
+                            "the provider panicked: {}",
+                            crate::runtime::panic_detail(payload.as_ref())
+                        ))
+                    })
+                    .map_err(Error::Credential)?
+            }
         };
         normalize_url(&url).map_err(|e| match self {
             Credential::Url(_) => Error::InvalidArgument(e),
@@ -54,9 +73,9 @@ impl fmt::Debug for Credential {
     }
 }
 
-/// Accepts `ws://`, `wss://` and their `http://`/`https://` spellings (turned into the
-/// WebSocket schemes); anything else is an error that never repeats the URL (it may
-/// hold a token).
+/// Accepts a valid `ws://` or `wss://` URL and their `http://`/`https://` spellings
+/// (turned into the WebSocket schemes); anything else is an error that never repeats
+/// the URL (it may hold a token).
 pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
     let url = url.trim();
     let (scheme, rest) = url
@@ -71,7 +90,22 @@ pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
     if host.is_empty() {
         return Err("the client URL has no host".into());
     }
-    Ok(format!("{scheme}://{rest}"))
+    let url = format!("{scheme}://{rest}");
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| "the client URL is not a valid URL")?;
+    // `Uri` reads a port that is not a u16 as no port at all: the connection would go
+    // to the scheme's default port instead.
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let port = match host_port.strip_prefix('[') {
+        Some(ipv6) => ipv6.split_once(']').and_then(|(_, p)| p.strip_prefix(':')),
+        None => host_port.split_once(':').map(|(_, p)| p),
+    };
+    if port.is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_err()) {
+        return Err("the client URL port must be a number from 0 to 65535".into());
+    }
+    Ok(url)
 }
 
 #[cfg(test)]
@@ -88,6 +122,15 @@ mod tests {
         assert_eq!(normalize_url("wss://h").unwrap(), "wss://h");
         assert!(normalize_url("ftp://h").is_err());
         assert!(normalize_url("no scheme").is_err());
+        assert_eq!(normalize_url("ws://h:/a").unwrap(), "ws://h:/a");
+        assert_eq!(normalize_url("ws://[::1]:80/a").unwrap(), "ws://[::1]:80/a");
+        assert_eq!(normalize_url("ws://[::1]/a").unwrap(), "ws://[::1]/a");
+        assert_eq!(normalize_url("ws://u:p@h:1/a").unwrap(), "ws://u:p@h:1/a");
+        assert_eq!(
+            normalize_url("https://u@h:443?t=x").unwrap(),
+            "wss://u@h:443?t=x"
+        );
+        assert!(normalize_url("ws://[::1]:65536/a").is_err());
         assert!(normalize_url("ws://?access_token=secret")
             .unwrap_err()
             .find("secret")

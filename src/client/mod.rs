@@ -111,7 +111,10 @@ pub enum Event {
 }
 
 /// Receives a client's events, in order, on its connection task. Must not block (the
-/// FFI enqueues to its dispatcher; Rust users may use [`Client::with_channel`]). Any
+/// FFI enqueues to its dispatcher; Rust users may use [`Client::with_channel`]); it runs
+/// on the library's runtime, so it may `tokio::spawn` work, such as an operation of its
+/// client. A panic in a method (or in a [`Resume`] it returned) is caught and logged:
+/// that event is dropped (or reading goes on), and the client carries on. Any
 /// `Fn(Event) + Send + Sync` closure is one.
 pub trait EventHandler: Send + Sync {
     /// One event.
@@ -200,7 +203,8 @@ pub struct SendEventOptions {
 /// Options of [`Client::invoke_event`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InvokeOptions {
-    /// How long to wait for the reply; `None` uses the client's `ack_timeout`.
+    /// How long to wait for the reply; `None` uses the client's `ack_timeout`. At most
+    /// u64::MAX milliseconds (else `Error::InvalidArgument`).
     pub timeout: Option<Duration>,
 }
 
@@ -329,7 +333,9 @@ impl Error {
 }
 
 /// A Web PubSub client. Cheap to clone (an `Arc` inside); `Send + Sync`. Dropping the
-/// last clone stops its connection task (no events are raised after that).
+/// last clone stops its connection task (no events are raised after that). A clone held
+/// by the client's own event handler counts too: release it (on `Event::Stopped`, say)
+/// or the client stays alive after the application dropped its own.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -595,6 +601,7 @@ impl Client {
                 "invoke timeout must be greater than zero".into(),
             ));
         }
+        options::check_duration("invoke timeout", timeout).map_err(Error::InvalidArgument)?;
         self.check_usable()?;
         let invocation_id = self
             .inner

@@ -4,6 +4,22 @@ use crate::protocol::Protocol;
 use crate::proxy::ProxySetting;
 use std::time::Duration;
 
+/// The longest duration an option (or an invocation's timeout) may hold: u64::MAX
+/// milliseconds, about 584 million years, the longest the C API can give. Deadlines
+/// are the clock plus a few of them, which a longer one (`Duration::MAX`) would
+/// overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_millis(u64::MAX);
+
+/// Refuses a duration over [`MAX_DURATION`], naming it `name`.
+pub(crate) fn check_duration(name: &str, value: Duration) -> Result<(), String> {
+    if value > MAX_DURATION {
+        return Err(format!(
+            "{name} must be at most u64::MAX milliseconds (about 584 million years)"
+        ));
+    }
+    Ok(())
+}
+
 /// How the delay between attempts grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RetryMode {
@@ -63,7 +79,9 @@ impl RetryOptions {
 }
 
 /// Everything configurable about a client. `Default` gives the official clients'
-/// defaults; every timer can be shortened (tests run in seconds).
+/// defaults; every timer can be shortened (tests run in seconds). A duration may be at
+/// most u64::MAX milliseconds (`Duration::MAX` is refused by
+/// [`Client::new`](crate::Client::new) with `Error::InvalidArgument`).
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// The subprotocol; `JsonReliable` by default.
@@ -151,8 +169,30 @@ impl Default for ClientOptions {
 
 impl ClientOptions {
     /// Rejects option values that cannot work (zero timers, empty delays, a silence
-    /// timeout within the ping interval).
+    /// timeout within the ping interval, durations over [`MAX_DURATION`]).
     pub(crate) fn validate(&self) -> Result<(), String> {
+        let durations = [
+            ("ack_timeout", self.ack_timeout),
+            ("start_timeout", self.start_timeout),
+            ("recovery_window", self.recovery_window),
+            ("recovery_attempt_delay", self.recovery_attempt_delay),
+            ("sequence_ack_interval", self.sequence_ack_interval),
+            (
+                "keep_alive_interval",
+                self.keep_alive_interval.unwrap_or_default(),
+            ),
+            (
+                "keep_alive_timeout",
+                self.keep_alive_timeout.unwrap_or_default(),
+            ),
+            ("message_retry.delay", self.message_retry.delay),
+            ("message_retry.max_delay", self.message_retry.max_delay),
+            ("reconnect_retry.delay", self.reconnect_retry.delay),
+            ("reconnect_retry.max_delay", self.reconnect_retry.max_delay),
+        ];
+        for (name, value) in durations {
+            check_duration(name, value)?;
+        }
         let positive = [
             ("ack_timeout", self.ack_timeout),
             ("start_timeout", self.start_timeout),
