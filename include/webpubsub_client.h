@@ -142,7 +142,7 @@
 #define WPS_STATE_STOPPED 0
 
 /**
- * Client state: connecting.
+ * Client state: connecting (from the moment a start is handed over, or reconnecting).
  */
 #define WPS_STATE_CONNECTING 1
 

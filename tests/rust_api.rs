@@ -275,6 +275,31 @@ fn threads_share_a_client_through_start_stop_and_sends() {
     block_on(client.stop());
 }
 
+#[test]
+fn a_start_reads_connecting_once_handed_over_and_a_stop_then_wins() {
+    // As the official clients' start(), which sets Connecting at once. The state read
+    // Stopped until the connection task took the start, so a caller checking it before
+    // stopping (the Python bindings' close()) left a client it had closed to connect.
+    let (_rt, emulator) = emulator();
+    let url = emulator.client_url(HUB, &user_token("u"));
+    let (client, _events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    for round in 0..20 {
+        let mut start = Box::pin(client.start());
+        assert!(start
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        assert_ne!(client.state(), ClientState::Stopped, "round {round}");
+        block_on(client.stop());
+        match block_on(start) {
+            Ok(()) | Err(Error::Stopped { .. }) => {}
+            Err(other) => panic!("round {round}: {other:?}"),
+        }
+        assert_eq!(client.state(), ClientState::Stopped, "round {round}");
+    }
+}
+
 #[tokio::test]
 async fn a_handler_operates_on_its_client_through_spawned_tasks() {
     let emulator = Emulator::start(Config::default()).await.unwrap();

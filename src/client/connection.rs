@@ -74,6 +74,17 @@ pub(crate) enum Command {
     CancelInvocation(String),
 }
 
+/// How `Shared` stores a state (`Shared::state` reads it back).
+fn state_code(state: ClientState) -> u8 {
+    match state {
+        ClientState::Stopped => 0,
+        ClientState::Connecting => 1,
+        ClientState::Connected => 2,
+        ClientState::Recovering => 3,
+        ClientState::Disconnected => 4,
+    }
+}
+
 /// What the client handle reads without asking the task.
 pub(crate) struct Shared {
     state: AtomicU8,
@@ -119,15 +130,32 @@ impl Shared {
         self.ack_ids.next()
     }
 
+    /// A start is being handed to the task: a stopped client reads `Connecting` from
+    /// now on, as the official clients' `start()` sets it at once. Until the task took
+    /// it, a stop that read `Stopped` would have skipped a client about to connect.
+    /// Called before the command is sent, so that the task's handling of it (which
+    /// always sets the state of a stopped client) comes after. Any other state is the
+    /// task's to change.
+    pub(crate) fn start_queued(&self) {
+        self.swap_state(ClientState::Stopped, ClientState::Connecting);
+    }
+
+    /// The start of [`Shared::start_queued`] could not be sent: the task has ended.
+    pub(crate) fn start_unqueued(&self) {
+        self.swap_state(ClientState::Connecting, ClientState::Stopped);
+    }
+
+    fn swap_state(&self, from: ClientState, to: ClientState) {
+        let _ = self.state.compare_exchange(
+            state_code(from),
+            state_code(to),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     fn set_state(&self, state: ClientState) {
-        let n = match state {
-            ClientState::Stopped => 0,
-            ClientState::Connecting => 1,
-            ClientState::Connected => 2,
-            ClientState::Recovering => 3,
-            ClientState::Disconnected => 4,
-        };
-        self.state.store(n, Ordering::Release);
+        self.state.store(state_code(state), Ordering::Release);
     }
 
     fn set_connection_id(&self, id: Option<String>) {

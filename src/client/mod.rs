@@ -45,7 +45,8 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 pub enum ClientState {
     /// Not started, stopped, or given up reconnecting.
     Stopped,
-    /// Opening a new connection (`start` or an automatic reconnect).
+    /// Opening a new connection (`start` or an automatic reconnect): from the moment
+    /// `start` hands its command over, as with the official clients.
     Connecting,
     /// Connected; operations are sent at once.
     Connected,
@@ -443,7 +444,12 @@ impl Client {
         &self,
     ) -> Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Start(tx))?;
+        // Before the command: the task's handling of it sets the state last.
+        self.inner.shared.start_queued();
+        if let Err(e) = self.command(Command::Start(tx)) {
+            self.inner.shared.start_unqueued();
+            return Err(e);
+        }
         Ok(async move { rx.await.unwrap_or(Err(Error::Stopped { ack_id: None })) })
     }
 

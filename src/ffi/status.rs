@@ -67,7 +67,7 @@ pub const WPS_RETRY_EXPONENTIAL: u32 = 1;
 
 /// Client state: stopped (initial and final state).
 pub const WPS_STATE_STOPPED: u32 = 0;
-/// Client state: connecting.
+/// Client state: connecting (from the moment a start is handed over, or reconnecting).
 pub const WPS_STATE_CONNECTING: u32 = 1;
 /// Client state: connected.
 pub const WPS_STATE_CONNECTED: u32 = 2;

@@ -115,6 +115,25 @@ async def test_a_cancelled_open_stops_the_client_and_it_opens_again(hub: Hub) ->
     assert client.state is WebPubSubClientState.STOPPED
 
 
+async def test_close_called_while_open_runs_stops_the_client_as_officially(hub: Hub) -> None:
+    """close() called once open() has begun stops the client: the open fails (or has just
+    succeeded) and the client ends stopped, as with the official client. The state read
+    Stopped until the library's connection task took the start: close() took the client
+    for stopped and returned at once, and the open then connected (about one round in
+    three)."""
+    for _ in range(20):
+        client = make(hub.url())
+        opening = asyncio.ensure_future(client.open())
+        await asyncio.sleep(0)  # the start is handed to the library
+        await client.close()
+        try:
+            await opening
+        except OpenClientError:
+            pass  # stopped before it connected
+        assert client.state is WebPubSubClientState.STOPPED
+        await client.close()
+
+
 async def test_context_manager_and_round_trip(hub: Hub, protocol: WebPubSubProtocolType) -> None:
     got = AsyncCollector()
     async with make(hub.url("bob"), protocol) as client:
