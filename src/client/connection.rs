@@ -29,7 +29,7 @@ use crate::transport::{redact_url, Connector, Ws};
 use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
-use log::{debug, info, trace, warn};
+use log::{debug, error, info, trace, warn};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -103,6 +103,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(options: &ClientOptions) -> Shared {
+        Shared {
+            state: AtomicU8::new(state_code(ClientState::Stopped)),
+            connection_id: Mutex::new(None),
+            ack_ids: AckIds::default(),
+            ended: Mutex::new(false),
+            ended_changed: Condvar::new(),
+            direct: Arc::new(Direct::new(
+                options.keep_alive_interval,
+                options.ack_timeout,
+            )),
+            overflow: Arc::default(),
+            recovery_queue_full: AtomicBool::new(false),
+        }
+    }
+
     pub(crate) fn state(&self) -> ClientState {
         match self.state.load(Ordering::Acquire) {
             1 => ClientState::Connecting,
@@ -179,6 +195,13 @@ struct EndMark(Arc<Shared>);
 
 impl Drop for EndMark {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!("the connection task panicked (a bug in the library): the client is stopped");
+        }
+        // What the handle reads: a task that panicked could not set it.
+        self.0.set_connection_id(None);
+        self.0.set_state(ClientState::Stopped);
+        self.0.direct.abandon();
         *self.0.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.0.ended_changed.notify_all();
     }
@@ -195,19 +218,7 @@ pub(crate) fn spawn(
     mpsc::UnboundedSender<Command>,
     mpsc::Sender<Operation>,
 ) {
-    let shared = Arc::new(Shared {
-        state: AtomicU8::new(0),
-        connection_id: Mutex::new(None),
-        ack_ids: AckIds::default(),
-        ended: Mutex::new(false),
-        ended_changed: Condvar::new(),
-        direct: Arc::new(Direct::new(
-            options.keep_alive_interval,
-            options.ack_timeout,
-        )),
-        overflow: Arc::default(),
-        recovery_queue_full: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new(&options));
     let (command_tx, commands) = mpsc::unbounded_channel();
     let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
     let task = Task {
@@ -1552,5 +1563,20 @@ mod tests {
             recovery_url("ws://h/x", "c", "t"),
             "ws://h/x?awps_connection_id=c&awps_reconnection_token=t"
         );
+    }
+
+    #[test]
+    fn a_task_that_panics_leaves_its_client_stopped_and_ended() {
+        let shared = Arc::new(Shared::new(&ClientOptions::default()));
+        shared.set_state(ClientState::Connected);
+        shared.set_connection_id(Some("c".into()));
+        let task = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _end = EndMark(shared.clone());
+            panic!("a bug in the connection task");
+        }));
+        assert!(task.is_err());
+        assert_eq!(shared.state(), ClientState::Stopped);
+        assert_eq!(shared.connection_id(), None);
+        assert!(shared.wait_ended(Duration::ZERO));
     }
 }

@@ -19,6 +19,7 @@
 //! is left in `written`) before it recovers, reconnects or stops.
 
 use super::pending::{OpKind, Operation};
+use super::Error;
 use crate::transport::Ws;
 use futures_util::stream::SplitSink;
 use futures_util::task::noop_waker_ref;
@@ -196,5 +197,56 @@ impl Direct {
     /// Takes the write half back from callers (the task stops serving).
     pub(crate) async fn close(&self) -> Option<WriteHalf> {
         self.sink.lock().await.take()
+    }
+
+    /// The task has ended: what it shares with callers goes. Empty after a normal end;
+    /// after a panic (a bug) the write half would keep the socket open, and the
+    /// operations callers wrote would wait forever: each fails with `Stopped` and its
+    /// ackId. The write half first, so that no caller writes after the operations went.
+    pub(crate) fn abandon(&self) {
+        // A caller holds the lock only for a non-blocking write; the task, for good,
+        // has ended. Not `blocking_lock`: this runs on a runtime worker.
+        for _ in 0..10_000 {
+            if let Ok(mut sink) = self.sink.try_lock() {
+                sink.take();
+                break;
+            }
+            std::thread::yield_now();
+        }
+        for (op, _) in std::mem::take(&mut *self.written()) {
+            let ack_id = match &op.kind {
+                OpKind::Ack { ack_id, .. } => Some(*ack_id),
+                _ => None,
+            };
+            op.refuse(Error::Stopped { ack_id });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::pending::{AckReply, Purpose};
+
+    #[test]
+    fn abandon_fails_what_callers_wrote_with_its_ack_id() {
+        let direct = Direct::default();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let op = Operation {
+            frame: "{}".into(),
+            kind: OpKind::Ack {
+                ack_id: 7,
+                automatic: true,
+                purpose: Purpose::Send,
+                reply: AckReply::Future(tx),
+            },
+        };
+        direct.written().push((op, Instant::now()));
+        direct.abandon();
+        assert!(direct.take_written().is_empty());
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(Error::Stopped { ack_id: Some(7) }))
+        ));
     }
 }
