@@ -44,7 +44,7 @@ mod try_once;
 pub use client::{
     AckResult, Client, ClientOptions, ClientState, Credential, Error, Event, EventHandler,
     InvokeOptions, InvokeResult, Resume, RetryMode, RetryOptions, SendEventOptions,
-    SendToGroupOptions,
+    SendToGroupOptions, WeakClient,
 };
 pub use protocol::{Data, DataType, Protocol};
 pub use proxy::ProxySetting;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use webpubsub_client::{
     Client, ClientOptions, ClientState, Credential, DataType, Error, Event, EventHandler,
-    InvokeOptions, Resume, RetryOptions, SendToGroupOptions,
+    InvokeOptions, Resume, RetryOptions, SendToGroupOptions, WeakClient,
 };
 use webpubsub_emulator::{Config, Emulator};
 
@@ -301,18 +301,18 @@ fn a_start_reads_connecting_once_handed_over_and_a_stop_then_wins() {
 }
 
 #[tokio::test]
-async fn a_handler_operates_on_its_client_through_spawned_tasks() {
+async fn a_handler_operates_on_its_client_through_spawned_tasks_and_lets_it_go() {
     let emulator = Emulator::start(Config::default()).await.unwrap();
     let url = emulator.client_url(HUB, &user_token("u"));
     let (tx, mut events) = mpsc::unbounded_channel();
-    let this: Arc<std::sync::OnceLock<Client>> = Arc::default();
+    let this: Arc<std::sync::OnceLock<WeakClient>> = Arc::default();
     let handler = {
         let this = this.clone();
         move |event: Event| {
             // The handler runs on the library's runtime: tokio::spawn works there.
             match message_text(&event).as_deref() {
                 Some("ping") => {
-                    let client = this.get().unwrap().clone();
+                    let client = this.get().unwrap().upgrade().unwrap();
                     tokio::spawn(async move {
                         let opts = SendToGroupOptions::default();
                         client
@@ -322,7 +322,7 @@ async fn a_handler_operates_on_its_client_through_spawned_tasks() {
                     });
                 }
                 Some("stop") => {
-                    let client = this.get().unwrap().clone();
+                    let client = this.get().unwrap().upgrade().unwrap();
                     tokio::spawn(async move { client.stop().await });
                 }
                 _ => {}
@@ -331,7 +331,7 @@ async fn a_handler_operates_on_its_client_through_spawned_tasks() {
         }
     };
     let client = Client::new(Credential::Url(url), fast_options(), Arc::new(handler)).unwrap();
-    this.set(client.clone()).unwrap();
+    this.set(client.downgrade()).unwrap();
     client.start().await.unwrap();
     client.join_group("g").await.unwrap();
     for (text, answer) in [
@@ -355,6 +355,16 @@ async fn a_handler_operates_on_its_client_through_spawned_tasks() {
         common::wait_for(&mut events, 10, |e| *e == answer).await;
     }
     assert_eq!(client.state(), ClientState::Stopped);
+    // The handler's weak handle does not keep the client: dropping the application's
+    // ends the connection task, which drops the handler and closes its channel.
+    let weak = client.downgrade();
+    drop(client);
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while events.recv().await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection task did not end");
+    assert!(weak.upgrade().is_none());
 }
 
 #[tokio::test]

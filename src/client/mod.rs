@@ -35,7 +35,7 @@ use queue::OpSender;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -114,7 +114,7 @@ pub enum Event {
 /// Receives a client's events, in order, on its connection task. Must not block (the
 /// FFI enqueues to its dispatcher; Rust users may use [`Client::with_channel`]); it runs
 /// on the library's runtime, so it may `tokio::spawn` work, such as an operation of its
-/// client. A panic in a method (or in a [`Resume`] it returned) is caught and logged:
+/// client (reached through a [`WeakClient`], which does not keep it alive). A panic in a method (or in a [`Resume`] it returned) is caught and logged:
 /// that event is dropped (or reading goes on), and the client carries on. Any
 /// `Fn(Event) + Send + Sync` closure is one.
 pub trait EventHandler: Send + Sync {
@@ -335,11 +335,36 @@ impl Error {
 
 /// A Web PubSub client. Cheap to clone (an `Arc` inside); `Send + Sync`. Dropping the
 /// last clone stops its connection task (no events are raised after that). A clone held
-/// by the client's own event handler counts too: release it (on `Event::Stopped`, say)
-/// or the client stays alive after the application dropped its own.
+/// by the client's own event handler counts too, and would keep the client (and its
+/// connection) alive after the application dropped its own: give the handler a
+/// [`WeakClient`] ([`Client::downgrade`]) instead.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+}
+
+/// A handle on a [`Client`] that does not keep it alive, for the client's own event
+/// handler: [`WeakClient::upgrade`] gives the client while the application still holds
+/// a handle, `None` after. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct WeakClient {
+    inner: Weak<Inner>,
+}
+
+impl WeakClient {
+    /// The client, unless every [`Client`] handle is gone (it is then stopping or
+    /// stopped for good).
+    pub fn upgrade(&self) -> Option<Client> {
+        self.inner.upgrade().map(|inner| Client { inner })
+    }
+}
+
+impl fmt::Debug for WeakClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakClient")
+            .field("alive", &(self.inner.strong_count() > 0))
+            .finish()
+    }
 }
 
 struct Inner {
@@ -485,6 +510,13 @@ impl Client {
     /// know the client's memory is released (the C API's `wps_client_free`).
     pub(crate) fn end_watch(&self) -> EndWatch {
         EndWatch(Arc::clone(&self.inner.shared))
+    }
+
+    /// A handle that does not keep this client alive (see [`WeakClient`]).
+    pub fn downgrade(&self) -> WeakClient {
+        WeakClient {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// The current connection state.
