@@ -1196,7 +1196,7 @@ async def test_client_dropped_without_close_leaves_the_loop_clean(hub: Hub) -> N
     client = make(hub.url())
     await client.open()
     await client.join_group("g")
-    fd = client._poller._fd  # pylint: disable=protected-access
+    fd = client._poller._native.fd  # pylint: disable=protected-access
     ref = weakref.ref(client)
     del client
     gc.collect()
@@ -1431,7 +1431,7 @@ async def test_a_dispatch_its_loop_began_before_another_thread_moved_the_client_
     loop = asyncio.get_running_loop()
     async with make(hub.url()) as client:
         await client.join_group("g")
-        fd = client._poller._fd  # pylint: disable=protected-access
+        fd = client._poller._native.fd  # pylint: disable=protected-access
         reader = loop._selector.get_key(fd).data[0]  # type: ignore[attr-defined]
         dispatch, args = reader._callback, reader._args  # what the pass calls, taken before the move
         started, resume = threading.Event(), threading.Event()

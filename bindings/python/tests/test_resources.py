@@ -1,9 +1,10 @@
 """Client lifecycles give back what they took. After repeated lifecycles of each kind
 (opened and closed, never opened, failed, timed-out and cancelled opens, credential
 providers answering or raising, recoveries, sends cancelled or pending at close, a loop
-per client), of the sync and the asyncio client, each client dropped and collected, the
-process holds no more descriptors of any kind than after warm-up rounds (which make the
-shared runtime, the dispatch threads and so on), no more threads,
+per client, a loop closed or dropped with its client open), of the sync and the asyncio
+client, each client dropped and collected, the process holds no more descriptors of any
+kind than after warm-up rounds (which make the shared runtime, the dispatch threads and
+so on), no more threads,
 no more objects of the binding's classes, no more entries in the callback registry, an
 asyncio loop watches no more descriptors, and the native heap has not grown with the
 rounds.
@@ -468,6 +469,94 @@ def test_an_open_client_whose_loop_ended_without_close_is_freed_once_dropped(hub
     wait_until(
         lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
         what="the forgotten clients' connections closed",
+    )
+
+
+@pytest.mark.filterwarnings("ignore:unclosed event loop:ResourceWarning")
+def test_an_open_client_whose_loop_was_dropped_unclosed_is_freed_with_it(hub: Hub) -> None:
+    """A user forgets ``close()`` and ``loop.close()`` too: each client (its URL from a
+    credential) is opened, joins a group, sends and gets a message (its coroutine
+    listener still waiting) in a ``run_until_complete`` of a loop of its own, which the
+    application then drops without closing it, keeping no reference to the client
+    either. The collector frees the loop with the client, as the official client's tasks
+    go with their loop, and the native client (its connection closed). Before, the
+    client's finalizer and its event sink (and credential handler), reachable from
+    module globals, held the loop, whose reader holds the running client: each round
+    kept its connection, its descriptors and the loop's for good."""
+    connections: List[str] = []
+    loops: List["weakref.ref[asyncio.AbstractEventLoop]"] = []
+
+    async def provide() -> str:
+        return hub.url()
+
+    async def forget() -> None:
+        got = asyncio.Event()
+
+        async def on_message(_args: Any) -> None:
+            got.set()
+            await asyncio.sleep(3600)  # still waiting when the loop is dropped
+
+        client = amake(AsyncCredential(provide))
+        await client.subscribe("group-message", on_message)
+        await client.open()
+        await client.join_group("g")
+        await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+        await asyncio.wait_for(got.wait(), WAIT)
+        assert client.connection_id is not None
+        connections.append(client.connection_id)
+        # no close()
+
+    def dropped() -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(forget())
+        loops.append(weakref.ref(loop))
+        # no loop.close(): the loop is dropped
+
+    lifecycles("asyncio: loop dropped without loop.close()", dropped)
+    gc.collect()
+    assert not [loop for loop in loops if loop() is not None], "dropped loops still alive"
+    wait_until(
+        lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
+        what="the forgotten clients' connections closed",
+    )
+
+
+def test_a_client_whose_loop_was_closed_with_operations_pending_is_freed_once_dropped(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The application closes its loop by hand (``loop.close()``, which cancels no task,
+    unlike ``asyncio.run``) while sends and a join of an open client await their acks,
+    and drops the client. Nothing can dispatch those completions any more: the client
+    is collected and its native client freed (its connection closed). Before, the
+    callback registry held each pending operation's future, whose waiting task held the
+    client, and each round kept the client, its connection and its registry entries."""
+    caplog.set_level(logging.CRITICAL, logger="asyncio")  # "Task was destroyed but it is pending!"
+    connections: List[str] = []
+
+    async def pending() -> None:
+        client = amake(hub.url())
+        await client.open()
+        assert client.connection_id is not None
+        connections.append(client.connection_id)
+        hub.drop_acks(client.connection_id, 100)
+        for n in range(3):
+            asyncio.ensure_future(client.send_to_group("g", f"m{n}", WebPubSubDataType.TEXT))
+        asyncio.ensure_future(client.send_to_group("g", "with id", WebPubSubDataType.TEXT, ack_id=7))
+        asyncio.ensure_future(client.join_group("g2"))
+        await asyncio.sleep(0)  # the operations start
+        # no close()
+
+    def closed_by_hand() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(pending())
+        finally:
+            loop.close()
+
+    lifecycles("asyncio: loop closed with operations pending", closed_by_hand)
+    wait_until(
+        lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
+        what="the dropped clients' connections closed",
     )
 
 

@@ -53,6 +53,14 @@ class Registry:
             return None
         return self._items.pop(key, None)
 
+    def drop_where(self, predicate: Callable[[Any], bool]) -> None:
+        """Remove every object for which ``predicate`` is true. A scan of the whole table,
+        for rare clean-ups only; safe alongside the other operations (a key taken
+        meanwhile is skipped)."""
+        for key, obj in list(self._items.items()):
+            if predicate(obj):
+                self._items.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -139,16 +139,17 @@ class _Keeper:
 
 class _LoopHeld(_base.HeldListeners):
     """The asyncio client's listeners, and the client while it runs, held through the
-    event loop it dispatches on rather than by its sink (a global until the native
-    client is freed): the reader of the client's descriptor carries a :class:`_Keeper`
-    holding the client. A running client the application no longer refers to keeps
-    running while that loop lives and is not closed, as the official client's tasks
-    keep it. Once the loop is closed (an ``asyncio.run`` that ended without
-    ``close()``), nothing can deliver its events or await its operations: the loop has
-    dropped the keeper, the client is collected and its native client freed (its
-    connection closed). A client the application still refers to keeps running, its
-    messages dropped until the next loop that uses it dispatches it, or dispatched by
-    another loop that used it and is not closed (see :meth:`_Poller.suspend_if_closed`)."""
+    event loop it dispatches on rather than by its sink: the reader of the client's
+    descriptor carries a :class:`_Keeper` holding the client. A running client the
+    application no longer refers to keeps running while that loop lives and is not
+    closed, as the official client's tasks keep it. Once the loop is closed (an
+    ``asyncio.run`` that ended without ``close()``), nothing can deliver its events or
+    await its operations: the loop has dropped the keeper, the client is collected and
+    its native client freed (its connection closed). A loop the application drops
+    unclosed is collected with the client (see :class:`_NativeClient`). A client the
+    application still refers to keeps running, its messages dropped until the next loop
+    that uses it dispatches it, or dispatched by another loop that used it and is not
+    closed (see :meth:`_Poller.suspend_if_closed`)."""
 
     def __init__(self, listeners: _base.Listeners) -> None:
         super().__init__(listeners)
@@ -171,6 +172,25 @@ class _LoopHeld(_base.HeldListeners):
             keeper = _Keeper(self._client() if self._client is not None else None, poller)
             self._keeper = weakref.ref(keeper)
             return keeper
+
+
+class _SinkRef:
+    """What the callback registry holds for a client's events: its sink, weakly. The
+    registry is a module global until the native client is freed, and the sink refers
+    to the client's loop (and to its listeners' tasks): held from there, it kept a loop
+    that the application dropped unclosed, and the open client that loop's reader holds,
+    for good (see :class:`_NativeClient`). The client and its poller hold the sink; once
+    they are collected, the events its free still brings have no listeners anyway."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: "_AsyncSink") -> None:
+        self._sink = weakref.ref(sink)
+
+    def on_native_event(self, event: _native.WpsEvent) -> None:
+        sink = self._sink()
+        if sink is not None:
+            sink.on_native_event(event)
 
 
 class _AsyncSink:
@@ -416,13 +436,16 @@ class _AsyncSink:
         with the token of a request whose answer is deferred, it only schedules
         ``credential`` on the loop, where a done callback answers the request: no library
         thread runs or waits for the provider. After ``timeout`` the provider's task is
-        cancelled (its connection attempt has given up by then)."""
+        cancelled (its connection attempt has given up by then). The handler, which the
+        callback registry holds, holds the sink weakly (see :class:`_SinkRef`)."""
+        sink = weakref.ref(self)
 
         def request(result: int) -> None:
-            loop = self.loop
-            if loop is None or loop.is_closed():
+            this = sink()
+            loop = this.loop if this is not None else None
+            if this is None or loop is None or loop.is_closed():
                 raise RuntimeError("the client's event loop is not running")
-            loop.call_soon_threadsafe(self._provide, loop, credential, result, timeout)
+            loop.call_soon_threadsafe(this._provide, loop, credential, result, timeout)
 
         return request
 
@@ -538,6 +561,61 @@ def _dispatch_buffers() -> _base.DispatchBuffers:
     return buffers
 
 
+class _NativeClient:
+    """The native client as the client's finalizer frees it: its handle, the lock that
+    orders the calls on it, and the reader of its dispatch descriptor, which the free
+    removes. The finalizer stays in a module global (``weakref.finalize``'s registry)
+    until it runs, so this holds the loop watching the descriptor only weakly: a loop
+    that the application drops unclosed, with an open client on it (whose reader holds
+    the client, see :class:`_Keeper`), is then garbage with that client, and the
+    collector frees both, as the official client's tasks go with their loop. The
+    :class:`_Poller`, which only the client and the reader hold, keeps the loop strongly
+    (the send path reads it per message)."""
+
+    __slots__ = ("handle", "lock", "fd", "loop", "pid")
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        self.lock = threading.RLock()
+        self.fd = -1  # the dispatch descriptor, once a loop watches it
+        self.loop: "Optional[weakref.ref[asyncio.AbstractEventLoop]]" = None  # the loop watching it
+        self.pid = os.getpid()  # a fork() child leaves the client and the loop alone
+
+    def remove_reader(self) -> None:
+        """Stop watching the descriptor, unless its loop is closed or collected (its
+        selector, and the reader with it, is gone then)."""
+        loop = self.loop() if self.loop is not None else None
+        self.loop = None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.fd)
+
+    def free(self) -> None:
+        """Stop dispatching and free the native client (the client's finalizer). Not in a
+        fork() child: its copy of the loop's epoll instance is the parent's, so removing
+        the reader there would remove it from the parent's loop."""
+        if os.getpid() != self.pid:
+            return
+        loop = self.loop() if self.loop is not None else None
+        if loop is not None and loop.is_running() and _running_loop() is not loop:
+            # Another thread runs the loop: unregister and free there, so that the
+            # descriptor is never closed while the loop still watches it.
+            try:
+                loop.call_soon_threadsafe(self.free_now)
+                return
+            except RuntimeError:
+                pass
+        self.free_now()
+
+    def free_now(self) -> None:
+        """Stop dispatching and free the native client, on the thread of the loop watching
+        its descriptor (or with that loop not running)."""
+        with self.lock:
+            handle, self.handle = self.handle, 0
+            if handle:
+                self.remove_reader()
+                _base.free_client(handle)
+
+
 class _Poller:
     """Runs the native client's callbacks on the event loop that opened it.
 
@@ -552,13 +630,14 @@ class _Poller:
     FLUSH_EVERY = 32  # messages per run handed over at once; bounds how long the first waits
     QUIET = 50e-6  # seconds: a message this long after the previous one is sent at once
 
-    def __init__(self, handle: int, sink: _AsyncSink) -> None:
-        self._lock = threading.RLock()
-        self._handle = handle
+    def __init__(self, native: _NativeClient, sink: _AsyncSink) -> None:
+        self._native = native  # what the client's finalizer frees
+        self._lock = native.lock
         self._sink = sink  # where the events go
         self._delivering = False  # their listeners are running
+        # The loop watching the descriptor (``native.loop``, held strongly here); left set
+        # once the client is freed, when nothing is dispatched any more.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._fd = -1
         # The loops that dispatched the client: when the one dispatching it is closed, those
         # still open may await its operations (see :meth:`suspend_if_closed`).
         self._loops: "weakref.WeakSet[asyncio.AbstractEventLoop]" = weakref.WeakSet()
@@ -569,12 +648,11 @@ class _Poller:
         self._flush_loop: Optional[asyncio.AbstractEventLoop] = None
         self._deferred = 0  # messages deferred since the last hand-over
         self._last_send = 0.0  # time.monotonic() of the last acked send
-        self._pid = os.getpid()  # a fork() child leaves the client and the loop alone
 
     @property
     def alive(self) -> bool:
         """Whether the native client is not freed yet."""
-        return bool(self._handle)
+        return bool(self._native.handle)
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """This thread's running loop: the attached one when it runs on this thread (read
@@ -590,16 +668,18 @@ class _Poller:
         if self._loop is loop:
             return
         with self._lock:
-            if self._loop is loop or not self._handle:
+            native = self._native
+            if self._loop is loop or not native.handle:
                 return
-            self._remove_reader()
+            self._loop = None
+            native.remove_reader()
             fd = ctypes.c_int(-1)
-            status = lib.wps_client_dispatch_fd(self._handle, ctypes.byref(fd))
+            status = lib.wps_client_dispatch_fd(native.handle, ctypes.byref(fd))
             if status != _native.STATUS_OK:
                 message = f"{_native.status_str(status)}: {_native.last_error_message()}"
                 raise WebPubSubClientError(message, status=status)
             dropped = ctypes.c_uint64(0)
-            lib.wps_client_dispatch_resume(self._handle, ctypes.byref(dropped))
+            lib.wps_client_dispatch_resume(native.handle, ctypes.byref(dropped))
             if dropped.value:
                 _LOGGER.warning(
                     "webpubsub_client: %d messages came while no event loop ran the client (its loop was "
@@ -608,7 +688,7 @@ class _Poller:
                 )
             # The reader carries the keeper: this loop holds the running client now.
             loop.add_reader(fd.value, self.dispatch, self._sink.listeners.keeper(self), loop)
-            self._loop, self._fd = loop, fd.value
+            self._loop, native.fd, native.loop = loop, fd.value, weakref.ref(loop)
             self._loops.add(loop)
             sink_loop = self._sink.loop
             if sink_loop is not None and sink_loop.is_closed():
@@ -638,10 +718,15 @@ class _Poller:
         freed).
         A client in a reference cycle is suspended (or taken over) too, until the
         collector frees it: as that cannot be told from one the application refers to,
-        the warning waits for the next loop."""
+        the warning waits for the next loop.
+        The registry's handlers of the operations awaited on closed loops are dropped
+        (their completions, which no loop can deliver, are skipped then): a closed
+        loop's task awaiting one (a ``loop.close()`` by hand cancels none, unlike
+        ``asyncio.run``) held the client through them, for good."""
         with self._lock:
-            if not self._handle or not self.orphaned():
+            if not self._native.handle or not self.orphaned():
                 return
+            REGISTRY.drop_where(_undeliverable)
             handed = False
             for loop in list(self._loops):
                 if loop.is_closed():
@@ -653,7 +738,7 @@ class _Poller:
                 except RuntimeError:  # closed meanwhile
                     self._loops.discard(loop)
             if not handed:
-                lib.wps_client_dispatch_suspend(self._handle)
+                lib.wps_client_dispatch_suspend(self._native.handle)
 
     def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
         """On ``loop``, asked by :meth:`suspend_if_closed`: dispatch the client here,
@@ -676,19 +761,20 @@ class _Poller:
             return
         out = _dispatch_buffers()
         counts = _native.DISPATCH_COUNTS.unpack_from
+        native = self._native
         with self._lock:
             if loop is not None and loop is not self._loop:
                 # Another thread moved the client to its loop after this one took the reader
                 # to run: what comes is that loop's to dispatch (its futures, its wake-up).
                 return
             done = 0
-            while done < self.BATCH and self._handle:  # a listener may free the client
+            while done < self.BATCH and native.handle:  # a listener may free the client
                 events: List[_Pending] = []
                 outer = _pending()  # None but in a test's nested call
                 outer_loop = getattr(_THREAD_BUFFERS, "loop", None)
                 _THREAD_BUFFERS.pending, _THREAD_BUFFERS.loop = events, self._loop
                 try:
-                    status = lib.wps_client_dispatch_into(self._handle, self.BATCH - done, out.ref)
+                    status = lib.wps_client_dispatch_into(native.handle, self.BATCH - done, out.ref)
                 finally:
                     _THREAD_BUFFERS.pending, _THREAD_BUFFERS.loop = outer, outer_loop
                 # all taken from the buffers first: a listener may dispatch another client of this thread
@@ -752,44 +838,15 @@ class _Poller:
             self._flush_loop = None
         self._deferred = 0  # before the call: a message deferred after it counts again
         with self._lock:
-            if self._handle:
-                lib.wps_client_flush_deferred(self._handle)
+            if self._native.handle:
+                lib.wps_client_flush_deferred(self._native.handle)
 
     def cancel(self, op_id: int) -> None:
         """Cancels operation ``op_id`` of the native client, unless it is freed already (its
         operations were then completed): a cancelled await must not reach a freed handle."""
         with self._lock:
-            if self._handle:
-                lib.wps_client_cancel(self._handle, op_id)
-
-    def _remove_reader(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is not None and not loop.is_closed():
-            loop.remove_reader(self._fd)
-
-    def free(self) -> None:
-        """Stop dispatching and free the native client (the client's finalizer). Not in a
-        fork() child: its copy of the loop's epoll instance is the parent's, so removing
-        the reader there would remove it from the parent's loop."""
-        if os.getpid() != self._pid:
-            return
-        loop = self._loop
-        if loop is not None and loop.is_running() and _running_loop() is not loop:
-            # Another thread runs the loop: unregister and free there, so that the
-            # descriptor is never closed while the loop still watches it.
-            try:
-                loop.call_soon_threadsafe(self.free_now)
-                return
-            except RuntimeError:
-                pass
-        self.free_now()
-
-    def free_now(self) -> None:
-        with self._lock:
-            handle, self._handle = self._handle, 0
-            if handle:
-                self._remove_reader()
-                _base.free_client(handle)
+            if self._native.handle:
+                lib.wps_client_cancel(self._native.handle, op_id)
 
 
 def _settle(loop: Optional[asyncio.AbstractEventLoop], records: Union[memoryview, bytes]) -> None:
@@ -949,10 +1006,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             source = credential
         else:
             source = self._sink.credential_request(credential, max(start_timeout, 1.0))
-        self._handle = _base.new_native_client(source, options, self._sink)
+        self._handle = _base.new_native_client(source, options, _SinkRef(self._sink))
         self._sink.listeners.handle = self._handle
-        self._poller = _Poller(self._handle, self._sink)
-        self._finalizer = weakref.finalize(self, self._poller.free)
+        native = _NativeClient(self._handle)
+        self._poller = _Poller(native, self._sink)
+        self._finalizer = weakref.finalize(self, native.free)
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -1310,20 +1368,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         batch = self._sink.batch
         if batch is None or batch.loop is not loop:
             batch = _LoopBatch(loop)
-
-        thread = threading.get_ident()
-
-        def complete(completion: Completion) -> None:
-            if _on_loop(loop, thread):  # dispatched by this loop (poll mode)
-                if not _defer(_resolve, future, completion):
-                    _resolve(future, completion)
-                return
-            try:  # from a library thread (after the client was freed) or another loop
-                batch.post(_resolve, future, completion)
-            except RuntimeError:
-                _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
-
-        key = REGISTRY.add(complete)
+        key = REGISTRY.add(_Completer(future, threading.get_ident(), batch))
         op_id = ctypes.c_uint64(0)
         status = start(*args, _callbacks.COMPLETION_TRAMPOLINE, key, op_id)
         if status != _native.STATUS_OK:
@@ -1344,6 +1389,41 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
                 service_message=completion.service_message,
             )
         return completion
+
+
+class _Completer:
+    """The completion handler of an operation that :meth:`WebPubSubClient._run` awaits
+    (``future``, of the loop ``batch`` runs on, which runs on ``thread``): run by that
+    loop's dispatch (poll mode), else posted to it through ``batch`` (from a library
+    thread once the client was freed, or from another loop), after the events posted
+    before it. A class, not a closure: :func:`_undeliverable` tells it apart."""
+
+    __slots__ = ("future", "thread", "batch")
+
+    def __init__(self, future: "asyncio.Future[Completion]", thread: int, batch: _LoopBatch) -> None:
+        self.future = future
+        self.thread = thread
+        self.batch = batch
+
+    def __call__(self, completion: Completion) -> None:
+        future = self.future
+        if _on_loop(self.batch.loop, self.thread):  # dispatched by this loop (poll mode)
+            if not _defer(_resolve, future, completion):
+                _resolve(future, completion)
+            return
+        try:  # from a library thread (after the client was freed) or another loop
+            self.batch.post(_resolve, future, completion)
+        except RuntimeError:
+            _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
+
+
+def _undeliverable(entry: Any) -> bool:
+    """Whether a callback registry entry is the handler of an operation awaited on a
+    closed loop, whose completion no loop can deliver any more: an acked send's future
+    (see :meth:`WebPubSubClient._start_acked`), or a :class:`_Completer`."""
+    if isinstance(entry, _Completer):
+        entry = entry.future
+    return isinstance(entry, asyncio.Future) and entry.get_loop().is_closed()
 
 
 def _queue_now(status: int) -> None:
