@@ -114,8 +114,9 @@ pub enum Event {
 /// Receives a client's events, in order, on its connection task. Must not block (the
 /// FFI enqueues to its dispatcher; Rust users may use [`Client::with_channel`]); it runs
 /// on the library's runtime, so it may `tokio::spawn` work, such as an operation of its
-/// client (reached through a [`WeakClient`], which does not keep it alive). A panic in a method (or in a [`Resume`] it returned) is caught and logged:
-/// that event is dropped (or reading goes on), and the client carries on. Any
+/// client (reached through a [`WeakClient`], which does not keep it alive). A panic in
+/// a method (or in a [`Resume`] it returned) is caught and logged: that event is
+/// dropped (or reading goes on), and the client carries on. Any
 /// `Fn(Event) + Send + Sync` closure is one.
 pub trait EventHandler: Send + Sync {
     /// One event.
@@ -374,6 +375,9 @@ struct Inner {
     ack_timeout: Duration,
     max_outgoing: usize,
     next_invocation_id: AtomicU64,
+    /// Held while a start or a stop is handed over: a stop that found the client
+    /// `Connecting` because of a start being handed over follows that start.
+    start_stop: std::sync::Mutex<()>,
 }
 
 /// See [`Client::end_watch`].
@@ -427,6 +431,7 @@ impl Client {
                 ack_timeout,
                 max_outgoing,
                 next_invocation_id: AtomicU64::new(1),
+                start_stop: std::sync::Mutex::new(()),
             }),
         })
     }
@@ -469,12 +474,14 @@ impl Client {
         &self,
     ) -> Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error> {
         let (tx, rx) = oneshot::channel();
+        let order = self.start_stop_order();
         // Before the command: the task's handling of it sets the state last.
         self.inner.shared.start_queued();
         if let Err(e) = self.command(Command::Start(tx)) {
             self.inner.shared.start_unqueued();
             return Err(e);
         }
+        drop(order);
         Ok(async move { rx.await.unwrap_or(Err(Error::Stopped { ack_id: None })) })
     }
 
@@ -497,12 +504,22 @@ impl Client {
     pub(crate) fn stop_now(&self) -> impl Future<Output = ()> + Send + 'static {
         self.flush_deferred();
         let (tx, rx) = oneshot::channel();
-        let sent = self.command(Command::Stop(tx)).is_ok();
+        let sent = {
+            let _order = self.start_stop_order();
+            self.command(Command::Stop(tx)).is_ok()
+        };
         async move {
             if sent {
                 let _ = rx.await;
             }
         }
+    }
+
+    fn start_stop_order(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .start_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// What tells when this client's connection task has ended, which it does once
