@@ -156,8 +156,8 @@ def _start_interruptibly(client: "WebPubSubClient") -> Tuple[int, str]:
             lib.wps_client_stop(handle)  # connected after the interrupt's stop came too early
 
     starter = threading.Thread(target=start, name="webpubsub-open", daemon=True)
-    starter.start()
     try:
+        starter.start()  # its wait for the thread to run is interrupted too, the thread running
         starter.join()
     except BaseException:
         interrupted.set()
