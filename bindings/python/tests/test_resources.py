@@ -440,6 +440,35 @@ def test_a_loop_per_client_gives_back_what_it_took(hub: Hub) -> None:
     lifecycles("asyncio: a loop per client", lambda: asyncio.run(session()))
 
 
+async def _open_and_forget(client: AsyncClient, connections: List[str], *, listener_waits: bool = False) -> None:
+    """Opens ``client``, joins a group, sends and gets a message (through a coroutine
+    listener, which then waits for an hour if ``listener_waits``), appends its
+    connection id to ``connections`` and returns with the client open: no ``close()``."""
+    got = asyncio.Event()
+
+    async def on_message(_args: Any) -> None:
+        got.set()
+        if listener_waits:
+            await asyncio.sleep(3600)  # still waiting when the loop goes
+
+    await client.subscribe("group-message", on_message)
+    await client.open()
+    await client.join_group("g")
+    await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+    await asyncio.wait_for(got.wait(), WAIT)
+    assert client.connection_id is not None
+    connections.append(client.connection_id)
+
+
+def _wait_closed(hub: Hub, connections: List[str]) -> None:
+    """Waits until the service has closed the connections of the last rounds' clients,
+    which the application let go without ``close()``."""
+    wait_until(
+        lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
+        what="the let-go clients' connections closed",
+    )
+
+
 def test_an_open_client_whose_loop_ended_without_close_is_freed_once_dropped(hub: Hub) -> None:
     """A user forgets ``close()``: each client is opened, joins a group, sends and gets
     a message (a coroutine listener too) in an ``asyncio.run`` that ends with it open,
@@ -450,26 +479,10 @@ def test_an_open_client_whose_loop_ended_without_close_is_freed_once_dropped(hub
     connections: List[str] = []
 
     async def forget() -> None:
-        got = asyncio.Event()
-
-        async def on_message(_args: Any) -> None:
-            got.set()
-
-        client = amake(hub.url())
-        await client.subscribe("group-message", on_message)
-        await client.open()
-        await client.join_group("g")
-        await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
-        await asyncio.wait_for(got.wait(), WAIT)
-        assert client.connection_id is not None
-        connections.append(client.connection_id)
-        # no close(): asyncio.run ends with the client open
+        await _open_and_forget(amake(hub.url()), connections)  # asyncio.run ends with it open
 
     lifecycles("asyncio: loop ended without close()", lambda: asyncio.run(forget()))
-    wait_until(
-        lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
-        what="the forgotten clients' connections closed",
-    )
+    _wait_closed(hub, connections)
 
 
 @pytest.mark.filterwarnings("ignore:unclosed event loop:ResourceWarning")
@@ -489,26 +502,9 @@ def test_an_open_client_whose_loop_was_dropped_unclosed_is_freed_with_it(hub: Hu
     async def provide() -> str:
         return hub.url()
 
-    async def forget() -> None:
-        got = asyncio.Event()
-
-        async def on_message(_args: Any) -> None:
-            got.set()
-            await asyncio.sleep(3600)  # still waiting when the loop is dropped
-
-        client = amake(AsyncCredential(provide))
-        await client.subscribe("group-message", on_message)
-        await client.open()
-        await client.join_group("g")
-        await client.send_to_group("g", "hi", WebPubSubDataType.TEXT)
-        await asyncio.wait_for(got.wait(), WAIT)
-        assert client.connection_id is not None
-        connections.append(client.connection_id)
-        # no close()
-
     def dropped() -> None:
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(forget())
+        loop.run_until_complete(_open_and_forget(amake(AsyncCredential(provide)), connections, listener_waits=True))
         loops.append(weakref.ref(loop))
         # no loop.close(): the loop is dropped
 
@@ -524,10 +520,7 @@ def test_an_open_client_whose_loop_was_dropped_unclosed_is_freed_with_it(hub: Hu
         asyncio_logger.setLevel(level)
     gc.collect()
     assert not [loop for loop in loops if loop() is not None], "dropped loops still alive"
-    wait_until(
-        lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
-        what="the forgotten clients' connections closed",
-    )
+    _wait_closed(hub, connections)
 
 
 def test_a_client_whose_loop_was_closed_with_operations_pending_is_freed_once_dropped(
@@ -563,10 +556,7 @@ def test_a_client_whose_loop_was_closed_with_operations_pending_is_freed_once_dr
             loop.close()
 
     lifecycles("asyncio: loop closed with operations pending", closed_by_hand)
-    wait_until(
-        lambda: not any(hub.service.connection_exists(c) for c in connections[-3:]),
-        what="the dropped clients' connections closed",
-    )
+    _wait_closed(hub, connections)
 
 
 HELD_MESSAGES = 20_000  # of 1 KiB each
