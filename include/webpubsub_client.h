@@ -1281,9 +1281,20 @@ wps_status wps_callbacks_disable(uint32_t timeout_ms);
  * cases differs); an invocation is cancelled at the service. An interrupted start goes on
  * (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
  * interrupted. NULL `cb` removes the check; a wait already running keeps the check it
- * started with. Not called once callbacks are disabled (`wps_callbacks_disable`).
+ * started with. Not called once callbacks are disabled (`wps_callbacks_disable`), nor
+ * from inside itself: a blocking call the check makes waits unchecked. A thread with a
+ * check of its own (`wps_set_thread_interrupt_check`) asks that one instead.
  */
 wps_status wps_set_interrupt_check(wps_interrupt_cb cb, uint32_t interval_ms);
+
+/**
+ * Sets the interrupt check of the blocking calls made on the calling thread, in place
+ * of the process-wide one (`wps_set_interrupt_check`), with the same rules; called on
+ * this thread only. For a check that only one thread can answer, such as Python's
+ * signal handlers, which run on its main thread. NULL `cb` removes it: the
+ * process-wide check applies again. A child of `fork()` keeps the forking thread's.
+ */
+wps_status wps_set_thread_interrupt_check(wps_interrupt_cb cb, uint32_t interval_ms);
 
 /**
  * Creates options holding the defaults (those of the official clients). Never NULL

@@ -1,8 +1,10 @@
 //! `wps_set_interrupt_check` against the emulator: a blocking call waiting for an
 //! upstream that never answers returns `WPS_STATUS_INTERRUPTED` once the check says
 //! so, and blocking calls that complete are unaffected by it, also when the blocking
-//! call is made inside a credential callback (a thread of the library's runtime). The
-//! check is process-wide, so this is a test binary of its own, with one test.
+//! call is made inside a credential callback (a thread of the library's runtime). A
+//! thread's own check takes the place of the process-wide one on that thread only, and
+//! no check is asked from inside itself. The process-wide check is shared by every
+//! thread, so this is a test binary of its own, with one test.
 
 mod common;
 
@@ -18,14 +20,14 @@ use webpubsub_client::ffi::client::{
     wps_client_new, wps_client_send_event, wps_client_start, wps_client_start_async,
 };
 use webpubsub_client::ffi::credential::{wps_credential_result, wps_credential_result_set_url};
-use webpubsub_client::ffi::interrupt::wps_set_interrupt_check;
+use webpubsub_client::ffi::interrupt::{wps_set_interrupt_check, wps_set_thread_interrupt_check};
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
     wps_options_set_message_retry,
 };
 use webpubsub_client::ffi::status::{
     WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED, WPS_STATUS_INTERRUPTED, WPS_STATUS_INVALID_ARGUMENT,
-    WPS_STATUS_OK,
+    WPS_STATUS_OK, WPS_STATUS_TIMEOUT,
 };
 
 static INTERRUPT: AtomicBool = AtomicBool::new(false);
@@ -36,13 +38,13 @@ extern "C" fn interrupt_check() -> c_int {
     INTERRUPT.load(Ordering::SeqCst).into()
 }
 
-/// Runs `call` with the interrupt set 200 ms into it; its status, after asserting
-/// that it returned long before the 30 s it would otherwise wait.
-fn interrupted(what: &str, call: impl FnOnce() -> u32) -> u32 {
-    INTERRUPT.store(false, Ordering::SeqCst);
-    let setter = std::thread::spawn(|| {
+/// Runs `call` with `flag` (the interrupt a check returns) set 200 ms into it; its
+/// status, after asserting that it returned long before the 30 s it would otherwise wait.
+fn interrupted(flag: &'static AtomicBool, what: &str, call: impl FnOnce() -> u32) -> u32 {
+    flag.store(false, Ordering::SeqCst);
+    let setter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
-        INTERRUPT.store(true, Ordering::SeqCst);
+        flag.store(true, Ordering::SeqCst);
     });
     let t0 = Instant::now();
     let status = call();
@@ -52,8 +54,17 @@ fn interrupted(what: &str, call: impl FnOnce() -> u32) -> u32 {
         t0.elapsed()
     );
     setter.join().unwrap();
-    INTERRUPT.store(false, Ordering::SeqCst);
+    flag.store(false, Ordering::SeqCst);
     status
+}
+
+/// An out-struct for an acked call, not yet written.
+fn unacked() -> wps_ack_result {
+    wps_ack_result {
+        ack_id: 0,
+        has_ack_id: false,
+        is_duplicated: false,
+    }
 }
 
 fn send_event(c: *mut wps_client, out: &mut wps_ack_result) -> u32 {
@@ -70,6 +81,27 @@ fn send_event(c: *mut wps_client, out: &mut wps_ack_result) -> u32 {
     }
 }
 
+/// A started client whose acked operations time out after `ack_timeout_ms`, not retried.
+fn started_without_retries(url: &CString, ack_timeout_ms: u64) -> *mut wps_client {
+    let o = wps_options_new();
+    check(
+        wps_options_set_ack_timeout_ms(o, ack_timeout_ms),
+        "ack timeout",
+    );
+    check(
+        wps_options_set_message_retry(o, 0, 100, 100, WPS_RETRY_FIXED),
+        "message retry",
+    );
+    let mut c = std::ptr::null_mut();
+    check(
+        unsafe { wps_client_new(url.as_ptr(), o, None, std::ptr::null_mut(), None, &mut c) },
+        "wps_client_new",
+    );
+    unsafe { wps_options_free(o) };
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    c
+}
+
 /// A credential callback that makes a blocking call on another client (one whose
 /// upstream never answers) before answering; the call's status goes to `status`.
 struct BlockingCredential {
@@ -80,11 +112,7 @@ struct BlockingCredential {
 
 unsafe extern "C" fn send_then_answer(user_data: *mut c_void, result: *mut wps_credential_result) {
     let s = &*(user_data as *const BlockingCredential);
-    let mut out = wps_ack_result {
-        ack_id: 0,
-        has_ack_id: false,
-        is_duplicated: false,
-    };
+    let mut out = unacked();
     let _ = s
         .status
         .send(send_event(s.other.load(Ordering::SeqCst), &mut out));
@@ -95,28 +123,7 @@ unsafe extern "C" fn send_then_answer(user_data: *mut c_void, result: *mut wps_c
 /// where it is spawned and waited for instead of driven in place) is interrupted too.
 fn a_blocking_call_inside_a_credential_callback_is_interrupted(url: &CString) {
     // Without the check, the send would end with WPS_STATUS_TIMEOUT after 5 s.
-    let o = wps_options_new();
-    check(wps_options_set_ack_timeout_ms(o, 5_000), "ack timeout");
-    check(
-        wps_options_set_message_retry(o, 0, 100, 100, WPS_RETRY_FIXED),
-        "message retry",
-    );
-    let mut other = std::ptr::null_mut();
-    check(
-        unsafe {
-            wps_client_new(
-                url.as_ptr(),
-                o,
-                None,
-                std::ptr::null_mut(),
-                None,
-                &mut other,
-            )
-        },
-        "wps_client_new",
-    );
-    unsafe { wps_options_free(o) };
-    check(unsafe { wps_client_start(other) }, "start the other client");
+    let other = started_without_retries(url, 5_000);
 
     let (tx, statuses) = mpsc::sync_channel(1);
     let state = BlockingCredential {
@@ -161,22 +168,18 @@ fn the_interrupt_check_ends_blocking_waits() {
 
     check(wps_set_interrupt_check(Some(interrupt_check), 20), "set");
     check(unsafe { wps_client_start(c) }, "wps_client_start");
-    let mut out = wps_ack_result {
-        ack_id: 0,
-        has_ack_id: false,
-        is_duplicated: false,
-    };
+    let mut out = unacked();
     check(
         unsafe { wps_client_join_group(c, c"g".as_ptr(), &mut out) },
         "join with the check set",
     );
     check(common::ffi_send_text(c, c"g", "acked", 0), "send");
 
-    let status = interrupted("send_event", || send_event(c, &mut out));
+    let status = interrupted(&INTERRUPT, "send_event", || send_event(c, &mut out));
     assert_eq!(status, WPS_STATUS_INTERRUPTED);
     assert!(out.has_ack_id, "the given-up send keeps its ackId");
 
-    let status = interrupted("invoke_event", || {
+    let status = interrupted(&INTERRUPT, "invoke_event", || {
         let mut response = std::ptr::null_mut();
         unsafe {
             wps_client_invoke_event(
@@ -194,6 +197,8 @@ fn the_interrupt_check_ends_blocking_waits() {
     check(common::ffi_send_text(c, c"g", "after", 0), "send after");
 
     a_blocking_call_inside_a_credential_callback_is_interrupted(&url);
+    a_check_is_not_asked_from_inside_itself(&url, c);
+    a_thread_check_takes_the_place_of_the_process_wide_one(c);
 
     // Removed: no longer asked, and the wait goes on until the service answers.
     check(wps_set_interrupt_check(None, 0), "remove");
@@ -207,4 +212,111 @@ fn the_interrupt_check_ends_blocking_waits() {
     assert_eq!(ASKED.load(Ordering::SeqCst), asked);
     unsafe { wps_client_free(c) };
     drop(emulator);
+}
+
+/// The client `reentrant_check` makes its blocking call on.
+static REENTRANT_CLIENT: AtomicPtr<wps_client> = AtomicPtr::new(std::ptr::null_mut());
+/// How deep in `reentrant_check` this test's thread is, and the deepest seen.
+static DEPTH: AtomicUsize = AtomicUsize::new(0);
+static DEEPEST: AtomicUsize = AtomicUsize::new(0);
+/// The status of the blocking call `reentrant_check` made.
+static NESTED_STATUS: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// A check that makes a blocking call, as a signal handler run by the check may, on
+/// its first call (a send that times out); then it interrupts.
+extern "C" fn reentrant_check() -> c_int {
+    let depth = DEPTH.fetch_add(1, Ordering::SeqCst) + 1;
+    DEEPEST.fetch_max(depth, Ordering::SeqCst);
+    if NESTED_STATUS.load(Ordering::SeqCst) == usize::MAX {
+        NESTED_STATUS.store(usize::MAX - 1, Ordering::SeqCst);
+        let c = REENTRANT_CLIENT.load(Ordering::SeqCst);
+        let status = send_event(c, &mut unacked());
+        NESTED_STATUS.store(status as usize, Ordering::SeqCst);
+    }
+    DEPTH.fetch_sub(1, Ordering::SeqCst);
+    1
+}
+
+/// A blocking call made from inside the check waits unchecked: the check is not asked
+/// again from inside itself (the send waiting there would otherwise run it again, and
+/// a check that is not re-entrant, such as Python's, could not answer).
+fn a_check_is_not_asked_from_inside_itself(url: &CString, c: *mut wps_client) {
+    let nested = started_without_retries(url, 300);
+    REENTRANT_CLIENT.store(nested, Ordering::SeqCst);
+    check(wps_set_interrupt_check(Some(reentrant_check), 1), "set");
+    let mut out = unacked();
+    assert_eq!(send_event(c, &mut out), WPS_STATUS_INTERRUPTED);
+    check(wps_set_interrupt_check(None, 0), "remove");
+    assert_eq!(
+        DEEPEST.load(Ordering::SeqCst),
+        1,
+        "the check was re-entered"
+    );
+    assert_eq!(
+        NESTED_STATUS.load(Ordering::SeqCst),
+        WPS_STATUS_TIMEOUT as usize,
+        "the check's own send"
+    );
+    unsafe { wps_client_free(nested) };
+}
+
+static OWN_INTERRUPT: AtomicBool = AtomicBool::new(false);
+static OWN_ASKED: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn own_check() -> c_int {
+    OWN_ASKED.fetch_add(1, Ordering::SeqCst);
+    OWN_INTERRUPT.load(Ordering::SeqCst).into()
+}
+
+/// With a process-wide check that interrupts at once, a thread with a check of its own
+/// that does not waits until the service answers, and is interrupted when its own says
+/// so; other threads still ask the process-wide one. Removed, the process-wide one
+/// applies again.
+fn a_thread_check_takes_the_place_of_the_process_wide_one(c: *mut wps_client) {
+    let c_addr = c as usize;
+    let other_thread = move || {
+        std::thread::spawn(move || {
+            let mut out = unacked();
+            send_event(c_addr as *mut wps_client, &mut out)
+        })
+        .join()
+        .unwrap()
+    };
+    INTERRUPT.store(true, Ordering::SeqCst);
+    check(wps_set_interrupt_check(Some(interrupt_check), 20), "set");
+    assert_eq!(
+        wps_set_thread_interrupt_check(Some(own_check), 0),
+        WPS_STATUS_INVALID_ARGUMENT
+    );
+    check(
+        wps_set_thread_interrupt_check(Some(own_check), 5),
+        "set own",
+    );
+    let asked = ASKED.load(Ordering::SeqCst);
+    assert_eq!(
+        common::ffi_send_text(c, c"g", "own", 0),
+        WPS_STATUS_OK,
+        "a send that its thread's check let wait"
+    );
+    let status = interrupted(&OWN_INTERRUPT, "send_event", || {
+        let mut out = unacked();
+        send_event(c, &mut out)
+    });
+    assert_eq!(status, WPS_STATUS_INTERRUPTED);
+    assert!(OWN_ASKED.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        ASKED.load(Ordering::SeqCst),
+        asked,
+        "the process-wide check was asked"
+    );
+    assert_eq!(other_thread(), WPS_STATUS_INTERRUPTED, "another thread");
+    assert!(ASKED.load(Ordering::SeqCst) > asked);
+
+    check(wps_set_thread_interrupt_check(None, 0), "remove own");
+    let own_asked = OWN_ASKED.load(Ordering::SeqCst);
+    let mut out = unacked();
+    assert_eq!(send_event(c, &mut out), WPS_STATUS_INTERRUPTED);
+    assert_eq!(OWN_ASKED.load(Ordering::SeqCst), own_asked);
+    check(wps_set_interrupt_check(None, 0), "remove");
+    INTERRUPT.store(false, Ordering::SeqCst);
 }

@@ -1,7 +1,9 @@
 //! The interrupt check of blocking calls: one process-wide function that a blocking
 //! call waiting for the service asks, every interval, whether to stop waiting (a
-//! Ctrl-C, a shutdown flag). Without one, blocking calls wait with no timer at all.
+//! Ctrl-C, a shutdown flag). A thread may have a check of its own in its place. Without
+//! one, blocking calls wait with no timer at all.
 
+use std::cell::Cell;
 use std::ffi::c_int;
 use std::future::Future;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
@@ -29,11 +31,43 @@ impl Check {
     /// Asks the application; never once callbacks are disabled.
     fn interrupted(&self) -> bool {
         match InCallback::enter() {
-            // SAFETY: the caller of `wps_set_interrupt_check` declared it callable from
-            // any thread that makes a blocking call.
-            Some(_inside) => unsafe { (self.cb)() != 0 },
+            Some(_inside) => {
+                let _checking = Checking::enter();
+                // SAFETY: the caller of `wps_set_interrupt_check` declared it callable
+                // from any thread that makes a blocking call, and the caller of
+                // `wps_set_thread_interrupt_check` from its own.
+                unsafe { (self.cb)() != 0 }
+            }
             None => false,
         }
+    }
+}
+
+thread_local! {
+    /// This thread's own check (`wps_set_thread_interrupt_check`), taking the place of
+    /// the process-wide one. No destructor: usable while the thread exits.
+    static THREAD_CHECK: Cell<Option<Check>> = const { Cell::new(None) };
+    /// A check runs on this thread: a blocking call made from inside it (a signal
+    /// handler's) waits unchecked, so that no check is ever re-entered.
+    static CHECKING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as running a check until dropped.
+struct Checking {
+    outer: bool,
+}
+
+impl Checking {
+    fn enter() -> Checking {
+        Checking {
+            outer: CHECKING.with(|c| c.replace(true)),
+        }
+    }
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        CHECKING.with(|c| c.set(self.outer));
     }
 }
 
@@ -45,8 +79,14 @@ impl Check {
 static CHECK_FN: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
 static CHECK_INTERVAL_MS: AtomicU32 = AtomicU32::new(0);
 
-/// The check in force.
+/// The check in force for a wait starting on this thread.
 fn current() -> Option<Check> {
+    if CHECKING.with(Cell::get) {
+        return None;
+    }
+    if let Some(own) = THREAD_CHECK.with(Cell::get) {
+        return Some(own);
+    }
     let f = CHECK_FN.load(Ordering::Acquire);
     if f.is_null() {
         return None;
@@ -70,25 +110,53 @@ fn current() -> Option<Check> {
 /// cases differs); an invocation is cancelled at the service. An interrupted start goes on
 /// (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
 /// interrupted. NULL `cb` removes the check; a wait already running keeps the check it
-/// started with. Not called once callbacks are disabled (`wps_callbacks_disable`).
+/// started with. Not called once callbacks are disabled (`wps_callbacks_disable`), nor
+/// from inside itself: a blocking call the check makes waits unchecked. A thread with a
+/// check of its own (`wps_set_thread_interrupt_check`) asks that one instead.
 #[no_mangle]
 pub extern "C" fn wps_set_interrupt_check(cb: wps_interrupt_cb, interval_ms: u32) -> wps_status {
     guard(|| {
-        match cb {
-            Some(_) if interval_ms == 0 => {
-                return Err(fail(
-                    WPS_STATUS_INVALID_ARGUMENT,
-                    "`interval_ms` must be above 0",
-                ))
-            }
-            Some(cb) => {
+        match check_of(cb, interval_ms)? {
+            Some(check) => {
                 CHECK_INTERVAL_MS.store(interval_ms, Ordering::Release);
-                CHECK_FN.store(cb as *mut (), Ordering::Release);
+                CHECK_FN.store(check.cb as *mut (), Ordering::Release);
             }
             None => CHECK_FN.store(std::ptr::null_mut(), Ordering::Release),
         }
         Ok(())
     })
+}
+
+/// Sets the interrupt check of the blocking calls made on the calling thread, in place
+/// of the process-wide one (`wps_set_interrupt_check`), with the same rules; called on
+/// this thread only. For a check that only one thread can answer, such as Python's
+/// signal handlers, which run on its main thread. NULL `cb` removes it: the
+/// process-wide check applies again. A child of `fork()` keeps the forking thread's.
+#[no_mangle]
+pub extern "C" fn wps_set_thread_interrupt_check(
+    cb: wps_interrupt_cb,
+    interval_ms: u32,
+) -> wps_status {
+    guard(|| {
+        let own = check_of(cb, interval_ms)?;
+        THREAD_CHECK.with(|c| c.set(own));
+        Ok(())
+    })
+}
+
+/// The check that `cb` and `interval_ms` set (None: removed), or why there is none.
+fn check_of(cb: wps_interrupt_cb, interval_ms: u32) -> Result<Option<Check>, wps_status> {
+    match cb {
+        Some(_) if interval_ms == 0 => Err(fail(
+            WPS_STATUS_INVALID_ARGUMENT,
+            "`interval_ms` must be above 0",
+        )),
+        Some(cb) => Ok(Some(Check {
+            cb,
+            interval: Duration::from_millis(interval_ms.into()),
+        })),
+        None => Ok(None),
+    }
 }
 
 /// The interrupt check ended the wait.
