@@ -114,6 +114,39 @@ def test_refused_threads_fail_clearly_and_are_tried_again(hub: Hub) -> None:
     )
 
 
+def test_signal_handlers_run_in_blocking_calls_when_imported_on_another_thread(hub: Hub) -> None:
+    """Imported on a thread other than the main one, the package still lets signal
+    handlers run while a blocking call of the main thread waits (its check is installed
+    by the main thread's first blocking call): a SIGTERM handler's SystemExit ends a join
+    whose ack never comes at once, not after its 8 s ack timeout."""
+    code = f"""
+        import os, signal, threading, time, urllib.request
+        imported = threading.Thread(target=__import__, args=("webpubsub_client",))
+        imported.start()
+        imported.join()
+        from webpubsub_client import WebPubSubClient
+
+        def shut_down(signum, frame):
+            raise SystemExit("terminated")
+
+        signal.signal(signal.SIGTERM, shut_down)
+        client = WebPubSubClient({hub.url()!r}, ack_timeout=8.0, message_retry_total=0)
+        client.open()
+        drop = {hub.emulator.base!r} + "/_emulator/hubs/{hub.name}/connections/" + client.connection_id
+        urllib.request.urlopen(urllib.request.Request(drop + "/:dropAcks?count=1", method="POST")).close()
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        try:
+            client.join_group("g")
+        except SystemExit:
+            print(round(time.monotonic() - started, 2), flush=True)
+        client.close()
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 3, f"SystemExit came {result.stdout.strip()} s into the join"
+
+
 def test_open_client_is_closed_at_interpreter_exit(hub: Hub) -> None:
     """A client left open is stopped by the exit hook: the process exits promptly and cleanly."""
     code = f"""

@@ -6,6 +6,7 @@
 """
 
 import atexit as _atexit
+import os as _os
 
 from . import _callbacks
 from ._client import WebPubSubClient, WebPubSubClientCredential
@@ -25,4 +26,5 @@ __all__ = [
 # At exit, live clients are freed (or stopped) by their weakref finalizers, and the
 # library stops calling into Python before it tears down (either order is safe).
 _atexit.register(_callbacks.quiesce_native)
-_callbacks.install_interrupt_check()
+_callbacks.install_main_check()
+_os.register_at_fork(after_in_child=_callbacks.install_main_check)

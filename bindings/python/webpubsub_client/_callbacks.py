@@ -12,10 +12,8 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
-import signal
-import sys
 import threading
-from typing import Any, Callable, Dict, Optional, Set, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, cast
 
 from . import _native
 from ._native import lib
@@ -284,33 +282,74 @@ def quiesce_native() -> None:
         _LOGGER.warning("webpubsub_client: a callback still ran at exit: %s", _native.last_error_message())
 
 
-# Ctrl-C during a blocking call of the main thread. While a blocking call waits, the
-# library asks Python's own "was SIGINT received?" every _INTERRUPT_CHECK_MS: it is C
-# code run with the GIL held (no bytecode, so no Python signal handler runs inside the
-# callback), and it says yes only on the main thread, where Python handles signals. The
-# call then returns STATUS_INTERRUPTED and `redeliver_interrupt` hands the signal back.
-# With Python's default handler that raises KeyboardInterrupt; a handler of the
-# application that returns (a graceful-shutdown flag) lets the operation resume.
+# Signals during a blocking call of the main thread. Python runs signal handlers on its
+# main thread only, between bytecodes, so none would run while that thread waits in the
+# library. The main thread therefore has an interrupt check of its own
+# (`wps_set_thread_interrupt_check`), asked every _INTERRUPT_CHECK_MS while it waits,
+# which runs the handlers of the signals received meanwhile, as Python would between
+# bytecodes. A handler that returns (a graceful-shutdown flag, an event loop's
+# add_signal_handler) lets the wait go on; the exception of one that raises (the default
+# SIGINT handler's KeyboardInterrupt, sys.exit's SystemExit) is kept, the check ends the
+# wait, and the call raises it (`raise_interrupt`).
+#
+# The check is a generator's __next__: Python runs pending handlers at the first bytecode
+# of a call, where a plain function has entered no try yet (an exception raised there is
+# lost in the ctypes callback), while a generator resumes inside its try. The library
+# never asks the check from inside itself: a blocking call a handler makes waits unchecked.
 _INTERRUPT_CHECK_MS = 50
-_INTERRUPT_CHECK = _native.INTERRUPT_CB(ctypes.pythonapi.PyOS_InterruptOccurred)
+_check_signals = ctypes.pythonapi.PyErr_CheckSignals
+_check_signals.restype = ctypes.c_int
+_check_signals.argtypes = []
+_raised: List[Optional[BaseException]] = [None]  # the exception a handler raised in the check
+_checks: List[Any] = []  # every check made (generator, callback): a wait may still ask one
+_main_check_missing = True  # not yet installed on the main thread
 
 
-def install_interrupt_check() -> None:
-    """Let Ctrl-C end the waits of blocking calls on the main thread (process-wide)."""
-    status = lib.wps_set_interrupt_check(_INTERRUPT_CHECK, _INTERRUPT_CHECK_MS)
-    if status != _native.STATUS_OK:
+def _signal_checks() -> Iterator[int]:
+    """The main thread's interrupt check: 1 once a handler has raised (kept in _raised)."""
+    interrupted = 0
+    while True:
+        try:
+            while True:  # the loop's own bytecodes stay inside the try
+                yield interrupted
+                interrupted = 0
+                _check_signals()
+        except GeneratorExit:  # closed (interpreter exit)
+            return
+        except BaseException as error:  # noqa: BLE001  # pylint: disable=broad-exception-caught
+            _raised[0] = error
+            interrupted = 1
+
+
+def install_main_check() -> None:
+    """Install the interrupt check, if this thread is the main thread (called at import,
+    by a blocking call of the main thread when imported on another one, and in a child of
+    ``fork()``, whose forking thread is its main thread)."""
+    global _main_check_missing  # noqa: PLW0603
+    if threading.current_thread() is not threading.main_thread():
+        return
+    checks = _signal_checks()
+    next(checks)  # runs to its first yield, inside the try
+    callback = _native.INTERRUPT_CB(checks.__next__)
+    _checks.append((checks, callback))
+    if lib.wps_set_thread_interrupt_check(callback, _INTERRUPT_CHECK_MS) != _native.STATUS_OK:
         _LOGGER.warning("webpubsub_client: cannot install the interrupt check: %s", _native.last_error_message())
+    _main_check_missing = False
 
 
-def redeliver_interrupt() -> None:
-    """A blocking call was interrupted by a SIGINT that the interrupt check took from
-    Python: run Python's handler now, as Python would have (by default it raises
-    KeyboardInterrupt from here; when it returns, the caller resumes its operation, as
-    the official client's wait goes on). Called, not raised again: the signal's delivery
-    already wrote the wakeup fd (``signal.set_wakeup_fd``), and a second delivery would
-    write it again, so an event loop's ``add_signal_handler(SIGINT)`` would see two Ctrl-C."""
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        handler(signal.SIGINT, sys._getframe(1))  # pylint: disable=protected-access
-    else:  # not Python's handler: the signal's own action
-        signal.raise_signal(signal.SIGINT)
+def ensure_main_check() -> None:
+    """Called before a blocking call: install the check if this is the main thread and the
+    module was imported on another one."""
+    if _main_check_missing:
+        install_main_check()
+
+
+def raise_interrupt() -> None:
+    """A blocking call of the main thread returned STATUS_INTERRUPTED: raise the
+    exception the signal handler raised in the check. Returns when there is none (the
+    check itself failed: the caller reports the interrupted operation)."""
+    error, _raised[0] = _raised[0], None
+    if _checks and _checks[-1][0].gi_frame is None:  # ended by a second handler's exception: replace it
+        install_main_check()
+    if error is not None:
+        raise error

@@ -515,10 +515,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if kwargs:
             _base.operation_keywords(method, kwargs, group_name)
         out = _native.WpsAckResult()
-        status = call(self._live_handle(), group, ctypes.byref(out))
-        while status == _native.STATUS_INTERRUPTED:  # the application's SIGINT handler returned
-            _callbacks.redeliver_interrupt()  # joining and leaving are idempotent: again
-            status = call(self._live_handle(), group, ctypes.byref(out))
+        status = call(self._blocking_handle(), group, ctypes.byref(out))
+        if status == _native.STATUS_INTERRUPTED:
+            _callbacks.raise_interrupt()
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out))
         return _base.ack_result(out)
@@ -579,13 +578,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     ) -> WebPubSubResult:
         """Sends through the C forms ``(plain, with_ack_id)`` of send_to_group or send_event."""
         plain, with_ack_id = forms
-        handle = self._live_handle()
+        handle = self._blocking_handle()
         if not ack and ack_id is None:
             # no ack to read: no out-struct, and the call returns once the frame is queued
             status = plain(handle, target, kind, payload, len(payload), flags, None)
             if status == _native.STATUS_INTERRUPTED:  # while it waited for room in a full queue
-                _callbacks.redeliver_interrupt()
-                return self._send(forms, target, kind, payload, flags, ack, ack_id)  # not queued: again
+                _callbacks.raise_interrupt()
             if status != _native.STATUS_OK:
                 raise _base.operation_error(status)
             return WebPubSubResult(None, False)
@@ -595,15 +593,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         else:
             status = plain(handle, target, kind, payload, len(payload), flags, ctypes.byref(out))
         if status == _native.STATUS_INTERRUPTED:
-            _callbacks.redeliver_interrupt()
-            # The application's SIGINT handler returned: the send goes on, with its ackId
-            # (a resend of one the service has processed is answered as a duplicate).
-            result = self._send(forms, target, kind, payload, flags, True, _base.failed_ack_id(out, ack_id))
-            if ack_id is None and result.is_duplicated:
-                # The ackId was this call's own: the duplicate is its interrupted attempt,
-                # acked while the handler ran. One send, as the official client's wait sees it.
-                return WebPubSubResult(result.ack_id, False)
-            return result
+            _callbacks.raise_interrupt()
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out, ack_id))
         return _base.ack_result(out)
@@ -628,10 +618,10 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         timeout_ms = _base.check_timeout(timeout)
         response = ctypes.c_void_p()
         status = lib.wps_client_invoke_event(
-            self._live_handle(), event, kind, payload, len(payload), timeout_ms, ctypes.byref(response)
+            self._blocking_handle(), event, kind, payload, len(payload), timeout_ms, ctypes.byref(response)
         )
-        if status == _native.STATUS_INTERRUPTED:  # cancelled at the service: not resumed
-            _callbacks.redeliver_interrupt()
+        if status == _native.STATUS_INTERRUPTED:  # cancelled at the service
+            _callbacks.raise_interrupt()
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, invoke=True)
         try:
@@ -643,6 +633,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             lib.wps_invoke_response_free(response)
 
     # ---- internals ---------------------------------------------------------------
+
+    def _blocking_handle(self) -> int:
+        """The handle, for a blocking call: one a signal handler may end (see _callbacks)."""
+        _callbacks.ensure_main_check()
+        return self._live_handle()
 
     def _live_handle(self) -> int:
         if not self._finalizer.alive:

@@ -338,7 +338,7 @@ _SIGNATURES = {
     # logging
     "wps_set_log_callback": (_status, [LOG_CB, c_void_p, c_uint32]),
     "wps_callbacks_disable": (_status, [c_uint32]),
-    "wps_set_interrupt_check": (_status, [INTERRUPT_CB, c_uint32]),
+    "wps_set_thread_interrupt_check": (_status, [INTERRUPT_CB, c_uint32]),
     # caller-chosen ackIds and the user agent
     "wps_client_send_to_group_with_ack_id": (
         _status,
