@@ -142,7 +142,10 @@
 #define WPS_STATE_STOPPED 0
 
 /**
- * Client state: connecting (from the moment a start is handed over, or reconnecting).
+ * Client state: connecting: from the moment a start is handed to a stopped client, or
+ * reconnecting. A start handed over behind a stop still in progress
+ * (`wps_client_stop_async`) is taken once that stop is done: the state goes through
+ * `WPS_STATE_DISCONNECTED` (if connected) and `WPS_STATE_STOPPED` first.
  */
 #define WPS_STATE_CONNECTING 1
 
@@ -470,7 +473,8 @@ typedef struct wps_completion {
    * Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
    * when the operation had one: `WPS_STATUS_ACK_ERROR`, `WPS_STATUS_TIMEOUT` after
    * its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost,
-   * `WPS_STATUS_STOPPED` when `wps_client_stop` or `wps_client_free` ended it).
+   * `WPS_STATUS_STOPPED` when `wps_client_stop` or `wps_client_free` ended it,
+   * `WPS_STATUS_CANCELLED` when `wps_client_cancel` gave it up).
    */
   bool has_ack_id;
   /**
@@ -519,9 +523,9 @@ typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *
  * failure `has_ack_id` tells whether the failed operation had an ackId: refused
  * (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
  * resend with it is deduplicated by the service), sent (or queued during a recovery)
- * when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`
- * ended it (`WPS_STATUS_STOPPED`), or given up by the interrupt check
- * (`WPS_STATUS_INTERRUPTED`).
+ * when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`,
+ * or `wps_client_free` on another thread, ended it (`WPS_STATUS_STOPPED`), or given up
+ * by the interrupt check (`WPS_STATUS_INTERRUPTED`).
  */
 typedef struct wps_ack_result {
   /**
@@ -864,7 +868,9 @@ wps_status wps_client_dispatch_resume(struct wps_client *c, uint64_t *dropped);
 
 /**
  * Connects; blocks until connected or failed (start timeout). Fails with
- * `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped, and with
+ * `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped once the connection task
+ * takes the start (a start behind a stop still in progress, `wps_client_stop_async`,
+ * is taken after it, and connects), and with
  * `WPS_STATUS_STOPPED` once its `wps_client_free` has begun (from a callback running
  * during the teardown).
  *
@@ -1447,7 +1453,8 @@ wps_status wps_options_set_proxy(struct wps_options *o, const char *url);
 const char *wps_status_str(wps_status status);
 
 /**
- * The detail message of the last failed call on this thread, "" when none.
+ * The detail message of this thread's last call that returned a `wps_status`: "" when
+ * it returned `WPS_STATUS_OK` (the calls returning no status do not clear it).
  * Like every text the library writes as a C string, a U+0000 in it (from the service's
  * text) is written as the six characters `\u0000`.
  *

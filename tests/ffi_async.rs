@@ -514,6 +514,45 @@ fn start_and_stop_without_blocking_complete_after_their_events() {
     setup.shutdown();
 }
 
+/// The header (`wps_client_start`, `WPS_STATE_CONNECTING`): a start handed over behind
+/// a stop still in progress is taken once that stop is done. Called on a client still
+/// connected, it connects again instead of failing with `WPS_STATUS_ILLEGAL_STATE`,
+/// after the stop's disconnected and stopped events.
+#[test]
+fn a_start_behind_a_stop_in_progress_connects_after_it() {
+    let setup = Setup::new();
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, true);
+    let mut stop = 0;
+    unsafe {
+        check(
+            wps_client_stop_async(c, Some(on_complete), rec.user_data(), &mut stop),
+            "stop_async",
+        );
+        check(wps_client_start(c), "the start behind the stop");
+        assert_eq!(wps_client_state(c), WPS_STATE_CONNECTED);
+    }
+    rec.wait("the stop and the second connection", |s| {
+        s.completions.contains_key(&stop)
+            && s.timeline.iter().filter(|e| *e == "connected").count() == 2
+    });
+    {
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen.completions[&stop], vec![WPS_STATUS_OK]);
+        let events: Vec<_> = seen
+            .timeline
+            .iter()
+            .filter(|e| !e.starts_with("c "))
+            .collect();
+        assert_eq!(
+            events,
+            ["connected", "disconnected", "stopped", "connected"]
+        );
+    }
+    unsafe { wps_client_free(c) };
+    setup.shutdown();
+}
+
 #[test]
 fn a_cancelled_async_operation_completes_once_with_cancelled() {
     const SENDS: usize = 1000;

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_STOPPED};
 use webpubsub_client::ffi::client::{
-    wps_client, wps_client_dispatch, wps_client_free, wps_client_invoke_event,
-    wps_client_join_group, wps_client_new, wps_client_send_to_group, wps_client_start,
-    wps_client_state, wps_client_stop, wps_invoke_response,
+    wps_ack_result, wps_client, wps_client_dispatch, wps_client_free, wps_client_invoke_event,
+    wps_client_join_group, wps_client_new, wps_client_send_event, wps_client_send_to_group,
+    wps_client_start, wps_client_state, wps_client_stop, wps_invoke_response,
 };
 use webpubsub_client::ffi::credential::{
     wps_credential_result, wps_credential_result_set_error, wps_credential_result_set_url,
@@ -212,6 +212,55 @@ fn a_blocking_call_ends_when_another_thread_frees_its_client() {
     assert!(!message.is_empty());
     assert!(no_response);
     invoker.join().unwrap();
+    rt.block_on(emulator.shutdown());
+}
+
+/// The header (`wps_ack_result`): an acked operation ended by a free on another thread
+/// reports `WPS_STATUS_STOPPED` with its ackId, as one ended by `wps_client_stop` does.
+#[test]
+fn a_blocking_send_ended_by_a_free_on_another_thread_reports_its_ack_id() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (emulator, url) = common::emulator_with_silent_upstream(&rt);
+    let c = common::ffi_client(&url, None, std::ptr::null_mut(), None);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    let client = c as usize;
+    let sender = std::thread::spawn(move || {
+        let mut out = wps_ack_result {
+            ack_id: 0,
+            has_ack_id: false,
+            is_duplicated: true,
+        };
+        // Acked once the upstream answers, which it never does.
+        let status = unsafe {
+            wps_client_send_event(
+                client as *mut wps_client,
+                c"slow".as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                b"x".as_ptr(),
+                1,
+                0,
+                &mut out,
+            )
+        };
+        (status, last_error(), out)
+    });
+    rt.block_on(common::until_stats(
+        &emulator,
+        "the event at the upstream",
+        30,
+        |s| s["upstreamRequests"].as_u64() >= Some(1),
+    ));
+    bounded("wps_client_free", move || unsafe {
+        wps_client_free(client as *mut wps_client)
+    });
+    let (status, message, out) = sender.join().unwrap();
+    assert_eq!(status, WPS_STATUS_STOPPED, "{message}");
+    assert!(
+        out.has_ack_id && out.ack_id >= 1 && !out.is_duplicated,
+        "ackId {} (has_ack_id {})",
+        out.ack_id,
+        out.has_ack_id
+    );
     rt.block_on(emulator.shutdown());
 }
 

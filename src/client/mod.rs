@@ -46,7 +46,8 @@ pub enum ClientState {
     /// Not started, stopped, or given up reconnecting.
     Stopped,
     /// Opening a new connection (`start` or an automatic reconnect): from the moment
-    /// `start` hands its command over, as with the official clients.
+    /// `start` hands its command to a stopped client, as with the official clients. A
+    /// start behind a stop still in progress is taken once that stop is done.
     Connecting,
     /// Connected; operations are sent at once.
     Connected,

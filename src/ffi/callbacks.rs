@@ -105,7 +105,8 @@ pub struct wps_completion {
     /// Acked operations: whether `ack_id` is set (not for fire-and-forget; on failure
     /// when the operation had one: `WPS_STATUS_ACK_ERROR`, `WPS_STATUS_TIMEOUT` after
     /// its retries, `WPS_STATUS_NOT_CONNECTED` when its connection was lost,
-    /// `WPS_STATUS_STOPPED` when `wps_client_stop` or `wps_client_free` ended it).
+    /// `WPS_STATUS_STOPPED` when `wps_client_stop` or `wps_client_free` ended it,
+    /// `WPS_STATUS_CANCELLED` when `wps_client_cancel` gave it up).
     pub has_ack_id: bool,
     /// The operation's ackId (on a failure, the failed one's).
     pub ack_id: u64,

@@ -74,9 +74,9 @@ pub struct wps_invoke_response {
 /// failure `has_ack_id` tells whether the failed operation had an ackId: refused
 /// (`WPS_STATUS_ACK_ERROR`), timed out after its retries (`WPS_STATUS_TIMEOUT`: a
 /// resend with it is deduplicated by the service), sent (or queued during a recovery)
-/// when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`
-/// ended it (`WPS_STATUS_STOPPED`), or given up by the interrupt check
-/// (`WPS_STATUS_INTERRUPTED`).
+/// when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`,
+/// or `wps_client_free` on another thread, ended it (`WPS_STATUS_STOPPED`), or given up
+/// by the interrupt check (`WPS_STATUS_INTERRUPTED`).
 #[repr(C)]
 pub struct wps_ack_result {
     /// The operation's ackId when `has_ack_id` (not for fire-and-forget).
@@ -769,7 +769,9 @@ fn not_polled() -> wps_status {
 }
 
 /// Connects; blocks until connected or failed (start timeout). Fails with
-/// `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped, and with
+/// `WPS_STATUS_ILLEGAL_STATE` when the client is not stopped once the connection task
+/// takes the start (a start behind a stop still in progress, `wps_client_stop_async`,
+/// is taken after it, and connects), and with
 /// `WPS_STATUS_STOPPED` once its `wps_client_free` has begun (from a callback running
 /// during the teardown).
 ///

@@ -67,7 +67,10 @@ pub const WPS_RETRY_EXPONENTIAL: u32 = 1;
 
 /// Client state: stopped (initial and final state).
 pub const WPS_STATE_STOPPED: u32 = 0;
-/// Client state: connecting (from the moment a start is handed over, or reconnecting).
+/// Client state: connecting: from the moment a start is handed to a stopped client, or
+/// reconnecting. A start handed over behind a stop still in progress
+/// (`wps_client_stop_async`) is taken once that stop is done: the state goes through
+/// `WPS_STATE_DISCONNECTED` (if connected) and `WPS_STATE_STOPPED` first.
 pub const WPS_STATE_CONNECTING: u32 = 1;
 /// Client state: connected.
 pub const WPS_STATE_CONNECTED: u32 = 2;
@@ -226,7 +229,8 @@ pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
     s.as_ptr().cast()
 }
 
-/// The detail message of the last failed call on this thread, "" when none.
+/// The detail message of this thread's last call that returned a `wps_status`: "" when
+/// it returned `WPS_STATUS_OK` (the calls returning no status do not clear it).
 /// Like every text the library writes as a C string, a U+0000 in it (from the service's
 /// text) is written as the six characters `\u0000`.
 ///
