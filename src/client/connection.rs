@@ -218,30 +218,8 @@ pub(crate) fn spawn(
     mpsc::UnboundedSender<Command>,
     mpsc::Sender<Operation>,
 ) {
-    let shared = Arc::new(Shared::new(&options));
-    let (command_tx, commands) = mpsc::unbounded_channel();
-    let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
-    let task = Task {
-        shared: shared.clone(),
-        connector: Connector::new(&options),
-        pending: Pending::new(options.ack_timeout, options.message_retry.clone()),
-        options,
-        credential,
-        on_event,
-        commands,
-        operations,
-        sequence: Sequence::default(),
-        groups: BTreeSet::new(),
-        session: None,
-        announced: false,
-        disconnect_message: None,
-        recovered_at: None,
-        out: Vec::new(),
-        done: Vec::new(),
-        in_batch: false,
-        taken: 0,
-        _end: EndMark(shared.clone()),
-    };
+    let (task, command_tx, operation_tx) = Task::new(credential, options, on_event);
+    let shared = task.shared.clone();
     runtime.spawn(task.run());
     (shared, command_tx, operation_tx)
 }
@@ -324,6 +302,43 @@ struct Task {
 }
 
 impl Task {
+    /// A stopped client's task, and the senders of its commands and operations.
+    fn new(
+        credential: Credential,
+        options: ClientOptions,
+        on_event: Arc<dyn EventHandler>,
+    ) -> (
+        Task,
+        mpsc::UnboundedSender<Command>,
+        mpsc::Sender<Operation>,
+    ) {
+        let shared = Arc::new(Shared::new(&options));
+        let (command_tx, commands) = mpsc::unbounded_channel();
+        let (operation_tx, operations) = mpsc::channel(OPERATION_QUEUE);
+        let task = Task {
+            shared: shared.clone(),
+            connector: Connector::new(&options),
+            pending: Pending::new(options.ack_timeout, options.message_retry.clone()),
+            options,
+            credential,
+            on_event,
+            commands,
+            operations,
+            sequence: Sequence::default(),
+            groups: BTreeSet::new(),
+            session: None,
+            announced: false,
+            disconnect_message: None,
+            recovered_at: None,
+            out: Vec::new(),
+            done: Vec::new(),
+            in_batch: false,
+            taken: 0,
+            _end: EndMark(shared),
+        };
+        (task, command_tx, operation_tx)
+    }
+
     async fn run(mut self) {
         let mut next = Next::Idle;
         loop {
@@ -352,9 +367,9 @@ impl Task {
         debug!("client dropped; connection task ends");
     }
 
-    /// Stopped: operations are refused until `start`.
+    /// Stopped: operations are refused until `start`. Every way here set the state
+    /// already; set again, it would undo the `Connecting` of a start handed over since.
     async fn idle(&mut self) -> Next {
-        self.shared.set_state(ClientState::Stopped);
         loop {
             tokio::select! {
                 command = self.commands.recv() => match command {
@@ -1578,5 +1593,27 @@ mod tests {
         assert_eq!(shared.state(), ClientState::Stopped);
         assert_eq!(shared.connection_id(), None);
         assert!(shared.wait_ended(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_start_handed_over_before_the_task_is_idle_reads_connecting() {
+        // As a start from the `Stopped` event's handler, or from another thread once
+        // the stop has set the state: the task's way into idle() must not undo it.
+        let credential = Credential::Url("ws://127.0.0.1:9/client/hubs/h".into());
+        let (mut task, commands, _operations) = Task::new(
+            credential,
+            ClientOptions::default(),
+            Arc::new(|_: Event| {}),
+        );
+        let shared = task.shared.clone();
+        shared.start_queued();
+        let (reply, _outcome) = oneshot::channel();
+        assert!(commands.send(Command::Start(reply)).is_ok());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let next = rt.block_on(task.idle());
+        assert!(matches!(next, Next::Open { attempt: 0, .. }));
+        assert_eq!(shared.state(), ClientState::Connecting);
     }
 }
