@@ -249,12 +249,15 @@ pub enum Permission {
 }
 
 impl Permission {
-    /// Parses the REST route name (`joinLeaveGroup`, `sendToGroup`).
+    /// Parses the REST route name (`joinLeaveGroup`, `sendToGroup`), without case as
+    /// the service binds it.
     pub fn from_rest_name(name: &str) -> Option<Permission> {
-        match name {
-            "joinLeaveGroup" => Some(Permission::JoinLeaveGroup),
-            "sendToGroup" => Some(Permission::SendToGroup),
-            _ => None,
+        if name.eq_ignore_ascii_case("joinLeaveGroup") {
+            Some(Permission::JoinLeaveGroup)
+        } else if name.eq_ignore_ascii_case("sendToGroup") {
+            Some(Permission::SendToGroup)
+        } else {
+            None
         }
     }
 

@@ -522,8 +522,9 @@ pub(crate) struct Conn {
     pub subprotocol: Option<String>,
     pub reconnection_token: String,
     pub roles: Vec<String>,
-    /// Permissions granted through REST: (permission, target group or all).
-    pub granted: RwLock<Vec<(Permission, Option<String>)>>,
+    /// Per-group permissions set through REST (true granted, false revoked); for its
+    /// group, one takes precedence over the roles.
+    overrides: RwLock<HashMap<(Permission, String), bool>>,
     pub groups: Mutex<HashSet<String>>,
     /// Held while its group memberships or its user entry change: a join and a leave at
     /// once leave it in a group in both the group's and its own view, or in neither, and
@@ -575,7 +576,7 @@ impl Conn {
             subprotocol,
             reconnection_token: random_id(40),
             roles,
-            granted: RwLock::new(Vec::new()),
+            overrides: RwLock::new(HashMap::new()),
             groups: Mutex::new(HashSet::new()),
             membership: Mutex::new(()),
             state: Mutex::new(ConnState {
@@ -633,12 +634,20 @@ impl Conn {
 
     /// May this connection do `perm` on `group`?
     pub(crate) fn allowed(&self, perm: Permission, group: &str) -> bool {
+        let overrides = self.overrides.read();
+        if !overrides.is_empty() {
+            if let Some(&allow) = overrides.get(&(perm, group.to_owned())) {
+                return allow;
+            }
+        }
         self.roles.iter().any(|r| role_grants(r, perm, group))
-            || self
-                .granted
-                .read()
-                .iter()
-                .any(|(p, target)| *p == perm && target.as_deref().map_or(true, |t| t == group))
+    }
+
+    /// Grants (`allow`) or revokes `perm` on `group` alone, whatever the roles say.
+    pub(crate) fn set_permission(&self, perm: Permission, group: &str, allow: bool) {
+        self.overrides
+            .write()
+            .insert((perm, group.to_owned()), allow);
     }
 
     /// Queues a frame to the attached socket, honouring mute. Returns false when the

@@ -136,6 +136,14 @@ pub(crate) async fn dispatch(
         return error(StatusCode::BAD_REQUEST, e);
     }
     let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
+    // An empty id or name leaves an empty segment, which no route of the service
+    // matches: 404, not an operation on the empty name (Azure/azure-webpubsub#47).
+    if rest.iter().any(|s| s.is_empty()) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("No route for {} {}.", method, uri.path()),
+        );
+    }
     if let ["groups", group, ..] | ["users", _, "groups", group, ..] = rest.as_slice() {
         if let Err(e) = validate_group(group) {
             return error(StatusCode::BAD_REQUEST, e);
@@ -479,14 +487,27 @@ impl Request<'_> {
         })
     }
 
+    /// Grant, revoke or check `perm` on the group `targetName` (required, a group name).
+    /// A grant or a revoke overrides, for that one group, what the token's roles say.
     fn permission(&self, hub: &Hub, perm: &str, c: &str) -> Option<Response> {
+        if ![Method::PUT, Method::DELETE, Method::HEAD].contains(self.method) {
+            return None;
+        }
         let Some(permission) = Permission::from_rest_name(perm) else {
             return Some(error(
                 StatusCode::BAD_REQUEST,
                 format!("Unknown permission '{perm}': use joinLeaveGroup or sendToGroup."),
             ));
         };
-        let target = self.query.get("targetName").map(str::to_owned);
+        let Some(target) = self.query.get("targetName") else {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "targetName, the group the permission is for, is required.",
+            ));
+        };
+        if let Err(e) = validate_group(target) {
+            return Some(error(StatusCode::BAD_REQUEST, format!("targetName: {e}")));
+        }
         let Some(conn) = conn(hub, c) else {
             return Some(match *self.method {
                 Method::DELETE => status(StatusCode::NO_CONTENT),
@@ -495,27 +516,14 @@ impl Request<'_> {
         };
         Some(match *self.method {
             Method::PUT => {
-                let mut granted = conn.granted.write();
-                if !granted.contains(&(permission, target.clone())) {
-                    granted.push((permission, target));
-                }
+                conn.set_permission(permission, target, true);
                 status(StatusCode::OK)
             }
             Method::DELETE => {
-                conn.granted
-                    .write()
-                    .retain(|(p, t)| !(*p == permission && *t == target));
+                conn.set_permission(permission, target, false);
                 status(StatusCode::NO_CONTENT)
             }
-            Method::HEAD => exists(match &target {
-                Some(group) => conn.allowed(permission, group),
-                None => conn
-                    .granted
-                    .read()
-                    .iter()
-                    .any(|(p, t)| *p == permission && t.is_none()),
-            }),
-            _ => return None,
+            _ => exists(conn.allowed(permission, target)),
         })
     }
 

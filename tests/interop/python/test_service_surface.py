@@ -160,44 +160,54 @@ def test_user_and_connection_group_membership(service, client_url):
     asyncio.run(body())
 
 
-def test_permissions_with_and_without_target_name(service, client_url):
+def test_permissions_need_a_target_name_and_override_roles(service, client_url):
+    """The service requires `target_name` (the group); the SDKs let it be left out, and
+    then the service answers 400. A grant or a revoke is for that group alone and
+    overrides, for it, what the token's roles say."""
+
     async def body():
         async with clients() as new:
             a = await new(client_url("alice"), message_retry_total=0)
-            b = await new(client_url("bob", ROLES))
+            b = await new(client_url("bob", ROLES), message_retry_total=0)
             await b.sdk.join_group("any")
             await b.sdk.join_group("perm")
 
+            for call in (service.grant_permission, service.has_permission, service.revoke_permission):
+                for permission in ("sendToGroup", "joinLeaveGroup"):
+                    with pytest.raises(HttpResponseError) as err:
+                        call(permission, a.connection_id)
+                    assert err.value.status_code == 400
+            with pytest.raises(HttpResponseError) as err:
+                service.grant_permission("sendToGroup", a.connection_id)
+            assert "targetName" in str(err.value)
+
             with pytest.raises(SendMessageError):
-                await a.sdk.send_to_group("any", "x", WebPubSubDataType.TEXT)
-            # No target name: every group.
-            service.grant_permission("sendToGroup", a.connection_id)
-            assert service.has_permission("sendToGroup", a.connection_id)
-            assert service.has_permission("sendToGroup", a.connection_id, target_name="any")
-            await a.sdk.send_to_group("any", "to any", WebPubSubDataType.TEXT)
-            assert (await get(b.group)).data == "to any"
-            service.revoke_permission("sendToGroup", a.connection_id)
-            assert not service.has_permission("sendToGroup", a.connection_id)
+                await a.sdk.send_to_group("perm", "x", WebPubSubDataType.TEXT)
+            service.grant_permission("sendToGroup", a.connection_id, target_name="perm")
+            assert service.has_permission("sendToGroup", a.connection_id, target_name="perm")
+            assert not service.has_permission("sendToGroup", a.connection_id, target_name="any")
+            await a.sdk.send_to_group("perm", "to perm", WebPubSubDataType.TEXT)
+            assert (await get(b.group)).data == "to perm"
             with pytest.raises(SendMessageError) as err:
                 await a.sdk.send_to_group("any", "x", WebPubSubDataType.TEXT)
             assert err.value.error_detail.name == "Forbidden"
-
-            # A target name: that group only.
-            service.grant_permission("sendToGroup", a.connection_id, target_name="perm")
-            assert service.has_permission("sendToGroup", a.connection_id, target_name="perm")
-            await a.sdk.send_to_group("perm", "to perm", WebPubSubDataType.TEXT)
-            assert (await get(b.group)).data == "to perm"
+            service.revoke_permission("sendToGroup", a.connection_id, target_name="perm")
             with pytest.raises(SendMessageError):
-                await a.sdk.send_to_group("any", "x", WebPubSubDataType.TEXT)
+                await a.sdk.send_to_group("perm", "x", WebPubSubDataType.TEXT)
 
-            service.grant_permission("joinLeaveGroup", a.connection_id)
-            await a.sdk.join_group("joined")
+            # b's roles grant every group; a revoke takes "perm" out, and only it.
+            assert service.has_permission("joinLeaveGroup", b.connection_id, target_name="perm")
+            service.revoke_permission("joinLeaveGroup", b.connection_id, target_name="perm")
+            assert not service.has_permission("joinLeaveGroup", b.connection_id, target_name="perm")
+            with pytest.raises(SendMessageError) as err:
+                await b.sdk.leave_group("perm")
+            assert err.value.error_detail.name == "Forbidden"
+            await b.sdk.join_group("joined")
             assert service.group_exists("joined")
-            await a.sdk.leave_group("joined")
-            service.revoke_permission("joinLeaveGroup", a.connection_id)
-            with pytest.raises(SendMessageError):
-                await a.sdk.join_group("joined")
-            assert not service.has_permission("joinLeaveGroup", "no-such-connection")
+            service.grant_permission("joinLeaveGroup", b.connection_id, target_name="perm")
+            await b.sdk.leave_group("perm")
+
+            assert not service.has_permission("joinLeaveGroup", "no-such-connection", target_name="perm")
             assert b.group.empty()
 
     asyncio.run(body())
