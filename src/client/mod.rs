@@ -60,8 +60,10 @@ pub enum ClientState {
     Disconnected,
 }
 
-/// What happened on the connection, delivered in order to the [`EventHandler`].
+/// What happened on the connection, delivered in order to the [`EventHandler`]. More
+/// kinds may come in later versions: a `match` needs a `_` arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A new connection is ready (not raised again after a recovery).
     Connected {
@@ -211,8 +213,10 @@ pub struct InvokeOptions {
     pub timeout: Option<Duration>,
 }
 
-/// Every failure the client reports.
+/// Every failure the client reports. More kinds may come in later versions: a `match`
+/// needs a `_` arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Error {
     /// A bad argument (empty group, invalid JSON payload, bad URL, ...).
     InvalidArgument(String),

@@ -521,6 +521,7 @@ impl webpubsub_client::EventHandler for StateAtEvent {
             Event::RejoinGroupFailed { .. } => "rejoinGroupFailed",
             Event::ServerMessage { .. } => "serverMessage",
             Event::GroupMessage { .. } => "groupMessage",
+            other => panic!("an event this test does not know: {other:?}"),
         };
         let client = self.client.get();
         let state = client.map_or(ClientState::Stopped, Client::state);
