@@ -11,7 +11,6 @@ import signal
 import socket
 import threading
 import time
-import types
 import weakref
 from typing import Any, List, Set
 
@@ -23,7 +22,6 @@ from webpubsub_client import (
     WebPubSubClientCredential,
     _base,
     _callbacks,
-    _client,
     _dispatcher,
     _native,
 )
@@ -212,35 +210,6 @@ def test_ctrl_c_interrupts_an_open_that_waits_for_the_server(hub: Hub) -> None:
     other.open()
     assert other.is_connected()
     other.close()
-
-
-def test_ctrl_c_while_open_starts_its_helper_thread_stops_the_client(hub: Hub, monkeypatch: Any) -> None:
-    """A Ctrl-C whose KeyboardInterrupt comes out of the start of the thread that
-    ``open()`` connects on (``Thread.start`` waits for the thread to run, and a signal
-    interrupts that wait) stops the client as one during the wait for the connection
-    does. Before, the thread went on connecting: ``open()`` raised KeyboardInterrupt, and
-    the client was connected."""
-    assert threading.current_thread() is threading.main_thread()
-
-    helpers: List[threading.Thread] = []
-
-    class InterruptedStart(threading.Thread):
-        def start(self) -> None:
-            super().start()
-            helpers.append(self)
-            raise KeyboardInterrupt  # as the default SIGINT handler raises it in the wait
-
-    # The threads the client module starts: its own only.
-    monkeypatch.setattr(_client, "threading", types.SimpleNamespace(**{**vars(threading), "Thread": InterruptedStart}))
-    client = make(hub.url())
-    with pytest.raises(KeyboardInterrupt):
-        client.open()
-    monkeypatch.undo()
-    helpers[0].join(WAIT)  # its start returned: connected, had it gone on
-    assert client.state is WebPubSubClientState.STOPPED
-    client.open()  # the client goes on
-    assert client.is_connected()
-    client.close()
 
 
 def _sigint_during(call: Any) -> Any:

@@ -139,33 +139,6 @@ class _SyncSink:
 _STOPPED = CallbackType.STOPPED
 
 
-def _start_interruptibly(client: "WebPubSubClient") -> Tuple[int, str]:
-    """``wps_client_start`` on a helper thread, while the main thread waits for it in a way
-    a signal interrupts: Ctrl-C raises KeyboardInterrupt at once, as in the official client,
-    instead of once the blocking call returns (up to ``start_timeout``). An interrupted
-    open leaves the client stopped. Returns the status and its error message (read on the
-    helper). The helper holds ``client``, so that its handle is not freed under the call."""
-    outcome: List[Tuple[int, str]] = []
-    interrupted = threading.Event()
-
-    def start() -> None:
-        handle = client._handle  # pylint: disable=protected-access
-        status = lib.wps_client_start(handle)
-        outcome.append((status, "" if status == _native.STATUS_OK else _native.last_error_message()))
-        if status == _native.STATUS_OK and interrupted.is_set():
-            lib.wps_client_stop(handle)  # connected after the interrupt's stop came too early
-
-    starter = threading.Thread(target=start, name="webpubsub-open", daemon=True)
-    try:
-        starter.start()  # its wait for the thread to run is interrupted too, the thread running
-        starter.join()
-    except BaseException:
-        interrupted.set()
-        lib.wps_client_stop(client._handle)  # pylint: disable=protected-access
-        raise
-    return outcome[0]
-
-
 # The C forms (plain, with_ack_id) of each send, looked up once.
 _GROUP_FORMS = (lib.wps_client_send_to_group, lib.wps_client_send_to_group_with_ack_id)
 _EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_with_ack_id)
@@ -306,8 +279,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     # ---- lifecycle ---------------------------------------------------------------
 
     def open(self) -> None:
-        """Connect to the service; returns once connected. On the main thread, Ctrl-C
-        interrupts the wait (KeyboardInterrupt) and stops the client.
+        """Connect to the service; returns once connected. On the main thread, signal
+        handlers run while it waits; the exception one raises (Ctrl-C's KeyboardInterrupt)
+        ends the wait and stops the client.
 
         :raises OpenClientError: the client is not stopped (already open or opening), or
             the connection failed within ``start_timeout``.
@@ -323,10 +297,16 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             provider.error = None
         self._sink.listeners.hold(self)
         try:
-            if threading.current_thread() is threading.main_thread():
-                status, message = _start_interruptibly(self)
-            else:
-                status, message = lib.wps_client_start(handle), None
+            status = lib.wps_client_start(self._blocking_handle())
+            message = None if status == _native.STATUS_OK else _native.last_error_message()
+            if status == _native.STATUS_INTERRUPTED:  # a signal handler raised; the start goes on
+                lib.wps_client_stop(handle)
+                _callbacks.raise_interrupt()
+        except BaseException:
+            # Raised in the wait or just after it (the official open() is then given up
+            # too): the client is left stopped, not connecting or connected.
+            lib.wps_client_stop(handle)
+            raise
         finally:
             # Again after the start: a stopped event of an earlier run, delivered while this
             # one started, may have let the listeners go.
