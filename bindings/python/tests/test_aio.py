@@ -16,7 +16,7 @@ import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, until
 
 from webpubsub_client import WebPubSubClient as SyncClient
-from webpubsub_client import _base, _native
+from webpubsub_client import _base, _callbacks, _native
 from webpubsub_client._callbacks import REGISTRY
 from webpubsub_client.aio import WebPubSubClient, WebPubSubClientCredential
 from webpubsub_client.aio import _client as aio_client
@@ -465,6 +465,24 @@ async def test_fire_and_forget_in_every_state(hub: Hub) -> None:
         with pytest.raises(SendMessageError):
             await client.send_to_group("g", "after close", "text", ack=False)
     assert got.items[0].data == "connected"
+
+
+async def test_a_fire_and_forget_send_waiting_for_room_raises_what_a_signal_handler_raised(hub: Hub) -> None:
+    """A fire-and-forget send waits on the loop thread while the library's queue is full;
+    on the main thread a signal handler runs meanwhile, and what it raised (Ctrl-C's
+    KeyboardInterrupt) comes out of the send, not a SendMessageError 'Interrupted' that
+    left the exception behind for a later call. (The check is tested with the sync
+    client's waits; here the native send is stubbed to report its interruption.)"""
+
+    def interrupted(*args: Any) -> int:
+        _callbacks._raised[0] = KeyboardInterrupt()  # pylint: disable=protected-access
+        return _native.STATUS_INTERRUPTED
+
+    async with make(hub.url()) as client:
+        with pytest.raises(KeyboardInterrupt):
+            await client._send((interrupted, None, None), b"g", 0, b"x", 0, False, None)  # pylint: disable=protected-access
+        assert _callbacks._raised == [None]  # pylint: disable=protected-access
+        await client.send_to_group("g", "after", "text", ack=False)
 
 
 async def test_async_credential_is_awaited_for_every_new_connection(hub: Hub) -> None:

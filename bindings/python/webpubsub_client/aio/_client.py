@@ -1290,6 +1290,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             return _ack_result(completion)
         if not ack:
             # queued at once on this thread: the blocking form returns when the frame is queued
+            _callbacks.ensure_main_check()
             handle = self._live_handle()
             if self._poller.orphaned():  # its loop was closed: this one dispatches it from now on
                 self._poller.attach(self._poller.running_loop())
@@ -1434,8 +1435,11 @@ def _queue_now(status: int) -> None:
     callback or thread hop. It waits only while the library's operation queue is full,
     which the connection task empties in every state (a recovering connection queues
     what it takes, and once its own queue is full new sends fail at once instead): that
-    wait is the backpressure a fast producer needs.
+    wait is the backpressure a fast producer needs. On the main thread, signal handlers
+    run during that wait (see ``_callbacks``): the exception one raised is raised here.
     """
+    if status == _native.STATUS_INTERRUPTED:
+        _callbacks.raise_interrupt()
     if status != _native.STATUS_OK:
         raise _base.operation_error(status)
 
