@@ -428,6 +428,105 @@ def test_an_interrupted_fire_and_forget_send_raises_what_the_handler_raised(hub:
         client.close()
 
 
+def test_two_signals_at_once_raise_the_later_handlers_exception_and_the_check_goes_on(
+    hub: Hub, upstream: Upstream, monkeypatch: Any
+) -> None:
+    """A SIGINT and a SIGTERM received together during a blocking call, both of whose
+    handlers raise: the call raises the later handler's exception at once, as Python
+    raises the later of two, nothing is lost in the callback, and a later call's Ctrl-C
+    still raises. Before, the second handler ran outside the check's try: its exception
+    was unraisable, and on Python 3.10 both were lost (SendMessageError 'Interrupted')."""
+    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    unraisable: List[Any] = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    client = make(hub.url(), ack_timeout=WAIT)
+    client.open()
+
+    class Interrupted(Exception):
+        """What the SIGINT handler raises: a KeyboardInterrupt would end the test run."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit("terminated")
+
+    def both() -> None:  # one thread, which holds the GIL across both: no check between them
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGTERM, terminate)
+    timer = threading.Timer(0.3, both)
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(SystemExit, match="terminated"):
+            client.send_event("slow", "x", WebPubSubDataType.TEXT)
+        elapsed = time.monotonic() - started
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    try:
+        assert elapsed < 3, f"SystemExit came {elapsed:.1f} s after the call"
+        assert unraisable == []
+        _interrupted(lambda: client.send_event("slow", "y", WebPubSubDataType.TEXT), KeyboardInterrupt)
+    finally:
+        client.close()
+        upstream.slow_seconds = slow_seconds
+
+
+def test_a_check_that_has_ended_is_replaced_by_the_next_blocking_call(
+    hub: Hub, upstream: Upstream, monkeypatch: Any
+) -> None:
+    """The main thread's check ends when a third handler raises at the same check (its
+    exception escapes the generator). The next blocking call installs a new one: Ctrl-C
+    raises at once, and the ended one is not asked (each ask raised StopIteration in the
+    callback, unraisable, and read an undefined answer). Simulated by closing it."""
+    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    unraisable: List[Any] = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    client = make(hub.url(), ack_timeout=WAIT)
+    client.open()
+    try:
+        _callbacks._checks[-1][0].close()  # pylint: disable=protected-access
+        _interrupted(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT), KeyboardInterrupt)
+        assert unraisable == []
+    finally:
+        client.close()
+        upstream.slow_seconds = slow_seconds
+
+
+def test_a_client_whose_blocking_call_a_signal_ended_is_freed_without_the_cycle_collector(
+    hub: Hub, upstream: Upstream
+) -> None:
+    """Once the KeyboardInterrupt of a Ctrl-C during a blocking call is handled, nothing
+    keeps the client: closed and dropped, it is freed. Before, the exception and the frame
+    that raised it referred to each other, and that frame's caller held the client until
+    the cycle collector ran."""
+    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+
+    def interrupted_client() -> Any:
+        client = make(hub.url(), ack_timeout=WAIT)
+        client.open()
+        try:
+            _sigint_during(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT))
+        except KeyboardInterrupt:
+            pass
+        client.close()
+        return weakref.ref(client)
+
+    gc.collect()
+    gc.disable()
+    try:
+        freed = interrupted_client()
+        # the listeners hold an open client until its stopped event is delivered
+        wait_until(lambda: freed() is None, what="the dropped client freed")
+    finally:
+        gc.enable()
+        upstream.slow_seconds = slow_seconds
+
+
 # ---- group messages ----------------------------------------------------------------------
 
 

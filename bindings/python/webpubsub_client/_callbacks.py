@@ -10,6 +10,7 @@ No exception ever crosses into C: each trampoline catches and logs everything.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import logging
 import threading
@@ -292,10 +293,14 @@ def quiesce_native() -> None:
 # SIGINT handler's KeyboardInterrupt, sys.exit's SystemExit) is kept, the check ends the
 # wait, and the call raises it (`raise_interrupt`).
 #
-# The check is a generator's __next__: Python runs pending handlers at the first bytecode
-# of a call, where a plain function has entered no try yet (an exception raised there is
-# lost in the ctypes callback), while a generator resumes inside its try. The library
-# never asks the check from inside itself: a blocking call a handler makes waits unchecked.
+# The check is a generator's: Python runs pending handlers at the first bytecode of a
+# call, where a plain function has entered no try yet (an exception raised there is lost
+# in the ctypes callback), while a generator resumes inside its try. Once a handler has
+# raised, Python runs the next pending one at the next jump, on the way out of the try
+# that caught it: with two signals at once (SIGINT and SIGTERM), so that try sits in
+# another. A third handler raising at the same check ends the generator, its exception
+# lost; the next blocking call installs a new one. The library never asks the check from
+# inside itself: a blocking call a handler makes waits unchecked.
 _INTERRUPT_CHECK_MS = 50
 _check_signals = ctypes.pythonapi.PyErr_CheckSignals
 _check_signals.restype = ctypes.c_int
@@ -306,18 +311,24 @@ _main_check_missing = True  # not yet installed on the main thread
 
 
 def _signal_checks() -> Iterator[int]:
-    """The main thread's interrupt check: 1 once a handler has raised (kept in _raised)."""
+    """The main thread's interrupt check: 1 once a handler has raised (the last one to
+    raise is kept in _raised, as Python raises the last)."""
     interrupted = 0
     while True:
         try:
-            while True:  # the loop's own bytecodes stay inside the try
-                yield interrupted
-                interrupted = 0
-                _check_signals()
-        except GeneratorExit:  # closed (interpreter exit)
-            return
+            while True:  # the loop's own bytecodes stay inside the outer try
+                try:
+                    while True:  # the loop's own bytecodes stay inside the inner try
+                        yield interrupted
+                        interrupted = 0
+                        _check_signals()
+                except GeneratorExit:  # closed (interpreter exit)
+                    return
+                except BaseException as error:  # noqa: BLE001  # pylint: disable=broad-exception-caught
+                    _raised[0] = error
+                    interrupted = 1
         except BaseException as error:  # noqa: BLE001  # pylint: disable=broad-exception-caught
-            _raised[0] = error
+            _raised[0] = error  # a second handler's, run on the way out of the inner try
             interrupted = 1
 
 
@@ -330,7 +341,7 @@ def install_main_check() -> None:
         return
     checks = _signal_checks()
     next(checks)  # runs to its first yield, inside the try
-    callback = _native.INTERRUPT_CB(checks.__next__)
+    callback = _native.INTERRUPT_CB(functools.partial(next, checks, 0))  # ended: 0, no StopIteration
     _checks.append((checks, callback))
     if lib.wps_set_thread_interrupt_check(callback, _INTERRUPT_CHECK_MS) != _native.STATUS_OK:
         _LOGGER.warning("webpubsub_client: cannot install the interrupt check: %s", _native.last_error_message())
@@ -339,8 +350,8 @@ def install_main_check() -> None:
 
 def ensure_main_check() -> None:
     """Called before a blocking call: install the check if this is the main thread and the
-    module was imported on another one."""
-    if _main_check_missing:
+    module was imported on another one, or the check has ended."""
+    if _main_check_missing or _checks[-1][0].gi_frame is None:
         install_main_check()
 
 
@@ -349,7 +360,8 @@ def raise_interrupt() -> None:
     exception the signal handler raised in the check. Returns when there is none (the
     check itself failed: the caller reports the interrupted operation)."""
     error, _raised[0] = _raised[0], None
-    if _checks and _checks[-1][0].gi_frame is None:  # ended by a second handler's exception: replace it
-        install_main_check()
     if error is not None:
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # no cycle through this frame, which the traceback holds: it holds the caller
