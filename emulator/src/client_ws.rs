@@ -975,11 +975,15 @@ impl Reader {
                     .ok_or_else(|| bad("The frame has no 'group'."))?;
                 validate_group(&group).map_err(bad)?;
                 if !self.conn.allowed(Permission::JoinLeaveGroup, &group) {
+                    let action = if frame.ty == "joinGroup" {
+                        "join"
+                    } else {
+                        "leave"
+                    };
+                    // The service's own text (quoted in @azure/web-pubsub's README).
                     return Err((
                         "Forbidden",
-                        format!(
-                            "The connection has no permission to join or leave group '{group}'."
-                        ),
+                        format!("The client does not have permission to {action} group '{group}'."),
                     ));
                 }
                 if frame.ty == "joinGroup" {
@@ -1001,7 +1005,7 @@ impl Reader {
                 if !self.conn.allowed(Permission::SendToGroup, &group) {
                     return Err((
                         "Forbidden",
-                        format!("The connection has no permission to send to group '{group}'."),
+                        format!("The client does not have permission to send to group '{group}'."),
                     ));
                 }
                 let publication =

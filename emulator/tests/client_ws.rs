@@ -217,11 +217,29 @@ async fn forbidden_without_roles_and_scoped_roles() {
     let emu = start().await;
     let none = TokenOptions::default();
     let (mut a, _) = connect_json(&emu.client_url("h", &none), JSON).await;
-    assert_ack_error(&a.join("g", 1).await, "Forbidden");
+    // The service's own texts (the join one is quoted in @azure/web-pubsub's README).
+    let join = a.join("g", 1).await;
+    assert_ack_error(&join, "Forbidden");
+    assert_eq!(
+        join["error"]["message"],
+        "The client does not have permission to join group 'g'."
+    );
+    let leave = a
+        .call(json!({"type":"leaveGroup","group":"g","ackId":3}))
+        .await;
+    assert_ack_error(&leave, "Forbidden");
+    assert_eq!(
+        leave["error"]["message"],
+        "The client does not have permission to leave group 'g'."
+    );
     let ack = a
         .call(json!({"type":"sendToGroup","group":"g","ackId":2,"dataType":"text","data":"x"}))
         .await;
     assert_ack_error(&ack, "Forbidden");
+    assert_eq!(
+        ack["error"]["message"],
+        "The client does not have permission to send to group 'g'."
+    );
 
     let scoped = TokenOptions {
         roles: vec![

@@ -811,7 +811,7 @@ static bool test_chat(void) {
     /* ack errors: bob may only join "chat"; the refused ackId is reported */
     CHECK_STATUS(wps_client_join_group(b, "secret", NULL), WPS_STATUS_ACK_ERROR);
     CHECK(strcmp(wps_last_error_name(), "Forbidden") == 0);
-    CHECK(strcmp(wps_last_error_service_message(), "The connection has no permission to join or leave group 'secret'.") == 0);
+    CHECK(strcmp(wps_last_error_service_message(), "The client does not have permission to join group 'secret'.") == 0);
     CHECK(strstr(wps_last_error_message(), wps_last_error_service_message()) != NULL);
     wps_ack_result refused = {0};
     CHECK_STATUS(wps_client_join_group(b, "secret", &refused), WPS_STATUS_ACK_ERROR);
@@ -824,7 +824,7 @@ static bool test_chat(void) {
     CHECK(done.status == WPS_STATUS_ACK_ERROR && strcmp(done.error_name, "Forbidden") == 0 && done.op_id == op);
     CHECK(done.has_ack_id && done.ack_id > refused.ack_id);
     CHECK(done.message_set);
-    CHECK(strcmp(done.service_message, "The connection has no permission to join or leave group 'secret'.") == 0);
+    CHECK(strcmp(done.service_message, "The client does not have permission to join group 'secret'.") == 0);
     completion_destroy(&done);
 
     /* stop: the stopped event, then operations fail */
@@ -1537,7 +1537,7 @@ static bool test_reconnection(void) {
     int rj = wait_event(rc, cn, WPS_EVENT_REJOIN_GROUP_FAILED, NULL);
     CHECK(rj > cn);
     CHECK(strcmp(rc->events[rj].group, "chat") == 0 && strcmp(rc->events[rj].error_name, "Forbidden") == 0);
-    CHECK(strcmp(rc->events[rj].service_message, "The connection has no permission to join or leave group 'chat'.") == 0);
+    CHECK(strcmp(rc->events[rj].service_message, "The client does not have permission to join group 'chat'.") == 0);
     CHECK(rc->events[rj].has_ack_id && rc->events[rj].ack_id > 0);
     CHECK(cs.calls == 2);
     CHECK(wps_client_state(c) == WPS_STATE_CONNECTED);

@@ -55,7 +55,7 @@ def _normalize(kind: str, args: Any) -> Tuple[Any, ...]:
     return (kind, data_type, repr(data))
 
 
-_FORBIDDEN = "The connection has no permission to join or leave group 'not-allowed'."
+_FORBIDDEN = "The client does not have permission to join group 'not-allowed'."
 
 
 def _failure(exc: Exception) -> Tuple[Any, ...]:

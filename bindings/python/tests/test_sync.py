@@ -1276,7 +1276,7 @@ def test_rejoin_failure_is_reported(hub: Hub) -> None:
     assert isinstance(args.error, SendMessageError)
     assert args.error.error_detail is not None and args.error.error_detail.name == "Forbidden"
     # the service's own text, as in a join's error (was prefixed "operation N failed: Forbidden: ")
-    assert args.error.error_detail.message == "The connection has no permission to join or leave group 'g'."
+    assert args.error.error_detail.message == "The client does not have permission to join group 'g'."
     # the ackId of the refused rejoin, as in the official client (the join before it had 1)
     assert isinstance(args.error.ack_id, int) and args.error.ack_id > 1
     assert len(calls) >= 2  # the provider is called again for the new connection
