@@ -235,7 +235,10 @@ fn names_with_nul_arrive_whole_and_payloads_keep_their_bytes() {
     ));
     assert_eq!(status, 204, "{body}");
     let disconnected = first_of(&recorder, WPS_EVENT_DISCONNECTED, "disconnected");
-    assert_eq!(disconnected.message.as_deref(), Some("bye\\u0000now"));
+    assert_eq!(
+        disconnected.message.as_deref(),
+        Some("Application server closed the connection. Reason: bye\\u0000now")
+    );
 
     unsafe {
         wps_client_free(c);

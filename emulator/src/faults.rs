@@ -115,7 +115,7 @@ pub(crate) async fn connection_fault(
                 );
             }
             let reason = q.get("reason").cloned().unwrap_or_default();
-            conn.close_socket(code, &reason, false);
+            conn.close_socket(code, &reason, &reason, false);
             hub.remove(&conn, None);
             Json(json!({"closed": true, "code": code})).into_response()
         }

@@ -34,6 +34,9 @@ use crate::Config;
 /// Close code used when a session is ended for good by the server.
 pub(crate) const POLICY_CLOSE: u16 = 1008;
 
+/// Close code of a session the application server closed through REST.
+pub(crate) const NORMAL_CLOSE: u16 = 1000;
+
 /// Why a connection ended when its socket went without a close frame.
 pub(crate) const LOST: &str = "The connection was lost without a close frame.";
 
@@ -389,7 +392,26 @@ impl Hub {
     /// Ends a session for good: a `disconnected` system frame with the reason (JSON
     /// protocols), a close frame with `code` and the reason, then forgotten.
     pub(crate) fn close(&self, conn: &Arc<Conn>, code: u16, reason: &str) {
-        conn.close_socket(code, reason, true);
+        conn.close_socket(code, reason, reason, true);
+        self.remove(conn, None);
+    }
+
+    /// Ends a session for good at the application server's request (a REST close), as
+    /// the service does: `disconnected` "Application server closed the connection.
+    /// Reason: {reason}" and a close frame 1000 without a reason, which a simple client
+    /// (no `disconnected` frame) gets the text in instead. A reliable client takes the
+    /// normal close for a drop, and its recovery is refused with 1008.
+    pub(crate) fn close_by_application(&self, conn: &Arc<Conn>, reason: Option<&str>) {
+        let message = match reason.filter(|r| !r.is_empty()) {
+            Some(r) => format!("Application server closed the connection. Reason: {r}"),
+            None => "Application server closed the connection.".to_owned(),
+        };
+        let frame_reason = if conn.protocol == Protocol::Simple {
+            message.as_str()
+        } else {
+            ""
+        };
+        conn.close_socket(NORMAL_CLOSE, &message, frame_reason, true);
         self.remove(conn, None);
     }
 
@@ -742,7 +764,7 @@ impl Conn {
         };
         let reason = format!("{why}; the connection is closed and cannot be recovered");
         tracing::warn!(connection = %self.id, "{reason}");
-        self.close_socket(POLICY_CLOSE, &reason, true);
+        self.close_socket(POLICY_CLOSE, &reason, &reason, true);
         // Removal takes group locks that a publisher may hold right now: do it later.
         let conn = self.clone();
         let hubs: Vec<Arc<Hub>> = server.hubs.iter().map(|h| h.clone()).collect();
@@ -756,16 +778,16 @@ impl Conn {
     }
 
     /// Marks the session closed for `reason` (when not empty) and queues `disconnected`
-    /// (JSON protocols, when `announce`) and a close frame to the attached socket, using
-    /// the reserved headroom.
-    pub(crate) fn close_socket(&self, code: u16, reason: &str, announce: bool) {
+    /// with it (JSON protocols, when `announce`) and a close frame with `code` and
+    /// `frame_reason` to the attached socket, using the reserved headroom.
+    pub(crate) fn close_socket(&self, code: u16, reason: &str, frame_reason: &str, announce: bool) {
         let mut st = self.state.lock();
         st.end(Some(reason));
         if let Some(sock) = st.socket.take() {
             if announce && self.protocol != Protocol::Simple {
                 sock.send(frames::disconnected(reason));
             }
-            if !sock.close(code, reason) {
+            if !sock.close(code, frame_reason) {
                 sock.kill.cancel();
             }
         }

@@ -21,7 +21,7 @@ use crate::auth::{self, Permission};
 use crate::client_ws::bearer;
 use crate::filter::Filter;
 use crate::frames::{Payload, Publication};
-use crate::hub::{Conn, Hub, Server, Stats, POLICY_CLOSE};
+use crate::hub::{Conn, Hub, Server, Stats};
 use crate::names::{validate_group, validate_hub};
 use crate::TokenOptions;
 
@@ -246,7 +246,7 @@ impl Request<'_> {
             }
             ["connections", c] if m == Method::DELETE => {
                 if let Some(conn) = conn(hub, c) {
-                    hub.close(&conn, POLICY_CLOSE, &self.reason());
+                    hub.close_by_application(&conn, self.reason());
                 }
                 status(StatusCode::NO_CONTENT)
             }
@@ -294,12 +294,8 @@ impl Request<'_> {
         self.integer("messageTtlSeconds", 0..=300).map(drop)
     }
 
-    fn reason(&self) -> String {
-        self.query
-            .get("reason")
-            .filter(|r| !r.is_empty())
-            .unwrap_or("The connection was closed by the server.")
-            .to_owned()
+    fn reason(&self) -> Option<&str> {
+        self.query.get("reason")
     }
 
     /// The body decoded by content type.
@@ -433,7 +429,7 @@ impl Request<'_> {
         let reason = self.reason();
         for c in conns {
             if !excluded.contains(&c.id.as_str()) {
-                hub.close(&c, POLICY_CLOSE, &reason);
+                hub.close_by_application(&c, reason);
             }
         }
         status(StatusCode::NO_CONTENT)

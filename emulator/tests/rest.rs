@@ -499,9 +499,12 @@ async fn existence_and_close_routes() {
     let d = a.next_json().await;
     assert_eq!(
         (d["event"].as_str(), d["message"].as_str()),
-        (Some("disconnected"), Some("maintenance"))
+        (
+            Some("disconnected"),
+            Some("Application server closed the connection. Reason: maintenance")
+        )
     );
-    assert_eq!(a.expect_close().await, (1008, "maintenance".into()));
+    assert_eq!(a.expect_close().await, (1000, String::new()));
     assert_eq!(
         call(&emu, Method::HEAD, &format!("hub/connections/{a_id}"), None)
             .await
@@ -511,8 +514,11 @@ async fn existence_and_close_routes() {
 
     let path = format!("hub/:closeConnections?excluded={c_id}&reason=bye");
     assert_eq!(call(&emu, Method::POST, &path, None).await.0, 204);
-    assert_eq!(b.next_json().await["message"], "bye");
-    assert_eq!(b.expect_close().await.0, 1008);
+    assert_eq!(
+        b.next_json().await["message"],
+        "Application server closed the connection. Reason: bye"
+    );
+    assert_eq!(b.expect_close().await, (1000, String::new()));
     assert_eq!(
         call(&emu, Method::HEAD, &format!("hub/connections/{c_id}"), None)
             .await
@@ -531,7 +537,10 @@ async fn existence_and_close_routes() {
             .0,
         204
     );
-    assert_eq!(c.next_json().await["event"], "disconnected");
+    let d = c.next_json().await;
+    assert_eq!(d["event"], "disconnected");
+    assert_eq!(d["message"], "Application server closed the connection.");
+    assert_eq!(c.expect_close().await, (1000, String::new()));
     assert_eq!(
         call(
             &emu,
@@ -542,6 +551,43 @@ async fn existence_and_close_routes() {
         .await
         .0,
         204
+    );
+    emu.shutdown().await;
+}
+
+/// A REST close ends the session for good, as the service's does: a reliable client
+/// that takes the normal close for a drop and tries to recover is refused with 1008. A
+/// simple client, which has no `disconnected` frame, gets the text as the close reason.
+#[tokio::test]
+async fn a_closed_reliable_session_cannot_be_recovered_and_a_simple_client_gets_the_reason() {
+    let emu = start().await;
+    let url = emu.client_url("hub", &all_roles("u"));
+    let (mut a, connected) = connect_json(&url, RELIABLE).await;
+    let id = connected["connectionId"].as_str().unwrap();
+    let path = format!("hub/connections/{id}?reason=done");
+    assert_eq!(call(&emu, Method::DELETE, &path, None).await.0, 204);
+    assert_eq!(a.next_json().await["event"], "disconnected");
+    assert_eq!(a.expect_close().await.0, 1000);
+    let recovery = format!(
+        "{url}&awps_connection_id={id}&awps_reconnection_token={}",
+        connected["reconnectionToken"].as_str().unwrap()
+    );
+    let mut again = connect(&recovery, Some(RELIABLE)).await;
+    assert_eq!(
+        again.expect_close().await,
+        (1008, "The connection could not be recovered.".into())
+    );
+
+    let mut simple = connect(&url, None).await;
+    let (_kept, kept_id) = client(&emu, "u", JSON).await;
+    let path = format!("hub/users/u/:closeConnections?excluded={kept_id}&reason=done");
+    assert_eq!(call(&emu, Method::POST, &path, None).await.0, 204);
+    assert_eq!(
+        simple.expect_close().await,
+        (
+            1000,
+            "Application server closed the connection. Reason: done".into()
+        )
     );
     emu.shutdown().await;
 }

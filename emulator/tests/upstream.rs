@@ -1162,10 +1162,11 @@ async fn disconnected_says_why_the_connection_ended() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
-    assert_eq!(a.expect_close().await, (1008, "maintenance".into()));
+    assert_eq!(a.expect_close().await, (1000, String::new()));
+    // The text the client is told, as the service team's emulator sends it upstream.
     assert_eq!(
         disconnected_body(&mut up, &id(&connected)).await,
-        json!({"reason": "maintenance"})
+        json!({"reason": "Application server closed the connection. Reason: maintenance"})
     );
 
     // The reason of a close for bad input: the one the client is told.

@@ -852,8 +852,6 @@ impl Task {
                 Err(next) => return next,
                 Ok(Ok(Ok(ws))) => {
                     info!("connection {connection_id} recovered (attempt {attempt})");
-                    // The service's reason for the recovered drop explains no later one.
-                    self.disconnect_message = None;
                     self.recovered_at = Some((since, Instant::now()));
                     return Next::Serve(Box::new(ws));
                 }
@@ -1303,6 +1301,10 @@ impl Task {
                 if let (Some(session), Some(token)) = (self.session.as_mut(), reconnection_token) {
                     session.reconnection_token = Some(token);
                 }
+                // Recovered: the service's reason for the drop explains no later one. Not
+                // before: a recovery the service refuses (it closes the socket before this
+                // frame) loses the session for that reason, as the official clients say.
+                self.disconnect_message = None;
             }
             Downstream::Disconnected { message } => {
                 info!(

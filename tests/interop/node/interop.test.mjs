@@ -165,7 +165,10 @@ test("server sends through the official service SDK", async () => {
   await service.group("managed").addConnection(a.connectionId);
   assert.equal(await service.groupExists("managed"), true);
   await service.closeConnection(b.connectionId, { reason: "bye now" });
-  assert.equal((await b.disconnected.next("disconnected")).message.message, "bye now");
+  assert.equal(
+    (await b.disconnected.next("disconnected")).message.message,
+    "Application server closed the connection. Reason: bye now",
+  );
 });
 
 test("Forbidden without roles", async () => {
@@ -344,7 +347,11 @@ test("README: autoReconnect false stops the client when the server closes it", a
   const stopped = new Queue();
   c.sdk.on("stopped", () => stopped.push(true));
   await service.closeUserConnections("once", { reason: "done" });
-  assert.equal((await c.disconnected.next("disconnected")).message.message, "done");
+  // A normal close: the client tries a recovery, which is refused, then tells the reason.
+  assert.equal(
+    (await c.disconnected.next("disconnected")).message.message,
+    "Application server closed the connection. Reason: done",
+  );
   assert.equal(await stopped.next("stopped"), true);
   assert.equal(await service.userExists("once"), false);
 });
@@ -397,7 +404,11 @@ test("sample web-pubsub-express server: its handler answers the emulator's user 
     assert.deepEqual(await seen.next("handleUserEvent"), ["user", c.connectionId, "second", origin]);
     assert.equal((await c.server.next("the handler's reply")).data, "Hello");
     await svc.closeConnection(c.connectionId, { reason: "bye" });
-    assert.deepEqual(await seen.next("onDisconnected"), ["disconnected", c.connectionId, "bye"]);
+    assert.deepEqual(await seen.next("onDisconnected"), [
+      "disconnected",
+      c.connectionId,
+      "Application server closed the connection. Reason: bye",
+    ]);
   } finally {
     await stopEmulator(proc);
     server.closeAllConnections();
@@ -598,7 +609,9 @@ test("service SDK closes with excluded and reason", async () => {
   const c = await hubClient(svc, { userId: "carol", groups: ["g"] }, once);
   const d = await hubClient(svc, {}, once);
   const e = await hubClient(svc, {}, once);
-  const reason = async (x) => (await x.disconnected.next("disconnected")).message.message;
+  // The service wraps the reason in its own text.
+  const reason = async (x) =>
+    (await x.disconnected.next("disconnected")).message.message.replace("Application server closed the connection. Reason: ", "");
 
   await svc.closeUserConnections("alice", { excluded: [a2.connectionId], reason: "alice out" });
   assert.equal(await reason(a1), "alice out");

@@ -128,7 +128,7 @@ def test_server_sends_through_the_service_sdk(service, client_url):
 def test_service_sdk_group_and_connection_management(service, client_url):
     async def body():
         async with clients() as new:
-            a = await new(client_url("alice"), auto_reconnect=False)
+            a = await new(client_url("alice"), reconnect_retry_total=0)
             assert service.connection_exists(a.connection_id)
             assert service.user_exists("alice")
             assert not service.group_exists("managed")
@@ -144,7 +144,7 @@ def test_service_sdk_group_and_connection_management(service, client_url):
             service.revoke_permission("joinLeaveGroup", a.connection_id, target_name="perm")
             assert not service.has_permission("joinLeaveGroup", a.connection_id, target_name="perm")
             service.close_connection(a.connection_id, reason="bye now")
-            assert (await get(a.disconnected)).message == "bye now"
+            assert (await get(a.disconnected)).message == "Application server closed the connection. Reason: bye now"
             assert not service.connection_exists(a.connection_id)
 
     asyncio.run(body())
