@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, List, Set
+from typing import Any, Iterator, List, Set
 
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, assert_keywords_logged, wait_until
@@ -212,6 +212,14 @@ def test_ctrl_c_interrupts_an_open_that_waits_for_the_server(hub: Hub) -> None:
     other.close()
 
 
+@pytest.fixture(autouse=True)
+def _upstream_delay_restored(upstream: Upstream) -> Iterator[None]:
+    """Tests set how long the upstream takes over its slow events; each starts from the default."""
+    default = upstream.slow_seconds
+    yield
+    upstream.slow_seconds = default
+
+
 def _sigint_during(call: Any) -> Any:
     """``call()`` on the main thread with a SIGINT sent 0.3 s into it; what it returned."""
     assert threading.current_thread() is threading.main_thread()
@@ -238,7 +246,7 @@ def test_ctrl_c_interrupts_blocking_operations_that_wait_for_the_service(hub: Hu
     """Ctrl-C raises KeyboardInterrupt in a send or an invocation of the main thread waiting
     for its ack or reply, as in the official client, and the client goes on. It was only
     raised once the blocking native call returned: here, after the upstream's 8 s."""
-    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    upstream.slow_seconds = 8.0
     client = make(hub.url(), ack_timeout=WAIT)
     client.open()
     try:
@@ -247,7 +255,6 @@ def test_ctrl_c_interrupts_blocking_operations_that_wait_for_the_service(hub: Hu
         assert client.send_to_group("g", "x", WebPubSubDataType.TEXT).ack_id is not None
     finally:
         client.close()
-        upstream.slow_seconds = slow_seconds
 
 
 def test_with_a_sigint_handler_of_the_application_a_blocking_operation_goes_on(hub: Hub, upstream: Upstream) -> None:
@@ -257,7 +264,7 @@ def test_with_a_sigint_handler_of_the_application_a_blocking_operation_goes_on(h
     sees that Ctrl-C once. (Raising SIGINT again to hand it back to Python wrote the
     loop's wakeup fd twice: servers such as uvicorn read a second SIGINT as 'force
     exit'.)"""
-    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 1.5
+    upstream.slow_seconds = 1.5
     seen: List[int] = []
     loop = asyncio.new_event_loop()
     loop.add_signal_handler(signal.SIGINT, seen.append, signal.SIGINT)
@@ -284,7 +291,6 @@ def test_with_a_sigint_handler_of_the_application_a_blocking_operation_goes_on(h
         client.close()
         loop.remove_signal_handler(signal.SIGINT)
         loop.close()
-        upstream.slow_seconds = slow_seconds
 
 
 def test_a_handler_of_any_signal_runs_during_a_blocking_call_and_its_exception_ends_it(
@@ -295,7 +301,7 @@ def test_a_handler_of_any_signal_runs_during_a_blocking_call_and_its_exception_e
     handler) comes out of the call at once, which is given up, and the client goes on.
     Before, such a handler ran only once the call returned: here after the upstream's
     8 s."""
-    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    upstream.slow_seconds = 8.0
     client = make(hub.url(), ack_timeout=WAIT)
     client.open()
     ran: List[float] = []
@@ -321,7 +327,6 @@ def test_a_handler_of_any_signal_runs_during_a_blocking_call_and_its_exception_e
         assert client.send_to_group("g", "after", WebPubSubDataType.TEXT).ack_id is not None
     finally:
         client.close()
-        upstream.slow_seconds = slow_seconds
 
 
 def test_a_signal_handler_may_make_blocking_calls_while_one_waits(
@@ -330,7 +335,7 @@ def test_a_signal_handler_may_make_blocking_calls_while_one_waits(
     """A signal handler that itself sends (a goodbye before shutting down), run while a
     send of the main thread waits, sends and returns, and the send it came during goes on
     to its ack. Nothing is lost in the callback: no exception is left unraisable."""
-    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 1.5
+    upstream.slow_seconds = 1.5
     unraisable: List[Any] = []
     monkeypatch.setattr("sys.unraisablehook", unraisable.append)
     got = Collector()
@@ -363,7 +368,6 @@ def test_a_signal_handler_may_make_blocking_calls_while_one_waits(
     finally:
         client.close()
         peer.close()
-        upstream.slow_seconds = slow_seconds
 
 
 def test_ctrl_c_interrupts_a_join_and_a_handler_of_the_application_lets_it_wait_on(hub: Hub) -> None:
@@ -436,7 +440,7 @@ def test_two_signals_at_once_raise_the_later_handlers_exception_and_the_check_go
     raises the later of two, nothing is lost in the callback, and a later call's Ctrl-C
     still raises. Before, the second handler ran outside the check's try: its exception
     was unraisable, and on Python 3.10 both were lost (SendMessageError 'Interrupted')."""
-    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    upstream.slow_seconds = 8.0
     unraisable: List[Any] = []
     monkeypatch.setattr("sys.unraisablehook", unraisable.append)
     client = make(hub.url(), ack_timeout=WAIT)
@@ -473,7 +477,6 @@ def test_two_signals_at_once_raise_the_later_handlers_exception_and_the_check_go
         _interrupted(lambda: client.send_event("slow", "y", WebPubSubDataType.TEXT), KeyboardInterrupt)
     finally:
         client.close()
-        upstream.slow_seconds = slow_seconds
 
 
 def test_a_check_that_has_ended_is_replaced_by_the_next_blocking_call(
@@ -483,7 +486,7 @@ def test_a_check_that_has_ended_is_replaced_by_the_next_blocking_call(
     exception escapes the generator). The next blocking call installs a new one: Ctrl-C
     raises at once, and the ended one is not asked (each ask raised StopIteration in the
     callback, unraisable, and read an undefined answer). Simulated by closing it."""
-    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    upstream.slow_seconds = 8.0
     unraisable: List[Any] = []
     monkeypatch.setattr("sys.unraisablehook", unraisable.append)
     client = make(hub.url(), ack_timeout=WAIT)
@@ -494,7 +497,6 @@ def test_a_check_that_has_ended_is_replaced_by_the_next_blocking_call(
         assert unraisable == []
     finally:
         client.close()
-        upstream.slow_seconds = slow_seconds
 
 
 def test_a_client_whose_blocking_call_a_signal_ended_is_freed_without_the_cycle_collector(
@@ -504,7 +506,7 @@ def test_a_client_whose_blocking_call_a_signal_ended_is_freed_without_the_cycle_
     keeps the client: closed and dropped, it is freed. Before, the exception and the frame
     that raised it referred to each other, and that frame's caller held the client until
     the cycle collector ran."""
-    slow_seconds, upstream.slow_seconds = upstream.slow_seconds, 8.0
+    upstream.slow_seconds = 8.0
 
     def interrupted_client() -> Any:
         client = make(hub.url(), ack_timeout=WAIT)
@@ -524,7 +526,6 @@ def test_a_client_whose_blocking_call_a_signal_ended_is_freed_without_the_cycle_
         wait_until(lambda: freed() is None, what="the dropped client freed")
     finally:
         gc.enable()
-        upstream.slow_seconds = slow_seconds
 
 
 # ---- group messages ----------------------------------------------------------------------
