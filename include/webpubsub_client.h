@@ -681,7 +681,8 @@ typedef struct wps_message_record {
 #define WPS_STATUS_FORKED 15
 
 /**
- * The interrupt check (`wps_set_interrupt_check`) ended the wait of a blocking call.
+ * The interrupt check (`wps_set_interrupt_check`, or the calling thread's own,
+ * `wps_set_thread_interrupt_check`) ended the wait of a blocking call.
  */
 #define WPS_STATUS_INTERRUPTED 16
 

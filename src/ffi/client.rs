@@ -115,10 +115,11 @@ where
     wait(fut, false)
 }
 
-/// As `block`, for a wait the interrupt check may end (`wps_set_interrupt_check`):
-/// then the future is dropped (its task aborted, where it was spawned), which gives the
-/// operation up. The check is asked on both paths: a blocking call made inside a
-/// credential callback is interrupted too.
+/// As `block`, for a wait the interrupt check may end (`wps_set_interrupt_check`, or
+/// the thread's own, `wps_set_thread_interrupt_check`): then the future is dropped (its
+/// task aborted, where it was spawned), which gives the operation up. The check is
+/// asked on both paths: a blocking call made inside a credential callback is
+/// interrupted too.
 fn block_interruptible<F>(fut: F) -> FfiResult<F::Output>
 where
     F: Future + Send + 'static,

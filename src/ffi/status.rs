@@ -41,7 +41,8 @@ pub const WPS_STATUS_STOPPED: wps_status = 13;
 pub const WPS_STATUS_PANIC: wps_status = 14;
 /// The client (or the library's runtime) was created before a fork(): unusable in the child.
 pub const WPS_STATUS_FORKED: wps_status = 15;
-/// The interrupt check (`wps_set_interrupt_check`) ended the wait of a blocking call.
+/// The interrupt check (`wps_set_interrupt_check`, or the calling thread's own,
+/// `wps_set_thread_interrupt_check`) ended the wait of a blocking call.
 pub const WPS_STATUS_INTERRUPTED: wps_status = 16;
 /// Any other internal error.
 pub const WPS_STATUS_INTERNAL: wps_status = 99;
