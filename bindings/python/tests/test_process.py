@@ -147,6 +147,45 @@ def test_signal_handlers_run_in_blocking_calls_when_imported_on_another_thread(h
     assert float(result.stdout.split()[-1]) < 3, f"SystemExit came {result.stdout.strip()} s into the join"
 
 
+def test_a_sub_interpreter_importing_the_package_leaves_the_main_threads_check(hub: Hub) -> None:
+    """A sub-interpreter that imports the package on the main thread (signal handlers run
+    in the main interpreter only) installs no check of its own in place of the main
+    interpreter's: a SIGTERM handler's SystemExit still comes out of a join of the main
+    interpreter. Before, the sub-interpreter's check ran the handler and kept its
+    exception, and the join raised SendMessageError 'Interrupted'."""
+    code = f"""
+        import os, signal, sys, threading, time, urllib.request
+        from webpubsub_client import WebPubSubClient
+        try:
+            import _interpreters as interpreters  # 3.13
+            sub = interpreters.create("legacy")
+        except ImportError:
+            import _xxsubinterpreters as interpreters
+            sub = interpreters.create(**({{"isolated": False}} if sys.version_info >= (3, 12) else {{}}))
+        interpreters.run_string(sub, "import webpubsub_client")  # alive until destroyed
+
+        def shut_down(signum, frame):
+            raise SystemExit("terminated")
+
+        signal.signal(signal.SIGTERM, shut_down)
+        client = WebPubSubClient({hub.url()!r}, ack_timeout=8.0, message_retry_total=0)
+        client.open()
+        drop = {hub.emulator.base!r} + "/_emulator/hubs/{hub.name}/connections/" + client.connection_id
+        urllib.request.urlopen(urllib.request.Request(drop + "/:dropAcks?count=1", method="POST")).close()
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        try:
+            client.join_group("g")
+        except SystemExit:
+            print(round(time.monotonic() - started, 2), flush=True)
+        client.close()
+        interpreters.destroy(sub)
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 3, f"SystemExit came {result.stdout.strip()} s into the join"
+
+
 def test_open_client_is_closed_at_interpreter_exit(hub: Hub) -> None:
     """A client left open is stopped by the exit hook: the process exits promptly and cleanly."""
     code = f"""

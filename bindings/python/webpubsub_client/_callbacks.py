@@ -301,10 +301,19 @@ def quiesce_native() -> None:
 # another. A third handler raising at the same check ends the generator, its exception
 # lost; the next blocking call installs a new one. The library never asks the check from
 # inside itself: a blocking call a handler makes waits unchecked.
+#
+# Only the main interpreter installs it: signal handlers run in that one alone, and a
+# sub-interpreter's check, on the same thread, would take the place of its own (the
+# library keeps one check per thread, not per interpreter).
 _INTERRUPT_CHECK_MS = 50
 _check_signals = ctypes.pythonapi.PyErr_CheckSignals
 _check_signals.restype = ctypes.c_int
 _check_signals.argtypes = []
+_interpreter_state = ctypes.PYFUNCTYPE(ctypes.c_void_p)  # a C function returning a PyInterpreterState *
+_IN_MAIN_INTERPRETER = (
+    _interpreter_state(("PyInterpreterState_Get", ctypes.pythonapi))()
+    == _interpreter_state(("PyInterpreterState_Main", ctypes.pythonapi))()
+)
 _raised: List[Optional[BaseException]] = [None]  # the exception a handler raised in the check
 _checks: List[Any] = []  # every check made (generator, callback): a wait may still ask one
 _main_check_missing = True  # not yet installed on the main thread
@@ -333,11 +342,11 @@ def _signal_checks() -> Iterator[int]:
 
 
 def install_main_check() -> None:
-    """Install the interrupt check, if this thread is the main thread (called at import,
-    by a blocking call of the main thread when imported on another one, and in a child of
-    ``fork()``, whose forking thread is its main thread)."""
+    """Install the interrupt check, if this thread is the main thread of the main
+    interpreter (called at import, by a blocking call of the main thread when imported on
+    another one, and in a child of ``fork()``, whose forking thread is its main thread)."""
     global _main_check_missing  # noqa: PLW0603
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not _IN_MAIN_INTERPRETER:
         return
     checks = _signal_checks()
     next(checks)  # runs to its first yield, inside the try
