@@ -565,3 +565,42 @@ def test_the_lifecycle_brings_the_same_events(hub: Hub) -> None:
     assert expected["close"] == expected["exit"] == ["disconnected", "stopped"]
     assert expected["lost"] == ["connected", "disconnected"]
     assert expected["join_before_open"] == expected["join_after_close"] == ("SendMessageError", True)
+
+
+# ---- a REST close by the application server ---------------------------------------------------
+
+
+def run_rest_close(package: Any, models: Any, hub: Hub, reconnect_retry_total: int) -> List[Any]:
+    """The events of a connection closed through the service SDK: the service's
+    `disconnected` message, then a recovery refused with 1008, then a reconnect or a stop.
+
+    Sorted, as the official client raises each event on a thread of its own."""
+    client = package.WebPubSubClient(
+        hub.url("rest-user"),
+        reconnect_retry_total=reconnect_retry_total,
+        reconnect_retry_backoff_factor=0.1,
+        start_timeout=5.0,
+    )
+    events = Collector()
+    for kind in ("connected", "disconnected", "stopped"):
+        client.subscribe(models.CallbackType(kind), lambda *args, k=kind: events((k, args[0] if args else None)))
+    client.open()
+    first = events.wait_for(1)[0][1].connection_id
+    hub.service.close_connection(first, reason="maintenance")
+    events.wait_for(3)
+    time.sleep(0.3)  # nothing more comes
+    seen = [
+        (kind, args.connection_id == first, args.message) if kind == "disconnected" else (kind,)
+        for kind, args in events.items[1:]
+    ]
+    client.close()
+    return sorted(seen, key=repr)
+
+
+@pytest.mark.parametrize("reconnect_retry_total", [0, 2])
+def test_a_rest_close_brings_the_same_events(hub: Hub, reconnect_retry_total: int) -> None:
+    expected = run_rest_close(official, official_models, hub, reconnect_retry_total)
+    actual = run_rest_close(ours, ours_models, hub, reconnect_retry_total)
+    assert actual == expected
+    reason = "Application server closed the connection. Reason: maintenance"
+    assert ("disconnected", True, reason) in expected
