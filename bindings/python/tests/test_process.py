@@ -114,16 +114,11 @@ def test_refused_threads_fail_clearly_and_are_tried_again(hub: Hub) -> None:
     )
 
 
-def test_signal_handlers_run_in_blocking_calls_when_imported_on_another_thread(hub: Hub) -> None:
-    """Imported on a thread other than the main one, the package still lets signal
-    handlers run while a blocking call of the main thread waits (its check is installed
-    by the main thread's first blocking call): a SIGTERM handler's SystemExit ends a join
-    whose ack never comes at once, not after its 8 s ack timeout."""
-    code = f"""
-        import os, signal, threading, time, urllib.request
-        imported = threading.Thread(target=__import__, args=("webpubsub_client",))
-        imported.start()
-        imported.join()
+def sigterm_ends_a_join(hub: Hub, before: str = "", after: str = "") -> None:
+    """In a child interpreter, after ``before`` (which imports the package its own way):
+    a SIGTERM handler's SystemExit ends, at once, a join of the main thread whose ack
+    never comes, not after its 8 s ack timeout; then ``after`` runs."""
+    scenario = f"""
         from webpubsub_client import WebPubSubClient
 
         def shut_down(signum, frame):
@@ -142,48 +137,48 @@ def test_signal_handlers_run_in_blocking_calls_when_imported_on_another_thread(h
             print(round(time.monotonic() - started, 2), flush=True)
         client.close()
     """
+    imports = "import os, signal, sys, threading, time, urllib.request\n"
+    code = imports + textwrap.dedent(before) + textwrap.dedent(scenario) + textwrap.dedent(after)
     result = run_python(code, {})
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split()[-1]) < 3, f"SystemExit came {result.stdout.strip()} s into the join"
+
+
+def test_signal_handlers_run_in_blocking_calls_when_imported_on_another_thread(hub: Hub) -> None:
+    """Imported on a thread other than the main one, the package still lets signal
+    handlers run while a blocking call of the main thread waits (its check is installed
+    by the main thread's first blocking call)."""
+    sigterm_ends_a_join(
+        hub,
+        before="""
+            imported = threading.Thread(target=__import__, args=("webpubsub_client",))
+            imported.start()
+            imported.join()
+        """,
+    )
 
 
 def test_a_sub_interpreter_importing_the_package_leaves_the_main_threads_check(hub: Hub) -> None:
     """A sub-interpreter that imports the package on the main thread (signal handlers run
     in the main interpreter only) installs no check of its own in place of the main
-    interpreter's: a SIGTERM handler's SystemExit still comes out of a join of the main
-    interpreter. Before, the sub-interpreter's check ran the handler and kept its
+    interpreter's. Before, the sub-interpreter's check ran the handler and kept its
     exception, and the join raised SendMessageError 'Interrupted'."""
-    code = f"""
-        import os, signal, sys, threading, time, urllib.request
-        from webpubsub_client import WebPubSubClient
-        try:
-            import _interpreters as interpreters  # 3.13
-            sub = interpreters.create("legacy")
-        except ImportError:
-            import _xxsubinterpreters as interpreters
-            sub = interpreters.create(**({{"isolated": False}} if sys.version_info >= (3, 12) else {{}}))
-        interpreters.run_string(sub, "import webpubsub_client")  # alive until destroyed
-
-        def shut_down(signum, frame):
-            raise SystemExit("terminated")
-
-        signal.signal(signal.SIGTERM, shut_down)
-        client = WebPubSubClient({hub.url()!r}, ack_timeout=8.0, message_retry_total=0)
-        client.open()
-        drop = {hub.emulator.base!r} + "/_emulator/hubs/{hub.name}/connections/" + client.connection_id
-        urllib.request.urlopen(urllib.request.Request(drop + "/:dropAcks?count=1", method="POST")).close()
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        started = time.monotonic()
-        try:
-            client.join_group("g")
-        except SystemExit:
-            print(round(time.monotonic() - started, 2), flush=True)
-        client.close()
-        interpreters.destroy(sub)
-    """
-    result = run_python(code, {})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout.split()[-1]) < 3, f"SystemExit came {result.stdout.strip()} s into the join"
+    sigterm_ends_a_join(
+        hub,
+        before="""
+            import webpubsub_client
+            try:
+                import _interpreters as interpreters  # 3.13
+                sub = interpreters.create("legacy")
+            except ImportError:
+                import _xxsubinterpreters as interpreters
+                sub = interpreters.create(**({"isolated": False} if sys.version_info >= (3, 12) else {}))
+            interpreters.run_string(sub, "import webpubsub_client")  # alive until destroyed
+        """,
+        after="""
+            interpreters.destroy(sub)
+        """,
+    )
 
 
 def test_open_client_is_closed_at_interpreter_exit(hub: Hub) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -12,7 +13,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Iterator, List, Set
+from typing import Any, Dict, Iterator, List, Set
 
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, assert_keywords_logged, wait_until
@@ -212,6 +213,17 @@ def test_ctrl_c_interrupts_an_open_that_waits_for_the_server(hub: Hub) -> None:
     other.close()
 
 
+@contextlib.contextmanager
+def _handling(handlers: Dict[int, Any]) -> Iterator[None]:
+    """The signal handlers ``handlers`` (by signal) installed while the block runs."""
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @pytest.fixture(autouse=True)
 def _upstream_delay_restored(upstream: Upstream) -> Iterator[None]:
     """Tests set how long the upstream takes over its slow events; each starts from the default."""
@@ -220,10 +232,17 @@ def _upstream_delay_restored(upstream: Upstream) -> Iterator[None]:
     upstream.slow_seconds = default
 
 
-def _sigint_during(call: Any) -> Any:
-    """``call()`` on the main thread with a SIGINT sent 0.3 s into it; what it returned."""
+def _signalled_during(call: Any, *signums: int) -> Any:
+    """``call()`` on the main thread with a SIGINT (or ``signums``) sent 0.3 s into it;
+    what it returned. Several are sent together, by one thread that holds the GIL across
+    them: no check runs between them."""
     assert threading.current_thread() is threading.main_thread()
-    interrupt = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+
+    def send() -> None:
+        for signum in signums or (signal.SIGINT,):
+            os.kill(os.getpid(), signum)
+
+    interrupt = threading.Timer(0.3, send)
     interrupt.start()
     try:
         return call()
@@ -231,12 +250,12 @@ def _sigint_during(call: Any) -> Any:
         interrupt.join()
 
 
-def _interrupted(call: Any, expected: Any) -> Any:
-    """The exception (``expected``) that ``call`` raised with a SIGINT sent 0.3 s into it,
-    once checked that it came at once."""
+def _interrupted(call: Any, expected: Any, *signums: int) -> Any:
+    """The exception (``expected``) that ``call`` raised with a SIGINT (or ``signums``)
+    sent 0.3 s into it, once checked that it came at once."""
     started = time.monotonic()
     with pytest.raises(expected) as info:
-        _sigint_during(call)
+        _signalled_during(call, *signums)
     elapsed = time.monotonic() - started
     assert elapsed < 3, f"{info.typename} came {elapsed:.1f} s after the call"
     return info.value
@@ -271,19 +290,16 @@ def test_with_a_sigint_handler_of_the_application_a_blocking_operation_goes_on(h
     client = make(hub.url(), ack_timeout=WAIT)
     client.open()
     try:
-        result = _sigint_during(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT))
+        result = _signalled_during(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT))
         assert result.ack_id is not None
         loop.run_until_complete(asyncio.sleep(0.2))
         assert seen == [signal.SIGINT]
         flagged: List[float] = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: flagged.append(time.monotonic()))
-        try:
+        with _handling({signal.SIGINT: lambda signum, frame: flagged.append(time.monotonic())}):
             started = time.monotonic()
-            result = _sigint_during(lambda: client.send_event("slow", "y", WebPubSubDataType.TEXT))
-            reply = _sigint_during(lambda: client.invoke_event("slow", "z", WebPubSubDataType.TEXT, timeout=WAIT))
+            result = _signalled_during(lambda: client.send_event("slow", "y", WebPubSubDataType.TEXT))
+            reply = _signalled_during(lambda: client.invoke_event("slow", "z", WebPubSubDataType.TEXT, timeout=WAIT))
             ended = time.monotonic()
-        finally:
-            signal.signal(signal.SIGINT, previous)
         assert result.ack_id is not None and reply.data is not None
         assert len(flagged) == 2 and flagged[0] - started < 1.0, f"the handler ran {flagged[0] - started:.2f} s in"
         assert ended - flagged[1] > 0.5, "the invocation did not go on after the handler"
@@ -310,19 +326,13 @@ def test_a_handler_of_any_signal_runs_during_a_blocking_call_and_its_exception_e
         ran.append(time.monotonic())
         raise SystemExit(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, shut_down)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
-    started = time.monotonic()
-    timer.start()
     try:
-        with pytest.raises(SystemExit, match="signal 15"):
-            client.send_event("slow", "x", WebPubSubDataType.TEXT)
-        elapsed = time.monotonic() - started
-    finally:
-        timer.join()
-        signal.signal(signal.SIGTERM, previous)
-    try:
-        assert elapsed < 3, f"SystemExit came {elapsed:.1f} s after the call"
+        with _handling({signal.SIGTERM: shut_down}):
+            started = time.monotonic()
+            error = _interrupted(
+                lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT), SystemExit, signal.SIGTERM
+            )
+        assert str(error) == "signal 15"
         assert len(ran) == 1 and ran[0] - started < 1.0, f"the handler ran {ran[0] - started:.2f} s in"
         assert client.send_to_group("g", "after", WebPubSubDataType.TEXT).ack_id is not None
     finally:
@@ -351,16 +361,10 @@ def test_a_signal_handler_may_make_blocking_calls_while_one_waits(
         said.append(time.monotonic())
         said.append(client.send_to_group("bye", "bye", WebPubSubDataType.TEXT).ack_id)
 
-    previous = signal.signal(signal.SIGUSR1, say_bye)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
-    started = time.monotonic()
-    timer.start()
     try:
-        result = client.send_event("slow", "x", WebPubSubDataType.TEXT)
-    finally:
-        timer.join()
-        signal.signal(signal.SIGUSR1, previous)
-    try:
+        with _handling({signal.SIGUSR1: say_bye}):
+            started = time.monotonic()
+            result = _signalled_during(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT), signal.SIGUSR1)
         assert result.ack_id is not None and len(said) == 2 and said[1] is not None
         assert said[0] - started < 1.0, f"the handler ran {said[0] - started:.2f} s in"
         assert [m.data for m in got.wait_for(1)] == ["bye"]
@@ -386,13 +390,10 @@ def test_ctrl_c_interrupts_a_join_and_a_handler_of_the_application_lets_it_wait_
         _interrupted(lambda: client.join_group("first"), KeyboardInterrupt)
         hub.drop_acks(retrying.connection_id, 1)
         flagged: List[float] = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: flagged.append(time.monotonic()))
-        try:
+        with _handling({signal.SIGINT: lambda signum, frame: flagged.append(time.monotonic())}):
             started = time.monotonic()
-            result = _sigint_during(lambda: retrying.join_group("second"))
+            result = _signalled_during(lambda: retrying.join_group("second"))
             elapsed = time.monotonic() - started
-        finally:
-            signal.signal(signal.SIGINT, previous)
         assert len(flagged) == 1 and flagged[0] - started < 1.0, f"the handler ran {flagged[0] - started:.2f} s in"
         assert result.ack_id is not None and elapsed > 1.5, f"joined after {elapsed:.1f} s"
         client.join_group("second")
@@ -455,24 +456,15 @@ def test_two_signals_at_once_raise_the_later_handlers_exception_and_the_check_go
     def terminate(signum: int, frame: Any) -> None:
         raise SystemExit("terminated")
 
-    def both() -> None:  # one thread, which holds the GIL across both: no check between them
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGTERM, terminate)
-    timer = threading.Timer(0.3, both)
-    started = time.monotonic()
-    timer.start()
     try:
-        with pytest.raises(SystemExit, match="terminated"):
-            client.send_event("slow", "x", WebPubSubDataType.TEXT)
-        elapsed = time.monotonic() - started
-    finally:
-        timer.join()
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
-    try:
-        assert elapsed < 3, f"SystemExit came {elapsed:.1f} s after the call"
+        with _handling({signal.SIGINT: interrupt, signal.SIGTERM: terminate}):
+            error = _interrupted(
+                lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT),
+                SystemExit,
+                signal.SIGINT,
+                signal.SIGTERM,
+            )
+        assert str(error) == "terminated"
         assert unraisable == []
         _interrupted(lambda: client.send_event("slow", "y", WebPubSubDataType.TEXT), KeyboardInterrupt)
     finally:
@@ -512,7 +504,7 @@ def test_a_client_whose_blocking_call_a_signal_ended_is_freed_without_the_cycle_
         client = make(hub.url(), ack_timeout=WAIT)
         client.open()
         try:
-            _sigint_during(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT))
+            _signalled_during(lambda: client.send_event("slow", "x", WebPubSubDataType.TEXT))
         except KeyboardInterrupt:
             pass
         client.close()
