@@ -321,24 +321,29 @@ _main_check_missing = True  # not yet installed on the main thread
 
 def _signal_checks() -> Iterator[int]:
     """The main thread's interrupt check: 1 once a handler has raised (the last one to
-    raise is kept in _raised, as Python raises the last)."""
+    raise is kept in _raised, as Python raises the last). Once ended, the next blocking
+    call installs a new one."""
+    global _main_check_missing  # noqa: PLW0603
     interrupted = 0
-    while True:
-        try:
-            while True:  # the loop's own bytecodes stay inside the outer try
-                try:
-                    while True:  # the loop's own bytecodes stay inside the inner try
-                        yield interrupted
-                        interrupted = 0
-                        _check_signals()
-                except GeneratorExit:  # closed (interpreter exit)
-                    return
-                except BaseException as error:  # noqa: BLE001  # pylint: disable=broad-exception-caught
-                    _raised[0] = error
-                    interrupted = 1
-        except BaseException as error:  # noqa: BLE001  # pylint: disable=broad-exception-caught
-            _raised[0] = error  # a second handler's, run on the way out of the inner try
-            interrupted = 1
+    try:
+        while True:
+            try:
+                while True:  # the loop's own bytecodes stay inside the outer try
+                    try:
+                        while True:  # the loop's own bytecodes stay inside the inner try
+                            yield interrupted
+                            interrupted = 0
+                            _check_signals()
+                    except GeneratorExit:  # closed (interpreter exit)
+                        return
+                    except BaseException as error:  # noqa: BLE001  # pylint: disable=broad-exception-caught
+                        _raised[0] = error
+                        interrupted = 1
+            except BaseException as error:  # noqa: BLE001  # pylint: disable=broad-exception-caught
+                _raised[0] = error  # a second handler's, run on the way out of the inner try
+                interrupted = 1
+    finally:
+        _main_check_missing = True
 
 
 def install_main_check() -> None:
@@ -360,7 +365,7 @@ def install_main_check() -> None:
 def ensure_main_check() -> None:
     """Called before a blocking call: install the check if this is the main thread and the
     module was imported on another one, or the check has ended."""
-    if _main_check_missing or _checks[-1][0].gi_frame is None:
+    if _main_check_missing:
         install_main_check()
 
 
