@@ -1048,13 +1048,14 @@ fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
             unsafe { wps_client_dispatch_records(c, 1, buf.as_mut_ptr(), 0, none, none) },
             WPS_STATUS_INVALID_ARGUMENT,
         ),
+        // The handle is checked before the arrays, as in every call.
         (
             unsafe {
                 wps_client_dispatch_records(
                     std::ptr::null_mut(),
                     1,
                     buf.as_mut_ptr(),
-                    1,
+                    0,
                     none,
                     none,
                 )
@@ -1316,6 +1317,11 @@ fn messages_come_back_as_records_in_order_with_the_callbacks_and_large_ones_call
     );
     assert_eq!(
         unsafe { wps_client_dispatch_into(c, 1, std::ptr::null_mut()) },
+        WPS_STATUS_NULL_ARG
+    );
+    // The handle is checked before the buffers, as in every call.
+    assert_eq!(
+        unsafe { wps_client_dispatch_into(std::ptr::null_mut(), 1, &mut misaligned) },
         WPS_STATUS_NULL_ARG
     );
     let mut none = wps_dispatch_buffers {

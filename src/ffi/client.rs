@@ -608,7 +608,11 @@ pub unsafe extern "C" fn wps_client_dispatch(
     max: usize,
     ran: *mut usize,
 ) -> wps_status {
-    guard(|| dispatch(c, max, None, |count, _| write_optional(ran, count)))
+    guard(|| {
+        dispatch(dispatch_worker(c)?, max, None, |count, _| {
+            write_optional(ran, count)
+        })
+    })
 }
 
 /// Poll mode: as `wps_client_dispatch`, but a successful completion of a send started
@@ -633,6 +637,8 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
     recorded: *mut usize,
 ) -> wps_status {
     guard(|| {
+        // The handle first, as in every call.
+        let worker = dispatch_worker(c)?;
         if records.is_null() {
             return Err(fail(WPS_STATUS_NULL_ARG, "`records` is NULL"));
         }
@@ -644,7 +650,7 @@ pub unsafe extern "C" fn wps_client_dispatch_records(
         }
         let acks = array_out(records, cap, 1, "records")?;
         let mut records = Records::new(acks, &mut []);
-        dispatch(c, max, Some(&mut records), |count, records| {
+        dispatch(worker, max, Some(&mut records), |count, records| {
             write_optional(ran, count);
             write_optional(recorded, records.map_or(0, |r| r.acks_written));
         })
@@ -675,6 +681,7 @@ pub unsafe extern "C" fn wps_client_dispatch_into(
     buffers: *mut wps_dispatch_buffers,
 ) -> wps_status {
     guard(|| {
+        let worker = dispatch_worker(c)?;
         if buffers.is_null() {
             return Err(fail(WPS_STATUS_NULL_ARG, "`buffers` is NULL"));
         }
@@ -688,7 +695,7 @@ pub unsafe extern "C" fn wps_client_dispatch_into(
             "buffers->messages",
         )?;
         let mut records = Records::new(acks, messages);
-        dispatch(c, max, Some(&mut records), |count, records| {
+        dispatch(worker, max, Some(&mut records), |count, records| {
             (*buffers).ran = count;
             if let Some(records) = records {
                 (*buffers).acks_written = records.acks_written;
@@ -738,17 +745,21 @@ pub unsafe extern "C" fn wps_client_dispatch_resume(
     })
 }
 
-/// Runs the dispatch of `c`; `outputs` writes the call's outputs from how many
+/// The worker that runs the callbacks of `c`, kept alive by a dispatch (a callback may
+/// free the client) without keeping the client.
+unsafe fn dispatch_worker(c: *mut wps_client) -> FfiResult<Arc<Worker>> {
+    Ok(Arc::clone(client_arg(c)?.sink.worker()))
+}
+
+/// Runs the dispatch of a client by its worker; `outputs` writes the call's outputs from how many
 /// callbacks ran and the records, before the dispatch ends: a callback that freed the
 /// client leaves its finalizer to run after that (it may free where they go).
-unsafe fn dispatch(
-    c: *mut wps_client,
+fn dispatch(
+    worker: Arc<Worker>,
     max: usize,
     mut records: Option<&mut Records<'_>>,
     outputs: impl FnOnce(usize, Option<&Records<'_>>),
 ) -> FfiResult {
-    // The worker is kept alive by this call: a callback may free the client.
-    let worker = Arc::clone(client_arg(c)?.sink.worker());
     let dispatched = worker
         .dispatch(max, records.as_deref_mut())
         .map_err(|e| match e {
