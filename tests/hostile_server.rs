@@ -866,3 +866,44 @@ async fn a_recovery_whose_connections_close_at_once_ends_with_its_window() {
     drop(client);
     closed_by_client(&mut ws).await;
 }
+
+#[tokio::test]
+async fn a_session_whose_recovery_url_is_too_long_is_lost_at_once() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let options = ClientOptions {
+        recovery_window: Duration::from_secs(30),
+        ..options(Protocol::JsonReliable)
+    };
+    let (client, mut events) =
+        Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut ws, _) = hostile.accept().await;
+    // Percent-encoded, 30,000 '+' take 90,000 bytes: no request can carry the recovery URL.
+    connected(&mut ws, &"+".repeat(30_000), "rt1").await;
+    start.await.unwrap().unwrap();
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    end(&mut ws, Ending::Abrupt).await;
+    // Not after the recovery window: no attempt of it could have worked.
+    let (event, _) = wait_for(&mut events, 5, |e| matches!(e, Event::Disconnected { .. })).await;
+    assert!(
+        matches!(
+            event,
+            Event::Disconnected {
+                close_code: None,
+                ..
+            }
+        ),
+        "{event:?}"
+    );
+    let (mut ws, uri) = hostile.accept().await;
+    assert!(!uri.contains("awps_connection_id"), "{uri}");
+    connected(&mut ws, "conn2", "rt2").await;
+    wait_for(&mut events, 5, |e| matches!(e, Event::Connected { .. })).await;
+    drop(client);
+    closed_by_client(&mut ws).await;
+}

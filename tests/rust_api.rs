@@ -595,6 +595,70 @@ async fn the_longest_durations_allowed_work() {
     client.stop().await;
 }
 
+/// A token with a role per group for each of `groups` groups, which it also joins.
+fn token_for_groups(groups: usize) -> webpubsub_emulator::TokenOptions {
+    let names: Vec<String> = (0..groups).map(|i| format!("group-{i}")).collect();
+    let roles = names
+        .iter()
+        .flat_map(|g| {
+            [
+                format!("webpubsub.joinLeaveGroup.{g}"),
+                format!("webpubsub.sendToGroup.{g}"),
+            ]
+        })
+        .collect();
+    webpubsub_emulator::TokenOptions {
+        user_id: Some("u".into()),
+        roles,
+        groups: names,
+        ttl: None,
+    }
+}
+
+#[tokio::test]
+async fn a_url_too_long_for_an_http_request_is_refused_saying_so() {
+    let emulator = Emulator::start(Config::default()).await.unwrap();
+    // 560 groups' roles: a URL just under the 65534 bytes an `http::Uri` can hold.
+    let url = emulator.client_url(HUB, &token_for_groups(560));
+    assert!(url.len() > 60_000 && url.len() < 65_534, "{}", url.len());
+    let (client, mut events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    client.start().await.unwrap();
+    client.join_group("group-559").await.unwrap();
+    let sent = client
+        .send_to_group(
+            "group-559",
+            DataType::Text,
+            "to the last group".into(),
+            SendToGroupOptions::default(),
+        )
+        .await;
+    assert!(sent.is_ok(), "{sent:?}");
+    common::wait_for(&mut events, 10, |e| {
+        message_text(e).as_deref() == Some("to the last group")
+    })
+    .await;
+    client.stop().await;
+
+    // 1,000 groups' roles: about 110 KB, which no request line here can carry.
+    let url = emulator.client_url(HUB, &token_for_groups(1000));
+    let length = url.len().to_string();
+    let made = Client::with_channel(Credential::Url(url.clone()), fast_options());
+    assert!(
+        matches!(&made, Err(Error::InvalidArgument(m)) if m.contains(&length) && m.contains("65534")),
+        "{made:?}"
+    );
+    let credential = Credential::provider(move || {
+        let url = url.clone();
+        async move { Ok(url) }
+    });
+    let (client, _events) = Client::with_channel(credential, fast_options()).unwrap();
+    let started = client.start().await;
+    assert!(
+        matches!(&started, Err(Error::Credential(m)) if m.contains(&length) && m.contains("65534")),
+        "{started:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_port_out_of_range_is_refused_not_replaced() {
     let emulator = Emulator::start(Config::default()).await.unwrap();

@@ -17,6 +17,7 @@
 //! operations before it reads anything more.
 
 use super::ack_ids::{AckIds, SERVICE_ACK_MEMORY};
+use super::credential::MAX_URL_LEN;
 use super::direct::{Direct, WriteHalf};
 use super::pending::{AckReply, Done, OpKind, Operation, Pending, Purpose, Start};
 use super::queue::Overflow;
@@ -827,6 +828,18 @@ impl Task {
             &connection_id,
             session.reconnection_token.as_deref().unwrap_or_default(),
         );
+        // A connection id or token long enough makes a URL no request can carry: no
+        // attempt could work, and the session would only be lost at the window's end.
+        if url.len() > MAX_URL_LEN {
+            warn!(
+                "connection {connection_id} dropped ({reason}) and cannot be recovered: its recovery URL is {} bytes long, over the {MAX_URL_LEN} bytes a request can carry",
+                url.len()
+            );
+            return Next::Lost {
+                close_code,
+                message: Some(reason),
+            };
+        }
         info!("connection {connection_id} dropped ({reason}); recovering");
         let mut attempt = 0u32;
         let mut attempt_at = first_attempt;

@@ -73,6 +73,10 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// The longest URL the WebSocket upgrade request can carry (the `http` crate's limit
+/// on a request target).
+pub(crate) const MAX_URL_LEN: usize = u16::MAX as usize - 1;
+
 /// Accepts a valid `ws://` or `wss://` URL and their `http://`/`https://` spellings
 /// (turned into the WebSocket schemes); anything else is an error that never repeats
 /// the URL (it may hold a token).
@@ -91,6 +95,14 @@ pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
         return Err("the client URL has no host".into());
     }
     let url = format!("{scheme}://{rest}");
+    if url.len() > MAX_URL_LEN {
+        // Else refused below as "not a valid URL": a token naming many groups in its
+        // roles or initial groups gets this long.
+        return Err(format!(
+            "the client URL is {} bytes long, over the {MAX_URL_LEN} bytes a request can carry (does its token name very many groups?)",
+            url.len()
+        ));
+    }
     let uri: Uri = url
         .parse()
         .map_err(|_| "the client URL is not a valid URL")?;
