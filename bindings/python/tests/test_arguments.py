@@ -110,6 +110,7 @@ def test_usable_urls(url: str) -> None:
         ({"reconnect_retry_backoff_max": math.inf}, ValueError, "reconnect_retry_backoff_max must be a finite"),
         ({"ack_timeout": "1"}, TypeError, "ack_timeout must be a number of seconds"),
         ({"ack_timeout": 0}, ValueError, "ack_timeout must be > 0"),
+        ({"recovery_retry_interval": 0}, ValueError, "recovery_retry_interval must be > 0"),
         ({"start_timeout": math.nan}, ValueError, "start_timeout must be a finite"),
         ({"message_retry_mode": "sometimes"}, ValueError, "message_retry_mode must be one of"),
         ({"keep_alive_interval": -1}, ValueError, "keep_alive_interval"),
@@ -138,6 +139,23 @@ def test_durations_too_long_for_64_bit_milliseconds_mean_the_longest(seconds: An
     assert _base.check_timeout(seconds) == _base._native.UINT64_MAX
     WebPubSubClient(URL, start_timeout=seconds, recovery_timeout=seconds, message_retry_backoff_max=seconds)
     AsyncWebPubSubClient(URL, start_timeout=seconds, recovery_timeout=seconds, reconnect_retry_backoff_factor=seconds)
+
+
+def test_a_positive_duration_under_a_millisecond_is_the_shortest_not_zero() -> None:
+    """Rounded to 0 ms, a keep-alive interval of 0.0004 s turned keep-alive off, and an ack
+    timeout of 0.0004 s was refused as "must be > 0"."""
+    tiny = 0.0004
+    options = _base.Options(
+        ack_timeout=tiny,
+        keep_alive_interval=tiny,
+        keep_alive_timeout=0.002,
+        recovery_retry_interval=tiny,
+        sequence_ack_interval=tiny,
+    )
+    assert options.ack_timeout_ms == options.keep_alive[0] == options.recovery[1] == 1
+    assert options.sequence_ack_interval_ms == 1
+    assert _base.check_timeout(tiny) == 1
+    WebPubSubClient(URL, ack_timeout=tiny, keep_alive_interval=tiny, keep_alive_timeout=0.002)
 
 
 def test_accepted_option_spellings() -> None:

@@ -189,7 +189,8 @@ _MAX_SECONDS = _native.UINT64_MAX // 1000  # longer durations are the longest th
 
 
 def seconds_to_ms(value: Any, what: str) -> int:
-    """A non-negative, finite duration in seconds as whole milliseconds (at most 2**64 - 1)."""
+    """A non-negative, finite duration in seconds as whole milliseconds (at most 2**64 - 1);
+    a positive one is at least 1 ms: 0 means "off" for some options and is refused by others."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number of seconds (int or float), got {type(value).__name__}")
     # NaN compares false to everything; an int is finite (and may be too large for a float)
@@ -197,7 +198,8 @@ def seconds_to_ms(value: Any, what: str) -> int:
         raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
     if value > _MAX_SECONDS:
         return _native.UINT64_MAX
-    return min(int(round(value * 1000)), _native.UINT64_MAX)  # a float product may round up to 2**64
+    ms = min(int(round(value * 1000)), _native.UINT64_MAX)  # a float product may round up to 2**64
+    return 1 if ms == 0 and value > 0 else ms
 
 
 def check_ack_id(ack_id: Any) -> Optional[int]:
@@ -401,6 +403,8 @@ class Options:
             seconds_to_ms(recovery_timeout, "recovery_timeout"),
             seconds_to_ms(recovery_retry_interval, "recovery_retry_interval"),
         )
+        if self.recovery[1] == 0:
+            raise ValueError("recovery_retry_interval must be > 0")
         self.sequence_ack_interval_ms = seconds_to_ms(sequence_ack_interval, "sequence_ack_interval")
         if self.sequence_ack_interval_ms == 0:
             raise ValueError("sequence_ack_interval must be > 0")
