@@ -651,7 +651,8 @@ typedef struct wps_message_record {
 #define WPS_STATUS_INVOKE_ERROR 9
 
 /**
- * Connecting failed (transport, handshake, HTTP 401...).
+ * Connecting failed (transport, handshake, HTTP 401...). For an HTTP refusal,
+ * `wps_last_error_message()` has its status and the start of the server's text.
  */
 #define WPS_STATUS_CONNECT_FAILED 10
 

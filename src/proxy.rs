@@ -7,7 +7,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::client::Error;
-use crate::transport::read_response_head;
+use crate::transport::{describe_refusal, read_response_head};
 
 /// Where a client's connections go.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -170,14 +170,16 @@ impl Proxy {
         response
             .parse(&buf)
             .map_err(|e| Error::Connect(format!("{during}: malformed HTTP response: {e}")))?;
-        let code = response.code.unwrap_or(0);
-        if !(200..300).contains(&code) {
-            let reason = response.reason.unwrap_or("");
-            return Err(Error::Connect(
-                format!("proxy {proxy} refused CONNECT to {target}: HTTP {code} {reason}")
-                    .trim_end()
-                    .to_owned(),
-            ));
+        if !response.code.is_some_and(|code| (200..300).contains(&code)) {
+            let secrets: Vec<String> = self
+                .authorization
+                .iter()
+                .filter_map(|a| a.strip_prefix("Basic ").map(str::to_owned))
+                .collect();
+            let refusal = describe_refusal(tcp, buf, &secrets).await;
+            return Err(Error::Connect(format!(
+                "proxy {proxy} refused CONNECT to {target}: {refusal}"
+            )));
         }
         // Neither a TLS server nor a WebSocket server speaks first: nothing of the
         // target's can come before the client's first bytes.
@@ -208,9 +210,9 @@ fn split_host_port(s: &str) -> Option<(String, u16)> {
     (!host.is_empty()).then(|| (host.to_owned(), port))
 }
 
-/// `%XX` escapes of a URL's user or password decoded (others kept as written): bytes,
-/// sent as they are, as curl does, whether or not they are UTF-8.
-fn percent_decode(s: &str) -> Vec<u8> {
+/// `%XX` escapes of a URL's part (a user, a password, a query value) decoded (others
+/// kept as written): bytes, sent as they are, as curl does, whether or not they are UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Vec<u8> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

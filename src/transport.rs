@@ -15,6 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{self, pki_types::ServerName, RootCertStore};
@@ -33,6 +34,15 @@ const READ_BUFFER: usize = 8 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Largest HTTP response head accepted during the upgrade.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+/// Most of a refusal's body read: secrets in it are hidden before it is cut to
+/// `MAX_REFUSAL_TEXT` for an error.
+const MAX_REFUSAL_BODY: usize = 16 * 1024;
+/// Most characters of a refusal's body quoted in an error (the service explains a
+/// refusal in a line).
+const MAX_REFUSAL_TEXT: usize = 512;
+/// Longest wait for a refusal's body once its head is in: a server that announces a body
+/// and never sends it must not turn a clear refusal into a start timeout.
+const REFUSAL_BODY_WAIT: Duration = Duration::from_millis(500);
 
 /// Replaces the values of `access_token` and `awps_reconnection_token` in a URL with
 /// `***`: the only form in which a client URL may appear in a log or an error.
@@ -53,6 +63,29 @@ pub fn redact_url(url: &str) -> String {
         })
         .collect();
     format!("{base}?{}", params.join("&"))
+}
+
+/// The values of `access_token` and `awps_reconnection_token` in a URL, as written and
+/// percent-decoded: what must not appear in an error or a log.
+pub(crate) fn url_secrets(url: &str) -> Vec<String> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Vec::new();
+    };
+    let mut secrets = Vec::new();
+    for (key, value) in query.split('&').filter_map(|p| p.split_once('=')) {
+        if !value.is_empty()
+            && (key.eq_ignore_ascii_case("access_token")
+                || key.eq_ignore_ascii_case("awps_reconnection_token"))
+        {
+            let decoded =
+                String::from_utf8_lossy(&crate::proxy::percent_decode(value)).into_owned();
+            if decoded != value {
+                secrets.push(decoded);
+            }
+            secrets.push(value.to_owned());
+        }
+    }
+    secrets
 }
 
 /// TCP or TLS under the WebSocket.
@@ -141,6 +174,120 @@ pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
     }
 }
 
+/// Describes an HTTP response that refused what was asked (the upgrade, a tunnel) for an
+/// error: `HTTP 401 Unauthorized: "<its body>"`, then its `Retry-After` and `Location`
+/// when sent. `buf` holds the response from its start, its head complete; the rest of
+/// the body is read from `stream`, for `REFUSAL_BODY_WAIT` at most. Each of `secrets`
+/// found in the body shows as `***`.
+pub(crate) async fn describe_refusal<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+    secrets: &[String],
+) -> String {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(head_len)) = response.parse(&buf) else {
+        return "malformed HTTP response".into();
+    };
+    let code = response.code.unwrap_or(0);
+    let mut text = format!("HTTP {code} {}", response.reason.unwrap_or(""))
+        .trim_end()
+        .to_owned();
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+    };
+    let length = header("Content-Length").and_then(|v| v.parse::<usize>().ok());
+    let chunked =
+        header("Transfer-Encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let retry_after = header("Retry-After");
+    let location = header("Location");
+    let has_body = !(code < 200 || code == 204 || code == 304 || length == Some(0));
+    if has_body {
+        // The body ends at its length, at the last chunk, or (neither announced) when
+        // the server closes the connection.
+        let complete = |body: &[u8]| match length {
+            Some(n) => body.len() >= n,
+            None => chunked && body.windows(5).any(|w| w == b"0\r\n\r\n"),
+        };
+        let _ = tokio::time::timeout(REFUSAL_BODY_WAIT, async {
+            let mut chunk = [0u8; 1024];
+            while buf.len() - head_len < MAX_REFUSAL_BODY && !complete(&buf[head_len..]) {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        let raw = &buf[head_len..];
+        let body = if chunked {
+            dechunk(raw)
+        } else {
+            raw[..length.unwrap_or(raw.len()).min(raw.len())].to_vec()
+        };
+        let body = quote_body(&body, secrets);
+        if !body.is_empty() {
+            text.push_str(&format!(": \"{body}\""));
+        }
+    }
+    if let Some(retry_after) = retry_after {
+        let retry_after = quote_body(retry_after.as_bytes(), secrets);
+        text.push_str(&format!(" (Retry-After: {retry_after})"));
+    }
+    if let Some(location) = location.filter(|_| (300..400).contains(&code)) {
+        let location = quote_body(redact_url(&location).as_bytes(), secrets);
+        text.push_str(&format!(" (a redirect to {location}, not followed)"));
+    }
+    text
+}
+
+/// The data of a chunked body's complete chunks.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(httparse::Status::Complete((start, size))) = httparse::parse_chunk_size(raw) {
+        let data = &raw[start..];
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        if size == 0 || data.len() < size {
+            body.extend_from_slice(&data[..size.min(data.len())]);
+            break;
+        }
+        body.extend_from_slice(&data[..size]);
+        raw = data.get(size + 2..).unwrap_or_default();
+    }
+    body
+}
+
+/// A body (or a header's value) as one line of text for an error: secrets hidden,
+/// control characters and runs of white space made one space, at most
+/// `MAX_REFUSAL_TEXT` characters.
+fn quote_body(body: &[u8], secrets: &[String]) -> String {
+    let text = hide(&String::from_utf8_lossy(body), secrets);
+    let line = text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match line.char_indices().nth(MAX_REFUSAL_TEXT) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line,
+    }
+}
+
+/// `text` with each of `secrets` shown as `***`.
+fn hide(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if text.contains(secret.as_str()) {
+            text = text.replace(secret.as_str(), "***");
+        }
+    }
+    text
+}
+
 /// Opens WebSocket connections for one client (its subprotocol and trusted roots).
 #[derive(Clone)]
 pub(crate) struct Connector {
@@ -221,7 +368,9 @@ impl Connector {
                             .get_ref()
                             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                         {
-                            Some(inner) => format!("handshake with {host}:{port}: {inner}"),
+                            Some(inner) => {
+                                format!("handshake with {host}:{port}: {inner}{}", tls_hint(inner))
+                            }
                             None => format!("handshake with {host}:{port}: {e}"),
                         },
                     )
@@ -237,10 +386,19 @@ impl Connector {
             format!("{host}:{port}")
         };
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        self.upgrade(stream, &host_header, target).await
+        self.upgrade(stream, &host_header, &format!("{host}:{port}"), target)
+            .await
     }
 
-    async fn upgrade(&self, mut stream: Stream, host: &str, target: &str) -> Result<Ws, Error> {
+    /// Upgrades to WebSocket at `target` on `host` (the `Host` header; `peer` names the
+    /// server in errors).
+    async fn upgrade(
+        &self,
+        mut stream: Stream,
+        host: &str,
+        peer: &str,
+        target: &str,
+    ) -> Result<Ws, Error> {
         let key = generate_key();
         let user_agent = self
             .user_agent
@@ -252,25 +410,25 @@ impl Connector {
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n{user_agent}\r\n",
             self.protocol.name()
         );
-        let io_error = |e: io::Error| Error::Connect(format!("WebSocket upgrade: {e}"));
+        let during = format!("WebSocket upgrade with {peer}");
+        let io_error = |e: io::Error| Error::Connect(format!("{during}: {e}"));
         stream
             .write_all(request.as_bytes())
             .await
             .map_err(io_error)?;
         stream.flush().await.map_err(io_error)?;
         let mut buf = Vec::with_capacity(1024);
-        let head_len = read_response_head(&mut stream, &mut buf, "WebSocket upgrade").await?;
+        let head_len = read_response_head(&mut stream, &mut buf, &during).await?;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
         response
             .parse(&buf)
-            .map_err(|e| Error::Connect(format!("malformed HTTP response: {e}")))?;
-        let code = response.code.unwrap_or(0);
-        if code != 101 {
-            let reason = response.reason.unwrap_or("");
-            return Err(Error::Connect(
-                format!("HTTP {code} {reason}").trim_end().to_owned(),
-            ));
+            .map_err(|e| Error::Connect(format!("{during}: malformed HTTP response: {e}")))?;
+        if response.code != Some(101) {
+            let refusal = describe_refusal(&mut stream, buf, &url_secrets(target)).await;
+            return Err(Error::Connect(format!(
+                "{peer} answered the WebSocket upgrade with {refusal}"
+            )));
         }
         let header = |name: &str| {
             response
@@ -280,22 +438,31 @@ impl Connector {
                 .map(|h| String::from_utf8_lossy(h.value))
         };
         if !header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
-            return Err(Error::Connect(
-                "the server did not upgrade to WebSocket".into(),
-            ));
+            return Err(Error::Connect(format!(
+                "{peer}: the server did not upgrade to WebSocket"
+            )));
         }
         if header("Sec-WebSocket-Accept").as_deref()
             != Some(derive_accept_key(key.as_bytes()).as_str())
         {
-            return Err(Error::Connect(
-                "the server's Sec-WebSocket-Accept does not match".into(),
-            ));
-        }
-        if header("Sec-WebSocket-Protocol").as_deref() != Some(self.protocol.name()) {
             return Err(Error::Connect(format!(
-                "the server did not accept the subprotocol {}",
-                self.protocol.name()
+                "{peer}: the server's Sec-WebSocket-Accept does not match"
             )));
+        }
+        let name = self.protocol.name();
+        match header("Sec-WebSocket-Protocol") {
+            Some(chosen) if chosen == name => {}
+            Some(chosen) => {
+                return Err(Error::Connect(format!(
+                    "{peer}: the server chose the subprotocol {chosen:?}, not {name}"
+                )))
+            }
+            None => {
+                return Err(Error::Connect(format!(
+                    "{peer}: the server did not accept the subprotocol {name} \
+                     (not a Web PubSub client endpoint?)"
+                )))
+            }
         }
         // Frames that arrived with the response head start the read buffer. It
         // gets its full capacity here: the codec sizes every later buffer after
@@ -311,6 +478,21 @@ impl Connector {
 
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
         tls_config(&self.extra_ca_pem).map_err(Error::Tls)
+    }
+}
+
+/// What a user may do about a failed TLS handshake, for the cases a message alone does
+/// not make plain; "" for the others.
+fn tls_hint(error: &rustls::Error) -> &'static str {
+    match error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+            " (the server's certificate is self-signed or from a CA this client does not \
+             trust: add that CA as an extra CA)"
+        }
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => {
+            " (the server does not speak TLS: a ws:// endpoint?)"
+        }
+        _ => "",
     }
 }
 

@@ -1104,8 +1104,9 @@ async fn a_start_refused_by_the_upstream_connect_event_fails_at_once_with_its_st
         .await
         .expect("start ends")
         .unwrap_err();
+    // The upstream's own text reaches the client, as with the official clients.
     assert!(
-        matches!(&error, Error::Connect(m) if m == "HTTP 403 Forbidden"),
+        matches!(&error, Error::Connect(m) if m.ends_with(" answered the WebSocket upgrade with HTTP 403 Forbidden: \"not you\"")),
         "{error:?}"
     );
     // Refused once, not retried: start reports the first refusal.

@@ -608,6 +608,133 @@ async fn hostile_http_upgrade_answers_fail_start_with_a_clear_error() {
     }
 }
 
+/// The start error for one HTTP answer to the client's first request, `url` reached
+/// directly or through `hostile` as its proxy; the connection is held open after the
+/// answer, as a server keeping it alive would.
+async fn refusal(hostile: &Hostile, url: &str, proxy: bool, answer: &[u8]) -> Error {
+    let options = ClientOptions {
+        start_timeout: Duration::from_secs(5),
+        proxy: if proxy {
+            webpubsub_client::ProxySetting::Url(format!(
+                "http://{}",
+                hostile.listener.local_addr().unwrap()
+            ))
+        } else {
+            webpubsub_client::ProxySetting::Direct
+        },
+        ..options(Protocol::JsonReliable)
+    };
+    let (client, _events) = Client::with_channel(Credential::Url(url.into()), options).unwrap();
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let mut tcp = hostile.accept_tcp().await;
+    let mut request = [0u8; 4096];
+    let _ = tcp.read(&mut request).await.unwrap();
+    tcp.write_all(answer).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(2), start)
+        .await
+        .expect("the refusal is reported at once, not at the start timeout")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(client.state(), ClientState::Stopped);
+    error
+}
+
+#[tokio::test]
+async fn an_http_refusal_reports_the_servers_text_and_never_the_token() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let peer = hostile.listener.local_addr().unwrap();
+    let token = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.c2lnbmF0dXJl";
+    let url = format!("ws://{peer}/client/hubs/h?access_token={token}&x=1");
+    let cases: Vec<(bool, Vec<u8>, String)> = vec![
+        (
+            false,
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\nContent-Length: 43\r\n\r\n\
+              Unauthorized: the access token has expired."
+                .to_vec(),
+            format!("{peer} answered the WebSocket upgrade with HTTP 401 Unauthorized: \"Unauthorized: the access token has expired.\""),
+        ),
+        (
+            false,
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\ndown \r\nF\r\nfor maintenance\r\n0\r\n\r\n"
+                .to_vec(),
+            "HTTP 503 Service Unavailable: \"down for maintenance\" (Retry-After: 30)".into(),
+        ),
+        (
+            false,
+            format!("HTTP/1.1 302 Found\r\nLocation: ws://elsewhere/client/hubs/h?access_token={token}\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+            "HTTP 302 Found (a redirect to ws://elsewhere/client/hubs/h?access_token=***, not followed)".into(),
+        ),
+        (
+            false,
+            format!("HTTP/1.1 400 Bad Request\r\n\r\nCannot GET\n  /client/hubs/h?access_token={token}&x=1").into_bytes(),
+            "HTTP 400 Bad Request: \"Cannot GET /client/hubs/h?access_token=***&x=1\"".into(),
+        ),
+        (
+            false,
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\nhalf a".to_vec(),
+            "HTTP 500 Internal Server Error: \"half a\"".into(),
+        ),
+        (
+            true,
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 19\r\n\r\nProxy login needed.".to_vec(),
+            format!("proxy {peer} refused CONNECT to nowhere.invalid:80: HTTP 407 Proxy Authentication Required: \"Proxy login needed.\""),
+        ),
+    ];
+    for (proxy, answer, expected) in cases {
+        let url = if proxy {
+            format!("ws://nowhere.invalid/client/hubs/h?access_token={token}")
+        } else {
+            url.clone()
+        };
+        let error = refusal(&hostile, &url, proxy, &answer).await;
+        match &error {
+            Error::Connect(m) => assert!(m.contains(&expected), "{expected}\n{m}"),
+            other => panic!("{expected}: unexpected error {other:?}"),
+        }
+        assert!(
+            !error.to_string().contains("c2VjcmV0"),
+            "no token in {error}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_services_reason_for_closing_before_the_connected_frame_is_in_the_start_error() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    for code in [1008u16, 1011] {
+        let (client, _events) = Client::with_channel(
+            Credential::Url(hostile.url.clone()),
+            options(Protocol::JsonReliable),
+        )
+        .unwrap();
+        let c = client.clone();
+        let start = tokio::spawn(async move { c.start().await });
+        let (mut ws, _) = hostile.accept().await;
+        send(
+            &mut ws,
+            r#"{"type":"system","event":"disconnected","message":"The access token is revoked."}"#,
+        )
+        .await;
+        let close = CloseFrame {
+            code: code.into(),
+            reason: "bye".into(),
+        };
+        ws.send(Message::Close(Some(close))).await.unwrap();
+        let error = start.await.unwrap().unwrap_err();
+        assert_eq!(
+            error,
+            Error::Connect(format!(
+                "closed before the connected frame: The access token is revoked. ({code} bye)"
+            ))
+        );
+        assert_eq!(client.state(), ClientState::Stopped);
+    }
+}
+
 #[tokio::test]
 async fn a_flood_arrives_in_order_and_leaves_no_heap_behind() {
     let _serial = SERIAL.lock().await;

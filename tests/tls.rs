@@ -53,7 +53,21 @@ async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
     let (untrusting, _events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
     let error = untrusting.start().await.unwrap_err();
     assert!(
-        matches!(&error, Error::Tls(m) if m.contains("certificate")),
+        matches!(&error, Error::Tls(m) if m.contains("UnknownIssuer (the server's certificate is self-signed or from a CA this client does not trust: add that CA as an extra CA)")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn wss_to_a_plain_server_says_it_does_not_speak_tls() {
+    let emulator = Emulator::start(Config::default()).await.unwrap();
+    let url = emulator
+        .client_url("hub", &TokenOptions::default())
+        .replacen("ws://", "wss://", 1);
+    let (client, _events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    let error = client.start().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Tls(m) if m.ends_with("(the server does not speak TLS: a ws:// endpoint?)")),
         "{error:?}"
     );
 }

@@ -1439,6 +1439,14 @@ async fn open_connection(
     let url = credential.client_url().await?;
     debug!("connecting to {}", redact_url(&url));
     let mut ws = connector.connect(&url).await?;
+    // Why the service is about to close the connection, should it say so first.
+    let mut disconnected: Option<String> = None;
+    let closed = |detail: String, disconnected: Option<String>| {
+        Error::Connect(match disconnected {
+            Some(message) => format!("closed before the connected frame: {message} ({detail})"),
+            None => format!("closed before the connected frame ({detail})"),
+        })
+    };
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => match json::decode_downstream(&Bytes::from(text)) {
@@ -1457,21 +1465,24 @@ async fn open_connection(
                         user_id,
                     ));
                 }
+                Ok(Downstream::Disconnected { message }) => disconnected = message,
                 Ok(other) => debug!("ignoring a frame before the connected frame: {other:?}"),
                 Err(e) => warn!("skipping a malformed frame from the service: {e}"),
             },
             Some(Ok(Message::Close(frame))) => {
                 let detail = frame.map_or_else(
                     || "no close frame".to_owned(),
-                    |f| format!("{} {}", u16::from(f.code), f.reason),
+                    |f| {
+                        format!("{} {}", u16::from(f.code), f.reason)
+                            .trim_end()
+                            .to_owned()
+                    },
                 );
-                return Err(Error::Connect(format!(
-                    "closed before the connected frame ({detail})"
-                )));
+                return Err(closed(detail, disconnected));
             }
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(Error::Connect(e.to_string())),
-            None => return Err(Error::Connect("closed before the connected frame".into())),
+            Some(Err(e)) => return Err(closed(e.to_string(), disconnected)),
+            None => return Err(closed("no close frame".into(), disconnected)),
         }
     }
 }

@@ -262,7 +262,10 @@ pub enum Error {
         /// The service's detail.
         message: String,
     },
-    /// The connection could not be opened (transport, handshake, HTTP 401, ...).
+    /// The connection could not be opened (transport, handshake, HTTP 401, ...). An HTTP
+    /// refusal names the server, its status and the start of its text (the response
+    /// body, tokens hidden), as in `127.0.0.1:8080 answered the WebSocket upgrade with
+    /// HTTP 401 Unauthorized: "Unauthorized: the access token has expired."`.
     Connect(String),
     /// The credential provider failed.
     Credential(String),

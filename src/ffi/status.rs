@@ -29,7 +29,8 @@ pub const WPS_STATUS_ACK_ERROR: wps_status = 8;
 /// The invocation failed; `wps_last_error_name()` has its error name and
 /// `wps_last_error_service_message()` its text.
 pub const WPS_STATUS_INVOKE_ERROR: wps_status = 9;
-/// Connecting failed (transport, handshake, HTTP 401...).
+/// Connecting failed (transport, handshake, HTTP 401...). For an HTTP refusal,
+/// `wps_last_error_message()` has its status and the start of the server's text.
 pub const WPS_STATUS_CONNECT_FAILED: wps_status = 10;
 /// The credential callback reported an error.
 pub const WPS_STATUS_CREDENTIAL_FAILED: wps_status = 11;

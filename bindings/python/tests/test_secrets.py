@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any, List
 
+import azure.messaging.webpubsubclient as official
 import pytest
 from conftest import FAST, Hub
 
 from webpubsub_client import WebPubSubClient
+from webpubsub_client.aio import WebPubSubClient as AsyncWebPubSubClient
 from webpubsub_client.models import OpenClientError, WebPubSubDataType
 
 
@@ -63,3 +65,23 @@ def test_tokens_reach_no_log_record_error_or_repr(hub: Hub, caplog: Any) -> None
         assert not _leaks(text, "reconnectionToken"), text  # a dump of the connected frame
         assert _redacted(text, "access_token="), text
         assert _redacted(text, "awps_reconnection_token="), text
+
+
+async def test_a_refused_open_says_why_as_the_official_client_does(hub: Hub) -> None:
+    """The service's text of a 401 comes with it (it was "HTTP 401 Unauthorized" alone; the
+    official client shows the response body too), in both clients, without the token."""
+    url = hub.url("u") + "x"
+    token = url.split("access_token=", 1)[1]
+    why = 'HTTP 401 Unauthorized: "Unauthorized: invalid access token signature."'
+    official_client = official.WebPubSubClient(url, start_timeout=FAST["start_timeout"])
+    with pytest.raises(official.models.OpenClientError, match="Unauthorized: invalid access token signature."):
+        official_client.open()
+    with pytest.raises(OpenClientError) as failed:
+        WebPubSubClient(url, **FAST).open()
+    async_client = AsyncWebPubSubClient(url, **FAST)
+    with pytest.raises(OpenClientError) as failed_async:
+        await async_client.open()
+    for error in (failed.value, failed_async.value):
+        assert str(error).startswith("Failed to open client. connect failed: 127.0.0.1:"), error
+        assert str(error).endswith(f"answered the WebSocket upgrade with {why}"), error
+        assert not _leaks(str(error), token), error
