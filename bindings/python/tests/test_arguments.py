@@ -6,6 +6,8 @@ import enum
 import gc
 import logging
 import math
+import socket
+import threading
 import urllib.parse
 import uuid
 from typing import Any, Dict, List
@@ -339,3 +341,31 @@ def test_an_open_error_names_its_kind_once() -> None:
         client.open()
     assert str(failed.value).startswith("Failed to open client. connect failed: TCP connect to 127.0.0.1:1")
     assert str(failed.value).count("connect failed") == 1
+
+
+def test_tls_and_timeout_open_errors_name_their_kind_once() -> None:
+    """Was "TLS error: TLS failed: ..." and "timeout: timed out": the library's texts
+    name these kinds in other words than the status names."""
+    with socket.socket() as silent, socket.socket() as plain:
+        for listener in (silent, plain):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+
+        def answer_in_plain_http() -> None:
+            conn, _ = plain.accept()
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                conn.recv(1)
+
+        threading.Thread(target=answer_in_plain_http, daemon=True).start()
+        cases = (
+            (plain, "wss", "Failed to open client. TLS failed: handshake with 127.0.0.1:", "TLS error"),
+            (silent, "ws", "Failed to open client. timed out", "timeout"),
+        )
+        for listener, scheme, start, status_name in cases:
+            port = listener.getsockname()[1]
+            client = WebPubSubClient(f"{scheme}://127.0.0.1:{port}/client/hubs/h?access_token=t", start_timeout=0.5)
+            with pytest.raises(OpenClientError) as failed:
+                client.open()
+            assert str(failed.value).startswith(start), failed.value
+            assert status_name not in str(failed.value), failed.value

@@ -469,10 +469,19 @@ class Options:
 # ---- errors -------------------------------------------------------------------------
 
 
+# How the library's own texts name the kinds whose status names read otherwise.
+_OWN_KIND_NAMES = {
+    _native.STATUS_TIMEOUT: "timed out",
+    _native.STATUS_TLS: "TLS failed",
+    _native.STATUS_STOPPED: "client stopped",
+}
+
+
 def _detail(status: int, message: Optional[str] = None) -> str:
     text = _native.last_error_message() if message is None else message
     name = _native.status_str(status)
-    if not text or text.startswith(name):  # the library's own errors name their kind
+    # the library's own errors name their kind
+    if not text or text.startswith((name, _OWN_KIND_NAMES.get(status, name))):
         return text or name
     return f"{name}: {text}"
 
