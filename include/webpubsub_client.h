@@ -1395,7 +1395,9 @@ wps_status wps_options_set_ack_timeout_ms(struct wps_options *o, uint64_t ms);
 /**
  * How long `wps_client_start` waits for a connection, the credential callback's answer
  * included (default 30000 ms; must be above 0); also the bound of each reconnect
- * attempt.
+ * attempt. Then the start fails with `WPS_STATUS_TIMEOUT`, and
+ * `wps_last_error_message()` names the step it was waiting for (the TCP connection, the
+ * TLS handshake, the upgrade's answer, the connected frame, the credential).
  */
 wps_status wps_options_set_start_timeout_ms(struct wps_options *o, uint64_t ms);
 

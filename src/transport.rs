@@ -65,6 +65,19 @@ pub fn redact_url(url: &str) -> String {
     format!("{base}?{}", params.join("&"))
 }
 
+/// The `host:port` of a client URL (the scheme's port when it names none), for errors.
+pub(crate) fn peer_of(url: &str) -> String {
+    let Ok(uri) = url.parse::<Uri>() else {
+        return String::new();
+    };
+    let tls = uri.scheme_str() == Some("wss");
+    format!(
+        "{}:{}",
+        uri.host().unwrap_or_default(),
+        uri.port_u16().unwrap_or(if tls { 443 } else { 80 })
+    )
+}
+
 /// The values of `access_token` and `awps_reconnection_token` in a URL, as written and
 /// percent-decoded: what must not appear in an error or a log.
 pub(crate) fn url_secrets(url: &str) -> Vec<String> {
@@ -315,7 +328,10 @@ impl Connector {
     }
 
     /// Connects to a `ws://` or `wss://` URL and performs the upgrade.
-    pub(crate) async fn connect(&self, url: &str) -> Result<Ws, Error> {
+    /// Opens a WebSocket connection to `url`. `waiting_for` is kept naming the step in
+    /// progress (the TCP connection, a proxy's answer, the TLS handshake, the upgrade's
+    /// answer), for an error should the caller's timeout end the attempt.
+    pub(crate) async fn connect(&self, url: &str, waiting_for: &mut String) -> Result<Ws, Error> {
         let uri: Uri = url
             .parse()
             .map_err(|_| Error::InvalidArgument("the client URL is not a valid URL".into()))?;
@@ -337,6 +353,10 @@ impl Connector {
             .proxy
             .resolve(bare_host, port, tls, |name| std::env::var(name).ok())
             .map_err(Error::InvalidArgument)?;
+        *waiting_for = match &proxy {
+            Some(proxy) => format!("the TCP connection to proxy {}:{}", proxy.host, proxy.port),
+            None => format!("the TCP connection to {host}:{port}"),
+        };
         let mut tcp = match &proxy {
             Some(proxy) => TcpStream::connect((proxy.host.as_str(), proxy.port))
                 .await
@@ -352,9 +372,14 @@ impl Connector {
         };
         let _ = tcp.set_nodelay(true);
         if let Some(proxy) = proxy {
+            *waiting_for = format!(
+                "proxy {}:{} to answer CONNECT to {host}:{port}",
+                proxy.host, proxy.port
+            );
             proxy.tunnel(&mut tcp, &format!("{host}:{port}")).await?;
         }
         let stream = if tls {
+            *waiting_for = format!("the TLS handshake with {host}:{port}");
             let config = self.tls_config()?;
             let name = ServerName::try_from(bare_host.to_owned()).map_err(|e| {
                 Error::InvalidArgument(format!("invalid TLS server name {host:?}: {e}"))
@@ -386,6 +411,7 @@ impl Connector {
             format!("{host}:{port}")
         };
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        *waiting_for = format!("{host}:{port} to answer the WebSocket upgrade");
         self.upgrade(stream, &host_header, &format!("{host}:{port}"), target)
             .await
     }

@@ -912,9 +912,50 @@ async fn a_server_that_accepts_and_never_speaks_times_out_the_start() {
     let (mut ws, _) = hostile.accept().await;
     // Data frames before the connected frame are ignored; the connected frame never comes.
     send(&mut ws, &server_message("early", 1)).await;
-    assert_eq!(start.await.unwrap(), Err(Error::Timeout { ack_id: None }));
+    let peer = hostile.listener.local_addr().unwrap();
+    assert_eq!(
+        start.await.unwrap(),
+        Err(Error::StartTimeout {
+            after: Duration::from_millis(500),
+            waiting_for: format!("the connected frame from {peer}"),
+        })
+    );
     assert_eq!(client.state(), ClientState::Stopped);
     closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_start_timeout_names_what_the_attempt_waited_for() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let peer = hostile.listener.local_addr().unwrap();
+    let options = ClientOptions {
+        start_timeout: Duration::from_millis(300),
+        ..options(Protocol::JsonReliable)
+    };
+
+    // A server that takes the connection and never answers the upgrade.
+    let (client, _events) =
+        Client::with_channel(Credential::Url(hostile.url.clone()), options.clone()).unwrap();
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let _silent = hostile.accept_tcp().await;
+    let error = start.await.unwrap().unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!("timed out after 0.3 s waiting for {peer} to answer the WebSocket upgrade")
+    );
+
+    // A credential that never gives its URL.
+    let credential = Credential::provider(std::future::pending::<Result<String, String>>);
+    let (client, _events) = Client::with_channel(credential, options).unwrap();
+    assert_eq!(
+        client.start().await,
+        Err(Error::StartTimeout {
+            after: Duration::from_millis(300),
+            waiting_for: "the credential to give the client URL".into(),
+        })
+    );
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ use super::{
     ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult, Resume,
 };
 use crate::protocol::{json, DataType, Downstream, Upstream};
-use crate::transport::{redact_url, Connector, Ws};
+use crate::transport::{peer_of, redact_url, Connector, Ws};
 use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
@@ -401,6 +401,7 @@ impl Task {
         if attempt > 0 {
             info!("reconnecting (attempt {attempt})");
         }
+        let mut waiting_for = String::new();
         // Boxed: connecting (TLS, upgrade) needs far more state than a live
         // connection, and the task should not carry that size while idle.
         let opening = tokio::time::timeout(
@@ -408,10 +409,16 @@ impl Task {
             Box::pin(open_connection(
                 self.credential.clone(),
                 self.connector.clone(),
+                &mut waiting_for,
             )),
         );
         let result = match self.offline(opening, false).await {
-            Ok(result) => result.unwrap_or_else(|_| Err(Error::Timeout { ack_id: None })),
+            Ok(result) => result.unwrap_or_else(|_| {
+                Err(Error::StartTimeout {
+                    after: self.options.start_timeout,
+                    waiting_for,
+                })
+            }),
             Err(next) => return next,
         };
         let (ws, session, user_id) = match result {
@@ -855,9 +862,9 @@ impl Task {
                 break;
             }
             let connector = self.connector.clone();
-            let target = url.clone();
             let limit = (deadline - now).min(self.options.start_timeout);
-            let attempt_fut = Box::pin(async move { connector.connect(&target).await });
+            let mut waiting_for = String::new();
+            let attempt_fut = Box::pin(connector.connect(&url, &mut waiting_for));
             match self
                 .offline(tokio::time::timeout(limit, attempt_fut), true)
                 .await
@@ -871,9 +878,9 @@ impl Task {
                 Ok(Ok(Err(e))) => {
                     debug!("recovery attempt {attempt} of connection {connection_id} failed: {e}")
                 }
-                Ok(Err(_)) => {
-                    debug!("recovery attempt {attempt} of connection {connection_id} timed out")
-                }
+                Ok(Err(_)) => debug!(
+                    "recovery attempt {attempt} of connection {connection_id} timed out waiting for {waiting_for}"
+                ),
             }
             attempt_at = Instant::now() + self.options.recovery_attempt_delay;
         }
@@ -1432,13 +1439,17 @@ async fn resumed(paused: &mut Option<(Resume, Instant)>) {
 }
 
 /// Gets a URL from the credential, connects, and waits for the `connected` frame.
+/// `waiting_for` names the step in progress, for a timeout's error.
 async fn open_connection(
     credential: Credential,
     connector: Connector,
+    waiting_for: &mut String,
 ) -> Result<(Ws, Session, Option<String>), Error> {
+    *waiting_for = "the credential to give the client URL".into();
     let url = credential.client_url().await?;
     debug!("connecting to {}", redact_url(&url));
-    let mut ws = connector.connect(&url).await?;
+    let mut ws = connector.connect(&url, waiting_for).await?;
+    *waiting_for = format!("the connected frame from {}", peer_of(&url));
     // Why the service is about to close the connection, should it say so first.
     let mut disconnected: Option<String> = None;
     let closed = |detail: String, disconnected: Option<String>| {

@@ -232,9 +232,17 @@ pub enum Error {
     /// No ack or reply arrived in time.
     Timeout {
         /// The ackId of the acked operation that timed out (every retry used it, so a
-        /// resend with it is deduplicated by the service); `None` for an invocation or
-        /// a start.
+        /// resend with it is deduplicated by the service); `None` for an invocation.
         ack_id: Option<u64>,
+    },
+    /// The start (or a reconnection) did not connect within `start_timeout`.
+    StartTimeout {
+        /// How long it waited.
+        after: Duration,
+        /// What the attempt was waiting for when the time ran out, as in
+        /// `127.0.0.1:8080 to answer the WebSocket upgrade` or `the connected frame from
+        /// example.webpubsub.azure.com`.
+        waiting_for: String,
     },
     /// The operation was cancelled.
     Cancelled,
@@ -291,6 +299,11 @@ impl fmt::Display for Error {
             Error::Timeout {
                 ack_id: Some(ack_id),
             } => write!(f, "timed out waiting for the ack of operation {ack_id}"),
+            Error::StartTimeout { after, waiting_for } => write!(
+                f,
+                "timed out after {} s waiting for {waiting_for}",
+                after.as_secs_f64()
+            ),
             Error::Cancelled => f.write_str("cancelled"),
             Error::Stopped { ack_id: None } => f.write_str("client stopped"),
             Error::Stopped {

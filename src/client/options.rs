@@ -109,7 +109,8 @@ pub struct ClientOptions {
     /// default invoke timeout.
     pub ack_timeout: Duration,
     /// How long `start` waits for the credential, the handshake and the `connected`
-    /// frame (default 30 s).
+    /// frame (default 30 s); then it fails with `Error::StartTimeout`, which names the
+    /// step it was waiting for.
     pub start_timeout: Duration,
     /// How long a dropped reliable connection keeps trying to recover (default 30 s). A
     /// recovered connection that drops again within `recovery_attempt_delay` continues

@@ -234,7 +234,7 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
         Error::InvalidArgument(_) => WPS_STATUS_INVALID_ARGUMENT,
         Error::IllegalState(_) => WPS_STATUS_ILLEGAL_STATE,
         Error::NotConnected { .. } => WPS_STATUS_NOT_CONNECTED,
-        Error::Timeout { .. } => WPS_STATUS_TIMEOUT,
+        Error::Timeout { .. } | Error::StartTimeout { .. } => WPS_STATUS_TIMEOUT,
         Error::Cancelled => WPS_STATUS_CANCELLED,
         Error::Stopped { .. } => WPS_STATUS_STOPPED,
         Error::Ack { .. } => WPS_STATUS_ACK_ERROR,

@@ -360,7 +360,7 @@ def test_tls_and_timeout_open_errors_name_their_kind_once() -> None:
         threading.Thread(target=answer_in_plain_http, daemon=True).start()
         cases = (
             (plain, "wss", "Failed to open client. TLS failed: handshake with 127.0.0.1:", "TLS error"),
-            (silent, "ws", "Failed to open client. timed out", "timeout"),
+            (silent, "ws", "Failed to open client. timed out after 0.5 s waiting for 127.0.0.1:", "timeout"),
         )
         for listener, scheme, start, status_name in cases:
             port = listener.getsockname()[1]
