@@ -202,6 +202,24 @@ async def test_keyword_arguments_the_official_client_ignores_are_ignored_async(h
     assert_keywords_logged(caplog, "connection_verify", extra)
 
 
+async def test_client_logging_enable_logs_every_outgoing_message_async(hub: Hub, caplog: Any) -> None:
+    """As for the sync client: the constructor's ``logging_enable=True`` logs each outgoing
+    message at debug level, as officially."""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client.native")  # first: each call sets the capture level too
+    caplog.set_level(logging.DEBUG, logger="webpubsub_client")
+    async with make(hub.url(), logging_enable=True) as client:
+        await client.join_group("g")
+        await client.send_to_group("g", "acked", "text")
+        await client.send_to_group("g", "queued", "text", ack=False)
+        await client.send_event("e", "event", "text")
+        await client.leave_group("g")
+    messages = [r.getMessage() for r in caplog.records if r.name == "webpubsub_client"]
+    for expected in ("join_group 'g'", "send_to_group 'g': b'acked'", "send_to_group 'g': b'queued'"):
+        assert f"webpubsub_client: {expected}" in messages, messages
+    assert "webpubsub_client: send_event 'e': b'event'" in messages, messages
+    assert "webpubsub_client: leave_group 'g'" in messages, messages
+
+
 async def test_async_listener_may_await_client_calls(hub: Hub, protocol: WebPubSubProtocolType) -> None:
     """The "callback deadlock" case for asyncio: a listener awaits a send."""
     got = AsyncCollector()

@@ -79,6 +79,27 @@ def test_library_logs_reach_python_logging(hub: Hub, caplog: Any) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_library_logs_follow_a_level_set_between_creation_and_open(hub: Hub) -> None:
+    """A program that creates its client before it configures logging (at import, say)
+    still gets the library's debug logs once it opens the client. In a child process: the
+    library's log filter is process-wide and only widens."""
+    result = run_python(
+        f"""
+        import logging, sys
+        from webpubsub_client import WebPubSubClient
+        client = WebPubSubClient({hub.url()!r})  # the logger is at WARNING here
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(name)s %(levelname)s %(message)s")
+        with client:
+            client.join_group("g")
+        """,
+        {},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "webpubsub_client.native DEBUG [webpubsub_client::client::connection] connecting to" in result.stdout, (
+        result.stdout[-2000:]
+    )
+
+
 def test_refused_threads_fail_clearly_and_are_tried_again(hub: Hub) -> None:
     """With an address-space limit just above what the child maps (no new thread stack
     fits), a client cannot be made and logging cannot start, each with the reason; once

@@ -668,6 +668,24 @@ def test_keyword_arguments_the_official_client_ignores_are_ignored(hub: Hub, cap
     assert_keywords_logged(caplog, "transport", extra)
 
 
+def test_client_logging_enable_logs_every_outgoing_message(hub: Hub, caplog: Any) -> None:
+    """The constructor's ``logging_enable=True`` logs each outgoing message at debug level,
+    as the official client's does, not only an operation's own ``logging_enable=True``."""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client.native")  # first: each call sets the capture level too
+    caplog.set_level(logging.DEBUG, logger="webpubsub_client")
+    with make(hub.url(), logging_enable=True) as client:
+        client.join_group("g")
+        client.send_to_group("g", "acked", "text")
+        client.send_to_group("g", "queued", "text", ack=False)
+        client.send_event("e", "event", "text")
+        client.leave_group("g")
+    messages = [r.getMessage() for r in caplog.records if r.name == "webpubsub_client"]
+    for expected in ("join_group 'g'", "send_to_group 'g': b'acked'", "send_to_group 'g': b'queued'"):
+        assert f"webpubsub_client: {expected}" in messages, messages
+    assert "webpubsub_client: send_event 'e': b'event'" in messages, messages
+    assert "webpubsub_client: leave_group 'g'" in messages, messages
+
+
 def test_unsubscribe_stops_delivery(hub: Hub) -> None:
     first, second = Collector(), Collector()
     with make(hub.url()) as client:

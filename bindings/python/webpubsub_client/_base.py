@@ -225,11 +225,14 @@ def ignore_keywords(method: str, names: Iterable[str]) -> None:
             _LOGGER.debug("webpubsub_client: %s ignores the keyword argument %r", method, name)
 
 
-def operation_keywords(method: str, kwargs: Dict[str, Any], target: str, payload: Optional[bytes] = None) -> None:
+def operation_keywords(
+    method: str, kwargs: Dict[str, Any], target: str, payload: Optional[bytes] = None, *, log: bool = False
+) -> None:
     """The extra keyword arguments of an operation on group or event ``target``, as the
-    official client treats them: ``logging_enable=True`` logs the outgoing message at debug
-    level, the others are ignored (:func:`ignore_keywords`)."""
-    if kwargs.get("logging_enable"):
+    official client treats them: ``logging_enable=True`` (or ``log``, the client's own
+    ``logging_enable``) logs the outgoing message at debug level, the others are ignored
+    (:func:`ignore_keywords`)."""
+    if log or kwargs.get("logging_enable"):
         if payload is None:
             _LOGGER.debug("webpubsub_client: %s %r", method, target)
         else:
@@ -364,7 +367,7 @@ class Options:
         recovery_retry_interval: float = DEFAULT_RECOVERY_RETRY_INTERVAL,
         sequence_ack_interval: float = DEFAULT_SEQUENCE_ACK_INTERVAL,
         event_backlog_bytes: int = DEFAULT_EVENT_BACKLOG_BYTES,
-        ca_pem: Optional[Union[str, bytes]] = None,
+        ca_pem: Optional[Union[str, bytes, bytearray, memoryview]] = None,
         logging_enable: bool = False,
         user_agent: Optional[str] = None,
     ) -> None:

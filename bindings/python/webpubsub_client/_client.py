@@ -6,7 +6,7 @@ import ctypes
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union, overload
+from typing import Any, Callable, Dict, List, Literal, Optional, Protocol, Tuple, Union, overload
 
 from . import _base, _callbacks, _dispatcher, _native
 from ._native import lib
@@ -59,6 +59,13 @@ class WebPubSubClientCredential:
     def get_client_access_url(self) -> str:
         """Return the client access URL (calls the provider)."""
         return self._client_access_url_provider()
+
+
+class _HasClientAccessUrl(Protocol):
+    """A credential of another kind that the client takes: an object with this method,
+    such as the official package's ``WebPubSubClientCredential``."""
+
+    def get_client_access_url(self) -> str: ...
 
 
 class _Provider:
@@ -162,7 +169,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         attempt) or ``RetryMode.Fixed``; azure.core's ``RetryMode`` works too.
     :keyword int reconnect_retry_total: retries of a failed attempt to open a new
         connection after the session is lost (default 3: four attempts); 0 disables
-        automatic reconnect.
+        automatic reconnect, unless ``auto_reconnect=True`` (then one attempt).
     :keyword float reconnect_retry_backoff_factor: as for messages (default 0.8).
     :keyword float reconnect_retry_backoff_max: as for messages (default 120).
     :keyword reconnect_retry_mode: as for messages (default exponential).
@@ -171,8 +178,10 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         made meanwhile, and a resend after a recovery does not restart it: no call waits
         for a recovery longer than for its acks.
     :keyword float start_timeout: seconds ``open()`` waits for the connection (default 30).
-    :keyword bool logging_enable: also pass the library's trace-level logs to the
-        ``webpubsub_client.native`` logger (default False).
+    :keyword bool logging_enable: log every outgoing message at debug level on the
+        ``webpubsub_client`` logger, as the official client does, and also pass the
+        library's trace-level logs (Python level 5) to the ``webpubsub_client.native``
+        logger (default False).
     :keyword str user_agent: a prefix for the User-Agent header.
 
     Additions to the official client:
@@ -205,7 +214,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
     def __init__(
         self,
-        credential: Union[WebPubSubClientCredential, str],
+        credential: Union[WebPubSubClientCredential, str, _HasClientAccessUrl],
         *,
         protocol_type: Union[WebPubSubProtocolType, str] = WebPubSubProtocolType.JSON_RELIABLE,
         auto_rejoin_groups: bool = True,
@@ -226,7 +235,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         recovery_retry_interval: float = _base.DEFAULT_RECOVERY_RETRY_INTERVAL,
         sequence_ack_interval: float = _base.DEFAULT_SEQUENCE_ACK_INTERVAL,
         event_backlog_bytes: int = _base.DEFAULT_EVENT_BACKLOG_BYTES,
-        ca_pem: Optional[Union[str, bytes]] = None,
+        ca_pem: Optional[Union[str, bytes, bytearray, memoryview]] = None,
         logging_enable: bool = False,
         user_agent: Optional[str] = None,
         **kwargs: Any,
@@ -265,6 +274,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             logging_enable=logging_enable,
             user_agent=user_agent,
         )
+        self._log_messages = options.logging_enable
         self._listeners = _base.Listeners()
         self._sink = _SyncSink(self._listeners)
         self._handle = _base.new_native_client(source, options, self._sink)
@@ -295,6 +305,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         provider = self._provider
         if provider is not None:
             provider.error = None
+        # The logger's level may have been set since the client was made (logging
+        # configured after an import-time client): the library's filter follows it now.
+        _callbacks.enable_native_logging(trace=self._log_messages)
         self._sink.listeners.hold(self)
         try:
             status = lib.wps_client_start(self._blocking_handle())
@@ -492,8 +505,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """Joins or leaves (``call``, the blocking C form) ``group_name``, the checks of both done."""
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
-        if kwargs:
-            _base.operation_keywords(method, kwargs, group_name)
+        if kwargs or self._log_messages:
+            _base.operation_keywords(method, kwargs, group_name, log=self._log_messages)
         out = _native.WpsAckResult()
         status = call(self._blocking_handle(), group, ctypes.byref(out))
         if status == _native.STATUS_INTERRUPTED:
@@ -520,14 +533,15 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ``bytes``/``bytearray``/``memoryview`` for binary and protobuf. With ``ack=False``
         the message is sent without an ackId (an ``ack_id`` given too is left out, as by the
         official client) and the call returns once it is queued; ``no_echo=True`` keeps it
-        from coming back to this connection.
+        from coming back to this connection. A message over 1 MiB encoded (the service's
+        limit on a client's frame) raises ValueError, and nothing is sent.
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """
         group = _base.check_name(group_name, "group_name")
         kind, payload = _base.encode_content(content, data_type)
-        if kwargs:
-            _base.operation_keywords("send_to_group", kwargs, group_name, payload)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("send_to_group", kwargs, group_name, payload, log=self._log_messages)
         flags, ack_id = _base.send_flags(ack, no_echo, ack_id)
         return self._send(_GROUP_FORMS, group, kind, payload, flags, ack, ack_id)
 
@@ -548,8 +562,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         event = _base.check_name(event_name, "event_name")
         kind, payload = _base.encode_content(content, data_type)
-        if kwargs:
-            _base.operation_keywords("send_event", kwargs, event_name, payload)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("send_event", kwargs, event_name, payload, log=self._log_messages)
         flags, ack_id = _base.send_flags(ack, ack_id=ack_id)
         return self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
@@ -591,7 +605,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ``timeout`` in seconds (default: ``ack_timeout``); on timeout the invocation is
         cancelled at the service. The response's ``data`` is ``str``, a JSON value or ``bytes``.
 
-        :raises InvokeEventError: the upstream answered with an error, or the call timed out.
+        :raises InvokeEventError: the upstream answered with an error, the call timed out, or
+            not connected. It is not retried.
         """
         event = _base.check_name(event_name, "event_name")
         kind, payload = _base.encode_content(content, data_type)

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Set, Tuple, Union, cast, overload
+from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Protocol, Set, Tuple, Union, overload
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -74,6 +74,13 @@ class WebPubSubClientCredential:
         if inspect.isawaitable(result):
             result = await result
         return result
+
+
+class _HasClientAccessUrl(Protocol):
+    """A credential of another kind that the client takes: an object with this method,
+    plain or coroutine, such as the official package's ``WebPubSubClientCredential``."""
+
+    def get_client_access_url(self) -> Union[str, Awaitable[str]]: ...
 
 
 class _LoopBatch:
@@ -431,7 +438,7 @@ class _AsyncSink:
             task.cancel()
         await asyncio.wait(still, timeout=self.LISTENER_GRACE)  # bounded: a task may ignore its cancellation
 
-    def credential_request(self, credential: WebPubSubClientCredential, timeout: float) -> Callable[[int], None]:
+    def credential_request(self, credential: _HasClientAccessUrl, timeout: float) -> Callable[[int], None]:
         """The handler of the client's credential requests. Called on a library thread
         with the token of a request whose answer is deferred, it only schedules
         ``credential`` on the loop, where a done callback answers the request: no library
@@ -450,7 +457,7 @@ class _AsyncSink:
         return request
 
     def _provide(
-        self, loop: asyncio.AbstractEventLoop, credential: WebPubSubClientCredential, result: int, timeout: float
+        self, loop: asyncio.AbstractEventLoop, credential: _HasClientAccessUrl, result: int, timeout: float
     ) -> None:
         self.credential_error, self.latest_request = None, result
         task = loop.create_task(_client_access_url(credential))
@@ -492,13 +499,13 @@ class _AsyncSink:
         _callbacks.answer_credential(result, None, error)
 
 
-async def _client_access_url(credential: Any) -> str:
+async def _client_access_url(credential: _HasClientAccessUrl) -> str:
     """What ``credential.get_client_access_url()`` gives, awaited if it is awaitable: a
     credential of the official sync package (a plain method) works too."""
     url = credential.get_client_access_url()
     if inspect.isawaitable(url):
         url = await url
-    return cast(str, url)
+    return url
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
@@ -944,7 +951,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
     def __init__(
         self,
-        credential: Union[WebPubSubClientCredential, str],
+        credential: Union[WebPubSubClientCredential, str, _HasClientAccessUrl],
         *,
         protocol_type: Union[WebPubSubProtocolType, str] = WebPubSubProtocolType.JSON_RELIABLE,
         auto_rejoin_groups: bool = True,
@@ -965,7 +972,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         recovery_retry_interval: float = _base.DEFAULT_RECOVERY_RETRY_INTERVAL,
         sequence_ack_interval: float = _base.DEFAULT_SEQUENCE_ACK_INTERVAL,
         event_backlog_bytes: int = _base.DEFAULT_EVENT_BACKLOG_BYTES,
-        ca_pem: Optional[Union[str, bytes]] = None,
+        ca_pem: Optional[Union[str, bytes, bytearray, memoryview]] = None,
         logging_enable: bool = False,
         user_agent: Optional[str] = None,
         **kwargs: Any,
@@ -998,6 +1005,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             logging_enable=logging_enable,
             user_agent=user_agent,
         )
+        self._log_messages = options.logging_enable
         self._listeners = _base.Listeners()
         self._sink = _AsyncSink(self._listeners)
         source: Union[str, Callable[[int], None]]
@@ -1025,6 +1033,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise OpenClientError("Client can be only started when it's Stopped")
         self._sink.bind(asyncio.get_running_loop())
         self._sink.credential_error = None
+        _callbacks.enable_native_logging(trace=self._log_messages)  # the logger's level now (see the sync client)
         self._sink.listeners.hold(self)
         try:
             completion = await self._run(lib.wps_client_start_async, handle, checked=False)
@@ -1045,7 +1054,10 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise _base.open_error(completion.status, completion.error_message)
 
     async def close(self) -> None:
-        """Stop the client; does nothing if it is already stopped."""
+        """Stop the client; does nothing if it is already stopped. Returns once it is
+        stopped and the coroutine listeners that were running when it was called have
+        ended: as officially, those still running 1 s after the stop are cancelled (with a
+        warning)."""
         if not self._finalizer.alive or _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
             return
         # The listeners running now are waited for once stopped, as officially; not those
@@ -1207,8 +1219,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
-        if kwargs:
-            _base.operation_keywords("join_group", kwargs, group_name)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("join_group", kwargs, group_name, log=self._log_messages)
         handle = self._live_handle()
         completion = await self._run(lib.wps_client_join_group_async, handle, group)
         return _ack_result(completion)
@@ -1220,8 +1232,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
-        if kwargs:
-            _base.operation_keywords("leave_group", kwargs, group_name)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("leave_group", kwargs, group_name, log=self._log_messages)
         handle = self._live_handle()
         completion = await self._run(lib.wps_client_leave_group_async, handle, group)
         return _ack_result(completion)
@@ -1243,8 +1255,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         group = _base.check_name(group_name, "group_name")
         kind, payload = _base.encode_content(content, data_type)
-        if kwargs:
-            _base.operation_keywords("send_to_group", kwargs, group_name, payload)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("send_to_group", kwargs, group_name, payload, log=self._log_messages)
         if ack is True and no_echo is False and ack_id is None:  # the hot path: one coroutine frame
             future, op_id = self._start_acked(_GROUP_FORMS[1], group, kind, payload, 0)
             try:
@@ -1271,8 +1283,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """
         event = _base.check_name(event_name, "event_name")
         kind, payload = _base.encode_content(content, data_type)
-        if kwargs:
-            _base.operation_keywords("send_event", kwargs, event_name, payload)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("send_event", kwargs, event_name, payload, log=self._log_messages)
         flags, ack_id = _base.send_flags(ack, ack_id=ack_id)
         return await self._send(_EVENT_FORMS, event, kind, payload, flags, ack, ack_id)
 
@@ -1330,9 +1342,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         *,
         timeout: Optional[float] = None,
     ) -> InvokeEventResult:
-        """Send ``content`` as event ``event_name`` and return the upstream's response.
+        """Send ``content`` as event ``event_name`` and return the upstream's response (see
+        the sync client: ``timeout`` in seconds, default ``ack_timeout``). Cancelling the
+        awaiting task cancels the invocation at the service.
 
-        :raises InvokeEventError: the upstream answered with an error, or the call timed out.
+        :raises InvokeEventError: the upstream answered with an error, the call timed out, or
+            not connected. It is not retried.
         """
         event = _base.check_name(event_name, "event_name")
         kind, payload = _base.encode_content(content, data_type)
