@@ -717,8 +717,8 @@ impl Client {
         let limit = self.inner.max_outgoing;
         if text.len() > limit {
             return Err(Error::InvalidArgument(format!(
-                "the message is {} bytes encoded, over the limit of {limit} bytes \
-                 (max_outgoing_message_size)",
+                "the message is {} bytes encoded, over the limit of {limit} bytes on a \
+                 frame the service takes from a client",
                 text.len()
             )));
         }
