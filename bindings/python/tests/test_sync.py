@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import logging
 import os
@@ -978,6 +979,24 @@ def test_server_messages_of_every_type(hub: Hub, protocol: WebPubSubProtocolType
         (WebPubSubDataType.JSON, {"k": 1}),
         (WebPubSubDataType.BINARY, b"\x01\x02"),
     ]
+
+
+def test_json_too_deep_for_the_json_module_arrives_as_its_text(hub: Hub, caplog: Any) -> None:
+    """Valid JSON nested deeper than ``json.loads`` reads (a RecursionError, not a
+    ValueError) is passed as its text like any json that does not parse, in a message
+    record (under 32 KiB) and in an event callback alike; it was dropped."""
+    small = "[" * 2000 + "]" * 2000
+    large = "[" * 20000 + "]" * 20000
+    got = Collector()
+    with make(hub.url("deep")) as client:
+        client.subscribe(CallbackType.SERVER_MESSAGE, lambda args: got((args.data_type, args.data)))
+        for body in (small, large):
+            raw = io.BytesIO(body.encode())  # sent as is (a str would be sent as a JSON string)
+            hub.service.send_to_connection(client.connection_id, raw, content_type="application/json")
+        hub.service.send_to_connection(client.connection_id, "end", content_type="text/plain")
+        items = got.wait_for(3)
+    assert items == [(WebPubSubDataType.JSON, small), (WebPubSubDataType.JSON, large), (WebPubSubDataType.TEXT, "end")]
+    assert "received json data that does not parse; passing the text" in caplog.text
 
 
 def test_send_event_reaches_the_upstream(hub: Hub, upstream: Upstream) -> None:

@@ -321,7 +321,7 @@ def decode_content(data_type: int, data: bytes, binary: Callable[[bytes], Any]) 
     if kind is _JSON:
         try:
             return kind, json.loads(data.decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):  # valid JSON too: too large an integer, too deep a nesting
             _LOGGER.warning("webpubsub_client: received json data that does not parse; passing the text")
             return kind, data.decode("utf-8", errors="replace")
     if kind is None:
