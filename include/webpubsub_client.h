@@ -97,7 +97,8 @@
 #define WPS_MESSAGE_HAS_FROM_USER_ID 2
 
 /**
- * Data type: UTF-8 text.
+ * Data type: UTF-8 text. Received text whose JSON escapes hold a lone surrogate (which
+ * UTF-8 cannot carry) comes with U+FFFD in its place, as do such names and ids.
  */
 #define WPS_DATA_TYPE_TEXT 0
 

@@ -252,6 +252,45 @@ fn group_and_server_messages() {
     );
 }
 
+/// Valid JSON that UTF-8 cannot carry: a JavaScript sender that cut a string inside a
+/// surrogate pair writes a lone surrogate escape. The message is delivered with U+FFFD in
+/// its place (one per lone surrogate), not dropped as a malformed frame; a pair decodes
+/// whole.
+#[test]
+fn lone_surrogate_escapes_become_replacement_characters() {
+    assert_eq!(
+        down(
+            r#"{"type":"message","from":"group","group":"g\udfff","fromUserId":"\ud800u","dataType":"text","data":"a\ud800b\ud83d\ude00c\udc00","sequenceId":7}"#
+        ),
+        Downstream::GroupMessage {
+            group: "g\u{fffd}".into(),
+            from_user_id: Some("\u{fffd}u".into()),
+            data: text("a\u{fffd}b\u{1f600}c\u{fffd}"),
+            sequence_id: Some(7)
+        }
+    );
+    assert_eq!(
+        down(r#"{"type":"message","from":"server","dataType":"text","data":"\ud83d"}"#),
+        Downstream::ServerMessage {
+            data: text("\u{fffd}"),
+            sequence_id: None
+        }
+    );
+    // JSON data is passed as written: the escape is the receiver's to read.
+    assert_eq!(
+        down(r#"{"type":"message","from":"server","dataType":"json","data":"\ud800"}"#),
+        Downstream::ServerMessage {
+            data: json(r#""\ud800""#),
+            sequence_id: None
+        }
+    );
+    // An escape that is not JSON still fails the frame.
+    assert!(
+        !down_err(br#"{"type":"message","from":"server","dataType":"text","data":"\ud80"}"#)
+            .is_empty()
+    );
+}
+
 #[test]
 fn invoke_responses() {
     assert_eq!(

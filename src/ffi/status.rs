@@ -48,7 +48,8 @@ pub const WPS_STATUS_INTERRUPTED: wps_status = 16;
 /// Any other internal error.
 pub const WPS_STATUS_INTERNAL: wps_status = 99;
 
-/// Data type: UTF-8 text.
+/// Data type: UTF-8 text. Received text whose JSON escapes hold a lone surrogate (which
+/// UTF-8 cannot carry) comes with U+FFFD in its place, as do such names and ids.
 pub const WPS_DATA_TYPE_TEXT: u32 = 0;
 /// Data type: a JSON value in its serialized (UTF-8) form.
 pub const WPS_DATA_TYPE_JSON: u32 = 1;

@@ -31,7 +31,8 @@ impl Protocol {
 /// The type of a message payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
-    /// UTF-8 text (a JSON string on the wire).
+    /// UTF-8 text (a JSON string on the wire; a lone surrogate escape in a received one
+    /// becomes U+FFFD).
     Text,
     /// A JSON value; the payload bytes are its serialized text.
     Json,

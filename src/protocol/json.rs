@@ -438,9 +438,12 @@ impl<'a> Fields<'_, 'a> {
         name: &str,
         raw: Option<&'a RawValue>,
     ) -> Result<Option<String>, ProtocolError> {
-        raw.map(|r| self.parse::<Option<String>>(name, r))
-            .transpose()
-            .map(Option::flatten)
+        raw.map(|r| {
+            self.parse::<Option<String>>(name, r)
+                .or_else(|e| lossy_string(r.get()).map(Some).ok_or(e))
+        })
+        .transpose()
+        .map(Option::flatten)
     }
 
     fn req_str(&self, name: &str, raw: Option<&'a RawValue>) -> Result<String, ProtocolError> {
@@ -519,17 +522,56 @@ impl<'a> Fields<'_, 'a> {
             )));
         }
         if raw.contains('\\') {
-            let unescaped: String = serde_json::from_str(raw).map_err(|e| {
-                ProtocolError(format!(
-                    "data of a {:?} frame is malformed: {e}",
-                    self.0.kind
-                ))
-            })?;
+            let unescaped = serde_json::from_str::<String>(raw)
+                .or_else(|e| lossy_string(raw).ok_or(e))
+                .map_err(|e| {
+                    ProtocolError(format!(
+                        "data of a {:?} frame is malformed: {e}",
+                        self.0.kind
+                    ))
+                })?;
             Ok(Bytes::from(unescaped))
         } else {
             Ok(slice_of(frame, &raw[1..raw.len() - 1]))
         }
     }
+}
+
+/// A JSON string whose escapes include a lone surrogate (`"\\ud800"`: valid JSON, as a
+/// JavaScript sender writes a string cut inside a surrogate pair, but no UTF-8), with
+/// U+FFFD in place of each lone surrogate; `None` when `raw` is no JSON string at all.
+fn lossy_string(raw: &str) -> Option<String> {
+    /// serde_json reads a string as bytes in WTF-8, where a lone surrogate is the
+    /// three bytes UTF-8 would give it if it allowed it.
+    struct Wtf8(Vec<u8>);
+    impl<'de> Deserialize<'de> for Wtf8 {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Wtf8, D::Error> {
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = Wtf8;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON string")
+                }
+                fn visit_bytes<E>(self, v: &[u8]) -> Result<Wtf8, E> {
+                    Ok(Wtf8(v.to_vec()))
+                }
+            }
+            d.deserialize_bytes(Visitor)
+        }
+    }
+    let Wtf8(mut bytes) = serde_json::from_str(raw).ok()?;
+    // A surrogate's three bytes are ED A0..BF 80..BF, and U+FFFD's three are EF BF BD:
+    // replaced in place. ED never continues a character, so no other match is possible.
+    let mut i = 0;
+    while i + 2 < bytes.len() {
+        if bytes[i] == 0xED && bytes[i + 1] >= 0xA0 {
+            bytes[i..i + 3].copy_from_slice("\u{fffd}".as_bytes());
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// `part` as a zero-copy slice of `frame` when it lies inside it, else a copy.
