@@ -1037,7 +1037,8 @@ wps_status wps_client_invoke_event(struct wps_client *c,
 const uint8_t *wps_invoke_response_data(const struct wps_invoke_response *r, size_t *len);
 
 /**
- * The `WPS_DATA_TYPE_*` of an invoke response (`WPS_DATA_TYPE_TEXT` for NULL).
+ * The `WPS_DATA_TYPE_*` of an invoke response (`WPS_DATA_TYPE_TEXT` for NULL, and for a
+ * reply without data: the upstream answered with an empty body, given as empty text).
  *
  * # Safety
  * `r` is NULL or from `wps_client_invoke_event` and not freed.

@@ -501,6 +501,29 @@ async fn invocations_reply_time_out_and_cancel() {
         (DataType::Text, Bytes::from("pong!"))
     );
 
+    // A reply without data (an upstream that answered with an empty body) is empty text.
+    let c = client.clone();
+    let invoke = tokio::spawn(async move {
+        c.invoke_event(
+            "empty",
+            DataType::Binary,
+            Bytes::new(),
+            InvokeOptions::default(),
+        )
+        .await
+    });
+    let frame = conn.recv().await;
+    let id = frame["invocationId"].as_str().unwrap().to_owned();
+    conn.send(&format!(
+        r#"{{"type":"invokeResponse","invocationId":"{id}","success":true}}"#
+    ))
+    .await;
+    let reply = invoke.await.unwrap().unwrap();
+    assert_eq!(
+        (reply.data_type, reply.data),
+        (DataType::Text, Bytes::new())
+    );
+
     let c = client.clone();
     let invoke = tokio::spawn(async move {
         let opts = InvokeOptions {

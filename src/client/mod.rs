@@ -164,7 +164,8 @@ pub struct AckResult {
     pub is_duplicated: bool,
 }
 
-/// The reply of an `invoke_event`.
+/// The reply of an `invoke_event`. A reply without data (the upstream answered with an
+/// empty body) is empty text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvokeResult {
     /// How to read `data`.

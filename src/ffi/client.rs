@@ -1417,7 +1417,8 @@ pub unsafe extern "C" fn wps_invoke_response_data(
     })
 }
 
-/// The `WPS_DATA_TYPE_*` of an invoke response (`WPS_DATA_TYPE_TEXT` for NULL).
+/// The `WPS_DATA_TYPE_*` of an invoke response (`WPS_DATA_TYPE_TEXT` for NULL, and for a
+/// reply without data: the upstream answered with an empty body, given as empty text).
 ///
 /// # Safety
 /// `r` is NULL or from `wps_client_invoke_event` and not freed.

@@ -132,7 +132,8 @@ class WebPubSubResult:
 
 
 class InvokeEventResult:
-    """Response of ``invoke_event``: ``data`` is ``str`` (text), a JSON value (json) or ``bytes``."""
+    """Response of ``invoke_event``: ``data`` is ``str`` (text), a JSON value (json) or ``bytes``;
+    a reply without data (the upstream answered with an empty body) is the text ``""``."""
 
     def __init__(self, data_type: WebPubSubDataType, data: Any) -> None:
         self.data_type = data_type
