@@ -888,7 +888,8 @@ wps_status wps_client_start(struct wps_client *c);
  * stopped event (after the disconnected one, if connected) is queued by then, but its
  * callback, and those queued before it, may still run after this returns (the
  * completion of `wps_client_stop_async` runs after them). Stopping a stopped client is
- * a no-op.
+ * a no-op. The interrupt check is asked while it waits, and does not end it
+ * (`wps_set_interrupt_check`).
  * Fire-and-forget messages whose send returned before this call (asynchronous ones
  * included) are written before the close frame, except while the client recovers a
  * dropped connection: with no socket to write to, they are dropped. Acked operations
@@ -1289,13 +1290,16 @@ wps_status wps_callbacks_disable(uint32_t timeout_ms);
  * `out`: a resend with it, `_with_ack_id`, waits for the same operation if it is still
  * pending, and its `out` has the ackId the operation went out under, which in rare
  * cases differs); an invocation is cancelled at the service. An interrupted start goes on
- * (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
- * interrupted. NULL `cb` removes the check; a wait already running keeps the check it
+ * (`wps_client_stop` ends it). `wps_client_stop` asks the check as well, but is never
+ * ended by it: it returns once stopped, and what the check does on the way (running a
+ * language runtime's signal handlers) does not wait for the closing handshake.
+ * `wps_client_free` neither asks it nor is interrupted. NULL `cb` removes the check; a wait already running keeps the check it
  * started with. Not called once callbacks are disabled (`wps_callbacks_disable`), nor
  * from inside itself: a blocking call the check makes waits unchecked. A thread with a
  * check of its own (`wps_set_thread_interrupt_check`) asks that one instead.
  */
-wps_status wps_set_interrupt_check(wps_interrupt_cb cb, uint32_t interval_ms);
+wps_status wps_set_interrupt_check(wps_interrupt_cb cb,
+                                   uint32_t interval_ms);
 
 /**
  * Sets the interrupt check of the blocking calls made on the calling thread, in place

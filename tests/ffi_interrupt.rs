@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use webpubsub_client::ffi::client::{
     wps_ack_result, wps_client, wps_client_free, wps_client_invoke_event, wps_client_join_group,
     wps_client_new, wps_client_send_event, wps_client_start, wps_client_start_async,
+    wps_client_state, wps_client_stop,
 };
 use webpubsub_client::ffi::credential::{wps_credential_result, wps_credential_result_set_url};
 use webpubsub_client::ffi::interrupt::{wps_set_interrupt_check, wps_set_thread_interrupt_check};
@@ -26,8 +27,8 @@ use webpubsub_client::ffi::options::{
     wps_options_set_message_retry,
 };
 use webpubsub_client::ffi::status::{
-    WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED, WPS_STATUS_INTERRUPTED, WPS_STATUS_INVALID_ARGUMENT,
-    WPS_STATUS_OK, WPS_STATUS_TIMEOUT,
+    WPS_DATA_TYPE_TEXT, WPS_RETRY_FIXED, WPS_STATE_STOPPED, WPS_STATUS_INTERRUPTED,
+    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_OK, WPS_STATUS_TIMEOUT,
 };
 
 static INTERRUPT: AtomicBool = AtomicBool::new(false);
@@ -199,6 +200,7 @@ fn the_interrupt_check_ends_blocking_waits() {
     a_blocking_call_inside_a_credential_callback_is_interrupted(&url);
     a_check_is_not_asked_from_inside_itself(&url, c);
     a_thread_check_takes_the_place_of_the_process_wide_one(c);
+    a_stop_asks_the_check_and_is_not_ended_by_it(&rt);
 
     // Removed: no longer asked, and the wait goes on until the service answers.
     check(wps_set_interrupt_check(None, 0), "remove");
@@ -319,4 +321,77 @@ fn a_thread_check_takes_the_place_of_the_process_wide_one(c: *mut wps_client) {
     assert_eq!(OWN_ASKED.load(Ordering::SeqCst), own_asked);
     check(wps_set_interrupt_check(None, 0), "remove");
     INTERRUPT.store(false, Ordering::SeqCst);
+}
+
+static STOP_ASKED: AtomicUsize = AtomicUsize::new(0);
+
+/// A check that always says "interrupt", and counts how often it was asked.
+extern "C" fn always_interrupting() -> c_int {
+    STOP_ASKED.fetch_add(1, Ordering::SeqCst);
+    1
+}
+
+/// The URL of a service that says its client is connected, then reads and ignores
+/// everything: a close frame gets no answer, so a stop waits out its closing handshake.
+#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
+fn service_that_never_closes(rt: &tokio::runtime::Runtime) -> CString {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let subprotocol = |_: &Request, mut response: Response| {
+            response.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                "json.reliable.webpubsub.azure.v1".parse().unwrap(),
+            );
+            Ok(response)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, subprotocol)
+            .await
+            .unwrap();
+        let connected =
+            r#"{"type":"system","event":"connected","connectionId":"c1","reconnectionToken":"t"}"#;
+        ws.send(Message::text(connected)).await.unwrap();
+        let (_write, mut read) = ws.split();
+        while let Some(Ok(_)) = read.next().await {}
+        std::future::pending::<()>().await;
+    });
+    CString::new(format!(
+        "ws://127.0.0.1:{port}/client/hubs/h?access_token=x"
+    ))
+    .unwrap()
+}
+
+/// `wps_client_stop` asks the check as it waits (what a check does on the way, such as
+/// Python's signal handlers, must not wait for the closing handshake), and is not ended
+/// by it: the client is stopped when it returns.
+fn a_stop_asks_the_check_and_is_not_ended_by_it(rt: &tokio::runtime::Runtime) {
+    let url = service_that_never_closes(rt);
+    let c = common::ffi_client(&url, None, std::ptr::null_mut(), None);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    check(
+        wps_set_thread_interrupt_check(Some(always_interrupting), 20),
+        "set own",
+    );
+    let t0 = Instant::now();
+    let status = unsafe { wps_client_stop(c) };
+    let waited = t0.elapsed();
+    check(wps_set_thread_interrupt_check(None, 0), "remove own");
+    assert_eq!(status, WPS_STATUS_OK);
+    assert!(
+        waited > Duration::from_millis(900),
+        "the stop returned after {waited:?}, before its closing handshake"
+    );
+    assert_eq!(unsafe { wps_client_state(c) }, WPS_STATE_STOPPED);
+    let asked = STOP_ASKED.load(Ordering::SeqCst);
+    assert!(
+        asked >= 10,
+        "the check was asked {asked} times during the stop"
+    );
+    unsafe { wps_client_free(c) };
 }

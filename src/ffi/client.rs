@@ -105,14 +105,25 @@ fn runtime() -> FfiResult<tokio::runtime::Handle> {
 /// first poll). On a thread already inside the runtime's context (a blocking-pool
 /// thread running a credential callback), or exiting with the runtime's thread-locals
 /// being destroyed (`BLOCK_ON_HERE`), it is spawned instead and waited for.
-/// A panic in the future unwinds to the caller's panic boundary. Never interrupted:
-/// the stops.
+/// A panic in the future unwinds to the caller's panic boundary. Never interrupted,
+/// and the interrupt check is not asked: a free's stop.
 fn block<F>(fut: F) -> FfiResult<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    wait(fut, false)
+    wait(fut, Check::Unasked)
+}
+
+/// As `block`, asking the interrupt check as `block_interruptible` does but never ended
+/// by it: `wps_client_stop`, which is never left half done, and during which what the
+/// check does on the way (a language runtime's signal handlers) must not wait.
+fn block_asking<F>(fut: F) -> FfiResult<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    wait(fut, Check::Asked)
 }
 
 /// As `block`, for a wait the interrupt check may end (`wps_set_interrupt_check`, or
@@ -125,7 +136,18 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    wait(fut, true)
+    wait(fut, Check::Ends)
+}
+
+/// How a blocking call's wait treats the interrupt check.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Not asked.
+    Unasked,
+    /// Asked every interval; its answer does not end the wait.
+    Asked,
+    /// Asked every interval; a non-zero answer ends the wait.
+    Ends,
 }
 
 thread_local! {
@@ -154,7 +176,7 @@ impl Drop for BlockOnHere {
     fn drop(&mut self) {}
 }
 
-fn wait<F>(fut: F, interruptible: bool) -> FfiResult<F::Output>
+fn wait<F>(fut: F, check: Check) -> FfiResult<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -166,19 +188,21 @@ where
     if tokio::runtime::Handle::try_current().is_err_and(|e| !e.is_thread_local_destroyed())
         && BLOCK_ON_HERE.try_with(|_| ()).is_ok()
     {
-        if !interruptible {
-            return Ok(rt.block_on(fut));
-        }
-        return interrupt::block_on(&rt, fut).map_err(|Interrupted| interrupted());
+        return match check {
+            Check::Unasked => Ok(rt.block_on(fut)),
+            Check::Asked => interrupt::block_on_asking(&rt, fut)
+                .ok_or_else(|| fail(WPS_STATUS_INTERNAL, "a wait the check cannot end ended")),
+            Check::Ends => interrupt::block_on(&rt, fut).map_err(|Interrupted| interrupted()),
+        };
     }
     let (tx, rx) = mpsc::sync_channel(1);
     let task = rt.spawn(async move {
         let _ = tx.send(AssertUnwindSafe(fut).catch_unwind().await);
     });
-    let received = if interruptible {
-        interrupt::recv(&rx)
-    } else {
-        Ok(rx.recv())
+    let received = match check {
+        Check::Unasked => Ok(rx.recv()),
+        Check::Asked => Ok(interrupt::recv_asking(&rx)),
+        Check::Ends => interrupt::recv(&rx),
     };
     match received {
         // A panic in the future goes on here, to the caller's panic boundary.
@@ -805,7 +829,8 @@ pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
 /// stopped event (after the disconnected one, if connected) is queued by then, but its
 /// callback, and those queued before it, may still run after this returns (the
 /// completion of `wps_client_stop_async` runs after them). Stopping a stopped client is
-/// a no-op.
+/// a no-op. The interrupt check is asked while it waits, and does not end it
+/// (`wps_set_interrupt_check`).
 /// Fire-and-forget messages whose send returned before this call (asynchronous ones
 /// included) are written before the close frame, except while the client recovers a
 /// dropped connection: with no socket to write to, they are dropped. Acked operations
@@ -817,7 +842,7 @@ pub unsafe extern "C" fn wps_client_start(c: *mut wps_client) -> wps_status {
 pub unsafe extern "C" fn wps_client_stop(c: *mut wps_client) -> wps_status {
     guard(|| {
         let client = client_arg(c)?.client.clone();
-        block(async move { client.stop().await })
+        block_asking(async move { client.stop().await })
     })
 }
 
@@ -1728,7 +1753,7 @@ mod tests {
                                 panic!("a bug in the operation");
                             }
                         },
-                        false,
+                        Check::Unasked,
                     )
                 });
                 let message = unsafe { CStr::from_ptr(wps_last_error_message()) };

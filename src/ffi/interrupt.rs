@@ -108,8 +108,10 @@ fn current() -> Option<Check> {
 /// `out`: a resend with it, `_with_ack_id`, waits for the same operation if it is still
 /// pending, and its `out` has the ackId the operation went out under, which in rare
 /// cases differs); an invocation is cancelled at the service. An interrupted start goes on
-/// (`wps_client_stop` ends it). `wps_client_stop` and `wps_client_free` are never
-/// interrupted. NULL `cb` removes the check; a wait already running keeps the check it
+/// (`wps_client_stop` ends it). `wps_client_stop` asks the check as well, but is never
+/// ended by it: it returns once stopped, and what the check does on the way (running a
+/// language runtime's signal handlers) does not wait for the closing handshake.
+/// `wps_client_free` neither asks it nor is interrupted. NULL `cb` removes the check; a wait already running keeps the check it
 /// started with. Not called once callbacks are disabled (`wps_callbacks_disable`), nor
 /// from inside itself: a blocking call the check makes waits unchecked. A thread with a
 /// check of its own (`wps_set_thread_interrupt_check`) asks that one instead.
@@ -188,4 +190,38 @@ pub(crate) fn block_on<F: Future>(rt: &Handle, fut: F) -> Result<F::Output, Inte
     let interrupted = || check.is_some_and(|c| c.interrupted());
     let check = check.map(|c| (c.interval, &interrupted as &dyn Fn() -> bool));
     park::block_on(rt, fut, check).ok_or(Interrupted)
+}
+
+/// As `block_on`, for a wait the check does not end (a stop): the check is still asked
+/// every interval, so that what it does on the way (a language runtime's signal
+/// handlers) is not held up by the wait; what it answers is left to its owner.
+pub(crate) fn block_on_asking<F: Future>(rt: &Handle, fut: F) -> Option<F::Output> {
+    let check = current();
+    let ask = || {
+        if let Some(c) = check {
+            c.interrupted();
+        }
+        false
+    };
+    park::block_on(
+        rt,
+        fut,
+        check.map(|c| (c.interval, &ask as &dyn Fn() -> bool)),
+    )
+}
+
+/// As `recv`, for a wait the check does not end (see `block_on_asking`).
+pub(crate) fn recv_asking<T>(rx: &Receiver<T>) -> Result<T, RecvError> {
+    let Some(check) = current() else {
+        return rx.recv();
+    };
+    loop {
+        match rx.recv_timeout(check.interval) {
+            Ok(output) => return Ok(output),
+            Err(RecvTimeoutError::Disconnected) => return Err(RecvError),
+            Err(RecvTimeoutError::Timeout) => {
+                check.interrupted();
+            }
+        }
+    }
 }

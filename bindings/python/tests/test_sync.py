@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -338,6 +341,66 @@ def test_a_handler_of_any_signal_runs_during_a_blocking_call_and_its_exception_e
         assert client.send_to_group("g", "after", WebPubSubDataType.TEXT).ack_id is not None
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def _service_that_never_closes() -> Iterator[str]:
+    """The URL of a service that takes one client connection, says it is connected, then
+    reads and ignores everything: a close frame gets no answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = re.search(rb"Sec-WebSocket-Key: *(\S+)", request, re.IGNORECASE)
+            assert key is not None
+            accept = base64.b64encode(hashlib.sha1(key.group(1) + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Accept: " + accept + b"\r\n"
+                b"Sec-WebSocket-Protocol: json.reliable.webpubsub.azure.v1\r\n\r\n"
+            )
+            connected = b'{"type":"system","event":"connected","connectionId":"c1","reconnectionToken":"t"}'
+            conn.sendall(bytes([0x81, len(connected)]) + connected)
+            while conn.recv(4096):
+                pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/client/hubs/h?access_token=x"
+    finally:
+        listener.close()
+        server.join(timeout=5)
+
+
+def test_a_signal_handler_runs_during_close_and_its_exception_comes_once_stopped() -> None:
+    """A signal handler runs while ``close()`` of the main thread waits for the service's
+    close frame, as between two bytecodes; its exception comes once the client is stopped
+    (a close is never left half done). Before, the handler ran only when the native stop
+    returned: here after the 1 s the closing handshake waits for a silent service."""
+    ran: List[float] = []
+
+    def shut_down(signum: int, frame: Any) -> None:
+        ran.append(time.monotonic())
+        raise SystemExit(f"signal {signum}")
+
+    with _service_that_never_closes() as url:
+        client = WebPubSubClient(url)
+        client.open()
+        with _handling({signal.SIGTERM: shut_down}):
+            started = time.monotonic()
+            with pytest.raises(SystemExit, match="signal 15"):
+                _signalled_during(client.close, signal.SIGTERM)
+            ended = time.monotonic()
+    assert len(ran) == 1 and ran[0] - started < 0.7, f"the handler ran {ran[0] - started:.2f} s in"
+    assert ended - started > 0.9, f"close() ended {ended - started:.2f} s in, before its closing handshake"
+    assert client.state is WebPubSubClientState.STOPPED
 
 
 def test_a_signal_handler_may_make_blocking_calls_while_one_waits(

@@ -370,9 +370,10 @@ def ensure_main_check() -> None:
 
 
 def raise_interrupt() -> None:
-    """A blocking call of the main thread returned STATUS_INTERRUPTED: raise the
-    exception the signal handler raised in the check. Returns when there is none (the
-    check itself failed: the caller reports the interrupted operation)."""
+    """A blocking call of the main thread returned STATUS_INTERRUPTED, or a stop (which
+    the check does not end) returned: raise the exception a signal handler raised in the
+    check. Returns when there is none (after an interrupted call: the check itself failed,
+    and the caller reports the interrupted operation)."""
     error, _raised[0] = _raised[0], None
     if error is not None:
         try:

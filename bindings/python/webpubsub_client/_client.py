@@ -332,12 +332,16 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise _base.open_error(status, message)
 
     def close(self) -> None:
-        """Stop the client and close the connection; does nothing if it is already stopped."""
+        """Stop the client and close the connection; does nothing if it is already stopped.
+        A signal handler that raises while it waits (on the main thread) has its exception
+        raised once the client is stopped."""
         if not self._finalizer.alive:
             return
         if _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
             return
-        status = lib.wps_client_stop(self._handle)
+        status = lib.wps_client_stop(self._blocking_handle())
+        # The stop runs the signal handlers as it waits, and never ends half done.
+        _callbacks.raise_interrupt()
         if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
             _base.check_status(status)
 
