@@ -1,8 +1,10 @@
 //! The floor: a bare WebSocket client (tokio-tungstenite) that writes the same
 //! JSON frames as a Web PubSub client, with no protocol logic beyond what the
-//! measurement needs (matching acks, acknowledging sequence ids). No client
-//! library can be faster than this over the same socket.
+//! measurement needs (matching acks, acknowledging sequence ids). Frames are
+//! written from a borrowed struct and read into one (serde derive), as a lean
+//! client would: no JSON tree per frame.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,12 +13,12 @@ use base64::Engine;
 use clap::Parser;
 use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use webpubsub_bench::{
     cpu_time, emit, idle_result, mark, pub_result, ready_result, seq_result, wait_for_go, Args,
@@ -55,21 +57,45 @@ async fn connect(url: &str) -> Result<Ws> {
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
     loop {
-        let frame = next_json(&mut ws).await?;
-        if frame["type"] == "system" && frame["event"] == "connected" {
+        let text = next_text(&mut ws).await?;
+        let frame = parse(&text)?;
+        if frame.kind == "system" && frame.event.as_deref() == Some("connected") {
             return Ok(ws);
         }
     }
 }
 
-/// The next text frame, parsed.
-async fn next_json<S>(ws: &mut S) -> Result<Value>
+/// The fields of a received frame that the measurement reads, borrowed from its text.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Inbound<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    event: Option<Cow<'a, str>>,
+    ack_id: Option<u64>,
+    success: Option<bool>,
+    sequence_id: Option<u64>,
+    #[serde(borrow)]
+    group: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<Cow<'a, str>>,
+}
+
+fn parse(text: &str) -> Result<Inbound<'_>> {
+    Ok(serde_json::from_str(text)?)
+}
+
+/// The next text frame.
+async fn next_text<S>(ws: &mut S) -> Result<Utf8Bytes>
 where
     S: futures_util::Stream<Item = tokio_tungstenite::tungstenite::Result<Message>> + Unpin,
 {
     loop {
         match ws.next().await {
-            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text)?),
+            Some(Ok(Message::Text(text))) => return Ok(text),
             Some(Ok(Message::Close(frame))) => return Err(format!("closed: {frame:?}").into()),
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(e.into()),
@@ -84,39 +110,52 @@ where
     S: futures_util::Stream<Item = tokio_tungstenite::tungstenite::Result<Message>> + Unpin,
 {
     loop {
-        let frame = next_json(ws).await?;
-        if frame["type"] == "ack" && frame["ackId"] == ack_id {
-            return check_ack(&frame);
+        let text = next_text(ws).await?;
+        let frame = parse(&text)?;
+        if frame.kind == "ack" && frame.ack_id == Some(ack_id) {
+            return check_ack(&frame, &text);
         }
     }
 }
 
-fn check_ack(frame: &Value) -> Result<()> {
-    if frame["success"] == true {
+fn check_ack(frame: &Inbound<'_>, text: &str) -> Result<()> {
+    if frame.success == Some(true) {
         Ok(())
     } else {
-        Err(format!("ack failed: {frame}").into())
+        Err(format!("ack failed: {text}").into())
     }
 }
 
+/// A `sendToGroup` frame, serialized from borrowed parts.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SendToGroup<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    group: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack_id: Option<u64>,
+    no_echo: bool,
+    data_type: &'static str,
+    data: &'a str,
+}
+
 /// Builds the JSON text of a `sendToGroup` frame, encoding the payload per message.
-fn send_frame(args: &Args, payload: &[u8], ack_id: Option<u64>) -> String {
+fn send_frame(args: &Args, payload: &[u8], ack_id: Option<u64>) -> Result<String> {
     let data = if args.binary {
-        Value::String(base64::engine::general_purpose::STANDARD.encode(payload))
+        Cow::Owned(base64::engine::general_purpose::STANDARD.encode(payload))
     } else {
-        Value::String(String::from_utf8_lossy(payload).into_owned())
+        String::from_utf8_lossy(payload)
     };
-    let mut frame = serde_json::json!({
-        "type": "sendToGroup",
-        "group": args.group,
-        "noEcho": false,
-        "dataType": args.data_type(),
-        "data": data,
-    });
-    if let Some(id) = ack_id {
-        frame["ackId"] = id.into();
-    }
-    frame.to_string()
+    let frame = SendToGroup {
+        kind: "sendToGroup",
+        group: &args.group,
+        ack_id,
+        no_echo: false,
+        data_type: args.data_type(),
+        data: &data,
+    };
+    Ok(serde_json::to_string(&frame)?)
 }
 
 fn join_frame(group: &str, ack_id: u64) -> String {
@@ -136,7 +175,7 @@ async fn seq(args: &Args) -> Result<()> {
             break;
         }
         let t0 = Instant::now();
-        ws.send(Message::text(send_frame(args, &payload, Some(ack_id))))
+        ws.send(Message::text(send_frame(args, &payload, Some(ack_id))?))
             .await?;
         wait_ack(&mut ws, ack_id).await?;
         latencies.push(t0.elapsed().as_secs_f64() * 1e6);
@@ -186,7 +225,7 @@ async fn publish(args: &Args) -> Result<()> {
         } else {
             None
         };
-        sink.feed(Message::text(send_frame(args, &payload, ack_id)))
+        sink.feed(Message::text(send_frame(args, &payload, ack_id)?))
             .await?;
         sent += 1;
     }
@@ -220,9 +259,10 @@ async fn read_acks(
     target: Arc<AtomicU64>,
 ) -> Result<()> {
     loop {
-        let frame = next_json(&mut stream).await?;
-        if frame["type"] == "ack" {
-            check_ack(&frame)?;
+        let text = next_text(&mut stream).await?;
+        let frame = parse(&text)?;
+        if frame.kind == "ack" {
+            check_ack(&frame, &text)?;
             window.add_permits(1);
             let n = acked.fetch_add(1, Ordering::SeqCst) + 1;
             if n >= target.load(Ordering::SeqCst) {
@@ -245,16 +285,17 @@ async fn subscribe(args: &Args) -> Result<()> {
     let mut acked_seq = 0;
     let mut last_seq = 0;
     while !got.done(args, deadline, &sent) {
-        let frame =
-            match tokio::time::timeout(got.poll_interval(args), next_json(&mut stream)).await {
-                Ok(frame) => frame?,
-                Err(_) => continue,
-            };
-        if frame["type"] != "message" {
+        let text = match tokio::time::timeout(got.poll_interval(args), next_text(&mut stream)).await
+        {
+            Ok(text) => text?,
+            Err(_) => continue,
+        };
+        let frame = parse(&text)?;
+        if frame.kind != "message" {
             continue;
         }
         got.record(payload_len(&frame)?);
-        last_seq = frame["sequenceId"].as_u64().unwrap_or(last_seq);
+        last_seq = frame.sequence_id.unwrap_or(last_seq);
         if last_seq >= acked_seq + SEQUENCE_ACK_EVERY {
             sequence_ack(&mut sink, last_seq).await?;
             acked_seq = last_seq;
@@ -275,9 +316,9 @@ async fn sequence_ack(sink: &mut SplitSink<Ws, Message>, id: u64) -> Result<()> 
 }
 
 /// Payload size of a data frame, decoding binary as a client would.
-fn payload_len(frame: &Value) -> Result<usize> {
-    let data = frame["data"].as_str().unwrap_or_default();
-    if frame["dataType"] == "binary" {
+fn payload_len(frame: &Inbound<'_>) -> Result<usize> {
+    let data = frame.data.as_deref().unwrap_or_default();
+    if frame.data_type.as_deref() == Some("binary") {
         Ok(base64::engine::general_purpose::STANDARD
             .decode(data)?
             .len())
@@ -299,11 +340,12 @@ async fn ready(args: &Args) -> Result<()> {
         let mut ws = connect(&args.url).await?;
         ws.send(Message::text(join_frame(&args.group, 1))).await?;
         wait_ack(&mut ws, 1).await?;
-        ws.send(Message::text(send_frame(args, &payload, Some(2))))
+        ws.send(Message::text(send_frame(args, &payload, Some(2))?))
             .await?;
         loop {
-            let frame = next_json(&mut ws).await?;
-            if frame["type"] == "message" && frame["group"] == args.group.as_str() {
+            let text = next_text(&mut ws).await?;
+            let frame = parse(&text)?;
+            if frame.kind == "message" && frame.group.as_deref() == Some(args.group.as_str()) {
                 break;
             }
         }
