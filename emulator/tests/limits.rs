@@ -516,3 +516,39 @@ async fn an_upgraded_connection_idle_past_the_header_timeout_stays_open() {
     assert_ack_ok(&ws.join("g2", 2).await);
     emu.shutdown().await;
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("a VmRSS line")
+}
+
+#[tokio::test]
+async fn an_idle_websocket_costs_the_server_little_memory() {
+    // Many programs share one emulator, and a test suite may hold thousands of quiet
+    // sockets: each used to keep a 128 KiB read buffer, zeroed by its first read.
+    const SOCKETS: u64 = 300;
+    let (binary, port) = spawn_binary("idle-key", &[]);
+    let pid = binary.0.id();
+    let endpoint = format!("http://127.0.0.1:{port}/client/hubs/h");
+    let token = webpubsub_emulator::auth::sign_client_token("idle-key", &endpoint, &all_roles("u"));
+    let url = format!("ws://127.0.0.1:{port}/client/hubs/h?access_token={token}");
+    // Read by the server: its reader has run.
+    async fn open(url: &str) -> Ws {
+        let (mut ws, _) = connect_json(url, JSON).await;
+        ws.send_json(json!({"type": "ping"})).await;
+        assert_eq!(ws.next_json().await["type"], "pong");
+        ws
+    }
+    let mut sockets = vec![open(&url).await];
+    let before = resident_kib(pid);
+    for _ in 0..SOCKETS {
+        sockets.push(open(&url).await);
+    }
+    let per_socket = (resident_kib(pid) - before) / SOCKETS;
+    assert!(per_socket < 48, "{per_socket} KiB resident per idle socket");
+}
