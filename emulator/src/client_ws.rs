@@ -37,12 +37,6 @@ pub(crate) const NOT_RECOVERABLE: &str = "The connection could not be recovered.
 const MAX_PENDING_UPSTREAM: usize = 1000;
 /// Frames written per flush at most.
 const WRITE_BATCH: usize = 256;
-/// The read buffer of a socket. With tungstenite's default of 128 KiB, it is zeroed by a
-/// socket's first read and held for its life, so every idle client cost the server that
-/// much. Frames larger than this are still read whole (the buffer grows for them). The
-/// write buffer keeps its default: it is only a threshold for writing, and grows with
-/// what is written.
-const READ_BUFFER: usize = 8 * 1024;
 /// How long the writer waits for the client's close reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The same wait when the whole server shuts down.
@@ -265,7 +259,11 @@ pub(crate) async fn client_endpoint(
     let tasks = server.tasks.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(READ_BUFFER)
+        // `Config::read_buffer_bytes`, not tungstenite's 128 KiB: it is zeroed by the
+        // socket's first read and held for its life. Larger frames are still read whole
+        // (the buffer grows for them). The write buffer keeps its default: only a
+        // threshold for writing, grown by what is written.
+        .read_buffer_size(server.config.read_buffer_bytes)
         .on_upgrade(move |socket| {
             tasks.track_future(async move { run_session(server, session, socket).await })
         })

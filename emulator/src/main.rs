@@ -48,6 +48,9 @@ struct Args {
     /// Bytes queued to one socket before a client that does not read is closed.
     #[arg(long, value_name = "N", default_value_t = 64 * 1024 * 1024)]
     max_outbound_bytes: usize,
+    /// Each client socket's read buffer, in bytes (what an idle client costs; larger reads a fast publisher's bursts in fewer calls).
+    #[arg(long, value_name = "N", default_value_t = 8 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    read_buffer_bytes: u32,
     /// Longest wait for a TLS handshake, an HTTP request head or REST body, and longest idle keep-alive, in ms.
     #[arg(long, value_name = "N", default_value_t = 30_000)]
     http_timeout_ms: u64,
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         max_unacked_frames: args.max_unacked_frames,
         max_unacked_bytes: args.max_unacked_bytes,
         max_outbound_bytes: args.max_outbound_bytes,
+        read_buffer_bytes: args.read_buffer_bytes as usize,
         http_timeout: Duration::from_millis(args.http_timeout_ms),
         max_connections: args.max_connections,
         max_groups_per_connection: args.max_groups_per_connection,
