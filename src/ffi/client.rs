@@ -775,9 +775,9 @@ unsafe fn dispatch_worker(c: *mut wps_client) -> FfiResult<Arc<Worker>> {
     Ok(Arc::clone(client_arg(c)?.sink.worker()))
 }
 
-/// Runs the dispatch of a client by its worker; `outputs` writes the call's outputs from how many
-/// callbacks ran and the records, before the dispatch ends: a callback that freed the
-/// client leaves its finalizer to run after that (it may free where they go).
+/// Runs the dispatch of a client by its worker; `outputs` writes the call's outputs from
+/// how many callbacks ran and the records, before the dispatch ends: a callback that
+/// freed the client leaves its finalizer to run after that (it may free where they go).
 fn dispatch(
     worker: Arc<Worker>,
     max: usize,

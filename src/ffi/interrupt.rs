@@ -111,10 +111,11 @@ fn current() -> Option<Check> {
 /// (`wps_client_stop` ends it). `wps_client_stop` asks the check as well, but is never
 /// ended by it: it returns once stopped, and what the check does on the way (running a
 /// language runtime's signal handlers) does not wait for the closing handshake.
-/// `wps_client_free` neither asks it nor is interrupted. NULL `cb` removes the check; a wait already running keeps the check it
-/// started with. Not called once callbacks are disabled (`wps_callbacks_disable`), nor
-/// from inside itself: a blocking call the check makes waits unchecked. A thread with a
-/// check of its own (`wps_set_thread_interrupt_check`) asks that one instead.
+/// `wps_client_free` neither asks it nor is interrupted. NULL `cb` removes the check; a
+/// wait already running keeps the check it started with. Not called once callbacks are
+/// disabled (`wps_callbacks_disable`), nor from inside itself: a blocking call the check
+/// makes waits unchecked. A thread with a check of its own
+/// (`wps_set_thread_interrupt_check`) asks that one instead.
 #[no_mangle]
 pub extern "C" fn wps_set_interrupt_check(cb: wps_interrupt_cb, interval_ms: u32) -> wps_status {
     guard(|| {
