@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -154,14 +155,26 @@ fn options(protocol: Protocol) -> ClientOptions {
     }
 }
 
+/// A client of `url` whose start runs in a task of its own, while the test plays the
+/// server.
+fn starting(
+    url: &str,
+    options: ClientOptions,
+) -> (
+    Client,
+    UnboundedReceiver<Event>,
+    JoinHandle<Result<(), Error>>,
+) {
+    let (client, events) = Client::with_channel(Credential::Url(url.into()), options).unwrap();
+    let c = client.clone();
+    (client, events, tokio::spawn(async move { c.start().await }))
+}
+
 async fn start(
     hostile: &Hostile,
     options: ClientOptions,
 ) -> (Client, UnboundedReceiver<Event>, Ws) {
-    let (client, mut events) =
-        Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
-    let c = client.clone();
-    let start = tokio::spawn(async move { c.start().await });
+    let (client, mut events, start) = starting(&hostile.url, options);
     let (mut ws, _) = hostile.accept().await;
     connected(&mut ws, "conn1", "rt1").await;
     start.await.unwrap().unwrap();
@@ -589,10 +602,7 @@ async fn hostile_http_upgrade_answers_fail_start_with_a_clear_error() {
             start_timeout: Duration::from_secs(3),
             ..options(Protocol::JsonReliable)
         };
-        let (client, _events) =
-            Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
-        let c = client.clone();
-        let start = tokio::spawn(async move { c.start().await });
+        let (client, _events, start) = starting(&hostile.url, options);
         let mut tcp = hostile.accept_tcp().await;
         let mut request = [0u8; 4096];
         let _ = tcp.read(&mut request).await.unwrap();
@@ -624,9 +634,7 @@ async fn refusal(hostile: &Hostile, url: &str, proxy: bool, answer: &[u8]) -> Er
         },
         ..options(Protocol::JsonReliable)
     };
-    let (client, _events) = Client::with_channel(Credential::Url(url.into()), options).unwrap();
-    let c = client.clone();
-    let start = tokio::spawn(async move { c.start().await });
+    let (client, _events, start) = starting(url, options);
     let mut tcp = hostile.accept_tcp().await;
     let mut request = [0u8; 4096];
     let _ = tcp.read(&mut request).await.unwrap();
@@ -706,13 +714,7 @@ async fn the_services_reason_for_closing_before_the_connected_frame_is_in_the_st
     let _serial = SERIAL.lock().await;
     let hostile = Hostile::new().await;
     for code in [1008u16, 1011] {
-        let (client, _events) = Client::with_channel(
-            Credential::Url(hostile.url.clone()),
-            options(Protocol::JsonReliable),
-        )
-        .unwrap();
-        let c = client.clone();
-        let start = tokio::spawn(async move { c.start().await });
+        let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
         let (mut ws, _) = hostile.accept().await;
         send(
             &mut ws,
@@ -905,10 +907,7 @@ async fn a_server_that_accepts_and_never_speaks_times_out_the_start() {
         start_timeout: Duration::from_millis(500),
         ..options(Protocol::JsonReliable)
     };
-    let (client, _events) =
-        Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
-    let c = client.clone();
-    let start = tokio::spawn(async move { c.start().await });
+    let (client, _events, start) = starting(&hostile.url, options);
     let (mut ws, _) = hostile.accept().await;
     // Data frames before the connected frame are ignored; the connected frame never comes.
     send(&mut ws, &server_message("early", 1)).await;
@@ -935,10 +934,7 @@ async fn a_start_timeout_names_what_the_attempt_waited_for() {
     };
 
     // A server that takes the connection and never answers the upgrade.
-    let (client, _events) =
-        Client::with_channel(Credential::Url(hostile.url.clone()), options.clone()).unwrap();
-    let c = client.clone();
-    let start = tokio::spawn(async move { c.start().await });
+    let (_client, _events, start) = starting(&hostile.url, options.clone());
     let _silent = hostile.accept_tcp().await;
     let error = start.await.unwrap().unwrap_err();
     assert_eq!(
@@ -1043,10 +1039,7 @@ async fn a_session_whose_recovery_url_is_too_long_is_lost_at_once() {
         recovery_window: Duration::from_secs(30),
         ..options(Protocol::JsonReliable)
     };
-    let (client, mut events) =
-        Client::with_channel(Credential::Url(hostile.url.clone()), options).unwrap();
-    let c = client.clone();
-    let start = tokio::spawn(async move { c.start().await });
+    let (client, mut events, start) = starting(&hostile.url, options);
     let (mut ws, _) = hostile.accept().await;
     // Percent-encoded, 30,000 '+' take 90,000 bytes: no request can carry the recovery URL.
     connected(&mut ws, &"+".repeat(30_000), "rt1").await;
