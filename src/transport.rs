@@ -53,16 +53,16 @@ pub fn redact_url(url: &str) -> String {
     let params: Vec<String> = query
         .split('&')
         .map(|param| match param.split_once('=') {
-            Some((key, _))
-                if key.eq_ignore_ascii_case("access_token")
-                    || key.eq_ignore_ascii_case("awps_reconnection_token") =>
-            {
-                format!("{key}=***")
-            }
+            Some((key, _)) if is_secret_param(key) => format!("{key}=***"),
             _ => param.to_owned(),
         })
         .collect();
     format!("{base}?{}", params.join("&"))
+}
+
+/// Whether a query parameter of a client URL holds a token.
+fn is_secret_param(key: &str) -> bool {
+    key.eq_ignore_ascii_case("access_token") || key.eq_ignore_ascii_case("awps_reconnection_token")
 }
 
 /// The `host:port` of a client URL (the scheme's port when it names none), for errors.
@@ -86,10 +86,7 @@ pub(crate) fn url_secrets(url: &str) -> Vec<String> {
     };
     let mut secrets = Vec::new();
     for (key, value) in query.split('&').filter_map(|p| p.split_once('=')) {
-        if !value.is_empty()
-            && (key.eq_ignore_ascii_case("access_token")
-                || key.eq_ignore_ascii_case("awps_reconnection_token"))
-        {
+        if !value.is_empty() && is_secret_param(key) {
             let decoded =
                 String::from_utf8_lossy(&crate::proxy::percent_decode(value)).into_owned();
             if decoded != value {
@@ -327,10 +324,10 @@ impl Connector {
         }
     }
 
-    /// Connects to a `ws://` or `wss://` URL and performs the upgrade.
-    /// Opens a WebSocket connection to `url`. `waiting_for` is kept naming the step in
-    /// progress (the TCP connection, a proxy's answer, the TLS handshake, the upgrade's
-    /// answer), for an error should the caller's timeout end the attempt.
+    /// Connects to a `ws://` or `wss://` URL and performs the upgrade. `waiting_for` is
+    /// kept naming the step in progress (the TCP connection, a proxy's answer, the TLS
+    /// handshake, the upgrade's answer), for an error should the caller's timeout end
+    /// the attempt.
     pub(crate) async fn connect(&self, url: &str, waiting_for: &mut String) -> Result<Ws, Error> {
         let uri: Uri = url
             .parse()
