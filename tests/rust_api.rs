@@ -578,21 +578,28 @@ async fn the_longest_durations_allowed_work() {
     // A recovery adds the window to the clock.
     let id = client.connection_id().unwrap();
     common::fault(&emulator, HUB, &id, ":drop").await;
+    sent_and_received(&client, &mut events, "g", "after").await;
+    assert_eq!(client.state(), ClientState::Connected);
+    client.stop().await;
+}
+
+/// Sends `text` to `group` (joined), acked, and waits for it to come back.
+async fn sent_and_received(
+    client: &Client,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    group: &str,
+    text: &str,
+) {
     let sent = client
         .send_to_group(
-            "g",
+            group,
             DataType::Text,
-            "after".into(),
+            Bytes::from(text.to_owned()),
             SendToGroupOptions::default(),
         )
         .await;
     assert!(sent.is_ok(), "{sent:?}");
-    common::wait_for(&mut events, 10, |e| {
-        message_text(e).as_deref() == Some("after")
-    })
-    .await;
-    assert_eq!(client.state(), ClientState::Connected);
-    client.stop().await;
+    common::wait_for(events, 10, |e| message_text(e).as_deref() == Some(text)).await;
 }
 
 /// A token with a role per group for each of `groups` groups, which it also joins.
@@ -624,19 +631,7 @@ async fn a_url_too_long_for_an_http_request_is_refused_saying_so() {
     let (client, mut events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
     client.start().await.unwrap();
     client.join_group("group-559").await.unwrap();
-    let sent = client
-        .send_to_group(
-            "group-559",
-            DataType::Text,
-            "to the last group".into(),
-            SendToGroupOptions::default(),
-        )
-        .await;
-    assert!(sent.is_ok(), "{sent:?}");
-    common::wait_for(&mut events, 10, |e| {
-        message_text(e).as_deref() == Some("to the last group")
-    })
-    .await;
+    sent_and_received(&client, &mut events, "group-559", "to the last group").await;
     client.stop().await;
 
     // 1,000 groups' roles: about 110 KB, which no request line here can carry.
