@@ -301,47 +301,6 @@ fn a_burst_of_async_sends_from_one_thread_arrives_in_order_each_completed_once()
     setup.shutdown();
 }
 
-/// A scripted service on a free loopback port, run on `rt`: the client URL to reach it
-/// and the service's task.
-fn scripted<F>(
-    rt: &tokio::runtime::Runtime,
-    service: impl FnOnce(tokio::net::TcpListener) -> F,
-) -> (CString, tokio::task::JoinHandle<F::Output>)
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
-    (CString::new(url).unwrap(), rt.spawn(service(listener)))
-}
-
-/// The scripted services' connection: the client's WebSocket, accepted with the
-/// subprotocol it asked for, and its `connected` frame sent.
-#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
-async fn accepted_connected(
-    listener: tokio::net::TcpListener,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-    use tokio_tungstenite::tungstenite::Message;
-    let (tcp, _) = listener.accept().await.unwrap();
-    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
-        if let Some(protocol) = req.headers().get("Sec-WebSocket-Protocol").cloned() {
-            resp.headers_mut()
-                .insert("Sec-WebSocket-Protocol", protocol);
-        }
-        Ok(resp)
-    })
-    .await
-    .unwrap();
-    let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
-    ws.send(Message::text(connected)).await.unwrap();
-    ws
-}
-
 /// A scripted service for one connection: connects the client, reads `sends`
 /// acked sendToGroup frames, then writes each one's echo (from `sender(i)`, to group
 /// `left` or `right` in turn) followed by its ack, all in one write, so that a socket
@@ -349,7 +308,7 @@ async fn accepted_connected(
 async fn echo_then_ack_service(listener: tokio::net::TcpListener, sends: usize) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let mut ws = accepted_connected(listener).await;
+    let mut ws = common::accepted_connected(listener).await;
     let mut sent = Vec::new();
     while sent.len() < sends {
         let Some(Ok(Message::Text(text))) = ws.next().await else {
@@ -387,7 +346,7 @@ fn a_completion_never_overtakes_the_events_received_before_it() {
     // events). Each event also names its own group and sender.
     const SENDS: usize = 200;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (url, service) = scripted(&rt, |listener| echo_then_ack_service(listener, SENDS));
+    let (url, service) = common::scripted(&rt, |listener| echo_then_ack_service(listener, SENDS));
     let rec = common::leaked::<Recorder>();
     let c = client_of(&url, rec, true);
     let ops: Vec<u64> = (0..SENDS)
@@ -1456,7 +1415,7 @@ unsafe extern "C" fn note_freed(user_data: *mut c_void) {
 async fn frame_types_service(listener: tokio::net::TcpListener) -> Vec<String> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let mut ws = accepted_connected(listener).await;
+    let mut ws = common::accepted_connected(listener).await;
     let mut types = Vec::new();
     while let Some(Ok(message)) = ws.next().await {
         let Message::Text(text) = message else {
@@ -1484,7 +1443,7 @@ fn an_invocation_after_the_free_began_is_refused_unsent() {
     const ROUNDS: usize = 300;
     let rt = tokio::runtime::Runtime::new().unwrap();
     for round in 0..ROUNDS {
-        let (url, service) = scripted(&rt, frame_types_service);
+        let (url, service) = common::scripted(&rt, frame_types_service);
         let probe = common::leaked::<FreedOnConnected>();
         let mut c = std::ptr::null_mut();
         let status = unsafe {
@@ -1527,7 +1486,7 @@ fn an_invocation_after_the_free_began_is_refused_unsent() {
 async fn gathering_service(listener: tokio::net::TcpListener) -> Vec<String> {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
-    let mut ws = accepted_connected(listener).await;
+    let mut ws = common::accepted_connected(listener).await;
     let mut gathered = Vec::new();
     while let Some(Ok(Message::Text(text))) = ws.next().await {
         let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -1544,7 +1503,7 @@ fn fire_and_forget_sends_past_the_operation_queue_go_out_before_a_stop() {
     // queue, already completed as sent, when the stop comes.
     const SENDS: usize = 5000;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (url, service) = scripted(&rt, gathering_service);
+    let (url, service) = common::scripted(&rt, gathering_service);
     let rec = common::leaked::<Recorder>();
     let c = client_of(&url, rec, true);
     let ops: Vec<u64> = (0..SENDS)
@@ -1648,7 +1607,7 @@ fn deferred_fire_and_forget_sends_flushed_while_a_stop_comes_go_out_before_it() 
     const ROUNDS: usize = 20;
     let rt = tokio::runtime::Runtime::new().unwrap();
     for round in 0..ROUNDS {
-        let (url, service) = scripted(&rt, gathering_service);
+        let (url, service) = common::scripted(&rt, gathering_service);
         let rec = common::leaked::<Recorder>();
         let c = client_of(&url, rec, true);
         for i in 0..SENDS {

@@ -333,38 +333,16 @@ extern "C" fn always_interrupting() -> c_int {
 
 /// The URL of a service that says its client is connected, then reads and ignores
 /// everything: a close frame gets no answer, so a stop waits out its closing handshake.
-#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
 fn service_that_never_closes(rt: &tokio::runtime::Runtime) -> CString {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-    use tokio_tungstenite::tungstenite::Message;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let subprotocol = |_: &Request, mut response: Response| {
-            response.headers_mut().insert(
-                "Sec-WebSocket-Protocol",
-                "json.reliable.webpubsub.azure.v1".parse().unwrap(),
-            );
-            Ok(response)
-        };
-        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, subprotocol)
-            .await
-            .unwrap();
-        let connected =
-            r#"{"type":"system","event":"connected","connectionId":"c1","reconnectionToken":"t"}"#;
-        ws.send(Message::text(connected)).await.unwrap();
-        let (_write, mut read) = ws.split();
+    use futures_util::StreamExt;
+    let (url, _service) = common::scripted(rt, |listener| async move {
+        // Read through the read half only: the socket never answers the close frame
+        // (a whole stream would, as it reads).
+        let (_write, mut read) = common::accepted_connected(listener).await.split();
         while let Some(Ok(_)) = read.next().await {}
         std::future::pending::<()>().await;
     });
-    CString::new(format!(
-        "ws://127.0.0.1:{port}/client/hubs/h?access_token=x"
-    ))
-    .unwrap()
+    url
 }
 
 /// `wps_client_stop` asks the check as it waits (what a check does on the way, such as

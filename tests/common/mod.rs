@@ -529,3 +529,47 @@ impl webpubsub_client::EventHandler for StateAtEvent {
         self.seen.lock().unwrap().push((kind, state, connection_id));
     }
 }
+
+/// A scripted service on a free loopback port, run on `rt`: the client URL to reach it
+/// and the service's task.
+pub fn scripted<F>(
+    rt: &tokio::runtime::Runtime,
+    service: impl FnOnce(tokio::net::TcpListener) -> F,
+) -> (std::ffi::CString, tokio::task::JoinHandle<F::Output>)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("ws://{}/client/hubs/h", listener.local_addr().unwrap());
+    (
+        std::ffi::CString::new(url).unwrap(),
+        rt.spawn(service(listener)),
+    )
+}
+
+/// The scripted services' connection: the client's WebSocket, accepted with the
+/// subprotocol it asked for, and its `connected` frame sent.
+#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
+pub async fn accepted_connected(
+    listener: tokio::net::TcpListener,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message;
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
+        if let Some(protocol) = req.headers().get("Sec-WebSocket-Protocol").cloned() {
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", protocol);
+        }
+        Ok(resp)
+    })
+    .await
+    .unwrap();
+    let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
+    ws.send(Message::text(connected)).await.unwrap();
+    ws
+}
