@@ -261,7 +261,16 @@ pub fn decode_downstream(frame: &Bytes) -> Result<Downstream, ProtocolError> {
     if let Some(ack) = decode_plain_ack(frame) {
         return Ok(ack);
     }
-    let wire = Wire::parse(frame)?;
+    let text = utf8(frame)?;
+    match decode_plain_message(frame, text) {
+        Some(message) => Ok(message),
+        None => decode_wire(frame, text),
+    }
+}
+
+/// Parses any downstream frame through [`Wire`]; `text` is `frame` as UTF-8.
+fn decode_wire(frame: &Bytes, text: &str) -> Result<Downstream, ProtocolError> {
+    let wire = Wire::parse(text)?;
     let f = Fields(&wire);
     Ok(match wire.kind.as_ref() {
         "ack" => Downstream::Ack {
@@ -316,7 +325,7 @@ pub fn decode_downstream(frame: &Bytes) -> Result<Downstream, ProtocolError> {
 /// Parses a frame sent by a client (the service's side; used by tests and tools).
 /// Unknown `type` values are errors here: a service must answer them, not skip them.
 pub fn decode_upstream(frame: &Bytes) -> Result<Upstream, ProtocolError> {
-    let wire = Wire::parse(frame)?;
+    let wire = Wire::parse(utf8(frame)?)?;
     let f = Fields(&wire);
     Ok(match wire.kind.as_ref() {
         "joinGroup" => Upstream::JoinGroup {
@@ -358,10 +367,61 @@ pub fn decode_upstream(frame: &Bytes) -> Result<Upstream, ProtocolError> {
     })
 }
 
+/// A group or server message as the service writes it (`type` first, every field of
+/// the expected JSON type), read in one pass; `None` for any other frame, which
+/// [`Wire`] then reads, with the same result or the error. [`Wire`] holds every field
+/// raw and parses each again, which took a fifth of the time a message costs.
+fn decode_plain_message(frame: &Bytes, text: &str) -> Option<Downstream> {
+    /// The fields of a message. Any other field, a field of another JSON type, or a
+    /// string whose escapes UTF-8 cannot carry fails the parse (and `Wire` reads the
+    /// frame).
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Message<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        from: &'a str,
+        group: Option<String>,
+        from_user_id: Option<String>,
+        #[serde(borrow)]
+        data_type: &'a RawValue,
+        #[serde(borrow)]
+        data: Option<&'a RawValue>,
+        sequence_id: Option<u64>,
+    }
+    if !text.starts_with(r#"{"type":"message","#) {
+        return None;
+    }
+    let m: Message = serde_json::from_str(text).ok()?;
+    if m.kind != "message" {
+        return None;
+    }
+    let wire = Wire {
+        kind: Cow::Borrowed("message"),
+        data_type: Some(m.data_type),
+        data: m.data,
+        ..Wire::default()
+    };
+    let data = Fields(&wire).data(frame).ok()?;
+    match (m.from, m.group) {
+        ("group", Some(group)) => Some(Downstream::GroupMessage {
+            group,
+            from_user_id: m.from_user_id,
+            data,
+            sequence_id: m.sequence_id,
+        }),
+        ("server", _) => Some(Downstream::ServerMessage {
+            data,
+            sequence_id: m.sequence_id,
+        }),
+        _ => None,
+    }
+}
+
 /// One frame as it sits on the wire: the `type`, and every other known field left
 /// unparsed until the type says what it must be (so an unknown type never fails on a
 /// field whose shape it changed).
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct Wire<'a> {
     #[serde(rename = "type", borrow)]
@@ -401,9 +461,16 @@ struct Wire<'a> {
 }
 
 impl<'a> Wire<'a> {
-    fn parse(frame: &'a [u8]) -> Result<Wire<'a>, ProtocolError> {
-        serde_json::from_slice(frame).map_err(|e| ProtocolError(format!("malformed frame: {e}")))
+    /// Parses from text: `serde_json` then checks no UTF-8 (from bytes it checks each
+    /// field again, a tenth of a subscriber's time).
+    fn parse(frame: &'a str) -> Result<Wire<'a>, ProtocolError> {
+        serde_json::from_str(frame).map_err(|e| ProtocolError(format!("malformed frame: {e}")))
     }
+}
+
+/// A frame as text, or the error for a frame that is not UTF-8.
+fn utf8(frame: &[u8]) -> Result<&str, ProtocolError> {
+    std::str::from_utf8(frame).map_err(|e| ProtocolError(format!("malformed frame: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -770,5 +837,101 @@ impl Writer {
     fn finish(mut self) -> String {
         self.out.push('}');
         self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the one-pass reader makes of `frame`, checked against [`Wire`]'s reading.
+    fn both(frame: &str) -> (Option<Downstream>, Result<Downstream, ProtocolError>) {
+        let bytes = Bytes::copy_from_slice(frame.as_bytes());
+        (
+            decode_plain_message(&bytes, frame),
+            decode_wire(&bytes, frame),
+        )
+    }
+
+    fn message() -> impl Strategy<Value = Downstream> {
+        let data = prop_oneof![
+            any::<String>().prop_map(|s| Data::new(DataType::Text, s.into_bytes())),
+            "\\PC{0,8}".prop_map(|s| Data::new(DataType::Json, serde_json::to_vec(&s).unwrap())),
+            prop::collection::vec(any::<u8>(), 0..32).prop_map(|b| Data::new(DataType::Binary, b)),
+        ];
+        let sequence_id = proptest::option::of(any::<u64>());
+        prop_oneof![
+            (
+                any::<String>(),
+                proptest::option::of(any::<String>()),
+                data.clone(),
+                sequence_id.clone()
+            )
+                .prop_map(|(group, from_user_id, data, sequence_id)| {
+                    Downstream::GroupMessage {
+                        group,
+                        from_user_id,
+                        data,
+                        sequence_id,
+                    }
+                }),
+            (data, sequence_id)
+                .prop_map(|(data, sequence_id)| Downstream::ServerMessage { data, sequence_id }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_one_pass_reader_reads_what_the_service_writes(frame in message()) {
+            let (plain, wire) = both(&encode_downstream(&frame));
+            prop_assert_eq!(plain, Some(frame.clone()));
+            prop_assert_eq!(wire, Ok(frame));
+        }
+
+        #[test]
+        fn the_one_pass_reader_agrees_with_wire_on_damaged_frames(
+            frame in message(),
+            at in any::<prop::sample::Index>(),
+            byte in 0x20u8..0x7f,
+        ) {
+            let mut encoded = encode_downstream(&frame).into_bytes();
+            let at = at.index(encoded.len());
+            encoded[at] = byte;
+            if let Ok(text) = std::str::from_utf8(&encoded) {
+                let (plain, wire) = both(text);
+                if let Some(plain) = plain {
+                    prop_assert_eq!(Ok(plain), wire);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frames_off_the_services_shape_go_to_wire() {
+        let off_shape = [
+            // A field the service does not write in a message, or one written twice.
+            r#"{"type":"message","from":"group","group":"g","dataType":"text","data":"x","ackId":1}"#,
+            r#"{"type":"message","type":"ack","from":"group","group":"g","dataType":"text","data":"x"}"#,
+            r#"{"type":"message","from":"group","group":"g","group":"h","dataType":"text","data":"x"}"#,
+            // A field of another type, a lone surrogate, an escaped `from`.
+            r#"{"type":"message","from":"group","group":7,"dataType":"text","data":"x"}"#,
+            r#"{"type":"message","from":"group","group":"\ud800","dataType":"text","data":"x"}"#,
+            r#"{"type":"message","from":"gr\u006fup","group":"g","dataType":"text","data":"x"}"#,
+            // No group, an unknown sender, a bad payload.
+            r#"{"type":"message","from":"group","group":null,"dataType":"text","data":"x"}"#,
+            r#"{"type":"message","from":"user","dataType":"text","data":"x"}"#,
+            r#"{"type":"message","from":"server","dataType":"binary","data":"%"}"#,
+            // `type` not first.
+            r#"{"from":"server","type":"message","dataType":"text","data":"x"}"#,
+        ];
+        for frame in off_shape {
+            assert_eq!(both(frame).0, None, "{frame}");
+        }
+        let (_, wire) = both(off_shape[4]);
+        assert!(
+            matches!(wire, Ok(Downstream::GroupMessage { ref group, .. }) if group == "\u{fffd}"),
+            "{wire:?}"
+        );
     }
 }
