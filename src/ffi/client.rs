@@ -1173,12 +1173,14 @@ unsafe fn run_acked(
     let prepared = op
         .prepare(&shared.client)
         .map_err(|e| no_ack_id(fail_with(e)))?;
-    // The ack comes behind the events: it is read whatever their backlog. (The guard
-    // owns what it needs: another thread may free the client while this call waits.)
-    let _reading = shared.sink.backlog().unpause();
     let outcome = match shared.client.try_run(prepared) {
         Ok(outcome) => outcome,
         Err(prepared) => {
+            // The ack comes behind the events: it is read whatever their backlog while
+            // this call waits. (The guard owns what it needs: another thread may free
+            // the client meanwhile.) A fire-and-forget message queued at once waits
+            // for nothing and takes no guard.
+            let _reading = shared.sink.backlog().unpause();
             let ack_id = prepared.ack_id();
             let client = shared.client.clone();
             block_interruptible(async move { client.run(prepared).await }).map_err(|status| {
