@@ -515,6 +515,13 @@ fn tls_hint(error: &rustls::Error) -> &'static str {
         rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => {
             " (the server does not speak TLS: a ws:// endpoint?)"
         }
+        // The verifier's own error, which rustls carries without a type of its own.
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))
+            if other.to_string() == "CaUsedAsEndEntity" =>
+        {
+            " (the server presents a CA's certificate as its own: it needs a certificate \
+             issued by that CA)"
+        }
         _ => "",
     }
 }

@@ -59,6 +59,23 @@ async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
 }
 
 #[tokio::test]
+async fn a_ca_certificate_served_as_the_servers_own_is_explained() {
+    let pki = Pki::ca_as_server("ca-as-server");
+    let emulator = tls_emulator(&pki).await;
+    let url = emulator.client_url("hub", &TokenOptions::default());
+    let options = ClientOptions {
+        extra_ca_pem: vec![pki.ca_pem.clone().into_bytes()],
+        ..fast_options()
+    };
+    let (client, _events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    let error = client.start().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Tls(m) if m.contains("CaUsedAsEndEntity") && m.ends_with(" (the server presents a CA's certificate as its own: it needs a certificate issued by that CA)")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
 async fn wss_to_a_plain_server_says_it_does_not_speak_tls() {
     let emulator = Emulator::start(Config::default()).await.unwrap();
     let url = emulator

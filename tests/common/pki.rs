@@ -29,6 +29,26 @@ impl Pki {
             .push(DnType::CommonName, "127.0.0.1");
         let leaf_key = KeyPair::generate().unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        Pki::written(name, ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+    }
+
+    /// A CA that serves its own certificate (for 127.0.0.1) as the server's, a mistake
+    /// of hand-made test set-ups.
+    pub fn ca_as_server(name: &str) -> Pki {
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "webpubsub test CA as server");
+        let key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        Pki::written(name, ca.pem(), ca.pem(), key.serialize_pem())
+    }
+
+    /// The server's certificate and key written to files of a directory named after
+    /// `name` and the process.
+    fn written(name: &str, ca_pem: String, cert_pem: String, key_pem: String) -> Pki {
         let dir =
             std::env::temp_dir().join(format!("wps-client-tls-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -36,13 +56,9 @@ impl Pki {
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
         };
-        std::fs::write(&files.cert, leaf.pem()).unwrap();
-        std::fs::write(&files.key, leaf_key.serialize_pem()).unwrap();
-        Pki {
-            ca_pem: ca.pem(),
-            dir,
-            files,
-        }
+        std::fs::write(&files.cert, cert_pem).unwrap();
+        std::fs::write(&files.key, key_pem).unwrap();
+        Pki { ca_pem, dir, files }
     }
 }
 
