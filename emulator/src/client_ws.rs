@@ -8,9 +8,11 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
+use axum::http::header::{SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -123,6 +125,17 @@ pub(crate) async fn client_endpoint(
     }
     let mut ws = match ws {
         Ok(ws) => ws,
+        // RFC 6455 4.2.2: refuse, naming the version this server speaks.
+        Err(WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_)) => {
+            let mut response = error_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "Unsupported WebSocket version: the Sec-WebSocket-Version header must be 13.",
+            );
+            response
+                .headers_mut()
+                .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return response;
+        }
         Err(e) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
@@ -130,6 +143,15 @@ pub(crate) async fn client_endpoint(
             )
         }
     };
+    // RFC 6455 4.2.1: the key is a random 16-byte value in base64 (the upgrade only
+    // checks that there is one).
+    let key = headers.get(SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes);
+    if !key.is_some_and(|k| STANDARD.decode(k).is_ok_and(|k| k.len() == 16)) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "Invalid Sec-WebSocket-Key header: it must be the base64 of 16 bytes.",
+        );
+    }
     // In the client's order (the upgrade's own list is sorted).
     let requested: Vec<String> = headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)

@@ -297,3 +297,111 @@ async fn deeply_nested_json_is_passed_on_or_refused_but_never_crashes() {
     still_alive(&mut a).await;
     emu.shutdown().await;
 }
+
+/// Sends over raw TCP an upgrade request for `url` whose `Sec-WebSocket-*` header lines
+/// (each ending in CRLF) are `headers`; returns the response head and its body.
+async fn raw_handshake(emu: &Emulator, url: &str, headers: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = url.split_once(&format!(":{}", emu.port())).unwrap().1;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{headers}\r\n"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", emu.port()))
+        .await
+        .unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert_ne!(
+            read,
+            0,
+            "closed early: {:?}",
+            String::from_utf8_lossy(&response)
+        );
+        response.extend_from_slice(&buf[..read]);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        if head.starts_with("HTTP/1.1 101") || body.len() >= length {
+            return (head.to_owned(), body.to_owned());
+        }
+    }
+}
+
+/// The value of the header `name` in a response head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+#[tokio::test]
+async fn a_handshake_of_another_websocket_version_gets_426_naming_13() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    // 8 is draft hybi-10's; a draft-76 client sends no version at all.
+    for version in [
+        "Sec-WebSocket-Version: 8\r\n",
+        "Sec-WebSocket-Version: 14\r\n",
+        "",
+    ] {
+        let (head, body) = raw_handshake(&emu, &url, &format!("{version}{KEY}")).await;
+        assert!(head.starts_with("HTTP/1.1 426"), "{version:?}: {head}");
+        assert_eq!(header(&head, "sec-websocket-version"), Some("13"), "{head}");
+        assert!(body.contains("Sec-WebSocket-Version"), "{body}");
+    }
+    let (head, _) = raw_handshake(&emu, &url, &format!("Sec-WebSocket-Version: 13\r\n{KEY}")).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_websocket_key_gets_400_and_takes_nothing() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    for key in [
+        "",
+        "not base64!",
+        "dGhlIHNhbXBsZSBub25jZQ",       // 16 bytes, unpadded
+        "dGhlIHNhbXBsZSBub25j",         // 15 bytes
+        "dGhlIHNhbXBsZSBub25jZXM=",     // 17 bytes
+        "dGhlIHNhbXBsZSBub25jZQ==AAAA", // 16 bytes and more
+    ] {
+        let (head, body) = raw_handshake(
+            &emu,
+            &url,
+            &format!("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{key:?}: {head}");
+        assert!(
+            header(&head, "content-type").is_some_and(|c| c.starts_with("text/plain")),
+            "{head}"
+        );
+        assert!(body.contains("Sec-WebSocket-Key"), "{key:?}: {body}");
+    }
+    let now = stats(&emu).await;
+    assert_eq!(
+        (now["connectionsOpened"].clone(), now["slotsTaken"].clone()),
+        (serde_json::json!(0), serde_json::json!(0)),
+        "{now}"
+    );
+    emu.shutdown().await;
+}
