@@ -12,6 +12,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -44,9 +45,11 @@ const MAX_REFUSAL_TEXT: usize = 512;
 /// and never sends it must not turn a clear refusal into a start timeout.
 const REFUSAL_BODY_WAIT: Duration = Duration::from_millis(500);
 
-/// Replaces the values of `access_token` and `awps_reconnection_token` in a URL with
-/// `***`: the only form in which a client URL may appear in a log or an error.
+/// Replaces the values of `access_token` and `awps_reconnection_token` in a URL, and
+/// the password of its user info, with `***`: the only form in which a client URL may
+/// appear in a log or an error.
 pub fn redact_url(url: &str) -> String {
+    let url = &hide_password(url);
     let Some((base, query)) = url.split_once('?') else {
         return url.to_owned();
     };
@@ -58,6 +61,22 @@ pub fn redact_url(url: &str) -> String {
         })
         .collect();
     format!("{base}?{}", params.join("&"))
+}
+
+/// `url` with the password of `scheme://user:password@host` shown as `***` (the client
+/// sends no user info, but a log must not show it either).
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, host)| Some((userinfo.split_once(':')?.0, host)))
+    {
+        Some((user, host)) => format!("{scheme}://{user}:***@{host}{}", &rest[authority.len()..]),
+        None => url.to_owned(),
+    }
 }
 
 /// Whether a query parameter of a client URL holds a token.
@@ -96,6 +115,39 @@ pub(crate) fn url_secrets(url: &str) -> Vec<String> {
         }
     }
     secrets
+}
+
+/// Connects to `host`'s addresses in the resolver's order (`localhost` may be `::1`,
+/// then `127.0.0.1`) until one accepts.
+async fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+    connect_first(tokio::net::lookup_host((host, port)).await?).await
+}
+
+/// Connects to the first of `addrs` that accepts; when none does, the error names each
+/// address's failure (tokio's own loop keeps only the last).
+async fn connect_first(addrs: impl IntoIterator<Item = SocketAddr>) -> io::Result<TcpStream> {
+    let mut failures = Vec::new();
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => failures.push((addr, e)),
+        }
+    }
+    match failures.len() {
+        0 => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the host name resolved to no address",
+        )),
+        1 => Err(failures.remove(0).1),
+        _ => Err(io::Error::new(
+            failures[failures.len() - 1].1.kind(),
+            failures
+                .iter()
+                .map(|(addr, e)| format!("{addr}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+    }
 }
 
 /// TCP or TLS under the WebSocket.
@@ -355,15 +407,13 @@ impl Connector {
             None => format!("the TCP connection to {host}:{port}"),
         };
         let mut tcp = match &proxy {
-            Some(proxy) => TcpStream::connect((proxy.host.as_str(), proxy.port))
-                .await
-                .map_err(|e| {
-                    Error::Connect(format!(
-                        "TCP connect to proxy {}:{}: {e}",
-                        proxy.host, proxy.port
-                    ))
-                })?,
-            None => TcpStream::connect((bare_host, port))
+            Some(proxy) => connect_tcp(&proxy.host, proxy.port).await.map_err(|e| {
+                Error::Connect(format!(
+                    "TCP connect to proxy {}:{}: {e}",
+                    proxy.host, proxy.port
+                ))
+            })?,
+            None => connect_tcp(bare_host, port)
                 .await
                 .map_err(|e| Error::Connect(format!("TCP connect to {host}:{port}: {e}")))?,
         };
@@ -407,9 +457,13 @@ impl Connector {
         } else {
             format!("{host}:{port}")
         };
-        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        // `ws://host?q` has an empty path, which `Uri` keeps: the request's is `/?q`.
+        let target = match uri.path_and_query().map_or("", |pq| pq.as_str()) {
+            pq if pq.starts_with('/') => pq.to_owned(),
+            pq => format!("/{pq}"),
+        };
         *waiting_for = format!("{host}:{port} to answer the WebSocket upgrade");
-        self.upgrade(stream, &host_header, &format!("{host}:{port}"), target)
+        self.upgrade(stream, &host_header, &format!("{host}:{port}"), &target)
             .await
     }
 
@@ -614,6 +668,31 @@ mod tests {
             redact_url("ws://h/a?Access_Token=x"),
             "ws://h/a?Access_Token=***"
         );
+        assert_eq!(
+            redact_url("ws://me:p@ss:w@h:1/a?access_token=t"),
+            "ws://me:***@h:1/a?access_token=***"
+        );
+        assert_eq!(redact_url("ws://me@h/a"), "ws://me@h/a");
+        assert_eq!(redact_url("ws://h/a?x=u:p@h"), "ws://h/a?x=u:p@h");
+    }
+
+    #[tokio::test]
+    async fn every_address_is_tried_in_order_and_every_failure_named() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let v4 = listener.local_addr().unwrap();
+        // The same port on ::1, where nothing listens: refused, as for `localhost`
+        // resolving to ::1 first with a server on 127.0.0.1 only.
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, v4.port()));
+        let tcp = connect_first([v6, v4]).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), v4);
+        drop(listener);
+        let error = connect_first([v6, v4]).await.unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!("{v6}: ")) && text.contains(&format!("; {v4}: ")),
+            "{text}"
+        );
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     #[test]

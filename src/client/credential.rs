@@ -78,10 +78,14 @@ impl fmt::Debug for Credential {
 pub(crate) const MAX_URL_LEN: usize = u16::MAX as usize - 1;
 
 /// Accepts a valid `ws://` or `wss://` URL and their `http://`/`https://` spellings
-/// (turned into the WebSocket schemes); anything else is an error that never repeats
-/// the URL (it may hold a token).
+/// (turned into the WebSocket schemes), without its fragment; anything else is an error
+/// that never repeats the URL (it may hold a token).
 pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
+    // A fragment is never sent, and the recovery parameters appended after one would
+    // not be either: a recovery would open a new connection instead. Python's client
+    // drops it too (Node's `ws` refuses it).
     let url = url.trim();
+    let url = url.split_once('#').map_or(url, |(before, _)| before);
     let (scheme, rest) = url
         .split_once("://")
         .ok_or("the client URL has no scheme (expected ws:// or wss://)")?;
@@ -117,6 +121,10 @@ pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
     if port.is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_err()) {
         return Err("the client URL port must be a number from 0 to 65535".into());
     }
+    // `ws://:443/` and `ws://user@/` have an authority but no host.
+    if uri.host().map_or(true, str::is_empty) {
+        return Err("the client URL has no host".into());
+    }
     Ok(url)
 }
 
@@ -143,6 +151,9 @@ mod tests {
             "wss://u@h:443?t=x"
         );
         assert!(normalize_url("ws://[::1]:65536/a").is_err());
+        assert_eq!(normalize_url("ws://h/a?t=x#f?y").unwrap(), "ws://h/a?t=x");
+        assert!(normalize_url("ws://:80/a").is_err());
+        assert!(normalize_url("ws://u@/a").is_err());
         assert!(normalize_url("ws://?access_token=secret")
             .unwrap_err()
             .find("secret")

@@ -1,0 +1,115 @@
+//! The forms a client access URL takes, from the service or a credential provider:
+//! what reaches the server, what is refused when the client is made.
+
+mod common;
+
+use common::{all_roles, fast_options, fault, last_error, next_event, until_stats};
+use std::ffi::CString;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use webpubsub_client::ffi::client::wps_client_new;
+use webpubsub_client::ffi::status::WPS_STATUS_INVALID_ARGUMENT;
+use webpubsub_client::{Client, Credential, Error, Event};
+use webpubsub_emulator::{Config, Emulator, TokenOptions};
+
+const HUB: &str = "hub";
+
+fn token() -> TokenOptions {
+    TokenOptions {
+        user_id: Some("u".into()),
+        roles: all_roles(),
+        ..TokenOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn a_fragment_does_not_hide_the_recovery_parameters() {
+    let emulator = Emulator::start(Config {
+        recovery_window: Duration::from_secs(10),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("{}#section", emulator.client_url(HUB, &token()));
+    let (client, mut events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    fault(&emulator, HUB, &connection_id, ":drop").await;
+    // Recovered, not replaced by a new connection the client would take for the old one.
+    until_stats(&emulator, "the connection was not recovered", 10, |s| {
+        s["recoveries"] == 1
+    })
+    .await;
+    let stats = common::stats(&emulator).await;
+    assert_eq!(stats["connectionsOpened"], 1, "{stats}");
+    assert_eq!(client.connection_id(), Some(connection_id));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_url_without_a_host_is_refused_when_the_client_is_made() {
+    let emulator = Emulator::start(Config::default()).await.unwrap();
+    let url = emulator.client_url(HUB, &token());
+    let (_, query) = url.split_once('?').unwrap();
+    let port = emulator.port();
+    for url in [
+        format!("ws://:{port}/client/hubs/{HUB}?{query}"),
+        format!("ws://user@:{port}/client/hubs/{HUB}?{query}"),
+    ] {
+        match Client::with_channel(Credential::Url(url.clone()), fast_options()) {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains("no host") && !m.contains(query), "{m}")
+            }
+            Err(e) => panic!("{url}: {e:?}"),
+            Ok(_) => panic!("{url}: accepted"),
+        }
+        let url = CString::new(url).unwrap();
+        let mut client = std::ptr::null_mut();
+        let status = unsafe {
+            wps_client_new(
+                url.as_ptr(),
+                std::ptr::null(),
+                None,
+                std::ptr::null_mut(),
+                None,
+                &mut client,
+            )
+        };
+        assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT, "{}", last_error());
+        assert!(client.is_null());
+        assert!(last_error().contains("no host"), "{}", last_error());
+    }
+}
+
+#[tokio::test]
+async fn a_url_without_a_path_asks_for_the_root() {
+    // As the official clients do: an HTTP request target starts with '/'.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let url = format!("ws://127.0.0.1:{port}?access_token=t");
+    let (client, _events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    let start = tokio::spawn(async move { client.start().await });
+    let (mut socket, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut request = Vec::new();
+    while !request.ends_with(b"\r\n\r\n") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "closed before the request's end");
+        request.extend_from_slice(&chunk[..n]);
+    }
+    let request = String::from_utf8(request).unwrap();
+    assert!(
+        request.starts_with("GET /?access_token=t HTTP/1.1\r\n"),
+        "{request}"
+    );
+    drop(socket);
+    assert!(start.await.unwrap().is_err());
+}
