@@ -552,6 +552,47 @@ async fn a_second_connected_frame_only_renews_the_reconnection_token() {
 }
 
 #[tokio::test]
+async fn a_recovery_the_service_takes_for_another_connection_loses_the_session() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    drop(ws);
+    let (mut ws, uri) = hostile.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    // Not conn1: groups and sequence ids of another connection.
+    connected(&mut ws, "conn2", "rt2").await;
+    match next_event(&mut events, 5).await {
+        Event::Disconnected {
+            connection_id,
+            message,
+            ..
+        } => {
+            assert_eq!(connection_id.as_deref(), Some("conn1"));
+            assert!(
+                message.as_deref().is_some_and(|m| m.contains("conn2")),
+                "{message:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let (mut ws, uri) = hostile.accept().await;
+    assert!(
+        !uri.contains("awps_connection_id"),
+        "a new connection: {uri}"
+    );
+    connected(&mut ws, "conn3", "rt3").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { connection_id, .. } if connection_id == "conn3"
+    ));
+    // A new connection's sequence starts again, and its first message is delivered.
+    send(&mut ws, &server_message("first of conn3", 1)).await;
+    assert_eq!(texts(&mut events, 1).await, ["first of conn3"]);
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
 async fn huge_frames_are_refused_by_dropping_the_socket_then_recovering() {
     let _serial = SERIAL.lock().await;
     let hostile = Hostile::new().await;

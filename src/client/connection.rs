@@ -290,6 +290,9 @@ struct Task {
     disconnect_message: Option<String>,
     /// When the recovery that opened the current connection began, and when it did.
     recovered_at: Option<(Instant, Instant)>,
+    /// The current connection is a recovery whose `connected` frame has not come yet:
+    /// that frame must name the recovered connection.
+    recovery_unconfirmed: bool,
     /// Frames to write at the end of the current step.
     out: Vec<Utf8Bytes>,
     /// Operations finished in the current step.
@@ -331,6 +334,7 @@ impl Task {
             announced: false,
             disconnect_message: None,
             recovered_at: None,
+            recovery_unconfirmed: false,
             out: Vec::new(),
             done: Vec::new(),
             in_batch: false,
@@ -447,6 +451,7 @@ impl Task {
         self.session = Some(session);
         self.disconnect_message = None;
         self.recovered_at = None;
+        self.recovery_unconfirmed = false;
         if self.options.auto_rejoin_groups {
             self.queue_rejoins();
         }
@@ -789,7 +794,7 @@ impl Task {
         now: Instant,
     ) -> Option<End> {
         match message {
-            Some(Ok(Message::Text(text))) => self.on_frame(Bytes::from(text), now),
+            Some(Ok(Message::Text(text))) => return self.on_frame(Bytes::from(text), now),
             Some(Ok(Message::Binary(_))) => {
                 warn!("ignoring a binary frame: the JSON protocols use text frames")
             }
@@ -873,6 +878,7 @@ impl Task {
                 Ok(Ok(Ok(ws))) => {
                     info!("connection {connection_id} recovered (attempt {attempt})");
                     self.recovered_at = Some((since, Instant::now()));
+                    self.recovery_unconfirmed = true;
                     return Next::Serve(Box::new(ws));
                 }
                 Ok(Ok(Err(e))) => {
@@ -1233,13 +1239,13 @@ impl Task {
     }
 
     /// Handles one frame from the service. Malformed and unknown frames are logged
-    /// and skipped, never fatal.
-    fn on_frame(&mut self, frame: Bytes, now: Instant) {
+    /// and skipped, never fatal; `Some` when the frame ends the connection.
+    fn on_frame(&mut self, frame: Bytes, now: Instant) -> Option<End> {
         let downstream = match json::decode_downstream(&frame) {
             Ok(downstream) => downstream,
             Err(e) => {
                 warn!("skipping a malformed frame from the service: {e}");
-                return;
+                return None;
             }
         };
         match downstream {
@@ -1317,6 +1323,28 @@ impl Task {
                 reconnection_token,
                 ..
             } => {
+                let recovered = std::mem::take(&mut self.recovery_unconfirmed);
+                if let Some(session) = self
+                    .session
+                    .as_mut()
+                    .filter(|s| recovered && s.connection_id != connection_id)
+                {
+                    // The service took the recovery for a new connection: that one has
+                    // none of our groups, and its sequence ids start again, which the
+                    // dedup would drop. The session is lost; a new connection rejoins
+                    // the groups.
+                    warn!(
+                        "the service answered the recovery of connection {} as connection {connection_id}: the session is lost",
+                        session.connection_id
+                    );
+                    session.reconnection_token = None;
+                    return Some(End::Dropped(
+                        None,
+                        format!(
+                            "the service took the socket for another connection ({connection_id})"
+                        ),
+                    ));
+                }
                 debug!("connected frame for connection {connection_id} on a live connection: new reconnection token");
                 if let (Some(session), Some(token)) = (self.session.as_mut(), reconnection_token) {
                     session.reconnection_token = Some(token);
@@ -1336,6 +1364,7 @@ impl Task {
             Downstream::Pong => trace!("pong"),
             Downstream::Unknown { kind } => debug!("ignoring a frame of unknown type {kind:?}"),
         }
+        None
     }
 
     /// Dedupes a data frame by sequence id (reliable protocols) and sends a
