@@ -11,6 +11,7 @@
 //! connection's send state behind its own small mutex (held only to assign a sequence
 //! id, buffer the frame and queue it to the connection's writer task).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -151,11 +152,8 @@ impl Server {
     }
 
     /// The host clients use: the listen host, or 127.0.0.1 for a wildcard address.
-    pub(crate) fn public_host(&self) -> &str {
-        match self.config.host.as_str() {
-            "0.0.0.0" | "::" | "[::]" | "" => "127.0.0.1",
-            h => h,
-        }
+    pub(crate) fn public_host(&self) -> Cow<'_, str> {
+        public_host(&self.config.host)
     }
 
     /// `http(s)://host:port`.
@@ -879,9 +877,28 @@ impl Conn {
     }
 }
 
+/// The host of URLs for a listen host: 127.0.0.1 for a wildcard address, an IPv6
+/// address in brackets.
+fn public_host(host: &str) -> Cow<'_, str> {
+    match host {
+        "0.0.0.0" | "::" | "[::]" | "" => "127.0.0.1".into(),
+        h if h.contains(':') && !h.starts_with('[') => format!("[{h}]").into(),
+        h => h.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::AckWindow;
+    use super::{public_host, AckWindow};
+
+    #[test]
+    fn an_ipv6_listen_host_is_bracketed_in_urls() {
+        assert_eq!(public_host("::1"), "[::1]");
+        assert_eq!(public_host("[::1]"), "[::1]");
+        assert_eq!(public_host("::"), "127.0.0.1");
+        assert_eq!(public_host("0.0.0.0"), "127.0.0.1");
+        assert_eq!(public_host("localhost"), "localhost");
+    }
 
     #[test]
     fn ack_window_forgets_oldest() {

@@ -91,7 +91,9 @@ pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinH
         .map(|u| Upstream::new(u, config.upstream_timeout, config.max_frame_bytes))
         .transpose()
         .map_err(invalid)?;
-    let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
+    // An IPv6 address may be given as in a URL, in brackets.
+    let host = config.host.trim_start_matches('[').trim_end_matches(']');
+    let listener = TcpListener::bind((host, config.port)).await?;
     let port = listener.local_addr()?.port();
     let access_key = config.access_key.clone().unwrap_or_else(|| random_id(44));
     let server = Arc::new(Server {

@@ -380,7 +380,7 @@ impl Upstream {
         let mut req = self
             .client
             .post(&self.url)
-            .header("WebHook-Request-Origin", server.public_host())
+            .header("WebHook-Request-Origin", server.public_host().as_ref())
             .header("ce-specversion", "1.0")
             .header("ce-type", ce_type)
             .header(
