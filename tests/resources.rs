@@ -1,8 +1,8 @@
 //! Client lifecycles give back what they took. After repeated lifecycles of each kind
-//! (started and stopped, failed, abandoned or timed-out starts, clients dropped or freed
-//! while connected or with operations pending, freed inside their own callbacks or on
-//! threads of their own, recoveries, keep-alive timeouts and reconnects, credential
-//! callbacks), through the
+//! (started and stopped, many started at once, failed, abandoned or timed-out starts,
+//! clients dropped or freed while connected or with operations pending, freed inside
+//! their own callbacks or on threads of their own, recoveries, keep-alive timeouts and
+//! reconnects, credential callbacks), through the
 //! Rust API and the C ABI in both dispatch modes, the process holds no more descriptors
 //! of any kind than after a warm-up round (which creates the shared runtime, the
 //! dispatcher threads and so on), no more threads, and its live heap has not grown with
@@ -393,6 +393,28 @@ fn rust_api(s: &Servers) {
     lifecycles("rust: dropped while connected", || {
         drop(rust_started(s, fast_options()));
     });
+    // The shared runtime's threads serve them all: none is added per client.
+    lifecycles(
+        "rust: 20 clients started at once, half stopped, dropped",
+        || {
+            let clients: Vec<_> = (0..20)
+                .map(|_| {
+                    Client::with_channel(Credential::Url(s.url.clone()), fast_options()).unwrap()
+                })
+                .collect();
+            s.rt.block_on(async {
+                let starts = clients.iter().map(|(client, _events)| client.start());
+                for started in futures_util::future::join_all(starts).await {
+                    started.unwrap();
+                }
+                let stops = clients
+                    .iter()
+                    .step_by(2)
+                    .map(|(client, _events)| client.stop());
+                futures_util::future::join_all(stops).await;
+            });
+        },
+    );
     lifecycles("rust: wss start, stop", || {
         let options = ClientOptions {
             extra_ca_pem: vec![s.pki.ca_pem.clone().into_bytes()],
