@@ -686,3 +686,60 @@ async fn a_port_out_of_range_is_refused_not_replaced() {
     client.start().await.unwrap();
     client.stop().await;
 }
+
+/// A caller that sees a new connection's id finds the client connected: a send made
+/// on seeing it is not refused as "not connected".
+#[test]
+fn a_new_connection_id_is_seen_only_once_the_client_is_connected() {
+    const RECONNECTS: usize = 150;
+    let (rt, emulator) = emulator();
+    let options = ClientOptions {
+        reconnect_retry: RetryOptions {
+            delay: Duration::from_millis(1),
+            ..fast_options().reconnect_retry
+        },
+        ..fast_options()
+    };
+    let url = emulator.client_url("hub", &user_token("u"));
+    let (client, mut events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    rt.block_on(client.start()).unwrap();
+    let first = rt.block_on(common::next_event(&mut events, 5));
+    assert!(matches!(first, Event::Connected { .. }), "{first:?}");
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (client, done) = (client.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut seen = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let before = client.connection_id();
+                let state = client.state();
+                if before.is_some() && before == client.connection_id() {
+                    seen += 1;
+                    assert!(
+                        matches!(state, ClientState::Connected | ClientState::Recovering),
+                        "connection {before:?} seen while {state:?}"
+                    );
+                }
+            }
+            seen
+        })
+    };
+    rt.block_on(async {
+        for _ in 0..RECONNECTS {
+            let id = client.connection_id().unwrap();
+            common::fault(&emulator, "hub", &id, ":close?code=1008").await;
+            loop {
+                if let Event::Connected { connection_id, .. } =
+                    common::next_event(&mut events, 10).await
+                {
+                    assert_ne!(connection_id, id);
+                    break;
+                }
+            }
+        }
+    });
+    done.store(true, Ordering::Relaxed);
+    let seen = watcher.join().expect("the watcher's assertion");
+    assert!(seen > 0, "the watcher never saw a connection id");
+    rt.block_on(client.stop());
+}

@@ -445,6 +445,9 @@ impl Task {
             redact_url(&session.url)
         );
         self.sequence.reset();
+        // Connected before the id is shown: a caller that sees the new id and sends at
+        // once is not refused as not connected.
+        self.shared.set_state(ClientState::Connected);
         self.shared
             .set_connection_id(Some(session.connection_id.clone()));
         let connection_id = session.connection_id.clone();
@@ -456,7 +459,6 @@ impl Task {
             self.queue_rejoins();
         }
         self.announced = true;
-        self.shared.set_state(ClientState::Connected);
         self.emit(Event::Connected {
             connection_id,
             user_id,
