@@ -8,6 +8,7 @@
 use crate::client::{ClientOptions, Error};
 use crate::protocol::Protocol;
 use crate::proxy::ProxySetting;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
@@ -123,27 +124,52 @@ async fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
     connect_first(tokio::net::lookup_host((host, port)).await?).await
 }
 
-/// Connects to the first of `addrs` that accepts; when none does, the error names each
-/// address's failure (tokio's own loop keeps only the last).
+/// How long an address is tried alone before the next is tried beside it (RFC 8305's
+/// connection attempt delay): an address that drops packets (a broken IPv6 route) does
+/// not hold the connection up for the whole start timeout.
+const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(250);
+
+/// Connects to the first of `addrs` that accepts, in order, starting the next when the
+/// last one failed or has not answered for [`NEXT_ADDRESS_DELAY`]; when none accepts,
+/// the error names each address's failure (tokio's own loop keeps only the last).
 async fn connect_first(addrs: impl IntoIterator<Item = SocketAddr>) -> io::Result<TcpStream> {
+    let mut addrs = addrs.into_iter().enumerate().peekable();
+    let mut attempts = FuturesUnordered::new();
     let mut failures = Vec::new();
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => failures.push((addr, e)),
+    let mut start_next = true;
+    loop {
+        if std::mem::take(&mut start_next) {
+            if let Some((order, addr)) = addrs.next() {
+                attempts.push(async move { (order, addr, TcpStream::connect(addr).await) });
+            }
+        }
+        if attempts.is_empty() {
+            break;
+        }
+        let more = addrs.peek().is_some();
+        tokio::select! {
+            Some((order, addr, result)) = attempts.next() => match result {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => {
+                    failures.push((order, addr, e));
+                    start_next = true;
+                }
+            },
+            () = tokio::time::sleep(NEXT_ADDRESS_DELAY), if more => start_next = true,
         }
     }
+    failures.sort_by_key(|(order, ..)| *order);
     match failures.len() {
         0 => Err(io::Error::new(
             io::ErrorKind::NotFound,
             "the host name resolved to no address",
         )),
-        1 => Err(failures.remove(0).1),
+        1 => Err(failures.remove(0).2),
         _ => Err(io::Error::new(
-            failures[failures.len() - 1].1.kind(),
+            failures[failures.len() - 1].2.kind(),
             failures
                 .iter()
-                .map(|(addr, e)| format!("{addr}: {e}"))
+                .map(|(_, addr, e)| format!("{addr}: {e}"))
                 .collect::<Vec<_>>()
                 .join("; "),
         )),
@@ -674,6 +700,41 @@ mod tests {
         );
         assert_eq!(redact_url("ws://me@h/a"), "ws://me@h/a");
         assert_eq!(redact_url("ws://h/a?x=u:p@h"), "ws://h/a?x=u:p@h");
+    }
+
+    /// A loopback address whose connects hang, as to a host that drops packets: a
+    /// listener that never accepts, its accept queue filled (a full queue drops SYNs).
+    async fn unanswering() -> (tokio::net::TcpListener, SocketAddr, Vec<TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..16 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                Ok(tcp) => queued.push(tcp.unwrap()),
+                Err(_) => return (listener, addr, queued),
+            }
+        }
+        panic!("16 connects to a listener that never accepts were all answered");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_never_answers_does_not_hold_up_the_next() {
+        let (_full, hanging, _queued) = unanswering().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = listener.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        let tcp = tokio::time::timeout(Duration::from_secs(5), connect_first([hanging, good]))
+            .await
+            .expect("connected within 5 s")
+            .unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), good);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
