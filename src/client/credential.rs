@@ -118,8 +118,11 @@ pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
         Some(ipv6) => ipv6.split_once(']').and_then(|(_, p)| p.strip_prefix(':')),
         None => host_port.split_once(':').map(|(_, p)| p),
     };
-    if port.is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_err()) {
-        return Err("the client URL port must be a number from 0 to 65535".into());
+    // Digits only: a u16 parse takes "+443" too. Port 0 reaches no server.
+    let valid_port =
+        |p: &str| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0);
+    if port.is_some_and(|p| !p.is_empty() && !valid_port(p)) {
+        return Err("the client URL port must be a number from 1 to 65535".into());
     }
     // `ws://:443/` and `ws://user@/` have an authority but no host.
     if uri.host().map_or(true, str::is_empty) {
@@ -153,6 +156,12 @@ mod tests {
         assert!(normalize_url("ws://[::1]:65536/a").is_err());
         assert_eq!(normalize_url("ws://h/a?t=x#f?y").unwrap(), "ws://h/a?t=x");
         assert!(normalize_url("ws://:80/a").is_err());
+        for port in ["+80", "0", "00", "-1", "65536", "8o"] {
+            let error = normalize_url(&format!("ws://h:{port}/a")).unwrap_err();
+            assert!(error.contains("from 1 to 65535"), "{port}: {error}");
+        }
+        assert_eq!(normalize_url("ws://h:080/a").unwrap(), "ws://h:080/a");
+        assert_eq!(normalize_url("ws://h:/a").unwrap(), "ws://h:/a");
         assert!(normalize_url("ws://u@/a").is_err());
         assert!(normalize_url("ws://?access_token=secret")
             .unwrap_err()
