@@ -561,6 +561,20 @@ async fn a_recovery_the_service_takes_for_another_connection_loses_the_session()
     assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
     // Not conn1: groups and sequence ids of another connection.
     connected(&mut ws, "conn2", "rt2").await;
+    // That connection is closed normally, for the service to free it at once.
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame within 5 s");
+    assert_eq!(close, Some(CloseCode::Normal));
+    drop(ws);
     match next_event(&mut events, 5).await {
         Event::Disconnected {
             connection_id,

@@ -261,6 +261,9 @@ enum End {
     Stop(oneshot::Sender<()>),
     /// The client handle was dropped.
     Exit,
+    /// The service answered a recovery as another connection: that one is closed and
+    /// the session is lost, for this reason.
+    Foreign(String),
 }
 
 /// The service-side session of the current connection.
@@ -514,6 +517,16 @@ impl Task {
                     close(&mut ws, CloseCode::Away).await;
                 }
                 Next::Exit
+            }
+            End::Foreign(reason) => {
+                // Closed normally: the service frees the connection it made at once.
+                if let Some(mut ws) = ws {
+                    close(&mut ws, CloseCode::Normal).await;
+                }
+                Next::Lost {
+                    close_code: None,
+                    message: Some(reason),
+                }
             }
         }
     }
@@ -1328,7 +1341,7 @@ impl Task {
                 let recovered = std::mem::take(&mut self.recovery_unconfirmed);
                 if let Some(session) = self
                     .session
-                    .as_mut()
+                    .as_ref()
                     .filter(|s| recovered && s.connection_id != connection_id)
                 {
                     // The service took the recovery for a new connection: that one has
@@ -1339,13 +1352,9 @@ impl Task {
                         "the service answered the recovery of connection {} as connection {connection_id}: the session is lost",
                         session.connection_id
                     );
-                    session.reconnection_token = None;
-                    return Some(End::Dropped(
-                        None,
-                        format!(
-                            "the service took the socket for another connection ({connection_id})"
-                        ),
-                    ));
+                    return Some(End::Foreign(format!(
+                        "the service took the socket for another connection ({connection_id})"
+                    )));
                 }
                 debug!("connected frame for connection {connection_id} on a live connection: new reconnection token");
                 if let (Some(session), Some(token)) = (self.session.as_mut(), reconnection_token) {
