@@ -302,10 +302,7 @@ async fn deeply_nested_json_is_passed_on_or_refused_but_never_crashes() {
 /// (each ending in CRLF) are `headers`; returns the response head and its body.
 async fn raw_handshake(emu: &Emulator, url: &str, headers: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let path = url.split_once(&format!(":{}", emu.port())).unwrap().1;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{headers}\r\n"
-    );
+    let request = upgrade_request(emu, url, headers);
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", emu.port()))
         .await
         .unwrap();
@@ -367,7 +364,7 @@ async fn a_handshake_of_another_websocket_version_gets_426_naming_13() {
         assert_eq!(header(&head, "sec-websocket-version"), Some("13"), "{head}");
         assert!(body.contains("Sec-WebSocket-Version"), "{body}");
     }
-    let (head, _) = raw_handshake(&emu, &url, &format!("Sec-WebSocket-Version: 13\r\n{KEY}")).await;
+    let (head, _) = raw_handshake(&emu, &url, WS_VERSION_AND_KEY).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     emu.shutdown().await;
 }

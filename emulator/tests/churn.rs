@@ -213,15 +213,13 @@ async fn handshakes_that_never_finish_give_everything_back() {
     let emu = start_with(fast()).await;
     let before = baseline(&emu, true).await;
     let url = emu.client_url("h", &all_roles("u"));
-    let path = url.split_once(&format!(":{}", emu.port())).unwrap().1;
-    let head = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
+    let request = upgrade_request(&emu, &url, WS_VERSION_AND_KEY);
+    let head = request.strip_suffix("\r\n").unwrap(); // without its blank line
     let mut peers = Vec::new();
     for stall in [
         String::new(),         // connects, says nothing
         head[..20].to_owned(), // half a request line
-        head.clone(),          // a head without its end
+        head.to_owned(),       // a head without its end
     ] {
         let mut tcp = TcpStream::connect(("127.0.0.1", emu.port())).await.unwrap();
         tcp.write_all(stall.as_bytes()).await.unwrap();
@@ -232,7 +230,7 @@ async fn handshakes_that_never_finish_give_everything_back() {
     // Whole upgrade requests (the server upgrades without waiting for a body) from
     // peers that never read the answer and are then gone.
     for request in [
-        format!("{head}\r\n"),
+        request.clone(),
         format!("{head}Content-Length: 100\r\n\r\n"),
         format!("{head}Transfer-Encoding: chunked\r\n\r\n5\r\nab"),
     ] {

@@ -302,14 +302,6 @@ async fn group_names_follow_the_pattern_as_dotnet_reads_it() {
     emu.shutdown().await;
 }
 
-/// A complete WebSocket upgrade request for the client URL `url`.
-fn upgrade_request(emu: &Emulator, url: &str) -> String {
-    let path = url.split_once(&format!(":{}", emu.port())).unwrap().1;
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-}
-
 /// The status code of the response head read from `tcp`.
 async fn response_status(tcp: &mut TcpStream) -> u16 {
     let mut head = Vec::new();
@@ -338,7 +330,7 @@ async fn a_burst_of_connects_never_goes_past_the_limit() {
     .await;
     let url = emu.client_url("h", &all_roles("a"));
     // Every request arrives before any upgrade can complete.
-    let request = upgrade_request(&emu, &url);
+    let request = upgrade_request(&emu, &url, WS_VERSION_AND_KEY);
     let mut socks = Vec::new();
     for _ in 0..TRIES {
         socks.push(tcp(&emu).await);
@@ -382,7 +374,7 @@ async fn an_upgrade_that_never_completes_gives_its_slot_back() {
     })
     .await;
     let url = emu.client_url("h", &all_roles("a"));
-    let request = upgrade_request(&emu, &url);
+    let request = upgrade_request(&emu, &url, WS_VERSION_AND_KEY);
     for _ in 0..5 {
         // A complete upgrade request from a peer that is gone before the answer.
         let mut tcp = tcp(&emu).await;

@@ -1052,12 +1052,10 @@ async fn an_accepted_connect_whose_handshake_fails_still_gets_disconnected() {
     let emu = emulator_asking(&up.url).await;
     // A raw client sends its upgrade request and goes away before the answer.
     let client_url = emu.client_url("h", &all_roles("gone"));
-    let path = client_url
-        .split_once(&format!(":{}", emu.port()))
-        .unwrap()
-        .1;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {JSON}\r\n\r\n"
+    let request = upgrade_request(
+        &emu,
+        &client_url,
+        &format!("{WS_VERSION_AND_KEY}Sec-WebSocket-Protocol: {JSON}\r\n"),
     );
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", emu.port()))
         .await

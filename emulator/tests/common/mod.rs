@@ -228,21 +228,31 @@ pub async fn fault(emulator: &Emulator, hub: &str, conn: &str, action: &str) -> 
         .unwrap()
 }
 
+/// The version and key header lines of a valid WebSocket upgrade request.
+pub const WS_VERSION_AND_KEY: &str =
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// A complete WebSocket upgrade request for the client URL `url` of `emulator`, with
+/// `headers` (header lines, each ending in CRLF: [`WS_VERSION_AND_KEY`] for a valid one).
+pub fn upgrade_request(emulator: &Emulator, url: &str, headers: &str) -> String {
+    let path = url
+        .split_once(&format!(":{}", emulator.port()))
+        .expect("a client URL of this emulator")
+        .1;
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{headers}\r\n"
+    )
+}
+
 /// A WebSocket peer upgraded by hand over raw TCP, offering `protocol`: the `101` head
 /// is read and nothing more, so the peer answers nothing (not even a ping) until the
 /// test makes it.
 pub async fn raw_upgrade(emulator: &Emulator, url: &str, protocol: Option<&str>) -> TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let path = url
-        .split_once(&format!(":{}", emulator.port()))
-        .expect("a client URL of this emulator")
-        .1;
     let offer = protocol
         .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
         .unwrap_or_default();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
-    );
+    let request = upgrade_request(emulator, url, &format!("{WS_VERSION_AND_KEY}{offer}"));
     let mut tcp = TcpStream::connect(("127.0.0.1", emulator.port()))
         .await
         .unwrap();
