@@ -962,6 +962,7 @@ def main():
         if contenders[ck].missing:
             print(f"\n!!! CONTENDER {ck} NOT AVAILABLE: {contenders[ck].missing}\n", flush=True)
     repeats = 1 if args.quick else 3
+    emu_args = [*EMULATOR_ARGS, *([] if args.service_limits else RAISED_LIMITS)]
     run = {
         "command": command.strip(),
         "mode": "quick" if args.quick else "full",
@@ -970,9 +971,8 @@ def main():
         "machine": machine_info(),
         "load_before": open("/proc/loadavg").read().split()[0],
         "scenarios": args.scenarios,
-        "emulator_args": " ".join(["--port", "0", *EMULATOR_ARGS, *([] if args.service_limits else RAISED_LIMITS)]),
+        "emulator_args": " ".join(["--port", "0", *emu_args]),  # as Emulator starts it
     }
-    emu_args = [*EMULATOR_ARGS, *([] if args.service_limits else RAISED_LIMITS)]
     emu = Emulator(args.emulator, emu_args, OUT / "logs" / "emulator.log")
     results = {}
     try:
