@@ -728,14 +728,12 @@ fn a_new_connection_id_is_seen_only_once_the_client_is_connected() {
         for _ in 0..RECONNECTS {
             let id = client.connection_id().unwrap();
             common::fault(&emulator, "hub", &id, ":close?code=1008").await;
-            loop {
-                if let Event::Connected { connection_id, .. } =
-                    common::next_event(&mut events, 10).await
-                {
-                    assert_ne!(connection_id, id);
-                    break;
-                }
-            }
+            let (connected, _) =
+                common::wait_for(&mut events, 10, |e| matches!(e, Event::Connected { .. })).await;
+            assert!(
+                matches!(&connected, Event::Connected { connection_id, .. } if *connection_id != id),
+                "{connected:?}"
+            );
         }
     });
     done.store(true, Ordering::Relaxed);
