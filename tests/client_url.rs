@@ -6,7 +6,6 @@ mod common;
 use common::{all_roles, fast_options, fault, last_error, next_event, until_stats};
 use std::ffi::CString;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use webpubsub_client::ffi::client::wps_client_new;
 use webpubsub_client::ffi::status::WPS_STATUS_INVALID_ARGUMENT;
 use webpubsub_client::{Client, Credential, Error, Event};
@@ -95,17 +94,7 @@ async fn a_url_without_a_path_asks_for_the_root() {
         .await
         .unwrap()
         .unwrap();
-    let mut request = Vec::new();
-    while !request.ends_with(b"\r\n\r\n") {
-        let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_ne!(n, 0, "closed before the request's end");
-        request.extend_from_slice(&chunk[..n]);
-    }
-    let request = String::from_utf8(request).unwrap();
+    let request = common::request_head(&mut socket).await;
     assert!(
         request.starts_with("GET /?access_token=t HTTP/1.1\r\n"),
         "{request}"

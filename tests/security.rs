@@ -149,24 +149,13 @@ impl Raw {
     }
 }
 
-/// Reads one HTTP request head.
-async fn request_head(tcp: &mut tokio::net::TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert!(tcp.read(&mut byte).await.unwrap() == 1, "request cut short");
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
 /// Accepts one WebSocket upgrade; returns the socket and the request line.
 async fn accept(listener: &TcpListener) -> (Raw, String) {
     let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
         .unwrap()
         .unwrap();
-    let head = request_head(&mut tcp).await;
+    let head = common::request_head(&mut tcp).await;
     let header = |name: &str| {
         head.lines()
             .find_map(|l| {

@@ -573,3 +573,19 @@ pub async fn accepted_connected(
     ws.send(Message::text(connected)).await.unwrap();
     ws
 }
+
+/// Reads one HTTP request head from `tcp`, byte by byte (nothing after it is taken);
+/// each byte must come within 5 s.
+pub async fn request_head(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut byte))
+            .await
+            .expect("a request head in time");
+        assert!(read.unwrap() == 1, "request cut short");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
