@@ -13,8 +13,9 @@ import os
 import sys
 import threading
 import time
+import types
 import weakref
-from typing import Any, Awaitable, Callable, Dict, List, Literal, Optional, Protocol, Set, Tuple, Union, overload
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Literal, Optional, Protocol, Set, Tuple, Union, overload
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -49,6 +50,32 @@ UrlProvider = Union[str, Callable[[], Awaitable[str]], Callable[[], str]]
 # done: the task holds its context, which holds the list, and such a cycle per event
 # left every message to the garbage collector.
 _LISTENER_TASK: "contextvars.ContextVar[List[asyncio.Future[Any]]]" = contextvars.ContextVar("_LISTENER_TASK")
+
+# What close() waits for (see ``_AsyncSink.running_listeners``).
+_Running = Tuple[List["asyncio.Future[Any]"], int]
+
+
+@types.coroutine
+def _resume(coro: Any, context: contextvars.Context, suspended_on: Any) -> Any:
+    """Goes on with a coroutine whose first step, run in ``context``, suspended on
+    ``suspended_on``, as awaiting it would have: what it yields goes to the task running
+    this, what the task sends or throws goes to it, each step in ``context``."""
+    while True:
+        try:
+            value = yield suspended_on
+        except GeneratorExit:  # this task is dropped unfinished
+            coro.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - thrown into the coroutine
+            try:
+                suspended_on = context.run(coro.throw, exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            suspended_on = context.run(coro.send, value)
+        except StopIteration:
+            return
 
 
 class WebPubSubClientCredential:
@@ -200,6 +227,88 @@ class _SinkRef:
             sink.on_native_event(event)
 
 
+class _CallQueue:
+    """Before Python 3.12, the coroutine listener calls of one loop not started yet, in
+    event order, and the task that starts them next. That task starts them one after
+    another, each in a copy of its context: one that finishes without suspending costs no
+    task of its own (a task per event cost 5 us of the 6 a trivial listener took on
+    Python 3.11). The first that suspends keeps the task to itself, and the rest go on in
+    a new one: a listener that awaits holds none of the others back, and what it started
+    from its first line (``asyncio.timeout``, a ``TaskGroup``) belongs to the task it runs
+    in to its end. The sink's ``tasks`` and ``call_of`` (see there) get such a task."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tasks: Dict["asyncio.Future[Any]", CallbackType],
+        call_of: Dict["asyncio.Future[Any]", int],
+    ) -> None:
+        self.loop = loop
+        self.tasks = tasks
+        self.call_of = call_of
+        self.waiting: Deque[Tuple[Any, CallbackType, int]] = collections.deque()
+        self.task: Optional["asyncio.Task[None]"] = None
+
+    def push(self, coro: Any, kind: CallbackType, call: int) -> None:
+        """Queues call number ``call`` of a listener of ``kind``: its coroutine ``coro``."""
+        self.waiting.append((coro, kind, call))
+        if self.task is None:
+            self._next()
+
+    def _next(self) -> None:
+        if not self.waiting:
+            self.task = None
+            return
+        task = self.loop.create_task(self._drain())
+        task.add_done_callback(self._drained)
+        self.task = task
+
+    async def _drain(self) -> None:
+        """Starts the waiting calls in this task (see the class). Names itself in
+        ``_LISTENER_TASK``, logs what a listener raised, and forgets itself."""
+        task = asyncio.current_task(self.loop)
+        assert task is not None  # run by ``_next``'s task
+        cell: List["asyncio.Future[Any]"] = [task]
+        _LISTENER_TASK.set(cell)
+        waiting = self.waiting
+        try:
+            while waiting:
+                coro, kind, call = waiting.popleft()
+                context = contextvars.copy_context()
+                try:
+                    suspended_on = context.run(coro.send, None)
+                except StopIteration:
+                    continue
+                except Exception:  # noqa: BLE001
+                    _base.log_listener_error(kind)
+                    continue
+                except BaseException:  # KeyboardInterrupt, SystemExit: the loop stops here
+                    self._next()  # the listeners after it run after it
+                    raise
+                self.tasks[task] = kind
+                self.call_of[task] = call
+                self._next()
+                try:
+                    await _resume(coro, context, suspended_on)
+                except Exception:  # noqa: BLE001
+                    _base.log_listener_error(kind)
+                return
+        finally:
+            cell.clear()
+            self.tasks.pop(task, None)
+            self.call_of.pop(task, None)
+            if self.task is task:
+                self.task = None
+
+    def _drained(self, task: "asyncio.Task[None]") -> None:
+        """A task cancelled before it started (at the end of ``asyncio.run``) starts none
+        of the calls waiting, as the tasks of listeners cancelled before their start."""
+        if self.task is task:
+            self.task = None
+            while self.waiting:
+                self.waiting.popleft()[0].close()
+
+
 class _AsyncSink:
     """A client's events on their way to its listeners, on the client's event loop, in
     order: converted by the event callback during the poller's dispatch, then delivered
@@ -215,6 +324,12 @@ class _AsyncSink:
         # The running tasks of coroutine listeners (and awaitables a listener returned), by
         # the event they listen to: close() waits for them, as the official close() does.
         self._tasks: Dict["asyncio.Future[Any]", CallbackType] = {}
+        # Before Python 3.12: the coroutine listener calls of ``loop`` not started yet
+        # (see ``_CallQueue``), how many calls were queued (their numbers), and the
+        # number of the call each task a listener kept to itself runs (in ``_tasks`` too).
+        self._queue: Optional[_CallQueue] = None
+        self._calls = 0
+        self._call_of: Dict["asyncio.Future[Any]", int] = {}
         # The listener tasks inside a close() of this client (directly or through a task
         # they await): a close() running meanwhile does not wait for them, as they wait
         # for the stop themselves; and the futures waking such a close() when one enters.
@@ -234,6 +349,7 @@ class _AsyncSink:
         """Deliver events and completions to ``loop`` (running on this thread) from now on."""
         if self.loop is not loop:
             self.batch = _LoopBatch(loop)
+            self._queue = _CallQueue(loop, self._tasks, self._call_of)
         self.loop = loop
         self.thread = threading.get_ident()
 
@@ -312,12 +428,13 @@ class _AsyncSink:
             raise interrupt
 
     def _start(self, coro: Any, kind: CallbackType) -> None:
-        """Runs a coroutine listener in a task of its own, as the official client does:
-        ``asyncio.current_task()`` is its own, and ``asyncio.timeout``, ``TaskGroup`` and
+        """Runs a coroutine listener in a task, as the official client does:
+        ``asyncio.current_task()`` is a task, and ``asyncio.timeout``, ``TaskGroup`` and
         (from Python 3.12) ``asyncio.wait_for`` work from its first line. From Python 3.12
-        the task starts eagerly: at once, up to its first suspension, and one that finishes
-        without suspending is never scheduled (about 1 us more than a plain call). Before,
-        it starts on the loop's next pass. Either way coroutine listeners start in event order."""
+        it gets a task of its own that starts eagerly: at once, up to its first suspension,
+        and one that finishes without suspending is never scheduled (about 1 us more than
+        a plain call). Before, it starts on the loop's next pass, in the task of
+        ``_CallQueue``. Either way coroutine listeners start in event order."""
         loop = self.loop
         assert loop is not None  # bound before any event reaches the loop
         if sys.version_info >= (3, 12):
@@ -331,24 +448,9 @@ class _AsyncSink:
                 cell.append(task)
                 self._track(task, kind, cell)
             return
-        self._tasks[loop.create_task(self._run(coro, kind))] = kind
-
-    async def _run(self, coro: Any, kind: CallbackType) -> None:
-        """A listener's task before Python 3.12: names itself in ``_LISTENER_TASK`` (in
-        its own context, a copy the task got: set here, not in a context copied for it,
-        which cost 0.7 us more per event), logs what the listener raised and forgets the
-        task itself, where a done callback would cost the loop one more pass per event
-        (5.9 against 4.3 us a trivial listener on 3.11)."""
-        task = asyncio.current_task(self.loop)
-        cell: List["asyncio.Future[Any]"] = [task] if task is not None else []
-        _LISTENER_TASK.set(cell)
-        try:
-            await coro
-        except Exception:  # noqa: BLE001
-            _base.log_listener_error(kind)
-        finally:
-            cell.clear()
-            self._tasks.pop(task, None)  # type: ignore[arg-type]
+        assert self._queue is not None  # made with the loop
+        self._queue.push(coro, kind, self._calls)
+        self._calls += 1
 
     def _track(
         self, task: "asyncio.Future[Any]", kind: CallbackType, cell: Optional[List["asyncio.Future[Any]"]] = None
@@ -365,16 +467,28 @@ class _AsyncSink:
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
 
-    def running_listeners(self, own: Optional["asyncio.Future[Any]"]) -> List["asyncio.Future[Any]"]:
+    def running_listeners(self, own: Optional["asyncio.Future[Any]"]) -> "_Running":
         """The listener tasks running on this thread's loop, except the caller's own
-        (``own``: the listener task it runs under, if any)."""
+        (``own``: the listener task it runs under, if any), and the number of coroutine
+        listener calls queued so far: before Python 3.12, a call not started yet is
+        running too, and has started by the time close() waits (the loop ran since)."""
         loop = asyncio.get_running_loop()
         current = asyncio.current_task(loop)
-        return [
+        tasks = [
             task
             for task in self._tasks
             if task is not current and task is not own and not task.done() and task.get_loop() is loop
         ]
+        return tasks, (self._calls if loop is self.loop else 0)
+
+    def _still_running(self, running: "_Running") -> List["asyncio.Future[Any]"]:
+        """What of ``running`` has not ended, except the tasks inside a close() (which
+        wait for the stop, done by then): its tasks, and those of its calls that started
+        later and suspended (see ``_CallQueue``)."""
+        tasks, calls = running
+        loop = asyncio.get_running_loop()
+        later = [task for task, call in self._call_of.items() if call < calls and task.get_loop() is loop]
+        return [task for task in dict.fromkeys([*tasks, *later]) if not task.done() and task not in self._closing]
 
     def enter_close(self) -> Optional["asyncio.Future[Any]"]:
         """A close() starts: the listener task it runs under (directly or through tasks
@@ -404,15 +518,15 @@ class _AsyncSink:
         if count > 0:
             self._closing[own] = count
 
-    async def finish_listeners(self, tasks: List["asyncio.Future[Any]"]) -> None:
-        """Waits up to ``LISTENER_GRACE`` seconds for ``tasks`` (the listeners running when
+    async def finish_listeners(self, running: "_Running") -> None:
+        """Waits up to ``LISTENER_GRACE`` seconds for ``running`` (the listeners running when
         close() was called), then cancels those still running, with a warning, as the
         official close() does; the cancelled ones get as long again to end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.LISTENER_GRACE
         while True:
             # Not one that entered a close() meanwhile: it waits for the stop, done now.
-            still = [task for task in tasks if not task.done() and task not in self._closing]
+            still = self._still_running(running)
             if not still:
                 return
             remaining = deadline - loop.time()
