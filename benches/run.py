@@ -799,12 +799,14 @@ def write_report(path, run, results, contenders, order):
         "from a borrowed struct and reads each into one (serde derive, no JSON tree), as a "
         "lean client would: its client CPU per message must stay below every client's.",
         "- The Rust API driver runs its work as a task on the library's runtime, as a tokio "
-        "application would; the C driver uses the default dispatch mode (callbacks on the "
-        "library's dispatcher thread); the Python asyncio binding dispatches on the event loop "
-        "and the sync binding on daemon threads of its own (both poll mode).",
+        "application would; the C driver makes blocking calls with the default dispatch mode "
+        "(callbacks on the library's dispatcher thread), and its pipelined acked sends in poll "
+        "mode (completions on its own thread, as an event loop runs them); the Python asyncio "
+        "binding dispatches on the event loop and the sync binding on daemon threads of its "
+        "own (both poll mode).",
         "- Pipelined acked sends: async clients run "
         f"{WINDOW} tasks each awaiting its ack; sync Python clients {WINDOW} threads; the C "
-        f"driver the asynchronous API with {WINDOW} completions outstanding.",
+        f"driver keeps {WINDOW} asynchronous sends outstanding from one thread.",
         "- Emulator CPU: utime + stime of the emulator process and of each of its threads "
         "(`/proc/PID/task/*/stat`), sampled every 50 ms, over the measured window. A thread at "
         f"≥ {SATURATED_THREAD_PCT:.0f}% of a core (or the process at ≥ "

@@ -2,11 +2,12 @@
  *
  * Command line and output are the ones every driver shares (benches/BENCHMARKS.md):
  * one JSON result line on stdout, preceded by a START (or READY) marker line.
- * Blocking calls for sequential sends; the asynchronous API with completion
- * callbacks for pipelined acked sends. */
+ * Blocking calls for sequential and fire-and-forget sends; the asynchronous API in poll
+ * mode (completion callbacks on the publisher's own thread) for pipelined acked sends. */
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -129,68 +130,98 @@ static void run_seq(void) {
 
 /* ------------------------------------------------------------------ pub */
 
-struct window {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    long in_flight;
-    long acked;
-    long failed;
-};
-
-static struct window W = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0};
+/* The acked sends in flight and failed: the completions run on the publisher's thread. */
+static long IN_FLIGHT, FAILED;
 
 static void on_complete(void *user_data, const wps_completion *done) {
     (void)user_data;
-    pthread_mutex_lock(&W.mu);
-    W.in_flight--;
-    if (done->status == WPS_STATUS_OK)
-        W.acked++;
-    else
-        W.failed++;
-    pthread_cond_signal(&W.cv);
-    pthread_mutex_unlock(&W.mu);
+    IN_FLIGHT--;
+    if (done->status != WPS_STATUS_OK) FAILED++;
 }
 
-static void run_pub(void) {
-    wps_client *c = open_client(NULL, NULL);
+/* Runs the callbacks queued for `c`, waiting for the first when none is. */
+static void dispatch_some(wps_client *c, int fd) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    size_t ran = 0;
+    check("wps_client_dispatch", wps_client_dispatch(c, SIZE_MAX, &ran));
+    if (ran > 0) return;
+    if (poll(&p, 1, 1000) < 0 && errno != EINTR) {
+        perror("bench-c: poll");
+        exit(1);
+    }
+}
+
+static void wait_for_go(void) {
     if (A.go) {
         char line[16];
         /* EOF also releases the publisher: run.py is gone or done. */
         (void)fgets(line, sizeof line, stdin);
     }
+}
+
+static void emit_pub(long sent, long acked, double elapsed, double cpu) {
+    emit_head();
+    printf(",\"sent\":%ld,\"acked\":%ld,\"seconds\":%.6f,\"rate\":%.3f,\"cpu_s\":%.6f", sent,
+           acked, elapsed, (double)sent / elapsed, cpu_now() - cpu);
+    emit_tail();
+}
+
+/* Pipelined acked sends, in poll mode, as an event loop would make them: one thread
+ * starts sends while fewer than the window are in flight, hands them over together,
+ * and runs the completions that came. */
+static void run_pub_acked(void) {
+    wps_options *o = wps_options_new();
+    check("wps_options_set_dispatch_mode", wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL));
+    wps_client *c = NULL;
+    check("wps_client_new", wps_client_new(A.url, o, NULL, NULL, NULL, &c));
+    wps_options_free(o);
+    check("wps_client_start", wps_client_start(c));
+    int fd = -1;
+    check("wps_client_dispatch_fd", wps_client_dispatch_fd(c, &fd));
+    wait_for_go();
     mark("START");
     double cpu = cpu_now();
     double start = now(), deadline = start + A.seconds;
     long sent = 0;
     while (sent < A.count && now() < deadline) {
-        if (A.window == 0) {
-            send_one(c, WPS_SEND_FIRE_AND_FORGET);
-        } else {
-            pthread_mutex_lock(&W.mu);
-            while (W.in_flight >= A.window) pthread_cond_wait(&W.cv, &W.mu);
-            W.in_flight++;
-            pthread_mutex_unlock(&W.mu);
+        while (IN_FLIGHT < A.window && sent < A.count) {
             uint64_t op;
             check("wps_client_send_to_group_async",
                   wps_client_send_to_group_async(c, A.group, data_type(), PAYLOAD, (size_t)A.size,
-                                                 0, on_complete, NULL, &op));
+                                                 WPS_SEND_DEFERRED, on_complete, NULL, &op));
+            IN_FLIGHT++;
+            sent++;
         }
-        sent++;
+        check("wps_client_flush_deferred", wps_client_flush_deferred(c));
+        dispatch_some(c, fd);
     }
-    pthread_mutex_lock(&W.mu);
-    while (W.in_flight > 0) pthread_cond_wait(&W.cv, &W.mu);
-    long acked = W.acked, failed = W.failed;
-    pthread_mutex_unlock(&W.mu);
+    while (IN_FLIGHT > 0) dispatch_some(c, fd);
     double elapsed = now() - start;
-    if (failed > 0) {
-        fprintf(stderr, "bench-c: %ld acked sends failed\n", failed);
+    if (FAILED > 0) {
+        fprintf(stderr, "bench-c: %ld acked sends failed\n", FAILED);
         exit(1);
     }
     wps_client_free(c); /* CPU counted until everything queued is written and closed */
-    emit_head();
-    printf(",\"sent\":%ld,\"acked\":%ld,\"seconds\":%.6f,\"rate\":%.3f,\"cpu_s\":%.6f", sent,
-           acked, elapsed, (double)sent / elapsed, cpu_now() - cpu);
-    emit_tail();
+    emit_pub(sent, sent, elapsed, cpu);
+}
+
+/* Fire-and-forget sends, each with the blocking call (which waits only while the
+ * operation queue is full); acked ones in poll mode (run_pub_acked). */
+static void run_pub(void) {
+    if (A.window > 0) {
+        run_pub_acked();
+        return;
+    }
+    wps_client *c = open_client(NULL, NULL);
+    wait_for_go();
+    mark("START");
+    double cpu = cpu_now();
+    double start = now(), deadline = start + A.seconds;
+    long sent = 0;
+    for (; sent < A.count && now() < deadline; sent++) send_one(c, WPS_SEND_FIRE_AND_FORGET);
+    double elapsed = now() - start;
+    wps_client_free(c); /* CPU counted until everything queued is written and closed */
+    emit_pub(sent, 0, elapsed, cpu);
 }
 
 /* ------------------------------------------------------------------ sub */
