@@ -263,9 +263,15 @@ async def test_coroutine_listeners_leave_nothing_to_the_garbage_collector(hub: H
             await asyncio.sleep(0.05)  # the last listener tasks are done and dropped
             gc.collect()
             # Only the coroutines of listener calls (the listener's, and before Python
-            # 3.12 the task's and its resumer): objects of earlier tests' clients may
-            # become garbage meanwhile on other threads.
-            calls = (on_message.__code__, aio_client._CallQueue._drain.__code__, aio_client._resume.__code__)  # pylint: disable=protected-access
+            # 3.12 those of the tasks running them and their resumer): objects of
+            # earlier tests' clients may become garbage meanwhile on other threads.
+            calls = (
+                on_message.__code__,
+                aio_client._CallQueue._drain.__code__,  # pylint: disable=protected-access
+                aio_client._CallQueue._go_on.__code__,  # pylint: disable=protected-access
+                aio_client._hosting.__code__,  # pylint: disable=protected-access
+                aio_client._resume.__code__,  # pylint: disable=protected-access
+            )
             left = [o for o in gc.garbage if getattr(o, "cr_code", getattr(o, "gi_code", None)) in calls]
         finally:
             gc.set_debug(0)
@@ -903,22 +909,31 @@ async def test_coroutine_listeners_start_before_the_awaiting_code_resumes(hub: H
     assert seen == ["connected", "open returned"]
 
 
+@pytest.mark.parametrize("awaiting_first", [False, True], ids=["alone", "after-an-awaiting-one"])
 async def test_the_echo_of_an_acked_send_has_started_its_coroutine_listener_when_the_send_returns(
-    hub: Hub,
+    hub: Hub, awaiting_first: bool
 ) -> None:
     """The service sends a group message to the group (the sender too) before it acks the
     send: when an awaited send returns, the coroutine listener of its echo has started,
     as in the official client and as when the ack takes the completion callback (a
     caller-chosen ackId). The ack, written as a record, was settled before the messages
     written as records in the same dispatch, so before Python 3.12 (no eager start) the
-    sending code resumed before that listener's task first ran."""
+    sending code resumed before that listener's task first ran. So too behind a listener
+    that awaits, as each in a task of its own: before Python 3.12 the calls after one
+    that suspended were left to a task scheduled then, after the sending code the ack
+    resumed (and never started if an asyncio.run ended meanwhile)."""
     seen: List[str] = []
+
+    async def awaiting(_args: OnGroupDataMessageArgs) -> None:
+        await asyncio.sleep(0)
 
     async def on_message(args: OnGroupDataMessageArgs) -> None:
         seen.append(args.data)
 
     late: List[str] = []
     async with make(hub.url()) as client:
+        if awaiting_first:
+            await client.subscribe(CallbackType.GROUP_MESSAGE, awaiting)
         await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
         await client.join_group("g")
         for n in range(20):
@@ -1369,6 +1384,36 @@ async def test_close_waits_for_the_coroutine_listener_calls_not_started_yet(hub:
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
     ]
+
+
+async def test_close_from_a_task_a_finished_coroutine_listener_started_waits_for_the_listeners_after_it(
+    hub: Hub,
+) -> None:
+    """A coroutine listener that returns at once, having started a task that closes the
+    client, is done: close() waits for the other listeners running, the ones after it in
+    the same loop pass too. Before Python 3.12 that task took the listener after it (which
+    suspended in the task the finished one had run in) for its own, and close() returned
+    without it."""
+    closing: List["asyncio.Task[None]"] = []
+    finished: List[str] = []
+    client = make(hub.url())
+
+    async def on_stop(args: OnGroupDataMessageArgs) -> None:
+        if args.data == "stop":
+            closing.append(asyncio.get_running_loop().create_task(client.close()))
+
+    async def slow(args: OnGroupDataMessageArgs) -> None:
+        await asyncio.sleep(0.3)
+        finished.append(args.data)
+
+    await client.subscribe(CallbackType.GROUP_MESSAGE, on_stop)
+    await client.subscribe(CallbackType.GROUP_MESSAGE, slow)
+    await client.open()
+    await client.join_group("g")
+    await client.send_to_group("g", "stop", WebPubSubDataType.TEXT, ack=False)
+    await until(lambda: bool(closing), "the close() started by the listener")
+    await asyncio.wait_for(closing[0], WAIT)
+    assert finished == ["stop"]
 
 
 def test_listeners_follow_the_client_to_a_new_loop_once_the_loop_that_opened_it_closed(hub: Hub) -> None:

@@ -46,9 +46,10 @@ UrlProvider = Union[str, Callable[[], Awaitable[str]], Callable[[], str]]
 # In a coroutine listener's task, and in the tasks it starts (gather, wait_for before
 # Python 3.12, a TaskGroup): a one-item list holding that listener task (empty during the
 # eager start of the task, when it is the current task). close() must not wait for the
-# listener task it runs under, even through a task of its own. Emptied once the task is
-# done: the task holds its context, which holds the list, and such a cycle per event
-# left every message to the garbage collector.
+# listener task it runs under, even through a task of its own. Emptied once the listener
+# call is done (before Python 3.12 its task may go on with another, see ``_CallQueue``):
+# the task holds its context, which holds the list, and such a cycle per event left
+# every message to the garbage collector.
 _LISTENER_TASK: "contextvars.ContextVar[List[asyncio.Future[Any]]]" = contextvars.ContextVar("_LISTENER_TASK")
 
 # What close() waits for (see ``_AsyncSink.running_listeners``).
@@ -56,26 +57,26 @@ _Running = Tuple[List["asyncio.Future[Any]"], int]
 
 
 @types.coroutine
-def _resume(coro: Any, context: contextvars.Context, suspended_on: Any) -> Any:
+def _resume(coro: Any, context: contextvars.Context, suspended_on: Any, thrown: Optional[BaseException] = None) -> Any:
     """Goes on with a coroutine whose first step, run in ``context``, suspended on
     ``suspended_on``, as awaiting it would have: what it yields goes to the task running
-    this, what the task sends or throws goes to it, each step in ``context``."""
+    this, what the task sends or throws goes to it, each step in ``context``. ``thrown``:
+    what the task got before it ran this (a cancellation), thrown into it first."""
+    step: Any = None if thrown is None else (coro.throw, thrown)
     while True:
-        try:
-            value = yield suspended_on
-        except GeneratorExit:  # this task is dropped unfinished
-            coro.close()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - thrown into the coroutine
+        if step is None:
             try:
-                suspended_on = context.run(coro.throw, exc)
-            except StopIteration:
-                return
-            continue
+                step = (coro.send, (yield suspended_on))
+            except GeneratorExit:  # this task is dropped unfinished
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - thrown into the coroutine
+                step = (coro.throw, exc)
         try:
-            suspended_on = context.run(coro.send, value)
+            suspended_on = context.run(*step)
         except StopIteration:
             return
+        step = None
 
 
 class WebPubSubClientCredential:
@@ -227,15 +228,25 @@ class _SinkRef:
             sink.on_native_event(event)
 
 
+# A coroutine listener call whose first step suspended (see ``_CallQueue``): its
+# coroutine, its context, what it suspended on, its callback type, and the one-item list
+# naming the task it kept in ``_LISTENER_TASK``.
+_Suspended = Tuple[Any, contextvars.Context, Any, CallbackType, List["asyncio.Future[Any]"]]
+
+
 class _CallQueue:
     """Before Python 3.12, the coroutine listener calls of one loop not started yet, in
-    event order, and the task that starts them next. That task starts them one after
-    another, each in a copy of its context: one that finishes without suspending costs no
-    task of its own (a task per event cost 5 us of the 6 a trivial listener took on
-    Python 3.11). The first that suspends keeps the task to itself, and the rest go on in
-    a new one: a listener that awaits holds none of the others back, and what it started
-    from its first line (``asyncio.timeout``, a ``TaskGroup``) belongs to the task it runs
-    in to its end. The sink's ``tasks`` and ``call_of`` (see there) get such a task."""
+    event order, and the task that starts them next. That task starts them all in one
+    step, one after another, each in a copy of its context: one that finishes without
+    suspending costs no task of its own (a task per event cost 5 us of the 6 a trivial
+    listener took on Python 3.11). The first that suspends keeps the task to itself; the
+    next run under a task made then (the current task while they run), which the next
+    that suspends keeps, and so on. So they all start before anything their first steps
+    scheduled, or the code that a completion after their events resumes (as tasks of
+    their own would); a listener that awaits holds none of the others back; and what one
+    started from its first line (``asyncio.timeout``, a ``TaskGroup``) belongs to the
+    task it runs in to its end. The sink's ``tasks`` and ``call_of`` (see there) get such
+    a task."""
 
     def __init__(
         self,
@@ -264,41 +275,81 @@ class _CallQueue:
         self.task = task
 
     async def _drain(self) -> None:
-        """Starts the waiting calls in this task (see the class). Names itself in
-        ``_LISTENER_TASK``, logs what a listener raised, and forgets itself."""
+        """Starts the waiting calls in this task (see the class), then goes on with the
+        one that kept it, if any."""
         task = asyncio.current_task(self.loop)
         assert task is not None  # run by ``_next``'s task
-        cell: List["asyncio.Future[Any]"] = [task]
-        _LISTENER_TASK.set(cell)
-        waiting = self.waiting
+        kept: List[Any] = []
+        try:
+            self._start_waiting(task, kept)
+        finally:
+            if self.task is task:
+                self.task = None
+        if kept:
+            await self._go_on(kept[0])
+
+    def _start_waiting(self, task: "asyncio.Task[None]", kept: List[Any]) -> None:
+        """Runs the first step of each waiting call, in order, in the step of ``task``:
+        under ``task`` until one suspends and keeps it (put in ``kept``), then under a
+        task made for the next ones (see ``_hosting``), entered as the current task, and
+        so on. Each call's context names the task it runs under in ``_LISTENER_TASK``, in
+        a list of its own emptied once the call ends, as a task of its own would be done:
+        a task that a finished call started (one closing the client) does not take a later
+        call that goes on in the same task for its own listener."""
+        loop, waiting = self.loop, self.waiting
+        host: "asyncio.Task[Any]" = task
+        slot = kept
         try:
             while waiting:
                 coro, kind, call = waiting.popleft()
+                cell: List["asyncio.Future[Any]"] = [host]
+                _LISTENER_TASK.set(cell)  # in this task's context, which the call's copies
                 context = contextvars.copy_context()
                 try:
                     suspended_on = context.run(coro.send, None)
                 except StopIteration:
+                    cell.clear()
                     continue
                 except Exception:  # noqa: BLE001
+                    cell.clear()
                     _base.log_listener_error(kind)
                     continue
-                except BaseException:  # KeyboardInterrupt, SystemExit: the loop stops here
-                    self._next()  # the listeners after it run after it
-                    raise
-                self.tasks[task] = kind
-                self.call_of[task] = call
-                self._next()
-                try:
-                    await _resume(coro, context, suspended_on)
-                except Exception:  # noqa: BLE001
-                    _base.log_listener_error(kind)
-                return
+                except BaseException as exc:  # KeyboardInterrupt, SystemExit: the loop stops here
+                    cell.clear()
+                    self._next()  # the calls after it start after it
+                    if host is task:
+                        raise
+                    slot.append(exc)  # its host raises it, as the call's own task would have
+                    return
+                self.tasks[host] = kind
+                self.call_of[host] = call
+                slot.append((coro, context, suspended_on, kind, cell))
+                if waiting:
+                    slot = []
+                    hosting = _hosting(self, slot)
+                    hosting.send(None)  # to its first yield: a cancellation before its first step lands there
+                    following = loop.create_task(hosting)
+                    asyncio.tasks._leave_task(loop, host)
+                    asyncio.tasks._enter_task(loop, following)
+                    host = following
+        finally:
+            if host is not task:
+                asyncio.tasks._leave_task(loop, host)
+                asyncio.tasks._enter_task(loop, task)
+
+    async def _go_on(self, call: _Suspended, thrown: Optional[BaseException] = None) -> None:
+        """Goes on with ``call`` in the task it kept (``thrown``: see ``_resume``), logs what
+        it raised, and forgets that task."""
+        coro, context, suspended_on, kind, cell = call
+        task = cell[0]
+        try:
+            await _resume(coro, context, suspended_on, thrown)
+        except Exception:  # noqa: BLE001
+            _base.log_listener_error(kind)
         finally:
             cell.clear()
             self.tasks.pop(task, None)
             self.call_of.pop(task, None)
-            if self.task is task:
-                self.task = None
 
     def _drained(self, task: "asyncio.Task[None]") -> None:
         """A task cancelled before it started (at the end of ``asyncio.run``) starts none
@@ -307,6 +358,26 @@ class _CallQueue:
             self.task = None
             while self.waiting:
                 self.waiting.popleft()[0].close()
+
+
+@types.coroutine
+def _hosting(queue: _CallQueue, slot: List[Any]) -> Any:
+    """The coroutine of a task that waiting calls run under (see
+    ``_CallQueue._start_waiting``), taken to its first yield there. Its task goes on with
+    the call that suspended under it, if any, and throws into it what the task got before
+    its first step (a cancellation at the end of ``asyncio.run``); or it raises what a call
+    raised in its first step (KeyboardInterrupt, SystemExit), as the call's own task would."""
+    thrown: Optional[BaseException] = None
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 - thrown into the call
+        thrown = exc
+    if slot and isinstance(slot[0], BaseException):
+        raise slot[0]
+    if slot:
+        yield from queue._go_on(slot[0], thrown).__await__()
+    elif thrown is not None:
+        raise thrown
 
 
 class _AsyncSink:
@@ -433,7 +504,7 @@ class _AsyncSink:
         (from Python 3.12) ``asyncio.wait_for`` work from its first line. From Python 3.12
         it gets a task of its own that starts eagerly: at once, up to its first suspension,
         and one that finishes without suspending is never scheduled (about 1 us more than
-        a plain call). Before, it starts on the loop's next pass, in the task of
+        a plain call). Before, it starts on the loop's next pass, in a task of
         ``_CallQueue``. Either way coroutine listeners start in event order."""
         loop = self.loop
         assert loop is not None  # bound before any event reaches the loop
