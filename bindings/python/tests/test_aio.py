@@ -11,7 +11,7 @@ import select
 import threading
 import time
 import weakref
-from typing import Any, Callable, List
+from typing import Any, Awaitable, Callable, List
 
 import pytest
 from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, until
@@ -1351,6 +1351,21 @@ async def test_coroutine_listeners_of_one_burst_each_get_a_context_of_their_own(
     assert var.get() == "unset"
 
 
+def sleeping_listener(log: List[str]) -> Callable[[Any], Awaitable[None]]:
+    """A coroutine listener that logs "start", sleeps well past close()'s grace, and logs
+    "cancelled" if it is cancelled."""
+
+    async def sleeper(_args: Any) -> None:
+        log.append("start")
+        try:
+            await asyncio.sleep(3 * WAIT)
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+
+    return sleeper
+
+
 async def test_close_waits_for_the_coroutine_listener_calls_not_started_yet(hub: Hub, caplog: Any) -> None:
     """A coroutine listener call that has not started when close() is called (before
     Python 3.12, it waits for the loop's next pass) is running as far as close() goes:
@@ -1359,28 +1374,51 @@ async def test_close_waits_for_the_coroutine_listener_calls_not_started_yet(hub:
     close() did not wait for them."""
     log: List[str] = []
 
-    async def sleeper() -> None:
-        log.append("start")
-        try:
-            await asyncio.sleep(3 * WAIT)
-        except asyncio.CancelledError:
-            log.append("cancelled")
-            raise
-
-    async def quick() -> None:
+    async def quick(_args: Any) -> None:
         log.append("quick")
 
     client = make(hub.url())
+    await client.subscribe(CallbackType.GROUP_MESSAGE, sleeping_listener(log))
+    await client.subscribe(CallbackType.GROUP_MESSAGE, quick)
     await client.open()
-    sink = client._sink  # pylint: disable=protected-access
-    # As a dispatch starts the coroutine listeners of two events, in the same loop pass.
-    sink._start(sleeper(), CallbackType.GROUP_MESSAGE)  # pylint: disable=protected-access
-    sink._start(quick(), CallbackType.GROUP_MESSAGE)  # pylint: disable=protected-access
+    # As a dispatch delivers an event, on the loop, just before close() is called.
+    client._sink._dispatch(CallbackType.GROUP_MESSAGE, (None,))  # pylint: disable=protected-access
     started = time.monotonic()
     await client.close()
     took = time.monotonic() - started
     assert log == ["start", "quick", "cancelled"], log
     assert 0.9 < took < 2.5, took
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
+    ]
+
+
+async def test_close_from_a_coroutine_listener_waits_for_the_other_listeners_of_its_event(
+    hub: Hub, caplog: Any
+) -> None:
+    """A close() made by one coroutine listener waits (up to 1 s) for the other listeners
+    of the same event, which start after it, as for the tasks the official client makes
+    for them together; then cancels them, with a warning. From Python 3.12, where the
+    first listener's task starts eagerly, the second one's task did not exist yet when
+    close() looked, and close() returned without it."""
+    log: List[str] = []
+    closed = asyncio.Event()
+    client = make(hub.url())
+
+    async def closer(_args: OnGroupDataMessageArgs) -> None:
+        started = time.monotonic()
+        await client.close()
+        log.append(f"closed after {time.monotonic() - started:.1f} s")
+        closed.set()
+
+    await client.subscribe(CallbackType.GROUP_MESSAGE, closer)
+    await client.subscribe(CallbackType.GROUP_MESSAGE, sleeping_listener(log))
+    await client.open()
+    await client.join_group("g")
+    await client.send_to_group("g", "x", WebPubSubDataType.TEXT, ack=False)
+    await asyncio.wait_for(closed.wait(), 3 * WAIT)
+    assert log[:2] == ["start", "cancelled"], log
+    assert 0.9 < float(log[2].split()[2]) < 2.5, log
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
     ]

@@ -395,9 +395,10 @@ class _AsyncSink:
         # The running tasks of coroutine listeners (and awaitables a listener returned), by
         # the event they listen to: close() waits for them, as the official close() does.
         self._tasks: Dict["asyncio.Future[Any]", CallbackType] = {}
-        # Before Python 3.12: the coroutine listener calls of ``loop`` not started yet
-        # (see ``_CallQueue``), how many calls were queued (their numbers), and the
-        # number of the call each task a listener kept to itself runs (in ``_tasks`` too).
+        # Before Python 3.12, the coroutine listener calls of ``loop`` not started yet
+        # (see ``_CallQueue``). How many listener calls were numbered (an event's
+        # listeners all get theirs before the first runs), and the number of the call
+        # that each coroutine listener task still running runs (in ``_tasks`` too).
         self._queue: Optional[_CallQueue] = None
         self._calls = 0
         self._call_of: Dict["asyncio.Future[Any]", int] = {}
@@ -477,13 +478,17 @@ class _AsyncSink:
         listeners = self.listeners.get()
         if listeners is None:  # the client was collected; its handle is being freed
             return
-        for listener in listeners.snapshot(kind):
+        snapshot = listeners.snapshot(kind)
+        # Numbered before the first runs: a close() one of them makes waits for the others.
+        first = self._calls
+        self._calls += len(snapshot)
+        for offset, listener in enumerate(snapshot):
             try:
                 result = listener(*args)
                 if result is None:  # a plain function: skips two inspect calls (0.2 us an event)
                     continue
                 if inspect.iscoroutine(result):
-                    self._start(result, kind)
+                    self._start(result, kind, first + offset)
                 elif inspect.isawaitable(result):
                     self._track(asyncio.ensure_future(result), kind)
             except Exception:  # noqa: BLE001
@@ -498,14 +503,15 @@ class _AsyncSink:
         if interrupt is not None:
             raise interrupt
 
-    def _start(self, coro: Any, kind: CallbackType) -> None:
+    def _start(self, coro: Any, kind: CallbackType, call: int) -> None:
         """Runs a coroutine listener in a task, as the official client does:
         ``asyncio.current_task()`` is a task, and ``asyncio.timeout``, ``TaskGroup`` and
         (from Python 3.12) ``asyncio.wait_for`` work from its first line. From Python 3.12
         it gets a task of its own that starts eagerly: at once, up to its first suspension,
         and one that finishes without suspending is never scheduled (about 1 us more than
         a plain call). Before, it starts on the loop's next pass, in a task of
-        ``_CallQueue``. Either way coroutine listeners start in event order."""
+        ``_CallQueue``. Either way coroutine listeners start in event order. ``call``: the
+        call's number (see ``running_listeners``)."""
         loop = self.loop
         assert loop is not None  # bound before any event reaches the loop
         if sys.version_info >= (3, 12):
@@ -517,11 +523,11 @@ class _AsyncSink:
                 self._finished(task, kind=kind)
             else:
                 cell.append(task)
+                self._call_of[task] = call
                 self._track(task, kind, cell)
             return
         assert self._queue is not None  # made with the loop
-        self._queue.push(coro, kind, self._calls)
-        self._calls += 1
+        self._queue.push(coro, kind, call)
 
     def _track(
         self, task: "asyncio.Future[Any]", kind: CallbackType, cell: Optional[List["asyncio.Future[Any]"]] = None
@@ -535,14 +541,17 @@ class _AsyncSink:
         if cell is not None:
             cell.clear()
         self._tasks.pop(task, None)
+        self._call_of.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
 
     def running_listeners(self, own: Optional["asyncio.Future[Any]"]) -> "_Running":
         """The listener tasks running on this thread's loop, except the caller's own
-        (``own``: the listener task it runs under, if any), and the number of coroutine
-        listener calls queued so far: before Python 3.12, a call not started yet is
-        running too, and has started by the time close() waits (the loop ran since)."""
+        (``own``: the listener task it runs under, if any), and the number of listener
+        calls numbered so far. Those calls are running too: the other listeners of the
+        event a listener calling close() got, which start after it, and before Python
+        3.12 the calls not started yet (started by the time close() waits: the loop ran
+        since)."""
         loop = asyncio.get_running_loop()
         current = asyncio.current_task(loop)
         tasks = [
@@ -555,7 +564,7 @@ class _AsyncSink:
     def _still_running(self, running: "_Running") -> List["asyncio.Future[Any]"]:
         """What of ``running`` has not ended, except the tasks inside a close() (which
         wait for the stop, done by then): its tasks, and those of its calls that started
-        later and suspended (see ``_CallQueue``)."""
+        later and suspended."""
         tasks, calls = running
         loop = asyncio.get_running_loop()
         later = [task for task, call in self._call_of.items() if call < calls and task.get_loop() is loop]
