@@ -175,18 +175,7 @@ impl Setup {
 /// A client of the service at `url` whose events and completions go to `rec`;
 /// started when `start`.
 fn client_of(url: &CStr, rec: &Recorder, start: bool) -> *mut wps_client {
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new(
-            url.as_ptr(),
-            std::ptr::null(),
-            Some(on_event),
-            rec.user_data(),
-            None,
-            &mut c,
-        )
-    };
-    check(status, "wps_client_new");
+    let c = common::ffi_client(url, Some(on_event), rec.user_data(), None);
     if start {
         check(unsafe { wps_client_start(c) }, "wps_client_start");
     }
@@ -743,18 +732,12 @@ fn a_send_pending_when_its_client_is_freed_reports_its_ack_id() {
         rec: Recorder::default(),
         client: AtomicPtr::new(std::ptr::null_mut()),
     }));
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new(
-            setup.url.as_ptr(),
-            std::ptr::null(),
-            Some(free_on_message),
-            freed as *const FreedOnMessage as *mut c_void,
-            None,
-            &mut c,
-        )
-    };
-    check(status, "wps_client_new");
+    let c = common::ffi_client(
+        &setup.url,
+        Some(free_on_message),
+        freed as *const FreedOnMessage as *mut c_void,
+        None,
+    );
     freed.client.store(c, Ordering::SeqCst);
     check(unsafe { wps_client_start(c) }, "wps_client_start");
     assert_freed_send_reports_its_ack_id(&setup, c, &freed.rec, || {});
@@ -1445,18 +1428,12 @@ fn an_invocation_after_the_free_began_is_refused_unsent() {
     for round in 0..ROUNDS {
         let (url, service) = common::scripted(&rt, frame_types_service);
         let probe = common::leaked::<FreedOnConnected>();
-        let mut c = std::ptr::null_mut();
-        let status = unsafe {
-            wps_client_new(
-                url.as_ptr(),
-                std::ptr::null(),
-                Some(free_then_invoke),
-                probe as *const FreedOnConnected as *mut c_void,
-                Some(note_freed),
-                &mut c,
-            )
-        };
-        check(status, "wps_client_new");
+        let c = common::ffi_client(
+            &url,
+            Some(free_then_invoke),
+            probe as *const FreedOnConnected as *mut c_void,
+            Some(note_freed),
+        );
         let status =
             unsafe { wps_client_start_async(c, None, std::ptr::null_mut(), std::ptr::null_mut()) };
         check(status, "wps_client_start_async");

@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
 use webpubsub_client::ffi::callbacks::wps_event;
-use webpubsub_client::ffi::client::{
-    wps_client, wps_client_free, wps_client_new, wps_client_send_to_group, wps_client_start,
-};
+use webpubsub_client::ffi::client::{wps_client_free, wps_client_send_to_group, wps_client_start};
 use webpubsub_client::ffi::status::WPS_DATA_TYPE_TEXT;
 use webpubsub_emulator::{Config, Emulator};
 
@@ -84,18 +82,7 @@ fn free_returns_after_the_connection_task_has_ended() {
     let url = CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap();
 
     for i in 0..CLIENTS {
-        let mut c: *mut wps_client = std::ptr::null_mut();
-        let status = unsafe {
-            wps_client_new(
-                url.as_ptr(),
-                std::ptr::null(),
-                None,
-                std::ptr::null_mut(),
-                None,
-                &mut c,
-            )
-        };
-        check(status, "wps_client_new");
+        let c = common::ffi_client(&url, None, std::ptr::null_mut(), None);
         check(unsafe { wps_client_start(c) }, "wps_client_start");
         // An acked send: the task's pending-ack table holds memory from here on.
         let text = format!("m{i}");
