@@ -1351,6 +1351,15 @@ async def test_coroutine_listeners_of_one_burst_each_get_a_context_of_their_own(
     assert var.get() == "unset"
 
 
+# What close() logs for a group-message listener it cancels after its grace.
+CANCELLED_AT_CLOSE = "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
+
+
+def warnings(caplog: Any) -> List[str]:
+    """The warnings logged so far."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def sleeping_listener(log: List[str]) -> Callable[[Any], Awaitable[None]]:
     """A coroutine listener that logs "start", sleeps well past close()'s grace, and logs
     "cancelled" if it is cancelled."""
@@ -1388,9 +1397,7 @@ async def test_close_waits_for_the_coroutine_listener_calls_not_started_yet(hub:
     took = time.monotonic() - started
     assert log == ["start", "quick", "cancelled"], log
     assert 0.9 < took < 2.5, took
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
-    ]
+    assert warnings(caplog) == [CANCELLED_AT_CLOSE]
 
 
 async def test_close_from_a_coroutine_listener_waits_for_the_other_listeners_of_its_event(
@@ -1419,9 +1426,7 @@ async def test_close_from_a_coroutine_listener_waits_for_the_other_listeners_of_
     await asyncio.wait_for(closed.wait(), 3 * WAIT)
     assert log[:2] == ["start", "cancelled"], log
     assert 0.9 < float(log[2].split()[2]) < 2.5, log
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
-    ]
+    assert warnings(caplog) == [CANCELLED_AT_CLOSE]
 
 
 async def test_close_from_a_task_a_finished_coroutine_listener_started_waits_for_the_listeners_after_it(
@@ -1544,9 +1549,7 @@ async def test_close_waits_for_the_listener_tasks_running_as_officially(hub: Hub
     took = time.monotonic() - started
     assert log == ["start short", "start long", "end short"], log
     assert 0.9 < took < 2.5, took
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
-    ]
+    assert warnings(caplog) == [CANCELLED_AT_CLOSE]
     await asyncio.sleep(1.6)
     assert log[-1] == "stopped listener done", "the stopped listener is not cancelled"
 
@@ -1915,7 +1918,7 @@ async def test_close_awaited_by_a_listener_through_another_task_does_not_wait_fo
     await sender.close()
     assert sorted(log) == ["after one", "after two", "start one", "start two"], log
     assert took < 0.9, took
-    assert not [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not warnings(caplog)
 
 
 # ---- a loop that falls behind ------------------------------------------------------------
