@@ -133,8 +133,15 @@ impl Proxy {
             Some((userinfo, host_port)) => (Some(userinfo), host_port),
             None => (None, authority),
         };
-        let (host, port) = split_host_port(host_port)
-            .ok_or_else(|| "the proxy URL has no valid host and port".to_owned())?;
+        let (host, port) = split_host_port(host_port).ok_or_else(|| {
+            let unbracketed_v6 = host_port.matches(':').count() > 1 && !host_port.starts_with('[');
+            let hint = if unbracketed_v6 {
+                " (an IPv6 address goes in brackets: http://[::1]:3128)"
+            } else {
+                ""
+            };
+            format!("the proxy URL has no valid host and port{hint}")
+        })?;
         let authorization = userinfo.map(|userinfo| {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
             let credentials = [percent_decode(user), percent_decode(password)].join(&b':');
@@ -192,19 +199,25 @@ impl Proxy {
     }
 }
 
-/// `host[:port]` or `[v6][:port]`, port 80 when absent.
+/// `host[:port]` or `[v6][:port]`, port 80 when absent; nothing else (an IPv6 address
+/// without brackets, a port that is not decimal digits).
 fn split_host_port(s: &str) -> Option<(String, u16)> {
-    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
-        let (host, after) = v6.split_once(']')?;
-        (host, after.strip_prefix(':'))
-    } else {
-        match s.rsplit_once(':') {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']')?;
+            match after {
+                "" => (host, None),
+                after => (host, Some(after.strip_prefix(':')?)),
+            }
+        }
+        None => match s.split_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (s, None),
-        }
+        },
     };
     let port = match port {
-        Some(p) => p.parse().ok().filter(|&p| p != 0)?,
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok().filter(|&p| p != 0)?,
+        Some(_) => return None,
         None => 80,
     };
     (!host.is_empty()).then(|| (host.to_owned(), port))
@@ -491,6 +504,27 @@ mod tests {
             "p:x",
         ] {
             assert!(Proxy::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_proxy_url_with_junk_after_its_host_or_an_ipv6_address_without_brackets_is_refused() {
+        let p = Proxy::parse("http://[::1]").unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("::1", 80));
+        for bad in [
+            "http://[::1]x",
+            "http://[::1]x:3128",
+            "http://p:+80",
+            "http://p:80:90",
+        ] {
+            assert!(Proxy::parse(bad).is_err(), "{bad}");
+        }
+        for bad in ["http://fe80::1", "http://::1:3128"] {
+            let error = Proxy::parse(bad).unwrap_err();
+            assert!(
+                error.ends_with("(an IPv6 address goes in brackets: http://[::1]:3128)"),
+                "{bad}: {error}"
+            );
         }
     }
 }
