@@ -224,9 +224,10 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Reads from `stream` into `buf` until it holds a whole HTTP response head; returns
-/// the head's length (bytes after it are the peer's next data). `during` names the
-/// exchange in errors.
+/// Reads from `stream` into `buf` until it holds a whole final HTTP response head,
+/// dropping the interim (1xx but 101) responses before it, as RFC 9110 asks of a client
+/// that did not expect them; returns the head's length (bytes after it are the peer's
+/// next data). `during` names the exchange in errors.
 pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
@@ -234,19 +235,16 @@ pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
 ) -> Result<usize, Error> {
     let mut chunk = [0u8; 1024];
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| Error::Connect(format!("{during}: {e}")))?;
-        if n == 0 {
-            return Err(Error::Connect(format!(
-                "the server closed the connection during the {during}"
-            )));
-        }
-        buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
-        match httparse::Response::new(&mut headers).parse(buf) {
-            Ok(httparse::Status::Complete(len)) => return Ok(len),
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => match response.code {
+                Some(code) if (100..200).contains(&code) && code != 101 => {
+                    buf.drain(..len);
+                    continue;
+                }
+                _ => return Ok(len),
+            },
             Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
             Ok(httparse::Status::Partial) => {
                 return Err(Error::Connect(format!(
@@ -259,6 +257,16 @@ pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
                 )))
             }
         }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Error::Connect(format!("{during}: {e}")))?;
+        if n == 0 {
+            return Err(Error::Connect(format!(
+                "the server closed the connection during the {during}"
+            )));
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 

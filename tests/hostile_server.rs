@@ -20,9 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::WebSocketStream;
 use webpubsub_client::{Client, ClientOptions, ClientState, Credential, Error, Event, Protocol};
@@ -671,6 +672,38 @@ async fn hostile_http_upgrade_answers_fail_start_with_a_clear_error() {
         assert!(!error.to_string().contains("tok"), "no token in {error}");
         assert_eq!(client.state(), ClientState::Stopped);
     }
+}
+
+#[tokio::test]
+async fn interim_responses_before_the_upgrade_answer_are_skipped() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
+    let mut tcp = hostile.accept_tcp().await;
+    let head = common::request_head(&mut tcp).await;
+    let header = |name: &str| {
+        head.lines()
+            .filter_map(|line| line.split_once(": "))
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.to_owned())
+            .unwrap()
+    };
+    // RFC 9110 (15.2): a client parses the 1xx responses it did not expect before the
+    // final one.
+    let answer = format!(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+         HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+        derive_accept_key(header("Sec-WebSocket-Key").as_bytes()),
+        header("Sec-WebSocket-Protocol"),
+    );
+    tcp.write_all(answer.as_bytes()).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
+    connected(&mut ws, "conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    assert_eq!(client.connection_id().as_deref(), Some("conn1"));
+    drop(client);
+    closed_by_client(&mut ws).await;
 }
 
 /// The start error for one HTTP answer to the client's first request, `url` reached

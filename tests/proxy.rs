@@ -1,5 +1,5 @@
-//! Connections through an HTTP proxy: the tunnel, its credentials, a refusal, and a
-//! recovery that goes through the proxy again.
+//! Connections through an HTTP proxy: the tunnel, its credentials, a refusal, a recovery
+//! that goes through the proxy again, IPv6, and a proxy that misbehaves or never answers.
 
 mod common;
 
@@ -7,6 +7,9 @@ use bytes::Bytes;
 use common::proxy::TestProxy;
 use common::{fast_options, message_text, next_event, user_token};
 use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 use webpubsub_client::{
     Client, ClientOptions, Credential, DataType, Error, Event, ProxySetting, SendToGroupOptions,
 };
@@ -158,4 +161,160 @@ async fn the_c_option_sends_a_client_through_the_proxy() {
         .await
         .unwrap();
     emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn interim_responses_before_the_proxys_answer_are_skipped() {
+    let (emulator, addr) = emulator().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // RFC 9110 (15.2): a client parses the 1xx responses it did not expect before the
+    // final one.
+    let interim =
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n";
+    let proxy = TestProxy::serving(listener, addr, None, interim);
+    let url = emulator.client_url("hub", &user_token("p"));
+    let (client, mut events) = common::started(url, through(&proxy.url)).await;
+    round_trip(&client, &mut events).await;
+    client.stop().await;
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_ipv6_proxy_tunnels_to_an_ipv6_host_named_in_brackets() {
+    let listener = TcpListener::bind("[::1]:0")
+        .await
+        .expect("an IPv6 loopback ([::1]) to listen on");
+    let (emulator, addr) = emulator().await;
+    let proxy = TestProxy::serving(listener, addr, None, b"");
+    assert!(proxy.url.starts_with("http://[::1]:"), "{}", proxy.url);
+    let url = emulator
+        .client_url("hub", &user_token("p"))
+        .replace("127.0.0.1", "[::1]");
+    let (client, mut events) = common::started(url, through(&proxy.url)).await;
+    round_trip(&client, &mut events).await;
+    let port = emulator.port();
+    let heads = proxy.heads();
+    assert!(
+        heads[0].starts_with(&format!(
+            "CONNECT [::1]:{port} HTTP/1.1\r\nHost: [::1]:{port}\r\n"
+        )),
+        "{heads:?}"
+    );
+    client.stop().await;
+    emulator.shutdown().await;
+}
+
+/// What a hostile proxy does after it read the `CONNECT` request and sent its answer.
+enum Then {
+    Hold,
+    Close,
+    ShutdownWrite,
+}
+
+#[tokio::test]
+async fn a_hostile_answer_to_connect_fails_the_start_at_once_with_a_clear_error() {
+    let cases: Vec<(Vec<u8>, Then, &str)> = vec![
+        (
+            b"HTTP/1.1 2OO OK\r\n\r\n".to_vec(),
+            Then::Hold,
+            "malformed HTTP response: invalid response status",
+        ),
+        (
+            [b"HTTP/1.1 200 OK\r\nX-A: ".to_vec(), b"b".repeat(1 << 20)].concat(),
+            Then::Hold,
+            "HTTP response head too large",
+        ),
+        (
+            [
+                b"HTTP/1.1 200 OK\r\n".to_vec(),
+                b"X-A: b\r\n".repeat(40),
+                b"\r\n".to_vec(),
+            ]
+            .concat(),
+            Then::Hold,
+            "malformed HTTP response: too many headers",
+        ),
+        // Neither a TLS nor a WebSocket server speaks first: such bytes are the proxy's.
+        (
+            b"HTTP/1.1 200 OK\r\n\r\nSSH-2.0-x\r\n".to_vec(),
+            Then::Hold,
+            "sent data after its CONNECT response",
+        ),
+        // Not an interim response: what follows would be another protocol.
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(),
+            Then::Hold,
+            "refused CONNECT to nowhere.invalid:80: HTTP 101 Switching Protocols",
+        ),
+        (
+            b"HTTP/1.1 200 Conn".to_vec(),
+            Then::Close,
+            "closed the connection during the CONNECT",
+        ),
+        (
+            Vec::new(),
+            Then::ShutdownWrite,
+            "closed the connection during the CONNECT",
+        ),
+    ];
+    for (answer, then, expected) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let hostile = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            common::request_head(&mut tcp).await;
+            // The client may stop reading a huge answer half way.
+            let _ = tcp.write_all(&answer).await;
+            match then {
+                Then::Hold => std::future::pending().await,
+                Then::Close => drop(tcp),
+                Then::ShutdownWrite => {
+                    tcp.shutdown().await.unwrap();
+                    std::future::pending().await
+                }
+            }
+        });
+        let options = ClientOptions {
+            start_timeout: Duration::from_secs(30),
+            ..through(&format!("http://{proxy}"))
+        };
+        let url = "ws://nowhere.invalid/client/hubs/h?access_token=tok";
+        let (client, _events) = Client::with_channel(Credential::Url(url.into()), options).unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(5), client.start())
+            .await
+            .expect("failed at once, not at the start timeout")
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::Connect(m) if m.contains(expected) && m.contains(&proxy.to_string())),
+            "{expected}: {error:?}"
+        );
+        hostile.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_that_never_answers_is_bounded_by_the_start_timeout_and_by_a_stop() {
+    let (proxy, mut requests) = common::silent_server().await;
+    let url = Credential::Url("ws://nowhere.invalid/x".into());
+    let options = ClientOptions {
+        start_timeout: Duration::from_millis(300),
+        ..through(&format!("http://{proxy}"))
+    };
+    let (client, _events) = Client::with_channel(url.clone(), options).unwrap();
+    assert_eq!(
+        client.start().await,
+        Err(Error::StartTimeout {
+            after: Duration::from_millis(300),
+            waiting_for: format!("proxy {proxy} to answer CONNECT to nowhere.invalid:80"),
+        })
+    );
+    requests.recv().await.unwrap();
+
+    let options = ClientOptions {
+        start_timeout: Duration::from_secs(60),
+        ..through(&format!("http://{proxy}"))
+    };
+    let (client, _events) = Client::with_channel(url, options).unwrap();
+    let request = common::stopped_while_starting(&client, &mut requests).await;
+    assert!(request.starts_with(b"CONNECT nowhere.invalid:80 "));
 }

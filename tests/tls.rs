@@ -1,11 +1,14 @@
 //! wss:// end to end: the emulator serves TLS with a certificate issued by a CA made
-//! in the test; the client trusts that CA only through `extra_ca_pem`.
+//! in the test; the client trusts that CA only through `extra_ca_pem`. Also a server
+//! whose certificate expired, one that refuses the handshake, and one that stalls it.
 
 mod common;
 
 use bytes::Bytes;
 use common::pki::Pki;
 use common::{all_roles, fast_options, next_event};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use webpubsub_client::{Client, ClientOptions, Credential, DataType, Error, SendToGroupOptions};
 use webpubsub_emulator::{Config, Emulator, TokenOptions};
 
@@ -17,6 +20,18 @@ async fn tls_emulator(pki: &Pki) -> Emulator {
     })
     .await
     .unwrap()
+}
+
+/// How a start fails against an emulator serving `pki`'s certificate, its CA trusted.
+async fn start_error_trusting_its_ca(pki: &Pki) -> Error {
+    let emulator = tls_emulator(pki).await;
+    let url = emulator.client_url("hub", &TokenOptions::default());
+    let options = ClientOptions {
+        extra_ca_pem: vec![pki.ca_pem.clone().into_bytes()],
+        ..fast_options()
+    };
+    let (client, _events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    client.start().await.unwrap_err()
 }
 
 #[tokio::test]
@@ -60,15 +75,7 @@ async fn wss_works_with_the_extra_ca_and_fails_verification_without_it() {
 
 #[tokio::test]
 async fn a_ca_certificate_served_as_the_servers_own_is_explained() {
-    let pki = Pki::ca_as_server("ca-as-server");
-    let emulator = tls_emulator(&pki).await;
-    let url = emulator.client_url("hub", &TokenOptions::default());
-    let options = ClientOptions {
-        extra_ca_pem: vec![pki.ca_pem.clone().into_bytes()],
-        ..fast_options()
-    };
-    let (client, _events) = Client::with_channel(Credential::Url(url), options).unwrap();
-    let error = client.start().await.unwrap_err();
+    let error = start_error_trusting_its_ca(&Pki::ca_as_server("ca-as-server")).await;
     assert!(
         matches!(&error, Error::Tls(m) if m.contains("CaUsedAsEndEntity") && m.ends_with(" (the server presents a CA's certificate as its own: it needs a certificate issued by that CA)")),
         "{error:?}"
@@ -140,4 +147,65 @@ async fn wss_goes_through_a_proxy_tunnel_with_end_to_end_verification() {
         matches!(&error, Error::Tls(m) if m.contains("certificate")),
         "{error:?}"
     );
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_named_as_such() {
+    let error = start_error_trusting_its_ca(&Pki::expired("expired")).await;
+    assert!(
+        matches!(&error, Error::Tls(m) if m.contains("certificate expired")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_the_handshake_with_an_alert_is_named() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let refusing = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let _hello = tcp.read(&mut [0u8; 4096]).await.unwrap();
+        // A fatal handshake_failure alert (TLS 1.2 record).
+        tcp.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
+            .await
+            .unwrap();
+        std::future::pending::<()>().await
+    });
+    let url = format!("wss://{server}/client/hubs/h");
+    let (client, _events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    let error = client.start().await.unwrap_err();
+    assert_eq!(
+        error,
+        Error::Tls(format!(
+            "handshake with {server}: received fatal alert: HandshakeFailure"
+        ))
+    );
+    refusing.abort();
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_bounded_by_the_start_timeout_and_by_a_stop() {
+    let (server, mut hellos) = common::silent_server().await;
+    let url = Credential::Url(format!("wss://{server}/client/hubs/h"));
+    let options = ClientOptions {
+        start_timeout: Duration::from_millis(300),
+        ..fast_options()
+    };
+    let (client, _events) = Client::with_channel(url.clone(), options).unwrap();
+    assert_eq!(
+        client.start().await,
+        Err(Error::StartTimeout {
+            after: Duration::from_millis(300),
+            waiting_for: format!("the TLS handshake with {server}"),
+        })
+    );
+    hellos.recv().await.unwrap();
+
+    let options = ClientOptions {
+        start_timeout: Duration::from_secs(60),
+        ..fast_options()
+    };
+    let (client, _events) = Client::with_channel(url, options).unwrap();
+    let hello = common::stopped_while_starting(&client, &mut hellos).await;
+    assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record");
 }

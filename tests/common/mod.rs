@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use webpubsub_client::{
-    Client, ClientOptions, ClientState, Credential, Event, RetryMode, RetryOptions,
+    Client, ClientOptions, ClientState, Credential, Error, Event, RetryMode, RetryOptions,
 };
 
 /// Options with every timer shortened so tests run in seconds.
@@ -588,4 +588,54 @@ pub async fn request_head(tcp: &mut tokio::net::TcpStream) -> String {
         head.push(byte[0]);
     }
     String::from_utf8(head).unwrap()
+}
+
+/// A server on 127.0.0.1 that takes connections, reads what comes and never answers, as
+/// a stalled proxy or TLS server: its address, and a receiver that gets each
+/// connection's first bytes.
+pub async fn silent_server() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut first = vec![0u8; 4096];
+                let n = tcp.read(&mut first).await.unwrap_or(0);
+                first.truncate(n);
+                let _ = sender.send(first);
+                // Held open, unanswered, until the client closes it.
+                while tcp.read(&mut [0u8; 4096]).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// Starts `client` and, once its start has sent its first bytes to a `silent_server`
+/// (returned, from `received`), stops it: the stop returns at once, and the start ends
+/// with `Stopped`.
+pub async fn stopped_while_starting(
+    client: &Client,
+    received: &mut UnboundedReceiver<Vec<u8>>,
+) -> Vec<u8> {
+    let starting = tokio::spawn({
+        let client = client.clone();
+        async move { client.start().await }
+    });
+    let first = received.recv().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.stop())
+        .await
+        .expect("the stop ends the start's wait at once");
+    let started = tokio::time::timeout(Duration::from_secs(5), starting).await;
+    assert_eq!(
+        started.expect("the start ends with the stop").unwrap(),
+        Err(Error::Stopped { ack_id: None })
+    );
+    first
 }

@@ -15,6 +15,19 @@ pub struct Pki {
 impl Pki {
     /// A new CA and certificate; `name` keeps the directories of tests apart.
     pub fn new(name: &str) -> Pki {
+        Pki::issued(name, |_| {})
+    }
+
+    /// A new CA and a certificate it issued that expired in 2001.
+    pub fn expired(name: &str) -> Pki {
+        Pki::issued(name, |leaf| {
+            leaf.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            leaf.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        })
+    }
+
+    /// A new CA and a certificate it issued, its parameters changed by `edit`.
+    fn issued(name: &str, edit: impl FnOnce(&mut CertificateParams)) -> Pki {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params
@@ -27,6 +40,7 @@ impl Pki {
         leaf_params
             .distinguished_name
             .push(DnType::CommonName, "127.0.0.1");
+        edit(&mut leaf_params);
         let leaf_key = KeyPair::generate().unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
         Pki::written(name, ca.pem(), leaf.pem(), leaf_key.serialize_pem())

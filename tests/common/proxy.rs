@@ -1,6 +1,6 @@
 //! An HTTP `CONNECT` proxy for the tests: it records each request head, may demand
-//! credentials, and tunnels every request to one target whatever host it names (so a
-//! test can use host names that resolve nowhere).
+//! credentials or send interim responses first, and tunnels every request to one target
+//! whatever host it names (so a test can use host names that resolve nowhere).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,17 @@ impl TestProxy {
     /// `Proxy-Authorization` value gets 407.
     pub async fn start(target: SocketAddr, authorization: Option<&str>) -> TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestProxy::serving(listener, target, authorization, b"")
+    }
+
+    /// Listens on `listener`, as `start` does, and sends `interim` (1xx responses)
+    /// before its answer to each `CONNECT`.
+    pub fn serving(
+        listener: TcpListener,
+        target: SocketAddr,
+        authorization: Option<&str>,
+        interim: &'static [u8],
+    ) -> TestProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let heads = Arc::new(Mutex::new(Vec::new()));
         let tunnels = Arc::new(Mutex::new(Vec::new()));
@@ -27,7 +38,8 @@ impl TestProxy {
         let (h, t) = (Arc::clone(&heads), Arc::clone(&tunnels));
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let task = tokio::spawn(serve(client, target, required.clone(), Arc::clone(&h)));
+                let served = serve(client, target, required.clone(), interim, Arc::clone(&h));
+                let task = tokio::spawn(served);
                 t.lock().unwrap().push(task.abort_handle());
             }
         });
@@ -55,6 +67,7 @@ async fn serve(
     mut client: TcpStream,
     target: SocketAddr,
     required: Option<String>,
+    interim: &'static [u8],
     heads: Arc<Mutex<Vec<String>>>,
 ) {
     // Byte by byte, so nothing after the head is taken from the tunnel.
@@ -80,6 +93,7 @@ async fn serve(
         let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
         return;
     };
+    let _ = client.write_all(interim).await;
     if client
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
