@@ -10,6 +10,9 @@ use std::time::Duration;
 /// overflow.
 pub(crate) const MAX_DURATION: Duration = Duration::from_millis(u64::MAX);
 
+/// The highest `max_message_size`.
+const MAX_INCOMING_MESSAGE: usize = 1 << 30;
+
 /// Refuses a duration over [`MAX_DURATION`], naming it `name`.
 pub(crate) fn check_duration(name: &str, value: Duration) -> Result<(), String> {
     if value > MAX_DURATION {
@@ -126,7 +129,9 @@ pub struct ClientOptions {
     pub sequence_ack_jump: u64,
     /// Extra trusted root certificates (PEM) for `wss://`, besides the platform roots.
     pub extra_ca_pem: Vec<Vec<u8>>,
-    /// Largest incoming WebSocket message accepted (default 16 MiB).
+    /// Largest incoming WebSocket message accepted (default 16 MiB), from 1 KiB to
+    /// 1 GiB: a frame's buffer is reserved at the length its header announces, so a
+    /// bigger limit would let a server exhaust memory with a header alone.
     pub max_message_size: usize,
     /// Largest outgoing frame (the encoded JSON text, in bytes) the client sends; a
     /// bigger operation fails at once with `Error::InvalidArgument` and nothing is
@@ -232,8 +237,8 @@ impl ClientOptions {
             }
         }
         self.proxy.validate()?;
-        if self.max_message_size < 1024 {
-            return Err("max_message_size must be at least 1024 bytes".into());
+        if !(1024..=MAX_INCOMING_MESSAGE).contains(&self.max_message_size) {
+            return Err("max_message_size must be from 1024 bytes to 1 GiB".into());
         }
         if self.max_outgoing_message_size < 1024 {
             return Err("max_outgoing_message_size must be at least 1024 bytes".into());
@@ -323,5 +328,22 @@ mod tests {
             ..o
         };
         assert!(o.validate().is_ok(), "no pings: any silence timeout");
+    }
+
+    #[test]
+    fn an_incoming_message_limit_beyond_1_gib_is_rejected() {
+        for (size, valid) in [
+            (1023, false),
+            (1024, true),
+            (1 << 30, true),
+            ((1 << 30) + 1, false),
+            (usize::MAX, false),
+        ] {
+            let o = ClientOptions {
+                max_message_size: size,
+                ..Default::default()
+            };
+            assert_eq!(o.validate().is_ok(), valid, "{size}");
+        }
     }
 }
