@@ -575,6 +575,16 @@ impl Connector {
                 )))
             }
         }
+        // None is offered: one the server applies anyway would alter the frames
+        // (RFC 6455, 4.1).
+        if let Some(extensions) =
+            header("Sec-WebSocket-Extensions").filter(|v| !v.trim().is_empty())
+        {
+            return Err(Error::Connect(format!(
+                "{peer}: the server chose the extension {extensions:?}, which the client \
+                 did not offer"
+            )));
+        }
         // Frames that arrived with the response head start the read buffer. It
         // gets its full capacity here: the codec sizes every later buffer after
         // this first one, and one sized to `rest` would make it read the socket

@@ -1,10 +1,11 @@
 //! The client against a hostile server: truncated frames, every field with the wrong
 //! type, huge frames and HTTP heads, floods, binary and control frames, acks for
 //! unknown ids, sequence ids out of order, extreme or malformed (also across a
-//! recovery), a second `connected` frame, and every interesting close code. The client
-//! must stay up, report what the protocol says through its events, and leave nothing
-//! behind (its socket is closed once the last handle is dropped, and the heap returns
-//! to where it was).
+//! recovery), a second `connected` frame, every interesting close code, fragmented
+//! messages, RFC 6455 violations, and upgrade answers choosing what the client did not
+//! offer. The client must stay up, report what the protocol says through its events,
+//! and leave nothing behind (its socket is closed once the last handle is dropped, and
+//! the heap returns to where it was).
 //!
 //! (tests/fake_service.rs covers the basic malformed / unknown / duplicate cases.)
 
@@ -607,6 +608,178 @@ async fn a_recovery_the_service_takes_for_another_connection_loses_the_session()
     closed_by_client(&mut ws).await;
 }
 
+/// A frame (payload under 64 KiB) as the server writes it, unmasked: `head` is its
+/// first byte (FIN, RSV bits, opcode).
+fn raw_frame(head: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![head];
+    match payload.len() {
+        n if n < 126 => frame.push(n as u8),
+        n => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn a_fragmented_message_with_control_frames_between_its_fragments_arrives_whole() {
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::JsonReliable)).await;
+    let message = server_message("whole", 1);
+    let (first, rest) = message.as_bytes().split_at(10);
+    let (middle, last) = rest.split_at(20);
+    // The longest ping allowed: its pong carries all of it.
+    let ping = [b'p'; 125];
+    let frames = [
+        raw_frame(0x01, first),
+        raw_frame(0x89, &ping),
+        raw_frame(0x00, middle),
+        raw_frame(0x8a, b"unsolicited"),
+        raw_frame(0x80, last),
+    ];
+    ws.get_mut().write_all(&frames.concat()).await.unwrap();
+    assert_eq!(texts(&mut events, 1).await, ["whole"]);
+    let pong = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Message::Pong(payload) = ws.next().await.unwrap().unwrap() {
+                return payload;
+            }
+        }
+    })
+    .await
+    .expect("a pong within 5 s");
+    assert_eq!(pong.as_ref(), ping);
+    assert_eq!(client.state(), ClientState::Connected);
+    drop(client);
+    closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn websocket_protocol_violations_end_the_connection_with_their_reason() {
+    // RFC 6455: each fails the connection, which is then lost (JSON protocol) with the
+    // violation as its reason, and a new one opened.
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let masked = [&[0x81, 0x82, 1, 2, 3, 4][..], &[b'{' ^ 1, b'}' ^ 2]].concat();
+    let mut huge = vec![0x81, 127];
+    huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+    let cases: Vec<(Vec<u8>, &str, Option<u16>)> = vec![
+        (
+            [raw_frame(0x01, b"{"), raw_frame(0x81, b"{}")].concat(),
+            "While waiting for more fragments received: TEXT",
+            None,
+        ),
+        (
+            raw_frame(0x80, b"{}"),
+            "Continue frame but nothing to continue",
+            None,
+        ),
+        (raw_frame(0x09, b"ping"), "Fragmented control frame", None),
+        (raw_frame(0x89, &[0; 126]), "Control frame too big", None),
+        (masked, "Received a masked frame from server", None),
+        (raw_frame(0xc1, b"{}"), "Reserved bits are non-zero", None),
+        (raw_frame(0x83, b"{}"), "invalid opcode: 3", None),
+        (raw_frame(0x8b, b""), "invalid opcode: 11", None),
+        (raw_frame(0x81, b"{\xff}"), "UTF-8 encoding error", None),
+        (huge, "Message too long: 9223372036854775808 > 65536", None),
+        (raw_frame(0x88, &[3]), "Invalid close sequence", None),
+        (
+            raw_frame(0x88, b"\x03\xe8\xff"),
+            "UTF-8 encoding error",
+            None,
+        ),
+        // Codes not allowed on the wire (1005 means none was sent; 999 is out of range)
+        // are reported as the peer's protocol violation.
+        (
+            raw_frame(0x88, &1005u16.to_be_bytes()),
+            "Protocol violation",
+            Some(1002),
+        ),
+        (
+            raw_frame(0x88, &999u16.to_be_bytes()),
+            "Protocol violation",
+            Some(1002),
+        ),
+    ];
+    for (bytes, reason, close_code) in cases {
+        let (client, mut events, mut ws) = start(&hostile, options(Protocol::Json)).await;
+        ws.get_mut().write_all(&bytes).await.unwrap();
+        match next_event(&mut events, 5).await {
+            Event::Disconnected {
+                connection_id,
+                message,
+                close_code: code,
+            } => {
+                assert_eq!(connection_id.as_deref(), Some("conn1"), "{reason}");
+                assert!(
+                    message.as_deref().is_some_and(|m| m.contains(reason)),
+                    "{reason}: {message:?}"
+                );
+                assert_eq!(code, close_code, "{reason}");
+            }
+            other => panic!("{reason}: {other:?}"),
+        }
+        let (mut ws, uri) = hostile.accept().await;
+        assert!(!uri.contains("awps_connection_id"), "{reason}: {uri}");
+        connected(&mut ws, "conn2", "rt2").await;
+        assert!(matches!(
+            next_event(&mut events, 5).await,
+            Event::Connected { connection_id, .. } if connection_id == "conn2"
+        ));
+        drop(client);
+        closed_by_client(&mut ws).await;
+    }
+}
+
+/// The code of the close frame the client writes next.
+async fn close_answer(ws: &mut Ws) -> CloseCode {
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(frame))))) => frame.code,
+        other => panic!("no close frame in answer: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_close_frame_is_answered_and_nothing_after_it_is_read() {
+    // RFC 6455 (5.5.1): a close frame is answered with one, before the connected frame
+    // (a refused start) and after it (a lost connection).
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let close_then_data = [
+        raw_frame(0x88, b"\x03\xe9bye"),
+        raw_frame(0x81, unsequenced("after the close").as_bytes()),
+    ]
+    .concat();
+
+    let (client, _events, starting) = starting(&hostile.url, options(Protocol::Json));
+    let (mut ws, _) = hostile.accept().await;
+    ws.get_mut().write_all(&close_then_data).await.unwrap();
+    assert_eq!(close_answer(&mut ws).await, CloseCode::Away);
+    assert_eq!(
+        starting.await.unwrap(),
+        Err(Error::Connect(
+            "closed before the connected frame (1001 bye)".into()
+        ))
+    );
+    assert_eq!(client.state(), ClientState::Stopped);
+
+    let (client, mut events, mut ws) = start(&hostile, options(Protocol::Json)).await;
+    ws.get_mut().write_all(&close_then_data).await.unwrap();
+    assert_eq!(close_answer(&mut ws).await, CloseCode::Away);
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected {
+            connection_id: Some("conn1".into()),
+            message: Some("bye".into()),
+            close_code: Some(1001)
+        }
+    );
+    drop(client);
+}
+
 #[tokio::test]
 async fn huge_frames_are_refused_by_dropping_the_socket_then_recovering() {
     let _serial = SERIAL.lock().await;
@@ -674,28 +847,37 @@ async fn hostile_http_upgrade_answers_fail_start_with_a_clear_error() {
     }
 }
 
+/// Reads the client's upgrade request from `tcp`; returns a `101` answer to it carrying
+/// `headers` (each line ending in CRLF).
+async fn switching(tcp: &mut TcpStream, headers: &str) -> String {
+    let head = common::request_head(tcp).await;
+    let key = head
+        .lines()
+        .filter_map(|line| line.split_once(": "))
+        .find(|(name, _)| name.eq_ignore_ascii_case("Sec-WebSocket-Key"))
+        .map(|(_, key)| derive_accept_key(key.as_bytes()))
+        .unwrap();
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {key}\r\n{headers}\r\n"
+    )
+}
+
 #[tokio::test]
 async fn interim_responses_before_the_upgrade_answer_are_skipped() {
     let _serial = SERIAL.lock().await;
     let hostile = Hostile::new().await;
     let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
     let mut tcp = hostile.accept_tcp().await;
-    let head = common::request_head(&mut tcp).await;
-    let header = |name: &str| {
-        head.lines()
-            .filter_map(|line| line.split_once(": "))
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.to_owned())
-            .unwrap()
-    };
+    let answer = switching(
+        &mut tcp,
+        "Sec-WebSocket-Protocol: json.reliable.webpubsub.azure.v1\r\n",
+    )
+    .await;
     // RFC 9110 (15.2): a client parses the 1xx responses it did not expect before the
     // final one.
     let answer = format!(
-        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
-         HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
-        derive_accept_key(header("Sec-WebSocket-Key").as_bytes()),
-        header("Sec-WebSocket-Protocol"),
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n{answer}"
     );
     tcp.write_all(answer.as_bytes()).await.unwrap();
     let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
@@ -704,6 +886,44 @@ async fn interim_responses_before_the_upgrade_answer_are_skipped() {
     assert_eq!(client.connection_id().as_deref(), Some("conn1"));
     drop(client);
     closed_by_client(&mut ws).await;
+}
+
+#[tokio::test]
+async fn an_upgrade_answer_choosing_what_the_client_did_not_offer_fails_start() {
+    // RFC 6455 (4.1): an extension or a subprotocol the client did not ask for fails
+    // the connection.
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let offered = "Sec-WebSocket-Protocol: json.reliable.webpubsub.azure.v1\r\n";
+    let cases = [
+        (
+            format!("{offered}Sec-WebSocket-Extensions: permessage-deflate\r\n"),
+            "the server chose the extension \"permessage-deflate\", which the client did not offer",
+        ),
+        (
+            "Sec-WebSocket-Protocol: json.webpubsub.azure.v1\r\n".into(),
+            "the server chose the subprotocol \"json.webpubsub.azure.v1\", not json.reliable.webpubsub.azure.v1",
+        ),
+        (String::new(), "the server did not accept the subprotocol json.reliable.webpubsub.azure.v1"),
+    ];
+    for (headers, expected) in cases {
+        let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
+        let mut tcp = hostile.accept_tcp().await;
+        let answer = switching(&mut tcp, &headers).await;
+        tcp.write_all(answer.as_bytes()).await.unwrap();
+        let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
+        connected(&mut ws, "conn1", "rt1").await;
+        let error = tokio::time::timeout(Duration::from_secs(3), start)
+            .await
+            .expect("the start fails at once")
+            .unwrap()
+            .unwrap_err();
+        match &error {
+            Error::Connect(m) => assert!(m.contains(expected), "{expected}\n{m}"),
+            other => panic!("{expected}: unexpected error {other:?}"),
+        }
+        assert_eq!(client.state(), ClientState::Stopped);
+    }
 }
 
 /// The start error for one HTTP answer to the client's first request, `url` reached

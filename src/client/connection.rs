@@ -503,7 +503,12 @@ impl Task {
         self.shared.direct.finished(std::mem::take(&mut self.taken));
         let ws = sink.and_then(|sink| stream.reunite(sink).ok());
         match end {
-            End::Dropped(close_code, reason) => self.dropped(close_code, reason),
+            End::Dropped(close_code, reason) => {
+                if let Some(mut ws) = ws {
+                    answer_close(&mut ws);
+                }
+                self.dropped(close_code, reason)
+            }
             End::Stop(reply) => {
                 if let Some(mut ws) = ws {
                     self.write_queued_fire_and_forget(&mut ws).await;
@@ -1521,6 +1526,7 @@ async fn open_connection(
                 Err(e) => warn!("skipping a malformed frame from the service: {e}"),
             },
             Some(Ok(Message::Close(frame))) => {
+                answer_close(&mut ws);
                 let detail = frame.map_or_else(
                     || "no close frame".to_owned(),
                     |f| {
@@ -1634,6 +1640,14 @@ async fn close(ws: &mut Ws, code: CloseCode) {
         }
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}
+
+/// Writes the answer to a close frame from the service, which tungstenite queued when
+/// it read it (RFC 6455, 5.5.1), if the socket takes it at once: a service that reads
+/// nothing holds up no reconnect. After another end, it writes what is left (if
+/// anything) to a socket about to be dropped.
+fn answer_close(ws: &mut Ws) {
+    let _ = ws.flush().now_or_never();
 }
 
 /// A deadline that never comes (timers that are off).
