@@ -1535,6 +1535,50 @@ async fn the_sequence_is_acknowledged_again_after_a_recovery() {
     client.stop().await;
 }
 
+#[tokio::test]
+async fn a_sequence_ack_due_as_the_session_is_lost_never_reaches_the_next_connection() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        sequence_ack_interval: Duration::from_secs(3600),
+        ..quiet_options()
+    };
+    let (client, mut events, mut conn) = connect(&fake, options).await;
+    // Read in one batch: the jump makes a sequenceAck due, then the session ends.
+    conn.ws
+        .feed(Message::text(server_message("jump", 301)))
+        .await
+        .unwrap();
+    let close = CloseFrame {
+        code: CloseCode::Policy,
+        reason: "bye".into(),
+    };
+    conn.ws.feed(Message::Close(Some(close))).await.unwrap();
+    conn.ws.flush().await.unwrap();
+    let (_, skipped) = wait_for(&mut events, 5, |e| matches!(e, Event::Disconnected { .. })).await;
+    let delivered: Vec<_> = skipped.iter().filter_map(common::message_text).collect();
+    assert_eq!(delivered, ["jump"]);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        !uri.contains("awps_connection_id"),
+        "a new connection: {uri}"
+    );
+    conn.connected("conn2", "rt2").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    let c = client.clone();
+    let join = tokio::spawn(async move { c.join_group("g").await });
+    let frame = conn.recv().await;
+    assert_eq!(
+        frame["type"], "joinGroup",
+        "the first frame on conn2 (its sequence starts afresh): {frame}"
+    );
+    conn.ack(&frame).await;
+    join.await.unwrap().unwrap();
+    client.stop().await;
+}
+
 /// The recovery attempt of `client`, whose connection just dropped, accepted by TCP and
 /// not answered: the client recovers until the stream is dropped.
 async fn held_recovery(fake: &Fake, client: &Client) -> tokio::net::TcpStream {

@@ -597,6 +597,8 @@ impl Task {
                     self.register_written();
                     let mut message = message;
                     let mut budget = BATCH;
+                    // What the frames read now make due (a jump's sequenceAck) starts here.
+                    let replies = self.out.len();
                     // The events of the frames read now go to the handler as one batch.
                     self.in_batch = true;
                     let ended = loop {
@@ -615,6 +617,9 @@ impl Task {
                     self.in_batch = false;
                     self.end_batch();
                     if let Some(end) = ended {
+                        // Meant for this connection only: on the next, the sequence
+                        // starts afresh, or is acknowledged again after a recovery.
+                        self.out.truncate(replies);
                         return end;
                     }
                     paused = self.backpressure(now);
