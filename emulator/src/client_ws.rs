@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::header::{SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION};
+use axum::http::header::{HOST, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD;
@@ -21,6 +21,8 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tungstenite::error::ProtocolError;
+use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::{self, Permission};
 use crate::frames::{self, Payload, Publication};
@@ -150,6 +152,13 @@ pub(crate) async fn client_endpoint(
         return error_response(
             StatusCode::BAD_REQUEST,
             "Invalid Sec-WebSocket-Key header: it must be the base64 of 16 bytes.",
+        );
+    }
+    // RFC 6455 4.2.1, as RFC 9112 3.2 asks of every HTTP/1.1 request.
+    if !headers.contains_key(HOST) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "Missing Host header: a WebSocket upgrade must name the host.",
         );
     }
     // In the client's order (the upgrade's own list is sorted).
@@ -283,9 +292,16 @@ pub(crate) async fn client_endpoint(
         .max_frame_size(max)
         // `Config::read_buffer_bytes`, not tungstenite's 128 KiB: it is zeroed by the
         // socket's first read and held for its life. Larger frames are still read whole
-        // (the buffer grows for them). The write buffer keeps its default: only a
-        // threshold for writing, grown by what is written.
+        // (the buffer grows for them). The write buffer keeps its default threshold, and
+        // holds at most the outbound queue's bytes past it: the writer puts in a frame
+        // only once the buffer is written out, but tungstenite queues a pong for each
+        // ping by itself, without bound for a peer that pings and reads nothing.
         .read_buffer_size(server.config.read_buffer_bytes)
+        .max_write_buffer_size(
+            WebSocketConfig::default()
+                .write_buffer_size
+                .saturating_add(server.config.max_outbound_bytes),
+        )
         .on_upgrade(move |socket| {
             tasks.track_future(async move { run_session(server, session, socket).await })
         })
@@ -792,26 +808,14 @@ impl Reader {
             let message = match item {
                 None => return End::gone(closing),
                 Some(Err(e)) => {
-                    let text = e.to_string();
                     if closing {
                         return End::Closed;
                     }
-                    if text.contains("Space limit exceeded") || text.contains("too long") {
-                        self.reject(
-                            1009,
-                            &format!(
-                                "Frame too large: the limit is {} bytes.",
-                                self.server.config.max_frame_bytes
-                            ),
-                        );
-                        return End::ServerClosing;
-                    }
-                    if text.contains("UTF-8") {
-                        // RFC 6455 8.1: fail the connection with 1007.
-                        self.reject(1007, "Invalid frame: a text frame is not valid UTF-8.");
-                        return End::ServerClosing;
-                    }
-                    return End::Abrupt;
+                    let Some((code, reason)) = self.failure(e) else {
+                        return End::Abrupt;
+                    };
+                    self.reject(code, &reason);
+                    return End::ServerClosing;
                 }
                 Some(Ok(Message::Close(frame))) => {
                     if closing {
@@ -873,6 +877,28 @@ impl Reader {
             None => {}
         }
         silence
+    }
+
+    /// The close code and reason with which a read error fails the connection (RFC 6455
+    /// 7.1.7, 7.4.1); None when the socket was lost, not misused.
+    fn failure(&self, e: axum::Error) -> Option<(u16, String)> {
+        let e = e.into_inner().downcast::<tungstenite::Error>().ok()?;
+        match *e {
+            tungstenite::Error::Capacity(_) => Some((
+                1009,
+                format!(
+                    "Frame too large: the limit is {} bytes.",
+                    self.server.config.max_frame_bytes
+                ),
+            )),
+            tungstenite::Error::Utf8(_) => Some((
+                1007,
+                "Invalid frame: a text frame is not valid UTF-8.".to_owned(),
+            )),
+            tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+            tungstenite::Error::Protocol(e) => Some((1002, format!("Protocol error: {e}."))),
+            _ => None,
+        }
     }
 
     /// Ends the session because of bad input: `disconnected` with the reason, then a

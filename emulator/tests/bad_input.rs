@@ -301,8 +301,12 @@ async fn deeply_nested_json_is_passed_on_or_refused_but_never_crashes() {
 /// Sends over raw TCP an upgrade request for `url` whose `Sec-WebSocket-*` header lines
 /// (each ending in CRLF) are `headers`; returns the response head and its body.
 async fn raw_handshake(emu: &Emulator, url: &str, headers: &str) -> (String, String) {
+    raw_request(emu, &upgrade_request(emu, url, headers)).await
+}
+
+/// Sends `request` over raw TCP; returns the response head and its body.
+async fn raw_request(emu: &Emulator, request: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = upgrade_request(emu, url, headers);
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", emu.port()))
         .await
         .unwrap();
@@ -400,5 +404,128 @@ async fn a_malformed_websocket_key_gets_400_and_takes_nothing() {
         (serde_json::json!(0), serde_json::json!(0)),
         "{now}"
     );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_without_a_host_gets_400_and_takes_nothing() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let request =
+        upgrade_request(&emu, &url, WS_VERSION_AND_KEY).replace("Host: 127.0.0.1\r\n", "");
+    let (head, body) = raw_request(&emu, &request).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(body.contains("Host"), "{body}");
+    assert_eq!(stats(&emu).await["slotsTaken"], 0);
+    emu.shutdown().await;
+}
+
+/// The code and reason of a close frame's payload.
+fn close_of(payload: &[u8]) -> (u16, String) {
+    let code = u16::from_be_bytes([payload[0], payload[1]]);
+    (code, String::from_utf8_lossy(&payload[2..]).into_owned())
+}
+
+#[tokio::test]
+async fn frames_that_break_rfc_6455_close_1002_for_good() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let ping = br#"{"type":"ping"}"#;
+    let cases = [
+        ("unmasked", client_frame(0x81, ping, false)),
+        // What a compressed frame looks like: no extension was negotiated.
+        ("RSV1", client_frame(0xc1, ping, true)),
+        ("RSV3", client_frame(0x91, ping, true)),
+        ("reserved data opcode", client_frame(0x83, b"x", true)),
+        ("reserved control opcode", client_frame(0x8b, b"", true)),
+        ("ping over 125 bytes", client_frame(0x89, &[7; 126], true)),
+        ("fragmented ping", client_frame(0x09, b"", true)),
+        ("continuation of nothing", client_frame(0x80, ping, true)),
+        (
+            "text within a fragmented message",
+            [
+                client_frame(0x01, b"{", true),
+                client_frame(0x81, ping, true),
+            ]
+            .concat(),
+        ),
+        ("close payload of one byte", client_frame(0x88, &[3], true)),
+    ];
+    // A raw peer never answers the close: each socket ends after the server's grace.
+    let ends = futures_util::future::join_all(cases.iter().map(|(_, bytes)| async {
+        let mut peer = raw_upgrade_sending(&emu, &url, Some(RELIABLE), bytes).await;
+        frames_until_end(&mut peer).await
+    }))
+    .await;
+    for ((case, _), frames) in cases.iter().zip(ends) {
+        let [(1, _), (1, disconnected), (0x8, close)] = &frames[..] else {
+            panic!("{case}: {frames:?}");
+        };
+        let disconnected: serde_json::Value = serde_json::from_slice(disconnected).unwrap();
+        assert_eq!(disconnected["event"], "disconnected", "{case}");
+        let (code, reason) = close_of(close);
+        assert_eq!(code, 1002, "{case}: {reason}");
+        assert!(reason.starts_with("Protocol error: "), "{case}: {reason}");
+    }
+    // The reliable sessions are over, not waiting for a recovery.
+    stats_until(&emu, "the sessions end", |now| now["connections"] == 0).await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_read() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    let ping = client_frame(0x81, br#"{"type":"ping"}"#, true);
+    let peer = raw_upgrade_sending(&emu, &url, Some(JSON), &ping).await;
+    let inner = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        tokio_tungstenite::MaybeTlsStream::Plain(peer),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let mut ws = Ws {
+        inner,
+        protocol: Some(JSON.into()),
+    };
+    assert_eq!(ws.next_json().await["event"], "connected");
+    assert_eq!(ws.next_json().await["type"], "pong");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_close_is_echoed_and_an_unanswered_close_ends_the_socket() {
+    let emu = start().await;
+    let url = emu.client_url("h", &all_roles("a"));
+    for (code, reason) in [(1000, ""), (1001, "away"), (3001, "bye"), (4999, "é")] {
+        let mut close = u16::to_be_bytes(code).to_vec();
+        close.extend_from_slice(reason.as_bytes());
+        let mut peer =
+            raw_upgrade_sending(&emu, &url, Some(JSON), &client_frame(0x88, &close, true)).await;
+        // Frames queued before the close (`connected`) may be dropped for the reply.
+        let frames = frames_until_end(&mut peer).await;
+        let Some(((0x8, reply), before)) = frames.split_last() else {
+            panic!("{code}: {frames:?}");
+        };
+        assert!(before.iter().all(|(op, _)| *op == 1), "{code}: {frames:?}");
+        assert_eq!(close_of(reply), (code, reason.to_owned()));
+    }
+    // The server's close, never answered: the socket ends after the server's grace.
+    let mut peer = raw_upgrade(&emu, &url, Some(JSON)).await;
+    stats_until(&emu, "the peer is connected", |now| now["connections"] == 1).await;
+    let path = "/api/hubs/h/:closeConnections?reason=bye";
+    let closed = reqwest::Client::new()
+        .post(format!("{}{path}", emu.endpoint()))
+        .bearer_auth(rest_token(&emu, &format!("{}{path}", emu.endpoint())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), 204);
+    let frames = frames_until_end(&mut peer).await;
+    let [(1, _), (1, disconnected), (0x8, close)] = &frames[..] else {
+        panic!("{frames:?}");
+    };
+    assert!(String::from_utf8_lossy(disconnected).contains("bye"));
+    assert_eq!(close_of(close).0, 1000);
     emu.shutdown().await;
 }

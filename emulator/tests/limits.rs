@@ -544,3 +544,45 @@ async fn an_idle_websocket_costs_the_server_little_memory() {
     let per_socket = (resident_kib(pid) - before) / SOCKETS;
     assert!(per_socket < 48, "{per_socket} KiB resident per idle socket");
 }
+
+/// Polls the stats of the binary at `endpoint` until it has read `n` frames.
+async fn until_frames_in(endpoint: &str, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let url = format!("{endpoint}/_emulator/stats");
+        let now: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        if now["framesIn"].as_u64().unwrap() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{now}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn pongs_to_a_peer_that_pings_and_never_reads_take_bounded_memory() {
+    // tungstenite queues a pong for every ping by itself; the peer reads none of them.
+    const FLOOD: usize = 32 << 20;
+    let (binary, port) = spawn_binary("ping-key", &["--max-outbound-bytes", "1048576"]);
+    let pid = binary.0.id();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let client = format!("{endpoint}/client/hubs/h");
+    let token = webpubsub_emulator::auth::sign_client_token("ping-key", &client, &all_roles("u"));
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!(
+        "GET /client/hubs/h?access_token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{WS_VERSION_AND_KEY}\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let ping = client_frame(0x89, &[7; 125], true);
+    tcp.write_all(&ping).await.unwrap();
+    until_frames_in(&endpoint, 1).await;
+    let before = resident_kib(pid);
+    let pings = FLOOD / ping.len();
+    tokio::time::timeout(WAIT, tcp.write_all(&ping.repeat(pings)))
+        .await
+        .expect("the server reads the pings in time")
+        .unwrap();
+    until_frames_in(&endpoint, 1 + pings as u64).await;
+    let grown = resident_kib(pid).saturating_sub(before);
+    assert!(grown < 12 << 10, "{grown} KiB more resident");
+}

@@ -248,15 +248,27 @@ pub fn upgrade_request(emulator: &Emulator, url: &str, headers: &str) -> String 
 /// is read and nothing more, so the peer answers nothing (not even a ping) until the
 /// test makes it.
 pub async fn raw_upgrade(emulator: &Emulator, url: &str, protocol: Option<&str>) -> TcpStream {
+    raw_upgrade_sending(emulator, url, protocol, &[]).await
+}
+
+/// [`raw_upgrade`], with `pipelined` sent in the same write as the upgrade request.
+pub async fn raw_upgrade_sending(
+    emulator: &Emulator,
+    url: &str,
+    protocol: Option<&str>,
+    pipelined: &[u8],
+) -> TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let offer = protocol
         .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
         .unwrap_or_default();
-    let request = upgrade_request(emulator, url, &format!("{WS_VERSION_AND_KEY}{offer}"));
+    let mut request =
+        upgrade_request(emulator, url, &format!("{WS_VERSION_AND_KEY}{offer}")).into_bytes();
+    request.extend_from_slice(pipelined);
     let mut tcp = TcpStream::connect(("127.0.0.1", emulator.port()))
         .await
         .unwrap();
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    tcp.write_all(&request).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -269,6 +281,34 @@ pub async fn raw_upgrade(emulator: &Emulator, url: &str, protocol: Option<&str>)
     let head = String::from_utf8_lossy(&head);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     tcp
+}
+
+/// A client frame (RFC 6455 5.2): first byte `head` (FIN, RSV bits and opcode), then
+/// `payload`, masked when `masked` as a client's frames must be.
+pub fn client_frame(head: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut frame = vec![head];
+    match payload.len() {
+        n if n < 126 => frame.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = if masked {
+        [0x37, 0xfa, 0x21, 0x3d]
+    } else {
+        [0; 4]
+    };
+    if masked {
+        frame.extend_from_slice(&key);
+    }
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
 }
 
 /// Reads what the server sends until it ends the socket (a close or a reset). Panics
