@@ -7,7 +7,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::client::Error;
-use crate::transport::{describe_refusal, read_response_head};
+use crate::transport::{describe_refusal, parse_response, read_response_head};
 
 /// Where a client's connections go.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -174,8 +174,7 @@ impl Proxy {
         let head_len = read_response_head(tcp, &mut buf, &during).await?;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
-        response
-            .parse(&buf)
+        parse_response(&mut response, &buf)
             .map_err(|e| Error::Connect(format!("{during}: malformed HTTP response: {e}")))?;
         if !response.code.is_some_and(|code| (200..300).contains(&code)) {
             let secrets: Vec<String> = self

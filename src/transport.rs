@@ -224,6 +224,18 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Parses an HTTP response head into `response`, taking an obs-fold (a field value
+/// continued on a line of its own) for the spaces it stands for, as RFC 9112 (5.2)
+/// asks of a user agent; `field` reads such a value.
+pub(crate) fn parse_response<'b>(
+    response: &mut httparse::Response<'_, 'b>,
+    buf: &'b [u8],
+) -> httparse::Result<usize> {
+    httparse::ParserConfig::default()
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .parse_response(response, buf)
+}
+
 /// Reads from `stream` into `buf` until it holds a whole final HTTP response head,
 /// dropping the interim (1xx but 101) responses before it, as RFC 9110 asks of a client
 /// that did not expect them; returns the head's length (bytes after it are the peer's
@@ -237,7 +249,7 @@ pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
-        match response.parse(buf) {
+        match parse_response(&mut response, buf) {
             Ok(httparse::Status::Complete(len)) => match response.code {
                 Some(code) if (100..200).contains(&code) && code != 101 => {
                     buf.drain(..len);
@@ -271,10 +283,11 @@ pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
 }
 
 /// Describes an HTTP response that refused what was asked (the upgrade, a tunnel) for an
-/// error: `HTTP 401 Unauthorized: "<its body>"`, then its `Retry-After` and `Location`
-/// when sent. `buf` holds the response from its start, its head complete; the rest of
-/// the body is read from `stream`, for `REFUSAL_BODY_WAIT` at most. Each of `secrets`
-/// found in the body shows as `***`.
+/// error: `HTTP 401 Unauthorized: "<its body>"` (a body under a `Content-Encoding` is
+/// not quoted), then its `Retry-After` and `Location` when sent. `buf` holds the
+/// response from its start, its head complete; the rest of the body is read from
+/// `stream`, for `REFUSAL_BODY_WAIT` at most. Each of `secrets` found in the reason
+/// phrase or the body shows as `***`.
 pub(crate) async fn describe_refusal<S: AsyncRead + Unpin>(
     stream: &mut S,
     mut buf: Vec<u8>,
@@ -282,25 +295,19 @@ pub(crate) async fn describe_refusal<S: AsyncRead + Unpin>(
 ) -> String {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
-    let Ok(httparse::Status::Complete(head_len)) = response.parse(&buf) else {
+    let Ok(httparse::Status::Complete(head_len)) = parse_response(&mut response, &buf) else {
         return "malformed HTTP response".into();
     };
     let code = response.code.unwrap_or(0);
-    let mut text = format!("HTTP {code} {}", response.reason.unwrap_or(""))
-        .trim_end()
-        .to_owned();
-    let header = |name: &str| {
-        response
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
-    };
+    let reason = quote_body(response.reason.unwrap_or("").as_bytes(), secrets);
+    let mut text = format!("HTTP {code} {reason}").trim_end().to_owned();
+    let header = |name: &str| field(response.headers, name);
     let length = header("Content-Length").and_then(|v| v.parse::<usize>().ok());
     let chunked =
         header("Transfer-Encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let retry_after = header("Retry-After");
     let location = header("Location");
+    let encoding = header("Content-Encoding").filter(|e| !e.eq_ignore_ascii_case("identity"));
     let has_body = !(code < 200 || code == 204 || code == 304 || length == Some(0));
     if has_body {
         // The body ends at its length, at the last chunk, or (neither announced) when
@@ -325,9 +332,14 @@ pub(crate) async fn describe_refusal<S: AsyncRead + Unpin>(
         } else {
             raw[..length.unwrap_or(raw.len()).min(raw.len())].to_vec()
         };
-        let body = quote_body(&body, secrets);
-        if !body.is_empty() {
-            text.push_str(&format!(": \"{body}\""));
+        if let Some(encoding) = encoding {
+            let encoding = quote_body(encoding.as_bytes(), secrets);
+            text.push_str(&format!(" (a {encoding}-encoded body, not shown)"));
+        } else {
+            let body = quote_body(&body, secrets);
+            if !body.is_empty() {
+                text.push_str(&format!(": \"{body}\""));
+            }
         }
     }
     if let Some(retry_after) = retry_after {
@@ -339,6 +351,24 @@ pub(crate) async fn describe_refusal<S: AsyncRead + Unpin>(
         text.push_str(&format!(" (a redirect to {location}, not followed)"));
     }
     text
+}
+
+/// The value of the field `name` in `headers`: the values of each field of that name,
+/// obs-folds made spaces, joined as one list (RFC 9110, 5.3), so that a field sent
+/// twice is not read as its first; `None` when no such field holds a value.
+fn field(headers: &[httparse::Header<'_>], name: &str) -> Option<String> {
+    let values: Vec<_> = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| {
+            String::from_utf8_lossy(h.value)
+                .replace(['\r', '\n'], " ")
+                .trim()
+                .to_owned()
+        })
+        .filter(|value| !value.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 /// The data of a chunked body's complete chunks.
@@ -493,8 +523,8 @@ impl Connector {
         };
         // `ws://host?q` has an empty path, which `Uri` keeps: the request's is `/?q`.
         let target = match uri.path_and_query().map_or("", |pq| pq.as_str()) {
-            pq if pq.starts_with('/') => pq.to_owned(),
-            pq => format!("/{pq}"),
+            pq if pq.starts_with('/') => ascii_target(pq),
+            pq => format!("/{}", ascii_target(pq)),
         };
         *waiting_for = format!("{host}:{port} to answer the WebSocket upgrade");
         self.upgrade(stream, &host_header, &format!("{host}:{port}"), &target)
@@ -532,8 +562,7 @@ impl Connector {
         let head_len = read_response_head(&mut stream, &mut buf, &during).await?;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
-        response
-            .parse(&buf)
+        parse_response(&mut response, &buf)
             .map_err(|e| Error::Connect(format!("{during}: malformed HTTP response: {e}")))?;
         if response.code != Some(101) {
             let refusal = describe_refusal(&mut stream, buf, &url_secrets(target)).await;
@@ -541,16 +570,18 @@ impl Connector {
                 "{peer} answered the WebSocket upgrade with {refusal}"
             )));
         }
-        let header = |name: &str| {
-            response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value))
-        };
+        let header = |name: &str| field(response.headers, name);
         if !header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
             return Err(Error::Connect(format!(
                 "{peer}: the server did not upgrade to WebSocket"
+            )));
+        }
+        if !header("Connection").is_some_and(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        }) {
+            return Err(Error::Connect(format!(
+                "{peer}: the server's answer lacks Connection: upgrade (RFC 6455)"
             )));
         }
         if header("Sec-WebSocket-Accept").as_deref()
@@ -577,9 +608,7 @@ impl Connector {
         }
         // None is offered: one the server applies anyway would alter the frames
         // (RFC 6455, 4.1).
-        if let Some(extensions) =
-            header("Sec-WebSocket-Extensions").filter(|v| !v.trim().is_empty())
-        {
+        if let Some(extensions) = header("Sec-WebSocket-Extensions") {
             return Err(Error::Connect(format!(
                 "{peer}: the server chose the extension {extensions:?}, which the client \
                  did not offer"
@@ -600,6 +629,20 @@ impl Connector {
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
         tls_config(&self.extra_ca_pem).map_err(Error::Tls)
     }
+}
+
+/// `target` with each byte beyond ASCII percent-encoded, as a browser sends it: a
+/// request target is ASCII (RFC 9112, 3.2), and `Uri` lets other bytes through.
+fn ascii_target(target: &str) -> String {
+    let mut ascii = String::with_capacity(target.len());
+    for byte in target.bytes() {
+        if byte.is_ascii() {
+            ascii.push(char::from(byte));
+        } else {
+            ascii.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    ascii
 }
 
 /// What a user may do about a failed TLS handshake, for the cases a message alone does

@@ -88,17 +88,81 @@ async fn a_url_without_a_path_asks_for_the_root() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let url = format!("ws://127.0.0.1:{port}?access_token=t");
-    let (client, _events) = Client::with_channel(Credential::Url(url), fast_options()).unwrap();
+    let request = upgrade_request(&listener, &url, false).await;
+    assert!(
+        request.starts_with("GET /?access_token=t HTTP/1.1\r\n"),
+        "{request}"
+    );
+}
+
+/// The head of the upgrade request a client of `url` sends to `listener`, reached
+/// directly or through a proxy tunnelling every request to it.
+async fn upgrade_request(listener: &tokio::net::TcpListener, url: &str, proxy: bool) -> String {
+    let proxy = if proxy {
+        Some(common::proxy::TestProxy::start(listener.local_addr().unwrap(), None).await)
+    } else {
+        None
+    };
+    let options = webpubsub_client::ClientOptions {
+        proxy: match &proxy {
+            Some(proxy) => webpubsub_client::ProxySetting::Url(proxy.url.clone()),
+            None => webpubsub_client::ProxySetting::Direct,
+        },
+        ..fast_options()
+    };
+    let (client, _events) = Client::with_channel(Credential::Url(url.into()), options).unwrap();
     let start = tokio::spawn(async move { client.start().await });
     let (mut socket, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
         .await
         .unwrap()
         .unwrap();
     let request = common::request_head(&mut socket).await;
-    assert!(
-        request.starts_with("GET /?access_token=t HTTP/1.1\r\n"),
-        "{request}"
-    );
     drop(socket);
     assert!(start.await.unwrap().is_err());
+    request
+}
+
+#[tokio::test]
+async fn the_request_target_and_host_are_sent_as_the_url_writes_them() {
+    // The path and query go as written, percent-escapes kept; bytes outside ASCII, which
+    // a request target cannot hold (RFC 9112, 3.2), percent-encoded as browsers do. The
+    // Host names the port unless it is the scheme's default (RFC 6455, 4.1).
+    let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let v6 = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let (p4, p6) = (
+        v4.local_addr().unwrap().port(),
+        v6.local_addr().unwrap().port(),
+    );
+    let cases = [
+        (
+            &v4,
+            format!("ws://127.0.0.1:{p4}/a%2Fb/c%20d?x=%0D%0Ay&z=a+b&q=a/b?c"),
+            false,
+            format!(
+                "GET /a%2Fb/c%20d?x=%0D%0Ay&z=a+b&q=a/b?c HTTP/1.1\r\nHost: 127.0.0.1:{p4}\r\n"
+            ),
+        ),
+        (
+            &v4,
+            format!("ws://127.0.0.1:{p4}/hub/ä?name=José"),
+            false,
+            format!("GET /hub/%C3%A4?name=Jos%C3%A9 HTTP/1.1\r\nHost: 127.0.0.1:{p4}\r\n"),
+        ),
+        (
+            &v6,
+            format!("ws://[::1]:{p6}/client?access_token=t"),
+            false,
+            format!("GET /client?access_token=t HTTP/1.1\r\nHost: [::1]:{p6}\r\n"),
+        ),
+        (
+            &v4,
+            "ws://service.invalid/client?access_token=t".into(),
+            true,
+            "GET /client?access_token=t HTTP/1.1\r\nHost: service.invalid\r\n".into(),
+        ),
+    ];
+    for (listener, url, proxy, expected) in cases {
+        let request = upgrade_request(listener, &url, proxy).await;
+        assert!(request.starts_with(&expected), "{url}\n{request}");
+    }
 }

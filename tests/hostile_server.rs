@@ -2,10 +2,10 @@
 //! type, huge frames and HTTP heads, floods, binary and control frames, acks for
 //! unknown ids, sequence ids out of order, extreme or malformed (also across a
 //! recovery), a second `connected` frame, every interesting close code, fragmented
-//! messages, RFC 6455 violations, and upgrade answers choosing what the client did not
-//! offer. The client must stay up, report what the protocol says through its events,
-//! and leave nothing behind (its socket is closed once the last handle is dropped, and
-//! the heap returns to where it was).
+//! messages, RFC 6455 violations, and upgrade answers the client must fail (or must
+//! accept, however spelled). The client must stay up, report what the protocol says
+//! through its events, and leave nothing behind (its socket is closed once the last
+//! handle is dropped, and the heap returns to where it was).
 //!
 //! (tests/fake_service.rs covers the basic malformed / unknown / duplicate cases.)
 
@@ -889,27 +889,46 @@ async fn interim_responses_before_the_upgrade_answer_are_skipped() {
 }
 
 #[tokio::test]
-async fn an_upgrade_answer_choosing_what_the_client_did_not_offer_fails_start() {
-    // RFC 6455 (4.1): an extension or a subprotocol the client did not ask for fails
-    // the connection.
+async fn an_upgrade_answer_the_client_must_fail_fails_start() {
+    // RFC 6455 (4.1): an extension or a subprotocol the client did not ask for, or a
+    // Connection without the token "upgrade", fails the connection. A field sent twice
+    // is the list of both values (RFC 9110, 5.3), not its first.
     let _serial = SERIAL.lock().await;
     let hostile = Hostile::new().await;
     let offered = "Sec-WebSocket-Protocol: json.reliable.webpubsub.azure.v1\r\n";
+    let upgrade = "Connection: Upgrade\r\n";
     let cases = [
         (
+            upgrade,
             format!("{offered}Sec-WebSocket-Extensions: permessage-deflate\r\n"),
             "the server chose the extension \"permessage-deflate\", which the client did not offer",
         ),
         (
+            upgrade,
             "Sec-WebSocket-Protocol: json.webpubsub.azure.v1\r\n".into(),
             "the server chose the subprotocol \"json.webpubsub.azure.v1\", not json.reliable.webpubsub.azure.v1",
         ),
-        (String::new(), "the server did not accept the subprotocol json.reliable.webpubsub.azure.v1"),
+        (upgrade, String::new(), "the server did not accept the subprotocol json.reliable.webpubsub.azure.v1"),
+        (
+            upgrade,
+            format!("{offered}Sec-WebSocket-Extensions: \r\nSec-WebSocket-Extensions: permessage-deflate\r\n"),
+            "the server chose the extension \"permessage-deflate\", which the client did not offer",
+        ),
+        (
+            upgrade,
+            format!("{offered}Sec-WebSocket-Protocol: json.webpubsub.azure.v1\r\n"),
+            "the server chose the subprotocol \"json.reliable.webpubsub.azure.v1, json.webpubsub.azure.v1\"",
+        ),
+        (upgrade, format!("{offered}Sec-WebSocket-Accept: other\r\n"), "Sec-WebSocket-Accept does not match"),
+        ("", offered.into(), "the server's answer lacks Connection: upgrade"),
+        ("Connection: keep-alive\r\n", offered.into(), "the server's answer lacks Connection: upgrade"),
     ];
-    for (headers, expected) in cases {
+    for (connection, headers, expected) in cases {
         let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
         let mut tcp = hostile.accept_tcp().await;
-        let answer = switching(&mut tcp, &headers).await;
+        let answer = switching(&mut tcp, &headers)
+            .await
+            .replacen(upgrade, connection, 1);
         tcp.write_all(answer.as_bytes()).await.unwrap();
         let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
         connected(&mut ws, "conn1", "rt1").await;
@@ -917,13 +936,37 @@ async fn an_upgrade_answer_choosing_what_the_client_did_not_offer_fails_start() 
             .await
             .expect("the start fails at once")
             .unwrap()
-            .unwrap_err();
+            .expect_err(expected);
         match &error {
             Error::Connect(m) => assert!(m.contains(expected), "{expected}\n{m}"),
             other => panic!("{expected}: unexpected error {other:?}"),
         }
         assert_eq!(client.state(), ClientState::Stopped);
     }
+}
+
+#[tokio::test]
+async fn an_upgrade_answer_in_any_valid_spelling_is_accepted() {
+    // Field names and the values RFC 6455 names are case-insensitive, Connection is a
+    // list, whitespace around a value is not part of it, an obs-fold is a space (RFC
+    // 9112, 5.2), the reason phrase may be empty, and a Content-Length on a 101
+    // announces no body (RFC 9110).
+    let _serial = SERIAL.lock().await;
+    let hostile = Hostile::new().await;
+    let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
+    let mut tcp = hostile.accept_tcp().await;
+    let answer = switching(&mut tcp, "").await.replace(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept:",
+        "HTTP/1.1 101 \r\nuPGRADE: WebSocket\r\nconnection: keep-alive\r\nCONNECTION:\r\n\t UPGRADE \r\n\
+         Content-Length: 5\r\nsec-websocket-protocol:  json.reliable.webpubsub.azure.v1 \r\nsec-websocket-accept:",
+    );
+    tcp.write_all(answer.as_bytes()).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
+    connected(&mut ws, "conn1", "rt1").await;
+    start.await.unwrap().unwrap();
+    assert_eq!(client.connection_id().as_deref(), Some("conn1"));
+    drop(client);
+    closed_by_client(&mut ws).await;
 }
 
 /// The start error for one HTTP answer to the client's first request, `url` reached
@@ -994,6 +1037,30 @@ async fn an_http_refusal_reports_the_servers_text_and_never_the_token() {
             "HTTP 500 Internal Server Error: \"half a\"".into(),
         ),
         (
+            false,
+            format!("HTTP/1.1 400 No such token {token}\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+            "HTTP 400 No such token ***".into(),
+        ),
+        (
+            false,
+            format!("HTTP/1.1 400 {}\r\nContent-Length: 0\r\n\r\n", "r".repeat(10_000)).into_bytes(),
+            format!("HTTP 400 {}...", "r".repeat(512)),
+        ),
+        (
+            false,
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Encoding: gzip\r\nContent-Length: 22\r\n\r\n\
+              \x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xcb\xcb\x07\x00\x1f\x28\xaa\x67\x02\x00\x00\x00"
+                .to_vec(),
+            "HTTP 401 Unauthorized (a gzip-encoded body, not shown)".into(),
+        ),
+        (
+            false,
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer,\r\n error=\"invalid_token\"\r\n\
+              Content-Length: 8\r\n\r\nExpired."
+                .to_vec(),
+            "HTTP 401 Unauthorized: \"Expired.\"".into(),
+        ),
+        (
             true,
             b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 19\r\n\r\nProxy login needed.".to_vec(),
             format!("proxy {peer} refused CONNECT to nowhere.invalid:80: HTTP 407 Proxy Authentication Required: \"Proxy login needed.\""),
@@ -1007,7 +1074,10 @@ async fn an_http_refusal_reports_the_servers_text_and_never_the_token() {
         };
         let error = refusal(&hostile, &url, proxy, &answer).await;
         match &error {
-            Error::Connect(m) => assert!(m.contains(&expected), "{expected}\n{m}"),
+            Error::Connect(m) => {
+                assert!(m.contains(&expected), "{expected}\n{m}");
+                assert!(m.len() < 1024, "{m}");
+            }
             other => panic!("{expected}: unexpected error {other:?}"),
         }
         assert!(
