@@ -593,33 +593,7 @@ impl Task {
                 message = stream.next(), if paused.is_none() => {
                     now = Instant::now();
                     last_received = now;
-                    // Before anything read now: an ack may be for a caller's own write.
-                    self.register_written();
-                    let mut message = message;
-                    let mut budget = BATCH;
-                    // What the frames read now make due (a jump's sequenceAck) starts here.
-                    let replies = self.out.len();
-                    // The events of the frames read now go to the handler as one batch.
-                    self.in_batch = true;
-                    let ended = loop {
-                        if let Some(end) = self.on_message(message, now) {
-                            break Some(end);
-                        }
-                        budget -= 1;
-                        if budget == 0 {
-                            break None;
-                        }
-                        match stream.next().now_or_never() {
-                            Some(more) => message = more,
-                            None => break None,
-                        }
-                    };
-                    self.in_batch = false;
-                    self.end_batch();
-                    if let Some(end) = ended {
-                        // Meant for this connection only: on the next, the sequence
-                        // starts afresh, or is acknowledged again after a recovery.
-                        self.out.truncate(replies);
+                    if let Some(end) = self.read_batch(message, stream, now) {
                         return end;
                     }
                     paused = self.backpressure(now);
@@ -668,6 +642,13 @@ impl Task {
                 },
                 () = &mut silence, if silence_limit.is_some() && paused.is_none() => {
                     now = Instant::now();
+                    if let Some(message) = received_meanwhile(stream).await {
+                        last_received = now;
+                        if let Some(end) = self.read_batch(message, stream, now) {
+                            return end;
+                        }
+                        paused = self.backpressure(now);
+                    }
                     let limit = silence_limit.unwrap_or_default();
                     if now >= last_received + limit {
                         warn!("nothing received for {limit:?}: closing the connection to recover it");
@@ -685,7 +666,16 @@ impl Task {
                 () = &mut op_timer, if op_armed.is_some() && paused.is_none() => {
                     now = Instant::now();
                     op_armed = None;
-                    self.pending.expire(now.into_std(), &mut self.out, &mut self.done);
+                    if let Some(message) = received_meanwhile(stream).await {
+                        last_received = now;
+                        if let Some(end) = self.read_batch(message, stream, now) {
+                            return end;
+                        }
+                        paused = self.backpressure(now);
+                    }
+                    if paused.is_none() {
+                        self.pending.expire(now.into_std(), &mut self.out, &mut self.done);
+                    }
                 },
             }
             direct.set_pending(self.pending.len());
@@ -700,6 +690,43 @@ impl Task {
             }
             direct.finished(std::mem::take(&mut self.taken));
         }
+    }
+
+    /// Handles `message` and what else the socket holds now (`BATCH` frames at most),
+    /// their events as one batch; `Some` when the connection ended.
+    fn read_batch(
+        &mut self,
+        mut message: Option<Result<Message, WsError>>,
+        stream: &mut SplitStream<Ws>,
+        now: Instant,
+    ) -> Option<End> {
+        // Before anything read now: an ack may be for a caller's own write.
+        self.register_written();
+        let mut budget = BATCH;
+        // What the frames read now make due (a jump's sequenceAck) starts here.
+        let replies = self.out.len();
+        self.in_batch = true;
+        let ended = loop {
+            if let Some(end) = self.on_message(message, now) {
+                break Some(end);
+            }
+            budget -= 1;
+            if budget == 0 {
+                break None;
+            }
+            match stream.next().now_or_never() {
+                Some(more) => message = more,
+                None => break None,
+            }
+        };
+        self.in_batch = false;
+        self.end_batch();
+        if ended.is_some() {
+            // Meant for this connection only: on the next, the sequence starts afresh,
+            // or is acknowledged again after a recovery.
+            self.out.truncate(replies);
+        }
+        ended
     }
 
     /// Writes `out` (and flushes) on the live connection. Commands are still answered
@@ -1486,6 +1513,17 @@ async fn resumed(paused: &mut Option<(Resume, Instant)>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// What the socket received and the task has not read yet, if anything, once the runtime
+/// has polled its sockets. A timer that fired late (the process was stopped, or busy)
+/// reads it before acting: an ack that came before the process ran again completes its
+/// operation rather than losing to its timeout, and what came ends a silence.
+async fn received_meanwhile(
+    stream: &mut SplitStream<Ws>,
+) -> Option<Option<Result<Message, WsError>>> {
+    tokio::task::yield_now().await;
+    stream.next().now_or_never()
 }
 
 /// Gets a URL from the credential, connects, and waits for the `connected` frame.
