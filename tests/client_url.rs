@@ -3,8 +3,10 @@
 
 mod common;
 
-use common::{all_roles, fast_options, fault, last_error, next_event, until_stats};
+use common::{all_roles, fast_options, fault, last_error, next_event, until_stats, wait_for};
 use std::ffi::CString;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use webpubsub_client::ffi::client::wps_client_new;
 use webpubsub_client::ffi::status::WPS_STATUS_INVALID_ARGUMENT;
@@ -44,6 +46,55 @@ async fn a_fragment_does_not_hide_the_recovery_parameters() {
     let stats = common::stats(&emulator).await;
     assert_eq!(stats["connectionsOpened"], 1, "{stats}");
     assert_eq!(client.connection_id(), Some(connection_id));
+    client.stop().await;
+}
+
+/// A provider's URL may change from one connection to the next (another hub, another
+/// spelling): each new connection goes where the latest URL says, and a recovery goes
+/// back to the URL of the connection it recovers, without asking the provider.
+#[tokio::test]
+async fn each_new_connection_takes_the_providers_latest_url_and_a_recovery_keeps_its_own() {
+    let emulator = Emulator::start(Config {
+        recovery_window: Duration::from_secs(10),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let first = emulator.client_url("first", &token());
+    let second = emulator.client_url("second", &token());
+    let second = format!("{}#section", second.replacen("ws://", "http://u:p@", 1));
+    // A third call would get a URL the service refuses.
+    let urls = [
+        first,
+        second,
+        format!("{}x", emulator.client_url(HUB, &token())),
+    ];
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let credential = Credential::provider(move || {
+        let call = counter.fetch_add(1, Ordering::SeqCst);
+        let url = urls[call.min(2)].clone();
+        async move { Ok(url) }
+    });
+    let (client, mut events) = Client::with_channel(credential, fast_options()).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    fault(&emulator, "first", &connection_id, ":close?code=1008").await;
+    let (Event::Connected { connection_id, .. }, _) =
+        wait_for(&mut events, 10, |e| matches!(e, Event::Connected { .. })).await
+    else {
+        unreachable!()
+    };
+    // The fault route finds the connection in that hub only.
+    fault(&emulator, "second", &connection_id, ":drop").await;
+    until_stats(&emulator, "the connection was not recovered", 10, |s| {
+        s["recoveries"] == 1
+    })
+    .await;
+    assert_eq!(client.connection_id(), Some(connection_id));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
     client.stop().await;
 }
 

@@ -608,6 +608,26 @@ async def test_a_stop_during_open_cancels_the_async_credential(how: str, caplog:
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+async def test_a_plain_provider_blocking_the_loop_past_the_start_timeout_fails_open_only(hub: Hub) -> None:
+    """A plain function provider runs on the loop and cannot be cancelled: one that blocks
+    the loop past the start timeout fails that open() with the timeout once the loop runs
+    again, its late answer is refused, and the next open() connects."""
+    calls: List[int] = []
+
+    def provide() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return hub.url()
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=0.3, reconnect_retry_total=0)
+    with pytest.raises(OpenClientError, match="timed out after 0.3 s waiting for the credential"):
+        await client.open()
+    async with client:
+        assert client.is_connected()
+    assert len(calls) == 2
+
+
 async def test_a_wrong_async_credential_answer_fails_open(hub: Hub) -> None:
     async def not_a_str() -> Any:
         return 42
