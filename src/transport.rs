@@ -521,11 +521,12 @@ impl Connector {
         } else {
             format!("{host}:{port}")
         };
-        // `ws://host?q` has an empty path, which `Uri` keeps: the request's is `/?q`.
-        let target = match uri.path_and_query().map_or("", |pq| pq.as_str()) {
-            pq if pq.starts_with('/') => ascii_target(pq),
-            pq => format!("/{}", ascii_target(pq)),
-        };
+        // `ws://host?q` has an empty path, which `Uri` keeps: the request's is `/?q`. A
+        // request target is ASCII (RFC 9112, 3.2), and `Uri` lets other bytes through:
+        // they are percent-encoded, as browsers do.
+        let pq = uri.path_and_query().map_or("", |pq| pq.as_str());
+        let slash = if pq.starts_with('/') { "" } else { "/" };
+        let target = format!("{slash}{}", percent_encode(pq, |b| b.is_ascii()));
         *waiting_for = format!("{host}:{port} to answer the WebSocket upgrade");
         self.upgrade(stream, &host_header, &format!("{host}:{port}"), &target)
             .await
@@ -631,18 +632,17 @@ impl Connector {
     }
 }
 
-/// `target` with each byte beyond ASCII percent-encoded, as a browser sends it: a
-/// request target is ASCII (RFC 9112, 3.2), and `Uri` lets other bytes through.
-fn ascii_target(target: &str) -> String {
-    let mut ascii = String::with_capacity(target.len());
-    for byte in target.bytes() {
-        if byte.is_ascii() {
-            ascii.push(char::from(byte));
+/// `value` with each byte that `keep` refuses percent-encoded (`%XX`).
+pub(crate) fn percent_encode(value: &str, keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if keep(byte) {
+            out.push(char::from(byte));
         } else {
-            ascii.push_str(&format!("%{byte:02X}"));
+            out.push_str(&format!("%{byte:02X}"));
         }
     }
-    ascii
+    out
 }
 
 /// What a user may do about a failed TLS handshake, for the cases a message alone does

@@ -26,7 +26,7 @@ use super::{
     ClientOptions, ClientState, Credential, Error, Event, EventHandler, InvokeResult, Resume,
 };
 use crate::protocol::{json, DataType, Downstream, Upstream};
-use crate::transport::{peer_of, redact_url, Connector, Ws};
+use crate::transport::{peer_of, percent_encode, redact_url, Connector, Ws};
 use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
@@ -1592,21 +1592,15 @@ fn recovery_url(url: &str, connection_id: &str, token: &str) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };
     format!(
         "{url}{separator}awps_connection_id={}&awps_reconnection_token={}",
-        percent_encode(connection_id),
-        percent_encode(token)
+        percent_encode(connection_id, unreserved),
+        percent_encode(token, unreserved)
     )
 }
 
-fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// A URI's unreserved characters (RFC 3986, 2.3): the others are percent-encoded in a
+/// query value.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')
 }
 
 /// `frame` with its ackId `ack_id` replaced by `new`, and its ackId now (still
