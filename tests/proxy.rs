@@ -295,26 +295,12 @@ async fn a_hostile_answer_to_connect_fails_the_start_at_once_with_a_clear_error(
 #[tokio::test]
 async fn a_proxy_that_never_answers_is_bounded_by_the_start_timeout_and_by_a_stop() {
     let (proxy, mut requests) = common::silent_server().await;
-    let url = Credential::Url("ws://nowhere.invalid/x".into());
-    let options = ClientOptions {
-        start_timeout: Duration::from_millis(300),
-        ..through(&format!("http://{proxy}"))
-    };
-    let (client, _events) = Client::with_channel(url.clone(), options).unwrap();
-    assert_eq!(
-        client.start().await,
-        Err(Error::StartTimeout {
-            after: Duration::from_millis(300),
-            waiting_for: format!("proxy {proxy} to answer CONNECT to nowhere.invalid:80"),
-        })
-    );
-    requests.recv().await.unwrap();
-
-    let options = ClientOptions {
-        start_timeout: Duration::from_secs(60),
-        ..through(&format!("http://{proxy}"))
-    };
-    let (client, _events) = Client::with_channel(url, options).unwrap();
-    let request = common::stopped_while_starting(&client, &mut requests).await;
+    let request = common::stalled_start(
+        Credential::Url("ws://nowhere.invalid/x".into()),
+        through(&format!("http://{proxy}")),
+        &mut requests,
+        format!("proxy {proxy} to answer CONNECT to nowhere.invalid:80"),
+    )
+    .await;
     assert!(request.starts_with(b"CONNECT nowhere.invalid:80 "));
 }

@@ -7,7 +7,6 @@ mod common;
 use bytes::Bytes;
 use common::pki::Pki;
 use common::{all_roles, fast_options, next_event};
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use webpubsub_client::{Client, ClientOptions, Credential, DataType, Error, SendToGroupOptions};
 use webpubsub_emulator::{Config, Emulator, TokenOptions};
@@ -186,26 +185,12 @@ async fn a_server_that_refuses_the_handshake_with_an_alert_is_named() {
 #[tokio::test]
 async fn a_stalled_handshake_is_bounded_by_the_start_timeout_and_by_a_stop() {
     let (server, mut hellos) = common::silent_server().await;
-    let url = Credential::Url(format!("wss://{server}/client/hubs/h"));
-    let options = ClientOptions {
-        start_timeout: Duration::from_millis(300),
-        ..fast_options()
-    };
-    let (client, _events) = Client::with_channel(url.clone(), options).unwrap();
-    assert_eq!(
-        client.start().await,
-        Err(Error::StartTimeout {
-            after: Duration::from_millis(300),
-            waiting_for: format!("the TLS handshake with {server}"),
-        })
-    );
-    hellos.recv().await.unwrap();
-
-    let options = ClientOptions {
-        start_timeout: Duration::from_secs(60),
-        ..fast_options()
-    };
-    let (client, _events) = Client::with_channel(url, options).unwrap();
-    let hello = common::stopped_while_starting(&client, &mut hellos).await;
+    let hello = common::stalled_start(
+        Credential::Url(format!("wss://{server}/client/hubs/h")),
+        fast_options(),
+        &mut hellos,
+        format!("the TLS handshake with {server}"),
+    )
+    .await;
     assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record");
 }

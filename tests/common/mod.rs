@@ -617,13 +617,36 @@ pub async fn silent_server() -> (
     (addr, received)
 }
 
-/// Starts `client` and, once its start has sent its first bytes to a `silent_server`
-/// (returned, from `received`), stops it: the stop returns at once, and the start ends
-/// with `Stopped`.
-pub async fn stopped_while_starting(
-    client: &Client,
+/// A client of `url` with `options` whose connection stalls at a `silent_server`
+/// (`received` gets each connection's first bytes): with a 300 ms start timeout, the
+/// start fails with `StartTimeout` naming `waiting_for`; with a 60 s one, a stop made
+/// once the start has sent its first bytes (returned) returns at once, and the start
+/// ends with `Stopped`.
+pub async fn stalled_start(
+    url: Credential,
+    options: ClientOptions,
     received: &mut UnboundedReceiver<Vec<u8>>,
+    waiting_for: String,
 ) -> Vec<u8> {
+    let short = ClientOptions {
+        start_timeout: Duration::from_millis(300),
+        ..options.clone()
+    };
+    let (client, _events) = Client::with_channel(url.clone(), short).unwrap();
+    assert_eq!(
+        client.start().await,
+        Err(Error::StartTimeout {
+            after: Duration::from_millis(300),
+            waiting_for,
+        })
+    );
+    received.recv().await.unwrap();
+
+    let long = ClientOptions {
+        start_timeout: Duration::from_secs(60),
+        ..options
+    };
+    let (client, _events) = Client::with_channel(url, long).unwrap();
     let starting = tokio::spawn({
         let client = client.clone();
         async move { client.start().await }
