@@ -863,26 +863,44 @@ async fn switching(tcp: &mut TcpStream, headers: &str) -> String {
     )
 }
 
+/// Starts a reliable client of `hostile`, answers its upgrade with the 101 `switching`
+/// makes for `headers`, rewritten by `edit`, and sends the connected frame of conn1:
+/// the client, its start's outcome (within 3 s), and the server's side.
+async fn answered_upgrade(
+    hostile: &Hostile,
+    headers: &str,
+    edit: impl FnOnce(String) -> String,
+) -> (Client, Result<(), Error>, Ws) {
+    let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
+    let mut tcp = hostile.accept_tcp().await;
+    let answer = edit(switching(&mut tcp, headers).await);
+    tcp.write_all(answer.as_bytes()).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
+    connected(&mut ws, "conn1", "rt1").await;
+    let started = tokio::time::timeout(Duration::from_secs(3), start)
+        .await
+        .expect("the start ends at once")
+        .unwrap();
+    (client, started, ws)
+}
+
 #[tokio::test]
 async fn interim_responses_before_the_upgrade_answer_are_skipped() {
     let _serial = SERIAL.lock().await;
     let hostile = Hostile::new().await;
-    let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
-    let mut tcp = hostile.accept_tcp().await;
-    let answer = switching(
-        &mut tcp,
-        "Sec-WebSocket-Protocol: json.reliable.webpubsub.azure.v1\r\n",
-    )
-    .await;
     // RFC 9110 (15.2): a client parses the 1xx responses it did not expect before the
     // final one.
-    let answer = format!(
-        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n{answer}"
-    );
-    tcp.write_all(answer.as_bytes()).await.unwrap();
-    let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
-    connected(&mut ws, "conn1", "rt1").await;
-    start.await.unwrap().unwrap();
+    let (client, started, mut ws) = answered_upgrade(
+        &hostile,
+        "Sec-WebSocket-Protocol: json.reliable.webpubsub.azure.v1\r\n",
+        |answer| {
+            format!(
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n{answer}"
+            )
+        },
+    )
+    .await;
+    started.unwrap();
     assert_eq!(client.connection_id().as_deref(), Some("conn1"));
     drop(client);
     closed_by_client(&mut ws).await;
@@ -924,19 +942,11 @@ async fn an_upgrade_answer_the_client_must_fail_fails_start() {
         ("Connection: keep-alive\r\n", offered.into(), "the server's answer lacks Connection: upgrade"),
     ];
     for (connection, headers, expected) in cases {
-        let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
-        let mut tcp = hostile.accept_tcp().await;
-        let answer = switching(&mut tcp, &headers)
-            .await
-            .replacen(upgrade, connection, 1);
-        tcp.write_all(answer.as_bytes()).await.unwrap();
-        let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
-        connected(&mut ws, "conn1", "rt1").await;
-        let error = tokio::time::timeout(Duration::from_secs(3), start)
-            .await
-            .expect("the start fails at once")
-            .unwrap()
-            .expect_err(expected);
+        let (client, started, _ws) = answered_upgrade(&hostile, &headers, |answer| {
+            answer.replacen(upgrade, connection, 1)
+        })
+        .await;
+        let error = started.expect_err(expected);
         match &error {
             Error::Connect(m) => assert!(m.contains(expected), "{expected}\n{m}"),
             other => panic!("{expected}: unexpected error {other:?}"),
@@ -953,17 +963,15 @@ async fn an_upgrade_answer_in_any_valid_spelling_is_accepted() {
     // announces no body (RFC 9110).
     let _serial = SERIAL.lock().await;
     let hostile = Hostile::new().await;
-    let (client, _events, start) = starting(&hostile.url, options(Protocol::JsonReliable));
-    let mut tcp = hostile.accept_tcp().await;
-    let answer = switching(&mut tcp, "").await.replace(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept:",
-        "HTTP/1.1 101 \r\nuPGRADE: WebSocket\r\nconnection: keep-alive\r\nCONNECTION:\r\n\t UPGRADE \r\n\
-         Content-Length: 5\r\nsec-websocket-protocol:  json.reliable.webpubsub.azure.v1 \r\nsec-websocket-accept:",
-    );
-    tcp.write_all(answer.as_bytes()).await.unwrap();
-    let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
-    connected(&mut ws, "conn1", "rt1").await;
-    start.await.unwrap().unwrap();
+    let (client, started, mut ws) = answered_upgrade(&hostile, "", |answer| {
+        answer.replace(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept:",
+            "HTTP/1.1 101 \r\nuPGRADE: WebSocket\r\nconnection: keep-alive\r\nCONNECTION:\r\n\t UPGRADE \r\n\
+             Content-Length: 5\r\nsec-websocket-protocol:  json.reliable.webpubsub.azure.v1 \r\nsec-websocket-accept:",
+        )
+    })
+    .await;
+    started.unwrap();
     assert_eq!(client.connection_id().as_deref(), Some("conn1"));
     drop(client);
     closed_by_client(&mut ws).await;
