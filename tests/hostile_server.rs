@@ -659,54 +659,129 @@ async fn a_fragmented_message_with_control_frames_between_its_fragments_arrives_
 
 #[tokio::test]
 async fn websocket_protocol_violations_end_the_connection_with_their_reason() {
-    // RFC 6455: each fails the connection, which is then lost (JSON protocol) with the
-    // violation as its reason, and a new one opened.
+    // RFC 6455: each fails the connection with its reason, before the connected frame (a
+    // refused start) and after it (the connection is then lost, JSON protocol, and a new
+    // one opened). The client sends the close frame the violation calls for (7.1.7,
+    // 7.4.1): none for a socket that ended, only the answer to a close frame.
     let _serial = SERIAL.lock().await;
     let hostile = Hostile::new().await;
     let masked = [&[0x81, 0x82, 1, 2, 3, 4][..], &[b'{' ^ 1, b'}' ^ 2]].concat();
     let mut huge = vec![0x81, 127];
     huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
-    let cases: Vec<(Vec<u8>, &str, Option<u16>)> = vec![
+    // What the server writes (nothing: it ends its stream), the reason, the close code
+    // of the disconnected event, the close code the client sends.
+    type Violation = (Vec<u8>, &'static str, Option<u16>, Option<u16>);
+    let cases: Vec<Violation> = vec![
         (
             [raw_frame(0x01, b"{"), raw_frame(0x81, b"{}")].concat(),
             "While waiting for more fragments received: TEXT",
             None,
+            Some(1002),
         ),
         (
             raw_frame(0x80, b"{}"),
             "Continue frame but nothing to continue",
             None,
+            Some(1002),
         ),
-        (raw_frame(0x09, b"ping"), "Fragmented control frame", None),
-        (raw_frame(0x89, &[0; 126]), "Control frame too big", None),
-        (masked, "Received a masked frame from server", None),
-        (raw_frame(0xc1, b"{}"), "Reserved bits are non-zero", None),
-        (raw_frame(0x83, b"{}"), "invalid opcode: 3", None),
-        (raw_frame(0x8b, b""), "invalid opcode: 11", None),
-        (raw_frame(0x81, b"{\xff}"), "UTF-8 encoding error", None),
-        (huge, "Message too long: 9223372036854775808 > 65536", None),
-        (raw_frame(0x88, &[3]), "Invalid close sequence", None),
+        (
+            raw_frame(0x09, b"ping"),
+            "Fragmented control frame",
+            None,
+            Some(1002),
+        ),
+        (
+            raw_frame(0x89, &[0; 126]),
+            "Control frame too big",
+            None,
+            Some(1002),
+        ),
+        (
+            masked,
+            "Received a masked frame from server",
+            None,
+            Some(1002),
+        ),
+        (
+            raw_frame(0xc1, b"{}"),
+            "Reserved bits are non-zero",
+            None,
+            Some(1002),
+        ),
+        (
+            raw_frame(0x83, b"{}"),
+            "invalid opcode: 3",
+            None,
+            Some(1002),
+        ),
+        (raw_frame(0x8b, b""), "invalid opcode: 11", None, Some(1002)),
+        (
+            raw_frame(0x81, b"{\xff}"),
+            "UTF-8 encoding error",
+            None,
+            Some(1007),
+        ),
+        (
+            huge,
+            "Message too long: 9223372036854775808 > 65536",
+            None,
+            Some(1009),
+        ),
+        (
+            raw_frame(0x88, &[3]),
+            "Invalid close sequence",
+            None,
+            Some(1002),
+        ),
         (
             raw_frame(0x88, b"\x03\xe8\xff"),
             "UTF-8 encoding error",
             None,
+            Some(1007),
         ),
         // Codes not allowed on the wire (1005 means none was sent; 999 is out of range)
-        // are reported as the peer's protocol violation.
+        // are reported as the peer's protocol violation, and so answered.
         (
             raw_frame(0x88, &1005u16.to_be_bytes()),
             "Protocol violation",
+            Some(1002),
             Some(1002),
         ),
         (
             raw_frame(0x88, &999u16.to_be_bytes()),
             "Protocol violation",
             Some(1002),
+            Some(1002),
+        ),
+        (
+            Vec::new(),
+            "Connection reset without closing handshake",
+            None,
+            None,
         ),
     ];
-    for (bytes, reason, close_code) in cases {
+    for (bytes, reason, close_code, sent) in cases {
+        let (client, _events, starting) = starting(&hostile.url, options(Protocol::Json));
+        let (mut ws, _) = hostile.accept().await;
+        violate(&mut ws, &bytes).await;
+        assert_eq!(
+            close_sent(&mut ws).await,
+            sent,
+            "before connected: {reason}"
+        );
+        match starting.await.unwrap() {
+            Err(Error::Connect(message)) => assert!(
+                message.starts_with("closed before the connected frame")
+                    && message.contains(reason),
+                "{reason}: {message}"
+            ),
+            other => panic!("{reason}: {other:?}"),
+        }
+        drop(client);
+
         let (client, mut events, mut ws) = start(&hostile, options(Protocol::Json)).await;
-        ws.get_mut().write_all(&bytes).await.unwrap();
+        violate(&mut ws, &bytes).await;
+        assert_eq!(close_sent(&mut ws).await, sent, "{reason}");
         match next_event(&mut events, 5).await {
             Event::Disconnected {
                 connection_id,
@@ -734,12 +809,32 @@ async fn websocket_protocol_violations_end_the_connection_with_their_reason() {
     }
 }
 
-/// The code of the close frame the client writes next.
-async fn close_answer(ws: &mut Ws) -> CloseCode {
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Close(Some(frame))))) => frame.code,
-        other => panic!("no close frame in answer: {other:?}"),
+/// Writes `bytes` raw to the client; none: ends the stream without a close frame.
+async fn violate(ws: &mut Ws, bytes: &[u8]) {
+    let tcp = ws.get_mut();
+    if bytes.is_empty() {
+        tcp.shutdown().await.unwrap();
+    } else {
+        tcp.write_all(bytes).await.unwrap();
     }
+}
+
+/// The code of the close frame the client writes before it drops its socket (1005 for
+/// one without a code); None when it drops it without one.
+async fn close_sent(ws: &mut Ws) -> Option<u16> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(frame.map_or(1005, |f| u16::from(f.code)))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the client kept its socket open")
 }
 
 #[tokio::test]
@@ -757,7 +852,7 @@ async fn a_close_frame_is_answered_and_nothing_after_it_is_read() {
     let (client, _events, starting) = starting(&hostile.url, options(Protocol::Json));
     let (mut ws, _) = hostile.accept().await;
     ws.get_mut().write_all(&close_then_data).await.unwrap();
-    assert_eq!(close_answer(&mut ws).await, CloseCode::Away);
+    assert_eq!(close_sent(&mut ws).await, Some(1001));
     assert_eq!(
         starting.await.unwrap(),
         Err(Error::Connect(
@@ -768,7 +863,7 @@ async fn a_close_frame_is_answered_and_nothing_after_it_is_read() {
 
     let (client, mut events, mut ws) = start(&hostile, options(Protocol::Json)).await;
     ws.get_mut().write_all(&close_then_data).await.unwrap();
-    assert_eq!(close_answer(&mut ws).await, CloseCode::Away);
+    assert_eq!(close_sent(&mut ws).await, Some(1001));
     assert_eq!(
         next_event(&mut events, 5).await,
         Event::Disconnected {

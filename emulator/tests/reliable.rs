@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 fn recovery_url(url: &str, connected: &Value) -> String {
     format!(
@@ -191,6 +193,34 @@ async fn normal_close_ends_the_session() {
     b.close().await;
     let mut ws = connect(&recovery_url(&url, &connected), Some(RELIABLE)).await;
     assert_eq!(ws.expect_close().await.0, 1008);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_close_failing_the_connection_keeps_the_session_recoverable() {
+    // A client fails a connection the service broke with 1002, 1007 or 1009 (RFC 6455,
+    // 7.1.7), then recovers it.
+    let emu = start().await;
+    for code in [CloseCode::Protocol, CloseCode::Invalid, CloseCode::Size] {
+        let url = emu.client_url("h", &all_roles("b"));
+        let (mut b, connected) = connect_json(&url, RELIABLE).await;
+        let frame = CloseFrame {
+            code,
+            reason: "".into(),
+        };
+        b.inner.close(Some(frame)).await.unwrap();
+        stats_until(&emu, "the session never awaited its recovery", |s| {
+            s["awaitingRecovery"] == 1
+        })
+        .await;
+        let (again, recovered) = connect_json(&recovery_url(&url, &connected), RELIABLE).await;
+        assert_eq!(recovered["connectionId"], connected["connectionId"]);
+        again.close().await;
+        stats_until(&emu, "the session was never ended", |s| {
+            s["connections"] == 0
+        })
+        .await;
+    }
     emu.shutdown().await;
 }
 

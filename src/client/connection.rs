@@ -40,6 +40,7 @@ use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -257,6 +258,9 @@ enum Next {
 enum End {
     /// The socket ended or failed: its close code and reason.
     Dropped(Option<u16>, String),
+    /// The service broke the WebSocket protocol: the close code that fails the
+    /// connection, and the reason.
+    Failed(CloseCode, String),
     /// `stop()` was called.
     Stop(oneshot::Sender<()>),
     /// The client handle was dropped.
@@ -508,6 +512,12 @@ impl Task {
                     answer_close(&mut ws);
                 }
                 self.dropped(close_code, reason)
+            }
+            End::Failed(code, reason) => {
+                if let Some(mut ws) = ws {
+                    fail(&mut ws, code);
+                }
+                self.dropped(None, reason)
             }
             End::Stop(reply) => {
                 if let Some(mut ws) = ws {
@@ -862,7 +872,12 @@ impl Task {
                 return Some(End::Dropped(code, reason));
             }
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Some(End::Dropped(None, e.to_string())),
+            Some(Err(e)) => {
+                return Some(match failure_code(&e) {
+                    Some(code) => End::Failed(code, e.to_string()),
+                    None => End::Dropped(None, e.to_string()),
+                })
+            }
             None => return Some(End::Dropped(None, "the connection closed".into())),
         }
         None
@@ -1581,7 +1596,12 @@ async fn open_connection(
                 return Err(closed(detail, disconnected));
             }
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(closed(e.to_string(), disconnected)),
+            Some(Err(e)) => {
+                if let Some(code) = failure_code(&e) {
+                    fail(&mut ws, code);
+                }
+                return Err(closed(e.to_string(), disconnected));
+            }
             None => return Err(closed("no close frame".into(), disconnected)),
         }
     }
@@ -1687,6 +1707,32 @@ fn answer_close(ws: &mut Ws) {
     let _ = ws.flush().now_or_never();
 }
 
+/// The close code with which a read error fails the connection (RFC 6455, 7.1.7 and
+/// 7.4.1); None when the socket itself failed or ended, or after a close frame.
+fn failure_code(error: &WsError) -> Option<CloseCode> {
+    match error {
+        WsError::Utf8(_) => Some(CloseCode::Invalid),
+        WsError::Capacity(_) => Some(CloseCode::Size),
+        WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake
+            | ProtocolError::ReceivedAfterClosing
+            | ProtocolError::SendAfterClosing,
+        ) => None,
+        WsError::Protocol(_) => Some(CloseCode::Protocol),
+        _ => None,
+    }
+}
+
+/// Fails the connection with a close frame of `code` before the socket is dropped, if
+/// the socket takes it at once: a service that reads nothing holds up no reconnect.
+fn fail(ws: &mut Ws, code: CloseCode) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(""),
+    };
+    let _ = ws.close(Some(frame)).now_or_never();
+}
+
 /// A deadline that never comes (timers that are off).
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365)
@@ -1706,6 +1752,38 @@ mod tests {
             recovery_url("ws://h/x", "c", "t"),
             "ws://h/x?awps_connection_id=c&awps_reconnection_token=t"
         );
+    }
+
+    #[test]
+    fn a_read_error_fails_the_connection_with_the_close_code_it_calls_for() {
+        use tokio_tungstenite::tungstenite::error::CapacityError;
+        let too_long = CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        };
+        let cases = [
+            (WsError::Utf8("invalid".into()), Some(CloseCode::Invalid)),
+            (WsError::Capacity(too_long), Some(CloseCode::Size)),
+            (
+                WsError::Protocol(ProtocolError::ControlFrameTooBig),
+                Some(CloseCode::Protocol),
+            ),
+            (
+                WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+                None,
+            ),
+            (WsError::Protocol(ProtocolError::ReceivedAfterClosing), None),
+            (WsError::Protocol(ProtocolError::SendAfterClosing), None),
+            (
+                WsError::Io(std::io::ErrorKind::ConnectionReset.into()),
+                None,
+            ),
+            (WsError::ConnectionClosed, None),
+            (WsError::AlreadyClosed, None),
+        ];
+        for (error, code) in cases {
+            assert_eq!(failure_code(&error), code, "{error}");
+        }
     }
 
     #[test]
