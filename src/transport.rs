@@ -8,6 +8,7 @@
 use crate::client::{ClientOptions, Error};
 use crate::protocol::Protocol;
 use crate::proxy::ProxySetting;
+use crate::try_once::TryOnce;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -121,7 +122,30 @@ pub(crate) fn url_secrets(url: &str) -> Vec<String> {
 /// Connects to `host`'s addresses in the resolver's order (`localhost` may be `::1`,
 /// then `127.0.0.1`) until one accepts.
 async fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
-    connect_first(tokio::net::lookup_host((host, port)).await?).await
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => connect_first(addrs).await,
+        Err(e) => Err(with_descriptor_shortage(e)),
+    }
+}
+
+/// A failed name lookup, told as well when no socket can be made for want of file
+/// descriptors: glibc's resolver then reports the name unknown, as it cannot open
+/// `/etc/hosts` or a socket, and the shortage is what the user must fix.
+fn with_descriptor_shortage(lookup: io::Error) -> io::Error {
+    match tokio::net::TcpSocket::new_v4() {
+        Err(shortage) if out_of_descriptors(&shortage) => io::Error::new(
+            shortage.kind(),
+            format!("{lookup}; no socket can be made either: {shortage}"),
+        ),
+        _ => lookup,
+    }
+}
+
+/// Whether `error` is the process or the system out of file descriptors (EMFILE,
+/// ENFILE on Unix): a shortage that passes, unlike the other reasons a file cannot be
+/// opened.
+fn out_of_descriptors(error: &io::Error) -> bool {
+    cfg!(unix) && matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// How long an address is tried alone before the next is tried beside it (RFC 8305's
@@ -707,23 +731,33 @@ fn parse_extra_ca(extra_ca_pem: &[Vec<u8>]) -> Result<Vec<CertificateDer<'static
     Ok(certs)
 }
 
-/// The platform's trusted roots, loaded once per process.
-fn platform_roots() -> &'static RootCertStore {
-    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
-    ROOTS.get_or_init(|| {
+/// The platform's trusted roots, loaded once per process; an error, not kept (the next
+/// connection loads them again), when the process had no file descriptor to read them.
+fn platform_roots() -> Result<&'static RootCertStore, String> {
+    static ROOTS: TryOnce<RootCertStore> = TryOnce::new();
+    ROOTS.get_or_try_init(|| {
         let found = rustls_native_certs::load_native_certs();
+        let shortage = found.errors.iter().find(|error| match &error.kind {
+            rustls_native_certs::ErrorKind::Io { inner, .. } => out_of_descriptors(inner),
+            _ => false,
+        });
+        if let Some(error) = shortage {
+            return Err(format!(
+                "cannot load the platform's root certificates: {error}"
+            ));
+        }
         for error in &found.errors {
             log::warn!("loading platform root certificates: {error}");
         }
         let mut roots = RootCertStore::empty();
         let (added, ignored) = roots.add_parsable_certificates(found.certs);
         log::debug!("loaded {added} platform root certificates ({ignored} unusable)");
-        roots
+        Ok(roots)
     })
 }
 
 fn build_tls_config(extra_ca_pem: &[Vec<u8>]) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = platform_roots().clone();
+    let mut roots = platform_roots()?.clone();
     for cert in parse_extra_ca(extra_ca_pem)? {
         roots
             .add(cert)

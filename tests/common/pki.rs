@@ -74,6 +74,13 @@ impl Pki {
         std::fs::write(&files.key, key_pem).unwrap();
         Pki { ca_pem, dir, files }
     }
+
+    /// The CA's certificate written to a file of its own, for `SSL_CERT_FILE`.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        let path = self.dir.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
 }
 
 impl Drop for Pki {
