@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -446,6 +446,10 @@ pub(crate) struct Connector {
     user_agent: Option<Arc<str>>,
     proxy: ProxySetting,
     config: WebSocketConfig,
+    /// The TLS configuration once built: held for the client's life, so its
+    /// reconnections share it (and its TLS session tickets) with the client's other
+    /// connections and with the other clients trusting the same CAs.
+    tls: Arc<OnceLock<Arc<rustls::ClientConfig>>>,
 }
 
 impl Connector {
@@ -461,6 +465,7 @@ impl Connector {
             user_agent: options.user_agent.as_deref().map(Arc::from),
             proxy: options.proxy.clone(),
             config,
+            tls: Arc::default(),
         }
     }
 
@@ -652,7 +657,11 @@ impl Connector {
     }
 
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
-        tls_config(&self.extra_ca_pem).map_err(Error::Tls)
+        if let Some(config) = self.tls.get() {
+            return Ok(config.clone());
+        }
+        let config = tls_config(&self.extra_ca_pem).map_err(Error::Tls)?;
+        Ok(self.tls.get_or_init(|| config).clone())
     }
 }
 
@@ -691,26 +700,28 @@ fn tls_hint(error: &rustls::Error) -> &'static str {
     }
 }
 
-/// The TLS configuration for a set of extra CAs, built once per process and shared
-/// by every client with the same set (a root store is too big to copy per client).
+/// The TLS configuration for a set of extra CAs, shared by every client with the same
+/// set while one of them holds it (a root store is too big to copy per client). The
+/// sets no client holds any more are forgotten: a process that goes through many CA
+/// sets keeps only those of its clients.
 fn tls_config(extra_ca_pem: &[Vec<u8>]) -> Result<Arc<rustls::ClientConfig>, String> {
-    type Cache = Mutex<HashMap<Vec<Vec<u8>>, Arc<rustls::ClientConfig>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Cache::default);
-    if let Some(config) = cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(extra_ca_pem)
-    {
-        return Ok(config.clone());
+    let configs = || TLS_CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    let shared = configs().get(extra_ca_pem).and_then(Weak::upgrade);
+    if let Some(config) = shared {
+        return Ok(config);
     }
     let config = build_tls_config(extra_ca_pem)?;
-    cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(extra_ca_pem.to_vec(), config.clone());
+    let mut configs = configs();
+    configs.retain(|_, config| config.strong_count() > 0);
+    configs.insert(extra_ca_pem.to_vec(), Arc::downgrade(&config));
     Ok(config)
 }
+
+/// The TLS configurations of [`tls_config`], by set of extra CAs.
+static TLS_CONFIGS: LazyLock<Mutex<TlsConfigs>> = LazyLock::new(Mutex::default);
+
+/// A TLS configuration by set of extra CAs, while a client holds it.
+type TlsConfigs = HashMap<Vec<Vec<u8>>, Weak<rustls::ClientConfig>>;
 
 /// Checks that every extra CA PEM holds at least one parsable certificate.
 pub(crate) fn check_extra_ca(extra_ca_pem: &[Vec<u8>]) -> Result<(), String> {
@@ -795,6 +806,34 @@ mod tests {
         );
         assert_eq!(redact_url("ws://me@h/a"), "ws://me@h/a");
         assert_eq!(redact_url("ws://h/a?x=u:p@h"), "ws://h/a?x=u:p@h");
+    }
+
+    /// A set of one extra CA: a new self-signed certificate.
+    fn extra_ca() -> Vec<Vec<u8>> {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        vec![ca.cert.pem().into_bytes()]
+    }
+
+    #[test]
+    fn tls_configurations_no_client_holds_are_forgotten() {
+        let (kept, dropped) = (extra_ca(), extra_ca());
+        let config = tls_config(&kept).unwrap();
+        assert!(Arc::ptr_eq(&config, &tls_config(&kept).unwrap()));
+        drop(tls_config(&dropped).unwrap());
+        let _later = tls_config(&extra_ca()).unwrap();
+        let configs = TLS_CONFIGS.lock().unwrap();
+        assert!(configs.contains_key(&kept));
+        assert!(!configs.contains_key(&dropped));
+    }
+
+    #[test]
+    fn a_client_keeps_its_tls_configuration_between_connections() {
+        let connector = Connector::new(&ClientOptions {
+            extra_ca_pem: extra_ca(),
+            ..ClientOptions::default()
+        });
+        let config = Arc::downgrade(&connector.tls_config().unwrap());
+        assert!(config.upgrade().is_some(), "the client let it go");
     }
 
     /// A loopback address whose connects hang, as to a host that drops packets: a
