@@ -413,20 +413,24 @@ impl Task {
             info!("reconnecting (attempt {attempt})");
         }
         let mut waiting_for = String::new();
+        let limit = self.options.start_timeout;
         // Boxed: connecting (TLS, upgrade) needs far more state than a live
         // connection, and the task should not carry that size while idle.
-        let opening = tokio::time::timeout(
-            self.options.start_timeout,
-            Box::pin(open_connection(
-                self.credential.clone(),
-                self.connector.clone(),
-                &mut waiting_for,
-            )),
-        );
+        let mut connecting = Box::pin(open_connection(
+            self.credential.clone(),
+            self.connector.clone(),
+            &mut waiting_for,
+        ));
+        let opening = async {
+            match tokio::time::timeout(limit, &mut connecting).await {
+                Ok(result) => Some(result),
+                Err(_) => ready_after_yield(connecting).await,
+            }
+        };
         let result = match self.offline(opening, false).await {
-            Ok(result) => result.unwrap_or_else(|_| {
+            Ok(result) => result.unwrap_or_else(|| {
                 Err(Error::StartTimeout {
-                    after: self.options.start_timeout,
+                    after: limit,
                     waiting_for,
                 })
             }),
@@ -652,7 +656,7 @@ impl Task {
                 },
                 () = &mut silence, if silence_limit.is_some() && paused.is_none() => {
                     now = Instant::now();
-                    if let Some(message) = received_meanwhile(stream).await {
+                    if let Some(message) = ready_after_yield(stream.next()).await {
                         last_received = now;
                         if let Some(end) = self.read_batch(message, stream, now) {
                             return end;
@@ -676,7 +680,7 @@ impl Task {
                 () = &mut op_timer, if op_armed.is_some() && paused.is_none() => {
                     now = Instant::now();
                     op_armed = None;
-                    if let Some(message) = received_meanwhile(stream).await {
+                    if let Some(message) = ready_after_yield(stream.next()).await {
                         last_received = now;
                         if let Some(end) = self.read_batch(message, stream, now) {
                             return end;
@@ -1530,15 +1534,13 @@ async fn resumed(paused: &mut Option<(Resume, Instant)>) {
     }
 }
 
-/// What the socket received and the task has not read yet, if anything, once the runtime
-/// has polled its sockets. A timer that fired late (the process was stopped, or busy)
-/// reads it before acting: an ack that came before the process ran again completes its
-/// operation rather than losing to its timeout, and what came ends a silence.
-async fn received_meanwhile(
-    stream: &mut SplitStream<Ws>,
-) -> Option<Option<Result<Message, WsError>>> {
+/// `fut`'s output if it is ready once the runtime has polled its sockets. A timer that
+/// fired late (the process was stopped, or busy) may be handled before the readiness that
+/// came meanwhile is seen: it gives the work it bounds this last chance before failing
+/// it, so that an ack, a `connected` frame or a writable socket that came in time wins.
+async fn ready_after_yield<F: Future + Unpin>(fut: F) -> Option<F::Output> {
     tokio::task::yield_now().await;
-    stream.next().now_or_never()
+    fut.now_or_never()
 }
 
 /// Gets a URL from the credential, connects, and waits for the `connected` frame.
@@ -1665,21 +1667,26 @@ where
 {
     tokio::pin!(step);
     let mut stall: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    std::future::poll_fn(|cx| {
+    let waited = std::future::poll_fn(|cx| {
         if let Poll::Ready(done) = step.as_mut().poll(cx) {
-            return Poll::Ready(done.map_err(|e| format!("write failed: {e}")));
+            return Poll::Ready(Ok(done));
         }
         if let Some(limit) = limit {
             let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
             if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(format!(
-                    "no write went through for {limit:?} (the service reads nothing)"
-                )));
+                return Poll::Ready(Err(limit));
             }
         }
         Poll::Pending
     })
-    .await
+    .await;
+    let done = match waited {
+        Ok(done) => done,
+        Err(limit) => ready_after_yield(step).await.ok_or_else(|| {
+            format!("no write went through for {limit:?} (the service reads nothing)")
+        })?,
+    };
+    done.map_err(|e| format!("write failed: {e}"))
 }
 
 /// Sends a close frame and drops what comes until the service's close frame, waiting

@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 from conftest import WAIT, Emulator, Hub, Upstream, wait_until
@@ -27,29 +27,46 @@ CHILD = """
     import sys, threading
     from webpubsub_client import WebPubSubClient
     client = WebPubSubClient(sys.argv[1], **eval(sys.argv[2]))
-    client.subscribe("connected", lambda e: print("connected", flush=True))
-    client.subscribe("disconnected", lambda e: print("disconnected", flush=True))
-    client.open()
-    client.join_group("g")
-    print("ready", flush=True)
+    printing = threading.Lock()
 
-    def send():
+    def say(*words):
+        with printing:  # one line at a time: print writes each word on its own
+            print(*words, flush=True)
+
+    connected = threading.Event()
+
+    def on_connected(e):
+        say("connected")
+        connected.set()
+
+    client.subscribe("connected", on_connected)
+    client.subscribe("disconnected", lambda e: say("disconnected"))
+
+    def run(command):
         try:
-            client.send_to_group("g", "hello", "text")
-            print("sent", flush=True)
+            if command == "open":
+                client.open()
+                connected.wait()  # its line first: the event comes on a thread of its own
+                client.join_group("g")
+            elif command == "send":
+                client.send_to_group("g", "hello", "text")
+            elif command == "flood":  # 12 MB, more than the sockets' buffers hold
+                for _ in range(24):
+                    client.send_to_group("nobody", "x" * 500_000, "text", ack=False)
+            say("done", command)
         except Exception as e:
-            print("failed", type(e).__name__, e, flush=True)
+            say("failed", command, type(e).__name__, e)
 
     for line in sys.stdin:
-        if line.strip() == "send":
-            print("sending", flush=True)
-            threading.Thread(target=send).start()
+        say("running", line.strip())
+        threading.Thread(target=run, args=(line.strip(),)).start()
     client.close()
 """
 
 
 class Child:
-    """The child interpreter's client, connected to ``url`` with ``options``."""
+    """The child interpreter's client, for ``url`` with ``options``; each command told
+    (``open``, ``send``, ``flood``) runs on a thread of its own."""
 
     def __init__(self, url: str, options: Dict[str, object]) -> None:
         env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
@@ -74,9 +91,15 @@ class Child:
         return self.lines.get(timeout=WAIT)
 
     def tell(self, command: str) -> None:
+        """Has the child run ``command``, which it says it does."""
         assert self.process.stdin is not None
         self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
+        assert self.next_line() == f"running {command}"
+
+    def expect(self, *lines: str) -> None:
+        """The child prints ``lines`` next, in that order."""
+        assert [self.next_line() for _ in lines] == list(lines)
 
     def close(self) -> List[str]:
         """Ends the child (it closes its client); what it printed meanwhile."""
@@ -102,6 +125,17 @@ def stop(process: subprocess.Popen[str]) -> None:
         lambda: all((task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks.iterdir()),
         what="the process stopped",
     )
+
+
+def overdue_on_resume(child: Child, service: Emulator, meanwhile: Callable[[], None] = lambda: None) -> None:
+    """Stops the client's process and resumes the service's for 2 s, past every timeout of
+    the client (the service answers meanwhile, and ``meanwhile`` runs), then resumes the
+    client."""
+    stop(child.process)
+    service.process.send_signal(signal.SIGCONT)
+    meanwhile()
+    time.sleep(2.0)
+    child.process.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture
@@ -130,16 +164,65 @@ def test_an_ack_that_came_while_the_client_was_stopped_wins_over_its_timeout(ser
     )
     child = Child(Hub(service).url(), options)
     try:
-        assert [child.next_line(), child.next_line()] == ["connected", "ready"]
+        child.tell("open")
+        child.expect("connected", "done open")
         stop(service.process)
         child.tell("send")
-        assert child.next_line() == "sending"
         time.sleep(0.3)  # the frame is written, into the stopped service's socket
-        stop(child.process)
-        service.process.send_signal(signal.SIGCONT)
-        time.sleep(2.0)  # the stop: the ack arrives, both timeouts pass
-        child.process.send_signal(signal.SIGCONT)
-        assert child.next_line() == "sent"
+        overdue_on_resume(child, service)
+        child.expect("done send")
+    finally:
+        rest = child.close()
+    assert rest == ["disconnected"]  # the close's, the only one
+
+
+def test_a_connected_frame_that_came_while_the_client_was_stopped_wins_over_the_start_timeout(
+    service: Emulator,
+) -> None:
+    """The client opens towards a stopped service, and is stopped itself past its start
+    timeout while the service answers. Resumed, it reads the connected frame it holds
+    before failing the start: the start succeeds. Before, the start failed with its
+    timeout although the connection was there."""
+    url = Hub(service).url()
+    stop(service.process)
+    child = Child(url, dict(start_timeout=1.0))
+    try:
+        child.tell("open")
+        time.sleep(0.3)  # the upgrade request is written, into the stopped service's socket
+        overdue_on_resume(child, service)
+        child.expect("connected", "done open")
+    finally:
+        rest = child.close()
+    assert rest == ["disconnected"]  # the close's, the only one
+
+
+def test_a_write_that_the_socket_took_while_the_client_was_stopped_wins_over_its_stall_limit(
+    service: Emulator,
+) -> None:
+    """The client writes more than the socket's buffers hold to a stopped service, and is
+    stopped itself past the write's stall limit (the keep-alive timeout) while the service
+    reads it all. Resumed, it writes on before failing the write: the connection is kept.
+    Before, the stall limit closed it ("no write went through"; with the JSON protocol,
+    its session lost). The service sends the client a message meanwhile: the pings queued
+    behind the write went out late, so without it the silence timeout would close the
+    connection too."""
+    options = dict(
+        protocol_type="json.webpubsub.azure.v1",
+        keep_alive_interval=0.5,
+        keep_alive_timeout=1.5,
+    )
+    hub = Hub(service)
+    child = Child(hub.url(), options)
+    try:
+        child.tell("open")
+        child.expect("connected", "done open")
+        stop(service.process)
+        child.tell("flood")
+        time.sleep(0.5)  # the socket's buffers fill up: a write waits
+        overdue_on_resume(child, service, lambda: hub.service.send_to_group("g", "hi", content_type="text/plain"))
+        child.expect("done flood")
+        child.tell("send")
+        child.expect("done send")
     finally:
         rest = child.close()
     assert rest == ["disconnected"]  # the close's, the only one
