@@ -416,18 +416,12 @@ impl Task {
         let limit = self.options.start_timeout;
         // Boxed: connecting (TLS, upgrade) needs far more state than a live
         // connection, and the task should not carry that size while idle.
-        let mut connecting = Box::pin(open_connection(
+        let opening = Box::pin(open_connection(
             self.credential.clone(),
             self.connector.clone(),
             &mut waiting_for,
         ));
-        let opening = async {
-            match tokio::time::timeout(limit, &mut connecting).await {
-                Ok(result) => Some(result),
-                Err(_) => ready_after_yield(connecting).await,
-            }
-        };
-        let result = match self.offline(opening, false).await {
+        let result = match self.offline(before_limit(limit, opening), false).await {
             Ok(result) => result.unwrap_or_else(|| {
                 Err(Error::StartTimeout {
                     after: limit,
@@ -941,21 +935,18 @@ impl Task {
             let limit = (deadline - now).min(self.options.start_timeout);
             let mut waiting_for = String::new();
             let attempt_fut = Box::pin(connector.connect(&url, &mut waiting_for));
-            match self
-                .offline(tokio::time::timeout(limit, attempt_fut), true)
-                .await
-            {
+            match self.offline(before_limit(limit, attempt_fut), true).await {
                 Err(next) => return next,
-                Ok(Ok(Ok(ws))) => {
+                Ok(Some(Ok(ws))) => {
                     info!("connection {connection_id} recovered (attempt {attempt})");
                     self.recovered_at = Some((since, Instant::now()));
                     self.recovery_unconfirmed = true;
                     return Next::Serve(Box::new(ws));
                 }
-                Ok(Ok(Err(e))) => {
+                Ok(Some(Err(e))) => {
                     debug!("recovery attempt {attempt} of connection {connection_id} failed: {e}")
                 }
-                Ok(Err(_)) => debug!(
+                Ok(None) => debug!(
                     "recovery attempt {attempt} of connection {connection_id} timed out waiting for {waiting_for}"
                 ),
             }
@@ -1531,6 +1522,15 @@ async fn resumed(paused: &mut Option<(Resume, Instant)>) {
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+/// `fut`'s output, unless `limit` passes first. A limit that fired late gives `fut` the
+/// last chance of [`ready_after_yield`].
+async fn before_limit<F: Future + Unpin>(limit: Duration, mut fut: F) -> Option<F::Output> {
+    match tokio::time::timeout(limit, &mut fut).await {
+        Ok(output) => Some(output),
+        Err(_) => ready_after_yield(fut).await,
     }
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,56 @@ def overdue_on_resume(child: Child, service: Emulator, meanwhile: Callable[[], N
     child.process.send_signal(signal.SIGCONT)
 
 
+class Relay:
+    """A TCP relay on loopback to the service's ``port``, whose connections it can cut."""
+
+    def __init__(self, port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._target = port
+        self._sockets: List[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with self._listener:
+            while True:
+                try:
+                    client, _ = self._listener.accept()
+                except OSError:  # closed
+                    return
+                service = socket.create_connection(("127.0.0.1", self._target))
+                with self._lock:
+                    self._sockets += [client, service]
+                for source, sink in ((client, service), (service, client)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:  # cut
+            pass
+
+    def cut(self) -> None:
+        """Ends every connection relayed so far, on both sides, as a network failure may."""
+        # The client reconnects through the relay at once: not one of those is cut.
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # the peer ended it already
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut()
+
+
 @pytest.fixture
 def service(upstream: Upstream) -> Iterator[Emulator]:
     """An emulator of the test's own, which it may stop."""
@@ -225,4 +276,30 @@ def test_a_write_that_the_socket_took_while_the_client_was_stopped_wins_over_its
         child.expect("done send")
     finally:
         rest = child.close()
+    assert rest == ["disconnected"]  # the close's, the only one
+
+
+def test_a_recovery_answered_while_the_client_was_stopped_wins_over_its_attempt_timeout(
+    service: Emulator,
+) -> None:
+    """The connection is cut while the service is stopped, and the client's recovery
+    attempt waits for its upgrade answer; the client is then stopped past the attempt's
+    timeout and the recovery window while the service answers. Resumed, it reads the
+    answer before failing the attempt: the connection is recovered. Before, the attempt
+    timed out and, the window over, the session was lost (``disconnected``)."""
+    relay = Relay(service.port)
+    url = Hub(service).url().replace(f":{service.port}/", f":{relay.port}/", 1)
+    child = Child(url, dict(start_timeout=1.0, recovery_timeout=1.5))
+    try:
+        child.tell("open")
+        child.expect("connected", "done open")
+        stop(service.process)
+        relay.cut()
+        time.sleep(0.3)  # the client's recovery attempt waits for the stopped service
+        overdue_on_resume(child, service)
+        child.tell("send")
+        child.expect("done send")
+    finally:
+        rest = child.close()
+        relay.close()
     assert rest == ["disconnected"]  # the close's, the only one
