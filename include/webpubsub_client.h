@@ -65,7 +65,7 @@
 #define WPS_EVENT_DISCONNECTED 2
 
 /**
- * Event kind: the client stopped and will not reconnect.
+ * Event kind: the client stopped and will not reconnect (`status`, `message`).
  */
 #define WPS_EVENT_STOPPED 3
 
@@ -80,8 +80,8 @@
 #define WPS_EVENT_GROUP_MESSAGE 5
 
 /**
- * Event kind: rejoining `group` on a new connection failed (`message`, `error_name`,
- * `service_message`, `ack_id`).
+ * Event kind: rejoining `group` on a new connection failed (`status`, `message`,
+ * `error_name`, `service_message`, `ack_id`).
  */
 #define WPS_EVENT_REJOIN_GROUP_FAILED 6
 
@@ -326,7 +326,8 @@ typedef struct wps_event {
    */
   uint64_t sequence_id;
   /**
-   * Disconnected: the reason; rejoin failed: the error message.
+   * Disconnected: the reason; stopped on its own, rejoin failed: the error message
+   * (NULL when `wps_client_stop` stopped the client).
    */
   const char *message;
   /**
@@ -366,6 +367,15 @@ typedef struct wps_event {
    * Length of `from_user_id` in bytes, without its NUL (0 when NULL).
    */
   size_t from_user_id_len;
+  /**
+   * Stopped: `WPS_STATUS_OK` when `wps_client_stop` stopped the client, else the
+   * status of the error that stopped it: the last attempt's once the reconnect policy
+   * gave up (such as `WPS_STATUS_CONNECT_FAILED` or `WPS_STATUS_CREDENTIAL_FAILED`),
+   * `WPS_STATUS_NOT_CONNECTED` when the session was lost with auto-reconnect off (the
+   * disconnected event before it tells why). Rejoin failed: the error's status.
+   * `WPS_STATUS_OK` for the other kinds.
+   */
+  wps_status status;
 } wps_event;
 
 /**

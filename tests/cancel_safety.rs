@@ -197,7 +197,7 @@ async fn a_dropped_stop_still_stops_and_a_start_after_it_connects() {
     assert!(
         matches!(
             skipped.as_slice(),
-            [Event::Disconnected { .. }, Event::Stopped]
+            [Event::Disconnected { .. }, Event::Stopped { error: None }]
         ),
         "{skipped:?}"
     );

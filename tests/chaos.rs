@@ -465,7 +465,7 @@ async fn client_via(
     let id = loop {
         match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
             Ok(Some(Event::Connected { connection_id, .. })) => break connection_id,
-            Ok(Some(Event::Stopped | Event::Disconnected { .. })) => {}
+            Ok(Some(Event::Stopped { .. } | Event::Disconnected { .. })) => {}
             other => panic!("{user}: no Connected event: {other:?}"),
         }
     };
@@ -683,7 +683,7 @@ async fn subscriber(emulator: &Emulator, name: &str, publishers: u64, s: &Settin
                 Event::Disconnected { close_code, .. } => Seen::Disconnected(close_code),
                 // A rejoin in flight when the next refusal hits fails with NotConnected.
                 Event::RejoinGroupFailed { error, .. } => Seen::RejoinFailed(error),
-                Event::Stopped => return,
+                Event::Stopped { .. } => return,
                 other => panic!("{who}: unexpected event {other:?}"),
             };
             l.lock().unwrap().see(seen);

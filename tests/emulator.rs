@@ -664,6 +664,67 @@ async fn the_json_protocol_reconnects_instead_of_recovering() {
     client.stop().await;
 }
 
+/// A token provider that starts failing (its token service answers 401, say) once the
+/// client runs: the reconnects give up per the policy, and `Stopped` carries the last
+/// attempt's error.
+#[tokio::test]
+async fn a_client_whose_reconnects_all_fail_stops_with_the_last_attempts_error() {
+    let emulator = emulator().await;
+    let url = emulator.client_url(HUB, &token("gus"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let credential = Credential::provider(move || {
+        let call = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let answer = match call {
+            1 => Ok(url.clone()),
+            _ => Err(format!("the token service answered 401 (call {call})")),
+        };
+        async move { answer }
+    });
+    let options = ClientOptions {
+        reconnect_retry: RetryOptions {
+            max_retries: Some(2),
+            ..fast_options().reconnect_retry
+        },
+        ..fast_options()
+    };
+    let (client, mut events) = Client::with_channel(credential, options).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    fault(&emulator, HUB, &connection_id, ":close?code=1008").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected { .. }
+    ));
+    // The start, then one attempt and 2 retries.
+    let error = Error::Credential("the token service answered 401 (call 4)".into());
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Stopped { error: Some(error) }
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_eq!(client.state(), ClientState::Stopped);
+
+    // Started again, then stopped by its caller: no error.
+    calls.store(0, Ordering::SeqCst);
+    client.start().await.unwrap();
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { .. }
+    ));
+    client.stop().await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected { .. }
+    ));
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Stopped { error: None }
+    );
+}
+
 #[tokio::test]
 async fn without_auto_reconnect_a_lost_session_stops_the_client() {
     let emulator = emulator().await;
@@ -680,7 +741,12 @@ async fn without_auto_reconnect_a_lost_session_stops_the_client() {
             ..
         }
     ));
-    assert_eq!(next_event(&mut events, 5).await, Event::Stopped);
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Stopped {
+            error: Some(Error::NotConnected { ack_id: None })
+        }
+    );
     assert_eq!(client.state(), ClientState::Stopped);
     let error = client.join_group("g").await.unwrap_err();
     assert!(matches!(error, Error::IllegalState(_)), "{error:?}");
@@ -883,7 +949,10 @@ async fn stop_start_and_bad_input() {
         next_event(&mut events, 5).await,
         Event::Disconnected { .. }
     ));
-    assert_eq!(next_event(&mut events, 5).await, Event::Stopped);
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Stopped { error: None }
+    );
     assert_eq!(client.state(), ClientState::Stopped);
     assert_eq!(client.connection_id(), None);
     assert!(matches!(
@@ -984,7 +1053,7 @@ async fn blocking_calls_work_from_a_plain_thread() {
         block_on(client.stop());
         let mut seen = Vec::new();
         while let Some(event) = events.blocking_recv() {
-            let stopped = event == Event::Stopped;
+            let stopped = matches!(event, Event::Stopped { .. });
             seen.push(event);
             if stopped {
                 break;
@@ -998,7 +1067,7 @@ async fn blocking_calls_work_from_a_plain_thread() {
     assert!(matches!(seen[0], Event::Connected { .. }));
     assert_eq!(message_text(&seen[1]).as_deref(), Some("sync"));
     assert!(matches!(seen[2], Event::Disconnected { .. }));
-    assert_eq!(seen[3], Event::Stopped);
+    assert_eq!(seen[3], Event::Stopped { error: None });
 }
 
 #[tokio::test]

@@ -688,8 +688,8 @@ async fn close_1008_loses_the_session_then_reconnects_with_a_fresh_url_and_rejoi
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     client.stop().await;
-    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
-    assert_eq!(event, Event::Stopped);
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped { error: None }).await;
+    assert_eq!(event, Event::Stopped { error: None });
 }
 
 #[tokio::test]
@@ -752,10 +752,15 @@ async fn reconnecting_gives_up_per_the_retry_policy_and_stops() {
             ..
         }
     ));
-    assert_eq!(
-        next_event(&mut events, 5).await,
-        Event::Stopped,
-        "1 attempt + 2 retries, then stopped"
+    let stopped = next_event(&mut events, 5).await;
+    assert!(
+        matches!(
+            &stopped,
+            Event::Stopped {
+                error: Some(Error::Connect(_))
+            }
+        ),
+        "1 attempt + 2 retries, then stopped with the last one's error: {stopped:?}"
     );
     assert_eq!(client.state(), ClientState::Stopped);
 }
@@ -1188,8 +1193,8 @@ async fn stop_returns_while_the_peer_reads_nothing() {
     tokio::time::timeout(Duration::from_secs(5), client.stop())
         .await
         .expect("stop() hung on a connection whose writes block");
-    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
-    assert_eq!(event, Event::Stopped);
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped { error: None }).await;
+    assert_eq!(event, Event::Stopped { error: None });
     assert_eq!(client.state(), ClientState::Stopped);
     drop(conn);
 }
@@ -1262,8 +1267,8 @@ async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
 
     // As with the official clients, a restart rejoins what was joined.
     let mut conn = restart(&fake, &client, conn, "conn2").await;
-    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped).await;
-    assert_eq!(event, Event::Stopped);
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped { error: None }).await;
+    assert_eq!(event, Event::Stopped { error: None });
     let rejoin = conn.recv().await;
     assert_eq!(rejoin["type"], "joinGroup");
     assert_eq!(rejoin["group"], "room");

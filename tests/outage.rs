@@ -250,7 +250,14 @@ async fn a_service_that_never_comes_back_is_retried_per_the_policy_then_the_clie
     };
     assert_eq!(close_code, None);
     let lost = Instant::now();
-    assert_eq!(next_event(&mut events, 5).await, Event::Stopped);
+    let stopped = next_event(&mut events, 5).await;
+    let Event::Stopped {
+        error: Some(Error::Connect(reason)),
+    } = &stopped
+    else {
+        panic!("not stopped by the last attempt's error: {stopped:?}")
+    };
+    assert!(reason.contains("refused"), "{reason}");
     // One attempt at once, then 5 retries 200 ms apart: each refused at once.
     let waited = lost.elapsed();
     assert!(waited >= Duration::from_millis(900), "{waited:?}");
@@ -294,7 +301,7 @@ async fn stop_interrupts_an_attempt_that_gets_no_answer(protocol: Protocol) {
     assert!(
         matches!(
             seen.as_slice(),
-            [Event::Disconnected { .. }, Event::Stopped]
+            [Event::Disconnected { .. }, Event::Stopped { error: None }]
         ),
         "{seen:?}"
     );

@@ -571,7 +571,7 @@ fn rust_api(s: &Servers) {
         s.rt.block_on(client.start()).unwrap();
         s.fault(&client.connection_id().unwrap(), ":drop?recoverable=false");
         s.rt.block_on(common::wait_for(&mut events, 10, |e| {
-            matches!(e, Event::Stopped)
+            matches!(e, Event::Stopped { .. })
         }));
     });
 }

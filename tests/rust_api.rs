@@ -348,7 +348,7 @@ async fn a_handler_operates_on_its_client_through_spawned_tasks_and_lets_it_go()
                 sequence_id: Some(2),
             },
         ),
-        ("stop", Event::Stopped),
+        ("stop", Event::Stopped { error: None }),
     ] {
         let opts = SendToGroupOptions::default();
         client

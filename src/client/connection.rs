@@ -270,6 +270,14 @@ enum End {
     Foreign(String),
 }
 
+/// What stops the client.
+enum StopBy {
+    /// `stop()`: its caller, answered once stopped.
+    Caller(oneshot::Sender<()>),
+    /// The error that ended the client on its own.
+    Error(Error),
+}
+
 /// The service-side session of the current connection.
 struct Session {
     url: String,
@@ -479,7 +487,7 @@ impl Task {
         self.shared.set_state(ClientState::Disconnected);
         let Some(delay) = self.options.reconnect_retry.delay_before(attempt) else {
             warn!("reconnect attempt {attempt} failed: {error}; giving up");
-            return self.stop(None);
+            return self.stop(StopBy::Error(error));
         };
         warn!("reconnect attempt {attempt} failed: {error}; next attempt in {delay:?}");
         match self
@@ -522,7 +530,7 @@ impl Task {
                     self.write_queued_fire_and_forget(&mut ws).await;
                     close(&mut ws, CloseCode::Normal).await;
                 }
-                self.stop(Some(reply))
+                self.stop(StopBy::Caller(reply))
             }
             End::Exit => {
                 if let Some(mut ws) = ws {
@@ -995,15 +1003,16 @@ impl Task {
                 attempt: 1,
             }
         } else {
-            self.stop(None)
+            self.stop(StopBy::Error(Error::NotConnected { ack_id: None }))
         }
     }
 
     /// Stops: fails pending operations, raises `Disconnected` (if connected) and
-    /// `Stopped`, then answers the `stop()` caller. As with the official clients, each
-    /// event finds the client in the state it reports (`Disconnected`, then `Stopped`),
-    /// and the pending operations fail once it is no longer connected.
-    fn stop(&mut self, reply: Option<oneshot::Sender<()>>) -> Next {
+    /// `Stopped` (with the error of a stop on its own), then answers the `stop()` caller.
+    /// As with the official clients, each event finds the client in the state it reports
+    /// (`Disconnected`, then `Stopped`), and the pending operations fail once it is no
+    /// longer connected.
+    fn stop(&mut self, by: StopBy) -> Next {
         let announced = std::mem::take(&mut self.announced);
         let connection_id = self.session.take().map(|s| s.connection_id);
         self.shared.set_connection_id(None);
@@ -1027,8 +1036,12 @@ impl Task {
             });
             self.shared.set_state(ClientState::Stopped);
         }
+        let (reply, error) = match by {
+            StopBy::Caller(reply) => (Some(reply), None),
+            StopBy::Error(error) => (None, Some(error)),
+        };
         info!("stopped");
-        self.emit(Event::Stopped);
+        self.emit(Event::Stopped { error });
         if let Some(reply) = reply {
             let _ = reply.send(());
         }
@@ -1120,7 +1133,7 @@ impl Task {
         // `fut` was dropped, before the stop is answered: whoever waited for the stop
         // finds what it abandoned over (a credential request, whose late answer is then
         // refused).
-        Err(self.stop(Some(stop)))
+        Err(self.stop(StopBy::Caller(stop)))
     }
 
     /// Whether the task takes another operation from the channel: fewer than

@@ -81,8 +81,14 @@ pub enum Event {
         /// The WebSocket close code, when a close frame arrived.
         close_code: Option<u16>,
     },
-    /// The client stopped: by `stop`, or after giving up reconnecting.
-    Stopped,
+    /// The client stopped: by `stop`, or on its own.
+    Stopped {
+        /// Why it stopped on its own: the last attempt's error once the reconnect policy
+        /// gave up, or `Error::NotConnected` for a session lost with `auto_reconnect`
+        /// off (the `Disconnected` event before it tells why). `None` when `stop`
+        /// stopped it.
+        error: Option<Error>,
+    },
     /// A message from the server side.
     ServerMessage {
         /// How to read `data`.

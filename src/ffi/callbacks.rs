@@ -26,14 +26,14 @@ use super::status::{
 pub const WPS_EVENT_CONNECTED: u32 = 1;
 /// Event kind: the session was lost (`connection_id`, `message`, `close_code`).
 pub const WPS_EVENT_DISCONNECTED: u32 = 2;
-/// Event kind: the client stopped and will not reconnect.
+/// Event kind: the client stopped and will not reconnect (`status`, `message`).
 pub const WPS_EVENT_STOPPED: u32 = 3;
 /// Event kind: a message from the server (`data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;
 /// Event kind: a group message (`group`, `from_user_id`, `data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_GROUP_MESSAGE: u32 = 5;
-/// Event kind: rejoining `group` on a new connection failed (`message`, `error_name`,
-/// `service_message`, `ack_id`).
+/// Event kind: rejoining `group` on a new connection failed (`status`, `message`,
+/// `error_name`, `service_message`, `ack_id`).
 pub const WPS_EVENT_REJOIN_GROUP_FAILED: u32 = 6;
 
 /// An event, borrowed by the callback for the duration of the call. Strings are
@@ -65,7 +65,8 @@ pub struct wps_event {
     pub has_sequence_id: bool,
     /// The sequence id when `has_sequence_id`.
     pub sequence_id: u64,
-    /// Disconnected: the reason; rejoin failed: the error message.
+    /// Disconnected: the reason; stopped on its own, rejoin failed: the error message
+    /// (NULL when `wps_client_stop` stopped the client).
     pub message: *const c_char,
     /// Rejoin failed: the service's error name, when it gave one.
     pub error_name: *const c_char,
@@ -86,6 +87,13 @@ pub struct wps_event {
     pub group_len: usize,
     /// Length of `from_user_id` in bytes, without its NUL (0 when NULL).
     pub from_user_id_len: usize,
+    /// Stopped: `WPS_STATUS_OK` when `wps_client_stop` stopped the client, else the
+    /// status of the error that stopped it: the last attempt's once the reconnect policy
+    /// gave up (such as `WPS_STATUS_CONNECT_FAILED` or `WPS_STATUS_CREDENTIAL_FAILED`),
+    /// `WPS_STATUS_NOT_CONNECTED` when the session was lost with auto-reconnect off (the
+    /// disconnected event before it tells why). Rejoin failed: the error's status.
+    /// `WPS_STATUS_OK` for the other kinds.
+    pub status: wps_status,
 }
 
 /// Event callback. `event` is borrowed for the duration of the call.
@@ -288,6 +296,7 @@ pub(crate) struct OwnedEvent {
     close_code: u16,
     service_message: Option<CString>,
     ack_id: Option<u64>,
+    status: wps_status,
 }
 
 fn opt(s: Option<&str>) -> Option<CString> {
@@ -374,6 +383,7 @@ impl OwnedEvent {
             close_code: 0,
             service_message: None,
             ack_id: None,
+            status: WPS_STATUS_OK,
         }
     }
 
@@ -397,7 +407,17 @@ impl OwnedEvent {
                 close_code: close_code.unwrap_or(0),
                 ..OwnedEvent::empty(WPS_EVENT_DISCONNECTED)
             },
-            Event::Stopped => OwnedEvent::empty(WPS_EVENT_STOPPED),
+            Event::Stopped { error } => match error {
+                Some(error) => {
+                    let (status, _, message) = error_parts(&error);
+                    OwnedEvent {
+                        message: opt(Some(&message)),
+                        status,
+                        ..OwnedEvent::empty(WPS_EVENT_STOPPED)
+                    }
+                }
+                None => OwnedEvent::empty(WPS_EVENT_STOPPED),
+            },
             Event::ServerMessage {
                 data_type,
                 data,
@@ -423,9 +443,10 @@ impl OwnedEvent {
                 ..OwnedEvent::empty(WPS_EVENT_GROUP_MESSAGE)
             },
             Event::RejoinGroupFailed { group, error } => {
-                let (_, name, message) = error_parts(&error);
+                let (status, name, message) = error_parts(&error);
                 OwnedEvent {
                     group: Some(c_name(&group)),
+                    status,
                     message: opt(Some(&message)),
                     error_name: (!name.is_empty()).then(|| to_cstring(&name)),
                     service_message: error.service_message().map(to_cstring),
@@ -505,6 +526,7 @@ impl OwnedEvent {
             user_id_len,
             group_len,
             from_user_id_len,
+            status: self.status,
         }
     }
 }

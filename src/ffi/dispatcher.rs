@@ -815,7 +815,7 @@ mod tests {
         let first = tx.clone();
         worker.push(Job::new(move || first.send(1).unwrap()));
         send(1);
-        events.on_event(Event::Stopped);
+        events.on_event(Event::Stopped { error: None });
         events.on_batch_end();
         worker.push(Job::new(move || tx.send(2).unwrap()));
         worker.suspend(|| {}).unwrap(); // again: the count goes on

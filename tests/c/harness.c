@@ -69,6 +69,7 @@ typedef struct {
     bool has_sequence_id;
     uint64_t sequence_id;
     uint16_t close_code;
+    wps_status status;
 } event_copy;
 
 enum { MAX_EVENTS = 512 };
@@ -140,6 +141,7 @@ static void on_event(void *user_data, const wps_event *ev) {
         e->has_sequence_id = ev->has_sequence_id;
         e->sequence_id = ev->sequence_id;
         e->close_code = ev->close_code;
+        e->status = ev->status;
         r->count++;
     }
     wps_client *self = r->self;
@@ -1214,7 +1216,8 @@ static bool test_free_with_pending(void) {
 typedef struct {
     pthread_mutex_t mu;
     int calls, freed;
-    int mode; /* 0: good url; 1: error; 2: no answer; 3: good url first then no roles; 4: free the client */
+    int mode; /* 0: good url; 1: error; 2: no answer; 3: good url first then no roles; 4: free the client;
+                 5: good url first then an error naming the call */
     wps_client *client;
 } cred_state;
 
@@ -1228,6 +1231,12 @@ static void on_credential(void *user_data, wps_credential_result *result) {
         return;
     }
     if (mode == 2) return;
+    if (mode == 5 && n > 1) {
+        char error[64];
+        snprintf(error, sizeof error, "the token service answered 401 (call %d)", n);
+        wps_credential_result_set_error(result, error);
+        return;
+    }
     if (mode == 4) {
         wps_client_free(s->client); /* deferred: the credential call is still running */
         wps_credential_result_set_error(result, "freed");
@@ -1538,6 +1547,7 @@ static bool test_reconnection(void) {
     CHECK(strcmp(rc->events[rj].group, "chat") == 0 && strcmp(rc->events[rj].error_name, "Forbidden") == 0);
     CHECK(strcmp(rc->events[rj].service_message, "The client does not have permission to join group 'chat'.") == 0);
     CHECK(rc->events[rj].has_ack_id && rc->events[rj].ack_id > 0);
+    CHECK(rc->events[rj].status == WPS_STATUS_ACK_ERROR);
     CHECK(cs.calls == 2);
     CHECK(wps_client_state(c) == WPS_STATE_CONNECTED);
 
@@ -1557,7 +1567,9 @@ static bool test_reconnection(void) {
     CHECK(code == 200 || code == 204);
     int ds = wait_event(rd, 0, WPS_EVENT_DISCONNECTED, NULL);
     CHECK(ds >= 0 && rd->events[ds].close_code == 1008);
-    CHECK(wait_event(rd, ds, WPS_EVENT_STOPPED, NULL) > ds);
+    int st = wait_event(rd, ds, WPS_EVENT_STOPPED, NULL);
+    CHECK(st > ds);
+    CHECK(rd->events[st].status == WPS_STATUS_NOT_CONNECTED && strcmp(rd->events[st].message, "not connected") == 0);
     CHECK(wps_client_state(dc) == WPS_STATE_STOPPED);
     CHECK(free_client(dc, rd));
 
@@ -1565,6 +1577,47 @@ static bool test_reconnection(void) {
     CHECK(cs.freed == 1);
     pthread_mutex_destroy(&cs.mu);
     CHECK(free_client(a, ra));
+    return true;
+}
+
+/* The stopped event tells why the client stopped on its own: the last reconnect
+ * attempt's error once the policy gave up; nothing after wps_client_stop. */
+static bool test_stopped_reason(void) {
+    cred_state cs = {.mode = 5};
+    pthread_mutex_init(&cs.mu, NULL);
+    recorder *r = recorder_new();
+    wps_options *o = test_options();
+    wps_options_set_reconnect_retry(o, 2, 10, 10, WPS_RETRY_FIXED);
+    wps_client *c = NULL;
+    CHECK_OK(wps_client_new_with_credential(on_credential, &cs, on_credential_free, o, on_event, r, on_user_data_free, &c));
+    wps_options_free(o);
+    CHECK_OK(wps_client_start(c));
+    char id[128];
+    CHECK(connection_id(c, id, sizeof id));
+    int code = emulator_post(id, ":close?code=1008");
+    CHECK(code == 200 || code == 204);
+    int d = wait_event(r, 0, WPS_EVENT_DISCONNECTED, NULL);
+    CHECK(d >= 0);
+    /* the start, then one attempt and 2 retries */
+    int st = wait_event(r, d, WPS_EVENT_STOPPED, NULL);
+    CHECK(st > d);
+    CHECK(r->events[st].status == WPS_STATUS_CREDENTIAL_FAILED);
+    CHECK(strstr(r->events[st].message, "the token service answered 401 (call 4)") != NULL);
+    CHECK(wps_client_state(c) == WPS_STATE_STOPPED);
+    pthread_mutex_lock(&cs.mu);
+    int calls = cs.calls;
+    cs.calls = 0;
+    pthread_mutex_unlock(&cs.mu);
+    CHECK(calls == 4);
+
+    CHECK_OK(wps_client_start(c));
+    CHECK_OK(wps_client_stop(c));
+    st = wait_event(r, st + 1, WPS_EVENT_STOPPED, NULL);
+    CHECK(st > d);
+    CHECK(r->events[st].status == WPS_STATUS_OK && r->events[st].message[0] == '\0');
+    CHECK(free_client(c, r));
+    CHECK(cs.freed == 1);
+    pthread_mutex_destroy(&cs.mu);
     return true;
 }
 
@@ -2219,6 +2272,7 @@ int main(int argc, char **argv) {
     run("credential answered later", test_credential_deferred);
     run("stop and free report the ackIds of pending sends", test_stop_reports_ack_ids);
     run("reconnection", test_reconnection);
+    run("the stopped event tells why", test_stopped_reason);
     run("dispatcher threads and order", test_threads_and_order);
     run("fork", test_fork);
     run("logging", test_logging);

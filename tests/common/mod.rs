@@ -517,7 +517,7 @@ impl webpubsub_client::EventHandler for StateAtEvent {
         let kind = match event {
             Event::Connected { .. } => "connected",
             Event::Disconnected { .. } => "disconnected",
-            Event::Stopped => "stopped",
+            Event::Stopped { .. } => "stopped",
             Event::RejoinGroupFailed { .. } => "rejoinGroupFailed",
             Event::ServerMessage { .. } => "serverMessage",
             Event::GroupMessage { .. } => "groupMessage",

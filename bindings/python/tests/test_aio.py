@@ -1197,6 +1197,43 @@ async def test_a_send_pending_at_close_reports_its_ack_id_async(hub: Hub) -> Non
     assert str(info.value.ack_id) in info.value.error_detail.message
 
 
+async def test_stop_error_is_the_last_reconnect_attempts_failure_async(hub: Hub) -> None:
+    """As in test_sync: a provider that starts failing; a coroutine stopped listener finds
+    the last reconnect attempt's failure in ``stop_error``, and None after ``close()``."""
+    url = hub.url()
+    calls: List[int] = []
+
+    async def provide() -> str:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError(f"the token service answered 401 (call {len(calls)})")
+        return url
+
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=2)
+    seen = AsyncCollector()
+
+    async def on_stopped() -> None:
+        seen(client.stop_error)
+
+    await client.subscribe(CallbackType.STOPPED, on_stopped)
+    await client.open()
+    loop = asyncio.get_running_loop()
+    connection_id = client.connection_id
+    assert connection_id is not None
+    await loop.run_in_executor(None, lambda: hub.close_connection(connection_id, 1008))
+    (error,) = await seen.wait_for(1)
+    assert isinstance(error, OpenClientError)
+    assert error.status == _native.STATUS_CREDENTIAL_FAILED
+    # the start, then one attempt and 2 retries
+    assert "RuntimeError: the token service answered 401 (call 4)" in str(error)
+    assert len(calls) == 4
+    calls.clear()
+    await client.open()
+    await client.close()
+    assert (await seen.wait_for(2))[1] is None
+    assert client.stop_error is None
+
+
 async def test_disconnected_rejoin_failed_and_stopped_async(hub: Hub) -> None:
     """A lost session: disconnected, then a new connection whose URL may not rejoin the group."""
     urls = [hub.url(roles=["webpubsub.joinLeaveGroup"]), hub.url(roles=[])]

@@ -41,6 +41,7 @@ from webpubsub_client.models import (
     OnServerDataMessageArgs,
     OpenClientError,
     SendMessageError,
+    WebPubSubClientError,
     WebPubSubClientState,
     WebPubSubDataType,
     WebPubSubProtocolType,
@@ -1351,7 +1352,40 @@ def test_close_code_1008_disconnects_then_stops_without_reconnect(hub: Hub) -> N
     stopped.wait_for(1)
     assert client.state is WebPubSubClientState.STOPPED
     assert disconnected.items[0].close_code in (None, 1008)
+    assert isinstance(client.stop_error, WebPubSubClientError)
+    assert client.stop_error.status == _native.STATUS_NOT_CONNECTED
     client.close()
+
+
+def test_stop_error_is_the_last_reconnect_attempts_failure(hub: Hub) -> None:
+    """A provider that starts failing (its token service answers 401, say): the reconnects
+    give up, and the stopped listener (no argument, as in the official client) finds the
+    last attempt's failure in ``stop_error``; after ``close()`` it is None."""
+    url = hub.url()
+    calls: List[int] = []
+
+    def provide() -> str:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError(f"the token service answered 401 (call {len(calls)})")
+        return url
+
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=2)
+    seen = Collector()
+    client.subscribe(CallbackType.STOPPED, lambda: seen(client.stop_error))
+    client.open()
+    hub.close_connection(client.connection_id, 1008)
+    (error,) = seen.wait_for(1)
+    assert isinstance(error, OpenClientError)
+    assert error.status == _native.STATUS_CREDENTIAL_FAILED
+    # the start, then one attempt and 2 retries
+    assert "RuntimeError: the token service answered 401 (call 4)" in str(error)
+    assert len(calls) == 4
+    calls.clear()
+    client.open()
+    client.close()
+    assert seen.wait_for(2)[1] is None
+    assert client.stop_error is None
 
 
 def test_rejoin_failure_is_reported(hub: Hub) -> None:

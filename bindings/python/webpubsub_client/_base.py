@@ -497,6 +497,18 @@ def open_error(status: int, message: Optional[str] = None) -> Exception:
     return OpenClientError(f"Failed to open client. {_detail(status, text)}", status=status)
 
 
+def stop_error(status: int, message: Optional[str]) -> Optional[WebPubSubClientError]:
+    """Why a stopped event's client stopped on its own: an :class:`OpenClientError` with
+    the last reconnect attempt's failure, a :class:`WebPubSubClientError` with status
+    ``NOT_CONNECTED`` for a session lost with auto-reconnect off; None when ``close()``
+    stopped it."""
+    if status == _native.STATUS_OK:
+        return None
+    if status == _native.STATUS_NOT_CONNECTED:
+        return WebPubSubClientError(_detail(status, message), status=status)
+    return OpenClientError(f"Failed to reconnect. {_detail(status, message)}", status=status)
+
+
 def operation_error(
     status: int,
     *,
@@ -690,8 +702,10 @@ def _disconnected(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...
     return CallbackType.DISCONNECTED, (args,)
 
 
-def _stopped(_event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
-    return CallbackType.STOPPED, ()
+def _stopped(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:
+    # Not the listeners' argument (the official stopped listener takes none): the sink
+    # keeps it as the client's ``stop_error``.
+    return CallbackType.STOPPED, (stop_error(event.status, _native.decode(event.message)),)
 
 
 def _rejoin_group_failed(event: _native.WpsEvent) -> Tuple[CallbackType, Tuple[Any, ...]]:

@@ -110,6 +110,7 @@ class _SyncSink:
     def __init__(self, listeners: _base.Listeners) -> None:
         self.listeners = _base.HeldListeners(listeners)
         self._events: List[Tuple[CallbackType, Tuple[Any, ...]]] = []
+        self.stop_error: Optional[WebPubSubClientError] = None  # see WebPubSubClient.stop_error
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
@@ -130,6 +131,8 @@ class _SyncSink:
         for kind, args in events:
             if not dispatch.handle:  # freed by a listener (or collected meanwhile)
                 return
+            if kind is _STOPPED:
+                self.stop_error, args = args[0], ()
             for listener in snapshot(kind):
                 try:
                     listener(*args)
@@ -363,6 +366,17 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             return None
         return _base.connection_id_of(self._handle)
 
+    @property
+    def stop_error(self) -> Optional[WebPubSubClientError]:
+        """Why the client stopped on its own, as of its latest ``stopped`` event (set before
+        that event's listeners run, which take no argument, as in the official client): an
+        :class:`OpenClientError` with the last reconnect attempt's failure once the
+        reconnect retries ran out, a :class:`WebPubSubClientError` with status
+        ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
+        ``disconnected`` event before tells why). None when ``close()`` stopped it, or
+        before any stopped event."""
+        return self._sink.stop_error
+
     def __enter__(self) -> "WebPubSubClient":
         self.open()
         return self
@@ -418,9 +432,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """Call ``listener`` for every ``event`` (a :class:`CallbackType` or its value).
 
         ``connected`` gets ``OnConnectedArgs``, ``disconnected`` ``OnDisconnectedArgs``,
-        ``stopped`` no argument, ``server-message`` ``OnServerDataMessageArgs``,
-        ``group-message`` ``OnGroupDataMessageArgs``, ``rejoin-group-failed``
-        ``OnRejoinGroupFailedArgs``.
+        ``stopped`` no argument (why: :attr:`stop_error`), ``server-message``
+        ``OnServerDataMessageArgs``, ``group-message`` ``OnGroupDataMessageArgs``,
+        ``rejoin-group-failed`` ``OnRejoinGroupFailedArgs``.
 
         An ``event`` that names no event (``"foo"``, a misspelt name, a number) is logged at
         error level on the ``webpubsub_client`` logger and ignored: the listener is never

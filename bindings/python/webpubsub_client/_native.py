@@ -126,6 +126,7 @@ class WpsEvent(Structure):
         ("user_id_len", c_size_t),
         ("group_len", c_size_t),
         ("from_user_id_len", c_size_t),
+        ("status", c_uint32),
     ]
 
 

@@ -389,6 +389,7 @@ class _AsyncSink:
 
     def __init__(self, listeners: _base.Listeners) -> None:
         self.listeners = _LoopHeld(listeners)
+        self.stop_error: Optional[WebPubSubClientError] = None  # see WebPubSubClient.stop_error
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.batch: Optional[_LoopBatch] = None
         self.thread = 0  # the thread running ``loop``
@@ -478,6 +479,8 @@ class _AsyncSink:
         listeners = self.listeners.get()
         if listeners is None:  # the client was collected; its handle is being freed
             return
+        if kind is CallbackType.STOPPED:
+            self.stop_error, args = args[0], ()
         snapshot = listeners.snapshot(kind)
         # Numbered before the first runs: a close() one of them makes waits for the others.
         first = self._calls
@@ -1287,6 +1290,17 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if not self._finalizer.alive:
             return None
         return _base.connection_id_of(self._handle)
+
+    @property
+    def stop_error(self) -> Optional[WebPubSubClientError]:
+        """Why the client stopped on its own, as of its latest ``stopped`` event (set before
+        that event's listeners run, which take no argument, as in the official client): an
+        :class:`OpenClientError` with the last reconnect attempt's failure once the
+        reconnect retries ran out, a :class:`WebPubSubClientError` with status
+        ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
+        ``disconnected`` event before tells why). None when ``close()`` stopped it, or
+        before any stopped event."""
+        return self._sink.stop_error
 
     async def __aenter__(self) -> "WebPubSubClient":
         await self.open()
