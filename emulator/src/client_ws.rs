@@ -293,14 +293,15 @@ pub(crate) async fn client_endpoint(
         // `Config::read_buffer_bytes`, not tungstenite's 128 KiB: it is zeroed by the
         // socket's first read and held for its life. Larger frames are still read whole
         // (the buffer grows for them). The write buffer keeps its default threshold, and
-        // holds at most the outbound queue's bytes past it: the writer puts in a frame
-        // only once the buffer is written out, but tungstenite queues a pong for each
-        // ping by itself, without bound for a peer that pings and reads nothing.
+        // holds at most the outbound queue's bytes past it (at least one: tungstenite
+        // panics on a maximum that is not above the threshold): the writer puts in a
+        // frame only once the buffer is written out, but tungstenite queues a pong for
+        // each ping by itself, without bound for a peer that pings and reads nothing.
         .read_buffer_size(server.config.read_buffer_bytes)
         .max_write_buffer_size(
             WebSocketConfig::default()
                 .write_buffer_size
-                .saturating_add(server.config.max_outbound_bytes),
+                .saturating_add(server.config.max_outbound_bytes.max(1)),
         )
         .on_upgrade(move |socket| {
             tasks.track_future(async move { run_session(server, session, socket).await })

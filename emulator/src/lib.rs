@@ -157,9 +157,12 @@ pub struct Config {
     pub host: String,
     /// Port to listen on (default 0: the OS picks).
     pub port: u16,
-    /// Access key signing every token (default: a random key).
+    /// Access key signing every token (default: a random key). It goes into the
+    /// connection string: `start` refuses an empty one, or one with `;` or a control
+    /// character.
     pub access_key: Option<String>,
-    /// Where `event`/`invoke` frames are POSTed as CloudEvents (default: none).
+    /// Where `event`/`invoke` frames are POSTed as CloudEvents (default: none): an
+    /// `http://` URL, else `start` fails.
     pub upstream: Option<String>,
     /// The system events posted to the upstream (default: `connected` and
     /// `disconnected`; `connect` is opt-in, as an upstream that does not handle it

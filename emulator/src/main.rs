@@ -48,11 +48,11 @@ struct Args {
     /// Bytes queued to one socket before a client that does not read is closed.
     #[arg(long, value_name = "N", default_value_t = 64 * 1024 * 1024)]
     max_outbound_bytes: usize,
-    /// Each client socket's read buffer, in bytes (what an idle client costs; larger reads a fast publisher's bursts in fewer calls).
-    #[arg(long, value_name = "N", default_value_t = 8 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    /// Each client socket's read buffer, in bytes, 1024 to 16 MiB (what an idle client costs; larger reads a fast publisher's bursts in fewer calls).
+    #[arg(long, value_name = "N", default_value_t = 8 * 1024, value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
     read_buffer_bytes: u32,
-    /// Longest wait for a TLS handshake, an HTTP request head or REST body, and longest idle keep-alive, in ms.
-    #[arg(long, value_name = "N", default_value_t = 30_000)]
+    /// Longest wait for a TLS handshake, an HTTP request head or REST body, and longest idle keep-alive, in ms (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     http_timeout_ms: u64,
     /// Client connections at once, over all hubs; more get HTTP 429.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
@@ -104,6 +104,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colours only on a terminal: not in a log file or a pipe.
         .with_ansi(std::io::stderr().is_terminal())
+        // A log nobody reads (a closed pipe) is lost, instead of a panic on reporting it.
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -82,6 +82,16 @@ fn router(server: Arc<Server>) -> Router {
         .with_state(server)
 }
 
+/// An access key goes into the connection string, one line of `name=value;` pairs.
+fn check_access_key(key: &str) -> std::io::Result<()> {
+    if key.is_empty() || key.contains(|c: char| c == ';' || c.is_control()) {
+        return Err(invalid(
+            "the access key must be non-empty, without ';' or control characters (it goes into the connection string)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Binds and spawns the accept loop.
 pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinHandle<()>)> {
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
@@ -91,9 +101,19 @@ pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinH
         .map(|u| Upstream::new(u, config.upstream_timeout, config.max_frame_bytes))
         .transpose()
         .map_err(invalid)?;
+    if let Some(key) = &config.access_key {
+        check_access_key(key)?;
+    }
     // An IPv6 address may be given as in a URL, in brackets.
     let host = config.host.trim_start_matches('[').trim_end_matches(']');
-    let listener = TcpListener::bind((host, config.port)).await?;
+    let listener = TcpListener::bind((host, config.port)).await.map_err(|e| {
+        let address = if host.contains(':') {
+            format!("[{host}]:{}", config.port)
+        } else {
+            format!("{host}:{}", config.port)
+        };
+        std::io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
+    })?;
     let port = listener.local_addr()?.port();
     let access_key = config.access_key.clone().unwrap_or_else(|| random_id(44));
     let server = Arc::new(Server {
@@ -115,22 +135,38 @@ pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinH
     Ok((server, accept))
 }
 
+/// How long accepts must go without a failure for the failures to be over.
+const ACCEPT_RECOVERED: Duration = Duration::from_secs(1);
+
 async fn accept_loop(
     server: Arc<Server>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Router,
 ) {
+    // Failed accepts (out of file descriptors and the like) since the first was logged;
+    // the recovery is logged once none has failed for `ACCEPT_RECOVERED`.
+    let mut failed = 0u64;
+    let mut last_failure = tokio::time::Instant::now();
     loop {
         let accepted = tokio::select! {
             _ = server.shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(last_failure + ACCEPT_RECOVERED), if failed > 0 => {
+                tracing::info!("accepting again, after {failed} failed accepts");
+                failed = 0;
+                continue;
+            }
             a = listener.accept() => a,
         };
         let tcp = match accepted {
             Ok((tcp, _)) => tcp,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
+                if failed == 0 {
+                    tracing::warn!("accept failed: {e} (retrying every 20 ms)");
+                }
+                failed += 1;
+                last_failure = tokio::time::Instant::now();
+                // Back off instead of spinning.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }

@@ -19,7 +19,7 @@ use crate::hub::{random_id, Conn, Hub, Server, Stats};
 
 /// The upstream event handler.
 pub(crate) struct Upstream {
-    url: String,
+    url: reqwest::Url,
     client: reqwest::Client,
     /// Longest reply body read; a longer one is an upstream failure.
     max_reply_bytes: usize,
@@ -344,19 +344,24 @@ pub(crate) fn connect_body(
 }
 
 impl Upstream {
-    /// A client for `url` with a per-request timeout, reading reply bodies of at most
-    /// `max_reply_bytes`.
+    /// A client for `url` (an `http://` URL: there is no TLS client) with a per-request
+    /// timeout, reading reply bodies of at most `max_reply_bytes`.
     pub(crate) fn new(
         url: &str,
         timeout: Duration,
         max_reply_bytes: usize,
     ) -> Result<Self, String> {
+        let invalid = |why: &dyn std::fmt::Display| format!("invalid upstream URL {url:?}: {why}");
+        let url = reqwest::Url::parse(url).map_err(|e| invalid(&e))?;
+        if url.scheme() != "http" {
+            return Err(invalid(&"the emulator posts to http:// URLs only"));
+        }
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
             .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
         Ok(Upstream {
-            url: url.to_owned(),
+            url,
             client,
             max_reply_bytes,
         })
@@ -379,7 +384,7 @@ impl Upstream {
         // checks ce-signature by it, comparing it with its endpoint's host.
         let mut req = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("WebHook-Request-Origin", server.public_host().as_ref())
             .header("ce-specversion", "1.0")
             .header("ce-type", ce_type)

@@ -1,11 +1,12 @@
-//! The binary: connection string first on stdout, clean exit on SIGTERM, a plain log
-//! on a pipe, bad flags.
+//! The binary: connection string first on stdout, clean exit on SIGTERM and SIGINT, a
+//! plain log on a pipe (or none: a closed one), bad flags, a busy port, a log that does
+//! not flood while out of file descriptors.
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::spawn_binary;
+use common::{spawn_binary, Binary};
 
 const BIN: &str = env!("CARGO_BIN_EXE_webpubsub-emulator");
 
@@ -26,34 +27,11 @@ fn prints_the_connection_string_and_stops_on_sigterm() {
         .strip_prefix("Endpoint=http://127.0.0.1;Port=")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     let (port, tail) = rest.split_once(';').unwrap();
-    assert!(port.parse::<u16>().unwrap() > 0);
     assert_eq!(tail, "AccessKey=k3y;Version=1.0;");
-    // It serves: the stats route answers.
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap()))
-        .expect("listening");
-    std::io::Write::write_all(
-        &mut stream,
-        b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut response = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            assert!(code.success(), "exit status {code:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_serves(port.parse().unwrap());
+    signal(&child, "-TERM");
+    let status = exit_within(&mut child, "SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
     // Its log, to a pipe: plain text, without a terminal's colour codes.
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
@@ -123,4 +101,185 @@ fn keep_alive_flags_drop_a_silent_client() {
     assert!(received.starts_with(b"HTTP/1.1 101"));
     // An empty ping frame, and nothing else before the end.
     assert_eq!(&received[head_end..], &[0x89, 0x00]);
+}
+
+/// The port in the connection string `child` prints first.
+fn port_of(child: &mut Child) -> u16 {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.split("Port=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+}
+
+/// Asserts that the emulator on `port` answers its stats route.
+fn assert_serves(port: u16) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("listening");
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+/// Waits at most 10 s for `child` to exit.
+fn exit_within(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let sent = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Runs the binary with `args`, which must make it fail at once: returns its stderr.
+fn fails_at_once(args: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = exit_within(&mut child, &format!("{args:?}"));
+    let mut out = String::new();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{args:?}: {status:?}");
+    assert!(out.is_empty(), "{args:?} printed {out:?}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    err
+}
+
+#[test]
+fn unusable_values_fail_at_once_naming_what_is_wrong() {
+    for (args, expected) in [
+        (&["--http-timeout-ms", "0"][..], "--http-timeout-ms"),
+        (&["--read-buffer-bytes", "16777217"], "--read-buffer-bytes"),
+        (&["--access-key", ""], "access key"),
+        (&["--access-key", "a;b"], "access key"),
+        (&["--access-key", "a\nb"], "access key"),
+        (&["--upstream", "not a url"], "upstream URL"),
+        (&["--upstream", "https://127.0.0.1/"], "upstream URL"),
+        (&["--upstream", "ftp://127.0.0.1/"], "upstream URL"),
+    ] {
+        let err = fails_at_once(args);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains(expected), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_busy_port_fails_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let err = fails_at_once(&["--port", &port]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+}
+
+#[test]
+fn a_closed_log_pipe_does_not_stop_it() {
+    let mut child = Binary(
+        Command::new(BIN)
+            .args(["--port", "0"])
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // A parent that never reads the log: every line it writes meets a broken pipe.
+    drop(child.0.stderr.take());
+    let port = port_of(&mut child.0);
+    assert_serves(port);
+    // Its shutdown logs too.
+    signal(&child.0, "-TERM");
+    let status = exit_within(&mut child.0, "SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn sigint_closes_clients_with_1001_and_exits_0() {
+    let (mut binary, port) = spawn_binary("k3y", &[]);
+    let token = webpubsub_emulator::auth::sign_client_token(
+        "k3y",
+        &format!("http://127.0.0.1:{port}/client/hubs/h"),
+        &webpubsub_emulator::TokenOptions::default(),
+    );
+    let url = format!("ws://127.0.0.1:{port}/client/hubs/h?access_token={token}");
+    let (mut ws, _) = common::connect_json(&url, common::RELIABLE).await;
+    signal(&binary.0, "-INT");
+    assert_eq!(ws.expect_close().await.0, 1001);
+    let status = exit_within(&mut binary.0, "SIGINT");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn out_of_file_descriptors_it_logs_the_first_failure_and_the_recovery() {
+    // Room for what the emulator opens at start and a few connections.
+    let mut child = Binary(
+        Command::new("sh")
+            .args(["-c", &format!("ulimit -n 24 && exec {BIN} --port 0")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let port = port_of(&mut child.0);
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(child.0.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let until = |what: &str, log: &mut Vec<String>| loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no {what:?} in the log: {log:#?}"));
+        let found = line.contains(what);
+        log.push(line);
+        if found {
+            return;
+        }
+    };
+    // Idle connections, each holding a descriptor until it goes.
+    let peers: Vec<_> = (0..40)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    until("accept failed", &mut log);
+    // Long enough for dozens of failed accepts.
+    std::thread::sleep(Duration::from_millis(500));
+    // Their descriptors come back, and the connections waiting are taken.
+    drop(peers);
+    until("accepting again", &mut log);
+    assert_serves(port);
+    signal(&child.0, "-TERM");
+    assert!(exit_within(&mut child.0, "SIGTERM").success());
+    log.extend(lines.try_iter());
+    let failures = log.iter().filter(|l| l.contains("accept failed")).count();
+    assert_eq!(failures, 1, "{log:#?}");
 }

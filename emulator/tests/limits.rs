@@ -155,6 +155,25 @@ async fn new_connections_past_the_limit_get_429_and_recoveries_still_work() {
 }
 
 #[tokio::test]
+async fn an_outbound_limit_of_zero_bytes_closes_at_the_first_ack_with_1008() {
+    let emu = start_with(Config {
+        max_outbound_bytes: 0,
+        ..Config::default()
+    })
+    .await;
+    let url = emu.client_url("h", &all_roles("a"));
+    for protocol in [JSON, RELIABLE] {
+        let (mut ws, _) = connect_json(&url, protocol).await;
+        ws.send_json(json!({"type": "joinGroup", "group": "g", "ackId": 1}))
+            .await;
+        // The ack does not fit.
+        assert_eq!(ws.expect_close().await.0, 1008);
+    }
+    stats_until(&emu, "every slot given back", |s| s["slotsTaken"] == 0).await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_connection_joins_at_most_so_many_groups() {
     let emu = start_with(Config {
         max_groups_per_connection: 3,
