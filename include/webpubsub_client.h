@@ -21,9 +21,12 @@
  *   the operations completed; the frames read together are handed over as one batch,
  *   so a completion may run before an event whose frame came just before its ack),
  *   never on the I/O threads; in poll mode (WPS_DISPATCH_POLL), on the
- *   thread calling `wps_client_dispatch`. Every function may be called from inside a
- *   callback, blocking ones included (acks are resolved on the I/O threads, so they
- *   cannot deadlock; meanwhile the clients sharing that dispatcher thread wait);
+ *   thread calling `wps_client_dispatch`. A dispatcher thread takes turns among its
+ *   clients (a turn ends after 256 callbacks or 1 ms): a client whose callbacks fall
+ *   behind its events delays the others by a turn, not by its backlog. Every function
+ *   may be called from inside a callback, blocking ones included (acks are resolved on
+ *   the I/O threads, so they cannot deadlock; meanwhile the clients sharing that
+ *   dispatcher thread wait);
  *   `wps_client_free` inside a callback defers the teardown until it returns.
  *   A callback must return normally: a C++ exception or a longjmp out of it is
  *   undefined behaviour.
@@ -755,9 +758,9 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * waits for the running callbacks and runs the finalizers. When it returns, no
  * callback of this client is running or will run, and the client's connection task
  * has ended and released its memory. What is left runs on a dispatcher thread (in
- * poll mode, one of the pool's) after the callbacks queued there before it, those of
- * the other clients sharing the thread included: a callback there that waits for
- * this free to return deadlocks it.
+ * poll mode, one of the pool's) after this client's callbacks queued before it, in
+ * turns with the other clients sharing the thread: a callback of theirs that waits
+ * for this free to return deadlocks it.
  *
  * Inside a callback (of any client, or a credential, log or finalizer callback), the
  * teardown is deferred: no further event of this client is delivered, and once that

@@ -487,9 +487,9 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// waits for the running callbacks and runs the finalizers. When it returns, no
 /// callback of this client is running or will run, and the client's connection task
 /// has ended and released its memory. What is left runs on a dispatcher thread (in
-/// poll mode, one of the pool's) after the callbacks queued there before it, those of
-/// the other clients sharing the thread included: a callback there that waits for
-/// this free to return deadlocks it.
+/// poll mode, one of the pool's) after this client's callbacks queued before it, in
+/// turns with the other clients sharing the thread: a callback of theirs that waits
+/// for this free to return deadlocks it.
 ///
 /// Inside a callback (of any client, or a credential, log or finalizer callback), the
 /// teardown is deferred: no further event of this client is delivered, and once that

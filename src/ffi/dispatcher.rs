@@ -2,8 +2,11 @@
 //! or the application's own thread (poll mode).
 //!
 //! Thread mode (the default): a small process-wide pool (`min(cpus, 4)` threads,
-//! started on first use, never stopped). Each client is pinned to one worker, whose FIFO
-//! queue keeps that client's callbacks in order.
+//! started on first use, never stopped). Each client has a worker of its own, whose FIFO
+//! queue keeps that client's callbacks in order, pinned to one pool thread. The thread
+//! takes turns among its clients' queues, a turn running at most `TURN_JOBS` jobs for at
+//! most `TURN_TIME`: a client flooded with events delays the others on its thread by a
+//! turn, not by all of its backlog.
 //!
 //! Poll mode: the client gets a worker of its own that no thread runs. A file
 //! descriptor becomes readable when callbacks are queued, and the application runs
@@ -14,12 +17,13 @@
 //!
 //! Jobs are taken under the queue lock and run after releasing it, so no callback ever
 //! runs while a library lock is held, and never on a tokio worker. A dispatcher is only
-//! woken (condvar or descriptor) when it is idle, not once per job.
+//! woken (its thread's turn list or descriptor) when it is idle, not once per job.
 
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::info;
 
@@ -122,7 +126,12 @@ fn log_dropping() {
 }
 
 /// Most dispatcher threads the pool ever starts.
-const MAX_WORKERS: usize = 4;
+const MAX_THREADS: usize = 4;
+/// Most jobs of one client a pool thread runs before the next client's turn.
+const TURN_JOBS: usize = 256;
+/// How long a turn goes on running jobs of one client while others wait: a slow
+/// callback ends it after its job.
+const TURN_TIME: Duration = Duration::from_millis(1);
 
 /// Why `dispatch` could not run.
 #[derive(Debug, PartialEq, Eq)]
@@ -135,8 +144,8 @@ pub(crate) enum DispatchError {
 
 /// How a worker is woken when a job arrives while it is idle.
 enum Wake {
-    /// A pool thread sleeping on the condvar.
-    Thread(Condvar),
+    /// A turn on this pool thread.
+    Thread(Arc<PoolThread>),
     /// The application polls a descriptor. The pool worker (the heir) runs the jobs once
     /// the client is freed; picked when the client is made, so that a free cannot fail
     /// for want of a thread.
@@ -146,8 +155,8 @@ enum Wake {
 /// A worker's queue and its state, under one lock.
 struct Queue {
     jobs: VecDeque<Job>,
-    /// Thread mode: the thread waits on the condvar. Poll mode: the descriptor is
-    /// not signalled.
+    /// Thread mode: neither running nor waiting for its turn. Poll mode: the
+    /// descriptor is not signalled.
     idle: bool,
     /// Poll mode, after the client was freed: jobs go to this pool worker.
     forward: Option<Arc<Worker>>,
@@ -194,7 +203,7 @@ impl Drop for Dispatched<'_> {
     }
 }
 
-/// One client's FIFO of callbacks (thread mode: shared by the clients pinned to it).
+/// One client's FIFO of callbacks.
 pub(crate) struct Worker {
     queue: Mutex<Queue>,
     wake: Wake,
@@ -228,13 +237,13 @@ impl Worker {
     }
 
     /// Appends a job; it runs after every job pushed before it.
-    pub(crate) fn push(&self, job: Job) {
+    pub(crate) fn push(self: &Arc<Self>, job: Job) {
         self.append(|queue| queue.push_back(job));
     }
 
     /// Appends every job of `jobs` (emptied, its capacity kept), in order, under one
     /// lock; the dispatcher is woken at most once.
-    pub(crate) fn push_all(&self, jobs: &mut Vec<Job>) {
+    pub(crate) fn push_all(self: &Arc<Self>, jobs: &mut Vec<Job>) {
         if !jobs.is_empty() {
             self.append(|queue| queue.extend(jobs.drain(..)));
         }
@@ -247,7 +256,7 @@ impl Worker {
     /// after the lock, it could follow a dispatch that already ran the new jobs and
     /// marked the queue idle, and stay readable with nothing queued (the application's
     /// loop would then wake for nothing on every pass).
-    fn append(&self, add: impl FnOnce(&mut VecDeque<Job>)) {
+    fn append(self: &Arc<Self>, add: impl FnOnce(&mut VecDeque<Job>)) {
         let mut queue = self.lock();
         if let Some(target) = &queue.forward {
             let target = Arc::clone(target);
@@ -264,8 +273,8 @@ impl Worker {
             }
         }
         drop(queue);
-        if let (true, Wake::Thread(ready)) = (wake, &self.wake) {
-            ready.notify_one();
+        if let (true, Wake::Thread(thread)) = (wake, &self.wake) {
+            thread.take_turn(Arc::clone(self));
         }
         if first_drop {
             log_dropping();
@@ -405,19 +414,67 @@ impl Worker {
         queue.forward = Some(target);
     }
 
-    fn run(&self, ready: &Condvar) {
-        let mut batch = VecDeque::new();
-        loop {
-            {
-                let mut queue = self.lock();
-                while queue.jobs.is_empty() {
-                    queue.idle = true;
-                    queue = ready.wait(queue).unwrap_or_else(|e| e.into_inner());
-                }
-                std::mem::swap(&mut queue.jobs, &mut batch);
+    /// Thread mode: one turn, on the pool thread; whether jobs are left for another.
+    /// The turn's jobs are taken under one lock; those a slow one leaves go back first.
+    fn run_turn(&self, batch: &mut VecDeque<Job>) -> bool {
+        {
+            let mut queue = self.lock();
+            if queue.jobs.len() <= TURN_JOBS {
+                std::mem::swap(&mut queue.jobs, batch);
+            } else {
+                batch.extend(queue.jobs.drain(..TURN_JOBS));
             }
-            for job in batch.drain(..) {
-                guard_job("dispatcher job", || job.run());
+            if batch.is_empty() {
+                queue.idle = true;
+                return false;
+            }
+        }
+        let started = Instant::now();
+        while let Some(job) = batch.pop_front() {
+            guard_job("dispatcher job", || job.run());
+            if !batch.is_empty() && started.elapsed() >= TURN_TIME {
+                break;
+            }
+        }
+        let mut queue = self.lock();
+        while let Some(job) = batch.pop_back() {
+            queue.jobs.push_front(job);
+        }
+        queue.idle = queue.jobs.is_empty();
+        !queue.idle
+    }
+}
+
+/// A pool thread and the workers (clients) waiting for their turn on it.
+struct PoolThread {
+    turns: Mutex<VecDeque<Arc<Worker>>>,
+    ready: Condvar,
+}
+
+impl PoolThread {
+    /// Queues a worker that has jobs and was idle: it gets the next free turn.
+    fn take_turn(&self, worker: Arc<Worker>) {
+        self.turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(worker);
+        self.ready.notify_one();
+    }
+
+    fn run(&self) {
+        let mut batch = VecDeque::new();
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let Some(worker) = turns.pop_front() else {
+                turns = self.ready.wait(turns).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            drop(turns);
+            let again = worker.run_turn(&mut batch);
+            turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+            if again {
+                // This thread takes it in its turn: no one to wake.
+                turns.push_back(worker);
             }
         }
     }
@@ -522,48 +579,49 @@ impl Signal {
 }
 
 struct Pool {
-    workers: Vec<Arc<Worker>>,
+    threads: Vec<Arc<PoolThread>>,
     next: AtomicUsize,
 }
 
 static POOL: TryOnce<Pool> = TryOnce::new();
 
-/// The pool, started on first use with one worker thread per processor (at most
-/// `MAX_WORKERS`), or as many as the system would start if at least one; an error
+/// The pool, started on first use with one thread per processor (at most
+/// `MAX_THREADS`), or as many as the system would start if at least one; an error
 /// (not kept: the next call tries again) when it refuses the first.
 fn pool() -> io::Result<&'static Pool> {
     POOL.get_or_try_init(|| {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut workers = Vec::new();
-        for i in 0..cpus.clamp(1, MAX_WORKERS) {
-            let worker = Arc::new(Worker::new(Wake::Thread(Condvar::new())));
-            let w = Arc::clone(&worker);
+        let mut threads = Vec::new();
+        for i in 0..cpus.clamp(1, MAX_THREADS) {
+            let thread = Arc::new(PoolThread {
+                turns: Mutex::default(),
+                ready: Condvar::new(),
+            });
+            let t = Arc::clone(&thread);
             let started = std::thread::Builder::new()
                 .name(format!("wps-dispatch-{i}"))
-                .spawn(move || {
-                    if let Wake::Thread(ready) = &w.wake {
-                        w.run(ready);
-                    }
-                });
+                .spawn(move || t.run());
             match started {
-                Ok(_) => workers.push(worker),
-                Err(e) if workers.is_empty() => return Err(e),
+                Ok(_) => threads.push(thread),
+                Err(e) if threads.is_empty() => return Err(e),
                 Err(_) => break,
             }
         }
         Ok(Pool {
-            workers,
+            threads,
             next: AtomicUsize::new(0),
         })
     })
 }
 
-/// Picks the pool worker a new client is pinned to (round robin); an error when the
+/// A worker for a new client, pinned to a pool thread (round robin); an error when the
 /// system refuses the pool's first thread.
 pub(crate) fn assign() -> Result<Arc<Worker>, String> {
     let pool = pool().map_err(|e| format!("cannot start a dispatcher thread: {e}"))?;
-    let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.workers.len();
-    Ok(Arc::clone(&pool.workers[i]))
+    let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.threads.len();
+    Ok(Arc::new(Worker::new(Wake::Thread(Arc::clone(
+        &pool.threads[i],
+    )))))
 }
 
 #[cfg(test)]
@@ -597,7 +655,43 @@ mod tests {
             assert!(i == 100 || name.starts_with("wps-dispatch-"));
             assert!(!inside);
         }
-        assert!(pool().unwrap().workers.len() <= MAX_WORKERS);
+        assert!(pool().unwrap().threads.len() <= MAX_THREADS);
+    }
+
+    #[test]
+    fn a_slow_client_takes_turns_with_the_others_on_its_thread_in_order() {
+        // Two clients on one pool thread: the first's jobs each outlast a turn's time, so
+        // its turns end after one job, and those taken with it go back in order.
+        let thread = assign().unwrap();
+        let Wake::Thread(pool_thread) = &thread.wake else {
+            unreachable!()
+        };
+        let on_thread = || Arc::new(Worker::new(Wake::Thread(Arc::clone(pool_thread))));
+        let (slow, quick) = (on_thread(), on_thread());
+        let (tx, rx) = mpsc::channel();
+        for i in 0..20 {
+            let tx = tx.clone();
+            slow.push(Job::new(move || {
+                std::thread::sleep(TURN_TIME * 2);
+                tx.send(("slow", i)).unwrap();
+            }));
+        }
+        let tx2 = tx.clone();
+        quick.push(Job::new(move || tx2.send(("quick", 0)).unwrap()));
+        let got: Vec<_> = (0..21)
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        let slow_order: Vec<_> = got
+            .iter()
+            .filter(|(who, _)| *who == "slow")
+            .map(|(_, i)| *i)
+            .collect();
+        assert_eq!(slow_order, (0..20).collect::<Vec<_>>());
+        let quick_at = got.iter().position(|(who, _)| *who == "quick").unwrap();
+        assert!(
+            quick_at < 3,
+            "the quick client waited for the slow one's jobs: {got:?}"
+        );
     }
 
     #[cfg(unix)]
