@@ -62,7 +62,7 @@ def pinned_beside(hub: Hub, client: WebPubSubClient, user_id: str) -> WebPubSubC
     round robin, so one of the next few is)."""
 
     def worker(c: WebPubSubClient) -> Any:
-        return c._finalizer.peek()[1].__self__._worker  # type: ignore[union-attr] # pylint: disable=protected-access
+        return c._finalizer.peek()[1].__self__.worker  # type: ignore[union-attr] # pylint: disable=protected-access
 
     for _ in range(len(_dispatcher._WORKERS) + 1):  # pylint: disable=protected-access
         other = make(hub.url(user_id))
@@ -970,7 +970,8 @@ def test_a_listener_may_close_and_reopen_its_own_client(hub: Hub) -> None:
 def test_a_listener_may_make_blocking_calls_on_a_client_of_its_dispatch_thread(hub: Hub) -> None:
     """A listener of one client sends, joins, leaves, closes and reopens another client
     pinned to the same dispatch thread, which receives meanwhile: nothing deadlocks, and
-    that client's events come once the listener returns, in order."""
+    that client's events come in order (once the listener returns, or before on another
+    thread if the listener ran past the stall threshold)."""
     first = make(hub.url("first"))
     second = pinned_beside(hub, first, "second")
     got = Collector()
@@ -999,7 +1000,151 @@ def test_a_listener_may_make_blocking_calls_on_a_client_of_its_dispatch_thread(h
         first.send_to_group("go", "go", WebPubSubDataType.TEXT)
         got.wait_until(lambda items: "reopened" in items)
     assert not errors, errors
-    assert got.items[:6] == ["listener done", "sent 0", "sent 1", "sent 2", "stopped", "reopened"]
+    assert "listener done" in got.items
+    second_got = [item for item in got.items if item != "listener done"]
+    assert second_got[:5] == ["sent 0", "sent 1", "sent 2", "stopped", "reopened"]
+
+
+def thread_changes(threads: List[int]) -> List[int]:
+    """``threads`` without repeats in a row: the threads a client's events ran on, in turn."""
+    return [t for i, t in enumerate(threads) if i == 0 or threads[i - 1] != t]
+
+
+def test_a_listener_waiting_for_a_client_of_its_dispatch_thread_gets_its_event(hub: Hub) -> None:
+    """A listener of one client waits for an event of another client pinned to the same
+    dispatch thread (sent by a third): once the listener has run past the stall
+    threshold, that client moves to another thread and gets it (before, its event
+    waited behind the listener: a deadlock until the wait gave up)."""
+    waiter = make(hub.url("waiter"))
+    other = pinned_beside(hub, waiter, "other")
+    publisher = make(hub.url("publisher"))
+    delivered, outcome, other_threads = threading.Event(), Collector(), Collector()
+
+    def on_other(_message: OnGroupDataMessageArgs) -> None:
+        other_threads(threading.get_ident())
+        delivered.set()
+
+    def on_waiter(_message: OnGroupDataMessageArgs) -> None:
+        publisher.send_to_group("to-other", "ping", WebPubSubDataType.TEXT)
+        outcome((delivered.wait(WAIT), threading.get_ident()))
+
+    other.subscribe(CallbackType.GROUP_MESSAGE, on_other)
+    waiter.subscribe(CallbackType.GROUP_MESSAGE, on_waiter)
+    with waiter, other, publisher:
+        other.join_group("to-other")
+        waiter.join_group("to-waiter")
+        publisher.send_to_group("to-waiter", "go", WebPubSubDataType.TEXT)
+        ((got_it, waiter_thread),) = outcome.wait_for(1, timeout=WAIT + 5)
+    assert got_it, "the other client's event waited behind the listener"
+    assert other_threads.items == [other_threads.items[0]] and other_threads.items[0] != waiter_thread
+
+
+def test_a_held_thread_moves_its_other_clients_once_and_no_other_client(hub: Hub) -> None:
+    """A listener holds its dispatch thread past the stall threshold while clients on
+    every dispatch thread receive: the held client and those of the other threads keep
+    their thread from one event to the next; those that shared the held one's thread
+    move to another thread once, and stay there."""
+    gate, held = threading.Event(), threading.Event()
+    seen: Dict[str, List[int]] = {}
+    lock = threading.Lock()
+
+    def recorder(name: str) -> Any:
+        def record(message: OnGroupDataMessageArgs) -> None:
+            with lock:
+                seen.setdefault(name, []).append(threading.get_ident())
+            if name == "holder" and message.data == "hold":
+                held.set()
+                assert gate.wait(WAIT)
+
+        return record
+
+    holder = make(hub.url("holder"))
+    beside = pinned_beside(hub, holder, "beside")
+    # Enough clients that every dispatch thread has one (the pool is round robin).
+    others = [make(hub.url(f"other-{n}")) for n in range(len(_dispatcher._WORKERS) + 1)]  # pylint: disable=protected-access
+    receivers = {"holder": holder, "beside": beside, **{f"other-{n}": c for n, c in enumerate(others)}}
+    for name, client in receivers.items():
+        client.subscribe(CallbackType.GROUP_MESSAGE, recorder(name))
+
+    def all_got(count: int) -> None:
+        wait_until(lambda: all(len(seen.get(name, ())) >= count for name in receivers), what=f"{count} events each")
+
+    with contextlib.ExitStack() as stack, make(hub.url("publisher")) as publisher:
+        for client in receivers.values():
+            stack.enter_context(client)
+            client.join_group("g")
+        publisher.send_to_group("g", "before", WebPubSubDataType.TEXT)
+        all_got(1)
+        publisher.send_to_group("g", "hold", WebPubSubDataType.TEXT)
+        assert held.wait(WAIT)
+        publisher.send_to_group("g", "during", WebPubSubDataType.TEXT)
+        # Well within the hold (WAIT): the moved clients got "during" while it lasted.
+        rest = [name for name in receivers if name != "holder"]
+        wait_until(lambda: all(len(seen.get(name, ())) >= 3 for name in rest), timeout=WAIT / 2, what="3 each")
+        gate.set()
+        publisher.send_to_group("g", "after", WebPubSubDataType.TEXT)
+        all_got(4)
+    (held_thread,) = thread_changes(seen["holder"])
+    for name in rest:
+        threads = thread_changes(seen[name])
+        if name == "beside" or threads[0] == held_thread:  # moved once: "during" came on the new thread
+            assert len(threads) == 2 and threads[0] == held_thread, (name, threads)
+            assert seen[name][2] == threads[1], (name, seen[name])
+        else:
+            assert len(threads) == 1, (name, threads)
+
+
+def test_a_moved_client_gets_its_events_in_order_one_at_a_time(hub: Hub) -> None:
+    """A client moves off a held dispatch thread while its messages keep coming, and the
+    hold ends amid them, while the held thread still has the moved client among those it
+    saw readable (both got the holding message together, while their thread was busy):
+    each event arrives once, in order, and its listeners never run on two threads at once."""
+    busy, held, gate = threading.Event(), threading.Event(), threading.Event()
+    got: List[str] = []
+    overlaps: List[str] = []
+    running = threading.Lock()
+
+    def hold(message: OnGroupDataMessageArgs) -> None:
+        if message.data == "busy":  # below the stall threshold: nothing moves
+            busy.set()
+            time.sleep(0.05)
+        elif message.data == "hold":
+            held.set()
+            assert gate.wait(WAIT)
+
+    def on_mover(message: OnGroupDataMessageArgs) -> None:
+        if not running.acquire(blocking=False):
+            overlaps.append(message.data)
+            return
+        try:
+            got.append(message.data)
+            time.sleep(0.001)  # a listener with some work: the next events queue meanwhile
+        finally:
+            running.release()
+
+    holder = make(hub.url("holder"))
+    mover = pinned_beside(hub, holder, "mover")
+    holder.subscribe(CallbackType.GROUP_MESSAGE, hold)
+    mover.subscribe(CallbackType.GROUP_MESSAGE, on_mover)
+    sent = [str(n) for n in range(400)]
+    with holder, mover, make(hub.url("publisher")) as publisher:
+        holder.join_group("h")
+        holder.join_group("g")
+        mover.join_group("g")
+        publisher.send_to_group("h", "busy", WebPubSubDataType.TEXT)
+        assert busy.wait(WAIT)
+        publisher.send_to_group("g", "hold", WebPubSubDataType.TEXT)
+        assert held.wait(WAIT)
+        for data in sent[:200]:
+            publisher.send_to_group("g", data, WebPubSubDataType.TEXT, ack=False)
+        # Well within the hold (WAIT): the mover got them on another thread.
+        wait_until(lambda: len(got) > 1, timeout=WAIT / 2, what="the mover's first events")
+        for data in sent[200:]:  # queued while the mover's listener works through the first
+            publisher.send_to_group("g", data, WebPubSubDataType.TEXT, ack=False)
+        gate.set()
+        wait_until(lambda: len(got) + len(overlaps) > len(sent), what="all the mover's events")
+    assert not overlaps
+    assert got == ["hold", *sent]
 
 
 def test_listeners_subscribed_or_unsubscribed_by_a_listener_take_effect_from_the_next_event(hub: Hub) -> None:
@@ -1532,28 +1677,27 @@ def registered() -> Set[int]:
 
 
 def test_a_closed_client_dropped_while_its_events_wait_gets_them_then_is_collected(hub: Hub) -> None:
-    """A listener of one client blocks the dispatch thread while another client pinned to
-    it receives: that client's blocking calls still work; closed and dropped with its
-    events waiting, it is kept until they and its stopped event reached its listeners, in
-    order, none twice, and collected then."""
+    """A client's listener holds its dispatch thread while the client receives more (a
+    held client stays on its thread): its blocking calls still work; closed and dropped
+    with its events waiting, it is kept until they and its stopped event reached its
+    listeners, in order, none twice, and collected then."""
     before = registered()
-    blocker = make(hub.url("blocker"))
     gate, blocked = threading.Event(), threading.Event()
-
-    def hold(_message: OnGroupDataMessageArgs) -> None:
-        blocked.set()
-        assert gate.wait(WAIT)
-
-    blocker.subscribe(CallbackType.GROUP_MESSAGE, hold)
-    client = pinned_beside(hub, blocker, "client")
     got = Collector()
-    client.subscribe(CallbackType.GROUP_MESSAGE, lambda m: got(m.data))
+
+    def on_message(message: OnGroupDataMessageArgs) -> None:
+        got(message.data)
+        if message.data == "block":
+            blocked.set()
+            assert gate.wait(WAIT)
+
+    client = make(hub.url("client"))
+    client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
     client.subscribe(CallbackType.STOPPED, lambda: got("stopped"))
-    with blocker, make(hub.url("publisher")) as publisher:
-        blocker.join_group("block")
+    with make(hub.url("publisher")) as publisher:
         client.open()
         client.join_group("g")
-        publisher.send_to_group("block", "block", WebPubSubDataType.TEXT)
+        publisher.send_to_group("g", "block", WebPubSubDataType.TEXT)
         assert blocked.wait(WAIT)
         for n in range(50):  # the last acked: the service has them all
             publisher.send_to_group("g", str(n), WebPubSubDataType.TEXT, ack=n == 49)
@@ -1562,11 +1706,12 @@ def test_a_closed_client_dropped_while_its_events_wait_gets_them_then_is_collect
         reference = weakref.ref(client)
         del client
         gc.collect()
-        assert reference() is not None and not got.items
+        assert reference() is not None and got.items == ["block"]
         gate.set()
-        assert got.wait_until(lambda items: "stopped" in items) == [*map(str, range(50)), "own", "stopped"]
+        expected = ["block", *map(str, range(50)), "own", "stopped"]
+        assert got.wait_until(lambda items: "stopped" in items) == expected
         wait_until(lambda: gc.collect() >= 0 and reference() is None, what="the dropped client collected")
-    del blocker, publisher
+    del publisher
     wait_until(lambda: gc.collect() >= 0 and not registered() - before, what="the other clients released")
 
 

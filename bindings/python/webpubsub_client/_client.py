@@ -283,7 +283,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         self._handle = _base.new_native_client(source, options, self._sink)
         self._sink.listeners.handle = self._handle
         try:
-            dispatch = _dispatcher.Dispatch(self._handle, self._sink)
+            dispatch = _dispatcher.Dispatch(self._handle, self._sink, self)
         except BaseException:
             _base.free_client(self._handle)
             raise

@@ -7,6 +7,22 @@ their events with ``wps_client_dispatch_into``: messages as records, the other e
 through the event callback, which only converts them. The listeners run once that call
 has returned, in plain Python, one client's in event order.
 
+A client stays pinned to its thread, unless a listener of another client holds that
+thread: the watchdog (a daemon thread that looks at the pool every ``_Watchdog.TICK``
+while dispatches run, and sleeps once none has for a second) finds a thread that has
+been inside one client's dispatch at two looks in a row (100 to 200 ms), and pins that
+thread's other clients to another one (the pool's thread with the fewest clients that
+is not held itself, or a new one when all are). They stay there, as the held client
+stays on its thread. A move takes the client's lock, between two of its dispatches: its
+descriptor leaves the old selector before the new one watches it, and the old thread
+skips it if it had seen it readable before the move (:meth:`Dispatch.run`), so that its
+events keep their order and its dispatch never runs on two threads at once. A new thread
+is added only when every other one is held, so the pool never exceeds the larger of
+``min(cpus, 4)`` and one more than the threads held at once; a thread left without
+clients stays in the pool, for new and moved clients. The workers only count their
+dispatches and name the one running (no lock, no wake-up of the watchdog but by the
+first dispatch after it slept).
+
 Not on the library's threads: at interpreter exit Python ends a thread that takes the
 interpreter lock again with ``pthread_exit``, and a listener still running then (a loop
 that sleeps or waits with a timeout) would be ended inside the library's frames, which
@@ -22,7 +38,9 @@ import logging
 import os
 import selectors
 import threading
-from typing import Any, List, Optional
+import time
+import weakref
+from typing import Any, Dict, List, Optional
 
 from . import _base, _native
 from ._native import lib
@@ -40,29 +58,34 @@ class Dispatch:
 
     BATCH = 256  # callbacks per native call; a client with more queued stays readable
 
-    def __init__(self, handle: int, sink: Any) -> None:
+    def __init__(self, handle: int, sink: Any, client: Any) -> None:
         fd = ctypes.c_int(-1)
         status = lib.wps_client_dispatch_fd(handle, ctypes.byref(fd))
         if status != _native.STATUS_OK:
             message = f"{_native.status_str(status)}: {_native.last_error_message()}"
             raise WebPubSubClientError(message, status=status)
         self.handle = handle
-        # Excludes a dispatch from the free of the handle. Reentrant: the client may be
-        # collected on its worker thread, during a dispatch (its finalizer then frees it).
+        # Excludes a dispatch from the free of the handle and from a move to another
+        # worker. Reentrant: the client may be collected on its worker thread, during a
+        # dispatch (its finalizer then frees it).
         self.lock = threading.RLock()
         self._sink = sink
+        self._client = weakref.ref(client)
         self._fd = fd.value
         self._pid = os.getpid()
-        self._worker = _assign()
-        self._worker.watch(self._fd, self)
+        with self.lock:
+            self.worker = _assign()
+            self.worker.watch(self._fd, self)
 
-    def run(self, out: _base.DispatchBuffers) -> None:
-        """On the worker thread, once the descriptor is readable: take the queued events
+    def run(self, out: _base.DispatchBuffers, worker: _Worker) -> None:
+        """On ``worker``'s thread, once the descriptor is readable: take the queued events
         (up to ``BATCH`` callbacks and the records that fit ``out``), then hand them to
-        the listeners, those of the event callback first (they came before the records)."""
+        the listeners, those of the event callback first (they came before the records).
+        Nothing if the client was moved to another worker since (the descriptor was seen
+        readable before the move)."""
         with self.lock:
             handle = self.handle
-            if not handle:
+            if not handle or self.worker is not worker:
                 return
             status = lib.wps_client_dispatch_into(handle, self.BATCH, out.ref)
         events: List[Any] = self._sink.take()
@@ -75,6 +98,20 @@ class Dispatch:
         if events:
             self._sink.deliver(events, self)
 
+    def move(self, old: _Worker, new: _Worker) -> None:
+        """Pin the client to ``new`` if it is pinned to ``old`` and its dispatch is not
+        running there: its descriptor leaves ``old``'s selector before ``new`` watches it,
+        and ``old`` no longer runs it (see :meth:`run`). The client is held meanwhile, so
+        that its finalizer cannot free it (and close the descriptor) halfway."""
+        client = self._client()
+        if client is None:  # being freed
+            return
+        with self.lock:
+            if self.handle and self.worker is old and old.current is not self:
+                old.unwatch(self._fd)
+                self.worker = new
+                new.watch(self._fd, self)
+
     def free(self) -> None:
         """Free the native client (the client's finalizer), its descriptor no longer
         watched and no dispatch running. At interpreter exit and in a fork() child it is
@@ -86,33 +123,45 @@ class Dispatch:
             return
         with self.lock:
             handle, self.handle = self.handle, 0
+            worker = self.worker
         if handle:
-            self._worker.unwatch(self._fd)
+            worker.unwatch(self._fd)
             _base.free_client(handle)
 
 
 class _Worker:
     """A daemon thread (started with its first client) that runs the dispatch of each of
     its clients whose descriptor is readable. Clients join and leave it from any thread:
-    the selector (epoll, kqueue) takes them while the thread waits."""
+    the selector (epoll, kqueue) takes them while the thread waits.
+
+    For the watchdog: ``runs`` counts the dispatches begun, and ``current`` is the one
+    running (None between them), set after the count (read before it: a dispatch seen
+    running with the count of the last look has run since then)."""
 
     def __init__(self, index: int) -> None:
         self._selector = selectors.DefaultSelector()
-        self._name = f"webpubsub-dispatch-{index}"
+        self.name = f"webpubsub-dispatch-{index}"
         self._thread: Optional[threading.Thread] = None
+        self.clients: Dict[int, Dispatch] = {}  # by descriptor
+        self.runs = 0
+        self.current: Optional[Dispatch] = None
+        self.seen = 0  # ``runs`` at the watchdog's last look
+        self.held = False  # inside one dispatch at the watchdog's last two looks
 
     def watch(self, fd: int, dispatch: Dispatch) -> None:
         """Run ``dispatch`` whenever ``fd`` is readable (the thread started first: a
         descriptor is never left registered by a client that failed to start)."""
         with _POOL_LOCK:
             if self._thread is None:
-                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 thread.start()
                 self._thread = thread
         self._selector.register(fd, selectors.EVENT_READ, dispatch)
+        self.clients[fd] = dispatch
 
     def unwatch(self, fd: int) -> None:
-        """Stop watching ``fd`` (before it is closed)."""
+        """Stop watching ``fd`` (before it is closed, or watched by another worker)."""
+        self.clients.pop(fd, None)
         try:
             self._selector.unregister(fd)
         except (KeyError, ValueError):
@@ -129,20 +178,102 @@ class _Worker:
         its sink) is let go when it returns: the loop's variables would keep it while the
         thread waits for the next events, which may never come."""
         for key, _events in self._selector.select():
+            self.runs += 1
+            if _WATCHDOG.asleep:
+                _WATCHDOG.wake()
+            self.current = dispatch = key.data
             try:
-                key.data.run(out)
+                dispatch.run(out, self)
             except Exception:  # noqa: BLE001 - the thread serves the other clients too
                 _LOGGER.exception("webpubsub_client: error while dispatching events")
+            self.current = None
+
+
+class _Watchdog:
+    """Relieves the workers held by a listener (see the module's docstring): a daemon
+    thread, asleep until a dispatch begins, that looks at the workers every ``TICK``
+    until none has begun one for ``QUIET`` looks. 100 to 200 ms of one dispatch is far
+    beyond a listener's usual time (microseconds; a few milliseconds for a database
+    write), so that a client is seldom moved for a pause of the process (a garbage
+    collection, the interpreter lock held elsewhere), and short enough that the other
+    clients' events are barely late."""
+
+    TICK = 0.1
+    QUIET = 10
+
+    def __init__(self) -> None:
+        self.asleep = True
+        self._awake = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="webpubsub-dispatch-watchdog", daemon=True).start()
+
+    def wake(self) -> None:
+        """Called by a worker that began a dispatch while the watchdog sleeps."""
+        self.asleep = False
+        self._awake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._awake.wait()
+            quiet = 0
+            while quiet < self.QUIET:
+                time.sleep(self.TICK)
+                quiet = quiet + 1 if self._look() else 0
+            self._awake.clear()
+            self.asleep = True
+            # A worker that began a dispatch since the last look, while ``asleep`` was
+            # still false, did not wake it: its count tells.
+            if any(worker.runs != worker.seen for worker in _WORKERS):
+                self.wake()
+
+    def _look(self) -> bool:
+        """Mark the workers inside the same dispatch as at the last look as held, then
+        relieve them; whether no worker began a dispatch since the last look."""
+        quiet = True
+        for worker in _WORKERS:
+            running = worker.current is not None  # before the count: see _Worker
+            runs = worker.runs
+            worker.held = running and runs == worker.seen
+            quiet = quiet and runs == worker.seen
+            worker.seen = runs
+        for worker in _WORKERS:
+            if worker.held:
+                _relieve(worker)
+        return quiet
+
+
+def _relieve(held: _Worker) -> None:
+    """Pin the clients of ``held`` but the one whose dispatch holds it to the worker that
+    is not held with the fewest clients, or to a new worker if all are held."""
+    current = held.current
+    moving = [dispatch for dispatch in list(held.clients.values()) if dispatch is not current]
+    if not moving:
+        return
+    with _POOL_LOCK:
+        candidates = [worker for worker in _WORKERS if not worker.held]
+        if candidates:
+            target = min(candidates, key=lambda worker: len(worker.clients))
+        else:
+            target = _Worker(len(_WORKERS))
+            _WORKERS.append(target)
+    _LOGGER.debug("webpubsub_client: a listener holds %s: %d clients move to %s", held.name, len(moving), target.name)
+    for dispatch in moving:
+        dispatch.move(held, target)
 
 
 _POOL_LOCK = threading.Lock()
 _WORKERS: List[_Worker] = []
 _NEXT = itertools.count()
+_WATCHDOG = _Watchdog()
 
 
 def _assign() -> _Worker:
-    """The worker a new client is pinned to (round robin; the pool is made on first use)."""
+    """The worker a new client is pinned to (round robin over those not held; the pool
+    and its watchdog are made on first use)."""
     with _POOL_LOCK:
         if not _WORKERS:
             _WORKERS.extend(_Worker(i) for i in range(min(os.cpu_count() or 1, 4)))
-    return _WORKERS[next(_NEXT) % len(_WORKERS)]
+            _WATCHDOG.start()
+        workers = [worker for worker in _WORKERS if not worker.held] or _WORKERS
+    return workers[next(_NEXT) % len(workers)]
