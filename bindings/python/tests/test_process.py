@@ -617,3 +617,34 @@ def test_clients_left_open_are_freed_and_the_exit_is_clean(hub: Hub) -> None:
     a sync client dropped: no crash, hang or output at exit. Before, the asyncio client
     stayed connected (its socket, descriptor and registry entry kept) until the exit."""
     forgotten_clients_exit_cleanly(hub)
+
+
+def test_a_dispatch_pool_refused_a_descriptor_is_made_whole_by_the_next_client(hub: Hub) -> None:
+    """The sync clients' dispatch pool is made with the first client: when the system
+    refuses one of its selectors (out of file descriptors), that client fails with the
+    error and the next one makes the whole pool and its watchdog. Before, the pool kept
+    the threads made before the refusal, and no watchdog, for the life of the process."""
+    code = f"""
+        import errno, os, selectors, threading
+        from webpubsub_client import WebPubSubClient, _dispatcher
+        os.cpu_count = lambda: 2  # a pool of two, whatever the machine
+        made, real = [], selectors.DefaultSelector
+
+        def second_refused():
+            made.append(1)
+            if len(made) == 2:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real()
+
+        selectors.DefaultSelector = second_refused
+        try:
+            WebPubSubClient({hub.url("first")!r})
+        except OSError as e:
+            print("refused", e.errno == errno.EMFILE)
+        client = WebPubSubClient({hub.url("second")!r})
+        watchdogs = [t for t in threading.enumerate() if t.name == "webpubsub-dispatch-watchdog"]
+        print(len(_dispatcher._WORKERS), len(watchdogs))
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["refused", "True", "2", "1"], result.stdout

@@ -273,7 +273,10 @@ def _assign() -> _Worker:
     and its watchdog are made on first use)."""
     with _POOL_LOCK:
         if not _WORKERS:
-            _WORKERS.extend(_Worker(i) for i in range(min(os.cpu_count() or 1, 4)))
+            # Made whole before it is kept: a refusal (no descriptor for a selector, no
+            # thread for the watchdog) leaves no pool short of threads or watchdog.
+            workers = [_Worker(i) for i in range(min(os.cpu_count() or 1, 4))]
             _WATCHDOG.start()
+            _WORKERS.extend(workers)
         workers = [worker for worker in _WORKERS if not worker.held] or _WORKERS
     return workers[next(_NEXT) % len(workers)]
