@@ -694,6 +694,172 @@ mod tests {
         );
     }
 
+    #[test]
+    fn clients_pushed_to_from_many_threads_while_turns_end_lose_no_job_and_keep_order() {
+        // Pushes racing the end of a turn (the worker neither idle nor queued again) must
+        // wake it exactly once: a lost wake-up strands the worker, a double one would
+        // queue it twice. Jobs also push to their own and to other workers, and a few
+        // outlast a turn, so that what is left goes back to the front.
+        const WORKERS: usize = 6;
+        const PRODUCERS: usize = 3;
+        const JOBS: usize = 4_000;
+        struct Client {
+            worker: Arc<Worker>,
+            running: std::sync::atomic::AtomicBool,
+            last: Mutex<[Option<usize>; PRODUCERS + 1]>,
+        }
+        let first = assign().unwrap();
+        let Wake::Thread(pool_thread) = &first.wake else {
+            unreachable!()
+        };
+        let clients: Arc<Vec<Client>> = Arc::new(
+            (0..WORKERS)
+                .map(|_| Client {
+                    worker: Arc::new(Worker::new(Wake::Thread(Arc::clone(pool_thread)))),
+                    running: false.into(),
+                    last: Mutex::new([None; PRODUCERS + 1]),
+                })
+                .collect(),
+        );
+        let ran = Arc::new(AtomicUsize::new(0));
+        let faults = Arc::new(Mutex::new(Vec::<String>::new()));
+        // A job of `producer`, numbered `n` among its jobs for client `c`.
+        fn job(
+            clients: &Arc<Vec<Client>>,
+            ran: &Arc<AtomicUsize>,
+            faults: &Arc<Mutex<Vec<String>>>,
+            c: usize,
+            producer: usize,
+            n: usize,
+        ) -> Job {
+            let (clients, ran, faults) = (Arc::clone(clients), Arc::clone(ran), Arc::clone(faults));
+            Job::new(move || {
+                let client = &clients[c];
+                if client.running.swap(true, Ordering::SeqCst) {
+                    faults
+                        .lock()
+                        .unwrap()
+                        .push(format!("client {c} ran on two threads"));
+                }
+                let mut last = client.last.lock().unwrap();
+                if last[producer].is_some_and(|l| l >= n) {
+                    faults.lock().unwrap().push(format!(
+                        "client {c}: {n} of {producer} after {:?}",
+                        last[producer]
+                    ));
+                }
+                last[producer] = Some(n);
+                drop(last);
+                if n % 500 == 499 {
+                    std::thread::sleep(TURN_TIME + Duration::from_micros(200));
+                }
+                client.running.store(false, Ordering::SeqCst);
+                ran.fetch_add(1, Ordering::SeqCst);
+            })
+        }
+        let producers: Vec<_> = (0..PRODUCERS)
+            .map(|p| {
+                let (clients, ran, faults) =
+                    (Arc::clone(&clients), Arc::clone(&ran), Arc::clone(&faults));
+                std::thread::spawn(move || {
+                    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ p as u64;
+                    for n in 0..JOBS {
+                        for c in 0..WORKERS {
+                            let j = job(&clients, &ran, &faults, c, p, n);
+                            clients[c].worker.push(j);
+                        }
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        if seed % 8 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        // From inside jobs: each client's jobs numbered by a chain of its own pushes.
+        let chained = Arc::new(AtomicUsize::new(0));
+        for c in 0..WORKERS {
+            let (clients2, ran2, faults2, chained2) = (
+                Arc::clone(&clients),
+                Arc::clone(&ran),
+                Arc::clone(&faults),
+                Arc::clone(&chained),
+            );
+            fn chain(
+                clients: Arc<Vec<Client>>,
+                ran: Arc<AtomicUsize>,
+                faults: Arc<Mutex<Vec<String>>>,
+                chained: Arc<AtomicUsize>,
+                c: usize,
+                n: usize,
+            ) {
+                let next = (c + n) % WORKERS;
+                let inner = job(&clients, &ran, &faults, c, PRODUCERS, n);
+                let worker = Arc::clone(&clients[c].worker);
+                let target = Arc::clone(&clients[next].worker);
+                worker.push(inner);
+                if n + 1 < JOBS / 4 {
+                    let (cl, r, f, ch) = (clients, ran, faults, Arc::clone(&chained));
+                    target.push(Job::new(move || chain(cl, r, f, ch, c, n + 1)));
+                }
+                chained.fetch_add(1, Ordering::SeqCst);
+            }
+            chain(clients2, ran2, faults2, chained2, c, 0);
+        }
+        let expected = WORKERS * PRODUCERS * JOBS + WORKERS * (JOBS / 4);
+        let monitor_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let monitor = {
+            let (pool_thread, clients, faults, done) = (
+                Arc::clone(pool_thread),
+                Arc::clone(&clients),
+                Arc::clone(&faults),
+                Arc::clone(&monitor_done),
+            );
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    let turns: Vec<_> = pool_thread.turns.lock().unwrap().iter().cloned().collect();
+                    for client in clients.iter() {
+                        let queued = turns
+                            .iter()
+                            .filter(|w| Arc::ptr_eq(w, &client.worker))
+                            .count();
+                        if queued > 1 {
+                            faults
+                                .lock()
+                                .unwrap()
+                                .push(format!("a worker queued {queued} times"));
+                        }
+                    }
+                    std::thread::yield_now();
+                }
+            })
+        };
+        for p in producers {
+            p.join().unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ran.load(Ordering::SeqCst) < expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        monitor_done.store(true, Ordering::SeqCst);
+        monitor.join().unwrap();
+        let stranded: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.worker.lock().jobs.is_empty())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            expected,
+            "jobs never ran (stranded clients {stranded:?})"
+        );
+        assert_eq!(*faults.lock().unwrap(), Vec::<String>::new());
+        assert!(clients.iter().all(|c| c.worker.lock().idle));
+    }
+
     #[cfg(unix)]
     fn readable(fd: std::ffi::c_int) -> bool {
         let mut p = libc::pollfd {
