@@ -648,3 +648,76 @@ def test_a_dispatch_pool_refused_a_descriptor_is_made_whole_by_the_next_client(h
     result = run_python(code, {})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["refused", "True", "2", "1"], result.stdout
+
+
+def test_a_client_made_while_every_dispatch_thread_is_held_gets_its_events(hub: Hub) -> None:
+    """A listener holds the pool's only dispatch thread past the watchdog's quiet second
+    (the watchdog asleep), then a client is made: its events come while the hold lasts.
+    Before, it was pinned to the held thread, and nothing woke the watchdog to move it."""
+    code = f"""
+        import os, threading, time
+        os.cpu_count = lambda: 1  # a pool of one, whatever the machine
+        from webpubsub_client import WebPubSubClient, _dispatcher
+        from webpubsub_client.models import CallbackType
+        gate, held, connected = threading.Event(), threading.Event(), threading.Event()
+        holder = WebPubSubClient({hub.url("holder")!r})
+        holder.subscribe(CallbackType.CONNECTED, lambda _args: (held.set(), gate.wait(30)))
+        holder.open()
+        assert held.wait(10)
+        deadline = time.monotonic() + 10
+        while not _dispatcher._WATCHDOG.asleep and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("asleep", _dispatcher._WATCHDOG.asleep, flush=True)
+        late = WebPubSubClient({hub.url("late")!r})
+        late.subscribe(CallbackType.CONNECTED, lambda _args: connected.set())
+        late.open()
+        print("connected", connected.wait(5), flush=True)
+        gate.set()
+        late.close()
+        holder.close()
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["asleep", "True", "connected", "True"], result.stdout
+
+
+def test_a_dispatch_thread_refused_to_the_watchdog_is_tried_again(hub: Hub) -> None:
+    """A listener holds the pool's only dispatch thread while the system refuses new
+    threads: the client beside it stays where it is, and moves once a thread is granted,
+    during the hold. Before, the refusal ended the watchdog, and the client, already out
+    of its thread's watch, got no event again."""
+    code = f"""
+        import os, threading
+        os.cpu_count = lambda: 1  # a pool of one, whatever the machine
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.models import CallbackType, WebPubSubDataType
+        refuse, refused, real_start = threading.Event(), threading.Semaphore(0), threading.Thread.start
+
+        def start(thread):
+            if refuse.is_set() and thread.name.startswith("webpubsub-dispatch-"):
+                refused.release()
+                raise RuntimeError("can't start new thread")
+            real_start(thread)
+
+        threading.Thread.start = start
+        gate, held, got = threading.Event(), threading.Event(), threading.Event()
+        holder = WebPubSubClient({hub.url("holder")!r})
+        beside = WebPubSubClient({hub.url("beside")!r})
+        holder.subscribe(CallbackType.GROUP_MESSAGE, lambda _m: (held.set(), gate.wait(30)))
+        beside.subscribe(CallbackType.GROUP_MESSAGE, lambda _m: got.set())
+        with holder, beside:
+            holder.join_group("h")
+            beside.join_group("g")
+            refuse.set()
+            holder.send_to_group("h", "hold", WebPubSubDataType.TEXT)
+            assert held.wait(10)
+            print("refused", refused.acquire(timeout=10), flush=True)
+            refuse.clear()
+            holder.send_to_group("g", "during", WebPubSubDataType.TEXT)
+            print("during", got.wait(5), flush=True)
+            gate.set()
+            print("after", got.wait(5), flush=True)
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["refused", "True", "during", "True", "after", "True"], result.stdout

@@ -13,10 +13,12 @@ while dispatches run, and sleeps once none has for a second) finds a thread that
 been inside one client's dispatch at two looks in a row (100 to 200 ms), and pins that
 thread's other clients to another one (the pool's thread with the fewest clients that
 is not held itself, or a new one when all are). They stay there, as the held client
-stays on its thread. A move takes the client's lock, between two of its dispatches: its
-descriptor leaves the old selector before the new one watches it, and the old thread
-skips it if it had seen it readable before the move (:meth:`Dispatch.run`), so that its
-events keep their order and its dispatch never runs on two threads at once. A new thread
+stays on its thread. A move takes the client's lock, between two of its dispatches: the
+new selector watches its descriptor before the old one leaves it (a thread refused leaves
+it where it was, tried again at the next look), and the old thread skips it if it had
+seen it readable before the move (:meth:`Dispatch.run`), so that its events keep their
+order and its dispatch never runs on two threads at once. A new client is pinned to a
+thread not held (a new one when all are: the watchdog may sleep meanwhile). A new thread
 is added only when every other one is held, so the pool never exceeds the larger of
 ``min(cpus, 4)`` and one more than the threads held at once; a thread left without
 clients stays in the pool, for new and moved clients. The workers only count their
@@ -100,17 +102,18 @@ class Dispatch:
 
     def move(self, old: _Worker, new: _Worker) -> None:
         """Pin the client to ``new`` if it is pinned to ``old`` and its dispatch is not
-        running there: its descriptor leaves ``old``'s selector before ``new`` watches it,
-        and ``old`` no longer runs it (see :meth:`run`). The client is held meanwhile, so
-        that its finalizer cannot free it (and close the descriptor) halfway."""
+        running there: ``new`` watches its descriptor (or refuses, and nothing changed)
+        before it leaves ``old``'s selector, and ``old`` no longer runs it (see
+        :meth:`run`). The client is held meanwhile, so that its finalizer cannot free it
+        (and close the descriptor) halfway."""
         client = self._client()
         if client is None:  # being freed
             return
         with self.lock:
             if self.handle and self.worker is old and old.current is not self:
+                new.watch(self._fd, self)
                 old.unwatch(self._fd)
                 self.worker = new
-                new.watch(self._fd, self)
 
     def free(self) -> None:
         """Free the native client (the client's finalizer), its descriptor no longer
@@ -219,7 +222,11 @@ class _Watchdog:
             quiet = 0
             while quiet < self.QUIET:
                 time.sleep(self.TICK)
-                quiet = quiet + 1 if self._look() else 0
+                try:
+                    quiet = quiet + 1 if self._look() else 0
+                except Exception:  # noqa: BLE001 - a thread or descriptor refused: tried again
+                    _LOGGER.exception("webpubsub_client: the dispatch watchdog could not relieve a thread")
+                    quiet = 0
             self._awake.clear()
             self.asleep = True
             # A worker that began a dispatch since the last look, while ``asleep`` was
@@ -252,11 +259,7 @@ def _relieve(held: _Worker) -> None:
         return
     with _POOL_LOCK:
         candidates = [worker for worker in _WORKERS if not worker.held]
-        if candidates:
-            target = min(candidates, key=lambda worker: len(worker.clients))
-        else:
-            target = _Worker(len(_WORKERS))
-            _WORKERS.append(target)
+        target = min(candidates, key=lambda worker: len(worker.clients)) if candidates else _new_worker()
     _LOGGER.debug("webpubsub_client: a listener holds %s: %d clients move to %s", held.name, len(moving), target.name)
     for dispatch in moving:
         dispatch.move(held, target)
@@ -268,9 +271,16 @@ _NEXT = itertools.count()
 _WATCHDOG = _Watchdog()
 
 
+def _new_worker() -> _Worker:
+    """A worker added to the pool (``_POOL_LOCK`` held)."""
+    worker = _Worker(len(_WORKERS))
+    _WORKERS.append(worker)
+    return worker
+
+
 def _assign() -> _Worker:
-    """The worker a new client is pinned to (round robin over those not held; the pool
-    and its watchdog are made on first use)."""
+    """The worker a new client is pinned to (round robin over those not held, a new one
+    when all are; the pool and its watchdog are made on first use)."""
     with _POOL_LOCK:
         if not _WORKERS:
             # Made whole before it is kept: a refusal (no descriptor for a selector, no
@@ -278,5 +288,5 @@ def _assign() -> _Worker:
             workers = [_Worker(i) for i in range(min(os.cpu_count() or 1, 4))]
             _WATCHDOG.start()
             _WORKERS.extend(workers)
-        workers = [worker for worker in _WORKERS if not worker.held] or _WORKERS
+        workers = [worker for worker in _WORKERS if not worker.held] or [_new_worker()]
     return workers[next(_NEXT) % len(workers)]
