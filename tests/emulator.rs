@@ -714,15 +714,7 @@ async fn a_client_whose_reconnects_all_fail_stops_with_the_last_attempts_error()
         next_event(&mut events, 5).await,
         Event::Connected { .. }
     ));
-    client.stop().await;
-    assert!(matches!(
-        next_event(&mut events, 5).await,
-        Event::Disconnected { .. }
-    ));
-    assert_eq!(
-        next_event(&mut events, 5).await,
-        Event::Stopped { error: None }
-    );
+    stopped_by_caller(&client, &mut events).await;
 }
 
 #[tokio::test]
@@ -944,15 +936,7 @@ async fn stop_start_and_bad_input() {
         client.join_group("").await,
         Err(Error::InvalidArgument(_))
     ));
-    client.stop().await;
-    assert!(matches!(
-        next_event(&mut events, 5).await,
-        Event::Disconnected { .. }
-    ));
-    assert_eq!(
-        next_event(&mut events, 5).await,
-        Event::Stopped { error: None }
-    );
+    stopped_by_caller(&client, &mut events).await;
     assert_eq!(client.state(), ClientState::Stopped);
     assert_eq!(client.connection_id(), None);
     assert!(matches!(
@@ -1190,4 +1174,14 @@ async fn a_start_refused_by_the_upstream_connect_event_fails_at_once_with_its_st
         .iter()
         .all(|e| !matches!(e, Event::Connected { .. })));
     upstream.abort();
+}
+
+/// Stops the connected `client`: `Disconnected`, then `Stopped` without an error.
+async fn stopped_by_caller(client: &Client, events: &mut UnboundedReceiver<Event>) {
+    client.stop().await;
+    assert!(matches!(
+        next_event(events, 5).await,
+        Event::Disconnected { .. }
+    ));
+    assert_eq!(next_event(events, 5).await, Event::Stopped { error: None });
 }
