@@ -133,6 +133,39 @@ def test_close_before_open_is_a_no_op(hub: Hub) -> None:
     assert client.state is WebPubSubClientState.STOPPED
 
 
+def test_close_returns_once_the_listeners_of_its_events_have_run(hub: Hub) -> None:
+    """A program may exit right after ``close()``: the disconnected and stopped listeners
+    (on a daemon thread, which the exit would end) have run by then, a slow one too."""
+    client = make(hub.url())
+    seen: List[str] = []
+
+    def on_disconnected(_args: OnDisconnectedArgs) -> None:
+        time.sleep(0.3)  # still running when the stop is done
+        seen.append("disconnected")
+
+    client.subscribe(CallbackType.DISCONNECTED, on_disconnected)
+    client.subscribe(CallbackType.STOPPED, lambda: seen.append("stopped"))
+    for _ in range(2):  # and again after a reopen: the first stop's event is not taken twice
+        client.open()
+        client.close()
+        assert seen == ["disconnected", "stopped"]
+        seen.clear()
+
+
+def test_close_waits_for_a_held_listener_no_longer_than_a_second(hub: Hub) -> None:
+    client = make(hub.url())
+    gate = threading.Event()
+    stopped = Collector()
+    client.subscribe(CallbackType.DISCONNECTED, lambda _args: gate.wait(WAIT))
+    client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    client.open()
+    client.close()  # returns while the disconnected listener waits for the gate
+    assert client.state is WebPubSubClientState.STOPPED
+    assert not stopped.items
+    gate.set()
+    stopped.wait_for(1)
+
+
 def test_concurrent_closes_each_return_once_stopped(hub: Hub) -> None:
     """Three threads closing one client at once: none raises, each returns once the client
     is stopped (the official client's second close returns while the first still stops),

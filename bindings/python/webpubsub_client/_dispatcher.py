@@ -100,6 +100,11 @@ class Dispatch:
         if events:
             self._sink.deliver(events, self)
 
+    def on_its_thread(self) -> bool:
+        """True on the thread the client's listeners run on (a listener of its own, or of
+        a client pinned to the same thread)."""
+        return self.worker.is_current()
+
     def move(self, old: _Worker, new: _Worker) -> None:
         """Pin the client to ``new`` if it is pinned to ``old`` and its dispatch is not
         running there: ``new`` watches its descriptor (or refuses, and nothing changed)
@@ -161,6 +166,10 @@ class _Worker:
                 self._thread = thread
         self._selector.register(fd, selectors.EVENT_READ, dispatch)
         self.clients[fd] = dispatch
+
+    def is_current(self) -> bool:
+        """True on this worker's thread."""
+        return self._thread is threading.current_thread()
 
     def unwatch(self, fd: int) -> None:
         """Stop watching ``fd`` (before it is closed, or watched by another worker)."""
