@@ -223,6 +223,34 @@ def test_open_client_is_closed_at_interpreter_exit(hub: Hub) -> None:
     )
 
 
+def test_a_program_that_exits_once_its_client_stopped_on_its_own_runs_the_stops_listeners(hub: Hub) -> None:
+    """The service ends the session (close code 1008, no reconnect) inside ``with
+    client:``; the program exits once it sees the client stopped. Leaving the block waits
+    for the listeners of the stop's events (before, close() of a stopped client returned
+    at once, and the exit ended the slow disconnected listener)."""
+    code = f"""
+        import time, urllib.request
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.models import WebPubSubClientState
+
+        def on_disconnected(_args):
+            time.sleep(0.3)
+            print("disconnected", flush=True)
+
+        client = WebPubSubClient({hub.url("ended")!r}, auto_reconnect=False)
+        client.subscribe("disconnected", on_disconnected)
+        client.subscribe("stopped", lambda: print("stopped", flush=True))
+        with client:
+            route = f"/_emulator/hubs/{hub.name}/connections/{{client.connection_id}}/:close?code=1008"
+            urllib.request.urlopen(urllib.request.Request({hub.emulator.base!r} + route, data=b""), timeout=10).close()
+            while client.state is not WebPubSubClientState.STOPPED:
+                time.sleep(0.01)
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["disconnected", "stopped"], result.stdout
+
+
 def test_exit_with_daemon_threads_inside_calls_does_not_crash(hub: Hub) -> None:
     """The interpreter exits while daemon threads keep calling a sync and an asyncio client
     (a publisher thread left running): the exit hook stops the clients instead of freeing

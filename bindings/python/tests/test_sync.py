@@ -166,6 +166,43 @@ def test_close_waits_for_a_held_listener_no_longer_than_a_second(hub: Hub) -> No
     stopped.wait_for(1)
 
 
+def stopped_by_the_service(hub: Hub, seen: List[str]) -> WebPubSubClient:
+    """A client the service has just stopped (close code 1008, no reconnect), whose slow
+    disconnected listener has not run yet; ``seen`` gets its events."""
+    client = make(hub.url(), auto_reconnect=False)
+
+    def on_disconnected(_args: OnDisconnectedArgs) -> None:
+        time.sleep(0.3)
+        seen.append("disconnected")
+
+    client.subscribe(CallbackType.DISCONNECTED, on_disconnected)
+    client.subscribe(CallbackType.STOPPED, lambda: seen.append("stopped"))
+    client.open()
+    hub.close_connection(client.connection_id, 1008)
+    wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped by the service")
+    assert not seen
+    return client
+
+
+def test_close_of_a_client_stopped_by_the_service_returns_once_its_listeners_have_run(hub: Hub) -> None:
+    """A program that exits once its client stopped on its own (``with client:`` left by
+    the error of a send) gets the listeners of the stop's events run."""
+    seen: List[str] = []
+    client = stopped_by_the_service(hub, seen)
+    client.close()
+    assert seen == ["disconnected", "stopped"]
+
+
+def test_close_after_a_reopen_waits_for_its_own_events_not_the_last_runs(hub: Hub) -> None:
+    """Reopened while the listeners of the stop on its own still run, then closed: close()
+    returns once its own stop's listeners have run, not once the first stop's have."""
+    seen: List[str] = []
+    client = stopped_by_the_service(hub, seen)
+    client.open()
+    client.close()
+    assert seen == ["disconnected", "stopped", "disconnected", "stopped"]
+
+
 def test_concurrent_closes_each_return_once_stopped(hub: Hub) -> None:
     """Three threads closing one client at once: none raises, each returns once the client
     is stopped (the official client's second close returns while the first still stops),

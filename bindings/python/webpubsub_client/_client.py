@@ -111,8 +111,6 @@ class _SyncSink:
         self.listeners = _base.HeldListeners(listeners)
         self._events: List[Tuple[CallbackType, Tuple[Any, ...]]] = []
         self.stop_error: Optional[WebPubSubClientError] = None  # see WebPubSubClient.stop_error
-        self.stops_delivered = 0  # the stopped events whose listeners have run
-        self._stop_delivered = threading.Condition()
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
@@ -146,19 +144,10 @@ class _SyncSink:
                 with dispatch.lock:  # the handle is read: not during its free
                     if dispatch.handle:
                         self.listeners.release_if_stopped()
-                with self._stop_delivered:
-                    self.stops_delivered += 1
-                    self._stop_delivered.notify_all()
-
-    def wait_for_stop(self, seen: int) -> None:
-        """Waits, at most ``CLOSE_WAIT`` seconds, until the listeners of a stopped event
-        after the first ``seen`` ones have run."""
-        with self._stop_delivered:
-            self._stop_delivered.wait_for(lambda: self.stops_delivered > seen, CLOSE_WAIT)
 
 
 _STOPPED = CallbackType.STOPPED
-CLOSE_WAIT = 1.0  # seconds close() waits for the listeners of the events its stop brought
+CLOSE_WAIT = 1.0  # seconds close() waits for the listeners of the events before it
 
 
 # The C forms (plain, with_ack_id) of each send, looked up once.
@@ -347,26 +336,22 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise _base.open_error(status, message)
 
     def close(self) -> None:
-        """Stop the client and close the connection; does nothing if it is already stopped.
-        Returns once the client is stopped and the listeners of the events before its
-        ``stopped`` event, that one's included, have run (waiting at most 1 s for them, and
-        not at all on the thread that runs them), so that a program may exit right after.
-        A signal handler that raises while it waits (on the main thread) has its exception
-        raised once the client is stopped."""
+        """Stop the client and close the connection. Returns once the client is stopped and
+        the listeners of the events that came before, its ``disconnected`` and ``stopped``
+        events (or those of a stop on its own) included, have run (waiting at most 1 s for
+        them, and not at all on the thread that runs them), so that a program may exit
+        right after. A signal handler that raises while it waits (on the main thread) has
+        its exception raised once the client is stopped, with no further wait for them."""
         if not self._finalizer.alive:
             return
-        # Counted before the state is read: the client is stopped before its stopped
-        # event is queued, so a client not stopped yet has that event still to come.
-        seen = self._sink.stops_delivered
-        if _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
-            return
-        status = lib.wps_client_stop(self._blocking_handle())
-        # The stop runs the signal handlers as it waits, and never ends half done.
-        _callbacks.raise_interrupt()
-        if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
-            _base.check_status(status)
-        if not self._dispatch.on_its_thread():
-            self._sink.wait_for_stop(seen)
+        if _base.state_of(self._handle) is not WebPubSubClientState.STOPPED:
+            status = lib.wps_client_stop(self._blocking_handle())
+            # The stop runs the signal handlers as it waits, and never ends half done.
+            _callbacks.raise_interrupt()
+            if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
+                _base.check_status(status)
+        # The stop's events are queued by now, behind those of any earlier stop.
+        self._dispatch.wait_delivered(CLOSE_WAIT)
 
     def is_connected(self) -> bool:
         """True while the client has an open connection (not while recovering or reconnecting)."""

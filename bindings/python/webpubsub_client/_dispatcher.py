@@ -38,6 +38,7 @@ import ctypes
 import itertools
 import logging
 import os
+import select
 import selectors
 import threading
 import time
@@ -75,6 +76,11 @@ class Dispatch:
         self._client = weakref.ref(client)
         self._fd = fd.value
         self._pid = os.getpid()
+        # True from a dispatch's take of events until their listeners have run; its end
+        # is notified while a close waits (see wait_delivered).
+        self._running = False
+        self._waiting = 0
+        self._delivered = threading.Condition()
         with self.lock:
             self.worker = _assign()
             self.worker.watch(self._fd, self)
@@ -89,21 +95,40 @@ class Dispatch:
             handle = self.handle
             if not handle or self.worker is not worker:
                 return
+            self._running = True
             status = lib.wps_client_dispatch_into(handle, self.BATCH, out.ref)
-        events: List[Any] = self._sink.take()
-        if status != _native.STATUS_OK:  # the counts were not written
-            _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
-        else:
-            _ran, _acks, messages, size = _COUNTS(out.counts, _native.DISPATCH_COUNTS_OFFSET)
-            if messages:
-                events += _base.message_records(out.message_view[:size], messages)
-        if events:
-            self._sink.deliver(events, self)
+        try:
+            events: List[Any] = self._sink.take()
+            if status != _native.STATUS_OK:  # the counts were not written
+                _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
+            else:
+                _ran, _acks, messages, size = _COUNTS(out.counts, _native.DISPATCH_COUNTS_OFFSET)
+                if messages:
+                    events += _base.message_records(out.message_view[:size], messages)
+            if events:
+                self._sink.deliver(events, self)
+        finally:
+            self._running = False
+            if self._waiting:  # after the flag: a waiter counted later sees it cleared
+                with self._delivered:
+                    self._delivered.notify_all()
 
-    def on_its_thread(self) -> bool:
-        """True on the thread the client's listeners run on (a listener of its own, or of
-        a client pinned to the same thread)."""
-        return self.worker.is_current()
+    def wait_delivered(self, timeout: float) -> None:
+        """Waits, at most ``timeout`` seconds, until the listeners of the events queued by
+        now have run: none is queued (the descriptor, readable while one is, cleared by
+        the dispatch that takes the last) and none is being delivered. Not on the thread
+        that runs them (a listener of this client, or of one pinned to the same thread),
+        nor in a fork() child (it has no worker; the descriptor is the parent's)."""
+        if self.worker.is_current() or os.getpid() != self._pid:
+            return
+        queued = select.poll()
+        queued.register(self._fd, select.POLLIN)
+        with self._delivered:
+            self._waiting += 1
+            try:  # the descriptor first: the dispatch that cleared it is running
+                self._delivered.wait_for(lambda: not queued.poll(0) and not self._running, timeout)
+            finally:
+                self._waiting -= 1
 
     def move(self, old: _Worker, new: _Worker) -> None:
         """Pin the client to ``new`` if it is pinned to ``old`` and its dispatch is not
