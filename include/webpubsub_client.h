@@ -330,7 +330,8 @@ typedef struct wps_event {
   uint64_t sequence_id;
   /**
    * Disconnected: the reason; stopped on its own, rejoin failed: the error message
-   * (NULL when `wps_client_stop` stopped the client).
+   * (NULL when the application stopped the client: `wps_client_stop`, `_stop_async`,
+   * or `wps_client_free` in thread mode).
    */
   const char *message;
   /**
@@ -371,7 +372,7 @@ typedef struct wps_event {
    */
   size_t from_user_id_len;
   /**
-   * Stopped: `WPS_STATUS_OK` when `wps_client_stop` stopped the client, else the
+   * Stopped: `WPS_STATUS_OK` when the application stopped the client, else the
    * status of the error that stopped it: the last attempt's once the reconnect policy
    * gave up (such as `WPS_STATUS_CONNECT_FAILED` or `WPS_STATUS_CREDENTIAL_FAILED`),
    * `WPS_STATUS_NOT_CONNECTED` when the session was lost with auto-reconnect off (the
@@ -755,9 +756,12 @@ wps_status wps_client_new_with_credential(wps_credential_cb cred,
  * Frees a client (NULL is ignored): stops the client, completes every pending
  * operation with `WPS_STATUS_STOPPED` (unless its outcome was already queued; an
  * acked operation the client had sent reports its ackId, as after `wps_client_stop`),
- * waits for the running callbacks and runs the finalizers. When it returns, no
- * callback of this client is running or will run, and the client's connection task
- * has ended and released its memory. What is left runs on a dispatcher thread (in
+ * waits for the running callbacks and runs the finalizers. In thread mode the events
+ * of that stop (disconnected, stopped) are delivered, after those queued; in poll mode,
+ * and from inside a callback (below), no event is delivered once the free begins, and
+ * those queued are dropped. When it returns, no callback of this client is running or
+ * will run, and the client's connection task has ended and released its memory.
+ * What is left runs on a dispatcher thread (in
  * poll mode, one of the pool's) after this client's callbacks queued before it, in
  * turns with the other clients sharing the thread: a callback of theirs that waits
  * for this free to return deadlocks it.
@@ -918,10 +922,11 @@ wps_status wps_client_stop(struct wps_client *c);
  * when connected or failed, with the status `wps_client_start` would return (see
  * `wps_client_join_group_async` for `op_id`). For an event loop that must not block
  * for the connection. The start is handed to the client before this returns, so a
- * later stop (blocking or not) comes after it. Cancelling it only ends the wait: the
- * connection attempt goes on (stop the client to end it). Once the client's
- * `wps_client_free` has begun (from a callback running during the teardown), it fails
- * with `WPS_STATUS_STOPPED` and no connection is attempted.
+ * later stop (blocking or not) comes after it (the completion of a
+ * `wps_client_stop_async` that ends the start may run before the start's). Cancelling
+ * it only ends the wait: the connection attempt goes on (stop the client to end it).
+ * Once the client's `wps_client_free` has begun (from a callback running during the
+ * teardown), it fails with `WPS_STATUS_STOPPED` and no connection is attempted.
  *
  * # Safety
  * `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -935,9 +940,9 @@ wps_status wps_client_start_async(struct wps_client *c,
  * Stops the client without blocking: `cb` (may be NULL) runs once stopped, after the
  * disconnected and stopped events (see `wps_client_join_group_async` for `op_id`).
  * Stopping a stopped client completes at once with `WPS_STATUS_OK`. What
- * `wps_client_stop` says of earlier sends holds here too. Once the client's
- * `wps_client_free` has begun it fails with `WPS_STATUS_STOPPED` (the free stops the
- * client).
+ * `wps_client_stop` says of earlier sends holds here too. Cancelling it only ends the
+ * wait: the stop goes on. Once the client's `wps_client_free` has begun it fails with
+ * `WPS_STATUS_STOPPED` (the free stops the client).
  *
  * # Safety
  * `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -1477,7 +1482,8 @@ const char *wps_status_str(wps_status status);
 
 /**
  * The detail message of this thread's last call that returned a `wps_status`: "" when
- * it returned `WPS_STATUS_OK` (the calls returning no status do not clear it).
+ * it returned `WPS_STATUS_OK`, whatever the callbacks it ran on this thread (poll mode)
+ * met. The calls returning no status leave it as it is.
  * Like every text the library writes as a C string, a U+0000 in it (from the service's
  * text) is written as the six characters `\u0000`.
  *

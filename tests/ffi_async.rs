@@ -501,6 +501,164 @@ fn a_start_behind_a_stop_in_progress_connects_after_it() {
     setup.shutdown();
 }
 
+/// The header (`wps_client_stop`): the stopped event, after the disconnected one, is
+/// queued by the time the stop returns. In poll mode one dispatch right after it runs
+/// both; in thread mode the completion of a `wps_client_stop_async` made after it (at
+/// once: the client is stopped) runs after them. Stopping a stopped client raises no
+/// event.
+#[test]
+fn the_stopped_event_is_queued_when_the_stop_returns() {
+    let setup = Setup::new();
+    let rec = common::leaked::<Recorder>();
+    let c = started_poll_client(&setup.url, rec);
+    dispatch_records_until(c, rec, &mut Vec::new(), |s, _| !s.timeline.is_empty());
+    let mut ran = 0;
+    unsafe {
+        check(wps_client_stop(c), "wps_client_stop");
+        check(wps_client_dispatch(c, 16, &mut ran), "wps_client_dispatch");
+    }
+    assert_eq!(
+        rec.seen.lock().unwrap().timeline,
+        ["connected", "disconnected", "stopped"]
+    );
+    assert_eq!(ran, 2);
+    unsafe {
+        check(wps_client_stop(c), "the second stop");
+        check(wps_client_dispatch(c, 16, &mut ran), "wps_client_dispatch");
+        wps_client_free(c);
+    }
+    assert_eq!(ran, 0, "{:?}", rec.seen.lock().unwrap().timeline);
+
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, true);
+    let mut after = 0;
+    unsafe {
+        check(wps_client_stop(c), "wps_client_stop");
+        check(
+            wps_client_stop_async(c, Some(on_complete), rec.user_data(), &mut after),
+            "wps_client_stop_async",
+        );
+    }
+    rec.wait("the completion", |s| s.completions.contains_key(&after));
+    assert_eq!(
+        rec.seen.lock().unwrap().timeline,
+        [
+            "connected",
+            "disconnected",
+            "stopped",
+            &format!("c {after}")
+        ]
+    );
+    unsafe { wps_client_free(c) };
+    setup.shutdown();
+}
+
+/// The header (`wps_client_start_async`, `WPS_STATE_CONNECTING`): the start is handed
+/// to the client before the call returns (the state is no longer stopped), so a stop
+/// made right after it, blocking or not, comes after it: the client ends stopped and
+/// stays so, and the start completes once, connected or stopped.
+#[test]
+fn a_stop_right_after_an_asynchronous_start_comes_after_it() {
+    let setup = Setup::new();
+    for round in 0..10 {
+        let rec = common::leaked::<Recorder>();
+        let c = setup.client(rec, false);
+        let (mut start, mut stop) = (0, 0);
+        unsafe {
+            check(
+                wps_client_start_async(c, Some(on_complete), rec.user_data(), &mut start),
+                "wps_client_start_async",
+            );
+            assert_ne!(wps_client_state(c), WPS_STATE_STOPPED, "round {round}");
+            if round % 2 == 0 {
+                check(wps_client_stop(c), "wps_client_stop");
+                assert_eq!(wps_client_state(c), WPS_STATE_STOPPED, "round {round}");
+            } else {
+                check(
+                    wps_client_stop_async(c, Some(on_complete), rec.user_data(), &mut stop),
+                    "wps_client_stop_async",
+                );
+            }
+        }
+        rec.wait("the start's completion and the stopped event", |s| {
+            s.completions.contains_key(&start)
+                && s.timeline.iter().any(|e| e == "stopped")
+                && (stop == 0 || s.completions.contains_key(&stop))
+        });
+        unsafe {
+            // Still stopped: the start did not connect after the stop.
+            assert_eq!(wps_client_state(c), WPS_STATE_STOPPED, "round {round}");
+            wps_client_free(c);
+        }
+        let seen = rec.seen.lock().unwrap();
+        let events: Vec<&str> = seen
+            .timeline
+            .iter()
+            .map(String::as_str)
+            .filter(|e| !e.starts_with("c "))
+            .collect();
+        let connected = match seen.completions[&start][..] {
+            [WPS_STATUS_OK] => true,
+            [WPS_STATUS_STOPPED] => events.len() == 3,
+            ref other => panic!("round {round}: the start completed with {other:?}"),
+        };
+        let expected: &[&str] = match connected {
+            true => &["connected", "disconnected", "stopped"],
+            false => &["stopped"],
+        };
+        assert_eq!(events, expected, "round {round}: {:?}", seen.timeline);
+        if stop != 0 {
+            assert_eq!(seen.completions[&stop], [WPS_STATUS_OK], "round {round}");
+            // After the stopped event; the start's completion may come before or after.
+            let at = |entry: &str| seen.timeline.iter().position(|e| e == entry);
+            assert!(
+                at("stopped") < at(&format!("c {stop}")),
+                "round {round}: {:?}",
+                seen.timeline
+            );
+        }
+    }
+    setup.shutdown();
+}
+
+/// The header (`wps_client_start_async`): cancelling the start only ends its wait, the
+/// connection attempt goes on; and (`wps_client_stop_async`) cancelling a stop only ends
+/// its wait, the stop goes on. Each completes once with `WPS_STATUS_CANCELLED`.
+#[test]
+fn a_cancelled_start_or_stop_goes_on() {
+    let setup = Setup::new();
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, false);
+    let (mut start, mut stop) = (0, 0);
+    unsafe {
+        check(
+            wps_client_start_async(c, Some(on_complete), rec.user_data(), &mut start),
+            "wps_client_start_async",
+        );
+        check(wps_client_cancel(c, start), "cancel the start");
+    }
+    rec.wait("the connected event", |s| {
+        s.timeline.iter().any(|e| e == "connected")
+    });
+    assert_eq!(unsafe { wps_client_state(c) }, WPS_STATE_CONNECTED);
+    unsafe {
+        check(
+            wps_client_stop_async(c, Some(on_complete), rec.user_data(), &mut stop),
+            "wps_client_stop_async",
+        );
+        check(wps_client_cancel(c, stop), "cancel the stop");
+    }
+    rec.wait("the stopped event", |s| {
+        s.timeline.iter().any(|e| e == "stopped")
+    });
+    assert_eq!(unsafe { wps_client_state(c) }, WPS_STATE_STOPPED);
+    unsafe { wps_client_free(c) };
+    let seen = rec.seen.lock().unwrap();
+    assert_eq!(seen.completions[&start], [WPS_STATUS_CANCELLED]);
+    assert_eq!(seen.completions[&stop], [WPS_STATUS_CANCELLED]);
+    setup.shutdown();
+}
+
 #[test]
 fn a_cancelled_async_operation_completes_once_with_cancelled() {
     const SENDS: usize = 1000;

@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use webpubsub_client::ffi::callbacks::{wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_STOPPED};
 use webpubsub_client::ffi::client::{
-    wps_ack_result, wps_client, wps_client_dispatch, wps_client_free, wps_client_invoke_event,
-    wps_client_join_group, wps_client_new, wps_client_send_event, wps_client_send_to_group,
-    wps_client_start, wps_client_state, wps_client_stop, wps_invoke_response,
+    wps_ack_result, wps_client, wps_client_cancel, wps_client_dispatch, wps_client_free,
+    wps_client_invoke_event, wps_client_join_group, wps_client_new, wps_client_send_event,
+    wps_client_send_to_group, wps_client_start, wps_client_state, wps_client_stop,
+    wps_invoke_response,
 };
 use webpubsub_client::ffi::credential::{
     wps_credential_result, wps_credential_result_set_error, wps_credential_result_set_url,
@@ -158,7 +159,7 @@ fn a_dispatched_callback_may_stop_its_own_client() {
         stop: AtomicU32::new(u32::MAX),
         stopped: AtomicU32::new(0),
     };
-    let c = poll_client(
+    let c = common::ffi_poll_client(
         &url,
         Some(stop_on_connected),
         &state as *const SelfStop as *mut c_void,
@@ -482,26 +483,6 @@ fn a_client_made_before_its_thread_exit_handler_is_used_stopped_and_freed_by_it(
     rt.block_on(emulator.shutdown());
 }
 
-/// A poll-mode client of `url` whose events go to `on_event` with `user_data`.
-fn poll_client(
-    url: &CStr,
-    on_event: webpubsub_client::ffi::callbacks::wps_event_cb,
-    user_data: *mut c_void,
-    user_data_free: webpubsub_client::ffi::callbacks::wps_user_data_free_cb,
-) -> *mut wps_client {
-    let o = wps_options_new();
-    check(
-        wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL),
-        "dispatch mode",
-    );
-    let mut c = std::ptr::null_mut();
-    let status =
-        unsafe { wps_client_new(url.as_ptr(), o, on_event, user_data, user_data_free, &mut c) };
-    unsafe { wps_options_free(o) };
-    check(status, "wps_client_new");
-    c
-}
-
 /// A started poll-mode client of `url` whose events go to `on_event` with `user_data`
 /// (a `Late`, which counts the finalizer calls).
 fn started_poll_client(
@@ -509,7 +490,7 @@ fn started_poll_client(
     on_event: webpubsub_client::ffi::callbacks::wps_event_cb,
     user_data: *mut c_void,
 ) -> *mut wps_client {
-    let c = poll_client(url, on_event, user_data, Some(count_free));
+    let c = common::ffi_poll_client(url, on_event, user_data, Some(count_free));
     check(unsafe { wps_client_start(c) }, "wps_client_start");
     c
 }
@@ -571,5 +552,55 @@ fn a_client_freed_in_a_callback_dispatched_from_a_thread_exit_handler_is_torn_do
         rx.recv_timeout(WAIT).expect("the exit handler ran"),
         "the client was not freed"
     );
+    rt.block_on(emulator.shutdown());
+}
+
+/// Makes a call that fails (a cancel of an operation that never was) from inside the
+/// dispatched callback; `status` gets its status.
+unsafe extern "C" fn fail_inside(user_data: *mut c_void, event: *const wps_event) {
+    let status = &*(user_data as *const AtomicU32);
+    if (*event).kind == WPS_EVENT_CONNECTED {
+        status.store(wps_client_cancel(std::ptr::null_mut(), 1), Ordering::SeqCst);
+    }
+}
+
+/// The header (`wps_last_error_message`): the message is that of this thread's last call
+/// returning a status, "" when it returned `WPS_STATUS_OK`: also after a dispatch whose
+/// callback made a failing call on this thread, and whatever `wps_client_state` (which
+/// returns no status) is asked in between.
+#[test]
+fn the_last_error_is_that_of_the_last_call_returning_a_status() {
+    let (rt, emulator, url) = ffi_emulator();
+    let inner = AtomicU32::new(u32::MAX);
+    let c = common::ffi_poll_client(
+        &url,
+        Some(fail_inside),
+        &inner as *const AtomicU32 as *mut c_void,
+        None,
+    );
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    let deadline = std::time::Instant::now() + WAIT;
+    while inner.load(Ordering::SeqCst) == u32::MAX {
+        assert!(std::time::Instant::now() < deadline, "no connected event");
+        let status = unsafe { wps_client_dispatch(c, 16, std::ptr::null_mut()) };
+        assert_eq!(status, WPS_STATUS_OK);
+        assert_eq!(last_error(), "", "after a dispatch that returned OK");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(inner.load(Ordering::SeqCst), WPS_STATUS_NULL_ARG);
+
+    assert_eq!(
+        unsafe { wps_client_cancel(c, 424242) },
+        WPS_STATUS_INVALID_ARGUMENT
+    );
+    let message = last_error();
+    assert_eq!(message, "no pending operation 424242");
+    assert_eq!(
+        unsafe { wps_client_state(std::ptr::null()) },
+        WPS_STATE_STOPPED
+    );
+    assert_eq!(unsafe { wps_client_state(c) }, WPS_STATE_CONNECTED);
+    assert_eq!(last_error(), message, "after wps_client_state");
+    unsafe { wps_client_free(c) };
     rt.block_on(emulator.shutdown());
 }

@@ -16,9 +16,8 @@ use webpubsub_client::ffi::callbacks::{
 };
 use webpubsub_client::ffi::client::{
     wps_client, wps_client_connection_id, wps_client_dispatch_into, wps_client_free,
-    wps_client_join_group, wps_client_new, wps_client_send_to_group, wps_client_start,
+    wps_client_join_group, wps_client_send_to_group, wps_client_start,
 };
-use webpubsub_client::ffi::options::*;
 use webpubsub_client::ffi::status::*;
 use webpubsub_client::{Client, Credential, DataType, SendToGroupOptions};
 use webpubsub_emulator::{Config, Emulator, TokenOptions};
@@ -82,26 +81,17 @@ fn token(user: &str, groups: &[&str]) -> TokenOptions {
 }
 
 fn new_client(url: &CStr, poll: bool, recorder: &Recorder) -> *mut wps_client {
-    let o = wps_options_new();
-    if poll {
-        check(
-            wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL),
-            "dispatch mode",
-        );
-    }
-    let mut c = std::ptr::null_mut();
-    let status = unsafe {
-        wps_client_new(
-            url.as_ptr(),
-            o,
-            Some(record),
-            recorder as *const Recorder as *mut c_void,
-            None,
-            &mut c,
-        )
+    let new = if poll {
+        common::ffi_poll_client
+    } else {
+        common::ffi_client
     };
-    unsafe { wps_options_free(o) };
-    check(status, "wps_client_new");
+    let c = new(
+        url,
+        Some(record),
+        recorder as *const Recorder as *mut c_void,
+        None,
+    );
     check(unsafe { wps_client_start(c) }, "wps_client_start");
     c
 }

@@ -6,14 +6,21 @@ mod common;
 
 use common::check;
 
-use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::ffi::{c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
-use webpubsub_client::ffi::callbacks::wps_event;
-use webpubsub_client::ffi::client::{wps_client_free, wps_client_send_to_group, wps_client_start};
-use webpubsub_client::ffi::status::WPS_DATA_TYPE_TEXT;
+use tokio::runtime::Runtime;
+use webpubsub_client::ffi::callbacks::{
+    wps_completion, wps_event, WPS_EVENT_CONNECTED, WPS_EVENT_DISCONNECTED,
+    WPS_EVENT_GROUP_MESSAGE, WPS_EVENT_STOPPED,
+};
+use webpubsub_client::ffi::client::{
+    wps_client, wps_client_free, wps_client_join_group, wps_client_send_event_async,
+    wps_client_send_to_group, wps_client_start, wps_client_stop, wps_client_stop_async,
+};
+use webpubsub_client::ffi::status::{WPS_DATA_TYPE_TEXT, WPS_STATUS_STOPPED};
 use webpubsub_emulator::{Config, Emulator};
 
 /// Counts the connection tasks that ended (their last log record), synchronously, and
@@ -172,6 +179,237 @@ fn free_returns_after_the_task_ended_when_the_dispatcher_was_busy_for_long() {
         LATE_ENDS.load(Ordering::SeqCst),
         late,
         "no warning: the task ended at once after the finalizer"
+    );
+    rt.block_on(emulator.shutdown());
+}
+
+/// What the callbacks of the clients of a test did, in the order they ran: `connected`,
+/// `disconnected` (with whether it has a message), `stopped` (its status, whether it has
+/// a message), a group message's text, `c <status> <has ackId>` for a completion,
+/// `finalized`, and the marks of the test's own callbacks.
+type Timeline = common::Watched<Vec<String>>;
+
+fn timeline_data(t: &Timeline) -> *mut c_void {
+    t as *const Timeline as *mut c_void
+}
+
+unsafe extern "C" fn note_event(user_data: *mut c_void, event: *const wps_event) {
+    let timeline = &*(user_data as *const Timeline);
+    let e = &*event;
+    let entry = match e.kind {
+        WPS_EVENT_CONNECTED => "connected".to_owned(),
+        WPS_EVENT_DISCONNECTED => format!("disconnected message:{}", !e.message.is_null()),
+        WPS_EVENT_STOPPED => format!("stopped {} message:{}", e.status, !e.message.is_null()),
+        WPS_EVENT_GROUP_MESSAGE => {
+            String::from_utf8_lossy(std::slice::from_raw_parts(e.data, e.data_len)).into_owned()
+        }
+        kind => format!("event {kind}"),
+    };
+    timeline.seen.lock().unwrap().push(entry);
+    timeline.changed.notify_all();
+}
+
+unsafe extern "C" fn note_completion(user_data: *mut c_void, done: *const wps_completion) {
+    let timeline = &*(user_data as *const Timeline);
+    let done = &*done;
+    let entry = format!("c {} {}", done.status, done.has_ack_id);
+    timeline.seen.lock().unwrap().push(entry);
+    timeline.changed.notify_all();
+}
+
+unsafe extern "C" fn note_finalized(user_data: *mut c_void) {
+    let timeline = &*(user_data as *const Timeline);
+    timeline.seen.lock().unwrap().push("finalized".into());
+    timeline.changed.notify_all();
+}
+
+/// A client of `url` whose callbacks write to `timeline`, in poll mode when `poll`.
+fn noted_client(url: &CStr, timeline: &Timeline, poll: bool) -> *mut wps_client {
+    let new = if poll {
+        common::ffi_poll_client
+    } else {
+        common::ffi_client
+    };
+    new(
+        url,
+        Some(note_event),
+        timeline_data(timeline),
+        Some(note_finalized),
+    )
+}
+
+/// Starts an event to the silent upstream of `emulator` (acked once it answers, which it
+/// never does) whose completion goes to `timeline`; returns once the upstream has it.
+fn pending_event(rt: &Runtime, emulator: &Emulator, c: *mut wps_client, timeline: &Timeline) {
+    let before = rt.block_on(common::stats(emulator))["upstreamRequests"]
+        .as_u64()
+        .unwrap_or(0);
+    let status = unsafe {
+        wps_client_send_event_async(
+            c,
+            c"e".as_ptr(),
+            WPS_DATA_TYPE_TEXT,
+            b"x".as_ptr(),
+            1,
+            0,
+            Some(note_completion),
+            timeline_data(timeline),
+            std::ptr::null_mut(),
+        )
+    };
+    check(status, "wps_client_send_event_async");
+    rt.block_on(common::until_stats(
+        emulator,
+        "the event at the upstream",
+        30,
+        |s| s["upstreamRequests"].as_u64() > Some(before),
+    ));
+}
+
+/// The header (`wps_client_free`): a thread-mode client freed outside its callbacks gets
+/// the events of the free's stop (disconnected, then stopped with `WPS_STATUS_OK` and no
+/// message) after those queued before, and its pending operation's completion, all
+/// before its finalizer, which runs last, before the free returns. A poll-mode client
+/// gets no event once the free begins (its queued connected event is dropped): only the
+/// completion and the finalizer, on a library thread, before the free returns.
+#[test]
+fn a_free_delivers_the_events_of_its_stop_in_thread_mode_and_none_in_poll_mode() {
+    let _serial = serial();
+    let rt = Runtime::new().unwrap();
+    let (emulator, url) = common::emulator_with_silent_upstream(&rt);
+
+    let threaded = common::leaked::<Timeline>();
+    let c = noted_client(&url, threaded, false);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    pending_event(&rt, &emulator, c, threaded);
+    unsafe { wps_client_free(c) };
+    let seen = threaded.seen.lock().unwrap().clone();
+    let at = |entry: &str| seen.iter().position(|e| e == entry);
+    let (disconnected, stopped, completed) = (
+        at("disconnected message:true"),
+        at("stopped 0 message:false"),
+        at(&format!("c {WPS_STATUS_STOPPED} true")),
+    );
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen[0], "connected", "{seen:?}");
+    assert!(disconnected.is_some() && completed.is_some(), "{seen:?}");
+    assert!(disconnected < stopped, "{seen:?}");
+    assert_eq!(seen[4], "finalized", "{seen:?}");
+
+    let polled = common::leaked::<Timeline>();
+    let c = noted_client(&url, polled, true);
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    pending_event(&rt, &emulator, c, polled);
+    unsafe { wps_client_free(c) };
+    assert_eq!(
+        *polled.seen.lock().unwrap(),
+        [format!("c {WPS_STATUS_STOPPED} true"), "finalized".into()]
+    );
+    rt.block_on(emulator.shutdown());
+}
+
+/// The client that `free_other_on_message` frees, and where it notes what it did.
+struct FreesOther {
+    other: AtomicPtr<wps_client>,
+    other_timeline: &'static Timeline,
+}
+
+/// On the group message "free b": frees the other client, and returns a while later.
+unsafe extern "C" fn free_other_on_message(user_data: *mut c_void, event: *const wps_event) {
+    let this = &*(user_data as *const FreesOther);
+    let e = &*event;
+    if e.kind != WPS_EVENT_GROUP_MESSAGE
+        || std::slice::from_raw_parts(e.data, e.data_len) != b"free b"
+    {
+        return;
+    }
+    let note = |entry: &str| {
+        this.other_timeline.seen.lock().unwrap().push(entry.into());
+        this.other_timeline.changed.notify_all();
+    };
+    note("A frees B");
+    wps_client_free(this.other.load(Ordering::SeqCst));
+    // Time for a teardown that did not wait for this callback to show.
+    std::thread::sleep(Duration::from_millis(100));
+    note("A returns");
+}
+
+/// The header (`wps_client_free`): freed inside a callback of another client, the free
+/// returns at once; no further event of the freed client is delivered (not those of its
+/// stop), and once that callback has returned its pending operation completes with
+/// `WPS_STATUS_STOPPED` (and its ackId), then its finalizer runs.
+#[test]
+fn a_client_freed_in_another_clients_callback_is_torn_down_after_that_callback() {
+    let _serial = serial();
+    let rt = Runtime::new().unwrap();
+    let (emulator, url) = common::emulator_with_silent_upstream(&rt);
+    let b_timeline = common::leaked::<Timeline>();
+    let frees: &FreesOther = Box::leak(Box::new(FreesOther {
+        other: AtomicPtr::default(),
+        other_timeline: b_timeline,
+    }));
+    let a = common::ffi_client(
+        &url,
+        Some(free_other_on_message),
+        frees as *const FreesOther as *mut c_void,
+        None,
+    );
+    let b = noted_client(&url, b_timeline, false);
+    frees.other.store(b, Ordering::SeqCst);
+    check(unsafe { wps_client_start(a) }, "wps_client_start");
+    check(
+        unsafe { wps_client_join_group(a, c"g".as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    check(unsafe { wps_client_start(b) }, "wps_client_start");
+    b_timeline.wait("the connected event of B", |t| !t.is_empty());
+    pending_event(&rt, &emulator, b, b_timeline);
+    check(common::ffi_send_text(b, c"g", "free b", 0), "send");
+    b_timeline.wait("the finalizer of B", |t| t.iter().any(|e| e == "finalized"));
+    assert_eq!(
+        *b_timeline.seen.lock().unwrap(),
+        [
+            "connected".to_owned(),
+            "A frees B".into(),
+            "A returns".into(),
+            format!("c {WPS_STATUS_STOPPED} true"),
+            "finalized".into(),
+        ]
+    );
+    unsafe { wps_client_free(a) };
+    rt.block_on(emulator.shutdown());
+}
+
+/// The header (`wps_event`): a stop by the application, blocking or not, raises the
+/// disconnected event with its reason, then the stopped event with `WPS_STATUS_OK` and
+/// no message.
+#[test]
+fn a_stop_by_the_application_raises_a_stopped_event_without_a_message() {
+    let _serial = serial();
+    let rt = Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let url = CString::new(emulator.client_url("hub", &common::user_token("u"))).unwrap();
+    let timeline = common::leaked::<Timeline>();
+    let c = noted_client(&url, timeline, false);
+    unsafe {
+        check(wps_client_start(c), "wps_client_start");
+        check(wps_client_stop(c), "wps_client_stop");
+        check(wps_client_start(c), "wps_client_start");
+        check(
+            wps_client_stop_async(c, None, std::ptr::null_mut(), std::ptr::null_mut()),
+            "wps_client_stop_async",
+        );
+    }
+    timeline.wait("the second stopped event", |t| t.len() == 6);
+    unsafe { wps_client_free(c) };
+    let lifecycle = [
+        "connected",
+        "disconnected message:true",
+        "stopped 0 message:false",
+    ];
+    assert_eq!(
+        *timeline.seen.lock().unwrap(),
+        [&lifecycle[..], &lifecycle[..], &["finalized"]].concat()
     );
     rt.block_on(emulator.shutdown());
 }

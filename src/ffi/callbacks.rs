@@ -66,7 +66,8 @@ pub struct wps_event {
     /// The sequence id when `has_sequence_id`.
     pub sequence_id: u64,
     /// Disconnected: the reason; stopped on its own, rejoin failed: the error message
-    /// (NULL when `wps_client_stop` stopped the client).
+    /// (NULL when the application stopped the client: `wps_client_stop`, `_stop_async`,
+    /// or `wps_client_free` in thread mode).
     pub message: *const c_char,
     /// Rejoin failed: the service's error name, when it gave one.
     pub error_name: *const c_char,
@@ -87,7 +88,7 @@ pub struct wps_event {
     pub group_len: usize,
     /// Length of `from_user_id` in bytes, without its NUL (0 when NULL).
     pub from_user_id_len: usize,
-    /// Stopped: `WPS_STATUS_OK` when `wps_client_stop` stopped the client, else the
+    /// Stopped: `WPS_STATUS_OK` when the application stopped the client, else the
     /// status of the error that stopped it: the last attempt's once the reconnect policy
     /// gave up (such as `WPS_STATUS_CONNECT_FAILED` or `WPS_STATUS_CREDENTIAL_FAILED`),
     /// `WPS_STATUS_NOT_CONNECTED` when the session was lost with auto-reconnect off (the

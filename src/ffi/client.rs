@@ -484,9 +484,12 @@ pub unsafe extern "C" fn wps_client_new_with_credential(
 /// Frees a client (NULL is ignored): stops the client, completes every pending
 /// operation with `WPS_STATUS_STOPPED` (unless its outcome was already queued; an
 /// acked operation the client had sent reports its ackId, as after `wps_client_stop`),
-/// waits for the running callbacks and runs the finalizers. When it returns, no
-/// callback of this client is running or will run, and the client's connection task
-/// has ended and released its memory. What is left runs on a dispatcher thread (in
+/// waits for the running callbacks and runs the finalizers. In thread mode the events
+/// of that stop (disconnected, stopped) are delivered, after those queued; in poll mode,
+/// and from inside a callback (below), no event is delivered once the free begins, and
+/// those queued are dropped. When it returns, no callback of this client is running or
+/// will run, and the client's connection task has ended and released its memory.
+/// What is left runs on a dispatcher thread (in
 /// poll mode, one of the pool's) after this client's callbacks queued before it, in
 /// turns with the other clients sharing the thread: a callback of theirs that waits
 /// for this free to return deadlocks it.
@@ -517,7 +520,8 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
         if c.is_null() {
             return;
         }
-        let Ok(rt) = runtime() else {
+        // Returning no status, it leaves the last error alone: no `runtime()`.
+        let Ok(rt) = crate::runtime::try_handle() else {
             return;
         };
         if !live().remove(&(c as usize)) {
@@ -850,10 +854,11 @@ pub unsafe extern "C" fn wps_client_stop(c: *mut wps_client) -> wps_status {
 /// when connected or failed, with the status `wps_client_start` would return (see
 /// `wps_client_join_group_async` for `op_id`). For an event loop that must not block
 /// for the connection. The start is handed to the client before this returns, so a
-/// later stop (blocking or not) comes after it. Cancelling it only ends the wait: the
-/// connection attempt goes on (stop the client to end it). Once the client's
-/// `wps_client_free` has begun (from a callback running during the teardown), it fails
-/// with `WPS_STATUS_STOPPED` and no connection is attempted.
+/// later stop (blocking or not) comes after it (the completion of a
+/// `wps_client_stop_async` that ends the start may run before the start's). Cancelling
+/// it only ends the wait: the connection attempt goes on (stop the client to end it).
+/// Once the client's `wps_client_free` has begun (from a callback running during the
+/// teardown), it fails with `WPS_STATUS_STOPPED` and no connection is attempted.
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -879,9 +884,9 @@ pub unsafe extern "C" fn wps_client_start_async(
 /// Stops the client without blocking: `cb` (may be NULL) runs once stopped, after the
 /// disconnected and stopped events (see `wps_client_join_group_async` for `op_id`).
 /// Stopping a stopped client completes at once with `WPS_STATUS_OK`. What
-/// `wps_client_stop` says of earlier sends holds here too. Once the client's
-/// `wps_client_free` has begun it fails with `WPS_STATUS_STOPPED` (the free stops the
-/// client).
+/// `wps_client_stop` says of earlier sends holds here too. Cancelling it only ends the
+/// wait: the stop goes on. Once the client's `wps_client_free` has begun it fails with
+/// `WPS_STATUS_STOPPED` (the free stops the client).
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `op_id` is NULL or writable.
@@ -910,15 +915,19 @@ pub unsafe extern "C" fn wps_client_stop_async(
 /// `c` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn wps_client_state(c: *const wps_client) -> u32 {
-    guard_value(WPS_STATE_STOPPED, || match client_arg(c) {
-        Ok(shared) => match shared.client.state() {
-            ClientState::Stopped => WPS_STATE_STOPPED,
-            ClientState::Connecting => WPS_STATE_CONNECTING,
-            ClientState::Connected => WPS_STATE_CONNECTED,
-            ClientState::Recovering => WPS_STATE_RECOVERING,
-            ClientState::Disconnected => WPS_STATE_DISCONNECTED,
-        },
-        Err(_) => WPS_STATE_STOPPED,
+    guard_value(WPS_STATE_STOPPED, || {
+        // Returning no status, it leaves the last error alone: no `client_arg`.
+        let shared = c.cast::<Arc<Shared>>().as_ref();
+        match shared.filter(|_| crate::runtime::try_handle().is_ok()) {
+            Some(shared) => match shared.client.state() {
+                ClientState::Stopped => WPS_STATE_STOPPED,
+                ClientState::Connecting => WPS_STATE_CONNECTING,
+                ClientState::Connected => WPS_STATE_CONNECTED,
+                ClientState::Recovering => WPS_STATE_RECOVERING,
+                ClientState::Disconnected => WPS_STATE_DISCONNECTED,
+            },
+            None => WPS_STATE_STOPPED,
+        }
     })
 }
 

@@ -13,11 +13,15 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 /// Runs the body of a status-returning export: clears the last error, maps `Ok` to
-/// `WPS_STATUS_OK` and a panic to `WPS_STATUS_PANIC`.
+/// `WPS_STATUS_OK` and a panic to `WPS_STATUS_PANIC`. Cleared again on success: the
+/// callbacks a call ran on this thread (a poll-mode dispatch) may have failed calls.
 pub(crate) fn guard(body: impl FnOnce() -> FfiResult) -> wps_status {
     clear_last_error();
     match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => WPS_STATUS_OK,
+        Ok(Ok(())) => {
+            clear_last_error();
+            WPS_STATUS_OK
+        }
         Ok(Err(status)) => status,
         Err(payload) => fail(WPS_STATUS_PANIC, panic_message(payload.as_ref())),
     }

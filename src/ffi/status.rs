@@ -233,7 +233,8 @@ pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
 }
 
 /// The detail message of this thread's last call that returned a `wps_status`: "" when
-/// it returned `WPS_STATUS_OK` (the calls returning no status do not clear it).
+/// it returned `WPS_STATUS_OK`, whatever the callbacks it ran on this thread (poll mode)
+/// met. The calls returning no status leave it as it is.
 /// Like every text the library writes as a C string, a U+0000 in it (from the service's
 /// text) is written as the six characters `\u0000`.
 ///

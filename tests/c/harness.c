@@ -390,6 +390,13 @@ static bool test_status_strings(void) {
     return true;
 }
 
+static void on_count_free(void *user_data) { *(int *)user_data += 1; }
+
+static void on_credential_unused(void *user_data, wps_credential_result *result) {
+    (void)user_data;
+    (void)result;
+}
+
 static bool test_null_and_invalid_arguments(void) {
     const char bad_utf8[] = {(char)0xff, (char)0xfe, 0};
     wps_client *c = NULL;
@@ -400,6 +407,19 @@ static bool test_null_and_invalid_arguments(void) {
     CHECK_STATUS(wps_client_new("not a url", NULL, NULL, NULL, NULL, &c), WPS_STATUS_INVALID_ARGUMENT);
     CHECK(c == NULL);
     CHECK_STATUS(wps_client_new_with_credential(NULL, NULL, NULL, NULL, NULL, NULL, NULL, &c), WPS_STATUS_NULL_ARG);
+    /* On failure nothing is taken over: no finalizer runs. */
+    int finalized = 0;
+    CHECK_STATUS(wps_client_new("not a url", NULL, NULL, &finalized, on_count_free, &c), WPS_STATUS_INVALID_ARGUMENT);
+    wps_options *refused = wps_options_new();
+    CHECK_OK(wps_options_set_keep_alive(refused, 1000, 1000));
+    CHECK_STATUS(wps_client_new_with_credential(on_credential_unused, &finalized, on_count_free, refused, NULL, &finalized,
+                                                on_count_free, &c),
+                 WPS_STATUS_INVALID_ARGUMENT);
+    CHECK_STATUS(wps_client_new_with_credential(on_credential_unused, &finalized, on_count_free, NULL, NULL, &finalized,
+                                                on_count_free, NULL),
+                 WPS_STATUS_NULL_ARG);
+    wps_options_free(refused);
+    CHECK(finalized == 0 && c == NULL);
     CHECK_STATUS(wps_client_start(NULL), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_client_stop(NULL), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_client_start_async(NULL, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);

@@ -358,6 +358,38 @@ pub fn ffi_client(
     c
 }
 
+/// A new C client of `url` in poll dispatch mode (not started); panics on failure.
+pub fn ffi_poll_client(
+    url: &std::ffi::CStr,
+    on_event: webpubsub_client::ffi::callbacks::wps_event_cb,
+    user_data: *mut std::ffi::c_void,
+    on_free: webpubsub_client::ffi::callbacks::wps_user_data_free_cb,
+) -> *mut webpubsub_client::ffi::client::wps_client {
+    use webpubsub_client::ffi::options::{
+        wps_options_free, wps_options_new, wps_options_set_dispatch_mode,
+    };
+    use webpubsub_client::ffi::status::WPS_DISPATCH_POLL;
+    let o = wps_options_new();
+    check(
+        wps_options_set_dispatch_mode(o, WPS_DISPATCH_POLL),
+        "dispatch mode",
+    );
+    let mut c = std::ptr::null_mut();
+    let status = unsafe {
+        webpubsub_client::ffi::client::wps_client_new(
+            url.as_ptr(),
+            o,
+            on_event,
+            user_data,
+            on_free,
+            &mut c,
+        )
+    };
+    unsafe { wps_options_free(o) };
+    check(status, "wps_client_new");
+    c
+}
+
 /// A blocking send of `text` to `group` with `flags`; its status.
 pub fn ffi_send_text(
     c: *mut webpubsub_client::ffi::client::wps_client,
