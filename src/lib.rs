@@ -21,9 +21,13 @@
 //! client.start().await?;
 //! client.join_group("room").await?;
 //! client.send_to_group("room", DataType::Text, "hello".into(), SendToGroupOptions::default()).await?;
+//! // Print the group's messages until one says "bye".
 //! while let Some(event) = events.recv().await {
 //!     if let Event::GroupMessage { group, data, .. } = event {
 //!         println!("{group}: {}", String::from_utf8_lossy(&data));
+//!         if data == "bye" {
+//!             break;
+//!         }
 //!     }
 //! }
 //! client.stop().await;

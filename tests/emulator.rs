@@ -973,9 +973,9 @@ async fn stop_start_and_bad_input() {
 }
 
 #[tokio::test]
-async fn dropping_the_last_handle_closes_the_connection() {
+async fn dropping_the_last_handle_closes_the_connection_and_raises_no_event() {
     let emulator = emulator().await;
-    let (client, _events, _) = started(&emulator, "kim", fast_options()).await;
+    let (client, mut events, _) = started(&emulator, "kim", fast_options()).await;
     let clone = client.clone();
     drop(client);
     assert_eq!(
@@ -988,6 +988,9 @@ async fn dropping_the_last_handle_closes_the_connection() {
         s["connections"] == 0
     })
     .await;
+    // The ended task dropped its handler, which held the channel's sender.
+    let after = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert_eq!(after, Ok(None), "an event after the drop");
 }
 
 #[tokio::test]
@@ -1176,12 +1179,22 @@ async fn a_start_refused_by_the_upstream_connect_event_fails_at_once_with_its_st
     upstream.abort();
 }
 
-/// Stops the connected `client`: `Disconnected`, then `Stopped` without an error.
+/// Stops the connected `client`: `Disconnected` (code 1000), then `Stopped` without an
+/// error, both raised by the time `stop` returns.
 async fn stopped_by_caller(client: &Client, events: &mut UnboundedReceiver<Event>) {
     client.stop().await;
-    assert!(matches!(
-        next_event(events, 5).await,
-        Event::Disconnected { .. }
-    ));
-    assert_eq!(next_event(events, 5).await, Event::Stopped { error: None });
+    let raised = drain(events);
+    assert!(
+        matches!(
+            raised.as_slice(),
+            [
+                Event::Disconnected {
+                    close_code: Some(1000),
+                    ..
+                },
+                Event::Stopped { error: None }
+            ]
+        ),
+        "{raised:?}"
+    );
 }

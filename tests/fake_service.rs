@@ -1281,6 +1281,36 @@ async fn groups_joined_before_a_stop_are_rejoined_by_the_next_start() {
     client.stop().await;
 }
 
+#[tokio::test]
+async fn a_leave_acked_after_its_future_was_dropped_still_ends_the_rejoins() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    group_op(&client, &mut conn, true, "room").await;
+    let mut leave = Box::pin(client.leave_group("room"));
+    let frame = tokio::select! {
+        left = &mut leave => panic!("done before its ack: {left:?}"),
+        frame = conn.recv() => frame,
+    };
+    assert_eq!(
+        (&frame["type"], &frame["group"]),
+        (&"leaveGroup".into(), &"room".into())
+    );
+    drop(leave);
+    conn.ack(&frame).await;
+    // Acked after the leave's: the client has read that one too.
+    group_op(&client, &mut conn, true, "other").await;
+
+    let mut conn = restart(&fake, &client, conn, "conn2").await;
+    let rejoin = conn.recv().await;
+    assert_eq!(
+        (&rejoin["type"], &rejoin["group"]),
+        (&"joinGroup".into(), &"other".into())
+    );
+    conn.ack(&rejoin).await;
+    conn.silent_for(300).await;
+    client.stop().await;
+}
+
 /// A client that joined `room`, restarted, and whose rejoin of it the fake refused
 /// with `InternalServerError` (retried 100 ms later); with that rejoin frame.
 async fn rejoin_refused_once(fake: &Fake) -> (Client, Conn, serde_json::Value) {

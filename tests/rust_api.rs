@@ -744,3 +744,86 @@ fn a_new_connection_id_is_seen_only_once_the_client_is_connected() {
     assert!(seen > 0, "the watcher never saw a connection id");
     rt.block_on(client.stop());
 }
+
+/// Records a client's events (by kind) and batch ends, in the order the handler sees
+/// them.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl Recorder {
+    fn log(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl EventHandler for Recorder {
+    fn on_event(&self, event: Event) {
+        let entry = match event {
+            Event::Connected { .. } => "connected".to_owned(),
+            Event::Disconnected { .. } => "disconnected".to_owned(),
+            Event::Stopped { error: None } => "stopped".to_owned(),
+            other => message_text(&other).unwrap_or_else(|| format!("{other:?}")),
+        };
+        self.0.lock().unwrap().push(entry);
+    }
+
+    fn on_batch_end(&self) {
+        self.0.lock().unwrap().push("end".to_owned());
+    }
+}
+
+#[tokio::test]
+async fn start_and_stop_return_after_their_events_each_ending_a_batch() {
+    let emulator = Emulator::start(Config::default()).await.unwrap();
+    let url = emulator.client_url(HUB, &user_token("u"));
+    let recorder = Arc::new(Recorder::default());
+    let client = Client::new(
+        Credential::Url(url.clone()),
+        fast_options(),
+        recorder.clone(),
+    )
+    .unwrap();
+    client.start().await.unwrap();
+    assert_eq!(recorder.log(), ["connected", "end"]);
+    client.join_group("g").await.unwrap();
+    let opts = SendToGroupOptions::default();
+    client
+        .send_to_group("g", DataType::Text, "echo".into(), opts)
+        .await
+        .unwrap();
+    common::until("the echo's batch ended", Duration::from_secs(10), || {
+        recorder
+            .log()
+            .ends_with(&["echo".to_owned(), "end".to_owned()])
+    })
+    .await;
+    client.stop().await;
+    assert_eq!(
+        recorder.log(),
+        [
+            "connected",
+            "end",
+            "echo",
+            "end",
+            "disconnected",
+            "end",
+            "stopped",
+            "end"
+        ]
+    );
+    // Stopping a stopped client does nothing.
+    client.stop().await;
+    assert_eq!(recorder.log().len(), 8);
+
+    // A failed start raises no event: its error is the call's.
+    let recorder = Arc::new(Recorder::default());
+    let forged = Credential::Url(format!("{url}x"));
+    let client = Client::new(forged, fast_options(), recorder.clone()).unwrap();
+    let error = client.start().await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Connect(m) if m.contains("401")),
+        "{error:?}"
+    );
+    client.stop().await;
+    assert!(recorder.log().is_empty(), "{:?}", recorder.log());
+}

@@ -314,6 +314,8 @@ struct Task {
     done: Vec<Done>,
     /// Events go to the handler as part of a batch of frames (see `end_batch`).
     in_batch: bool,
+    /// The current batch of frames raised an event: it ends with `on_batch_end`.
+    raised_in_batch: bool,
     /// Operations taken from the channel in the current step, finished once written.
     taken: usize,
     /// Last, so that it is dropped last.
@@ -353,6 +355,7 @@ impl Task {
             out: Vec::new(),
             done: Vec::new(),
             in_batch: false,
+            raised_in_batch: false,
             taken: 0,
             _end: EndMark(shared),
         };
@@ -736,7 +739,9 @@ impl Task {
             }
         };
         self.in_batch = false;
-        self.end_batch();
+        if std::mem::take(&mut self.raised_in_batch) {
+            self.end_batch();
+        }
         if ended.is_some() {
             // Meant for this connection only: on the next, the sequence starts afresh,
             // or is acknowledged again after a recovery.
@@ -1482,14 +1487,16 @@ impl Task {
 
     /// Calls the event handler; a panicking handler is logged, never fatal. Outside a
     /// batch of frames, the batch ends with the event.
-    fn emit(&self, event: Event) {
+    fn emit(&mut self, event: Event) {
         let handler = &self.on_event;
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.on_event(event)))
             .is_err()
         {
             warn!("the event handler panicked; the event was dropped");
         }
-        if !self.in_batch {
+        if self.in_batch {
+            self.raised_in_batch = true;
+        } else {
             self.end_batch();
         }
     }

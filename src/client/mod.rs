@@ -76,12 +76,15 @@ pub enum Event {
     Disconnected {
         /// The id of the connection that was lost.
         connection_id: Option<String>,
-        /// The service's reason (`system`/`disconnected` frame) or the close reason.
+        /// The service's reason (`system`/`disconnected` frame) or the close reason;
+        /// `stopped by the client` for a `stop`.
         message: Option<String>,
-        /// The WebSocket close code, when a close frame arrived.
+        /// The WebSocket close code, when a close frame arrived; 1000 for a `stop`.
         close_code: Option<u16>,
     },
-    /// The client stopped: by `stop`, or on its own.
+    /// The client stopped: by `stop`, or on its own. Not raised by a failed `start` (its
+    /// error is the call's), by a `stop` of a stopped client, or once the client is
+    /// dropped.
     Stopped {
         /// Why it stopped on its own: the last attempt's error once the reconnect policy
         /// gave up, or `Error::NotConnected` for a session lost with `auto_reconnect`
@@ -132,8 +135,9 @@ pub trait EventHandler: Send + Sync {
     fn on_event(&self, event: Event);
 
     /// Every event of one read from the socket went to `on_event`: a handler that hands
-    /// events to another thread may wake it once per batch here. Also called after each
-    /// event raised outside such a batch. Does nothing by default.
+    /// events to another thread may wake it once per batch here. Not called for a read
+    /// that raised no event; called after each event raised outside such a batch. Does
+    /// nothing by default.
     fn on_batch_end(&self) {}
 
     /// Asked after each batch of frames read (and when a connection starts serving):
@@ -187,7 +191,8 @@ pub struct SendToGroupOptions {
     pub no_echo: bool,
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId (at least 1) instead of the next one. It must not be in use by a
+    /// Use this ackId (at least 1, else `Error::InvalidArgument`; ignored with
+    /// `fire_and_forget`) instead of the next one. It must not be in use by a
     /// pending operation (else `Error::InvalidArgument`), unless that is this very message,
     /// given up by its caller: then this waits for it. Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
@@ -202,7 +207,8 @@ pub struct SendToGroupOptions {
 pub struct SendEventOptions {
     /// Send without an ackId and return once queued.
     pub fire_and_forget: bool,
-    /// Use this ackId (at least 1) instead of the next one. It must not be in use by a
+    /// Use this ackId (at least 1, else `Error::InvalidArgument`; ignored with
+    /// `fire_and_forget`) instead of the next one. It must not be in use by a
     /// pending operation (else `Error::InvalidArgument`), unless that is this very message,
     /// given up by its caller: then this waits for it. Automatic ackIds skip the latest 1000
     /// chosen ones: the service would answer a reused one with `Duplicate` and drop its
@@ -215,8 +221,8 @@ pub struct SendEventOptions {
 /// Options of [`Client::invoke_event`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InvokeOptions {
-    /// How long to wait for the reply; `None` uses the client's `ack_timeout`. At most
-    /// u64::MAX milliseconds (else `Error::InvalidArgument`).
+    /// How long to wait for the reply; `None` uses the client's `ack_timeout`. Above
+    /// zero and at most u64::MAX milliseconds (else `Error::InvalidArgument`).
     pub timeout: Option<Duration>,
 }
 
@@ -251,7 +257,8 @@ pub enum Error {
         /// example.webpubsub.azure.com`.
         waiting_for: String,
     },
-    /// The operation was cancelled.
+    /// The operation was cancelled (the C API's `wps_client_cancel`). A Rust caller
+    /// cancels by dropping the operation's future, which then reports nothing.
     Cancelled,
     /// The client was stopped (or dropped) before the operation completed.
     Stopped {
@@ -363,7 +370,8 @@ impl Error {
 }
 
 /// A Web PubSub client. Cheap to clone (an `Arc` inside); `Send + Sync`. Dropping the
-/// last clone stops its connection task (no events are raised after that). A clone held
+/// last clone closes its connection and ends its connection task, raising no event (not
+/// `Stopped` either). A clone held
 /// by the client's own event handler counts too, and would keep the client (and its
 /// connection) alive after the application dropped its own: give the handler a
 /// [`WeakClient`] ([`Client::downgrade`]) instead.
@@ -428,8 +436,9 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Creates a stopped client; events go to `on_event`. Fails on invalid options, a
-    /// fixed URL that is not a ws/wss (or http/https) URL, or a runtime that cannot be
+    /// Creates a stopped client; events go to `on_event`. Fails with
+    /// `Error::InvalidArgument` on invalid options or a fixed URL that is not a ws/wss
+    /// (or http/https) URL, and with `Error::IllegalState` when the runtime cannot be
     /// used (see [`crate::runtime::try_handle`]).
     pub fn new(
         credential: Credential,
@@ -483,8 +492,10 @@ impl Client {
     }
 
     /// Opens the connection: gets the URL, connects and waits for the service's
-    /// `connected` frame (bounded by `start_timeout`). One attempt; later losses are
-    /// handled by recovery and auto-reconnect.
+    /// `connected` frame (bounded by `start_timeout`); returns after the `Connected`
+    /// event. One attempt; later losses are handled by recovery and auto-reconnect. A
+    /// failed start raises no event, and a `stop` meanwhile ends it with
+    /// `Error::Stopped`. `Error::IllegalState` when the client is not stopped.
     ///
     /// Cancel safety: the first poll hands the start to the client. Dropping the
     /// future after that only ends the wait: the attempt goes on, and within
@@ -518,8 +529,9 @@ impl Client {
     /// a recovery, when there is no socket: they are dropped); acked
     /// operations still pending fail with `Error::Stopped`. Returns once stopped
     /// (after the `Stopped` event): the closing handshake waits at most 1 s for the
-    /// service's close frame. Joined groups are rejoined by the next `start`
-    /// (with `auto_rejoin_groups`), as the official clients do.
+    /// service's close frame. Stopping a stopped client does nothing (no event). Joined
+    /// groups are rejoined by the next `start` (with `auto_rejoin_groups`), as the
+    /// official clients do.
     ///
     /// Cancel safety: the first poll hands the stop to the client. Dropping the future
     /// after that only ends the wait: the client still stops, and a later `start`
@@ -1085,6 +1097,7 @@ mod tests {
     fn the_client_and_its_futures_cross_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Client>();
+        send_sync::<WeakClient>();
         send_sync::<Event>();
         send_sync::<Error>();
         let credential = Credential::Url("ws://127.0.0.1:9/client/hubs/h".into());
@@ -1092,6 +1105,7 @@ mod tests {
         send(&client.start());
         send(&client.stop());
         send(&client.join_group("g"));
+        send(&client.leave_group("g"));
         send(&client.send_to_group(
             "g",
             DataType::Text,

@@ -83,8 +83,10 @@ impl RetryOptions {
 
 /// Everything configurable about a client. `Default` gives the official clients'
 /// defaults; every timer can be shortened (tests run in seconds). A duration may be at
-/// most u64::MAX milliseconds (`Duration::MAX` is refused by
-/// [`Client::new`](crate::Client::new) with `Error::InvalidArgument`).
+/// most u64::MAX milliseconds, and `ack_timeout`, `start_timeout`,
+/// `recovery_attempt_delay`, `sequence_ack_interval` and a keep-alive duration that is
+/// set must be above zero: [`Client::new`](crate::Client::new) refuses other values with
+/// `Error::InvalidArgument`.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// The subprotocol; `JsonReliable` by default.
@@ -113,7 +115,7 @@ pub struct ClientOptions {
     pub ack_timeout: Duration,
     /// How long `start` waits for the credential, the handshake and the `connected`
     /// frame (default 30 s); then it fails with `Error::StartTimeout`, which names the
-    /// step it was waiting for.
+    /// step it was waiting for. Also the bound of each reconnect attempt.
     pub start_timeout: Duration,
     /// How long a dropped reliable connection keeps trying to recover (default 30 s). A
     /// recovered connection that drops again within `recovery_attempt_delay` continues
@@ -136,7 +138,7 @@ pub struct ClientOptions {
     /// Largest outgoing frame (the encoded JSON text, in bytes) the client sends; a
     /// bigger operation fails at once with `Error::InvalidArgument` and nothing is
     /// queued. Default 1 MiB, the service's limit on client frames (a bigger frame
-    /// would get the connection closed).
+    /// would get the connection closed); at least 1 KiB.
     pub max_outgoing_message_size: usize,
     /// The `User-Agent` header of the WebSocket upgrade; `None` sends none
     /// (default `webpubsub-client-rust/{version}`). Printable ASCII only.
@@ -261,14 +263,26 @@ mod tests {
         assert_eq!(o.message_retry.max_delay, Duration::from_secs(30));
         assert_eq!(o.message_retry.mode, RetryMode::Fixed);
         assert_eq!(o.reconnect_retry.max_retries, None);
+        assert_eq!(o.reconnect_retry.delay, Duration::from_secs(1));
+        assert_eq!(o.reconnect_retry.max_delay, Duration::from_secs(30));
+        assert_eq!(o.reconnect_retry.mode, RetryMode::Fixed);
         assert_eq!(o.keep_alive_interval, Some(Duration::from_secs(20)));
         assert_eq!(o.keep_alive_timeout, Some(Duration::from_secs(120)));
         assert_eq!(o.ack_timeout, Duration::from_secs(30));
+        assert_eq!(o.start_timeout, Duration::from_secs(30));
         assert_eq!(o.recovery_window, Duration::from_secs(30));
         assert_eq!(o.recovery_attempt_delay, Duration::from_secs(1));
         assert_eq!(o.sequence_ack_interval, Duration::from_secs(1));
         assert_eq!(o.sequence_ack_jump, 300);
+        assert_eq!(o.max_message_size, 16 << 20);
         assert_eq!(o.max_outgoing_message_size, 1024 * 1024);
+        assert!(o.extra_ca_pem.is_empty());
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            o.user_agent,
+            Some(format!("webpubsub-client-rust/{version}"))
+        );
+        assert_eq!(o.proxy, ProxySetting::FromEnvironment);
         assert!(o.validate().is_ok());
     }
 

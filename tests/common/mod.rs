@@ -653,7 +653,8 @@ pub async fn silent_server() -> (
 /// (`received` gets each connection's first bytes): with a 300 ms start timeout, the
 /// start fails with `StartTimeout` naming `waiting_for`; with a 60 s one, a stop made
 /// once the start has sent its first bytes (returned) returns at once, and the start
-/// ends with `Stopped`.
+/// ends with `Stopped`. Neither start raises `Disconnected`; only the stop raises
+/// `Stopped` (without an error).
 pub async fn stalled_start(
     url: Credential,
     options: ClientOptions,
@@ -664,7 +665,7 @@ pub async fn stalled_start(
         start_timeout: Duration::from_millis(300),
         ..options.clone()
     };
-    let (client, _events) = Client::with_channel(url.clone(), short).unwrap();
+    let (client, mut events) = Client::with_channel(url.clone(), short).unwrap();
     assert_eq!(
         client.start().await,
         Err(Error::StartTimeout {
@@ -673,12 +674,13 @@ pub async fn stalled_start(
         })
     );
     received.recv().await.unwrap();
+    assert_eq!(drain(&mut events), [], "a failed start raised an event");
 
     let long = ClientOptions {
         start_timeout: Duration::from_secs(60),
         ..options
     };
-    let (client, _events) = Client::with_channel(url, long).unwrap();
+    let (client, mut events) = Client::with_channel(url, long).unwrap();
     let starting = tokio::spawn({
         let client = client.clone();
         async move { client.start().await }
@@ -692,5 +694,6 @@ pub async fn stalled_start(
         started.expect("the start ends with the stop").unwrap(),
         Err(Error::Stopped { ack_id: None })
     );
+    assert_eq!(drain(&mut events), [Event::Stopped { error: None }]);
     first
 }
