@@ -14,7 +14,7 @@ import weakref
 from typing import Any, Awaitable, Callable, List
 
 import pytest
-from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, until
+from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, until, wait_until
 
 from webpubsub_client import WebPubSubClient as SyncClient
 from webpubsub_client import _base, _callbacks, _native
@@ -25,6 +25,7 @@ from webpubsub_client.models import (
     CallbackType,
     InvokeEventError,
     OnConnectedArgs,
+    OnDisconnectedArgs,
     OnGroupDataMessageArgs,
     OpenClientError,
     SendMessageError,
@@ -1617,6 +1618,87 @@ async def test_close_waits_for_the_listener_tasks_running_as_officially(hub: Hub
     await asyncio.wait_for(closed_in_listener.wait(), WAIT)
     assert time.monotonic() - started < 0.9
     assert client.state is WebPubSubClientState.STOPPED
+
+
+async def stopped_by_the_service(hub: Hub, seen: List[str]) -> WebPubSubClient:
+    """A client the service has just stopped (close code 1008, no reconnect), with a slow
+    plain disconnected listener and a slow coroutine stopped listener; ``seen`` gets what
+    they did. The loop is held until the library has stopped the client: none of the
+    stop's events has reached the loop yet."""
+    client = make(hub.url(), auto_reconnect=False)
+
+    def on_disconnected(_args: OnDisconnectedArgs) -> None:
+        time.sleep(0.3)
+        seen.append("disconnected")
+
+    async def on_stopped() -> None:
+        seen.append("stopped start")
+        await asyncio.sleep(0.3)
+        seen.append("stopped")
+
+    await client.subscribe(CallbackType.DISCONNECTED, on_disconnected)
+    await client.subscribe(CallbackType.STOPPED, on_stopped)
+    await client.open()
+    connection_id = client.connection_id
+    assert connection_id is not None
+    hub.close_connection(connection_id, 1008)
+    wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped by the service")
+    assert not seen
+    return client
+
+
+@pytest.mark.parametrize("dispatched", [False, True], ids=["queued", "dispatched"])
+async def test_close_of_a_client_stopped_by_the_service_returns_once_its_listeners_have_run_async(
+    hub: Hub, caplog: Any, dispatched: bool
+) -> None:
+    """A program that leaves ``async with client:`` once its client stopped on its own,
+    and ends ``asyncio.run`` then, gets the listeners of the stop's events run: close()
+    returns once their events, queued or dispatched already, have reached the loop and
+    their coroutine listeners have ended (as those running when it is called). Before,
+    close() of a stopped client returned at once: the stop's events were still queued,
+    or its coroutine listener still ran, and the end of ``asyncio.run`` lost them."""
+    seen: List[str] = []
+    client = await stopped_by_the_service(hub, seen)
+    if dispatched:
+        await until(lambda: "stopped start" in seen, "the stopped listener started")
+    await client.close()
+    assert seen == ["disconnected", "stopped start", "stopped"]
+    assert not [w for w in warnings(caplog) if "after close()" in w]
+
+
+async def test_close_after_a_reopen_waits_for_the_listeners_of_the_stop_before_it_async(hub: Hub) -> None:
+    """Reopened while the coroutine listener of the stop on its own still runs, then
+    closed: close() returns once that listener has ended, as one running when it is
+    called (so it did before the fix of a stopped client's close())."""
+    seen: List[str] = []
+    client = await stopped_by_the_service(hub, seen)
+    await client.open()
+    assert seen == ["disconnected", "stopped start"]
+    await client.close()
+    assert seen.count("disconnected") == 2 and seen.count("stopped start") == 2, seen
+    assert "stopped" in seen
+
+
+async def test_close_from_a_listener_of_a_stop_on_its_own_does_not_wait_for_itself(hub: Hub, caplog: Any) -> None:
+    """A coroutine stopped listener of a client the service stopped closes it: that close()
+    neither waits for its own listener nor deadlocks, and the close() of the program
+    leaving ``async with client:`` meanwhile does not wait for a listener inside a close()
+    (either would cancel it after 1 s, with a warning, and it would never finish)."""
+    closed = asyncio.Event()
+    client = make(hub.url(), auto_reconnect=False)
+
+    async def on_stopped() -> None:
+        await client.close()
+        closed.set()
+
+    await client.subscribe(CallbackType.STOPPED, on_stopped)
+    async with client:
+        connection_id = client.connection_id
+        assert connection_id is not None
+        hub.close_connection(connection_id, 1008)
+        wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped by the service")
+    await asyncio.wait_for(closed.wait(), WAIT)
+    assert not [w for w in warnings(caplog) if "after close()" in w]
 
 
 def test_sends_on_a_loop_are_flushed_by_that_loop_while_another_holds_a_pending_flush(

@@ -251,6 +251,45 @@ def test_a_program_that_exits_once_its_client_stopped_on_its_own_runs_the_stops_
     assert result.stdout.split() == ["disconnected", "stopped"], result.stdout
 
 
+def test_an_asyncio_program_that_ends_once_its_client_stopped_on_its_own_runs_the_stops_listeners(
+    hub: Hub,
+) -> None:
+    """As above with the asyncio client, whose loop is held inside ``async with client:``
+    until the client is stopped, and ``asyncio.run`` ending right after: leaving the block
+    waits for the stop's events to reach the loop and for their listeners, a slow plain
+    one and a slow coroutine one (before, close() of a stopped client returned at once,
+    and the end of ``asyncio.run`` lost the stopped listener)."""
+    code = f"""
+        import asyncio, time, urllib.request
+        from webpubsub_client.aio import WebPubSubClient
+        from webpubsub_client.models import WebPubSubClientState
+
+        def on_disconnected(_args):
+            time.sleep(0.3)
+            print("disconnected", flush=True)
+
+        async def on_stopped():
+            await asyncio.sleep(0.3)
+            print("stopped", flush=True)
+
+        async def main():
+            client = WebPubSubClient({hub.url("ended-aio")!r}, auto_reconnect=False)
+            await client.subscribe("disconnected", on_disconnected)
+            await client.subscribe("stopped", on_stopped)
+            async with client:
+                route = f"/_emulator/hubs/{hub.name}/connections/{{client.connection_id}}/:close?code=1008"
+                request = urllib.request.Request({hub.emulator.base!r} + route, data=b"")
+                urllib.request.urlopen(request, timeout=10).close()
+                while client.state is not WebPubSubClientState.STOPPED:
+                    time.sleep(0.01)
+
+        asyncio.run(main())
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["disconnected", "stopped"], (result.stdout, result.stderr[-2000:])
+
+
 def test_exit_with_daemon_threads_inside_calls_does_not_crash(hub: Hub) -> None:
     """The interpreter exits while daemon threads keep calling a sync and an asyncio client
     (a publisher thread left running): the exit hook stops the clients instead of freeing
@@ -300,34 +339,49 @@ def test_exit_with_daemon_threads_inside_calls_does_not_crash(hub: Hub) -> None:
 def test_a_fork_child_exits_promptly_with_clients_of_its_parent(hub: Hub) -> None:
     """A fork() child of a process with open sync and asyncio clients (a prefork server's
     worker) exits normally without waiting for library threads it does not have; the
-    parent's clients keep working."""
+    parent's clients keep working. In the child, an operation of the asyncio client on a
+    loop of its own fails with FORKED and ``close()`` of either client does nothing:
+    neither takes the client's descriptor from the parent's loop (whose epoll instance
+    the child shares), which left the parent's asyncio client deaf."""
     url = hub.url("forker")
     code = f"""
         import asyncio, os, sys
         from webpubsub_client import WebPubSubClient
         from webpubsub_client.aio import WebPubSubClient as AsyncClient
+        from webpubsub_client.models import WebPubSubClientError
         client = WebPubSubClient({url!r}, start_timeout=5.0)
         client.subscribe("group-message", lambda m: None)
         client.open()
         aclient = AsyncClient({url!r})
         loop = asyncio.new_event_loop()
         loop.run_until_complete(aclient.open())
-        for exit_by in ("sys.exit", "return"):
+        for exit_by in ("sys.exit", "return", "close"):
             pid = os.fork()
             if pid == 0:
                 if exit_by == "sys.exit":
                     sys.exit(0)
+                if exit_by == "close":
+                    try:
+                        asyncio.run(aclient.join_group("g"))
+                    except WebPubSubClientError as e:
+                        print("join", e.status, flush=True)
+                    asyncio.run(aclient.close())
+                    client.close()
                 break  # the child leaves the loop and ends the script
             _, status = os.waitpid(pid, 0)
             print(exit_by, os.waitstatus_to_exitcode(status), flush=True)
         else:
             print(client.send_to_group("fork-group", "after", "text").ack_id is not None, flush=True)
+            sent = loop.run_until_complete(asyncio.wait_for(aclient.send_to_group("fork-group", "after", "text"), 10))
+            print(sent.ack_id is not None, flush=True)
             loop.run_until_complete(aclient.close())
             client.close()
     """
     result = run_python(code, {}, timeout=60)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
-    assert result.stdout.split() == ["sys.exit", "0", "return", "0", "True"], result.stdout
+    assert result.stdout.split() == ["sys.exit", "0", "return", "0", "join", "15", "close", "0", "True", "True"], (
+        result.stdout
+    )
 
 
 def test_exit_while_a_listener_blocks_for_good_does_not_hang(hub: Hub) -> None:

@@ -866,6 +866,10 @@ class _Poller:
             return loop
         return asyncio.get_running_loop()
 
+    def in_fork_child(self) -> bool:
+        """True in a fork() child of the process that made the client (see ``free``)."""
+        return os.getpid() != self._native.pid
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Dispatch on ``loop`` (the running loop) from now on. A client suspended since
         its last loop was closed resumes; the messages it dropped meanwhile are logged."""
@@ -875,13 +879,15 @@ class _Poller:
             native = self._native
             if self._loop is loop or not native.handle:
                 return
-            self._loop = None
-            native.remove_reader()
+            # Asked first: refused (in a fork() child), the reader is left on the old loop,
+            # whose epoll instance is the parent's there.
             fd = ctypes.c_int(-1)
             status = lib.wps_client_dispatch_fd(native.handle, ctypes.byref(fd))
             if status != _native.STATUS_OK:
                 message = f"{_native.status_str(status)}: {_native.last_error_message()}"
                 raise WebPubSubClientError(message, status=status)
+            self._loop = None
+            native.remove_reader()
             dropped = ctypes.c_uint64(0)
             lib.wps_client_dispatch_resume(native.handle, ctypes.byref(dropped))
             if dropped.value:
@@ -1251,20 +1257,26 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise _base.open_error(completion.status, completion.error_message)
 
     async def close(self) -> None:
-        """Stop the client; does nothing if it is already stopped. Returns once it is
-        stopped and the coroutine listeners that were running when it was called have
-        ended: as officially, those still running 1 s after the stop are cancelled (with a
-        warning)."""
-        if not self._finalizer.alive or _base.state_of(self._handle) is WebPubSubClientState.STOPPED:
+        """Stop the client. Returns once it is stopped and the coroutine listeners that were
+        running when it was called have ended: as officially, those still running 1 s after
+        the stop are cancelled (with a warning). On a client already stopped (by the
+        service, say), the events of that stop reach their listeners first, and its
+        coroutine listeners are waited for as running ones: a program may end
+        ``asyncio.run`` right after."""
+        if not self._finalizer.alive or self._poller.in_fork_child():
             return
+        stopped = _base.state_of(self._handle) is WebPubSubClientState.STOPPED
         # The listeners running now are waited for once stopped, as officially; not those
         # the stop starts (disconnected, stopped: one may reopen), nor the caller's own
         # (even through a task it awaits), nor one that closes the client too.
         own = self._sink.enter_close()
         try:
             listeners = self._sink.running_listeners(own)
-            # completes after the disconnected and stopped events, dispatched before it
+            # completes after the disconnected and stopped events, dispatched before it; on
+            # a stopped client, after the events queued by then (those of its stop too)
             completion = await self._run(lib.wps_client_stop_async, self._handle, checked=False)
+            if stopped:  # this stop brought no events: those delivered meanwhile came before
+                listeners = self._sink.running_listeners(own)
             self._sink.cancel_providers()
             status = completion.status
             if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
