@@ -342,14 +342,15 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         them, and not at all on the thread that runs them), so that a program may exit
         right after. A signal handler that raises while it waits (on the main thread) has
         its exception raised once the client is stopped, with no further wait for them."""
-        if not self._finalizer.alive:
+        if not self._finalizer.alive or self._dispatch.in_fork_child():
             return
-        if _base.state_of(self._handle) is not WebPubSubClientState.STOPPED:
-            status = lib.wps_client_stop(self._blocking_handle())
-            # The stop runs the signal handlers as it waits, and never ends half done.
-            _callbacks.raise_interrupt()
-            if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
-                _base.check_status(status)
+        # Asked of a stopped client too: the library sets the state before it queues the
+        # stopped event, and answers a stop only after that.
+        status = lib.wps_client_stop(self._blocking_handle())
+        # The stop runs the signal handlers as it waits, and never ends half done.
+        _callbacks.raise_interrupt()
+        if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
+            _base.check_status(status)
         # The stop's events are queued by now, behind those of any earlier stop.
         self._dispatch.wait_delivered(CLOSE_WAIT)
 

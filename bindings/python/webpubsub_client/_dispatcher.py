@@ -113,13 +113,17 @@ class Dispatch:
                 with self._delivered:
                     self._delivered.notify_all()
 
+    def in_fork_child(self) -> bool:
+        """True in a fork() child of the process that made the client."""
+        return os.getpid() != self._pid
+
     def wait_delivered(self, timeout: float) -> None:
         """Waits, at most ``timeout`` seconds, until the listeners of the events queued by
         now have run: none is queued (the descriptor, readable while one is, cleared by
         the dispatch that takes the last) and none is being delivered. Not on the thread
         that runs them (a listener of this client, or of one pinned to the same thread),
         nor in a fork() child (it has no worker; the descriptor is the parent's)."""
-        if self.worker.is_current() or os.getpid() != self._pid:
+        if self.worker.is_current() or self.in_fork_child():
             return
         queued = select.poll()
         queued.register(self._fd, select.POLLIN)
