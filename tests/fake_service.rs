@@ -1853,3 +1853,120 @@ async fn a_rejoin_cut_off_by_a_lost_session_is_reported_once_the_client_is_disco
         ]
     );
 }
+
+#[tokio::test]
+async fn each_recovery_and_reconnect_attempt_ends_after_the_start_timeout() {
+    let fake = Fake::new().await;
+    let start_timeout = Duration::from_millis(300);
+    let options = ClientOptions {
+        start_timeout,
+        recovery_window: Duration::from_secs(60),
+        reconnect_retry: webpubsub_client::RetryOptions {
+            max_retries: Some(2),
+            delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(100),
+            mode: webpubsub_client::RetryMode::Fixed,
+        },
+        ..quiet_options()
+    };
+    let (client, mut events, conn) = connect(&fake, options).await;
+    let peer = fake.listener.local_addr().unwrap().to_string();
+    // A recovery attempt whose upgrade is never answered ends; the next one follows.
+    drop(conn);
+    let held = held_recovery(&fake, &client).await;
+    let since = tokio::time::Instant::now();
+    let (conn, uri) = fake.accept().await;
+    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    assert!(since.elapsed() >= start_timeout);
+    drop(held);
+    lose(conn).await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected {
+            close_code: Some(1008),
+            ..
+        }
+    ));
+    // Reconnect attempt 1: the upgrade is never answered.
+    let (held, _) = tokio::time::timeout(Duration::from_secs(10), fake.listener.accept())
+        .await
+        .expect("no reconnect attempt within 10 s")
+        .unwrap();
+    let since = tokio::time::Instant::now();
+    // Attempts 2 and 3 (the last retry): upgraded, no connected frame.
+    let (second, uri) = fake.accept().await;
+    assert!(!uri.contains("awps_connection_id"), "{uri}");
+    assert!(since.elapsed() >= start_timeout);
+    let since = tokio::time::Instant::now();
+    let (third, _) = fake.accept().await;
+    assert!(since.elapsed() >= start_timeout);
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Stopped {
+            error: Some(Error::StartTimeout {
+                after: start_timeout,
+                waiting_for: format!("the connected frame from {peer}"),
+            })
+        }
+    );
+    assert_eq!(client.state(), ClientState::Stopped);
+    drop((held, second, third));
+}
+
+#[tokio::test]
+async fn a_stop_during_a_recovery_drops_the_fire_and_forget_messages_it_queued() {
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        recovery_window: Duration::from_secs(60),
+        start_timeout: Duration::from_secs(60),
+        ..quiet_options()
+    };
+    let (client, _events, conn) = connect(&fake, options).await;
+    drop(conn);
+    let held = held_recovery(&fake, &client).await;
+    assert_eq!(
+        fire_and_forget(&client, "dropped").await.map(|r| r.ack_id),
+        Ok(None)
+    );
+    tokio::time::timeout(Duration::from_secs(5), client.stop())
+        .await
+        .expect("the stop ends the recovery at once");
+    drop(held);
+    let c = client.clone();
+    let start = tokio::spawn(async move { c.start().await });
+    let (mut conn, uri) = fake.accept().await;
+    assert!(!uri.contains("awps_connection_id"), "{uri}");
+    conn.connected("conn2", "rt2").await;
+    start.await.unwrap().unwrap();
+    fire_and_forget(&client, "after").await.unwrap();
+    assert_eq!(
+        conn.recv().await["data"],
+        "after",
+        "a dropped message was written"
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_stop_waits_for_an_unanswered_close_frame_a_bounded_time() {
+    let fake = Fake::new().await;
+    let (client, mut events, conn) = connect(&fake, quiet_options()).await;
+    // The read half only: it reads on, and never answers the close frame.
+    let (_write, mut read) = conn.ws.split();
+    let reader = tokio::spawn(async move {
+        loop {
+            match read.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), client.stop())
+        .await
+        .expect("the stop waited for the close frame's answer for good");
+    let frame = reader.await.unwrap().unwrap();
+    assert_eq!(frame.code, CloseCode::Normal);
+    let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped { error: None }).await;
+    assert_eq!(event, Event::Stopped { error: None });
+}

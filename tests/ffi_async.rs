@@ -34,9 +34,10 @@ use webpubsub_client::ffi::options::{
 use webpubsub_client::ffi::status::{
     wps_last_error_message, WPS_DATA_TYPE_JSON, WPS_DATA_TYPE_TEXT, WPS_DISPATCH_POLL,
     WPS_RETRY_FIXED, WPS_SEND_DEFERRED, WPS_SEND_FIRE_AND_FORGET, WPS_SEND_RECORD,
-    WPS_STATE_CONNECTED, WPS_STATE_STOPPED, WPS_STATUS_CANCELLED, WPS_STATUS_ILLEGAL_STATE,
-    WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8, WPS_STATUS_NOT_CONNECTED,
-    WPS_STATUS_NULL_ARG, WPS_STATUS_OK, WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
+    WPS_STATE_CONNECTED, WPS_STATE_RECOVERING, WPS_STATE_STOPPED, WPS_STATUS_CANCELLED,
+    WPS_STATUS_ILLEGAL_STATE, WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVALID_UTF8,
+    WPS_STATUS_NOT_CONNECTED, WPS_STATUS_NULL_ARG, WPS_STATUS_OK, WPS_STATUS_STOPPED,
+    WPS_STATUS_TIMEOUT,
 };
 use webpubsub_emulator::{Config, Emulator};
 
@@ -1068,6 +1069,74 @@ fn started_poll_client_with(url: &CStr, on_event: wps_event_cb, rec: &Recorder) 
     c
 }
 
+/// `wps_client_dispatch_into` of poll client `c` without record arrays: its `ran`.
+fn dispatched_into(c: *mut wps_client) -> usize {
+    let mut buffers = wps_dispatch_buffers {
+        acks: std::ptr::null_mut(),
+        ack_cap: 0,
+        messages: std::ptr::null_mut(),
+        message_cap: 0,
+        ran: 0,
+        acks_written: 0,
+        messages_written: 0,
+        message_bytes: 0,
+    };
+    check(
+        unsafe { wps_client_dispatch_into(c, 64, &mut buffers) },
+        "wps_client_dispatch_into",
+    );
+    buffers.ran
+}
+
+#[test]
+fn a_dispatch_counts_the_completions_it_took_without_a_callback() {
+    let setup = Setup::new();
+    let rec = common::leaked::<Recorder>();
+    let c = started_poll_client(&setup.url, rec);
+    let deadline = Instant::now() + WAIT;
+    while !rec
+        .seen
+        .lock()
+        .unwrap()
+        .timeline
+        .contains(&"connected".to_owned())
+    {
+        assert!(Instant::now() < deadline, "no connected event");
+        dispatched_into(c);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(dispatched_into(c), 0, "only the connected event was queued");
+    for text in ["a", "b"] {
+        let status = unsafe {
+            wps_client_send_to_group_async(
+                c,
+                c"g".as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                text.as_ptr(),
+                text.len(),
+                WPS_SEND_FIRE_AND_FORGET,
+                None,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        check(status, "a send without a completion callback");
+    }
+    let mut ran = 0;
+    while ran < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{ran} of the 2 completions taken"
+        );
+        ran += dispatched_into(c);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(ran, 2);
+    assert_eq!(dispatched_into(c), 0);
+    unsafe { wps_client_free(c) };
+    setup.shutdown();
+}
+
 #[test]
 fn recorded_sends_come_back_as_records_and_everything_else_through_callbacks() {
     let setup = Setup::new();
@@ -1663,6 +1732,59 @@ fn fire_and_forget_sends_past_the_operation_queue_go_out_before_a_stop() {
         "messages reported sent before the stop but never written"
     );
     assert_eq!(gathered, expected);
+    unsafe { wps_client_free(c) };
+}
+
+/// A scripted service whose first connection (of a reliable session) drops at once and
+/// whose recovery attempt it holds unanswered; it connects the next connection and
+/// returns the first text that comes to a group there.
+async fn dropping_then_first_text(listener: tokio::net::TcpListener) -> String {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = common::accepted(&listener).await;
+    let connected =
+        r#"{"type":"system","event":"connected","connectionId":"c1","reconnectionToken":"rt1"}"#;
+    ws.send(Message::text(connected)).await.unwrap();
+    drop(ws);
+    let _held = listener.accept().await.unwrap();
+    let mut ws = common::accepted(&listener).await;
+    let connected = r#"{"type":"system","event":"connected","connectionId":"c2"}"#;
+    ws.send(Message::text(connected)).await.unwrap();
+    loop {
+        let frame = common::next_client_frame(&mut ws).await;
+        if frame["type"] == "sendToGroup" {
+            return frame["data"].as_str().unwrap().to_owned();
+        }
+    }
+}
+
+#[test]
+fn fire_and_forget_sends_queued_by_a_recovery_are_dropped_by_a_stop() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, service) = common::scripted(&rt, dropping_then_first_text);
+    let rec = common::leaked::<Recorder>();
+    let c = client_of(&url, rec, true);
+    common::wait_until("the recovery", || unsafe {
+        wps_client_state(c) == WPS_STATE_RECOVERING
+    });
+    let op = send_async(c, c"g", "dropped", WPS_SEND_FIRE_AND_FORGET, rec);
+    rec.wait("the send's completion", |s| s.completions.contains_key(&op));
+    assert_eq!(rec.seen.lock().unwrap().completions[&op], [WPS_STATUS_OK]);
+    check(
+        common::ffi_send_text(c, c"g", "dropped too", WPS_SEND_FIRE_AND_FORGET),
+        "blocking send",
+    );
+    check(unsafe { wps_client_stop(c) }, "wps_client_stop");
+    check(unsafe { wps_client_start(c) }, "wps_client_start");
+    check(
+        common::ffi_send_text(c, c"g", "after", WPS_SEND_FIRE_AND_FORGET),
+        "send after the restart",
+    );
+    let first = rt
+        .block_on(async { tokio::time::timeout(WAIT, service).await })
+        .expect("the service got a text")
+        .unwrap();
+    assert_eq!(first, "after", "a message dropped by the stop was written");
     unsafe { wps_client_free(c) };
 }
 

@@ -604,3 +604,43 @@ fn the_last_error_is_that_of_the_last_call_returning_a_status() {
     unsafe { wps_client_free(c) };
     rt.block_on(emulator.shutdown());
 }
+
+/// A start of a client of `url` with a 300 ms start timeout: its status and message.
+fn timed_out_start(url: &CStr) -> (u32, String) {
+    let o = wps_options_new();
+    check(wps_options_set_start_timeout_ms(o, 300), "start timeout");
+    let mut c = std::ptr::null_mut();
+    let status =
+        unsafe { wps_client_new(url.as_ptr(), o, None, std::ptr::null_mut(), None, &mut c) };
+    unsafe { wps_options_free(o) };
+    check(status, "wps_client_new");
+    let status = unsafe { wps_client_start(c) };
+    let message = last_error();
+    unsafe { wps_client_free(c) };
+    (status, message)
+}
+
+#[test]
+fn a_start_timeout_is_timeout_and_names_the_step_it_waited_for() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (addr, _received) = rt.block_on(common::silent_server());
+    let url = CString::new(format!("ws://{addr}/client/hubs/h")).unwrap();
+    assert_eq!(
+        timed_out_start(&url),
+        (
+            WPS_STATUS_TIMEOUT,
+            format!("timed out after 0.3 s waiting for {addr} to answer the WebSocket upgrade")
+        )
+    );
+    let (url, _service) = common::scripted(&rt, |listener| async move {
+        let _upgraded = common::accepted(&listener).await;
+        std::future::pending::<()>().await;
+    });
+    let (status, message) = timed_out_start(&url);
+    assert_eq!(status, WPS_STATUS_TIMEOUT, "{message}");
+    assert!(
+        message
+            .starts_with("timed out after 0.3 s waiting for the connected frame from 127.0.0.1:"),
+        "{message}"
+    );
+}

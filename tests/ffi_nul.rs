@@ -27,9 +27,11 @@ use webpubsub_emulator::{Config, Emulator, TokenOptions};
 struct Seen {
     kind: u32,
     connection_id: Vec<u8>,
-    user_id: Vec<u8>,
+    /// None for NULL (an anonymous connection).
+    user_id: Option<Vec<u8>>,
     group: Vec<u8>,
-    from_user_id: Vec<u8>,
+    /// None for NULL (an anonymous sender).
+    from_user_id: Option<Vec<u8>>,
     data: Vec<u8>,
     message: Option<String>,
 }
@@ -45,15 +47,24 @@ unsafe fn bytes(p: *const c_char, len: usize) -> Vec<u8> {
     std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec()
 }
 
+/// `len` bytes at `p`; None for NULL, whose length must be 0.
+unsafe fn id(p: *const c_char, len: usize) -> Option<Vec<u8>> {
+    if p.is_null() {
+        assert_eq!(len, 0, "the length of NULL");
+        return None;
+    }
+    Some(bytes(p, len))
+}
+
 unsafe extern "C" fn record(user_data: *mut c_void, event: *const wps_event) {
     let r = &*(user_data as *const Recorder);
     let e = &*event;
     let seen = Seen {
         kind: e.kind,
         connection_id: bytes(e.connection_id, e.connection_id_len),
-        user_id: bytes(e.user_id, e.user_id_len),
+        user_id: id(e.user_id, e.user_id_len),
         group: bytes(e.group, e.group_len),
-        from_user_id: bytes(e.from_user_id, e.from_user_id_len),
+        from_user_id: id(e.from_user_id, e.from_user_id_len),
         data: if e.data_len == 0 {
             Vec::new()
         } else {
@@ -96,6 +107,23 @@ fn new_client(url: &CStr, poll: bool, recorder: &Recorder) -> *mut wps_client {
     c
 }
 
+/// A started Rust client of `url` that has sent `data` as text to `group`.
+async fn sent_from(url: String, group: &str, data: &'static [u8]) -> Client {
+    let (client, _events) =
+        Client::with_channel(Credential::Url(url), common::fast_options()).unwrap();
+    client.start().await.unwrap();
+    client
+        .send_to_group(
+            group,
+            DataType::Text,
+            Bytes::from_static(data),
+            SendToGroupOptions::default(),
+        )
+        .await
+        .unwrap();
+    client
+}
+
 #[test]
 fn names_with_nul_arrive_whole_and_payloads_keep_their_bytes() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -112,7 +140,7 @@ fn names_with_nul_arrive_whole_and_payloads_keep_their_bytes() {
         seen.iter().any(|e| e.kind == WPS_EVENT_CONNECTED)
     });
     let connected = recorder.seen.lock().unwrap()[0].clone();
-    assert_eq!(connected.user_id, b"u\0v");
+    assert_eq!(connected.user_id.as_deref(), Some(&b"u\0v"[..]));
     assert!(!connected.connection_id.is_empty());
     let mut id_len = 0;
     let mut id = [0 as c_char; 128];
@@ -124,29 +152,15 @@ fn names_with_nul_arrive_whole_and_payloads_keep_their_bytes() {
 
     // From a sender whose user id holds U+0000, to the group whose name does.
     let sender_url = emulator.client_url("hub", &token("s\0t", &[]));
-    let sender = rt.block_on(async {
-        let (client, _events) =
-            Client::with_channel(Credential::Url(sender_url), common::fast_options()).unwrap();
-        client.start().await.unwrap();
-        client
-            .send_to_group(
-                "g\0h",
-                DataType::Text,
-                Bytes::from_static(b"a\0b"),
-                SendToGroupOptions::default(),
-            )
-            .await
-            .unwrap();
-        client
-    });
+    let sender = rt.block_on(sent_from(sender_url, "g\0h", b"a\0b"));
     let message = first_of(&recorder, WPS_EVENT_GROUP_MESSAGE, "the group message");
     assert_eq!(
         (
             &message.group[..],
-            &message.from_user_id[..],
+            message.from_user_id.as_deref(),
             &message.data[..]
         ),
-        (&b"g\0h"[..], &b"s\0t"[..], &b"a\0b"[..])
+        (&b"g\0h"[..], Some(&b"s\0t"[..]), &b"a\0b"[..])
     );
 
     // The same message as a poll-mode record: its lengths cover the names whole.
@@ -234,6 +248,33 @@ fn names_with_nul_arrive_whole_and_payloads_keep_their_bytes() {
         wps_client_free(c);
         wps_client_free(polled);
     }
+    rt.block_on(async move {
+        sender.stop().await;
+        emulator.shutdown().await;
+    });
+}
+
+#[test]
+fn the_user_ids_of_an_anonymous_connection_and_sender_are_null() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt.block_on(Emulator::start(Config::default())).unwrap();
+    let anonymous = |groups: &[&str]| TokenOptions {
+        user_id: None,
+        ..token("", groups)
+    };
+    let url = CString::new(emulator.client_url("hub", &anonymous(&["g"]))).unwrap();
+    let recorder = Recorder::default();
+    let c = new_client(&url, false, &recorder);
+    let connected = first_of(&recorder, WPS_EVENT_CONNECTED, "connected");
+    assert_eq!(connected.user_id, None);
+    let sender_url = emulator.client_url("hub", &anonymous(&[]));
+    let sender = rt.block_on(sent_from(sender_url, "g", b"hi"));
+    let message = first_of(&recorder, WPS_EVENT_GROUP_MESSAGE, "the group message");
+    assert_eq!(
+        (message.from_user_id, &message.data[..]),
+        (None, &b"hi"[..])
+    );
+    unsafe { wps_client_free(c) };
     rt.block_on(async move {
         sender.stop().await;
         emulator.shutdown().await;

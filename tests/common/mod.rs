@@ -584,15 +584,29 @@ where
 
 /// The scripted services' connection: the client's WebSocket, accepted with the
 /// subprotocol it asked for, and its `connected` frame sent.
-#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
 pub async fn accepted_connected(
     listener: tokio::net::TcpListener,
 ) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
     use tokio_tungstenite::tungstenite::Message;
-    let (tcp, _) = listener.accept().await.unwrap();
-    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
+    let mut ws = accepted(&listener).await;
+    let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
+    ws.send(Message::text(connected)).await.unwrap();
+    ws
+}
+
+/// The next client WebSocket of a scripted service, accepted with the subprotocol it
+/// asked for (at most 10 s).
+#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
+pub async fn accepted(
+    listener: &tokio::net::TcpListener,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("no connection within 10 s")
+        .unwrap();
+    tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, mut resp: Response| {
         if let Some(protocol) = req.headers().get("Sec-WebSocket-Protocol").cloned() {
             resp.headers_mut()
                 .insert("Sec-WebSocket-Protocol", protocol);
@@ -600,10 +614,7 @@ pub async fn accepted_connected(
         Ok(resp)
     })
     .await
-    .unwrap();
-    let connected = r#"{"type":"system","event":"connected","connectionId":"c1"}"#;
-    ws.send(Message::text(connected)).await.unwrap();
-    ws
+    .unwrap()
 }
 
 /// Reads one HTTP request head from `tcp`, byte by byte (nothing after it is taken);
