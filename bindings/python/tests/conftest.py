@@ -29,7 +29,7 @@ _DEBUG_LIB = REPO_ROOT / "target" / "debug" / "libwebpubsub_client.so"
 if "WEBPUBSUB_CLIENT_LIB" not in os.environ and _DEBUG_LIB.is_file():
     os.environ["WEBPUBSUB_CLIENT_LIB"] = str(_DEBUG_LIB)
 
-from webpubsub_client.models import WebPubSubProtocolType  # noqa: E402 - after choosing the library
+from webpubsub_client.models import WebPubSubDataType, WebPubSubProtocolType  # noqa: E402 - after choosing the library
 
 EMULATOR_BIN = Path(os.environ.get("WPS_EMULATOR_BIN", REPO_ROOT / "target" / "debug" / "webpubsub-emulator"))
 
@@ -299,6 +299,21 @@ def hub(emulator: Emulator) -> Hub:
 
 
 # ---- waiting helpers ---------------------------------------------------------------------
+
+
+def every_operation(client: Any) -> List[Callable[[], Any]]:
+    """One call of each operation of ``client`` (sync or asyncio): join, leave, acked and
+    fire-and-forget sends to a group and events, an invocation."""
+    text = WebPubSubDataType.TEXT
+    return [
+        lambda: client.join_group("g"),
+        lambda: client.leave_group("g"),
+        lambda: client.send_to_group("g", "x", text),
+        lambda: client.send_to_group("g", "x", text, ack=False),
+        lambda: client.send_event("e", "x", text),
+        lambda: client.send_event("e", "x", text, ack=False),
+        lambda: client.invoke_event("echo", "x", text),
+    ]
 
 
 class Collector:

@@ -14,7 +14,7 @@ import weakref
 from typing import Any, Awaitable, Callable, List
 
 import pytest
-from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, until, wait_until
+from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, every_operation, until, wait_until
 
 from webpubsub_client import WebPubSubClient as SyncClient
 from webpubsub_client import _base, _callbacks, _native
@@ -316,13 +316,24 @@ async def test_invoke_and_cancellation(hub: Hub) -> None:
 
 
 async def test_forbidden_and_not_connected_errors(hub: Hub) -> None:
-    client = make(hub.url(roles=[]), message_retry_total=0)
-    with pytest.raises(SendMessageError):
-        await client.join_group("g")
+    """Before ``open()`` and after ``close()`` every operation fails at once with
+    ``error_detail.name`` "IllegalState", as in the sync client."""
+    client = make(hub.url(roles=[]), message_retry_total=3, message_retry_backoff_factor=1.0)
+    operations = every_operation(client)
+
+    async def all_illegal() -> None:
+        for n, operation in enumerate(operations):
+            with pytest.raises(SendMessageError) as info:
+                await asyncio.wait_for(operation(), 1.0)
+            assert isinstance(info.value, InvokeEventError) == (n == 6)
+            assert info.value.error_detail is not None and info.value.error_detail.name == "IllegalState", n
+
+    await all_illegal()
     async with client:
         with pytest.raises(SendMessageError) as info:
             await client.join_group("g")
     assert info.value.error_detail is not None and info.value.error_detail.name == "Forbidden"
+    await all_illegal()
 
 
 async def test_acked_sends_report_refusals_and_unsendable_states(hub: Hub) -> None:

@@ -20,7 +20,18 @@ import weakref
 from typing import Any, Dict, Iterator, List, Set
 
 import pytest
-from conftest import FAST, PROTOCOLS, WAIT, Collector, Emulator, Hub, Upstream, assert_keywords_logged, wait_until
+from conftest import (
+    FAST,
+    PROTOCOLS,
+    WAIT,
+    Collector,
+    Emulator,
+    Hub,
+    Upstream,
+    assert_keywords_logged,
+    every_operation,
+    wait_until,
+)
 
 from webpubsub_client import (
     WebPubSubClient,
@@ -824,20 +835,29 @@ def test_client_logging_enable_logs_every_outgoing_message(hub: Hub, caplog: Any
     assert "webpubsub_client: leave_group 'g'" in messages, messages
 
 
-def test_unsubscribe_stops_delivery(hub: Hub) -> None:
+def test_unsubscribe_stops_delivery(hub: Hub, caplog: Any) -> None:
+    """A listener subscribed twice runs twice per event and ``unsubscribe`` removes one
+    registration, as officially; removing an absent one is logged at info level."""
+    caplog.set_level(logging.INFO, logger="webpubsub_client")
     first, second = Collector(), Collector()
     with make(hub.url()) as client:
         client.subscribe(CallbackType.GROUP_MESSAGE, first)
         client.subscribe(CallbackType.GROUP_MESSAGE, second)
+        client.subscribe(CallbackType.GROUP_MESSAGE, second)
         client.join_group("g")
         client.send_to_group("g", "one", "text")
         first.wait_for(1)
-        second.wait_for(1)
+        second.wait_for(2)
         client.unsubscribe(CallbackType.GROUP_MESSAGE, first)
         client.unsubscribe(CallbackType.GROUP_MESSAGE, first)  # absent: ignored
+        client.unsubscribe(CallbackType.GROUP_MESSAGE, second)
         client.send_to_group("g", "two", "text")
-        second.wait_for(2)
+        client.send_to_group("g", "three", "text")
+        second.wait_for(4)
     assert [m.data for m in first.items] == ["one"]
+    assert [m.data for m in second.items] == ["one", "one", "two", "three"]
+    absent = [r for r in caplog.records if "not subscribed" in r.getMessage()]
+    assert [r.levelno for r in absent] == [logging.INFO]
 
 
 def test_listeners_keep_their_thread_locals_between_events(hub: Hub) -> None:
@@ -1302,6 +1322,8 @@ def test_invoke_event(hub: Hub) -> None:
         assert (value.data_type, value.data) == (WebPubSubDataType.JSON, {"x": [1]})
         raw = client.invoke_event("echo", b"\x00\x01", WebPubSubDataType.BINARY)
         assert (raw.data_type, raw.data) == (WebPubSubDataType.BINARY, b"\x00\x01")
+        empty = client.invoke_event("no-reply", "x", WebPubSubDataType.TEXT)  # an empty body
+        assert (empty.data_type, empty.data) == (WebPubSubDataType.TEXT, "")
         with pytest.raises(InvokeEventError) as info:
             client.invoke_event("fail", "x", WebPubSubDataType.TEXT)
         assert info.value.error_detail is not None and info.value.error_detail.name
@@ -1325,7 +1347,11 @@ def test_forbidden_join_fails_fast_without_retrying(hub: Hub) -> None:
         assert time.monotonic() - started < 1.0  # Forbidden is never retried
     assert info.value.error_detail is not None
     assert info.value.error_detail.name == "Forbidden"
-    assert "Forbidden" in str(info.value)
+    # str() adds the error detail to the official message (README, "Error texts differ")
+    assert info.value.message == "Failed to send message."
+    assert str(info.value) == (
+        "Failed to send message. Forbidden: The client does not have permission to join group 'locked'."
+    )
     assert info.value.ack_id is not None  # the refused ackId, as the official client reports it
 
 
@@ -1345,15 +1371,21 @@ def test_a_refused_send_reports_its_ack_id(hub: Hub) -> None:
 
 
 def test_operations_when_not_connected_raise_send_message_error(hub: Hub) -> None:
-    client = make(hub.url(), message_retry_total=0)
-    with pytest.raises(SendMessageError):
-        client.join_group("g")
-    with pytest.raises(SendMessageError):
-        client.send_to_group("g", "x", WebPubSubDataType.TEXT)
-    with pytest.raises(SendMessageError):
-        client.send_event("e", "x", WebPubSubDataType.TEXT)
-    with pytest.raises(InvokeEventError):
-        client.invoke_event("echo", "x", WebPubSubDataType.TEXT)
+    """Before ``open()`` and after ``close()`` every operation, fire-and-forget sends
+    included, fails at once (the official client retries for about 5.6 s) with
+    ``error_detail.name`` "IllegalState" (README, "Differences to know")."""
+    client = make(hub.url(), message_retry_total=3, message_retry_backoff_factor=1.0)
+    operations = every_operation(client)
+    for when in ("before open", "after close"):
+        for n, operation in enumerate(operations):
+            started = time.monotonic()
+            with pytest.raises(SendMessageError) as info:
+                operation()
+            assert time.monotonic() - started < 1.0, (when, n)
+            assert isinstance(info.value, InvokeEventError) == (n == 6)
+            assert info.value.error_detail is not None and info.value.error_detail.name == "IllegalState", (when, n)
+        client.open()
+        client.close()
 
 
 def test_lost_ack_times_out_then_a_retry_keeps_its_ack_id(hub: Hub) -> None:
@@ -1556,6 +1588,75 @@ def test_unrecoverable_drop_reconnects_and_rejoins_groups(hub: Hub, protocol: We
     assert got.items[0].data == "after"
 
 
+@pytest.mark.parametrize("rejoin", [True, False])
+def test_an_open_after_a_close_rejoins_the_groups(hub: Hub, rejoin: bool) -> None:
+    """``auto_rejoin_groups`` rejoins on an ``open()`` after a ``close()`` too, and only then."""
+
+    def members() -> List[str]:
+        return [c.connection_id for c in hub.service.list_connections(group="g")]
+
+    client = make(hub.url(), auto_rejoin_groups=rejoin)
+    with client:
+        client.join_group("g")
+    with client:
+        if rejoin:
+            wait_until(lambda: client.connection_id in members(), what="the reopened client rejoined")
+        else:
+            client.join_group("other")  # acked after anything sent on open
+            assert client.connection_id not in members()
+
+
+def test_connection_id_is_none_once_the_connection_is_lost(hub: Hub, protocol: WebPubSubProtocolType) -> None:
+    """A ``disconnected`` listener finds ``connection_id`` None and ``is_connected()``
+    False (README: "``connection_id`` is ``None`` once the connection is lost"); the
+    reconnect's URL is held until it has looked, as the first attempt follows at once."""
+    seen = Collector()
+    release = threading.Event()
+    urls: List[str] = []
+
+    def provide() -> str:
+        if urls:
+            assert release.wait(WAIT)
+        urls.append(hub.url())
+        return urls[-1]
+
+    with make(WebPubSubClientCredential(provide), protocol) as client:
+        client.subscribe(CallbackType.DISCONNECTED, lambda _: seen((client.connection_id, client.is_connected())))
+        hub.drop(client.connection_id, recoverable=False)
+        try:
+            assert seen.wait_for(1) == [(None, False)]
+        finally:
+            release.set()
+        wait_until(client.is_connected, what="reconnected")
+
+
+@pytest.mark.parametrize("auto_reconnect", [None, True])
+def test_reconnect_retry_total_0_with_auto_reconnect_makes_one_attempt(hub: Hub, auto_reconnect: Any) -> None:
+    """``reconnect_retry_total=0`` disables reconnecting, unless ``auto_reconnect=True``:
+    then one attempt, whose failure is the ``stop_error``."""
+    calls: List[int] = []
+
+    def provide() -> str:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("no token")
+        return hub.url()
+
+    stopped = Collector()
+    kw = {} if auto_reconnect is None else {"auto_reconnect": auto_reconnect}
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=0, **kw)
+    client.subscribe(CallbackType.STOPPED, lambda: stopped(client.stop_error))
+    client.open()
+    hub.drop(client.connection_id, recoverable=False)
+    (error,) = stopped.wait_for(1)
+    if auto_reconnect:
+        assert len(calls) == 2
+        assert isinstance(error, OpenClientError) and error.status == _native.STATUS_CREDENTIAL_FAILED
+    else:
+        assert len(calls) == 1
+        assert not isinstance(error, OpenClientError) and error.status == _native.STATUS_NOT_CONNECTED
+
+
 def test_close_code_1008_disconnects_then_stops_without_reconnect(hub: Hub) -> None:
     disconnected, stopped = Collector(), Collector()
     client = make(hub.url(), reconnect_retry_total=0)
@@ -1621,6 +1722,7 @@ def test_rejoin_failure_is_reported(hub: Hub) -> None:
     assert isinstance(args, OnRejoinGroupFailedArgs)
     assert args.group == "g"
     assert isinstance(args.error, SendMessageError)
+    assert args.error.message == "Failed to rejoin group."  # the official one says "Failed to send message."
     assert args.error.error_detail is not None and args.error.error_detail.name == "Forbidden"
     # the service's own text, as in a join's error (was prefixed "operation N failed: Forbidden: ")
     assert args.error.error_detail.message == "The client does not have permission to join group 'g'."
