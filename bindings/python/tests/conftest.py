@@ -7,17 +7,19 @@ The emulator is found through ``$WPS_EMULATOR_BIN``, else the repository's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
 import queue
+import socket
 import subprocess
 import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from azure.messaging.webpubsubservice import WebPubSubServiceClient
@@ -296,6 +298,98 @@ class Hub:
 @pytest.fixture
 def hub(emulator: Emulator) -> Hub:
     return Hub(emulator)
+
+
+# ---- a tap between a client and the emulator ------------------------------------------
+
+
+class FrameTap:
+    """A TCP relay to the emulator that records each connection's upgrade request head
+    and the client's text frames (unmasked, with their ``time.monotonic()``); ``url(u)``
+    turns the emulator's client URL ``u`` into one through the tap."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.target = ("127.0.0.1", emulator.port)
+        self.heads: List[bytes] = []
+        self.frames: List[Tuple[float, Dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, emulator_url: str) -> str:
+        return emulator_url.replace(f"127.0.0.1:{self.target[1]}", f"127.0.0.1:{self.port}", 1)
+
+    def sent(self, kind: str) -> List[Tuple[float, Dict[str, Any]]]:
+        """The recorded frames of type ``kind``, in order, with their times."""
+        with self._lock:
+            return [(at, frame) for at, frame in self.frames if frame.get("type") == kind]
+
+    def close(self) -> None:
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        with client, socket.create_connection(self.target) as service:
+            reader = client.makefile("rb")
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = reader.readline()
+                if not line:
+                    return
+                head += line
+            with self._lock:
+                self.heads.append(head)
+            service.sendall(head)
+            threading.Thread(target=self._pump, args=(service, client), daemon=True).start()
+            try:
+                self._frames(reader, service)
+            except (OSError, ValueError):
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    service.shutdown(socket.SHUT_RDWR)
+
+    def _frames(self, reader: Any, service: socket.socket) -> None:
+        """Forwards the client's frames one by one, recording the text ones (unfragmented)."""
+        while True:
+            header = reader.read(2)
+            if len(header) < 2:
+                return
+            length, raw = header[1] & 0x7F, header
+            if length >= 126:
+                extended = reader.read(2 if length == 126 else 8)
+                length, raw = int.from_bytes(extended, "big"), raw + extended
+            mask = reader.read(4) if header[1] & 0x80 else b""
+            payload = reader.read(length)
+            service.sendall(raw + mask + payload)
+            if header[0] & 0x0F == 1:  # text
+                if mask:
+                    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+                with self._lock:
+                    self.frames.append((time.monotonic(), json.loads(payload)))
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def tap(emulator: Emulator) -> Iterator[FrameTap]:
+    relay = FrameTap(emulator)
+    yield relay
+    relay.close()
 
 
 # ---- waiting helpers ---------------------------------------------------------------------

@@ -261,3 +261,61 @@ async def test_an_asyncio_client_through_two_outages(
     assert client.state is WebPubSubClientState.STOPPED
     assert got.items == ["back"]
     no_errors_logged(caplog)
+
+
+def refused_after(send: Any, most: int) -> int:
+    """Calls ``send()`` until it raises (at most ``most`` times); the number of calls it
+    took. The refusal must be NotConnected, and at once."""
+    for n in range(most):
+        started = time.monotonic()
+        try:
+            send()
+        except SendMessageError as exc:
+            assert exc.error_detail is not None and exc.error_detail.name == "NotConnected", exc
+            assert time.monotonic() - started < 1.0
+            return n
+    pytest.fail(f"{most} operations queued without a refusal")
+
+
+def test_a_recovery_queues_16384_operations_or_16_mib_of_fire_and_forget_ones(service: Service) -> None:
+    """While the service is away, a recovering client queues operations until 16,384 are
+    queued or 16 MiB of fire-and-forget messages; new ones then raise NotConnected at
+    once. (The queue may pass a limit by what was on its way when it filled.)"""
+    options = {**FAST, "recovery_timeout": 30.0}
+    many, large = (WebPubSubClient(WebPubSubClientCredential(service.url), **options) for _ in range(2))
+    with many, large:
+        service.emulator.kill()
+        wait_until(lambda: many.state is large.state is WebPubSubClientState.RECOVERING, what="recovering")
+        queued = refused_after(lambda: many.send_to_group("g", "x", TEXT, ack=False), 20_000)
+        assert 16_384 <= queued <= 16_384 + 1024
+        assert refused_after(lambda: many.send_to_group("g", "x", TEXT, ack=False), 1) == 0
+        half_mib = "x" * (1 << 19)  # a frame holds at most 1 MiB
+        queued = refused_after(lambda: large.send_to_group("g", half_mib, TEXT, ack=False), 100)
+        assert 32 <= queued <= 36
+        assert many.state is large.state is WebPubSubClientState.RECOVERING
+
+
+async def test_a_recovery_takes_no_acked_operation_once_999_are_pending(service: Service) -> None:
+    """Acked operations of an asyncio client queue during a recovery until 999 are pending
+    (the 999th is taken); new ones then raise NotConnected at once, those pending wait on."""
+    client = aio.WebPubSubClient(
+        aio.WebPubSubClientCredential(service.url), **{**FAST, "recovery_timeout": 30.0, "ack_timeout": 30.0}
+    )
+    async with client:
+        await asyncio.get_running_loop().run_in_executor(None, service.emulator.kill)
+        await until(lambda: client.state is WebPubSubClientState.RECOVERING, "recovering")
+        pending = [asyncio.create_task(client.send_to_group("g", str(n), TEXT)) for n in range(998)]
+        await asyncio.sleep(0.3)
+        await client.send_to_group("g", "queued", TEXT, ack=False)  # the queue takes more
+        pending.append(asyncio.create_task(client.send_to_group("g", "998", TEXT)))
+        await asyncio.sleep(0.3)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(SendMessageError) as refused:
+            await client.send_to_group("g", "one more", TEXT)
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert refused.value.error_detail is not None and refused.value.error_detail.name == "NotConnected"
+        with pytest.raises(SendMessageError):
+            await client.send_to_group("g", "queued", TEXT, ack=False)
+        assert not any(task.done() for task in pending)
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    assert {e.error_detail.name for e in outcomes} == {"Stopped"}  # type: ignore[union-attr]

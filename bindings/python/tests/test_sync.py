@@ -8,6 +8,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -20,12 +21,14 @@ import weakref
 from typing import Any, Dict, Iterator, List, Set
 
 import pytest
+from azure.core.pipeline.policies import RetryMode as CoreRetryMode
 from conftest import (
     FAST,
     PROTOCOLS,
     WAIT,
     Collector,
     Emulator,
+    FrameTap,
     Hub,
     Upstream,
     assert_keywords_logged,
@@ -51,6 +54,7 @@ from webpubsub_client.models import (
     OnRejoinGroupFailedArgs,
     OnServerDataMessageArgs,
     OpenClientError,
+    RetryMode,
     SendMessageError,
     WebPubSubClientError,
     WebPubSubClientState,
@@ -835,6 +839,38 @@ def test_client_logging_enable_logs_every_outgoing_message(hub: Hub, caplog: Any
     assert "webpubsub_client: leave_group 'g'" in messages, messages
 
 
+def test_client_logging_enable_passes_the_librarys_trace_records(hub: Hub, caplog: Any) -> None:
+    """With the constructor's ``logging_enable=True`` the library's trace-level records
+    (here its keep-alive pings) reach the ``webpubsub_client.native`` logger at level 5,
+    even when that logger is set to it only after ``open()``."""
+    caplog.set_level(logging.WARNING, logger="webpubsub_client.native")
+    with make(hub.url(), logging_enable=True, keep_alive_interval=0.1):
+        caplog.set_level(5, logger="webpubsub_client.native")
+        wait_until(
+            lambda: any(r.levelno == 5 and "keep-alive ping" in r.getMessage() for r in caplog.records),
+            what="a trace record",
+        )
+    trace = [r for r in caplog.records if r.levelno == 5]
+    assert {r.name for r in trace} == {"webpubsub_client.native"}
+    assert {r.levelname for r in trace} == {"Level 5"}
+
+
+def test_user_agent_is_a_prefix_of_the_user_agent_header(hub: Hub, tap: FrameTap) -> None:
+    """``user_agent`` comes first in the User-Agent header of the upgrade request, before
+    the package's own (which is the whole header without it)."""
+    for user_agent in ("my-app/1.0 (test)", None):
+        with make(tap.url(hub.url()), user_agent=user_agent):
+            pass
+    agents = [
+        line.split(b":", 1)[1].strip().decode()
+        for head in tap.heads
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"user-agent:")
+    ]
+    assert agents == [f"my-app/1.0 (test) {_base.DEFAULT_USER_AGENT}", _base.DEFAULT_USER_AGENT]
+    assert _base.DEFAULT_USER_AGENT.startswith("webpubsub-client-python/")
+
+
 def test_unsubscribe_stops_delivery(hub: Hub, caplog: Any) -> None:
     """A listener subscribed twice runs twice per event and ``unsubscribe`` removes one
     registration, as officially; removing an absent one is logged at info level."""
@@ -1353,6 +1389,78 @@ def test_forbidden_join_fails_fast_without_retrying(hub: Hub) -> None:
         "Failed to send message. Forbidden: The client does not have permission to join group 'locked'."
     )
     assert info.value.ack_id is not None  # the refused ackId, as the official client reports it
+
+
+def test_only_an_internal_server_error_is_retried_and_its_retries_keep_the_ack_id(
+    hub: Hub, upstream: Upstream, tap: FrameTap
+) -> None:
+    """An ``InternalServerError`` ack (the upstream fails the event) is retried
+    ``message_retry_total`` times, each attempt with the first one's ackId; ``Forbidden``,
+    ``BadRequest`` and not connected (during a reconnect) are not retried."""
+    while not upstream.events.empty():
+        upstream.events.get_nowait()
+    urls = [tap.url(hub.url(roles=["webpubsub.joinLeaveGroup"]))] * 2
+    reconnecting, release = threading.Event(), threading.Event()
+
+    def provide() -> str:
+        if len(urls) == 1:  # the reconnect's: held until released
+            reconnecting.set()
+            assert release.wait(WAIT)
+        return urls.pop()
+
+    credential = WebPubSubClientCredential(provide)
+    with make(credential, WebPubSubProtocolType.JSON, message_retry_total=2) as client:
+        with pytest.raises(SendMessageError) as failed:
+            client.send_event("fail", "x", WebPubSubDataType.TEXT)
+        with pytest.raises(SendMessageError) as forbidden:
+            client.send_to_group("g", "x", WebPubSubDataType.TEXT)
+        with pytest.raises(SendMessageError) as bad:
+            client.join_group("a\nb")  # the service refuses a line feed inside a group name
+        hub.drop(client.connection_id)
+        assert reconnecting.wait(WAIT)
+        with pytest.raises(SendMessageError) as not_connected:
+            client.send_event("e", "x", WebPubSubDataType.TEXT)
+        release.set()
+        wait_until(lambda: client.state is WebPubSubClientState.CONNECTED, what="the new connection")
+        client.send_event("marker", "x", WebPubSubDataType.TEXT)
+    names = [e.value.error_detail.name for e in (failed, forbidden, bad, not_connected)]  # type: ignore[union-attr]
+    assert names == ["InternalServerError", "Forbidden", "BadRequest", "NotConnected"]
+    assert [upstream.next_event()["event"] for _ in range(4)] == ["fail"] * 3 + ["marker"]
+    events = [(frame["event"], frame["ackId"]) for _, frame in tap.sent("event")]
+    marker = events[-1][1]
+    assert events == [("fail", failed.value.ack_id)] * 3 + [("marker", marker)]
+    assert [frame["ackId"] for _, frame in tap.sent("sendToGroup")] == [forbidden.value.ack_id]
+    assert [frame["ackId"] for _, frame in tap.sent("joinGroup")] == [bad.value.ack_id]
+    assert len(tap.heads) == 2
+
+
+@pytest.mark.parametrize(
+    "mode, fixed",
+    [(RetryMode.Fixed, True), (CoreRetryMode.Fixed, True), (CoreRetryMode.Exponential, False)],
+    ids=["fixed", "azure-core-fixed", "azure-core-exponential"],
+)
+def test_message_retry_mode_fixed_waits_the_same_before_each_retry(
+    hub: Hub, tap: FrameTap, mode: Any, fixed: bool
+) -> None:
+    """Retries 0.4 s apart with ``RetryMode.Fixed`` (azure.core's too): the last delay
+    under 1.2 s, where that of ``Exponential`` (0.4, 0.8, 1.6 s) is 1.6 s."""
+    with make(
+        tap.url(hub.url()),
+        message_retry_total=3,
+        message_retry_backoff_factor=0.4,
+        message_retry_backoff_max=10.0,
+        message_retry_mode=mode,
+    ) as client:
+        with pytest.raises(SendMessageError):
+            client.send_event("fail", "x", WebPubSubDataType.TEXT)
+    times = [at for at, _ in tap.sent("event")]
+    assert len(times) == 4
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) > 0.3, gaps
+    if fixed:
+        assert gaps[2] < 1.2, gaps
+    else:
+        assert gaps[2] > 1.2 and gaps[1] > 0.6, gaps
 
 
 def test_a_refused_send_reports_its_ack_id(hub: Hub) -> None:
