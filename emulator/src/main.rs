@@ -20,18 +20,20 @@ struct Args {
     /// Port to listen on (0: the OS picks one).
     #[arg(long, default_value_t = 0)]
     port: u16,
-    /// Access key signing tokens (default: random).
+    /// Access key signing tokens (default: random): non-empty, without ';' or control
+    /// characters, as it goes into the connection string.
     #[arg(long)]
     access_key: Option<String>,
-    /// URL receiving user events and invocations as CloudEvents.
+    /// http:// URL receiving user events and invocations as CloudEvents (checked at
+    /// start; it need not be reachable yet).
     #[arg(long)]
     upstream: Option<String>,
     /// System events posted to the upstream: a comma-separated list of connect,
     /// connected and disconnected (empty: none).
     #[arg(long, value_name = "EVENTS", default_value = "connected,disconnected")]
     upstream_system_events: SystemEvents,
-    /// Fault injection: abruptly drop every client socket every N ms.
-    #[arg(long, value_name = "N")]
+    /// Fault injection: abruptly drop every client socket every N ms (at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     fault_drop_every_ms: Option<u64>,
     /// Largest WebSocket message accepted from a client, and largest upstream reply body read, in bytes.
     #[arg(long, value_name = "N", default_value_t = 1024 * 1024)]
@@ -98,20 +100,9 @@ fn terminated() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: not in a log file or a pipe.
-        .with_ansi(std::io::stderr().is_terminal())
-        // A log nobody reads (a closed pipe) is lost, instead of a panic on reporting it.
-        .log_internal_errors(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let config = Config {
+/// The library configuration the flags ask for.
+fn config(args: Args) -> Config {
+    Config {
         host: args.host,
         port: args.port,
         access_key: args.access_key,
@@ -134,7 +125,23 @@ fn main() -> ExitCode {
             _ => None,
         },
         ..Config::default()
-    };
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: not in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log nobody reads (a closed pipe) is lost, instead of a panic on reporting it.
+        .log_internal_errors(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = config(args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -170,4 +177,15 @@ fn main() -> ExitCode {
         emulator.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_default_to_the_library_defaults() {
+        let flags = config(Args::parse_from(["webpubsub-emulator"]));
+        assert_eq!(format!("{flags:?}"), format!("{:?}", Config::default()));
+    }
 }

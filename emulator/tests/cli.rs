@@ -1,6 +1,7 @@
-//! The binary: connection string first on stdout, clean exit on SIGTERM and SIGINT, a
-//! plain log on a pipe (or none: a closed one), bad flags, a busy port, a log that does
-//! not flood while out of file descriptors.
+//! The binary: connection string first on stdout, clean exit on SIGTERM and SIGINT, an
+//! abrupt one on SIGHUP, a plain log on a pipe (or none: a closed one), exit codes of bad
+//! flags and failed starts, a busy port, a log that does not flood while out of file
+//! descriptors.
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -39,30 +40,21 @@ fn prints_the_connection_string_and_stops_on_sigterm() {
     assert!(!log.contains('\x1b'), "{log:?}");
 }
 
-#[test]
-fn bad_flags_fail_with_a_message() {
-    let out = Command::new(BIN)
-        .args(["--port", "notaport"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--port"));
-    let out = Command::new(BIN)
-        .args(["--tls-cert", "/nonexistent.pem"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "--tls-cert needs --tls-key");
-    let out = Command::new(BIN)
-        .args([
-            "--tls-cert",
-            "/nonexistent.pem",
-            "--tls-key",
-            "/nonexistent.pem",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
+#[tokio::test]
+async fn sighup_ends_it_at_once_without_close_frames() {
+    use std::os::unix::process::ExitStatusExt;
+    let (mut binary, port) = spawn_binary("k3y", &[]);
+    let token = webpubsub_emulator::auth::sign_client_token(
+        "k3y",
+        &format!("http://127.0.0.1:{port}/client/hubs/h"),
+        &webpubsub_emulator::TokenOptions::default(),
+    );
+    let url = format!("ws://127.0.0.1:{port}/client/hubs/h?access_token={token}");
+    let (mut ws, _) = common::connect_json(&url, common::RELIABLE).await;
+    signal(&binary.0, "-HUP");
+    ws.expect_abrupt_end().await;
+    let status = exit_within(&mut binary.0, "SIGHUP");
+    assert_eq!(status.signal(), Some(1), "{status:?}");
 }
 
 #[test]
@@ -153,8 +145,9 @@ fn signal(child: &Child, name: &str) {
     assert!(sent.success());
 }
 
-/// Runs the binary with `args`, which must make it fail at once: returns its stderr.
-fn fails_at_once(args: &[&str]) -> String {
+/// Runs the binary with `args`, which must make it fail at once with exit code `code`
+/// (2: a bad flag, 1: a start that fails): returns its stderr.
+fn fails_at_once(args: &[&str], code: i32) -> String {
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
@@ -166,7 +159,7 @@ fn fails_at_once(args: &[&str]) -> String {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "{args:?}: {status:?}");
+    assert_eq!(status.code(), Some(code), "{args:?}: {err}");
     assert!(out.is_empty(), "{args:?} printed {out:?}");
     assert!(!err.contains("panicked"), "{args:?}: {err}");
     err
@@ -174,19 +167,47 @@ fn fails_at_once(args: &[&str]) -> String {
 
 #[test]
 fn unusable_values_fail_at_once_naming_what_is_wrong() {
-    for (args, expected) in [
-        (&["--http-timeout-ms", "0"][..], "--http-timeout-ms"),
-        (&["--read-buffer-bytes", "16777217"], "--read-buffer-bytes"),
-        (&["--access-key", ""], "access key"),
-        (&["--access-key", "a;b"], "access key"),
-        (&["--access-key", "a\nb"], "access key"),
-        (&["--upstream", "not a url"], "upstream URL"),
-        (&["--upstream", "https://127.0.0.1/"], "upstream URL"),
-        (&["--upstream", "ftp://127.0.0.1/"], "upstream URL"),
+    for (args, expected, code) in [
+        (&["--port", "notaport"][..], "--port", 2),
+        (&["--port", "65536"], "--port", 2),
+        (&["--http-timeout-ms", "0"], "--http-timeout-ms", 2),
+        (&["--fault-drop-every-ms", "0"], "--fault-drop-every-ms", 2),
+        (&["--read-buffer-bytes", "1023"], "--read-buffer-bytes", 2),
+        (
+            &["--read-buffer-bytes", "16777217"],
+            "--read-buffer-bytes",
+            2,
+        ),
+        (
+            &["--upstream-system-events", "connects"],
+            "--upstream-system-events",
+            2,
+        ),
+        (&["--tls-cert", "/nonexistent.pem"], "--tls-key", 2),
+        (&["--nope"], "--nope", 2),
+        (&["--access-key", ""], "access key", 1),
+        (&["--access-key", "a;b"], "access key", 1),
+        (&["--access-key", "a\nb"], "access key", 1),
+        (&["--upstream", "not a url"], "upstream URL", 1),
+        (&["--upstream", "https://127.0.0.1/"], "upstream URL", 1),
+        (&["--upstream", "ftp://127.0.0.1/"], "upstream URL", 1),
+        (&["--host", "256.0.0.1"], "256.0.0.1", 1),
+        (
+            &[
+                "--tls-cert",
+                "/nonexistent.pem",
+                "--tls-key",
+                "/nonexistent.pem",
+            ],
+            "certificate",
+            1,
+        ),
     ] {
-        let err = fails_at_once(args);
-        let first = err.lines().next().unwrap_or_default();
-        assert!(first.contains(expected), "{args:?}: {err}");
+        let err = fails_at_once(args, code);
+        if code == 1 {
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        }
+        assert!(err.contains(expected), "{args:?}: {err}");
     }
 }
 
@@ -194,7 +215,7 @@ fn unusable_values_fail_at_once_naming_what_is_wrong() {
 fn a_busy_port_fails_naming_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let err = fails_at_once(&["--port", &port]);
+    let err = fails_at_once(&["--port", &port], 1);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
 }

@@ -605,3 +605,122 @@ async fn pongs_to_a_peer_that_pings_and_never_reads_take_bounded_memory() {
     let grown = resident_kib(pid).saturating_sub(before);
     assert!(grown < 12 << 10, "{grown} KiB more resident");
 }
+
+/// `POST` `body` (JSON) to the REST `path` of `emu`.
+async fn rest_json(emu: &Emulator, path: &str, body: serde_json::Value) -> reqwest::Response {
+    let url = format!("{}{path}", emu.endpoint());
+    reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(rest_token(emu, &url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn by_default_a_connection_joins_10000_groups_and_other_ways_in_skip_it() {
+    let emu = start().await;
+    let (mut a, c) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let id = c["connectionId"].as_str().unwrap();
+    let groups: Vec<String> = (0..10_000).map(|i| format!("g{i}")).collect();
+    let added = rest_json(
+        &emu,
+        "/api/hubs/h/:addToGroups",
+        json!({ "groups": groups }),
+    )
+    .await;
+    assert_eq!(added.status(), 200);
+    let head = |path: &'static str| rest(&emu, reqwest::Method::HEAD, path);
+    assert_eq!(head("/api/hubs/h/groups/g9999").await.status(), 200);
+    // :addToGroups and a user's groups skip it; a join is refused.
+    let more = rest_json(&emu, "/api/hubs/h/:addToGroups", json!({"groups": ["x"]})).await;
+    assert_eq!(more.status(), 200);
+    assert_eq!(head("/api/hubs/h/groups/x").await.status(), 404);
+    let put = rest(&emu, reqwest::Method::PUT, "/api/hubs/h/users/a/groups/y").await;
+    assert_eq!(put.status(), 200);
+    assert_eq!(head("/api/hubs/h/groups/y").await.status(), 404);
+    let ack = a.join("z", 1).await;
+    assert_ack_error(&ack, "BadRequest");
+    assert!(
+        ack["error"]["message"].as_str().unwrap().contains("10000"),
+        "{ack}"
+    );
+    let put = format!("/api/hubs/h/groups/z/connections/{id}");
+    assert_eq!(rest(&emu, reqwest::Method::PUT, &put).await.status(), 400);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn by_default_a_client_message_or_rest_body_of_1_mib_is_taken_and_no_more() {
+    let emu = start().await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let frame = |len: usize| {
+        let head = r#"{"type":"event","event":"e","ackId":1,"dataType":"text","data":""#;
+        let tail = r#""}"#;
+        format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+    };
+    a.send_text(&frame(1 << 20)).await;
+    assert_ack_ok(&a.next_json().await);
+    a.send_text(&frame((1 << 20) + 1)).await;
+    assert_eq!(a.expect_close().await.0, 1009);
+    let url = format!("{}/api/hubs/h/:send", emu.endpoint());
+    let send = |len: usize| {
+        reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(rest_token(&emu, &url))
+            .header("content-type", "text/plain")
+            .body(vec![b'x'; len])
+            .send()
+    };
+    assert_eq!(send(1 << 20).await.unwrap().status(), 202);
+    assert_eq!(send((1 << 20) + 1).await.unwrap().status(), 413);
+    emu.shutdown().await;
+}
+
+/// A reliable subscriber that acknowledges nothing: what it gets of `count` messages of
+/// `len` bytes of data before the overflow closes it with 1008.
+async fn received_before_overflow(emu: &Emulator, count: usize, len: usize) -> Vec<String> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut publisher, _) = connect_json(&emu.client_url("h", &all_roles("p")), JSON).await;
+    let (mut b, _) = connect_json(&emu.client_url("h", &all_roles("b")), RELIABLE).await;
+    assert_ack_ok(&b.join("g", 1).await);
+    let message =
+        json!({"type":"sendToGroup","group":"g","dataType":"text","data":"x".repeat(len)});
+    for _ in 0..count {
+        publisher
+            .inner
+            .feed(Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+    publisher.inner.flush().await.unwrap();
+    let mut received = Vec::new();
+    loop {
+        match b.next_message().await {
+            Message::Text(t) if t.contains(r#""type":"message""#) => received.push(t.to_string()),
+            Message::Text(t) => {
+                assert!(t.contains("overflowed"), "{t}");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(b.expect_close().await.0, 1008);
+    received
+}
+
+#[tokio::test]
+async fn by_default_the_reliable_buffer_keeps_1000_messages_and_16_mib() {
+    let emu = start().await;
+    assert_eq!(received_before_overflow(&emu, 1001, 1).await.len(), 1000);
+    let received = received_before_overflow(&emu, 1000, 20_000).await;
+    let kept: usize = received.iter().map(String::len).sum();
+    let next = received.last().unwrap().len();
+    assert!(
+        kept <= 16 << 20 && kept + next > 16 << 20,
+        "{kept} bytes kept"
+    );
+    emu.shutdown().await;
+}

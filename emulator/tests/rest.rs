@@ -1201,3 +1201,25 @@ async fn an_encoded_slash_in_the_audience_is_not_a_path_separator() {
     assert_eq!(code, 202, "{body}");
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn hub_names_are_case_insensitive() {
+    let emu = start().await;
+    let (mut a, c) = connect_json(&emu.client_url("chat", &all_roles("a")), JSON).await;
+    let a_id = c["connectionId"].as_str().unwrap().to_owned();
+    let (mut b, _) = connect_json(&emu.client_url("CHAT", &all_roles("b")), JSON).await;
+    assert_ack_ok(&b.join("g", 1).await);
+    let send = json!({"type":"sendToGroup","group":"g","dataType":"text","data":"hi","ackId":2});
+    assert_ack_ok(&a.call(send).await);
+    assert_eq!(b.next_json().await["data"], "hi");
+    let head = format!("Chat/connections/{a_id}");
+    assert_eq!(call(&emu, Method::HEAD, &head, None).await.0, 200);
+    assert_eq!(
+        call(&emu, Method::POST, "cHaT/groups/g/:send", text("rest"))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(server_msg(&b.next_json().await).1, "rest");
+    emu.shutdown().await;
+}
