@@ -40,17 +40,23 @@ fn prints_the_connection_string_and_stops_on_sigterm() {
     assert!(!log.contains('\x1b'), "{log:?}");
 }
 
-#[tokio::test]
-async fn sighup_ends_it_at_once_without_close_frames() {
-    use std::os::unix::process::ExitStatusExt;
-    let (mut binary, port) = spawn_binary("k3y", &[]);
+/// The binary (access key "k3y") with a reliable client connected to hub "h".
+async fn binary_with_a_client() -> (Binary, common::Ws) {
+    let (binary, port) = spawn_binary("k3y", &[]);
     let token = webpubsub_emulator::auth::sign_client_token(
         "k3y",
         &format!("http://127.0.0.1:{port}/client/hubs/h"),
         &webpubsub_emulator::TokenOptions::default(),
     );
     let url = format!("ws://127.0.0.1:{port}/client/hubs/h?access_token={token}");
-    let (mut ws, _) = common::connect_json(&url, common::RELIABLE).await;
+    let (ws, _) = common::connect_json(&url, common::RELIABLE).await;
+    (binary, ws)
+}
+
+#[tokio::test]
+async fn sighup_ends_it_at_once_without_close_frames() {
+    use std::os::unix::process::ExitStatusExt;
+    let (mut binary, mut ws) = binary_with_a_client().await;
     signal(&binary.0, "-HUP");
     ws.expect_abrupt_end().await;
     let status = exit_within(&mut binary.0, "SIGHUP");
@@ -243,14 +249,7 @@ fn a_closed_log_pipe_does_not_stop_it() {
 
 #[tokio::test]
 async fn sigint_closes_clients_with_1001_and_exits_0() {
-    let (mut binary, port) = spawn_binary("k3y", &[]);
-    let token = webpubsub_emulator::auth::sign_client_token(
-        "k3y",
-        &format!("http://127.0.0.1:{port}/client/hubs/h"),
-        &webpubsub_emulator::TokenOptions::default(),
-    );
-    let url = format!("ws://127.0.0.1:{port}/client/hubs/h?access_token={token}");
-    let (mut ws, _) = common::connect_json(&url, common::RELIABLE).await;
+    let (mut binary, mut ws) = binary_with_a_client().await;
     signal(&binary.0, "-INT");
     assert_eq!(ws.expect_close().await.0, 1001);
     let status = exit_within(&mut binary.0, "SIGINT");
