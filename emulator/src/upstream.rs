@@ -345,7 +345,8 @@ pub(crate) fn connect_body(
 
 impl Upstream {
     /// A client for `url` (an `http://` URL: there is no TLS client) with a per-request
-    /// timeout, reading reply bodies of at most `max_reply_bytes`.
+    /// timeout, reading reply bodies of at most `max_reply_bytes`. It follows no
+    /// redirect: a 3xx reply is a failure.
     pub(crate) fn new(
         url: &str,
         timeout: Duration,
@@ -358,6 +359,7 @@ impl Upstream {
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
         Ok(Upstream {

@@ -304,7 +304,11 @@ async fn events_and_invokes_without_upstream() {
     assert_eq!(r["type"], "invokeResponse");
     assert_eq!(r["invocationId"], "i1");
     assert_eq!(r["success"], false);
-    assert!(r["error"]["message"].as_str().unwrap().contains("upstream"));
+    assert_eq!(r["error"]["name"], "BadRequest");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("No upstream server is configured"));
     a.send_json(json!({"type":"cancelInvocation","invocationId":"i1"}))
         .await;
     a.send_json(json!({"type":"ping"})).await;

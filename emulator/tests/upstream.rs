@@ -277,6 +277,8 @@ async fn simple_client_frames_become_message_events() {
     let seen = next_seen(&mut up).await;
     assert_eq!(seen.h("ce-type"), "azure.webpubsub.user.message");
     assert_eq!(&seen.body[..], b"raw text");
+    // A connection without a user: no ce-userId.
+    assert!(seen.headers.get("ce-userId").is_none(), "{seen:?}");
     futures_util::SinkExt::send(&mut s.inner, Message::Binary(vec![7u8].into()))
         .await
         .unwrap();
@@ -565,6 +567,32 @@ async fn scripted(
     Scripted { url, seen, task }
 }
 
+/// An upstream that answers `connect` with `reply` and every other event with 204.
+async fn scripted_connect(
+    reply: impl Fn(&Seen) -> axum::response::Response + Clone + Send + Sync + 'static,
+) -> Scripted {
+    scripted(move |seen| {
+        if seen.h("ce-type") != "azure.webpubsub.sys.connect" {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        reply(seen)
+    })
+    .await
+}
+
+/// An emulator posting to `up`, and a JSON client of user "u" whose `connected` event
+/// `up` has seen.
+async fn connected_through(up: &mut Scripted) -> (webpubsub_emulator::Emulator, Ws) {
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    let (a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    up.next_of("sys.connected").await;
+    (emu, a)
+}
+
 /// Every system event, `connect` included.
 fn all_system_events() -> SystemEvents {
     "connect,connected,disconnected".parse().unwrap()
@@ -580,11 +608,11 @@ async fn emulator_asking(url: &str) -> Emulator {
     .await
 }
 
-/// Sends "hi" to a group the client is in, with ackId 1; returns the message it gets
+/// Sends "hi" to a group the client is in, with that ackId; returns the message it gets
 /// back (it may come before the ack or after it).
-async fn publish_to_own_group(ws: &mut Ws, group: &str) -> serde_json::Value {
+async fn publish_to_own_group(ws: &mut Ws, group: &str, ack_id: u64) -> serde_json::Value {
     ws.send_json(
-        json!({"type":"sendToGroup","group":group,"ackId":1,"dataType":"text","data":"hi"}),
+        json!({"type":"sendToGroup","group":group,"ackId":ack_id,"dataType":"text","data":"hi"}),
     )
     .await;
     let (mut message, mut acked) = (None, false);
@@ -651,7 +679,7 @@ async fn connect_is_posted_before_the_handshake_and_204_accepts_as_is() {
     let event = up.next_of("sys.connected").await;
     assert_eq!(event.h("ce-connectionId"), id);
     // The token's groups are joined as without `connect`.
-    let message = publish_to_own_group(&mut a, "token-group").await;
+    let message = publish_to_own_group(&mut a, "token-group", 1).await;
     assert_eq!(message["data"], "hi");
     a.close().await;
     up.next_of("sys.disconnected").await;
@@ -661,10 +689,7 @@ async fn connect_is_posted_before_the_handshake_and_204_accepts_as_is() {
 
 #[tokio::test]
 async fn a_200_connect_reply_sets_user_groups_roles_and_subprotocol() {
-    let mut up = scripted(|seen| {
-        if seen.h("ce-type") != "azure.webpubsub.sys.connect" {
-            return StatusCode::NO_CONTENT.into_response();
-        }
+    let mut up = scripted_connect(|_seen| {
         axum::Json(json!({
             "userId": "bob",
             "groups": ["room"],
@@ -695,7 +720,7 @@ async fn a_200_connect_reply_sets_user_groups_roles_and_subprotocol() {
     assert_eq!(connect.json()["subprotocols"], json!([JSON, RELIABLE]));
     assert_eq!(up.next_of("sys.connected").await.h("ce-userId"), "bob");
     // In group "room" and allowed to send to it, but not to join or leave groups.
-    let message = publish_to_own_group(&mut a, "room").await;
+    let message = publish_to_own_group(&mut a, "room", 1).await;
     assert_eq!(
         (message["group"].as_str(), message["fromUserId"].as_str()),
         (Some("room"), Some("bob")),
@@ -708,20 +733,15 @@ async fn a_200_connect_reply_sets_user_groups_roles_and_subprotocol() {
 
 #[tokio::test]
 async fn a_refused_connect_refuses_the_handshake_and_sends_nothing_more() {
-    let mut up = scripted(|seen| {
-        if seen.h("ce-type") != "azure.webpubsub.sys.connect" {
-            return StatusCode::NO_CONTENT.into_response();
-        }
-        match seen.h("ce-userId") {
-            "u400" => (StatusCode::BAD_REQUEST, "bad user").into_response(),
-            "u401" => (StatusCode::UNAUTHORIZED, "who are you?").into_response(),
-            "u403" => (StatusCode::FORBIDDEN, "not you").into_response(),
-            "u500" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
-            "u503" => (StatusCode::SERVICE_UNAVAILABLE, "later").into_response(),
-            "bad-json" => ([("content-type", "application/json")], "{").into_response(),
-            "bad-protocol" => axum::Json(json!({"subprotocol": "other"})).into_response(),
-            _ => StatusCode::NO_CONTENT.into_response(),
-        }
+    let mut up = scripted_connect(|seen| match seen.h("ce-userId") {
+        "u400" => (StatusCode::BAD_REQUEST, "bad user").into_response(),
+        "u401" => (StatusCode::UNAUTHORIZED, "who are you?").into_response(),
+        "u403" => (StatusCode::FORBIDDEN, "not you").into_response(),
+        "u500" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        "u503" => (StatusCode::SERVICE_UNAVAILABLE, "later").into_response(),
+        "bad-json" => ([("content-type", "application/json")], "{").into_response(),
+        "bad-protocol" => axum::Json(json!({"subprotocol": "other"})).into_response(),
+        _ => StatusCode::NO_CONTENT.into_response(),
     })
     .await;
     let emu = emulator_asking(&up.url).await;
@@ -781,6 +801,32 @@ async fn a_silent_or_unreachable_upstream_refuses_the_handshake_with_500() {
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("upstream request failed"), "{body}");
     emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_upstream_fails_a_user_event_at_the_timeout() {
+    let (url, silent) = silent_upstream().await;
+    let emu = start_with(Config {
+        upstream: Some(url),
+        upstream_timeout: std::time::Duration::from_millis(300),
+        ..Config::default()
+    })
+    .await;
+    let (mut a, _) = connect_json(&emu.client_url("h", &all_roles("u")), JSON).await;
+    let ack = a
+        .call(json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"}))
+        .await;
+    assert_ack_error(&ack, "InternalServerError");
+    a.send_json(json!({"type":"invoke","invocationId":"i","event":"e"}))
+        .await;
+    let r = a.next_json().await;
+    assert_eq!(
+        (r["success"].as_bool(), r["error"]["name"].as_str()),
+        (Some(false), Some("InternalServerError")),
+        "{r}"
+    );
+    emu.shutdown().await;
+    silent.abort();
 }
 
 #[tokio::test]
@@ -940,10 +986,7 @@ async fn a_connection_state_over_4096_bytes_fails_the_reply_and_changes_nothing(
     up.task.abort();
 
     // Set by a connect reply, it refuses the handshake.
-    let mut up = scripted(|seen| {
-        if seen.h("ce-type") != "azure.webpubsub.sys.connect" {
-            return StatusCode::NO_CONTENT.into_response();
-        }
+    let mut up = scripted_connect(|_seen| {
         (
             [("ce-connectionState", "x".repeat(4097))],
             StatusCode::NO_CONTENT,
@@ -1235,6 +1278,275 @@ async fn a_failed_message_event_drops_the_simple_client() {
         told["reason"].as_str().unwrap().starts_with(&reason),
         "{told}"
     );
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn every_request_carries_its_source_signature_and_event_name() {
+    use hmac::Mac;
+    let mut up = scripted(|_| StatusCode::NO_CONTENT.into_response()).await;
+    let emu = emulator_asking(&up.url).await;
+    let (mut a, connected) = connect_json(&emu.client_url("Chat", &all_roles("u")), JSON).await;
+    let id = connected["connectionId"].as_str().unwrap().to_owned();
+    let event = json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"});
+    assert_ack_ok(&a.call(event).await);
+    a.close().await;
+    // The signature an upstream checks: hex HMAC-SHA256 of the connection id by the key.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(emu.access_key().as_bytes()).unwrap();
+    mac.update(id.as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for (ce_type, name) in [
+        ("sys.connect", "connect"),
+        ("sys.connected", "connected"),
+        ("user.e", "e"),
+        ("sys.disconnected", "disconnected"),
+    ] {
+        let seen = up.next_of(ce_type).await;
+        assert_eq!(seen.h("ce-eventName"), name);
+        assert_eq!(seen.h("ce-specversion"), "1.0");
+        assert_eq!(seen.h("ce-awpsversion"), "1.0");
+        assert_eq!(seen.h("ce-source"), format!("/hubs/Chat/client/{id}"));
+        assert_eq!(seen.h("ce-signature"), format!("sha256={hex}"), "{name}");
+        assert!(
+            ids.insert(seen.h("ce-id").to_owned()),
+            "{name}: ce-id reused"
+        );
+        if name == "connected" {
+            assert!(seen.h("content-type").starts_with("application/json"));
+            assert_eq!(seen.json(), json!({}));
+        }
+    }
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn a_redirecting_upstream_fails_like_any_other_error() {
+    let mut elsewhere = scripted(|_| {
+        (
+            [("content-type", "application/json")],
+            r#"{"userId":"moved"}"#,
+        )
+            .into_response()
+    })
+    .await;
+    let location = elsewhere.url.clone();
+    let mut up = scripted(move |seen| match seen.h("ce-type") {
+        "azure.webpubsub.sys.connect" | "azure.webpubsub.user.e" => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [("location", location.clone())],
+        )
+            .into_response(),
+        _ => StatusCode::NO_CONTENT.into_response(),
+    })
+    .await;
+    let (emu, mut a) = connected_through(&mut up).await;
+    let ack = a
+        .call(json!({"type":"event","event":"e","ackId":1,"dataType":"text","data":"x"}))
+        .await;
+    assert_ack_error(&ack, "InternalServerError");
+    assert!(
+        ack["error"]["message"].as_str().unwrap().contains("307"),
+        "{ack}"
+    );
+    up.next_of("user.e").await;
+    emu.shutdown().await;
+
+    let emu = emulator_asking(&up.url).await;
+    let (status, body) = refused(&emu.client_url("h", &all_roles("u")), JSON).await;
+    assert_eq!(status, 500, "{body}");
+    up.next_of("sys.connect").await;
+    // Nothing was posted where the replies pointed.
+    assert!(elsewhere.seen.try_recv().is_err());
+    emu.shutdown().await;
+    up.task.abort();
+    elsewhere.task.abort();
+}
+
+#[tokio::test]
+async fn a_connect_reply_adds_to_the_token_and_ignores_empty_fields() {
+    let mut up = scripted_connect(|seen| match seen.h("ce-userId") {
+        "empty-200" => StatusCode::OK.into_response(),
+        _ => axum::Json(json!({
+            "userId": "",
+            "subprotocol": "",
+            "groups": ["from-reply"],
+            "roles": ["webpubsub.sendToGroup"],
+        }))
+        .into_response(),
+    })
+    .await;
+    let emu = emulator_asking(&up.url).await;
+    // 200 with an empty body: accepted as it is.
+    let (_e, connected) = connect_json(&emu.client_url("h", &all_roles("empty-200")), JSON).await;
+    assert_eq!(connected["userId"], "empty-200");
+    up.next_of("sys.connect").await;
+    up.next_of("sys.connected").await;
+    // The token's user, group and role stay; the reply's group and role come besides.
+    let url = emu.client_url(
+        "h",
+        &TokenOptions {
+            user_id: Some("alice".into()),
+            roles: vec!["webpubsub.joinLeaveGroup".into()],
+            groups: vec!["from-token".into()],
+            ..Default::default()
+        },
+    );
+    let (mut a, connected) = connect_json(&url, RELIABLE).await;
+    assert_eq!(connected["userId"], "alice");
+    assert_eq!(a.protocol.as_deref(), Some(RELIABLE));
+    for (group, ack_id) in [("from-token", 1), ("from-reply", 3)] {
+        let message = publish_to_own_group(&mut a, group, ack_id).await;
+        assert_eq!(message["group"], group, "{message}");
+    }
+    assert_ack_ok(&a.join("other", 2).await);
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn events_of_one_socket_are_posted_in_order() {
+    let mut up = scripted(|_| StatusCode::NO_CONTENT.into_response()).await;
+    let (emu, mut a) = connected_through(&mut up).await;
+    for n in 0..50 {
+        let frame = json!({"type":"event","event":"e","dataType":"text","data":n.to_string()});
+        futures_util::SinkExt::feed(&mut a.inner, Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+    futures_util::SinkExt::flush(&mut a.inner).await.unwrap();
+    for n in 0..50 {
+        assert_eq!(up.next_of("user.e").await.body, n.to_string());
+    }
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+#[tokio::test]
+async fn a_simple_client_gets_the_reply_as_text_or_binary_by_its_content_type() {
+    let up = scripted(|seen| {
+        let content_type = std::str::from_utf8(&seen.body).unwrap().to_owned();
+        ([("content-type", content_type)], "{\"a\":1}").into_response()
+    })
+    .await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    let mut s = connect(&emu.client_url("h", &all_roles("u")), None).await;
+    for (content_type, text) in [
+        ("application/json", true),
+        ("text/plain; charset=utf-8", true),
+        ("application/octet-stream", false),
+        ("application/xml", false),
+    ] {
+        s.send_text(content_type).await;
+        let expected = if text {
+            Message::Text("{\"a\":1}".into())
+        } else {
+            Message::Binary(b"{\"a\":1}".to_vec().into())
+        };
+        assert_eq!(s.next_message().await, expected, "{content_type}");
+    }
+    emu.shutdown().await;
+    up.task.abort();
+}
+
+/// Answers a user event by its body: `set:X` sets the state X, `twice` sends two state
+/// headers, `bytes` a state that is not ASCII, anything else echoes the state it got;
+/// `connected` and `disconnected` with a state of their own, which must be ignored.
+async fn state_edges_upstream() -> Scripted {
+    use axum::http::HeaderValue;
+    scripted(|seen| {
+        let ce_type = seen.h("ce-type");
+        let mut response = if ce_type.starts_with("azure.webpubsub.user.") {
+            (
+                [("content-type", "text/plain")],
+                seen.h("ce-connectionState").to_owned(),
+            )
+                .into_response()
+        } else {
+            StatusCode::NO_CONTENT.into_response()
+        };
+        let headers = response.headers_mut();
+        let body = std::str::from_utf8(&seen.body).unwrap_or_default();
+        if ce_type == "azure.webpubsub.sys.connected"
+            || ce_type == "azure.webpubsub.sys.disconnected"
+        {
+            headers.insert(
+                "ce-connectionState",
+                HeaderValue::from_static("from-system"),
+            );
+        } else if let Some(state) = body.strip_prefix("set:") {
+            headers.insert("ce-connectionState", HeaderValue::from_str(state).unwrap());
+        } else if body == "twice" {
+            headers.append("ce-connectionState", HeaderValue::from_static("one"));
+            headers.append("ce-connectionState", HeaderValue::from_static("two"));
+        } else if body == "bytes" {
+            let value = HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap();
+            headers.insert("ce-connectionState", value);
+        }
+        response
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_connection_state_survives_recovery_and_refuses_bad_headers() {
+    let mut up = state_edges_upstream().await;
+    let emu = emulator_asking(&up.url).await;
+    let url = emu.client_url("h", &all_roles("u"));
+    let (mut a, connected) = connect_json(&url, RELIABLE).await;
+    let id = connected["connectionId"].as_str().unwrap();
+    up.next_of("sys.connect").await;
+    up.next_of("sys.connected").await;
+    let event = |data: &str, ack_id: u64| json!({"type":"event","event":"e","ackId":ack_id,"dataType":"text","data":data});
+    assert_ack_ok(&a.call(event("set:s1", 1)).await);
+    // The state `connected`'s reply gave was ignored.
+    assert_eq!(up.next_of("user.e").await.h("ce-connectionState"), "");
+    // More than one header, or one not printable ASCII: the reply fails, the state stays.
+    for (data, says, ack_id) in [
+        ("twice", "more than one", 2),
+        ("bytes", "not printable ASCII", 3),
+    ] {
+        let ack = a.call(event(data, ack_id)).await;
+        assert_ack_error(&ack, "InternalServerError");
+        assert!(
+            ack["error"]["message"].as_str().unwrap().contains(says),
+            "{ack}"
+        );
+        up.next().await;
+    }
+    // The state survives a recovery, which posts no `connect`.
+    fault(&emu, "h", id, ":drop").await;
+    a.expect_abrupt_end().await;
+    let recovery = format!(
+        "{url}&awps_connection_id={id}&awps_reconnection_token={}",
+        connected["reconnectionToken"].as_str().unwrap()
+    );
+    let (mut a, again) = connect_json(&recovery, RELIABLE).await;
+    assert_eq!(again["connectionId"], id);
+    assert_ack_ok(&a.call(event("show", 4)).await);
+    assert_eq!(a.next_json().await["data"], "s1");
+    assert_eq!(up.next_of("user.e").await.h("ce-connectionState"), "s1");
+    emu.shutdown().await;
+
+    // A simple client's `message` reply sets it too.
+    let emu = emulator_asking(&up.url).await;
+    let mut s = connect(&emu.client_url("h", &all_roles("u")), None).await;
+    up.next_of("sys.connect").await;
+    up.next_of("sys.connected").await;
+    s.send_text("set:m1").await;
+    s.send_text("show").await;
+    assert_eq!(s.next_message().await, Message::Text("m1".into()));
     emu.shutdown().await;
     up.task.abort();
 }
