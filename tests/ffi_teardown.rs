@@ -9,6 +9,7 @@ use common::check;
 use std::ffi::{c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use tokio::runtime::Runtime;
@@ -308,10 +309,21 @@ fn a_free_delivers_the_events_of_its_stop_in_thread_mode_and_none_in_poll_mode()
     rt.block_on(emulator.shutdown());
 }
 
-/// The client that `free_other_on_message` frees, and where it notes what it did.
+/// The client that `free_other_on_message` frees, and where it notes what it did (and
+/// on which thread).
 struct FreesOther {
     other: AtomicPtr<wps_client>,
     other_timeline: &'static Timeline,
+    thread: Mutex<Option<ThreadId>>,
+}
+
+/// The thread of the last event that `note_event_on_thread` noted.
+static NOTED_THREAD: Mutex<Option<ThreadId>> = Mutex::new(None);
+
+/// As `note_event`, noting the thread first.
+unsafe extern "C" fn note_event_on_thread(user_data: *mut c_void, event: *const wps_event) {
+    *NOTED_THREAD.lock().unwrap() = Some(std::thread::current().id());
+    note_event(user_data, event);
 }
 
 /// On the group message "free b": frees the other client, and returns a while later.
@@ -327,6 +339,7 @@ unsafe extern "C" fn free_other_on_message(user_data: *mut c_void, event: *const
         this.other_timeline.seen.lock().unwrap().push(entry.into());
         this.other_timeline.changed.notify_all();
     };
+    *this.thread.lock().unwrap() = Some(std::thread::current().id());
     note("A frees B");
     wps_client_free(this.other.load(Ordering::SeqCst));
     // Time for a teardown that did not wait for this callback to show.
@@ -337,7 +350,8 @@ unsafe extern "C" fn free_other_on_message(user_data: *mut c_void, event: *const
 /// The header (`wps_client_free`): freed inside a callback of another client, the free
 /// returns at once; no further event of the freed client is delivered (not those of its
 /// stop), and once that callback has returned its pending operation completes with
-/// `WPS_STATUS_STOPPED` (and its ackId), then its finalizer runs.
+/// `WPS_STATUS_STOPPED` (and its ackId), then its finalizer runs. The two clients share
+/// a dispatcher thread, where a free that waited for the teardown would deadlock.
 #[test]
 fn a_client_freed_in_another_clients_callback_is_torn_down_after_that_callback() {
     let _serial = serial();
@@ -347,6 +361,7 @@ fn a_client_freed_in_another_clients_callback_is_torn_down_after_that_callback()
     let frees: &FreesOther = Box::leak(Box::new(FreesOther {
         other: AtomicPtr::default(),
         other_timeline: b_timeline,
+        thread: Mutex::new(None),
     }));
     let a = common::ffi_client(
         &url,
@@ -354,7 +369,17 @@ fn a_client_freed_in_another_clients_callback_is_torn_down_after_that_callback()
         frees as *const FreesOther as *mut c_void,
         None,
     );
-    let b = noted_client(&url, b_timeline, false);
+    // Dispatcher threads are assigned round robin: 12 clients on is A's thread again,
+    // whatever the pool's size (1 to 4 threads).
+    let fillers: Vec<_> = (1..12)
+        .map(|_| common::ffi_client(&url, None, std::ptr::null_mut(), None))
+        .collect();
+    let b = common::ffi_client(
+        &url,
+        Some(note_event_on_thread),
+        timeline_data(b_timeline),
+        Some(note_finalized),
+    );
     frees.other.store(b, Ordering::SeqCst);
     check(unsafe { wps_client_start(a) }, "wps_client_start");
     check(
@@ -367,6 +392,11 @@ fn a_client_freed_in_another_clients_callback_is_torn_down_after_that_callback()
     check(common::ffi_send_text(b, c"g", "free b", 0), "send");
     b_timeline.wait("the finalizer of B", |t| t.iter().any(|e| e == "finalized"));
     assert_eq!(
+        *frees.thread.lock().unwrap(),
+        *NOTED_THREAD.lock().unwrap(),
+        "A's callback and B's events on different threads"
+    );
+    assert_eq!(
         *b_timeline.seen.lock().unwrap(),
         [
             "connected".to_owned(),
@@ -377,6 +407,9 @@ fn a_client_freed_in_another_clients_callback_is_torn_down_after_that_callback()
         ]
     );
     unsafe { wps_client_free(a) };
+    for filler in fillers {
+        unsafe { wps_client_free(filler) };
+    }
     rt.block_on(emulator.shutdown());
 }
 
