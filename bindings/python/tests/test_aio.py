@@ -318,13 +318,13 @@ async def test_invoke_and_cancellation(hub: Hub) -> None:
 async def test_forbidden_and_not_connected_errors(hub: Hub) -> None:
     """Before ``open()`` and after ``close()`` every operation fails at once with
     ``error_detail.name`` "IllegalState", as in the sync client."""
-    client = make(hub.url(roles=[]), message_retry_total=3, message_retry_backoff_factor=1.0)
+    client = make(hub.url(roles=[]), message_retry_total=3, message_retry_backoff_factor=5.0)
     operations = every_operation(client)
 
     async def all_illegal() -> None:
         for n, operation in enumerate(operations):
             with pytest.raises(SendMessageError) as info:
-                await asyncio.wait_for(operation(), 1.0)
+                await asyncio.wait_for(operation(), 2.5)  # a retry would wait 5 s first
             assert isinstance(info.value, InvokeEventError) == (n == 6)
             assert info.value.error_detail is not None and info.value.error_detail.name == "IllegalState", n
 
@@ -1631,11 +1631,18 @@ async def test_close_waits_for_the_listener_tasks_running_as_officially(hub: Hub
     assert client.state is WebPubSubClientState.STOPPED
 
 
-async def stopped_by_the_service(hub: Hub, seen: List[str]) -> WebPubSubClient:
+@pytest.fixture
+def patient_close(monkeypatch: Any) -> None:
+    """``close()`` waits up to ``WAIT`` for the running listeners, not 1 s: a slow
+    listener's 0.3 s then races no scheduling delay of a loaded machine."""
+    monkeypatch.setattr(aio_client._AsyncSink, "LISTENER_GRACE", WAIT)
+
+
+async def stopped_by_the_service(hub: Hub, seen: List[str], release: asyncio.Event) -> WebPubSubClient:
     """A client the service has just stopped (close code 1008, no reconnect), with a slow
-    plain disconnected listener and a slow coroutine stopped listener; ``seen`` gets what
-    they did. The loop is held until the library has stopped the client: none of the
-    stop's events has reached the loop yet."""
+    plain disconnected listener and a slow coroutine stopped listener, held from its start
+    until ``release`` is set; ``seen`` gets what they did. The loop is held until the
+    library has stopped the client: none of the stop's events has reached the loop yet."""
     client = make(hub.url(), auto_reconnect=False)
 
     def on_disconnected(_args: OnDisconnectedArgs) -> None:
@@ -1644,6 +1651,7 @@ async def stopped_by_the_service(hub: Hub, seen: List[str]) -> WebPubSubClient:
 
     async def on_stopped() -> None:
         seen.append("stopped start")
+        await release.wait()
         await asyncio.sleep(0.3)
         seen.append("stopped")
 
@@ -1658,6 +1666,7 @@ async def stopped_by_the_service(hub: Hub, seen: List[str]) -> WebPubSubClient:
     return client
 
 
+@pytest.mark.usefixtures("patient_close")
 @pytest.mark.parametrize("dispatched", [False, True], ids=["queued", "dispatched"])
 async def test_close_of_a_client_stopped_by_the_service_returns_once_its_listeners_have_run_async(
     hub: Hub, caplog: Any, dispatched: bool
@@ -1669,7 +1678,9 @@ async def test_close_of_a_client_stopped_by_the_service_returns_once_its_listene
     close() of a stopped client returned at once: the stop's events were still queued,
     or its coroutine listener still ran, and the end of ``asyncio.run`` lost them."""
     seen: List[str] = []
-    client = await stopped_by_the_service(hub, seen)
+    release = asyncio.Event()
+    release.set()
+    client = await stopped_by_the_service(hub, seen, release)
     if dispatched:
         await until(lambda: "stopped start" in seen, "the stopped listener started")
     await client.close()
@@ -1677,14 +1688,18 @@ async def test_close_of_a_client_stopped_by_the_service_returns_once_its_listene
     assert not [w for w in warnings(caplog) if "after close()" in w]
 
 
+@pytest.mark.usefixtures("patient_close")
 async def test_close_after_a_reopen_waits_for_the_listeners_of_the_stop_before_it_async(hub: Hub) -> None:
-    """Reopened while the coroutine listener of the stop on its own still runs, then
-    closed: close() returns once that listener has ended, as one running when it is
-    called (so it did before the fix of a stopped client's close())."""
+    """Reopened while the coroutine listener of the stop on its own still runs (held until
+    close() is called, however long the open took), then closed: close() returns once
+    that listener has ended, as one running when it is called (so it did before the fix
+    of a stopped client's close())."""
     seen: List[str] = []
-    client = await stopped_by_the_service(hub, seen)
+    release = asyncio.Event()
+    client = await stopped_by_the_service(hub, seen, release)
     await client.open()
     assert seen == ["disconnected", "stopped start"]
+    release.set()
     await client.close()
     assert seen.count("disconnected") == 2 and seen.count("stopped start") == 2, seen
     assert "stopped" in seen

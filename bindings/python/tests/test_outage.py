@@ -265,14 +265,14 @@ async def test_an_asyncio_client_through_two_outages(
 
 def refused_after(send: Any, most: int) -> int:
     """Calls ``send()`` until it raises (at most ``most`` times); the number of calls it
-    took. The refusal must be NotConnected, and at once."""
+    took. The refusal must be NotConnected, and at once (not once the 30 s recovery ends)."""
     for n in range(most):
         started = time.monotonic()
         try:
             send()
         except SendMessageError as exc:
             assert exc.error_detail is not None and exc.error_detail.name == "NotConnected", exc
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 5.0
             return n
     pytest.fail(f"{most} operations queued without a refusal")
 
@@ -312,7 +312,7 @@ async def test_a_recovery_takes_no_acked_operation_once_999_are_pending(service:
         started = asyncio.get_running_loop().time()
         with pytest.raises(SendMessageError) as refused:
             await client.send_to_group("g", "one more", TEXT)
-        assert asyncio.get_running_loop().time() - started < 1.0
+        assert asyncio.get_running_loop().time() - started < 5.0  # not once the 30 s recovery ends
         assert refused.value.error_detail is not None and refused.value.error_detail.name == "NotConnected"
         with pytest.raises(SendMessageError):
             await client.send_to_group("g", "queued", TEXT, ack=False)

@@ -230,8 +230,10 @@ def test_a_program_that_exits_once_its_client_stopped_on_its_own_runs_the_stops_
     at once, and the exit ended the slow disconnected listener)."""
     code = f"""
         import time, urllib.request
-        from webpubsub_client import WebPubSubClient
+        from webpubsub_client import WebPubSubClient, _client
         from webpubsub_client.models import WebPubSubClientState
+
+        _client.CLOSE_WAIT = 10.0  # not 1 s: the 0.3 s listener races no scheduling delay
 
         def on_disconnected(_args):
             time.sleep(0.3)
@@ -261,8 +263,10 @@ def test_an_asyncio_program_that_ends_once_its_client_stopped_on_its_own_runs_th
     and the end of ``asyncio.run`` lost the stopped listener)."""
     code = f"""
         import asyncio, time, urllib.request
-        from webpubsub_client.aio import WebPubSubClient
+        from webpubsub_client.aio import WebPubSubClient, _client
         from webpubsub_client.models import WebPubSubClientState
+
+        _client._AsyncSink.LISTENER_GRACE = 10.0  # not 1 s: the 0.3 s listeners race no scheduling delay
 
         def on_disconnected(_args):
             time.sleep(0.3)
