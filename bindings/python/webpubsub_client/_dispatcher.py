@@ -155,7 +155,7 @@ class Dispatch:
         left to :func:`_base.free_client` alone: at exit the client is only stopped, its
         last events still reach the listeners; in a child the worker's polling instance is
         the parent's, which must keep watching the descriptor."""
-        if os.getpid() != self._pid or not threading.main_thread().is_alive():
+        if self.in_fork_child() or not threading.main_thread().is_alive():
             _base.free_client(self.handle)
             return
         with self.lock:

@@ -793,11 +793,15 @@ class _NativeClient:
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self.fd)
 
+    def in_fork_child(self) -> bool:
+        """True in a fork() child of the process that made the client."""
+        return os.getpid() != self.pid
+
     def free(self) -> None:
         """Stop dispatching and free the native client (the client's finalizer). Not in a
         fork() child: its copy of the loop's epoll instance is the parent's, so removing
         the reader there would remove it from the parent's loop."""
-        if os.getpid() != self.pid:
+        if self.in_fork_child():
             return
         loop = self.loop() if self.loop is not None else None
         if loop is not None and loop.is_running() and _running_loop() is not loop:
@@ -868,7 +872,7 @@ class _Poller:
 
     def in_fork_child(self) -> bool:
         """True in a fork() child of the process that made the client (see ``free``)."""
-        return os.getpid() != self._native.pid
+        return self._native.in_fork_child()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Dispatch on ``loop`` (the running loop) from now on. A client suspended since
