@@ -1093,18 +1093,11 @@ fn a_dispatch_counts_the_completions_it_took_without_a_callback() {
     let setup = Setup::new();
     let rec = common::leaked::<Recorder>();
     let c = started_poll_client(&setup.url, rec);
-    let deadline = Instant::now() + WAIT;
-    while !rec
-        .seen
-        .lock()
-        .unwrap()
-        .timeline
-        .contains(&"connected".to_owned())
-    {
-        assert!(Instant::now() < deadline, "no connected event");
+    common::wait_until("the connected event", || {
         dispatched_into(c);
-        std::thread::sleep(Duration::from_millis(2));
-    }
+        let seen = rec.seen.lock().unwrap();
+        seen.timeline.contains(&"connected".to_owned())
+    });
     assert_eq!(dispatched_into(c), 0, "only the connected event was queued");
     for text in ["a", "b"] {
         let status = unsafe {
@@ -1122,16 +1115,12 @@ fn a_dispatch_counts_the_completions_it_took_without_a_callback() {
         };
         check(status, "a send without a completion callback");
     }
-    let mut ran = 0;
-    while ran < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "{ran} of the 2 completions taken"
-        );
-        ran += dispatched_into(c);
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(ran, 2);
+    let ran = std::cell::Cell::new(0);
+    common::wait_until("the 2 completions taken", || {
+        ran.set(ran.get() + dispatched_into(c));
+        ran.get() >= 2
+    });
+    assert_eq!(ran.get(), 2);
     assert_eq!(dispatched_into(c), 0);
     unsafe { wps_client_free(c) };
     setup.shutdown();
