@@ -91,6 +91,36 @@ pub(crate) async fn client_endpoint(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    open(server, hub_name, query, uri, headers, ws).await
+}
+
+/// `GET /client?hub={hub}` (or `/client/?hub={hub}`), the service's other client
+/// endpoint: the same as `/client/hubs/{hub}`.
+pub(crate) async fn client_endpoint_by_query(
+    State(server): State<Arc<Server>>,
+    Query(query): Query<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Some(hub_name) = query.get("hub").cloned() else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "No hub: connect to /client/hubs/{hub} or /client?hub={hub}.",
+        );
+    };
+    open(server, hub_name, query, uri, headers, ws).await
+}
+
+/// A client's upgrade request for hub `hub_name`.
+async fn open(
+    server: Arc<Server>,
+    hub_name: String,
+    query: HashMap<String, String>,
+    uri: Uri,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
     if let Err(e) = validate_hub(&hub_name) {
         return error_response(StatusCode::BAD_REQUEST, e);
     }

@@ -69,6 +69,8 @@ fn tls_acceptor(files: &TlsFiles) -> std::io::Result<TlsAcceptor> {
 fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/client/hubs/{hub}", any(client_ws::client_endpoint))
+        .route("/client", any(client_ws::client_endpoint_by_query))
+        .route("/client/", any(client_ws::client_endpoint_by_query))
         .route(
             "/clients/{kind}/hubs/{hub}",
             any(client_ws::unsupported_client_endpoint),

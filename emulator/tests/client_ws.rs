@@ -515,3 +515,41 @@ async fn mqtt_and_socketio_client_paths_are_refused_as_not_implemented() {
     }
     emu.shutdown().await;
 }
+
+/// The service's other client endpoint, `/client?hub={hub}` (its client protocol
+/// reference): the same hub as `/client/hubs/{hub}`, with a token signed for that path.
+#[tokio::test]
+async fn the_hub_may_be_named_in_the_query() {
+    let emu = start().await;
+    let (mut by_path, _) = connect_json(&emu.client_url("chat", &all_roles("a")), RELIABLE).await;
+    assert_ack_ok(&by_path.join("g", 1).await);
+    let token_url = emu.client_url("chat", &all_roles("b"));
+    let token = token_url.split_once("?access_token=").unwrap().1;
+    for path in ["/client", "/client/"] {
+        let url = format!(
+            "ws://127.0.0.1:{}{path}?hub=chat&access_token={token}",
+            emu.port()
+        );
+        let (mut by_query, connected) = connect_json(&url, RELIABLE).await;
+        assert_eq!(connected["userId"], "b", "{path}");
+        by_query
+            .send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":path}))
+            .await;
+        assert_eq!(by_path.next_json().await["data"], path);
+        by_query.close().await;
+    }
+    let base = format!("ws://127.0.0.1:{}/client", emu.port());
+    assert_eq!(
+        status_of(&format!("{base}?access_token={token}"), Some(JSON)).await,
+        400
+    );
+    assert_eq!(
+        status_of(
+            &format!("{base}?hub=other&access_token={token}"),
+            Some(JSON)
+        )
+        .await,
+        401
+    );
+    emu.shutdown().await;
+}
