@@ -249,6 +249,20 @@ def test_models_have_the_official_names_and_values() -> None:
     assert ours_models.OnDisconnectedArgs(connection_id="c", message="m").message == "m"
 
 
+@pytest.mark.parametrize("models", [official_models, ours_models], ids=["official", "ours"])
+def test_open_client_error_takes_the_azure_error_arguments(models: Any) -> None:
+    """An application that raises ``OpenClientError`` itself (a wrapper, a test double)
+    passes AzureError's arguments, as the official class, an AzureError, takes them."""
+    cause = ConnectionError("refused")
+    error = models.OpenClientError("cannot open", "more", error=cause, continuation_token="t")
+    assert (error.message, error.args, error.inner_exception, error.continuation_token) == (
+        "cannot open",
+        ("cannot open", "more"),
+        cause,
+        "t",
+    )
+
+
 def run_unknown_events_scenario(package: Any, hub: Hub) -> List[str]:
     """Subscribe listeners to names that are no event, next to a real one, and receive a
     group message: what the listeners of the unknown names received, and the real one's."""

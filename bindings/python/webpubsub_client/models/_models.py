@@ -61,10 +61,13 @@ class WebPubSubClientError(_ErrorBase):
     an ``azure.core.exceptions.AzureError`` when azure-core is installed, as in the official client.
 
     :ivar status: the native library's status code (0 when raised by Python code).
+
+    Further arguments are AzureError's (``error=`` the inner exception), as the official
+    errors take them; without azure-core, only positional ones.
     """
 
-    def __init__(self, message: str, *, status: int = 0) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *args: Any, status: int = 0, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
         self.message = message
         self.status = status
 
