@@ -68,7 +68,9 @@
 #define WPS_EVENT_DISCONNECTED 2
 
 /**
- * Event kind: the client stopped and will not reconnect (`status`, `message`).
+ * Event kind: the client stopped and will not reconnect (`status`, `message`). Not
+ * raised by a failed start (its status is the start's) nor by a stop of a stopped
+ * client.
  */
 #define WPS_EVENT_STOPPED 3
 
@@ -313,7 +315,8 @@ typedef struct wps_event {
    */
   uint32_t data_type;
   /**
-   * Messages: the payload (JSON as its serialized text), `data_len` bytes.
+   * Messages: the payload (JSON as its serialized text), `data_len` bytes, not
+   * NUL-terminated (text included).
    */
   const uint8_t *data;
   /**
@@ -514,7 +517,7 @@ typedef struct wps_completion {
    */
   uint32_t data_type;
   /**
-   * Invoke only: the response payload, `data_len` bytes.
+   * Invoke only: the response payload, `data_len` bytes, not NUL-terminated.
    */
   const uint8_t *data;
   /**
@@ -792,9 +795,11 @@ void wps_client_free(struct wps_client *c);
 /**
  * Poll mode (`WPS_DISPATCH_POLL`): writes to `out_fd` a descriptor that is readable
  * while callbacks of this client are queued. Watch it for readability in your event
- * loop and call `wps_client_dispatch` then; never read it yourself. It stays valid
- * until `wps_client_free` (stop watching it before). `WPS_STATUS_ILLEGAL_STATE` in
- * thread mode.
+ * loop and call `wps_client_dispatch` then; never read it yourself. It is
+ * level-triggered: watched edge-triggered (`EPOLLET`), it signals again only what is
+ * queued after a dispatch emptied the queue, so dispatch until a call takes fewer
+ * than its `max` and writes no record. It stays valid until `wps_client_free` (stop
+ * watching it before). `WPS_STATUS_ILLEGAL_STATE` in thread mode.
  *
  * # Safety
  * `c` is NULL or a live handle; `out_fd` is NULL or writable.
@@ -1047,7 +1052,8 @@ wps_status wps_client_invoke_event(struct wps_client *c,
                                    struct wps_invoke_response **out);
 
 /**
- * The payload of an invoke response, valid until `wps_invoke_response_free`;
+ * The payload of an invoke response (not NUL-terminated), valid until
+ * `wps_invoke_response_free`;
  * `*len` (may be NULL) receives its length. NULL (length 0) for a NULL response.
  *
  * # Safety
@@ -1074,10 +1080,11 @@ void wps_invoke_response_free(struct wps_invoke_response *r);
 
 /**
  * Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
- * and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
- * outcome. The call itself fails only on a bad C argument (NULL, invalid UTF-8, unknown
- * data type or flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then
- * nothing is sent and nothing completes; every other failure, state and arguments the
+ * before the operation is handed over, so before `cb` can run, and `cb` (may be NULL)
+ * runs exactly once on the client's dispatcher thread with the outcome. The call
+ * itself fails only on a bad C argument (NULL, invalid UTF-8, unknown data type or
+ * flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then nothing is
+ * sent and nothing completes; every other failure, state and arguments the
  * client checks (empty name, invalid JSON, a message too large, ackId 0) included,
  * comes in the completion.
  * Operations are written in call order (and resent in it after a recovery), with at
@@ -1487,21 +1494,23 @@ const char *wps_status_str(wps_status status);
  * Like every text the library writes as a C string, a U+0000 in it (from the service's
  * text) is written as the six characters `\u0000`.
  *
- * Valid until the next `wps_` call on this thread; never NULL.
+ * Valid until the next call on this thread that returns a `wps_status` (the three
+ * `wps_last_error_*` texts, `wps_status_str` and the other calls returning no status
+ * leave it: one `printf` may take them all); never NULL.
  */
 const char *wps_last_error_message(void);
 
 /**
  * The service's error name ("Forbidden") of the last ACK or INVOKE error on this
- * thread, "" otherwise. Valid until the next `wps_` call on this thread; never NULL.
+ * thread, "" otherwise. Valid as `wps_last_error_message()`; never NULL.
  */
 const char *wps_last_error_name(void);
 
 /**
  * The service's own text of the last ACK or INVOKE error on this thread ("No
  * permission to join group"), "" otherwise. `wps_last_error_message()` has it too,
- * after the library's description of the operation. Valid until the next `wps_` call
- * on this thread; never NULL.
+ * after the library's description of the operation. Valid as
+ * `wps_last_error_message()`; never NULL.
  */
 const char *wps_last_error_service_message(void);
 

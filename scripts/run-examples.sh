@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the examples against a fresh emulator, so they never rot: the Rust chat, the
 # README's C quick start (examples/c/hello.c), the C event-loop example
-# (examples/c/event_loop.c), the same hello.c against the library as scripts/install.sh
-# installs it (shared and static, found by pkg-config) and the Python demo
-# (examples/c/chat.c is built and run by tests/c/run.sh). Prints "N passed, N failed".
+# (examples/c/event_loop.c), the C++ one (examples/c/raii.cpp), the same hello.c against
+# the library as scripts/install.sh installs it (shared and static, found by pkg-config)
+# and the Python demo (examples/c/chat.c is built and run by tests/c/run.sh). Prints
+# "N passed, N failed".
 # Expects .venv with scripts/requirements-test.txt installed (scripts/test-all.sh does it).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +35,9 @@ run c-hello sh -c 'cc -std=c11 -Wall -Wextra -Werror "$1" -I include -L target/d
 event_loop="$ROOT/target/examples-c/event_loop"
 run c-event-loop sh -c 'cc -std=c11 -Wall -Wextra -Werror "$1" -I include -L target/debug -lwebpubsub_client -lpthread -o "$2" &&
     LD_LIBRARY_PATH=target/debug timeout 60 "$2" "$3"' _ examples/c/event_loop.c "$event_loop" "$(client_url dave)"
+raii="$ROOT/target/examples-c/raii"
+run cpp-raii sh -c '"${CXX:-c++}" -std=c++17 -Wall -Wextra -Wpedantic -Werror "$1" -I include -L target/debug -lwebpubsub_client -lpthread -o "$2" &&
+    LD_LIBRARY_PATH=target/debug timeout 60 "$2" "$3"' _ examples/c/raii.cpp "$raii" "$(client_url grace)"
 # The installed library: scripts/install.sh into a prefix, then hello.c built with
 # pkg-config, once against the shared library and once against the static one alone.
 prefix="$ROOT/target/install-test"

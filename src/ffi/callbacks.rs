@@ -26,7 +26,9 @@ use super::status::{
 pub const WPS_EVENT_CONNECTED: u32 = 1;
 /// Event kind: the session was lost (`connection_id`, `message`, `close_code`).
 pub const WPS_EVENT_DISCONNECTED: u32 = 2;
-/// Event kind: the client stopped and will not reconnect (`status`, `message`).
+/// Event kind: the client stopped and will not reconnect (`status`, `message`). Not
+/// raised by a failed start (its status is the start's) nor by a stop of a stopped
+/// client.
 pub const WPS_EVENT_STOPPED: u32 = 3;
 /// Event kind: a message from the server (`data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;
@@ -57,7 +59,8 @@ pub struct wps_event {
     pub from_user_id: *const c_char,
     /// Messages: one of `WPS_DATA_TYPE_*`.
     pub data_type: u32,
-    /// Messages: the payload (JSON as its serialized text), `data_len` bytes.
+    /// Messages: the payload (JSON as its serialized text), `data_len` bytes, not
+    /// NUL-terminated (text included).
     pub data: *const u8,
     /// Length of `data`.
     pub data_len: usize,
@@ -128,7 +131,7 @@ pub struct wps_completion {
     pub error_message: *const c_char,
     /// Invoke only: the response's `WPS_DATA_TYPE_*`.
     pub data_type: u32,
-    /// Invoke only: the response payload, `data_len` bytes.
+    /// Invoke only: the response payload, `data_len` bytes, not NUL-terminated.
     pub data: *const u8,
     /// Length of `data`.
     pub data_len: usize,

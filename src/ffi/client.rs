@@ -597,9 +597,11 @@ pub unsafe extern "C" fn wps_client_free(c: *mut wps_client) {
 
 /// Poll mode (`WPS_DISPATCH_POLL`): writes to `out_fd` a descriptor that is readable
 /// while callbacks of this client are queued. Watch it for readability in your event
-/// loop and call `wps_client_dispatch` then; never read it yourself. It stays valid
-/// until `wps_client_free` (stop watching it before). `WPS_STATUS_ILLEGAL_STATE` in
-/// thread mode.
+/// loop and call `wps_client_dispatch` then; never read it yourself. It is
+/// level-triggered: watched edge-triggered (`EPOLLET`), it signals again only what is
+/// queued after a dispatch emptied the queue, so dispatch until a call takes fewer
+/// than its `max` and writes no record. It stays valid until `wps_client_free` (stop
+/// watching it before). `WPS_STATUS_ILLEGAL_STATE` in thread mode.
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `out_fd` is NULL or writable.
@@ -1434,7 +1436,8 @@ pub unsafe extern "C" fn wps_client_invoke_event(
     })
 }
 
-/// The payload of an invoke response, valid until `wps_invoke_response_free`;
+/// The payload of an invoke response (not NUL-terminated), valid until
+/// `wps_invoke_response_free`;
 /// `*len` (may be NULL) receives its length. NULL (length 0) for a NULL response.
 ///
 /// # Safety
@@ -1479,10 +1482,11 @@ pub unsafe extern "C" fn wps_invoke_response_free(r: *mut wps_invoke_response) {
 }
 
 /// Joins `group` without blocking: `*op_id` (may be NULL) receives the operation id
-/// and `cb` (may be NULL) runs exactly once on the client's dispatcher thread with the
-/// outcome. The call itself fails only on a bad C argument (NULL, invalid UTF-8, unknown
-/// data type or flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then
-/// nothing is sent and nothing completes; every other failure, state and arguments the
+/// before the operation is handed over, so before `cb` can run, and `cb` (may be NULL)
+/// runs exactly once on the client's dispatcher thread with the outcome. The call
+/// itself fails only on a bad C argument (NULL, invalid UTF-8, unknown data type or
+/// flags) or with `WPS_STATUS_STOPPED` for a client being freed, and then nothing is
+/// sent and nothing completes; every other failure, state and arguments the
 /// client checks (empty name, invalid JSON, a message too large, ackId 0) included,
 /// comes in the completion.
 /// Operations are written in call order (and resent in it after a recovery), with at

@@ -238,14 +238,16 @@ pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
 /// Like every text the library writes as a C string, a U+0000 in it (from the service's
 /// text) is written as the six characters `\u0000`.
 ///
-/// Valid until the next `wps_` call on this thread; never NULL.
+/// Valid until the next call on this thread that returns a `wps_status` (the three
+/// `wps_last_error_*` texts, `wps_status_str` and the other calls returning no status
+/// leave it: one `printf` may take them all); never NULL.
 #[no_mangle]
 pub extern "C" fn wps_last_error_message() -> *const c_char {
     with_last_error(|e| e.message.as_ptr())
 }
 
 /// The service's error name ("Forbidden") of the last ACK or INVOKE error on this
-/// thread, "" otherwise. Valid until the next `wps_` call on this thread; never NULL.
+/// thread, "" otherwise. Valid as `wps_last_error_message()`; never NULL.
 #[no_mangle]
 pub extern "C" fn wps_last_error_name() -> *const c_char {
     with_last_error(|e| e.name.as_ptr())
@@ -253,8 +255,8 @@ pub extern "C" fn wps_last_error_name() -> *const c_char {
 
 /// The service's own text of the last ACK or INVOKE error on this thread ("No
 /// permission to join group"), "" otherwise. `wps_last_error_message()` has it too,
-/// after the library's description of the operation. Valid until the next `wps_` call
-/// on this thread; never NULL.
+/// after the library's description of the operation. Valid as
+/// `wps_last_error_message()`; never NULL.
 #[no_mangle]
 pub extern "C" fn wps_last_error_service_message() -> *const c_char {
     with_last_error(|e| e.service_message.as_ptr())

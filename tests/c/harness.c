@@ -402,6 +402,12 @@ static bool test_null_and_invalid_arguments(void) {
     wps_client *c = NULL;
     CHECK_STATUS(wps_client_new(NULL, NULL, NULL, NULL, NULL, &c), WPS_STATUS_NULL_ARG);
     CHECK(strlen(wps_last_error_message()) > 0);
+    /* The texts stay valid across the calls returning no status, as one printf takes them. */
+    const char *message = wps_last_error_message();
+    const char *name = wps_last_error_name();
+    CHECK(wps_status_str(WPS_STATUS_NULL_ARG) && wps_last_error_service_message() && wps_version());
+    CHECK(wps_client_state(NULL) == WPS_STATE_STOPPED && wps_invoke_response_data(NULL, NULL) == NULL);
+    CHECK(message == wps_last_error_message() && strcmp(message, "`url` is NULL") == 0 && strcmp(name, "") == 0);
     CHECK_STATUS(wps_client_new(bad_utf8, NULL, NULL, NULL, NULL, &c), WPS_STATUS_INVALID_UTF8);
     CHECK_STATUS(wps_client_new("ws://127.0.0.1:1/client/hubs/x", NULL, NULL, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
     CHECK_STATUS(wps_client_new("not a url", NULL, NULL, NULL, NULL, &c), WPS_STATUS_INVALID_ARGUMENT);
