@@ -39,6 +39,7 @@
 pub mod client;
 pub mod ffi;
 mod fork;
+mod id_hash;
 pub mod protocol;
 pub mod proxy;
 pub mod runtime;

@@ -8,10 +8,11 @@
 use super::ack_ids::SERVICE_ACK_MEMORY;
 use super::options::RetryOptions;
 use super::{AckResult, Error, InvokeResult};
+use crate::id_hash::IdMap;
 use crate::protocol::{json, ErrorDetail, Upstream};
 use log::debug;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -242,7 +243,7 @@ pub(crate) enum Start {
 /// (which would pile up for every acked message at high rates), one timer points at
 /// the earliest deadline and `expire` sweeps the (small) set of pending operations.
 pub(crate) struct Pending {
-    acks: HashMap<u64, AckOp, BuildHasherDefault<AckIdHasher>>,
+    acks: IdMap<AckOp>,
     invokes: HashMap<String, InvokeOp>,
     /// No deadline is earlier than this (it may be earlier than every real one).
     earliest: Option<Instant>,
@@ -799,29 +800,6 @@ impl Pending {
     fn arm(&mut self, due: Instant) -> Instant {
         lower(&mut self.earliest, due);
         due
-    }
-}
-
-/// Hashes ackIds (local, mostly sequential integers, not attacker-chosen keys of
-/// another party) with one multiply instead of SipHash, on the per-message path.
-#[derive(Default)]
-struct AckIdHasher(u64);
-
-impl Hasher for AckIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b) ^ self.0.rotate_left(8));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ self.0)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(26);
     }
 }
 

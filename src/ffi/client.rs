@@ -6,7 +6,7 @@
 //! calls hand the core a completion callback (no task per operation) that queues the
 //! completion to the client's dispatcher thread; an invocation runs as a task.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::ffi::{c_char, c_int, c_void};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -22,6 +22,7 @@ use crate::client::{
     AckCallback, AckResult, Client, ClientState, Credential, Error, Handover, InvokeOptions,
     InvokeResult, Membership, Prepared, SendEventOptions, SendToGroupOptions,
 };
+use crate::id_hash::IdMap;
 use crate::protocol::DataType;
 use crate::runtime::RuntimeError;
 
@@ -239,7 +240,7 @@ struct Pending {
 #[derive(Default)]
 struct Ops {
     closing: bool,
-    pending: HashMap<u64, Pending>,
+    pending: IdMap<Pending>,
 }
 
 /// Everything behind a `wps_client` handle.
