@@ -110,6 +110,20 @@ pub fn sign_client_token(access_key: &str, audience: &str, opts: &TokenOptions) 
     sign(access_key, &Value::Object(claims))
 }
 
+/// A client access URL `ws(s)://host[:port]/client/hubs/{hub}?access_token=JWT` for
+/// `endpoint` (`http(s)://host[:port]`), as the official server SDKs make it: the
+/// token's audience is the same URL with the endpoint's scheme.
+pub(crate) fn client_url(
+    endpoint: &str,
+    hub: &str,
+    access_key: &str,
+    opts: &TokenOptions,
+) -> String {
+    let audience = format!("{endpoint}/client/hubs/{hub}");
+    let jwt = sign_client_token(access_key, &audience, opts);
+    format!("{}?access_token={jwt}", audience.replacen("http", "ws", 1))
+}
+
 fn strings(v: Option<&Value>) -> Vec<String> {
     match v {
         Some(Value::String(s)) => vec![s.clone()],

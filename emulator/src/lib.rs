@@ -17,11 +17,12 @@
 
 pub mod auth;
 mod client_ws;
+pub mod connection_string;
 mod faults;
 mod filter;
 mod frames;
 mod hub;
-mod names;
+pub mod names;
 mod outbound;
 mod rest;
 mod server;
@@ -311,18 +312,7 @@ impl Emulator {
 
     /// A ready client URL `ws(s)://127.0.0.1:PORT/client/hubs/{hub}?access_token=JWT`.
     pub fn client_url(&self, hub: &str, token: &TokenOptions) -> String {
-        let audience = format!("{}/client/hubs/{hub}", self.endpoint());
-        let jwt = auth::sign_client_token(self.access_key(), &audience, token);
-        let ws = if self.server.config.tls.is_some() {
-            "wss"
-        } else {
-            "ws"
-        };
-        format!(
-            "{ws}://{}:{}/client/hubs/{hub}?access_token={jwt}",
-            self.server.public_host(),
-            self.port()
-        )
+        auth::client_url(&self.endpoint(), hub, self.access_key(), token)
     }
 
     /// Stops accepting, closes every socket (close code 1001) and waits for the

@@ -1,5 +1,6 @@
 //! `webpubsub-emulator`: runs the local Web PubSub server until Ctrl-C or SIGTERM.
 //! The first stdout line is the connection string; logs go to stderr.
+//! `webpubsub-emulator client-url` prints a client access URL instead, and exits.
 
 use std::io::IsTerminal;
 use std::io::Write;
@@ -7,13 +8,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::Parser;
-use webpubsub_emulator::{Config, Emulator, SystemEvents, TlsFiles};
+use webpubsub_emulator::connection_string::ConnectionString;
+use webpubsub_emulator::names::{validate_group, validate_hub};
+use webpubsub_emulator::{Config, Emulator, SystemEvents, TlsFiles, TokenOptions};
 
 /// A local Azure Web PubSub-compatible server for development and tests.
 #[derive(Parser, Debug)]
-#[command(name = "webpubsub-emulator", version)]
+#[command(
+    name = "webpubsub-emulator",
+    version,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -77,6 +88,72 @@ struct Args {
     tls_key: Option<PathBuf>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Prints a client access URL for a hub, signed offline with the emulator's access
+    /// key as the server SDKs sign it, and exits.
+    ClientUrl(ClientUrl),
+}
+
+/// What the token of `client-url` grants, and the emulator it is for.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("emulator").required(true).args(["connection_string", "access_key"])))]
+struct ClientUrl {
+    /// The connection string the emulator prints first.
+    #[arg(long, value_name = "CS", conflicts_with_all = ["access_key", "port"])]
+    connection_string: Option<ConnectionString>,
+    /// Instead of --connection-string: the emulator's access key (the URL is
+    /// ws://127.0.0.1:PORT/...).
+    #[arg(long, value_name = "KEY", requires = "port", value_parser = NonEmptyStringValueParser::new())]
+    access_key: Option<String>,
+    /// With --access-key: the emulator's port.
+    #[arg(long, value_name = "N", requires = "access_key", value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// The hub.
+    #[arg(long, value_parser = name(validate_hub))]
+    hub: String,
+    /// User id (the token's `sub`).
+    #[arg(long, value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+    user: Option<String>,
+    /// A role, e.g. webpubsub.joinLeaveGroup or webpubsub.sendToGroup.GROUP (repeat for more).
+    #[arg(long = "role", value_name = "ROLE")]
+    roles: Vec<String>,
+    /// A group joined at connect (repeat for more).
+    #[arg(long = "group", value_name = "GROUP", value_parser = name(validate_group))]
+    groups: Vec<String>,
+    /// Lifetime of the token, in minutes (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    minutes: u32,
+}
+
+/// A value parser for the names `validate` accepts.
+fn name(
+    validate: fn(&str) -> Result<(), String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |s| validate(s).map(|()| s.to_owned())
+}
+
+/// The URL `client-url` prints.
+fn client_url(request: ClientUrl) -> String {
+    let emulator = match (request.connection_string, request.access_key, request.port) {
+        (Some(cs), _, _) => cs,
+        (None, Some(access_key), Some(port)) => ConnectionString {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access_key,
+        },
+        _ => unreachable!("clap requires --connection-string, or --access-key and --port"),
+    };
+    emulator.client_url(
+        &request.hub,
+        &TokenOptions {
+            user_id: request.user,
+            roles: request.roles,
+            groups: request.groups,
+            ttl: Some(Duration::from_secs(u64::from(request.minutes) * 60)),
+        },
+    )
+}
+
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, so
 /// call it before announcing readiness.
 #[cfg(unix)]
@@ -129,7 +206,17 @@ fn config(args: Args) -> Config {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::ClientUrl(request)) = args.command.take() {
+        let url = client_url(request);
+        return match writeln!(std::io::stdout(), "{url}") {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("webpubsub-emulator: cannot print the URL: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colours only on a terminal: not in a log file or a pipe.

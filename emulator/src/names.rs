@@ -9,7 +9,7 @@ pub(crate) const MAX_HUB_NAME: usize = 128;
 
 /// Checks a hub name against ``^[A-Za-z][A-Za-z0-9_`,.[\]]{0,127}$``; the error is
 /// the BadRequest message.
-pub(crate) fn validate_hub(hub: &str) -> Result<(), String> {
+pub fn validate_hub(hub: &str) -> Result<(), String> {
     let mut chars = hub.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
     let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || "_`,.[]".contains(c));
@@ -28,7 +28,7 @@ pub(crate) fn validate_hub(hub: &str) -> Result<(), String> {
 /// a name of whitespace only is refused; `.` matches anything but `\n`, and `$` also
 /// matches before a final `\n`, so a `\n` may only end the name. The error is the
 /// BadRequest message.
-pub(crate) fn validate_group(group: &str) -> Result<(), String> {
+pub fn validate_group(group: &str) -> Result<(), String> {
     if group.trim().is_empty() {
         return Err("The group name must not be empty or only whitespace.".into());
     }

@@ -1,13 +1,15 @@
 //! The binary: connection string first on stdout, clean exit on SIGTERM and SIGINT, an
 //! abrupt one on SIGHUP, a plain log on a pipe (or none: a closed one), exit codes of bad
 //! flags and failed starts, a busy port, a log that does not flood while out of file
-//! descriptors.
+//! descriptors; `client-url`'s URLs, as the emulator takes them, and its bad arguments.
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 use common::{spawn_binary, Binary};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite;
 
 const BIN: &str = env!("CARGO_BIN_EXE_webpubsub-emulator");
 
@@ -101,12 +103,18 @@ fn keep_alive_flags_drop_a_silent_client() {
     assert_eq!(&received[head_end..], &[0x89, 0x00]);
 }
 
-/// The port in the connection string `child` prints first.
-fn port_of(child: &mut Child) -> u16 {
+/// The first line `child` prints: its connection string.
+fn first_line(child: &mut Child) -> String {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    line.trim_end().to_owned()
+}
+
+/// The port in the connection string `child` prints first.
+fn port_of(child: &mut Child) -> u16 {
+    let line = first_line(child);
     line.split("Port=")
         .nth(1)
         .and_then(|rest| rest.split(';').next())
@@ -151,9 +159,8 @@ fn signal(child: &Child, name: &str) {
     assert!(sent.success());
 }
 
-/// Runs the binary with `args`, which must make it fail at once with exit code `code`
-/// (2: a bad flag, 1: a start that fails): returns its stderr.
-fn fails_at_once(args: &[&str], code: i32) -> String {
+/// Runs the binary with `args` to its end (within 10 s): its exit code, stdout and stderr.
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
@@ -165,10 +172,29 @@ fn fails_at_once(args: &[&str], code: i32) -> String {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(code), "{args:?}: {err}");
+    (status.code(), out, err)
+}
+
+/// Runs the binary with `args`, which must make it fail at once with exit code `code`
+/// (2: a bad flag, 1: a start that fails): returns its stderr.
+fn fails_at_once(args: &[&str], code: i32) -> String {
+    let (status, out, err) = run(args);
+    assert_eq!(status, Some(code), "{args:?}: {err}");
     assert!(out.is_empty(), "{args:?} printed {out:?}");
     assert!(!err.contains("panicked"), "{args:?}: {err}");
     err
+}
+
+/// The URL `client-url` prints for `args`.
+fn client_url(args: &[&str]) -> String {
+    let args = [&["client-url"], args].concat();
+    let (status, out, err) = run(&args);
+    assert_eq!(status, Some(0), "{args:?}: {err}");
+    assert!(err.is_empty(), "{args:?}: {err}");
+    out.strip_suffix('\n')
+        .filter(|url| !url.contains('\n'))
+        .unwrap_or_else(|| panic!("{args:?}: not one line: {out:?}"))
+        .to_owned()
 }
 
 #[test]
@@ -302,4 +328,181 @@ fn out_of_file_descriptors_it_logs_the_first_failure_and_the_recovery() {
     log.extend(lines.try_iter());
     let failures = log.iter().filter(|l| l.contains("accept failed")).count();
     assert_eq!(failures, 1, "{log:#?}");
+}
+
+#[tokio::test]
+async fn client_url_makes_urls_with_the_users_roles_and_groups_it_is_given() {
+    // No --access-key: the key is only in the connection string it prints.
+    let mut binary = Binary(
+        Command::new(BIN)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let cs = first_line(&mut binary.0);
+    let key = cs
+        .split("AccessKey=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    let port = cs.split("Port=").nth(1).unwrap().split(';').next().unwrap();
+    let alice = client_url(&[
+        "--connection-string",
+        &cs,
+        "--hub",
+        "chat",
+        "--user",
+        "alice",
+        "--role",
+        "webpubsub.joinLeaveGroup",
+        "--role",
+        "webpubsub.sendToGroup",
+        "--minutes",
+        "2",
+    ]);
+    let bob = client_url(&[
+        "--connection-string",
+        &cs,
+        "--hub",
+        "chat",
+        "--user",
+        "bob",
+        "--group",
+        "g0",
+        "--group",
+        "g1",
+    ]);
+    // The claims an official server SDK puts in a client token, and no others.
+    let base = format!("ws://127.0.0.1:{port}/client/hubs/chat?access_token=");
+    let token = alice
+        .strip_prefix(&base)
+        .unwrap_or_else(|| panic!("{alice}"));
+    let claims = webpubsub_emulator::auth::verify(key, token, true).unwrap();
+    let names: Vec<_> = claims.payload.keys().map(String::as_str).collect();
+    assert_eq!(names, ["aud", "exp", "iat", "role", "sub"]);
+    assert_eq!(
+        claims.payload["aud"],
+        format!("http://127.0.0.1:{port}/client/hubs/chat")
+    );
+    let lifetime =
+        claims.payload["exp"].as_u64().unwrap() - claims.payload["iat"].as_u64().unwrap();
+    assert_eq!(lifetime, 120);
+
+    let (mut alice, connected) = common::connect_json(&alice, common::JSON).await;
+    assert_eq!(connected["userId"], "alice", "{connected}");
+    let (mut bob, connected) = common::connect_json(&bob, common::JSON).await;
+    assert_eq!(connected["userId"], "bob", "{connected}");
+    common::assert_ack_ok(&alice.join("g2", 1).await);
+    for (ack_id, group) in [(2, "g0"), (3, "g1")] {
+        let send = json!({"type": "sendToGroup", "group": group, "ackId": ack_id, "dataType": "text", "data": group});
+        common::assert_ack_ok(&alice.call(send).await);
+        // Bob is in his token's groups.
+        let message = bob.next_json().await;
+        assert_eq!(message["group"], group, "{message}");
+        assert_eq!(message["fromUserId"], "alice", "{message}");
+    }
+    // Bob has no roles.
+    common::assert_ack_error(&bob.join("g2", 1).await, "Forbidden");
+    let send =
+        json!({"type": "sendToGroup", "group": "g0", "ackId": 2, "dataType": "text", "data": "x"});
+    common::assert_ack_error(&bob.call(send).await, "Forbidden");
+}
+
+#[tokio::test]
+async fn client_url_signs_with_the_access_key_it_is_given() {
+    let (_binary, port) = spawn_binary("k3y", &[]);
+    let port = port.to_string();
+    let url = client_url(&["--access-key", "k3y", "--port", &port, "--hub", "chat"]);
+    let (_ws, connected) = common::connect_json(&url, common::JSON).await;
+    assert_eq!(connected["userId"], Value::Null, "{connected}");
+    let url = client_url(&["--access-key", "other", "--port", &port, "--hub", "chat"]);
+    match common::try_connect(&url, Some(common::JSON)).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|ws| ws.protocol)),
+    }
+}
+
+#[test]
+fn client_url_refuses_bad_arguments_naming_them() {
+    let cs = "Endpoint=http://127.0.0.1;Port=8080;AccessKey=k;Version=1.0;";
+    let key = ["--access-key", "k", "--port", "8080"];
+    let hub = ["--hub", "chat"];
+    for (args, expected) in [
+        (vec![], "--hub"),
+        (hub.to_vec(), "--connection-string"),
+        (
+            [
+                &hub[..],
+                &["--connection-string", "Endpoint=http://127.0.0.1"],
+            ]
+            .concat(),
+            "AccessKey",
+        ),
+        (
+            [&hub[..], &["--connection-string", "AccessKey=k"]].concat(),
+            "Endpoint",
+        ),
+        (
+            [
+                &hub[..],
+                &["--connection-string", "Endpoint=ws://h;AccessKey=k"],
+            ]
+            .concat(),
+            "http://",
+        ),
+        (
+            [
+                &hub[..],
+                &[
+                    "--connection-string",
+                    "Endpoint=http://h;Port=0;AccessKey=k",
+                ],
+            ]
+            .concat(),
+            "Port",
+        ),
+        (
+            [&hub[..], &["--connection-string", cs, "--access-key", "k"]].concat(),
+            "--access-key",
+        ),
+        ([&hub[..], &["--access-key", "k"]].concat(), "--port"),
+        ([&hub[..], &["--port", "8080"]].concat(), "--access-key"),
+        (
+            [&hub[..], &["--access-key", "k", "--port", "0"]].concat(),
+            "--port",
+        ),
+        (
+            [&hub[..], &["--access-key", "", "--port", "8080"]].concat(),
+            "--access-key",
+        ),
+        ([&key[..], &["--hub", "1chat"]].concat(), "hub name"),
+        ([&key[..], &hub, &["--group", " "]].concat(), "group name"),
+        ([&key[..], &hub, &["--user", ""]].concat(), "--user"),
+        ([&key[..], &hub, &["--minutes", "0"]].concat(), "--minutes"),
+        ([&key[..], &hub, &["--nope"]].concat(), "--nope"),
+    ] {
+        let args = [&["client-url"], &args[..]].concat();
+        let err = fails_at_once(&args, 2);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // The server's flags are not the subcommand's.
+    let err = fails_at_once(
+        &[&["--port", "0", "client-url"], &hub[..], &key].concat(),
+        2,
+    );
+    assert!(err.contains("client-url"), "{err}");
+}
+
+#[test]
+fn help_names_the_client_url_command() {
+    let (status, out, _) = run(&["--help"]);
+    assert_eq!(status, Some(0));
+    assert!(out.contains("client-url"), "{out}");
+    let (status, out, _) = run(&["client-url", "--help"]);
+    assert_eq!(status, Some(0));
+    assert!(out.contains("--connection-string"), "{out}");
 }
