@@ -117,6 +117,38 @@ async def test_a_cancelled_open_stops_the_client_and_it_opens_again(hub: Hub) ->
     assert client.state is WebPubSubClientState.STOPPED
 
 
+async def test_open_again_right_after_a_cancelled_open(hub: Hub) -> None:
+    """A cancelled open() ends once the client is stopped, as a sync open() that Ctrl-C
+    ends, so a retry after ``asyncio.wait_for(client.open(), t)`` timed out connects. (The
+    client read Connecting, and the retry raised "Client can be only started when it's
+    Stopped".)"""
+    asked = asyncio.Event()
+
+    async def provide() -> str:
+        asked.set()
+        await asyncio.sleep(3600)
+        return hub.url()
+
+    client = make(WebPubSubClientCredential(provide))
+    opening = asyncio.ensure_future(client.open())
+    await asyncio.wait_for(asked.wait(), WAIT)
+    assert client.state is WebPubSubClientState.CONNECTING
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(opening, 0.01)
+    assert client.state is WebPubSubClientState.STOPPED
+    retry = make(hub.url())
+    for each in (client, retry):
+        task = asyncio.ensure_future(each.open())
+        await asyncio.sleep(0)  # the start is handed over
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert each.state is WebPubSubClientState.STOPPED
+    await retry.open()
+    assert retry.is_connected()
+    await retry.close()
+
+
 async def test_close_called_while_open_runs_stops_the_client_as_officially(hub: Hub) -> None:
     """close() called once open() has begun stops the client: the open fails (or has just
     succeeded) and the client ends stopped, as with the official client. The state read
@@ -614,8 +646,7 @@ async def test_a_stop_during_open_cancels_the_async_credential(how: str, caplog:
         with pytest.raises(asyncio.CancelledError):
             await opening
     await asyncio.wait_for(cancelled.wait(), WAIT)
-    # A cancelled open() sends its stop without waiting for it.
-    await until(lambda: client.state is WebPubSubClientState.STOPPED, "stopped")
+    assert client.state is WebPubSubClientState.STOPPED
     await asyncio.sleep(0.05)  # the cancelled provider's done callback has run
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 

@@ -1,8 +1,9 @@
 """Azure Web PubSub client on a Rust core: the API of ``azure.messaging.webpubsubclient``, faster.
 
 ``from webpubsub_client import WebPubSubClient`` replaces
-``from azure.messaging.webpubsubclient import WebPubSubClient``; models are in
-:mod:`webpubsub_client.models` and the asyncio client in :mod:`webpubsub_client.aio`.
+``from azure.messaging.webpubsubclient import WebPubSubClient``; models and errors
+(``SendMessageError``...) are in :mod:`webpubsub_client.models` and the asyncio client
+in :mod:`webpubsub_client.aio`.
 """
 
 import atexit as _atexit

@@ -1136,8 +1136,6 @@ _GROUP_FORMS = (
     lib.wps_client_send_to_group_async,
     lib.wps_client_send_to_group_with_ack_id_async,
 )
-# A NULL completion callback, for an operation whose outcome nobody awaits.
-_NO_COMPLETION = _native.COMPLETION_CB()
 _EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_async, lib.wps_client_send_event_with_ack_id_async)
 
 
@@ -1230,7 +1228,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     # ---- lifecycle ---------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect to the service; returns once connected.
+        """Connect to the service; returns once connected. Cancelled (``asyncio.wait_for``),
+        it stops the client and ends once it is stopped, so that ``open()`` may be retried.
 
         :raises OpenClientError: the client is not stopped, or the connection failed. An
             exception the credential's provider raised is raised as it is, as officially.
@@ -1245,8 +1244,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         try:
             completion = await self._run(lib.wps_client_start_async, handle, checked=False)
         except asyncio.CancelledError:
-            lib.wps_client_stop_async(handle, _NO_COMPLETION, None, None)  # no connection behind a cancelled open
-            self._sink.cancel_providers()
+            # No connection behind a cancelled open: it ends once the client is stopped (as
+            # a sync open() that Ctrl-C ends), so that the next open() may follow at once.
+            try:
+                await self._run(lib.wps_client_stop_async, handle, checked=False)
+            finally:
+                self._sink.cancel_providers()
             raise
         finally:
             # Again after the start: a stopped event of an earlier run, delivered while this

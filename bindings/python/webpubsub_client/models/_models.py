@@ -82,7 +82,9 @@ class SendMessageError(WebPubSubClientError):
     :ivar ack_id: the ackId of the failed message when it had one: refused, timed out
         (a resend with it is deduplicated by the service), or sent (or queued during a
         recovery) when its connection was lost, the client was closed or Ctrl-C gave it
-        up. In the error of a failed rejoin, the ackId of its joinGroup.
+        up. In the error of a failed rejoin, the ackId of its joinGroup. None for one
+        refused before it was written (``IllegalState``, or ``Stopped``/``NotConnected``
+        while still queued behind others): it never reached the service.
     :ivar error_detail: what went wrong (:class:`AckMessageError`).
     """
 
