@@ -19,11 +19,11 @@ pub enum Credential {
     /// A fixed `wss://…/client/hubs/{hub}?access_token=…` URL.
     Url(String),
     /// Called before every NEW connection (not for a recovery). May be slow. An error,
-    /// or a panic, fails that connection attempt with `Error::Credential`. Its future
-    /// runs on the library's runtime, which every client of the process shares: it must
-    /// await, not block its thread (a blocking HTTP call, `std::thread::sleep`), which
-    /// would hold back every client's acks and events meanwhile; run blocking work with
-    /// `tokio::task::spawn_blocking`.
+    /// a panic, or a URL that is not a ws/wss (or http/https) URL fails that connection
+    /// attempt with `Error::Credential`. Its future runs on the library's runtime, which
+    /// every client of the process shares: it must await, not block its thread (a
+    /// blocking HTTP call, `std::thread::sleep`), which would hold back every client's
+    /// acks and events meanwhile; run blocking work with `tokio::task::spawn_blocking`.
     Provider(UrlProvider),
 }
 

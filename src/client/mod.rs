@@ -1,16 +1,18 @@
-//! The async client: a cheap handle (`Client`) over one connection task per client.
+//! The async client: a cheap handle ([`Client`]) over one connection task per client.
 //!
-//! Every method encodes its frame on the caller's thread and hands it to the client's
-//! connection task (see `connection.rs`), which owns the socket and the state machine;
-//! an awaited acked operation on an idle client is written by its caller instead, and
-//! the task takes it over from there (see `direct.rs`). The task keeps at most 999
-//! acked operations in flight (the service remembers a connection's last 1000 ackIds,
-//! which is what makes a resend after a recovery safe); later ones wait their turn.
-//! Replies come back over a oneshot channel, so the methods work from any executor.
-//! The crate's C layer builds the same operations from the caller's borrowed buffers
-//! (`group_message` and the like, each a `Prepared` frame) and either awaits them
-//! (`run`) or starts them with a completion callback (`start_then`: no task, no channel
-//! per operation).
+//! The task runs on the crate's own [runtime](crate::runtime), whatever runtime the
+//! caller uses. Every method encodes its frame on the caller's thread and hands it to
+//! the task, which owns the socket and the state machine (an awaited acked operation on
+//! an idle client is written by its caller instead, and the task takes it over from
+//! there). Replies come back over a oneshot channel, so the methods work from any
+//! executor. The task keeps at most 999 acked operations in flight (the service
+//! remembers a connection's last 1000 ackIds, which is what makes a resend after a
+//! recovery safe); later ones wait their turn.
+
+// The task is `connection.rs`, the caller's own write `direct.rs`. The crate's C layer
+// builds the same operations from the caller's borrowed buffers (`group_message` and
+// the like, each a `Prepared` frame) and either awaits them (`run`) or starts them with
+// a completion callback (`start_then`: no task, no channel per operation).
 
 mod ack_ids;
 mod connection;
@@ -43,11 +45,13 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 /// The connection state of a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientState {
-    /// Not started, stopped, or given up reconnecting.
+    /// Not started, stopped, or given up reconnecting; operations fail with
+    /// `Error::IllegalState`.
     Stopped,
     /// Opening a new connection (`start` or an automatic reconnect): from the moment
     /// `start` hands its command to a stopped client, as with the official clients. A
     /// start behind a stop still in progress is taken once that stop is done.
+    /// Operations fail at once with `Error::NotConnected` (wait for `Event::Connected`).
     Connecting,
     /// Connected; operations are sent at once.
     Connected,
@@ -56,7 +60,8 @@ pub enum ClientState {
     /// are pending), new ones fail at once with `Error::NotConnected` instead of
     /// waiting for the recovery.
     Recovering,
-    /// The session was lost; waiting before the next reconnect attempt.
+    /// The session was lost; waiting before the next reconnect attempt. Operations fail
+    /// at once with `Error::NotConnected`.
     Disconnected,
 }
 
@@ -65,7 +70,10 @@ pub enum ClientState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A new connection is ready (not raised again after a recovery).
+    /// A new connection is ready (not raised again after a recovery). With
+    /// `auto_rejoin_groups`, its rejoins are queued but not yet acked: a message
+    /// published to such a group before the service takes the rejoin is not delivered,
+    /// and a rejoin that fails raises `RejoinGroupFailed`.
     Connected {
         /// The service's id of this connection.
         connection_id: String,
@@ -129,7 +137,10 @@ pub enum Event {
 /// client (reached through a [`WeakClient`], which does not keep it alive). A panic in
 /// a method (or in a [`Resume`] it returned) is caught and logged: that event is
 /// dropped (or reading goes on), and the client carries on. Any
-/// `Fn(Event) + Send + Sync` closure is one.
+/// `Fn(Event) + Send + Sync` closure is one. It may call its client's non-async
+/// methods (`state`, `connection_id`), which already show the event's outcome (a
+/// `Disconnected` handler finds the client disconnected). What it spawns runs on that
+/// runtime too, shared by every client of the process: it must not block either.
 pub trait EventHandler: Send + Sync {
     /// One event.
     fn on_event(&self, event: Event);
@@ -189,7 +200,9 @@ pub struct InvokeResult {
 pub struct SendToGroupOptions {
     /// Do not deliver the message back to this connection.
     pub no_echo: bool,
-    /// Send without an ackId and return once queued.
+    /// Send without an ackId and return once queued. Sent at most once: one written to
+    /// a connection that then drops is lost without an error, even on a reliable
+    /// protocol (a recovery resends acked operations only).
     pub fire_and_forget: bool,
     /// Use this ackId (at least 1, else `Error::InvalidArgument`; ignored with
     /// `fire_and_forget`) instead of the next one. It must not be in use by a
@@ -205,7 +218,9 @@ pub struct SendToGroupOptions {
 /// Options of [`Client::send_event`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SendEventOptions {
-    /// Send without an ackId and return once queued.
+    /// Send without an ackId and return once queued. Sent at most once: one written to
+    /// a connection that then drops is lost without an error, even on a reliable
+    /// protocol (a recovery resends acked operations only).
     pub fire_and_forget: bool,
     /// Use this ackId (at least 1, else `Error::InvalidArgument`; ignored with
     /// `fire_and_forget`) instead of the next one. It must not be in use by a
@@ -228,6 +243,16 @@ pub struct InvokeOptions {
 
 /// Every failure the client reports. More kinds may come in later versions: a `match`
 /// needs a `_` arm.
+///
+/// What is worth retrying: the client has already retried (per `message_retry`) an
+/// acked operation that ends in `Timeout` or in an `Ack` named `InternalServerError`,
+/// and a resend with the error's `ack_id` is deduplicated by the service only on the
+/// same connection (after a lost session the connection is a new one). `NotConnected`
+/// passes once the client is connected again (`Event::Connected`); `StartTimeout`,
+/// `Connect` and `Credential` from `start` may pass on a later `start` (an HTTP 401 is
+/// a stale token). Any other `Ack` (`Forbidden`, `BadRequest`), `Invoke`,
+/// `InvalidArgument`, `IllegalState`, `Tls` and `Protocol` would fail again; after
+/// `Stopped` the client needs a `start`, and `Cancelled` is the application's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error {
@@ -235,8 +260,9 @@ pub enum Error {
     InvalidArgument(String),
     /// The call does not fit the client's state (not started, already started).
     IllegalState(String),
-    /// There is no connection to send on (or it was lost before the ack, or a recovery
-    /// has queued as many operations as it takes).
+    /// There is no connection to send on: the client is connecting or waiting to
+    /// reconnect, the connection was lost before the ack, or a recovery has queued as
+    /// many operations as it takes.
     NotConnected {
         /// The ackId of an acked operation the client had taken in (sent, or queued to
         /// send) when its connection was lost; `None` when it was never taken in.
@@ -475,7 +501,8 @@ impl Client {
 
     /// Like [`Client::new`], with the events delivered to an unbounded channel: a
     /// receiver that falls behind lets it grow. An [`EventHandler`] of your own can
-    /// bound it with [`EventHandler::backpressure`].
+    /// bound it with [`EventHandler::backpressure`]. The channel ends once every
+    /// `Client` handle is dropped, not at a `stop` (the client may start again).
     pub fn with_channel(
         credential: Credential,
         options: ClientOptions,

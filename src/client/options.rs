@@ -40,7 +40,7 @@ pub struct RetryOptions {
     pub max_retries: Option<u32>,
     /// Base delay between attempts.
     pub delay: Duration,
-    /// Upper bound of the delay in exponential mode.
+    /// Upper bound of the delay in exponential mode (30 s in both defaults).
     pub max_delay: Duration,
     /// Fixed or exponential delays.
     pub mode: RetryMode,
@@ -98,7 +98,9 @@ pub struct ClientOptions {
     /// Retries of an acked operation that timed out or hit `InternalServerError`;
     /// a retry keeps its ackId. Default: 3 retries, 1 s apart.
     pub message_retry: RetryOptions,
-    /// Retries of a new connection after the session was lost. Default: unbounded, 1 s.
+    /// Retries of a new connection after the session was lost: the first attempt is
+    /// made at once, each retry after its delay; once they are used up the client stops
+    /// (`Event::Stopped` with the last attempt's error). Default: unbounded, 1 s.
     pub reconnect_retry: RetryOptions,
     /// Send a `ping` this often; `None` disables (default 20 s).
     pub keep_alive_interval: Option<Duration>,
