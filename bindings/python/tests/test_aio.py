@@ -651,6 +651,34 @@ async def test_a_stop_during_open_cancels_the_async_credential(how: str, caplog:
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+@pytest.mark.parametrize("first", ["open", "provider"])
+async def test_a_provider_cancelled_with_the_open_is_no_failure_either(first: str, caplog: Any) -> None:
+    """A cancelled open() cancels its provider before awaiting the stop: one cancelled
+    along with it, as ``asyncio.run`` ending cancels every task in one pass (in either
+    order), is no credential failure to warn about either. (It was warned about: the
+    provider's cancellation was seen while the stop was awaited.)"""
+    asked = asyncio.Event()
+
+    async def provide() -> str:
+        asked.set()
+        await asyncio.sleep(3600)
+        return "ws://127.0.0.1:9/client/hubs/h"
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=WAIT * 6, reconnect_retry_total=0)
+    others = asyncio.all_tasks()
+    opening = asyncio.ensure_future(client.open())
+    await asyncio.wait_for(asked.wait(), WAIT)
+    (provider,) = asyncio.all_tasks() - others - {opening}
+    for task in (opening, provider) if first == "open" else (provider, opening):
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert client.state is WebPubSubClientState.STOPPED
+    await asyncio.wait_for(asyncio.wait([provider]), WAIT)
+    await asyncio.sleep(0.05)  # the cancelled provider's done callback has run
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 async def test_a_plain_provider_blocking_the_loop_past_the_start_timeout_fails_open_only(hub: Hub) -> None:
     """A plain function provider runs on the loop and cannot be cancelled: one that blocks
     the loop past the start timeout fails that open() with the timeout once the loop runs

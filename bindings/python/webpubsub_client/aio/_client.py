@@ -412,8 +412,9 @@ class _AsyncSink:
         # the latest request only: an abandoned one that raises later stands for nothing.
         self.credential_error: Optional[Exception] = None
         self.latest_request: Optional[int] = None
-        # The provider tasks not done yet: a stop cancels them (their requests are over),
-        # as the official client's provider is cancelled with its open().
+        # The provider tasks not answered yet (done callbacks to run): a stop cancels them
+        # (their requests are over), as the official client's provider is cancelled with
+        # its open().
         self._providers: Set["asyncio.Task[str]"] = set()
         # The provider tasks cancelled by ``_give_up``, until their done callbacks ran.
         self._given_up: Set["asyncio.Task[str]"] = set()
@@ -674,8 +675,9 @@ class _AsyncSink:
         """Cancel a provider whose request the library has given up (its connection
         attempt timed out, or the client stops): it is not answered, and its cancellation
         is no credential failure to report (an answer could even reach a request not yet
-        abandoned, and fail the start being stopped with a warning)."""
-        if task.cancel():
+        abandoned, and fail the start being stopped with a warning). One cancelled by
+        someone else just before (``asyncio.run`` ending cancels every task) is given up too."""
+        if task.cancel() or task.cancelled():
             self._given_up.add(task)
 
     def _answer_credential(self, result: int, timer: asyncio.TimerHandle, task: "asyncio.Task[str]") -> None:
@@ -1246,6 +1248,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         except asyncio.CancelledError:
             # No connection behind a cancelled open: it ends once the client is stopped (as
             # a sync open() that Ctrl-C ends), so that the next open() may follow at once.
+            # Its provider is cancelled at once, before its own cancellation (by the end
+            # of ``asyncio.run``) is seen as a failure; one asked for meanwhile, once stopped.
+            self._sink.cancel_providers()
             try:
                 await self._run(lib.wps_client_stop_async, handle, checked=False)
             finally:
