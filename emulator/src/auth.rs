@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use percent_encoding::percent_decode_str;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
 
@@ -110,18 +110,42 @@ pub fn sign_client_token(access_key: &str, audience: &str, opts: &TokenOptions) 
     sign(access_key, &Value::Object(claims))
 }
 
+/// What a URL path segment may hold as it is (RFC 3986 `pchar`): the rest of a hub
+/// name is percent-encoded.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@');
+
 /// A client access URL `ws(s)://host[:port]/client/hubs/{hub}?access_token=JWT` for
 /// `endpoint` (`http(s)://host[:port]`), as the official server SDKs make it: the
-/// token's audience is the same URL with the endpoint's scheme.
+/// token's audience is the same URL with the endpoint's scheme. The URL has the hub
+/// percent-encoded where a path may not hold it as it is ('`', '[', ']'); the audience
+/// has it as the SDKs sign it, unencoded.
 pub(crate) fn client_url(
     endpoint: &str,
     hub: &str,
     access_key: &str,
     opts: &TokenOptions,
 ) -> String {
-    let audience = format!("{endpoint}/client/hubs/{hub}");
-    let jwt = sign_client_token(access_key, &audience, opts);
-    format!("{}?access_token={jwt}", audience.replacen("http", "ws", 1))
+    let jwt = sign_client_token(access_key, &format!("{endpoint}/client/hubs/{hub}"), opts);
+    let hub = utf8_percent_encode(hub, PATH_SEGMENT);
+    let url = format!("{endpoint}/client/hubs/{hub}?access_token={jwt}");
+    url.replacen("http", "ws", 1)
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {

@@ -28,8 +28,9 @@ impl FromStr for ConnectionString {
 
     /// `key=value` segments separated by `;`, keys without case, the first of a key
     /// winning, as `azure-messaging-webpubsubservice` reads them: `Endpoint` (`http://`
-    /// or `https://`) and `AccessKey` are needed, `Port` replaces the endpoint's port,
-    /// other keys (`Version`) are ignored.
+    /// or `https://`, without a query, which the URL's path cannot follow) and
+    /// `AccessKey` are needed, `Port` replaces the endpoint's port, other keys
+    /// (`Version`) are ignored.
     fn from_str(s: &str) -> Result<Self, String> {
         let (mut endpoint, mut port, mut access_key) = (None, None, None);
         for segment in s.trim().split(';').filter(|s| !s.is_empty()) {
@@ -50,8 +51,23 @@ impl FromStr for ConnectionString {
             .split_once("://")
             .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
             .ok_or_else(|| format!("Endpoint '{endpoint}' is not an http:// or https:// URL"))?;
+        if rest.contains(['?', '#']) {
+            return Err(format!("Endpoint '{endpoint}' has a query or fragment"));
+        }
         let rest = rest.trim_end_matches('/');
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        // The host and port follow a userinfo ('@'); an IPv6 host is bracketed: a ':'
+        // inside the brackets is not a port's.
+        let (userinfo, host_port) = authority.split_at(authority.rfind('@').map_or(0, |i| i + 1));
+        let host = match host_port.rsplit_once(':') {
+            Some((host, p)) if !p.contains(']') => host,
+            _ => host_port,
+        };
+        if host.is_empty() || host.contains(':') && !host.starts_with('[') {
+            return Err(format!(
+                "Endpoint '{endpoint}' names no host (an IPv6 one is bracketed)"
+            ));
+        }
         let authority = match port {
             None => authority.to_owned(),
             Some(port) => {
@@ -60,17 +76,9 @@ impl FromStr for ConnectionString {
                     .ok()
                     .filter(|p| *p != 0)
                     .ok_or_else(|| format!("Port '{port}' is not a port number (1 to 65535)"))?;
-                // An IPv6 host is bracketed: a ':' inside the brackets is not a port's.
-                let host = match authority.rsplit_once(':') {
-                    Some((host, p)) if !p.contains(']') => host,
-                    _ => authority,
-                };
-                format!("{host}:{port}")
+                format!("{userinfo}{host}:{port}")
             }
         };
-        if authority.starts_with(':') || authority.is_empty() {
-            return Err(format!("Endpoint '{endpoint}' names no host"));
-        }
         Ok(ConnectionString {
             endpoint: format!("{scheme}://{authority}{path}"),
             access_key: access_key.to_owned(),
@@ -112,6 +120,25 @@ mod tests {
         );
     }
 
+    /// `Port` replaces the port after the host, not a ':' of a userinfo before it (the
+    /// URL named host 'u').
+    #[test]
+    fn the_port_follows_the_host_after_a_userinfo() {
+        let ok = |endpoint: &str| Ok((endpoint.to_owned(), "k".to_owned()));
+        assert_eq!(
+            parse("Endpoint=http://u:p@h;Port=81;AccessKey=k"),
+            ok("http://u:p@h:81")
+        );
+        assert_eq!(
+            parse("Endpoint=http://u@h:90/api;Port=81;AccessKey=k"),
+            ok("http://u@h:81/api")
+        );
+        assert_eq!(
+            parse("Endpoint=http://u:p@[::1];Port=81;AccessKey=k"),
+            ok("http://u:p@[::1]:81")
+        );
+    }
+
     #[test]
     fn what_is_refused_is_named() {
         for (s, expected) in [
@@ -125,6 +152,13 @@ mod tests {
             ("Endpoint=http://h;Port=0;AccessKey=k", "Port '0'"),
             ("Endpoint=http://h;Port=x;AccessKey=k", "Port 'x'"),
             ("Endpoint=http://h;Port=65536;AccessKey=k", "Port '65536'"),
+            ("Endpoint=http://u@;AccessKey=k", "no host"),
+            ("Endpoint=http://u@:81;AccessKey=k", "no host"),
+            ("Endpoint=http://::1;Port=81;AccessKey=k", "no host"),
+            ("Endpoint=http://fe80::1;AccessKey=k", "no host"),
+            // The client URL's path cannot follow them.
+            ("Endpoint=http://h?x=1;AccessKey=k", "query"),
+            ("Endpoint=http://h/api#f;Port=81;AccessKey=k", "query"),
         ] {
             let err = parse(s).unwrap_err();
             assert!(err.contains(expected), "{s}: {err}");

@@ -426,6 +426,25 @@ async fn client_url_signs_with_the_access_key_it_is_given() {
     }
 }
 
+/// A hub name may hold '`', '[' and ']', which a URL path may not: the URL has them
+/// percent-encoded (a WebSocket client refused it), the token's audience as the SDKs
+/// sign it.
+#[tokio::test]
+async fn client_url_encodes_what_a_hub_name_holds_that_a_url_may_not() {
+    let (_binary, port) = spawn_binary("k3y", &[]);
+    let port = port.to_string();
+    let url = client_url(&["--access-key", "k3y", "--port", &port, "--hub", "a`b[c]"]);
+    let base = format!("ws://127.0.0.1:{port}/client/hubs/a%60b%5Bc%5D?access_token=");
+    let token = url.strip_prefix(&base).unwrap_or_else(|| panic!("{url}"));
+    let claims = webpubsub_emulator::auth::verify("k3y", token, true).unwrap();
+    assert_eq!(
+        claims.payload["aud"],
+        format!("http://127.0.0.1:{port}/client/hubs/a`b[c]")
+    );
+    let (_ws, connected) = common::connect_json(&url, common::JSON).await;
+    assert_eq!(connected["type"], "system", "{connected}");
+}
+
 #[test]
 fn client_url_refuses_bad_arguments_naming_them() {
     let cs = "Endpoint=http://127.0.0.1;Port=8080;AccessKey=k;Version=1.0;";
