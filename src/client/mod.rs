@@ -286,7 +286,8 @@ pub enum Error {
     /// The operation was cancelled (the C API's `wps_client_cancel`). A Rust caller
     /// cancels by dropping the operation's future, which then reports nothing.
     Cancelled,
-    /// The client was stopped (or dropped) before the operation completed.
+    /// The client was stopped before the operation completed (through the C API, also
+    /// freed: a Rust operation borrows its client, which cannot be dropped meanwhile).
     Stopped {
         /// The ackId of an acked operation the client had taken in (sent, or queued to
         /// send) when it was stopped; `None` when it was never taken in.
