@@ -1976,3 +1976,28 @@ async fn a_stop_waits_for_an_unanswered_close_frame_a_bounded_time() {
     let (event, _) = wait_for(&mut events, 5, |e| *e == Event::Stopped { error: None }).await;
     assert_eq!(event, Event::Stopped { error: None });
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_writes_the_queued_fire_and_forget_messages_and_goes_away() {
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    const BODIES: [&str; 3] = ["one", "two", "three"];
+    for _ in 0..100 {
+        for body in BODIES {
+            fire_and_forget(&client, body).await.unwrap();
+        }
+    }
+    drop(client);
+    for i in 0..300 {
+        let frame = conn.recv().await;
+        assert_eq!(frame["data"], BODIES[i % 3], "message {i}: {frame}");
+    }
+    let close = match conn.ws.next().await {
+        Some(Ok(Message::Close(frame))) => frame,
+        other => panic!("no close frame after the messages: {other:?}"),
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+    // No event, not Stopped either: the channel just ends.
+    let end = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert_eq!(end, Ok(None));
+}

@@ -397,11 +397,12 @@ impl Error {
 }
 
 /// A Web PubSub client. Cheap to clone (an `Arc` inside); `Send + Sync`. Dropping the
-/// last clone closes its connection and ends its connection task, raising no event (not
-/// `Stopped` either). A clone held
-/// by the client's own event handler counts too, and would keep the client (and its
-/// connection) alive after the application dropped its own: give the handler a
-/// [`WeakClient`] ([`Client::downgrade`]) instead.
+/// last clone writes the fire-and-forget messages already queued, as a `stop` does,
+/// then closes its connection (close code 1001, going away) and ends its connection
+/// task, raising no event (not `Stopped` either). A clone held by the client's own
+/// event handler counts too, and would keep the client (and its connection) alive after
+/// the application dropped its own: give the handler a [`WeakClient`]
+/// ([`Client::downgrade`]) instead.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
