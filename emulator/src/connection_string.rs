@@ -8,7 +8,7 @@ use crate::{auth, TokenOptions};
 /// The endpoint and access key a connection string names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionString {
-    /// `http(s)://host[:port]`, lower-case, without a trailing slash.
+    /// `http(s)://[userinfo@]host[:port][/path]`, lower-case, without a trailing slash.
     pub endpoint: String,
     /// The key signing tokens.
     pub access_key: String,
@@ -29,8 +29,9 @@ impl FromStr for ConnectionString {
     /// `key=value` segments separated by `;`, keys without case, the first of a key
     /// winning, as `azure-messaging-webpubsubservice` reads them: `Endpoint` (`http://`
     /// or `https://`, without a query, which the URL's path cannot follow) and
-    /// `AccessKey` are needed, `Port` replaces the endpoint's port, other keys
-    /// (`Version`) are ignored.
+    /// `AccessKey` are needed, other keys (`Version`) are ignored. `Port` replaces the
+    /// endpoint's port, as `@azure/web-pubsub` does (the Python SDK appends it to the
+    /// endpoint, a path included).
     fn from_str(s: &str) -> Result<Self, String> {
         let (mut endpoint, mut port, mut access_key) = (None, None, None);
         for segment in s.trim().split(';').filter(|s| !s.is_empty()) {

@@ -551,5 +551,44 @@ async fn the_hub_may_be_named_in_the_query() {
         .await,
         401
     );
+    // A second `hub` replaces the first.
+    for (hubs, status) in [("hub=other&hub=chat", 101), ("hub=chat&hub=other", 401)] {
+        let url = format!("{base}?{hubs}&access_token={token}");
+        assert_eq!(status_of(&url, Some(JSON)).await, status, "{hubs}");
+    }
+    emu.shutdown().await;
+}
+
+/// A connection made through `/client?hub={hub}` recovers through the URL the official
+/// JS client makes of it (its own URL, the recovery parameters appended), the hub named
+/// in another case.
+#[tokio::test]
+async fn a_connection_by_query_recovers_through_its_url() {
+    let emu = start().await;
+    let (mut publisher, _) = connect_json(&emu.client_url("chat", &all_roles("a")), JSON).await;
+    let token_url = emu.client_url("chat", &all_roles("b"));
+    let token = token_url.split_once("?access_token=").unwrap().1;
+    let url = |hub: &str| {
+        format!(
+            "ws://127.0.0.1:{}/client?hub={hub}&access_token={token}",
+            emu.port()
+        )
+    };
+    let (mut b, connected) = connect_json(&url("chat"), RELIABLE).await;
+    assert_ack_ok(&b.join("g", 1).await);
+    let id = connected["connectionId"].as_str().unwrap();
+    assert_eq!(fault(&emu, "chat", id, ":drop").await.status(), 200);
+    b.expect_abrupt_end().await;
+    let recovery = format!(
+        "{}&awps_connection_id={id}&awps_reconnection_token={}",
+        url("Chat"),
+        connected["reconnectionToken"].as_str().unwrap()
+    );
+    let (mut recovered, again) = connect_json(&recovery, RELIABLE).await;
+    assert_eq!(again["connectionId"], id);
+    publisher
+        .send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"back"}))
+        .await;
+    assert_eq!(recovered.next_json().await["data"], "back");
     emu.shutdown().await;
 }

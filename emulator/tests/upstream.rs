@@ -1550,3 +1550,24 @@ async fn the_connection_state_survives_recovery_and_refuses_bad_headers() {
     emu.shutdown().await;
     up.task.abort();
 }
+
+/// A simple client's `webpubsub_mode=sendToGroup&group=g` query is ignored: its frame is
+/// a `message` event as in the default mode, and nothing reaches the group.
+#[tokio::test]
+async fn a_simple_clients_send_to_group_mode_is_ignored() {
+    let (mut up, emu) = emulator_with_upstream().await;
+    let (mut member, _) = connect_json(&emu.client_url("h", &all_roles("m")), JSON).await;
+    assert_ack_ok(&member.join("g", 1).await);
+    let url = emu.client_url("h", &all_roles("s"));
+    let mut s = connect(&format!("{url}&webpubsub_mode=sendToGroup&group=g"), None).await;
+    s.send_text("raw text").await;
+    let seen = next_seen(&mut up).await;
+    assert_eq!(seen.h("ce-type"), "azure.webpubsub.user.message");
+    assert_eq!(&seen.body[..], b"raw text");
+    member
+        .send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"marker"}))
+        .await;
+    assert_eq!(member.next_json().await["data"], "marker");
+    emu.shutdown().await;
+    up.task.abort();
+}

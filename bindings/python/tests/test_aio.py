@@ -8,6 +8,7 @@ import ctypes
 import gc
 import logging
 import select
+import socket
 import threading
 import time
 import weakref
@@ -147,6 +148,40 @@ async def test_open_again_right_after_a_cancelled_open(hub: Hub) -> None:
     await retry.open()
     assert retry.is_connected()
     await retry.close()
+
+
+@pytest.mark.parametrize("provider", ["sync", "async"])
+async def test_open_cancelled_while_connecting_ends_stopped_and_opens_again(provider: str, hub: Hub) -> None:
+    """An open() cancelled while it connects (its provider has answered, the service does
+    not) ends with the client stopped: the next open() of that client connects."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        urls = [f"ws://127.0.0.1:{silent.getsockname()[1]}/client/hubs/h", hub.url()]
+
+        def sync_url() -> str:
+            return urls.pop(0)
+
+        async def async_url() -> str:
+            return urls.pop(0)
+
+        client = make(WebPubSubClientCredential(sync_url if provider == "sync" else async_url), start_timeout=WAIT * 6)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.open(), 0.3)
+        assert client.state is WebPubSubClientState.STOPPED
+        await asyncio.wait_for(client.open(), WAIT)
+        assert client.is_connected()
+        await client.close()
+
+
+async def test_a_send_refused_before_it_was_written_has_no_ack_id_but_its_own(hub: Hub) -> None:
+    """Not open (IllegalState): an acked send's error has no ackId, unless it named its own."""
+    client = make(hub.url())
+    for ack_id in (None, 7):
+        with pytest.raises(SendMessageError) as info:
+            await client.send_to_group("g", "x", WebPubSubDataType.TEXT, ack_id=ack_id)
+        assert info.value.error_detail is not None and info.value.error_detail.name == "IllegalState"
+        assert info.value.ack_id == ack_id
 
 
 async def test_close_called_while_open_runs_stops_the_client_as_officially(hub: Hub) -> None:

@@ -305,13 +305,19 @@ def test_unknown_event_names_are_ignored_as_by_the_official_client(hub: Hub, cap
 
 def test_without_azure_core_the_errors_are_plain_exceptions() -> None:
     """azure-core is not a dependency: without it the package imports, and its errors
-    derive from Exception alone (with it, they are AzureErrors: the scenario above)."""
+    derive from Exception alone (with it, they are AzureErrors: the scenario above), which
+    takes further positional arguments but no AzureError keywords."""
     code = (
         "import sys; sys.modules['azure.core.exceptions'] = None\n"
-        "from webpubsub_client.models import SendMessageError, WebPubSubClientError\n"
+        "from webpubsub_client.models import OpenClientError, SendMessageError, WebPubSubClientError\n"
         "assert WebPubSubClientError.__bases__ == (Exception,), WebPubSubClientError.__mro__\n"
         "assert 'azure.core' not in sys.modules\n"
-        "print(SendMessageError('m').message)\n"
+        "error = OpenClientError('m', 'more', status=3)\n"
+        "assert (error.message, error.args, error.status) == ('m', ('m', 'more'), 3), error.args\n"
+        "try:\n"
+        "    OpenClientError('m', error=ValueError())\n"
+        "except TypeError:\n"
+        "    print(SendMessageError('m').message)\n"
     )
     package_dir = os.path.dirname(os.path.dirname(ours.__file__))
     env = {**os.environ, "PYTHONPATH": package_dir}

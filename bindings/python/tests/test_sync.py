@@ -727,6 +727,10 @@ def test_send_to_group_round_trip(
     assert message.group == "room"
     assert message.from_user_id == "bob"
     assert message.data_type == WebPubSubDataType(str(data_type))
+    # A member equal to the official client's plain str, whose str() and f-strings give it.
+    value = message.data_type.value
+    assert type(message.data_type) is WebPubSubDataType
+    assert (message.data_type, str(message.data_type), f"{message.data_type}") == (value, value, value)
     if isinstance(expected, bytes):
         assert isinstance(message.data, memoryview)
         assert bytes(message.data) == expected
@@ -1494,6 +1498,23 @@ def test_a_refused_send_reports_its_ack_id(hub: Hub) -> None:
     assert refused[0].ack_id is not None and refused[1].ack_id is not None
     assert refused[0].ack_id != refused[1].ack_id
     assert chosen.value.ack_id == 900
+
+
+def test_a_send_refused_before_it_was_written_has_no_ack_id_but_its_own(hub: Hub) -> None:
+    """Refused before it was written (here not open: IllegalState), an acked operation's
+    error has no ackId, unless a send named its own: the error then carries it."""
+    client = make(hub.url())
+    for operation, expected in (
+        (lambda: client.send_to_group("g", "x", WebPubSubDataType.TEXT), None),
+        (lambda: client.send_event("e", "x", WebPubSubDataType.TEXT), None),
+        (lambda: client.join_group("g"), None),
+        (lambda: client.send_to_group("g", "x", WebPubSubDataType.TEXT, ack_id=7), 7),
+        (lambda: client.send_event("e", "x", WebPubSubDataType.TEXT, ack_id=8), 8),
+    ):
+        with pytest.raises(SendMessageError) as info:
+            operation()
+        assert info.value.error_detail is not None and info.value.error_detail.name == "IllegalState"
+        assert info.value.ack_id == expected
 
 
 def test_operations_when_not_connected_raise_send_message_error(hub: Hub) -> None:

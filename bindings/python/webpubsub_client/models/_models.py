@@ -63,7 +63,8 @@ class WebPubSubClientError(_ErrorBase):
     :ivar status: the native library's status code (0 when raised by Python code).
 
     Further arguments are AzureError's (``error=`` the inner exception), as the official
-    errors take them; without azure-core, only positional ones.
+    ``OpenClientError`` takes them (``SendMessageError`` takes only its own, as there);
+    without azure-core, only positional ones.
     """
 
     def __init__(self, message: str, *args: Any, status: int = 0, **kwargs: Any) -> None:
@@ -83,8 +84,10 @@ class SendMessageError(WebPubSubClientError):
         (a resend with it is deduplicated by the service), or sent (or queued during a
         recovery) when its connection was lost, the client was closed or Ctrl-C gave it
         up. In the error of a failed rejoin, the ackId of its joinGroup. None for one
-        refused before it was written (``IllegalState``, or ``Stopped``/``NotConnected``
-        while still queued behind others): it never reached the service.
+        refused before it was written, which never reached the service (``IllegalState``;
+        ``NotConnected`` at once, while connecting or with the recovery queue full;
+        ``Stopped``/``NotConnected`` while still queued behind others), unless a send
+        named its own ``ack_id``: the error carries it. None in an ``InvokeEventError``.
     :ivar error_detail: what went wrong (:class:`AckMessageError`).
     """
 
