@@ -69,8 +69,8 @@
 
 /**
  * Event kind: the client stopped and will not reconnect (`status`, `message`). Not
- * raised by a failed start (its status is the start's) nor by a stop of a stopped
- * client.
+ * raised by a start that fails on its own (its status is the start's; a stop that ends
+ * a start raises it) nor by a stop of a stopped client.
  */
 #define WPS_EVENT_STOPPED 3
 
@@ -1496,7 +1496,8 @@ const char *wps_status_str(wps_status status);
  *
  * Valid until the next call on this thread that returns a `wps_status` (the three
  * `wps_last_error_*` texts, `wps_status_str` and the other calls returning no status
- * leave it: one `printf` may take them all); never NULL.
+ * leave it, but for an internal panic in one, recorded here: one `printf` may take
+ * them all); never NULL.
  */
 const char *wps_last_error_message(void);
 

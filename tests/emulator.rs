@@ -1198,3 +1198,87 @@ async fn stopped_by_caller(client: &Client, events: &mut UnboundedReceiver<Event
         "{raised:?}"
     );
 }
+
+#[tokio::test]
+async fn operations_fail_at_once_while_connecting_or_waiting_to_reconnect() {
+    let emulator = emulator().await;
+    let url = emulator.client_url(HUB, &token("ida"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let credential = {
+        let (calls, gate) = (calls.clone(), gate.clone());
+        Credential::provider(move || {
+            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let (url, gate) = (url.clone(), gate.clone());
+            async move {
+                if call > 1 {
+                    return Err(format!("no token (call {call})"));
+                }
+                gate.acquire().await.map_err(|e| e.to_string())?.forget();
+                Ok(url)
+            }
+        })
+    };
+    // Retries 60 s apart: only the first reconnect attempt comes within the test.
+    let options = ClientOptions {
+        reconnect_retry: RetryOptions {
+            delay: Duration::from_secs(60),
+            ..fast_options().reconnect_retry
+        },
+        ..fast_options()
+    };
+    let (client, mut events) = Client::with_channel(credential, options).unwrap();
+    let starting = tokio::spawn({
+        let client = client.clone();
+        async move { client.start().await }
+    });
+    let asked = |n| calls.load(Ordering::SeqCst) == n;
+    common::until("the start's URL request", Duration::from_secs(5), || {
+        asked(1)
+    })
+    .await;
+    assert_eq!(client.state(), ClientState::Connecting);
+    refused_at_once(&client);
+    gate.add_permits(1);
+    starting.await.unwrap().unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    fault(&emulator, HUB, &connection_id, ":close?code=1008").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected { .. }
+    ));
+    // The first attempt is made at once, not after the retry delay; once it failed,
+    // the client waits to reconnect.
+    let failed = || asked(2) && client.state() == ClientState::Disconnected;
+    common::until(
+        "the first reconnect attempt",
+        Duration::from_secs(5),
+        failed,
+    )
+    .await;
+    refused_at_once(&client);
+    client.stop().await;
+    assert_eq!(drain(&mut events), [Event::Stopped { error: None }]);
+}
+
+/// Every operation of `client` fails with `NotConnected` at its first poll.
+fn refused_at_once(client: &Client) {
+    use futures_util::FutureExt;
+    let send = client
+        .send_to_group(
+            "g",
+            DataType::Text,
+            text("x"),
+            SendToGroupOptions::default(),
+        )
+        .now_or_never();
+    assert_eq!(send, Some(Err(Error::NotConnected { ack_id: None })));
+    let join = client.join_group("g").now_or_never();
+    assert_eq!(join, Some(Err(Error::NotConnected { ack_id: None })));
+    let invoke = client
+        .invoke_event("e", DataType::Text, text("x"), InvokeOptions::default())
+        .now_or_never();
+    assert_eq!(invoke, Some(Err(Error::NotConnected { ack_id: None })));
+}

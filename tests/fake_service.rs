@@ -2001,3 +2001,23 @@ async fn dropping_the_last_handle_writes_the_queued_fire_and_forget_messages_and
     let end = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
     assert_eq!(end, Ok(None));
 }
+
+#[tokio::test]
+async fn a_fire_and_forget_message_written_before_a_drop_is_not_resent_by_the_recovery() {
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    fire_and_forget(&client, "once").await.unwrap();
+    assert_eq!(conn.recv().await["data"], "once");
+    drop(conn);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(uri.contains("awps_connection_id"), "not a recovery: {uri}");
+    let after = spawn_send(&client, "after");
+    let frame = conn.recv().await;
+    assert_eq!(
+        frame["data"], "after",
+        "the fire-and-forget message was resent"
+    );
+    conn.ack(&frame).await;
+    after.await.unwrap().unwrap();
+    client.stop().await;
+}

@@ -642,3 +642,65 @@ fn a_start_timeout_is_timeout_and_names_the_step_it_waited_for() {
         "{message}"
     );
 }
+
+/// The poll-mode descriptor watched edge-triggered (`EPOLLET`) signals once per
+/// emptied queue: what is queued while callbacks wait raises no new edge, so the
+/// application dispatches until a call takes fewer than its `max`.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_edge_triggered_descriptor_signals_again_only_after_a_dispatch_emptied_the_queue() {
+    use webpubsub_client::ffi::client::{wps_client_dispatch_fd, wps_client_join_group_async};
+    unsafe extern "C" fn ignore(
+        _: *mut c_void,
+        _: *const webpubsub_client::ffi::callbacks::wps_completion,
+    ) {
+    }
+    let url = c"ws://127.0.0.1:1/client/hubs/h";
+    let c = common::ffi_poll_client(url, None, std::ptr::null_mut(), None);
+    // Not started: each join completes at once (refused), queued for the dispatch.
+    let refused = || unsafe {
+        let status = wps_client_join_group_async(
+            c,
+            c"g".as_ptr(),
+            Some(ignore),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        check(status, "join");
+    };
+    let mut fd = -1;
+    check(unsafe { wps_client_dispatch_fd(c, &mut fd) }, "dispatch fd");
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(ep >= 0);
+    let mut watch = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+        u64: 0,
+    };
+    assert_eq!(
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut watch) },
+        0
+    );
+    let edges = || {
+        let mut out = [libc::epoll_event { events: 0, u64: 0 }; 1];
+        unsafe { libc::epoll_wait(ep, out.as_mut_ptr(), 1, 0) }
+    };
+    let dispatch = |max| {
+        let mut ran = 0;
+        check(unsafe { wps_client_dispatch(c, max, &mut ran) }, "dispatch");
+        ran
+    };
+    refused();
+    refused();
+    assert_eq!(edges(), 1);
+    assert_eq!(dispatch(1), 1);
+    refused();
+    assert_eq!(edges(), 0, "no edge while callbacks wait");
+    assert_eq!(dispatch(3), 2, "fewer than max: the queue is empty");
+    refused();
+    assert_eq!(edges(), 1, "queued after the queue was emptied");
+    assert_eq!(dispatch(3), 1);
+    unsafe {
+        libc::close(ep);
+        wps_client_free(c);
+    }
+}

@@ -248,11 +248,12 @@ pub struct InvokeOptions {
 /// acked operation that ends in `Timeout` or in an `Ack` named `InternalServerError`,
 /// and a resend with the error's `ack_id` is deduplicated by the service only on the
 /// same connection (after a lost session the connection is a new one). `NotConnected`
-/// passes once the client is connected again (`Event::Connected`); `StartTimeout`,
-/// `Connect` and `Credential` from `start` may pass on a later `start` (an HTTP 401 is
-/// a stale token). Any other `Ack` (`Forbidden`, `BadRequest`), `Invoke`,
-/// `InvalidArgument`, `IllegalState`, `Tls` and `Protocol` would fail again; after
-/// `Stopped` the client needs a `start`, and `Cancelled` is the application's own.
+/// passes once the client is connected again (`Event::Connected`, or a recovery's end,
+/// which raises no event); `StartTimeout`, `Connect` and `Credential` from `start` may
+/// pass on a later `start` (an HTTP 401 is a stale token). Any other `Ack`
+/// (`Forbidden`, `BadRequest`), `Invoke`, `InvalidArgument`, `Tls` and `Protocol` would
+/// fail again; after `Stopped`, or an operation's `IllegalState` (not started), the
+/// client needs a `start`, and `Cancelled` is the application's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error {
@@ -523,8 +524,9 @@ impl Client {
     /// Opens the connection: gets the URL, connects and waits for the service's
     /// `connected` frame (bounded by `start_timeout`); returns after the `Connected`
     /// event. One attempt; later losses are handled by recovery and auto-reconnect. A
-    /// failed start raises no event, and a `stop` meanwhile ends it with
-    /// `Error::Stopped`. `Error::IllegalState` when the client is not stopped.
+    /// start that fails on its own raises no event; a `stop` meanwhile ends it with
+    /// `Error::Stopped` (and raises `Stopped`). `Error::IllegalState` when the client
+    /// is not stopped.
     ///
     /// Cancel safety: the first poll hands the start to the client. Dropping the
     /// future after that only ends the wait: the attempt goes on, and within

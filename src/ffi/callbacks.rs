@@ -27,8 +27,8 @@ pub const WPS_EVENT_CONNECTED: u32 = 1;
 /// Event kind: the session was lost (`connection_id`, `message`, `close_code`).
 pub const WPS_EVENT_DISCONNECTED: u32 = 2;
 /// Event kind: the client stopped and will not reconnect (`status`, `message`). Not
-/// raised by a failed start (its status is the start's) nor by a stop of a stopped
-/// client.
+/// raised by a start that fails on its own (its status is the start's; a stop that ends
+/// a start raises it) nor by a stop of a stopped client.
 pub const WPS_EVENT_STOPPED: u32 = 3;
 /// Event kind: a message from the server (`data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;

@@ -240,7 +240,8 @@ pub extern "C" fn wps_status_str(status: wps_status) -> *const c_char {
 ///
 /// Valid until the next call on this thread that returns a `wps_status` (the three
 /// `wps_last_error_*` texts, `wps_status_str` and the other calls returning no status
-/// leave it: one `printf` may take them all); never NULL.
+/// leave it, but for an internal panic in one, recorded here: one `printf` may take
+/// them all); never NULL.
 #[no_mangle]
 pub extern "C" fn wps_last_error_message() -> *const c_char {
     with_last_error(|e| e.message.as_ptr())

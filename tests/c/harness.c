@@ -400,13 +400,20 @@ static void on_credential_unused(void *user_data, wps_credential_result *result)
 static bool test_null_and_invalid_arguments(void) {
     const char bad_utf8[] = {(char)0xff, (char)0xfe, 0};
     wps_client *c = NULL;
+    wps_client *idle = NULL;
+    CHECK_OK(wps_client_new("ws://127.0.0.1:1/client/hubs/x", NULL, NULL, NULL, NULL, &idle));
     CHECK_STATUS(wps_client_new(NULL, NULL, NULL, NULL, NULL, &c), WPS_STATUS_NULL_ARG);
     CHECK(strlen(wps_last_error_message()) > 0);
-    /* The texts stay valid across the calls returning no status, as one printf takes them. */
+    /* The texts stay valid across every call returning no status, as one printf takes them. */
     const char *message = wps_last_error_message();
     const char *name = wps_last_error_name();
     CHECK(wps_status_str(WPS_STATUS_NULL_ARG) && wps_last_error_service_message() && wps_version());
     CHECK(wps_client_state(NULL) == WPS_STATE_STOPPED && wps_invoke_response_data(NULL, NULL) == NULL);
+    CHECK(wps_client_state(idle) == WPS_STATE_STOPPED && wps_invoke_response_data_type(NULL) == WPS_DATA_TYPE_TEXT);
+    wps_invoke_response_free(NULL);
+    wps_options_free(wps_options_new());
+    wps_client_free(NULL);
+    wps_client_free(idle);
     CHECK(message == wps_last_error_message() && strcmp(message, "`url` is NULL") == 0 && strcmp(name, "") == 0);
     CHECK_STATUS(wps_client_new(bad_utf8, NULL, NULL, NULL, NULL, &c), WPS_STATUS_INVALID_UTF8);
     CHECK_STATUS(wps_client_new("ws://127.0.0.1:1/client/hubs/x", NULL, NULL, NULL, NULL, NULL), WPS_STATUS_NULL_ARG);
