@@ -690,14 +690,7 @@ async fn a_client_whose_reconnects_all_fail_stops_with_the_last_attempts_error()
     };
     let (client, mut events) = Client::with_channel(credential, options).unwrap();
     client.start().await.unwrap();
-    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
-        panic!("not connected")
-    };
-    fault(&emulator, HUB, &connection_id, ":close?code=1008").await;
-    assert!(matches!(
-        next_event(&mut events, 5).await,
-        Event::Disconnected { .. }
-    ));
+    lose_the_session(&emulator, &mut events).await;
     // The start, then one attempt and 2 retries.
     let error = Error::Credential("the token service answered 401 (call 4)".into());
     assert_eq!(
@@ -1241,14 +1234,7 @@ async fn operations_fail_at_once_while_connecting_or_waiting_to_reconnect() {
     refused_at_once(&client);
     gate.add_permits(1);
     starting.await.unwrap().unwrap();
-    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
-        panic!("not connected")
-    };
-    fault(&emulator, HUB, &connection_id, ":close?code=1008").await;
-    assert!(matches!(
-        next_event(&mut events, 5).await,
-        Event::Disconnected { .. }
-    ));
+    lose_the_session(&emulator, &mut events).await;
     // The first attempt is made at once, not after the retry delay; once it failed,
     // the client waits to reconnect.
     let failed = || asked(2) && client.state() == ClientState::Disconnected;
@@ -1281,4 +1267,17 @@ fn refused_at_once(client: &Client) {
         .invoke_event("e", DataType::Text, text("x"), InvokeOptions::default())
         .now_or_never();
     assert_eq!(invoke, Some(Err(Error::NotConnected { ack_id: None })));
+}
+
+/// Waits for the client's `Connected` event, then loses its session (close code 1008)
+/// and waits for its `Disconnected` event.
+async fn lose_the_session(emulator: &Emulator, events: &mut UnboundedReceiver<Event>) {
+    let Event::Connected { connection_id, .. } = next_event(events, 5).await else {
+        panic!("not connected")
+    };
+    fault(emulator, HUB, &connection_id, ":close?code=1008").await;
+    assert!(matches!(
+        next_event(events, 5).await,
+        Event::Disconnected { .. }
+    ));
 }
