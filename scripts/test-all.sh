@@ -16,7 +16,7 @@ LOG_DIR="$ROOT/target/test-logs"
 mkdir -p "$LOG_DIR"
 # One build per run: incremental compilation state would only add gigabytes of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-ALL_SUITES="fmt clippy doc rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest pytest-py310 pytest-py312 pytest-py313 python-lint python-package interop-python interop-node examples"
+ALL_SUITES="fmt clippy doc msrv rust header c-plain c-asan c-valgrind c-stress-asan c-stress-valgrind pytest pytest-py310 pytest-py312 pytest-py313 python-lint python-package interop-python interop-node examples"
 SUITES="${SUITES:-$ALL_SUITES}"
 
 TOTAL_PASSED=0
@@ -179,6 +179,7 @@ show_failures() {
 suite_fmt() { run_check fmt cargo fmt --all -- --check; }
 suite_clippy() { run_check clippy cargo clippy --workspace --all-targets --quiet -- -D warnings; }
 suite_doc() { RUSTDOCFLAGS="-D warnings" run_check doc cargo doc --workspace --no-deps --quiet; }
+suite_msrv() { run_check msrv scripts/check-msrv.sh; }
 # Uncaptured: a test binary that dies (a signal, a panic in a callback across the C
 # ABI) takes the output libtest captured with it, and the log would not say why.
 suite_rust() { run_counted rust cargo cargo test --workspace --no-fail-fast -- --nocapture; }
