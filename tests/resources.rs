@@ -517,7 +517,7 @@ fn rust_api(s: &Servers) {
         let id = client.connection_id().unwrap();
         s.fault(&id, ":drop?recoverable=false");
         let deadline = Instant::now() + SETTLE;
-        while client.connection_id().map_or(true, |now| now == id) {
+        while client.connection_id().is_none_or(|now| now == id) {
             assert!(Instant::now() < deadline, "no new connection");
             std::thread::sleep(Duration::from_millis(5));
         }

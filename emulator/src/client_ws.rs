@@ -853,9 +853,7 @@ impl Reader {
                         return End::Closed;
                     }
                     return End::ClientClosed {
-                        normal: frame
-                            .as_ref()
-                            .map_or(true, |f| matches!(f.code, 1000 | 1001)),
+                        normal: frame.as_ref().is_none_or(|f| matches!(f.code, 1000 | 1001)),
                         reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
                     };
                 }

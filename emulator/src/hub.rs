@@ -679,7 +679,7 @@ impl Conn {
             }
             st.muted_until = None;
         }
-        st.socket.as_ref().map_or(true, |sock| sock.push(msg))
+        st.socket.as_ref().is_none_or(|sock| sock.push(msg))
     }
 
     /// Sends a non-data frame (connected, pong, invokeResponse).

@@ -132,7 +132,7 @@ pub mod fuzzing {
             let emulator = ClientFrames::default();
             let publish = r#"{"type":"sendToGroup","group":"g","dataType":"text","data":"x"}"#;
             let frames = std::iter::once(r#"{"type":"joinGroup","group":"g"}"#)
-                .chain(std::iter::repeat(publish).take(100));
+                .chain(std::iter::repeat_n(publish, 100));
             // Its own messages are never acknowledged: the ninth overflows the buffer,
             // which closes the connection.
             assert_eq!(emulator.connection(frames), 9);

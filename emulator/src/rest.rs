@@ -360,7 +360,7 @@ impl Request<'_> {
         let selected: Vec<Arc<Conn>> = hub
             .connections
             .iter()
-            .filter(|c| filter.as_ref().map_or(true, |f| c.matches(f)))
+            .filter(|c| filter.as_ref().is_none_or(|f| c.matches(f)))
             .map(|c| c.clone())
             .collect();
         for conn in selected {
@@ -572,7 +572,7 @@ struct Selection<'a> {
 impl Selection<'_> {
     fn picks(&self, conn: &Conn) -> bool {
         !self.excluded.contains(&conn.id.as_str())
-            && self.filter.as_ref().map_or(true, |f| conn.matches(f))
+            && self.filter.as_ref().is_none_or(|f| conn.matches(f))
     }
 }
 

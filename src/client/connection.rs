@@ -592,7 +592,7 @@ impl Task {
                 sequence_armed = true;
             }
             if let Some(due) = self.pending.next_due().map(Instant::from_std) {
-                if op_armed.map_or(true, |armed| due < armed) {
+                if op_armed.is_none_or(|armed| due < armed) {
                     op_timer.as_mut().reset(due);
                     op_armed = Some(due);
                 }

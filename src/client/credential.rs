@@ -129,7 +129,7 @@ pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
         return Err("the client URL port must be a number from 1 to 65535".into());
     }
     // `ws://:443/` and `ws://user@/` have an authority but no host.
-    if uri.host().map_or(true, str::is_empty) {
+    if uri.host().is_none_or(str::is_empty) {
         return Err("the client URL has no host".into());
     }
     Ok(url)

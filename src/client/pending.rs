@@ -63,7 +63,7 @@ impl AckReply {
     pub(crate) fn is_closed(&self) -> bool {
         match self {
             AckReply::Future(tx) => tx.is_closed(),
-            AckReply::Callback(reply) => reply.0.as_ref().map_or(true, |c| c.is_cancelled()),
+            AckReply::Callback(reply) => reply.0.as_ref().is_none_or(|c| c.is_cancelled()),
         }
     }
 }

@@ -1314,7 +1314,7 @@ impl AckCallback for AckCompletion {
 
     /// Cancelled or freed: the operation is no longer pending.
     fn is_cancelled(&self) -> bool {
-        self.shared.upgrade().map_or(true, |shared| {
+        self.shared.upgrade().is_none_or(|shared| {
             shared.given_up.load(Ordering::Acquire) != 0
                 && !shared.ops().pending.contains_key(&self.id)
         })

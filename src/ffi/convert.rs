@@ -68,9 +68,9 @@ pub(crate) unsafe fn array_out<'a, T>(
             format!("`{what}` is not {align}-byte aligned"),
         ));
     }
-    if !len
+    if len
         .checked_mul(std::mem::size_of::<T>())
-        .is_some_and(|bytes| bytes <= isize::MAX as usize)
+        .is_none_or(|bytes| bytes > isize::MAX as usize)
     {
         return Err(fail(
             WPS_STATUS_INVALID_ARGUMENT,

@@ -82,7 +82,7 @@ async fn serve(
     heads.lock().unwrap().push(head.clone());
     let authorized = required
         .as_deref()
-        .map_or(true, |r| head.lines().any(|l| l.eq_ignore_ascii_case(r)));
+        .is_none_or(|r| head.lines().any(|l| l.eq_ignore_ascii_case(r)));
     if !head.starts_with("CONNECT ") || !authorized {
         let _ = client
             .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\nContent-Length: 0\r\n\r\n")
