@@ -180,16 +180,20 @@
 
 /**
  * Send flag: send without an ackId; the call completes once the frame is queued for the
- * connection, not once it is written (while the connection recovers it waits queued,
- * and it is dropped if the session is lost or the client is stopped first).
+ * connection, not once it is written (the official JavaScript and Python clients
+ * complete once it is written to the socket); with `WPS_SEND_DEFERRED`, once deferred,
+ * before the flush sends it. While the connection recovers it waits queued, and it is
+ * dropped if the session is lost or the client is stopped first.
  */
 #define WPS_SEND_FIRE_AND_FORGET 2
 
 /**
  * Send flag (asynchronous forms only): queue the message without waking the client's
  * connection task. It is sent at the next `wps_client_flush_deferred`, or with the
- * next operation started without this flag. An event loop starting many messages per
- * iteration saves a wake-up (a system call) per message.
+ * next operation started without this flag, or by a stop or free of the client. An
+ * acked message completes once acked, after that; a fire-and-forget one at once (see
+ * `WPS_SEND_FIRE_AND_FORGET`). An event loop starting many messages per iteration
+ * saves a wake-up (a system call) per message.
  */
 #define WPS_SEND_DEFERRED 4
 
@@ -543,7 +547,10 @@ typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *
  * resend with it is deduplicated by the service), sent (or queued during a recovery)
  * when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`,
  * or `wps_client_free` on another thread, ended it (`WPS_STATUS_STOPPED`), or given up
- * by the interrupt check (`WPS_STATUS_INTERRUPTED`).
+ * by the interrupt check (`WPS_STATUS_INTERRUPTED`). A client's automatic ackIds (of
+ * either form) increase but may skip numbers: an operation refused before it is sent
+ * (the client not connected, a message too large, invalid JSON) used one up, as in the
+ * official clients.
  */
 typedef struct wps_ack_result {
   /**
@@ -809,12 +816,12 @@ wps_status wps_client_dispatch_fd(const struct wps_client *c, int *out_fd);
 /**
  * Poll mode: takes up to `max` queued events and completions of this client, in
  * order, and runs their callbacks on the calling thread; `ran` (may be NULL) receives
- * how many were taken. Each runs its callback at most once: not at all when that
- * callback is NULL or callbacks were disabled (`wps_callbacks_disable`). While more
- * remain queued the descriptor stays readable. Callbacks may call the API,
- * `wps_client_free` of this client included, but not a dispatch of this client
- * (`wps_client_dispatch`, `_records`, `_into`): that, a call from two threads
- * at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
+ * how many were taken (`max` 0 takes none and succeeds). Each runs its callback at
+ * most once: not at all when that callback is NULL or callbacks were disabled
+ * (`wps_callbacks_disable`). While more remain queued the descriptor stays readable.
+ * Callbacks may call the API, `wps_client_free` of this client included, but not a
+ * dispatch of this client (`wps_client_dispatch`, `_records`, `_into`): that, a call
+ * from two threads at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
  *
  * # Safety
  * `c` is NULL or a live handle; `ran` is NULL or writable.
@@ -827,8 +834,8 @@ wps_status wps_client_dispatch(struct wps_client *c, size_t max, size_t *ran);
  * of calling its callback. The call returns before running a callback once it wrote a
  * record, so the events and completions taken (`ran`, may be NULL) came before the records
  * (`recorded`, may be NULL), in completion order; what is left stays queued and the
- * descriptor readable. `max` bounds the callbacks run (0: none), `cap` the records
- * written. `records` must be aligned for `wps_ack_record`
+ * descriptor readable. `max` bounds the callbacks run (0: none, records are still
+ * written), `cap` the records written. `records` must be aligned for `wps_ack_record`
  * (`WPS_STATUS_INVALID_ARGUMENT`).
  *
  * # Safety

@@ -998,6 +998,60 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
     setup.shutdown();
 }
 
+/// The header (`WPS_SEND_FIRE_AND_FORGET`): a deferred fire-and-forget send completes
+/// once deferred, with `WPS_STATUS_OK`, before the flush sends it.
+#[test]
+fn a_deferred_fire_and_forget_send_completes_before_its_flush_sends_it() {
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
+    let group = c"deferred-faf";
+    let (sender, receiver) = setup.sender_and_receiver(sender_rec, receiver_rec, group);
+    let flags = WPS_SEND_DEFERRED | WPS_SEND_FIRE_AND_FORGET;
+    let op = send_async(sender, group, "deferred", flags, sender_rec);
+    sender_rec.wait("the completion", |s| s.completions.contains_key(&op));
+    assert_eq!(
+        sender_rec.seen.lock().unwrap().completions[&op],
+        [WPS_STATUS_OK]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(receiver_rec.seen.lock().unwrap().messages.is_empty());
+    check(unsafe { wps_client_flush_deferred(sender) }, "flush");
+    receiver_rec.wait("the flushed message", |s| s.messages == ["deferred"]);
+    unsafe { wps_client_free(sender) };
+    unsafe { wps_client_free(receiver) };
+    setup.shutdown();
+}
+
+/// The header (`wps_ack_result`): automatic ackIds increase but may skip numbers. A send
+/// the client refuses before sending it (too large, or the client not connected) reports
+/// no ackId, and has used one up.
+#[test]
+fn a_send_refused_before_it_is_sent_reports_no_ack_id_and_uses_one_up() {
+    let setup = Setup::new();
+    let rec = common::leaked::<Recorder>();
+    let c = setup.client(rec, true);
+    let (status, first) = send_blocking(c, "first", None);
+    check(status, "the first send");
+    let (status, too_large) = send_blocking(c, &"x".repeat(1 << 20), None);
+    assert_eq!(status, WPS_STATUS_INVALID_ARGUMENT);
+    assert!(!too_large.has_ack_id);
+    check(unsafe { wps_client_stop(c) }, "stop");
+    let (status, stopped) = send_blocking(c, "stopped", None);
+    assert_eq!(status, WPS_STATUS_ILLEGAL_STATE);
+    assert!(!stopped.has_ack_id);
+    check(unsafe { wps_client_start(c) }, "restart");
+    let (status, last) = send_blocking(c, "last", None);
+    check(status, "the last send");
+    assert!(first.has_ack_id && last.has_ack_id);
+    assert_eq!(
+        last.ack_id,
+        first.ack_id + 3,
+        "the refused sends used one each"
+    );
+    unsafe { wps_client_free(c) };
+    setup.shutdown();
+}
+
 /// A blocking send to `group` with `flags`, which only the asynchronous forms take, is
 /// refused with an error that says `part`.
 fn assert_blocking_send_refused(c: *mut wps_client, group: &CStr, flags: u32, part: &str) {

@@ -77,7 +77,10 @@ pub struct wps_invoke_response {
 /// resend with it is deduplicated by the service), sent (or queued during a recovery)
 /// when its connection was lost (`WPS_STATUS_NOT_CONNECTED`) or when `wps_client_stop`,
 /// or `wps_client_free` on another thread, ended it (`WPS_STATUS_STOPPED`), or given up
-/// by the interrupt check (`WPS_STATUS_INTERRUPTED`).
+/// by the interrupt check (`WPS_STATUS_INTERRUPTED`). A client's automatic ackIds (of
+/// either form) increase but may skip numbers: an operation refused before it is sent
+/// (the client not connected, a message too large, invalid JSON) used one up, as in the
+/// official clients.
 #[repr(C)]
 pub struct wps_ack_result {
     /// The operation's ackId when `has_ack_id` (not for fire-and-forget).
@@ -624,12 +627,12 @@ pub unsafe extern "C" fn wps_client_dispatch_fd(
 
 /// Poll mode: takes up to `max` queued events and completions of this client, in
 /// order, and runs their callbacks on the calling thread; `ran` (may be NULL) receives
-/// how many were taken. Each runs its callback at most once: not at all when that
-/// callback is NULL or callbacks were disabled (`wps_callbacks_disable`). While more
-/// remain queued the descriptor stays readable. Callbacks may call the API,
-/// `wps_client_free` of this client included, but not a dispatch of this client
-/// (`wps_client_dispatch`, `_records`, `_into`): that, a call from two threads
-/// at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
+/// how many were taken (`max` 0 takes none and succeeds). Each runs its callback at
+/// most once: not at all when that callback is NULL or callbacks were disabled
+/// (`wps_callbacks_disable`). While more remain queued the descriptor stays readable.
+/// Callbacks may call the API, `wps_client_free` of this client included, but not a
+/// dispatch of this client (`wps_client_dispatch`, `_records`, `_into`): that, a call
+/// from two threads at once, and a client in thread mode get `WPS_STATUS_ILLEGAL_STATE`.
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `ran` is NULL or writable.
@@ -651,8 +654,8 @@ pub unsafe extern "C" fn wps_client_dispatch(
 /// of calling its callback. The call returns before running a callback once it wrote a
 /// record, so the events and completions taken (`ran`, may be NULL) came before the records
 /// (`recorded`, may be NULL), in completion order; what is left stays queued and the
-/// descriptor readable. `max` bounds the callbacks run (0: none), `cap` the records
-/// written. `records` must be aligned for `wps_ack_record`
+/// descriptor readable. `max` bounds the callbacks run (0: none, records are still
+/// written), `cap` the records written. `records` must be aligned for `wps_ack_record`
 /// (`WPS_STATUS_INVALID_ARGUMENT`).
 ///
 /// # Safety

@@ -88,13 +88,17 @@ pub const WPS_STATE_DISCONNECTED: u32 = 4;
 /// Send flag: do not echo a group message back to the sender.
 pub const WPS_SEND_NO_ECHO: u32 = 1;
 /// Send flag: send without an ackId; the call completes once the frame is queued for the
-/// connection, not once it is written (while the connection recovers it waits queued,
-/// and it is dropped if the session is lost or the client is stopped first).
+/// connection, not once it is written (the official JavaScript and Python clients
+/// complete once it is written to the socket); with `WPS_SEND_DEFERRED`, once deferred,
+/// before the flush sends it. While the connection recovers it waits queued, and it is
+/// dropped if the session is lost or the client is stopped first.
 pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 /// Send flag (asynchronous forms only): queue the message without waking the client's
 /// connection task. It is sent at the next `wps_client_flush_deferred`, or with the
-/// next operation started without this flag. An event loop starting many messages per
-/// iteration saves a wake-up (a system call) per message.
+/// next operation started without this flag, or by a stop or free of the client. An
+/// acked message completes once acked, after that; a fire-and-forget one at once (see
+/// `WPS_SEND_FIRE_AND_FORGET`). An event loop starting many messages per iteration
+/// saves a wake-up (a system call) per message.
 pub const WPS_SEND_DEFERRED: u32 = 4;
 /// Send flag (asynchronous forms only): in poll mode, a successful completion is
 /// written as a `wps_ack_record` by `wps_client_dispatch_records` instead of calling

@@ -61,6 +61,8 @@ static const char *TLS_DIR;
 typedef struct {
     uint32_t kind;
     char connection_id[128], user_id[64], group[64], from_user_id[64], message[256], error_name[64], service_message[256];
+    /* Whether the string was set: NULL (absent) is not "". */
+    bool has_user_id, has_from_user_id, has_message, has_error_name, has_service_message;
     bool has_ack_id;
     uint64_t ack_id;
     uint32_t data_type;
@@ -104,8 +106,10 @@ static void recorder_delete(recorder *r) {
     free(r);
 }
 
-static void copy_str(char *dst, size_t cap, const char *src) {
+/* Copies a string of the library's ("" for NULL); false when it was NULL (absent). */
+static bool copy_str(char *dst, size_t cap, const char *src) {
     snprintf(dst, cap, "%s", src ? src : "");
+    return src != NULL;
 }
 
 static void on_event(void *user_data, const wps_event *ev) {
@@ -127,12 +131,12 @@ static void on_event(void *user_data, const wps_event *ev) {
         memset(e, 0, sizeof *e);
         e->kind = ev->kind;
         copy_str(e->connection_id, sizeof e->connection_id, ev->connection_id);
-        copy_str(e->user_id, sizeof e->user_id, ev->user_id);
+        e->has_user_id = copy_str(e->user_id, sizeof e->user_id, ev->user_id);
         copy_str(e->group, sizeof e->group, ev->group);
-        copy_str(e->from_user_id, sizeof e->from_user_id, ev->from_user_id);
-        copy_str(e->message, sizeof e->message, ev->message);
-        copy_str(e->error_name, sizeof e->error_name, ev->error_name);
-        copy_str(e->service_message, sizeof e->service_message, ev->service_message);
+        e->has_from_user_id = copy_str(e->from_user_id, sizeof e->from_user_id, ev->from_user_id);
+        e->has_message = copy_str(e->message, sizeof e->message, ev->message);
+        e->has_error_name = copy_str(e->error_name, sizeof e->error_name, ev->error_name);
+        e->has_service_message = copy_str(e->service_message, sizeof e->service_message, ev->service_message);
         e->has_ack_id = ev->has_ack_id;
         e->ack_id = ev->ack_id;
         e->data_type = ev->data_type;
@@ -489,7 +493,25 @@ static bool test_null_and_invalid_arguments(void) {
     free(url);
     CHECK(wps_client_state(c) == WPS_STATE_STOPPED);
     CHECK_STATUS(wps_client_connection_id(c, NULL, 0, &len), WPS_STATUS_NOT_CONNECTED);
+    /* A NULL name is an error naming it, never "". */
+    const uint8_t *x = (const uint8_t *)"x";
+    wps_invoke_response *none = NULL;
     CHECK_STATUS(wps_client_join_group(c, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_leave_group(c, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_join_group_async(c, NULL, on_complete, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_leave_group_async(c, NULL, on_complete, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group_async(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, on_complete, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group_with_ack_id(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, 1, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_to_group_with_ack_id_async(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, 1, on_complete, NULL, NULL),
+                 WPS_STATUS_NULL_ARG);
+    CHECK(strcmp(wps_last_error_message(), "`group` is NULL") == 0);
+    CHECK_STATUS(wps_client_send_event(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_event_async(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, on_complete, NULL, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_event_with_ack_id(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, 1, NULL), WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_send_event_with_ack_id_async(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, 1, on_complete, NULL, NULL),
+                 WPS_STATUS_NULL_ARG);
+    CHECK_STATUS(wps_client_invoke_event(c, NULL, WPS_DATA_TYPE_TEXT, x, 1, 0, &none), WPS_STATUS_NULL_ARG);
+    CHECK(strcmp(wps_last_error_message(), "`event` is NULL") == 0 && none == NULL);
     CHECK_STATUS(wps_client_join_group(c, bad_utf8, NULL), WPS_STATUS_INVALID_UTF8);
     CHECK_STATUS(wps_client_leave_group_async(c, bad_utf8, on_complete, NULL, NULL), WPS_STATUS_INVALID_UTF8);
     CHECK_STATUS(wps_client_send_to_group(c, "g", WPS_DATA_TYPE_TEXT, NULL, 5, 0, NULL), WPS_STATUS_NULL_ARG);
@@ -758,7 +780,7 @@ static bool test_chat(void) {
     char id[128];
     CHECK(connection_id(a, id, sizeof id));
     CHECK(strcmp(ra->events[i].connection_id, id) == 0);
-    CHECK(strcmp(ra->events[i].user_id, "alice") == 0);
+    CHECK(ra->events[i].has_user_id && strcmp(ra->events[i].user_id, "alice") == 0);
     CHECK(wps_client_state(a) == WPS_STATE_CONNECTED);
     CHECK_STATUS(wps_client_start(a), WPS_STATUS_ILLEGAL_STATE);
     size_t need = 0;
@@ -777,7 +799,7 @@ static bool test_chat(void) {
     i = wait_event(rb, 0, WPS_EVENT_GROUP_MESSAGE, "hello bob");
     CHECK(i >= 0);
     event_copy *e = &rb->events[i];
-    CHECK(strcmp(e->group, "chat") == 0 && strcmp(e->from_user_id, "alice") == 0);
+    CHECK(strcmp(e->group, "chat") == 0 && e->has_from_user_id && strcmp(e->from_user_id, "alice") == 0);
     CHECK(e->data_type == WPS_DATA_TYPE_TEXT && e->has_sequence_id && e->sequence_id > 0);
     CHECK(wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "hello bob") >= 0);
 
@@ -813,6 +835,17 @@ static bool test_chat(void) {
         pthread_mutex_unlock(&ra->mu);
     }
     CHECK(got_bin);
+
+    /* anonymous: no user id (NULL, not "") in its connected event nor in its messages */
+    recorder *rn;
+    wps_client *n = connect_client(NULL, ALL_ROLES, &rn);
+    CHECK(n);
+    i = wait_event(rn, 0, WPS_EVENT_CONNECTED, NULL);
+    CHECK(i >= 0 && !rn->events[i].has_user_id);
+    CHECK(send_text(n, "chat", "from nobody", 0));
+    i = wait_event(ra, 0, WPS_EVENT_GROUP_MESSAGE, "from nobody");
+    CHECK(i >= 0 && !ra->events[i].has_from_user_id);
+    CHECK(free_client(n, rn));
 
     /* a message from the server (REST) */
     char path[512], aud[600], claims[800];
@@ -1249,6 +1282,7 @@ static bool test_free_with_pending(void) {
 typedef struct {
     pthread_mutex_t mu;
     int calls, freed;
+    int null_refusals; /* calls that saw NULL answers refused with their reason */
     int mode; /* 0: good url; 1: error; 2: no answer; 3: good url first then no roles; 4: free the client;
                  5: good url first then an error naming the call */
     wps_client *client;
@@ -1275,6 +1309,14 @@ static void on_credential(void *user_data, wps_credential_result *result) {
         wps_credential_result_set_error(result, "freed");
         return;
     }
+    /* NULL answers are refused, with their reason, and leave the request unanswered. */
+    bool refused = wps_credential_result_set_url(result, NULL) == WPS_STATUS_NULL_ARG &&
+                   strcmp(wps_last_error_message(), "`url` is NULL") == 0 &&
+                   wps_credential_result_set_error(result, NULL) == WPS_STATUS_NULL_ARG &&
+                   strcmp(wps_last_error_message(), "`message` is NULL") == 0;
+    pthread_mutex_lock(&s->mu);
+    s->null_refusals += refused;
+    pthread_mutex_unlock(&s->mu);
     char *url = emulator_client_url(&EMU, HUB, "carol", mode == 3 && n > 1 ? "[]" : ALL_ROLES);
     wps_status s1 = wps_credential_result_set_url(result, url);
     wps_status s2 = wps_credential_result_set_url(result, url); /* a second answer is refused */
@@ -1577,11 +1619,12 @@ static bool test_reconnection(void) {
     /* the second token has no roles: rejoining "chat" is refused */
     int rj = wait_event(rc, cn, WPS_EVENT_REJOIN_GROUP_FAILED, NULL);
     CHECK(rj > cn);
-    CHECK(strcmp(rc->events[rj].group, "chat") == 0 && strcmp(rc->events[rj].error_name, "Forbidden") == 0);
+    CHECK(strcmp(rc->events[rj].group, "chat") == 0 && rc->events[rj].has_error_name &&
+          strcmp(rc->events[rj].error_name, "Forbidden") == 0 && rc->events[rj].has_service_message);
     CHECK(strcmp(rc->events[rj].service_message, "The client does not have permission to join group 'chat'.") == 0);
     CHECK(rc->events[rj].has_ack_id && rc->events[rj].ack_id > 0);
     CHECK(rc->events[rj].status == WPS_STATUS_ACK_ERROR);
-    CHECK(cs.calls == 2);
+    CHECK(cs.calls == 2 && cs.null_refusals == 2);
     CHECK(wps_client_state(c) == WPS_STATE_CONNECTED);
 
     /* with auto-reconnect off, 1008 stops the client */
@@ -1635,7 +1678,7 @@ static bool test_stopped_reason(void) {
     int st = wait_event(r, d, WPS_EVENT_STOPPED, NULL);
     CHECK(st > d);
     CHECK(r->events[st].status == WPS_STATUS_CREDENTIAL_FAILED);
-    CHECK(strstr(r->events[st].message, "the token service answered 401 (call 4)") != NULL);
+    CHECK(r->events[st].has_message && strstr(r->events[st].message, "the token service answered 401 (call 4)") != NULL);
     CHECK(wps_client_state(c) == WPS_STATE_STOPPED);
     pthread_mutex_lock(&cs.mu);
     int calls = cs.calls;
@@ -1647,7 +1690,7 @@ static bool test_stopped_reason(void) {
     CHECK_OK(wps_client_stop(c));
     st = wait_event(r, st + 1, WPS_EVENT_STOPPED, NULL);
     CHECK(st > d);
-    CHECK(r->events[st].status == WPS_STATUS_OK && r->events[st].message[0] == '\0');
+    CHECK(r->events[st].status == WPS_STATUS_OK && !r->events[st].has_message);
     CHECK(free_client(c, r));
     CHECK(cs.freed == 1);
     pthread_mutex_destroy(&cs.mu);
@@ -2035,7 +2078,13 @@ static bool test_poll_mode(void) {
     CHECK(seen == N && same_thread);
     CHECK(send_text(c, "poll", "x", 0) && send_text(c, "poll", "y", 0));
     usleep(100000);
+    /* `max` 0 takes nothing and succeeds: what is queued stays, the descriptor readable. */
     size_t ran = 99;
+    CHECK_OK(wps_client_dispatch(c, 0, &ran));
+    CHECK(ran == 0);
+    CHECK_OK(wps_client_dispatch_fd(c, &fd));
+    struct pollfd readable = {.fd = fd, .events = POLLIN};
+    CHECK(poll(&readable, 1, 0) == 1);
     CHECK_OK(wps_client_dispatch(c, 1, &ran));
     CHECK(ran == 1);
     CHECK_OK(wps_client_dispatch(c, 100, &ran));
@@ -2048,18 +2097,26 @@ static bool test_poll_mode(void) {
     CHECK(n.nested == WPS_STATUS_ILLEGAL_STATE);
 
     /* Freed with an operation pending and callbacks queued: the pending operation
-     * completes (on a library thread), the finalizer runs, before free returns. */
-    completion slow;
+     * completes (on a library thread), a completion already queued runs with its
+     * outcome, no event is delivered, the finalizer runs once, before free returns. */
+    completion slow, queued;
     completion_init(&slow);
+    completion_init(&queued);
     CHECK_OK(wps_client_invoke_event_async(c, "slow", WPS_DATA_TYPE_TEXT, (const uint8_t *)"p", 1, 0, on_complete, &slow, NULL));
+    CHECK_OK(wps_client_join_group_async(c, "poll3", on_complete, &queued, NULL));
+    /* Acked after poll3's join: that completion is queued by now. */
+    CHECK_OK(wps_client_join_group(c, "poll4", NULL));
     CHECK(send_text(c, "poll", "queued", 0));
+    int events_before_free = event_count(r);
     wps_client_free(c);
-    CHECK(r->freed == 1 && r->in_flight == 0);
+    CHECK(r->freed == 1 && r->in_flight == 0 && r->calls_after_free == 0 && event_count(r) == events_before_free);
     CHECK(slow.calls == 1 && (slow.status == WPS_STATUS_STOPPED || slow.status == WPS_STATUS_CANCELLED));
+    CHECK(queued.calls == 1 && queued.status == WPS_STATUS_OK);
     upstream_release(UP);
     completion_destroy(&joined);
     completion_destroy(&n.done);
     completion_destroy(&slow);
+    completion_destroy(&queued);
     recorder_delete(r);
 
     /* Freed from inside its own dispatched callback: the finalizer runs after it. */
