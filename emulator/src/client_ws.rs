@@ -51,18 +51,44 @@ pub(crate) fn error_response(status: StatusCode, message: impl Into<String>) -> 
     (status, message.into()).into_response()
 }
 
-/// `/clients/{kind}/hubs/{hub}`, where the service serves MQTT and Socket.IO clients:
-/// 501, since the emulator serves neither.
-pub(crate) async fn unsupported_client_endpoint(
-    Path((kind, _hub)): Path<(String, String)>,
-) -> Response {
-    error_response(
-        StatusCode::NOT_IMPLEMENTED,
-        format!(
-            "'{kind}' clients are not supported by the emulator: it serves Web PubSub \
-             clients at /client/hubs/{{hub}} only."
+/// Client kinds the service serves under `/clients/{kind}/hubs/{hub}`, and the emulator
+/// does not.
+const OTHER_CLIENT_KINDS: [&str; 2] = ["mqtt", "socketio"];
+
+/// Anything under `/clients/`. The service serves MQTT clients at
+/// `/clients/mqtt/hubs/{hub}` and Socket.IO clients at `/clients/socketio/hubs/{hub}`
+/// (the Socket.IO client adds a `/` and its own path after it): 501, as the emulator
+/// serves neither. Any other path there names nothing: 404.
+pub(crate) async fn other_client_endpoint(Path(rest): Path<String>) -> Response {
+    let mut segments = rest.split('/');
+    let kind = segments.next().unwrap_or_default();
+    let served = OTHER_CLIENT_KINDS
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(kind))
+        .filter(|_| {
+            segments
+                .next()
+                .is_some_and(|s| s.eq_ignore_ascii_case("hubs"))
+                && segments.next().is_some_and(|hub| !hub.is_empty())
+        });
+    match served {
+        Some(kind) => error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "'{kind}' clients are not supported by the emulator: it serves Web PubSub \
+                 clients at /client/hubs/{{hub}} only."
+            ),
         ),
-    )
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!(
+                "No client endpoint at /clients/{rest}: the service serves MQTT clients at \
+                 /clients/mqtt/hubs/{{hub}} and Socket.IO clients at \
+                 /clients/socketio/hubs/{{hub}} (the emulator neither), and Web PubSub \
+                 clients at /client/hubs/{{hub}}."
+            ),
+        ),
+    }
 }
 
 /// The access token from `access_token` or `Authorization: Bearer`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -60,6 +60,15 @@ fn number<T: std::str::FromStr>(
         })
     })
     .map_err(|m| Box::new(error(StatusCode::BAD_REQUEST, m)))
+}
+
+/// Another method than the one a route of its own takes (`allowed`): 405, with the
+/// `Allow` header that axum adds.
+pub(crate) async fn method_not_allowed(method: Method, allowed: &'static str) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed here: this route takes {allowed}."),
+    )
 }
 
 /// `POST /_emulator/hubs/{hub}/connections/{id}/{:drop|:mute|:dropAcks|:close}`.

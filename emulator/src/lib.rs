@@ -290,12 +290,15 @@ impl Emulator {
         &self.server.access_key
     }
 
-    /// `http://127.0.0.1:PORT` (`https` with TLS).
+    /// `http://HOST:PORT` (`https` with TLS). HOST is [`Config::host`] as URLs write it
+    /// (an IPv6 address in brackets), or `127.0.0.1` when that is an unspecified
+    /// address (`0.0.0.0`, `::`), which clients cannot connect to.
     pub fn endpoint(&self) -> String {
         self.server.endpoint()
     }
 
-    /// `Endpoint=http://127.0.0.1;Port=PORT;AccessKey=KEY;Version=1.0;`
+    /// `Endpoint=http://HOST;Port=PORT;AccessKey=KEY;Version=1.0;` (`https` with TLS),
+    /// HOST as in [`Emulator::endpoint`].
     pub fn connection_string(&self) -> String {
         let scheme = if self.server.config.tls.is_some() {
             "https"
@@ -310,7 +313,8 @@ impl Emulator {
         )
     }
 
-    /// A ready client URL `ws(s)://127.0.0.1:PORT/client/hubs/{hub}?access_token=JWT`.
+    /// A ready client URL `ws(s)://HOST:PORT/client/hubs/{hub}?access_token=JWT`, HOST as
+    /// in [`Emulator::endpoint`].
     pub fn client_url(&self, hub: &str, token: &TokenOptions) -> String {
         auth::client_url(&self.endpoint(), hub, self.access_key(), token)
     }

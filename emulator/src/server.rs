@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::Method;
 use axum::routing::{any, get, post};
 use axum::Router;
 use hyper::server::conn::http1;
@@ -71,14 +72,15 @@ fn router(server: Arc<Server>) -> Router {
         .route("/client/hubs/{hub}", any(client_ws::client_endpoint))
         .route("/client", any(client_ws::client_endpoint_by_query))
         .route("/client/", any(client_ws::client_endpoint_by_query))
+        .route("/clients/{*rest}", any(client_ws::other_client_endpoint))
         .route(
-            "/clients/{kind}/hubs/{hub}",
-            any(client_ws::unsupported_client_endpoint),
+            "/_emulator/stats",
+            get(faults::stats).fallback(|m: Method| faults::method_not_allowed(m, "GET or HEAD")),
         )
-        .route("/_emulator/stats", get(faults::stats))
         .route(
             "/_emulator/hubs/{hub}/connections/{id}/{action}",
-            post(faults::connection_fault),
+            post(faults::connection_fault)
+                .fallback(|m: Method| faults::method_not_allowed(m, "POST")),
         )
         .fallback(rest::dispatch)
         .with_state(server)

@@ -431,8 +431,9 @@ impl Upstream {
     }
 
     /// Posts the blocking `connect` event of a connection about to be accepted, with
-    /// `body` from [`connect_body`]. A 4xx reply is passed on to the client as is; a
-    /// failure (another status, no answer in time, an invalid reply) refuses it with 500.
+    /// `body` from [`connect_body`]. A 4xx reply is passed on to the client as is (its
+    /// body cut at `max_reply_bytes`, with a warning); a failure (another status, no
+    /// answer in time, an invalid reply) refuses it with 500.
     pub(crate) async fn connect(
         &self,
         server: &Server,
@@ -455,9 +456,14 @@ impl Upstream {
             let status = resp.status();
             if status.is_client_error() {
                 let content_type = content_type(&resp);
-                let (body, _) = read_at_most(resp, self.max_reply_bytes)
-                    .await
-                    .map_err(read_failed)?;
+                let max = self.max_reply_bytes;
+                let (body, whole) = read_at_most(resp, max).await.map_err(read_failed)?;
+                if !whole {
+                    tracing::warn!(
+                        connection = %target.connection_id,
+                        "the upstream refused connect with HTTP {status} and a body larger than {max} bytes: the client gets its first {max} bytes"
+                    );
+                }
                 return Ok(Err(Refused {
                     status,
                     content_type,

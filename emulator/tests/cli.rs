@@ -1,7 +1,8 @@
-//! The binary: connection string first on stdout, clean exit on SIGTERM and SIGINT, an
-//! abrupt one on SIGHUP, a plain log on a pipe (or none: a closed one), exit codes of bad
-//! flags and failed starts, a busy port, a log that does not flood while out of file
-//! descriptors; `client-url`'s URLs, as the emulator takes them, and its bad arguments.
+//! The binary: connection string first on stdout, clean exit on SIGTERM and SIGINT (a
+//! second signal during the shutdown changing nothing), an abrupt one on SIGHUP, a
+//! plain log on a pipe (or none: a closed one), exit codes of bad flags and failed
+//! starts, a busy port, a log that does not flood while out of file descriptors;
+//! `client-url`'s URLs, as the emulator takes them, and its bad arguments.
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -122,8 +123,8 @@ fn port_of(child: &mut Child) -> u16 {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
 }
 
-/// Asserts that the emulator on `port` answers its stats route.
-fn assert_serves(port: u16) {
+/// The whole HTTP response of the emulator on `port` to `GET /_emulator/stats`.
+fn stats_response(port: u16) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("listening");
     std::io::Write::write_all(
         &mut stream,
@@ -132,6 +133,12 @@ fn assert_serves(port: u16) {
     .unwrap();
     let mut response = String::new();
     std::io::Read::read_to_string(&mut stream, &mut response).unwrap();
+    response
+}
+
+/// Asserts that the emulator on `port` answers its stats route.
+fn assert_serves(port: u16) {
+    let response = stats_response(port);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
 
@@ -282,12 +289,10 @@ async fn sigint_closes_clients_with_1001_and_exits_0() {
     assert!(status.success(), "{status:?}");
 }
 
-#[test]
-fn out_of_file_descriptors_it_logs_the_first_failure_and_the_recovery() {
-    // Room for what the emulator opens at start and a few connections.
+/// Starts the emulator with `command`; it, its port, and the lines of its log as they come.
+fn with_log_lines(command: &mut Command) -> (Binary, u16, std::sync::mpsc::Receiver<String>) {
     let mut child = Binary(
-        Command::new("sh")
-            .args(["-c", &format!("ulimit -n 24 && exec {BIN} --port 0")])
+        command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -301,6 +306,83 @@ fn out_of_file_descriptors_it_logs_the_first_failure_and_the_recovery() {
             let _ = lines_tx.send(line);
         }
     });
+    (child, port, lines)
+}
+
+/// The REST requests the emulator on `port` has taken, from its stats.
+fn rest_requests(port: u16) -> u64 {
+    let response = stats_response(port);
+    let body = response.split_once("\r\n\r\n").expect("a response").1;
+    serde_json::from_str::<Value>(body).unwrap()["restRequests"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Whether the process `pid` (a child not yet waited for) is still running: it has
+/// not exited.
+fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = stat.rsplit_once(") ").expect("a stat line").1;
+    !state.starts_with(['Z', 'X'])
+}
+
+#[test]
+fn a_second_signal_during_the_shutdown_changes_nothing() {
+    use std::io::{Read, Write};
+    let (mut child, port, lines) =
+        with_log_lines(Command::new(BIN).args(["--port", "0", "--access-key", "k3y"]));
+    // A REST request whose body has not all come: the shutdown waits for its answer
+    // (up to 2 s), so the process outlives the first signal.
+    let path = "/api/hubs/h/:send?api-version=2024-01-01";
+    let token = webpubsub_emulator::auth::sign(
+        "k3y",
+        &json!({"aud": format!("http://127.0.0.1:{port}{path}"), "exp": common::now() + 600}),
+    );
+    let mut rest = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        rest,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\nhe"
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rest_requests(port) == 0 {
+        assert!(Instant::now() < deadline, "the request never came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&child.0, "-TERM");
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("\"shutting down\" in the log");
+        if line.contains("shutting down") {
+            break;
+        }
+    }
+    assert!(
+        running(child.0.id()),
+        "it ended before the second signal: the request did not hold it"
+    );
+    signal(&child.0, "-INT");
+    // The shutdown goes on as before: the request is answered, and the exit is clean.
+    let _ = rest.write_all(b"ll");
+    rest.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut response = String::new();
+    let read = rest.read_to_string(&mut response);
+    assert!(
+        response.starts_with("HTTP/1.1 202"),
+        "after the second signal: {read:?} {response:?}"
+    );
+    let status = exit_within(&mut child.0, "SIGTERM, then SIGINT");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn out_of_file_descriptors_it_logs_the_first_failure_and_the_recovery() {
+    // Room for what the emulator opens at start and a few connections.
+    let (mut child, port, lines) = with_log_lines(
+        Command::new("sh").args(["-c", &format!("ulimit -n 24 && exec {BIN} --port 0")]),
+    );
     let mut log = Vec::new();
     let until = |what: &str, log: &mut Vec<String>| loop {
         let line = lines

@@ -501,19 +501,110 @@ async fn frames_a_client_sends_after_the_server_closed_it_are_ignored() {
 }
 
 #[tokio::test]
-async fn mqtt_and_socketio_client_paths_are_refused_as_not_implemented() {
+async fn paths_under_clients_say_what_is_served() {
     let emu = start().await;
-    for kind in ["mqtt", "socketio"] {
-        let url = format!("{}/clients/{kind}/hubs/chat?access_token=x", emu.endpoint());
+    // The service's MQTT and Socket.IO endpoints, as the SDKs' `clientProtocol` and the
+    // Socket.IO client (which adds a `/` and its own query) request them: 501.
+    for (path, kind) in [
+        ("mqtt/hubs/chat?access_token=x", "mqtt"),
+        ("socketio/hubs/chat?access_token=x", "socketio"),
+        ("socketio/hubs/chat/?EIO=4&transport=polling", "socketio"),
+        ("socketio/hubs/chat/?EIO=4&transport=websocket", "socketio"),
+        ("MQTT/hubs/chat", "mqtt"),
+    ] {
+        let url = format!("{}/clients/{path}", emu.endpoint());
         let resp = reqwest::get(&url).await.unwrap();
         assert_eq!(resp.status().as_u16(), 501, "{url}");
         let body = resp.text().await.unwrap();
         assert!(
-            body.contains(&format!("'{kind}' clients are not supported")),
-            "{body}"
+            body.starts_with(&format!(
+                "'{kind}' clients are not supported by the emulator"
+            )),
+            "{url}: {body}"
+        );
+    }
+    // Anything else there names nothing: 404, naming what is served.
+    for path in [
+        "websocket/hubs/chat",
+        "mqtt",
+        "mqtt/hubs/",
+        "socketio/chat",
+        "x/y",
+    ] {
+        let url = format!("{}/clients/{path}", emu.endpoint());
+        let resp = reqwest::get(&url).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 404, "{url}");
+        let body = resp.text().await.unwrap();
+        assert!(
+            body.starts_with(&format!("No client endpoint at /clients/{path}: "))
+                && body.contains("/clients/mqtt/hubs/{hub}")
+                && body.contains("/clients/socketio/hubs/{hub}")
+                && body.contains("/client/hubs/{hub}"),
+            "{url}: {body}"
         );
     }
     emu.shutdown().await;
+}
+
+/// `/client/hubs/{hub}` takes its hub from the path: a `hub` query parameter there is
+/// one like any other.
+#[tokio::test]
+async fn on_the_hub_path_a_hub_in_the_query_changes_nothing() {
+    let emu = start().await;
+    let (mut in_a, _) = connect_json(&emu.client_url("a", &all_roles("x")), JSON).await;
+    assert_ack_ok(&in_a.join("g", 1).await);
+    let (mut in_b, _) = connect_json(&emu.client_url("b", &all_roles("y")), JSON).await;
+    assert_ack_ok(&in_b.join("g", 1).await);
+    let for_a = emu.client_url("a", &all_roles("z"));
+    let (mut both, _) = connect_json(&format!("{for_a}&hub=b"), JSON).await;
+    both.send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"to a"}))
+        .await;
+    assert_eq!(in_a.next_json().await["data"], "to a");
+    // Hub b got nothing: the next message in_b gets is the one sent in b.
+    in_b.send_json(json!({"type":"sendToGroup","group":"g","dataType":"text","data":"in b"}))
+        .await;
+    assert_eq!(in_b.next_json().await["data"], "in b");
+    // A token for hub b is not one for the path's hub a, whatever the query says.
+    let for_b = emu.client_url("b", &all_roles("w"));
+    let token_b = for_b.split_once("?access_token=").unwrap().1;
+    let url = format!(
+        "ws://127.0.0.1:{}/client/hubs/a?hub=b&access_token={token_b}",
+        emu.port()
+    );
+    assert_eq!(status_of(&url, Some(JSON)).await, 401);
+    emu.shutdown().await;
+}
+
+/// `client_url`, `endpoint` and `connection_string` name the configured host: an
+/// unspecified address becomes `127.0.0.1`, an IPv6 one is bracketed.
+#[tokio::test]
+async fn urls_name_the_configured_host() {
+    for (host, named) in [
+        ("0.0.0.0", "127.0.0.1"),
+        ("::1", "[::1]"),
+        ("[::1]", "[::1]"),
+    ] {
+        let emu = start_with(Config {
+            host: host.into(),
+            ..Config::default()
+        })
+        .await;
+        let port = emu.port();
+        assert_eq!(emu.endpoint(), format!("http://{named}:{port}"), "{host}");
+        assert!(
+            emu.connection_string()
+                .starts_with(&format!("Endpoint=http://{named};Port={port};")),
+            "{host}: {}",
+            emu.connection_string()
+        );
+        let url = emu.client_url("h", &all_roles("u"));
+        assert!(
+            url.starts_with(&format!("ws://{named}:{port}/client/hubs/h?access_token=")),
+            "{host}: {url}"
+        );
+        connect_json(&url, JSON).await.0.close().await;
+        emu.shutdown().await;
+    }
 }
 
 /// The service's other client endpoint, `/client?hub={hub}` (its client protocol

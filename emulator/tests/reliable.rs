@@ -341,6 +341,52 @@ async fn fault_routes_reject_bad_requests() {
 }
 
 #[tokio::test]
+async fn fault_routes_name_their_method_to_another() {
+    let emu = start().await;
+    let (_a, connected) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;
+    let id = connected["connectionId"].as_str().unwrap();
+    let http = reqwest::Client::new();
+    let base = emu.endpoint();
+    for (method, path, allow, takes) in [
+        (
+            reqwest::Method::GET,
+            format!("/_emulator/hubs/h/connections/{id}/:drop"),
+            "POST",
+            "POST",
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/_emulator/hubs/h/connections/{id}/:close"),
+            "POST",
+            "POST",
+        ),
+        (
+            reqwest::Method::POST,
+            "/_emulator/stats".to_owned(),
+            "GET,HEAD",
+            "GET or HEAD",
+        ),
+    ] {
+        let resp = http
+            .request(method.clone(), format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        assert_eq!(resp.headers()["allow"], allow, "{method} {path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "MethodNotAllowed", "{body}");
+        assert_eq!(
+            body["message"],
+            format!("{method} is not allowed here: this route takes {takes}."),
+        );
+    }
+    // Nothing was done: the connection is still there.
+    assert_eq!(stats(&emu).await["connections"], 1);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn drop_on_plain_json_forgets_the_connection() {
     let emu = start().await;
     let (mut a, connected) = connect_json(&emu.client_url("h", &all_roles("a")), JSON).await;

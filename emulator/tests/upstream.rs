@@ -777,6 +777,108 @@ async fn a_refused_connect_refuses_the_handshake_and_sends_nothing_more() {
     up.task.abort();
 }
 
+/// A `std::io::Write` appending to a shared buffer: a log to read back.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn a_connect_refusal_past_the_reply_limit_is_passed_on_cut_with_a_warning() {
+    // The emulator's tasks run on this test's one thread, which logs to `log`.
+    let log = Log::default();
+    let writer = log.clone();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    const LIMIT: usize = 1024;
+    let up = scripted_connect(|seen| {
+        let body: Vec<u8> = match seen.h("ce-userId") {
+            "long" => (0..4 * LIMIT).map(|i| b'a' + (i % 26) as u8).collect(),
+            _ => vec![b'x'; LIMIT],
+        };
+        (
+            StatusCode::UNAUTHORIZED,
+            [("content-type", "text/x-refusal")],
+            body,
+        )
+            .into_response()
+    })
+    .await;
+    let emu = start_with(Config {
+        upstream: Some(up.url.clone()),
+        upstream_system_events: all_system_events(),
+        max_frame_bytes: LIMIT,
+        ..Config::default()
+    })
+    .await;
+    let refusal = |user: &str| {
+        let url = emu
+            .client_url("h", &all_roles(user))
+            .replacen("ws://", "http://", 1);
+        async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .header("Upgrade", "websocket")
+                .header("Connection", "Upgrade")
+                .header("Sec-WebSocket-Version", "13")
+                .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .header("Sec-WebSocket-Protocol", JSON)
+                .send()
+                .await
+                .unwrap();
+            let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+            (
+                resp.status().as_u16(),
+                content_type,
+                resp.bytes().await.unwrap(),
+            )
+        }
+    };
+    // Within the limit: as it came, and nothing logged.
+    let (status, content_type, body) = refusal("short").await;
+    assert_eq!((status, content_type.as_str()), (401, "text/x-refusal"));
+    assert_eq!(&body[..], &[b'x'; LIMIT][..]);
+    assert!(!log.text().contains("WARN"), "{}", log.text());
+    // Past it: the same status and content type, the body's first LIMIT bytes, and a
+    // warning saying so.
+    let (status, content_type, body) = refusal("long").await;
+    assert_eq!((status, content_type.as_str()), (401, "text/x-refusal"));
+    let expected: Vec<u8> = (0..LIMIT).map(|i| b'a' + (i % 26) as u8).collect();
+    assert_eq!(&body[..], &expected[..]);
+    let text = log.text();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("WARN"))
+        .unwrap_or_else(|| panic!("no warning in the log: {text}"));
+    assert!(
+        warning.contains(&format!(
+            "the upstream refused connect with HTTP 401 Unauthorized and a body larger than {LIMIT} bytes: the client gets its first {LIMIT} bytes"
+        )),
+        "{warning}"
+    );
+    emu.shutdown().await;
+    up.task.abort();
+}
+
 #[tokio::test]
 async fn a_silent_or_unreachable_upstream_refuses_the_handshake_with_500() {
     let (url, silent) = silent_upstream().await;
