@@ -63,7 +63,10 @@
 #define WPS_EVENT_CONNECTED 1
 
 /**
- * Event kind: the session was lost (`connection_id`, `message`, `close_code`).
+ * Event kind: the session was lost (`connection_id`, `message`, `close_code`). After a
+ * failed recovery (refused with 1008, answered as another connection, or out of time),
+ * `message` and `close_code` tell how the connection dropped, not how the recovery
+ * ended (that is logged).
  */
 #define WPS_EVENT_DISCONNECTED 2
 

@@ -86,6 +86,23 @@ impl Conn {
         .await;
     }
 
+    /// Sends the `disconnected` system frame with `message`.
+    async fn disconnected(&mut self, message: &str) {
+        self.send(&format!(
+            r#"{{"type":"system","event":"disconnected","message":"{message}"}}"#
+        ))
+        .await;
+    }
+
+    /// Closes the connection with `code` and `reason`.
+    async fn close(&mut self, code: CloseCode, reason: &str) {
+        let reason = reason.to_owned().into();
+        self.ws
+            .close(Some(CloseFrame { code, reason }))
+            .await
+            .unwrap();
+    }
+
     /// Acknowledges `frame` (an upstream frame with an ackId) as a success.
     async fn ack(&mut self, frame: &serde_json::Value) {
         self.send(&format!(
@@ -145,6 +162,30 @@ fn spawn_send(
     })
 }
 
+/// Invokes an event that the fake leaves unanswered for its 200 ms timeout; asserts the
+/// `Timeout` and the `cancelInvocation` written after it; the invocation's id.
+async fn invocation_timed_out(client: &Client, conn: &mut Conn) -> String {
+    let c = client.clone();
+    let invoke = tokio::spawn(async move {
+        let opts = InvokeOptions {
+            timeout: Some(Duration::from_millis(200)),
+        };
+        c.invoke_event("slow", DataType::Text, Bytes::from("x"), opts)
+            .await
+    });
+    let frame = conn.recv().await;
+    let id = frame["invocationId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        invoke.await.unwrap().unwrap_err(),
+        Error::Timeout { ack_id: None }
+    );
+    assert_eq!(
+        conn.recv().await,
+        serde_json::json!({"type":"cancelInvocation","invocationId":id})
+    );
+    id
+}
+
 /// A started client on a fake service, with the connected frame sent.
 async fn connect(
     fake: &Fake,
@@ -167,6 +208,15 @@ async fn connect(
         }
     );
     (client, events, conn)
+}
+
+/// The `Disconnected` event of `conn1` with `message` and `close_code`.
+fn conn1_lost(message: &str, close_code: u16) -> Event {
+    Event::Disconnected {
+        connection_id: Some("conn1".into()),
+        message: Some(message.into()),
+        close_code: Some(close_code),
+    }
 }
 
 fn server_message(text: &str, sequence_id: u64) -> String {
@@ -524,24 +574,7 @@ async fn invocations_reply_time_out_and_cancel() {
         (DataType::Text, Bytes::new())
     );
 
-    let c = client.clone();
-    let invoke = tokio::spawn(async move {
-        let opts = InvokeOptions {
-            timeout: Some(Duration::from_millis(200)),
-        };
-        c.invoke_event("slow", DataType::Text, Bytes::from("x"), opts)
-            .await
-    });
-    let frame = conn.recv().await;
-    let id = frame["invocationId"].clone();
-    assert_eq!(
-        invoke.await.unwrap().unwrap_err(),
-        Error::Timeout { ack_id: None }
-    );
-    assert_eq!(
-        conn.recv().await,
-        serde_json::json!({"type":"cancelInvocation","invocationId":id})
-    );
+    invocation_timed_out(&client, &mut conn).await;
 
     let c = client.clone();
     let abandoned = tokio::time::timeout(Duration::from_millis(200), async move {
@@ -639,24 +672,10 @@ async fn close_1008_loses_the_session_then_reconnects_with_a_fresh_url_and_rejoi
     conn.ack(&frame).await;
     join.await.unwrap().unwrap();
 
-    conn.send(r#"{"type":"system","event":"disconnected","message":"kicked"}"#)
-        .await;
-    conn.ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Policy,
-            reason: "bye".into(),
-        }))
-        .await
-        .unwrap();
+    conn.disconnected("kicked").await;
+    conn.close(CloseCode::Policy, "bye").await;
     let event = next_event(&mut events, 5).await;
-    assert_eq!(
-        event,
-        Event::Disconnected {
-            connection_id: Some("conn1".into()),
-            message: Some("kicked".into()),
-            close_code: Some(1008)
-        }
-    );
+    assert_eq!(event, conn1_lost("kicked", 1008));
     let (mut conn, uri) = fake.accept().await;
     assert!(
         uri.ends_with("access_token=tok2"),
@@ -733,13 +752,7 @@ async fn reconnecting_gives_up_per_the_retry_policy_and_stops() {
     let ack_id = conn.recv().await["ackId"].as_u64();
     assert!(ack_id.is_some());
     drop(fake);
-    conn.ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Policy,
-            reason: "gone".into(),
-        }))
-        .await
-        .unwrap();
+    conn.close(CloseCode::Policy, "gone").await;
     assert_eq!(
         pending.await.unwrap(),
         Err(Error::NotConnected { ack_id }),
@@ -1884,10 +1897,11 @@ async fn each_recovery_and_reconnect_attempt_ends_after_the_start_timeout() {
     drop(held);
     let since = tokio::time::Instant::now();
     lose(conn).await;
+    // Refused: the loss is the drop's, which came without a close frame.
     assert!(matches!(
         next_event(&mut events, 5).await,
         Event::Disconnected {
-            close_code: Some(1008),
+            close_code: None,
             ..
         }
     ));
@@ -2019,5 +2033,161 @@ async fn a_fire_and_forget_message_written_before_a_drop_is_not_resent_by_the_re
     );
     conn.ack(&frame).await;
     after.await.unwrap().unwrap();
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_recovery_reports_the_drop_it_was_to_recover() {
+    // The service closes the connection with 4000 and no `disconnected` frame, then
+    // refuses its recovery with 1008: the user learns why the connection dropped.
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    conn.close(CloseCode::from(4000), "the service is restarting")
+        .await;
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        uri.contains("awps_connection_id=conn1"),
+        "not a recovery: {uri}"
+    );
+    conn.close(CloseCode::Policy, "The connection could not be recovered.")
+        .await;
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        conn1_lost("the service is restarting", 4000)
+    );
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        !uri.contains("awps_connection_id"),
+        "a new connection: {uri}"
+    );
+    conn.connected("conn2", "rt2").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { connection_id, .. } if connection_id == "conn2"
+    ));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_recovery_confirmed_by_traffic_alone_reports_a_later_drop_as_its_own() {
+    // The service may recover a session without a `connected` frame: a message on the
+    // recovered socket confirms it, so a later close is reported for what it is, and
+    // the first drop's explanation is forgotten.
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    conn.disconnected("maintenance").await;
+    conn.close(CloseCode::from(4000), "the service is restarting")
+        .await;
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        uri.contains("awps_connection_id=conn1"),
+        "not a recovery: {uri}"
+    );
+    conn.send(&server_message("after the recovery", 1)).await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::ServerMessage { data, .. } if data == "after the recovery"
+    ));
+    conn.close(CloseCode::Policy, "kicked").await;
+    assert_eq!(next_event(&mut events, 5).await, conn1_lost("kicked", 1008));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_recovery_keeps_the_dropped_connections_disconnected_message() {
+    // The service explained the drop; its refusal of the recovery explains it too: the
+    // drop's own explanation is the one reported, with its close code.
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    conn.disconnected("maintenance").await;
+    conn.close(CloseCode::Away, "bye").await;
+    let (mut conn, _) = fake.accept().await;
+    conn.disconnected("session expired").await;
+    conn.close(CloseCode::Policy, "").await;
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        conn1_lost("maintenance", 1001)
+    );
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn operations_written_on_a_refused_recovery_fail_or_are_lost_at_most_once() {
+    // Operations made during a recovery are written as soon as its socket opens,
+    // before the service's `connected` frame, as the official clients do. A refusal
+    // (1008) fails the acked one with its ackId at once; neither is written again on
+    // the next connection.
+    let fake = Fake::new().await;
+    let (client, mut events, conn) = connect(&fake, quiet_options()).await;
+    drop(conn);
+    let recovering = || client.state() == ClientState::Recovering;
+    common::until("the recovery", Duration::from_secs(5), recovering).await;
+    let acked = spawn_send(&client, "acked");
+    assert_eq!(
+        fire_and_forget(&client, "fire").await,
+        Ok(AckResult {
+            ack_id: None,
+            is_duplicated: false
+        })
+    );
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        uri.contains("awps_connection_id=conn1"),
+        "not a recovery: {uri}"
+    );
+    let mut written = [conn.recv().await, conn.recv().await];
+    written.sort_by_key(|frame| frame["data"].to_string());
+    assert_eq!(written[0]["data"], "acked");
+    assert_eq!(written[1]["data"], "fire");
+    conn.close(CloseCode::Policy, "The connection could not be recovered.")
+        .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), acked)
+        .await
+        .expect("the acked send ends with the refusal")
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Err(Error::NotConnected {
+            ack_id: written[0]["ackId"].as_u64()
+        })
+    );
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected { .. }
+    ));
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        !uri.contains("awps_connection_id"),
+        "a new connection: {uri}"
+    );
+    conn.connected("conn2", "rt2").await;
+    next_event(&mut events, 5).await;
+    conn.silent_for(300).await;
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_reply_to_a_timed_out_invocation_is_dropped() {
+    // The timeout writes `cancelInvocation`; a reply that comes anyway completes nothing
+    // and raises no event. A retry is a new invocation, with a new id.
+    let fake = Fake::new().await;
+    let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
+    let first = invocation_timed_out(&client, &mut conn).await;
+    let c = client.clone();
+    let retry = tokio::spawn(async move {
+        c.invoke_event("slow", DataType::Text, Bytes::from("x"), Default::default())
+            .await
+    });
+    let frame = conn.recv().await;
+    let second = frame["invocationId"].as_str().unwrap().to_owned();
+    assert_ne!(second, first, "a retry is a new invocation");
+    for (id, data) in [(&first, "late"), (&second, "fresh")] {
+        conn.send(&format!(
+            r#"{{"type":"invokeResponse","invocationId":"{id}","success":true,"dataType":"text","data":"{data}"}}"#
+        ))
+        .await;
+    }
+    assert_eq!(retry.await.unwrap().unwrap().data, Bytes::from("fresh"));
+    assert!(events.try_recv().is_err(), "no event for the late reply");
     client.stop().await;
 }

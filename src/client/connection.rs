@@ -266,8 +266,14 @@ enum End {
     /// The client handle was dropped.
     Exit,
     /// The service answered a recovery as another connection: that one is closed and
-    /// the session is lost, for this reason.
-    Foreign(String),
+    /// the session is lost to the drop the recovery was for.
+    Foreign(Cause),
+}
+
+/// How a connection ended: its close code (when a close frame came) and the reason.
+struct Cause {
+    close_code: Option<u16>,
+    reason: String,
 }
 
 /// What stops the client.
@@ -305,9 +311,10 @@ struct Task {
     disconnect_message: Option<String>,
     /// When the recovery that opened the current connection began, and when it did.
     recovered_at: Option<(Instant, Instant)>,
-    /// The current connection is a recovery whose `connected` frame has not come yet:
-    /// that frame must name the recovered connection.
-    recovery_unconfirmed: bool,
+    /// The current connection is a recovery whose `connected` frame has not come yet
+    /// (that frame must name the recovered connection): how the connection it recovers
+    /// dropped, which is still what a loss of the session reports.
+    recovering_from: Option<Cause>,
     /// Frames to write at the end of the current step.
     out: Vec<Utf8Bytes>,
     /// Operations finished in the current step.
@@ -351,7 +358,7 @@ impl Task {
             announced: false,
             disconnect_message: None,
             recovered_at: None,
-            recovery_unconfirmed: false,
+            recovering_from: None,
             out: Vec::new(),
             done: Vec::new(),
             in_batch: false,
@@ -470,7 +477,7 @@ impl Task {
         self.session = Some(session);
         self.disconnect_message = None;
         self.recovered_at = None;
-        self.recovery_unconfirmed = false;
+        self.recovering_from = None;
         if self.options.auto_rejoin_groups {
             self.queue_rejoins();
         }
@@ -542,14 +549,14 @@ impl Task {
                 }
                 Next::Exit
             }
-            End::Foreign(reason) => {
+            End::Foreign(lost) => {
                 // Closed normally: the service frees the connection it made at once.
                 if let Some(mut ws) = ws {
                     close(&mut ws, CloseCode::Normal).await;
                 }
                 Next::Lost {
-                    close_code: None,
-                    message: Some(reason),
+                    close_code: lost.close_code,
+                    message: Some(lost.reason),
                 }
             }
         }
@@ -951,9 +958,9 @@ impl Task {
             match self.offline(before_limit(limit, attempt_fut), true).await {
                 Err(next) => return next,
                 Ok(Some(Ok(ws))) => {
-                    info!("connection {connection_id} recovered (attempt {attempt})");
+                    info!("connection {connection_id}: recovery attempt {attempt} reached the service");
                     self.recovered_at = Some((since, Instant::now()));
-                    self.recovery_unconfirmed = true;
+                    self.recovering_from = Some(Cause { close_code, reason });
                     return Next::Serve(Box::new(ws));
                 }
                 Ok(Some(Err(e))) => {
@@ -1053,7 +1060,10 @@ impl Task {
         Next::Idle
     }
 
-    /// Classifies an ended socket: recover (reliable, not 1008) or lose the session.
+    /// Classifies an ended socket: recover (reliable, not 1008) or lose the session. A
+    /// recovery's socket that ends before the service confirmed the recovery was one
+    /// more attempt of it (with 1008, refused): the drop the recovery was for is still
+    /// the one recovered from, or reported.
     fn dropped(&mut self, close_code: Option<u16>, reason: String) -> Next {
         let recoverable = self.options.protocol.is_reliable()
             && close_code != Some(POLICY_VIOLATION)
@@ -1061,6 +1071,19 @@ impl Task {
                 .session
                 .as_ref()
                 .is_some_and(|s| s.reconnection_token.is_some());
+        let (close_code, reason) = match self.recovering_from.take() {
+            Some(lost) => {
+                let connection_id = self.session.as_ref().map_or("-", |s| &s.connection_id);
+                let code = close_code.map_or_else(|| "none".to_owned(), |c| c.to_string());
+                if recoverable {
+                    debug!("the recovery of connection {connection_id} ended before the service confirmed it ({reason}; close code {code})");
+                } else {
+                    warn!("the service refused the recovery of connection {connection_id} ({reason}; close code {code})");
+                }
+                (lost.close_code, lost.reason)
+            }
+            None => (close_code, reason),
+        };
         if !recoverable {
             // `lose_session` fails what was pending once the client is disconnected:
             // not here, where a caller told of it (or a `RejoinGroupFailed` listener)
@@ -1318,6 +1341,17 @@ impl Task {
         }
     }
 
+    /// The service confirmed the recovery of the current session (by its `connected`
+    /// frame or its traffic): the reason it gave for the drop explains no later one. Not
+    /// before: a recovery the service refuses (it closes the socket first) loses the
+    /// session for that reason, as the official clients say.
+    fn recovery_confirmed(&mut self) {
+        if let Some(session) = &self.session {
+            info!("connection {} recovered", session.connection_id);
+        }
+        self.disconnect_message = None;
+    }
+
     /// Handles one frame from the service. Malformed and unknown frames are logged
     /// and skipped, never fatal; `Some` when the frame ends the connection.
     fn on_frame(&mut self, frame: Bytes, now: Instant) -> Option<End> {
@@ -1328,6 +1362,17 @@ impl Task {
                 return None;
             }
         };
+        let of_the_session = !matches!(
+            downstream,
+            Downstream::Connected { .. }
+                | Downstream::Disconnected { .. }
+                | Downstream::Unknown { .. }
+        );
+        if of_the_session && self.recovering_from.take().is_some() {
+            // The service may recover a session without a `connected` frame: its traffic
+            // confirms the recovery as well.
+            self.recovery_confirmed();
+        }
         match downstream {
             Downstream::Ack {
                 ack_id,
@@ -1403,39 +1448,39 @@ impl Task {
                 reconnection_token,
                 ..
             } => {
-                let recovered = std::mem::take(&mut self.recovery_unconfirmed);
-                if let Some(session) = self
-                    .session
-                    .as_ref()
-                    .filter(|s| recovered && s.connection_id != connection_id)
-                {
-                    // The service took the recovery for a new connection: that one has
-                    // none of our groups, and its sequence ids start again, which the
-                    // dedup would drop. The session is lost; a new connection rejoins
-                    // the groups.
-                    warn!(
-                        "the service answered the recovery of connection {} as connection {connection_id}: the session is lost",
-                        session.connection_id
-                    );
-                    return Some(End::Foreign(format!(
-                        "the service took the socket for another connection ({connection_id})"
-                    )));
+                if let Some(lost) = self.recovering_from.take() {
+                    if let Some(session) = self
+                        .session
+                        .as_ref()
+                        .filter(|s| s.connection_id != connection_id)
+                    {
+                        // The service took the recovery for a new connection: that one
+                        // has none of our groups, and its sequence ids start again,
+                        // which the dedup would drop. The session is lost; a new
+                        // connection rejoins the groups.
+                        warn!(
+                            "the service answered the recovery of connection {} as connection {connection_id}: the session is lost",
+                            session.connection_id
+                        );
+                        return Some(End::Foreign(lost));
+                    }
+                    self.recovery_confirmed();
                 }
                 debug!("connected frame for connection {connection_id} on a live connection: new reconnection token");
                 if let (Some(session), Some(token)) = (self.session.as_mut(), reconnection_token) {
                     session.reconnection_token = Some(token);
                 }
-                // Recovered: the service's reason for the drop explains no later one. Not
-                // before: a recovery the service refuses (it closes the socket before this
-                // frame) loses the session for that reason, as the official clients say.
-                self.disconnect_message = None;
             }
             Downstream::Disconnected { message } => {
                 info!(
                     "the service is closing the connection: {}",
                     message.as_deref().unwrap_or("")
                 );
-                self.disconnect_message = message;
+                // Before a recovery's `connected` frame, it explains a refusal of the
+                // recovery, not the drop that is reported.
+                if self.recovering_from.is_none() {
+                    self.disconnect_message = message;
+                }
             }
             Downstream::Pong => trace!("pong"),
             Downstream::Unknown { kind } => debug!("ignoring a frame of unknown type {kind:?}"),

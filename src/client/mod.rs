@@ -58,7 +58,11 @@ pub enum ClientState {
     /// The socket dropped and the same session is being recovered; operations queue.
     /// Once 16,384 are queued (or 16 MiB of fire-and-forget frames, or 999 acked ones
     /// are pending), new ones fail at once with `Error::NotConnected` instead of
-    /// waiting for the recovery.
+    /// waiting for the recovery. Once a recovery's socket opens, the client is
+    /// `Connected` and writes them, before the service's `connected` frame confirms the
+    /// session (as the official clients do): should the service refuse it (1008), the
+    /// session is lost, and the acked ones fail with `Error::NotConnected` and their
+    /// ackIds.
     Recovering,
     /// The session was lost; waiting before the next reconnect attempt. Operations fail
     /// at once with `Error::NotConnected`.
@@ -80,7 +84,11 @@ pub enum Event {
         /// The user id of the token, if any.
         user_id: Option<String>,
     },
-    /// The session was lost (or stopped); an automatic reconnect may follow.
+    /// The session was lost (or stopped); an automatic reconnect may follow. When a
+    /// recovery failed (the service refused it with 1008 before its `connected` frame,
+    /// answered it as another connection, or its window ran out), `message` and
+    /// `close_code` tell how the connection dropped, not how the recovery ended (that
+    /// is logged).
     Disconnected {
         /// The id of the connection that was lost.
         connection_id: Option<String>,
@@ -202,7 +210,9 @@ pub struct SendToGroupOptions {
     pub no_echo: bool,
     /// Send without an ackId and return once queued. Sent at most once: one written to
     /// a connection that then drops is lost without an error, even on a reliable
-    /// protocol (a recovery resends acked operations only).
+    /// protocol (a recovery resends acked operations only), and so is one queued during
+    /// a recovery that fails (it is written once the recovery's socket opens, before
+    /// the service confirms the session, as the official clients do).
     pub fire_and_forget: bool,
     /// Use this ackId (at least 1, else `Error::InvalidArgument`; ignored with
     /// `fire_and_forget`) instead of the next one. It must not be in use by a
@@ -220,7 +230,9 @@ pub struct SendToGroupOptions {
 pub struct SendEventOptions {
     /// Send without an ackId and return once queued. Sent at most once: one written to
     /// a connection that then drops is lost without an error, even on a reliable
-    /// protocol (a recovery resends acked operations only).
+    /// protocol (a recovery resends acked operations only), and so is one queued during
+    /// a recovery that fails (it is written once the recovery's socket opens, before
+    /// the service confirms the session, as the official clients do).
     pub fire_and_forget: bool,
     /// Use this ackId (at least 1, else `Error::InvalidArgument`; ignored with
     /// `fire_and_forget`) instead of the next one. It must not be in use by a
@@ -237,7 +249,8 @@ pub struct SendEventOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InvokeOptions {
     /// How long to wait for the reply; `None` uses the client's `ack_timeout`. Above
-    /// zero and at most u64::MAX milliseconds (else `Error::InvalidArgument`).
+    /// zero and at most u64::MAX milliseconds (else `Error::InvalidArgument`). It runs
+    /// from the write: an invocation made during a recovery waits for the recovery too.
     pub timeout: Option<Duration>,
 }
 
@@ -253,7 +266,12 @@ pub struct InvokeOptions {
 /// pass on a later `start` (an HTTP 401 is a stale token). Any other `Ack`
 /// (`Forbidden`, `BadRequest`), `Invoke`, `InvalidArgument`, `Tls` and `Protocol` would
 /// fail again; after `Stopped`, or an operation's `IllegalState` (not started), the
-/// client needs a `start`, and `Cancelled` is the application's own.
+/// client needs a `start`, and `Cancelled` is the application's own. An invocation is
+/// never retried or resent: on its `Timeout` (`ack_id` `None`) the client writes
+/// `cancelInvocation` and drops a reply that comes later, and one written before a drop
+/// fails with `NotConnected` (a recovery does not resend it). Either way the upstream
+/// may have handled the event, and a new `invoke_event` is a new invocation that
+/// nothing deduplicates: retry only one whose upstream handler is idempotent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error {

@@ -24,7 +24,10 @@ use super::status::{
 
 /// Event kind: connected (`connection_id`, `user_id`).
 pub const WPS_EVENT_CONNECTED: u32 = 1;
-/// Event kind: the session was lost (`connection_id`, `message`, `close_code`).
+/// Event kind: the session was lost (`connection_id`, `message`, `close_code`). After a
+/// failed recovery (refused with 1008, answered as another connection, or out of time),
+/// `message` and `close_code` tell how the connection dropped, not how the recovery
+/// ended (that is logged).
 pub const WPS_EVENT_DISCONNECTED: u32 = 2;
 /// Event kind: the client stopped and will not reconnect (`status`, `message`). Not
 /// raised by a start that fails on its own (its status is the start's; a stop that ends

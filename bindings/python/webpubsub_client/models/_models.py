@@ -163,7 +163,11 @@ class OnConnectedArgs:
 
 
 class OnDisconnectedArgs:
-    """Arguments of the ``disconnected`` event (``close_code`` is an addition: None when unknown)."""
+    """Arguments of the ``disconnected`` event (``close_code`` is an addition: None when unknown).
+
+    After a failed recovery (refused with 1008, answered as another connection, or out of
+    time), ``message`` and ``close_code`` tell how the connection dropped, not how the
+    recovery ended (that is logged)."""
 
     def __init__(
         self,
