@@ -184,6 +184,27 @@ async def test_a_send_refused_before_it_was_written_has_no_ack_id_but_its_own(hu
         assert info.value.ack_id == ack_id
 
 
+async def test_join_and_leave_report_the_ack_id_their_frame_carried_async(hub: Hub) -> None:
+    """As with the sync client: join_group and leave_group report the ackId their frame
+    carried, not an ``ack_id`` given to them."""
+    client = make(hub.url(), message_retry_total=0)
+    for operation in (client.join_group, client.leave_group):
+        with pytest.raises(SendMessageError) as before:
+            await operation("g", ack_id=5000)
+        assert before.value.error_detail is not None and before.value.error_detail.name == "IllegalState"
+        assert before.value.ack_id is None
+    async with client:
+        last = (await client.send_to_group("g", "x", WebPubSubDataType.TEXT)).ack_id
+        assert last is not None
+        for operation in (client.join_group, client.leave_group):
+            assert (await operation("g", ack_id=5000)).ack_id == last + 1
+            with pytest.raises(SendMessageError) as refused:
+                await operation("a\nb", ack_id=5000)  # the service refuses a line feed in a group name
+            assert refused.value.error_detail is not None and refused.value.error_detail.name == "BadRequest"
+            assert refused.value.ack_id == last + 2
+            last += 2
+
+
 async def test_close_called_while_open_runs_stops_the_client_as_officially(hub: Hub) -> None:
     """close() called once open() has begun stops the client: the open fails (or has just
     succeeded) and the client ends stopped, as with the official client. The state read
@@ -284,9 +305,9 @@ async def test_client_logging_enable_logs_every_outgoing_message_async(hub: Hub,
         await client.leave_group("g")
     messages = [r.getMessage() for r in caplog.records if r.name == "webpubsub_client"]
     for expected in ("join_group 'g'", "send_to_group 'g': b'acked'", "send_to_group 'g': b'queued'"):
-        assert f"webpubsub_client: {expected}" in messages, messages
-    assert "webpubsub_client: send_event 'e': b'event'" in messages, messages
-    assert "webpubsub_client: leave_group 'g'" in messages, messages
+        assert expected in messages, messages
+    assert "send_event 'e': b'event'" in messages, messages
+    assert "leave_group 'g'" in messages, messages
 
 
 async def test_async_listener_may_await_client_calls(hub: Hub, protocol: WebPubSubProtocolType) -> None:
@@ -714,10 +735,10 @@ async def test_a_provider_cancelled_with_the_open_is_no_failure_either(first: st
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-async def test_a_plain_provider_blocking_the_loop_past_the_start_timeout_fails_open_only(hub: Hub) -> None:
-    """A plain function provider runs on the loop and cannot be cancelled: one that blocks
-    the loop past the start timeout fails that open() with the timeout once the loop runs
-    again, its late answer is refused, and the next open() connects."""
+async def test_a_plain_provider_blocking_past_the_start_timeout_fails_open_only(hub: Hub) -> None:
+    """A plain function provider cannot be cancelled: one that blocks past the start
+    timeout fails that open() with the timeout, its late answer is dropped, and the next
+    open() connects."""
     calls: List[int] = []
 
     def provide() -> str:
@@ -732,6 +753,38 @@ async def test_a_plain_provider_blocking_the_loop_past_the_start_timeout_fails_o
     async with client:
         assert client.is_connected()
     assert len(calls) == 2
+
+
+async def test_a_plain_provider_runs_off_the_loop_and_a_cancelled_open_does_not_wait_for_it(hub: Hub) -> None:
+    """A plain function provider (the official aio client takes coroutine functions only)
+    runs on a thread of its own: while it blocks, the loop runs on, and an open()
+    cancelled meanwhile ends without waiting for it; its late answer is dropped, and the
+    next open() connects. (It ran on the loop, which it blocked, the cancel with it.)"""
+    asked, release, finished = threading.Event(), threading.Event(), threading.Event()
+    threads: List[int] = []
+
+    def provide() -> str:
+        threads.append(threading.get_ident())
+        if len(threads) == 1:
+            asked.set()
+            release.wait(WAIT)
+            finished.set()
+        return hub.url()
+
+    client = make(WebPubSubClientCredential(provide), start_timeout=WAIT * 6, reconnect_retry_total=0)
+    opening = asyncio.ensure_future(client.open())
+    await until(asked.is_set, "the provider's call")
+    assert not finished.is_set(), "the loop ran only once the provider had returned"
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert not finished.is_set(), "the cancelled open() waited for the provider"
+    assert client.state is WebPubSubClientState.STOPPED
+    release.set()
+    await until(finished.is_set, "the provider's return")
+    async with client:
+        assert client.is_connected()
+    assert len(threads) == 2 and threading.get_ident() not in threads
 
 
 async def test_a_wrong_async_credential_answer_fails_open(hub: Hub) -> None:
@@ -1515,7 +1568,7 @@ async def test_coroutine_listeners_of_one_burst_each_get_a_context_of_their_own(
 
 
 # What close() logs for a group-message listener it cancels after its grace.
-CANCELLED_AT_CLOSE = "webpubsub_client: a group-message listener was still running 1 s after close(); cancelled"
+CANCELLED_AT_CLOSE = "a group-message listener was still running 1 s after close(); cancelled"
 
 
 def warnings(caplog: Any) -> List[str]:

@@ -302,7 +302,7 @@ async def test_an_unknown_data_type_is_a_type_error_as_officially_and_a_value_er
 
 _UNKNOWN_EVENTS = ["nope", "group_message", 7, None, ("connected",)]
 # What subscribe and unsubscribe log for each of them, in turn.
-_IGNORED = [f"webpubsub_client: {m} ignores {e!r}" for e in _UNKNOWN_EVENTS for m in ("subscribe", "unsubscribe")]
+_IGNORED = [f"{m} ignores {e!r}" for e in _UNKNOWN_EVENTS for m in ("subscribe", "unsubscribe")]
 
 
 def _ignored_events(caplog: pytest.LogCaptureFixture) -> List[str]:

@@ -95,9 +95,7 @@ def test_library_logs_follow_a_level_set_between_creation_and_open(hub: Hub) -> 
         {},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "webpubsub_client.native DEBUG [webpubsub_client::client::connection] connecting to" in result.stdout, (
-        result.stdout[-2000:]
-    )
+    assert "webpubsub_client.native DEBUG [client::connection] connecting to" in result.stdout, result.stdout[-2000:]
 
 
 def test_refused_threads_fail_clearly_and_are_tried_again(hub: Hub) -> None:
@@ -133,6 +131,66 @@ def test_refused_threads_fail_clearly_and_are_tried_again(hub: Hub) -> None:
     assert "cannot install the log callback: internal error: cannot start the logging thread" in result.stderr, (
         result.stderr[-2000:]
     )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE")
+def test_running_out_of_descriptors_fails_clearly_and_is_tried_again(hub: Hub) -> None:
+    """With every descriptor the process may open taken, then one more left free at each
+    try: making the first sync client fails with WebPubSubClientError (the library's
+    descriptors, then maybe those of the dispatch threads' selectors, which
+    test_a_dispatch_pool_refused_a_descriptor_is_made_whole_by_the_next_client refuses
+    for certain) until it is made; its open() with none free fails with
+    OpenClientError; once descriptors are free it opens. (A refused selector raised a
+    bare OSError.)"""
+    code = f"""
+        import os, resource
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.models import OpenClientError, WebPubSubClientError
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        held = []
+        def exhaust(free):
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            for _ in range(free):
+                os.close(held.pop())
+        def release():
+            while held:
+                os.close(held.pop())
+        client = None
+        for free in range(64):
+            exhaust(free)
+            try:
+                client = WebPubSubClient({hub.url()!r}, start_timeout=5.0, reconnect_retry_total=0)
+            except WebPubSubClientError as error:
+                print("refused:", error, flush=True)
+            finally:
+                release()
+            if client is not None:
+                break
+        for _ in range(20):  # the library's threads may close a descriptor meanwhile: the open may succeed
+            exhaust(0)
+            try:
+                client.open()
+            except OpenClientError as error:
+                print("open refused:", error, flush=True)
+                break
+            finally:
+                release()
+            client.close()
+        with client:
+            print("connected:", client.is_connected(), flush=True)
+    """
+    result = run_python(code, {"RUST_BACKTRACE": "0"})  # the library's runtime panics on a refused descriptor
+    assert result.returncode == 0, (result.stdout, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    refused = [line for line in lines if line.startswith("refused: ")]
+    assert refused and all(line.startswith("refused: cannot create the client: ") for line in refused), lines
+    assert lines[len(refused)].startswith("open refused: Failed to open client. "), lines
+    assert "Too many open files" in lines[len(refused)], lines
+    assert lines[len(refused) + 1 :] == ["connected: True"], lines
 
 
 def sigterm_ends_a_join(hub: Hub, before: str = "", after: str = "") -> None:
@@ -713,6 +771,7 @@ def test_a_dispatch_pool_refused_a_descriptor_is_made_whole_by_the_next_client(h
     code = f"""
         import errno, os, selectors, threading
         from webpubsub_client import WebPubSubClient, _dispatcher
+        from webpubsub_client.models import WebPubSubClientError
         os.cpu_count = lambda: 2  # a pool of two, whatever the machine
         made, real = [], selectors.DefaultSelector
 
@@ -725,8 +784,8 @@ def test_a_dispatch_pool_refused_a_descriptor_is_made_whole_by_the_next_client(h
         selectors.DefaultSelector = second_refused
         try:
             WebPubSubClient({hub.url("first")!r})
-        except OSError as e:
-            print("refused", e.errno == errno.EMFILE)
+        except WebPubSubClientError as e:
+            print("refused", e.__cause__.errno == errno.EMFILE)
         client = WebPubSubClient({hub.url("second")!r})
         watchdogs = [t for t in threading.enumerate() if t.name == "webpubsub-dispatch-watchdog"]
         print(len(_dispatcher._WORKERS), len(watchdogs))

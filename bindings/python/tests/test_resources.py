@@ -616,7 +616,7 @@ def test_a_held_client_whose_loop_ended_open_drops_its_messages_until_a_new_loop
         assert got == ["first", "second"]
         messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert messages == [
-            f"webpubsub_client: {HELD_MESSAGES} messages came while no event loop ran the client (its loop was "
+            f"{HELD_MESSAGES} messages came while no event loop ran the client (its loop was "
             "closed while it was open); they were dropped",
         ], messages
     finally:
@@ -672,7 +672,7 @@ def test_a_paused_client_whose_loop_ended_open_reads_on_and_drops_what_comes(
         assert kept == [f"{n:05}" for n in range(len(kept))]
         messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert messages == [
-            f"webpubsub_client: {count - len(kept)} messages came while no event loop ran the client (its loop was "
+            f"{count - len(kept)} messages came while no event loop ran the client (its loop was "
             "closed while it was open); they were dropped",
         ], messages
     finally:

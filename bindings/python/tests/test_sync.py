@@ -855,9 +855,9 @@ def test_client_logging_enable_logs_every_outgoing_message(hub: Hub, caplog: Any
         client.leave_group("g")
     messages = [r.getMessage() for r in caplog.records if r.name == "webpubsub_client"]
     for expected in ("join_group 'g'", "send_to_group 'g': b'acked'", "send_to_group 'g': b'queued'"):
-        assert f"webpubsub_client: {expected}" in messages, messages
-    assert "webpubsub_client: send_event 'e': b'event'" in messages, messages
-    assert "webpubsub_client: leave_group 'g'" in messages, messages
+        assert expected in messages, messages
+    assert "send_event 'e': b'event'" in messages, messages
+    assert "leave_group 'g'" in messages, messages
 
 
 def test_client_logging_enable_passes_the_librarys_trace_records(hub: Hub, caplog: Any) -> None:
@@ -874,6 +874,32 @@ def test_client_logging_enable_passes_the_librarys_trace_records(hub: Hub, caplo
     trace = [r for r in caplog.records if r.levelno == 5]
     assert {r.name for r in trace} == {"webpubsub_client.native"}
     assert {r.levelname for r in trace} == {"Level 5"}
+
+
+def test_log_records_do_not_repeat_the_loggers_name(hub: Hub, caplog: Any) -> None:
+    """Formatted as ``logging.basicConfig(format="%(name)s: %(message)s")`` prints them,
+    the package's records and the library's name their logger once: "webpubsub_client:
+    join_group 'g'", "webpubsub_client.native: [client::connection] connecting to ...".
+    (They read "webpubsub_client: webpubsub_client: join_group 'g'" and
+    "webpubsub_client.native: [webpubsub_client::client::connection] connecting to ...".)"""
+    caplog.set_level(logging.DEBUG, logger="webpubsub_client.native")  # first: each call sets the capture level too
+    caplog.set_level(logging.DEBUG, logger="webpubsub_client")
+    formatter = logging.Formatter("%(name)s: %(message)s")
+
+    def lines() -> List[str]:
+        return [formatter.format(r) for r in caplog.records if r.name.startswith("webpubsub_client")]
+
+    with make(hub.url()) as client:
+        client.join_group("g", logging_enable=True)
+        client.subscribe("no-such-event", print)
+    wait_until(lambda: any(" connecting to " in line for line in lines()), what="the library's record of the connect")
+    printed = lines()
+    assert "webpubsub_client: join_group 'g'" in printed, printed
+    assert any(line.startswith("webpubsub_client: subscribe ignores 'no-such-event'") for line in printed), printed
+    assert any(line.startswith("webpubsub_client.native: [client::connection] connecting to ") for line in printed)
+    assert [
+        line for line in printed if "webpubsub_client: webpubsub_client" in line or "[webpubsub_client" in line
+    ] == []
 
 
 def test_user_agent_is_a_prefix_of_the_user_agent_header(hub: Hub, tap: FrameTap) -> None:
@@ -1517,6 +1543,28 @@ def test_a_send_refused_before_it_was_written_has_no_ack_id_but_its_own(hub: Hub
         assert info.value.ack_id == expected
 
 
+def test_join_and_leave_report_the_ack_id_their_frame_carried(hub: Hub) -> None:
+    """The library numbers join and leave messages itself: an ``ack_id`` given to
+    join_group or leave_group is checked, and their result and error report the ackId
+    the frame carried (none for one never written), the next of the client's own."""
+    client = make(hub.url(), message_retry_total=0)
+    for operation in (client.join_group, client.leave_group):
+        with pytest.raises(SendMessageError) as before:
+            operation("g", ack_id=5000)
+        assert before.value.error_detail is not None and before.value.error_detail.name == "IllegalState"
+        assert before.value.ack_id is None
+    with client:
+        last = client.send_to_group("g", "x", WebPubSubDataType.TEXT).ack_id
+        assert last is not None
+        for operation in (client.join_group, client.leave_group):
+            assert operation("g", ack_id=5000).ack_id == last + 1
+            with pytest.raises(SendMessageError) as refused:
+                operation("a\nb", ack_id=5000)  # the service refuses a line feed in a group name
+            assert refused.value.error_detail is not None and refused.value.error_detail.name == "BadRequest"
+            assert refused.value.ack_id == last + 2
+            last += 2
+
+
 def test_operations_when_not_connected_raise_send_message_error(hub: Hub) -> None:
     """Before ``open()`` and after ``close()`` every operation, fire-and-forget sends
     included, fails at once (the official client retries for about 5.6 s) with
@@ -2157,6 +2205,55 @@ def test_a_listener_that_falls_behind_pauses_reading_and_may_still_send(hub: Hub
         assert got.items == [(f"{n:05}", 32 * 1024) for n in range(BACKLOG_MESSAGES)]
         wait_until(lambda: len(sent) == 1, what="the listener's send")
         assert sent[0].ack_id is not None
+
+
+ONE_PER_DISPATCH = 24_000  # text bytes: one such message per dispatch of a sync client (32 KiB of records)
+
+
+def test_reading_paused_by_the_event_backlog_resumes_once_it_is_down_to_half(hub: Hub, tap: FrameTap) -> None:
+    """Reading pauses once more than ``event_backlog_bytes`` of messages wait for the
+    listeners, and resumes only once they are down to half of it. With a limit of 8.5
+    messages, the subscriber reads 9 while its listener holds the one before them; the
+    messages sent then are not read (not sequence-acknowledged) while 8 to 5 wait, and
+    are once 4 do. Each dispatch takes one message, so the listener's calls tell how
+    many wait."""
+    entered = Collector()
+    steps = threading.Semaphore(0)
+
+    def on_message(args: OnGroupDataMessageArgs) -> None:
+        entered((args.data[:5], args.sequence_id))
+        assert steps.acquire(timeout=WAIT)
+
+    def body(n: int) -> str:
+        return f"{n:05}".ljust(ONE_PER_DISPATCH, ".")
+
+    def read_through(n: int) -> bool:
+        """The subscriber acknowledged message ``n``: its library read it."""
+        return any(frame["sequenceId"] >= first + n for _, frame in tap.sent("sequenceAck"))
+
+    subscriber = make(tap.url(hub.url("sub")), event_backlog_bytes=ONE_PER_DISPATCH * 17 // 2)
+    subscriber.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    with subscriber, make(hub.url("pub")) as publisher:
+        subscriber.join_group("g")
+        publisher.send_to_group("g", body(0), WebPubSubDataType.TEXT)
+        first = entered.wait_for(1)[0][1]  # its call holds the dispatch: the next messages wait
+        for n in range(1, 10):
+            publisher.send_to_group("g", body(n), WebPubSubDataType.TEXT)
+        wait_until(lambda: read_through(9), what="the 9 messages over the limit read")
+        for n in range(10, 15):  # acked: the service has them
+            publisher.send_to_group("g", body(n), WebPubSubDataType.TEXT)
+        for taken in range(1, 5):
+            steps.release()
+            entered.wait_for(taken + 1)  # message ``taken`` in its listener: 9 - taken wait
+        time.sleep(1.0)  # ten sequence-ack intervals: nothing to await, a read would be acknowledged by now
+        assert not read_through(10), "reading resumed with 5 messages waiting, over half the limit"
+        steps.release()
+        entered.wait_for(6)  # 4 wait
+        wait_until(lambda: read_through(10), what="reading resumed with 4 messages waiting, under half the limit")
+        for _ in range(15):
+            steps.release()
+        entered.wait_for(15)
+    assert [data for data, _ in entered.items] == [f"{n:05}" for n in range(15)]
 
 
 def test_event_backlog_bytes_is_checked() -> None:

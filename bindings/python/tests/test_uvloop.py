@@ -367,7 +367,7 @@ def test_a_held_client_whose_loop_ended_open_drops_its_messages_until_the_next_l
         assert got == ["first", "second"]
         dropped = [r.getMessage() for r in caplog.records if "they were dropped" in r.getMessage()]
         assert dropped == [
-            "webpubsub_client: 100 messages came while no event loop ran the client (its loop was closed while it "
+            "100 messages came while no event loop ran the client (its loop was closed while it "
             "was open); they were dropped"
         ]
     finally:

@@ -222,7 +222,7 @@ def ignore_keywords(method: str, names: Iterable[str]) -> None:
     for name in names:
         if (method, name) not in _IGNORED_KEYWORDS:
             _IGNORED_KEYWORDS.add((method, name))
-            _LOGGER.debug("webpubsub_client: %s ignores the keyword argument %r", method, name)
+            _LOGGER.debug("%s ignores the keyword argument %r", method, name)
 
 
 def operation_keywords(
@@ -234,9 +234,9 @@ def operation_keywords(
     (:func:`ignore_keywords`)."""
     if log or kwargs.get("logging_enable"):
         if payload is None:
-            _LOGGER.debug("webpubsub_client: %s %r", method, target)
+            _LOGGER.debug("%s %r", method, target)
         else:
-            _LOGGER.debug("webpubsub_client: %s %r: %r", method, target, payload)
+            _LOGGER.debug("%s %r: %r", method, target, payload)
     ignore_keywords(method, [name for name in kwargs if name != "logging_enable"])
 
 
@@ -322,10 +322,10 @@ def decode_content(data_type: int, data: bytes, binary: Callable[[bytes], Any]) 
         try:
             return kind, json.loads(data.decode("utf-8"))
         except (ValueError, RecursionError):  # valid JSON too: too large an integer, too deep a nesting
-            _LOGGER.warning("webpubsub_client: received json data that does not parse; passing the text")
+            _LOGGER.warning("received json data that does not parse; passing the text")
             return kind, data.decode("utf-8", errors="replace")
     if kind is None:
-        _LOGGER.warning("webpubsub_client: received unknown data type %d; passing bytes", data_type)
+        _LOGGER.warning("received unknown data type %d; passing bytes", data_type)
         return data_type, binary(data)
     return kind, binary(data)
 
@@ -654,7 +654,7 @@ def message_records(view: memoryview, count: int) -> List[Tuple[CallbackType, Tu
         try:
             converted.append(_message_record(view, at, unpack))
         except Exception:  # noqa: BLE001 - the rest of the records still go out
-            _LOGGER.exception("webpubsub_client: error while converting a message")
+            _LOGGER.exception("error while converting a message")
         at += size
     return converted
 
@@ -737,7 +737,7 @@ def event_args(event: _native.WpsEvent) -> Optional[Tuple[CallbackType, Tuple[An
     """The callback type and listener arguments for a borrowed native event (copied)."""
     convert = _EVENT_CONVERTERS.get(event.kind)
     if convert is None:
-        _LOGGER.debug("webpubsub_client: ignoring unknown event kind %d", event.kind)
+        _LOGGER.debug("ignoring unknown event kind %d", event.kind)
         return None
     return convert(event)
 
@@ -791,7 +791,7 @@ class Listeners:
             try:
                 current.remove(listener)
             except ValueError:
-                _LOGGER.info("webpubsub_client: listener to remove is not subscribed to %s", kind.value)
+                _LOGGER.info("listener to remove is not subscribed to %s", kind.value)
                 return
             self._by_type[kind] = tuple(current)
 
@@ -800,9 +800,7 @@ class Listeners:
         """``event`` as a :class:`CallbackType`, or None, logged at error level, when it names no event."""
         kind = callback_type_of(event)
         if kind is None:
-            _LOGGER.error(
-                "webpubsub_client: %s ignores %r, which is not an event (the events: %s)", method, event, _EVENT_NAMES
-            )
+            _LOGGER.error("%s ignores %r, which is not an event (the events: %s)", method, event, _EVENT_NAMES)
         return kind
 
     def snapshot(self, kind: CallbackType) -> Tuple[Callable[..., Any], ...]:
@@ -983,7 +981,7 @@ def send_flags(ack: Any, no_echo: Any = False, ack_id: Any = None) -> Tuple[int,
     if ack_id is not None:
         check_ack_id(ack_id)
         if not ack:
-            _LOGGER.debug("webpubsub_client: ack_id %d is not sent: a message sent with ack=False has no ackId", ack_id)
+            _LOGGER.debug("ack_id %d is not sent: a message sent with ack=False has no ackId", ack_id)
             ack_id = None
     flags = 0 if ack else _native.SEND_FIRE_AND_FORGET
     return (flags | _native.SEND_NO_ECHO) if no_echo else flags, ack_id
@@ -1001,4 +999,4 @@ def check_timeout(timeout: Any) -> int:
 
 def log_listener_error(kind: CallbackType) -> None:
     """Log the exception a listener raised (it never reaches the library)."""
-    _LOGGER.exception("webpubsub_client: a %s listener raised", kind.value)
+    _LOGGER.exception("a %s listener raised", kind.value)

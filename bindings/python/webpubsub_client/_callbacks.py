@@ -132,14 +132,14 @@ def _on_event(key: Optional[int], event: Any) -> None:
         if sink is not None:
             sink.on_native_event(event.contents)
     except BaseException:  # noqa: BLE001 - nothing may propagate into C
-        _LOGGER.exception("webpubsub_client: error while handling an event")
+        _LOGGER.exception("error while handling an event")
 
 
 def _on_free(key: Optional[int]) -> None:
     try:
         REGISTRY.pop(key)
     except BaseException:  # noqa: BLE001
-        _LOGGER.exception("webpubsub_client: error while releasing callback data")
+        _LOGGER.exception("error while releasing callback data")
 
 
 def _on_credential(key: Optional[int], result: Optional[int]) -> None:
@@ -158,7 +158,7 @@ def _on_credential(key: Optional[int], result: Optional[int]) -> None:
         try:
             answer_credential(result, None, exc)
         except BaseException:  # noqa: BLE001
-            _LOGGER.exception("webpubsub_client: cannot report the credential error")
+            _LOGGER.exception("cannot report the credential error")
 
 
 def answer_credential(result: Optional[int], url: Any, error: Optional[BaseException] = None) -> None:
@@ -175,11 +175,11 @@ def answer_credential(result: Optional[int], url: Any, error: Optional[BaseExcep
         except Exception as exc:  # noqa: BLE001 - reported as the credential's error
             error = exc
     if error is not None:
-        _LOGGER.warning("webpubsub_client: the credential failed: %r", error)
+        _LOGGER.warning("the credential failed: %r", error)
         message = (f"{type(error).__name__}: {error}").replace("\0", " ")
         status = lib.wps_credential_result_set_error(result, message.encode("utf-8", errors="replace"))
     if status != _native.STATUS_OK:
-        _LOGGER.debug("webpubsub_client: the credential's answer came too late: %s", _native.last_error_message())
+        _LOGGER.debug("the credential's answer came too late: %s", _native.last_error_message())
 
 
 def _on_completion(key: Optional[int], completion: Any) -> None:
@@ -189,8 +189,10 @@ def _on_completion(key: Optional[int], completion: Any) -> None:
         if handler is not None:
             handler(Completion(completion.contents))
     except BaseException:  # noqa: BLE001
-        _LOGGER.exception("webpubsub_client: error while completing an operation")
+        _LOGGER.exception("error while completing an operation")
 
+
+_CRATE = "webpubsub_client::"  # how the library's log targets begin
 
 _PY_LEVELS = {
     _native.LOG_ERROR: logging.ERROR,
@@ -208,7 +210,8 @@ def _on_log(_key: Optional[int], level: int, target: Optional[bytes], message: O
             return  # the WebSocket library's trace records print frame payloads (reconnection tokens)
         py_level = _PY_LEVELS.get(level, logging.DEBUG)
         if NATIVE_LOGGER.isEnabledFor(py_level):
-            NATIVE_LOGGER.log(py_level, "[%s] %s", source, _native.decode(message))
+            # the library's module without its crate, which the logger's name already gives
+            NATIVE_LOGGER.log(py_level, "[%s] %s", source.removeprefix(_CRATE), _native.decode(message))
     except BaseException:  # noqa: BLE001
         pass  # logging failed; there is nowhere left to report it
 
@@ -253,7 +256,7 @@ def enable_native_logging(trace: bool = False) -> None:
             _log_level = wanted
         else:
             _LOGGER.warning(
-                "webpubsub_client: cannot install the log callback: %s: %s",
+                "cannot install the log callback: %s: %s",
                 _native.status_str(status),
                 _native.last_error_message(),
             )
@@ -280,7 +283,7 @@ def quiesce_native() -> None:
         lib.wps_set_log_callback(_native.LOG_CB(), None, 0)
         _log_level = 0
     if lib.wps_callbacks_disable(_QUIESCE_MS) != _native.STATUS_OK:
-        _LOGGER.warning("webpubsub_client: a callback still ran at exit: %s", _native.last_error_message())
+        _LOGGER.warning("a callback still ran at exit: %s", _native.last_error_message())
 
 
 # Signals during a blocking call of the main thread. Python runs signal handlers on its
@@ -358,7 +361,7 @@ def install_main_check() -> None:
     callback = _native.INTERRUPT_CB(functools.partial(next, checks, 0))  # ended: 0, no StopIteration
     _checks.append((checks, callback))
     if lib.wps_set_thread_interrupt_check(callback, _INTERRUPT_CHECK_MS) != _native.STATUS_OK:
-        _LOGGER.warning("webpubsub_client: cannot install the interrupt check: %s", _native.last_error_message())
+        _LOGGER.warning("cannot install the interrupt check: %s", _native.last_error_message())
     _main_check_missing = False
 
 

@@ -510,7 +510,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """Join ``group_name``; waits for the service's ack.
 
         ``ack_id`` is accepted for compatibility and checked, but the library numbers
-        join messages itself (joining is idempotent, so a chosen ackId adds nothing).
+        join messages itself (joining is idempotent, so a chosen ackId adds nothing): the
+        result and the error report the ackId the frame carried (the official client's
+        frame carries the chosen one).
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """

@@ -82,8 +82,13 @@ class Dispatch:
         self._waiting = 0
         self._delivered = threading.Condition()
         with self.lock:
-            self.worker = _assign()
-            self.worker.watch(self._fd, self)
+            try:
+                self.worker = _assign()
+                self.worker.watch(self._fd, self)
+            except OSError as exc:  # no descriptor for a new worker's selector (EMFILE)
+                raise WebPubSubClientError(
+                    f"cannot create the client: cannot watch its dispatch descriptor: {exc}"
+                ) from exc
 
     def run(self, out: _base.DispatchBuffers, worker: _Worker) -> None:
         """On ``worker``'s thread, once the descriptor is readable: take the queued events
@@ -100,7 +105,7 @@ class Dispatch:
         try:
             events: List[Any] = self._sink.take()
             if status != _native.STATUS_OK:  # the counts were not written
-                _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
+                _LOGGER.error("dispatch failed: %s", _native.last_error_message())
             else:
                 _ran, _acks, messages, size = _COUNTS(out.counts, _native.DISPATCH_COUNTS_OFFSET)
                 if messages:
@@ -226,7 +231,7 @@ class _Worker:
             try:
                 dispatch.run(out, self)
             except Exception:  # noqa: BLE001 - the thread serves the other clients too
-                _LOGGER.exception("webpubsub_client: error while dispatching events")
+                _LOGGER.exception("error while dispatching events")
             self.current = None
 
 
@@ -263,7 +268,7 @@ class _Watchdog:
                 try:
                     quiet = quiet + 1 if self._look() else 0
                 except Exception:  # noqa: BLE001 - a thread or descriptor refused: tried again
-                    _LOGGER.exception("webpubsub_client: the dispatch watchdog could not relieve a thread")
+                    _LOGGER.exception("the dispatch watchdog could not relieve a thread")
                     quiet = 0
             self._awake.clear()
             self.asleep = True
@@ -298,7 +303,7 @@ def _relieve(held: _Worker) -> None:
     with _POOL_LOCK:
         candidates = [worker for worker in _WORKERS if not worker.held]
         target = min(candidates, key=lambda worker: len(worker.clients)) if candidates else _new_worker()
-    _LOGGER.debug("webpubsub_client: a listener holds %s: %d clients move to %s", held.name, len(moving), target.name)
+    _LOGGER.debug("a listener holds %s: %d clients move to %s", held.name, len(moving), target.name)
     for dispatch in moving:
         dispatch.move(held, target)
 

@@ -15,7 +15,22 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Literal, Optional, Protocol, Set, Tuple, Union, overload
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Literal,
+    Optional,
+    Protocol,
+    Set,
+    Tuple,
+    Union,
+    cast,
+    overload,
+)
 
 from .. import _base, _callbacks, _native
 from .._callbacks import REGISTRY, Completion
@@ -80,8 +95,12 @@ def _resume(coro: Any, context: contextvars.Context, suspended_on: Any, thrown: 
 
 
 class WebPubSubClientCredential:
-    """Where the client gets its URL: a fixed URL, or a coroutine function (or plain function)
-    returning one, awaited on the client's event loop before every *new* connection.
+    """Where the client gets its URL: a fixed URL, or a callable returning one, asked
+    before every *new* connection. A coroutine function is awaited on the client's event
+    loop; a plain function (an addition: the official client takes coroutine functions
+    only) runs on a daemon thread of its own, so that one that blocks (a token fetched
+    over HTTP) leaves the loop running. A plain function may return an awaitable (awaited
+    on the loop), but not use the running loop itself.
     """
 
     def __init__(self, client_access_url_provider: UrlProvider) -> None:
@@ -98,10 +117,52 @@ class WebPubSubClientCredential:
         """Return the client access URL (awaits the provider)."""
         if isinstance(self._provider, str):
             return self._provider
-        result = self._provider()
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+        return await _provided(self._provider)
+
+
+async def _provided(provider: Callable[[], Any]) -> str:
+    """What ``provider()`` returns, awaited if it is awaitable: a coroutine function is
+    called on the loop, any other callable on a thread of its own (:func:`_off_loop`)."""
+    if inspect.iscoroutinefunction(provider):
+        return cast(str, await provider())
+    result = await _off_loop(provider)
+    if inspect.isawaitable(result):
+        result = await result
+    return cast(str, result)
+
+
+async def _off_loop(function: Callable[[], Any]) -> Any:
+    """``function()`` run on a daemon thread of its own (in a copy of this context) and
+    awaited: the loop runs on meanwhile, a cancellation does not wait for it (its late
+    outcome is dropped), nor does the end of ``asyncio.run``, which waits for the threads
+    of the loop's default executor."""
+    loop = asyncio.get_running_loop()
+    future: "asyncio.Future[Tuple[bool, Any]]" = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(outcome: Tuple[bool, Any]) -> None:
+        if not future.done():  # cancelled
+            future.set_result(outcome)
+
+    def run() -> None:
+        try:
+            outcome: Tuple[bool, Any] = (True, context.run(function))
+        except BaseException as exc:  # noqa: BLE001 - raised by the awaiting coroutine
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:
+            pass  # the loop is closed: nothing awaits the outcome
+        del outcome
+
+    threading.Thread(target=run, name="webpubsub-credential", daemon=True).start()
+    returned, value = await future
+    if returned:
+        return value
+    try:
+        raise value
+    finally:
+        del value  # no cycle through this frame, which the traceback holds
 
 
 class _HasClientAccessUrl(Protocol):
@@ -143,7 +204,7 @@ class _LoopBatch:
             try:
                 function(*args)
             except Exception:  # noqa: BLE001
-                _LOGGER.exception("webpubsub_client: a queued call raised on the event loop")
+                _LOGGER.exception("a queued call raised on the event loop")
             except BaseException:
                 # It stops the loop (KeyboardInterrupt, SystemExit): the calls behind it
                 # run when the loop runs again, not at the next post, which may never come.
@@ -470,7 +531,7 @@ class _AsyncSink:
         try:
             batch.post(self._dispatch, kind, args)
         except RuntimeError:
-            _LOGGER.debug("webpubsub_client: event loop closed; dropping a %s event", kind.value)
+            _LOGGER.debug("event loop closed; dropping a %s event", kind.value)
 
     def _dispatch(self, kind: CallbackType, args: Tuple[Any, ...]) -> None:
         """Calls the listeners of ``kind``. A KeyboardInterrupt or SystemExit from one (or
@@ -547,7 +608,7 @@ class _AsyncSink:
         self._tasks.pop(task, None)
         self._call_of.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
-            _LOGGER.error("webpubsub_client: a %s listener raised", kind.value, exc_info=task.exception())
+            _LOGGER.error("a %s listener raised", kind.value, exc_info=task.exception())
 
     def running_listeners(self, own: Optional["asyncio.Future[Any]"]) -> "_Running":
         """The listener tasks running on this thread's loop, except the caller's own
@@ -629,7 +690,7 @@ class _AsyncSink:
             kind = self._tasks.get(task)
             what = kind.value if kind is not None else "an event"
             _LOGGER.warning(
-                "webpubsub_client: a %s listener was still running %g s after close(); cancelled",
+                "a %s listener was still running %g s after close(); cancelled",
                 what,
                 self.LISTENER_GRACE,
             )
@@ -699,12 +760,9 @@ class _AsyncSink:
 
 
 async def _client_access_url(credential: _HasClientAccessUrl) -> str:
-    """What ``credential.get_client_access_url()`` gives, awaited if it is awaitable: a
+    """What ``credential.get_client_access_url()`` gives (see :func:`_provided`): a
     credential of the official sync package (a plain method) works too."""
-    url = credential.get_client_access_url()
-    if inspect.isawaitable(url):
-        url = await url
-    return url
+    return await _provided(credential.get_client_access_url)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, thread: int) -> bool:
@@ -898,7 +956,7 @@ class _Poller:
             lib.wps_client_dispatch_resume(native.handle, ctypes.byref(dropped))
             if dropped.value:
                 _LOGGER.warning(
-                    "webpubsub_client: %d messages came while no event loop ran the client (its loop was "
+                    "%d messages came while no event loop ran the client (its loop was "
                     "closed while it was open); they were dropped",
                     dropped.value,
                 )
@@ -996,7 +1054,7 @@ class _Poller:
                 # all taken from the buffers first: a listener may dispatch another client of this thread
                 step = 0
                 if status != _native.STATUS_OK:  # the counts were not written
-                    _LOGGER.error("webpubsub_client: dispatch failed: %s", _native.last_error_message())
+                    _LOGGER.error("dispatch failed: %s", _native.last_error_message())
                 else:
                     ran, acks, messages, message_bytes = counts(out.counts, _native.DISPATCH_COUNTS_OFFSET)
                     if messages:
@@ -1081,7 +1139,7 @@ def _settle(loop: Optional[asyncio.AbstractEventLoop], records: Union[memoryview
         try:  # sent from another loop, which awaits it
             own.call_soon_threadsafe(_resolve, future, result)
         except RuntimeError:  # closed: nothing awaits the future any more
-            _LOGGER.debug("webpubsub_client: event loop closed before a send completed")
+            _LOGGER.debug("event loop closed before a send completed")
 
 
 def _on_acked(key: Optional[int], raw: Any) -> None:
@@ -1114,9 +1172,9 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
         _callbacks.keep_thread_state()  # a library thread (the client was freed) or another loop
         loop.call_soon_threadsafe(_resolve, future, outcome)
     except RuntimeError:
-        _LOGGER.debug("webpubsub_client: event loop closed before a send completed")
+        _LOGGER.debug("event loop closed before a send completed")
     except BaseException:  # noqa: BLE001 - nothing may propagate into C
-        _LOGGER.exception("webpubsub_client: error while completing a send")
+        _LOGGER.exception("error while completing a send")
 
 
 def _resolve(future: "asyncio.Future[Any]", outcome: Any) -> None:
@@ -1449,26 +1507,26 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """
-        group = _base.check_name(group_name, "group_name")
-        _base.check_ack_id(ack_id)
-        if kwargs or self._log_messages:
-            _base.operation_keywords("join_group", kwargs, group_name, log=self._log_messages)
-        handle = self._live_handle()
-        completion = await self._run(lib.wps_client_join_group_async, handle, group)
-        return _ack_result(completion)
+        return await self._group_op(lib.wps_client_join_group_async, "join_group", group_name, ack_id, kwargs)
 
     async def leave_group(self, group_name: str, *, ack_id: Optional[int] = None, **kwargs: Any) -> WebPubSubResult:
         """Leave ``group_name`` (see the sync client).
 
         :raises SendMessageError: the service refused, the ack timed out, or not connected.
         """
+        return await self._group_op(lib.wps_client_leave_group_async, "leave_group", group_name, ack_id, kwargs)
+
+    async def _group_op(
+        self, start: Any, method: str, group_name: str, ack_id: Optional[int], kwargs: Dict[str, Any]
+    ) -> WebPubSubResult:
+        """Joins or leaves (``start``, the asynchronous C form) ``group_name``, the checks
+        of both done (``ack_id`` as for the sync client)."""
         group = _base.check_name(group_name, "group_name")
         _base.check_ack_id(ack_id)
         if kwargs or self._log_messages:
-            _base.operation_keywords("leave_group", kwargs, group_name, log=self._log_messages)
+            _base.operation_keywords(method, kwargs, group_name, log=self._log_messages)
         handle = self._live_handle()
-        completion = await self._run(lib.wps_client_leave_group_async, handle, group)
-        return _ack_result(completion)
+        return _ack_result(await self._run(start, handle, group))
 
     async def send_to_group(
         self,
@@ -1662,7 +1720,7 @@ class _Completer:
         try:  # from a library thread (after the client was freed) or another loop
             self.batch.post(_resolve, future, completion)
         except RuntimeError:
-            _LOGGER.debug("webpubsub_client: event loop closed before an operation completed")
+            _LOGGER.debug("event loop closed before an operation completed")
 
 
 def _undeliverable(entry: Any) -> bool:
