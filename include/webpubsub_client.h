@@ -193,8 +193,10 @@
 /**
  * Send flag (asynchronous forms only): queue the message without waking the client's
  * connection task. It is sent at the next `wps_client_flush_deferred`, or with the
- * next operation started without this flag, or by a stop or free of the client. An
- * acked message completes once acked, after that; a fire-and-forget one at once (see
+ * next operation started without this flag. A stop or free of the client hands it
+ * over too, as `wps_client_stop` says: a fire-and-forget one is written before the
+ * close frame, an acked one may fail with `WPS_STATUS_STOPPED` unwritten. An acked
+ * message completes once acked; a fire-and-forget one at once (see
  * `WPS_SEND_FIRE_AND_FORGET`). An event loop starting many messages per iteration
  * saves a wake-up (a system call) per message.
  */
@@ -1445,7 +1447,9 @@ wps_status wps_options_set_start_timeout_ms(struct wps_options *o, uint64_t ms);
 /**
  * Reliable protocol recovery: how long to try (default 30000 ms) and the delay
  * between attempts (default 1000 ms; must be above 0). A recovered connection that
- * drops again within that delay continues the same recovery and its window.
+ * drops again within that delay, or before the service confirmed the recovery (by its
+ * `connected` frame or any frame of the session), continues the same recovery and its
+ * window.
  */
 wps_status wps_options_set_recovery(struct wps_options *o,
                                     uint64_t window_ms,

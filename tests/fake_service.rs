@@ -2191,3 +2191,43 @@ async fn a_late_reply_to_a_timed_out_invocation_is_dropped() {
     assert!(events.try_recv().is_err(), "no event for the late reply");
     client.stop().await;
 }
+
+#[tokio::test]
+async fn a_recovery_whose_sockets_are_never_confirmed_ends_with_its_window() {
+    // Each recovery attempt is accepted, then held without a `connected` frame (or any
+    // frame of the session) for longer than the delay between attempts, and closed
+    // (not 1008): each was one more attempt of the same recovery, not a recovered
+    // connection whose drop starts a new window. The session is lost to the first drop.
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        recovery_window: Duration::from_secs(1),
+        ..quiet_options()
+    };
+    let (client, mut events, mut conn) = connect(&fake, options).await;
+    conn.close(CloseCode::from(4000), "the service is restarting")
+        .await;
+    let mut recoveries = 0;
+    let mut conn = loop {
+        let (mut conn, uri) = fake.accept().await;
+        if !uri.contains("awps_connection_id") {
+            break conn;
+        }
+        recoveries += 1;
+        assert!(
+            recoveries < 20,
+            "recovering for good: {recoveries} attempts"
+        );
+        conn.silent_for(300).await;
+        conn.close(CloseCode::Error, "overloaded").await;
+    };
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        conn1_lost("the service is restarting", 4000)
+    );
+    conn.connected("conn2", "rt2").await;
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Connected { connection_id, .. } if connection_id == "conn2"
+    ));
+    client.stop().await;
+}

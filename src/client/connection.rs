@@ -1071,7 +1071,9 @@ impl Task {
                 .session
                 .as_ref()
                 .is_some_and(|s| s.reconnection_token.is_some());
-        let (close_code, reason) = match self.recovering_from.take() {
+        let recovering_from = self.recovering_from.take();
+        let unconfirmed = recovering_from.is_some();
+        let (close_code, reason) = match recovering_from {
             Some(lost) => {
                 let connection_id = self.session.as_ref().map_or("-", |s| &s.connection_id);
                 let code = close_code.map_or_else(|| "none".to_owned(), |c| c.to_string());
@@ -1098,11 +1100,12 @@ impl Task {
         self.sequence.ack_again();
         let now = Instant::now();
         let delay = self.options.recovery_attempt_delay;
-        // A connection that ends within an attempt's delay of its recovery was one
-        // more failed attempt of that recovery: its window goes on, and so does the
-        // delay between attempts.
+        // A connection that ends within an attempt's delay of its recovery, or before
+        // the service confirmed it however long it stayed open, was one more failed
+        // attempt of that recovery: its window goes on, and so does the delay between
+        // attempts.
         let (since, first_attempt) = match self.recovered_at.take() {
-            Some((since, at)) if now < at + delay => (since, at + delay),
+            Some((since, at)) if unconfirmed || now < at + delay => (since, at + delay),
             _ => (now, now),
         };
         Next::Recover {

@@ -120,8 +120,9 @@ pub struct ClientOptions {
     /// step it was waiting for. Also the bound of each reconnect attempt.
     pub start_timeout: Duration,
     /// How long a dropped reliable connection keeps trying to recover (default 30 s). A
-    /// recovered connection that drops again within `recovery_attempt_delay` continues
-    /// the same recovery and its window.
+    /// recovered connection that drops again within `recovery_attempt_delay`, or before
+    /// the service confirmed the recovery (by its `connected` frame or any frame of the
+    /// session), continues the same recovery and its window.
     pub recovery_window: Duration,
     /// Delay between recovery attempts (default 1 s).
     pub recovery_attempt_delay: Duration,

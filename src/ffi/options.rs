@@ -259,7 +259,9 @@ pub extern "C" fn wps_options_set_start_timeout_ms(o: *mut wps_options, ms: u64)
 
 /// Reliable protocol recovery: how long to try (default 30000 ms) and the delay
 /// between attempts (default 1000 ms; must be above 0). A recovered connection that
-/// drops again within that delay continues the same recovery and its window.
+/// drops again within that delay, or before the service confirmed the recovery (by its
+/// `connected` frame or any frame of the session), continues the same recovery and its
+/// window.
 #[no_mangle]
 pub extern "C" fn wps_options_set_recovery(
     o: *mut wps_options,

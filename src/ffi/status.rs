@@ -95,8 +95,10 @@ pub const WPS_SEND_NO_ECHO: u32 = 1;
 pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 /// Send flag (asynchronous forms only): queue the message without waking the client's
 /// connection task. It is sent at the next `wps_client_flush_deferred`, or with the
-/// next operation started without this flag, or by a stop or free of the client. An
-/// acked message completes once acked, after that; a fire-and-forget one at once (see
+/// next operation started without this flag. A stop or free of the client hands it
+/// over too, as `wps_client_stop` says: a fire-and-forget one is written before the
+/// close frame, an acked one may fail with `WPS_STATUS_STOPPED` unwritten. An acked
+/// message completes once acked; a fire-and-forget one at once (see
 /// `WPS_SEND_FIRE_AND_FORGET`). An event loop starting many messages per iteration
 /// saves a wake-up (a system call) per message.
 pub const WPS_SEND_DEFERRED: u32 = 4;
