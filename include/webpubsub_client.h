@@ -554,8 +554,8 @@ typedef void (*wps_completion_cb)(void *user_data, const struct wps_completion *
  * or `wps_client_free` on another thread, ended it (`WPS_STATUS_STOPPED`), or given up
  * by the interrupt check (`WPS_STATUS_INTERRUPTED`). A client's automatic ackIds (of
  * either form) increase but may skip numbers: an operation refused before it is sent
- * (the client not connected, a message too large, invalid JSON) used one up, as in the
- * official clients.
+ * for the client's state (not started, not connected) or its message (too large,
+ * invalid JSON) used one up, as in the official clients.
  */
 typedef struct wps_ack_result {
   /**
@@ -839,9 +839,9 @@ wps_status wps_client_dispatch(struct wps_client *c, size_t max, size_t *ran);
  * of calling its callback. The call returns before running a callback once it wrote a
  * record, so the events and completions taken (`ran`, may be NULL) came before the records
  * (`recorded`, may be NULL), in completion order; what is left stays queued and the
- * descriptor readable. `max` bounds the callbacks run (0: none, records are still
- * written), `cap` the records written. `records` must be aligned for `wps_ack_record`
- * (`WPS_STATUS_INVALID_ARGUMENT`).
+ * descriptor readable. `max` bounds the callbacks run (0: none; the records queued
+ * ahead of the first callback are still written), `cap` the records written.
+ * `records` must be aligned for `wps_ack_record` (`WPS_STATUS_INVALID_ARGUMENT`).
  *
  * # Safety
  * `c` is NULL or a live handle; `records` is NULL or writable for `cap` records;

@@ -5,8 +5,9 @@
 #                                   declares no newer rust-version (offline; the test run's
 #                                   msrv suite); clippy's incompatible_msrv lint checks
 #                                   the standard library APIs they use
-#   scripts/check-msrv.sh --build   that, then builds both with the Rust they declare,
-#                                   installed with rustup when missing (needs the network)
+#   scripts/check-msrv.sh --build   that, then compiles both (cargo check) with the Rust
+#                                   they declare, installed with rustup when missing
+#                                   (needs the network)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -2139,6 +2139,7 @@ async fn operations_written_on_a_refused_recovery_fail_or_are_lost_at_most_once(
     written.sort_by_key(|frame| frame["data"].to_string());
     assert_eq!(written[0]["data"], "acked");
     assert_eq!(written[1]["data"], "fire");
+    assert_eq!(client.state(), ClientState::Connected, "before `connected`");
     conn.close(CloseCode::Policy, "The connection could not be recovered.")
         .await;
     let outcome = tokio::time::timeout(Duration::from_secs(5), acked)
@@ -2229,5 +2230,89 @@ async fn a_recovery_whose_sockets_are_never_confirmed_ends_with_its_window() {
         next_event(&mut events, 5).await,
         Event::Connected { connection_id, .. } if connection_id == "conn2"
     ));
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn an_invocations_timeout_runs_from_its_write() {
+    // Made during a recovery longer than its timeout, an invocation waits for the
+    // recovery and is then answered. One written before the drop fails with
+    // `NotConnected` and is not written again.
+    let fake = Fake::new().await;
+    let (client, _events, mut conn) = connect(&fake, quiet_options()).await;
+    let invoke = |event: &'static str| {
+        let c = client.clone();
+        tokio::spawn(async move {
+            let opts = InvokeOptions {
+                timeout: Some(Duration::from_millis(200)),
+            };
+            c.invoke_event(event, DataType::Text, Bytes::from("x"), opts)
+                .await
+        })
+    };
+    let written = invoke("written");
+    assert_eq!(conn.recv().await["event"], "written");
+    drop(conn);
+    let held = held_recovery(&fake, &client).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), written).await;
+    assert_eq!(
+        outcome
+            .expect("the written invocation ends with the drop")
+            .unwrap(),
+        Err(Error::NotConnected { ack_id: None })
+    );
+    let mut queued = invoke("queued");
+    let early = tokio::time::timeout(Duration::from_millis(400), &mut queued).await;
+    assert!(early.is_err(), "ended during the recovery: {early:?}");
+    drop(held);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        uri.contains("awps_connection_id=conn1"),
+        "not a recovery: {uri}"
+    );
+    let frame = conn.recv().await;
+    assert_eq!(frame["event"], "queued");
+    let id = frame["invocationId"].as_str().unwrap();
+    conn.send(&format!(
+        r#"{{"type":"invokeResponse","invocationId":"{id}","success":true,"dataType":"text","data":"answered"}}"#
+    ))
+    .await;
+    assert_eq!(queued.await.unwrap().unwrap().data, Bytes::from("answered"));
+    conn.silent_for(200).await;
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn a_fire_and_forget_message_queued_during_a_recovery_that_runs_out_is_dropped() {
+    // No socket opens within the window: the session is lost, and the message, reported
+    // sent, is not written on the next connection.
+    let fake = Fake::new().await;
+    let options = ClientOptions {
+        recovery_window: Duration::from_millis(500),
+        ..quiet_options()
+    };
+    let (client, mut events, conn) = connect(&fake, options).await;
+    drop(conn);
+    let held = held_recovery(&fake, &client).await;
+    assert_eq!(
+        fire_and_forget(&client, "fire").await,
+        Ok(AckResult {
+            ack_id: None,
+            is_duplicated: false
+        })
+    );
+    assert!(matches!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected { .. }
+    ));
+    drop(held);
+    let (mut conn, uri) = fake.accept().await;
+    assert!(
+        !uri.contains("awps_connection_id"),
+        "a new connection: {uri}"
+    );
+    conn.connected("conn2", "rt2").await;
+    next_event(&mut events, 5).await;
+    conn.silent_for(300).await;
     client.stop().await;
 }

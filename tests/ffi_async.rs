@@ -1052,6 +1052,42 @@ fn a_send_refused_before_it_is_sent_reports_no_ack_id_and_uses_one_up() {
     setup.shutdown();
 }
 
+/// The header (`wps_client_dispatch_records`): `max` 0 runs no callback, and still
+/// writes the records queued ahead of the first callback.
+#[test]
+fn dispatch_records_with_max_0_writes_the_records_ahead_of_the_first_callback() {
+    let setup = Setup::new();
+    let rec = common::leaked::<Recorder>();
+    let c = started_poll_client(&setup.url, rec);
+    dispatch_records_until(c, rec, &mut Vec::new(), |s, _| !s.timeline.is_empty());
+    // Fire-and-forget sends complete as they are queued, in this order.
+    let flags = WPS_SEND_RECORD | WPS_SEND_FIRE_AND_FORGET;
+    let first = send_async(c, c"max-0", "first", flags, rec);
+    let plain = send_async(c, c"max-0", "plain", WPS_SEND_FIRE_AND_FORGET, rec);
+    let last = send_async(c, c"max-0", "last", flags, rec);
+    let mut buf = [NO_RECORD; 4];
+    let mut dispatch = |max| {
+        let (mut ran, mut written) = (usize::MAX, usize::MAX);
+        let status = unsafe {
+            wps_client_dispatch_records(c, max, buf.as_mut_ptr(), buf.len(), &mut ran, &mut written)
+        };
+        check(status, "wps_client_dispatch_records");
+        (
+            ran,
+            buf[..written].iter().map(|r| r.op_id).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(dispatch(0), (0, vec![first]));
+    assert_eq!(dispatch(0), (0, vec![]), "the callback is ahead");
+    assert_eq!(dispatch(1), (1, vec![last]));
+    assert_eq!(
+        rec.seen.lock().unwrap().completions[&plain],
+        [WPS_STATUS_OK]
+    );
+    unsafe { wps_client_free(c) };
+    setup.shutdown();
+}
+
 /// A blocking send to `group` with `flags`, which only the asynchronous forms take, is
 /// refused with an error that says `part`.
 fn assert_blocking_send_refused(c: *mut wps_client, group: &CStr, flags: u32, part: &str) {

@@ -291,8 +291,8 @@ impl Emulator {
     }
 
     /// `http://HOST:PORT` (`https` with TLS). HOST is [`Config::host`] as URLs write it
-    /// (an IPv6 address in brackets), or `127.0.0.1` when that is an unspecified
-    /// address (`0.0.0.0`, `::`), which clients cannot connect to.
+    /// (an IPv6 address in brackets), or `127.0.0.1` when that is `0.0.0.0` or `::`
+    /// (every interface, no address to connect to).
     pub fn endpoint(&self) -> String {
         self.server.endpoint()
     }

@@ -85,10 +85,10 @@ pub enum Event {
         user_id: Option<String>,
     },
     /// The session was lost (or stopped); an automatic reconnect may follow. When a
-    /// recovery failed (the service refused it with 1008 before its `connected` frame,
-    /// answered it as another connection, or its window ran out), `message` and
-    /// `close_code` tell how the connection dropped, not how the recovery ended (that
-    /// is logged).
+    /// recovery failed (the service refused it with 1008 before confirming it by its
+    /// `connected` frame or any other frame of the session, answered it as another
+    /// connection, or its window ran out), `message` and `close_code` tell how the
+    /// connection dropped, not how the recovery ended (that is logged).
     Disconnected {
         /// The id of the connection that was lost.
         connection_id: Option<String>,

@@ -79,8 +79,8 @@ pub struct wps_invoke_response {
 /// or `wps_client_free` on another thread, ended it (`WPS_STATUS_STOPPED`), or given up
 /// by the interrupt check (`WPS_STATUS_INTERRUPTED`). A client's automatic ackIds (of
 /// either form) increase but may skip numbers: an operation refused before it is sent
-/// (the client not connected, a message too large, invalid JSON) used one up, as in the
-/// official clients.
+/// for the client's state (not started, not connected) or its message (too large,
+/// invalid JSON) used one up, as in the official clients.
 #[repr(C)]
 pub struct wps_ack_result {
     /// The operation's ackId when `has_ack_id` (not for fire-and-forget).
@@ -654,9 +654,9 @@ pub unsafe extern "C" fn wps_client_dispatch(
 /// of calling its callback. The call returns before running a callback once it wrote a
 /// record, so the events and completions taken (`ran`, may be NULL) came before the records
 /// (`recorded`, may be NULL), in completion order; what is left stays queued and the
-/// descriptor readable. `max` bounds the callbacks run (0: none, records are still
-/// written), `cap` the records written. `records` must be aligned for `wps_ack_record`
-/// (`WPS_STATUS_INVALID_ARGUMENT`).
+/// descriptor readable. `max` bounds the callbacks run (0: none; the records queued
+/// ahead of the first callback are still written), `cap` the records written.
+/// `records` must be aligned for `wps_ack_record` (`WPS_STATUS_INVALID_ARGUMENT`).
 ///
 /// # Safety
 /// `c` is NULL or a live handle; `records` is NULL or writable for `cap` records;
