@@ -1,6 +1,7 @@
 //! Logs make a reconnect storm readable and never contain the access token: every
 //! record of the process (client, tungstenite, rustls, ...) is captured at trace level
-//! while a client connects, recovers, reconnects and fails to start.
+//! while a client connects, recovers, reconnects (once after a refused recovery, which
+//! is a warning) and fails to start.
 
 mod common;
 
@@ -79,6 +80,13 @@ async fn no_token_in_any_log_line() {
         .await
         .unwrap();
     fault(&emulator, "hub", &connection_id, ":close?code=1008").await;
+    let (Event::Connected { connection_id, .. }, _) =
+        wait_for(&mut events, 10, |e| matches!(e, Event::Connected { .. })).await
+    else {
+        panic!()
+    };
+    // A recovery the service refuses: the event reports the drop, the log the refusal.
+    fault(&emulator, "hub", &connection_id, ":drop?recoverable=false").await;
     wait_for(&mut events, 10, |e| matches!(e, Event::Connected { .. })).await;
     client.stop().await;
 
@@ -102,6 +110,11 @@ async fn no_token_in_any_log_line() {
         .iter()
         .filter(|l| l.contains(" webpubsub_client"))
         .collect();
+    let refusal = format!("WARN webpubsub_client::client::connection: the service refused the recovery of connection {connection_id}");
+    assert!(
+        ours.iter().any(|l| l.starts_with(&refusal)),
+        "no {refusal:?} in {ours:#?}"
+    );
     for needle in [
         "connected: connection",
         "recovering",

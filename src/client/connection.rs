@@ -1475,14 +1475,14 @@ impl Task {
                 }
             }
             Downstream::Disconnected { message } => {
-                info!(
-                    "the service is closing the connection: {}",
-                    message.as_deref().unwrap_or("")
-                );
-                // Before a recovery's `connected` frame, it explains a refusal of the
-                // recovery, not the drop that is reported.
+                let message_text = message.as_deref().unwrap_or("");
                 if self.recovering_from.is_none() {
+                    info!("the service is closing the connection: {message_text}");
                     self.disconnect_message = message;
+                } else {
+                    // Before the recovery is confirmed, it explains a refusal of the
+                    // recovery, which only the log tells: the event reports the drop.
+                    warn!("the service is closing the recovering connection: {message_text}");
                 }
             }
             Downstream::Pong => trace!("pong"),
