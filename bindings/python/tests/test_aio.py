@@ -9,6 +9,7 @@ import gc
 import logging
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -1775,6 +1776,38 @@ async def test_close_waits_for_the_listener_tasks_running_as_officially(hub: Hub
     await client.send_to_group("g", "close", WebPubSubDataType.TEXT)
     await asyncio.wait_for(closed_in_listener.wait(), WAIT)
     assert time.monotonic() - started < 0.9
+    assert client.state is WebPubSubClientState.STOPPED
+
+
+async def test_concurrent_closes_cancel_a_listener_still_running_once(hub: Hub, caplog: Any) -> None:
+    """Two close() calls at once, a coroutine listener still running 1 s later: it is
+    cancelled once, with one warning, its cleanup after the cancellation runs to its end,
+    and both calls return once it has. Before, each close() cancelled it and warned: the
+    second cancellation cut its cleanup short."""
+    client = make(hub.url())
+    started = asyncio.Event()
+    log: List[str] = []
+
+    async def on_message(_args: OnGroupDataMessageArgs) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3 * WAIT)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            log.append(f"cancelled {task.cancelling() if sys.version_info >= (3, 11) else 1} time(s)")
+            await asyncio.sleep(0.2)  # its cleanup
+            log.append("cleaned up")
+            raise
+
+    await client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
+    await client.open()
+    await client.join_group("g")
+    await client.send_to_group("g", "x", WebPubSubDataType.TEXT)
+    await asyncio.wait_for(started.wait(), WAIT)
+    await asyncio.wait_for(asyncio.gather(client.close(), client.close()), WAIT)
+    assert log == ["cancelled 1 time(s)", "cleaned up"]
+    assert warnings(caplog) == [CANCELLED_AT_CLOSE]
     assert client.state is WebPubSubClientState.STOPPED
 
 

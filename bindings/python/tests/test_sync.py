@@ -264,6 +264,67 @@ def test_concurrent_closes_each_return_once_stopped(hub: Hub) -> None:
     assert events.wait_for(4) == ["connected", "stopped", "connected", "stopped"]
 
 
+def test_closes_racing_opens_on_another_thread_leave_each_client_stopped(hub: Hub, monkeypatch: Any) -> None:
+    """50 rounds of close() on the main thread while open() runs on another: in half of
+    them before that open() hands its start to the library (held there for a while), in
+    the other half from just after that to just after it connected. close() returns with
+    the client stopped, and no event comes after its stopped event; open() either
+    returned (it connected first) or raised OpenClientError, as the official open() does
+    when closed while it connects. Each client opens again, and once closed and dropped
+    is collected: nothing holds it. Before, a close() that came before the start was
+    handed over found the client stopped and returned, and the open then connected it."""
+    entered = threading.Event()
+    hold = [0.0]  # how long an open() waits, once entered, before it hands its start over
+    enable = _callbacks.enable_native_logging
+
+    def entering(**kwargs: Any) -> None:  # called by open() once it found the client stopped
+        entered.set()
+        time.sleep(hold[0])
+        enable(**kwargs)
+
+    delays = itertools.cycle([0.0, 1e-5, 1e-4, 5e-4, 1e-3, 3e-3, 6e-3])
+    url = hub.url()
+    clients: List["weakref.ref[WebPubSubClient]"] = []
+    for round_ in range(50):
+        client = make(url)
+        events = Collector()
+        client.subscribe(CallbackType.CONNECTED, lambda _args, events=events: events("connected"))
+        client.subscribe(CallbackType.STOPPED, lambda events=events: events("stopped"))
+        outcome: List[Any] = []
+
+        def open_client(client: WebPubSubClient = client, outcome: List[Any] = outcome) -> None:
+            try:
+                client.open()
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                outcome.append(exc)
+
+        delay = next(delays)
+        hold[0] = delay if round_ % 2 else 0.0
+        entered.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(_callbacks, "enable_native_logging", entering)
+            opener = threading.Thread(target=open_client)
+            opener.start()
+            assert entered.wait(WAIT)
+            if not round_ % 2:
+                time.sleep(delay)
+            client.close()
+            assert client.state is WebPubSubClientState.STOPPED
+            opener.join(WAIT)
+        assert not opener.is_alive()
+        assert len(outcome) == 1 and (outcome[0] is None or isinstance(outcome[0], OpenClientError)), outcome
+        assert client.state is WebPubSubClientState.STOPPED
+        assert events.items in ([], ["stopped"], ["connected", "stopped"]), events.items
+        client.open()
+        client.close()
+        assert events.items[-2:] == ["connected", "stopped"]
+        clients.append(weakref.ref(client))
+        del client, open_client, opener, outcome  # an exception's traceback holds the client
+    # (a collection running on another thread, freeing a client, makes gc.collect() a no-op)
+    wait_until(lambda: gc.collect() >= 0 and all(ref() is None for ref in clients), what="the clients collected")
+
+
 def test_context_manager(hub: Hub) -> None:
     with make(hub.url()) as client:
         assert isinstance(client, WebPubSubClient)
@@ -1074,26 +1135,94 @@ def test_callback_may_send_from_inside_a_listener(hub: Hub, protocol: WebPubSubP
     assert [m.data for m in got.items] == ["ping", "pong"]
 
 
+@pytest.mark.usefixtures("patient_close")
 def test_close_from_inside_a_listener(hub: Hub) -> None:
-    stopped = Collector()
-    errors: List[BaseException] = []
+    """close() from a listener of its client returns once stopped, without waiting for the
+    listeners, which its own thread runs (it would wait for itself: here the ``WAIT`` of
+    ``patient_close``), and raises nothing. The messages that came before the close reach
+    the listeners after it, in order, then the disconnected and stopped events; nothing
+    comes after them, not a message sent to the group once stopped."""
+    seen = Collector()
+    closed: List[Any] = []
     client = make(hub.url())
 
-    def on_message(_: OnGroupDataMessageArgs) -> None:
-        try:
-            client.close()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+    def on_message(message: OnGroupDataMessageArgs) -> None:
+        seen(message.data)
+        if message.data == "stop now":
+            started = time.monotonic()
+            try:
+                client.close()
+                closed.append(time.monotonic() - started)
+            except BaseException as exc:  # noqa: BLE001
+                closed.append(exc)
 
     client.subscribe(CallbackType.GROUP_MESSAGE, on_message)
-    client.subscribe(CallbackType.STOPPED, lambda: stopped("stopped"))
+    client.subscribe(CallbackType.DISCONNECTED, lambda _args: seen("disconnected"))
+    client.subscribe(CallbackType.STOPPED, lambda: seen("stopped"))
     client.open()
     client.join_group("g")
-    with make(hub.url("other")) as publisher:  # (the client's own send could be failed by its close)
-        publisher.send_to_group("g", "stop now", WebPubSubDataType.TEXT)
-        stopped.wait_for(1)
-    wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped state")
-    assert not errors
+    witness = Collector()
+    with make(hub.url("other")) as publisher, make(hub.url("witness")) as watcher:
+        watcher.subscribe(CallbackType.GROUP_MESSAGE, lambda message: witness(message.data))
+        watcher.join_group("g")
+        for data in ("stop now", "1", "2", "3"):  # (the client's own send could be failed by its close)
+            publisher.send_to_group("g", data, WebPubSubDataType.TEXT)
+        seen.wait_until(lambda items: "stopped" in items)
+        publisher.send_to_group("g", "after", WebPubSubDataType.TEXT)
+        witness.wait_until(lambda items: "after" in items)
+    assert len(closed) == 1 and isinstance(closed[0], float) and closed[0] < WAIT / 2, closed
+    assert client.state is WebPubSubClientState.STOPPED
+    delivered = seen.items[1:-2]
+    assert seen.items[0] == "stop now" and seen.items[-2:] == ["disconnected", "stopped"], seen.items
+    assert delivered == ["1", "2", "3"][: len(delivered)], seen.items
+
+
+@pytest.mark.usefixtures("patient_close")
+@pytest.mark.parametrize("taken_by", ["the process", "another thread"])
+def test_ctrl_c_while_close_waits_for_the_listeners_raises_once_stopped(hub: Hub, taken_by: str) -> None:
+    """Ctrl-C while close() of the main thread waits for the listeners of its events (here
+    held for good) raises KeyboardInterrupt from close() at once, the client stopped: it
+    waits for them no further. The held listeners' events then come, in order, and
+    nothing after them. The SIGINT is the process's, as a terminal's Ctrl-C, which any of
+    its threads may take, or taken by another thread than the main one: there, its
+    handler ran only once the wait ended (here after ``WAIT``; by default after 1 s)."""
+    assert threading.current_thread() is threading.main_thread()
+    client = make(hub.url())
+    seen = Collector()
+    held, gate = threading.Event(), threading.Event()
+
+    def on_disconnected(_args: OnDisconnectedArgs) -> None:
+        held.set()
+        gate.wait(WAIT)
+        seen("disconnected")
+
+    client.subscribe(CallbackType.DISCONNECTED, on_disconnected)
+    client.subscribe(CallbackType.STOPPED, lambda: seen("stopped"))
+    client.open()
+
+    def ctrl_c() -> None:
+        held.wait(WAIT)
+        if taken_by == "the process":
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    interrupt = threading.Thread(target=ctrl_c)
+    interrupt.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.close()
+        elapsed = time.monotonic() - started
+    finally:
+        interrupt.join(WAIT)
+        gate.set()
+    assert elapsed < WAIT / 2, f"close() raised {elapsed:.1f} s in"
+    assert client.state is WebPubSubClientState.STOPPED
+    assert seen.wait_for(2) == ["disconnected", "stopped"]
+    client.open()  # its events come after those
+    client.close()
+    assert seen.items == ["disconnected", "stopped", "disconnected", "stopped"]
 
 
 def test_a_listener_may_close_and_reopen_its_own_client(hub: Hub) -> None:

@@ -289,7 +289,7 @@ def quiesce_native() -> None:
 # Signals during a blocking call of the main thread. Python runs signal handlers on its
 # main thread only, between bytecodes, so none would run while that thread waits in the
 # library. The main thread therefore has an interrupt check of its own
-# (`wps_set_thread_interrupt_check`), asked every _INTERRUPT_CHECK_MS while it waits,
+# (`wps_set_thread_interrupt_check`), asked every INTERRUPT_CHECK_MS while it waits,
 # which runs the handlers of the signals received meanwhile, as Python would between
 # bytecodes. A handler that returns (a graceful-shutdown flag, an event loop's
 # add_signal_handler) lets the wait go on; the exception of one that raises (the default
@@ -308,7 +308,7 @@ def quiesce_native() -> None:
 # Only the main interpreter installs it: signal handlers run in that one alone, and a
 # sub-interpreter's check, on the same thread, would take the place of its own (the
 # library keeps one check per thread, not per interpreter).
-_INTERRUPT_CHECK_MS = 50
+INTERRUPT_CHECK_MS = 50
 _check_signals = ctypes.pythonapi.PyErr_CheckSignals
 _check_signals.restype = ctypes.c_int
 _check_signals.argtypes = []
@@ -360,7 +360,7 @@ def install_main_check() -> None:
     next(checks)  # runs to its first yield, inside the try
     callback = _native.INTERRUPT_CB(functools.partial(next, checks, 0))  # ended: 0, no StopIteration
     _checks.append((checks, callback))
-    if lib.wps_set_thread_interrupt_check(callback, _INTERRUPT_CHECK_MS) != _native.STATUS_OK:
+    if lib.wps_set_thread_interrupt_check(callback, INTERRUPT_CHECK_MS) != _native.STATUS_OK:
         _LOGGER.warning("cannot install the interrupt check: %s", _native.last_error_message())
     _main_check_missing = False
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 import weakref
-from typing import Any, Callable, Dict, List, Literal, Optional, Protocol, Tuple, Union, overload
+from typing import Any, Callable, Dict, List, Literal, Optional, Protocol, Set, Tuple, Union, overload
 
 from . import _base, _callbacks, _dispatcher, _native
 from ._native import lib
@@ -279,6 +280,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             user_agent=user_agent,
         )
         self._log_messages = options.logging_enable
+        # The open() calls running, each one's thread by an object of its own: see close().
+        self._openers: Dict[object, int] = {}
+        self._opening = threading.Condition()
         self._listeners = _base.Listeners()
         self._sink = _SyncSink(self._listeners)
         self._handle = _base.new_native_client(source, options, self._sink)
@@ -304,6 +308,18 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         official client.
         """
         handle = self._live_handle()
+        call = object()
+        with self._opening:  # before the state is read (see close)
+            self._openers[call] = threading.get_ident()
+        try:
+            self._open(handle)
+        finally:
+            with self._opening:
+                del self._openers[call]
+                self._opening.notify_all()
+
+    def _open(self, handle: int) -> None:
+        """open(), once its call is recorded."""
         if _base.state_of(handle) is not WebPubSubClientState.STOPPED:
             raise OpenClientError("Client can be only started when it's Stopped")
         provider = self._provider
@@ -338,21 +354,50 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     def close(self) -> None:
         """Stop the client and close the connection. Returns once the client is stopped and
         the listeners of the events that came before, its ``disconnected`` and ``stopped``
-        events (or those of a stop on its own) included, have run (waiting at most 1 s for
-        them, and not at all on the thread that runs them), so that a program may exit
-        right after. A signal handler that raises while it waits (on the main thread) has
-        its exception raised once the client is stopped, with no further wait for them."""
+        events (or those of a stop on its own) included, have run, so that a program may
+        exit right after. It waits at most 1 s for them, and not at all on the thread that
+        runs them (called by a listener, they run once it has returned; no event comes after
+        them). A signal handler that raises while it waits (on the main thread: Ctrl-C's
+        KeyboardInterrupt) has its exception raised once the client is stopped, with no
+        further wait for the listeners. An ``open()`` running on another thread meanwhile
+        leaves the client stopped too: it raises OpenClientError, unless it connected first.
+        In a fork() child it does nothing: the client and its connection are the parent's."""
         if not self._finalizer.alive or self._dispatch.in_fork_child():
             return
+        thread = threading.get_ident()
+        with self._opening:  # not this thread's: a signal handler run by its open() closes
+            racing = {call for call, opener in self._openers.items() if opener != thread}
         # Asked of a stopped client too: the library sets the state before it queues the
         # stopped event, and answers a stop only after that.
         status = lib.wps_client_stop(self._blocking_handle())
+        if racing:
+            status = self._stop_racing_starts(racing, status)
         # The stop runs the signal handlers as it waits, and never ends half done.
         _callbacks.raise_interrupt()
         if status not in (_native.STATUS_OK, _native.STATUS_ILLEGAL_STATE):
             _base.check_status(status)
         # The stop's events are queued by now, behind those of any earlier stop.
         self._dispatch.wait_delivered(CLOSE_WAIT)
+
+    def _stop_racing_starts(self, racing: Set[object], status: int) -> int:
+        """After close()'s stop, the ``racing`` open() calls (running on other threads when
+        close() began) may hand their start to the library, which then connects: each is
+        waited for until it has ended or handed its start over (the state is no longer
+        Stopped), and such a start is stopped in turn. At most ``CLOSE_WAIT``: an open()
+        blocks on nothing before the hand-over. The status of the last stop."""
+        deadline = time.monotonic() + CLOSE_WAIT
+        while True:
+            with self._opening:
+                while not racing.isdisjoint(self._openers) and self.state is WebPubSubClientState.STOPPED:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._opening.wait(min(remaining, 0.001))  # the hand-over notifies nothing
+            if self.state is WebPubSubClientState.STOPPED:
+                return status
+            status = lib.wps_client_stop(self._handle)
+            if time.monotonic() > deadline:
+                return status
 
     def is_connected(self) -> bool:
         """True while the client has an open connection (not while recovering or reconnecting)."""

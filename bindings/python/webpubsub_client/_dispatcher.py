@@ -45,7 +45,7 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional
 
-from . import _base, _native
+from . import _base, _callbacks, _native
 from ._native import lib
 from .models import WebPubSubClientError
 
@@ -127,15 +127,22 @@ class Dispatch:
         now have run: none is queued (the descriptor, readable while one is, cleared by
         the dispatch that takes the last) and none is being delivered. Not on the thread
         that runs them (a listener of this client, or of one pinned to the same thread),
-        nor in a fork() child (it has no worker; the descriptor is the parent's)."""
+        nor in a fork() child (it has no worker; the descriptor is the parent's). It wakes
+        as often as the library's interrupt check: a signal that another thread of the
+        process took has its handler run on the main thread meanwhile (Ctrl-C ends the wait)."""
         if self.worker.is_current() or self.in_fork_child():
             return
         queued = select.poll()
         queued.register(self._fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
         with self._delivered:
             self._waiting += 1
             try:  # the descriptor first: the dispatch that cleared it is running
-                self._delivered.wait_for(lambda: not queued.poll(0) and not self._running, timeout)
+                while queued.poll(0) or self._running:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self._delivered.wait(min(remaining, _callbacks.INTERRUPT_CHECK_MS / 1000))
             finally:
                 self._waiting -= 1
 

@@ -469,6 +469,9 @@ class _AsyncSink:
         # for the stop themselves; and the futures waking such a close() when one enters.
         self._closing: Dict["asyncio.Future[Any]", int] = {}
         self._close_wakers: List["asyncio.Future[None]"] = []
+        # The listener tasks a close() has cancelled and still waits for: another close()
+        # waits for them too, but neither cancels them again nor warns again.
+        self._cancelled: Set["asyncio.Future[Any]"] = set()
         # What the credential's provider raised during an open() (which raises it), for
         # the latest request only: an abandoned one that raises later stands for nothing.
         self.credential_error: Optional[Exception] = None
@@ -666,7 +669,8 @@ class _AsyncSink:
     async def finish_listeners(self, running: "_Running") -> None:
         """Waits up to ``LISTENER_GRACE`` seconds for ``running`` (the listeners running when
         close() was called), then cancels those still running, with a warning, as the
-        official close() does; the cancelled ones get as long again to end."""
+        official close() does (not one a concurrent close() has cancelled); the cancelled
+        ones get as long again to end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.LISTENER_GRACE
         while True:
@@ -686,7 +690,8 @@ class _AsyncSink:
                     waker.cancel()
                     if waker in self._close_wakers:
                         self._close_wakers.remove(waker)
-        for task in still:
+        cancelling = [task for task in still if task not in self._cancelled]
+        for task in cancelling:
             kind = self._tasks.get(task)
             what = kind.value if kind is not None else "an event"
             _LOGGER.warning(
@@ -695,7 +700,11 @@ class _AsyncSink:
                 self.LISTENER_GRACE,
             )
             task.cancel()
-        await asyncio.wait(still, timeout=self.LISTENER_GRACE)  # bounded: a task may ignore its cancellation
+        self._cancelled.update(cancelling)
+        try:
+            await asyncio.wait(still, timeout=self.LISTENER_GRACE)  # bounded: a task may ignore its cancellation
+        finally:
+            self._cancelled.difference_update(cancelling)
 
     def credential_request(self, credential: _HasClientAccessUrl, timeout: float) -> Callable[[int], None]:
         """The handler of the client's credential requests. Called on a library thread
@@ -1332,20 +1341,24 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         the stop are cancelled (with a warning). On a client already stopped (by the
         service, say), the events of that stop reach their listeners first, and its
         coroutine listeners are waited for as running ones: a program may end
-        ``asyncio.run`` right after."""
+        ``asyncio.run`` right after. A listener still running is cancelled once, however
+        many close() calls wait for it. In a fork() child it does nothing: the client and its
+        connection are the parent's."""
         if not self._finalizer.alive or self._poller.in_fork_child():
             return
         stopped = _base.state_of(self._handle) is WebPubSubClientState.STOPPED
         # The listeners running now are waited for once stopped, as officially; not those
         # the stop starts (disconnected, stopped: one may reopen), nor the caller's own
-        # (even through a task it awaits), nor one that closes the client too.
+        # (even through a task it awaits), nor one that closes the client too. On a stopped
+        # client, those running once the stop completed: it brought no events, and those
+        # delivered meanwhile came before it.
         own = self._sink.enter_close()
         try:
-            listeners = self._sink.running_listeners(own)
+            listeners = None if stopped else self._sink.running_listeners(own)
             # completes after the disconnected and stopped events, dispatched before it; on
             # a stopped client, after the events queued by then (those of its stop too)
             completion = await self._run(lib.wps_client_stop_async, self._handle, checked=False)
-            if stopped:  # this stop brought no events: those delivered meanwhile came before
+            if listeners is None:
                 listeners = self._sink.running_listeners(own)
             self._sink.cancel_providers()
             status = completion.status
