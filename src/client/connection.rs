@@ -311,9 +311,10 @@ struct Task {
     disconnect_message: Option<String>,
     /// When the recovery that opened the current connection began, and when it did.
     recovered_at: Option<(Instant, Instant)>,
-    /// The current connection is a recovery whose `connected` frame has not come yet
-    /// (that frame must name the recovered connection): how the connection it recovers
-    /// dropped, which is still what a loss of the session reports.
+    /// The current connection is a recovery the service has not confirmed yet, by its
+    /// `connected` frame (which must name the recovered connection) or any other frame
+    /// of the session: how the connection it recovers dropped, which is still what a
+    /// loss of the session reports.
     recovering_from: Option<Cause>,
     /// Frames to write at the end of the current step.
     out: Vec<Utf8Bytes>,
