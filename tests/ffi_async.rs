@@ -1023,7 +1023,7 @@ fn a_deferred_fire_and_forget_send_completes_before_its_flush_sends_it() {
 }
 
 /// The header (`wps_ack_result`): automatic ackIds increase but may skip numbers. A send
-/// the client refuses before sending it (too large, or the client not connected) reports
+/// the client refuses before sending it (too large, or the client stopped) reports
 /// no ackId, and has used one up.
 #[test]
 fn a_send_refused_before_it_is_sent_reports_no_ack_id_and_uses_one_up() {
