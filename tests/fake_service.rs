@@ -35,6 +35,16 @@ impl Fake {
         Fake { listener, url }
     }
 
+    /// The next connection, asserted to be a recovery of `conn1`.
+    async fn accept_recovery(&self) -> Conn {
+        let (conn, uri) = self.accept().await;
+        assert!(
+            uri.contains("awps_connection_id=conn1"),
+            "not a recovery: {uri}"
+        );
+        conn
+    }
+
     /// Accepts the next connection; returns it and its request URI.
     #[allow(clippy::result_large_err)]
     async fn accept(&self) -> (Conn, String) {
@@ -2044,11 +2054,7 @@ async fn a_refused_recovery_reports_the_drop_it_was_to_recover() {
     let (client, mut events, mut conn) = connect(&fake, quiet_options()).await;
     conn.close(CloseCode::from(4000), "the service is restarting")
         .await;
-    let (mut conn, uri) = fake.accept().await;
-    assert!(
-        uri.contains("awps_connection_id=conn1"),
-        "not a recovery: {uri}"
-    );
+    let mut conn = fake.accept_recovery().await;
     conn.close(CloseCode::Policy, "The connection could not be recovered.")
         .await;
     assert_eq!(
@@ -2078,11 +2084,7 @@ async fn a_recovery_confirmed_by_traffic_alone_reports_a_later_drop_as_its_own()
     conn.disconnected("maintenance").await;
     conn.close(CloseCode::from(4000), "the service is restarting")
         .await;
-    let (mut conn, uri) = fake.accept().await;
-    assert!(
-        uri.contains("awps_connection_id=conn1"),
-        "not a recovery: {uri}"
-    );
+    let mut conn = fake.accept_recovery().await;
     conn.send(&server_message("after the recovery", 1)).await;
     assert!(matches!(
         next_event(&mut events, 5).await,
@@ -2130,11 +2132,7 @@ async fn operations_written_on_a_refused_recovery_fail_or_are_lost_at_most_once(
             is_duplicated: false
         })
     );
-    let (mut conn, uri) = fake.accept().await;
-    assert!(
-        uri.contains("awps_connection_id=conn1"),
-        "not a recovery: {uri}"
-    );
+    let mut conn = fake.accept_recovery().await;
     let mut written = [conn.recv().await, conn.recv().await];
     written.sort_by_key(|frame| frame["data"].to_string());
     assert_eq!(written[0]["data"], "acked");
@@ -2265,11 +2263,7 @@ async fn an_invocations_timeout_runs_from_its_write() {
     let early = tokio::time::timeout(Duration::from_millis(400), &mut queued).await;
     assert!(early.is_err(), "ended during the recovery: {early:?}");
     drop(held);
-    let (mut conn, uri) = fake.accept().await;
-    assert!(
-        uri.contains("awps_connection_id=conn1"),
-        "not a recovery: {uri}"
-    );
+    let mut conn = fake.accept_recovery().await;
     let frame = conn.recv().await;
     assert_eq!(frame["event"], "queued");
     let id = frame["invocationId"].as_str().unwrap();
