@@ -21,12 +21,15 @@ rust_version_of() { # rust_version_of MANIFEST: the package's declared rust-vers
     sed -n 's/^rust-version *= *"\([0-9.]*\)"/\1/p' "$1"
 }
 
+# The workspace's packages and dependency graph, with the committed lock, on this host.
+METADATA=$(cargo metadata --locked --format-version 1 \
+    --filter-platform "$(rustc -vV | sed -n 's/^host: //p')")
+
 # Fails naming every crate that PACKAGE builds (normal and build dependencies, on this
 # host) whose rust-version is newer than VERSION.
 check_dependencies() {
     local package=$1 version=$2
-    cargo metadata --locked --format-version 1 \
-        --filter-platform "$(rustc -vV | sed -n 's/^host: //p')" |
+    printf '%s' "$METADATA" |
         python3 -c '
 import json, sys
 
