@@ -31,6 +31,7 @@ from webpubsub_client.models import (
     OnGroupDataMessageArgs,
     OpenClientError,
     SendMessageError,
+    WebPubSubClientError,
     WebPubSubClientState,
     WebPubSubDataType,
     WebPubSubProtocolType,
@@ -756,6 +757,29 @@ async def test_a_plain_provider_blocking_past_the_start_timeout_fails_open_only(
     assert len(calls) == 2
 
 
+async def test_a_plain_providers_thread_refused_fails_open_with_a_client_error(hub: Hub, monkeypatch: Any) -> None:
+    """The system refuses the thread a plain provider runs on (its thread limit): open()
+    raises a WebPubSubClientError chained from the RuntimeError, as the sync clients'
+    dispatch pool does, and the next open() connects. Before, the bare RuntimeError came
+    out of open() as if the provider had raised it."""
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "webpubsub-credential":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    client = make(WebPubSubClientCredential(hub.url), reconnect_retry_total=0)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(WebPubSubClientError) as info:
+        await client.open()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "credential provider's thread" in str(info.value)
+    monkeypatch.undo()
+    async with client:
+        assert client.is_connected()
+
+
 async def test_a_plain_provider_runs_off_the_loop_and_a_cancelled_open_does_not_wait_for_it(hub: Hub) -> None:
     """A plain function provider (the official aio client takes coroutine functions only)
     runs on a thread of its own: while it blocks, the loop runs on, and an open()
@@ -1392,6 +1416,102 @@ async def test_stop_error_is_the_last_reconnect_attempts_failure_async(hub: Hub)
     await client.close()
     assert (await seen.wait_for(2))[1] is None
     assert client.stop_error is None
+
+
+class TokenServiceError(Exception):
+    """An application's own error, raised by its credential provider."""
+
+
+@pytest.mark.parametrize("coroutine", [True, False], ids=["coroutine", "plain"])
+async def test_stop_error_chains_what_the_provider_raised_async(hub: Hub, coroutine: bool) -> None:
+    """As in test_sync: the reconnects give up because the provider (a coroutine function,
+    or a plain one run on a thread) raises, and ``stop_error`` carries that exception as
+    its ``__cause__``."""
+    url = hub.url()
+    calls: List[int] = []
+    raised: List[BaseException] = []
+
+    def provide() -> str:
+        calls.append(1)
+        if len(calls) > 1:
+            raised.append(TokenServiceError(f"401 (call {len(calls)})"))
+            raise raised[-1]
+        return url
+
+    async def provide_async() -> str:
+        return provide()
+
+    client = make(WebPubSubClientCredential(provide_async if coroutine else provide), reconnect_retry_total=1)
+    seen = AsyncCollector()
+    await client.subscribe(CallbackType.STOPPED, lambda: seen(client.stop_error))
+    await client.open()
+    connection_id = client.connection_id
+    assert connection_id is not None
+    await asyncio.get_running_loop().run_in_executor(None, lambda: hub.close_connection(connection_id, 1008))
+    (error,) = await seen.wait_for(1)
+    assert isinstance(error, OpenClientError) and error.status == _native.STATUS_CREDENTIAL_FAILED
+    assert len(raised) == 2
+    assert error.__cause__ is raised[-1]  # the last attempt's
+    await client.close()
+
+
+async def test_open_clears_the_stop_error_async(hub: Hub) -> None:
+    """As in test_sync: an ``open()`` clears ``stop_error`` as it begins, so a reopened
+    client (or one whose reopen failed, which raised why) shows None. Before, it kept the
+    earlier stop's error while connected again."""
+    url = hub.url()
+    failing = False
+
+    async def provide() -> str:
+        if failing:
+            raise TokenServiceError("401")
+        return url
+
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=0, auto_reconnect=True)
+    seen = AsyncCollector()
+    await client.subscribe(CallbackType.STOPPED, lambda: seen(client.stop_error))
+    await client.open()
+    failing = True
+    connection_id = client.connection_id
+    assert connection_id is not None
+    await asyncio.get_running_loop().run_in_executor(None, lambda: hub.close_connection(connection_id, 1008))
+    assert isinstance((await seen.wait_for(1))[0], OpenClientError)
+    assert isinstance(client.stop_error, OpenClientError)
+    with pytest.raises(TokenServiceError):
+        await client.open()
+    assert client.stop_error is None
+    failing = False
+    await client.open()
+    assert client.stop_error is None
+    await client.close()
+    assert client.stop_error is None
+
+
+async def test_a_stop_whose_event_comes_after_a_reopen_does_not_outlive_it_async(hub: Hub) -> None:
+    """As in test_sync: the state is the library's, read at once, and ``stop_error`` is set
+    as the stopped event reaches the listeners, on the loop. Read before the loop ran
+    (the loop held here), the state is Stopped and ``stop_error`` still None; an ``open()``
+    then connects, the stopped listeners find the stop's error, and the new connection's
+    ``connected`` event, which comes after, clears it. Before, the late stop's error
+    stayed while connected."""
+    client = make(hub.url(), reconnect_retry_total=0)
+    stopped = AsyncCollector()
+    await client.subscribe(CallbackType.STOPPED, lambda: stopped(client.stop_error))
+    await client.open()
+    connection_id = client.connection_id
+    assert connection_id is not None
+    await asyncio.get_running_loop().run_in_executor(None, lambda: hub.drop(connection_id, recoverable=False))
+    deadline = time.monotonic() + WAIT
+    while client.state is not WebPubSubClientState.STOPPED:  # the loop's reader does not run meanwhile
+        assert time.monotonic() < deadline, "not stopped"
+        time.sleep(0.001)
+    assert client.stop_error is None
+    await client.open()
+    (error,) = await stopped.wait_for(1)
+    assert isinstance(error, WebPubSubClientError) and error.status == _native.STATUS_NOT_CONNECTED
+    assert client.is_connected()
+    assert client.stop_error is None
+    await client.close()
 
 
 async def test_disconnected_rejoin_failed_and_stopped_async(hub: Hub) -> None:

@@ -795,6 +795,53 @@ def test_a_dispatch_pool_refused_a_descriptor_is_made_whole_by_the_next_client(h
     assert result.stdout.split() == ["refused", "True", "2", "1"], result.stdout
 
 
+def test_a_dispatch_thread_refused_at_creation_is_a_client_error_and_tried_again(hub: Hub) -> None:
+    """The system refuses a thread to the sync clients' dispatch pool (at its thread
+    limit): first the watchdog's, made with the pool, then the thread of the worker a
+    client is pinned to. Each time the client's constructor raises a
+    WebPubSubClientError chained from the RuntimeError, as for a refused selector, and
+    the next client pinned there starts the thread and gets its events. Before, the bare
+    RuntimeError escaped the constructor."""
+    code = f"""
+        import os, threading
+        os.cpu_count = lambda: 2  # a pool of two, whatever the machine
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.models import CallbackType, WebPubSubClientError, WebPubSubDataType
+        refused, real_start = ["webpubsub-dispatch-"], threading.Thread.start
+
+        def start(thread):
+            if any(thread.name.startswith(name) for name in refused):
+                raise RuntimeError("can't start new thread")
+            real_start(thread)
+
+        def made(url):
+            try:
+                return WebPubSubClient(url)
+            except WebPubSubClientError as e:
+                print("refused", type(e.__cause__).__name__, "start a dispatch thread" in str(e))
+
+        threading.Thread.start = start
+        made({hub.url("pool")!r})
+        refused[:] = ["webpubsub-dispatch-1"]
+        first = made({hub.url("first")!r})  # worker 0
+        made({hub.url("second")!r})  # worker 1
+        refused.clear()
+        third = made({hub.url("third")!r})  # worker 0
+        fourth = made({hub.url("fourth")!r})  # worker 1
+        got = threading.Event()
+        fourth.subscribe(CallbackType.GROUP_MESSAGE, lambda _m: got.set())
+        with first, fourth:
+            fourth.join_group("g")
+            first.send_to_group("g", "hi", WebPubSubDataType.TEXT)
+            print("got", got.wait(10))
+        print(sorted(t.name for t in threading.enumerate() if t.name.startswith("webpubsub-dispatch")))
+    """
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:3] == ["refused RuntimeError True"] * 2 + ["got True"], result.stdout
+    assert "'webpubsub-dispatch-0', 'webpubsub-dispatch-1', 'webpubsub-dispatch-watchdog'" in result.stdout
+
+
 def test_a_client_made_while_every_dispatch_thread_is_held_gets_its_events(hub: Hub) -> None:
     """A listener holds the pool's only dispatch thread past the watchdog's quiet second
     (the watchdog asleep), then a client is made: its events come while the hold lasts.

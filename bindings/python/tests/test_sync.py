@@ -2028,6 +2028,98 @@ def test_stop_error_is_the_last_reconnect_attempts_failure(hub: Hub) -> None:
     assert client.stop_error is None
 
 
+class TokenServiceError(Exception):
+    """An application's own error, raised by its credential provider."""
+
+
+def test_stop_error_chains_what_the_provider_raised(hub: Hub) -> None:
+    """The reconnects give up because the provider raises: ``stop_error`` carries that
+    exception object as its ``__cause__``, so that the application can tell its own
+    errors by type."""
+    url = hub.url()
+    calls: List[int] = []
+    raised: List[BaseException] = []
+
+    def provide() -> str:
+        calls.append(1)
+        if len(calls) > 1:
+            raised.append(TokenServiceError(f"401 (call {len(calls)})"))
+            raise raised[-1]
+        return url
+
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=1)
+    seen = Collector()
+    client.subscribe(CallbackType.STOPPED, lambda: seen(client.stop_error))
+    client.open()
+    hub.close_connection(client.connection_id, 1008)
+    (error,) = seen.wait_for(1)
+    assert isinstance(error, OpenClientError) and error.status == _native.STATUS_CREDENTIAL_FAILED
+    assert len(raised) == 2
+    assert error.__cause__ is raised[-1]  # the last attempt's
+    client.close()
+
+
+def test_open_clears_the_stop_error(hub: Hub) -> None:
+    """``stop_error`` is about the latest run: an ``open()`` clears it as it begins, so a
+    reopened client (or one whose reopen failed, which raised why) shows None. Before, it
+    kept the earlier stop's error while connected again."""
+    url = hub.url()
+    failing = threading.Event()
+
+    def provide() -> str:
+        if failing.is_set():
+            raise TokenServiceError("401")
+        return url
+
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=0, auto_reconnect=True)
+    seen = Collector()
+    client.subscribe(CallbackType.STOPPED, lambda: seen(client.stop_error))
+    client.open()
+    failing.set()
+    hub.close_connection(client.connection_id, 1008)
+    assert isinstance(seen.wait_for(1)[0], OpenClientError)
+    assert isinstance(client.stop_error, OpenClientError)
+    with pytest.raises(TokenServiceError):
+        client.open()
+    assert client.stop_error is None
+    failing.clear()
+    client.open()
+    assert client.stop_error is None
+    client.close()
+    assert client.stop_error is None
+
+
+def test_a_stop_whose_listeners_run_after_a_reopen_does_not_outlive_it(hub: Hub) -> None:
+    """The state is the library's, read at once; ``stop_error`` is set as the stopped event
+    reaches the listeners. With a listener of the lost session's ``disconnected`` event
+    still running, the state reads Stopped while ``stop_error`` is still None, and an
+    ``open()`` then connects. The stopped listeners still find the stop's error, and the
+    new connection's ``connected`` event, which comes after, clears it. Before, the late
+    stop's error stayed while connected."""
+    gate, held = threading.Event(), threading.Event()
+    client = make(hub.url(), reconnect_retry_total=0)
+    client.subscribe(CallbackType.DISCONNECTED, lambda _args: (held.set(), gate.wait(WAIT)))
+    stopped, connected = Collector(), Collector()
+    client.subscribe(CallbackType.STOPPED, lambda: stopped(client.stop_error))
+    client.subscribe(CallbackType.CONNECTED, connected)
+    client.open()
+    try:
+        hub.drop(client.connection_id, recoverable=False)
+        assert held.wait(WAIT)
+        wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="stopped")
+        assert client.stop_error is None  # the stopped event waits behind the held listener
+        client.open()
+        assert client.stop_error is None
+    finally:
+        gate.set()
+    (error,) = stopped.wait_for(1)
+    assert isinstance(error, WebPubSubClientError) and error.status == _native.STATUS_NOT_CONNECTED
+    connected.wait_for(2)
+    assert client.is_connected()
+    assert client.stop_error is None
+    client.close()
+
+
 def test_rejoin_failure_is_reported(hub: Hub) -> None:
     """The second URL has no permission to join, so rejoining after a reconnect fails."""
     urls = [hub.url(roles=["webpubsub.joinLeaveGroup"]), hub.url(roles=[])]

@@ -509,6 +509,14 @@ def stop_error(status: int, message: Optional[str]) -> Optional[WebPubSubClientE
     return OpenClientError(f"Failed to reconnect. {_detail(status, message)}", status=status)
 
 
+def chain_provider_error(error: Optional[WebPubSubClientError], raised: Optional[BaseException]) -> None:
+    """Chain ``raised``, what the credential's provider raised for the latest request,
+    to a stopped event's ``error`` (see :func:`stop_error`) when the last attempt failed
+    for its credential: the application may then tell its own errors by type."""
+    if error is not None and raised is not None and error.status == _native.STATUS_CREDENTIAL_FAILED:
+        error.__cause__ = raised
+
+
 def operation_error(
     status: int,
     *,

@@ -108,14 +108,18 @@ class _SyncSink:
     during the client's dispatch, then delivered by its worker thread (see
     :mod:`._dispatcher`), once the dispatch has returned, in order."""
 
-    def __init__(self, listeners: _base.Listeners) -> None:
+    def __init__(self, listeners: _base.Listeners, provider: Optional[_Provider]) -> None:
         self.listeners = _base.HeldListeners(listeners)
+        self._provider = provider
         self._events: List[Tuple[CallbackType, Tuple[Any, ...]]] = []
         self.stop_error: Optional[WebPubSubClientError] = None  # see WebPubSubClient.stop_error
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
         converted = _base.event_args(event)
         if converted is not None:
+            if converted[0] is _STOPPED and self._provider is not None:
+                # Taken in order: the provider's error is still the last attempt's.
+                _base.chain_provider_error(converted[1][0], self._provider.error)
             self._events.append(converted)
 
     def take(self) -> List[Tuple[CallbackType, Tuple[Any, ...]]]:
@@ -132,8 +136,11 @@ class _SyncSink:
         for kind, args in events:
             if not dispatch.handle:  # freed by a listener (or collected meanwhile)
                 return
-            if kind is _STOPPED:
+            stopped = kind is _STOPPED
+            if stopped:
                 self.stop_error, args = args[0], ()
+            elif kind is _CONNECTED:  # a new run's: a stop delivered since open() began was an earlier run's
+                self.stop_error = None
             for listener in snapshot(kind):
                 try:
                     listener(*args)
@@ -141,13 +148,14 @@ class _SyncSink:
                     # SystemExit and KeyboardInterrupt too: in the official client they end only
                     # the listener's own thread, and here there is no caller to raise them to.
                     _base.log_listener_error(kind)
-            if kind is _STOPPED:
+            if stopped:
                 with dispatch.lock:  # the handle is read: not during its free
                     if dispatch.handle:
                         self.listeners.release_if_stopped()
 
 
 _STOPPED = CallbackType.STOPPED
+_CONNECTED = CallbackType.CONNECTED
 CLOSE_WAIT = 1.0  # seconds close() waits for the listeners of the events before it
 
 
@@ -284,7 +292,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         self._openers: Dict[object, int] = {}
         self._opening = threading.Condition()
         self._listeners = _base.Listeners()
-        self._sink = _SyncSink(self._listeners)
+        self._sink = _SyncSink(self._listeners, self._provider)
         self._handle = _base.new_native_client(source, options, self._sink)
         self._sink.listeners.handle = self._handle
         try:
@@ -325,6 +333,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         provider = self._provider
         if provider is not None:
             provider.error = None
+        self._sink.stop_error = None  # it tells why the latest run stopped
         # The logger's level may have been set since the client was made (logging
         # configured after an import-time client): the library's filter follows it now.
         _callbacks.enable_native_logging(trace=self._log_messages)
@@ -422,10 +431,18 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """Why the client stopped on its own, as of its latest ``stopped`` event (set before
         that event's listeners run, which take no argument, as in the official client): an
         :class:`OpenClientError` with the last reconnect attempt's failure once the
-        reconnect retries ran out, a :class:`WebPubSubClientError` with status
+        reconnect retries ran out (its ``__cause__`` what the credential's provider raised,
+        when that failed the attempt), a :class:`WebPubSubClientError` with status
         ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
-        ``disconnected`` event before tells why). None when ``close()`` stopped it, or
-        before any stopped event."""
+        ``disconnected`` event before tells why). None when ``close()`` stopped it, before
+        any stopped event, and from the start of each ``open()``.
+
+        It follows the events, where :attr:`state` is the library's, read at once: the
+        state reads Stopped as the client stops, this is set once the stopped event
+        reaches the listeners, after those of the events before it. Read it in a
+        ``stopped`` listener, or after ``close()``, which waits for a stopped client's
+        events too. A stop whose event comes only after a new ``open()`` began sets it
+        for its listeners; the new connection's ``connected`` event clears it."""
         return self._sink.stop_error
 
     def __enter__(self) -> "WebPubSubClient":

@@ -89,6 +89,8 @@ class Dispatch:
                 raise WebPubSubClientError(
                     f"cannot create the client: cannot watch its dispatch descriptor: {exc}"
                 ) from exc
+            except RuntimeError as exc:  # Thread.start refused (the thread limit): the watchdog's or the worker's
+                raise WebPubSubClientError(f"cannot create the client: cannot start a dispatch thread: {exc}") from exc
 
     def run(self, out: _base.DispatchBuffers, worker: _Worker) -> None:
         """On ``worker``'s thread, once the descriptor is readable: take the queued events

@@ -55,6 +55,8 @@ from ..models import (
 __all__ = ["WebPubSubClient", "WebPubSubClientCredential"]
 
 _LOGGER = logging.getLogger("webpubsub_client")
+_STOPPED = CallbackType.STOPPED
+_CONNECTED = CallbackType.CONNECTED
 
 UrlProvider = Union[str, Callable[[], Awaitable[str]], Callable[[], str]]
 
@@ -155,7 +157,10 @@ async def _off_loop(function: Callable[[], Any]) -> Any:
             pass  # the loop is closed: nothing awaits the outcome
         del outcome
 
-    threading.Thread(target=run, name="webpubsub-credential", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="webpubsub-credential", daemon=True).start()
+    except RuntimeError as exc:  # refused (the thread limit): not the provider's own error
+        raise WebPubSubClientError(f"cannot start the credential provider's thread: {exc}") from exc
     returned, value = await future
     if returned:
         return value
@@ -519,6 +524,8 @@ class _AsyncSink:
         converted = _base.event_args(event)
         if converted is None:
             return
+        if converted[0] is _STOPPED:  # taken in order: the provider's error is still the last attempt's
+            _base.chain_provider_error(converted[1][0], self.credential_error)
         pending = _pending()
         if pending is not None:  # the poller's dispatch: delivered once it has returned
             pending.append(converted)
@@ -544,8 +551,11 @@ class _AsyncSink:
         listeners = self.listeners.get()
         if listeners is None:  # the client was collected; its handle is being freed
             return
-        if kind is CallbackType.STOPPED:
+        stopped = kind is _STOPPED
+        if stopped:
             self.stop_error, args = args[0], ()
+        elif kind is _CONNECTED:  # a new run's: a stop delivered since open() began was an earlier run's
+            self.stop_error = None
         snapshot = listeners.snapshot(kind)
         # Numbered before the first runs: a close() one of them makes waits for the others.
         first = self._calls
@@ -566,7 +576,7 @@ class _AsyncSink:
                     _base.log_listener_error(kind)  # a second one: the first is raised
                 else:
                     interrupt = exc
-        if kind is CallbackType.STOPPED:
+        if stopped:
             self.listeners.release_if_stopped()
         if interrupt is not None:
             raise interrupt
@@ -1308,6 +1318,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             raise OpenClientError("Client can be only started when it's Stopped")
         self._sink.bind(asyncio.get_running_loop())
         self._sink.credential_error = None
+        self._sink.stop_error = None  # it tells why the latest run stopped
         _callbacks.enable_native_logging(trace=self._log_messages)  # the logger's level now (see the sync client)
         self._sink.listeners.hold(self)
         try:
@@ -1391,10 +1402,18 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         """Why the client stopped on its own, as of its latest ``stopped`` event (set before
         that event's listeners run, which take no argument, as in the official client): an
         :class:`OpenClientError` with the last reconnect attempt's failure once the
-        reconnect retries ran out, a :class:`WebPubSubClientError` with status
+        reconnect retries ran out (its ``__cause__`` what the credential's provider raised,
+        when that failed the attempt), a :class:`WebPubSubClientError` with status
         ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
-        ``disconnected`` event before tells why). None when ``close()`` stopped it, or
-        before any stopped event."""
+        ``disconnected`` event before tells why). None when ``close()`` stopped it, before
+        any stopped event, and from the start of each ``open()``.
+
+        It follows the events, where :attr:`state` is the library's, read at once: the
+        state reads Stopped as the client stops, this is set once the stopped event
+        reaches the listeners, after those of the events before it. Read it in a
+        ``stopped`` listener, or after ``close()``, which waits for a stopped client's
+        events too. A stop whose event comes only after a new ``open()`` began sets it
+        for its listeners; the new connection's ``connected`` event clears it."""
         return self._sink.stop_error
 
     async def __aenter__(self) -> "WebPubSubClient":
