@@ -4,6 +4,7 @@
 //! token made by `azure-messaging-webpubsubservice` or `@azure/web-pubsub` from the
 //! emulator's connection string is accepted, and a token made here is accepted by them.
 
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -220,13 +221,20 @@ fn decode_part(part: &str) -> Result<Value, AuthError> {
     serde_json::from_slice(&bytes).map_err(|e| AuthError::Malformed(format!("json: {e}")))
 }
 
-/// Is `host` one this server answers to: a loopback name, or the configured host?
+/// Is `host` one this server answers to: a loopback name, or the configured host? An IP
+/// address is compared as an address, however spelled, with or without brackets.
 fn host_ok(host: &str, configured_host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    matches!(
-        host.as_str(),
-        "localhost" | "127.0.0.1" | "[::1]" | "::1" | "0.0.0.0"
-    ) || host == configured_host.to_ascii_lowercase()
+    let same = |a: &str, b: &str| {
+        let unbracketed = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let (a, b) = (unbracketed(a), unbracketed(b));
+        match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a.eq_ignore_ascii_case(&b),
+        }
+    };
+    ["localhost", "127.0.0.1", "::1", "0.0.0.0", configured_host]
+        .into_iter()
+        .any(|known| same(host, known))
 }
 
 /// Does the audience URL `aud` name `path` (the request's path as sent, still
@@ -446,6 +454,33 @@ mod tests {
             assert!(
                 !audience_matches(&aud, path, "127.0.0.1", 80),
                 "{aud} {path}"
+            );
+        }
+    }
+
+    /// An IP address is the same host however it is spelled, with or without brackets.
+    #[test]
+    fn an_ip_host_matches_in_any_spelling() {
+        let p = "/client/hubs/chat";
+        for (aud_host, configured) in [
+            ("[fd00::2]", "fd00::2"),
+            ("[fd00::2]", "[fd00::2]"),
+            ("[FD00:0:0::2]", "fd00::2"),
+            ("[::1]", "0:0:0:0:0:0:0:1"),
+            ("10.0.0.2", "10.0.0.2"),
+            ("example.com", "Example.com"),
+        ] {
+            let aud = format!("ws://{aud_host}:80{p}");
+            assert!(
+                audience_matches(&aud, p, configured, 80),
+                "{aud} {configured}"
+            );
+        }
+        for (aud_host, configured) in [("[fd00::3]", "fd00::2"), ("10.0.0.3", "10.0.0.2")] {
+            let aud = format!("ws://{aud_host}:80{p}");
+            assert!(
+                !audience_matches(&aud, p, configured, 80),
+                "{aud} {configured}"
             );
         }
     }

@@ -16,6 +16,7 @@ use base64::Engine;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -55,16 +56,22 @@ pub(crate) fn error_response(status: StatusCode, message: impl Into<String>) -> 
 /// does not.
 const OTHER_CLIENT_KINDS: [&str; 2] = ["mqtt", "socketio"];
 
-/// Anything under `/clients/`. The service serves MQTT clients at
+/// `/clients` and anything under it. The service serves MQTT clients at
 /// `/clients/mqtt/hubs/{hub}` and Socket.IO clients at `/clients/socketio/hubs/{hub}`
 /// (the Socket.IO client adds a `/` and its own path after it): 501, as the emulator
-/// serves neither. Any other path there names nothing: 404.
-pub(crate) async fn other_client_endpoint(Path(rest): Path<String>) -> Response {
-    let mut segments = rest.split('/');
+/// serves neither, whatever the hub. Any other path there names nothing: 404. The path
+/// is read as it was sent, each segment percent-decoded for the comparisons only, so an
+/// encoded `/` separates no segments.
+pub(crate) async fn other_client_endpoint(uri: Uri) -> Response {
+    let path = uri.path();
+    let rest = path.strip_prefix("/clients/").unwrap_or_default();
+    let mut segments = rest
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy());
     let kind = segments.next().unwrap_or_default();
     let served = OTHER_CLIENT_KINDS
-        .iter()
-        .find(|k| k.eq_ignore_ascii_case(kind))
+        .into_iter()
+        .find(|k| k.eq_ignore_ascii_case(&kind))
         .filter(|_| {
             segments
                 .next()
@@ -82,7 +89,7 @@ pub(crate) async fn other_client_endpoint(Path(rest): Path<String>) -> Response 
         None => error_response(
             StatusCode::NOT_FOUND,
             format!(
-                "No client endpoint at /clients/{rest}: the service serves MQTT clients at \
+                "No client endpoint at {path}: the service serves MQTT clients at \
                  /clients/mqtt/hubs/{{hub}} and Socket.IO clients at \
                  /clients/socketio/hubs/{{hub}} (the emulator neither), and Web PubSub \
                  clients at /client/hubs/{{hub}}."

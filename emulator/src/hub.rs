@@ -11,7 +11,6 @@
 //! connection's send state behind its own small mutex (held only to assign a sequence
 //! id, buffer the frame and queue it to the connection's writer task).
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -101,6 +100,8 @@ pub(crate) struct Server {
     pub config: Config,
     pub access_key: String,
     pub port: u16,
+    /// The host that URLs name: the listen host, or a loopback address for every interface.
+    pub public_host: String,
     pub hubs: DashMap<String, Arc<Hub>>,
     pub stats: Stats,
     pub upstream: Option<Upstream>,
@@ -151,11 +152,6 @@ impl Server {
         self.hubs.get(&name.to_ascii_lowercase()).map(|h| h.clone())
     }
 
-    /// The host clients use: the listen host, or 127.0.0.1 for a wildcard address.
-    pub(crate) fn public_host(&self) -> Cow<'_, str> {
-        public_host(&self.config.host)
-    }
-
     /// `http(s)://host:port`.
     pub(crate) fn endpoint(&self) -> String {
         let scheme = if self.config.tls.is_some() {
@@ -163,7 +159,7 @@ impl Server {
         } else {
             "http"
         };
-        format!("{scheme}://{}:{}", self.public_host(), self.port)
+        format!("{scheme}://{}:{}", self.public_host, self.port)
     }
 
     /// Total connections over all hubs.
@@ -877,28 +873,9 @@ impl Conn {
     }
 }
 
-/// The host of URLs for a listen host: 127.0.0.1 for a wildcard address, an IPv6
-/// address in brackets.
-fn public_host(host: &str) -> Cow<'_, str> {
-    match host {
-        "0.0.0.0" | "::" | "[::]" | "" => "127.0.0.1".into(),
-        h if h.contains(':') && !h.starts_with('[') => format!("[{h}]").into(),
-        h => h.into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{public_host, AckWindow};
-
-    #[test]
-    fn an_ipv6_listen_host_is_bracketed_in_urls() {
-        assert_eq!(public_host("::1"), "[::1]");
-        assert_eq!(public_host("[::1]"), "[::1]");
-        assert_eq!(public_host("::"), "127.0.0.1");
-        assert_eq!(public_host("0.0.0.0"), "127.0.0.1");
-        assert_eq!(public_host("localhost"), "localhost");
-    }
+    use super::AckWindow;
 
     #[test]
     fn ack_window_forgets_oldest() {

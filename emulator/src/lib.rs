@@ -70,6 +70,7 @@ pub mod fuzzing {
                 server: Arc::new(Server {
                     access_key: "fuzz".into(),
                     port: 0,
+                    public_host: "127.0.0.1".into(),
                     hubs: Default::default(),
                     stats: Default::default(),
                     upstream: None,
@@ -291,8 +292,9 @@ impl Emulator {
     }
 
     /// `http://HOST:PORT` (`https` with TLS). HOST is [`Config::host`] as URLs write it
-    /// (an IPv6 address in brackets), or `127.0.0.1` when that is `0.0.0.0` or `::`
-    /// (every interface, no address to connect to).
+    /// (an IP address in its canonical form, an IPv6 one in brackets), or, when it is an
+    /// unspecified address (every interface, no address to connect to) however spelled,
+    /// `127.0.0.1`, or `[::1]` for an IPv6 listener that takes no IPv4 connections.
     pub fn endpoint(&self) -> String {
         self.server.endpoint()
     }
@@ -307,7 +309,7 @@ impl Emulator {
         };
         format!(
             "Endpoint={scheme}://{};Port={};AccessKey={};Version=1.0;",
-            self.server.public_host(),
+            self.server.public_host,
             self.port(),
             self.access_key()
         )

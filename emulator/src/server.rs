@@ -8,6 +8,7 @@
 //! and a cleartext HTTP/2 connection could stall the protocol detection or idle without
 //! a bound.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use socket2::SockRef;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
@@ -72,6 +74,8 @@ fn router(server: Arc<Server>) -> Router {
         .route("/client/hubs/{hub}", any(client_ws::client_endpoint))
         .route("/client", any(client_ws::client_endpoint_by_query))
         .route("/client/", any(client_ws::client_endpoint_by_query))
+        .route("/clients", any(client_ws::other_client_endpoint))
+        .route("/clients/", any(client_ws::other_client_endpoint))
         .route("/clients/{*rest}", any(client_ws::other_client_endpoint))
         .route(
             "/_emulator/stats",
@@ -96,6 +100,29 @@ fn check_access_key(key: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The host that URLs name for a listener on `host` (without brackets) bound to `bound`:
+/// for an unspecified address (every interface, however spelled or resolved), a loopback
+/// address it takes, `127.0.0.1` when it `takes_ipv4` (an IPv4 or dual-stack socket),
+/// else `[::1]`; an IP address in its canonical form, an IPv6 one in brackets; a name as
+/// it is.
+fn public_host(host: &str, bound: IpAddr, takes_ipv4: bool) -> String {
+    let ip = if bound.is_unspecified() {
+        if takes_ipv4 {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        }
+    } else if host.parse::<IpAddr>().is_ok() {
+        bound
+    } else {
+        return host.to_owned();
+    };
+    match ip {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    }
+}
+
 /// Binds and spawns the accept loop.
 pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinHandle<()>)> {
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
@@ -118,11 +145,17 @@ pub(crate) async fn start(config: Config) -> std::io::Result<(Arc<Server>, JoinH
         };
         std::io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
     })?;
-    let port = listener.local_addr()?.port();
+    let bound = listener.local_addr()?;
+    let takes_ipv4 = match bound {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(_) => !SockRef::from(&listener).only_v6()?,
+    };
+    let public_host = public_host(host, bound.ip(), takes_ipv4);
     let access_key = config.access_key.clone().unwrap_or_else(|| random_id(44));
     let server = Arc::new(Server {
         access_key,
-        port,
+        port: bound.port(),
+        public_host,
         hubs: Default::default(),
         stats: Default::default(),
         upstream,
@@ -226,4 +259,29 @@ pub(crate) fn forget_all(server: &Server) {
         }
     }
     server.hubs.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::public_host;
+
+    #[test]
+    fn urls_name_a_loopback_address_for_every_interface() {
+        let any4 = "0.0.0.0".parse().unwrap();
+        let any6 = "::".parse().unwrap();
+        assert_eq!(public_host("0", any4, true), "127.0.0.1");
+        assert_eq!(public_host("::", any6, true), "127.0.0.1");
+        assert_eq!(public_host("0:0::0", any6, false), "[::1]");
+        assert_eq!(public_host("::1", "::1".parse().unwrap(), false), "[::1]");
+        assert_eq!(
+            public_host("0:0:0:0:0:0:0:1", "::1".parse().unwrap(), false),
+            "[::1]"
+        );
+        assert_eq!(
+            public_host("10.0.0.2", "10.0.0.2".parse().unwrap(), true),
+            "10.0.0.2"
+        );
+        let loopback = "127.0.0.1".parse().unwrap();
+        assert_eq!(public_host("localhost", loopback, true), "localhost");
+    }
 }

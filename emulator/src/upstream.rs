@@ -387,7 +387,7 @@ impl Upstream {
         let mut req = self
             .client
             .post(self.url.clone())
-            .header("WebHook-Request-Origin", server.public_host().as_ref())
+            .header("WebHook-Request-Origin", server.public_host.as_str())
             .header("ce-specversion", "1.0")
             .header("ce-type", ce_type)
             .header(

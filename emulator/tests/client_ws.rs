@@ -523,20 +523,40 @@ async fn paths_under_clients_say_what_is_served() {
             "{url}: {body}"
         );
     }
-    // Anything else there names nothing: 404, naming what is served.
-    for path in [
-        "websocket/hubs/chat",
-        "mqtt",
-        "mqtt/hubs/",
-        "socketio/chat",
-        "x/y",
+    // The hub is not looked at: a name the service refuses, or one with an encoded `/`
+    // or a byte that is not UTF-8, is still under a served kind.
+    for (path, kind) in [
+        ("mqtt/hubs/%2F", "mqtt"),
+        ("mqtt/hubs/a%2Fb", "mqtt"),
+        ("socketio/hubs/%E9", "socketio"),
     ] {
         let url = format!("{}/clients/{path}", emu.endpoint());
+        let resp = reqwest::get(&url).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 501, "{url}");
+        let body = resp.text().await.unwrap();
+        assert!(
+            body.starts_with(&format!("'{kind}' clients")),
+            "{url}: {body}"
+        );
+    }
+    // Anything else there, `/clients` itself included, names nothing: 404, naming what
+    // is served and the path as it was sent.
+    for path in [
+        "/clients",
+        "/clients/",
+        "/clients/websocket/hubs/chat",
+        "/clients/mqtt",
+        "/clients/mqtt/hubs/",
+        "/clients/socketio/chat",
+        "/clients/x/y",
+        "/clients/%2Fmqtt/hubs/chat",
+    ] {
+        let url = format!("{}{path}", emu.endpoint());
         let resp = reqwest::get(&url).await.unwrap();
         assert_eq!(resp.status().as_u16(), 404, "{url}");
         let body = resp.text().await.unwrap();
         assert!(
-            body.starts_with(&format!("No client endpoint at /clients/{path}: "))
+            body.starts_with(&format!("No client endpoint at {path}: "))
                 && body.contains("/clients/mqtt/hubs/{hub}")
                 && body.contains("/clients/socketio/hubs/{hub}")
                 && body.contains("/client/hubs/{hub}"),
@@ -575,14 +595,36 @@ async fn on_the_hub_path_a_hub_in_the_query_changes_nothing() {
     emu.shutdown().await;
 }
 
+/// Does a socket listening on every IPv6 interface take IPv4 connections here (a
+/// dual-stack socket, the default on Linux unless `net.ipv6.bindv6only` is set)?
+fn ipv6_any_takes_ipv4() -> bool {
+    let listener = std::net::TcpListener::bind("[::]:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
 /// `client_url`, `endpoint` and `connection_string` name the configured host: an
-/// unspecified address becomes `127.0.0.1`, an IPv6 one is bracketed.
+/// unspecified address, however spelled, becomes a loopback address the listener takes
+/// (`127.0.0.1`, or `[::1]` for an IPv6 socket without IPv4), an IP address is written in
+/// its canonical form, an IPv6 one bracketed; and the emulator takes the URL it names.
 #[tokio::test]
 async fn urls_name_the_configured_host() {
+    let any6 = if ipv6_any_takes_ipv4() {
+        "127.0.0.1"
+    } else {
+        "[::1]"
+    };
     for (host, named) in [
         ("0.0.0.0", "127.0.0.1"),
+        ("0", "127.0.0.1"),
+        ("::", any6),
+        ("[::]", any6),
+        ("[0:0::0]", any6),
+        ("0:0:0:0:0:0:0:0", any6),
         ("::1", "[::1]"),
         ("[::1]", "[::1]"),
+        ("0:0:0:0:0:0:0:1", "[::1]"),
+        ("localhost", "localhost"),
     ] {
         let emu = start_with(Config {
             host: host.into(),
