@@ -73,7 +73,8 @@
 /**
  * Event kind: the client stopped and will not reconnect (`status`, `message`). Not
  * raised by a start that fails on its own (its status is the start's; a stop that ends
- * a start raises it) nor by a stop of a stopped client.
+ * a start raises it) nor by a stop of a stopped client. Always raised when the client's
+ * connection task panicked (`WPS_STATUS_PANIC`), even during a start.
  */
 #define WPS_EVENT_STOPPED 3
 
@@ -388,7 +389,9 @@ typedef struct wps_event {
    * status of the error that stopped it: the last attempt's once the reconnect policy
    * gave up (such as `WPS_STATUS_CONNECT_FAILED` or `WPS_STATUS_CREDENTIAL_FAILED`),
    * `WPS_STATUS_NOT_CONNECTED` when the session was lost with auto-reconnect off (the
-   * disconnected event before it tells why). Rejoin failed: the error's status.
+   * disconnected event before it tells why), `WPS_STATUS_PANIC` when the client's
+   * connection task panicked (a bug in the library; the client cannot be started
+   * again, free it). Rejoin failed: the error's status.
    * `WPS_STATUS_OK` for the other kinds.
    */
   wps_status status;
@@ -702,7 +705,8 @@ typedef struct wps_message_record {
 #define WPS_STATUS_STOPPED 13
 
 /**
- * A bug inside the library was caught at the API boundary.
+ * A bug inside the library was caught at the API boundary, or ended a client's
+ * connection task (its stopped event).
  */
 #define WPS_STATUS_PANIC 14
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use webpubsub_client::{
-    Client, ClientOptions, ClientState, Credential, DataType, Error, Event, InvokeOptions,
-    Protocol, RetryOptions, SendEventOptions, SendToGroupOptions,
+    Client, ClientOptions, ClientState, Credential, DataType, Error, Event, EventHandler,
+    InvokeOptions, Protocol, Resume, RetryOptions, SendEventOptions, SendToGroupOptions,
 };
 use webpubsub_emulator::{Config, Emulator, TokenOptions};
 
@@ -708,6 +708,93 @@ async fn a_client_whose_reconnects_all_fail_stops_with_the_last_attempts_error()
         Event::Connected { .. }
     ));
     stopped_by_caller(&client, &mut events).await;
+}
+
+/// Forwards events to a channel; pauses the reading once, with a `Resume` future that
+/// completes when `resume` fires and panics when dropped.
+struct PanicsOnResume {
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    resume: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl EventHandler for PanicsOnResume {
+    fn on_event(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn backpressure(&self) -> Option<Resume> {
+        let resume = self.resume.lock().unwrap().take()?;
+        Some(Box::pin(PanicsWhenDropped(Box::pin(async move {
+            let _ = resume.await;
+        }))))
+    }
+}
+
+struct PanicsWhenDropped(Resume);
+
+impl std::future::Future for PanicsWhenDropped {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("a bug in the connection task");
+    }
+}
+
+/// A panic of the connection task (a bug in the library) stops the client on its own,
+/// with `Error::Internal`: the handler is told, the pending operation fails, and the
+/// client stays stopped. The library has no panic of its own to provoke: this one comes
+/// from a future of the application that the task drops outside its catches.
+#[tokio::test]
+async fn a_panic_of_the_connection_task_stops_the_client_with_an_internal_error() {
+    let emulator = emulator().await;
+    let url = emulator.client_url(HUB, &token("ida"));
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (resume, resume_rx) = tokio::sync::oneshot::channel();
+    let handler = Arc::new(PanicsOnResume {
+        events: events_tx,
+        resume: std::sync::Mutex::new(Some(resume_rx)),
+    });
+    let client = Client::new(Credential::Url(url), fast_options(), handler).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    // Reading is paused: the join goes out, its ack is not read.
+    let join = tokio::spawn({
+        let client = client.clone();
+        async move { client.join_group("room").await }
+    });
+    resume.send(()).unwrap();
+
+    let detail =
+        "the connection task panicked (a bug in the library): a bug in the connection task";
+    let error = Error::Internal(detail.into());
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Disconnected {
+            connection_id: Some(connection_id),
+            message: Some(error.to_string()),
+            close_code: None,
+        }
+    );
+    assert_eq!(
+        next_event(&mut events, 5).await,
+        Event::Stopped { error: Some(error) }
+    );
+    assert_eq!(client.state(), ClientState::Stopped);
+    let joined = tokio::time::timeout(Duration::from_secs(5), join).await;
+    assert!(matches!(joined, Ok(Ok(Err(_)))), "{joined:?}");
+    assert_eq!(client.start().await, Err(Error::Stopped { ack_id: None }));
+    assert!(events.try_recv().is_err());
 }
 
 #[tokio::test]

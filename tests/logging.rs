@@ -1,13 +1,16 @@
 //! Logs make a reconnect storm readable and never contain the access token: every
 //! record of the process (client, tungstenite, rustls, ...) is captured at trace level
 //! while a client connects, recovers, reconnects (once after a refused recovery, which
-//! is a warning) and fails to start.
+//! is a warning) and fails to start; and a recovery whose attempts fail tells why at
+//! info level without a line per attempt.
 
 mod common;
 
+use common::outage::{client_url, Service};
 use common::{all_roles, fast_options, fault, next_event, wait_for};
-use std::sync::{Arc, Mutex};
-use webpubsub_client::{Client, Credential, DataType, Event, SendToGroupOptions};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+use webpubsub_client::{Client, ClientOptions, Credential, DataType, Event, SendToGroupOptions};
 use webpubsub_emulator::{Config, Emulator, TokenOptions};
 
 struct Capture;
@@ -29,6 +32,15 @@ impl log::Log for Capture {
 
 static LOGGER: Capture = Capture;
 
+/// Captures every record of the process from now on (the tests share the logger).
+fn capture() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        log::set_logger(&LOGGER).unwrap();
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+}
+
 /// Every occurrence of `key` in `line` is followed by the redaction marker.
 fn redacted(line: &str, key: &str) -> bool {
     line.match_indices(key)
@@ -37,8 +49,7 @@ fn redacted(line: &str, key: &str) -> bool {
 
 #[tokio::test]
 async fn no_token_in_any_log_line() {
-    log::set_logger(&LOGGER).unwrap();
-    log::set_max_level(log::LevelFilter::Trace);
+    capture();
 
     let emulator = Emulator::start(Config::default()).await.unwrap();
     let handed_out = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -155,4 +166,47 @@ async fn no_token_in_any_log_line() {
         assert!(!line.contains("pw-secret"), "{line}");
         assert!(redacted(line, "awps_reconnection_token="), "{line}");
     }
+}
+
+/// The service is gone: the first failed recovery attempt is logged at info level with
+/// its cause, the next ones at debug level only, and the end of the window, a warning,
+/// names the last attempt's cause.
+#[tokio::test]
+async fn a_failing_recovery_tells_its_cause_at_info_level_once() {
+    capture();
+    let service = Service::start(0, None);
+    let options = ClientOptions {
+        auto_reconnect: false,
+        recovery_window: Duration::from_secs(1),
+        ..fast_options()
+    };
+    let url = client_url(service.port(), "rita");
+    let (client, mut events) = Client::with_channel(Credential::Url(url), options).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!()
+    };
+    service.kill();
+    wait_for(&mut events, 10, |e| matches!(e, Event::Stopped { .. })).await;
+
+    let ours: Vec<String> = LINES
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(" webpubsub_client") && l.contains(&connection_id))
+        .cloned()
+        .collect();
+    let attempts: Vec<&String> = ours
+        .iter()
+        .filter(|l| l.contains("recovery attempt"))
+        .collect();
+    assert!(attempts.len() >= 3, "{ours:#?}");
+    let first = format!("INFO webpubsub_client::client::connection: recovery attempt 1 of connection {connection_id} failed: connect failed: ");
+    assert!(attempts[0].starts_with(&first), "{ours:#?}");
+    assert!(
+        attempts[1..].iter().all(|l| l.starts_with("DEBUG ")),
+        "{ours:#?}"
+    );
+    let end = format!("WARN webpubsub_client::client::connection: connection {connection_id} could not be recovered within 1s (last attempt: connect failed: ");
+    assert!(ours.iter().any(|l| l.starts_with(&end)), "{ours:#?}");
 }

@@ -370,7 +370,25 @@ impl Task {
         (task, command_tx, operation_tx)
     }
 
+    /// Runs the phases until the client handle is dropped. A panic in them (a bug in
+    /// the library) stops the client as an error would, and ends the task.
     async fn run(mut self) {
+        if let Err(panic) = std::panic::AssertUnwindSafe(self.phases())
+            .catch_unwind()
+            .await
+        {
+            let detail = crate::runtime::panic_detail(panic.as_ref());
+            self.stop_after_panic(detail).await;
+        }
+        self.pending
+            .fail_all(|ack_id| Error::Stopped { ack_id }, &mut self.done);
+        self.finish_done();
+        self.shared.set_connection_id(None);
+        self.shared.set_state(ClientState::Stopped);
+        debug!("connection task ends");
+    }
+
+    async fn phases(&mut self) {
         let mut next = Next::Idle;
         loop {
             next = match next {
@@ -387,15 +405,29 @@ impl Task {
                     close_code,
                     message,
                 } => self.lose_session(close_code, message),
-                Next::Exit => break,
+                Next::Exit => return,
             };
         }
-        self.pending
-            .fail_all(|ack_id| Error::Stopped { ack_id }, &mut self.done);
-        self.finish_done();
-        self.shared.set_connection_id(None);
-        self.shared.set_state(ClientState::Stopped);
-        debug!("client dropped; connection task ends");
+    }
+
+    /// The phases panicked: the client stops with `Error::Internal`, as on an error of
+    /// its own, so that the handler learns of it (the `Stopped` event is raised even if
+    /// that stop panics too). What the panic left half done is dropped; the operations
+    /// callers wrote on the connection fail with the others.
+    async fn stop_after_panic(&mut self, detail: String) {
+        let error = Error::Internal(format!(
+            "the connection task panicked (a bug in the library): {detail}"
+        ));
+        error!("{error}; the client is stopped");
+        drop(self.shared.direct.close().await);
+        self.register_written();
+        self.out.clear();
+        self.in_batch = false;
+        let stop = std::panic::AssertUnwindSafe(|| self.stop(StopBy::Error(error.clone())));
+        if std::panic::catch_unwind(stop).is_err() {
+            self.shared.set_state(ClientState::Stopped);
+            self.emit(Event::Stopped { error: Some(error) });
+        }
     }
 
     /// Stopped: operations are refused until `start`. Every way here set the state
@@ -941,6 +973,10 @@ impl Task {
         info!("connection {connection_id} dropped ({reason}); recovering");
         let mut attempt = 0u32;
         let mut attempt_at = first_attempt;
+        // The first failure is logged at info with its cause, the others at debug (one
+        // per `recovery_attempt_delay` would flood the log); the window's end names the
+        // last one.
+        let mut last_failure: Option<String> = None;
         while attempt_at < deadline {
             if attempt_at > Instant::now() {
                 if let Err(next) = self.offline(sleep_until(attempt_at), true).await {
@@ -956,7 +992,7 @@ impl Task {
             let limit = (deadline - now).min(self.options.start_timeout);
             let mut waiting_for = String::new();
             let attempt_fut = Box::pin(connector.connect(&url, &mut waiting_for));
-            match self.offline(before_limit(limit, attempt_fut), true).await {
+            let failure = match self.offline(before_limit(limit, attempt_fut), true).await {
                 Err(next) => return next,
                 Ok(Some(Ok(ws))) => {
                     info!("connection {connection_id}: recovery attempt {attempt} reached the service");
@@ -964,17 +1000,26 @@ impl Task {
                     self.recovering_from = Some(Cause { close_code, reason });
                     return Next::Serve(Box::new(ws));
                 }
-                Ok(Some(Err(e))) => {
-                    debug!("recovery attempt {attempt} of connection {connection_id} failed: {e}")
-                }
-                Ok(None) => debug!(
-                    "recovery attempt {attempt} of connection {connection_id} timed out waiting for {waiting_for}"
-                ),
+                Ok(Some(Err(e))) => e.to_string(),
+                Ok(None) => format!("timed out waiting for {waiting_for}"),
+            };
+            let delay = self.options.recovery_attempt_delay;
+            if last_failure.is_none() {
+                info!(
+                    "recovery attempt {attempt} of connection {connection_id} failed: {failure}; retrying every {delay:?} until {:?} after the drop",
+                    self.options.recovery_window
+                );
+            } else {
+                debug!(
+                    "recovery attempt {attempt} of connection {connection_id} failed: {failure}"
+                );
             }
-            attempt_at = Instant::now() + self.options.recovery_attempt_delay;
+            last_failure = Some(failure);
+            attempt_at = Instant::now() + delay;
         }
+        let last = last_failure.map_or_else(String::new, |f| format!(" (last attempt: {f})"));
         warn!(
-            "connection {connection_id} could not be recovered within {:?}",
+            "connection {connection_id} could not be recovered within {:?}{last}",
             self.options.recovery_window
         );
         Next::Lost {
@@ -1041,18 +1086,23 @@ impl Task {
             .fail_all(|ack_id| Error::Stopped { ack_id }, &mut self.done);
         self.finish_done();
         self.sequence.reset();
-        if announced {
-            self.emit(Event::Disconnected {
-                connection_id,
-                message: Some("stopped by the client".into()),
-                close_code: Some(1000),
-            });
-            self.shared.set_state(ClientState::Stopped);
-        }
         let (reply, error) = match by {
             StopBy::Caller(reply) => (Some(reply), None),
             StopBy::Error(error) => (None, Some(error)),
         };
+        if announced {
+            // Only a panic stops a connected client on its own: its socket is dropped.
+            let (message, close_code) = match &error {
+                None => ("stopped by the client".into(), Some(1000)),
+                Some(error) => (error.to_string(), None),
+            };
+            self.emit(Event::Disconnected {
+                connection_id,
+                message: Some(message),
+                close_code,
+            });
+            self.shared.set_state(ClientState::Stopped);
+        }
         info!("stopped");
         self.emit(Event::Stopped { error });
         if let Some(reply) = reply {

@@ -93,19 +93,19 @@ pub enum Event {
         /// The id of the connection that was lost.
         connection_id: Option<String>,
         /// The service's reason (`system`/`disconnected` frame) or the close reason;
-        /// `stopped by the client` for a `stop`.
+        /// `stopped by the client` for a `stop`, the error of a panic (`Error::Internal`).
         message: Option<String>,
         /// The WebSocket close code, when a close frame arrived; 1000 for a `stop`.
         close_code: Option<u16>,
     },
     /// The client stopped: by `stop`, or on its own. Not raised by a failed `start` (its
     /// error is the call's), by a `stop` of a stopped client, or once the client is
-    /// dropped.
+    /// dropped, unless its connection task panicked then.
     Stopped {
         /// Why it stopped on its own: the last attempt's error once the reconnect policy
-        /// gave up, or `Error::NotConnected` for a session lost with `auto_reconnect`
-        /// off (the `Disconnected` event before it tells why). `None` when `stop`
-        /// stopped it.
+        /// gave up, `Error::NotConnected` for a session lost with `auto_reconnect` off
+        /// (the `Disconnected` event before it tells why), or `Error::Internal` when its
+        /// connection task panicked (a bug in the library). `None` when `stop` stopped it.
         error: Option<Error>,
     },
     /// A message from the server side.
@@ -341,6 +341,9 @@ pub enum Error {
     Tls(String),
     /// The service broke the protocol.
     Protocol(String),
+    /// A bug in the library: the client's connection task panicked. The client stopped
+    /// for good: a `start` fails with `Stopped`.
+    Internal(String),
 }
 
 impl fmt::Display for Error {
@@ -385,6 +388,7 @@ impl fmt::Display for Error {
             Error::Credential(m) => write!(f, "credential failed: {m}"),
             Error::Tls(m) => write!(f, "TLS failed: {m}"),
             Error::Protocol(m) => write!(f, "protocol error: {m}"),
+            Error::Internal(m) => write!(f, "internal error: {m}"),
         }
     }
 }

@@ -18,8 +18,8 @@ use super::status::{
     WPS_DATA_TYPE_PROTOBUF, WPS_DATA_TYPE_TEXT, WPS_STATUS_ACK_ERROR, WPS_STATUS_CANCELLED,
     WPS_STATUS_CONNECT_FAILED, WPS_STATUS_CREDENTIAL_FAILED, WPS_STATUS_ILLEGAL_STATE,
     WPS_STATUS_INTERNAL, WPS_STATUS_INVALID_ARGUMENT, WPS_STATUS_INVOKE_ERROR,
-    WPS_STATUS_NOT_CONNECTED, WPS_STATUS_OK, WPS_STATUS_STOPPED, WPS_STATUS_TIMEOUT,
-    WPS_STATUS_TLS,
+    WPS_STATUS_NOT_CONNECTED, WPS_STATUS_OK, WPS_STATUS_PANIC, WPS_STATUS_STOPPED,
+    WPS_STATUS_TIMEOUT, WPS_STATUS_TLS,
 };
 
 /// Event kind: connected (`connection_id`, `user_id`).
@@ -31,7 +31,8 @@ pub const WPS_EVENT_CONNECTED: u32 = 1;
 pub const WPS_EVENT_DISCONNECTED: u32 = 2;
 /// Event kind: the client stopped and will not reconnect (`status`, `message`). Not
 /// raised by a start that fails on its own (its status is the start's; a stop that ends
-/// a start raises it) nor by a stop of a stopped client.
+/// a start raises it) nor by a stop of a stopped client. Always raised when the client's
+/// connection task panicked (`WPS_STATUS_PANIC`), even during a start.
 pub const WPS_EVENT_STOPPED: u32 = 3;
 /// Event kind: a message from the server (`data_type`, `data`, `sequence_id`).
 pub const WPS_EVENT_SERVER_MESSAGE: u32 = 4;
@@ -98,7 +99,9 @@ pub struct wps_event {
     /// status of the error that stopped it: the last attempt's once the reconnect policy
     /// gave up (such as `WPS_STATUS_CONNECT_FAILED` or `WPS_STATUS_CREDENTIAL_FAILED`),
     /// `WPS_STATUS_NOT_CONNECTED` when the session was lost with auto-reconnect off (the
-    /// disconnected event before it tells why). Rejoin failed: the error's status.
+    /// disconnected event before it tells why), `WPS_STATUS_PANIC` when the client's
+    /// connection task panicked (a bug in the library; the client cannot be started
+    /// again, free it). Rejoin failed: the error's status.
     /// `WPS_STATUS_OK` for the other kinds.
     pub status: wps_status,
 }
@@ -257,6 +260,7 @@ pub(crate) fn error_parts(e: &Error) -> (wps_status, String, String) {
         Error::Connect(_) => WPS_STATUS_CONNECT_FAILED,
         Error::Credential(_) => WPS_STATUS_CREDENTIAL_FAILED,
         Error::Tls(_) => WPS_STATUS_TLS,
+        Error::Internal(_) => WPS_STATUS_PANIC,
         _ => WPS_STATUS_INTERNAL,
     };
     let name = match e {
@@ -890,6 +894,20 @@ mod tests {
             sequence_id,
         };
         OwnedEvent::new(event, &mut Names::default())
+    }
+
+    #[test]
+    fn a_panic_of_the_connection_task_is_a_stopped_event_with_the_panic_status() {
+        let error = Error::Internal("the connection task panicked (a bug in the library)".into());
+        let stopped = Event::Stopped {
+            error: Some(error.clone()),
+        };
+        let event = OwnedEvent::new(stopped, &mut Names::default());
+        assert_eq!(
+            (event.kind, event.status),
+            (WPS_EVENT_STOPPED, WPS_STATUS_PANIC)
+        );
+        assert_eq!(event.message, Some(to_cstring(&error.to_string())));
     }
 
     #[test]

@@ -38,7 +38,8 @@ pub const WPS_STATUS_CREDENTIAL_FAILED: wps_status = 11;
 pub const WPS_STATUS_TLS: wps_status = 12;
 /// The client was stopped or freed while the operation was pending.
 pub const WPS_STATUS_STOPPED: wps_status = 13;
-/// A bug inside the library was caught at the API boundary.
+/// A bug inside the library was caught at the API boundary, or ended a client's
+/// connection task (its stopped event).
 pub const WPS_STATUS_PANIC: wps_status = 14;
 /// The client (or the library's runtime) was created before a fork(): unusable in the child.
 pub const WPS_STATUS_FORKED: wps_status = 15;

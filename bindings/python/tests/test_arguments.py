@@ -17,7 +17,14 @@ import pytest
 from webpubsub_client import WebPubSubClient, WebPubSubClientCredential, _base
 from webpubsub_client.aio import WebPubSubClient as AsyncWebPubSubClient
 from webpubsub_client.aio import WebPubSubClientCredential as AsyncWebPubSubClientCredential
-from webpubsub_client.models import CallbackType, OpenClientError, RetryMode, WebPubSubDataType, WebPubSubProtocolType
+from webpubsub_client.models import (
+    CallbackType,
+    OpenClientError,
+    RetryMode,
+    WebPubSubClientError,
+    WebPubSubDataType,
+    WebPubSubProtocolType,
+)
 
 URL = "ws://127.0.0.1:9/client/hubs/h?access_token=x"
 
@@ -369,3 +376,13 @@ def test_tls_and_timeout_open_errors_name_their_kind_once() -> None:
                 client.open()
             assert str(failed.value).startswith(start), failed.value
             assert status_name not in str(failed.value), failed.value
+
+
+def test_a_stop_by_a_bug_in_the_library_is_no_reconnect_failure() -> None:
+    """The library's stopped event with status PANIC (its connection task panicked): the
+    client's ``stop_error`` says so, not "Failed to reconnect"."""
+    text = "internal error: the connection task panicked (a bug in the library): boom"
+    error = _base.stop_error(_base._native.STATUS_PANIC, text)
+    assert type(error) is WebPubSubClientError
+    assert error.status == _base._native.STATUS_PANIC
+    assert "Failed to reconnect" not in str(error) and text in str(error)

@@ -500,11 +500,12 @@ def open_error(status: int, message: Optional[str] = None) -> Exception:
 def stop_error(status: int, message: Optional[str]) -> Optional[WebPubSubClientError]:
     """Why a stopped event's client stopped on its own: an :class:`OpenClientError` with
     the last reconnect attempt's failure, a :class:`WebPubSubClientError` with status
-    ``NOT_CONNECTED`` for a session lost with auto-reconnect off; None when ``close()``
+    ``NOT_CONNECTED`` for a session lost with auto-reconnect off, or ``PANIC`` for a bug
+    in the library that ended the client's connection task; None when ``close()``
     stopped it."""
     if status == _native.STATUS_OK:
         return None
-    if status == _native.STATUS_NOT_CONNECTED:
+    if status in (_native.STATUS_NOT_CONNECTED, _native.STATUS_PANIC):
         return WebPubSubClientError(_detail(status, message), status=status)
     return OpenClientError(f"Failed to reconnect. {_detail(status, message)}", status=status)
 

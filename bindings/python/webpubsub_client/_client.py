@@ -434,7 +434,8 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         reconnect retries ran out (its ``__cause__`` what the credential's provider raised,
         when that failed the attempt), a :class:`WebPubSubClientError` with status
         ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
-        ``disconnected`` event before tells why). None when ``close()`` stopped it, before
+        ``disconnected`` event before tells why), or ``PANIC`` for a bug in the library that
+        ended its connection task. None when ``close()`` stopped it, before
         any stopped event, and from the start of each ``open()``.
 
         It follows the events, where :attr:`state` is the library's, read at once: the
