@@ -1500,9 +1500,9 @@ async def test_a_stop_whose_event_comes_after_a_reopen_does_not_outlive_it_async
     await client.open()
     connection_id = client.connection_id
     assert connection_id is not None
-    await asyncio.get_running_loop().run_in_executor(None, lambda: hub.drop(connection_id, recoverable=False))
+    hub.drop(connection_id, recoverable=False)  # on the loop: its reader does not run until the open()
     deadline = time.monotonic() + WAIT
-    while client.state is not WebPubSubClientState.STOPPED:  # the loop's reader does not run meanwhile
+    while client.state is not WebPubSubClientState.STOPPED:
         assert time.monotonic() < deadline, "not stopped"
         time.sleep(0.001)
     assert client.stop_error is None

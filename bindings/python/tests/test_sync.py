@@ -2059,6 +2059,42 @@ def test_stop_error_chains_what_the_provider_raised(hub: Hub) -> None:
     client.close()
 
 
+def test_a_late_stops_cause_is_never_a_later_requests(hub: Hub) -> None:
+    """A stop whose event is taken only after a reopen's credential request failed too
+    (a listener held the dispatch thread): the provider's latest exception is that
+    request's, so the first stop is not chained to it; the second stop is."""
+    url = hub.url()
+    calls: List[int] = []
+    raised: List[BaseException] = []
+
+    def provide() -> str:
+        calls.append(1)
+        if len(calls) in (2, 4):  # the reconnect of the first run, then of the second
+            raised.append(TokenServiceError(f"401 (call {len(calls)})"))
+            raise raised[-1]
+        return url
+
+    gate, held = threading.Event(), threading.Event()
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=0, auto_reconnect=True)
+    client.subscribe(CallbackType.DISCONNECTED, lambda _: (held.set(), gate.wait(WAIT)))
+    stopped = Collector()
+    client.subscribe(CallbackType.STOPPED, lambda: stopped(client.stop_error))
+    client.open()
+    try:
+        hub.close_connection(client.connection_id, 1008)
+        assert held.wait(WAIT)
+        wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="the first stop")
+        client.open()  # the first stop's event waits behind the held listener
+        hub.close_connection(client.connection_id, 1008)
+        wait_until(lambda: len(raised) == 2 and client.state is WebPubSubClientState.STOPPED, what="the second stop")
+    finally:
+        gate.set()
+    first, second = stopped.wait_for(2)
+    assert "(call 2)" in str(first) and first.__cause__ is None
+    assert second.__cause__ is raised[1]
+    client.close()
+
+
 def test_open_clears_the_stop_error(hub: Hub) -> None:
     """``stop_error`` is about the latest run: an ``open()`` clears it as it begins, so a
     reopened client (or one whose reopen failed, which raised why) shows None. Before, it
@@ -2180,6 +2216,35 @@ def test_the_credential_provider_runs_on_a_daemon_thread_of_the_package(hub: Hub
     (thread,) = threads
     assert thread.name == "webpubsub-credential" and thread.daemon
     assert not isinstance(thread, threading._DummyThread)  # pylint: disable=protected-access
+
+
+def test_a_providers_thread_refused_fails_open_with_a_client_error(hub: Hub, monkeypatch: Any) -> None:
+    """The system refuses the thread the provider runs on (its thread limit): open()
+    raises a WebPubSubClientError chained from the RuntimeError, as the asyncio client
+    does, the provider not called, and the next open() connects. Before, an
+    OpenClientError told the RuntimeError in its text only."""
+    real_start = threading.Thread.start
+    calls: List[int] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "webpubsub-credential":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    def provide() -> str:
+        calls.append(1)
+        return hub.url()
+
+    client = make(WebPubSubClientCredential(provide), reconnect_retry_total=0)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(WebPubSubClientError) as info:
+        client.open()
+    assert type(info.value) is WebPubSubClientError and isinstance(info.value.__cause__, RuntimeError)
+    assert "credential provider's thread" in str(info.value)
+    assert not calls
+    monkeypatch.undo()
+    with client:
+        assert client.is_connected()
 
 
 def test_a_provider_slower_than_the_start_timeout_fails_open_and_its_late_answer_is_ignored(hub: Hub) -> None:

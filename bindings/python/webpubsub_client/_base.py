@@ -513,8 +513,15 @@ def stop_error(status: int, message: Optional[str]) -> Optional[WebPubSubClientE
 def chain_provider_error(error: Optional[WebPubSubClientError], raised: Optional[BaseException]) -> None:
     """Chain ``raised``, what the credential's provider raised for the latest request,
     to a stopped event's ``error`` (see :func:`stop_error`) when the last attempt failed
-    for its credential: the application may then tell its own errors by type."""
-    if error is not None and raised is not None and error.status == _native.STATUS_CREDENTIAL_FAILED:
+    for its credential and the error tells ``raised``'s text: the application may then
+    tell its own errors by type. (A stop taken only after a reopen's request failed is
+    another request's: chained only if that one failed alike.)"""
+    if (
+        error is not None
+        and raised is not None
+        and error.status == _native.STATUS_CREDENTIAL_FAILED
+        and _callbacks.credential_error_text(raised) in str(error)
+    ):
         error.__cause__ = raised
 
 

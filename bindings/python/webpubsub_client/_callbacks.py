@@ -161,6 +161,11 @@ def _on_credential(key: Optional[int], result: Optional[int]) -> None:
             _LOGGER.exception("cannot report the credential error")
 
 
+def credential_error_text(error: BaseException) -> str:
+    """What the library is told of a credential's ``error``: its type's name and its text."""
+    return f"{type(error).__name__}: {error}".replace("\0", " ")
+
+
 def answer_credential(result: Optional[int], url: Any, error: Optional[BaseException] = None) -> None:
     """Answer the credential request ``result`` with ``url``, a str without NUL (anything
     else is an error), or with ``error``. A request no longer pending (its connection
@@ -176,7 +181,7 @@ def answer_credential(result: Optional[int], url: Any, error: Optional[BaseExcep
             error = exc
     if error is not None:
         _LOGGER.warning("the credential failed: %r", error)
-        message = (f"{type(error).__name__}: {error}").replace("\0", " ")
+        message = credential_error_text(error)
         status = lib.wps_credential_result_set_error(result, message.encode("utf-8", errors="replace"))
     if status != _native.STATUS_OK:
         _LOGGER.debug("the credential's answer came too late: %s", _native.last_error_message())

@@ -89,18 +89,27 @@ class _Provider:
     def __call__(self, result: int) -> None:
         with self._lock:
             self._latest, self.error = result, None
-        threading.Thread(target=self._answer, args=(result,), name="webpubsub-credential", daemon=True).start()
+        try:
+            threading.Thread(target=self._answer, args=(result,), name="webpubsub-credential", daemon=True).start()
+        except RuntimeError as exc:  # refused (the thread limit): not the provider's own error
+            refused = WebPubSubClientError(f"cannot start the credential provider's thread: {exc}")
+            refused.__cause__ = exc
+            self._fail(result, refused)
 
     def _answer(self, result: int) -> None:
         try:
             url = self.provider()
         except BaseException as exc:  # noqa: BLE001 - answered, and raised by open() if it is its request
-            with self._lock:
-                if result == self._latest:
-                    self.error = exc
-            _callbacks.answer_credential(result, None, exc)
+            self._fail(result, exc)
             return
         _callbacks.answer_credential(result, url)
+
+    def _fail(self, result: int, error: BaseException) -> None:
+        """Answer request ``result`` with ``error``, kept for open() if it is the latest."""
+        with self._lock:
+            if result == self._latest:
+                self.error = error
+        _callbacks.answer_credential(result, None, error)
 
 
 class _SyncSink:
@@ -432,11 +441,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         that event's listeners run, which take no argument, as in the official client): an
         :class:`OpenClientError` with the last reconnect attempt's failure once the
         reconnect retries ran out (its ``__cause__`` what the credential's provider raised,
-        when that failed the attempt), a :class:`WebPubSubClientError` with status
-        ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
-        ``disconnected`` event before tells why), or ``PANIC`` for a bug in the library that
-        ended its connection task. None when ``close()`` stopped it, before
-        any stopped event, and from the start of each ``open()``.
+        when that failed the attempt and it has not failed otherwise since), a
+        :class:`WebPubSubClientError` with status ``NOT_CONNECTED`` when the session was
+        lost with auto-reconnect off (the ``disconnected`` event before tells why), or
+        ``PANIC`` for a bug in the library that ended its connection task. None when
+        ``close()`` stopped it, before any stopped event, and from the start of each
+        ``open()``.
 
         It follows the events, where :attr:`state` is the library's, read at once: the
         state reads Stopped as the client stops, this is set once the stopped event

@@ -1403,11 +1403,12 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         that event's listeners run, which take no argument, as in the official client): an
         :class:`OpenClientError` with the last reconnect attempt's failure once the
         reconnect retries ran out (its ``__cause__`` what the credential's provider raised,
-        when that failed the attempt), a :class:`WebPubSubClientError` with status
-        ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
-        ``disconnected`` event before tells why), or ``PANIC`` for a bug in the library that
-        ended its connection task. None when ``close()`` stopped it, before
-        any stopped event, and from the start of each ``open()``.
+        when that failed the attempt and it has not failed otherwise since), a
+        :class:`WebPubSubClientError` with status ``NOT_CONNECTED`` when the session was
+        lost with auto-reconnect off (the ``disconnected`` event before tells why), or
+        ``PANIC`` for a bug in the library that ended its connection task. None when
+        ``close()`` stopped it, before any stopped event, and from the start of each
+        ``open()``.
 
         It follows the events, where :attr:`state` is the library's, read at once: the
         state reads Stopped as the client stops, this is set once the stopped event
