@@ -710,11 +710,12 @@ async fn a_client_whose_reconnects_all_fail_stops_with_the_last_attempts_error()
     stopped_by_caller(&client, &mut events).await;
 }
 
-/// Forwards events to a channel; pauses the reading once, with a `Resume` future that
-/// completes when `resume` fires and panics when dropped.
+/// Forwards events to a channel; pauses the reading once (then notifies `paused`), with
+/// a `Resume` future that completes when `resume` fires and panics when dropped.
 struct PanicsOnResume {
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     resume: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    paused: tokio::sync::Notify,
 }
 
 impl EventHandler for PanicsOnResume {
@@ -724,26 +725,28 @@ impl EventHandler for PanicsOnResume {
 
     fn backpressure(&self) -> Option<Resume> {
         let resume = self.resume.lock().unwrap().take()?;
+        self.paused.notify_one();
         Some(Box::pin(PanicsWhenDropped(Box::pin(async move {
             let _ = resume.await;
         }))))
     }
 }
 
-struct PanicsWhenDropped(Resume);
+/// A future of the application that panics when dropped.
+struct PanicsWhenDropped<T>(std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>);
 
-impl std::future::Future for PanicsWhenDropped {
-    type Output = ();
+impl<T> std::future::Future for PanicsWhenDropped<T> {
+    type Output = T;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
+    ) -> std::task::Poll<T> {
         self.0.as_mut().poll(cx)
     }
 }
 
-impl Drop for PanicsWhenDropped {
+impl<T> Drop for PanicsWhenDropped<T> {
     fn drop(&mut self) {
         panic!("a bug in the connection task");
     }
@@ -762,6 +765,7 @@ async fn a_panic_of_the_connection_task_stops_the_client_with_an_internal_error(
     let handler = Arc::new(PanicsOnResume {
         events: events_tx,
         resume: std::sync::Mutex::new(Some(resume_rx)),
+        paused: tokio::sync::Notify::new(),
     });
     let client = Client::new(Credential::Url(url), fast_options(), handler).unwrap();
     client.start().await.unwrap();
@@ -795,6 +799,83 @@ async fn a_panic_of_the_connection_task_stops_the_client_with_an_internal_error(
     assert!(matches!(joined, Ok(Ok(Err(_)))), "{joined:?}");
     assert_eq!(client.start().await, Err(Error::Stopped { ack_id: None }));
     assert!(events.try_recv().is_err());
+}
+
+/// A panic that ends the connection task while it answers a `stop` (the reply on its
+/// way out when a value the task drops panics) still lets the `stop` return, once the
+/// client is stopped and the handler told why.
+#[tokio::test]
+async fn a_stop_returns_when_a_panic_ends_it() {
+    let emulator = emulator().await;
+    let url = emulator.client_url(HUB, &token("ida"));
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    // Never fired: reading stays paused until the stop drops the `Resume`, which panics.
+    let (_resume, resume_rx) = tokio::sync::oneshot::channel();
+    let handler = Arc::new(PanicsOnResume {
+        events: events_tx,
+        resume: std::sync::Mutex::new(Some(resume_rx)),
+        paused: tokio::sync::Notify::new(),
+    });
+    let client = Client::new(Credential::Url(url), fast_options(), handler.clone()).unwrap();
+    client.start().await.unwrap();
+    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
+        panic!("not connected")
+    };
+    tokio::time::timeout(Duration::from_secs(5), handler.paused.notified())
+        .await
+        .unwrap();
+
+    let stopped = tokio::time::timeout(Duration::from_secs(5), client.stop()).await;
+    assert!(stopped.is_ok(), "the stop did not return");
+    assert_eq!(client.state(), ClientState::Stopped);
+    let detail =
+        "the connection task panicked (a bug in the library): a bug in the connection task";
+    let error = Error::Internal(detail.into());
+    assert_eq!(
+        events.try_recv(),
+        Ok(Event::Disconnected {
+            connection_id: Some(connection_id),
+            message: Some(error.to_string()),
+            close_code: None,
+        })
+    );
+    assert_eq!(events.try_recv(), Ok(Event::Stopped { error: Some(error) }));
+    assert_eq!(client.start().await, Err(Error::Stopped { ack_id: None }));
+}
+
+/// The same during a start: the credential's future, pending when the stop comes,
+/// panics when the task drops it.
+#[tokio::test]
+async fn a_stop_during_a_start_returns_when_a_panic_ends_it() {
+    let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
+    let credential = Credential::provider(move || {
+        let _ = asked_tx.send(());
+        PanicsWhenDropped(Box::pin(std::future::pending()))
+    });
+    let (client, mut events) = Client::with_channel(credential, fast_options()).unwrap();
+    let start = tokio::spawn({
+        let client = client.clone();
+        async move { client.start().await }
+    });
+    tokio::time::timeout(Duration::from_secs(5), asked.recv())
+        .await
+        .unwrap();
+
+    let stopped = tokio::time::timeout(Duration::from_secs(5), client.stop()).await;
+    assert!(stopped.is_ok(), "the stop did not return");
+    assert_eq!(client.state(), ClientState::Stopped);
+    let Ok(Event::Stopped {
+        error: Some(Error::Internal(detail)),
+    }) = events.try_recv()
+    else {
+        panic!("no stopped event")
+    };
+    assert!(detail.ends_with("a bug in the connection task"), "{detail}");
+    let started = tokio::time::timeout(Duration::from_secs(5), start).await;
+    assert!(
+        matches!(started, Ok(Ok(Err(Error::Stopped { ack_id: None })))),
+        "{started:?}"
+    );
 }
 
 #[tokio::test]

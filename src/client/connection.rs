@@ -96,6 +96,8 @@ pub(crate) struct Shared {
     /// Set once the task has ended and dropped everything it held.
     ended: Mutex<bool>,
     ended_changed: Condvar,
+    /// Wakes the callers awaiting a reply (see [`Shared::reply`]) once `ended` is set.
+    ended_notify: tokio::sync::Notify,
     /// The write path callers share with the task.
     pub(crate) direct: Arc<Direct>,
     /// Operations waiting for room in the operations channel.
@@ -112,6 +114,7 @@ impl Shared {
             ack_ids: AckIds::default(),
             ended: Mutex::new(false),
             ended_changed: Condvar::new(),
+            ended_notify: tokio::sync::Notify::new(),
             direct: Arc::new(Direct::new(
                 options.keep_alive_interval,
                 options.ack_timeout,
@@ -190,6 +193,23 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner());
         *ended
     }
+
+    /// The task's answer on `rx`; `None` when the task dropped the sender unanswered or
+    /// ended without answering. A panic that ends the task may leak the sender instead
+    /// of dropping it (a value being returned when a destructor panics is leaked,
+    /// rust-lang/rust#47949): the caller is then released by the task's end.
+    pub(crate) async fn reply<T>(&self, mut rx: oneshot::Receiver<T>) -> Option<T> {
+        // Created first: it is woken by an end after it, even before it is polled.
+        let ended = self.ended_notify.notified();
+        if *self.ended.lock().unwrap_or_else(|e| e.into_inner()) {
+            return rx.try_recv().ok();
+        }
+        tokio::select! {
+            biased;
+            reply = rx => reply.ok(),
+            () = ended => None,
+        }
+    }
 }
 
 /// The task's last field: dropped after all the others, it marks the task ended.
@@ -206,6 +226,7 @@ impl Drop for EndMark {
         self.0.direct.abandon();
         *self.0.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.0.ended_changed.notify_all();
+        self.0.ended_notify.notify_waiters();
     }
 }
 

@@ -574,7 +574,11 @@ impl Client {
             return Err(e);
         }
         drop(order);
-        Ok(async move { rx.await.unwrap_or(Err(Error::Stopped { ack_id: None })) })
+        let shared = Arc::clone(&self.inner.shared);
+        Ok(async move {
+            let reply = shared.reply(rx).await;
+            reply.unwrap_or(Err(Error::Stopped { ack_id: None }))
+        })
     }
 
     /// Closes the connection and stops reconnecting. Fire-and-forget messages whose
@@ -601,9 +605,10 @@ impl Client {
             let _order = self.start_stop_order();
             self.command(Command::Stop(tx)).is_ok()
         };
+        let shared = Arc::clone(&self.inner.shared);
         async move {
             if sent {
-                let _ = rx.await;
+                shared.reply(rx).await;
             }
         }
     }
