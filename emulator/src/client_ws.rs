@@ -98,6 +98,19 @@ pub(crate) async fn other_client_endpoint(uri: Uri) -> Response {
     }
 }
 
+/// Any other path under `/client/` (`/client/hubs` without a hub among them): 404, in
+/// plain text as the other client endpoint errors, naming the path as sent.
+pub(crate) async fn no_client_endpoint(uri: Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        format!(
+            "No client endpoint at {}: Web PubSub clients connect at /client/hubs/{{hub}} or \
+             /client?hub={{hub}}.",
+            uri.path()
+        ),
+    )
+}
+
 /// The access token from `access_token` or `Authorization: Bearer`.
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get("authorization")?.to_str().ok()?;

@@ -292,9 +292,10 @@ impl Emulator {
     }
 
     /// `http://HOST:PORT` (`https` with TLS). HOST is [`Config::host`] as URLs write it
-    /// (an IP address in its canonical form, an IPv6 one in brackets), or, when it is an
-    /// unspecified address (every interface, no address to connect to) however spelled,
-    /// `127.0.0.1`, or `[::1]` for an IPv6 listener that takes no IPv4 connections.
+    /// (an IP address in its canonical form, an IPv6 one in brackets, one with a zone as
+    /// given), or, when it is an unspecified address (every interface, no address to
+    /// connect to) however spelled, `127.0.0.1`, or `[::1]` for an IPv6 listener that
+    /// takes no IPv4 connections.
     pub fn endpoint(&self) -> String {
         self.server.endpoint()
     }

@@ -103,7 +103,8 @@ struct ClientUrl {
     #[arg(long, value_name = "CS", conflicts_with_all = ["access_key", "port"])]
     connection_string: Option<ConnectionString>,
     /// Instead of --connection-string: the emulator's access key (the URL is
-    /// ws://127.0.0.1:PORT/...).
+    /// ws://127.0.0.1:PORT/...; for an emulator on another --host or with TLS, give its
+    /// connection string).
     #[arg(long, value_name = "KEY", requires = "port", value_parser = NonEmptyStringValueParser::new())]
     access_key: Option<String>,
     /// With --access-key: the emulator's port.

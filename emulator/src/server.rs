@@ -74,6 +74,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/client/hubs/{hub}", any(client_ws::client_endpoint))
         .route("/client", any(client_ws::client_endpoint_by_query))
         .route("/client/", any(client_ws::client_endpoint_by_query))
+        .route("/client/{*rest}", any(client_ws::no_client_endpoint))
         .route("/clients", any(client_ws::other_client_endpoint))
         .route("/clients/", any(client_ws::other_client_endpoint))
         .route("/clients/{*rest}", any(client_ws::other_client_endpoint))
@@ -103,8 +104,8 @@ fn check_access_key(key: &str) -> std::io::Result<()> {
 /// The host that URLs name for a listener on `host` (without brackets) bound to `bound`:
 /// for an unspecified address (every interface, however spelled or resolved), a loopback
 /// address it takes, `127.0.0.1` when it `takes_ipv4` (an IPv4 or dual-stack socket),
-/// else `[::1]`; an IP address in its canonical form, an IPv6 one in brackets; a name as
-/// it is.
+/// else `[::1]`; an IP address in its canonical form, an IPv6 one in brackets (one with a
+/// zone, `fe80::1%eth0`, as given); a name as it is.
 fn public_host(host: &str, bound: IpAddr, takes_ipv4: bool) -> String {
     let ip = if bound.is_unspecified() {
         if takes_ipv4 {
@@ -114,6 +115,8 @@ fn public_host(host: &str, bound: IpAddr, takes_ipv4: bool) -> String {
         }
     } else if host.parse::<IpAddr>().is_ok() {
         bound
+    } else if host.contains(':') {
+        return format!("[{host}]");
     } else {
         return host.to_owned();
     };
@@ -283,5 +286,16 @@ mod tests {
         );
         let loopback = "127.0.0.1".parse().unwrap();
         assert_eq!(public_host("localhost", loopback, true), "localhost");
+    }
+
+    /// An IPv6 address with a zone, which `IpAddr` does not parse, is bracketed as given:
+    /// a URL (and the emulator's own `client-url`) takes no bare IPv6 host.
+    #[test]
+    fn an_ipv6_host_with_a_zone_is_bracketed() {
+        let link_local = "fe80::1".parse().unwrap();
+        assert_eq!(
+            public_host("fe80::1%eth0", link_local, false),
+            "[fe80::1%eth0]"
+        );
     }
 }

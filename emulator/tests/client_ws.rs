@@ -566,6 +566,38 @@ async fn paths_under_clients_say_what_is_served() {
     emu.shutdown().await;
 }
 
+/// A path under `/client/` that names no client endpoint (`/client/hubs` without a hub
+/// among them) gets `404` in plain text, as the other client endpoint errors, naming the
+/// path as sent and the client endpoints: not the REST API's JSON error.
+#[tokio::test]
+async fn paths_under_client_without_an_endpoint_say_what_is_served() {
+    let emu = start().await;
+    for path in [
+        "/client/hubs",
+        "/client/hubs/",
+        "/client/hubs/chat/",
+        "/client/hubs/chat/x",
+        "/client/x",
+    ] {
+        let url = format!("{}{path}?hub=chat", emu.endpoint());
+        let resp = reqwest::get(&url).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 404, "{url}");
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(
+            content_type.starts_with("text/plain"),
+            "{url}: {content_type}"
+        );
+        let body = resp.text().await.unwrap();
+        assert!(
+            body.starts_with(&format!("No client endpoint at {path}: "))
+                && body.contains("/client/hubs/{hub}")
+                && body.contains("/client?hub={hub}"),
+            "{url}: {body}"
+        );
+    }
+    emu.shutdown().await;
+}
+
 /// `/client/hubs/{hub}` takes its hub from the path: a `hub` query parameter there is
 /// one like any other.
 #[tokio::test]
