@@ -2059,10 +2059,10 @@ def test_stop_error_chains_what_the_provider_raised(hub: Hub) -> None:
     client.close()
 
 
-def test_a_late_stops_cause_is_never_a_later_requests(hub: Hub) -> None:
+def test_a_late_stop_is_chained_to_its_own_requests_exception(hub: Hub) -> None:
     """A stop whose event is taken only after a reopen's credential request failed too
-    (a listener held the dispatch thread): the provider's latest exception is that
-    request's, so the first stop is not chained to it; the second stop is."""
+    (a listener held the dispatch thread): each stop is chained to the exception of its
+    own run's request, not to the provider's latest."""
     url = hub.url()
     calls: List[int] = []
     raised: List[BaseException] = []
@@ -2090,7 +2090,7 @@ def test_a_late_stops_cause_is_never_a_later_requests(hub: Hub) -> None:
     finally:
         gate.set()
     first, second = stopped.wait_for(2)
-    assert "(call 2)" in str(first) and first.__cause__ is None
+    assert "(call 2)" in str(first) and first.__cause__ is raised[0]
     assert second.__cause__ is raised[1]
     client.close()
 

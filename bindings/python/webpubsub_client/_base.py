@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import logging
@@ -510,19 +511,29 @@ def stop_error(status: int, message: Optional[str]) -> Optional[WebPubSubClientE
     return OpenClientError(f"Failed to reconnect. {_detail(status, message)}", status=status)
 
 
-def chain_provider_error(error: Optional[WebPubSubClientError], raised: Optional[BaseException]) -> None:
-    """Chain ``raised``, what the credential's provider raised for the latest request,
-    to a stopped event's ``error`` (see :func:`stop_error`) when the last attempt failed
-    for its credential and the error tells ``raised``'s text: the application may then
-    tell its own errors by type. (A stop taken only after a reopen's request failed is
-    another request's: chained only if that one failed alike.)"""
-    if (
-        error is not None
-        and raised is not None
-        and error.status == _native.STATUS_CREDENTIAL_FAILED
-        and _callbacks.credential_error_text(raised) in str(error)
-    ):
-        error.__cause__ = raised
+class ProviderErrors:
+    """The last few exceptions a client's credential provider raised (a reopen does not
+    forget them), to chain to a stopped event's error (see :func:`stop_error`) when the
+    last attempt failed for its credential: the application may then tell its own errors
+    by type. The one chained is the latest whose text the error tells, so a stop taken
+    late, after a reopen asked the provider again, still finds its own."""
+
+    KEPT = 4
+
+    def __init__(self) -> None:
+        self._recent: collections.deque[BaseException] = collections.deque(maxlen=self.KEPT)
+
+    def add(self, raised: BaseException) -> None:
+        self._recent.append(raised)
+
+    def chain(self, error: Optional[WebPubSubClientError]) -> None:
+        if error is None or error.status != _native.STATUS_CREDENTIAL_FAILED:
+            return
+        text = str(error)
+        for raised in reversed(self._recent):
+            if _callbacks.credential_error_text(raised) in text:
+                error.__cause__ = raised
+                return
 
 
 def operation_error(

@@ -85,6 +85,7 @@ class _Provider:
         self.error: Optional[BaseException] = None
         self._latest: Optional[int] = None
         self._lock = threading.Lock()
+        self.failures = _base.ProviderErrors()  # for the stopped events' errors
 
     def __call__(self, result: int) -> None:
         with self._lock:
@@ -109,6 +110,7 @@ class _Provider:
         with self._lock:
             if result == self._latest:
                 self.error = error
+            self.failures.add(error)
         _callbacks.answer_credential(result, None, error)
 
 
@@ -127,8 +129,7 @@ class _SyncSink:
         converted = _base.event_args(event)
         if converted is not None:
             if converted[0] is _STOPPED and self._provider is not None:
-                # Taken in order: the provider's error is still the last attempt's.
-                _base.chain_provider_error(converted[1][0], self._provider.error)
+                self._provider.failures.chain(converted[1][0])
             self._events.append(converted)
 
     def take(self) -> List[Tuple[CallbackType, Tuple[Any, ...]]]:
@@ -441,12 +442,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         that event's listeners run, which take no argument, as in the official client): an
         :class:`OpenClientError` with the last reconnect attempt's failure once the
         reconnect retries ran out (its ``__cause__`` what the credential's provider raised,
-        when that failed the attempt and it has not failed otherwise since), a
-        :class:`WebPubSubClientError` with status ``NOT_CONNECTED`` when the session was
-        lost with auto-reconnect off (the ``disconnected`` event before tells why), or
-        ``PANIC`` for a bug in the library that ended its connection task. None when
-        ``close()`` stopped it, before any stopped event, and from the start of each
-        ``open()``.
+        when that failed the attempt), a :class:`WebPubSubClientError` with status
+        ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
+        ``disconnected`` event before tells why), or ``PANIC`` for a bug in the library
+        that ended its connection task. None when ``close()`` stopped it, before any
+        stopped event, and from the start of each ``open()``.
 
         It follows the events, where :attr:`state` is the library's, read at once: the
         state reads Stopped as the client stops, this is set once the stopped event

@@ -481,6 +481,7 @@ class _AsyncSink:
         # the latest request only: an abandoned one that raises later stands for nothing.
         self.credential_error: Optional[Exception] = None
         self.latest_request: Optional[int] = None
+        self.provider_failures = _base.ProviderErrors()  # for the stopped events' errors
         # The provider tasks not answered yet (done callbacks to run): a stop cancels them
         # (their requests are over), as the official client's provider is cancelled with
         # its open().
@@ -524,8 +525,8 @@ class _AsyncSink:
         converted = _base.event_args(event)
         if converted is None:
             return
-        if converted[0] is _STOPPED:  # taken in order: the provider's error is still the last attempt's
-            _base.chain_provider_error(converted[1][0], self.credential_error)
+        if converted[0] is _STOPPED:
+            self.provider_failures.chain(converted[1][0])
         pending = _pending()
         if pending is not None:  # the poller's dispatch: delivered once it has returned
             pending.append(converted)
@@ -773,8 +774,10 @@ class _AsyncSink:
         if error is None:
             _callbacks.answer_credential(result, task.result())
             return
-        if isinstance(error, Exception) and result == self.latest_request:
-            self.credential_error = error  # the provider's own: open() raises it
+        if isinstance(error, Exception):
+            self.provider_failures.add(error)
+            if result == self.latest_request:
+                self.credential_error = error  # the provider's own: open() raises it
         _callbacks.answer_credential(result, None, error)
 
 
@@ -1403,12 +1406,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         that event's listeners run, which take no argument, as in the official client): an
         :class:`OpenClientError` with the last reconnect attempt's failure once the
         reconnect retries ran out (its ``__cause__`` what the credential's provider raised,
-        when that failed the attempt and it has not failed otherwise since), a
-        :class:`WebPubSubClientError` with status ``NOT_CONNECTED`` when the session was
-        lost with auto-reconnect off (the ``disconnected`` event before tells why), or
-        ``PANIC`` for a bug in the library that ended its connection task. None when
-        ``close()`` stopped it, before any stopped event, and from the start of each
-        ``open()``.
+        when that failed the attempt), a :class:`WebPubSubClientError` with status
+        ``NOT_CONNECTED`` when the session was lost with auto-reconnect off (the
+        ``disconnected`` event before tells why), or ``PANIC`` for a bug in the library
+        that ended its connection task. None when ``close()`` stopped it, before any
+        stopped event, and from the start of each ``open()``.
 
         It follows the events, where :attr:`state` is the library's, read at once: the
         state reads Stopped as the client stops, this is set once the stopped event
