@@ -816,9 +816,9 @@ def write_report(path, run, results, contenders, order):
         "replay and closes the connection for good past that. Frames still in socket buffers "
         "count as unacknowledged, and clients acknowledge sequence ids once a second (the "
         "official clients; the JS client also at once when one message's id is more than 300 "
-        "past the previous one's, which a steady stream never is) or also once 300 arrived "
-        "since the last acknowledgement (ours and the raw floor): with `--service-limits`, "
-        "every subscriber of scenarios 2 and 5 is cut off at "
+        "past the previous one's, which a steady stream never is; ours also once more than 300 "
+        "arrived since its last acknowledgement) or every 300 (the raw floor): with "
+        "`--service-limits`, every subscriber of scenarios 2 and 5 is cut off at "
         "these rates, the raw floor included. The emulator's limits are therefore raised (see "
         "the emulator line above) so that throughput is measured rather than that cut-off.",
         "",

@@ -752,65 +752,19 @@ impl<T> Drop for PanicsWhenDropped<T> {
     }
 }
 
-/// A panic of the connection task (a bug in the library) stops the client on its own,
-/// with `Error::Internal`: the handler is told, the pending operation fails, and the
-/// client stays stopped. The library has no panic of its own to provoke: this one comes
-/// from a future of the application that the task drops outside its catches.
-#[tokio::test]
-async fn a_panic_of_the_connection_task_stops_the_client_with_an_internal_error() {
-    let emulator = emulator().await;
+/// A client of `emulator` connected with a [`PanicsOnResume`] handler that has paused its
+/// reading: its events, its connection id, and the sender that resumes the reading.
+async fn paused_client(
+    emulator: &Emulator,
+) -> (
+    Client,
+    UnboundedReceiver<Event>,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let url = emulator.client_url(HUB, &token("ida"));
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let (resume, resume_rx) = tokio::sync::oneshot::channel();
-    let handler = Arc::new(PanicsOnResume {
-        events: events_tx,
-        resume: std::sync::Mutex::new(Some(resume_rx)),
-        paused: tokio::sync::Notify::new(),
-    });
-    let client = Client::new(Credential::Url(url), fast_options(), handler).unwrap();
-    client.start().await.unwrap();
-    let Event::Connected { connection_id, .. } = next_event(&mut events, 5).await else {
-        panic!("not connected")
-    };
-    // Reading is paused: the join goes out, its ack is not read.
-    let join = tokio::spawn({
-        let client = client.clone();
-        async move { client.join_group("room").await }
-    });
-    resume.send(()).unwrap();
-
-    let detail =
-        "the connection task panicked (a bug in the library): a bug in the connection task";
-    let error = Error::Internal(detail.into());
-    assert_eq!(
-        next_event(&mut events, 5).await,
-        Event::Disconnected {
-            connection_id: Some(connection_id),
-            message: Some(error.to_string()),
-            close_code: None,
-        }
-    );
-    assert_eq!(
-        next_event(&mut events, 5).await,
-        Event::Stopped { error: Some(error) }
-    );
-    assert_eq!(client.state(), ClientState::Stopped);
-    let joined = tokio::time::timeout(Duration::from_secs(5), join).await;
-    assert!(matches!(joined, Ok(Ok(Err(_)))), "{joined:?}");
-    assert_eq!(client.start().await, Err(Error::Stopped { ack_id: None }));
-    assert!(events.try_recv().is_err());
-}
-
-/// A panic that ends the connection task while it answers a `stop` (the reply on its
-/// way out when a value the task drops panics) still lets the `stop` return, once the
-/// client is stopped and the handler told why.
-#[tokio::test]
-async fn a_stop_returns_when_a_panic_ends_it() {
-    let emulator = emulator().await;
-    let url = emulator.client_url(HUB, &token("ida"));
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    // Never fired: reading stays paused until the stop drops the `Resume`, which panics.
-    let (_resume, resume_rx) = tokio::sync::oneshot::channel();
     let handler = Arc::new(PanicsOnResume {
         events: events_tx,
         resume: std::sync::Mutex::new(Some(resume_rx)),
@@ -824,6 +778,61 @@ async fn a_stop_returns_when_a_panic_ends_it() {
     tokio::time::timeout(Duration::from_secs(5), handler.paused.notified())
         .await
         .unwrap();
+    (client, events, connection_id, resume)
+}
+
+/// The next events are those of a client connected as `connection_id` whose connection
+/// task panicked in a [`PanicsWhenDropped`]: `Disconnected`, then `Stopped`, with
+/// `Error::Internal`.
+async fn told_of_the_panic(events: &mut UnboundedReceiver<Event>, connection_id: String) {
+    let detail =
+        "the connection task panicked (a bug in the library): a bug in the connection task";
+    let error = Error::Internal(detail.into());
+    assert_eq!(
+        next_event(events, 5).await,
+        Event::Disconnected {
+            connection_id: Some(connection_id),
+            message: Some(error.to_string()),
+            close_code: None,
+        }
+    );
+    assert_eq!(
+        next_event(events, 5).await,
+        Event::Stopped { error: Some(error) }
+    );
+}
+
+/// A panic of the connection task (a bug in the library) stops the client on its own,
+/// with `Error::Internal`: the handler is told, the pending operation fails, and the
+/// client stays stopped. The library has no panic of its own to provoke: this one comes
+/// from a future of the application that the task drops outside its catches.
+#[tokio::test]
+async fn a_panic_of_the_connection_task_stops_the_client_with_an_internal_error() {
+    let emulator = emulator().await;
+    let (client, mut events, connection_id, resume) = paused_client(&emulator).await;
+    // Reading is paused: the join goes out, its ack is not read.
+    let join = tokio::spawn({
+        let client = client.clone();
+        async move { client.join_group("room").await }
+    });
+    resume.send(()).unwrap();
+
+    told_of_the_panic(&mut events, connection_id).await;
+    assert_eq!(client.state(), ClientState::Stopped);
+    let joined = tokio::time::timeout(Duration::from_secs(5), join).await;
+    assert!(matches!(joined, Ok(Ok(Err(_)))), "{joined:?}");
+    assert_eq!(client.start().await, Err(Error::Stopped { ack_id: None }));
+    assert!(events.try_recv().is_err());
+}
+
+/// A panic that ends the connection task while it answers a `stop` (the reply on its
+/// way out when a value the task drops panics) still lets the `stop` return, once the
+/// client is stopped and the handler told why.
+#[tokio::test]
+async fn a_stop_returns_when_a_panic_ends_it() {
+    let emulator = emulator().await;
+    // Never fired: reading stays paused until the stop drops the `Resume`, which panics.
+    let (client, mut events, connection_id, _resume) = paused_client(&emulator).await;
 
     let stopped = tokio::time::timeout(Duration::from_secs(5), client.stop()).await;
     assert!(stopped.is_ok(), "the stop did not return");
@@ -876,6 +885,18 @@ async fn a_stop_during_a_start_returns_when_a_panic_ends_it() {
         matches!(started, Ok(Ok(Err(Error::Stopped { ack_id: None })))),
         "{started:?}"
     );
+}
+
+/// Dropping the last handle raises no event, unless the connection task panics as it
+/// ends: the handler is still told, with `Error::Internal`.
+#[tokio::test]
+async fn a_panic_as_the_dropped_client_ends_raises_its_stopped_event() {
+    let emulator = emulator().await;
+    // Never fired: reading stays paused until the end drops the `Resume`, which panics.
+    let (client, mut events, connection_id, _resume) = paused_client(&emulator).await;
+
+    drop(client);
+    told_of_the_panic(&mut events, connection_id).await;
 }
 
 #[tokio::test]
