@@ -526,6 +526,13 @@ class ProviderErrors:
     def add(self, raised: BaseException) -> None:
         self._recent.append(raised)
 
+    def forget(self, raised: BaseException) -> None:
+        """``open()`` raises ``raised`` itself: its traceback then holds ``open()``'s
+        frame, and the client with it, which the client must not keep."""
+        kept = [e for e in self._recent if e is not raised]
+        self._recent.clear()
+        self._recent.extend(kept)
+
     def chain(self, error: Optional[WebPubSubClientError]) -> None:
         if error is None or error.status != _native.STATUS_CREDENTIAL_FAILED:
             return

@@ -367,6 +367,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if status != _native.STATUS_OK:
             if status == _native.STATUS_CREDENTIAL_FAILED and provider is not None and provider.error is not None:
                 error, provider.error = provider.error, None
+                provider.failures.forget(error)
                 raise error
             raise _base.open_error(status, message)
 

@@ -1346,6 +1346,7 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
             error = self._sink.credential_error
             if completion.status == _native.STATUS_CREDENTIAL_FAILED and error is not None:
                 self._sink.credential_error = None
+                self._sink.provider_failures.forget(error)
                 raise error  # what the provider raised, as the official open() raises it
             raise _base.open_error(completion.status, completion.error_message)
 
