@@ -647,8 +647,7 @@ async fn keep_alive_pings_and_closes_a_silent_connection_to_recover_it() {
         .unwrap()
         .unwrap();
     assert_eq!(ping, Message::text(r#"{"type":"ping"}"#));
-    let (mut recovered, uri) = fake.accept().await;
-    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    let mut recovered = fake.accept_recovery().await;
     recovered.send(&server_message("back", 1)).await;
     let event = next_event(&mut events, 5).await;
     assert_eq!(common::message_text(&event).as_deref(), Some("back"));
@@ -937,8 +936,7 @@ async fn an_ack_deadline_passed_during_a_recovery_is_retried_once_recovered() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(!send.is_finished(), "{:?}", send.await);
     drop(tcp);
-    let (mut conn, uri) = fake.accept().await;
-    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    let mut conn = fake.accept_recovery().await;
     assert_eq!(conn.recv().await, first, "resent with its ackId");
     conn.silent_for(100).await;
     conn.ack(&first).await;
@@ -1233,8 +1231,7 @@ async fn keep_alive_recovers_a_connection_whose_peer_reads_nothing() {
     fill_a_peer_that_reads_nothing(&client).await;
     // Nothing was received for longer than the keep-alive timeout: the client drops
     // the connection and recovers it, though its writes never finish.
-    let (recovered, uri) = fake.accept().await;
-    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    let recovered = fake.accept_recovery().await;
     drop(conn);
     // This one reads: the messages still queued go out on it.
     let (mut sink, mut stream) = recovered.ws.split();
@@ -1575,8 +1572,7 @@ async fn the_sequence_is_acknowledged_again_after_a_recovery() {
     // That ack was written, but the socket drops before the service takes it in: the
     // service replays what it still holds to the recovered connection.
     drop(conn);
-    let (mut conn, uri) = fake.accept().await;
-    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    let mut conn = fake.accept_recovery().await;
     conn.connected("conn1", "rt2").await;
     for id in 1..=3 {
         conn.send(&server_message("m", id)).await;
@@ -1693,8 +1689,7 @@ async fn a_recovery_queues_so_many_operations_and_refuses_more_at_once() {
     );
     // Once recovered, every queued message goes out, in order, and nothing else.
     drop(tcp);
-    let (mut conn, uri) = fake.accept().await;
-    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    let mut conn = fake.accept_recovery().await;
     for n in 0..queued {
         let frame = conn.recv().await;
         assert_eq!(frame["data"], n.to_string());
@@ -1901,8 +1896,7 @@ async fn each_recovery_and_reconnect_attempt_ends_after_the_start_timeout() {
     let since = tokio::time::Instant::now();
     drop(conn);
     let held = held_recovery(&fake, &client).await;
-    let (conn, uri) = fake.accept().await;
-    assert!(uri.contains("awps_connection_id=conn1"), "{uri}");
+    let conn = fake.accept_recovery().await;
     assert!(since.elapsed() >= start_timeout, "{:?}", since.elapsed());
     drop(held);
     let since = tokio::time::Instant::now();
