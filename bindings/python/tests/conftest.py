@@ -410,6 +410,29 @@ def every_operation(client: Any) -> List[Callable[[], Any]]:
     ]
 
 
+class TokenServiceError(Exception):
+    """An application's own error, raised by its credential provider."""
+
+
+class FailingProvider:
+    """A plain credential provider that answers ``url``, but raises a new
+    :class:`TokenServiceError` ("401 (call N)") on the calls, numbered from 1, that
+    ``fails`` picks; ``raised`` keeps what it raised, in order."""
+
+    def __init__(self, url: str, fails: Callable[[int], bool]) -> None:
+        self.url = url
+        self.fails = fails
+        self.calls = 0
+        self.raised: List[BaseException] = []
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.fails(self.calls):
+            self.raised.append(TokenServiceError(f"401 (call {self.calls})"))
+            raise self.raised[-1]
+        return self.url
+
+
 class Collector:
     """A thread-safe list of received items with a bounded wait."""
 

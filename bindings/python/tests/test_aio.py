@@ -16,7 +16,19 @@ import weakref
 from typing import Any, Awaitable, Callable, List
 
 import pytest
-from conftest import FAST, PROTOCOLS, WAIT, Hub, Upstream, assert_keywords_logged, every_operation, until, wait_until
+from conftest import (
+    FAST,
+    PROTOCOLS,
+    WAIT,
+    FailingProvider,
+    Hub,
+    TokenServiceError,
+    Upstream,
+    assert_keywords_logged,
+    every_operation,
+    until,
+    wait_until,
+)
 
 from webpubsub_client import WebPubSubClient as SyncClient
 from webpubsub_client import _base, _callbacks, _native
@@ -1418,25 +1430,12 @@ async def test_stop_error_is_the_last_reconnect_attempts_failure_async(hub: Hub)
     assert client.stop_error is None
 
 
-class TokenServiceError(Exception):
-    """An application's own error, raised by its credential provider."""
-
-
 @pytest.mark.parametrize("coroutine", [True, False], ids=["coroutine", "plain"])
 async def test_stop_error_chains_what_the_provider_raised_async(hub: Hub, coroutine: bool) -> None:
     """As in test_sync: the reconnects give up because the provider (a coroutine function,
     or a plain one run on a thread) raises, and ``stop_error`` carries that exception as
     its ``__cause__``."""
-    url = hub.url()
-    calls: List[int] = []
-    raised: List[BaseException] = []
-
-    def provide() -> str:
-        calls.append(1)
-        if len(calls) > 1:
-            raised.append(TokenServiceError(f"401 (call {len(calls)})"))
-            raise raised[-1]
-        return url
+    provide = FailingProvider(hub.url(), lambda call: call > 1)
 
     async def provide_async() -> str:
         return provide()
@@ -1450,15 +1449,14 @@ async def test_stop_error_chains_what_the_provider_raised_async(hub: Hub, corout
     await asyncio.get_running_loop().run_in_executor(None, lambda: hub.close_connection(connection_id, 1008))
     (error,) = await seen.wait_for(1)
     assert isinstance(error, OpenClientError) and error.status == _native.STATUS_CREDENTIAL_FAILED
-    assert len(raised) == 2
-    assert error.__cause__ is raised[-1]  # the last attempt's
+    assert len(provide.raised) == 2
+    assert error.__cause__ is provide.raised[-1]  # the last attempt's
     await client.close()
 
 
 async def test_open_clears_the_stop_error_async(hub: Hub) -> None:
     """As in test_sync: an ``open()`` clears ``stop_error`` as it begins, so a reopened
-    client (or one whose reopen failed, which raised why) shows None. Before, it kept the
-    earlier stop's error while connected again."""
+    client (or one whose reopen failed, which raised why) shows None."""
     url = hub.url()
     failing = False
 

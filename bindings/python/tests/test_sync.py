@@ -28,8 +28,10 @@ from conftest import (
     WAIT,
     Collector,
     Emulator,
+    FailingProvider,
     FrameTap,
     Hub,
+    TokenServiceError,
     Upstream,
     assert_keywords_logged,
     every_operation,
@@ -2028,25 +2030,11 @@ def test_stop_error_is_the_last_reconnect_attempts_failure(hub: Hub) -> None:
     assert client.stop_error is None
 
 
-class TokenServiceError(Exception):
-    """An application's own error, raised by its credential provider."""
-
-
 def test_stop_error_chains_what_the_provider_raised(hub: Hub) -> None:
     """The reconnects give up because the provider raises: ``stop_error`` carries that
     exception object as its ``__cause__``, so that the application can tell its own
     errors by type."""
-    url = hub.url()
-    calls: List[int] = []
-    raised: List[BaseException] = []
-
-    def provide() -> str:
-        calls.append(1)
-        if len(calls) > 1:
-            raised.append(TokenServiceError(f"401 (call {len(calls)})"))
-            raise raised[-1]
-        return url
-
+    provide = FailingProvider(hub.url(), lambda call: call > 1)
     client = make(WebPubSubClientCredential(provide), reconnect_retry_total=1)
     seen = Collector()
     client.subscribe(CallbackType.STOPPED, lambda: seen(client.stop_error))
@@ -2054,8 +2042,8 @@ def test_stop_error_chains_what_the_provider_raised(hub: Hub) -> None:
     hub.close_connection(client.connection_id, 1008)
     (error,) = seen.wait_for(1)
     assert isinstance(error, OpenClientError) and error.status == _native.STATUS_CREDENTIAL_FAILED
-    assert len(raised) == 2
-    assert error.__cause__ is raised[-1]  # the last attempt's
+    assert len(provide.raised) == 2
+    assert error.__cause__ is provide.raised[-1]  # the last attempt's
     client.close()
 
 
@@ -2063,17 +2051,8 @@ def test_a_late_stop_is_chained_to_its_own_requests_exception(hub: Hub) -> None:
     """A stop whose event is taken only after a reopen's credential request failed too
     (a listener held the dispatch thread): each stop is chained to the exception of its
     own run's request, not to the provider's latest."""
-    url = hub.url()
-    calls: List[int] = []
-    raised: List[BaseException] = []
-
-    def provide() -> str:
-        calls.append(1)
-        if len(calls) in (2, 4):  # the reconnect of the first run, then of the second
-            raised.append(TokenServiceError(f"401 (call {len(calls)})"))
-            raise raised[-1]
-        return url
-
+    # It fails the reconnect of the first run, then that of the second.
+    provide = FailingProvider(hub.url(), lambda call: call in (2, 4))
     gate, held = threading.Event(), threading.Event()
     client = make(WebPubSubClientCredential(provide), reconnect_retry_total=0, auto_reconnect=True)
     client.subscribe(CallbackType.DISCONNECTED, lambda _: (held.set(), gate.wait(WAIT)))
@@ -2086,19 +2065,20 @@ def test_a_late_stop_is_chained_to_its_own_requests_exception(hub: Hub) -> None:
         wait_until(lambda: client.state is WebPubSubClientState.STOPPED, what="the first stop")
         client.open()  # the first stop's event waits behind the held listener
         hub.close_connection(client.connection_id, 1008)
-        wait_until(lambda: len(raised) == 2 and client.state is WebPubSubClientState.STOPPED, what="the second stop")
+        wait_until(
+            lambda: len(provide.raised) == 2 and client.state is WebPubSubClientState.STOPPED, what="the second stop"
+        )
     finally:
         gate.set()
     first, second = stopped.wait_for(2)
-    assert "(call 2)" in str(first) and first.__cause__ is raised[0]
-    assert second.__cause__ is raised[1]
+    assert "(call 2)" in str(first) and first.__cause__ is provide.raised[0]
+    assert second.__cause__ is provide.raised[1]
     client.close()
 
 
 def test_open_clears_the_stop_error(hub: Hub) -> None:
     """``stop_error`` is about the latest run: an ``open()`` clears it as it begins, so a
-    reopened client (or one whose reopen failed, which raised why) shows None. Before, it
-    kept the earlier stop's error while connected again."""
+    reopened client (or one whose reopen failed, which raised why) shows None."""
     url = hub.url()
     failing = threading.Event()
 
