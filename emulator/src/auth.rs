@@ -224,12 +224,14 @@ fn decode_part(part: &str) -> Result<Value, AuthError> {
 /// Is `host` one this server answers to: a loopback name, or the configured host? An IP
 /// address is compared as an address, however spelled, with or without brackets.
 fn host_ok(host: &str, configured_host: &str) -> bool {
+    fn unbracketed(h: &str) -> &str {
+        h.trim_start_matches('[').trim_end_matches(']')
+    }
     let same = |a: &str, b: &str| {
-        let unbracketed = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_owned();
         let (a, b) = (unbracketed(a), unbracketed(b));
         match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
             (Ok(a), Ok(b)) => a == b,
-            _ => a.eq_ignore_ascii_case(&b),
+            _ => a.eq_ignore_ascii_case(b),
         }
     };
     ["localhost", "127.0.0.1", "::1", "0.0.0.0", configured_host]
