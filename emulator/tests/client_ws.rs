@@ -500,6 +500,19 @@ async fn frames_a_client_sends_after_the_server_closed_it_are_ignored() {
     emu.shutdown().await;
 }
 
+/// GETs `url`, asserts the answer is `status` in plain text (as every client endpoint
+/// error, not the REST API's JSON), and returns its body.
+async fn plain_text_answer(url: &str, status: u16) -> String {
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status().as_u16(), status, "{url}");
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        content_type.starts_with("text/plain"),
+        "{url}: {content_type}"
+    );
+    resp.text().await.unwrap()
+}
+
 #[tokio::test]
 async fn paths_under_clients_say_what_is_served() {
     let emu = start().await;
@@ -511,31 +524,18 @@ async fn paths_under_clients_say_what_is_served() {
         ("socketio/hubs/chat/?EIO=4&transport=polling", "socketio"),
         ("socketio/hubs/chat/?EIO=4&transport=websocket", "socketio"),
         ("MQTT/hubs/chat", "mqtt"),
-    ] {
-        let url = format!("{}/clients/{path}", emu.endpoint());
-        let resp = reqwest::get(&url).await.unwrap();
-        assert_eq!(resp.status().as_u16(), 501, "{url}");
-        let body = resp.text().await.unwrap();
-        assert!(
-            body.starts_with(&format!(
-                "'{kind}' clients are not supported by the emulator"
-            )),
-            "{url}: {body}"
-        );
-    }
-    // The hub is not looked at: a name the service refuses, or one with an encoded `/`
-    // or a byte that is not UTF-8, is still under a served kind.
-    for (path, kind) in [
+        // The hub is not looked at: a name the service refuses, or one with an encoded
+        // `/` or a byte that is not UTF-8, is still under a served kind.
         ("mqtt/hubs/%2F", "mqtt"),
         ("mqtt/hubs/a%2Fb", "mqtt"),
         ("socketio/hubs/%E9", "socketio"),
     ] {
         let url = format!("{}/clients/{path}", emu.endpoint());
-        let resp = reqwest::get(&url).await.unwrap();
-        assert_eq!(resp.status().as_u16(), 501, "{url}");
-        let body = resp.text().await.unwrap();
+        let body = plain_text_answer(&url, 501).await;
         assert!(
-            body.starts_with(&format!("'{kind}' clients")),
+            body.starts_with(&format!(
+                "'{kind}' clients are not supported by the emulator"
+            )),
             "{url}: {body}"
         );
     }
@@ -552,9 +552,7 @@ async fn paths_under_clients_say_what_is_served() {
         "/clients/%2Fmqtt/hubs/chat",
     ] {
         let url = format!("{}{path}", emu.endpoint());
-        let resp = reqwest::get(&url).await.unwrap();
-        assert_eq!(resp.status().as_u16(), 404, "{url}");
-        let body = resp.text().await.unwrap();
+        let body = plain_text_answer(&url, 404).await;
         assert!(
             body.starts_with(&format!("No client endpoint at {path}: "))
                 && body.contains("/clients/mqtt/hubs/{hub}")
@@ -580,14 +578,7 @@ async fn paths_under_client_without_an_endpoint_say_what_is_served() {
         "/client/x",
     ] {
         let url = format!("{}{path}?hub=chat", emu.endpoint());
-        let resp = reqwest::get(&url).await.unwrap();
-        assert_eq!(resp.status().as_u16(), 404, "{url}");
-        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
-        assert!(
-            content_type.starts_with("text/plain"),
-            "{url}: {content_type}"
-        );
-        let body = resp.text().await.unwrap();
+        let body = plain_text_answer(&url, 404).await;
         assert!(
             body.starts_with(&format!("No client endpoint at {path}: "))
                 && body.contains("/client/hubs/{hub}")
