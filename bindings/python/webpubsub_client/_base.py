@@ -598,6 +598,24 @@ def failed_ack_id(
     return out.ack_id if out.has_ack_id else chosen
 
 
+def completion_outcome(
+    completion: _native.WpsCompletion, chosen: Optional[int] = None
+) -> Union[WebPubSubResult, Exception]:
+    """What the borrowed ``wps_completion`` of an asynchronous send gives its caller: the
+    :class:`WebPubSubResult`, or the exception the blocking form raises for the same
+    failure (the ackId the library wrote, else the caller's ``chosen`` one)."""
+    status = completion.status
+    if status == _native.STATUS_OK:
+        return ack_result(completion)
+    return operation_error(
+        status,
+        ack_id=failed_ack_id(completion, chosen),
+        name=_native.decode(completion.error_name) or "",
+        message=_native.decode(completion.error_message) or "",
+        service_message=_native.decode(completion.service_message) or "",
+    )
+
+
 def invoke_result(data_type: int, data: bytes) -> InvokeEventResult:
     """An invoke response: text as ``str``, json parsed, binary as ``bytes``."""
     kind, value = decode_content(data_type, data, bytes)

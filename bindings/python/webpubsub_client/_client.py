@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import logging
 import threading
@@ -9,7 +10,8 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Literal, Optional, Protocol, Set, Tuple, Union, overload
 
-from . import _base, _callbacks, _dispatcher, _native
+from . import _base, _callbacks, _dispatcher, _futures, _native
+from ._callbacks import REGISTRY
 from ._native import lib
 from .models import (
     CallbackType,
@@ -114,15 +116,22 @@ class _Provider:
         _callbacks.answer_credential(result, None, error)
 
 
+# What a client's dispatch takes, in order: an event (its callback type and listener
+# arguments), or ``(None, (future, outcome))``, a pipelined send's outcome that came
+# through its completion callback (see :mod:`._futures`).
+_Taken = Tuple[Optional[CallbackType], Tuple[Any, ...]]
+
+
 class _SyncSink:
     """A client's events on their way to its listeners: converted by the event callback
     during the client's dispatch, then delivered by its worker thread (see
-    :mod:`._dispatcher`), once the dispatch has returned, in order."""
+    :mod:`._dispatcher`), once the dispatch has returned, in order, with the outcomes of
+    the pipelined sends that came among them."""
 
     def __init__(self, listeners: _base.Listeners, provider: Optional[_Provider]) -> None:
         self.listeners = _base.HeldListeners(listeners)
         self._provider = provider
-        self._events: List[Tuple[CallbackType, Tuple[Any, ...]]] = []
+        self._events: List[_Taken] = []
         self.stop_error: Optional[WebPubSubClientError] = None  # see WebPubSubClient.stop_error
 
     def on_native_event(self, event: _native.WpsEvent) -> None:
@@ -132,20 +141,27 @@ class _SyncSink:
                 self._provider.failures.chain(converted[1][0])
             self._events.append(converted)
 
-    def take(self) -> List[Tuple[CallbackType, Tuple[Any, ...]]]:
-        """The events the event callback converted since the last call."""
+    def defer(self, future: _futures.SendFuture, outcome: Union[WebPubSubResult, Exception]) -> None:
+        """A pipelined send's outcome, from its completion callback during the dispatch:
+        settled in its place among the events."""
+        self._events.append((None, (future, outcome)))
+
+    def take(self) -> List[_Taken]:
+        """The events the event callback converted, and the outcomes deferred, since the last call."""
         events, self._events = self._events, []
         return events
 
-    def deliver(self, events: List[Tuple[CallbackType, Tuple[Any, ...]]], dispatch: _dispatcher.Dispatch) -> None:
-        """Calls the listeners of each event in turn; none once the client is freed."""
+    def deliver(self, events: List[_Taken], dispatch: _dispatcher.Dispatch) -> None:
+        """Calls the listeners of each event in turn, and settles the futures among them;
+        no listener runs once the client is freed, but the futures still settle."""
         listeners = self.listeners.get()
-        if listeners is None:  # the client was collected; its handle is being freed
-            return
-        snapshot = listeners.snapshot
+        snapshot = None if listeners is None else listeners.snapshot  # None: collected, being freed
         for kind, args in events:
-            if not dispatch.handle:  # freed by a listener (or collected meanwhile)
-                return
+            if kind is None:
+                _futures.settle_one(*args)
+                continue
+            if snapshot is None or not dispatch.handle:  # collected, or freed by a listener
+                continue
             stopped = kind is _STOPPED
             if stopped:
                 self.stop_error, args = args[0], ()
@@ -172,6 +188,10 @@ CLOSE_WAIT = 1.0  # seconds close() waits for the listeners of the events before
 # The C forms (plain, with_ack_id) of each send, looked up once.
 _GROUP_FORMS = (lib.wps_client_send_to_group, lib.wps_client_send_to_group_with_ack_id)
 _EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_with_ack_id)
+# The asynchronous forms (plain, with_ack_id) of each send, for the pipelined sends.
+_GROUP_ASYNC_FORMS = (lib.wps_client_send_to_group_async, lib.wps_client_send_to_group_with_ack_id_async)
+_EVENT_ASYNC_FORMS = (lib.wps_client_send_event_async, lib.wps_client_send_event_with_ack_id_async)
+_COMPLETION = _futures.COMPLETION_TRAMPOLINE
 
 
 class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
@@ -233,6 +253,9 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     Listeners run on a daemon thread of the package, one event at a time and in order;
     they may call any method of the client (a listener sending a message is fine). Keep
     them short: clients share a small pool of such threads.
+
+    :meth:`begin_send_to_group` and :meth:`begin_send_event` (additions too) return at
+    once a future of the send's outcome: many acked messages in flight without a thread each.
     """
 
     def __init__(
@@ -374,10 +397,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
     def close(self) -> None:
         """Stop the client and close the connection. Returns once the client is stopped and
         the listeners of the events that came before, its ``disconnected`` and ``stopped``
-        events (or those of a stop on its own) included, have run, so that a program may
-        exit right after. It waits at most 1 s for them, and not at all on the thread that
-        runs them (called by a listener, they run once it has returned; no event comes after
-        them). A signal handler that raises while it waits (on the main thread: Ctrl-C's
+        events (or those of a stop on its own) included, have run, and the futures of the
+        sends begun before it (:meth:`begin_send_to_group`) are settled, so that a program
+        may exit right after. It waits at most 1 s for them, and not at all on the thread
+        that runs them (called by a listener, they run once it has returned; no event comes
+        after them). A signal handler that raises while it waits (on the main thread: Ctrl-C's
         KeyboardInterrupt) has its exception raised once the client is stopped, with no
         further wait for the listeners. An ``open()`` running on another thread meanwhile
         leaves the client stopped too: it raises OpenClientError, unless it connected first.
@@ -691,6 +715,101 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         if status != _native.STATUS_OK:
             raise _base.operation_error(status, ack_id=_base.failed_ack_id(out, ack_id))
         return _base.ack_result(out)
+
+    def begin_send_to_group(
+        self,
+        group_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        ack_id: Optional[int] = None,
+        ack: bool = True,
+        no_echo: bool = False,
+        **kwargs: Any,
+    ) -> "concurrent.futures.Future[WebPubSubResult]":
+        """Start publishing ``content`` to ``group_name`` and return at once, with a future
+        of what :meth:`send_to_group` returns or raises (an addition to the official client).
+
+        Arguments as for :meth:`send_to_group`; a bad one raises at once, as there. The
+        call never blocks (while the library's operation queue is full, the message waits
+        queued), so that many acked messages are in flight without a thread each; the
+        messages begun from one thread are written in call order. The future gets the
+        :class:`WebPubSubResult` once the service acked the message (with ``ack=False``:
+        ``WebPubSubResult(None, False)`` once it is queued for the connection), or the
+        :class:`SendMessageError` that :meth:`send_to_group` raises: refused, ack timed
+        out, not connected, the client closed or the session lost (a message over 1 MiB
+        encoded, which the library measures, gets ValueError there).
+
+        The futures settle on the thread that runs this client's listeners, which runs their
+        done-callbacks too (keep them short, as listeners; one may begin another send).
+        ``result()`` or ``exception()`` of a future not done yet, called there (in a
+        listener or a done-callback of this client), would wait for ever: it raises
+        :class:`WebPubSubClientError` instead. A future cannot be cancelled (``cancel()``
+        returns False): a message handed to the connection cannot be taken back.
+        :meth:`close` returns once the futures of the sends begun before it are settled
+        (not when called by a listener, whose thread settles them once it returns). A
+        client freed with sends in flight fails them with "Stopped".
+
+        A sliding window of 100 acked messages::
+
+            window = collections.deque()
+            for item in items:
+                if len(window) == 100:
+                    window.popleft().result()  # raises the oldest's SendMessageError
+                window.append(client.begin_send_to_group("chat", item, WebPubSubDataType.TEXT))
+            for future in window:
+                future.result()
+
+        :raises WebPubSubClientError: the client was freed.
+        """
+        group = _base.check_name(group_name, "group_name")
+        kind, payload = _base.encode_content(content, data_type)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("begin_send_to_group", kwargs, group_name, payload, log=self._log_messages)
+        flags, ack_id = _base.send_flags(ack, no_echo, ack_id)
+        return self._begin(_GROUP_ASYNC_FORMS, group, kind, payload, flags, ack_id)
+
+    def begin_send_event(
+        self,
+        event_name: str,
+        content: Any,
+        data_type: Union[WebPubSubDataType, str],
+        *,
+        ack_id: Optional[int] = None,
+        ack: bool = True,
+        **kwargs: Any,
+    ) -> "concurrent.futures.Future[WebPubSubResult]":
+        """Start sending ``content`` as event ``event_name`` and return at once, with a future
+        of what :meth:`send_event` returns or raises (see :meth:`begin_send_to_group`; an
+        addition to the official client).
+
+        :raises WebPubSubClientError: the client was freed.
+        """
+        event = _base.check_name(event_name, "event_name")
+        kind, payload = _base.encode_content(content, data_type)
+        if kwargs or self._log_messages:
+            _base.operation_keywords("begin_send_event", kwargs, event_name, payload, log=self._log_messages)
+        flags, ack_id = _base.send_flags(ack, ack_id=ack_id)
+        return self._begin(_EVENT_ASYNC_FORMS, event, kind, payload, flags, ack_id)
+
+    def _begin(
+        self, forms: Any, target: bytes, kind: int, payload: bytes, flags: int, ack_id: Optional[int]
+    ) -> _futures.SendFuture:
+        """Starts a send through the C asynchronous forms ``(plain, with_ack_id)`` of
+        send_to_group or send_event: its future is settled from its record
+        (``SEND_RECORD``) or by its completion callback (see :mod:`._futures`)."""
+        handle = self._live_handle()
+        future = _futures.SendFuture(self._dispatch, ack_id)
+        key = REGISTRY.add(future)
+        flags |= _native.SEND_RECORD
+        if ack_id is None:
+            status = forms[0](handle, target, kind, payload, len(payload), flags, _COMPLETION, key, None)
+        else:
+            status = forms[1](handle, target, kind, payload, len(payload), flags, ack_id, _COMPLETION, key, None)
+        if status != _native.STATUS_OK:  # refused: the client is being freed
+            REGISTRY.pop(key)
+            raise _base.operation_error(status, ack_id=ack_id)
+        return future
 
     def invoke_event(
         self,

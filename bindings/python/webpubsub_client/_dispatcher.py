@@ -3,9 +3,10 @@
 A sync client's native client is in poll dispatch mode: its descriptor is readable while
 events are queued. A small pool of daemon threads (``min(cpus, 4)``, as the library's own
 dispatcher pool), each waiting for the descriptors of the clients pinned to it, takes
-their events with ``wps_client_dispatch_into``: messages as records, the other events
-through the event callback, which only converts them. The listeners run once that call
-has returned, in plain Python, one client's in event order.
+their events with ``wps_client_dispatch_into``: messages and the pipelined sends' acks as
+records, the other events (and the sends' failures) through the callbacks, which only
+convert them. The listeners run, and the sends' futures settle (see :mod:`._futures`),
+once that call has returned, in plain Python, one client's in event order.
 
 A client stays pinned to its thread, unless a listener of another client holds that
 thread: the watchdog (a daemon thread that looks at the pool every ``_Watchdog.TICK``
@@ -43,21 +44,24 @@ import selectors
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from . import _base, _callbacks, _native
+from . import _base, _callbacks, _futures, _native
 from ._native import lib
-from .models import WebPubSubClientError
+from .models import WebPubSubClientError, WebPubSubResult
 
 _LOGGER = logging.getLogger("webpubsub_client")
 _COUNTS = _native.DISPATCH_COUNTS.unpack_from
+_ACK_RECORD_SIZE = _native.ACK_RECORD.size
 
 
 class Dispatch:
     """How one sync client's events reach its listeners: its native handle until the
     client's finalizer (:meth:`free`) frees it, its descriptor, watched by the worker
     it is pinned to, and its ``sink``, which converts the events of the event callback
-    (``sink.take()``) and calls the listeners (``sink.deliver(events, dispatch)``)."""
+    and keeps the pipelined sends' outcomes among them (``sink.defer(future, outcome)``,
+    both taken by ``sink.take()``), then calls the listeners and settles those futures
+    (``sink.deliver(events, dispatch)``)."""
 
     BATCH = 256  # callbacks per native call; a client with more queued stays readable
 
@@ -81,6 +85,12 @@ class Dispatch:
         self._running = False
         self._waiting = 0
         self._delivered = threading.Condition()
+        # The pipelined sends' outcomes that the library runs at the client's free, on its
+        # own thread: settled by the freeing thread once the free returns (see complete).
+        self._left_lock = threading.Lock()
+        self._freeing = False
+        self._left: List[Tuple[_futures.SendFuture, Union[WebPubSubResult, Exception]]] = []
+        self._settler: Optional[int] = None  # the freeing thread, while it settles them
         with self.lock:
             try:
                 self.worker = _assign()
@@ -95,9 +105,12 @@ class Dispatch:
     def run(self, out: _base.DispatchBuffers, worker: _Worker) -> None:
         """On ``worker``'s thread, once the descriptor is readable: take the queued events
         (up to ``BATCH`` callbacks and the records that fit ``out``), then hand them to
-        the listeners, those of the event callback first (they came before the records).
-        Nothing if the client was moved to another worker since (the descriptor was seen
-        readable before the move)."""
+        the listeners, those of the event callback first (they came before the records),
+        the pipelined sends' failures among them in their place (see :meth:`complete`),
+        and last the futures of the sends that succeeded (``wps_ack_record``s): a group
+        message comes before the ack of the send that published it, and its listeners
+        run before that send's future is done. Nothing if the client was moved to
+        another worker since (the descriptor was seen readable before the move)."""
         with self.lock:
             handle = self.handle
             if not handle or self.worker is not worker:
@@ -106,14 +119,19 @@ class Dispatch:
             status = lib.wps_client_dispatch_into(handle, self.BATCH, out.ref)
         try:
             events: List[Any] = self._sink.take()
+            acks = 0
             if status != _native.STATUS_OK:  # the counts were not written
                 _LOGGER.error("dispatch failed: %s", _native.last_error_message())
             else:
-                _ran, _acks, messages, size = _COUNTS(out.counts, _native.DISPATCH_COUNTS_OFFSET)
+                _ran, acks, messages, size = _COUNTS(out.counts, _native.DISPATCH_COUNTS_OFFSET)
                 if messages:
                     events += _base.message_records(out.message_view[:size], messages)
-            if events:
-                self._sink.deliver(events, self)
+            try:
+                if events:
+                    self._sink.deliver(events, self)
+            finally:  # no listener can reuse ``out``: only this loop dispatches on this thread
+                if acks:
+                    _futures.settle(out.ack_view[: acks * _ACK_RECORD_SIZE])
         finally:
             self._running = False
             if self._waiting:  # after the flag: a waiter counted later sees it cleared
@@ -123,6 +141,29 @@ class Dispatch:
     def in_fork_child(self) -> bool:
         """True in a fork() child of the process that made the client."""
         return os.getpid() != self._pid
+
+    def settles_here(self) -> bool:
+        """True on the thread that runs this client's listeners and settles its pipelined
+        sends' futures, while it does: inside the client's dispatch, or settling what its
+        free left. A future not done yet would wait for ever there."""
+        worker = self.worker
+        return (worker.current is self and worker.is_current()) or self._settler == threading.get_ident()
+
+    def complete(self, future: _futures.SendFuture, outcome: Union[WebPubSubResult, Exception]) -> None:
+        """The outcome of a pipelined send that came through its completion callback (see
+        :mod:`._futures`): inside this client's dispatch, it is settled after the native
+        call, in order with the events; during the client's free, by the freeing thread
+        once the free has returned. Else (a free from inside a callback, whose teardown
+        the library defers and then runs on its own thread) it is settled here and now."""
+        if self.worker.current is self and self.worker.is_current():
+            self._sink.defer(future, outcome)
+            return
+        with self._left_lock:
+            if self._freeing:
+                self._left.append((future, outcome))
+                return
+        _callbacks.keep_thread_state()
+        _futures.settle_one(future, outcome)
 
     def wait_delivered(self, timeout: float) -> None:
         """Waits, at most ``timeout`` seconds, until the listeners of the events queued by
@@ -177,7 +218,25 @@ class Dispatch:
             worker = self.worker
         if handle:
             worker.unwatch(self._fd)
-            _base.free_client(handle)
+            with self._left_lock:
+                self._freeing = True
+            try:
+                _base.free_client(handle)
+            finally:
+                with self._left_lock:
+                    left, self._left, self._freeing = self._left, [], False
+                self._settle_left(left)
+
+    def _settle_left(self, left: List[Tuple[_futures.SendFuture, Union[WebPubSubResult, Exception]]]) -> None:
+        """Settle the futures whose outcomes the free left, on this (the freeing) thread."""
+        if not left:
+            return
+        self._settler = threading.get_ident()
+        try:
+            for future, outcome in left:
+                _futures.settle_one(future, outcome)
+        finally:
+            self._settler = None
 
 
 class _Worker:

@@ -1173,19 +1173,7 @@ def _on_acked(key: Optional[int], raw: Any) -> None:
         future = REGISTRY.pop(key)
         if future is None:
             return
-        completion = raw.contents
-        status = completion.status
-        outcome: Union[WebPubSubResult, Exception]
-        if status == _native.STATUS_OK:
-            outcome = _base.ack_result(completion)
-        else:
-            outcome = _base.operation_error(
-                status,
-                ack_id=_base.failed_ack_id(completion),
-                name=_native.decode(completion.error_name) or "",
-                message=_native.decode(completion.error_message) or "",
-                service_message=_native.decode(completion.service_message) or "",
-            )
+        outcome = _base.completion_outcome(raw.contents)
         loop = future.get_loop()
         if _on_own_thread(loop):  # dispatched by the loop (poll mode)
             if not _defer(_resolve, future, outcome):

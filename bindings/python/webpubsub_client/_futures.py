@@ -1,0 +1,100 @@
+"""The futures of the sync client's pipelined sends (``begin_send_to_group``, ``begin_send_event``).
+
+A send starts with the C asynchronous form and ``WPS_SEND_RECORD``, its future stored in
+the callback registry under the send's ``user_data``. A success comes back as a
+``wps_ack_record`` that the client's dispatch writes (:meth:`._dispatcher.Dispatch.run`,
+then :func:`settle`): no foreign callback per message. A failure, and any outcome once the
+client is freed, comes through :data:`COMPLETION_TRAMPOLINE`, which only converts it:
+the client's dispatch settles it once the native call has returned, in order with the
+events (:meth:`._dispatcher.Dispatch.complete`). So the futures settle, and their
+done-callbacks run, on the thread that runs the client's listeners, never inside the
+library's frames.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from . import _base, _native
+from ._callbacks import REGISTRY
+from .models import WebPubSubClientError, WebPubSubResult
+
+if TYPE_CHECKING:
+    from ._dispatcher import Dispatch
+
+_LOGGER = logging.getLogger("webpubsub_client")
+
+_WOULD_DEADLOCK = (
+    "this send's future is not done, and it is settled on this very thread, which runs the "
+    "client's listeners and done-callbacks: waiting here would wait for ever. Wait for it "
+    "on another thread, or use add_done_callback()"
+)
+
+
+class SendFuture(concurrent.futures.Future[WebPubSubResult]):
+    """The future of a pipelined send: running from the start (a message handed to the
+    connection cannot be taken back, so ``cancel()`` returns False), settled by the
+    client's dispatch. Its ``result()`` and ``exception()``, called unfinished on the
+    thread that would settle it, raise at once instead of waiting for ever."""
+
+    def __init__(self, dispatch: Dispatch, ack_id: Optional[int]) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()
+        self.dispatch = dispatch  # the client's
+        self.ack_id = ack_id  # the caller's, for a failure that carries none
+
+    def result(self, timeout: Optional[float] = None) -> WebPubSubResult:
+        """The send's :class:`WebPubSubResult`; raises its ``SendMessageError`` (see
+        :meth:`concurrent.futures.Future.result`)."""
+        if self.dispatch.settles_here() and not self.done():
+            raise WebPubSubClientError(_WOULD_DEADLOCK)
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """The send's exception, or None once it succeeded (see
+        :meth:`concurrent.futures.Future.exception`)."""
+        if self.dispatch.settles_here() and not self.done():
+            raise WebPubSubClientError(_WOULD_DEADLOCK)
+        return super().exception(timeout)
+
+
+def settle_one(future: SendFuture, outcome: Union[WebPubSubResult, Exception]) -> None:
+    """Gives ``future`` its result, or its error when ``outcome`` is an exception. A
+    done-callback's ``Exception`` is logged by ``concurrent.futures``; anything else it
+    raises (``SystemExit``) is logged here and ends only that future's callbacks."""
+    try:
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except BaseException:  # noqa: BLE001 - the thread settles the client's other futures too
+        _LOGGER.exception("a done-callback of a send's future raised")
+
+
+def settle(records: memoryview) -> None:
+    """The futures of the sends in ``records`` (``wps_ack_record``s written by
+    ``wps_client_dispatch_into``) get their results."""
+    take = REGISTRY.take
+    for key, _op_id, ack_id, has_ack_id, is_duplicated in _native.ACK_RECORD.iter_unpack(records):
+        future = take(key, None)
+        if future is not None:
+            try:  # settle_one, written out: this runs per message
+                future.set_result(WebPubSubResult(ack_id if has_ack_id else None, is_duplicated))
+            except BaseException:  # noqa: BLE001 - as in settle_one
+                _LOGGER.exception("a done-callback of a send's future raised")
+
+
+def _on_completion(key: Optional[int], raw: Any) -> None:
+    """Completion of a pipelined send that was not written as a record: a failure, or any
+    outcome once the client was freed (a library thread then runs what was left)."""
+    try:
+        future: Optional[SendFuture] = REGISTRY.pop(key)
+        if future is not None:
+            future.dispatch.complete(future, _base.completion_outcome(raw.contents, future.ack_id))
+    except BaseException:  # noqa: BLE001 - nothing may propagate into C
+        _LOGGER.exception("error while completing a send")
+
+
+COMPLETION_TRAMPOLINE = _native.COMPLETION_CB(_on_completion)
