@@ -142,6 +142,10 @@ class Contender:
     argv: list
     env: dict = field(default_factory=dict)
     missing: str = ""  # why it cannot run; empty when it can
+    scenarios: tuple = ()  # the scenarios it runs; empty: all of them
+
+    def runs(self, scn_key):
+        return not self.scenarios or scn_key in self.scenarios
 
 
 def py_driver(client):
@@ -158,6 +162,11 @@ def make_contenders():
         Contender("c", "ours: C API", True, "sync", [str(OUT / "bench-c")]),
         Contender("py", "ours: Python sync", True, "sync", py_driver("ours"), py_env),
         Contender("py-aio", "ours: Python asyncio", True, "async", py_driver("ours-aio"), py_env),
+        # The sync binding publishes its pipelined acked sends from one thread, through
+        # `begin_send_to_group` futures; this one sends as the official sync client must,
+        # a blocking send on each of WINDOW threads.
+        Contender("py-threads", f"ours: Python sync, {WINDOW} threads", True, "sync",
+                  py_driver("ours") + ["--threads"], py_env, scenarios=("s2-ack",)),
         # Its default 30 s ack and start timeouts turn each lost wake-up (see BENCHMARKS.md)
         # into a 30 s stall; shorter ones keep runs bounded, and flatter it.
         Contender("py-official", "official Python 1.1.0 sync", False, "sync",
@@ -174,8 +183,9 @@ def check_contender(c):
     """Sets c.missing when the contender cannot run here."""
     if c.key in ("raw", "rust", "c") and not Path(c.argv[0]).exists():
         c.missing = f"{Path(c.argv[0]).relative_to(ROOT)} missing (run without --no-build to build it)"
-    elif c.key in ("py", "py-aio", "py-official", "py-official-aio"):
-        module = {"py": "webpubsub_client", "py-aio": "webpubsub_client.aio",
+    elif c.key in ("py", "py-threads", "py-aio", "py-official", "py-official-aio"):
+        module = {"py": "webpubsub_client", "py-threads": "webpubsub_client",
+                  "py-aio": "webpubsub_client.aio",
                   "py-official": "azure.messaging.webpubsubclient",
                   "py-official-aio": "azure.messaging.webpubsubclient.aio"}[c.key]
         probe = subprocess.run([c.argv[0], "-c", f"import {module}"], env={**os.environ, **c.env},
@@ -218,7 +228,7 @@ def build(want):
     if not (BENCH / "node" / "node_modules" / "bufferutil").exists() and "js-official" in want:
         sh(["npm", "ci", "--no-audit", "--no-fund"], cwd=BENCH / "node")
     crates = ["-p", "webpubsub-emulator", "-p", "webpubsub-bench"]
-    if {"c", "py", "py-aio"} & set(want):
+    if {"c", "py", "py-threads", "py-aio"} & set(want):
         crates += ["-p", "webpubsub-client"]
     sh(["cargo", "build", "--release", *crates], cwd=ROOT)
     header = ROOT / "include" / "webpubsub_client.h"
@@ -610,6 +620,8 @@ def scenario_table(scn, results, contenders, order):
     js = results.get(("js-official", scn.key), {}).get("result")
     for ck in order:
         c = contenders[ck]
+        if not c.runs(scn.key):
+            continue
         rec = results.get((ck, scn.key))
         name = f"**{c.label}**" if c.ours else c.label
         if rec is None or "result" not in rec:
@@ -804,7 +816,11 @@ def write_report(path, run, results, contenders, order):
         "binding dispatches on the event loop and the sync binding on daemon threads of its "
         "own (both poll mode).",
         "- Pipelined acked sends: async clients run "
-        f"{WINDOW} tasks each awaiting its ack; sync Python clients {WINDOW} threads; the C "
+        f"{WINDOW} tasks each awaiting its ack; the official sync Python client {WINDOW} "
+        "threads, each blocking in its send; our sync binding keeps "
+        f"{WINDOW} `begin_send_to_group` futures outstanding from one thread (it waits for the "
+        f"oldest before starting the next), and, as *ours: Python sync, {WINDOW} threads* in "
+        "2b, also sends the official client's way; the C "
         f"driver keeps {WINDOW} asynchronous sends outstanding from one thread.",
         "- Emulator CPU: utime + stime of the emulator process and of each of its threads "
         "(`/proc/PID/task/*/stat`), sampled every 50 ms, over the measured window. A thread at "
@@ -863,6 +879,7 @@ def write_chart(path, results, contenders, order):
          None, True),
     ]
     colors = {"raw": "#444444", "rust": "#c2410c", "c": "#1d4ed8", "py": "#15803d",
+              "py-threads": "#166534",
               "py-aio": "#65a30d", "py-official": "#a3a3a3", "py-official-aio": "#d4d4d4",
               "js-official": "#facc15"}
     fig, axes = plt.subplots(2, 4, figsize=(18, 8.5))
@@ -985,8 +1002,9 @@ def main():
             if scn.key not in args.scenarios:
                 continue
             params = scn.quick if args.quick else scn.full
-            present = [ck for ck in order if not contenders[ck].missing]
-            for ck in order:
+            runs = [ck for ck in order if contenders[ck].runs(scn.key)]
+            present = [ck for ck in runs if not contenders[ck].missing]
+            for ck in runs:
                 if contenders[ck].missing:
                     results[(ck, scn.key)] = {"contender": ck, "scenario": scn.key,
                                               "error": contenders[ck].missing}

@@ -9,6 +9,7 @@ stdout, preceded by a ``START`` (or ``READY``) marker line.
 
 import argparse
 import asyncio
+import collections
 import functools
 import importlib
 import json
@@ -43,6 +44,9 @@ def parse_args(argv):
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--idle-ms", type=int, default=500)
     p.add_argument("--go", action="store_true", help="publisher: wait for a stdin line")
+    p.add_argument("--threads", action="store_true",
+                   help="pipelined acked sends: a blocking send on each of --window threads, "
+                        "even where the client has begin_send_to_group")
     p.add_argument("--timeouts", type=float,
                    help="ack and start timeouts in seconds; default: the client's own")
     return p.parse_args(argv)
@@ -253,6 +257,8 @@ class SyncBench(Bench):
                 client.send_to_group(a.group, self.content, self.data_type, ack=False)
                 sent += 1
             acked = 0
+        elif hasattr(client, "begin_send_to_group") and not a.threads:
+            sent, acked = self.pub_futures(client, deadline)
         else:
             lock = threading.Lock()
             counts = {"sent": 0, "acked": 0}
@@ -274,6 +280,22 @@ class SyncBench(Bench):
         elapsed = time.monotonic() - start
         client.close()  # CPU counted until everything queued is written and closed
         emit(a, pub_result(sent, acked, elapsed, time.process_time() - cpu))
+
+    def pub_futures(self, client, deadline):
+        """Keeps --window acked sends in flight from this thread: (sent, acked)."""
+        a = self.args
+        in_flight = collections.deque()
+        sent = acked = 0
+        while sent < a.count and time.monotonic() < deadline:
+            if len(in_flight) >= a.window:
+                in_flight.popleft().result()
+                acked += 1
+            in_flight.append(client.begin_send_to_group(a.group, self.content, self.data_type))
+            sent += 1
+        for future in in_flight:
+            future.result()
+            acked += 1
+        return sent, acked
 
     def sub(self):
         a = self.args
