@@ -188,9 +188,11 @@ CLOSE_WAIT = 1.0  # seconds close() waits for the listeners of the events before
 # The C forms (plain, with_ack_id) of each send, looked up once.
 _GROUP_FORMS = (lib.wps_client_send_to_group, lib.wps_client_send_to_group_with_ack_id)
 _EVENT_FORMS = (lib.wps_client_send_event, lib.wps_client_send_event_with_ack_id)
-# The asynchronous forms (plain, with_ack_id) of each send, for the pipelined sends.
-_GROUP_ASYNC_FORMS = (lib.wps_client_send_to_group_async, lib.wps_client_send_to_group_with_ack_id_async)
-_EVENT_ASYNC_FORMS = (lib.wps_client_send_event_async, lib.wps_client_send_event_with_ack_id_async)
+# The asynchronous forms (plain, with_ack_id) of each send, for the pipelined sends, called
+# with the interpreter lock held (see ``_native.lib_held``).
+_HELD = _native.lib_held
+_GROUP_ASYNC_FORMS = (_HELD.wps_client_send_to_group_async, _HELD.wps_client_send_to_group_with_ack_id_async)
+_EVENT_ASYNC_FORMS = (_HELD.wps_client_send_event_async, _HELD.wps_client_send_event_with_ack_id_async)
 _COMPLETION = _futures.COMPLETION_TRAMPOLINE
 
 

@@ -441,6 +441,34 @@ def load_library() -> ctypes.CDLL:
 lib: ctypes.CDLL = load_library()
 
 
+def _held_handle(names: List[str]) -> ctypes.PyDLL:
+    """A second handle to the loaded library, through which ``names`` are called with the
+    interpreter lock held (``PyDLL``), declared as on ``lib``."""
+    held = ctypes.PyDLL(lib._name)
+    for function in names:
+        restype, argtypes = _SIGNATURES[function]
+        getattr(held, function).restype = restype
+        getattr(held, function).argtypes = argtypes
+    return held
+
+
+# The asynchronous sends, called with the interpreter lock held: they never wait (a full
+# operation queue queues them further), their work is bounded by the message (a 1 MiB
+# one is encoded in about a millisecond), and they run no callback (a poll-mode client's
+# run in its dispatch), nor wait on a lock that a library thread holds while it calls
+# into Python (the library's callbacks run without its locks, as any may call back into
+# it). Releasing the lock for each of them let the thread that dispatches a sync client's
+# completions take it: a hand-off, and a wait to get it back, per pipelined send.
+lib_held = _held_handle(
+    [
+        "wps_client_send_to_group_async",
+        "wps_client_send_to_group_with_ack_id_async",
+        "wps_client_send_event_async",
+        "wps_client_send_event_with_ack_id_async",
+    ]
+)
+
+
 def name(pointer: Any, length: int) -> Optional[str]:
     """An id or name of ``wps_event`` (a ``char *`` and its length) as ``str``, whole;
     NULL gives None."""
