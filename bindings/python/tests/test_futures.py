@@ -7,10 +7,15 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import logging
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import pytest
@@ -304,6 +309,8 @@ def test_waiting_on_an_unfinished_future_on_the_listeners_thread_raises_at_once(
             attempt(lambda: begun.exception(timeout=3))
             attempt(lambda: finished[0].result(timeout=3))
             attempt(lambda: finished[0].exception(timeout=3))
+            # added here, where the future cannot be done yet: its callback runs on this thread
+            client.begin_send_to_group("g", "x", TEXT).add_done_callback(on_done)
 
     def on_done(_future: "Future[WebPubSubResult]") -> None:
         begun = client.begin_send_to_group("g", "from callback", TEXT)
@@ -316,7 +323,6 @@ def test_waiting_on_an_unfinished_future_on_the_listeners_thread_raises_at_once(
         finished.append(client.begin_send_to_group("g", "first", TEXT))
         finished[0].result(WAIT)
         client.send_to_group("g", "trigger", TEXT)
-        client.begin_send_to_group("g", "x", TEXT).add_done_callback(on_done)
         wait_until(lambda: len(outcomes) == 10 and len(late) == 2, what="the listener and the callback")
         settled(late)
     errors = outcomes[0:4:2] + outcomes[8:9]
@@ -326,6 +332,27 @@ def test_waiting_on_an_unfinished_future_on_the_listeners_thread_raises_at_once(
     assert all(seconds < 1 for seconds in outcomes[1::2]), outcomes
     assert isinstance(outcomes[4], WebPubSubResult) and outcomes[6] is None
     assert all(isinstance(f.result(), WebPubSubResult) for f in late)
+
+
+def test_a_zero_timeout_polls_on_the_listeners_thread(hub: Hub) -> None:
+    """``result(timeout=0)`` and ``exception(timeout=0)`` of a future not done yet, in a
+    listener of its client, do not wait: they raise TimeoutError, as any future's, not
+    the error of a wait that would never end."""
+    raised: List[BaseException] = []
+
+    def on_connected(_args: Any) -> None:
+        begun = client.begin_send_to_group("g", "x", TEXT)
+        for call in (begun.result, begun.exception):
+            try:
+                call(timeout=0)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the asserts
+                raised.append(exc)
+
+    client = make(hub.url())
+    client.subscribe(CallbackType.CONNECTED, on_connected)
+    with client:
+        wait_until(lambda: len(raised) == 2, what="the listener's two polls")
+    assert all(isinstance(exc, TimeoutError) for exc in raised), raised
 
 
 def test_a_raising_done_callback_is_logged_and_spares_the_others(hub: Hub, caplog: pytest.LogCaptureFixture) -> None:
@@ -343,14 +370,25 @@ def test_a_raising_done_callback_is_logged_and_spares_the_others(hub: Hub, caplo
         raise SystemExit(3)
 
     got = Collector()
+    held, release = threading.Event(), threading.Event()
+
+    def hold(args: OnGroupDataMessageArgs) -> None:
+        if args.data == "hold":
+            held.set()
+            release.wait(WAIT)
+
     with make(hub.url()) as client:
         client.subscribe(CallbackType.GROUP_MESSAGE, got)
+        client.subscribe(CallbackType.GROUP_MESSAGE, hold)
         client.join_group("g")
+        client.send_to_group("g", "hold", TEXT)
+        assert held.wait(WAIT)  # the listeners' thread held: no future is done before its callbacks are added
         futures = [client.begin_send_to_group("g", str(i), TEXT) for i in range(30)]
         futures[0].add_done_callback(raising)
         futures[0].add_done_callback(lambda _f: calls.append("after raising"))
         futures[1].add_done_callback(exiting)
         futures[2].add_done_callback(lambda _f: calls.append("third"))
+        release.set()
         settled(futures)
         wait_until(lambda: len(calls) == 4, what="the callbacks")
         client.send_to_group("g", "after", TEXT)
@@ -425,6 +463,99 @@ def test_a_client_freed_with_futures_in_flight_fails_them_on_the_freeing_thread(
         assert isinstance(error, SendMessageError) and error.error_detail is not None
         assert error.error_detail.name == "Stopped"
     assert set(threads) == {threading.current_thread().name}
+
+
+def test_a_client_freed_inside_a_callback_settles_its_futures_on_a_python_thread(hub: Hub) -> None:
+    """A client freed from inside a callback of the library (collected while another
+    client's event is converted: the library defers its teardown and runs its completions
+    on its own thread once that callback returned): its futures fail with Stopped,
+    settled, and their done-callbacks run, on a thread of the package, never on the
+    library's thread, where waiting on another of its futures not done yet raises at once
+    as on the other threads that settle them."""
+    victim = make(hub.url("victim"), ack_timeout=WAIT * 2)
+    victim.open()
+    hub.drop_acks(victim.connection_id, 100)
+    futures = [victim.begin_send_to_group("g", str(i), TEXT) for i in range(50)]
+    threads: List[str] = []
+    waited: List[BaseException] = []
+
+    def wait_for_the_last(_future: Any) -> None:
+        try:
+            futures[-1].exception(timeout=1)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the asserts
+            waited.append(exc)
+
+    futures[0].add_done_callback(wait_for_the_last)
+    for future in futures:
+        future.add_done_callback(lambda _f: threads.append(threading.current_thread().name))
+    other = make(hub.url("other"))
+    converting = other._sink.on_native_event  # pylint: disable=protected-access
+
+    def on_native_event(event: Any) -> None:  # as if a collection freed the victim meanwhile
+        victim._finalizer()  # pylint: disable=protected-access
+        converting(event)
+
+    other._sink.on_native_event = on_native_event  # type: ignore[method-assign]  # pylint: disable=protected-access
+    with other:
+        settled(futures)
+        wait_until(lambda: len(threads) == len(futures), what="the done-callbacks")
+    for future in futures:
+        error = future.exception()
+        assert isinstance(error, SendMessageError) and error.error_detail is not None
+        assert error.error_detail.name == "Stopped"
+    assert {name.split("-")[0] for name in threads} == {"webpubsub"}, set(threads)
+    assert len(waited) == 1 and isinstance(waited[0], WebPubSubClientError), waited
+    assert "would wait for ever" in str(waited[0])
+
+
+def test_a_fork_child_raises_at_once_for_an_unfinished_future_of_its_parent(hub: Hub) -> None:
+    """In a fork() child, a future its parent began that was not done at the fork is never
+    settled (the threads that settle it are the parent's): its ``result()`` and
+    ``exception()`` raise WebPubSubClientError (FORKED) at once instead of waiting in vain,
+    a zero timeout raises TimeoutError; the parent's future settles as usual."""
+    code = f"""
+        import os, signal, threading, time
+        from webpubsub_client import WebPubSubClient
+        from webpubsub_client.models import WebPubSubClientError
+        client = WebPubSubClient({hub.url("forker")!r}, start_timeout=5.0)
+        held, release = threading.Event(), threading.Event()
+        client.subscribe("connected", lambda _args: (held.set(), release.wait(10)))
+        client.open()
+        assert held.wait(10)  # the listener holds the thread that settles the future
+        future = client.begin_send_to_group("g", "x", "text")
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a child that waits for ever does not outlive the test
+            outcomes = []
+            for call in (future.result, future.exception, lambda: future.result(timeout=5)):
+                started = time.monotonic()
+                try:
+                    call()
+                except BaseException as exc:
+                    outcomes.append(type(exc).__name__ + ":" + str(getattr(exc, "status", "")))
+                outcomes.append(str(time.monotonic() - started < 1))
+            try:
+                future.result(timeout=0)
+            except TimeoutError:
+                outcomes.append("TimeoutError")
+            print(*outcomes, flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        print(os.waitstatus_to_exitcode(status), future.result(10).ack_id is not None, flush=True)
+        client.close()
+    """
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    forked = "WebPubSubClientError:15 True"
+    assert result.stdout.split("\n")[:2] == [f"{forked} {forked} {forked} TimeoutError", "0 True"], result.stdout
 
 
 def test_a_collected_client_leaves_no_future_pending(hub: Hub) -> None:

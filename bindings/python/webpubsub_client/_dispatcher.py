@@ -86,11 +86,12 @@ class Dispatch:
         self._waiting = 0
         self._delivered = threading.Condition()
         # The pipelined sends' outcomes that the library runs at the client's free, on its
-        # own thread: settled by the freeing thread once the free returns (see complete).
+        # own thread: settled by one Python thread at a time (see complete), ``_settling``
+        # while one will (the freeing thread once the free returns, or a thread of its own).
         self._left_lock = threading.Lock()
-        self._freeing = False
+        self._settling = False
         self._left: List[Tuple[_futures.SendFuture, Union[WebPubSubResult, Exception]]] = []
-        self._settler: Optional[int] = None  # the freeing thread, while it settles them
+        self._settler: Optional[int] = None  # the thread that settles them, while it does
         with self.lock:
             try:
                 self.worker = _assign()
@@ -152,18 +153,24 @@ class Dispatch:
     def complete(self, future: _futures.SendFuture, outcome: Union[WebPubSubResult, Exception]) -> None:
         """The outcome of a pipelined send that came through its completion callback (see
         :mod:`._futures`): inside this client's dispatch, it is settled after the native
-        call, in order with the events; during the client's free, by the freeing thread
-        once the free has returned. Else (a free from inside a callback, whose teardown
-        the library defers and then runs on its own thread) it is settled here and now."""
+        call, in order with the events. Else the library runs it at the client's free, on
+        its own thread, where no application code may run (see
+        :func:`._callbacks.quiesce_native`): it is settled by the freeing thread once the
+        free has returned, or, when the library deferred the teardown (a free from inside
+        a callback: a collection during one), by a thread of its own (:meth:`_settle_left`)."""
         if self.worker.current is self and self.worker.is_current():
             self._sink.defer(future, outcome)
             return
-        with self._left_lock:
-            if self._freeing:
-                self._left.append((future, outcome))
-                return
         _callbacks.keep_thread_state()
-        _futures.settle_one(future, outcome)
+        with self._left_lock:
+            self._left.append((future, outcome))
+            if self._settling:
+                return
+            self._settling = True
+        try:
+            threading.Thread(target=self._settle_left, name="webpubsub-settle", daemon=True).start()
+        except RuntimeError:  # refused (the thread limit): settled here rather than never
+            self._settle_left()
 
     def wait_delivered(self, timeout: float) -> None:
         """Waits, at most ``timeout`` seconds, until the listeners of the events queued by
@@ -219,22 +226,25 @@ class Dispatch:
         if handle:
             worker.unwatch(self._fd)
             with self._left_lock:
-                self._freeing = True
+                self._settling = True
             try:
                 _base.free_client(handle)
             finally:
-                with self._left_lock:
-                    left, self._left, self._freeing = self._left, [], False
-                self._settle_left(left)
+                self._settle_left()
 
-    def _settle_left(self, left: List[Tuple[_futures.SendFuture, Union[WebPubSubResult, Exception]]]) -> None:
-        """Settle the futures whose outcomes the free left, on this (the freeing) thread."""
-        if not left:
-            return
+    def _settle_left(self) -> None:
+        """Settle the futures whose outcomes the free left, on this thread (the freeing
+        one, or one of its own), until none is left (``_settling`` set by the caller)."""
         self._settler = threading.get_ident()
         try:
-            for future, outcome in left:
-                _futures.settle_one(future, outcome)
+            while True:
+                with self._left_lock:
+                    left, self._left = self._left, []
+                    if not left:
+                        self._settling = False
+                        return
+                for future, outcome in left:
+                    _futures.settle_one(future, outcome)
         finally:
             self._settler = None
 

@@ -7,7 +7,8 @@ then :func:`settle`): no foreign callback per message. A failure, and any outcom
 client is freed, comes through :data:`COMPLETION_TRAMPOLINE`, which only converts it:
 the client's dispatch settles it once the native call has returned, in order with the
 events (:meth:`._dispatcher.Dispatch.complete`). So the futures settle, and their
-done-callbacks run, on the thread that runs the client's listeners, never inside the
+done-callbacks run, on the thread that runs the client's listeners (those left at the
+client's free: on the freeing thread, or on a thread of their own), never inside the
 library's frames.
 """
 
@@ -31,13 +32,18 @@ _WOULD_DEADLOCK = (
     "client's listeners and done-callbacks: waiting here would wait for ever. Wait for it "
     "on another thread, or use add_done_callback()"
 )
+_FORKED = (
+    "this send's future is not done, and this process is a fork() child of the one that began "
+    "the send: the threads that settle it are the parent's, it is never settled here"
+)
 
 
 class SendFuture(concurrent.futures.Future[WebPubSubResult]):
     """The future of a pipelined send: running from the start (a message handed to the
     connection cannot be taken back, so ``cancel()`` returns False), settled by the
-    client's dispatch. Its ``result()`` and ``exception()``, called unfinished on the
-    thread that would settle it, raise at once instead of waiting for ever."""
+    client's dispatch. Its ``result()`` and ``exception()``, called unfinished with a
+    timeout other than 0 where it would never be settled meanwhile (on the thread that
+    settles it, or in a fork() child), raise at once instead of waiting in vain."""
 
     def __init__(self, dispatch: Dispatch, ack_id: Optional[int]) -> None:
         super().__init__()
@@ -48,16 +54,25 @@ class SendFuture(concurrent.futures.Future[WebPubSubResult]):
     def result(self, timeout: Optional[float] = None) -> WebPubSubResult:
         """The send's :class:`WebPubSubResult`; raises its ``SendMessageError`` (see
         :meth:`concurrent.futures.Future.result`)."""
-        if self.dispatch.settles_here() and not self.done():
-            raise WebPubSubClientError(_WOULD_DEADLOCK)
+        self._check_wait(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         """The send's exception, or None once it succeeded (see
         :meth:`concurrent.futures.Future.exception`)."""
-        if self.dispatch.settles_here() and not self.done():
-            raise WebPubSubClientError(_WOULD_DEADLOCK)
+        self._check_wait(timeout)
         return super().exception(timeout)
+
+    def _check_wait(self, timeout: Optional[float]) -> None:
+        """Raises when a wait of ``timeout`` seconds (None: no limit) for this future, on
+        this thread, would wait in vain; one of 0 or less does not wait (a future not done
+        then raises TimeoutError, as any future's)."""
+        if (timeout is not None and timeout <= 0) or self.done():
+            return
+        if self.dispatch.settles_here():
+            raise WebPubSubClientError(_WOULD_DEADLOCK)
+        if self.dispatch.in_fork_child():
+            raise WebPubSubClientError(_FORKED, status=_native.STATUS_FORKED)
 
 
 def settle_one(future: SendFuture, outcome: Union[WebPubSubResult, Exception]) -> None:
