@@ -336,8 +336,9 @@ def test_waiting_on_an_unfinished_future_on_the_listeners_thread_raises_at_once(
 
 def test_a_zero_timeout_polls_on_the_listeners_thread(hub: Hub) -> None:
     """``result(timeout=0)`` and ``exception(timeout=0)`` of a future not done yet, in a
-    listener of its client, do not wait: they raise TimeoutError, as any future's, not
-    the error of a wait that would never end."""
+    listener of its client, do not wait: they raise concurrent.futures.TimeoutError (the
+    builtin TimeoutError from Python 3.11), as any future's, not the error of a wait that
+    would never end."""
     raised: List[BaseException] = []
 
     def on_connected(_args: Any) -> None:
@@ -352,7 +353,7 @@ def test_a_zero_timeout_polls_on_the_listeners_thread(hub: Hub) -> None:
     client.subscribe(CallbackType.CONNECTED, on_connected)
     with client:
         wait_until(lambda: len(raised) == 2, what="the listener's two polls")
-    assert all(isinstance(exc, TimeoutError) for exc in raised), raised
+    assert all(isinstance(exc, concurrent.futures.TimeoutError) for exc in raised), raised
 
 
 def test_a_raising_done_callback_is_logged_and_spares_the_others(hub: Hub, caplog: pytest.LogCaptureFixture) -> None:
@@ -514,7 +515,7 @@ def test_a_fork_child_raises_at_once_for_an_unfinished_future_of_its_parent(hub:
     ``exception()`` raise WebPubSubClientError (FORKED) at once instead of waiting in vain,
     a zero timeout raises TimeoutError; the parent's future settles as usual."""
     code = f"""
-        import os, signal, threading, time
+        import concurrent.futures, os, signal, threading, time
         from webpubsub_client import WebPubSubClient
         from webpubsub_client.models import WebPubSubClientError
         client = WebPubSubClient({hub.url("forker")!r}, start_timeout=5.0)
@@ -536,7 +537,7 @@ def test_a_fork_child_raises_at_once_for_an_unfinished_future_of_its_parent(hub:
                 outcomes.append(str(time.monotonic() - started < 1))
             try:
                 future.result(timeout=0)
-            except TimeoutError:
+            except concurrent.futures.TimeoutError:
                 outcomes.append("TimeoutError")
             print(*outcomes, flush=True)
             os._exit(0)

@@ -747,11 +747,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         ``result()`` or ``exception()`` of a future not done yet, called there (in a
         listener or a done-callback of this client), would wait for ever: it raises
         :class:`WebPubSubClientError` instead (with a timeout of 0, which does not wait,
-        TimeoutError), as it does in a fork() child for a future of its parent, which is
-        never settled there. ``concurrent.futures.wait()`` and ``as_completed()`` are not
-        guarded: there, without a timeout, they wait for ever. A future cannot be
-        cancelled (``cancel()`` returns False): a message handed to the connection cannot
-        be taken back. :meth:`close` returns once the futures of the sends begun before it
+        ``concurrent.futures.TimeoutError``), as it does in a fork() child for a future of
+        its parent, which is never settled there. ``concurrent.futures.wait()`` and
+        ``as_completed()`` are not guarded: there, without a timeout, they wait for ever. A
+        future cannot be cancelled (``cancel()`` returns False): a message handed to the
+        connection cannot be taken back. :meth:`close` returns once the futures of the sends begun before it
         are settled (not when called by a listener, whose thread settles them once it
         returns). A client freed with sends in flight fails them with "Stopped", settled on
         the freeing thread (or, freed during a callback of the library, on a thread of the

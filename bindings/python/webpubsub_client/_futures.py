@@ -66,7 +66,7 @@ class SendFuture(concurrent.futures.Future[WebPubSubResult]):
     def _check_wait(self, timeout: Optional[float]) -> None:
         """Raises when a wait of ``timeout`` seconds (None: no limit) for this future, on
         this thread, would wait in vain; one of 0 or less does not wait (a future not done
-        then raises TimeoutError, as any future's)."""
+        then raises ``concurrent.futures.TimeoutError``, as any future's)."""
         if (timeout is not None and timeout <= 0) or self.done():
             return
         if self.dispatch.settles_here():
