@@ -222,7 +222,8 @@ fn decode_part(part: &str) -> Result<Value, AuthError> {
 }
 
 /// Is `host` one this server answers to: a loopback name, or the configured host? An IP
-/// address is compared as an address, however spelled, with or without brackets.
+/// address is compared as an address, however spelled, with or without brackets (an
+/// IPv4-mapped IPv6 address as its IPv4 one).
 fn host_ok(host: &str, configured_host: &str) -> bool {
     fn unbracketed(h: &str) -> &str {
         h.trim_start_matches('[').trim_end_matches(']')
@@ -230,7 +231,7 @@ fn host_ok(host: &str, configured_host: &str) -> bool {
     let same = |a: &str, b: &str| {
         let (a, b) = (unbracketed(a), unbracketed(b));
         match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
-            (Ok(a), Ok(b)) => a == b,
+            (Ok(a), Ok(b)) => a.to_canonical() == b.to_canonical(),
             _ => a.eq_ignore_ascii_case(b),
         }
     };
@@ -460,7 +461,8 @@ mod tests {
         }
     }
 
-    /// An IP address is the same host however it is spelled, with or without brackets.
+    /// An IP address is the same host however it is spelled, with or without brackets,
+    /// and an IPv4 address as its IPv4-mapped IPv6 form.
     #[test]
     fn an_ip_host_matches_in_any_spelling() {
         let p = "/client/hubs/chat";
@@ -470,6 +472,9 @@ mod tests {
             ("[FD00:0:0::2]", "fd00::2"),
             ("[::1]", "0:0:0:0:0:0:0:1"),
             ("10.0.0.2", "10.0.0.2"),
+            ("[::ffff:10.0.0.2]", "10.0.0.2"),
+            ("10.0.0.2", "::ffff:10.0.0.2"),
+            ("[::ffff:127.0.0.1]", "example.com"),
             ("example.com", "Example.com"),
         ] {
             let aud = format!("ws://{aud_host}:80{p}");
