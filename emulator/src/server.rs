@@ -102,12 +102,13 @@ fn check_access_key(key: &str) -> std::io::Result<()> {
 }
 
 /// The host that URLs name for a listener on `host` (without brackets) bound to `bound`:
-/// for an unspecified address (every interface, however spelled or resolved), a loopback
+/// for an unspecified address (every interface, however spelled or resolved, the
+/// IPv4-mapped `::ffff:0.0.0.0` included), a loopback
 /// address it takes, `127.0.0.1` when it `takes_ipv4` (an IPv4 or dual-stack socket),
 /// else `[::1]`; an IP address in its canonical form, an IPv6 one in brackets (one with a
 /// zone, `fe80::1%eth0`, as given); a name as it is.
 fn public_host(host: &str, bound: IpAddr, takes_ipv4: bool) -> String {
-    let ip = if bound.is_unspecified() {
+    let ip = if bound.to_canonical().is_unspecified() {
         if takes_ipv4 {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         } else {
@@ -275,6 +276,11 @@ mod tests {
         assert_eq!(public_host("0", any4, true), "127.0.0.1");
         assert_eq!(public_host("::", any6, true), "127.0.0.1");
         assert_eq!(public_host("0:0::0", any6, false), "[::1]");
+        let mapped_any4 = "::ffff:0.0.0.0".parse().unwrap();
+        assert_eq!(
+            public_host("::ffff:0.0.0.0", mapped_any4, true),
+            "127.0.0.1"
+        );
         assert_eq!(public_host("::1", "::1".parse().unwrap(), false), "[::1]");
         assert_eq!(
             public_host("0:0:0:0:0:0:0:1", "::1".parse().unwrap(), false),
