@@ -751,11 +751,11 @@ class WebPubSubClient:  # pylint: disable=too-many-instance-attributes
         its parent, which is never settled there. ``concurrent.futures.wait()`` and
         ``as_completed()`` are not guarded: there, without a timeout, they wait for ever. A
         future cannot be cancelled (``cancel()`` returns False): a message handed to the
-        connection cannot be taken back. :meth:`close` returns once the futures of the sends begun before it
-        are settled (not when called by a listener, whose thread settles them once it
-        returns). A client freed with sends in flight fails them with "Stopped", settled on
-        the freeing thread (or, freed during a callback of the library, on a thread of the
-        package).
+        connection cannot be taken back. :meth:`close` returns once the futures of the
+        sends begun before it are settled (not when called by a listener, whose thread
+        settles them once it returns). A client freed with sends in flight fails them with
+        "Stopped", settled on the freeing thread (or, freed during a callback of the
+        library, on a thread of the package).
 
         A sliding window of 100 acked messages::
 

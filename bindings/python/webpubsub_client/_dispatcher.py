@@ -147,8 +147,12 @@ class Dispatch:
         """True on the thread that runs this client's listeners and settles its pipelined
         sends' futures, while it does: inside the client's dispatch, or settling what its
         free left. A future not done yet would wait for ever there."""
+        return self._dispatching_here() or self._settler == threading.get_ident()
+
+    def _dispatching_here(self) -> bool:
+        """True inside this client's dispatch, on its worker's thread."""
         worker = self.worker
-        return (worker.current is self and worker.is_current()) or self._settler == threading.get_ident()
+        return worker.current is self and worker.is_current()
 
     def complete(self, future: _futures.SendFuture, outcome: Union[WebPubSubResult, Exception]) -> None:
         """The outcome of a pipelined send that came through its completion callback (see
@@ -158,7 +162,7 @@ class Dispatch:
         :func:`._callbacks.quiesce_native`): it is settled by the freeing thread once the
         free has returned, or, when the library deferred the teardown (a free from inside
         a callback: a collection during one), by a thread of its own (:meth:`_settle_left`)."""
-        if self.worker.current is self and self.worker.is_current():
+        if self._dispatching_here():
             self._sink.defer(future, outcome)
             return
         _callbacks.keep_thread_state()

@@ -27,7 +27,7 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional
 
 __all__ = ["lib", "load_library", "LibraryNotFoundError"]
 
@@ -396,8 +396,10 @@ def _candidates() -> List[Path]:
     return paths
 
 
-def _declare(cdll: ctypes.CDLL) -> None:
-    for name, (restype, argtypes) in _SIGNATURES.items():
+def _declare(cdll: ctypes.CDLL, names: Iterable[str] = _SIGNATURES) -> None:
+    """Declares the functions ``names`` (all by default) of ``cdll`` from ``_SIGNATURES``."""
+    for name in names:
+        restype, argtypes = _SIGNATURES[name]
         func = getattr(cdll, name)
         func.restype = restype
         func.argtypes = argtypes
@@ -445,10 +447,7 @@ def _held_handle(names: List[str]) -> ctypes.PyDLL:
     """A second handle to the loaded library, through which ``names`` are called with the
     interpreter lock held (``PyDLL``), declared as on ``lib``."""
     held = ctypes.PyDLL(lib._name)
-    for function in names:
-        restype, argtypes = _SIGNATURES[function]
-        getattr(held, function).restype = restype
-        getattr(held, function).argtypes = argtypes
+    _declare(held, names)
     return held
 
 
