@@ -572,3 +572,21 @@ def test_a_collected_client_leaves_no_future_pending(hub: Hub) -> None:
         error = future.exception()
         assert isinstance(error, SendMessageError) and error.error_detail is not None
         assert error.error_detail.name in ("IllegalState", "Stopped")
+
+
+def test_a_future_kept_after_its_client_is_gone_does_not_keep_the_client(hub: Hub) -> None:
+    """Futures outlive their client (kept in a list, say): settled ones, acked or failed,
+    no longer hold the client's dispatch, and with it its listeners' sink and its
+    credential provider."""
+    client = make(hub.url(), ack_timeout=WAIT * 2)
+    client.open()
+    futures = [client.begin_send_to_group("g", str(i), TEXT) for i in range(50)]
+    settled(futures)
+    hub.drop_acks(client.connection_id, 50)
+    futures += [client.begin_send_to_group("g", str(i), TEXT) for i in range(50)]
+    dispatch = weakref.ref(client._dispatch)  # pylint: disable=protected-access
+    client.close()
+    settled(futures)
+    assert sum(f.exception() is not None for f in futures) == 50
+    del client
+    wait_until(lambda: gc.collect() >= 0 and dispatch() is None, what="the client's dispatch collected")

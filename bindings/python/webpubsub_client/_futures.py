@@ -48,7 +48,9 @@ class SendFuture(concurrent.futures.Future[WebPubSubResult]):
     def __init__(self, dispatch: Dispatch, ack_id: Optional[int]) -> None:
         super().__init__()
         self.set_running_or_notify_cancel()
-        self.dispatch = dispatch  # the client's
+        # The client's, until settled: a future kept longer does not keep it (and its
+        # credential provider) alive.
+        self.dispatch: Optional[Dispatch] = dispatch
         self.ack_id = ack_id  # the caller's, for a failure that carries none
 
     def result(self, timeout: Optional[float] = None) -> WebPubSubResult:
@@ -67,11 +69,12 @@ class SendFuture(concurrent.futures.Future[WebPubSubResult]):
         """Raises when a wait of ``timeout`` seconds (None: no limit) for this future, on
         this thread, would wait in vain; one of 0 or less does not wait (a future not done
         then raises ``concurrent.futures.TimeoutError``, as any future's)."""
-        if (timeout is not None and timeout <= 0) or self.done():
+        dispatch = self.dispatch  # None: settled, or being settled on another thread
+        if (timeout is not None and timeout <= 0) or dispatch is None or self.done():
             return
-        if self.dispatch.settles_here():
+        if dispatch.settles_here():
             raise WebPubSubClientError(_WOULD_DEADLOCK)
-        if self.dispatch.in_fork_child():
+        if dispatch.in_fork_child():
             raise WebPubSubClientError(_FORKED, status=_native.STATUS_FORKED)
 
 
@@ -79,6 +82,7 @@ def settle_one(future: SendFuture, outcome: Union[WebPubSubResult, Exception]) -
     """Gives ``future`` its result, or its error when ``outcome`` is an exception. A
     done-callback's ``Exception`` is logged by ``concurrent.futures``; anything else it
     raises (``SystemExit``) is logged here and ends only that future's callbacks."""
+    future.dispatch = None
     try:
         if isinstance(outcome, Exception):
             future.set_exception(outcome)
@@ -95,7 +99,8 @@ def settle(records: memoryview) -> None:
     for key, _op_id, ack_id, has_ack_id, is_duplicated in _native.ACK_RECORD.iter_unpack(records):
         future = take(key, None)
         if future is not None:
-            try:  # settle_one, written out: this runs per message
+            future.dispatch = None  # settle_one, written out: this runs per message
+            try:
                 future.set_result(WebPubSubResult(ack_id if has_ack_id else None, is_duplicated))
             except BaseException:  # noqa: BLE001 - as in settle_one
                 _LOGGER.exception("a done-callback of a send's future raised")
@@ -106,7 +111,7 @@ def _on_completion(key: Optional[int], raw: Any) -> None:
     outcome once the client was freed (a library thread then runs what was left)."""
     try:
         future: Optional[SendFuture] = REGISTRY.pop(key)
-        if future is not None:
+        if future is not None and future.dispatch is not None:  # out of the registry once: unsettled
             future.dispatch.complete(future, _base.completion_outcome(raw.contents, future.ack_id))
     except BaseException:  # noqa: BLE001 - nothing may propagate into C
         _LOGGER.exception("error while completing a send")
