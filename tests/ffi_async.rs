@@ -9,7 +9,7 @@ use common::check;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use webpubsub_client::ffi::callbacks::{
@@ -55,6 +55,8 @@ struct Seen {
     acked: usize,
     /// Per operation id: the ackId its completion carried.
     ack_ids: HashMap<u64, u64>,
+    /// Completions whose ackId the service had already processed.
+    duplicated: usize,
     /// Group messages (`m <group> <sender or -> <text>`), the connected, disconnected and
     /// stopped events (`connected`, ...) and completions (`c <op id>`), in the order the
     /// callbacks ran.
@@ -110,6 +112,9 @@ unsafe extern "C" fn on_complete(user_data: *mut c_void, done: *const wps_comple
         seen.acked += 1;
         seen.ack_ids.insert(done.op_id, done.ack_id);
     }
+    if done.is_duplicated {
+        seen.duplicated += 1;
+    }
     rec.changed.notify_all();
 }
 
@@ -159,13 +164,40 @@ impl Setup {
 
     /// Has the emulator deliver the next `count` messages of `c` but swallow their acks.
     fn drop_acks(&self, c: *mut wps_client, count: u32) {
-        let action = format!(":dropAcks?count={count}");
+        self.fault(c, &format!(":dropAcks?count={count}"));
+    }
+
+    /// Has the emulator apply the fault `action` (`:drop`, ...) to `c`'s connection.
+    fn fault(&self, c: *mut wps_client, action: &str) {
         self.rt.block_on(common::fault(
             &self.emulator,
             "hub",
             &connection_id(c),
-            &action,
+            action,
         ));
+    }
+
+    /// A started client whose events and completions go to `rec`, patient: its acks
+    /// awaited a minute (no retry in these tests), its drops recovered.
+    fn patient_client(&self, rec: &Recorder) -> *mut wps_client {
+        unsafe {
+            let o = wps_options_new();
+            check(wps_options_set_ack_timeout_ms(o, 60_000), "ack timeout");
+            check(wps_options_set_recovery(o, 30_000, 20), "recovery");
+            let mut c = std::ptr::null_mut();
+            let status = wps_client_new(
+                self.url.as_ptr(),
+                o,
+                Some(on_event),
+                rec.user_data(),
+                None,
+                &mut c,
+            );
+            wps_options_free(o);
+            check(status, "wps_client_new");
+            check(wps_client_start(c), "wps_client_start");
+            c
+        }
     }
 
     fn shutdown(self) {
@@ -995,6 +1027,199 @@ fn deferred_sends_wait_for_a_flush_or_the_next_send_and_keep_their_order() {
     unsafe { wps_client_free(sender) };
     assert_completed_once_ok_or_stopped(sender_rec, &left);
     unsafe { wps_client_free(receiver) };
+    setup.shutdown();
+}
+
+#[test]
+fn deferred_runs_flushed_with_sends_in_flight_arrive_once_in_order() {
+    windowed_deferred_runs(false);
+}
+
+#[test]
+fn deferred_runs_flushed_with_sends_in_flight_across_recovered_drops_arrive_once_in_order() {
+    windowed_deferred_runs(true);
+}
+
+/// One thread keeps `WINDOW` sends in flight, as the C benchmark's pipelined publisher
+/// does: each refill a run of deferred sends and one flush, which the flushing thread
+/// writes itself as far as it can, sends pending or not. Some runs go partly through the
+/// connection task: one with a send not deferred in its middle (the deferred ones before
+/// it are flushed first, the send itself queued on the busy client, ahead of the rest),
+/// one with a deferred fire-and-forget send there (which ends what the thread writes).
+/// With `drops`, the sender's socket is dropped, and recovered, again and again
+/// meanwhile. Every send completes once, successfully; a subscriber gets the acked ones
+/// (and, with no drop, all of them) once each, in call order.
+fn windowed_deferred_runs(drops: bool) {
+    const SENDS: usize = 5000;
+    const WINDOW: usize = 100;
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
+    let group = c"windowed";
+    let receiver = setup.client(receiver_rec, true);
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    let sender = setup.patient_client(sender_rec);
+    let sender_at = AtomicPtr::new(sender);
+    let sending = AtomicBool::new(true);
+    let dropped = AtomicUsize::new(0);
+    let ops = std::thread::scope(|s| {
+        if drops {
+            s.spawn(|| {
+                let sender = sender_at.load(Ordering::Relaxed);
+                let mut n = 0u64;
+                while sending.load(Ordering::Acquire) {
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(5 + n * 13 % 20));
+                    let Some(id) = try_connection_id(sender) else {
+                        continue;
+                    };
+                    let path = format!("/_emulator/hubs/hub/connections/{id}/:drop");
+                    let port = setup.emulator.port();
+                    let (_, body) = setup
+                        .rt
+                        .block_on(common::http(port, "POST", &path, &[], b""));
+                    if body.contains("\"dropped\":true") {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        let mut ops: Vec<(u64, u32)> = Vec::with_capacity(SENDS);
+        let mut refills = 0;
+        while ops.len() < SENDS {
+            let started = ops.len();
+            sender_rec.wait("room in the window", |s| {
+                started - s.completions.len() < WINDOW
+            });
+            let in_flight = started - sender_rec.seen.lock().unwrap().completions.len();
+            let run = (WINDOW - in_flight).min(SENDS - started);
+            refills += 1;
+            for k in 0..run {
+                let flags = match (refills % 7, refills % 11) {
+                    (0, _) if k == run / 2 => 0,
+                    (_, 0) if k == run / 2 => WPS_SEND_DEFERRED | WPS_SEND_FIRE_AND_FORGET,
+                    _ => WPS_SEND_DEFERRED,
+                };
+                let text = format!("m{:05}", ops.len());
+                ops.push((send_async(sender, group, &text, flags, sender_rec), flags));
+            }
+            check(unsafe { wps_client_flush_deferred(sender) }, "flush");
+        }
+        sending.store(false, Ordering::Release);
+        ops
+    });
+    sender_rec.wait("every completion", |s| s.completions.len() == SENDS);
+    let acked: Vec<usize> = (0..SENDS)
+        .filter(|&i| ops[i].1 & WPS_SEND_FIRE_AND_FORGET == 0)
+        .collect();
+    {
+        let seen = sender_rec.seen.lock().unwrap();
+        for (op, _) in &ops {
+            assert_eq!(seen.completions[op], vec![WPS_STATUS_OK], "operation {op}");
+        }
+        assert_eq!(seen.acked, acked.len());
+        assert!(
+            !seen.timeline.iter().any(|e| e == "disconnected"),
+            "the sender only recovers"
+        );
+    }
+    receiver_rec.wait("every acked message", |s| s.messages.len() >= acked.len());
+    // Anything written twice would arrive by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Vec<usize> = receiver_rec
+        .seen
+        .lock()
+        .unwrap()
+        .messages
+        .iter()
+        .map(|m| m[1..].parse().unwrap())
+        .collect();
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "out of order or twice: {got:?}"
+    );
+    if drops {
+        let missing: Vec<&usize> = acked.iter().filter(|i| !got.contains(i)).collect();
+        assert!(missing.is_empty(), "acked, never received: {missing:?}");
+        let dropped = dropped.load(Ordering::Relaxed);
+        assert!(dropped > 0, "no socket was dropped");
+        println!("socket drops: {dropped}, messages received {}", got.len());
+    } else {
+        assert_eq!(got, (0..SENDS).collect::<Vec<_>>());
+    }
+    unsafe {
+        wps_client_free(sender);
+        wps_client_free(receiver);
+    }
+    setup.shutdown();
+}
+
+#[test]
+fn deferred_runs_flushed_past_the_acks_kept_in_flight_are_published_once() {
+    // The service remembers the last 1000 ackIds of a connection; a client keeps 999
+    // acked sends in flight, those its flushing thread wrote itself included. With the
+    // acks of the first 999 swallowed, no more go out; once the socket drops, the
+    // recovery resends those with their ackIds, and the service dedupes every one.
+    const SENDS: usize = 1500;
+    const RUN: usize = 100;
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
+    let group = c"kept";
+    let receiver = setup.client(receiver_rec, true);
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    let sender = setup.patient_client(sender_rec);
+    setup.drop_acks(sender, 999);
+    let ops: Vec<u64> = (0..SENDS)
+        .map(|i| {
+            let op = send_async(
+                sender,
+                group,
+                &format!("m{i:05}"),
+                WPS_SEND_DEFERRED,
+                sender_rec,
+            );
+            if (i + 1) % RUN == 0 {
+                check(unsafe { wps_client_flush_deferred(sender) }, "flush");
+            }
+            op
+        })
+        .collect();
+    receiver_rec.wait("the messages in flight", |s| s.messages.len() >= 999);
+    // Their acks never come: had a 1000th gone out, its ack would have made room for
+    // more, which would arrive by now.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        receiver_rec.seen.lock().unwrap().messages.len(),
+        999,
+        "acked sends in flight"
+    );
+    assert!(sender_rec.seen.lock().unwrap().completions.is_empty());
+    setup.fault(sender, ":drop");
+    sender_rec.wait("every completion", |s| s.completions.len() == SENDS);
+    {
+        let seen = sender_rec.seen.lock().unwrap();
+        for op in &ops {
+            assert_eq!(seen.completions[op], vec![WPS_STATUS_OK], "operation {op}");
+        }
+        assert_eq!(
+            seen.duplicated, 999,
+            "resent with their ackIds, deduplicated"
+        );
+    }
+    receiver_rec.wait("every message", |s| s.messages.len() >= SENDS);
+    // Anything published twice would arrive by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let expected: Vec<String> = (0..SENDS).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(receiver_rec.seen.lock().unwrap().messages, expected);
+    unsafe {
+        wps_client_free(sender);
+        wps_client_free(receiver);
+    }
     setup.shutdown();
 }
 
@@ -2081,8 +2306,8 @@ fn mixed_sends_of_several_threads_across_lost_sessions_complete_once_and_keep_or
 /// Several threads send through one client while its socket keeps dropping (the
 /// session `recoverable` or lost): one thread's blocking sends (its own writes when the
 /// client is idle), another's completion sends (its own writes too when idle, else
-/// queued), another's deferred sends flushed alone (written by the flushing thread) or
-/// in runs, and one that mixes all of these with joins. Every operation completes
+/// queued), another's deferred sends flushed alone or in runs (written by the flushing
+/// thread when it can), and one that mixes all of these with joins. Every operation completes
 /// once; a subscriber gets each thread's messages in call order, none twice, every one
 /// acked successfully, and, when every drop was recovered, all of them.
 fn mixed_sends_across_drops(recoverable: bool) {
@@ -2183,7 +2408,7 @@ fn mixed_sends_across_drops(recoverable: bool) {
                             let op = send_async(c, group, &text, WPS_SEND_DEFERRED, rec);
                             started.push((Some(i), op));
                             deferred += 1;
-                            // Alone (written by this thread when idle), or in runs of 3.
+                            // Alone, or in runs of 3.
                             if t == 3 || deferred == 3 || i % 5 == 0 {
                                 check(unsafe { wps_client_flush_deferred(c) }, "flush");
                                 deferred = 0;

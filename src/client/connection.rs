@@ -12,9 +12,10 @@
 //! Everything else talks to the task over two channels: commands (start, stop,
 //! cancel; unbounded) and operations (encoded frames with their reply channel;
 //! bounded, so a fast sender feels backpressure). Each phase is one method below,
-//! returning the next phase; `serve` is the connected loop. While it serves, an idle
-//! client's caller may write its own frame (see `direct.rs`); the task registers those
-//! operations before it reads anything more.
+//! returning the next phase; `serve` is the connected loop. While it serves, a caller
+//! may write its own frames (an idle client's operation, or a flushed run of deferred
+//! ones: see `direct.rs`); the task registers those operations before it reads
+//! anything more.
 
 use super::ack_ids::{AckIds, SERVICE_ACK_MEMORY};
 use super::credential::MAX_URL_LEN;
@@ -62,9 +63,10 @@ const POLICY_VIOLATION: u16 = 1008;
 /// Acks arrive in order: when one is lost with a dropped socket, so is every later one.
 /// With no more in flight than the service remembers, every operation it processed but
 /// whose ack was lost is still among those it remembers when the recovery resends it.
-/// One less than that memory: a caller may also have written one operation itself
-/// (only ever one, and only when nothing was pending) that the task has not registered.
-const MAX_PENDING_ACKS: usize = SERVICE_ACK_MEMORY - 1;
+/// One less than that memory, as a margin. Callers' own writes count against it too:
+/// the task takes operations in under the write half's lock, where callers look for
+/// room (see `Direct::write_run`), so the task and callers together never exceed it.
+pub(crate) const MAX_PENDING_ACKS: usize = SERVICE_ACK_MEMORY - 1;
 
 /// A control message to the connection task.
 pub(crate) enum Command {
@@ -689,6 +691,10 @@ impl Task {
                 },
                 Some(op) = self.operations.recv(), if self.takes_operations() => {
                     now = Instant::now();
+                    // Taken in under the write half's lock, and counted pending before
+                    // it is released: a caller that writes a run itself looks for room
+                    // under it (see `Direct::write_run`).
+                    let _held = direct.lock().await;
                     // A caller's own write went out before the operations it queued
                     // next: registered first, it is resent first after a recovery.
                     self.register_written();
@@ -706,6 +712,7 @@ impl Task {
                             Err(_) => break,
                         }
                     }
+                    direct.set_pending(self.pending.len());
                 },
                 () = direct.woken() => {
                     now = Instant::now();

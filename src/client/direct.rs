@@ -1,29 +1,42 @@
-//! The write path an idle client's caller takes itself: its frame written on its own
-//! thread, with no hand-off to the connection task.
+//! The write path a caller takes itself: its frames written on its own thread, with no
+//! hand-off to the connection task.
 //!
 //! A caller that waits for one acked operation at a time (a blocking C or Python call
 //! in a loop, an asyncio loop awaiting each send) would otherwise wake the connection
 //! task to write each frame, then sleep until the task reads the ack: two thread
 //! wake-ups per round trip where one will do. When the client is idle (serving,
 //! nothing queued towards the task, nothing awaiting an ack) the caller writes the
-//! frame itself, non-blocking, and leaves the operation in `written`; the task
-//! registers it before it reads anything more from the socket and before it looks for
-//! the operation of an ack (a batch of frames may be read around a write), so the ack
-//! always finds it; before it takes in operations queued after it, so a recovery
-//! resends them in that order; and at each keep-alive ping, so its timeout runs even
-//! when nothing is read. Anything else (a busy client, a socket that would block, a
-//! half the reader holds) goes through the channel as before.
+//! frame itself, non-blocking, and leaves the operation in `written`. A caller that
+//! flushes a run of deferred operations (an event loop, once per pass) writes the run
+//! itself too, as one batch, even with operations pending (awaiting acks): the task,
+//! which wakes for their acks anyway, is not woken to write it as well. A single
+//! operation handed over at once still needs an idle client: on a busy one, the task
+//! batches such operations better.
+//!
+//! The task registers what callers wrote before it reads anything more from the socket
+//! and before it looks for the operation of an ack (a batch of frames may be read
+//! around a write), so the ack always finds it; before it takes in operations queued
+//! after it, so a recovery resends them in that order; and at each keep-alive ping, so
+//! its timeout runs even when nothing is read. Anything else (a socket that would
+//! block, a half the reader holds, operations queued towards the task, no room left
+//! under the limit of acked operations in flight) goes through the channel as before.
+//!
+//! The limit (`MAX_PENDING_ACKS`) holds for the task and callers together: the task
+//! takes operations in from the channel under the write half's lock and counts them
+//! pending before it lets go; a caller counts the room left under that lock.
 //!
 //! The connection task stays the owner: it puts the socket's write half here while it
 //! serves, writes through the same lock, and takes the half back (and registers what
 //! is left in `written`) before it recovers, reconnects or stops.
 
+use super::connection::MAX_PENDING_ACKS;
 use super::pending::{OpKind, Operation};
 use super::Error;
 use crate::transport::Ws;
 use futures_util::stream::SplitSink;
 use futures_util::task::noop_waker_ref;
 use futures_util::Sink;
+use std::iter::Peekable;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -43,7 +56,10 @@ pub(crate) struct Direct {
     /// Operations handed towards the task (channel, overflow or deferred queue) that it
     /// has not finished with: a direct write must not overtake them.
     queued: AtomicUsize,
-    /// Operations the task holds in its pending table (as of its last step).
+    /// Operations the task holds in its pending table, as of its last count. Never
+    /// below it for a caller holding the write half's lock and `written`'s: the task
+    /// counts what it takes in before it lets go of the former, and what callers wrote
+    /// as it takes it from the latter. Only what finished is counted late.
     pending: AtomicUsize,
     /// Acked operations written by callers, with when, for the task to register.
     written: Mutex<Vec<(Operation, Instant)>>,
@@ -134,6 +150,83 @@ impl Direct {
             self.wake.notify_one();
         }
         Written::Yes
+    }
+
+    /// Writes the longest prefix of a flushed `run` of deferred operations that it can
+    /// on this thread, as one batch (one flush, one system call), never blocking; the
+    /// rest stays in `run`, for the channel. Only when [`Direct::pings_register`] (their
+    /// outcomes may go unawaited) and nothing is queued towards the task; pending
+    /// operations are fine. An operation that is not acked, or whose caller gave up,
+    /// ends the prefix, and so does a socket that stops taking frames. So does the room
+    /// left under `MAX_PENDING_ACKS` less one: the task decides to take an operation
+    /// from the channel before it registers what callers wrote (it checks again before
+    /// each next one), so one may come on top of a run that filled the room.
+    pub(crate) fn write_run<I: Iterator<Item = Operation>>(&self, run: &mut Peekable<I>) {
+        if !self.pings_register
+            || self.chosen_ack_ids.load(Ordering::Relaxed)
+            || self.queued.load(Ordering::Acquire) != 0
+        {
+            return;
+        }
+        let Ok(mut slot) = self.sink.try_lock() else {
+            return;
+        };
+        let Some(sink) = slot.as_mut() else {
+            return;
+        };
+        // Checked again under the write half's lock, which the task holds while it
+        // writes and while it takes operations in from the channel, counting them
+        // pending before it lets go; and with `written` locked, which the task empties
+        // as it counts what callers wrote pending. So the count read here is never
+        // below what the task holds (only what finished is counted late), and nothing
+        // queued after this check is taken in, or goes out, before this run.
+        let mut room = {
+            let written = self.written();
+            if self.queued.load(Ordering::Acquire) != 0 {
+                return;
+            }
+            let held = self.pending.load(Ordering::Acquire) + written.len();
+            (MAX_PENDING_ACKS - 1).saturating_sub(held)
+        };
+        let writable =
+            |op: &Operation| matches!(&op.kind, OpKind::Ack { reply, .. } if !reply.is_closed());
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let (mut wrote, mut failed) = (false, false);
+        while room > 0
+            && matches!(
+                Pin::new(&mut *sink).poll_ready(&mut cx),
+                Poll::Ready(Ok(()))
+            )
+        {
+            let Some(op) = run.next_if(writable) else {
+                break;
+            };
+            let frame = op.frame.clone();
+            // Registered before the frame can leave, so that its ack cannot come first.
+            self.written().push((op, Instant::now()));
+            room -= 1;
+            wrote = true;
+            if Pin::new(&mut *sink)
+                .start_send(Message::Text(frame))
+                .is_err()
+            {
+                failed = true;
+                break;
+            }
+        }
+        if !wrote {
+            return;
+        }
+        let flushed = !failed
+            && matches!(
+                Pin::new(&mut *sink).poll_flush(&mut cx),
+                Poll::Ready(Ok(()))
+            );
+        if !flushed {
+            // Left in the write half, or the socket failed: either way the task's next
+            // flush finishes it or finds the failure.
+            self.wake.notify_one();
+        }
     }
 
     fn idle(&self) -> bool {

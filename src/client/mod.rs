@@ -3,11 +3,12 @@
 //! The task runs on the crate's own [runtime](crate::runtime), whatever runtime the
 //! caller uses. Every method encodes its frame on the caller's thread and hands it to
 //! the task, which owns the socket and the state machine (an awaited acked operation on
-//! an idle client is written by its caller instead, and the task takes it over from
-//! there). Replies come back over a oneshot channel, so the methods work from any
-//! executor. The task keeps at most 999 acked operations in flight (the service
-//! remembers a connection's last 1000 ackIds, which is what makes a resend after a
-//! recovery safe); later ones wait their turn.
+//! an idle client, and a flushed run of deferred ones, are written by their caller
+//! instead, and the task takes them over from there). Replies come back over a oneshot
+//! channel, so the methods work from any executor. At most 999 acked operations are in
+//! flight, callers' own writes included (the service remembers a connection's last
+//! 1000 ackIds, which is what makes a resend after a recovery safe); later ones wait
+//! their turn.
 
 // The task is `connection.rs`, the caller's own write `direct.rs`. The crate's C layer
 // builds the same operations from the caller's borrowed buffers (`group_message` and
@@ -698,7 +699,8 @@ impl Client {
             .await
     }
 
-    /// Hands the deferred messages to the connection task, in order (one wake-up).
+    /// Sends the deferred messages, in order: written by this thread as far as it can
+    /// (see `direct.rs`), the rest handed to the connection task (one wake-up).
     pub(crate) fn flush_deferred(&self) {
         self.inner.operations.flush();
     }
@@ -1015,9 +1017,10 @@ impl Client {
     /// without waiting (or defers it); the outcome goes to `done`, exactly once (at
     /// once on the calling thread when refused). Never blocks. A fire-and-forget
     /// message completes once queued; a deferred one waits for
-    /// [`Client::flush_deferred`] or the next operation not deferred. An acked one on
-    /// an idle client, handed over at once or flushed alone, is written by the caller
-    /// (see `direct.rs`) when the keep-alive pings bound how late the task registers it.
+    /// [`Client::flush_deferred`] or the next operation not deferred. When the
+    /// keep-alive pings bound how late the task registers it, an acked one is written by
+    /// the caller (see `direct.rs`): handed over at once on an idle client, or flushed
+    /// with the deferred ones before it on a client with no operation queued.
     pub(crate) fn start_then(
         &self,
         op: Result<Prepared, Error>,
@@ -1227,11 +1230,12 @@ mod tests {
         }
     }
 
-    /// A scripted service on a plain thread: the connected frame, then per round a
-    /// server message (which holds the client's connection task in its event handler),
-    /// the next sendToGroup frame reported to `frames`, and its ack.
+    type ServiceSocket = tokio_tungstenite::tungstenite::WebSocket<std::net::TcpStream>;
+
+    /// A scripted service on a plain thread: the connected frame, then `script` with
+    /// the socket, then reading until the client goes. Returns the client URL.
     #[allow(clippy::result_large_err)] // tungstenite's handshake callback returns a response
-    fn holding_service(rounds: usize) -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
+    fn scripted_service(script: impl FnOnce(&mut ServiceSocket) + Send + 'static) -> String {
         use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
         use tokio_tungstenite::tungstenite::Message;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1239,7 +1243,6 @@ mod tests {
             "ws://{}/client/hubs/h?access_token=t",
             listener.local_addr().unwrap()
         );
-        let (frames_tx, frames) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let (tcp, _) = listener.accept().unwrap();
             tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -1255,35 +1258,67 @@ mod tests {
                 r#"{"type":"system","event":"connected","userId":"u","connectionId":"c1","reconnectionToken":"t1"}"#,
             ))
             .unwrap();
-            for round in 1..=rounds {
-                ws.send(Message::text(format!(
-                    r#"{{"type":"message","from":"server","dataType":"text","data":"hold","sequenceId":{round}}}"#
-                )))
-                .unwrap();
-                let frame = loop {
-                    let Ok(Message::Text(text)) = ws.read() else {
-                        return;
-                    };
-                    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
-                    if frame["type"] == "sendToGroup" {
-                        break frame;
-                    }
-                };
-                let ack = format!(
-                    r#"{{"type":"ack","ackId":{},"success":true}}"#,
-                    frame["ackId"]
-                );
-                let _ = frames_tx.send(frame);
-                ws.send(Message::text(ack)).unwrap();
-            }
+            script(&mut ws);
             while ws.read().is_ok() {}
+        });
+        url
+    }
+
+    /// Sends a server message, which holds the client's connection task in the event
+    /// handler of these tests.
+    fn hold(ws: &mut ServiceSocket, sequence_id: usize) {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            r#"{{"type":"message","from":"server","dataType":"text","data":"hold","sequenceId":{sequence_id}}}"#
+        )))
+        .unwrap();
+    }
+
+    /// The next sendToGroup frame the client writes; `None` once it is gone.
+    fn next_send(ws: &mut ServiceSocket) -> Option<serde_json::Value> {
+        loop {
+            let Ok(tokio_tungstenite::tungstenite::Message::Text(text)) = ws.read() else {
+                return None;
+            };
+            let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] == "sendToGroup" {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// Acks the sendToGroup `frame`, successfully.
+    fn ack(ws: &mut ServiceSocket, frame: &serde_json::Value) {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            r#"{{"type":"ack","ackId":{},"success":true}}"#,
+            frame["ackId"]
+        )))
+        .unwrap();
+    }
+
+    /// A scripted service: per round a server message (which holds the connection
+    /// task), the next sendToGroup frame reported to `frames`, and its ack.
+    fn holding_service(rounds: usize) -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
+        let (frames_tx, frames) = std::sync::mpsc::channel();
+        let url = scripted_service(move |ws| {
+            for round in 1..=rounds {
+                hold(ws, round);
+                let Some(frame) = next_send(ws) else {
+                    return;
+                };
+                let _ = frames_tx.send(frame.clone());
+                ack(ws, &frame);
+            }
         });
         (url, frames)
     }
 
-    #[test]
-    fn a_callback_operation_on_an_idle_client_is_written_by_its_caller() {
-        let (url, frames) = holding_service(2);
+    /// An event handler that holds the connection task in each server message until
+    /// released; `entered` reports each.
+    fn holding_handler() -> (
+        impl EventHandler,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
         let (entered_tx, entered) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
@@ -1296,6 +1331,13 @@ mod tests {
                     .recv_timeout(Duration::from_secs(30));
             }
         };
+        (handler, entered, release)
+    }
+
+    #[test]
+    fn a_callback_operation_on_an_idle_client_is_written_by_its_caller() {
+        let (url, frames) = holding_service(2);
+        let (handler, entered, release) = holding_handler();
         let client = Client::new(
             Credential::Url(url),
             ClientOptions::default(),
@@ -1326,6 +1368,77 @@ mod tests {
             let acked = outcome.recv_timeout(Duration::from_secs(10)).unwrap();
             assert_eq!(acked.unwrap().ack_id, frame["ackId"].as_u64());
         }
+        crate::runtime::block_on(client.stop());
+    }
+
+    #[test]
+    fn a_flushed_run_of_deferred_operations_on_a_busy_client_is_written_by_its_caller() {
+        const PENDING: usize = 3;
+        const RUN: usize = 5;
+        let (frames_tx, frames) = std::sync::mpsc::channel();
+        let url = scripted_service(move |ws| {
+            // Acked sends pending (unacked) while the connection task is held, then a
+            // flushed run; all acked at the end.
+            let mut read = Vec::new();
+            for n in 0..PENDING + RUN {
+                if n == PENDING {
+                    hold(ws, 1);
+                }
+                let Some(frame) = next_send(ws) else {
+                    return;
+                };
+                let _ = frames_tx.send(frame.clone());
+                read.push(frame);
+            }
+            for frame in &read {
+                ack(ws, frame);
+            }
+        });
+        let (handler, entered, release) = holding_handler();
+        let client = Client::new(
+            Credential::Url(url),
+            ClientOptions::default(),
+            Arc::new(handler),
+        )
+        .unwrap();
+        crate::runtime::block_on(client.start()).unwrap();
+        let (done, outcomes) = std::sync::mpsc::channel();
+        let send = |text: String, handover| {
+            let message =
+                client.group_message("g", DataType::Text, text.as_bytes(), Default::default());
+            client.start_then(message, handover, Box::new(ToChannel(done.clone())));
+        };
+        let mut sent = Vec::new();
+        for n in 0..PENDING {
+            send(format!("pending{n}"), Handover::Now);
+            sent.push(frames.recv_timeout(Duration::from_secs(10)).unwrap());
+        }
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the handler was not called");
+        for n in 0..RUN {
+            send(format!("run{n}"), Handover::Deferred);
+        }
+        client.flush_deferred();
+        // Written while the connection task is held: by this thread.
+        for n in 0..RUN {
+            let frame = frames
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("run{n} was not written while the task is held"));
+            assert_eq!(frame["data"], format!("run{n}"));
+            sent.push(frame);
+        }
+        release.send(()).unwrap();
+        let mut acked: Vec<Option<u64>> = (0..PENDING + RUN)
+            .map(|_| {
+                let outcome = outcomes.recv_timeout(Duration::from_secs(10)).unwrap();
+                outcome.unwrap().ack_id
+            })
+            .collect();
+        acked.sort_unstable();
+        let mut expected: Vec<Option<u64>> = sent.iter().map(|f| f["ackId"].as_u64()).collect();
+        expected.sort_unstable();
+        assert_eq!(acked, expected);
         crate::runtime::block_on(client.stop());
     }
 

@@ -10,11 +10,14 @@
 //! Waking the connection task costs the submitting thread a system call. A caller that
 //! starts many operations in a row (an event loop, once per iteration) may defer them:
 //! they wait on the sender until `flush`, or until an operation that is not deferred,
-//! and then reach the connection task together, for one wake-up.
+//! and then go out together: written by the flushing thread itself as one batch as far
+//! as it can ([`Direct::write_run`]), the rest handed to the connection task together,
+//! for one wake-up.
 //!
 //! Every operation handed over (into the channel or the overflow queue) is counted in
 //! [`Direct`] until the task is done with it, so that a direct write never overtakes
-//! one; deferred operations are handed over before any direct write is tried.
+//! one; deferred operations are sent (written or handed over) before any later
+//! operation is.
 //!
 //! A stopping task takes what waits in the overflow queue too
 //! ([`Overflow::take_waiting`]): those operations were already reported handed over.
@@ -150,28 +153,20 @@ impl OpSender {
         }
     }
 
-    /// Hands every deferred operation to the connection task, in order. They are
-    /// handed over under the lock, so that two flushing threads cannot interleave, and
-    /// `has_deferred` is cleared only once they are: a flush that comes meanwhile (a
-    /// stop's, before its command) waits for them instead of overtaking them. A
-    /// single acked one on an idle client is written at once instead when its outcome
-    /// may go unawaited (see [`Direct::pings_register`]): a run of them is better
-    /// written by the task, for one wake-up.
+    /// Sends every deferred operation, in order: as many of them as it can written by
+    /// this thread at once, as one batch, pending operations or not (see
+    /// [`Direct::write_run`]); the rest handed to the connection task, for one wake-up.
+    /// All under the lock, so that two flushing threads cannot interleave, and
+    /// `has_deferred` is cleared only once they are sent: a flush that comes meanwhile
+    /// (a stop's, before its command) waits for them instead of overtaking them.
     pub(crate) fn flush(&self) {
         if !self.has_deferred.load(Ordering::Acquire) {
             return;
         }
         let mut deferred = self.deferred();
-        let alone = deferred.len() == 1 && self.direct.pings_register();
-        for op in deferred.drain(..) {
-            let op = if alone {
-                match self.direct.try_write(op) {
-                    Written::Yes => continue,
-                    Written::No(op) => op,
-                }
-            } else {
-                op
-            };
+        let mut run = deferred.drain(..).peekable();
+        self.direct.write_run(&mut run);
+        for op in run {
             // A refused operation has already given its reply the error.
             let _ = self.hand_over(op);
         }
@@ -179,8 +174,8 @@ impl OpSender {
     }
 
     /// Writes an acked operation on this thread if the client is idle (see
-    /// [`Direct::try_write`]), after handing the deferred ones over: it must not
-    /// overtake them.
+    /// [`Direct::try_write`]), after sending the deferred ones: it must not overtake
+    /// them.
     pub(crate) fn try_write(&self, op: Operation) -> Written {
         self.flush();
         self.direct.try_write(op)

@@ -1107,12 +1107,13 @@ class _Poller:
         dispatches the completion, and the send's handover flag. One call per message.
 
         The flag is usually ``SEND_DEFERRED``, with a flush scheduled for once the loop
-        has run the callbacks ready now: one wake-up of the library's thread for a run of
-        messages instead of one each. It is ``0`` (handed over at once, after the deferred
-        ones) every ``FLUSH_EVERY`` messages, so that the first of a long run already
-        travel, and for a message ``QUIET`` seconds after the previous one: it most likely
-        starts no run (sequential awaited sends), and waiting for the next loop pass would
-        only add that pass to its round trip."""
+        has run the callbacks ready now: the flush writes the run of messages itself, as
+        one batch, or wakes the library's thread once for it, instead of once each. It is
+        ``0`` (handed over at once, after the deferred ones) every ``FLUSH_EVERY``
+        messages, so that the first of a long run already travel, and for a message
+        ``QUIET`` seconds after the previous one: it most likely starts no run
+        (sequential awaited sends), and waiting for the next loop pass would only add
+        that pass to its round trip."""
         loop = self._loop
         if loop is None or getattr(loop, "_thread_id", None) != threading.get_ident():
             loop = asyncio.get_running_loop()
