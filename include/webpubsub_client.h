@@ -1251,12 +1251,12 @@ wps_status wps_client_send_event_with_ack_id_async(struct wps_client *c,
                                                    uint64_t *op_id);
 
 /**
- * Sends the messages started with `WPS_SEND_DEFERRED`, in order. Acked ones are
- * written by the calling thread, as one batch, as far as it can: with keep-alive pings
- * more often than the ack timeout (the default), nothing else queued towards the
- * client's connection task, room under the 999 acked messages in flight, and a socket
- * that takes them at once. The rest are handed to that task, waking it once for all
- * of them. Never blocks.
+ * Sends the messages started with `WPS_SEND_DEFERRED`, in order. Acked ones with
+ * automatic ackIds are written by the calling thread, as one batch, as far as it can:
+ * with keep-alive pings more often than the ack timeout (the default), nothing else
+ * queued towards the client's connection task, room under the 999 acked messages in
+ * flight, and a socket that takes them at once. The rest are handed to that task,
+ * waking it once for all of them. Never blocks.
  *
  * # Safety
  * `c` is NULL or a live handle.

@@ -23,8 +23,9 @@ use webpubsub_client::ffi::client::{
     wps_client_dispatch_suspend, wps_client_flush_deferred, wps_client_free,
     wps_client_invoke_event_async, wps_client_join_group, wps_client_join_group_async,
     wps_client_new, wps_client_send_event_async, wps_client_send_to_group,
-    wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id, wps_client_start,
-    wps_client_start_async, wps_client_state, wps_client_stop, wps_client_stop_async,
+    wps_client_send_to_group_async, wps_client_send_to_group_with_ack_id,
+    wps_client_send_to_group_with_ack_id_async, wps_client_start, wps_client_start_async,
+    wps_client_state, wps_client_stop, wps_client_stop_async,
 };
 use webpubsub_client::ffi::options::{
     wps_options_free, wps_options_new, wps_options_set_ack_timeout_ms,
@@ -1216,6 +1217,74 @@ fn deferred_runs_flushed_past_the_acks_kept_in_flight_are_published_once() {
     std::thread::sleep(Duration::from_millis(300));
     let expected: Vec<String> = (0..SENDS).map(|i| format!("m{i:05}")).collect();
     assert_eq!(receiver_rec.seen.lock().unwrap().messages, expected);
+    unsafe {
+        wps_client_free(sender);
+        wps_client_free(receiver);
+    }
+    setup.shutdown();
+}
+
+/// The header (`wps_client_send_to_group_with_ack_id`): a resend of a send given up
+/// while still pending waits for it, also when it is deferred and flushed with that send
+/// in flight (the flushing thread must leave it to the connection task, which alone
+/// knows what is pending: written itself, it would go out twice and fail with
+/// `WPS_STATUS_INVALID_ARGUMENT`).
+#[test]
+fn a_deferred_resend_of_a_cancelled_send_in_flight_waits_for_it() {
+    let setup = Setup::new();
+    let (sender_rec, receiver_rec) = (common::leaked::<Recorder>(), common::leaked::<Recorder>());
+    let group = c"resent";
+    let receiver = setup.client(receiver_rec, true);
+    check(
+        unsafe { wps_client_join_group(receiver, group.as_ptr(), std::ptr::null_mut()) },
+        "join",
+    );
+    let sender = setup.patient_client(sender_rec);
+    // Written and published, its ack swallowed: in flight until the drop below.
+    setup.drop_acks(sender, 1);
+    let text = "again";
+    let original = send_async(sender, group, text, 0, sender_rec);
+    receiver_rec.wait("the original", |s| s.messages.len() == 1);
+    check(unsafe { wps_client_cancel(sender, original) }, "cancel");
+    sender_rec.wait("the cancellation", |s| {
+        s.completions.contains_key(&original)
+    });
+    let ack_id = {
+        let seen = sender_rec.seen.lock().unwrap();
+        assert_eq!(seen.completions[&original], vec![WPS_STATUS_CANCELLED]);
+        seen.ack_ids[&original]
+    };
+    let mut resend = 0;
+    check(
+        unsafe {
+            wps_client_send_to_group_with_ack_id_async(
+                sender,
+                group.as_ptr(),
+                WPS_DATA_TYPE_TEXT,
+                text.as_ptr(),
+                text.len(),
+                WPS_SEND_DEFERRED,
+                ack_id,
+                Some(on_complete),
+                sender_rec.user_data(),
+                &mut resend,
+            )
+        },
+        "the resend",
+    );
+    check(unsafe { wps_client_flush_deferred(sender) }, "flush");
+    // The recovery resends the original for the resend, answered as a duplicate.
+    setup.fault(sender, ":drop");
+    sender_rec.wait("the resend", |s| s.completions.contains_key(&resend));
+    {
+        let seen = sender_rec.seen.lock().unwrap();
+        assert_eq!(seen.completions[&resend], vec![WPS_STATUS_OK]);
+        assert_eq!(seen.ack_ids[&resend], ack_id);
+        assert_eq!(seen.duplicated, 1, "the resend's outcome is the original's");
+    }
+    // Anything published twice would arrive by now.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(receiver_rec.seen.lock().unwrap().messages, vec![text]);
     unsafe {
         wps_client_free(sender);
         wps_client_free(receiver);

@@ -629,11 +629,13 @@ impl Task {
             let mut slot = direct.lock().await;
             let sink = slot.insert(sink);
             self.pending.take_unsent(now.into_std(), &mut self.out);
+            // Under the lock, and before a failed write can let it go with the write
+            // half still here: callers count their room (or check for an idle client)
+            // under it.
+            direct.set_pending(self.pending.len());
             if let Err(end) = self.write_serving(sink).await {
                 return end;
             }
-            // Under the lock: a caller checks for an idle client under it too.
-            direct.set_pending(self.pending.len());
         }
         let ping_every = self.options.keep_alive_interval;
         let silence_limit = self.options.keep_alive_timeout;

@@ -156,11 +156,12 @@ impl Direct {
     /// on this thread, as one batch (one flush, one system call), never blocking; the
     /// rest stays in `run`, for the channel. Only when [`Direct::pings_register`] (their
     /// outcomes may go unawaited) and nothing is queued towards the task; pending
-    /// operations are fine. An operation that is not acked, or whose caller gave up,
-    /// ends the prefix, and so does a socket that stops taking frames. So does the room
-    /// left under `MAX_PENDING_ACKS` less one: the task decides to take an operation
-    /// from the channel before it registers what callers wrote (it checks again before
-    /// each next one), so one may come on top of a run that filled the room.
+    /// operations are fine. An operation that is not acked, has an ackId its caller
+    /// chose, or whose caller gave up, ends the prefix, and so does a socket that stops
+    /// taking frames. So does the room left under `MAX_PENDING_ACKS` less one: the task
+    /// decides to take an operation from the channel before it registers what callers
+    /// wrote (it checks again before each next one), so one may come on top of a run
+    /// that filled the room.
     pub(crate) fn write_run<I: Iterator<Item = Operation>>(&self, run: &mut Peekable<I>) {
         if !self.pings_register
             || self.chosen_ack_ids.load(Ordering::Relaxed)
@@ -188,8 +189,14 @@ impl Direct {
             let held = self.pending.load(Ordering::Acquire) + written.len();
             (MAX_PENDING_ACKS - 1).saturating_sub(held)
         };
-        let writable =
-            |op: &Operation| matches!(&op.kind, OpKind::Ack { reply, .. } if !reply.is_closed());
+        // Not one with an ackId its caller chose: on a busy client it may be a resend of
+        // a pending operation, which only the task can find and have it wait for.
+        let writable = |op: &Operation| match &op.kind {
+            OpKind::Ack {
+                automatic, reply, ..
+            } => *automatic && !reply.is_closed(),
+            _ => false,
+        };
         let mut cx = Context::from_waker(noop_waker_ref());
         let (mut wrote, mut failed) = (false, false);
         while room > 0

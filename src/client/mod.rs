@@ -1020,7 +1020,8 @@ impl Client {
     /// [`Client::flush_deferred`] or the next operation not deferred. When the
     /// keep-alive pings bound how late the task registers it, an acked one is written by
     /// the caller (see `direct.rs`): handed over at once on an idle client, or flushed
-    /// with the deferred ones before it on a client with no operation queued.
+    /// with the deferred ones before it, its ackId automatic, on a client with no
+    /// operation queued.
     pub(crate) fn start_then(
         &self,
         op: Result<Prepared, Error>,
