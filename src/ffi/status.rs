@@ -98,7 +98,7 @@ pub const WPS_SEND_FIRE_AND_FORGET: u32 = 2;
 /// connection task. It is sent at the next `wps_client_flush_deferred`, or with the
 /// next operation started without this flag. A stop or free of the client hands it
 /// over too, as `wps_client_stop` says: a fire-and-forget one is written before the
-/// close frame, an acked one may fail with `WPS_STATUS_STOPPED` unwritten. An acked
+/// close frame, an acked one may fail with `WPS_STATUS_STOPPED`, written or not. An acked
 /// message completes once acked; a fire-and-forget one at once (see
 /// `WPS_SEND_FIRE_AND_FORGET`). An event loop starting many messages per iteration
 /// saves a wake-up (a system call) per message.
