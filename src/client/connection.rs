@@ -731,7 +731,8 @@ impl Task {
                 },
                 () = &mut silence, if silence_limit.is_some() && paused.is_none() => {
                     now = Instant::now();
-                    if let Some(message) = ready_after_yield(stream.next()).await {
+                    let due = silence.deadline();
+                    if let Some(message) = ready_after_yield(stream.next(), due).await {
                         last_received = now;
                         if let Some(end) = self.read_batch(message, stream, now) {
                             return end;
@@ -755,7 +756,8 @@ impl Task {
                 () = &mut op_timer, if op_armed.is_some() && paused.is_none() => {
                     now = Instant::now();
                     op_armed = None;
-                    if let Some(message) = ready_after_yield(stream.next()).await {
+                    let due = op_timer.deadline();
+                    if let Some(message) = ready_after_yield(stream.next(), due).await {
                         last_received = now;
                         if let Some(end) = self.read_batch(message, stream, now) {
                             return end;
@@ -1674,21 +1676,37 @@ async fn resumed(paused: &mut Option<(Resume, Instant)>) {
     }
 }
 
-/// `fut`'s output, unless `limit` passes first. A limit that fired late gives `fut` the
-/// last chance of [`ready_after_yield`].
+/// `fut`'s output, unless `limit` passes first. A limit that fired gives `fut` the last
+/// chance of [`ready_after_yield`].
 async fn before_limit<F: Future + Unpin>(limit: Duration, mut fut: F) -> Option<F::Output> {
+    let due = Instant::now() + limit;
     match tokio::time::timeout(limit, &mut fut).await {
         Ok(output) => Some(output),
-        Err(_) => ready_after_yield(fut).await,
+        Err(_) => ready_after_yield(fut, due).await,
     }
 }
+
+/// How much later than due a timer fires when it counts as late: the process was
+/// stopped (SIGSTOP, a debugger) or starved meanwhile.
+const LATE: Duration = Duration::from_millis(5);
 
 /// `fut`'s output if it is ready once the runtime has polled its sockets. A timer that
 /// fired late (the process was stopped, or busy) may be handled before the readiness that
 /// came meanwhile is seen: it gives the work it bounds this last chance before failing
 /// it, so that an ack, a `connected` frame or a writable socket that came in time wins.
-async fn ready_after_yield<F: Future + Unpin>(fut: F) -> Option<F::Output> {
+/// A yield is one chance; for a timer that fired `LATE` after `due`, a millisecond's
+/// sleep is a second: a worker's turn after a yield polls the sockets only if no other
+/// worker holds the driver, while a sleep ends in a turn of the driver that polled them
+/// after it began.
+async fn ready_after_yield<F: Future + Unpin>(mut fut: F, due: Instant) -> Option<F::Output> {
     tokio::task::yield_now().await;
+    if let Some(output) = (&mut fut).now_or_never() {
+        return Some(output);
+    }
+    if Instant::now() < due + LATE {
+        return None;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
     fut.now_or_never()
 }
 
@@ -1823,7 +1841,7 @@ where
         if let Some(limit) = limit {
             let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
             if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(limit));
+                return Poll::Ready(Err((limit, timer.deadline())));
             }
         }
         Poll::Pending
@@ -1831,7 +1849,7 @@ where
     .await;
     let done = match waited {
         Ok(done) => done,
-        Err(limit) => ready_after_yield(step).await.ok_or_else(|| {
+        Err((limit, due)) => ready_after_yield(step, due).await.ok_or_else(|| {
             format!("no write went through for {limit:?} (the service reads nothing)")
         })?,
     };
