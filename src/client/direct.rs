@@ -127,29 +127,12 @@ impl Direct {
             return Written::No(op);
         }
         drop(written);
-        let mut cx = Context::from_waker(noop_waker_ref());
-        if !matches!(
-            Pin::new(&mut *sink).poll_ready(&mut cx),
-            Poll::Ready(Ok(()))
-        ) {
-            return Written::No(op);
+        let mut one = std::iter::once(op).peekable();
+        self.write_prefix(sink, &mut one, 1, |_| true);
+        match one.next() {
+            Some(op) => Written::No(op),
+            None => Written::Yes,
         }
-        let frame = op.frame.clone();
-        // Registered before the frame leaves, so that its ack cannot arrive first.
-        self.written().push((op, Instant::now()));
-        let flushed = Pin::new(&mut *sink)
-            .start_send(Message::Text(frame))
-            .is_ok()
-            && matches!(
-                Pin::new(&mut *sink).poll_flush(&mut cx),
-                Poll::Ready(Ok(()))
-            );
-        if !flushed {
-            // Left in the write half, or the socket failed: either way the task's next
-            // flush finishes it or finds the failure.
-            self.wake.notify_one();
-        }
-        Written::Yes
     }
 
     /// Writes the longest prefix of a flushed `run` of deferred operations that it can
@@ -181,7 +164,7 @@ impl Direct {
         // as it counts what callers wrote pending. So the count read here is never
         // below what the task holds (only what finished is counted late), and nothing
         // queued after this check is taken in, or goes out, before this run.
-        let mut room = {
+        let room = {
             let written = self.written();
             if self.queued.load(Ordering::Acquire) != 0 {
                 return;
@@ -197,6 +180,21 @@ impl Direct {
             } => *automatic && !reply.is_closed(),
             _ => false,
         };
+        self.write_prefix(sink, run, room, writable);
+    }
+
+    /// Writes into `sink` the longest prefix of `ops`, at most `room` of them, that
+    /// `writable` accepts and the socket takes at once, each registered in `written`
+    /// before its frame can leave (so that its ack cannot come first), then flushes
+    /// once; what is not written stays in `ops`. A flush left unfinished, or a failed
+    /// socket, wakes the task, whose next flush finishes it or finds the failure.
+    fn write_prefix<I: Iterator<Item = Operation>>(
+        &self,
+        sink: &mut WriteHalf,
+        ops: &mut Peekable<I>,
+        mut room: usize,
+        writable: impl Fn(&Operation) -> bool,
+    ) {
         let mut cx = Context::from_waker(noop_waker_ref());
         let (mut wrote, mut failed) = (false, false);
         while room > 0
@@ -205,11 +203,10 @@ impl Direct {
                 Poll::Ready(Ok(()))
             )
         {
-            let Some(op) = run.next_if(writable) else {
+            let Some(op) = ops.next_if(&writable) else {
                 break;
             };
             let frame = op.frame.clone();
-            // Registered before the frame can leave, so that its ack cannot come first.
             self.written().push((op, Instant::now()));
             room -= 1;
             wrote = true;
@@ -230,8 +227,6 @@ impl Direct {
                 Poll::Ready(Ok(()))
             );
         if !flushed {
-            // Left in the write half, or the socket failed: either way the task's next
-            // flush finishes it or finds the failure.
             self.wake.notify_one();
         }
     }

@@ -1335,9 +1335,15 @@ mod tests {
         (handler, entered, release)
     }
 
-    #[test]
-    fn a_callback_operation_on_an_idle_client_is_written_by_its_caller() {
-        let (url, frames) = holding_service(2);
+    /// A started client for `url` whose event handler is [`holding_handler`]'s, with its
+    /// two channels.
+    fn held_client(
+        url: String,
+    ) -> (
+        Client,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
         let (handler, entered, release) = holding_handler();
         let client = Client::new(
             Credential::Url(url),
@@ -1346,6 +1352,13 @@ mod tests {
         )
         .unwrap();
         crate::runtime::block_on(client.start()).unwrap();
+        (client, entered, release)
+    }
+
+    #[test]
+    fn a_callback_operation_on_an_idle_client_is_written_by_its_caller() {
+        let (url, frames) = holding_service(2);
+        let (client, entered, release) = held_client(url);
         // At once, then deferred and flushed alone: both written by this thread while
         // the connection task is held inside the event handler.
         for handover in [Handover::Now, Handover::Deferred] {
@@ -1395,14 +1408,7 @@ mod tests {
                 ack(ws, frame);
             }
         });
-        let (handler, entered, release) = holding_handler();
-        let client = Client::new(
-            Credential::Url(url),
-            ClientOptions::default(),
-            Arc::new(handler),
-        )
-        .unwrap();
-        crate::runtime::block_on(client.start()).unwrap();
+        let (client, entered, release) = held_client(url);
         let (done, outcomes) = std::sync::mpsc::channel();
         let send = |text: String, handover| {
             let message =
